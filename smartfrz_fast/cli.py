@@ -1,0 +1,48 @@
+"""The ``smartfrz-fast`` console script.
+
+    smartfrz-fast demo [demo options]   # train with and without freezing, compare (see --help)
+    smartfrz-fast info                  # what is built and available (ops, kernels, devices)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="smartfrz-fast",
+        description="smartfrz_fast: progressive layer freezing for PyTorch training.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser(
+        "demo",
+        help="train a small CNN on the CPU with and without freezing and compare "
+             "(options: smartfrz-fast demo --help)",
+        add_help=False,  # --help goes to the demo's own parser
+    )
+    sub.add_parser("info", help="show the installed build: ops, kernels and devices")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    # Everything after "demo" belongs to the demo's parser, --help included.
+    if argv and argv[0] == "demo":
+        from . import demo
+
+        return int(demo.main(argv[1:]) or 0)
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        from . import info
+
+        return int(info.main() or 0)
+    parser.print_help(sys.stderr)  # no command given
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

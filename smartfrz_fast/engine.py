@@ -1,0 +1,459 @@
+"""The freezing engine: units, history, policy and the freeze action, behind ``SmartFreezer``.
+
+Usage (after ``optimizer.step()`` each iteration)::
+
+    freezer = SmartFreezer(model, optimizer, policy=FreezeOut(), example_inputs=(x,), total_steps=n)
+    for x, y in loader:
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        freezer.step()
+
+Freezing is monotone and front-to-back. Freezing a unit turns off ``requires_grad``, drops
+its gradients, removes its parameters from every optimizer group and deletes their optimizer
+state (the memory is released), and keeps its norm layers in eval mode even after
+``model.train()``. With the input needing no grad, autograd then records nothing for the
+frozen prefix: its backward pass is gone.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .policy.base import Decision, FreezePolicy, PolicyContext, UnitInfo
+from .units import Unit, UnitPlan, discover_units
+
+STATE_FORMAT = "smartfrz_fast.SmartFreezer"
+STATE_VERSION = 1
+# Backward costs about twice the forward (input and weight gradients): freezing a prefix
+# saves ~2/3 of its training FLOPs; caching its output too would save all 3/3.
+BACKWARD_TO_FORWARD = 2.0
+
+
+@dataclass(frozen=True)
+class FreezeEvent:
+    """One change of the frozen prefix."""
+
+    step: int
+    num_frozen: int
+    unit_names: Tuple[str, ...]  # the units newly frozen at this step
+    frozen_param_fraction: float  # of the managed parameters
+    frozen_flops_fraction: float  # of a training step's FLOPs (forward + backward), now skipped
+
+
+def _as_optimizers(optimizer) -> List[torch.optim.Optimizer]:
+    optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    for opt in optimizers:
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(f"SmartFreezer expects torch.optim.Optimizer(s), got {type(opt).__name__}")
+    return optimizers
+
+
+def _force_eval(module: nn.Module, args) -> None:
+    module.training = False
+
+
+class SmartFreezer:
+    """Progressive front-to-back layer freezing for any PyTorch training loop.
+
+    Args:
+        model: the module being trained.
+        optimizer: its optimizer, or a list of optimizers holding its parameters.
+        policy: a ``FreezePolicy``; default the SmartFRZ attention predictor.
+        example_inputs: positional inputs for one forward pass that finds the units (a tuple,
+            or a single tensor). Without it, the units are found at the model's first forward.
+        example_kwargs: keyword inputs for that pass.
+        total_steps: number of optimizer steps in the run (schedule-based policies need it).
+        sample_every: take a weight-history snapshot every this many steps.
+        window: snapshots per unit in the history (T).
+        sample_size: sampled weights per unit (K).
+        keep_trainable: this many last units never freeze (the head, by default).
+        decision_delay: a decision the policy leaves on the GPU is applied this many steps
+            later, by when its copy to the host has long finished (no stall, same every run).
+        seed: seed of the sampled weight positions.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Union[torch.optim.Optimizer, Sequence[torch.optim.Optimizer]],
+        policy: Optional[FreezePolicy] = None,
+        *,
+        example_inputs: Any = None,
+        example_kwargs: Optional[Dict[str, Any]] = None,
+        total_steps: Optional[int] = None,
+        sample_every: int = 1,
+        window: int = 30,
+        sample_size: int = 1024,
+        keep_trainable: int = 1,
+        decision_delay: int = 1,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"SmartFreezer expects an nn.Module, got {type(model).__name__}")
+        if sample_every < 1 or keep_trainable < 0 or decision_delay < 0:
+            raise ValueError("sample_every must be >= 1, keep_trainable and decision_delay >= 0")
+        if policy is None:
+            from .policy import SmartFRZ
+
+            policy = SmartFRZ()
+        if not isinstance(policy, FreezePolicy):
+            raise TypeError(f"policy must be a FreezePolicy, got {type(policy).__name__}")
+        self.model = model
+        self.optimizers = _as_optimizers(optimizer)
+        self.policy = policy
+        self.total_steps = total_steps
+        self.sample_every = sample_every
+        self.window = window
+        self.sample_size = sample_size
+        self.keep_trainable = keep_trainable
+        self.decision_delay = decision_delay
+        self.seed = seed
+
+        self.step_count = 0
+        self.num_frozen = 0
+        self.timeline: List[FreezeEvent] = []
+        self.plan: Optional[UnitPlan] = None
+        self.history = None
+        self._pending: List[Tuple[int, Tensor, Optional[Any]]] = []  # (apply at step, host tensor, event)
+        self._grad_sq: Optional[Tensor] = None
+        self._grad_index_cache: Dict[Any, Tensor] = {}
+        self._hooks: List[Any] = []
+        self._eval_hooks: List[Any] = []
+        self._nonfinite_warned = False
+
+        if example_inputs is not None:
+            args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+            self._setup(args, example_kwargs)
+        else:
+            self._hooks.append(model.register_forward_pre_hook(self._setup_on_first_forward, with_kwargs=True))
+
+    # ------------------------------------------------------------------ set-up
+    def _setup_on_first_forward(self, module, args, kwargs):
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self._setup(args, kwargs)
+
+    def _setup(self, args: Tuple[Any, ...], kwargs: Optional[Dict[str, Any]]) -> None:
+        plan = discover_units(self.model, args, kwargs)
+        self._check_optimizers(plan.units)
+        self.plan = plan
+        max_frozen = max(0, len(plan.units) - self.keep_trainable)
+        self._unit_of_param = {id(p): u.index for u in plan.units for p in u.parameters}
+        if self.policy.needs_history:
+            from .history import WeightHistory
+
+            self.history = WeightHistory(plan.units, sample_size=self.sample_size, window=self.window, seed=self.seed)
+        device = plan.units[0].parameters[0].device
+        self.policy.bind(PolicyContext(
+            units=[UnitInfo(u.index, u.name, u.num_params, u.forward_flops) for u in plan.units],
+            total_steps=self.total_steps,
+            device=device,
+            max_frozen=max_frozen,
+            history=self.history,
+        ))
+        if self.policy.needs_gradients:
+            self._grad_sq = torch.zeros(len(plan.units), dtype=torch.float32, device=device)
+            for opt in self.optimizers:
+                self._hooks.append(opt.register_step_pre_hook(self._accumulate_grad_norms))
+        if self.policy.manages_lr:
+            self._split_groups_per_unit()
+            self._apply_lr_factors(0)
+
+    def _check_optimizers(self, units: Sequence[Unit]) -> None:
+        held = {id(p) for opt in self.optimizers for g in opt.param_groups for p in g["params"]}
+        missing = [name for u in units for name, p in zip(u.param_names, u.parameters) if id(p) not in held]
+        if missing:
+            raise ValueError(
+                f"SmartFreezer: the optimizer does not hold {len(missing)} of the model's trainable "
+                f"parameters ({missing[:4]}{' ...' if len(missing) > 4 else ''}). Pass the optimizer "
+                "(or list of optimizers) that trains this model, built after the model's parameters "
+                "were created."
+            )
+
+    def _split_groups_per_unit(self) -> None:
+        """One param group per (original group, unit), so a policy can set per-unit lrs."""
+        for opt in self.optimizers:
+            groups = []
+            for group in opt.param_groups:
+                buckets: Dict[int, List[nn.Parameter]] = {}
+                for p in group["params"]:
+                    buckets.setdefault(self._unit_of_param.get(id(p), -1), []).append(p)
+                for unit_index, params in sorted(buckets.items()):
+                    new = {k: v for k, v in group.items() if k != "params"}
+                    new["params"] = params
+                    new["smartfrz_unit"] = unit_index
+                    new.setdefault("smartfrz_initial_lr", group["lr"])
+                    groups.append(new)
+            opt.param_groups[:] = groups
+
+    def _apply_lr_factors(self, step: int) -> None:
+        factors = self.policy.lr_factors(step)
+        if factors is None:
+            return
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                unit = group.get("smartfrz_unit", -1)
+                if unit >= 0:
+                    group["lr"] = group["smartfrz_initial_lr"] * float(factors[unit])
+
+    def _accumulate_grad_norms(self, optimizer, args, kwargs) -> None:
+        params, units = [], []
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                unit = self._unit_of_param.get(id(p))
+                if unit is not None and p.grad is not None:
+                    params.append(p)
+                    units.append(unit)
+        if not params:
+            return
+        key = (id(optimizer), tuple(units))
+        index = self._grad_index_cache.get(key)
+        if index is None:  # built once per layout, not per step: no host-to-device copy
+            index = torch.tensor(units, device=self._grad_sq.device)
+            self._grad_index_cache[key] = index
+        norms = torch._foreach_norm([p.grad for p in params])
+        self._grad_sq.index_add_(0, index, torch.stack(norms).float().pow(2))
+
+    # ------------------------------------------------------------------ per step
+    @property
+    def units(self) -> List[Unit]:
+        self._require_setup()
+        return self.plan.units
+
+    def _require_setup(self) -> None:
+        if self.plan is None:
+            raise RuntimeError(
+                "SmartFreezer has not seen the model run yet: pass example_inputs=..., or run a "
+                "forward pass before calling step() or load_state_dict()."
+            )
+
+    def step(self) -> None:
+        """Call once after each ``optimizer.step()``."""
+        self._require_setup()
+        self.step_count += 1
+        step = self.step_count
+        if self.history is not None and step % self.sample_every == 0:
+            self.history.snapshot()
+        if self._grad_sq is not None:
+            self.policy.observe_gradients(step - 1, self._grad_sq)
+            self._grad_sq = torch.zeros_like(self._grad_sq)
+        if self.num_frozen < self.max_frozen:
+            decision = self.policy.decide(step, self.num_frozen)
+            if decision is not None:
+                self._submit(step, decision)
+        self._apply_due(step)
+        if self.policy.manages_lr:
+            self._apply_lr_factors(step)
+
+    @property
+    def max_frozen(self) -> int:
+        return max(0, len(self.units) - self.keep_trainable)
+
+    def _submit(self, step: int, decision: Decision) -> None:
+        if isinstance(decision, Tensor) and decision.device.type == "cuda" and self.decision_delay > 0:
+            host = torch.empty((), dtype=torch.int64, pin_memory=True)
+            host.copy_(decision, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._pending.append((step + self.decision_delay, host, event))
+        else:
+            self._pending.append((step, torch.as_tensor(decision).cpu(), None))
+
+    def _apply_due(self, step: int) -> None:
+        due = [p for p in self._pending if p[0] <= step]
+        self._pending = [p for p in self._pending if p[0] > step]
+        for _, host, event in due:
+            if event is not None:
+                event.synchronize()  # recorded decision_delay steps ago: long complete
+            self.freeze_to(int(host), step=step)
+
+    # ------------------------------------------------------------------ freeze action
+    def freeze_to(self, num_units: int, step: Optional[int] = None) -> int:
+        """Freeze the first ``num_units`` units (never fewer than already frozen). Returns the
+        frozen-prefix length after clamping to ``max_frozen``, shared-parameter spans and
+        non-finite weights."""
+        self._require_setup()
+        target = self.plan.largest_allowed_cut(min(int(num_units), self.max_frozen))
+        if target <= self.num_frozen:
+            return self.num_frozen
+        target = self._stop_before_nonfinite(target)
+        if target <= self.num_frozen:
+            return self.num_frozen
+        newly = self.units[self.num_frozen:target]
+        frozen_ids = {id(p) for u in newly for p in u.parameters}
+        for unit in newly:
+            for p in unit.parameters:
+                p.requires_grad_(False)
+                p.grad = None
+            for module in unit.norm_modules:
+                module.eval()
+                self._eval_hooks.append(module.register_forward_pre_hook(_force_eval))
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in frozen_ids]
+            for p in [p for p in opt.state if id(p) in frozen_ids]:
+                del opt.state[p]
+        self.num_frozen = target
+        self._grad_index_cache.clear()
+        if self.history is not None:
+            self.history.drop_leading(target)
+        self.timeline.append(self._event(self.step_count if step is None else step, newly))
+        return target
+
+    def _stop_before_nonfinite(self, target: int) -> int:
+        for unit in self.units[self.num_frozen:target]:
+            finite = all(bool(torch.isfinite(p).all()) for p in unit.parameters)
+            if not finite:
+                if not self._nonfinite_warned:
+                    warnings.warn(
+                        f"SmartFreezer: unit {unit.index} ({unit.name}) has NaN or inf weights; "
+                        "it is not frozen (nor anything after it). Check the learning rate / loss scale.",
+                        stacklevel=3,
+                    )
+                    self._nonfinite_warned = True
+                return self.plan.largest_allowed_cut(unit.index)
+        return target
+
+    def _event(self, step: int, newly: Sequence[Unit]) -> FreezeEvent:
+        return FreezeEvent(
+            step=step,
+            num_frozen=self.num_frozen,
+            unit_names=tuple(u.name for u in newly),
+            frozen_param_fraction=self.frozen_param_fraction(self.num_frozen),
+            frozen_flops_fraction=self.frozen_flops_fraction(self.num_frozen),
+        )
+
+    # ------------------------------------------------------------------ reporting
+    def frozen_param_fraction(self, num_frozen: Optional[int] = None) -> float:
+        n = self.num_frozen if num_frozen is None else num_frozen
+        total = sum(u.num_params for u in self.units)
+        return sum(u.num_params for u in self.units[:n]) / max(total, 1)
+
+    def frozen_flops_fraction(self, num_frozen: Optional[int] = None) -> float:
+        """Share of one training step's FLOPs (forward + backward) that freezing the first
+        ``num_frozen`` units removes: their backward, about twice their forward."""
+        n = self.num_frozen if num_frozen is None else num_frozen
+        frozen = sum(u.forward_flops for u in self.units[:n])
+        total = self.plan.total_forward_flops * (1.0 + BACKWARD_TO_FORWARD)
+        return BACKWARD_TO_FORWARD * frozen / total if total else 0.0
+
+    def training_flops_saved(self, total_steps: Optional[int] = None) -> float:
+        """Fraction of the run's training FLOPs saved so far (or over ``total_steps``, assuming
+        the current frozen prefix holds until then)."""
+        end = total_steps if total_steps is not None else self.step_count
+        if end <= 0:
+            return 0.0
+        saved, level, since = 0.0, 0.0, 0
+        for event in self.timeline:
+            # a freeze applied after step s first saves work in step s + 1
+            saved += level * (min(event.step, end) - since)
+            level, since = event.frozen_flops_fraction, min(event.step, end)
+        saved += level * (end - since)
+        return saved / end
+
+    def report(self) -> str:
+        """A table of the freeze timeline."""
+        lines = [
+            f"policy: {self.policy.describe()}",
+            f"units: {len(self.units)}, frozen: {self.num_frozen}, steps: {self.step_count}",
+            f"{'step':>7}  {'frozen':>6}  {'params':>7}  {'step FLOPs':>10}  units newly frozen",
+        ]
+        for e in self.timeline:
+            names = ", ".join(e.unit_names)
+            lines.append(
+                f"{e.step:>7}  {e.num_frozen:>6}  {e.frozen_param_fraction:>7.1%}  "
+                f"{e.frozen_flops_fraction:>10.1%}  {names}"
+            )
+        if not self.timeline:
+            lines.append("      -       0       -           -  (nothing frozen yet)")
+        lines.append(f"training FLOPs saved so far: {self.training_flops_saved():.1%}")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _signature(self) -> List[Tuple[str, List[Tuple[str, Tuple[int, ...]]]]]:
+        return [(u.name, [(n, tuple(p.shape)) for n, p in zip(u.param_names, u.parameters)]) for u in self.units]
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to continue bit-identically (model and optimizer states apart)."""
+        self._require_setup()
+        pending = []
+        for apply_at, host, event in self._pending:
+            if event is not None:
+                event.synchronize()
+            pending.append((apply_at, int(host)))
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "signature": self._signature(),
+            "settings": {"sample_every": self.sample_every, "keep_trainable": self.keep_trainable,
+                         "decision_delay": self.decision_delay, "seed": self.seed},
+            "policy": type(self.policy).__name__,
+            "policy_state": self.policy.state_dict(),
+            "step": self.step_count,
+            "num_frozen": self.num_frozen,
+            "timeline": [asdict(e) for e in self.timeline],
+            "pending": pending,
+            "history": self.history.state_dict() if self.history is not None else None,
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore a checkpoint. Call it before ``optimizer.load_state_dict``: freezing removes
+        parameters from the optimizer, and the optimizer's saved groups expect that."""
+        self._require_setup()
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError("not a SmartFreezer state_dict (missing its format tag)")
+        if state["version"] != STATE_VERSION:
+            raise ValueError(f"SmartFreezer state version {state['version']} is not supported (this is {STATE_VERSION})")
+        self._check_signature(state["signature"])
+        if state["policy"] != type(self.policy).__name__:
+            raise ValueError(
+                f"the checkpoint was made with policy {state['policy']}, this run uses "
+                f"{type(self.policy).__name__}: construct SmartFreezer with the same policy."
+            )
+        if self.num_frozen or self.step_count:
+            raise RuntimeError("load_state_dict needs a fresh SmartFreezer (no steps taken yet)")
+        self.policy.load_state_dict(state["policy_state"])
+        if (state["history"] is None) != (self.history is None):
+            raise ValueError("the checkpoint's weight history does not match this policy's needs")
+        if self.history is not None:
+            self.history.load_state_dict(state["history"])
+        self.step_count = state["step"]
+        self.freeze_to(state["num_frozen"], step=state["step"])
+        if self.num_frozen != state["num_frozen"]:
+            raise RuntimeError(
+                f"could not restore {state['num_frozen']} frozen units (got {self.num_frozen}); "
+                "were the weights loaded before the freezer? Load the model's state_dict first."
+            )
+        self.timeline = [FreezeEvent(**{**e, "unit_names": tuple(e["unit_names"])}) for e in state["timeline"]]
+        self._pending = [(apply_at, torch.tensor(value), None) for apply_at, value in state["pending"]]
+        if self.policy.manages_lr:
+            self._apply_lr_factors(self.step_count)
+
+    def _check_signature(self, saved) -> None:
+        mine = self._signature()
+        saved = [(name, [(n, tuple(s)) for n, s in params]) for name, params in saved]
+        if saved == mine:
+            return
+        if len(saved) != len(mine):
+            detail = f"the checkpoint has {len(saved)} units, this model {len(mine)}"
+        else:
+            i = next(i for i, (a, b) in enumerate(zip(saved, mine)) if a != b)
+            detail = f"unit {i} was {saved[i]}, is now {mine[i]}"
+        raise ValueError(
+            f"this SmartFreezer checkpoint belongs to a different model ({detail}). Resume with "
+            "the model the checkpoint was saved from, or start the freezer fresh."
+        )
+
+    def close(self) -> None:
+        """Remove the hooks the engine placed (frozen norm layers stay in eval until then)."""
+        for hook in self._hooks + self._eval_hooks:
+            hook.remove()
+        self._hooks.clear()
+        self._eval_hooks.clear()

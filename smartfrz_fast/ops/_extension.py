@@ -1,0 +1,53 @@
+"""Loading the compiled extension ``smartfrz_fast._C`` once, on first use.
+
+The extension is optional: when it is missing or fails to load, every op falls back to its
+pure-PyTorch reference and ``python -m smartfrz_fast.info`` says why.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+
+@dataclass(frozen=True)
+class ExtensionStatus:
+    module: Optional[object]
+    reason: str  # why it is not loaded, or "" when it is
+    build_info: Dict[str, object] = field(default_factory=dict)
+
+    @property
+    def loaded(self) -> bool:
+        return self.module is not None
+
+    @property
+    def has_cuda(self) -> bool:
+        return bool(self.build_info.get("cuda", False))
+
+
+@functools.lru_cache(maxsize=None)
+def extension_status() -> ExtensionStatus:
+    if os.environ.get("SMARTFRZ_BACKEND", "auto") == "reference":
+        return ExtensionStatus(None, "disabled by SMARTFRZ_BACKEND=reference")
+    import torch  # noqa: F401  (the extension links against libtorch: load it first)
+
+    try:
+        module = importlib.import_module("smartfrz_fast._C")
+    except ImportError as exc:
+        return ExtensionStatus(
+            None,
+            f"smartfrz_fast._C is not available ({exc}); the pure-PyTorch reference runs instead. "
+            "Rebuild with `pip install --no-build-isolation -e .` and read the build log.",
+        )
+    info = dict(module.build_info())
+    if info.get("torch_version") != torch.__version__:
+        return ExtensionStatus(
+            None,
+            f"smartfrz_fast._C was built against torch {info.get('torch_version')} but torch "
+            f"{torch.__version__} is installed; rebuild with `pip install --no-build-isolation -e .`.",
+            info,
+        )
+    return ExtensionStatus(module, "", info)

@@ -1,0 +1,138 @@
+"""Pure-PyTorch references of every op: the specification, and the CPU fallback.
+
+Each function here defines what its op computes. Kernels (C++ in csrc/, Triton and CUDA
+later) are tested against these on random inputs; nothing here is tuned for speed.
+
+Conventions shared by the ops (see ``smartfrz_fast.history`` for who builds these tensors):
+
+- ``history``: float32 ``[U, T, K]`` ring buffer, U units, T snapshots, K sampled weights.
+- ``cursor``: int64 0-dim tensor, the number of snapshots taken so far; the next snapshot
+  goes to slot ``cursor % T`` and the newest one sits in slot ``(cursor - 1) % T``.
+- ``source_ids``: int32 ``[U, K]``, index into the list of source tensors, -1 where a unit
+  has fewer than K weights (masked; the valid positions of a unit come first).
+- ``offsets``: int64 ``[U, K]``, element offset from the source tensor's first element,
+  strides already applied (so non-contiguous parameters are read where they live).
+- ``valid``: int64 ``[U]``, number of valid (unmasked) positions of each unit.
+- ``rows``: int64 ``[R]``, the units (rows of ``history``) an op works on, in order.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+# Layout of the predictor's flat weight list: Q, K, V and head MLPs, three Linear layers
+# each, weight then bias. ``predictor.model.AttentionPredictor.flat_weights`` produces it.
+PREDICTOR_MLPS = ("query", "key", "value", "head")
+WEIGHTS_PER_MLP = 6
+NUM_PREDICTOR_WEIGHTS = len(PREDICTOR_MLPS) * WEIGHTS_PER_MLP
+NORM_EPS = 1e-8
+
+
+def _strided_span(t: Tensor) -> Tensor:
+    """A 1-D view of every element ``t`` can address, so that offsets index its storage."""
+    if t.numel() == 0:
+        return t.new_empty(0)
+    span = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.as_strided((span,), (1,))
+
+
+def gather_history_ref(
+    sources: Sequence[Tensor],
+    source_ids: Tensor,
+    offsets: Tensor,
+    rows: Tensor,
+    cursor: Tensor,
+    history: Tensor,
+) -> None:
+    """Write the sampled weights of units ``rows`` into slot ``cursor % T`` of ``history``."""
+    slot = int(cursor) % history.shape[1]
+    num_units, k = source_ids.shape
+    values = torch.zeros(num_units, k, dtype=history.dtype, device=history.device)
+    spans = [_strided_span(s.detach()) for s in sources]
+    for source_index, span in enumerate(spans):
+        hit = source_ids == source_index
+        if bool(hit.any()):
+            values[hit] = span[offsets[hit]].to(history.dtype)
+    history[rows, slot] = values[rows]
+
+
+def chronological_window(history: Tensor, cursor: Tensor, rows: Tensor) -> Tensor:
+    """``[R, T, K]`` window of ``rows``, oldest snapshot first, newest last."""
+    t = history.shape[1]
+    order = (torch.arange(t, device=history.device) + cursor) % t
+    return history[rows][:, order]
+
+
+def normalize_window(window: Tensor, valid: Tensor) -> Tensor:
+    """Standardise each snapshot over its unit's valid positions; masked positions become 0.
+
+    Per-snapshot statistics (not per-window) hide the weights' scale from the predictor and
+    keep an old snapshot's normalised value fixed while the window slides, which lets a fast
+    path cache the key/value embeddings of old snapshots.
+    """
+    k = window.shape[-1]
+    mask = (torch.arange(k, device=window.device) < valid[:, None]).to(window.dtype)  # [R, K]
+    mask = mask[:, None, :]
+    count = mask.sum(-1, keepdim=True).clamp_min(1.0)
+    mean = (window * mask).sum(-1, keepdim=True) / count
+    centered = (window - mean) * mask
+    var = (centered * centered).sum(-1, keepdim=True) / count
+    return centered / torch.sqrt(var + NORM_EPS)
+
+
+def _mlp(x: Tensor, weights: Sequence[Tensor]) -> Tensor:
+    w1, b1, w2, b2, w3, b3 = weights
+    x = torch.relu(torch.nn.functional.linear(x, w1, b1))
+    x = torch.relu(torch.nn.functional.linear(x, w2, b2))
+    return torch.nn.functional.linear(x, w3, b3)
+
+
+def predictor_logits_ref(normalized: Tensor, weights: Sequence[Tensor]) -> Tensor:
+    """SmartFRZ attention predictor on normalised windows ``[N, T, K]`` -> logits ``[N, 2]``.
+
+    The query comes from the newest snapshot, keys and values from the T-1 older ones; the
+    attention has no positional term, so the keys' order does not matter.
+    """
+    if len(weights) != NUM_PREDICTOR_WEIGHTS:
+        raise ValueError(f"predictor expects {NUM_PREDICTOR_WEIGHTS} weight tensors, got {len(weights)}")
+    wq, wk, wv, wh = (weights[i * WEIGHTS_PER_MLP:(i + 1) * WEIGHTS_PER_MLP] for i in range(4))
+    query = _mlp(normalized[:, -1], wq)  # [N, D]
+    keys = _mlp(normalized[:, :-1], wk)  # [N, T-1, D]
+    values = _mlp(normalized[:, :-1], wv)  # [N, T-1, D]
+    scores = torch.einsum("nd,ntd->nt", query, keys) / math.sqrt(query.shape[-1])
+    attention = torch.softmax(scores, dim=-1)
+    context = torch.einsum("nt,ntd->nd", attention, values)
+    return _mlp(context, wh)
+
+
+def freezable_prefix(prob: Tensor, threshold: float) -> Tensor:
+    """Number of leading entries of ``prob`` at or above ``threshold`` (int64, 0-dim)."""
+    ok = (prob >= threshold).to(torch.int64)
+    return torch.cumprod(ok, 0).sum()
+
+
+def predict_ref(
+    history: Tensor,
+    cursor: Tensor,
+    rows: Tensor,
+    valid: Tensor,
+    weights: Sequence[Tensor],
+    threshold: float,
+) -> Tuple[Tensor, Tensor]:
+    """Freeze probability of each unit in ``rows`` and the freezable prefix length.
+
+    A unit whose window holds a NaN or inf gets probability 0: it never freezes on bad data.
+    """
+    window = chronological_window(history, cursor, rows)
+    finite = torch.isfinite(window).flatten(1).all(1)
+    window = torch.where(finite[:, None, None], window, torch.zeros_like(window))
+    normalized = normalize_window(window, valid[rows])
+    logits = predictor_logits_ref(normalized, [w.to(normalized.dtype) for w in weights])
+    prob = torch.softmax(logits.float(), dim=-1)[:, 1]
+    prob = torch.where(finite, prob, torch.zeros_like(prob))
+    return prob, freezable_prefix(prob, threshold)
+

@@ -1,0 +1,170 @@
+"""AutoFreeze (Liu, Agarwal, Venkataraman 2021): freeze on the gradient-norm change percentile."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+from torch import Tensor
+
+from .base import Decision, FreezePolicy, PolicyContext
+
+
+class AutoFreeze(FreezePolicy):
+    """AutoFreeze: freeze the leading units whose gradient norm has stopped changing
+    (Liu, Agarwal, Venkataraman 2021, "AutoFreeze: Automatically Freezing Model Blocks to
+    Accelerate Fine-tuning", arXiv:2102.01386; reference code github.com/YuhanLiu11/AutoFreeze,
+    ``freeze_intermediate_e2e_lr.py``, training loop).
+
+    Rule, for each evaluation interval k of ``interval`` optimizer steps::
+
+        G_i(k)  = gradient norm of unit i accumulated over interval k
+        r_i(k)  = |G_i(k-1) - G_i(k)| / G_i(k-1)     (0 where G_i(k) == 0, i.e. a frozen unit)
+        thr     = percentile({r_i(k) : i >= frozen}, percentile)   (np.percentile, linear)
+        frozen' = first i >= frozen with r_i(k) >= thr   (units before it are frozen)
+
+    i.e. an active unit is freezable when its gradient-norm change is below the
+    ``percentile``-th percentile of the active units' changes, and units freeze front to back:
+    the first active unit that is still changing blocks every unit after it. The first interval
+    only records G(1); the first decision is made at the end of the second interval.
+    Interval: ``interval`` steps, or (default, as the reference's ``--num_intervals``)
+    ``total_steps // num_intervals``. Interval k ends after optimizer step k * interval.
+
+    Deviation (accumulated quantity): the reference sums the gradient *tensors* of every
+    parameter over the interval and takes the L1 norm of that sum per layer. The engine hands
+    policies only per-unit squared gradient norms of each step (an interval sum of gradient
+    tensors would cost a second copy of the model's parameters), so G_i(k) here is the sum over
+    the interval's steps of the per-step L2 gradient norm ``sqrt(sum g^2)``. r_i is a relative
+    change, so a constant factor (sum vs. mean, L1 vs. L2 scale) cancels; what differs is that
+    gradient directions that cancel within an interval do not shrink G. Steps whose gradient
+    norm is not finite (skipped by a GradScaler) are left out of the sum.
+
+    Other details: a unit whose G went from 0 to positive counts as changing without bound;
+    the reference's quirk that skips the first boundary when ``interval == 1`` is not copied.
+    Accumulators stay on the parameters' device; ``decide`` returns a 0-dim int64 tensor on
+    that device at interval ends (no host sync at all) and None otherwise.
+    """
+
+    name = "autofreeze"
+    needs_gradients = True
+
+    def __init__(
+        self, interval: Optional[int] = None, percentile: float = 50.0, num_intervals: int = 10
+    ) -> None:
+        super().__init__()
+        if interval is not None and (
+            isinstance(interval, bool) or not isinstance(interval, int) or interval < 1
+        ):
+            raise ValueError(
+                f"AutoFreeze: interval must be a positive number of optimizer steps or None, got {interval!r}"
+            )
+        if (
+            isinstance(percentile, bool)
+            or not isinstance(percentile, (int, float))
+            or not (0.0 < float(percentile) < 100.0)
+        ):
+            raise ValueError(f"AutoFreeze: percentile must be in (0, 100), got {percentile!r}")
+        if isinstance(num_intervals, bool) or not isinstance(num_intervals, int) or num_intervals < 1:
+            raise ValueError(f"AutoFreeze: num_intervals must be a positive int, got {num_intervals!r}")
+        self.interval_arg = interval
+        self.percentile = float(percentile)
+        self.num_intervals = num_intervals
+        self.interval: Optional[int] = interval
+        self._acc: Optional[Tensor] = None  # [units] float32, this interval's sum of norms
+        self._prev: Optional[Tensor] = None  # [units] float32, last interval's sums
+        self._steps_in_interval = 0
+        self._evaluations = 0  # interval ends seen
+        self.last_ratios: Optional[Tensor] = None  # r(k) of the latest decision, for reports
+        self._pending_state: Optional[Dict[str, Any]] = None
+
+    def bind(self, context: PolicyContext) -> None:
+        super().bind(context)
+        if context.num_units < 1:
+            raise ValueError("AutoFreeze: the model has no freezable units")
+        if self.interval_arg is None:
+            total = self._require_total_steps()
+            self.interval = max(1, total // self.num_intervals)
+        self._acc = torch.zeros(context.num_units, dtype=torch.float32, device=context.device)
+        self._prev = None
+        self._steps_in_interval = 0
+        self._evaluations = 0
+        if self._pending_state is not None:
+            state, self._pending_state = self._pending_state, None
+            self.load_state_dict(state)
+
+    def observe_gradients(self, step: int, unit_grad_sq_norms: Tensor) -> None:
+        assert self._acc is not None, "bind() first"
+        sq = unit_grad_sq_norms.to(device=self._acc.device, dtype=torch.float32)
+        norms = sq.sqrt()
+        self._acc.add_(torch.where(torch.isfinite(norms), norms, torch.zeros_like(norms)))
+        self._steps_in_interval += 1
+
+    def decide(self, step: int, frozen: int) -> Optional[Decision]:
+        assert self._acc is not None and self.interval is not None, "bind() first"
+        if step % self.interval != 0:
+            return None
+        cur = self._acc.clone()
+        self._acc.zero_()
+        self._steps_in_interval = 0
+        self._evaluations += 1
+        prev, self._prev = self._prev, cur
+        if prev is None:
+            return None
+        big = torch.finfo(torch.float32).max  # "changing without bound", finite for quantile
+        safe_prev = torch.where(prev > 0, prev, torch.ones_like(prev))
+        ratio = torch.where(prev > 0, (prev - cur).abs() / safe_prev, torch.full_like(prev, big))
+        ratio = torch.where(cur > 0, ratio, torch.zeros_like(ratio))
+        self.last_ratios = ratio
+        frozen = max(0, int(frozen))
+        active = ratio[frozen:]
+        if active.numel() == 0:
+            return None
+        thr = torch.quantile(active, self.percentile / 100.0)  # numpy's default 'linear'
+        below = (active < thr).to(torch.int64)
+        leading = torch.cumprod(below, dim=0).sum()
+        return leading + frozen
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "interval": self.interval,
+            "acc": None if self._acc is None else self._acc.clone(),
+            "prev": None if self._prev is None else self._prev.clone(),
+            "steps_in_interval": self._steps_in_interval,
+            "evaluations": self._evaluations,
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        expected = {"interval", "acc", "prev", "steps_in_interval", "evaluations"}
+        if set(state) != expected:
+            raise ValueError(f"AutoFreeze: state keys {sorted(state)} differ from {sorted(expected)}")
+        if self.context is None:  # restored before the engine bound us: apply at bind()
+            self._pending_state = dict(state)
+            return
+        if state["interval"] != self.interval:
+            raise ValueError(
+                f"AutoFreeze: checkpoint was made with interval={state['interval']}, "
+                f"this run has interval={self.interval}"
+            )
+        n = self.context.num_units
+        device = self.context.device
+        for key in ("acc", "prev"):
+            t = state[key]
+            if t is not None and tuple(t.shape) != (n,):
+                raise ValueError(f"AutoFreeze: state '{key}' has shape {tuple(t.shape)}, expected ({n},)")
+        self._acc = (
+            torch.zeros(n, dtype=torch.float32, device=device)
+            if state["acc"] is None
+            else state["acc"].to(device=device, dtype=torch.float32).clone()
+        )
+        self._prev = None if state["prev"] is None else state["prev"].to(device=device, dtype=torch.float32).clone()
+        self._steps_in_interval = int(state["steps_in_interval"])
+        self._evaluations = int(state["evaluations"])
+
+    def describe(self) -> str:
+        if self.interval_arg is None:
+            iv = f"interval=total_steps//{self.num_intervals}"
+            if self.interval is not None:
+                iv += f"={self.interval}"
+        else:
+            iv = f"interval={self.interval}"
+        return f"AutoFreeze({iv}, percentile={self.percentile:g})"

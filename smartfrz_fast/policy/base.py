@@ -1,0 +1,94 @@
+"""The interface every freezing policy implements, and what the engine tells it.
+
+A policy only decides *how many* leading units may be frozen; the engine does the freezing
+(optimizer, norm layers, history, checkpoints) the same way for every policy, enforces that
+freezing is monotone and front-to-back, and never freezes the units it must keep trainable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+# A decision: the desired frozen-prefix length in units, as an int or as a 0-dim int64 tensor
+# that may still be on its way from the GPU (the engine reads it without stalling).
+Decision = Union[int, Tensor]
+
+
+@dataclass(frozen=True)
+class UnitInfo:
+    """What a policy may know of one freezable unit."""
+
+    index: int
+    name: str
+    num_params: int
+    forward_flops: int
+
+
+@dataclass
+class PolicyContext:
+    """Handed to ``FreezePolicy.bind`` once the engine knows the model's units."""
+
+    units: Sequence[UnitInfo]
+    total_steps: Optional[int]
+    device: torch.device
+    max_frozen: int  # the engine never freezes more leading units than this
+    history: Any = None  # ``WeightHistory`` when the policy sets ``needs_history``
+
+    @property
+    def num_units(self) -> int:
+        return len(self.units)
+
+
+class FreezePolicy:
+    """Base class: override ``decide`` and, where the policy needs them, the hooks below."""
+
+    name = "policy"
+    needs_history = False  # the engine keeps a weight-history ring buffer for this policy
+    needs_gradients = False  # the engine calls ``observe_gradients`` before every optimizer step
+    manages_lr = False  # the engine gives each unit its own param group and calls ``lr_factors``
+
+    def __init__(self) -> None:
+        self.context: Optional[PolicyContext] = None
+
+    def bind(self, context: PolicyContext) -> None:
+        """Called once, when the engine has found the units. Raise here on a bad configuration."""
+        self.context = context
+
+    def decide(self, step: int, frozen: int) -> Optional[Decision]:
+        """After optimizer step number ``step`` (1-based): the desired frozen-prefix length,
+        or None for no decision now. ``frozen`` is the current frozen-prefix length."""
+        raise NotImplementedError
+
+    def observe_gradients(self, step: int, unit_grad_sq_norms: Tensor) -> None:
+        """Per-unit sum of squared gradient entries (float32 ``[units]``, on the parameters'
+        device) of the optimizer step about to run. Only called when ``needs_gradients``."""
+
+    def lr_factors(self, step: int) -> Optional[List[float]]:
+        """Per-unit multiplier of each param group's initial lr for the optimizer step after
+        ``step`` (0 before the first). Only called when ``manages_lr``."""
+        return None
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state but was given {sorted(state)}")
+
+    def describe(self) -> str:
+        """One line for reports: the policy and its settings."""
+        return self.name
+
+    # Helpers shared by the schedule-based policies.
+    def _require_total_steps(self) -> int:
+        assert self.context is not None, "bind() first"
+        if self.context.total_steps is None or self.context.total_steps <= 0:
+            raise ValueError(
+                f"{type(self).__name__} follows a schedule over the whole run: pass "
+                "total_steps=<number of optimizer steps> to SmartFreezer."
+            )
+        return self.context.total_steps

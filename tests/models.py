@@ -1,0 +1,29 @@
+"""Small models shared by the tests."""
+
+import torch
+from torch import nn
+
+
+class SmallCNN(nn.Module):
+    """Four units: conv+bn, conv+bn, conv+bn, linear head."""
+
+    def __init__(self, width: int = 8, classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, width, 3, padding=1)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = torch.relu(self.bn3(self.conv3(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def batch(step: int, size: int = 16, classes: int = 10):
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(size, 1, 8, 8, generator=g), torch.randint(0, classes, (size,), generator=g)

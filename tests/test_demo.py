@@ -1,0 +1,106 @@
+"""The demo and the console script, in their --quick form (a few seconds)."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("sklearn", reason="the demo needs scikit-learn (pip install scikit-learn)")
+pytest.importorskip("tqdm", reason="the demo needs tqdm")
+
+from smartfrz_fast import cli, demo  # noqa: E402
+
+
+def _run_quick(capsys, *extra):
+    code = demo.main(["--quick", "--no-progress", "--threads", "1", *extra])
+    out = capsys.readouterr().out
+    return code, out
+
+
+def test_quick_demo_reports_accuracy_time_and_timeline(capsys):
+    code, out = _run_quick(capsys)
+    assert code == 0
+    # both runs' accuracy and wall time
+    rows = re.findall(r"^\s+(full training|with freezeout)\s+([\d.]+)%\s+([\d.]+) s", out, re.M)
+    assert [r[0] for r in rows] == ["full training", "with freezeout"], out
+    for _, acc, seconds in rows:
+        assert 0.0 <= float(acc) <= 100.0
+        assert float(seconds) > 0.0
+    assert re.search(r"time saved: -?[\d.]+ s \(-?[\d.]+% ", out), out
+    assert re.search(r"training FLOPs saved \(engine's count\): [\d.]+%", out), out
+    # the freeze timeline from freezer.report(): at least the first unit froze at some step
+    assert "Freeze timeline" in out
+    assert "policy: FreezeOut(" in out
+    events = re.findall(r"^\s+(\d+)\s+(\d+)\s+[\d.]+%\s+[\d.]+%\s+(\S.*)$", out, re.M)
+    assert events, out
+    assert events[0][1] == "1" and events[0][2].startswith("conv1")
+    steps = [int(e[0]) for e in events]
+    assert steps == sorted(steps)
+
+
+@pytest.mark.parametrize("policy", ["linear", "static", "autofreeze"])
+def test_quick_demo_other_policies(capsys, policy):
+    code, out = _run_quick(capsys, "--policy", policy)
+    assert code == 0
+    assert f"with {policy}" in out
+    assert "Freeze timeline" in out
+
+
+def test_smartfrz_without_weights_exits_with_code_2(capsys, monkeypatch):
+    def unavailable(name, total_steps, num_freezable):
+        if name == "smartfrz":
+            raise FileNotFoundError("no trained SmartFRZ predictor weights are installed")
+        raise AssertionError(name)
+
+    monkeypatch.setattr(demo, "build_policy", unavailable)
+    code = demo.main(["--quick", "--no-progress", "--policy", "smartfrz"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "no trained SmartFRZ predictor weights" in captured.err
+    assert "Results" not in captured.out  # nothing was trained
+
+
+def test_bad_arguments_exit_with_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        demo.main(["--policy", "nope"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        demo.main(["--epochs", "0"])
+    assert info.value.code == 2
+
+
+def test_cli_forwards_to_the_demo(monkeypatch):
+    seen = {}
+
+    def fake_demo_main(argv):
+        seen["argv"] = argv
+        return 0
+
+    monkeypatch.setattr(demo, "main", fake_demo_main)
+    assert cli.main(["demo", "--quick", "--policy", "linear"]) == 0
+    assert seen["argv"] == ["--quick", "--policy", "linear"]
+
+
+def test_cli_info_calls_info_main(monkeypatch):
+    info = pytest.importorskip("smartfrz_fast.info")
+    called = []
+    monkeypatch.setattr(info, "main", lambda: called.append(True))
+    assert cli.main(["info"]) == 0
+    assert called == [True]
+
+
+def test_cli_without_command_prints_usage(capsys):
+    assert cli.main([]) == 2
+    assert "demo" in capsys.readouterr().err
+
+
+def test_module_entry_point_quick():
+    proc = subprocess.run(
+        [sys.executable, "-m", "smartfrz_fast.demo", "--quick", "--no-progress", "--threads", "1",
+         "--policy", "linear"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "time saved" in proc.stdout
+    assert "Freeze timeline" in proc.stdout

@@ -1,0 +1,233 @@
+"""The engine on the reference path: units, the freeze action, reports, bad input."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from smartfrz_fast import SmartFreezer, StaticFreeze
+from smartfrz_fast.units import discover_units
+
+from models import SmallCNN, batch
+
+
+def train(model, optimizer, freezer, steps, start=0):
+    for step in range(start, start + steps):
+        x, y = batch(step)
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        freezer.step()
+
+
+class ForwardOrderDiffers(nn.Module):
+    """Declared b, a, c; the forward runs a, b, c."""
+
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Linear(6, 6)
+        self.a = nn.Linear(4, 6)
+        self.norm = nn.LayerNorm(6)
+        self.c = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.c(self.b(self.norm(self.a(x))))
+
+
+def test_units_follow_forward_order_and_norms_join_the_layer_before():
+    plan = discover_units(ForwardOrderDiffers(), (torch.randn(3, 4),))
+    assert [u.name for u in plan.units] == ["a+norm", "b", "c"]
+    assert plan.units[0].param_names == ["a.weight", "a.bias", "norm.weight", "norm.bias"]
+    assert [u.forward_flops for u in plan.units] == [2 * 3 * 4 * 6, 2 * 3 * 6 * 6, 2 * 3 * 6 * 2]
+    assert all(plan.allowed_cut)
+
+
+def test_discovery_leaves_model_buffers_and_rng_untouched():
+    model = SmallCNN()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1, 5),
+                 example_inputs=batch(0)[0])
+    assert torch.equal(rng, torch.get_rng_state())
+    for k, v in model.state_dict().items():
+        assert torch.equal(before[k], v), k
+
+
+def test_units_found_at_first_forward_without_example_inputs():
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=3))
+    with pytest.raises(RuntimeError, match="has not seen the model run"):
+        freezer.step()
+    train(model, opt, freezer, 4)
+    assert [u.name for u in freezer.units] == ["conv1+bn1", "conv2+bn2", "conv3+bn3", "head"]
+    assert freezer.num_frozen == 2
+
+
+def test_freeze_releases_grads_and_optimizer_state_and_keeps_state_dict_working():
+    model = SmallCNN()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=3), example_inputs=batch(0)[0])
+    train(model, opt, freezer, 2)
+    frozen_params = [p for u in freezer.units[:2] for p in u.parameters]
+    assert all(p in opt.state for p in frozen_params)
+    train(model, opt, freezer, 1, start=2)
+    assert freezer.num_frozen == 2
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    for p in frozen_params:
+        assert not p.requires_grad and p.grad is None
+        assert id(p) not in held and p not in opt.state
+    trainable = [p for u in freezer.units[2:] for p in u.parameters]
+    assert len(opt.state) == len(trainable)
+    train(model, opt, freezer, 3, start=3)
+    sd = opt.state_dict()  # would raise if state kept entries of removed parameters
+    assert len(sd["state"]) == len(trainable)
+    assert all(p.grad is None for p in frozen_params)
+
+
+def test_frozen_batchnorm_statistics_stay_fixed_after_model_train():
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=2), example_inputs=batch(0)[0])
+    train(model, opt, freezer, 2)
+    stats = (model.bn1.running_mean.clone(), model.bn1.running_var.clone(), model.bn1.num_batches_tracked.clone())
+    live = model.bn2.running_mean.clone()
+    model.train()
+    train(model, opt, freezer, 5, start=2)
+    assert torch.equal(stats[0], model.bn1.running_mean)
+    assert torch.equal(stats[1], model.bn1.running_var)
+    assert torch.equal(stats[2], model.bn1.num_batches_tracked)
+    assert not torch.equal(live, model.bn2.running_mean), "a trainable BatchNorm must keep updating"
+
+
+def test_frozen_prefix_records_no_autograd_graph():
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=1), example_inputs=batch(0)[0])
+    train(model, opt, freezer, 1)
+    seen = {}
+    model.bn2.register_forward_hook(lambda m, i, o: seen.update(prefix=o.grad_fn))
+    model.conv3.register_forward_hook(lambda m, i, o: seen.update(suffix=o.grad_fn))
+    model(batch(1)[0])
+    assert seen["prefix"] is None and seen["suffix"] is not None
+
+
+def test_keep_trainable_and_timeline_report():
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(4, at_step=2), example_inputs=batch(0)[0], keep_trainable=1)
+    train(model, opt, freezer, 4)
+    assert freezer.num_frozen == 3  # the head always trains
+    (event,) = freezer.timeline
+    assert event.step == 2 and event.num_frozen == 3
+    units = freezer.units
+    total = sum(u.num_params for u in units)
+    assert event.frozen_param_fraction == pytest.approx(sum(u.num_params for u in units[:3]) / total)
+    fwd = freezer.plan.total_forward_flops
+    assert event.frozen_flops_fraction == pytest.approx(2 * sum(u.forward_flops for u in units[:3]) / (3 * fwd))
+    # steps 3 and 4 ran with the prefix frozen: half the run
+    assert freezer.training_flops_saved() == pytest.approx(event.frozen_flops_fraction / 2)
+    report = freezer.report()
+    assert "conv1+bn1, conv2+bn2, conv3+bn3" in report and "training FLOPs saved" in report
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+def test_model_without_trainable_parameters_is_refused():
+    model = nn.Sequential(nn.Linear(3, 3))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        SmartFreezer(model, torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), StaticFreeze(1),
+                     example_inputs=torch.randn(2, 3))
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        SmartFreezer(nn.ReLU(), torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), StaticFreeze(1),
+                     example_inputs=torch.randn(2, 3))
+
+
+def test_optimizer_that_does_not_hold_the_model_is_refused():
+    model = SmallCNN()
+    other = SmallCNN()
+    with pytest.raises(ValueError, match="optimizer does not hold"):
+        SmartFreezer(model, torch.optim.SGD(other.parameters(), lr=0.1), StaticFreeze(1),
+                     example_inputs=batch(0)[0])
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        SmartFreezer(model, "sgd", StaticFreeze(1), example_inputs=batch(0)[0])
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.block1 = nn.Linear(8, 8)
+        self.block2 = nn.Linear(8, 8)
+        self.lm_head = nn.Linear(8, 20, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.lm_head(torch.relu(self.block2(torch.relu(self.block1(self.embed(tokens))))))
+
+
+def test_shared_parameters_tie_units_together():
+    model = TiedLM()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tokens = torch.randint(0, 20, (4, 5))
+    with pytest.warns(UserWarning, match="'embed.weight'.*freeze together"):
+        freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=1), example_inputs=tokens, keep_trainable=0)
+    assert [u.name for u in freezer.units] == ["embed", "block1", "block2"]
+    assert freezer.plan.allowed_cut == [True, False, False, True]
+    out = model(tokens)
+    nn.functional.cross_entropy(out.flatten(0, 1), tokens.flatten()).backward()
+    opt.step()
+    freezer.step()
+    assert freezer.num_frozen == 0, "the embedding is read again by the head: it cannot freeze alone"
+    assert freezer.freeze_to(3) == 3
+
+
+def test_integer_buffers_and_non_float_parameters_are_left_alone():
+    model = SmallCNN()
+    model.register_buffer("step_counter", torch.zeros((), dtype=torch.int64))
+    model.codes = nn.Parameter(torch.arange(5), requires_grad=False)  # an int parameter
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=1), example_inputs=batch(0)[0])
+    names = [n for u in freezer.units for n in u.param_names]
+    assert "codes" not in names
+    train(model, opt, freezer, 2)
+    assert freezer.num_frozen == 1 and model.step_counter.dtype == torch.int64
+
+
+def test_nan_weights_are_never_frozen():
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(3, at_step=1), example_inputs=batch(0)[0])
+    with torch.no_grad():
+        model.conv2.weight[0, 0, 0, 0] = float("nan")
+    with pytest.warns(UserWarning, match=r"unit 1 \(conv2\+bn2\) has NaN or inf"):
+        assert freezer.freeze_to(3) == 1
+    assert model.conv2.weight.requires_grad and model.conv3.weight.requires_grad
+
+
+def test_load_state_dict_from_a_different_model_is_refused():
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=1), example_inputs=batch(0)[0])
+    train(model, opt, freezer, 2)
+    state = freezer.state_dict()
+    wider = SmallCNN(width=12)
+    other = SmartFreezer(wider, torch.optim.SGD(wider.parameters(), lr=0.1), StaticFreeze(1, at_step=1),
+                         example_inputs=batch(0)[0])
+    with pytest.raises(ValueError, match=r"different model \(unit 0 was"):
+        other.load_state_dict(state)
+    with pytest.raises(ValueError, match="not a SmartFreezer state_dict"):
+        other.load_state_dict({"weights": 1})
+
+
+def test_step_without_optimizer_hooks_leaks_no_warnings():
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=3), example_inputs=batch(0)[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(model, opt, freezer, 5)

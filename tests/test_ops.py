@@ -1,0 +1,174 @@
+"""The op registry: schemas, fakes, opcheck, and the references against independent math."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from smartfrz_fast import ops
+from smartfrz_fast.ops import reference
+from smartfrz_fast.predictor import AttentionPredictor, PredictorConfig
+
+SMALL = PredictorConfig(sample_size=37, window=7, hidden=24, embed=8, head_hidden=6)
+
+
+def random_gather_inputs(num_units=5, window=6, k=13):
+    sources = [
+        torch.randn(4, 9),
+        torch.randn(7, 3).t(),  # non-contiguous
+        torch.randn(30, dtype=torch.float64)[5:],  # storage offset
+        torch.randn(3, 5).half(),
+    ]
+    spans = [reference._strided_span(s).numel() for s in sources]
+    source_ids = torch.randint(0, len(sources), (num_units, k), dtype=torch.int32)
+    offsets = torch.stack([torch.stack([torch.randint(0, spans[s], ()) for s in row]) for row in source_ids.tolist()])
+    source_ids[-1, k // 2:] = -1  # a small unit: masked tail
+    history = torch.full((num_units, window, k), float("nan"))
+    return sources, source_ids, offsets, history
+
+
+def test_gather_history_ref_reads_storage_offsets(fresh_seed):
+    sources, source_ids, offsets, history = random_gather_inputs()
+    rows = torch.tensor([0, 2, 4])
+    cursor = torch.tensor(9)
+    ops.gather_history(sources, source_ids, offsets, rows, cursor, history)
+    slot = 9 % history.shape[1]
+    for r in range(history.shape[0]):
+        for t in range(history.shape[1]):
+            if r in rows.tolist() and t == slot:
+                continue
+            assert torch.isnan(history[r, t]).all(), f"seed {fresh_seed}: row {r} slot {t} was written"
+    for r in rows.tolist():
+        for k in range(source_ids.shape[1]):
+            s = int(source_ids[r, k])
+            if s < 0:
+                expected = 0.0
+            else:
+                # element at that storage offset, read through a fresh strided view
+                element = torch.as_strided(sources[s], (1,), (1,), sources[s].storage_offset() + int(offsets[r, k]))
+                expected = float(element.float())  # history is float32
+            assert history[r, slot, k].item() == expected, f"seed {fresh_seed}"
+
+
+def test_opcheck_gather_history(fresh_seed):
+    sources, source_ids, offsets, history = random_gather_inputs()
+    history.zero_()
+    torch.library.opcheck(ops.gather_history, (sources, source_ids, offsets, torch.tensor([1, 3]),
+                                               torch.tensor(2), history))
+
+
+def random_predict_inputs(config=SMALL, num_units=5):
+    history = torch.randn(num_units, config.window, config.sample_size) * torch.rand(num_units, 1, 1) * 3
+    valid = torch.randint(2, config.sample_size + 1, (num_units,))
+    predictor = AttentionPredictor(config)
+    return history, valid, predictor
+
+
+def independent_predict(history, cursor, rows, valid, predictor):
+    """The predictor written out with nn modules, one unit at a time."""
+    t = history.shape[1]
+    probs = []
+    for r in rows.tolist():
+        n = int(valid[r])
+        chrono = [history[r, (int(cursor) + i) % t, :n].double() for i in range(t)]
+        normed = []
+        for snap in chrono:
+            z = (snap - snap.mean()) / torch.sqrt(snap.var(unbiased=False) + reference.NORM_EPS)
+            normed.append(torch.cat([z, torch.zeros(history.shape[2] - n, dtype=z.dtype)]))
+        x = torch.stack(normed)
+        pd = predictor.double()
+        q = pd.query(x[-1])
+        keys = pd.key(x[:-1])
+        values = pd.value(x[:-1])
+        att = torch.softmax(keys @ q / math.sqrt(q.numel()), 0)
+        logits = pd.head(att @ values)
+        probs.append(torch.softmax(logits, 0)[1])
+        predictor.float()
+    return torch.stack(probs)
+
+
+def test_predict_ref_matches_independent_math(fresh_seed):
+    history, valid, predictor = random_predict_inputs()
+    rows = torch.tensor([0, 1, 3, 4])
+    cursor = torch.tensor(11)
+    prob, prefix = ops.predict(history, cursor, rows, valid, predictor.flat_weights(), 0.5)
+    expected = independent_predict(history, cursor, rows, valid, predictor)
+    torch.testing.assert_close(prob.double(), expected, rtol=1e-4, atol=1e-5, msg=f"seed {fresh_seed}")
+    assert int(prefix) == int(reference.freezable_prefix(expected, 0.5))
+
+
+def test_predict_query_is_the_newest_snapshot():
+    history, valid, predictor = random_predict_inputs()
+    rows = torch.arange(5)
+    w = predictor.flat_weights()
+    cursor = torch.tensor(3)  # newest snapshot in slot 2
+    prob, _ = ops.predict(history, cursor, rows, valid, w, 0.5)
+    # rotating the ring together with the cursor changes nothing
+    rolled = torch.roll(history, shifts=2, dims=1)
+    prob_rolled, _ = ops.predict(rolled, cursor + 2, rows, valid, w, 0.5)
+    torch.testing.assert_close(prob, prob_rolled)
+    # swapping two older snapshots changes nothing (attention has no positional term) ...
+    swapped = history.clone()
+    swapped[:, [0, 4]] = history[:, [4, 0]]
+    torch.testing.assert_close(prob, ops.predict(swapped, cursor, rows, valid, w, 0.5)[0])
+    # ... but replacing the newest one does
+    changed = history.clone()
+    changed[:, 2] = torch.randn_like(changed[:, 2])
+    assert not torch.allclose(prob, ops.predict(changed, cursor, rows, valid, w, 0.5)[0])
+
+
+def test_predict_normalisation_hides_weight_scale():
+    history, valid, predictor = random_predict_inputs()
+    rows = torch.arange(5)
+    w = predictor.flat_weights()
+    prob, _ = ops.predict(history, torch.tensor(0), rows, valid, w, 0.5)
+    scaled, _ = ops.predict(history * 1000 + 7, torch.tensor(0), rows, valid, w, 0.5)
+    torch.testing.assert_close(prob, scaled, rtol=1e-4, atol=1e-5)
+    # masked positions are ignored, whatever they hold
+    poisoned = history.clone()
+    for r in range(5):
+        poisoned[r, :, int(valid[r]):] = 1e6
+    torch.testing.assert_close(prob, ops.predict(poisoned, torch.tensor(0), rows, valid, w, 0.5)[0])
+
+
+def test_predict_never_freezes_on_nonfinite_history():
+    history, valid, predictor = random_predict_inputs()
+    w = predictor.flat_weights()
+    with torch.no_grad():
+        predictor.head[-1].bias.copy_(torch.tensor([-20.0, 20.0]))  # "freeze" everywhere
+    history[1, 3, 0] = float("nan")
+    history[3, 0, 0] = float("inf")
+    prob, prefix = ops.predict(history, torch.tensor(0), torch.arange(5), valid, w, 0.5)
+    assert prob[0] > 0.99 and prob[1] == 0 and prob[3] == 0 and prob[2] > 0.99
+    assert int(prefix) == 1
+
+
+@pytest.mark.parametrize("probs,threshold,expected", [
+    ([0.9, 0.8, 0.2, 0.9], 0.5, 2), ([0.1, 0.9], 0.5, 0), ([0.6, 0.6], 0.6, 2), ([], 0.5, 0),
+])
+def test_freezable_prefix(probs, threshold, expected):
+    assert int(reference.freezable_prefix(torch.tensor(probs), threshold)) == expected
+
+
+def test_opcheck_predict(fresh_seed):
+    history, valid, predictor = random_predict_inputs()
+    w = [p.detach() for p in predictor.flat_weights()]
+    torch.library.opcheck(ops.predict, (history, torch.tensor(4), torch.tensor([0, 2, 3]), valid, w, 0.5))
+
+
+def test_backends_report_every_op():
+    table = ops.backends()
+    assert set(table) == {"gather_history", "predict"}
+    assert all(set(v) == {"cpu", "cuda"} for v in table.values())
+
+
+@pytest.mark.gpu
+def test_ops_on_cuda_match_cpu_reference(fresh_seed):
+    history, valid, predictor = random_predict_inputs()
+    rows = torch.tensor([0, 2, 4])
+    w = predictor.flat_weights()
+    cpu = ops.predict(history, torch.tensor(5), rows, valid, w, 0.5)
+    gpu = ops.predict(history.cuda(), torch.tensor(5).cuda(), rows.cuda(), valid.cuda(),
+                      [x.cuda() for x in w], 0.5)
+    torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=1e-4, atol=1e-5)

@@ -1,0 +1,503 @@
+"""Baseline policies against their papers' / reference implementations' formulas, without the engine."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from smartfrz_fast.policy import (
+    AutoFreeze,
+    Decision,
+    FreezeOut,
+    FreezePolicy,
+    LinearFreeze,
+    PolicyContext,
+    StaticFreeze,
+    UnitInfo,
+)
+
+
+def make_context(num_units: int, total_steps=100, max_frozen=None) -> PolicyContext:
+    units = [UnitInfo(index=i, name=f"layer{i}", num_params=10 * (i + 1), forward_flops=100) for i in range(num_units)]
+    return PolicyContext(
+        units=units,
+        total_steps=total_steps,
+        device=torch.device("cpu"),
+        max_frozen=num_units - 1 if max_frozen is None else max_frozen,
+    )
+
+
+def as_int(decision):
+    if decision is None:
+        return None
+    if isinstance(decision, torch.Tensor):
+        assert decision.dim() == 0 and decision.dtype == torch.int64
+        return int(decision.item())
+    assert isinstance(decision, int)
+    return decision
+
+
+def test_exports():
+    import smartfrz_fast.policy as p
+
+    for name in ["FreezePolicy", "PolicyContext", "UnitInfo", "Decision", "FreezeOut", "AutoFreeze", "LinearFreeze", "StaticFreeze"]:
+        assert hasattr(p, name), name
+    assert issubclass(FreezeOut, FreezePolicy) and Decision is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# FreezeOut
+
+
+def reference_freezeout(L, t0, how_scale, total, scale_lr):
+    """Transcription of ajbrock/FreezeOut densenet.py: lr_ratio, max_j, update_lr (lr factor)."""
+    scale_fn = {"linear": lambda x: x, "squared": lambda x: x**2, "cubic": lambda x: x**3}[how_scale]
+    last_index = L - 1
+    ratios = [scale_fn(t0 + (1 - t0) * float(i) / last_index) for i in range(L)]
+    max_js = [total * r for r in ratios]
+
+    def factor(i, j):  # the lr update_lr sets for iteration j, divided by the base lr
+        if j > max_js[i]:
+            return None  # frozen
+        lr0 = 1.0 / ratios[i] if scale_lr else 1.0
+        return 0.5 * lr0 * (1 + np.cos(np.pi * j / max_js[i]))
+
+    return ratios, max_js, factor
+
+
+def test_freezeout_times_linear_and_cubic():
+    p = FreezeOut(t0=0.5, spacing="linear")
+    p.bind(make_context(5))
+    assert p.freeze_times == pytest.approx([0.5, 0.625, 0.75, 0.875, 1.0], abs=1e-15)
+
+    p = FreezeOut(t0=0.8, spacing="cubic")
+    p.bind(make_context(3))
+    assert p.freeze_times == pytest.approx([0.8**3, 0.9**3, 1.0], abs=1e-15)
+
+    p = FreezeOut(t0=0.5, spacing="squared")
+    p.bind(make_context(3))
+    assert p.freeze_times == pytest.approx([0.25, 0.5625, 1.0], abs=1e-15)
+
+    p = FreezeOut(t0=0.3, spacing="cubic")
+    p.bind(make_context(1))
+    assert p.freeze_times == [1.0]  # single unit: never frozen
+
+
+@pytest.mark.parametrize("spacing", ["linear", "squared", "cubic"])
+@pytest.mark.parametrize("scale_lr", [True, False])
+def test_freezeout_matches_reference(spacing, scale_lr):
+    L, N, t0 = 6, 97, 0.4
+    p = FreezeOut(t0=t0, spacing=spacing, scale_lr=scale_lr)
+    p.bind(make_context(L, total_steps=N))
+    ratios, max_js, ref_factor = reference_freezeout(L, t0, spacing, N, scale_lr)
+    assert p.freeze_times == pytest.approx(ratios, rel=1e-15)
+    for j in range(N + 3):
+        factors = p.lr_factors(j)
+        assert len(factors) == L
+        for i in range(L):
+            ref = ref_factor(i, j)
+            assert factors[i] == pytest.approx(0.0 if ref is None else ref, abs=1e-12), (i, j)
+        # decide(step) after `step` steps is the prefix the reference has deactivated before
+        # running iteration j == step
+        if j >= 1:
+            expected = sum(1 for i in range(L) if j > max_js[i])
+            assert p.decide(j, 0) == expected
+
+
+def test_freezeout_closed_form_and_freeze_steps():
+    N = 100
+    p = FreezeOut(t0=0.5, spacing="linear", scale_lr=True)
+    p.bind(make_context(5, total_steps=N))
+    # max_j = [50, 62.5, 75, 87.5, 100]
+    assert p.freeze_steps == [51, 63, 76, 88, None]
+    assert [p.decide(s, 0) for s in (1, 50, 51, 62, 63, 75, 76, 87, 88, 99, 100)] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 4]
+    f0 = p.lr_factors(0)
+    assert f0 == pytest.approx([1 / 0.5, 1 / 0.625, 1 / 0.75, 1 / 0.875, 1.0])
+    # unit 0 (t=0.5): half-way through its cosine at j = 25, zero at j = 50, frozen after
+    assert p.lr_factors(25)[0] == pytest.approx(0.5 * 2.0 * (1 + math.cos(math.pi * 0.5)))
+    assert p.lr_factors(50)[0] == pytest.approx(0.0, abs=1e-15)
+    assert p.lr_factors(51)[0] == 0.0
+    # last unit: plain cosine over the whole run, lr0 = lr
+    for j in (0, 10, 50, 99):
+        assert p.lr_factors(j)[4] == pytest.approx(0.5 * (1 + math.cos(math.pi * j / N)))
+    # unit 2 (t=0.75): closed form at j=30
+    assert p.lr_factors(30)[2] == pytest.approx(0.5 / 0.75 * (1 + math.cos(math.pi * 30 / 75)))
+
+    q = FreezeOut(t0=0.5, spacing="linear", scale_lr=False)
+    q.bind(make_context(5, total_steps=N))
+    assert q.lr_factors(0) == pytest.approx([1.0] * 5)
+
+
+def test_freezeout_cubic_freeze_steps():
+    N = 1000
+    p = FreezeOut(t0=0.8, spacing="cubic")
+    p.bind(make_context(3, total_steps=N))
+    # t = [0.512, 0.729, 1]: max_j = 512, 729(.0000x), 1000
+    steps = p.freeze_steps
+    assert steps[0] == 513 and steps[2] is None
+    assert steps[1] == math.floor(0.9**3 * N) + 1
+    assert p.decide(512, 0) == 0 and p.decide(513, 0) == 1
+
+
+def test_freezeout_requires_total_steps_and_flags():
+    p = FreezeOut()
+    assert p.manages_lr and not p.needs_gradients and not p.needs_history
+    with pytest.raises(ValueError, match="total_steps"):
+        p.bind(make_context(4, total_steps=None))
+    assert "t0=0.5" in p.describe() and "cubic" in p.describe() and "scale_lr=True" in p.describe()
+    assert p.state_dict() == {}
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(t0=0.0), "t0"),
+        (dict(t0=-0.1), "t0"),
+        (dict(t0=1.5), "t0"),
+        (dict(t0="0.5"), "t0"),
+        (dict(spacing="quartic"), "spacing"),
+        (dict(scale_lr="yes"), "scale_lr"),
+    ],
+)
+def test_freezeout_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FreezeOut(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# AutoFreeze
+
+
+def reference_autofreeze(interval_norms, percentile):
+    """Transcription of the decision part of YuhanLiu11/AutoFreeze's training loop, given the
+    per-layer accumulated gradient norm of each interval. Returns start_layer after each
+    interval (None where no decision is made). Frozen layers report norm 0."""
+    start_layer = 0
+    prev = None
+    out = []
+    for G in interval_norms:
+        cur = {k: (0.0 if k < start_layer else float(v)) for k, v in enumerate(G)}
+        if prev is None:
+            prev = cur
+            out.append(None)
+            continue
+        thr = {k: 0.0 for k in cur}
+        for k in cur:
+            if cur[k] > 0:
+                thr[k] = abs(prev[k] - cur[k]) / prev[k]
+        median_value = np.percentile(list(thr.values())[start_layer:], percentile)
+        for k in thr:
+            if thr[k] >= median_value:
+                start_layer = k
+                break
+        prev = cur
+        out.append(start_layer)
+    return out
+
+
+def feed_interval(policy, start_step, interval, norms, frozen):
+    """Run one interval: every step sees the same per-unit gradient norms (sq norms given)."""
+    decision = None
+    for k in range(interval):
+        step = start_step + k
+        sq = torch.tensor(norms, dtype=torch.float32) ** 2
+        sq[:frozen] = 0.0  # frozen units have no gradient
+        policy.observe_gradients(step, sq)
+        d = policy.decide(step + 1, frozen)
+        if k < interval - 1:
+            assert d is None
+        decision = d
+    return decision
+
+
+def test_autofreeze_prefix_rule_and_blocking():
+    L, interval = 5, 3
+    p = AutoFreeze(interval=interval, percentile=50)
+    p.bind(make_context(L, total_steps=None))
+    frozen = 0
+    # interval 1: only recorded
+    assert feed_interval(p, 0, interval, [1.0, 2.0, 3.0, 4.0, 5.0], frozen) is None
+    # interval 2: changes 1 %, 2 %, 50 %, 3 %, 40 % -> median 3 %: units 0,1 freeze; unit 2
+    # (changing) blocks unit 3 although unit 3's change is below the median
+    d = feed_interval(p, 3, interval, [1.01, 2.04, 4.5, 4.12, 7.0], frozen)
+    assert isinstance(d, torch.Tensor) and d.device.type == "cpu"
+    assert as_int(d) == 2
+    ratios = p.last_ratios.tolist()
+    assert ratios == pytest.approx([0.01, 0.02, 0.5, 0.03, 0.4], rel=1e-5)
+    frozen = 2
+    # interval 3: among active units 2,3,4: changes 1 %, 20 %, 30 % -> median 20 %: unit 2 freezes
+    d = feed_interval(p, 6, interval, [0.0, 0.0, 4.5 * 1.01, 4.12 * 1.2, 7.0 * 1.3], frozen)
+    assert as_int(d) == 3
+
+
+def test_autofreeze_matches_reference_on_random_norms():
+    rng = np.random.default_rng(0)
+    L, interval, n_intervals = 8, 4, 12
+    for percentile in (25, 50, 75):
+        base = rng.uniform(0.5, 2.0, size=L)
+        # gradient norm of unit i decays at a unit-specific speed, with noise
+        speeds = np.sort(rng.uniform(0.0, 0.6, size=L))
+        norms = [base * np.exp(-speeds * k) * (1 + 0.05 * rng.standard_normal(L)) for k in range(n_intervals)]
+        p = AutoFreeze(interval=interval, percentile=percentile)
+        p.bind(make_context(L, total_steps=None))
+        frozen = 0
+        ours = []
+        for k, G in enumerate(norms):
+            # per-step L2 norm G/interval, so the interval sum is G
+            d = feed_interval(p, k * interval, interval, list(G / interval), frozen)
+            d = as_int(d)
+            ours.append(d)
+            if d is not None:
+                frozen = max(frozen, d)
+        # the reference sees, for frozen units, norm 0: feed it our float32 sums
+        ref = reference_autofreeze([np.asarray(G, dtype=np.float64) for G in norms], percentile)
+        assert ours == ref, (percentile, ours, ref)
+        assert ours[-1] > 0  # the schedule does freeze something
+
+
+def test_autofreeze_interval_from_total_steps_and_first_decision():
+    p = AutoFreeze(percentile=50)  # interval = total_steps // 10
+    p.bind(make_context(4, total_steps=205))
+    assert p.interval == 20
+    assert "interval=total_steps//10=20" in p.describe() and "percentile=50" in p.describe()
+    with pytest.raises(ValueError, match="total_steps"):
+        AutoFreeze().bind(make_context(4, total_steps=None))
+    q = AutoFreeze(num_intervals=20)
+    q.bind(make_context(4, total_steps=10))
+    assert q.interval == 1
+    # decisions only at interval ends, first one at the end of the 2nd interval
+    r = AutoFreeze(interval=5)
+    r.bind(make_context(4, total_steps=None))
+    decisions = {}
+    for step in range(20):
+        r.observe_gradients(step, torch.tensor([1.0, 1.0, 1.0, 4.0]) * (1 + step // 5))
+        d = r.decide(step + 1, 0)
+        if d is not None:
+            decisions[step + 1] = as_int(d)
+    assert sorted(decisions) == [10, 15, 20]
+
+
+def test_autofreeze_accumulates_on_device_without_sync(monkeypatch):
+    p = AutoFreeze(interval=4)
+    p.bind(make_context(3, total_steps=None))
+    calls = []
+    orig_item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: calls.append(1) or orig_item(self))
+    for step in range(8):
+        p.observe_gradients(step, torch.tensor([1.0, 4.0, 9.0]))
+        p.decide(step + 1, 0)
+    assert calls == []
+    assert p.state_dict()["prev"].tolist() == pytest.approx([4.0, 8.0, 12.0])
+
+
+def test_autofreeze_ignores_nonfinite_steps_and_zero_norm_units():
+    p = AutoFreeze(interval=2)
+    p.bind(make_context(3, total_steps=None))
+    p.observe_gradients(0, torch.tensor([1.0, float("inf"), 0.0]))
+    p.observe_gradients(1, torch.tensor([1.0, 1.0, float("nan")]))
+    p.decide(2, 0)
+    assert p.state_dict()["prev"].tolist() == [2.0, 1.0, 0.0]
+    # unit 2 had no gradient, now has one: counts as changing without bound, never NaN
+    p.observe_gradients(2, torch.tensor([1.0, 1.0, 1.0]))
+    p.observe_gradients(3, torch.tensor([1.0, 1.0, 1.0]))
+    d = p.decide(4, 0)
+    r = p.last_ratios
+    assert torch.isfinite(r).all() and r[2] == torch.finfo(torch.float32).max
+    assert r.tolist()[:2] == [0.0, 1.0]
+    assert as_int(d) == 1  # ratios [0, 1, big], median 1: only unit 0 is strictly below
+
+
+def test_autofreeze_zero_ratio_ties_do_not_freeze():
+    # all active units unchanged: every ratio is 0, percentile 0, nothing is strictly below
+    # (the reference: the first layer with ratio >= median is layer 0, so nothing freezes)
+    p = AutoFreeze(interval=1)
+    p.bind(make_context(3, total_steps=None))
+    for step in range(3):
+        p.observe_gradients(step, torch.tensor([1.0, 1.0, 1.0]))
+        d = p.decide(step + 1, 0)
+    assert as_int(d) == 0
+    assert reference_autofreeze([[1.0, 1.0, 1.0]] * 3, 50) == [None, 0, 0]
+
+
+def test_autofreeze_state_dict_round_trip_mid_interval():
+    L, interval = 6, 5
+    rng = np.random.default_rng(1)
+    seq = [torch.tensor(rng.uniform(0.1, 2.0, size=L) * np.exp(-np.arange(L)[::-1] * 0.02 * s), dtype=torch.float32) for s in range(60)]
+
+    def run(policy, steps, frozen, out):
+        for step in steps:
+            sq = seq[step].clone()
+            sq[:frozen] = 0
+            policy.observe_gradients(step, sq)
+            d = as_int(policy.decide(step + 1, frozen))
+            out.append(d)
+            if d is not None:
+                frozen = max(frozen, min(d, L - 1))
+        return frozen
+
+    a = AutoFreeze(interval=interval, percentile=50)
+    a.bind(make_context(L, total_steps=None))
+    da = []
+    frozen = run(a, range(0, 23), 0, da)  # 23: mid-interval, after 3 evaluations
+    state = a.state_dict()
+    assert state["steps_in_interval"] == 3 and state["evaluations"] == 4
+    b = AutoFreeze(interval=interval, percentile=50)
+    b.bind(make_context(L, total_steps=None))
+    b.load_state_dict(state)
+    # loading before bind works too (the engine may restore first)
+    c = AutoFreeze(interval=interval, percentile=50)
+    c.load_state_dict(state)
+    c.bind(make_context(L, total_steps=None))
+    rest_a, rest_b, rest_c = [], [], []
+    fa = run(a, range(23, 60), frozen, rest_a)
+    fb = run(b, range(23, 60), frozen, rest_b)
+    fc = run(c, range(23, 60), frozen, rest_c)
+    assert rest_a == rest_b == rest_c and fa == fb == fc
+    assert any(d is not None for d in rest_a)
+    for k, v in a.state_dict().items():
+        w = b.state_dict()[k]
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, w)
+        else:
+            assert v == w
+    # the state is a copy, not a view of the live accumulator
+    s = a.state_dict()
+    a.observe_gradients(60, torch.ones(L))
+    assert not torch.equal(s["acc"], a.state_dict()["acc"])
+
+
+def test_autofreeze_state_mismatch_raises():
+    a = AutoFreeze(interval=5)
+    a.bind(make_context(4, total_steps=None))
+    b = AutoFreeze(interval=6)
+    b.bind(make_context(4, total_steps=None))
+    with pytest.raises(ValueError, match="interval"):
+        b.load_state_dict(a.state_dict())
+    c = AutoFreeze(interval=5)
+    c.bind(make_context(3, total_steps=None))
+    with pytest.raises(ValueError, match="shape"):
+        c.load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="keys"):
+        c.load_state_dict({"acc": None})
+
+
+def test_autofreeze_flags():
+    p = AutoFreeze(interval=3)
+    assert p.needs_gradients and not p.manages_lr and not p.needs_history
+    assert p.describe() == "AutoFreeze(interval=3, percentile=50)"
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(percentile=0), "percentile"),
+        (dict(percentile=100), "percentile"),
+        (dict(percentile=-5), "percentile"),
+        (dict(percentile="50"), "percentile"),
+        (dict(interval=0), "interval"),
+        (dict(interval=2.5), "interval"),
+        (dict(interval=True), "interval"),
+        (dict(num_intervals=0), "num_intervals"),
+    ],
+)
+def test_autofreeze_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AutoFreeze(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# LinearFreeze
+
+
+def composer_reference(current_duration, freeze_start, freeze_level, num_layers):
+    """Transcription of Composer's _freeze_schedule + freeze_depth of freeze_layers."""
+    if current_duration <= freeze_start:
+        pct = 0.0
+    else:
+        pct = freeze_level * ((current_duration - freeze_start) / (1.0 - freeze_start))
+    return int(pct * len(list(range(num_layers))[0:-1]))
+
+
+@pytest.mark.parametrize("freeze_start, freeze_level", [(0.5, 1.0), (0.0, 1.0), (0.3, 0.5), (0.9, 0.8)])
+def test_linear_matches_composer(freeze_start, freeze_level):
+    L, N = 11, 137
+    p = LinearFreeze(freeze_start=freeze_start, freeze_level=freeze_level)
+    p.bind(make_context(L, total_steps=N))
+    for step in range(1, N + 1):
+        assert p.decide(step, 0) == composer_reference(step / N, freeze_start, freeze_level, L), step
+
+
+def test_linear_closed_form_points():
+    p = LinearFreeze(freeze_start=0.5, freeze_level=1.0)
+    p.bind(make_context(11, total_steps=100))
+    # progress 0.5 -> 0, 0.75 -> int(0.5*10) = 5, 0.9 -> 8 (0.8*10 truncated), 1 -> 10
+    assert p.decide(50, 0) == 0
+    assert p.decide(75, 0) == 5
+    assert p.decide(100, 0) == 10
+    assert p.decide(90, 0) == int(((0.9 - 0.5) / 0.5) * 10)
+    # Composer truncates: (0.6 - 0.5) / 0.5 is 0.19999999999999996 in floating point -> 1, not 2
+    assert p.decide(60, 0) == 1
+    assert p.decide(150, 0) == 10  # past total_steps: capped
+    half = LinearFreeze(freeze_start=0.5, freeze_level=0.5)
+    half.bind(make_context(11, total_steps=100))
+    assert half.decide(100, 0) == 5
+
+
+def test_linear_interval_and_requirements():
+    p = LinearFreeze(freeze_start=0.0, interval=10)
+    p.bind(make_context(5, total_steps=100))
+    assert p.decide(5, 0) is None and p.decide(10, 0) == int(0.1 * 4)
+    assert p.decide(50, 0) == 2
+    assert "interval=10" in p.describe()
+    assert LinearFreeze().describe() == "LinearFreeze(freeze_start=0.5, freeze_level=1)"
+    with pytest.raises(ValueError, match="total_steps"):
+        LinearFreeze().bind(make_context(5, total_steps=None))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(freeze_start=1.0), "freeze_start"),
+        (dict(freeze_start=-0.1), "freeze_start"),
+        (dict(freeze_level=1.5), "freeze_level"),
+        (dict(freeze_level=-1), "freeze_level"),
+        (dict(interval=0), "interval"),
+    ],
+)
+def test_linear_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LinearFreeze(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# StaticFreeze
+
+
+def test_static_schedule():
+    p = StaticFreeze(3, at_step=10)
+    p.bind(make_context(5, total_steps=None))
+    assert [p.decide(s, 0) for s in (1, 9)] == [None, None]
+    assert [p.decide(s, 0) for s in (10, 11, 1000)] == [3, 3, 3]
+    assert p.describe() == "StaticFreeze(num_units=3, at_step=10)"
+    q = StaticFreeze(2)
+    q.bind(make_context(5, total_steps=None))
+    assert q.decide(1, 0) == 2
+
+
+def test_static_bind_checks():
+    with pytest.raises(ValueError, match="only 5"):
+        StaticFreeze(6, at_step=1).bind(make_context(5))
+    with pytest.warns(UserWarning, match="exceeds"):
+        StaticFreeze(5, at_step=1).bind(make_context(5))
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [((-1, 0), "num_units"), ((1.5, 0), "num_units"), ((2, -3), "at_step"), ((2, 1.0), "at_step")],
+)
+def test_static_invalid_arguments(args, match):
+    with pytest.raises(ValueError, match=match):
+        StaticFreeze(*args)

@@ -1,0 +1,231 @@
+"""Baseline policies driven by the engine on a toy model: the schedule the engine applies is the
+paper's / reference implementation's schedule."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import torch
+from torch import nn
+
+if importlib.util.find_spec("smartfrz_fast.engine") is None:  # pragma: no cover
+    pytest.skip("smartfrz_fast/engine.py not written yet", allow_module_level=True)
+
+from smartfrz_fast import SmartFreezer  # noqa: E402
+from smartfrz_fast.policy import AutoFreeze, FreezeOut, LinearFreeze, StaticFreeze  # noqa: E402
+
+L = 5
+LR = 0.1
+
+
+def make_model(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers = []
+    for i in range(L):
+        layers.append(nn.Linear(8, 8))
+        if i < L - 1:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def data(step: int):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g)
+
+
+def group_of(optimizer, param):
+    for group in optimizer.param_groups:
+        if any(p is param for p in group["params"]):
+            return group
+    return None
+
+
+def train(policy, total_steps, *, momentum=0.9, keep_trainable=1, on_step=None):
+    """Runs the documented loop; returns (freezer, optimizer, num_frozen after each step, lrs).
+    lrs[j][i] is the lr optimizer step j (0-based) used for unit i (None once frozen)."""
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum)
+    x0, _ = data(0)
+    freezer = SmartFreezer(
+        model, optimizer, policy=policy, example_inputs=(x0,), total_steps=total_steps, keep_trainable=keep_trainable
+    )
+    assert len(freezer.units) == L
+    lrs = []
+
+    def record_lrs(opt, args, kwargs):
+        row = []
+        for unit in freezer.units:
+            group = group_of(opt, unit.parameters[0])
+            row.append(None if group is None else group["lr"])
+        lrs.append(row)
+
+    hook = optimizer.register_step_pre_hook(record_lrs)  # runs after the engine's own hooks
+    num_frozen = []
+    for step in range(total_steps):
+        x, y = data(step)
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        freezer.step()
+        num_frozen.append(freezer.num_frozen)
+        if on_step is not None:
+            on_step(step + 1, freezer)
+    hook.remove()
+    return freezer, optimizer, num_frozen, lrs
+
+
+def check_frozen_state(freezer, optimizer):
+    for unit in freezer.units:
+        frozen = unit.index < freezer.num_frozen
+        for p in unit.parameters:
+            assert p.requires_grad is (not frozen)
+            if frozen:
+                assert group_of(optimizer, p) is None and p not in optimizer.state
+
+
+@pytest.mark.parametrize("spacing", ["linear", "cubic"])
+def test_freezeout_on_toy_model(spacing):
+    N, t0 = 40, 0.5
+    policy = FreezeOut(t0=t0, spacing=spacing)
+    freezer, optimizer, num_frozen, lrs = train(policy, N)
+    scale = {"linear": lambda v: v, "cubic": lambda v: v**3}[spacing]
+    t = [scale(t0 + (1 - t0) * i / (L - 1)) for i in range(L)]
+    # unit i is excluded from step j once j > t_i * N: frozen by the decision after step
+    # floor(t_i * N) + 1 (1-based)
+    freeze_after = [math.floor(ti * N) + 1 for ti in t]
+    for s in range(1, N + 1):
+        expected = sum(1 for i in range(L) if s >= freeze_after[i])
+        assert num_frozen[s - 1] == min(expected, L - 1), s
+    assert freezer.num_frozen == sum(1 for f in freeze_after if f <= N)
+    # the lr each optimizer step used, per unit: the cosine of the reference code
+    for j in range(N):
+        for i in range(L):
+            if j > t[i] * N:
+                assert lrs[j][i] is None, (j, i)
+            else:
+                expected = 0.5 * (LR / t[i]) * (1 + math.cos(math.pi * j / (t[i] * N)))
+                assert lrs[j][i] == pytest.approx(expected, rel=1e-12, abs=1e-15), (j, i)
+    check_frozen_state(freezer, optimizer)
+    steps = [(e.step, e.num_frozen) for e in freezer.timeline]
+    expected_events = sorted({(f, k + 1) for k, f in enumerate(freeze_after) if f <= N and k < L - 1})
+    assert steps == expected_events
+
+
+def test_linear_on_toy_model_matches_composer():
+    N, start, level = 30, 0.4, 1.0
+    freezer, optimizer, num_frozen, _ = train(LinearFreeze(freeze_start=start, freeze_level=level), N)
+
+    def composer(step):  # Composer: _freeze_schedule, then int(pct * (layers - 1))
+        d = step / N
+        pct = 0.0 if d <= start else level * ((d - start) / (1.0 - start))
+        return int(pct * (L - 1))
+
+    assert num_frozen == [composer(s) for s in range(1, N + 1)]
+    changes, last = [], 0
+    for s in range(1, N + 1):
+        if composer(s) > last:
+            changes.append((s, composer(s)))
+            last = composer(s)
+    assert [(e.step, e.num_frozen) for e in freezer.timeline] == changes
+    assert freezer.num_frozen == L - 1
+    check_frozen_state(freezer, optimizer)
+
+
+def test_static_on_toy_model():
+    freezer, optimizer, num_frozen, _ = train(StaticFreeze(2, at_step=7), 12)
+    assert num_frozen == [0] * 6 + [2] * 6
+    assert [(e.step, e.num_frozen) for e in freezer.timeline] == [(7, 2)]
+    check_frozen_state(freezer, optimizer)
+
+
+def test_static_clamped_to_keep_trainable():
+    with pytest.warns(UserWarning, match="exceeds"):
+        freezer, _, num_frozen, _ = train(StaticFreeze(L, at_step=1), 3, keep_trainable=2)
+    assert num_frozen == [L - 2] * 3
+
+
+class RecordingAutoFreeze(AutoFreeze):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.observed = []
+
+    def observe_gradients(self, step, unit_grad_sq_norms):
+        self.observed.append((step, unit_grad_sq_norms.clone()))
+        super().observe_gradients(step, unit_grad_sq_norms)
+
+
+def test_autofreeze_on_toy_model():
+    N, interval = 60, 5
+    policy = RecordingAutoFreeze(interval=interval, percentile=50)
+    freezer, optimizer, num_frozen, _ = train(policy, N)
+    # one observation per optimizer step, 0-based steps, the per-unit squared grad norms
+    assert [s for s, _ in policy.observed] == list(range(N))
+    first = policy.observed[0][1]
+    assert first.shape == (L,) and bool((first > 0).all())
+    assert all(a <= b for a, b in zip(num_frozen, num_frozen[1:]))
+    assert num_frozen[-1] <= L - 1
+    # decisions only at interval ends (from the second one on): the prefix changes only there
+    for e in freezer.timeline:
+        assert e.step % interval == 0 and e.step >= 2 * interval
+    # frozen units report no gradient after they froze
+    for s, sq in policy.observed:
+        k = num_frozen[s - 1] if s >= 1 else 0
+        assert bool((sq[:k] == 0).all())
+    check_frozen_state(freezer, optimizer)
+
+
+def _build(policy, total_steps):
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    freezer = SmartFreezer(model, optimizer, policy=policy, example_inputs=(data(0)[0],), total_steps=total_steps)
+    return model, optimizer, freezer
+
+
+def _run(model, optimizer, freezer, steps):
+    out = []
+    for step in steps:
+        x, y = data(step)
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        freezer.step()
+        out.append((freezer.num_frozen, [g["lr"] for g in optimizer.param_groups]))
+    return out
+
+
+@pytest.mark.parametrize(
+    "make_policy",
+    [lambda: AutoFreeze(interval=4, percentile=50), lambda: FreezeOut(t0=0.3, spacing="linear")],
+    ids=["autofreeze", "freezeout"],
+)
+def test_resume_mid_interval_through_engine_state_dict(make_policy):
+    """Checkpoint mid-interval, resume in a fresh model/optimizer/freezer: the rest of the run
+    (frozen prefix, lrs, weights) is identical to the uninterrupted run."""
+    N, cut = 50, 22  # 22: mid AutoFreeze interval (interval 4)
+    model, optimizer, freezer = _build(make_policy(), N)
+    full = _run(model, optimizer, freezer, range(N))
+    assert full[-1][0] > 0  # something froze, else the test proves little
+
+    model, optimizer, freezer = _build(make_policy(), N)
+    first = _run(model, optimizer, freezer, range(cut))
+    checkpoint = {
+        "model": {k: v.clone() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "freezer": freezer.state_dict(),
+    }
+    if isinstance(freezer.policy, AutoFreeze):
+        assert checkpoint["freezer"]["policy_state"]["steps_in_interval"] == cut % 4
+
+    model2, optimizer2, freezer2 = _build(make_policy(), N)
+    model2.load_state_dict(checkpoint["model"])
+    freezer2.load_state_dict(checkpoint["freezer"])
+    optimizer2.load_state_dict(checkpoint["optimizer"])
+    rest = _run(model2, optimizer2, freezer2, range(cut, N))
+    assert first + rest == full
+    model_full, opt_full, freezer_full = _build(make_policy(), N)  # same init, uninterrupted
+    _run(model_full, opt_full, freezer_full, range(N))
+    for (k, a), b in zip(model_full.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), k

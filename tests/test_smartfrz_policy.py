@@ -1,0 +1,93 @@
+"""The SmartFRZ policy: weights files, refusal without trained weights, decisions in the engine."""
+
+import pytest
+import torch
+from torch import nn
+
+from smartfrz_fast import SmartFreezer, SmartFRZ
+from smartfrz_fast.predictor import AttentionPredictor, PredictorConfig, PredictorWeightsError, save_predictor
+
+from models import SmallCNN, batch
+
+CONFIG = PredictorConfig(sample_size=16, window=4, hidden=8, embed=4, head_hidden=4)
+
+
+def predictor_file(path, freeze_logit=0.0):
+    torch.manual_seed(0)
+    predictor = AttentionPredictor(CONFIG)
+    with torch.no_grad():
+        predictor.head[-1].bias.copy_(torch.tensor([0.0, freeze_logit]))
+    save_predictor(predictor, path, {"purpose": "test"})
+    return path
+
+
+def test_refuses_to_run_without_trained_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("SMARTFRZ_PREDICTOR", str(tmp_path / "absent.pt"))
+    with pytest.raises(PredictorWeightsError, match="never runs with untrained weights"):
+        SmartFRZ()
+    with pytest.raises(PredictorWeightsError, match="no SmartFRZ predictor weights"):
+        SmartFreezer(SmallCNN(), torch.optim.SGD(SmallCNN().parameters(), lr=0.1))
+
+
+def test_corrupt_foreign_and_tampered_files_are_refused(tmp_path):
+    good = predictor_file(tmp_path / "good.pt")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(PredictorWeightsError, match="unreadable"):
+        SmartFRZ(weights=truncated)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weight": torch.zeros(3)}, foreign)
+    with pytest.raises(PredictorWeightsError, match="not a SmartFRZ predictor file"):
+        SmartFRZ(weights=foreign)
+    blob = torch.load(good, weights_only=True)
+    blob["state_dict"]["query.0.weight"] += 1
+    tampered = tmp_path / "tampered.pt"
+    torch.save(blob, tampered)
+    with pytest.raises(PredictorWeightsError, match="content check"):
+        SmartFRZ(weights=tampered)
+    blob = torch.load(good, weights_only=True)
+    blob["config"]["hidden"] = 9
+    mismatched = tmp_path / "mismatched.pt"
+    torch.save(blob, mismatched)
+    with pytest.raises(PredictorWeightsError, match="does not match the predictor architecture"):
+        SmartFRZ(weights=mismatched)
+
+
+def test_window_mismatch_with_engine_is_refused(tmp_path):
+    policy = SmartFRZ(weights=predictor_file(tmp_path / "p.pt"))
+    model = SmallCNN()
+    with pytest.raises(ValueError, match="window=4, sample_size=16"):
+        SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), policy, example_inputs=batch(0)[0])
+
+
+def run(policy, steps=12, sample_every=2):
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, policy, example_inputs=batch(0)[0], window=4, sample_size=16,
+                           sample_every=sample_every)
+    for step in range(steps):
+        x, y = batch(step)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+    return freezer
+
+
+def test_confident_predictor_freezes_after_the_window_fills(tmp_path):
+    freezer = run(SmartFRZ(weights=predictor_file(tmp_path / "p.pt", freeze_logit=20.0), evaluate_every=2))
+    # 4 snapshots, one every 2 steps: the window is full at step 8, decided and applied there
+    assert [(e.step, e.num_frozen) for e in freezer.timeline] == [(8, 3)]
+    assert freezer.history.rows.tolist() == [3]
+
+
+def test_doubtful_predictor_never_freezes(tmp_path):
+    freezer = run(SmartFRZ(weights=predictor_file(tmp_path / "p.pt", freeze_logit=-20.0), evaluate_every=2))
+    assert freezer.num_frozen == 0 and freezer.timeline == []
+    assert (freezer.policy.last_probabilities < 0.01).all()
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0, 1.5])
+def test_bad_threshold(tmp_path, threshold):
+    with pytest.raises(ValueError, match="threshold"):
+        SmartFRZ(weights=predictor_file(tmp_path / "p.pt"), threshold=threshold)
