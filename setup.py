@@ -331,7 +331,15 @@ setup(
     # torch is NOT listed: install the torch build you want first (a bare `torch` requirement
     # would pull a multi-GB CUDA wheel), then `pip install --no-build-isolation .`.
     install_requires=["numpy", "tqdm"],
-    extras_require={"test": ["pytest", "pytest-benchmark"], "demo": ["scikit-learn"]},
+    extras_require={
+        # One line per extra; "test" pulls in every optional stack the tests exercise.
+        "demo": ["scikit-learn"],
+        "triton": ["triton>=3.6"],
+        "lightning": ["lightning>=2.2"],
+        "hf": ["transformers>=4.40", "accelerate>=0.26"],
+        "plot": ["matplotlib"],
+        "test": ["pytest", "pytest-benchmark"],
+    },
     packages=find_packages(include=["smartfrz_fast", "smartfrz_fast.*"]),
     package_data={"smartfrz_fast": ["predictor/weights/*.pt"]},
     include_package_data=True,
