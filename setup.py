@@ -338,7 +338,7 @@ setup(
         "lightning": ["lightning>=2.2"],
         "hf": ["transformers>=4.40", "accelerate>=0.26"],
         "plot": ["matplotlib"],
-        "test": ["pytest", "pytest-benchmark"],
+        "test": ["pytest", "pytest-benchmark", "triton>=3.6,<3.9; platform_system == 'Linux'", "lightning>=2.2", "transformers>=4.40", "accelerate>=0.26"],  # <3.9: 3.8.0 is on local disk (CI: no download); 3.6 is the GPU image's
     },
     packages=find_packages(include=["smartfrz_fast", "smartfrz_fast.*"]),
     package_data={"smartfrz_fast": ["predictor/weights/*.pt"]},

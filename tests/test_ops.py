@@ -162,7 +162,7 @@ def test_opcheck_predict(fresh_seed):
 
 def test_backends_report_every_op():
     table = ops.backends()
-    assert set(table) == {"gather_history", "predict"}
+    assert {"gather_history", "predict", "cache_store", "cache_load"} <= set(table) == set(ops.OPS)
     assert all(set(v) == {"cpu", "cuda"} for v in table.values())
 
 

@@ -9,6 +9,10 @@ does not import this module.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
+import warnings
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
@@ -85,6 +89,51 @@ def _register_extension_kernels() -> None:
                   gather_history_ext)
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_kernels():
+    """``ops.triton_kernels`` (imports Triton), loaded at the first CUDA call; None if it fails."""
+    try:
+        from . import triton_kernels
+    except Exception as exc:  # a broken Triton install must not stop training: warn, fall back
+        warnings.warn(f"smartfrz_fast: the Triton kernels failed to load ({type(exc).__name__}: {exc}); "
+                      "CUDA ops run the CUDA C++ extension or the PyTorch reference instead.")
+        return None
+    return triton_kernels
+
+
+def _register_triton_kernels() -> None:
+    """Triton kernels for CUDA tensors, registered without importing Triton (done at first call).
+
+    They take precedence over the CUDA C++ gather kernel (csrc/cuda/, never run on a GPU yet;
+    bench/bench_history_ops.py measures both). Not registered under TRITON_INTERPRET=1, the CPU
+    test mode, where compiled CUDA kernels do not exist and device pointers cannot be followed.
+    """
+    if os.environ.get("SMARTFRZ_BACKEND", "auto") == "reference":
+        return
+    if os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes"):
+        return
+    if importlib.util.find_spec("triton") is None:
+        return
+    gather_fallback = reference.gather_history_ref
+    if extension_status().loaded and extension_status().has_cuda:
+        gather_fallback = torch.ops.smartfrz_ext.gather_history
+
+    def gather_history_triton(sources, source_ids, offsets, rows, cursor, history):
+        kernels = _triton_kernels()
+        if kernels is None:
+            return gather_fallback(sources, source_ids, offsets, rows, cursor, history)
+        kernels.gather_history(sources, source_ids, offsets, rows, cursor, history)
+
+    def predict_triton(history, cursor, rows, valid, weights, threshold):
+        kernels = _triton_kernels()
+        if kernels is None:
+            return reference.predict_ref(history, cursor, rows, valid, weights, threshold)
+        return kernels.predict(history, cursor, rows, valid, weights, threshold)
+
+    _register(gather_history, "gather_history", "cuda", "Triton (ops/triton_kernels.py)", gather_history_triton)
+    _register(predict, "predict", "cuda", "Triton (ops/triton_kernels.py)", predict_triton)
+
+
 def backends(device_types: Sequence[str] = ("cpu", "cuda")) -> Dict[str, Dict[str, str]]:
     """``{op: {device_type: backend}}`` for the ops of this registry."""
     return {
@@ -94,3 +143,34 @@ def backends(device_types: Sequence[str] = ("cpu", "cuda")) -> Dict[str, Dict[st
 
 
 _register_extension_kernels()
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation cache storage ops (smartfrz_fast.cache): quantise rows into cache storage, and back.
+
+@torch.library.custom_op("smartfrz::cache_store", mutates_args=("data", "scales"))
+def cache_store(values: Tensor, slots: Tensor, data: Tensor, scales: Tensor) -> None:
+    """Write ``values[i]`` into row ``slots[i]`` of ``data`` (fp32, bf16, or fp8 e4m3 with a
+    per-row scale in ``scales``)."""
+    reference.cache_store_ref(values, slots, data, scales)
+
+
+@cache_store.register_fake
+def _(values, slots, data, scales) -> None:
+    return None
+
+
+@torch.library.custom_op("smartfrz::cache_load", mutates_args=())
+def cache_load(data: Tensor, scales: Tensor, slots: Tensor, dtype: torch.dtype) -> Tensor:
+    """Rows ``slots`` of ``data`` as ``[N, D]`` in ``dtype``, dequantised."""
+    return reference.cache_load_ref(data, scales, slots, dtype)
+
+
+@cache_load.register_fake
+def _(data, scales, slots, dtype):
+    return data.new_empty((slots.shape[0], data.shape[1]), dtype=dtype)
+
+
+OPS.update({"cache_store": cache_store, "cache_load": cache_load})
+__all__ += ["cache_store", "cache_load"]
+_register_triton_kernels()

@@ -1,0 +1,415 @@
+"""Triton kernels for ``smartfrz::gather_history`` and ``smartfrz::predict`` (CUDA).
+
+Importing this module imports Triton and defines the kernels; ``ops/__init__.py`` imports it
+only at the first CUDA call, so ``import smartfrz_fast`` never does. The specification of both
+ops is ``ops/reference.py``; tests/test_triton_kernels.py checks these kernels against it.
+
+Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors in Triton's interpreter; that is
+how CI tests them without a GPU. Without it they need CUDA tensors. It must be set before
+Triton itself is imported (not only before these kernels): triton.language's own helpers
+(tl.zeros, tl.sum, ...) are @jit functions defined at Triton's import, and a kernel calling a
+compiled-mode helper fails in the interpreter. Importing this module checks that.
+
+GPU sessions: for gather_history measure this Triton kernel (the registry's CUDA default) and
+the never-run CUDA C++ kernel in csrc/cuda/ side by side with bench/bench_history_ops.py.
+
+No host synchronisation: the ring slot comes from the ``cursor`` tensor on the device, the
+frozen-prefix length is written to a device tensor, and the per-source pointer table is cached
+by (address, dtype), so after a first call with a given set of parameters both ops can be
+captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .reference import NORM_EPS, NUM_PREDICTOR_WEIGHTS, WEIGHTS_PER_MLP
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+
+
+def _check_interpreter_state() -> None:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if INTERPRET and not isinstance(tl.zeros, InterpretedFunction):
+        raise ImportError("TRITON_INTERPRET=1 was set after triton had been imported, so Triton's own helpers "
+                          "are not interpretable and every kernel would fail. Set TRITON_INTERPRET=1 before "
+                          "anything imports triton (export it in the shell).")
+
+
+_check_interpreter_state()
+
+# dtype codes of the gather kernel's per-source type table
+_DTYPE_CODES: Dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------
+# gather_history
+
+
+@triton.jit
+def _gather_history_kernel(
+    table_ptr, dtype_ptr, num_sources,
+    ids_ptr, offsets_ptr, rows_ptr, cursor_ptr, hist_ptr,
+    ids_su, ids_sk, off_su, off_sk, h_su, h_st, h_sk,
+    K, T,
+    BLOCK_K: tl.constexpr,
+):
+    unit = tl.load(rows_ptr + tl.program_id(0))
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    in_k = k < K
+    sid = tl.load(ids_ptr + unit * ids_su + k * ids_sk, mask=in_k, other=-1)
+    off = tl.load(offsets_ptr + unit * off_su + k * off_sk, mask=in_k, other=0)
+    live = in_k & (sid >= 0) & (sid < num_sources)  # -1 (and any stray id) reads nothing: 0
+    safe = tl.where(live, sid, 0)
+    base = tl.load(table_ptr + safe, mask=live, other=0)
+    code = tl.load(dtype_ptr + safe, mask=live, other=-1)
+    # One masked load per dtype: each position reads only through its own source's type.
+    # Everything is upcast at once (bf16 arithmetic is broken in the interpreter).
+    m = live & (code == 0)
+    value = tl.load((base + off * 4).to(tl.pointer_type(tl.float32)), mask=m, other=0.0)
+    m = live & (code == 1)
+    x = tl.load((base + off * 2).to(tl.pointer_type(tl.float16)), mask=m, other=0.0).to(tl.float32)
+    value = tl.where(m, x, value)
+    m = live & (code == 2)
+    x = tl.load((base + off * 2).to(tl.pointer_type(tl.bfloat16)), mask=m, other=0.0).to(tl.float32)
+    value = tl.where(m, x, value)
+    m = live & (code == 3)
+    x = tl.load((base + off * 8).to(tl.pointer_type(tl.float64)), mask=m, other=0.0).to(tl.float32)
+    value = tl.where(m, x, value)
+    slot = tl.load(cursor_ptr) % T
+    slot = tl.where(slot < 0, slot + T, slot)  # Python's modulo, as the reference
+    tl.store(hist_ptr + unit * h_su + slot * h_st + k * h_sk, value, mask=in_k)
+
+
+# (device, ((address, dtype code), ...)) -> (address table, dtype table). Parameters keep their
+# storage during training, so after the first snapshot no host-to-device copy happens (and the
+# launch can be captured in a CUDA graph). The tables depend only on the key: always correct.
+_TABLES: "OrderedDict[tuple, Tuple[Tensor, Tensor]]" = OrderedDict()
+_TABLES_MAX = 16
+
+
+def _source_tables(sources: Sequence[Tensor], device: torch.device) -> Tuple[Tensor, Tensor]:
+    entries = []
+    for i, s in enumerate(sources):
+        code = _DTYPE_CODES.get(s.dtype)
+        if code is None:
+            raise TypeError(f"gather_history: source {i} has dtype {s.dtype}; the Triton kernel reads "
+                            f"{', '.join(str(d) for d in _DTYPE_CODES)} parameters only")
+        if s.device != device:
+            raise ValueError(f"gather_history: source {i} is on {s.device} but history is on {device}; "
+                             "every sampled parameter must live on the history's device")
+        entries.append((s.data_ptr(), code))
+    key = (str(device), tuple(entries))
+    tables = _TABLES.get(key)
+    if tables is None:
+        entries = entries or [(0, -1)]  # a kernel argument cannot be empty; ids never reach it
+        addresses = torch.tensor([a for a, _ in entries], dtype=torch.int64).to(device)
+        codes = torch.tensor([c for _, c in entries], dtype=torch.int32).to(device)
+        tables = _TABLES[key] = (addresses, codes)
+        if len(_TABLES) > _TABLES_MAX:
+            _TABLES.popitem(last=False)
+    else:
+        _TABLES.move_to_end(key)
+    return tables
+
+
+def _check_device(name: str, device: torch.device) -> None:
+    if INTERPRET:
+        if device.type != "cpu":
+            raise ValueError(
+                f"{name}: TRITON_INTERPRET=1 runs Triton kernels on the CPU, but the tensors are on "
+                f"{device}. Unset TRITON_INTERPRET to run the compiled kernels on the GPU, or pass CPU tensors.")
+    elif device.type != "cuda":
+        raise ValueError(
+            f"{name}: the Triton kernels take CUDA tensors, got {device} ones. On the CPU use the "
+            "smartfrz ops (reference or C++), or set TRITON_INTERPRET=1 before importing this module.")
+
+
+def _check_index(name: str, t: Tensor, dtype: torch.dtype, ndim: int, device: torch.device) -> None:
+    if t.dtype != dtype or t.dim() != ndim:
+        raise TypeError(f"{name} must be a {ndim}-D {dtype} tensor, got {t.dim()}-D {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but history is on {device}: move it to the history's device")
+
+
+def gather_history(
+    sources: Sequence[Tensor],
+    source_ids: Tensor,
+    offsets: Tensor,
+    rows: Tensor,
+    cursor: Tensor,
+    history: Tensor,
+    *,
+    block_k: int = 1024,
+) -> None:
+    """Triton ``smartfrz::gather_history``: one launch, grid (rows, ceil(K / block_k))."""
+    device = history.device
+    _check_device("gather_history", device)
+    if history.dtype != torch.float32 or history.dim() != 3:
+        raise TypeError(f"history must be a 3-D float32 [U, T, K] tensor, got {history.dim()}-D {history.dtype}")
+    _check_index("source_ids", source_ids, torch.int32, 2, device)
+    _check_index("offsets", offsets, torch.int64, 2, device)
+    _check_index("rows", rows, torch.int64, 1, device)
+    _check_index("cursor", cursor, torch.int64, 0, device)
+    num_units, window, k = history.shape
+    if source_ids.shape != (num_units, k) or offsets.shape != (num_units, k):
+        raise ValueError(f"source_ids {tuple(source_ids.shape)} and offsets {tuple(offsets.shape)} must both "
+                         f"be [U, K] = [{num_units}, {k}] to match history {tuple(history.shape)}")
+    if rows.numel() == 0 or k == 0:
+        return
+    addresses, codes = _source_tables(sources, device)
+    block_k = min(block_k, triton.next_power_of_2(k))
+    grid = (rows.numel(), triton.cdiv(k, block_k))
+    _gather_history_kernel[grid](
+        addresses, codes, len(sources),
+        source_ids, offsets, rows, cursor, history,
+        source_ids.stride(0), source_ids.stride(1), offsets.stride(0), offsets.stride(1),
+        history.stride(0), history.stride(1), history.stride(2),
+        k, window,
+        BLOCK_K=block_k,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# predict
+
+
+@triton.jit
+def _window_mlp(
+    row_ptrs, h_sk, row_in, mean, std, n_valid,
+    w1, b1, w2, b2, w3, b3,
+    K: tl.constexpr, H: tl.constexpr, E: tl.constexpr,
+    TP: tl.constexpr, BK: tl.constexpr, HP: tl.constexpr, BN: tl.constexpr, EP: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One K -> H -> H -> E MLP (ReLU between) over the normalised window [TP, K] -> [TP, EP]."""
+    # (every name below has one shape: compiled Triton rejects a loop-carried name whose shape
+    # changes, which the interpreter does not check)
+    hcol = tl.arange(0, HP)
+    h_in = hcol < H
+    acc1 = tl.zeros([TP, HP], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + tl.arange(0, BK)
+        k_in = kk < K
+        x = tl.load(row_ptrs[:, None] + kk[None, :] * h_sk, mask=row_in[:, None] & k_in[None, :], other=0.0)
+        keep = row_in[:, None] & (kk < n_valid)[None, :]
+        xn = tl.where(keep, (x - mean[:, None]) / std[:, None], 0.0)
+        w1t = tl.load(w1 + hcol[None, :] * K + kk[:, None], mask=h_in[None, :] & k_in[:, None], other=0.0)
+        acc1 = tl.dot(xn, w1t.to(tl.float32), acc1, input_precision=PRECISION)  # W1^T chunk [BK, HP]
+    bias1 = tl.load(b1 + hcol, mask=h_in, other=0.0).to(tl.float32)
+    h1 = tl.maximum(acc1 + bias1[None, :], 0.0)
+    # Layers 2 and 3 chunked over layer 2's outputs: the full [TP, H] layer-2 tile never lives.
+    ecol = tl.arange(0, EP)
+    e_in = ecol < E
+    acc3 = tl.zeros([TP, EP], dtype=tl.float32)
+    for n0 in range(0, H, BN):
+        nn = n0 + tl.arange(0, BN)
+        n_in = nn < H
+        w2t = tl.load(w2 + nn[None, :] * H + hcol[:, None], mask=n_in[None, :] & h_in[:, None], other=0.0)
+        bias2 = tl.load(b2 + nn, mask=n_in, other=0.0).to(tl.float32)
+        h2 = tl.maximum(tl.dot(h1, w2t.to(tl.float32), input_precision=PRECISION) + bias2[None, :], 0.0)
+        w3t = tl.load(w3 + ecol[None, :] * H + nn[:, None], mask=e_in[None, :] & n_in[:, None], other=0.0)
+        acc3 = tl.dot(h2, w3t.to(tl.float32), acc3, input_precision=PRECISION)
+    bias3 = tl.load(b3 + ecol, mask=e_in, other=0.0).to(tl.float32)
+    return acc3 + bias3[None, :]
+
+
+@triton.jit
+def _predict_kernel(
+    hist_ptr, h_su, h_st, h_sk,
+    cursor_ptr, rows_ptr, valid_ptr, prob_ptr,
+    qw1, qb1, qw2, qb2, qw3, qb3,
+    kw1, kb1, kw2, kb2, kw3, kb3,
+    vw1, vb1, vw2, vb2, vw3, vb3,
+    hw1, hb1, hw2, hb2, hw3, hb3,
+    sqrt_e, eps,
+    T: tl.constexpr, K: tl.constexpr, H: tl.constexpr, E: tl.constexpr, HH: tl.constexpr,
+    TP: tl.constexpr, BK: tl.constexpr, HP: tl.constexpr, BN: tl.constexpr, EP: tl.constexpr,
+    HHP: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One program per unit: window -> normalisation -> Q/K/V MLPs -> attention -> head -> prob."""
+    unit = tl.load(rows_ptr + tl.program_id(0))
+    n_valid = tl.load(valid_ptr + unit)
+    t = tl.arange(0, TP)
+    row_in = t < T
+    # chronological row t (oldest first) lives in slot (cursor + t) % T
+    slot = (tl.load(cursor_ptr) + t) % T
+    slot = tl.where(slot < 0, slot + T, slot)
+    row_ptrs = hist_ptr + unit * h_su + slot * h_st
+
+    # Pass 1: per-snapshot sums over the valid positions, and whether the window is finite
+    # (over every position, masked ones included, as the reference).
+    total = tl.zeros([TP], dtype=tl.float32)
+    bad = tl.zeros([TP], dtype=tl.int32)
+    for k0 in range(0, K, BK):
+        kk = k0 + tl.arange(0, BK)
+        inside = row_in[:, None] & (kk < K)[None, :]
+        x = tl.load(row_ptrs[:, None] + kk[None, :] * h_sk, mask=inside, other=0.0)
+        finite = (x == x) & (tl.abs(x) < float("inf"))
+        bad += tl.sum(tl.where(inside & ~finite, 1, 0), axis=1)
+        total += tl.sum(tl.where(inside & (kk < n_valid)[None, :], x, 0.0), axis=1)
+    count = tl.maximum(tl.minimum(n_valid, K), 1).to(tl.float32)
+    mean = total / count
+    # Pass 2: centred variance (two passes, as the reference: no cancellation for large means)
+    sq = tl.zeros([TP], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + tl.arange(0, BK)
+        counted = row_in[:, None] & (kk < K)[None, :] & (kk < n_valid)[None, :]
+        xv = tl.load(row_ptrs[:, None] + kk[None, :] * h_sk, mask=counted, other=0.0)
+        c = tl.where(counted, xv - mean[:, None], 0.0)
+        sq += tl.sum(c * c, axis=1)
+    std = tl.sqrt_rn(sq / count + eps)
+    std = tl.where(row_in, std, 1.0)
+
+    keys = _window_mlp(row_ptrs, h_sk, row_in, mean, std, n_valid, kw1, kb1, kw2, kb2, kw3, kb3,
+                       K, H, E, TP, BK, HP, BN, EP, PRECISION)
+    values = _window_mlp(row_ptrs, h_sk, row_in, mean, std, n_valid, vw1, vb1, vw2, vb2, vw3, vb3,
+                         K, H, E, TP, BK, HP, BN, EP, PRECISION)
+    # The query MLP runs over the whole tile (tl.dot needs >= 16 rows); only the newest row is used.
+    queries = _window_mlp(row_ptrs, h_sk, row_in, mean, std, n_valid, qw1, qb1, qw2, qb2, qw3, qb3,
+                          K, H, E, TP, BK, HP, BN, EP, PRECISION)
+    q = tl.sum(tl.where((t == T - 1)[:, None], queries, 0.0), axis=0)  # [EP]
+
+    # attention over the T-1 older snapshots (softmax over time)
+    is_kv = t < T - 1
+    scores = tl.sum(keys * q[None, :], axis=1) / sqrt_e  # as the reference: divide by sqrt(E)
+    scores = tl.where(is_kv, scores, float("-inf"))
+    p = tl.exp(scores - tl.max(scores, axis=0))
+    p = tl.where(is_kv, p, 0.0)
+    att = p / tl.sum(p, axis=0)
+    ctx = tl.sum(att[:, None] * values, axis=0)  # [EP]
+
+    # head E -> HH -> HH -> 2, as broadcast products (too small for tl.dot)
+    ecol = tl.arange(0, EP)
+    j = tl.arange(0, HHP)
+    j_in = j < HH
+    w = tl.load(hw1 + j[:, None] * E + ecol[None, :], mask=j_in[:, None] & (ecol < E)[None, :], other=0.0)
+    a1 = tl.sum(w.to(tl.float32) * ctx[None, :], axis=1) + tl.load(hb1 + j, mask=j_in, other=0.0).to(tl.float32)
+    a1 = tl.maximum(a1, 0.0)  # along axis 0
+    w = tl.load(hw2 + j[None, :] * HH + j[:, None], mask=j_in[None, :] & j_in[:, None], other=0.0)  # W2^T
+    a2 = tl.sum(w.to(tl.float32) * a1[:, None], axis=0) + tl.load(hb2 + j, mask=j_in, other=0.0).to(tl.float32)
+    a2 = tl.maximum(a2, 0.0)  # along axis 1
+    o = tl.arange(0, 2)
+    w = tl.load(hw3 + o[:, None] * HH + j[None, :], mask=j_in[None, :], other=0.0)
+    logits = tl.sum(w.to(tl.float32) * a2[None, :], axis=1) + tl.load(hb3 + o).to(tl.float32)
+    l0 = tl.sum(tl.where(o == 0, logits, 0.0), axis=0)
+    l1 = tl.sum(tl.where(o == 1, logits, 0.0), axis=0)
+    top = tl.maximum(l0, l1)
+    e0 = tl.exp(l0 - top)
+    e1 = tl.exp(l1 - top)
+    prob = e1 / (e0 + e1)
+    prob = tl.where(tl.sum(bad, axis=0) == 0, prob, 0.0)  # never freeze on a non-finite window
+    tl.store(prob_ptr + tl.program_id(0), prob)
+
+
+@triton.jit
+def _prefix_kernel(prob_ptr, out_ptr, R, threshold, BLOCK: tl.constexpr):
+    """Index of the first probability below threshold (NaN counts as below), or R."""
+    first = tl.zeros([], dtype=tl.int64) + R  # (R == 1 arrives as a constexpr: no R.to())
+    for r0 in range(0, R, BLOCK):
+        r = r0 + tl.arange(0, BLOCK)
+        in_r = r < R
+        p = tl.load(prob_ptr + r, mask=in_r, other=1.0)
+        fail = in_r & ~(p >= threshold)
+        first = tl.minimum(first, tl.min(tl.where(fail, r.to(tl.int64), first), axis=0))
+    tl.store(out_ptr, first)
+
+
+def _pow2(n: int, floor: int = 16) -> int:
+    return max(floor, triton.next_power_of_2(n))
+
+
+def _predictor_dims(weights: Sequence[Tensor]) -> Tuple[int, int, int, int]:
+    """(K, H, E, HH) from the flat weight list, checking every shape against them."""
+    if len(weights) != NUM_PREDICTOR_WEIGHTS:
+        raise ValueError(f"predict expects {NUM_PREDICTOR_WEIGHTS} weight tensors (AttentionPredictor."
+                         f"flat_weights()), got {len(weights)}")
+    hidden, k = weights[0].shape
+    embed = weights[4].shape[0]
+    head_hidden = weights[WEIGHTS_PER_MLP * 3].shape[0]
+    qkv = [(hidden, k), (hidden,), (hidden, hidden), (hidden,), (embed, hidden), (embed,)]
+    head = [(head_hidden, embed), (head_hidden,), (head_hidden, head_hidden), (head_hidden,), (2, head_hidden), (2,)]
+    expected = qkv * 3 + head
+    for i, (w, shape) in enumerate(zip(weights, expected)):
+        if tuple(w.shape) != shape:
+            raise ValueError(f"predictor weight {i} has shape {tuple(w.shape)}, expected {shape}: the fused "
+                             "kernel needs the Q, K and V MLPs to share one shape (K->H->H->E, head E->HH->HH->2)")
+    return k, hidden, embed, head_hidden
+
+
+def predict(
+    history: Tensor,
+    cursor: Tensor,
+    rows: Tensor,
+    valid: Tensor,
+    weights: Sequence[Tensor],
+    threshold: float,
+    *,
+    out: Optional[Tuple[Tensor, Tensor]] = None,
+    block_k: int = 32,
+    block_n: int = 32,
+    num_warps: int = 8,
+    precision: str = "ieee",
+) -> Tuple[Tensor, Tensor]:
+    """Triton ``smartfrz::predict``: one program per unit, then a one-program prefix kernel.
+
+    ``out=(prob [R] float32, prefix 0-dim int64)`` writes into given tensors (static buffers for
+    CUDA graphs); otherwise new ones are returned. ``precision`` is tl.dot's input precision:
+    "ieee" (fp32, what the op uses: within 1e-5 of the reference) or "tf32" (tensor cores on
+    the GPU, ~1e-3; for measurement).
+    """
+    device = history.device
+    _check_device("predict", device)
+    if precision not in ("ieee", "tf32"):
+        raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
+    if history.dtype != torch.float32 or history.dim() != 3:
+        raise TypeError(f"history must be a 3-D float32 [U, T, K] tensor, got {history.dim()}-D {history.dtype}")
+    _check_index("rows", rows, torch.int64, 1, device)
+    _check_index("valid", valid, torch.int64, 1, device)
+    _check_index("cursor", cursor, torch.int64, 0, device)
+    num_units, window, k = history.shape
+    if valid.shape[0] != num_units:
+        raise ValueError(f"valid has {valid.shape[0]} entries, history has {num_units} units")
+    if window < 2:
+        raise ValueError(f"predict needs a window of at least 2 snapshots (1 query + keys), history has {window}")
+    k_w, hidden, embed, head_hidden = _predictor_dims(weights)
+    if k_w != k:
+        raise ValueError(f"the predictor reads {k_w} sampled weights per snapshot, history holds {k}")
+    weights = list(weights)
+    for i, w in enumerate(weights):
+        if w.dtype not in WEIGHT_DTYPES or w.device != device:
+            raise TypeError(f"predictor weight {i} is {w.dtype} on {w.device}; the kernel takes "
+                            f"float32/float16/bfloat16 weights on {device}")
+        weights[i] = w.detach().contiguous()  # no copy for ordinary nn.Linear weights
+    num_rows = rows.numel()
+    if out is None:
+        prob = torch.empty(num_rows, dtype=torch.float32, device=device)
+        prefix = torch.empty((), dtype=torch.int64, device=device)
+    else:
+        prob, prefix = out
+        if prob.shape != (num_rows,) or prob.dtype != torch.float32 or prefix.shape != () \
+                or prefix.dtype != torch.int64 or prob.device != device or prefix.device != device:
+            raise ValueError(f"out must be (float32 [{num_rows}], int64 0-dim) tensors on {device}")
+    if num_rows > 0:
+        _predict_kernel[(num_rows,)](
+            history, history.stride(0), history.stride(1), history.stride(2),
+            cursor, rows, valid, prob,
+            *weights,
+            float(math.sqrt(embed)), NORM_EPS,
+            T=window, K=k, H=hidden, E=embed, HH=head_hidden,
+            TP=_pow2(window), BK=min(block_k, _pow2(k)), HP=_pow2(hidden), BN=min(block_n, _pow2(hidden)),
+            EP=_pow2(embed), HHP=_pow2(head_hidden, 2), PRECISION=precision,
+            num_warps=num_warps,
+        )
+    _prefix_kernel[(1,)](prob, prefix, num_rows, float(threshold), BLOCK=256)
+    return prob, prefix

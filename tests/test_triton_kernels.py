@@ -1,0 +1,480 @@
+"""The Triton kernels (smartfrz_fast/ops/triton_kernels.py) against the references.
+
+Fresh random inputs every run (odd sizes, every accepted dtype, poisoned outputs); the seed is
+in every failure message (conftest's ``fresh_seed``).
+
+Without a GPU the kernels run in Triton's CPU interpreter, which must be switched on before
+triton is imported. .ci/run exports TRITON_INTERPRET=1; when it is unset, no GPU is visible and
+triton is not imported yet, this module sets it itself, so that running this file alone just
+works. If triton was already imported in compiled mode on a machine without a GPU, or
+TRITON_INTERPRET is explicitly off there, collection fails loudly: nothing would run the kernels.
+The AOT test compiles them for sm_90 without a GPU (slow marker).
+Tests on CUDA tensors (compiled kernels, CUDA graphs, host-sync checks) are marked ``gpu``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed (`pip install -e '.[test]'` installs it)", allow_module_level=True)
+
+HAS_GPU = torch.cuda.is_available()
+# Before triton is imported: triton.language's own @jit helpers (tl.zeros, tl.sum, ...) are
+# defined at its import, and they must be defined in interpreter mode too.
+if not HAS_GPU and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from smartfrz_fast.ops import reference  # noqa: E402
+from smartfrz_fast.ops import triton_kernels as tk  # noqa: E402
+from smartfrz_fast.predictor import AttentionPredictor, PredictorConfig  # noqa: E402
+
+if not HAS_GPU and not tk.INTERPRET:
+    raise RuntimeError("no GPU is visible and triton (or the kernels) were imported without TRITON_INTERPRET=1: "
+                       "the kernels can run nowhere. Export TRITON_INTERPRET=1 before starting pytest.")
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request):
+    if request.param == "cpu" and not tk.INTERPRET:
+        pytest.skip("CPU tensors need the Triton interpreter (TRITON_INTERPRET=1)")
+    if request.param == "cuda" and tk.INTERPRET:
+        pytest.skip("compiled kernels are off under TRITON_INTERPRET=1")
+    return torch.device(request.param)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Exact comparison that treats equal NaNs as equal."""
+    return t.contiguous().view(torch.int32)
+
+
+def test_importing_the_package_and_registry_does_not_import_triton():
+    """Triton is imported at the first CUDA call, never by `import smartfrz_fast` or its ops."""
+    import subprocess
+
+    code = ("import sys, smartfrz_fast, smartfrz_fast.ops as ops; b = ops.backends(); "
+            "assert 'triton' not in sys.modules, 'triton imported'; print(b['predict']['cuda'])")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SMARTFRZ_BACKEND")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    # with Triton installed, CUDA predict is registered to it (without importing it)
+    assert done.stdout.strip().startswith("Triton"), done.stdout
+
+
+def test_interpreter_switched_on_too_late_is_a_clear_error():
+    import subprocess
+
+    code = ("import os, triton; os.environ['TRITON_INTERPRET'] = '1'; "
+            "import smartfrz_fast.ops.triton_kernels")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode != 0 and "set after triton had been imported" in done.stderr, done.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------
+# gather_history
+
+# (dtype, base shape, view): the layouts parameters have in practice
+SOURCE_KINDS = [
+    (torch.float32, (11, 13), lambda t: t),
+    (torch.float16, (9, 17), lambda t: t.t()),
+    (torch.bfloat16, (20, 30), lambda t: t[3:15, 5:25:2]),
+    (torch.float64, (8, 3, 3, 5), lambda t: t.contiguous(memory_format=torch.channels_last)),
+    (torch.float32, (50,), lambda t: t[7::3]),
+    (torch.bfloat16, (4, 5, 6), lambda t: t.permute(2, 0, 1)),
+    (torch.float16, (6, 10), lambda t: t[:, 4]),
+]
+
+
+def random_gather_case(device, g):
+    def rint(lo, hi):
+        return int(torch.randint(lo, hi, (), generator=g))
+
+    sources = [view(torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)).to(device)
+               for dtype, shape, view in SOURCE_KINDS]
+    num_units, window, k = rint(3, 10), rint(2, 8), rint(5, 300)
+    source_ids = torch.randint(0, len(sources), (num_units, k), generator=g, dtype=torch.int32)
+    offsets = torch.empty(num_units, k, dtype=torch.int64)
+    spans = [reference._strided_span(s).numel() for s in sources]
+    for s, span in enumerate(spans):  # a random element of each source's addressable span
+        hit = source_ids == s
+        offsets[hit] = torch.randint(0, span, (int(hit.sum()),), generator=g)
+    small = rint(0, num_units)
+    source_ids[small, rint(1, k):] = -1  # a unit with fewer than K weights
+    source_ids[(small + 1) % num_units, rint(0, k)] = len(sources) + 3  # a stray id reads 0
+    rows = torch.randperm(num_units, generator=g)[:rint(1, num_units + 1)]  # any order
+    cursor = torch.tensor(rint(-7, 100))
+    history = torch.full((num_units, window, k), float("nan"))
+    return [sources, source_ids.to(device), offsets.to(device), rows.to(device), cursor.to(device),
+            history.to(device)]
+
+
+@pytest.mark.parametrize("block_k", [16, 1024])
+@pytest.mark.parametrize("repeat", range(3))
+def test_gather_matches_reference(device, fresh_seed, block_k, repeat):
+    g = torch.Generator().manual_seed(fresh_seed)
+    sources, source_ids, offsets, rows, cursor, history = random_gather_case(device, g)
+    expected = history.cpu().clone()
+    reference.gather_history_ref([s.cpu() for s in sources], source_ids.cpu(), offsets.cpu(), rows.cpu(),
+                                 cursor.cpu(), expected)
+    tk.gather_history(sources, source_ids, offsets, rows, cursor, history, block_k=block_k)
+    # exact: a gather copies (fp16/bf16 -> fp32 is exact, fp64 -> fp32 rounds to nearest in both),
+    # and the NaN poison outside the written slot stays untouched
+    assert torch.equal(bits(history.cpu()), bits(expected)), f"seed {fresh_seed}, shape {tuple(history.shape)}"
+
+
+def test_gather_real_model_history(device, fresh_seed):
+    """A real WeightHistory (SmallCNN units, K=1024, masked small units) snapshotted by the kernel."""
+    from smartfrz_fast.history import WeightHistory
+    from smartfrz_fast.units import discover_units
+    from models import SmallCNN, batch
+
+    model = SmallCNN(width=24).to(device)
+    plan = discover_units(model, (batch(0)[0].to(device),))
+    wh = WeightHistory(plan.units, sample_size=1024, window=5, seed=fresh_seed % 1000)
+    assert (wh.valid < 1024).any() and (wh.valid == 1024).any()  # both kinds of units
+    expected = torch.full_like(wh.history, float("nan")).cpu()
+    wh.history.fill_(float("nan"))
+    for step in range(6):  # the ring wraps
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        wh.drop_leading(min(step // 3, len(wh.units) - 1))
+        tk.gather_history(wh.sources, wh.source_ids, wh.offsets, wh.rows, wh.cursor, wh.history)
+        reference.gather_history_ref([s.detach().cpu() for s in wh.sources], wh.source_ids.cpu(),
+                                     wh.offsets.cpu(), wh.rows.cpu(), wh.cursor.cpu(), expected)
+        wh.cursor.add_(1)
+        assert torch.equal(bits(wh.history.cpu()), bits(expected)), f"seed {fresh_seed}, step {step}"
+
+
+def test_gather_reads_current_storage(device):
+    """The cached pointer table holds addresses: in-place updates and new tensors are both seen."""
+    a = torch.arange(10.0, device=device)
+    b = torch.arange(100.0, 120.0, device=device).half()
+    ids = torch.tensor([[0, 1, 1]], dtype=torch.int32, device=device)
+    offs = torch.tensor([[3, 0, 19]], device=device)
+    rows = torch.tensor([0], device=device)
+    history = torch.zeros(1, 2, 3, device=device)
+    tk.gather_history([a, b], ids, offs, rows, torch.tensor(0, device=device), history)
+    assert history[0, 0].tolist() == [3.0, 100.0, 119.0]
+    a.mul_(2)
+    tk.gather_history([a, b], ids, offs, rows, torch.tensor(1, device=device), history)
+    assert history[0, 1].tolist() == [6.0, 100.0, 119.0]
+    b = torch.arange(200.0, 220.0, device=device).bfloat16()
+    tk.gather_history([a, b], ids, offs, rows, torch.tensor(2, device=device), history)
+    assert history[0, 0].tolist() == [6.0, 200.0, 219.0]
+
+
+def test_gather_no_rows_writes_nothing(device):
+    history = torch.full((2, 3, 4), float("nan"), device=device)
+    ids = torch.zeros(2, 4, dtype=torch.int32, device=device)
+    tk.gather_history([torch.ones(4, device=device)], ids, torch.zeros(2, 4, dtype=torch.int64, device=device),
+                      torch.empty(0, dtype=torch.int64, device=device), torch.tensor(0, device=device), history)
+    assert torch.isnan(history).all()
+
+
+def test_gather_rejects_bad_input(device):
+    history = torch.zeros(2, 3, 4, device=device)
+    ids = torch.zeros(2, 4, dtype=torch.int32, device=device)
+    offs = torch.zeros(2, 4, dtype=torch.int64, device=device)
+    rows = torch.arange(2, device=device)
+    cursor = torch.tensor(0, device=device)
+    src = [torch.ones(4, device=device)]
+    with pytest.raises(TypeError, match="source 0 has dtype torch.int64"):
+        tk.gather_history([torch.ones(4, dtype=torch.int64, device=device)], ids, offs, rows, cursor, history)
+    with pytest.raises(TypeError, match="source_ids must be a 2-D torch.int32"):
+        tk.gather_history(src, ids.long(), offs, rows, cursor, history)
+    with pytest.raises(ValueError, match=r"must both be \[U, K\]"):
+        tk.gather_history(src, ids[:, :3], offs[:, :3], rows, cursor, history)
+    with pytest.raises(TypeError, match="history must be a 3-D float32"):
+        tk.gather_history(src, ids, offs, rows, cursor, history.double())
+    with pytest.raises(TypeError, match="cursor must be a 0-D"):
+        tk.gather_history(src, ids, offs, rows, cursor.reshape(1), history)
+
+
+# --------------------------------------------------------------------------------------------
+# predict
+
+# Odd sizes; BK=32/BN=32 defaults make several K and H chunks in some of them.
+CONFIGS = [
+    PredictorConfig(sample_size=37, window=7, hidden=24, embed=8, head_hidden=6),
+    PredictorConfig(sample_size=70, window=2, hidden=40, embed=5, head_hidden=3),
+    PredictorConfig(sample_size=19, window=30, hidden=33, embed=17, head_hidden=1),
+]
+# All weight dtypes are upcast exactly before use (kernel and reference alike), so the bound is
+# fp32 rounding from a different summation order whatever the weights' dtype.
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float16: dict(rtol=1e-5, atol=1e-6),
+             torch.bfloat16: dict(rtol=1e-5, atol=1e-6)}
+TIE = 1e-5  # a decision is compared only where no probability lies this close to the threshold
+
+
+def random_predict_case(config, device, g, weight_dtype=torch.float32, num_units=None):
+    def rint(lo, hi):
+        return int(torch.randint(lo, hi, (), generator=g))
+
+    num_units = num_units or rint(1, 8) * 2 + 1
+    torch.manual_seed(int(torch.randint(0, 2**31, (), generator=g)))
+    predictor = AttentionPredictor(config)
+    with torch.no_grad():  # spread the probabilities so that decisions vary
+        predictor.head[-1].weight.mul_(20)
+    weights = [w.detach().to(device, weight_dtype) for w in predictor.flat_weights()]
+    k, window = config.sample_size, config.window
+    scale = torch.rand(num_units, 1, 1, generator=g) * 3
+    history = torch.randn(num_units, window, k, generator=g) * scale + torch.randn(num_units, 1, 1, generator=g)
+    valid = torch.randint(1, k + 1, (num_units,), generator=g)
+    valid[0] = k
+    for u in range(num_units):  # masked positions hold garbage: it must be ignored
+        history[u, :, int(valid[u]):] = 1e6
+    rows = torch.randperm(num_units, generator=g)[:rint(1, num_units + 1)]
+    cursor = torch.tensor(rint(0, 1000))
+    return [history.to(device), cursor.to(device), rows.to(device), valid.to(device), weights]
+
+
+def threshold_between(prob: torch.Tensor, g) -> float:
+    """A threshold in a gap of at least 2*TIE between two sorted probabilities (or 0.5)."""
+    p = torch.sort(prob.double().cpu()).values
+    p = torch.cat([torch.zeros(1, dtype=p.dtype), p, torch.ones(1, dtype=p.dtype)])
+    gaps = [i for i in range(len(p) - 1) if p[i + 1] - p[i] > 2 * TIE]
+    i = gaps[int(torch.randint(0, len(gaps), (), generator=g))]
+    return float((p[i] + p[i + 1]) / 2)
+
+
+def check_predict(inputs, threshold, seed, dtype=torch.float32, **kwargs):
+    history, cursor, rows, valid, weights = inputs
+    expected_prob, _ = reference.predict_ref(history.cpu(), cursor.cpu(), rows.cpu(), valid.cpu(),
+                                             [w.cpu() for w in weights], threshold)
+    device = history.device
+    out = (torch.full((rows.numel(),), float("nan"), device=device), torch.tensor(-77, device=device))
+    prob, prefix = tk.predict(history, cursor, rows, valid, weights, threshold, out=out, **kwargs)
+    assert prob is out[0] and prefix is out[1]
+    torch.testing.assert_close(prob.cpu(), expected_prob, **TOLERANCE[dtype], msg=lambda m: f"seed {seed}: {m}")
+    # the decision from the kernel's own probabilities is exact; against the reference's, exact
+    # unless a probability is a near-tie with the threshold
+    assert int(prefix) == int(reference.freezable_prefix(prob.cpu(), threshold)), f"seed {seed}"
+    if not ((expected_prob - threshold).abs() < TIE).any():
+        assert int(prefix) == int(reference.freezable_prefix(expected_prob, threshold)), f"seed {seed}"
+    return prob, prefix
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"K{c.sample_size}T{c.window}H{c.hidden}")
+def test_predict_matches_reference(device, fresh_seed, config, weight_dtype):
+    g = torch.Generator().manual_seed(fresh_seed)
+    inputs = random_predict_case(config, device, g, weight_dtype)
+    exp, _ = reference.predict_ref(*[x.cpu() for x in inputs[:4]], [w.cpu() for w in inputs[4]], 0.5)
+    check_predict(inputs, threshold_between(exp, g), fresh_seed, weight_dtype)
+
+
+def test_predict_full_size(device, fresh_seed):
+    """The shipped configuration (K=1024, T=30, 256/64/32), interpreter-friendly blocks."""
+    g = torch.Generator().manual_seed(fresh_seed)
+    inputs = random_predict_case(PredictorConfig(), device, g, num_units=3)
+    blocks = dict(block_k=1024, block_n=256) if tk.INTERPRET else {}
+    exp, _ = reference.predict_ref(*[x.cpu() for x in inputs[:4]], [w.cpu() for w in inputs[4]], 0.5)
+    check_predict(inputs, threshold_between(exp, g), fresh_seed, **blocks)
+
+
+def test_predict_decisions_follow_the_threshold(device, fresh_seed):
+    g = torch.Generator().manual_seed(fresh_seed)
+    history, cursor, _, valid, weights = random_predict_case(CONFIGS[0], device, g, num_units=5)
+    rows = torch.arange(5, device=device)
+    check_predict([history, cursor, rows, valid, weights], 0.5, fresh_seed)
+    _, prefix = tk.predict(history, cursor, rows, valid, weights, 0.0)
+    assert int(prefix) == 5
+    _, prefix = tk.predict(history, cursor, rows, valid, weights, 1.01)
+    assert int(prefix) == 0
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf, on purpose
+def test_predict_non_finite_window_never_freezes(device, fresh_seed):
+    g = torch.Generator().manual_seed(fresh_seed)
+    history, cursor, _, valid, weights = random_predict_case(CONFIGS[0], device, g, num_units=7)
+    with torch.no_grad():
+        weights[-1].copy_(torch.tensor([-30.0, 30.0]))  # "freeze" wherever the window is finite
+    history[1, 3, 0] = float("nan")
+    history[3, 0, -1] = float("inf")  # in a masked position of a small unit: still refused
+    valid[3] = 5
+    history[5, 6, 2] = float("-inf")
+    rows = torch.arange(7, device=device)
+    prob, prefix = check_predict([history, cursor, rows, valid, weights], 0.5, fresh_seed)
+    assert prob[[1, 3, 5]].tolist() == [0.0, 0.0, 0.0]
+    assert (prob[[0, 2, 4, 6]] > 0.99).all() and int(prefix) == 1
+
+
+def test_predict_scale_and_offset_are_normalised_away(device, fresh_seed):
+    """Per-snapshot standardisation in two passes: a large mean does not cancel the variance."""
+    g = torch.Generator().manual_seed(fresh_seed)
+    history, cursor, rows, valid, weights = random_predict_case(CONFIGS[0], device, g)
+    prob, _ = tk.predict(history, cursor, rows, valid, weights, 0.5)
+    shifted, _ = check_predict([history * 1000 + 7, cursor, rows, valid, weights], 0.5, fresh_seed)
+    torch.testing.assert_close(shifted, prob, rtol=1e-4, atol=1e-5)
+
+
+def test_predict_no_rows(device):
+    history, cursor, _, valid, weights = random_predict_case(CONFIGS[0], device, torch.Generator().manual_seed(0))
+    out = (torch.empty(0, device=device), torch.tensor(-1, device=device))
+    prob, prefix = tk.predict(history, cursor, torch.empty(0, dtype=torch.int64, device=device), valid, weights,
+                              0.5, out=out)
+    assert prob.numel() == 0 and int(prefix) == 0
+
+
+def test_predict_rejects_bad_input(device):
+    history, cursor, rows, valid, weights = random_predict_case(CONFIGS[0], device, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="expects 24 weight tensors"):
+        tk.predict(history, cursor, rows, valid, weights[:-1], 0.5)
+    other = [w.detach().to(device) for w in AttentionPredictor(CONFIGS[1]).flat_weights()]
+    with pytest.raises(ValueError, match="reads 70 sampled weights per snapshot, history holds 37"):
+        tk.predict(history, cursor, rows, valid, other, 0.5)
+    mixed = weights[:6] + other[6:12] + weights[12:]
+    with pytest.raises(ValueError, match="share one shape"):
+        tk.predict(history, cursor, rows, valid, mixed, 0.5)
+    with pytest.raises(TypeError, match="history must be a 3-D float32"):
+        tk.predict(history.double(), cursor, rows, valid, weights, 0.5)
+    with pytest.raises(ValueError, match="at least 2 snapshots"):
+        tk.predict(history[:, :1], cursor, rows, valid, weights, 0.5)
+    with pytest.raises(TypeError, match="float32/float16/bfloat16"):
+        tk.predict(history, cursor, rows, valid, [w.double() for w in weights], 0.5)
+    with pytest.raises(ValueError, match="out must be"):
+        tk.predict(history, cursor, rows, valid, weights, 0.5, out=(torch.empty(1, device=device),
+                                                                   torch.tensor(0, device=device)))
+
+
+# --------------------------------------------------------------------------------------------
+# Compiled for an H100 without one: the interpreter does not check what the compiler rejects
+# (a loop-carried name changing shape, constexpr-specialised arguments, tl.dot's minimum sizes).
+
+_AOT_SCRIPT = r"""
+import triton
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError as exc:
+    raise SystemExit("AOT-API-MISSING " + str(exc))
+from smartfrz_fast.ops import triton_kernels as tk
+
+target = GPUTarget("cuda", 90, 32)
+
+def build(fn, args, constexprs, **options):
+    sig = dict(args)
+    sig.update({name: "constexpr" for name in constexprs})
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target, options=options)
+    assert ".entry" in kernel.asm["ptx"]
+
+i32 = [("ids_su", "i32"), ("ids_sk", "i32"), ("off_su", "i32"), ("off_sk", "i32"), ("h_su", "i32"),
+       ("h_st", "i32"), ("h_sk", "i32"), ("K", "i32"), ("T", "i32")]
+build(tk._gather_history_kernel, [("table_ptr", "*i64"), ("dtype_ptr", "*i32"), ("num_sources", "i32"),
+      ("ids_ptr", "*i32"), ("offsets_ptr", "*i64"), ("rows_ptr", "*i64"), ("cursor_ptr", "*i64"),
+      ("hist_ptr", "*fp32")] + i32, {"BLOCK_K": 1024})
+args = [("hist_ptr", "*fp32"), ("h_su", "i32"), ("h_st", "i32"), ("h_sk", "i32"), ("cursor_ptr", "*i64"),
+        ("rows_ptr", "*i64"), ("valid_ptr", "*i64"), ("prob_ptr", "*fp32")]
+args += [(m + p, "*fp32" if m != "k" else "*bf16") for m in "qkvh" for p in ("w1", "b1", "w2", "b2", "w3", "b3")]
+args += [("sqrt_e", "fp32"), ("eps", "fp32")]
+build(tk._predict_kernel, args, dict(T=30, K=1024, H=256, E=64, HH=32, TP=32, BK=32, HP=256, BN=32, EP=64,
+                                     HHP=32, PRECISION="ieee"), num_warps=8)
+prefix = [("prob_ptr", "*fp32"), ("out_ptr", "*i64"), ("threshold", "fp32")]
+build(tk._prefix_kernel, prefix + [("R", "i32")], {"BLOCK": 256})
+build(tk._prefix_kernel, prefix, {"BLOCK": 256, "R": 1})  # Triton specialises an argument equal to 1
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_h100():
+    if HAS_GPU:
+        pytest.skip("a GPU is visible: the gpu-marked tests compile and run the kernels for real")
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=900)
+    if "AOT-API-MISSING" in done.stderr:
+        pytest.skip(f"this triton has no ahead-of-time compile API: {done.stderr.strip()}")
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------------------------
+# GPU only: dispatch, CUDA graphs, no host syncs
+
+
+@pytest.mark.gpu
+def test_ops_dispatch_to_triton_on_cuda():
+    if tk.INTERPRET:
+        pytest.skip("the registry does not use Triton under TRITON_INTERPRET=1")
+    from smartfrz_fast import ops
+
+    assert ops.backends()["gather_history"]["cuda"].startswith("Triton")
+    assert ops.backends()["predict"]["cuda"].startswith("Triton")
+    with pytest.raises(ValueError, match="take CUDA tensors"):
+        tk.gather_history([torch.ones(3)], torch.zeros(1, 2, dtype=torch.int32), torch.zeros(1, 2, dtype=torch.int64),
+                          torch.arange(1), torch.tensor(0), torch.zeros(1, 2, 2))
+    g = torch.Generator().manual_seed(1)
+    sources, source_ids, offsets, rows, cursor, history = random_gather_case(torch.device("cuda"), g)
+    expected = history.cpu().clone()
+    reference.gather_history_ref([s.cpu() for s in sources], source_ids.cpu(), offsets.cpu(), rows.cpu(),
+                                 cursor.cpu(), expected)
+    ops.gather_history(sources, source_ids, offsets, rows, cursor, history)
+    assert torch.equal(bits(history.cpu()), bits(expected))
+    torch.library.opcheck(ops.gather_history, (sources, source_ids, offsets, rows, cursor, history))
+    history, cursor, rows, valid, weights = random_predict_case(CONFIGS[0], torch.device("cuda"), g)
+    torch.library.opcheck(ops.predict, (history, cursor, rows, valid, weights, 0.5))
+    prob, prefix = ops.predict(history, cursor, rows, valid, weights, 0.5)
+    expected_prob, _ = reference.predict_ref(history, cursor, rows, valid, weights, 0.5)
+    torch.testing.assert_close(prob, expected_prob, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_without_host_sync(fresh_seed):
+    """Gather + predict captured once, replayed as the cursor moves and the weights change."""
+    if tk.INTERPRET:
+        pytest.skip("compiled kernels are off under TRITON_INTERPRET=1")
+    g = torch.Generator().manual_seed(fresh_seed)
+    dev = torch.device("cuda")
+    config = PredictorConfig()
+    _, _, _, _, weights = random_predict_case(config, dev, g, num_units=3)
+    sources = [torch.randn(300, 200, device=dev).t(), torch.randn(5000, device=dev).bfloat16()]
+    num_units = 5
+    ids = torch.randint(0, 2, (num_units, config.sample_size), dtype=torch.int32, device=dev)
+    offs = torch.where(ids == 0, torch.randint(0, 60000, ids.shape, device=dev),
+                       torch.randint(0, 5000, ids.shape, device=dev))
+    rows = torch.arange(1, num_units, device=dev)
+    valid = torch.full((num_units,), config.sample_size, device=dev)
+    history = torch.randn(num_units, config.window, config.sample_size, device=dev)
+    cursor = torch.tensor(0, device=dev)
+    out = (torch.empty(rows.numel(), device=dev), torch.empty((), dtype=torch.int64, device=dev))
+
+    def step():
+        tk.gather_history(sources, ids, offs, rows, cursor, history)
+        tk.predict(history, cursor.add(1), rows, valid, weights, 0.5, out=out)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compile and build the pointer table outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for _ in range(config.window + 3):  # the ring wraps
+        with torch.no_grad():
+            for s in sources:
+                s.add_(torch.randn_like(s))
+        expected = history.clone()
+        reference.gather_history_ref(sources, ids, offs, rows, cursor, expected)  # syncs: not checked
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            graph.replay()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert torch.equal(bits(history), bits(expected)), f"seed {fresh_seed}"
+        prob_ref, _ = reference.predict_ref(history, cursor + 1, rows, valid, weights, 0.5)
+        torch.testing.assert_close(out[0], prob_ref, rtol=1e-5, atol=1e-6, msg=lambda m: f"seed {fresh_seed}: {m}")
+        cursor.add_(1)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()  # eager calls do not sync either
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
