@@ -136,3 +136,40 @@ def predict_ref(
     prob = torch.where(finite, prob, torch.zeros_like(prob))
     return prob, freezable_prefix(prob, threshold)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation cache storage (smartfrz::cache_store / smartfrz::cache_load).
+#
+# ``data`` is ``[C, D]`` (C cache rows of D elements) in float32, bfloat16 or float8_e4m3fn;
+# ``scales`` is float32 ``[C]``: the per-row scale of fp8 rows (1 for the other dtypes);
+# ``slots`` is int64 ``[N]``, the cache row of each of the N values/outputs.
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+CACHE_STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float8_e4m3fn)
+
+
+def cache_store_ref(values: Tensor, slots: Tensor, data: Tensor, scales: Tensor) -> None:
+    """Write ``values[i]`` (any float dtype, ``[N, D]``) into row ``slots[i]`` of ``data``.
+
+    fp8 rows are scaled so that the row's largest magnitude maps to 448 (a zero row keeps
+    scale 1); a row holding NaN or inf is stored as NaN, so it can never load as a finite lie.
+    """
+    rows = values.detach().to(torch.float32)
+    if data.dtype == torch.float8_e4m3fn:
+        amax = rows.abs().amax(1) if rows.shape[1] else rows.new_zeros(rows.shape[0])
+        scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        scale = torch.where(torch.isfinite(amax), scale, torch.full_like(amax, float("nan")))
+        data[slots] = (rows / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(data.dtype)
+        scales[slots] = scale
+    else:
+        data[slots] = rows.to(data.dtype)
+        scales[slots] = 1.0
+
+
+def cache_load_ref(data: Tensor, scales: Tensor, slots: Tensor, dtype: torch.dtype) -> Tensor:
+    """Rows ``slots`` of ``data`` as ``[N, D]`` in ``dtype`` (fp8 rows times their scale)."""
+    rows = data[slots].to(torch.float32)
+    if data.dtype == torch.float8_e4m3fn:
+        rows = rows * scales[slots][:, None]
+    return rows.to(dtype)

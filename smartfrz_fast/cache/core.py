@@ -1,0 +1,462 @@
+"""The frozen-prefix activation cache: skip the forward pass through frozen blocks.
+
+Once the freezer has frozen a prefix of the model, the prefix's output for a sample never
+changes (frozen weights, eval mode, same input): it is stored per sample id the first time it
+is computed, and later steps run only the trainable suffix on the stored activation.
+
+    cache = ActivationCache(freezer, num_samples=len(train_set), deterministic=True)
+    model_c = cache.wrap()                       # forward(inputs, sample_ids)
+    loader = DataLoader(IndexedDataset(train_set), ...)
+    for x, y, ids in loader:
+        loss_fn(model_c(x, ids), y).backward()
+        ...; freezer.step()
+
+Correct only when a sample's input is the same every time it comes back: the user declares
+it (``deterministic=True``), and the cache audits it by recomputing a few cached rows each
+epoch; on a mismatch (random augmentation) it turns itself off with a warning and training
+goes on through the plain model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from contextlib import contextmanager
+from typing import Any, Dict, Iterable, Iterator, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from .split import BlockChain, Inputs, find_blocks
+from .storage import TIERS, Storage, make_storage, read_header, row_bytes, storage_dtype
+
+# Audit tolerance: max |cached - recomputed| per row, relative to the row's largest magnitude.
+# Storage rounding (bf16: 2^-9 relative, fp8 e4m3: 2^-4) plus recompute noise at the
+# activation's own precision; random augmentation differs by O(1).
+STORAGE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2.0 ** -7, torch.float8_e4m3fn: 2.0 ** -3}
+ACTIVATION_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-7, torch.bfloat16: 2.0 ** -6, torch.float16: 2.0 ** -8}
+MIGRATE_CHUNK = 256  # rows pushed through newly frozen blocks at a time
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """Wraps a map-style dataset so that each item also carries its index: ``(*item, index)``
+    for tuple items, ``(item, index)`` otherwise. The default collate turns the indices into
+    an int64 tensor of sample ids."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        item = self.dataset[index]
+        return (*item, index) if isinstance(item, tuple) else (item, index)
+
+
+class ActivationCache:
+    """Caches the frozen prefix's output per sample id (see the module docstring).
+
+    Args:
+        freezer: the ``SmartFreezer`` that freezes the model; the cache follows its frozen prefix.
+        num_samples: number of sample ids (the dataset's length); ids must lie in ``[0, n)``.
+        deterministic: the user's declaration that a sample's model input is identical every
+            time it is seen (no random augmentation). Without it the cache stays off.
+        blocks: optional list of modules whose composition is the model; otherwise the chain is
+            recognised (nn.Sequential, torchvision/timm ResNet, VGG, ViT, ConvNeXt) or traced.
+        storage: "memory" (tensors on the activations' device), "pinned" (pinned host memory,
+            next batch prefetched to the GPU on a side stream) or "mmap" (a file at ``path``).
+        dtype: "fp32" (exact), "bf16" or "fp8" (e4m3, per-row scale).
+        max_bytes: capacity; samples beyond it are recomputed every time (slower, never wrong).
+        path, reuse: the mmap file, and whether an existing one may be reopened (it is checked
+            against this model, boundary and format).
+        audit_rows: cached rows recomputed and compared each epoch (0: no audit).
+        device: where "memory" storage lives (default: the activations' device).
+    """
+
+    def __init__(
+        self,
+        freezer,
+        *,
+        num_samples: int,
+        deterministic: bool,
+        blocks: Optional[Sequence[nn.Module]] = None,
+        storage: str = "memory",
+        dtype: str = "fp32",
+        max_bytes: Optional[int] = None,
+        path: Optional[str] = None,
+        reuse: bool = False,
+        audit_rows: int = 4,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        if not hasattr(freezer, "add_freeze_listener"):
+            raise TypeError(f"ActivationCache expects a SmartFreezer, got {type(freezer).__name__}")
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int (the dataset's length), got {num_samples!r}")
+        if storage not in TIERS:
+            raise ValueError(f"ActivationCache storage must be one of {TIERS}, got {storage!r}")
+        if storage == "mmap" and path is None:
+            raise ValueError("storage='mmap' needs path= (the cache file to create)")
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        if audit_rows < 0:
+            raise ValueError(f"audit_rows must be >= 0, got {audit_rows}")
+        self.freezer = freezer
+        self.num_samples = num_samples
+        self.deterministic = bool(deterministic)
+        self.user_blocks = blocks
+        self.tier = storage
+        self.storage_dtype = storage_dtype(dtype)
+        self.max_bytes = max_bytes
+        self.path = None if path is None else os.fspath(path)
+        self.reuse = reuse
+        self.audit_rows = audit_rows
+        self.device = None if device is None else torch.device(device)
+
+        self.chain: Optional[BlockChain] = None
+        self.boundary = 0  # number of chain blocks whose output is cached
+        self.enabled = self.deterministic
+        self.reason: Optional[str] = None if self.deterministic else (
+            "inputs not declared deterministic: pass deterministic=True if a sample's input is the "
+            "same every time it is seen (no random augmentation)")
+        self.stats: Dict[str, int] = dict(hits=0, misses=0, stored=0, over_capacity=0, audited=0, migrated=0)
+        self._store: Optional[Storage] = None
+        self._setup_done = False
+        self._input_sig = None
+        self._act = None  # (dtype, device) of the prefix output
+        self._seen = 0
+        self._audit_left = audit_rows
+        freezer.add_freeze_listener(self._on_freeze)
+
+    # ------------------------------------------------------------------ public
+    def wrap(self, model: Optional[nn.Module] = None) -> "CachedModel":
+        """The model as a module whose forward takes ``(inputs, sample_ids)``."""
+        return CachedModel(self.freezer.model if model is None else model, self)
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and self.chain is not None and self.boundary > 0
+
+    @property
+    def rows_cached(self) -> int:
+        return 0 if self._store is None else self._store.used
+
+    @property
+    def bytes_per_sample(self) -> Optional[int]:
+        return None if self._store is None else self._store.nbytes_per_row
+
+    def describe(self) -> str:
+        if not self.enabled or (self._setup_done and self.chain is None):
+            return f"activation cache off: {self.reason}"
+        if self.chain is None:
+            return "activation cache: waiting for the first forward pass"
+        state = (f"{self.boundary}/{len(self.chain)} blocks cached ({self.chain.how}), "
+                 f"{self.tier} {str(self.storage_dtype).replace('torch.', '')}")
+        if self._store is not None:
+            state += (f", {self._store.used}/{self._store.capacity} rows of "
+                      f"{self._store.nbytes_per_row} B")
+        return f"activation cache on: {state}; " + ", ".join(f"{k} {v}" for k, v in self.stats.items())
+
+    def prefetch(self, sample_ids) -> None:
+        """Start copying the cached rows of the next batch to the GPU (pinned tier only)."""
+        if self.active and self._store is not None and self._act is not None:
+            ids = self._check_ids(sample_ids, None)
+            self._store.prefetch(ids, *self._act)
+
+    def prefetching(self, loader: Iterable, ids_index: int = -1) -> Iterator:
+        """Iterate ``loader``, prefetching each next batch's rows while the current one trains."""
+        it = iter(loader)
+        try:
+            current = next(it)
+        except StopIteration:
+            return
+        for upcoming in it:
+            self.prefetch(upcoming[ids_index])
+            yield current
+            current = upcoming
+        yield current
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, model: nn.Module, inputs: Inputs, sample_ids) -> Any:
+        if self.enabled and not self._setup_done:
+            self._setup(model, inputs)
+        if not self.active:
+            return model(*inputs.args, **inputs.kwargs)
+        batch = _batch_size(inputs)
+        ids = self._check_ids(sample_ids, batch)
+        self._check_inputs(inputs, ids)
+        h = self._prefix_output(inputs, ids)
+        if h is None:  # the audit just turned the cache off
+            return model(*inputs.args, **inputs.kwargs)
+        return self.chain.run(inputs, start=self.boundary, h=h)
+
+    def _setup(self, model: nn.Module, inputs: Inputs) -> None:
+        self._setup_done = True
+        chain, how = find_blocks(model, inputs, self.user_blocks)
+        if chain is None:
+            self._disable(f"no block boundary to cut at: {how}")
+            return
+        self.chain = chain
+        self._advance(self._frozen_blocks())
+
+    def _prefix_output(self, inputs: Inputs, ids: Tensor) -> Optional[Tensor]:
+        store = self._store
+        slots = store.lookup(ids) if store is not None else torch.full_like(ids, -1)
+        hit = (slots >= 0).nonzero().flatten()
+        miss = (slots < 0).nonzero().flatten()
+        parts = []
+        if miss.numel():
+            fresh = self._compute_prefix(_index_inputs(inputs, miss, ids.numel()))
+            if fresh is None:
+                return None
+            parts.append((miss, fresh))
+            self._store_rows(ids[miss], fresh)
+        if hit.numel():
+            loaded = self._store.read(slots[hit], *self._act)
+            if not self._audit(inputs, ids, hit, loaded):
+                return None
+            parts.append((hit, loaded))
+        self.stats["hits"] += hit.numel()
+        self.stats["misses"] += miss.numel()
+        self._seen += ids.numel()
+        if self._seen >= self.num_samples:  # a new epoch: a new audit budget
+            self._seen -= self.num_samples
+            self._audit_left = self.audit_rows
+        if len(parts) == 1:
+            return parts[0][1]
+        first = parts[0][1]
+        out = first.new_empty((ids.numel(), *first.shape[1:]))
+        for index, values in parts:
+            out[index.to(out.device)] = values
+        return out
+
+    def _compute_prefix(self, inputs: Inputs) -> Optional[Tensor]:
+        with self._eval_mode(0, self.boundary), torch.no_grad():
+            h = self.chain.run(inputs, 0, self.boundary)
+        if not isinstance(h, Tensor) or h.dim() == 0:
+            self._disable(f"the prefix output ({type(h).__name__}) is not one tensor with a batch dimension")
+            return None
+        if self._act is None:
+            self._act = (h.dtype, h.device)
+        return h
+
+    def _store_rows(self, ids: Tensor, values: Tensor) -> None:
+        if self._store is None:
+            self._store = self._make_store(tuple(values.shape[1:]), self.path)
+        if tuple(values.shape[1:]) != self._store.row_shape:
+            raise ValueError(
+                f"ActivationCache: samples {ids[:5].tolist()} give a prefix output of shape "
+                f"{tuple(values.shape[1:])}, the cache holds rows of shape {self._store.row_shape}. "
+                "Cached samples need the same input shape every time (pad to a fixed length)."
+            )
+        unique, first = _first_occurrences(ids)
+        slots = self._store.allocate(unique)
+        ok = slots >= 0
+        if bool(ok.any()):
+            self._store.write(slots[ok], values[first[ok].to(values.device)])
+        self.stats["stored"] += int(ok.sum())
+        self.stats["over_capacity"] += int((~ok).sum())
+
+    def _audit(self, inputs: Inputs, ids: Tensor, hit: Tensor, loaded: Tensor) -> bool:
+        k = min(self._audit_left, hit.numel())
+        if k <= 0:
+            return True
+        self._audit_left -= k
+        self.stats["audited"] += k
+        fresh = self._compute_prefix(_index_inputs(inputs, hit[:k], ids.numel()))
+        if fresh is None:
+            return False
+        cached = loaded[:k].float().flatten(1)
+        fresh = fresh.float().flatten(1)
+        tol = max(STORAGE_TOLERANCE[self.storage_dtype], ACTIVATION_TOLERANCE.get(self._act[0], 1e-4))
+        err = (cached - fresh).abs().amax(1)
+        bound = tol * fresh.abs().amax(1) + 1e-6
+        bad = ~(err <= bound)  # NaN counts as bad
+        if bool(bad.any()):
+            worst = int(bad.nonzero()[0])
+            self._disable(
+                f"audit: the cached activation of sample {int(ids[hit[worst]])} differs from a fresh "
+                f"recompute (max error {float(err[worst]):.3g}, allowed {float(bound[worst]):.3g}). The "
+                "sample's input changed since it was cached (random augmentation?), so the cache is "
+                "off and the prefix runs every step; cache only deterministic inputs.")
+            warnings.warn(f"ActivationCache turned off: {self.reason}", stacklevel=4)
+            return False
+        return True
+
+    # ------------------------------------------------------------------ boundary
+    def _frozen_blocks(self) -> int:
+        """Leading chain blocks with every parameter frozen (the last block always runs)."""
+        count = 0
+        for block in self.chain.blocks[:-1]:
+            if any(p.requires_grad for p in block.parameters()):
+                break
+            count += 1
+        return count
+
+    def _on_freeze(self, event, newly_frozen) -> None:
+        if self.enabled and self.chain is not None:
+            self._advance(self._frozen_blocks())
+
+    def _advance(self, boundary: int) -> None:
+        """Move the cut deeper: push cached rows through the newly frozen blocks."""
+        old, self.boundary = self.boundary, max(self.boundary, boundary)
+        if self.boundary == old:
+            return
+        if self._store is None:
+            if old == 0 and self.reuse and self.path is not None and os.path.exists(self.path):
+                self._reopen()
+            return
+        store, self._store = self._store, None
+        needs_inputs = any(b.needs_inputs for b in self.chain.blocks[old:self.boundary])
+        ids, slots = store.cached_slots()
+        target = None
+        if self.path is not None:
+            target = self.path + ".next"
+            if os.path.exists(target):
+                os.unlink(target)  # a leftover of an interrupted move
+        if ids.numel() and not needs_inputs:
+            old_act = self._act
+            for start in range(0, ids.numel(), MIGRATE_CHUNK):
+                h = store.read(slots[start:start + MIGRATE_CHUNK], *old_act)
+                with self._eval_mode(old, self.boundary), torch.no_grad():
+                    h = self.chain.run(Inputs(()), old, self.boundary, h=h)
+                if self._store is None:
+                    self._act = (h.dtype, h.device)
+                    self._store = self._make_store(tuple(h.shape[1:]), target)
+                self._store_rows(ids[start:start + MIGRATE_CHUNK], h)
+            self.stats["migrated"] += int(ids.numel())
+        store.close()
+        if self.path is not None:
+            if self._store is not None:
+                os.replace(target, self.path)
+                self._store.path = self.path
+            elif os.path.exists(self.path):
+                os.unlink(self.path)  # rows of a boundary that no longer exists
+
+    def _reopen(self) -> None:
+        """Open an existing cache file (reuse=True); its header must match this run."""
+        header = read_header(self.path)
+        act_dtype = getattr(torch, str(header.get("fingerprint", {}).get("activation", "")).replace("torch.", ""), None)
+        if not isinstance(act_dtype, torch.dtype):
+            raise ValueError(f"ActivationCache: cache file {self.path} does not record its activation dtype; delete it")
+        device = next((p.device for b in self.chain.blocks for p in b.parameters()), torch.device("cpu"))
+        self._act = (act_dtype, self.device or device)
+        self._store = self._make_store(tuple(header["row_shape"]), self.path)
+
+    def _make_store(self, row_shape: Tuple[int, ...], path: Optional[str]) -> Storage:
+        numel = int(torch.Size(row_shape).numel())
+        per_row = row_bytes(numel, self.storage_dtype)
+        capacity = self.num_samples if self.max_bytes is None else min(self.num_samples, self.max_bytes // per_row)
+        device = self.device or self._act[1]
+        extra = {}
+        if self.tier == "mmap":
+            extra = dict(path=path, fingerprint=self._fingerprint(), reuse=self.reuse)
+        return make_storage(self.tier, self.num_samples, row_shape, self.storage_dtype, capacity, device, **extra)
+
+    def _fingerprint(self) -> Dict[str, Any]:
+        """What a cache file's rows depend on: the model, the cut, and the prefix's weights."""
+        digest = hashlib.sha256()
+        for block in self.chain.blocks[:self.boundary]:
+            for t in list(block.parameters()) + block.buffers():
+                digest.update(str((tuple(t.shape), t.dtype)).encode())
+                digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        model = hashlib.sha256(repr(self.freezer._signature()).encode()).hexdigest()[:16]
+        return {"model": model, "chain": self.chain.how, "boundary": self.boundary,
+                "blocks": [b.name for b in self.chain.blocks[:self.boundary]][-3:],
+                "prefix_weights": digest.hexdigest()[:16], "activation": str(self._act[0])}
+
+    @contextmanager
+    def _eval_mode(self, start: int, stop: int):
+        """Frozen blocks run in eval mode: dropout off, norm statistics fixed, so a cached row
+        and a recomputed one agree."""
+        modules = {m for b in self.chain.blocks[start:stop] for root in b.modules for m in root.modules()}
+        flags = {m: m.training for m in modules}
+        for m in modules:
+            m.training = False
+        try:
+            yield
+        finally:
+            for m, training in flags.items():
+                m.training = training
+
+    def _disable(self, reason: str) -> None:
+        self.enabled = False
+        self.reason = reason
+        self.close()
+        if "audit" not in reason:
+            warnings.warn(f"ActivationCache is off (freezing still works): {reason}", stacklevel=5)
+
+    # ------------------------------------------------------------------ checks
+    def _check_ids(self, sample_ids, batch: Optional[int]) -> Tensor:
+        ids = torch.as_tensor(sample_ids)
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.dtype.is_complex:
+            raise TypeError(f"sample_ids must be integers (the dataset indices), got {ids.dtype}")
+        ids = ids.reshape(-1).to("cpu", torch.int64)
+        if batch is not None and ids.numel() != batch:
+            raise ValueError(f"got {ids.numel()} sample ids for a batch of {batch} samples: pass one id per sample")
+        bad = (ids < 0) | (ids >= self.num_samples)
+        if bool(bad.any()):
+            raise IndexError(
+                f"sample ids {ids[bad][:5].tolist()} are outside [0, {self.num_samples}) (num_samples="
+                f"{self.num_samples}). Ids must be dataset indices: wrap the dataset in IndexedDataset "
+                "and pass num_samples=len(dataset).")
+        return ids
+
+    def _check_inputs(self, inputs: Inputs, ids: Tensor) -> None:
+        sig = [(tuple(t.shape[1:]), t.dtype) if isinstance(t, Tensor) else None
+               for t in tree_flatten((inputs.args, inputs.kwargs))[0]]
+        if self._input_sig is None:
+            self._input_sig = sig
+        elif sig != self._input_sig:
+            raise ValueError(
+                f"ActivationCache: samples {ids[:5].tolist()} came with per-sample input shapes/dtypes "
+                f"{sig}, but the cache was filled from inputs {self._input_sig}. A sample's input must "
+                "be the same every time it is cached; pad to a fixed shape, or turn the cache off "
+                "(deterministic=False).")
+
+
+class CachedModel(nn.Module):
+    """``model`` whose forward takes ``(inputs, sample_ids)`` and skips the cached prefix.
+    ``inputs`` is the model's input tensor, or a tuple of its positional inputs."""
+
+    def __init__(self, model: nn.Module, cache: ActivationCache) -> None:
+        super().__init__()
+        self.model = model
+        self.cache = cache
+
+    def forward(self, inputs, sample_ids, **kwargs):
+        args = inputs if isinstance(inputs, tuple) else (inputs,)
+        return self.cache.forward(self.model, Inputs(args, kwargs), sample_ids)
+
+
+# ------------------------------------------------------------------ helpers
+def _batch_size(inputs: Inputs) -> int:
+    for leaf in tree_flatten((inputs.args, inputs.kwargs))[0]:
+        if isinstance(leaf, Tensor) and leaf.dim() > 0:
+            return leaf.shape[0]
+    raise ValueError("ActivationCache: the model inputs hold no tensor with a batch dimension")
+
+
+def _index_inputs(inputs: Inputs, index: Tensor, batch: int) -> Inputs:
+    """The samples ``index`` of every batched tensor in ``inputs``."""
+    def take(leaf):
+        if isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == batch:
+            return leaf[index.to(leaf.device)]
+        return leaf
+
+    return Inputs(tree_map(take, inputs.args), tree_map(take, inputs.kwargs))
+
+
+def _first_occurrences(ids: Tensor) -> Tuple[Tensor, Tensor]:
+    """Unique ids and the position of each one's first occurrence."""
+    unique, inverse = torch.unique(ids, return_inverse=True)
+    first = torch.full((unique.numel(),), ids.numel(), dtype=torch.int64)
+    first.scatter_reduce_(0, inverse, torch.arange(ids.numel()), reduce="amin")
+    return unique, first

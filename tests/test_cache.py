@@ -1,0 +1,328 @@
+"""The activation cache in real training loops: same weights, agreement, audit, boundary moves,
+capacity, storage tiers, and bad input."""
+
+import errno
+import os
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from smartfrz_fast import SmartFreezer, StaticFreeze
+from smartfrz_fast.cache import ActivationCache, IndexedDataset
+from smartfrz_fast.cache import storage as storage_mod
+from tests.models import SmallCNN
+
+N = 40
+X = torch.randn(N, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+Y = torch.randint(0, 10, (N,), generator=torch.Generator().manual_seed(6))
+
+
+def chain_model(dropout=0.0):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(dropout),
+        nn.Conv2d(4, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(),
+        nn.Flatten(), nn.Linear(5 * 8 * 8, 10),
+    )
+
+
+def train(model, cache_args=None, epochs=6, deepen_at=3, first=1, deepen_to=2, augment=None,
+          use_ids=True):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    freezer = SmartFreezer(model, opt, policy=StaticFreeze(first, 3), example_inputs=X[:2], total_steps=100)
+    cache = None
+    forward = model
+    if cache_args is not None:
+        cache = ActivationCache(freezer, num_samples=N, **cache_args)
+        wrapped = cache.wrap()
+        forward = wrapped
+    g = torch.Generator().manual_seed(1)
+    for epoch in range(epochs):
+        perm = torch.randperm(N, generator=g)
+        for i in range(0, N, 10):
+            ids = perm[i:i + 10]
+            x = X[ids] if augment is None else augment(X[ids])
+            out = forward(x, ids) if cache is not None else forward(x)
+            loss = nn.functional.cross_entropy(out, Y[ids])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            freezer.step()
+        if epoch == deepen_at:
+            freezer.freeze_to(deepen_to)
+    return model, cache, freezer
+
+
+def assert_same_weights(a, b, exact=True):
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        if exact:
+            assert torch.equal(p, q), name
+        else:
+            torch.testing.assert_close(p, q, msg=name)
+
+
+@pytest.mark.parametrize("storage", ["memory", "mmap"])
+def test_training_with_cache_gives_the_same_weights(storage, tmp_path):
+    plain, _, _ = train(chain_model())
+    args = dict(deterministic=True, storage=storage, dtype="fp32")
+    if storage == "mmap":
+        args["path"] = str(tmp_path / "cache.bin")
+    cached, cache, _ = train(chain_model(), args)
+    assert cache.active and cache.boundary == 8  # conv, bn, relu, dropout, conv, bn, relu, flatten
+    assert cache.stats["hits"] > 0 and cache.stats["migrated"] == N
+    assert_same_weights(plain, cached)  # fp32 storage, deterministic CPU run: bit for bit
+
+
+def test_fx_model_with_cache_gives_the_same_weights():
+    def make():
+        torch.manual_seed(0)
+        return SmallCNN()
+
+    plain, _, _ = train(make())
+    cached, cache, _ = train(make(), dict(deterministic=True))
+    assert cache.chain.how == "torch.fx" and cache.stats["hits"] > 0
+    assert_same_weights(plain, cached, exact=False)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp8"])
+def test_cached_rows_agree_with_recomputed(dtype, tmp_path):
+    model, cache, _ = train(chain_model(dropout=0.5), dict(deterministic=True, dtype=dtype), epochs=5)
+    model.train()  # as in training: the frozen blocks still run in eval mode
+    ids, slots = cache._store.cached_slots()
+    assert ids.numel() == N
+    cached = cache._store.read(slots, torch.float32, torch.device("cpu"))
+    with torch.no_grad():
+        model.eval()
+        fresh = model[:cache.boundary](X[ids])
+    # rows stored at the first boundary and pushed through later blocks carry their storage
+    # rounding through those blocks: the audit's per-dtype tolerances
+    tol = {"fp32": 1e-5, "bf16": 2 ** -7, "fp8": 2 ** -3}[dtype]
+    err = (cached - fresh).abs().flatten(1).amax(1)
+    assert (err <= tol * fresh.abs().flatten(1).amax(1) + 1e-6).all(), err.max()
+
+
+def test_cached_forward_equals_model_forward_in_eval_of_frozen_blocks():
+    model, cache, freezer = train(chain_model(dropout=0.5), dict(deterministic=True), epochs=5)
+    wrapped = cache.wrap()
+    ids = torch.arange(N)
+    model.train()
+    for m in model[:cache.boundary]:
+        m.eval()  # what the cache does for frozen blocks
+    torch.manual_seed(3)
+    with torch.no_grad():
+        expected = model(X)
+    model.train()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        got = wrapped(X, ids)
+    assert cache.stats["hits"] >= N
+    torch.testing.assert_close(got, expected)
+
+
+def test_audit_turns_cache_off_on_random_augmentation():
+    noise = torch.Generator().manual_seed(9)
+
+    def augment(x):
+        return x + 0.5 * torch.randn(x.shape, generator=noise)
+
+    with pytest.warns(UserWarning, match="ActivationCache turned off: audit"):
+        model, cache, freezer = train(chain_model(), dict(deterministic=True), augment=augment)
+    assert not cache.active and "random augmentation" in cache.reason
+    assert cache._store is None  # memory released
+    assert freezer.num_frozen == 2  # freezing went on (both conv units)
+
+
+def test_undeclared_inputs_leave_cache_off():
+    plain, _, _ = train(chain_model())
+    model, cache, freezer = train(chain_model(), dict(deterministic=False))
+    assert not cache.active and "deterministic=True" in cache.describe()
+    assert_same_weights(plain, model)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp8"])
+def test_capacity_limit_recomputes_the_rest(dtype):
+    per_row = 5 * 8 * 8 * {"fp32": 4, "fp8": 1}[dtype] + 4
+    plain, _, _ = train(chain_model())
+    model, cache, _ = train(chain_model(), dict(deterministic=True, dtype=dtype, max_bytes=12 * per_row + 3))
+    assert cache._store.capacity == 12 and cache.rows_cached == 12
+    assert cache.stats["over_capacity"] > 0
+    if dtype == "fp32":
+        assert_same_weights(plain, model)
+
+
+def test_boundary_move_pushes_cached_rows_through_new_blocks():
+    model, cache, freezer = train(chain_model(), dict(deterministic=True), epochs=4, deepen_at=1)
+    assert cache.stats["migrated"] == N and cache.boundary == 8
+    ids, slots = cache._store.cached_slots()
+    cached = cache._store.read(slots, torch.float32, torch.device("cpu"))
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(cached, model[:8](X[ids]), rtol=1e-5, atol=1e-6)
+
+
+def test_indexed_dataset_with_a_dataloader():
+    data = torch.utils.data.TensorDataset(X, Y)
+    loader = torch.utils.data.DataLoader(IndexedDataset(data), batch_size=8, shuffle=True)
+    model = chain_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, policy=StaticFreeze(2, 1), example_inputs=X[:2], total_steps=50)
+    cache = ActivationCache(freezer, num_samples=len(data), deterministic=True, dtype="bf16")
+    wrapped = cache.wrap()
+    for _ in range(2):
+        for x, y, ids in loader:
+            assert torch.equal(x, X[ids]) and torch.equal(y, Y[ids])
+            nn.functional.cross_entropy(wrapped(x, ids), y).backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+    assert cache.rows_cached == N and cache.stats["hits"] > 0
+    assert IndexedDataset([5, 6])[1] == (6, 1)
+
+
+def test_model_without_chain_still_freezes():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(64, 8)
+            self.b = nn.Linear(8, 10)
+
+        def forward(self, x):
+            h = self.a(x.flatten(1))
+            if h.sum() > 0:
+                h = h * 1.0
+            return self.b(h)
+
+    model = Branchy()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, policy=StaticFreeze(1, 1), example_inputs=X[:2], total_steps=10)
+    cache = ActivationCache(freezer, num_samples=N, deterministic=True)
+    wrapped = cache.wrap()
+    with pytest.warns(UserWarning, match="ActivationCache is off .*no block boundary"):
+        nn.functional.cross_entropy(wrapped(X[:4], torch.arange(4)), Y[:4]).backward()
+    opt.step()
+    freezer.step()
+    nn.functional.cross_entropy(wrapped(X[:4], torch.arange(4)), Y[:4]).backward()
+    assert freezer.num_frozen == 1 and not model.a.weight.requires_grad
+    assert "blocks=" in cache.describe()
+
+
+# ------------------------------------------------------------------ bad input
+def ready_cache(**kwargs):
+    model = chain_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, policy=StaticFreeze(2, 1), example_inputs=X[:2], total_steps=10)
+    freezer.freeze_to(2)
+    cache = ActivationCache(freezer, num_samples=N, deterministic=True, **kwargs)
+    return cache, cache.wrap()
+
+
+def test_bad_sample_ids():
+    cache, wrapped = ready_cache()
+    with pytest.raises(IndexError, match=r"sample ids \[40, -1\] are outside \[0, 40\)"):
+        wrapped(X[:4], torch.tensor([0, 40, -1, 3]))
+    with pytest.raises(ValueError, match="got 3 sample ids for a batch of 4"):
+        wrapped(X[:4], torch.arange(3))
+    with pytest.raises(TypeError, match="must be integers"):
+        wrapped(X[:4], torch.arange(4).float())
+
+
+def test_sample_seen_with_a_different_input_shape():
+    cache, wrapped = ready_cache()
+    wrapped(X[:4], torch.arange(4))
+    with pytest.raises(ValueError, match=r"samples \[0, 1\] came with per-sample input shapes"):
+        wrapped(torch.randn(2, 1, 10, 10), torch.arange(2))
+
+
+def test_bad_arguments():
+    model = chain_model()
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), policy=StaticFreeze(1, 1),
+                           example_inputs=X[:2])
+    with pytest.raises(ValueError, match="storage must be one of"):
+        ActivationCache(freezer, num_samples=N, deterministic=True, storage="disk")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        ActivationCache(freezer, num_samples=N, deterministic=True, dtype="fp16")
+    with pytest.raises(ValueError, match="needs path="):
+        ActivationCache(freezer, num_samples=N, deterministic=True, storage="mmap")
+    with pytest.raises(ValueError, match="num_samples must be a positive int"):
+        ActivationCache(freezer, num_samples=0, deterministic=True)
+    if not torch.cuda.is_available():
+        cache = ActivationCache(freezer, num_samples=N, deterministic=True, storage="pinned")
+        freezer.freeze_to(1)
+        with pytest.raises(RuntimeError, match="storage='pinned' .* needs one"):
+            cache.wrap()(X[:4], torch.arange(4))
+
+
+def test_mmap_file_reuse_and_mismatch(tmp_path):
+    path = str(tmp_path / "c.bin")
+    cache, wrapped = ready_cache(storage="mmap", path=path)
+    out = wrapped(X, torch.arange(N))
+    assert cache.rows_cached == N and os.path.getsize(path) > N * 5 * 64
+    # the same model and boundary reopen the file: every sample is a hit at once
+    cache2, wrapped2 = ready_cache(storage="mmap", path=path, reuse=True)
+    cache2.freezer.model.load_state_dict(cache.freezer.model.state_dict())
+    torch.testing.assert_close(wrapped2(X, torch.arange(N)), out)
+    assert cache2.stats["hits"] == N and cache2.stats["misses"] == 0
+    with pytest.raises(FileExistsError, match="reuse=True"):
+        ready_cache(storage="mmap", path=path)[1](X[:2], torch.arange(2))
+    # another model's weights: the file belongs to someone else
+    other, wrapped3 = ready_cache(storage="mmap", path=path, reuse=True)
+    with torch.no_grad():
+        other.freezer.model[0].weight.add_(1.0)
+    with pytest.raises(ValueError, match="different fingerprint"):
+        wrapped3(X[:2], torch.arange(2))
+    # another boundary
+    model = chain_model()
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), policy=StaticFreeze(1, 1),
+                           example_inputs=X[:2])
+    freezer.freeze_to(1)
+    cache4 = ActivationCache(freezer, num_samples=N, deterministic=True, storage="mmap", path=path, reuse=True)
+    with pytest.raises(ValueError, match="different fingerprint"):
+        cache4.wrap()(X[:2], torch.arange(2))
+    not_a_cache = tmp_path / "junk.bin"
+    not_a_cache.write_bytes(b"\0" * 8192)
+    cache5, wrapped5 = ready_cache(storage="mmap", path=str(not_a_cache), reuse=True)
+    with pytest.raises(ValueError, match="not an activation cache file"):
+        wrapped5(X[:2], torch.arange(2))
+
+
+def test_full_disk_is_a_clear_error(tmp_path, monkeypatch):
+    path = tmp_path / "c.bin"
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage_mod.os, "posix_fallocate", no_space)
+    cache, wrapped = ready_cache(storage="mmap", path=str(path))
+    with pytest.raises(OSError, match="disk holding .* is full") as info:
+        wrapped(X[:4], torch.arange(4))
+    assert info.value.errno == errno.ENOSPC
+    assert not path.exists()  # no half-made file left behind
+    monkeypatch.undo()
+
+    class Usage:
+        free = 1000
+
+    monkeypatch.setattr(storage_mod.shutil, "disk_usage", lambda p: Usage)
+    cache, wrapped = ready_cache(storage="mmap", path=str(path))
+    with pytest.raises(OSError, match="MiB free"):
+        wrapped(X[:4], torch.arange(4))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tier", ["memory", "pinned"])
+def test_gpu_tiers_match_cpu(tier):
+    torch.manual_seed(0)
+    model = chain_model().cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, policy=StaticFreeze(2, 1), example_inputs=X[:2].cuda(), total_steps=10)
+    freezer.freeze_to(2)
+    cache = ActivationCache(freezer, num_samples=N, deterministic=True, storage=tier, dtype="fp8")
+    wrapped = cache.wrap()
+    ids = torch.arange(N)
+    first = wrapped(X.cuda(), ids)
+    batches = [(X[i:i + 8].cuda(), ids[i:i + 8]) for i in range(0, N, 8)]
+    outs = [wrapped(x, i) for x, i in cache.prefetching(batches)]
+    assert cache.stats["hits"] == N
+    torch.testing.assert_close(torch.cat(outs), first, rtol=0.15, atol=0.05)

@@ -1,0 +1,292 @@
+"""Cutting models into block chains: known structures, torch.fx, user blocks, and refusals."""
+
+import pytest
+import torch
+from torch import nn
+
+from smartfrz_fast.cache import Inputs, find_blocks, fx_chain
+from tests.models import SmallCNN
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn(self.conv(x)))
+
+
+class ResNet(nn.Module):
+    """torchvision's ResNet attribute layout, in miniature (recognised by name and structure)."""
+
+    def __init__(self, c=4, classes=5, timm=False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, c, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(c)
+        if timm:
+            self.act1 = nn.ReLU()
+        else:
+            self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool2d(2)
+        for i in range(1, 5):
+            setattr(self, f"layer{i}", nn.Sequential(BasicBlock(c), BasicBlock(c)))
+        if timm:
+            self.global_pool = nn.AdaptiveAvgPool2d(1)
+        else:
+            self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, classes)
+        self.timm = timm
+
+    def forward(self, x):
+        x = self.maxpool((self.act1 if self.timm else self.relu)(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.forward_head(x) if self.timm else self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class TimmResNet(ResNet):
+    def __init__(self):
+        super().__init__(timm=True)
+
+    def forward_head(self, x):
+        return self.fc(self.global_pool(x).flatten(1))
+
+
+class VGG(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+        self.avgpool = nn.AdaptiveAvgPool2d(2)
+        self.classifier = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+class VisionTransformer(nn.Module):
+    """torchvision's ViT layout in miniature (conv_proj, class_token, encoder.layers, heads)."""
+
+    def __init__(self, d=8, patch=4, image=8, layers=3):
+        super().__init__()
+        self.patch = patch
+        self.conv_proj = nn.Conv2d(3, d, patch, stride=patch)
+        self.class_token = nn.Parameter(torch.randn(1, 1, d))
+        encoder = nn.Module()
+        encoder.pos_embedding = nn.Parameter(torch.randn(1, (image // patch) ** 2 + 1, d))
+        encoder.dropout = nn.Dropout(0.1)
+        encoder.layers = nn.Sequential(*[nn.TransformerEncoderLayer(d, 2, 16, dropout=0.1, batch_first=True)
+                                         for _ in range(layers)])
+        encoder.ln = nn.LayerNorm(d)
+        self.encoder = encoder
+        self.heads = nn.Sequential(nn.Linear(d, 3))
+
+    def _process_input(self, x):
+        return self.conv_proj(x).flatten(2).transpose(1, 2)
+
+    def forward(self, x):
+        x = self._process_input(x)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.encoder.dropout(x + self.encoder.pos_embedding)
+        x = self.encoder.ln(self.encoder.layers(x))
+        return self.heads(x[:, 0])
+
+
+class ConvNeXtStage(nn.Module):
+    def __init__(self, c_in, c):
+        super().__init__()
+        self.downsample = nn.Conv2d(c_in, c, 2, stride=2) if c_in != c else nn.Identity()
+        self.blocks = nn.Sequential(BasicBlock(c), BasicBlock(c))
+
+    def forward(self, x):
+        return self.blocks(self.downsample(x))
+
+
+class ConvNeXt(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 2, stride=2), nn.BatchNorm2d(4))
+        self.stages = nn.Sequential(ConvNeXtStage(4, 4), ConvNeXtStage(4, 6))
+        self.norm_pre = nn.Identity()
+        self.head = nn.Linear(6, 3)
+
+    def forward_head(self, x):
+        return self.head(x.mean((2, 3)))
+
+    def forward(self, x):
+        return self.forward_head(self.norm_pre(self.stages(self.stem(x))))
+
+
+def check_chain(model, x, how, min_blocks):
+    chain, found = find_blocks(model, Inputs((x,)))
+    assert chain is not None, found
+    assert found == how
+    assert len(chain) >= min_blocks
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(chain.run(Inputs((x,))), model(x), rtol=1e-5, atol=1e-6)
+        # any cut reproduces the model: run the prefix, then the rest from its output
+        for cut in range(1, len(chain)):
+            h = chain.run(Inputs((x,)), 0, cut)
+            torch.testing.assert_close(chain.run(Inputs((x,)), cut, h=h), model(x), rtol=1e-5, atol=1e-6)
+    return chain
+
+
+def test_sequential():
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    chain = check_chain(model, torch.randn(4, 5), "nn.Sequential", 3)
+    assert [b.name for b in chain.blocks] == ["0", "1", "2"]
+
+
+def test_torchvision_resnet_layout():
+    chain = check_chain(ResNet(), torch.randn(3, 3, 8, 8), "torchvision ResNet", 10)
+    assert chain.blocks[0].name == "stem" and chain.blocks[1].name == "layer1.0"
+
+
+def test_timm_resnet_layout():
+    check_chain(TimmResNet(), torch.randn(3, 3, 8, 8), "timm ResNet", 10)
+
+
+def test_vgg_layout():
+    check_chain(VGG(), torch.randn(2, 3, 8, 8), "torchvision VGG", 6)
+
+
+def test_torchvision_vit_layout():
+    chain = check_chain(VisionTransformer(), torch.randn(2, 3, 8, 8), "torchvision ViT", 5)
+    owned = {id(p) for p in chain.blocks[0].parameters()}
+    model_params = {id(p) for p in chain.blocks[0].modules[0].parameters()}
+    assert model_params <= owned and len(owned) == len(model_params) + 2  # class token, pos embedding
+
+
+def test_convnext_layout():
+    check_chain(ConvNeXt(), torch.randn(2, 3, 8, 8), "timm ConvNeXt", 6)
+
+
+def test_fx_chain_cuts_only_where_one_value_is_live():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(1, 4, 3, padding=1)
+            self.a = nn.Conv2d(4, 4, 3, padding=1)
+            self.b = nn.Conv2d(4, 4, 3, padding=1)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.stem(x))
+            h = h + self.b(torch.relu(self.a(h)))  # no cut between a and b: h is live too
+            return self.head(h.mean((2, 3)))
+
+    model = Residual()
+    chain = check_chain(model, torch.randn(2, 1, 6, 6), "torch.fx", 3)
+    owners = [sorted(n for m in b.modules for n, _ in m.named_parameters()) for b in chain.blocks]
+    assert len(chain) == 3, owners
+    assert any("a.weight" in o and "b.weight" in o for o in owners)
+
+
+def test_fx_on_plain_module():
+    model = SmallCNN()
+    chain = check_chain(model, torch.randn(3, 1, 8, 8), "torch.fx", 4)
+    params = [sum(p.numel() for p in b.parameters()) for b in chain.blocks]
+    assert all(p > 0 for p in params)  # parameter-free pieces merged into their neighbours
+
+
+def test_user_blocks_checked():
+    a, b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = a, b
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    model = Two()
+    x = torch.randn(3, 4)
+    chain, how = find_blocks(model, Inputs((x,)), blocks=[nn.Sequential(a, nn.Tanh()), b])
+    assert how == "user blocks" and len(chain) == 2
+    with pytest.raises(ValueError, match="must satisfy"):
+        find_blocks(model, Inputs((x,)), blocks=[a, b])  # the tanh is missing
+    with pytest.raises(TypeError, match="list of nn.Modules"):
+        find_blocks(model, Inputs((x,)), blocks=[])
+
+
+def test_untraceable_model_gives_a_reason():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 3)
+            self.b = nn.Linear(3, 3)
+
+        def forward(self, x):
+            h = self.a(x)
+            if h.sum() > 0:  # data-dependent control flow: fx cannot trace it
+                h = -h
+            return self.b(h)
+
+    chain, why = find_blocks(Branchy(), Inputs((torch.randn(2, 3),)))
+    assert chain is None
+    assert "torch.fx cannot trace Branchy" in why and "blocks=" in why
+
+
+def test_structure_that_does_not_match_falls_back():
+    class ResNetLike(ResNet):
+        def forward(self, x):  # named like a ResNet but computes something else
+            return super().forward(x) * 2
+
+    chain, how = find_blocks(ResNetLike(), Inputs((torch.randn(2, 3, 8, 8),)))
+    assert how == "torch.fx"  # the structural guess failed its check; fx took over
+
+
+def test_hugging_face_gpt2_tiny():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=3, n_embd=16, n_head=2, vocab_size=50, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    ids = torch.randint(0, 50, (2, 7))
+    chain, how = find_blocks(model, Inputs((ids,)))
+    assert how == "Hugging Face GPT-2" and len(chain) == 5, how
+    model.eval()
+    with torch.no_grad():
+        h = chain.run(Inputs((ids,)), 0, 2)
+        torch.testing.assert_close(chain.run(Inputs((ids,)), 2, h=h).logits, model(ids).logits)
+    # with an attention mask the chain does not apply; the reason says so
+    chain, why = find_blocks(model, Inputs((), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}))
+    assert chain is None and "input_ids only" in why
+
+
+def test_hugging_face_gpt2_trains_with_the_cache():
+    transformers = pytest.importorskip("transformers")
+    from smartfrz_fast import SmartFreezer, StaticFreeze
+    from smartfrz_fast.cache import ActivationCache
+
+    config = transformers.GPT2Config(n_layer=3, n_embd=16, n_head=2, vocab_size=50, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0, tie_word_embeddings=False,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    data = torch.randint(0, 50, (12, 7), generator=torch.Generator().manual_seed(2))
+
+    def run(deterministic):
+        torch.manual_seed(0)
+        model = transformers.GPT2LMHeadModel(config)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        freezer = SmartFreezer(model, opt, policy=StaticFreeze(1, 1), example_inputs=data[:2])
+        freezer.freeze_to(len(freezer.units) // 2)
+        cache = ActivationCache(freezer, num_samples=12, deterministic=deterministic)
+        wrapped = cache.wrap()
+        for step in range(6):
+            ids = torch.arange(12).roll(step * 4)[:4]
+            logits = wrapped(data[ids], ids).logits
+            loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 50), data[ids][:, 1:].reshape(-1))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+        return model, cache
+
+    plain, _ = run(False)
+    cached, cache = run(True)
+    assert cache.active and cache.boundary >= 1 and cache.stats["hits"] > 0, cache.describe()
+    for (name, p), q in zip(plain.state_dict().items(), cached.state_dict().values()):
+        torch.testing.assert_close(p, q, msg=name)
