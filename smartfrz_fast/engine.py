@@ -88,6 +88,9 @@ class SmartFreezer:
         decision_delay: a decision the policy leaves on the GPU is applied this many steps
             later, by when its copy to the host has long finished (no stall, same every run).
         seed: seed of the sampled weight positions.
+        process_group: distributed training (see ``smartfrz_fast.distributed``): every rank
+            applies rank 0's decision, broadcast in this group. None: the DDP wrapper's group,
+            else the default group when torch.distributed runs more than one rank. False: no sync.
     """
 
     def __init__(
@@ -105,13 +108,11 @@ class SmartFreezer:
         keep_trainable: int = 1,
         decision_delay: int = 1,
         seed: int = 0,
+        process_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"SmartFreezer expects an nn.Module, got {type(model).__name__}")
-        if sample_every is None:  # the policy's pace (SmartFRZ: that of its training), else 1
-            chooser = getattr(policy, "sample_every_for", None)
-            sample_every = chooser(total_steps) if chooser is not None else 1
-        if sample_every < 1 or keep_trainable < 0 or decision_delay < 0:
+        if keep_trainable < 0 or decision_delay < 0 or (sample_every is not None and sample_every < 1):
             raise ValueError("sample_every must be >= 1, keep_trainable and decision_delay >= 0")
         if policy is None:
             from .policy import SmartFRZ
@@ -119,6 +120,9 @@ class SmartFreezer:
             policy = SmartFRZ()
         if not isinstance(policy, FreezePolicy):
             raise TypeError(f"policy must be a FreezePolicy, got {type(policy).__name__}")
+        if sample_every is None:  # the policy's pace (SmartFRZ: that of its training), else 1
+            chooser = getattr(policy, "sample_every_for", None)
+            sample_every = chooser(total_steps) if chooser is not None else 1
         self.model = model
         self.optimizers = _as_optimizers(optimizer)
         self.policy = policy
@@ -142,6 +146,14 @@ class SmartFreezer:
         self._eval_hooks: List[Any] = []
         self._nonfinite_warned = False
         self._freeze_listeners: List[Callable[[FreezeEvent, Sequence[Unit]], None]] = []
+        # Distributed: units live on the inner module; rank 0's decisions are broadcast.
+        from . import distributed
+
+        self.module, self._dist_kind = distributed.unwrap(model)
+        self._process_group = process_group
+        self._sync = None
+        if self._dist_kind == "freezable_ddp":
+            self.add_freeze_listener(lambda event, units: model.rewrap())
 
         if example_inputs is not None:
             args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
@@ -157,7 +169,13 @@ class SmartFreezer:
         self._setup(args, kwargs)
 
     def _setup(self, args: Tuple[Any, ...], kwargs: Optional[Dict[str, Any]]) -> None:
-        plan = discover_units(self.model, args, kwargs)
+        plan = discover_units(self.module, args, kwargs)
+        if self.policy.needs_history and self._dist_kind == "fsdp2":
+            raise ValueError(
+                f"SmartFreezer: {type(self.policy).__name__} keeps a weight history, which does not "
+                "support FSDP2's sharded (DTensor) parameters yet. Under FSDP2 use FreezeOut, "
+                "AutoFreeze, LinearFreeze or StaticFreeze, or train with DDP."
+            )
         self._check_optimizers(plan.units)
         self.plan = plan
         max_frozen = max(0, len(plan.units) - self.keep_trainable)
@@ -167,6 +185,9 @@ class SmartFreezer:
 
             self.history = WeightHistory(plan.units, sample_size=self.sample_size, window=self.window, seed=self.seed)
         device = plan.units[0].parameters[0].device
+        from . import distributed
+
+        self._sync = distributed.make_sync(self.model, self._dist_kind, self._process_group, device)
         self.policy.bind(PolicyContext(
             units=[UnitInfo(u.index, u.name, u.num_params, u.forward_flops) for u in plan.units],
             total_steps=self.total_steps,
@@ -235,7 +256,9 @@ class SmartFreezer:
             index = torch.tensor(units, device=self._grad_sq.device)
             self._grad_index_cache[key] = index
         with _range("smartfrz::grad_norms"):
-            norms = torch._foreach_norm([p.grad for p in params])
+            # FSDP2: each rank norms its own shards; step() sums them over the ranks.
+            grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
+            norms = torch._foreach_norm(grads)
             self._grad_sq.index_add_(0, index, torch.stack(norms).float().pow(2))
 
     # ------------------------------------------------------------------ per step
@@ -261,10 +284,14 @@ class SmartFreezer:
                 self.history.snapshot()
         with _range("smartfrz::decide"):
             if self._grad_sq is not None:
+                if self._sync is not None and self._dist_kind == "fsdp2":
+                    self._sync.all_reduce_sum(self._grad_sq)
                 self.policy.observe_gradients(step - 1, self._grad_sq)
                 self._grad_sq = torch.zeros_like(self._grad_sq)
             if self.num_frozen < self.max_frozen:
                 decision = self.policy.decide(step, self.num_frozen)
+                if self._sync is not None:  # every rank applies rank 0's decision
+                    decision = self._sync.broadcast(decision)
                 if decision is not None:
                     self._submit(step, decision)
         with _range("smartfrz::apply"):
@@ -292,7 +319,9 @@ class SmartFreezer:
         for _, host, event in due:
             if event is not None:
                 event.synchronize()  # recorded decision_delay steps ago: long complete
-            self.freeze_to(int(host), step=step)
+            value = int(host)
+            if value >= 0:  # a broadcast "no decision" is -1
+                self.freeze_to(value, step=step)
 
     # ------------------------------------------------------------------ freeze action
     def freeze_to(self, num_units: int, step: Optional[int] = None) -> int:

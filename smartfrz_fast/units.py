@@ -118,10 +118,28 @@ def trace_forward(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[s
     """Run one forward pass under the tracer without changing the model or the RNG."""
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
+    watched = dict(watched)  # grows below; the caller's map stays as it was
     tracer = _ForwardTracer(watched)
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        with tracer:
-            model(*args, **(kwargs or {}))
+    # FSDP2 swaps each sharded parameter for an unsharded one while its module runs: watch
+    # whatever tensor a module holds under a watched parameter's name when the module runs.
+    names = {(id(m), attr): watched[id(p)] for m in model.modules()
+             for attr, p in m._parameters.items() if p is not None and id(p) in watched}
+
+    def watch_current(module, inputs):
+        for attr, p in module._parameters.items():
+            name = names.get((id(module), attr))
+            if name is not None and p is not None:
+                watched.setdefault(id(p), name)
+
+    hooks = [m.register_forward_pre_hook(watch_current) for m in model.modules()]
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            with tracer:
+                model(*args, **(kwargs or {}))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    with torch.no_grad():
         for name, b in model.named_buffers():
             b.copy_(buffers[name])
     return tracer

@@ -1,0 +1,121 @@
+"""torch.compile, AMP and activation checkpointing next to progressive freezing.
+
+torch.compile guards on every parameter's ``requires_grad``: a model compiled as one frame
+recompiles at every freeze and, after ``torch._dynamo.config.recompile_limit`` (8) of them,
+gives up and runs eagerly. ``compile_blocks`` compiles each block separately instead; a block
+recompiles at most once (when its input or part of it stops needing grad), and a block that
+is entirely frozen goes back to eager, where autograd records nothing for it (its input
+needs no grad), so it never compiles again.
+
+``scaler_step`` / ``FreezeAwareGradScaler``: ``GradScaler.step`` raises ("No inf checks were
+recorded for this optimizer") when an optimizer has no gradients, which is what freezing
+every parameter of one optimizer (say, the embedding's) leaves behind.
+
+``check_grads_after_freeze``: reentrant activation checkpointing
+(``checkpoint(..., use_reentrant=True)``) whose input needs no grad, the output of a frozen
+prefix, returns an output that needs no grad: the checkpointed block silently trains
+nothing. Use ``use_reentrant=False``; this check warns after a freeze when a trainable unit
+is left without a gradient.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, List, Sequence
+
+import torch
+from torch import nn
+
+
+class CompiledBlocks:
+    """Blocks compiled one by one (``nn.Module.compile``, in place: names and state_dict keys
+    unchanged); a block whose parameters are all frozen is switched back to eager."""
+
+    def __init__(self, blocks: Sequence[nn.Module], freezer: Any = None, **compile_kwargs: Any) -> None:
+        self.blocks: List[nn.Module] = list(blocks)
+        if not self.blocks or not all(isinstance(b, nn.Module) for b in self.blocks):
+            raise TypeError("compile_blocks expects a non-empty sequence of nn.Module blocks (e.g. model.layers)")
+        self.eager = [False] * len(self.blocks)
+        for block in self.blocks:
+            block.compile(**compile_kwargs)
+        self.refresh()
+        if freezer is not None:
+            freezer.add_freeze_listener(lambda event, units: self.refresh())
+
+    def refresh(self) -> int:
+        """Switch every fully frozen block to eager; returns how many run eagerly."""
+        for i, block in enumerate(self.blocks):
+            params = list(block.parameters())
+            if not self.eager[i] and params and not any(p.requires_grad for p in params):
+                block._compiled_call_impl = None  # what nn.Module.compile set: the eager call
+                self.eager[i] = True
+        return sum(self.eager)
+
+
+def compile_blocks(blocks: Sequence[nn.Module], freezer: Any = None, **compile_kwargs: Any) -> CompiledBlocks:
+    """Compile each block on its own (``torch.compile`` kwargs pass through) and, given the
+    ``SmartFreezer``, return frozen blocks to eager as they freeze. Run the model itself
+    uncompiled: the blocks are the compiled regions."""
+    return CompiledBlocks(blocks, freezer, **compile_kwargs)
+
+
+def _has_grads(optimizer: torch.optim.Optimizer) -> bool:
+    return any(p.grad is not None for g in optimizer.param_groups for p in g["params"])
+
+
+def scaler_step(scaler: "torch.amp.GradScaler", optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any):
+    """``scaler.step(optimizer)`` that skips an optimizer with no gradients (all its
+    parameters frozen) instead of raising."""
+    if not _has_grads(optimizer):
+        scaler._per_optimizer_states.pop(id(optimizer), None)  # drop an empty unscale_ record
+        return None
+    return scaler.step(optimizer, *args, **kwargs)
+
+
+class FreezeAwareGradScaler(torch.amp.GradScaler):
+    """``torch.amp.GradScaler`` whose ``step`` skips optimizers left without gradients by
+    freezing, and whose ``update`` keeps the scale when no optimizer stepped at all."""
+
+    def step(self, optimizer, *args, **kwargs):
+        if not _has_grads(optimizer):
+            self._per_optimizer_states.pop(id(optimizer), None)
+            return None
+        return super().step(optimizer, *args, **kwargs)
+
+    def update(self, new_scale=None) -> None:
+        if self._enabled and new_scale is None and not any(
+            s["found_inf_per_device"] for s in self._per_optimizer_states.values()
+        ):
+            self._per_optimizer_states.clear()  # nothing stepped: nothing to learn about the scale
+            return
+        super().update(new_scale)
+
+
+def check_grads_after_freeze(freezer: Any) -> None:
+    """After each freeze, check at the next optimizer step that every trainable unit got a
+    gradient; warn naming those that did not (reentrant checkpointing over a frozen prefix's
+    output). Costs one pass over the parameters per freeze event, nothing per step."""
+    armed = [False]
+
+    def arm(event, units) -> None:
+        armed[0] = True
+
+    def check(optimizer, args, kwargs) -> None:
+        if not armed[0]:
+            return
+        armed[0] = False
+        starved = [u.name for u in freezer.units[freezer.num_frozen:]
+                   if all(p.grad is None for p in u.parameters if p.requires_grad)]
+        if starved:
+            warnings.warn(
+                f"SmartFreezer: after the last freeze, trainable unit(s) {starved[:4]} received no "
+                "gradient. "
+                "Reentrant activation checkpointing (checkpoint(..., use_reentrant=True)) on an input "
+                "that needs no grad, such as a frozen prefix's output, trains nothing: use "
+                "use_reentrant=False.",
+                stacklevel=2,
+            )
+
+    freezer.add_freeze_listener(arm)
+    for opt in freezer.optimizers:
+        freezer._hooks.append(opt.register_step_pre_hook(check))

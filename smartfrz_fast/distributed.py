@@ -1,0 +1,199 @@
+"""Freezing under data parallelism: DDP (plain or re-wrapped) and FSDP2.
+
+Every rank must freeze the same units at the same step, or the ranks' autograd graphs and
+collectives disagree and training hangs or diverges. The engine therefore lets every rank
+run its policy as usual but applies only rank 0's decision, which ``DecisionSync``
+broadcasts. The broadcast is one int64 per step while units are still left to freeze (none
+afterwards); with NCCL it stays on the GPU and is read ``decision_delay`` steps later like any
+GPU decision (no extra host sync); with gloo it is a small blocking CPU collective.
+
+What happens to the wrapper after a freeze:
+
+- ``FreezableDDP(module, **ddp_kwargs)`` (the default we recommend): a thin module that owns a
+  ``DistributedDataParallel`` and rebuilds it after each freeze, so the new one buckets and
+  all-reduces only the parameters that still train (no per-step unused-parameter search, no
+  all-reduce of the frozen prefix's zeros). The rebuild costs one broadcast of the module's
+  state from rank 0 per freeze event (a handful per run). Its ``state_dict`` keys carry the
+  ``module.`` prefix, as DDP's do.
+- ``DistributedDataParallel(..., find_unused_parameters=True)``: works unchanged; DDP finds the
+  frozen parameters unused every step and still all-reduces their buckets.
+- ``DistributedDataParallel`` with ``find_unused_parameters=False``: DDP would fail on the
+  first backward after a freeze ("Expected to have finished reduction..."), so the engine
+  refuses it up front. ``static_graph=True`` records the graph once and forbids any change.
+- FSDP2 (``torch.distributed.fsdp.fully_shard``, per block): FSDP2 reads ``requires_grad``
+  from the sharded parameters at every all-gather, and a parameter that needs no grad gets
+  no reduce-scatter, so the engine's freeze action works as it is.
+- FSDP1 (``FullyShardedDataParallel``) flattens parameters into FlatParameters whose
+  ``requires_grad`` cannot change per layer mid-run: refused, with advice.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+NO_DECISION = -1
+
+
+def _is_fsdp1(module: nn.Module) -> bool:
+    # By name, so that the check does not import torch.distributed.fsdp.
+    cls = type(module)
+    return cls.__name__ == "FullyShardedDataParallel" and cls.__module__.startswith("torch.distributed.fsdp")
+
+
+def _is_fsdp2(module: nn.Module) -> bool:
+    return any(c.__name__ == "FSDPModule" for c in type(module).__mro__)
+
+
+def unwrap(model: nn.Module) -> Tuple[nn.Module, Optional[str]]:
+    """``(module whose layers are the units, kind)``; kind is "ddp", "freezable_ddp", "fsdp2"
+    or None. Raises on wrappers that cannot freeze mid-run."""
+    for name, module in model.named_modules():
+        if _is_fsdp1(module):
+            raise ValueError(
+                f"SmartFreezer: {'the model' if not name else repr(name)} is wrapped in FSDP1 "
+                "(FullyShardedDataParallel), which flattens parameters into FlatParameters whose "
+                "requires_grad cannot change per layer during training. Use FSDP2 instead: "
+                "torch.distributed.fsdp.fully_shard(block) on each block, then on the root "
+                "(see docs/integrations/ddp_fsdp.md), or DistributedDataParallel."
+            )
+    if isinstance(model, FreezableDDP):
+        return model.module, "freezable_ddp"
+    if isinstance(model, DistributedDataParallel):
+        check_ddp(model)
+        return model.module, "ddp"
+    if any(_is_fsdp2(m) for m in model.modules()):
+        return model, "fsdp2"
+    return model, None
+
+
+def check_ddp(ddp: DistributedDataParallel) -> None:
+    """Refuse DDP settings under which a freeze mid-run would fail."""
+    if getattr(ddp, "static_graph", False):
+        raise ValueError(
+            "SmartFreezer: DistributedDataParallel(static_graph=True) records the autograd graph "
+            "once and forbids freezing layers mid-run. Drop static_graph=True and wrap the model in "
+            "smartfrz_fast.distributed.FreezableDDP(module, ...) (rebuilt after each freeze) or "
+            "pass find_unused_parameters=True."
+        )
+    if not ddp.find_unused_parameters:
+        raise ValueError(
+            "SmartFreezer: this DistributedDataParallel has find_unused_parameters=False, so the "
+            "first backward after a freeze would fail (the frozen parameters never get a gradient). "
+            "Wrap the model in smartfrz_fast.distributed.FreezableDDP(module, **ddp_kwargs) instead "
+            "(recommended: it re-wraps after each freeze and stops all-reducing the frozen prefix), "
+            "or pass find_unused_parameters=True."
+        )
+
+
+class FreezableDDP(nn.Module):
+    """``DistributedDataParallel`` that is rebuilt after every freeze.
+
+    Use it where you would use DDP and hand it to ``SmartFreezer``; the engine calls
+    ``rewrap()`` on every rank at the same step. The DDP object is kept out of the module tree,
+    so ``state_dict()`` keys are DDP's (``module.<name>``) and the parameters are the inner
+    module's (optimizers need no change). ``static_graph=True`` is refused (see module doc).
+    """
+
+    def __init__(self, module: nn.Module, **ddp_kwargs: Any) -> None:
+        super().__init__()
+        if ddp_kwargs.get("static_graph"):
+            raise ValueError(
+                "FreezableDDP: static_graph=True forbids any change of the trained parameters; "
+                "leave it off (FreezableDDP rebuilds DDP after each freeze instead)."
+            )
+        self.module = module
+        self.ddp_kwargs = dict(ddp_kwargs)
+        self.rewraps = 0
+        object.__setattr__(self, "ddp", DistributedDataParallel(module, **self.ddp_kwargs))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.ddp(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> "FreezableDDP":
+        super().train(mode)
+        self.ddp.training = mode
+        return self
+
+    def no_sync(self):
+        """DDP's ``no_sync()`` (gradient accumulation) on the current wrapper."""
+        return self.ddp.no_sync()
+
+    def rewrap(self) -> None:
+        """Build a new DDP over the parameters that still train (a collective: all ranks)."""
+        old = self.ddp
+        old._remove_autograd_hooks()  # the old reducer must not see the next backward
+        object.__setattr__(self, "ddp", None)
+        del old
+        if any(p.requires_grad for p in self.module.parameters()):
+            object.__setattr__(self, "ddp", DistributedDataParallel(self.module, **self.ddp_kwargs))
+        else:  # nothing left to synchronise: run the module directly
+            object.__setattr__(self, "ddp", self.module)
+        self.rewraps += 1
+
+
+class DecisionSync:
+    """Broadcasts rank 0's freeze decision (an int64, ``NO_DECISION`` for none) each step."""
+
+    def __init__(self, process_group: Any, param_device: torch.device) -> None:
+        import torch.distributed as dist
+
+        self.group = process_group
+        self.rank = dist.get_rank(process_group)
+        self.world_size = dist.get_world_size(process_group)
+        self.src = dist.get_global_rank(process_group, 0) if process_group is not None else 0
+        backend = str(dist.get_backend(process_group)).lower()
+        # NCCL needs device tensors, gloo host tensors.
+        use_cuda = param_device.type == "cuda" and "nccl" in backend
+        self.device = param_device if use_cuda else torch.device("cpu")
+
+    def broadcast(self, decision: Any) -> Tensor:
+        import torch.distributed as dist
+
+        buf = torch.full((), NO_DECISION, dtype=torch.int64, device=self.device)
+        if self.rank == 0 and decision is not None:
+            if isinstance(decision, Tensor):
+                buf.copy_(decision.reshape(()))  # device to device: no host sync
+            else:
+                buf.fill_(int(decision))
+        dist.broadcast(buf, src=self.src, group=self.group)
+        return buf
+
+    def all_reduce_sum(self, tensor: Tensor) -> None:
+        """Sum per-rank partial statistics (FSDP2 shard gradient norms) in place."""
+        import torch.distributed as dist
+
+        if tensor.device.type == self.device.type:
+            dist.all_reduce(tensor, group=self.group)
+        else:  # gloo with CUDA statistics: round-trip through the host
+            host = tensor.cpu()
+            dist.all_reduce(host, group=self.group)
+            tensor.copy_(host)
+
+
+def make_sync(model: nn.Module, kind: Optional[str], process_group: Any, param_device: torch.device):
+    """A ``DecisionSync`` when training runs on more than one rank, else None.
+
+    ``process_group``: None picks the DDP wrapper's group, else the default group when
+    torch.distributed is initialised with more than one rank; ``False`` turns syncing off
+    (every rank then follows its own policy: only for policies known to agree)."""
+    if process_group is False:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        if kind is not None:
+            raise RuntimeError(
+                f"SmartFreezer: the model is wrapped for distributed training ({kind}) but "
+                "torch.distributed is not initialised. Call init_process_group first."
+            )
+        return None
+    if process_group is None:
+        ddp = model.ddp if isinstance(model, FreezableDDP) else model
+        process_group = getattr(ddp, "process_group", None) if kind in ("ddp", "freezable_ddp") else None
+    if dist.get_world_size(process_group) < 2:
+        return None
+    return DecisionSync(process_group, param_device)

@@ -1,0 +1,131 @@
+"""Run by test_distributed.py: two real processes over gloo train with freezing.
+
+usage: ddp_worker.py MODE OUT_DIR [PORT]    MODE in {rewrap, unused, fsdp2, fsdp2_autofreeze}
+
+Each rank sees different data and runs ``RankSkewed``, a policy that proposes a different
+frozen prefix on each rank; the engine must apply rank 0's proposals on both. Rank 0 then
+replays the same freeze schedule in a single process on the concatenated batches (the exact
+equivalent of data-parallel SGD with mean-reduced gradients) and saves that reference.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from smartfrz_fast import AutoFreeze, FreezePolicy, SmartFreezer
+from smartfrz_fast.distributed import FreezableDDP
+
+STEPS, BATCH, WIDTH, BLOCKS = 14, 6, 12, 5
+
+
+class RankSkewed(FreezePolicy):
+    """Proposes ``step // 3 + 2 * rank`` frozen units every third step: ranks disagree."""
+
+    name = "rank_skewed"
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+        self.proposals = []
+
+    def decide(self, step, frozen):
+        if step % 3:
+            return None
+        proposal = step // 3 + 2 * self.rank
+        self.proposals.append((step, proposal))
+        return torch.tensor(proposal) if step % 2 else proposal  # both decision kinds
+
+
+class Replay(FreezePolicy):
+    name = "replay"
+
+    def __init__(self, schedule):
+        super().__init__()
+        self.schedule = dict(schedule)
+
+    def decide(self, step, frozen):
+        return self.schedule.get(step)
+
+
+def make_model():
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.LayerNorm(WIDTH), nn.Tanh()) for _ in range(BLOCKS)]
+    return nn.Sequential(*blocks, nn.Linear(WIDTH, 3))
+
+
+def data(step, rank):
+    g = torch.Generator().manual_seed(100 * step + rank)
+    return torch.randn(BATCH, WIDTH, generator=g), torch.randint(0, 3, (BATCH,), generator=g)
+
+
+def train(model, freezer, optimizer, batches):
+    loss_fn = nn.CrossEntropyLoss()
+    for step in range(STEPS):
+        x, y = batches(step)
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        freezer.step()
+
+
+def full_state(module):
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in module.state_dict().items()}
+
+
+def worker(rank, world, port, mode, out):
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    inner = make_model()
+    if mode == "rewrap":
+        model = FreezableDDP(inner)
+    elif mode == "unused":
+        model = nn.parallel.DistributedDataParallel(inner, find_unused_parameters=True)
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in inner:
+            fully_shard(block)
+        model = fully_shard(inner)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    policy = AutoFreeze(interval=3, percentile=60) if mode == "fsdp2_autofreeze" else RankSkewed(rank)
+    # "unused" hands the engine the inner module (the DDP wrapper stays outside its view).
+    seen = inner if mode == "unused" else model
+    freezer = SmartFreezer(seen, optimizer, policy, example_inputs=data(0, rank)[0])
+    train(model, freezer, optimizer, lambda step: data(step, rank))
+    frozen = [p for u in freezer.units[:freezer.num_frozen] for p in u.parameters]
+    result = {
+        "events": [(e.step, e.num_frozen) for e in freezer.timeline],
+        "proposals": getattr(policy, "proposals", None),
+        "units": [u.name for u in freezer.units],
+        "state": full_state(inner),
+        "frozen_grads_none": all(p.grad is None and not p.requires_grad for p in frozen),
+        "optimizer_params": sum(len(g["params"]) for g in optimizer.param_groups),
+        "optimizer_state": len(optimizer.state),
+        "rewraps": getattr(model, "rewraps", None),
+    }
+    torch.save(result, out / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+    if rank == 0 and mode != "fsdp2_autofreeze":  # single-process reference, same schedule
+        ref = make_model()
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=0.2, momentum=0.9)
+        ref_freezer = SmartFreezer(ref, ref_opt, Replay(result["events"]), example_inputs=data(0, 0)[0],
+                                   process_group=False)
+        train(ref, ref_freezer, ref_opt, lambda step: tuple(
+            torch.cat(parts) for parts in zip(*(data(step, r) for r in range(world)))))
+        torch.save({"events": [(e.step, e.num_frozen) for e in ref_freezer.timeline],
+                    "state": full_state(ref)}, out / "reference.pt")
+
+
+if __name__ == "__main__":
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    port = int(sys.argv[3]) if len(sys.argv) > 3 else 29500
+    torch.set_num_threads(1)
+    mp.spawn(worker, args=(2, port, mode, out), nprocs=2)

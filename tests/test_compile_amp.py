@@ -1,0 +1,230 @@
+"""torch.compile, AMP (GradScaler) and activation checkpointing under progressive freezing."""
+
+import warnings
+
+import pytest
+import torch
+import torch._dynamo
+from torch import nn
+from torch._dynamo.testing import CompileCounter
+from torch.utils.checkpoint import checkpoint
+
+from smartfrz_fast import FreezePolicy, SmartFreezer, StaticFreeze
+from smartfrz_fast.compile import FreezeAwareGradScaler, check_grads_after_freeze, compile_blocks, scaler_step
+
+WIDTH, BLOCKS = 8, 12
+
+
+class OneMorePerStep(FreezePolicy):
+    name = "one_more_per_step"
+
+    def decide(self, step, frozen):
+        return frozen + 1
+
+
+class Block(nn.Module):
+    """Two units: fc1+ln, fc2."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.ln, self.fc2 = nn.Linear(WIDTH, WIDTH), nn.LayerNorm(WIDTH), nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x):
+        return x + 0.5 * self.fc2(torch.tanh(self.ln(self.fc1(x))))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(Block() for _ in range(BLOCKS))
+        self.head = nn.Linear(WIDTH, 3)
+
+    def forward(self, x):
+        for block in self.blocks:  # one frame when compiled whole: guards on every parameter
+            x = block(x)
+        return self.head(x)
+
+
+def train(model, steps, compile_fn=None, policy=None):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, policy or OneMorePerStep(), example_inputs=torch.randn(4, WIDTH))
+    if compile_fn is not None:
+        compile_fn(model, freezer)
+    losses = []
+    for step in range(steps):
+        g = torch.Generator().manual_seed(step)
+        loss = model(torch.randn(4, WIDTH, generator=g)).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+        losses.append(loss.item())
+    return freezer, losses
+
+
+@pytest.fixture
+def dynamo_strict():
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=True):
+        yield
+    torch._dynamo.reset()
+
+
+def test_whole_model_compile_hits_the_recompile_limit(dynamo_strict):
+    # The trap compile_blocks avoids: one compiled frame guards on all 25 units' requires_grad.
+    counter = CompileCounter()
+    with pytest.raises(Exception, match="recompile_limit|cache_size_limit"):
+        train(Net(), 2 * BLOCKS, lambda model, freezer: model.compile(backend=counter))
+    assert counter.frame_count == 8
+
+
+def test_compile_blocks_progressive_freeze(dynamo_strict):
+    # 24 freezes of a 12-block model (one unit per step: each block is first half frozen,
+    # then whole). Each block is its own compiled region; frozen blocks return to eager.
+    counter = CompileCounter()
+    compiled = {}
+
+    def compile_fn(model, freezer):
+        compiled["blocks"] = compile_blocks(model.blocks, freezer, backend=counter)
+
+    with torch._dynamo.config.patch(recompile_limit=4):  # far below the 24 freezes
+        freezer, losses = train(Net(), 2 * BLOCKS + 2, compile_fn)
+    assert freezer.num_frozen == 2 * BLOCKS  # everything but the head
+    blocks = compiled["blocks"]
+    assert blocks.eager == [True] * BLOCKS
+    assert all(b._compiled_call_impl is None for b in blocks.blocks)
+    # At most one recompile per block on top of the first compiles (in fact the blocks share
+    # code, and dynamo shares the cache entries between identical blocks: far fewer).
+    assert 1 <= counter.frame_count <= 2 + BLOCKS
+    # Same training as eager with the same freezes (the "eager" dynamo backend runs the same ops).
+    _, eager_losses = train(Net(), 2 * BLOCKS + 2)
+    torch.testing.assert_close(losses, eager_losses, rtol=1e-6, atol=1e-7)
+
+
+def test_compile_blocks_rejects_bad_input():
+    with pytest.raises(TypeError, match="non-empty sequence of nn.Module"):
+        compile_blocks([])
+
+
+# ---------------------------------------------------------------- AMP: GradScaler
+def two_optimizer_setup(scaler_cls):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh(), nn.Linear(WIDTH, WIDTH), nn.Tanh(), nn.Linear(WIDTH, 3))
+    first = torch.optim.SGD(model[0].parameters(), lr=0.05)  # e.g. the embedding's optimizer
+    rest = torch.optim.SGD([*model[2].parameters(), *model[4].parameters()], lr=0.05)
+    freezer = SmartFreezer(model, [first, rest], StaticFreeze(1, at_step=2), example_inputs=torch.randn(4, WIDTH))
+    return model, first, rest, freezer, scaler_cls("cpu", init_scale=2.0 ** 8)
+
+
+def amp_step(model, scaler, step):
+    g = torch.Generator().manual_seed(step)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(torch.randn(4, WIDTH, generator=g)).float().square().mean()
+    scaler.scale(loss).backward()
+
+
+def test_plain_gradscaler_raises_on_a_fully_frozen_optimizer():
+    # The trap: documents why scaler_step / FreezeAwareGradScaler exist (torch 2.13, CPU).
+    model, first, rest, freezer, scaler = two_optimizer_setup(torch.amp.GradScaler)
+    for step in range(2):
+        amp_step(model, scaler, step)
+        for opt in (first, rest):
+            scaler.step(opt)
+        scaler.update()
+        for opt in (first, rest):
+            opt.zero_grad()
+        freezer.step()
+    assert freezer.num_frozen == 1 and not first.param_groups[0]["params"]
+    amp_step(model, scaler, 2)
+    with pytest.raises(AssertionError, match="No inf checks"):
+        scaler.step(first)
+
+
+@pytest.mark.parametrize("how", ["scaler_step", "FreezeAwareGradScaler"])
+def test_gradscaler_with_an_optimizer_left_without_gradients(how):
+    cls = FreezeAwareGradScaler if how == "FreezeAwareGradScaler" else torch.amp.GradScaler
+    model, first, rest, freezer, scaler = two_optimizer_setup(cls)
+    before = model[0].weight.detach().clone()
+    for step in range(6):
+        amp_step(model, scaler, step)
+        scaler.unscale_(first)  # as for gradient clipping: must not break the skip either
+        for opt in (first, rest):
+            scaler_step(scaler, opt) if how == "scaler_step" else scaler.step(opt)
+        scaler.update()
+        for opt in (first, rest):
+            opt.zero_grad()
+        freezer.step()
+        if step == 1:
+            frozen_weight = model[0].weight.detach().clone()
+            head_before = model[4].weight.detach().clone()
+    assert freezer.num_frozen == 1
+    assert not torch.equal(frozen_weight, before)  # trained before the freeze ...
+    assert torch.equal(model[0].weight, frozen_weight)  # ... and not after
+    assert not torch.equal(model[4].weight, head_before)  # the rest keeps training
+    assert scaler.get_scale() == 2.0 ** 8  # no overflow seen, no growth yet
+
+
+def test_freeze_aware_scaler_update_with_nothing_stepped():
+    scaler = FreezeAwareGradScaler("cpu", init_scale=4.0)
+    p = nn.Parameter(torch.ones(2), requires_grad=False)
+    opt = torch.optim.SGD([p], lr=0.1)
+    opt.param_groups[0]["params"] = []  # as freezing leaves it
+    assert scaler.step(opt) is None
+    scaler.update()  # plain GradScaler: "No inf checks were recorded prior to update."
+    assert scaler.get_scale() == 4.0
+
+
+# ---------------------------------------------------------------- activation checkpointing
+class CheckpointedNet(nn.Module):
+    def __init__(self, use_reentrant):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Linear(WIDTH, WIDTH)
+        self.body = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh(), nn.Linear(WIDTH, WIDTH))
+        self.head = nn.Linear(WIDTH, 3)
+        self.use_reentrant = use_reentrant
+
+    def forward(self, x):
+        x = torch.tanh(self.stem(x))
+        if self.use_reentrant is not None:
+            x = checkpoint(self.body, x, use_reentrant=self.use_reentrant)
+        else:
+            x = self.body(x)
+        return self.head(x)
+
+
+def run_checkpointed(use_reentrant, steps=5):
+    model = CheckpointedNet(use_reentrant)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=2), example_inputs=torch.randn(4, WIDTH))
+    check_grads_after_freeze(freezer)
+    for step in range(steps):
+        g = torch.Generator().manual_seed(step)
+        model(torch.randn(4, WIDTH, generator=g)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+    return model
+
+
+def test_non_reentrant_checkpoint_trains_the_suffix_after_a_freeze():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning from us or from torch
+        ckpt = run_checkpointed(use_reentrant=False)
+    plain = run_checkpointed(use_reentrant=None)
+    for (name, a), b in zip(ckpt.state_dict().items(), plain.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_reentrant_checkpoint_on_a_frozen_prefix_trains_nothing_and_is_flagged():
+    initial = CheckpointedNet(None).body.state_dict()
+    with pytest.warns(UserWarning, match=r"received no gradient.*use_reentrant=False"):
+        model = run_checkpointed(use_reentrant=True)
+    plain = run_checkpointed(use_reentrant=None)
+    # The checkpointed body trained for the two steps before the freeze, then stopped.
+    after_two = run_checkpointed(use_reentrant=None, steps=2).body.state_dict()
+    for k, v in model.body.state_dict().items():
+        assert not torch.equal(v, initial[k])
+        torch.testing.assert_close(v, after_two[k], rtol=0, atol=0)
+        assert not torch.equal(v, plain.body.state_dict()[k])

@@ -1,0 +1,147 @@
+"""Freezing under DDP and FSDP2: two real processes over gloo (tests/ddp_worker.py), plus the
+refusals, checked in this process on a one-rank gloo group."""
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from smartfrz_fast import SmartFreezer, StaticFreeze
+from smartfrz_fast.distributed import FreezableDDP, unwrap
+
+HERE = Path(__file__).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_worker(mode, tmp_path):
+    proc = subprocess.run([sys.executable, str(HERE / "ddp_worker.py"), mode, str(tmp_path), str(free_port())],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    reference = torch.load(tmp_path / "reference.pt") if (tmp_path / "reference.pt").exists() else None
+    return ranks, reference
+
+
+def max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("mode", ["rewrap", "unused", "fsdp2"])
+def test_two_ranks_freeze_together_and_stay_in_sync(mode, tmp_path):
+    (r0, r1), ref = run_worker(mode, tmp_path)
+    # The policy proposes different prefixes on each rank ...
+    assert r0["proposals"] != r1["proposals"]
+    assert [p for _, p in r0["proposals"]] != [p for _, p in r1["proposals"]]
+    # ... yet both ranks froze the same units at the same steps: rank 0's.
+    assert r0["events"] == r1["events"] == [(3, 1), (6, 2), (9, 3), (12, 4)]
+    # Units are found on the inner module (no "module." prefix), same on every rank.
+    assert r0["units"] == r1["units"] and r0["units"][0] == "0.0+0.1"
+    # Weights identical across ranks after the freezes and more steps.
+    assert max_diff(r0["state"], r1["state"]) == 0.0
+    # ... and equal to one process training on both ranks' batches (same schedule); only
+    # the order of float sums differs (all-reduce mean vs batch mean).
+    assert ref["events"] == r0["events"]
+    assert max_diff(r0["state"], ref["state"]) < 1e-5
+    for r in (r0, r1):
+        assert r["frozen_grads_none"]
+        assert r["optimizer_params"] == 2 * 2 + 2  # two trainable blocks (Linear+LayerNorm) + head
+        assert r["optimizer_state"] == r["optimizer_params"]  # frozen momentum buffers deleted
+    if mode == "rewrap":
+        assert r0["rewraps"] == r1["rewraps"] == 4
+
+
+@pytest.mark.slow
+def test_fsdp2_autofreeze_on_sharded_gradients(tmp_path):
+    # AutoFreeze reads per-unit gradient norms: under FSDP2 each rank norms its shards and the
+    # engine sums them over the ranks; decisions still come from rank 0.
+    (r0, r1), _ = run_worker("fsdp2_autofreeze", tmp_path)
+    assert r0["events"] == r1["events"] and r0["events"]
+    assert max_diff(r0["state"], r1["state"]) == 0.0
+
+
+# ---------------------------------------------------------------- refusals (one-rank group)
+@pytest.fixture(scope="module")
+def one_rank_group():
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+
+
+def test_static_graph_is_refused(one_rank_group):
+    model = nn.parallel.DistributedDataParallel(mlp(), static_graph=True)
+    with pytest.raises(ValueError, match="static_graph=True.*FreezableDDP"):
+        SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1),
+                     example_inputs=torch.randn(2, 4))
+    with pytest.raises(ValueError, match="static_graph"):
+        FreezableDDP(mlp(), static_graph=True)
+
+
+def test_ddp_without_find_unused_is_refused_with_advice(one_rank_group):
+    model = nn.parallel.DistributedDataParallel(mlp())
+    with pytest.raises(ValueError, match="find_unused_parameters=False.*FreezableDDP"):
+        SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1),
+                     example_inputs=torch.randn(2, 4))
+
+
+def test_fsdp1_is_refused_with_advice(one_rank_group):
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    inner = mlp()
+    model = nn.Sequential(FullyShardedDataParallel(inner, device_id=torch.device("cpu")))
+    with pytest.raises(ValueError, match="FSDP1.*fully_shard"):
+        unwrap(model)
+    with pytest.raises(ValueError, match="FSDP1"):
+        SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1),
+                     example_inputs=torch.randn(2, 4))
+
+
+def test_wrapped_model_on_one_rank_trains_like_plain(one_rank_group):
+    # FreezableDDP over one rank: units found on the inner module, lazily at first forward;
+    # the freeze re-wraps DDP, and training matches the unwrapped model exactly.
+    results = []
+    for wrap in (False, True):
+        inner = mlp()
+        model = FreezableDDP(inner) if wrap else inner
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=3))
+        for step in range(6):
+            g = torch.Generator().manual_seed(step)
+            model(torch.randn(5, 4, generator=g)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+        assert [u.name for u in freezer.units] == ["0", "2", "4"]
+        assert freezer.module is inner
+        results.append({k: v.clone() for k, v in inner.state_dict().items()})
+    assert model.rewraps == 1 and model.state_dict().keys() == {f"module.{k}" for k in results[0]}
+    assert max_diff(*results) == 0.0
+
+
+def test_fsdp2_with_a_history_policy_is_refused(one_rank_group):
+    from torch.distributed.fsdp import fully_shard
+
+    class NeedsHistory(StaticFreeze):
+        needs_history = True
+
+    model = mlp()
+    fully_shard(model)
+    with pytest.raises(ValueError, match="weight history.*FSDP2"):
+        SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), NeedsHistory(1),
+                     example_inputs=torch.randn(2, 4))
