@@ -1,0 +1,203 @@
+"""PyTorch Lightning integration: ``SmartFreezeCallback``.
+
+::
+
+    import lightning.pytorch as L
+    from smartfrz_fast import FreezeOut
+    from smartfrz_fast.integrations.lightning import SmartFreezeCallback
+
+    trainer = L.Trainer(max_epochs=4, callbacks=[SmartFreezeCallback(FreezeOut(t0=0.5))])
+    trainer.fit(module, loader)                      # module.example_input_array is set
+    trainer.fit(module, loader, ckpt_path="last.ckpt")   # resume: freeze state comes back
+
+Where it hooks into Lightning's ``fit`` (2.x):
+
+1. ``load_state_dict`` (callback state, restored before ``configure_optimizers`` runs): the
+   freezer state is kept until the freezer exists.
+2. ``on_fit_start`` (optimizers exist, their saved state is not restored yet): build the
+   ``SmartFreezer`` over the optimizers from ``configure_optimizers`` and apply the saved
+   freezer state, which removes the frozen parameters from the optimizer groups, so that the
+   optimizer state Lightning restores next matches. Strategies that restore the checkpoint
+   after setup (``restore_checkpoint_after_setup``) call ``load_state_dict`` after this hook,
+   still before the optimizer state: it is applied at once.
+3. ``on_train_batch_end``: ``freezer.step()`` once per batch in which an optimizer stepped
+   (``trainer.global_step`` moved), so gradient accumulation is counted right.
+4. ``state_dict``: the freezer state goes into the checkpoint's ``callbacks`` entry.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+from torch import nn
+
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "smartfrz_fast.integrations.lightning needs PyTorch Lightning 2.x: "
+        "pip install 'smartfrz_fast[lightning]' (or pip install lightning)"
+    ) from exc
+
+from ..engine import SmartFreezer
+from ..policy.base import FreezePolicy
+from . import move_to_device, split_example_inputs
+
+# Strategies whose parameters are sharded or owned by another engine: the freeze action
+# (removing parameters from the optimizer's groups) does not apply to them.
+_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy")
+
+
+class SmartFreezeCallback(Callback):
+    """Progressive layer freezing inside ``lightning.pytorch.Trainer.fit``.
+
+    Args:
+        policy: a ``FreezePolicy`` (default: SmartFRZ, which needs predictor weights).
+        example_inputs: inputs for one forward pass of the frozen module that finds its units
+            (a tensor, a tuple of positional inputs or a dict of keyword inputs). Default: the
+            LightningModule's ``example_input_array``; without either, the units are found at
+            the first forward pass, which works for a fresh run but not for a resume.
+        submodule: attribute path of the module to freeze inside the LightningModule (e.g.
+            ``"net"``) when ``training_step`` does not go through the LightningModule's
+            ``forward``; default the LightningModule itself.
+        total_steps: optimizer steps in the run; default ``trainer.estimated_stepping_batches``.
+        **freezer_kwargs: passed to ``SmartFreezer`` (``sample_every``, ``window``,
+            ``sample_size``, ``keep_trainable``, ``decision_delay``, ``seed``).
+
+    After ``fit`` has started, ``callback.freezer`` is the ``SmartFreezer``.
+    """
+
+    def __init__(
+        self,
+        policy: Optional[FreezePolicy] = None,
+        *,
+        example_inputs: Any = None,
+        submodule: Optional[str] = None,
+        total_steps: Optional[int] = None,
+        **freezer_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if policy is not None and not isinstance(policy, FreezePolicy):
+            raise TypeError(f"policy must be a FreezePolicy, got {type(policy).__name__}")
+        for key in ("example_kwargs", "model", "optimizer"):
+            if key in freezer_kwargs:
+                raise TypeError(f"SmartFreezeCallback sets {key!r} itself; do not pass it")
+        self.policy = policy
+        self.example_inputs = example_inputs
+        self.submodule = submodule
+        self.total_steps = total_steps
+        self.freezer_kwargs = freezer_kwargs
+        self.freezer: Optional[SmartFreezer] = None
+        self._saved_state: Optional[Dict[str, Any]] = None
+        self._last_global_step = 0
+
+    # ------------------------------------------------------------------ set-up
+    def _target(self, pl_module: "pl.LightningModule") -> nn.Module:
+        module: Any = pl_module
+        for name in (self.submodule or "").split("."):
+            if name:
+                if not hasattr(module, name):
+                    raise AttributeError(f"SmartFreezeCallback: submodule {self.submodule!r} not found "
+                                         f"on {type(pl_module).__name__} (no attribute {name!r})")
+                module = getattr(module, name)
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"SmartFreezeCallback: submodule {self.submodule!r} is a "
+                            f"{type(module).__name__}, not an nn.Module")
+        return module
+
+    @staticmethod
+    def _check_strategy(trainer: "pl.Trainer") -> None:
+        strategy = trainer.strategy
+        names = {cls.__name__ for cls in type(strategy).__mro__}
+        unsupported = names.intersection(_UNSUPPORTED_STRATEGIES)
+        if unsupported:
+            raise NotImplementedError(
+                f"SmartFreezeCallback does not support {type(strategy).__name__}: it shards or owns the "
+                "parameters, so they cannot be frozen one by one. Use a single device or DDP.")
+        if "DDPStrategy" in names:
+            kwargs = getattr(strategy, "_ddp_kwargs", {}) or {}
+            if kwargs.get("static_graph"):
+                raise ValueError("DDP with static_graph=True cannot follow parameters freezing mid-run: "
+                                 "drop static_graph when training with SmartFreezeCallback.")
+            if not kwargs.get("find_unused_parameters"):
+                raise ValueError(
+                    "Freezing mid-run under DDP needs find_unused_parameters=True (frozen parameters "
+                    "stop receiving gradients): use strategy='ddp_find_unused_parameters_true' or "
+                    "DDPStrategy(find_unused_parameters=True).")
+
+    def _check_schedulers(self, trainer: "pl.Trainer") -> None:
+        if self.freezer.policy.manages_lr and trainer.lr_scheduler_configs:
+            raise ValueError(
+                f"{type(self.freezer.policy).__name__} sets every unit's learning rate itself and gives "
+                "each unit its own param group, which breaks the lr scheduler returned by "
+                "configure_optimizers (its per-group lists no longer match). Return only the "
+                "optimizer from configure_optimizers, or choose a policy that leaves the lr alone.")
+
+    def _example(self, pl_module: "pl.LightningModule") -> Any:
+        if self.example_inputs is not None:
+            return self.example_inputs
+        if self.submodule is None:
+            return getattr(pl_module, "example_input_array", None)
+        return None
+
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._check_strategy(trainer)
+        optimizers = list(trainer.optimizers)
+        if not optimizers:
+            raise ValueError("SmartFreezeCallback: configure_optimizers returned no optimizer")
+        total = self.total_steps
+        if total is None:
+            estimated = trainer.estimated_stepping_batches
+            total = int(estimated) if estimated != float("inf") else None
+        model = self._target(pl_module)
+        example = self._example(pl_module)
+        args, kwargs = (None, None)
+        if example is not None:
+            args, kwargs = split_example_inputs(move_to_device(example, pl_module.device))
+        if self._saved_state is not None and example is None:
+            raise ValueError(
+                "SmartFreezeCallback: resuming needs the model's units before Lightning restores the "
+                "optimizer state, i.e. before any forward pass: set the LightningModule's "
+                "example_input_array or pass example_inputs=... to SmartFreezeCallback.")
+        self.freezer = SmartFreezer(model, optimizers, self.policy, example_inputs=args,
+                                    example_kwargs=kwargs, total_steps=total, **self.freezer_kwargs)
+        self._check_schedulers(trainer)
+        if self._saved_state is not None:
+            # Before restore_training_state: the optimizer's groups must lose the frozen
+            # parameters before their saved state is loaded into them.
+            self.freezer.load_state_dict(self._saved_state)
+            self._saved_state = None
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # global_step is restored after on_fit_start: take the baseline here.
+        self._last_global_step = trainer.global_step
+
+    # ------------------------------------------------------------------ per step
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if self.freezer is None or trainer.global_step == self._last_global_step:
+            return  # accumulating gradients (or a skipped step): no optimizer step this batch
+        self._last_global_step = trainer.global_step
+        self.freezer.step()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> Dict[str, Any]:
+        if self.freezer is not None and self.freezer.plan is not None:
+            return {"freezer": self.freezer.state_dict()}
+        if self._saved_state is not None:  # restored but not applied yet: keep it
+            return {"freezer": self._saved_state}
+        return {}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        state = state_dict.get("freezer")
+        if state is None:
+            return
+        if self.freezer is None:
+            self._saved_state = state  # applied in on_fit_start, once the optimizers exist
+            return
+        if self.freezer.plan is None:
+            raise ValueError(
+                "SmartFreezeCallback: this strategy restores the checkpoint after setup, and the "
+                "model's units are not known yet: set example_input_array or pass example_inputs=...")
+        self.freezer.load_state_dict(state)

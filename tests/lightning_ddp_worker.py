@@ -1,0 +1,53 @@
+"""Run by test_integration_lightning.py: a two-process DDP fit (gloo, CPU) with
+SmartFreezeCallback; each rank saves its weights and freeze timeline.
+
+usage: lightning_ddp_worker.py OUT_DIR
+"""
+
+import sys
+from pathlib import Path
+
+import lightning.pytorch as L
+import torch
+from torch import nn
+
+from models import SmallCNN, batch
+
+from smartfrz_fast import StaticFreeze
+from smartfrz_fast.integrations.lightning import SmartFreezeCallback
+
+
+class LitCNN(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = SmallCNN()
+        self.example_input_array = batch(0)[0]
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, data, batch_idx):
+        x, y = data
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def main(out: Path) -> None:
+    xs, ys = zip(*(batch(i) for i in range(4)))
+    data = torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ys))
+    loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=False)
+    module, callback = LitCNN(), SmartFreezeCallback(StaticFreeze(2, at_step=3))
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true", max_epochs=3,
+                        callbacks=[callback], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=out)
+    trainer.fit(module, loader)
+    torch.save({"model": module.state_dict(), "num_frozen": callback.freezer.num_frozen,
+                "timeline": [(e.step, e.num_frozen) for e in callback.freezer.timeline]},
+               out / f"rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,183 @@
+"""SmartFreezeCallback inside a real transformers.Trainer on the CPU (a tiny BERT built from a
+config, no downloads): units freeze inside the trainer, the freeze state survives the Trainer's
+own checkpoints, and a run resumed with resume_from_checkpoint ends bit-identical to an
+uninterrupted one (shuffled data, dropout on, checkpoint in the middle of an epoch)."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments  # noqa: E402
+
+from smartfrz_fast import FreezeOut, StaticFreeze  # noqa: E402
+from smartfrz_fast.integrations.huggingface import (  # noqa: E402
+    CHECKPOINT_FILE,
+    SmartFreezeCallback,
+    check_training_args,
+)
+
+MAX_STEPS = 12  # 48 samples, batch 8: 6 steps per epoch, 2 epochs
+
+
+def tiny_bert():
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16, num_labels=3))
+
+
+def dataset(n=48):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 50, (n, 8), generator=g)
+    labels = ids[:, 0] % 3  # learnable
+    return [{"input_ids": ids[i], "labels": labels[i]} for i in range(n)]
+
+
+def training_args(out, **kwargs):
+    defaults = dict(output_dir=str(out), per_device_train_batch_size=8, max_steps=MAX_STEPS, save_strategy="steps",
+                    save_steps=4, learning_rate=5e-3, max_grad_norm=1.0, logging_strategy="no", report_to="none",
+                    use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0)
+    defaults.update(kwargs)
+    return TrainingArguments(**defaults)
+
+
+def make_policy(name):
+    return StaticFreeze(5, at_step=3) if name == "static" else FreezeOut(t0=0.3, spacing="linear")
+
+
+def run(out, policy, resume=None, **kwargs):
+    model = tiny_bert()
+    trainer = Trainer(model=model, args=training_args(out, **kwargs), train_dataset=dataset())
+    callback = SmartFreezeCallback(make_policy(policy)).attach(trainer)
+    trainer.train(resume_from_checkpoint=resume)
+    return model, trainer, callback
+
+
+def inner(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def test_units_freeze_inside_the_trainer(tmp_path):
+    model, trainer, callback = run(tmp_path, "static", save_strategy="no")
+    freezer = callback.freezer
+    assert freezer.num_frozen == 5 and freezer.timeline[0].step == 3
+    assert freezer.step_count == trainer.state.global_step == MAX_STEPS
+    frozen_names = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen_names == {n for u in freezer.units[:5] for n in u.param_names}
+    assert "bert.encoder.layer.0.attention.self.key.weight" in frozen_names
+    assert "bert.encoder.layer.0.attention.self.value.weight" not in frozen_names
+    opt = inner(trainer.optimizer)
+    frozen = [p for u in freezer.units[:5] for p in u.parameters]
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not any(id(p) in held or p in opt.state for p in frozen)
+    assert all(p in opt.state for p in model.classifier.parameters())
+    opt.state_dict()
+
+
+@pytest.mark.parametrize("policy", ["static", "freezeout"])
+def test_resume_from_checkpoint_is_bit_identical(tmp_path, policy):
+    with pytest.warns(UserWarning, match="overriding") if policy == "freezeout" else _no_warning():
+        full_model, full_trainer, full_cb = run(tmp_path / "full", policy)
+    assert full_cb.freezer.num_frozen > 0
+    checkpoint = tmp_path / "full" / "checkpoint-4"  # mid-epoch (6 steps per epoch)
+    assert (checkpoint / CHECKPOINT_FILE).is_file()
+    saved = torch.load(checkpoint / CHECKPOINT_FILE, weights_only=True)
+    assert saved["step"] == 4 and saved["num_frozen"] == full_cb.freezer.timeline[0].num_frozen
+
+    with pytest.warns(UserWarning, match="overriding") if policy == "freezeout" else _no_warning():
+        model, trainer, callback = run(tmp_path / "resumed", policy, resume=str(checkpoint))
+    assert callback.freezer.timeline == full_cb.freezer.timeline
+    assert callback.freezer.step_count == MAX_STEPS
+    for name, value in full_model.state_dict().items():
+        assert torch.equal(value, model.state_dict()[name]), f"{name} differs after resume"
+    a, b = inner(full_trainer.optimizer).state_dict(), inner(trainer.optimizer).state_dict()
+    assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
+    for index, state in a["state"].items():
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["state"][index][key])), (index, key)
+
+
+class _no_warning:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_resume_true_finds_the_last_checkpoint_and_restores_state(tmp_path):
+    run(tmp_path, "static", max_steps=8)  # checkpoints 4 and 8
+    model = tiny_bert()
+    trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=dataset())
+    callback = SmartFreezeCallback(StaticFreeze(5, at_step=3)).attach(trainer)
+    seen = {}
+
+    class Probe(transformers.TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            opt = inner(optimizer)
+            seen.update(step=callback.freezer.step_count, frozen=callback.freezer.num_frozen,
+                        in_optimizer=sum(len(g["params"]) for g in opt.param_groups),
+                        global_step=state.global_step)
+
+    trainer.add_callback(Probe())
+    trainer.train(resume_from_checkpoint=True)
+    frozen_params = sum(len(u.parameters) for u in callback.freezer.units[:5])
+    assert seen == {"step": 8, "frozen": 5, "global_step": 8,
+                    "in_optimizer": len(list(model.parameters())) - frozen_params}
+    assert callback.freezer.step_count == MAX_STEPS
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    model, trainer, callback = run(tmp_path, "static", save_strategy="no", gradient_accumulation_steps=3,
+                                   max_steps=4)
+    assert trainer.state.global_step == 4 == callback.freezer.step_count
+    assert callback.freezer.timeline[0].step == 3
+
+
+def test_callback_without_attach_says_what_to_do(tmp_path):
+    trainer = Trainer(model=tiny_bert(), args=training_args(tmp_path, save_strategy="no"), train_dataset=dataset(),
+                      callbacks=[SmartFreezeCallback(StaticFreeze(1))])
+    with pytest.raises(RuntimeError, match=r"attach\(trainer\)"):
+        trainer.train()
+
+
+def test_checkpoint_without_freezer_state_is_refused(tmp_path):
+    Trainer(model=tiny_bert(), args=training_args(tmp_path, max_steps=4), train_dataset=dataset()).train()
+    trainer = Trainer(model=tiny_bert(), args=training_args(tmp_path), train_dataset=dataset())
+    SmartFreezeCallback(StaticFreeze(1)).attach(trainer)
+    with pytest.raises(FileNotFoundError, match=CHECKPOINT_FILE):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+
+
+def test_user_scheduler_with_freezeout_is_refused(tmp_path):
+    model = tiny_bert()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    trainer = Trainer(model=model, args=training_args(tmp_path, save_strategy="no"), train_dataset=dataset(),
+                      optimizers=(opt, sched))
+    SmartFreezeCallback(FreezeOut()).attach(trainer)
+    with pytest.raises(ValueError, match=r"optimizers=\(optimizer, None\)"):
+        trainer.train()
+
+
+def test_conflicting_training_args_are_refused(tmp_path):
+    args = training_args(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(ValueError, match="use_reentrant"):
+        check_training_args(args, tiny_bert())
+    check_training_args(training_args(tmp_path, gradient_checkpointing=True), tiny_bert())
+
+
+def test_doc_example_runs(tmp_path):
+    """The example in docs/integrations/huggingface.md runs as written."""
+    doc = Path(__file__).parents[1] / "docs" / "integrations" / "huggingface.md"
+    code = re.findall(r"```python\n(.*?)```", doc.read_text(encoding="utf-8"), re.S)[0]
+    (tmp_path / "example.py").write_text(code, encoding="utf-8")
+    result = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "resumed run matches: True" in result.stdout

@@ -1,0 +1,246 @@
+"""SmartFreezeCallback inside a real lightning.pytorch.Trainer on the CPU: units freeze inside
+the trainer, the freeze state survives Lightning's own checkpoints, and a resumed fit ends
+bit-identical to an uninterrupted one."""
+
+import os
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+L = pytest.importorskip("lightning.pytorch")
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from models import SmallCNN, batch  # noqa: E402
+
+from smartfrz_fast import FreezeOut, StaticFreeze  # noqa: E402
+from smartfrz_fast.integrations.lightning import SmartFreezeCallback  # noqa: E402
+
+STEPS_PER_EPOCH = 4  # 64 samples, batch 16
+EPOCHS = 6
+
+
+class LitCNN(L.LightningModule):
+    def __init__(self, optimizer="sgd", scheduler=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = SmallCNN()
+        self.optimizer_name = optimizer
+        self.scheduler = scheduler
+        self.example_input_array = batch(0)[0]
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, data, batch_idx):
+        x, y = data
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "sgd":
+            opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+        else:
+            opt = torch.optim.AdamW(self.parameters(), lr=3e-3)
+        if self.scheduler:
+            return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=5)]
+        return opt
+
+
+def loader():
+    xs, ys = zip(*(batch(i) for i in range(STEPS_PER_EPOCH)))
+    data = torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ys))
+    return torch.utils.data.DataLoader(data, batch_size=16, shuffle=False)
+
+
+def trainer(tmp_path, callbacks, max_epochs=EPOCHS, **kwargs):
+    kwargs.setdefault("accelerator", "cpu")
+    kwargs.setdefault("devices", 1)
+    return L.Trainer(max_epochs=max_epochs, callbacks=callbacks, default_root_dir=tmp_path, logger=False,
+                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, **kwargs)
+
+
+def make_policy(name):
+    return StaticFreeze(2, at_step=6) if name == "static" else FreezeOut(t0=0.3, spacing="linear")
+
+
+def test_units_freeze_inside_the_trainer(tmp_path):
+    module = LitCNN("adamw")
+    callback = SmartFreezeCallback(StaticFreeze(2, at_step=6))
+    at_freeze = {}
+    fit = trainer(tmp_path, [callback], max_epochs=3)
+
+    class Record(L.Callback):  # runs after SmartFreezeCallback.on_fit_start: the freezer exists
+        def on_train_start(self, trainer, pl_module):
+            callback.freezer.add_freeze_listener(lambda event, units: at_freeze.update(
+                step=event.step, weights={n: p.detach().clone() for n, p in module.named_parameters()}))
+
+    fit.callbacks.append(Record())
+    fit.fit(module, loader())
+
+    freezer = callback.freezer
+    assert freezer.num_frozen == 2 and at_freeze["step"] == 6
+    assert freezer.step_count == fit.global_step == 3 * STEPS_PER_EPOCH
+    frozen = [p for u in freezer.units[:2] for p in u.parameters]
+    assert {n for n, p in module.named_parameters() if not p.requires_grad} == {
+        "net.conv1.weight", "net.conv1.bias", "net.bn1.weight", "net.bn1.bias",
+        "net.conv2.weight", "net.conv2.bias", "net.bn2.weight", "net.bn2.bias"}
+    opt = fit.optimizers[0]
+    held = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not any(id(p) in held or p in opt.state for p in frozen)
+    assert all(p in opt.state for p in module.net.head.parameters())  # the rest still trains
+    opt.state_dict()  # still consistent after the removals
+    # Frozen weights (and BatchNorm statistics: eval mode) did not move after the freeze;
+    # the trainable rest did.
+    for name, value in module.named_parameters():
+        moved = not torch.equal(value, at_freeze["weights"][name])
+        assert moved == value.requires_grad, name
+    assert not module.net.bn1.training and module.net.bn3.training
+
+
+@pytest.mark.parametrize("policy", ["static", "freezeout"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_resume_from_lightning_checkpoint_is_bit_identical(tmp_path, optimizer, policy):
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1,
+                            filename="{epoch}")
+    full_module, full_cb = LitCNN(optimizer), SmartFreezeCallback(make_policy(policy))
+    full = trainer(tmp_path, [full_cb, saver], gradient_clip_val=0.5)
+    full.fit(full_module, loader())
+    assert full_cb.freezer.num_frozen > 0
+
+    # Interrupted after epoch 2 (12 steps): a fresh module, callback and trainer resume from
+    # Lightning's checkpoint file.
+    ckpt = tmp_path / "ckpt" / "epoch=2.ckpt"
+    saved = torch.load(ckpt, weights_only=False)
+    frozen_then = [k for k, v in saved["callbacks"].items() if k.startswith("SmartFreezeCallback")]
+    assert len(frozen_then) == 1
+    resumed_module, resumed_cb = LitCNN(optimizer), SmartFreezeCallback(make_policy(policy))
+    resumed = trainer(tmp_path / "resumed", [resumed_cb], gradient_clip_val=0.5)
+    resumed.fit(resumed_module, loader(), ckpt_path=ckpt)
+
+    assert resumed_cb.freezer.step_count == full_cb.freezer.step_count == EPOCHS * STEPS_PER_EPOCH
+    assert resumed_cb.freezer.timeline == full_cb.freezer.timeline
+    for name, value in full_module.state_dict().items():
+        assert torch.equal(value, resumed_module.state_dict()[name]), f"{name} differs after resume"
+    a, b = full.optimizers[0].state_dict(), resumed.optimizers[0].state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for index, state in a["state"].items():
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["state"][index][key])), (index, key)
+
+
+def test_state_survives_the_checkpoint(tmp_path):
+    """The restored freezer has the frozen units, policy state and step of the saved one, and
+    the optimizer Lightning restored holds no frozen parameter."""
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    module, callback = LitCNN("adamw"), SmartFreezeCallback(StaticFreeze(2, at_step=6))
+    trainer(tmp_path, [callback, saver], max_epochs=3).fit(module, loader())
+    saved = torch.load(tmp_path / "ckpt" / "epoch=1.ckpt", weights_only=True)  # plain types only
+    state = next(v for k, v in saved["callbacks"].items() if k.startswith("SmartFreezeCallback"))["freezer"]
+    assert state["step"] == 8 and state["num_frozen"] == 2
+
+    class Probe(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.frozen = resumed_cb.freezer.num_frozen
+            self.step = resumed_cb.freezer.step_count
+            opt = trainer.optimizers[0]
+            self.in_optimizer = sum(len(g["params"]) for g in opt.param_groups)
+            self.requires_grad = [p.requires_grad for p in pl_module.parameters()]
+
+    resumed_cb, probe = SmartFreezeCallback(StaticFreeze(2, at_step=6)), Probe()
+    trainer(tmp_path / "r", [resumed_cb, probe], max_epochs=3).fit(
+        LitCNN("adamw"), loader(), ckpt_path=tmp_path / "ckpt" / "epoch=1.ckpt")
+    assert probe.frozen == 2 and probe.step == 8
+    assert probe.in_optimizer == 4 + 2  # conv3, bn3 (weight, bias) and the head
+    assert probe.requires_grad.count(False) == 8
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    callback = SmartFreezeCallback(StaticFreeze(1, at_step=3))
+    fit = trainer(tmp_path, [callback], max_epochs=2, accumulate_grad_batches=2, gradient_clip_val=1.0,
+                  gradient_clip_algorithm="value")
+    fit.fit(LitCNN(), loader())
+    assert fit.global_step == 4 == callback.freezer.step_count
+    assert callback.freezer.timeline[0].step == 3
+
+
+def test_freezeout_with_lr_scheduler_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="Return only the optimizer"):
+        trainer(tmp_path, [SmartFreezeCallback(FreezeOut())]).fit(LitCNN(scheduler=True), loader())
+
+
+def test_static_freeze_with_lr_scheduler_trains(tmp_path):
+    callback = SmartFreezeCallback(StaticFreeze(2, at_step=2))
+    fit = trainer(tmp_path, [callback], max_epochs=2)
+    fit.fit(LitCNN(scheduler=True), loader())
+    assert callback.freezer.num_frozen == 2
+    assert fit.lr_scheduler_configs[0].scheduler.state_dict()["last_epoch"] == 2  # interval "epoch"
+
+
+def test_resume_without_example_inputs_says_what_to_do(tmp_path):
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    trainer(tmp_path, [SmartFreezeCallback(StaticFreeze(1, at_step=2)), saver], max_epochs=1).fit(LitCNN(), loader())
+    module = LitCNN()
+    module.example_input_array = None
+    with pytest.raises(ValueError, match="example_input_array"):
+        trainer(tmp_path, [SmartFreezeCallback(StaticFreeze(1, at_step=2))], max_epochs=2).fit(
+            module, loader(), ckpt_path=tmp_path / "ckpt" / "epoch=0.ckpt")
+
+
+def test_lazy_units_and_submodule(tmp_path):
+    """No example inputs: units are found at the first forward pass of the chosen submodule."""
+
+    class Wrapped(LitCNN):
+        def training_step(self, data, batch_idx):  # bypasses LightningModule.forward
+            x, y = data
+            return nn.functional.cross_entropy(self.net(x), y)
+
+    module = Wrapped()
+    module.example_input_array = None
+    callback = SmartFreezeCallback(StaticFreeze(3, at_step=2), submodule="net")
+    trainer(tmp_path, [callback], max_epochs=1).fit(module, loader())
+    assert callback.freezer.num_frozen == 3 and not module.net.conv3.weight.requires_grad
+
+
+def test_ddp_without_find_unused_parameters_is_refused(tmp_path):
+    from lightning.pytorch.strategies import DDPStrategy
+
+    callback = SmartFreezeCallback(StaticFreeze(1))
+    fit = trainer(tmp_path, [callback], strategy=DDPStrategy(find_unused_parameters=False))
+    with pytest.raises(ValueError, match="find_unused_parameters=True"):
+        callback._check_strategy(fit)  # checked in on_fit_start, before any process group starts
+    ok = trainer(tmp_path, [callback], strategy=DDPStrategy(find_unused_parameters=True))
+    callback._check_strategy(ok)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_freeze_the_same_units(tmp_path):
+    """A real two-process DDP run (gloo, CPU): both ranks freeze the same units at the same
+    step and end with identical weights."""
+    script = Path(__file__).with_name("lightning_ddp_worker.py")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, env=env, timeout=300)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert results[0]["timeline"] == results[1]["timeline"] and results[0]["num_frozen"] == 2
+    for name, value in results[0]["model"].items():
+        if name.startswith("net.bn3.running"):
+            continue  # a trainable BatchNorm's statistics are per rank after the last forward
+        assert torch.equal(value, results[1]["model"][name]), name
+
+
+def test_doc_example_runs(tmp_path):
+    """The example in docs/integrations/lightning.md runs as written."""
+    doc = Path(__file__).parents[1] / "docs" / "integrations" / "lightning.md"
+    code = re.findall(r"```python\n(.*?)```", doc.read_text(encoding="utf-8"), re.S)[0]
+    (tmp_path / "example.py").write_text(code, encoding="utf-8")
+    with warnings.catch_warnings():
+        result = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True,
+                                timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "resumed run matches: True" in result.stdout
