@@ -78,6 +78,8 @@ class RunResult:
     steps: int
     step_ms_by_frozen: Dict[int, List[float]] = field(default_factory=dict)
     freezer: object = None
+    step_ms: List[float] = field(default_factory=list)  # every step's wall time, in order
+    accuracy_curve: List[Tuple[int, float]] = field(default_factory=list)  # (step, test accuracy)
 
 
 def build_policy(name: str, total_steps: int, num_freezable: int):
@@ -136,8 +138,11 @@ def train(
     seed: int,
     policy_name: Optional[str] = None,
     progress: bool = True,
+    eval_points: int = 0,
 ) -> RunResult:
-    """One training run; with ``policy_name`` it runs under a ``SmartFreezer``."""
+    """One training run; with ``policy_name`` it runs under a ``SmartFreezer``. With
+    ``eval_points`` > 0, test accuracy is also measured that many times along the run (for
+    ``--plot``; the evaluation time is left out of the run's wall time)."""
     from tqdm.auto import tqdm
 
     x_train, y_train, x_test, y_test = data
@@ -167,6 +172,10 @@ def train(
 
     order = torch.Generator().manual_seed(seed)  # the same batches, in the same order, per run
     step_ms: Dict[int, List[float]] = {}
+    every_step: List[float] = []
+    curve: List[Tuple[int, float]] = []
+    eval_every = max(1, total_steps // eval_points) if eval_points > 0 else 0
+    eval_seconds = 0.0
     loss_value = float("nan")
     bar = tqdm(total=total_steps, desc=f"{name:>15}", unit="step", disable=not progress,
                leave=True, dynamic_ncols=True, file=sys.stderr)
@@ -186,6 +195,11 @@ def train(
             if freezer is not None:
                 freezer.step()
             step_ms.setdefault(frozen, []).append((time.perf_counter() - t0) * 1e3)
+            every_step.append(step_ms[frozen][-1])
+            if eval_every and len(every_step) % eval_every == 0:
+                t_eval = time.perf_counter()
+                curve.append((len(every_step), evaluate(model, x_test, y_test)))
+                eval_seconds += time.perf_counter() - t_eval
             if b % 10 == 0:
                 loss_value = loss.item()
                 postfix = {"loss": f"{loss_value:.3f}"}
@@ -193,11 +207,11 @@ def train(
                     postfix["frozen"] = freezer.num_frozen
                 bar.set_postfix(postfix, refresh=False)
             bar.update(1)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start - eval_seconds
     bar.close()
     loss_value = loss.item()
     accuracy = evaluate(model, x_test, y_test)
-    return RunResult(name, seconds, accuracy, loss_value, total_steps, step_ms, freezer)
+    return RunResult(name, seconds, accuracy, loss_value, total_steps, step_ms, freezer, every_step, curve)
 
 
 def _warm_up(make_model, init_state, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
@@ -260,6 +274,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="torch.set_num_threads (default: torch's choice, usually the core count)")
     p.add_argument("--quick", action="store_true", help="a tiny run of a few seconds (for tests)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--plot", metavar="PNG", default=None,
+                   help="write a PNG of the freeze timeline, step time and test accuracy over "
+                        "training (needs matplotlib: pip install smartfrz_fast[plot])")
     args = p.parse_args(argv)
     quick = args.quick
     defaults = {"epochs": (3, 2), "batch_size": (128, 64), "samples": (16000, 1024), "image_size": (16, 12)}
@@ -311,8 +328,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print()
 
     _warm_up(make_model, init_state, x_train[:args.batch_size], y_train[:args.batch_size], args.lr)
+    if args.plot:
+        from .plot import require_matplotlib
+
+        try:
+            require_matplotlib()
+        except ImportError as exc:
+            print(f"--plot: {exc}", file=sys.stderr)
+            return 2
     common = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, eval_points=20 if args.plot else 0)
     full = train("full training", init_state, make_model, data, **common)
     frozen = train(f"with {args.policy}", init_state, make_model, data, policy_name=args.policy, **common)
     freezer = frozen.freezer
@@ -333,6 +358,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print()
     print("Step time by frozen prefix (run with freezing)")
     print("\n".join(_step_time_table(frozen, freezer)))
+    if args.plot:
+        from .plot import Curve, plot_training
+
+        plot_training(args.plot, [Curve(r.name, r.step_ms, r.accuracy_curve) for r in (full, frozen)],
+                      freezer.timeline, len(freezer.units),
+                      title=f"smartfrz_fast demo: {args.policy}, {args.epochs} epochs x "
+                            f"{total_steps // args.epochs} steps of batch {args.batch_size}, "
+                            f"{torch.get_num_threads()} CPU thread(s)")
+        print(f"\nplot written to {args.plot}")
     if args.quick:
         print()
         print("(--quick: a tiny smoke-test run; accuracy and timings are not meaningful)")

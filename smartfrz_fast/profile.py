@@ -1,0 +1,857 @@
+"""Where a training step's time goes, per freezable unit, and what freezing saves.
+
+    python -m smartfrz_fast.profile                       # the demo's CNN on the embedded digits
+    python -m smartfrz_fast.profile --model pkg.mod:make_net --input-shape 3,32,32 --batch-size 256
+
+Measured on a *copy* of the model (the user's weights, gradients and BatchNorm statistics are
+left untouched), with the engine's own unit discovery (``units.discover_units``):
+
+1. **Per unit**: forward and backward time of every unit, and the bytes it saves for backward.
+   Forward boundaries are forward pre-hooks on each unit's first module; backward boundaries are
+   gradient hooks on each unit's input (they fire once the backward of that unit and of
+   everything after it is done). Time between boundaries belongs to the unit that precedes it
+   in forward order (activations, pooling, the loss go to the unit before them), as in
+   ``discover_units``'s FLOP count. Timers: ``time.perf_counter`` on the CPU, CUDA events on a
+   GPU; ``repeats`` steps after ``warmup``, median.
+2. **Ceiling**: the step time measured with the first n units frozen by the engine's own freeze
+   action (``SmartFreezer.freeze_to``), for each n, against an unfrozen copy whose steps are
+   interleaved with it (so drift of a shared machine hits both alike), beside the estimate
+   that sums the prefix's per-unit backward times and its share of the optimizer step.
+3. **Overhead**: host time of ``freezer.step()`` per step for each policy, and of the gradient
+   norm hook AutoFreeze adds to ``optimizer.step()``; each run's time saved, measured and
+   predicted from the ceiling (time-weighted over its freeze timeline, ``achieved_saving``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .engine import FreezeEvent, SmartFreezer
+from .policy.base import FreezePolicy
+from .units import Unit, discover_units
+
+LossFn = Callable[[Any], Tensor]
+OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
+POLICY_NAMES = ("freezeout", "autofreeze", "linear", "static", "smartfrz")
+
+
+# ---------------------------------------------------------------------------------- helpers
+class _Clock:
+    """perf_counter on the CPU; CUDA events (read after one synchronize) on a GPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def ms(self, start, end) -> float:
+        return start.elapsed_time(end) if self.cuda else (end - start) * 1e3
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+
+def default_loss(output: Any) -> Tensor:
+    """Cross-entropy for ``[batch, classes]`` logits (labels ``arange(batch) % classes``, no
+    RNG used), mean square otherwise; for tuples, dicts and HF outputs, the first tensor."""
+    out = _first_tensor(output)
+    if out is None:
+        raise TypeError(f"the model returned no tensor ({type(output).__name__}); pass loss_fn=...")
+    if out.is_floating_point() and out.dim() == 2 and out.shape[1] > 1:
+        labels = torch.arange(out.shape[0], device=out.device) % out.shape[1]
+        return F.cross_entropy(out.float(), labels)
+    return out.float().square().mean()
+
+
+def _first_tensor(value: Any) -> Optional[Tensor]:
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _sgd(params) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.01, momentum=0.9)
+
+
+def _as_args(inputs: Any) -> Tuple[Any, ...]:
+    return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def _median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _train_step(model, args, kwargs, loss_fn, optimizer) -> None:
+    loss_fn(model(*args, **kwargs)).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor))
+
+
+def _storage_key(t: Tensor) -> Optional[Tuple[int, int]]:
+    try:
+        storage = t.untyped_storage()
+        return storage.data_ptr(), storage.nbytes()
+    except Exception:  # tensors without storage (subclasses, sparse): not counted
+        return None
+
+
+class _SavedBytes:
+    """Bytes of the distinct storages autograd saves for backward (parameters excluded),
+    attributed to the unit running when each is first saved."""
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        self.param_ptrs = {p.untyped_storage().data_ptr() for p in params}
+        self.seen: set = set()
+        self.current = 0
+        self.by_unit: Dict[int, int] = {}
+
+    def pack(self, t: Tensor) -> Tensor:
+        key = _storage_key(t)
+        if key is not None and key[0] not in self.param_ptrs and key not in self.seen:
+            self.seen.add(key)
+            self.by_unit[self.current] = self.by_unit.get(self.current, 0) + key[1]
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_unit.values())
+
+
+def _saved_activation_bytes(model, args, kwargs, loss_fn) -> int:
+    """Bytes saved for backward by one forward pass of ``model`` (its frozen prefix saves none)."""
+    counter = _SavedBytes(list(model.parameters()))
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+        loss = loss_fn(model(*args, **kwargs))
+    del loss
+    return counter.total
+
+
+# ---------------------------------------------------------------------------------- per unit
+@dataclass
+class UnitProfile:
+    index: int
+    name: str
+    num_params: int
+    forward_flops: int
+    forward_ms: float  # median over the timed steps
+    backward_ms: float
+    activation_bytes: int  # saved for backward during this unit's forward span
+    param_bytes: int
+    grad_bytes: int  # gradients of its parameters (freed by freezing)
+    optimizer_state_bytes: int  # freed by freezing
+    backward_merged: bool = False  # its input needs no grad: its backward time is in the unit before
+
+
+@dataclass
+class StepBreakdown:
+    step_ms: float
+    forward_ms: float
+    backward_ms: float
+    optimizer_ms: float
+    repeats: int
+
+
+class _UnitTimer:
+    """Forward pre-hooks on each unit's first module mark the forward boundaries and put a
+    gradient hook on the unit's input, which marks its backward boundary."""
+
+    def __init__(self, units: Sequence[Unit], clock: _Clock, counter: Optional[_SavedBytes] = None):
+        self.clock = clock
+        self.counter = counter
+        self.handles = [u.modules[0].register_forward_pre_hook(partial(self._enter, u.index), with_kwargs=True)
+                        for u in units]
+        self.reset()
+
+    def reset(self) -> None:
+        self.forward: Dict[int, Any] = {}
+        self.backward: Dict[int, Any] = {}
+
+    def _enter(self, index: int, module, args, kwargs) -> None:
+        if index in self.forward:  # a module called again later in the pass: first call counts
+            return
+        self.forward[index] = self.clock.mark()
+        if self.counter is not None:
+            self.counter.current = index
+        if index > 0 and torch.is_grad_enabled():
+            x = _first_grad_tensor(list(args) + list(kwargs.values()))
+            if x is not None:
+                x.register_hook(partial(self._grad_ready, index))
+
+    def _grad_ready(self, index: int, grad) -> None:
+        self.backward.setdefault(index, self.clock.mark())
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _first_grad_tensor(args) -> Optional[Tensor]:
+    for a in args:
+        if isinstance(a, Tensor) and a.requires_grad:
+            return a
+        if isinstance(a, (list, tuple)):
+            found = _first_grad_tensor(a)
+            if found is not None:
+                return found
+    return None
+
+
+def profile_units(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    kwargs: Optional[Dict[str, Any]] = None,
+    loss_fn: LossFn = default_loss,
+    optimizer_factory: OptimizerFactory = _sgd,
+    repeats: int = 20,
+    warmup: int = 3,
+) -> Tuple[List[UnitProfile], StepBreakdown]:
+    """Per-unit forward/backward time (median of ``repeats`` steps) and memory, on a copy."""
+    _check_counts(repeats, warmup)
+    work = copy.deepcopy(model).train()
+    args, kwargs = _as_args(inputs), dict(kwargs or {})
+    optimizer = optimizer_factory(work.parameters())
+    units = discover_units(work, args, kwargs).units
+    clock = _Clock(_device_of(work))
+    n = len(units)
+
+    timer = _UnitTimer(units, clock)
+    fwd: List[List[float]] = [[] for _ in range(n)]
+    bwd: List[List[float]] = [[] for _ in range(n)]
+    merged = [False] * n
+    parts: Dict[str, List[float]] = {"step": [], "forward": [], "backward": [], "optimizer": []}
+    try:
+        for i in range(warmup + repeats):
+            timer.reset()
+            t0 = clock.mark()
+            loss = loss_fn(work(*args, **kwargs))
+            t1 = clock.mark()
+            loss.backward()
+            t2 = clock.mark()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            t3 = clock.mark()
+            clock.sync()
+            if i < warmup:
+                continue
+            for name, a, b in (("step", t0, t3), ("forward", t0, t1), ("backward", t1, t2), ("optimizer", t2, t3)):
+                parts[name].append(clock.ms(a, b))
+            starts = [timer.forward.get(u, None) for u in range(n)]
+            starts[0] = t0
+            ends = starts[1:] + [t1]
+            # backward boundary of unit u: its input's gradient is ready (unit 0: backward ends)
+            bounds: List[Any] = [t2] + [timer.backward.get(u) for u in range(1, n)] + [t1]
+            for u in range(n - 1, 0, -1):
+                if bounds[u] is None:
+                    bounds[u], merged[u] = bounds[u + 1], True
+            for u in range(n):
+                if starts[u] is not None and ends[u] is not None:
+                    fwd[u].append(clock.ms(starts[u], ends[u]))
+                bwd[u].append(clock.ms(bounds[u + 1], bounds[u]))
+        # memory: one untimed pass counting saved tensors per unit, then the optimizer state
+        counter = _SavedBytes(list(work.parameters()))
+        timer.counter = counter
+        timer.reset()
+        with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+            loss = loss_fn(work(*args, **kwargs))
+        del loss
+    finally:
+        timer.remove()
+    rows = []
+    for u in units:
+        state = [v for p in u.parameters for v in optimizer.state.get(p, {}).values()]
+        pbytes = _tensor_bytes(u.parameters)
+        rows.append(UnitProfile(
+            index=u.index, name=u.name, num_params=u.num_params, forward_flops=u.forward_flops,
+            forward_ms=_median(fwd[u.index]), backward_ms=_median(bwd[u.index]),
+            activation_bytes=counter.by_unit.get(u.index, 0), param_bytes=pbytes, grad_bytes=pbytes,
+            optimizer_state_bytes=_tensor_bytes(state), backward_merged=merged[u.index],
+        ))
+    breakdown = StepBreakdown(_median(parts["step"]), _median(parts["forward"]), _median(parts["backward"]),
+                              _median(parts["optimizer"]), repeats)
+    return rows, breakdown
+
+
+def _check_counts(repeats: int, warmup: int) -> None:
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+
+
+# ---------------------------------------------------------------------------------- ceiling
+@dataclass
+class PrefixRow:
+    num_frozen: int
+    last_frozen: str  # name of the last frozen unit ("-" for none)
+    step_ms: float  # median step time with the prefix frozen
+    full_ms: float  # median step time of the interleaved unfrozen copy
+    estimated_saved_ms: float  # sum of the prefix's per-unit backward + its optimizer share
+    activation_bytes: int  # saved for backward by the whole step with this prefix frozen
+    peak_bytes: Optional[int] = None  # CUDA only: peak allocated memory during the step
+    ratio: float = 1.0  # median over paired steps of (frozen step / unfrozen step): drift-robust
+
+    @property
+    def saved_ms(self) -> float:
+        return self.full_ms * (1.0 - self.ratio)
+
+    @property
+    def saved_fraction(self) -> float:
+        return 1.0 - self.ratio
+
+
+def profile_prefixes(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    kwargs: Optional[Dict[str, Any]] = None,
+    loss_fn: LossFn = default_loss,
+    optimizer_factory: OptimizerFactory = _sgd,
+    units: Optional[Sequence[UnitProfile]] = None,
+    optimizer_ms: float = 0.0,
+    keep_trainable: int = 1,
+    repeats: int = 20,
+    warmup: int = 3,
+) -> List[PrefixRow]:
+    """Step time with the first n units frozen (by ``SmartFreezer.freeze_to``), for every n
+    the engine allows, each against an unfrozen copy stepped alternately with it."""
+    _check_counts(repeats, warmup)
+    from .policy import StaticFreeze
+
+    args, kwargs = _as_args(inputs), dict(kwargs or {})
+    ref = copy.deepcopy(model).train()
+    ref_opt = optimizer_factory(ref.parameters())
+    work = copy.deepcopy(model).train()
+    opt = optimizer_factory(work.parameters())
+    # the policy is never consulted (no freezer.step()): freeze_to does the freezing
+    freezer = SmartFreezer(work, opt, policy=StaticFreeze(0), example_inputs=args, example_kwargs=kwargs,
+                           keep_trainable=keep_trainable)
+    device = _device_of(work)
+    clock = _Clock(device)
+    total_params = sum(u.num_params for u in freezer.units) or 1
+    rows: List[PrefixRow] = []
+    try:
+        for target in range(freezer.max_frozen + 1):
+            n = freezer.freeze_to(target)
+            if rows and n == rows[-1].num_frozen:
+                continue  # a cut the engine does not allow (shared parameters)
+            activations = _saved_activation_bytes(work, args, kwargs, loss_fn)
+            if clock.cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            marks = []
+            for i in range(warmup + repeats):
+                a = clock.mark()
+                _train_step(ref, args, kwargs, loss_fn, ref_opt)
+                b = clock.mark()
+                _train_step(work, args, kwargs, loss_fn, opt)
+                c = clock.mark()
+                if i >= warmup:
+                    marks.append((a, b, c))
+            clock.sync()
+            estimate = 0.0
+            if units is not None:
+                prefix = units[:n]
+                estimate = sum(u.backward_ms for u in prefix) + optimizer_ms * sum(u.num_params for u in prefix) / total_params
+            rows.append(PrefixRow(
+                num_frozen=n, last_frozen=freezer.units[n - 1].name if n else "-",
+                step_ms=_median([clock.ms(b, c) for _, b, c in marks]),
+                full_ms=_median([clock.ms(a, b) for a, b, _ in marks]),
+                ratio=_median([clock.ms(b, c) / max(clock.ms(a, b), 1e-9) for a, b, c in marks]),
+                estimated_saved_ms=estimate, activation_bytes=activations,
+                peak_bytes=torch.cuda.max_memory_allocated(device) if clock.cuda else None,
+            ))
+    finally:
+        freezer.close()
+    return rows
+
+
+# ---------------------------------------------------------------------------------- run saving
+@dataclass
+class RunSaving:
+    steps: int
+    full_ms: float  # the run's predicted time with nothing frozen
+    run_ms: float  # predicted time with the run's freeze timeline
+    steps_by_frozen: Dict[int, int]
+
+    @property
+    def saved_fraction(self) -> float:
+        return 1.0 - self.run_ms / self.full_ms if self.full_ms > 0 else 0.0
+
+
+def achieved_saving(
+    timeline: Union[SmartFreezer, Sequence[FreezeEvent]],
+    step_ms: Union[Sequence[PrefixRow], Mapping[int, float]],
+    total_steps: Optional[int] = None,
+) -> RunSaving:
+    """Time-weighted saving of a run: each step costs the measured step time of the prefix
+    frozen during it (a freeze recorded at step s first saves in step s + 1, as in
+    ``SmartFreezer.training_flops_saved``). ``step_ms``: ``profile_prefixes`` rows (each n
+    costs its paired ratio to the unfrozen step, times the median unfrozen step) or a mapping
+    {frozen units: ms}; an unmeasured n uses the nearest measured n below it."""
+    if isinstance(timeline, SmartFreezer):
+        total_steps = timeline.step_count if total_steps is None else total_steps
+        timeline = timeline.timeline
+    if total_steps is None or total_steps < 0:
+        raise ValueError("achieved_saving needs total_steps (>= 0) when given a list of events")
+    if isinstance(step_ms, Mapping):
+        table = dict(step_ms)
+    else:
+        full = _median([r.full_ms for r in step_ms])
+        table = {r.num_frozen: full * (r.ratio if r.num_frozen else 1.0) for r in step_ms}
+    if 0 not in table:
+        raise ValueError("step_ms must include the step time with nothing frozen (key 0)")
+
+    def cost(n: int) -> float:
+        return table[max(k for k in table if k <= n)]
+
+    counts: Dict[int, int] = {}
+    level, since = 0, 0
+    for event in timeline:
+        at = min(event.step, total_steps)
+        counts[level] = counts.get(level, 0) + max(0, at - since)
+        level, since = event.num_frozen, max(since, at)
+    counts[level] = counts.get(level, 0) + max(0, total_steps - since)
+    counts = {k: v for k, v in counts.items() if v}
+    return RunSaving(total_steps, cost(0) * total_steps, sum(cost(k) * v for k, v in counts.items()), counts)
+
+
+# ---------------------------------------------------------------------------------- overhead
+class _TimingOnly(FreezePolicy):
+    """Runs a policy's work every step but discards its decisions: for timing a policy whose
+    decisions must not be used (SmartFRZ with untrained predictor weights)."""
+
+    def __init__(self, inner: FreezePolicy) -> None:
+        super().__init__()
+        self.inner = inner
+        self.name = inner.name
+        self.needs_history, self.needs_gradients = inner.needs_history, inner.needs_gradients
+
+    def bind(self, context) -> None:
+        super().bind(context)
+        self.inner.bind(context)
+
+    def decide(self, step, frozen):
+        self.inner.decide(step, frozen)
+        return None
+
+    def observe_gradients(self, step, norms) -> None:
+        self.inner.observe_gradients(step, norms)
+
+    def describe(self) -> str:
+        return f"{self.inner.describe()} [timing only]"
+
+
+def make_policy(name: str, total_steps: int, num_freezable: int, smartfrz_weights: Optional[str] = None) -> FreezePolicy:
+    """The demo's setting of each policy. ``smartfrz`` without weights: an untrained predictor
+    (saved to a temporary file and loaded through the normal checks), decisions discarded."""
+    if name != "smartfrz":
+        from .demo import build_policy
+
+        return build_policy(name, total_steps, num_freezable)
+    from .policy import SmartFRZ
+
+    if smartfrz_weights is not None:
+        return SmartFRZ(weights=smartfrz_weights)
+    from .predictor.model import AttentionPredictor, save_predictor
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "untrained.pt")
+        save_predictor(AttentionPredictor(), path, {"purpose": "timing only; untrained"})
+        return _TimingOnly(SmartFRZ(weights=path))
+
+
+@dataclass
+class OverheadRow:
+    policy: str
+    steps: int
+    step_us_median: float  # host time of freezer.step()
+    step_us_mean: float
+    step_us_max: float
+    hook_us_median: Optional[float]  # grad-norm hook inside optimizer.step() (gradient policies)
+    train_step_ms: float  # median training step (forward, backward, optimizer) of this run
+    run_ms: float  # the whole run, freezer.step() included
+    num_frozen: int  # at the end of the run
+    timeline: List[FreezeEvent] = field(default_factory=list)
+    flops_saved: float = 0.0  # the engine's estimate for the run
+    timing_only: bool = False
+    device_us_median: Optional[float] = None  # CUDA: device time of freezer.step()
+
+
+def profile_overhead(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    kwargs: Optional[Dict[str, Any]] = None,
+    policies: Sequence[str] = POLICY_NAMES,
+    loss_fn: LossFn = default_loss,
+    optimizer_factory: OptimizerFactory = _sgd,
+    steps: int = 60,
+    warmup: int = 3,
+    smartfrz_weights: Optional[str] = None,
+) -> Tuple[OverheadRow, List[OverheadRow]]:
+    """Train a fresh copy for ``steps`` steps without a freezer, then under each policy (with
+    ``total_steps=steps``, so schedules run their course), timing ``freezer.step()``."""
+    _check_counts(steps, warmup)
+    unknown = [p for p in policies if p not in POLICY_NAMES]
+    if unknown:
+        raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICY_NAMES)}")
+    args, kwargs = _as_args(inputs), dict(kwargs or {})
+    num_units = len(discover_units(copy.deepcopy(model), args, kwargs).units)
+    baseline = _overhead_run(model, args, kwargs, None, loss_fn, optimizer_factory, steps, warmup)
+    rows = []
+    for name in policies:
+        policy = make_policy(name, steps, max(1, num_units - 1), smartfrz_weights)
+        rows.append(_overhead_run(model, args, kwargs, policy, loss_fn, optimizer_factory, steps, warmup))
+    return baseline, rows
+
+
+def _overhead_run(model, args, kwargs, policy, loss_fn, optimizer_factory, steps, warmup) -> OverheadRow:
+    work = copy.deepcopy(model).train()
+    opt = optimizer_factory(work.parameters())
+    for _ in range(warmup):  # before the freezer exists: one-time set-up costs stay out of the run
+        _train_step(work, args, kwargs, loss_fn, opt)
+    clock = _Clock(_device_of(work))
+    hook_marks: List[float] = []
+    handles = [opt.register_step_pre_hook(lambda o, a, k: hook_marks.append(time.perf_counter()))]
+    freezer = None
+    if policy is not None:
+        freezer = SmartFreezer(work, opt, policy=policy, example_inputs=args, example_kwargs=kwargs,
+                               total_steps=steps)
+    # registered after the freezer's own pre-hook, so the two marks bracket it
+    handles.append(opt.register_step_pre_hook(lambda o, a, k: hook_marks.append(time.perf_counter())))
+    host, device, train, hooks = [], [], [], []
+    start = time.perf_counter()
+    for _ in range(steps):
+        hook_marks.clear()
+        a = clock.mark()
+        _train_step(work, args, kwargs, loss_fn, opt)
+        b = clock.mark()
+        if len(hook_marks) == 2:
+            hooks.append((hook_marks[1] - hook_marks[0]) * 1e6)
+        if freezer is not None:
+            h0 = time.perf_counter()
+            freezer.step()
+            host.append((time.perf_counter() - h0) * 1e6)
+        c = clock.mark()
+        clock.sync()
+        train.append(clock.ms(a, b))
+        if freezer is not None and clock.cuda:
+            device.append(clock.ms(b, c) * 1e3)
+    run_ms = (time.perf_counter() - start) * 1e3
+    for h in handles:
+        h.remove()
+    row = OverheadRow(
+        policy=policy.name if policy is not None else "none", steps=steps,
+        step_us_median=_median(host), step_us_mean=statistics.fmean(host) if host else float("nan"),
+        step_us_max=max(host) if host else float("nan"),
+        hook_us_median=_median(hooks) if freezer is not None and freezer.policy.needs_gradients else None,
+        train_step_ms=_median(train), run_ms=run_ms,
+        num_frozen=freezer.num_frozen if freezer is not None else 0,
+        timeline=list(freezer.timeline) if freezer is not None else [],
+        flops_saved=freezer.training_flops_saved() if freezer is not None else 0.0,
+        timing_only=isinstance(policy, _TimingOnly),
+        device_us_median=_median(device) if device else None,
+    )
+    if freezer is not None:
+        freezer.close()
+    return row
+
+
+# ---------------------------------------------------------------------------------- report
+@dataclass
+class Profile:
+    """Everything ``profile_model`` measured, and ``format()`` for the printed tables."""
+
+    title: str
+    units: List[UnitProfile]
+    breakdown: StepBreakdown
+    prefixes: List[PrefixRow]
+    baseline: Optional[OverheadRow] = None
+    overheads: List[OverheadRow] = field(default_factory=list)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    def format(self) -> str:
+        return "\n".join(_format_profile(self))
+
+
+def profile_model(
+    model: nn.Module,
+    inputs: Any,
+    *,
+    kwargs: Optional[Dict[str, Any]] = None,
+    loss_fn: LossFn = default_loss,
+    optimizer_factory: OptimizerFactory = _sgd,
+    repeats: int = 20,
+    warmup: int = 3,
+    keep_trainable: int = 1,
+    policies: Sequence[str] = POLICY_NAMES,
+    overhead_steps: int = 60,
+    smartfrz_weights: Optional[str] = None,
+    title: Optional[str] = None,
+) -> Profile:
+    """Per-unit profile, freezing ceiling and per-policy engine overhead (``policies=()`` skips
+    the overhead runs). The model itself is not modified: every measurement runs on copies."""
+    common = dict(kwargs=kwargs, loss_fn=loss_fn, optimizer_factory=optimizer_factory)
+    units, breakdown = profile_units(model, inputs, repeats=repeats, warmup=warmup, **common)
+    prefixes = profile_prefixes(model, inputs, units=units, optimizer_ms=breakdown.optimizer_ms,
+                                keep_trainable=keep_trainable, repeats=repeats, warmup=warmup, **common)
+    baseline, overheads = None, []
+    if policies:
+        baseline, overheads = profile_overhead(model, inputs, policies=policies, steps=overhead_steps,
+                                               warmup=warmup, smartfrz_weights=smartfrz_weights, **common)
+    return Profile(title or type(model).__name__, units, breakdown, prefixes, baseline, overheads)
+
+
+def _mb(n: Optional[int]) -> str:
+    return "-" if n is None else f"{n / 2**20:.2f}"
+
+
+def _short(name: str, width: int) -> str:
+    return name if len(name) <= width else name[: width - 2] + ".."
+
+
+def _format_profile(p: Profile) -> List[str]:
+    b = p.breakdown
+    w = max([12] + [min(28, len(u.name)) for u in p.units])
+    out = [p.title, "",
+           f"Training step: {b.step_ms:.2f} ms (median of {b.repeats}): forward {b.forward_ms:.2f}, "
+           f"backward {b.backward_ms:.2f}, optimizer step {b.optimizer_ms:.2f}", "",
+           "Per unit (median ms; activ. = bytes saved for backward; grad+opt = gradient and optimizer "
+           "state freed by freezing it)",
+           f"  {'#':>3} {'unit':<{w}} {'params':>9} {'fwd MFLOP':>10} {'fwd ms':>8} {'bwd ms':>8} "
+           f"{'activ. MB':>9} {'grad+opt MB':>11}"]
+    for u in p.units:
+        bwd = f"{u.backward_ms:8.2f}" if not u.backward_merged else f"{'(in ' + str(u.index - 1) + ')':>8}"
+        out.append(f"  {u.index:>3} {_short(u.name, w):<{w}} {u.num_params:>9,} {u.forward_flops / 1e6:>10.1f} "
+                   f"{u.forward_ms:>8.2f} {bwd} {_mb(u.activation_bytes):>9} "
+                   f"{_mb(u.grad_bytes + u.optimizer_state_bytes):>11}")
+    fsum, bsum = sum(u.forward_ms for u in p.units), sum(u.backward_ms for u in p.units)
+    out.append(f"  {'':>3} {'sum':<{w}} {'':>9} {'':>10} {fsum:>8.2f} {bsum:>8.2f}")
+    out += ["", "Ceiling: first n units frozen, measured against an unfrozen copy stepped alternately (saved: "
+                "median of the paired step ratios; row 0 is the noise floor); est. = sum of their bwd ms "
+                "+ optimizer share",
+            f"  {'n':>3} {'last frozen':<{w}} {'step ms':>8} {'full ms':>8} {'saved ms':>9} {'saved':>6} "
+            f"{'est. saved ms':>13} {'activ. MB':>9}" + (f" {'peak MB':>8}" if p.prefixes and p.prefixes[0].peak_bytes is not None else "")]
+    for r in p.prefixes:
+        peak = f" {_mb(r.peak_bytes):>8}" if r.peak_bytes is not None else ""
+        out.append(f"  {r.num_frozen:>3} {_short(r.last_frozen, w):<{w}} {r.step_ms:>8.2f} {r.full_ms:>8.2f} "
+                   f"{r.saved_ms:>9.2f} {r.saved_fraction:>6.1%} {r.estimated_saved_ms:>13.2f} "
+                   f"{_mb(r.activation_bytes):>9}{peak}")
+    if p.overheads:
+        base = p.baseline
+        steps = p.overheads[0].steps
+        out += ["", f"Engine overhead and time saved per policy ({steps}-step runs, total_steps={steps}; "
+                    f"freezer.step() host time in us; run saved: measured vs the run without freezer, "
+                    f"ceiling: time-weighted from the table above)",
+                f"  {'policy':<11} {'median us':>9} {'mean us':>8} {'max us':>8} {'hook us':>7} "
+                f"{'% of step':>9} {'frozen':>6} {'run saved':>9} {'ceiling':>7} {'FLOPs':>6}"]
+        if base is not None:
+            out.append(f"  {'none':<11} {'-':>9} {'-':>8} {'-':>8} {'-':>7} {'-':>9} {0:>6} "
+                       f"{'-':>9} {'-':>7} {'-':>6}   (median step {base.train_step_ms:.2f} ms, run {base.run_ms / 1e3:.2f} s)")
+        for r in p.overheads:
+            hook = f"{r.hook_us_median:7.1f}" if r.hook_us_median is not None else f"{'-':>7}"
+            share = (r.step_us_median + (r.hook_us_median or 0.0)) / 1e3 / r.train_step_ms
+            if r.timing_only:
+                saved, ceiling, flops = "-", "-", "-"
+            else:
+                saved = f"{1 - r.run_ms / base.run_ms:.1%}" if base is not None else "-"
+                ceiling = f"{achieved_saving(r.timeline, p.prefixes, r.steps).saved_fraction:.1%}" if p.prefixes else "-"
+                flops = f"{r.flops_saved:.1%}"
+            name = r.policy + ("*" if r.timing_only else "")
+            out.append(f"  {name:<11} {r.step_us_median:>9.1f} {r.step_us_mean:>8.1f} {r.step_us_max:>8.1f} {hook} "
+                       f"{share:>9.2%} {r.num_frozen:>6} {saved:>9} {ceiling:>7} {flops:>6}")
+        if any(r.timing_only for r in p.overheads):
+            out.append("  * untrained predictor, decisions discarded: timing of its work only "
+                       "(pass --smartfrz-weights for a real run)")
+        if any(r.device_us_median is not None for r in p.overheads):
+            out.append("  device time of freezer.step() (CUDA events, median us): " + ", ".join(
+                f"{r.policy} {r.device_us_median:.1f}" for r in p.overheads if r.device_us_median is not None))
+    return out
+
+
+# ---------------------------------------------------------------------------------- CLI
+def _load_factory(spec: str) -> Callable[[], nn.Module]:
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"--model must look like 'package.module:factory', got {spec!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like `python -m`: modules in the current folder import
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"--model {spec}: cannot import {module_name!r} ({exc}); run from the folder "
+                         "that holds it or add it to PYTHONPATH") from exc
+    factory = module
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            raise ValueError(f"--model {spec}: module {module_name!r} has no attribute {attr!r}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise ValueError(f"--model {spec}: {attr!r} is not callable (give a class or a function "
+                         "that returns an nn.Module)")
+    return factory
+
+
+def _parse_shape(text: str) -> Tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
+    except ValueError:
+        shape = ()
+    if not shape or any(s < 1 for s in shape):
+        raise ValueError(f"--input-shape must be positive integers like 3,32,32 (one sample, no batch "
+                         f"dimension), got {text!r}")
+    return shape
+
+
+OPTIMIZERS = {
+    "sgd": _sgd,
+    "adam": lambda params: torch.optim.Adam(params, lr=1e-3),
+    "adamw": lambda params: torch.optim.AdamW(params, lr=1e-3),
+}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m smartfrz_fast.profile",
+        description="Profile a model's training step per freezable unit, measure what freezing "
+                    "each prefix saves, and the freezing engine's own overhead per policy. "
+                    "Without --model: the demo's CNN on a batch of the embedded digits.")
+    p.add_argument("--model", help="module:factory returning the nn.Module (e.g. mypkg.nets:resnet18)")
+    p.add_argument("--input-shape", help="shape of ONE input sample, e.g. 3,32,32 (required with --model)")
+    p.add_argument("--input-dtype", choices=("float32", "float16", "bfloat16", "int64"), default="float32")
+    p.add_argument("--input-high", type=int, default=1000, help="int64 inputs are drawn from [0, this) (token ids)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default 128; quick: 32)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd")
+    p.add_argument("--repeats", type=int, default=None, help="timed steps per measurement (default 10; quick: 3)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2; quick: 1)")
+    p.add_argument("--keep-trainable", type=int, default=1, help="last units never frozen (default 1)")
+    p.add_argument("--policies", default=",".join(POLICY_NAMES),
+                   help=f"comma list for the overhead runs, or 'none' (default: {','.join(POLICY_NAMES)})")
+    p.add_argument("--overhead-steps", type=int, default=None, help="steps per policy run (default 40; quick: 35)")
+    p.add_argument("--smartfrz-weights", default=None, help="trained SmartFRZ predictor weights for its run")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write every number to this JSON file")
+    p.add_argument("--quick", action="store_true", help="tiny settings, for smoke tests (numbers not meaningful)")
+    args = p.parse_args(argv)
+    for key, (full, quick) in {"batch_size": (128, 32), "repeats": (10, 3), "warmup": (2, 1),
+                               "overhead_steps": (40, 35)}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, quick if args.quick else full)
+    for key in ("batch_size", "repeats", "overhead_steps"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be at least 1")
+    if args.warmup < 0 or args.keep_trainable < 0:
+        p.error("--warmup and --keep-trainable must be >= 0")
+    if args.model and not args.input_shape:
+        p.error("--model needs --input-shape (one sample's shape, e.g. 3,32,32)")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be at least 1")
+    return args
+
+
+def _demo_batch(batch_size: int, seed: int, quick: bool):
+    from .data import load_digits_dataset
+    from .demo import DEFAULT_BLOCKS, QUICK_BLOCKS, DigitNet
+
+    size = 12 if quick else 16
+    x, _, _, _ = load_digits_dataset(num_samples=batch_size, seed=seed, image_size=size, return_tensors=True)
+    torch.manual_seed(seed)
+    model = DigitNet(QUICK_BLOCKS if quick else DEFAULT_BLOCKS)
+    return model, x[:batch_size], f"demo DigitNet on {batch_size} digits of {size}x{size}"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA GPU is available to this torch; use --device cpu", file=sys.stderr)
+        return 2
+    policies = [] if args.policies.strip().lower() == "none" else [s.strip() for s in args.policies.split(",") if s.strip()]
+    bad = [s for s in policies if s not in POLICY_NAMES]
+    if bad:
+        print(f"--policies: unknown {bad}; choose from {', '.join(POLICY_NAMES)} or 'none'", file=sys.stderr)
+        return 2
+    try:
+        if args.model:
+            factory = _load_factory(args.model)
+            shape = _parse_shape(args.input_shape)
+            torch.manual_seed(args.seed)
+            model = factory()
+            if not isinstance(model, nn.Module):
+                raise ValueError(f"--model {args.model} returned {type(model).__name__}, not an nn.Module")
+            dtype = getattr(torch, args.input_dtype)
+            g = torch.Generator().manual_seed(args.seed)
+            if dtype == torch.int64:
+                x = torch.randint(0, args.input_high, (args.batch_size, *shape), generator=g)
+            else:
+                x = torch.randn((args.batch_size, *shape), generator=g).to(dtype)
+            what = f"{args.model} on a random batch {tuple(x.shape)} {args.input_dtype}"
+        else:
+            model, x, what = _demo_batch(args.batch_size, args.seed, args.quick)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    model, x = model.to(device), x.to(device)
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"CPU, {torch.get_num_threads()} thread(s), {os.cpu_count()} cores")
+    title = (f"smartfrz_fast profile: {what}; {where}; torch {torch.__version__}; optimizer {args.optimizer}; "
+             f"{time.strftime('%Y-%m-%d')}")
+    print(title + "\n(measuring...)", file=sys.stderr, flush=True)
+    result = profile_model(model, x, optimizer_factory=OPTIMIZERS[args.optimizer], repeats=args.repeats,
+                           warmup=args.warmup, keep_trainable=args.keep_trainable, policies=policies,
+                           overhead_steps=args.overhead_steps, smartfrz_weights=args.smartfrz_weights,
+                           title=title)
+    print(result.format())
+    if args.quick:
+        print("\n(--quick: tiny settings for smoke tests; the numbers are not meaningful)")
+    if args.json:
+        import json
+
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result.to_dict(), f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""smartfrz_fast.profile (per-unit timing and memory, freezing ceiling, run saving, engine
+overhead), the engine's profiler ranges, the plot and the docs/profiling.md example."""
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from models import SmallCNN
+from smartfrz_fast import SmartFreezer
+from smartfrz_fast.engine import FreezeEvent, _range
+from smartfrz_fast.policy import AutoFreeze, LinearFreeze
+from smartfrz_fast.profile import (
+    PrefixRow,
+    achieved_saving,
+    make_policy,
+    profile_model,
+    profile_overhead,
+    profile_prefixes,
+    profile_units,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+FWD_S, BWD_S = 0.03, 0.06  # the slow unit's forward and backward sleeps
+
+
+class _Sleep(torch.autograd.Function):
+    """Identity whose forward and backward take a known wall time."""
+
+    @staticmethod
+    def forward(ctx, x):
+        time.sleep(FWD_S)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        time.sleep(BWD_S)
+        return grad
+
+
+class SlowMiddle(nn.Module):
+    """Four linear units; unit 1 is followed by a sleep in forward and backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.l0, self.l1, self.l2, self.head = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.l0(x))
+        x = torch.relu(_Sleep.apply(self.l1(x)))
+        x = torch.relu(self.l2(x))
+        return self.head(x)
+
+
+@pytest.fixture
+def one_thread():
+    """Timing tests on one intra-op thread: on a shared 2-core machine, a second thread's
+    barrier waits for a descheduled sibling (tens of ms) and lands on whichever unit runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_unit_times_land_on_the_unit_that_spends_them(fresh_seed, one_thread):
+    units, step = profile_units(SlowMiddle(), torch.randn(8, 6), repeats=3, warmup=1)
+    assert [u.name for u in units] == ["l0", "l1", "l2", "head"]
+    slow = units[1]
+    assert slow.forward_ms >= 0.9 * FWD_S * 1e3 and slow.backward_ms >= 0.9 * BWD_S * 1e3
+    for u in (units[0], units[2], units[3]):  # microseconds of work each, plus scheduling noise
+        assert u.forward_ms < 0.5 * FWD_S * 1e3 and u.backward_ms < 0.5 * BWD_S * 1e3, u
+    assert step.backward_ms >= 0.9 * BWD_S * 1e3 and step.step_ms >= step.forward_ms + step.backward_ms * 0.99
+
+
+def test_activation_bytes_are_what_autograd_saves():
+    m = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+    x = torch.randn(4, 5)
+    units, _ = profile_units(m, x, loss_fn=lambda out: out.sum(), repeats=1, warmup=0)
+    # unit 0 saves its input (for the weight gradient) and the ReLU output; unit 1 saves only
+    # that same ReLU output (counted once) and its weight (a parameter, not an activation)
+    assert [u.activation_bytes for u in units] == [4 * 5 * 4 + 4 * 7 * 4, 0]
+    assert [u.grad_bytes for u in units] == [(5 * 7 + 7) * 4, (7 * 3 + 3) * 4]
+    assert [u.optimizer_state_bytes for u in units] == [(5 * 7 + 7) * 4, (7 * 3 + 3) * 4]  # SGD momentum
+    # with unit 0 frozen, autograd saves nothing for it: only unit 1's input remains
+    rows = profile_prefixes(m, x, loss_fn=lambda out: out.sum(), repeats=1, warmup=0)
+    assert [(r.num_frozen, r.activation_bytes) for r in rows] == [(0, 192), (1, 112)]
+
+
+def test_profiling_leaves_the_model_untouched():
+    model = SmallCNN()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    profile_model(model, torch.randn(8, 1, 8, 8), repeats=1, warmup=0, policies=("static",), overhead_steps=3)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+
+
+def test_ceiling_measures_the_freeze_not_a_sum(fresh_seed, one_thread):
+    units, step = profile_units(SlowMiddle(), torch.randn(8, 6), repeats=3, warmup=1)
+    rows = profile_prefixes(SlowMiddle(), torch.randn(8, 6), units=units, optimizer_ms=step.optimizer_ms,
+                            repeats=3, warmup=1)
+    assert [r.num_frozen for r in rows] == [0, 1, 2, 3]
+    assert [r.last_frozen for r in rows] == ["-", "l0", "l1", "l2"]
+    # the sleep's backward disappears once unit 1 is frozen (its input then needs no grad)
+    assert abs(rows[1].saved_ms) < 0.5 * BWD_S * 1e3
+    for r in rows[2:]:
+        assert r.saved_ms > 0.7 * BWD_S * 1e3 and r.estimated_saved_ms > 0.9 * BWD_S * 1e3
+        assert r.step_ms > 0.9 * FWD_S * 1e3  # the forward sleep still runs
+
+
+def test_achieved_saving_is_time_weighted():
+    events = [FreezeEvent(10, 1, ("a",), 0.1, 0.1), FreezeEvent(20, 3, ("b", "c"), 0.5, 0.5)]
+    r = achieved_saving(events, {0: 10.0, 1: 8.0, 2: 7.0, 3: 5.0}, total_steps=40)
+    assert r.steps_by_frozen == {0: 10, 1: 10, 3: 20}
+    assert r.full_ms == 400.0 and r.run_ms == 10 * 10 + 10 * 8 + 20 * 5
+    assert r.saved_fraction == pytest.approx(0.3)
+    # an unmeasured prefix length costs the nearest measured one below it
+    assert achieved_saving(events, {0: 10.0, 1: 8.0}, total_steps=40).run_ms == 100 + 80 + 160
+    # profile_prefixes rows: each prefix costs its paired ratio times the median unfrozen step
+    rows = [PrefixRow(0, "-", 10.0, 10.0, 0.0, 0), PrefixRow(2, "b", 6.0, 12.0, 0.0, 0, ratio=0.5)]
+    r = achieved_saving(events[1:], rows, total_steps=30)
+    assert r.full_ms == pytest.approx(30 * 11.0) and r.run_ms == pytest.approx(20 * 11.0 + 10 * 5.5)
+    assert rows[1].saved_fraction == 0.5 and rows[1].saved_ms == 6.0
+    with pytest.raises(ValueError, match="key 0"):
+        achieved_saving(events, {1: 8.0}, total_steps=40)
+    with pytest.raises(ValueError, match="total_steps"):
+        achieved_saving(events, {0: 1.0})
+
+
+def test_achieved_saving_matches_the_engines_flop_count():
+    """With step time proportional to a step's remaining FLOPs, the time-weighted saving of a
+    real run is the engine's own training_flops_saved."""
+    from models import batch
+
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, policy=LinearFreeze(freeze_start=0.3), example_inputs=batch(0)[0],
+                           total_steps=30)
+    for s in range(30):
+        x, y = batch(s)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+    assert freezer.num_frozen > 1
+    cost = {n: 1.0 - freezer.frozen_flops_fraction(n) for n in range(len(freezer.units))}
+    assert achieved_saving(freezer, cost).saved_fraction == pytest.approx(freezer.training_flops_saved())
+
+
+@pytest.mark.slow
+def test_overhead_per_policy():
+    base, rows = profile_overhead(SmallCNN(), torch.randn(8, 1, 8, 8), steps=32, warmup=1)
+    assert base.policy == "none" and base.num_frozen == 0
+    by = {r.policy: r for r in rows}
+    assert sorted(by) == sorted(["freezeout", "autofreeze", "linear", "static", "smartfrz"])
+    for r in rows:
+        assert 0 < r.step_us_median <= r.step_us_max and r.train_step_ms > 0
+    assert by["autofreeze"].hook_us_median > 0  # its grad-norm hook inside optimizer.step()
+    assert all(by[p].hook_us_median is None for p in ("freezeout", "linear", "static", "smartfrz"))
+    assert by["static"].num_frozen == 1 and by["linear"].num_frozen > 0
+    assert by["smartfrz"].timing_only and by["smartfrz"].num_frozen == 0
+
+
+@pytest.mark.slow
+def test_untrained_smartfrz_runs_its_predictor_but_never_freezes():
+    from models import batch
+
+    policy = make_policy("smartfrz", 40, 3)
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, policy=policy, example_inputs=batch(0)[0], total_steps=40)
+    for s in range(31):
+        x, y = batch(s)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+    assert policy.inner.last_probabilities is not None  # the predictor ran at step 30
+    assert freezer.num_frozen == 0 and "timing only" in policy.describe()
+
+
+def test_engine_ranges_show_in_the_profiler_and_cost_nothing_without_it():
+    from models import batch
+
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, policy=AutoFreeze(interval=2), example_inputs=batch(0)[0],
+                           total_steps=10)
+    assert type(_range("x")).__name__ == "nullcontext"
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for s in range(3):
+            x, y = batch(s)
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+    names = {e.name for e in prof.events()}
+    assert {"smartfrz::decide", "smartfrz::apply", "smartfrz::grad_norms"} <= names
+    # a history-keeping policy also shows its snapshot
+    policy = make_policy("smartfrz", 10, 3)
+    model2 = SmallCNN()
+    opt2 = torch.optim.SGD(model2.parameters(), lr=0.05)
+    f2 = SmartFreezer(model2, opt2, policy=policy, example_inputs=batch(0)[0], total_steps=10)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        f2.step()
+    assert "smartfrz::snapshot" in {e.name for e in prof.events()}
+
+
+def test_bad_input_errors():
+    with pytest.raises(ValueError, match="repeats"):
+        profile_units(SmallCNN(), torch.randn(2, 1, 8, 8), repeats=0)
+    with pytest.raises(ValueError, match="unknown policies"):
+        profile_overhead(SmallCNN(), torch.randn(2, 1, 8, 8), policies=("smartfzr",))
+
+
+def _run_cli(args, cwd=ROOT, env_extra=None):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "smartfrz_fast.profile", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_cli_builtin_model_no_arguments_quick():
+    r = _run_cli(["--quick", "--threads", "1", "--policies", "static"])
+    assert r.returncode == 0, r.stderr
+    for needle in ("Per unit", "conv1+bn1", "Ceiling", "Engine overhead", "static"):
+        assert needle in r.stdout
+
+
+def test_cli_user_model(tmp_path):
+    (tmp_path / "mynet.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.ReLU(), torch.nn.Linear(12, 12),\n"
+        "                               torch.nn.ReLU(), torch.nn.Linear(12, 4))\n")
+    out = tmp_path / "p.json"
+    r = _run_cli(["--model", "mynet:make", "--input-shape", "6", "--batch-size", "5", "--repeats", "2",
+                  "--warmup", "0", "--policies", "none", "--json", str(out)], cwd=tmp_path,
+                 env_extra={"PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^\s+2 4\s", r.stdout, re.M)  # the third Linear is unit 2
+    import json
+
+    data = json.loads(out.read_text())
+    assert [u["name"] for u in data["units"]] == ["0", "2", "4"] and len(data["prefixes"]) == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "nocolon"], "needs --input-shape"),
+    (["--model", "nocolon", "--input-shape", "3"], "package.module:factory"),
+    (["--model", "no_such_module_x:f", "--input-shape", "3"], "cannot import"),
+    (["--model", "os:getcwd", "--input-shape", "0,3"], "positive integers"),
+    (["--policies", "bogus"], "unknown"),
+])
+def test_cli_bad_arguments(args, message):
+    r = _run_cli(args)
+    assert r.returncode == 2 and message in r.stderr
+
+
+def test_plot_is_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from smartfrz_fast.plot import Curve, plot_training
+
+    events = [FreezeEvent(5, 1, ("conv1+bn1",), 0.1, 0.05), FreezeEvent(12, 3, ("conv2+bn2", "conv3+bn3"), 0.4, 0.3)]
+    path = plot_training(str(tmp_path / "t.png"), [Curve("full", [10.0] * 20, [(10, 0.5), (20, 0.8)]),
+                                                   Curve("frozen", [10.0] * 5 + [8.0] * 7 + [5.0] * 8, [(10, 0.5)])],
+                         events, num_units=4, title="test")
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+@pytest.mark.slow
+def test_demo_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("sklearn")
+    from smartfrz_fast import demo
+
+    path = tmp_path / "demo.png"
+    assert demo.main(["--quick", "--no-progress", "--threads", "1", "--plot", str(path)]) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _doc_example() -> str:
+    text = (ROOT / "docs" / "profiling.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks, "docs/profiling.md has no python example"
+    return blocks[0]
+
+
+@pytest.mark.slow
+def test_docs_example_runs(tmp_path):
+    script = tmp_path / "example.py"
+    script.write_text(_doc_example())
+    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=900, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stderr
+    assert "Ceiling" in r.stdout and "time saved" in r.stdout
+
+
+def test_unit_whose_input_needs_no_grad_is_marked_merged():
+    class Detached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l0, self.l1, self.head = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.l1(self.l0(x).detach())))
+
+    units, _ = profile_units(Detached(), torch.randn(3, 4), repeats=2, warmup=0)
+    assert [u.backward_merged for u in units] == [False, True, False]
+    assert units[1].backward_ms == 0.0  # its backward time is in unit 0's span
