@@ -91,3 +91,29 @@ def test_doubtful_predictor_never_freezes(tmp_path):
 def test_bad_threshold(tmp_path, threshold):
     with pytest.raises(ValueError, match="threshold"):
         SmartFRZ(weights=predictor_file(tmp_path / "p.pt"), threshold=threshold)
+
+
+def test_resumed_policy_does_not_score_the_same_snapshot_again(tmp_path):
+    """With sample_every > 1, SmartFRZ scores each snapshot once; that survives a checkpoint."""
+    path = predictor_file(tmp_path / "p.pt", freeze_logit=-20.0)  # never freezes: only the pace
+
+    def run(steps, state=None):
+        torch.manual_seed(0)
+        model = SmallCNN()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        policy = SmartFRZ(weights=path)
+        freezer = SmartFreezer(model, opt, policy, example_inputs=batch(0)[0], total_steps=40,
+                               sample_every=3, window=4, sample_size=16)
+        if state is not None:
+            freezer.load_state_dict(state)
+        scored = []
+        for step in range(freezer.step_count, steps):
+            policy.last_probabilities = None
+            freezer.step()
+            scored.append(policy.last_probabilities is not None)
+        return freezer, scored
+
+    _, straight = run(20)
+    first, _ = run(13)  # step 13: the snapshot of step 12 was scored at step 12
+    _, resumed = run(20, first.state_dict())
+    assert any(straight) and resumed == straight[13:]

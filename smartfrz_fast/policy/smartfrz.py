@@ -8,11 +8,20 @@ device tensor; the engine applies it a step later without stalling the training 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 
 from .base import Decision, FreezePolicy, PolicyContext
+
+# The predictor was trained on runs snapshotted this many times from start to end, so its
+# 30-snapshot window spans a quarter of a run; in use the engine is asked for the same pace.
+SNAPSHOTS_PER_RUN = 120
+
+
+def snapshot_interval(total_steps: int, snapshots: int = SNAPSHOTS_PER_RUN) -> int:
+    """Steps between weight snapshots for a run of ``total_steps`` optimizer steps."""
+    return max(1, int(total_steps) // snapshots)
 
 
 class SmartFRZ(FreezePolicy):
@@ -20,12 +29,12 @@ class SmartFRZ(FreezePolicy):
     needs_history = True
 
     def __init__(self, weights: Optional[Union[str, Path]] = None, threshold: float = 0.5,
-                 evaluate_every: int = 10):
+                 evaluate_every: Optional[int] = None):
         super().__init__()
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"SmartFRZ threshold is a probability in (0, 1), got {threshold}")
-        if evaluate_every < 1:
-            raise ValueError(f"SmartFRZ evaluate_every must be >= 1, got {evaluate_every}")
+        if evaluate_every is not None and evaluate_every < 1:
+            raise ValueError(f"SmartFRZ evaluate_every must be >= 1 or None, got {evaluate_every}")
         from ..predictor import load_predictor
 
         # Loaded now, so that missing or corrupt weights fail before training starts.
@@ -33,6 +42,20 @@ class SmartFRZ(FreezePolicy):
         self.threshold = threshold
         self.evaluate_every = evaluate_every
         self.last_probabilities: Optional[torch.Tensor] = None
+        self._evaluated_at = -1  # history.count at the last evaluation
+
+    @staticmethod
+    def sample_every_for(total_steps: Optional[int]) -> int:
+        """The engine's snapshot interval when the user gives none: the pace the predictor
+        was trained at (``SNAPSHOTS_PER_RUN`` per run); every step without ``total_steps``."""
+        return 1 if not total_steps else snapshot_interval(total_steps)
+
+    def state_dict(self) -> Dict[str, Any]:
+        # which snapshot was scored last: a resumed run must not score it again
+        return {"evaluated_at": self._evaluated_at}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self._evaluated_at = int(state.get("evaluated_at", -1))
 
     def bind(self, context: PolicyContext) -> None:
         super().bind(context)
@@ -47,14 +70,32 @@ class SmartFRZ(FreezePolicy):
             )
         self.predictor.to(context.device)
         self._weights = [w.detach() for w in self.predictor.flat_weights()]
+        # the input transform the weights were trained with (1: none; see amplify_deviation)
+        self.input_gain = float(self.predictor.provenance.get("input_gain", 1.0))
+        self.sort_inputs = bool(self.predictor.provenance.get("sort_by_newest", False))
 
     def decide(self, step: int, frozen: int) -> Optional[Decision]:
         history = self.context.history
-        if step % self.evaluate_every or not history.full or history.rows.numel() == 0:
+        if not history.full or history.rows.numel() == 0:
+            return None
+        if self.evaluate_every is None:  # default: once per new snapshot
+            if history.count == self._evaluated_at:
+                return None
+            self._evaluated_at = history.count
+        elif step % self.evaluate_every:
             return None
         from .. import ops
 
-        prob, prefix = ops.predict(history.history, history.cursor, history.rows, history.valid,
+        ring = history.history
+        if self.input_gain != 1.0 or self.sort_inputs:  # the input transform of training
+            from ..predictor.model import amplify_deviation, sort_by_newest
+
+            newest = ring.index_select(1, (history.cursor - 1) % history.window)  # no host sync
+            if self.sort_inputs:
+                ring = sort_by_newest(ring, newest, history.valid)
+                newest = ring.index_select(1, (history.cursor - 1) % history.window)
+            ring = amplify_deviation(ring, newest, self.input_gain)
+        prob, prefix = ops.predict(ring, history.cursor, history.rows, history.valid,
                                    self._weights, self.threshold)
         self.last_probabilities = prob
         return prefix + history.first_active

@@ -1,0 +1,212 @@
+"""Step 3: train the attention predictor on the CKA labels; split by architecture family.
+
+    python -m smartfrz_fast.predictor.train            # collect (resumable) + label + train + ship
+    python -m smartfrz_fast.predictor.train --quick    # tiny end-to-end run (CI), to a temp file
+
+The predictor is trained on families ``--train-families`` only and evaluated on the others
+(``evaluate.offline_metrics``); the shipped file records the split, the label rule, the data,
+the git commit and the metrics in its provenance.
+
+All windows of a unit are scored at once: the Q/K/V MLPs run once per snapshot and every
+window picks its 29 keys/values from those embeddings. Because the input normalisation is per
+snapshot, this is exactly ``predictor_logits_ref`` applied to each window (tested), at ~1/25
+of the cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..ops.reference import normalize_window, predictor_logits_ref
+from .labels import DEFAULT_THRESHOLD, RunData, label_summary, load_runs
+from .model import DEFAULT_WEIGHTS, AttentionPredictor, PredictorConfig, amplify_deviation, save_predictor, sort_by_newest
+
+TRAIN_FAMILIES = ("mlp", "cnn", "lm")
+
+
+INPUT_GAIN = 30.0  # see model.amplify_deviation; recorded in the weights' provenance
+SORT_BY_NEWEST = True  # see model.sort_by_newest; recorded too
+
+
+def window_logits(model: AttentionPredictor, history: Tensor, valid: Tensor, ends: Tensor,
+                  gain: float = INPUT_GAIN) -> Tensor:
+    """Logits ``[U, E, 2]`` of the windows of raw snapshots ``history [U, S, K]`` that end at
+    snapshots ``ends [E]``: exactly what SmartFRZ computes in use (amplify, normalise per
+    snapshot, ``predictor_logits_ref``)."""
+    t = model.config.window
+    u = history.shape[0]
+    index = ends[:, None] + torch.arange(1 - t, 1)  # [E, T]
+    windows = history[:, index]  # [U, E, T, K]
+    if SORT_BY_NEWEST:
+        windows = sort_by_newest(windows, windows[:, :, -1:], valid[:, None])
+    windows = amplify_deviation(windows, windows[:, :, -1:], gain).flatten(0, 1)
+    valid = valid.repeat_interleave(len(ends))
+    logits = predictor_logits_ref(normalize_window(windows, valid), model.flat_weights())
+    return logits.view(u, len(ends), 2)
+
+
+@torch.no_grad()
+def all_window_logits(model: AttentionPredictor, run: RunData, gain: float = INPUT_GAIN, chunk: int = 16) -> Tensor:
+    """Logits ``[U, S - T + 1, 2]`` of every window of a recorded run."""
+    t = model.config.window
+    ends = torch.arange(t - 1, run.history.shape[1])
+    return torch.cat([window_logits(model, run.history, run.valid, ends[i:i + chunk], gain)
+                      for i in range(0, len(ends), chunk)], 1)
+
+
+def _augment(x: Tensor, valid: Tensor, g: torch.Generator, permute: bool = True) -> Tensor:
+    """Label-preserving: the K sampled positions are an arbitrary draw (permute the valid ones
+    per unit; masked ones stay last) and a weight vector's dynamics do not depend on its sign."""
+    u, _, k = x.shape
+    position = torch.arange(k).expand(u, k)
+    keys = torch.where(position < valid[:, None], torch.rand(u, k, generator=g), 2.0 + position)
+    if permute:
+        perm = torch.argsort(keys, dim=1)
+        x = torch.gather(x, 2, perm[:, None, :].expand_as(x))
+    sign = torch.where(torch.rand(u, 1, 1, generator=g) < 0.5, -1.0, 1.0)
+    return x * sign
+
+
+def train_predictor(runs: Sequence[RunData], threshold: float = DEFAULT_THRESHOLD, epochs: int = 30,
+                    lr: float = 3e-3, seed: int = 0, ends_per_step: int = 8, gain: float = INPUT_GAIN,
+                    permute: bool = False, log=print) -> AttentionPredictor:
+    """Each step: one run, all its units, ``ends_per_step`` random window ends."""
+    torch.manual_seed(seed)
+    model = AttentionPredictor(PredictorConfig())
+    t = model.config.window
+    runs = [r for r in runs if r.history.shape[1] >= t]
+    labels = [r.labels(threshold, t) for r in runs]
+    pos = float(sum(l.sum() for l in labels))
+    total = float(sum(l.numel() for l in labels))
+    # balanced classes: each class carries half of the loss
+    weight = torch.tensor([total / max(2 * (total - pos), 1.0), total / max(2 * pos, 1.0)])
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
+    steps = epochs * len(runs)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
+    g = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        total_loss = 0.0
+        for i in torch.randperm(len(runs), generator=g).tolist():
+            run = runs[i]
+            ends = torch.randint(t - 1, run.history.shape[1], (ends_per_step,), generator=g)
+            x = _augment(run.history, run.valid, g, permute)
+            logits = window_logits(model, x, run.valid, ends, gain)
+            target = labels[i][:, ends - (t - 1)].long()
+            loss = F.cross_entropy(logits.reshape(-1, 2), target.reshape(-1), weight=weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total_loss += loss.item()
+        if epoch % 5 == 4 or epoch == epochs - 1:
+            log(f"epoch {epoch + 1}/{epochs}: loss {total_loss / len(runs):.4f}")
+    return model.eval()
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_pipeline(zoo_dir: Path, out: Path, quick: bool, threshold: float, train_families: Sequence[str],
+                 epochs: int, log=print, recorded_only: bool = False, gain: float = INPUT_GAIN,
+                 lr: float = 3e-3, permute: bool = False) -> Dict:
+    from .collect import collect
+    from .evaluate import offline_metrics
+    from .zoo import zoo_specs
+
+    t0 = time.perf_counter()
+    specs = zoo_specs(quick)
+    if recorded_only:  # train on the zoo runs already recorded, record nothing new
+        paths = [zoo_dir / f"{s.name}.pt" for s in specs if (zoo_dir / f"{s.name}.pt").exists()]
+    else:
+        paths = collect(zoo_dir, specs, log=log)
+    t_collect = time.perf_counter() - t0
+    skipped: List[str] = []
+    runs = load_runs(paths, skipped=skipped)
+    train_runs = [r for r in runs if r.family in train_families]
+    held_out = [r for r in runs if r.family not in train_families]
+    if not train_runs:
+        raise ValueError(f"no recorded runs of the training families {list(train_families)}")
+    log(f"{len(train_runs)} training runs ({', '.join(train_families)}), {len(held_out)} held-out runs")
+    t1 = time.perf_counter()
+    model = train_predictor(train_runs, threshold=threshold, epochs=epochs, gain=gain, lr=lr,
+                            permute=permute, log=log)
+    t_train = time.perf_counter() - t1
+    metrics = {"train": offline_metrics(model, train_runs, threshold, gain=gain),
+               "held_out": offline_metrics(model, held_out, threshold, gain=gain) if held_out else {}}
+    thresholds = (0.9, 0.95, 0.97, 0.98, 0.99, 0.995)
+    provenance = {
+        "data": {"runs": [r.name for r in runs], "skipped_runs_that_did_not_learn": skipped, "train_families": list(train_families),
+                 "held_out_families": sorted({r.family for r in held_out}),
+                 "sources": "scikit-learn bundled digits (smartfrz_fast.data, deterministic distortions); "
+                            "Python standard-library sources (LM)"},
+        "label_rule": f"linear CKA (128-sample probe) of each unit's output vs the end of training; "
+                      f"freezable from the first snapshot where CKA >= {threshold} and stays there",
+        "label_threshold": threshold,
+        "label_sensitivity_mean_freeze_point": {f: {str(k): v for k, v in d.items()}
+                                                for f, d in label_summary(runs, thresholds).items()},
+        "snapshots_per_run": "total_steps // 120 steps between snapshots (SmartFRZ.sample_every_for)",
+        "training": {"epochs": epochs, "optimizer": f"AdamW lr {lr:g} one-cycle, balanced classes",
+                     "augmentation": ("per-unit permutation of the K positions, " if permute else "") + "sign flip"},
+        "input_gain": gain,
+        "sort_by_newest": SORT_BY_NEWEST,
+        "commit": git_commit(),
+        "torch": str(torch.__version__),
+        "quick": quick,
+        "metrics": metrics,
+        "seconds": {"collect": round(t_collect, 1), "train": round(t_train, 1)},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_predictor(model, out, provenance)
+    log(json.dumps(metrics, indent=1))
+    log(f"saved {out} (collect {t_collect:.0f} s, train {t_train:.0f} s)")
+    return provenance
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m smartfrz_fast.predictor.train",
+                                description="Collect the zoo, label with CKA, train and save the SmartFRZ predictor.")
+    p.add_argument("--quick", action="store_true", help="tiny zoo and training (seconds), into a temp dir")
+    p.add_argument("--zoo", type=Path, default=None, help="recorded runs (default /tmp/smartfrz_zoo)")
+    p.add_argument("--out", type=Path, default=None, help=f"weights file (default {DEFAULT_WEIGHTS})")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="CKA label threshold")
+    p.add_argument("--train-families", default=",".join(TRAIN_FAMILIES))
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--gain", type=float, default=INPUT_GAIN, help="input deviation gain")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--permute", action="store_true", help="augment by permuting the K positions")
+    p.add_argument("--recorded-only", action="store_true", help="use only runs already in --zoo")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="smartfrz_quick_")) if args.quick else None
+    zoo = args.zoo or (tmp / "zoo" if args.quick else Path("/tmp/smartfrz_zoo"))
+    out = args.out or (tmp / "predictor.pt" if args.quick else DEFAULT_WEIGHTS)
+    epochs = args.epochs or (2 if args.quick else 40)
+    families = [f for f in args.train_families.split(",") if f]
+    run_pipeline(zoo, out, args.quick, args.threshold, families, epochs, log=lambda m: print(m, flush=True),
+                 recorded_only=args.recorded_only, gain=args.gain, lr=args.lr,
+                 permute=args.permute)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""The SmartFRZ predictor's offline pipeline: CKA, labels, all-window scoring, quick end-to-end
+run, the shipped weights and the pace SmartFRZ asks the engine for."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from smartfrz_fast import SmartFreezer, SmartFRZ
+from smartfrz_fast.ops.reference import predict_ref
+from smartfrz_fast.policy.smartfrz import SNAPSHOTS_PER_RUN, snapshot_interval
+from smartfrz_fast.predictor import DEFAULT_WEIGHTS, AttentionPredictor, PredictorConfig, load_predictor
+from smartfrz_fast.predictor.cka import centered_gram, cka_from_grams, linear_cka
+from smartfrz_fast.predictor.labels import freeze_index
+from smartfrz_fast.predictor.model import amplify_deviation, sort_by_newest
+from smartfrz_fast.predictor.train import window_logits
+
+from models import SmallCNN, batch
+
+
+def test_linear_cka_properties(fresh_seed):
+    x = torch.randn(57, 13, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(13, 13, dtype=torch.float64))
+    assert float(linear_cka(x, x)) == pytest.approx(1.0, abs=1e-6)
+    # invariant to rotation, isotropic scale and a shift of the features
+    assert float(linear_cka(x, 3.0 * x @ q + 5.0)) == pytest.approx(1.0, abs=1e-5)
+    y = torch.randn(57, 7, dtype=torch.float64)
+    # the Gram form equals the feature form ||Y^T X||^2 / (||X^T X|| ||Y^T Y||) on centred data
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    direct = (yc.T @ xc).norm() ** 2 / ((xc.T @ xc).norm() * (yc.T @ yc).norm())
+    assert float(linear_cka(x, y)) == pytest.approx(float(direct), rel=1e-4)
+    assert 0.0 <= float(linear_cka(x, y)) < 1.0
+    zero = centered_gram(torch.ones(57, 3))
+    assert float(cka_from_grams(zero, centered_gram(x))) == 0.0  # constant representation
+    with pytest.raises(ValueError, match="same samples"):
+        linear_cka(x, y[:5])
+
+
+def test_freeze_index_needs_the_similarity_to_stay_above_threshold():
+    cka = torch.tensor([[0.5, 0.995, 0.98, 0.995, 0.999, 1.0],  # dips after first reaching it
+                        [0.999, 0.999, 0.999, 0.999, 0.999, 1.0],  # freezable from the start
+                        [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]])  # never (the last snapshot is not >= .99)
+    assert freeze_index(cka, 0.99).tolist() == [3, 0, 6]
+    assert freeze_index(cka, 0.97).tolist() == [1, 0, 6]
+
+
+def test_training_windows_equal_what_smartfrz_computes_in_use(fresh_seed):
+    """The pipeline's window scoring == SmartFRZ's path: sort by and amplify around the newest
+    slot of the ring buffer, then the ``smartfrz::predict`` reference (odd sizes, masked units)."""
+    config = PredictorConfig(sample_size=37, window=5, hidden=11, embed=6, head_hidden=5)
+    model = AttentionPredictor(config)
+    raw = torch.randn(3, 13, 37).cumsum(1)  # weights drifting over 13 snapshots
+    valid = torch.tensor([37, 20, 5])
+    raw[1, :, 20:] = 0.0  # masked positions hold 0, as the engine's history does
+    raw[2, :, 5:] = 0.0
+    ends = torch.tensor([4, 9, 12])
+    fast = torch.softmax(window_logits(model, raw, valid, ends, gain=7.0), -1)[..., 1]
+    for j, end in enumerate(ends.tolist()):
+        ring = raw[:, end - 4:end + 1].clone()  # slot 0 oldest ...
+        cursor = torch.tensor(5)  # ... so the newest sits in slot (cursor - 1) % T
+        newest = ring.index_select(1, (cursor - 1) % 5)
+        ring = sort_by_newest(ring, newest, valid)
+        newest = ring.index_select(1, (cursor - 1) % 5)
+        prob, _ = predict_ref(amplify_deviation(ring, newest, 7.0), cursor, torch.arange(3), valid,
+                              model.flat_weights(), 0.5)
+        torch.testing.assert_close(fast[:, j], prob, rtol=1e-5, atol=1e-6)
+
+
+def test_sort_by_newest_orders_valid_positions_and_keeps_masked_last():
+    h = torch.randn(2, 4, 6)
+    h[1, :, 3:] = 0.0
+    out = sort_by_newest(h, h[:, -1:], torch.tensor([6, 3]))
+    assert torch.all(out[:, -1, 1:3] >= out[:, -1, 0:2])  # newest ascending over valid ones
+    assert torch.all(out[0, -1].diff() >= 0)
+    assert torch.equal(out[1, :, 3:], torch.zeros(4, 3))
+    # every snapshot moved by the same permutation
+    perm = torch.argsort(h[0, -1])
+    assert torch.equal(out[0], h[0][:, perm])
+
+
+def test_amplify_deviation_keeps_the_newest_and_is_scale_free():
+    h = torch.randn(2, 6, 16)
+    newest = h[:, -1:]
+    out = amplify_deviation(h, newest, 10.0)
+    torch.testing.assert_close(out[:, -1], h[:, -1])
+    torch.testing.assert_close(amplify_deviation(3.0 * h, 3.0 * newest, 10.0), 3.0 * out)
+
+
+def test_smartfrz_sets_the_engines_snapshot_pace(tmp_path):
+    assert snapshot_interval(1200) == 1200 // SNAPSHOTS_PER_RUN
+    assert snapshot_interval(50) == 1
+    assert SmartFRZ.sample_every_for(None) == 1
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, SmartFRZ(), example_inputs=batch(0)[0], total_steps=2400)
+    assert freezer.sample_every == 20
+    explicit = SmartFreezer(SmallCNN(), torch.optim.SGD(SmallCNN().parameters(), lr=0.1), SmartFRZ(),
+                            total_steps=2400, sample_every=3)
+    assert explicit.sample_every == 3
+
+
+def test_shipped_weights_load_by_default_with_provenance():
+    assert DEFAULT_WEIGHTS.exists(), "the package ships trained predictor weights"
+    predictor = load_predictor()
+    prov = predictor.provenance
+    for key in ("data", "label_rule", "label_threshold", "commit", "metrics"):
+        assert key in prov, key
+    assert prov["quick"] is False
+    assert set(prov["data"]["held_out_families"]).isdisjoint(prov["data"]["train_families"])
+    policy = SmartFRZ()  # default weights, no error
+    assert policy.predictor.config == PredictorConfig()
+
+
+@pytest.mark.slow
+def test_quick_pipeline_end_to_end(tmp_path):
+    out = tmp_path / "predictor.pt"
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "smartfrz_fast.predictor.train", "--quick", "--threads", "1",
+         "--zoo", str(tmp_path / "zoo"), "--out", str(out)],
+        capture_output=True, text=True, timeout=300)
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    predictor = load_predictor(out)
+    prov = predictor.provenance
+    assert prov["quick"] is True
+    assert prov["data"]["held_out_families"] == ["vit"]
+    assert "vit" in prov["metrics"]["held_out"]
+    assert len(list((tmp_path / "zoo").glob("*.pt"))) == 3
+    # the quick predictor runs in the engine
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, SmartFRZ(weights=out), example_inputs=batch(0)[0], total_steps=40)
+    for step in range(40):
+        x, y = batch(step)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+    assert freezer.policy.last_probabilities is not None
+    print(f"quick pipeline: {seconds:.1f} s")
