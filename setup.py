@@ -332,13 +332,15 @@ setup(
     # would pull a multi-GB CUDA wheel), then `pip install --no-build-isolation .`.
     install_requires=["numpy", "tqdm"],
     extras_require={
-        # One line per extra; "test" pulls in every optional stack the tests exercise.
         "demo": ["scikit-learn"],
         "triton": ["triton>=3.6"],
         "lightning": ["lightning>=2.2"],
         "hf": ["transformers>=4.40", "accelerate>=0.26"],
         "plot": ["matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "triton>=3.6,<3.9; platform_system == 'Linux'", "lightning>=2.2", "transformers>=4.40", "accelerate>=0.26"],  # <3.9: 3.8.0 is on local disk (CI: no download); 3.6 is the GPU image's
+        # "test" pulls in every optional stack the tests exercise. triton <3.9: 3.8.0 lies on
+        # local disk (CI downloads nothing); 3.6 is the GPU image's.
+        "test": ["pytest", "pytest-benchmark", "triton>=3.6,<3.9; platform_system == 'Linux'",
+                 "lightning>=2.2", "transformers>=4.40", "accelerate>=0.26", "matplotlib"],
     },
     packages=find_packages(include=["smartfrz_fast", "smartfrz_fast.*"]),
     package_data={"smartfrz_fast": ["predictor/weights/*.pt"]},
