@@ -7,8 +7,11 @@ extension, and it does not initialise CUDA. Ops and kernels load on first use.
 __version__ = "0.1.0"
 
 from .engine import FreezeEvent, SmartFreezer
+from .sieve import SievingSampler
+from .sparse import SparseMasks
 from .policy import (
     AutoFreeze,
+    Egeria,
     FreezeOut,
     FreezePolicy,
     LinearFreeze,
@@ -23,6 +26,9 @@ __all__ = [
     "SmartFRZ",
     "FreezeOut",
     "AutoFreeze",
+    "Egeria",
+    "SparseMasks",
+    "SievingSampler",
     "LinearFreeze",
     "StaticFreeze",
     "__version__",

@@ -9,7 +9,7 @@ size or strides. A unit with fewer than K weights uses all of them; the rest is 
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,13 +30,26 @@ def _storage_offsets(shape: Sequence[int], strides: Sequence[int], flat: np.ndar
     return offsets
 
 
-def sample_positions(unit: Unit, first_source: int, sample_size: int, seed: int):
-    """``(source_ids [K] int32, offsets [K] int64, valid)`` for one unit."""
+def sample_positions(unit: Unit, first_source: int, sample_size: int, seed: int,
+                     masks: Optional[Sequence[Optional[Tensor]]] = None):
+    """``(source_ids [K] int32, offsets [K] int64, valid)`` for one unit.
+
+    ``masks`` (sparse training): per parameter of the unit, None or a bool tensor of its shape;
+    positions are then drawn only where the mask is true (pruned weights are not history)."""
     sizes = [p.numel() for p in unit.parameters]
     total = sum(sizes)
-    valid = min(sample_size, total)
     rng = np.random.default_rng([seed, unit.index])
-    flat = np.sort(rng.choice(total, size=valid, replace=False)).astype(np.int64)
+    if masks is None or all(m is None for m in masks):
+        valid = min(sample_size, total)
+        flat = np.sort(rng.choice(total, size=valid, replace=False)).astype(np.int64)
+    else:
+        keep = np.concatenate([
+            np.ones(n, dtype=bool) if m is None else m.detach().reshape(-1).cpu().numpy().astype(bool)
+            for n, m in zip(sizes, masks)
+        ])
+        candidates = np.flatnonzero(keep).astype(np.int64)
+        valid = min(sample_size, candidates.size)
+        flat = np.sort(candidates[rng.choice(candidates.size, size=valid, replace=False)])
     source_ids = np.full(sample_size, -1, dtype=np.int32)
     offsets = np.zeros(sample_size, dtype=np.int64)
     starts = np.cumsum([0] + sizes)
@@ -105,6 +118,54 @@ class WeightHistory:
         self.first_active = num_frozen
         self.rows = torch.arange(num_frozen, len(self.units), device=self.device)
 
+    def restrict_to_masks(self, masks: Dict[int, Tensor], prev_masks: Optional[Dict[int, Tensor]] = None) -> List[int]:
+        """Sparse training: re-draw the positions of every unit holding a masked parameter so
+        that they fall only on unmasked weights. ``masks`` maps ``id(parameter)`` to a bool
+        tensor of its shape. Returns the indices of the units re-drawn.
+
+        A position drawn before and after keeps its history column. A new column is
+        backfilled with the weight's *effective* past value where it is known: 0 if
+        ``prev_masks`` says the weight was pruned until now (exact: a pruned weight is 0),
+        else its current value (an approximation: its past values were not sampled)."""
+        changed = []
+        first_source = 0
+        prev_masks = prev_masks or {}
+        for unit in self.units:
+            unit_masks = [masks.get(id(p)) for p in unit.parameters]
+            start = first_source
+            first_source += len(unit.parameters)
+            if all(m is None for m in unit_masks):
+                continue
+            for p, m in zip(unit.parameters, unit_masks):
+                if m is not None and tuple(m.shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"mask for a parameter of unit {unit.index} ({unit.name}) has shape "
+                        f"{tuple(m.shape)}, the parameter {tuple(p.shape)}: pass one mask per weight, same shape."
+                    )
+            ids, offs, valid = sample_positions(unit, start, self.sample_size, self.seed, unit_masks)
+            old_ids = self.source_ids[unit.index].cpu().numpy()
+            old_offs = self.offsets[unit.index].cpu().numpy()
+            old_col = {(int(i), int(o)): k for k, (i, o) in enumerate(zip(old_ids, old_offs)) if i >= 0}
+            old_rows = self.history[unit.index].clone()  # [T, K]
+            new_rows = torch.zeros_like(old_rows)
+            for k in range(valid):
+                key = (int(ids[k]), int(offs[k]))
+                if key in old_col:
+                    new_rows[:, k] = old_rows[:, old_col[key]]
+                    continue
+                param = self.sources[key[0]]
+                prev = prev_masks.get(id(param))
+                index = _logical_index(param, key[1])
+                if prev is not None and not bool(prev.reshape(-1)[index]):
+                    continue  # pruned until now: its effective value was 0
+                new_rows[:, k] = param.detach().reshape(-1)[index].float()
+            self.history[unit.index].copy_(new_rows)
+            self.source_ids[unit.index] = torch.from_numpy(ids).to(self.device)
+            self.offsets[unit.index] = torch.from_numpy(offs).to(self.device)
+            self.valid[unit.index] = valid
+            changed.append(unit.index)
+        return changed
+
     def positions_digest(self) -> str:
         h = hashlib.sha256()
         h.update(self.source_ids.cpu().numpy().tobytes())
@@ -137,3 +198,16 @@ class WeightHistory:
         self.history.copy_(state["history"].to(self.device))
         self.cursor.fill_(state["cursor"])
         self.count = state["count"]
+
+
+def _logical_index(param: Tensor, storage_offset: int) -> int:
+    """Row-major flat index of the element at ``storage_offset`` (non-contiguous layouts)."""
+    rest, index = storage_offset, 0
+    order = sorted(range(param.dim()), key=lambda d: -param.stride(d))
+    coords = [0] * param.dim()
+    for d in order:
+        coords[d], rest = divmod(rest, param.stride(d)) if param.stride(d) else (0, rest)
+    for d in range(param.dim()):
+        index = index * param.shape[d] + coords[d]
+    return index
+

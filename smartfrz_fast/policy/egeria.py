@@ -1,0 +1,349 @@
+"""Egeria (Wang et al., EuroSys 2023, "Egeria: Efficient DNN Training with Knowledge-Guided
+Layer Freezing"): freeze a unit once its activations stop moving relative to a reference model."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .base import Decision, FreezePolicy, PolicyContext
+
+
+def fake_quantize_int8(weight: Tensor) -> Tensor:
+    """Per-output-channel (dim 0) symmetric int8 fake quantisation: ``round(w / s) * s`` with
+    ``s = max|w| / 127`` per channel, codes clamped to [-127, 127]. Tensors of fewer than two
+    dimensions (biases, norm scales) are returned unchanged, as int8 inference backends keep them."""
+    if weight.dim() < 2:
+        return weight.clone()
+    w = weight.detach().to(torch.promote_types(weight.dtype, torch.float32))  # half types in fp32
+    amax = w.abs().reshape(w.shape[0], -1).amax(dim=1).clamp_min(torch.finfo(w.dtype).tiny)
+    scale = (amax / 127.0).reshape(-1, *([1] * (w.dim() - 1)))
+    return (torch.round(w / scale).clamp_(-127, 127) * scale).to(weight.dtype)
+
+
+def relative_slope(values: Sequence[float]) -> float:
+    """Least-squares slope of ``values`` against 0..n-1, times (n-1), over their mean magnitude:
+    the fraction by which the fitted line changes across the window."""
+    y = torch.tensor(list(values), dtype=torch.float64)
+    n = y.numel()
+    if n < 2:
+        return float("inf")
+    x = torch.arange(n, dtype=torch.float64)
+    x = x - x.mean()
+    slope = float((x * (y - y.mean())).sum() / (x * x).sum())
+    return abs(slope) * (n - 1) / (float(y.abs().mean()) + 1e-12)
+
+
+def _first_tensor(out: Any) -> Optional[Tensor]:
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        for item in out:
+            t = _first_tensor(item)
+            if t is not None:
+                return t
+    if isinstance(out, dict):
+        for item in out.values():
+            t = _first_tensor(item)
+            if t is not None:
+                return t
+    return None
+
+
+class Egeria(FreezePolicy):
+    """Egeria / KGT: knowledge-guided front-to-back freezing.
+
+    Every ``interval`` optimizer steps (after ``warmup`` steps), the current weights are
+    copied into a shadow model, and a worker thread runs the shadow and the *reference model*
+    on a fixed probe batch, recording each active unit's output. The reference is an int8
+    snapshot of the training model (per-channel symmetric fake quantisation of a copy's
+    weights; biases and norm parameters stay fp32), refreshed every ``ref_refresh``
+    evaluations. A unit's distance is ``mean((a - a_ref)^2) / mean(a^2)`` over the probe batch;
+    its *plasticity* is the relative least-squares slope of its last ``window`` distances
+    (measured since the last refresh). A unit whose plasticity stays below ``tolerance`` for
+    ``patience`` evaluations in a row is converged; the leading run of converged active units
+    freezes.
+
+    Off the critical path: the training thread only copies the weights (into pinned host
+    buffers, non-blocking, on a GPU) and submits the job; the result of the evaluation launched
+    at step s is consumed at step s + interval (by then long finished, and the same every run).
+    ``overhead()`` reports the worker's time and the training thread's copy and wait times.
+
+    Deviations from the paper: the probe batch is fixed (the paper feeds the reference the
+    training batches); activations of the training model are recomputed on the shadow copy
+    (eval mode, so BatchNorm uses running statistics) rather than taken from the training
+    forward; the paper's unfreezing after a learning-rate change is not done (the engine's
+    freezing is monotone).
+
+    Args:
+        model: the model being trained (the module whose units the engine finds; under DDP,
+            the inner module). Construct the policy before ``SmartFreezer``: it copies the model.
+        probe_inputs: positional inputs of one forward pass (a tensor or a tuple), kept fixed.
+        interval: optimizer steps between evaluations; default ``total_steps // 50``.
+        window: evaluations in the slope fit (W).
+        tolerance: plasticity threshold (T).
+        patience: consecutive evaluations under T before a unit counts as converged (H).
+        ref_refresh: evaluations between reference refreshes.
+        warmup: optimizer steps before the first evaluation (the paper's bootstrapping stage);
+            default ``total_steps // 10``.
+        ref_device: where the shadow and reference models run (default CPU, as in the paper).
+        asynchronous: run the evaluations in a worker thread (False: inline, for debugging).
+    """
+
+    name = "egeria"
+
+    def __init__(self, model: nn.Module, probe_inputs: Any, *, interval: Optional[int] = None,
+                 window: int = 5, tolerance: float = 0.1, patience: int = 2, ref_refresh: int = 10,
+                 warmup: Optional[int] = None, ref_device: Any = "cpu", asynchronous: bool = True) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Egeria: model must be an nn.Module, got {type(model).__name__}")
+        for knob, value, low in (("interval", interval, 1), ("warmup", warmup, 0)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise ValueError(f"Egeria: {knob} must be an int >= {low} or None, got {value!r}")
+        for knob, value, low in (("window", window, 2), ("patience", patience, 1), ("ref_refresh", ref_refresh, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"Egeria: {knob} must be an int >= {low}, got {value!r}")
+        if not isinstance(tolerance, (int, float)) or not tolerance > 0:
+            raise ValueError(f"Egeria: tolerance must be a positive number, got {tolerance!r}")
+        if ref_refresh < window:
+            raise ValueError(
+                f"Egeria: ref_refresh ({ref_refresh}) < window ({window}): the window restarts at "
+                "each refresh and would never fill. Use ref_refresh >= window + patience."
+            )
+        self.interval_arg, self.warmup_arg = interval, warmup
+        self.interval: Optional[int] = interval
+        self.warmup: Optional[int] = warmup
+        self.window, self.tolerance, self.patience = window, float(tolerance), patience
+        self.ref_refresh = ref_refresh
+        self.asynchronous = asynchronous
+        self.ref_device = torch.device(ref_device)
+        self.source = model
+        self.probe = tuple(t.detach().to(self.ref_device) if isinstance(t, Tensor) else t
+                           for t in (probe_inputs if isinstance(probe_inputs, tuple) else (probe_inputs,)))
+        try:  # the copies are made now, before SmartFreezer hooks the model
+            self.shadow = copy.deepcopy(model).to(self.ref_device).eval().requires_grad_(False)
+            self.reference = copy.deepcopy(self.shadow)
+        except Exception as exc:  # noqa: BLE001 - explain what to do
+            raise RuntimeError(
+                f"Egeria could not copy the model ({exc}); construct Egeria(model, probe) before "
+                "SmartFreezer and before wrapping the model (DDP: pass model.module)."
+            ) from exc
+        self._src_tensors = list(model.parameters()) + list(model.buffers())
+        self._shadow_tensors = list(self.shadow.parameters()) + list(self.shadow.buffers())
+        self._ref_tensors = list(self.reference.parameters()) + list(self.reference.buffers())
+        self._num_params = len(list(model.parameters()))
+        pin = any(t.is_cuda for t in self._src_tensors) and self.ref_device.type == "cpu"
+        self._staging = [torch.empty(t.shape, dtype=t.dtype, device=self.ref_device, pin_memory=pin)
+                         for t in self._src_tensors]
+        self._executor: Optional[ThreadPoolExecutor] = None
+        self._future: Optional[Future] = None
+        self._pending: Optional[List[float]] = None  # distances of the last evaluation, if known
+        self._hook_modules: List[List[nn.Module]] = []
+        self._windows: List[List[float]] = []
+        self._hits: List[int] = []
+        self._evaluations = 0
+        self.last_plasticity: List[float] = []
+        self._stats = {"evaluations": 0, "worker_s": 0.0, "copy_s": 0.0, "wait_s": 0.0}
+        self._lock = threading.Lock()
+        self._pending_state: Optional[Dict[str, Any]] = None
+
+    # ------------------------------------------------------------------ set-up
+    def bind(self, context: PolicyContext) -> None:
+        super().bind(context)
+        total = context.total_steps
+        if self.interval_arg is None or self.warmup_arg is None:
+            if total is None or total <= 0:
+                raise ValueError("Egeria: pass interval= and warmup=, or total_steps to SmartFreezer.")
+        self.interval = self.interval_arg if self.interval_arg is not None else max(1, total // 50)
+        self.warmup = self.warmup_arg if self.warmup_arg is not None else total // 10
+        names = dict(self.shadow.named_modules())
+        ref_names = dict(self.reference.named_modules())
+        self._hook_modules = []
+        for unit in context.units:
+            last = unit.name.split("+")[-1]
+            last = "" if last == "<root>" else last
+            if last not in names:
+                raise ValueError(
+                    f"Egeria: unit {unit.index} ({unit.name}) has no module '{last}' in the model "
+                    "given to Egeria: pass the same (unwrapped) model to Egeria and SmartFreezer."
+                )
+            self._hook_modules.append([names[last], ref_names[last]])
+        self._windows = [[] for _ in context.units]
+        self._hits = [0] * context.num_units
+        if self._pending_state is not None:
+            state, self._pending_state = self._pending_state, None
+            self.load_state_dict(state)
+
+    # ------------------------------------------------------------------ evaluation
+    def _copy_weights(self) -> Optional[Any]:
+        """Weights (and buffers) into the staging buffers; a CUDA event to wait on, if any."""
+        with torch.no_grad():
+            for dst, src in zip(self._staging, self._src_tensors):
+                dst.copy_(src.detach(), non_blocking=True)
+        if any(t.is_cuda for t in self._src_tensors):
+            event = torch.cuda.Event()
+            event.record()
+            return event
+        return None
+
+    def _evaluate(self, event: Any, refresh: bool, first_active: int) -> List[float]:
+        """Worker: load the shadow (and, on refresh, the int8 reference), run both on the
+        probe batch, return per-unit distances (nan for frozen units)."""
+        start = time.perf_counter()
+        if event is not None:
+            event.synchronize()
+        with torch.no_grad():
+            for dst, src in zip(self._shadow_tensors, self._staging):
+                dst.copy_(src)
+            if refresh:
+                for i, (dst, src) in enumerate(zip(self._ref_tensors, self._staging)):
+                    dst.copy_(fake_quantize_int8(src) if i < self._num_params and src.is_floating_point() else src)
+            outs = [self._unit_outputs(model, column, first_active)
+                    for column, model in ((0, self.shadow), (1, self.reference))]
+        distances = []
+        for i, (a, r) in enumerate(zip(*outs)):
+            if a is None or r is None:
+                distances.append(float("nan"))
+                continue
+            a, r = a.float(), r.float()
+            distances.append(float((a - r).pow(2).mean() / (a.pow(2).mean() + 1e-12)))
+        with self._lock:
+            self._stats["worker_s"] += time.perf_counter() - start
+            self._stats["evaluations"] += 1
+        return distances
+
+    def _unit_outputs(self, model: nn.Module, column: int, first_active: int) -> List[Optional[Tensor]]:
+        outputs: List[Optional[Tensor]] = [None] * len(self._hook_modules)
+        hooks = []
+        for i, mods in enumerate(self._hook_modules):
+            if i < first_active:
+                continue
+
+            def save(module, args, out, i=i):
+                if outputs[i] is None:  # a module called twice: its first call
+                    t = _first_tensor(out)
+                    outputs[i] = None if t is None else t.detach()
+
+            hooks.append(mods[column].register_forward_hook(save))
+        try:
+            model(*self.probe)
+        finally:
+            for h in hooks:
+                h.remove()
+        return outputs
+
+    def _launch(self, frozen: int) -> None:
+        refresh = self._evaluations % self.ref_refresh == 0
+        t0 = time.perf_counter()
+        event = self._copy_weights()
+        self._stats["copy_s"] += time.perf_counter() - t0
+        if refresh:
+            self._windows = [[] for _ in self._windows]  # distances to a new reference start over
+        if self.asynchronous:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="egeria")
+            self._future = self._executor.submit(self._evaluate, event, refresh, frozen)
+        else:
+            self._pending = self._evaluate(event, refresh, frozen)
+        self._evaluations += 1
+
+    def _collect(self) -> Optional[List[float]]:
+        if self._future is not None:
+            t0 = time.perf_counter()
+            self._pending = self._future.result()
+            self._stats["wait_s"] += time.perf_counter() - t0
+            self._future = None
+        distances, self._pending = self._pending, None
+        return distances
+
+    def observe(self, distances: Sequence[float], frozen: int) -> int:
+        """Feed one evaluation's per-unit distances; returns the leading converged length."""
+        self.last_plasticity = [float("nan")] * len(self._windows)
+        for i in range(frozen, len(self._windows)):
+            d = distances[i]
+            if d != d:  # nan: not measured (frozen when launched)
+                continue
+            window = self._windows[i]
+            window.append(float(d))
+            del window[:-self.window]
+            if len(window) == self.window:
+                p = relative_slope(window)
+                self.last_plasticity[i] = p
+                self._hits[i] = self._hits[i] + 1 if p < self.tolerance else 0
+            else:
+                self._hits[i] = 0
+        n = frozen
+        while n < len(self._hits) and self._hits[n] >= self.patience:
+            n += 1
+        return n
+
+    # ------------------------------------------------------------------ policy interface
+    def decides_at(self, step: int) -> bool:
+        assert self.interval is not None, "bind() first"
+        return step >= self.warmup and (step - self.warmup) % self.interval == 0
+
+    def decide(self, step: int, frozen: int) -> Optional[Decision]:
+        if not self.decides_at(step):
+            return None
+        distances = self._collect()
+        target = self.observe(distances, frozen) if distances is not None else frozen
+        if target < self.context.max_frozen:
+            self._launch(target)
+        return target if target > frozen else None
+
+    def overhead(self) -> Dict[str, float]:
+        """Seconds spent so far: ``worker_s`` reference + shadow forwards (off the training
+        thread when asynchronous), ``copy_s`` and ``wait_s`` on the training thread."""
+        with self._lock:
+            return dict(self._stats)
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def state_dict(self) -> Dict[str, Any]:
+        if self._future is not None:  # finish the evaluation in flight: its result is state
+            self._pending = self._future.result()
+            self._future = None
+        return {
+            "interval": self.interval, "warmup": self.warmup,
+            "windows": [list(w) for w in self._windows], "hits": list(self._hits),
+            "evaluations": self._evaluations,
+            "pending": None if self._pending is None else list(self._pending),
+            "reference": [t.detach().cpu().clone() for t in self._ref_tensors],
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        expected = {"interval", "warmup", "windows", "hits", "evaluations", "pending", "reference"}
+        if set(state) != expected:
+            raise ValueError(f"Egeria: state keys {sorted(state)} differ from {sorted(expected)}")
+        if self.context is None:
+            self._pending_state = dict(state)
+            return
+        if (state["interval"], state["warmup"]) != (self.interval, self.warmup):
+            raise ValueError(
+                f"Egeria: checkpoint has interval={state['interval']}, warmup={state['warmup']}; "
+                f"this run {self.interval}, {self.warmup}: construct Egeria with the same settings."
+            )
+        if len(state["hits"]) != len(self._hits) or len(state["reference"]) != len(self._ref_tensors):
+            raise ValueError("Egeria: the checkpoint belongs to a different model")
+        self._windows = [list(w) for w in state["windows"]]
+        self._hits = list(state["hits"])
+        self._evaluations = int(state["evaluations"])
+        self._pending = None if state["pending"] is None else list(state["pending"])
+        with torch.no_grad():
+            for dst, src in zip(self._ref_tensors, state["reference"]):
+                dst.copy_(src)
+
+    def describe(self) -> str:
+        return (f"Egeria(interval={self.interval}, window={self.window}, tolerance={self.tolerance:g}, "
+                f"patience={self.patience}, ref_refresh={self.ref_refresh}, warmup={self.warmup}, "
+                f"int8 reference on {self.ref_device})")

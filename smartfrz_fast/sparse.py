@@ -1,0 +1,202 @@
+"""Freezing in sparse training (SpFDE, Yuan et al., NeurIPS 2022, "Layer Freezing & Data
+Sieving: Missing Pieces of a Generic Framework for Sparse Training").
+
+``SparseMasks`` holds a model's weight masks (``torch.nn.utils.prune`` masks, or a dict the
+user passes, static or updated by a dynamic-sparse-training schedule) and keeps them and the
+freezer consistent:
+
+- after every optimizer step the masked weights are zeroed (the invariant ``w * ~mask == 0``);
+- the weight history samples only unmasked positions, and is re-drawn when a mask changes;
+- a frozen layer's mask freezes with it: ``update`` leaves frozen layers' masks as they are;
+- ``state_dict``/``load_state_dict`` resume masks and frozen flags. Resume order: model,
+  then ``masks.load_state_dict``, then ``freezer.load_state_dict``, then the optimizer.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+
+# optimizer state tensors that follow a weight elementwise (SGD momentum, Adam moments)
+_ELEMENTWISE_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg", "acc_delta", "sum")
+
+
+def prune_masks(model: nn.Module) -> Dict[str, Tensor]:
+    """The ``torch.nn.utils.prune`` masks of a model, keyed by the name of the parameter they
+    mask (``conv.weight_orig``): the mask buffers themselves, not copies."""
+    masks = {}
+    for module_name, module in model.named_modules():
+        for buf_name, buf in module._buffers.items():
+            if buf is not None and buf_name.endswith("_mask"):
+                orig = buf_name[: -len("_mask")] + "_orig"
+                if orig in module._parameters:
+                    masks[f"{module_name}.{orig}" if module_name else orig] = buf
+    return masks
+
+
+class SparseMasks:
+    """Weight masks of a sparse model, kept consistent with freezing.
+
+    Args:
+        model: the model (its parameter names key the masks).
+        masks: ``{parameter name: mask}`` (bool or 0/1, the parameter's shape); a name of a
+            pruned weight (``conv.weight``) means its ``conv.weight_orig``. None: the model's
+            ``torch.nn.utils.prune`` masks.
+    """
+
+    def __init__(self, model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None) -> None:
+        params = dict(model.named_parameters())
+        self._prune = prune_masks(model)
+        given = dict(self._prune) if masks is None else dict(masks)
+        if not given:
+            raise ValueError(
+                "SparseMasks: no masks: the model has no torch.nn.utils.prune masks and none were "
+                "passed. Prune the model first or pass masks={parameter name: bool tensor}."
+            )
+        self.params: Dict[str, nn.Parameter] = {}
+        self.masks: Dict[str, Tensor] = {}  # bool, on the parameter's device (prune: a bool view is made on use)
+        for name, mask in given.items():
+            if name not in params and name + "_orig" in params:
+                name = name + "_orig"
+            if name not in params:
+                raise ValueError(f"SparseMasks: the model has no parameter '{name}' (mask given for it)")
+            p = params[name]
+            if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(p.shape):
+                shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+                raise ValueError(f"SparseMasks: mask for '{name}' is {shape}, the parameter is {tuple(p.shape)}")
+            if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+                raise ValueError(f"SparseMasks: mask for '{name}' must be bool or 0/1 values")
+            self.params[name] = p
+            self.masks[name] = mask if name in self._prune else mask.to(device=p.device, dtype=torch.bool).clone()
+        self.frozen: set = set()
+        self._freezer = None
+        self._optimizers: List[torch.optim.Optimizer] = []
+        self._hooks: List[Any] = []
+        self.apply_()
+
+    def bool_mask(self, name: str) -> Tensor:
+        m = self.masks[name]
+        return m if m.dtype == torch.bool else m != 0
+
+    def _by_id(self) -> Dict[int, Tensor]:
+        return {id(self.params[n]): self.bool_mask(n) for n in self.params}
+
+    # ------------------------------------------------------------------ invariant
+    @torch.no_grad()
+    def apply_(self, names: Optional[List[str]] = None) -> None:
+        """Zero the masked weights (and their optimizer state) of ``names`` (default: every
+        trainable masked parameter; frozen ones do not change)."""
+        for name in names if names is not None else [n for n in self.params if n not in self.frozen]:
+            p, keep = self.params[name], self.bool_mask(name)
+            p.mul_(keep)
+            for opt in self._optimizers:
+                for key, value in opt.state.get(p, {}).items():
+                    if key in _ELEMENTWISE_STATE and isinstance(value, Tensor) and value.shape == p.shape:
+                        value.mul_(keep)
+
+    def violations(self) -> Dict[str, int]:
+        """``{name: count}`` of masked weights that are not zero (empty when consistent)."""
+        out = {}
+        for name, p in self.params.items():
+            bad = int((p.detach() != 0).logical_and(~self.bool_mask(name)).sum())
+            if bad:
+                out[name] = bad
+        return out
+
+    def density(self) -> float:
+        kept = sum(int(self.bool_mask(n).sum()) for n in self.params)
+        return kept / max(1, sum(p.numel() for p in self.params.values()))
+
+    # ------------------------------------------------------------------ freezer
+    def attach(self, freezer) -> "SparseMasks":
+        """Keep ``freezer`` consistent with the masks: masked weights zeroed after every
+        optimizer step, the history restricted to unmasked positions, masks frozen with their
+        layers. Call before training (and, on resume, before ``freezer.load_state_dict``)."""
+        if self._freezer is not None:
+            raise RuntimeError("SparseMasks is already attached to a freezer")
+        self._freezer = freezer
+        self._optimizers = list(freezer.optimizers)
+        for opt in self._optimizers:
+            self._hooks.append(opt.register_step_post_hook(lambda *args: self.apply_()))
+        freezer.add_freeze_listener(self._on_freeze)
+        if freezer.plan is not None:
+            self._restrict_history()
+        else:  # units are found at the first forward: restrict right after the engine's set-up
+            def after_setup(module, args):
+                self._restrict_history()
+                handle.remove()
+
+            handle = freezer.model.register_forward_pre_hook(after_setup)
+        return self
+
+    def _restrict_history(self, prev: Optional[Dict[int, Tensor]] = None) -> None:
+        history = getattr(self._freezer, "history", None)
+        if history is not None:
+            history.restrict_to_masks(self._by_id(), prev)
+
+    def _on_freeze(self, event, units) -> None:
+        ids = {id(p) for u in units for p in u.parameters}
+        newly = [n for n, p in self.params.items() if id(p) in ids]
+        self.apply_(newly)  # a frozen layer's weights and mask agree from now on
+        self.frozen.update(newly)
+
+    # ------------------------------------------------------------------ dynamic sparse training
+    def update(self, new_masks: Mapping[str, Tensor]) -> List[str]:
+        """A dynamic-sparse-training step: replace masks (prune and grow). Frozen layers keep
+        their masks (SpFDE: a frozen layer's mask freezes with it); newly pruned weights and
+        their optimizer state are zeroed, newly grown ones start at 0. Returns the names whose
+        mask changed."""
+        skipped, changed = [], []
+        prev = self._by_id()
+        for name, mask in new_masks.items():
+            if name not in self.params and name + "_orig" in self.params:
+                name = name + "_orig"
+            if name not in self.params:
+                raise ValueError(f"SparseMasks.update: no mask for '{name}' (masks: {sorted(self.params)[:4]} ...)")
+            if tuple(mask.shape) != tuple(self.params[name].shape):
+                raise ValueError(f"SparseMasks.update: mask for '{name}' has shape {tuple(mask.shape)}, "
+                                 f"expected {tuple(self.params[name].shape)}")
+            mask = mask.to(device=self.params[name].device, dtype=torch.bool)
+            if torch.equal(mask, self.bool_mask(name)):
+                continue
+            if name in self.frozen or not self.params[name].requires_grad:
+                skipped.append(name)
+                continue
+            self.masks[name].copy_(mask)  # prune buffers keep their float dtype
+            changed.append(name)
+        if skipped:
+            warnings.warn(f"SparseMasks.update: {len(skipped)} frozen layer(s) keep their masks: {skipped[:3]}",
+                          stacklevel=2)
+        if changed:
+            self.apply_(changed)
+            if self._freezer is not None:
+                self._restrict_history(prev)
+        return changed
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> Dict[str, Any]:
+        return {"masks": {n: self.bool_mask(n).cpu().clone() for n in self.params},
+                "frozen": sorted(self.frozen)}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if set(state) != {"masks", "frozen"} or set(state["masks"]) != set(self.params):
+            raise ValueError(
+                "SparseMasks: the checkpoint's masks are for parameters "
+                f"{sorted(state.get('masks', {}))[:4]}, this run masks {sorted(self.params)[:4]}: "
+                "construct SparseMasks for the same model and masks."
+            )
+        with torch.no_grad():
+            for name, mask in state["masks"].items():
+                self.masks[name].copy_(mask.to(self.masks[name].device))
+        self.frozen = set(state["frozen"])
+        self.apply_(list(self.params))
+        if self._freezer is not None and self._freezer.plan is not None:
+            self._restrict_history()
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []

@@ -1,0 +1,148 @@
+"""Egeria: int8 fake quantisation, the plasticity rule, real training, resume."""
+
+import pytest
+import torch
+from torch import nn
+
+from smartfrz_fast import Egeria, SmartFreezer
+from smartfrz_fast.policy.base import PolicyContext, UnitInfo
+from smartfrz_fast.policy.egeria import fake_quantize_int8, relative_slope
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                         nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 5))
+
+
+def quant_reference(w):
+    # float64 per-row loop: the specification
+    out = torch.empty_like(w, dtype=torch.float64)
+    for c in range(w.shape[0]):
+        row = w[c].double()
+        s = row.abs().max() / 127 if row.abs().max() > 0 else torch.tensor(1e-300, dtype=torch.float64)
+        out[c] = torch.clamp(torch.round(row / s), -127, 127) * s
+    return out
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-6), (torch.float64, 1e-12), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("shape", [(7, 3, 3, 5), (13, 11), (1, 1)])
+def test_fake_quantize_matches_reference(fresh_seed, dtype, atol, shape):
+    w = (torch.randn(shape, dtype=torch.float64) * 3).to(dtype)
+    w[0].zero_()  # an all-zero channel must not divide by zero
+    q = fake_quantize_int8(w)
+    assert q.dtype == dtype and q.shape == w.shape
+    ref = quant_reference(w)
+    torch.testing.assert_close(q.double(), ref, atol=atol * float(w.abs().max()), rtol=0)
+    # at most half a step from the input, and idempotent (up to the dtype's rounding)
+    step = w.double().abs().reshape(shape[0], -1).amax(1) / 127
+    err = (q.double() - w.double()).abs().reshape(shape[0], -1).amax(1)
+    assert bool((err <= step / 2 + atol * float(w.abs().max()) + 1e-12).all())
+    assert torch.count_nonzero(q[0]) == 0
+    bias = torch.randn(9, dtype=dtype)
+    assert torch.equal(fake_quantize_int8(bias), bias)
+
+
+def test_relative_slope():
+    assert relative_slope([2.0, 2.0, 2.0, 2.0]) == 0.0
+    # y = 1 + x over 0..3: slope 1, mean 2.5, change over the window 3 -> 3 / 2.5
+    assert relative_slope([1.0, 2.0, 3.0, 4.0]) == pytest.approx(1.2)
+    assert relative_slope([5.0]) == float("inf")
+
+
+def bound(policy, num_units=4, total_steps=100):
+    units = [UnitInfo(i, n, 10, 10) for i, n in enumerate(["0", "2", "4", "6"][:num_units])]
+    policy.bind(PolicyContext(units=units, total_steps=total_steps, device=torch.device("cpu"),
+                              max_frozen=num_units - 1))
+    return policy
+
+
+def test_rule_on_constructed_distances():
+    pol = bound(Egeria(mlp(), torch.randn(4, 12), interval=1, warmup=0, window=3, tolerance=0.05,
+                       patience=2, ref_refresh=10))
+    flat, growing = 0.01, lambda k: 0.01 * (1 + k)
+    got = []
+    for k in range(6):  # unit 0 flat, unit 1 growing, unit 2 flat (blocked by unit 1)
+        got.append(pol.observe([flat, growing(k), flat, flat], frozen=0))
+    # window of 3 full at k=2, two hits at k=3
+    assert got == [0, 0, 0, 1, 1, 1]
+    assert pol.last_plasticity[1] > 0.05 > pol.last_plasticity[2]
+    # a unit that moves again loses its hits: patience counts consecutive evaluations
+    pol2 = bound(Egeria(mlp(), torch.randn(4, 12), interval=1, warmup=0, window=3, tolerance=0.05,
+                        patience=2, ref_refresh=10))
+    seq = [0.01, 0.01, 0.01, 0.05, 0.05, 0.05, 0.05]
+    got = [pol2.observe([d, 1.0 * (k + 1), 1.0, 1.0], frozen=0) for k, d in enumerate(seq)]
+    assert got == [0, 0, 0, 0, 0, 0, 1]
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="window"):
+        Egeria(mlp(), torch.randn(2, 12), window=1)
+    with pytest.raises(ValueError, match="ref_refresh"):
+        Egeria(mlp(), torch.randn(2, 12), window=5, ref_refresh=3)
+    with pytest.raises(TypeError, match="nn.Module"):
+        Egeria("model", torch.randn(2, 12))
+    with pytest.raises(ValueError, match="total_steps"):
+        bound(Egeria(mlp(), torch.randn(2, 12)), total_steps=None)
+
+
+def train(model, freezer, opt, steps, start=0):
+    for step in range(start, steps):
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(32, 12, generator=g), torch.randint(0, 5, (32,), generator=g)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+
+
+def make_run(asynchronous=True):
+    model = mlp()
+    probe = torch.randn(64, 12, generator=torch.Generator().manual_seed(7))
+    policy = Egeria(model, probe, interval=2, warmup=2, window=3, tolerance=0.05, patience=2,
+                    ref_refresh=8, asynchronous=asynchronous)
+    # units 0 and 1 cannot move (lr 0): their activations stay at the reference's; 2 and 3 train
+    opt = torch.optim.SGD([{"params": list(model[0].parameters()) + list(model[2].parameters()), "lr": 0.0},
+                           {"params": list(model[4].parameters()) + list(model[6].parameters()), "lr": 0.5}],
+                          momentum=0.9)
+    freezer = SmartFreezer(model, opt, policy=policy, example_inputs=probe[:2], decision_delay=0)
+    return model, opt, policy, freezer
+
+
+def test_freezes_exactly_the_units_that_stopped_learning():
+    model, opt, policy, freezer = make_run()
+    train(model, freezer, opt, 40)
+    policy.close()
+    assert freezer.num_frozen == 2, freezer.report()
+    # evaluations launched at steps 2, 4, 6, 8 are read at 4, 6, 8, 10: the window (3) is full
+    # at step 8 (first hit), the second hit at step 10 freezes
+    assert [e.step for e in freezer.timeline] == [10]
+    stats = policy.overhead()
+    assert stats["evaluations"] >= 15 and stats["worker_s"] > 0
+    assert model[4].weight.requires_grad and model[6].weight.requires_grad
+
+
+def test_sync_and_async_agree_and_resume_is_exact():
+    runs = {}
+    for mode in (True, False):
+        model, opt, policy, freezer = make_run(asynchronous=mode)
+        train(model, freezer, opt, 30)
+        policy.close()
+        runs[mode] = ([e.step for e in freezer.timeline], [p.detach().clone() for p in model.parameters()])
+    assert runs[True][0] == runs[False][0]
+    for a, b in zip(runs[True][1], runs[False][1]):
+        assert torch.equal(a, b)
+    # resume at step 11 (an evaluation in flight) and continue to 30
+    model, opt, policy, freezer = make_run()
+    train(model, freezer, opt, 11)
+    ckpt = {"model": model.state_dict(), "freezer": freezer.state_dict(), "opt": opt.state_dict()}
+    policy.close()
+    model2, opt2, policy2, freezer2 = make_run()
+    model2.load_state_dict(ckpt["model"])
+    freezer2.load_state_dict(ckpt["freezer"])
+    opt2.load_state_dict(ckpt["opt"])
+    train(model2, freezer2, opt2, 30, start=11)
+    policy2.close()
+    assert [e.step for e in freezer2.timeline] == runs[True][0]
+    for a, b in zip(model2.parameters(), runs[True][1]):
+        assert torch.equal(a.detach(), b)

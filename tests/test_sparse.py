@@ -1,0 +1,188 @@
+"""SpFDE freezing in sparse training: masks hold through freezing, DST updates and resume."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from smartfrz_fast import SmartFreezer, SparseMasks, StaticFreeze
+from smartfrz_fast.policy.base import FreezePolicy
+
+from models import SmallCNN, batch
+
+
+class HistoryOnly(FreezePolicy):
+    """Keeps a weight history, freezes the first `n` units at step `at`."""
+
+    needs_history = True
+
+    def __init__(self, n, at):
+        super().__init__()
+        self.n, self.at = n, at
+
+    def decide(self, step, frozen):
+        return self.n if step == self.at else None
+
+
+def sampled_positions_are_unmasked(freezer, masks):
+    h = freezer.history
+    by_id = {id(p): masks.bool_mask(n) for n, p in masks.params.items()}
+    checked = 0
+    for u, unit in enumerate(freezer.units):
+        for k in range(int(h.valid[u])):
+            src = h.sources[int(h.source_ids[u, k])]
+            if id(src) in by_id:
+                flat = src.detach().reshape(-1)  # contiguous parameters: storage offset = flat index
+                assert bool(by_id[id(src)].reshape(-1)[int(h.offsets[u, k])]), (unit.name, k)
+                checked += 1
+    return checked
+
+
+def test_prune_masks_history_and_freeze():
+    torch.manual_seed(0)
+    model = SmallCNN()
+    for m in (model.conv1, model.conv2, model.conv3):
+        prune.l1_unstructured(m, "weight", amount=0.6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    freezer = SmartFreezer(model, opt, policy=HistoryOnly(2, at=4), example_inputs=batch(0)[0],
+                           sample_size=64, window=4, decision_delay=0)
+    masks = SparseMasks(model).attach(freezer)
+    assert set(masks.params) == {"conv1.weight_orig", "conv2.weight_orig", "conv3.weight_orig"}
+    assert sampled_positions_are_unmasked(freezer, masks) > 0
+    # conv1 (72 weights, 60% pruned): fewer unmasked weights than K, all of them drawn
+    assert int(freezer.history.valid[0]) == int(masks.bool_mask("conv1.weight_orig").sum()) + 8 + 16
+    frozen_w = None
+    for step in range(8):
+        x, y = batch(step)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+        assert masks.violations() == {}
+        if step == 3:
+            frozen_w = model.conv2.weight_orig.detach().clone()
+    assert freezer.num_frozen == 2
+    assert masks.frozen == {"conv1.weight_orig", "conv2.weight_orig"}
+    assert torch.equal(model.conv2.weight_orig, frozen_w)
+    assert torch.equal(model.conv2.weight, model.conv2.weight_orig)  # w == w_orig * mask
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 20), nn.ReLU(), nn.Linear(20, 4))
+
+
+def random_masks(model, step, density=0.5):
+    g = torch.Generator().manual_seed(100 + step)
+    return {f"{i}.weight": torch.rand(model[i].weight.shape, generator=g) < density for i in (0, 2)}
+
+
+def run_dst(steps, ckpt_at=None, resume=None):
+    """Dict masks, prune-and-grow every 3 steps, first unit frozen at step 5."""
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    freezer = SmartFreezer(model, opt, policy=HistoryOnly(1, at=5), example_inputs=torch.randn(2, 10),
+                           sample_size=32, window=3, decision_delay=0)
+    masks = SparseMasks(model, random_masks(model, 0)).attach(freezer)
+    start = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        masks.load_state_dict(resume["masks"])
+        freezer.load_state_dict(resume["freezer"])
+        opt.load_state_dict(resume["opt"])
+        start = resume["step"]
+    ckpt = None
+    for step in range(start, steps):
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(16, 10, generator=g), torch.randint(0, 4, (16,), generator=g)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+        if step % 3 == 2:
+            with pytest.warns(UserWarning, match="frozen") if freezer.num_frozen else _nowarn():
+                changed = masks.update(random_masks(model, step))
+            assert "0.weight" not in changed or freezer.num_frozen == 0
+        assert masks.violations() == {}
+        assert sampled_positions_are_unmasked(freezer, masks) > 0
+        if step + 1 == ckpt_at:
+            ckpt = copy.deepcopy({"model": model.state_dict(), "masks": masks.state_dict(), "freezer": freezer.state_dict(),
+                    "opt": opt.state_dict(), "step": step + 1})  # state_dicts alias live tensors
+    return model, masks, freezer, ckpt
+
+
+class _nowarn:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_dynamic_masks_freeze_with_their_layer_and_resume_exactly():
+    model, masks, freezer, ckpt = run_dst(12, ckpt_at=7)
+    assert freezer.num_frozen == 1 and masks.frozen == {"0.weight"}
+    # unit 0's mask is the one it had when it froze (at step 5): the update at step 5 came after
+    assert torch.equal(masks.bool_mask("0.weight"), random_masks(model, 2)["0.weight"])
+    assert torch.equal(masks.bool_mask("2.weight"), random_masks(model, 11)["2.weight"])
+    model2, masks2, freezer2, _ = run_dst(12, resume=ckpt)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    assert freezer2.num_frozen == 1 and masks2.frozen == masks.frozen
+    assert torch.equal(freezer.history.history, freezer2.history.history)
+
+
+def test_restrict_keeps_columns_and_backfills_pruned_with_zero():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, policy=HistoryOnly(0, at=10**9), example_inputs=torch.randn(2, 10),
+                           sample_size=16, window=3)
+    h = freezer.history
+    for _ in range(3):
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+        h.snapshot()
+    before = {(int(i), int(o)): h.history[0, :, k].clone() for k, (i, o) in
+              enumerate(zip(h.source_ids[0], h.offsets[0])) if i >= 0}
+    prev = torch.zeros_like(model[0].weight, dtype=torch.bool)
+    prev[:10] = True
+    new = torch.ones_like(prev)
+    h.restrict_to_masks({id(model[0].weight): new}, {id(model[0].weight): prev})
+    w = model[0].weight.detach().reshape(-1)
+    for k in range(int(h.valid[0])):
+        key = (int(h.source_ids[0, k]), int(h.offsets[0, k]))
+        if key in before:
+            assert torch.equal(h.history[0, :, k], before[key])
+        elif key[0] == 0:
+            expect = 0.0 if key[1] >= 10 * 10 else float(w[key[1]])
+            assert torch.all(h.history[0, :, k] == expect)
+    with pytest.raises(ValueError, match="same shape"):
+        h.restrict_to_masks({id(model[0].weight): torch.ones(3, dtype=torch.bool)})
+
+
+def test_bad_masks():
+    model = mlp()
+    with pytest.raises(ValueError, match="no torch.nn.utils.prune masks"):
+        SparseMasks(model)
+    with pytest.raises(ValueError, match="no parameter"):
+        SparseMasks(model, {"9.weight": torch.ones(2)})
+    with pytest.raises(ValueError, match="the parameter is"):
+        SparseMasks(model, {"0.weight": torch.ones(3, 3)})
+    with pytest.raises(ValueError, match="0/1"):
+        SparseMasks(model, {"0.weight": torch.full((20, 10), 0.5)})
+
+
+def test_static_policy_without_history():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    freezer = SmartFreezer(model, opt, policy=StaticFreeze(2, at_step=2), decision_delay=0)
+    masks = SparseMasks(model, random_masks(model, 0)).attach(freezer)  # before the first forward
+    for step in range(4):
+        nn.functional.cross_entropy(model(torch.randn(8, 10)), torch.randint(0, 4, (8,))).backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+        assert masks.violations() == {}
+    assert masks.frozen == {"0.weight", "2.weight"}
