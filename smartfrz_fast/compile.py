@@ -2,14 +2,19 @@
 
 torch.compile guards on every parameter's ``requires_grad``: a model compiled as one frame
 recompiles at every freeze and, after ``torch._dynamo.config.recompile_limit`` (8) of them,
-gives up and runs eagerly. ``compile_blocks`` compiles each block separately instead; a block
-recompiles at most once (when its input or part of it stops needing grad), and a block that
-is entirely frozen goes back to eager, where autograd records nothing for it (its input
-needs no grad), so it never compiles again.
+gives up and runs eagerly. ``compile_blocks`` compiles each block separately instead. A block
+still recompiles each time one of its units freezes and once when its input stops needing
+grad (the block before it froze whole): about units-per-block + 1 graphs per block class
+(identical blocks share dynamo's cache entries, and so the recompile limit). A block that is
+entirely frozen goes back to eager, where autograd records nothing for it (its input needs no
+grad), so it never compiles again. ``compile_blocks`` warns when a block holds as many units
+as ``recompile_limit``: pick coarser units' blocks, or raise the limit.
 
-``scaler_step`` / ``FreezeAwareGradScaler``: ``GradScaler.step`` raises ("No inf checks were
-recorded for this optimizer") when an optimizer has no gradients, which is what freezing
-every parameter of one optimizer (say, the embedding's) leaves behind.
+``FreezeAwareGradScaler`` (use it in place of ``torch.amp.GradScaler``): ``GradScaler.step``
+raises ("No inf checks were recorded for this optimizer") when an optimizer has no gradients,
+which is what freezing every parameter of one optimizer (say, the embedding's) leaves behind,
+and ``GradScaler.update`` raises when no optimizer stepped at all. ``scaler_step`` fixes only
+the first for a plain ``GradScaler``.
 
 ``check_grads_after_freeze``: reentrant activation checkpointing
 (``checkpoint(..., use_reentrant=True)``) whose input needs no grad, the output of a frozen
@@ -39,8 +44,33 @@ class CompiledBlocks:
         for block in self.blocks:
             block.compile(**compile_kwargs)
         self.refresh()
+        self._checked = False
         if freezer is not None:
-            freezer.add_freeze_listener(lambda event, units: self.refresh())
+            if freezer.plan is not None:
+                self._check_recompile_budget(freezer.units)
+            freezer.add_freeze_listener(lambda event, units: self._on_freeze(freezer))
+
+    def _on_freeze(self, freezer: Any) -> None:
+        if not self._checked:  # units found lazily, at the first forward
+            self._check_recompile_budget(freezer.units)
+        self.refresh()
+
+    def _check_recompile_budget(self, units: Sequence[Any]) -> None:
+        """Warn when a block holds ``recompile_limit`` units or more: its units' freezes plus
+        its input's would take more graphs than dynamo keeps, and it would fall back to eager."""
+        self._checked = True
+        limit = int(torch._dynamo.config.recompile_limit)
+        for i, block in enumerate(self.blocks):
+            inside = {id(m) for m in block.modules()}
+            count = sum(1 for u in units if any(id(m) in inside for m in u.modules))
+            if count >= limit:
+                warnings.warn(
+                    f"compile_blocks: block {i} ({type(block).__name__}) holds {count} freezable units; "
+                    f"freezing them one by one takes up to {count + 1} compiled graphs, beyond "
+                    f"torch._dynamo.config.recompile_limit={limit}, after which dynamo runs the block "
+                    "eagerly. Compile smaller blocks, or raise recompile_limit.",
+                    stacklevel=3,
+                )
 
     def refresh(self) -> int:
         """Switch every fully frozen block to eager; returns how many run eagerly."""
@@ -65,7 +95,11 @@ def _has_grads(optimizer: torch.optim.Optimizer) -> bool:
 
 def scaler_step(scaler: "torch.amp.GradScaler", optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any):
     """``scaler.step(optimizer)`` that skips an optimizer with no gradients (all its
-    parameters frozen) instead of raising."""
+    parameters frozen) instead of raising.
+
+    Prefer ``FreezeAwareGradScaler``: with a plain ``GradScaler``, a step in which *every*
+    optimizer was skipped makes the following ``scaler.update()`` raise ("No inf checks were
+    recorded prior to update"); ``FreezeAwareGradScaler.update`` keeps the scale instead."""
     if not _has_grads(optimizer):
         scaler._per_optimizer_states.pop(id(optimizer), None)  # drop an empty unscale_ record
         return None

@@ -1,11 +1,15 @@
 """Freezing under data parallelism: DDP (plain or re-wrapped) and FSDP2.
 
 Every rank must freeze the same units at the same step, or the ranks' autograd graphs and
-collectives disagree and training hangs or diverges. The engine therefore lets every rank
-run its policy as usual but applies only rank 0's decision, which ``DecisionSync``
-broadcasts. The broadcast is one int64 per step while units are still left to freeze (none
-afterwards); with NCCL it stays on the GPU and is read ``decision_delay`` steps later like any
-GPU decision (no extra host sync); with gloo it is a small blocking CPU collective.
+collectives disagree and training hangs or diverges. Schedule policies (FreezeOut,
+LinearFreeze, StaticFreeze: ``deterministic_schedule``) compute the same int on every rank
+and are applied as in a single process, with no collective at all. For data-dependent
+policies every rank runs its policy as usual but applies only rank 0's decision, which
+``DecisionSync`` broadcasts at the steps where ``policy.decides_at(step)`` holds (computed on
+every rank from shared counters, so all ranks join the same collectives; AutoFreeze: interval
+ends), while units are still left to freeze. With NCCL the broadcast stays on the GPU and is
+read ``decision_delay`` steps later like any GPU decision (no extra host sync); with gloo it
+is a small blocking CPU collective.
 
 What happens to the wrapper after a freeze:
 
@@ -72,20 +76,32 @@ def unwrap(model: nn.Module) -> Tuple[nn.Module, Optional[str]]:
 
 def check_ddp(ddp: DistributedDataParallel) -> None:
     """Refuse DDP settings under which a freeze mid-run would fail."""
-    if getattr(ddp, "static_graph", False):
+    check_ddp_settings(getattr(ddp, "static_graph", False), ddp.find_unused_parameters)
+
+
+def check_ddp_settings(
+    static_graph: bool,
+    find_unused_parameters: bool,
+    *,
+    fix_static: str = "Drop static_graph=True and wrap the model in "
+    "smartfrz_fast.distributed.FreezableDDP(module, ...) (rebuilt after each freeze) or pass "
+    "find_unused_parameters=True.",
+    fix_unused: str = "Wrap the model in smartfrz_fast.distributed.FreezableDDP(module, **ddp_kwargs) "
+    "instead (recommended: it re-wraps after each freeze and stops all-reducing the frozen prefix), "
+    "or pass find_unused_parameters=True.",
+) -> None:
+    """The one check of DDP settings, for a DDP object and for the trainers' DDP options
+    (which pass their own way to fix it)."""
+    if static_graph:
         raise ValueError(
-            "SmartFreezer: DistributedDataParallel(static_graph=True) records the autograd graph "
-            "once and forbids freezing layers mid-run. Drop static_graph=True and wrap the model in "
-            "smartfrz_fast.distributed.FreezableDDP(module, ...) (rebuilt after each freeze) or "
-            "pass find_unused_parameters=True."
+            "SmartFreezer: DistributedDataParallel with static_graph=True records the autograd graph "
+            f"once and forbids freezing layers mid-run. {fix_static}"
         )
-    if not ddp.find_unused_parameters:
+    if not find_unused_parameters:
         raise ValueError(
-            "SmartFreezer: this DistributedDataParallel has find_unused_parameters=False, so the "
-            "first backward after a freeze would fail (the frozen parameters never get a gradient). "
-            "Wrap the model in smartfrz_fast.distributed.FreezableDDP(module, **ddp_kwargs) instead "
-            "(recommended: it re-wraps after each freeze and stops all-reducing the frozen prefix), "
-            "or pass find_unused_parameters=True."
+            "SmartFreezer: DistributedDataParallel with find_unused_parameters=False fails at the "
+            "first backward after a freeze (the frozen parameters never get a gradient). "
+            f"{fix_unused}"
         )
 
 
@@ -136,7 +152,8 @@ class FreezableDDP(nn.Module):
 
 
 class DecisionSync:
-    """Broadcasts rank 0's freeze decision (an int64, ``NO_DECISION`` for none) each step."""
+    """Broadcasts rank 0's freeze decision (an int64, ``NO_DECISION`` for none) at the steps
+    where the policy may decide (all ranks call ``broadcast`` at the same steps)."""
 
     def __init__(self, process_group: Any, param_device: torch.device) -> None:
         import torch.distributed as dist

@@ -11,9 +11,9 @@ Usage (after ``optimizer.step()`` each iteration)::
 
 Freezing is monotone and front-to-back. Freezing a unit turns off ``requires_grad``, drops
 its gradients, removes its parameters from every optimizer group and deletes their optimizer
-state (the memory is released), and keeps its norm layers in eval mode even after
-``model.train()``. With the input needing no grad, autograd then records nothing for the
-frozen prefix: its backward pass is gone.
+state (the memory is released), and keeps its norm layers and the dropout inside its span of
+the forward pass in eval mode even after ``model.train()``. With the input needing no grad,
+autograd then records nothing for the frozen prefix: its backward pass is gone.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .policy.base import Decision, FreezePolicy, PolicyContext, UnitInfo
-from .units import Unit, UnitPlan, discover_units
+from .units import Unit, UnitPlan, as_args, discover_units
 
 STATE_FORMAT = "smartfrz_fast.SmartFreezer"
 STATE_VERSION = 1
@@ -89,8 +89,10 @@ class SmartFreezer:
             later, by when its copy to the host has long finished (no stall, same every run).
         seed: seed of the sampled weight positions.
         process_group: distributed training (see ``smartfrz_fast.distributed``): every rank
-            applies rank 0's decision, broadcast in this group. None: the DDP wrapper's group,
-            else the default group when torch.distributed runs more than one rank. False: no sync.
+            applies rank 0's decision, broadcast in this group at the steps where the policy
+            ``decides_at`` (never for schedule policies, which agree by construction). None:
+            the DDP wrapper's group, else the default group when torch.distributed runs more
+            than one rank. False: no sync.
     """
 
     def __init__(
@@ -143,6 +145,7 @@ class SmartFreezer:
         self._grad_sq: Optional[Tensor] = None
         self._grad_index_cache: Dict[Any, Tensor] = {}
         self._hooks: List[Any] = []
+        self._first_forward_hook: Optional[Any] = None
         self._eval_hooks: List[Any] = []
         self._nonfinite_warned = False
         self._freeze_listeners: List[Callable[[FreezeEvent, Sequence[Unit]], None]] = []
@@ -150,32 +153,35 @@ class SmartFreezer:
         from . import distributed
 
         self.module, self._dist_kind = distributed.unwrap(model)
+        if policy.needs_history and self._dist_kind == "fsdp2":  # refused before any forward
+            raise ValueError(
+                f"SmartFreezer: {type(policy).__name__} keeps a weight history, which does not "
+                "support FSDP2's sharded (DTensor) parameters yet. Under FSDP2 use FreezeOut, "
+                "AutoFreeze, LinearFreeze or StaticFreeze, or train with DDP."
+            )
         self._process_group = process_group
         self._sync = None
         if self._dist_kind == "freezable_ddp":
             self.add_freeze_listener(lambda event, units: model.rewrap())
 
         if example_inputs is not None:
-            args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-            self._setup(args, example_kwargs)
-        else:
-            self._hooks.append(model.register_forward_pre_hook(self._setup_on_first_forward, with_kwargs=True))
+            self._setup(as_args(example_inputs), example_kwargs)
+        else:  # kept apart from self._hooks: other code adds hooks there before the first forward
+            self._first_forward_hook = model.register_forward_pre_hook(
+                self._setup_on_first_forward, with_kwargs=True)
 
     # ------------------------------------------------------------------ set-up
     def _setup_on_first_forward(self, module, args, kwargs):
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
+        self._remove_first_forward_hook()
         self._setup(args, kwargs)
+
+    def _remove_first_forward_hook(self) -> None:
+        if self._first_forward_hook is not None:
+            self._first_forward_hook.remove()
+            self._first_forward_hook = None
 
     def _setup(self, args: Tuple[Any, ...], kwargs: Optional[Dict[str, Any]]) -> None:
         plan = discover_units(self.module, args, kwargs)
-        if self.policy.needs_history and self._dist_kind == "fsdp2":
-            raise ValueError(
-                f"SmartFreezer: {type(self.policy).__name__} keeps a weight history, which does not "
-                "support FSDP2's sharded (DTensor) parameters yet. Under FSDP2 use FreezeOut, "
-                "AutoFreeze, LinearFreeze or StaticFreeze, or train with DDP."
-            )
         self._check_optimizers(plan.units)
         self.plan = plan
         max_frozen = max(0, len(plan.units) - self.keep_trainable)
@@ -289,15 +295,30 @@ class SmartFreezer:
                 self.policy.observe_gradients(step - 1, self._grad_sq)
                 self._grad_sq = torch.zeros_like(self._grad_sq)
             if self.num_frozen < self.max_frozen:
-                decision = self.policy.decide(step, self.num_frozen)
-                if self._sync is not None:  # every rank applies rank 0's decision
-                    decision = self._sync.broadcast(decision)
+                decision = self._decide(step)
                 if decision is not None:
                     self._submit(step, decision)
         with _range("smartfrz::apply"):
             self._apply_due(step)
             if self.policy.manages_lr:
                 self._apply_lr_factors(step)
+
+    def _decide(self, step: int) -> Optional[Decision]:
+        """The policy's decision; under DDP rank 0's, broadcast only where the policy may
+        decide (schedules: never, every rank computes the same int)."""
+        if self._sync is None or self.policy.deterministic_schedule:
+            return self.policy.decide(step, self.num_frozen)
+        broadcast = self.policy.decides_at(step)  # before decide(), which may advance counters
+        decision = self.policy.decide(step, self.num_frozen)
+        if not broadcast:
+            if decision is not None:
+                raise RuntimeError(
+                    f"{type(self.policy).__name__}.decide returned a decision at step {step}, where "
+                    "its decides_at() said it would not: under DDP the ranks would disagree. Make "
+                    "decides_at() true at every step where decide() may return a decision."
+                )
+            return None
+        return self._sync.broadcast(decision)  # every rank applies rank 0's decision
 
     @property
     def max_frozen(self) -> int:
@@ -341,7 +362,9 @@ class SmartFreezer:
             for p in unit.parameters:
                 p.requires_grad_(False)
                 p.grad = None
-            for module in unit.norm_modules:
+            # norm statistics stop moving and dropout stops: a frozen prefix is a fixed
+            # feature extractor, as in the activation cache
+            for module in unit.norm_modules + unit.dropout_modules:
                 module.eval()
                 self._eval_hooks.append(module.register_forward_pre_hook(_force_eval))
         for opt in self.optimizers:
@@ -509,7 +532,10 @@ class SmartFreezer:
         )
 
     def close(self) -> None:
-        """Remove the hooks the engine placed (frozen norm layers stay in eval until then)."""
+        """Remove the hooks the engine placed (frozen norm layers stay in eval until then) and
+        close the policy."""
+        self._remove_first_forward_hook()
+        self.policy.close()
         for hook in self._hooks + self._eval_hooks:
             hook.remove()
         self._hooks.clear()

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from .engine import FreezeEvent, SmartFreezer
 from .policy.base import FreezePolicy
-from .units import Unit, discover_units
+from .units import Unit, as_args, discover_units
 
 LossFn = Callable[[Any], Tensor]
 OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
@@ -98,10 +98,6 @@ def _first_tensor(value: Any) -> Optional[Tensor]:
 
 def _sgd(params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.01, momentum=0.9)
-
-
-def _as_args(inputs: Any) -> Tuple[Any, ...]:
-    return inputs if isinstance(inputs, tuple) else (inputs,)
 
 
 def _median(values: Sequence[float]) -> float:
@@ -246,7 +242,7 @@ def profile_units(
     """Per-unit forward/backward time (median of ``repeats`` steps) and memory, on a copy."""
     _check_counts(repeats, warmup)
     work = copy.deepcopy(model).train()
-    args, kwargs = _as_args(inputs), dict(kwargs or {})
+    args, kwargs = as_args(inputs), dict(kwargs or {})
     optimizer = optimizer_factory(work.parameters())
     units = discover_units(work, args, kwargs).units
     clock = _Clock(_device_of(work))
@@ -353,7 +349,7 @@ def profile_prefixes(
     _check_counts(repeats, warmup)
     from .policy import StaticFreeze
 
-    args, kwargs = _as_args(inputs), dict(kwargs or {})
+    args, kwargs = as_args(inputs), dict(kwargs or {})
     ref = copy.deepcopy(model).train()
     ref_opt = optimizer_factory(ref.parameters())
     work = copy.deepcopy(model).train()
@@ -530,7 +526,7 @@ def profile_overhead(
     unknown = [p for p in policies if p not in POLICY_NAMES]
     if unknown:
         raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICY_NAMES)}")
-    args, kwargs = _as_args(inputs), dict(kwargs or {})
+    args, kwargs = as_args(inputs), dict(kwargs or {})
     num_units = len(discover_units(copy.deepcopy(model), args, kwargs).units)
     baseline = _overhead_run(model, args, kwargs, None, loss_fn, optimizer_factory, steps, warmup)
     rows = []

@@ -11,8 +11,9 @@ forbids the frozen prefix from ending between its first and last use.
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
@@ -29,6 +30,19 @@ def is_norm_module(module: nn.Module) -> bool:
     return any(marker in type(module).__name__ for marker in NORM_CLASS_MARKERS)
 
 
+DROPOUT_CLASS_MARKERS = ("Dropout", "DropPath", "DropBlock")
+
+
+def is_dropout_module(module: nn.Module) -> bool:
+    """Random regularisers without parameters: torch's dropouts and, by class name, DropPath
+    (stochastic depth) and DropBlock."""
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return True
+    if any(True for _ in module.children()) or any(True for _ in module.parameters()):
+        return False  # only parameter-free leaves (not a model named "...Dropout...")
+    return any(marker in type(module).__name__ for marker in DROPOUT_CLASS_MARKERS)
+
+
 @dataclass
 class Unit:
     """A freezable unit: one parameter-owning layer plus the norm layers that follow it."""
@@ -40,6 +54,9 @@ class Unit:
     parameters: List[nn.Parameter]
     forward_flops: int = 0
     norm_modules: List[nn.Module] = field(default_factory=list)
+    # dropout modules whose every call falls in this unit's span of the forward pass (after
+    # its first op, before the next unit's): put in eval with the unit when it freezes
+    dropout_modules: List[nn.Module] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -80,6 +97,7 @@ class _ForwardTracer(TorchDispatchMode):
         self.first_use: Dict[str, int] = {}
         self.last_use: Dict[str, int] = {}
         self.op_flops: List[int] = []
+        self.module_calls: Dict[int, Tuple[int, int]] = {}  # id(module) -> (first, last) op index at call
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -113,11 +131,30 @@ def _qualified(module_name: str, attr: str) -> str:
     return f"{module_name}.{attr}" if module_name else attr
 
 
+def as_args(inputs: Any) -> Tuple[Any, ...]:
+    """Example inputs as positional arguments: a tuple is the positional arguments, anything
+    else (a tensor, a list, a dict) is the one positional argument."""
+    return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+@contextmanager
+def preserved_state(model: nn.Module) -> Iterator[None]:
+    """Run a look-only forward pass: the model's buffers (norm running statistics) and the RNG
+    (CPU and the model's GPUs, e.g. dropout masks) are as before afterwards."""
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+
+
 def trace_forward(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[str, Any]],
                   watched: Dict[int, str]) -> _ForwardTracer:
     """Run one forward pass under the tracer without changing the model or the RNG."""
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
     watched = dict(watched)  # grows below; the caller's map stays as it was
     tracer = _ForwardTracer(watched)
     # FSDP2 swaps each sharded parameter for an unsharded one while its module runs: watch
@@ -126,6 +163,8 @@ def trace_forward(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[s
              for attr, p in m._parameters.items() if p is not None and id(p) in watched}
 
     def watch_current(module, inputs):
+        at = len(tracer.op_flops)
+        tracer.module_calls[id(module)] = (tracer.module_calls.get(id(module), (at, at))[0], at)
         for attr, p in module._parameters.items():
             name = names.get((id(module), attr))
             if name is not None and p is not None:
@@ -133,15 +172,12 @@ def trace_forward(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[s
 
     hooks = [m.register_forward_pre_hook(watch_current) for m in model.modules()]
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
+        with preserved_state(model), torch.no_grad():
             with tracer:
                 model(*args, **(kwargs or {}))
     finally:
         for hook in hooks:
             hook.remove()
-    with torch.no_grad():
-        for name, b in model.named_buffers():
-            b.copy_(buffers[name])
     return tracer
 
 
@@ -184,6 +220,14 @@ def discover_units(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[
             groups.append([key])
 
     op_starts = [layer_first_use[g[0]] for g in groups]
+    # Each dropout goes to the unit whose span holds its last call (module calls are recorded
+    # when they start): it turns off only once every call of it lies in the frozen prefix.
+    dropouts_of: Dict[int, List[nn.Module]] = {}
+    for module in model.modules():
+        calls = tracer.module_calls.get(id(module))
+        if calls is not None and is_dropout_module(module):
+            owner = max((i for i, start in enumerate(op_starts) if start <= calls[1]), default=0)
+            dropouts_of.setdefault(owner, []).append(module)
     units: List[Unit] = []
     for index, group in enumerate(groups):
         names = [n for key in group for n in layer_params[key]]
@@ -198,6 +242,7 @@ def discover_units(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[
             parameters=[params_by_name[n] for n in names],
             forward_flops=sum(tracer.op_flops[start:end]),
             norm_modules=[m for m in modules if is_norm_module(m)],
+            dropout_modules=dropouts_of.get(index, []),
         ))
 
     # A cut before unit i is allowed unless a parameter of an earlier unit is read again later.

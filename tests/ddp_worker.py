@@ -1,11 +1,14 @@
 """Run by test_distributed.py: two real processes over gloo train with freezing.
 
-usage: ddp_worker.py MODE OUT_DIR [PORT]    MODE in {rewrap, unused, fsdp2, fsdp2_autofreeze}
+usage: ddp_worker.py MODE OUT_DIR [PORT]
+MODE in {rewrap, unused, fsdp2, fsdp2_autofreeze, schedule}
 
 Each rank sees different data and runs ``RankSkewed``, a policy that proposes a different
 frozen prefix on each rank; the engine must apply rank 0's proposals on both. Rank 0 then
 replays the same freeze schedule in a single process on the concatenated batches (the exact
 equivalent of data-parallel SGD with mean-reduced gradients) and saves that reference.
+"schedule" runs LinearFreeze (a deterministic schedule: no broadcast at all) under FreezableDDP,
+and the reference runs the same LinearFreeze in one process.
 """
 
 import os
@@ -17,8 +20,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from smartfrz_fast import AutoFreeze, FreezePolicy, SmartFreezer
-from smartfrz_fast.distributed import FreezableDDP
+from smartfrz_fast import AutoFreeze, FreezePolicy, LinearFreeze, SmartFreezer
+from smartfrz_fast.distributed import DecisionSync, FreezableDDP
 
 STEPS, BATCH, WIDTH, BLOCKS = 14, 6, 12, 5
 
@@ -32,6 +35,9 @@ class RankSkewed(FreezePolicy):
         super().__init__()
         self.rank = rank
         self.proposals = []
+
+    def decides_at(self, step):
+        return step % 3 == 0
 
     def decide(self, step, frozen):
         if step % 3:
@@ -50,6 +56,10 @@ class Replay(FreezePolicy):
 
     def decide(self, step, frozen):
         return self.schedule.get(step)
+
+
+def schedule_policy():
+    return LinearFreeze(freeze_start=0.2)
 
 
 def make_model():
@@ -78,12 +88,25 @@ def full_state(module):
             for k, v in module.state_dict().items()}
 
 
+def count_broadcasts():
+    calls = []
+    original = DecisionSync.broadcast
+
+    def broadcast(self, decision):
+        calls.append(1)
+        return original(self, decision)
+
+    DecisionSync.broadcast = broadcast
+    return calls
+
+
 def worker(rank, world, port, mode, out):
     torch.set_num_threads(1)
+    broadcasts = count_broadcasts()
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     inner = make_model()
-    if mode == "rewrap":
+    if mode in ("rewrap", "schedule"):
         model = FreezableDDP(inner)
     elif mode == "unused":
         model = nn.parallel.DistributedDataParallel(inner, find_unused_parameters=True)
@@ -94,10 +117,15 @@ def worker(rank, world, port, mode, out):
             fully_shard(block)
         model = fully_shard(inner)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
-    policy = AutoFreeze(interval=3, percentile=60) if mode == "fsdp2_autofreeze" else RankSkewed(rank)
+    if mode == "fsdp2_autofreeze":
+        policy = AutoFreeze(interval=3, percentile=60)
+    elif mode == "schedule":
+        policy = schedule_policy()
+    else:
+        policy = RankSkewed(rank)
     # "unused" hands the engine the inner module (the DDP wrapper stays outside its view).
     seen = inner if mode == "unused" else model
-    freezer = SmartFreezer(seen, optimizer, policy, example_inputs=data(0, rank)[0])
+    freezer = SmartFreezer(seen, optimizer, policy, example_inputs=data(0, rank)[0], total_steps=STEPS)
     train(model, freezer, optimizer, lambda step: data(step, rank))
     frozen = [p for u in freezer.units[:freezer.num_frozen] for p in u.parameters]
     result = {
@@ -109,6 +137,7 @@ def worker(rank, world, port, mode, out):
         "optimizer_params": sum(len(g["params"]) for g in optimizer.param_groups),
         "optimizer_state": len(optimizer.state),
         "rewraps": getattr(model, "rewraps", None),
+        "broadcasts": len(broadcasts),
     }
     torch.save(result, out / f"rank{rank}.pt")
     dist.barrier()
@@ -116,8 +145,9 @@ def worker(rank, world, port, mode, out):
     if rank == 0 and mode != "fsdp2_autofreeze":  # single-process reference, same schedule
         ref = make_model()
         ref_opt = torch.optim.SGD(ref.parameters(), lr=0.2, momentum=0.9)
-        ref_freezer = SmartFreezer(ref, ref_opt, Replay(result["events"]), example_inputs=data(0, 0)[0],
-                                   process_group=False)
+        ref_policy = schedule_policy() if mode == "schedule" else Replay(result["events"])
+        ref_freezer = SmartFreezer(ref, ref_opt, ref_policy, example_inputs=data(0, 0)[0],
+                                   total_steps=STEPS, process_group=False)
         train(ref, ref_freezer, ref_opt, lambda step: tuple(
             torch.cat(parts) for parts in zip(*(data(step, r) for r in range(world)))))
         torch.save({"events": [(e.step, e.num_frozen) for e in ref_freezer.timeline],

@@ -75,6 +75,17 @@ def test_training_with_cache_gives_the_same_weights(storage, tmp_path):
     assert_same_weights(plain, cached)  # fp32 storage, deterministic CPU run: bit for bit
 
 
+def test_dropout_in_the_frozen_prefix_cached_and_uncached_agree():
+    # The engine turns off the dropout inside the frozen prefix, as the cache's eval mode does:
+    # training with and without the cache gives the same weights (before the freeze both run
+    # the plain model with dropout on, drawing the same masks).
+    plain, _, freezer = train(chain_model(dropout=0.5))
+    assert freezer.units[0].dropout_modules == [plain[3]] and not plain[3].training
+    cached, cache, _ = train(chain_model(dropout=0.5), dict(deterministic=True))
+    assert cache.active and cache.stats["hits"] > 0
+    assert_same_weights(plain, cached)
+
+
 def test_fx_model_with_cache_gives_the_same_weights():
     def make():
         torch.manual_seed(0)

@@ -94,12 +94,52 @@ def test_compile_blocks_progressive_freeze(dynamo_strict):
     blocks = compiled["blocks"]
     assert blocks.eager == [True] * BLOCKS
     assert all(b._compiled_call_impl is None for b in blocks.blocks)
-    # At most one recompile per block on top of the first compiles (in fact the blocks share
-    # code, and dynamo shares the cache entries between identical blocks: far fewer).
-    assert 1 <= counter.frame_count <= 2 + BLOCKS
+    # Each unit frozen inside a block and the block's input stopping to need grad each force a
+    # graph: units-per-block + 1 = 3, shared by the 12 identical blocks (same code, one cache).
+    assert 1 <= counter.frame_count <= 3
     # Same training as eager with the same freezes (the "eager" dynamo backend runs the same ops).
     _, eager_losses = train(Net(), 2 * BLOCKS + 2)
     torch.testing.assert_close(losses, eager_losses, rtol=1e-6, atol=1e-7)
+
+
+class ThreeUnitBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = (nn.Linear(WIDTH, WIDTH) for _ in range(3))
+
+    def forward(self, x):
+        return x + self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+class StemBlockHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.block, self.head = nn.Linear(WIDTH, WIDTH), ThreeUnitBlock(), nn.Linear(WIDTH, 3)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x)))
+
+
+def test_compile_blocks_recompiles_once_per_unit_frozen_inside_a_block(dynamo_strict):
+    # stem frozen (the block's input stops needing grad), then a, then b: 4 graphs for a
+    # 3-unit block (units + 1); c frozen sends the whole block back to eager.
+    counter = CompileCounter()
+    freezer, _ = train(StemBlockHead(), 6, lambda model, f: compile_blocks([model.block], f, backend=counter))
+    assert freezer.num_frozen == 4
+    assert counter.frame_count == 4
+
+
+def test_compile_blocks_warns_when_a_block_has_recompile_limit_units(dynamo_strict):
+    model = StemBlockHead()
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), OneMorePerStep(),
+                           example_inputs=torch.randn(2, WIDTH))
+    with torch._dynamo.config.patch(recompile_limit=3):
+        with pytest.warns(UserWarning, match=r"block 0 \(ThreeUnitBlock\) holds 3 freezable units.*recompile_limit=3"):
+            compile_blocks([model.block], freezer, backend="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compile_blocks([model.block], freezer, backend="eager")  # limit 8: room enough
 
 
 def test_compile_blocks_rejects_bad_input():
@@ -163,6 +203,38 @@ def test_gradscaler_with_an_optimizer_left_without_gradients(how):
     assert torch.equal(model[0].weight, frozen_weight)  # ... and not after
     assert not torch.equal(model[4].weight, head_before)  # the rest keeps training
     assert scaler.get_scale() == 2.0 ** 8  # no overflow seen, no growth yet
+
+
+def test_update_after_every_optimizer_was_skipped():
+    # After the freeze, step only the fully frozen optimizer: nothing steps at all. A plain
+    # GradScaler (with scaler_step) then fails in update(); FreezeAwareGradScaler keeps the scale.
+    for cls in (torch.amp.GradScaler, FreezeAwareGradScaler):
+        model, first, rest, freezer, scaler = two_optimizer_setup(cls)
+        for step in range(2):
+            amp_step(model, scaler, step)
+            for opt in (first, rest):
+                scaler.step(opt)
+            scaler.update()
+            for opt in (first, rest):
+                opt.zero_grad()
+            freezer.step()
+        assert freezer.num_frozen == 1 and not first.param_groups[0]["params"]
+        scale = scaler.get_scale()
+        amp_step(model, scaler, 2)
+        scaler_step(scaler, first)
+        if cls is torch.amp.GradScaler:
+            with pytest.raises(AssertionError, match="No inf checks were recorded prior to update"):
+                scaler.update()
+        else:
+            scaler.update()
+            assert scaler.get_scale() == scale
+            rest.zero_grad()  # the next step goes on normally
+            amp_step(model, scaler, 3)
+            before = model[4].weight.detach().clone()
+            for opt in (first, rest):
+                scaler.step(opt)
+            scaler.update()
+            assert not torch.equal(model[4].weight, before)
 
 
 def test_freeze_aware_scaler_update_with_nothing_stepped():

@@ -59,6 +59,19 @@ def test_two_ranks_freeze_together_and_stay_in_sync(mode, tmp_path):
         assert r["optimizer_state"] == r["optimizer_params"]  # frozen momentum buffers deleted
     if mode == "rewrap":
         assert r0["rewraps"] == r1["rewraps"] == 4
+    # Rank 0's decision is broadcast only where the policy decides (every third step), not
+    # every step.
+    assert r0["broadcasts"] == r1["broadcasts"] == 4
+
+
+def test_schedule_policy_needs_no_broadcast_and_matches_one_process(tmp_path):
+    # LinearFreeze depends only on the step: every rank computes the same int, nothing is
+    # broadcast, and the timeline is the single-process one (same steps, same prefixes).
+    (r0, r1), ref = run_worker("schedule", tmp_path)
+    assert r0["broadcasts"] == r1["broadcasts"] == 0
+    assert r0["events"] == r1["events"] == ref["events"] and len(r0["events"]) >= 2
+    assert max_diff(r0["state"], r1["state"]) == 0.0
+    assert max_diff(r0["state"], ref["state"]) < 1e-5
 
 
 @pytest.mark.slow
@@ -68,6 +81,8 @@ def test_fsdp2_autofreeze_on_sharded_gradients(tmp_path):
     (r0, r1), _ = run_worker("fsdp2_autofreeze", tmp_path)
     assert r0["events"] == r1["events"] and r0["events"]
     assert max_diff(r0["state"], r1["state"]) == 0.0
+    # broadcast only at AutoFreeze's interval ends after the first (steps 6, 9, 12)
+    assert 1 <= r0["broadcasts"] == r1["broadcasts"] <= 3
 
 
 # ---------------------------------------------------------------- refusals (one-rank group)
@@ -142,6 +157,28 @@ def test_fsdp2_with_a_history_policy_is_refused(one_rank_group):
 
     model = mlp()
     fully_shard(model)
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(1))
     with pytest.raises(ValueError, match="weight history.*FSDP2"):
         SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), NeedsHistory(1),
                      example_inputs=torch.randn(2, 4))
+    assert not forwards  # refused before the unit-finding forward pass ran
+
+
+def test_activation_cache_refuses_distributed_wrappers(one_rank_group):
+    # The cache runs the blocks directly, around DDP's reducer: the ranks would drift apart.
+    from smartfrz_fast.cache import ActivationCache
+
+    inner = mlp()
+    model = FreezableDDP(inner)
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1),
+                           example_inputs=torch.randn(2, 4))
+    with pytest.raises(NotImplementedError, match="does not support distributed wrappers yet"):
+        ActivationCache(freezer, num_samples=8, deterministic=True, blocks=list(inner))
+    # The engine given the inner module, DDP outside its view: wrap(ddp_model) is refused too.
+    plain = SmartFreezer(inner, torch.optim.SGD(inner.parameters(), lr=0.1), StaticFreeze(1),
+                         example_inputs=torch.randn(2, 4))
+    cache = ActivationCache(plain, num_samples=8, deterministic=True, blocks=list(inner))
+    ddp = nn.parallel.DistributedDataParallel(inner, find_unused_parameters=True)
+    with pytest.raises(NotImplementedError, match="ddp-wrapped"):
+        cache.wrap(ddp)

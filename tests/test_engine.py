@@ -231,3 +231,69 @@ def test_step_without_optimizer_hooks_leaks_no_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         train(model, opt, freezer, 5)
+
+
+class DropoutNet(nn.Module):
+    """Dropout in the first unit's span, in the trainable part, and one module used in both."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.head = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+        self.drop_in, self.drop_mid, self.drop_late, self.shared = (nn.Dropout(0.5) for _ in range(4))
+
+    def forward(self, x):
+        x = self.fc1(self.drop_in(x))  # drop_in runs before any unit: unit 0's span
+        x = self.shared(self.drop_mid(torch.relu(x)))  # after fc1, before fc2: unit 0's span
+        x = self.drop_late(torch.relu(self.fc2(x)))  # fc2's span
+        return self.head(self.shared(x))  # shared: also called in fc2's span
+
+
+def test_frozen_units_dropout_is_forced_to_eval():
+    model = DropoutNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=1), example_inputs=torch.randn(3, 6))
+    assert freezer.units[0].dropout_modules == [model.drop_in, model.drop_mid]
+    assert freezer.units[1].dropout_modules == [model.drop_late, model.shared]  # last call decides
+    model(torch.randn(3, 6)).sum().backward()
+    opt.step()
+    freezer.step()
+    model.train()
+    model(torch.randn(3, 6))  # the forced-eval hooks run at each forward
+    assert not model.drop_in.training and not model.drop_mid.training  # frozen: fixed features
+    assert model.drop_late.training and model.shared.training  # still used by the trainable part
+    freezer.freeze_to(2)
+    model(torch.randn(3, 6))
+    assert not model.drop_late.training and not model.shared.training
+
+
+def test_hooks_added_before_the_first_forward_survive_it():
+    # check_grads_after_freeze adds optimizer step pre-hooks to freezer._hooks; the lazy set-up
+    # at the first forward must remove only its own hook (regression).
+    from torch.utils.checkpoint import checkpoint
+
+    from smartfrz_fast.compile import check_grads_after_freeze
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.stem, self.body, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            x = checkpoint(self.body, torch.tanh(self.stem(x)), use_reentrant=True)
+            return self.head(x)
+
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=1))  # units found at first forward
+    check_grads_after_freeze(freezer)
+    hooks = list(freezer._hooks)
+    with pytest.warns(UserWarning, match="received no gradient"):
+        for step in range(3):
+            model(torch.randn(5, 4)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+    assert freezer.plan is not None and freezer._first_forward_hook is None
+    assert freezer._hooks == hooks

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from ..units import as_args
 from .split import BlockChain, Inputs, find_blocks
 from .storage import TIERS, Storage, make_storage, read_header, row_bytes, storage_dtype
 
@@ -93,6 +94,7 @@ class ActivationCache:
     ) -> None:
         if not hasattr(freezer, "add_freeze_listener"):
             raise TypeError(f"ActivationCache expects a SmartFreezer, got {type(freezer).__name__}")
+        _refuse_distributed(getattr(freezer, "_dist_kind", None))
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int (the dataset's length), got {num_samples!r}")
         if storage not in TIERS:
@@ -133,6 +135,8 @@ class ActivationCache:
     # ------------------------------------------------------------------ public
     def wrap(self, model: Optional[nn.Module] = None) -> "CachedModel":
         """The model as a module whose forward takes ``(inputs, sample_ids)``."""
+        if model is not None:
+            _refuse_distributed(_distributed_kind(model))
         return CachedModel(self.freezer.model if model is None else model, self)
 
     @property
@@ -432,11 +436,32 @@ class CachedModel(nn.Module):
         self.cache = cache
 
     def forward(self, inputs, sample_ids, **kwargs):
-        args = inputs if isinstance(inputs, tuple) else (inputs,)
-        return self.cache.forward(self.model, Inputs(args, kwargs), sample_ids)
+        return self.cache.forward(self.model, Inputs(as_args(inputs), kwargs), sample_ids)
 
 
 # ------------------------------------------------------------------ helpers
+def _distributed_kind(model: nn.Module) -> Optional[str]:
+    from ..distributed import FreezableDDP, _is_fsdp1, _is_fsdp2
+
+    if isinstance(model, (nn.parallel.DistributedDataParallel, FreezableDDP)):
+        return "ddp"
+    if any(_is_fsdp1(m) or _is_fsdp2(m) for m in model.modules()):
+        return "fsdp"
+    return None
+
+
+def _refuse_distributed(kind: Optional[str]) -> None:
+    # The cache calls the blocks directly, around the wrapper: DDP's reducer would never run
+    # and the ranks would silently drift apart.
+    if kind is not None:
+        raise NotImplementedError(
+            f"ActivationCache does not support distributed wrappers yet (the model is {kind}-wrapped): "
+            "it runs the model's blocks directly, so the wrapper would not synchronise gradients "
+            "and the ranks would drift apart. Train without the cache under DDP/FSDP (freezing "
+            "itself works), or cache on a single process."
+        )
+
+
 def _batch_size(inputs: Inputs) -> int:
     for leaf in tree_flatten((inputs.args, inputs.kwargs))[0]:
         if isinstance(leaf, Tensor) and leaf.dim() > 0:

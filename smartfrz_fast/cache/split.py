@@ -22,6 +22,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
+from ..units import preserved_state
+
 
 @dataclass
 class Inputs:
@@ -327,11 +329,9 @@ def _outputs_match(a: Any, b: Any) -> bool:
 def verify_chain(model: nn.Module, chain: BlockChain, inputs: Inputs) -> Optional[str]:
     """None if the chain reproduces ``model``'s output on ``inputs``; else why not."""
     modes = {m: m.training for m in model.modules()}
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
     try:
         model.eval()
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
+        with preserved_state(model), torch.no_grad():
             expected = model(*inputs.args, **inputs.kwargs)
             got = chain.run(inputs)
     except Exception as exc:  # a recogniser's guess that does not run is just not this model
@@ -339,9 +339,6 @@ def verify_chain(model: nn.Module, chain: BlockChain, inputs: Inputs) -> Optiona
     finally:
         for m, training in modes.items():
             m.training = training
-        with torch.no_grad():
-            for n, b in model.named_buffers():
-                b.copy_(buffers[n])
     if not _outputs_match(expected, got):
         return f"the {chain.how} blocks do not reproduce the model's output"
     return None

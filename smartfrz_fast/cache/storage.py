@@ -128,6 +128,8 @@ class PinnedStorage(Storage):
         super().__init__(*args, **kwargs)
         self._stream = torch.cuda.Stream(device=self.target_device)
         self._prefetched: Optional[Tuple[Tensor, Tensor, Any]] = None
+        # rows on their way to host memory: (slots, pinned rows, pinned scales, copy-done event)
+        self._writing: Optional[Tuple[Tensor, Tensor, Tensor, Any]] = None
 
     @property
     def target_device(self) -> torch.device:
@@ -142,14 +144,58 @@ class PinnedStorage(Storage):
         self.used = 0
         self.device = gpu  # where rows are delivered
 
+    # NOTE: the non-blocking write path below has not run on a GPU yet (written on a CPU-only
+    # machine); tests/test_cache.py::test_gpu_tiers_match_cpu covers it where a GPU exists.
     def write(self, slots: Tensor, values: Tensor) -> None:
-        # quantise on the GPU (one op), then move the compact rows into host memory
+        # Quantise on the GPU (one op), then copy the compact rows into pinned staging without
+        # waiting; the rows land in self.data at the next call (_finish_write), by when the
+        # copy has long finished. Every reader of self.data finishes the write first.
+        self._finish_write()
         values = values.reshape(values.shape[0], self.row_numel)
         staged = torch.empty(values.shape[0], self.row_numel, dtype=self.dtype, device=values.device)
         staged_scales = torch.ones(values.shape[0], dtype=torch.float32, device=values.device)
         _ops().cache_store(values, torch.arange(values.shape[0], device=values.device), staged, staged_scales)
-        self.data[slots] = staged.cpu()
-        self.scales[slots] = staged_scales.cpu()
+        if staged.device.type != "cuda":  # rows computed on the CPU: nothing to overlap
+            self.data[slots] = staged
+            self.scales[slots] = staged_scales
+            return
+        host = torch.empty(staged.shape, dtype=self.dtype, pin_memory=True)
+        host_scales = torch.empty(staged_scales.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(staged, non_blocking=True)  # on the current stream, after cache_store
+        host_scales.copy_(staged_scales, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(staged.device))
+        self._writing = (slots.to("cpu", copy=True), host, host_scales, done)
+
+    def _finish_write(self, needed: Optional[Tensor] = None) -> None:
+        """Land the last write's rows; with ``needed`` (slots about to be read) only if it
+        holds one of them (a batch's hits never do: they were cached before its misses)."""
+        if self._writing is None:
+            return
+        if needed is not None and not bool(torch.isin(needed, self._writing[0]).any()):
+            return
+        pending, self._writing = self._writing, None
+        if pending is not None:
+            slots, host, host_scales, done = pending
+            done.synchronize()  # recorded a step ago: normally long complete
+            self.data[slots] = host
+            self.scales[slots] = host_scales
+
+    def read(self, slots: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+        self._finish_write(slots.cpu())
+        return self._read(slots, dtype)
+
+    def prefetch(self, ids: Tensor, dtype: torch.dtype, device: torch.device) -> None:
+        self._finish_write(self.lookup(ids))
+        self._prefetch(ids)
+
+    def cached_slots(self) -> Tuple[Tensor, Tensor]:
+        self._finish_write()
+        return super().cached_slots()
+
+    def close(self) -> None:
+        self._finish_write()  # no copy may still target the staging buffers
+        super().close()
 
     def _gather_to_device(self, slots: Tensor, stream) -> Tuple[Tensor, Tensor]:
         host = torch.empty(slots.numel(), self.row_numel, dtype=self.dtype, pin_memory=True)
@@ -159,7 +205,7 @@ class PinnedStorage(Storage):
         with torch.cuda.stream(stream):
             return host.to(self.device, non_blocking=True), host_scales.to(self.device, non_blocking=True)
 
-    def prefetch(self, ids: Tensor, dtype: torch.dtype, device: torch.device) -> None:
+    def _prefetch(self, ids: Tensor) -> None:
         slots = self.lookup(ids)
         slots = slots[slots >= 0]
         data, scales = self._gather_to_device(slots, self._stream)
@@ -167,7 +213,7 @@ class PinnedStorage(Storage):
         event.record(self._stream)
         self._prefetched = (slots, data, scales, event)
 
-    def read(self, slots: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    def _read(self, slots: Tensor, dtype: torch.dtype) -> Tensor:
         current = torch.cuda.current_stream(self.device)
         pre = self._prefetched
         self._prefetched = None

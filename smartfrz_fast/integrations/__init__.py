@@ -18,19 +18,38 @@ from typing import Any, Dict, Tuple
 
 import torch
 
-__all__ = ["split_example_inputs", "move_to_device"]
+from ..units import as_args
+
+__all__ = ["split_example_inputs", "move_to_device", "check_callback_args", "check_lr_scheduler"]
+
+
+def check_callback_args(policy: Any, freezer_kwargs: Dict[str, Any]) -> None:
+    """The constructor checks both trainers' ``SmartFreezeCallback`` share."""
+    from ..policy.base import FreezePolicy
+
+    if policy is not None and not isinstance(policy, FreezePolicy):
+        raise TypeError(f"policy must be a FreezePolicy, got {type(policy).__name__}")
+    for key in ("example_kwargs", "model", "optimizer"):
+        if key in freezer_kwargs:
+            raise TypeError(f"SmartFreezeCallback sets {key!r} itself; do not pass it")
+
+
+def check_lr_scheduler(policy: Any, has_scheduler: bool, scheduler: str, fix: str) -> None:
+    """Refuse a policy that manages the lr (one param group per unit) next to the user's lr
+    scheduler, which was built on the old groups."""
+    if policy.manages_lr and has_scheduler:
+        raise ValueError(
+            f"{type(policy).__name__} sets every unit's learning rate itself and gives each unit its own "
+            f"param group, which breaks {scheduler} (its per-group lists no longer match). {fix}")
 
 
 def split_example_inputs(example: Any) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
     """``example_inputs`` as (positional, keyword) inputs: a dict is keyword inputs (what a
-    Hugging Face model takes), a tuple positional inputs, anything else one positional input."""
+    Hugging Face model takes), otherwise ``units.as_args``'s rule: a tuple is the positional
+    inputs, anything else one positional input."""
     if isinstance(example, dict):
         return (), dict(example)
-    if isinstance(example, tuple):
-        return example, {}
-    if isinstance(example, list):
-        return tuple(example), {}
-    return (example,), {}
+    return as_args(example), {}
 
 
 def move_to_device(obj: Any, device: torch.device) -> Any:

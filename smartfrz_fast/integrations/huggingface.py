@@ -47,9 +47,10 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "pip install 'smartfrz_fast[hf]'"
     ) from exc
 
+from ..distributed import check_ddp_settings
 from ..engine import SmartFreezer
 from ..policy.base import FreezePolicy
-from . import move_to_device, split_example_inputs
+from . import check_callback_args, check_lr_scheduler, move_to_device, split_example_inputs
 
 CHECKPOINT_FILE = "smartfrz_freezer.pt"
 PREFIX_CHECKPOINT_DIR = "checkpoint"
@@ -66,16 +67,14 @@ def check_training_args(args: "transformers.TrainingArguments", model: nn.Module
             "block whose input needs no grad, which is what the output of a frozen prefix is: use "
             "gradient_checkpointing_kwargs={'use_reentrant': False} (the Transformers default).")
     if args.world_size > 1 and args.parallel_mode.value == "distributed":
-        if args.ddp_static_graph:
-            raise ValueError("DDP with ddp_static_graph=True cannot follow parameters freezing mid-run: "
-                             "drop ddp_static_graph when training with SmartFreezeCallback.")
         find_unused = args.ddp_find_unused_parameters
         if find_unused is None:  # the Trainer's own default (Trainer._build_accelerator_args)
             find_unused = not (gc_on or getattr(model, "is_gradient_checkpointing", False))
-        if not find_unused:
-            raise ValueError(
-                "Freezing mid-run under DDP needs find_unused_parameters=True (frozen parameters stop "
-                "receiving gradients): set TrainingArguments(ddp_find_unused_parameters=True).")
+        check_ddp_settings(
+            bool(args.ddp_static_graph), bool(find_unused),
+            fix_static="Drop ddp_static_graph when training with SmartFreezeCallback.",
+            fix_unused="Freezing mid-run needs find_unused_parameters=True: set "
+            "TrainingArguments(ddp_find_unused_parameters=True).")
 
 
 class SmartFreezeCallback(TrainerCallback):
@@ -96,11 +95,7 @@ class SmartFreezeCallback(TrainerCallback):
 
     def __init__(self, policy: Optional[FreezePolicy] = None, *, example_inputs: Any = None,
                  total_steps: Optional[int] = None, **freezer_kwargs: Any) -> None:
-        if policy is not None and not isinstance(policy, FreezePolicy):
-            raise TypeError(f"policy must be a FreezePolicy, got {type(policy).__name__}")
-        for key in ("example_kwargs", "model", "optimizer"):
-            if key in freezer_kwargs:
-                raise TypeError(f"SmartFreezeCallback sets {key!r} itself; do not pass it")
+        check_callback_args(policy, freezer_kwargs)
         self.policy = policy
         self.example_inputs = example_inputs
         self.total_steps = total_steps
@@ -175,11 +170,10 @@ class SmartFreezeCallback(TrainerCallback):
         self.freezer = SmartFreezer(model, optimizer, self.policy, example_inputs=args, example_kwargs=kwargs,
                                     total_steps=total, **self.freezer_kwargs)
         if self.freezer.policy.manages_lr:
-            if trainer.lr_scheduler is not None:
-                raise ValueError(
-                    f"{type(self.freezer.policy).__name__} gives each unit its own param group, which breaks "
-                    "the lr scheduler passed to the Trainer (built on the old groups): pass "
-                    "optimizers=(optimizer, None) and let the Trainer build its scheduler.")
+            check_lr_scheduler(
+                self.freezer.policy, trainer.lr_scheduler is not None,
+                "the lr scheduler passed to the Trainer (built on the old groups)",
+                "Pass optimizers=(optimizer, None) and let the Trainer build its scheduler.")
             warnings.warn(
                 f"{type(self.freezer.policy).__name__} sets every unit's learning rate itself after each "
                 "step, overriding the Trainer's lr scheduler (the logged learning_rate is the scheduler's, "

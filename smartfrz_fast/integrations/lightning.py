@@ -40,9 +40,10 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "pip install 'smartfrz_fast[lightning]' (or pip install lightning)"
     ) from exc
 
+from ..distributed import check_ddp_settings
 from ..engine import SmartFreezer
 from ..policy.base import FreezePolicy
-from . import move_to_device, split_example_inputs
+from . import check_callback_args, check_lr_scheduler, move_to_device, split_example_inputs
 
 # Strategies whose parameters are sharded or owned by another engine: the freeze action
 # (removing parameters from the optimizer's groups) does not apply to them.
@@ -78,11 +79,7 @@ class SmartFreezeCallback(Callback):
         **freezer_kwargs: Any,
     ) -> None:
         super().__init__()
-        if policy is not None and not isinstance(policy, FreezePolicy):
-            raise TypeError(f"policy must be a FreezePolicy, got {type(policy).__name__}")
-        for key in ("example_kwargs", "model", "optimizer"):
-            if key in freezer_kwargs:
-                raise TypeError(f"SmartFreezeCallback sets {key!r} itself; do not pass it")
+        check_callback_args(policy, freezer_kwargs)
         self.policy = policy
         self.example_inputs = example_inputs
         self.submodule = submodule
@@ -117,22 +114,17 @@ class SmartFreezeCallback(Callback):
                 "parameters, so they cannot be frozen one by one. Use a single device or DDP.")
         if "DDPStrategy" in names:
             kwargs = getattr(strategy, "_ddp_kwargs", {}) or {}
-            if kwargs.get("static_graph"):
-                raise ValueError("DDP with static_graph=True cannot follow parameters freezing mid-run: "
-                                 "drop static_graph when training with SmartFreezeCallback.")
-            if not kwargs.get("find_unused_parameters"):
-                raise ValueError(
-                    "Freezing mid-run under DDP needs find_unused_parameters=True (frozen parameters "
-                    "stop receiving gradients): use strategy='ddp_find_unused_parameters_true' or "
-                    "DDPStrategy(find_unused_parameters=True).")
+            check_ddp_settings(
+                bool(kwargs.get("static_graph")), bool(kwargs.get("find_unused_parameters")),
+                fix_static="Drop static_graph when training with SmartFreezeCallback.",
+                fix_unused="Freezing mid-run needs find_unused_parameters=True: use "
+                "strategy='ddp_find_unused_parameters_true' or DDPStrategy(find_unused_parameters=True).")
 
     def _check_schedulers(self, trainer: "pl.Trainer") -> None:
-        if self.freezer.policy.manages_lr and trainer.lr_scheduler_configs:
-            raise ValueError(
-                f"{type(self.freezer.policy).__name__} sets every unit's learning rate itself and gives "
-                "each unit its own param group, which breaks the lr scheduler returned by "
-                "configure_optimizers (its per-group lists no longer match). Return only the "
-                "optimizer from configure_optimizers, or choose a policy that leaves the lr alone.")
+        check_lr_scheduler(
+            self.freezer.policy, bool(trainer.lr_scheduler_configs),
+            "the lr scheduler returned by configure_optimizers",
+            "Return only the optimizer from configure_optimizers, or choose a policy that leaves the lr alone.")
 
     def _example(self, pl_module: "pl.LightningModule") -> Any:
         if self.example_inputs is not None:

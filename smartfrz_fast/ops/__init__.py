@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._extension import extension_status
+from ._extension import extension_status, triton_interpret
 
 __all__ = ["gather_history", "predict", "backends", "OPS"]
 
@@ -110,7 +110,7 @@ def _register_triton_kernels() -> None:
     """
     if os.environ.get("SMARTFRZ_BACKEND", "auto") == "reference":
         return
-    if os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes"):
+    if triton_interpret():
         return
     if importlib.util.find_spec("triton") is None:
         return

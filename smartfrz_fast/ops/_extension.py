@@ -13,6 +13,11 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional
 
 
+def triton_interpret() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks for Triton's CPU interpreter (read at each call)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+
+
 @dataclass(frozen=True)
 class ExtensionStatus:
     module: Optional[object]

@@ -22,7 +22,6 @@ captured in a CUDA graph.
 from __future__ import annotations
 
 import math
-import os
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -31,9 +30,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._extension import triton_interpret
 from .reference import NORM_EPS, NUM_PREDICTOR_WEIGHTS, WEIGHTS_PER_MLP
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+INTERPRET = triton_interpret()
 
 
 def _check_interpreter_state() -> None:

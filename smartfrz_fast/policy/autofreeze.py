@@ -99,6 +99,11 @@ class AutoFreeze(FreezePolicy):
         self._acc.add_(torch.where(torch.isfinite(norms), norms, torch.zeros_like(norms)))
         self._steps_in_interval += 1
 
+    def decides_at(self, step: int) -> bool:
+        # interval ends after the first one (the first only records G(1)): same on every rank
+        assert self.interval is not None, "bind() first"
+        return step % self.interval == 0 and self._evaluations >= 1
+
     def decide(self, step: int, frozen: int) -> Optional[Decision]:
         assert self._acc is not None and self.interval is not None, "bind() first"
         if step % self.interval != 0:

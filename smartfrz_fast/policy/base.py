@@ -50,6 +50,10 @@ class FreezePolicy:
     needs_history = False  # the engine keeps a weight-history ring buffer for this policy
     needs_gradients = False  # the engine calls ``observe_gradients`` before every optimizer step
     manages_lr = False  # the engine gives each unit its own param group and calls ``lr_factors``
+    # Decisions depend only on the step (a schedule): under DDP every rank computes the same
+    # one, so the engine broadcasts nothing. False: rank 0's decision is broadcast at the
+    # steps where ``decides_at`` is true.
+    deterministic_schedule = False
 
     def __init__(self) -> None:
         self.context: Optional[PolicyContext] = None
@@ -62,6 +66,16 @@ class FreezePolicy:
         """After optimizer step number ``step`` (1-based): the desired frozen-prefix length,
         or None for no decision now. ``frozen`` is the current frozen-prefix length."""
         raise NotImplementedError
+
+    def decides_at(self, step: int) -> bool:
+        """Whether ``decide(step, ...)`` may return a decision (called just before it). Under
+        DDP rank 0's decision is broadcast exactly at these steps, so the answer must come from
+        what every rank shares (the step, counters advanced every step, ``history.count``),
+        never from rank-local data. Default: every step (one small broadcast per step)."""
+        return True
+
+    def close(self) -> None:
+        """Release what the policy holds (threads, model copies); ``SmartFreezer.close()`` calls it."""
 
     def observe_gradients(self, step: int, unit_grad_sq_norms: Tensor) -> None:
         """Per-unit sum of squared gradient entries (float32 ``[units]``, on the parameters'

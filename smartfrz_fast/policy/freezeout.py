@@ -49,6 +49,7 @@ class FreezeOut(FreezePolicy):
 
     name = "freezeout"
     manages_lr = True
+    deterministic_schedule = True  # same decision on every rank: no broadcast
 
     def __init__(self, t0: float = 0.5, spacing: str = "cubic", scale_lr: bool = True) -> None:
         super().__init__()

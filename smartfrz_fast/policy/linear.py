@@ -38,6 +38,7 @@ class LinearFreeze(FreezePolicy):
     """
 
     name = "linear"
+    deterministic_schedule = True  # same decision on every rank: no broadcast
 
     def __init__(self, freeze_start: float = 0.5, freeze_level: float = 1.0, interval: int = 1) -> None:
         super().__init__()

@@ -74,6 +74,15 @@ class SmartFRZ(FreezePolicy):
         self.input_gain = float(self.predictor.provenance.get("input_gain", 1.0))
         self.sort_inputs = bool(self.predictor.provenance.get("sort_by_newest", False))
 
+    def decides_at(self, step: int) -> bool:
+        # from what every rank shares (step, history.count): under DDP rank 0 broadcasts only here
+        history = self.context.history
+        if not history.full:
+            return False
+        if self.evaluate_every is None:
+            return history.count != self._evaluated_at
+        return step % self.evaluate_every == 0
+
     def decide(self, step: int, frozen: int) -> Optional[Decision]:
         history = self.context.history
         if not history.full or history.rows.numel() == 0:

@@ -19,6 +19,7 @@ class StaticFreeze(FreezePolicy):
     """
 
     name = "static"
+    deterministic_schedule = True  # same decision on every rank: no broadcast
 
     def __init__(self, num_units: int, at_step: int = 0) -> None:
         super().__init__()

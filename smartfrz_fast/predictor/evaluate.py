@@ -7,7 +7,8 @@ label says the unit is freezable (freezing early is what costs accuracy).
 
 ``python -m smartfrz_fast.predictor.evaluate``: trains held-out networks (families not used to
 train the predictor, configurations not in the zoo) through the same engine with full training,
-SmartFRZ, FreezeOut, AutoFreeze and Linear, and writes ``bench/results/policy_comparison.md``.
+SmartFRZ, FreezeOut, AutoFreeze, Linear and Egeria, appending one JSON line per run;
+``write_table`` turns them into ``bench/results/policy_comparison.md``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from .labels import RunData, freeze_index
 from .zoo import RunSpec, Task, build_model, cosine, make_optimizer
 
-POLICIES = ("full", "smartfrz", "freezeout", "autofreeze", "linear")
+POLICIES = ("full", "smartfrz", "freezeout", "autofreeze", "linear", "egeria")
 # Held-out networks: families the shipped predictor never saw, sizes/seeds not in the zoo.
 EVAL_SPECS = (
     RunSpec("resnet", 1, 10, "sgd", 10, steps=480),
@@ -83,8 +84,8 @@ def offline_metrics(model, runs: Sequence[RunData], threshold: float, policy_thr
     return out
 
 
-def build_policy(name: str, weights: Optional[Path] = None):
-    from ..policy import AutoFreeze, FreezeOut, LinearFreeze, SmartFRZ
+def build_policy(name: str, weights: Optional[Path] = None, model=None, probe=None):
+    from ..policy import AutoFreeze, Egeria, FreezeOut, LinearFreeze, SmartFRZ
 
     if name == "smartfrz":
         return SmartFRZ(weights=weights)
@@ -94,7 +95,17 @@ def build_policy(name: str, weights: Optional[Path] = None):
         return AutoFreeze(num_intervals=10, percentile=50.0)
     if name == "linear":
         return LinearFreeze(freeze_start=0.5, freeze_level=1.0)  # Composer's defaults
+    if name == "egeria":
+        return Egeria(model, probe)  # the paper's knobs at their defaults (docs/egeria_spfde.md)
     raise ValueError(f"unknown policy {name!r}; choose one of {POLICIES}")
+
+
+def training_probe(task: Task, n: int = 64) -> torch.Tensor:
+    """A fixed batch of training inputs for policies that watch activations (Egeria); the CKA
+    probe comes from the test split, which a policy must not see."""
+    if task.spec.family == "lm":
+        return torch.stack([task.train_text[i * task.context:(i + 1) * task.context] for i in range(n)])
+    return task.x[:n]
 
 
 def train_with_policy(spec: RunSpec, policy: str, weights: Optional[Path] = None) -> Dict:
@@ -107,7 +118,7 @@ def train_with_policy(spec: RunSpec, policy: str, weights: Optional[Path] = None
     optimizer = make_optimizer(spec, model)
     freezer = None
     if policy != "full":
-        freezer = SmartFreezer(model, optimizer, policy=build_policy(policy, weights),
+        freezer = SmartFreezer(model, optimizer, policy=build_policy(policy, weights, model, training_probe(task)),
                                example_inputs=(task.probe[:8],), total_steps=spec.steps)
     sched = None
     if freezer is None or not freezer.policy.manages_lr:
