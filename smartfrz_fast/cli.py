@@ -1,6 +1,7 @@
 """The ``smartfrz-fast`` console script.
 
     smartfrz-fast demo [demo options]   # train with and without freezing, compare (see --help)
+    smartfrz-fast profile [options]     # where the time goes, and what freezing can save
     smartfrz-fast info                  # what is built and available (ops, kernels, devices)
 """
 
@@ -23,6 +24,12 @@ def _parser() -> argparse.ArgumentParser:
              "(options: smartfrz-fast demo --help)",
         add_help=False,  # --help goes to the demo's own parser
     )
+    sub.add_parser(
+        "profile",
+        help="per-unit time and memory, the saving ceiling of each frozen prefix, and the "
+             "engine's overhead (options: smartfrz-fast profile --help)",
+        add_help=False,  # --help goes to the profiler's own parser
+    )
     sub.add_parser("info", help="show the installed build: ops, kernels and devices")
     return parser
 
@@ -30,11 +37,15 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
-    # Everything after "demo" belongs to the demo's parser, --help included.
+    # Everything after "demo" / "profile" belongs to that module's parser, --help included.
     if argv and argv[0] == "demo":
         from . import demo
 
         return int(demo.main(argv[1:]) or 0)
+    if argv and argv[0] == "profile":
+        from . import profile
+
+        return int(profile.main(argv[1:]) or 0)
     args = parser.parse_args(argv)
     if args.command == "info":
         from . import info

@@ -82,6 +82,14 @@ def test_cli_forwards_to_the_demo(monkeypatch):
     assert seen["argv"] == ["--quick", "--policy", "linear"]
 
 
+def test_cli_forwards_to_the_profiler(monkeypatch):
+    profile = pytest.importorskip("smartfrz_fast.profile")
+    seen = {}
+    monkeypatch.setattr(profile, "main", lambda argv: seen.setdefault("argv", argv) and 0)
+    assert cli.main(["profile", "--quick", "--threads", "1"]) == 0
+    assert seen["argv"] == ["--quick", "--threads", "1"]
+
+
 def test_cli_info_calls_info_main(monkeypatch):
     info = pytest.importorskip("smartfrz_fast.info")
     called = []
