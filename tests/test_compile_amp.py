@@ -164,9 +164,8 @@ def amp_step(model, scaler, step):
     scaler.scale(loss).backward()
 
 
-def test_plain_gradscaler_raises_on_a_fully_frozen_optimizer():
-    # The trap: documents why scaler_step / FreezeAwareGradScaler exist (torch 2.13, CPU).
-    model, first, rest, freezer, scaler = two_optimizer_setup(torch.amp.GradScaler)
+def train_until_first_optimizer_is_frozen(model, first, rest, freezer, scaler):
+    """Two plain AMP steps; StaticFreeze(1, at_step=2) then empties ``first``."""
     for step in range(2):
         amp_step(model, scaler, step)
         for opt in (first, rest):
@@ -176,6 +175,12 @@ def test_plain_gradscaler_raises_on_a_fully_frozen_optimizer():
             opt.zero_grad()
         freezer.step()
     assert freezer.num_frozen == 1 and not first.param_groups[0]["params"]
+
+
+def test_plain_gradscaler_raises_on_a_fully_frozen_optimizer():
+    # The trap: documents why scaler_step / FreezeAwareGradScaler exist (torch 2.13, CPU).
+    model, first, rest, freezer, scaler = two_optimizer_setup(torch.amp.GradScaler)
+    train_until_first_optimizer_is_frozen(model, first, rest, freezer, scaler)
     amp_step(model, scaler, 2)
     with pytest.raises(AssertionError, match="No inf checks"):
         scaler.step(first)
@@ -210,15 +215,7 @@ def test_update_after_every_optimizer_was_skipped():
     # GradScaler (with scaler_step) then fails in update(); FreezeAwareGradScaler keeps the scale.
     for cls in (torch.amp.GradScaler, FreezeAwareGradScaler):
         model, first, rest, freezer, scaler = two_optimizer_setup(cls)
-        for step in range(2):
-            amp_step(model, scaler, step)
-            for opt in (first, rest):
-                scaler.step(opt)
-            scaler.update()
-            for opt in (first, rest):
-                opt.zero_grad()
-            freezer.step()
-        assert freezer.num_frozen == 1 and not first.param_groups[0]["params"]
+        train_until_first_optimizer_is_frozen(model, first, rest, freezer, scaler)
         scale = scaler.get_scale()
         amp_step(model, scaler, 2)
         scaler_step(scaler, first)
