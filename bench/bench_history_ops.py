@@ -5,9 +5,12 @@
 
 gather_history: a Python loop over units, a flat-cat gather, the reference op, the C++/CUDA
 extension, the Triton kernel (CUDA), each eager, and replayed from a CUDA graph where that is
-possible. predict: the eager reference predictor (also with the host read of the decision that
-an engine needs), the reference replayed from a CUDA graph, and the fused Triton kernel, eager
-and in a graph. On CUDA it also checks that the Triton path makes no host sync
+possible. predict, with the shipped predictor's input transform (sort_by_newest, gain 30):
+the transform in eager ops then the reference predictor (what SmartFRZ.decide did before the op
+took the transform; also with the host read of the decision an engine needs, and replayed from a
+CUDA graph), and the fused Triton kernel with the transform applied as it loads the window,
+eager and in a graph (beside it on CUDA: the eager transform feeding the kernel, and the kernel
+without a transform). On CUDA it also checks that the Triton path makes no host sync
 (torch.cuda.set_sync_debug_mode("error")) and that the kernels agree with the references.
 
 Parameters are allocated with torch.empty in the shapes of real models (ResNet-50, ViT-B/16,
@@ -230,7 +233,8 @@ def no_host_sync(fn: Callable[[], object]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def bench_model(name: str, device: torch.device, k: int, window: int, triton_kernels) -> List[Dict]:
+def bench_model(name: str, device: torch.device, k: int, window: int, triton_kernels,
+                gain: float = 30.0, sort: bool = True) -> List[Dict]:
     h = make_history(name, device, k, window)
     meta = dict(model=name, units=len(h.units), params_M=round(sum(s.numel() for s in h.sources) / 1e6, 1),
                 T=window, K=k)
@@ -275,30 +279,61 @@ def bench_model(name: str, device: torch.device, k: int, window: int, triton_ker
         add("gather_history", "triton", "eager", time_us(lambda: tg(*args), device), check)
         add("gather_history", "triton", "graph", graph_us_or_nan(lambda: tg(*args), device), no_host_sync(lambda: tg(*args)))
 
-    # predict over every unit, full windows
+    # predict over every unit, full windows, with the predictor's input transform (the shipped
+    # predictor's: sort_by_newest and gain 30; --input-gain 1 --no-sort for none): the decision
+    # SmartFRZ makes per snapshot. "eager transform" is what SmartFRZ.decide did before the op
+    # took the transform: the whole ring sorted and amplified with eager ops, then the op.
     predictor = AttentionPredictor(PredictorConfig(sample_size=k, window=window)).to(device)
     weights = [w.detach() for w in predictor.flat_weights()]
     pargs = (h.history, cursor, h.rows, h.valid, weights, 0.5)
-    prob_ref, prefix_ref = reference.predict_ref(*pargs)
-    add("predict", "reference", "eager", time_us(lambda: reference.predict_ref(*pargs), device))
+    transformed = gain != 1.0 or sort
+    tag = f" [{'sort, ' if sort else ''}gain {gain:g}]" if transformed else ""
+
+    def eager_transform():
+        from smartfrz_fast.ops.reference import amplify_deviation, sort_by_newest
+
+        ring = h.history
+        if not transformed:
+            return ring
+        newest = ring.index_select(1, (cursor - 1) % window)  # no host sync
+        if sort:
+            ring = sort_by_newest(ring, newest, h.valid)
+            newest = ring.index_select(1, (cursor - 1) % window)
+        return amplify_deviation(ring, newest, gain)
+
+    def eager_predict():
+        return reference.predict_ref(eager_transform(), *pargs[1:])
+
+    prob_ref, prefix_ref = reference.predict_ref(*pargs, gain, sort)  # the transform inside the op
+    prob_eager, prefix_eager = eager_predict()
+    err = float(((prob_eager - prob_ref).abs() / prob_ref.abs().clamp_min(1e-6)).max())
+    add("predict", "eager transform + reference" + tag, "eager", time_us(eager_predict, device),
+        f"vs op's transform: max rel err {err:.1e}, decision {'same' if int(prefix_eager) == int(prefix_ref) else 'DIFFERS'}")
     if device.type == "cuda":
-        add("predict", "reference + read decision", "eager",
-            time_us(lambda: int(reference.predict_ref(*pargs)[1]), device))
-        add("predict", "reference", "graph", graph_us_or_nan(lambda: reference.predict_ref(*pargs), device, 1))
+        add("predict", "eager transform + reference + read decision" + tag, "eager",
+            time_us(lambda: int(eager_predict()[1]), device))
+        add("predict", "eager transform + reference" + tag, "graph", graph_us_or_nan(eager_predict, device, 1))
     if triton_kernels is not None:
         out = (torch.empty_like(prob_ref), torch.empty_like(prefix_ref))
         tp = triton_kernels.predict
-        tp(*pargs, out=out)
+
+        def fused(precision="ieee"):
+            return tp(*pargs, gain, sort, out=out, precision=precision)
+
+        fused()
         err = float(((out[0] - prob_ref).abs() / prob_ref.abs().clamp_min(1e-6)).max())
         check = f"max rel err {err:.1e}, decision {'same' if int(out[1]) == int(prefix_ref) else 'DIFFERS'}"
-        add("predict", "triton fused", "eager", time_us(lambda: tp(*pargs, out=out), device), check)
-        add("predict", "triton fused", "graph", graph_us_or_nan(lambda: tp(*pargs, out=out), device),
-            no_host_sync(lambda: tp(*pargs, out=out)))
+        add("predict", "triton fused" + tag, "eager", time_us(fused, device), check)
+        add("predict", "triton fused" + tag, "graph", graph_us_or_nan(fused, device), no_host_sync(fused))
+        if transformed:  # what the fusion saves, and what the transform costs inside the kernel
+            add("predict", "eager transform + triton" + tag, "graph",
+                graph_us_or_nan(lambda: tp(eager_transform(), *pargs[1:], out=out), device))
+            add("predict", "triton fused (no transform)", "graph", graph_us_or_nan(lambda: tp(*pargs, out=out), device))
         # tensor cores (tf32): a measurement of what precision costs, not what the op runs
-        tp(*pargs, out=out, precision="tf32")
+        fused("tf32")
         err = float(((out[0] - prob_ref).abs() / prob_ref.abs().clamp_min(1e-6)).max())
-        add("predict", "triton fused tf32", "graph",
-            graph_us_or_nan(lambda: tp(*pargs, out=out, precision="tf32"), device), f"max rel err {err:.1e}")
+        add("predict", "triton fused tf32" + tag, "graph", graph_us_or_nan(lambda: fused("tf32"), device),
+            f"max rel err {err:.1e}")
     del h
     return rows
 
@@ -320,6 +355,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--window", type=int, default=30)
     parser.add_argument("--sample-size", type=int, default=1024)
+    parser.add_argument("--input-gain", type=float, default=30.0,
+                        help="predict's input_gain (the shipped predictor's: 30; 1: none)")
+    parser.add_argument("--no-sort", dest="sort", action="store_false",
+                        help="predict without sort_by_newest (the shipped predictor sorts)")
     parser.add_argument("--csv", default=str(CSV_PATH), help="rows are appended here ('' to skip)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -351,7 +390,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     start = time.time()
     rows = []
     for name in models:
-        rows += [dict(stamp, **r) for r in bench_model(name, device, args.sample_size, args.window, triton_kernels)]
+        rows += [dict(stamp, **r) for r in bench_model(name, device, args.sample_size, args.window, triton_kernels,
+                                                         args.input_gain, args.sort)]
     print(f"done in {time.time() - start:.0f} s")
     if args.csv:
         path = Path(args.csv)

@@ -175,3 +175,115 @@ def test_ops_on_cuda_match_cpu_reference(fresh_seed):
     gpu = ops.predict(history.cuda(), torch.tensor(5).cuda(), rows.cuda(), valid.cuda(),
                       [x.cuda() for x in w], 0.5)
     torch.testing.assert_close(gpu[0].cpu(), cpu[0], rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The predictor's input transform (sort_by_newest, input_gain), applied by the predict op
+
+
+def eager_transform_then_predict(history, cursor, rows, valid, weights, threshold, gain, sort):
+    """What SmartFRZ.decide did before the op took the transform: the whole ring transformed
+    with eager ops (newest slot picked by the cursor), then the untransformed op."""
+    from smartfrz_fast.ops.reference import amplify_deviation, sort_by_newest
+
+    ring = history
+    newest = ring.index_select(1, (cursor - 1) % ring.shape[1])
+    if sort:
+        ring = sort_by_newest(ring, newest, valid)
+        newest = ring.index_select(1, (cursor - 1) % ring.shape[1])
+    ring = amplify_deviation(ring, newest, gain)
+    return ops.predict(ring, cursor, rows, valid, weights, threshold)
+
+
+@pytest.mark.parametrize("gain", [1.0, 30.0])
+@pytest.mark.parametrize("sort", [False, True])
+def test_predict_transform_matches_the_eager_transform(fresh_seed, gain, sort):
+    g = torch.Generator().manual_seed(fresh_seed)
+    history, valid, predictor = random_predict_inputs(num_units=7)
+    history[:, :, : SMALL.sample_size // 2] = history[:, :, : SMALL.sample_size // 2].round()  # ties
+    w = [p.detach() for p in predictor.flat_weights()]
+    with torch.no_grad():
+        w[-2].mul_(20)  # spread the probabilities
+    rows = torch.tensor([5, 0, 3])
+    cursor = torch.tensor(int(torch.randint(0, 100, (), generator=g)))
+    prob, prefix = ops.predict(history, cursor, rows, valid, w, 0.5, gain, sort)
+    expected, expected_prefix = eager_transform_then_predict(history, cursor, rows, valid, w, 0.5, gain, sort)
+    torch.testing.assert_close(prob, expected, rtol=1e-5, atol=1e-6, msg=lambda m: f"seed {fresh_seed}: {m}")
+    if not ((expected - 0.5).abs() < 1e-5).any():
+        assert int(prefix) == int(expected_prefix), f"seed {fresh_seed}"
+    if gain == 1.0 and not sort:  # the defaults are the untransformed op, bit for bit
+        assert torch.equal(prob, ops.predict(history, cursor, rows, valid, w, 0.5)[0])
+
+
+def test_predict_transform_changes_the_probabilities():
+    """Each half of the transform reaches the predictor (the arguments are not ignored)."""
+    torch.manual_seed(0)
+    history, valid, predictor = random_predict_inputs()
+    w = [p.detach() for p in predictor.flat_weights()]
+    rows, cursor = torch.arange(5), torch.tensor(2)
+    plain = ops.predict(history, cursor, rows, valid, w, 0.5)[0]
+    assert not torch.allclose(plain, ops.predict(history, cursor, rows, valid, w, 0.5, 30.0)[0])
+    assert not torch.allclose(plain, ops.predict(history, cursor, rows, valid, w, 0.5, 1.0, True)[0])
+
+
+def test_sort_by_newest_is_stable_and_keeps_masked_last():
+    newest = torch.tensor([[2.0, -0.0, 1.0, 0.0, 1.0, float("inf"), 1.0, -5.0, 0.0]])  # 3 valid ones tie
+    valid = torch.tensor([7])  # positions 7 and 8 are masked (-5 and 0 would otherwise sort early)
+    window = torch.stack([newest[0] + 10 * torch.arange(9.0), newest[0]])[None]  # [1, 2, 9], newest last
+    out = reference.sort_by_newest(window, window[:, -1:], valid)
+    order = [1, 3, 2, 4, 6, 0, 5, 7, 8]  # -0.0 ties with 0.0; equal values keep position order
+    assert torch.equal(out, window[..., order])
+    # transform_window: sort, then amplify about the (sorted) newest snapshot
+    window[..., 5] = 9.0  # finite (inf - inf is NaN), still the largest valid value: same order
+    out = window[..., order]
+    moved = reference.transform_window(window, valid, 3.0, True)
+    assert torch.equal(moved[:, -1], out[:, -1])
+    torch.testing.assert_close(moved[:, 0], out[:, -1] + 3.0 * (out[:, 0] - out[:, -1]))
+
+
+def test_predict_rejects_a_non_finite_gain():
+    history, valid, predictor = random_predict_inputs()
+    with pytest.raises(ValueError, match="input_gain must be a finite number"):
+        ops.predict(history, torch.tensor(1), torch.arange(5), valid, predictor.flat_weights(), 0.5, float("nan"))
+
+
+@pytest.mark.parametrize("gain,sort", [(30.0, True), (30.0, False), (1.0, True)])
+def test_opcheck_predict_with_the_transform(gain, sort):
+    history, valid, predictor = random_predict_inputs()
+    w = [p.detach() for p in predictor.flat_weights()]
+    torch.library.opcheck(ops.predict, (history, torch.tensor(4), torch.tensor([0, 2, 3]), valid, w, 0.5, gain, sort))
+
+
+def test_smartfrz_decide_passes_the_training_transform_to_the_op(tmp_path, fresh_seed):
+    """SmartFRZ.decide hands the provenance's transform to the op: its probabilities equal the
+    eager transform of the whole ring (the path it replaced), on real engine histories with
+    partly valid units."""
+    from smartfrz_fast import SmartFreezer, SmartFRZ
+    from smartfrz_fast.predictor import save_predictor
+
+    from models import SmallCNN, batch
+
+    config = PredictorConfig(sample_size=128, window=4, hidden=16, embed=8, head_hidden=4)
+    predictor = AttentionPredictor(config)
+    with torch.no_grad():
+        predictor.head[-1].weight.mul_(20)
+    path = tmp_path / "p.pt"
+    save_predictor(predictor, path, {"purpose": "test", "input_gain": 30.0, "sort_by_newest": True})
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    policy = SmartFRZ(weights=path, threshold=0.999999)  # scored every snapshot, never freezes
+    freezer = SmartFreezer(model, opt, policy, example_inputs=batch(0)[0], window=4, sample_size=128)
+    for step in range(7):
+        x, y = batch(step)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+    hist = freezer.history
+    assert (hist.valid < 128).any() and (hist.valid == 128).any()  # partly valid units among them
+    policy._evaluated_at = -1  # score the current window again
+    policy.decide(7, freezer.num_frozen)
+    expected, _ = eager_transform_then_predict(hist.history, hist.cursor, hist.rows, hist.valid,
+                                               policy._weights, policy.threshold, 30.0, True)
+    torch.testing.assert_close(policy.last_probabilities, expected, rtol=1e-5, atol=1e-6,
+                               msg=lambda m: f"seed {fresh_seed}: {m}")

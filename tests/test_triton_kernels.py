@@ -244,13 +244,14 @@ def threshold_between(prob: torch.Tensor, g) -> float:
     return float((p[i] + p[i + 1]) / 2)
 
 
-def check_predict(inputs, threshold, seed, dtype=torch.float32, **kwargs):
+def check_predict(inputs, threshold, seed, dtype=torch.float32, input_gain=1.0, sort_by_newest=False, **kwargs):
     history, cursor, rows, valid, weights = inputs
     expected_prob, _ = reference.predict_ref(history.cpu(), cursor.cpu(), rows.cpu(), valid.cpu(),
-                                             [w.cpu() for w in weights], threshold)
+                                             [w.cpu() for w in weights], threshold, input_gain, sort_by_newest)
     device = history.device
     out = (torch.full((rows.numel(),), float("nan"), device=device), torch.tensor(-77, device=device))
-    prob, prefix = tk.predict(history, cursor, rows, valid, weights, threshold, out=out, **kwargs)
+    prob, prefix = tk.predict(history, cursor, rows, valid, weights, threshold, input_gain, sort_by_newest,
+                              out=out, **kwargs)
     assert prob is out[0] and prefix is out[1]
     torch.testing.assert_close(prob.cpu(), expected_prob, **TOLERANCE[dtype], msg=lambda m: f"seed {seed}: {m}")
     # the decision from the kernel's own probabilities is exact; against the reference's, exact
@@ -344,6 +345,85 @@ def test_predict_rejects_bad_input(device):
                                                                    torch.tensor(0, device=device)))
 
 
+# The input transform (reference.transform_window), fused into the window loads.
+TRANSFORMS = [(1.0, False), (30.0, False), (1.0, True), (30.0, True)]
+
+
+def with_ties_in_newest(history, cursor):
+    """Round the newest snapshot (slot (cursor - 1) % T) to integers: many equal values, -0.0
+    beside 0.0, while the older snapshots at tied positions still differ, so a wrong tie order
+    changes the input."""
+    newest = (int(cursor) - 1) % history.shape[1]
+    history = history.clone()
+    history[:, newest] = history[:, newest].round()
+    return history
+
+
+@pytest.mark.parametrize("gain,sort", TRANSFORMS)
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"K{c.sample_size}T{c.window}H{c.hidden}")
+def test_predict_transform_matches_reference(device, fresh_seed, config, gain, sort):
+    g = torch.Generator().manual_seed(fresh_seed)
+    history, cursor, rows, valid, weights = random_predict_case(config, device, g, num_units=int(
+        torch.randint(1, 4, (), generator=g)) * 2 + 1)
+    history = with_ties_in_newest(history, cursor)
+    inputs = [history, cursor, rows, valid, weights]
+    exp, _ = reference.predict_ref(*[x.cpu() for x in inputs[:4]], [w.cpu() for w in weights], 0.5, gain, sort)
+    check_predict(inputs, threshold_between(exp, g), fresh_seed, input_gain=gain, sort_by_newest=sort)
+
+
+def test_predict_sorted_ties_keep_position_order(device, fresh_seed):
+    """The kernel's rank order is the stable one: a reference given the same newest values in
+    another position order (a different tie order only) disagrees, the kernel does not."""
+    g = torch.Generator().manual_seed(fresh_seed)
+    config = CONFIGS[0]
+    history, cursor, _, valid, weights = random_predict_case(config, device, g, num_units=3)
+    valid.fill_(config.sample_size)
+    history = with_ties_in_newest(history, cursor)
+    rows = torch.arange(3, device=device)
+    prob, _ = check_predict([history, cursor, rows, valid, weights], 0.5, fresh_seed, input_gain=30.0,
+                            sort_by_newest=True)
+    flipped = history.flip(-1)  # all valid: the same values, ties in reverse position order
+    other, _ = reference.predict_ref(flipped.cpu(), cursor.cpu(), rows.cpu(), valid.cpu(),
+                                     [w.cpu() for w in weights], 0.5, 30.0, True)
+    assert (other - prob.cpu()).abs().max() > 1e-4, f"seed {fresh_seed}: the ties did not matter"
+
+
+def test_predict_transform_full_size(device, fresh_seed):
+    """The shipped predictor's setting: K=1024, T=30, sorted, gain 30, partly valid units."""
+    g = torch.Generator().manual_seed(fresh_seed)
+    history, cursor, rows, valid, weights = random_predict_case(PredictorConfig(), device, g, num_units=3)
+    history = with_ties_in_newest(history, cursor)
+    blocks = dict(block_k=1024, block_n=256) if tk.INTERPRET else {}
+    inputs = [history, cursor, rows, valid, weights]
+    exp, _ = reference.predict_ref(*[x.cpu() for x in inputs[:4]], [w.cpu() for w in weights], 0.5, 30.0, True)
+    check_predict(inputs, threshold_between(exp, g), fresh_seed, input_gain=30.0, sort_by_newest=True, **blocks)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf, on purpose
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # 3e37 * 30, on purpose
+def test_predict_transform_non_finite_never_freezes(device, fresh_seed):
+    """NaN/inf anywhere (newest snapshot included, where amplifying makes inf - inf) gives 0,
+    and an amplification that overflows fp32 counts as non-finite too."""
+    g = torch.Generator().manual_seed(fresh_seed)
+    history, cursor, _, valid, weights = random_predict_case(CONFIGS[0], device, g, num_units=5)
+    with torch.no_grad():
+        weights[-1].copy_(torch.tensor([-30.0, 30.0]))
+    newest = (int(cursor) - 1) % CONFIGS[0].window
+    history[1, newest, 4] = float("nan")
+    history[2, newest, 0] = float("inf")
+    history[3, (newest + 1) % CONFIGS[0].window, 1] = 3e37  # times 30: inf
+    rows = torch.arange(5, device=device)
+    prob, _ = check_predict([history, cursor, rows, valid, weights], 0.5, fresh_seed, input_gain=30.0,
+                            sort_by_newest=True)
+    assert prob[[1, 2, 3]].tolist() == [0.0, 0.0, 0.0] and (prob[[0, 4]] > 0.99).all()
+
+
+def test_predict_rejects_a_non_finite_gain(device):
+    history, cursor, rows, valid, weights = random_predict_case(CONFIGS[0], device, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="input_gain must be a finite number"):
+        tk.predict(history, cursor, rows, valid, weights, 0.5, float("inf"), True)
+
+
 # --------------------------------------------------------------------------------------------
 # Compiled for an H100 without one: the interpreter does not check what the compiler rejects
 # (a loop-carried name changing shape, constexpr-specialised arguments, tl.dot's minimum sizes).
@@ -364,6 +444,10 @@ def build(fn, args, constexprs, **options):
     sig.update({name: "constexpr" for name in constexprs})
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target, options=options)
     assert ".entry" in kernel.asm["ptx"]
+    # an H100 block has at most 227 KiB of shared memory (predict: 118784 B, with or without the transform)
+    assert kernel.metadata.shared <= 232448, (fn.__name__, constexprs, kernel.metadata.shared)
+    print(fn.__name__, {k: v for k, v in constexprs.items() if k in ("SORT", "AMPLIFY")}, "shared bytes",
+          kernel.metadata.shared)
 
 i32 = [("ids_su", "i32"), ("ids_sk", "i32"), ("off_su", "i32"), ("off_sk", "i32"), ("h_su", "i32"),
        ("h_st", "i32"), ("h_sk", "i32"), ("K", "i32"), ("T", "i32")]
@@ -373,9 +457,12 @@ build(tk._gather_history_kernel, [("table_ptr", "*i64"), ("dtype_ptr", "*i32"), 
 args = [("hist_ptr", "*fp32"), ("h_su", "i32"), ("h_st", "i32"), ("h_sk", "i32"), ("cursor_ptr", "*i64"),
         ("rows_ptr", "*i64"), ("valid_ptr", "*i64"), ("prob_ptr", "*fp32")]
 args += [(m + p, "*fp32" if m != "k" else "*bf16") for m in "qkvh" for p in ("w1", "b1", "w2", "b2", "w3", "b3")]
-args += [("sqrt_e", "fp32"), ("eps", "fp32")]
-build(tk._predict_kernel, args, dict(T=30, K=1024, H=256, E=64, HH=32, TP=32, BK=32, HP=256, BN=32, EP=64,
-                                     HHP=32, PRECISION="ieee"), num_warps=8)
+args.insert(8, ("perm_ptr", "*i32"))
+args += [("sqrt_e", "fp32"), ("eps", "fp32"), ("gain", "fp32")]
+for transform in (False, True):  # untransformed, and sorted + amplified (the shipped predictor's)
+    build(tk._predict_kernel, args, dict(T=30, K=1024, H=256, E=64, HH=32, TP=32, BK=32, HP=256, BN=32, EP=64,
+                                         HHP=32, KP=1024, PRECISION="ieee", SORT=transform, AMPLIFY=transform),
+          num_warps=8)
 prefix = [("prob_ptr", "*fp32"), ("out_ptr", "*i64"), ("threshold", "fp32")]
 build(tk._prefix_kernel, prefix + [("R", "i32")], {"BLOCK": 256})
 build(tk._prefix_kernel, prefix, {"BLOCK": 256, "R": 1})  # Triton specialises an argument equal to 1
@@ -424,10 +511,15 @@ def test_ops_dispatch_to_triton_on_cuda():
     prob, prefix = ops.predict(history, cursor, rows, valid, weights, 0.5)
     expected_prob, _ = reference.predict_ref(history, cursor, rows, valid, weights, 0.5)
     torch.testing.assert_close(prob, expected_prob, rtol=1e-5, atol=1e-6)
+    torch.library.opcheck(ops.predict, (history, cursor, rows, valid, weights, 0.5, 30.0, True))
+    prob, prefix = ops.predict(history, cursor, rows, valid, weights, 0.5, 30.0, True)
+    expected_prob, _ = reference.predict_ref(history, cursor, rows, valid, weights, 0.5, 30.0, True)
+    torch.testing.assert_close(prob, expected_prob, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.gpu
-def test_cuda_graph_replay_without_host_sync(fresh_seed):
+@pytest.mark.parametrize("gain,sort", [(1.0, False), (30.0, True)])
+def test_cuda_graph_replay_without_host_sync(fresh_seed, gain, sort):
     """Gather + predict captured once, replayed as the cursor moves and the weights change."""
     if tk.INTERPRET:
         pytest.skip("compiled kernels are off under TRITON_INTERPRET=1")
@@ -448,7 +540,7 @@ def test_cuda_graph_replay_without_host_sync(fresh_seed):
 
     def step():
         tk.gather_history(sources, ids, offs, rows, cursor, history)
-        tk.predict(history, cursor.add(1), rows, valid, weights, 0.5, out=out)
+        tk.predict(history, cursor.add(1), rows, valid, weights, 0.5, gain, sort, out=out)
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -470,7 +562,7 @@ def test_cuda_graph_replay_without_host_sync(fresh_seed):
         finally:
             torch.cuda.set_sync_debug_mode(0)
         assert torch.equal(bits(history), bits(expected)), f"seed {fresh_seed}"
-        prob_ref, _ = reference.predict_ref(history, cursor + 1, rows, valid, weights, 0.5)
+        prob_ref, _ = reference.predict_ref(history, cursor + 1, rows, valid, weights, 0.5, gain, sort)
         torch.testing.assert_close(out[0], prob_ref, rtol=1e-5, atol=1e-6, msg=lambda m: f"seed {fresh_seed}: {m}")
         cursor.add_(1)
     torch.cuda.set_sync_debug_mode("error")

@@ -50,13 +50,19 @@ def predict(
     valid: Tensor,
     weights: List[Tensor],
     threshold: float,
+    input_gain: float = 1.0,
+    sort_by_newest: bool = False,
 ) -> Tuple[Tensor, Tensor]:
-    """Freeze probability per unit in ``rows`` and the freezable prefix length (0-dim int64)."""
-    return reference.predict_ref(history, cursor, rows, valid, weights, threshold)
+    """Freeze probability per unit in ``rows`` and the freezable prefix length (0-dim int64).
+
+    ``input_gain`` and ``sort_by_newest``: the predictor's input transform, applied to each
+    window before normalisation (``reference.transform_window``; the identity at the defaults).
+    """
+    return reference.predict_ref(history, cursor, rows, valid, weights, threshold, input_gain, sort_by_newest)
 
 
 @predict.register_fake
-def _(history, cursor, rows, valid, weights, threshold):
+def _(history, cursor, rows, valid, weights, threshold, input_gain=1.0, sort_by_newest=False):
     prob = history.new_empty(rows.shape[0], dtype=torch.float32)
     prefix = history.new_empty((), dtype=torch.int64)
     return prob, prefix
@@ -124,11 +130,12 @@ def _register_triton_kernels() -> None:
             return gather_fallback(sources, source_ids, offsets, rows, cursor, history)
         kernels.gather_history(sources, source_ids, offsets, rows, cursor, history)
 
-    def predict_triton(history, cursor, rows, valid, weights, threshold):
+    def predict_triton(history, cursor, rows, valid, weights, threshold, input_gain=1.0, sort_by_newest=False):
         kernels = _triton_kernels()
         if kernels is None:
-            return reference.predict_ref(history, cursor, rows, valid, weights, threshold)
-        return kernels.predict(history, cursor, rows, valid, weights, threshold)
+            return reference.predict_ref(history, cursor, rows, valid, weights, threshold, input_gain, sort_by_newest)
+        return kernels.predict(history, cursor, rows, valid, weights, threshold,
+                               input_gain=input_gain, sort_by_newest=sort_by_newest)
 
     _register(gather_history, "gather_history", "cuda", "Triton (ops/triton_kernels.py)", gather_history_triton)
     _register(predict, "predict", "cuda", "Triton (ops/triton_kernels.py)", predict_triton)

@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._extension import triton_interpret
-from .reference import NORM_EPS, NUM_PREDICTOR_WEIGHTS, WEIGHTS_PER_MLP
+from .reference import NORM_EPS, NUM_PREDICTOR_WEIGHTS, WEIGHTS_PER_MLP, check_input_gain
 
 INTERPRET = triton_interpret()
 
@@ -185,14 +185,28 @@ def gather_history(
 
 
 @triton.jit
+def _load_window(row_ptrs, newest_ptr, h_sk, row_in, pos, pos_in, gain, AMPLIFY: tl.constexpr):
+    """Window values [TP, B] at positions ``pos`` [B], amplified as reference.amplify_deviation:
+    newest + gain * (x - newest). Out-of-mask entries are 0."""
+    x = tl.load(row_ptrs[:, None] + pos[None, :] * h_sk, mask=row_in[:, None] & pos_in[None, :], other=0.0)
+    if AMPLIFY:
+        newest = tl.load(newest_ptr + pos * h_sk, mask=pos_in, other=0.0)
+        x = newest[None, :] + gain * (x - newest[None, :])
+    return x
+
+
+@triton.jit
 def _window_mlp(
-    row_ptrs, h_sk, row_in, mean, std, n_valid,
+    row_ptrs, newest_ptr, perm_ptr, h_sk, row_in, mean, std, n_valid, gain,
     w1, b1, w2, b2, w3, b3,
     K: tl.constexpr, H: tl.constexpr, E: tl.constexpr,
     TP: tl.constexpr, BK: tl.constexpr, HP: tl.constexpr, BN: tl.constexpr, EP: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, SORT: tl.constexpr, AMPLIFY: tl.constexpr,
 ):
-    """One K -> H -> H -> E MLP (ReLU between) over the normalised window [TP, K] -> [TP, EP]."""
+    """One K -> H -> H -> E MLP (ReLU between) over the normalised window [TP, K] -> [TP, EP].
+
+    With SORT, input position j reads the window at position perm[j] (the rank order).
+    """
     # (every name below has one shape: compiled Triton rejects a loop-carried name whose shape
     # changes, which the interpreter does not check)
     hcol = tl.arange(0, HP)
@@ -201,8 +215,12 @@ def _window_mlp(
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
         k_in = kk < K
-        x = tl.load(row_ptrs[:, None] + kk[None, :] * h_sk, mask=row_in[:, None] & k_in[None, :], other=0.0)
-        keep = row_in[:, None] & (kk < n_valid)[None, :]
+        if SORT:
+            pos = tl.load(perm_ptr + kk, mask=k_in, other=0)
+        else:
+            pos = kk
+        x = _load_window(row_ptrs, newest_ptr, h_sk, row_in, pos, k_in, gain, AMPLIFY)
+        keep = row_in[:, None] & (kk < n_valid)[None, :]  # sorted or not, the valid ones come first
         xn = tl.where(keep, (x - mean[:, None]) / std[:, None], 0.0)
         w1t = tl.load(w1 + hcol[None, :] * K + kk[:, None], mask=h_in[None, :] & k_in[:, None], other=0.0)
         acc1 = tl.dot(xn, w1t.to(tl.float32), acc1, input_precision=PRECISION)  # W1^T chunk [BK, HP]
@@ -227,34 +245,58 @@ def _window_mlp(
 @triton.jit
 def _predict_kernel(
     hist_ptr, h_su, h_st, h_sk,
-    cursor_ptr, rows_ptr, valid_ptr, prob_ptr,
+    cursor_ptr, rows_ptr, valid_ptr, prob_ptr, perm_ptr,
     qw1, qb1, qw2, qb2, qw3, qb3,
     kw1, kb1, kw2, kb2, kw3, kb3,
     vw1, vb1, vw2, vb2, vw3, vb3,
     hw1, hb1, hw2, hb2, hw3, hb3,
-    sqrt_e, eps,
+    sqrt_e, eps, gain,
     T: tl.constexpr, K: tl.constexpr, H: tl.constexpr, E: tl.constexpr, HH: tl.constexpr,
     TP: tl.constexpr, BK: tl.constexpr, HP: tl.constexpr, BN: tl.constexpr, EP: tl.constexpr,
-    HHP: tl.constexpr, PRECISION: tl.constexpr,
+    HHP: tl.constexpr, KP: tl.constexpr, PRECISION: tl.constexpr, SORT: tl.constexpr, AMPLIFY: tl.constexpr,
 ):
-    """One program per unit: window -> normalisation -> Q/K/V MLPs -> attention -> head -> prob."""
+    """One program per unit: window -> input transform -> normalisation -> Q/K/V MLPs ->
+    attention -> head -> prob. The transform (reference.transform_window) is applied as the
+    window is loaded; the ring itself is only read."""
     unit = tl.load(rows_ptr + tl.program_id(0))
     n_valid = tl.load(valid_ptr + unit)
     t = tl.arange(0, TP)
     row_in = t < T
     # chronological row t (oldest first) lives in slot (cursor + t) % T
-    slot = (tl.load(cursor_ptr) + t) % T
+    cursor = tl.load(cursor_ptr)
+    slot = (cursor + t) % T
     slot = tl.where(slot < 0, slot + T, slot)
     row_ptrs = hist_ptr + unit * h_su + slot * h_st
+    newest_slot = (cursor + T - 1) % T
+    newest_slot = tl.where(newest_slot < 0, newest_slot + T, newest_slot)
+    newest_ptr = hist_ptr + unit * h_su + newest_slot * h_st
+    perm_row = perm_ptr + tl.program_id(0).to(tl.int64) * KP
+
+    if SORT:
+        # Rank order of the newest snapshot (reference.sort_by_newest): an argsort as one sort of
+        # distinct int64 keys, an order-preserving integer image of the value in the high half and
+        # the position in the low half, so ties keep position order (stable) by construction.
+        p = tl.arange(0, KP)
+        newest = tl.load(newest_ptr + p * h_sk, mask=p < K, other=0.0)
+        newest = tl.where(newest == 0.0, 0.0, newest)  # -0.0 ties with 0.0, as in torch.sort
+        bits = newest.to(tl.int32, bitcast=True)
+        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: flip the magnitude bits
+        key = tl.where(p < n_valid, key, 0x7FFFFFFF)  # masked (and padding) positions last
+        packed = tl.sort((key.to(tl.int64) << 32) | p.to(tl.int64))
+        # The positions, in rank order, go through global scratch: the K loops below read them
+        # chunk by chunk, and a register tensor cannot be sliced.
+        tl.store(perm_row + p, packed.to(tl.int32))  # the low half: the position
+        tl.debug_barrier()  # every thread's stores are visible to the whole block
 
     # Pass 1: per-snapshot sums over the valid positions, and whether the window is finite
-    # (over every position, masked ones included, as the reference).
+    # (over every position, masked ones included, as the reference). Neither depends on the
+    # order of the positions, which is all the sort changes: read in position order.
     total = tl.zeros([TP], dtype=tl.float32)
     bad = tl.zeros([TP], dtype=tl.int32)
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
         inside = row_in[:, None] & (kk < K)[None, :]
-        x = tl.load(row_ptrs[:, None] + kk[None, :] * h_sk, mask=inside, other=0.0)
+        x = _load_window(row_ptrs, newest_ptr, h_sk, row_in, kk, kk < K, gain, AMPLIFY)
         finite = (x == x) & (tl.abs(x) < float("inf"))
         bad += tl.sum(tl.where(inside & ~finite, 1, 0), axis=1)
         total += tl.sum(tl.where(inside & (kk < n_valid)[None, :], x, 0.0), axis=1)
@@ -264,20 +306,24 @@ def _predict_kernel(
     sq = tl.zeros([TP], dtype=tl.float32)
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
-        counted = row_in[:, None] & (kk < K)[None, :] & (kk < n_valid)[None, :]
-        xv = tl.load(row_ptrs[:, None] + kk[None, :] * h_sk, mask=counted, other=0.0)
+        counted_k = (kk < K) & (kk < n_valid)
+        counted = row_in[:, None] & counted_k[None, :]
+        xv = _load_window(row_ptrs, newest_ptr, h_sk, row_in, kk, counted_k, gain, AMPLIFY)
         c = tl.where(counted, xv - mean[:, None], 0.0)
         sq += tl.sum(c * c, axis=1)
     std = tl.sqrt_rn(sq / count + eps)
     std = tl.where(row_in, std, 1.0)
 
-    keys = _window_mlp(row_ptrs, h_sk, row_in, mean, std, n_valid, kw1, kb1, kw2, kb2, kw3, kb3,
-                       K, H, E, TP, BK, HP, BN, EP, PRECISION)
-    values = _window_mlp(row_ptrs, h_sk, row_in, mean, std, n_valid, vw1, vb1, vw2, vb2, vw3, vb3,
-                         K, H, E, TP, BK, HP, BN, EP, PRECISION)
+    keys = _window_mlp(row_ptrs, newest_ptr, perm_row, h_sk, row_in, mean, std, n_valid, gain,
+                       kw1, kb1, kw2, kb2, kw3, kb3,
+                       K, H, E, TP, BK, HP, BN, EP, PRECISION, SORT, AMPLIFY)
+    values = _window_mlp(row_ptrs, newest_ptr, perm_row, h_sk, row_in, mean, std, n_valid, gain,
+                         vw1, vb1, vw2, vb2, vw3, vb3,
+                         K, H, E, TP, BK, HP, BN, EP, PRECISION, SORT, AMPLIFY)
     # The query MLP runs over the whole tile (tl.dot needs >= 16 rows); only the newest row is used.
-    queries = _window_mlp(row_ptrs, h_sk, row_in, mean, std, n_valid, qw1, qb1, qw2, qb2, qw3, qb3,
-                          K, H, E, TP, BK, HP, BN, EP, PRECISION)
+    queries = _window_mlp(row_ptrs, newest_ptr, perm_row, h_sk, row_in, mean, std, n_valid, gain,
+                          qw1, qb1, qw2, qb2, qw3, qb3,
+                          K, H, E, TP, BK, HP, BN, EP, PRECISION, SORT, AMPLIFY)
     q = tl.sum(tl.where((t == T - 1)[:, None], queries, 0.0), axis=0)  # [EP]
 
     # attention over the T-1 older snapshots (softmax over time)
@@ -354,6 +400,8 @@ def predict(
     valid: Tensor,
     weights: Sequence[Tensor],
     threshold: float,
+    input_gain: float = 1.0,
+    sort_by_newest: bool = False,
     *,
     out: Optional[Tuple[Tensor, Tensor]] = None,
     block_k: int = 32,
@@ -366,7 +414,9 @@ def predict(
     ``out=(prob [R] float32, prefix 0-dim int64)`` writes into given tensors (static buffers for
     CUDA graphs); otherwise new ones are returned. ``precision`` is tl.dot's input precision:
     "ieee" (fp32, what the op uses: within 1e-5 of the reference) or "tf32" (tensor cores on
-    the GPU, ~1e-3; for measurement).
+    the GPU, ~1e-3; for measurement). ``input_gain`` and ``sort_by_newest``: the input
+    transform (reference.transform_window), applied while the window is loaded; sorting takes a
+    [R, next_pow2(K)] int32 scratch tensor for the rank order.
     """
     device = history.device
     _check_device("predict", device)
@@ -400,15 +450,21 @@ def predict(
         if prob.shape != (num_rows,) or prob.dtype != torch.float32 or prefix.shape != () \
                 or prefix.dtype != torch.int64 or prob.device != device or prefix.device != device:
             raise ValueError(f"out must be (float32 [{num_rows}], int64 0-dim) tensors on {device}")
+    input_gain = check_input_gain(input_gain)
+    sort_by_newest = bool(sort_by_newest)
     if num_rows > 0:
+        kp = _pow2(k, 1)
+        # the rank-order scratch (unused without sorting: any int32 pointer will do)
+        perm = torch.empty((num_rows, kp) if sort_by_newest else (1,), dtype=torch.int32, device=device)
         _predict_kernel[(num_rows,)](
             history, history.stride(0), history.stride(1), history.stride(2),
-            cursor, rows, valid, prob,
+            cursor, rows, valid, prob, perm,
             *weights,
-            float(math.sqrt(embed)), NORM_EPS,
+            float(math.sqrt(embed)), NORM_EPS, input_gain,
             T=window, K=k, H=hidden, E=embed, HH=head_hidden,
             TP=_pow2(window), BK=min(block_k, _pow2(k)), HP=_pow2(hidden), BN=min(block_n, _pow2(hidden)),
-            EP=_pow2(embed), HHP=_pow2(head_hidden, 2), PRECISION=precision,
+            EP=_pow2(embed), HHP=_pow2(head_hidden, 2), KP=kp, PRECISION=precision,
+            SORT=sort_by_newest, AMPLIFY=input_gain != 1.0,
             num_warps=num_warps,
         )
     _prefix_kernel[(1,)](prob, prefix, num_rows, float(threshold), BLOCK=256)
