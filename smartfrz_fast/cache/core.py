@@ -39,6 +39,8 @@ from .storage import TIERS, Storage, make_storage, read_header, row_bytes, stora
 STORAGE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2.0 ** -7, torch.float8_e4m3fn: 2.0 ** -3}
 ACTIVATION_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-7, torch.bfloat16: 2.0 ** -6, torch.float16: 2.0 ** -8}
 MIGRATE_CHUNK = 256  # rows pushed through newly frozen blocks at a time
+STATE_FORMAT = "smartfrz_fast.ActivationCache.state"
+STATE_VERSION = 1
 
 
 class IndexedDataset(torch.utils.data.Dataset):
@@ -130,6 +132,7 @@ class ActivationCache:
         self._act = None  # (dtype, device) of the prefix output
         self._seen = 0
         self._audit_left = audit_rows
+        self._resume: Optional[Dict[str, Any]] = None  # a loaded state, applied at the first forward
         freezer.add_freeze_listener(self._on_freeze)
 
     # ------------------------------------------------------------------ public
@@ -187,6 +190,90 @@ class ActivationCache:
             self._store.close()
             self._store = None
 
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self, rows: bool = False) -> Dict[str, Any]:
+        """What a resumed run needs: settings, boundary, chain, counters and, for the rows, a
+        fingerprint of what they depend on. The "mmap" tier's rows stay in its file (the state
+        records its path); "memory" / "pinned" rows are included only with ``rows=True`` (they
+        can be large), otherwise the resumed cache refills them as samples come back."""
+        if self._resume is not None:  # loaded but not applied yet (no forward since): still the truth
+            return dict(self._resume)
+        state: Dict[str, Any] = {
+            "format": STATE_FORMAT, "version": STATE_VERSION, "settings": self._settings(),
+            "enabled": self.enabled, "reason": self.reason, "boundary": self.boundary,
+            "chain": None if self.chain is None else [b.name for b in self.chain.blocks],
+            "stats": dict(self.stats), "seen": self._seen, "audit_left": self._audit_left,
+            "input_sig": self._input_sig, "path": self.path, "fingerprint": None, "row_shape": None,
+            "activation": None, "rows": None,
+        }
+        if self.active and self._store is not None and (rows or self.tier == "mmap"):
+            # the mmap file's header holds the fingerprint already: no second pass over the weights
+            fingerprint = self._store.fingerprint if self.tier == "mmap" else self._fingerprint()
+            state.update(fingerprint=fingerprint, row_shape=list(self._store.row_shape),
+                         activation=str(self._act[0]))
+            if self.tier != "mmap":  # the mmap tier's rows are in its file already
+                ids, data, scales = self._store.export_rows()
+                state["rows"] = {"ids": ids, "data": data, "scales": scales}
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Resume from ``state_dict()``. Call it on a fresh cache built with the same settings,
+        after the freezer's own ``load_state_dict``; it takes effect at the first forward (the
+        chain is found then). Saved rows (mmap file, or ``rows=True``) are used only if their
+        fingerprint (model, chain, boundary, prefix weights, activation dtype, row shape) matches
+        this run: a mismatch is an error, never silently wrong rows."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError("not an ActivationCache state_dict (missing its format tag)")
+        if state["version"] != STATE_VERSION:
+            raise ValueError(f"ActivationCache state version {state['version']} is not supported "
+                             f"(this is {STATE_VERSION})")
+        if self._setup_done or self._store is not None:
+            raise RuntimeError("ActivationCache.load_state_dict needs a fresh cache (before its first forward)")
+        mine = self._settings()
+        for key, saved in state["settings"].items():
+            if mine.get(key) != saved:
+                raise ValueError(
+                    f"ActivationCache: the checkpoint's cache was made with {key}={saved!r}, this one has "
+                    f"{key}={mine.get(key)!r}. Construct the cache with the checkpoint's settings.")
+        if not state["enabled"] and self.enabled:  # e.g. the audit caught augmentation: stay off
+            self.enabled, self.reason = False, state["reason"]
+        self.stats.update(state["stats"])
+        self._seen, self._audit_left, self._input_sig = state["seen"], state["audit_left"], state["input_sig"]
+        self._resume = state
+
+    def _settings(self) -> Dict[str, Any]:
+        return {"num_samples": self.num_samples, "storage": self.tier, "dtype": str(self.storage_dtype),
+                "max_bytes": self.max_bytes, "audit_rows": self.audit_rows}
+
+    def _restore(self, state: Dict[str, Any], boundary: int) -> None:
+        """Take the saved rows back if there are any and they belong to this run."""
+        names = [b.name for b in self.chain.blocks]
+        file_rows = self.tier == "mmap" and state["fingerprint"] is not None and os.path.exists(self.path)
+        if state["fingerprint"] is None or (state["rows"] is None and not file_rows):
+            return  # nothing saved: rows refill as samples come back
+        where = f"cache file {self.path}" if self.tier == "mmap" else "the checkpoint's cached rows"
+        if state["chain"] != names or state["boundary"] != boundary:
+            raise ValueError(
+                f"ActivationCache: {where} cover {state['boundary']} blocks of the chain {state['chain'][:3]}..., "
+                f"this run caches {boundary} blocks of {names[:3]}...: a different model or boundary. Restore "
+                "the freezer's state before the first forward, or start the cache without the checkpoint's "
+                "rows (delete the file / save without rows=True).")
+        self.boundary = boundary
+        device = next((p.device for b in self.chain.blocks for p in b.parameters()), torch.device("cpu"))
+        self._act = (getattr(torch, state["activation"].replace("torch.", "")), self.device or device)
+        fingerprint = self._fingerprint()
+        if fingerprint != state["fingerprint"]:
+            key = next(k for k in fingerprint if fingerprint[k] != state["fingerprint"].get(k))
+            raise ValueError(
+                f"ActivationCache: {where} were made for a different {key} ({state['fingerprint'].get(key)!r}, "
+                f"now {fingerprint[key]!r}): they belong to another model, boundary or prefix weights. Load "
+                "the model's weights before the first forward, or delete the rows (file) to refill them.")
+        if self.tier == "mmap":
+            self._store = self._make_store(tuple(state["row_shape"]), self.path, reuse=True)
+        else:
+            self._store = self._make_store(tuple(state["row_shape"]), None)
+            self._store.import_rows(state["rows"]["ids"], state["rows"]["data"], state["rows"]["scales"])
+
     # ------------------------------------------------------------------ forward
     def forward(self, model: nn.Module, inputs: Inputs, sample_ids) -> Any:
         if self.enabled and not self._setup_done:
@@ -208,7 +295,11 @@ class ActivationCache:
             self._disable(f"no block boundary to cut at: {how}")
             return
         self.chain = chain
-        self._advance(self._frozen_blocks())
+        boundary = self._frozen_blocks()
+        if self._resume is not None:
+            state, self._resume = self._resume, None
+            self._restore(state, boundary)
+        self._advance(boundary)
 
     def _prefix_output(self, inputs: Inputs, ids: Tensor) -> Optional[Tensor]:
         store = self._store
@@ -354,14 +445,14 @@ class ActivationCache:
         self._act = (act_dtype, self.device or device)
         self._store = self._make_store(tuple(header["row_shape"]), self.path)
 
-    def _make_store(self, row_shape: Tuple[int, ...], path: Optional[str]) -> Storage:
+    def _make_store(self, row_shape: Tuple[int, ...], path: Optional[str], reuse: Optional[bool] = None) -> Storage:
         numel = int(torch.Size(row_shape).numel())
         per_row = row_bytes(numel, self.storage_dtype)
         capacity = self.num_samples if self.max_bytes is None else min(self.num_samples, self.max_bytes // per_row)
         device = self.device or self._act[1]
         extra = {}
         if self.tier == "mmap":
-            extra = dict(path=path, fingerprint=self._fingerprint(), reuse=self.reuse)
+            extra = dict(path=path, fingerprint=self._fingerprint(), reuse=self.reuse if reuse is None else reuse)
         return make_storage(self.tier, self.num_samples, row_shape, self.storage_dtype, capacity, device, **extra)
 
     def _fingerprint(self) -> Dict[str, Any]:

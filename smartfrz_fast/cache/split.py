@@ -7,14 +7,16 @@ model's inputs for block 0) and ``inputs`` the step's original inputs, which lat
 read (an attention mask) since the loader yields them every step anyway.
 
 Chains come from, in this order: the user's list of blocks; a known structure (nn.Sequential,
-torchvision ResNet/VGG/ViT, timm ResNet/ViT/ConvNeXt, recognised by class name and attributes,
-since neither library needs to be importable); a ``torch.fx`` trace cut where exactly one value
-is live. Whatever produced it, a chain is accepted only after it reproduced the model's output
-on the example inputs (eval mode, RNG and buffers restored).
+torchvision ResNet/VGG/ViT, timm ResNet/ViT/ConvNeXt, Hugging Face GPT-2, BERT and Llama-style
+decoders, recognised by class name and attributes, since none of these libraries needs to be
+importable); a ``torch.fx`` trace cut where exactly one value is live. Whatever produced it, a
+chain is accepted only after it reproduced the model's output on the example inputs (eval mode,
+RNG and buffers restored).
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -31,6 +33,9 @@ class Inputs:
 
     args: Tuple[Any, ...]
     kwargs: Dict[str, Any] = field(default_factory=dict)
+    # values derived from these inputs once and shared by the blocks of a run (attention masks,
+    # rotary tables): see _per_step
+    memo: Dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass
@@ -210,6 +215,165 @@ def _gpt2(model: nn.Module) -> Optional[BlockChain]:
     return BlockChain(blocks, "Hugging Face GPT-2")
 
 
+# Hugging Face encoders and decoders (transformers 5.x layout). The model computes per-step
+# values once (the attention mask in the layout the layers expect, the rotary tables) and hands
+# them to every layer; the chain recomputes them from the step's inputs with the model's own
+# functions, once per run (_per_step). Other transformers versions call their layers
+# differently: the guess then fails verify_chain and the model falls through to fx / off.
+def _positional_names(model: nn.Module) -> List[str]:
+    return [n for n, p in inspect.signature(model.forward).parameters.items()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _hf_inputs(names: Sequence[str], inp: Inputs, allowed: Sequence[str], how: str) -> Dict[str, Any]:
+    """The step's inputs by name (positional ones bound in the forward's parameter order
+    ``names``). Anything but ``allowed`` (labels, inputs_embeds, past_key_values, ...) is refused."""
+    if len(inp.args) > len(names):
+        raise TypeError(f"too many positional inputs ({len(inp.args)}) for the {how} chain")
+    given = dict(zip(names, inp.args))
+    for key, value in inp.kwargs.items():
+        if key in given:
+            raise TypeError(f"input {key!r} given twice")
+        given[key] = value
+    extra = sorted(k for k, v in given.items() if v is not None and k not in allowed)
+    if extra or given.get("input_ids") is None:
+        raise TypeError(f"the {how} chain takes input_ids and optionally {', '.join(allowed[1:])}; "
+                        f"got {extra or 'no input_ids'}")
+    return given
+
+
+def _per_step(inp: Inputs, key: Tuple[Any, ...], make: Callable[[], Any]) -> Any:
+    """``make()`` once per inputs object and key: every layer of a run shares one mask."""
+    if key not in inp.memo:
+        inp.memo[key] = make()
+    return inp.memo[key]
+
+
+def _layer_output(out: Any) -> Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _bert(model: nn.Module) -> Optional[BlockChain]:
+    """BertModel, BertForSequenceClassification, BertForMaskedLM: embeddings -> encoder.layer[i]
+    -> pooler / head, the padding mask expanded by the model's ``_create_attention_masks``."""
+    name = type(model).__name__
+    if "Bert" not in name:
+        return None
+    body = getattr(model, "bert", model)
+    if not (_has(body, "embeddings", "encoder", "config", "_create_attention_masks")
+            and hasattr(body.encoder, "layer")):
+        return None
+    if body.config.is_decoder or getattr(body.config, "add_cross_attention", False):
+        return None  # causal masks and cross-attention: not this chain
+    try:
+        from transformers import modeling_outputs as mo
+    except ImportError:
+        return None
+
+    how = "Hugging Face BERT"
+    allowed = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+    names = _positional_names(model)
+    layers = list(body.encoder.layer)
+
+    def embed(h, inp):
+        x = _hf_inputs(names, inp, allowed, how)
+        return body.embeddings(input_ids=x["input_ids"], token_type_ids=x.get("token_type_ids"),
+                               position_ids=x.get("position_ids"))
+
+    def mask(h, inp):
+        def make():
+            x = _hf_inputs(names, inp, allowed, how)
+            return body._create_attention_masks(attention_mask=x.get("attention_mask"), encoder_attention_mask=None,
+                                                embedding_output=h, encoder_hidden_states=None,
+                                                past_key_values=None)[0]
+        return _per_step(inp, (id(body), "mask", tuple(h.shape[:2]), h.dtype, h.device), make)
+
+    def layer(module):
+        return lambda h, inp: _layer_output(module(h, mask(h, inp)))
+
+    blocks = [Block("embeddings", embed, [body.embeddings])]
+    blocks += [Block(f"encoder.layer.{i}", layer(m), [m], needs_inputs=True) for i, m in enumerate(layers)]
+    if model is body:
+        pooler = [] if body.pooler is None else [body.pooler]
+        blocks.append(Block("head", lambda h, inp: mo.BaseModelOutputWithPoolingAndCrossAttentions(
+            last_hidden_state=h, pooler_output=body.pooler(h) if pooler else None), pooler))
+    elif (name.endswith("ForSequenceClassification") and _has(model, "dropout", "classifier")
+          and body.pooler is not None):
+        blocks.append(Block("head", lambda h, inp: mo.SequenceClassifierOutput(
+            logits=model.classifier(model.dropout(body.pooler(h)))), [body.pooler, model.dropout, model.classifier]))
+    elif name.endswith("ForMaskedLM") and hasattr(model, "cls"):
+        blocks.append(Block("head", lambda h, inp: mo.MaskedLMOutput(logits=model.cls(h)), [model.cls]))
+    else:
+        return None
+    return BlockChain(blocks, how)
+
+
+def _llama(model: nn.Module) -> Optional[BlockChain]:
+    """Llama-style decoders (LlamaModel / LlamaForCausalLM and the same layout: Mistral, Qwen2,
+    Qwen3, Phi-3, ...): embed_tokens -> layers[i] -> norm -> lm_head, with the causal (or
+    sliding-window) mask and the rotary position embeddings built once per step, as the model does."""
+    body = getattr(model, "model", model)
+    if not (_has(body, "embed_tokens", "layers", "norm", "rotary_emb", "config")
+            and isinstance(body.layers, nn.ModuleList)):
+        return None
+    try:
+        from transformers import masking_utils
+        from transformers import modeling_outputs as mo
+    except ImportError:
+        return None
+    config = body.config
+    if not hasattr(masking_utils, "create_causal_mask"):
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:  # Mistral / Phi-3: one mask for all layers, sliding if configured
+        layer_types = ["sliding_attention" if getattr(config, "sliding_window", None) is not None
+                       else "full_attention"] * config.num_hidden_layers
+    mask_fns = {"full_attention": masking_utils.create_causal_mask,
+                "sliding_attention": getattr(masking_utils, "create_sliding_window_causal_mask", None)}
+    if any(mask_fns.get(t) is None for t in layer_types):
+        return None  # an attention kind this chain does not build (chunked, ...)
+    how = "Hugging Face decoder"
+    allowed = ("input_ids", "attention_mask", "position_ids")
+    names = _positional_names(model)
+    layers = list(body.layers)[:config.num_hidden_layers]
+
+    def context(h, inp, kind):
+        """(mask, position_ids, position embeddings) for layers of attention ``kind``."""
+        def positions():
+            x = _hf_inputs(names, inp, allowed, how)
+            ids = x.get("position_ids")
+            ids = torch.arange(h.shape[1], device=h.device).unsqueeze(0) if ids is None else ids
+            return x, ids, body.rotary_emb(h, position_ids=ids)
+
+        shape = (id(body), tuple(h.shape[:2]), h.dtype, h.device)
+        x, ids, rotary = _per_step(inp, shape + ("positions",), positions)
+        mask = _per_step(inp, shape + (kind,), lambda: mask_fns[kind](
+            config=config, inputs_embeds=h, attention_mask=x.get("attention_mask"),
+            past_key_values=None, position_ids=ids))
+        return mask, ids, rotary
+
+    def embed(h, inp):
+        return body.embed_tokens(_hf_inputs(names, inp, allowed, how)["input_ids"])
+
+    def layer(module, kind):
+        def run(h, inp):
+            mask, ids, rotary = context(h, inp, kind)
+            return _layer_output(module(h, attention_mask=mask, position_ids=ids, position_embeddings=rotary))
+        return run
+
+    blocks = [Block("embed_tokens", embed, [body.embed_tokens, body.rotary_emb])]
+    blocks += [Block(f"layers.{i}", layer(m, layer_types[i]), [m], needs_inputs=True) for i, m in enumerate(layers)]
+    if model is body:
+        blocks.append(Block("head", lambda h, inp: mo.BaseModelOutputWithPast(last_hidden_state=body.norm(h)),
+                            [body.norm]))
+    elif hasattr(model, "lm_head") and type(model).__name__.endswith("ForCausalLM"):
+        blocks.append(Block("head", lambda h, inp: mo.CausalLMOutputWithPast(logits=model.lm_head(body.norm(h))),
+                            [body.norm, model.lm_head]))
+    else:
+        return None
+    return BlockChain(blocks, how)
+
+
 class _ParamHolder(nn.Module):
     """Lets a block own loose parameters (class token, position embedding)."""
 
@@ -221,7 +385,7 @@ class _ParamHolder(nn.Module):
         return iter(self._held)
 
 
-KNOWN_STRUCTURES = (_sequential, _resnet, _vgg, _vit, _convnext, _gpt2)
+KNOWN_STRUCTURES = (_sequential, _resnet, _vgg, _vit, _convnext, _gpt2, _bert, _llama)
 
 
 # ------------------------------------------------------------------ torch.fx

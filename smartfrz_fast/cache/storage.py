@@ -107,6 +107,24 @@ class Storage:
         ids = (self.slot_of >= 0).nonzero().flatten()
         return ids, self.slot_of[ids]
 
+    def export_rows(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """(ids, rows, scales) of every cached sample, on the CPU, exactly as stored."""
+        ids, slots = self.cached_slots()
+        slots = slots.to(self.data.device)
+        return ids, self.data[slots].cpu(), self.scales[slots].cpu()
+
+    def import_rows(self, ids: Tensor, rows: Tensor, scales: Tensor) -> None:
+        """Put back rows from ``export_rows`` (bit for bit: no second quantisation)."""
+        if rows.shape[1:] != self.data.shape[1:] or rows.dtype != self.dtype:
+            raise ValueError(f"ActivationCache: saved rows are {tuple(rows.shape[1:])} {rows.dtype}, this "
+                             f"cache holds {tuple(self.data.shape[1:])} {self.dtype}")
+        slots = self.allocate(ids)
+        if bool((slots < 0).any()):
+            raise ValueError(f"ActivationCache: {ids.numel()} saved rows do not fit in {self.capacity} rows")
+        slots = slots.to(self.data.device)
+        self.data[slots] = rows.to(self.data.device)
+        self.scales[slots] = scales.to(self.data.device)
+
     def prefetch(self, ids: Tensor, dtype: torch.dtype, device: torch.device) -> None:
         """Only the pinned tier prefetches."""
 

@@ -1,0 +1,264 @@
+"""The activation cache on Hugging Face BERT and Llama-style decoders (tiny configs, random init):
+the chain reproduces the model with and without padding masks, the cache gives the same loss and
+gradients as recomputing through the frozen prefix in eval mode (dropout > 0), and training
+loops match; layouts the chain does not fit turn the cache off with a reason."""
+
+import copy
+import re
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+from smartfrz_fast import SmartFreezer, StaticFreeze  # noqa: E402
+from smartfrz_fast.cache import ActivationCache, Inputs, find_blocks  # noqa: E402
+
+# BertForMaskedLM's decoder bias is an alias the example forward does not reach; not our concern
+pytestmark = pytest.mark.filterwarnings("ignore:SmartFreezer. 1 trainable parameter")
+
+N, L, V = 12, 7, 50
+_g = torch.Generator().manual_seed(3)
+IDS = torch.randint(1, V, (N, L), generator=_g)
+LENGTHS = torch.randint(4, L + 1, (N,), generator=_g)
+MASK = (torch.arange(L) < LENGTHS[:, None]).long()  # right padding, fixed per sample
+IDS = IDS.masked_fill(MASK == 0, 0)  # pad token 0
+LABELS = torch.randint(0, 3, (N,), generator=_g)
+PROBE = torch.randn(L, 16, generator=_g)
+DROPOUT = 0.2
+
+
+def build(kind, dropout=DROPOUT):
+    torch.manual_seed(0)
+    small = dict(vocab_size=V, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                 intermediate_size=32, max_position_embeddings=32, tie_word_embeddings=False, pad_token_id=0,
+                 initializer_range=0.2)  # larger than the default 0.02: outputs far from zero
+    if kind.startswith("bert"):
+        config = transformers.BertConfig(**small, hidden_dropout_prob=dropout,
+                                         attention_probs_dropout_prob=dropout, num_labels=3)
+        cls = {"bert": transformers.BertModel, "bert-cls": transformers.BertForSequenceClassification,
+               "bert-mlm": transformers.BertForMaskedLM}[kind]
+    elif kind.startswith("llama"):
+        config = transformers.LlamaConfig(**small, num_key_value_heads=1, attention_dropout=dropout)
+        cls = transformers.LlamaModel if kind == "llama" else transformers.LlamaForCausalLM
+    elif kind == "mistral-lm":  # sliding-window attention, window shorter than the sequence
+        config = transformers.MistralConfig(**small, num_key_value_heads=1, attention_dropout=dropout,
+                                            sliding_window=3)
+        cls = transformers.MistralForCausalLM
+    elif kind == "qwen2-lm":  # layer 0 full attention, later layers sliding (per-layer masks)
+        config = transformers.Qwen2Config(**small, num_key_value_heads=1, attention_dropout=dropout,
+                                          use_sliding_window=True, sliding_window=3, max_window_layers=1)
+        cls = transformers.Qwen2ForCausalLM
+    elif kind in ("qwen3-lm", "phi3-lm"):  # the same layout under other names (chain checks only)
+        family = {"qwen3-lm": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+                  "phi3-lm": (transformers.Phi3Config, transformers.Phi3ForCausalLM)}[kind]
+        config = family[0](**small, num_key_value_heads=1, attention_dropout=dropout, bos_token_id=1,
+                           eos_token_id=2)
+        cls = family[1]
+    else:
+        raise ValueError(kind)
+    return cls(config)
+
+
+def body_blocks(model):
+    """The modules of the chain's blocks before the head, in order (for the reference runs)."""
+    body = getattr(model, "bert", None) or getattr(model, "model", model)
+    if hasattr(body, "encoder"):
+        return [body.embeddings, *body.encoder.layer]
+    return [body.embed_tokens, *body.layers]
+
+
+def loss_of(kind, out, index):
+    if kind == "bert-cls":
+        return nn.functional.cross_entropy(out.logits, LABELS[index])
+    if kind == "bert-mlm":
+        target = IDS[index].masked_fill(MASK[index] == 0, -100)
+        return nn.functional.cross_entropy(out.logits.reshape(-1, V), target.reshape(-1))
+    if kind.endswith("-lm"):
+        target = IDS[index][:, 1:].masked_fill(MASK[index][:, 1:] == 0, -100)
+        return nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, V), target.reshape(-1))
+    loss = (out.last_hidden_state * PROBE).sum(-1).pow(2).mean()  # not invariant under the final norm
+    pooled = getattr(out, "pooler_output", None)
+    return loss if pooled is None else loss + (pooled * PROBE[0]).sum(-1).pow(2).mean()
+
+
+def main_output(out):
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+KINDS = ["bert", "bert-cls", "bert-mlm", "llama", "llama-lm", "mistral-lm", "qwen2-lm"]
+HOW = {"bert": "Hugging Face BERT", "llama": "Hugging Face decoder", "mistral": "Hugging Face decoder",
+       "qwen2": "Hugging Face decoder", "qwen3": "Hugging Face decoder", "phi3": "Hugging Face decoder"}
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("kind", KINDS + ["qwen3-lm", "phi3-lm"])
+def test_chain_reproduces_the_model_at_every_cut(kind, masked):
+    model = build(kind).eval()
+    kwargs = {"attention_mask": MASK[:5]} if masked else {}
+    inputs = Inputs((IDS[:5],), kwargs)
+    chain, how = find_blocks(model, inputs)
+    assert chain is not None, how
+    assert how == HOW[kind.split("-")[0]] and len(chain) == 5  # embeddings, 3 layers, head
+    with torch.no_grad():
+        expected = model(IDS[:5], **kwargs)
+        for cut in range(1, len(chain)):
+            run = Inputs((IDS[:5],), kwargs)
+            h = chain.run(run, 0, cut)
+            got = chain.run(run, cut, h=h)
+            torch.testing.assert_close(main_output(got), main_output(expected), rtol=1e-5, atol=1e-6)
+            if kind == "bert":
+                torch.testing.assert_close(got.pooler_output, expected.pooler_output, rtol=1e-5, atol=1e-6)
+        if masked:  # the mask reaches the layers: without it the output differs
+            unmasked, masked_out = main_output(model(IDS[:5])), main_output(expected)
+            assert (unmasked - masked_out).abs().max() > 1e-2 * masked_out.abs().max()
+
+
+def test_sliding_window_mask_matters_and_is_used():
+    # A window (3) shorter than the sequence (7): a chain built with the plain causal mask would
+    # differ; the Mistral chain must reproduce the sliding-window model exactly.
+    model = build("mistral-lm").eval()
+    chain, _ = find_blocks(model, Inputs((IDS[:4],)))
+    full = copy.deepcopy(model)
+    full.config.sliding_window = None
+    full.model.config.sliding_window = None
+    with torch.no_grad():
+        assert not torch.allclose(full(IDS[:4]).logits, model(IDS[:4]).logits, atol=1e-4)
+        torch.testing.assert_close(chain.run(Inputs((IDS[:4],))).logits, model(IDS[:4]).logits)
+
+
+def test_mask_built_once_per_run(monkeypatch):
+    model = build("bert-cls").eval()
+    chain, _ = find_blocks(model, Inputs((IDS[:3],), {"attention_mask": MASK[:3]}))
+    calls = []
+    make = model.bert._create_attention_masks
+    monkeypatch.setattr(model.bert, "_create_attention_masks", lambda **kw: calls.append(1) or make(**kw))
+    with torch.no_grad():
+        chain.run(Inputs((IDS[:3],), {"attention_mask": MASK[:3]}))
+    assert len(calls) == 1  # shared by the three layers
+
+
+def units_through_layer(freezer, k):
+    """Number of leading units that covers the embeddings and layers 0..k."""
+    return 1 + max(i for i, u in enumerate(freezer.units) if re.search(rf"(^|\.)layers?\.{k}\.", u.name))
+
+
+def frozen_setup(kind):
+    """A model with its embeddings and first layer frozen, its cache, and an untouched copy."""
+    model = build(kind)
+    reference = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, policy=StaticFreeze(1, 10 ** 9), example_inputs=IDS[:2])
+    freezer.freeze_to(units_through_layer(freezer, 0))
+    cache = ActivationCache(freezer, num_samples=N, deterministic=True)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    for n, p in reference.named_parameters():
+        p.requires_grad_(n not in frozen)
+    return model, reference, cache
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cached_loss_and_gradients_equal_eval_prefix_recompute(kind):
+    model, reference, cache = frozen_setup(kind)
+    wrapped = cache.wrap()
+    model.train()
+    index = torch.tensor([3, 0, 7, 5])
+    for attempt in ("fill", "hit"):
+        torch.manual_seed(11)
+        loss = loss_of(kind, wrapped(IDS[index], index, attention_mask=MASK[index]), index)
+        loss.backward()
+        reference.train()
+        for block in body_blocks(reference)[:2]:  # the frozen prefix, held in eval
+            block.eval()
+        torch.manual_seed(11)
+        expected = loss_of(kind, reference(IDS[index], attention_mask=MASK[index]), index)
+        expected.backward()
+        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            assert (p.grad is None) == (q.grad is None), name
+            if p.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+        model.zero_grad(set_to_none=True)
+        reference.zero_grad(set_to_none=True)
+    assert cache.boundary == 2 and cache.stats["hits"] == 4 and cache.stats["misses"] == 4, cache.describe()
+    # dropout really is on: the same step with the prefix in train mode gives another loss
+    reference.train()
+    torch.manual_seed(11)
+    assert not torch.allclose(loss_of(kind, reference(IDS[index], attention_mask=MASK[index]), index), loss)
+
+
+def train(kind, use_cache, epochs=4, deepen_after=1):
+    model = build(kind, dropout=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    freezer = SmartFreezer(model, opt, policy=StaticFreeze(1, 10 ** 9), example_inputs=IDS[:2])
+    blocks = body_blocks(model)
+
+    def hold_frozen_blocks_in_eval(event, units):  # what the cache does for its prefix
+        for block in blocks:
+            if any(p.requires_grad for p in block.parameters()):
+                break
+            block.eval()
+
+    cache = None
+    forward = model
+    if use_cache:
+        cache = ActivationCache(freezer, num_samples=N, deterministic=True)
+        forward = cache.wrap()
+    else:
+        freezer.add_freeze_listener(hold_frozen_blocks_in_eval)
+    model.train()
+    g = torch.Generator().manual_seed(1)
+    torch.manual_seed(5)
+    for epoch in range(epochs):
+        if epoch == 0:
+            freezer.freeze_to(units_through_layer(freezer, 0))
+        if epoch == deepen_after + 1:
+            freezer.freeze_to(units_through_layer(freezer, 1))
+        perm = torch.randperm(N, generator=g)
+        for i in range(0, N, 4):
+            index = perm[i:i + 4]
+            args = (IDS[index], index) if use_cache else (IDS[index],)
+            loss = loss_of(kind, forward(*args, attention_mask=MASK[index]), index)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            freezer.step()
+    return model, cache
+
+
+@pytest.mark.parametrize("kind", ["bert-cls", "bert-mlm", "llama-lm", "qwen2-lm"])
+def test_training_loop_with_cache_matches_eval_prefix_training(kind):
+    plain, _ = train(kind, use_cache=False)
+    cached, cache = train(kind, use_cache=True)
+    assert cache.active and cache.boundary == 3, cache.describe()
+    assert cache.stats["hits"] > 0
+    # the layers read the step's attention mask, so rows are refilled after the deeper freeze
+    assert cache.stats["migrated"] == 0 and cache.rows_cached == N
+    for (name, p), q in zip(plain.state_dict().items(), cached.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_inputs_the_chain_does_not_take_turn_the_cache_off():
+    model, _, cache = frozen_setup("bert-cls")
+    wrapped = cache.wrap()
+    index = torch.tensor([0, 1])
+    with pytest.warns(UserWarning, match="ActivationCache is off"):
+        out = wrapped(IDS[index], index, attention_mask=MASK[index], labels=LABELS[index])
+    assert out.loss is not None  # the plain model ran, with its loss
+    assert not cache.active and "takes input_ids" in cache.reason
+
+
+def test_a_layout_that_only_looks_like_bert_is_refused():
+    class ScaledBertForSequenceClassification(transformers.BertForSequenceClassification):
+        def forward(self, input_ids, attention_mask=None):  # not what the BERT chain computes
+            return super().forward(input_ids, attention_mask=attention_mask).logits * 2
+
+    model = ScaledBertForSequenceClassification(build("bert-cls").config)
+    chain, why = find_blocks(model, Inputs((IDS[:2],)))
+    assert chain is None
+    assert "Hugging Face BERT blocks do not reproduce the model's output" in why and "blocks=" in why
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the find itself does not warn; the cache does, once
+        find_blocks(model, Inputs((IDS[:2],)))
