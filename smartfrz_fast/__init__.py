@@ -7,7 +7,7 @@ extension, and it does not initialise CUDA. Ops and kernels load on first use.
 __version__ = "0.1.0"
 
 from .engine import FreezeEvent, SmartFreezer
-from .sieve import SievingSampler
+from .sieve import DistributedSievingSampler, SievingSampler
 from .sparse import SparseMasks
 from .policy import (
     AutoFreeze,
@@ -29,6 +29,7 @@ __all__ = [
     "Egeria",
     "SparseMasks",
     "SievingSampler",
+    "DistributedSievingSampler",
     "LinearFreeze",
     "StaticFreeze",
     "__version__",

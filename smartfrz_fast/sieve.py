@@ -65,10 +65,13 @@ class SievingSampler(torch.utils.data.Sampler):
         if ids.numel() != losses.numel():
             raise ValueError(f"SievingSampler.record: {ids.numel()} ids but {losses.numel()} losses; "
                              "pass per-sample losses (reduction='none')")
-        if self.momentum > 0:
-            old = self.loss[ids]
-            losses = torch.where(torch.isinf(old), losses, self.momentum * old + (1 - self.momentum) * losses)
-        self.loss[ids] = losses
+        self.loss[ids] = self._blend(self.loss[ids], losses)
+
+    def _blend(self, old: Tensor, new: Tensor) -> Tensor:
+        """A sample's loss after a new record: the record, or its exponential average."""
+        if self.momentum == 0:
+            return new
+        return torch.where(torch.isinf(old), new, self.momentum * old + (1 - self.momentum) * new)
 
     def rotate(self) -> List[int]:
         """Swap the easiest active samples for the pool's front; returns the ids sieved out."""
@@ -86,14 +89,17 @@ class SievingSampler(torch.utils.data.Sampler):
         self.rotations += 1
         return out
 
-    def __iter__(self) -> Iterator[int]:
+    def _next_epoch(self) -> List[int]:
+        """Starts an epoch: rotates when due; the active set in this epoch's seeded order."""
         if self.epoch > 0 and self.epoch % self.interval == 0:
             self.rotate()
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         self.epoch += 1
         perm = torch.randperm(len(self.active), generator=g).tolist()
-        active = list(self.active)
-        return iter([active[i] for i in perm])
+        return [self.active[i] for i in perm]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._next_epoch())
 
     def state_dict(self) -> Dict[str, Any]:
         return {"num_samples": self.num_samples, "seed": self.seed, "interval": self.interval,
@@ -114,3 +120,87 @@ class SievingSampler(torch.utils.data.Sampler):
     def describe(self) -> str:
         return (f"SievingSampler({len(self.active)}/{self.num_samples} active, swap {self.num_swap} "
                 f"every {self.interval} epoch(s), seed={self.seed})")
+
+
+class DistributedSievingSampler(SievingSampler):
+    """``SievingSampler`` for data-parallel training: every rank holds the same active set,
+    pool and per-sample losses, and iterates its shard of each epoch's order (as
+    ``DistributedSampler``: padded by repeating the order's head to a multiple of the world
+    size, or cut with ``drop_last``), so the ranks' shards are disjoint up to the padding and
+    cover the active set.
+
+    ``record`` only accumulates the rank's own losses (sum and count per sample, on the
+    device, no collective); at the start of every epoch after the first (before a rotation),
+    or when ``sync()`` is called, one all-reduce of the dense ``[2, num_samples]`` tensor
+    combines every rank's records (a sample recorded on two ranks, by padding, gets their
+    mean) and folds them in as ``record`` does on one process, so every rank rotates
+    identically and the rotation equals a single-process sampler's fed the same losses.
+
+    Collectives: every rank must start the same epochs and call ``sync()`` the same times.
+    Checkpoints: at an epoch's end call ``sync()`` on every rank, then take ``state_dict()`` on
+    any rank (it refuses while this rank holds records not yet combined); load it on every rank.
+    """
+
+    def __init__(self, num_samples: int, active_fraction: float = 0.8, swap_fraction: float = 0.2,
+                 interval: int = 1, seed: int = 0, device: Any = "cpu", momentum: float = 0.0,
+                 process_group: Any = None, drop_last: bool = False) -> None:
+        import torch.distributed as dist
+
+        from .distributed import DecisionSync
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("DistributedSievingSampler: torch.distributed is not initialised; call "
+                               "init_process_group first (on one process, use SievingSampler)")
+        super().__init__(num_samples, active_fraction, swap_fraction, interval, seed, device, momentum)
+        self._comm = DecisionSync(process_group, self.loss.device)  # its all_reduce_sum handles gloo/NCCL
+        self.rank, self.world_size = self._comm.rank, self._comm.world_size
+        self.drop_last = drop_last
+        if drop_last and len(self.active) < self.world_size:
+            raise ValueError(f"DistributedSievingSampler: {len(self.active)} active samples cannot be split "
+                             f"over {self.world_size} ranks with drop_last=True")
+        self._pending = torch.zeros(2, num_samples, device=self.loss.device)  # loss sums, counts
+
+    def __len__(self) -> int:
+        n, w = len(self.active), self.world_size
+        return n // w if self.drop_last else -(-n // w)
+
+    def record(self, ids: Tensor, losses: Tensor) -> None:
+        """This rank's per-sample losses of a batch (no host sync, no collective)."""
+        ids = torch.as_tensor(ids, device=self.loss.device).long().reshape(-1)
+        losses = losses.detach().to(self.loss.device, torch.float32).reshape(-1)
+        if ids.numel() != losses.numel():
+            raise ValueError(f"DistributedSievingSampler.record: {ids.numel()} ids but {losses.numel()} "
+                             "losses; pass per-sample losses (reduction='none')")
+        self._pending[0].index_add_(0, ids, losses)
+        self._pending[1].index_add_(0, ids, torch.ones_like(losses))
+
+    def sync(self) -> None:
+        """Combine every rank's records since the last sync (a collective: call on every rank)."""
+        self._comm.all_reduce_sum(self._pending)
+        total, count = self._pending
+        seen = count > 0
+        self.loss.copy_(torch.where(seen, self._blend(self.loss, total / count.clamp_min(1)), self.loss))
+        self._pending.zero_()
+
+    def __iter__(self) -> Iterator[int]:
+        if self.epoch > 0:
+            self.sync()  # every rank starts the epoch with the same losses, before any rotation
+        order = self._next_epoch()
+        n, w = len(order), self.world_size
+        size = len(self) * w
+        order = order[:size] if self.drop_last else (order * -(-size // n))[:size]
+        return iter(order[self.rank:size:w])
+
+    def state_dict(self) -> Dict[str, Any]:
+        if bool(self._pending[1].any()):
+            raise RuntimeError("DistributedSievingSampler.state_dict: this rank has losses not yet combined "
+                               "with the other ranks'; call sampler.sync() on every rank first (at the "
+                               "end of an epoch)")
+        return super().state_dict()
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._pending.zero_()
+
+    def describe(self) -> str:
+        return super().describe()[:-1] + f", rank {self.rank}/{self.world_size})"

@@ -37,6 +37,30 @@ def prune_masks(model: nn.Module) -> Dict[str, Tensor]:
     return masks
 
 
+def random_masks(model: nn.Module, sparsity: float, seed: int = 0, dense_ends: bool = True) -> Dict[str, Tensor]:
+    """SpFDE's initial sparse structure: each ``nn.Conv*``/``nn.Linear`` weight keeps a seeded
+    random ``1 - sparsity`` of its entries (uniform per layer, exact counts). ``dense_ends``:
+    the first and the last such layer (stem and classifier) stay dense, as is usual in sparse
+    training. Returns ``{parameter name: bool mask}`` for ``SparseMasks(model, masks)``."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"random_masks: sparsity must be in [0, 1), got {sparsity!r}")
+    layers = [(n, m) for n, m in model.named_modules()
+              if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    if dense_ends:
+        layers = layers[1:-1]
+    if not layers:
+        raise ValueError("random_masks: the model has no Linear/Conv layers to sparsify "
+                         "(with dense_ends=True it needs at least three)")
+    g = torch.Generator().manual_seed(seed)
+    masks = {}
+    for name, module in layers:
+        w = module.weight
+        keep = torch.zeros(w.numel(), dtype=torch.bool)
+        keep[torch.randperm(w.numel(), generator=g)[: round((1.0 - sparsity) * w.numel())]] = True
+        masks[f"{name}.weight" if name else "weight"] = keep.view(w.shape).to(w.device)
+    return masks
+
+
 class SparseMasks:
     """Weight masks of a sparse model, kept consistent with freezing.
 
@@ -118,9 +142,9 @@ class SparseMasks:
         if self._freezer is not None:
             raise RuntimeError("SparseMasks is already attached to a freezer")
         self._freezer = freezer
-        self._optimizers = list(freezer.optimizers)
-        for opt in self._optimizers:
-            self._hooks.append(opt.register_step_post_hook(lambda *args: self.apply_()))
+        for opt in freezer.optimizers:
+            if all(o is not opt for o in self._optimizers):  # attach_optimizer may have come first
+                self.attach_optimizer(opt)
         freezer.add_freeze_listener(self._on_freeze)
         if freezer.plan is not None:
             self._restrict_history()
@@ -130,6 +154,16 @@ class SparseMasks:
                 handle.remove()
 
             handle = freezer.model.register_forward_pre_hook(after_setup)
+        return self
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> "SparseMasks":
+        """Zero the masked weights and their optimizer state after every step of ``optimizer``
+        (``attach`` does this for the freezer's optimizers; call it directly for sparse
+        training without a freezer)."""
+        if any(opt is optimizer for opt in self._optimizers):
+            raise RuntimeError("SparseMasks: this optimizer is already attached")
+        self._optimizers.append(optimizer)
+        self._hooks.append(optimizer.register_step_post_hook(lambda *args: self.apply_()))
         return self
 
     def _restrict_history(self, prev: Optional[Dict[int, Tensor]] = None) -> None:

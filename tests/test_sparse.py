@@ -186,3 +186,43 @@ def test_static_policy_without_history():
         freezer.step()
         assert masks.violations() == {}
     assert masks.frozen == {"0.weight", "2.weight"}
+
+
+def test_random_masks_exact_uniform_sparsity_dense_ends():
+    from smartfrz_fast.sparse import random_masks as initial_masks
+
+    model = SmallCNN(width=16)
+    masks = initial_masks(model, 0.8, seed=3)
+    assert set(masks) == {"conv2.weight", "conv3.weight"}  # conv1 (stem) and head stay dense
+    for name, m in masks.items():
+        assert m.dtype == torch.bool and m.shape == dict(model.named_parameters())[name].shape
+        assert int(m.sum()) == round(0.2 * m.numel())
+    again = initial_masks(model, 0.8, seed=3)
+    assert all(torch.equal(masks[n], again[n]) for n in masks)
+    assert not torch.equal(masks["conv2.weight"], initial_masks(model, 0.8, seed=4)["conv2.weight"])
+    assert set(initial_masks(model, 0.5, dense_ends=False)) == {"conv1.weight", "conv2.weight", "conv3.weight", "head.weight"}
+    with pytest.raises(ValueError, match="sparsity"):
+        initial_masks(model, 1.0)
+
+
+def test_attach_optimizer_keeps_masks_without_a_freezer():
+    from smartfrz_fast.sparse import random_masks as initial_masks
+
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    masks = SparseMasks(model, initial_masks(model, 0.7, seed=0)).attach_optimizer(opt)
+    for step in range(4):
+        x, y = batch(step)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        assert masks.violations() == {}
+    for name, p in masks.params.items():  # momentum of pruned weights zeroed too
+        assert not bool(opt.state[p]["momentum_buffer"][~masks.bool_mask(name)].any())
+    with pytest.raises(RuntimeError, match="already attached"):
+        masks.attach_optimizer(opt)
+    # a freezer over the same optimizer later: attach does not hook it twice
+    freezer = SmartFreezer(model, opt, policy=StaticFreeze(1, at_step=1), example_inputs=batch(0)[0])
+    hooks = len(masks._hooks)
+    masks.attach(freezer)
+    assert len(masks._hooks) == hooks
