@@ -3,6 +3,7 @@ config, no downloads): units freeze inside the trainer, the freeze state survive
 own checkpoints, and a run resumed with resume_from_checkpoint ends bit-identical to an
 uninterrupted one (shuffled data, dropout on, checkpoint in the middle of an epoch)."""
 
+import os
 import re
 import subprocess
 import sys
@@ -181,3 +182,33 @@ def test_doc_example_runs(tmp_path):
     result = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "resumed run matches: True" in result.stdout
+
+
+def launch_ddp(out, *extra):
+    """Two Trainer processes under torch.distributed.run (gloo, CPU): tests/hf_ddp_worker.py.
+    ``--standalone`` lets the launcher pick a free port itself (no race with other tests)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(Path(__file__).with_name("hf_ddp_worker.py")), str(out), *extra],
+        capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    suffix = "-resumed" if extra else ""
+    return [torch.load(out / f"rank{r}{suffix}.pt") for r in range(2)]
+
+
+def test_ddp_two_processes_freeze_together_and_resume_bit_identical(tmp_path):
+    """Real DDP inside the Trainer: the policy proposes a different prefix on each rank, both
+    ranks apply rank 0's at the same steps and stay identical; resuming both ranks from the
+    Trainer's mid-run checkpoint ends bit-identical to the uninterrupted run."""
+    r0, r1 = launch_ddp(tmp_path)
+    assert r0["world_size"] == 2 and r0["global_step"] == MAX_STEPS
+    assert [p for _, p in r0["proposals"]] != [p for _, p in r1["proposals"]]
+    assert r0["events"] == r1["events"] == r0["proposals"] == [(3, 1), (6, 2), (9, 3), (12, 4)]
+    assert r0["frozen"] == r1["frozen"] and r0["frozen"]
+    assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
+    q0, q1 = launch_ddp(tmp_path, str(tmp_path / "checkpoint-6"))
+    assert q0["events"] == q1["events"] == r0["events"]  # the first two restored from the checkpoint
+    assert q0["proposals"] == [(9, 3), (12, 4)]  # only the steps after the checkpoint were decided
+    for q in (q0, q1):
+        assert all(torch.equal(q["state"][k], r0["state"][k]) for k in r0["state"])

@@ -1,0 +1,38 @@
+"""Run by test_integration_hf.py under ``torch.distributed.run`` (two processes, gloo, CPU): a
+Hugging Face Trainer with SmartFreezeCallback under DDP. Each rank runs ``RankSkewed`` (a policy
+that proposes a different frozen prefix on each rank); every rank must apply rank 0's.
+
+usage: python -m torch.distributed.run --nproc_per_node 2 hf_ddp_worker.py OUT_DIR [RESUME]
+Saves OUT_DIR/rank<r>.pt: weights, freeze timeline, proposals.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+from ddp_worker import RankSkewed
+from test_integration_hf import dataset, tiny_bert, training_args
+from transformers import Trainer
+
+from smartfrz_fast.integrations.huggingface import SmartFreezeCallback
+
+
+def main(out: Path, resume: str = "") -> None:
+    model = tiny_bert()
+    args = training_args(out, ddp_backend="gloo", ddp_find_unused_parameters=True, per_device_train_batch_size=4,
+                         save_steps=6)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset())
+    rank = args.process_index
+    policy = RankSkewed(rank)
+    callback = SmartFreezeCallback(policy).attach(trainer)
+    trainer.train(resume_from_checkpoint=resume or None)
+    freezer = callback.freezer
+    torch.save({"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                "events": [(e.step, e.num_frozen) for e in freezer.timeline], "proposals": policy.proposals,
+                "world_size": args.world_size, "global_step": trainer.state.global_step,
+                "frozen": sorted(n for n, p in model.named_parameters() if not p.requires_grad)},
+               out / f"rank{rank}{'-resumed' if resume else ''}.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "")
