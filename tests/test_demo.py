@@ -18,8 +18,15 @@ def _run_quick(capsys, *extra):
     return code, out
 
 
-def test_quick_demo_reports_accuracy_time_and_timeline(capsys):
+def test_quick_demo_runs_smartfrz_by_default(capsys):
     code, out = _run_quick(capsys)
+    assert code == 0
+    assert re.search(r"^\s+with smartfrz\s+[\d.]+%\s+[\d.]+ s", out, re.M), out
+    assert "policy: SmartFRZ(" in out and "Freeze timeline" in out
+
+
+def test_quick_demo_reports_accuracy_time_and_timeline(capsys):
+    code, out = _run_quick(capsys, "--policy", "freezeout")
     assert code == 0
     # both runs' accuracy and wall time
     rows = re.findall(r"^\s+(full training|with freezeout)\s+([\d.]+)%\s+([\d.]+) s", out, re.M)

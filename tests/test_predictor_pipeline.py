@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from smartfrz_fast import SmartFreezer, SmartFRZ
-from smartfrz_fast.ops.reference import predict_ref
+from smartfrz_fast.ops.reference import amplify_deviation, predict_ref, sort_by_newest
 from smartfrz_fast.policy.smartfrz import SNAPSHOTS_PER_RUN, snapshot_interval
 from smartfrz_fast.predictor import DEFAULT_WEIGHTS, AttentionPredictor, PredictorConfig, load_predictor
 from smartfrz_fast.predictor.cka import centered_gram, cka_from_grams, linear_cka
 from smartfrz_fast.predictor.labels import freeze_index
-from smartfrz_fast.predictor.model import amplify_deviation, sort_by_newest
 from smartfrz_fast.predictor.train import window_logits
 
 from models import SmallCNN, batch
@@ -123,12 +122,28 @@ def test_quick_pipeline_end_to_end(tmp_path):
         capture_output=True, text=True, timeout=300)
     seconds = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr[-3000:]
-    predictor = load_predictor(out)
-    prov = predictor.provenance
-    assert prov["quick"] is True
-    assert prov["data"]["held_out_families"] == ["vit"]
-    assert "vit" in prov["metrics"]["held_out"]
     assert len(list((tmp_path / "zoo").glob("*.pt"))) == 3
+    prov = load_predictor(out).provenance
+    assert prov["quick"] is True
+    assert prov["data"]["train_families"] == ["mlp", "cnn", "resnet", "vit", "lm"]  # ships trained on all
+    # leave-one-family-out on the recorded quick zoo: the vit predictor never sees a vit
+    lofo = tmp_path / "lofo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "smartfrz_fast.predictor.train", "--quick", "--threads", "1",
+         "--zoo", str(tmp_path / "zoo"), "--leave-one-out", str(lofo), "--train-families", "vit"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    unseen = load_predictor(lofo / "without-vit.pt").provenance
+    assert unseen["data"]["held_out_families"] == ["vit"]
+    assert "vit" not in unseen["data"]["train_families"]
+    assert "balanced_accuracy" in unseen["metrics"]["held_out"]["vit"]
+    assert "| vit |" in proc.stdout
+    # the policy-settings sweep replays that predictor on the left-out recordings
+    proc = subprocess.run(
+        [sys.executable, "-m", "smartfrz_fast.predictor.evaluate", "--sweep-policy-settings", "--threads", "1",
+         "--unseen-dir", str(lofo), "--zoo", str(tmp_path / "zoo")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| 0.5 | 1 |" in proc.stdout and "selected (threshold, patience):" in proc.stdout
     # the quick predictor runs in the engine
     model = SmallCNN()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -141,3 +156,20 @@ def test_quick_pipeline_end_to_end(tmp_path):
         freezer.step()
     assert freezer.policy.last_probabilities is not None
     print(f"quick pipeline: {seconds:.1f} s")
+
+
+def test_label_schedule_freezes_each_prefix_when_its_slowest_label_turns(tmp_path):
+    from smartfrz_fast.predictor.evaluate import LabelSchedule
+
+    # 4 units (the last is the head: no label), 6 snapshots, one every 5 steps
+    cka = torch.tensor([[0.5, 0.999, 0.999, 0.999, 0.999, 1.0],   # freezable from snapshot 1
+                        [0.5, 0.5, 0.5, 0.999, 0.999, 1.0],       # from 3
+                        [0.999, 0.999, 0.999, 0.999, 0.999, 1.0],  # from 0, but its prefix waits for 3
+                        [0.1, 0.1, 0.1, 0.1, 0.1, 1.0]])
+    torch.save({"cka": cka, "sample_every": 5}, tmp_path / "run.pt")
+    policy = LabelSchedule.from_recording(tmp_path / "run.pt", 0.998)
+    assert policy.freeze_steps == [10, 20, 20]  # (snapshot + 1) * 5
+    assert [policy.decide(s, 0) for s in (9, 10, 20)] == [None, 1, 3]
+    assert policy.decide(25, 3) is None
+    late = LabelSchedule.from_recording(tmp_path / "run.pt", 0.9999)  # only the last snapshot (CKA 1)
+    assert late.freeze_steps == [30, 30, 30]

@@ -75,10 +75,64 @@ def run(policy, steps=12, sample_every=2):
 
 
 def test_confident_predictor_freezes_after_the_window_fills(tmp_path):
-    freezer = run(SmartFRZ(weights=predictor_file(tmp_path / "p.pt", freeze_logit=20.0), evaluate_every=2))
+    freezer = run(SmartFRZ(weights=predictor_file(tmp_path / "p.pt", freeze_logit=20.0), evaluate_every=2,
+                           patience=1))
     # 4 snapshots, one every 2 steps: the window is full at step 8, decided and applied there
     assert [(e.step, e.num_frozen) for e in freezer.timeline] == [(8, 3)]
     assert freezer.history.rows.tolist() == [3]
+
+
+@pytest.mark.parametrize("patience, step", [(2, 10), (3, 12)])
+def test_patience_waits_for_evaluations_in_a_row(tmp_path, patience, step):
+    freezer = run(SmartFRZ(weights=predictor_file(tmp_path / "p.pt", freeze_logit=20.0), evaluate_every=2,
+                           patience=patience))
+    assert [(e.step, e.num_frozen) for e in freezer.timeline] == [(step, 3)]
+
+
+def scripted_predict(monkeypatch, probabilities):
+    """Make ``ops.predict`` return the next row of ``probabilities`` (per active unit) each call."""
+    from smartfrz_fast import ops
+
+    script = iter(probabilities)
+
+    def predict(history, cursor, rows, valid, weights, threshold, input_gain=1.0, sort_by_newest=False):
+        prob = torch.tensor(next(script), dtype=torch.float32)[: rows.numel()]
+        return prob, torch.cumprod((prob >= threshold).long(), 0).sum()
+
+    monkeypatch.setattr(ops, "predict", predict)
+
+
+def test_a_miss_resets_the_streak_and_the_prefix_waits_for_its_slowest_unit(tmp_path, monkeypatch):
+    # evaluations at steps 8, 10, 12, 14, 16 (4 units; the last one, the head, never freezes)
+    scripted_predict(monkeypatch, [[0.9, 0.9, 0.1, 0.0], [0.1, 0.9, 0.9, 0.0], [0.9, 0.9, 0.9, 0.0],
+                                   [0.9, 0.9, 0.9, 0.0], [0.9, 0.9, 0.9, 0.0]])
+    policy = SmartFRZ(weights=predictor_file(tmp_path / "p.pt"), evaluate_every=2, patience=2)
+    freezer = run(policy, steps=17)
+    # unit 0: hit, miss, hit, hit -> ready at step 14; unit 1 ready at 10; unit 2 at 12 (streak 2)
+    assert [(e.step, e.num_frozen) for e in freezer.timeline] == [(14, 3)]
+
+
+def test_streaks_survive_a_checkpoint(tmp_path, monkeypatch):
+    rows = [[0.9, 0.9, 0.9, 0.0]] * 6
+    path = predictor_file(tmp_path / "p.pt")
+    scripted_predict(monkeypatch, rows)
+    straight = run(SmartFRZ(weights=path, evaluate_every=2, patience=3), steps=13)
+    scripted_predict(monkeypatch, rows)
+    first = run(SmartFRZ(weights=path, evaluate_every=2, patience=3), steps=11)  # evaluated at 8 and 10
+    assert first.num_frozen == 0 and first.policy.state_dict()["streak"].tolist()[:3] == [2, 2, 2]
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    resumed = SmartFreezer(model, opt, SmartFRZ(weights=path, evaluate_every=2, patience=3),
+                           example_inputs=batch(0)[0], window=4, sample_size=16, sample_every=2)
+    resumed.load_state_dict(first.state_dict())
+    for step in range(resumed.step_count, 13):
+        x, y = batch(step)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        resumed.step()
+    assert [(e.step, e.num_frozen) for e in resumed.timeline] == [(e.step, e.num_frozen) for e in straight.timeline] \
+        == [(12, 3)]
 
 
 def test_doubtful_predictor_never_freezes(tmp_path):
@@ -91,6 +145,12 @@ def test_doubtful_predictor_never_freezes(tmp_path):
 def test_bad_threshold(tmp_path, threshold):
     with pytest.raises(ValueError, match="threshold"):
         SmartFRZ(weights=predictor_file(tmp_path / "p.pt"), threshold=threshold)
+
+
+@pytest.mark.parametrize("patience", [0, -1, 1.5, True])
+def test_bad_patience(tmp_path, patience):
+    with pytest.raises(ValueError, match="patience"):
+        SmartFRZ(weights=predictor_file(tmp_path / "p.pt"), patience=patience)
 
 
 def test_resumed_policy_does_not_score_the_same_snapshot_again(tmp_path):

@@ -17,6 +17,10 @@ from .base import Decision, FreezePolicy, PolicyContext
 # The predictor was trained on runs snapshotted this many times from start to end, so its
 # 30-snapshot window spans a quarter of a run; in use the engine is asked for the same pace.
 SNAPSHOTS_PER_RUN = 120
+# A unit freezes once the predictor called it freezable this many evaluations in a row (the
+# engine never unfreezes, so patience > 1 trades savings for fewer early freezes). Default 1:
+# the leave-one-family-out replay on the zoo picked it (docs/predictor.md, "Policy settings").
+DEFAULT_PATIENCE = 1
 
 
 def snapshot_interval(total_steps: int, snapshots: int = SNAPSHOTS_PER_RUN) -> int:
@@ -29,10 +33,12 @@ class SmartFRZ(FreezePolicy):
     needs_history = True
 
     def __init__(self, weights: Optional[Union[str, Path]] = None, threshold: float = 0.5,
-                 evaluate_every: Optional[int] = None):
+                 evaluate_every: Optional[int] = None, patience: int = DEFAULT_PATIENCE):
         super().__init__()
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"SmartFRZ threshold is a probability in (0, 1), got {threshold}")
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"SmartFRZ patience is a number of evaluations >= 1, got {patience!r}")
         if evaluate_every is not None and evaluate_every < 1:
             raise ValueError(f"SmartFRZ evaluate_every must be >= 1 or None, got {evaluate_every}")
         from ..predictor import load_predictor
@@ -41,8 +47,11 @@ class SmartFRZ(FreezePolicy):
         self.predictor = load_predictor(weights)
         self.threshold = threshold
         self.evaluate_every = evaluate_every
+        self.patience = patience
         self.last_probabilities: Optional[torch.Tensor] = None
         self._evaluated_at = -1  # history.count at the last evaluation
+        # [U] int32 on the device: evaluations in a row each unit was called freezable
+        self._streak: Optional[torch.Tensor] = None
 
     @staticmethod
     def sample_every_for(total_steps: Optional[int]) -> int:
@@ -51,11 +60,14 @@ class SmartFRZ(FreezePolicy):
         return 1 if not total_steps else snapshot_interval(total_steps)
 
     def state_dict(self) -> Dict[str, Any]:
-        # which snapshot was scored last: a resumed run must not score it again
-        return {"evaluated_at": self._evaluated_at}
+        # which snapshot was scored last (a resumed run must not score it again) and the streaks
+        streak = None if self._streak is None else self._streak.cpu()
+        return {"evaluated_at": self._evaluated_at, "streak": streak}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self._evaluated_at = int(state.get("evaluated_at", -1))
+        streak = state.get("streak")
+        self._streak = None if streak is None else streak.clone()
 
     def bind(self, context: PolicyContext) -> None:
         super().bind(context)
@@ -95,20 +107,23 @@ class SmartFRZ(FreezePolicy):
             return None
         from .. import ops
 
-        ring = history.history
-        if self.input_gain != 1.0 or self.sort_inputs:  # the input transform of training
-            from ..predictor.model import amplify_deviation, sort_by_newest
-
-            newest = ring.index_select(1, (history.cursor - 1) % history.window)  # no host sync
-            if self.sort_inputs:
-                ring = sort_by_newest(ring, newest, history.valid)
-                newest = ring.index_select(1, (history.cursor - 1) % history.window)
-            ring = amplify_deviation(ring, newest, self.input_gain)
-        prob, prefix = ops.predict(ring, history.cursor, history.rows, history.valid,
-                                   self._weights, self.threshold)
+        # the op applies the input transform of training while it reads each window (fused on CUDA)
+        prob, prefix = ops.predict(history.history, history.cursor, history.rows, history.valid,
+                                   self._weights, self.threshold, self.input_gain, self.sort_inputs)
         self.last_probabilities = prob
-        return prefix + history.first_active
+        if self.patience == 1:
+            return prefix + history.first_active
+        # device ops only (no host sync): count the evaluations in a row each active unit cleared
+        # the threshold, and freeze the leading run of units that did so `patience` times
+        if self._streak is None or self._streak.device != prob.device:
+            streak = torch.zeros(history.history.shape[0], dtype=torch.int32, device=prob.device)
+            self._streak = streak if self._streak is None else self._streak.to(prob.device)
+        rows = history.rows
+        streak = torch.where(prob >= self.threshold, self._streak.index_select(0, rows) + 1, 0).to(torch.int32)
+        self._streak.index_copy_(0, rows, streak)
+        ready = (streak >= self.patience).to(torch.int64)
+        return torch.cumprod(ready, 0).sum() + history.first_active
 
     def describe(self) -> str:
-        return (f"SmartFRZ(threshold={self.threshold}, evaluate_every={self.evaluate_every}, "
+        return (f"SmartFRZ(threshold={self.threshold}, patience={self.patience}, evaluate_every={self.evaluate_every}, "
                 f"window={self.predictor.config.window}, K={self.predictor.config.sample_size})")

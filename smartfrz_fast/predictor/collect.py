@@ -150,10 +150,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--shard", type=str, default="0/1", help="i/n: record every n-th spec from i")
+    p.add_argument("--eval-networks", action="store_true",
+                   help="record evaluate.EVAL_SPECS instead (for `evaluate --label-oracle` on them: an "
+                        "analysis of the label rule; never training data)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     i, n = map(int, args.shard.split("/"))
-    specs = zoo_specs(args.quick)[i::n]
+    if args.eval_networks:
+        from .evaluate import EVAL_SPECS
+
+        specs = list(EVAL_SPECS)[i::n]
+    else:
+        specs = zoo_specs(args.quick)[i::n]
     collect(args.out, specs, log=lambda m: print(m, flush=True))
     return 0
 

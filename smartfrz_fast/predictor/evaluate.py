@@ -5,10 +5,13 @@ policy replayed on the recording: units freeze front to back at the first window
 probability clears the policy threshold; how often, and by how much, that is *before* the CKA
 label says the unit is freezable (freezing early is what costs accuracy).
 
-``python -m smartfrz_fast.predictor.evaluate``: trains held-out networks (families not used to
-train the predictor, configurations not in the zoo) through the same engine with full training,
-SmartFRZ, FreezeOut, AutoFreeze, Linear and Egeria, appending one JSON line per run;
-``write_table`` turns them into ``bench/results/policy_comparison.md``.
+``python -m smartfrz_fast.predictor.evaluate``: trains networks that are not in the zoo (sizes and
+seeds never recorded) through the same engine with full training, SmartFRZ, FreezeOut,
+AutoFreeze, Linear and Egeria, appending one JSON line per run; ``write_table`` turns them into
+``bench/results/policy_comparison.md``. Two SmartFRZ columns: ``smartfrz`` runs the shipped
+weights (trained on every family), ``smartfrz-unseen`` the leave-one-family-out predictor that
+never saw the network's family (``train --leave-one-out DIR``): the test of an unseen
+architecture.
 """
 
 from __future__ import annotations
@@ -18,15 +21,17 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
+from ..policy.base import FreezePolicy
 from .labels import RunData, freeze_index
-from .zoo import RunSpec, Task, build_model, cosine, make_optimizer
+from .zoo import RunSpec, Task, build_model, cosine, make_optimizer, zoo_specs
 
-POLICIES = ("full", "smartfrz", "freezeout", "autofreeze", "linear", "egeria")
-# Held-out networks: families the shipped predictor never saw, sizes/seeds not in the zoo.
+POLICIES = ("full", "smartfrz", "smartfrz-unseen", "freezeout", "autofreeze", "linear", "egeria")
+UNSEEN_DIR = Path("/tmp/smartfrz_lofo")  # where `train --leave-one-out` puts without-<family>.pt
+# Networks never recorded in the zoo (sizes/seeds not there), of the two hardest families.
 EVAL_SPECS = (
     RunSpec("resnet", 1, 10, "sgd", 10, steps=480),
     RunSpec("vit", 2, 40, "sgd", 10, steps=480),
@@ -36,21 +41,34 @@ EVAL_SPECS = (
 
 
 @torch.no_grad()
-def offline_metrics(model, runs: Sequence[RunData], threshold: float, policy_threshold: float = 0.5,
-                    gain: Optional[float] = None) -> Dict:
+def window_probabilities(model, runs: Sequence[RunData], gain: Optional[float] = None) -> Dict[str, torch.Tensor]:
+    """The predictor's "freezable" probability ``[U, W]`` for every window of every run."""
     from .train import INPUT_GAIN, all_window_logits
 
     gain = INPUT_GAIN if gain is None else gain
+    return {r.name: torch.softmax(all_window_logits(model, r, gain), -1)[..., 1] for r in runs}
 
+
+@torch.no_grad()
+def offline_metrics(model, runs: Sequence[RunData], threshold: float, policy_threshold: float = 0.5,
+                    gain: Optional[float] = None, patience: int = 1, probs: Optional[Dict[str, torch.Tensor]] = None) -> Dict:
+    """Per family of ``runs``. ``probs``: the predictor's ``[U, W]`` probabilities per run name,
+    if already computed (``window_probabilities``), to replay several policy settings cheaply."""
+    probs = probs or window_probabilities(model, runs, gain)
     t = model.config.window
     out: Dict[str, Dict] = {}
     for family in sorted({r.family for r in runs}):
         tp = tn = fp = fn = 0
         early, lead, units, sim_saved, label_saved = 0, [], 0, [], []
         for r in (r for r in runs if r.family == family):
-            prob = torch.softmax(all_window_logits(model, r, gain), -1)[..., 1]  # [U, W]
+            prob = probs[r.name]
             y = r.labels(threshold, t).bool()
             pred = prob >= policy_threshold
+            # a unit counts as freezable once it cleared the threshold in `patience` windows in a row
+            streak = torch.zeros_like(prob, dtype=torch.int64)
+            for w in range(prob.shape[1]):
+                streak[:, w] = (streak[:, w - 1] + 1 if w else 1) * pred[:, w]
+            ready = streak >= patience
             tp += int((pred & y).sum()); tn += int((~pred & ~y).sum())
             fp += int((pred & ~y).sum()); fn += int((~pred & y).sum())
             s = r.cka.shape[1]
@@ -59,7 +77,7 @@ def offline_metrics(model, runs: Sequence[RunData], threshold: float, policy_thr
             frozen_at = torch.full((prob.shape[0],), s, dtype=torch.int64)
             n = 0
             for w in range(prob.shape[1]):
-                while n < prob.shape[0] and bool(pred[n, w]):
+                while n < prob.shape[0] and bool(ready[n, w]):
                     frozen_at[n] = w + t - 1
                     n += 1
             # a prefix cannot freeze before its slowest member's label allows it
@@ -84,10 +102,51 @@ def offline_metrics(model, runs: Sequence[RunData], threshold: float, policy_thr
     return out
 
 
+SWEEP_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+SWEEP_PATIENCE = (1, 2, 3, 5)
+MIN_SHARE_OF_ORACLE = 0.7  # 25 % of compute is ~70 % of what the CKA labels allow (~35 %)
+
+
+def policy_settings_sweep(unseen_dir: Path, zoo_dir: Path, threshold: float, log=print) -> Dict:
+    """Replay every ``without-<family>.pt`` on its left-out family's recordings for each policy
+    (threshold, patience); mean over the folds of the share of units frozen before their label
+    and of the label oracle's savings kept. Selected: the fewest early freezes among the settings
+    that keep ``MIN_SHARE_OF_ORACLE`` (a rule fixed before the sweep was first run)."""
+    from .labels import load_runs
+    from .model import load_predictor
+
+    runs = load_runs(sorted(Path(zoo_dir).glob("*.pt")))
+    folds: Dict[tuple, List[tuple]] = {}
+    for path in sorted(Path(unseen_dir).glob("without-*.pt")):
+        family = path.stem[len("without-"):]
+        model = load_predictor(path)
+        held = [r for r in runs if r.family == family]
+        probs = window_probabilities(model, held)
+        for t in SWEEP_THRESHOLDS:
+            for patience in SWEEP_PATIENCE:
+                m = offline_metrics(model, held, threshold, t, patience=patience, probs=probs)[family]
+                early, units = map(int, m["units_frozen_before_label"].split("/"))
+                oracle = m["label_oracle_flops_saved_of_units"]
+                kept = m["replayed_flops_saved_of_units"] / oracle if oracle else 0.0
+                folds.setdefault((t, patience), []).append((early / units, kept))
+    table, best = {}, None
+    log("| threshold | patience | units frozen before label | share of the oracle's savings kept |")
+    log("|---|---|---|---|")
+    for (t, patience), values in sorted(folds.items()):
+        early = sum(v[0] for v in values) / len(values)
+        kept = sum(v[1] for v in values) / len(values)
+        table[f"{t}/{patience}"] = {"early": round(early, 3), "kept": round(kept, 3)}
+        log(f"| {t} | {patience} | {early:.2f} | {kept:.2f} |")
+        if kept >= MIN_SHARE_OF_ORACLE and (best is None or (early, -kept) < (best[2], -best[3])):
+            best = (t, patience, early, kept)
+    log(f"selected (threshold, patience): {best[:2] if best else None}")
+    return {"table": table, "selected": best[:2] if best else None}
+
+
 def build_policy(name: str, weights: Optional[Path] = None, model=None, probe=None):
     from ..policy import AutoFreeze, Egeria, FreezeOut, LinearFreeze, SmartFRZ
 
-    if name == "smartfrz":
+    if name in ("smartfrz", "smartfrz-unseen"):
         return SmartFRZ(weights=weights)
     if name == "freezeout":
         return FreezeOut(t0=0.8, spacing="cubic", scale_lr=True)  # Brock et al.'s recommendation
@@ -108,8 +167,35 @@ def training_probe(task: Task, n: int = 64) -> torch.Tensor:
     return task.x[:n]
 
 
-def train_with_policy(spec: RunSpec, policy: str, weights: Optional[Path] = None) -> Dict:
-    """Train ``spec`` from its seed (same init, same batches for every policy) with a policy."""
+class LabelSchedule(FreezePolicy):
+    """The label rule used as a policy, with hindsight: unit i freezes at ``freeze_steps[i]``
+    (non-decreasing; the step after the snapshot where its prefix's CKA label turned 1). If this
+    costs accuracy, the labels themselves freeze too early, whatever the predictor learns."""
+
+    name = "label-oracle"
+    deterministic_schedule = True
+
+    def __init__(self, freeze_steps: Sequence[float]) -> None:
+        super().__init__()
+        self.freeze_steps = list(freeze_steps)
+
+    @classmethod
+    def from_recording(cls, path: Path, threshold: float) -> "LabelSchedule":
+        run = torch.load(path, weights_only=False)
+        first = freeze_index(run["cka"][:-1].float(), threshold)  # the head gets no label
+        prefix = torch.cummax(first, 0).values  # a prefix freezes when its slowest unit may
+        snapshots = run["cka"].shape[1]
+        return cls([float("inf") if int(s) >= snapshots else (int(s) + 1) * run["sample_every"] for s in prefix])
+
+    def decide(self, step: int, frozen: int) -> Optional[int]:
+        n = sum(1 for s in self.freeze_steps if s <= step)
+        return n if n > frozen else None
+
+
+def train_with_policy(spec: RunSpec, policy: Union[str, FreezePolicy], weights: Optional[Path] = None,
+                      name: Optional[str] = None) -> Dict:
+    """Train ``spec`` from its seed (same init, same batches for every policy) with a policy
+    (a name from POLICIES, or a policy object recorded under ``name``)."""
     from ..engine import SmartFreezer
 
     torch.manual_seed(spec.seed)
@@ -118,8 +204,12 @@ def train_with_policy(spec: RunSpec, policy: str, weights: Optional[Path] = None
     optimizer = make_optimizer(spec, model)
     freezer = None
     if policy != "full":
-        freezer = SmartFreezer(model, optimizer, policy=build_policy(policy, weights, model, training_probe(task)),
-                               example_inputs=(task.probe[:8],), total_steps=spec.steps)
+        if isinstance(policy, str):
+            name, policy = policy, build_policy(policy, weights, model, training_probe(task))
+        freezer = SmartFreezer(model, optimizer, policy=policy, example_inputs=(task.probe[:8],),
+                               total_steps=spec.steps)
+    else:
+        name = "full"
     sched = None
     if freezer is None or not freezer.policy.manages_lr:
         sched = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine(spec.steps))
@@ -134,7 +224,7 @@ def train_with_policy(spec: RunSpec, policy: str, weights: Optional[Path] = None
         if freezer is not None:
             freezer.step()
     wall = time.perf_counter() - start
-    result = {"network": spec.name, "policy": policy, "accuracy": task.accuracy(model), "wall_s": round(wall, 2)}
+    result = {"network": spec.name, "policy": name, "accuracy": task.accuracy(model), "wall_s": round(wall, 2)}
     if freezer is not None:
         result["flops_saved"] = freezer.training_flops_saved(spec.steps)
         result["timeline"] = [(e.step, e.num_frozen) for e in freezer.timeline]
@@ -184,19 +274,69 @@ def write_table(results: List[Dict], path: Path, note: str = "") -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m smartfrz_fast.predictor.evaluate")
-    p.add_argument("--weights", type=Path, default=None)
+    p.add_argument("--weights", type=Path, default=None, help="for smartfrz (default: the shipped file)")
+    p.add_argument("--unseen-dir", type=Path, default=UNSEEN_DIR,
+                   help="for smartfrz-unseen: the directory of `train --leave-one-out`")
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--networks", default=None, help="comma-separated indices into EVAL_SPECS")
     p.add_argument("--json", type=Path, default=Path("/tmp/smartfrz_eval.jsonl"))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--table", type=Path, default=None, metavar="MD",
+                   help="instead of training: write the table of the runs in --json (the last run of "
+                        "each network and policy) to MD")
+    p.add_argument("--label-oracle", default=None, metavar="THRESHOLDS",
+                   help="instead: train zoo runs (--oracle-runs) fully and with the CKA labels at each "
+                        "threshold as the freeze schedule (LabelSchedule); needs the recordings in --zoo")
+    p.add_argument("--oracle-runs", default="mlp-d5-w64-sgd-s2,cnn-d6-w16-sgd-s0,resnet-d1-w12-sgd-s0,"
+                   "vit-d3-w48-sgd-s0,lm-d2-w64-sgd-s0")
+    p.add_argument("--zoo", type=Path, default=Path("/tmp/smartfrz_zoo"))
+    p.add_argument("--sweep-policy-settings", action="store_true",
+                   help="instead: replay the --unseen-dir predictors over policy thresholds and patience")
+    p.add_argument("--label-threshold", type=float, default=None, help="CKA label threshold of the sweep "
+                   "(default: the labels' default)")
     args = p.parse_args(argv)
+    if args.sweep_policy_settings:
+        from .labels import DEFAULT_THRESHOLD
+
+        torch.set_num_threads(args.threads)
+        policy_settings_sweep(args.unseen_dir, args.zoo, args.label_threshold or DEFAULT_THRESHOLD)
+        return 0
+    if args.label_oracle is not None:
+        torch.set_num_threads(args.threads)
+        specs = {s.name: s for s in (*zoo_specs(), *EVAL_SPECS)}
+        for run_name in args.oracle_runs.split(","):
+            spec = specs[run_name]
+            if spec.finetune:
+                p.error(f"{run_name} fine-tunes; pick runs trained from scratch")
+            runs = [train_with_policy(spec, "full")]
+            for t in args.label_oracle.split(","):
+                runs.append(train_with_policy(spec, LabelSchedule.from_recording(args.zoo / f"{run_name}.pt", float(t)),
+                                              name=f"label-oracle@{t}"))
+            for r in runs:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(r) + "\n")
+                print(json.dumps({k: v for k, v in r.items() if k != "timeline"}), flush=True)
+        return 0
+    if args.table is not None:
+        latest = {}
+        for line in args.json.read_text().splitlines():
+            r = json.loads(line)
+            latest[(r["network"], r["policy"])] = r
+        write_table(list(latest.values()), args.table)
+        return 0
     torch.set_num_threads(args.threads)
     specs = list(EVAL_SPECS)
     if args.networks:
         specs = [specs[int(i)] for i in args.networks.split(",")]
     for spec in specs:
         for policy in args.policies.split(","):
-            r = train_with_policy(spec, policy, args.weights)
+            weights = args.weights
+            if policy == "smartfrz-unseen":
+                weights = args.unseen_dir / f"without-{spec.family}.pt"
+                if not weights.exists():
+                    p.error(f"{weights} is missing: run `python -m smartfrz_fast.predictor.train "
+                            f"--leave-one-out {args.unseen_dir}` first")
+            r = train_with_policy(spec, policy, weights)
             with open(args.json, "a") as f:
                 f.write(json.dumps(r) + "\n")
             print(json.dumps({k: v for k, v in r.items() if k != "timeline"}), flush=True)

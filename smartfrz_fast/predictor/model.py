@@ -68,35 +68,6 @@ class AttentionPredictor(nn.Module):
         return predictor_logits_ref(normalize_window(window, valid), self.flat_weights())
 
 
-def amplify_deviation(history: Tensor, newest: Tensor, gain: float) -> Tensor:
-    """Each snapshot's deviation from the newest one, ``gain`` times larger (newest unchanged).
-
-    Consecutive snapshots of a layer are near-identical after per-snapshot standardisation
-    (correlation 0.99-0.9999 over a window, measured on the zoo), so the op's normalisation alone
-    leaves the predictor to resolve differences of 1e-3 (a predictor trained that way stayed at
-    chance). Amplifying the deviation first keeps the op, its normalisation and the kernels as
-    they are, and stays scale-free (affine in the unit's own weights). ``history [U, T, K]``,
-    ``newest [U, 1, K]``.
-    """
-    return newest + gain * (history - newest)
-
-
-def sort_by_newest(history: Tensor, newest: Tensor, valid: Tensor) -> Tensor:
-    """Reorder each unit's K positions by the newest snapshot's value (ascending, masked
-    positions kept last), the same order for every snapshot of the window.
-
-    The sampled positions are an arbitrary draw, and a predictor fed them in draw order learns
-    the zoo's units by heart (measured: it fits the training families and stays at chance on
-    held-out ones). In rank order every unit looks alike and only the dynamics differ.
-    ``history [..., T, K]``, ``newest [..., 1, K]``, ``valid`` broadcastable to ``[...]``.
-    """
-    k = history.shape[-1]
-    masked = torch.arange(k, device=history.device) >= valid[..., None, None]
-    key = torch.where(masked, torch.full_like(newest, float("inf")), newest)
-    order = torch.argsort(key, dim=-1).expand_as(history)
-    return torch.gather(history, -1, order)
-
-
 def save_predictor(model: AttentionPredictor, path: Union[str, Path], provenance: Dict[str, Any]) -> None:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch.save({

@@ -368,5 +368,18 @@ def zoo_specs(quick: bool = False) -> List[RunSpec]:
         RunSpec("vit", 3, 48, "sgd", 0, steps=480),
         RunSpec("vit", 2, 32, "adamw", 1, steps=480),
         RunSpec("vit", 2, 32, "adamw", 3, steps=480, finetune=True),
+        # Second round (more of every family, most for the two hardest to generalise to).
+        RunSpec("vit", 1, 48, "sgd", 4, steps=480),
+        RunSpec("vit", 4, 32, "sgd", 5, steps=480),
+        RunSpec("resnet", 2, 8, "sgd", 4, steps=480),
+        RunSpec("resnet", 1, 12, "adamw", 5, steps=480),
+        RunSpec("vit", 3, 40, "adamw", 6, steps=480),
+        RunSpec("resnet", 2, 12, "adamw", 6, steps=480, finetune=True),
+        RunSpec("vit", 2, 48, "sgd", 7, steps=480, finetune=True),
+        RunSpec("cnn", 3, 16, "sgd", 4, steps=480),
+        RunSpec("lm", 4, 32, "adamw", 4, steps=480, batch=32),
+        RunSpec("mlp", 2, 192, "adamw", 4, steps=480),
+        RunSpec("cnn", 4, 12, "adamw", 5, steps=480, variant="nobn"),
+        RunSpec("lm", 1, 96, "sgd", 5, steps=480, batch=32),
     ]
     return specs
