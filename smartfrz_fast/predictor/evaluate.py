@@ -305,7 +305,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(args.threads)
         specs = {s.name: s for s in (*zoo_specs(), *EVAL_SPECS)}
         for run_name in args.oracle_runs.split(","):
-            spec = specs[run_name]
+            spec = specs.get(run_name)
+            if spec is None or not (args.zoo / f"{run_name}.pt").exists():
+                p.error(f"{run_name}: not a zoo or evaluation run recorded in {args.zoo} (record it with "
+                        "`python -m smartfrz_fast.predictor.collect [--eval-networks] --out DIR`)")
             if spec.finetune:
                 p.error(f"{run_name} fine-tunes; pick runs trained from scratch")
             runs = [train_with_policy(spec, "full")]
