@@ -17,7 +17,7 @@ python -m smartfrz_fast.info | tee "$OUT/info.txt"
 step "GPU correctness (compiled Triton, CUDA C++, graphs, no host sync)"
 python -m pytest -q -ra -p no:cacheprovider tests/test_triton_kernels.py > "$OUT/test_triton.log" 2>&1
 echo "triton kernels rc=$?"; tail -3 "$OUT/test_triton.log"
-python -m pytest -q -ra -p no:cacheprovider -m gpu tests/test_ops.py tests/test_gather_history.py tests/test_cache.py \
+python -m pytest -q -ra -p no:cacheprovider -m gpu tests --deselect tests/test_triton_kernels.py \
   > "$OUT/test_gpu.log" 2>&1
 echo "gpu-marked rc=$?"; tail -3 "$OUT/test_gpu.log"
 
@@ -25,8 +25,12 @@ step "benchmarks"
 timeout 300 python bench/bench_history_ops.py > "$OUT/bench_history_ops.log" 2>&1; echo "history ops rc=$?"
 timeout 120 python bench/bench_cache.py --device cuda --csv bench/results/cache_gpu.csv > "$OUT/bench_cache.log" 2>&1
 echo "cache rc=$?"
+timeout 120 python bench/bench_cache.py --device cuda --sweep --csv bench/results/cache_gpu.csv \
+  > "$OUT/bench_cache_sweep.log" 2>&1
+echo "cache boundary sweep rc=$?"
 cp bench/results/*.csv "$OUT/" 2>/dev/null
 
 step "summary"
 tail -25 "$OUT/bench_history_ops.log"
 tail -12 "$OUT/bench_cache.log"
+tail -10 "$OUT/bench_cache_sweep.log"
