@@ -61,7 +61,7 @@ class SmartFRZ(FreezePolicy):
 
     def state_dict(self) -> Dict[str, Any]:
         # which snapshot was scored last (a resumed run must not score it again) and the streaks
-        streak = None if self._streak is None else self._streak.cpu()
+        streak = None if self._streak is None else self._streak.detach().cpu().clone()  # a copy, not a view
         return {"evaluated_at": self._evaluated_at, "streak": streak}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from ..policy.base import FreezePolicy
-from .labels import RunData, freeze_index
+from .labels import RunData, prefix_freeze_points
 from .zoo import RunSpec, Task, build_model, cosine, make_optimizer, zoo_specs
 
 POLICIES = ("full", "smartfrz", "smartfrz-unseen", "freezeout", "autofreeze", "linear", "egeria")
@@ -43,9 +43,14 @@ EVAL_SPECS = (
 @torch.no_grad()
 def window_probabilities(model, runs: Sequence[RunData], gain: Optional[float] = None) -> Dict[str, torch.Tensor]:
     """The predictor's "freezable" probability ``[U, W]`` for every window of every run."""
-    from .train import INPUT_GAIN, all_window_logits
+    from .train import INPUT_GAIN, SORT_BY_NEWEST, all_window_logits
 
-    gain = INPUT_GAIN if gain is None else gain
+    provenance = getattr(model, "provenance", {})  # a loaded file: the transform it was trained with
+    if gain is None:
+        gain = float(provenance.get("input_gain", INPUT_GAIN))
+    if bool(provenance.get("sort_by_newest", SORT_BY_NEWEST)) != SORT_BY_NEWEST:
+        raise ValueError(f"this predictor was trained with sort_by_newest={provenance['sort_by_newest']}; "
+                         f"the offline pipeline scores windows with sort_by_newest={SORT_BY_NEWEST}")
     return {r.name: torch.softmax(all_window_logits(model, r, gain), -1)[..., 1] for r in runs}
 
 
@@ -72,7 +77,6 @@ def offline_metrics(model, runs: Sequence[RunData], threshold: float, policy_thr
             tp += int((pred & y).sum()); tn += int((~pred & ~y).sum())
             fp += int((pred & ~y).sum()); fn += int((~pred & y).sum())
             s = r.cka.shape[1]
-            label_first = freeze_index(r.cka, threshold).clamp_min(t - 1)  # [U] snapshot index
             # replay the policy: the frozen prefix grows while the next unit clears the threshold
             frozen_at = torch.full((prob.shape[0],), s, dtype=torch.int64)
             n = 0
@@ -80,8 +84,7 @@ def offline_metrics(model, runs: Sequence[RunData], threshold: float, policy_thr
                 while n < prob.shape[0] and bool(ready[n, w]):
                     frozen_at[n] = w + t - 1
                     n += 1
-            # a prefix cannot freeze before its slowest member's label allows it
-            label_prefix = torch.cummax(label_first, 0).values
+            label_prefix = prefix_freeze_points(r.cka, threshold, t)  # [U] snapshot index
             early += int((frozen_at < label_prefix).sum())
             lead += ((label_prefix - frozen_at).clamp_min(0).float() / s).tolist()
             units += prob.shape[0]
@@ -104,30 +107,39 @@ def offline_metrics(model, runs: Sequence[RunData], threshold: float, policy_thr
 
 SWEEP_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 SWEEP_PATIENCE = (1, 2, 3, 5)
-MIN_SHARE_OF_ORACLE = 0.7  # 25 % of compute is ~70 % of what the CKA labels allow (~35 %)
+MIN_SHARE_OF_ORACLE = 0.7  # 25 % of compute was ~70 % of what the 0.99 labels allowed (~35 %)
 
 
 def policy_settings_sweep(unseen_dir: Path, zoo_dir: Path, threshold: float, log=print) -> Dict:
-    """Replay every ``without-<family>.pt`` on its left-out family's recordings for each policy
+    """Replay every ``without-<family>.pt`` on its left-out family's zoo recordings for each policy
     (threshold, patience); mean over the folds of the share of units frozen before their label
-    and of the label oracle's savings kept. Selected: the fewest early freezes among the settings
-    that keep ``MIN_SHARE_OF_ORACLE`` (a rule fixed before the sweep was first run)."""
+    and of the label oracle's savings kept (capped at 1 per fold: freezing earlier than the labels
+    allow is not a saving to credit). Selected: the fewest early freezes among the settings that
+    keep ``MIN_SHARE_OF_ORACLE`` (a rule fixed before the sweep was first run); if none does, the
+    setting that keeps the most."""
     from .labels import load_runs
     from .model import load_predictor
 
-    runs = load_runs(sorted(Path(zoo_dir).glob("*.pt")))
+    paths = [Path(zoo_dir) / f"{s.name}.pt" for s in zoo_specs()]  # zoo runs only, never evaluation ones
+    runs = load_runs([p for p in paths if p.exists()])
+    models = sorted(Path(unseen_dir).glob("without-*.pt"))
+    if not models:
+        raise FileNotFoundError(f"no without-<family>.pt in {unseen_dir}: run "
+                                f"`python -m smartfrz_fast.predictor.train --leave-one-out {unseen_dir}` first")
     folds: Dict[tuple, List[tuple]] = {}
-    for path in sorted(Path(unseen_dir).glob("without-*.pt")):
+    for path in models:
         family = path.stem[len("without-"):]
         model = load_predictor(path)
         held = [r for r in runs if r.family == family]
+        if not held:
+            raise FileNotFoundError(f"{path.name}: no recorded zoo runs of family {family!r} in {zoo_dir}")
         probs = window_probabilities(model, held)
         for t in SWEEP_THRESHOLDS:
             for patience in SWEEP_PATIENCE:
                 m = offline_metrics(model, held, threshold, t, patience=patience, probs=probs)[family]
                 early, units = map(int, m["units_frozen_before_label"].split("/"))
                 oracle = m["label_oracle_flops_saved_of_units"]
-                kept = m["replayed_flops_saved_of_units"] / oracle if oracle else 0.0
+                kept = min(1.0, m["replayed_flops_saved_of_units"] / oracle) if oracle else 0.0
                 folds.setdefault((t, patience), []).append((early / units, kept))
     table, best = {}, None
     log("| threshold | patience | units frozen before label | share of the oracle's savings kept |")
@@ -139,8 +151,11 @@ def policy_settings_sweep(unseen_dir: Path, zoo_dir: Path, threshold: float, log
         log(f"| {t} | {patience} | {early:.2f} | {kept:.2f} |")
         if kept >= MIN_SHARE_OF_ORACLE and (best is None or (early, -kept) < (best[2], -best[3])):
             best = (t, patience, early, kept)
-    log(f"selected (threshold, patience): {best[:2] if best else None}")
-    return {"table": table, "selected": best[:2] if best else None}
+    if best is None:  # nothing keeps enough: the setting that keeps the most
+        t, patience = max(table, key=lambda k: table[k]["kept"]).split("/")
+        best = (float(t), int(patience))
+    log(f"selected (threshold, patience): {best[:2]}")
+    return {"table": table, "selected": best[:2]}
 
 
 def build_policy(name: str, weights: Optional[Path] = None, model=None, probe=None):
@@ -180,10 +195,14 @@ class LabelSchedule(FreezePolicy):
         self.freeze_steps = list(freeze_steps)
 
     @classmethod
-    def from_recording(cls, path: Path, threshold: float) -> "LabelSchedule":
+    def from_recording(cls, path: Path, threshold: float, window: Optional[int] = None) -> "LabelSchedule":
+        """From a recorded run; not before the first full window of ``window`` snapshots (default:
+        the predictor's), the earliest SmartFRZ can decide."""
+        from .model import PredictorConfig
+
         run = torch.load(path, weights_only=False)
-        first = freeze_index(run["cka"][:-1].float(), threshold)  # the head gets no label
-        prefix = torch.cummax(first, 0).values  # a prefix freezes when its slowest unit may
+        window = PredictorConfig().window if window is None else window
+        prefix = prefix_freeze_points(run["cka"][:-1].float(), threshold, window)  # the head gets no label
         snapshots = run["cka"].shape[1]
         return cls([float("inf") if int(s) >= snapshots else (int(s) + 1) * run["sample_every"] for s in prefix])
 
@@ -239,7 +258,7 @@ def write_table(results: List[Dict], path: Path, note: str = "") -> None:
     nets = list(dict.fromkeys(r["network"] for r in results))
     policies = [p for p in POLICIES if any(r["policy"] == p for r in results)]
     by = {(r["network"], r["policy"]): r for r in results}
-    lines = ["# Policy comparison on held-out architectures", "",
+    lines = ["# Policy comparison on networks outside the predictor's zoo", "",
              "Each cell: test accuracy % / training FLOPs saved (engine's `training_flops_saved`) / "
              "wall time of the training loop (s). Accuracy change vs full training in brackets.", ""]
     if note:
@@ -282,8 +301,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--json", type=Path, default=Path("/tmp/smartfrz_eval.jsonl"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--table", type=Path, default=None, metavar="MD",
-                   help="instead of training: write the table of the runs in --json (the last run of "
-                        "each network and policy) to MD")
+                   help="instead of training: write the tables of the runs in --json (the last run of "
+                        "each network and policy) to MD (bench/results/policy_comparison.md adds "
+                        "hand-written notes: write elsewhere and merge)")
     p.add_argument("--label-oracle", default=None, metavar="THRESHOLDS",
                    help="instead: train zoo runs (--oracle-runs) fully and with the CKA labels at each "
                         "threshold as the freeze schedule (LabelSchedule); needs the recordings in --zoo")

@@ -8,7 +8,7 @@ windows.
 
 Default threshold 0.998, chosen in use: each zoo family's run retrained with the labels
 themselves as the freeze schedule (``evaluate --label-oracle``, hindsight, no predictor) lost
-1.96 points on average at 0.99, 1.27 at 0.995 and 0.97 at 0.998 (``docs/predictor.md``).
+1.90 points on average at 0.99, 1.24 at 0.995 and 0.94 at 0.998 (``docs/predictor.md``).
 """
 
 from __future__ import annotations
@@ -34,6 +34,13 @@ def freeze_index(cka: Tensor, threshold: float = DEFAULT_THRESHOLD) -> Tensor:
     s = cka.shape[1]
     first = torch.where(stays, torch.arange(s).expand_as(stays), torch.full_like(stays, s, dtype=torch.int64))
     return first.min(1).values
+
+
+def prefix_freeze_points(cka: Tensor, threshold: float, window: int = 1) -> Tensor:
+    """``cka [U, S]`` -> ``[U]`` first snapshot at which the prefix ending at each unit may freeze:
+    every unit in it has its label (a running max), and not before the first full window of
+    ``window`` snapshots (the earliest a predictor can decide)."""
+    return torch.cummax(freeze_index(cka, threshold).clamp_min(window - 1), 0).values
 
 
 @dataclass

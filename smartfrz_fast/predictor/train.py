@@ -122,10 +122,15 @@ def train_predictor(runs: Sequence[RunData], threshold: float = DEFAULT_THRESHOL
 
 
 def git_commit() -> str:
+    """HEAD, with "+dirty" when the working tree has uncommitted changes (the code that ran is then
+    HEAD plus those changes)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
+        head = git("rev-parse", "HEAD")
+        return (head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")) or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
