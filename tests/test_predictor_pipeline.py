@@ -167,9 +167,11 @@ def test_label_schedule_freezes_each_prefix_when_its_slowest_label_turns(tmp_pat
                         [0.999, 0.999, 0.999, 0.999, 0.999, 1.0],  # from 0, but its prefix waits for 3
                         [0.1, 0.1, 0.1, 0.1, 0.1, 1.0]])
     torch.save({"cka": cka, "sample_every": 5}, tmp_path / "run.pt")
-    policy = LabelSchedule.from_recording(tmp_path / "run.pt", 0.998)
+    policy = LabelSchedule.from_recording(tmp_path / "run.pt", 0.998, window=1)
     assert policy.freeze_steps == [10, 20, 20]  # (snapshot + 1) * 5
     assert [policy.decide(s, 0) for s in (9, 10, 20)] == [None, 1, 3]
     assert policy.decide(25, 3) is None
-    late = LabelSchedule.from_recording(tmp_path / "run.pt", 0.9999)  # only the last snapshot (CKA 1)
+    # never before the first full window (3 snapshots: snapshot 2), as SmartFRZ itself
+    assert LabelSchedule.from_recording(tmp_path / "run.pt", 0.998, window=3).freeze_steps == [15, 20, 20]
+    late = LabelSchedule.from_recording(tmp_path / "run.pt", 0.9999, window=1)  # only the last snapshot (CKA 1)
     assert late.freeze_steps == [30, 30, 30]

@@ -120,7 +120,8 @@ def policy_settings_sweep(unseen_dir: Path, zoo_dir: Path, threshold: float, log
     from .labels import load_runs
     from .model import load_predictor
 
-    paths = [Path(zoo_dir) / f"{s.name}.pt" for s in zoo_specs()]  # zoo runs only, never evaluation ones
+    # zoo runs only (the full and the --quick zoo), never evaluation networks recorded beside them
+    paths = [Path(zoo_dir) / f"{s.name}.pt" for s in (*zoo_specs(), *zoo_specs(quick=True))]
     runs = load_runs([p for p in paths if p.exists()])
     models = sorted(Path(unseen_dir).glob("without-*.pt"))
     if not models:
