@@ -8,7 +8,7 @@ again when it returns) and with any freezing policy.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
 from torch import Tensor
@@ -60,12 +60,17 @@ class SievingSampler(torch.utils.data.Sampler):
 
     def record(self, ids: Tensor, losses: Tensor) -> None:
         """Per-sample losses of a batch (no host sync)."""
+        ids, losses = self._batch_records(ids, losses)
+        self.loss[ids] = self._blend(self.loss[ids], losses)
+
+    def _batch_records(self, ids: Tensor, losses: Tensor) -> Tuple[Tensor, Tensor]:
+        """A batch's sample ids (int64) and losses (fp32), flat, on the loss tensor's device."""
         ids = torch.as_tensor(ids, device=self.loss.device).long().reshape(-1)
         losses = losses.detach().to(self.loss.device, torch.float32).reshape(-1)
         if ids.numel() != losses.numel():
-            raise ValueError(f"SievingSampler.record: {ids.numel()} ids but {losses.numel()} losses; "
+            raise ValueError(f"{type(self).__name__}.record: {ids.numel()} ids but {losses.numel()} losses; "
                              "pass per-sample losses (reduction='none')")
-        self.loss[ids] = self._blend(self.loss[ids], losses)
+        return ids, losses
 
     def _blend(self, old: Tensor, new: Tensor) -> Tensor:
         """A sample's loss after a new record: the record, or its exponential average."""
@@ -166,11 +171,7 @@ class DistributedSievingSampler(SievingSampler):
 
     def record(self, ids: Tensor, losses: Tensor) -> None:
         """This rank's per-sample losses of a batch (no host sync, no collective)."""
-        ids = torch.as_tensor(ids, device=self.loss.device).long().reshape(-1)
-        losses = losses.detach().to(self.loss.device, torch.float32).reshape(-1)
-        if ids.numel() != losses.numel():
-            raise ValueError(f"DistributedSievingSampler.record: {ids.numel()} ids but {losses.numel()} "
-                             "losses; pass per-sample losses (reduction='none')")
+        ids, losses = self._batch_records(ids, losses)
         self._pending[0].index_add_(0, ids, losses)
         self._pending[1].index_add_(0, ids, torch.ones_like(losses))
 

@@ -9,30 +9,12 @@ from pathlib import Path
 
 import lightning.pytorch as L
 import torch
-from torch import nn
 
-from models import SmallCNN, batch
+from models import batch
+from test_integration_lightning import LitCNN  # the tests' module: one definition
 
 from smartfrz_fast import StaticFreeze
 from smartfrz_fast.integrations.lightning import SmartFreezeCallback
-
-
-class LitCNN(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = SmallCNN()
-        self.example_input_array = batch(0)[0]
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, data, batch_idx):
-        x, y = data
-        return nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
 def main(out: Path) -> None:

@@ -259,8 +259,7 @@ class ActivationCache:
                 "the freezer's state before the first forward, or start the cache without the checkpoint's "
                 "rows (delete the file / save without rows=True).")
         self.boundary = boundary
-        device = next((p.device for b in self.chain.blocks for p in b.parameters()), torch.device("cpu"))
-        self._act = (getattr(torch, state["activation"].replace("torch.", "")), self.device or device)
+        self._act = self._recorded_activation(state["activation"], where)
         fingerprint = self._fingerprint()
         if fingerprint != state["fingerprint"]:
             key = next(k for k in fingerprint if fingerprint[k] != state["fingerprint"].get(k))
@@ -438,12 +437,18 @@ class ActivationCache:
     def _reopen(self) -> None:
         """Open an existing cache file (reuse=True); its header must match this run."""
         header = read_header(self.path)
-        act_dtype = getattr(torch, str(header.get("fingerprint", {}).get("activation", "")).replace("torch.", ""), None)
-        if not isinstance(act_dtype, torch.dtype):
-            raise ValueError(f"ActivationCache: cache file {self.path} does not record its activation dtype; delete it")
-        device = next((p.device for b in self.chain.blocks for p in b.parameters()), torch.device("cpu"))
-        self._act = (act_dtype, self.device or device)
+        self._act = self._recorded_activation(header.get("fingerprint", {}).get("activation", ""),
+                                              f"cache file {self.path}")
         self._store = self._make_store(tuple(header["row_shape"]), self.path)
+
+    def _recorded_activation(self, name: Any, where: str) -> Tuple[torch.dtype, torch.device]:
+        """(dtype, device) of the prefix output for rows saved earlier: the dtype they recorded
+        (e.g. "torch.float32"), on this cache's device, else the device of the chain's parameters."""
+        dtype = getattr(torch, str(name).replace("torch.", ""), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"ActivationCache: {where} does not record its activation dtype; delete it")
+        device = next((p.device for b in self.chain.blocks for p in b.parameters()), torch.device("cpu"))
+        return dtype, self.device or device
 
     def _make_store(self, row_shape: Tuple[int, ...], path: Optional[str], reuse: Optional[bool] = None) -> Storage:
         numel = int(torch.Size(row_shape).numel())
