@@ -153,12 +153,6 @@ class SmartFreezer:
         from . import distributed
 
         self.module, self._dist_kind = distributed.unwrap(model)
-        if policy.needs_history and self._dist_kind == "fsdp2":  # refused before any forward
-            raise ValueError(
-                f"SmartFreezer: {type(policy).__name__} keeps a weight history, which does not "
-                "support FSDP2's sharded (DTensor) parameters yet. Under FSDP2 use FreezeOut, "
-                "AutoFreeze, LinearFreeze or StaticFreeze, or train with DDP."
-            )
         self._process_group = process_group
         self._sync = None
         if self._dist_kind == "freezable_ddp":

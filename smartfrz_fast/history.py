@@ -4,6 +4,11 @@ Positions are drawn once per unit from a seeded generator (sorted, so reads walk
 forward) over the concatenation of the unit's parameters, and stored as (source tensor,
 storage offset) pairs so that one op launch gathers every active unit, whatever its dtype,
 size or strides. A unit with fewer than K weights uses all of them; the rest is masked.
+
+FSDP2 (sharded DTensor parameters): positions are drawn over each parameter's full (global)
+shape, exactly as in one process; each rank gathers the positions that fall in its own shard
+(zeros elsewhere) and one all-reduce (sum) per snapshot completes the row on every rank. Adding
+zeros is exact, so every rank holds the history a single process would hold for those weights.
 """
 
 from __future__ import annotations
@@ -92,6 +97,13 @@ class WeightHistory:
         self.source_ids = torch.from_numpy(np.stack(ids)).to(self.device)
         self.offsets = torch.from_numpy(np.stack(offs)).to(self.device)
         self.valid = torch.tensor(valid, dtype=torch.int64, device=self.device)
+        # What the gather op reads: the parameters and positions themselves, or under FSDP2
+        # this rank's shards and the positions that fall in them (see the module docstring).
+        self._shard_group = None
+        self._gather_args = (self.sources, self.source_ids, self.offsets)
+        if any(_is_dtensor(p) for p in self.sources):
+            self._shard_group, self._gather_args = _local_gather_args(self.sources, np.stack(ids), np.stack(offs),
+                                                                      self.device)
         self.history = torch.zeros(len(self.units), window, sample_size, dtype=torch.float32, device=self.device)
         self.cursor = torch.zeros((), dtype=torch.int64, device=self.device)
         self.count = 0  # snapshots taken (host copy of ``cursor``; no sync needed to know it)
@@ -109,9 +121,21 @@ class WeightHistory:
             return
         from . import ops
 
-        ops.gather_history(self.sources, self.source_ids, self.offsets, self.rows, self.cursor, self.history)
+        ops.gather_history(*self._gather_args, self.rows, self.cursor, self.history)
+        if self._shard_group is not None:
+            self._combine_shards()
         self.cursor.add_(1)
         self.count += 1
+
+    def _combine_shards(self) -> None:
+        """Sum the ranks' partial rows of the slot just written (each position is non-zero on
+        the one rank that owns it). ``count`` is the host copy of ``cursor``: no sync."""
+        import torch.distributed as dist
+
+        slot = self.count % self.window
+        partial = self.history[self.first_active:, slot].contiguous()
+        dist.all_reduce(partial, group=self._shard_group)
+        self.history[self.first_active:, slot] = partial
 
     def drop_leading(self, num_frozen: int) -> None:
         """Stop sampling the first ``num_frozen`` units (they froze)."""
@@ -127,6 +151,10 @@ class WeightHistory:
         backfilled with the weight's *effective* past value where it is known: 0 if
         ``prev_masks`` says the weight was pruned until now (exact: a pruned weight is 0),
         else its current value (an approximation: its past values were not sampled)."""
+        if self._shard_group is not None:
+            raise NotImplementedError(
+                "sparse masks with FSDP2-sharded parameters are not supported: train the sparse model "
+                "with DistributedDataParallel (smartfrz_fast.distributed.FreezableDDP) instead.")
         changed = []
         first_source = 0
         prev_masks = prev_masks or {}
@@ -211,3 +239,66 @@ def _logical_index(param: Tensor, storage_offset: int) -> int:
         index = index * param.shape[d] + coords[d]
     return index
 
+
+
+def _is_dtensor(tensor: Tensor) -> bool:
+    return hasattr(tensor, "device_mesh") and hasattr(tensor, "to_local")
+
+
+def _local_gather_args(sources: Sequence[Tensor], source_ids: np.ndarray, offsets: np.ndarray, device: torch.device):
+    """``(process group, (local sources, local source ids, local offsets))`` for FSDP2.
+
+    A position stays on the rank whose shard holds it, with its offset into that shard;
+    elsewhere its id is -1 (the gather writes 0). A parameter that is not sharded is whole on
+    every rank: rank 0 alone contributes it, so that the sum counts it once."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    meshes = [p.device_mesh for p in sources if _is_dtensor(p)]  # one object per fully_shard call
+    if meshes[0].ndim != 1 or any(m != meshes[0] for m in meshes):
+        raise ValueError(
+            "WeightHistory: the sharded parameters must share one 1-D device mesh (FSDP2's "
+            "fully_shard over one group); HSDP and other multi-dimensional meshes are not supported "
+            "yet. Use a policy without a weight history (FreezeOut, AutoFreeze, LinearFreeze, StaticFreeze).")
+    group = meshes[0].get_group()
+    rank = dist.get_rank(group)
+    shape_of_table = source_ids.shape  # [units, K]
+    source_ids, offsets = source_ids.reshape(-1), offsets.reshape(-1)
+    local_sources: List[Tensor] = []
+    local_ids = np.full_like(source_ids, -1)
+    local_offsets = np.zeros_like(offsets)
+    for index, param in enumerate(sources):
+        hit = source_ids == index
+        if not _is_dtensor(param):
+            local_sources.append(param)
+            if rank == 0:
+                local_ids[hit], local_offsets[hit] = index, offsets[hit]
+            continue
+        shape = tuple(param.shape)
+        placements = tuple(param.placements)
+        contiguous = tuple(torch.empty(shape, device="meta").stride())
+        if param.dim() == 0 or tuple(param.stride()) != contiguous or not all(isinstance(p, Shard) for p in placements):
+            raise ValueError(
+                f"WeightHistory: a sharded parameter of shape {shape} has placements {placements} and "
+                f"stride {tuple(param.stride())}; only row-major parameters sharded with Shard(dim) "
+                "(FSDP2's layout) are supported.")
+        # The local view is taken once: FSDP2 updates its shard in place (to_local() costs ~20 us
+        # a call, too much per snapshot); it was set up by the unit-finding forward pass.
+        local = param.to_local()
+        local_shape, global_offset = compute_local_shape_and_global_offset(shape, param.device_mesh, placements)
+        if tuple(local.shape) != tuple(local_shape):
+            raise ValueError(f"WeightHistory: the local shard has shape {tuple(local.shape)}, DTensor expects "
+                             f"{tuple(local_shape)}; the parameter's sharding is not one this engine reads.")
+        local_sources.append(local)
+        coords = np.unravel_index(offsets[hit], shape)  # global offsets are flat row-major indices
+        local_coords = [c - start for c, start in zip(coords, global_offset)]
+        owned = np.ones(len(coords[0]), dtype=bool)
+        for c, size in zip(local_coords, local_shape):
+            owned &= (c >= 0) & (c < size)
+        local_offset = sum(c * stride for c, stride in zip(local_coords, local.stride()))
+        where = np.flatnonzero(hit)[owned]
+        local_ids[where] = index
+        local_offsets[where] = np.asarray(local_offset)[owned]
+    as_tensor = lambda a: torch.from_numpy(a.reshape(shape_of_table)).to(device)  # noqa: E731
+    return group, (local_sources, as_tensor(local_ids), as_tensor(local_offsets))

@@ -1,14 +1,16 @@
 """Run by test_distributed.py: two real processes over gloo train with freezing.
 
 usage: ddp_worker.py MODE OUT_DIR [PORT]
-MODE in {rewrap, unused, fsdp2, fsdp2_autofreeze, schedule}
+MODE in {rewrap, unused, fsdp2, fsdp2_autofreeze, fsdp2_history, fsdp2_smartfrz, schedule}
 
 Each rank sees different data and runs ``RankSkewed``, a policy that proposes a different
 frozen prefix on each rank; the engine must apply rank 0's proposals on both. Rank 0 then
 replays the same freeze schedule in a single process on the concatenated batches (the exact
 equivalent of data-parallel SGD with mean-reduced gradients) and saves that reference.
 "schedule" runs LinearFreeze (a deterministic schedule: no broadcast at all) under FreezableDDP,
-and the reference runs the same LinearFreeze in one process.
+and the reference runs the same LinearFreeze in one process. "fsdp2_history" runs a RankSkewed
+that keeps a weight history (sharded parameters: each rank gathers its shards) and records it;
+the reference records its own. "fsdp2_smartfrz" runs SmartFRZ with the shipped predictor.
 """
 
 import os
@@ -20,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from smartfrz_fast import AutoFreeze, FreezePolicy, LinearFreeze, SmartFreezer
+from smartfrz_fast import AutoFreeze, FreezePolicy, LinearFreeze, SmartFreezer, SmartFRZ
 from smartfrz_fast.distributed import DecisionSync, FreezableDDP
 
 STEPS, BATCH, WIDTH, BLOCKS = 14, 6, 12, 5
@@ -58,6 +60,34 @@ class Replay(FreezePolicy):
         return self.schedule.get(step)
 
 
+class RecordsHistory:
+    """Mixin: the engine keeps a weight history; every decision records a copy of it."""
+
+    needs_history = True
+
+    def decide(self, step, frozen):
+        history = self.context.history
+        self.histories.append((step, history.history.clone(), history.count))
+        return super().decide(step, frozen)
+
+
+class RankSkewedWithHistory(RecordsHistory, RankSkewed):
+    def __init__(self, rank):
+        super().__init__(rank)
+        self.histories = []
+
+
+class ReplayWithHistory(RecordsHistory, Replay):
+    def __init__(self, schedule):
+        super().__init__(schedule)
+        self.histories = []
+
+
+# A history of 4 snapshots of 64 sampled weights (fewer than a unit holds: a real sample).
+HISTORY = dict(window=4, sample_size=64)
+SMARTFRZ_STEPS = 36  # the shipped predictor reads 30 snapshots: a window, then a few decisions
+
+
 def schedule_policy():
     return LinearFreeze(freeze_start=0.2)
 
@@ -73,9 +103,9 @@ def data(step, rank):
     return torch.randn(BATCH, WIDTH, generator=g), torch.randint(0, 3, (BATCH,), generator=g)
 
 
-def train(model, freezer, optimizer, batches):
+def train(model, freezer, optimizer, batches, steps=STEPS):
     loss_fn = nn.CrossEntropyLoss()
-    for step in range(STEPS):
+    for step in range(steps):
         x, y = batches(step)
         loss_fn(model(x), y).backward()
         optimizer.step()
@@ -117,16 +147,21 @@ def worker(rank, world, port, mode, out):
             fully_shard(block)
         model = fully_shard(inner)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    steps, settings = STEPS, {}
     if mode == "fsdp2_autofreeze":
         policy = AutoFreeze(interval=3, percentile=60)
     elif mode == "schedule":
         policy = schedule_policy()
+    elif mode == "fsdp2_history":
+        policy, settings = RankSkewedWithHistory(rank), HISTORY
+    elif mode == "fsdp2_smartfrz":
+        policy, steps, settings = SmartFRZ(), SMARTFRZ_STEPS, dict(sample_every=1)
     else:
         policy = RankSkewed(rank)
     # "unused" hands the engine the inner module (the DDP wrapper stays outside its view).
     seen = inner if mode == "unused" else model
-    freezer = SmartFreezer(seen, optimizer, policy, example_inputs=data(0, rank)[0], total_steps=STEPS)
-    train(model, freezer, optimizer, lambda step: data(step, rank))
+    freezer = SmartFreezer(seen, optimizer, policy, example_inputs=data(0, rank)[0], total_steps=steps, **settings)
+    train(model, freezer, optimizer, lambda step: data(step, rank), steps)
     frozen = [p for u in freezer.units[:freezer.num_frozen] for p in u.parameters]
     result = {
         "events": [(e.step, e.num_frozen) for e in freezer.timeline],
@@ -138,20 +173,28 @@ def worker(rank, world, port, mode, out):
         "optimizer_state": len(optimizer.state),
         "rewraps": getattr(model, "rewraps", None),
         "broadcasts": len(broadcasts),
+        "histories": getattr(policy, "histories", None),
+        "probabilities": getattr(policy, "last_probabilities", None),
     }
     torch.save(result, out / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
-    if rank == 0 and mode != "fsdp2_autofreeze":  # single-process reference, same schedule
+    if rank == 0 and mode not in ("fsdp2_autofreeze", "fsdp2_smartfrz"):  # one process, same schedule
         ref = make_model()
         ref_opt = torch.optim.SGD(ref.parameters(), lr=0.2, momentum=0.9)
-        ref_policy = schedule_policy() if mode == "schedule" else Replay(result["events"])
+        if mode == "schedule":
+            ref_policy = schedule_policy()
+        elif mode == "fsdp2_history":
+            ref_policy = ReplayWithHistory(result["events"])
+        else:
+            ref_policy = Replay(result["events"])
         ref_freezer = SmartFreezer(ref, ref_opt, ref_policy, example_inputs=data(0, 0)[0],
-                                   total_steps=STEPS, process_group=False)
+                                   total_steps=STEPS, process_group=False, **settings)
         train(ref, ref_freezer, ref_opt, lambda step: tuple(
             torch.cat(parts) for parts in zip(*(data(step, r) for r in range(world)))))
         torch.save({"events": [(e.step, e.num_frozen) for e in ref_freezer.timeline],
-                    "state": full_state(ref)}, out / "reference.pt")
+                    "state": full_state(ref), "histories": getattr(ref_policy, "histories", None)},
+                   out / "reference.pt")
 
 
 if __name__ == "__main__":

@@ -1,19 +1,22 @@
 """Run by test_integration_lightning.py: a two-process DDP fit (gloo, CPU) with
-SmartFreezeCallback; each rank saves its weights and freeze timeline.
+SmartFreezeCallback running ``RankSkewed`` (a policy that proposes a different frozen prefix on
+each rank: every rank must apply rank 0's); each rank saves its weights, freeze timeline and
+proposals.
 
 usage: lightning_ddp_worker.py OUT_DIR
 """
 
+import os
 import sys
 from pathlib import Path
 
 import lightning.pytorch as L
 import torch
 
+from ddp_worker import RankSkewed
 from models import batch
 from test_integration_lightning import LitCNN  # the tests' module: one definition
 
-from smartfrz_fast import StaticFreeze
 from smartfrz_fast.integrations.lightning import SmartFreezeCallback
 
 
@@ -21,13 +24,16 @@ def main(out: Path) -> None:
     xs, ys = zip(*(batch(i) for i in range(4)))
     data = torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(ys))
     loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=False)
-    module, callback = LitCNN(), SmartFreezeCallback(StaticFreeze(2, at_step=3))
+    # Lightning's launcher starts rank 1 as a copy of this script with LOCAL_RANK set.
+    policy = RankSkewed(int(os.environ.get("LOCAL_RANK", 0)))
+    module, callback = LitCNN(), SmartFreezeCallback(policy)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true", max_epochs=3,
                         callbacks=[callback], logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=out)
     trainer.fit(module, loader)
     torch.save({"model": module.state_dict(), "num_frozen": callback.freezer.num_frozen,
-                "timeline": [(e.step, e.num_frozen) for e in callback.freezer.timeline]},
+                "timeline": [(e.step, e.num_frozen) for e in callback.freezer.timeline],
+                "proposals": policy.proposals, "rank": policy.rank},
                out / f"rank{trainer.global_rank}.pt")
 
 

@@ -15,6 +15,7 @@ from smartfrz_fast import SmartFreezer, StaticFreeze
 from smartfrz_fast.distributed import FreezableDDP, unwrap
 
 HERE = Path(__file__).parent
+STEPS_IN_WORKER = 14  # ddp_worker.STEPS
 
 
 def free_port() -> int:
@@ -149,20 +150,58 @@ def test_wrapped_model_on_one_rank_trains_like_plain(one_rank_group):
     assert max_diff(*results) == 0.0
 
 
-def test_fsdp2_with_a_history_policy_is_refused(one_rank_group):
+def test_fsdp2_weight_history_on_one_rank_matches_an_unsharded_model(one_rank_group):
+    # One rank owns every shard: the history must be the unsharded model's, bit for bit.
     from torch.distributed.fsdp import fully_shard
 
-    class NeedsHistory(StaticFreeze):
+    from smartfrz_fast import FreezePolicy
+
+    class Keeps(FreezePolicy):
         needs_history = True
 
-    model = mlp()
-    fully_shard(model)
-    forwards = []
-    model.register_forward_pre_hook(lambda module, args: forwards.append(1))
-    with pytest.raises(ValueError, match="weight history.*FSDP2"):
-        SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), NeedsHistory(1),
-                     example_inputs=torch.randn(2, 4))
-    assert not forwards  # refused before the unit-finding forward pass ran
+        def decide(self, step, frozen):
+            return None
+
+    histories = []
+    for shard in (False, True):
+        model = mlp()
+        if shard:
+            fully_shard(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        freezer = SmartFreezer(model, opt, Keeps(), example_inputs=torch.randn(2, 4), window=3, sample_size=8)
+        torch.manual_seed(1)
+        for _ in range(4):
+            model(torch.randn(5, 4)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+        histories.append(freezer.history.history)
+    assert histories[0].abs().sum() > 0 and torch.equal(histories[0], histories[1])
+
+
+@pytest.mark.slow
+def test_fsdp2_weight_history_is_the_one_process_history(tmp_path):
+    # Each rank gathers the sampled positions in its own shards (the head's [3, 12] weight is
+    # split 2 + 1 rows: uneven) and one all-reduce completes the snapshot: both ranks hold the
+    # same history, and it is the history one process training on both ranks' batches keeps.
+    (r0, r1), ref = run_worker("fsdp2_history", tmp_path)
+    assert r0["events"] == r1["events"] == ref["events"] == [(3, 1), (6, 2), (9, 3), (12, 4)]
+    assert max_diff(r0["state"], r1["state"]) == 0.0
+    assert len(r0["histories"]) == len(ref["histories"]) >= STEPS_IN_WORKER - 1
+    for (step, h0, count0), (_, h1, count1), (ref_step, h_ref, count_ref) in zip(
+            r0["histories"], r1["histories"], ref["histories"]):
+        assert step == ref_step and count0 == count1 == count_ref
+        assert torch.equal(h0, h1)
+        assert (h0 - h_ref).abs().max() < 1e-5  # float sums in another order, as the weights
+    assert r0["histories"][-1][1].abs().amin(dim=-1).gt(0).any()  # real weights, not zeros
+
+
+@pytest.mark.slow
+def test_fsdp2_smartfrz_decides_the_same_on_every_rank(tmp_path):
+    (r0, r1), _ = run_worker("fsdp2_smartfrz", tmp_path)
+    assert r0["events"] == r1["events"] and r0["events"]
+    assert torch.equal(r0["probabilities"], r1["probabilities"])  # identical histories, identical scores
+    assert max_diff(r0["state"], r1["state"]) == 0.0
 
 
 def test_activation_cache_refuses_distributed_wrappers(one_rank_group):

@@ -221,13 +221,18 @@ def test_ddp_without_find_unused_parameters_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_processes_freeze_the_same_units(tmp_path):
-    """A real two-process DDP run (gloo, CPU): both ranks freeze the same units at the same
-    step and end with identical weights."""
+    """A real two-process DDP run (gloo, CPU) with a policy that proposes a different prefix on
+    each rank: both ranks apply rank 0's proposals at the same steps and end with identical
+    weights."""
     script = Path(__file__).with_name("lightning_ddp_worker.py")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
     subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, env=env, timeout=300)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
-    assert results[0]["timeline"] == results[1]["timeline"] and results[0]["num_frozen"] == 2
+    assert [r["rank"] for r in results] == [0, 1]
+    proposals = [dict(r["proposals"]) for r in results]
+    assert proposals[0] and proposals[0] != proposals[1]  # the ranks disagree ...
+    assert results[0]["timeline"] == results[1]["timeline"]  # ... and apply the same freezes,
+    assert results[0]["timeline"] and all(proposals[0][step] == n for step, n in results[0]["timeline"])  # rank 0's
     for name, value in results[0]["model"].items():
         if name.startswith("net.bn3.running"):
             continue  # a trainable BatchNorm's statistics are per rank after the last forward
