@@ -297,3 +297,43 @@ def test_reentrant_checkpoint_on_a_frozen_prefix_trains_nothing_and_is_flagged()
         assert not torch.equal(v, initial[k])
         torch.testing.assert_close(v, after_two[k], rtol=0, atol=0)
         assert not torch.equal(v, plain.body.state_dict()[k])
+
+
+class CheckpointedBlock(nn.Module):
+    def __init__(self, use_checkpoint):
+        super().__init__()
+        self.linear = nn.Linear(WIDTH, WIDTH)
+        self.use_checkpoint = use_checkpoint
+
+    def forward(self, x):
+        inner = lambda h: torch.tanh(self.linear(h))  # noqa: E731
+        return checkpoint(inner, x, use_reentrant=False) if self.use_checkpoint else inner(x)
+
+
+def test_non_reentrant_checkpoint_on_top_of_a_cached_prefix():
+    """Checkpointed blocks after a frozen, cached prefix train exactly as plain blocks do."""
+    from smartfrz_fast.cache import ActivationCache
+
+    data = torch.randn(12, WIDTH, generator=torch.Generator().manual_seed(3))
+    results = []
+    for cached in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(*[CheckpointedBlock(cached) for _ in range(4)], nn.Linear(WIDTH, 2))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=1), example_inputs=data[:2])
+        forward = model
+        if cached:
+            cache = ActivationCache(freezer, num_samples=len(data), deterministic=True)
+            forward = cache.wrap()
+        for step in range(6):
+            ids = torch.arange(step % 3 * 4, step % 3 * 4 + 4)
+            out = forward(data[ids], ids) if cached else forward(data[ids])
+            out.square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+        if cached:
+            assert cache.boundary == 2 and cache.stats["hits"] >= 8
+        results.append(model.state_dict())
+    for name, value in results[0].items():
+        torch.testing.assert_close(results[1][name], value, rtol=1e-6, atol=1e-7, msg=name)
