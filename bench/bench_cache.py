@@ -54,18 +54,18 @@ def machine_name(device) -> str:
     return f"{model or platform.processor() or 'cpu'}, {os.cpu_count()} cores"
 
 
-def write_rows(path, rows) -> None:
+def write_rows(path, rows, fields=FIELDS) -> None:
     """Append ``rows``; an older file whose header lacks a column is rewritten with it (blank)."""
     old = []
     if os.path.exists(path):
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
-            if reader.fieldnames != FIELDS:
+            if reader.fieldnames != fields:
                 old = list(reader)
     mode = "w" if old or not os.path.exists(path) else "a"
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     with open(path, mode, newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS, restval="")
+        writer = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
         if mode == "w":
             writer.writeheader()
         writer.writerows(old + rows)
@@ -216,18 +216,29 @@ def main() -> None:
 
 
 def finish(args, device, rows) -> None:
+    model = dict(model=f"conv{args.depth}x{args.width} {args.image}px", batch=args.batch, samples=args.samples)
+    finish_rows(args.csv, FIELDS, [{**model, **row} for row in rows], device)
+
+
+def finish_rows(path, fields, rows, device) -> None:
+    """Append ``rows`` to the CSV at ``path`` with what the run ran on (device, versions, date,
+    commit, machine): the one place the benchmarks of the cache record that."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except OSError:
         commit = ""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = ""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    common = dict(device=name, torch=torch.__version__, python=platform.python_version(),
+    common = dict(device=name, torch=torch.__version__, triton=triton_version, python=platform.python_version(),
                   date=datetime.date.today().isoformat(), commit=commit or "unknown",
-                  threads=torch.get_num_threads(), machine=machine_name(device),
-                  model=f"conv{args.depth}x{args.width} {args.image}px", batch=args.batch, samples=args.samples)
-    write_rows(args.csv, [{**common, **row} for row in rows])
-    print(f"appended {len(rows)} rows to {args.csv}")
+                  threads=torch.get_num_threads(), machine=machine_name(device))
+    write_rows(path, [{**common, **row} for row in rows], fields)
+    print(f"appended {len(rows)} rows to {path}")
 
 
 if __name__ == "__main__":

@@ -28,9 +28,12 @@ echo "cache rc=$?"
 timeout 120 python bench/bench_cache.py --device cuda --sweep --csv bench/results/cache_gpu.csv \
   > "$OUT/bench_cache_sweep.log" 2>&1
 echo "cache boundary sweep rc=$?"
+timeout 240 python bench/bench_pinned_read.py --csv bench/results/pinned_read.csv > "$OUT/bench_pinned_read.log" 2>&1
+echo "pinned read (copy vs kernel) rc=$?"
 cp bench/results/*.csv "$OUT/" 2>/dev/null
 
 step "summary"
 tail -25 "$OUT/bench_history_ops.log"
 tail -12 "$OUT/bench_cache.log"
 tail -10 "$OUT/bench_cache_sweep.log"
+tail -30 "$OUT/bench_pinned_read.log"

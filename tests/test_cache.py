@@ -258,6 +258,8 @@ def test_bad_arguments():
         ActivationCache(freezer, num_samples=N, deterministic=True, storage="mmap")
     with pytest.raises(ValueError, match="num_samples must be a positive int"):
         ActivationCache(freezer, num_samples=0, deterministic=True)
+    with pytest.raises(ValueError, match="pinned_read must be one of"):
+        ActivationCache(freezer, num_samples=N, deterministic=True, storage="pinned", pinned_read="dma")
     if not torch.cuda.is_available():
         cache = ActivationCache(freezer, num_samples=N, deterministic=True, storage="pinned")
         freezer.freeze_to(1)
@@ -322,14 +324,41 @@ def test_full_disk_is_a_clear_error(tmp_path, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tier", ["memory", "pinned"])
-def test_gpu_tiers_match_cpu(tier):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp8"])
+def test_pinned_reads_by_kernel_and_by_copy_agree(dtype):
+    # The two ways rows leave pinned memory (bench/bench_pinned_read.py times them) deliver the
+    # same bits as the plain GPU-memory tier, prefetched or not.
+    from smartfrz_fast.cache.storage import PinnedStorage, Storage, storage_dtype
+
+    cuda, shape = torch.device("cuda"), (3, 5, 7)
+    stores = [Storage(40, shape, storage_dtype(dtype), 32, cuda)] + [
+        PinnedStorage(40, shape, storage_dtype(dtype), 32, cuda, read=read) for read in ("copy", "kernel")]
+    values, ids = torch.randn(40, *shape, device=cuda) * 10, torch.randperm(40)
+    for store in stores:
+        slots = store.allocate(ids)  # 32 rows fit, 8 do not
+        store.write(slots[slots >= 0], values[ids[slots >= 0]])
+    batch = ids[:32][torch.randperm(32)[:9]]
+    reads = []
+    for store in stores:
+        store.prefetch(batch, torch.float32, cuda)
+        reads.append((store.read(store.lookup(batch), torch.float32, cuda),
+                      store.read(store.lookup(batch.flip(0)), torch.float32, cuda)))  # not prefetched
+    for prefetched, direct in reads[1:]:
+        assert torch.equal(prefetched, reads[0][0]) and torch.equal(direct, reads[0][1])
+    with pytest.raises(ValueError, match="read must be one of"):
+        PinnedStorage(4, shape, torch.float32, 4, cuda, read="zero-copy")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tier, pinned_read", [("memory", "copy"), ("pinned", "copy"), ("pinned", "kernel")])
+def test_gpu_tiers_match_cpu(tier, pinned_read):
     torch.manual_seed(0)
     model = chain_model().cuda()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     freezer = SmartFreezer(model, opt, policy=StaticFreeze(2, 1), example_inputs=X[:2].cuda(), total_steps=10)
     freezer.freeze_to(2)
-    cache = ActivationCache(freezer, num_samples=N, deterministic=True, storage=tier, dtype="fp8")
+    cache = ActivationCache(freezer, num_samples=N, deterministic=True, storage=tier, dtype="fp8",
+                            pinned_read=pinned_read)
     wrapped = cache.wrap()
     ids = torch.arange(N)
     first = wrapped(X.cuda(), ids)

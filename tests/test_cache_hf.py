@@ -1,7 +1,9 @@
-"""The activation cache on Hugging Face BERT and Llama-style decoders (tiny configs, random init):
-the chain reproduces the model with and without padding masks, the cache gives the same loss and
-gradients as recomputing through the frozen prefix in eval mode (dropout > 0), and training
-loops match; layouts the chain does not fit turn the cache off with a reason."""
+"""The activation cache on Hugging Face BERT, Llama-style decoders and GPT-2 (tiny configs, random
+init): the chain reproduces the model with and without (left or right) padding masks, the cache
+gives the same loss and gradients as recomputing through the frozen prefix in eval mode (dropout
+> 0), and training loops match; layouts the chain does not fit turn the cache off with a reason.
+Rows are migrated through newly frozen layers with each sample's stored side inputs: see
+tests/test_cache_hf_migrate.py."""
 
 import copy
 import re
@@ -25,6 +27,9 @@ IDS = torch.randint(1, V, (N, L), generator=_g)
 LENGTHS = torch.randint(4, L + 1, (N,), generator=_g)
 MASK = (torch.arange(L) < LENGTHS[:, None]).long()  # right padding, fixed per sample
 IDS = IDS.masked_fill(MASK == 0, 0)  # pad token 0
+LEFT_MASK = MASK.flip(1)  # the same lengths, padded on the left
+LEFT_IDS = IDS.flip(1)
+PADDING = {"none": (IDS, None), "right": (IDS, MASK), "left": (LEFT_IDS, LEFT_MASK)}
 LABELS = torch.randint(0, 3, (N,), generator=_g)
 PROBE = torch.randn(L, 16, generator=_g)
 DROPOUT = 0.2
@@ -51,6 +56,12 @@ def build(kind, dropout=DROPOUT):
         config = transformers.Qwen2Config(**small, num_key_value_heads=1, attention_dropout=dropout,
                                           use_sliding_window=True, sliding_window=3, max_window_layers=1)
         cls = transformers.Qwen2ForCausalLM
+    elif kind.startswith("gpt2"):
+        config = transformers.GPT2Config(vocab_size=V, n_embd=16, n_layer=3, n_head=2, n_inner=32, n_positions=32,
+                                         tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+                                         eos_token_id=2, initializer_range=0.2, resid_pdrop=dropout,
+                                         embd_pdrop=dropout, attn_pdrop=dropout)
+        cls = transformers.GPT2Model if kind == "gpt2" else transformers.GPT2LMHeadModel
     elif kind in ("qwen3-lm", "phi3-lm"):  # the same layout under other names (chain checks only)
         family = {"qwen3-lm": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
                   "phi3-lm": (transformers.Phi3Config, transformers.Phi3ForCausalLM)}[kind]
@@ -64,9 +75,11 @@ def build(kind, dropout=DROPOUT):
 
 def body_blocks(model):
     """The modules of the chain's blocks before the head, in order (for the reference runs)."""
-    body = getattr(model, "bert", None) or getattr(model, "model", model)
+    body = getattr(model, "bert", None) or getattr(model, "model", None) or getattr(model, "transformer", model)
     if hasattr(body, "encoder"):
         return [body.embeddings, *body.encoder.layer]
+    if hasattr(body, "wte"):  # GPT-2: the embedding block is wte + wpe + dropout
+        return [nn.ModuleList([body.wte, body.wpe, body.drop]), *body.h]
     return [body.embed_tokens, *body.layers]
 
 
@@ -88,32 +101,71 @@ def main_output(out):
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
-KINDS = ["bert", "bert-cls", "bert-mlm", "llama", "llama-lm", "mistral-lm", "qwen2-lm"]
+KINDS = ["bert", "bert-cls", "bert-mlm", "llama", "llama-lm", "mistral-lm", "qwen2-lm", "gpt2", "gpt2-lm"]
 HOW = {"bert": "Hugging Face BERT", "llama": "Hugging Face decoder", "mistral": "Hugging Face decoder",
-       "qwen2": "Hugging Face decoder", "qwen3": "Hugging Face decoder", "phi3": "Hugging Face decoder"}
+       "qwen2": "Hugging Face decoder", "qwen3": "Hugging Face decoder", "phi3": "Hugging Face decoder",
+       "gpt2": "Hugging Face GPT-2"}
 
 
-@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("padding", list(PADDING))
 @pytest.mark.parametrize("kind", KINDS + ["qwen3-lm", "phi3-lm"])
-def test_chain_reproduces_the_model_at_every_cut(kind, masked):
+def test_chain_reproduces_the_model_at_every_cut(kind, padding):
     model = build(kind).eval()
-    kwargs = {"attention_mask": MASK[:5]} if masked else {}
-    inputs = Inputs((IDS[:5],), kwargs)
+    ids, mask = PADDING[padding]
+    ids = ids[:5]
+    kwargs = {} if mask is None else {"attention_mask": mask[:5]}
+    inputs = Inputs((ids,), kwargs)
     chain, how = find_blocks(model, inputs)
     assert chain is not None, how
     assert how == HOW[kind.split("-")[0]] and len(chain) == 5  # embeddings, 3 layers, head
     with torch.no_grad():
-        expected = model(IDS[:5], **kwargs)
+        expected = model(ids, **kwargs)
+        assert torch.isfinite(main_output(expected)).all()
         for cut in range(1, len(chain)):
-            run = Inputs((IDS[:5],), kwargs)
+            run = Inputs((ids,), kwargs)
             h = chain.run(run, 0, cut)
             got = chain.run(run, cut, h=h)
             torch.testing.assert_close(main_output(got), main_output(expected), rtol=1e-5, atol=1e-6)
             if kind == "bert":
                 torch.testing.assert_close(got.pooler_output, expected.pooler_output, rtol=1e-5, atol=1e-6)
-        if masked:  # the mask reaches the layers: without it the output differs
-            unmasked, masked_out = main_output(model(IDS[:5])), main_output(expected)
+        if mask is not None:  # the mask reaches the layers: without it the output differs
+            unmasked, masked_out = main_output(model(ids)), main_output(expected)
             assert (unmasked - masked_out).abs().max() > 1e-2 * masked_out.abs().max()
+
+
+@pytest.mark.parametrize("kind", ["bert-cls", "llama-lm", "qwen2-lm", "gpt2-lm"])
+def test_chain_reproduces_the_model_with_eager_attention(kind):
+    # eager attention takes the additive mask in another layout (BERT on transformers 4.x:
+    # get_extended_attention_mask instead of the sdpa expansion)
+    config = build(kind).config
+    model = type(build(kind))._from_config(config, attn_implementation="eager").eval()
+    assert model.config._attn_implementation == "eager"
+    ids, mask = PADDING["left"]
+    chain, how = find_blocks(model, Inputs((ids,), {"attention_mask": mask}))
+    assert how == HOW[kind.split("-")[0]], how
+    with torch.no_grad():
+        run = Inputs((ids,), {"attention_mask": mask})
+        got = chain.run(run, 2, h=chain.run(run, 0, 2))
+        torch.testing.assert_close(main_output(got), main_output(model(ids, attention_mask=mask)),
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gpt2-lm"])
+def test_gpt2_chain_takes_token_types_and_position_ids(kind):
+    model = build(kind).eval()
+    kwargs = {"attention_mask": LEFT_MASK[:5], "token_type_ids": IDS[5:10],
+              "position_ids": (LEFT_MASK[:5].cumsum(1) - 1).clamp(min=0)}  # positions that skip the padding
+    chain, how = find_blocks(model, Inputs((LEFT_IDS[:5],), kwargs))
+    assert how == "Hugging Face GPT-2", how
+    with torch.no_grad():
+        expected = main_output(model(LEFT_IDS[:5], **kwargs))
+        for cut in range(1, len(chain)):
+            run = Inputs((), {"input_ids": LEFT_IDS[:5], **kwargs})
+            got = main_output(chain.run(run, cut, h=chain.run(run, 0, cut)))
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        for key in ("token_type_ids", "position_ids"):  # each one changes the output
+            other = {k: v for k, v in kwargs.items() if k != key}
+            assert not torch.allclose(main_output(model(LEFT_IDS[:5], **other)), expected, atol=1e-4)
 
 
 def test_sliding_window_mask_matters_and_is_used():
@@ -133,8 +185,12 @@ def test_mask_built_once_per_run(monkeypatch):
     model = build("bert-cls").eval()
     chain, _ = find_blocks(model, Inputs((IDS[:3],), {"attention_mask": MASK[:3]}))
     calls = []
-    make = model.bert._create_attention_masks
-    monkeypatch.setattr(model.bert, "_create_attention_masks", lambda **kw: calls.append(1) or make(**kw))
+    if hasattr(model.bert, "_create_attention_masks"):  # transformers 5.x: the model's helper
+        owner, name = model.bert, "_create_attention_masks"
+    else:  # 4.x: the sdpa mask expansion the model calls inline
+        owner, name = transformers.modeling_attn_mask_utils, "_prepare_4d_attention_mask_for_sdpa"
+    make = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a, **kw: calls.append(1) or make(*a, **kw))
     with torch.no_grad():
         chain.run(Inputs((IDS[:3],), {"attention_mask": MASK[:3]}))
     assert len(calls) == 1  # shared by the three layers
@@ -142,7 +198,7 @@ def test_mask_built_once_per_run(monkeypatch):
 
 def units_through_layer(freezer, k):
     """Number of leading units that covers the embeddings and layers 0..k."""
-    return 1 + max(i for i, u in enumerate(freezer.units) if re.search(rf"(^|\.)layers?\.{k}\.", u.name))
+    return 1 + max(i for i, u in enumerate(freezer.units) if re.search(rf"(^|\.)(layers?|h)\.{k}\.", u.name))
 
 
 def frozen_setup(kind):
@@ -228,14 +284,14 @@ def train(kind, use_cache, epochs=4, deepen_after=1):
     return model, cache
 
 
-@pytest.mark.parametrize("kind", ["bert-cls", "bert-mlm", "llama-lm", "qwen2-lm"])
+@pytest.mark.parametrize("kind", ["bert-cls", "bert-mlm", "llama-lm", "qwen2-lm", "gpt2-lm"])
 def test_training_loop_with_cache_matches_eval_prefix_training(kind):
     plain, _ = train(kind, use_cache=False)
     cached, cache = train(kind, use_cache=True)
     assert cache.active and cache.boundary == 3, cache.describe()
     assert cache.stats["hits"] > 0
-    # the layers read the step's attention mask, so rows are refilled after the deeper freeze
-    assert cache.stats["migrated"] == 0 and cache.rows_cached == N
+    # at the deeper freeze every row went through layer 1 with its sample's stored attention mask
+    assert cache.stats["migrated"] == N and cache.rows_cached == N
     for (name, p), q in zip(plain.state_dict().items(), cached.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 

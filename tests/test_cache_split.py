@@ -252,9 +252,9 @@ def test_hugging_face_gpt2_tiny():
     with torch.no_grad():
         h = chain.run(Inputs((ids,)), 0, 2)
         torch.testing.assert_close(chain.run(Inputs((ids,)), 2, h=h).logits, model(ids).logits)
-    # with an attention mask the chain does not apply; the reason says so
-    chain, why = find_blocks(model, Inputs((), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}))
-    assert chain is None and "input_ids only" in why
+    # inputs the chain does not take (labels: the model's own loss) refuse it; the reason says so
+    chain, why = find_blocks(model, Inputs((), {"input_ids": ids, "labels": ids}))
+    assert chain is None and "takes input_ids and optionally" in why
 
 
 def test_hugging_face_gpt2_trains_with_the_cache():

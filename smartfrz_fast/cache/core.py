@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..units import as_args
 from .split import BlockChain, Inputs, find_blocks
-from .storage import TIERS, Storage, make_storage, read_header, row_bytes, storage_dtype
+from .storage import PINNED_READS, TIERS, Storage, make_storage, read_header, row_bytes, storage_dtype
 
 # Audit tolerance: max |cached - recomputed| per row, relative to the row's largest magnitude.
 # Storage rounding (bf16: 2^-9 relative, fp8 e4m3: 2^-4) plus recompute noise at the
@@ -71,6 +71,8 @@ class ActivationCache:
             recognised (nn.Sequential, torchvision/timm ResNet, VGG, ViT, ConvNeXt) or traced.
         storage: "memory" (tensors on the activations' device), "pinned" (pinned host memory,
             next batch prefetched to the GPU on a side stream) or "mmap" (a file at ``path``).
+        pinned_read: how pinned rows reach the GPU: "copy" (gathered on the CPU into a pinned
+            buffer, then one copy) or "kernel" (a GPU kernel reads them in place by index).
         dtype: "fp32" (exact), "bf16" or "fp8" (e4m3, per-row scale).
         max_bytes: capacity; samples beyond it are recomputed every time (slower, never wrong).
         path, reuse: the mmap file, and whether an existing one may be reopened (it is checked
@@ -93,6 +95,7 @@ class ActivationCache:
         reuse: bool = False,
         audit_rows: int = 4,
         device: Optional[torch.device] = None,
+        pinned_read: str = "copy",
     ) -> None:
         if not hasattr(freezer, "add_freeze_listener"):
             raise TypeError(f"ActivationCache expects a SmartFreezer, got {type(freezer).__name__}")
@@ -101,6 +104,8 @@ class ActivationCache:
             raise ValueError(f"num_samples must be a positive int (the dataset's length), got {num_samples!r}")
         if storage not in TIERS:
             raise ValueError(f"ActivationCache storage must be one of {TIERS}, got {storage!r}")
+        if pinned_read not in PINNED_READS:
+            raise ValueError(f"ActivationCache pinned_read must be one of {PINNED_READS}, got {pinned_read!r}")
         if storage == "mmap" and path is None:
             raise ValueError("storage='mmap' needs path= (the cache file to create)")
         if max_bytes is not None and max_bytes < 0:
@@ -112,6 +117,7 @@ class ActivationCache:
         self.deterministic = bool(deterministic)
         self.user_blocks = blocks
         self.tier = storage
+        self.pinned_read = pinned_read
         self.storage_dtype = storage_dtype(dtype)
         self.max_bytes = max_bytes
         self.path = None if path is None else os.fspath(path)
@@ -133,6 +139,7 @@ class ActivationCache:
         self._seen = 0
         self._audit_left = audit_rows
         self._resume: Optional[Dict[str, Any]] = None  # a loaded state, applied at the first forward
+        self._sides = SideInputs(num_samples)
         freezer.add_freeze_listener(self._on_freeze)
 
     # ------------------------------------------------------------------ public
@@ -189,6 +196,7 @@ class ActivationCache:
         if self._store is not None:
             self._store.close()
             self._store = None
+        self._sides = SideInputs(self.num_samples)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self, rows: bool = False) -> Dict[str, Any]:
@@ -204,7 +212,7 @@ class ActivationCache:
             "chain": None if self.chain is None else [b.name for b in self.chain.blocks],
             "stats": dict(self.stats), "seen": self._seen, "audit_left": self._audit_left,
             "input_sig": self._input_sig, "path": self.path, "fingerprint": None, "row_shape": None,
-            "activation": None, "rows": None,
+            "activation": None, "rows": None, "side": None,
         }
         if self.active and self._store is not None and (rows or self.tier == "mmap"):
             # the mmap file's header holds the fingerprint already: no second pass over the weights
@@ -214,6 +222,8 @@ class ActivationCache:
             if self.tier != "mmap":  # the mmap tier's rows are in its file already
                 ids, data, scales = self._store.export_rows()
                 state["rows"] = {"ids": ids, "data": data, "scales": scales}
+            if rows:  # what migrating the rows through HF layers needs (mmap: not in its file)
+                state["side"] = self._sides.export(self._store.cached_slots()[0])
         return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -272,6 +282,8 @@ class ActivationCache:
         else:
             self._store = self._make_store(tuple(state["row_shape"]), None)
             self._store.import_rows(state["rows"]["ids"], state["rows"]["data"], state["rows"]["scales"])
+        if state.get("side") is not None:
+            self._sides.load(state["side"], self._act[1])
 
     # ------------------------------------------------------------------ forward
     def forward(self, model: nn.Module, inputs: Inputs, sample_ids) -> Any:
@@ -305,14 +317,16 @@ class ActivationCache:
         slots = store.lookup(ids) if store is not None else torch.full_like(ids, -1)
         hit = (slots >= 0).nonzero().flatten()
         miss = (slots < 0).nonzero().flatten()
+        side = self._side_inputs(inputs, ids.numel())
         parts = []
         if miss.numel():
             fresh = self._compute_prefix(_index_inputs(inputs, miss, ids.numel()))
             if fresh is None:
                 return None
             parts.append((miss, fresh))
-            self._store_rows(ids[miss], fresh)
+            self._store_rows(ids[miss], fresh, {n: v[miss.to(v.device)] for n, v in side.items()})
         if hit.numel():
+            self._sides.compare(ids[hit], {n: v[hit.to(v.device)] for n, v in side.items()})
             loaded = self._store.read(slots[hit], *self._act)
             if not self._audit(inputs, ids, hit, loaded):
                 return None
@@ -341,7 +355,26 @@ class ActivationCache:
             self._act = (h.dtype, h.device)
         return h
 
-    def _store_rows(self, ids: Tensor, values: Tensor) -> None:
+    def _side_inputs(self, inputs: Inputs, batch: int) -> Dict[str, Tensor]:
+        """The step's per-sample inputs that the chain's layers read besides the activation."""
+        names = self.chain.side_inputs
+        if not names:
+            return {}
+        given = self.chain.bind(inputs)
+        side = {}
+        for name in names:
+            value = given.get(name)
+            if not isinstance(value, Tensor):
+                continue
+            if value.dim() == 0 or value.shape[0] not in (1, batch):
+                raise ValueError(
+                    f"ActivationCache: input {name!r} has shape {tuple(value.shape)}, not one row per sample "
+                    f"(batch {batch}); the cache keeps it per sample. Pass it with a leading batch dimension.")
+            side[name] = value.expand(batch, *value.shape[1:])
+        return side
+
+    def _store_rows(self, ids: Tensor, values: Tensor, side: Optional[Dict[str, Tensor]] = None) -> None:
+        """Store rows (and, for rows computed from a step, the side inputs they go with)."""
         if self._store is None:
             self._store = self._make_store(tuple(values.shape[1:]), self.path)
         if tuple(values.shape[1:]) != self._store.row_shape:
@@ -355,6 +388,8 @@ class ActivationCache:
         ok = slots >= 0
         if bool(ok.any()):
             self._store.write(slots[ok], values[first[ok].to(values.device)])
+            if side is not None:
+                self._sides.put(unique[ok], {n: v[first[ok].to(v.device)] for n, v in side.items()})
         self.stats["stored"] += int(ok.sum())
         self.stats["over_capacity"] += int((~ok).sum())
 
@@ -364,6 +399,8 @@ class ActivationCache:
             return True
         self._audit_left -= k
         self.stats["audited"] += k
+        if not self._side_inputs_unchanged():
+            return False
         fresh = self._compute_prefix(_index_inputs(inputs, hit[:k], ids.numel()))
         if fresh is None:
             return False
@@ -375,14 +412,27 @@ class ActivationCache:
         bad = ~(err <= bound)  # NaN counts as bad
         if bool(bad.any()):
             worst = int(bad.nonzero()[0])
-            self._disable(
-                f"audit: the cached activation of sample {int(ids[hit[worst]])} differs from a fresh "
-                f"recompute (max error {float(err[worst]):.3g}, allowed {float(bound[worst]):.3g}). The "
-                "sample's input changed since it was cached (random augmentation?), so the cache is "
-                "off and the prefix runs every step; cache only deterministic inputs.")
-            warnings.warn(f"ActivationCache turned off: {self.reason}", stacklevel=4)
+            self._input_changed(
+                f"the cached activation of sample {int(ids[hit[worst]])} differs from a fresh "
+                f"recompute (max error {float(err[worst]):.3g}, allowed {float(bound[worst]):.3g})")
             return False
         return True
+
+    def _side_inputs_unchanged(self) -> bool:
+        """False (and the cache off) if a cached sample came back with other side inputs than
+        those stored with its row (checked at audits and deeper freezes: a host sync)."""
+        changed = self._sides.first_changed()
+        if changed is None:
+            return True
+        self._input_changed(f"sample {changed} came back with other {'/'.join(self._sides.values)} than "
+                            "were stored with its cached row")
+        return False
+
+    def _input_changed(self, what: str) -> None:
+        self._disable(f"audit: {what}. The sample's input changed since it was cached (random "
+                      "augmentation?), so the cache is off and the prefix runs every step; cache only "
+                      "deterministic inputs.")
+        warnings.warn(f"ActivationCache turned off: {self.reason}", stacklevel=5)
 
     # ------------------------------------------------------------------ boundary
     def _frozen_blocks(self) -> int:
@@ -407,9 +457,16 @@ class ActivationCache:
             if old == 0 and self.reuse and self.path is not None and os.path.exists(self.path):
                 self._reopen()
             return
+        blocks = self.chain.blocks[old:self.boundary]
+        reads_side = any(b.side_inputs for b in blocks)
+        if reads_side and not self._side_inputs_unchanged():
+            return
         store, self._store = self._store, None
-        needs_inputs = any(b.needs_inputs for b in self.chain.blocks[old:self.boundary])
+        needs_inputs = any(b.needs_inputs for b in blocks)
         ids, slots = store.cached_slots()
+        if reads_side:  # rows whose side inputs are not known (reopened from a file) are dropped
+            known = self._sides.known[ids]
+            ids, slots = ids[known], slots[known]
         target = None
         if self.path is not None:
             target = self.path + ".next"
@@ -418,9 +475,11 @@ class ActivationCache:
         if ids.numel() and not needs_inputs:
             old_act = self._act
             for start in range(0, ids.numel(), MIGRATE_CHUNK):
+                chunk = ids[start:start + MIGRATE_CHUNK]
                 h = store.read(slots[start:start + MIGRATE_CHUNK], *old_act)
+                run = Inputs((), self._sides.get(chunk)) if reads_side else Inputs(())
                 with self._eval_mode(old, self.boundary), torch.no_grad():
-                    h = self.chain.run(Inputs(()), old, self.boundary, h=h)
+                    h = self.chain.run(run, old, self.boundary, h=h)
                 if self._store is None:
                     self._act = (h.dtype, h.device)
                     self._store = self._make_store(tuple(h.shape[1:]), target)
@@ -458,6 +517,8 @@ class ActivationCache:
         extra = {}
         if self.tier == "mmap":
             extra = dict(path=path, fingerprint=self._fingerprint(), reuse=self.reuse if reuse is None else reuse)
+        elif self.tier == "pinned":
+            extra = dict(read=self.pinned_read)
         return make_storage(self.tier, self.num_samples, row_shape, self.storage_dtype, capacity, device, **extra)
 
     def _fingerprint(self) -> Dict[str, Any]:
@@ -520,6 +581,57 @@ class ActivationCache:
                 f"{sig}, but the cache was filled from inputs {self._input_sig}. A sample's input must "
                 "be the same every time it is cached; pad to a fixed shape, or turn the cache off "
                 "(deterministic=False).")
+
+
+class SideInputs:
+    """Per-sample inputs that layers read besides the activation (attention mask, position ids),
+    kept by sample id next to the cached rows so that rows can be pushed through newly frozen
+    layers with their own inputs. In memory on the inputs' device, whatever the tier: a mask is
+    a small fraction of a row (a token's int64 mask entry against its hidden-size activation)."""
+
+    def __init__(self, num_samples: int) -> None:
+        self.num_samples = num_samples
+        self.values: Dict[str, Tensor] = {}  # name -> [num_samples, ...]
+        self.known = torch.zeros(num_samples, dtype=torch.bool)  # recorded for this sample id
+        self.changed: Optional[Tensor] = None  # per sample id: came back with other values
+
+    def put(self, ids: Tensor, side: Dict[str, Tensor]) -> None:
+        """Record ``side[name][i]`` for sample ``ids[i]`` (ids unique, CPU)."""
+        for name, value in side.items():
+            if name not in self.values:
+                self.values[name] = value.new_zeros((self.num_samples, *value.shape[1:]))
+            store = self.values[name]
+            store[ids.to(store.device)] = value.to(store.device)
+        self.known[ids] = True
+
+    def get(self, ids: Tensor) -> Dict[str, Tensor]:
+        return {name: store[ids.to(store.device)] for name, store in self.values.items()}
+
+    def compare(self, ids: Tensor, side: Dict[str, Tensor]) -> None:
+        """Note cached samples whose side inputs differ from the stored ones (no host sync)."""
+        for name, value in side.items():
+            store = self.values.get(name)
+            if store is None or not ids.numel():
+                continue
+            index = ids.to(store.device)
+            differs = (store[index] != value.to(store.device)).reshape(ids.numel(), -1).any(1)
+            if self.changed is None:
+                self.changed = torch.zeros(self.num_samples, dtype=torch.bool, device=store.device)
+            self.changed[index] |= differs
+
+    def first_changed(self) -> Optional[int]:
+        if self.changed is None:
+            return None
+        changed = self.changed.nonzero()
+        return int(changed[0]) if changed.numel() else None
+
+    def export(self, ids: Tensor) -> Dict[str, Any]:
+        """The side inputs of those ``ids`` that have them, on the CPU (for a checkpoint)."""
+        ids = ids[self.known[ids]]
+        return {"ids": ids, "values": {name: v[ids.to(v.device)].cpu() for name, v in self.values.items()}}
+
+    def load(self, saved: Dict[str, Any], device: torch.device) -> None:
+        self.put(saved["ids"], {name: v.to(device) for name, v in saved["values"].items()})
 
 
 class CachedModel(nn.Module):

@@ -4,7 +4,9 @@ A chain is a list of blocks with ``model(*args, **kwargs) == b[n-1](...b[1](b[0]
 The activation cache can only cut between blocks: the value crossing the cut is one tensor per
 sample. Every block is called as ``fn(h, inputs)``: ``h`` is the previous block's output (the
 model's inputs for block 0) and ``inputs`` the step's original inputs, which later blocks may
-read (an attention mask) since the loader yields them every step anyway.
+read (an attention mask) since the loader yields them every step anyway. A block that reads
+only named per-sample inputs (``side_inputs``, bound by ``BlockChain.bind``) can also be run
+later on a stored row with that sample's stored side inputs (migration at a deeper freeze).
 
 Chains come from, in this order: the user's list of blocks; a known structure (nn.Sequential,
 torchvision ResNet/VGG/ViT, timm ResNet/ViT/ConvNeXt, Hugging Face GPT-2, BERT and Llama-style
@@ -43,7 +45,11 @@ class Block:
     name: str
     fn: Callable[[Any, Inputs], Any]
     modules: List[nn.Module]
-    needs_inputs: bool = False  # reads the step's inputs besides h (then rows cannot be migrated)
+    # reads the step's inputs besides h in a way the cache cannot replay (then rows cannot be migrated)
+    needs_inputs: bool = False
+    # names of the per-sample inputs it reads besides h (an attention mask, position ids): the cache
+    # keeps them per sample id, so that stored rows can be pushed through this block later
+    side_inputs: Tuple[str, ...] = ()
 
     def parameters(self) -> List[nn.Parameter]:
         seen, out = set(), []
@@ -62,6 +68,14 @@ class Block:
 class BlockChain:
     blocks: List[Block]
     how: str  # which recogniser produced it
+    # the step's inputs by name (positional ones bound to the forward's parameter names); needed
+    # when blocks read side_inputs. A block run on Inputs((), {name: value}) sees those values.
+    bind: Optional[Callable[["Inputs"], Dict[str, Any]]] = None
+
+    @property
+    def side_inputs(self) -> Tuple[str, ...]:
+        """Names read besides h by the blocks after the first, in chain order."""
+        return tuple(dict.fromkeys(n for b in self.blocks[1:] for n in b.side_inputs))
 
     def run(self, inputs: Inputs, start: int = 0, stop: Optional[int] = None, h: Any = None) -> Any:
         """Blocks ``start..stop-1``; ``h`` is block ``start``'s input (ignored for block 0)."""
@@ -180,54 +194,22 @@ def _convnext(model: nn.Module) -> Optional[BlockChain]:
     return BlockChain(blocks, "timm ConvNeXt")
 
 
-def _gpt2(model: nn.Module) -> Optional[BlockChain]:
-    """Hugging Face GPT-2 (``GPT2LMHeadModel`` or ``GPT2Model``) called with input ids only."""
-    if not type(model).__name__.startswith("GPT2"):
-        return None
-    body = getattr(model, "transformer", model)
-    if not _has(body, "wte", "wpe", "drop", "h", "ln_f"):
-        return None
-
-    def embed(h, inp):
-        ids = inp.args[0] if inp.args else inp.kwargs.get("input_ids")
-        if ids is None or len(inp.args) + len(inp.kwargs) != 1:
-            raise TypeError("the GPT-2 chain takes input_ids only (no attention_mask, labels, ...)")
-        return body.drop(body.wte(ids) + body.wpe(torch.arange(ids.shape[1], device=ids.device)))
-
-    def layer(module):
-        def run(h, inp):
-            out = module(h)
-            return out[0] if isinstance(out, tuple) else out
-        return run
-
-    blocks = [Block("embed", embed, [body.wte, body.wpe, body.drop])]
-    blocks += [Block(f"h.{i}", layer(m), [m]) for i, m in enumerate(body.h)]
-    if hasattr(model, "lm_head"):
-        from transformers.modeling_outputs import CausalLMOutputWithCrossAttentions
-
-        blocks.append(Block("head", lambda h, inp: CausalLMOutputWithCrossAttentions(
-            logits=model.lm_head(body.ln_f(h))), [body.ln_f, model.lm_head]))
-    else:
-        from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
-
-        blocks.append(Block("head", lambda h, inp: BaseModelOutputWithPastAndCrossAttentions(
-            last_hidden_state=body.ln_f(h)), [body.ln_f]))
-    return BlockChain(blocks, "Hugging Face GPT-2")
-
-
-# Hugging Face encoders and decoders (transformers 5.x layout). The model computes per-step
+# Hugging Face encoders and decoders (transformers 5.x, and 4.57). The model computes per-step
 # values once (the attention mask in the layout the layers expect, the rotary tables) and hands
 # them to every layer; the chain recomputes them from the step's inputs with the model's own
-# functions, once per run (_per_step). Other transformers versions call their layers
-# differently: the guess then fails verify_chain and the model falls through to fx / off.
+# functions, once per run (_per_step). Where versions differ, the chain detects which function
+# or argument the installed one has; a layout it does not know fails verify_chain and the model
+# falls through to fx / off.
 def _positional_names(model: nn.Module) -> List[str]:
     return [n for n, p in inspect.signature(model.forward).parameters.items()
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
-def _hf_inputs(names: Sequence[str], inp: Inputs, allowed: Sequence[str], how: str) -> Dict[str, Any]:
+def _hf_inputs(names: Sequence[str], inp: Inputs, allowed: Sequence[str], how: str,
+               need_ids: bool = True) -> Dict[str, Any]:
     """The step's inputs by name (positional ones bound in the forward's parameter order
-    ``names``). Anything but ``allowed`` (labels, inputs_embeds, past_key_values, ...) is refused."""
+    ``names``). Anything but ``allowed`` (labels, inputs_embeds, past_key_values, ...) is refused.
+    Only the embedding needs ``input_ids``: later layers also run on stored side inputs alone."""
     if len(inp.args) > len(names):
         raise TypeError(f"too many positional inputs ({len(inp.args)}) for the {how} chain")
     given = dict(zip(names, inp.args))
@@ -236,10 +218,26 @@ def _hf_inputs(names: Sequence[str], inp: Inputs, allowed: Sequence[str], how: s
             raise TypeError(f"input {key!r} given twice")
         given[key] = value
     extra = sorted(k for k, v in given.items() if v is not None and k not in allowed)
-    if extra or given.get("input_ids") is None:
+    if extra or (need_ids and given.get("input_ids") is None):
         raise TypeError(f"the {how} chain takes input_ids and optionally {', '.join(allowed[1:])}; "
                         f"got {extra or 'no input_ids'}")
     return given
+
+
+def _causal_mask_fn(make: Callable[..., Any]) -> Callable[..., Any]:
+    """transformers' ``create_causal_mask`` (or a sibling) as ``f(config, h, attention_mask,
+    position_ids)`` for a full forward without a KV cache. 5.x takes ``inputs_embeds``; 4.x
+    takes ``input_embeds`` and needs ``cache_position`` (0..L-1 without a cache)."""
+    params = inspect.signature(make).parameters
+    embeds = "inputs_embeds" if "inputs_embeds" in params else "input_embeds"
+
+    def call(config, h, attention_mask, position_ids):
+        kwargs = {embeds: h}
+        if "cache_position" in params:
+            kwargs["cache_position"] = torch.arange(h.shape[1], device=h.device)
+        return make(config=config, attention_mask=attention_mask, past_key_values=None,
+                    position_ids=position_ids, **kwargs)
+    return call
 
 
 def _per_step(inp: Inputs, key: Tuple[Any, ...], make: Callable[[], Any]) -> Any:
@@ -260,8 +258,8 @@ def _bert(model: nn.Module) -> Optional[BlockChain]:
     if "Bert" not in name:
         return None
     body = getattr(model, "bert", model)
-    if not (_has(body, "embeddings", "encoder", "config", "_create_attention_masks")
-            and hasattr(body.encoder, "layer")):
+    if not (_has(body, "embeddings", "encoder", "config") and hasattr(body.encoder, "layer")
+            and (_has(body, "_create_attention_masks") or _has(body, "get_extended_attention_mask"))):
         return None
     if body.config.is_decoder or getattr(body.config, "add_cross_attention", False):
         return None  # causal masks and cross-attention: not this chain
@@ -280,19 +278,34 @@ def _bert(model: nn.Module) -> Optional[BlockChain]:
         return body.embeddings(input_ids=x["input_ids"], token_type_ids=x.get("token_type_ids"),
                                position_ids=x.get("position_ids"))
 
-    def mask(h, inp):
-        def make():
-            x = _hf_inputs(names, inp, allowed, how)
-            return body._create_attention_masks(attention_mask=x.get("attention_mask"), encoder_attention_mask=None,
+    def bind(inp):
+        return _hf_inputs(names, inp, allowed, how, need_ids=False)
+
+    def expand(h, attention_mask):
+        if hasattr(body, "_create_attention_masks"):  # 5.x: the model's own helper
+            return body._create_attention_masks(attention_mask=attention_mask, encoder_attention_mask=None,
                                                 embedding_output=h, encoder_hidden_states=None,
                                                 past_key_values=None)[0]
-        return _per_step(inp, (id(body), "mask", tuple(h.shape[:2]), h.dtype, h.device), make)
+        # 4.x: BertModel.forward expands the mask inline, for sdpa (absolute positions) like this
+        if attention_mask is None:
+            attention_mask = torch.ones(h.shape[:2], device=h.device)
+        if (getattr(body, "attn_implementation", None) == "sdpa" and attention_mask.dim() == 2
+                and getattr(body, "position_embedding_type", "absolute") == "absolute"):
+            from transformers.modeling_attn_mask_utils import _prepare_4d_attention_mask_for_sdpa
+
+            return _prepare_4d_attention_mask_for_sdpa(attention_mask, h.dtype, tgt_len=h.shape[1])
+        return body.get_extended_attention_mask(attention_mask, h.shape[:2])
+
+    def mask(h, inp):
+        return _per_step(inp, (id(body), "mask", tuple(h.shape[:2]), h.dtype, h.device),
+                         lambda: expand(h, bind(inp).get("attention_mask")))
 
     def layer(module):
         return lambda h, inp: _layer_output(module(h, mask(h, inp)))
 
     blocks = [Block("embeddings", embed, [body.embeddings])]
-    blocks += [Block(f"encoder.layer.{i}", layer(m), [m], needs_inputs=True) for i, m in enumerate(layers)]
+    blocks += [Block(f"encoder.layer.{i}", layer(m), [m], side_inputs=("attention_mask",))
+               for i, m in enumerate(layers)]
     if model is body:
         pooler = [] if body.pooler is None else [body.pooler]
         blocks.append(Block("head", lambda h, inp: mo.BaseModelOutputWithPoolingAndCrossAttentions(
@@ -305,7 +318,7 @@ def _bert(model: nn.Module) -> Optional[BlockChain]:
         blocks.append(Block("head", lambda h, inp: mo.MaskedLMOutput(logits=model.cls(h)), [model.cls]))
     else:
         return None
-    return BlockChain(blocks, how)
+    return BlockChain(blocks, how, bind)
 
 
 def _llama(model: nn.Module) -> Optional[BlockChain]:
@@ -332,24 +345,26 @@ def _llama(model: nn.Module) -> Optional[BlockChain]:
                 "sliding_attention": getattr(masking_utils, "create_sliding_window_causal_mask", None)}
     if any(mask_fns.get(t) is None for t in layer_types):
         return None  # an attention kind this chain does not build (chunked, ...)
+    mask_fns = {kind: _causal_mask_fn(make) for kind, make in mask_fns.items() if make is not None}
     how = "Hugging Face decoder"
     allowed = ("input_ids", "attention_mask", "position_ids")
     names = _positional_names(model)
     layers = list(body.layers)[:config.num_hidden_layers]
 
+    def bind(inp):
+        return _hf_inputs(names, inp, allowed, how, need_ids=False)
+
     def context(h, inp, kind):
         """(mask, position_ids, position embeddings) for layers of attention ``kind``."""
         def positions():
-            x = _hf_inputs(names, inp, allowed, how)
+            x = bind(inp)
             ids = x.get("position_ids")
             ids = torch.arange(h.shape[1], device=h.device).unsqueeze(0) if ids is None else ids
             return x, ids, body.rotary_emb(h, position_ids=ids)
 
         shape = (id(body), tuple(h.shape[:2]), h.dtype, h.device)
         x, ids, rotary = _per_step(inp, shape + ("positions",), positions)
-        mask = _per_step(inp, shape + (kind,), lambda: mask_fns[kind](
-            config=config, inputs_embeds=h, attention_mask=x.get("attention_mask"),
-            past_key_values=None, position_ids=ids))
+        mask = _per_step(inp, shape + (kind,), lambda: mask_fns[kind](config, h, x.get("attention_mask"), ids))
         return mask, ids, rotary
 
     def embed(h, inp):
@@ -362,7 +377,8 @@ def _llama(model: nn.Module) -> Optional[BlockChain]:
         return run
 
     blocks = [Block("embed_tokens", embed, [body.embed_tokens, body.rotary_emb])]
-    blocks += [Block(f"layers.{i}", layer(m, layer_types[i]), [m], needs_inputs=True) for i, m in enumerate(layers)]
+    blocks += [Block(f"layers.{i}", layer(m, layer_types[i]), [m], side_inputs=("attention_mask", "position_ids"))
+               for i, m in enumerate(layers)]
     if model is body:
         blocks.append(Block("head", lambda h, inp: mo.BaseModelOutputWithPast(last_hidden_state=body.norm(h)),
                             [body.norm]))
@@ -371,7 +387,75 @@ def _llama(model: nn.Module) -> Optional[BlockChain]:
                             [body.norm, model.lm_head]))
     else:
         return None
-    return BlockChain(blocks, how)
+    return BlockChain(blocks, how, bind)
+
+
+def _gpt2(model: nn.Module) -> Optional[BlockChain]:
+    """Hugging Face GPT-2 (``GPT2LMHeadModel``, ``GPT2Model``): wte + wpe (+ token types) ->
+    h[i] -> ln_f -> lm_head, with the causal mask (padding included) built once per step by
+    transformers' ``create_causal_mask``, as GPT2Model.forward does."""
+    name = type(model).__name__
+    if name not in ("GPT2Model", "GPT2LMHeadModel"):
+        return None
+    body = getattr(model, "transformer", model)
+    if not (_has(body, "wte", "wpe", "drop", "h", "ln_f", "config") and isinstance(body.h, nn.ModuleList)):
+        return None
+    if getattr(body.config, "add_cross_attention", False):
+        return None  # cross-attention: not this chain
+    try:
+        from transformers import masking_utils
+        from transformers import modeling_outputs as mo
+    except ImportError:
+        return None
+    if not hasattr(masking_utils, "create_causal_mask"):
+        return None
+    how = "Hugging Face GPT-2"
+    allowed = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+    names = _positional_names(model)
+    causal_mask = _causal_mask_fn(masking_utils.create_causal_mask)
+
+    def bind(inp):
+        return _hf_inputs(names, inp, allowed, how, need_ids=False)
+
+    def positions(x, length, device):  # the model's default: 0..L-1 whatever the padding
+        ids = x.get("position_ids")
+        return torch.arange(length, device=device).unsqueeze(0) if ids is None else ids
+
+    def embed(h, inp):
+        x = _hf_inputs(names, inp, allowed, how)
+        ids = x["input_ids"]
+        out = body.wte(ids) + body.wpe(positions(x, ids.shape[1], ids.device))
+        if x.get("token_type_ids") is not None:  # GPT-2 embeds token types with wte
+            out = out + body.wte(x["token_type_ids"])
+        return body.drop(out)
+
+    def context(h, inp):
+        """(causal mask, position ids) shared by the layers of a run."""
+        def make():
+            x = bind(inp)
+            ids = positions(x, h.shape[1], h.device)
+            mask = x.get("attention_mask")
+            if mask is not None and mask.ndim < 4:
+                mask = mask.view(h.shape[0], -1)
+            return causal_mask(body.config, h, mask, ids), ids
+        return _per_step(inp, (id(body), "gpt2", tuple(h.shape[:2]), h.dtype, h.device), make)
+
+    def layer(module):
+        def run(h, inp):
+            mask, ids = context(h, inp)
+            return _layer_output(module(h, attention_mask=mask, position_ids=ids))
+        return run
+
+    blocks = [Block("embed", embed, [body.wte, body.wpe, body.drop])]
+    blocks += [Block(f"h.{i}", layer(m), [m], side_inputs=("attention_mask", "position_ids"))
+               for i, m in enumerate(body.h)]
+    if model is body:
+        blocks.append(Block("head", lambda h, inp: mo.BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=body.ln_f(h)), [body.ln_f]))
+    else:
+        blocks.append(Block("head", lambda h, inp: mo.CausalLMOutputWithCrossAttentions(
+            logits=model.lm_head(body.ln_f(h))), [body.ln_f, model.lm_head]))
+    return BlockChain(blocks, how, bind)
 
 
 class _ParamHolder(nn.Module):

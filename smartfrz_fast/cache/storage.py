@@ -132,17 +132,29 @@ class Storage:
         self.data = self.scales = None
 
 
+PINNED_READS = ("copy", "kernel")
+
+
 class PinnedStorage(Storage):
-    """Pinned host memory; ``prefetch`` copies the next batch's rows to the GPU on a side stream."""
+    """Pinned host memory; ``prefetch`` copies the next batch's rows to the GPU on a side stream.
+
+    ``read``: how rows reach the GPU. "copy": ``index_select`` into a pinned staging buffer on
+    the CPU, then one asynchronous copy. "kernel": a Triton kernel on the GPU reads the rows by
+    index straight from pinned memory (mapped into the GPU's address space), with no CPU work
+    per row. ``bench/bench_pinned_read.py`` measures both; neither has run on a GPU yet.
+    """
 
     tier = "pinned"
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, read: str = "copy", **kwargs) -> None:
         if not torch.cuda.is_available():
             raise RuntimeError(
                 "ActivationCache: storage='pinned' copies rows to a CUDA GPU and needs one; on a CPU "
                 "use storage='memory' (plain RAM) or 'mmap'."
             )
+        if read not in PINNED_READS:
+            raise ValueError(f"PinnedStorage: read must be one of {PINNED_READS}, got {read!r}")
+        self.read_path = read
         super().__init__(*args, **kwargs)
         self._stream = torch.cuda.Stream(device=self.target_device)
         self._prefetched: Optional[Tuple[Tensor, Tensor, Any]] = None
@@ -213,9 +225,17 @@ class PinnedStorage(Storage):
 
     def close(self) -> None:
         self._finish_write()  # no copy may still target the staging buffers
+        if self.read_path == "kernel":
+            self._stream.synchronize()  # a prefetch kernel may still read the rows being freed
         super().close()
 
     def _gather_to_device(self, slots: Tensor, stream) -> Tuple[Tensor, Tensor]:
+        if self.read_path == "kernel":
+            from ..ops.triton_kernels import gather_rows
+
+            with torch.cuda.stream(stream):
+                index = slots.to(self.device, non_blocking=True)
+                return gather_rows(self.data, index), gather_rows(self.scales.view(-1, 1), index).view(-1)
         host = torch.empty(slots.numel(), self.row_numel, dtype=self.dtype, pin_memory=True)
         host_scales = torch.empty(slots.numel(), dtype=torch.float32, pin_memory=True)
         torch.index_select(self.data, 0, slots, out=host)
@@ -372,11 +392,12 @@ def _short(value: Any) -> str:
 
 
 def make_storage(tier: str, num_samples: int, row_shape: Sequence[int], dtype: torch.dtype,
-                 capacity: int, device: torch.device, **mmap_args) -> Storage:
+                 capacity: int, device: torch.device, **tier_args) -> Storage:
+    """``tier_args``: the mmap tier's file arguments, or the pinned tier's ``read``."""
     if tier == "memory":
         return Storage(num_samples, tuple(row_shape), dtype, capacity, device)
     if tier == "pinned":
-        return PinnedStorage(num_samples, tuple(row_shape), dtype, capacity, device)
+        return PinnedStorage(num_samples, tuple(row_shape), dtype, capacity, device, **tier_args)
     if tier == "mmap":
-        return MmapStorage(num_samples, tuple(row_shape), dtype, capacity, device, **mmap_args)
+        return MmapStorage(num_samples, tuple(row_shape), dtype, capacity, device, **tier_args)
     raise ValueError(f"ActivationCache storage must be one of {TIERS}, got {tier!r}")

@@ -469,3 +469,55 @@ def predict(
         )
     _prefix_kernel[(1,)](prob, prefix, num_rows, float(threshold), BLOCK=256)
     return prob, prefix
+
+
+# --------------------------------------------------------------------------------------------
+# gather_rows: activation-cache rows read by index straight from pinned host memory
+
+
+@triton.jit
+def _gather_rows_kernel(src_ptr, index_ptr, out_ptr, num_rows, width, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = col < width
+    slot = tl.load(index_ptr + row)
+    in_range = (slot >= 0) & (slot < num_rows)
+    words = tl.load(src_ptr + slot * width + col, mask=inside & in_range, other=0)
+    tl.store(out_ptr + row.to(tl.int64) * width + col, words, mask=inside)
+
+
+def _word_view(t: Tensor) -> Tensor:
+    """``t`` (2-D, rows contiguous) as rows of the widest integer words its row bytes divide
+    into: a row is copied as raw bits, whatever its dtype (fp32, bf16, fp8, scales)."""
+    row_bytes = t.shape[1] * t.element_size()
+    for word, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
+        if row_bytes % size == 0 and t.data_ptr() % size == 0:
+            return t.view(torch.uint8).view(word)
+    return t.view(torch.uint8)
+
+
+def gather_rows(source: Tensor, index: Tensor, *, block: int = 1024) -> Tensor:
+    """``source[index]`` on ``index``'s GPU, read in place from ``source``, which may live in
+    pinned host memory: CUDA maps pinned memory into the GPU's address space, so the kernel
+    reads the rows over PCIe with no staging copy and no host work per row (the alternative,
+    ``index_select`` into a pinned buffer then a copy, spends CPU time on every row).
+
+    ``source``: ``[N, D]`` with contiguous rows, on the GPU or pinned (under the interpreter: the
+    CPU); ``index``: int64 ``[R]`` on the GPU. An index outside ``[0, N)`` gives a row of zero
+    bits rather than a fault (the device cannot raise; callers check indices on the host).
+    """
+    if source.dim() != 2 or source.stride(1) != 1 or source.stride(0) != source.shape[1]:
+        raise ValueError(f"gather_rows: source must be a 2-D tensor with contiguous rows, got shape "
+                         f"{tuple(source.shape)} and strides {source.stride()}")
+    _check_device("gather_rows", index.device)
+    _check_index("index", index, torch.int64, 1, index.device)
+    if not INTERPRET and source.device != index.device and not source.is_pinned():
+        raise ValueError(f"gather_rows: source is on {source.device} and not pinned, so the GPU cannot read it; "
+                         "allocate it with pin_memory=True or move it to the GPU")
+    out = torch.empty(index.numel(), source.shape[1], dtype=source.dtype, device=index.device)
+    if index.numel() and source.shape[1]:
+        words_in, words_out = _word_view(source), _word_view(out)
+        width = words_in.shape[1]
+        grid = (index.numel(), triton.cdiv(width, block))
+        _gather_rows_kernel[grid](words_in, index, words_out, source.shape[0], width, BLOCK=block)
+    return out

@@ -1,0 +1,149 @@
+"""Migrating cached rows through newly frozen Hugging Face layers: each sample's side inputs
+(attention mask, position ids) are stored with its row, and at a deeper freeze the rows are
+pushed through the newly frozen layers with them. Migrated rows equal rows computed from the
+input at the new boundary; changed side inputs turn the cache off; checkpoints carry them."""
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from smartfrz_fast import SmartFreezer, StaticFreeze  # noqa: E402
+from smartfrz_fast.cache import ActivationCache, Inputs  # noqa: E402
+from smartfrz_fast.cache import core  # noqa: E402
+from tests.test_cache_hf import N, PADDING, build, units_through_layer  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:SmartFreezer. 1 trainable parameter")
+
+
+def setup(kind, freeze=True, **cache_args):
+    model = build(kind)  # dropout 0.2: the prefix must run in eval mode
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, policy=StaticFreeze(1, 10 ** 9), example_inputs=PADDING["none"][0][:2])
+    if freeze:  # embeddings and layer 0 (a resumed run takes its freeze from the checkpoint)
+        freezer.freeze_to(units_through_layer(freezer, 0))
+    cache = ActivationCache(freezer, num_samples=N, deterministic=True, **cache_args)
+    model.train()
+    return model, opt, freezer, cache
+
+
+def fill(cache, ids, mask, extra=None, order=(5, 0, 11, 2, 7, 9, 1, 4, 10, 3, 8, 6)):
+    """One pass over every sample, in batches of 4 in a shuffled order (rows stored per batch)."""
+    wrapped = cache.wrap()
+    order = torch.tensor(order)
+    for i in range(0, N, 4):
+        index = order[i:i + 4]
+        kwargs = {} if extra is None else {k: v[index] for k, v in extra.items()}
+        wrapped(ids[index], index, attention_mask=mask[index], **kwargs)
+
+
+def cached_rows(cache):
+    ids = torch.arange(N)
+    slots = cache._store.lookup(ids)
+    assert bool((slots >= 0).all()), cache.describe()
+    return cache._store.read(slots, *cache._act)
+
+
+def rows_from_inputs(cache, ids, mask, extra=None):
+    """The prefix output at the cache's boundary, computed from the inputs (eval mode)."""
+    with cache._eval_mode(0, cache.boundary), torch.no_grad():
+        return cache.chain.run(Inputs((ids,), {"attention_mask": mask, **(extra or {})}), 0, cache.boundary)
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+@pytest.mark.parametrize("kind", ["bert-cls", "llama-lm", "gpt2-lm", "gpt2"])
+def test_migrated_rows_equal_rows_computed_at_the_new_boundary(kind, padding, monkeypatch):
+    monkeypatch.setattr(core, "MIGRATE_CHUNK", 5)  # chunks of mixed masks, a ragged last one
+    ids, mask = PADDING[padding]
+    model, opt, freezer, cache = setup(kind)
+    fill(cache, ids, mask)
+    assert cache.boundary == 2 and cache.rows_cached == N
+    freezer.freeze_to(units_through_layer(freezer, 1))
+    assert cache.boundary == 3 and cache.stats["migrated"] == N and cache.rows_cached == N, cache.describe()
+    expected = rows_from_inputs(cache, ids, mask)
+    torch.testing.assert_close(cached_rows(cache), expected, rtol=1e-6, atol=1e-6)
+    # the stored masks mattered: the same rows pushed through without them differ
+    with torch.no_grad():
+        unmasked = rows_from_inputs(cache, ids, torch.ones_like(mask))
+    assert (unmasked - expected).abs().max() > 1e-3
+    # and the next pass hits every migrated row: nothing is recomputed
+    misses = cache.stats["misses"]
+    fill(cache, ids, mask)
+    assert cache.stats["misses"] == misses and cache.active
+
+
+def test_gpt2_rows_migrate_with_their_position_ids():
+    ids, mask = PADDING["left"]
+    extra = {"position_ids": (mask.cumsum(1) - 1).clamp(min=0)}  # per sample: positions skip the padding
+    model, opt, freezer, cache = setup("gpt2-lm")
+    fill(cache, ids, mask, extra)
+    freezer.freeze_to(units_through_layer(freezer, 2))  # two layers at once
+    assert cache.boundary == 4 and cache.stats["migrated"] == N
+    torch.testing.assert_close(cached_rows(cache), rows_from_inputs(cache, ids, mask, extra), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("audit_rows", [4, 0])
+def test_a_sample_back_with_another_mask_turns_the_cache_off(audit_rows):
+    ids, mask = PADDING["right"]
+    model, opt, freezer, cache = setup("bert-cls", audit_rows=audit_rows)
+    fill(cache, ids, mask)
+    other = mask.clone()
+    other[3, -1] = 1 - other[3, -1]
+    wrapped = cache.wrap()
+    index = torch.tensor([3, 0])
+    if audit_rows:  # the audit sees it at once
+        with pytest.warns(UserWarning, match="sample 3 came back with other attention_mask"):
+            wrapped(ids[index], index, attention_mask=other[index])
+    else:  # no audit: caught before the rows are pushed through the next layer with it
+        wrapped(ids[index], index, attention_mask=other[index])
+        assert cache.active
+        with pytest.warns(UserWarning, match="sample 3 came back with other attention_mask"):
+            freezer.freeze_to(units_through_layer(freezer, 1))
+    assert not cache.active and cache.reason.startswith("audit") and cache.rows_cached == 0
+
+
+def resumed(kind, state, **cache_args):
+    model, opt, freezer, cache = setup(kind, freeze=False, **cache_args)
+    model.load_state_dict(state["model"])
+    freezer.load_state_dict(state["freezer"])
+    opt.load_state_dict(state["optimizer"])
+    cache.load_state_dict(state["cache"])
+    return model, opt, freezer, cache
+
+
+CASES = {  # name: (cache args, save rows, rows migrated after the resume)
+    "memory-rows": (dict(storage="memory"), True, N),
+    "memory-refill": (dict(storage="memory"), False, N),  # refilled after the resume, with their masks
+    "mmap-rows": (dict(storage="mmap"), True, N),
+    "mmap": (dict(storage="mmap"), False, 0),  # rows in the file, their masks were not saved: dropped
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_resume_keeps_the_side_inputs_with_rows(case, tmp_path):
+    args, rows, migrated = CASES[case]
+    if args["storage"] == "mmap":
+        args = dict(args, path=str(tmp_path / "rows.bin"))
+    ids, mask = PADDING["left"]
+    model, opt, freezer, cache = setup("llama-lm", **args)
+    fill(cache, ids, mask)
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "freezer": freezer.state_dict(),
+             "cache": cache.state_dict(rows=rows)}
+    state = torch.load(_save(state, tmp_path / "ckpt.pt"), weights_only=False)
+    if rows:
+        assert torch.equal(state["cache"]["side"]["values"]["attention_mask"][state["cache"]["side"]["ids"]
+                           .argsort()], mask)
+    cache.close()
+
+    model, opt, freezer, cache = resumed("llama-lm", state, **args)
+    fill(cache, ids, mask)  # the first forward restores the rows (or refills them)
+    freezer.freeze_to(units_through_layer(freezer, 1))
+    assert cache.boundary == 3 and cache.stats["migrated"] == migrated, cache.describe()
+    fill(cache, ids, mask)
+    torch.testing.assert_close(cached_rows(cache), rows_from_inputs(cache, ids, mask), rtol=1e-6, atol=1e-6)
+    cache.close()
+
+
+def _save(state, path):
+    torch.save(state, path)
+    return path
