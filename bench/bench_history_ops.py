@@ -157,6 +157,18 @@ def flat_cat_gather(history: WeightHistory):
     return run
 
 
+def eager_input_transform(ring, cursor, valid, gain: float, sort: bool):
+    """The predictor's input transform on the whole ring in eager ops (newest slot picked by the
+    cursor, no host sync): what SmartFRZ.decide did before the predict op took the transform."""
+    if gain == 1.0 and not sort:
+        return ring
+    newest = ring.index_select(1, (cursor - 1) % ring.shape[1])
+    if sort:
+        ring = reference.sort_by_newest(ring, newest, valid)
+        newest = ring.index_select(1, (cursor - 1) % ring.shape[1])
+    return reference.amplify_deviation(ring, newest, gain)
+
+
 # --------------------------------------------------------------------------------------------
 # Timing
 
@@ -290,16 +302,7 @@ def bench_model(name: str, device: torch.device, k: int, window: int, triton_ker
     tag = f" [{'sort, ' if sort else ''}gain {gain:g}]" if transformed else ""
 
     def eager_transform():
-        from smartfrz_fast.ops.reference import amplify_deviation, sort_by_newest
-
-        ring = h.history
-        if not transformed:
-            return ring
-        newest = ring.index_select(1, (cursor - 1) % window)  # no host sync
-        if sort:
-            ring = sort_by_newest(ring, newest, h.valid)
-            newest = ring.index_select(1, (cursor - 1) % window)
-        return amplify_deviation(ring, newest, gain)
+        return eager_input_transform(h.history, cursor, h.valid, gain, sort)
 
     def eager_predict():
         return reference.predict_ref(eager_transform(), *pargs[1:])

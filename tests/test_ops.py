@@ -142,8 +142,9 @@ def test_predict_never_freezes_on_nonfinite_history():
         predictor.head[-1].bias.copy_(torch.tensor([-20.0, 20.0]))  # "freeze" everywhere
     history[1, 3, 0] = float("nan")
     history[3, 0, 0] = float("inf")
+    history[4, 2] = 3e38  # finite, but the snapshot's sum overflows in the normalisation
     prob, prefix = ops.predict(history, torch.tensor(0), torch.arange(5), valid, w, 0.5)
-    assert prob[0] > 0.99 and prob[1] == 0 and prob[3] == 0 and prob[2] > 0.99
+    assert prob[0] > 0.99 and prob[1] == 0 and prob[3] == 0 and prob[2] > 0.99 and prob[4] == 0
     assert int(prefix) == 1
 
 

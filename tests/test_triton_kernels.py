@@ -301,10 +301,11 @@ def test_predict_non_finite_window_never_freezes(device, fresh_seed):
     history[3, 0, -1] = float("inf")  # in a masked position of a small unit: still refused
     valid[3] = 5
     history[5, 6, 2] = float("-inf")
+    history[6, 2] = 3e38  # finite, but the snapshot's sum overflows in the normalisation
     rows = torch.arange(7, device=device)
     prob, prefix = check_predict([history, cursor, rows, valid, weights], 0.5, fresh_seed)
-    assert prob[[1, 3, 5]].tolist() == [0.0, 0.0, 0.0]
-    assert (prob[[0, 2, 4, 6]] > 0.99).all() and int(prefix) == 1
+    assert prob[[1, 3, 5, 6]].tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert (prob[[0, 2, 4]] > 0.99).all() and int(prefix) == 1
 
 
 def test_predict_scale_and_offset_are_normalised_away(device, fresh_seed):
@@ -424,6 +425,92 @@ def test_predict_rejects_a_non_finite_gain(device):
         tk.predict(history, cursor, rows, valid, weights, 0.5, float("inf"), True)
 
 
+def record_decisions(policy):
+    """Make a SmartFRZ policy keep each window its ``decide`` scored, with the op's answer."""
+    records, decide = [], policy.decide
+
+    def recording_decide(step, frozen):
+        h = policy.context.history
+        window = [h.history.clone(), h.cursor.clone(), h.rows.clone(), h.valid.clone()]
+        first_active, before = h.first_active, policy.last_probabilities
+        decision = decide(step, frozen)
+        if policy.last_probabilities is not before:  # the op ran on this window
+            records.append(dict(window=window, prob=policy.last_probabilities.clone(),
+                                decision=int(decision), first_active=first_active))
+        return decision
+
+    policy.decide = recording_decide
+    return records
+
+
+@pytest.mark.slow
+def test_real_training_history_gather_and_predict(device, fresh_seed, monkeypatch):
+    """A REAL weight history: SmallCNN trained 34 steps under SmartFreezer with the shipped
+    predictor (snapshot every step, T=30, K=1024; units with fewer than K weights among them).
+
+    gather: every snapshot the engine takes (on the CPU through the C++ extension, on CUDA the
+    Triton kernel) is retaken by the reference, the Triton kernel and, where it is built, the C++
+    extension into shadow rings: all bitwise equal, the wrap of the ring included.
+    predict: the windows SmartFRZ.decide scored, with the shipped weights and its input transform
+    (gain, sort_by_newest) as decide passes them, through the Triton kernel and the reference:
+    probabilities within the fp32 tolerance, the kernel's decision equal to the engine's except at
+    a near-tie (|p - threshold| < TIE). In the interpreter only the last window is run (its rows
+    start after any unit frozen by then): tl.sort costs ~4 s per unit there."""
+    from torch import nn
+
+    from smartfrz_fast import SmartFreezer, SmartFRZ
+    from smartfrz_fast.ops._extension import extension_status
+    from models import SmallCNN, batch
+
+    model = SmallCNN(width=24).to(device)  # fresh_seed seeded torch: a new initialisation each run
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    policy = SmartFRZ()  # the shipped weights, default threshold
+    records = record_decisions(policy)
+    freezer = SmartFreezer(model, opt, policy, example_inputs=batch(0)[0].to(device), sample_every=1)
+    assert policy.input_gain != 1.0 and policy.sort_inputs  # bound from the provenance: the transform is exercised
+    h = freezer.history
+    assert (h.valid < 1024).any() and (h.valid == 1024).any(), h.valid  # masked and full units
+
+    status = extension_status()
+    use_ext = status.loaded and (device.type == "cpu" or status.has_cuda)
+    rings = {"reference": h.history.cpu().clone(), "triton": h.history.clone()}
+    if use_ext:
+        rings["C++ ext"] = h.history.clone()
+    engine_snapshot = h.snapshot
+
+    def snapshot():  # the parameters do not change between the engine's gather and these
+        cursor, rows = h.cursor.clone(), h.rows.clone()
+        engine_snapshot()
+        args = (h.source_ids, h.offsets, rows, cursor)
+        reference.gather_history_ref([s.detach().cpu() for s in h.sources], *[a.cpu() for a in args],
+                                     rings["reference"])
+        tk.gather_history(h.sources, *args, rings["triton"])
+        if use_ext:
+            torch.ops.smartfrz_ext.gather_history(h.sources, *args, rings["C++ ext"])
+        for name, ring in rings.items():
+            assert torch.equal(bits(ring.cpu()), bits(h.history.cpu())), \
+                f"seed {fresh_seed}, snapshot {h.count}: {name} differs from the engine's ring"
+
+    monkeypatch.setattr(h, "snapshot", snapshot)
+    for step in range(34):
+        x, y = batch(step)
+        nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+    assert h.count == 34 and len(records) >= 4, (h.count, len(records))  # the ring wrapped; decisions made
+
+    blocks = dict(block_k=1024, block_n=256) if tk.INTERPRET else {}
+    for record in records[-1:] if tk.INTERPRET else records:
+        prob, prefix = check_predict(record["window"] + [policy._weights], policy.threshold, fresh_seed,
+                                     input_gain=policy.input_gain, sort_by_newest=policy.sort_inputs, **blocks)
+        torch.testing.assert_close(record["prob"].cpu(), prob.cpu(), **TOLERANCE[torch.float32],
+                                   msg=lambda m: f"seed {fresh_seed}: the engine's probabilities: {m}")
+        near_tie = torch.cat([prob.cpu(), record["prob"].cpu()]).sub(policy.threshold).abs().lt(TIE).any()
+        if not near_tie:
+            assert int(prefix) + record["first_active"] == record["decision"], f"seed {fresh_seed}"
+
+
 # --------------------------------------------------------------------------------------------
 # Compiled for an H100 without one: the interpreter does not check what the compiler rejects
 # (a loop-carried name changing shape, constexpr-specialised arguments, tl.dot's minimum sizes).
@@ -466,6 +553,9 @@ for transform in (False, True):  # untransformed, and sorted + amplified (the sh
 prefix = [("prob_ptr", "*fp32"), ("out_ptr", "*i64"), ("threshold", "fp32")]
 build(tk._prefix_kernel, prefix + [("R", "i32")], {"BLOCK": 256})
 build(tk._prefix_kernel, prefix, {"BLOCK": 256, "R": 1})  # Triton specialises an argument equal to 1
+for word in ("i64", "i32", "i16", "u8"):  # gather_rows copies rows as the widest words that fit
+    build(tk._gather_rows_kernel, [("src_ptr", "*" + word), ("index_ptr", "*i64"), ("out_ptr", "*" + word),
+                                   ("num_rows", "i32"), ("width", "i32")], {"BLOCK": 1024})
 print("compiled")
 """
 
@@ -570,3 +660,60 @@ def test_cuda_graph_replay_without_host_sync(fresh_seed, gain, sort):
         step()  # eager calls do not sync either
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+# ---------------------------------------------------------------- gather_rows (cache rows)
+ROW_DTYPES = [torch.float32, torch.bfloat16, torch.float8_e4m3fn]
+
+
+def random_rows(num_rows, width, dtype, device, pinned=False):
+    rows = (torch.randn(num_rows, width) * 50).to(dtype)
+    rows = rows.pin_memory() if pinned else rows.to(device)
+    return rows
+
+
+@pytest.mark.parametrize("dtype", ROW_DTYPES)
+@pytest.mark.parametrize("width", [1, 3, 37, 1029])
+def test_gather_rows_matches_indexing(device, fresh_seed, dtype, width):
+    source = random_rows(29, width, dtype, device)
+    index = torch.randint(0, 29, (11,), device=device)
+    index[3] = index[4]  # a repeated row
+    out = tk.gather_rows(source, index, block=256)
+    assert out.dtype == dtype and out.shape == (11, width) and out.device == index.device
+    assert torch.equal(out.view(torch.uint8), source[index].view(torch.uint8))  # bit for bit
+
+
+def test_gather_rows_scales_column_and_odd_byte_rows(device, fresh_seed):
+    scales = torch.rand(13, device=device)
+    index = torch.tensor([12, 0, 5], device=device)
+    assert torch.equal(tk.gather_rows(scales.view(-1, 1), index).view(-1), scales[index])
+    odd = random_rows(7, 5, torch.float8_e4m3fn, device)  # 5-byte rows: copied byte by byte
+    assert torch.equal(tk.gather_rows(odd, index[1:] % 7).view(torch.uint8), odd[index[1:] % 7].view(torch.uint8))
+
+
+def test_gather_rows_out_of_range_is_zero_not_a_fault(device):
+    source = torch.ones(4, 6, device=device)
+    out = tk.gather_rows(source, torch.tensor([1, -1, 4, 3], device=device))
+    assert out[0].eq(1).all() and out[3].eq(1).all() and out[1:3].eq(0).all()
+
+
+def test_gather_rows_empty_and_bad_input(device):
+    source = torch.ones(4, 6, device=device)
+    assert tk.gather_rows(source, torch.zeros(0, dtype=torch.int64, device=device)).shape == (0, 6)
+    with pytest.raises(TypeError, match="int64"):
+        tk.gather_rows(source, torch.zeros(2, dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="contiguous rows"):
+        tk.gather_rows(source.t(), torch.zeros(2, dtype=torch.int64, device=device))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ROW_DTYPES)
+def test_gather_rows_reads_pinned_host_memory(fresh_seed, dtype):
+    if tk.INTERPRET:
+        pytest.skip("compiled kernels are off under TRITON_INTERPRET=1")
+    source = random_rows(301, 4099, dtype, None, pinned=True)
+    index = torch.randint(0, 301, (64,), device="cuda")
+    out = tk.gather_rows(source, index)
+    assert out.is_cuda and torch.equal(out.cpu().view(torch.uint8), source[index.cpu()].view(torch.uint8))
+    with pytest.raises(ValueError, match="not pinned"):
+        tk.gather_rows(source.clone(), index)  # pageable host memory: the GPU cannot read it

@@ -74,14 +74,19 @@ def normalize_window(window: Tensor, valid: Tensor) -> Tensor:
     keep an old snapshot's normalised value fixed while the window slides, which lets a fast
     path cache the key/value embeddings of old snapshots.
     """
+    mask, mean, var = window_moments(window, valid)
+    return (window - mean) * mask / torch.sqrt(var + NORM_EPS)
+
+
+def window_moments(window: Tensor, valid: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(mask [R, 1, K], mean [R, T, 1], variance [R, T, 1])`` of each snapshot over its
+    unit's valid positions (two passes: no cancellation for large means)."""
     k = window.shape[-1]
-    mask = (torch.arange(k, device=window.device) < valid[:, None]).to(window.dtype)  # [R, K]
-    mask = mask[:, None, :]
+    mask = (torch.arange(k, device=window.device) < valid[:, None]).to(window.dtype)[:, None, :]
     count = mask.sum(-1, keepdim=True).clamp_min(1.0)
     mean = (window * mask).sum(-1, keepdim=True) / count
     centered = (window - mean) * mask
-    var = (centered * centered).sum(-1, keepdim=True) / count
-    return centered / torch.sqrt(var + NORM_EPS)
+    return mask, mean, (centered * centered).sum(-1, keepdim=True) / count
 
 
 def sort_by_newest(history: Tensor, newest: Tensor, valid: Tensor) -> Tensor:
@@ -180,16 +185,19 @@ def predict_ref(
 
     Each window goes through ``transform_window(window, valid, input_gain, sort_by_newest)``
     (the input transform the predictor was trained with; the identity at the defaults), then
-    the per-snapshot normalisation. A unit whose transformed window holds a NaN or inf gets
-    probability 0: it never freezes on bad data.
+    the per-snapshot normalisation. A unit whose transformed window holds a NaN or inf, or
+    whose snapshot mean or variance overflows float32 (weights beyond ~1e19), gets probability
+    0: it never freezes on bad data. So does a NaN probability (NaN predictor weights).
     """
     window = transform_window(chronological_window(history, cursor, rows), valid[rows], input_gain, sort_by_newest)
     finite = torch.isfinite(window).flatten(1).all(1)
     window = torch.where(finite[:, None, None], window, torch.zeros_like(window))
+    _, mean, var = window_moments(window, valid[rows])
+    finite &= (torch.isfinite(mean) & torch.isfinite(var)).flatten(1).all(1)
     normalized = normalize_window(window, valid[rows])
     logits = predictor_logits_ref(normalized, [w.to(normalized.dtype) for w in weights])
     prob = torch.softmax(logits.float(), dim=-1)[:, 1]
-    prob = torch.where(finite, prob, torch.zeros_like(prob))
+    prob = torch.where(finite & ~prob.isnan(), prob, torch.zeros_like(prob))
     return prob, freezable_prefix(prob, threshold)
 
 

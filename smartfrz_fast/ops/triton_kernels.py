@@ -311,6 +311,9 @@ def _predict_kernel(
         xv = _load_window(row_ptrs, newest_ptr, h_sk, row_in, kk, counted_k, gain, AMPLIFY)
         c = tl.where(counted, xv - mean[:, None], 0.0)
         sq += tl.sum(c * c, axis=1)
+    # a snapshot whose mean or variance overflows float32 is bad data, as in the reference
+    moments_ok = (tl.abs(mean) < float("inf")) & (sq < float("inf"))  # False for NaN too
+    bad += tl.where(row_in & ~moments_ok, 1, 0)
     std = tl.sqrt_rn(sq / count + eps)
     std = tl.where(row_in, std, 1.0)
 
@@ -354,7 +357,8 @@ def _predict_kernel(
     e0 = tl.exp(l0 - top)
     e1 = tl.exp(l1 - top)
     prob = e1 / (e0 + e1)
-    prob = tl.where(tl.sum(bad, axis=0) == 0, prob, 0.0)  # never freeze on a non-finite window
+    # never freeze on a non-finite window, nor on one whose normalisation overflowed (NaN)
+    prob = tl.where((tl.sum(bad, axis=0) == 0) & (prob == prob), prob, 0.0)
     tl.store(prob_ptr + tl.program_id(0), prob)
 
 
