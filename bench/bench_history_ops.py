@@ -295,6 +295,7 @@ def bench_model(name: str, device: torch.device, k: int, window: int, triton_ker
     # predictor's: sort_by_newest and gain 30; --input-gain 1 --no-sort for none): the decision
     # SmartFRZ makes per snapshot. "eager transform" is what SmartFRZ.decide did before the op
     # took the transform: the whole ring sorted and amplified with eager ops, then the op.
+    h.history.normal_()  # the gathers above wrote slots from uninitialised (torch.empty) weights
     predictor = AttentionPredictor(PredictorConfig(sample_size=k, window=window)).to(device)
     weights = [w.detach() for w in predictor.flat_weights()]
     pargs = (h.history, cursor, h.rows, h.valid, weights, 0.5)
