@@ -6,6 +6,7 @@ usage: python -m torch.distributed.run --nproc_per_node 2 hf_ddp_worker.py OUT_D
 Saves OUT_DIR/rank<r>.pt: weights, freeze timeline, proposals.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,10 @@ from smartfrz_fast.integrations.huggingface import SmartFreezeCallback
 
 
 def main(out: Path, resume: str = "") -> None:
+    # Under torchrun accelerate names the CPU "cpu:0"; transformers 4.x passes that to torch.load
+    # when it loads the optimizer state on resume, and torch cannot restore "cpu:0" (the Trainer
+    # fails so without the callback too; 5.x maps it to "cpu"). A plain "cpu" device avoids it.
+    os.environ.setdefault("ACCELERATE_TORCH_DEVICE", "cpu")
     model = tiny_bert()
     args = training_args(out, ddp_backend="gloo", ddp_find_unused_parameters=True, per_device_train_batch_size=4,
                          save_steps=6)

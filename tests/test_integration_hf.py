@@ -174,6 +174,66 @@ def test_conflicting_training_args_are_refused(tmp_path):
     check_training_args(training_args(tmp_path, gradient_checkpointing=True), tiny_bert())
 
 
+def enable_checkpointing(model, **kwargs):
+    """The model-level switch, under whichever name the installed transformers has (5.x renamed it)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_checkpointing_the_model_really_uses_is_checked(tmp_path, reentrant):
+    """Checkpointing switched on by the user on the model (not through TrainingArguments) is
+    checked at train() too: reentrant is refused, non-reentrant trains."""
+    model = tiny_bert()
+    enable_checkpointing(model, use_reentrant=reentrant)
+    trainer = Trainer(model=model, args=training_args(tmp_path, save_strategy="no", max_steps=2),
+                      train_dataset=dataset())
+    callback = SmartFreezeCallback(StaticFreeze(5, at_step=1)).attach(trainer)
+    if reentrant:
+        with pytest.raises(ValueError, match="checkpoints with use_reentrant=True"):
+            trainer.train()
+    else:
+        trainer.train()
+        assert callback.freezer.num_frozen == 5
+
+
+def test_default_gradient_checkpointing_never_trains_nothing_silently(tmp_path):
+    """gradient_checkpointing=True with no kwargs: transformers 4.x checkpoints reentrantly (layers
+    after a frozen prefix would get no gradient), 5.x does not. What the user gets: either the run
+    is refused with the fix, or the checkpointed layers keep training after the prefix froze."""
+    model = tiny_bert()
+    trainer = Trainer(model=model, args=training_args(tmp_path, save_strategy="no", gradient_checkpointing=True),
+                      train_dataset=dataset())
+    SmartFreezeCallback(StaticFreeze(5, at_step=1)).attach(trainer)
+    layer = model.bert.encoder.layer[1].output.dense.weight
+    after_freeze = {}
+
+    class Snapshot(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            after_freeze.setdefault(state.global_step, layer.detach().clone())
+
+    trainer.add_callback(Snapshot())
+    try:
+        trainer.train()
+    except ValueError as error:
+        assert "use_reentrant" in str(error)
+        fn = model.bert.encoder.layer[1]._gradient_checkpointing_func
+        assert fn.keywords.get("use_reentrant", True)  # refused only where it really is reentrant
+    else:
+        assert model.bert.encoder.layer[1].gradient_checkpointing  # it did checkpoint
+        assert not model.bert.embeddings.word_embeddings.weight.requires_grad
+        assert not torch.equal(after_freeze[1], layer)  # trained after the embeddings froze
+
+
+def test_total_steps_come_from_the_trainer_in_an_epoch_based_run(tmp_path):
+    """No max_steps: the run's step count is the one the Trainer computes from the epochs (4.x sets
+    trainer.state.max_steps only after building the optimizer, so it cannot come from there)."""
+    model, trainer, callback = run(tmp_path, "freezeout", save_strategy="no", max_steps=-1, num_train_epochs=2)
+    assert callback.freezer.total_steps == trainer.state.max_steps == MAX_STEPS == callback.freezer.step_count
+
+
 def test_doc_example_runs(tmp_path):
     """The example in docs/integrations/huggingface.md runs as written."""
     doc = Path(__file__).parents[1] / "docs" / "integrations" / "huggingface.md"

@@ -11,16 +11,22 @@
     trainer.train()                                   # or train(resume_from_checkpoint=True)
 
 Why ``attach(trainer)`` and not only ``callbacks=[...]``: the Trainer creates its optimizer
-lazily inside ``train()`` and, on a resume, loads the optimizer state right after creating it,
+lazily inside ``train()`` and, on a resume, loads the optimizer state soon after creating it,
 with no callback event in between (``on_train_begin`` comes later). The freezer must exist and
 have re-frozen the saved units *before* that load, since freezing removes parameters from the
 optimizer's groups and the saved state expects them gone. ``attach`` adds the callback and wraps
 two public methods of that one Trainer instance:
 
 - ``train``: remembers ``resume_from_checkpoint`` (``True`` resolves to the last checkpoint);
-- ``create_optimizer``: right after the optimizer is built, builds the ``SmartFreezer`` over
-  it and, when resuming, loads ``<checkpoint>/smartfrz_freezer.pt`` -- before the Trainer
-  builds its lr scheduler and before it loads the optimizer state.
+- ``create_scheduler(num_training_steps)``: before the Trainer builds its lr scheduler, builds
+  the ``SmartFreezer`` over the Trainer's optimizer (``num_training_steps`` is the run's step
+  count) and, when resuming, loads ``<checkpoint>/smartfrz_freezer.pt``.
+
+Why ``create_scheduler``: it is the one moment that transformers 4.x and 5.x share where the
+optimizer exists, the run's step count is known, no lr scheduler has been built on the optimizer's
+groups yet and the saved optimizer state is not loaded yet. (4.x builds the optimizer and the
+scheduler together, before it sets ``trainer.state.max_steps``; 5.x builds the optimizer, wraps
+the model, then builds the scheduler.)
 
 Events: ``on_step_end`` (after ``optimizer.step()`` and the scheduler step, once per optimizer
 step whatever the gradient accumulation) calls ``freezer.step()``; ``on_save`` (after the
@@ -56,25 +62,41 @@ CHECKPOINT_FILE = "smartfrz_freezer.pt"
 PREFIX_CHECKPOINT_DIR = "checkpoint"
 
 
+REENTRANT_ADVICE = (
+    "Reentrant gradient checkpointing (use_reentrant=True) trains nothing inside a checkpointed block whose "
+    "input needs no grad, which is what the output of a frozen prefix is: pass "
+    "gradient_checkpointing_kwargs={'use_reentrant': False} (transformers 4.x defaults to True).")
+
+
 def check_training_args(args: "transformers.TrainingArguments", model: nn.Module) -> None:
     """Refuse Trainer settings that conflict with freezing mid-run (clear errors)."""
     gc_on = bool(getattr(args, "gradient_checkpointing", False) or getattr(args, "activation_checkpointing", False))
     gc_kwargs = getattr(args, "gradient_checkpointing_kwargs", None) or getattr(
         args, "activation_checkpointing_kwargs", None) or {}
     if gc_on and isinstance(gc_kwargs, dict) and gc_kwargs.get("use_reentrant"):
-        raise ValueError(
-            "Reentrant gradient checkpointing (use_reentrant=True) trains nothing inside a checkpointed "
-            "block whose input needs no grad, which is what the output of a frozen prefix is: use "
-            "gradient_checkpointing_kwargs={'use_reentrant': False} (the Transformers default).")
+        raise ValueError(REENTRANT_ADVICE)
     if args.world_size > 1 and args.parallel_mode.value == "distributed":
         find_unused = args.ddp_find_unused_parameters
-        if find_unused is None:  # the Trainer's own default (Trainer._build_accelerator_args)
+        if find_unused is None:  # the Trainer's own default (its DDP kwargs)
             find_unused = not (gc_on or getattr(model, "is_gradient_checkpointing", False))
         check_ddp_settings(
-            bool(args.ddp_static_graph), bool(find_unused),
+            # ddp_static_graph: a TrainingArguments field only in transformers 5.x
+            bool(getattr(args, "ddp_static_graph", None)), bool(find_unused),
             fix_static="Drop ddp_static_graph when training with SmartFreezeCallback.",
             fix_unused="Freezing mid-run needs find_unused_parameters=True: set "
             "TrainingArguments(ddp_find_unused_parameters=True).")
+
+
+def check_checkpointing(model: nn.Module) -> None:
+    """Refuse the checkpointing the model really uses when it is reentrant. With
+    ``gradient_checkpointing=True`` and no kwargs, transformers 4.x gives each layer
+    ``partial(checkpoint, use_reentrant=True)`` and 5.x ``use_reentrant=False``; the user may also
+    have called ``gradient_checkpointing_enable`` directly. Unset is torch's default: reentrant."""
+    for module in model.modules():
+        fn = getattr(module, "_gradient_checkpointing_func", None)
+        if (getattr(module, "gradient_checkpointing", False) is True and isinstance(fn, functools.partial)
+                and fn.keywords.get("use_reentrant", True)):
+            raise ValueError(f"{REENTRANT_ADVICE} ({type(module).__name__} checkpoints with use_reentrant=True.)")
 
 
 class SmartFreezeCallback(TrainerCallback):
@@ -118,7 +140,7 @@ class SmartFreezeCallback(TrainerCallback):
         trainer.add_callback(self)
 
         original_train = trainer.train
-        original_create_optimizer = trainer.create_optimizer
+        original_create_scheduler = trainer.create_scheduler
 
         @functools.wraps(original_train)
         def train(resume_from_checkpoint=None, *args, **kwargs):
@@ -129,14 +151,13 @@ class SmartFreezeCallback(TrainerCallback):
             self._resume_from = None if resume is None else str(resume)
             return original_train(resume_from_checkpoint, *args, **kwargs)
 
-        @functools.wraps(original_create_optimizer)
-        def create_optimizer(*args, **kwargs):
-            optimizer = original_create_optimizer(*args, **kwargs)
-            self._on_optimizer_created(trainer)
-            return optimizer
+        @functools.wraps(original_create_scheduler)
+        def create_scheduler(num_training_steps, *args, **kwargs):
+            self._on_optimizer_ready(trainer, num_training_steps)
+            return original_create_scheduler(num_training_steps, *args, **kwargs)
 
         trainer.train = train
-        trainer.create_optimizer = create_optimizer
+        trainer.create_scheduler = create_scheduler
         return self
 
     # ------------------------------------------------------------------ set-up
@@ -156,17 +177,21 @@ class SmartFreezeCallback(TrainerCallback):
             "SmartFreezeCallback needs one batch of model inputs to find the model's layers before the "
             "first step: pass example_inputs=... (a dict of keyword inputs, or a tuple of positional ones).")
 
-    def _on_optimizer_created(self, trainer) -> None:
+    def _on_optimizer_ready(self, trainer, num_training_steps: int) -> None:
         optimizer = trainer.optimizer
+        if optimizer is None:
+            raise RuntimeError(
+                "SmartFreezeCallback: the Trainer asked for its lr scheduler before creating its optimizer; "
+                "a Trainer subclass that overrides create_optimizer_and_scheduler must create the optimizer first.")
         optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
         if self.freezer is not None and self.freezer.optimizers[0] is optimizer:
-            return  # create_optimizer called again on the same optimizer (a second train())
+            return  # a second train() on the same optimizer: the freezer carries on
         model = trainer.model
         device = next(model.parameters()).device
         args, kwargs = split_example_inputs(move_to_device(self._example(trainer, model), device))
         total = self.total_steps
-        if total is None and trainer.state.max_steps and trainer.state.max_steps > 0:
-            total = int(trainer.state.max_steps)
+        if total is None and num_training_steps and num_training_steps > 0:
+            total = int(num_training_steps)
         self.freezer = SmartFreezer(model, optimizer, self.policy, example_inputs=args, example_kwargs=kwargs,
                                     total_steps=total, **self.freezer_kwargs)
         if self.freezer.policy.manages_lr:
@@ -193,10 +218,16 @@ class SmartFreezeCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args, state, control, **kwargs):
-        if self._trainer is None or self.freezer is None:
+        if self._trainer is None:
             raise RuntimeError(
                 "SmartFreezeCallback must be attached with callback.attach(trainer) (not only passed in "
                 "callbacks=[...]): it has to hook in before the Trainer loads the optimizer state.")
+        if self.freezer is None:
+            raise RuntimeError(
+                "SmartFreezeCallback is attached but the Trainer never called create_scheduler(), where the "
+                "callback builds its freezer: a Trainer subclass that overrides create_optimizer_and_scheduler "
+                "must still call self.create_scheduler(num_training_steps).")
+        check_checkpointing(self._trainer.model)  # enabled by the Trainer by now (4.x and 5.x alike)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.freezer.step()
