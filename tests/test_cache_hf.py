@@ -6,6 +6,7 @@ Rows are migrated through newly frozen layers with each sample's stored side inp
 tests/test_cache_hf_migrate.py."""
 
 import copy
+import importlib
 import re
 import warnings
 
@@ -188,7 +189,8 @@ def test_mask_built_once_per_run(monkeypatch):
     if hasattr(model.bert, "_create_attention_masks"):  # transformers 5.x: the model's helper
         owner, name = model.bert, "_create_attention_masks"
     else:  # 4.x: the sdpa mask expansion the model calls inline
-        owner, name = transformers.modeling_attn_mask_utils, "_prepare_4d_attention_mask_for_sdpa"
+        owner, name = importlib.import_module("transformers.modeling_attn_mask_utils"), \
+            "_prepare_4d_attention_mask_for_sdpa"
     make = getattr(owner, name)
     monkeypatch.setattr(owner, name, lambda *a, **kw: calls.append(1) or make(*a, **kw))
     with torch.no_grad():

@@ -1,5 +1,6 @@
 """torch.compile, AMP (GradScaler) and activation checkpointing under progressive freezing."""
 
+import re
 import warnings
 
 import pytest
@@ -72,11 +73,18 @@ def dynamo_strict():
 
 
 def test_whole_model_compile_hits_the_recompile_limit(dynamo_strict):
-    # The trap compile_blocks avoids: one compiled frame guards on all 25 units' requires_grad.
+    # The trap compile_blocks avoids: one compiled frame guards on all 25 units' requires_grad
+    # and recompiles at every freeze. torch 2.11's dynamo does not guard on a parameter's
+    # requires_grad: no recompile, no limit, and training must then still match eager.
     counter = CompileCounter()
-    with pytest.raises(Exception, match="recompile_limit|cache_size_limit"):
-        train(Net(), 2 * BLOCKS, lambda model, freezer: model.compile(backend=counter))
-    assert counter.frame_count == 8
+    try:
+        _, losses = train(Net(), 2 * BLOCKS, lambda model, freezer: model.compile(backend=counter))
+    except Exception as exc:  # torch 2.13
+        assert re.search("recompile_limit|cache_size_limit", str(exc)), exc
+        assert counter.frame_count == 8
+    else:
+        assert counter.frame_count == 1, torch.__version__
+        torch.testing.assert_close(losses, train(Net(), 2 * BLOCKS)[1], rtol=1e-6, atol=1e-7)
 
 
 def test_compile_blocks_progressive_freeze(dynamo_strict):
@@ -125,9 +133,11 @@ def test_compile_blocks_recompiles_once_per_unit_frozen_inside_a_block(dynamo_st
     # stem frozen (the block's input stops needing grad), then a, then b: 4 graphs for a
     # 3-unit block (units + 1); c frozen sends the whole block back to eager.
     counter = CompileCounter()
-    freezer, _ = train(StemBlockHead(), 6, lambda model, f: compile_blocks([model.block], f, backend=counter))
+    freezer, losses = train(StemBlockHead(), 6, lambda model, f: compile_blocks([model.block], f, backend=counter))
     assert freezer.num_frozen == 4
-    assert counter.frame_count == 4
+    # 4 where dynamo guards on requires_grad (torch 2.13); torch 2.11 does not (see above): 2
+    assert counter.frame_count in (4, 2), (counter.frame_count, torch.__version__)
+    torch.testing.assert_close(losses, train(StemBlockHead(), 6)[1], rtol=1e-6, atol=1e-7)
 
 
 def test_compile_blocks_warns_when_a_block_has_recompile_limit_units(dynamo_strict):
