@@ -20,6 +20,9 @@ echo "triton kernels rc=$?"; tail -3 "$OUT/test_triton.log"
 python -m pytest -q -ra -p no:cacheprovider -m gpu tests --deselect tests/test_triton_kernels.py \
   > "$OUT/test_gpu.log" 2>&1
 echo "gpu-marked rc=$?"; tail -3 "$OUT/test_gpu.log"
+# the image has torchvision and timm (not installable beside CI's torch): the cache's real-model splits
+python -m pytest -q -ra -p no:cacheprovider tests/test_cache_split.py -k real > "$OUT/test_real_models.log" 2>&1
+echo "real torchvision/timm models rc=$?"; tail -3 "$OUT/test_real_models.log"
 
 step "benchmarks"
 timeout 300 python bench/bench_history_ops.py > "$OUT/bench_history_ops.log" 2>&1; echo "history ops rc=$?"

@@ -1,10 +1,14 @@
 """Cutting models into block chains: known structures, torch.fx, user blocks, and refusals."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from smartfrz_fast.cache import Inputs, find_blocks, fx_chain
+from smartfrz_fast import SmartFreezer, StaticFreeze
+
+from smartfrz_fast.cache import ActivationCache, Inputs, find_blocks, fx_chain
 from tests.models import SmallCNN
 
 
@@ -290,3 +294,64 @@ def test_hugging_face_gpt2_trains_with_the_cache():
     assert cache.active and cache.boundary >= 1 and cache.stats["hits"] > 0, cache.describe()
     for (name, p), q in zip(plain.state_dict().items(), cached.state_dict().values()):
         torch.testing.assert_close(p, q, msg=name)
+
+
+# ---------------------------------------------------------------- the real libraries
+# torchvision and timm do not install beside CI's torch 2.13 (their wheels pin another torch):
+# these run where they are installed (the GPU image has both; also run on the CPU with torch
+# 2.11, torchvision 0.26, timm 1.0.31). Tiny configurations, random weights, no downloads.
+REAL_MODELS = {
+    "torchvision resnet18": ("torchvision", lambda tv: tv.models.resnet18(num_classes=5), "torchvision ResNet", 10),
+    "torchvision vgg11_bn": ("torchvision", lambda tv: tv.models.vgg11_bn(num_classes=5), "torchvision VGG", 10),
+    "torchvision vit": ("torchvision", lambda tv: tv.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=3, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=5),
+        "torchvision ViT", 5),
+    "timm resnet18": ("timm", lambda timm: timm.create_model("resnet18", num_classes=5), "timm ResNet", 10),
+    "timm vit": ("timm", lambda timm: timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=16, depth=3, num_heads=2, num_classes=5), "timm ViT", 5),
+    "timm convnext": ("timm", lambda timm: timm.models.convnext.ConvNeXt(
+        depths=(1, 1, 2, 1), dims=(8, 16, 24, 32), num_classes=5), "timm ConvNeXt", 6),
+}
+
+
+@pytest.mark.parametrize("name", REAL_MODELS)
+def test_real_library_models_split_at_every_cut(name, fresh_seed):
+    library, make, how, min_blocks = REAL_MODELS[name]
+    model = make(pytest.importorskip(library))
+    check_chain(model, torch.randn(2, 3, 32, 32), how, min_blocks)
+
+
+@pytest.mark.parametrize("name", ["torchvision resnet18", "timm vit"])
+def test_real_library_model_trains_with_the_cache(name, fresh_seed):
+    """The cache on a real model: same loss and gradients as the model with its frozen prefix
+    in eval mode (BatchNorm statistics fixed), after a freeze and a deeper freeze."""
+    library, make, _, _ = REAL_MODELS[name]
+    lib = pytest.importorskip(library)
+    x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 5, (6,))
+    model = make(lib)
+    reference = copy.deepcopy(model)
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.0), policy=StaticFreeze(1, 10 ** 9),
+                           example_inputs=x[:2])
+    cache = ActivationCache(freezer, num_samples=6, deterministic=True)
+    wrapped = cache.wrap()
+    ids = torch.arange(6)
+    for depth in (2, 4):
+        freezer.freeze_to(depth)
+        # the reference: this model now (its norms' running statistics too), prefix frozen in eval
+        reference.load_state_dict(model.state_dict())
+        for (n, p), q in zip(model.named_parameters(), reference.parameters()):
+            q.requires_grad_(p.requires_grad)
+        for mine, theirs in zip(model.modules(), reference.modules()):
+            theirs.training = mine.training
+        for _ in range(2):  # a miss that stores, then a hit
+            model.zero_grad()
+            loss = nn.functional.cross_entropy(wrapped(x, ids), y)
+            loss.backward()
+        reference.zero_grad()
+        expected = nn.functional.cross_entropy(reference(x), y)
+        expected.backward()
+        assert cache.boundary > 0 and cache.stats["hits"] > 0, cache.describe()
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+        for (n, p), q in zip(model.named_parameters(), reference.parameters()):
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
