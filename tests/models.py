@@ -27,3 +27,14 @@ class SmallCNN(nn.Module):
 def batch(step: int, size: int = 16, classes: int = 10):
     g = torch.Generator().manual_seed(1000 + step)
     return torch.randn(size, 1, 8, 8, generator=g), torch.randint(0, classes, (size,), generator=g)
+
+
+def train_steps(model, optimizer, freezer, steps: int, start: int = 0) -> None:
+    """``steps`` plain SGD steps on ``batch(start) .. batch(start + steps - 1)``, the freezer
+    stepped after each optimizer step: the training loop most engine tests need."""
+    for step in range(start, start + steps):
+        x, y = batch(step)
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        freezer.step()

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from smartfrz_fast import SmartFreezer, SparseMasks, StaticFreeze
 
-from models import SmallCNN, batch
+from models import SmallCNN, batch, train_steps
 
 pytest.importorskip("sklearn", reason="the held-out tasks use scikit-learn's digits")
 spec = importlib.util.spec_from_file_location("bench_spfde", Path(__file__).parents[1] / "bench" / "bench_spfde.py")
@@ -30,12 +29,7 @@ def test_nominal_cost_of_dense_masks_is_the_engines_count():
     model = SmallCNN()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     freezer = SmartFreezer(model, opt, policy=StaticFreeze(2, at_step=3), example_inputs=batch(0)[0])
-    for step in range(8):
-        x, y = batch(step)
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-        freezer.step()
+    train_steps(model, opt, freezer, 8)
     dense = SparseMasks(model, {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters()
                                 if n.endswith("weight") and p.dim() > 1})
     cost = bench.nominal_sparse_cost(freezer.plan, freezer.timeline, dense, 8)

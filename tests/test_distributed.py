@@ -1,27 +1,21 @@
 """Freezing under DDP and FSDP2: two real processes over gloo (tests/ddp_worker.py), plus the
 refusals, checked in this process on a one-rank gloo group."""
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from smartfrz_fast import SmartFreezer, StaticFreeze
 from smartfrz_fast.distributed import FreezableDDP, unwrap
 
+from conftest import free_port
+
 HERE = Path(__file__).parent
 STEPS_IN_WORKER = 14  # ddp_worker.STEPS
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_worker(mode, tmp_path):
@@ -86,15 +80,7 @@ def test_fsdp2_autofreeze_on_sharded_gradients(tmp_path):
     assert 1 <= r0["broadcasts"] == r1["broadcasts"] <= 3
 
 
-# ---------------------------------------------------------------- refusals (one-rank group)
-@pytest.fixture(scope="module")
-def one_rank_group():
-    assert not dist.is_initialized()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
+# ---------------------------------------------------------------- refusals (conftest's one-rank group)
 def mlp():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))

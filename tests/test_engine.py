@@ -9,16 +9,7 @@ from torch import nn
 from smartfrz_fast import SmartFreezer, StaticFreeze
 from smartfrz_fast.units import discover_units
 
-from models import SmallCNN, batch
-
-
-def train(model, optimizer, freezer, steps, start=0):
-    for step in range(start, start + steps):
-        x, y = batch(step)
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        freezer.step()
+from models import SmallCNN, batch, train_steps
 
 
 class ForwardOrderDiffers(nn.Module):
@@ -60,7 +51,7 @@ def test_units_found_at_first_forward_without_example_inputs():
     freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=3))
     with pytest.raises(RuntimeError, match="has not seen the model run"):
         freezer.step()
-    train(model, opt, freezer, 4)
+    train_steps(model, opt, freezer, 4)
     assert [u.name for u in freezer.units] == ["conv1+bn1", "conv2+bn2", "conv3+bn3", "head"]
     assert freezer.num_frozen == 2
 
@@ -69,10 +60,10 @@ def test_freeze_releases_grads_and_optimizer_state_and_keeps_state_dict_working(
     model = SmallCNN()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=3), example_inputs=batch(0)[0])
-    train(model, opt, freezer, 2)
+    train_steps(model, opt, freezer, 2)
     frozen_params = [p for u in freezer.units[:2] for p in u.parameters]
     assert all(p in opt.state for p in frozen_params)
-    train(model, opt, freezer, 1, start=2)
+    train_steps(model, opt, freezer, 1, start=2)
     assert freezer.num_frozen == 2
     held = {id(p) for g in opt.param_groups for p in g["params"]}
     for p in frozen_params:
@@ -80,7 +71,7 @@ def test_freeze_releases_grads_and_optimizer_state_and_keeps_state_dict_working(
         assert id(p) not in held and p not in opt.state
     trainable = [p for u in freezer.units[2:] for p in u.parameters]
     assert len(opt.state) == len(trainable)
-    train(model, opt, freezer, 3, start=3)
+    train_steps(model, opt, freezer, 3, start=3)
     sd = opt.state_dict()  # would raise if state kept entries of removed parameters
     assert len(sd["state"]) == len(trainable)
     assert all(p.grad is None for p in frozen_params)
@@ -90,11 +81,11 @@ def test_frozen_batchnorm_statistics_stay_fixed_after_model_train():
     model = SmallCNN()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=2), example_inputs=batch(0)[0])
-    train(model, opt, freezer, 2)
+    train_steps(model, opt, freezer, 2)
     stats = (model.bn1.running_mean.clone(), model.bn1.running_var.clone(), model.bn1.num_batches_tracked.clone())
     live = model.bn2.running_mean.clone()
     model.train()
-    train(model, opt, freezer, 5, start=2)
+    train_steps(model, opt, freezer, 5, start=2)
     assert torch.equal(stats[0], model.bn1.running_mean)
     assert torch.equal(stats[1], model.bn1.running_var)
     assert torch.equal(stats[2], model.bn1.num_batches_tracked)
@@ -105,7 +96,7 @@ def test_frozen_prefix_records_no_autograd_graph():
     model = SmallCNN()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=1), example_inputs=batch(0)[0])
-    train(model, opt, freezer, 1)
+    train_steps(model, opt, freezer, 1)
     seen = {}
     model.bn2.register_forward_hook(lambda m, i, o: seen.update(prefix=o.grad_fn))
     model.conv3.register_forward_hook(lambda m, i, o: seen.update(suffix=o.grad_fn))
@@ -117,7 +108,7 @@ def test_keep_trainable_and_timeline_report():
     model = SmallCNN()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     freezer = SmartFreezer(model, opt, StaticFreeze(4, at_step=2), example_inputs=batch(0)[0], keep_trainable=1)
-    train(model, opt, freezer, 4)
+    train_steps(model, opt, freezer, 4)
     assert freezer.num_frozen == 3  # the head always trains
     (event,) = freezer.timeline
     assert event.step == 2 and event.num_frozen == 3
@@ -194,7 +185,7 @@ def test_integer_buffers_and_non_float_parameters_are_left_alone():
     freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=1), example_inputs=batch(0)[0])
     names = [n for u in freezer.units for n in u.param_names]
     assert "codes" not in names
-    train(model, opt, freezer, 2)
+    train_steps(model, opt, freezer, 2)
     assert freezer.num_frozen == 1 and model.step_counter.dtype == torch.int64
 
 
@@ -213,7 +204,7 @@ def test_load_state_dict_from_a_different_model_is_refused():
     model = SmallCNN()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=1), example_inputs=batch(0)[0])
-    train(model, opt, freezer, 2)
+    train_steps(model, opt, freezer, 2)
     state = freezer.state_dict()
     wider = SmallCNN(width=12)
     other = SmartFreezer(wider, torch.optim.SGD(wider.parameters(), lr=0.1), StaticFreeze(1, at_step=1),
@@ -230,7 +221,7 @@ def test_step_without_optimizer_hooks_leaks_no_warnings():
     freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=3), example_inputs=batch(0)[0])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        train(model, opt, freezer, 5)
+        train_steps(model, opt, freezer, 5)
 
 
 class DropoutNet(nn.Module):

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from smartfrz_fast import ops
 from smartfrz_fast.ops import reference
@@ -262,7 +261,7 @@ def test_smartfrz_decide_passes_the_training_transform_to_the_op(tmp_path, fresh
     from smartfrz_fast import SmartFreezer, SmartFRZ
     from smartfrz_fast.predictor import save_predictor
 
-    from models import SmallCNN, batch
+    from models import SmallCNN, batch, train_steps
 
     config = PredictorConfig(sample_size=128, window=4, hidden=16, embed=8, head_hidden=4)
     predictor = AttentionPredictor(config)
@@ -274,12 +273,7 @@ def test_smartfrz_decide_passes_the_training_transform_to_the_op(tmp_path, fresh
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     policy = SmartFRZ(weights=path, threshold=0.999999)  # scored every snapshot, never freezes
     freezer = SmartFreezer(model, opt, policy, example_inputs=batch(0)[0], window=4, sample_size=128)
-    for step in range(7):
-        x, y = batch(step)
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-        freezer.step()
+    train_steps(model, opt, freezer, 7)
     hist = freezer.history
     assert (hist.valid < 128).any() and (hist.valid == 128).any()  # partly valid units among them
     policy._evaluated_at = -1  # score the current window again

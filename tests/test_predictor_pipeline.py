@@ -16,7 +16,7 @@ from smartfrz_fast.predictor.cka import centered_gram, cka_from_grams, linear_ck
 from smartfrz_fast.predictor.labels import freeze_index
 from smartfrz_fast.predictor.train import window_logits
 
-from models import SmallCNN, batch
+from models import SmallCNN, batch, train_steps
 
 
 def test_linear_cka_properties(fresh_seed):
@@ -148,12 +148,7 @@ def test_quick_pipeline_end_to_end(tmp_path):
     model = SmallCNN()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     freezer = SmartFreezer(model, opt, SmartFRZ(weights=out), example_inputs=batch(0)[0], total_steps=40)
-    for step in range(40):
-        x, y = batch(step)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-        freezer.step()
+    train_steps(model, opt, freezer, 40)
     assert freezer.policy.last_probabilities is not None
     print(f"quick pipeline: {seconds:.1f} s")
 

@@ -136,18 +136,13 @@ def test_achieved_saving_is_time_weighted():
 def test_achieved_saving_matches_the_engines_flop_count():
     """With step time proportional to a step's remaining FLOPs, the time-weighted saving of a
     real run is the engine's own training_flops_saved."""
-    from models import batch
+    from models import batch, train_steps
 
     model = SmallCNN()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     freezer = SmartFreezer(model, opt, policy=LinearFreeze(freeze_start=0.3), example_inputs=batch(0)[0],
                            total_steps=30)
-    for s in range(30):
-        x, y = batch(s)
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-        freezer.step()
+    train_steps(model, opt, freezer, 30)
     assert freezer.num_frozen > 1
     cost = {n: 1.0 - freezer.frozen_flops_fraction(n) for n in range(len(freezer.units))}
     assert achieved_saving(freezer, cost).saved_fraction == pytest.approx(freezer.training_flops_saved())
@@ -169,18 +164,13 @@ def test_overhead_per_policy():
 
 @pytest.mark.slow
 def test_untrained_smartfrz_runs_its_predictor_but_never_freezes():
-    from models import batch
+    from models import batch, train_steps
 
     policy = make_policy("smartfrz", 40, 3)
     model = SmallCNN()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     freezer = SmartFreezer(model, opt, policy=policy, example_inputs=batch(0)[0], total_steps=40)
-    for s in range(31):
-        x, y = batch(s)
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-        freezer.step()
+    train_steps(model, opt, freezer, 31)
     assert policy.inner.last_probabilities is not None  # the predictor ran at step 30
     assert freezer.num_frozen == 0 and "timing only" in policy.describe()
 

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from smartfrz_fast import SievingSampler
 from smartfrz_fast.sieve import DistributedSievingSampler
 
-from test_distributed import free_port
+from conftest import free_port
 
 HERE = Path(__file__).parent
 
@@ -64,15 +63,7 @@ def test_ddp_with_freezing_and_sieving_ends_bit_identical(tmp_path):
     assert set(r0["seen"]) | set(r1["seen"]) == set(range(48))
 
 
-# ---------------------------------------------------------------- one process
-@pytest.fixture
-def one_rank_group():
-    assert not dist.is_initialized()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
+# ---------------------------------------------------------------- one process (conftest's one-rank group)
 def test_needs_an_initialised_process_group():
     with pytest.raises(RuntimeError, match="init_process_group"):
         DistributedSievingSampler(10)

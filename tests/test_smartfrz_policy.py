@@ -7,7 +7,7 @@ from torch import nn
 from smartfrz_fast import SmartFreezer, SmartFRZ
 from smartfrz_fast.predictor import AttentionPredictor, PredictorConfig, PredictorWeightsError, save_predictor
 
-from models import SmallCNN, batch
+from models import SmallCNN, batch, train_steps
 
 CONFIG = PredictorConfig(sample_size=16, window=4, hidden=8, embed=4, head_hidden=4)
 
@@ -65,12 +65,7 @@ def run(policy, steps=12, sample_every=2):
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     freezer = SmartFreezer(model, opt, policy, example_inputs=batch(0)[0], window=4, sample_size=16,
                            sample_every=sample_every)
-    for step in range(steps):
-        x, y = batch(step)
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-        freezer.step()
+    train_steps(model, opt, freezer, steps)
     return freezer
 
 
