@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from smartfrz_fast import LinearFreeze, SievingSampler, SmartFreezer, SparseMasks
-from smartfrz_fast.predictor.evaluate import EVAL_SPECS
+from smartfrz_fast.predictor.evaluate import EVAL_SPECS, network_grid
 from smartfrz_fast.predictor.zoo import RunSpec, Task, build_model, cosine, make_optimizer
 from smartfrz_fast.sparse import random_masks
 from smartfrz_fast.units import UnitPlan, discover_units
@@ -191,21 +191,13 @@ def write_table(results: List[Dict], path: Path, sparsity: float, note: str) -> 
     ]
     if note:
         lines += [note, ""]
-    lines.append("| network | " + " | ".join(RUNS) + " |")
-    lines.append("|---|" + "---|" * len(RUNS))
-    for net in nets:
-        dense = by.get((net, "dense"))
-        cells = []
-        for run in RUNS:
-            r = by.get((net, run))
-            if r is None:
-                cells.append("-")
-                continue
-            delta = f" ({100 * (r['accuracy'] - dense['accuracy']):+.1f})" if dense and run != "dense" else ""
-            nominal = f"{100 * (1 - r['nominal_sparse_cost']):.0f}%" if "nominal_sparse_cost" in r else "0%"
-            cells.append(f"{100 * r['accuracy']:.1f}{delta} / {100 * (1 - r['dense_cost']):.1f}% / "
-                         f"{nominal} / {r['wall_s']:.0f} ({r['cpu_s']:.0f})")
-        lines.append(f"| {net} | " + " | ".join(cells) + " |")
+
+    def cell(r, delta):
+        nominal = f"{100 * (1 - r['nominal_sparse_cost']):.0f}%" if "nominal_sparse_cost" in r else "0%"
+        return (f"{100 * r['accuracy']:.1f}{delta} / {100 * (1 - r['dense_cost']):.1f}% / "
+                f"{nominal} / {r['wall_s']:.0f} ({r['cpu_s']:.0f})")
+
+    lines += network_grid(by, nets, RUNS, "dense", cell)
     lines += ["", "| run | mean accuracy change (points) | mean saved, dense FLOPs | mean saved, nominal sparse |",
               "|---|---|---|---|"]
     for run in RUNS[1:]:

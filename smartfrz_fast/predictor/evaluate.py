@@ -255,6 +255,26 @@ def train_with_policy(spec: RunSpec, policy: Union[str, FreezePolicy], weights: 
     return result
 
 
+def network_grid(by: Dict, nets: List[str], columns: List[str], baseline: str, cell) -> List[str]:
+    """Markdown table lines: a row per network, a cell per column (policy or run) from
+    ``by[(network, column)]``, "-" where missing. ``cell(result, delta)`` formats one result;
+    ``delta`` is its accuracy change vs the ``baseline`` column, " (+0.1)", or "" for the
+    baseline itself or without one. Shared by this table and bench/bench_spfde.py's."""
+    lines = ["| network | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for net in nets:
+        base = by.get((net, baseline))
+        cells = []
+        for column in columns:
+            r = by.get((net, column))
+            if r is None:
+                cells.append("-")
+                continue
+            delta = f" ({100 * (r['accuracy'] - base['accuracy']):+.1f})" if base and column != baseline else ""
+            cells.append(cell(r, delta))
+        lines.append(f"| {net} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_table(results: List[Dict], path: Path, note: str = "") -> None:
     nets = list(dict.fromkeys(r["network"] for r in results))
     policies = [p for p in POLICIES if any(r["policy"] == p for r in results)]
@@ -264,19 +284,8 @@ def write_table(results: List[Dict], path: Path, note: str = "") -> None:
              "wall time of the training loop (s). Accuracy change vs full training in brackets.", ""]
     if note:
         lines += [note, ""]
-    lines.append("| network | " + " | ".join(policies) + " |")
-    lines.append("|---|" + "---|" * len(policies))
-    for net in nets:
-        full = by.get((net, "full"))
-        cells = []
-        for p in policies:
-            r = by.get((net, p))
-            if r is None:
-                cells.append("-")
-                continue
-            delta = f" ({100 * (r['accuracy'] - full['accuracy']):+.1f})" if full and p != "full" else ""
-            cells.append(f"{100 * r['accuracy']:.1f}{delta} / {100 * r['flops_saved']:.1f}% / {r['wall_s']:.0f}")
-        lines.append(f"| {net} | " + " | ".join(cells) + " |")
+    lines += network_grid(by, nets, policies, "full", lambda r, delta: (
+        f"{100 * r['accuracy']:.1f}{delta} / {100 * r['flops_saved']:.1f}% / {r['wall_s']:.0f}"))
     lines.append("")
     lines.append("| policy | mean accuracy change (points) | mean FLOPs saved |")
     lines.append("|---|---|---|")
