@@ -1,7 +1,8 @@
 """Run by test_distributed.py: two real processes over gloo train with freezing.
 
 usage: ddp_worker.py MODE OUT_DIR [PORT]
-MODE in {rewrap, unused, fsdp2, fsdp2_autofreeze, fsdp2_history, fsdp2_smartfrz, schedule}
+MODE in {rewrap, unused, fsdp2, fsdp2_autofreeze, fsdp2_history, fsdp2_smartfrz, schedule,
+         cache_rewrap, cache_unused}
 
 Each rank sees different data and runs ``RankSkewed``, a policy that proposes a different
 frozen prefix on each rank; the engine must apply rank 0's proposals on both. Rank 0 then
@@ -11,6 +12,9 @@ equivalent of data-parallel SGD with mean-reduced gradients) and saves that refe
 and the reference runs the same LinearFreeze in one process. "fsdp2_history" runs a RankSkewed
 that keeps a weight history (sharded parameters: each rank gathers its shards) and records it;
 the reference records its own. "fsdp2_smartfrz" runs SmartFRZ with the shipped predictor.
+"cache_rewrap" / "cache_unused" train through the activation cache (FreezableDDP with an mmap
+file per rank / DDP with find_unused_parameters and memory rows) on a fixed set of samples
+that come back, so rows are hit and migrated; the reference trains without a cache.
 """
 
 import os
@@ -23,6 +27,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from smartfrz_fast import AutoFreeze, FreezePolicy, LinearFreeze, SmartFreezer, SmartFRZ
+from smartfrz_fast.cache import ActivationCache
 from smartfrz_fast.distributed import DecisionSync, FreezableDDP
 
 STEPS, BATCH, WIDTH, BLOCKS = 14, 6, 12, 5
@@ -103,11 +108,24 @@ def data(step, rank):
     return torch.randn(BATCH, WIDTH, generator=g), torch.randint(0, 3, (BATCH,), generator=g)
 
 
+CACHED_SAMPLES = 4 * BATCH  # the two ranks see all of them every two steps
+
+
+def cached_data(step, rank):
+    """(inputs, labels, sample ids) from a fixed set: samples come back, on either rank."""
+    g = torch.Generator().manual_seed(7)
+    xs, ys = torch.randn(CACHED_SAMPLES, WIDTH, generator=g), torch.randint(0, 3, (CACHED_SAMPLES,), generator=g)
+    order = torch.randperm(CACHED_SAMPLES, generator=torch.Generator().manual_seed(step // 2))
+    quarter = 2 * (step % 2) + rank
+    ids = order[quarter * BATCH:(quarter + 1) * BATCH]
+    return xs[ids], ys[ids], ids
+
+
 def train(model, freezer, optimizer, batches, steps=STEPS):
     loss_fn = nn.CrossEntropyLoss()
     for step in range(steps):
-        x, y = batches(step)
-        loss_fn(model(x), y).backward()
+        x, y, *ids = batches(step)
+        loss_fn(model(x, *ids), y).backward()
         optimizer.step()
         optimizer.zero_grad()
         freezer.step()
@@ -136,9 +154,9 @@ def worker(rank, world, port, mode, out):
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     inner = make_model()
-    if mode in ("rewrap", "schedule"):
+    if mode in ("rewrap", "schedule", "cache_rewrap"):
         model = FreezableDDP(inner)
-    elif mode == "unused":
+    elif mode in ("unused", "cache_unused"):
         model = nn.parallel.DistributedDataParallel(inner, find_unused_parameters=True)
     else:
         from torch.distributed.fsdp import fully_shard
@@ -159,9 +177,20 @@ def worker(rank, world, port, mode, out):
     else:
         policy = RankSkewed(rank)
     # "unused" hands the engine the inner module (the DDP wrapper stays outside its view).
-    seen = inner if mode == "unused" else model
+    seen = inner if mode in ("unused", "cache_unused") else model
     freezer = SmartFreezer(seen, optimizer, policy, example_inputs=data(0, rank)[0], total_steps=steps, **settings)
-    train(model, freezer, optimizer, lambda step: data(step, rank), steps)
+    batches, cache, shared_path_error = (lambda step: data(step, rank)), None, None
+    if mode.startswith("cache"):
+        tier = dict(storage="mmap", path=str(out / "cache.{rank}.bin")) if mode == "cache_rewrap" else {}
+        try:  # one file for both ranks: refused
+            ActivationCache(freezer, num_samples=CACHED_SAMPLES, deterministic=True, storage="mmap",
+                            path=str(out / "shared.bin"))
+        except ValueError as exc:
+            shared_path_error = str(exc)
+        cache = ActivationCache(freezer, num_samples=CACHED_SAMPLES, deterministic=True, **tier)
+        model = cache.wrap() if mode == "cache_rewrap" else cache.wrap(model)
+        batches = lambda step: cached_data(step, rank)  # noqa: E731
+    train(model, freezer, optimizer, batches, steps)
     frozen = [p for u in freezer.units[:freezer.num_frozen] for p in u.parameters]
     result = {
         "events": [(e.step, e.num_frozen) for e in freezer.timeline],
@@ -171,10 +200,13 @@ def worker(rank, world, port, mode, out):
         "frozen_grads_none": all(p.grad is None and not p.requires_grad for p in frozen),
         "optimizer_params": sum(len(g["params"]) for g in optimizer.param_groups),
         "optimizer_state": len(optimizer.state),
-        "rewraps": getattr(model, "rewraps", None),
+        "rewraps": getattr(seen, "rewraps", None),
         "broadcasts": len(broadcasts),
         "histories": getattr(policy, "histories", None),
         "probabilities": getattr(policy, "last_probabilities", None),
+        "cache": None if cache is None else dict(cache.stats, boundary=cache.boundary, rows=cache.rows_cached,
+                                                 files=sorted(p.name for p in out.glob("*.bin")),
+                                                 shared_path_error=shared_path_error),
     }
     torch.save(result, out / f"rank{rank}.pt")
     dist.barrier()
@@ -190,8 +222,9 @@ def worker(rank, world, port, mode, out):
             ref_policy = Replay(result["events"])
         ref_freezer = SmartFreezer(ref, ref_opt, ref_policy, example_inputs=data(0, 0)[0],
                                    total_steps=STEPS, process_group=False, **settings)
+        source = cached_data if mode.startswith("cache") else data
         train(ref, ref_freezer, ref_opt, lambda step: tuple(
-            torch.cat(parts) for parts in zip(*(data(step, r) for r in range(world)))))
+            torch.cat(parts) for parts in zip(*(source(step, r)[:2] for r in range(world)))))
         torch.save({"events": [(e.step, e.num_frozen) for e in ref_freezer.timeline],
                     "state": full_state(ref), "histories": getattr(ref_policy, "histories", None)},
                    out / "reference.pt")

@@ -32,7 +32,7 @@ def max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-@pytest.mark.parametrize("mode", ["rewrap", "unused", "fsdp2"])
+@pytest.mark.parametrize("mode", ["rewrap", "unused", "fsdp2", "cache_rewrap", "cache_unused"])
 def test_two_ranks_freeze_together_and_stay_in_sync(mode, tmp_path):
     (r0, r1), ref = run_worker(mode, tmp_path)
     # The policy proposes different prefixes on each rank ...
@@ -52,8 +52,16 @@ def test_two_ranks_freeze_together_and_stay_in_sync(mode, tmp_path):
         assert r["frozen_grads_none"]
         assert r["optimizer_params"] == 2 * 2 + 2  # two trainable blocks (Linear+LayerNorm) + head
         assert r["optimizer_state"] == r["optimizer_params"]  # frozen momentum buffers deleted
-    if mode == "rewrap":
+    if mode in ("rewrap", "cache_rewrap"):
         assert r0["rewraps"] == r1["rewraps"] == 4
+    if mode.startswith("cache"):
+        # The activation cache ran under DDP: the suffix's gradients were all-reduced (weights
+        # equal across ranks and to the cache-free one-process run, above) while each rank hit
+        # its own cached rows and pushed them through every deeper freeze.
+        for r in (r0, r1):
+            assert r["cache"]["boundary"] == 4 and r["cache"]["hits"] > 0 and r["cache"]["migrated"] > 0
+            assert "Put {rank} in the path" in r["cache"]["shared_path_error"]
+        assert r0["cache"]["files"] == (["cache.0.bin", "cache.1.bin"] if mode == "cache_rewrap" else [])
     # Rank 0's decision is broadcast only where the policy decides (every third step), not
     # every step.
     assert r0["broadcasts"] == r1["broadcasts"] == 4
@@ -190,20 +198,60 @@ def test_fsdp2_smartfrz_decides_the_same_on_every_rank(tmp_path):
     assert max_diff(r0["state"], r1["state"]) == 0.0
 
 
-def test_activation_cache_refuses_distributed_wrappers(one_rank_group):
-    # The cache runs the blocks directly, around DDP's reducer: the ranks would drift apart.
+def test_activation_cache_refuses_what_it_cannot_run_under(one_rank_group, tmp_path):
+    # The cache runs under DDP (the two-process tests above); what it cannot run under is
+    # refused with advice.
+    from torch.distributed.fsdp import fully_shard
+
     from smartfrz_fast.cache import ActivationCache
 
+    def freezer_on(model):
+        return SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1),
+                            example_inputs=torch.randn(2, 4))
+
+    # FSDP2: its root forward gathers the parameters, and the cache calls the blocks directly.
+    sharded = mlp()
+    fully_shard(sharded)
+    with pytest.raises(NotImplementedError, match="does not support FSDP yet.*FreezableDDP"):
+        ActivationCache(freezer_on(sharded), num_samples=8, deterministic=True)
+    # A FreezableDDP the freezer does not know would never be rebuilt after a freeze.
     inner = mlp()
-    model = FreezableDDP(inner)
-    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1),
-                           example_inputs=torch.randn(2, 4))
-    with pytest.raises(NotImplementedError, match="does not support distributed wrappers yet"):
-        ActivationCache(freezer, num_samples=8, deterministic=True, blocks=list(inner))
-    # The engine given the inner module, DDP outside its view: wrap(ddp_model) is refused too.
-    plain = SmartFreezer(inner, torch.optim.SGD(inner.parameters(), lr=0.1), StaticFreeze(1),
-                         example_inputs=torch.randn(2, 4))
-    cache = ActivationCache(plain, num_samples=8, deterministic=True, blocks=list(inner))
-    ddp = nn.parallel.DistributedDataParallel(inner, find_unused_parameters=True)
-    with pytest.raises(NotImplementedError, match="ddp-wrapped"):
-        cache.wrap(ddp)
+    plain = freezer_on(inner)
+    cache = ActivationCache(plain, num_samples=8, deterministic=True)
+    with pytest.raises(ValueError, match="not given to the SmartFreezer"):
+        cache.wrap(FreezableDDP(inner))
+    # DDP without find_unused_parameters would wait for the frozen prefix's gradients.
+    with pytest.raises(ValueError, match="find_unused_parameters=False"):
+        cache.wrap(nn.parallel.DistributedDataParallel(inner))
+    # One mmap file per rank: "{rank}" in the path names it.
+    ranked = ActivationCache(plain, num_samples=8, deterministic=True, storage="mmap",
+                             path=str(tmp_path / "rows.{rank}.bin"))
+    assert ranked.path == str(tmp_path / "rows.0.bin")
+
+
+def test_activation_cache_under_ddp_on_one_rank_equals_no_ddp(one_rank_group):
+    # The cached forward inside DDP's forward: same losses and weights as without DDP.
+    from smartfrz_fast.cache import ActivationCache
+
+    results = []
+    for wrap in (False, True):
+        inner = mlp()
+        model = FreezableDDP(inner) if wrap else inner
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=2), example_inputs=torch.randn(2, 4))
+        cache = ActivationCache(freezer, num_samples=10, deterministic=True)
+        cached = cache.wrap()
+        xs = torch.randn(10, 4, generator=torch.Generator().manual_seed(1))
+        losses = []
+        for step in range(8):
+            ids = torch.arange(5) + 5 * (step % 2)
+            loss = cached(xs[ids], ids).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+            losses.append(loss.item())
+        assert cache.active and cache.stats["hits"] > 0
+        results.append((losses, {k: v.clone() for k, v in inner.state_dict().items()}))
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(results[0][1][k], results[1][1][k]) for k in results[0][1])

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from ..distributed import FreezableDDP, _is_fsdp1, _is_fsdp2, check_ddp
 from ..units import as_args
 from .split import BlockChain, Inputs, find_blocks
 from .storage import PINNED_READS, TIERS, Storage, make_storage, read_header, row_bytes, storage_dtype
@@ -99,7 +100,7 @@ class ActivationCache:
     ) -> None:
         if not hasattr(freezer, "add_freeze_listener"):
             raise TypeError(f"ActivationCache expects a SmartFreezer, got {type(freezer).__name__}")
-        _refuse_distributed(getattr(freezer, "_dist_kind", None))
+        _refuse_sharded(getattr(freezer, "_dist_kind", None))
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int (the dataset's length), got {num_samples!r}")
         if storage not in TIERS:
@@ -120,7 +121,7 @@ class ActivationCache:
         self.pinned_read = pinned_read
         self.storage_dtype = storage_dtype(dtype)
         self.max_bytes = max_bytes
-        self.path = None if path is None else os.fspath(path)
+        self.path = None if path is None else _rank_path(os.fspath(path))
         self.reuse = reuse
         self.audit_rows = audit_rows
         self.device = None if device is None else torch.device(device)
@@ -144,10 +145,21 @@ class ActivationCache:
 
     # ------------------------------------------------------------------ public
     def wrap(self, model: Optional[nn.Module] = None) -> "CachedModel":
-        """The model as a module whose forward takes ``(inputs, sample_ids)``."""
-        if model is not None:
-            _refuse_distributed(_distributed_kind(model))
-        return CachedModel(self.freezer.model if model is None else model, self)
+        """The model as a module whose forward takes ``(inputs, sample_ids)``. Default: the
+        model the freezer was given; under DDP pass the wrapper if the freezer was given the
+        inner module (the cached forward then runs inside DDP's own forward)."""
+        if model is None:
+            model = self.freezer.model
+        else:
+            _refuse_sharded(_distributed_kind(model))
+            if isinstance(model, FreezableDDP) and model is not self.freezer.model:
+                raise ValueError(
+                    "ActivationCache.wrap: this FreezableDDP was not given to the SmartFreezer, so it "
+                    "would not be rebuilt after a freeze (DDP would then wait for the frozen "
+                    "parameters' gradients). Build the freezer on the FreezableDDP.")
+            if isinstance(model, nn.parallel.DistributedDataParallel):
+                check_ddp(model)
+        return CachedModel(model, self)
 
     @property
     def active(self) -> bool:
@@ -644,13 +656,18 @@ class CachedModel(nn.Module):
         self.cache = cache
 
     def forward(self, inputs, sample_ids, **kwargs):
-        return self.cache.forward(self.model, Inputs(as_args(inputs), kwargs), sample_ids)
+        inner, ddp = _ddp_parts(self.model)
+
+        def cached_forward(*args, **kw):
+            return self.cache.forward(inner, Inputs(args, kw), sample_ids)
+
+        if ddp is None:
+            return cached_forward(*as_args(inputs), **kwargs)
+        return _forward_through_ddp(ddp, cached_forward, as_args(inputs), kwargs)
 
 
 # ------------------------------------------------------------------ helpers
 def _distributed_kind(model: nn.Module) -> Optional[str]:
-    from ..distributed import FreezableDDP, _is_fsdp1, _is_fsdp2
-
     if isinstance(model, (nn.parallel.DistributedDataParallel, FreezableDDP)):
         return "ddp"
     if any(_is_fsdp1(m) or _is_fsdp2(m) for m in model.modules()):
@@ -658,16 +675,57 @@ def _distributed_kind(model: nn.Module) -> Optional[str]:
     return None
 
 
-def _refuse_distributed(kind: Optional[str]) -> None:
-    # The cache calls the blocks directly, around the wrapper: DDP's reducer would never run
-    # and the ranks would silently drift apart.
-    if kind is not None:
+def _refuse_sharded(kind: Optional[str]) -> None:
+    # The cache calls the blocks directly. Under DDP that runs inside DDP's forward (see
+    # _forward_through_ddp); FSDP's per-module all-gathers and its root hooks would not run so.
+    if kind is not None and "fsdp" in kind:
         raise NotImplementedError(
-            f"ActivationCache does not support distributed wrappers yet (the model is {kind}-wrapped): "
-            "it runs the model's blocks directly, so the wrapper would not synchronise gradients "
-            "and the ranks would drift apart. Train without the cache under DDP/FSDP (freezing "
-            "itself works), or cache on a single process."
-        )
+            f"ActivationCache does not support FSDP yet (the model is {kind}-wrapped): it runs the "
+            "model's blocks directly, around FSDP's root forward that gathers and reshards the "
+            "parameters. Train without the cache under FSDP (freezing itself works), or use DDP "
+            "(smartfrz_fast.distributed.FreezableDDP), under which the cache works.")
+
+
+def _rank_path(path: str) -> str:
+    """Each rank caches the samples it sees in its own file: ``{rank}`` in the path names it."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return path.replace("{rank}", "0")
+    if "{rank}" in path:
+        return path.replace("{rank}", str(dist.get_rank()))
+    if dist.get_world_size() > 1:
+        raise ValueError(
+            f"ActivationCache: with several processes every rank caches the samples it sees in its own file, but "
+            f"path={path!r} is the same on every rank. Put {{rank}} in the path (e.g. "
+            "'cache.{rank}.bin'): the cache replaces it with the process's rank.")
+    return path
+
+
+def _ddp_parts(model: nn.Module) -> Tuple[nn.Module, Optional[nn.parallel.DistributedDataParallel]]:
+    """(module the cache runs, the DDP object whose forward must surround it, if any)."""
+    if isinstance(model, FreezableDDP):
+        ddp = model.ddp  # rebuilt after each freeze; the module itself once nothing trains
+        return model.module, ddp if isinstance(ddp, nn.parallel.DistributedDataParallel) else None
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.module, model
+    return model, None
+
+
+def _forward_through_ddp(ddp: nn.parallel.DistributedDataParallel, run, args: tuple, kwargs: dict) -> Any:
+    """``DistributedDataParallel.forward`` with the call of its module replaced by ``run`` (the
+    cache's forward over that same module): DDP's pre-forward (inputs to the device, buffer
+    broadcast, reducer set-up) and post-forward (the unused-parameter search with
+    find_unused_parameters=True) run as in DDP's own forward, so the reducer all-reduces the
+    suffix's gradients in backward. Mirrors torch 2.4-2.13's DDP.forward (checked in tests)."""
+    with torch.autograd.profiler.record_function("DistributedDataParallel.forward"):
+        args, kwargs = ddp._pre_forward(*args, **kwargs)
+        if ddp._delay_all_reduce_all_params or ddp._use_python_reducer:
+            output = run(*args, **kwargs)
+        else:
+            with ddp._inside_ddp_forward():
+                output = run(*args, **kwargs)
+        return ddp._post_forward(output)
 
 
 def _batch_size(inputs: Inputs) -> int:
