@@ -108,6 +108,21 @@ HOW = {"bert": "Hugging Face BERT", "llama": "Hugging Face decoder", "mistral": 
        "gpt2": "Hugging Face GPT-2"}
 
 
+@pytest.mark.parametrize("kind", ["llama-lm", "gpt2-lm"])
+def test_decoders_on_transformers_without_masking_utils_say_why_the_cache_is_off(kind, monkeypatch):
+    # Before 4.53 (no masking_utils.create_causal_mask; checked on 4.46.3) each model built its
+    # masks inside: the decoders' chains are not built there, and the reason says so.
+    from smartfrz_fast.cache import split
+
+    _, outputs = split._mask_builders()
+    monkeypatch.setattr(split, "_mask_builders", lambda: (None, outputs))
+    model = build(kind)
+    ids = PADDING["none"][0][:3]
+    chain, how = find_blocks(model, Inputs((ids,), {}))
+    assert chain is None
+    assert f"the {HOW[kind.split('-')[0]]} layout is recognised" in how and "added in 4.53" in how
+
+
 @pytest.mark.parametrize("padding", list(PADDING))
 @pytest.mark.parametrize("kind", KINDS + ["qwen3-lm", "phi3-lm"])
 def test_chain_reproduces_the_model_at_every_cut(kind, padding):

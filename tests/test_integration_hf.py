@@ -215,14 +215,18 @@ def test_default_gradient_checkpointing_never_trains_nothing_silently(tmp_path):
             after_freeze.setdefault(state.global_step, layer.detach().clone())
 
     trainer.add_callback(Snapshot())
+    # Which module checkpoints depends on the version (each layer; BertEncoder in 4.46).
+    def checkpointing():
+        return [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+
     try:
         trainer.train()
     except ValueError as error:
         assert "use_reentrant" in str(error)
-        fn = model.bert.encoder.layer[1]._gradient_checkpointing_func
-        assert fn.keywords.get("use_reentrant", True)  # refused only where it really is reentrant
+        fns = [m._gradient_checkpointing_func for m in checkpointing()]
+        assert fns and all(fn.keywords.get("use_reentrant", True) for fn in fns)  # refused only where reentrant
     else:
-        assert model.bert.encoder.layer[1].gradient_checkpointing  # it did checkpoint
+        assert checkpointing()  # it did checkpoint
         assert not model.bert.embeddings.word_embeddings.weight.requires_grad
         assert not torch.equal(after_freeze[1], layer)  # trained after the embeddings froze
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -224,6 +224,29 @@ def _hf_inputs(names: Sequence[str], inp: Inputs, allowed: Sequence[str], how: s
     return given
 
 
+def _mask_builders() -> Tuple[Any, Any]:
+    """(transformers' ``masking_utils``, ``modeling_outputs``): both None without transformers
+    (not a Hugging Face model), masking_utils None before 4.53 (masks were built inside each model)."""
+    try:
+        from transformers import modeling_outputs
+    except ImportError:
+        return None, None
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        return None, modeling_outputs
+    return (masking_utils if hasattr(masking_utils, "create_causal_mask") else None), modeling_outputs
+
+
+def _too_old(how: str, lacks: str = "has no masking_utils.create_causal_mask (added in 4.53)") -> str:
+    """Why a recognised decoder gets no chain on this transformers (a reason, not a chain)."""
+    import transformers
+
+    return (f"the {how} layout is recognised, but transformers {transformers.__version__} {lacks}, "
+            "and the cache builds the layers' attention masks as masking_utils does: upgrade "
+            "transformers (tested: Llama-style decoders on 4.53, 4.57 and 5.23, GPT-2 on 4.57 and 5.23)")
+
+
 def _causal_mask_fn(make: Callable[..., Any]) -> Callable[..., Any]:
     """transformers' ``create_causal_mask`` (or a sibling) as ``f(config, h, attention_mask,
     position_ids)`` for a full forward without a KV cache. 5.x takes ``inputs_embeds``; 4.x
@@ -321,7 +344,7 @@ def _bert(model: nn.Module) -> Optional[BlockChain]:
     return BlockChain(blocks, how, bind)
 
 
-def _llama(model: nn.Module) -> Optional[BlockChain]:
+def _llama(model: nn.Module) -> Union[BlockChain, str, None]:
     """Llama-style decoders (LlamaModel / LlamaForCausalLM and the same layout: Mistral, Qwen2,
     Qwen3, Phi-3, ...): embed_tokens -> layers[i] -> norm -> lm_head, with the causal (or
     sliding-window) mask and the rotary position embeddings built once per step, as the model does."""
@@ -329,14 +352,12 @@ def _llama(model: nn.Module) -> Optional[BlockChain]:
     if not (_has(body, "embed_tokens", "layers", "norm", "rotary_emb", "config")
             and isinstance(body.layers, nn.ModuleList)):
         return None
-    try:
-        from transformers import masking_utils
-        from transformers import modeling_outputs as mo
-    except ImportError:
+    masking_utils, mo = _mask_builders()
+    if mo is None:
         return None
+    if masking_utils is None:
+        return _too_old("Hugging Face decoder")
     config = body.config
-    if not hasattr(masking_utils, "create_causal_mask"):
-        return None
     layer_types = getattr(config, "layer_types", None)
     if layer_types is None:  # Mistral / Phi-3: one mask for all layers, sliding if configured
         layer_types = ["sliding_attention" if getattr(config, "sliding_window", None) is not None
@@ -390,7 +411,7 @@ def _llama(model: nn.Module) -> Optional[BlockChain]:
     return BlockChain(blocks, how, bind)
 
 
-def _gpt2(model: nn.Module) -> Optional[BlockChain]:
+def _gpt2(model: nn.Module) -> Union[BlockChain, str, None]:
     """Hugging Face GPT-2 (``GPT2LMHeadModel``, ``GPT2Model``): wte + wpe (+ token types) ->
     h[i] -> ln_f -> lm_head, with the causal mask (padding included) built once per step by
     transformers' ``create_causal_mask``, as GPT2Model.forward does."""
@@ -402,13 +423,13 @@ def _gpt2(model: nn.Module) -> Optional[BlockChain]:
         return None
     if getattr(body.config, "add_cross_attention", False):
         return None  # cross-attention: not this chain
-    try:
-        from transformers import masking_utils
-        from transformers import modeling_outputs as mo
-    except ImportError:
+    masking_utils, mo = _mask_builders()
+    if mo is None:
         return None
-    if not hasattr(masking_utils, "create_causal_mask"):
-        return None
+    if masking_utils is None:
+        return _too_old("Hugging Face GPT-2")
+    if hasattr(body, "_update_causal_mask"):  # 4.53: masking_utils exists, GPT-2 does not use it yet
+        return _too_old("Hugging Face GPT-2", "builds GPT-2's masks its own way (until 4.54)")
     how = "Hugging Face GPT-2"
     allowed = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
     names = _positional_names(model)
@@ -610,6 +631,9 @@ def find_blocks(model: nn.Module, inputs: Inputs, blocks: Optional[Sequence[nn.M
     reasons = []
     for recognise in KNOWN_STRUCTURES:
         chain = recognise(model)
+        if isinstance(chain, str):  # recognised, but no chain here: why
+            reasons.append(chain)
+            continue
         if chain is None:
             continue
         why = verify_chain(model, chain, inputs)
