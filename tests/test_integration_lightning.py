@@ -219,14 +219,83 @@ def test_ddp_without_find_unused_parameters_is_refused(tmp_path):
     callback._check_strategy(ok)
 
 
+class LitCachedCNN(LitCNN):
+    """training_step goes through the callback's activation cache."""
+
+    def __init__(self, callback, optimizer="sgd"):
+        super().__init__(optimizer)
+        self.freezing = callback
+
+    def training_step(self, data, batch_idx):
+        x, y, ids = data
+        return nn.functional.cross_entropy(self.freezing.cached(x, ids), y)
+
+
+def indexed_loader():
+    from smartfrz_fast.cache import IndexedDataset
+
+    return torch.utils.data.DataLoader(IndexedDataset(loader().dataset), batch_size=16, shuffle=False)
+
+
+def cache_callback(**cache):
+    return SmartFreezeCallback(StaticFreeze(2, at_step=6), submodule="net", example_inputs=batch(0)[0],
+                               activation_cache=dict(num_samples=4 * 16, deterministic=True, **cache))
+
+
+def test_activation_cache_inside_the_trainer_and_through_its_checkpoints(tmp_path):
+    """training_step through callback.cached: the same weights as without the cache (fp32 rows,
+    frozen prefix in eval either way), rows hit from the second epoch; a fit resumed from
+    Lightning's checkpoint (cache state in it) ends with the same weights again."""
+    plain = LitCNN()
+    trainer(tmp_path / "plain", [SmartFreezeCallback(StaticFreeze(2, at_step=6), submodule="net",
+                                                     example_inputs=batch(0)[0])]).fit(plain, loader())
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    callback = cache_callback()
+    cached = LitCachedCNN(callback)
+    trainer(tmp_path / "cached", [callback, saver]).fit(cached, indexed_loader())
+    cache = callback.cache
+    assert cache.active and cache.boundary > 0 and cache.stats["hits"] > 0, cache.describe()
+    for name, value in plain.state_dict().items():
+        assert torch.equal(value, cached.state_dict()[name]), name
+
+    saved = torch.load(tmp_path / "ckpt" / "epoch=2.ckpt", weights_only=False)
+    state = next(v for k, v in saved["callbacks"].items() if k.startswith("SmartFreezeCallback"))
+    assert state["cache"]["boundary"] == cache.boundary
+    resumed_cb = cache_callback()
+    resumed = LitCachedCNN(resumed_cb)
+    trainer(tmp_path / "resumed", [resumed_cb]).fit(resumed, indexed_loader(),
+                                                     ckpt_path=tmp_path / "ckpt" / "epoch=2.ckpt")
+    assert resumed_cb.cache.boundary == cache.boundary and resumed_cb.cache.stats["hits"] > state["cache"]["stats"]["hits"]
+    for name, value in cached.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+
+
+def test_activation_cache_misuse_says_what_to_do(tmp_path):
+    with pytest.raises(TypeError, match="dict of ActivationCache arguments"):
+        SmartFreezeCallback(StaticFreeze(1), activation_cache=True)
+    with pytest.raises(RuntimeError, match="without activation_cache"):
+        SmartFreezeCallback(StaticFreeze(1)).cached(batch(0)[0], torch.arange(16))
+    with pytest.raises(RuntimeError, match="built when fit starts"):
+        cache_callback().cached(batch(0)[0], torch.arange(16))
+    # A checkpoint with a cache's state into a callback without one.
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    callback = cache_callback()
+    trainer(tmp_path, [callback, saver], max_epochs=1).fit(LitCachedCNN(callback), indexed_loader())
+    with pytest.raises(ValueError, match="no activation_cache"):
+        trainer(tmp_path / "r", [SmartFreezeCallback(StaticFreeze(2, at_step=6))], max_epochs=2).fit(
+            LitCNN(), loader(), ckpt_path=tmp_path / "ckpt" / "epoch=0.ckpt")
+
+
 @pytest.mark.slow
-def test_ddp_two_processes_freeze_the_same_units(tmp_path):
+@pytest.mark.parametrize("cache", [False, True])
+def test_ddp_two_processes_freeze_the_same_units(tmp_path, cache):
     """A real two-process DDP run (gloo, CPU) with a policy that proposes a different prefix on
     each rank: both ranks apply rank 0's proposals at the same steps and end with identical
-    weights."""
+    weights; also with training_step through the activation cache (rows hit on each rank)."""
     script = Path(__file__).with_name("lightning_ddp_worker.py")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, env=env, timeout=300)
+    subprocess.run([sys.executable, str(script), str(tmp_path)] + (["cache"] if cache else []), check=True,
+                   env=env, timeout=300)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert [r["rank"] for r in results] == [0, 1]
     proposals = [dict(r["proposals"]) for r in results]
@@ -237,15 +306,19 @@ def test_ddp_two_processes_freeze_the_same_units(tmp_path):
         if name.startswith("net.bn3.running"):
             continue  # a trainable BatchNorm's statistics are per rank after the last forward
         assert torch.equal(value, results[1]["model"][name]), name
+    if cache:
+        assert all(r["cache"]["boundary"] > 0 and r["cache"]["hits"] > 0 for r in results), results
 
 
 def test_doc_example_runs(tmp_path):
-    """The example in docs/integrations/lightning.md runs as written."""
+    """The examples in docs/integrations/lightning.md run as written (the cache example builds
+    on the first)."""
     doc = Path(__file__).parents[1] / "docs" / "integrations" / "lightning.md"
-    code = re.findall(r"```python\n(.*?)```", doc.read_text(encoding="utf-8"), re.S)[0]
+    code = "\n".join(re.findall(r"```python\n(.*?)```", doc.read_text(encoding="utf-8"), re.S))
     (tmp_path / "example.py").write_text(code, encoding="utf-8")
     with warnings.catch_warnings():
         result = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True,
                                 timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "resumed run matches: True" in result.stdout
+    assert "activation cache on:" in result.stdout and "hits 0," not in result.stdout

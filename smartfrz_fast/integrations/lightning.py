@@ -22,7 +22,14 @@ Where it hooks into Lightning's ``fit`` (2.x):
    still before the optimizer state: it is applied at once.
 3. ``on_train_batch_end``: ``freezer.step()`` once per batch in which an optimizer stepped
    (``trainer.global_step`` moved), so gradient accumulation is counted right.
-4. ``state_dict``: the freezer state goes into the checkpoint's ``callbacks`` entry.
+4. ``state_dict``: the freezer state goes into the checkpoint's ``callbacks`` entry (and the
+   activation cache's, when there is one; it is loaded right after the freezer's).
+
+With ``activation_cache={...}`` the callback also builds an ``ActivationCache`` over the frozen
+module in ``on_fit_start``; ``training_step`` calls ``callback.cached(inputs, sample_ids)``
+instead of the module, and the frozen prefix's forward is skipped for cached samples. Under
+Lightning's DDP strategy ``training_step`` already runs inside DDP's forward, so the cached
+forward is all-reduced like any other.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "pip install 'smartfrz_fast[lightning]' (or pip install lightning)"
     ) from exc
 
+from ..cache import ActivationCache
 from ..distributed import check_ddp_settings
 from ..engine import SmartFreezer
 from ..policy.base import FreezePolicy
@@ -63,10 +71,14 @@ class SmartFreezeCallback(Callback):
             ``"net"``) when ``training_step`` does not go through the LightningModule's
             ``forward``; default the LightningModule itself.
         total_steps: optimizer steps in the run; default ``trainer.estimated_stepping_batches``.
+        activation_cache: keyword arguments of ``ActivationCache`` (``num_samples``,
+            ``deterministic``, ``storage``, ...) to skip the frozen prefix's forward pass; then
+            ``training_step`` calls ``callback.cached(inputs, sample_ids)``.
         **freezer_kwargs: passed to ``SmartFreezer`` (``sample_every``, ``window``,
             ``sample_size``, ``keep_trainable``, ``decision_delay``, ``seed``).
 
-    After ``fit`` has started, ``callback.freezer`` is the ``SmartFreezer``.
+    After ``fit`` has started, ``callback.freezer`` is the ``SmartFreezer`` and
+    ``callback.cache`` the ``ActivationCache`` (or None).
     """
 
     def __init__(
@@ -76,17 +88,25 @@ class SmartFreezeCallback(Callback):
         example_inputs: Any = None,
         submodule: Optional[str] = None,
         total_steps: Optional[int] = None,
+        activation_cache: Optional[Dict[str, Any]] = None,
         **freezer_kwargs: Any,
     ) -> None:
         super().__init__()
         check_callback_args(policy, freezer_kwargs)
+        if activation_cache is not None and not isinstance(activation_cache, dict):
+            raise TypeError("SmartFreezeCallback: activation_cache= takes a dict of ActivationCache "
+                            f"arguments (num_samples=..., deterministic=...), got {type(activation_cache).__name__}")
         self.policy = policy
         self.example_inputs = example_inputs
         self.submodule = submodule
         self.total_steps = total_steps
         self.freezer_kwargs = freezer_kwargs
+        self.cache_kwargs = activation_cache
         self.freezer: Optional[SmartFreezer] = None
+        self.cache: Optional[ActivationCache] = None
+        self._cached_model: Optional[nn.Module] = None
         self._saved_state: Optional[Dict[str, Any]] = None
+        self._saved_cache_state: Optional[Dict[str, Any]] = None
         self._last_global_step = 0
 
     # ------------------------------------------------------------------ set-up
@@ -160,6 +180,23 @@ class SmartFreezeCallback(Callback):
             # parameters before their saved state is loaded into them.
             self.freezer.load_state_dict(self._saved_state)
             self._saved_state = None
+        if self.cache_kwargs is not None:
+            self.cache = ActivationCache(self.freezer, **self.cache_kwargs)
+            self._cached_model = self.cache.wrap()
+            if self._saved_cache_state is not None:  # after the freezer's, as the cache requires
+                self.cache.load_state_dict(self._saved_cache_state)
+                self._saved_cache_state = None
+
+    def cached(self, inputs: Any, sample_ids: Any, **kwargs: Any) -> Any:
+        """The frozen module's forward through the activation cache: call it in
+        ``training_step`` with the batch's sample ids (``IndexedDataset`` adds them)."""
+        if self.cache_kwargs is None:
+            raise RuntimeError("SmartFreezeCallback.cached: the callback was built without "
+                               "activation_cache={...}; pass it, or call the module directly.")
+        if self._cached_model is None:
+            raise RuntimeError("SmartFreezeCallback.cached is for training_step: the cache is built "
+                               "when fit starts (call the module directly outside fit).")
+        return self._cached_model(inputs, sample_ids, **kwargs)
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # global_step is restored after on_fit_start: take the baseline here.
@@ -175,21 +212,32 @@ class SmartFreezeCallback(Callback):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> Dict[str, Any]:
+        state: Dict[str, Any] = {}
         if self.freezer is not None and self.freezer.plan is not None:
-            return {"freezer": self.freezer.state_dict()}
-        if self._saved_state is not None:  # restored but not applied yet: keep it
-            return {"freezer": self._saved_state}
-        return {}
+            state["freezer"] = self.freezer.state_dict()
+        elif self._saved_state is not None:  # restored but not applied yet: keep it
+            state["freezer"] = self._saved_state
+        if self.cache is not None:
+            state["cache"] = self.cache.state_dict()
+        elif self._saved_cache_state is not None:
+            state["cache"] = self._saved_cache_state
+        return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        state = state_dict.get("freezer")
+        state, cache_state = state_dict.get("freezer"), state_dict.get("cache")
+        if cache_state is not None and self.cache_kwargs is None:
+            raise ValueError("SmartFreezeCallback: the checkpoint holds an activation cache's state, but "
+                             "this callback has no activation_cache={...}: pass the same cache arguments "
+                             "as the run that saved it.")
         if state is None:
             return
-        if self.freezer is None:
-            self._saved_state = state  # applied in on_fit_start, once the optimizers exist
+        if self.freezer is None:  # applied in on_fit_start, once the optimizers exist
+            self._saved_state, self._saved_cache_state = state, cache_state
             return
         if self.freezer.plan is None:
             raise ValueError(
                 "SmartFreezeCallback: this strategy restores the checkpoint after setup, and the "
                 "model's units are not known yet: set example_input_array or pass example_inputs=...")
         self.freezer.load_state_dict(state)
+        if cache_state is not None:
+            self.cache.load_state_dict(cache_state)
