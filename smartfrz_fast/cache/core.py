@@ -214,8 +214,9 @@ class ActivationCache:
     def state_dict(self, rows: bool = False) -> Dict[str, Any]:
         """What a resumed run needs: settings, boundary, chain, counters and, for the rows, a
         fingerprint of what they depend on. The "mmap" tier's rows stay in its file (the state
-        records its path); "memory" / "pinned" rows are included only with ``rows=True`` (they
-        can be large), otherwise the resumed cache refills them as samples come back."""
+        records its path and holds the rows' side inputs); "memory" / "pinned" rows are included
+        only with ``rows=True`` (they can be large), otherwise the resumed cache refills them as
+        samples come back."""
         if self._resume is not None:  # loaded but not applied yet (no forward since): still the truth
             return dict(self._resume)
         state: Dict[str, Any] = {
@@ -234,7 +235,9 @@ class ActivationCache:
             if self.tier != "mmap":  # the mmap tier's rows are in its file already
                 ids, data, scales = self._store.export_rows()
                 state["rows"] = {"ids": ids, "data": data, "scales": scales}
-            if rows:  # what migrating the rows through HF layers needs (mmap: not in its file)
+            if rows or self.tier == "mmap":
+                # What migrating the rows through HF layers needs (not in the mmap file). Small:
+                # a token's mask entry against its hidden-size activation in the row.
                 state["side"] = self._sides.export(self._store.cached_slots()[0])
         return state
 
