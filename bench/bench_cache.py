@@ -20,13 +20,13 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
 import tempfile
 import time
 
 import torch
 from torch import nn
 
+from provenance import git_commit
 from smartfrz_fast import SmartFreezer, StaticFreeze
 from smartfrz_fast.cache import ActivationCache
 
@@ -224,18 +224,13 @@ def finish_rows(path, fields, rows, device) -> None:
     """Append ``rows`` to the CSV at ``path`` with what the run ran on (device, versions, date,
     commit, machine): the one place the benchmarks of the cache record that."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        commit = ""
-    try:
         import triton
         triton_version = triton.__version__
     except ImportError:
         triton_version = ""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     common = dict(device=name, torch=torch.__version__, triton=triton_version, python=platform.python_version(),
-                  date=datetime.date.today().isoformat(), commit=commit or "unknown",
+                  date=datetime.date.today().isoformat(), commit=git_commit(),
                   threads=torch.get_num_threads(), machine=machine_name(device))
     write_rows(path, [{**common, **row} for row in rows], fields)
     print(f"appended {len(rows)} rows to {path}")

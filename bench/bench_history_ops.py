@@ -26,7 +26,6 @@ import csv
 import datetime
 import os
 import statistics
-import subprocess
 import sys
 import time
 import types
@@ -38,6 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from provenance import git_commit  # noqa: E402
 from smartfrz_fast import ops  # noqa: E402
 from smartfrz_fast.history import WeightHistory  # noqa: E402
 from smartfrz_fast.ops import reference  # noqa: E402
@@ -340,17 +340,6 @@ def bench_model(name: str, device: torch.device, k: int, window: int, triton_ker
             f"max rel err {err:.1e}")
     del h
     return rows
-
-
-def git_commit() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "smartfrz_fast", "csrc", "bench"],
-                               cwd=ROOT).returncode != 0
-        return commit + ("+dirty" if dirty else "")
-    except Exception:
-        return "unknown"
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -3,7 +3,6 @@ capacity, storage tiers, and bad input."""
 
 import errno
 import os
-import warnings
 
 import pytest
 import torch

@@ -8,7 +8,7 @@ from torch import nn
 
 from smartfrz_fast import SmartFreezer, StaticFreeze
 
-from smartfrz_fast.cache import ActivationCache, Inputs, find_blocks, fx_chain
+from smartfrz_fast.cache import ActivationCache, Inputs, find_blocks
 from tests.models import SmallCNN
 
 

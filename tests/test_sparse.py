@@ -34,7 +34,7 @@ def sampled_positions_are_unmasked(freezer, masks):
         for k in range(int(h.valid[u])):
             src = h.sources[int(h.source_ids[u, k])]
             if id(src) in by_id:
-                flat = src.detach().reshape(-1)  # contiguous parameters: storage offset = flat index
+                # contiguous parameters: the storage offset is the flat index
                 assert bool(by_id[id(src)].reshape(-1)[int(h.offsets[u, k])]), (unit.name, k)
                 checked += 1
     return checked

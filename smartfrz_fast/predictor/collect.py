@@ -13,7 +13,6 @@ steps, the interval SmartFRZ asks the engine for (``SNAPSHOTS_PER_RUN`` snapshot
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
