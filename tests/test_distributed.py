@@ -198,7 +198,7 @@ def test_fsdp2_smartfrz_decides_the_same_on_every_rank(tmp_path):
     assert max_diff(r0["state"], r1["state"]) == 0.0
 
 
-def test_activation_cache_refuses_what_it_cannot_run_under(one_rank_group, tmp_path):
+def test_activation_cache_refuses_what_it_cannot_run_under(one_rank_group, tmp_path, monkeypatch):
     # The cache runs under DDP (the two-process tests above); what it cannot run under is
     # refused with advice.
     from torch.distributed.fsdp import fully_shard
@@ -223,6 +223,14 @@ def test_activation_cache_refuses_what_it_cannot_run_under(one_rank_group, tmp_p
     # DDP without find_unused_parameters would wait for the frozen prefix's gradients.
     with pytest.raises(ValueError, match="find_unused_parameters=False"):
         cache.wrap(nn.parallel.DistributedDataParallel(inner))
+    # A torch whose DDP lacks the pieces of its forward the cache runs inside.
+    from smartfrz_fast.cache import core
+
+    unused_ddp = nn.parallel.DistributedDataParallel(inner, find_unused_parameters=True)
+    monkeypatch.setattr(core, "_DDP_FORWARD_PARTS", core._DDP_FORWARD_PARTS + ("_renamed_in_a_later_torch",))
+    with pytest.raises(NotImplementedError, match="has no _renamed_in_a_later_torch"):
+        cache.wrap(unused_ddp)
+    monkeypatch.undo()
     # One mmap file per rank: "{rank}" in the path names it.
     ranked = ActivationCache(plain, num_samples=8, deterministic=True, storage="mmap",
                              path=str(tmp_path / "rows.{rank}.bin"))

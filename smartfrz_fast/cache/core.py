@@ -159,6 +159,13 @@ class ActivationCache:
                     "parameters' gradients). Build the freezer on the FreezableDDP.")
             if isinstance(model, nn.parallel.DistributedDataParallel):
                 check_ddp(model)
+        ddp = _ddp_parts(model)[1]
+        missing = [name for name in _DDP_FORWARD_PARTS if ddp is not None and not hasattr(ddp, name)]
+        if missing:
+            raise NotImplementedError(
+                f"ActivationCache: this torch's ({torch.__version__}) DistributedDataParallel has no "
+                f"{', '.join(missing)}, which the cache uses to run inside DDP's forward (tested on torch "
+                "2.11 and 2.13). Train without the cache under DDP here (freezing itself works).")
         return CachedModel(model, self)
 
     @property
@@ -715,12 +722,18 @@ def _ddp_parts(model: nn.Module) -> Tuple[nn.Module, Optional[nn.parallel.Distri
     return model, None
 
 
+# DDP's (private) pieces of its forward that _forward_through_ddp calls, checked in wrap().
+_DDP_FORWARD_PARTS = ("_pre_forward", "_post_forward", "_inside_ddp_forward", "_delay_all_reduce_all_params",
+                      "_use_python_reducer")
+
+
 def _forward_through_ddp(ddp: nn.parallel.DistributedDataParallel, run, args: tuple, kwargs: dict) -> Any:
     """``DistributedDataParallel.forward`` with the call of its module replaced by ``run`` (the
     cache's forward over that same module): DDP's pre-forward (inputs to the device, buffer
     broadcast, reducer set-up) and post-forward (the unused-parameter search with
     find_unused_parameters=True) run as in DDP's own forward, so the reducer all-reduces the
-    suffix's gradients in backward. Mirrors torch 2.4-2.13's DDP.forward (checked in tests)."""
+    suffix's gradients in backward. Mirrors DDP.forward of torch 2.11 and 2.13 (tested with two
+    processes on both)."""
     with torch.autograd.profiler.record_function("DistributedDataParallel.forward"):
         args, kwargs = ddp._pre_forward(*args, **kwargs)
         if ddp._delay_all_reduce_all_params or ddp._use_python_reducer:
