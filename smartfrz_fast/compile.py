@@ -101,7 +101,8 @@ def scaler_step(scaler: "torch.amp.GradScaler", optimizer: torch.optim.Optimizer
     optimizer was skipped makes the following ``scaler.update()`` raise ("No inf checks were
     recorded prior to update"); ``FreezeAwareGradScaler.update`` keeps the scale instead."""
     if not _has_grads(optimizer):
-        scaler._per_optimizer_states.pop(id(optimizer), None)  # drop an empty unscale_ record
+        if scaler.is_enabled():  # a disabled scaler keeps no per-optimizer records
+            scaler._per_optimizer_states.pop(id(optimizer), None)  # drop an empty unscale_ record
         return None
     return scaler.step(optimizer, *args, **kwargs)
 
@@ -112,7 +113,8 @@ class FreezeAwareGradScaler(torch.amp.GradScaler):
 
     def step(self, optimizer, *args, **kwargs):
         if not _has_grads(optimizer):
-            self._per_optimizer_states.pop(id(optimizer), None)
+            if self._enabled:  # disabled (enabled=False, or "cuda" without a GPU): no records
+                self._per_optimizer_states.pop(id(optimizer), None)
             return None
         return super().step(optimizer, *args, **kwargs)
 

@@ -244,6 +244,27 @@ def test_update_after_every_optimizer_was_skipped():
             assert not torch.equal(model[4].weight, before)
 
 
+@pytest.mark.parametrize("how", ["scaler_step", "FreezeAwareGradScaler"])
+def test_disabled_scaler_skips_an_optimizer_left_without_gradients(how):
+    # GradScaler(enabled=False) (AMP switched off, or "cuda" on a machine without a GPU) keeps no
+    # per-optimizer records: skipping must not reach for them (it raised AttributeError).
+    cls = FreezeAwareGradScaler if how == "FreezeAwareGradScaler" else torch.amp.GradScaler
+    model, first, rest, freezer, _ = two_optimizer_setup(cls)
+    scaler = cls("cpu", enabled=False)
+    for step in range(4):
+        amp_step(model, scaler, step)
+        for opt in (first, rest):
+            scaler_step(scaler, opt) if how == "scaler_step" else scaler.step(opt)
+        scaler.update()
+        for opt in (first, rest):
+            opt.zero_grad()
+        freezer.step()
+        if step == 1:
+            frozen_weight, head_before = model[0].weight.detach().clone(), model[4].weight.detach().clone()
+    assert freezer.num_frozen == 1 and torch.equal(model[0].weight, frozen_weight)
+    assert not torch.equal(model[4].weight, head_before)
+
+
 def test_freeze_aware_scaler_update_with_nothing_stepped():
     scaler = FreezeAwareGradScaler("cpu", init_scale=4.0)
     p = nn.Parameter(torch.ones(2), requires_grad=False)

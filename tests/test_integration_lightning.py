@@ -311,14 +311,13 @@ def test_ddp_two_processes_freeze_the_same_units(tmp_path, cache):
 
 
 def test_doc_example_runs(tmp_path):
-    """The examples in docs/integrations/lightning.md run as written (the cache example builds
-    on the first)."""
+    """The example in docs/integrations/lightning.md runs as written (its activation-cache
+    example: tests/test_docs_examples.py)."""
     doc = Path(__file__).parents[1] / "docs" / "integrations" / "lightning.md"
-    code = "\n".join(re.findall(r"```python\n(.*?)```", doc.read_text(encoding="utf-8"), re.S))
+    code = re.findall(r"```python\n(.*?)```", doc.read_text(encoding="utf-8"), re.S)[0]
     (tmp_path / "example.py").write_text(code, encoding="utf-8")
     with warnings.catch_warnings():
         result = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True,
                                 timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "resumed run matches: True" in result.stdout
-    assert "activation cache on:" in result.stdout and "hits 0," not in result.stdout
