@@ -4,11 +4,15 @@
     python -m smartfrz_fast.demo --policy linear
     python -m smartfrz_fast.demo --quick         # a few seconds, for smoke tests
     python -m smartfrz_fast.demo --sieve 0.8     # the freezing run also sieves data (SpFDE)
+    python -m smartfrz_fast.demo --cache         # a third run: freezing + the activation cache
 
 Both runs start from the same initial weights and see the same batches in the same order; only
 the freezing differs. The demo prints both runs' test accuracy and wall time, the time freezing
 saved, the freeze timeline (which unit froze at which step) and the share of training FLOPs
-saved. Everything runs on the CPU; the data is scikit-learn's bundled digits (no download).
+saved. With ``--cache`` a third run freezes the same way and also serves the frozen prefix's
+output from the activation cache (the digits are fixed, so a sample's input never changes),
+skipping the frozen layers' forward pass too. Everything runs on the CPU; the data is
+scikit-learn's bundled digits (no download).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ DEFAULT_BLOCKS: Tuple[Tuple[int, int], ...] = (
     (16, 1), (32, 1), (32, 1), (64, 2), (64, 1), (64, 1), (128, 2), (128, 1),
 )
 QUICK_BLOCKS: Tuple[Tuple[int, int], ...] = ((8, 1), (16, 1), (16, 2), (32, 1), (32, 2))
+CACHE_BYTES = 2 ** 30  # --cache: rows beyond 1 GiB are recomputed (the default run needs ~0.5 GiB)
 
 
 class DigitNet(nn.Module):
@@ -80,6 +85,7 @@ class RunResult:
     freezer: object = None
     step_ms: List[float] = field(default_factory=list)  # every step's wall time, in order
     accuracy_curve: List[Tuple[int, float]] = field(default_factory=list)  # (step, test accuracy)
+    cache: object = None  # the ActivationCache of a --cache run
 
 
 def build_policy(name: str, total_steps: int, num_freezable: int):
@@ -140,12 +146,14 @@ def train(
     progress: bool = True,
     eval_points: int = 0,
     sieve: Optional[float] = None,
+    cache: bool = False,
 ) -> RunResult:
     """One training run; with ``policy_name`` it runs under a ``SmartFreezer``. With
     ``eval_points`` > 0, test accuracy is also measured that many times along the run (for
     ``--plot``; the evaluation time is left out of the run's wall time). With ``sieve``, each
     epoch covers only that fraction of the samples (``SievingSampler``: the easiest fifth of
-    them swapped for held-back ones every epoch), so the run takes fewer steps."""
+    them swapped for held-back ones every epoch), so the run takes fewer steps. With ``cache``
+    (and a policy), the frozen prefix's output comes from an ``ActivationCache``."""
     from tqdm.auto import tqdm
 
     x_train, y_train, x_test, y_test = data
@@ -177,6 +185,16 @@ def train(
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps))
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps))
+    forward, activation_cache = model, None
+    if cache and freezer is not None:
+        from .cache import ActivationCache
+
+        # fp32 rows: the run trains exactly as the one without the cache, only faster.
+        activation_cache = ActivationCache(freezer, num_samples=n, deterministic=True, max_bytes=CACHE_BYTES)
+        wrapped = activation_cache.wrap()
+
+        def forward(x, ids):
+            return wrapped(x, ids)
 
     order = torch.Generator().manual_seed(seed)  # the same batches, in the same order, per run
     step_ms: Dict[int, List[float]] = {}
@@ -194,10 +212,11 @@ def train(
             t0 = time.perf_counter()
             frozen = freezer.num_frozen if freezer is not None else 0
             idx = perm[b * batch_size:(b + 1) * batch_size]
+            logits = forward(x_train[idx], idx) if activation_cache is not None else model(x_train[idx])
             if sampler is None:
-                loss = F.cross_entropy(model(x_train[idx]), y_train[idx])
+                loss = F.cross_entropy(logits, y_train[idx])
             else:  # per-sample losses rank the samples for the next rotation
-                losses = F.cross_entropy(model(x_train[idx]), y_train[idx], reduction="none")
+                losses = F.cross_entropy(logits, y_train[idx], reduction="none")
                 sampler.record(idx, losses)
                 loss = losses.mean()
             loss.backward()
@@ -224,7 +243,10 @@ def train(
     bar.close()
     loss_value = loss.item()
     accuracy = evaluate(model, x_test, y_test)
-    return RunResult(name, seconds, accuracy, loss_value, total_steps, step_ms, freezer, every_step, curve)
+    if activation_cache is not None:
+        activation_cache.close()  # its rows are not needed after the run; the counters stay
+    return RunResult(name, seconds, accuracy, loss_value, total_steps, step_ms, freezer, every_step, curve,
+                     activation_cache)
 
 
 def _warm_up(make_model, init_state, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
@@ -291,6 +313,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="the freezing run also sieves data (SpFDE): each epoch trains on FRACTION "
                         "of the samples, the easiest fifth of them swapped for held-back ones "
                         "every epoch (SievingSampler); fewer steps for the same epochs")
+    p.add_argument("--cache", action="store_true",
+                   help="a third run freezes the same way and also skips the frozen layers' forward "
+                        "pass with the activation cache (fp32 rows in memory)")
     p.add_argument("--plot", metavar="PNG", default=None,
                    help="write a PNG of the freeze timeline, step time and test accuracy over "
                         "training (needs matplotlib: pip install smartfrz_fast[plot])")
@@ -364,15 +389,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     name = f"with {args.policy}" + ("+sieve" if args.sieve is not None else "")
     frozen = train(name, init_state, make_model, data, policy_name=args.policy, sieve=args.sieve, **common)
     freezer = frozen.freezer
+    runs = [full, frozen]
+    if args.cache:
+        runs.append(train(name + "+cache", init_state, make_model, data, policy_name=args.policy,
+                          sieve=args.sieve, cache=True, **common))
 
-    saved_s = full.train_seconds - frozen.train_seconds
-    saved_pct = 100.0 * saved_s / full.train_seconds if full.train_seconds > 0 else 0.0
+    def saved(run: RunResult) -> str:
+        seconds = full.train_seconds - run.train_seconds
+        share = 100.0 * seconds / full.train_seconds if full.train_seconds > 0 else 0.0
+        return f"{seconds:.1f} s ({share:.1f}% of full training's wall time)"
+
     print()
     print("Results")
     print(f"  {'run':<20} {'test accuracy':>13} {'train wall time':>16} {'final loss':>11}")
-    for r in (full, frozen):
+    for r in runs:
         print(f"  {r.name:<20} {r.test_accuracy:>13.2%} {r.train_seconds:>14.1f} s {r.final_loss:>11.4f}")
-    print(f"  time saved: {saved_s:.1f} s ({saved_pct:.1f}% of full training's wall time)")
+    print(f"  time saved: {saved(frozen)}")
+    if args.cache:
+        cached = runs[-1]
+        print(f"  time saved with the activation cache too: {saved(cached)}")
+        print(f"  {cached.cache.describe()}")
     print(f"  accuracy change: {100.0 * (frozen.test_accuracy - full.test_accuracy):+.2f} points")
     print(f"  training FLOPs saved (engine's count): {freezer.training_flops_saved():.1%}")
     if args.sieve is not None:  # sieving saves only the steps it does not run

@@ -54,6 +54,20 @@ def test_quick_demo_other_policies(capsys, policy):
     assert "Freeze timeline" in out
 
 
+def test_quick_demo_with_the_activation_cache(capsys):
+    # static freezes half the units halfway (step 24 of 48): the rest of epoch 2 fills rows and
+    # epoch 3 hits them.
+    code, out = _run_quick(capsys, "--policy", "static", "--cache", "--epochs", "3")
+    assert code == 0
+    rows = dict((name, (acc, loss)) for name, acc, loss in re.findall(
+        r"^\s+(with static(?:\+cache)?)\s+([\d.]+)%\s+[\d.]+ s\s+([\d.]+)$", out, re.M))
+    assert rows.keys() == {"with static", "with static+cache"}, out
+    assert rows["with static"] == rows["with static+cache"]  # fp32 rows: the same training
+    assert re.search(r"time saved with the activation cache too: -?[\d.]+ s", out), out
+    described = re.search(r"activation cache on: .*hits (\d+), misses (\d+)", out)
+    assert described and int(described.group(1)) > 0, out
+
+
 def test_smartfrz_without_weights_exits_with_code_2(capsys, monkeypatch):
     def unavailable(name, total_steps, num_freezable):
         if name == "smartfrz":
