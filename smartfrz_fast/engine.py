@@ -18,6 +18,7 @@ autograd then records nothing for the frozen prefix: its backward pass is gone.
 
 from __future__ import annotations
 
+import operator
 import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -31,6 +32,8 @@ from .units import Unit, UnitPlan, as_args, discover_units
 
 STATE_FORMAT = "smartfrz_fast.SmartFreezer"
 STATE_VERSION = 1
+_STATE_KEYS = ("signature", "settings", "policy", "policy_state", "step", "num_frozen", "timeline", "pending",
+               "history")
 # Backward costs about twice the forward (input and weight gradients): freezing a prefix
 # saves ~2/3 of its training FLOPs; caching its output too would save all 3/3.
 BACKWARD_TO_FORWARD = 2.0
@@ -53,6 +56,28 @@ def _as_optimizers(optimizer) -> List[torch.optim.Optimizer]:
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(f"SmartFreezer expects torch.optim.Optimizer(s), got {type(opt).__name__}")
     return optimizers
+
+
+def _checked_int(name: str, value: Any, minimum: Optional[int], optional: bool = False) -> Optional[int]:
+    """``value`` as an int (numpy ints too), or a clear error: a float or a string here would
+    otherwise run a subtly different schedule or fail deep inside a policy."""
+    if value is None and optional:
+        return None
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"SmartFreezer: {name} must be an int{' or None' if optional else ''}, "
+                        f"got {value!r} ({type(value).__name__})") from None
+    if minimum is not None and number < minimum:
+        what = {"total_steps": " (the number of optimizer steps in the run)"}.get(name, "")
+        raise ValueError(f"SmartFreezer: {name} must be >= {minimum}{what}, got {number}")
+    return number
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _force_eval(module: nn.Module, args) -> None:
@@ -114,8 +139,13 @@ class SmartFreezer:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"SmartFreezer expects an nn.Module, got {type(model).__name__}")
-        if keep_trainable < 0 or decision_delay < 0 or (sample_every is not None and sample_every < 1):
-            raise ValueError("sample_every must be >= 1, keep_trainable and decision_delay >= 0")
+        total_steps = _checked_int("total_steps", total_steps, 1, optional=True)
+        sample_every = _checked_int("sample_every", sample_every, 1, optional=True)
+        window = _checked_int("window", window, 2)
+        sample_size = _checked_int("sample_size", sample_size, 1)
+        keep_trainable = _checked_int("keep_trainable", keep_trainable, 0)
+        decision_delay = _checked_int("decision_delay", decision_delay, 0)
+        seed = _checked_int("seed", seed, None)
         if policy is None:
             from .policy import SmartFRZ
 
@@ -175,10 +205,21 @@ class SmartFreezer:
             self._first_forward_hook = None
 
     def _setup(self, args: Tuple[Any, ...], kwargs: Optional[Dict[str, Any]]) -> None:
+        meta = [n for n, p in self.module.named_parameters() if p.is_meta]
+        if meta:
+            raise ValueError(
+                f"SmartFreezer: the model's parameters are on the 'meta' device (not materialised: "
+                f"{meta[:3]}{' ...' if len(meta) > 3 else ''}). Build the freezer (and the optimizer) "
+                "after model.to_empty(device=...) and the weights' initialisation or loading.")
         plan = discover_units(self.module, args, kwargs)
         self._check_optimizers(plan.units)
         self.plan = plan
         max_frozen = max(0, len(plan.units) - self.keep_trainable)
+        if max_frozen == 0:
+            warnings.warn(
+                f"SmartFreezer: keep_trainable={self.keep_trainable} keeps all {len(plan.units)} of the "
+                "model's freezable units trainable, so nothing will ever freeze. Lower keep_trainable "
+                f"(at most {len(plan.units) - 1} leaves one unit to freeze).", stacklevel=3)
         self._unit_of_param = {id(p): u.index for u in plan.units for p in u.parameters}
         if self.policy.needs_history:
             from .history import WeightHistory
@@ -344,7 +385,13 @@ class SmartFreezer:
         frozen-prefix length after clamping to ``max_frozen``, shared-parameter spans and
         non-finite weights."""
         self._require_setup()
-        target = self.plan.largest_allowed_cut(min(int(num_units), self.max_frozen))
+        try:  # an int, a numpy int or a one-element int tensor (a policy's decision)
+            num_units = operator.index(num_units)
+        except TypeError:
+            raise TypeError(f"freeze_to expects a number of units (an int), got {num_units!r}") from None
+        if num_units < 0:
+            raise ValueError(f"freeze_to expects a number of units >= 0, got {num_units}")
+        target = self.plan.largest_allowed_cut(min(num_units, self.max_frozen))
         if target <= self.num_frozen:
             return self.num_frozen
         target = self._stop_before_nonfinite(target)
@@ -454,6 +501,10 @@ class SmartFreezer:
     def _signature(self) -> List[Tuple[str, List[Tuple[str, Tuple[int, ...]]]]]:
         return [(u.name, [(n, tuple(p.shape)) for n, p in zip(u.param_names, u.parameters)]) for u in self.units]
 
+    def _settings(self) -> Dict[str, Any]:
+        return {"sample_every": self.sample_every, "keep_trainable": self.keep_trainable,
+                "decision_delay": self.decision_delay, "seed": self.seed}
+
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to continue bit-identically (model and optimizer states apart)."""
         self._require_setup()
@@ -466,9 +517,9 @@ class SmartFreezer:
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
             "signature": self._signature(),
-            "settings": {"sample_every": self.sample_every, "keep_trainable": self.keep_trainable,
-                         "decision_delay": self.decision_delay, "seed": self.seed},
+            "settings": self._settings(),
             "policy": type(self.policy).__name__,
+            "policy_settings": self.policy.describe(),
             "policy_state": self.policy.state_dict(),
             "step": self.step_count,
             "num_frozen": self.num_frozen,
@@ -479,12 +530,20 @@ class SmartFreezer:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore a checkpoint. Call it before ``optimizer.load_state_dict``: freezing removes
-        parameters from the optimizer, and the optimizer's saved groups expect that."""
+        parameters from the optimizer, and the optimizer's saved groups expect that.
+
+        Everything is checked before anything changes: a refused checkpoint (another model,
+        policy or settings, or a truncated dict) leaves the model, the optimizer and this
+        freezer as they were."""
         self._require_setup()
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError("not a SmartFreezer state_dict (missing its format tag)")
-        if state["version"] != STATE_VERSION:
-            raise ValueError(f"SmartFreezer state version {state['version']} is not supported (this is {STATE_VERSION})")
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"SmartFreezer state version {state.get('version')} is not supported (this is {STATE_VERSION})")
+        missing = [k for k in _STATE_KEYS if k not in state]
+        if missing:
+            raise ValueError(f"this SmartFreezer state_dict lacks {missing}: it is truncated or was edited. "
+                             "Load the complete freezer.state_dict() saved with the checkpoint.")
         self._check_signature(state["signature"])
         if state["policy"] != type(self.policy).__name__:
             raise ValueError(
@@ -493,22 +552,66 @@ class SmartFreezer:
             )
         if self.num_frozen or self.step_count:
             raise RuntimeError("load_state_dict needs a fresh SmartFreezer (no steps taken yet)")
-        self.policy.load_state_dict(state["policy_state"])
+        self._check_settings(state["settings"])
+        step, num_frozen = state["step"], state["num_frozen"]
+        if not (_is_int(step) and step >= 0 and _is_int(num_frozen) and 0 <= num_frozen <= len(self.units)):
+            raise ValueError(f"this SmartFreezer state_dict is corrupt: step={step!r}, num_frozen={num_frozen!r} "
+                             f"(a model of {len(self.units)} units)")
+        self._check_restorable(num_frozen)
+        try:
+            timeline = [FreezeEvent(**{**e, "unit_names": tuple(e["unit_names"])}) for e in state["timeline"]]
+            pending = [(int(apply_at), torch.tensor(int(value))) for apply_at, value in state["pending"]]
+        except (TypeError, KeyError, ValueError) as exc:
+            raise ValueError(f"this SmartFreezer state_dict has a corrupt timeline or pending list ({exc})") from exc
         if (state["history"] is None) != (self.history is None):
             raise ValueError("the checkpoint's weight history does not match this policy's needs")
         if self.history is not None:
+            self.history.check_state(state["history"])
+        previous = self.policy.state_dict()
+        try:
+            self.policy.load_state_dict(state["policy_state"])
+        except Exception:
+            self.policy.load_state_dict(previous)  # a refused policy state leaves the policy as it was
+            raise
+        # nothing below can fail: every input was checked above
+        if self.history is not None:
             self.history.load_state_dict(state["history"])
-        self.step_count = state["step"]
-        self.freeze_to(state["num_frozen"], step=state["step"])
-        if self.num_frozen != state["num_frozen"]:
-            raise RuntimeError(
-                f"could not restore {state['num_frozen']} frozen units (got {self.num_frozen}); "
-                "were the weights loaded before the freezer? Load the model's state_dict first."
-            )
-        self.timeline = [FreezeEvent(**{**e, "unit_names": tuple(e["unit_names"])}) for e in state["timeline"]]
-        self._pending = [(apply_at, torch.tensor(value), None) for apply_at, value in state["pending"]]
+        self.step_count = step
+        self.freeze_to(num_frozen, step=step)
+        self.timeline = timeline
+        self._pending = [(apply_at, value, None) for apply_at, value in pending]
         if self.policy.manages_lr:
             self._apply_lr_factors(self.step_count)
+        saved_policy = state.get("policy_settings")  # absent in checkpoints older than this check
+        if saved_policy is not None and saved_policy != self.policy.describe():
+            warnings.warn(f"SmartFreezer: the checkpoint's policy was {saved_policy}, this run's is "
+                          f"{self.policy.describe()}: the resumed run will not continue as the saved one would.",
+                          stacklevel=2)
+
+    def _check_settings(self, saved: Dict[str, Any]) -> None:
+        mine = self._settings()
+        saved = saved if isinstance(saved, dict) else {}
+        differ = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
+        if differ:
+            was = ", ".join(f"{k}={a!r}" for k, (a, _) in differ.items())
+            now = ", ".join(f"{k}={b!r}" for k, (_, b) in differ.items())
+            hint = (" (sample_every follows total_steps unless given: pass the same total_steps, or "
+                    "sample_every explicitly)" if "sample_every" in differ else "")
+            raise ValueError(f"the checkpoint was made with {was}; this SmartFreezer has {now}. Construct it "
+                             f"with the checkpoint's settings to resume{hint}.")
+
+    def _check_restorable(self, num_frozen: int) -> None:
+        """Raise unless ``freeze_to(num_frozen)`` would freeze exactly that many units."""
+        if num_frozen > self.max_frozen:
+            raise ValueError(f"the checkpoint has {num_frozen} frozen units, but this SmartFreezer may freeze at "
+                             f"most {self.max_frozen} (keep_trainable={self.keep_trainable}).")
+        if self.plan.largest_allowed_cut(num_frozen) != num_frozen:
+            raise ValueError(f"the checkpoint's frozen prefix ({num_frozen} units) ends inside a span of units "
+                             "that share parameters in this model: it was saved from a different model.")
+        bad = [u.name for u in self.units[:num_frozen] if not all(bool(torch.isfinite(p).all()) for p in u.parameters)]
+        if bad:
+            raise ValueError(f"the checkpoint freezes units with NaN or inf weights in this model ({bad[:3]}): "
+                             "load the model's state_dict (the checkpoint's weights) before the freezer's.")
 
     def _check_signature(self, saved) -> None:
         mine = self._signature()

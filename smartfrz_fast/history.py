@@ -212,6 +212,18 @@ class WeightHistory:
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.check_state(state)
+        self.history.copy_(state["history"].to(self.device))
+        self.cursor.fill_(state["cursor"])
+        self.count = state["count"]
+
+    def check_state(self, state: Dict[str, Any]) -> None:
+        """Raise (changing nothing) unless ``state`` is this history's, saved by ``state_dict``."""
+        missing = [k for k in ("sample_size", "window", "seed", "positions_digest", "history", "cursor", "count")
+                   if k not in state]
+        if missing:
+            raise ValueError(f"the checkpoint's weight history lacks {missing}: it is truncated or not "
+                             "from WeightHistory.state_dict()")
         for key in ("sample_size", "window", "seed"):
             if state[key] != getattr(self, key):
                 raise ValueError(
@@ -223,9 +235,11 @@ class WeightHistory:
                 "the checkpoint's sampled weight positions differ from this run's: the model's "
                 "parameters differ in shape, order or layout (channels_last?) from the saved run."
             )
-        self.history.copy_(state["history"].to(self.device))
-        self.cursor.fill_(state["cursor"])
-        self.count = state["count"]
+        saved = state["history"]
+        if not isinstance(saved, torch.Tensor) or tuple(saved.shape) != tuple(self.history.shape):
+            shape = tuple(saved.shape) if isinstance(saved, torch.Tensor) else type(saved).__name__
+            raise ValueError(f"the checkpoint's weight history is {shape}, this run's "
+                             f"{tuple(self.history.shape)}: the checkpoint is corrupt or from another model.")
 
 
 def _logical_index(param: Tensor, storage_offset: int) -> int:

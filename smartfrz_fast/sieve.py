@@ -65,7 +65,16 @@ class SievingSampler(torch.utils.data.Sampler):
 
     def _batch_records(self, ids: Tensor, losses: Tensor) -> Tuple[Tensor, Tensor]:
         """A batch's sample ids (int64) and losses (fp32), flat, on the loss tensor's device."""
-        ids = torch.as_tensor(ids, device=self.loss.device).long().reshape(-1)
+        ids = torch.as_tensor(ids)
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"{type(self).__name__}.record: sample ids must be integers (dataset indices), "
+                            f"got {ids.dtype}")
+        if ids.device.type == "cpu" and ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < self.num_samples):
+            # checked where it costs no device sync (ids from a DataLoader are on the CPU); a -1
+            # would silently record the last sample's loss
+            raise IndexError(f"{type(self).__name__}.record: sample ids must be in [0, {self.num_samples}), got "
+                             f"{int(ids.min())}..{int(ids.max())}; pass dataset indices (num_samples=len(dataset))")
+        ids = ids.to(self.loss.device).long().reshape(-1)
         losses = losses.detach().to(self.loss.device, torch.float32).reshape(-1)
         if ids.numel() != losses.numel():
             raise ValueError(f"{type(self).__name__}.record: {ids.numel()} ids but {losses.numel()} losses; "
@@ -112,12 +121,20 @@ class SievingSampler(torch.utils.data.Sampler):
                 "epoch": self.epoch, "rotations": self.rotations}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        missing = [k for k in ("num_samples", "seed", "interval", "active", "pool", "loss", "epoch", "rotations")
+                   if k not in state]
+        if missing:
+            raise ValueError(f"SievingSampler: the checkpoint lacks {missing}: it is truncated or not from "
+                             "SievingSampler.state_dict()")
         for key in ("num_samples", "seed", "interval"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"SievingSampler: checkpoint has {key}={state[key]}, this sampler "
                                  f"{getattr(self, key)}: construct it with the checkpoint's settings")
         if len(state["active"]) != len(self.active) or sorted(state["active"] + state["pool"]) != list(range(self.num_samples)):
             raise ValueError("SievingSampler: checkpoint's active set and pool do not partition the dataset")
+        if not isinstance(state["loss"], Tensor) or tuple(state["loss"].shape) != tuple(self.loss.shape):
+            raise ValueError(f"SievingSampler: checkpoint's per-sample losses are not a tensor of shape "
+                             f"{tuple(self.loss.shape)}: the checkpoint is corrupt")
         self.active, self.pool = list(state["active"]), list(state["pool"])
         self.loss.copy_(state["loss"].to(self.loss.device))
         self.epoch, self.rotations = int(state["epoch"]), int(state["rotations"])

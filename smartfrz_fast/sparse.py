@@ -61,6 +61,16 @@ def random_masks(model: nn.Module, sparsity: float, seed: int = 0, dense_ends: b
     return masks
 
 
+def _check_mask(name: str, mask: Any, param: Tensor, where: str) -> None:
+    """A mask must be a tensor of the parameter's shape holding bools or 0/1 (a 0.5 would be
+    read as "keep"; a smaller shape would broadcast into a wrong mask)."""
+    if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(param.shape):
+        shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"{where}: mask for '{name}' is {shape}, the parameter is {tuple(param.shape)}")
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"{where}: mask for '{name}' must be bool or 0/1 values")
+
+
 class SparseMasks:
     """Weight masks of a sparse model, kept consistent with freezing.
 
@@ -88,11 +98,7 @@ class SparseMasks:
             if name not in params:
                 raise ValueError(f"SparseMasks: the model has no parameter '{name}' (mask given for it)")
             p = params[name]
-            if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(p.shape):
-                shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-                raise ValueError(f"SparseMasks: mask for '{name}' is {shape}, the parameter is {tuple(p.shape)}")
-            if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
-                raise ValueError(f"SparseMasks: mask for '{name}' must be bool or 0/1 values")
+            _check_mask(name, mask, p, "SparseMasks")
             self.params[name] = p
             self.masks[name] = mask if name in self._prune else mask.to(device=p.device, dtype=torch.bool).clone()
         self.frozen: set = set()
@@ -190,9 +196,7 @@ class SparseMasks:
                 name = name + "_orig"
             if name not in self.params:
                 raise ValueError(f"SparseMasks.update: no mask for '{name}' (masks: {sorted(self.params)[:4]} ...)")
-            if tuple(mask.shape) != tuple(self.params[name].shape):
-                raise ValueError(f"SparseMasks.update: mask for '{name}' has shape {tuple(mask.shape)}, "
-                                 f"expected {tuple(self.params[name].shape)}")
+            _check_mask(name, mask, self.params[name], "SparseMasks.update")
             mask = mask.to(device=self.params[name].device, dtype=torch.bool)
             if torch.equal(mask, self.bool_mask(name)):
                 continue
@@ -222,6 +226,8 @@ class SparseMasks:
                 f"{sorted(state.get('masks', {}))[:4]}, this run masks {sorted(self.params)[:4]}: "
                 "construct SparseMasks for the same model and masks."
             )
+        for name, mask in state["masks"].items():  # all checked before any is copied
+            _check_mask(name, mask, self.params[name], "SparseMasks.load_state_dict")
         with torch.no_grad():
             for name, mask in state["masks"].items():
                 self.masks[name].copy_(mask.to(self.masks[name].device))

@@ -175,6 +175,13 @@ def trace_forward(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[s
         with preserved_state(model), torch.no_grad():
             with tracer:
                 model(*args, **(kwargs or {}))
+    except Exception as exc:  # the model's own error, plus what the engine was doing (3.11+)
+        if hasattr(exc, "add_note"):
+            exc.add_note(
+                "SmartFreezer: this came from the model's forward pass on the inputs used to find its "
+                "units: example_inputs (a tuple of positional inputs, or one tensor) and example_kwargs "
+                "must be one batch the model accepts, on its device and in its dtype.")
+        raise
     finally:
         for hook in hooks:
             hook.remove()

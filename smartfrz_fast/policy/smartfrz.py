@@ -35,12 +35,13 @@ class SmartFRZ(FreezePolicy):
     def __init__(self, weights: Optional[Union[str, Path]] = None, threshold: float = 0.5,
                  evaluate_every: Optional[int] = None, patience: int = DEFAULT_PATIENCE):
         super().__init__()
-        if not 0.0 < threshold < 1.0:
-            raise ValueError(f"SmartFRZ threshold is a probability in (0, 1), got {threshold}")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
+            raise ValueError(f"SmartFRZ threshold is a probability in (0, 1), got {threshold!r}")
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise ValueError(f"SmartFRZ patience is a number of evaluations >= 1, got {patience!r}")
-        if evaluate_every is not None and evaluate_every < 1:
-            raise ValueError(f"SmartFRZ evaluate_every must be >= 1 or None, got {evaluate_every}")
+        if evaluate_every is not None and (isinstance(evaluate_every, bool) or not isinstance(evaluate_every, int)
+                                           or evaluate_every < 1):
+            raise ValueError(f"SmartFRZ evaluate_every is a number of steps >= 1, or None, got {evaluate_every!r}")
         from ..predictor import load_predictor
 
         # Loaded now, so that missing or corrupt weights fail before training starts.

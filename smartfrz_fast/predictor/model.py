@@ -103,7 +103,10 @@ def load_predictor(path: Optional[Union[str, Path]] = None, map_location: Any = 
     except Exception as exc:  # a truncated or foreign file: say so, whatever torch raised
         raise PredictorWeightsError(
             f"SmartFRZ predictor weights {path} are unreadable ({type(exc).__name__}: {exc}). "
-            "The file is corrupt or not a predictor file: reinstall the package or retrain it."
+            "The file is corrupt or not a predictor file: "
+            + ("reinstall the package or retrain it." if path == DEFAULT_WEIGHTS else
+               "pass a file written by save_predictor (python -m smartfrz_fast.predictor.train), or "
+               "weights=None for the shipped ones.")
         ) from exc
     if not isinstance(blob, dict) or blob.get("format") != WEIGHTS_FORMAT:
         raise PredictorWeightsError(f"{path} is not a SmartFRZ predictor file (no '{WEIGHTS_FORMAT}' tag)")
@@ -117,5 +120,13 @@ def load_predictor(path: Optional[Union[str, Path]] = None, map_location: Any = 
         raise PredictorWeightsError(f"{path} does not match the predictor architecture: {exc}") from exc
     if _digest(blob["state_dict"]) != blob.get("digest"):
         raise PredictorWeightsError(f"{path} fails its content check (digest mismatch): the file is corrupt")
-    model.provenance = blob.get("provenance", {})
+    nonfinite = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if nonfinite:  # a diverged training run: every score would be NaN and nothing would ever freeze
+        raise PredictorWeightsError(f"{path} holds NaN or inf weights ({nonfinite[:3]}): the predictor's "
+                                    "training diverged. Retrain it, or use the shipped weights (weights=None).")
+    provenance = blob.get("provenance", {})
+    if not isinstance(provenance, dict):
+        raise PredictorWeightsError(f"{path} has a provenance of type {type(provenance).__name__}, not a dict: "
+                                    "the file was not written by save_predictor")
+    model.provenance = provenance
     return model.to(map_location).eval()

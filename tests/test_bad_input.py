@@ -1,0 +1,482 @@
+"""Bad or unusual input through the public API: a clear error that says what is wrong and what
+to do, and nothing lost (model, optimizer and freezer as before a refused call); or, where the
+input is legitimate, the right behaviour."""
+
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from smartfrz_fast import (AutoFreeze, FreezeOut, LinearFreeze, SievingSampler, SmartFreezer, SmartFRZ,
+                           SparseMasks, StaticFreeze)
+from smartfrz_fast.predictor import AttentionPredictor, PredictorConfig, PredictorWeightsError, save_predictor
+
+from models import SmallCNN, batch, train_steps
+
+SMALL = PredictorConfig(sample_size=16, window=4, hidden=8, embed=4, head_hidden=4)
+
+
+def sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def snapshot(model, opt, freezer):
+    """What a refused call must leave as it was."""
+    return {
+        "weights": {k: v.clone() for k, v in model.state_dict().items()},
+        "requires_grad": [p.requires_grad for p in model.parameters()],
+        "groups": [[id(p) for p in g["params"]] for g in opt.param_groups],
+        "opt_state": len(opt.state),
+        "freezer": (freezer.step_count, freezer.num_frozen, len(freezer.timeline), len(freezer._pending)),
+        "policy": repr(freezer.policy.state_dict()),
+        "history": None if freezer.history is None else freezer.history.history.clone(),
+    }
+
+
+def assert_unchanged(before, after):
+    for key in ("requires_grad", "groups", "opt_state", "freezer", "policy"):
+        assert before[key] == after[key], key
+    for k, v in before["weights"].items():
+        torch.testing.assert_close(v, after["weights"][k], rtol=0, atol=0, equal_nan=True, msg=k)
+    if before["history"] is not None:
+        assert torch.equal(before["history"], after["history"])
+
+
+def small_predictor(path, freeze_logit=0.0):
+    torch.manual_seed(0)
+    predictor = AttentionPredictor(SMALL)
+    with torch.no_grad():
+        predictor.head[-1].bias.copy_(torch.tensor([0.0, freeze_logit]))
+    save_predictor(predictor, path, {"purpose": "test"})
+    return path
+
+
+# ---------------------------------------------------------------------- construction
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(total_steps=2.5), TypeError, "total_steps must be an int or None, got 2.5"),
+    (dict(total_steps="100"), TypeError, "total_steps must be an int"),
+    (dict(total_steps=0), ValueError, "total_steps must be >= 1 .the number of optimizer steps"),
+    (dict(total_steps=-5), ValueError, "total_steps must be >= 1"),
+    (dict(keep_trainable=1.5), TypeError, "keep_trainable must be an int, got 1.5"),
+    (dict(keep_trainable=-1), ValueError, "keep_trainable must be >= 0"),
+    (dict(sample_every=0), ValueError, "sample_every must be >= 1"),
+    (dict(window=1), ValueError, "window must be >= 2"),
+    (dict(sample_size=0), ValueError, "sample_size must be >= 1"),
+    (dict(decision_delay=True), TypeError, "decision_delay must be an int"),
+])
+def test_engine_settings_are_checked(kwargs, error, message):
+    model = SmallCNN()
+    with pytest.raises(error, match=message):
+        SmartFreezer(model, sgd(model), StaticFreeze(1), example_inputs=batch(0)[0], **kwargs)
+
+
+def test_numpy_ints_are_accepted():
+    np = pytest.importorskip("numpy")
+    model = SmallCNN()
+    freezer = SmartFreezer(model, sgd(model), FreezeOut(), example_inputs=batch(0)[0], total_steps=np.int64(40),
+                           keep_trainable=np.int32(1))
+    assert freezer.total_steps == 40 and type(freezer.total_steps) is int
+
+
+def test_keep_trainable_covering_every_unit_warns_that_nothing_will_freeze():
+    model = SmallCNN()
+    opt = sgd(model)
+    with pytest.warns(UserWarning, match=r"keep_trainable=4 keeps all 4 .* nothing will ever freeze. Lower "
+                                         r"keep_trainable \(at most 3"):
+        freezer = SmartFreezer(model, opt, LinearFreeze(0.0), example_inputs=batch(0)[0], total_steps=4,
+                               keep_trainable=4)
+    train_steps(model, opt, freezer, 4)
+    assert freezer.num_frozen == 0 and all(p.requires_grad for p in model.parameters())
+
+
+def test_model_on_meta_is_refused():
+    model = SmallCNN().to("meta")
+    with pytest.raises(ValueError, match=r"'meta' device \(not materialised.*model.to_empty"):
+        SmartFreezer(model, sgd(model), StaticFreeze(1), example_inputs=batch(0)[0].to("meta"))
+
+
+@pytest.mark.parametrize("inputs", [
+    torch.randn(2, 3, 8, 8),  # wrong shape (3 channels)
+    torch.randn(2, 1, 8, 8, dtype=torch.float64),  # wrong dtype
+    torch.randn(2, 1, 8, 8, device="meta"),  # wrong device
+])
+def test_example_inputs_the_model_rejects_say_where_they_came_from(inputs):
+    model = SmallCNN()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    with pytest.raises(RuntimeError) as info:
+        SmartFreezer(model, sgd(model), StaticFreeze(1), example_inputs=inputs)
+    if sys.version_info >= (3, 11):  # exception notes
+        assert "example_inputs (a tuple of positional inputs, or one tensor)" in "\n".join(info.value.__notes__)
+    assert torch.equal(rng, torch.get_rng_state())
+    for k, v in model.state_dict().items():
+        assert torch.equal(before[k], v), k
+
+
+def test_complex_parameters_train_with_schedules_and_are_refused_by_the_history(tmp_path):
+    class Complex(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 4, dtype=torch.cfloat))
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head((x.to(torch.cfloat) @ self.w).real)
+
+    model = Complex()
+    opt = sgd(model)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=1), example_inputs=torch.randn(3, 4))
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    freezer.step()
+    assert freezer.num_frozen == 1 and not model.w.requires_grad
+    model = Complex()
+    with pytest.raises(ValueError, match=r"samples float parameters only.*complex64"):
+        SmartFreezer(model, sgd(model), SmartFRZ(weights=small_predictor(tmp_path / "p.pt")),
+                     example_inputs=torch.randn(3, 4), window=4, sample_size=16)
+
+
+def test_a_parameter_held_by_two_optimizers_leaves_both():
+    model = SmallCNN()
+    first, second = sgd(model), torch.optim.Adam(model.parameters(), lr=1e-3)
+    freezer = SmartFreezer(model, [first, second], StaticFreeze(1, at_step=2), example_inputs=batch(0)[0])
+    for step in range(2):
+        x, y = batch(step)
+        nn.functional.cross_entropy(model(x), y).backward()
+        first.step()
+        second.step()
+        first.zero_grad()
+        freezer.step()
+    frozen = set(map(id, freezer.units[0].parameters))
+    for opt in (first, second):
+        assert not frozen & {id(p) for g in opt.param_groups for p in g["params"]}
+        assert not frozen & {id(p) for p in opt.state}
+        opt.state_dict()
+
+
+# ---------------------------------------------------------------------- stepping
+
+
+@pytest.mark.parametrize("policy, frozen", [
+    (lambda: StaticFreeze(2, at_step=1), 2),  # schedules follow the step count alone
+    (lambda: LinearFreeze(0.0), 3),  # 4 of 4 steps: every freezable unit
+    (lambda: AutoFreeze(interval=1), None),  # no gradients seen: must not fail
+])
+def test_step_before_any_backward(policy, frozen):
+    model = SmallCNN()
+    opt = sgd(model)
+    freezer = SmartFreezer(model, opt, policy(), example_inputs=batch(0)[0], total_steps=4)
+    for _ in range(4):
+        freezer.step()
+    if frozen is not None:
+        assert freezer.num_frozen == frozen
+    train_steps(model, opt, freezer, 2)  # and training goes on from there
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_record_a_float32_history_and_freeze(tmp_path, dtype):
+    model = SmallCNN().to(dtype)
+    opt = sgd(model)
+    policy = SmartFRZ(weights=small_predictor(tmp_path / "p.pt", freeze_logit=20.0))
+    freezer = SmartFreezer(model, opt, policy, example_inputs=batch(0)[0].to(dtype), window=4, sample_size=16,
+                           sample_every=1)
+    for step in range(5):
+        x, y = batch(step)
+        nn.functional.cross_entropy(model(x.to(dtype)).float(), y).backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+    assert freezer.history.history.dtype == torch.float32
+    assert torch.isfinite(freezer.history.history).all()
+    assert freezer.num_frozen == freezer.max_frozen
+    # the head (never frozen, sampled every step): its newest snapshot is its weights, upcast
+    slot = (freezer.history.count - 1) % 4
+    k = int(freezer.history.valid[3])
+    flat = torch.cat([p.detach().reshape(-1) for p in freezer.units[3].parameters]).float()
+    assert set(freezer.history.history[3, slot, :k].tolist()) <= set(flat.tolist())
+
+
+def test_freeze_to_checks_its_argument_and_is_idempotent():
+    model = SmallCNN()
+    opt = sgd(model)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=100), example_inputs=batch(0)[0])
+    for bad in (2.7, "3", None):
+        with pytest.raises(TypeError, match="freeze_to expects a number of units"):
+            freezer.freeze_to(bad)
+    with pytest.raises(ValueError, match="freeze_to expects a number of units >= 0, got -3"):
+        freezer.freeze_to(-3)
+    assert freezer.num_frozen == 0 and all(p.requires_grad for p in model.parameters())
+    assert freezer.freeze_to(torch.tensor(2)) == 2  # a policy's decision tensor
+    hooks = len(freezer._eval_hooks)
+    assert freezer.freeze_to(2) == 2 and freezer.freeze_to(1) == 2  # never unfreezes, never twice
+    assert len(freezer.timeline) == 1 and len(freezer._eval_hooks) == hooks
+    assert freezer.freeze_to(100) == 3  # clamped to max_frozen
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+
+def trained(policy=None, steps=3, **kwargs):
+    model = SmallCNN()
+    opt = sgd(model)
+    freezer = SmartFreezer(model, opt, policy or StaticFreeze(1, at_step=2), example_inputs=batch(0)[0], **kwargs)
+    train_steps(model, opt, freezer, steps)
+    return freezer
+
+
+def fresh(policy=None, **kwargs):
+    model = SmallCNN()
+    opt = sgd(model)
+    freezer = SmartFreezer(model, opt, policy or StaticFreeze(1, at_step=2), example_inputs=batch(0)[0], **kwargs)
+    return model, opt, freezer
+
+
+@pytest.mark.parametrize("key", ["signature", "settings", "policy", "policy_state", "step", "num_frozen",
+                                 "timeline", "pending", "history"])
+def test_truncated_checkpoint_is_refused_and_changes_nothing(key):
+    state = trained().state_dict()
+    del state[key]
+    model, opt, freezer = fresh()
+    before = snapshot(model, opt, freezer)
+    with pytest.raises(ValueError, match=rf"lacks \['{key}'\]: it is truncated"):
+        freezer.load_state_dict(state)
+    assert_unchanged(before, snapshot(model, opt, freezer))
+    freezer.load_state_dict(trained().state_dict())  # and a good one still loads
+    assert freezer.num_frozen == 1
+
+
+@pytest.mark.parametrize("edit, message", [
+    (dict(num_frozen="1"), "corrupt: step=3, num_frozen='1'"),
+    (dict(num_frozen=9), "num_frozen=9 .a model of 4 units"),
+    (dict(num_frozen=-1), "num_frozen=-1"),
+    (dict(step=-2), "step=-2"),
+    (dict(timeline=[{"step": 2}]), "corrupt timeline or pending list"),
+    (dict(pending=[(4,)]), "corrupt timeline or pending list"),
+])
+def test_corrupt_checkpoint_values_are_refused_and_change_nothing(edit, message):
+    state = {**trained().state_dict(), **edit}
+    model, opt, freezer = fresh()
+    before = snapshot(model, opt, freezer)
+    with pytest.raises(ValueError, match=message):
+        freezer.load_state_dict(state)
+    assert_unchanged(before, snapshot(model, opt, freezer))
+
+
+def test_checkpoint_with_other_engine_settings_is_refused():
+    state = trained().state_dict()
+    for kwargs, message in [(dict(keep_trainable=2), "made with keep_trainable=1; this SmartFreezer has "
+                                                     "keep_trainable=2. Construct it with the checkpoint's"),
+                            (dict(seed=3), "seed=0; .* seed=3"),
+                            (dict(decision_delay=0), "decision_delay=1; .* decision_delay=0")]:
+        model, opt, freezer = fresh(**kwargs)
+        before = snapshot(model, opt, freezer)
+        with pytest.raises(ValueError, match=message):
+            freezer.load_state_dict(state)
+        assert_unchanged(before, snapshot(model, opt, freezer))
+
+
+def test_smartfrz_resumed_with_another_total_steps_names_sample_every(tmp_path):
+    weights = small_predictor(tmp_path / "p.pt")
+    kw = dict(window=4, sample_size=16)
+    state = trained(SmartFRZ(weights=weights), total_steps=240, **kw).state_dict()  # sample_every 2
+    model, opt, freezer = fresh(SmartFRZ(weights=weights), total_steps=1200, **kw)  # sample_every 10
+    with pytest.raises(ValueError, match="sample_every=2; .* sample_every=10.*pass the same total_steps"):
+        freezer.load_state_dict(state)
+    model, opt, freezer = fresh(SmartFRZ(weights=weights), total_steps=1200, sample_every=2, **kw)
+    freezer.load_state_dict(state)
+    assert freezer.step_count == 3 and freezer.history.count == 1
+
+
+def test_refused_policy_state_leaves_the_policy_and_history_as_they_were():
+    state = trained(AutoFreeze(interval=2), steps=5).state_dict()
+    model, opt, freezer = fresh(AutoFreeze(interval=3))
+    train_steps(model, opt, freezer, 2)  # accumulators hold something of their own
+    freezer.step_count = 0  # only a fresh freezer may load: pretend, to see the policy kept
+    before = snapshot(model, opt, freezer)
+    with pytest.raises(ValueError, match="interval=2, this run has interval=3"):
+        freezer.load_state_dict(state)
+    assert_unchanged(before, snapshot(model, opt, freezer))
+
+
+def test_other_policy_settings_resume_with_a_warning():
+    state = trained(StaticFreeze(1, at_step=2)).state_dict()
+    model, opt, freezer = fresh(StaticFreeze(2, at_step=5))
+    with pytest.warns(UserWarning, match=r"policy was StaticFreeze\(num_units=1, at_step=2\), this run's is "
+                                         r"StaticFreeze\(num_units=2, at_step=5\)"):
+        freezer.load_state_dict(state)
+    assert freezer.num_frozen == 1 and freezer.step_count == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh(StaticFreeze(1, at_step=2))[2].load_state_dict(state)  # same settings: silent
+
+
+def test_checkpoint_that_would_freeze_nan_weights_is_refused_before_anything_changes():
+    state = trained().state_dict()
+    model, opt, freezer = fresh()
+    with torch.no_grad():
+        model.conv1.weight[0, 0, 0, 0] = float("nan")
+    before = snapshot(model, opt, freezer)
+    with pytest.raises(ValueError, match=r"NaN or inf weights in this model \(\['conv1\+bn1'\]\): load the "
+                                         "model's state_dict"):
+        freezer.load_state_dict(state)
+    assert_unchanged(before, snapshot(model, opt, freezer))
+
+
+def test_checkpoint_from_a_model_with_more_units_is_refused():
+    class Bigger(SmallCNN):
+        def __init__(self):
+            super().__init__()
+            self.extra = nn.Linear(10, 10)
+
+        def forward(self, x):
+            return self.extra(super().forward(x))
+
+    model = Bigger()
+    opt = sgd(model)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=2), example_inputs=batch(0)[0])
+    train_steps(model, opt, freezer, 3)
+    model, opt, other = fresh()
+    before = snapshot(model, opt, other)
+    with pytest.raises(ValueError, match=r"different model \(the checkpoint has 5 units, this model 4\)"):
+        other.load_state_dict(freezer.state_dict())
+    assert_unchanged(before, snapshot(model, opt, other))
+
+
+# ---------------------------------------------------------------------- predictor files
+
+
+def test_predictor_with_nan_weights_or_a_foreign_provenance_is_refused(tmp_path):
+    good = small_predictor(tmp_path / "good.pt")
+    from smartfrz_fast.predictor.model import _digest
+
+    blob = torch.load(good, weights_only=True)
+    blob["state_dict"]["key.0.weight"][0, 0] = float("nan")
+    blob["digest"] = _digest(blob["state_dict"])  # consistent: a diverged training run, not a corrupt file
+    torch.save(blob, tmp_path / "nan.pt")
+    with pytest.raises(PredictorWeightsError, match=r"NaN or inf weights \(\['key.0.weight'\]\).*Retrain it"):
+        SmartFRZ(weights=tmp_path / "nan.pt")
+    blob = torch.load(good, weights_only=True)
+    blob["provenance"] = "made by hand"
+    torch.save(blob, tmp_path / "prov.pt")
+    with pytest.raises(PredictorWeightsError, match="provenance of type str"):
+        SmartFRZ(weights=tmp_path / "prov.pt")
+
+
+@pytest.mark.parametrize("content", [b"", b"hello", None])
+def test_empty_text_or_directory_predictor_file_is_refused(tmp_path, content):
+    path = tmp_path / "weights"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(PredictorWeightsError, match="unreadable.*pass a file written by save_predictor"):
+        SmartFRZ(weights=path)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(threshold="0.5"), "threshold is a probability in .0, 1., got '0.5'"),
+    (dict(evaluate_every=2.5), "evaluate_every is a number of steps >= 1, or None, got 2.5"),
+    (dict(evaluate_every="3"), "evaluate_every .* got '3'"),
+])
+def test_smartfrz_settings_of_the_wrong_type(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SmartFRZ(weights=small_predictor(tmp_path / "p.pt"), **kwargs)
+
+
+# ---------------------------------------------------------------------- SparseMasks, SievingSampler
+
+
+def test_sparse_masks_update_refuses_values_other_than_0_and_1():
+    model = SmallCNN()
+    masks = SparseMasks(model, {"conv2.weight": torch.rand(model.conv2.weight.shape) > 0.5})
+    before = masks.bool_mask("conv2.weight").clone()
+    with pytest.raises(ValueError, match="SparseMasks.update: mask for 'conv2.weight' must be bool or 0/1"):
+        masks.update({"conv2.weight": torch.full_like(model.conv2.weight, 0.5)})
+    assert torch.equal(before, masks.bool_mask("conv2.weight"))
+
+
+def test_sparse_masks_checkpoint_of_a_broadcastable_shape_is_refused_and_changes_nothing():
+    model = SmallCNN()
+    g = torch.Generator().manual_seed(0)
+    masks = SparseMasks(model, {n: torch.rand(getattr(model, n[:5]).weight.shape, generator=g) > 0.5
+                                for n in ("conv2.weight", "conv3.weight")})
+    before = {n: masks.bool_mask(n).clone() for n in masks.params}
+    state = masks.state_dict()
+    state["masks"]["conv2.weight"] = torch.ones_like(state["masks"]["conv2.weight"])
+    state["masks"]["conv3.weight"] = torch.ones(3, dtype=torch.bool)  # would broadcast into (8, 8, 3, 3)
+    with pytest.raises(ValueError, match=r"mask for 'conv3.weight' is \(3,\), the parameter is \(8, 8, 3, 3\)"):
+        masks.load_state_dict(state)
+    for n, m in before.items():
+        assert torch.equal(m, masks.bool_mask(n)), n
+
+
+@pytest.mark.parametrize("ids, error, message", [
+    (torch.tensor([-1]), IndexError, r"must be in \[0, 10\), got -1..-1"),
+    (torch.tensor([3, 10]), IndexError, r"must be in \[0, 10\), got 3..10"),
+    (torch.tensor([1.0]), TypeError, "sample ids must be integers .dataset indices., got torch.float32"),
+])
+def test_sieving_sampler_refuses_ids_that_are_not_dataset_indices(ids, error, message):
+    sampler = SievingSampler(10)
+    with pytest.raises(error, match=message):
+        sampler.record(ids, torch.ones(ids.numel()))
+    assert torch.isinf(sampler.loss).all()  # nothing recorded (a -1 used to land on sample 9)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.pop("loss"), r"lacks \['loss'\]"),
+    (lambda s: s.update(loss=torch.ones(3)), "per-sample losses are not a tensor of shape .10,."),
+])
+def test_sieving_sampler_corrupt_checkpoint_changes_nothing(edit, message):
+    saved = SievingSampler(10, seed=0)
+    list(iter(saved))
+    saved.record(torch.arange(10), torch.arange(10.0))
+    list(iter(saved))  # a rotation: the active set moved
+    state = saved.state_dict()
+    edit(state)
+    sampler = SievingSampler(10, seed=0)
+    before = sampler.state_dict()
+    with pytest.raises(ValueError, match=message):
+        sampler.load_state_dict(state)
+    after = sampler.state_dict()
+    assert after["active"] == before["active"] and after["pool"] == before["pool"]
+    assert torch.equal(after["loss"], before["loss"]) and after["epoch"] == before["epoch"]
+
+
+# ---------------------------------------------------------------------- CLIs
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--input-shape", "3,32,32"], "--input-shape applies only with --model"),
+    (["--input-dtype", "int64", "--input-high", "7"], "--input-dtype, --input-high apply only with --model"),
+    (["--device", "nonsense"], "'nonsense' is not a torch device"),
+    (["--json", "/nonexistent_dir_x/out.json"], "its folder does not exist"),
+])
+def test_profile_cli_refuses_before_measuring(capsys, args, message):
+    from smartfrz_fast import profile
+
+    with pytest.raises(SystemExit) as exit_info:
+        profile.main(["--quick", *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_profile_cli_checks_the_predictor_file_first(tmp_path, capsys):
+    from smartfrz_fast import profile
+
+    (tmp_path / "bad.pt").write_bytes(b"not a predictor")
+    assert profile.main(["--quick", "--policies", "smartfrz", "--smartfrz-weights", str(tmp_path / "bad.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "--smartfrz-weights" in err and "unreadable" in err and "measuring" not in err
+
+
+@pytest.mark.parametrize("args", [["bogus"], ["info", "extra"]])
+def test_cli_bad_command(capsys, args):
+    from smartfrz_fast import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(args)
+    assert exit_info.value.code == 2 and "smartfrz-fast: error" in capsys.readouterr().err
