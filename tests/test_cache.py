@@ -238,6 +238,19 @@ def test_bad_sample_ids():
         wrapped(X[:4], torch.arange(4).float())
 
 
+def test_bad_sample_ids_fail_before_anything_is_frozen():
+    # Checked from the first step (host ids cost nothing to check), not first at the freeze.
+    model = chain_model()
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.05), policy=StaticFreeze(2, 5),
+                           example_inputs=X[:2], total_steps=10)
+    wrapped = ActivationCache(freezer, num_samples=N, deterministic=True).wrap()
+    wrapped(X[:4], torch.arange(4))
+    with pytest.raises(IndexError, match=r"sample ids \[-1\] are outside"):
+        wrapped(X[:4], torch.tensor([0, 1, 2, -1]))
+    with pytest.raises(ValueError, match="got 2 sample ids for a batch of 4"):
+        wrapped(X[:4], [0, 1])
+
+
 def test_sample_seen_with_a_different_input_shape():
     cache, wrapped = ready_cache()
     wrapped(X[:4], torch.arange(4))

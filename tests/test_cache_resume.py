@@ -143,6 +143,12 @@ def test_settings_must_match_and_state_is_checked(tmp_path):
         other.load_state_dict(state)
     with pytest.raises(ValueError, match="not an ActivationCache state_dict"):
         other.load_state_dict({"boundary": 3})
+    _, _, _, fresh = build(storage="memory", dtype="fp32")
+    truncated = {k: v for k, v in state.items() if k != "seen"}
+    with pytest.raises(ValueError, match=r"lacks \['seen'\]"):
+        fresh.load_state_dict(truncated)
+    assert fresh.stats["hits"] == 0  # nothing was taken from the refused state
+    fresh.load_state_dict(state)
     with pytest.raises(RuntimeError, match="fresh cache"):
         cache.load_state_dict(state)  # this one has run already
 

@@ -42,6 +42,8 @@ ACTIVATION_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-7, torch.bfloat16
 MIGRATE_CHUNK = 256  # rows pushed through newly frozen blocks at a time
 STATE_FORMAT = "smartfrz_fast.ActivationCache.state"
 STATE_VERSION = 1
+_STATE_KEYS = ("settings", "enabled", "reason", "boundary", "chain", "stats", "seen", "audit_left", "input_sig",
+               "path", "fingerprint", "row_shape", "activation", "rows", "side")
 
 
 class IndexedDataset(torch.utils.data.Dataset):
@@ -256,9 +258,13 @@ class ActivationCache:
         this run: a mismatch is an error, never silently wrong rows."""
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError("not an ActivationCache state_dict (missing its format tag)")
-        if state["version"] != STATE_VERSION:
-            raise ValueError(f"ActivationCache state version {state['version']} is not supported "
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"ActivationCache state version {state.get('version')} is not supported "
                              f"(this is {STATE_VERSION})")
+        missing = [k for k in _STATE_KEYS if k not in state]
+        if missing:  # checked before anything changes
+            raise ValueError(f"this ActivationCache state_dict lacks {missing}: it is truncated or was edited. "
+                             "Load the complete cache.state_dict() saved with the checkpoint.")
         if self._setup_done or self._store is not None:
             raise RuntimeError("ActivationCache.load_state_dict needs a fresh cache (before its first forward)")
         mine = self._settings()
@@ -312,6 +318,9 @@ class ActivationCache:
         if self.enabled and not self._setup_done:
             self._setup(model, inputs)
         if not self.active:
+            if self.enabled and (not isinstance(sample_ids, Tensor) or sample_ids.device.type == "cpu"):
+                # bad ids fail now, not first at the freeze (free on the host; GPU ids would sync)
+                self._check_ids(sample_ids, _batch_size(inputs))
             return model(*inputs.args, **inputs.kwargs)
         batch = _batch_size(inputs)
         ids = self._check_ids(sample_ids, batch)
