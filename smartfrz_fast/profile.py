@@ -30,7 +30,6 @@ import importlib
 import os
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -447,48 +446,16 @@ def achieved_saving(
 
 
 # ---------------------------------------------------------------------------------- overhead
-class _TimingOnly(FreezePolicy):
-    """Runs a policy's work every step but discards its decisions: for timing a policy whose
-    decisions must not be used (SmartFRZ with untrained predictor weights)."""
-
-    def __init__(self, inner: FreezePolicy) -> None:
-        super().__init__()
-        self.inner = inner
-        self.name = inner.name
-        self.needs_history, self.needs_gradients = inner.needs_history, inner.needs_gradients
-
-    def bind(self, context) -> None:
-        super().bind(context)
-        self.inner.bind(context)
-
-    def decide(self, step, frozen):
-        self.inner.decide(step, frozen)
-        return None
-
-    def observe_gradients(self, step, norms) -> None:
-        self.inner.observe_gradients(step, norms)
-
-    def describe(self) -> str:
-        return f"{self.inner.describe()} [timing only]"
-
-
 def make_policy(name: str, total_steps: int, num_freezable: int, smartfrz_weights: Optional[str] = None) -> FreezePolicy:
-    """The demo's setting of each policy. ``smartfrz`` without weights: an untrained predictor
-    (saved to a temporary file and loaded through the normal checks), decisions discarded."""
+    """The demo's setting of each policy; ``smartfrz`` with the shipped predictor unless
+    ``smartfrz_weights`` names another."""
     if name != "smartfrz":
         from .demo import build_policy
 
         return build_policy(name, total_steps, num_freezable)
     from .policy import SmartFRZ
 
-    if smartfrz_weights is not None:
-        return SmartFRZ(weights=smartfrz_weights)
-    from .predictor.model import AttentionPredictor, save_predictor
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "untrained.pt")
-        save_predictor(AttentionPredictor(), path, {"purpose": "timing only; untrained"})
-        return _TimingOnly(SmartFRZ(weights=path))
+    return SmartFRZ(weights=smartfrz_weights)
 
 
 @dataclass
@@ -504,7 +471,6 @@ class OverheadRow:
     num_frozen: int  # at the end of the run
     timeline: List[FreezeEvent] = field(default_factory=list)
     flops_saved: float = 0.0  # the engine's estimate for the run
-    timing_only: bool = False
     device_us_median: Optional[float] = None  # CUDA: device time of freezer.step()
 
 
@@ -580,7 +546,6 @@ def _overhead_run(model, args, kwargs, policy, loss_fn, optimizer_factory, steps
         num_frozen=freezer.num_frozen if freezer is not None else 0,
         timeline=list(freezer.timeline) if freezer is not None else [],
         flops_saved=freezer.training_flops_saved() if freezer is not None else 0.0,
-        timing_only=isinstance(policy, _TimingOnly),
         device_us_median=_median(device) if device else None,
     )
     if freezer is not None:
@@ -684,18 +649,11 @@ def _format_profile(p: Profile) -> List[str]:
         for r in p.overheads:
             hook = f"{r.hook_us_median:7.1f}" if r.hook_us_median is not None else f"{'-':>7}"
             share = (r.step_us_median + (r.hook_us_median or 0.0)) / 1e3 / r.train_step_ms
-            if r.timing_only:
-                saved, ceiling, flops = "-", "-", "-"
-            else:
-                saved = f"{1 - r.run_ms / base.run_ms:.1%}" if base is not None else "-"
-                ceiling = f"{achieved_saving(r.timeline, p.prefixes, r.steps).saved_fraction:.1%}" if p.prefixes else "-"
-                flops = f"{r.flops_saved:.1%}"
-            name = r.policy + ("*" if r.timing_only else "")
-            out.append(f"  {name:<11} {r.step_us_median:>9.1f} {r.step_us_mean:>8.1f} {r.step_us_max:>8.1f} {hook} "
+            saved = f"{1 - r.run_ms / base.run_ms:.1%}" if base is not None else "-"
+            ceiling = f"{achieved_saving(r.timeline, p.prefixes, r.steps).saved_fraction:.1%}" if p.prefixes else "-"
+            flops = f"{r.flops_saved:.1%}"
+            out.append(f"  {r.policy:<11} {r.step_us_median:>9.1f} {r.step_us_mean:>8.1f} {r.step_us_max:>8.1f} {hook} "
                        f"{share:>9.2%} {r.num_frozen:>6} {saved:>9} {ceiling:>7} {flops:>6}")
-        if any(r.timing_only for r in p.overheads):
-            out.append("  * untrained predictor, decisions discarded: timing of its work only "
-                       "(pass --smartfrz-weights for a real run)")
         if any(r.device_us_median is not None for r in p.overheads):
             out.append("  device time of freezer.step() (CUDA events, median us): " + ", ".join(
                 f"{r.policy} {r.device_us_median:.1f}" for r in p.overheads if r.device_us_median is not None))
@@ -762,7 +720,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--policies", default=",".join(POLICY_NAMES),
                    help=f"comma list for the overhead runs, or 'none' (default: {','.join(POLICY_NAMES)})")
     p.add_argument("--overhead-steps", type=int, default=None, help="steps per policy run (default 40; quick: 35)")
-    p.add_argument("--smartfrz-weights", default=None, help="trained SmartFRZ predictor weights for its run")
+    p.add_argument("--smartfrz-weights", default=None,
+                   help="SmartFRZ predictor weights for its run (default: the shipped ones)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write every number to this JSON file")
@@ -779,6 +738,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--warmup and --keep-trainable must be >= 0")
     if args.model and not args.input_shape:
         p.error("--model needs --input-shape (one sample's shape, e.g. 3,32,32)")
+    given = [f"--{k.replace('_', '-')}" for k, default in (("input_shape", None), ("input_dtype", "float32"),
+                                                             ("input_high", 1000)) if getattr(args, k) != default]
+    if given and not args.model:  # silently profiling the demo instead would mislead
+        p.error(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only with --model "
+                "(without it the demo's CNN is profiled)")
+    if args.device is not None:
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            p.error(f"--device {args.device!r} is not a torch device; use cpu, cuda or cuda:N")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        p.error(f"--json {args.json}: its folder does not exist (checked now, not after the measurements)")
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be at least 1")
     return args
@@ -808,6 +779,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if bad:
         print(f"--policies: unknown {bad}; choose from {', '.join(POLICY_NAMES)} or 'none'", file=sys.stderr)
         return 2
+    if "smartfrz" in policies and args.smartfrz_weights is not None:  # bad weights: say so now, not
+        # after the other measurements
+        from .predictor import PredictorWeightsError, load_predictor
+
+        try:
+            load_predictor(args.smartfrz_weights)
+        except PredictorWeightsError as exc:
+            print(f"--smartfrz-weights: {exc}", file=sys.stderr)
+            return 2
     try:
         if args.model:
             factory = _load_factory(args.model)

@@ -15,7 +15,7 @@ from torch import nn
 from models import SmallCNN
 from smartfrz_fast import SmartFreezer
 from smartfrz_fast.engine import FreezeEvent, _range
-from smartfrz_fast.policy import AutoFreeze, LinearFreeze
+from smartfrz_fast.policy import AutoFreeze, LinearFreeze, SmartFRZ
 from smartfrz_fast.profile import (
     PrefixRow,
     achieved_saving,
@@ -159,20 +159,20 @@ def test_overhead_per_policy():
     assert by["autofreeze"].hook_us_median > 0  # its grad-norm hook inside optimizer.step()
     assert all(by[p].hook_us_median is None for p in ("freezeout", "linear", "static", "smartfrz"))
     assert by["static"].num_frozen == 1 and by["linear"].num_frozen > 0
-    assert by["smartfrz"].timing_only and by["smartfrz"].num_frozen == 0
+    assert by["smartfrz"].num_frozen >= 0 and by["smartfrz"].step_us_max > by["static"].step_us_median
 
 
 @pytest.mark.slow
-def test_untrained_smartfrz_runs_its_predictor_but_never_freezes():
+def test_smartfrz_runs_with_the_shipped_predictor_by_default():
     from models import batch, train_steps
 
     policy = make_policy("smartfrz", 40, 3)
+    assert policy.predictor.provenance == SmartFRZ().predictor.provenance  # the shipped weights
     model = SmallCNN()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     freezer = SmartFreezer(model, opt, policy=policy, example_inputs=batch(0)[0], total_steps=40)
     train_steps(model, opt, freezer, 31)
-    assert policy.inner.last_probabilities is not None  # the predictor ran at step 30
-    assert freezer.num_frozen == 0 and "timing only" in policy.describe()
+    assert policy.last_probabilities is not None  # the predictor ran once the window was full
 
 
 def test_engine_ranges_show_in_the_profiler_and_cost_nothing_without_it():
