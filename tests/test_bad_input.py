@@ -11,11 +11,10 @@ from torch import nn
 
 from smartfrz_fast import (AutoFreeze, FreezeOut, LinearFreeze, SievingSampler, SmartFreezer, SmartFRZ,
                            SparseMasks, StaticFreeze)
-from smartfrz_fast.predictor import AttentionPredictor, PredictorConfig, PredictorWeightsError, save_predictor
+from smartfrz_fast.predictor import PredictorWeightsError
 
 from models import SmallCNN, batch, train_steps
-
-SMALL = PredictorConfig(sample_size=16, window=4, hidden=8, embed=4, head_hidden=4)
+from test_smartfrz_policy import predictor_file  # a tiny predictor file: one definition
 
 
 def sgd(model):
@@ -42,15 +41,6 @@ def assert_unchanged(before, after):
         torch.testing.assert_close(v, after["weights"][k], rtol=0, atol=0, equal_nan=True, msg=k)
     if before["history"] is not None:
         assert torch.equal(before["history"], after["history"])
-
-
-def small_predictor(path, freeze_logit=0.0):
-    torch.manual_seed(0)
-    predictor = AttentionPredictor(SMALL)
-    with torch.no_grad():
-        predictor.head[-1].bias.copy_(torch.tensor([0.0, freeze_logit]))
-    save_predictor(predictor, path, {"purpose": "test"})
-    return path
 
 
 # ---------------------------------------------------------------------- construction
@@ -137,7 +127,7 @@ def test_complex_parameters_train_with_schedules_and_are_refused_by_the_history(
     assert freezer.num_frozen == 1 and not model.w.requires_grad
     model = Complex()
     with pytest.raises(ValueError, match=r"samples float parameters only.*complex64"):
-        SmartFreezer(model, sgd(model), SmartFRZ(weights=small_predictor(tmp_path / "p.pt")),
+        SmartFreezer(model, sgd(model), SmartFRZ(weights=predictor_file(tmp_path / "p.pt")),
                      example_inputs=torch.randn(3, 4), window=4, sample_size=16)
 
 
@@ -182,7 +172,7 @@ def test_step_before_any_backward(policy, frozen):
 def test_half_precision_models_record_a_float32_history_and_freeze(tmp_path, dtype):
     model = SmallCNN().to(dtype)
     opt = sgd(model)
-    policy = SmartFRZ(weights=small_predictor(tmp_path / "p.pt", freeze_logit=20.0))
+    policy = SmartFRZ(weights=predictor_file(tmp_path / "p.pt", freeze_logit=20.0))
     freezer = SmartFreezer(model, opt, policy, example_inputs=batch(0)[0].to(dtype), window=4, sample_size=16,
                            sample_every=1)
     for step in range(5):
@@ -281,7 +271,7 @@ def test_checkpoint_with_other_engine_settings_is_refused():
 
 
 def test_smartfrz_resumed_with_another_total_steps_names_sample_every(tmp_path):
-    weights = small_predictor(tmp_path / "p.pt")
+    weights = predictor_file(tmp_path / "p.pt")
     kw = dict(window=4, sample_size=16)
     state = trained(SmartFRZ(weights=weights), total_steps=240, **kw).state_dict()  # sample_every 2
     model, opt, freezer = fresh(SmartFRZ(weights=weights), total_steps=1200, **kw)  # sample_every 10
@@ -351,7 +341,7 @@ def test_checkpoint_from_a_model_with_more_units_is_refused():
 
 
 def test_predictor_with_nan_weights_or_a_foreign_provenance_is_refused(tmp_path):
-    good = small_predictor(tmp_path / "good.pt")
+    good = predictor_file(tmp_path / "good.pt")
     from smartfrz_fast.predictor.model import _digest
 
     blob = torch.load(good, weights_only=True)
@@ -385,7 +375,7 @@ def test_empty_text_or_directory_predictor_file_is_refused(tmp_path, content):
 ])
 def test_smartfrz_settings_of_the_wrong_type(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        SmartFRZ(weights=small_predictor(tmp_path / "p.pt"), **kwargs)
+        SmartFRZ(weights=predictor_file(tmp_path / "p.pt"), **kwargs)
 
 
 # ---------------------------------------------------------------------- SparseMasks, SievingSampler
