@@ -27,8 +27,7 @@ __all__ = ["load_digits_dataset", "load_digits_originals", "distort"]
 NUM_CLASSES = 10
 _MISSING_SKLEARN = (
     "The demo dataset comes from scikit-learn's bundled handwritten digits, but scikit-learn is "
-    "not installed. Install it with `pip install scikit-learn` "
-    "(or `pip install smartfrz_fast[demo]`)."
+    "not installed. Install it with `pip install scikit-learn`."
 )
 _ORIGINALS: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # cached after the first read
 

@@ -185,16 +185,13 @@ def train(
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps))
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total_steps))
-    forward, activation_cache = model, None
+    activation_cache = cached_model = None
     if cache and freezer is not None:
         from .cache import ActivationCache
 
         # fp32 rows: the run trains exactly as the one without the cache, only faster.
         activation_cache = ActivationCache(freezer, num_samples=n, deterministic=True, max_bytes=CACHE_BYTES)
-        wrapped = activation_cache.wrap()
-
-        def forward(x, ids):
-            return wrapped(x, ids)
+        cached_model = activation_cache.wrap()  # forward(inputs, sample_ids)
 
     order = torch.Generator().manual_seed(seed)  # the same batches, in the same order, per run
     step_ms: Dict[int, List[float]] = {}
@@ -212,7 +209,7 @@ def train(
             t0 = time.perf_counter()
             frozen = freezer.num_frozen if freezer is not None else 0
             idx = perm[b * batch_size:(b + 1) * batch_size]
-            logits = forward(x_train[idx], idx) if activation_cache is not None else model(x_train[idx])
+            logits = cached_model(x_train[idx], idx) if cached_model is not None else model(x_train[idx])
             if sampler is None:
                 loss = F.cross_entropy(logits, y_train[idx])
             else:  # per-sample losses rank the samples for the next rotation
@@ -318,7 +315,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "pass with the activation cache (fp32 rows in memory)")
     p.add_argument("--plot", metavar="PNG", default=None,
                    help="write a PNG of the freeze timeline, step time and test accuracy over "
-                        "training (needs matplotlib: pip install smartfrz_fast[plot])")
+                        "training (needs matplotlib, the plot extra: pip install matplotlib)")
     args = p.parse_args(argv)
     quick = args.quick
     defaults = {"epochs": (3, 2), "batch_size": (128, 64), "samples": (16000, 1024), "image_size": (16, 12)}

@@ -1,6 +1,6 @@
 """A PNG of a training run with freezing: the freeze timeline, step time and accuracy.
 
-Needs matplotlib (``pip install smartfrz_fast[plot]``). Drawn with matplotlib's Agg canvas
+Needs matplotlib (``pip install matplotlib``, the ``plot`` extra). Drawn with matplotlib's Agg canvas
 directly (no pyplot): headless, and the caller's matplotlib backend is left alone.
 """
 
@@ -11,8 +11,7 @@ from typing import List, Sequence, Tuple
 
 from .engine import FreezeEvent
 
-_MISSING = ("plotting needs matplotlib, which is not installed: `pip install matplotlib` "
-            "(or `pip install smartfrz_fast[plot]`)")
+_MISSING = "plotting needs matplotlib, which is not installed: `pip install matplotlib`"
 
 
 def require_matplotlib() -> None:

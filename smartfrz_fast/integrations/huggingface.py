@@ -50,7 +50,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "smartfrz_fast.integrations.huggingface needs transformers (and accelerate): "
-        "pip install 'smartfrz_fast[hf]'"
+        "pip install 'transformers>=4.40' accelerate"
     ) from exc
 
 from ..distributed import check_ddp_settings

@@ -44,7 +44,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "smartfrz_fast.integrations.lightning needs PyTorch Lightning 2.x: "
-        "pip install 'smartfrz_fast[lightning]' (or pip install lightning)"
+        "pip install 'lightning>=2.2'"
     ) from exc
 
 from ..cache import ActivationCache
