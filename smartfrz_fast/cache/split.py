@@ -255,12 +255,17 @@ def _causal_mask_fn(make: Callable[..., Any]) -> Callable[..., Any]:
     embeds = "inputs_embeds" if "inputs_embeds" in params else "input_embeds"
 
     def call(config, h, attention_mask, position_ids):
-        kwargs = {embeds: h}
+        kwargs = {embeds: h, **_no_kv_cache(params)}
         if "cache_position" in params:
             kwargs["cache_position"] = torch.arange(h.shape[1], device=h.device)
-        return make(config=config, attention_mask=attention_mask, past_key_values=None,
-                    position_ids=position_ids, **kwargs)
+        return make(config=config, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
     return call
+
+
+def _no_kv_cache(params: Any) -> Dict[str, None]:
+    """"No KV cache" for a mask builder with these parameters: the argument is
+    ``past_key_values`` up to transformers 5.23 and ``cache`` from 5.24."""
+    return {"cache": None} if "cache" in params else {"past_key_values": None}
 
 
 def _per_step(inp: Inputs, key: Tuple[Any, ...], make: Callable[[], Any]) -> Any:
@@ -295,6 +300,8 @@ def _bert(model: nn.Module) -> Optional[BlockChain]:
     allowed = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
     names = _positional_names(model)
     layers = list(body.encoder.layer)
+    if hasattr(body, "_create_attention_masks"):
+        no_cache = _no_kv_cache(inspect.signature(body._create_attention_masks).parameters)
 
     def embed(h, inp):
         x = _hf_inputs(names, inp, allowed, how)
@@ -307,8 +314,7 @@ def _bert(model: nn.Module) -> Optional[BlockChain]:
     def expand(h, attention_mask):
         if hasattr(body, "_create_attention_masks"):  # 5.x: the model's own helper
             return body._create_attention_masks(attention_mask=attention_mask, encoder_attention_mask=None,
-                                                embedding_output=h, encoder_hidden_states=None,
-                                                past_key_values=None)[0]
+                                                embedding_output=h, encoder_hidden_states=None, **no_cache)[0]
         # 4.x: BertModel.forward expands the mask inline, for sdpa (absolute positions) like this
         if attention_mask is None:
             attention_mask = torch.ones(h.shape[:2], device=h.device)
