@@ -7,6 +7,7 @@ tests/test_cache_hf_migrate.py."""
 
 import copy
 import importlib
+import inspect
 import re
 import warnings
 
@@ -197,6 +198,32 @@ def test_sliding_window_mask_matters_and_is_used():
         torch.testing.assert_close(chain.run(Inputs((IDS[:4],))).logits, model(IDS[:4]).logits)
 
 
+LABEL_CASES = {  # labels as the heads take them: classes, multi-hot (BERT's multi-label loss), tokens
+    "bert-cls": LABELS[:5], "bert-cls-multi": (LABELS[:5, None] == torch.arange(3)).float(),
+    "bert-mlm": IDS[:5].masked_fill(torch.rand(5, L, generator=_g) < 0.5, -100)}
+
+
+@pytest.mark.parametrize("loss_kwargs", [{}, {"num_items_in_batch": torch.tensor(17)}])
+@pytest.mark.parametrize("kind", ["bert-cls", "bert-cls-multi", "bert-mlm", "llama-lm", "qwen2-lm", "gpt2-lm"])
+def test_the_chain_computes_the_models_loss_from_labels(kind, loss_kwargs):
+    """With labels (and the Trainer's num_items_in_batch, which the decoders' loss divides by and
+    BERT ignores) the chain's head computes the loss as the model's forward does."""
+    model = build(kind.replace("-multi", "")).eval()
+    takes_kwargs = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(model.forward).parameters.values())
+    if loss_kwargs and not takes_kwargs:
+        pytest.skip(f"{type(model).__name__}.forward takes no loss kwargs here (nor does the Trainer pass any)")
+    labels = LABEL_CASES.get(kind, IDS[:5].masked_fill(MASK[:5] == 0, -100))
+    inputs = Inputs((IDS[:5],), {"attention_mask": MASK[:5], "labels": labels, **loss_kwargs})
+    chain, how = find_blocks(model, inputs)  # also compares the losses
+    assert chain is not None, how
+    with torch.no_grad():
+        expected = model(IDS[:5], attention_mask=MASK[:5], labels=labels, **loss_kwargs)
+        got = chain.run(inputs)
+    assert got.loss is not None
+    torch.testing.assert_close(got.loss, expected.loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-6, atol=0)
+
+
 def test_mask_built_once_per_run(monkeypatch):
     model = build("bert-cls").eval()
     chain, _ = find_blocks(model, Inputs((IDS[:3],), {"attention_mask": MASK[:3]}))
@@ -318,8 +345,8 @@ def test_inputs_the_chain_does_not_take_turn_the_cache_off():
     wrapped = cache.wrap()
     index = torch.tensor([0, 1])
     with pytest.warns(UserWarning, match="ActivationCache is off"):
-        out = wrapped(IDS[index], index, attention_mask=MASK[index], labels=LABELS[index])
-    assert out.loss is not None  # the plain model ran, with its loss
+        out = wrapped(IDS[index], index, attention_mask=MASK[index], output_hidden_states=True)
+    assert out.hidden_states is not None  # the plain model ran, as asked
     assert not cache.active and "takes input_ids" in cache.reason
 
 

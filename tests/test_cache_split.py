@@ -256,8 +256,8 @@ def test_hugging_face_gpt2_tiny():
     with torch.no_grad():
         h = chain.run(Inputs((ids,)), 0, 2)
         torch.testing.assert_close(chain.run(Inputs((ids,)), 2, h=h).logits, model(ids).logits)
-    # inputs the chain does not take (labels: the model's own loss) refuse it; the reason says so
-    chain, why = find_blocks(model, Inputs((), {"input_ids": ids, "labels": ids}))
+    # inputs the chain does not take (here: a request for every layer's output) refuse it; the reason says so
+    chain, why = find_blocks(model, Inputs((), {"input_ids": ids, "output_hidden_states": True}))
     assert chain is None and "takes input_ids and optionally" in why
 
 

@@ -261,6 +261,13 @@ assert freezer.num_frozen == 2 and cache.active and cache.stats["hits"] > 0
 """,
         distributed=True,
     ),
+    ("docs/integrations/huggingface.md", "activation_cache={\"deterministic\": True}).attach(trainer)"): Example(
+        check="""
+assert callback.freezer.num_frozen > 0 and callback.cache.active
+assert callback.cache.stats["hits"] > 0 and callback.cache.stats["migrated"] > 0
+""",
+        needs=("transformers", "accelerate"),
+    ),
     ("docs/integrations/lightning.md", "class CachedNet(Net)"): Example(
         page_prelude=("class Net(L.LightningModule)", "# 1. Uninterrupted run"),
         check="""

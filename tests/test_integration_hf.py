@@ -248,16 +248,16 @@ def test_doc_example_runs(tmp_path):
     assert "resumed run matches: True" in result.stdout
 
 
-def launch_ddp(out, *extra):
+def launch_ddp(out, *extra, cache=False):
     """Two Trainer processes under torch.distributed.run (gloo, CPU): tests/hf_ddp_worker.py.
     ``--standalone`` lets the launcher pick a free port itself (no race with other tests)."""
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(Path(__file__).with_name("hf_ddp_worker.py")), str(out), *extra],
+         str(Path(__file__).with_name("hf_ddp_worker.py")), str(out), *extra, *(["--cache"] if cache else [])],
         capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    suffix = "-resumed" if extra else ""
+    suffix = "-resumed" if any(not e.startswith("--") for e in extra) else ""
     return [torch.load(out / f"rank{r}{suffix}.pt") for r in range(2)]
 
 
@@ -275,4 +275,25 @@ def test_ddp_two_processes_freeze_together_and_resume_bit_identical(tmp_path):
     assert q0["events"] == q1["events"] == r0["events"]  # the first two restored from the checkpoint
     assert q0["proposals"] == [(9, 3), (12, 4)]  # only the steps after the checkpoint were decided
     for q in (q0, q1):
+        assert all(torch.equal(q["state"][k], r0["state"][k]) for k in r0["state"])
+
+
+def test_ddp_two_processes_with_the_activation_cache(tmp_path):
+    """The cache inside the Trainer under DDP: each rank caches the samples it sees (the cached
+    forward runs inside DDP's forward, so the suffix's gradients are all-reduced), the weights
+    equal the run without the cache on both ranks, and both ranks resume from their own cache
+    state in the Trainer's checkpoint to the same end."""
+    plain = launch_ddp(tmp_path / "plain", "--static")  # the embeddings (block 1) freeze after step 1
+    r0, r1 = launch_ddp(tmp_path / "cached", "--static", cache=True)
+    for r in (r0, r1):
+        assert r["cache"]["boundary"] == 1 and r["cache"]["hits"] > 0, r["cache"]
+        assert r["events"] == plain[0]["events"]
+        for k in plain[0]["state"]:
+            torch.testing.assert_close(r["state"][k], plain[0]["state"][k], rtol=1e-5, atol=1e-6, msg=k)
+    assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
+    checkpoint = tmp_path / "cached" / "checkpoint-6"
+    assert {p.name for p in checkpoint.glob("smartfrz_cache.*.pt")} == {"smartfrz_cache.0.pt", "smartfrz_cache.1.pt"}
+    q0, q1 = launch_ddp(tmp_path / "cached", str(checkpoint), "--static", cache=True)
+    for q in (q0, q1):  # (memory rows are not in the checkpoint: they refill, all misses in epoch 2)
+        assert q["cache"]["boundary"] == 1 and q["cache"]["stored"] > 0, q["cache"]
         assert all(torch.equal(q["state"][k], r0["state"][k]) for k in r0["state"])

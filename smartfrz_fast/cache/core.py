@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Any, Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
@@ -48,18 +49,27 @@ _STATE_KEYS = ("settings", "enabled", "reason", "boundary", "chain", "stats", "s
 
 class IndexedDataset(torch.utils.data.Dataset):
     """Wraps a map-style dataset so that each item also carries its index: ``(*item, index)``
-    for tuple items, ``(item, index)`` otherwise. The default collate turns the indices into
-    an int64 tensor of sample ids."""
+    for tuple items, ``(item, index)`` otherwise; with ``key=``, items are dicts (as a Hugging
+    Face dataset gives) and the index is added under that key. The default collate turns the
+    indices into an int64 tensor of sample ids."""
 
-    def __init__(self, dataset) -> None:
+    def __init__(self, dataset, key: Optional[str] = None) -> None:
         self.dataset = dataset
+        self.key = key
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int):
         item = self.dataset[index]
-        return (*item, index) if isinstance(item, tuple) else (item, index)
+        if self.key is None:
+            return (*item, index) if isinstance(item, tuple) else (item, index)
+        if not isinstance(item, Mapping):
+            raise TypeError(f"IndexedDataset(key={self.key!r}) adds the index to dict items; item {index} is a "
+                            f"{type(item).__name__}. Leave key= out for tuple items.")
+        if self.key in item:
+            raise ValueError(f"IndexedDataset: item {index} already has a {self.key!r} entry")
+        return {**item, self.key: index}
 
 
 class ActivationCache:
@@ -602,7 +612,8 @@ class ActivationCache:
         return ids
 
     def _check_inputs(self, inputs: Inputs, ids: Tensor) -> None:
-        sig = [(tuple(t.shape[1:]), t.dtype) if isinstance(t, Tensor) else None
+        # per-sample shapes; a 0-dim tensor (a Trainer's num_items_in_batch) is not per sample
+        sig = [(tuple(t.shape[1:]), t.dtype) if isinstance(t, Tensor) and t.dim() > 0 else None
                for t in tree_flatten((inputs.args, inputs.kwargs))[0]]
         if self._input_sig is None:
             self._input_sig = sig

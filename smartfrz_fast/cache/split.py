@@ -279,6 +279,43 @@ def _layer_output(out: Any) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+# A model with a head computes its loss when given labels; so does its chain's head block, the way
+# the model's forward does (checked on the first batch: verify_chain compares the losses too).
+# num_items_in_batch is what transformers' Trainer passes for a model whose forward takes loss kwargs.
+LOSS_INPUTS = ("labels", "num_items_in_batch")
+
+
+def _causal_lm_loss(model: nn.Module, logits: Tensor, given: Dict[str, Any]) -> Optional[Tensor]:
+    """As LlamaForCausalLM / GPT2LMHeadModel: the model's ``loss_function`` (shifted cross-entropy)."""
+    if given.get("labels") is None:
+        return None
+    extra = {} if given.get("num_items_in_batch") is None else {"num_items_in_batch": given["num_items_in_batch"]}
+    return model.loss_function(logits=logits, labels=given["labels"], vocab_size=model.config.vocab_size, **extra)
+
+
+def _bert_classification_loss(model: nn.Module, logits: Tensor, given: Dict[str, Any]) -> Optional[Tensor]:
+    """As BertForSequenceClassification.forward (which also fixes ``config.problem_type``)."""
+    labels, config, n = given.get("labels"), model.config, model.num_labels
+    if labels is None:
+        return None
+    if config.problem_type is None:
+        config.problem_type = ("regression" if n == 1 else "single_label_classification"
+                               if labels.dtype in (torch.long, torch.int) else "multi_label_classification")
+    if config.problem_type == "regression":
+        return nn.functional.mse_loss(logits.squeeze(), labels.squeeze()) if n == 1 else \
+            nn.functional.mse_loss(logits, labels)
+    if config.problem_type == "single_label_classification":
+        return nn.functional.cross_entropy(logits.view(-1, n), labels.view(-1))
+    return nn.functional.binary_cross_entropy_with_logits(logits, labels)
+
+
+def _masked_lm_loss(model: nn.Module, logits: Tensor, given: Dict[str, Any]) -> Optional[Tensor]:
+    """As BertForMaskedLM.forward: mean cross-entropy over the labelled tokens (-100: ignored)."""
+    if given.get("labels") is None:
+        return None
+    return nn.functional.cross_entropy(logits.view(-1, model.config.vocab_size), given["labels"].view(-1))
+
+
 def _bert(model: nn.Module) -> Optional[BlockChain]:
     """BertModel, BertForSequenceClassification, BertForMaskedLM: embeddings -> encoder.layer[i]
     -> pooler / head, the padding mask expanded by the model's ``_create_attention_masks``."""
@@ -298,6 +335,8 @@ def _bert(model: nn.Module) -> Optional[BlockChain]:
 
     how = "Hugging Face BERT"
     allowed = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+    if model is not body:
+        allowed += LOSS_INPUTS
     names = _positional_names(model)
     layers = list(body.encoder.layer)
     if hasattr(body, "_create_attention_masks"):
@@ -339,12 +378,17 @@ def _bert(model: nn.Module) -> Optional[BlockChain]:
         pooler = [] if body.pooler is None else [body.pooler]
         blocks.append(Block("head", lambda h, inp: mo.BaseModelOutputWithPoolingAndCrossAttentions(
             last_hidden_state=h, pooler_output=body.pooler(h) if pooler else None), pooler))
-    elif (name.endswith("ForSequenceClassification") and _has(model, "dropout", "classifier")
+    elif (name.endswith("ForSequenceClassification") and _has(model, "dropout", "classifier", "num_labels")
           and body.pooler is not None):
-        blocks.append(Block("head", lambda h, inp: mo.SequenceClassifierOutput(
-            logits=model.classifier(model.dropout(body.pooler(h)))), [body.pooler, model.dropout, model.classifier]))
+        def classify(h, inp):
+            logits = model.classifier(model.dropout(body.pooler(h)))
+            return mo.SequenceClassifierOutput(loss=_bert_classification_loss(model, logits, bind(inp)), logits=logits)
+        blocks.append(Block("head", classify, [body.pooler, model.dropout, model.classifier]))
     elif name.endswith("ForMaskedLM") and hasattr(model, "cls"):
-        blocks.append(Block("head", lambda h, inp: mo.MaskedLMOutput(logits=model.cls(h)), [model.cls]))
+        def predict_tokens(h, inp):
+            logits = model.cls(h)
+            return mo.MaskedLMOutput(loss=_masked_lm_loss(model, logits, bind(inp)), logits=logits)
+        blocks.append(Block("head", predict_tokens, [model.cls]))
     else:
         return None
     return BlockChain(blocks, how, bind)
@@ -375,6 +419,8 @@ def _llama(model: nn.Module) -> Union[BlockChain, str, None]:
     mask_fns = {kind: _causal_mask_fn(make) for kind, make in mask_fns.items() if make is not None}
     how = "Hugging Face decoder"
     allowed = ("input_ids", "attention_mask", "position_ids")
+    if model is not body:
+        allowed += LOSS_INPUTS
     names = _positional_names(model)
     layers = list(body.layers)[:config.num_hidden_layers]
 
@@ -409,9 +455,11 @@ def _llama(model: nn.Module) -> Union[BlockChain, str, None]:
     if model is body:
         blocks.append(Block("head", lambda h, inp: mo.BaseModelOutputWithPast(last_hidden_state=body.norm(h)),
                             [body.norm]))
-    elif hasattr(model, "lm_head") and type(model).__name__.endswith("ForCausalLM"):
-        blocks.append(Block("head", lambda h, inp: mo.CausalLMOutputWithPast(logits=model.lm_head(body.norm(h))),
-                            [body.norm, model.lm_head]))
+    elif _has(model, "lm_head", "loss_function") and type(model).__name__.endswith("ForCausalLM"):
+        def predict_next(h, inp):
+            logits = model.lm_head(body.norm(h))
+            return mo.CausalLMOutputWithPast(loss=_causal_lm_loss(model, logits, bind(inp)), logits=logits)
+        blocks.append(Block("head", predict_next, [body.norm, model.lm_head]))
     else:
         return None
     return BlockChain(blocks, how, bind)
@@ -438,6 +486,8 @@ def _gpt2(model: nn.Module) -> Union[BlockChain, str, None]:
         return _too_old("Hugging Face GPT-2", "builds GPT-2's masks its own way (until 4.54)")
     how = "Hugging Face GPT-2"
     allowed = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+    if model is not body:
+        allowed += LOSS_INPUTS
     names = _positional_names(model)
     causal_mask = _causal_mask_fn(masking_utils.create_causal_mask)
 
@@ -479,9 +529,13 @@ def _gpt2(model: nn.Module) -> Union[BlockChain, str, None]:
     if model is body:
         blocks.append(Block("head", lambda h, inp: mo.BaseModelOutputWithPastAndCrossAttentions(
             last_hidden_state=body.ln_f(h)), [body.ln_f]))
+    elif hasattr(model, "loss_function"):
+        def predict_next(h, inp):
+            logits = model.lm_head(body.ln_f(h))
+            return mo.CausalLMOutputWithCrossAttentions(loss=_causal_lm_loss(model, logits, bind(inp)), logits=logits)
+        blocks.append(Block("head", predict_next, [body.ln_f, model.lm_head]))
     else:
-        blocks.append(Block("head", lambda h, inp: mo.CausalLMOutputWithCrossAttentions(
-            logits=model.lm_head(body.ln_f(h))), [body.ln_f, model.lm_head]))
+        return None
     return BlockChain(blocks, how, bind)
 
 
@@ -585,6 +639,9 @@ def _fx_segment(gm, segment, carried, placeholders, result):
 
 # ------------------------------------------------------------------ discovery and checks
 def _outputs_match(a: Any, b: Any) -> bool:
+    if getattr(a, "loss", None) is not None or getattr(b, "loss", None) is not None:  # Hugging Face, labels given
+        if not _outputs_match(getattr(a, "loss", None), getattr(b, "loss", None)):
+            return False
     for key in ("logits", "last_hidden_state"):  # Hugging Face outputs: compare what was asked
         if hasattr(a, key) and hasattr(b, key):
             a, b = getattr(a, key), getattr(b, key)

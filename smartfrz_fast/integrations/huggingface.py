@@ -31,14 +31,22 @@ the model, then builds the scheduler.)
 Events: ``on_step_end`` (after ``optimizer.step()`` and the scheduler step, once per optimizer
 step whatever the gradient accumulation) calls ``freezer.step()``; ``on_save`` (after the
 Trainer wrote ``checkpoint-<step>``) writes the freezer state into that folder.
+
+With ``activation_cache={...}``, ``attach`` also adds each training sample's index to its item
+(``"sample_id"``, kept through the Trainer's column removal) and wraps ``compute_loss``: in
+training it runs the model through an ``ActivationCache`` keyed by those ids, which computes the
+model's own loss from ``labels`` (the chain's head does it as the model's forward does), so the
+rest of ``compute_loss`` (label smoothing, ``compute_loss_func``, token averaging) is unchanged.
 """
 
 from __future__ import annotations
 
 import functools
+import glob
 import os
 import warnings
-from typing import Any, Optional
+from collections.abc import MutableMapping
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
@@ -53,12 +61,15 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "pip install 'transformers>=4.40' accelerate"
     ) from exc
 
+from ..cache import ActivationCache, CachedModel, IndexedDataset
 from ..distributed import check_ddp_settings
 from ..engine import SmartFreezer
 from ..policy.base import FreezePolicy
 from . import check_callback_args, check_lr_scheduler, move_to_device, split_example_inputs
 
 CHECKPOINT_FILE = "smartfrz_freezer.pt"
+CACHE_CHECKPOINT_FILE = "smartfrz_cache.{rank}.pt"  # the cache is per process (the samples it saw)
+SAMPLE_ID = "sample_id"  # the key of a training item's index, the activation cache's sample id
 PREFIX_CHECKPOINT_DIR = "checkpoint"
 
 
@@ -109,20 +120,31 @@ class SmartFreezeCallback(TrainerCallback):
             tensor. Default: the first two training samples put through the Trainer's data
             collator, else the model's ``dummy_inputs``.
         total_steps: optimizer steps in the run; default the Trainer's ``max_steps``.
+        activation_cache: keyword arguments of ``ActivationCache`` (``deterministic=True`` at
+            least; ``num_samples`` defaults to the training set's length): training steps skip
+            the frozen prefix's forward pass for samples seen before.
         **freezer_kwargs: passed to ``SmartFreezer`` (``sample_every``, ``window``,
             ``sample_size``, ``keep_trainable``, ``decision_delay``, ``seed``).
 
-    During and after ``train()``, ``callback.freezer`` is the ``SmartFreezer``.
+    During and after ``train()``, ``callback.freezer`` is the ``SmartFreezer`` and
+    ``callback.cache`` the ``ActivationCache`` (or None).
     """
 
     def __init__(self, policy: Optional[FreezePolicy] = None, *, example_inputs: Any = None,
-                 total_steps: Optional[int] = None, **freezer_kwargs: Any) -> None:
+                 total_steps: Optional[int] = None, activation_cache: Optional[Dict[str, Any]] = None,
+                 **freezer_kwargs: Any) -> None:
         check_callback_args(policy, freezer_kwargs)
+        if activation_cache is not None and not isinstance(activation_cache, dict):
+            raise TypeError("SmartFreezeCallback: activation_cache= takes a dict of ActivationCache "
+                            f"arguments (deterministic=True, ...), got {type(activation_cache).__name__}")
         self.policy = policy
         self.example_inputs = example_inputs
         self.total_steps = total_steps
         self.freezer_kwargs = freezer_kwargs
+        self.cache_kwargs = activation_cache
         self.freezer: Optional[SmartFreezer] = None
+        self.cache: Optional[ActivationCache] = None
+        self._cached_model: Optional[CachedModel] = None
         self._trainer = None
         self._resume_from: Optional[str] = None
 
@@ -136,11 +158,14 @@ class SmartFreezeCallback(TrainerCallback):
                 "SmartFreezeCallback does not support DeepSpeed or FSDP: they shard or own the parameters, "
                 "so they cannot be frozen one by one. Use a single device or DDP.")
         check_training_args(trainer.args, trainer.model)
+        if self.cache_kwargs is not None:
+            self._add_sample_ids(trainer)
         self._trainer = trainer
         trainer.add_callback(self)
 
         original_train = trainer.train
         original_create_scheduler = trainer.create_scheduler
+        original_compute_loss = trainer.compute_loss
 
         @functools.wraps(original_train)
         def train(resume_from_checkpoint=None, *args, **kwargs):
@@ -156,9 +181,59 @@ class SmartFreezeCallback(TrainerCallback):
             self._on_optimizer_ready(trainer, num_training_steps)
             return original_create_scheduler(num_training_steps, *args, **kwargs)
 
+        @functools.wraps(original_compute_loss)
+        def compute_loss(model, inputs, *args, **kwargs):
+            if self.cache_kwargs is None or not isinstance(inputs, MutableMapping):
+                return original_compute_loss(model, inputs, *args, **kwargs)
+            sample_ids = inputs.pop(SAMPLE_ID, None)  # the model does not take it
+            if sample_ids is None or not model.training or self.cache is None:  # evaluation
+                return original_compute_loss(model, inputs, *args, **kwargs)
+            name = trainer.accelerator.unwrap_model(model)._get_name()
+            return original_compute_loss(_CachedCall(self._cached(model), sample_ids, name), inputs, *args, **kwargs)
+
         trainer.train = train
         trainer.create_scheduler = create_scheduler
+        if self.cache_kwargs is not None:
+            trainer.compute_loss = compute_loss
         return self
+
+    def _add_sample_ids(self, trainer) -> None:
+        """Give each training item its index under ``"sample_id"`` (unless it has one) and keep
+        that column through the Trainer's removal of the inputs the model's forward does not take."""
+        dataset = trainer.train_dataset
+        if dataset is None or not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+            raise ValueError(
+                "SmartFreezeCallback(activation_cache=...) needs a map-style train_dataset (a list, a torch "
+                "Dataset or a datasets.Dataset): sample ids are dataset indices. Train without the cache.")
+        if len(dataset) == 0:
+            raise ValueError("SmartFreezeCallback(activation_cache=...): the train_dataset is empty")
+        first = dataset[0]
+        if not isinstance(first, dict):
+            raise TypeError(
+                "SmartFreezeCallback(activation_cache=...): training items must be dicts of model inputs "
+                f"(as the Trainer's collators take), got {type(first).__name__}")
+        if SAMPLE_ID not in first:
+            trainer.train_dataset = IndexedDataset(dataset, key=SAMPLE_ID)
+        if not trainer.args.remove_unused_columns:
+            return
+        # The Trainer drops every item key its model's forward does not name (its signature columns,
+        # filled once, lazily): add the sample id to them.
+        fill = getattr(trainer, "_set_signature_columns_if_needed", None)
+        if fill is None:
+            raise NotImplementedError(
+                f"SmartFreezeCallback(activation_cache=...): this Trainer (transformers {transformers.__version__}) "
+                f"has no _set_signature_columns_if_needed, through which the callback keeps the {SAMPLE_ID!r} "
+                "column: pass TrainingArguments(remove_unused_columns=False) (and give the Trainer only "
+                "model inputs and labels), or train without the cache.")
+        fill()
+        if SAMPLE_ID not in trainer._signature_columns:
+            trainer._signature_columns.append(SAMPLE_ID)
+
+    def _cached(self, model: nn.Module) -> CachedModel:
+        """The cache's module over the model the Trainer trains (its DDP wrapper, if any)."""
+        if self._cached_model is None or self._cached_model.model is not model:
+            self._cached_model = self.cache.wrap(model)
+        return self._cached_model
 
     # ------------------------------------------------------------------ set-up
     def _example(self, trainer, model: nn.Module) -> Any:
@@ -167,9 +242,13 @@ class SmartFreezeCallback(TrainerCallback):
         dataset = trainer.train_dataset
         if dataset is not None and hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__") and len(dataset):
             try:
-                return trainer.data_collator([dataset[i] for i in range(min(2, len(dataset)))])
+                batch = trainer.data_collator([dataset[i] for i in range(min(2, len(dataset)))])
             except Exception:  # e.g. raw text columns the Trainer would drop: try dummy_inputs
                 pass
+            else:
+                if isinstance(batch, MutableMapping):
+                    batch.pop(SAMPLE_ID, None)  # the activation cache's, not the model's
+                return batch
         dummy = getattr(model, "dummy_inputs", None)
         if dummy:
             return dict(dummy)
@@ -203,10 +282,13 @@ class SmartFreezeCallback(TrainerCallback):
                 f"{type(self.freezer.policy).__name__} sets every unit's learning rate itself after each "
                 "step, overriding the Trainer's lr scheduler (the logged learning_rate is the scheduler's, "
                 "not the one used).", stacklevel=2)
+        if self.cache_kwargs is not None:
+            self.cache = ActivationCache(self.freezer, **{"num_samples": len(trainer.train_dataset),
+                                                          **self.cache_kwargs})
         if self._resume_from is not None:
-            self._load(self._resume_from, device)
+            self._load(self._resume_from, device, trainer.args.process_index)
 
-    def _load(self, checkpoint: str, device: torch.device) -> None:
+    def _load(self, checkpoint: str, device: torch.device, rank: int) -> None:
         path = os.path.join(checkpoint, CHECKPOINT_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(
@@ -215,6 +297,22 @@ class SmartFreezeCallback(TrainerCallback):
                 "written with the callback, or train without it.")
         state = torch.load(path, map_location=device, weights_only=True)
         self.freezer.load_state_dict(state)
+        cache_files = glob.glob(os.path.join(checkpoint, CACHE_CHECKPOINT_FILE.format(rank="*")))
+        if not cache_files:
+            return  # saved without a cache: a cache starts empty (rows fill as samples come back)
+        if self.cache is None:
+            raise ValueError(
+                f"{checkpoint} holds an activation cache's state ({os.path.basename(cache_files[0])}), but this "
+                "SmartFreezeCallback has no activation_cache={...}: pass the same cache arguments as the "
+                "interrupted run, or delete the smartfrz_cache.*.pt files to resume without the cache.")
+        path = os.path.join(checkpoint, CACHE_CHECKPOINT_FILE.format(rank=rank))
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{checkpoint} has activation cache states for other processes but none for process {rank}: "
+                "resume with as many processes as the interrupted run, or delete the smartfrz_cache.*.pt "
+                "files (the caches then refill as samples come back).")
+        # after the freezer's, as the cache requires; its rows are taken back at the first forward
+        self.cache.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args, state, control, **kwargs):
@@ -233,10 +331,33 @@ class SmartFreezeCallback(TrainerCallback):
         self.freezer.step()
 
     def on_save(self, args, state, control, **kwargs):
-        if self.freezer is None or not args.should_save:
+        if self.freezer is None:
             return
         folder = os.path.join(args.output_dir,
                               f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if not (args.should_save or self.cache is not None):
+            return
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"SmartFreezeCallback: the Trainer's checkpoint folder {folder} is missing")
-        torch.save(self.freezer.state_dict(), os.path.join(folder, CHECKPOINT_FILE))
+        if args.should_save:  # the freezer's state is the same on every process
+            torch.save(self.freezer.state_dict(), os.path.join(folder, CHECKPOINT_FILE))
+        if self.cache is not None:  # every process: its own rows and counters
+            torch.save(self.cache.state_dict(),
+                       os.path.join(folder, CACHE_CHECKPOINT_FILE.format(rank=args.process_index)))
+
+
+class _CachedCall(nn.Module):
+    """What ``Trainer.compute_loss`` calls as ``model(**inputs)``: the cached forward with this
+    batch's sample ids. ``_get_name`` is the model's (the Trainer's label smoother reads it)."""
+
+    def __init__(self, cached: CachedModel, sample_ids: Any, name: str) -> None:
+        super().__init__()
+        self.cached = cached
+        self.sample_ids = sample_ids
+        self._model_name = name
+
+    def forward(self, **inputs: Any) -> Any:
+        return self.cached((), self.sample_ids, **inputs)
+
+    def _get_name(self) -> str:
+        return self._model_name
