@@ -338,7 +338,7 @@ def bench_model(name: str, device: torch.device, k: int, window: int, triton_ker
         err = float(((out[0] - prob_ref).abs() / prob_ref.abs().clamp_min(1e-6)).max())
         add("predict", "triton fused tf32" + tag, "graph", graph_us_or_nan(lambda: fused("tf32"), device),
             f"max rel err {err:.1e}")
-    del h
+    h = None  # frees the history (closures above share it) before the next model's
     return rows
 
 
