@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import operator
 import warnings
+import weakref
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -56,6 +57,17 @@ def _as_optimizers(optimizer) -> List[torch.optim.Optimizer]:
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(f"SmartFreezer expects torch.optim.Optimizer(s), got {type(opt).__name__}")
     return optimizers
+
+
+def _check_policy_free(policy: FreezePolicy) -> None:
+    """A policy object serves one freezer: it keeps that run's state (context, schedule,
+    counters, pending decisions), which a second freezer would share and corrupt."""
+    owner = getattr(policy, "_serves", None)
+    if owner is not None and owner() is not None:
+        raise ValueError(
+            f"SmartFreezer: this {type(policy).__name__} object already serves another SmartFreezer, and a "
+            "policy keeps its run's state (units, schedule, counters). Give each freezer its own policy "
+            f"object: a new {type(policy).__name__}(...) per freezer.")
 
 
 def _checked_int(name: str, value: Any, minimum: Optional[int], optional: bool = False) -> Optional[int]:
@@ -152,6 +164,7 @@ class SmartFreezer:
             policy = SmartFRZ()
         if not isinstance(policy, FreezePolicy):
             raise TypeError(f"policy must be a FreezePolicy, got {type(policy).__name__}")
+        _check_policy_free(policy)
         if sample_every is None:  # the policy's pace (SmartFRZ: that of its training), else 1
             chooser = getattr(policy, "sample_every_for", None)
             sample_every = chooser(total_steps) if chooser is not None else 1
@@ -205,6 +218,7 @@ class SmartFreezer:
             self._first_forward_hook = None
 
     def _setup(self, args: Tuple[Any, ...], kwargs: Optional[Dict[str, Any]]) -> None:
+        _check_policy_free(self.policy)  # again: set-up may come at the first forward
         meta = [n for n, p in self.module.named_parameters() if p.is_meta]
         if meta:
             raise ValueError(
@@ -243,6 +257,7 @@ class SmartFreezer:
         if self.policy.manages_lr:
             self._split_groups_per_unit()
             self._apply_lr_factors(0)
+        self.policy._serves = weakref.ref(self)
 
     def _check_optimizers(self, units: Sequence[Unit]) -> None:
         held = {id(p) for opt in self.optimizers for g in opt.param_groups for p in g["params"]}

@@ -470,3 +470,26 @@ def test_cli_bad_command(capsys, args):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(args)
     assert exit_info.value.code == 2 and "smartfrz-fast: error" in capsys.readouterr().err
+
+
+def test_one_policy_object_in_two_freezers_is_refused():
+    x = batch(0)[0]
+    policy = StaticFreeze(1, at_step=2)
+    model_a, model_b = SmallCNN(), SmallCNN()
+    freezer_a = SmartFreezer(model_a, sgd(model_a), policy, example_inputs=x)
+    with pytest.raises(ValueError, match="already serves another SmartFreezer"):
+        SmartFreezer(model_b, sgd(model_b), policy, example_inputs=x)
+    # set up lazily (at the first forward): refused there, before anything changes
+    lazy_policy = StaticFreeze(1, at_step=2)
+    model_c = SmallCNN()
+    lazy_b = SmartFreezer(model_b, sgd(model_b), lazy_policy)
+    lazy_c = SmartFreezer(model_c, sgd(model_c), lazy_policy)
+    model_b(x)
+    with pytest.raises(ValueError, match="already serves another SmartFreezer"):
+        model_c(x)
+    assert lazy_c.plan is None and lazy_b.plan is not None and freezer_a.plan is not None
+    # a freezer whose set-up failed (an optimizer of another model) leaves the policy free
+    fresh, model_d = StaticFreeze(1, at_step=2), SmallCNN()
+    with pytest.raises(ValueError, match="does not hold"):
+        SmartFreezer(model_d, sgd(SmallCNN()), fresh, example_inputs=x)
+    SmartFreezer(model_d, sgd(model_d), fresh, example_inputs=x)
