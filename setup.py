@@ -340,7 +340,7 @@ setup(
         # "test" pulls in every optional stack the tests exercise. triton <3.9: 3.8.0 lies on
         # local disk (CI downloads nothing); 3.6 is the GPU image's.
         "test": ["pytest", "pytest-benchmark", "triton>=3.6,<3.9; platform_system == 'Linux'",
-                 "lightning>=2.2", "transformers>=4.40", "accelerate>=0.26", "matplotlib"],
+                 "lightning>=2.2", "transformers>=4.40", "accelerate>=0.26", "datasets>=2.14", "matplotlib"],
     },
     packages=find_packages(include=["smartfrz_fast", "smartfrz_fast.*"]),
     package_data={"smartfrz_fast": ["predictor/weights/*.pt"]},

@@ -176,3 +176,16 @@ def test_datasets_without_indices_are_refused(tmp_path, train_set, error, match)
 def test_activation_cache_argument_is_checked():
     with pytest.raises(TypeError, match="takes a dict"):
         SmartFreezeCallback(StaticFreeze(1), activation_cache=True)
+
+
+def test_a_datasets_dataset_with_extra_columns(tmp_path):
+    """A Hugging Face ``datasets.Dataset`` holding a text column the model does not take: the
+    items get their index, the Trainer drops the text and keeps the id."""
+    datasets = pytest.importorskip("datasets")
+    items = dataset("bert-cls")
+    table = datasets.Dataset.from_list([{"text": f"sample {i}", **{k: v.tolist() for k, v in item.items()}}
+                                        for i, item in enumerate(items)]).with_format("torch")
+    plain, _, _ = run("bert-cls", tmp_path / "plain", None, train_set=table)
+    cached, trainer, callback = run("bert-cls", tmp_path / "cached", {"deterministic": True}, train_set=table)
+    assert callback.cache.stats["hits"] > 0 and trainer.train_dataset.dataset is table
+    assert_same_weights(plain, cached)
