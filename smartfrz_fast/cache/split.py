@@ -263,8 +263,8 @@ def _causal_mask_fn(make: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _no_kv_cache(params: Any) -> Dict[str, None]:
-    """"No KV cache" for a mask builder with these parameters: the argument is
-    ``past_key_values`` up to transformers 5.23 and ``cache`` from 5.24."""
+    """The keyword that tells a mask builder with these parameters there is no KV cache:
+    ``past_key_values`` up to transformers 5.23, ``cache`` from 5.24."""
     return {"cache": None} if "cache" in params else {"past_key_values": None}
 
 

@@ -45,7 +45,7 @@ import functools
 import glob
 import os
 import warnings
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any, Dict, Optional
 
 import torch
@@ -183,7 +183,7 @@ class SmartFreezeCallback(TrainerCallback):
 
         @functools.wraps(original_compute_loss)
         def compute_loss(model, inputs, *args, **kwargs):
-            if self.cache_kwargs is None or not isinstance(inputs, MutableMapping):
+            if not isinstance(inputs, MutableMapping):
                 return original_compute_loss(model, inputs, *args, **kwargs)
             sample_ids = inputs.pop(SAMPLE_ID, None)  # the model does not take it
             if sample_ids is None or not model.training or self.cache is None:  # evaluation
@@ -208,7 +208,7 @@ class SmartFreezeCallback(TrainerCallback):
         if len(dataset) == 0:
             raise ValueError("SmartFreezeCallback(activation_cache=...): the train_dataset is empty")
         first = dataset[0]
-        if not isinstance(first, dict):
+        if not isinstance(first, Mapping):
             raise TypeError(
                 "SmartFreezeCallback(activation_cache=...): training items must be dicts of model inputs "
                 f"(as the Trainer's collators take), got {type(first).__name__}")
