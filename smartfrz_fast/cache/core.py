@@ -447,7 +447,10 @@ class ActivationCache:
             return False
         cached = loaded[:k].float().flatten(1)
         fresh = fresh.float().flatten(1)
-        tol = max(STORAGE_TOLERANCE[self.storage_dtype], ACTIVATION_TOLERANCE.get(self._act[0], 1e-4))
+        computed_in = self._act[0]
+        if torch.is_autocast_enabled(self._act[1].type):  # mixed precision: rounding depends on the batch
+            computed_in = torch.get_autocast_dtype(self._act[1].type)
+        tol = max(STORAGE_TOLERANCE[self.storage_dtype], ACTIVATION_TOLERANCE.get(computed_in, 1e-4))
         err = (cached - fresh).abs().amax(1)
         bound = tol * fresh.abs().amax(1) + 1e-6
         bad = ~(err <= bound)  # NaN counts as bad

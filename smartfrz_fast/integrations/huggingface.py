@@ -188,8 +188,8 @@ class SmartFreezeCallback(TrainerCallback):
             sample_ids = inputs.pop(SAMPLE_ID, None)  # the model does not take it
             if sample_ids is None or not model.training or self.cache is None:  # evaluation
                 return original_compute_loss(model, inputs, *args, **kwargs)
-            name = trainer.accelerator.unwrap_model(model)._get_name()
-            return original_compute_loss(_CachedCall(self._cached(model), sample_ids, name), inputs, *args, **kwargs)
+            cached = _CachedCall(self._cached(model), sample_ids, trainer.accelerator)
+            return original_compute_loss(cached, inputs, *args, **kwargs)
 
         trainer.train = train
         trainer.create_scheduler = create_scheduler
@@ -348,16 +348,23 @@ class SmartFreezeCallback(TrainerCallback):
 
 class _CachedCall(nn.Module):
     """What ``Trainer.compute_loss`` calls as ``model(**inputs)``: the cached forward with this
-    batch's sample ids. ``_get_name`` is the model's (the Trainer's label smoother reads it)."""
+    batch's sample ids. With mixed precision, accelerate runs the model's forward under its
+    autocast and converts the outputs to fp32; the cached blocks are called directly, so this
+    does the same around them. ``_get_name`` is the model's (the Trainer's label smoother reads it)."""
 
-    def __init__(self, cached: CachedModel, sample_ids: Any, name: str) -> None:
+    def __init__(self, cached: CachedModel, sample_ids: Any, accelerator: Any) -> None:
         super().__init__()
         self.cached = cached
         self.sample_ids = sample_ids
-        self._model_name = name
+        self.accelerator = accelerator
 
     def forward(self, **inputs: Any) -> Any:
-        return self.cached((), self.sample_ids, **inputs)
+        if not self.accelerator.native_amp:
+            return self.cached((), self.sample_ids, **inputs)
+        from accelerate.utils import convert_to_fp32
+
+        with self.accelerator.autocast():
+            return convert_to_fp32(self.cached((), self.sample_ids, **inputs))
 
     def _get_name(self) -> str:
-        return self._model_name
+        return self.accelerator.unwrap_model(self.cached.model)._get_name()
