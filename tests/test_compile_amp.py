@@ -352,3 +352,46 @@ def test_non_reentrant_checkpoint_on_top_of_a_cached_prefix():
         results.append(model.state_dict())
     for name, value in results[0].items():
         torch.testing.assert_close(results[1][name], value, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("compile_how", ["blocks", "whole"])
+def test_the_cache_runs_compiled_blocks_and_turns_off_for_a_whole_compiled_model(dynamo_strict, compile_how):
+    """With compile_blocks the cache runs the compiled blocks after the cached prefix (same
+    weights as eager training without a cache); a model compiled whole is run as it is, the cache
+    off with the reason."""
+    from smartfrz_fast.cache import ActivationCache
+
+    batches = [torch.randn(4, WIDTH, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+
+    def train_epochs(how):
+        torch.manual_seed(0)
+        model = nn.Sequential(*[Block() for _ in range(4)], nn.Linear(WIDTH, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        freezer = SmartFreezer(model, opt, StaticFreeze(4, at_step=1), example_inputs=batches[0])  # 2 blocks
+        counter, cache, forward = CompileCounter(), None, model
+        if how == "blocks":
+            compile_blocks(list(model), freezer, backend=counter)
+        if how is not None:
+            target = torch.compile(model, backend=counter) if how == "whole" else model
+            cache = ActivationCache(freezer, num_samples=12, deterministic=True)
+            forward = cache.wrap(target)
+        for epoch in range(3):
+            for i, x in enumerate(batches):
+                out = forward(x) if cache is None else forward(x, torch.arange(4 * i, 4 * i + 4))
+                out.square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+                freezer.step()
+        return model, cache, counter
+
+    eager, _, _ = train_epochs(None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the whole-compiled model's "cache is off" warning
+        model, cache, counter = train_epochs(compile_how)
+    assert counter.frame_count > 0
+    if compile_how == "blocks":
+        assert cache.active and cache.boundary == 2 and cache.stats["hits"] > 0, cache.describe()
+    else:
+        assert not cache.active and "compile_blocks" in cache.reason
+    for (name, p), q in zip(eager.state_dict().items(), model.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)

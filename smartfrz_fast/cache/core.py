@@ -342,6 +342,13 @@ class ActivationCache:
 
     def _setup(self, model: nn.Module, inputs: Inputs) -> None:
         self._setup_done = True
+        if hasattr(model, "_orig_mod"):  # torch.compile(model): an OptimizedModule
+            self._disable(
+                "the model is torch.compile'd as a whole, and the cache runs its blocks itself, outside the "
+                "compiled graph. Compile the blocks one by one instead (smartfrz_fast.compile.compile_blocks, "
+                "which also avoids a recompile of the whole model at every freeze): the cache then runs the "
+                "compiled blocks")
+            return
         chain, how = find_blocks(model, inputs, self.user_blocks)
         if chain is None:
             self._disable(f"no block boundary to cut at: {how}")
