@@ -556,6 +556,15 @@ build(tk._prefix_kernel, prefix, {"BLOCK": 256, "R": 1})  # Triton specialises a
 for word in ("i64", "i32", "i16", "u8"):  # gather_rows copies rows as the widest words that fit
     build(tk._gather_rows_kernel, [("src_ptr", "*" + word), ("index_ptr", "*i64"), ("out_ptr", "*" + word),
                                    ("num_rows", "i32"), ("width", "i32")], {"BLOCK": 1024})
+storage_words = {0: "*fp32", 1: "*i16", 2: "*u8"}  # fp32, bf16 bits, fp8 bits
+for storage, word in storage_words.items():
+    for row in ("*fp32", "*bf16", "*fp16"):
+        build(tk._cache_store_kernel, [("values_ptr", row), ("slots_ptr", "*i64"), ("data_ptr", word),
+                                       ("scales_ptr", "*fp32"), ("width", "i32")], {"STORAGE": storage, "BLOCK": 1024})
+    for out_code, out in ((0, "*fp32"), (1, "*i16"), (2, "*fp16")):
+        build(tk._cache_load_kernel, [("data_ptr", word), ("scales_ptr", "*fp32"), ("slots_ptr", "*i64"),
+                                      ("out_ptr", out), ("width", "i32")],
+              {"STORAGE": storage, "OUT": out_code, "BLOCK": 1024})
 print("compiled")
 """
 
@@ -717,3 +726,116 @@ def test_gather_rows_reads_pinned_host_memory(fresh_seed, dtype):
     assert out.is_cuda and torch.equal(out.cpu().view(torch.uint8), source[index.cpu()].view(torch.uint8))
     with pytest.raises(ValueError, match="not pinned"):
         tk.gather_rows(source.clone(), index)  # pageable host memory: the GPU cannot read it
+
+
+# ---------------------------------------------------------------- cache_store / cache_load
+STORAGE_DTYPES = [torch.float32, torch.bfloat16, torch.float8_e4m3fn]
+ACTIVATION_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def storage_bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def assert_same_bits(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Bit for bit, except that a NaN need only be a NaN: its bits differ between torch's own
+    conversions (the CPU's vector and scalar paths give 0xFFFF and 0x7FC0 for a bf16 NaN)."""
+    got, expected = got.cpu(), expected.cpu()
+    nan = expected.float().isnan()
+    assert torch.equal(got.float().isnan(), nan)
+    assert torch.equal(storage_bits(got)[~nan], storage_bits(expected)[~nan])
+
+
+def activation_rows(num_rows, width, dtype, device):
+    """Rows over many magnitudes (fp8's subnormal range inside a row, rows of 1e-30 to 1e4, a
+    zero row) and, in fp32, a row with a NaN and one with an inf (stored as NaN rows)."""
+    magnitude = 10.0 ** torch.empty(num_rows, 1).uniform_(-30, 4)
+    rows = torch.randn(num_rows, width) * magnitude * (10.0 ** torch.empty(1, width).uniform_(-4, 0))
+    rows[0] = 0.0
+    if dtype == torch.float32 and num_rows > 3 and width > 2:
+        rows[1, width // 2] = float("nan")
+        rows[2, 1] = float("-inf")
+    return rows.to(dtype).to(device)
+
+
+@pytest.mark.parametrize("storage", STORAGE_DTYPES)
+@pytest.mark.parametrize("values_dtype", ACTIVATION_DTYPES)
+@pytest.mark.parametrize("width", [1, 5, 37, 1029])
+def test_cache_store_matches_the_reference(device, fresh_seed, storage, values_dtype, width):
+    values = activation_rows(9, width, values_dtype, device)
+    slots = torch.randperm(23, device=device)[:9]  # distinct, as the cache allocates them
+    poison = torch.full((23, width), float("nan")).to(storage).to(device)  # rows not written stay so
+    data, expected = poison.clone(), poison.clone()
+    scales, expected_scales = torch.full((23,), -7.0, device=device), torch.full((23,), -7.0, device=device)
+    reference.cache_store_ref(values, slots, expected, expected_scales)
+    tk.cache_store(values, slots, data, scales, block=256)
+    assert_same_bits(data, expected)  # NaN rows and untouched (poisoned) rows too
+    assert_same_bits(scales, expected_scales)
+
+
+@pytest.mark.parametrize("storage", STORAGE_DTYPES)
+@pytest.mark.parametrize("dtype", ACTIVATION_DTYPES)
+@pytest.mark.parametrize("width", [1, 37, 1029])
+def test_cache_load_matches_the_reference(device, fresh_seed, storage, dtype, width):
+    data = torch.empty(17, width, device=device)
+    scales = torch.empty(17, device=device)
+    reference.cache_store_ref(activation_rows(17, width, torch.float32, device), torch.arange(17, device=device),
+                              data := data.to(storage), scales)
+    slots = torch.randint(0, 17, (11,), device=device)
+    slots[4] = slots[5]  # a row read twice
+    out = tk.cache_load(data, scales, slots, dtype, block=256)
+    expected = reference.cache_load_ref(data, scales, slots, dtype)
+    assert out.dtype == dtype and out.shape == (11, width)
+    assert_same_bits(out, expected)
+
+
+def test_cache_kernels_empty_and_bad_input(device):
+    data, scales = torch.zeros(4, 6, device=device), torch.ones(4, device=device)
+    none = torch.zeros(0, dtype=torch.int64, device=device)
+    tk.cache_store(torch.zeros(0, 6, device=device), none, data, scales)
+    assert tk.cache_load(data, scales, none, torch.float32).shape == (0, 6)
+    with pytest.raises(TypeError, match="slots must be a 1-D int64"):
+        tk.cache_load(data, scales, none.int(), torch.float32)
+    with pytest.raises(TypeError, match="values must be"):
+        tk.cache_store(torch.zeros(2, 5, device=device), torch.arange(2, device=device), data, scales)
+    with pytest.raises(TypeError, match="data must be a contiguous 2-D"):
+        tk.cache_load(data.half(), scales, none, torch.float32)
+    with pytest.raises(TypeError, match="dtype must be one of"):
+        tk.cache_load(data, scales, none, torch.float64)
+
+
+@pytest.mark.gpu
+def test_cache_ops_dispatch_to_triton_on_cuda(fresh_seed):
+    if tk.INTERPRET:
+        pytest.skip("the registry does not use Triton under TRITON_INTERPRET=1")
+    from smartfrz_fast import ops
+
+    assert ops.backends()["cache_store"]["cuda"].startswith("Triton")
+    assert ops.backends()["cache_load"]["cuda"].startswith("Triton")
+    values = activation_rows(5, 300, torch.float32, "cuda")
+    data, scales = torch.empty(8, 300, device="cuda").to(torch.float8_e4m3fn), torch.empty(8, device="cuda")
+    slots = torch.tensor([6, 0, 3, 1, 7], device="cuda")
+    ops.cache_store(values, slots, data, scales)
+    cpu_data, cpu_scales = data.cpu().clone(), scales.cpu().clone()
+    reference.cache_store_ref(values.cpu(), slots.cpu(), cpu_data, cpu_scales)
+    assert_same_bits(data, cpu_data)
+    torch.library.opcheck(ops.cache_load, (data, scales, slots, torch.bfloat16))
+
+
+def test_cache_store_rounds_as_torch_over_a_dense_sweep(device):
+    """Every fp8 and bf16 rounding case, ties and fp8 subnormals included: 0.4 M values over
+    [-448, 448] and [-0.03, 0.03], each row's amax 448 (scale 1), against torch's conversion."""
+    x = torch.cat([torch.linspace(-448, 448, 200001), torch.linspace(-0.03, 0.03, 200001),
+                   torch.tensor([2.0 ** -10, 3 * 2.0 ** -10, 1.5 * 2.0 ** -9, 2.5 * 2.0 ** -9, -0.0, 2.0 ** -6])])
+    width = 1021
+    x = torch.nn.functional.pad(x, (0, -x.numel() % width)).view(-1, width)
+    x[:, 0] = 448.0
+    x = x.to(device)
+    slots = torch.arange(x.shape[0], device=device)
+    fp8, scales = torch.empty(x.shape, device=device).to(torch.float8_e4m3fn), torch.empty(x.shape[0], device=device)
+    tk.cache_store(x, slots, fp8, scales)
+    assert scales.eq(1).all()
+    assert torch.equal(storage_bits(fp8.cpu()), storage_bits(x.cpu().to(torch.float8_e4m3fn)))
+    bf16 = torch.empty(x.shape, device=device, dtype=torch.bfloat16)
+    tk.cache_store(x * 1e10, slots, bf16, scales)
+    assert torch.equal(storage_bits(bf16.cpu()), storage_bits((x * 1e10).cpu().to(torch.bfloat16)))

@@ -141,6 +141,30 @@ def _register_triton_kernels() -> None:
     _register(predict, "predict", "cuda", "Triton (ops/triton_kernels.py)", predict_triton)
 
 
+def _register_triton_cache_kernels() -> None:
+    """The activation cache's storage ops on CUDA tensors: Triton kernels (same conditions as above)."""
+    if os.environ.get("SMARTFRZ_BACKEND", "auto") == "reference" or triton_interpret():
+        return
+    if importlib.util.find_spec("triton") is None:
+        return
+
+    # activations in other dtypes (float64) take the reference
+    def cache_store_triton(values, slots, data, scales):
+        kernels = _triton_kernels()
+        if kernels is None or values.dtype not in kernels.ROW_DTYPES:
+            return reference.cache_store_ref(values, slots, data, scales)
+        kernels.cache_store(values, slots, data, scales)
+
+    def cache_load_triton(data, scales, slots, dtype):
+        kernels = _triton_kernels()
+        if kernels is None or dtype not in kernels.ROW_DTYPES:
+            return reference.cache_load_ref(data, scales, slots, dtype)
+        return kernels.cache_load(data, scales, slots, dtype)
+
+    _register(cache_store, "cache_store", "cuda", "Triton (ops/triton_kernels.py)", cache_store_triton)
+    _register(cache_load, "cache_load", "cuda", "Triton (ops/triton_kernels.py)", cache_load_triton)
+
+
 def backends(device_types: Sequence[str] = ("cpu", "cuda")) -> Dict[str, Dict[str, str]]:
     """``{op: {device_type: backend}}`` for the ops of this registry."""
     return {
@@ -181,3 +205,4 @@ def _(data, scales, slots, dtype):
 OPS.update({"cache_store": cache_store, "cache_load": cache_load})
 __all__ += ["cache_store", "cache_load"]
 _register_triton_kernels()
+_register_triton_cache_kernels()

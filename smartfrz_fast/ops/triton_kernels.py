@@ -1,4 +1,5 @@
-"""Triton kernels for ``smartfrz::gather_history`` and ``smartfrz::predict`` (CUDA).
+"""Triton kernels for ``smartfrz::gather_history``, ``smartfrz::predict`` and the activation
+cache's ``smartfrz::cache_store`` / ``smartfrz::cache_load`` (CUDA).
 
 Importing this module imports Triton and defines the kernels; ``ops/__init__.py`` imports it
 only at the first CUDA call, so ``import smartfrz_fast`` never does. The specification of both
@@ -524,4 +525,171 @@ def gather_rows(source: Tensor, index: Tensor, *, block: int = 1024) -> Tensor:
         width = words_in.shape[1]
         grid = (index.numel(), triton.cdiv(width, block))
         _gather_rows_kernel[grid](words_in, index, words_out, source.shape[0], width, BLOCK=block)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# cache_store / cache_load: activation-cache rows into fp32, bf16 or fp8 (e4m3, per-row scale)
+# storage and back. The conversions to bf16 and fp8 are written out on the bits (round to
+# nearest even, as torch converts), not left to Triton's casts: bit-exact with the reference on
+# the GPU, and also in the CPU interpreter, whose bf16 and fp8 casts round otherwise.
+
+_STORAGE_CODES: Dict[torch.dtype, int] = {torch.float32: 0, torch.bfloat16: 1, torch.float8_e4m3fn: 2}
+_ROW_DTYPE_CODES: Dict[torch.dtype, int] = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+ROW_DTYPES = tuple(_ROW_DTYPE_CODES)  # activation dtypes the cache kernels take
+
+
+@triton.jit
+def _bf16_bits(x):
+    """fp32 -> bf16 bits (in a uint32): round to nearest even, NaN -> 0x7FC0, as torch."""
+    u = x.to(tl.uint32, bitcast=True)
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    return tl.where(x != x, 0x7FC0, rounded)
+
+
+@triton.jit
+def _bf16_value(bits):
+    """bf16 bits (int32, low 16 bits) -> fp32, exactly."""
+    return ((bits & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e4m3_bits(x):
+    """fp32 within [-448, 448], or NaN -> float8_e4m3fn bits (in a uint32): round to nearest
+    even, NaN -> 0x7F, as torch."""
+    u = x.to(tl.uint32, bitcast=True)
+    a = tl.abs(x)
+    au = a.to(tl.uint32, bitcast=True)
+    # normal (>= 2^-6): exponent and mantissa are contiguous, so rounding the fp32 mantissa to 3
+    # bits carries into the exponent by itself; then rebias 127 -> 7
+    normal = ((au + 0x7FFFF + ((au >> 20) & 1)) >> 20) - ((127 - 7) << 3)
+    # subnormal: a / 2^-9 rounded to an integer (0..8) by the fp32 add's own rounding
+    subnormal = ((a * 512.0 + 8388608.0) - 8388608.0).to(tl.uint32)
+    code = tl.where(a >= 0.015625, normal, subnormal)
+    return tl.where(x != x, 0x7F, ((u >> 24) & 0x80) | code)
+
+
+@triton.jit
+def _e4m3_value(bits):
+    """float8_e4m3fn bits (int32, low 8 bits) -> fp32, exactly."""
+    exponent = (bits >> 3) & 0xF
+    mantissa = bits & 7
+    normal = (((exponent + (127 - 7)) << 23) | (mantissa << 20)).to(tl.float32, bitcast=True)
+    magnitude = tl.where(exponent == 0, mantissa.to(tl.float32) * 0.001953125, normal)
+    magnitude = tl.where((bits & 0x7F) == 0x7F, float("nan"), magnitude)
+    return tl.where((bits & 0x80) != 0, -magnitude, magnitude)
+
+
+@triton.jit
+def _cache_store_kernel(values_ptr, slots_ptr, data_ptr, scales_ptr, width,
+                        STORAGE: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per row: ``values[row]`` into storage row ``slots[row]``. fp8: the row's
+    largest finite magnitude maps to 448; a row holding NaN or inf is stored as NaN (scale NaN)."""
+    row = tl.program_id(0)
+    slot = tl.load(slots_ptr + row)
+    src = values_ptr + row.to(tl.int64) * width
+    dst = data_ptr + slot * width
+    if STORAGE == 2:
+        amax = tl.zeros((), tl.float32)
+        bad = tl.zeros((), tl.int32)
+        for start in range(0, width, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(src + cols, mask=cols < width, other=0.0).to(tl.float32)
+            finite = tl.abs(x) < float("inf")  # false for inf and NaN
+            bad = tl.maximum(bad, tl.max((~finite).to(tl.int32), 0))
+            amax = tl.maximum(amax, tl.max(tl.where(finite, tl.abs(x), 0.0), 0))
+        scale = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)
+        scale = tl.where(bad > 0, float("nan"), scale)
+        tl.store(scales_ptr + slot, scale)
+        for start in range(0, width, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(src + cols, mask=cols < width, other=0.0).to(tl.float32)
+            q = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
+            q = tl.where(bad > 0, float("nan"), q)
+            tl.store(dst + cols, _e4m3_bits(q).to(tl.uint8), mask=cols < width)
+    else:
+        tl.store(scales_ptr + slot, 1.0)
+        for start in range(0, width, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(src + cols, mask=cols < width, other=0.0).to(tl.float32)
+            if STORAGE == 1:
+                tl.store(dst + cols, _bf16_bits(x).to(tl.int16), mask=cols < width)
+            else:
+                tl.store(dst + cols, x, mask=cols < width)
+
+
+@triton.jit
+def _cache_load_kernel(data_ptr, scales_ptr, slots_ptr, out_ptr, width,
+                       STORAGE: tl.constexpr, OUT: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid (rows, column blocks): storage row ``slots[row]``, dequantised, as ``out[row]``."""
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < width
+    slot = tl.load(slots_ptr + row)
+    raw = tl.load(data_ptr + slot * width + cols, mask=inside, other=0)
+    if STORAGE == 2:
+        x = _e4m3_value(raw.to(tl.int32)) * tl.load(scales_ptr + slot)
+    elif STORAGE == 1:
+        x = _bf16_value(raw.to(tl.int32))
+    else:
+        x = raw
+    dst = out_ptr + row.to(tl.int64) * width + cols
+    if OUT == 1:
+        tl.store(dst, _bf16_bits(x).to(tl.int16), mask=inside)
+    elif OUT == 2:
+        tl.store(dst, x.to(tl.float16), mask=inside)
+    else:
+        tl.store(dst, x, mask=inside)
+
+
+def _storage_view(data: Tensor) -> Tensor:
+    """Storage as the kernels address it: fp32 as is, bf16 as int16 bits, fp8 as uint8 bits."""
+    if data.dtype == torch.bfloat16:
+        return data.view(torch.int16)
+    return data.view(torch.uint8) if data.dtype == torch.float8_e4m3fn else data
+
+
+def _check_storage(name: str, data: Tensor, scales: Tensor, slots: Tensor) -> None:
+    _check_device(name, data.device)
+    if data.dtype not in _STORAGE_CODES or data.dim() != 2 or not data.is_contiguous():
+        raise TypeError(f"{name}: data must be a contiguous 2-D tensor of {list(_STORAGE_CODES)}, got "
+                        f"{data.dim()}-D {data.dtype}")
+    if scales.dtype != torch.float32 or scales.shape != data.shape[:1] or scales.device != data.device:
+        raise TypeError(f"{name}: scales must be float32 [{data.shape[0]}] on {data.device}, got "
+                        f"{scales.dtype} {tuple(scales.shape)} on {scales.device}")
+    if slots.dtype != torch.int64 or slots.dim() != 1 or slots.device != data.device:
+        raise TypeError(f"{name}: slots must be a 1-D int64 tensor on {data.device}, got {slots.dim()}-D "
+                        f"{slots.dtype} on {slots.device}")
+
+
+def cache_store(values: Tensor, slots: Tensor, data: Tensor, scales: Tensor, *, block: int = 1024) -> None:
+    """Triton ``smartfrz::cache_store``: one launch, one program per row. ``slots`` must be
+    distinct and inside ``[0, len(data))`` (the cache allocates them so; the device cannot raise)."""
+    _check_storage("cache_store", data, scales, slots)
+    if values.dim() != 2 or values.shape != (slots.numel(), data.shape[1]) or values.dtype not in _ROW_DTYPE_CODES:
+        raise TypeError(f"cache_store: values must be [{slots.numel()}, {data.shape[1]}] rows of "
+                        f"{list(_ROW_DTYPE_CODES)}, got {tuple(values.shape)} {values.dtype}")
+    if values.device != data.device:
+        raise ValueError(f"cache_store: values are on {values.device}, the storage on {data.device}")
+    if slots.numel() == 0:
+        return
+    values = values.contiguous()
+    _cache_store_kernel[(slots.numel(),)](values, slots, _storage_view(data), scales, data.shape[1],
+                                          STORAGE=_STORAGE_CODES[data.dtype],
+                                          BLOCK=min(block, triton.next_power_of_2(max(1, data.shape[1]))))
+
+
+def cache_load(data: Tensor, scales: Tensor, slots: Tensor, dtype: torch.dtype, *, block: int = 1024) -> Tensor:
+    """Triton ``smartfrz::cache_load``: rows ``slots`` of ``data`` as ``[N, D]`` ``dtype`` (fp32,
+    bf16, fp16), dequantised; grid (rows, column blocks). ``slots`` inside ``[0, len(data))``."""
+    _check_storage("cache_load", data, scales, slots)
+    if dtype not in _ROW_DTYPE_CODES:
+        raise TypeError(f"cache_load: dtype must be one of {list(_ROW_DTYPE_CODES)}, got {dtype}")
+    out = torch.empty(slots.numel(), data.shape[1], dtype=dtype, device=data.device)
+    if slots.numel() and data.shape[1]:
+        block = min(block, triton.next_power_of_2(data.shape[1]))
+        target = out.view(torch.int16) if dtype == torch.bfloat16 else out
+        _cache_load_kernel[(slots.numel(), triton.cdiv(data.shape[1], block))](
+            _storage_view(data), scales, slots, target, data.shape[1],
+            STORAGE=_STORAGE_CODES[data.dtype], OUT=_ROW_DTYPE_CODES[dtype], BLOCK=block)
     return out
