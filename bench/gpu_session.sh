@@ -33,6 +33,10 @@ timeout 120 python bench/bench_cache.py --device cuda --sweep --csv bench/result
 echo "cache boundary sweep rc=$?"
 timeout 240 python bench/bench_pinned_read.py --csv bench/results/pinned_read.csv > "$OUT/bench_pinned_read.log" 2>&1
 echo "pinned read (copy vs kernel) rc=$?"
+# the image has transformers and accelerate: the Trainer with the cache on a BERT-base-sized model
+timeout 300 python bench/bench_hf_trainer.py --device cuda --layers 12 --hidden 768 --seq 128 --batch 32 \
+  --samples 512 --frozen-layers 8 --csv bench/results/hf_trainer_gpu.csv > "$OUT/bench_hf_trainer.log" 2>&1
+echo "HF Trainer rc=$?"
 cp bench/results/*.csv "$OUT/" 2>/dev/null
 
 step "summary"
@@ -40,3 +44,4 @@ tail -25 "$OUT/bench_history_ops.log"
 tail -12 "$OUT/bench_cache.log"
 tail -10 "$OUT/bench_cache_sweep.log"
 tail -30 "$OUT/bench_pinned_read.log"
+tail -5 "$OUT/bench_hf_trainer.log"
