@@ -211,3 +211,18 @@ def test_mixed_precision_runs_the_cached_blocks_under_the_trainers_autocast(tmp_
     assert cache.active and cache.stats["hits"] > 0 and cache.stats["migrated"] > 0, cache.describe()
     assert cache.stats["audited"] > 0  # audits pass at bf16's tolerance, not fp32's
     assert relative_distance(plain, cached) < 1e-3
+
+
+def test_resume_reopens_an_mmap_cache_file(tmp_path):
+    """storage="mmap": the rows live in the file, so a resumed run hits them from its first step
+    (a single freeze: the file still belongs to the checkpoint's boundary, see the cache docs)."""
+    cache = {"deterministic": True, "storage": "mmap", "path": str(tmp_path / "rows.{rank}.bin")}
+    policy = lambda: StaticFreeze(5, at_step=2)  # noqa: E731 - a fresh policy per run
+    full, _, full_callback = run("bert-cls", tmp_path / "full", cache, policy=policy(), save_strategy="steps",
+                                 save_steps=10)
+    assert (tmp_path / "rows.0.bin").is_file()
+    resumed, _, callback = run("bert-cls", tmp_path / "resumed", cache, policy=policy(),
+                               resume=str(tmp_path / "full" / "checkpoint-10"))
+    # the counters continue from the checkpoint's: no miss after the resume, as in the full run
+    assert callback.cache.stats == full_callback.cache.stats and callback.cache.stats["hits"] > 0
+    assert_same_weights(full, resumed)

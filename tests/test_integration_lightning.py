@@ -270,6 +270,24 @@ def test_activation_cache_inside_the_trainer_and_through_its_checkpoints(tmp_pat
         assert torch.equal(value, resumed.state_dict()[name]), name
 
 
+def test_activation_cache_under_bf16_mixed_precision(tmp_path):
+    """precision="bf16-mixed": training_step, and so the cached forward, runs under Lightning's
+    autocast; the cache stays on through its audits and the weights stay within bf16 noise of
+    the run without the cache (here the prefix output is bf16 itself; a prefix ending in an fp32
+    LayerNorm under autocast is tested with the Hugging Face Trainer)."""
+    plain = LitCNN()
+    trainer(tmp_path / "plain", [SmartFreezeCallback(StaticFreeze(2, at_step=6), submodule="net",
+                                                     example_inputs=batch(0)[0])],
+            precision="bf16-mixed").fit(plain, loader())
+    callback = cache_callback(audit_rows=16)
+    cached = LitCachedCNN(callback)
+    trainer(tmp_path / "cached", [callback], precision="bf16-mixed").fit(cached, indexed_loader())
+    cache = callback.cache
+    assert cache.active and cache.stats["hits"] > 0 and cache.stats["audited"] > 0, cache.describe()
+    for name, value in plain.state_dict().items():
+        torch.testing.assert_close(cached.state_dict()[name], value, rtol=2e-2, atol=2e-3, msg=name)
+
+
 def test_activation_cache_misuse_says_what_to_do(tmp_path):
     with pytest.raises(TypeError, match="dict of ActivationCache arguments"):
         SmartFreezeCallback(StaticFreeze(1), activation_cache=True)
