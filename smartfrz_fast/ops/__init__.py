@@ -140,15 +140,7 @@ def _register_triton_kernels() -> None:
     _register(gather_history, "gather_history", "cuda", "Triton (ops/triton_kernels.py)", gather_history_triton)
     _register(predict, "predict", "cuda", "Triton (ops/triton_kernels.py)", predict_triton)
 
-
-def _register_triton_cache_kernels() -> None:
-    """The activation cache's storage ops on CUDA tensors: Triton kernels (same conditions as above)."""
-    if os.environ.get("SMARTFRZ_BACKEND", "auto") == "reference" or triton_interpret():
-        return
-    if importlib.util.find_spec("triton") is None:
-        return
-
-    # activations in other dtypes (float64) take the reference
+    # the activation cache's storage ops; activations in other dtypes (float64) take the reference
     def cache_store_triton(values, slots, data, scales):
         kernels = _triton_kernels()
         if kernels is None or values.dtype not in kernels.ROW_DTYPES:
@@ -204,5 +196,4 @@ def _(data, scales, slots, dtype):
 
 OPS.update({"cache_store": cache_store, "cache_load": cache_load})
 __all__ += ["cache_store", "cache_load"]
-_register_triton_kernels()
-_register_triton_cache_kernels()
+_register_triton_kernels()  # after the cache ops are defined: it registers them too
