@@ -23,12 +23,15 @@ from ..units import as_args
 __all__ = ["split_example_inputs", "move_to_device", "check_callback_args", "check_lr_scheduler"]
 
 
-def check_callback_args(policy: Any, freezer_kwargs: Dict[str, Any]) -> None:
+def check_callback_args(policy: Any, freezer_kwargs: Dict[str, Any], activation_cache: Any = None) -> None:
     """The constructor checks both trainers' ``SmartFreezeCallback`` share."""
     from ..policy.base import FreezePolicy
 
     if policy is not None and not isinstance(policy, FreezePolicy):
         raise TypeError(f"policy must be a FreezePolicy, got {type(policy).__name__}")
+    if activation_cache is not None and not isinstance(activation_cache, dict):
+        raise TypeError("SmartFreezeCallback: activation_cache= takes a dict of ActivationCache "
+                        f"arguments (deterministic=True, ...), got {type(activation_cache).__name__}")
     for key in ("example_kwargs", "model", "optimizer"):
         if key in freezer_kwargs:
             raise TypeError(f"SmartFreezeCallback sets {key!r} itself; do not pass it")

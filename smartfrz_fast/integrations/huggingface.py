@@ -133,10 +133,7 @@ class SmartFreezeCallback(TrainerCallback):
     def __init__(self, policy: Optional[FreezePolicy] = None, *, example_inputs: Any = None,
                  total_steps: Optional[int] = None, activation_cache: Optional[Dict[str, Any]] = None,
                  **freezer_kwargs: Any) -> None:
-        check_callback_args(policy, freezer_kwargs)
-        if activation_cache is not None and not isinstance(activation_cache, dict):
-            raise TypeError("SmartFreezeCallback: activation_cache= takes a dict of ActivationCache "
-                            f"arguments (deterministic=True, ...), got {type(activation_cache).__name__}")
+        check_callback_args(policy, freezer_kwargs, activation_cache)
         self.policy = policy
         self.example_inputs = example_inputs
         self.total_steps = total_steps
@@ -331,12 +328,10 @@ class SmartFreezeCallback(TrainerCallback):
         self.freezer.step()
 
     def on_save(self, args, state, control, **kwargs):
-        if self.freezer is None:
+        if self.freezer is None or not (args.should_save or self.cache is not None):
             return
         folder = os.path.join(args.output_dir,
                               f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if not (args.should_save or self.cache is not None):
-            return
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"SmartFreezeCallback: the Trainer's checkpoint folder {folder} is missing")
         if args.should_save:  # the freezer's state is the same on every process

@@ -92,10 +92,7 @@ class SmartFreezeCallback(Callback):
         **freezer_kwargs: Any,
     ) -> None:
         super().__init__()
-        check_callback_args(policy, freezer_kwargs)
-        if activation_cache is not None and not isinstance(activation_cache, dict):
-            raise TypeError("SmartFreezeCallback: activation_cache= takes a dict of ActivationCache "
-                            f"arguments (num_samples=..., deterministic=...), got {type(activation_cache).__name__}")
+        check_callback_args(policy, freezer_kwargs, activation_cache)
         self.policy = policy
         self.example_inputs = example_inputs
         self.submodule = submodule
