@@ -67,9 +67,8 @@ def make_dataset(args):
             for i in range(args.samples)]
 
 
-def prefix_units(model, args) -> int:
+def prefix_units(model, args, example) -> int:
     """Units in the embeddings and the first ``frozen_layers`` encoder layers."""
-    example = make_dataset(args)[0]
     units = discover_units(model, (), {"input_ids": example["input_ids"][None]}).units
     inside = ["bert.embeddings."] + [f"bert.encoder.layer.{i}." for i in range(args.frozen_layers)]
     return sum(1 for u in units if any(u.name.startswith(p) for p in inside))
@@ -90,13 +89,14 @@ def run_mode(mode, args, out_dir):
             self.stamps.append(time.perf_counter())
 
     model = build_model(args)
-    frozen_units = prefix_units(model, args)
+    train_set = make_dataset(args)
+    frozen_units = prefix_units(model, args, train_set[0])
     steps_per_epoch = args.samples // args.batch
     training = TrainingArguments(
         output_dir=out_dir, per_device_train_batch_size=args.batch, num_train_epochs=args.epochs,
         dataloader_drop_last=True, save_strategy="no", logging_strategy="no", report_to="none",
         use_cpu=args.device == "cpu", disable_tqdm=True, seed=0, learning_rate=1e-4)
-    trainer = Trainer(model=model, args=training, train_dataset=make_dataset(args))
+    trainer = Trainer(model=model, args=training, train_dataset=train_set)
     clock = StepClock()
     trainer.add_callback(clock)
     callback = None

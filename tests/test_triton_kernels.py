@@ -779,10 +779,10 @@ def test_cache_store_matches_the_reference(device, fresh_seed, storage, values_d
 @pytest.mark.parametrize("dtype", ACTIVATION_DTYPES)
 @pytest.mark.parametrize("width", [1, 37, 1029])
 def test_cache_load_matches_the_reference(device, fresh_seed, storage, dtype, width):
-    data = torch.empty(17, width, device=device)
+    data = torch.empty(17, width, device=device).to(storage)
     scales = torch.empty(17, device=device)
     reference.cache_store_ref(activation_rows(17, width, torch.float32, device), torch.arange(17, device=device),
-                              data := data.to(storage), scales)
+                              data, scales)
     slots = torch.randint(0, 17, (11,), device=device)
     slots[4] = slots[5]  # a row read twice
     out = tk.cache_load(data, scales, slots, dtype, block=256)
