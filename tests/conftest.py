@@ -1,8 +1,20 @@
 import os
 import socket
+import sys
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels can only run in Triton's CPU interpreter, which must be
+# switched on before triton is first imported (by any test module, or by a library such as
+# lightning). So the README's plain `python -m pytest tests` tests them on any machine.
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Where torchvision is installed, make it importable before any test (or transformers) imports it.
+from real_models import importable_torchvision  # noqa: E402
+
+importable_torchvision()
 
 
 def pytest_configure(config):
