@@ -340,7 +340,9 @@ def _bert(model: nn.Module) -> Optional[BlockChain]:
     names = _positional_names(model)
     layers = list(body.encoder.layer)
     if hasattr(body, "_create_attention_masks"):
-        no_cache = _no_kv_cache(inspect.signature(body._create_attention_masks).parameters)
+        mask_params = inspect.signature(body._create_attention_masks).parameters
+        no_cache = _no_kv_cache(mask_params)
+        takes_positions = "position_ids" in mask_params  # transformers >= 5.25
 
     def embed(h, inp):
         x = _hf_inputs(names, inp, allowed, how)
@@ -350,10 +352,13 @@ def _bert(model: nn.Module) -> Optional[BlockChain]:
     def bind(inp):
         return _hf_inputs(names, inp, allowed, how, need_ids=False)
 
-    def expand(h, attention_mask):
+    def expand(h, bound):
+        attention_mask = bound.get("attention_mask")
         if hasattr(body, "_create_attention_masks"):  # 5.x: the model's own helper
+            positions = {"position_ids": bound.get("position_ids")} if takes_positions else {}
             return body._create_attention_masks(attention_mask=attention_mask, encoder_attention_mask=None,
-                                                embedding_output=h, encoder_hidden_states=None, **no_cache)[0]
+                                                embedding_output=h, encoder_hidden_states=None, **no_cache,
+                                                **positions)[0]
         # 4.x: BertModel.forward expands the mask inline, for sdpa (absolute positions) like this
         if attention_mask is None:
             attention_mask = torch.ones(h.shape[:2], device=h.device)
@@ -366,7 +371,7 @@ def _bert(model: nn.Module) -> Optional[BlockChain]:
 
     def mask(h, inp):
         return _per_step(inp, (id(body), "mask", tuple(h.shape[:2]), h.dtype, h.device),
-                         lambda: expand(h, bind(inp).get("attention_mask")))
+                         lambda: expand(h, bind(inp)))
 
     def layer(module):
         return lambda h, inp: _layer_output(module(h, mask(h, inp)))
