@@ -28,7 +28,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .policy.base import Decision, FreezePolicy, PolicyContext, UnitInfo
+from . import guards
+from .policy.base import Decision, FreezePolicy, PolicyContext, UnitInfo, check_decision, check_prefix_length
 from .units import Unit, UnitPlan, as_args, discover_units
 
 STATE_FORMAT = "smartfrz_fast.SmartFreezer"
@@ -90,6 +91,15 @@ def _checked_int(name: str, value: Any, minimum: Optional[int], optional: bool =
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _remove_params(optimizer: torch.optim.Optimizer, ids: set) -> None:
+    """Take these parameters out of the optimizer's groups and delete their state (a state
+    entry left behind would break ``optimizer.state_dict()``)."""
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in ids]
+    for p in [p for p in optimizer.state if id(p) in ids]:
+        del optimizer.state[p]
 
 
 def _force_eval(module: nn.Module, args) -> None:
@@ -192,6 +202,8 @@ class SmartFreezer:
         self._eval_hooks: List[Any] = []
         self._nonfinite_warned = False
         self._freeze_listeners: List[Callable[[FreezeEvent, Sequence[Unit]], None]] = []
+        self._guard: Optional[guards.Guard] = None  # made at set-up: watches the model and the optimizers
+        self._closed = False
         # Distributed: units live on the inner module; rank 0's decisions are broadcast.
         from . import distributed
 
@@ -201,11 +213,13 @@ class SmartFreezer:
         if self._dist_kind == "freezable_ddp":
             self.add_freeze_listener(lambda event, units: model.rewrap())
 
+        guards.check_unclaimed(self.module)
         if example_inputs is not None:
             self._setup(as_args(example_inputs), example_kwargs)
         else:  # kept apart from self._hooks: other code adds hooks there before the first forward
             self._first_forward_hook = model.register_forward_pre_hook(
                 self._setup_on_first_forward, with_kwargs=True)
+        guards.claim(self, self.module)  # last: a constructor that raised claims nothing
 
     # ------------------------------------------------------------------ set-up
     def _setup_on_first_forward(self, module, args, kwargs):
@@ -255,9 +269,10 @@ class SmartFreezer:
             for opt in self.optimizers:
                 self._hooks.append(opt.register_step_pre_hook(self._accumulate_grad_norms))
         if self.policy.manages_lr:
-            self._split_groups_per_unit()
+            self._split_groups_per_unit(self.optimizers)
             self._apply_lr_factors(0)
         self.policy._serves = weakref.ref(self)
+        self._guard = guards.Guard(self)
 
     def _check_optimizers(self, units: Sequence[Unit]) -> None:
         held = {id(p) for opt in self.optimizers for g in opt.param_groups for p in g["params"]}
@@ -270,9 +285,9 @@ class SmartFreezer:
                 "were created."
             )
 
-    def _split_groups_per_unit(self) -> None:
+    def _split_groups_per_unit(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
         """One param group per (original group, unit), so a policy can set per-unit lrs."""
-        for opt in self.optimizers:
+        for opt in optimizers:
             groups = []
             for group in opt.param_groups:
                 buckets: Dict[int, List[nn.Parameter]] = {}
@@ -324,6 +339,11 @@ class SmartFreezer:
         return self.plan.units
 
     def _require_setup(self) -> None:
+        if self._closed:
+            raise RuntimeError(
+                "this SmartFreezer was closed (close() removed its hooks and released the model): it can no "
+                "longer step, freeze or load a state. Build a new SmartFreezer to go on freezing (frozen "
+                "units stay frozen; freezer.state_dict() saved before close() resumes in the new one).")
         if self.plan is None:
             raise RuntimeError(
                 "SmartFreezer has not seen the model run yet: pass example_inputs=..., or run a "
@@ -335,6 +355,7 @@ class SmartFreezer:
         self._require_setup()
         self.step_count += 1
         step = self.step_count
+        self._guard.on_freezer_step(self)  # model changes since the last step, step() vs optimizer steps
         if self.history is not None and step % self.sample_every == 0:
             with _range("smartfrz::snapshot"):
                 self.history.snapshot()
@@ -357,9 +378,9 @@ class SmartFreezer:
         """The policy's decision; under DDP rank 0's, broadcast only where the policy may
         decide (schedules: never, every rank computes the same int)."""
         if self._sync is None or self.policy.deterministic_schedule:
-            return self.policy.decide(step, self.num_frozen)
+            return check_decision(self.policy, self.policy.decide(step, self.num_frozen), step, len(self.units))
         broadcast = self.policy.decides_at(step)  # before decide(), which may advance counters
-        decision = self.policy.decide(step, self.num_frozen)
+        decision = check_decision(self.policy, self.policy.decide(step, self.num_frozen), step, len(self.units))
         if not broadcast:
             if decision is not None:
                 raise RuntimeError(
@@ -391,8 +412,10 @@ class SmartFreezer:
             if event is not None:
                 event.synchronize()  # recorded decision_delay steps ago: long complete
             value = int(host)
-            if value >= 0:  # a broadcast "no decision" is -1
-                self.freeze_to(value, step=step)
+            if value == -1 and self._sync is not None:
+                continue  # a broadcast "no decision"
+            check_prefix_length(self.policy, value, step, len(self.units))  # a device tensor's value
+            self.freeze_to(value, step=step)
 
     # ------------------------------------------------------------------ freeze action
     def freeze_to(self, num_units: int, step: Optional[int] = None) -> int:
@@ -424,10 +447,7 @@ class SmartFreezer:
                 module.eval()
                 self._eval_hooks.append(module.register_forward_pre_hook(_force_eval))
         for opt in self.optimizers:
-            for group in opt.param_groups:
-                group["params"] = [p for p in group["params"] if id(p) not in frozen_ids]
-            for p in [p for p in opt.state if id(p) in frozen_ids]:
-                del opt.state[p]
+            _remove_params(opt, frozen_ids)
         self.num_frozen = target
         self._grad_index_cache.clear()
         if self.history is not None:
@@ -442,6 +462,74 @@ class SmartFreezer:
         """Call ``listener(event, newly_frozen_units)`` after every freeze (activation caches,
         compiled-region rebuilds, trainer callbacks, logging)."""
         self._freeze_listeners.append(listener)
+
+    # ------------------------------------------------------------------ changes after set-up (see guards)
+    def _adopt_optimizer(self, optimizer: torch.optim.Optimizer) -> List[torch.optim.Optimizer]:
+        """``optimizer`` holds the model's parameters but is not this freezer's (one re-created
+        mid-run), and is about to step: it takes the place of the freezer's optimizers it shares
+        parameters with, and gets what they had (frozen parameters and their state out, per-unit
+        groups and lrs for a policy that manages the lr). Returns the optimizers it replaces."""
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        replaced = [o for o in self.optimizers if any(id(p) in held for g in o.param_groups for p in g["params"])]
+        self.optimizers = [o for o in self.optimizers if all(o is not r for r in replaced)] + [optimizer]
+        _remove_params(optimizer, {id(p) for u in self.units[:self.num_frozen] for p in u.parameters})
+        if self.policy.manages_lr:
+            self._split_groups_per_unit([optimizer])
+            self._apply_lr_factors(self.step_count)
+        if self.policy.needs_gradients:  # runs in this very step: torch calls it after the global hooks
+            self._hooks.append(optimizer.register_step_pre_hook(self._accumulate_grad_norms))
+        self._grad_index_cache.clear()
+        return replaced
+
+    def _resync(self) -> None:
+        """A parameter or module was registered on the model after set-up. Parameters replaced by
+        like ones (same shape, dtype, device, strides) are adopted: frozen units stay frozen on
+        the new ones, the optimizers and the history use them. Other changes are refused."""
+        guard = self._guard
+        layout = guards.model_layout(self.module)
+        in_units = {id(m) for u in self.units for m in u.modules + u.norm_modules + u.dropout_modules}
+        change = guards.describe_change(guard.layout, layout, in_units)
+        old_params, new_params = guard.layout[1], layout[1]
+        pairs: Dict[int, Tuple[Tensor, Tensor]] = {}
+        for name, new in new_params.items() if not change else ():
+            old = old_params[name]  # the same names: describe_change found none added or removed
+            if new is old:
+                continue
+            if not guards.same_layout(old, new):
+                change = change or (f"parameter {name} changed from {tuple(old.shape)} {old.dtype} to "
+                                    f"{tuple(new.shape)} {new.dtype}")
+            elif pairs.get(id(old), (old, new))[1] is not new:
+                change = change or f"parameter {name} was shared and is no longer (tied weights untied)"
+            pairs[id(old)] = (old, new)
+        if not change and len({id(new) for _, new in pairs.values()}) != len(pairs):
+            change = "separate parameters now share one tensor (weights tied after set-up)"
+        if not change and pairs and self._dist_kind == "fsdp2":
+            change = "parameters replaced under FSDP2 (sharded parameters cannot be swapped in place)"
+        if change:
+            raise RuntimeError(
+                f"SmartFreezer: the model changed after the freezer was set up ({change}). The freezer's units, "
+                "history and any activation cache describe the old model. Build a new SmartFreezer (and "
+                "optimizer) for the changed model: close() this one first. Replacing parameters with ones of "
+                "the same shape (load_state_dict(assign=True)) is fine.")
+        frozen = {id(p) for u in self.units[:self.num_frozen] for p in u.parameters}
+        for unit in self.units:
+            unit.parameters[:] = [pairs.get(id(p), (p, p))[1] for p in unit.parameters]
+        for old, new in pairs.values():
+            if id(old) in frozen:
+                new.requires_grad_(False)
+                new.grad = None
+            for opt in self.optimizers:  # the new parameter takes the old one's place and state
+                for group in opt.param_groups:
+                    group["params"] = [new if p is old else p for p in group["params"]]
+                for p in [p for p in opt.state if p is old]:
+                    opt.state[new] = opt.state.pop(p)
+        if self.history is not None:
+            self.history.replace_sources({k: new for k, (_, new) in pairs.items()})
+        self._unit_of_param = {id(p): u.index for u in self.units for p in u.parameters}
+        self._grad_index_cache.clear()
+        guard.layout = layout
+        guard.module_ids = {id(m) for m in layout[0].values()}
+        guard.changed = False
 
     def _stop_before_nonfinite(self, target: int) -> int:
         for unit in self.units[self.num_frozen:target]:
@@ -646,9 +734,15 @@ class SmartFreezer:
     def close(self) -> None:
         """Remove the hooks the engine placed (frozen norm layers stay in eval until then) and
         close the policy."""
+        if self._closed:
+            return
         self._remove_first_forward_hook()
         self.policy.close()
         for hook in self._hooks + self._eval_hooks:
             hook.remove()
         self._hooks.clear()
         self._eval_hooks.clear()
+        if self._guard is not None:
+            self._guard.close()
+        guards.release(self)
+        self._closed = True

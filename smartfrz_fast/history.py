@@ -142,6 +142,11 @@ class WeightHistory:
         self.first_active = num_frozen
         self.rows = torch.arange(num_frozen, len(self.units), device=self.device)
 
+    def replace_sources(self, new_of: Dict[int, Tensor]) -> None:
+        """Sample the replacements of parameters swapped out of the model (``id(old) -> new``,
+        same shape, dtype and strides, so every position stays valid)."""
+        self.sources[:] = [new_of.get(id(p), p) for p in self.sources]  # the list the gather reads
+
     def restrict_to_masks(self, masks: Dict[int, Tensor], prev_masks: Optional[Dict[int, Tensor]] = None) -> List[int]:
         """Sparse training: re-draw the positions of every unit holding a masked parameter so
         that they fall only on unmasked weights. ``masks`` maps ``id(parameter)`` to a bool
