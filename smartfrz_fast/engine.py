@@ -338,12 +338,15 @@ class SmartFreezer:
         self._require_setup()
         return self.plan.units
 
-    def _require_setup(self) -> None:
+    def _require_open(self) -> None:
         if self._closed:
             raise RuntimeError(
                 "this SmartFreezer was closed (close() removed its hooks and released the model): it can no "
                 "longer step, freeze or load a state. Build a new SmartFreezer to go on freezing (frozen "
-                "units stay frozen; freezer.state_dict() saved before close() resumes in the new one).")
+                "units stay frozen; its state_dict() resumes in the new one).")
+        self._require_setup()
+
+    def _require_setup(self) -> None:
         if self.plan is None:
             raise RuntimeError(
                 "SmartFreezer has not seen the model run yet: pass example_inputs=..., or run a "
@@ -352,7 +355,7 @@ class SmartFreezer:
 
     def step(self) -> None:
         """Call once after each ``optimizer.step()``."""
-        self._require_setup()
+        self._require_open()
         self.step_count += 1
         step = self.step_count
         self._guard.on_freezer_step(self)  # model changes since the last step, step() vs optimizer steps
@@ -422,7 +425,7 @@ class SmartFreezer:
         """Freeze the first ``num_units`` units (never fewer than already frozen). Returns the
         frozen-prefix length after clamping to ``max_frozen``, shared-parameter spans and
         non-finite weights."""
-        self._require_setup()
+        self._require_open()
         try:  # an int, a numpy int or a one-element int tensor (a policy's decision)
             num_units = operator.index(num_units)
         except TypeError:
@@ -638,7 +641,7 @@ class SmartFreezer:
         Everything is checked before anything changes: a refused checkpoint (another model,
         policy or settings, or a truncated dict) leaves the model, the optimizer and this
         freezer as they were."""
-        self._require_setup()
+        self._require_open()
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError("not a SmartFreezer state_dict (missing its format tag)")
         if state.get("version") != STATE_VERSION:
