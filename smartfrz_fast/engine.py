@@ -614,6 +614,8 @@ class SmartFreezer:
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to continue bit-identically (model and optimizer states apart)."""
         self._require_setup()
+        if not self._closed:
+            self._resync()  # deleting a module calls no hook: the model is re-read in full here
         pending = []
         for apply_at, host, event in self._pending:
             if event is not None:
@@ -665,14 +667,14 @@ class SmartFreezer:
                              f"(a model of {len(self.units)} units)")
         self._check_restorable(num_frozen)
         try:
-            timeline = [FreezeEvent(**{**e, "unit_names": tuple(e["unit_names"])}) for e in state["timeline"]]
-            pending = [(int(apply_at), torch.tensor(int(value))) for apply_at, value in state["pending"]]
+            timeline = self._checked_timeline(state["timeline"], step, num_frozen)
+            pending = self._checked_pending(state["pending"], step)
         except (TypeError, KeyError, ValueError) as exc:
             raise ValueError(f"this SmartFreezer state_dict has a corrupt timeline or pending list ({exc})") from exc
         if (state["history"] is None) != (self.history is None):
             raise ValueError("the checkpoint's weight history does not match this policy's needs")
         if self.history is not None:
-            self.history.check_state(state["history"])
+            self.history.check_state(state["history"], max_count=step // self.sample_every)
         previous = self.policy.state_dict()
         try:
             self.policy.load_state_dict(state["policy_state"])
@@ -693,6 +695,38 @@ class SmartFreezer:
             warnings.warn(f"SmartFreezer: the checkpoint's policy was {saved_policy}, this run's is "
                           f"{self.policy.describe()}: the resumed run will not continue as the saved one would.",
                           stacklevel=2)
+
+    def _checked_timeline(self, saved: Any, step: int, num_frozen: int) -> List[FreezeEvent]:
+        """The saved timeline if it tells how this model's prefix grew to ``num_frozen`` by
+        ``step`` (else ValueError); its fractions are recomputed from this model."""
+        if not isinstance(saved, (list, tuple)):
+            raise TypeError(f"the timeline is a {type(saved).__name__}, not a list")
+        events, frozen, last = [], 0, 0
+        for e in saved:
+            at, n, names = e["step"], e["num_frozen"], tuple(e["unit_names"])
+            if not (_is_int(at) and last <= at <= step and _is_int(n) and frozen < n <= num_frozen):
+                raise ValueError(f"event {e!r} does not follow the one before it (step {last}, {frozen} frozen) "
+                                 f"within step {step} and num_frozen {num_frozen}")
+            if names != tuple(u.name for u in self.units[frozen:n]):
+                raise ValueError(f"event {e!r} names other units than this model's {frozen}..{n - 1}")
+            events.append(FreezeEvent(at, n, names, self.frozen_param_fraction(n), self.frozen_flops_fraction(n)))
+            frozen, last = n, at
+        if frozen != num_frozen:
+            raise ValueError(f"the timeline ends with {frozen} frozen units, the state has num_frozen={num_frozen}")
+        return events
+
+    def _checked_pending(self, saved: Any, step: int) -> List[Tuple[int, Tensor]]:
+        """Decisions waiting to be applied: due after ``step``, within ``decision_delay``; a
+        broadcast 'no decision' (-1) is dropped."""
+        pending = []
+        for apply_at, value in saved:
+            if not (_is_int(apply_at) and step < apply_at <= step + self.decision_delay
+                    and _is_int(value) and -1 <= value <= len(self.units)):
+                raise ValueError(f"pending decision {(apply_at, value)!r} is not a prefix length (-1 .. "
+                                 f"{len(self.units)}) due in steps {step + 1} .. {step + self.decision_delay}")
+            if value != -1:
+                pending.append((apply_at, torch.tensor(value)))
+        return pending
 
     def _check_settings(self, saved: Dict[str, Any]) -> None:
         mine = self._settings()
@@ -721,7 +755,10 @@ class SmartFreezer:
 
     def _check_signature(self, saved) -> None:
         mine = self._signature()
-        saved = [(name, [(n, tuple(s)) for n, s in params]) for name, params in saved]
+        try:
+            saved = [(name, [(n, tuple(s)) for n, s in params]) for name, params in saved]
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"this SmartFreezer state_dict's model signature is corrupt ({exc})") from exc
         if saved == mine:
             return
         if len(saved) != len(mine):
