@@ -348,3 +348,168 @@ def test_valid_decisions_still_apply(value):
     freezer2 = SmartFreezer(model2, sgd(model2), Returns(np.int64(2)), example_inputs=batch(0)[0])
     freezer2.step()
     assert freezer2.num_frozen == 2
+
+
+# ---------------------------------------------------------------------- loaded states (item 6)
+
+
+def smartfrz_run(tmp_path, steps=6):
+    from test_smartfrz_policy import predictor_file
+    from smartfrz_fast import SmartFRZ
+
+    torch.manual_seed(0)
+    model = SmallCNN()
+    opt = sgd(model, momentum=0.9)
+    policy = SmartFRZ(weights=predictor_file(tmp_path / "p.pt", freeze_logit=20.0), patience=2)
+    freezer = SmartFreezer(model, opt, policy, example_inputs=batch(0)[0], window=4, sample_size=16,
+                           sample_every=1)
+    train_steps(model, opt, freezer, steps)
+    return model, opt, freezer
+
+
+def edited(state, path, value):
+    """A deep copy of ``state`` with ``state[path[0]][path[1]]... = value`` (a callable: of the old value)."""
+    import copy
+
+    state = copy.deepcopy(state)
+    node = state
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value(node[path[-1]]) if callable(value) else value
+    return state
+
+
+@pytest.mark.parametrize("path, value, message", [
+    (("history", "count"), -5, r"history is corrupt: count=-5"),
+    (("history", "cursor"), 10**12, r"cursor=1000000000000"),
+    (("history", "count"), 10**6, r"count=1000000, cursor=\d+ .*at most 6"),
+    (("history", "history"), lambda h: torch.full_like(h, float("nan")), r"holds \d+ NaN or inf"),
+    (("history", "history"), lambda h: h.index_put_((torch.tensor([3]), torch.tensor([0]), torch.tensor([0])),
+                                                    torch.tensor(float("inf"))), r"holds 1 NaN or inf"),
+    (("history", "history"), lambda h: h.double(), r"is torch.float64"),
+    (("timeline",), [], r"timeline ends with 0 frozen units, the state has num_frozen=\d"),
+    (("timeline",), lambda t: [{**t[0], "unit_names": ["conv9"]}] + t[1:], r"names other units"),
+    (("timeline",), lambda t: [{**t[0], "step": 99}] + t[1:], r"does not follow"),
+    (("pending",), [(99, 1)], r"pending decision \(99, 1\)"),
+    (("pending",), [(7, 9)], r"pending decision \(7, 9\) is not a prefix length"),
+    (("policy_state", "streak"), torch.zeros(7, dtype=torch.int32), r"streak is torch.int32 \(7,\); expected int32 \(4,\)"),
+    (("policy_state", "streak"), torch.zeros(4), r"streak is torch.float32"),
+    (("policy_state", "streak"), lambda s: s - 5, r"counts >= 0"),
+    (("policy_state", "evaluated_at"), "3", r"evaluated_at='3'"),
+    (("signature",), 5, r"signature is corrupt"),
+    (("signature",), lambda s: s[:-1], r"belongs to a different model \(the checkpoint has 3 units, this model 4\)"),
+])
+def test_corrupt_freezer_states_are_refused_and_change_nothing(tmp_path, path, value, message):
+    from test_bad_input import assert_unchanged, snapshot
+
+    _, _, freezer = smartfrz_run(tmp_path)
+    state = freezer.state_dict()
+    assert state["num_frozen"] >= 1 and state["policy_state"]["streak"] is not None
+    bad = edited(state, path, value)
+    model, opt, fresh = smartfrz_run(tmp_path, steps=0)
+    before = snapshot(model, opt, fresh)
+    with pytest.raises(ValueError, match=message):
+        fresh.load_state_dict(bad)
+    assert_unchanged(before, snapshot(model, opt, fresh))
+    fresh.load_state_dict(state)  # the good state still loads
+    assert fresh.num_frozen == state["num_frozen"]
+
+
+def test_history_zeros_after_its_count_are_checked(tmp_path):
+    model, opt, freezer = smartfrz_run(tmp_path, steps=2)  # 2 of 4 slots written
+    state = edited(freezer.state_dict(), ("history", "history"), lambda h: h.index_fill(1, torch.tensor([3]), 0.5))
+    model, opt, fresh = smartfrz_run(tmp_path, steps=0)
+    with pytest.raises(ValueError, match="where no snapshot was ever written"):
+        fresh.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------- predictor files and recordings
+
+
+def _v1_file(good, path, **provenance):
+    """``good`` re-saved in the version-1 format (digest over the weights only)."""
+    from smartfrz_fast.predictor.model import _weights_digest_v1
+
+    blob = torch.load(good, weights_only=True)
+    blob.update(version=1, provenance={**blob["provenance"], **provenance})
+    blob["digest"] = _weights_digest_v1(blob["state_dict"])
+    torch.save(blob, path)
+    return path
+
+
+@pytest.mark.parametrize("edit", [dict(input_gain=1.0), dict(sort_by_newest=False), dict(commit="x"),
+                                  dict(input_gain=30.000001)])
+def test_predictor_digest_covers_the_provenance(tmp_path, edit):
+    from smartfrz_fast.predictor import DEFAULT_WEIGHTS, PredictorWeightsError, load_predictor
+
+    shipped = torch.load(DEFAULT_WEIGHTS, weights_only=True)
+    assert shipped["version"] == 2 and load_predictor().provenance["input_gain"] == 30.0
+    shipped["provenance"].update(edit)
+    torch.save(shipped, tmp_path / "edited.pt")
+    with pytest.raises(PredictorWeightsError, match="digest mismatch.*covers the weights, configuration and provenance"):
+        load_predictor(tmp_path / "edited.pt")
+
+
+def test_version_1_predictor_files_are_refused_and_can_be_upgraded_deliberately(tmp_path):
+    from test_smartfrz_policy import predictor_file
+    from smartfrz_fast.predictor import PredictorWeightsError, load_predictor
+    from smartfrz_fast.predictor.model import upgrade_predictor_file
+
+    good = predictor_file(tmp_path / "good.pt")
+    old = _v1_file(good, tmp_path / "v1.pt", input_gain=5.0)
+    with pytest.raises(PredictorWeightsError, match=r"version-1 .*upgrade_predictor_file\(old, new\)"):
+        load_predictor(old)
+    upgrade_predictor_file(old, tmp_path / "v2.pt")
+    upgraded = load_predictor(tmp_path / "v2.pt")
+    assert upgraded.provenance["input_gain"] == 5.0
+    assert all(torch.equal(a, b) for a, b in zip(upgraded.state_dict().values(), load_predictor(good).state_dict().values()))
+    blob = torch.load(old, weights_only=True)
+    blob["state_dict"]["head.0.bias"][0] += 1.0  # tampered weights: the version-1 digest still catches it
+    torch.save(blob, tmp_path / "bad_v1.pt")
+    with pytest.raises(PredictorWeightsError, match="version-1 content check"):
+        upgrade_predictor_file(tmp_path / "bad_v1.pt", tmp_path / "out.pt")
+    with pytest.raises(PredictorWeightsError, match="has a provenance input_gain=nan"):
+        upgrade_predictor_file(_v1_file(good, tmp_path / "nan_v1.pt", input_gain=float("nan")), tmp_path / "o.pt")
+
+
+@pytest.mark.parametrize("provenance, message", [
+    ({"input_gain": float("nan")}, r"input_gain=nan: it must be a finite number > 0"),
+    ({"input_gain": -1.0}, r"input_gain=-1.0"),
+    ({"input_gain": "30"}, r"input_gain='30'"),
+    ({"sort_by_newest": "yes"}, r"sort_by_newest='yes', not True or False"),
+    ({"weights": torch.zeros(2)}, r"not JSON-like data"),
+    ("by hand", r"provenance of type str"),
+])
+def test_save_predictor_refuses_a_provenance_it_cannot_vouch_for(tmp_path, provenance, message):
+    from smartfrz_fast.predictor import AttentionPredictor, PredictorConfig, PredictorWeightsError, save_predictor
+
+    model = AttentionPredictor(PredictorConfig(sample_size=8, window=3, hidden=8, embed=4, head_hidden=4))
+    with pytest.raises(PredictorWeightsError, match=message):
+        save_predictor(model, tmp_path / "p.pt", provenance)
+    assert not (tmp_path / "p.pt").exists()
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_recorded_runs_load_as_data_only(tmp_path):
+    from smartfrz_fast.predictor.evaluate import LabelSchedule
+    from smartfrz_fast.predictor.labels import load_runs
+
+    marker = tmp_path / "code_ran"
+    torch.save({"cka": torch.ones(2, 5), "sample_every": 5, "payload": _RunsCode(str(marker))}, tmp_path / "evil.pt")
+    for load in (lambda p: load_runs([p]), lambda p: LabelSchedule.from_recording(p, 0.99, window=1)):
+        with pytest.raises(ValueError, match="not a readable recorded run"):
+            load(tmp_path / "evil.pt")
+    assert not marker.exists()
+    torch.save({"cka": torch.ones(5), "sample_every": 5}, tmp_path / "flat.pt")
+    with pytest.raises(ValueError, match=r"bad or missing \['cka"):
+        LabelSchedule.from_recording(tmp_path / "flat.pt", 0.99, window=1)
+    torch.save({"cka": torch.ones(2, 5), "sample_every": 5}, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match=r"bad or missing \['name', 'spec'"):
+        load_runs([tmp_path / "partial.pt"])
