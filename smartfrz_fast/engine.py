@@ -515,6 +515,12 @@ class SmartFreezer:
                 "optimizer) for the changed model: close() this one first. Replacing parameters with ones of "
                 "the same shape (load_state_dict(assign=True)) is fine.")
         frozen = {id(p) for u in self.units[:self.num_frozen] for p in u.parameters}
+        moved = [n for n, p in new_params.items() if id(old_params[n]) in frozen and p is not old_params[n]
+                 and not torch.equal(p.detach(), old_params[n].detach())]
+        if moved:
+            warnings.warn(f"SmartFreezer: frozen parameters were replaced by other values ({moved[:3]}): they stay "
+                          "frozen with the new values. An activation cache's rows were made with the old ones: "
+                          "build a new cache if you use one.", stacklevel=4)
         for unit in self.units:
             unit.parameters[:] = [pairs.get(id(p), (p, p))[1] for p in unit.parameters]
         for old, new in pairs.values():

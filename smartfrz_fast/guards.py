@@ -16,8 +16,8 @@ a flag and a counter:
   AcceleratedOptimizer shares its param_groups; Lookahead or ZeRO step theirs inside their own
   step) are recognised as the same optimizer.
 
-Deleting a module (``del model[3]``) calls no hook: ``SmartFreezer.state_dict()`` and
-``report()`` re-read the model in full to catch that.
+Deleting a module (``del model[3]``) calls no hook: ``SmartFreezer.state_dict()`` re-reads the
+model in full to catch that at the latest at the next checkpoint.
 
 A model is claimed by one live, unclosed freezer at a time (``claim``).
 """
@@ -35,7 +35,7 @@ from torch import nn
 # optimizer steps on inf gradients (about 10-17 at the start of fp16 training), which is fine;
 # step() twice per optimizer step makes every second call such a one.
 UNMATCHED_STEPS_WARN = 20
-# optimizer steps (per optimizer of the freezer) without a step() before the warning
+# optimizer steps (per optimizer of the freezer) with step() never called, before the warning
 NEVER_STEPPED_WARN = 100
 
 _GUARDS: List["weakref.ref[Guard]"] = []
@@ -212,11 +212,13 @@ class Guard:
     def _count(self, freezer: Any, optimizer: torch.optim.Optimizer) -> None:
         self.inside = optimizer
         self.optimizer_steps += 1
-        if self.optimizer_steps == NEVER_STEPPED_WARN * len(freezer.optimizers):
+        # never stepped and nothing frozen by hand (freeze_to needs no step(): profile.py drives it so)
+        if (self.optimizer_steps == NEVER_STEPPED_WARN * len(freezer.optimizers) and freezer.step_count == 0
+                and not freezer.timeline):
             self.warn_once("never", (
-                f"SmartFreezer: the optimizer has stepped {NEVER_STEPPED_WARN} times since the last "
-                f"SmartFreezer.step() (steps so far: {freezer.step_count}): nothing is frozen while step() "
-                "is not called. Call freezer.step() once after each optimizer.step()."))
+                f"SmartFreezer: the optimizer has stepped {NEVER_STEPPED_WARN} times and SmartFreezer.step() "
+                "was never called: the policy never runs, nothing freezes. Call freezer.step() once after "
+                "each optimizer.step()."))
 
     def on_freezer_step(self, freezer: Any) -> None:
         if self.changed:
