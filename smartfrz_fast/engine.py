@@ -502,7 +502,8 @@ class SmartFreezer:
                 change = change or (f"parameter {name} changed from {tuple(old.shape)} {old.dtype} to "
                                     f"{tuple(new.shape)} {new.dtype}")
             elif pairs.get(id(old), (old, new))[1] is not new:
-                change = change or f"parameter {name} was shared and is no longer (tied weights untied)"
+                change = change or (f"parameter {name} was shared and is no longer: tied weights untied, as "
+                                    "load_state_dict(assign=True) does; re-tie them before the next step")
             pairs[id(old)] = (old, new)
         if not change and len({id(new) for _, new in pairs.values()}) != len(pairs):
             change = "separate parameters now share one tensor (weights tied after set-up)"

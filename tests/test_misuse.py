@@ -513,3 +513,30 @@ def test_recorded_runs_load_as_data_only(tmp_path):
     torch.save({"cka": torch.ones(2, 5), "sample_every": 5}, tmp_path / "partial.pt")
     with pytest.raises(ValueError, match=r"bad or missing \['name', 'spec'"):
         load_runs([tmp_path / "partial.pt"])
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.mid, self.head = nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(torch.relu(self.mid(self.emb(x))))
+
+
+def test_tied_weights_untied_by_assign_are_refused_and_retied_ones_followed():
+    model = TiedLM()
+    opt = sgd(model)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=1), example_inputs=torch.tensor([[1, 2, 3]]))
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    with pytest.raises(RuntimeError, match="tied weights untied, as load_state_dict.assign=True. does; re-tie"):
+        freezer.step()
+    model.head.weight = model.emb.weight  # re-tied: the freezer follows the new tensor
+    x = torch.tensor([[1, 2, 3]])
+    nn.functional.cross_entropy(model(x)[0], x[0]).backward()
+    opt.step()
+    freezer.step()
+    # the tie forbids freezing the embedding alone; the optimizer trains the new tensor
+    assert freezer.units[0].parameters == [model.emb.weight] and freezer.num_frozen == 0
+    assert id(model.emb.weight) in held(opt) and freezer._unit_of_param[id(model.emb.weight)] == 0
