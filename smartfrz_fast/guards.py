@@ -71,27 +71,25 @@ def release(freezer: Any) -> None:
 
 
 # ---------------------------------------------------------------------- global hooks
-def _guards():
+# The hooks run at every optimizer step and parameter registration of the process: plain loops.
+def _before_optimizer_step(optimizer, args, kwargs) -> None:
     for ref in _GUARDS:
         guard = ref()
         if guard is not None:
-            yield guard
-
-
-def _before_optimizer_step(optimizer, args, kwargs) -> None:
-    for guard in _guards():
-        guard.before_optimizer_step(optimizer)
+            guard.before_optimizer_step(optimizer)
 
 
 def _after_optimizer_step(optimizer, args, kwargs) -> None:
-    for guard in _guards():
-        if guard.inside is optimizer:
+    for ref in _GUARDS:
+        guard = ref()
+        if guard is not None and guard.inside is optimizer:
             guard.inside = None
 
 
 def _on_registration(module, name, value) -> None:
-    for guard in _guards():
-        if id(module) in guard.module_ids:
+    for ref in _GUARDS:
+        guard = ref()
+        if guard is not None and id(module) in guard.module_ids:
             guard.changed = True
 
 
@@ -189,7 +187,7 @@ class Guard:
             return
         if self.changed:
             freezer._resync()
-        if any(optimizer is own for own in freezer.optimizers):
+        if optimizer in freezer.optimizers:  # identity: optimizers do not define __eq__
             self._count(freezer, optimizer)
             return
         if self.inside is not None or optimizer in self._unrelated:
