@@ -608,6 +608,12 @@ class SmartFreezer:
         if not self.timeline:
             lines.append("      -       0       -           -  (nothing frozen yet)")
         lines.append(f"training FLOPs saved so far: {self.training_flops_saved():.1%}")
+        guard = self._guard
+        if guard is not None and self.step_count == 0 and guard.optimizer_steps:
+            lines.append(f"note: the optimizer stepped {guard.optimizer_steps} times but step() was never called")
+        elif guard is not None and guard.unmatched:
+            lines.append(f"note: step() was called {guard.unmatched} of {self.step_count} times with no optimizer "
+                         "step since the previous call (once per optimizer step is right)")
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ checkpoints

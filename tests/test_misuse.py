@@ -246,6 +246,7 @@ def test_step_twice_per_optimizer_step_warns_once():
             freezer.step()
     ours = [w for w in caught if "no optimizer step since the previous call" in str(w.message)]
     assert len(ours) == 1 and "double speed" in str(ours[0].message)
+    assert "step() was called 60 of 120 times with no optimizer step" in freezer.report()
 
 
 def test_a_few_skipped_optimizer_steps_do_not_warn():
@@ -268,7 +269,8 @@ def test_step_never_called_warns_once():
         for _ in range(250):
             opt.step()
     ours = [w for w in caught if "SmartFreezer.step() was never called" in str(w.message)]
-    assert len(ours) == 1 and freezer.step_count == 0 and "Call freezer.step() once after each optimizer.step()" in str(ours[0].message)
+    assert len(ours) == 1 and freezer.step_count == 0
+    assert "the optimizer stepped 250 times but step() was never called" in freezer.report() and "Call freezer.step() once after each optimizer.step()" in str(ours[0].message)
 
 
 def test_use_after_close_is_refused_and_close_twice_is_fine():
