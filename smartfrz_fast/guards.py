@@ -171,7 +171,7 @@ class Guard:
         _install()
 
     def close(self) -> None:
-        self.module_ids = set()
+        self.module_ids, self.layout = set(), ({}, {})
         _GUARDS[:] = [ref for ref in _GUARDS if ref() is not self]
         _uninstall_if_unused()
 
@@ -201,9 +201,10 @@ class Guard:
             return
         if optimizer in self._replaced:
             raise RuntimeError(
-                f"SmartFreezer: two optimizers step the model's parameters ({type(optimizer).__name__} "
-                "objects), but the freezer was given only one of them: freezing removes parameters from the "
-                "freezer's optimizers only. Pass every optimizer to SmartFreezer([opt_a, opt_b], ...).")
+                "SmartFreezer: two optimizers step the model's parameters, and the freezer was given only one "
+                "of them (it took the other for a re-created one, whose predecessor stops stepping). Freezing "
+                "removes parameters from the freezer's optimizers only: pass every optimizer, "
+                "SmartFreezer(model, [opt_a, opt_b], ...).")
         self._replaced.update(freezer._adopt_optimizer(optimizer))
         self._count(freezer, optimizer)
 
