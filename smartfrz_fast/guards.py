@@ -107,8 +107,14 @@ def _install() -> None:
     ])
 
 
+def _forget(ref: "weakref.ref[Guard]") -> None:
+    """A guard closed, or collected with a freezer nobody closed: its hooks' loops lose it."""
+    if ref in _GUARDS:
+        _GUARDS.remove(ref)
+    _uninstall_if_unused()
+
+
 def _uninstall_if_unused() -> None:
-    _GUARDS[:] = [ref for ref in _GUARDS if ref() is not None]
     if not _GUARDS:
         for handle in _HANDLES:
             handle.remove()
@@ -167,13 +173,13 @@ class Guard:
         self._unrelated: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
         self._replaced: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
         self._warned = set()
-        _GUARDS.append(weakref.ref(self))
+        self._ref = weakref.ref(self, _forget)
+        _GUARDS.append(self._ref)
         _install()
 
     def close(self) -> None:
         self.module_ids, self.layout = set(), ({}, {})
-        _GUARDS[:] = [ref for ref in _GUARDS if ref() is not self]
-        _uninstall_if_unused()
+        _forget(self._ref)
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -542,3 +542,21 @@ def test_tied_weights_untied_by_assign_are_refused_and_retied_ones_followed():
     # the tie forbids freezing the embedding alone; the optimizer trains the new tensor
     assert freezer.units[0].parameters == [model.emb.weight] and freezer.num_frozen == 0
     assert id(model.emb.weight) in held(opt) and freezer._unit_of_param[id(model.emb.weight)] == 0
+
+
+def test_freezers_nobody_closes_leave_no_work_in_the_global_hooks():
+    import gc
+
+    from smartfrz_fast import guards
+
+    before = len(guards._GUARDS)
+    for _ in range(5):
+        model = SmallCNN()
+        SmartFreezer(model, sgd(model), StaticFreeze(1, at_step=2), example_inputs=batch(0)[0])
+    gc.collect()
+    assert len(guards._GUARDS) == before
+    model = SmallCNN()
+    freezer = SmartFreezer(model, sgd(model), StaticFreeze(1, at_step=2), example_inputs=batch(0)[0])
+    assert len(guards._GUARDS) == before + 1 and guards._HANDLES
+    freezer.close()
+    assert len(guards._GUARDS) == before
