@@ -560,3 +560,13 @@ def test_freezers_nobody_closes_leave_no_work_in_the_global_hooks():
     assert len(guards._GUARDS) == before + 1 and guards._HANDLES
     freezer.close()
     assert len(guards._GUARDS) == before
+
+
+def test_a_deleted_module_is_caught_at_the_next_checkpoint():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = sgd(model)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=1), example_inputs=torch.randn(2, 4))
+    freezer.step()
+    del model[2]  # calls no registration hook
+    with pytest.raises(RuntimeError, match=r"module\(s\) removed: \['4'\]\).*Build a new SmartFreezer"):
+        freezer.state_dict()
