@@ -66,8 +66,22 @@ class SmartFRZ(FreezePolicy):
         return {"evaluated_at": self._evaluated_at, "streak": streak}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self._evaluated_at = int(state.get("evaluated_at", -1))
-        streak = state.get("streak")
+        # checked whole before anything changes: a wrong-shape streak would fail at the next step
+        if not isinstance(state, dict) or set(state) - {"evaluated_at", "streak"}:
+            raise ValueError(f"SmartFRZ: policy state {state!r:.80} is not SmartFRZ.state_dict()'s "
+                             "{'evaluated_at', 'streak'}")
+        evaluated_at, streak = state.get("evaluated_at", -1), state.get("streak")
+        if isinstance(evaluated_at, bool) or not isinstance(evaluated_at, int) or evaluated_at < -1:
+            raise ValueError(f"SmartFRZ: policy state evaluated_at={evaluated_at!r} is not a snapshot count (>= -1)")
+        units = self.context.num_units if self.context is not None else None
+        if streak is not None and not (isinstance(streak, torch.Tensor) and streak.dtype == torch.int32
+                                       and streak.dim() == 1 and (units is None or streak.numel() == units)
+                                       and bool((streak >= 0).all())):
+            what = (f"{streak.dtype} {tuple(streak.shape)}" if isinstance(streak, torch.Tensor)
+                    else type(streak).__name__)
+            raise ValueError(f"SmartFRZ: policy state streak is {what}; expected int32 ({units},) counts >= 0 "
+                             "(one per unit): the checkpoint is corrupt or from another model.")
+        self._evaluated_at = evaluated_at
         self._streak = None if streak is None else streak.clone()
 
     def bind(self, context: PolicyContext) -> None:
