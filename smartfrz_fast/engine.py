@@ -254,9 +254,11 @@ class SmartFreezer:
             self._grad_sq = torch.zeros(len(plan.units), dtype=torch.float32, device=device)
             for opt in self.optimizers:
                 self._hooks.append(opt.register_step_pre_hook(self._accumulate_grad_norms))
-        if self.policy.manages_lr:
-            self._split_groups_per_unit()
-            self._apply_lr_factors(0)
+        if self.policy.manages_lr:  # each unit's lr scaled inside optimizer.step(); groups stay the user's
+            from .policy.unit_lr import UnitLRScaler
+
+            self._hooks += UnitLRScaler(self.optimizers, self._unit_of_param,
+                                        lambda: self.policy.lr_factors(self.step_count)).hooks
         self.policy._serves = weakref.ref(self)
 
     def _check_optimizers(self, units: Sequence[Unit]) -> None:
@@ -269,32 +271,6 @@ class SmartFreezer:
                 "(or list of optimizers) that trains this model, built after the model's parameters "
                 "were created."
             )
-
-    def _split_groups_per_unit(self) -> None:
-        """One param group per (original group, unit), so a policy can set per-unit lrs."""
-        for opt in self.optimizers:
-            groups = []
-            for group in opt.param_groups:
-                buckets: Dict[int, List[nn.Parameter]] = {}
-                for p in group["params"]:
-                    buckets.setdefault(self._unit_of_param.get(id(p), -1), []).append(p)
-                for unit_index, params in sorted(buckets.items()):
-                    new = {k: v for k, v in group.items() if k != "params"}
-                    new["params"] = params
-                    new["smartfrz_unit"] = unit_index
-                    new.setdefault("smartfrz_initial_lr", group["lr"])
-                    groups.append(new)
-            opt.param_groups[:] = groups
-
-    def _apply_lr_factors(self, step: int) -> None:
-        factors = self.policy.lr_factors(step)
-        if factors is None:
-            return
-        for opt in self.optimizers:
-            for group in opt.param_groups:
-                unit = group.get("smartfrz_unit", -1)
-                if unit >= 0:
-                    group["lr"] = group["smartfrz_initial_lr"] * float(factors[unit])
 
     def _accumulate_grad_norms(self, optimizer, args, kwargs) -> None:
         params, units = [], []
@@ -350,8 +326,6 @@ class SmartFreezer:
                     self._submit(step, decision)
         with _range("smartfrz::apply"):
             self._apply_due(step)
-            if self.policy.manages_lr:
-                self._apply_lr_factors(step)
 
     def _decide(self, step: int) -> Optional[Decision]:
         """The policy's decision; under DDP rank 0's, broadcast only where the policy may
@@ -595,8 +569,6 @@ class SmartFreezer:
         self.freeze_to(num_frozen, step=step)
         self.timeline = timeline
         self._pending = [(apply_at, value, None) for apply_at, value in pending]
-        if self.policy.manages_lr:
-            self._apply_lr_factors(self.step_count)
         saved_policy = state.get("policy_settings")  # absent in checkpoints older than this check
         if saved_policy is not None and saved_policy != self.policy.describe():
             warnings.warn(f"SmartFreezer: the checkpoint's policy was {saved_policy}, this run's is "
