@@ -638,3 +638,27 @@ def test_freezeout_default_t0_is_the_recommended_one():
     p.bind(make_context(5, total_steps=1000))
     assert p.t0 == 0.8 and p.freeze_times[0] == pytest.approx(0.512)
     assert p.freeze_steps[0] == 513
+
+
+@pytest.mark.parametrize("total, interval", [(100, None), (105, None), (40, 8), (41, 8)])
+def test_autofreeze_never_freezes_where_nothing_is_left_to_save(fresh_seed, total, interval):
+    """Interval ends inside the last interval (the final step among them) decide nothing;
+    every earlier end decides as before, and freezing is possible there."""
+    p = AutoFreeze(interval=interval, percentile=50)
+    p.bind(make_context(6, total_steps=total))
+    q = AutoFreeze(interval=p.interval, percentile=50)  # the same rule without a known end
+    q.bind(make_context(6, total_steps=None))
+    gen = torch.Generator().manual_seed(fresh_seed)
+    decided, unguarded = {}, {}
+    for step in range(total):
+        norms = torch.rand(6, generator=gen) + 0.1
+        for policy, out in ((p, decided), (q, unguarded)):
+            policy.observe_gradients(step, norms)
+            if policy.decides_at(step + 1):
+                out[step + 1] = as_int(policy.decide(step + 1, 0))
+            else:
+                assert policy.decide(step + 1, 0) is None
+    last_end = total - total % p.interval if total % p.interval else total
+    assert last_end in unguarded and last_end not in decided  # the reference decides at its last end
+    assert all(s <= total - p.interval for s in decided)
+    assert decided == {s: d for s, d in unguarded.items() if s <= total - p.interval} and decided
