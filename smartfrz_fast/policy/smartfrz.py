@@ -38,6 +38,21 @@ def snapshot_interval(total_steps: int, snapshots: int = SNAPSHOTS_PER_RUN) -> i
 
 
 class SmartFRZ(FreezePolicy):
+    """The SmartFRZ attention predictor as a freezing policy.
+
+    Args:
+        weights: predictor file (default: the shipped weights, or ``$SMARTFRZ_PREDICTOR``).
+        threshold: a unit is freezable when its probability (averaged, see ``smoothing``)
+            reaches this.
+        evaluate_every: score every this many steps (default: once per new snapshot).
+        patience: evaluations in a row a unit must be freezable before it freezes.
+        smoothing: span, in evaluations, of the moving average of each unit's probability
+            (1: the raw probability). The average starts from 0 (not freezable).
+        min_progress: no decision before ``ceil(min_progress * total_steps)`` steps (the
+            predictor's window spans a quarter of a run); without ``total_steps`` there is no
+            such guard and SmartFreezer warns.
+    """
+
     name = "smartfrz"
     needs_history = True
 
