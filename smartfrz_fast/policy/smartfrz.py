@@ -99,9 +99,10 @@ class SmartFRZ(FreezePolicy):
         warnings.warn(
             "SmartFRZ paces its weight history by the run's length, and SmartFreezer was given no "
             "total_steps: it snapshots every step, so its window spans only `window` (30) steps and it "
-            "may start freezing at step 30 whatever the run's length (the demo's model over 750 steps: 56 % "
-            "of the FLOPs saved instead of 41 %, 0.44 points more lost). Pass total_steps=<optimizer steps in the run> to SmartFreezer (or "
-            "sample_every=total_steps // 120 if the freezer cannot know it).", UserWarning, stacklevel=3)
+            "may start freezing at step 30 whatever the run's length (the demo's model over 750 steps: "
+            "56 % of the FLOPs saved instead of 41 %, 0.44 points more lost). Pass total_steps=<optimizer "
+            "steps in the run> to SmartFreezer (or sample_every=total_steps // 120 if the freezer cannot "
+            "know it).", UserWarning, stacklevel=3)
         return 1
 
     def state_dict(self) -> Dict[str, Any]:
