@@ -25,7 +25,9 @@ SNAPSHOTS_PER_RUN = 120
 DEFAULT_PATIENCE = 1
 # Each unit's probability is averaged over its evaluations (an exponential moving average from
 # 0 spanning this many evaluations, alpha = 2 / (span + 1)) before it is compared with the
-# threshold: the raw probability moves by ~0.1 between evaluations (docs/predictor.md).
+# threshold: the raw probability moves by ~0.1 between evaluations. Default 1 (off): measured
+# on the demo and a fine-tuning job, it did not buy accuracy (docs/predictor.md, "Temporal
+# agreement"), and on fine-tuning the probabilities are wrong on average, not noisy.
 DEFAULT_SMOOTHING = 1
 # No decision before this fraction of total_steps: the predictor's window spans a quarter of a
 # run, and the floor of the snapshot interval alone would fill it earlier (20 % at 300 steps).
