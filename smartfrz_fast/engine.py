@@ -269,8 +269,7 @@ class SmartFreezer:
             for opt in self.optimizers:
                 self._hooks.append(opt.register_step_pre_hook(self._accumulate_grad_norms))
         if self.policy.manages_lr:
-            self._split_groups_per_unit(self.optimizers)
-            self._apply_lr_factors(0)
+            self._scale_unit_lrs(self.optimizers)
         self.policy._serves = weakref.ref(self)
         self._guard = guards.Guard(self)
 
@@ -285,31 +284,13 @@ class SmartFreezer:
                 "were created."
             )
 
-    def _split_groups_per_unit(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
-        """One param group per (original group, unit), so a policy can set per-unit lrs."""
-        for opt in optimizers:
-            groups = []
-            for group in opt.param_groups:
-                buckets: Dict[int, List[nn.Parameter]] = {}
-                for p in group["params"]:
-                    buckets.setdefault(self._unit_of_param.get(id(p), -1), []).append(p)
-                for unit_index, params in sorted(buckets.items()):
-                    new = {k: v for k, v in group.items() if k != "params"}
-                    new["params"] = params
-                    new["smartfrz_unit"] = unit_index
-                    new.setdefault("smartfrz_initial_lr", group["lr"])
-                    groups.append(new)
-            opt.param_groups[:] = groups
+    def _scale_unit_lrs(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        """Each unit's lr scaled inside ``optimizer.step()`` by the policy's factor; outside the
+        step the groups stay the user's, so lr schedulers built before or after keep working."""
+        from .policy.unit_lr import UnitLRScaler
 
-    def _apply_lr_factors(self, step: int) -> None:
-        factors = self.policy.lr_factors(step)
-        if factors is None:
-            return
-        for opt in self.optimizers:
-            for group in opt.param_groups:
-                unit = group.get("smartfrz_unit", -1)
-                if unit >= 0:
-                    group["lr"] = group["smartfrz_initial_lr"] * float(factors[unit])
+        self._hooks += UnitLRScaler(optimizers, self._unit_of_param,
+                                    lambda: self.policy.lr_factors(self.step_count)).hooks
 
     def _accumulate_grad_norms(self, optimizer, args, kwargs) -> None:
         params, units = [], []
@@ -374,8 +355,6 @@ class SmartFreezer:
                     self._submit(step, decision)
         with _range("smartfrz::apply"):
             self._apply_due(step)
-            if self.policy.manages_lr:
-                self._apply_lr_factors(step)
 
     def _decide(self, step: int) -> Optional[Decision]:
         """The policy's decision; under DDP rank 0's, broadcast only where the policy may
@@ -471,14 +450,13 @@ class SmartFreezer:
         """``optimizer`` holds the model's parameters but is not this freezer's (one re-created
         mid-run), and is about to step: it takes the place of the freezer's optimizers it shares
         parameters with, and gets what they had (frozen parameters and their state out, per-unit
-        groups and lrs for a policy that manages the lr). Returns the optimizers it replaces."""
+        lrs for a policy that manages the lr). Returns the optimizers it replaces."""
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         replaced = [o for o in self.optimizers if any(id(p) in held for g in o.param_groups for p in g["params"])]
         self.optimizers = [o for o in self.optimizers if all(o is not r for r in replaced)] + [optimizer]
         _remove_params(optimizer, {id(p) for u in self.units[:self.num_frozen] for p in u.parameters})
-        if self.policy.manages_lr:
-            self._split_groups_per_unit([optimizer])
-            self._apply_lr_factors(self.step_count)
+        if self.policy.manages_lr:  # runs in this very step, like the hook below
+            self._scale_unit_lrs([optimizer])
         if self.policy.needs_gradients:  # runs in this very step: torch calls it after the global hooks
             self._hooks.append(optimizer.register_step_pre_hook(self._accumulate_grad_norms))
         self._grad_index_cache.clear()
@@ -701,8 +679,6 @@ class SmartFreezer:
         self.freeze_to(num_frozen, step=step)
         self.timeline = timeline
         self._pending = [(apply_at, value, None) for apply_at, value in pending]
-        if self.policy.manages_lr:
-            self._apply_lr_factors(self.step_count)
         saved_policy = state.get("policy_settings")  # absent in checkpoints older than this check
         if saved_policy is not None and saved_policy != self.policy.describe():
             warnings.warn(f"SmartFreezer: the checkpoint's policy was {saved_policy}, this run's is "

@@ -86,7 +86,7 @@ class FreezePolicy:
     name = "policy"
     needs_history = False  # the engine keeps a weight-history ring buffer for this policy
     needs_gradients = False  # the engine calls ``observe_gradients`` before every optimizer step
-    manages_lr = False  # the engine gives each unit its own param group and calls ``lr_factors``
+    manages_lr = False  # the engine scales each unit's lr by ``lr_factors`` inside optimizer.step()
     # Decisions depend only on the step (a schedule): under DDP every rank computes the same
     # one, so the engine broadcasts nothing. False: rank 0's decision is broadcast at the
     # steps where ``decides_at`` is true.
@@ -119,8 +119,9 @@ class FreezePolicy:
         device) of the optimizer step about to run. Only called when ``needs_gradients``."""
 
     def lr_factors(self, step: int) -> Optional[List[float]]:
-        """Per-unit multiplier of each param group's initial lr for the optimizer step after
-        ``step`` (0 before the first). Only called when ``manages_lr``."""
+        """Per-unit multiplier of the lr its param group holds (the user's, as the user's lr
+        scheduler set it) for the optimizer step after ``step`` (0 before the first); called
+        at the start of that ``optimizer.step()``. Only called when ``manages_lr``."""
         return None
 
     def state_dict(self) -> Dict[str, Any]:
