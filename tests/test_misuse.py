@@ -56,7 +56,7 @@ def test_recreated_optimizer_keeps_freezeouts_schedule_and_loses_frozen_paramete
         assert torch.equal(a, b)
     assert freezer.optimizers == [opt]
     assert not frozen_ids(freezer) & held(opt)
-    assert all("smartfrz_unit" in g for g in opt.param_groups)
+    assert len(opt.param_groups) == 1  # the user's groups: the per-unit lrs live inside the step
 
 
 def test_recreated_optimizer_with_momentum_holds_no_state_of_frozen_parameters_and_resumes(tmp_path):
@@ -549,6 +549,7 @@ def test_freezers_nobody_closes_leave_no_work_in_the_global_hooks():
 
     from smartfrz_fast import guards
 
+    gc.collect()  # freezers earlier tests left behind go first, so `before` counts only live ones
     before = len(guards._GUARDS)
     for _ in range(5):
         model = SmallCNN()

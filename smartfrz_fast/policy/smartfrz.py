@@ -128,7 +128,7 @@ class SmartFRZ(FreezePolicy):
             if t is not None and not (isinstance(t, torch.Tensor) and t.dtype == dtype and t.dim() == 1
                                       and (units is None or t.numel() == units) and bool(valid(t).all())):
                 what = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"SmartFRZ: policy state {name} is {what}; expected {dtype} ({units},) {expected} "
+                raise ValueError(f"SmartFRZ: policy state {name} is {what}; expected {str(dtype).replace('torch.', '')} ({units},) {expected} "
                                  "(one per unit): the checkpoint is corrupt or from another model.")
 
         check("streak", streak, torch.int32, lambda t: t >= 0, "counts >= 0")
