@@ -274,3 +274,33 @@ def test_the_guard_costs_nothing_measurable_when_nothing_fails():
     direct = timed(lambda: kernel(t))
     guarded = timed(lambda: _fallback.run_guarded("predict", t, kernel, kernel, "ref", (t,)))
     assert guarded - direct < 2e-6, (direct, guarded)  # measured ~0.2 us on a 2-core CI machine
+
+
+def test_info_check_runs_each_op_and_shows_a_fallback(monkeypatch, capsys, fresh_seed):
+    """`python -m smartfrz_fast.info --check` without a GPU: the CPU backends and, under the
+    interpreter, the Triton kernels, each against its reference; a kernel that cannot run shows
+    as a fallback that still passes (and in info's fallbacks section)."""
+    from smartfrz_fast import info
+
+    monkeypatch.setattr(tk, "_predict_kernel", Broken(tk._predict_kernel, FAILURES["out of shared memory"]))
+    assert info.main(["--check", "--device", "cpu", "--seed", str(fresh_seed)]) == 0
+    out = capsys.readouterr().out
+    assert "no CUDA GPU visible: checking the CPU backends" in out
+    rows = [line for line in out.splitlines() if line.startswith("  ") and line.split()[0] in CASES and
+            line.split()[1] in ("pass", "FAIL")]
+    assert len(rows) == 8 and all(row.split()[1] == "pass" for row in rows), out
+    assert sum("Triton in the interpreter" in row for row in rows) == 4, out
+    (fell_back,) = [row for row in rows if "FALLBACK" in row]
+    assert fell_back.split()[0] == "predict" and "_predict_kernel cannot run on cpu: OutOfResources" in fell_back
+    assert "fallbacks       \n  predict         cpu     the PyTorch reference, because: Triton kernel" in out
+
+
+def test_info_check_fails_loudly_on_a_wrong_result(monkeypatch, capsys):
+    from smartfrz_fast import info
+
+    impls = ops._triton_impls()
+    impls["cache_load"] = lambda data, scales, slots, dtype: torch.zeros(slots.numel(), data.shape[1], dtype=dtype)
+    monkeypatch.setattr(ops, "_triton_impls", lambda: impls)
+    assert info.main(["--check", "--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert "SOME OPS FAILED" in out and any(line.split()[:2] == ["cache_load", "FAIL"] for line in out.splitlines())
