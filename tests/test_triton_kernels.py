@@ -756,6 +756,18 @@ def test_cache_load_matches_the_reference(device, fresh_seed, storage, dtype, wi
     assert_same_bits(out, expected)
 
 
+@pytest.mark.parametrize("dtype", ACTIVATION_DTYPES)
+def test_cache_load_decodes_every_fp8_code(device, dtype):
+    """All 256 float8_e4m3fn codes (-0.0, subnormals, NaNs included) at scale 1 and at a
+    random scale, as torch decodes them. -0.0 caught a kernel bug on Triton 3.6/3.7, which
+    negate a float as 0 - x: the sign must be set as a bit."""
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).view(2, 128).to(device)
+    scales = torch.tensor([1.0, float(torch.rand(()) * 1e-3)], device=device)
+    out = tk.cache_load(codes, scales, torch.tensor([0, 1, 0], device=device), dtype)
+    assert_same_bits(out, reference.cache_load_ref(codes, scales, torch.tensor([0, 1, 0], device=device), dtype))
+    assert out[0, 0].item() == 0.0 and torch.signbit(out[1, 0]) and not torch.signbit(out[0, 0])
+
+
 def test_cache_kernels_empty_and_bad_input(device):
     data, scales = torch.zeros(4, 6, device=device), torch.ones(4, device=device)
     none = torch.zeros(0, dtype=torch.int64, device=device)

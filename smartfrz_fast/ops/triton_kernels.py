@@ -652,7 +652,10 @@ def _e4m3_value(bits):
     normal = (((exponent + (127 - 7)) << 23) | (mantissa << 20)).to(tl.float32, bitcast=True)
     magnitude = tl.where(exponent == 0, mantissa.to(tl.float32) * 0.001953125, normal)
     magnitude = tl.where((bits & 0x7F) == 0x7F, float("nan"), magnitude)
-    return tl.where((bits & 0x80) != 0, -magnitude, magnitude)
+    # the sign as a bit, not as -magnitude: Triton before 3.8 negates a float as 0 - x, which
+    # turns fp8 -0.0 (0x80) into +0.0, compiled and interpreted alike
+    sign = (bits & 0x80).to(tl.uint32) << 24
+    return (magnitude.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
