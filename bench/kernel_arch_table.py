@@ -200,14 +200,21 @@ def problems(rows):
     return bad
 
 
-def markdown(rows, seconds: float, jobs: int) -> str:
+def source_commit() -> str:
+    """The commit the kernels are compiled from, marked when the kernel sources differ from it."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "smartfrz_fast/ops", "bench/kernel_arch_table.py")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + (" + uncommitted changes" if dirty else "")
+
+
+def markdown(rows, seconds: float, jobs: int, commit: str) -> str:
     import triton
 
-    try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
     lines = [
         "# Triton kernels: shared memory and registers per architecture (compiled ahead of time)",
         "",
@@ -243,10 +250,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"markdown table (default {DEFAULT_OUT})")
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="compile processes")
     args = parser.parse_args(argv)
+    commit = source_commit()  # before compiling: the workers read the sources as they are now
     start = time.perf_counter()
     rows = build_table(args.targets, args.jobs)
     seconds = time.perf_counter() - start
-    text = markdown(rows, seconds, args.jobs)
+    text = markdown(rows, seconds, args.jobs, commit)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)
