@@ -255,8 +255,8 @@ def test_bad_input_and_out_of_memory_are_not_fallbacks(monkeypatch, fresh_seed):
 
 
 def test_the_guard_costs_nothing_measurable_when_nothing_fails():
-    """run_guarded on the hot path: a truthiness test and a try block (no device lookup, no
-    sync). Against a Triton launch (~20 us from Python on a GPU) its cost must be noise."""
+    """run_guarded on the hot path: a call, a truthiness test and a try block (no device lookup,
+    no sync). Against a Triton launch (~20 us from Python on a GPU) its cost must be noise."""
     t = torch.zeros(3)
 
     def kernel(x):
@@ -273,7 +273,9 @@ def test_the_guard_costs_nothing_measurable_when_nothing_fails():
 
     direct = timed(lambda: kernel(t))
     guarded = timed(lambda: _fallback.run_guarded("predict", t, kernel, kernel, "ref", (t,)))
-    assert guarded - direct < 2e-6, (direct, guarded)  # measured ~0.2 us on a 2-core CI machine
+    # measured 0.3-0.7 us (a Python call) on a loaded 2-core machine; the op's own argument
+    # checks and launch cost tens of microseconds. The bound leaves room for a busy machine.
+    assert guarded - direct < 5e-6, (direct, guarded)
 
 
 def test_info_check_runs_each_op_and_shows_a_fallback(monkeypatch, capsys, fresh_seed):
