@@ -49,6 +49,7 @@ def _check_interpreter_state() -> None:
 
 _check_interpreter_state()
 
+
 def _launch(kernel, grid, device: torch.device, *args, **meta) -> None:
     """``kernel[grid](*args, **meta)``; any failure to compile or launch it (Triton's
     OutOfResources or CompilationError, ptxas, an unsupported architecture, the driver) is
@@ -400,9 +401,10 @@ def _prefix_kernel(prob_ptr, out_ptr, R, threshold, BLOCK: tl.constexpr):
 # fp32 summation order follows block_n), so every one gives the reference's decisions within
 # fp32 rounding. With the shipped predictor (K=1024, H=256, E=64, T=30) and its input transform,
 # compiled by Triton 3.8 (bench/results/kernel_arch_limits.md): the first needs 118,784 B of
-# shared memory per block, which fits sm_80/sm_90/sm_100 (163/227/227 KiB) and sm_75 (65,536 B
-# there) but not sm_86/sm_89/sm_120 (99 KiB); halving layer 2's output chunk (block_n 16) needs
-# 75,776 B; the last, without software pipelining, is for smaller devices still.
+# shared memory per block (119,808 on sm_90+), which fits sm_80/sm_90/sm_100 (163/227/227 KiB)
+# and sm_75 (65,536 B there: exactly its limit) but not sm_86/sm_89/sm_120 (99 KiB); halving
+# layer 2's output chunk (block_n 16) needs 75,776 B (76,800 on sm_120); the last, without
+# software pipelining (49,152 B on sm_86), is for smaller devices still.
 PREDICT_CONFIGS: Tuple[Dict[str, int], ...] = (
     dict(block_k=32, block_n=32, num_warps=8, num_stages=3),
     dict(block_k=32, block_n=16, num_warps=8, num_stages=3),
