@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import shutil
+import warnings
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -231,11 +232,17 @@ class PinnedStorage(Storage):
 
     def _gather_to_device(self, slots: Tensor, stream) -> Tuple[Tensor, Tensor]:
         if self.read_path == "kernel":
+            from ..ops import KernelUnavailable
             from ..ops.triton_kernels import gather_rows
 
-            with torch.cuda.stream(stream):
-                index = slots.to(self.device, non_blocking=True)
-                return gather_rows(self.data, index), gather_rows(self.scales.view(-1, 1), index).view(-1)
+            try:
+                with torch.cuda.stream(stream):
+                    index = slots.to(self.device, non_blocking=True)
+                    return gather_rows(self.data, index), gather_rows(self.scales.view(-1, 1), index).view(-1)
+            except KernelUnavailable as exc:  # this GPU cannot run it: the staged copy, from now on
+                warnings.warn(f"smartfrz_fast: {exc}. The pinned cache reads rows with the staged copy "
+                              "(pinned_read='copy') from now on.", RuntimeWarning, stacklevel=2)
+                self.read_path = "copy"
         host = torch.empty(slots.numel(), self.row_numel, dtype=self.dtype, pin_memory=True)
         host_scales = torch.empty(slots.numel(), dtype=torch.float32, pin_memory=True)
         torch.index_select(self.data, 0, slots, out=host)
