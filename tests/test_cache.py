@@ -153,7 +153,7 @@ def test_undeclared_inputs_leave_cache_off():
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp8"])
 def test_capacity_limit_recomputes_the_rest(dtype):
-    per_row = 5 * 8 * 8 * {"fp32": 4, "fp8": 1}[dtype] + 4
+    per_row = 5 * 8 * 8 * {"fp32": 4, "fp8": 1}[dtype] + 12  # data, scale, two checksums
     plain, _, _ = train(chain_model())
     model, cache, _ = train(chain_model(), dict(deterministic=True, dtype=dtype, max_bytes=12 * per_row + 3))
     assert cache._store.capacity == 12 and cache.rows_cached == 12
