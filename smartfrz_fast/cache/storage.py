@@ -165,6 +165,7 @@ class Storage:
         self.owner = torch.full((self.capacity,), -1, dtype=torch.int64)  # the id a slot was handed to
         self.unverified: Optional[Tensor] = None  # bool [capacity]: rows not yet checked (loaded ones)
         self.on_bad_rows: Optional[Callable[[Tensor, str], None]] = None  # (ids, why), set by the cache
+        self.free = torch.empty(0, dtype=torch.int64)  # rows below ``used`` to hand out again (dropped ones)
         self.used = 0
 
     @property
@@ -182,12 +183,15 @@ class Storage:
     def allocate(self, ids: Tensor) -> Tensor:
         """Reserve rows for uncached ``ids`` (unique, CPU) while there is room; -1 for the rest.
         The rows are published (looked up) only once ``write`` has written them."""
-        n = min(int(ids.numel()), self.capacity - self.used)
         slots = torch.full((ids.numel(),), -1, dtype=torch.int64)
+        reused = min(int(ids.numel()), self.free.numel())
+        slots[:reused], self.free = self.free[:reused], self.free[reused:]
+        n = min(int(ids.numel()) - reused, self.capacity - self.used)
         if n > 0:
-            slots[:n] = torch.arange(self.used, self.used + n)
-            self.owner[slots[:n]] = ids[:n]
+            slots[reused:reused + n] = torch.arange(self.used, self.used + n)
             self.used += n
+        given = slots >= 0
+        self.owner[slots[given]] = ids[given]
         return slots
 
     def _publish(self, slots: Tensor) -> None:
@@ -234,15 +238,18 @@ class Storage:
         bad = bad_rows(ids_p, self.data[index], self.scales[index], self.sums[index]).cpu()
         self.unverified[slots_p] = False
         if bool(bad.any()):
-            self._drop(ids_p[bad], "failed its checksum or holds NaN/inf")
+            self._drop(ids_p[bad], "failed its checksum or holds NaN/inf", slots_p[bad])
             slots = slots.clone()
             slots[pending.nonzero().flatten()[bad]] = -1
         if not bool(self.unverified.any()):
             self.unverified = None  # every loaded row checked: lookups cost nothing extra again
         return slots
 
-    def _drop(self, ids: Tensor, why: str) -> None:
+    def _drop(self, ids: Tensor, why: str, slots: Optional[Tensor] = None) -> None:
+        """Unpublish the rows of ``ids`` (their ``slots`` are handed out again) and report them."""
         self.slot_of[ids] = -1
+        if slots is not None:
+            self.free = torch.cat([self.free, slots]).unique()
         if self.on_bad_rows is not None and ids.numel():
             self.on_bad_rows(ids, why)
 
@@ -513,17 +520,18 @@ class MmapStorage(Storage):
             self._drop(damaged, "has a damaged index entry")
         ids, taken = ids[~shared], taken[~shared]
         self.owner[taken] = ids
-        self.used = int(taken.max()) + 1 if taken.numel() else 0  # rows reserved but never published stay unused
+        self.used = int(taken.max()) + 1 if taken.numel() else 0
+        unused = torch.ones(self.used, dtype=torch.bool)  # rows a killed write never published, dropped rows
+        unused[taken] = False
+        self.free = unused.nonzero().flatten()
         if taken.numel():
             self.unverified = torch.zeros(self.capacity, dtype=torch.bool)
             self.unverified[taken] = True
 
-    def _drop(self, ids: Tensor, why: str) -> None:
+    def _drop(self, ids: Tensor, why: str, slots: Optional[Tensor] = None) -> None:
         if self.on_bad_rows is None:  # found while opening: reported once the cache listens
-            self.slot_of[ids] = -1
             self._reports.append((ids, why))
-            return
-        super()._drop(ids, why)
+        super()._drop(ids, why, slots)
 
     def listen(self, on_bad_rows: Callable[[Tensor, str], None]) -> None:
         self.on_bad_rows = on_bad_rows
