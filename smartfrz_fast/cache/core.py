@@ -137,8 +137,9 @@ class ActivationCache:
         if storage == "mmap":
             check_path(path, max_bytes)  # a bad folder fails now, not at the first freeze hours in
             if os.path.exists(path) and not reuse and not _is_cache_file(path):
-                raise FileExistsError(f"ActivationCache: path={path!r} is an existing file that is not an "
-                                      "activation cache file; the cache never overwrites it. Choose another path.")
+                raise FileExistsError(f"ActivationCache: path={path!r} is an existing file without an activation "
+                                      "cache header (another file, or a damaged cache file); the cache never "
+                                      "overwrites it. Choose another path, or delete it if it is a damaged cache.")
         self.freezer = freezer
         self.num_samples = num_samples
         self.deterministic = bool(deterministic)
