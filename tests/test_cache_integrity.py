@@ -152,6 +152,23 @@ def test_damaged_state_structure_is_refused_before_anything_changes(runs):
         assert cache.stats["hits"] == 0 and cache._resume is None  # nothing was taken
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn, torch.int64, torch.bool])
+def test_every_single_bit_flip_changes_the_checksum(dtype, fresh_seed):
+    width = int(torch.randint(1, 12, ()))  # odd widths: bytes padded to whole words
+    rows = (torch.randn(3, width) * 5).to(dtype)
+    ids, scales = torch.tensor([0, 7, 2]), torch.rand(3)
+    sums = row_sums(ids, rows, scales)
+    raw = rows.reshape(-1).view(torch.uint8)
+    for byte in range(raw.numel()):
+        for bit in range(8):
+            flipped = raw.clone()
+            flipped[byte] ^= 1 << bit
+            changed = row_sums(ids, flipped.view(dtype).view(3, width), scales) != sums
+            assert int(changed.sum()) == 1 and bool(changed[byte // (width * rows.element_size())])
+    assert bool((row_sums(ids.flip(0), rows, scales) != sums)[0])  # a row read for another id
+    assert not bool((row_sums(ids, torch.zeros_like(rows), torch.ones(3)) == 0).any())  # never-written rows
+
+
 def test_rows_a_killed_run_left_unpublished_are_never_served(tmp_path):
     # A row whose write was cut short is not in the index (written last): a reopened file treats
     # its sample as uncached, and hands its row out again (the tail of the used rows).

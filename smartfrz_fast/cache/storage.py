@@ -57,14 +57,14 @@ _CHUNK_WORDS = 1 << 22
 
 
 def _words(rows: Tensor) -> Tensor:
-    """``rows [N, ...]`` as ``[N, M]`` integer words holding its bits."""
+    """``rows [N, ...]`` as ``[N, M]`` int32 words holding its bits (bytes zero-padded to a word)."""
     rows = rows.detach().contiguous().reshape(rows.shape[0], -1)
-    size = rows.element_size()
-    if rows.dtype == torch.bool:
-        return rows.view(torch.uint8)
-    if size in (1, 2):
-        return rows.view(torch.uint8 if size == 1 else torch.int16)
-    return rows.view(torch.int32)  # 4, 8 and 16-byte elements: their 32-bit words
+    if rows.element_size() % 4 == 0:
+        return rows.view(torch.int32)
+    raw = rows.view(torch.uint8)
+    if raw.shape[1] % 4:
+        raw = torch.nn.functional.pad(raw, (0, 4 - raw.shape[1] % 4))
+    return raw.view(torch.int32)
 
 
 def bit_sums(rows: Tensor) -> Tensor:
@@ -77,8 +77,7 @@ def bit_sums(rows: Tensor) -> Tensor:
     weights = torch.arange(m, dtype=torch.int32, device=words.device) * 2 + 1
     step = max(1, _CHUNK_WORDS // m)
     for start in range(0, n, step):  # bounded temporaries for large rows
-        chunk = words[start:start + step].to(torch.int32)
-        out[start:start + step] = (chunk * weights).sum(1, dtype=torch.int32)
+        out[start:start + step] = (words[start:start + step] * weights).sum(1, dtype=torch.int32)
     return out
 
 
