@@ -384,7 +384,6 @@ class ActivationCache:
             self._warn_once("moved", f"ActivationCache: the cache file {self.path} went on past the checkpoint (a "
                             "deeper freeze after it, before the run stopped); it starts again empty at the "
                             "checkpoint's boundary and refills.")
-            remove_leftovers(self.path)
             return self._make_store(row_shape, self.path, reuse=False)  # replaces it: this run's own file
         return self._make_store(row_shape, self.path, reuse=True)
 
@@ -638,8 +637,6 @@ class ActivationCache:
         if reads_side:  # rows whose side inputs are not known (reopened from a file) are dropped
             known = self._sides.known[ids]
             ids, slots = ids[known], slots[known]
-        if self.path is not None:
-            remove_leftovers(self.path)  # files of a move a crash interrupted
         if ids.numel() and not any(b.needs_inputs for b in blocks):
             old_act = self._act
             for start in range(0, ids.numel(), MIGRATE_CHUNK):
@@ -700,6 +697,8 @@ class ActivationCache:
                 raise FileExistsError(
                     f"ActivationCache: {path} already exists. Pass reuse=True to reopen it (it is checked "
                     "against this model and boundary), or delete it / choose another path.")
+            if not reopen:
+                remove_leftovers(path)  # files of a creation or move that a crash interrupted
             extra = dict(path=path if reopen else owned_temp_path(path), fingerprint=self._fingerprint(),
                          reuse=reopen, lineage=self._lineage)
         elif self.tier == "pinned":
