@@ -299,6 +299,8 @@ class ActivationCache:
             raise RuntimeError("ActivationCache.load_state_dict needs a fresh cache (before its first forward)")
         if state["rows"] is not None:
             self._check_saved_rows(state["rows"])
+        if state["side"] is not None:
+            self._check_saved_side(state["side"])
         mine = self._settings()
         for key, saved in state["settings"].items():
             if mine.get(key) != saved:
@@ -332,6 +334,16 @@ class ActivationCache:
             raise bad(f"sample ids outside [0, {self.num_samples}) or repeated")
         if rows["scales"].dtype != torch.float32 or rows["sums"].dtype != torch.int32:
             raise bad("scales are not float32 or checksums not int32")
+
+    def _check_saved_side(self, side: Any) -> None:
+        ok = (isinstance(side, dict) and isinstance(side.get("ids"), Tensor) and isinstance(side.get("sums"), Tensor)
+              and isinstance(side.get("values"), dict) and side["ids"].dtype == torch.int64 and side["ids"].dim() == 1
+              and side["sums"].shape == side["ids"].shape
+              and all(isinstance(v, Tensor) and v.shape[:1] == side["ids"].shape for v in side["values"].values()))
+        if not ok or (side["ids"].numel() and (int(side["ids"].min()) < 0 or int(side["ids"].max()) >= self.num_samples)):
+            raise ValueError("ActivationCache: the state's side inputs (masks, positions of the cached rows) are "
+                             "damaged: it is truncated or was edited. Load the complete cache.state_dict() saved "
+                             "with the checkpoint.")
 
     def _settings(self) -> Dict[str, Any]:
         return {"num_samples": self.num_samples, "storage": self.tier, "dtype": str(self.storage_dtype),
@@ -370,7 +382,9 @@ class ActivationCache:
         if not self.enabled:
             return
         if state.get("side") is not None:
-            self._sides.load(state["side"], self._act[1])
+            damaged = self._sides.load(state["side"], self._act[1])
+            if damaged.numel():
+                self._on_bad_rows(damaged, "has damaged side inputs (mask, positions) in the checkpoint")
 
     def _reopen_checkpoint_file(self, state: Dict[str, Any]) -> Storage:
         """The checkpoint's mmap file. If this run went on past a deeper freeze before it
@@ -846,6 +860,7 @@ class SideInputs:
                 continue
             index = ids.to(store.device)
             differs = (store[index] != value.to(store.device)).reshape(ids.numel(), -1).any(1)
+            differs &= self.known[ids].to(store.device)  # nothing recorded (e.g. a damaged checkpoint's): no claim
             if self.changed is None:
                 self.changed = torch.zeros(self.num_samples, dtype=torch.bool, device=store.device)
             self.changed[index] |= differs
@@ -857,12 +872,20 @@ class SideInputs:
         return int(changed[0]) if changed.numel() else None
 
     def export(self, ids: Tensor) -> Dict[str, Any]:
-        """The side inputs of those ``ids`` that have them, on the CPU (for a checkpoint)."""
+        """The side inputs of those ``ids`` that have them, on the CPU (for a checkpoint), with
+        a checksum per sample (of its values and id)."""
         ids = ids[self.known[ids]]
-        return {"ids": ids, "values": {name: v[ids.to(v.device)].cpu() for name, v in self.values.items()}}
+        values = {name: v[ids.to(v.device)].cpu() for name, v in self.values.items()}
+        return {"ids": ids, "values": values, "sums": _side_sums(ids, values)}
 
-    def load(self, saved: Dict[str, Any], device: torch.device) -> None:
-        self.put(saved["ids"], {name: v.to(device) for name, v in saved["values"].items()})
+    def load(self, saved: Dict[str, Any], device: torch.device) -> Tensor:
+        """Take back exported side inputs; returns the ids whose checksum failed (left unknown:
+        their rows are dropped, not migrated with a damaged mask, at the next deeper freeze)."""
+        ids, values = saved["ids"], saved["values"]
+        bad = _side_sums(ids, values) != saved["sums"]
+        keep = ~bad
+        self.put(ids[keep], {name: v[keep].to(device) for name, v in values.items()})
+        return ids[bad]
 
 
 class CachedModel(nn.Module):
@@ -976,6 +999,11 @@ def _is_storage_fault(exc: BaseException) -> bool:
     if isinstance(exc, OSError):
         return exc.errno in _FAULT_ERRNOS
     return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)  # torch's CPU allocator
+
+
+def _side_sums(ids: Tensor, values: Dict[str, Tensor]) -> Tensor:
+    """A checksum of each sample's side inputs and id (``SideInputs.export``)."""
+    return input_sums([ids.view(-1, 1), *(values[name] for name in sorted(values))], ids.numel())
 
 
 def _is_cache_file(path: str) -> bool:
