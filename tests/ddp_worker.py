@@ -49,7 +49,7 @@ class RankSkewed(FreezePolicy):
     def decide(self, step, frozen):
         if step % 3:
             return None
-        proposal = step // 3 + 2 * self.rank
+        proposal = min(step // 3 + 2 * self.rank, self.context.num_units)  # a valid prefix length
         self.proposals.append((step, proposal))
         return torch.tensor(proposal) if step % 2 else proposal  # both decision kinds
 

@@ -123,8 +123,8 @@ epochs = 3
         prelude=SMALL_CNN + DIGITS + """
 model = SmallCNN()
 optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-x0, n, loss_fn = train_set[:2][0], 2, nn.functional.cross_entropy
-train_set = torch.utils.data.ConcatDataset([train_set] * 8)  # 512 samples: two batches of 256
+x0, n, loss_fn = train_set[:2][0], 4, nn.functional.cross_entropy
+train_set = torch.utils.data.ConcatDataset([train_set] * 16)  # 1024 samples: four batches of 256
 """,
         check="""
 assert cache.active and cache.rows_cached > 0 and freezer.num_frozen > 0
@@ -252,7 +252,7 @@ train_set = torch.utils.data.TensorDataset(torch.randn(128, 8, generator=g), tor
 x0, n = train_set[:2][0], 4
 """,
         check="""
-for epoch in range(2):
+for epoch in range(3):  # FreezeOut freezes at steps 3-4: the third epoch meets cached rows
     loader.sampler.set_epoch(epoch)
     for x, y, ids in loader:
         nn.functional.cross_entropy(model_c(x, ids), y).backward()
