@@ -205,6 +205,7 @@ class SmartFreezer:
         self._eval_hooks: List[Any] = []  # the frozen region's hooks, once set up
         self._region = None
         self._refused_warned = False
+        self._refused: Optional[str] = None  # why the last freeze stopped short of what was asked
         self._nonfinite_warned = False
         self._freeze_listeners: List[Callable[[FreezeEvent, Sequence[Unit]], None]] = []
         # Distributed: units live on the inner module; rank 0's decisions are broadcast.
@@ -429,6 +430,8 @@ class SmartFreezer:
         target = self.plan.largest_allowed_cut(wanted)
         if target < wanted:
             self._warn_refused_cut(wanted, target)
+        elif target > self.num_frozen:
+            self._refused = None
         if target <= self.num_frozen:
             return self.num_frozen
         target = self._stop_before_nonfinite(target)
@@ -461,15 +464,13 @@ class SmartFreezer:
         return target
 
     def _warn_refused_cut(self, wanted: int, target: int) -> None:
-        if self._refused_warned:
-            return
-        self._refused_warned = True
         refused = next(c for c in range(wanted, target, -1) if not self.plan.allowed_cut[c])
-        warnings.warn(
-            f"SmartFreezer: a frozen prefix of {wanted} units was asked for, {target} are frozen: with "
-            f"shared_parameters='train', {self.plan.refused_cuts.get(refused, 'the cut is not allowed')}. "
-            "shared_parameters='freeze' can cut there (the shared parameter then freezes with the prefix).",
-            stacklevel=4)
+        self._refused = (f"asked to freeze {wanted} units, froze {target}: with shared_parameters='train', "
+                         f"{self.plan.refused_cuts.get(refused, 'the cut is not allowed')}. "
+                         "shared_parameters='freeze' can cut there (the shared parameter then freezes with the prefix).")
+        if not self._refused_warned:
+            self._refused_warned = True
+            warnings.warn(f"SmartFreezer: {self._refused}", stacklevel=4)
 
     def _warn_split_shared(self, before: int, after: int) -> None:
         """One warning per group of shared parameters that this freeze newly splits."""
@@ -560,6 +561,8 @@ class SmartFreezer:
         if not self.timeline:
             lines.append("      -       0       -           -  (nothing frozen yet)")
         lines.extend(self._shared_report())
+        if self._refused is not None:
+            lines.append(self._refused)
         if self.num_frozen:
             always, partly = self.plan.eval_modules(self.num_frozen)
             lines.append(f"frozen prefix in eval mode (no dropout, fixed norm statistics): {len(always)} modules"

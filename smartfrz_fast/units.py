@@ -204,16 +204,16 @@ class _ForwardTracer(TorchDispatchMode):
         kwargs = kwargs or {}
         op_index = len(self.op_flops)
         call = self.stack[-1] if self.stack else None
-        names = set()
+        names: Dict[str, torch.Tensor] = {}
         for leaf in tree_flatten((args, kwargs))[0]:
             name = self.watched.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
             if name is not None and name not in names:
-                names.add(name)
+                names[name] = leaf
                 self.reads.setdefault(name, []).append((op_index, call))
         out = func(*args, **kwargs)
         count = self._flop_registry.get(func._overloadpacket)
         self.op_flops.append(int(count(*args, **kwargs, out_val=out)) if count else 0)
-        if len(names) == 1 and isinstance(out, torch.Tensor) and out._is_view():
+        if len(names) == 1 and isinstance(out, torch.Tensor) and _aliases(out, *names.values()):
             # a view of a parameter (``weight.t()`` inside ``F.linear``): the op that reads the
             # view reads the parameter, and its FLOPs are the parameter's
             self._views.append(out)
@@ -225,6 +225,13 @@ class _ForwardTracer(TorchDispatchMode):
 
     def last_use(self, name: str) -> int:
         return self.reads[name][-1][0]
+
+
+def _aliases(a: torch.Tensor, b: torch.Tensor) -> bool:
+    try:
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() != 0
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage
+        return False
 
 
 def _module_owners(model: nn.Module) -> Dict[int, List[Tuple[str, nn.Module, str]]]:

@@ -129,8 +129,20 @@ def test_half_the_units_freeze_and_the_prefix_is_fixed(name, mode, fresh_seed):
     model.eval()
     model.train()  # must neither undo the frozen prefix's eval nor leave the trainable part in eval
     assert_deterministic(freezer, model, inputs, fresh_seed + 7)
-    first_trainable = units[half].modules[0]
-    assert first_trainable.training
+    # exactly the prefix's modules run in eval in a train-mode forward, nothing else
+    always, partly = freezer.plan.eval_modules(half)  # partly: ALBERT's layer, first calls in eval
+    ran = {}
+
+    def record(module, args, output):  # the flag its first call ran with (hooks that restore it run later)
+        ran.setdefault(id(module), module.training)
+
+    hook = nn.modules.module.register_module_forward_hook(record)
+    try:
+        frozen_outputs(freezer, model, inputs)
+    finally:
+        hook.remove()
+    assert {key for key, training in ran.items() if not training} == {id(m) for m in [*always, *partly]} & set(ran)
+    assert units[half].modules[0].training
     freezer.close()
 
 
@@ -221,3 +233,26 @@ def test_albert_warns_once_per_shared_group():
     messages = [str(w.message) for w in caught if "SmartFreezer" in str(w.message)]
     assert len(messages) == 1 and len(messages[0]) < 700, messages
     assert "albert_layers.0.attention.query.weight" in messages[0] and "more" in messages[0]
+
+
+def test_a_cut_train_mode_cannot_make_is_refused_out_loud():
+    """Mamba's mixer reads A_log at several points of one call: shared_parameters="train" cannot
+    cut inside that call (its reads there cannot be detached), so the prefix stops before it,
+    and both the warning and report() say why; "freeze" cuts there."""
+    real = build("mamba_tied")
+    args, kwargs = real.batch(0)
+    for mode, expected in (("train", 2), ("freeze", 4)):
+        model = build("mamba_tied").model
+        freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(0),
+                               example_inputs=args, example_kwargs=kwargs, shared_parameters=mode)
+        assert freezer.units[2].param_names == ["backbone.layers.0.mixer.A_log", "backbone.layers.0.mixer.D"]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert freezer.freeze_to(4) == expected
+        messages = " ".join(str(w.message) for w in caught)
+        if mode == "train":
+            assert "asked to freeze 4 units, froze 2" in messages and "backbone.layers.0.mixer.A_log" in messages
+            assert "asked to freeze 4 units, froze 2" in freezer.report()
+            assert freezer.freeze_to(7) == 7 and "asked to freeze" not in freezer.report()
+        else:
+            assert "froze with the prefix" in messages and "asked" not in messages
