@@ -332,8 +332,8 @@ def trace_forward(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[s
         if hasattr(exc, "add_note"):
             exc.add_note(
                 "SmartFreezer: this came from the model's forward pass on the inputs used to find its "
-                "units: example_inputs (a tuple of positional inputs, one tensor, or a dict of keyword "
-                "inputs) and example_kwargs must be one batch the model accepts, on its device and in "
+                "units: example_inputs (a tuple of positional inputs, or one tensor) or a dict of keyword "
+                "inputs, and example_kwargs, must be one batch the model accepts, on its device and in "
                 "its dtype.")
         raise
     finally:
