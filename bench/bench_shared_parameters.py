@@ -5,7 +5,8 @@ learns a fixed random Markov chain over its vocabulary (a learnable task whose b
 chain's entropy). Three runs from the same initial weights and the same batches: no freezing,
 half the units frozen at ``--freeze-at`` with ``shared_parameters="train"``, and with
 ``"freeze"``. Reported: the final loss (mean of the last 50 steps), the median step CPU time
-(of the one training thread, so other jobs on the machine matter less) after the freeze, and the engine's own count of the training FLOPs the freeze removes::
+after the freeze (of the one training thread, so other jobs on the machine matter less), and
+the engine's own count of the training FLOPs the freeze removes::
 
     nice -n 19 python bench/bench_shared_parameters.py            # writes bench/results/shared_parameters_cpu.md
 """

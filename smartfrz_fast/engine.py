@@ -41,6 +41,11 @@ _STATE_KEYS = ("signature", "settings", "policy", "policy_state", "step", "num_f
 # Backward costs about twice the forward (input and weight gradients): freezing a prefix
 # saves ~2/3 of its training FLOPs; caching its output too would save all 3/3.
 BACKWARD_TO_FORWARD = 2.0
+# what happens to shared parameters a frozen prefix splits, per shared_parameters mode
+_SHARED_FATE = {
+    "train": "keep training from their reads after the frozen prefix; their reads inside it pass no gradient",
+    "freeze": "froze with the prefix; their reads after it use them frozen and do not train them",
+}
 
 
 @dataclass(frozen=True)
@@ -447,7 +452,7 @@ class SmartFreezer:
         # every module of the prefix in eval (norm statistics stop moving, no dropout of any
         # kind): a frozen prefix is a fixed feature extractor, as in the activation cache
         self._region.apply(target)
-        self._warn_split_shared(self.num_frozen, target)
+        before = self.num_frozen
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["params"] = [p for p in group["params"] if id(p) not in frozen_ids]
@@ -461,13 +466,15 @@ class SmartFreezer:
         self.timeline.append(event)
         for listener in self._freeze_listeners:
             listener(event, newly)
+        self._warn_split_shared(before, target)  # last: a warnings filter set to "error" finds the freeze done
         return target
 
     def _warn_refused_cut(self, wanted: int, target: int) -> None:
         refused = next(c for c in range(wanted, target, -1) if not self.plan.allowed_cut[c])
         self._refused = (f"asked to freeze {wanted} units, froze {target}: with shared_parameters='train', "
                          f"{self.plan.refused_cuts.get(refused, 'the cut is not allowed')}. "
-                         "shared_parameters='freeze' can cut there (the shared parameter then freezes with the prefix).")
+                         "shared_parameters='freeze' can cut there (the shared parameter then freezes with "
+                         "the prefix).")
         if not self._refused_warned:
             self._refused_warned = True
             warnings.warn(f"SmartFreezer: {self._refused}", stacklevel=4)
@@ -476,15 +483,11 @@ class SmartFreezer:
         """One warning per group of shared parameters that this freeze newly splits."""
         was = {id(s.parameter) for s in self.plan.split_shared(before)}
         newly = [s for s in self.plan.split_shared(after) if id(s.parameter) not in was]
+        other = {"train": "freeze", "freeze": "train"}[self.shared_parameters]
         for group in shared_groups(newly):
-            if self.shared_parameters == "train":
-                what = ("keep training from their reads after the prefix (shared_parameters='train'; "
-                        "their reads inside it pass no gradient). 'freeze' would freeze them with it.")
-            else:
-                what = ("froze with the prefix (shared_parameters='freeze'): their reads after it stop "
-                        "training them. 'train' would keep them training from those reads.")
-            warnings.warn(f"SmartFreezer: froze units 0-{after - 1}; {describe_shared(group, self.units)} {what}",
-                          stacklevel=4)
+            warnings.warn(f"SmartFreezer: froze units 0-{after - 1}; {describe_shared(group, self.units)} "
+                          f"{_SHARED_FATE[self.shared_parameters]} (shared_parameters={self.shared_parameters!r}; "
+                          f"{other!r}: {_SHARED_FATE[other]}).", stacklevel=4)
 
     def add_freeze_listener(self, listener: Callable[[FreezeEvent, Sequence[Unit]], None]) -> None:
         """Call ``listener(event, newly_frozen_units)`` after every freeze (activation caches,
@@ -571,15 +574,11 @@ class SmartFreezer:
         return "\n".join(lines)
 
     def _shared_report(self) -> List[str]:
-        """What happened to the shared parameters the frozen prefix splits, and why a prefix
-        stopped short of what the policy asked, if it did."""
+        """What happened to the shared parameters the frozen prefix splits."""
         lines = []
         for group in shared_groups(self.plan.split_shared(self.num_frozen)):
-            if self.shared_parameters == "train":
-                what = "keep training from their reads after the frozen prefix; their reads inside it pass no gradient"
-            else:
-                what = "frozen with the prefix; their reads after it use them frozen"
-            lines.append(f"shared ({self.shared_parameters}): {describe_shared(group, self.units)}: {what}")
+            lines.append(f"shared ({self.shared_parameters}): {describe_shared(group, self.units)} "
+                         f"{_SHARED_FATE[self.shared_parameters]}")
         frozen_shared = [s for s in self.plan.shared if s.last_unit < self.num_frozen]
         if frozen_shared:
             lines.append(f"shared: {len(frozen_shared)} parameter(s) read only inside the prefix froze with it")

@@ -258,7 +258,8 @@ def as_args(inputs: Any) -> Tuple[Any, ...]:
     return inputs if isinstance(inputs, tuple) else (inputs,)
 
 
-def example_call(model: nn.Module, inputs: Any, kwargs: Optional[Dict[str, Any]]) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+def example_call(model: nn.Module, inputs: Any,
+                 kwargs: Optional[Dict[str, Any]]) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
     """``example_inputs`` and ``example_kwargs`` as the forward's (positional, keyword) inputs. A
     Mapping whose keys all name parameters of ``model.forward`` (a Hugging Face batch:
     ``{"input_ids": ..., "attention_mask": ..., "labels": ...}``) is keyword inputs; anything

@@ -98,7 +98,8 @@ def test_half_the_units_freeze_and_the_prefix_is_fixed(name, mode, fresh_seed):
 
     still = {id(s.parameter) for s in split} if mode == "train" else set()
     frozen = [(n, p) for u in units[:half] for n, p in zip(u.param_names, u.parameters) if id(p) not in still]
-    trainable = [p for u in units[half:] for p in u.parameters] + [s.parameter for s in split if id(s.parameter) in still]
+    trainable = [p for u in units[half:] for p in u.parameters] + [s.parameter for s in split
+                                                                   if id(s.parameter) in still]
     frozen_values = [p.detach().clone() for _, p in frozen]
 
     # report(): what froze, the fraction of parameters, and every split shared parameter
