@@ -56,19 +56,20 @@ class FrozenRegion:
         for module in always:
             module.training = False
             self.handles.append(module.register_forward_pre_hook(_force_eval))
-        counted = {id(m): n for m, n in partly.items()}
+        counted = {id(m): n for m, n in partly.items()}  # id(module) -> leading calls in eval
+        counted_detach: Dict[int, int] = {}  # id(module) -> leading calls detached
         for key, n in detach.items():
             module, _, calls = self.plan.module_calls[key]
             if n == len(calls):  # every call detached: no counting
                 self.handles.append(module.register_forward_hook(lambda m, a, out: _detached(out)))
             else:
                 counted.setdefault(key, 0)
+                counted_detach[key] = n
         for key, eval_calls in counted.items():
             module, _, calls = self.plan.module_calls[key]
             self.handles.append(module.register_forward_pre_hook(self._enter_hook(len(calls), eval_calls)))
-            self.handles.append(module.register_forward_hook(
-                self._leave_hook(detach.get(key, 0) if detach.get(key, 0) < len(calls) else 0),
-                always_call=True))
+            self.handles.append(module.register_forward_hook(self._leave_hook(counted_detach.get(key, 0)),
+                                                             always_call=True))
         if counted:
             self.handles.append(self.root.register_forward_pre_hook(lambda m, a: self._count.clear()))
 
