@@ -12,7 +12,8 @@ step() { echo "== $1"; }
 step "device"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
 step "install (the image has no internet: --no-deps; the build uses the image's torch)"
 pip install --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1 || { tail -40 "$OUT/install.log"; exit 1; }
-python -m smartfrz_fast.info | tee "$OUT/info.txt"
+step "each op once on this GPU against its reference (backend used, fallbacks)"
+python -m smartfrz_fast.info --check | tee "$OUT/info_check.txt"; echo "info --check rc=${PIPESTATUS[0]}"
 
 step "GPU correctness (compiled Triton, CUDA C++, graphs, no host sync)"
 python -m pytest -q -ra -p no:cacheprovider tests/test_triton_kernels.py > "$OUT/test_triton.log" 2>&1

@@ -31,7 +31,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .policy.base import Decision, FreezePolicy, PolicyContext, UnitInfo
+from . import guards
+from .policy.base import Decision, FreezePolicy, PolicyContext, UnitInfo, check_decision, check_prefix_length
 from .units import SHARED_PARAMETER_MODES, Unit, UnitPlan, describe_shared, discover_units, example_call, shared_groups
 
 STATE_FORMAT = "smartfrz_fast.SmartFreezer"
@@ -98,6 +99,15 @@ def _checked_int(name: str, value: Any, minimum: Optional[int], optional: bool =
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _remove_params(optimizer: torch.optim.Optimizer, ids: set) -> None:
+    """Take these parameters out of the optimizer's groups and delete their state (a state
+    entry left behind would break ``optimizer.state_dict()``)."""
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in ids]
+    for p in [p for p in optimizer.state if id(p) in ids]:
+        del optimizer.state[p]
 
 
 def _range(name: str):
@@ -213,6 +223,8 @@ class SmartFreezer:
         self._refused: Optional[str] = None  # why the last freeze stopped short of what was asked
         self._nonfinite_warned = False
         self._freeze_listeners: List[Callable[[FreezeEvent, Sequence[Unit]], None]] = []
+        self._guard: Optional[guards.Guard] = None  # made at set-up: watches the model and the optimizers
+        self._closed = False
         # Distributed: units live on the inner module; rank 0's decisions are broadcast.
         from . import distributed
 
@@ -222,11 +234,13 @@ class SmartFreezer:
         if self._dist_kind == "freezable_ddp":
             self.add_freeze_listener(lambda event, units: model.rewrap())
 
+        guards.check_unclaimed(self.module)
         if example_inputs is not None:
             self._setup(*example_call(self.module, example_inputs, example_kwargs))
         else:  # kept apart from self._hooks: other code adds hooks there before the first forward
             self._first_forward_hook = model.register_forward_pre_hook(
                 self._setup_on_first_forward, with_kwargs=True)
+        guards.claim(self, self.module)  # last: a constructor that raised claims nothing
 
     # ------------------------------------------------------------------ set-up
     def _setup_on_first_forward(self, module, args, kwargs):
@@ -280,9 +294,9 @@ class SmartFreezer:
             for opt in self.optimizers:
                 self._hooks.append(opt.register_step_pre_hook(self._accumulate_grad_norms))
         if self.policy.manages_lr:
-            self._split_groups_per_unit()
-            self._apply_lr_factors(0)
+            self._scale_unit_lrs(self.optimizers)
         self.policy._serves = weakref.ref(self)
+        self._guard = guards.Guard(self)
 
     def _check_optimizers(self, units: Sequence[Unit]) -> None:
         held = {id(p) for opt in self.optimizers for g in opt.param_groups for p in g["params"]}
@@ -295,31 +309,13 @@ class SmartFreezer:
                 "were created."
             )
 
-    def _split_groups_per_unit(self) -> None:
-        """One param group per (original group, unit), so a policy can set per-unit lrs."""
-        for opt in self.optimizers:
-            groups = []
-            for group in opt.param_groups:
-                buckets: Dict[int, List[nn.Parameter]] = {}
-                for p in group["params"]:
-                    buckets.setdefault(self._unit_of_param.get(id(p), -1), []).append(p)
-                for unit_index, params in sorted(buckets.items()):
-                    new = {k: v for k, v in group.items() if k != "params"}
-                    new["params"] = params
-                    new["smartfrz_unit"] = unit_index
-                    new.setdefault("smartfrz_initial_lr", group["lr"])
-                    groups.append(new)
-            opt.param_groups[:] = groups
+    def _scale_unit_lrs(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        """Each unit's lr scaled inside ``optimizer.step()`` by the policy's factor; outside the
+        step the groups stay the user's, so lr schedulers built before or after keep working."""
+        from .policy.unit_lr import UnitLRScaler
 
-    def _apply_lr_factors(self, step: int) -> None:
-        factors = self.policy.lr_factors(step)
-        if factors is None:
-            return
-        for opt in self.optimizers:
-            for group in opt.param_groups:
-                unit = group.get("smartfrz_unit", -1)
-                if unit >= 0:
-                    group["lr"] = group["smartfrz_initial_lr"] * float(factors[unit])
+        self._hooks += UnitLRScaler(optimizers, self._unit_of_param,
+                                    lambda: self.policy.lr_factors(self.step_count)).hooks
 
     def _accumulate_grad_norms(self, optimizer, args, kwargs) -> None:
         params, units = [], []
@@ -348,6 +344,14 @@ class SmartFreezer:
         self._require_setup()
         return self.plan.units
 
+    def _require_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(
+                "this SmartFreezer was closed (close() removed its hooks and released the model): it can no "
+                "longer step, freeze or load a state. Build a new SmartFreezer to go on freezing (frozen "
+                "units stay frozen; its state_dict() resumes in the new one).")
+        self._require_setup()
+
     def _require_setup(self) -> None:
         if self.plan is None:
             raise RuntimeError(
@@ -357,9 +361,10 @@ class SmartFreezer:
 
     def step(self) -> None:
         """Call once after each ``optimizer.step()``."""
-        self._require_setup()
+        self._require_open()
         self.step_count += 1
         step = self.step_count
+        self._guard.on_freezer_step(self)  # model changes since the last step, step() vs optimizer steps
         if self.history is not None and step % self.sample_every == 0:
             with _range("smartfrz::snapshot"):
                 self.history.snapshot()
@@ -375,16 +380,14 @@ class SmartFreezer:
                     self._submit(step, decision)
         with _range("smartfrz::apply"):
             self._apply_due(step)
-            if self.policy.manages_lr:
-                self._apply_lr_factors(step)
 
     def _decide(self, step: int) -> Optional[Decision]:
         """The policy's decision; under DDP rank 0's, broadcast only where the policy may
         decide (schedules: never, every rank computes the same int)."""
         if self._sync is None or self.policy.deterministic_schedule:
-            return self.policy.decide(step, self.num_frozen)
+            return check_decision(self.policy, self.policy.decide(step, self.num_frozen), step, len(self.units))
         broadcast = self.policy.decides_at(step)  # before decide(), which may advance counters
-        decision = self.policy.decide(step, self.num_frozen)
+        decision = check_decision(self.policy, self.policy.decide(step, self.num_frozen), step, len(self.units))
         if not broadcast:
             if decision is not None:
                 raise RuntimeError(
@@ -416,15 +419,17 @@ class SmartFreezer:
             if event is not None:
                 event.synchronize()  # recorded decision_delay steps ago: long complete
             value = int(host)
-            if value >= 0:  # a broadcast "no decision" is -1
-                self.freeze_to(value, step=step)
+            if value == -1 and self._sync is not None:
+                continue  # a broadcast "no decision"
+            check_prefix_length(self.policy, value, step, len(self.units))  # a device tensor's value
+            self.freeze_to(value, step=step)
 
     # ------------------------------------------------------------------ freeze action
     def freeze_to(self, num_units: int, step: Optional[int] = None) -> int:
         """Freeze the first ``num_units`` units (never fewer than already frozen). Returns the
         frozen-prefix length after clamping to ``max_frozen``, shared-parameter spans and
         non-finite weights."""
-        self._require_setup()
+        self._require_open()
         try:  # an int, a numpy int or a one-element int tensor (a policy's decision)
             num_units = operator.index(num_units)
         except TypeError:
@@ -454,10 +459,7 @@ class SmartFreezer:
         self._region.apply(target)
         before = self.num_frozen
         for opt in self.optimizers:
-            for group in opt.param_groups:
-                group["params"] = [p for p in group["params"] if id(p) not in frozen_ids]
-            for p in [p for p in opt.state if id(p) in frozen_ids]:
-                del opt.state[p]
+            _remove_params(opt, frozen_ids)
         self.num_frozen = target
         self._grad_index_cache.clear()
         if self.history is not None:
@@ -493,6 +495,82 @@ class SmartFreezer:
         """Call ``listener(event, newly_frozen_units)`` after every freeze (activation caches,
         compiled-region rebuilds, trainer callbacks, logging)."""
         self._freeze_listeners.append(listener)
+
+    # ------------------------------------------------------------------ changes after set-up (see guards)
+    def _adopt_optimizer(self, optimizer: torch.optim.Optimizer) -> List[torch.optim.Optimizer]:
+        """``optimizer`` holds the model's parameters but is not this freezer's (one re-created
+        mid-run), and is about to step: it takes the place of the freezer's optimizers it shares
+        parameters with, and gets what they had (frozen parameters and their state out, per-unit
+        lrs for a policy that manages the lr). Returns the optimizers it replaces."""
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        replaced = [o for o in self.optimizers if any(id(p) in held for g in o.param_groups for p in g["params"])]
+        self.optimizers = [o for o in self.optimizers if all(o is not r for r in replaced)] + [optimizer]
+        _remove_params(optimizer, {id(p) for _, p in self.plan.frozen_parameters(self.num_frozen)})
+        if self.policy.manages_lr:  # runs in this very step, like the hook below
+            self._scale_unit_lrs([optimizer])
+        if self.policy.needs_gradients:  # runs in this very step: torch calls it after the global hooks
+            self._hooks.append(optimizer.register_step_pre_hook(self._accumulate_grad_norms))
+        self._grad_index_cache.clear()
+        return replaced
+
+    def _resync(self) -> None:
+        """A parameter or module was registered on the model after set-up. Parameters replaced by
+        like ones (same shape, dtype, device, strides) are adopted: frozen units stay frozen on
+        the new ones, the optimizers and the history use them. Other changes are refused."""
+        guard = self._guard
+        layout = guards.model_layout(self.module)
+        in_units = {id(m) for u in self.units for m in u.modules + u.norm_modules + u.dropout_modules}
+        change = guards.describe_change(guard.layout, layout, in_units)
+        old_params, new_params = guard.layout[1], layout[1]
+        pairs: Dict[int, Tuple[Tensor, Tensor]] = {}
+        for name, new in new_params.items() if not change else ():
+            old = old_params[name]  # the same names: describe_change found none added or removed
+            if new is old:
+                continue
+            if not guards.same_layout(old, new):
+                change = change or (f"parameter {name} changed from {tuple(old.shape)} {old.dtype} to "
+                                    f"{tuple(new.shape)} {new.dtype}")
+            elif pairs.get(id(old), (old, new))[1] is not new:
+                change = change or (f"parameter {name} was shared and is no longer: tied weights untied, as "
+                                    "load_state_dict(assign=True) does; re-tie them before the next step")
+            pairs[id(old)] = (old, new)
+        if not change and len({id(new) for _, new in pairs.values()}) != len(pairs):
+            change = "separate parameters now share one tensor (weights tied after set-up)"
+        if not change and pairs and self._dist_kind == "fsdp2":
+            change = "parameters replaced under FSDP2 (sharded parameters cannot be swapped in place)"
+        if change:
+            raise RuntimeError(
+                f"SmartFreezer: the model changed after the freezer was set up ({change}). The freezer's units, "
+                "history and any activation cache describe the old model. Build a new SmartFreezer (and "
+                "optimizer) for the changed model: close() this one first. Replacing parameters with ones of "
+                "the same shape (load_state_dict(assign=True)) is fine.")
+        frozen = {id(p) for _, p in self.plan.frozen_parameters(self.num_frozen)}  # not shared ones still training
+        moved = [n for n, p in new_params.items() if id(old_params[n]) in frozen and p is not old_params[n]
+                 and not torch.equal(p.detach(), old_params[n].detach())]
+        if moved:
+            warnings.warn(f"SmartFreezer: frozen parameters were replaced by other values ({moved[:3]}): they stay "
+                          "frozen with the new values. An activation cache's rows were made with the old ones: "
+                          "build a new cache if you use one.", stacklevel=4)
+        for unit in self.units:
+            unit.parameters[:] = [pairs.get(id(p), (p, p))[1] for p in unit.parameters]
+        for shared in self.plan.shared:
+            shared.parameter = pairs.get(id(shared.parameter), (shared.parameter, shared.parameter))[1]
+        for old, new in pairs.values():
+            if id(old) in frozen:
+                new.requires_grad_(False)
+                new.grad = None
+            for opt in self.optimizers:  # the new parameter takes the old one's place and state
+                for group in opt.param_groups:
+                    group["params"] = [new if p is old else p for p in group["params"]]
+                for p in [p for p in opt.state if p is old]:
+                    opt.state[new] = opt.state.pop(p)
+        if self.history is not None:
+            self.history.replace_sources({k: new for k, (_, new) in pairs.items()})
+        self._unit_of_param = {id(p): u.index for u in self.units for p in u.parameters}
+        self._grad_index_cache.clear()
+        guard.layout = layout
+        guard.module_ids = {id(m) for m in layout[0].values()}
+        guard.changed = False
 
     def _stop_before_nonfinite(self, target: int) -> int:
         for unit in self.units[self.num_frozen:target]:
@@ -571,6 +649,12 @@ class SmartFreezer:
             lines.append(f"frozen prefix in eval mode (no dropout, fixed norm statistics): {len(always)} modules"
                          + (f", and the first calls of {len(partly)} called again after it" if partly else ""))
         lines.append(f"training FLOPs saved so far: {self.training_flops_saved():.1%}")
+        guard = self._guard
+        if guard is not None and self.step_count == 0 and guard.optimizer_steps:
+            lines.append(f"note: the optimizer stepped {guard.optimizer_steps} times but step() was never called")
+        elif guard is not None and guard.unmatched:
+            lines.append(f"note: step() was called {guard.unmatched} of {self.step_count} times with no optimizer "
+                         "step since the previous call (once per optimizer step is right)")
         return "\n".join(lines)
 
     def _shared_report(self) -> List[str]:
@@ -596,6 +680,8 @@ class SmartFreezer:
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to continue bit-identically (model and optimizer states apart)."""
         self._require_setup()
+        if not self._closed:
+            self._resync()  # deleting a module calls no hook: the model is re-read in full here
         pending = []
         for apply_at, host, event in self._pending:
             if event is not None:
@@ -623,7 +709,7 @@ class SmartFreezer:
         Everything is checked before anything changes: a refused checkpoint (another model,
         policy or settings, or a truncated dict) leaves the model, the optimizer and this
         freezer as they were."""
-        self._require_setup()
+        self._require_open()
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError("not a SmartFreezer state_dict (missing its format tag)")
         if state.get("version") != STATE_VERSION:
@@ -647,14 +733,14 @@ class SmartFreezer:
                              f"(a model of {len(self.units)} units)")
         self._check_restorable(num_frozen)
         try:
-            timeline = [FreezeEvent(**{**e, "unit_names": tuple(e["unit_names"])}) for e in state["timeline"]]
-            pending = [(int(apply_at), torch.tensor(int(value))) for apply_at, value in state["pending"]]
+            timeline = self._checked_timeline(state["timeline"], step, num_frozen)
+            pending = self._checked_pending(state["pending"], step)
         except (TypeError, KeyError, ValueError) as exc:
             raise ValueError(f"this SmartFreezer state_dict has a corrupt timeline or pending list ({exc})") from exc
         if (state["history"] is None) != (self.history is None):
             raise ValueError("the checkpoint's weight history does not match this policy's needs")
         if self.history is not None:
-            self.history.check_state(state["history"])
+            self.history.check_state(state["history"], max_count=step // self.sample_every)
         previous = self.policy.state_dict()
         try:
             self.policy.load_state_dict(state["policy_state"])
@@ -668,13 +754,43 @@ class SmartFreezer:
         self.freeze_to(num_frozen, step=step)
         self.timeline = timeline
         self._pending = [(apply_at, value, None) for apply_at, value in pending]
-        if self.policy.manages_lr:
-            self._apply_lr_factors(self.step_count)
         saved_policy = state.get("policy_settings")  # absent in checkpoints older than this check
         if saved_policy is not None and saved_policy != self.policy.describe():
             warnings.warn(f"SmartFreezer: the checkpoint's policy was {saved_policy}, this run's is "
                           f"{self.policy.describe()}: the resumed run will not continue as the saved one would.",
                           stacklevel=2)
+
+    def _checked_timeline(self, saved: Any, step: int, num_frozen: int) -> List[FreezeEvent]:
+        """The saved timeline if it tells how this model's prefix grew to ``num_frozen`` by
+        ``step`` (else ValueError); its fractions are recomputed from this model."""
+        if not isinstance(saved, (list, tuple)):
+            raise TypeError(f"the timeline is a {type(saved).__name__}, not a list")
+        events, frozen, last = [], 0, 0
+        for e in saved:
+            at, n, names = e["step"], e["num_frozen"], tuple(e["unit_names"])
+            if not (_is_int(at) and last <= at <= step and _is_int(n) and frozen < n <= num_frozen):
+                raise ValueError(f"event {e!r} does not follow the one before it (step {last}, {frozen} frozen) "
+                                 f"within step {step} and num_frozen {num_frozen}")
+            if names != tuple(u.name for u in self.units[frozen:n]):
+                raise ValueError(f"event {e!r} names other units than this model's {frozen}..{n - 1}")
+            events.append(FreezeEvent(at, n, names, self.frozen_param_fraction(n), self.frozen_flops_fraction(n)))
+            frozen, last = n, at
+        if frozen != num_frozen:
+            raise ValueError(f"the timeline ends with {frozen} frozen units, the state has num_frozen={num_frozen}")
+        return events
+
+    def _checked_pending(self, saved: Any, step: int) -> List[Tuple[int, Tensor]]:
+        """Decisions waiting to be applied: due after ``step``, within ``decision_delay``; a
+        broadcast 'no decision' (-1) is dropped."""
+        pending = []
+        for apply_at, value in saved:
+            if not (_is_int(apply_at) and step < apply_at <= step + self.decision_delay
+                    and _is_int(value) and -1 <= value <= len(self.units)):
+                raise ValueError(f"pending decision {(apply_at, value)!r} is not a prefix length (-1 .. "
+                                 f"{len(self.units)}) due in steps {step + 1} .. {step + self.decision_delay}")
+            if value != -1:
+                pending.append((apply_at, torch.tensor(value)))
+        return pending
 
     def _check_settings(self, saved: Dict[str, Any]) -> None:
         mine = self._settings()
@@ -705,7 +821,10 @@ class SmartFreezer:
 
     def _check_signature(self, saved) -> None:
         mine = self._signature()
-        saved = [(name, [(n, tuple(s)) for n, s in params]) for name, params in saved]
+        try:
+            saved = [(name, [(n, tuple(s)) for n, s in params]) for name, params in saved]
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"this SmartFreezer state_dict's model signature is corrupt ({exc})") from exc
         if saved == mine:
             return
         if len(saved) != len(mine):
@@ -721,6 +840,8 @@ class SmartFreezer:
     def close(self) -> None:
         """Remove the hooks the engine placed (frozen norm layers stay in eval until then) and
         close the policy."""
+        if self._closed:
+            return
         self._remove_first_forward_hook()
         self.policy.close()
         for hook in self._hooks:
@@ -728,3 +849,8 @@ class SmartFreezer:
         self._hooks.clear()
         if self._region is not None:
             self._region.remove()
+        self._eval_hooks.clear()
+        if self._guard is not None:
+            self._guard.close()
+        guards.release(self)
+        self._closed = True

@@ -142,6 +142,11 @@ class WeightHistory:
         self.first_active = num_frozen
         self.rows = torch.arange(num_frozen, len(self.units), device=self.device)
 
+    def replace_sources(self, new_of: Dict[int, Tensor]) -> None:
+        """Sample the replacements of parameters swapped out of the model (``id(old) -> new``,
+        same shape, dtype and strides, so every position stays valid)."""
+        self.sources[:] = [new_of.get(id(p), p) for p in self.sources]  # the list the gather reads
+
     def restrict_to_masks(self, masks: Dict[int, Tensor], prev_masks: Optional[Dict[int, Tensor]] = None) -> List[int]:
         """Sparse training: re-draw the positions of every unit holding a masked parameter so
         that they fall only on unmasked weights. ``masks`` maps ``id(parameter)`` to a bool
@@ -217,8 +222,10 @@ class WeightHistory:
         self.cursor.fill_(state["cursor"])
         self.count = state["count"]
 
-    def check_state(self, state: Dict[str, Any]) -> None:
-        """Raise (changing nothing) unless ``state`` is this history's, saved by ``state_dict``."""
+    def check_state(self, state: Dict[str, Any], max_count: Optional[int] = None) -> None:
+        """Raise (changing nothing) unless ``state`` is this history's, saved by ``state_dict``:
+        settings, positions, shape, a snapshot count within ``max_count`` (the steps taken over
+        the snapshot interval), finite values, and zeros where nothing was ever written."""
         missing = [k for k in ("sample_size", "window", "seed", "positions_digest", "history", "cursor", "count")
                    if k not in state]
         if missing:
@@ -240,6 +247,26 @@ class WeightHistory:
             shape = tuple(saved.shape) if isinstance(saved, torch.Tensor) else type(saved).__name__
             raise ValueError(f"the checkpoint's weight history is {shape}, this run's "
                              f"{tuple(self.history.shape)}: the checkpoint is corrupt or from another model.")
+        count, cursor = state["count"], state["cursor"]
+        if not (_is_int(count) and _is_int(cursor) and 0 <= count == cursor
+                and (max_count is None or count <= max_count)):
+            raise ValueError(f"the checkpoint's weight history is corrupt: count={count!r}, cursor={cursor!r} (two "
+                             f"copies of the number of snapshots, at most {max_count} by the checkpoint's step).")
+        if saved.dtype != self.history.dtype:
+            raise ValueError(f"the checkpoint's weight history is {saved.dtype}, not {self.history.dtype}: corrupt.")
+        bad = int((~torch.isfinite(saved)).sum())
+        if bad:
+            raise ValueError(f"the checkpoint's weight history holds {bad} NaN or inf values: it is corrupt, or was "
+                             "saved from a run that had diverged. Resume from an earlier checkpoint.")
+        unwritten = saved[:, count:] if count < self.window else saved[:, :0]
+        masked = saved.masked_select((self.source_ids < 0).cpu()[:, None, :])
+        if bool(unwritten.any()) or bool(masked.any()):
+            raise ValueError("the checkpoint's weight history has values where no snapshot was ever written (slots "
+                             "after its count, or positions past a unit's size): it is corrupt.")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _logical_index(param: Tensor, storage_offset: int) -> int:

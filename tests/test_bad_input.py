@@ -346,7 +346,7 @@ def test_predictor_with_nan_weights_or_a_foreign_provenance_is_refused(tmp_path)
 
     blob = torch.load(good, weights_only=True)
     blob["state_dict"]["key.0.weight"][0, 0] = float("nan")
-    blob["digest"] = _digest(blob["state_dict"])  # consistent: a diverged training run, not a corrupt file
+    blob["digest"] = _digest(blob)  # consistent: a diverged training run, not a corrupt file
     torch.save(blob, tmp_path / "nan.pt")
     with pytest.raises(PredictorWeightsError, match=r"NaN or inf weights \(\['key.0.weight'\]\).*Retrain it"):
         SmartFRZ(weights=tmp_path / "nan.pt")

@@ -167,3 +167,30 @@ def test_a_reopened_mmap_file_without_side_inputs_drops_rows_at_the_next_freeze(
     fill(cache, ids, mask)
     torch.testing.assert_close(cached_rows(cache), rows_from_inputs(cache, ids, mask), rtol=1e-6, atol=1e-6)
     cache.close()
+
+
+def test_damaged_side_inputs_in_a_state_are_not_used_to_migrate(tmp_path):
+    # A flipped mask entry in the checkpoint's side inputs would push that sample's row through
+    # the next layers with the wrong mask: its checksum fails, the row is counted and dropped at
+    # the deeper freeze (refilled from its real input), the others migrate.
+    ids, mask = PADDING["left"]
+    args = dict(storage="mmap", path=str(tmp_path / "rows.bin"))
+    model, opt, freezer, cache = setup("llama-lm", **args)
+    fill(cache, ids, mask)
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "freezer": freezer.state_dict(),
+             "cache": cache.state_dict()}
+    cache.close()
+    side = state["cache"]["side"]
+    victim = int(torch.randint(N, ()))
+    row = int((side["ids"] == victim).nonzero())
+    side["values"]["attention_mask"][row, 0] ^= 1
+    model, opt, freezer, cache = resumed("llama-lm", state, **args)
+    misses = cache.stats["misses"]
+    with pytest.warns(UserWarning, match=f"sample {victim} has damaged side inputs"):
+        fill(cache, ids, mask)
+    assert cache.stats["bad_rows"] == 1 and cache.stats["misses"] == misses, cache.describe()  # rows still hit
+    freezer.freeze_to(units_through_layer(freezer, 1))
+    assert cache.stats["migrated"] == N - 1 and cache.rows_cached == N - 1
+    fill(cache, ids, mask)
+    torch.testing.assert_close(cached_rows(cache), rows_from_inputs(cache, ids, mask), rtol=1e-6, atol=1e-6)
+    cache.close()

@@ -2,6 +2,8 @@
 with fresh objects ends with bit-identical weights to an uninterrupted one (fp32 cache); saved
 rows come back only when they belong to the resumed model and boundary."""
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -95,7 +97,7 @@ def test_rows_state_is_exact_and_small_without_rows():
     light, heavy = cache.state_dict(), cache.state_dict(rows=True)
     assert light["rows"] is None and light["boundary"] == 4 and light["fingerprint"] is None  # no weight pass
     assert heavy["fingerprint"]["boundary"] == 4 and heavy["row_shape"] == [4, 8, 8]
-    ids, data, scales = cache._store.export_rows()
+    data = cache._store.export_rows()["data"]
     assert heavy["rows"]["data"].dtype == torch.bfloat16 and heavy["rows"]["ids"].numel() == N
     assert torch.equal(heavy["rows"]["data"].view(torch.int16), data.view(torch.int16))
 
@@ -120,18 +122,34 @@ def test_rows_from_other_weights_are_refused(tmp_path):
         run(*resumed, SPLIT, SPLIT + 1)
 
 
-def test_mmap_file_moved_past_the_checkpoint_is_refused(tmp_path):
+def test_mmap_file_moved_past_the_checkpoint_is_rebuilt_and_another_runs_refused(tmp_path):
     # The interrupted run went on past a deeper freeze before it stopped: its cache file now
-    # holds rows of another boundary, which the checkpoint's run must not read.
+    # holds rows of another boundary. It is this run's own file (the same lineage): the resume
+    # replaces it with an empty one at the checkpoint's boundary, and ends as the uninterrupted run.
     path = str(tmp_path / "c.bin")
+    full = build(storage="mmap", dtype="fp32", path=str(tmp_path / "full.bin"))
+    run(*full, 0, TOTAL)
     part = build(storage="mmap", dtype="fp32", path=path)
     run(*part, 0, SPLIT)
     checkpoint(tmp_path / "ckpt.pt", *part, rows=False)
     run(*part, SPLIT, DEEPEN_AT + 2)
     part[3].close()
     resumed = resume(tmp_path / "ckpt.pt", storage="mmap", dtype="fp32", path=path)
+    with pytest.warns(UserWarning, match=r"c\.bin went on past the checkpoint .* refills"):
+        run(*resumed, SPLIT, TOTAL)
+    for (name, p), q in zip(full[0].state_dict().items(), resumed[0].state_dict().values()):
+        assert torch.equal(p, q), f"{name} differs after resume"
+    assert resumed[3].stats["misses"] > full[3].stats["misses"]  # the rows refilled
+    # A file of another run (another lineage) in its place is refused, never replaced.
+    other = build(storage="mmap", dtype="fp32", path=str(tmp_path / "other.bin"))
+    run(*other, 0, DEEPEN_AT + 2)
+    other[3].close()
+    os.replace(tmp_path / "other.bin", path)
+    before = open(path, "rb").read()
+    resumed = resume(tmp_path / "ckpt.pt", storage="mmap", dtype="fp32", path=path)
     with pytest.raises(ValueError, match=r"c\.bin was made for a different fingerprint.*Delete it"):
         run(*resumed, SPLIT, SPLIT + 1)
+    assert open(path, "rb").read() == before
 
 
 def test_settings_must_match_and_state_is_checked(tmp_path):

@@ -146,3 +146,33 @@ def test_sync_and_async_agree_and_resume_is_exact():
     assert [e.step for e in freezer2.timeline] == runs[True][0]
     for a, b in zip(model2.parameters(), runs[True][1]):
         assert torch.equal(a.detach(), b)
+
+
+def test_defaults_act_on_an_ordinary_run():
+    """Default knobs (interval total_steps // 50, warm-up total_steps // 10, tolerance 0.3) on a
+    plain run (SGD with momentum, cosine lr, 200 steps): something freezes before the end. At
+    the former tolerance 0.1 this run froze nothing, as the demo (375 steps) did."""
+    import math
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
+                          nn.Linear(32, 5))
+    teacher = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 12, generator=g)
+    with torch.no_grad():
+        y = teacher(x).argmax(1)
+    total = 200
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    policy = Egeria(model, x[:64], asynchronous=False)
+    freezer = SmartFreezer(model, opt, policy, example_inputs=x[:2], total_steps=total)
+    assert (policy.interval, policy.warmup, policy.tolerance) == (4, 20, 0.3)
+    for _ in range(total):
+        idx = torch.randint(0, 2048, (64,), generator=g)
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        freezer.step()
+    assert freezer.num_frozen >= 1 and freezer.timeline[0].step < total * 3 // 4, freezer.report()

@@ -170,9 +170,12 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     assert callback.freezer.timeline[0].step == 3
 
 
-def test_freezeout_with_lr_scheduler_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="Return only the optimizer"):
-        trainer(tmp_path, [SmartFreezeCallback(FreezeOut())]).fit(LitCNN(scheduler=True), loader())
+def test_freezeout_with_lr_scheduler_trains(tmp_path):
+    callback = SmartFreezeCallback(FreezeOut(t0=0.3, spacing="linear"))
+    fit = trainer(tmp_path, [callback], max_epochs=2)
+    fit.fit(LitCNN(scheduler=True), loader())
+    assert callback.freezer.num_frozen > 0
+    assert fit.lr_scheduler_configs[0].scheduler.state_dict()["last_epoch"] == 2  # interval "epoch"
 
 
 def test_static_freeze_with_lr_scheduler_trains(tmp_path):

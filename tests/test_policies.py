@@ -147,7 +147,7 @@ def test_freezeout_requires_total_steps_and_flags():
     assert p.manages_lr and not p.needs_gradients and not p.needs_history
     with pytest.raises(ValueError, match="total_steps"):
         p.bind(make_context(4, total_steps=None))
-    assert "t0=0.5" in p.describe() and "cubic" in p.describe() and "scale_lr=True" in p.describe()
+    assert "t0=0.8" in p.describe() and "cubic" in p.describe() and "scale_lr=True" in p.describe()
     assert p.state_dict() == {}
 
 
@@ -501,3 +501,164 @@ def test_static_bind_checks():
 def test_static_invalid_arguments(args, match):
     with pytest.raises(ValueError, match=match):
         StaticFreeze(*args)
+
+
+# ----------------------------------------------------------------------------------------------
+# FreezeOut with the user's lr scheduler (the engine scales each unit's lr inside the step)
+
+
+def _schedulers():
+    from torch.optim import lr_scheduler
+
+    def warmup(opt, n):
+        try:
+            from transformers import get_linear_schedule_with_warmup
+        except ImportError:  # the same LambdaLR transformers builds
+            return lr_scheduler.LambdaLR(opt, lambda s: s / 3 if s < 3 else max(0.0, (n - s) / (n - 3)))
+        return get_linear_schedule_with_warmup(opt, num_warmup_steps=3, num_training_steps=n)
+
+    return {
+        "lambda": lambda opt, n: lr_scheduler.LambdaLR(opt, lambda s: 0.97 ** s),
+        "cosine": lambda opt, n: lr_scheduler.CosineAnnealingLR(opt, T_max=n),
+        "onecycle": lambda opt, n: lr_scheduler.OneCycleLR(opt, max_lr=0.2, total_steps=n),
+        "linear_warmup": warmup,
+    }
+
+
+def _run_with_scheduler(make_scheduler, built, steps=24, seed=0, policy=None):
+    """Two param groups (a weight-decay split, as most recipes), a scheduler built before or
+    after the freezer; returns (lr used per step per unit, the scheduler's lr per step, freezer)."""
+    from torch import nn
+
+    from smartfrz_fast import SmartFreezer
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(),
+                          nn.Linear(6, 3))
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    opt = torch.optim.SGD([{"params": weights, "weight_decay": 1e-4}, {"params": biases, "weight_decay": 0.0}],
+                          lr=0.1, momentum=0.9)
+    sched = make_scheduler(opt, steps) if built == "before" else None
+    policy = policy or FreezeOut(t0=0.5, spacing="linear")
+    freezer = SmartFreezer(model, opt, policy, example_inputs=(torch.randn(2, 6),), total_steps=steps)
+    if sched is None:
+        sched = make_scheduler(opt, steps)
+    weight_of = [u.parameters[0] for u in freezer.units]
+    used, scheduled = [], []
+
+    def record(optimizer, args, kwargs):  # the lr each unit's weight steps with
+        used.append([next((g["lr"] for g in optimizer.param_groups if any(p is w for p in g["params"])), None)
+                     for w in weight_of])
+
+    opt.register_step_post_hook(lambda *a: None)  # another hook of the user's: harmless
+    hook = opt.register_step_pre_hook(record)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        scheduled.append(opt.param_groups[0]["lr"])
+        x = torch.randn(8, 6, generator=g)
+        nn.functional.cross_entropy(model(x), torch.randint(0, 3, (8,), generator=g)).backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        freezer.step()
+        assert len(opt.param_groups) == 2  # outside the step the groups are the user's
+    hook.remove()
+    return used, scheduled, freezer, opt
+
+
+@pytest.mark.parametrize("built", ["before", "after"])
+@pytest.mark.parametrize("name", sorted(_schedulers()))
+def test_freezeout_multiplies_any_scheduler_built_before_or_after(name, built):
+    used, scheduled, freezer, opt = _run_with_scheduler(_schedulers()[name], built)
+    policy = freezer.policy
+    assert freezer.num_frozen > 0
+    reference = None
+    if built == "after":  # the scheduler's own lrs, without any freezer: untouched by it
+        plain = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        sched = _schedulers()[name](plain, len(scheduled))
+        reference = []
+        for _ in scheduled:
+            reference.append(plain.param_groups[0]["lr"])
+            plain.step()
+            sched.step()
+        assert scheduled == pytest.approx(reference, rel=1e-12)
+    for j, row in enumerate(used):
+        factors = policy.lr_factors(j)
+        for i, lr in enumerate(row):
+            if lr is None:  # frozen: not stepped at all
+                assert i < freezer.num_frozen
+                continue
+            assert lr == pytest.approx(scheduled[j] * factors[i], rel=1e-12, abs=1e-15), (j, i)
+    opt.state_dict()  # an ordinary state_dict of the user's two groups
+    assert [len(g) for g in opt.state_dict()["param_groups"]] and len(opt.state_dict()["param_groups"]) == 2
+
+
+def test_freezeout_with_a_constant_lr_trains_exactly_as_the_reference_split():
+    """No scheduler: each unit's lr is FreezeOut's cosine of the base lr, as before the change."""
+    used, scheduled, freezer, _ = _run_with_scheduler(
+        lambda opt, n: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), "before")
+    t = freezer.policy.freeze_times
+    n = len(used)
+    for j, row in enumerate(used):
+        for i, lr in enumerate(row):
+            if lr is not None and j <= t[i] * n:
+                assert lr == pytest.approx(0.5 * (0.1 / t[i]) * (1 + math.cos(math.pi * j / (t[i] * n))), rel=1e-12)
+
+
+def test_freezeout_groups_survive_a_step_that_raises():
+    """A step that raises inside the optimizer leaves the split groups behind; the next step
+    (and the user) find the user's groups again."""
+    from torch import nn
+
+    from smartfrz_fast import SmartFreezer
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, FreezeOut(), example_inputs=(torch.randn(2, 4),), total_steps=10)
+    fail = {"now": True}
+
+    def boom(optimizer, args, kwargs):
+        if fail["now"]:
+            raise RuntimeError("boom")
+
+    hook = opt.register_step_pre_hook(boom)
+    model(torch.randn(3, 4)).sum().backward()
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step()
+    fail["now"] = False
+    opt.step()
+    freezer.step()
+    assert len(opt.param_groups) == 1 and len(opt.param_groups[0]["params"]) == 4
+    hook.remove()
+
+
+def test_freezeout_default_t0_is_the_recommended_one():
+    p = FreezeOut()
+    p.bind(make_context(5, total_steps=1000))
+    assert p.t0 == 0.8 and p.freeze_times[0] == pytest.approx(0.512)
+    assert p.freeze_steps[0] == 513
+
+
+@pytest.mark.parametrize("total, interval", [(100, None), (105, None), (40, 8), (41, 8)])
+def test_autofreeze_never_freezes_where_nothing_is_left_to_save(fresh_seed, total, interval):
+    """Interval ends inside the last interval (the final step among them) decide nothing;
+    every earlier end decides as before, and freezing is possible there."""
+    p = AutoFreeze(interval=interval, percentile=50)
+    p.bind(make_context(6, total_steps=total))
+    q = AutoFreeze(interval=p.interval, percentile=50)  # the same rule without a known end
+    q.bind(make_context(6, total_steps=None))
+    gen = torch.Generator().manual_seed(fresh_seed)
+    decided, unguarded = {}, {}
+    for step in range(total):
+        norms = torch.rand(6, generator=gen) + 0.1
+        for policy, out in ((p, decided), (q, unguarded)):
+            policy.observe_gradients(step, norms)
+            if policy.decides_at(step + 1):
+                out[step + 1] = as_int(policy.decide(step + 1, 0))
+            else:
+                assert policy.decide(step + 1, 0) is None
+    last_end = total - total % p.interval if total % p.interval else total
+    assert last_end in unguarded and last_end not in decided  # the reference decides at its last end
+    assert all(s <= total - p.interval for s in decided)
+    assert decided == {s: d for s, d in unguarded.items() if s <= total - p.interval} and decided

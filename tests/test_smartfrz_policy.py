@@ -172,3 +172,89 @@ def test_resumed_policy_does_not_score_the_same_snapshot_again(tmp_path):
     first, _ = run(13)  # step 13: the snapshot of step 12 was scored at step 12
     _, resumed = run(20, first.state_dict())
     assert any(straight) and resumed == straight[13:]
+
+
+def test_without_total_steps_it_warns_and_says_what_to_pass(tmp_path):
+    path = predictor_file(tmp_path / "p.pt")
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with pytest.warns(UserWarning, match=r"no total_steps.*Pass total_steps="):
+        freezer = SmartFreezer(model, opt, SmartFRZ(weights=path), example_inputs=batch(0)[0], window=4,
+                               sample_size=16)
+    assert freezer.sample_every == 1 and freezer.policy.first_decision_step == 0
+    import warnings
+
+    for kwargs in ({"total_steps": 300}, {"sample_every": 3}):  # paced: nothing to warn about
+        model = SmallCNN()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.05), SmartFRZ(weights=path),
+                         example_inputs=batch(0)[0], window=4, sample_size=16, **kwargs)
+
+
+@pytest.mark.parametrize("total", [40, 97, 239, 300])
+def test_first_decision_comes_at_a_quarter_of_the_run_or_later(tmp_path, total):
+    """total_steps // 120 rounds down (300 steps: a snapshot every 2, the window of 30 full at
+    step 60, 20 %): the guard holds the first decision back to ceil(total / 4) exactly."""
+    policy = SmartFRZ(weights=predictor_file(tmp_path / "p.pt", freeze_logit=20.0))
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, policy, example_inputs=batch(0)[0], window=4, sample_size=16,
+                           total_steps=total)
+    every = max(1, total // 120)
+    quarter = -(-total // 4)
+    expected = next(s for s in range(quarter, total + 1) if s % every == 0)  # the first snapshot there
+    train_steps(model, opt, freezer, expected + 2)
+    assert policy.first_decision_step == quarter
+    assert [(e.step, e.num_frozen) for e in freezer.timeline] == [(expected, 3)]
+    assert 4 * freezer.timeline[0].step >= total
+
+
+def test_min_progress_zero_decides_when_the_window_fills(tmp_path):
+    policy = SmartFRZ(weights=predictor_file(tmp_path / "p.pt", freeze_logit=20.0), min_progress=0.0)
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, policy, example_inputs=batch(0)[0], window=4, sample_size=16,
+                           total_steps=300)  # a snapshot every 2 steps: the window is full at step 8
+    train_steps(model, opt, freezer, 10)
+    assert [(e.step, e.num_frozen) for e in freezer.timeline] == [(8, 3)]
+
+
+def test_smoothing_ignores_a_probability_that_flips_around_the_threshold(tmp_path, monkeypatch):
+    # evaluations at steps 8, 10, ..., 24; unit 0 flips 0.7 / 0.4 (mean 0.55 but noisy), unit 1
+    # and 2 are confidently freezable from the start
+    flips = [[0.7 if i % 2 == 0 else 0.4, 0.95, 0.95, 0.0] for i in range(9)]
+    scripted_predict(monkeypatch, flips)
+    raw = run(SmartFRZ(weights=predictor_file(tmp_path / "p.pt"), evaluate_every=2), steps=25)
+    assert [(e.step, e.num_frozen) for e in raw.timeline] == [(8, 3)]  # the first 0.7 froze everything
+    scripted_predict(monkeypatch, flips)
+    smooth = run(SmartFRZ(weights=predictor_file(tmp_path / "p.pt"), evaluate_every=2, smoothing=5), steps=25)
+    # alpha = 1/3 from 0: unit 0's average climbs 0.23, 0.29, 0.43, 0.42, 0.51 -> frozen at step 16
+    assert [(e.step, e.num_frozen) for e in smooth.timeline] == [(16, 3)]
+    assert smooth.policy.last_smoothed is not None
+
+
+def test_smoothing_lets_a_steady_probability_through_and_survives_a_checkpoint(tmp_path, monkeypatch):
+    rows = [[0.95, 0.95, 0.95, 0.0]] * 6  # average 0.32 after one evaluation, 0.53 after two
+    path = predictor_file(tmp_path / "p.pt")
+    scripted_predict(monkeypatch, rows)
+    straight = run(SmartFRZ(weights=path, evaluate_every=2, smoothing=5), steps=13)
+    assert [(e.step, e.num_frozen) for e in straight.timeline] == [(10, 3)]
+    scripted_predict(monkeypatch, rows)
+    first = run(SmartFRZ(weights=path, evaluate_every=2, smoothing=5), steps=9)  # evaluated at 8
+    saved = first.state_dict()
+    assert saved["policy_state"]["average"][:3].tolist() == pytest.approx([0.95 / 3] * 3)
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    resumed = SmartFreezer(model, opt, SmartFRZ(weights=path, evaluate_every=2, smoothing=5),
+                           example_inputs=batch(0)[0], window=4, sample_size=16, sample_every=2)
+    resumed.load_state_dict(saved)
+    train_steps(model, opt, resumed, 13 - resumed.step_count, start=resumed.step_count)
+    assert [(e.step, e.num_frozen) for e in resumed.timeline] == [(10, 3)]
+
+
+@pytest.mark.parametrize("kwargs", [{"smoothing": 0}, {"smoothing": 2.5}, {"smoothing": True},
+                                    {"min_progress": 1.0}, {"min_progress": -0.1}, {"min_progress": "a"}])
+def test_bad_smoothing_and_min_progress(tmp_path, kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        SmartFRZ(weights=predictor_file(tmp_path / "p.pt"), **kwargs)

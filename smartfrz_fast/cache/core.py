@@ -19,8 +19,10 @@ goes on through the plain model.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import uuid
 import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -33,7 +35,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 from ..distributed import FreezableDDP, _is_fsdp1, _is_fsdp2, check_ddp
 from ..units import as_args
 from .split import BlockChain, Inputs, find_blocks
-from .storage import PINNED_READS, TIERS, Storage, make_storage, read_header, row_bytes, storage_dtype
+from .storage import (PINNED_READS, TIERS, Storage, check_path, input_sums, make_storage, owned_temp_path,
+                      read_header, remove_leftovers, row_bytes, storage_dtype)
 
 # Audit tolerance: max |cached - recomputed| per row, relative to the row's largest magnitude.
 # Storage rounding (bf16: 2^-9 relative, fp8 e4m3: 2^-4) plus recompute noise at the
@@ -42,9 +45,14 @@ STORAGE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2.0 ** -7, torch.float
 ACTIVATION_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-7, torch.bfloat16: 2.0 ** -6, torch.float16: 2.0 ** -8}
 MIGRATE_CHUNK = 256  # rows pushed through newly frozen blocks at a time
 STATE_FORMAT = "smartfrz_fast.ActivationCache.state"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: rows carry checksums; the mmap file's lineage
 _STATE_KEYS = ("settings", "enabled", "reason", "boundary", "chain", "stats", "seen", "audit_left", "input_sig",
-               "path", "fingerprint", "row_shape", "activation", "rows", "side")
+               "path", "fingerprint", "row_shape", "activation", "rows", "side", "lineage")
+_ROW_KEYS = ("ids", "data", "scales", "sums", "in_sums")
+# Storage faults that turn the cache off (with one warning) instead of ending the run: the
+# disk or quota is full, a file-size limit, a read-only or vanished folder, an I/O error.
+_FAULT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+                 errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENOMEM, errno.EMFILE, errno.ENFILE}
 
 
 class IndexedDataset(torch.utils.data.Dataset):
@@ -125,6 +133,13 @@ class ActivationCache:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         if audit_rows < 0:
             raise ValueError(f"audit_rows must be >= 0, got {audit_rows}")
+        path = None if path is None else _rank_path(os.fspath(path))
+        if storage == "mmap":
+            check_path(path, max_bytes)  # a bad folder fails now, not at the first freeze hours in
+            if os.path.exists(path) and not reuse and not _is_cache_file(path):
+                raise FileExistsError(f"ActivationCache: path={path!r} is an existing file without an activation "
+                                      "cache header (another file, or a damaged cache file); the cache never "
+                                      "overwrites it. Choose another path, or delete it if it is a damaged cache.")
         self.freezer = freezer
         self.num_samples = num_samples
         self.deterministic = bool(deterministic)
@@ -133,7 +148,7 @@ class ActivationCache:
         self.pinned_read = pinned_read
         self.storage_dtype = storage_dtype(dtype)
         self.max_bytes = max_bytes
-        self.path = None if path is None else _rank_path(os.fspath(path))
+        self.path = path
         self.reuse = reuse
         self.audit_rows = audit_rows
         self.device = None if device is None else torch.device(device)
@@ -144,7 +159,8 @@ class ActivationCache:
         self.reason: Optional[str] = None if self.deterministic else (
             "inputs not declared deterministic: pass deterministic=True if a sample's input is the "
             "same every time it is seen (no random augmentation)")
-        self.stats: Dict[str, int] = dict(hits=0, misses=0, stored=0, over_capacity=0, audited=0, migrated=0)
+        self.stats: Dict[str, int] = dict(hits=0, misses=0, stored=0, over_capacity=0, audited=0, migrated=0,
+                                          bad_rows=0)
         self._store: Optional[Storage] = None
         self._setup_done = False
         self._input_sig = None
@@ -153,6 +169,9 @@ class ActivationCache:
         self._audit_left = audit_rows
         self._resume: Optional[Dict[str, Any]] = None  # a loaded state, applied at the first forward
         self._sides = SideInputs(num_samples)
+        # names the run an mmap file belongs to (in its header, kept by deeper freezes and resumes)
+        self._lineage: Optional[str] = uuid.uuid4().hex if storage == "mmap" else None
+        self._warned: set = set()  # kinds of warning given once already
         freezer.add_freeze_listener(self._on_freeze)
 
     # ------------------------------------------------------------------ public
@@ -244,16 +263,17 @@ class ActivationCache:
             "chain": None if self.chain is None else [b.name for b in self.chain.blocks],
             "stats": dict(self.stats), "seen": self._seen, "audit_left": self._audit_left,
             "input_sig": self._input_sig, "path": self.path, "fingerprint": None, "row_shape": None,
-            "activation": None, "rows": None, "side": None,
+            "activation": None, "rows": None, "side": None, "lineage": self._lineage,
         }
         if self.active and self._store is not None and (rows or self.tier == "mmap"):
             # the mmap file's header holds the fingerprint already: no second pass over the weights
             fingerprint = self._store.fingerprint if self.tier == "mmap" else self._fingerprint()
             state.update(fingerprint=fingerprint, row_shape=list(self._store.row_shape),
                          activation=str(self._act[0]))
-            if self.tier != "mmap":  # the mmap tier's rows are in its file already
-                ids, data, scales = self._store.export_rows()
-                state["rows"] = {"ids": ids, "data": data, "scales": scales}
+            if self.tier == "mmap":  # the rows are in its file already: make them durable first
+                self._store.flush()
+            else:
+                state["rows"] = self._store.export_rows()  # with each row's checksum
             if rows or self.tier == "mmap":
                 # What migrating the rows through HF layers needs (not in the mmap file). Small:
                 # a token's mask entry against its hidden-size activation in the row.
@@ -277,6 +297,10 @@ class ActivationCache:
                              "Load the complete cache.state_dict() saved with the checkpoint.")
         if self._setup_done or self._store is not None:
             raise RuntimeError("ActivationCache.load_state_dict needs a fresh cache (before its first forward)")
+        if state["rows"] is not None:
+            self._check_saved_rows(state["rows"])
+        if state["side"] is not None:
+            self._check_saved_side(state["side"])
         mine = self._settings()
         for key, saved in state["settings"].items():
             if mine.get(key) != saved:
@@ -287,7 +311,39 @@ class ActivationCache:
             self.enabled, self.reason = False, state["reason"]
         self.stats.update(state["stats"])
         self._seen, self._audit_left, self._input_sig = state["seen"], state["audit_left"], state["input_sig"]
+        if state["lineage"] is not None:
+            self._lineage = state["lineage"]  # the interrupted run's files are this run's
         self._resume = state
+
+    def _check_saved_rows(self, rows: Any) -> None:
+        """The saved rows' structure, before anything changes (each row's checksum is checked
+        when the rows are put back: a row that fails is recomputed, not refused)."""
+        def bad(what: str) -> ValueError:
+            return ValueError(f"ActivationCache: the state's saved rows are damaged ({what}): it is truncated or "
+                              "was edited. Load the complete cache.state_dict(rows=True) saved with the "
+                              "checkpoint, or drop its rows (state['rows'] = None) to refill them.")
+        if not isinstance(rows, dict) or any(not isinstance(rows.get(k), Tensor) for k in _ROW_KEYS):
+            raise bad(f"rows must be a dict of tensors {list(_ROW_KEYS)}")
+        ids = rows["ids"]
+        if ids.dtype != torch.int64 or ids.dim() != 1:
+            raise bad(f"ids are {ids.dtype} of shape {tuple(ids.shape)}, not a 1-d int64 tensor")
+        if any(rows[k].shape[:1] != ids.shape for k in _ROW_KEYS) or rows["data"].dim() != 2:
+            raise bad("ids, data, scales and checksums differ in length")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_samples
+                            or torch.unique(ids).numel() != ids.numel()):
+            raise bad(f"sample ids outside [0, {self.num_samples}) or repeated")
+        if rows["scales"].dtype != torch.float32 or rows["sums"].dtype != torch.int32:
+            raise bad("scales are not float32 or checksums not int32")
+
+    def _check_saved_side(self, side: Any) -> None:
+        ok = (isinstance(side, dict) and isinstance(side.get("ids"), Tensor) and isinstance(side.get("sums"), Tensor)
+              and isinstance(side.get("values"), dict) and side["ids"].dtype == torch.int64 and side["ids"].dim() == 1
+              and side["sums"].shape == side["ids"].shape
+              and all(isinstance(v, Tensor) and v.shape[:1] == side["ids"].shape for v in side["values"].values()))
+        if not ok or (side["ids"].numel() and (int(side["ids"].min()) < 0 or int(side["ids"].max()) >= self.num_samples)):
+            raise ValueError("ActivationCache: the state's side inputs (masks, positions of the cached rows) are "
+                             "damaged: it is truncated or was edited. Load the complete cache.state_dict() saved "
+                             "with the checkpoint.")
 
     def _settings(self) -> Dict[str, Any]:
         return {"num_samples": self.num_samples, "storage": self.tier, "dtype": str(self.storage_dtype),
@@ -300,13 +356,15 @@ class ActivationCache:
         if state["fingerprint"] is None or (state["rows"] is None and not file_rows):
             return  # nothing saved: rows refill as samples come back
         where = f"cache file {self.path}" if self.tier == "mmap" else "the checkpoint's cached rows"
-        if state["chain"] != names or state["boundary"] != boundary:
+        # a freeze between the load and the first forward (the resumed step freezes deeper): the
+        # rows come back at the checkpoint's boundary and _setup then moves them on
+        if state["chain"] != names or state["boundary"] > boundary:
             raise ValueError(
                 f"ActivationCache: {where} cover {state['boundary']} blocks of the chain {state['chain'][:3]}..., "
                 f"this run caches {boundary} blocks of {names[:3]}...: a different model or boundary. Restore "
                 "the freezer's state before the first forward, or start the cache without the checkpoint's "
                 "rows (delete the file / save without rows=True).")
-        self.boundary = boundary
+        self.boundary = state["boundary"]
         self._act = self._recorded_activation(state["activation"], where)
         fingerprint = self._fingerprint()
         if fingerprint != state["fingerprint"]:
@@ -315,13 +373,33 @@ class ActivationCache:
                 f"ActivationCache: {where} were made for a different {key} ({state['fingerprint'].get(key)!r}, "
                 f"now {fingerprint[key]!r}): they belong to another model, boundary or prefix weights. Load "
                 "the model's weights before the first forward, or delete the rows (file) to refill them.")
-        if self.tier == "mmap":
-            self._store = self._make_store(tuple(state["row_shape"]), self.path, reuse=True)
-        else:
-            self._store = self._make_store(tuple(state["row_shape"]), None)
-            self._store.import_rows(state["rows"]["ids"], state["rows"]["data"], state["rows"]["scales"])
+        with self._storage_faults("reopening the cached rows"):
+            if self.tier == "mmap":
+                self._store = self._reopen_checkpoint_file(state)
+            else:
+                self._store = self._make_store(tuple(state["row_shape"]), None)
+                self._store.import_rows(state["rows"])
+        if not self.enabled:
+            return
         if state.get("side") is not None:
-            self._sides.load(state["side"], self._act[1])
+            damaged = self._sides.load(state["side"], self._act[1])
+            if damaged.numel():
+                self._on_bad_rows(damaged, "has damaged side inputs (mask, positions) in the checkpoint")
+
+    def _reopen_checkpoint_file(self, state: Dict[str, Any]) -> Storage:
+        """The checkpoint's mmap file. If this run went on past a deeper freeze before it
+        stopped, the file (its own: same lineage) holds that boundary's rows: it is replaced,
+        atomically, by an empty one for the checkpoint's boundary (rows refill). A file of
+        another run is refused (``_make_store`` checks its header)."""
+        row_shape = tuple(state["row_shape"])
+        header = read_header(self.path)
+        if (header.get("fingerprint") != state["fingerprint"] and state["lineage"] is not None
+                and header.get("lineage") == state["lineage"]):
+            self._warn_once("moved", f"ActivationCache: the cache file {self.path} went on past the checkpoint (a "
+                            "deeper freeze after it, before the run stopped); it starts again empty at the "
+                            "checkpoint's boundary and refills.")
+            return self._make_store(row_shape, self.path, reuse=False)  # replaces it: this run's own file
+        return self._make_store(row_shape, self.path, reuse=True)
 
     # ------------------------------------------------------------------ forward
     def forward(self, model: nn.Module, inputs: Inputs, sample_ids) -> Any:
@@ -368,11 +446,15 @@ class ActivationCache:
         side = self._side_inputs(inputs, ids.numel())
         parts = []
         if miss.numel():
-            fresh = self._compute_prefix(_index_inputs(inputs, miss, ids.numel()))
+            missed = _index_inputs(inputs, miss, ids.numel())
+            fresh = self._compute_prefix(missed)
             if fresh is None:
                 return None
             parts.append((miss, fresh))
-            self._store_rows(ids[miss], fresh, {n: v[miss.to(v.device)] for n, v in side.items()})
+            self._store_rows(ids[miss], fresh, {n: v[miss.to(v.device)] for n, v in side.items()},
+                             _input_sums(missed, miss.numel()))
+            if not self.enabled:  # a storage fault turned the cache off
+                return None
         if hit.numel():
             self._sides.compare(ids[hit], {n: v[hit.to(v.device)] for n, v in side.items()})
             loaded = self._store.read(slots[hit], *self._act)
@@ -421,10 +503,15 @@ class ActivationCache:
             side[name] = value.expand(batch, *value.shape[1:])
         return side
 
-    def _store_rows(self, ids: Tensor, values: Tensor, side: Optional[Dict[str, Tensor]] = None) -> None:
-        """Store rows (and, for rows computed from a step, the side inputs they go with)."""
+    def _store_rows(self, ids: Tensor, values: Tensor, side: Optional[Dict[str, Tensor]] = None,
+                    in_sums: Optional[Tensor] = None) -> None:
+        """Store rows (and, for rows computed from a step, the side inputs they go with, and
+        the checksums of the inputs they were computed from). A storage fault turns the cache off."""
         if self._store is None:
-            self._store = self._make_store(tuple(values.shape[1:]), self.path)
+            with self._storage_faults("creating the cache's storage"):
+                self._store = self._make_store(tuple(values.shape[1:]), self.path)
+            if not self.enabled:
+                return
         if tuple(values.shape[1:]) != self._store.row_shape:
             raise ValueError(
                 f"ActivationCache: samples {ids[:5].tolist()} give a prefix output of shape "
@@ -432,10 +519,17 @@ class ActivationCache:
                 "Cached samples need the same input shape every time (pad to a fixed length)."
             )
         unique, first = _first_occurrences(ids)
+        if in_sums is not None and unique.numel() < ids.numel():
+            self._check_repeated_ids(ids, first, in_sums)
         slots = self._store.allocate(unique)
         ok = slots >= 0
         if bool(ok.any()):
-            self._store.write(slots[ok], values[first[ok].to(values.device)])
+            rows = first[ok]
+            with self._storage_faults("writing cached rows"):
+                self._store.write(slots[ok], values[rows.to(values.device)],
+                                  None if in_sums is None else in_sums[rows.to(in_sums.device)])
+            if not self.enabled:
+                return
             if side is not None:
                 self._sides.put(unique[ok], {n: v[first[ok].to(v.device)] for n, v in side.items()})
         self.stats["stored"] += int(ok.sum())
@@ -463,11 +557,41 @@ class ActivationCache:
         bad = ~(err <= bound)  # NaN counts as bad
         if bool(bad.any()):
             worst = int(bad.nonzero()[0])
-            self._input_changed(
-                f"the cached activation of sample {int(ids[hit[worst]])} differs from a fresh "
-                f"recompute (max error {float(err[worst]):.3g}, allowed {float(bound[worst]):.3g})")
+            sample = int(ids[hit[worst]])
+            found = (f"the cached activation of sample {sample} differs from a fresh recompute (max error "
+                     f"{float(err[worst]):.3g}, allowed {float(bound[worst]):.3g})")
+            self._audit_failed(found, self._diagnose(sample, _index_inputs(inputs, hit[worst:worst + 1], ids.numel())))
             return False
         return True
+
+    def _diagnose(self, sample: int, inputs: Inputs) -> str:
+        """Why a served row disagrees with the recompute, from the checksum of the input the
+        row was stored from (kept with the row) against the input that came now."""
+        slot = self._store.lookup(torch.tensor([sample]))
+        stored = int(self._store.in_sums[slot.to(self._store.in_sums.device)][0]) if int(slot[0]) >= 0 else 0
+        now = int(_input_sums(inputs, 1)[0])
+        if stored == 0:
+            return ("The sample's input changed since it was cached (random augmentation?), or sample ids are "
+                    "shared by different inputs, or the frozen prefix is not deterministic")
+        if stored != now:
+            return (f"Sample id {sample} came with a different input than the one its row was cached from: "
+                    "either one id is given to two different samples (ids must be unique per sample: "
+                    "IndexedDataset over the whole dataset gives that), or the sample's input changes between "
+                    "epochs (random augmentation)")
+        return (f"Sample id {sample} came with the same input its row was cached from, yet the frozen prefix "
+                "now computes something else: the prefix is not deterministic (random ops, nondeterministic "
+                "kernels beyond the tolerance) or its frozen weights or buffers were changed")
+
+    def _check_repeated_ids(self, ids: Tensor, first: Tensor, in_sums: Tensor) -> None:
+        """One id twice in a batch with two different inputs: the ids are not per sample.
+        ``first``: each unique id's first position (``_first_occurrences``)."""
+        _, inverse = torch.unique(ids, return_inverse=True)
+        differs = (in_sums[first[inverse].to(in_sums.device)] != in_sums).cpu()
+        if bool(differs.any()):
+            sample = int(ids[differs][0])
+            self._warn_once("ids", f"ActivationCache: sample id {sample} appears twice in one batch with two "
+                            "different inputs. Ids must be unique per sample (IndexedDataset over the whole "
+                            "dataset gives that); the cache stores one row per id and would serve it for both.")
 
     def _side_inputs_unchanged(self) -> bool:
         """False (and the cache off) if a cached sample came back with other side inputs than
@@ -480,9 +604,11 @@ class ActivationCache:
         return False
 
     def _input_changed(self, what: str) -> None:
-        self._disable(f"audit: {what}. The sample's input changed since it was cached (random "
-                      "augmentation?), so the cache is off and the prefix runs every step; cache only "
-                      "deterministic inputs.")
+        self._audit_failed(what, "The sample's input changed since it was cached (random augmentation?)")
+
+    def _audit_failed(self, what: str, diagnosis: str) -> None:
+        self._disable(f"audit: {what}. {diagnosis}; so the cache is off and the prefix runs every step. Cache "
+                      "only deterministic inputs under unique sample ids.")
         warnings.warn(f"ActivationCache turned off: {self.reason}", stacklevel=5)
 
     # ------------------------------------------------------------------ boundary
@@ -513,43 +639,51 @@ class ActivationCache:
         if reads_side and not self._side_inputs_unchanged():
             return
         store, self._store = self._store, None
-        needs_inputs = any(b.needs_inputs for b in blocks)
+        try:
+            self._migrate(store, old, blocks, reads_side)
+        finally:
+            store.close()
+
+    def _migrate(self, store: Storage, old: int, blocks, reads_side: bool) -> None:
+        """Push ``store``'s rows through ``blocks`` into a new store. An mmap file is built under
+        a name of its own and moved over ``path`` when complete: a crash leaves the old file."""
         ids, slots = store.cached_slots()
         if reads_side:  # rows whose side inputs are not known (reopened from a file) are dropped
             known = self._sides.known[ids]
             ids, slots = ids[known], slots[known]
-        target = None
-        if self.path is not None:
-            target = self.path + ".next"
-            if os.path.exists(target):
-                os.unlink(target)  # a leftover of an interrupted move
-        if ids.numel() and not needs_inputs:
+        if ids.numel() and not any(b.needs_inputs for b in blocks):
             old_act = self._act
             for start in range(0, ids.numel(), MIGRATE_CHUNK):
-                chunk = ids[start:start + MIGRATE_CHUNK]
-                h = store.read(slots[start:start + MIGRATE_CHUNK], *old_act)
+                chunk, chunk_slots = ids[start:start + MIGRATE_CHUNK], slots[start:start + MIGRATE_CHUNK]
+                h = store.read(chunk_slots, *old_act)
                 run = Inputs((), self._sides.get(chunk)) if reads_side else Inputs(())
                 with self._eval_mode(old, self.boundary), torch.no_grad():
                     h = self.chain.run(run, old, self.boundary, h=h)
                 if self._store is None:
                     self._act = (h.dtype, h.device)
-                    self._store = self._make_store(tuple(h.shape[1:]), target)
-                self._store_rows(ids[start:start + MIGRATE_CHUNK], h)
+                    with self._storage_faults(f"moving the cached rows to {self.boundary} blocks"):
+                        self._store = self._make_store(tuple(h.shape[1:]), self.path, reuse=False, commit=False)
+                    if not self.enabled:
+                        return
+                # the rows keep the checksums of the inputs they came from
+                self._store_rows(chunk, h, in_sums=store.in_sums[chunk_slots.to(store.in_sums.device)])
+                if not self.enabled:
+                    return
             self.stats["migrated"] += int(ids.numel())
-        store.close()
         if self.path is not None:
-            if self._store is not None:
-                os.replace(target, self.path)
-                self._store.path = self.path
-            elif os.path.exists(self.path):
-                os.unlink(self.path)  # rows of a boundary that no longer exists
+            with self._storage_faults(f"moving the cached rows to {self.boundary} blocks"):
+                if self._store is not None:
+                    self._store.commit(self.path)
+                elif os.path.exists(self.path):
+                    os.unlink(self.path)  # this cache's rows of a boundary that no longer exists
 
     def _reopen(self) -> None:
         """Open an existing cache file (reuse=True); its header must match this run."""
         header = read_header(self.path)
         self._act = self._recorded_activation(header.get("fingerprint", {}).get("activation", ""),
                                               f"cache file {self.path}")
-        self._store = self._make_store(tuple(header["row_shape"]), self.path)
+        with self._storage_faults("reopening the cache file"):
+            self._store = self._make_store(tuple(header["row_shape"]), self.path)
 
     def _recorded_activation(self, name: Any, where: str) -> Tuple[torch.dtype, torch.device]:
         """(dtype, device) of the prefix output for rows saved earlier: the dtype they recorded
@@ -560,17 +694,47 @@ class ActivationCache:
         device = next((p.device for b in self.chain.blocks for p in b.parameters()), torch.device("cpu"))
         return dtype, self.device or device
 
-    def _make_store(self, row_shape: Tuple[int, ...], path: Optional[str], reuse: Optional[bool] = None) -> Storage:
+    def _make_store(self, row_shape: Tuple[int, ...], path: Optional[str], reuse: Optional[bool] = None,
+                    commit: bool = True) -> Storage:
+        """A store for rows of ``row_shape``. The mmap tier reopens ``path`` (``reuse``) or makes
+        a new file under a name of its own and, with ``commit``, moves it to ``path`` at once (a
+        migration commits once its rows are written). An existing file at ``path`` is replaced
+        only if this run made it (its lineage): never a file of the user's or of another run."""
         numel = int(torch.Size(row_shape).numel())
         per_row = row_bytes(numel, self.storage_dtype)
         capacity = self.num_samples if self.max_bytes is None else min(self.num_samples, self.max_bytes // per_row)
         device = self.device or self._act[1]
-        extra = {}
+        extra, reopen = {}, False
         if self.tier == "mmap":
-            extra = dict(path=path, fingerprint=self._fingerprint(), reuse=self.reuse if reuse is None else reuse)
+            reopen = (self.reuse if reuse is None else reuse) and os.path.exists(path)
+            if not reopen and os.path.exists(path) and not self._owns(path):
+                raise FileExistsError(
+                    f"ActivationCache: {path} already exists. Pass reuse=True to reopen it (it is checked "
+                    "against this model and boundary), or delete it / choose another path.")
+            if not reopen:
+                remove_leftovers(path)  # files of a creation or move that a crash interrupted
+            extra = dict(path=path if reopen else owned_temp_path(path), fingerprint=self._fingerprint(),
+                         reuse=reopen, lineage=self._lineage)
         elif self.tier == "pinned":
             extra = dict(read=self.pinned_read)
-        return make_storage(self.tier, self.num_samples, row_shape, self.storage_dtype, capacity, device, **extra)
+        store = make_storage(self.tier, self.num_samples, row_shape, self.storage_dtype, capacity, device, **extra)
+        store.listen(self._on_bad_rows)
+        if self.tier == "mmap":
+            self._lineage = store.lineage
+            if not reopen and commit:
+                try:
+                    store.commit(path)
+                except BaseException:
+                    store.discard()
+                    raise
+        return store
+
+    def _owns(self, path: str) -> bool:
+        """Whether the file at ``path`` is a cache file of this run (its lineage)."""
+        try:
+            return self._lineage is not None and read_header(path).get("lineage") == self._lineage
+        except (OSError, ValueError):
+            return False
 
     def _fingerprint(self) -> Dict[str, Any]:
         """What a cache file's rows depend on: the model, the cut, and the prefix's weights."""
@@ -601,9 +765,38 @@ class ActivationCache:
     def _disable(self, reason: str) -> None:
         self.enabled = False
         self.reason = reason
+        store = self._store
+        if store is not None and getattr(store, "path", self.path) != self.path:
+            store.discard()  # the unfinished file of a move: this cache's own
+            self._store = None
         self.close()
         if "audit" not in reason:
             warnings.warn(f"ActivationCache is off (freezing still works): {reason}", stacklevel=5)
+
+    @contextmanager
+    def _storage_faults(self, what: str):
+        """A storage fault (full disk, file-size limit, read-only folder, host memory) inside
+        turns the cache off with one warning naming the cause; training goes on through the
+        plain forward. Callers check ``self.enabled`` after the block."""
+        try:
+            yield
+        except (OSError, MemoryError, RuntimeError) as exc:
+            if not _is_storage_fault(exc):
+                raise
+            self._disable(f"{what} failed: {exc}")
+
+    def _on_bad_rows(self, ids: Tensor, why: str) -> None:
+        """Rows dropped by the storage (a failed checksum, NaN/inf, a damaged index): counted,
+        reported once, recomputed when their samples come back; the cache stays on."""
+        self.stats["bad_rows"] += int(ids.numel())
+        self._warn_once("bad_rows", f"ActivationCache: the cached row of sample {int(ids[0])} {why} (damaged "
+                        "storage or checkpoint); such rows are recomputed, never served, and counted in "
+                        "stats['bad_rows']. The cache stays on.")
+
+    def _warn_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(message, stacklevel=4)
 
     # ------------------------------------------------------------------ checks
     def _check_ids(self, sample_ids, batch: Optional[int]) -> Tensor:
@@ -667,6 +860,7 @@ class SideInputs:
                 continue
             index = ids.to(store.device)
             differs = (store[index] != value.to(store.device)).reshape(ids.numel(), -1).any(1)
+            differs &= self.known[ids].to(store.device)  # nothing recorded (e.g. a damaged checkpoint's): no claim
             if self.changed is None:
                 self.changed = torch.zeros(self.num_samples, dtype=torch.bool, device=store.device)
             self.changed[index] |= differs
@@ -678,12 +872,20 @@ class SideInputs:
         return int(changed[0]) if changed.numel() else None
 
     def export(self, ids: Tensor) -> Dict[str, Any]:
-        """The side inputs of those ``ids`` that have them, on the CPU (for a checkpoint)."""
+        """The side inputs of those ``ids`` that have them, on the CPU (for a checkpoint), with
+        a checksum per sample (of its values and id)."""
         ids = ids[self.known[ids]]
-        return {"ids": ids, "values": {name: v[ids.to(v.device)].cpu() for name, v in self.values.items()}}
+        values = {name: v[ids.to(v.device)].cpu() for name, v in self.values.items()}
+        return {"ids": ids, "values": values, "sums": _side_sums(ids, values)}
 
-    def load(self, saved: Dict[str, Any], device: torch.device) -> None:
-        self.put(saved["ids"], {name: v.to(device) for name, v in saved["values"].items()})
+    def load(self, saved: Dict[str, Any], device: torch.device) -> Tensor:
+        """Take back exported side inputs; returns the ids whose checksum failed (left unknown:
+        their rows are dropped, not migrated with a damaged mask, at the next deeper freeze)."""
+        ids, values = saved["ids"], saved["values"]
+        bad = _side_sums(ids, values) != saved["sums"]
+        keep = ~bad
+        self.put(ids[keep], {name: v[keep].to(device) for name, v in values.items()})
+        return ids[bad]
 
 
 class CachedModel(nn.Module):
@@ -789,6 +991,33 @@ def _index_inputs(inputs: Inputs, index: Tensor, batch: int) -> Inputs:
         return leaf
 
     return Inputs(tree_map(take, inputs.args), tree_map(take, inputs.kwargs))
+
+
+def _is_storage_fault(exc: BaseException) -> bool:
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in _FAULT_ERRNOS
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)  # torch's CPU allocator
+
+
+def _side_sums(ids: Tensor, values: Dict[str, Tensor]) -> Tensor:
+    """A checksum of each sample's side inputs and id (``SideInputs.export``)."""
+    return input_sums([ids.view(-1, 1), *(values[name] for name in sorted(values))], ids.numel())
+
+
+def _is_cache_file(path: str) -> bool:
+    try:
+        read_header(path)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _input_sums(inputs: Inputs, batch: int) -> Tensor:
+    """A checksum of each sample's input (every tensor with the batch dimension)."""
+    leaves = [t for t in tree_flatten((inputs.args, inputs.kwargs))[0] if isinstance(t, Tensor)]
+    return input_sums(leaves, batch)
 
 
 def _first_occurrences(ids: Tensor) -> Tuple[Tensor, Tensor]:

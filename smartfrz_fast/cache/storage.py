@@ -1,20 +1,31 @@
 """Where cached activations live: device memory, pinned host memory, or a memory-mapped file.
 
-Every tier holds the same three arrays: ``data [C, D]`` (C cache rows of D elements, in
-float32, bfloat16 or float8_e4m3fn), ``scales [C]`` (the fp8 per-row scale) and ``slot_of
-[num_samples]`` (the cache row of each sample id, -1 when not cached). Rows are handed out
-first come, first served; once C rows are used the remaining samples are simply not cached
-(their prefix is recomputed: slower, never wrong). Values go in and out through the
-``smartfrz::cache_store`` / ``smartfrz::cache_load`` ops.
+Every tier holds the same arrays: ``data [C, D]`` (C cache rows of D elements, in
+float32, bfloat16 or float8_e4m3fn), ``scales [C]`` (the fp8 per-row scale), ``sums [C]`` (a
+checksum of each row: its bits, scale and sample id), ``in_sums [C]`` (a checksum of the input
+the row was computed from, 0 when unknown) and ``slot_of [num_samples]`` (the cache row of each
+sample id, -1 when not cached). Rows are handed out first come, first served; once C rows are
+used the remaining samples are simply not cached (their prefix is recomputed: slower, never
+wrong). Values go in and out through the ``smartfrz::cache_store`` / ``smartfrz::cache_load`` ops.
+
+A row is *published* (its ``slot_of`` entry set) only after its data, scale and checksums are
+written, so a process killed at any instant leaves each sample either cached with a complete
+row or not cached (the mmap file is then consistent). Rows that come from elsewhere (a reopened
+file, a checkpoint's rows) are checked against their checksum before they are used; a row that
+fails is dropped (recomputed when its sample comes back) and reported through ``on_bad_rows``.
 """
 
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
+import resource
 import shutil
-from typing import Any, Dict, Optional, Sequence, Tuple
+import uuid
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -22,7 +33,7 @@ from torch import Tensor
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 TIERS = ("memory", "pinned", "mmap")
 FILE_MAGIC = "smartfrz_fast.ActivationCache"
-FILE_VERSION = 1
+FILE_VERSION = 2  # 2: row and input checksums, rows published after they are written
 HEADER_BYTES = 4096
 ALIGN = 64
 
@@ -34,8 +45,77 @@ def storage_dtype(name: str) -> torch.dtype:
 
 
 def row_bytes(row_numel: int, dtype: torch.dtype) -> int:
-    """Bytes one cached sample takes (data plus its fp32 scale)."""
-    return row_numel * torch.empty((), dtype=dtype).element_size() + 4
+    """Bytes one cached sample takes (data, its fp32 scale and two int32 checksums)."""
+    return row_numel * torch.empty((), dtype=dtype).element_size() + 12
+
+
+# ------------------------------------------------------------------ checksums
+# Sums of each row's words times odd weights, in wrapping int32 arithmetic: one flipped bit
+# anywhere changes the sum (2^k times an odd number is never 0 mod 2^32), a swap of two words
+# changes it too, and the work is one multiply-add per word (about one copy of the row).
+_ID_MIX, _SCALE_MIX, _SALT = 0x2545F491, 0x61C88647, 0x3C6EF372  # odd, so an all-zero row never sums to 0
+_CHUNK_WORDS = 1 << 22
+
+
+def _words(rows: Tensor) -> Tensor:
+    """``rows [N, ...]`` as ``[N, M]`` int32 words holding its bits (bytes zero-padded to a word)."""
+    rows = rows.detach().contiguous().reshape(rows.shape[0], -1)
+    if rows.element_size() % 4 == 0:
+        return rows.view(torch.int32)
+    raw = rows.view(torch.uint8)
+    if raw.shape[1] % 4:
+        raw = torch.nn.functional.pad(raw, (0, 4 - raw.shape[1] % 4))
+    return raw.view(torch.int32)
+
+
+def bit_sums(rows: Tensor) -> Tensor:
+    """An int32 checksum of each row's bits (any dtype, any device); no host sync."""
+    words = _words(rows)
+    n, m = words.shape
+    out = torch.zeros(n, dtype=torch.int32, device=words.device)
+    if not n or not m:
+        return out
+    weights = torch.arange(m, dtype=torch.int32, device=words.device) * 2 + 1
+    step = max(1, _CHUNK_WORDS // m)
+    for start in range(0, n, step):  # bounded temporaries for large rows
+        out[start:start + step] = (words[start:start + step] * weights).sum(1, dtype=torch.int32)
+    return out
+
+
+def row_sums(ids: Tensor, data: Tensor, scales: Tensor) -> Tensor:
+    """The checksum stored with each cached row: its bits, its scale and its sample id, so a
+    row read for the wrong sample (a damaged ``slot_of``) fails as a damaged row does."""
+    ids = ids.to(data.device)
+    return (bit_sums(data) + ids.to(torch.int32) * _ID_MIX
+            + scales.to(data.device).view(torch.int32) * _SCALE_MIX + _SALT)
+
+
+def input_sums(leaves: Sequence[Tensor], batch: int) -> Tensor:
+    """A checksum of each sample's input (the per-sample tensors of a batch), 0 never: 0 means
+    "unknown" in the stored ``in_sums``."""
+    total = None
+    for leaf in leaves:
+        part = bit_sums(leaf) if leaf.dim() > 0 and leaf.shape[0] == batch else None
+        if part is None:
+            continue
+        total = part if total is None else total.to(part.device) * 31 + part
+    if total is None:
+        return torch.full((batch,), 1, dtype=torch.int32)
+    return torch.where(total == 0, torch.ones_like(total), total)
+
+
+def bad_rows(ids: Tensor, data: Tensor, scales: Tensor, sums: Tensor) -> Tensor:
+    """Which rows fail their checksum or hold a NaN/inf (bool, on the rows' device). A
+    non-finite row is never served: recomputing it costs one prefix pass, serving it could
+    cost the run."""
+    bad = row_sums(ids, data, scales) != sums.to(data.device)
+    finite = torch.ones_like(bad)
+    step = max(1, _CHUNK_WORDS // max(1, data[0].numel())) if data.shape[0] else 1
+    for start in range(0, data.shape[0], step):
+        chunk = data[start:start + step].float()
+        finite[start:start + step] = torch.isfinite(chunk).reshape(chunk.shape[0], -1).all(1)
+    scales = scales.to(data.device)
+    return bad | ~finite | ~torch.isfinite(scales) | ~(scales > 0)
 
 
 def _ops():
@@ -60,16 +140,32 @@ class Storage:
         self._allocate()
 
     def _allocate(self) -> None:
+        if self.device.type == "cpu":
+            check_host_memory(self.capacity * self.nbytes_per_row)
         try:
             self.data = torch.empty(self.capacity, self.row_numel, dtype=self.dtype, device=self.device)
             self.scales = torch.ones(self.capacity, dtype=torch.float32, device=self.device)
+            self.sums = torch.zeros(self.capacity, dtype=torch.int32, device=self.device)
+            self.in_sums = torch.zeros(self.capacity, dtype=torch.int32, device=self.device)
         except torch.OutOfMemoryError as exc:
             raise torch.OutOfMemoryError(
                 f"ActivationCache: no room for {self.capacity} rows of {self.nbytes_per_row} bytes on "
                 f"{self.device} ({self.capacity * self.nbytes_per_row / 2**30:.2f} GiB). Pass a smaller "
                 "max_bytes=, a smaller dtype ('bf16', 'fp8'), or storage='pinned' / 'mmap'."
             ) from exc
+        except RuntimeError as exc:
+            if "can't allocate memory" not in str(exc):
+                raise
+            raise MemoryError(f"ActivationCache: the host has no room for {self.capacity} rows of "
+                              f"{self.nbytes_per_row} bytes ({exc})") from exc
+        self._index_arrays()
+
+    def _index_arrays(self) -> None:
         self.slot_of = torch.full((self.num_samples,), -1, dtype=torch.int64)
+        self.owner = torch.full((self.capacity,), -1, dtype=torch.int64)  # the id a slot was handed to
+        self.unverified: Optional[Tensor] = None  # bool [capacity]: rows not yet checked (loaded ones)
+        self.on_bad_rows: Optional[Callable[[Tensor, str], None]] = None  # (ids, why), set by the cache
+        self.free = torch.empty(0, dtype=torch.int64)  # rows below ``used`` to hand out again (dropped ones)
         self.used = 0
 
     @property
@@ -78,58 +174,123 @@ class Storage:
 
     # ------------------------------------------------------------------ slots
     def lookup(self, ids: Tensor) -> Tensor:
-        """Cache row of each id (CPU int64), -1 where not cached."""
-        return self.slot_of[ids]
-
-    def allocate(self, ids: Tensor) -> Tensor:
-        """Give uncached ``ids`` (unique, CPU) rows while there is room; -1 for the rest."""
-        n = min(int(ids.numel()), self.capacity - self.used)
-        slots = torch.full((ids.numel(),), -1, dtype=torch.int64)
-        if n > 0:
-            slots[:n] = torch.arange(self.used, self.used + n)
-            self.slot_of[ids[:n]] = slots[:n]
-            self.used += n
+        """Cache row of each id (CPU int64), -1 where not cached (or its row failed its check)."""
+        slots = self.slot_of[ids]
+        if self.unverified is not None:
+            slots = self._verify(ids, slots)
         return slots
 
+    def allocate(self, ids: Tensor) -> Tensor:
+        """Reserve rows for uncached ``ids`` (unique, CPU) while there is room; -1 for the rest.
+        The rows are published (looked up) only once ``write`` has written them."""
+        slots = torch.full((ids.numel(),), -1, dtype=torch.int64)
+        reused = min(int(ids.numel()), self.free.numel())
+        slots[:reused], self.free = self.free[:reused], self.free[reused:]
+        n = min(int(ids.numel()) - reused, self.capacity - self.used)
+        if n > 0:
+            slots[reused:reused + n] = torch.arange(self.used, self.used + n)
+            self.used += n
+        given = slots >= 0
+        self.owner[slots[given]] = ids[given]
+        return slots
+
+    def _publish(self, slots: Tensor) -> None:
+        """Last step of a write: the rows become visible. Each entry is one aligned 8-byte store,
+        so a kill leaves every sample either with its complete row or uncached."""
+        slots = slots.cpu()
+        self.slot_of[self.owner[slots]] = slots
+
     # ------------------------------------------------------------------ values
-    def write(self, slots: Tensor, values: Tensor) -> None:
+    def write(self, slots: Tensor, values: Tensor, in_sums: Optional[Tensor] = None) -> None:
+        """Write rows into reserved ``slots``, then their checksums, then publish them.
+        ``in_sums``: the checksums of the inputs the rows were computed from (0: unknown)."""
         values = values.reshape(values.shape[0], self.row_numel)
         if values.device != self.data.device:
             values = values.to(self.data.device)
-        _ops().cache_store(values, slots.to(self.data.device), self.data, self.scales)
+        index = slots.to(self.data.device)
+        _ops().cache_store(values, index, self.data, self.scales)
+        self.sums[index] = row_sums(self.owner[slots.cpu()], self.data[index], self.scales[index])
+        self.in_sums[index] = 0 if in_sums is None else in_sums.to(self.data.device, torch.int32)
+        self._publish(slots)
 
     def read(self, slots: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
         out = _ops().cache_load(self.data, self.scales, slots.to(self.data.device), dtype)
         return out.to(device, non_blocking=True).view(slots.numel(), *self.row_shape)
 
     def cached_slots(self) -> Tuple[Tensor, Tensor]:
-        """(ids, slots) of every cached sample."""
+        """(ids, slots) of every cached sample (rows not yet checked are checked now)."""
         ids = (self.slot_of >= 0).nonzero().flatten()
-        return ids, self.slot_of[ids]
+        slots = self.slot_of[ids]
+        if self.unverified is not None:
+            slots = self._verify(ids, slots)
+            keep = slots >= 0
+            ids, slots = ids[keep], slots[keep]
+        return ids, slots
 
-    def export_rows(self) -> Tuple[Tensor, Tensor, Tensor]:
-        """(ids, rows, scales) of every cached sample, on the CPU, exactly as stored."""
+    def _verify(self, ids: Tensor, slots: Tensor) -> Tensor:
+        """Check the not-yet-checked rows among ``slots`` (those of ``ids``); a row that fails
+        is unpublished (its sample is then recomputed and stored anew) and reported."""
+        pending = (slots >= 0) & self.unverified[slots.clamp(min=0)]
+        if not bool(pending.any()):
+            return slots
+        ids_p, slots_p = ids[pending], slots[pending]
+        index = slots_p.to(self.data.device)
+        bad = bad_rows(ids_p, self.data[index], self.scales[index], self.sums[index]).cpu()
+        self.unverified[slots_p] = False
+        if bool(bad.any()):
+            self._drop(ids_p[bad], "failed its checksum or holds NaN/inf", slots_p[bad])
+            slots = slots.clone()
+            slots[pending.nonzero().flatten()[bad]] = -1
+        if not bool(self.unverified.any()):
+            self.unverified = None  # every loaded row checked: lookups cost nothing extra again
+        return slots
+
+    def _drop(self, ids: Tensor, why: str, slots: Optional[Tensor] = None) -> None:
+        """Unpublish the rows of ``ids`` (their ``slots`` are handed out again) and report them."""
+        self.slot_of[ids] = -1
+        if slots is not None:
+            self.free = torch.cat([self.free, slots]).unique()
+        if self.on_bad_rows is not None and ids.numel():
+            self.on_bad_rows(ids, why)
+
+    def export_rows(self) -> Dict[str, Tensor]:
+        """Every cached sample's row on the CPU, exactly as stored, with its checksums:
+        ``ids``, ``data``, ``scales``, ``sums``, ``in_sums``."""
         ids, slots = self.cached_slots()
         slots = slots.to(self.data.device)
-        return ids, self.data[slots].cpu(), self.scales[slots].cpu()
+        return {"ids": ids, "data": self.data[slots].cpu(), "scales": self.scales[slots].cpu(),
+                "sums": self.sums[slots].cpu(), "in_sums": self.in_sums[slots].cpu()}
 
-    def import_rows(self, ids: Tensor, rows: Tensor, scales: Tensor) -> None:
-        """Put back rows from ``export_rows`` (bit for bit: no second quantisation)."""
-        if rows.shape[1:] != self.data.shape[1:] or rows.dtype != self.dtype:
-            raise ValueError(f"ActivationCache: saved rows are {tuple(rows.shape[1:])} {rows.dtype}, this "
+    def import_rows(self, rows: Dict[str, Tensor]) -> None:
+        """Put back rows from ``export_rows`` (bit for bit: no second quantisation). Rows that
+        fail their checksum (or hold NaN/inf) are left out and reported."""
+        ids, data = rows["ids"], rows["data"]
+        if data.shape[1:] != self.data.shape[1:] or data.dtype != self.dtype:
+            raise ValueError(f"ActivationCache: saved rows are {tuple(data.shape[1:])} {data.dtype}, this "
                              f"cache holds {tuple(self.data.shape[1:])} {self.dtype}")
+        bad = bad_rows(ids, data, rows["scales"], rows["sums"]).cpu()
+        if bool(bad.any()):
+            self._drop(ids[bad], "failed its checksum or holds NaN/inf")
+            keep = ~bad
+            rows = {k: v[keep] for k, v in rows.items()}
+            ids, data = rows["ids"], rows["data"]
         slots = self.allocate(ids)
         if bool((slots < 0).any()):
             raise ValueError(f"ActivationCache: {ids.numel()} saved rows do not fit in {self.capacity} rows")
-        slots = slots.to(self.data.device)
-        self.data[slots] = rows.to(self.data.device)
-        self.scales[slots] = scales.to(self.data.device)
+        index = slots.to(self.data.device)
+        for name in ("data", "scales", "sums", "in_sums"):
+            getattr(self, name)[index] = rows[name].to(self.data.device)
+        self._publish(slots)
+
+    def listen(self, on_bad_rows: Callable[[Tensor, str], None]) -> None:
+        """``on_bad_rows(ids, why)`` is called with the samples whose rows were dropped."""
+        self.on_bad_rows = on_bad_rows
 
     def prefetch(self, ids: Tensor, dtype: torch.dtype, device: torch.device) -> None:
         """Only the pinned tier prefetches."""
 
     def close(self) -> None:
-        self.data = self.scales = None
+        self.data = self.scales = self.sums = self.in_sums = None
 
 
 PINNED_READS = ("copy", "kernel")
@@ -158,8 +319,8 @@ class PinnedStorage(Storage):
         super().__init__(*args, **kwargs)
         self._stream = torch.cuda.Stream(device=self.target_device)
         self._prefetched: Optional[Tuple[Tensor, Tensor, Any]] = None
-        # rows on their way to host memory: (slots, pinned rows, pinned scales, copy-done event)
-        self._writing: Optional[Tuple[Tensor, Tensor, Tensor, Any]] = None
+        # rows on their way to host memory: (slots, pinned [rows, scales, sums, in_sums], copy-done event)
+        self._writing: Optional[Tuple[Tensor, List[Tensor], Any]] = None
 
     @property
     def target_device(self) -> torch.device:
@@ -168,34 +329,43 @@ class PinnedStorage(Storage):
     def _allocate(self) -> None:
         gpu = self.device
         self.device = torch.device("cpu")
+        check_host_memory(self.capacity * self.nbytes_per_row)
         self.data = torch.empty(self.capacity, self.row_numel, dtype=self.dtype, pin_memory=True)
         self.scales = torch.ones(self.capacity, dtype=torch.float32, pin_memory=True)
-        self.slot_of = torch.full((self.num_samples,), -1, dtype=torch.int64)
-        self.used = 0
+        self.sums = torch.zeros(self.capacity, dtype=torch.int32, pin_memory=True)
+        self.in_sums = torch.zeros(self.capacity, dtype=torch.int32, pin_memory=True)
+        self._index_arrays()
         self.device = gpu  # where rows are delivered
 
     # NOTE: the non-blocking write path below has not run on a GPU yet (written on a CPU-only
     # machine); tests/test_cache.py::test_gpu_tiers_match_cpu covers it where a GPU exists.
-    def write(self, slots: Tensor, values: Tensor) -> None:
+    def write(self, slots: Tensor, values: Tensor, in_sums: Optional[Tensor] = None) -> None:
         # Quantise on the GPU (one op), then copy the compact rows into pinned staging without
         # waiting; the rows land in self.data at the next call (_finish_write), by when the
         # copy has long finished. Every reader of self.data finishes the write first.
         self._finish_write()
         values = values.reshape(values.shape[0], self.row_numel)
-        staged = torch.empty(values.shape[0], self.row_numel, dtype=self.dtype, device=values.device)
-        staged_scales = torch.ones(values.shape[0], dtype=torch.float32, device=values.device)
-        _ops().cache_store(values, torch.arange(values.shape[0], device=values.device), staged, staged_scales)
-        if staged.device.type != "cuda":  # rows computed on the CPU: nothing to overlap
-            self.data[slots] = staged
-            self.scales[slots] = staged_scales
+        n, dev = values.shape[0], values.device
+        staged = torch.empty(n, self.row_numel, dtype=self.dtype, device=dev)
+        staged_scales = torch.ones(n, dtype=torch.float32, device=dev)
+        _ops().cache_store(values, torch.arange(n, device=dev), staged, staged_scales)
+        parts = [staged, staged_scales, row_sums(self.owner[slots.cpu()], staged, staged_scales),
+                 torch.zeros(n, dtype=torch.int32, device=dev) if in_sums is None else in_sums.to(dev, torch.int32)]
+        if dev.type != "cuda":  # rows computed on the CPU: nothing to overlap
+            self._land(slots, parts)
             return
-        host = torch.empty(staged.shape, dtype=self.dtype, pin_memory=True)
-        host_scales = torch.empty(staged_scales.shape, dtype=torch.float32, pin_memory=True)
-        host.copy_(staged, non_blocking=True)  # on the current stream, after cache_store
-        host_scales.copy_(staged_scales, non_blocking=True)
+        host = [torch.empty(p.shape, dtype=p.dtype, pin_memory=True) for p in parts]
+        for h, p in zip(host, parts):
+            h.copy_(p, non_blocking=True)  # on the current stream, after cache_store
         done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(staged.device))
-        self._writing = (slots.to("cpu", copy=True), host, host_scales, done)
+        done.record(torch.cuda.current_stream(dev))
+        self._writing = (slots.to("cpu", copy=True), host, done)
+        self._publish(slots)  # readers land the rows first (_finish_write)
+
+    def _land(self, slots: Tensor, parts: List[Tensor]) -> None:
+        for name, part in zip(("data", "scales", "sums", "in_sums"), parts):
+            getattr(self, name)[slots] = part
+        self._publish(slots)
 
     def _finish_write(self, needed: Optional[Tensor] = None) -> None:
         """Land the last write's rows; with ``needed`` (slots about to be read) only if it
@@ -206,10 +376,9 @@ class PinnedStorage(Storage):
             return
         pending, self._writing = self._writing, None
         if pending is not None:
-            slots, host, host_scales, done = pending
+            slots, host, done = pending
             done.synchronize()  # recorded a step ago: normally long complete
-            self.data[slots] = host
-            self.scales[slots] = host_scales
+            self._land(slots, host)
 
     def read(self, slots: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
         self._finish_write(slots.cpu())
@@ -231,11 +400,17 @@ class PinnedStorage(Storage):
 
     def _gather_to_device(self, slots: Tensor, stream) -> Tuple[Tensor, Tensor]:
         if self.read_path == "kernel":
+            from ..ops import KernelUnavailable
             from ..ops.triton_kernels import gather_rows
 
-            with torch.cuda.stream(stream):
-                index = slots.to(self.device, non_blocking=True)
-                return gather_rows(self.data, index), gather_rows(self.scales.view(-1, 1), index).view(-1)
+            try:
+                with torch.cuda.stream(stream):
+                    index = slots.to(self.device, non_blocking=True)
+                    return gather_rows(self.data, index), gather_rows(self.scales.view(-1, 1), index).view(-1)
+            except KernelUnavailable as exc:  # this GPU cannot run it: the staged copy, from now on
+                warnings.warn(f"smartfrz_fast: {exc}. The pinned cache reads rows with the staged copy "
+                              "(pinned_read='copy') from now on.", RuntimeWarning, stacklevel=2)
+                self.read_path = "copy"
         host = torch.empty(slots.numel(), self.row_numel, dtype=self.dtype, pin_memory=True)
         host_scales = torch.empty(slots.numel(), dtype=torch.float32, pin_memory=True)
         torch.index_select(self.data, 0, slots, out=host)
@@ -267,62 +442,108 @@ class PinnedStorage(Storage):
 
 
 class MmapStorage(Storage):
-    """A memory-mapped file: a 4 KiB JSON header, then ``slot_of``, ``scales`` and ``data``.
+    """A memory-mapped file: a 4 KiB JSON header, then ``slot_of``, ``sums``, ``in_sums``,
+    ``scales`` and ``data``.
 
     The file is allocated in full when created (``posix_fallocate``), so a full disk is a clear
     error now rather than a SIGBUS at some later write. Reopening a file checks its header
-    against this model, boundary and storage format.
+    against this model, boundary and storage format, and each row against its checksum when it
+    is first used. A file is created under a name of its own, exclusively (never over an
+    existing file); ``commit`` moves it to its final name atomically. ``lineage`` names the
+    run a file belongs to: the files of a run's deeper freezes inherit it.
     """
 
     tier = "mmap"
 
     def __init__(self, num_samples, row_shape, dtype, capacity, device, *, path: str,
-                 fingerprint: Dict[str, Any], reuse: bool = False) -> None:
+                 fingerprint: Dict[str, Any], reuse: bool = False, lineage: Optional[str] = None) -> None:
         self.path = os.fspath(path)
         self.fingerprint = fingerprint
         self.reuse = reuse
+        self.lineage = lineage or uuid.uuid4().hex
         super().__init__(num_samples, row_shape, dtype, capacity, device)
 
-    def _layout(self) -> Tuple[int, int, int, int]:
-        slot_off = HEADER_BYTES
-        scale_off = _align(slot_off + 8 * self.num_samples)
-        data_off = _align(scale_off + 4 * self.capacity)
+    def _layout(self) -> Tuple[Dict[str, int], int]:
+        offsets, at = {}, HEADER_BYTES
+        for name, nbytes in (("slot_of", 8 * self.num_samples), ("sums", 4 * self.capacity),
+                             ("in_sums", 4 * self.capacity), ("scales", 4 * self.capacity)):
+            offsets[name] = at
+            at = _align(at + nbytes)
+        offsets["data"] = at
         item = torch.empty((), dtype=self.dtype).element_size()
-        total = data_off + self.capacity * self.row_numel * item
-        return slot_off, scale_off, data_off, total
+        return offsets, at + self.capacity * self.row_numel * item
 
     def _header(self) -> Dict[str, Any]:
         return {"magic": FILE_MAGIC, "version": FILE_VERSION, "fingerprint": self.fingerprint,
                 "num_samples": self.num_samples, "row_shape": list(self.row_shape),
-                "dtype": str(self.dtype), "capacity": self.capacity}
+                "dtype": str(self.dtype), "capacity": self.capacity, "lineage": self.lineage}
 
     def _allocate(self) -> None:
         self.device = torch.device("cpu")
-        slot_off, scale_off, data_off, total = self._layout()
-        exists = os.path.exists(self.path)
-        if exists and self.reuse:
-            self._check_header(read_header(self.path))
+        offsets, total = self._layout()
+        reopen = os.path.exists(self.path) and self.reuse
+        if reopen:
+            header = read_header(self.path)
+            self._check_header(header)
             if os.path.getsize(self.path) != total:
                 raise ValueError(f"ActivationCache: cache file {self.path} has the wrong size "
                                  f"({os.path.getsize(self.path)} bytes, expected {total}); delete it.")
+            self.lineage = header.get("lineage") or self.lineage
+        elif os.path.exists(self.path):
+            raise FileExistsError(
+                f"ActivationCache: {self.path} already exists. Pass reuse=True to reopen it (it is "
+                "checked against this model and boundary), or delete it / choose another path."
+            )
         else:
-            if exists:
-                raise FileExistsError(
-                    f"ActivationCache: {self.path} already exists. Pass reuse=True to reopen it (it is "
-                    "checked against this model and boundary), or delete it / choose another path."
-                )
             self._create(total)
         raw = torch.from_file(self.path, shared=True, size=total, dtype=torch.uint8)
         self._raw = raw
-        self.slot_of = raw[slot_off:slot_off + 8 * self.num_samples].view(torch.int64)
-        self.scales = raw[scale_off:scale_off + 4 * self.capacity].view(torch.float32)
-        self.data = raw[data_off:total].view(self.dtype).view(self.capacity, self.row_numel)
-        if exists and self.reuse:
-            self.used = int((self.slot_of >= 0).sum())
+        self._index_arrays()
+        self._reports: List[Tuple[Tensor, str]] = []
+        o = offsets
+        self.slot_of = raw[o["slot_of"]:o["slot_of"] + 8 * self.num_samples].view(torch.int64)
+        self.sums = raw[o["sums"]:o["sums"] + 4 * self.capacity].view(torch.int32)
+        self.in_sums = raw[o["in_sums"]:o["in_sums"] + 4 * self.capacity].view(torch.int32)
+        self.scales = raw[o["scales"]:o["scales"] + 4 * self.capacity].view(torch.float32)
+        self.data = raw[o["data"]:total].view(self.dtype).view(self.capacity, self.row_numel)
+        if reopen:
+            self._adopt()
         else:
             self.slot_of.fill_(-1)
             self.scales.fill_(1.0)
-            self.used = 0
+
+    def _adopt(self) -> None:
+        """Take over the rows of a reopened file: an index entry that points outside the rows,
+        or at a row another sample points at too, is damaged and dropped; every other row is
+        checked against its checksum when first used."""
+        slots = self.slot_of
+        wild = (slots < -1) | (slots >= self.capacity)
+        ids = ((slots >= 0) & ~wild).nonzero().flatten()
+        taken = slots[ids]
+        shared = torch.bincount(taken, minlength=self.capacity)[taken] > 1
+        damaged = torch.cat([wild.nonzero().flatten(), ids[shared]])
+        if damaged.numel():
+            self._drop(damaged, "has a damaged index entry")
+        ids, taken = ids[~shared], taken[~shared]
+        self.owner[taken] = ids
+        self.used = int(taken.max()) + 1 if taken.numel() else 0
+        unused = torch.ones(self.used, dtype=torch.bool)  # rows a killed write never published, dropped rows
+        unused[taken] = False
+        self.free = unused.nonzero().flatten()
+        if taken.numel():
+            self.unverified = torch.zeros(self.capacity, dtype=torch.bool)
+            self.unverified[taken] = True
+
+    def _drop(self, ids: Tensor, why: str, slots: Optional[Tensor] = None) -> None:
+        if self.on_bad_rows is None:  # found while opening: reported once the cache listens
+            self._reports.append((ids, why))
+        super()._drop(ids, why, slots)
+
+    def listen(self, on_bad_rows: Callable[[Tensor, str], None]) -> None:
+        self.on_bad_rows = on_bad_rows
+        reports, self._reports = self._reports, []
+        for ids, why in reports:
+            on_bad_rows(ids, why)
 
     def _create(self, total: int) -> None:
         folder = os.path.dirname(os.path.abspath(self.path))
@@ -333,24 +554,30 @@ class MmapStorage(Storage):
                           f"ActivationCache: the cache file needs {total / 2**20:.1f} MiB but {folder} has "
                           f"{free / 2**20:.1f} MiB free. Pass a smaller max_bytes=, dtype='bf16'/'fp8', or "
                           "a path on a larger disk.")
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and total > limit:  # checked first: going past it sends SIGXFSZ
+            raise OSError(errno.EFBIG,
+                          f"ActivationCache: the cache file needs {total / 2**20:.1f} MiB but this process may "
+                          f"write files of at most {limit / 2**20:.1f} MiB (RLIMIT_FSIZE, `ulimit -f`). Raise "
+                          "the limit or pass a smaller max_bytes=, dtype='bf16'/'fp8'.")
         header = json.dumps(self._header()).encode()
         if len(header) >= HEADER_BYTES:
             raise ValueError("ActivationCache: cache file header too large (model signature too long)")
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)  # never over an existing file
         try:
             try:
                 os.posix_fallocate(fd, 0, total)  # reserve every block now: no SIGBUS later
             except OSError as exc:
-                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                     raise
                 raise OSError(exc.errno,
-                              f"ActivationCache: the disk holding {self.path} is full ({total / 2**20:.1f} MiB "
-                              "needed). Free space, pass a smaller max_bytes=, dtype='bf16'/'fp8', or a path "
-                              "on another disk.") from exc
+                              f"ActivationCache: the disk holding {self.path} is full or its file-size limit "
+                              f"reached ({total / 2**20:.1f} MiB needed: {os.strerror(exc.errno)}). Free space, "
+                              "pass a smaller max_bytes=, dtype='bf16'/'fp8', or a path on another disk.") from exc
             os.pwrite(fd, header.ljust(HEADER_BYTES, b" "), 0)
         except BaseException:
             os.close(fd)
-            os.unlink(self.path)
+            os.unlink(self.path)  # the file this call just created, exclusively: ours
             raise
         os.close(fd)
 
@@ -364,10 +591,111 @@ class MmapStorage(Storage):
                     "boundary or storage format. Delete it or pass another path= (or reuse=False)."
                 )
 
+    def flush(self) -> None:
+        """Make the rows written so far durable (a checkpoint that names this file is saved
+        after it). A kill needs no flush (the rows are in the page cache); a power cut does."""
+        _fsync(self.path)
+
+    def commit(self, path: str) -> None:
+        """Move this file (made under a name of its own) to ``path``, atomically: a crash
+        leaves ``path`` either the old file or this one, complete."""
+        self.flush()
+        os.replace(self.path, path)
+        _fsync(os.path.dirname(os.path.abspath(path)))
+        self.path = path
+
+    def discard(self) -> None:
+        """Close and delete this file (one this cache created under a name of its own)."""
+        self.close()
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
     def close(self) -> None:
         super().close()
         self.slot_of = None
         self._raw = None
+
+
+TEMP_MARK = ".smartfrz-tmp-"
+
+
+def owned_temp_path(path: str) -> str:
+    """A fresh name beside ``path`` for a file this cache makes (created exclusively)."""
+    return f"{path}{TEMP_MARK}{uuid.uuid4().hex[:12]}"
+
+
+def remove_leftovers(path: str) -> List[str]:
+    """Delete the files an interrupted move of ``path`` left (named by ``owned_temp_path`` and
+    holding a cache header); any other file is left alone."""
+    removed = []
+    for leftover in glob.glob(glob.escape(path) + TEMP_MARK + "*"):
+        try:
+            read_header(leftover)
+        except (OSError, ValueError):
+            continue
+        os.unlink(leftover)
+        removed.append(leftover)
+    return removed
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ------------------------------------------------------------------ storage checks
+def check_path(path: str, max_bytes: Optional[int]) -> None:
+    """What can be known about an mmap ``path`` before training: its folder (or the nearest
+    existing one above it) is a directory this process can create files in, the path is not
+    a directory, and a ``max_bytes`` cap fits the file-size limit. Raises a clear error."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, f"ActivationCache: path={path!r} is a directory; name the cache "
+                                "file to create inside it (e.g. {path}/cache.bin)")
+    folder = os.path.dirname(path)
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(errno.ENOTDIR, f"ActivationCache: path={path!r} lies under {existing!r}, which is a "
+                                 "regular file, not a folder. Choose a path in a folder.")
+    probe = owned_temp_path(os.path.join(existing, ".activation-cache-probe"))
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # a name of our own
+    except OSError as exc:
+        raise OSError(exc.errno, f"ActivationCache: cannot create the cache file in {existing!r} "
+                      f"({os.strerror(exc.errno)}). Choose a path in a writable folder.") from exc
+    os.unlink(probe)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and max_bytes is not None and max_bytes + HEADER_BYTES > limit:
+        raise OSError(errno.EFBIG, f"ActivationCache: max_bytes={max_bytes} is more than this process may write "
+                      f"to one file ({limit} bytes, RLIMIT_FSIZE / `ulimit -f`). Raise the limit or pass a "
+                      "smaller max_bytes=.")
+
+
+def host_memory_available() -> Optional[int]:
+    """Bytes the kernel says can be allocated without swapping (Linux MemAvailable), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_host_memory(nbytes: int) -> None:
+    """Host rows are allocated lazily by the kernel: without this check an oversized cache is
+    found by the OOM killer, hours later, instead of here."""
+    available = host_memory_available()
+    if available is not None and nbytes > available:
+        raise MemoryError(f"ActivationCache: the rows need {nbytes / 2**30:.2f} GiB of host memory, "
+                          f"{available / 2**30:.2f} GiB is available. Pass a smaller max_bytes=, dtype='bf16'/'fp8', "
+                          "or storage='mmap'.")
 
 
 def read_header(path: str) -> Dict[str, Any]:

@@ -20,7 +20,7 @@ import torch
 
 from ..units import as_args
 
-__all__ = ["split_example_inputs", "move_to_device", "check_callback_args", "check_lr_scheduler"]
+__all__ = ["split_example_inputs", "move_to_device", "check_callback_args"]
 
 
 def check_callback_args(policy: Any, freezer_kwargs: Dict[str, Any], activation_cache: Any = None) -> None:
@@ -35,15 +35,6 @@ def check_callback_args(policy: Any, freezer_kwargs: Dict[str, Any], activation_
     for key in ("example_kwargs", "model", "optimizer"):
         if key in freezer_kwargs:
             raise TypeError(f"SmartFreezeCallback sets {key!r} itself; do not pass it")
-
-
-def check_lr_scheduler(policy: Any, has_scheduler: bool, scheduler: str, fix: str) -> None:
-    """Refuse a policy that manages the lr (one param group per unit) next to the user's lr
-    scheduler, which was built on the old groups."""
-    if policy.manages_lr and has_scheduler:
-        raise ValueError(
-            f"{type(policy).__name__} sets every unit's learning rate itself and gives each unit its own "
-            f"param group, which breaks {scheduler} (its per-group lists no longer match). {fix}")
 
 
 def split_example_inputs(example: Any) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:

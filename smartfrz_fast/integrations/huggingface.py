@@ -44,7 +44,6 @@ from __future__ import annotations
 import functools
 import glob
 import os
-import warnings
 from collections.abc import Mapping, MutableMapping
 from typing import Any, Dict, Optional
 
@@ -65,7 +64,7 @@ from ..cache import ActivationCache, CachedModel, IndexedDataset
 from ..distributed import check_ddp_settings
 from ..engine import SmartFreezer
 from ..policy.base import FreezePolicy
-from . import check_callback_args, check_lr_scheduler, move_to_device, split_example_inputs
+from . import check_callback_args, move_to_device, split_example_inputs
 
 CHECKPOINT_FILE = "smartfrz_freezer.pt"
 CACHE_CHECKPOINT_FILE = "smartfrz_cache.{rank}.pt"  # the cache is per process (the samples it saw)
@@ -270,15 +269,6 @@ class SmartFreezeCallback(TrainerCallback):
             total = int(num_training_steps)
         self.freezer = SmartFreezer(model, optimizer, self.policy, example_inputs=args, example_kwargs=kwargs,
                                     total_steps=total, **self.freezer_kwargs)
-        if self.freezer.policy.manages_lr:
-            check_lr_scheduler(
-                self.freezer.policy, trainer.lr_scheduler is not None,
-                "the lr scheduler passed to the Trainer (built on the old groups)",
-                "Pass optimizers=(optimizer, None) and let the Trainer build its scheduler.")
-            warnings.warn(
-                f"{type(self.freezer.policy).__name__} sets every unit's learning rate itself after each "
-                "step, overriding the Trainer's lr scheduler (the logged learning_rate is the scheduler's, "
-                "not the one used).", stacklevel=2)
         if self.cache_kwargs is not None:
             self.cache = ActivationCache(self.freezer, **{"num_samples": len(trainer.train_dataset),
                                                           **self.cache_kwargs})

@@ -51,7 +51,7 @@ from ..cache import ActivationCache
 from ..distributed import check_ddp_settings
 from ..engine import SmartFreezer
 from ..policy.base import FreezePolicy
-from . import check_callback_args, check_lr_scheduler, move_to_device, split_example_inputs
+from . import check_callback_args, move_to_device, split_example_inputs
 
 # Strategies whose parameters are sharded or owned by another engine: the freeze action
 # (removing parameters from the optimizer's groups) does not apply to them.
@@ -137,12 +137,6 @@ class SmartFreezeCallback(Callback):
                 fix_unused="Freezing mid-run needs find_unused_parameters=True: use "
                 "strategy='ddp_find_unused_parameters_true' or DDPStrategy(find_unused_parameters=True).")
 
-    def _check_schedulers(self, trainer: "pl.Trainer") -> None:
-        check_lr_scheduler(
-            self.freezer.policy, bool(trainer.lr_scheduler_configs),
-            "the lr scheduler returned by configure_optimizers",
-            "Return only the optimizer from configure_optimizers, or choose a policy that leaves the lr alone.")
-
     def _example(self, pl_module: "pl.LightningModule") -> Any:
         if self.example_inputs is not None:
             return self.example_inputs
@@ -171,7 +165,6 @@ class SmartFreezeCallback(Callback):
                 "example_input_array or pass example_inputs=... to SmartFreezeCallback.")
         self.freezer = SmartFreezer(model, optimizers, self.policy, example_inputs=args,
                                     example_kwargs=kwargs, total_steps=total, **self.freezer_kwargs)
-        self._check_schedulers(trainer)
         if self._saved_state is not None:
             # Before restore_training_state: the optimizer's groups must lose the frozen
             # parameters before their saved state is loaded into them.

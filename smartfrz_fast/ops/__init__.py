@@ -20,8 +20,9 @@ from torch import Tensor
 
 from . import reference
 from ._extension import extension_status, triton_interpret
+from ._fallback import KernelUnavailable, fallbacks, run_guarded
 
-__all__ = ["gather_history", "predict", "backends", "OPS"]
+__all__ = ["gather_history", "predict", "backends", "fallbacks", "KernelUnavailable", "OPS"]
 
 
 @torch.library.custom_op("smartfrz::gather_history", mutates_args=("history",))
@@ -107,6 +108,50 @@ def _triton_kernels():
     return triton_kernels
 
 
+def _triton_impls() -> Dict[str, Callable]:
+    """The Triton implementation of each op, as registered for CUDA tensors: each runs its
+    kernel, or its next backend where Triton fails to import (warned once) or the kernel cannot
+    compile or launch on that device (``_fallback``: warned once per op and device, sticky).
+    Under TRITON_INTERPRET=1 the same functions run on CPU tensors (how the tests force
+    each failure)."""
+    gather_fallback, gather_fallback_name = reference.gather_history_ref, "the PyTorch reference"
+    if extension_status().loaded and extension_status().has_cuda:
+        gather_fallback, gather_fallback_name = torch.ops.smartfrz_ext.gather_history, "the CUDA C++ extension"
+    ref = "the PyTorch reference"
+
+    def gather_history_triton(sources, source_ids, offsets, rows, cursor, history):
+        args = (sources, source_ids, offsets, rows, cursor, history)
+        kernels = _triton_kernels()
+        if kernels is None:
+            return gather_fallback(*args)
+        run_guarded("gather_history", history, kernels.gather_history, gather_fallback, gather_fallback_name, args)
+
+    def predict_triton(history, cursor, rows, valid, weights, threshold, input_gain=1.0, sort_by_newest=False):
+        args = (history, cursor, rows, valid, weights, threshold, input_gain, sort_by_newest)
+        kernels = _triton_kernels()
+        if kernels is None:
+            return reference.predict_ref(*args)
+        return run_guarded("predict", history, kernels.predict, reference.predict_ref, ref, args)
+
+    # the activation cache's storage ops; activations in other dtypes (float64) take the reference
+    def cache_store_triton(values, slots, data, scales):
+        args = (values, slots, data, scales)
+        kernels = _triton_kernels()
+        if kernels is None or values.dtype not in kernels.ROW_DTYPES:
+            return reference.cache_store_ref(*args)
+        run_guarded("cache_store", data, kernels.cache_store, reference.cache_store_ref, ref, args)
+
+    def cache_load_triton(data, scales, slots, dtype):
+        args = (data, scales, slots, dtype)
+        kernels = _triton_kernels()
+        if kernels is None or dtype not in kernels.ROW_DTYPES:
+            return reference.cache_load_ref(*args)
+        return run_guarded("cache_load", data, kernels.cache_load, reference.cache_load_ref, ref, args)
+
+    return {"gather_history": gather_history_triton, "predict": predict_triton,
+            "cache_store": cache_store_triton, "cache_load": cache_load_triton}
+
+
 def _register_triton_kernels() -> None:
     """Triton kernels for CUDA tensors, registered without importing Triton (done at first call).
 
@@ -120,45 +165,13 @@ def _register_triton_kernels() -> None:
         return
     if importlib.util.find_spec("triton") is None:
         return
-    gather_fallback = reference.gather_history_ref
-    if extension_status().loaded and extension_status().has_cuda:
-        gather_fallback = torch.ops.smartfrz_ext.gather_history
-
-    def gather_history_triton(sources, source_ids, offsets, rows, cursor, history):
-        kernels = _triton_kernels()
-        if kernels is None:
-            return gather_fallback(sources, source_ids, offsets, rows, cursor, history)
-        kernels.gather_history(sources, source_ids, offsets, rows, cursor, history)
-
-    def predict_triton(history, cursor, rows, valid, weights, threshold, input_gain=1.0, sort_by_newest=False):
-        kernels = _triton_kernels()
-        if kernels is None:
-            return reference.predict_ref(history, cursor, rows, valid, weights, threshold, input_gain, sort_by_newest)
-        return kernels.predict(history, cursor, rows, valid, weights, threshold,
-                               input_gain=input_gain, sort_by_newest=sort_by_newest)
-
-    _register(gather_history, "gather_history", "cuda", "Triton (ops/triton_kernels.py)", gather_history_triton)
-    _register(predict, "predict", "cuda", "Triton (ops/triton_kernels.py)", predict_triton)
-
-    # the activation cache's storage ops; activations in other dtypes (float64) take the reference
-    def cache_store_triton(values, slots, data, scales):
-        kernels = _triton_kernels()
-        if kernels is None or values.dtype not in kernels.ROW_DTYPES:
-            return reference.cache_store_ref(values, slots, data, scales)
-        kernels.cache_store(values, slots, data, scales)
-
-    def cache_load_triton(data, scales, slots, dtype):
-        kernels = _triton_kernels()
-        if kernels is None or dtype not in kernels.ROW_DTYPES:
-            return reference.cache_load_ref(data, scales, slots, dtype)
-        return kernels.cache_load(data, scales, slots, dtype)
-
-    _register(cache_store, "cache_store", "cuda", "Triton (ops/triton_kernels.py)", cache_store_triton)
-    _register(cache_load, "cache_load", "cuda", "Triton (ops/triton_kernels.py)", cache_load_triton)
+    for name, impl in _triton_impls().items():
+        _register(OPS[name], name, "cuda", "Triton (ops/triton_kernels.py)", impl)
 
 
 def backends(device_types: Sequence[str] = ("cpu", "cuda")) -> Dict[str, Dict[str, str]]:
-    """``{op: {device_type: backend}}`` for the ops of this registry."""
+    """``{op: {device_type: backend}}`` for the ops of this registry, as registered; a device
+    whose kernel could not run shows in ``fallbacks()``."""
     return {
         name: {dev: _BACKENDS.get((name, dev), "reference (PyTorch)") for dev in device_types}
         for name in OPS

@@ -32,6 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._extension import triton_interpret
+from ._fallback import KernelUnavailable
 from .reference import NORM_EPS, NUM_PREDICTOR_WEIGHTS, WEIGHTS_PER_MLP, check_input_gain
 
 INTERPRET = triton_interpret()
@@ -47,6 +48,25 @@ def _check_interpreter_state() -> None:
 
 
 _check_interpreter_state()
+
+
+def _launch(kernel, grid, device: torch.device, *args, **meta) -> None:
+    """``kernel[grid](*args, **meta)``; any failure to compile or launch it (Triton's
+    OutOfResources or CompilationError, ptxas, an unsupported architecture, the driver) is
+    raised as KernelUnavailable, on which the registry falls back to the op's next backend.
+    Such failures happen before the launch: the kernel has written nothing. A CUDA
+    out-of-memory error is not the kernel's: it propagates as is."""
+    try:
+        kernel[grid](*args, **meta)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:
+        raise KernelUnavailable(kernel.__name__, device, exc) from exc
+
+
+def _out_of_resources(exc: KernelUnavailable) -> bool:
+    return isinstance(exc.cause, triton.runtime.OutOfResources)
+
 
 # dtype codes of the gather kernel's per-source type table
 _DTYPE_CODES: Dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
@@ -171,7 +191,8 @@ def gather_history(
     addresses, codes = _source_tables(sources, device)
     block_k = min(block_k, triton.next_power_of_2(k))
     grid = (rows.numel(), triton.cdiv(k, block_k))
-    _gather_history_kernel[grid](
+    _launch(
+        _gather_history_kernel, grid, device,
         addresses, codes, len(sources),
         source_ids, offsets, rows, cursor, history,
         source_ids.stride(0), source_ids.stride(1), offsets.stride(0), offsets.stride(1),
@@ -376,6 +397,46 @@ def _prefix_kernel(prob_ptr, out_ptr, R, threshold, BLOCK: tl.constexpr):
     tl.store(out_ptr, first)
 
 
+# predict's launch configurations, best first. Each computes the same function (only layer 3's
+# fp32 summation order follows block_n), so every one gives the reference's decisions within
+# fp32 rounding. With the shipped predictor (K=1024, H=256, E=64, T=30) and its input transform,
+# compiled by Triton 3.8 (bench/results/kernel_arch_limits.md): the first needs 118,784 B of
+# shared memory per block (119,808 on sm_90+), which fits sm_80/sm_90/sm_100 (163/227/227 KiB)
+# and sm_75 (65,536 B there: exactly its limit) but not sm_86/sm_89/sm_120 (99 KiB); halving
+# layer 2's output chunk (block_n 16) needs 75,776 B (76,800 on sm_120); the last, without
+# software pipelining (49,152 B on sm_86), is for smaller devices still.
+PREDICT_CONFIGS: Tuple[Dict[str, int], ...] = (
+    dict(block_k=32, block_n=32, num_warps=8, num_stages=3),
+    dict(block_k=32, block_n=16, num_warps=8, num_stages=3),
+    dict(block_k=32, block_n=16, num_warps=8, num_stages=1),
+)
+# device -> index into PREDICT_CONFIGS of the first configuration that launched there. It only
+# moves down (a configuration that ran out of resources is not tried again on that device), so
+# an out-of-resources launch costs one failed compile per device and process (Triton caches
+# compiled kernels on disk), never one per step.
+_PREDICT_CONFIG_INDEX: Dict[torch.device, int] = {}
+
+
+def _launch_fitting(launch, device: torch.device) -> None:
+    """``launch(config)`` with the first of PREDICT_CONFIGS that does not run out of resources
+    on ``device`` (Triton raises OutOfResources before the launch: nothing was written)."""
+    index = _PREDICT_CONFIG_INDEX.get(device, 0)
+    while True:
+        try:
+            launch(PREDICT_CONFIGS[index])
+            return
+        except KernelUnavailable as exc:
+            if not _out_of_resources(exc) or index + 1 == len(PREDICT_CONFIGS):
+                raise
+            index += 1
+            _PREDICT_CONFIG_INDEX[device] = index
+
+
+def predict_config(device: torch.device) -> Dict[str, int]:
+    """The launch configuration predict uses on ``device`` now (the first, before any launch)."""
+    return dict(PREDICT_CONFIGS[_PREDICT_CONFIG_INDEX.get(torch.device(device), 0)])
+
+
 def _pow2(n: int, floor: int = 16) -> int:
     return max(floor, triton.next_power_of_2(n))
 
@@ -409,9 +470,10 @@ def predict(
     sort_by_newest: bool = False,
     *,
     out: Optional[Tuple[Tensor, Tensor]] = None,
-    block_k: int = 32,
-    block_n: int = 32,
-    num_warps: int = 8,
+    block_k: Optional[int] = None,
+    block_n: Optional[int] = None,
+    num_warps: Optional[int] = None,
+    num_stages: Optional[int] = None,
     precision: str = "ieee",
 ) -> Tuple[Tensor, Tensor]:
     """Triton ``smartfrz::predict``: one program per unit, then a one-program prefix kernel.
@@ -422,6 +484,10 @@ def predict(
     the GPU, ~1e-3; for measurement). ``input_gain`` and ``sort_by_newest``: the input
     transform (reference.transform_window), applied while the window is loaded; sorting takes a
     [R, next_pow2(K)] int32 scratch tensor for the rank order.
+
+    Launch configuration: by default the first of ``PREDICT_CONFIGS`` that fits this device
+    (chosen once per device, see there); ``block_k``, ``block_n``, ``num_warps`` or
+    ``num_stages``, when given, fix it (the rest from the first configuration), with no fallback.
     """
     device = history.device
     _check_device("predict", device)
@@ -461,18 +527,28 @@ def predict(
         kp = _pow2(k, 1)
         # the rank-order scratch (unused without sorting: any int32 pointer will do)
         perm = torch.empty((num_rows, kp) if sort_by_newest else (1,), dtype=torch.int32, device=device)
-        _predict_kernel[(num_rows,)](
-            history, history.stride(0), history.stride(1), history.stride(2),
-            cursor, rows, valid, prob, perm,
-            *weights,
-            float(math.sqrt(embed)), NORM_EPS, input_gain,
-            T=window, K=k, H=hidden, E=embed, HH=head_hidden,
-            TP=_pow2(window), BK=min(block_k, _pow2(k)), HP=_pow2(hidden), BN=min(block_n, _pow2(hidden)),
-            EP=_pow2(embed), HHP=_pow2(head_hidden, 2), KP=kp, PRECISION=precision,
-            SORT=sort_by_newest, AMPLIFY=input_gain != 1.0,
-            num_warps=num_warps,
-        )
-    _prefix_kernel[(1,)](prob, prefix, num_rows, float(threshold), BLOCK=256)
+        given = dict(block_k=block_k, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+        given = {name: value for name, value in given.items() if value is not None}
+
+        def launch(config: Dict[str, int]) -> None:
+            _launch(
+                _predict_kernel, (num_rows,), device,
+                history, history.stride(0), history.stride(1), history.stride(2),
+                cursor, rows, valid, prob, perm,
+                *weights,
+                float(math.sqrt(embed)), NORM_EPS, input_gain,
+                T=window, K=k, H=hidden, E=embed, HH=head_hidden,
+                TP=_pow2(window), BK=min(config["block_k"], _pow2(k)), HP=_pow2(hidden),
+                BN=min(config["block_n"], _pow2(hidden)), EP=_pow2(embed), HHP=_pow2(head_hidden, 2), KP=kp,
+                PRECISION=precision, SORT=sort_by_newest, AMPLIFY=input_gain != 1.0,
+                num_warps=config["num_warps"], num_stages=config["num_stages"],
+            )
+
+        if given:
+            launch({**PREDICT_CONFIGS[0], **given})
+        else:
+            _launch_fitting(launch, device)
+    _launch(_prefix_kernel, (1,), device, prob, prefix, num_rows, float(threshold), BLOCK=256)
     return prob, prefix
 
 
@@ -524,7 +600,8 @@ def gather_rows(source: Tensor, index: Tensor, *, block: int = 1024) -> Tensor:
         words_in, words_out = _word_view(source), _word_view(out)
         width = words_in.shape[1]
         grid = (index.numel(), triton.cdiv(width, block))
-        _gather_rows_kernel[grid](words_in, index, words_out, source.shape[0], width, BLOCK=block)
+        _launch(_gather_rows_kernel, grid, index.device, words_in, index, words_out, source.shape[0], width,
+                BLOCK=block)
     return out
 
 
@@ -577,7 +654,10 @@ def _e4m3_value(bits):
     normal = (((exponent + (127 - 7)) << 23) | (mantissa << 20)).to(tl.float32, bitcast=True)
     magnitude = tl.where(exponent == 0, mantissa.to(tl.float32) * 0.001953125, normal)
     magnitude = tl.where((bits & 0x7F) == 0x7F, float("nan"), magnitude)
-    return tl.where((bits & 0x80) != 0, -magnitude, magnitude)
+    # the sign as a bit, not as -magnitude: Triton before 3.8 negates a float as 0 - x, which
+    # turns fp8 -0.0 (0x80) into +0.0, compiled and interpreted alike
+    sign = (bits & 0x80).to(tl.uint32) << 24
+    return (magnitude.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -674,9 +754,9 @@ def cache_store(values: Tensor, slots: Tensor, data: Tensor, scales: Tensor, *, 
     if slots.numel() == 0:
         return
     values = values.contiguous()
-    _cache_store_kernel[(slots.numel(),)](values, slots, _storage_view(data), scales, data.shape[1],
-                                          STORAGE=_STORAGE_CODES[data.dtype],
-                                          BLOCK=min(block, triton.next_power_of_2(max(1, data.shape[1]))))
+    _launch(_cache_store_kernel, (slots.numel(),), data.device, values, slots, _storage_view(data), scales,
+            data.shape[1], STORAGE=_STORAGE_CODES[data.dtype],
+            BLOCK=min(block, triton.next_power_of_2(max(1, data.shape[1]))))
 
 
 def cache_load(data: Tensor, scales: Tensor, slots: Tensor, dtype: torch.dtype, *, block: int = 1024) -> Tensor:
@@ -689,7 +769,8 @@ def cache_load(data: Tensor, scales: Tensor, slots: Tensor, dtype: torch.dtype, 
     if slots.numel() and data.shape[1]:
         block = min(block, triton.next_power_of_2(data.shape[1]))
         target = out.view(torch.int16) if dtype == torch.bfloat16 else out
-        _cache_load_kernel[(slots.numel(), triton.cdiv(data.shape[1], block))](
+        _launch(
+            _cache_load_kernel, (slots.numel(), triton.cdiv(data.shape[1], block)), data.device,
             _storage_view(data), scales, slots, target, data.shape[1],
             STORAGE=_STORAGE_CODES[data.dtype], OUT=_ROW_DTYPE_CODES[dtype], BLOCK=block)
     return out

@@ -39,6 +39,11 @@ class AutoFreeze(FreezePolicy):
     gradient directions that cancel within an interval do not shrink G. Steps whose gradient
     norm is not finite (skipped by a GradScaler) are left out of the sum.
 
+    Never where nothing is left to save: with ``total_steps`` known, no decision is made at an
+    interval end inside the last interval of the run (a freeze at the final step saves
+    nothing; the reference can freeze there). The intervals still roll over, so the state is
+    the same as without the guard.
+
     Other details: a unit whose G went from 0 to positive counts as changing without bound;
     the reference's quirk that skips the first boundary when ``interval == 1`` is not copied.
     Accumulators stay on the parameters' device; ``decide`` returns a 0-dim int64 tensor on
@@ -75,6 +80,7 @@ class AutoFreeze(FreezePolicy):
         self._steps_in_interval = 0
         self._evaluations = 0  # interval ends seen
         self.last_ratios: Optional[Tensor] = None  # r(k) of the latest decision, for reports
+        self.last_decision_step: Optional[int] = None  # set by bind() from total_steps
         self._pending_state: Optional[Dict[str, Any]] = None
 
     def bind(self, context: PolicyContext) -> None:
@@ -88,6 +94,9 @@ class AutoFreeze(FreezePolicy):
         self._prev = None
         self._steps_in_interval = 0
         self._evaluations = 0
+        # the last step whose decision still leaves a full interval of training to save
+        total = context.total_steps
+        self.last_decision_step = total - self.interval if total else None
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
             self.load_state_dict(state)
@@ -102,7 +111,10 @@ class AutoFreeze(FreezePolicy):
     def decides_at(self, step: int) -> bool:
         # interval ends after the first one (the first only records G(1)): same on every rank
         assert self.interval is not None, "bind() first"
-        return step % self.interval == 0 and self._evaluations >= 1
+        return step % self.interval == 0 and self._evaluations >= 1 and self._saves_something(step)
+
+    def _saves_something(self, step: int) -> bool:
+        return self.last_decision_step is None or step <= self.last_decision_step
 
     def decide(self, step: int, frozen: int) -> Optional[Decision]:
         assert self._acc is not None and self.interval is not None, "bind() first"
@@ -113,7 +125,7 @@ class AutoFreeze(FreezePolicy):
         self._steps_in_interval = 0
         self._evaluations += 1
         prev, self._prev = self._prev, cur
-        if prev is None:
+        if prev is None or not self._saves_something(step):
             return None
         big = torch.finfo(torch.float32).max  # "changing without bound", finite for quantile
         safe_prev = torch.where(prev > 0, prev, torch.ones_like(prev))

@@ -7,6 +7,7 @@ freezing is monotone and front-to-back, and never freezes the units it must keep
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -16,6 +17,42 @@ from torch import Tensor
 # A decision: the desired frozen-prefix length in units, as an int or as a 0-dim int64 tensor
 # that may still be on its way from the GPU (the engine reads it without stalling).
 Decision = Union[int, Tensor]
+
+
+def check_decision(policy: "FreezePolicy", decision: Any, step: int, num_units: int) -> Optional[Decision]:
+    """``decision`` if it is one the engine can apply (None, an int in ``[0, num_units]``, or a
+    one-element integer tensor, whose value is checked here on the CPU and when applied on a
+    GPU), else a clear error naming the policy: silently truncating 2.7 or ignoring -3 would
+    run a policy other than the one written."""
+    if decision is None:
+        return None
+    name = type(policy).__name__
+    if isinstance(decision, Tensor):
+        if decision.numel() != 1 or decision.dtype.is_floating_point or decision.dtype.is_complex \
+                or decision.dtype == torch.bool:
+            raise TypeError(
+                f"{name}.decide returned a {decision.dtype} tensor of shape {tuple(decision.shape)} at step {step}: "
+                "a decision is a frozen-prefix length, an int or a one-element integer tensor (or None).")
+        if decision.device.type == "cpu":
+            check_prefix_length(policy, int(decision), step, num_units)
+        return decision
+    try:
+        if isinstance(decision, bool):
+            raise TypeError
+        value = operator.index(decision)
+    except TypeError:
+        raise TypeError(
+            f"{name}.decide returned {decision!r} ({type(decision).__name__}) at step {step}: a decision is a "
+            "frozen-prefix length, an int or a one-element integer tensor (or None for no decision).") from None
+    check_prefix_length(policy, value, step, num_units)
+    return value
+
+
+def check_prefix_length(policy: "FreezePolicy", value: int, step: int, num_units: int) -> None:
+    if not 0 <= value <= num_units:
+        raise ValueError(
+            f"{type(policy).__name__}.decide returned {value} at step {step}: a frozen-prefix length is a number "
+            f"of leading units from 0 to {num_units} (the model's units). Return None for no decision.")
 
 
 @dataclass(frozen=True)
@@ -49,7 +86,7 @@ class FreezePolicy:
     name = "policy"
     needs_history = False  # the engine keeps a weight-history ring buffer for this policy
     needs_gradients = False  # the engine calls ``observe_gradients`` before every optimizer step
-    manages_lr = False  # the engine gives each unit its own param group and calls ``lr_factors``
+    manages_lr = False  # the engine scales each unit's lr by ``lr_factors`` inside optimizer.step()
     # Decisions depend only on the step (a schedule): under DDP every rank computes the same
     # one, so the engine broadcasts nothing. False: rank 0's decision is broadcast at the
     # steps where ``decides_at`` is true.
@@ -82,8 +119,9 @@ class FreezePolicy:
         device) of the optimizer step about to run. Only called when ``needs_gradients``."""
 
     def lr_factors(self, step: int) -> Optional[List[float]]:
-        """Per-unit multiplier of each param group's initial lr for the optimizer step after
-        ``step`` (0 before the first). Only called when ``manages_lr``."""
+        """Per-unit multiplier of the lr its param group holds (the user's, as the user's lr
+        scheduler set it) for the optimizer step after ``step`` (0 before the first); called
+        at the start of that ``optimizer.step()``. Only called when ``manages_lr``."""
         return None
 
     def state_dict(self) -> Dict[str, Any]:

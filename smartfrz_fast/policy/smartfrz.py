@@ -7,6 +7,8 @@ device tensor; the engine applies it a step later without stalling the training 
 
 from __future__ import annotations
 
+import math
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -21,6 +23,15 @@ SNAPSHOTS_PER_RUN = 120
 # engine never unfreezes, so patience > 1 trades savings for fewer early freezes). Default 1:
 # the leave-one-family-out replay on the zoo picked it (docs/predictor.md, "Policy settings").
 DEFAULT_PATIENCE = 1
+# Each unit's probability is averaged over its evaluations (an exponential moving average from
+# 0 spanning this many evaluations, alpha = 2 / (span + 1)) before it is compared with the
+# threshold: the raw probability moves by ~0.1 between evaluations. Default 1 (off): measured
+# on the demo and a fine-tuning job, it did not buy accuracy (docs/predictor.md, "Temporal
+# agreement"), and on fine-tuning the probabilities are wrong on average, not noisy.
+DEFAULT_SMOOTHING = 1
+# No decision before this fraction of total_steps: the predictor's window spans a quarter of a
+# run, and the floor of the snapshot interval alone would fill it earlier (20 % at 300 steps).
+DEFAULT_MIN_PROGRESS = 0.25
 
 
 def snapshot_interval(total_steps: int, snapshots: int = SNAPSHOTS_PER_RUN) -> int:
@@ -29,11 +40,27 @@ def snapshot_interval(total_steps: int, snapshots: int = SNAPSHOTS_PER_RUN) -> i
 
 
 class SmartFRZ(FreezePolicy):
+    """The SmartFRZ attention predictor as a freezing policy.
+
+    Args:
+        weights: predictor file (default: the shipped weights, or ``$SMARTFRZ_PREDICTOR``).
+        threshold: a unit is freezable when its probability (averaged, see ``smoothing``)
+            reaches this.
+        evaluate_every: score every this many steps (default: once per new snapshot).
+        patience: evaluations in a row a unit must be freezable before it freezes.
+        smoothing: span, in evaluations, of the moving average of each unit's probability
+            (1: the raw probability). The average starts from 0 (not freezable).
+        min_progress: no decision before ``ceil(min_progress * total_steps)`` steps (the
+            predictor's window spans a quarter of a run); without ``total_steps`` there is no
+            such guard and SmartFreezer warns.
+    """
+
     name = "smartfrz"
     needs_history = True
 
     def __init__(self, weights: Optional[Union[str, Path]] = None, threshold: float = 0.5,
-                 evaluate_every: Optional[int] = None, patience: int = DEFAULT_PATIENCE):
+                 evaluate_every: Optional[int] = None, patience: int = DEFAULT_PATIENCE,
+                 smoothing: int = DEFAULT_SMOOTHING, min_progress: float = DEFAULT_MIN_PROGRESS):
         super().__init__()
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
             raise ValueError(f"SmartFRZ threshold is a probability in (0, 1), got {threshold!r}")
@@ -42,6 +69,10 @@ class SmartFRZ(FreezePolicy):
         if evaluate_every is not None and (isinstance(evaluate_every, bool) or not isinstance(evaluate_every, int)
                                            or evaluate_every < 1):
             raise ValueError(f"SmartFRZ evaluate_every is a number of steps >= 1, or None, got {evaluate_every!r}")
+        if isinstance(smoothing, bool) or not isinstance(smoothing, int) or smoothing < 1:
+            raise ValueError(f"SmartFRZ smoothing is an averaging span in evaluations >= 1 (1: none), got {smoothing!r}")
+        if isinstance(min_progress, bool) or not isinstance(min_progress, (int, float)) or not 0.0 <= min_progress < 1.0:
+            raise ValueError(f"SmartFRZ min_progress is a fraction of total_steps in [0, 1), got {min_progress!r}")
         from ..predictor import load_predictor
 
         # Loaded now, so that missing or corrupt weights fail before training starts.
@@ -49,26 +80,62 @@ class SmartFRZ(FreezePolicy):
         self.threshold = threshold
         self.evaluate_every = evaluate_every
         self.patience = patience
-        self.last_probabilities: Optional[torch.Tensor] = None
+        self.smoothing = smoothing
+        self.min_progress = float(min_progress)
+        self.first_decision_step = 0  # set by bind() from total_steps
+        self.last_probabilities: Optional[torch.Tensor] = None  # raw, of the active units
+        self.last_smoothed: Optional[torch.Tensor] = None  # what was compared with the threshold
         self._evaluated_at = -1  # history.count at the last evaluation
         # [U] int32 on the device: evaluations in a row each unit was called freezable
         self._streak: Optional[torch.Tensor] = None
+        # [U] float32 on the device: each unit's averaged probability
+        self._average: Optional[torch.Tensor] = None
 
     @staticmethod
     def sample_every_for(total_steps: Optional[int]) -> int:
         """The engine's snapshot interval when the user gives none: the pace the predictor
-        was trained at (``SNAPSHOTS_PER_RUN`` per run); every step without ``total_steps``."""
-        return 1 if not total_steps else snapshot_interval(total_steps)
+        was trained at (``SNAPSHOTS_PER_RUN`` per run); every step without ``total_steps``,
+        with a warning, since the window then spans ``window`` steps, not a quarter of the run."""
+        if total_steps:
+            return snapshot_interval(total_steps)
+        warnings.warn(
+            "SmartFRZ paces its weight history by the run's length, and SmartFreezer was given no "
+            "total_steps: it snapshots every step, so its window spans only `window` (30) steps and it "
+            "may start freezing at step 30 whatever the run's length (the demo's model over 750 steps: "
+            "56 % of the FLOPs saved instead of 41 %, 0.44 points more lost). Pass total_steps=<optimizer "
+            "steps in the run> to SmartFreezer (or sample_every=total_steps // 120 if the freezer cannot "
+            "know it).", UserWarning, stacklevel=3)
+        return 1
 
     def state_dict(self) -> Dict[str, Any]:
-        # which snapshot was scored last (a resumed run must not score it again) and the streaks
-        streak = None if self._streak is None else self._streak.detach().cpu().clone()  # a copy, not a view
-        return {"evaluated_at": self._evaluated_at, "streak": streak}
+        # which snapshot was scored last (a resumed run must not score it again), streaks, averages
+        def host(t):
+            return None if t is None else t.detach().cpu().clone()  # a copy, not a view
+
+        return {"evaluated_at": self._evaluated_at, "streak": host(self._streak), "average": host(self._average)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self._evaluated_at = int(state.get("evaluated_at", -1))
-        streak = state.get("streak")
+        # checked whole before anything changes: a wrong-shape streak would fail at the next step
+        if not isinstance(state, dict) or set(state) - {"evaluated_at", "streak", "average"}:
+            raise ValueError(f"SmartFRZ: policy state {state!r:.80} is not SmartFRZ.state_dict()'s "
+                             "{'evaluated_at', 'streak', 'average'}")
+        evaluated_at, streak, average = state.get("evaluated_at", -1), state.get("streak"), state.get("average")
+        if isinstance(evaluated_at, bool) or not isinstance(evaluated_at, int) or evaluated_at < -1:
+            raise ValueError(f"SmartFRZ: policy state evaluated_at={evaluated_at!r} is not a snapshot count (>= -1)")
+        units = self.context.num_units if self.context is not None else None
+
+        def check(name, t, dtype, valid, expected):
+            if t is not None and not (isinstance(t, torch.Tensor) and t.dtype == dtype and t.dim() == 1
+                                      and (units is None or t.numel() == units) and bool(valid(t).all())):
+                what = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"SmartFRZ: policy state {name} is {what}; expected {str(dtype).replace('torch.', '')} ({units},) {expected} "
+                                 "(one per unit): the checkpoint is corrupt or from another model.")
+
+        check("streak", streak, torch.int32, lambda t: t >= 0, "counts >= 0")
+        check("average", average, torch.float32, lambda t: ((t >= 0) & (t <= 1)) | t.isnan(), "probabilities in [0, 1]")
+        self._evaluated_at = evaluated_at
         self._streak = None if streak is None else streak.clone()
+        self._average = None if average is None else average.clone()
 
     def bind(self, context: PolicyContext) -> None:
         super().bind(context)
@@ -86,11 +153,14 @@ class SmartFRZ(FreezePolicy):
         # the input transform the weights were trained with (1: none; see amplify_deviation)
         self.input_gain = float(self.predictor.provenance.get("input_gain", 1.0))
         self.sort_inputs = bool(self.predictor.provenance.get("sort_by_newest", False))
+        # the documented guard, exact: the first decision after ceil(min_progress * total_steps)
+        total = context.total_steps
+        self.first_decision_step = math.ceil(self.min_progress * total) if total else 0
 
     def decides_at(self, step: int) -> bool:
         # from what every rank shares (step, history.count): under DDP rank 0 broadcasts only here
         history = self.context.history
-        if not history.full:
+        if not history.full or step < self.first_decision_step:
             return False
         if self.evaluate_every is None:
             return history.count != self._evaluated_at
@@ -106,25 +176,46 @@ class SmartFRZ(FreezePolicy):
             self._evaluated_at = history.count
         elif step % self.evaluate_every:
             return None
+        decide = step >= self.first_decision_step
+        if not decide and self.patience == 1 and self.smoothing == 1:
+            return None  # nothing to remember from an evaluation before the guard
         from .. import ops
 
         # the op applies the input transform of training while it reads each window (fused on CUDA)
         prob, prefix = ops.predict(history.history, history.cursor, history.rows, history.valid,
                                    self._weights, self.threshold, self.input_gain, self.sort_inputs)
-        self.last_probabilities = prob
-        if self.patience == 1:
+        self.last_probabilities = self.last_smoothed = prob
+        if self.patience == 1 and self.smoothing == 1:
             return prefix + history.first_active
-        # device ops only (no host sync): count the evaluations in a row each active unit cleared
-        # the threshold, and freeze the leading run of units that did so `patience` times
-        if self._streak is None or self._streak.device != prob.device:
-            streak = torch.zeros(history.history.shape[0], dtype=torch.int32, device=prob.device)
-            self._streak = streak if self._streak is None else self._streak.to(prob.device)
-        rows = history.rows
+        # before the guard, evaluations feed the averages and streaks but decide nothing
+        # device ops only (no host sync)
+        rows, units = history.rows, history.history.shape[0]
+        if self.smoothing > 1:  # average each unit's probability over its evaluations
+            # from 0 (not freezable): a unit needs several confident evaluations to clear the
+            # threshold, more the nearer its probabilities sit to it
+            self._average = self._state_tensor(self._average, units, 0.0, torch.float32, prob.device)
+            old = self._average.index_select(0, rows)
+            prob = old + (2.0 / (self.smoothing + 1)) * (prob - old)
+            self._average.index_copy_(0, rows, prob)
+            self.last_smoothed = prob
+        # count the evaluations in a row each active unit cleared the threshold, and freeze the
+        # leading run of units that did so `patience` times
+        self._streak = self._state_tensor(self._streak, units, 0, torch.int32, prob.device)
         streak = torch.where(prob >= self.threshold, self._streak.index_select(0, rows) + 1, 0).to(torch.int32)
         self._streak.index_copy_(0, rows, streak)
+        if not decide:
+            return None
         ready = (streak >= self.patience).to(torch.int64)
         return torch.cumprod(ready, 0).sum() + history.first_active
 
+    @staticmethod
+    def _state_tensor(t: Optional[torch.Tensor], units: int, fill, dtype, device) -> torch.Tensor:
+        """A per-unit state tensor on ``device``: a new one filled with ``fill``, or ``t`` moved there."""
+        if t is None:
+            return torch.full((units,), fill, dtype=dtype, device=device)
+        return t.to(device)
+
     def describe(self) -> str:
-        return (f"SmartFRZ(threshold={self.threshold}, patience={self.patience}, evaluate_every={self.evaluate_every}, "
+        return (f"SmartFRZ(threshold={self.threshold}, patience={self.patience}, smoothing={self.smoothing}, "
+                f"min_progress={self.min_progress:g}, evaluate_every={self.evaluate_every}, "
                 f"window={self.predictor.config.window}, K={self.predictor.config.sample_size})")

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from ..policy.base import FreezePolicy
-from .labels import RunData, prefix_freeze_points
+from .labels import RunData, load_recording, prefix_freeze_points
 from .zoo import RunSpec, Task, build_model, cosine, make_optimizer, zoo_specs
 
 POLICIES = ("full", "smartfrz", "smartfrz-unseen", "freezeout", "autofreeze", "linear", "egeria")
@@ -201,7 +201,7 @@ class LabelSchedule(FreezePolicy):
         the predictor's), the earliest SmartFRZ can decide."""
         from .model import PredictorConfig
 
-        run = torch.load(path, weights_only=False)
+        run = load_recording(path, fields=("cka", "sample_every"))
         window = PredictorConfig().window if window is None else window
         prefix = prefix_freeze_points(run["cka"][:-1].float(), threshold, window)  # the head gets no label
         snapshots = run["cka"].shape[1]

@@ -62,11 +62,39 @@ class RunData:
         return (ends[None, :] >= first[:, None]).float()
 
 
+_RECORDING_FIELDS = {"name": str, "spec": dict, "units": list, "forward_flops": list, "valid": Tensor,
+                     "history": Tensor, "cka": Tensor, "sample_every": int, "test_accuracy": float}
+
+
+def load_recording(path: Path, fields: Sequence[str] = tuple(_RECORDING_FIELDS)) -> Dict:
+    """A run recorded by ``collect.record_run``, loaded as data only (``weights_only=True``: a
+    recording never runs code) and checked for the ``fields`` the caller reads and their shapes."""
+    try:
+        r = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable recorded run ({type(exc).__name__}: {exc}); record it again "
+                         "with python -m smartfrz_fast.predictor.collect") from exc
+    r = r if isinstance(r, dict) else {}
+    wrong = [k for k in fields if not isinstance(r.get(k), _RECORDING_FIELDS[k]) or isinstance(r.get(k), bool)]
+    if not wrong and "cka" in fields and (r["cka"].dim() != 2 or r["cka"].shape[1] < 1):
+        wrong = ["cka (a [units, snapshots] tensor)"]
+    if not wrong and "sample_every" in fields and r["sample_every"] < 1:
+        wrong = ["sample_every (>= 1)"]
+    if not wrong and "history" in fields:
+        units = len(r["units"])
+        if not (r["history"].dim() == 3 and r["history"].shape[0] == r["cka"].shape[0] == r["valid"].shape[0]
+                == units == len(r["forward_flops"]) and "family" in r["spec"]):
+            wrong = ["the shapes of history, cka, valid, units and forward_flops, or spec['family']"]
+    if wrong:
+        raise ValueError(f"{path} is not a recorded run of smartfrz_fast.predictor.collect: bad or missing {wrong}")
+    return r
+
+
 def load_runs(paths: Sequence[Path], drop_last_unit: bool = True, min_accuracy: float = MIN_ACCURACY,
               skipped: List[str] = None) -> List[RunData]:
     runs = []
     for path in paths:
-        r = torch.load(path, weights_only=False)
+        r = load_recording(path)
         if r["test_accuracy"] < min_accuracy:
             if skipped is not None:
                 skipped.append(f"{r['name']} (accuracy {r['test_accuracy']:.3f})")

@@ -7,6 +7,8 @@ so training, the reference op and the fused kernels all compute the same functio
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +20,9 @@ from torch import Tensor, nn
 from ..ops.reference import PREDICTOR_MLPS, normalize_window, predictor_logits_ref
 
 WEIGHTS_FORMAT = "smartfrz_fast.predictor"
-WEIGHTS_VERSION = 1
+# 2: the digest covers the configuration and the provenance too (whose input_gain and
+# sort_by_newest change every prediction). 1: the weights only; refused, see upgrade_predictor_file.
+WEIGHTS_VERSION = 2
 DEFAULT_WEIGHTS = Path(__file__).with_name("weights") / "smartfrz_predictor.pt"
 
 
@@ -69,23 +73,56 @@ class AttentionPredictor(nn.Module):
 
 
 def save_predictor(model: AttentionPredictor, path: Union[str, Path], provenance: Dict[str, Any]) -> None:
+    """Write ``model`` and its ``provenance`` (a JSON-like dict: how it was made, and the input
+    transform it was trained with, ``input_gain`` and ``sort_by_newest``) with a digest of both."""
+    _check_provenance(provenance, "save_predictor")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({
-        "format": WEIGHTS_FORMAT,
-        "version": WEIGHTS_VERSION,
-        "config": asdict(model.config),
-        "state_dict": state,
-        "digest": _digest(state),
-        "provenance": provenance,
-    }, path)
+    blob = {"format": WEIGHTS_FORMAT, "version": WEIGHTS_VERSION, "config": asdict(model.config),
+            "state_dict": state, "provenance": provenance}
+    blob["digest"] = _digest(blob)
+    torch.save(blob, path)
 
 
-def _digest(state: Dict[str, Tensor]) -> str:
+def _digest(blob: Dict[str, Any]) -> str:
+    """sha256 of everything in a predictor file but the digest: format, version, configuration and
+    provenance (canonical JSON), and each weight's name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    header = {k: blob.get(k) for k in ("format", "version", "config", "provenance")}
+    h.update(json.dumps(header, sort_keys=True, allow_nan=True).encode())
+    state = blob["state_dict"]
+    for name in sorted(state):
+        tensor = state[name]
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _weights_digest_v1(state: Dict[str, Tensor]) -> str:
+    """Version 1's digest: the weights' names and bytes only."""
     h = hashlib.sha256()
     for name in sorted(state):
         h.update(name.encode())
         h.update(state[name].contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def _check_provenance(provenance: Any, where: str) -> None:
+    """A dict that JSON can write (so that the digest covers it), whose fields that change
+    predictions hold values the predict op takes."""
+    if not isinstance(provenance, dict):
+        raise PredictorWeightsError(f"{where} has a provenance of type {type(provenance).__name__}, not a dict: "
+                                    "the file was not written by save_predictor")
+    try:
+        json.dumps(provenance, sort_keys=True, allow_nan=True)
+    except (TypeError, ValueError) as exc:
+        raise PredictorWeightsError(f"{where} has a provenance that is not JSON-like data (str keys; numbers, strings, lists, dicts): "
+                                    f"{exc}") from exc
+    gain = provenance.get("input_gain", 1.0)
+    if isinstance(gain, bool) or not isinstance(gain, (int, float)) or not (math.isfinite(gain) and gain > 0):
+        raise PredictorWeightsError(f"{where} has a provenance input_gain={gain!r}: it must be a finite number > 0 (the "
+                                    "deviation gain the predictor was trained with)")
+    if not isinstance(provenance.get("sort_by_newest", False), bool):
+        raise PredictorWeightsError(f"{where} has a provenance sort_by_newest={provenance['sort_by_newest']!r}, not True or False")
 
 
 def load_predictor(path: Optional[Union[str, Path]] = None, map_location: Any = "cpu") -> AttentionPredictor:
@@ -110,23 +147,52 @@ def load_predictor(path: Optional[Union[str, Path]] = None, map_location: Any = 
         ) from exc
     if not isinstance(blob, dict) or blob.get("format") != WEIGHTS_FORMAT:
         raise PredictorWeightsError(f"{path} is not a SmartFRZ predictor file (no '{WEIGHTS_FORMAT}' tag)")
+    if blob.get("version") == 1:
+        raise PredictorWeightsError(
+            f"{path} is a version-1 predictor file, whose digest covers the weights but not the provenance, "
+            "and the provenance's input_gain and sort_by_newest change every prediction. Retrain it, or, if you "
+            "trust the file, re-save it as version 2: smartfrz_fast.predictor.model.upgrade_predictor_file(old, new)")
     if blob.get("version") != WEIGHTS_VERSION:
         raise PredictorWeightsError(f"{path} has predictor file version {blob.get('version')}, expected {WEIGHTS_VERSION}")
+    model = _model_of(blob, path)
     try:
-        config = PredictorConfig(**blob["config"])
-        model = AttentionPredictor(config)
-        model.load_state_dict(blob["state_dict"])
-    except (TypeError, KeyError, RuntimeError) as exc:
-        raise PredictorWeightsError(f"{path} does not match the predictor architecture: {exc}") from exc
-    if _digest(blob["state_dict"]) != blob.get("digest"):
-        raise PredictorWeightsError(f"{path} fails its content check (digest mismatch): the file is corrupt")
+        digest = _digest(blob)
+    except (TypeError, ValueError):  # a provenance JSON cannot write: checked below with the reason
+        digest = None
+    if digest is None or digest != blob.get("digest"):
+        _check_provenance(blob.get("provenance"), str(path))
+        raise PredictorWeightsError(f"{path} fails its content check (digest mismatch): the file is corrupt or "
+                                    "was edited (the digest covers the weights, configuration and provenance)")
     nonfinite = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
     if nonfinite:  # a diverged training run: every score would be NaN and nothing would ever freeze
         raise PredictorWeightsError(f"{path} holds NaN or inf weights ({nonfinite[:3]}): the predictor's "
                                     "training diverged. Retrain it, or use the shipped weights (weights=None).")
-    provenance = blob.get("provenance", {})
-    if not isinstance(provenance, dict):
-        raise PredictorWeightsError(f"{path} has a provenance of type {type(provenance).__name__}, not a dict: "
-                                    "the file was not written by save_predictor")
-    model.provenance = provenance
+    _check_provenance(blob.get("provenance"), str(path))
+    model.provenance = blob["provenance"]
     return model.to(map_location).eval()
+
+
+def _model_of(blob: Dict[str, Any], path: Path) -> AttentionPredictor:
+    try:
+        model = AttentionPredictor(PredictorConfig(**blob["config"]))
+        model.load_state_dict(blob["state_dict"])
+    except (TypeError, KeyError, RuntimeError, AttributeError) as exc:
+        raise PredictorWeightsError(f"{path} does not match the predictor architecture: {exc}") from exc
+    return model
+
+
+def upgrade_predictor_file(path: Union[str, Path], out: Union[str, Path]) -> None:
+    """Re-save a version-1 predictor file as version 2, whose digest covers the configuration and
+    provenance as well as the weights. The version-1 digest vouches for the weights only: upgrade
+    only a file whose provenance (``input_gain``, ``sort_by_newest``) you trust."""
+    path = Path(path)
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != WEIGHTS_FORMAT or blob.get("version") != 1:
+        raise PredictorWeightsError(f"{path} is not a version-1 SmartFRZ predictor file")
+    _model_of(blob, path)
+    if _weights_digest_v1(blob["state_dict"]) != blob.get("digest"):
+        raise PredictorWeightsError(f"{path} fails its version-1 content check (digest mismatch): the file is corrupt")
+    _check_provenance(blob.get("provenance", {}), str(path))
+    upgraded = {**blob, "version": WEIGHTS_VERSION, "provenance": blob.get("provenance", {})}
+    upgraded["digest"] = _digest(upgraded)
+    torch.save(upgraded, out)

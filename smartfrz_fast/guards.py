@@ -1,0 +1,239 @@
+"""What changes around a SmartFreezer after set-up, and misuse of it, noticed at no per-step cost.
+
+torch reports the events that matter through global hooks, so ``SmartFreezer.step()`` only reads
+a flag and a counter:
+
+- a parameter or submodule registered on one of the model's modules (``module.weight =
+  nn.Parameter(...)``, ``model.load_state_dict(sd, assign=True)``, a block appended): the
+  freezer re-reads the model before the next optimizer step or ``step()``. Parameters replaced
+  by ones of the same shape, dtype, device and layout are adopted (``SmartFreezer._resync``);
+  any other change of structure is refused with the fix (a new SmartFreezer).
+- every optimizer step: the freezer counts its optimizers' steps (``step()`` called twice per
+  optimizer step, or never, warns once), and adopts an optimizer that holds the model's
+  parameters but is not its own (one re-created mid-run) before that optimizer's first step:
+  frozen parameters leave it and a per-unit lr schedule is applied to it
+  (``SmartFreezer._adopt_optimizer``). Optimizers that only wrap the freezer's (accelerate's
+  AcceleratedOptimizer shares its param_groups; Lookahead or ZeRO step theirs inside their own
+  step) are recognised as the same optimizer.
+
+Deleting a module (``del model[3]``) calls no hook: ``SmartFreezer.state_dict()`` re-reads the
+model in full to catch that at the latest at the next checkpoint.
+
+A model is claimed by one live, unclosed freezer at a time (``claim``).
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+# step() calls without an optimizer step in between, before the warning: a GradScaler skips
+# optimizer steps on inf gradients (about 10-17 at the start of fp16 training), which is fine;
+# step() twice per optimizer step makes every second call such a one.
+UNMATCHED_STEPS_WARN = 20
+# optimizer steps (per optimizer of the freezer) with step() never called, before the warning
+NEVER_STEPPED_WARN = 100
+
+_GUARDS: List["weakref.ref[Guard]"] = []
+_HANDLES: List[Any] = []
+_CLAIMS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+# ---------------------------------------------------------------------- one model, one freezer
+def check_unclaimed(module: nn.Module) -> None:
+    """Raise if a live, unclosed freezer already manages ``module``, a submodule or a parent of it."""
+    for m in module.modules():
+        ref = _CLAIMS.get(m)
+        other = ref() if ref is not None else None
+        if other is not None and not other._closed:
+            where = "this model" if m is module else f"a part of this model ({type(m).__name__})"
+            raise RuntimeError(
+                f"SmartFreezer: {where} is already managed by another SmartFreezer that is still open: two "
+                "freezers would each freeze, remove from the optimizer and count steps on their own. Call "
+                "close() on the first one before building another (with a new policy object), or keep "
+                "using the first.")
+
+
+def claim(freezer: Any, module: nn.Module) -> None:
+    ref = weakref.ref(freezer)
+    for m in module.modules():
+        _CLAIMS[m] = ref
+
+
+def release(freezer: Any) -> None:
+    for m, ref in list(_CLAIMS.items()):
+        if ref() is freezer:
+            del _CLAIMS[m]
+
+
+# ---------------------------------------------------------------------- global hooks
+# The hooks run at every optimizer step and parameter registration of the process: plain loops.
+def _before_optimizer_step(optimizer, args, kwargs) -> None:
+    for ref in _GUARDS:
+        guard = ref()
+        if guard is not None:
+            guard.before_optimizer_step(optimizer)
+
+
+def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    for ref in _GUARDS:
+        guard = ref()
+        if guard is not None and guard.inside is optimizer:
+            guard.inside = None
+
+
+def _on_registration(module, name, value) -> None:
+    for ref in _GUARDS:
+        guard = ref()
+        if guard is not None and id(module) in guard.module_ids:
+            guard.changed = True
+
+
+def _install() -> None:
+    if _HANDLES:
+        return
+    from torch.nn.modules import module as module_hooks
+    from torch.optim import optimizer as optimizer_hooks
+
+    _HANDLES.extend([
+        optimizer_hooks.register_optimizer_step_pre_hook(_before_optimizer_step),
+        optimizer_hooks.register_optimizer_step_post_hook(_after_optimizer_step),
+        module_hooks.register_module_parameter_registration_hook(_on_registration),
+        module_hooks.register_module_module_registration_hook(_on_registration),
+    ])
+
+
+def _forget(ref: "weakref.ref[Guard]") -> None:
+    """A guard closed, or collected with a freezer nobody closed: its hooks' loops lose it."""
+    if ref in _GUARDS:
+        _GUARDS.remove(ref)
+    _uninstall_if_unused()
+
+
+def _uninstall_if_unused() -> None:
+    if not _GUARDS:
+        for handle in _HANDLES:
+            handle.remove()
+        _HANDLES.clear()
+
+
+# ---------------------------------------------------------------------- structure
+def model_layout(module: nn.Module) -> Tuple[Dict[str, nn.Module], Dict[str, nn.Parameter]]:
+    """Every module and parameter of ``module`` by qualified name (shared ones under every name)."""
+    modules = dict(module.named_modules(remove_duplicate=False))
+    params = dict(module.named_parameters(remove_duplicate=False))
+    return modules, params
+
+
+def describe_change(old: Tuple[Dict[str, nn.Module], Dict[str, Any]],
+                    new: Tuple[Dict[str, nn.Module], Dict[str, Any]], in_units: set) -> Optional[str]:
+    """What changed in the model's structure that the freezer cannot follow (None: nothing, or
+    only parameter objects). A module without parameters that no unit names (an activation, a
+    hook holder) may come and go: it cannot change what freezes."""
+    (old_modules, old_params), (new_modules, new_params) = old, new
+
+    def matters(m: nn.Module) -> bool:
+        return id(m) in in_units or any(True for _ in m.parameters())
+
+    added = [n for n, m in new_modules.items() if n not in old_modules and matters(m)]
+    removed = [n for n, m in old_modules.items() if n not in new_modules and matters(m)]
+    replaced = [n for n, m in old_modules.items()
+                if n in new_modules and new_modules[n] is not m and (matters(m) or matters(new_modules[n]))]
+    added_params = [n for n in new_params if n not in old_params]
+    removed_params = [n for n in old_params if n not in new_params]
+    for what, names in (("module(s) added", added), ("module(s) removed", removed), ("module(s) replaced", replaced),
+                        ("parameter(s) added", added_params), ("parameter(s) removed", removed_params)):
+        if names:
+            return f"{what}: {names[:3]}{' ...' if len(names) > 3 else ''}"
+    return None
+
+
+def same_layout(old: torch.Tensor, new: torch.Tensor) -> bool:
+    return (old.shape == new.shape and old.dtype == new.dtype and old.device == new.device
+            and old.stride() == new.stride() and type(old) is type(new))
+
+
+# ---------------------------------------------------------------------- one freezer's watch
+class Guard:
+    """Watches one freezer's model and optimizers through the global hooks (held weakly both
+    ways: a freezer nobody holds is collected as before)."""
+
+    def __init__(self, freezer: Any) -> None:
+        self._freezer = weakref.ref(freezer)
+        self.layout = model_layout(freezer.module)
+        self.module_ids = {id(m) for m in self.layout[0].values()}
+        self.changed = False  # a registration on one of the model's modules since the last look
+        self.optimizer_steps = 0  # steps of the freezer's optimizers since its last step()
+        self.unmatched = 0  # step() calls with no optimizer step since the previous call
+        self.inside: Optional[torch.optim.Optimizer] = None  # the freezer's optimizer mid-step
+        self._unrelated: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
+        self._replaced: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
+        self._warned = set()
+        self._ref = weakref.ref(self, _forget)
+        _GUARDS.append(self._ref)
+        _install()
+
+    def close(self) -> None:
+        self.module_ids, self.layout = set(), ({}, {})
+        _forget(self._ref)
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=4)
+
+    # -------------------------------------------------------------- events
+    def before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        freezer = self._freezer()
+        if freezer is None or freezer._closed or freezer.plan is None:
+            return
+        if self.changed:
+            freezer._resync()
+        if optimizer in freezer.optimizers:  # identity: optimizers do not define __eq__
+            self._count(freezer, optimizer)
+            return
+        if self.inside is not None or optimizer in self._unrelated:
+            return  # an optimizer stepped inside one of the freezer's (a wrapper's inner one)
+        if any(optimizer.param_groups is own.param_groups for own in freezer.optimizers):
+            self._unrelated.add(optimizer)  # a wrapper sharing the groups of one of the freezer's
+            return
+        held = [p for g in optimizer.param_groups for p in g["params"] if id(p) in freezer._unit_of_param]
+        if not held:
+            self._unrelated.add(optimizer)
+            return
+        if optimizer in self._replaced:
+            raise RuntimeError(
+                "SmartFreezer: two optimizers step the model's parameters, and the freezer was given only one "
+                "of them (it took the other for a re-created one, whose predecessor stops stepping). Freezing "
+                "removes parameters from the freezer's optimizers only: pass every optimizer, "
+                "SmartFreezer(model, [opt_a, opt_b], ...).")
+        self._replaced.update(freezer._adopt_optimizer(optimizer))
+        self._count(freezer, optimizer)
+
+    def _count(self, freezer: Any, optimizer: torch.optim.Optimizer) -> None:
+        self.inside = optimizer
+        self.optimizer_steps += 1
+        # never stepped and nothing frozen by hand (freeze_to needs no step(): profile.py drives it so)
+        if (self.optimizer_steps == NEVER_STEPPED_WARN * len(freezer.optimizers) and freezer.step_count == 0
+                and not freezer.timeline):
+            self.warn_once("never", (
+                f"SmartFreezer: the optimizer has stepped {NEVER_STEPPED_WARN} times and SmartFreezer.step() "
+                "was never called: the policy never runs, nothing freezes. Call freezer.step() once after "
+                "each optimizer.step()."))
+
+    def on_freezer_step(self, freezer: Any) -> None:
+        if self.changed:
+            freezer._resync()
+        if self.optimizer_steps == 0:
+            self.unmatched += 1
+            if self.unmatched >= UNMATCHED_STEPS_WARN and 3 * self.unmatched >= freezer.step_count:
+                self.warn_once("unmatched", (
+                    f"SmartFreezer.step() was called {self.unmatched} times of {freezer.step_count} with no "
+                    "optimizer step since the previous call: call it once after each optimizer.step(), not "
+                    "per micro-batch or twice per step (schedules count these calls: a schedule called twice "
+                    "per step runs at double speed). A GradScaler skipping a few steps is harmless."))
+        self.optimizer_steps = 0

@@ -1,0 +1,64 @@
+"""Per-unit learning-rate multipliers that leave the user's param groups alone.
+
+A policy that sets each unit's lr (``manages_lr``: FreezeOut) needs one lr per unit, but the
+user's optimizer has its own groups, and the user's lr scheduler (built before or after the
+freezer) reads and writes exactly those groups. So the groups are split per unit only while
+``optimizer.step()`` runs: a pre-step hook replaces them with one sub-group per (group, unit)
+whose lr is the group's current lr (whatever the scheduler set) times the unit's factor, and a
+post-step hook puts the user's groups back. Outside the step the optimizer, its ``state_dict``
+and every scheduler see the groups they were built with.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+_SPLIT_OWN = ("params", "lr")  # the keys a sub-group sets itself; the rest are the group's
+
+
+class UnitLRScaler:
+    """Scale each unit's lr by ``factors()[unit]`` during every step of ``optimizers``."""
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer], unit_of_param: Dict[int, int],
+                 factors: Callable[[], Optional[List[float]]]) -> None:
+        self._unit_of_param = unit_of_param
+        self._factors = factors
+        # per optimizer, while its step runs: its own groups and the (sub-group, group) pairs
+        self._split: Dict[int, Tuple[List[dict], List[Tuple[dict, dict]]]] = {}
+        self.hooks = []
+        for opt in optimizers:
+            self.hooks.append(opt.register_step_pre_hook(self._before_step))
+            self.hooks.append(opt.register_step_post_hook(self._after_step))
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        self._after_step(optimizer, args, kwargs)  # a step that raised left its groups split
+        factors = self._factors()
+        if factors is None:
+            return
+        own = list(optimizer.param_groups)
+        pairs = []
+        for group in own:
+            buckets: Dict[int, list] = {}
+            for p in group["params"]:
+                buckets.setdefault(self._unit_of_param.get(id(p), -1), []).append(p)
+            for unit, params in buckets.items():
+                sub = {k: v for k, v in group.items() if k != "params"}
+                sub["params"] = params
+                if unit >= 0:  # parameters of no unit keep the group's lr
+                    sub["lr"] = group["lr"] * float(factors[unit])
+                pairs.append((sub, group))
+        self._split[id(optimizer)] = (own, pairs)
+        optimizer.param_groups[:] = [sub for sub, _ in pairs]
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        split = self._split.pop(id(optimizer), None)
+        if split is None:
+            return
+        own, pairs = split
+        optimizer.param_groups[:] = own
+        for sub, group in pairs:  # what the step itself wrote into a group (a few optimizers count there)
+            for key, value in sub.items():
+                if key not in _SPLIT_OWN and group.get(key) is not value:
+                    group[key] = value

@@ -1,0 +1,230 @@
+"""Storage faults: found at construction where they can be, otherwise the cache turns off with
+ONE warning naming the cause and training goes on through the plain forward; no file of the
+user's is ever deleted or overwritten. And sample ids reused for different inputs, told apart
+from a prefix that is not deterministic.
+
+Real faults where this machine has them: a path under a regular file, /sys (EACCES even for
+root), RLIMIT_FSIZE and RLIMIT_AS in a child process (SIGXFSZ ignored). Simulated where it has
+none (no tmpfs can be mounted, no read-only folder stops root): ENOSPC, EDQUOT and EROFS by
+making posix_fallocate / os.open raise them, MemAvailable by patching its reader."""
+
+import errno
+import multiprocessing
+import os
+import resource
+import signal
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from smartfrz_fast import SmartFreezer, StaticFreeze
+from smartfrz_fast.cache import ActivationCache
+from smartfrz_fast.cache import storage as storage_mod
+from tests.test_cache import N, X, Y, chain_model, ready_cache
+
+_ctx = multiprocessing.get_context("forkserver")
+
+
+def train(cache_args=None, steps=12, deepen_at=6):
+    """Freeze one unit at step 1, two at ``deepen_at``; returns (model, cache, warnings)."""
+    model = chain_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    freezer = SmartFreezer(model, opt, policy=StaticFreeze(1, 1), example_inputs=X[:2], total_steps=100)
+    cache = None if cache_args is None else ActivationCache(
+        freezer, **{"num_samples": N, "deterministic": True, **cache_args})
+    forward = model if cache is None else cache.wrap()
+    g = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(steps):
+            if step == deepen_at:
+                freezer.freeze_to(2)
+            ids = torch.randperm(N, generator=g)[:10]
+            out = forward(X[ids], ids) if cache is not None else forward(X[ids])
+            loss = nn.functional.cross_entropy(out, Y[ids])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            freezer.step()
+    return model, cache, [str(w.message) for w in caught if "ActivationCache" in str(w.message)]
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return train()[0].state_dict()
+
+
+def same_weights(model_or_state, reference):
+    """The plain run's weights, to a CPU conv's last bit: a cached row was computed in another
+    batch size than the plain forward's (the conv then rounds differently, 1e-7 here)."""
+    state = model_or_state if isinstance(model_or_state, dict) else model_or_state.state_dict()
+    return all(float((p - reference[name]).abs().max()) < 1e-5 for name, p in state.items())
+
+
+# ------------------------------------------------------------------ at construction
+def test_bad_paths_fail_at_construction(tmp_path):
+    model = chain_model()
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), policy=StaticFreeze(1, 1),
+                           example_inputs=X[:2])
+    user_file = tmp_path / "notes.txt"
+    user_file.write_text("mine")
+    cases = [(str(user_file / "cache.bin"), NotADirectoryError, "lies under .*notes.txt.*regular file"),
+             (str(tmp_path), IsADirectoryError, "is a directory"),
+             (str(user_file), FileExistsError, "without an activation cache header.*never overwrites"),
+             ("/sys/smartfrz_cache_test.bin", OSError, r"cannot create the cache file in '/sys' \(Permission")]
+    if os.access("/sys", os.W_OK) and not os.path.exists("/sys/kernel"):
+        cases.pop()
+    for path, error, match in cases:
+        with pytest.raises(error, match=match):
+            ActivationCache(freezer, num_samples=N, deterministic=True, storage="mmap", path=path)
+    assert user_file.read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["notes.txt"]
+
+
+def _limited(kind: str, limit: int, cache_args: dict, out: str):
+    """In a child: train under a resource limit, report what happened."""
+    if kind == "fsize":
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else going past the limit kills the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    else:  # ``limit``: room left above this process's current address space
+        size = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize"))
+        resource.setrlimit(resource.RLIMIT_AS, (size + limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    torch.set_num_threads(1)
+    try:
+        model, cache, caught = train(cache_args)
+        result = {"weights": model.state_dict(), "warnings": caught, "enabled": cache.enabled,
+                  "reason": cache.reason, "boundary": cache.boundary, "error": None}
+    except Exception as exc:  # reported to the test
+        result = {"error": f"{type(exc).__name__}: {exc}"}
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY,) * 2)
+    torch.save(result, out)
+
+
+def run_limited(kind, limit, cache_args, tmp_path):
+    out = str(tmp_path / "result.pt")
+    proc = _ctx.Process(target=_limited, args=(kind, limit, cache_args, out))
+    proc.start()
+    proc.join(300)
+    assert proc.exitcode == 0, proc.exitcode
+    result = torch.load(out, weights_only=False)
+    assert result["error"] is None, result["error"]
+    return result
+
+
+def test_a_file_size_limit(plain, tmp_path):
+    path = str(tmp_path / "c.bin")
+    # max_bytes beyond the limit: found at construction
+    model = chain_model()
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), policy=StaticFreeze(1, 1),
+                           example_inputs=X[:2])
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
+    try:
+        with pytest.raises(OSError, match="RLIMIT_FSIZE"):
+            ActivationCache(freezer, num_samples=N, deterministic=True, storage="mmap", path=path,
+                            max_bytes=2 << 20)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    # A limit the first file fits (4 KiB header + 40 rows of 1 KiB) but not the deeper one (1.25 KiB
+    # rows): the cache turns off at the deeper freeze, with one warning, the run goes on.
+    result = run_limited("fsize", 50_000, dict(storage="mmap", path=path), tmp_path)
+    assert not result["enabled"] and len(result["warnings"]) == 1, result["warnings"]
+    assert "[Errno 27]" in result["reason"] and "RLIMIT_FSIZE" in result["reason"]
+    assert sorted(os.listdir(tmp_path)) == ["c.bin", "result.pt"]  # the old file stays; no half-made one
+    assert same_weights(result["weights"], plain)
+    # A limit not even the first file fits: off at the first freeze
+    os.unlink(path)
+    result = run_limited("fsize", 20_000, dict(storage="mmap", path=path), tmp_path)
+    assert not result["enabled"] and len(result["warnings"]) == 1 and "RLIMIT_FSIZE" in result["reason"]
+    assert same_weights(result["weights"], plain)
+
+
+def test_host_memory_runs_out(plain, tmp_path):
+    # Real: an address-space limit 1 GiB above the child's size, and rows that need 4 GiB (the
+    # kernel's MemAvailable does not see the limit): torch's CPU allocator fails ("can't allocate
+    # memory") when the cache allocates its rows at the first freeze.
+    result = run_limited("as", 1 << 30, dict(storage="memory", num_samples=4_000_000), tmp_path)
+    assert not result["enabled"] and len(result["warnings"]) == 1, result["warnings"]
+    assert "can't allocate memory" in result["reason"]
+    assert same_weights(result["weights"], plain)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS])
+def test_a_storage_fault_at_the_deeper_freeze_turns_the_cache_off(code, plain, tmp_path, monkeypatch):
+    # Simulated: the second file (the move to the deeper boundary) cannot be made.
+    calls = {"n": 0}
+    real_open = os.open
+
+    def failing_open(name, flags, *args):
+        if str(name).startswith(f"{path}.smartfrz-tmp-") and flags & os.O_CREAT:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise OSError(code, os.strerror(code), name)
+        return real_open(name, flags, *args)
+
+    path = tmp_path / "c.bin"
+    monkeypatch.setattr(storage_mod.os, "open", failing_open)
+    user_next = tmp_path / "c.bin.next"  # a file of the user's that an old version deleted
+    user_next.write_text("mine")
+    model, cache, caught = train(dict(storage="mmap", path=str(path)))
+    assert calls["n"] == 2 and not cache.enabled and len(caught) == 1, caught
+    assert f"[Errno {code}]" in caught[0] and "moving the cached rows" in caught[0]
+    assert same_weights(model, plain)  # the plain forward went on, every later step too
+    assert sorted(os.listdir(tmp_path)) == ["c.bin", "c.bin.next"] and user_next.read_text() == "mine"
+
+
+def test_no_room_in_host_memory_turns_the_cache_off(plain, monkeypatch):
+    monkeypatch.setattr(storage_mod, "host_memory_available", lambda: 10_000)
+    model, cache, caught = train(dict(storage="memory"))
+    assert not cache.enabled and len(caught) == 1 and "GiB of host memory" in caught[0]
+    assert same_weights(model, plain)
+
+
+def test_the_users_files_beside_the_cache_are_left_alone(plain, tmp_path):
+    path = tmp_path / "c.bin"
+    mine = {"c.bin.next": "next", "c.bin.smartfrz-tmp-0000": "looks like ours, is not"}
+    for name, text in mine.items():
+        (tmp_path / name).write_text(text)
+    model, cache, caught = train(dict(storage="mmap", path=str(path)))
+    assert cache.active and cache.stats["migrated"] > 0 and caught == []
+    assert same_weights(model, plain)
+    assert sorted(os.listdir(tmp_path)) == sorted(["c.bin", *mine])
+    assert all((tmp_path / name).read_text() == text for name, text in mine.items())
+
+
+# ------------------------------------------------------------------ ids reused
+def _audited(cache_kwargs=None):
+    cache, wrapped = ready_cache(audit_rows=N, **(cache_kwargs or {}))
+    wrapped(X[:10], torch.arange(10))  # stored
+    return cache, wrapped
+
+
+def test_an_id_given_to_two_inputs_is_named_at_the_audit():
+    cache, wrapped = _audited()
+    with pytest.warns(UserWarning, match=r"Sample id 0 came with a different input than the one its row was "
+                      "cached from: either one id is given to two different samples") as caught:
+        wrapped(X[10:20], torch.arange(10))  # ids 0..9 again, for other samples
+    assert len([w for w in caught if "ActivationCache" in str(w.message)]) == 1 and not cache.enabled
+
+
+def test_a_prefix_that_changes_is_not_blamed_on_the_ids():
+    cache, wrapped = _audited()
+    with torch.no_grad():
+        cache.freezer.model[1].running_mean.add_(1.0)  # a frozen buffer changed behind the cache's back
+    with pytest.warns(UserWarning, match=r"Sample id 0 came with the same input its row was cached from, yet "
+                      "the frozen prefix now computes something else"):
+        wrapped(X[:10], torch.arange(10))
+    assert not cache.enabled
+
+
+def test_one_id_twice_in_a_batch_with_two_inputs_is_reported_once():
+    cache, wrapped = ready_cache()
+    ids = torch.tensor([0, 1, 2, 0])
+    with pytest.warns(UserWarning, match="sample id 0 appears twice in one batch with two different inputs"):
+        wrapped(X[:4], ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wrapped(X[4:8], torch.tensor([5, 6, 7, 5]))  # once per run
+        wrapped(torch.cat([X[8:9], X[8:9]]), torch.tensor([8, 8]))  # the same input twice: fine

@@ -1,0 +1,573 @@
+"""Changes around a SmartFreezer after set-up, and misuse of it (issue 17, items 4 and 5):
+a re-created optimizer, replaced parameters, a changed model, step() miscounted, use after
+close(), two freezers on one model, policies returning something that is not a prefix length."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from smartfrz_fast import AutoFreeze, FreezeOut, SmartFreezer, StaticFreeze
+from smartfrz_fast.policy.base import FreezePolicy
+
+from models import SmallCNN, batch, train_steps
+
+
+def sgd(model, momentum=0.0):
+    return torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum)
+
+
+def weights(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def held(opt):
+    return {id(p) for g in opt.param_groups for p in g["params"]}
+
+
+def frozen_ids(freezer):
+    return {id(p) for u in freezer.units[:freezer.num_frozen] for p in u.parameters}
+
+
+def run(steps, policy, recreate_at=None, momentum=0.0, seed=0, total_steps=12):
+    """``steps`` training steps; at step ``recreate_at`` the optimizer is built anew from
+    ``model.parameters()`` (every parameter, frozen ones included), as users do."""
+    torch.manual_seed(seed)
+    model = SmallCNN()
+    opt = sgd(model, momentum)
+    freezer = SmartFreezer(model, opt, policy, example_inputs=batch(0)[0], total_steps=total_steps)
+    for step in range(steps):
+        if step == recreate_at:
+            opt = sgd(model, momentum)
+        train_steps(model, opt, freezer, 1, start=step)
+    return model, opt, freezer
+
+
+# ---------------------------------------------------------------------- a re-created optimizer
+
+
+def test_recreated_optimizer_keeps_freezeouts_schedule_and_loses_frozen_parameters():
+    reference, _, ref_freezer = run(12, FreezeOut(t0=0.3))
+    model, opt, freezer = run(12, FreezeOut(t0=0.3), recreate_at=7)
+    assert ref_freezer.num_frozen == freezer.num_frozen >= 1 and freezer.timeline == ref_freezer.timeline
+    # plain SGD keeps no state: with the schedule re-applied, the run is the uninterrupted one
+    for a, b in zip(weights(reference), weights(model)):
+        assert torch.equal(a, b)
+    assert freezer.optimizers == [opt]
+    assert not frozen_ids(freezer) & held(opt)
+    assert len(opt.param_groups) == 1  # the user's groups: the per-unit lrs live inside the step
+
+
+def test_recreated_optimizer_with_momentum_holds_no_state_of_frozen_parameters_and_resumes(tmp_path):
+    model, opt, freezer = run(8, StaticFreeze(2, at_step=3), recreate_at=5, momentum=0.9)
+    assert freezer.num_frozen == 2 and freezer.optimizers == [opt]
+    assert not frozen_ids(freezer) & ({id(p) for p in opt.state} | held(opt))
+    # the checkpoint made from the new optimizer resumes (torch used to refuse its groups)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "freezer": freezer.state_dict()}, path)
+    ckpt = torch.load(path, weights_only=True)
+    model2 = SmallCNN()
+    model2.load_state_dict(ckpt["model"])
+    opt2 = sgd(model2, 0.9)
+    freezer2 = SmartFreezer(model2, opt2, StaticFreeze(2, at_step=3), example_inputs=batch(0)[0])
+    freezer2.load_state_dict(ckpt["freezer"])
+    opt2.load_state_dict(ckpt["opt"])
+    train_steps(model2, opt2, freezer2, 2, start=8)
+    train_steps(model, opt, freezer, 2, start=8)
+    for a, b in zip(weights(model), weights(model2)):
+        assert torch.equal(a, b)
+
+
+def test_recreated_optimizer_with_a_gradient_policy_keeps_observing_gradients():
+    policy = lambda: AutoFreeze(interval=2, percentile=80)  # noqa: E731
+    reference, _, ref_freezer = run(12, policy(), total_steps=None)
+    model, opt, freezer = run(12, policy(), recreate_at=3, total_steps=None)
+    # the gradient hook runs on the new optimizer from its first step: the same decisions
+    assert freezer.optimizers == [opt] and freezer.timeline == ref_freezer.timeline
+    assert ref_freezer.num_frozen >= 1
+    for a, b in zip(weights(reference), weights(model)):
+        assert torch.equal(a, b)
+
+
+def test_an_optimizer_wrapper_or_inner_optimizer_is_the_same_optimizer():
+    class Wrapper(torch.optim.Optimizer):  # accelerate's AcceleratedOptimizer: shares the groups
+        def __init__(self, inner):
+            self.inner = inner
+            super().__init__([{"params": [torch.zeros(1, requires_grad=True)]}], {})
+            self.param_groups = inner.param_groups
+
+        def step(self, closure=None):
+            return self.inner.step(closure)
+
+    for wrap_outer in (True, False):
+        model = SmallCNN()
+        inner = sgd(model)
+        outer = Wrapper(inner)
+        given = outer if wrap_outer else inner
+        freezer = SmartFreezer(model, given, StaticFreeze(2, at_step=2), example_inputs=batch(0)[0])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            train_steps(model, outer, freezer, 4)
+        assert freezer.optimizers == [given] and freezer.num_frozen == 2
+        assert freezer._guard.unmatched == 0
+        freezer.close()
+
+
+def test_two_optimizers_stepping_the_same_parameters_with_one_given_is_refused():
+    model = SmallCNN()
+    given, other = sgd(model), sgd(model)
+    freezer = SmartFreezer(model, given, StaticFreeze(1, at_step=2), example_inputs=batch(0)[0])
+    with pytest.raises(RuntimeError, match=r"two optimizers step the model's parameters.*\[opt_a, opt_b\]"):
+        for step in range(3):
+            x, y = batch(step)
+            nn.functional.cross_entropy(model(x), y).backward()
+            other.step()
+            given.step()
+            freezer.step()
+
+
+def test_an_optimizer_of_another_model_is_left_alone():
+    model, other_model = SmallCNN(), SmallCNN()
+    opt, other = sgd(model), sgd(other_model)
+    freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=1), example_inputs=batch(0)[0])
+    for step in range(3):
+        x, y = batch(step)
+        nn.functional.cross_entropy(other_model(x), y).backward()
+        other.step()
+        train_steps(model, opt, freezer, 1, start=step)
+    assert freezer.optimizers == [opt] and len(held(other)) == 14
+
+
+# ---------------------------------------------------------------------- replaced parameters
+
+
+@pytest.mark.parametrize("how", ["load_state_dict_assign", "setattr", "assign_then_new_optimizer"])
+def test_replaced_parameters_stay_frozen_train_and_are_sampled(tmp_path, how):
+    from test_smartfrz_policy import predictor_file
+    from smartfrz_fast import SmartFRZ
+
+    def make():
+        torch.manual_seed(0)
+        model = SmallCNN()
+        opt = sgd(model, momentum=0.9)
+        policy = SmartFRZ(weights=predictor_file(tmp_path / "p.pt", freeze_logit=-20.0))  # never freezes
+        freezer = SmartFreezer(model, opt, policy, example_inputs=batch(0)[0], window=4, sample_size=16,
+                               sample_every=1)
+        train_steps(model, opt, freezer, 3)
+        freezer.freeze_to(2)
+        return model, opt, freezer
+
+    reference, ref_opt, ref_freezer = make()
+    train_steps(reference, ref_opt, ref_freezer, 4, start=3)
+    model, opt, freezer = make()
+    before = {name: p for name, p in model.named_parameters()}
+    if how == "setattr":
+        for module in (model.conv1, model.conv3):
+            module.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=True)
+    else:
+        model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    if how == "assign_then_new_optimizer":
+        opt = sgd(model, momentum=0.9)
+    train_steps(model, opt, freezer, 4, start=3)
+    replaced = [n for n, p in model.named_parameters() if p is not before[n]]
+    assert replaced
+    # the units hold the new tensors; frozen ones stay frozen and unchanged on them
+    assert [p for u in freezer.units for p in u.parameters] == list(model.parameters())
+    for p in (p for u in freezer.units[:2] for p in u.parameters):
+        assert not p.requires_grad and p.grad is None
+    assert not frozen_ids(freezer) & held(opt)
+    if how != "assign_then_new_optimizer":  # momentum moved with the parameter: the same run
+        for a, b in zip(weights(reference), weights(model)):
+            assert torch.equal(a, b)
+    # the history samples the live weights: its newest row of the head is the head's weights
+    history = freezer.history
+    assert all(s is p for s, p in zip(history.sources, model.parameters()))
+    slot = (history.count - 1) % history.window
+    flat = torch.cat([p.detach().reshape(-1) for p in freezer.units[3].parameters])
+    assert set(history.history[3, slot, :int(history.valid[3])].tolist()) <= set(flat.tolist())
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: setattr(m.conv2, "weight", nn.Parameter(torch.zeros(8, 8, 1, 1))), r"parameter conv2.weight changed"),
+    (lambda m: m.conv2.register_parameter("extra", nn.Parameter(torch.zeros(3))), r"parameter\(s\) added"),
+    (lambda m: setattr(m, "extra_block", nn.Linear(10, 10)), r"module\(s\) added: \['extra_block'\]"),
+    (lambda m: setattr(m, "conv3", nn.Conv2d(8, 8, 3, padding=1)), r"module\(s\) replaced: \['conv3'\]"),
+])
+def test_a_changed_model_is_refused_at_the_next_step_with_the_fix(change, message):
+    model = SmallCNN()
+    opt = sgd(model)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=2), example_inputs=batch(0)[0])
+    train_steps(model, opt, freezer, 2)
+    change(model)
+    with pytest.raises(RuntimeError, match=message + r".*Build a new SmartFreezer.*close\(\) this one first"):
+        freezer.step()
+    with pytest.raises(RuntimeError, match="changed after"):  # and before every optimizer step, until closed
+        opt.step()
+    freezer.close()
+    opt.step()
+    SmartFreezer(model, sgd(model), StaticFreeze(1, at_step=2), example_inputs=batch(0)[0])  # the fix works
+
+
+def test_block_appended_to_a_sequential_is_refused():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = sgd(model)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=1), example_inputs=torch.randn(2, 4))
+    freezer.step()
+    model.append(nn.Linear(2, 2))
+    with pytest.raises(RuntimeError, match=r"module\(s\) added: \['5'\]"):
+        freezer.step()
+
+
+def test_a_module_without_parameters_may_be_added():
+    model = SmallCNN()
+    opt = sgd(model)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=2), example_inputs=batch(0)[0])
+    model.act = nn.ReLU()
+    train_steps(model, opt, freezer, 3)
+    assert freezer.num_frozen == 1
+
+
+# ---------------------------------------------------------------------- step() misuse
+
+
+def test_step_twice_per_optimizer_step_warns_once():
+    model = SmallCNN()
+    opt = sgd(model)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=1000), example_inputs=batch(0)[0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(60):
+            x, y = batch(step % 4)
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+            freezer.step()
+    ours = [w for w in caught if "no optimizer step since the previous call" in str(w.message)]
+    assert len(ours) == 1 and "double speed" in str(ours[0].message)
+    assert "step() was called 60 of 120 times with no optimizer step" in freezer.report()
+
+
+def test_a_few_skipped_optimizer_steps_do_not_warn():
+    model = SmallCNN()
+    opt = sgd(model)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=1000), example_inputs=batch(0)[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(15):  # a GradScaler skipping the first steps on inf gradients
+            freezer.step()
+        train_steps(model, opt, freezer, 40)
+
+
+def test_step_never_called_warns_once():
+    model = SmallCNN()
+    opt = sgd(model)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=2), example_inputs=batch(0)[0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(250):
+            opt.step()
+    ours = [w for w in caught if "SmartFreezer.step() was never called" in str(w.message)]
+    assert len(ours) == 1 and freezer.step_count == 0
+    assert "the optimizer stepped 250 times but step() was never called" in freezer.report() and "Call freezer.step() once after each optimizer.step()" in str(ours[0].message)
+
+
+def test_use_after_close_is_refused_and_close_twice_is_fine():
+    model = SmallCNN()
+    opt = sgd(model)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=2), example_inputs=batch(0)[0])
+    train_steps(model, opt, freezer, 2)
+    state = freezer.state_dict()
+    freezer.close()
+    freezer.close()
+    for call in (freezer.step, lambda: freezer.freeze_to(2), lambda: freezer.load_state_dict(state)):
+        with pytest.raises(RuntimeError, match=r"was closed .*Build a new SmartFreezer to go on freezing"):
+            call()
+    assert "frozen: 1" in freezer.report() and freezer.state_dict()["num_frozen"] == 1  # reading still works
+    opt.step()  # its hooks are gone
+
+
+def test_second_freezer_on_one_model_is_refused_until_the_first_is_closed():
+    model = SmallCNN()
+    x = batch(0)[0]
+    first = SmartFreezer(model, sgd(model), StaticFreeze(1, at_step=2), example_inputs=x)
+    for target in (model, model.conv2):  # the model, or a part of it
+        with pytest.raises(RuntimeError, match=r"already managed by another SmartFreezer.*Call close\(\) on the first"):
+            SmartFreezer(target, sgd(target), StaticFreeze(1, at_step=2), example_inputs=x)
+    with pytest.raises(RuntimeError, match="already managed"):  # a parent of it, set up lazily
+        SmartFreezer(nn.Sequential(model), sgd(model), StaticFreeze(1, at_step=2))
+    first.close()
+    second = SmartFreezer(model, sgd(model), StaticFreeze(1, at_step=2), example_inputs=x)
+    assert second.plan is not None
+
+
+# ---------------------------------------------------------------------- policy decisions
+
+
+class Returns(FreezePolicy):
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def decide(self, step, frozen):
+        return self.value
+
+
+@pytest.mark.parametrize("value, error, message", [
+    (-3, ValueError, r"Returns.decide returned -3 at step 1: a frozen-prefix length is a number of leading units "
+                     r"from 0 to 4"),
+    (99, ValueError, r"Returns.decide returned 99 at step 1"),
+    (2.7, TypeError, r"Returns.decide returned 2.7 \(float\) at step 1"),
+    (float("nan"), TypeError, r"Returns.decide returned nan"),
+    ("2", TypeError, r"Returns.decide returned '2' \(str\)"),
+    (True, TypeError, r"Returns.decide returned True \(bool\)"),
+    (torch.tensor(2.5), TypeError, r"Returns.decide returned a torch.float32 tensor of shape \(\)"),
+    (torch.tensor([1, 2]), TypeError, r"torch.int64 tensor of shape \(2,\)"),
+    (torch.tensor(-1), ValueError, r"Returns.decide returned -1 at step 1"),
+])
+def test_a_policy_decision_that_is_not_a_prefix_length_names_the_policy(value, error, message):
+    model = SmallCNN()
+    opt = sgd(model)
+    freezer = SmartFreezer(model, opt, Returns(value), example_inputs=batch(0)[0])
+    before = weights(model)
+    with pytest.raises(error, match=message):
+        freezer.step()
+    assert freezer.num_frozen == 0 and all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(model)))
+
+
+@pytest.mark.parametrize("value", [0, 2, 4, torch.tensor(3), torch.tensor([3], dtype=torch.int32), None])
+def test_valid_decisions_still_apply(value):
+    import numpy as np
+
+    model = SmallCNN()
+    freezer = SmartFreezer(model, sgd(model), Returns(value), example_inputs=batch(0)[0])
+    freezer.step()
+    expected = 0 if value is None else min(int(value), 3)
+    assert freezer.num_frozen == expected
+    model2 = SmallCNN()
+    freezer2 = SmartFreezer(model2, sgd(model2), Returns(np.int64(2)), example_inputs=batch(0)[0])
+    freezer2.step()
+    assert freezer2.num_frozen == 2
+
+
+# ---------------------------------------------------------------------- loaded states (item 6)
+
+
+def smartfrz_run(tmp_path, steps=6):
+    from test_smartfrz_policy import predictor_file
+    from smartfrz_fast import SmartFRZ
+
+    torch.manual_seed(0)
+    model = SmallCNN()
+    opt = sgd(model, momentum=0.9)
+    policy = SmartFRZ(weights=predictor_file(tmp_path / "p.pt", freeze_logit=20.0), patience=2)
+    freezer = SmartFreezer(model, opt, policy, example_inputs=batch(0)[0], window=4, sample_size=16,
+                           sample_every=1)
+    train_steps(model, opt, freezer, steps)
+    return model, opt, freezer
+
+
+def edited(state, path, value):
+    """A deep copy of ``state`` with ``state[path[0]][path[1]]... = value`` (a callable: of the old value)."""
+    import copy
+
+    state = copy.deepcopy(state)
+    node = state
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value(node[path[-1]]) if callable(value) else value
+    return state
+
+
+@pytest.mark.parametrize("path, value, message", [
+    (("history", "count"), -5, r"history is corrupt: count=-5"),
+    (("history", "cursor"), 10**12, r"cursor=1000000000000"),
+    (("history", "count"), 10**6, r"count=1000000, cursor=\d+ .*at most 6"),
+    (("history", "history"), lambda h: torch.full_like(h, float("nan")), r"holds \d+ NaN or inf"),
+    (("history", "history"), lambda h: h.index_put_((torch.tensor([3]), torch.tensor([0]), torch.tensor([0])),
+                                                    torch.tensor(float("inf"))), r"holds 1 NaN or inf"),
+    (("history", "history"), lambda h: h.double(), r"is torch.float64"),
+    (("timeline",), [], r"timeline ends with 0 frozen units, the state has num_frozen=\d"),
+    (("timeline",), lambda t: [{**t[0], "unit_names": ["conv9"]}] + t[1:], r"names other units"),
+    (("timeline",), lambda t: [{**t[0], "step": 99}] + t[1:], r"does not follow"),
+    (("pending",), [(99, 1)], r"pending decision \(99, 1\)"),
+    (("pending",), [(7, 9)], r"pending decision \(7, 9\) is not a prefix length"),
+    (("policy_state", "streak"), torch.zeros(7, dtype=torch.int32), r"streak is torch.int32 \(7,\); expected int32 \(4,\)"),
+    (("policy_state", "streak"), torch.zeros(4), r"streak is torch.float32"),
+    (("policy_state", "streak"), lambda s: s - 5, r"counts >= 0"),
+    (("policy_state", "evaluated_at"), "3", r"evaluated_at='3'"),
+    (("signature",), 5, r"signature is corrupt"),
+    (("signature",), lambda s: s[:-1], r"belongs to a different model \(the checkpoint has 3 units, this model 4\)"),
+])
+def test_corrupt_freezer_states_are_refused_and_change_nothing(tmp_path, path, value, message):
+    from test_bad_input import assert_unchanged, snapshot
+
+    _, _, freezer = smartfrz_run(tmp_path)
+    state = freezer.state_dict()
+    assert state["num_frozen"] >= 1 and state["policy_state"]["streak"] is not None
+    bad = edited(state, path, value)
+    model, opt, fresh = smartfrz_run(tmp_path, steps=0)
+    before = snapshot(model, opt, fresh)
+    with pytest.raises(ValueError, match=message):
+        fresh.load_state_dict(bad)
+    assert_unchanged(before, snapshot(model, opt, fresh))
+    fresh.load_state_dict(state)  # the good state still loads
+    assert fresh.num_frozen == state["num_frozen"]
+
+
+def test_history_zeros_after_its_count_are_checked(tmp_path):
+    model, opt, freezer = smartfrz_run(tmp_path, steps=2)  # 2 of 4 slots written
+    state = edited(freezer.state_dict(), ("history", "history"), lambda h: h.index_fill(1, torch.tensor([3]), 0.5))
+    model, opt, fresh = smartfrz_run(tmp_path, steps=0)
+    with pytest.raises(ValueError, match="where no snapshot was ever written"):
+        fresh.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------- predictor files and recordings
+
+
+def _v1_file(good, path, **provenance):
+    """``good`` re-saved in the version-1 format (digest over the weights only)."""
+    from smartfrz_fast.predictor.model import _weights_digest_v1
+
+    blob = torch.load(good, weights_only=True)
+    blob.update(version=1, provenance={**blob["provenance"], **provenance})
+    blob["digest"] = _weights_digest_v1(blob["state_dict"])
+    torch.save(blob, path)
+    return path
+
+
+@pytest.mark.parametrize("edit", [dict(input_gain=1.0), dict(sort_by_newest=False), dict(commit="x"),
+                                  dict(input_gain=30.000001)])
+def test_predictor_digest_covers_the_provenance(tmp_path, edit):
+    from smartfrz_fast.predictor import DEFAULT_WEIGHTS, PredictorWeightsError, load_predictor
+
+    shipped = torch.load(DEFAULT_WEIGHTS, weights_only=True)
+    assert shipped["version"] == 2 and load_predictor().provenance["input_gain"] == 30.0
+    shipped["provenance"].update(edit)
+    torch.save(shipped, tmp_path / "edited.pt")
+    with pytest.raises(PredictorWeightsError, match="digest mismatch.*covers the weights, configuration and provenance"):
+        load_predictor(tmp_path / "edited.pt")
+
+
+def test_version_1_predictor_files_are_refused_and_can_be_upgraded_deliberately(tmp_path):
+    from test_smartfrz_policy import predictor_file
+    from smartfrz_fast.predictor import PredictorWeightsError, load_predictor
+    from smartfrz_fast.predictor.model import upgrade_predictor_file
+
+    good = predictor_file(tmp_path / "good.pt")
+    old = _v1_file(good, tmp_path / "v1.pt", input_gain=5.0)
+    with pytest.raises(PredictorWeightsError, match=r"version-1 .*upgrade_predictor_file\(old, new\)"):
+        load_predictor(old)
+    upgrade_predictor_file(old, tmp_path / "v2.pt")
+    upgraded = load_predictor(tmp_path / "v2.pt")
+    assert upgraded.provenance["input_gain"] == 5.0
+    assert all(torch.equal(a, b) for a, b in zip(upgraded.state_dict().values(), load_predictor(good).state_dict().values()))
+    blob = torch.load(old, weights_only=True)
+    blob["state_dict"]["head.0.bias"][0] += 1.0  # tampered weights: the version-1 digest still catches it
+    torch.save(blob, tmp_path / "bad_v1.pt")
+    with pytest.raises(PredictorWeightsError, match="version-1 content check"):
+        upgrade_predictor_file(tmp_path / "bad_v1.pt", tmp_path / "out.pt")
+    with pytest.raises(PredictorWeightsError, match="has a provenance input_gain=nan"):
+        upgrade_predictor_file(_v1_file(good, tmp_path / "nan_v1.pt", input_gain=float("nan")), tmp_path / "o.pt")
+
+
+@pytest.mark.parametrize("provenance, message", [
+    ({"input_gain": float("nan")}, r"input_gain=nan: it must be a finite number > 0"),
+    ({"input_gain": -1.0}, r"input_gain=-1.0"),
+    ({"input_gain": "30"}, r"input_gain='30'"),
+    ({"sort_by_newest": "yes"}, r"sort_by_newest='yes', not True or False"),
+    ({"weights": torch.zeros(2)}, r"not JSON-like data"),
+    ("by hand", r"provenance of type str"),
+])
+def test_save_predictor_refuses_a_provenance_it_cannot_vouch_for(tmp_path, provenance, message):
+    from smartfrz_fast.predictor import AttentionPredictor, PredictorConfig, PredictorWeightsError, save_predictor
+
+    model = AttentionPredictor(PredictorConfig(sample_size=8, window=3, hidden=8, embed=4, head_hidden=4))
+    with pytest.raises(PredictorWeightsError, match=message):
+        save_predictor(model, tmp_path / "p.pt", provenance)
+    assert not (tmp_path / "p.pt").exists()
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_recorded_runs_load_as_data_only(tmp_path):
+    from smartfrz_fast.predictor.evaluate import LabelSchedule
+    from smartfrz_fast.predictor.labels import load_runs
+
+    marker = tmp_path / "code_ran"
+    torch.save({"cka": torch.ones(2, 5), "sample_every": 5, "payload": _RunsCode(str(marker))}, tmp_path / "evil.pt")
+    for load in (lambda p: load_runs([p]), lambda p: LabelSchedule.from_recording(p, 0.99, window=1)):
+        with pytest.raises(ValueError, match="not a readable recorded run"):
+            load(tmp_path / "evil.pt")
+    assert not marker.exists()
+    torch.save({"cka": torch.ones(5), "sample_every": 5}, tmp_path / "flat.pt")
+    with pytest.raises(ValueError, match=r"bad or missing \['cka"):
+        LabelSchedule.from_recording(tmp_path / "flat.pt", 0.99, window=1)
+    torch.save({"cka": torch.ones(2, 5), "sample_every": 5}, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match=r"bad or missing \['name', 'spec'"):
+        load_runs([tmp_path / "partial.pt"])
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.mid, self.head = nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(torch.relu(self.mid(self.emb(x))))
+
+
+def test_tied_weights_untied_by_assign_are_refused_and_retied_ones_followed():
+    model = TiedLM()
+    opt = sgd(model)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=1), example_inputs=torch.tensor([[1, 2, 3]]))
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    with pytest.raises(RuntimeError, match="tied weights untied, as load_state_dict.assign=True. does; re-tie"):
+        freezer.step()
+    model.head.weight = model.emb.weight  # re-tied: the freezer follows the new tensor
+    x = torch.tensor([[1, 2, 3]])
+    nn.functional.cross_entropy(model(x)[0], x[0]).backward()
+    opt.step()
+    freezer.step()
+    # the tie forbids freezing the embedding alone; the optimizer trains the new tensor
+    assert freezer.units[0].parameters == [model.emb.weight] and freezer.num_frozen == 0
+    assert id(model.emb.weight) in held(opt) and freezer._unit_of_param[id(model.emb.weight)] == 0
+
+
+def test_freezers_nobody_closes_leave_no_work_in_the_global_hooks():
+    import gc
+
+    from smartfrz_fast import guards
+
+    gc.collect()  # freezers earlier tests left behind go first, so `before` counts only live ones
+    before = len(guards._GUARDS)
+    for _ in range(5):
+        model = SmallCNN()
+        SmartFreezer(model, sgd(model), StaticFreeze(1, at_step=2), example_inputs=batch(0)[0])
+    gc.collect()
+    assert len(guards._GUARDS) == before
+    model = SmallCNN()
+    freezer = SmartFreezer(model, sgd(model), StaticFreeze(1, at_step=2), example_inputs=batch(0)[0])
+    assert len(guards._GUARDS) == before + 1 and guards._HANDLES
+    freezer.close()
+    assert len(guards._GUARDS) == before
+
+
+def test_a_deleted_module_is_caught_at_the_next_checkpoint():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = sgd(model)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=1), example_inputs=torch.randn(2, 4))
+    freezer.step()
+    del model[2]  # calls no registration hook
+    with pytest.raises(RuntimeError, match=r"module\(s\) removed: \['4'\]\).*Build a new SmartFreezer"):
+        freezer.state_dict()
