@@ -199,6 +199,7 @@ def test_hugging_face_batch_dict_is_keyword_inputs():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     freezer = SmartFreezer(model, opt, StaticFreeze(3), example_inputs=dict(kwargs))
     assert len(freezer.units) == 29
+    freezer.close()  # one open freezer per model
     with pytest.raises(ValueError, match=r"\['labels'\] are given both"):
         SmartFreezer(model, opt, StaticFreeze(3), example_inputs=dict(kwargs),
                      example_kwargs={"labels": kwargs["labels"]})
