@@ -12,8 +12,11 @@ Usage (after ``optimizer.step()`` each iteration)::
 Freezing is monotone and front-to-back. Freezing a unit turns off ``requires_grad``, drops
 its gradients, removes its parameters from every optimizer group and deletes their optimizer
 state (the memory is released), and keeps its norm layers and the dropout inside its span of
-the forward pass in eval mode even after ``model.train()``. With the input needing no grad,
-autograd then records nothing for the frozen prefix: its backward pass is gone.
+the forward pass in eval mode even after ``model.train()`` (every module whose calls all lie in
+the frozen prefix, whatever its regulariser: ``frozen.FrozenRegion``). With the input needing no
+grad, autograd then records nothing for the frozen prefix: its backward pass is gone. A shared
+parameter (tied embeddings) read both inside and after the prefix keeps training from its later
+reads or freezes with the prefix: ``shared_parameters``, docs/shared_parameters.md.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from torch import Tensor, nn
 
 from . import guards
 from .policy.base import Decision, FreezePolicy, PolicyContext, UnitInfo, check_decision, check_prefix_length
-from .units import Unit, UnitPlan, as_args, discover_units
+from .units import SHARED_PARAMETER_MODES, Unit, UnitPlan, describe_shared, discover_units, example_call, shared_groups
 
 STATE_FORMAT = "smartfrz_fast.SmartFreezer"
 STATE_VERSION = 1
@@ -39,6 +42,11 @@ _STATE_KEYS = ("signature", "settings", "policy", "policy_state", "step", "num_f
 # Backward costs about twice the forward (input and weight gradients): freezing a prefix
 # saves ~2/3 of its training FLOPs; caching its output too would save all 3/3.
 BACKWARD_TO_FORWARD = 2.0
+# what happens to shared parameters a frozen prefix splits, per shared_parameters mode
+_SHARED_FATE = {
+    "train": "keep training from their reads after the frozen prefix; their reads inside it pass no gradient",
+    "freeze": "froze with the prefix; their reads after it use them frozen and do not train them",
+}
 
 
 @dataclass(frozen=True)
@@ -102,10 +110,6 @@ def _remove_params(optimizer: torch.optim.Optimizer, ids: set) -> None:
         del optimizer.state[p]
 
 
-def _force_eval(module: nn.Module, args) -> None:
-    module.training = False
-
-
 def _range(name: str):
     """A torch.profiler range (an NVTX range under ``torch.autograd.profiler.emit_nvtx``)
     around the engine's work. Gated: ``record_function`` costs ~9 us per range even with no
@@ -122,8 +126,10 @@ class SmartFreezer:
         model: the module being trained.
         optimizer: its optimizer, or a list of optimizers holding its parameters.
         policy: a ``FreezePolicy``; default the SmartFRZ attention predictor.
-        example_inputs: positional inputs for one forward pass that finds the units (a tuple,
-            or a single tensor). Without it, the units are found at the model's first forward.
+        example_inputs: inputs for one forward pass that finds the units: a tuple of positional
+            inputs, a single tensor, or a dict of keyword inputs (a Hugging Face batch; a dict
+            whose keys are not all parameters of ``model.forward`` is its one positional input).
+            Without it, the units are found at the model's first forward.
         example_kwargs: keyword inputs for that pass.
         total_steps: number of optimizer steps in the run (schedule-based policies need it).
         sample_every: take a weight-history snapshot every this many steps. Default: the
@@ -140,6 +146,13 @@ class SmartFreezer:
             ``decides_at`` (never for schedule policies, which agree by construction). None:
             the DDP wrapper's group, else the default group when torch.distributed runs more
             than one rank. False: no sync.
+        shared_parameters: a parameter read both inside and after a frozen prefix (tied input
+            and output embeddings, T5's shared embedding, a layer called several times).
+            ``"train"`` (default): it keeps training from its reads after the prefix; its reads
+            inside the prefix pass no gradient (their module calls' outputs are detached).
+            ``"freeze"``: it freezes with the prefix, and its later reads (the LM head) use it
+            frozen, which also saves their weight gradient and its optimizer state.
+            docs/shared_parameters.md compares the two.
     """
 
     def __init__(
@@ -158,6 +171,7 @@ class SmartFreezer:
         decision_delay: int = 1,
         seed: int = 0,
         process_group: Any = None,
+        shared_parameters: str = "train",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"SmartFreezer expects an nn.Module, got {type(model).__name__}")
@@ -168,6 +182,9 @@ class SmartFreezer:
         keep_trainable = _checked_int("keep_trainable", keep_trainable, 0)
         decision_delay = _checked_int("decision_delay", decision_delay, 0)
         seed = _checked_int("seed", seed, None)
+        if shared_parameters not in SHARED_PARAMETER_MODES:
+            raise ValueError(f"SmartFreezer: shared_parameters must be one of {SHARED_PARAMETER_MODES}, got "
+                             f"{shared_parameters!r} (see docs/shared_parameters.md)")
         if policy is None:
             from .policy import SmartFRZ
 
@@ -188,6 +205,7 @@ class SmartFreezer:
         self.keep_trainable = keep_trainable
         self.decision_delay = decision_delay
         self.seed = seed
+        self.shared_parameters = shared_parameters
 
         self.step_count = 0
         self.num_frozen = 0
@@ -199,7 +217,10 @@ class SmartFreezer:
         self._grad_index_cache: Dict[Any, Tensor] = {}
         self._hooks: List[Any] = []
         self._first_forward_hook: Optional[Any] = None
-        self._eval_hooks: List[Any] = []
+        self._eval_hooks: List[Any] = []  # the frozen region's hooks, once set up
+        self._region = None
+        self._refused_warned = False
+        self._refused: Optional[str] = None  # why the last freeze stopped short of what was asked
         self._nonfinite_warned = False
         self._freeze_listeners: List[Callable[[FreezeEvent, Sequence[Unit]], None]] = []
         self._guard: Optional[guards.Guard] = None  # made at set-up: watches the model and the optimizers
@@ -215,7 +236,7 @@ class SmartFreezer:
 
         guards.check_unclaimed(self.module)
         if example_inputs is not None:
-            self._setup(as_args(example_inputs), example_kwargs)
+            self._setup(*example_call(self.module, example_inputs, example_kwargs))
         else:  # kept apart from self._hooks: other code adds hooks there before the first forward
             self._first_forward_hook = model.register_forward_pre_hook(
                 self._setup_on_first_forward, with_kwargs=True)
@@ -239,9 +260,13 @@ class SmartFreezer:
                 f"SmartFreezer: the model's parameters are on the 'meta' device (not materialised: "
                 f"{meta[:3]}{' ...' if len(meta) > 3 else ''}). Build the freezer (and the optimizer) "
                 "after model.to_empty(device=...) and the weights' initialisation or loading.")
-        plan = discover_units(self.module, args, kwargs)
+        plan = discover_units(self.module, args, kwargs, shared_parameters=self.shared_parameters)
         self._check_optimizers(plan.units)
         self.plan = plan
+        from .frozen import FrozenRegion
+
+        self._region = FrozenRegion(self.module, plan)
+        self._eval_hooks = self._region.handles
         max_frozen = max(0, len(plan.units) - self.keep_trainable)
         if max_frozen == 0:
             warnings.warn(
@@ -411,23 +436,28 @@ class SmartFreezer:
             raise TypeError(f"freeze_to expects a number of units (an int), got {num_units!r}") from None
         if num_units < 0:
             raise ValueError(f"freeze_to expects a number of units >= 0, got {num_units}")
-        target = self.plan.largest_allowed_cut(min(num_units, self.max_frozen))
+        wanted = min(num_units, self.max_frozen)
+        target = self.plan.largest_allowed_cut(wanted)
+        if target < wanted:
+            self._warn_refused_cut(wanted, target)
+        elif target > self.num_frozen:
+            self._refused = None
         if target <= self.num_frozen:
             return self.num_frozen
         target = self._stop_before_nonfinite(target)
         if target <= self.num_frozen:
             return self.num_frozen
         newly = self.units[self.num_frozen:target]
-        frozen_ids = {id(p) for u in newly for p in u.parameters}
-        for unit in newly:
-            for p in unit.parameters:
-                p.requires_grad_(False)
-                p.grad = None
-            # norm statistics stop moving and dropout stops: a frozen prefix is a fixed
-            # feature extractor, as in the activation cache
-            for module in unit.norm_modules + unit.dropout_modules:
-                module.eval()
-                self._eval_hooks.append(module.register_forward_pre_hook(_force_eval))
+        already = {id(p) for _, p in self.plan.frozen_parameters(self.num_frozen)}
+        freezing = [p for _, p in self.plan.frozen_parameters(target) if id(p) not in already]
+        frozen_ids = {id(p) for p in freezing}
+        for p in freezing:
+            p.requires_grad_(False)
+            p.grad = None
+        # every module of the prefix in eval (norm statistics stop moving, no dropout of any
+        # kind): a frozen prefix is a fixed feature extractor, as in the activation cache
+        self._region.apply(target)
+        before = self.num_frozen
         for opt in self.optimizers:
             _remove_params(opt, frozen_ids)
         self.num_frozen = target
@@ -438,7 +468,28 @@ class SmartFreezer:
         self.timeline.append(event)
         for listener in self._freeze_listeners:
             listener(event, newly)
+        self._warn_split_shared(before, target)  # last: a warnings filter set to "error" finds the freeze done
         return target
+
+    def _warn_refused_cut(self, wanted: int, target: int) -> None:
+        refused = next(c for c in range(wanted, target, -1) if not self.plan.allowed_cut[c])
+        self._refused = (f"asked to freeze {wanted} units, froze {target}: with shared_parameters='train', "
+                         f"{self.plan.refused_cuts.get(refused, 'the cut is not allowed')}. "
+                         "shared_parameters='freeze' can cut there (the shared parameter then freezes with "
+                         "the prefix).")
+        if not self._refused_warned:
+            self._refused_warned = True
+            warnings.warn(f"SmartFreezer: {self._refused}", stacklevel=4)
+
+    def _warn_split_shared(self, before: int, after: int) -> None:
+        """One warning per group of shared parameters that this freeze newly splits."""
+        was = {id(s.parameter) for s in self.plan.split_shared(before)}
+        newly = [s for s in self.plan.split_shared(after) if id(s.parameter) not in was]
+        other = {"train": "freeze", "freeze": "train"}[self.shared_parameters]
+        for group in shared_groups(newly):
+            warnings.warn(f"SmartFreezer: froze units 0-{after - 1}; {describe_shared(group, self.units)} "
+                          f"{_SHARED_FATE[self.shared_parameters]} (shared_parameters={self.shared_parameters!r}; "
+                          f"{other!r}: {_SHARED_FATE[other]}).", stacklevel=4)
 
     def add_freeze_listener(self, listener: Callable[[FreezeEvent, Sequence[Unit]], None]) -> None:
         """Call ``listener(event, newly_frozen_units)`` after every freeze (activation caches,
@@ -454,7 +505,7 @@ class SmartFreezer:
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         replaced = [o for o in self.optimizers if any(id(p) in held for g in o.param_groups for p in g["params"])]
         self.optimizers = [o for o in self.optimizers if all(o is not r for r in replaced)] + [optimizer]
-        _remove_params(optimizer, {id(p) for u in self.units[:self.num_frozen] for p in u.parameters})
+        _remove_params(optimizer, {id(p) for _, p in self.plan.frozen_parameters(self.num_frozen)})
         if self.policy.manages_lr:  # runs in this very step, like the hook below
             self._scale_unit_lrs([optimizer])
         if self.policy.needs_gradients:  # runs in this very step: torch calls it after the global hooks
@@ -493,7 +544,7 @@ class SmartFreezer:
                 "history and any activation cache describe the old model. Build a new SmartFreezer (and "
                 "optimizer) for the changed model: close() this one first. Replacing parameters with ones of "
                 "the same shape (load_state_dict(assign=True)) is fine.")
-        frozen = {id(p) for u in self.units[:self.num_frozen] for p in u.parameters}
+        frozen = {id(p) for _, p in self.plan.frozen_parameters(self.num_frozen)}  # not shared ones still training
         moved = [n for n, p in new_params.items() if id(old_params[n]) in frozen and p is not old_params[n]
                  and not torch.equal(p.detach(), old_params[n].detach())]
         if moved:
@@ -502,6 +553,8 @@ class SmartFreezer:
                           "build a new cache if you use one.", stacklevel=4)
         for unit in self.units:
             unit.parameters[:] = [pairs.get(id(p), (p, p))[1] for p in unit.parameters]
+        for shared in self.plan.shared:
+            shared.parameter = pairs.get(id(shared.parameter), (shared.parameter, shared.parameter))[1]
         for old, new in pairs.values():
             if id(old) in frozen:
                 new.requires_grad_(False)
@@ -546,15 +599,18 @@ class SmartFreezer:
     def frozen_param_fraction(self, num_frozen: Optional[int] = None) -> float:
         n = self.num_frozen if num_frozen is None else num_frozen
         total = sum(u.num_params for u in self.units)
-        return sum(u.num_params for u in self.units[:n]) / max(total, 1)
+        return sum(p.numel() for _, p in self.plan.frozen_parameters(n)) / max(total, 1)
 
     def frozen_flops_fraction(self, num_frozen: Optional[int] = None) -> float:
         """Share of one training step's FLOPs (forward + backward) that freezing the first
-        ``num_frozen`` units removes: their backward, about twice their forward."""
+        ``num_frozen`` units removes: their backward, about twice their forward, and with
+        ``shared_parameters="freeze"`` the weight gradient of the later reads of the shared
+        parameters they froze (about one forward of those reads)."""
         n = self.num_frozen if num_frozen is None else num_frozen
         frozen = sum(u.forward_flops for u in self.units[:n])
         total = self.plan.total_forward_flops * (1.0 + BACKWARD_TO_FORWARD)
-        return BACKWARD_TO_FORWARD * frozen / total if total else 0.0
+        saved = BACKWARD_TO_FORWARD * frozen + self.plan.later_read_flops(n)
+        return saved / total if total else 0.0
 
     def training_flops_saved(self, total_steps: Optional[int] = None) -> float:
         """Fraction of the run's training FLOPs saved so far (or over ``total_steps``, assuming
@@ -585,6 +641,13 @@ class SmartFreezer:
             )
         if not self.timeline:
             lines.append("      -       0       -           -  (nothing frozen yet)")
+        lines.extend(self._shared_report())
+        if self._refused is not None:
+            lines.append(self._refused)
+        if self.num_frozen:
+            always, partly = self.plan.eval_modules(self.num_frozen)
+            lines.append(f"frozen prefix in eval mode (no dropout, fixed norm statistics): {len(always)} modules"
+                         + (f", and the first calls of {len(partly)} called again after it" if partly else ""))
         lines.append(f"training FLOPs saved so far: {self.training_flops_saved():.1%}")
         guard = self._guard
         if guard is not None and self.step_count == 0 and guard.optimizer_steps:
@@ -594,13 +657,25 @@ class SmartFreezer:
                          "step since the previous call (once per optimizer step is right)")
         return "\n".join(lines)
 
+    def _shared_report(self) -> List[str]:
+        """What happened to the shared parameters the frozen prefix splits."""
+        lines = []
+        for group in shared_groups(self.plan.split_shared(self.num_frozen)):
+            lines.append(f"shared ({self.shared_parameters}): {describe_shared(group, self.units)} "
+                         f"{_SHARED_FATE[self.shared_parameters]}")
+        frozen_shared = [s for s in self.plan.shared if s.last_unit < self.num_frozen]
+        if frozen_shared:
+            lines.append(f"shared: {len(frozen_shared)} parameter(s) read only inside the prefix froze with it")
+        return lines
+
     # ------------------------------------------------------------------ checkpoints
     def _signature(self) -> List[Tuple[str, List[Tuple[str, Tuple[int, ...]]]]]:
         return [(u.name, [(n, tuple(p.shape)) for n, p in zip(u.param_names, u.parameters)]) for u in self.units]
 
     def _settings(self) -> Dict[str, Any]:
         return {"sample_every": self.sample_every, "keep_trainable": self.keep_trainable,
-                "decision_delay": self.decision_delay, "seed": self.seed}
+                "decision_delay": self.decision_delay, "seed": self.seed,
+                "shared_parameters": self.shared_parameters}
 
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to continue bit-identically (model and optimizer states apart)."""
@@ -720,6 +795,8 @@ class SmartFreezer:
     def _check_settings(self, saved: Dict[str, Any]) -> None:
         mine = self._settings()
         saved = saved if isinstance(saved, dict) else {}
+        # checkpoints made before the setting never split a shared parameter: either mode resumes them
+        saved = {"shared_parameters": mine["shared_parameters"], **saved}
         differ = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
         if differ:
             was = ", ".join(f"{k}={a!r}" for k, (a, _) in differ.items())
@@ -767,9 +844,11 @@ class SmartFreezer:
             return
         self._remove_first_forward_hook()
         self.policy.close()
-        for hook in self._hooks + self._eval_hooks:
+        for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        if self._region is not None:
+            self._region.remove()
         self._eval_hooks.clear()
         if self._guard is not None:
             self._guard.close()

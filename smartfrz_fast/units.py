@@ -5,12 +5,18 @@ untouched) records, for every trainable parameter, the first and last aten op th
 and the FLOPs of every op. Layers are the modules that own parameters, ordered by first use
 (not by ``named_modules()``, whose order is declaration order). A norm layer joins the layer
 it follows. A parameter read again later in the pass (tied embeddings, a module called twice)
-forbids the frozen prefix from ending between its first and last use.
+is a *shared* parameter: where a frozen prefix ends between its first and last read, it either
+freezes with the prefix (``shared_parameters="freeze"``) or keeps training from its later reads
+while its reads inside the prefix pass no gradient (``"train"``): see docs/shared_parameters.md.
+The same pass records every module call's span of ops, so that every module whose calls all lie
+in a frozen prefix can be kept in eval mode (a frozen prefix is a fixed function).
 """
 
 from __future__ import annotations
 
+import inspect
 import warnings
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
@@ -43,6 +49,9 @@ def is_dropout_module(module: nn.Module) -> bool:
     return any(marker in type(module).__name__ for marker in DROPOUT_CLASS_MARKERS)
 
 
+SHARED_PARAMETER_MODES = ("train", "freeze")
+
+
 @dataclass
 class Unit:
     """A freezable unit: one parameter-owning layer plus the norm layers that follow it."""
@@ -54,8 +63,8 @@ class Unit:
     parameters: List[nn.Parameter]
     forward_flops: int = 0
     norm_modules: List[nn.Module] = field(default_factory=list)
-    # dropout modules whose every call falls in this unit's span of the forward pass (after
-    # its first op, before the next unit's): put in eval with the unit when it freezes
+    # dropout modules whose last call falls in this unit's span of the forward pass (after its
+    # first op, before the next unit's); every module of that span goes to eval with the unit
     dropout_modules: List[nn.Module] = field(default_factory=list)
 
     @property
@@ -71,12 +80,34 @@ class Unit:
 
 
 @dataclass
+class SharedParameter:
+    """A parameter read again after its own unit's span: tied embeddings (GPT-2's ``wte`` and
+    ``lm_head``), T5's embedding read by encoder and decoder, ALBERT's layer called 12 times."""
+
+    name: str
+    parameter: nn.Parameter
+    registered_as: List[str]  # every module attribute that holds it
+    unit: int  # the unit that owns it (its first read)
+    last_unit: int  # the unit in whose span its last read lies
+    # (op index, innermost module call reading it as (id(module), call number), or None, op FLOPs)
+    reads: List[Tuple[int, Optional[Tuple[int, int]], int]]
+
+
+@dataclass
 class UnitPlan:
     units: List[Unit]
     # allowed_cut[i]: the frozen prefix may be exactly the first i units (len = units + 1)
     allowed_cut: List[bool]
     untraced_parameters: List[str]  # trainable but not read by the traced forward pass
     total_forward_flops: int
+    shared_parameters: str = "train"  # what a cut between a shared parameter's reads does to it
+    shared: List[SharedParameter] = field(default_factory=list)
+    # boundary[c]: first op index outside a frozen prefix of c units (len = units + 1)
+    boundary: List[int] = field(default_factory=list)
+    # id(module) -> (module, qualified name, [(first op, end op) of each call, in call order])
+    module_calls: Dict[int, Tuple[nn.Module, str, List[Tuple[int, int]]]] = field(default_factory=dict)
+    # why a cut is refused, for the cuts shared_parameters="train" cannot make
+    refused_cuts: Dict[int, str] = field(default_factory=dict)
 
     def largest_allowed_cut(self, at_most: int) -> int:
         for cut in range(min(at_most, len(self.units)), -1, -1):
@@ -84,9 +115,78 @@ class UnitPlan:
                 return cut
         return 0
 
+    # ------------------------------------------------------------------ what a cut means
+    def frozen_calls(self, module_id: int, cut: int) -> int:
+        """How many of a module's calls (leading ones) lie wholly inside a frozen prefix of ``cut``
+        units."""
+        if cut == 0:
+            return 0
+        calls = self.module_calls[module_id][2]
+        return next((i for i, (_, end) in enumerate(calls) if end > self.boundary[cut]), len(calls))
+
+    def split_shared(self, cut: int) -> List[SharedParameter]:
+        """Shared parameters read both inside and after a frozen prefix of ``cut`` units."""
+        if cut == 0:
+            return []
+        b = self.boundary[cut]
+        return [s for s in self.shared if s.reads[0][0] < b <= s.reads[-1][0]]
+
+    def still_training(self, cut: int) -> List[SharedParameter]:
+        """Parameters of frozen units that keep training (``shared_parameters="train"``)."""
+        return self.split_shared(cut) if self.shared_parameters == "train" else []
+
+    def frozen_parameters(self, cut: int) -> List[Tuple[str, nn.Parameter]]:
+        keep = {id(s.parameter) for s in self.still_training(cut)}
+        return [(n, p) for u in self.units[:cut] for n, p in zip(u.param_names, u.parameters) if id(p) not in keep]
+
+    def detached_calls(self, cut: int) -> Dict[int, int]:
+        """id(module) -> number of its leading calls whose output is detached, so that a shared
+        parameter that keeps training gets no gradient through the frozen prefix."""
+        detach: Dict[int, int] = {}
+        b = self.boundary[cut] if cut else 0
+        for s in self.still_training(cut):
+            for op, call, _ in s.reads:
+                if op < b and call is not None:
+                    detach[call[0]] = max(detach.get(call[0], 0), call[1] + 1)
+        return detach
+
+    def later_read_flops(self, cut: int) -> int:
+        """Forward FLOPs of the ops after a frozen prefix that read a parameter it froze (their
+        weight gradient, about as many FLOPs, is not computed either)."""
+        if cut == 0 or self.shared_parameters != "freeze":
+            return 0
+        b = self.boundary[cut]
+        return sum(flops for s in self.split_shared(cut) for op, _, flops in s.reads if op >= b)
+
+    def eval_modules(self, cut: int) -> Tuple[List[nn.Module], Dict[nn.Module, int]]:
+        """The modules a frozen prefix of ``cut`` units runs in eval mode: those whose every call
+        lies in it (with their never-called descendants, e.g. an attention dropout read through
+        its parent's flag), and, for a module also called after it (ALBERT's shared layer), the
+        number of its leading calls to run in eval. Whatever a module's regulariser (dropout,
+        stochastic depth, functional attention dropout gated by ``self.training``), eval turns it
+        off; BatchNorm statistics stop moving."""
+        if cut == 0:
+            return [], {}
+        always: Dict[int, nn.Module] = {}
+        partly: Dict[nn.Module, int] = {}
+        for key, (module, _, calls) in self.module_calls.items():
+            n = self.frozen_calls(key, cut)
+            if n == len(calls):
+                for inner in module.modules():
+                    if inner is module or id(inner) not in self.module_calls:
+                        always[id(inner)] = inner
+            elif n:
+                partly[module] = n
+        for unit in self.units[:cut]:
+            for module in unit.norm_modules:
+                if module not in partly:
+                    always[id(module)] = module
+        return list(always.values()), partly
+
 
 class _ForwardTracer(TorchDispatchMode):
-    """Records first/last op index of each watched tensor and the FLOPs of every op."""
+    """Records every read of each watched tensor (and of its views), the innermost module call
+    around it, and the FLOPs of every op."""
 
     def __init__(self, watched: Dict[int, str]):
         super().__init__()
@@ -94,23 +194,44 @@ class _ForwardTracer(TorchDispatchMode):
 
         self._flop_registry = flop_registry
         self.watched = watched
-        self.first_use: Dict[str, int] = {}
-        self.last_use: Dict[str, int] = {}
+        self.reads: Dict[str, List[Tuple[int, Optional[Tuple[int, int]]]]] = {}
         self.op_flops: List[int] = []
-        self.module_calls: Dict[int, Tuple[int, int]] = {}  # id(module) -> (first, last) op index at call
+        self.module_calls: Dict[int, List[List[int]]] = {}  # id(module) -> [[first op, end op], ...]
+        self.stack: List[Tuple[int, int]] = []  # the module calls running: (id(module), call number)
+        self._views: List[torch.Tensor] = []  # kept alive: their ids stay theirs during the pass
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         op_index = len(self.op_flops)
+        call = self.stack[-1] if self.stack else None
+        names: Dict[str, torch.Tensor] = {}
         for leaf in tree_flatten((args, kwargs))[0]:
             name = self.watched.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
-            if name is not None:
-                self.first_use.setdefault(name, op_index)
-                self.last_use[name] = op_index
+            if name is not None and name not in names:
+                names[name] = leaf
+                self.reads.setdefault(name, []).append((op_index, call))
         out = func(*args, **kwargs)
         count = self._flop_registry.get(func._overloadpacket)
         self.op_flops.append(int(count(*args, **kwargs, out_val=out)) if count else 0)
+        if len(names) == 1 and isinstance(out, torch.Tensor) and _aliases(out, *names.values()):
+            # a view of a parameter (``weight.t()`` inside ``F.linear``): the op that reads the
+            # view reads the parameter, and its FLOPs are the parameter's
+            self._views.append(out)
+            self.watched[id(out)] = next(iter(names))
         return out
+
+    def first_use(self, name: str) -> int:
+        return self.reads[name][0][0]
+
+    def last_use(self, name: str) -> int:
+        return self.reads[name][-1][0]
+
+
+def _aliases(a: torch.Tensor, b: torch.Tensor) -> bool:
+    try:
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() != 0
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage
+        return False
 
 
 def _module_owners(model: nn.Module) -> Dict[int, List[Tuple[str, nn.Module, str]]]:
@@ -135,6 +256,32 @@ def as_args(inputs: Any) -> Tuple[Any, ...]:
     """Example inputs as positional arguments: a tuple is the positional arguments, anything
     else (a tensor, a list, a dict) is the one positional argument."""
     return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def example_call(model: nn.Module, inputs: Any,
+                 kwargs: Optional[Dict[str, Any]]) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+    """``example_inputs`` and ``example_kwargs`` as the forward's (positional, keyword) inputs. A
+    Mapping whose keys all name parameters of ``model.forward`` (a Hugging Face batch:
+    ``{"input_ids": ..., "attention_mask": ..., "labels": ...}``) is keyword inputs; anything
+    else follows ``as_args`` (a dict that a forward takes whole stays one positional input)."""
+    kwargs = dict(kwargs or {})
+    if isinstance(inputs, Mapping) and inputs and _names_parameters(model, inputs):
+        clash = sorted(set(inputs) & set(kwargs))
+        if clash:
+            raise ValueError(f"SmartFreezer: {clash} are given both in example_inputs (a dict of keyword inputs) "
+                             "and in example_kwargs; give each input once.")
+        return (), {**inputs, **kwargs}
+    return as_args(inputs), kwargs
+
+
+def _names_parameters(model: nn.Module, keys: Mapping) -> bool:
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return False
+    named = {n for n, p in signature.parameters.items()
+             if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    return all(isinstance(k, str) and k in named for k in keys)
 
 
 @contextmanager
@@ -162,15 +309,22 @@ def trace_forward(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[s
     names = {(id(m), attr): watched[id(p)] for m in model.modules()
              for attr, p in m._parameters.items() if p is not None and id(p) in watched}
 
-    def watch_current(module, inputs):
-        at = len(tracer.op_flops)
-        tracer.module_calls[id(module)] = (tracer.module_calls.get(id(module), (at, at))[0], at)
+    def enter(module, inputs):
+        calls = tracer.module_calls.setdefault(id(module), [])
+        calls.append([len(tracer.op_flops), -1])
+        tracer.stack.append((id(module), len(calls) - 1))
         for attr, p in module._parameters.items():
             name = names.get((id(module), attr))
             if name is not None and p is not None:
                 watched.setdefault(id(p), name)
 
-    hooks = [m.register_forward_pre_hook(watch_current) for m in model.modules()]
+    def leave(module, inputs, output):
+        if tracer.stack and tracer.stack[-1][0] == id(module):
+            _, number = tracer.stack.pop()
+            tracer.module_calls[id(module)][number][1] = len(tracer.op_flops)
+
+    hooks = [m.register_forward_pre_hook(enter) for m in model.modules()]
+    hooks += [m.register_forward_hook(leave, always_call=True) for m in model.modules()]
     try:
         with preserved_state(model), torch.no_grad():
             with tracer:
@@ -179,8 +333,9 @@ def trace_forward(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[s
         if hasattr(exc, "add_note"):
             exc.add_note(
                 "SmartFreezer: this came from the model's forward pass on the inputs used to find its "
-                "units: example_inputs (a tuple of positional inputs, or one tensor) and example_kwargs "
-                "must be one batch the model accepts, on its device and in its dtype.")
+                "units: example_inputs (a tuple of positional inputs, or one tensor) or a dict of keyword "
+                "inputs, and example_kwargs, must be one batch the model accepts, on its device and in "
+                "its dtype.")
         raise
     finally:
         for hook in hooks:
@@ -188,7 +343,10 @@ def trace_forward(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[s
     return tracer
 
 
-def discover_units(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[str, Any]] = None) -> UnitPlan:
+def discover_units(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[str, Any]] = None,
+                   shared_parameters: str = "train") -> UnitPlan:
+    if shared_parameters not in SHARED_PARAMETER_MODES:
+        raise ValueError(f"shared_parameters must be one of {SHARED_PARAMETER_MODES}, got {shared_parameters!r}")
     owners = _module_owners(model)
     trainable: Dict[int, str] = {}
     params_by_name: Dict[str, nn.Parameter] = {}
@@ -202,16 +360,16 @@ def discover_units(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[
             "so there is nothing to freeze. Pass the model you train, before freezing any of it."
         )
     tracer = trace_forward(model, args, kwargs, trainable)
-    untraced = [name for name in trainable.values() if name not in tracer.first_use]
+    untraced = [name for name in trainable.values() if name not in tracer.reads]
 
     # Layers: the owning module of each traced parameter, ordered by first use.
     layer_first_use: Dict[int, int] = {}
     layer_owner: Dict[int, Tuple[str, nn.Module]] = {}
     layer_params: Dict[int, List[str]] = {}
-    for name, first in sorted(tracer.first_use.items(), key=lambda item: item[1]):
+    for name in sorted(tracer.reads, key=tracer.first_use):
         module_name, module, _ = owners[id(params_by_name[name])][0]
         key = id(module)
-        layer_first_use.setdefault(key, first)
+        layer_first_use.setdefault(key, tracer.first_use(name))
         layer_owner[key] = (module_name, module)
         layer_params.setdefault(key, []).append(name)
     order = sorted(layer_first_use, key=layer_first_use.get)
@@ -227,19 +385,25 @@ def discover_units(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[
             groups.append([key])
 
     op_starts = [layer_first_use[g[0]] for g in groups]
-    # Each dropout goes to the unit whose span holds its last call (module calls are recorded
-    # when they start): it turns off only once every call of it lies in the frozen prefix.
+    num_ops = len(tracer.op_flops)
+
+    def unit_at(op: int) -> int:  # the unit in whose span an op lies (ops before unit 0: unit 0)
+        return max((i for i, start in enumerate(op_starts) if start <= op), default=0)
+
+    names_of = {id(m): n for n, m in model.named_modules()}
+    module_calls = {key: (m, names_of.get(key, type(m).__name__), [(a, max(a, b)) for a, b in tracer.module_calls[key]])
+                    for m in model.modules() for key in [id(m)] if key in tracer.module_calls}
+    # Each dropout goes to the unit whose span holds the end of its last call: it turns off only
+    # once every call of it lies in the frozen prefix.
     dropouts_of: Dict[int, List[nn.Module]] = {}
-    for module in model.modules():
-        calls = tracer.module_calls.get(id(module))
-        if calls is not None and is_dropout_module(module):
-            owner = max((i for i, start in enumerate(op_starts) if start <= calls[1]), default=0)
-            dropouts_of.setdefault(owner, []).append(module)
+    for module, _, calls in module_calls.values():
+        if is_dropout_module(module):
+            dropouts_of.setdefault(unit_at(max(calls[-1][0], calls[-1][1] - 1)), []).append(module)
     units: List[Unit] = []
     for index, group in enumerate(groups):
         names = [n for key in group for n in layer_params[key]]
         start = 0 if index == 0 else op_starts[index]
-        end = op_starts[index + 1] if index + 1 < len(groups) else len(tracer.op_flops)
+        end = op_starts[index + 1] if index + 1 < len(groups) else num_ops
         modules = [layer_owner[key][1] for key in group]
         units.append(Unit(
             index=index,
@@ -252,23 +416,33 @@ def discover_units(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[
             dropout_modules=dropouts_of.get(index, []),
         ))
 
-    # A cut before unit i is allowed unless a parameter of an earlier unit is read again later.
-    allowed = [True] * (len(units) + 1)
-    for unit in units:
-        for name in unit.param_names:
-            last = tracer.last_use[name]
-            spanned = [i for i in range(unit.index + 1, len(units)) if op_starts[i] <= last]
-            for i in spanned:
-                allowed[i] = False
-            if spanned:
-                shared_by = [_qualified(m, a) for m, _, a in owners[id(params_by_name[name])]]
-                warnings.warn(
-                    f"SmartFreezer: parameter {name!r} (registered as {', '.join(shared_by)}) is read "
-                    f"by unit {unit.index} ({unit.name}) and again up to unit {spanned[-1]} "
-                    f"({units[spanned[-1]].name}); these units freeze together, so the frozen "
-                    "prefix never ends between them.",
-                    stacklevel=3,
-                )
+    # Shared parameters: read again after their own unit's span.
+    unit_of = {n: u.index for u in units for n in u.param_names}
+    shared = []
+    for name, reads in tracer.reads.items():
+        last_unit = unit_at(reads[-1][0])
+        if last_unit > unit_of[name]:
+            shared.append(SharedParameter(
+                name, params_by_name[name], [_qualified(m, a) for m, _, a in owners[id(params_by_name[name])]],
+                unit_of[name], last_unit, [(op, call, tracer.op_flops[op]) for op, call in reads]))
+    shared.sort(key=lambda s: (s.unit, s.reads[0][0]))
+    plan = UnitPlan(units, [True] * (len(units) + 1), untraced, sum(tracer.op_flops), shared_parameters, shared,
+                    [0] + op_starts[1:] + [num_ops], module_calls)
+
+    if shared_parameters == "train":
+        # A shared parameter keeps training past a cut only if its every read inside the prefix
+        # happens in a module call that ends there: that call's output is then detached.
+        for cut in range(1, len(units) + 1):
+            for s in plan.split_shared(cut):
+                bad = next(((op, call) for op, call, _ in s.reads if op < plan.boundary[cut] and (
+                    call is None or module_calls[call[0]][2][call[1]][1] > plan.boundary[cut])), None)
+                if bad is not None:
+                    where = module_calls[bad[1][0]][1] if bad[1] is not None else "no module call"
+                    plan.allowed_cut[cut] = False
+                    plan.refused_cuts[cut] = (
+                        f"{s.name!r} is read inside the prefix by {where or '<root>'}, whose call goes on "
+                        "past the cut, so its reads there cannot be cut off from the gradient")
+                    break
     if untraced:
         warnings.warn(
             f"SmartFreezer: {len(untraced)} trainable parameter(s) were not used by the example "
@@ -276,4 +450,31 @@ def discover_units(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[
             f"{' ...' if len(untraced) > 5 else ''}",
             stacklevel=3,
         )
-    return UnitPlan(units, allowed, untraced, sum(tracer.op_flops))
+    return plan
+
+
+def shared_groups(shared: Sequence[SharedParameter]) -> List[List[SharedParameter]]:
+    """Shared parameters whose spans of units overlap, grouped (ALBERT's shared layer: one group,
+    tied input/output embeddings: one group), for one message per group."""
+    groups: List[List[SharedParameter]] = []
+    for s in sorted(shared, key=lambda s: s.unit):
+        if groups and s.unit <= max(t.last_unit for t in groups[-1]):
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    return groups
+
+
+def describe_shared(group: Sequence[SharedParameter], units: Sequence[Unit], limit: int = 2) -> str:
+    """``'transformer.wte.weight' (also lm_head.weight), read from unit 0 (transformer.wte) to
+    unit 17 (...)`` for a group of shared parameters."""
+    def one(s: SharedParameter) -> str:
+        others = [r for r in s.registered_as if r != s.name]
+        return repr(s.name) + (f" (also {', '.join(others)})" if others else "")
+
+    names = ", ".join(one(s) for s in group[:limit])
+    if len(group) > limit:
+        names += f" and {len(group) - limit} more"
+    first, last = min(s.unit for s in group), max(s.last_unit for s in group)
+    return (f"{names}, read from unit {first} ({units[first].name}) to unit {last} "
+            f"({units[last].name}),")

@@ -22,6 +22,12 @@ from torch import nn
 HF_MODELS = ("gpt2_tied", "llama_tied", "t5", "distilbert", "roberta", "bert")
 VISION_MODELS = ("resnet18", "mobilenet_v3_small", "efficientnet_b0", "swin_t")
 ALL_MODELS = HF_MODELS + VISION_MODELS
+# More architectures, for the tests that must hold beyond the named ones (ALBERT: one layer
+# called 12 times; Mamba: tied embeddings and no attention; ViT: patch embedding and a class
+# token; convnext: layer scale and stochastic depth; densenet: concatenated features).
+MORE_HF_MODELS = ("albert", "mamba_tied", "vit")
+MORE_VISION_MODELS = ("convnext_tiny", "densenet121", "regnet_y_400mf")
+MORE_MODELS = MORE_HF_MODELS + MORE_VISION_MODELS
 
 VOCAB, SEQ, BATCH, CLASSES = 96, 12, 4, 5
 
@@ -87,6 +93,19 @@ def _hf(name: str) -> RealModel:
                                                    num_attention_heads=4, num_key_value_heads=2,
                                                    max_position_embeddings=SEQ, tie_word_embeddings=True,
                                                    attention_dropout=0.1, **small))
+    elif name == "mamba_tied":
+        model = tf.MambaForCausalLM(tf.MambaConfig(num_hidden_layers=4, hidden_size=32, state_size=8, expand=2,
+                                                   conv_kernel=4, tie_word_embeddings=True, **small))
+    elif name == "vit":
+        model = tf.ViTForImageClassification(tf.ViTConfig(
+            image_size=16, patch_size=4, num_channels=3, num_hidden_layers=4, hidden_size=32, intermediate_size=64,
+            num_attention_heads=2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, num_labels=CLASSES))
+
+        def pixels(step):
+            return (), {"pixel_values": torch.randn(BATCH, 3, 16, 16, generator=_generator(step)),
+                        "labels": _classes(step)}
+
+        return RealModel(name, model, pixels, lambda out, step: out.loss)
     elif name == "t5":
         model = tf.T5ForConditionalGeneration(tf.T5Config(num_layers=3, num_decoder_layers=3, d_model=32, d_ff=64,
                                                           d_kv=8, num_heads=4, decoder_start_token_id=0, **small))
@@ -95,10 +114,15 @@ def _hf(name: str) -> RealModel:
             "distilbert": (tf.DistilBertConfig, tf.DistilBertForSequenceClassification),
             "roberta": (tf.RobertaConfig, tf.RobertaForSequenceClassification),
             "bert": (tf.BertConfig, tf.BertForSequenceClassification),
+            "albert": (tf.AlbertConfig, tf.AlbertForSequenceClassification),
         }[name]
         if name == "distilbert":
             config = config_class(n_layers=4, dim=32, hidden_dim=64, n_heads=2, max_position_embeddings=SEQ + 2,
                                   num_labels=CLASSES, **small)
+        elif name == "albert":  # one layer, called 6 times (ALBERT shares it across depth)
+            config = config_class(num_hidden_layers=6, embedding_size=16, hidden_size=32, intermediate_size=64,
+                                  num_attention_heads=2, max_position_embeddings=SEQ + 2, num_labels=CLASSES,
+                                  classifier_dropout_prob=0.1, **small)
         else:
             config = config_class(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=2,
                                   max_position_embeddings=SEQ + 2, num_labels=CLASSES, **small)
@@ -130,6 +154,6 @@ def _vision(name: str) -> RealModel:
 
 
 def build(name: str) -> RealModel:
-    if name not in ALL_MODELS:
-        raise KeyError(f"unknown model {name!r}; one of {ALL_MODELS}")
-    return _hf(name) if name in HF_MODELS else _vision(name)
+    if name not in ALL_MODELS + MORE_MODELS:
+        raise KeyError(f"unknown model {name!r}; one of {ALL_MODELS + MORE_MODELS}")
+    return _hf(name) if name in HF_MODELS + MORE_HF_MODELS else _vision(name)

@@ -161,20 +161,50 @@ class TiedLM(nn.Module):
         return self.lm_head(torch.relu(self.block2(torch.relu(self.block1(self.embed(tokens))))))
 
 
-def test_shared_parameters_tie_units_together():
+@pytest.mark.parametrize("mode", ["train", "freeze"])
+def test_tied_embedding_freezes_with_either_shared_parameters_mode(mode):
     model = TiedLM()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
     tokens = torch.randint(0, 20, (4, 5))
-    with pytest.warns(UserWarning, match="'embed.weight'.*freeze together"):
-        freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=1), example_inputs=tokens, keep_trainable=0)
+    freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=1), example_inputs=tokens, keep_trainable=0,
+                           shared_parameters=mode)
     assert [u.name for u in freezer.units] == ["embed", "block1", "block2"]
-    assert freezer.plan.allowed_cut == [True, False, False, True]
-    out = model(tokens)
-    nn.functional.cross_entropy(out.flatten(0, 1), tokens.flatten()).backward()
-    opt.step()
-    freezer.step()
-    assert freezer.num_frozen == 0, "the embedding is read again by the head: it cannot freeze alone"
-    assert freezer.freeze_to(3) == 3
+    assert all(freezer.plan.allowed_cut)
+    [shared] = freezer.plan.shared
+    assert (shared.name, shared.registered_as, shared.unit, shared.last_unit) == (
+        "embed.weight", ["embed.weight", "lm_head.weight"], 0, 2)
+
+    def train_step():
+        opt.zero_grad()
+        out = model(tokens)
+        nn.functional.cross_entropy(out.flatten(0, 1), tokens.flatten()).backward()
+        opt.step()
+
+    train_step()
+    fate = "keep training" if mode == "train" else "froze with the prefix"
+    with pytest.warns(UserWarning, match=r"froze units 0-1; 'embed.weight' \(also lm_head.weight\), read from "
+                      r"unit 0 \(embed\) to unit 2 \(block2\), " + fate):
+        freezer.step()
+    assert freezer.num_frozen == 2, "a tied embedding must not keep the prefix from freezing"
+    assert not model.block1.weight.requires_grad and model.block1.weight not in opt.state
+    seen = {}
+    handle = model.block1.register_forward_hook(lambda m, a, out: seen.update(out=out))
+    before = model.embed.weight.detach().clone()
+    train_step()
+    handle.remove()
+    assert not seen["out"].requires_grad, "no backward through the frozen prefix"
+    if mode == "train":  # keeps learning from the head's read only
+        assert model.embed.weight.requires_grad and model.embed.weight.grad is not None
+        assert not torch.equal(model.embed.weight, before)
+        total = sum(p.numel() for p in model.parameters())
+        assert freezer.frozen_param_fraction() == sum(p.numel() for p in model.block1.parameters()) / total
+    else:
+        assert not model.embed.weight.requires_grad and model.embed.weight.grad is None
+        assert model.embed.weight not in opt.state and torch.equal(model.embed.weight, before)
+    report = freezer.report()
+    assert f"shared ({mode}): 'embed.weight' (also lm_head.weight)" in report
+    assert freezer.freeze_to(3) == 3 and not model.embed.weight.requires_grad
+    assert "shared (" not in freezer.report()  # every read is inside the prefix now
 
 
 def test_integer_buffers_and_non_float_parameters_are_left_alone():

@@ -539,9 +539,11 @@ def test_tied_weights_untied_by_assign_are_refused_and_retied_ones_followed():
     nn.functional.cross_entropy(model(x)[0], x[0]).backward()
     opt.step()
     freezer.step()
-    # the tie forbids freezing the embedding alone; the optimizer trains the new tensor
-    assert freezer.units[0].parameters == [model.emb.weight] and freezer.num_frozen == 0
-    assert id(model.emb.weight) in held(opt) and freezer._unit_of_param[id(model.emb.weight)] == 0
+    # the embedding's unit froze; its tied weight (the new tensor) keeps training from the head's
+    # read (shared_parameters="train"), in the optimizer
+    assert freezer.units[0].parameters == [model.emb.weight] and freezer.num_frozen == 1
+    assert model.emb.weight.requires_grad and id(model.emb.weight) in held(opt)
+    assert freezer._unit_of_param[id(model.emb.weight)] == 0
 
 
 def test_freezers_nobody_closes_leave_no_work_in_the_global_hooks():
