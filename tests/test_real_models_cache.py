@@ -31,25 +31,44 @@ def _eval_frozen_subtrees(model: nn.Module) -> None:
             module.eval()
 
 
-def _train(name: str, cache_on: bool):
+def _random_ops_before_training_layers_eval(model: nn.Module, freezer, run: nn.Module) -> None:
+    """Parameter-free leaf modules (dropout, stochastic depth) run in eval when called before the
+    first trainable layer of the pass: swin_t calls one StochasticDepth module after a block's
+    attention (frozen) and after its MLP (trainable); the cache runs the first call in eval."""
+    passed = [False]
+    first_trainable = next(u for u in freezer.units if u.parameters[0].requires_grad)
+    for start in (run, model):  # each pass starts in the frozen prefix
+        start.register_forward_pre_hook(lambda m, a: passed.__setitem__(0, False))
+    first_trainable.modules[0].register_forward_pre_hook(lambda m, a: passed.__setitem__(0, True))
+    for module in model.modules():
+        if module is not model and next(module.children(), None) is None and next(module.parameters(), None) is None:
+            module.register_forward_pre_hook(lambda m, a: setattr(m, "training", passed[0] and model.training))
+
+
+def _freeze_half(freezer) -> None:
+    freezer.freeze_to(len(freezer.units) // 2)
+
+
+def _train(name: str, cache_on: bool, freeze=_freeze_half):
     real = build(name)
     model = real.model
     args, kwargs = real.batch(0)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.005)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tied-weight notices: another test's subject
         freezer = SmartFreezer(model, optimizer, policy=StaticFreeze(0), example_inputs=args, example_kwargs=kwargs)
-    target = len(freezer.units) // 2
     freezer.add_freeze_listener(lambda event, units: _eval_frozen_subtrees(model))
     cache = ActivationCache(freezer, num_samples=2 * BATCH, deterministic=True, audit_rows=2) if cache_on else None
     run = cache.wrap() if cache_on else model
     model.train()
-    losses, messages = [], []
+    losses = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for step in range(STEPS):
             if step == FREEZE_AT:
-                freezer.freeze_to(target)
+                freeze(freezer)
+                if any(not p.requires_grad for p in model.parameters()):
+                    _random_ops_before_training_layers_eval(model, freezer, run)
             args, kwargs = real.batch(step % 2)
             ids = torch.arange(BATCH) + BATCH * (step % 2)
             out = run(args, ids, **kwargs) if cache_on else model(*args, **kwargs)
@@ -61,6 +80,12 @@ def _train(name: str, cache_on: bool):
             losses.append(float(loss))
     messages = [str(w.message) for w in caught if "ActivationCache" in str(w.message)]
     return model, freezer, cache, losses, messages
+
+
+def _assert_same_training(name, plain, plain_losses, cached, losses):
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(plain_losses), **TOL)
+    for (n, a), b in zip(cached.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, **TOL, msg=f"{name}: {n}")
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)
@@ -78,6 +103,42 @@ def test_cache_on_real_model(name):
         assert cache.reason and "nothing cached" in text, text
         if freezer_c.num_frozen:
             assert "keeps training" in cache.reason or "output" in cache.reason, text
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(plain_losses), **TOL)
-    for (n, a), b in zip(cached.named_parameters(), plain.parameters()):
-        torch.testing.assert_close(a, b, **TOL, msg=f"{name}: {n}")
+        else:
+            assert "nothing is frozen" in cache.reason, text
+    _assert_same_training(name, plain, plain_losses, cached, losses)
+
+
+def _freeze_by_hand(shared_trains: bool):
+    """The first half of the units frozen by hand, across a tied weight (the engine does not
+    freeze across one yet): with the shared weight, or with it still training from the head."""
+    def freeze(freezer):
+        names = {}
+        for n, p in freezer.module.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(n)
+        for unit in freezer.units[:len(freezer.units) // 2]:
+            for p in unit.parameters:
+                if not (shared_trains and len(names[id(p)]) > 1):
+                    p.requires_grad_(False)
+                    p.grad = None
+        for listener in freezer._freeze_listeners:  # what freeze_to tells the cache and the test
+            listener(None, [])
+    return freeze
+
+
+@pytest.mark.parametrize("name", ["gpt2_tied", "llama_tied", "t5"])
+def test_tied_models_cache_with_the_shared_weight_frozen(name):
+    freeze = _freeze_by_hand(shared_trains=False)
+    plain, _, _, plain_losses, _ = _train(name, cache_on=False, freeze=freeze)
+    cached, _, cache, losses, messages = _train(name, cache_on=True, freeze=freeze)
+    text = cache.describe()
+    assert cache.active and cache.stats["hits"] > 0 and not messages, (text, messages)
+    _assert_same_training(name, plain, plain_losses, cached, losses)
+
+
+@pytest.mark.parametrize("name", ["gpt2_tied", "llama_tied"])
+def test_tied_weight_that_keeps_training_is_named(name):
+    cached, _, cache, _, messages = _train(name, cache_on=True, freeze=_freeze_by_hand(shared_trains=True))
+    text = cache.describe()
+    assert not cache.active and cache.enabled and not messages, text
+    assert "keeps training" in cache.reason and "lm_head.weight" in cache.reason, text
+    assert text.startswith("activation cache on, nothing cached") and cache.reason in text

@@ -702,8 +702,11 @@ class ActivationCache:
         if stopped_by is None:
             return None
         block, param = stopped_by
-        if not any(not p.requires_grad for b in self.chain.blocks[count + 1:] for p in b.parameters()):
-            return None  # the frozen prefix ends in this block: nothing after it is frozen
+        unit_of = {id(p): u.index for u in self.freezer.units for p in u.parameters}
+        later_frozen = [unit_of[id(p)] for b in self.chain.blocks[count:] for p in b.parameters()
+                        if not p.requires_grad and id(p) in unit_of]
+        if id(param) in unit_of and not any(i > unit_of[id(param)] for i in later_frozen):
+            return None  # the freezer's frozen prefix simply ends here (inside this block)
         names = [n for n, p in self.freezer.module.named_parameters(remove_duplicate=False) if p is param]
         shared = f" (shared: {', '.join(names)})" if len(names) > 1 else ""
         return (f"parameter {names[0] if names else '?'}{shared} keeps training and is read by block "

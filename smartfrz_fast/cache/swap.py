@@ -187,34 +187,48 @@ class SwapChain:
         self.checked: Dict[int, Optional[str]] = {}  # cut (blocks before it) -> None if it works, else why
         self.consts: Dict[int, List[Any]] = {}  # cut -> recorded non-per-sample leaves of C's output
         self.note: Optional[str] = None  # why the cut is shallower than the frozen prefix
+        self._skipped: Dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self.blocks)
 
     # ------------------------------------------------------------------ choosing the cut
     def usable_cut(self, frozen: int) -> int:
-        """The deepest cut ``<= frozen`` that passes its check (0: none)."""
+        """The cut ``<= frozen`` that skips the most of the forward pass (aten ops of the swapped
+        calls) among those that pass their check; 0 if none does."""
         self.note = None
-        tried = 0
-        first_failure = None
+        ranked, first_failure, implausible = [], None, None
         for cut in range(frozen, 0, -1):
             why = self._plausible(cut)
             if why is None:
-                if cut not in self.checked:
-                    if tried >= MAX_CHECKS:
-                        break
-                    tried += 1
-                    self.checked[cut] = self._check(cut)
-                why = self.checked[cut]
+                ranked.append(cut)
+            else:
+                implausible = implausible or why
+        ranked.sort(key=lambda cut: (-self._skipped_ops(cut), -cut))
+        tried = 0
+        for cut in ranked:
+            if cut not in self.checked:
+                if tried >= MAX_CHECKS:
+                    break
+                tried += 1
+                self.checked[cut] = self._check(cut)
+            why = self.checked[cut]
             if why is None:
-                if first_failure is not None and cut < frozen:
+                if cut < frozen and first_failure is not None:
                     self.note = f"not cut deeper: {first_failure}"
                 return cut
             first_failure = first_failure or why
         if frozen:
-            self.note = (f"no frozen block's output can stand in for the frozen prefix: {first_failure or 'not checked'}"
+            self.note = (f"no frozen block's output can stand in for the frozen prefix: "
+                         f"{first_failure or implausible or 'not checked'}"
                          f"{' (gave up after %d checks)' % MAX_CHECKS if tried >= MAX_CHECKS else ''}")
         return 0
+
+    def _skipped_ops(self, cut: int) -> int:
+        if cut not in self._skipped:
+            c = self.candidates[cut - 1]
+            self._skipped[cut] = c.end - c.start + sum(s.end - s.start for s in self._stand_ins(cut))
+        return self._skipped[cut]
 
     def _plausible(self, cut: int) -> Optional[str]:
         c = self.candidates[cut - 1]
@@ -234,12 +248,9 @@ class SwapChain:
                 continue
             if any(o.start <= call.start and call.end <= o.end for o in chosen):
                 continue  # inside a stand-in already
-            if call.escapes_after > c.end or call.calls_of_module > 1 and call.module is c.module:
-                continue
-            if call.module is c.module:
-                continue
+            if call.escapes_after > c.end or call.calls_of_module > 1:
+                continue  # read after C, or a module also called elsewhere (a shared embedding): runs
             chosen.append(call)
-        # a module chosen whose output escapes through another of its calls: run for real
         return chosen
 
     def _check(self, cut: int) -> Optional[str]:
