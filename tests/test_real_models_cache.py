@@ -142,3 +142,51 @@ def test_tied_weight_that_keeps_training_is_named(name):
     assert not cache.active and cache.enabled and not messages, text
     assert "keeps training" in cache.reason and "lm_head.weight" in cache.reason, text
     assert text.startswith("activation cache on, nothing cached") and cache.reason in text
+
+
+class _Scaled(nn.Module):
+    """A block that reads a parameter only once one is added (as a user editing a model would)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, x):
+        out = torch.tanh(self.linear(x))
+        scale = getattr(self, "scale", None)
+        return out if scale is None else out * scale
+
+
+def _sequential_with_cache():
+    model = nn.Sequential(_Scaled(6), _Scaled(6), _Scaled(6), nn.Linear(6, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 6)
+    freezer = SmartFreezer(model, optimizer, policy=StaticFreeze(0), example_inputs=x)
+    freezer.freeze_to(2)
+    cache = ActivationCache(freezer, num_samples=8, deterministic=True)
+    run = cache.wrap()
+    for _ in range(2):  # fill, then hit
+        run(x, torch.arange(8)).sum().backward()
+    assert cache.active and cache.stats["hits"] == 8
+    return model, cache, run, x
+
+
+def test_block_appended_after_set_up_is_run():
+    model, cache, run, x = _sequential_with_cache()
+    model.append(nn.Linear(3, 2))
+    with pytest.warns(UserWarning, match="changed since the cache was set up"):
+        out = run(x, torch.arange(8))
+    assert out.shape == (8, 2)
+    torch.testing.assert_close(out, model(x))
+    assert cache.active and len(cache.chain) == 5
+
+
+def test_parameter_added_inside_a_cached_block_trains():
+    model, cache, run, x = _sequential_with_cache()
+    model[1].scale = nn.Parameter(torch.full((6,), 2.0))  # inside the cached prefix, trainable
+    with pytest.warns(UserWarning, match="changed since the cache was set up"):
+        out = run(x, torch.arange(8))
+    torch.testing.assert_close(out, model(x))
+    out.sum().backward()
+    assert model[1].scale.grad is not None and model[1].scale.grad.abs().sum() > 0
+    assert cache.boundary <= 1  # the cut stops before the trainable parameter

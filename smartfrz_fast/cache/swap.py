@@ -36,7 +36,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..units import preserved_state
 
 CHECK_SAMPLES = 4  # samples of the first batch that a cut is checked on
-MAX_CHECKS = 8  # cuts tried (deepest first) per freeze before the cache says none fits
+MAX_CHECKS = 24  # cuts tried (most work skipped first) per freeze before the cache says none fits
 
 
 class _Stop(BaseException):
@@ -58,7 +58,7 @@ class Call:
     end: int
     depth: int
     spec: Any = None  # pytree spec of the output
-    leaves: List[Any] = field(default_factory=list)  # per leaf: ("row", shape[1:], dtype) | ("const",) | ("value", v)
+    leaves: List[Any] = field(default_factory=list)  # per leaf: ("row", shape[1:], dtype) | ("const", shape, dtype) | ("value", v)
     out_ids: Set[int] = field(default_factory=set)  # ids of the output's tensors
     escapes_after: int = -1  # latest start of a later call that reads one of its output tensors
     calls_of_module: int = 1
@@ -84,7 +84,7 @@ def _describe_leaf(leaf: Any, batch: int):
     if isinstance(leaf, Tensor):
         if leaf.dim() > 0 and leaf.shape[0] == batch:
             return ("row", tuple(leaf.shape[1:]), leaf.dtype)
-        return ("const",)
+        return ("const", tuple(leaf.shape), leaf.dtype)
     return ("value", leaf)
 
 
@@ -188,6 +188,7 @@ class SwapChain:
         self.consts: Dict[int, List[Any]] = {}  # cut -> recorded non-per-sample leaves of C's output
         self.note: Optional[str] = None  # why the cut is shallower than the frozen prefix
         self._skipped: Dict[int, int] = {}
+        self._chosen: Dict[int, List[Call]] = {}
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -241,6 +242,11 @@ class SwapChain:
 
     def _stand_ins(self, cut: int) -> List[Call]:
         """Outermost calls that end before C starts and whose outputs are not read after C."""
+        if cut not in self._chosen:
+            self._chosen[cut] = self._find_stand_ins(cut)
+        return self._chosen[cut]
+
+    def _find_stand_ins(self, cut: int) -> List[Call]:
         c = self.candidates[cut - 1]
         chosen: List[Call] = []
         for call in reversed(self.all_calls):
@@ -255,8 +261,6 @@ class SwapChain:
 
     def _check(self, cut: int) -> Optional[str]:
         """None if the swapped forward reproduces the model on the recorded samples."""
-        from .split import _outputs_match
-
         c = self.candidates[cut - 1]
         inputs = self.sample
         modes = {m: m.training for m in self.model.modules()}
@@ -271,7 +275,7 @@ class SwapChain:
         finally:
             for m, training in modes.items():
                 m.training = training
-        if not _outputs_match(expected, got):
+        if not _all_outputs_match(expected, got):
             return (f"the model's output changes when {c.name}'s output is served from the cache and the "
                     "blocks before it are skipped, so something after it also reads the output of a block "
                     "before it (a residual or skip connection, an encoder read by a decoder)")
@@ -376,6 +380,21 @@ class SwapChain:
 _MISSING = object()
 
 
+def _all_outputs_match(a: Any, b: Any) -> bool:
+    """Every tensor of the output, not only the logits: a user who asks for every layer's
+    hidden states must not get placeholders for the frozen ones."""
+    la, lb = tree_flatten(a)[0], tree_flatten(b)[0]
+    if len(la) != len(lb):
+        return False
+    for x, y in zip(la, lb):
+        if isinstance(x, Tensor) != isinstance(y, Tensor):
+            return False
+        if isinstance(x, Tensor) and (x.shape != y.shape or not torch.allclose(
+                x.float(), y.float(), rtol=1e-4, atol=1e-5, equal_nan=True)):
+            return False
+    return True
+
+
 def _placeholder(call: Call, batch: int, args: tuple) -> Any:
     """A stand-in's output: the recorded structure, its input where that has the output's
     shape (free), else zeros."""
@@ -391,7 +410,8 @@ def _placeholder(call: Call, batch: int, args: tuple) -> Any:
                     (p.device for p in call.module.parameters()), torch.device("cpu"))
                 leaves.append(torch.zeros(shape, dtype=kind[2], device=device))
         elif kind[0] == "const":
-            leaves.append(None)
+            device = first.device if first is not None else torch.device("cpu")
+            leaves.append(torch.zeros(kind[1], dtype=kind[2], device=device))
         else:
             leaves.append(kind[1])
     return tree_unflatten(leaves, call.spec)
