@@ -343,6 +343,7 @@ class SwapChain:
             self.rows(_first_sample(inputs), cut)
         batch = h.shape[0]
         served = [False]
+        given = {id(t) for t in tree_flatten((inputs.args, inputs.kwargs))[0] if isinstance(t, Tensor)}
         value = self._unpack(c, cut, h)
         patched = []
 
@@ -352,7 +353,7 @@ class SwapChain:
             def forward(*a, **kw):
                 if served[0]:
                     return real(*a, **kw)
-                return _placeholder(call, batch, a)
+                return _placeholder(call, batch, a, given)
             return forward
 
         def serve_c(*a, **kw):
@@ -395,15 +396,16 @@ def _all_outputs_match(a: Any, b: Any) -> bool:
     return True
 
 
-def _placeholder(call: Call, batch: int, args: tuple) -> Any:
+def _placeholder(call: Call, batch: int, args: tuple, given: Set[int]) -> Any:
     """A stand-in's output: the recorded structure, its input where that has the output's
-    shape (free), else zeros."""
+    shape (free; never one of the user's input tensors, which the model might change in
+    place), else zeros."""
     leaves = []
     first = args[0] if args and isinstance(args[0], Tensor) else None
     for kind in call.leaves:
         if kind[0] == "row":
             shape = (batch, *kind[1])
-            if first is not None and tuple(first.shape) == shape and first.dtype == kind[2]:
+            if first is not None and tuple(first.shape) == shape and first.dtype == kind[2] and id(first) not in given:
                 leaves.append(first)
             else:
                 device = first.device if first is not None else next(
