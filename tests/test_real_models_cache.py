@@ -190,3 +190,44 @@ def test_parameter_added_inside_a_cached_block_trains():
     out.sum().backward()
     assert model[1].scale.grad is not None and model[1].scale.grad.abs().sum() > 0
     assert cache.boundary <= 1  # the cut stops before the trainable parameter
+
+
+class _Noisy(nn.Module):
+    """A random op that eval mode does not turn off (a user's own noise layer), once ``on``."""
+
+    on = False
+
+    def forward(self, x):
+        return x + 0.1 * torch.randn_like(x) if self.on else x
+
+
+def _noisy_run():
+    noisy = _Noisy()
+    model = nn.Sequential(nn.Linear(6, 6), noisy, nn.Linear(6, 6), nn.Linear(6, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 6)  # the same input every step
+    freezer = SmartFreezer(model, optimizer, policy=StaticFreeze(0), example_inputs=x)
+    freezer.freeze_to(2)
+    cache = ActivationCache(freezer, num_samples=8, deterministic=True, audit_rows=2)
+    return noisy, cache, cache.wrap(), x
+
+
+def test_audit_blames_a_nondeterministic_prefix_not_the_data():
+    noisy, cache, run, x = _noisy_run()
+    run(x, torch.arange(8)).sum().backward()  # the chain is checked and rows stored: deterministic so far
+    noisy.on = True
+    with pytest.warns(UserWarning, match="frozen prefix is not deterministic") as caught:
+        for _ in range(2):
+            run(x, torch.arange(8)).sum().backward()
+    assert not cache.enabled and "not deterministic" in cache.reason
+    assert not any("augmentation" in str(w.message) for w in caught), [str(w.message) for w in caught]
+
+
+def test_a_model_random_in_eval_is_not_cut_and_told_why():
+    noisy, cache, run, x = _noisy_run()
+    noisy.on = True
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(x, torch.arange(8)).sum().backward()
+    assert not cache.active and "not deterministic in eval mode" in cache.describe(), cache.describe()
+    assert not any("augmentation" in str(w.message) for w in caught)

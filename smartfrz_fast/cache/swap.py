@@ -39,6 +39,10 @@ CHECK_SAMPLES = 4  # samples of the first batch that a cut is checked on
 MAX_CHECKS = 24  # cuts tried (most work skipped first) per freeze before the cache says none fits
 
 
+NOT_REPRODUCIBLE = ("the model is not deterministic in eval mode: two forward passes on the same samples "
+                    "differ (a random op that eval mode does not turn off), so no cached row could match it")
+
+
 class _Stop(BaseException):
     """Ends a forward pass once the cut's output is known (BaseException: a model's own
     ``except Exception`` does not swallow it)."""
@@ -270,6 +274,10 @@ class SwapChain:
                 expected = self.model(*inputs.args, **inputs.kwargs)
                 rows = self.rows(inputs, cut)
                 got = self.serve(inputs, cut, rows)
+                if not _all_outputs_match(expected, got):
+                    again = self.model(*inputs.args, **inputs.kwargs)
+                    if not _all_outputs_match(expected, again):
+                        return NOT_REPRODUCIBLE
         except Exception as exc:
             return f"the model fails with {c.name} swapped ({type(exc).__name__}: {exc})"
         finally:
