@@ -229,9 +229,22 @@ def test_untraceable_model_gives_a_reason():
                 h = -h
             return self.b(h)
 
-    chain, why = find_blocks(Branchy(), Inputs((torch.randn(2, 3),)))
+    # fx cannot trace it; the module swap runs the model's own forward, branch included
+    chain, how = find_blocks(Branchy(), Inputs((torch.randn(2, 3),)))
+    assert how == "module swap" and [b.name for b in chain.blocks] == ["a", "b", "rest"]
+
+    class Functional(nn.Module):  # no submodule to swap either: nothing to cut at, and why
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 3))
+
+        def forward(self, x):
+            h = x @ self.w
+            return -h if h.sum() > 0 else h
+
+    chain, why = find_blocks(Functional(), Inputs((torch.randn(2, 3),)))
     assert chain is None
-    assert "torch.fx cannot trace Branchy" in why and "blocks=" in why
+    assert "torch.fx cannot trace Functional" in why and "no module of Functional" in why and "blocks=" in why
 
 
 def test_structure_that_does_not_match_falls_back():
@@ -257,8 +270,17 @@ def test_hugging_face_gpt2_tiny():
         h = chain.run(Inputs((ids,)), 0, 2)
         torch.testing.assert_close(chain.run(Inputs((ids,)), 2, h=h).logits, model(ids).logits)
     # inputs the chain does not take (here: a request for every layer's output) refuse it; the reason says so
-    chain, why = find_blocks(model, Inputs((), {"input_ids": ids, "output_hidden_states": True}))
-    assert chain is None and "takes input_ids and optionally" in why
+    # so the module swap takes it; with the embeddings and two layers frozen, only the embeddings'
+    # output can be served: every later layer's output is returned too (the check says so)
+    inputs = Inputs((), {"input_ids": ids, "output_hidden_states": True})
+    chain, how = find_blocks(model, inputs)
+    assert how == "module swap"
+    frozen = [model.transformer.wte, model.transformer.wpe, model.transformer.h[0], model.transformer.h[1]]
+    for p in (p for m in frozen for p in m.parameters()):
+        p.requires_grad_(False)
+    frozen_blocks = next(i for i, b in enumerate(chain.blocks) if any(p.requires_grad for p in b.parameters()))
+    cut = chain.usable_cut(frozen_blocks)
+    assert chain.blocks[cut - 1].name == "transformer.drop" and "output changes" in chain.note, chain.note
 
 
 def test_hugging_face_gpt2_trains_with_the_cache():

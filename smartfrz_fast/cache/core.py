@@ -24,6 +24,7 @@ import hashlib
 import os
 import uuid
 import warnings
+import weakref
 from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Any, Dict, Iterable, Iterator, Optional, Sequence, Tuple
@@ -172,6 +173,9 @@ class ActivationCache:
         # names the run an mmap file belongs to (in its header, kept by deeper freezes and resumes)
         self._lineage: Optional[str] = uuid.uuid4().hex if storage == "mmap" else None
         self._warned: set = set()  # kinds of warning given once already
+        self.cut_note: Optional[str] = None  # why the cut is not as deep as the frozen prefix
+        self._structure_changed = False  # a module or parameter registered in the model since set-up
+        self._structure_hooks: list = []
         freezer.add_freeze_listener(self._on_freeze)
 
     # ------------------------------------------------------------------ public
@@ -216,12 +220,16 @@ class ActivationCache:
             return f"activation cache off: {self.reason}"
         if self.chain is None:
             return "activation cache: waiting for the first forward pass"
-        state = (f"{self.boundary}/{len(self.chain)} blocks cached ({self.chain.how}), "
+        if self.boundary == 0:
+            return f"activation cache on, nothing cached ({self.chain.how}): {self.reason or self.cut_note}"
+        cut = f", cut after {self.chain.blocks[self.boundary - 1].name}" if self.chain.how == "module swap" else ""
+        state = (f"{self.boundary}/{len(self.chain)} blocks cached ({self.chain.how}{cut}), "
                  f"{self.tier} {str(self.storage_dtype).replace('torch.', '')}")
         if self._store is not None:
             state += (f", {self._store.used}/{self._store.capacity} rows of "
                       f"{self._store.nbytes_per_row} B")
-        return f"activation cache on: {state}; " + ", ".join(f"{k} {v}" for k, v in self.stats.items())
+        note = f"; {self.cut_note}" if self.cut_note else ""
+        return f"activation cache on: {state}; " + ", ".join(f"{k} {v}" for k, v in self.stats.items()) + note
 
     def prefetch(self, sample_ids) -> None:
         """Start copying the cached rows of the next batch to the GPU (pinned tier only)."""
@@ -403,6 +411,8 @@ class ActivationCache:
 
     # ------------------------------------------------------------------ forward
     def forward(self, model: nn.Module, inputs: Inputs, sample_ids) -> Any:
+        if self._structure_changed:
+            self._rederive()
         if self.enabled and not self._setup_done:
             self._setup(model, inputs)
         if not self.active:
@@ -432,11 +442,49 @@ class ActivationCache:
             self._disable(f"no block boundary to cut at: {how}")
             return
         self.chain = chain
+        self._watch_structure(model)
         boundary = self._frozen_blocks()
         if self._resume is not None:
             state, self._resume = self._resume, None
             self._restore(state, boundary)
         self._advance(boundary)
+
+    def _watch_structure(self, model: nn.Module) -> None:
+        """Notice a module, parameter or buffer registered in the model after set-up (a block
+        appended to an nn.Sequential, a parameter added to or replaced in a cached block): the
+        block chain no longer matches the model, so the cache re-derives it at the next
+        forward. torch's global registration hooks cost nothing per step."""
+        from torch.nn.modules import module as module_lib
+
+        for handle in self._structure_hooks:
+            handle.remove()
+        watched = {id(m) for m in model.modules()}
+        me = weakref.ref(self)
+
+        def changed(module, name, value):
+            cache = me()
+            if cache is not None and id(module) in watched:
+                cache._structure_changed = True
+        self._structure_hooks = [module_lib.register_module_module_registration_hook(changed),
+                                 module_lib.register_module_parameter_registration_hook(changed),
+                                 module_lib.register_module_buffer_registration_hook(changed)]
+
+    def _rederive(self) -> None:
+        """Drop the chain and every cached row (computed by the old structure); the next
+        forward finds the chain of the model as it is now."""
+        self._structure_changed = False
+        for handle in self._structure_hooks:
+            handle.remove()
+        self._structure_hooks = []
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        self._sides = SideInputs(self.num_samples)
+        self.chain, self.boundary, self._act, self._input_sig = None, 0, None, None
+        self._setup_done = False
+        if self.enabled:
+            warnings.warn("ActivationCache: the model's modules or parameters changed since the cache was set "
+                          "up; its cached rows are dropped and its blocks found again", stacklevel=4)
 
     def _prefix_output(self, inputs: Inputs, ids: Tensor) -> Optional[Tensor]:
         store = self._store
@@ -558,6 +606,18 @@ class ActivationCache:
         if bool(bad.any()):
             worst = int(bad.nonzero()[0])
             sample = int(ids[hit[worst]])
+            again = self._compute_prefix(_index_inputs(inputs, hit[worst:worst + 1], ids.numel()))
+            if again is None:
+                return False
+            drift = float((again.float().flatten(1)[0] - fresh[worst]).abs().amax())
+            if not drift <= float(bound[worst]):  # the same input twice: the prefix itself differs
+                self._disable(
+                    f"audit: the frozen prefix is not deterministic: computing sample {sample} twice from the "
+                    f"same input gave results {drift:.3g} apart (allowed {float(bound[worst]):.3g}). Some op "
+                    "before the cut draws random numbers or is nondeterministic even in eval mode; the cache "
+                    "is off and the prefix runs every step")
+                warnings.warn(f"ActivationCache turned off: {self.reason}", stacklevel=5)
+                return False
             found = (f"the cached activation of sample {sample} differs from a fresh recompute (max error "
                      f"{float(err[worst]):.3g}, allowed {float(bound[worst]):.3g})")
             self._audit_failed(found, self._diagnose(sample, _index_inputs(inputs, hit[worst:worst + 1], ids.numel())))
@@ -613,13 +673,46 @@ class ActivationCache:
 
     # ------------------------------------------------------------------ boundary
     def _frozen_blocks(self) -> int:
-        """Leading chain blocks with every parameter frozen (the last block always runs)."""
-        count = 0
+        """Leading chain blocks with every parameter frozen (the last block always runs); for
+        the module-swap chain, the deepest of those cuts that passes its check. Sets
+        ``cut_note``: why the cut is not deeper, when something the user can act on stops it."""
+        count, stopped_by = 0, None
         for block in self.chain.blocks[:-1]:
-            if any(p.requires_grad for p in block.parameters()):
+            trainable = [p for p in block.parameters() if p.requires_grad]
+            if trainable:
+                stopped_by = (block, trainable[0])
                 break
             count += 1
+        self.cut_note = self._why_not_deeper(count, stopped_by)
+        usable = getattr(self.chain, "usable_cut", None)
+        if usable is not None:
+            count = usable(count)
+            if self.chain.note:
+                self.cut_note = self.chain.note if count == 0 or self.cut_note is None else \
+                    f"{self.chain.note}; {self.cut_note}"
+        if count == 0 and self.cut_note is None:
+            self.cut_note = "nothing is frozen yet (the cache serves the frozen prefix once the freezer freezes one)"
+        if self.enabled:  # while nothing is cached, cache.reason says why
+            self.reason = self.cut_note if count == 0 else None
         return count
+
+    def _why_not_deeper(self, count: int, stopped_by) -> Optional[str]:
+        """A trainable parameter in a block before the freezer's frozen prefix ends: cached rows
+        computed through it would go stale (a weight shared with a trainable head)."""
+        if stopped_by is None:
+            return None
+        block, param = stopped_by
+        unit_of = {id(p): u.index for u in self.freezer.units for p in u.parameters}
+        later_frozen = [unit_of[id(p)] for b in self.chain.blocks[count:] for p in b.parameters()
+                        if not p.requires_grad and id(p) in unit_of]
+        if id(param) in unit_of and not any(i > unit_of[id(param)] for i in later_frozen):
+            return None  # the freezer's frozen prefix simply ends here (inside this block)
+        names = [n for n, p in self.freezer.module.named_parameters(remove_duplicate=False) if p is param]
+        shared = f" (shared: {', '.join(names)})" if len(names) > 1 else ""
+        return (f"parameter {names[0] if names else '?'}{shared} keeps training and is read by block "
+                f"{block.name!r} of the frozen prefix; rows cached through it would go stale, so the cache "
+                f"cuts before it ({count} of {len(self.chain.blocks)} blocks). Freeze that parameter with the "
+                "prefix (or untie it) to cache deeper")
 
     def _on_freeze(self, event, newly_frozen) -> None:
         if self.enabled and self.chain is not None:

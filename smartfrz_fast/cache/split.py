@@ -559,6 +559,17 @@ KNOWN_STRUCTURES = (_sequential, _resnet, _vgg, _vit, _convnext, _gpt2, _bert, _
 
 
 # ------------------------------------------------------------------ torch.fx
+class _ModeFreeTracer(torch.fx.Tracer):
+    """Keeps parameter-free leaf modules (StochasticDepth, DropPath, activations) as calls: traced
+    through, a ``self.training`` they read would be recorded as the trace's constant
+    (``stochastic_depth(x, p, 'row', True)``), and the cached prefix would run them in train mode."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname and next(m.children(), None) is None and next(m.parameters(recurse=False), None) is None:
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
 def fx_chain(model: nn.Module) -> BlockChain:
     """Trace ``model`` and cut its graph wherever exactly one computed value is live.
 
@@ -566,7 +577,7 @@ def fx_chain(model: nn.Module) -> BlockChain:
     original inputs and reads attributes itself. Segments that own no parameters are merged
     into the one before, so blocks line up with layers.
     """
-    gm = torch.fx.symbolic_trace(model)
+    gm = torch.fx.GraphModule(model, _ModeFreeTracer().trace(model), type(model).__name__)
     nodes = list(gm.graph.nodes)
     compute = [n for n in nodes if n.op not in ("placeholder", "get_attr", "output")]
     output = next(n for n in nodes if n.op == "output")
@@ -671,12 +682,17 @@ def verify_chain(model: nn.Module, chain: BlockChain, inputs: Inputs) -> Optiona
         with preserved_state(model), torch.no_grad():
             expected = model(*inputs.args, **inputs.kwargs)
             got = chain.run(inputs)
+            again = None if _outputs_match(expected, got) else model(*inputs.args, **inputs.kwargs)
     except Exception as exc:  # a recogniser's guess that does not run is just not this model
-        return f"running the {chain.how} blocks failed ({type(exc).__name__}: {exc})"
+        return f"running the {chain.how} chain failed ({type(exc).__name__}: {exc})"
     finally:
         for m, training in modes.items():
             m.training = training
-    if not _outputs_match(expected, got):
+    if again is not None:
+        if not _outputs_match(expected, again):
+            from .swap import NOT_REPRODUCIBLE
+
+            return NOT_REPRODUCIBLE
         return f"the {chain.how} blocks do not reproduce the model's output"
     return None
 
@@ -721,4 +737,10 @@ def find_blocks(model: nn.Module, inputs: Inputs, blocks: Optional[Sequence[nn.M
             if why is None:
                 return chain, chain.how
             reasons.append(why)
+    from .swap import swap_chain
+
+    swapped, why = swap_chain(model, inputs)
+    if swapped is not None:
+        return swapped, swapped.how
+    reasons.append(why)
     return None, "; ".join(reasons) + ". Pass blocks=[...] (modules whose composition is the model)."

@@ -1,0 +1,451 @@
+"""Running a frozen prefix from cached rows by module swap: the model's own forward runs, and
+while the cache serves a batch its frozen blocks are swapped for stand-ins.
+
+One recorded forward pass (eval, no grad, RNG and buffers restored) lists every module call in
+the order the calls *end*, with the first use of every parameter (aten ops seen by a dispatch
+mode), and which later calls read each call's output tensors. A cut is a module ``C`` called
+once whose output holds the batch dimension; cutting after ``C`` is allowed when every
+parameter read before ``C`` ends is frozen (a shared weight that keeps training from the head's
+side would make the cached rows stale). Serving a batch cut after ``C``:
+
+- the outermost module calls that end before ``C`` starts and whose outputs are not read after
+  ``C`` (``S``) return a placeholder of their recorded output structure (their input when it has
+  the output's shape, else zeros); later calls of them, after ``C``, run for real;
+- ``C`` returns the cached rows in the structure the real ``C`` returned (a tensor, a tuple, a
+  Hugging Face output) and constants recorded with the rows;
+- everything else (embedding sums, masks, rotary tables, the trainable suffix) runs as the
+  model's forward has it, in the model's mode.
+
+Rows are computed by running the model in eval mode without grad until ``C`` returns (the rest
+of the forward is skipped). Each cut is checked on a few samples of the first batch before it
+is used: the swapped forward must reproduce the real model's output. Where a frozen block's
+output is read by something other than what follows it (a U-Net skip, an encoder read by each
+decoder layer), the check fails and the cache cuts earlier, saying why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ..units import preserved_state
+
+CHECK_SAMPLES = 4  # samples of the first batch that a cut is checked on
+MAX_CHECKS = 24  # cuts tried (most work skipped first) per freeze before the cache says none fits
+
+
+NOT_REPRODUCIBLE = ("the model is not deterministic in eval mode: two forward passes on the same samples "
+                    "differ (a random op that eval mode does not turn off), so no cached row could match it")
+
+
+class _Stop(BaseException):
+    """Ends a forward pass once the cut's output is known (BaseException: a model's own
+    ``except Exception`` does not swallow it)."""
+
+    def __init__(self, output: Any) -> None:
+        super().__init__()
+        self.output = output
+
+
+@dataclass
+class Call:
+    """One module call of the recorded forward pass."""
+
+    name: str
+    module: nn.Module
+    start: int  # aten op count when the call began / ended
+    end: int
+    depth: int
+    spec: Any = None  # pytree spec of the output
+    leaves: List[Any] = field(default_factory=list)  # per leaf: ("row", shape[1:], dtype) | ("const", shape, dtype) | ("value", v)
+    out_ids: Set[int] = field(default_factory=set)  # ids of the output's tensors
+    escapes_after: int = -1  # latest start of a later call that reads one of its output tensors
+    calls_of_module: int = 1
+    first_arg: Optional[Tuple[Tuple[int, ...], torch.dtype]] = None
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self, watched: Dict[int, nn.Parameter]):
+        super().__init__()
+        self.count = 0
+        self.watched = watched
+        self.first_use: Dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for leaf in tree_flatten((args, kwargs or {}))[0]:
+            if isinstance(leaf, Tensor) and id(leaf) in self.watched and id(leaf) not in self.first_use:
+                self.first_use[id(leaf)] = self.count
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _describe_leaf(leaf: Any, batch: int):
+    if isinstance(leaf, Tensor):
+        if leaf.dim() > 0 and leaf.shape[0] == batch:
+            return ("row", tuple(leaf.shape[1:]), leaf.dtype)
+        return ("const", tuple(leaf.shape), leaf.dtype)
+    return ("value", leaf)
+
+
+def record_calls(model: nn.Module, args: tuple, kwargs: dict, batch: int) -> Tuple[List[Call], Dict[int, int], Any]:
+    """Every module call of one forward pass (eval, no grad), the first aten op reading each
+    parameter, and the model's output."""
+    names: Dict[int, str] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), name)
+    params = {id(p): p for p in model.parameters()}
+    counter = _OpCounter(params)
+    calls: List[Call] = []
+    stack: List[Tuple[nn.Module, int, Any]] = []
+    keep: List[Any] = []  # recorded tensors stay alive, so their ids stay unique
+    readers: List[Tuple[int, Set[int]]] = []  # (start, ids of the tensors a call reads)
+    count_of: Dict[int, int] = {}
+
+    def pre(module, a, kw):
+        leaves = [t for t in tree_flatten((a, kw))[0] if isinstance(t, Tensor)]
+        keep.extend(leaves)
+        readers.append((counter.count, {id(t) for t in leaves}))
+        first = a[0] if a and isinstance(a[0], Tensor) else None
+        stack.append((module, counter.count, None if first is None else (tuple(first.shape), first.dtype)))
+        count_of[id(module)] = count_of.get(id(module), 0) + 1
+
+    def post(module, a, kw, out):
+        _, start, first = stack.pop()
+        leaves, spec = tree_flatten(out)
+        keep.append(out)
+        calls.append(Call(names.get(id(module), "?"), module, start, counter.count, len(stack), spec,
+                          [_describe_leaf(x, batch) for x in leaves],
+                          {id(x) for x in leaves if isinstance(x, Tensor)}, first_arg=first))
+
+    hooks = []
+    for module in model.modules():
+        hooks.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        hooks.append(module.register_forward_hook(post, with_kwargs=True))
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with preserved_state(model), torch.no_grad(), counter:
+            output = model(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+    for call in calls:
+        call.calls_of_module = count_of[id(call.module)]
+        for start, ids in readers:
+            if start >= call.end and call.out_ids & ids:
+                call.escapes_after = max(call.escapes_after, start)
+    final_ids = {id(t) for t in tree_flatten(output)[0] if isinstance(t, Tensor)}
+    for call in calls:
+        if call.out_ids & final_ids:
+            call.escapes_after = max(call.escapes_after, counter.count)
+    return calls, counter.first_use, output
+
+
+def _param_names(model: nn.Module) -> Dict[int, List[str]]:
+    out: Dict[int, List[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        out.setdefault(id(p), []).append(name)
+    return out
+
+
+class SwapChain:
+    """A ``BlockChain`` look-alike for the activation cache (see the module docstring). Block
+    ``k`` is the cut after candidate call ``k``; its parameters are those first read since the
+    previous candidate ended, so "the first ``k`` blocks are frozen" means every parameter read
+    before candidate ``k-1`` ends is frozen. A final block holds the rest of the model."""
+
+    how = "module swap"
+    bind = None
+    side_inputs: Tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module, calls: List[Call], first_use: Dict[int, int], sample, batch: int):
+        from .split import Block, _ParamHolder
+
+        self.model = model
+        self.sample = sample  # Inputs: a few samples of the first batch, to check cuts on
+        self.all_calls = calls
+        self.candidates = [c for c in calls if c.depth > 0 and c.calls_of_module == 1
+                           and any(leaf[0] == "row" for leaf in c.leaves)]
+        params = {id(p): p for p in model.parameters()}
+        order = sorted(first_use.items(), key=lambda item: item[1])
+        self.names = _param_names(model)
+        self.blocks = []
+        taken = 0
+        for call in self.candidates:
+            own = []
+            while taken < len(order) and order[taken][1] < call.end:
+                own.append(params[order[taken][0]])
+                taken += 1
+            # only the parameters first read in this stretch: a container candidate ending later
+            # must not count its (earlier) children's parameters again
+            self.blocks.append(Block(call.name, None, [_ParamHolder(*own)], needs_inputs=True))
+        rest = [params[pid] for pid, _ in order[taken:]]
+        self.blocks.append(Block("rest", None, [_ParamHolder(*rest)], needs_inputs=True))
+        self.checked: Dict[int, Optional[str]] = {}  # cut (blocks before it) -> None if it works, else why
+        self.consts: Dict[int, List[Any]] = {}  # cut -> recorded non-per-sample leaves of C's output
+        self.note: Optional[str] = None  # why the cut is shallower than the frozen prefix
+        self._skipped: Dict[int, int] = {}
+        self._chosen: Dict[int, List[Call]] = {}
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    # ------------------------------------------------------------------ choosing the cut
+    def usable_cut(self, frozen: int) -> int:
+        """The cut ``<= frozen`` that skips the most of the forward pass (aten ops of the swapped
+        calls) among those that pass their check; 0 if none does."""
+        self.note = None
+        ranked, first_failure, implausible = [], None, None
+        for cut in range(frozen, 0, -1):
+            why = self._plausible(cut)
+            if why is None:
+                ranked.append(cut)
+            else:
+                implausible = implausible or why
+        ranked.sort(key=lambda cut: (-self._skipped_ops(cut), -cut))
+        tried = 0
+        for cut in ranked:
+            if cut not in self.checked:
+                if tried >= MAX_CHECKS:
+                    break
+                tried += 1
+                self.checked[cut] = self._check(cut)
+            why = self.checked[cut]
+            if why is None:
+                if cut < frozen and first_failure is not None:
+                    self.note = f"not cut deeper: {first_failure}"
+                return cut
+            first_failure = first_failure or why
+        if frozen:
+            self.note = (f"no frozen block's output can stand in for the frozen prefix: "
+                         f"{first_failure or implausible or 'not checked'}"
+                         f"{' (gave up after %d checks)' % MAX_CHECKS if tried >= MAX_CHECKS else ''}")
+        return 0
+
+    def _skipped_ops(self, cut: int) -> int:
+        if cut not in self._skipped:
+            c = self.candidates[cut - 1]
+            self._skipped[cut] = c.end - c.start + sum(s.end - s.start for s in self._stand_ins(cut))
+        return self._skipped[cut]
+
+    def _plausible(self, cut: int) -> Optional[str]:
+        c = self.candidates[cut - 1]
+        rows = [leaf for leaf in c.leaves if leaf[0] == "row"]
+        if len({leaf[2] for leaf in rows}) > 1:
+            return f"{c.name} returns per-sample tensors of several dtypes"
+        if c.escapes_after < 0:
+            return f"nothing after {c.name} reads its output"
+        return None
+
+    def _stand_ins(self, cut: int) -> List[Call]:
+        """Outermost calls that end before C starts and whose outputs are not read after C."""
+        if cut not in self._chosen:
+            self._chosen[cut] = self._find_stand_ins(cut)
+        return self._chosen[cut]
+
+    def _find_stand_ins(self, cut: int) -> List[Call]:
+        c = self.candidates[cut - 1]
+        chosen: List[Call] = []
+        for call in reversed(self.all_calls):
+            if call.end > c.start or call.depth == 0:
+                continue
+            if any(o.start <= call.start and call.end <= o.end for o in chosen):
+                continue  # inside a stand-in already
+            if call.escapes_after > c.end or call.calls_of_module > 1:
+                continue  # read after C, or a module also called elsewhere (a shared embedding): runs
+            chosen.append(call)
+        return chosen
+
+    def _check(self, cut: int) -> Optional[str]:
+        """None if the swapped forward reproduces the model on the recorded samples."""
+        c = self.candidates[cut - 1]
+        inputs = self.sample
+        modes = {m: m.training for m in self.model.modules()}
+        try:
+            self.model.eval()
+            with preserved_state(self.model), torch.no_grad():
+                expected = self.model(*inputs.args, **inputs.kwargs)
+                rows = self.rows(inputs, cut)
+                got = self.serve(inputs, cut, rows)
+                if not _all_outputs_match(expected, got):
+                    again = self.model(*inputs.args, **inputs.kwargs)
+                    if not _all_outputs_match(expected, again):
+                        return NOT_REPRODUCIBLE
+        except Exception as exc:
+            return f"the model fails with {c.name} swapped ({type(exc).__name__}: {exc})"
+        finally:
+            for m, training in modes.items():
+                m.training = training
+        if not _all_outputs_match(expected, got):
+            return (f"the model's output changes when {c.name}'s output is served from the cache and the "
+                    "blocks before it are skipped, so something after it also reads the output of a block "
+                    "before it (a residual or skip connection, an encoder read by a decoder)")
+        return None
+
+    # ------------------------------------------------------------------ running
+    def run(self, inputs, start: int = 0, stop: Optional[int] = None, h: Any = None) -> Any:
+        if start == 0:
+            return self.rows(inputs, stop)
+        if stop is not None and stop != len(self.blocks):
+            raise NotImplementedError("the module-swap chain runs a prefix or the rest, nothing between")
+        return self.serve(inputs, start, h)
+
+    def rows(self, inputs, cut: int) -> Tensor:
+        """C's output for every sample of ``inputs``, packed one row per sample: the model runs
+        in eval mode without grad up to C, and stops there."""
+        c = self.candidates[cut - 1]
+
+        def stop(module, a, out):
+            raise _Stop(out)
+
+        modes = {m: m.training for m in self.model.modules()}
+        handle = c.module.register_forward_hook(stop)
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                self.model(*inputs.args, **inputs.kwargs)
+        except _Stop as s:
+            out = s.output
+        else:
+            raise RuntimeError(f"the module-swap cache expected {c.name} to run in the forward pass; it did not")
+        finally:
+            handle.remove()
+            for m, training in modes.items():
+                m.training = training
+        leaves, _ = tree_flatten(out)
+        rows = [x for x, kind in zip(leaves, c.leaves) if kind[0] == "row"]
+        self.consts[cut] = [x for x, kind in zip(leaves, c.leaves) if kind[0] == "const"]
+        if len(rows) == 1:
+            return rows[0]
+        return torch.cat([r.reshape(r.shape[0], -1) for r in rows], 1)
+
+    def _unpack(self, c: Call, cut: int, h: Tensor) -> Any:
+        rows = [kind for kind in c.leaves if kind[0] == "row"]
+        consts = iter(self.consts[cut])
+        offset, leaves = 0, []
+        for kind in c.leaves:
+            if kind[0] == "row":
+                if len(rows) == 1:
+                    leaves.append(h)
+                else:
+                    n = int(torch.Size(kind[1]).numel())
+                    leaves.append(h[:, offset:offset + n].reshape(h.shape[0], *kind[1]))
+                    offset += n
+            elif kind[0] == "const":
+                leaves.append(next(consts))
+            else:
+                leaves.append(kind[1])
+        return tree_unflatten(leaves, c.spec)
+
+    def serve(self, inputs, cut: int, h: Tensor) -> Any:
+        """The model's forward with C returning ``h`` and the stand-ins returning placeholders."""
+        c = self.candidates[cut - 1]
+        if cut not in self.consts:  # rows came from a checkpoint: record C's constants once
+            self.rows(_first_sample(inputs), cut)
+        batch = h.shape[0]
+        served = [False]
+        given = {id(t) for t in tree_flatten((inputs.args, inputs.kwargs))[0] if isinstance(t, Tensor)}
+        value = self._unpack(c, cut, h)
+        patched = []
+
+        def stand_in(call: Call):
+            real = call.module.forward
+
+            def forward(*a, **kw):
+                if served[0]:
+                    return real(*a, **kw)
+                return _placeholder(call, batch, a, given)
+            return forward
+
+        def serve_c(*a, **kw):
+            if served[0]:
+                return real_c(*a, **kw)
+            served[0] = True
+            return value
+
+        real_c = c.module.forward
+        try:
+            for call in self._stand_ins(cut):
+                patched.append((call.module, call.module.__dict__.get("forward", _MISSING)))
+                call.module.forward = stand_in(call)
+            patched.append((c.module, c.module.__dict__.get("forward", _MISSING)))
+            c.module.forward = serve_c
+            return self.model(*inputs.args, **inputs.kwargs)
+        finally:
+            for module, old in reversed(patched):
+                if old is _MISSING:
+                    module.__dict__.pop("forward", None)
+                else:
+                    module.forward = old
+
+
+_MISSING = object()
+
+
+def _all_outputs_match(a: Any, b: Any) -> bool:
+    """Every tensor of the output, not only the logits: a user who asks for every layer's
+    hidden states must not get placeholders for the frozen ones."""
+    la, lb = tree_flatten(a)[0], tree_flatten(b)[0]
+    if len(la) != len(lb):
+        return False
+    for x, y in zip(la, lb):
+        if isinstance(x, Tensor) != isinstance(y, Tensor):
+            return False
+        if isinstance(x, Tensor) and (x.shape != y.shape or not torch.allclose(
+                x.float(), y.float(), rtol=1e-4, atol=1e-5, equal_nan=True)):
+            return False
+    return True
+
+
+def _placeholder(call: Call, batch: int, args: tuple, given: Set[int]) -> Any:
+    """A stand-in's output: the recorded structure, its input where that has the output's
+    shape (free; never one of the user's input tensors, which the model might change in
+    place), else zeros."""
+    leaves = []
+    first = args[0] if args and isinstance(args[0], Tensor) else None
+    for kind in call.leaves:
+        if kind[0] == "row":
+            shape = (batch, *kind[1])
+            if first is not None and tuple(first.shape) == shape and first.dtype == kind[2] and id(first) not in given:
+                leaves.append(first)
+            else:
+                device = first.device if first is not None else next(
+                    (p.device for p in call.module.parameters()), torch.device("cpu"))
+                leaves.append(torch.zeros(shape, dtype=kind[2], device=device))
+        elif kind[0] == "const":
+            device = first.device if first is not None else torch.device("cpu")
+            leaves.append(torch.zeros(kind[1], dtype=kind[2], device=device))
+        else:
+            leaves.append(kind[1])
+    return tree_unflatten(leaves, call.spec)
+
+
+def _first_sample(inputs):
+    from .core import _batch_size, _index_inputs
+
+    return _index_inputs(inputs, torch.arange(1), _batch_size(inputs))
+
+
+def swap_chain(model: nn.Module, inputs) -> Tuple[Optional[SwapChain], str]:
+    """The module-swap chain of ``model`` recorded on a few samples of ``inputs``, or None and why."""
+    from .core import _batch_size, _index_inputs
+
+    batch = _batch_size(inputs)
+    n = min(batch, CHECK_SAMPLES)
+    sample = _index_inputs(inputs, torch.arange(n), batch)
+    sample.memo = {}
+    try:
+        calls, first_use, _ = record_calls(model, sample.args, sample.kwargs, n)
+    except Exception as exc:
+        return None, f"recording the module calls failed ({type(exc).__name__}: {exc})"
+    chain = SwapChain(model, calls, first_use, sample, n)
+    if not chain.candidates:
+        return None, f"no module of {type(model).__name__} is called once with an output holding the batch dimension"
+    return chain, chain.how

@@ -1,0 +1,233 @@
+"""The activation cache on real architectures built from their libraries' configs
+(tests/real_models.py): about half the units frozen, the same batches per sample id every
+epoch. The cache turns on or says precisely why not; training with it gives the loss and
+weights of freezing without it; its audits raise no false alarm."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from real_models import ALL_MODELS, BATCH, build
+from smartfrz_fast import SmartFreezer
+from smartfrz_fast.cache import ActivationCache
+from smartfrz_fast.policy import StaticFreeze
+
+STEPS = 6  # 2 batches of BATCH samples: an epoch every 2 steps, so rows hit and audits run
+FREEZE_AT = 1
+TOL = dict(rtol=1e-4, atol=1e-5)  # fp32; rows computed on a subset of a batch may round differently
+
+
+def _eval_frozen_subtrees(model: nn.Module) -> None:
+    """A frozen prefix is a fixed feature extractor: every module whose parameters are all
+    frozen runs in eval (attention dropout and stochastic depth included), as the cache computes
+    its rows. Applied in both runs, so they are compared under the same semantics."""
+    for module in model.modules():
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            module.eval()
+
+
+def _random_ops_before_training_layers_eval(model: nn.Module, freezer, run: nn.Module) -> None:
+    """Parameter-free leaf modules (dropout, stochastic depth) run in eval when called before the
+    first trainable layer of the pass: swin_t calls one StochasticDepth module after a block's
+    attention (frozen) and after its MLP (trainable); the cache runs the first call in eval."""
+    passed = [False]
+    first_trainable = next(u for u in freezer.units if u.parameters[0].requires_grad)
+    for start in (run, model):  # each pass starts in the frozen prefix
+        start.register_forward_pre_hook(lambda m, a: passed.__setitem__(0, False))
+    first_trainable.modules[0].register_forward_pre_hook(lambda m, a: passed.__setitem__(0, True))
+    for module in model.modules():
+        if module is not model and next(module.children(), None) is None and next(module.parameters(), None) is None:
+            module.register_forward_pre_hook(lambda m, a: setattr(m, "training", passed[0] and model.training))
+
+
+def _freeze_half(freezer) -> None:
+    freezer.freeze_to(len(freezer.units) // 2)
+
+
+def _train(name: str, cache_on: bool, freeze=_freeze_half):
+    real = build(name)
+    model = real.model
+    args, kwargs = real.batch(0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.005)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tied-weight notices: another test's subject
+        freezer = SmartFreezer(model, optimizer, policy=StaticFreeze(0), example_inputs=args, example_kwargs=kwargs)
+    freezer.add_freeze_listener(lambda event, units: _eval_frozen_subtrees(model))
+    cache = ActivationCache(freezer, num_samples=2 * BATCH, deterministic=True, audit_rows=2) if cache_on else None
+    run = cache.wrap() if cache_on else model
+    model.train()
+    losses = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(STEPS):
+            if step == FREEZE_AT:
+                freeze(freezer)
+                if any(not p.requires_grad for p in model.parameters()):
+                    _random_ops_before_training_layers_eval(model, freezer, run)
+            args, kwargs = real.batch(step % 2)
+            ids = torch.arange(BATCH) + BATCH * (step % 2)
+            out = run(args, ids, **kwargs) if cache_on else model(*args, **kwargs)
+            loss = real.loss(out, step % 2)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            freezer.step()
+            losses.append(float(loss))
+    messages = [str(w.message) for w in caught if "ActivationCache" in str(w.message)]
+    return model, freezer, cache, losses, messages
+
+
+def _assert_same_training(name, plain, plain_losses, cached, losses):
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(plain_losses), **TOL)
+    for (n, a), b in zip(cached.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, **TOL, msg=f"{name}: {n}")
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_cache_on_real_model(name):
+    plain, freezer, _, plain_losses, _ = _train(name, cache_on=False)
+    cached, freezer_c, cache, losses, messages = _train(name, cache_on=True)
+    assert freezer.num_frozen == freezer_c.num_frozen
+    text = cache.describe()
+    assert not messages, (text, messages)  # no audit alarm, no failure
+    assert cache.enabled, text
+    if cache.active:
+        assert cache.stats["hits"] > 0 and cache.stats["audited"] > 0, text
+        assert "nothing cached" not in text and cache.reason is None
+    else:  # a precise reason a user can act on, never "on" with nothing cached and no reason
+        assert cache.reason and "nothing cached" in text, text
+        if freezer_c.num_frozen:
+            assert "keeps training" in cache.reason or "output" in cache.reason, text
+        else:
+            assert "nothing is frozen" in cache.reason, text
+    _assert_same_training(name, plain, plain_losses, cached, losses)
+
+
+def _freeze_by_hand(shared_trains: bool):
+    """The first half of the units frozen by hand, across a tied weight (the engine does not
+    freeze across one yet): with the shared weight, or with it still training from the head."""
+    def freeze(freezer):
+        names = {}
+        for n, p in freezer.module.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(n)
+        for unit in freezer.units[:len(freezer.units) // 2]:
+            for p in unit.parameters:
+                if not (shared_trains and len(names[id(p)]) > 1):
+                    p.requires_grad_(False)
+                    p.grad = None
+        for listener in freezer._freeze_listeners:  # what freeze_to tells the cache and the test
+            listener(None, [])
+    return freeze
+
+
+@pytest.mark.parametrize("name", ["gpt2_tied", "llama_tied", "t5"])
+def test_tied_models_cache_with_the_shared_weight_frozen(name):
+    freeze = _freeze_by_hand(shared_trains=False)
+    plain, _, _, plain_losses, _ = _train(name, cache_on=False, freeze=freeze)
+    cached, _, cache, losses, messages = _train(name, cache_on=True, freeze=freeze)
+    text = cache.describe()
+    assert cache.active and cache.stats["hits"] > 0 and not messages, (text, messages)
+    _assert_same_training(name, plain, plain_losses, cached, losses)
+
+
+@pytest.mark.parametrize("name", ["gpt2_tied", "llama_tied"])
+def test_tied_weight_that_keeps_training_is_named(name):
+    cached, _, cache, _, messages = _train(name, cache_on=True, freeze=_freeze_by_hand(shared_trains=True))
+    text = cache.describe()
+    assert not cache.active and cache.enabled and not messages, text
+    assert "keeps training" in cache.reason and "lm_head.weight" in cache.reason, text
+    assert text.startswith("activation cache on, nothing cached") and cache.reason in text
+
+
+class _Scaled(nn.Module):
+    """A block that reads a parameter only once one is added (as a user editing a model would)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, x):
+        out = torch.tanh(self.linear(x))
+        scale = getattr(self, "scale", None)
+        return out if scale is None else out * scale
+
+
+def _sequential_with_cache():
+    model = nn.Sequential(_Scaled(6), _Scaled(6), _Scaled(6), nn.Linear(6, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 6)
+    freezer = SmartFreezer(model, optimizer, policy=StaticFreeze(0), example_inputs=x)
+    freezer.freeze_to(2)
+    cache = ActivationCache(freezer, num_samples=8, deterministic=True)
+    run = cache.wrap()
+    for _ in range(2):  # fill, then hit
+        run(x, torch.arange(8)).sum().backward()
+    assert cache.active and cache.stats["hits"] == 8
+    return model, cache, run, x
+
+
+def test_block_appended_after_set_up_is_run():
+    model, cache, run, x = _sequential_with_cache()
+    model.append(nn.Linear(3, 2))
+    with pytest.warns(UserWarning, match="changed since the cache was set up"):
+        out = run(x, torch.arange(8))
+    assert out.shape == (8, 2)
+    torch.testing.assert_close(out, model(x))
+    assert cache.active and len(cache.chain) == 5
+
+
+def test_parameter_added_inside_a_cached_block_trains():
+    model, cache, run, x = _sequential_with_cache()
+    model[1].scale = nn.Parameter(torch.full((6,), 2.0))  # inside the cached prefix, trainable
+    with pytest.warns(UserWarning, match="changed since the cache was set up"):
+        out = run(x, torch.arange(8))
+    torch.testing.assert_close(out, model(x))
+    out.sum().backward()
+    assert model[1].scale.grad is not None and model[1].scale.grad.abs().sum() > 0
+    assert cache.boundary <= 1  # the cut stops before the trainable parameter
+
+
+class _Noisy(nn.Module):
+    """A random op that eval mode does not turn off (a user's own noise layer), once ``on``."""
+
+    on = False
+
+    def forward(self, x):
+        return x + 0.1 * torch.randn_like(x) if self.on else x
+
+
+def _noisy_run():
+    noisy = _Noisy()
+    model = nn.Sequential(nn.Linear(6, 6), noisy, nn.Linear(6, 6), nn.Linear(6, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 6)  # the same input every step
+    freezer = SmartFreezer(model, optimizer, policy=StaticFreeze(0), example_inputs=x)
+    freezer.freeze_to(2)
+    cache = ActivationCache(freezer, num_samples=8, deterministic=True, audit_rows=2)
+    return noisy, cache, cache.wrap(), x
+
+
+def test_audit_blames_a_nondeterministic_prefix_not_the_data():
+    noisy, cache, run, x = _noisy_run()
+    run(x, torch.arange(8)).sum().backward()  # the chain is checked and rows stored: deterministic so far
+    noisy.on = True
+    with pytest.warns(UserWarning, match="frozen prefix is not deterministic") as caught:
+        for _ in range(2):
+            run(x, torch.arange(8)).sum().backward()
+    assert not cache.enabled and "not deterministic" in cache.reason
+    assert not any("augmentation" in str(w.message) for w in caught), [str(w.message) for w in caught]
+
+
+def test_a_model_random_in_eval_is_not_cut_and_told_why():
+    noisy, cache, run, x = _noisy_run()
+    noisy.on = True
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(x, torch.arange(8)).sum().backward()
+    assert not cache.active and "not deterministic in eval mode" in cache.describe(), cache.describe()
+    assert not any("augmentation" in str(w.message) for w in caught)
