@@ -12,9 +12,9 @@ from smartfrz_fast import SmartFreezer, SmartFRZ
 from smartfrz_fast.ops.reference import amplify_deviation, predict_ref, sort_by_newest
 from smartfrz_fast.policy.smartfrz import SNAPSHOTS_PER_RUN, snapshot_interval
 from smartfrz_fast.predictor import DEFAULT_WEIGHTS, AttentionPredictor, PredictorConfig, load_predictor
-from smartfrz_fast.predictor.cka import centered_gram, cka_from_grams, linear_cka
-from smartfrz_fast.predictor.labels import freeze_index
-from smartfrz_fast.predictor.train import window_logits
+from smartfrz_fast.lab.cka import centered_gram, cka_from_grams, linear_cka
+from smartfrz_fast.lab.labels import LabelSchedule, freeze_index
+from smartfrz_fast.lab.scoring import window_logits
 
 from models import SmallCNN, batch, train_steps
 
@@ -117,7 +117,7 @@ def test_quick_pipeline_end_to_end(tmp_path):
     out = tmp_path / "predictor.pt"
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "smartfrz_fast.predictor.train", "--quick", "--threads", "1",
+        [sys.executable, "-m", "smartfrz_fast.lab.train", "--quick", "--threads", "1",
          "--zoo", str(tmp_path / "zoo"), "--out", str(out)],
         capture_output=True, text=True, timeout=300)
     seconds = time.perf_counter() - start
@@ -129,7 +129,7 @@ def test_quick_pipeline_end_to_end(tmp_path):
     # leave-one-family-out on the recorded quick zoo: the vit predictor never sees a vit
     lofo = tmp_path / "lofo"
     proc = subprocess.run(
-        [sys.executable, "-m", "smartfrz_fast.predictor.train", "--quick", "--threads", "1",
+        [sys.executable, "-m", "smartfrz_fast.lab.train", "--quick", "--threads", "1",
          "--zoo", str(tmp_path / "zoo"), "--leave-one-out", str(lofo), "--train-families", "vit"],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -140,7 +140,7 @@ def test_quick_pipeline_end_to_end(tmp_path):
     assert "| vit |" in proc.stdout
     # the policy-settings sweep replays that predictor on the left-out recordings
     proc = subprocess.run(
-        [sys.executable, "-m", "smartfrz_fast.predictor.evaluate", "--sweep-policy-settings", "--threads", "1",
+        [sys.executable, "-m", "smartfrz_fast.lab.evaluate", "--sweep-policy-settings", "--threads", "1",
          "--unseen-dir", str(lofo), "--zoo", str(tmp_path / "zoo")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| 0.5 | 1 |" in proc.stdout and "selected (threshold, patience):" in proc.stdout
@@ -153,15 +153,24 @@ def test_quick_pipeline_end_to_end(tmp_path):
     print(f"quick pipeline: {seconds:.1f} s")
 
 
-def test_label_schedule_freezes_each_prefix_when_its_slowest_label_turns(tmp_path):
-    from smartfrz_fast.predictor.evaluate import LabelSchedule
+def fake_recording(path, cka, sample_every=5, k=8, **extra):
+    """A file shaped like ``collect.record_run``'s output, with the given CKA curves."""
+    u, s = cka.shape
+    run = {"name": path.stem, "spec": {"family": "mlp"}, "units": [f"u{i}" for i in range(u)],
+           "forward_flops": [100] * u, "num_params": [10] * u, "valid": torch.full((u,), k),
+           "history": torch.randn(u, s, k), "cka": cka, "sample_every": sample_every, "final_loss": 1.0,
+           "test_accuracy": 0.9, "seconds": 0.1}
+    run.update(extra)
+    torch.save(run, path)
 
+
+def test_label_schedule_freezes_each_prefix_when_its_slowest_label_turns(tmp_path):
     # 4 units (the last is the head: no label), 6 snapshots, one every 5 steps
     cka = torch.tensor([[0.5, 0.999, 0.999, 0.999, 0.999, 1.0],   # freezable from snapshot 1
                         [0.5, 0.5, 0.5, 0.999, 0.999, 1.0],       # from 3
                         [0.999, 0.999, 0.999, 0.999, 0.999, 1.0],  # from 0, but its prefix waits for 3
                         [0.1, 0.1, 0.1, 0.1, 0.1, 1.0]])
-    torch.save({"cka": cka, "sample_every": 5}, tmp_path / "run.pt")
+    fake_recording(tmp_path / "run.pt", cka, sample_every=5)
     policy = LabelSchedule.from_recording(tmp_path / "run.pt", 0.998, window=1)
     assert policy.freeze_steps == [10, 20, 20]  # (snapshot + 1) * 5
     assert [policy.decide(s, 0) for s in (9, 10, 20)] == [None, 1, 3]
@@ -170,3 +179,63 @@ def test_label_schedule_freezes_each_prefix_when_its_slowest_label_turns(tmp_pat
     assert LabelSchedule.from_recording(tmp_path / "run.pt", 0.998, window=3).freeze_steps == [15, 20, 20]
     late = LabelSchedule.from_recording(tmp_path / "run.pt", 0.9999, window=1)  # only the last snapshot (CKA 1)
     assert late.freeze_steps == [30, 30, 30]
+
+
+def test_lab_imports_form_no_circle_and_stay_off_the_engine_path():
+    """The offline lab imports only downwards (a DAG), and neither ``import smartfrz_fast`` nor
+    the runtime predictor imports it."""
+    import ast
+    from pathlib import Path
+
+    import smartfrz_fast.lab as lab
+
+    root = Path(lab.__file__).parent
+    graph = {}
+    for path in root.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                deps.add(node.module.split(".")[0])
+            elif isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps.update(a.name for a in node.names)
+        graph[path.stem] = deps & {p.stem for p in root.glob("*.py")}
+    assert {"zoo", "collect", "labels", "scoring", "train", "evaluate"} <= set(graph)
+    state = {}
+
+    def visit(node, trail):
+        if state.get(node) == "done":
+            return
+        assert state.get(node) != "open", f"import circle: {' -> '.join(trail + [node])}"
+        state[node] = "open"
+        for dep in graph[node]:
+            visit(dep, trail + [node])
+        state[node] = "done"
+
+    for node in graph:
+        visit(node, [])
+    code = ("import sys, smartfrz_fast, smartfrz_fast.predictor; from smartfrz_fast import SmartFRZ; "
+            "print(sorted(m for m in sys.modules if m.startswith('smartfrz_fast.lab')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_recordings_load_without_unpickling_code_and_are_checked(tmp_path):
+    from smartfrz_fast.lab.labels import RecordingError, load_recording, load_runs
+
+    cka = torch.rand(3, 6)
+    fake_recording(tmp_path / "ok.pt", cka)
+    assert load_recording(tmp_path / "ok.pt")["cka"].shape == (3, 6)
+    assert [r.name for r in load_runs([tmp_path / "ok.pt"])] == ["ok"]
+    fake_recording(tmp_path / "code.pt", cka, spec=torch.optim.SGD)  # a pickled class: refused, not run
+    with pytest.raises(RecordingError, match="not a readable recorded run"):
+        load_recording(tmp_path / "code.pt")
+    fake_recording(tmp_path / "shape.pt", cka, history=torch.randn(2, 6, 8))
+    with pytest.raises(RecordingError, match="history"):
+        load_recording(tmp_path / "shape.pt")
+    fake_recording(tmp_path / "key.pt", cka, sample_every="5")
+    with pytest.raises(RecordingError, match="sample_every"):
+        load_recording(tmp_path / "key.pt")
+    (tmp_path / "torn.pt").write_bytes((tmp_path / "ok.pt").read_bytes()[:100])
+    with pytest.raises(RecordingError, match="record it again"):
+        load_recording(tmp_path / "torn.pt")
