@@ -199,7 +199,7 @@ def test_lab_imports_form_no_circle_and_stay_off_the_engine_path():
             elif isinstance(node, ast.ImportFrom) and node.level == 1:
                 deps.update(a.name for a in node.names)
         graph[path.stem] = deps & {p.stem for p in root.glob("*.py")}
-    assert {"zoo", "collect", "labels", "scoring", "train", "evaluate"} <= set(graph)
+    assert {"zoo", "collect", "labels", "scoring", "trials", "train", "evaluate"} <= set(graph)
     state = {}
 
     def visit(node, trail):
@@ -239,3 +239,124 @@ def test_recordings_load_without_unpickling_code_and_are_checked(tmp_path):
     (tmp_path / "torn.pt").write_bytes((tmp_path / "ok.pt").read_bytes()[:100])
     with pytest.raises(RecordingError, match="record it again"):
         load_recording(tmp_path / "torn.pt")
+
+
+# ----------------------------------------------------------------------------- freezing trials
+TRIAL_SPEC_ARGS = dict(family="mlp", depth=3, width=32, optimizer="sgd", seed=0, steps=120, batch=32)
+
+
+@pytest.fixture(scope="module")
+def finished_trials(tmp_path_factory):
+    """The freezing trials of a tiny run (seconds), searched at 0.5 points, 5 branch points."""
+    from smartfrz_fast.lab.labels import Tolerance
+    from smartfrz_fast.lab.trials import Trials
+    from smartfrz_fast.lab.zoo import RunSpec
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("lab")
+    spec = RunSpec(**TRIAL_SPEC_ARGS)
+    trials = Trials(spec, out / "trials" / f"{spec.name}.jsonl", Tolerance("accuracy", 0.5), stride=20,
+                    recording=out / "zoo" / f"{spec.name}.pt", log=lambda m: None)
+    done = trials.run()
+    return out, spec, trials, done
+
+
+def test_search_finds_the_grids_earliest_safe_steps_with_fewer_questions(fresh_seed):
+    from smartfrz_fast.lab.trials import grid_earliest, search_earliest
+
+    g = torch.Generator().manual_seed(fresh_seed)
+    for _ in range(50):
+        prefixes = int(torch.randint(1, 12, (1,), generator=g))
+        candidates = sorted(torch.randperm(200, generator=g)[:int(torch.randint(1, 25, (1,), generator=g))].tolist())
+        # a monotone truth: earliest safe index non-decreasing in k, some prefixes never safe
+        truth = torch.randint(0, len(candidates) + 2, (prefixes,), generator=g).sort().values.tolist()
+        asked = []
+
+        def is_safe(k, j):
+            asked.append((k, j))
+            return candidates.index(j) >= truth[k - 1]
+
+        found = search_earliest(prefixes, candidates, is_safe)
+        grid = grid_earliest(prefixes, candidates, lambda k, j: candidates.index(j) >= truth[k - 1])
+        assert found == grid
+        assert found == [candidates[t] if t < len(candidates) else None for t in truth]
+        assert len(asked) == len(set(asked))  # never the same question twice
+        assert len(asked) <= prefixes * len(candidates)
+
+
+def test_trials_agree_with_an_exhaustive_grid_on_a_tiny_run(finished_trials):
+    from smartfrz_fast.lab.labels import Tolerance, read_trials
+    from smartfrz_fast.lab.trials import continue_run, grid_earliest
+
+    out, spec, trials, done = finished_trials
+    reference, branches, _ = read_trials(trials.path)
+    assert reference["units"] == 4 and done["candidates"] == [19, 39, 59, 79, 99]
+    tol = Tolerance("accuracy", 0.5)
+    grid = {}
+
+    def is_safe(k, j):  # every prefix at every branch point, from the same checkpoints
+        if (k, j) not in grid:
+            step = (j + 1) * trials.every
+            grid[(k, j)] = tol.safe(continue_run(spec, trials._checkpoints[step], [(step, k)]), reference)
+        return grid[(k, j)]
+
+    for k in (1, 2, 3):
+        for j in done["candidates"]:
+            is_safe(k, j)
+    assert done["earliest"] == grid_earliest(3, done["candidates"], is_safe)
+    assert done["branches"] < len(grid) == 15  # the search ran fewer branches than the grid
+    for key, row in branches.items():  # and each branch it ran is the grid's outcome
+        assert tol.safe(row, reference) == grid[key]
+    # the oracle schedule freezes each prefix at its earliest safe step, and saves FLOPs
+    oracle = next(r for r in read_trials(trials.path)[2] if r["kind"] == "oracle")
+    assert oracle["schedule"] == [[(j + 1) * trials.every, k + 1] for k, j in enumerate(done["earliest"])
+                                  if j is not None]
+    assert (oracle["flops_saved"] > 0) == bool(oracle["schedule"])
+
+
+def test_trials_resume_without_recomputing(finished_trials, tmp_path):
+    from smartfrz_fast.lab.labels import Tolerance, read_trials
+    from smartfrz_fast.lab.trials import Trials
+
+    out, spec, trials, done = finished_trials
+    lines = trials.path.read_text().splitlines()
+    # finished: a second run reads the result back and trains nothing
+    again = Trials(spec, trials.path, Tolerance("accuracy", 0.5), stride=20, log=lambda m: None)
+    assert again.run() == done and again.branches_run == 0 and again._checkpoints is None
+    # killed after two branches, in the middle of writing the third
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text("\n".join(lines[:3]) + "\n" + lines[3][:25])
+    resumed = Trials(spec, partial, Tolerance("accuracy", 0.5), stride=20, log=lambda m: None)
+    result = resumed.run()
+    assert result["earliest"] == done["earliest"]
+    assert resumed.branches_run == done["branches"] - 2  # the two finished branches were not redone
+    assert read_trials(partial)[1].keys() == read_trials(trials.path)[1].keys()
+    # another run's file is refused, not mixed in
+    other = Trials(spec.__class__(**{**TRIAL_SPEC_ARGS, "seed": 1}), partial, log=lambda m: None)
+    with pytest.raises(ValueError, match="not of"):
+        other.run()
+
+
+def test_trial_labels_feed_training_like_cka_labels(finished_trials):
+    from smartfrz_fast.lab.labels import LabelSource, Tolerance, TrialResultsError, load_runs
+    from smartfrz_fast.lab.train import train_predictor
+
+    out, spec, trials, done = finished_trials
+    recording = out / "zoo" / f"{spec.name}.pt"
+    source = LabelSource("trials", trials_dir=out / "trials", tolerance=Tolerance("accuracy", 0.5))
+    (run,) = load_runs([recording], source, min_accuracy=0.0)
+    (cka_run,) = load_runs([recording], LabelSource("cka"), min_accuracy=0.0)
+    s = run.snapshots
+    assert run.first_freezable.tolist() == [s if j is None else j for j in done["earliest"]]
+    for r in (run, cka_run):
+        labels = r.labels(30)
+        assert labels.shape == (3, s - 29) and set(labels.unique().tolist()) <= {0.0, 1.0}
+    # a window is labelled 1 from the earliest safe snapshot on
+    for u, first in enumerate(run.first_freezable.tolist()):
+        assert run.labels(30)[u].tolist() == [float(e >= first) for e in range(29, s)]
+    model = train_predictor([run], epochs=1, log=lambda m: None)
+    assert model.config.window == 30
+    skipped = []
+    other = LabelSource("trials", trials_dir=out / "trials", tolerance=Tolerance("accuracy", 0.1))
+    assert load_runs([recording], other, min_accuracy=0.0, skipped=skipped) == []
+    assert "no finished search" in skipped[0]

@@ -16,7 +16,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -25,7 +25,7 @@ from ..engine import SmartFreezer
 from ..policy.base import FreezePolicy
 from ..policy.smartfrz import SNAPSHOTS_PER_RUN, snapshot_interval
 from .cka import centered_gram, cka_from_grams
-from .zoo import EVAL_SPECS, RunSpec, Task, build_model, cosine, make_optimizer, pretrained_state, zoo_specs
+from .zoo import EVAL_SPECS, RunSpec, Session, zoo_specs
 
 
 class _Recorder(FreezePolicy):
@@ -57,16 +57,14 @@ def representation_module(unit) -> torch.nn.Module:
     return unit.modules[0]
 
 
-def record_run(spec: RunSpec, snapshots: int = SNAPSHOTS_PER_RUN) -> Dict[str, Any]:
-    """Train one zoo network and return its recorded history, CKA curves and metadata."""
+def record_run(spec: RunSpec, snapshots: int = SNAPSHOTS_PER_RUN,
+               on_step: Optional[Callable[[Session], None]] = None) -> Dict[str, Any]:
+    """Train one zoo network and return its recorded history, CKA curves and metadata.
+    ``on_step(session)`` is called after every optimizer step (the freezing trials checkpoint
+    the run from there: the recorded run and their unbranched run are one and the same)."""
     t0 = time.perf_counter()
-    torch.manual_seed(spec.seed)
-    model = build_model(spec)
-    if spec.finetune:
-        model.load_state_dict(pretrained_state(spec))
-    task = Task(spec)
-    optimizer = make_optimizer(spec, model)
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine(spec.steps))
+    session = Session(spec)
+    model, task = session.model, session.task
     every = snapshot_interval(spec.steps, snapshots)
     slots: List[Tensor] = []
     grams: List[List[Tensor]] = []
@@ -87,8 +85,7 @@ def record_run(spec: RunSpec, snapshots: int = SNAPSHOTS_PER_RUN) -> Dict[str, A
                       for i in range(len(units))])
 
     recorder = _Recorder(on_snapshot)
-    x0, _ = task.batch()
-    freezer = SmartFreezer(model, optimizer, policy=recorder, example_inputs=(x0,),
+    freezer = SmartFreezer(model, session.optimizer, policy=recorder, example_inputs=session.example_inputs(),
                            total_steps=spec.steps, sample_every=every, keep_trainable=0)
     units = freezer.units
     hooks = []
@@ -100,13 +97,10 @@ def record_run(spec: RunSpec, snapshots: int = SNAPSHOTS_PER_RUN) -> Dict[str, A
         hooks.append(representation_module(unit).register_forward_hook(hook))
         hooks.append(unit.modules[-1].register_forward_hook(last_hook))
     for _ in range(spec.steps):
-        x, y = task.batch()
-        loss = Task.loss(model(x), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        sched.step()
+        loss = session.train_step()
         freezer.step()
+        if on_step is not None:
+            on_step(session)
     for h in hooks:
         h.remove()
     freezer.close()
@@ -123,9 +117,16 @@ def record_run(spec: RunSpec, snapshots: int = SNAPSHOTS_PER_RUN) -> Dict[str, A
         "cka": cka,
         "sample_every": every,
         "final_loss": loss.item(),
-        "test_accuracy": task.accuracy(model),
+        **{f"test_{k}": v for k, v in task.evaluate(model).items()},  # test_accuracy, test_loss
         "seconds": time.perf_counter() - t0,
     }
+
+
+def save_recording(run: Dict[str, Any], path: Path) -> None:
+    """Write atomically: a job killed while writing leaves no torn file behind."""
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(run, tmp)
+    tmp.replace(path)
 
 
 def collect(out_dir: Path, specs: List[RunSpec], log=print) -> List[Path]:
@@ -136,7 +137,7 @@ def collect(out_dir: Path, specs: List[RunSpec], log=print) -> List[Path]:
         path = out_dir / f"{spec.name}.pt"
         if not path.exists():
             run = record_run(spec)
-            torch.save(run, path)
+            save_recording(run, path)
             log(f"[{i + 1}/{len(specs)}] {spec.name}: {len(run['units'])} units, "
                 f"acc {run['test_accuracy']:.3f}, {run['seconds']:.1f} s")
         paths.append(path)

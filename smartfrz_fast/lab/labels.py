@@ -135,35 +135,24 @@ def infer_safe(known: Dict[Tuple[int, int], bool], k: int, j: int) -> Optional[b
     return None
 
 
-def earliest_safe(known: Dict[Tuple[int, int], bool], num_prefixes: int, candidates: Sequence[int],
-                  never: int) -> Tensor:
-    """``[num_prefixes]`` earliest candidate snapshot at which prefix k+1 is safe (``never`` when it
-    is not safe at any candidate or unknown there), from trial outcomes and monotonicity."""
-    out = []
-    for k in range(1, num_prefixes + 1):
-        first = never
-        for j in sorted(candidates):
-            if infer_safe(known, k, j):
-                first = j
-                break
-        out.append(first)
-    return torch.tensor(out, dtype=torch.int64)
-
-
 def trial_freeze_points(path: Path, num_units: int, snapshots: int, tolerance: Tolerance) -> Tensor:
     """``[num_units]`` first freezable snapshot of each unit (its prefix) from a trial results file:
-    the earliest snapshot where the trials show the prefix safe; ``snapshots`` (never) elsewhere."""
-    reference, branches, other = read_trials(path)
+    the earliest safe branch point its finished search found at ``tolerance``; ``snapshots``
+    (never) where none was safe."""
+    reference, _, other = read_trials(path)
     if reference is None:
-        raise TrialResultsError(f"{path} has no reference line: the trials of this run never started; run "
-                                "`python -m smartfrz_fast.lab.trials` (or lab.rebuild) for it")
-    done = [row for row in other if row.get("kind") == "search-done"]
+        raise TrialResultsError(f"{path} has no trials yet; run `python -m smartfrz_fast.lab.trials` "
+                                "(or lab.rebuild) for this run")
+    wanted = {"metric": tolerance.metric, "value": tolerance.value}
+    done = [row for row in other if row.get("kind") == "search-done" and row.get("tolerance") == wanted]
     if not done:
-        raise TrialResultsError(f"{path}: the trials of this run are unfinished (no 'search-done' line); "
-                                "resume them with `python -m smartfrz_fast.lab.rebuild` (finished branches are kept)")
-    known = trial_safety(branches, reference, tolerance)
-    candidates = sorted({j for _, j in branches})
-    return earliest_safe(known, num_units, candidates, snapshots)
+        raise TrialResultsError(f"{path}: no finished search at tolerance {wanted}; resume the trials "
+                                "(finished branches are kept) or pass the tolerance they ran at")
+    earliest = done[-1]["earliest"]
+    if len(earliest) != num_units:
+        raise TrialResultsError(f"{path}: {len(earliest)} prefixes searched, but the recording has {num_units} "
+                                "non-head units: the trials and the recording are of different runs")
+    return torch.tensor([snapshots if j is None else int(j) for j in earliest], dtype=torch.int64)
 
 
 # ----------------------------------------------------------------------------- recordings

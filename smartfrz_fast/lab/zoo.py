@@ -16,11 +16,12 @@ fine-tunes from a checkpoint trained first on a different task.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import sysconfig
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -215,12 +216,14 @@ class RunSpec:
     batch: int = 64
     finetune: bool = False  # pretrain on a different task first, then record the fine-tuning
     variant: str = ""  # family-specific switch ("nobn" for a CNN without BatchNorm)
+    schedule: str = "cosine"  # learning-rate schedule after warm-up: see SCHEDULES
 
     @property
     def name(self) -> str:
         ft = "-ft" if self.finetune else ""
         var = f"-{self.variant}" if self.variant else ""
-        return f"{self.family}{var}-d{self.depth}-w{self.width}-{self.optimizer}-s{self.seed}{ft}"
+        sched = f"-{self.schedule}" if self.schedule != "cosine" else ""
+        return f"{self.family}{var}-d{self.depth}-w{self.width}-{self.optimizer}{sched}-s{self.seed}{ft}"
 
     def as_dict(self) -> Dict:
         return asdict(self)
@@ -287,7 +290,8 @@ class Task:
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
 
     @torch.no_grad()
-    def accuracy(self, model: nn.Module) -> float:
+    def evaluate(self, model: nn.Module) -> Dict[str, float]:
+        """Test accuracy and mean test loss (eval mode, the whole test split)."""
         was = model.training
         model.eval()
         if self.spec.family == "lm":
@@ -296,11 +300,17 @@ class Task:
             x, y = seq[:-1].view(n, self.context), seq[1:].view(n, self.context)
         else:
             x, y = self.xt, self.yt
-        correct = 0
+        correct, loss = 0, 0.0
         for s in range(0, len(x), 512):
-            correct += int((model(x[s:s + 512]).argmax(-1) == y[s:s + 512]).sum())
+            logits = model(x[s:s + 512])
+            correct += int((logits.argmax(-1) == y[s:s + 512]).sum())
+            loss += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[s:s + 512].reshape(-1),
+                                          reduction="sum"))
         model.train(was)
-        return correct / y.numel()
+        return {"accuracy": correct / y.numel(), "loss": loss / y.numel()}
+
+    def accuracy(self, model: nn.Module) -> float:
+        return self.evaluate(model)["accuracy"]
 
 
 def base_lr(spec: RunSpec) -> float:
@@ -320,8 +330,82 @@ def make_optimizer(spec: RunSpec, model: nn.Module) -> torch.optim.Optimizer:
 
 def cosine(total: int):
     """Warm-up over the first 3% of steps, then cosine to zero (every run, every policy)."""
+    return lr_factor("cosine", total)
+
+
+SCHEDULES = ("cosine", "linear", "step", "constant")
+
+
+def lr_factor(schedule: str, total: int):
+    """Warm-up over the first 3 % of steps, then ``schedule``: cosine to zero, linear to zero,
+    step (x0.1 at 50 % and again at 75 %), or constant."""
     warm = max(1, total // 33)
-    return lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total))
+    decay = {
+        "cosine": lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total)),
+        "linear": lambda s: max(0.0, 1.0 - s / total),
+        "step": lambda s: 0.1 ** ((s >= total // 2) + (s >= 3 * total // 4)),
+        "constant": lambda s: 1.0,
+    }.get(schedule)
+    if decay is None:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
+    return lambda s: min(1.0, (s + 1) / warm) * decay(s)
+
+
+class Session:
+    """One zoo run being trained: model (fine-tuned specs start from their pretrained
+    checkpoint), batches, optimizer and learning-rate schedule, built the same way for the
+    recording, every freezing trial and every policy; ``checkpoint``/``restore`` branch it.
+
+    ``pretrained=False`` skips the pretraining of a fine-tuned spec (for a session that is about
+    to ``restore`` a checkpoint anyway)."""
+
+    def __init__(self, spec: RunSpec, pretrained: bool = True, schedule: bool = True):
+        torch.manual_seed(spec.seed)
+        self.spec = spec
+        self.model = build_model(spec)
+        if spec.finetune and pretrained:
+            self.model.load_state_dict(pretrained_state(spec))
+        self.task = Task(spec)
+        self.optimizer = make_optimizer(spec, self.model)
+        # a policy that sets per-unit learning rates itself (FreezeOut) runs without one
+        self.scheduler = (torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(spec.schedule, spec.steps))
+                          if schedule else None)
+        self.step = 0
+
+    def train_step(self) -> Tensor:
+        x, y = self.task.batch()
+        loss = Task.loss(self.model(x), y)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.step += 1
+        return loss.detach()
+
+    def checkpoint(self) -> Dict[str, Any]:
+        """Everything the rest of the run depends on, copied (before any freezing)."""
+        return {"step": self.step,
+                "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+                "batches": self.task.generator.get_state()}
+
+    @classmethod
+    def restore(cls, spec: RunSpec, state: Dict[str, Any]) -> "Session":
+        """A session continuing from ``checkpoint()``: the same batches and updates follow."""
+        run = cls(spec, pretrained=False, schedule=state["scheduler"] is not None)
+        run.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        if run.scheduler is not None:
+            run.scheduler.load_state_dict(state["scheduler"])
+        run.task.generator.set_state(state["batches"])
+        run.step = state["step"]
+        return run
+
+    def example_inputs(self) -> Tuple[Tensor]:
+        """Inputs for the engine's unit discovery that draw no training batch."""
+        return (self.task.probe[:8],)
 
 
 def pretrained_state(spec: RunSpec) -> Dict[str, Tensor]:
