@@ -1,6 +1,7 @@
 """The SmartFRZ predictor's offline pipeline: CKA, labels, all-window scoring, quick end-to-end
 run, the shipped weights and the pace SmartFRZ asks the engine for."""
 
+import json
 import subprocess
 import sys
 import time
@@ -125,7 +126,9 @@ def test_quick_pipeline_end_to_end(tmp_path):
     assert len(list((tmp_path / "zoo").glob("*.pt"))) == 3
     prov = load_predictor(out).provenance
     assert prov["quick"] is True
-    assert prov["data"]["train_families"] == ["mlp", "cnn", "resnet", "vit", "lm"]  # ships trained on all
+    from smartfrz_fast.lab.zoo import FAMILIES
+
+    assert prov["data"]["train_families"] == list(FAMILIES)  # ships trained on all
     # leave-one-family-out on the recorded quick zoo: the vit predictor never sees a vit
     lofo = tmp_path / "lofo"
     proc = subprocess.run(
@@ -199,7 +202,7 @@ def test_lab_imports_form_no_circle_and_stay_off_the_engine_path():
             elif isinstance(node, ast.ImportFrom) and node.level == 1:
                 deps.update(a.name for a in node.names)
         graph[path.stem] = deps & {p.stem for p in root.glob("*.py")}
-    assert {"zoo", "collect", "labels", "scoring", "trials", "train", "evaluate"} <= set(graph)
+    assert {"zoo", "collect", "labels", "scoring", "trials", "train", "evaluate", "rebuild"} <= set(graph)
     state = {}
 
     def visit(node, trail):
@@ -360,3 +363,17 @@ def test_trial_labels_feed_training_like_cka_labels(finished_trials):
     other = LabelSource("trials", trials_dir=out / "trials", tolerance=Tolerance("accuracy", 0.1))
     assert load_runs([recording], other, min_accuracy=0.0, skipped=skipped) == []
     assert "no finished search" in skipped[0]
+
+
+def test_rebuild_stops_on_its_time_budget_and_says_how_to_resume(tmp_path):
+    out = tmp_path / "lab"
+    proc = subprocess.run([sys.executable, "-m", "smartfrz_fast.lab.rebuild", "--quick", "--out", str(out),
+                           "--stages", "trials", "--max-hours", "0"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "Run the same command again to continue" in proc.stdout
+    progress = (out / "progress.md").read_text()
+    assert "trials: 0/3 runs finished" in progress
+    assert (out / ".gitignore").read_text().startswith("zoo/")
+    # the unbranched run of the first zoo run is on file (its reference line), nothing else
+    (first,) = list((out / "trials").glob("*.jsonl"))
+    assert [json.loads(line)["kind"] for line in first.read_text().splitlines()] == ["reference"]

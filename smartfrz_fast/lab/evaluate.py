@@ -23,9 +23,13 @@ import torch
 from ..policy.base import FreezePolicy
 from .labels import DEFAULT_THRESHOLD, LabelSchedule, LabelSource, load_runs
 from .scoring import offline_metrics, window_probabilities
-from .zoo import EVAL_SPECS, RunSpec, Task, build_model, cosine, make_optimizer, zoo_specs
+from .zoo import EVAL_SPECS, RunSpec, Session, Task, zoo_specs
 
 POLICIES = ("full", "smartfrz", "smartfrz-unseen", "freezeout", "autofreeze", "linear", "egeria")
+# Column order of the tables (rebuild adds a leave-one-family-out predictor per label source and
+# the hindsight oracle of the freezing trials).
+TABLE_COLUMNS = ("full", "smartfrz", "smartfrz-unseen", "smartfrz-unseen-cka", "smartfrz-unseen-trials",
+                 "freezeout", "autofreeze", "linear", "egeria", "oracle")
 UNSEEN_DIR = Path("/tmp/smartfrz_lofo")  # where `train --leave-one-out` puts without-<family>.pt
 
 SWEEP_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -84,7 +88,7 @@ def policy_settings_sweep(unseen_dir: Path, zoo_dir: Path, source: LabelSource =
 def build_policy(name: str, weights: Optional[Path] = None, model=None, probe=None):
     from ..policy import AutoFreeze, Egeria, FreezeOut, LinearFreeze, SmartFRZ
 
-    if name in ("smartfrz", "smartfrz-unseen"):
+    if name == "smartfrz" or name.startswith("smartfrz-unseen"):
         return SmartFRZ(weights=weights)
     if name == "freezeout":
         return FreezeOut(t0=0.8, spacing="cubic", scale_lr=True)  # Brock et al.'s recommendation
@@ -107,37 +111,30 @@ def training_probe(task: Task, n: int = 64) -> torch.Tensor:
 
 def train_with_policy(spec: RunSpec, policy: Union[str, FreezePolicy], weights: Optional[Path] = None,
                       name: Optional[str] = None) -> Dict:
-    """Train ``spec`` from its seed (same init, same batches for every policy) with a policy
-    (a name from POLICIES, or a policy object recorded under ``name``)."""
+    """Train ``spec`` from its seed (same init, same batches for every policy, the run the zoo
+    records and the trials branch from) with a policy (a name from POLICIES, or a policy object
+    recorded under ``name``)."""
     from ..engine import SmartFreezer
 
-    torch.manual_seed(spec.seed)
-    model = build_model(spec)
-    task = Task(spec)
-    optimizer = make_optimizer(spec, model)
+    session = Session(spec, schedule=False)
+    model, task = session.model, session.task
     freezer = None
     if policy != "full":
         if isinstance(policy, str):
             name, policy = policy, build_policy(policy, weights, model, training_probe(task))
-        freezer = SmartFreezer(model, optimizer, policy=policy, example_inputs=(task.probe[:8],),
+        freezer = SmartFreezer(model, session.optimizer, policy=policy, example_inputs=session.example_inputs(),
                                total_steps=spec.steps)
     else:
         name = "full"
-    sched = None
-    if freezer is None or not freezer.policy.manages_lr:
-        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine(spec.steps))
+    if freezer is None or not freezer.policy.manages_lr:  # FreezeOut sets every unit's lr itself
+        session.add_schedule()
     start = time.perf_counter()
     for _ in range(spec.steps):
-        x, y = task.batch()
-        Task.loss(model(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if sched is not None:
-            sched.step()
+        session.train_step()
         if freezer is not None:
             freezer.step()
     wall = time.perf_counter() - start
-    result = {"network": spec.name, "policy": name, "accuracy": task.accuracy(model), "wall_s": round(wall, 2)}
+    result = {"network": spec.name, "policy": name, **task.evaluate(model), "wall_s": round(wall, 2)}
     if freezer is not None:
         result["flops_saved"] = freezer.training_flops_saved(spec.steps)
         result["timeline"] = [(e.step, e.num_frozen) for e in freezer.timeline]
@@ -170,7 +167,7 @@ def network_grid(by: Dict, nets: List[str], columns: List[str], baseline: str, c
 
 def write_table(results: List[Dict], path: Path, note: str = "") -> None:
     nets = list(dict.fromkeys(r["network"] for r in results))
-    policies = [p for p in POLICIES if any(r["policy"] == p for r in results)]
+    policies = [p for p in TABLE_COLUMNS if any(r["policy"] == p for r in results)]
     by = {(r["network"], r["policy"]): r for r in results}
     lines = ["# Policy comparison on networks outside the predictor's zoo", "",
              "Each cell: test accuracy % / training FLOPs saved (engine's `training_flops_saved`) / "
@@ -178,7 +175,8 @@ def write_table(results: List[Dict], path: Path, note: str = "") -> None:
     if note:
         lines += [note, ""]
     lines += network_grid(by, nets, policies, "full", lambda r, delta: (
-        f"{100 * r['accuracy']:.1f}{delta} / {100 * r['flops_saved']:.1f}% / {r['wall_s']:.0f}"))
+        f"{100 * r['accuracy']:.1f}{delta} / {100 * r['flops_saved']:.1f}% / "
+        + (f"{r['wall_s']:.0f}" if "wall_s" in r else "-")))
     lines.append("")
     lines.append("| policy | mean accuracy change (points) | mean FLOPs saved |")
     lines.append("|---|---|---|")

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-FAMILIES = ("mlp", "cnn", "resnet", "vit", "lm")
+FAMILIES = ("mlp", "cnn", "resnet", "vit", "lm", "mixer", "sepcnn", "rnn", "textenc")
+TEXT_FAMILIES = ("lm", "textenc")  # byte inputs; the others see digits
 
 
 # ----------------------------------------------------------------------------- models
@@ -176,10 +177,106 @@ class TinyLM(nn.Module):
         return self.head(self.ln(self.blocks(self.embed(x) + self.pos(pos))))
 
 
+class MixerBlock(nn.Module):
+    def __init__(self, tokens: int, dim: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.token1 = nn.Linear(tokens, 2 * tokens)
+        self.token2 = nn.Linear(2 * tokens, tokens)
+        self.ln2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.token2(F.gelu(self.token1(self.ln1(x).transpose(1, 2)))).transpose(1, 2)
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class Mixer(nn.Module):
+    """MLP-Mixer (Tolstikhin et al. 2021): 4x4 patches of 16x16 digits, token- then channel-mixing."""
+
+    def __init__(self, depth: int, dim: int, patch: int = 4, image: int = 16, classes: int = 10):
+        super().__init__()
+        self.patch = nn.Conv2d(1, dim, patch, patch)
+        self.blocks = nn.Sequential(*[MixerBlock((image // patch) ** 2, dim) for _ in range(depth)])
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        return self.head(self.ln(self.blocks(x)).mean(1))
+
+
+class SeparableCNN(nn.Module):
+    """MobileNet-like: a conv stem, then depthwise 3x3 + pointwise 1x1 pairs (each conv-BN-ReLU),
+    stride 2 and twice the channels at the second and fourth pair."""
+
+    def __init__(self, depth: int, width: int, classes: int = 10):
+        super().__init__()
+        layers: List[nn.Module] = [nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+        c = width
+        for i in range(depth):
+            stride, out = (2, 2 * c) if i in (1, 3) else (1, c)
+            layers += [nn.Conv2d(c, c, 3, stride, 1, groups=c, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                       nn.Conv2d(c, out, 1, bias=False), nn.BatchNorm2d(out), nn.ReLU()]
+            c = out
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(c, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+
+
+class RowGRU(nn.Module):
+    """Recurrent: the 16 rows of a 16x16 digit read in order by stacked GRU layers (one module
+    per layer, so that each is a unit), classified from the last hidden state."""
+
+    def __init__(self, depth: int, width: int, rows: int = 16, classes: int = 10):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.GRU(rows if i == 0 else width, width, batch_first=True) for i in range(depth))
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        seq = x.flatten(1, 2)  # [B, 1, rows, cols] -> [B, rows, cols]
+        for layer in self.layers:
+            seq, _ = layer(seq)
+        return self.head(seq[:, -1])
+
+
+class TextEncoder(nn.Module):
+    """Bidirectional byte-level transformer encoder classifying a snippet (BERT-like shape)."""
+
+    def __init__(self, depth: int, dim: int, heads: int = 4, context: int = 64, classes: int = 4):
+        super().__init__()
+        self.embed = nn.Embedding(256, dim)
+        self.pos = PosEmbed(context, dim)
+        self.blocks = nn.Sequential(*[Block(dim, heads, causal=False) for _ in range(depth)])
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.ln(self.blocks(self.pos(self.embed(x)))).mean(1))
+
+
 # ----------------------------------------------------------------------------- data
 _TEXT_CACHE: Dict[Tuple[str, int], Tensor] = {}
 # Standard-library packages whose sources make the LM corpora ("a" pretrains, "b" is the task).
 TEXT_SOURCES = {"a": ("email", "json", "http", "xml"), "b": ("asyncio", "concurrent", "logging", "unittest")}
+# Packages whose snippets the text classifier tells apart (one class each; "a" pretrains).
+TEXT_CLASSES = {"a": ("email", "http", "xml", "idlelib"), "b": ("asyncio", "logging", "multiprocessing", "tkinter")}
+
+
+def package_source(package: str) -> bytes:
+    """The ``.py`` sources of one standard-library package (sorted file order, tests left out)."""
+    root = sysconfig.get_paths()["stdlib"]
+    chunks = []
+    for dirpath, dirnames, filenames in sorted(os.walk(os.path.join(root, package))):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name.endswith(".py") and "test" not in dirpath.split(os.sep)[-1]:
+                with open(os.path.join(dirpath, name), "rb") as f:
+                    chunks.append(f.read())
+    return b"".join(chunks)
 
 
 def stdlib_text(part: str = "b", max_bytes: int = 600_000) -> Tensor:
@@ -187,22 +284,33 @@ def stdlib_text(part: str = "b", max_bytes: int = 600_000) -> Tensor:
     order, so the same interpreter gives the same corpus)."""
     key = (part, max_bytes)
     if key not in _TEXT_CACHE:
-        root = sysconfig.get_paths()["stdlib"]
-        chunks, size = [], 0
-        for package in TEXT_SOURCES[part]:
-            for dirpath, dirnames, filenames in sorted(os.walk(os.path.join(root, package))):
-                dirnames.sort()
-                for name in sorted(filenames):
-                    if name.endswith(".py") and "test" not in dirpath.split(os.sep)[-1]:
-                        with open(os.path.join(dirpath, name), "rb") as f:
-                            data = f.read()
-                        chunks.append(data)
-                        size += len(data)
-        if size == 0:
-            raise RuntimeError(f"no standard-library sources found under {root} for the LM corpus")
-        blob = b"".join(chunks)[:max_bytes]
+        blob = b"".join(package_source(p) for p in TEXT_SOURCES[part])[:max_bytes]
+        if not blob:
+            raise RuntimeError(f"no standard-library sources found under {sysconfig.get_paths()['stdlib']} "
+                               "for the text corpora")
         _TEXT_CACHE[key] = torch.frombuffer(bytearray(blob), dtype=torch.uint8).clone()
     return _TEXT_CACHE[key]
+
+
+def package_snippets(part: str, n_train: int, n_test: int, context: int, seed: int) -> Tuple[Tensor, ...]:
+    """Snippets of ``context`` bytes labelled by the standard-library package they come from
+    (``TEXT_CLASSES[part]``, one class each, balanced): the text-classification task. The last
+    10 % of each package's sources is the test split."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n, split in ((n_train, 0), (n_test, 1)):
+        xs, ys = [], []
+        for label, package in enumerate(TEXT_CLASSES[part]):
+            text = torch.frombuffer(bytearray(package_source(package)), dtype=torch.uint8).long()
+            cut = len(text) - len(text) // 10
+            lo, hi = (0, cut) if split == 0 else (cut, len(text))
+            if hi - lo <= context:
+                raise RuntimeError(f"standard-library package {package!r} is too small for the text task")
+            starts = torch.randint(lo, hi - context, (n // len(TEXT_CLASSES[part]),), generator=g)
+            xs.append(text[starts[:, None] + torch.arange(context)])
+            ys.append(torch.full((len(starts),), label))
+        out += [torch.cat(xs), torch.cat(ys)]
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -240,6 +348,14 @@ def build_model(spec: RunSpec) -> nn.Module:
         return TinyViT(spec.depth, spec.width)
     if spec.family == "lm":
         return TinyLM(spec.depth, spec.width)
+    if spec.family == "mixer":
+        return Mixer(spec.depth, spec.width)
+    if spec.family == "sepcnn":
+        return SeparableCNN(spec.depth, spec.width)
+    if spec.family == "rnn":
+        return RowGRU(spec.depth, spec.width)
+    if spec.family == "textenc":
+        return TextEncoder(spec.depth, spec.width)
     raise ValueError(f"unknown family {spec.family!r}; choose one of {FAMILIES}")
 
 
@@ -254,6 +370,10 @@ class Task:
             n_test = len(text) // 10
             self.train_text, self.test_text = text[:-n_test].long(), text[-n_test:].long()
             self.context = 32
+        elif spec.family == "textenc":
+            # pretraining classifies snippets of other packages (TEXT_CLASSES["a"]); same shape
+            self.x, self.y, self.xt, self.yt = package_snippets(
+                "a" if pretrain else "b", 8192, 1024, context=64, seed=g_seed)
         else:
             from ..data import load_digits_dataset
 
@@ -313,19 +433,30 @@ class Task:
         return self.evaluate(model)["accuracy"]
 
 
+OPTIMIZERS = ("sgd", "adamw", "adam", "rmsprop")
+
+
 def base_lr(spec: RunSpec) -> float:
-    if spec.optimizer == "adamw":
-        return 3e-3 if spec.family in ("mlp", "cnn", "resnet") else 2e-3
-    return {"mlp": 0.05, "cnn": 0.05, "resnet": 0.05, "vit": 0.05, "lm": 0.1}[spec.family] * (0.5 if spec.finetune else 1.0)
+    if spec.optimizer in ("adamw", "adam"):
+        return 3e-3 if spec.family in ("mlp", "cnn", "resnet", "sepcnn", "rnn") else 2e-3
+    if spec.optimizer == "rmsprop":
+        return 1e-3
+    sgd = {"mlp": 0.05, "cnn": 0.05, "resnet": 0.05, "vit": 0.05, "lm": 0.1, "mixer": 0.05, "sepcnn": 0.05,
+           "rnn": 0.05, "textenc": 0.05}
+    return sgd[spec.family] * (0.5 if spec.finetune else 1.0)
 
 
 def make_optimizer(spec: RunSpec, model: nn.Module) -> torch.optim.Optimizer:
     lr = base_lr(spec)
     if spec.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr * (0.3 if spec.finetune else 1.0), weight_decay=0.01)
+    if spec.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr * (0.3 if spec.finetune else 1.0))
+    if spec.optimizer == "rmsprop":
+        return torch.optim.RMSprop(model.parameters(), lr=lr * (0.3 if spec.finetune else 1.0), alpha=0.99)
     if spec.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    raise ValueError(f"unknown optimizer {spec.optimizer!r} (sgd or adamw)")
+    raise ValueError(f"unknown optimizer {spec.optimizer!r}; choose one of {OPTIMIZERS}")
 
 
 def cosine(total: int):
@@ -368,9 +499,14 @@ class Session:
         self.task = Task(spec)
         self.optimizer = make_optimizer(spec, self.model)
         # a policy that sets per-unit learning rates itself (FreezeOut) runs without one
-        self.scheduler = (torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(spec.schedule, spec.steps))
-                          if schedule else None)
+        self.scheduler = None
+        if schedule:
+            self.add_schedule()
         self.step = 0
+
+    def add_schedule(self) -> None:
+        """The spec's learning-rate schedule (warm-up, then decay) on the optimizer."""
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(self.spec.schedule, self.spec.steps))
 
     def train_step(self) -> Tensor:
         x, y = self.task.batch()
@@ -475,5 +611,28 @@ def zoo_specs(quick: bool = False) -> List[RunSpec]:
         RunSpec("mlp", 2, 192, "adamw", 4, steps=480),
         RunSpec("cnn", 4, 12, "adamw", 5, steps=480, variant="nobn"),
         RunSpec("lm", 1, 96, "sgd", 5, steps=480, batch=32),
+        # Third round (issue 16): four more families (an MLP-Mixer, a depthwise-separable CNN, a
+        # recurrent model, a text encoder fine-tuned from an in-house pretrained checkpoint),
+        # more fine-tuning, other optimizers and schedules, longer runs.
+        RunSpec("mixer", 2, 48, "adamw", 0, steps=480),
+        RunSpec("mixer", 3, 32, "sgd", 1, steps=480, schedule="linear"),
+        RunSpec("mixer", 2, 48, "adamw", 2, steps=480, finetune=True),
+        RunSpec("sepcnn", 4, 16, "sgd", 0, steps=480),
+        RunSpec("sepcnn", 3, 12, "rmsprop", 1, steps=480, schedule="step"),
+        RunSpec("sepcnn", 4, 16, "sgd", 2, steps=480, finetune=True),
+        RunSpec("rnn", 2, 48, "adamw", 0, steps=480),
+        RunSpec("rnn", 1, 64, "adam", 1, steps=480, schedule="linear"),
+        RunSpec("rnn", 2, 48, "adamw", 2, steps=480, finetune=True),
+        RunSpec("textenc", 2, 48, "adamw", 0, steps=480),
+        RunSpec("textenc", 2, 48, "adamw", 1, steps=480, finetune=True),
+        RunSpec("textenc", 3, 32, "sgd", 2, steps=480, finetune=True, schedule="linear"),
+        RunSpec("textenc", 1, 64, "adam", 3, steps=480, finetune=True, schedule="constant"),
+        RunSpec("vit", 2, 32, "adam", 8, steps=480, schedule="step"),
+        RunSpec("vit", 2, 32, "adamw", 9, steps=960),
+        RunSpec("cnn", 4, 12, "rmsprop", 6, steps=480, schedule="linear"),
+        RunSpec("resnet", 1, 12, "sgd", 7, steps=480, finetune=True, schedule="step"),
+        RunSpec("resnet", 1, 8, "sgd", 8, steps=960),
+        RunSpec("lm", 2, 48, "adamw", 6, steps=480, batch=32, finetune=True, schedule="linear"),
+        RunSpec("mlp", 3, 96, "rmsprop", 5, steps=480, finetune=True),
     ]
     return specs

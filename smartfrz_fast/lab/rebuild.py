@@ -1,0 +1,249 @@
+"""One command that rebuilds the predictor's weights and the comparison table, resumable.
+
+    nice -n 19 python -m smartfrz_fast.lab.rebuild --out lab_runs [--max-hours H]
+
+Stages (each skips what its files show finished, so the command resumes wherever it stopped):
+
+1. ``trials``: every zoo run (families interleaved, so that a partial rebuild covers them all)
+   and every evaluation network is recorded (``OUT/zoo/<run>.pt``) and its freezing trials run
+   (``OUT/trials/<run>.jsonl``, one JSON line per branch): trial labels and the hindsight oracle.
+2. ``predictors``: for each label source (``cka``, ``trials``), one predictor per family trained
+   on the other families (``OUT/predictors/<source>/without-<family>.pt``), then one on all
+   (``all.pt``, with the held-out metrics in its provenance). Starts once stage 1 is complete.
+3. ``evaluate``: the evaluation networks (``EVAL_SPECS``, plus one zoo run per family from
+   scratch and one fine-tuned, scored by the predictors that never saw their family) trained
+   with every policy, back to back, one JSON line per run (``OUT/eval.jsonl``); full training
+   and SmartFRZ also on a second seed.
+4. ``table``: ``OUT/policy_comparison.md`` (the oracle column from the trials).
+
+Nothing here replaces the shipped weights: compare ``OUT/predictors/*/all.pt``'s leave-one-
+family-out metrics with the shipped file's, and copy by hand if better (``docs/predictor.md``).
+``OUT/progress.md`` says what is done and an estimate of what remains. ``--max-hours``: start no
+new piece after that long (exit code 3: run the same command again to continue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .evaluate import TABLE_COLUMNS, train_with_policy, write_table
+from .labels import LabelSource, Tolerance, read_trials
+from .train import leave_one_out, run_pipeline
+from .trials import DEFAULT_STRIDE, OutOfTime, Trials
+from .zoo import EVAL_SPECS, RunSpec, zoo_specs
+
+STAGES = ("trials", "predictors", "evaluate", "table")
+SECOND_SEED = 100  # full training and SmartFRZ are run again with seed + this
+
+
+def interleaved(specs: Sequence[RunSpec]) -> List[RunSpec]:
+    """Specs reordered round-robin over families (first of each family, then second, ...)."""
+    by_family: Dict[str, List[RunSpec]] = defaultdict(list)
+    for spec in specs:
+        by_family[spec.family].append(spec)
+    out: List[RunSpec] = []
+    for i in range(max(len(v) for v in by_family.values())):
+        out += [v[i] for v in by_family.values() if i < len(v)]
+    return out
+
+
+def evaluation_networks(zoo: Sequence[RunSpec]) -> List[RunSpec]:
+    """EVAL_SPECS, and per family its first zoo run from scratch and its first fine-tuned one
+    (scored by predictors that never saw the family: the test of every family, unseen)."""
+    nets = list(EVAL_SPECS)
+    for finetune in (False, True):
+        seen = set()
+        for spec in zoo:
+            if spec.finetune == finetune and spec.family not in seen:
+                seen.add(spec.family)
+                nets.append(spec)
+    return nets
+
+
+def second_seed(spec: RunSpec) -> RunSpec:
+    return RunSpec(**{**spec.as_dict(), "seed": spec.seed + SECOND_SEED})
+
+
+class Rebuild:
+    def __init__(self, out: Path, quick: bool = False, tolerance: Tolerance = Tolerance(),
+                 stride: int = DEFAULT_STRIDE, deadline: Optional[float] = None, log=print) -> None:
+        self.out, self.quick, self.tolerance, self.stride = Path(out), quick, tolerance, stride
+        self.deadline, self.log = deadline, log
+        self.zoo = zoo_specs(quick)
+        self.trial_specs = interleaved(self.zoo) + ([] if quick else list(EVAL_SPECS))
+        self.networks = self.zoo[:2] if quick else evaluation_networks(self.zoo)
+        self.families = sorted({s.family for s in self.zoo})
+        self.sources = {"cka": LabelSource("cka"),
+                        "trials": LabelSource("trials", trials_dir=self.out / "trials", tolerance=tolerance)}
+        self.started = time.time()
+
+    def _check_time(self, what: str) -> None:
+        if self.deadline is not None and time.time() > self.deadline:
+            raise OutOfTime(f"time budget spent before {what}")
+
+    # ------------------------------------------------------------------ stages
+    def trials(self) -> bool:
+        for i, spec in enumerate(self.trial_specs):
+            self.log(f"[trials {i + 1}/{len(self.trial_specs)}] {spec.name}")
+            Trials(spec, self.out / "trials" / f"{spec.name}.jsonl", self.tolerance, self.stride,
+                   recording=self.out / "zoo" / f"{spec.name}.pt", deadline=self.deadline, log=self.log).run()
+            self.write_progress()
+        return True
+
+    def predictors(self) -> bool:
+        if not self._trials_done():
+            self.log("predictors: waiting for the trials stage to finish")
+            return False
+        for name, source in self.sources.items():
+            folder = self.out / "predictors" / name
+            for family in self.families:
+                if not (folder / f"without-{family}.pt").exists():
+                    self._check_time(f"the {name} predictor without {family}")
+                    leave_one_out(self.out / "zoo", folder, [family], source, None, log=self.log, quick=self.quick,
+                                  all_families=self.families, specs=self.zoo)
+            if not (folder / "all.pt").exists():
+                self._check_time(f"the {name} predictor on all families")
+                run_pipeline(self.out / "zoo", folder / "all.pt", self.quick, source, self.families, log=self.log,
+                             recorded_only=True, unseen_dir=folder, specs=self.zoo)
+            self.write_progress()
+        return True
+
+    def _runs_to_evaluate(self) -> List[tuple]:
+        """(spec, policy, weights) of every evaluation run, in order (a network's runs back to back)."""
+        pred = self.out / "predictors"
+        runs = []
+        for spec in self.networks:
+            unseen = {f"smartfrz-unseen-{s}": pred / s / f"without-{spec.family}.pt" for s in self.sources}
+            for policy in ("full", "smartfrz", *unseen, "freezeout", "autofreeze", "linear", "egeria"):
+                runs.append((spec, policy, unseen.get(policy)))
+            runs += [(second_seed(spec), "full", None),
+                     (second_seed(spec), "smartfrz-unseen-trials", unseen["smartfrz-unseen-trials"])]
+        return runs
+
+    def _eval_rows(self) -> Dict[tuple, Dict]:
+        path = self.out / "eval.jsonl"
+        rows = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a torn last line: that run is redone
+                    continue
+                rows[(row["network"], row["policy"])] = row
+        return rows
+
+    def evaluate(self) -> bool:
+        if not all((self.out / "predictors" / s / "all.pt").exists() for s in self.sources):
+            self.log("evaluate: waiting for the predictors stage to finish")
+            return False
+        done = self._eval_rows()
+        for spec, policy, weights in self._runs_to_evaluate():
+            if (spec.name, policy) in done:
+                continue
+            self._check_time(f"evaluating {spec.name} with {policy}")
+            row = train_with_policy(spec, policy, weights)
+            with open(self.out / "eval.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            self.log(json.dumps({k: v for k, v in row.items() if k != "timeline"}))
+        self.write_progress()
+        return True
+
+    def table(self) -> bool:
+        rows = list(self._eval_rows().values())
+        if not rows:
+            self.log("table: no evaluation runs yet")
+            return False
+        for spec in self.networks:  # the hindsight oracle of each network, from its trials
+            reference, _, other = read_trials(self.out / "trials" / f"{spec.name}.jsonl")
+            oracle = next((r for r in reversed(other) if r.get("kind") == "oracle"), None)
+            if oracle is not None and "accuracy" in oracle:
+                rows.append({"network": spec.name, "policy": "oracle", "accuracy": oracle["accuracy"],
+                             "flops_saved": oracle["flops_saved"]})
+        write_table(rows, self.out / "policy_comparison.md", note=(
+            f"Made by `python -m smartfrz_fast.lab.rebuild`. `smartfrz-unseen-<labels>`: the predictor trained "
+            f"without the network's family on CKA or freezing-trial labels; `oracle`: the hindsight schedule of "
+            f"the freezing trials (each prefix at its earliest safe step, {self.tolerance.describe()}; no wall "
+            f"time: it is not a policy one can run)."))
+        self.log(f"wrote {self.out / 'policy_comparison.md'}")
+        return True
+
+    # ------------------------------------------------------------------ progress
+    def _trials_done(self) -> bool:
+        return all(self._trial_status(s)[0] for s in self.trial_specs)
+
+    def _trial_status(self, spec: RunSpec) -> tuple:
+        reference, branches, other = read_trials(self.out / "trials" / f"{spec.name}.jsonl")
+        done = next((r for r in other if r.get("kind") == "search-done"), None)
+        seconds = (reference or {}).get("seconds", 0) + sum(b.get("seconds", 0) for b in branches.values())
+        return done is not None, len(branches), seconds
+
+    def write_progress(self) -> None:
+        status = [self._trial_status(s) for s in self.trial_specs]
+        finished = [st for st in status if st[0]]
+        mean = sum(st[2] for st in finished) / len(finished) if finished else None
+        left = len(status) - len(finished)
+        eval_left = sum(1 for spec, policy, _ in self._runs_to_evaluate()
+                        if (spec.name, policy) not in self._eval_rows())
+        lines = ["# Rebuild progress", "",
+                 f"Updated {time.strftime('%Y-%m-%d %H:%M:%S')}, {torch.get_num_threads()} thread(s).", "",
+                 f"- trials: {len(finished)}/{len(status)} runs finished, {sum(st[1] for st in status)} branches "
+                 f"recorded, {sum(st[2] for st in status) / 3600:.2f} h of training in them"
+                 + (f"; ~{mean / 60:.0f} min per run, so ~{left * mean / 3600:.1f} h left for this stage" if mean else ""),
+                 f"- predictors: " + ", ".join(f"{s}: {len(list((self.out / 'predictors' / s).glob('*.pt')))}"
+                                               f"/{len(self.families) + 1}" for s in self.sources),
+                 f"- evaluate: {len(self._runs_to_evaluate()) - eval_left}/{len(self._runs_to_evaluate())} runs",
+                 f"- table: {'written' if (self.out / 'policy_comparison.md').exists() else 'not yet'}", "",
+                 "| run | trials finished | branches | training seconds |", "|---|---|---|---|"]
+        lines += [f"| {s.name} | {'yes' if st[0] else 'no'} | {st[1]} | {st[2]:.0f} |"
+                  for s, st in zip(self.trial_specs, status)]
+        (self.out / "progress.md").write_text("\n".join(lines) + "\n")
+
+    def run(self, stages: Sequence[str] = STAGES) -> int:
+        self.out.mkdir(parents=True, exist_ok=True)
+        ignore = self.out / ".gitignore"
+        if not ignore.exists():  # recordings and weights are big and remade; trial results are the work
+            ignore.write_text("zoo/\npredictors/\n*.tmp\n")
+        try:
+            for stage in stages:
+                if not getattr(self, stage)():
+                    break
+        except OutOfTime as exc:
+            self.write_progress()
+            self.log(f"stopped: {exc}. Run the same command again to continue.")
+            return 3
+        self.write_progress()
+        return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m smartfrz_fast.lab.rebuild", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("lab_runs"))
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, from {STAGES}")
+    p.add_argument("--max-hours", type=float, default=None, help="start no new piece after this long")
+    p.add_argument("--tolerance", type=float, default=Tolerance().value, help="trial labels: points a branch may lose")
+    p.add_argument("--metric", choices=("accuracy", "loss"), default="accuracy")
+    p.add_argument("--stride", type=int, default=DEFAULT_STRIDE, help="snapshots between branch points")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="the tiny CI zoo (minutes)")
+    args = p.parse_args(argv)
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        p.error(f"unknown stages {unknown}; choose from {STAGES}")
+    torch.set_num_threads(args.threads)
+    deadline = None if args.max_hours is None else time.time() + 3600 * args.max_hours
+    rebuild = Rebuild(args.out, args.quick, Tolerance(args.metric, args.tolerance), args.stride, deadline,
+                      log=lambda m: print(m, flush=True))
+    return rebuild.run(stages)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
