@@ -377,3 +377,19 @@ def test_rebuild_stops_on_its_time_budget_and_says_how_to_resume(tmp_path):
     # the unbranched run of the first zoo run is on file (its reference line), nothing else
     (first,) = list((out / "trials").glob("*.jsonl"))
     assert [json.loads(line)["kind"] for line in first.read_text().splitlines()] == ["reference"]
+
+
+def test_compare_labels_sets_the_cka_points_against_the_trials(finished_trials):
+    from smartfrz_fast.lab.labels import load_recording, prefix_freeze_points
+    from smartfrz_fast.lab.rebuild import Rebuild
+
+    out, spec, trials, done = finished_trials
+    rebuild = Rebuild(out, quick=True, log=lambda m: None)
+    rebuild.trial_specs = [spec]
+    header, rule, row = rebuild.compare_labels()
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == spec.name and cells[1] == "3"
+    assert cells[2] == f"{done['oracle_accuracy_change_points']:+.2f}"
+    cka = prefix_freeze_points(load_recording(out / "zoo" / f"{spec.name}.pt")["cka"][:-1].float(), 0.998)
+    safe = torch.tensor([trials.snapshots if j is None else j for j in done["earliest"]])
+    assert (int(cells[4]), int(cells[5])) == (int((cka < safe).sum()), int((cka > safe).sum()))

@@ -175,6 +175,34 @@ class Rebuild:
         self.log(f"wrote {self.out / 'policy_comparison.md'}")
         return True
 
+    def compare_labels(self) -> List[str]:
+        """Markdown rows, per run with finished trials: the trial oracle (accuracy change, FLOPs
+        saved) and how the CKA labels (0.998) relate to it: prefixes whose CKA point comes
+        before their earliest safe point (CKA would freeze them at a cost) and after it."""
+        from .labels import DEFAULT_THRESHOLD, load_recording, prefix_freeze_points
+
+        lines = ["| run | units | oracle accuracy change | oracle FLOPs saved | CKA points before safe | "
+                 "CKA points after safe | CKA schedule's FLOPs saved |", "|---|---|---|---|---|---|---|"]
+        for spec in self.trial_specs:
+            path, recording = self.out / "trials" / f"{spec.name}.jsonl", self.out / "zoo" / f"{spec.name}.pt"
+            reference, _, other = read_trials(path)
+            done = next((r for r in other if r.get("kind") == "search-done"), None)
+            if done is None or not recording.exists():
+                continue
+            r = load_recording(recording)
+            s = r["cka"].shape[1]
+            cka = prefix_freeze_points(r["cka"][:-1].float(), DEFAULT_THRESHOLD)
+            safe = torch.tensor([s if j is None else j for j in done["earliest"]])
+            # of the whole run's training FLOPs, as the oracle's: a unit frozen after snapshot p
+            # saves its backward (2/3 of its work) over the rest of the run
+            flops = torch.tensor(r["forward_flops"], dtype=torch.float64)
+            rest = (1 - (cka.double() + 1) / s).clamp_min(0)
+            cka_saved = float((flops[:-1] / flops.sum() * rest).sum() * 2 / 3)
+            lines.append(f"| {spec.name} | {len(safe)} | {done['oracle_accuracy_change_points']:+.2f} | "
+                         f"{100 * done['oracle_flops_saved']:.1f} % | {int((cka < safe).sum())} | "
+                         f"{int((cka > safe).sum())} | {100 * cka_saved:.1f} % |")
+        return lines
+
     # ------------------------------------------------------------------ progress
     def _trials_done(self) -> bool:
         return all(self._trial_status(s)[0] for s in self.trial_specs)
@@ -233,6 +261,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--stride", type=int, default=DEFAULT_STRIDE, help="snapshots between branch points")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="the tiny CI zoo (minutes)")
+    p.add_argument("--compare-labels", action="store_true",
+                   help="instead: print, per run with finished trials, the oracle and where the CKA labels fall")
     args = p.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]
     unknown = [s for s in stages if s not in STAGES]
@@ -242,6 +272,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     deadline = None if args.max_hours is None else time.time() + 3600 * args.max_hours
     rebuild = Rebuild(args.out, args.quick, Tolerance(args.metric, args.tolerance), args.stride, deadline,
                       log=lambda m: print(m, flush=True))
+    if args.compare_labels:
+        print("\n".join(rebuild.compare_labels()))
+        return 0
     return rebuild.run(stages)
 
 
