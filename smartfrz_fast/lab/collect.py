@@ -57,6 +57,13 @@ def representation_module(unit) -> torch.nn.Module:
     return unit.modules[0]
 
 
+def _first_tensor(out: Any) -> Tensor:
+    """A module's output as one tensor: a recurrent layer returns (sequence, state)."""
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
 def record_run(spec: RunSpec, snapshots: int = SNAPSHOTS_PER_RUN,
                on_step: Optional[Callable[[Session], None]] = None) -> Dict[str, Any]:
     """Train one zoo network and return its recorded history, CKA curves and metadata.
@@ -91,9 +98,9 @@ def record_run(spec: RunSpec, snapshots: int = SNAPSHOTS_PER_RUN,
     hooks = []
     for unit in units:
         def hook(module, args, out, index=unit.index):
-            outputs[index] = out.detach().flatten(1).float()
+            outputs[index] = _first_tensor(out).detach().flatten(1).float()
         def last_hook(module, args, out, index=unit.index):
-            fallback[index] = out.detach().flatten(1).float()
+            fallback[index] = _first_tensor(out).detach().flatten(1).float()
         hooks.append(representation_module(unit).register_forward_hook(hook))
         hooks.append(unit.modules[-1].register_forward_hook(last_hook))
     for _ in range(spec.steps):
