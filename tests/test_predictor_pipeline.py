@@ -393,3 +393,25 @@ def test_compare_labels_sets_the_cka_points_against_the_trials(finished_trials):
     cka = prefix_freeze_points(load_recording(out / "zoo" / f"{spec.name}.pt")["cka"][:-1].float(), 0.998)
     safe = torch.tensor([trials.snapshots if j is None else j for j in done["earliest"]])
     assert (int(cells[4]), int(cells[5])) == (int((cka < safe).sum()), int((cka > safe).sum()))
+
+
+@pytest.mark.parametrize("family", ["mlp", "cnn", "resnet", "vit", "lm", "mixer", "sepcnn", "rnn", "textenc"])
+def test_every_zoo_family_records_and_branches(family, tmp_path):
+    """A few steps of each family through the recording and one freezing branch (fine-tuned for
+    the text encoder: its checkpoint is made in-house, nothing downloads)."""
+    from smartfrz_fast.lab.collect import record_run
+    from smartfrz_fast.lab.trials import continue_run
+    from smartfrz_fast.lab.zoo import FAMILIES, RunSpec
+
+    assert family in FAMILIES
+    torch.set_num_threads(1)
+    spec = RunSpec(family, 1 if family == "resnet" else 2, 16, "adamw" if family in ("rnn", "textenc") else "sgd",
+                   seed=3, steps=12, batch=8,
+                   finetune=family == "textenc")
+    states = {}
+    run = record_run(spec, on_step=lambda s: states.setdefault(s.step, s.checkpoint()) if s.step == 6 else None)
+    u = len(run["units"])
+    assert u >= 3 and run["history"].shape[:2] == (u, 12) and torch.isfinite(run["cka"]).all()
+    assert 0.0 <= run["test_accuracy"] <= 1.0 and run["test_loss"] > 0
+    branch = continue_run(spec, states[6], [(6, u - 1)])
+    assert branch["frozen"] == u - 1 and 0 < branch["flops_saved"] < 1
