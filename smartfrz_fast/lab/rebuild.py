@@ -236,7 +236,9 @@ class Rebuild:
     def _trial_status(self, spec: RunSpec) -> tuple:
         reference, branches, other = read_trials(self.out / "trials" / f"{spec.name}.jsonl")
         done = next((r for r in other if r.get("kind") == "search-done"), None)
-        seconds = (reference or {}).get("seconds", 0) + sum(b.get("seconds", 0) for b in branches.values())
+        rows = [reference or {}, *branches.values()]
+        # CPU seconds where recorded (what the work costs on an idle core), else wall seconds
+        seconds = sum(r.get("cpu_seconds", r.get("seconds", 0)) for r in rows)
         return done is not None, len(branches), seconds
 
     def write_progress(self) -> None:
@@ -249,13 +251,14 @@ class Rebuild:
         lines = ["# Rebuild progress", "",
                  f"Updated {time.strftime('%Y-%m-%d %H:%M:%S')}, {torch.get_num_threads()} thread(s).", "",
                  f"- trials: {len(finished)}/{len(status)} runs finished, {sum(st[1] for st in status)} branches "
-                 f"recorded, {sum(st[2] for st in status) / 3600:.2f} h of training in them"
-                 + (f"; ~{mean / 60:.0f} min per run, so ~{left * mean / 3600:.1f} h left for this stage" if mean else ""),
+                 f"recorded, {sum(st[2] for st in status) / 3600:.2f} CPU hours of training in them"
+                 + (f"; ~{mean / 60:.0f} CPU min per finished run, so ~{left * mean / 3600:.1f} CPU hours left for "
+                    f"this stage (one idle core; a finished run's cost varies with its size and units)" if mean else ""),
                  f"- predictors: " + ", ".join(f"{s}: {len(list((self.out / 'predictors' / s).glob('*.pt')))}"
                                                f"/{len(self.families) + 1}" for s in self.sources),
                  f"- evaluate: {len(self._runs_to_evaluate()) - eval_left}/{len(self._runs_to_evaluate())} runs",
                  f"- table: {'written' if (self.out / 'policy_comparison.md').exists() else 'not yet'}", "",
-                 "| run | trials finished | branches | training seconds |", "|---|---|---|---|"]
+                 "| run | trials finished | branches | CPU seconds |", "|---|---|---|---|"]
         lines += [f"| {s.name} | {'yes' if st[0] else 'no'} | {st[1]} | {st[2]:.0f} |"
                   for s, st in zip(self.trial_specs, status)]
         (self.out / "progress.md").write_text("\n".join(lines) + "\n")
