@@ -19,7 +19,9 @@ Stages (each skips what its files show finished, so the command resumes wherever
 Nothing here replaces the shipped weights: compare ``OUT/predictors/*/all.pt``'s leave-one-
 family-out metrics with the shipped file's, and copy by hand if better (``docs/predictor.md``).
 ``OUT/progress.md`` says what is done and an estimate of what remains. ``--max-hours``: start no
-new piece after that long (exit code 3: run the same command again to continue).
+new piece after that long (exit code 3: run the same command again to continue). ``--shard I/N``:
+this process does every N-th piece of each stage (one process per core; a shard that reaches a
+stage whose inputs another shard still makes stops there: run it again later).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -74,9 +76,11 @@ def second_seed(spec: RunSpec) -> RunSpec:
 
 class Rebuild:
     def __init__(self, out: Path, quick: bool = False, tolerance: Tolerance = Tolerance(),
-                 stride: int = DEFAULT_STRIDE, deadline: Optional[float] = None, log=print) -> None:
+                 stride: int = DEFAULT_STRIDE, deadline: Optional[float] = None, log=print,
+                 shard: Tuple[int, int] = (0, 1)) -> None:
         self.out, self.quick, self.tolerance, self.stride = Path(out), quick, tolerance, stride
         self.deadline, self.log = deadline, log
+        self.shard = shard
         self.zoo = zoo_specs(quick)
         self.trial_specs = interleaved(self.zoo) + ([] if quick else list(EVAL_SPECS))
         self.networks = self.zoo[:2] if quick else evaluation_networks(self.zoo)
@@ -90,9 +94,14 @@ class Rebuild:
             raise OutOfTime(f"time budget spent before {what}")
 
     # ------------------------------------------------------------------ stages
+    def mine(self, pieces: Sequence) -> List:
+        """This process's share of a stage's pieces (``--shard i/n``: every n-th from the i-th)."""
+        i, n = self.shard
+        return list(pieces)[i::n]
+
     def trials(self) -> bool:
-        for i, spec in enumerate(self.trial_specs):
-            self.log(f"[trials {i + 1}/{len(self.trial_specs)}] {spec.name}")
+        for spec in self.mine(self.trial_specs):
+            self.log(f"[trials {self.trial_specs.index(spec) + 1}/{len(self.trial_specs)}] {spec.name}")
             Trials(spec, self.out / "trials" / f"{spec.name}.jsonl", self.tolerance, self.stride,
                    recording=self.out / "zoo" / f"{spec.name}.pt", deadline=self.deadline, log=self.log).run()
             self.write_progress()
@@ -102,13 +111,17 @@ class Rebuild:
         if not self._trials_done():
             self.log("predictors: waiting for the trials stage to finish")
             return False
-        for name, source in self.sources.items():
+        for name, family in self.mine([(n, f) for n in self.sources for f in self.families]):
             folder = self.out / "predictors" / name
-            for family in self.families:
-                if not (folder / f"without-{family}.pt").exists():
-                    self._check_time(f"the {name} predictor without {family}")
-                    leave_one_out(self.out / "zoo", folder, [family], source, None, log=self.log, quick=self.quick,
-                                  all_families=self.families, specs=self.zoo)
+            if not (folder / f"without-{family}.pt").exists():
+                self._check_time(f"the {name} predictor without {family}")
+                leave_one_out(self.out / "zoo", folder, [family], self.sources[name], None, log=self.log,
+                              quick=self.quick, all_families=self.families, specs=self.zoo)
+        for name, source in self.mine(list(self.sources.items())):
+            folder = self.out / "predictors" / name
+            if not all((folder / f"without-{f}.pt").exists() for f in self.families):
+                self.log(f"predictors: {name}/all.pt waits for every without-<family>.pt (another shard)")
+                return False
             if not (folder / "all.pt").exists():
                 self._check_time(f"the {name} predictor on all families")
                 run_pipeline(self.out / "zoo", folder / "all.pt", self.quick, source, self.families, log=self.log,
@@ -129,9 +142,8 @@ class Rebuild:
         return runs
 
     def _eval_rows(self) -> Dict[tuple, Dict]:
-        path = self.out / "eval.jsonl"
         rows = {}
-        if path.exists():
+        for path in sorted(self.out.glob("eval*.jsonl")):  # one file per shard
             for line in path.read_text().splitlines():
                 try:
                     row = json.loads(line)
@@ -145,18 +157,25 @@ class Rebuild:
             self.log("evaluate: waiting for the predictors stage to finish")
             return False
         done = self._eval_rows()
+        mine = {id(spec) for spec in self.mine(self.networks)}  # a network's runs stay together
         for spec, policy, weights in self._runs_to_evaluate():
-            if (spec.name, policy) in done:
+            if (spec.name, policy) in done or id(self._network_of(spec)) not in mine:
                 continue
             self._check_time(f"evaluating {spec.name} with {policy}")
             row = train_with_policy(spec, policy, weights)
-            with open(self.out / "eval.jsonl", "a") as f:
+            with open(self.out / f"eval-{self.shard[0]}.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             self.log(json.dumps({k: v for k, v in row.items() if k != "timeline"}))
         self.write_progress()
         return True
 
+    def _network_of(self, spec: RunSpec) -> RunSpec:
+        """The evaluation network a run belongs to (its second seed belongs to the first)."""
+        return next(n for n in self.networks if n.name == spec.name or second_seed(n).name == spec.name)
+
     def table(self) -> bool:
+        if self.shard[0] != 0:
+            return True
         rows = list(self._eval_rows().values())
         if not rows:
             self.log("table: no evaluation runs yet")
@@ -290,6 +309,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--stride", type=int, default=DEFAULT_STRIDE, help="snapshots between branch points")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="the tiny CI zoo (minutes)")
+    p.add_argument("--shard", default="0/1", metavar="I/N",
+                   help="do every N-th piece of each stage from the I-th (one process per core: 0/2 and 1/2)")
     p.add_argument("--compare-labels", action="store_true",
                    help="instead: print, per run with finished trials, the oracle and where the CKA labels fall")
     args = p.parse_args(argv)
@@ -297,10 +318,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         p.error(f"unknown stages {unknown}; choose from {STAGES}")
+    try:
+        shard = tuple(int(x) for x in args.shard.split("/"))
+        if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
+            raise ValueError
+    except ValueError:
+        p.error(f"--shard is I/N with 0 <= I < N, got {args.shard!r}")
     torch.set_num_threads(args.threads)
     deadline = None if args.max_hours is None else time.time() + 3600 * args.max_hours
     rebuild = Rebuild(args.out, args.quick, Tolerance(args.metric, args.tolerance), args.stride, deadline,
-                      log=lambda m: print(m, flush=True))
+                      log=lambda m: print(m, flush=True), shard=shard)
     if args.compare_labels:
         print("\n".join(rebuild.compare_labels()))
         return 0
