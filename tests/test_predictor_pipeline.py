@@ -326,6 +326,10 @@ def test_trials_resume_without_recomputing(finished_trials, tmp_path):
     # finished: a second run reads the result back and trains nothing
     again = Trials(spec, trials.path, Tolerance("accuracy", 0.5), stride=20, log=lambda m: None)
     assert again.run() == done and again.branches_run == 0 and again._checkpoints is None
+    # results without their recording (a fresh checkout): the recording is made again, no branch
+    recording = tmp_path / "zoo" / f"{spec.name}.pt"
+    remade = Trials(spec, trials.path, Tolerance("accuracy", 0.5), stride=20, recording=recording, log=lambda m: None)
+    assert remade.run() == done and remade.branches_run == 0 and recording.exists()
     # killed after two branches, in the middle of writing the third
     partial = tmp_path / "partial.jsonl"
     partial.write_text("\n".join(lines[:3]) + "\n" + lines[3][:25])
