@@ -275,12 +275,13 @@ def test_search_finds_the_grids_earliest_safe_steps_with_fewer_questions(fresh_s
         truth = torch.randint(0, len(candidates) + 2, (prefixes,), generator=g).sort().values.tolist()
         asked = []
 
-        def is_safe(k, j):
+        def is_safe(k, j, before):
             asked.append((k, j))
+            assert len(before) == k - 1  # the earlier prefixes' answers
             return candidates.index(j) >= truth[k - 1]
 
         found = search_earliest(prefixes, candidates, is_safe)
-        grid = grid_earliest(prefixes, candidates, lambda k, j: candidates.index(j) >= truth[k - 1])
+        grid = grid_earliest(prefixes, candidates, lambda k, j, before: candidates.index(j) >= truth[k - 1])
         assert found == grid
         assert found == [candidates[t] if t < len(candidates) else None for t in truth]
         assert len(asked) == len(set(asked))  # never the same question twice
@@ -297,24 +298,28 @@ def test_trials_agree_with_an_exhaustive_grid_on_a_tiny_run(finished_trials):
     tol = Tolerance("accuracy", 0.5)
     grid = {}
 
-    def is_safe(k, j):  # every prefix at every branch point, from the same checkpoints
-        if (k, j) not in grid:
-            step = (j + 1) * trials.every
-            grid[(k, j)] = tol.safe(continue_run(spec, trials._checkpoints[step], [(step, k)]), reference)
-        return grid[(k, j)]
+    def is_safe(k, j, before):  # every branch point, from the same checkpoints
+        key = (k, j, tuple(before))
+        if key not in grid:
+            schedule = trials.schedule(k, j, before)
+            grid[key] = tol.safe(continue_run(spec, trials._checkpoints[schedule[0][0]], schedule), reference)
+        return grid[key]
 
-    for k in (1, 2, 3):
-        for j in done["candidates"]:
-            is_safe(k, j)
     assert done["earliest"] == grid_earliest(3, done["candidates"], is_safe)
-    assert done["branches"] < len(grid) == 15  # the search ran fewer branches than the grid
+    for k in (1, 2, 3):  # the whole grid the brute force stands for
+        before = tuple(done["earliest"][:k - 1])
+        if None not in before:
+            for j in done["candidates"][done["candidates"].index(before[-1]) if before else 0:]:
+                is_safe(k, j, before)
+    assert done["branches"] < len(grid)  # the search ran fewer branches than the grid
     for key, row in branches.items():  # and each branch it ran is the grid's outcome
         assert tol.safe(row, reference) == grid[key]
-    # the oracle schedule freezes each prefix at its earliest safe step, and saves FLOPs
+    # the oracle: each prefix at its earliest safe step, within the tolerance by construction
     oracle = next(r for r in read_trials(trials.path)[2] if r["kind"] == "oracle")
     assert oracle["schedule"] == [[(j + 1) * trials.every, k + 1] for k, j in enumerate(done["earliest"])
                                   if j is not None]
     assert (oracle["flops_saved"] > 0) == bool(oracle["schedule"])
+    assert tol.safe(oracle, reference)
 
 
 def test_trials_resume_without_recomputing(finished_trials, tmp_path):

@@ -9,9 +9,9 @@ engine) gets no windows.
   representation at the end of training reached ``threshold`` and stayed there. It answers
   "has this layer stopped moving?". Default threshold 0.998 (``docs/predictor.md``).
 - ``trials``: freezing trials (``trials.py``): the recorded run was branched at snapshot steps,
-  the prefix ending at the unit frozen there and trained to the end on the same batches; the
-  unit is freezable from the earliest snapshot where that branch's final metric stayed within
-  a tolerance of the unbranched run's. It answers "can it be frozen now without costing
+  the prefix ending at the unit frozen there (the shorter prefixes at their own earliest safe
+  points) and trained to the end on the same batches; the unit is freezable from the earliest
+  snapshot where that branch's final metric stayed within a tolerance of the unbranched run's. It answers "can it be frozen now without costing
   accuracy?". The trial results live in ``<trials dir>/<run name>.jsonl``.
 """
 
@@ -33,6 +33,9 @@ DEFAULT_THRESHOLD = 0.998
 # training" to label against; it is left out (and listed in the provenance).
 MIN_ACCURACY = 0.2
 LABEL_SOURCES = ("cka", "trials")
+# The trials' search: each prefix's branches freeze the shorter prefixes at their earliest safe
+# points too (a results file of another search is not read as labels).
+SEARCH = "sequential"
 
 
 # ----------------------------------------------------------------------------- CKA rule
@@ -90,8 +93,20 @@ class TrialResultsError(ValueError):
     """A trial results file is unreadable or belongs to another run."""
 
 
-def read_trials(path: Path) -> Tuple[Optional[Dict[str, Any]], Dict[Tuple[int, int], Dict[str, Any]], List[Dict]]:
-    """``(reference, branches by (k, snapshot), other lines)`` of a JSON-lines results file.
+BranchKey = Tuple[int, int, Optional[Tuple[int, ...]]]
+
+
+def branch_key(row: Dict[str, Any]) -> BranchKey:
+    """``(k, snapshot, before)``: prefix k frozen at the snapshot, the shorter prefixes at the
+    snapshots ``before`` (the search's earlier answers). A row without ``before`` froze only
+    prefix k (the first format): the same branch for k = 1, another experiment (None) else."""
+    k, j = int(row["k"]), int(row["snapshot"])
+    before = tuple(row["before"]) if "before" in row else (() if k == 1 else None)
+    return k, j, before
+
+
+def read_trials(path: Path) -> Tuple[Optional[Dict[str, Any]], Dict[BranchKey, Dict[str, Any]], List[Dict]]:
+    """``(reference, branches by branch_key, other lines)`` of a JSON-lines results file.
 
     A torn last line (a run killed while writing) is ignored: that branch is simply redone."""
     reference, branches, other = None, {}, []
@@ -112,25 +127,24 @@ def read_trials(path: Path) -> Tuple[Optional[Dict[str, Any]], Dict[Tuple[int, i
         if kind == "reference":
             reference = row
         elif kind == "branch":
-            branches[(int(row["k"]), int(row["snapshot"]))] = row
+            branches[branch_key(row)] = row
         else:
             other.append(row)
     return reference, branches, other
 
 
-def trial_safety(branches: Dict[Tuple[int, int], Dict], reference: Dict, tolerance: Tolerance) -> Dict[Tuple[int, int], bool]:
+def trial_safety(branches: Dict[BranchKey, Dict], reference: Dict, tolerance: Tolerance) -> Dict[BranchKey, bool]:
     return {key: tolerance.safe(row, reference) for key, row in branches.items()}
 
 
-def infer_safe(known: Dict[Tuple[int, int], bool], k: int, j: int) -> Optional[bool]:
-    """What monotonicity says about freezing prefix ``k`` at snapshot ``j`` from trials already
-    run: safe if a prefix at least as long was safe at or before ``j`` (freezing later, or less,
-    is no worse); unsafe if a prefix at most as long was unsafe at or after ``j``. None: unknown."""
-    if known.get((k, j)) is not None:
-        return known[(k, j)]
-    if any(ok and k2 >= k and j2 <= j for (k2, j2), ok in known.items()):
+def infer_safe(known: Dict[BranchKey, bool], k: int, j: int, before: Tuple[int, ...]) -> Optional[bool]:
+    """What monotonicity in time says about freezing prefix ``k`` at snapshot ``j`` (after the
+    shorter prefixes at ``before``) from branches already run: safe if it was safe at or before
+    ``j``, unsafe if it was unsafe at or after ``j`` (freezing later is no worse). None: unknown."""
+    same = [(j2, ok) for (k2, j2, b2), ok in known.items() if k2 == k and b2 == tuple(before)]
+    if any(ok and j2 <= j for j2, ok in same):
         return True
-    if any(not ok and k2 <= k and j2 >= j for (k2, j2), ok in known.items()):
+    if any(not ok and j2 >= j for j2, ok in same):
         return False
     return None
 
@@ -144,7 +158,8 @@ def trial_freeze_points(path: Path, num_units: int, snapshots: int, tolerance: T
         raise TrialResultsError(f"{path} has no trials yet; run `python -m smartfrz_fast.lab.trials` "
                                 "(or lab.rebuild) for this run")
     wanted = {"metric": tolerance.metric, "value": tolerance.value}
-    done = [row for row in other if row.get("kind") == "search-done" and row.get("tolerance") == wanted]
+    done = [row for row in other if row.get("kind") == "search-done" and row.get("tolerance") == wanted
+            and row.get("search") == SEARCH]
     if not done:
         raise TrialResultsError(f"{path}: no finished search at tolerance {wanted}; resume the trials "
                                 "(finished branches are kept) or pass the tolerance they ran at")
@@ -245,9 +260,10 @@ class LabelSource:
         if self.kind == "cka":
             return (f"linear CKA (128-sample probe) of each unit's output vs the end of training; "
                     f"freezable from the first snapshot where CKA >= {self.threshold} and stays there")
-        return (f"freezing trials: the unit's prefix frozen at a snapshot step, trained to the end on the "
-                f"same batches, is safe when its {self.tolerance.describe()}; freezable from the earliest "
-                f"safe snapshot (searched with monotonicity)")
+        return (f"freezing trials: the unit's prefix frozen at a snapshot step (the shorter prefixes at their "
+                f"own earliest safe steps), trained to the end on the same batches, is safe when its "
+                f"{self.tolerance.describe()}; freezable from the earliest safe snapshot (searched with "
+                f"monotonicity in time)")
 
 
 def load_runs(paths: Sequence[Path], source: LabelSource = LabelSource(), min_accuracy: float = MIN_ACCURACY,
