@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .evaluate import TABLE_COLUMNS, train_with_policy, write_table
-from .labels import LabelSource, Tolerance, read_trials
+from .labels import SEARCH, LabelSource, Tolerance, read_trials
 from .train import leave_one_out, run_pipeline
 from .trials import DEFAULT_STRIDE, OutOfTime, Trials
 from .zoo import EVAL_SPECS, RunSpec, zoo_specs
@@ -182,6 +182,9 @@ class Rebuild:
             return False
         for spec in self.networks:  # the hindsight oracle of each network, from its trials
             reference, _, other = read_trials(self.out / "trials" / f"{spec.name}.jsonl")
+            if self._search_done(other) is None:
+                continue
+            # written just before its search-done line
             oracle = next((r for r in reversed(other) if r.get("kind") == "oracle"), None)
             if oracle is not None and "accuracy" in oracle:
                 rows.append({"network": spec.name, "policy": "oracle", "accuracy": oracle["accuracy"],
@@ -231,7 +234,7 @@ class Rebuild:
         for spec in self.trial_specs:
             path, recording = self.out / "trials" / f"{spec.name}.jsonl", self.out / "zoo" / f"{spec.name}.pt"
             reference, _, other = read_trials(path)
-            done = next((r for r in other if r.get("kind") == "search-done"), None)
+            done = self._search_done(other)
             if done is None or not recording.exists():
                 continue
             r = load_recording(recording)
@@ -249,12 +252,19 @@ class Rebuild:
         return lines
 
     # ------------------------------------------------------------------ progress
+    def _search_done(self, other: Sequence[Dict]) -> Optional[Dict]:
+        """The results file's finished search at this rebuild's settings (None: unfinished)."""
+        wanted = {"tolerance": {"metric": self.tolerance.metric, "value": self.tolerance.value},
+                  "stride": self.stride, "search": SEARCH}
+        return next((r for r in reversed(other) if r.get("kind") == "search-done"
+                     and all(r.get(k) == v for k, v in wanted.items())), None)
+
     def _trials_done(self) -> bool:
         return all(self._trial_status(s)[0] for s in self.trial_specs)
 
     def _trial_status(self, spec: RunSpec) -> tuple:
         reference, branches, other = read_trials(self.out / "trials" / f"{spec.name}.jsonl")
-        done = next((r for r in other if r.get("kind") == "search-done"), None)
+        done = self._search_done(other)
         rows = [reference or {}, *branches.values()]
         # CPU seconds where recorded (what the work costs on an idle core), else wall seconds
         seconds = sum(r.get("cpu_seconds", r.get("seconds", 0)) for r in rows)
