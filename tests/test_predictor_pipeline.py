@@ -389,11 +389,11 @@ def test_rebuild_stops_on_its_time_budget_and_says_how_to_resume(tmp_path):
 
 
 def test_compare_labels_sets_the_cka_points_against_the_trials(finished_trials):
-    from smartfrz_fast.lab.labels import load_recording, prefix_freeze_points
+    from smartfrz_fast.lab.labels import Tolerance, load_recording, prefix_freeze_points
     from smartfrz_fast.lab.rebuild import Rebuild
 
     out, spec, trials, done = finished_trials
-    rebuild = Rebuild(out, quick=True, log=lambda m: None)
+    rebuild = Rebuild(out, quick=True, tolerance=Tolerance("accuracy", 0.5), stride=20, log=lambda m: None)
     rebuild.trial_specs = [spec]
     header, rule, row = rebuild.compare_labels()
     cells = [c.strip() for c in row.strip("|").split("|")]
