@@ -1,6 +1,6 @@
 """SpFDE (Yuan et al., NeurIPS 2022) on the held-out networks of the policy comparison.
 
-Per network (``smartfrz_fast.predictor.evaluate.EVAL_SPECS``: same models, data, optimizers,
+Per network (``smartfrz_fast.lab.zoo.EVAL_SPECS``: same models, data, optimizers,
 lr schedule and seeds as ``bench/results/policy_comparison.md``), five runs:
 
 - ``dense``: full training, 480 steps of batch 64 drawn with replacement (``Task.batch``);
@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from smartfrz_fast import LinearFreeze, SievingSampler, SmartFreezer, SparseMasks
-from smartfrz_fast.predictor.evaluate import EVAL_SPECS, network_grid
-from smartfrz_fast.predictor.zoo import RunSpec, Task, build_model, cosine, make_optimizer
+from smartfrz_fast.lab.evaluate import network_grid
+from smartfrz_fast.lab.zoo import EVAL_SPECS, RunSpec, Task, build_model, cosine, make_optimizer
 from smartfrz_fast.sparse import random_masks
 from smartfrz_fast.units import UnitPlan, discover_units
 

@@ -40,7 +40,7 @@ def test_nominal_cost_of_dense_masks_is_the_engines_count():
 
 
 def test_short_sparse_freeze_sieve_run():
-    from smartfrz_fast.predictor.zoo import RunSpec
+    from smartfrz_fast.lab.zoo import RunSpec
 
     r = bench.train(RunSpec("resnet", 1, 4, "sgd", 0, steps=480), "sparse+freeze+sieve", 0.8, steps=60)
     assert r["steps"] == 48 and r["violations"] == 0 and r["density"] < 0.5

@@ -510,10 +510,10 @@ def test_recorded_runs_load_as_data_only(tmp_path):
             load(tmp_path / "evil.pt")
     assert not marker.exists()
     torch.save({"cka": torch.ones(5), "sample_every": 5}, tmp_path / "flat.pt")
-    with pytest.raises(ValueError, match=r"bad or missing \['cka"):
+    with pytest.raises(ValueError, match=r"'name' is NoneType, expected str"):
         LabelSchedule.from_recording(tmp_path / "flat.pt", 0.99, window=1)
     torch.save({"cka": torch.ones(2, 5), "sample_every": 5}, tmp_path / "partial.pt")
-    with pytest.raises(ValueError, match=r"bad or missing \['name', 'spec'"):
+    with pytest.raises(ValueError, match=r"'name' is NoneType, expected str"):
         load_runs([tmp_path / "partial.pt"])
 
 

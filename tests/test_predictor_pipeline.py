@@ -1,6 +1,7 @@
 """The SmartFRZ predictor's offline pipeline: CKA, labels, all-window scoring, quick end-to-end
 run, the shipped weights and the pace SmartFRZ asks the engine for."""
 
+import json
 import subprocess
 import sys
 import time
@@ -12,9 +13,9 @@ from smartfrz_fast import SmartFreezer, SmartFRZ
 from smartfrz_fast.ops.reference import amplify_deviation, predict_ref, sort_by_newest
 from smartfrz_fast.policy.smartfrz import SNAPSHOTS_PER_RUN, snapshot_interval
 from smartfrz_fast.predictor import DEFAULT_WEIGHTS, AttentionPredictor, PredictorConfig, load_predictor
-from smartfrz_fast.predictor.cka import centered_gram, cka_from_grams, linear_cka
-from smartfrz_fast.predictor.labels import freeze_index
-from smartfrz_fast.predictor.train import window_logits
+from smartfrz_fast.lab.cka import centered_gram, cka_from_grams, linear_cka
+from smartfrz_fast.lab.labels import LabelSchedule, freeze_index
+from smartfrz_fast.lab.scoring import window_logits
 
 from models import SmallCNN, batch, train_steps
 
@@ -117,7 +118,7 @@ def test_quick_pipeline_end_to_end(tmp_path):
     out = tmp_path / "predictor.pt"
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "smartfrz_fast.predictor.train", "--quick", "--threads", "1",
+        [sys.executable, "-m", "smartfrz_fast.lab.train", "--quick", "--threads", "1",
          "--zoo", str(tmp_path / "zoo"), "--out", str(out)],
         capture_output=True, text=True, timeout=300)
     seconds = time.perf_counter() - start
@@ -125,11 +126,13 @@ def test_quick_pipeline_end_to_end(tmp_path):
     assert len(list((tmp_path / "zoo").glob("*.pt"))) == 3
     prov = load_predictor(out).provenance
     assert prov["quick"] is True
-    assert prov["data"]["train_families"] == ["mlp", "cnn", "resnet", "vit", "lm"]  # ships trained on all
+    from smartfrz_fast.lab.zoo import FAMILIES
+
+    assert prov["data"]["train_families"] == list(FAMILIES)  # ships trained on all
     # leave-one-family-out on the recorded quick zoo: the vit predictor never sees a vit
     lofo = tmp_path / "lofo"
     proc = subprocess.run(
-        [sys.executable, "-m", "smartfrz_fast.predictor.train", "--quick", "--threads", "1",
+        [sys.executable, "-m", "smartfrz_fast.lab.train", "--quick", "--threads", "1",
          "--zoo", str(tmp_path / "zoo"), "--leave-one-out", str(lofo), "--train-families", "vit"],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -140,7 +143,7 @@ def test_quick_pipeline_end_to_end(tmp_path):
     assert "| vit |" in proc.stdout
     # the policy-settings sweep replays that predictor on the left-out recordings
     proc = subprocess.run(
-        [sys.executable, "-m", "smartfrz_fast.predictor.evaluate", "--sweep-policy-settings", "--threads", "1",
+        [sys.executable, "-m", "smartfrz_fast.lab.evaluate", "--sweep-policy-settings", "--threads", "1",
          "--unseen-dir", str(lofo), "--zoo", str(tmp_path / "zoo")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| 0.5 | 1 |" in proc.stdout and "selected (threshold, patience):" in proc.stdout
@@ -153,15 +156,24 @@ def test_quick_pipeline_end_to_end(tmp_path):
     print(f"quick pipeline: {seconds:.1f} s")
 
 
-def test_label_schedule_freezes_each_prefix_when_its_slowest_label_turns(tmp_path):
-    from smartfrz_fast.predictor.evaluate import LabelSchedule
+def fake_recording(path, cka, sample_every=5, k=8, **extra):
+    """A file shaped like ``collect.record_run``'s output, with the given CKA curves."""
+    u, s = cka.shape
+    run = {"name": path.stem, "spec": {"family": "mlp"}, "units": [f"u{i}" for i in range(u)],
+           "forward_flops": [100] * u, "num_params": [10] * u, "valid": torch.full((u,), k),
+           "history": torch.randn(u, s, k), "cka": cka, "sample_every": sample_every, "final_loss": 1.0,
+           "test_accuracy": 0.9, "seconds": 0.1}
+    run.update(extra)
+    torch.save(run, path)
 
+
+def test_label_schedule_freezes_each_prefix_when_its_slowest_label_turns(tmp_path):
     # 4 units (the last is the head: no label), 6 snapshots, one every 5 steps
     cka = torch.tensor([[0.5, 0.999, 0.999, 0.999, 0.999, 1.0],   # freezable from snapshot 1
                         [0.5, 0.5, 0.5, 0.999, 0.999, 1.0],       # from 3
                         [0.999, 0.999, 0.999, 0.999, 0.999, 1.0],  # from 0, but its prefix waits for 3
                         [0.1, 0.1, 0.1, 0.1, 0.1, 1.0]])
-    torch.save({"cka": cka, "sample_every": 5}, tmp_path / "run.pt")
+    fake_recording(tmp_path / "run.pt", cka, sample_every=5)
     policy = LabelSchedule.from_recording(tmp_path / "run.pt", 0.998, window=1)
     assert policy.freeze_steps == [10, 20, 20]  # (snapshot + 1) * 5
     assert [policy.decide(s, 0) for s in (9, 10, 20)] == [None, 1, 3]
@@ -170,3 +182,245 @@ def test_label_schedule_freezes_each_prefix_when_its_slowest_label_turns(tmp_pat
     assert LabelSchedule.from_recording(tmp_path / "run.pt", 0.998, window=3).freeze_steps == [15, 20, 20]
     late = LabelSchedule.from_recording(tmp_path / "run.pt", 0.9999, window=1)  # only the last snapshot (CKA 1)
     assert late.freeze_steps == [30, 30, 30]
+
+
+def test_lab_imports_form_no_circle_and_stay_off_the_engine_path():
+    """The offline lab imports only downwards (a DAG), and neither ``import smartfrz_fast`` nor
+    the runtime predictor imports it."""
+    import ast
+    from pathlib import Path
+
+    import smartfrz_fast.lab as lab
+
+    root = Path(lab.__file__).parent
+    graph = {}
+    for path in root.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                deps.add(node.module.split(".")[0])
+            elif isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps.update(a.name for a in node.names)
+        graph[path.stem] = deps & {p.stem for p in root.glob("*.py")}
+    assert {"zoo", "collect", "labels", "scoring", "trials", "train", "evaluate", "rebuild"} <= set(graph)
+    state = {}
+
+    def visit(node, trail):
+        if state.get(node) == "done":
+            return
+        assert state.get(node) != "open", f"import circle: {' -> '.join(trail + [node])}"
+        state[node] = "open"
+        for dep in graph[node]:
+            visit(dep, trail + [node])
+        state[node] = "done"
+
+    for node in graph:
+        visit(node, [])
+    code = ("import sys, smartfrz_fast, smartfrz_fast.predictor; from smartfrz_fast import SmartFRZ; "
+            "print(sorted(m for m in sys.modules if m.startswith('smartfrz_fast.lab')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_recordings_load_without_unpickling_code_and_are_checked(tmp_path):
+    from smartfrz_fast.lab.labels import RecordingError, load_recording, load_runs
+
+    cka = torch.rand(3, 6)
+    fake_recording(tmp_path / "ok.pt", cka)
+    assert load_recording(tmp_path / "ok.pt")["cka"].shape == (3, 6)
+    assert [r.name for r in load_runs([tmp_path / "ok.pt"])] == ["ok"]
+    fake_recording(tmp_path / "code.pt", cka, spec=torch.optim.SGD)  # a pickled class: refused, not run
+    with pytest.raises(RecordingError, match="not a readable recorded run"):
+        load_recording(tmp_path / "code.pt")
+    fake_recording(tmp_path / "shape.pt", cka, history=torch.randn(2, 6, 8))
+    with pytest.raises(RecordingError, match="history"):
+        load_recording(tmp_path / "shape.pt")
+    fake_recording(tmp_path / "key.pt", cka, sample_every="5")
+    with pytest.raises(RecordingError, match="sample_every"):
+        load_recording(tmp_path / "key.pt")
+    (tmp_path / "torn.pt").write_bytes((tmp_path / "ok.pt").read_bytes()[:100])
+    with pytest.raises(RecordingError, match="record it again"):
+        load_recording(tmp_path / "torn.pt")
+
+
+# ----------------------------------------------------------------------------- freezing trials
+TRIAL_SPEC_ARGS = dict(family="mlp", depth=3, width=32, optimizer="sgd", seed=0, steps=120, batch=32)
+
+
+@pytest.fixture(scope="module")
+def finished_trials(tmp_path_factory):
+    """The freezing trials of a tiny run (seconds), searched at 0.5 points, 5 branch points."""
+    from smartfrz_fast.lab.labels import Tolerance
+    from smartfrz_fast.lab.trials import Trials
+    from smartfrz_fast.lab.zoo import RunSpec
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("lab")
+    spec = RunSpec(**TRIAL_SPEC_ARGS)
+    trials = Trials(spec, out / "trials" / f"{spec.name}.jsonl", Tolerance("accuracy", 0.5), stride=20,
+                    recording=out / "zoo" / f"{spec.name}.pt", log=lambda m: None)
+    done = trials.run()
+    return out, spec, trials, done
+
+
+def test_search_finds_the_grids_earliest_safe_steps_with_fewer_questions(fresh_seed):
+    from smartfrz_fast.lab.trials import grid_earliest, search_earliest
+
+    g = torch.Generator().manual_seed(fresh_seed)
+    for _ in range(50):
+        prefixes = int(torch.randint(1, 12, (1,), generator=g))
+        candidates = sorted(torch.randperm(200, generator=g)[:int(torch.randint(1, 25, (1,), generator=g))].tolist())
+        # a monotone truth: earliest safe index non-decreasing in k, some prefixes never safe
+        truth = torch.randint(0, len(candidates) + 2, (prefixes,), generator=g).sort().values.tolist()
+        asked = []
+
+        def is_safe(k, j, before):
+            asked.append((k, j))
+            assert len(before) == k - 1  # the earlier prefixes' answers
+            return candidates.index(j) >= truth[k - 1]
+
+        found = search_earliest(prefixes, candidates, is_safe)
+        grid = grid_earliest(prefixes, candidates, lambda k, j, before: candidates.index(j) >= truth[k - 1])
+        assert found == grid
+        assert found == [candidates[t] if t < len(candidates) else None for t in truth]
+        assert len(asked) == len(set(asked))  # never the same question twice
+        assert len(asked) <= prefixes * len(candidates)
+
+
+def test_trials_agree_with_an_exhaustive_grid_on_a_tiny_run(finished_trials):
+    from smartfrz_fast.lab.labels import Tolerance, read_trials
+    from smartfrz_fast.lab.trials import continue_run, grid_earliest
+
+    out, spec, trials, done = finished_trials
+    reference, branches, _ = read_trials(trials.path)
+    assert reference["units"] == 4 and done["candidates"] == [19, 39, 59, 79, 99]
+    tol = Tolerance("accuracy", 0.5)
+    grid = {}
+
+    def is_safe(k, j, before):  # every branch point, from the same checkpoints
+        key = (k, j, tuple(before))
+        if key not in grid:
+            schedule = trials.schedule(k, j, before)
+            grid[key] = tol.safe(continue_run(spec, trials._checkpoints[schedule[0][0]], schedule), reference)
+        return grid[key]
+
+    assert done["earliest"] == grid_earliest(3, done["candidates"], is_safe)
+    for k in (1, 2, 3):  # the whole grid the brute force stands for
+        before = tuple(done["earliest"][:k - 1])
+        if None not in before:
+            for j in done["candidates"][done["candidates"].index(before[-1]) if before else 0:]:
+                is_safe(k, j, before)
+    assert done["branches"] < len(grid)  # the search ran fewer branches than the grid
+    for key, row in branches.items():  # and each branch it ran is the grid's outcome
+        assert tol.safe(row, reference) == grid[key]
+    # the oracle: each prefix at its earliest safe step, within the tolerance by construction
+    oracle = next(r for r in read_trials(trials.path)[2] if r["kind"] == "oracle")
+    assert oracle["schedule"] == [[(j + 1) * trials.every, k + 1] for k, j in enumerate(done["earliest"])
+                                  if j is not None]
+    assert (oracle["flops_saved"] > 0) == bool(oracle["schedule"])
+    assert tol.safe(oracle, reference)
+
+
+def test_trials_resume_without_recomputing(finished_trials, tmp_path):
+    from smartfrz_fast.lab.labels import Tolerance, read_trials
+    from smartfrz_fast.lab.trials import Trials
+
+    out, spec, trials, done = finished_trials
+    lines = trials.path.read_text().splitlines()
+    # finished: a second run reads the result back and trains nothing
+    again = Trials(spec, trials.path, Tolerance("accuracy", 0.5), stride=20, log=lambda m: None)
+    assert again.run() == done and again.branches_run == 0 and again._checkpoints is None
+    # results without their recording (a fresh checkout): the recording is made again, no branch
+    recording = tmp_path / "zoo" / f"{spec.name}.pt"
+    remade = Trials(spec, trials.path, Tolerance("accuracy", 0.5), stride=20, recording=recording, log=lambda m: None)
+    assert remade.run() == done and remade.branches_run == 0 and recording.exists()
+    # killed after two branches, in the middle of writing the third
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text("\n".join(lines[:3]) + "\n" + lines[3][:25])
+    resumed = Trials(spec, partial, Tolerance("accuracy", 0.5), stride=20, log=lambda m: None)
+    result = resumed.run()
+    assert result["earliest"] == done["earliest"]
+    assert resumed.branches_run == done["branches"] - 2  # the two finished branches were not redone
+    assert read_trials(partial)[1].keys() == read_trials(trials.path)[1].keys()
+    # another run's file is refused, not mixed in
+    other = Trials(spec.__class__(**{**TRIAL_SPEC_ARGS, "seed": 1}), partial, log=lambda m: None)
+    with pytest.raises(ValueError, match="not of"):
+        other.run()
+
+
+def test_trial_labels_feed_training_like_cka_labels(finished_trials):
+    from smartfrz_fast.lab.labels import LabelSource, Tolerance, TrialResultsError, load_runs
+    from smartfrz_fast.lab.train import train_predictor
+
+    out, spec, trials, done = finished_trials
+    recording = out / "zoo" / f"{spec.name}.pt"
+    source = LabelSource("trials", trials_dir=out / "trials", tolerance=Tolerance("accuracy", 0.5))
+    (run,) = load_runs([recording], source, min_accuracy=0.0)
+    (cka_run,) = load_runs([recording], LabelSource("cka"), min_accuracy=0.0)
+    s = run.snapshots
+    assert run.first_freezable.tolist() == [s if j is None else j for j in done["earliest"]]
+    for r in (run, cka_run):
+        labels = r.labels(30)
+        assert labels.shape == (3, s - 29) and set(labels.unique().tolist()) <= {0.0, 1.0}
+    # a window is labelled 1 from the earliest safe snapshot on
+    for u, first in enumerate(run.first_freezable.tolist()):
+        assert run.labels(30)[u].tolist() == [float(e >= first) for e in range(29, s)]
+    model = train_predictor([run], epochs=1, log=lambda m: None)
+    assert model.config.window == 30
+    skipped = []
+    other = LabelSource("trials", trials_dir=out / "trials", tolerance=Tolerance("accuracy", 0.1))
+    assert load_runs([recording], other, min_accuracy=0.0, skipped=skipped) == []
+    assert "no finished search" in skipped[0]
+
+
+def test_rebuild_stops_on_its_time_budget_and_says_how_to_resume(tmp_path):
+    out = tmp_path / "lab"
+    proc = subprocess.run([sys.executable, "-m", "smartfrz_fast.lab.rebuild", "--quick", "--out", str(out),
+                           "--stages", "trials", "--max-hours", "0"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "Run the same command again to continue" in proc.stdout
+    progress = (out / "progress.md").read_text()
+    assert "trials: 0/3 runs finished" in progress
+    assert (out / ".gitignore").read_text().startswith("zoo/")
+    # the unbranched run of the first zoo run is on file (its reference line), nothing else
+    (first,) = list((out / "trials").glob("*.jsonl"))
+    assert [json.loads(line)["kind"] for line in first.read_text().splitlines()] == ["reference"]
+
+
+def test_compare_labels_sets_the_cka_points_against_the_trials(finished_trials):
+    from smartfrz_fast.lab.labels import Tolerance, load_recording, prefix_freeze_points
+    from smartfrz_fast.lab.rebuild import Rebuild
+
+    out, spec, trials, done = finished_trials
+    rebuild = Rebuild(out, quick=True, tolerance=Tolerance("accuracy", 0.5), stride=20, log=lambda m: None)
+    rebuild.trial_specs = [spec]
+    header, rule, row = rebuild.compare_labels()
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == spec.name and cells[1] == "3"
+    assert cells[2] == f"{done['oracle_accuracy_change_points']:+.2f}"
+    cka = prefix_freeze_points(load_recording(out / "zoo" / f"{spec.name}.pt")["cka"][:-1].float(), 0.998)
+    safe = torch.tensor([trials.snapshots if j is None else j for j in done["earliest"]])
+    assert (int(cells[4]), int(cells[5])) == (int((cka < safe).sum()), int((cka > safe).sum()))
+
+
+@pytest.mark.parametrize("family", ["mlp", "cnn", "resnet", "vit", "lm", "mixer", "sepcnn", "rnn", "textenc"])
+def test_every_zoo_family_records_and_branches(family, tmp_path):
+    """A few steps of each family through the recording and one freezing branch (fine-tuned for
+    the text encoder: its checkpoint is made in-house, nothing downloads)."""
+    from smartfrz_fast.lab.collect import record_run
+    from smartfrz_fast.lab.trials import continue_run
+    from smartfrz_fast.lab.zoo import FAMILIES, RunSpec
+
+    assert family in FAMILIES
+    torch.set_num_threads(1)
+    spec = RunSpec(family, 1 if family == "resnet" else 2, 16, "adamw" if family in ("rnn", "textenc") else "sgd",
+                   seed=3, steps=12, batch=8,
+                   finetune=family == "textenc")
+    states = {}
+    run = record_run(spec, on_step=lambda s: states.setdefault(s.step, s.checkpoint()) if s.step == 6 else None)
+    u = len(run["units"])
+    assert u >= 3 and run["history"].shape[:2] == (u, 12) and torch.isfinite(run["cka"]).all()
+    assert 0.0 <= run["test_accuracy"] <= 1.0 and run["test_loss"] > 0
+    branch = continue_run(spec, states[6], [(6, u - 1)])
+    assert branch["frozen"] == u - 1 and 0 < branch["flops_saved"] < 1

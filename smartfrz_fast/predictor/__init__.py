@@ -1,4 +1,5 @@
-"""The SmartFRZ attention predictor: model, weight files (training pipeline: issue 3)."""
+"""The SmartFRZ attention predictor at run time: model, weight files, loading. Light to import;
+the offline lab that makes the weights lives in ``smartfrz_fast.lab``."""
 
 from .model import (
     DEFAULT_WEIGHTS,

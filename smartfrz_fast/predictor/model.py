@@ -131,7 +131,7 @@ def load_predictor(path: Optional[Union[str, Path]] = None, map_location: Any = 
     if not path.exists():
         raise PredictorWeightsError(
             f"no SmartFRZ predictor weights at {path}. This build ships none yet (they are made "
-            "by `python -m smartfrz_fast.predictor.train`); pass weights=<file> to SmartFRZ, or "
+            "by `python -m smartfrz_fast.lab.train`); pass weights=<file> to SmartFRZ, or "
             "use a baseline policy (FreezeOut, AutoFreeze, LinearFreeze, StaticFreeze). The "
             "SmartFRZ policy never runs with untrained weights."
         )
@@ -142,7 +142,7 @@ def load_predictor(path: Optional[Union[str, Path]] = None, map_location: Any = 
             f"SmartFRZ predictor weights {path} are unreadable ({type(exc).__name__}: {exc}). "
             "The file is corrupt or not a predictor file: "
             + ("reinstall the package or retrain it." if path == DEFAULT_WEIGHTS else
-               "pass a file written by save_predictor (python -m smartfrz_fast.predictor.train), or "
+               "pass a file written by save_predictor (python -m smartfrz_fast.lab.train), or "
                "weights=None for the shipped ones.")
         ) from exc
     if not isinstance(blob, dict) or blob.get("format") != WEIGHTS_FORMAT:

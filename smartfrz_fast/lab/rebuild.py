@@ -1,0 +1,348 @@
+"""One command that rebuilds the predictor's weights and the comparison table, resumable.
+
+    nice -n 19 python -m smartfrz_fast.lab.rebuild --out lab_runs [--max-hours H]
+
+Stages (each skips what its files show finished, so the command resumes wherever it stopped):
+
+1. ``trials``: every zoo run (families interleaved, so that a partial rebuild covers them all)
+   and every evaluation network is recorded (``OUT/zoo/<run>.pt``) and its freezing trials run
+   (``OUT/trials/<run>.jsonl``, one JSON line per branch): trial labels and the hindsight oracle.
+2. ``predictors``: for each label source (``cka``, ``trials``), one predictor per family trained
+   on the other families (``OUT/predictors/<source>/without-<family>.pt``), then one on all
+   (``all.pt``, with the held-out metrics in its provenance). Starts once stage 1 is complete.
+3. ``evaluate``: the evaluation networks (``EVAL_SPECS``, plus one zoo run per family from
+   scratch and one fine-tuned, scored by the predictors that never saw their family) trained
+   with every policy, back to back, one JSON line per run (``OUT/eval.jsonl``); full training
+   and SmartFRZ also on a second seed.
+4. ``table``: ``OUT/policy_comparison.md`` (the oracle column from the trials).
+
+Nothing here replaces the shipped weights: compare ``OUT/predictors/*/all.pt``'s leave-one-
+family-out metrics with the shipped file's, and copy by hand if better (``docs/predictor.md``).
+``OUT/progress.md`` says what is done and an estimate of what remains. ``--max-hours``: start no
+new piece after that long (exit code 3: run the same command again to continue). ``--shard I/N``:
+this process does every N-th piece of each stage (one process per core; a shard that reaches a
+stage whose inputs another shard still makes stops there: run it again later).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .evaluate import TABLE_COLUMNS, train_with_policy, write_table
+from .labels import SEARCH, LabelSource, Tolerance, read_trials
+from .train import leave_one_out, run_pipeline
+from .trials import DEFAULT_STRIDE, OutOfTime, Trials
+from .zoo import EVAL_SPECS, RunSpec, zoo_specs
+
+STAGES = ("trials", "predictors", "evaluate", "table")
+SECOND_SEED = 100  # full training and SmartFRZ are run again with seed + this
+
+
+def interleaved(specs: Sequence[RunSpec]) -> List[RunSpec]:
+    """Specs reordered round-robin over families (first of each family, then second, ...)."""
+    by_family: Dict[str, List[RunSpec]] = defaultdict(list)
+    for spec in specs:
+        by_family[spec.family].append(spec)
+    out: List[RunSpec] = []
+    for i in range(max(len(v) for v in by_family.values())):
+        out += [v[i] for v in by_family.values() if i < len(v)]
+    return out
+
+
+def evaluation_networks(zoo: Sequence[RunSpec]) -> List[RunSpec]:
+    """EVAL_SPECS, and per family its first zoo run from scratch and its first fine-tuned one
+    (scored by predictors that never saw the family: the test of every family, unseen)."""
+    nets = list(EVAL_SPECS)
+    for finetune in (False, True):
+        seen = set()
+        for spec in zoo:
+            if spec.finetune == finetune and spec.family not in seen:
+                seen.add(spec.family)
+                nets.append(spec)
+    return nets
+
+
+def second_seed(spec: RunSpec) -> RunSpec:
+    return RunSpec(**{**spec.as_dict(), "seed": spec.seed + SECOND_SEED})
+
+
+class Rebuild:
+    def __init__(self, out: Path, quick: bool = False, tolerance: Tolerance = Tolerance(),
+                 stride: int = DEFAULT_STRIDE, deadline: Optional[float] = None, log=print,
+                 shard: Tuple[int, int] = (0, 1)) -> None:
+        self.out, self.quick, self.tolerance, self.stride = Path(out), quick, tolerance, stride
+        self.deadline, self.log = deadline, log
+        self.shard = shard
+        self.zoo = zoo_specs(quick)
+        self.trial_specs = interleaved(self.zoo) + ([] if quick else list(EVAL_SPECS))
+        self.networks = self.zoo[:2] if quick else evaluation_networks(self.zoo)
+        self.families = sorted({s.family for s in self.zoo})
+        self.sources = {"cka": LabelSource("cka"),
+                        "trials": LabelSource("trials", trials_dir=self.out / "trials", tolerance=tolerance)}
+        self.started = time.time()
+
+    def _check_time(self, what: str) -> None:
+        if self.deadline is not None and time.time() > self.deadline:
+            raise OutOfTime(f"time budget spent before {what}")
+
+    # ------------------------------------------------------------------ stages
+    def mine(self, pieces: Sequence) -> List:
+        """This process's share of a stage's pieces (``--shard i/n``: every n-th from the i-th)."""
+        i, n = self.shard
+        return list(pieces)[i::n]
+
+    def trials(self) -> bool:
+        for spec in self.mine(self.trial_specs):
+            self.log(f"[trials {self.trial_specs.index(spec) + 1}/{len(self.trial_specs)}] {spec.name}")
+            Trials(spec, self.out / "trials" / f"{spec.name}.jsonl", self.tolerance, self.stride,
+                   recording=self.out / "zoo" / f"{spec.name}.pt", deadline=self.deadline, log=self.log).run()
+            self.write_progress()
+        return True
+
+    def predictors(self) -> bool:
+        if not self._trials_done():
+            self.log("predictors: waiting for the trials stage to finish")
+            return False
+        for name, family in self.mine([(n, f) for n in self.sources for f in self.families]):
+            folder = self.out / "predictors" / name
+            if not (folder / f"without-{family}.pt").exists():
+                self._check_time(f"the {name} predictor without {family}")
+                leave_one_out(self.out / "zoo", folder, [family], self.sources[name], None, log=self.log,
+                              quick=self.quick, all_families=self.families, specs=self.zoo)
+        for name, source in self.mine(list(self.sources.items())):
+            folder = self.out / "predictors" / name
+            if not all((folder / f"without-{f}.pt").exists() for f in self.families):
+                self.log(f"predictors: {name}/all.pt waits for every without-<family>.pt (another shard)")
+                return False
+            if not (folder / "all.pt").exists():
+                self._check_time(f"the {name} predictor on all families")
+                run_pipeline(self.out / "zoo", folder / "all.pt", self.quick, source, self.families, log=self.log,
+                             recorded_only=True, unseen_dir=folder, specs=self.zoo)
+            self.write_progress()
+        return True
+
+    def _runs_to_evaluate(self) -> List[tuple]:
+        """(spec, policy, weights) of every evaluation run, in order (a network's runs back to back)."""
+        pred = self.out / "predictors"
+        runs = []
+        for spec in self.networks:
+            unseen = {f"smartfrz-unseen-{s}": pred / s / f"without-{spec.family}.pt" for s in self.sources}
+            for policy in ("full", "smartfrz", *unseen, "freezeout", "autofreeze", "linear", "egeria"):
+                runs.append((spec, policy, unseen.get(policy)))
+            runs += [(second_seed(spec), "full", None),
+                     (second_seed(spec), "smartfrz-unseen-trials", unseen["smartfrz-unseen-trials"])]
+        return runs
+
+    def _eval_rows(self) -> Dict[tuple, Dict]:
+        rows = {}
+        for path in sorted(self.out.glob("eval*.jsonl")):  # one file per shard
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a torn last line: that run is redone
+                    continue
+                rows[(row["network"], row["policy"])] = row
+        return rows
+
+    def evaluate(self) -> bool:
+        if not all((self.out / "predictors" / s / "all.pt").exists() for s in self.sources):
+            self.log("evaluate: waiting for the predictors stage to finish")
+            return False
+        done = self._eval_rows()
+        mine = {id(spec) for spec in self.mine(self.networks)}  # a network's runs stay together
+        for spec, policy, weights in self._runs_to_evaluate():
+            if (spec.name, policy) in done or id(self._network_of(spec)) not in mine:
+                continue
+            self._check_time(f"evaluating {spec.name} with {policy}")
+            row = train_with_policy(spec, policy, weights)
+            with open(self.out / f"eval-{self.shard[0]}.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            self.log(json.dumps({k: v for k, v in row.items() if k != "timeline"}))
+        self.write_progress()
+        return True
+
+    def _network_of(self, spec: RunSpec) -> RunSpec:
+        """The evaluation network a run belongs to (its second seed belongs to the first)."""
+        return next(n for n in self.networks if n.name == spec.name or second_seed(n).name == spec.name)
+
+    def table(self) -> bool:
+        if self.shard[0] != 0:
+            return True
+        rows = list(self._eval_rows().values())
+        if not rows:
+            self.log("table: no evaluation runs yet")
+            return False
+        for spec in self.networks:  # the hindsight oracle of each network, from its trials
+            reference, _, other = read_trials(self.out / "trials" / f"{spec.name}.jsonl")
+            if self._search_done(other) is None:
+                continue
+            # written just before its search-done line
+            oracle = next((r for r in reversed(other) if r.get("kind") == "oracle"), None)
+            if oracle is not None and "accuracy" in oracle:
+                rows.append({"network": spec.name, "policy": "oracle", "accuracy": oracle["accuracy"],
+                             "flops_saved": oracle["flops_saved"]})
+        write_table(rows, self.out / "policy_comparison.md", note=(
+            f"Made by `python -m smartfrz_fast.lab.rebuild`. `smartfrz-unseen-<labels>`: the predictor trained "
+            f"without the network's family on CKA or freezing-trial labels; `oracle`: the hindsight schedule of "
+            f"the freezing trials (each prefix at its earliest safe step, {self.tolerance.describe()}; no wall "
+            f"time: it is not a policy one can run)."))
+        with open(self.out / "policy_comparison.md", "a") as f:
+            f.write("\n".join(["", *self.goal_lines(rows)]) + "\n")
+        self.log(f"wrote {self.out / 'policy_comparison.md'}")
+        return True
+
+    @staticmethod
+    def goal_lines(rows: Sequence[Dict]) -> List[str]:
+        """Issue 16's goals per network, for each leave-one-family-out SmartFRZ: at most 0.5
+        points lost; at least 25 % saved where the oracle saves that much (40 % on fine-tuning);
+        the share of the oracle's savings kept."""
+        by = {(r["network"], r["policy"]): r for r in rows}
+        lines = ["| network | policy | accuracy change | FLOPs saved | oracle saves | share of oracle | goals met |",
+                 "|---|---|---|---|---|---|---|"]
+        for net in dict.fromkeys(r["network"] for r in rows):
+            full, oracle = by.get((net, "full")), by.get((net, "oracle"))
+            if full is None or oracle is None:
+                continue
+            need = min(oracle["flops_saved"], 0.40 if net.endswith("-ft") else 0.25)
+            for policy in ("smartfrz", "smartfrz-unseen-cka", "smartfrz-unseen-trials"):
+                r = by.get((net, policy))
+                if r is None:
+                    continue
+                delta = 100 * (r["accuracy"] - full["accuracy"])
+                share = r["flops_saved"] / oracle["flops_saved"] if oracle["flops_saved"] > 0 else float("nan")
+                met = delta >= -0.5 and r["flops_saved"] >= need - 1e-9
+                lines.append(f"| {net} | {policy} | {delta:+.2f} | {100 * r['flops_saved']:.1f} % | "
+                             f"{100 * oracle['flops_saved']:.1f} % | {share:.2f} | {'yes' if met else 'no'} |")
+        return lines
+
+    def compare_labels(self) -> List[str]:
+        """Markdown rows, per run with finished trials: the trial oracle (accuracy change, FLOPs
+        saved) and how the CKA labels (0.998) relate to it: prefixes whose CKA point comes
+        before their earliest safe point (CKA would freeze them at a cost) and after it."""
+        from .labels import DEFAULT_THRESHOLD, load_recording, prefix_freeze_points
+
+        lines = ["| run | units | oracle accuracy change | oracle FLOPs saved | CKA points before safe | "
+                 "CKA points after safe | CKA schedule's FLOPs saved |", "|---|---|---|---|---|---|---|"]
+        for spec in self.trial_specs:
+            path, recording = self.out / "trials" / f"{spec.name}.jsonl", self.out / "zoo" / f"{spec.name}.pt"
+            reference, _, other = read_trials(path)
+            done = self._search_done(other)
+            if done is None or not recording.exists():
+                continue
+            r = load_recording(recording)
+            s = r["cka"].shape[1]
+            cka = prefix_freeze_points(r["cka"][:-1].float(), DEFAULT_THRESHOLD)
+            safe = torch.tensor([s if j is None else j for j in done["earliest"]])
+            # of the whole run's training FLOPs, as the oracle's: a unit frozen after snapshot p
+            # saves its backward (2/3 of its work) over the rest of the run
+            flops = torch.tensor(r["forward_flops"], dtype=torch.float64)
+            rest = (1 - (cka.double() + 1) / s).clamp_min(0)
+            cka_saved = float((flops[:-1] / flops.sum() * rest).sum() * 2 / 3)
+            lines.append(f"| {spec.name} | {len(safe)} | {done['oracle_accuracy_change_points']:+.2f} | "
+                         f"{100 * done['oracle_flops_saved']:.1f} % | {int((cka < safe).sum())} | "
+                         f"{int((cka > safe).sum())} | {100 * cka_saved:.1f} % |")
+        return lines
+
+    # ------------------------------------------------------------------ progress
+    def _search_done(self, other: Sequence[Dict]) -> Optional[Dict]:
+        """The results file's finished search at this rebuild's settings (None: unfinished)."""
+        wanted = {"tolerance": {"metric": self.tolerance.metric, "value": self.tolerance.value},
+                  "stride": self.stride, "search": SEARCH}
+        return next((r for r in reversed(other) if r.get("kind") == "search-done"
+                     and all(r.get(k) == v for k, v in wanted.items())), None)
+
+    def _trials_done(self) -> bool:
+        return all(self._trial_status(s)[0] for s in self.trial_specs)
+
+    def _trial_status(self, spec: RunSpec) -> tuple:
+        reference, branches, other = read_trials(self.out / "trials" / f"{spec.name}.jsonl")
+        done = self._search_done(other)
+        rows = [reference or {}, *branches.values()]
+        # CPU seconds where recorded (what the work costs on an idle core), else wall seconds
+        seconds = sum(r.get("cpu_seconds", r.get("seconds", 0)) for r in rows)
+        return done is not None, len(branches), seconds
+
+    def write_progress(self) -> None:
+        status = [self._trial_status(s) for s in self.trial_specs]
+        finished = [st for st in status if st[0]]
+        mean = sum(st[2] for st in finished) / len(finished) if finished else None
+        left = len(status) - len(finished)
+        eval_left = sum(1 for spec, policy, _ in self._runs_to_evaluate()
+                        if (spec.name, policy) not in self._eval_rows())
+        lines = ["# Rebuild progress", "",
+                 f"Updated {time.strftime('%Y-%m-%d %H:%M:%S')}, {torch.get_num_threads()} thread(s).", "",
+                 f"- trials: {len(finished)}/{len(status)} runs finished, {sum(st[1] for st in status)} branches "
+                 f"recorded, {sum(st[2] for st in status) / 3600:.2f} CPU hours of training in them"
+                 + (f"; ~{mean / 60:.0f} CPU min per finished run, so ~{left * mean / 3600:.1f} CPU hours left for "
+                    f"this stage (one idle core; a finished run's cost varies with its size and units)" if mean else ""),
+                 f"- predictors: " + ", ".join(f"{s}: {len(list((self.out / 'predictors' / s).glob('*.pt')))}"
+                                               f"/{len(self.families) + 1}" for s in self.sources),
+                 f"- evaluate: {len(self._runs_to_evaluate()) - eval_left}/{len(self._runs_to_evaluate())} runs",
+                 f"- table: {'written' if (self.out / 'policy_comparison.md').exists() else 'not yet'}", "",
+                 "| run | trials finished | branches | CPU seconds |", "|---|---|---|---|"]
+        lines += [f"| {s.name} | {'yes' if st[0] else 'no'} | {st[1]} | {st[2]:.0f} |"
+                  for s, st in zip(self.trial_specs, status)]
+        (self.out / "progress.md").write_text("\n".join(lines) + "\n")
+
+    def run(self, stages: Sequence[str] = STAGES) -> int:
+        self.out.mkdir(parents=True, exist_ok=True)
+        ignore = self.out / ".gitignore"
+        if not ignore.exists():  # recordings and weights are big and remade; trial results are the work
+            ignore.write_text("zoo/\npredictors/\n*.tmp\n")
+        try:
+            for stage in stages:
+                if not getattr(self, stage)():
+                    break
+        except OutOfTime as exc:
+            self.write_progress()
+            self.log(f"stopped: {exc}. Run the same command again to continue.")
+            return 3
+        self.write_progress()
+        return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m smartfrz_fast.lab.rebuild", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("lab_runs"))
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, from {STAGES}")
+    p.add_argument("--max-hours", type=float, default=None, help="start no new piece after this long")
+    p.add_argument("--tolerance", type=float, default=Tolerance().value, help="trial labels: points a branch may lose")
+    p.add_argument("--metric", choices=("accuracy", "loss"), default="accuracy")
+    p.add_argument("--stride", type=int, default=DEFAULT_STRIDE, help="snapshots between branch points")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="the tiny CI zoo (minutes)")
+    p.add_argument("--shard", default="0/1", metavar="I/N",
+                   help="do every N-th piece of each stage from the I-th (one process per core: 0/2 and 1/2)")
+    p.add_argument("--compare-labels", action="store_true",
+                   help="instead: print, per run with finished trials, the oracle and where the CKA labels fall")
+    args = p.parse_args(argv)
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        p.error(f"unknown stages {unknown}; choose from {STAGES}")
+    try:
+        shard = tuple(int(x) for x in args.shard.split("/"))
+        if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
+            raise ValueError
+    except ValueError:
+        p.error(f"--shard is I/N with 0 <= I < N, got {args.shard!r}")
+    torch.set_num_threads(args.threads)
+    deadline = None if args.max_hours is None else time.time() + 3600 * args.max_hours
+    rebuild = Rebuild(args.out, args.quick, Tolerance(args.metric, args.tolerance), args.stride, deadline,
+                      log=lambda m: print(m, flush=True), shard=shard)
+    if args.compare_labels:
+        print("\n".join(rebuild.compare_labels()))
+        return 0
+    return rebuild.run(stages)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
