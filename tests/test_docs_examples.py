@@ -103,7 +103,7 @@ assert freezer.step_count == epochs * len(loader) and freezer.num_frozen > 0
 """
 
 EXAMPLES = {
-    ("README.md", "policy=FreezeOut(t0=0.5)"): Example(
+    ("README.md", "policy=FreezeOut()"): Example(
         prelude="""
 import torch
 from torch import nn
