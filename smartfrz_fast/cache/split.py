@@ -24,9 +24,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
 
 from ..units import preserved_state
+from .swap import tensor_trees_match
 
 
 @dataclass
@@ -662,16 +662,7 @@ def _outputs_match(a: Any, b: Any) -> bool:
         if hasattr(a, key) and hasattr(b, key):
             a, b = getattr(a, key), getattr(b, key)
             break
-    la, lb = tree_flatten(a)[0], tree_flatten(b)[0]
-    if len(la) != len(lb):
-        return False
-    for x, y in zip(la, lb):
-        if isinstance(x, Tensor) != isinstance(y, Tensor):
-            return False
-        if isinstance(x, Tensor):
-            if x.shape != y.shape or not torch.allclose(x.float(), y.float(), rtol=1e-4, atol=1e-5):
-                return False
-    return True
+    return tensor_trees_match(a, b)
 
 
 def verify_chain(model: nn.Module, chain: BlockChain, inputs: Inputs) -> Optional[str]:
