@@ -191,9 +191,9 @@ class Guard:
         freezer = self._freezer()
         if freezer is None or freezer._closed or freezer.plan is None:
             return
-        if self.changed:
-            freezer._resync()
         if optimizer in freezer.optimizers:  # identity: optimizers do not define __eq__
+            if self.changed:
+                freezer._resync()
             self._count(freezer, optimizer)
             return
         if self.inside is not None or optimizer in self._unrelated:
@@ -201,6 +201,14 @@ class Guard:
         if any(optimizer.param_groups is own.param_groups for own in freezer.optimizers):
             self._unrelated.add(optimizer)  # a wrapper sharing the groups of one of the freezer's
             return
+        # another model's optimizer (this process trains several) is none of this freezer's business,
+        # even when this freezer's model changed
+        model_params = {id(p) for p in freezer.module.parameters()}
+        if not any(id(p) in model_params for g in optimizer.param_groups for p in g["params"]):
+            self._unrelated.add(optimizer)
+            return
+        if self.changed:  # first: the optimizer may hold parameters that replaced the units' ones
+            freezer._resync()
         held = [p for g in optimizer.param_groups for p in g["params"] if id(p) in freezer._unit_of_param]
         if not held:
             self._unrelated.add(optimizer)

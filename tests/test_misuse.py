@@ -573,3 +573,18 @@ def test_a_deleted_module_is_caught_at_the_next_checkpoint():
     del model[2]  # calls no registration hook
     with pytest.raises(RuntimeError, match=r"module\(s\) removed: \['4'\]\).*Build a new SmartFreezer"):
         freezer.state_dict()
+
+
+def test_a_changed_model_does_not_stop_another_models_training():
+    """A freezer whose model changed (left unclosed) must not raise on the optimizer steps of
+    another model trained in the same process: only its own model's optimizers concern it."""
+    old_model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    old = SmartFreezer(old_model, sgd(old_model), StaticFreeze(1, at_step=1), example_inputs=torch.randn(2, 4))
+    old_model.append(nn.Linear(2, 2))  # a structural change the old freezer would refuse
+    model = SmallCNN()
+    opt = sgd(model)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=2), example_inputs=batch(0)[0])
+    train_steps(model, opt, freezer, 3)
+    assert freezer.num_frozen == 1
+    with pytest.raises(RuntimeError, match="the model changed after the freezer was set up"):
+        old.step()
