@@ -33,9 +33,15 @@ def test_fake_quantize_matches_reference(fresh_seed, dtype, atol, shape):
     q = fake_quantize_int8(w)
     assert q.dtype == dtype and q.shape == w.shape
     ref = quant_reference(w)
-    torch.testing.assert_close(q.double(), ref, atol=atol * float(w.abs().max()), rtol=0)
-    # at most half a step from the input, and idempotent (up to the dtype's rounding)
     step = w.double().abs().reshape(shape[0], -1).amax(1) / 127
+    # w / scale within the dtype's rounding of a half step may round either way: one step apart
+    per_element = step.clamp_min(1e-300).reshape(-1, *[1] * (len(shape) - 1)).expand(shape)
+    quotient = w.double() / per_element
+    near_half = ((quotient.abs() % 1) - 0.5).abs() <= torch.finfo(dtype).eps * 128
+    close = (q.double() - ref).abs() <= atol * float(w.abs().max())
+    one_step = (q.double() - ref).abs() <= per_element * (1 + 1e-6)
+    assert bool((close | (near_half & one_step)).all()), f"seed {fresh_seed}: {(q.double() - ref).abs().max()}"
+    # at most half a step from the input, and idempotent (up to the dtype's rounding)
     err = (q.double() - w.double()).abs().reshape(shape[0], -1).amax(1)
     assert bool((err <= step / 2 + atol * float(w.abs().max()) + 1e-12).all())
     assert torch.count_nonzero(q[0]) == 0
