@@ -46,7 +46,14 @@ class MLP(nn.Module):
         return self.head(x)
 
 
-class PlainCNN(nn.Module):
+class _PooledFeatures(nn.Module):
+    """``features``, global average pooling, then the linear ``head`` (the CNN families)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+
+
+class PlainCNN(_PooledFeatures):
     """VGG-like: stages of 3x3 convs, a max-pool between stages."""
 
     def __init__(self, depth: int, width: int, bn: bool = True, classes: int = 10):
@@ -65,9 +72,6 @@ class PlainCNN(nn.Module):
             c = w
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(c, classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
 
 
 class BasicBlock(nn.Module):
@@ -207,7 +211,7 @@ class Mixer(nn.Module):
         return self.head(self.ln(self.blocks(x)).mean(1))
 
 
-class SeparableCNN(nn.Module):
+class SeparableCNN(_PooledFeatures):
     """MobileNet-like: a conv stem, then depthwise 3x3 + pointwise 1x1 pairs (each conv-BN-ReLU),
     stride 2 and twice the channels at the second and fourth pair."""
 
@@ -222,9 +226,6 @@ class SeparableCNN(nn.Module):
             c = out
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(c, classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
 
 
 class RowGRU(nn.Module):
