@@ -28,6 +28,13 @@ from torch.utils._pytree import tree_map
 from .units import UnitPlan
 
 
+def engine_hook(fn):
+    """Marks a hook as the engine's (the activation cache's trace check skips it)."""
+    fn.engine_hook = True
+    return fn
+
+
+@engine_hook
 def _force_eval(module: nn.Module, args) -> None:
     module.training = False
 
@@ -61,7 +68,7 @@ class FrozenRegion:
         for key, n in detach.items():
             module, _, calls = self.plan.module_calls[key]
             if n == len(calls):  # every call detached: no counting
-                self.handles.append(module.register_forward_hook(lambda m, a, out: _detached(out)))
+                self.handles.append(module.register_forward_hook(engine_hook(lambda m, a, out: _detached(out))))
             else:
                 counted.setdefault(key, 0)
                 counted_detach[key] = n
@@ -71,7 +78,7 @@ class FrozenRegion:
             self.handles.append(module.register_forward_hook(self._leave_hook(counted_detach.get(key, 0)),
                                                              always_call=True))
         if counted:
-            self.handles.append(self.root.register_forward_pre_hook(lambda m, a: self._count.clear()))
+            self.handles.append(self.root.register_forward_pre_hook(engine_hook(lambda m, a: self._count.clear())))
 
     def _enter_hook(self, traced_calls: int, eval_calls: int):
         def enter(module, args):
@@ -81,14 +88,14 @@ class FrozenRegion:
             self._running.setdefault(key, []).append((number, module.training))
             if number < eval_calls:
                 module.training = False
-        return enter
+        return engine_hook(enter)
 
     def _leave_hook(self, detach_calls: int):
         def leave(module, args, output):
             number, flag = self._running[id(module)].pop()
             module.training = flag
             return _detached(output) if number < detach_calls else None
-        return leave
+        return engine_hook(leave)
 
     def remove(self) -> None:
         for handle in self.handles:

@@ -109,6 +109,8 @@ def _install() -> None:
 
 def _forget(ref: "weakref.ref[Guard]") -> None:
     """A guard closed, or collected with a freezer nobody closed: its hooks' loops lose it."""
+    if _GUARDS is None:  # interpreter shutdown: the module's globals are gone already
+        return
     if ref in _GUARDS:
         _GUARDS.remove(ref)
     _uninstall_if_unused()

@@ -8,7 +8,7 @@ from torch import nn
 
 from smartfrz_fast import SmartFreezer, StaticFreeze
 
-from smartfrz_fast.cache import ActivationCache, Inputs, find_blocks
+from smartfrz_fast.cache import ActivationCache, Inputs, find_blocks, fx_chain
 from tests.models import SmallCNN
 
 
@@ -193,6 +193,114 @@ def test_fx_on_plain_module():
     chain = check_chain(model, torch.randn(3, 1, 8, 8), "torch.fx", 4)
     params = [sum(p.numel() for p in b.parameters()) for b in chain.blocks]
     assert all(p > 0 for p in params)  # parameter-free pieces merged into their neighbours
+
+
+class _DropoutBlock(nn.Module):
+    """Reads its mode in Python, as users' blocks do: a trace would fix it to one mode."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, x):
+        return nn.functional.dropout(torch.relu(self.linear(x)), 0.5, self.training)
+
+
+class _DropoutNet(nn.Module):
+    def __init__(self, width=8, depth=4):
+        super().__init__()
+        self.blocks = nn.ModuleList(_DropoutBlock(width) for _ in range(depth))
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def _cached(model, x):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, optimizer, policy=StaticFreeze(0), example_inputs=(x,))
+    cache = ActivationCache(freezer, num_samples=x.shape[0], deterministic=True)
+    return freezer, cache, cache.wrap()
+
+
+def test_cache_set_up_in_eval_keeps_the_trainable_blocks_dropout():
+    """A validation pass through the cache before training (Lightning's sanity check) must not
+    fix the trainable blocks to eval: a trace in eval mode would drop their dropout for good."""
+    torch.manual_seed(0)
+    model, x = _DropoutNet(), torch.randn(6, 8)
+    freezer, cache, run = _cached(model, x)
+    ids = torch.arange(6)
+    model.eval()
+    with torch.no_grad():
+        run(x, ids)
+    model.train()
+    freezer.freeze_to(2)
+    for seed in range(3):  # a miss, then hits
+        torch.manual_seed(seed)
+        got = run(x, ids)
+        torch.manual_seed(seed)
+        torch.testing.assert_close(got, model(x))
+    assert cache.active and cache.stats["hits"] > 0, cache.describe()
+    assert "torch.fx" not in cache.describe()
+    with pytest.raises(ValueError, match="reads train/eval mode"):
+        fx_chain(model)
+
+
+class _Block(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, x):
+        return torch.tanh(self.linear(x))
+
+
+class _BlockNet(nn.Module):
+    """Blocks in a container of the user's: torch.fx traces through them."""
+
+    def __init__(self, width=8, depth=4):
+        super().__init__()
+        self.blocks = nn.ModuleList(_Block(width) for _ in range(depth))
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+@pytest.mark.parametrize("placed", ["before set-up", "after set-up"])
+@pytest.mark.parametrize("where", ["model", "trainable block", "frozen block"])
+def test_forward_hooks_run_with_the_cache(placed, where):
+    """The cache must not skip a user's forward hooks: a chain that would (a trace calls only
+    leaf modules; a recognised structure runs its blocks, not the model) is not used."""
+    torch.manual_seed(0)
+    model, x = _BlockNet(), torch.randn(4, 8)
+    target = {"model": model, "trainable block": model.blocks[3], "frozen block": model.blocks[0]}[where]
+    calls = []
+    hook = lambda m, a, out: calls.append(1)  # noqa: E731
+    if placed == "before set-up":
+        target.register_forward_hook(hook)
+    freezer, cache, run = _cached(model, x)
+    ids = torch.arange(4)
+    run(x, ids)  # set-up, nothing frozen
+    assert cache.chain.how == ("module swap" if placed == "before set-up" else "torch.fx"), cache.describe()
+    freezer.freeze_to(2)
+    if placed == "after set-up":
+        target.register_forward_hook(hook)
+        with pytest.warns(UserWarning, match="forward hooks were placed"):
+            run(x, ids)
+    calls.clear()
+    for _ in range(3):  # a miss, then hits
+        torch.testing.assert_close(run(x, ids), model(x))
+    if where == "frozen block":  # it runs where the block runs: when rows are computed or audited
+        assert len(calls) > 3, cache.describe()
+    else:
+        assert len(calls) == 6, cache.describe()  # 3 cached runs and 3 plain ones
+    assert cache.active and cache.stats["hits"] > 0, cache.describe()
+    assert cache.chain.how == "module swap"
 
 
 def test_user_blocks_checked():

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from real_models import ALL_MODELS, BATCH, build
+from real_models import ALL_MODELS, BATCH, MORE_MODELS, build
 from smartfrz_fast import SmartFreezer
 from smartfrz_fast.cache import ActivationCache
 from smartfrz_fast.policy import StaticFreeze
@@ -21,43 +21,19 @@ FREEZE_AT = 1
 TOL = dict(rtol=1e-4, atol=1e-5)  # fp32; rows computed on a subset of a batch may round differently
 
 
-def _eval_frozen_subtrees(model: nn.Module) -> None:
-    """A frozen prefix is a fixed feature extractor: every module whose parameters are all
-    frozen runs in eval (attention dropout and stochastic depth included), as the cache computes
-    its rows. Applied in both runs, so they are compared under the same semantics."""
-    for module in model.modules():
-        params = list(module.parameters())
-        if params and not any(p.requires_grad for p in params):
-            module.eval()
-
-
-def _random_ops_before_training_layers_eval(model: nn.Module, freezer, run: nn.Module) -> None:
-    """Parameter-free leaf modules (dropout, stochastic depth) run in eval when called before the
-    first trainable layer of the pass: swin_t calls one StochasticDepth module after a block's
-    attention (frozen) and after its MLP (trainable); the cache runs the first call in eval."""
-    passed = [False]
-    first_trainable = next(u for u in freezer.units if u.parameters[0].requires_grad)
-    for start in (run, model):  # each pass starts in the frozen prefix
-        start.register_forward_pre_hook(lambda m, a: passed.__setitem__(0, False))
-    first_trainable.modules[0].register_forward_pre_hook(lambda m, a: passed.__setitem__(0, True))
-    for module in model.modules():
-        if module is not model and next(module.children(), None) is None and next(module.parameters(), None) is None:
-            module.register_forward_pre_hook(lambda m, a: setattr(m, "training", passed[0] and model.training))
-
-
 def _freeze_half(freezer) -> None:
     freezer.freeze_to(len(freezer.units) // 2)
 
 
-def _train(name: str, cache_on: bool, freeze=_freeze_half):
+def _train(name: str, cache_on: bool, freeze=_freeze_half, **freezer_options):
     real = build(name)
     model = real.model
     args, kwargs = real.batch(0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.005)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tied-weight notices: another test's subject
-        freezer = SmartFreezer(model, optimizer, policy=StaticFreeze(0), example_inputs=args, example_kwargs=kwargs)
-    freezer.add_freeze_listener(lambda event, units: _eval_frozen_subtrees(model))
+        freezer = SmartFreezer(model, optimizer, policy=StaticFreeze(0), example_inputs=args, example_kwargs=kwargs,
+                               **freezer_options)
     cache = ActivationCache(freezer, num_samples=2 * BATCH, deterministic=True, audit_rows=2) if cache_on else None
     run = cache.wrap() if cache_on else model
     model.train()
@@ -67,8 +43,6 @@ def _train(name: str, cache_on: bool, freeze=_freeze_half):
         for step in range(STEPS):
             if step == FREEZE_AT:
                 freeze(freezer)
-                if any(not p.requires_grad for p in model.parameters()):
-                    _random_ops_before_training_layers_eval(model, freezer, run)
             args, kwargs = real.batch(step % 2)
             ids = torch.arange(BATCH) + BATCH * (step % 2)
             out = run(args, ids, **kwargs) if cache_on else model(*args, **kwargs)
@@ -88,7 +62,7 @@ def _assert_same_training(name, plain, plain_losses, cached, losses):
         torch.testing.assert_close(a, b, **TOL, msg=f"{name}: {n}")
 
 
-@pytest.mark.parametrize("name", ALL_MODELS)
+@pytest.mark.parametrize("name", ALL_MODELS + MORE_MODELS)
 def test_cache_on_real_model(name):
     plain, freezer, _, plain_losses, _ = _train(name, cache_on=False)
     cached, freezer_c, cache, losses, messages = _train(name, cache_on=True)
@@ -108,28 +82,10 @@ def test_cache_on_real_model(name):
     _assert_same_training(name, plain, plain_losses, cached, losses)
 
 
-def _freeze_by_hand(shared_trains: bool):
-    """The first half of the units frozen by hand, across a tied weight (the engine does not
-    freeze across one yet): with the shared weight, or with it still training from the head."""
-    def freeze(freezer):
-        names = {}
-        for n, p in freezer.module.named_parameters(remove_duplicate=False):
-            names.setdefault(id(p), []).append(n)
-        for unit in freezer.units[:len(freezer.units) // 2]:
-            for p in unit.parameters:
-                if not (shared_trains and len(names[id(p)]) > 1):
-                    p.requires_grad_(False)
-                    p.grad = None
-        for listener in freezer._freeze_listeners:  # what freeze_to tells the cache and the test
-            listener(None, [])
-    return freeze
-
-
 @pytest.mark.parametrize("name", ["gpt2_tied", "llama_tied", "t5"])
 def test_tied_models_cache_with_the_shared_weight_frozen(name):
-    freeze = _freeze_by_hand(shared_trains=False)
-    plain, _, _, plain_losses, _ = _train(name, cache_on=False, freeze=freeze)
-    cached, _, cache, losses, messages = _train(name, cache_on=True, freeze=freeze)
+    plain, _, _, plain_losses, _ = _train(name, cache_on=False, shared_parameters="freeze")
+    cached, _, cache, losses, messages = _train(name, cache_on=True, shared_parameters="freeze")
     text = cache.describe()
     assert cache.active and cache.stats["hits"] > 0 and not messages, (text, messages)
     _assert_same_training(name, plain, plain_losses, cached, losses)
@@ -137,7 +93,7 @@ def test_tied_models_cache_with_the_shared_weight_frozen(name):
 
 @pytest.mark.parametrize("name", ["gpt2_tied", "llama_tied"])
 def test_tied_weight_that_keeps_training_is_named(name):
-    cached, _, cache, _, messages = _train(name, cache_on=True, freeze=_freeze_by_hand(shared_trains=True))
+    cached, _, cache, _, messages = _train(name, cache_on=True)  # shared_parameters="train"
     text = cache.describe()
     assert not cache.active and cache.enabled and not messages, text
     assert "keeps training" in cache.reason and "lm_head.weight" in cache.reason, text

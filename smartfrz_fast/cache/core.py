@@ -32,10 +32,11 @@ from typing import Any, Dict, Iterable, Iterator, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.hooks import RemovableHandle
 
 from ..distributed import FreezableDDP, _is_fsdp1, _is_fsdp2, check_ddp
 from ..units import as_args
-from .split import BlockChain, Inputs, find_blocks
+from .split import SWAP, BlockChain, Inputs, find_blocks, skipped_hooks
 from .storage import (PINNED_READS, TIERS, Storage, check_path, input_sums, make_storage, owned_temp_path,
                       read_header, remove_leftovers, row_bytes, storage_dtype)
 
@@ -175,6 +176,7 @@ class ActivationCache:
         self._warned: set = set()  # kinds of warning given once already
         self.cut_note: Optional[str] = None  # why the cut is not as deep as the frozen prefix
         self._structure_changed = False  # a module or parameter registered in the model since set-up
+        self._handles_seen = -1  # torch's hook-handle counter when hooks were last checked
         self._structure_hooks: list = []
         freezer.add_freeze_listener(self._on_freeze)
 
@@ -222,7 +224,7 @@ class ActivationCache:
             return "activation cache: waiting for the first forward pass"
         if self.boundary == 0:
             return f"activation cache on, nothing cached ({self.chain.how}): {self.reason or self.cut_note}"
-        cut = f", cut after {self.chain.blocks[self.boundary - 1].name}" if self.chain.how == "module swap" else ""
+        cut = f", cut after {self.chain.blocks[self.boundary - 1].name}" if self.chain.how == SWAP else ""
         state = (f"{self.boundary}/{len(self.chain)} blocks cached ({self.chain.how}{cut}), "
                  f"{self.tier} {str(self.storage_dtype).replace('torch.', '')}")
         if self._store is not None:
@@ -413,6 +415,13 @@ class ActivationCache:
     def forward(self, model: nn.Module, inputs: Inputs, sample_ids) -> Any:
         if self._structure_changed:
             self._rederive()
+        elif self.chain is not None and RemovableHandle.next_id != self._handles_seen:
+            # a hook was registered somewhere since the last look (one counter read per step)
+            self._handles_seen = RemovableHandle.next_id
+            hooked = skipped_hooks(model, self.chain)
+            if hooked:
+                self._rederive(f"forward hooks were placed on {', '.join(hooked[:3])}, which the {self.chain.how} "
+                               "blocks would not run")
         if self.enabled and not self._setup_done:
             self._setup(model, inputs)
         if not self.active:
@@ -469,7 +478,7 @@ class ActivationCache:
                                  module_lib.register_module_parameter_registration_hook(changed),
                                  module_lib.register_module_buffer_registration_hook(changed)]
 
-    def _rederive(self) -> None:
+    def _rederive(self, why: str = "the model's modules or parameters changed since the cache was set up") -> None:
         """Drop the chain and every cached row (computed by the old structure); the next
         forward finds the chain of the model as it is now."""
         self._structure_changed = False
@@ -483,8 +492,8 @@ class ActivationCache:
         self.chain, self.boundary, self._act, self._input_sig = None, 0, None, None
         self._setup_done = False
         if self.enabled:
-            warnings.warn("ActivationCache: the model's modules or parameters changed since the cache was set "
-                          "up; its cached rows are dropped and its blocks found again", stacklevel=4)
+            warnings.warn(f"ActivationCache: {why}; its cached rows are dropped and its blocks found again",
+                          stacklevel=4)
 
     def _prefix_output(self, inputs: Inputs, ids: Tensor) -> Optional[Tensor]:
         store = self._store

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..units import preserved_state
-from .swap import tensor_trees_match
+from .swap import SWAP, tensor_trees_match
 
 
 @dataclass
@@ -570,14 +570,56 @@ class _ModeFreeTracer(torch.fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
+class UnfaithfulTrace(ValueError):
+    """A trace of the model would not run what its forward runs (a mode read in Python, a hook)."""
+
+
+def _mode_free_trace(model: nn.Module) -> torch.fx.Graph:
+    """The traced graph of ``model``, refused when it depends on train/eval mode.
+
+    A module that reads ``self.training`` in Python (``F.dropout(x, p, self.training)`` in a
+    user's block) is traced through, and the flag at trace time becomes a constant of the graph:
+    traced in eval, the chain would run the trainable blocks without their dropout ever after.
+    Tracing in both modes and comparing finds every such read."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        graphs = []
+        for training in (True, False):
+            model.train(training)
+            graphs.append(_ModeFreeTracer().trace(model))
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    if str(graphs[0]) != str(graphs[1]):
+        raise UnfaithfulTrace(
+            f"the traced forward of {type(model).__name__} reads train/eval mode outside a parameter-free "
+            "module (a `self.training` in Python), which a trace would fix to one mode")
+    return graphs[0]
+
+
+def skipped_hooks(model: nn.Module, chain: BlockChain) -> List[str]:
+    """Modules of ``model`` that carry forward hooks a user placed and that ``chain`` would not
+    call: the model itself and the containers around its blocks (a traced chain calls only leaf
+    modules). Their hooks would silently not run, so such a chain is not used. The module swap
+    runs the model's own forward and skips none. The engine's frozen-prefix hooks
+    (``frozen.engine_hook``) are not the user's."""
+    if chain.how == SWAP:
+        return []
+    called = {id(m) for block in chain.blocks for top in block.modules for m in top.modules()}
+    return [name or type(model).__name__ for name, m in model.named_modules()
+            if id(m) not in called and any(not getattr(h, "engine_hook", False)
+                                           for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))]
+
+
 def fx_chain(model: nn.Module) -> BlockChain:
     """Trace ``model`` and cut its graph wherever exactly one computed value is live.
 
     Placeholders (the inputs) and attributes are not cut values: every segment receives the
     original inputs and reads attributes itself. Segments that own no parameters are merged
-    into the one before, so blocks line up with layers.
+    into the one before, so blocks line up with layers. A trace that depends on train/eval
+    mode raises ``UnfaithfulTrace``.
     """
-    gm = torch.fx.GraphModule(model, _ModeFreeTracer().trace(model), type(model).__name__)
+    gm = torch.fx.GraphModule(model, _mode_free_trace(model), type(model).__name__)
     nodes = list(gm.graph.nodes)
     compute = [n for n in nodes if n.op not in ("placeholder", "get_attr", "output")]
     output = next(n for n in nodes if n.op == "output")
@@ -688,6 +730,16 @@ def verify_chain(model: nn.Module, chain: BlockChain, inputs: Inputs) -> Optiona
     return None
 
 
+def _check_chain(model: nn.Module, chain: BlockChain, inputs: Inputs) -> Optional[str]:
+    """None if the chain may stand in for the model: it reproduces its output and runs every
+    forward hook the model carries; else why not."""
+    hooked = skipped_hooks(model, chain)
+    if hooked:
+        return (f"the {chain.how} blocks would not run the forward hooks on "
+                f"{', '.join(hooked[:3])}{' ...' if len(hooked) > 3 else ''}")
+    return verify_chain(model, chain, inputs)
+
+
 def find_blocks(model: nn.Module, inputs: Inputs, blocks: Optional[Sequence[nn.Module]] = None
                 ) -> Tuple[Optional[BlockChain], str]:
     """The model's block chain and how it was found, or None and why there is none."""
@@ -711,12 +763,14 @@ def find_blocks(model: nn.Module, inputs: Inputs, blocks: Optional[Sequence[nn.M
             continue
         if chain is None:
             continue
-        why = verify_chain(model, chain, inputs)
+        why = _check_chain(model, chain, inputs)
         if why is None:
             return chain, chain.how
         reasons.append(why)
     try:
         chain = fx_chain(model)
+    except UnfaithfulTrace as exc:
+        reasons.append(str(exc))
     except Exception as exc:
         reasons.append(f"torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: "
                        f"{str(exc).splitlines()[0] if str(exc) else ''})")
@@ -724,7 +778,7 @@ def find_blocks(model: nn.Module, inputs: Inputs, blocks: Optional[Sequence[nn.M
         if len(chain) < 2:
             reasons.append(f"the traced forward of {type(model).__name__} has no point where a single value is live")
         else:
-            why = verify_chain(model, chain, inputs)
+            why = _check_chain(model, chain, inputs)
             if why is None:
                 return chain, chain.how
             reasons.append(why)

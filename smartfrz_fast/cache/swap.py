@@ -35,6 +35,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..units import preserved_state
 
+SWAP = "module swap"  # the chain's ``how``: the model's own forward runs, every hook with it
 CHECK_SAMPLES = 4  # samples of the first batch that a cut is checked on
 MAX_CHECKS = 24  # cuts tried (most work skipped first) per freeze before the cache says none fits
 
@@ -161,7 +162,7 @@ class SwapChain:
     previous candidate ended, so "the first ``k`` blocks are frozen" means every parameter read
     before candidate ``k-1`` ends is frozen. A final block holds the rest of the model."""
 
-    how = "module swap"
+    how = SWAP
     bind = None
     side_inputs: Tuple[str, ...] = ()
 
