@@ -3,7 +3,7 @@
     python bench/bench_smartfrz_agreement.py --job demo --seeds 0 1 --variants p1s1 p1s5 p2s1
     python bench/bench_smartfrz_agreement.py --job finetune --seeds 0 1
 
-``pAsB``: ``SmartFRZ(patience=A, smoothing=B)`` with the shipped predictor. Jobs:
+``pAsB``: ``SmartFRZ(patience=A, smoothing=B)`` (``pAsBrR``: also ``settle_ratio=R``) with the shipped predictor (``--weights``: another). Jobs:
 
 - ``demo``: the demo's CNN on the digits (``smartfrz_fast.demo.train``, its loop and settings;
   ``--quick`` the demo's quick mode).
@@ -36,8 +36,10 @@ from smartfrz_fast import SmartFreezer, SmartFRZ
 
 
 def parse_variant(text):
-    patience, smoothing = text[1:].split("s")
-    return int(patience), int(smoothing)
+    """``pAsB`` or ``pAsBrR``: patience A, smoothing B, settle_ratio R (absent: None)."""
+    head, _, ratio = text.partition("r")
+    patience, smoothing = head[1:].split("s")
+    return int(patience), int(smoothing), float(ratio) if ratio else None
 
 
 def traced(policy):
@@ -88,8 +90,9 @@ def demo_runs(args, variants):
         def run(name, variant=None):
             policy_name = None
             if variant is not None:
-                patience, smoothing = variant
-                demo.build_policy = lambda *a, **k: traced(SmartFRZ(patience=patience, smoothing=smoothing))
+                patience, smoothing, ratio = variant
+                demo.build_policy = lambda *a, **k: traced(SmartFRZ(args.weights, patience=patience, smoothing=smoothing,
+                                                                    settle_ratio=ratio))
                 policy_name = "smartfrz"
             t = time.perf_counter()
             result = demo.train(name, init, lambda: demo.DigitNet(blocks), data, epochs=epochs, batch_size=batch,
@@ -190,8 +193,9 @@ def finetune_runs(args, variants):
             sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup(total, total // 10))
             freezer = None
             if variant is not None:
-                patience, smoothing = variant
-                freezer = SmartFreezer(model, opt, traced(SmartFRZ(patience=patience, smoothing=smoothing)),
+                patience, smoothing, ratio = variant
+                freezer = SmartFreezer(model, opt, traced(SmartFRZ(args.weights, patience=patience, smoothing=smoothing,
+                                                                   settle_ratio=ratio)),
                                        example_inputs=(x_train[:8],), total_steps=total)
             order = torch.Generator().manual_seed(seed)
             t = time.perf_counter()
@@ -232,6 +236,7 @@ def main(argv=None):
     p.add_argument("--pretrain-steps", type=int, default=600)
     p.add_argument("--train-samples", type=int, default=4000)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weights", default=None, help="a predictor file (default: the shipped weights)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     (demo_runs if args.job == "demo" else finetune_runs)(args, args.variants)

@@ -258,3 +258,65 @@ def test_smoothing_lets_a_steady_probability_through_and_survives_a_checkpoint(t
 def test_bad_smoothing_and_min_progress(tmp_path, kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         SmartFRZ(weights=predictor_file(tmp_path / "p.pt"), **kwargs)
+
+
+def _moving_run(policy, speed, steps=40):
+    """A model whose weights are moved by hand: unit i drifts by ``speed(i, step)`` times a fixed
+    direction each step (no training), so that each window's movement is known."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.randn(3, 4)
+    freezer = SmartFreezer(model, opt, policy, example_inputs=x, window=4, sample_size=16, sample_every=1,
+                           total_steps=steps)
+    directions = [torch.randn_like(layer.weight) for layer in model]
+    for step in range(steps):
+        model(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            for i, layer in enumerate(model):
+                if layer.weight.requires_grad:
+                    layer.weight.add_(speed(i, step) * directions[i])
+        freezer.step()
+    return freezer
+
+
+def test_settle_ratio_holds_a_unit_that_keeps_moving_as_at_its_start(tmp_path):
+    """A confident predictor freezes every unit; with settle_ratio a unit still moving as far
+    per window as in its first window (a fine-tuned weight drifting steadily) is held back,
+    and front to back, so is everything after it; units whose movement died down freeze."""
+    path = predictor_file(tmp_path / "p.pt", freeze_logit=20.0)
+    steady = lambda i, step: 1e-3  # noqa: E731
+    settling = lambda i, step: 1e-3 * 0.7 ** step  # noqa: E731
+    first_steady = lambda i, step: steady(i, step) if i == 0 else settling(i, step)  # noqa: E731
+    assert run_frozen(SmartFRZ(weights=path), steady) == 2
+    assert run_frozen(SmartFRZ(weights=path, settle_ratio=0.5), steady) == 0
+    assert run_frozen(SmartFRZ(weights=path, settle_ratio=0.5), first_steady) == 0
+    assert run_frozen(SmartFRZ(weights=path, settle_ratio=0.5), settling) == 2
+
+
+def run_frozen(policy, speed):
+    freezer = _moving_run(policy, speed)
+    assert "settle_ratio" in policy.describe()
+    return freezer.num_frozen
+
+
+def test_settle_ratio_state_survives_a_checkpoint_and_is_checked(tmp_path):
+    path = predictor_file(tmp_path / "p.pt", freeze_logit=20.0)
+    policy = SmartFRZ(weights=path, settle_ratio=0.5)
+    _moving_run(policy, lambda i, step: 1e-3, steps=12)
+    state = policy.state_dict()
+    first = state["first_move"]
+    assert first.shape == (3,) and bool((first[:2] > 0).all())  # recorded at the first full window
+    again = SmartFRZ(weights=path, settle_ratio=0.5)
+    again.load_state_dict(state)
+    assert torch.equal(again.state_dict()["first_move"], first)
+    with pytest.raises(ValueError, match="first_move"):
+        again.load_state_dict({**state, "first_move": torch.full((3,), -1.0)})
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.5, -1, True, "a"])
+def test_bad_settle_ratio(tmp_path, ratio):
+    with pytest.raises(ValueError, match="settle_ratio"):
+        SmartFRZ(weights=predictor_file(tmp_path / "p.pt"), settle_ratio=ratio)

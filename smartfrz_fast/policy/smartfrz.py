@@ -32,6 +32,8 @@ DEFAULT_SMOOTHING = 1
 # No decision before this fraction of total_steps: the predictor's window spans a quarter of a
 # run, and the floor of the snapshot interval alone would fill it earlier (20 % at 300 steps).
 DEFAULT_MIN_PROGRESS = 0.25
+# No settling condition by default until measured in use (docs/predictor.md, "Settling").
+DEFAULT_SETTLE_RATIO = None
 
 
 def snapshot_interval(total_steps: int, snapshots: int = SNAPSHOTS_PER_RUN) -> int:
@@ -53,6 +55,11 @@ class SmartFRZ(FreezePolicy):
         min_progress: no decision before ``ceil(min_progress * total_steps)`` steps (the
             predictor's window spans a quarter of a run); without ``total_steps`` there is no
             such guard and SmartFreezer warns.
+        settle_ratio: a unit may freeze only once its sampled weights move, over the window,
+            at most this many times as far as over its first full window (None: no such
+            condition). The predictor sees movement relative to the weights' spread, which
+            pretrained weights keep small from the start; this compares a unit with its own
+            start of the run (``docs/predictor.md``, "Settling").
     """
 
     name = "smartfrz"
@@ -60,7 +67,8 @@ class SmartFRZ(FreezePolicy):
 
     def __init__(self, weights: Optional[Union[str, Path]] = None, threshold: float = 0.5,
                  evaluate_every: Optional[int] = None, patience: int = DEFAULT_PATIENCE,
-                 smoothing: int = DEFAULT_SMOOTHING, min_progress: float = DEFAULT_MIN_PROGRESS):
+                 smoothing: int = DEFAULT_SMOOTHING, min_progress: float = DEFAULT_MIN_PROGRESS,
+                 settle_ratio: Optional[float] = DEFAULT_SETTLE_RATIO):
         super().__init__()
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
             raise ValueError(f"SmartFRZ threshold is a probability in (0, 1), got {threshold!r}")
@@ -73,6 +81,9 @@ class SmartFRZ(FreezePolicy):
             raise ValueError(f"SmartFRZ smoothing is an averaging span in evaluations >= 1 (1: none), got {smoothing!r}")
         if isinstance(min_progress, bool) or not isinstance(min_progress, (int, float)) or not 0.0 <= min_progress < 1.0:
             raise ValueError(f"SmartFRZ min_progress is a fraction of total_steps in [0, 1), got {min_progress!r}")
+        if settle_ratio is not None and (isinstance(settle_ratio, bool) or not isinstance(settle_ratio, (int, float))
+                                         or not 0.0 < settle_ratio <= 1.0):
+            raise ValueError(f"SmartFRZ settle_ratio is a movement ratio in (0, 1], or None, got {settle_ratio!r}")
         from ..predictor import load_predictor
 
         # Loaded now, so that missing or corrupt weights fail before training starts.
@@ -82,6 +93,7 @@ class SmartFRZ(FreezePolicy):
         self.patience = patience
         self.smoothing = smoothing
         self.min_progress = float(min_progress)
+        self.settle_ratio = None if settle_ratio is None else float(settle_ratio)
         self.first_decision_step = 0  # set by bind() from total_steps
         self.last_probabilities: Optional[torch.Tensor] = None  # raw, of the active units
         self.last_smoothed: Optional[torch.Tensor] = None  # what was compared with the threshold
@@ -90,6 +102,8 @@ class SmartFRZ(FreezePolicy):
         self._streak: Optional[torch.Tensor] = None
         # [U] float32 on the device: each unit's averaged probability
         self._average: Optional[torch.Tensor] = None
+        # [U] float32 on the device: each unit's movement over its first full window (NaN: not yet)
+        self._first_move: Optional[torch.Tensor] = None
 
     @staticmethod
     def sample_every_for(total_steps: Optional[int]) -> int:
@@ -112,14 +126,16 @@ class SmartFRZ(FreezePolicy):
         def host(t):
             return None if t is None else t.detach().cpu().clone()  # a copy, not a view
 
-        return {"evaluated_at": self._evaluated_at, "streak": host(self._streak), "average": host(self._average)}
+        return {"evaluated_at": self._evaluated_at, "streak": host(self._streak), "average": host(self._average),
+                "first_move": host(self._first_move)}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         # checked whole before anything changes: a wrong-shape streak would fail at the next step
-        if not isinstance(state, dict) or set(state) - {"evaluated_at", "streak", "average"}:
+        if not isinstance(state, dict) or set(state) - {"evaluated_at", "streak", "average", "first_move"}:
             raise ValueError(f"SmartFRZ: policy state {state!r:.80} is not SmartFRZ.state_dict()'s "
-                             "{'evaluated_at', 'streak', 'average'}")
+                             "{'evaluated_at', 'streak', 'average', 'first_move'}")
         evaluated_at, streak, average = state.get("evaluated_at", -1), state.get("streak"), state.get("average")
+        first_move = state.get("first_move")
         if isinstance(evaluated_at, bool) or not isinstance(evaluated_at, int) or evaluated_at < -1:
             raise ValueError(f"SmartFRZ: policy state evaluated_at={evaluated_at!r} is not a snapshot count (>= -1)")
         units = self.context.num_units if self.context is not None else None
@@ -133,9 +149,11 @@ class SmartFRZ(FreezePolicy):
 
         check("streak", streak, torch.int32, lambda t: t >= 0, "counts >= 0")
         check("average", average, torch.float32, lambda t: ((t >= 0) & (t <= 1)) | t.isnan(), "probabilities in [0, 1]")
+        check("first_move", first_move, torch.float32, lambda t: (t >= 0) | t.isnan(), "movements >= 0")
         self._evaluated_at = evaluated_at
         self._streak = None if streak is None else streak.clone()
         self._average = None if average is None else average.clone()
+        self._first_move = None if first_move is None else first_move.clone()
 
     def bind(self, context: PolicyContext) -> None:
         super().bind(context)
@@ -177,7 +195,8 @@ class SmartFRZ(FreezePolicy):
         elif step % self.evaluate_every:
             return None
         decide = step >= self.first_decision_step
-        if not decide and self.patience == 1 and self.smoothing == 1:
+        plain = self.patience == 1 and self.smoothing == 1 and self.settle_ratio is None
+        if not decide and plain:
             return None  # nothing to remember from an evaluation before the guard
         from .. import ops
 
@@ -185,8 +204,11 @@ class SmartFRZ(FreezePolicy):
         prob, prefix = ops.predict(history.history, history.cursor, history.rows, history.valid,
                                    self._weights, self.threshold, self.input_gain, self.sort_inputs)
         self.last_probabilities = self.last_smoothed = prob
-        if self.patience == 1 and self.smoothing == 1:
+        if plain:
             return prefix + history.first_active
+        if self.settle_ratio is not None:  # not freezable while the unit still moves as at its start
+            prob = torch.where(self._settled(), prob, torch.zeros_like(prob))
+            self.last_smoothed = prob
         # before the guard, evaluations feed the averages and streaks but decide nothing
         # device ops only (no host sync)
         rows, units = history.rows, history.history.shape[0]
@@ -208,6 +230,23 @@ class SmartFRZ(FreezePolicy):
         ready = (streak >= self.patience).to(torch.int64)
         return torch.cumprod(ready, 0).sum() + history.first_active
 
+    def _settled(self) -> torch.Tensor:
+        """``[R]`` bool per active unit: its movement over the window (newest minus oldest
+        snapshot, over its valid positions) is at most ``settle_ratio`` times its first
+        window's, recorded at its first evaluation. Device ops only."""
+        history = self.context.history
+        h, rows, t = history.history, history.rows, history.window
+        slots = torch.stack([torch.remainder(history.cursor - 1, t), torch.remainder(history.cursor, t)])
+        ends = h.index_select(1, slots).index_select(0, rows)  # [R, 2, K]: newest, oldest
+        valid = history.valid.to(h.device).index_select(0, rows)
+        mask = torch.arange(h.shape[2], device=h.device)[None, :] < valid[:, None]
+        move = torch.where(mask, ends[:, 0] - ends[:, 1], torch.zeros_like(ends[:, 0])).norm(dim=1)
+        self._first_move = self._state_tensor(self._first_move, h.shape[0], float("nan"), torch.float32, h.device)
+        first = self._first_move.index_select(0, rows)
+        first = torch.where(first.isnan(), move, first)
+        self._first_move.index_copy_(0, rows, first)
+        return move <= self.settle_ratio * first
+
     @staticmethod
     def _state_tensor(t: Optional[torch.Tensor], units: int, fill, dtype, device) -> torch.Tensor:
         """A per-unit state tensor on ``device``: a new one filled with ``fill``, or ``t`` moved there."""
@@ -217,5 +256,5 @@ class SmartFRZ(FreezePolicy):
 
     def describe(self) -> str:
         return (f"SmartFRZ(threshold={self.threshold}, patience={self.patience}, smoothing={self.smoothing}, "
-                f"min_progress={self.min_progress:g}, evaluate_every={self.evaluate_every}, "
+                f"min_progress={self.min_progress:g}, settle_ratio={self.settle_ratio}, evaluate_every={self.evaluate_every}, "
                 f"window={self.predictor.config.window}, K={self.predictor.config.sample_size})")
