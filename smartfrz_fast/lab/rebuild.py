@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections import defaultdict
@@ -251,6 +252,49 @@ class Rebuild:
                          f"{int((cka > safe).sum())} | {100 * cka_saved:.1f} % |")
         return lines
 
+    def replay_lines(self, predictors: Dict[str, Path]) -> List[str]:
+        """Markdown rows, per zoo run with finished trials: each leave-one-family-out predictor
+        (``predictors``: name -> folder of ``without-<family>.pt``) replayed on the run's
+        recording as SmartFRZ decides in use (first decision at ``min_progress`` of the run,
+        threshold 0.5, patience 1), against the trial oracle: FLOPs saved, units frozen before
+        their earliest safe snapshot, and how early the earliest of them (share of the run).
+        Offline and cheap; ``evaluate`` measures accuracy in real runs."""
+        from ..policy.smartfrz import DEFAULT_MIN_PROGRESS
+        from ..predictor import load_predictor
+        from .labels import load_runs
+        from .scoring import flops_saved_of_units, replay, window_probabilities
+
+        runs = load_runs([self.out / "zoo" / f"{s.name}.pt" for s in self.zoo
+                          if (self.out / "zoo" / f"{s.name}.pt").exists()], self.sources["trials"])
+        header = "| run | oracle | " + " | ".join(predictors) + " |"
+        lines = [header, "|---|---|" + "---|" * len(predictors)]
+        totals = {name: [0, 0.0, 0] for name in predictors}
+        for run in runs:
+            s = run.snapshots
+            safe = run.prefix_points(1)
+            cells = [run.name, f"{100 * flops_saved_of_units(run.forward_flops, safe, s):.1f} %"]
+            for name, folder in predictors.items():
+                path = Path(folder) / f"without-{run.family}.pt"
+                if not path.exists():
+                    cells.append("-")
+                    continue
+                model = load_predictor(path)
+                t = model.config.window
+                prob = window_probabilities(model, [run])[run.name]
+                prob[:, :max(0, math.ceil(DEFAULT_MIN_PROGRESS * s) - (t - 1))] = 0.0  # the guard in use
+                frozen_at = replay(prob, t, s)
+                early = int((frozen_at < safe).sum())
+                lead = float(((safe - frozen_at).clamp_min(0).float() / s).max())
+                saved = flops_saved_of_units(run.forward_flops, frozen_at, s)
+                cells.append(f"{100 * saved:.1f} %, {early} early" + (f" (by {lead:.2f})" if early else ""))
+                totals[name][0] += early
+                totals[name][1] += saved
+                totals[name][2] += 1
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| **all runs** | | " + " | ".join(
+            f"mean {100 * v[1] / max(v[2], 1):.1f} %, {v[0]} early" for v in totals.values()) + " |")
+        return lines
+
     # ------------------------------------------------------------------ progress
     def _search_done(self, other: Sequence[Dict]) -> Optional[Dict]:
         """The results file's finished search at this rebuild's settings (None: unfinished)."""
@@ -321,6 +365,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="the tiny CI zoo (minutes)")
     p.add_argument("--shard", default="0/1", metavar="I/N",
                    help="do every N-th piece of each stage from the I-th (one process per core: 0/2 and 1/2)")
+    p.add_argument("--replay", action="append", default=[], metavar="NAME=DIR",
+                   help="instead: replay these leave-one-family-out predictor folders on the zoo runs against "
+                        "the trial oracle (repeatable; e.g. trials=lab_runs/predictors/trials)")
     p.add_argument("--compare-labels", action="store_true",
                    help="instead: print, per run with finished trials, the oracle and where the CKA labels fall")
     args = p.parse_args(argv)
@@ -338,6 +385,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     deadline = None if args.max_hours is None else time.time() + 3600 * args.max_hours
     rebuild = Rebuild(args.out, args.quick, Tolerance(args.metric, args.tolerance), args.stride, deadline,
                       log=lambda m: print(m, flush=True), shard=shard)
+    if args.replay:
+        try:
+            predictors = {name: Path(folder) for name, folder in (item.split("=", 1) for item in args.replay)}
+        except ValueError:
+            p.error("--replay is NAME=DIR")
+        print("\n".join(rebuild.replay_lines(predictors)))
+        return 0
     if args.compare_labels:
         print("\n".join(rebuild.compare_labels()))
         return 0
