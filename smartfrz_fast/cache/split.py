@@ -598,17 +598,20 @@ def _mode_free_trace(model: nn.Module) -> torch.fx.Graph:
 
 
 def skipped_hooks(model: nn.Module, chain: BlockChain) -> List[str]:
-    """Modules of ``model`` that carry forward hooks a user placed and that ``chain`` would not
-    call: the model itself and the containers around its blocks (a traced chain calls only leaf
+    """Modules of ``model`` that carry hooks a user placed (forward, or module backward hooks)
+    and that ``chain`` would not call: the model itself and the containers around its blocks (a traced chain calls only leaf
     modules). Their hooks would silently not run, so such a chain is not used. The module swap
     runs the model's own forward and skips none. The engine's frozen-prefix hooks
     (``frozen.engine_hook``) are not the user's."""
     if chain.how == SWAP:
         return []
     called = {id(m) for block in chain.blocks for top in block.modules for m in top.modules()}
+    def hooks(m: nn.Module):  # all that run only when the module is called (backward hooks too)
+        return (*m._forward_hooks.values(), *m._forward_pre_hooks.values(), *m._backward_hooks.values(),
+                *m._backward_pre_hooks.values())
+
     return [name or type(model).__name__ for name, m in model.named_modules()
-            if id(m) not in called and any(not getattr(h, "engine_hook", False)
-                                           for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))]
+            if id(m) not in called and any(not getattr(h, "engine_hook", False) for h in hooks(m))]
 
 
 def fx_chain(model: nn.Module) -> BlockChain:
