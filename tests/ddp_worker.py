@@ -173,7 +173,7 @@ def worker(rank, world, port, mode, out):
     elif mode == "fsdp2_history":
         policy, settings = RankSkewedWithHistory(rank), HISTORY
     elif mode == "fsdp2_smartfrz":
-        policy, steps, settings = SmartFRZ(), SMARTFRZ_STEPS, dict(sample_every=1)
+        policy, steps, settings = SmartFRZ(settle_ratio=None), SMARTFRZ_STEPS, dict(sample_every=1)
     else:
         policy = RankSkewed(rank)
     # "unused" hands the engine the inner module (the DDP wrapper stays outside its view).

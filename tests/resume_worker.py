@@ -39,7 +39,7 @@ def make_policy(name: str, out: Path):
             with torch.no_grad():
                 predictor.head[-1].bias.copy_(torch.tensor([-3.0, 3.0]))
             save_predictor(predictor, path, {"purpose": "resume test"})
-        return SmartFRZ(weights=path, evaluate_every=5)
+        return SmartFRZ(weights=path, evaluate_every=5, settle_ratio=None)
     raise ValueError(name)
 
 

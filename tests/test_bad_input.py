@@ -172,7 +172,7 @@ def test_step_before_any_backward(policy, frozen):
 def test_half_precision_models_record_a_float32_history_and_freeze(tmp_path, dtype):
     model = SmallCNN().to(dtype)
     opt = sgd(model)
-    policy = SmartFRZ(weights=predictor_file(tmp_path / "p.pt", freeze_logit=20.0))
+    policy = SmartFRZ(weights=predictor_file(tmp_path / "p.pt", freeze_logit=20.0), settle_ratio=None)
     freezer = SmartFreezer(model, opt, policy, example_inputs=batch(0)[0].to(dtype), window=4, sample_size=16,
                            sample_every=1)
     for step in range(5):

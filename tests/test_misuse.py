@@ -362,7 +362,7 @@ def smartfrz_run(tmp_path, steps=6):
     torch.manual_seed(0)
     model = SmallCNN()
     opt = sgd(model, momentum=0.9)
-    policy = SmartFRZ(weights=predictor_file(tmp_path / "p.pt", freeze_logit=20.0), patience=2)
+    policy = SmartFRZ(weights=predictor_file(tmp_path / "p.pt", freeze_logit=20.0), patience=2, settle_ratio=None)
     freezer = SmartFreezer(model, opt, policy, example_inputs=batch(0)[0], window=4, sample_size=16,
                            sample_every=1)
     train_steps(model, opt, freezer, steps)

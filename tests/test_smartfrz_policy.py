@@ -34,27 +34,27 @@ def test_corrupt_foreign_and_tampered_files_are_refused(tmp_path):
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[:200])
     with pytest.raises(PredictorWeightsError, match="unreadable"):
-        SmartFRZ(weights=truncated)
+        SmartFRZ(settle_ratio=None, weights=truncated)
     foreign = tmp_path / "foreign.pt"
     torch.save({"weight": torch.zeros(3)}, foreign)
     with pytest.raises(PredictorWeightsError, match="not a SmartFRZ predictor file"):
-        SmartFRZ(weights=foreign)
+        SmartFRZ(settle_ratio=None, weights=foreign)
     blob = torch.load(good, weights_only=True)
     blob["state_dict"]["query.0.weight"] += 1
     tampered = tmp_path / "tampered.pt"
     torch.save(blob, tampered)
     with pytest.raises(PredictorWeightsError, match="content check"):
-        SmartFRZ(weights=tampered)
+        SmartFRZ(settle_ratio=None, weights=tampered)
     blob = torch.load(good, weights_only=True)
     blob["config"]["hidden"] = 9
     mismatched = tmp_path / "mismatched.pt"
     torch.save(blob, mismatched)
     with pytest.raises(PredictorWeightsError, match="does not match the predictor architecture"):
-        SmartFRZ(weights=mismatched)
+        SmartFRZ(settle_ratio=None, weights=mismatched)
 
 
 def test_window_mismatch_with_engine_is_refused(tmp_path):
-    policy = SmartFRZ(weights=predictor_file(tmp_path / "p.pt"))
+    policy = SmartFRZ(settle_ratio=None, weights=predictor_file(tmp_path / "p.pt"))
     model = SmallCNN()
     with pytest.raises(ValueError, match="window=4, sample_size=16"):
         SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), policy, example_inputs=batch(0)[0])
@@ -70,7 +70,7 @@ def run(policy, steps=12, sample_every=2):
 
 
 def test_confident_predictor_freezes_after_the_window_fills(tmp_path):
-    freezer = run(SmartFRZ(weights=predictor_file(tmp_path / "p.pt", freeze_logit=20.0), evaluate_every=2,
+    freezer = run(SmartFRZ(settle_ratio=None, weights=predictor_file(tmp_path / "p.pt", freeze_logit=20.0), evaluate_every=2,
                            patience=1))
     # 4 snapshots, one every 2 steps: the window is full at step 8, decided and applied there
     assert [(e.step, e.num_frozen) for e in freezer.timeline] == [(8, 3)]
@@ -79,7 +79,7 @@ def test_confident_predictor_freezes_after_the_window_fills(tmp_path):
 
 @pytest.mark.parametrize("patience, step", [(2, 10), (3, 12)])
 def test_patience_waits_for_evaluations_in_a_row(tmp_path, patience, step):
-    freezer = run(SmartFRZ(weights=predictor_file(tmp_path / "p.pt", freeze_logit=20.0), evaluate_every=2,
+    freezer = run(SmartFRZ(settle_ratio=None, weights=predictor_file(tmp_path / "p.pt", freeze_logit=20.0), evaluate_every=2,
                            patience=patience))
     assert [(e.step, e.num_frozen) for e in freezer.timeline] == [(step, 3)]
 
@@ -101,7 +101,7 @@ def test_a_miss_resets_the_streak_and_the_prefix_waits_for_its_slowest_unit(tmp_
     # evaluations at steps 8, 10, 12, 14, 16 (4 units; the last one, the head, never freezes)
     scripted_predict(monkeypatch, [[0.9, 0.9, 0.1, 0.0], [0.1, 0.9, 0.9, 0.0], [0.9, 0.9, 0.9, 0.0],
                                    [0.9, 0.9, 0.9, 0.0], [0.9, 0.9, 0.9, 0.0]])
-    policy = SmartFRZ(weights=predictor_file(tmp_path / "p.pt"), evaluate_every=2, patience=2)
+    policy = SmartFRZ(settle_ratio=None, weights=predictor_file(tmp_path / "p.pt"), evaluate_every=2, patience=2)
     freezer = run(policy, steps=17)
     # unit 0: hit, miss, hit, hit -> ready at step 14; unit 1 ready at 10; unit 2 at 12 (streak 2)
     assert [(e.step, e.num_frozen) for e in freezer.timeline] == [(14, 3)]
@@ -111,13 +111,13 @@ def test_streaks_survive_a_checkpoint(tmp_path, monkeypatch):
     rows = [[0.9, 0.9, 0.9, 0.0]] * 6
     path = predictor_file(tmp_path / "p.pt")
     scripted_predict(monkeypatch, rows)
-    straight = run(SmartFRZ(weights=path, evaluate_every=2, patience=3), steps=13)
+    straight = run(SmartFRZ(settle_ratio=None, weights=path, evaluate_every=2, patience=3), steps=13)
     scripted_predict(monkeypatch, rows)
-    first = run(SmartFRZ(weights=path, evaluate_every=2, patience=3), steps=11)  # evaluated at 8 and 10
+    first = run(SmartFRZ(settle_ratio=None, weights=path, evaluate_every=2, patience=3), steps=11)  # evaluated at 8 and 10
     assert first.num_frozen == 0 and first.policy.state_dict()["streak"].tolist()[:3] == [2, 2, 2]
     model = SmallCNN()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    resumed = SmartFreezer(model, opt, SmartFRZ(weights=path, evaluate_every=2, patience=3),
+    resumed = SmartFreezer(model, opt, SmartFRZ(settle_ratio=None, weights=path, evaluate_every=2, patience=3),
                            example_inputs=batch(0)[0], window=4, sample_size=16, sample_every=2)
     resumed.load_state_dict(first.state_dict())
     for step in range(resumed.step_count, 13):
@@ -131,7 +131,7 @@ def test_streaks_survive_a_checkpoint(tmp_path, monkeypatch):
 
 
 def test_doubtful_predictor_never_freezes(tmp_path):
-    freezer = run(SmartFRZ(weights=predictor_file(tmp_path / "p.pt", freeze_logit=-20.0), evaluate_every=2))
+    freezer = run(SmartFRZ(settle_ratio=None, weights=predictor_file(tmp_path / "p.pt", freeze_logit=-20.0), evaluate_every=2))
     assert freezer.num_frozen == 0 and freezer.timeline == []
     assert (freezer.policy.last_probabilities < 0.01).all()
 
@@ -139,13 +139,13 @@ def test_doubtful_predictor_never_freezes(tmp_path):
 @pytest.mark.parametrize("threshold", [0.0, 1.0, 1.5])
 def test_bad_threshold(tmp_path, threshold):
     with pytest.raises(ValueError, match="threshold"):
-        SmartFRZ(weights=predictor_file(tmp_path / "p.pt"), threshold=threshold)
+        SmartFRZ(settle_ratio=None, weights=predictor_file(tmp_path / "p.pt"), threshold=threshold)
 
 
 @pytest.mark.parametrize("patience", [0, -1, 1.5, True])
 def test_bad_patience(tmp_path, patience):
     with pytest.raises(ValueError, match="patience"):
-        SmartFRZ(weights=predictor_file(tmp_path / "p.pt"), patience=patience)
+        SmartFRZ(settle_ratio=None, weights=predictor_file(tmp_path / "p.pt"), patience=patience)
 
 
 def test_resumed_policy_does_not_score_the_same_snapshot_again(tmp_path):
@@ -156,7 +156,7 @@ def test_resumed_policy_does_not_score_the_same_snapshot_again(tmp_path):
         torch.manual_seed(0)
         model = SmallCNN()
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        policy = SmartFRZ(weights=path)
+        policy = SmartFRZ(settle_ratio=None, weights=path)
         freezer = SmartFreezer(model, opt, policy, example_inputs=batch(0)[0], total_steps=40,
                                sample_every=3, window=4, sample_size=16)
         if state is not None:
@@ -179,7 +179,7 @@ def test_without_total_steps_it_warns_and_says_what_to_pass(tmp_path):
     model = SmallCNN()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     with pytest.warns(UserWarning, match=r"no total_steps.*Pass total_steps="):
-        freezer = SmartFreezer(model, opt, SmartFRZ(weights=path), example_inputs=batch(0)[0], window=4,
+        freezer = SmartFreezer(model, opt, SmartFRZ(settle_ratio=None, weights=path), example_inputs=batch(0)[0], window=4,
                                sample_size=16)
     assert freezer.sample_every == 1 and freezer.policy.first_decision_step == 0
     import warnings
@@ -188,7 +188,7 @@ def test_without_total_steps_it_warns_and_says_what_to_pass(tmp_path):
         model = SmallCNN()
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.05), SmartFRZ(weights=path),
+            SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.05), SmartFRZ(settle_ratio=None, weights=path),
                          example_inputs=batch(0)[0], window=4, sample_size=16, **kwargs)
 
 
@@ -196,7 +196,7 @@ def test_without_total_steps_it_warns_and_says_what_to_pass(tmp_path):
 def test_first_decision_comes_at_a_quarter_of_the_run_or_later(tmp_path, total):
     """total_steps // 120 rounds down (300 steps: a snapshot every 2, the window of 30 full at
     step 60, 20 %): the guard holds the first decision back to ceil(total / 4) exactly."""
-    policy = SmartFRZ(weights=predictor_file(tmp_path / "p.pt", freeze_logit=20.0))
+    policy = SmartFRZ(settle_ratio=None, weights=predictor_file(tmp_path / "p.pt", freeze_logit=20.0))
     model = SmallCNN()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     freezer = SmartFreezer(model, opt, policy, example_inputs=batch(0)[0], window=4, sample_size=16,
@@ -211,7 +211,7 @@ def test_first_decision_comes_at_a_quarter_of_the_run_or_later(tmp_path, total):
 
 
 def test_min_progress_zero_decides_when_the_window_fills(tmp_path):
-    policy = SmartFRZ(weights=predictor_file(tmp_path / "p.pt", freeze_logit=20.0), min_progress=0.0)
+    policy = SmartFRZ(settle_ratio=None, weights=predictor_file(tmp_path / "p.pt", freeze_logit=20.0), min_progress=0.0)
     model = SmallCNN()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     freezer = SmartFreezer(model, opt, policy, example_inputs=batch(0)[0], window=4, sample_size=16,
@@ -225,10 +225,10 @@ def test_smoothing_ignores_a_probability_that_flips_around_the_threshold(tmp_pat
     # and 2 are confidently freezable from the start
     flips = [[0.7 if i % 2 == 0 else 0.4, 0.95, 0.95, 0.0] for i in range(9)]
     scripted_predict(monkeypatch, flips)
-    raw = run(SmartFRZ(weights=predictor_file(tmp_path / "p.pt"), evaluate_every=2), steps=25)
+    raw = run(SmartFRZ(settle_ratio=None, weights=predictor_file(tmp_path / "p.pt"), evaluate_every=2), steps=25)
     assert [(e.step, e.num_frozen) for e in raw.timeline] == [(8, 3)]  # the first 0.7 froze everything
     scripted_predict(monkeypatch, flips)
-    smooth = run(SmartFRZ(weights=predictor_file(tmp_path / "p.pt"), evaluate_every=2, smoothing=5), steps=25)
+    smooth = run(SmartFRZ(settle_ratio=None, weights=predictor_file(tmp_path / "p.pt"), evaluate_every=2, smoothing=5), steps=25)
     # alpha = 1/3 from 0: unit 0's average climbs 0.23, 0.29, 0.43, 0.42, 0.51 -> frozen at step 16
     assert [(e.step, e.num_frozen) for e in smooth.timeline] == [(16, 3)]
     assert smooth.policy.last_smoothed is not None
@@ -238,15 +238,15 @@ def test_smoothing_lets_a_steady_probability_through_and_survives_a_checkpoint(t
     rows = [[0.95, 0.95, 0.95, 0.0]] * 6  # average 0.32 after one evaluation, 0.53 after two
     path = predictor_file(tmp_path / "p.pt")
     scripted_predict(monkeypatch, rows)
-    straight = run(SmartFRZ(weights=path, evaluate_every=2, smoothing=5), steps=13)
+    straight = run(SmartFRZ(settle_ratio=None, weights=path, evaluate_every=2, smoothing=5), steps=13)
     assert [(e.step, e.num_frozen) for e in straight.timeline] == [(10, 3)]
     scripted_predict(monkeypatch, rows)
-    first = run(SmartFRZ(weights=path, evaluate_every=2, smoothing=5), steps=9)  # evaluated at 8
+    first = run(SmartFRZ(settle_ratio=None, weights=path, evaluate_every=2, smoothing=5), steps=9)  # evaluated at 8
     saved = first.state_dict()
     assert saved["policy_state"]["average"][:3].tolist() == pytest.approx([0.95 / 3] * 3)
     model = SmallCNN()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    resumed = SmartFreezer(model, opt, SmartFRZ(weights=path, evaluate_every=2, smoothing=5),
+    resumed = SmartFreezer(model, opt, SmartFRZ(settle_ratio=None, weights=path, evaluate_every=2, smoothing=5),
                            example_inputs=batch(0)[0], window=4, sample_size=16, sample_every=2)
     resumed.load_state_dict(saved)
     train_steps(model, opt, resumed, 13 - resumed.step_count, start=resumed.step_count)
@@ -257,7 +257,7 @@ def test_smoothing_lets_a_steady_probability_through_and_survives_a_checkpoint(t
                                     {"min_progress": 1.0}, {"min_progress": -0.1}, {"min_progress": "a"}])
 def test_bad_smoothing_and_min_progress(tmp_path, kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
-        SmartFRZ(weights=predictor_file(tmp_path / "p.pt"), **kwargs)
+        SmartFRZ(settle_ratio=None, weights=predictor_file(tmp_path / "p.pt"), **kwargs)
 
 
 def _moving_run(policy, speed, steps=40):
@@ -290,7 +290,7 @@ def test_settle_ratio_holds_a_unit_that_keeps_moving_as_at_its_start(tmp_path):
     steady = lambda i, step: 1e-3  # noqa: E731
     settling = lambda i, step: 1e-3 * 0.7 ** step  # noqa: E731
     first_steady = lambda i, step: steady(i, step) if i == 0 else settling(i, step)  # noqa: E731
-    assert run_frozen(SmartFRZ(weights=path), steady) == 2
+    assert run_frozen(SmartFRZ(settle_ratio=None, weights=path), steady) == 2
     assert run_frozen(SmartFRZ(weights=path, settle_ratio=0.5), steady) == 0
     assert run_frozen(SmartFRZ(weights=path, settle_ratio=0.5), first_steady) == 0
     assert run_frozen(SmartFRZ(weights=path, settle_ratio=0.5), settling) == 2
@@ -320,3 +320,9 @@ def test_settle_ratio_state_survives_a_checkpoint_and_is_checked(tmp_path):
 def test_bad_settle_ratio(tmp_path, ratio):
     with pytest.raises(ValueError, match="settle_ratio"):
         SmartFRZ(weights=predictor_file(tmp_path / "p.pt"), settle_ratio=ratio)
+
+
+def test_settle_ratio_is_on_by_default():
+    """Measured in use (docs/predictor.md, "Settling"): 0.5 by default."""
+    assert SmartFRZ().settle_ratio == 0.5
+    assert SmartFRZ(settle_ratio=None).settle_ratio is None
