@@ -12,7 +12,7 @@ import torch
 from smartfrz_fast import SmartFreezer, SmartFRZ
 from smartfrz_fast.ops.reference import amplify_deviation, predict_ref, sort_by_newest
 from smartfrz_fast.policy.smartfrz import SNAPSHOTS_PER_RUN, snapshot_interval
-from smartfrz_fast.predictor import DEFAULT_WEIGHTS, AttentionPredictor, PredictorConfig, load_predictor
+from smartfrz_fast.predictor import DEFAULT_WEIGHTS, AttentionPredictor, PredictorConfig, load_predictor, save_predictor
 from smartfrz_fast.lab.cka import centered_gram, cka_from_grams, linear_cka
 from smartfrz_fast.lab.labels import LabelSchedule, freeze_index
 from smartfrz_fast.lab.scoring import window_logits
@@ -402,6 +402,38 @@ def test_compare_labels_sets_the_cka_points_against_the_trials(finished_trials):
     cka = prefix_freeze_points(load_recording(out / "zoo" / f"{spec.name}.pt")["cka"][:-1].float(), 0.998)
     safe = torch.tensor([trials.snapshots if j is None else j for j in done["earliest"]])
     assert (int(cells[4]), int(cells[5])) == (int((cka < safe).sum()), int((cka > safe).sum()))
+
+
+def test_replay_sets_leave_one_family_out_predictors_against_the_trial_oracle(finished_trials, tmp_path):
+    """`rebuild --replay`: a predictor that never calls a unit freezable saves nothing and is
+    never early; one that always does freezes every prefix at the first decision SmartFRZ allows
+    (a quarter of the run), early exactly for the prefixes whose safe point comes later."""
+    import math
+
+    from smartfrz_fast.lab.labels import Tolerance, load_runs
+    from smartfrz_fast.lab.rebuild import Rebuild
+    from smartfrz_fast.policy.smartfrz import DEFAULT_MIN_PROGRESS
+
+    out, spec, trials, done = finished_trials
+    rebuild = Rebuild(out, quick=True, tolerance=Tolerance("accuracy", 0.5), stride=20, log=lambda m: None)
+    rebuild.zoo = [spec]
+    folders = {}
+    for name, logit in (("never", -20.0), ("always", 20.0)):
+        predictor = AttentionPredictor(PredictorConfig())
+        with torch.no_grad():
+            predictor.head[-1].bias.copy_(torch.tensor([0.0, logit]))
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        save_predictor(predictor, folders[name] / f"without-{spec.family}.pt",
+                       {"input_gain": 30.0, "sort_by_newest": True, "purpose": "test"})
+    lines = rebuild.replay_lines(folders)
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells[0] == spec.name and cells[2] == "0.0 %, 0 early"
+    (run,) = load_runs([out / "zoo" / f"{spec.name}.pt"], rebuild.sources["trials"])
+    first = max(math.ceil(DEFAULT_MIN_PROGRESS * run.snapshots), PredictorConfig().window - 1)
+    early = int((run.prefix_points(1) > first).sum())
+    assert cells[3].split(", ")[1].startswith(f"{early} early"), cells
+    assert lines[-1].startswith("| **all runs** |")
 
 
 @pytest.mark.parametrize("family", ["mlp", "cnn", "resnet", "vit", "lm", "mixer", "sepcnn", "rnn", "textenc"])
