@@ -41,6 +41,11 @@ def main(out: Path, resume: str = "", static: bool = False, cache: bool = False)
                 "cache": None if callback.cache is None else dict(callback.cache.stats, boundary=callback.cache.boundary,
                                                                   describe=callback.cache.describe())},
                out / f"rank{rank}{'-resumed' if resume else ''}.pt")
+    # the Trainer leaves its gloo group up: torn down by the interpreter's exit, its threads can
+    # abort the process ("terminate called without an active exception") after a good run
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
