@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
@@ -282,6 +282,18 @@ def _names_parameters(model: nn.Module, keys: Mapping) -> bool:
     named = {n for n, p in signature.parameters.items()
              if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
     return all(isinstance(k, str) and k in named for k in keys)
+
+
+@contextmanager
+def preserved_modes(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Each module's train/eval flag is as before afterwards (restored per module: ``.train()``
+    recurses, and would not give back a child whose flag differed from its parent's)."""
+    flags = {m: m.training for m in modules}
+    try:
+        yield
+    finally:
+        for m, training in flags.items():
+            m.training = training
 
 
 @contextmanager

@@ -35,7 +35,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.hooks import RemovableHandle
 
 from ..distributed import FreezableDDP, _is_fsdp1, _is_fsdp2, check_ddp
-from ..units import as_args
+from ..units import as_args, preserved_modes
 from .split import SWAP, BlockChain, Inputs, find_blocks, skipped_hooks
 from .storage import (PINNED_READS, TIERS, Storage, check_path, input_sums, make_storage, owned_temp_path,
                       read_header, remove_leftovers, row_bytes, storage_dtype)
@@ -855,14 +855,10 @@ class ActivationCache:
         """Frozen blocks run in eval mode: dropout off, norm statistics fixed, so a cached row
         and a recomputed one agree."""
         modules = {m for b in self.chain.blocks[start:stop] for root in b.modules for m in root.modules()}
-        flags = {m: m.training for m in modules}
-        for m in modules:
-            m.training = False
-        try:
+        with preserved_modes(modules):
+            for m in modules:
+                m.training = False
             yield
-        finally:
-            for m, training in flags.items():
-                m.training = training
 
     def _disable(self, reason: str) -> None:
         self.enabled = False

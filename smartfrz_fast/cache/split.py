@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ..units import preserved_state
+from ..units import preserved_modes, preserved_state
 from .swap import SWAP, tensor_trees_match
 
 
@@ -581,15 +581,11 @@ def _mode_free_trace(model: nn.Module) -> torch.fx.Graph:
     user's block) is traced through, and the flag at trace time becomes a constant of the graph:
     traced in eval, the chain would run the trainable blocks without their dropout ever after.
     Tracing in both modes and comparing finds every such read."""
-    modes = {m: m.training for m in model.modules()}
-    try:
-        graphs = []
+    graphs = []
+    with preserved_modes(model.modules()):
         for training in (True, False):
             model.train(training)
             graphs.append(_ModeFreeTracer().trace(model))
-    finally:
-        for m, training in modes.items():
-            m.training = training
     if str(graphs[0]) != str(graphs[1]):
         raise UnfaithfulTrace(
             f"the traced forward of {type(model).__name__} reads train/eval mode outside a parameter-free "
@@ -712,18 +708,14 @@ def _outputs_match(a: Any, b: Any) -> bool:
 
 def verify_chain(model: nn.Module, chain: BlockChain, inputs: Inputs) -> Optional[str]:
     """None if the chain reproduces ``model``'s output on ``inputs``; else why not."""
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with preserved_state(model), torch.no_grad():
+        with preserved_modes(model.modules()), preserved_state(model), torch.no_grad():
+            model.eval()
             expected = model(*inputs.args, **inputs.kwargs)
             got = chain.run(inputs)
             again = None if _outputs_match(expected, got) else model(*inputs.args, **inputs.kwargs)
     except Exception as exc:  # a recogniser's guess that does not run is just not this model
         return f"running the {chain.how} chain failed ({type(exc).__name__}: {exc})"
-    finally:
-        for m, training in modes.items():
-            m.training = training
     if again is not None:
         if not _outputs_match(expected, again):
             from .swap import NOT_REPRODUCIBLE

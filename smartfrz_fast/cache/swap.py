@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..units import preserved_state
+from ..units import preserved_modes, preserved_state
 
 SWAP = "module swap"  # the chain's ``how``: the model's own forward runs, every hook with it
 CHECK_SAMPLES = 4  # samples of the first batch that a cut is checked on
@@ -127,16 +127,13 @@ def record_calls(model: nn.Module, args: tuple, kwargs: dict, batch: int) -> Tup
     for module in model.modules():
         hooks.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         hooks.append(module.register_forward_hook(post, with_kwargs=True))
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with preserved_state(model), torch.no_grad(), counter:
+        with preserved_modes(model.modules()), preserved_state(model), torch.no_grad(), counter:
+            model.eval()
             output = model(*args, **kwargs)
     finally:
         for h in hooks:
             h.remove()
-        for m, training in modes.items():
-            m.training = training
     for call in calls:
         call.calls_of_module = count_of[id(call.module)]
         for start, ids in readers:
@@ -268,10 +265,9 @@ class SwapChain:
         """None if the swapped forward reproduces the model on the recorded samples."""
         c = self.candidates[cut - 1]
         inputs = self.sample
-        modes = {m: m.training for m in self.model.modules()}
         try:
-            self.model.eval()
-            with preserved_state(self.model), torch.no_grad():
+            with preserved_modes(self.model.modules()), preserved_state(self.model), torch.no_grad():
+                self.model.eval()
                 expected = self.model(*inputs.args, **inputs.kwargs)
                 rows = self.rows(inputs, cut)
                 got = self.serve(inputs, cut, rows)
@@ -281,9 +277,6 @@ class SwapChain:
                         return NOT_REPRODUCIBLE
         except Exception as exc:
             return f"the model fails with {c.name} swapped ({type(exc).__name__}: {exc})"
-        finally:
-            for m, training in modes.items():
-                m.training = training
         if not _all_outputs_match(expected, got):
             return (f"the model's output changes when {c.name}'s output is served from the cache and the "
                     "blocks before it are skipped, so something after it also reads the output of a block "
