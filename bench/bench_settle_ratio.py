@@ -27,12 +27,11 @@ POLICIES = {"new": {"settle_ratio": None}, "new-settle0.5": {"settle_ratio": 0.5
 
 
 def read(path: Path) -> dict:
-    rows = {}
-    for p in ([path] if path.exists() else []):
-        for line in p.read_text().splitlines():
-            row = json.loads(line)
-            rows[(row["network"], row["policy"])] = row
-    return rows
+    """Rows of a JSON-lines file by (network, policy); none if the file is not there yet."""
+    if not path.exists():
+        return {}
+    rows = (json.loads(line) for line in path.read_text().splitlines())
+    return {(row["network"], row["policy"]): row for row in rows}
 
 
 def main(argv=None) -> int:

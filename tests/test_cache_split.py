@@ -195,21 +195,25 @@ def test_fx_on_plain_module():
     assert all(p > 0 for p in params)  # parameter-free pieces merged into their neighbours
 
 
-class _DropoutBlock(nn.Module):
-    """Reads its mode in Python, as users' blocks do: a trace would fix it to one mode."""
+class _Block(nn.Module):
+    """``dropout > 0``: reads its mode in Python, as users' blocks do (a trace would fix it)."""
 
-    def __init__(self, width):
+    def __init__(self, width, dropout):
         super().__init__()
         self.linear = nn.Linear(width, width)
+        self.dropout = dropout
 
     def forward(self, x):
-        return nn.functional.dropout(torch.relu(self.linear(x)), 0.5, self.training)
+        x = torch.tanh(self.linear(x))
+        return nn.functional.dropout(x, self.dropout, self.training) if self.dropout else x
 
 
-class _DropoutNet(nn.Module):
-    def __init__(self, width=8, depth=4):
+class _BlockNet(nn.Module):
+    """Blocks in a container of the user's: torch.fx traces through them."""
+
+    def __init__(self, width=8, depth=4, dropout=0.0):
         super().__init__()
-        self.blocks = nn.ModuleList(_DropoutBlock(width) for _ in range(depth))
+        self.blocks = nn.ModuleList(_Block(width, dropout) for _ in range(depth))
         self.head = nn.Linear(width, 3)
 
     def forward(self, x):
@@ -229,7 +233,7 @@ def test_cache_set_up_in_eval_keeps_the_trainable_blocks_dropout():
     """A validation pass through the cache before training (Lightning's sanity check) must not
     fix the trainable blocks to eval: a trace in eval mode would drop their dropout for good."""
     torch.manual_seed(0)
-    model, x = _DropoutNet(), torch.randn(6, 8)
+    model, x = _BlockNet(dropout=0.5), torch.randn(6, 8)
     freezer, cache, run = _cached(model, x)
     ids = torch.arange(6)
     model.eval()
@@ -246,29 +250,6 @@ def test_cache_set_up_in_eval_keeps_the_trainable_blocks_dropout():
     assert "torch.fx" not in cache.describe()
     with pytest.raises(ValueError, match="reads train/eval mode"):
         fx_chain(model)
-
-
-class _Block(nn.Module):
-    def __init__(self, width):
-        super().__init__()
-        self.linear = nn.Linear(width, width)
-
-    def forward(self, x):
-        return torch.tanh(self.linear(x))
-
-
-class _BlockNet(nn.Module):
-    """Blocks in a container of the user's: torch.fx traces through them."""
-
-    def __init__(self, width=8, depth=4):
-        super().__init__()
-        self.blocks = nn.ModuleList(_Block(width) for _ in range(depth))
-        self.head = nn.Linear(width, 3)
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
 
 
 @pytest.mark.parametrize("placed", ["before set-up", "after set-up"])

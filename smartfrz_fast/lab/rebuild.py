@@ -33,7 +33,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -269,6 +269,7 @@ class Rebuild:
         header = "| run | oracle | " + " | ".join(predictors) + " |"
         lines = [header, "|---|---|" + "---|" * len(predictors)]
         totals = {name: [0, 0.0, 0] for name in predictors}
+        loaded: Dict[Path, Any] = {}  # each without-<family>.pt, loaded once for all its family's runs
         for run in runs:
             s = run.snapshots
             safe = run.prefix_points(1)
@@ -278,7 +279,9 @@ class Rebuild:
                 if not path.exists():
                     cells.append("-")
                     continue
-                model = load_predictor(path)
+                if path not in loaded:
+                    loaded[path] = load_predictor(path)
+                model = loaded[path]
                 t = model.config.window
                 prob = window_probabilities(model, [run])[run.name]
                 prob[:, :max(0, math.ceil(DEFAULT_MIN_PROGRESS * s) - (t - 1))] = 0.0  # the guard in use
