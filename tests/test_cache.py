@@ -28,9 +28,11 @@ def chain_model(dropout=0.0):
 
 
 def train(model, cache_args=None, epochs=6, deepen_at=3, first=1, deepen_to=2, augment=None,
-          use_ids=True):
+          use_ids=True, dtype=torch.float32):
+    model = model.to(dtype)
+    data = X.to(dtype)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    freezer = SmartFreezer(model, opt, policy=StaticFreeze(first, 3), example_inputs=X[:2], total_steps=100)
+    freezer = SmartFreezer(model, opt, policy=StaticFreeze(first, 3), example_inputs=data[:2], total_steps=100)
     cache = None
     forward = model
     if cache_args is not None:
@@ -42,7 +44,7 @@ def train(model, cache_args=None, epochs=6, deepen_at=3, first=1, deepen_to=2, a
         perm = torch.randperm(N, generator=g)
         for i in range(0, N, 10):
             ids = perm[i:i + 10]
-            x = X[ids] if augment is None else augment(X[ids])
+            x = data[ids] if augment is None else augment(data[ids])
             out = forward(x, ids) if cache is not None else forward(x)
             loss = nn.functional.cross_entropy(out, Y[ids])
             opt.zero_grad()
@@ -72,6 +74,19 @@ def test_training_with_cache_gives_the_same_weights(storage, tmp_path):
     assert cache.active and cache.boundary == 8  # conv, bn, relu, dropout, conv, bn, relu, flatten
     assert cache.stats["hits"] > 0 and cache.stats["migrated"] == N
     assert_same_weights(plain, cached)  # fp32 storage, deterministic CPU run: bit for bit
+
+
+@pytest.mark.parametrize("storage", ["memory", "mmap"])
+def test_float64_model_with_default_storage_gives_the_same_weights(storage, tmp_path):
+    # the default storage is exact for the model's own precision: float64 rows for a float64
+    # model (float32 rows would round every cached activation)
+    plain, _, _ = train(chain_model(), dtype=torch.float64)
+    args = dict(deterministic=True, storage=storage)
+    if storage == "mmap":
+        args["path"] = str(tmp_path / "cache.bin")
+    cached, cache, _ = train(chain_model(), args, dtype=torch.float64)
+    assert cache.storage_dtype == torch.float64 and cache.stats["hits"] > 0
+    assert_same_weights(plain, cached)
 
 
 def test_dropout_in_the_frozen_prefix_cached_and_uncached_agree():

@@ -6,7 +6,7 @@ import torch
 from smartfrz_fast import ops
 from smartfrz_fast.ops import reference
 
-STORAGE = [torch.float32, torch.bfloat16, torch.float8_e4m3fn]
+STORAGE = [torch.float64, torch.float32, torch.bfloat16, torch.float8_e4m3fn]
 VALUE_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
@@ -27,6 +27,8 @@ def random_rows(n, d, dtype):
 def error_bound(values64, storage):
     """Largest |loaded - value| allowed per element, from each format's rounding."""
     mag = values64.abs()
+    if storage == torch.float64:
+        return torch.zeros_like(mag)
     if storage == torch.float32:
         return mag * 2.0 ** -24
     if storage == torch.bfloat16:
@@ -48,13 +50,15 @@ def test_store_load_roundtrip(storage, value_dtype, fresh_seed):
     untouched[slots] = False
     assert torch.isnan(data[untouched].float()).all(), f"seed {fresh_seed}: rows outside slots written"
     assert torch.isnan(scales[untouched]).all(), f"seed {fresh_seed}"
-    for out_dtype in (torch.float32, torch.bfloat16):
+    for out_dtype in (torch.float64, torch.float32, torch.bfloat16):
         loaded = ops.cache_load(data, scales, slots, out_dtype)
         assert loaded.dtype == out_dtype and loaded.shape == (n, d)
         v64 = values.double()
         bound = error_bound(v64, storage)
         if out_dtype == torch.bfloat16:
             bound = bound + (v64.abs() + bound) * 2.0 ** -8 * 1.0001
+        elif out_dtype == torch.float32 and storage == torch.float64:
+            bound = bound + v64.abs() * 2.0 ** -24
         err = (loaded.double() - v64).abs()
         assert (err <= bound).all(), f"seed {fresh_seed}: max excess {(err - bound).max().item()}"
     assert (ops.cache_load(data, scales, slots[1:2], torch.float32) == 0).all(), "a zero row stays zero"

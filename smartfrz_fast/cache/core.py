@@ -43,7 +43,7 @@ from .storage import (PINNED_READS, TIERS, Storage, check_path, input_sums, make
 # Audit tolerance: max |cached - recomputed| per row, relative to the row's largest magnitude.
 # Storage rounding (bf16: 2^-9 relative, fp8 e4m3: 2^-4) plus recompute noise at the
 # activation's own precision; random augmentation differs by O(1).
-STORAGE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2.0 ** -7, torch.float8_e4m3fn: 2.0 ** -3}
+STORAGE_TOLERANCE = {torch.float64: 0.0, torch.float32: 1e-4, torch.bfloat16: 2.0 ** -7, torch.float8_e4m3fn: 2.0 ** -3}
 ACTIVATION_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-7, torch.bfloat16: 2.0 ** -6, torch.float16: 2.0 ** -8}
 MIGRATE_CHUNK = 256  # rows pushed through newly frozen blocks at a time
 STATE_FORMAT = "smartfrz_fast.ActivationCache.state"
@@ -96,7 +96,8 @@ class ActivationCache:
             next batch prefetched to the GPU on a side stream) or "mmap" (a file at ``path``).
         pinned_read: how pinned rows reach the GPU: "copy" (gathered on the CPU into a pinned
             buffer, then one copy) or "kernel" (a GPU kernel reads them in place by index).
-        dtype: "fp32" (exact), "bf16" or "fp8" (e4m3, per-row scale).
+        dtype: row storage: "fp64", "fp32", "bf16" or "fp8" (e4m3, per-row scale). Default: exact
+            for the model, "fp64" if it has float64 parameters, else "fp32".
         max_bytes: capacity; samples beyond it are recomputed every time (slower, never wrong).
         path, reuse: the mmap file, and whether an existing one may be reopened (it is checked
             against this model, boundary and format).
@@ -112,7 +113,7 @@ class ActivationCache:
         deterministic: bool,
         blocks: Optional[Sequence[nn.Module]] = None,
         storage: str = "memory",
-        dtype: str = "fp32",
+        dtype: Optional[str] = None,
         max_bytes: Optional[int] = None,
         path: Optional[str] = None,
         reuse: bool = False,
@@ -148,6 +149,8 @@ class ActivationCache:
         self.user_blocks = blocks
         self.tier = storage
         self.pinned_read = pinned_read
+        if dtype is None:  # exact: float32 rows would round a float64 model's activations
+            dtype = "fp64" if any(p.dtype == torch.float64 for p in freezer.model.parameters()) else "fp32"
         self.storage_dtype = storage_dtype(dtype)
         self.max_bytes = max_bytes
         self.path = path

@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
+STORAGE_DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 TIERS = ("memory", "pinned", "mmap")
 FILE_MAGIC = "smartfrz_fast.ActivationCache"
 FILE_VERSION = 2  # 2: row and input checksums, rows published after they are written

@@ -137,14 +137,14 @@ def _triton_impls() -> Dict[str, Callable]:
     def cache_store_triton(values, slots, data, scales):
         args = (values, slots, data, scales)
         kernels = _triton_kernels()
-        if kernels is None or values.dtype not in kernels.ROW_DTYPES:
+        if kernels is None or values.dtype not in kernels.ROW_DTYPES or data.dtype not in kernels.STORAGE_DTYPES:
             return reference.cache_store_ref(*args)
         run_guarded("cache_store", data, kernels.cache_store, reference.cache_store_ref, ref, args)
 
     def cache_load_triton(data, scales, slots, dtype):
         args = (data, scales, slots, dtype)
         kernels = _triton_kernels()
-        if kernels is None or dtype not in kernels.ROW_DTYPES:
+        if kernels is None or dtype not in kernels.ROW_DTYPES or data.dtype not in kernels.STORAGE_DTYPES:
             return reference.cache_load_ref(*args)
         return run_guarded("cache_load", data, kernels.cache_load, reference.cache_load_ref, ref, args)
 
@@ -186,8 +186,8 @@ _register_extension_kernels()
 
 @torch.library.custom_op("smartfrz::cache_store", mutates_args=("data", "scales"))
 def cache_store(values: Tensor, slots: Tensor, data: Tensor, scales: Tensor) -> None:
-    """Write ``values[i]`` into row ``slots[i]`` of ``data`` (fp32, bf16, or fp8 e4m3 with a
-    per-row scale in ``scales``)."""
+    """Write ``values[i]`` into row ``slots[i]`` of ``data`` (fp64, fp32, bf16, or fp8 e4m3 with
+    a per-row scale in ``scales``)."""
     reference.cache_store_ref(values, slots, data, scales)
 
 

@@ -205,12 +205,12 @@ def predict_ref(
 # ---------------------------------------------------------------------------------------------
 # Activation cache storage (smartfrz::cache_store / smartfrz::cache_load).
 #
-# ``data`` is ``[C, D]`` (C cache rows of D elements) in float32, bfloat16 or float8_e4m3fn;
+# ``data`` is ``[C, D]`` (C cache rows of D elements) in float64, float32, bfloat16 or float8_e4m3fn;
 # ``scales`` is float32 ``[C]``: the per-row scale of fp8 rows (1 for the other dtypes);
 # ``slots`` is int64 ``[N]``, the cache row of each of the N values/outputs.
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-CACHE_STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float8_e4m3fn)
+CACHE_STORAGE_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float8_e4m3fn)
 
 
 def cache_store_ref(values: Tensor, slots: Tensor, data: Tensor, scales: Tensor) -> None:
@@ -219,6 +219,10 @@ def cache_store_ref(values: Tensor, slots: Tensor, data: Tensor, scales: Tensor)
     fp8 rows are scaled so that the row's largest magnitude maps to 448 (a zero row keeps
     scale 1); a row holding NaN or inf is stored as NaN, so it can never load as a finite lie.
     """
+    if data.dtype == torch.float64:  # exact for every float input, float64 included
+        data[slots] = values.detach().to(torch.float64)
+        scales[slots] = 1.0
+        return
     rows = values.detach().to(torch.float32)
     if data.dtype == torch.float8_e4m3fn:
         amax = rows.abs().amax(1) if rows.shape[1] else rows.new_zeros(rows.shape[0])
@@ -233,6 +237,8 @@ def cache_store_ref(values: Tensor, slots: Tensor, data: Tensor, scales: Tensor)
 
 def cache_load_ref(data: Tensor, scales: Tensor, slots: Tensor, dtype: torch.dtype) -> Tensor:
     """Rows ``slots`` of ``data`` as ``[N, D]`` in ``dtype`` (fp8 rows times their scale)."""
+    if data.dtype == torch.float64:
+        return data[slots].to(dtype)
     rows = data[slots].to(torch.float32)
     if data.dtype == torch.float8_e4m3fn:
         rows = rows * scales[slots][:, None]

@@ -614,6 +614,7 @@ def gather_rows(source: Tensor, index: Tensor, *, block: int = 1024) -> Tensor:
 _STORAGE_CODES: Dict[torch.dtype, int] = {torch.float32: 0, torch.bfloat16: 1, torch.float8_e4m3fn: 2}
 _ROW_DTYPE_CODES: Dict[torch.dtype, int] = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 ROW_DTYPES = tuple(_ROW_DTYPE_CODES)  # activation dtypes the cache kernels take
+STORAGE_DTYPES = tuple(_STORAGE_CODES)  # storage the cache kernels take (float64 rows: the reference)
 
 
 @triton.jit
