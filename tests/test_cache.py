@@ -89,6 +89,14 @@ def test_float64_model_with_default_storage_gives_the_same_weights(storage, tmp_
     assert_same_weights(plain, cached)
 
 
+def test_resume_with_another_storage_dtype_says_which_to_pass():
+    # a float64 model's checkpoint cached in fp32 (the default before fp64 rows existed)
+    _, cache, freezer = train(chain_model(), dict(deterministic=True, dtype="fp32"), epochs=2, dtype=torch.float64)
+    fresh = ActivationCache(freezer, num_samples=N, deterministic=True)  # default: fp64 for this model
+    with pytest.raises(ValueError, match="pass dtype='fp32'"):
+        fresh.load_state_dict(cache.state_dict())
+
+
 def test_dropout_in_the_frozen_prefix_cached_and_uncached_agree():
     # The engine turns off the dropout inside the frozen prefix, as the cache's eval mode does:
     # training with and without the cache gives the same weights (before the freeze both run

@@ -37,8 +37,8 @@ from torch.utils.hooks import RemovableHandle
 from ..distributed import FreezableDDP, _is_fsdp1, _is_fsdp2, check_ddp
 from ..units import as_args, preserved_modes
 from .split import SWAP, BlockChain, Inputs, find_blocks, skipped_hooks
-from .storage import (PINNED_READS, TIERS, Storage, check_path, input_sums, make_storage, owned_temp_path,
-                      read_header, remove_leftovers, row_bytes, storage_dtype)
+from .storage import (PINNED_READS, STORAGE_DTYPES, TIERS, Storage, check_path, input_sums, make_storage,
+                      owned_temp_path, read_header, remove_leftovers, row_bytes, storage_dtype)
 
 # Audit tolerance: max |cached - recomputed| per row, relative to the row's largest magnitude.
 # Storage rounding (bf16: 2^-9 relative, fp8 e4m3: 2^-4) plus recompute noise at the
@@ -317,9 +317,13 @@ class ActivationCache:
         mine = self._settings()
         for key, saved in state["settings"].items():
             if mine.get(key) != saved:
+                hint = ""
+                if key == "dtype":  # saved as the torch dtype; the constructor takes its short name
+                    name = next((n for n, d in STORAGE_DTYPES.items() if str(d) == saved), None)
+                    hint = f" (pass dtype={name!r})" if name else ""
                 raise ValueError(
                     f"ActivationCache: the checkpoint's cache was made with {key}={saved!r}, this one has "
-                    f"{key}={mine.get(key)!r}. Construct the cache with the checkpoint's settings.")
+                    f"{key}={mine.get(key)!r}. Construct the cache with the checkpoint's settings{hint}.")
         if not state["enabled"] and self.enabled:  # e.g. the audit caught augmentation: stay off
             self.enabled, self.reason = False, state["reason"]
         self.stats.update(state["stats"])
