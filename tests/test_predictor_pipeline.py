@@ -366,12 +366,32 @@ def test_trial_labels_feed_training_like_cka_labels(finished_trials):
     # a window is labelled 1 from the earliest safe snapshot on
     for u, first in enumerate(run.first_freezable.tolist()):
         assert run.labels(30)[u].tolist() == [float(e >= first) for e in range(29, s)]
+    # both: settled (CKA) and safe (trials), whichever comes later
+    both = LabelSource("cka+trials", trials_dir=out / "trials", tolerance=Tolerance("accuracy", 0.5))
+    (both_run,) = load_runs([recording], both, min_accuracy=0.0)
+    assert both_run.first_freezable.tolist() == torch.maximum(run.first_freezable, cka_run.first_freezable).tolist()
+    assert "CKA" in both.describe() and "trials" in both.describe()
     model = train_predictor([run], epochs=1, log=lambda m: None)
     assert model.config.window == 30
     skipped = []
     other = LabelSource("trials", trials_dir=out / "trials", tolerance=Tolerance("accuracy", 0.1))
     assert load_runs([recording], other, min_accuracy=0.0, skipped=skipped) == []
     assert "no finished search" in skipped[0]
+
+
+def test_rebuild_redoes_smartfrz_rows_made_with_other_settings_or_weights(tmp_path):
+    from smartfrz_fast.lab.evaluate import build_policy, policy_settings
+    from smartfrz_fast.lab.rebuild import Rebuild
+    from smartfrz_fast.predictor import load_predictor
+
+    rebuild = Rebuild(tmp_path, quick=True, log=lambda m: None)
+    now, digest = policy_settings(build_policy("smartfrz")), load_predictor().digest[:16]
+    assert f"weights {digest}" in now and "settle_ratio=0.5" in now
+    assert not rebuild._stale({"policy_settings": now}, "smartfrz", None)
+    assert rebuild._stale({"policy_settings": now.replace("settle_ratio=0.5", "settle_ratio=None")}, "smartfrz", None)
+    assert rebuild._stale({"policy_settings": now.replace(digest, "other weights")}, "smartfrz", None)
+    assert rebuild._stale({}, "smartfrz-unseen-cka", None)  # a row from before rows recorded them
+    assert not rebuild._stale({}, "freezeout", None)  # baselines: rows stand
 
 
 def test_rebuild_stops_on_its_time_budget_and_says_how_to_resume(tmp_path):

@@ -109,6 +109,13 @@ def training_probe(task: Task, n: int = 64) -> torch.Tensor:
     return task.x[:n]
 
 
+def policy_settings(policy: FreezePolicy) -> str:
+    """What a run's result depends on besides the network: the policy's settings and, for
+    SmartFRZ, which weights (their digest). A rebuild redoes rows whose settings changed since."""
+    predictor = getattr(policy, "predictor", None)
+    return policy.describe() + (f", weights {predictor.digest[:16]}" if predictor is not None else "")
+
+
 def train_with_policy(spec: RunSpec, policy: Union[str, FreezePolicy], weights: Optional[Path] = None,
                       name: Optional[str] = None) -> Dict:
     """Train ``spec`` from its seed (same init, same batches for every policy, the run the zoo
@@ -139,6 +146,7 @@ def train_with_policy(spec: RunSpec, policy: Union[str, FreezePolicy], weights: 
         result["flops_saved"] = freezer.training_flops_saved(spec.steps)
         result["timeline"] = [(e.step, e.num_frozen) for e in freezer.timeline]
         result["units"] = len(freezer.units)
+        result["policy_settings"] = policy_settings(freezer.policy)
         freezer.close()
     else:
         result["flops_saved"] = 0.0

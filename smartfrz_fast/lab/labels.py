@@ -32,7 +32,7 @@ DEFAULT_THRESHOLD = 0.998
 # A run whose network did not learn (test accuracy below this) has no meaningful "end of
 # training" to label against; it is left out (and listed in the provenance).
 MIN_ACCURACY = 0.2
-LABEL_SOURCES = ("cka", "trials")
+LABEL_SOURCES = ("cka", "trials", "cka+trials")
 # The trials' search: each prefix's branches freeze the shorter prefixes at their earliest safe
 # points too (a results file of another search is not read as labels).
 SEARCH = "sequential"
@@ -252,7 +252,7 @@ class LabelSource:
     def __post_init__(self):
         if self.kind not in LABEL_SOURCES:
             raise ValueError(f"label source {self.kind!r}: choose one of {LABEL_SOURCES}")
-        if self.kind == "trials" and self.trials_dir is None:
+        if self.kind != "cka" and self.trials_dir is None:
             raise ValueError("trial labels need trials_dir (the folder of <run>.jsonl trial results: "
                              "`python -m smartfrz_fast.lab.rebuild` writes them under OUT/trials)")
 
@@ -263,7 +263,8 @@ class LabelSource:
         return (f"freezing trials: the unit's prefix frozen at a snapshot step (the shorter prefixes at their "
                 f"own earliest safe steps), trained to the end on the same batches, is safe when its "
                 f"{self.tolerance.describe()}; freezable from the earliest safe snapshot (searched with "
-                f"monotonicity in time)")
+                f"monotonicity in time)" + (f"; and not before its linear CKA point (>= {self.threshold})"
+                                            if self.kind == "cka+trials" else ""))
 
 
 def load_runs(paths: Sequence[Path], source: LabelSource = LabelSource(), min_accuracy: float = MIN_ACCURACY,
@@ -280,15 +281,15 @@ def load_runs(paths: Sequence[Path], source: LabelSource = LabelSource(), min_ac
         hist, valid, cka = r["history"].float(), r["valid"], r["cka"].float()
         keep = slice(0, hist.shape[0] - 1)  # the head gets no label
         u, s = hist.shape[0] - 1, hist.shape[1]
-        if source.kind == "cka":
-            first = freeze_index(cka[keep], source.threshold)
-        else:
+        first = freeze_index(cka[keep], source.threshold)
+        if source.kind != "cka":
             try:
-                first = trial_freeze_points(Path(source.trials_dir) / f"{r['name']}.jsonl", u, s, source.tolerance)
+                safe = trial_freeze_points(Path(source.trials_dir) / f"{r['name']}.jsonl", u, s, source.tolerance)
             except TrialResultsError as exc:
                 if skipped is not None:
                     skipped.append(f"{r['name']} ({exc})")
                 continue
+            first = safe if source.kind == "trials" else torch.maximum(first, safe)
         runs.append(RunData(name=r["name"], family=r["spec"]["family"], history=hist[keep], valid=valid[keep],
                             cka=cka[keep], units=r["units"][keep], forward_flops=r["forward_flops"][keep],
                             first_freezable=first, source=source.kind))

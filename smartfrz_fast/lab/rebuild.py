@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .evaluate import TABLE_COLUMNS, train_with_policy, write_table
+from .evaluate import TABLE_COLUMNS, build_policy, policy_settings, train_with_policy, write_table
 from .labels import SEARCH, LabelSource, Tolerance, read_trials
 from .train import leave_one_out, run_pipeline
 from .trials import DEFAULT_STRIDE, OutOfTime, Trials
@@ -89,6 +89,7 @@ class Rebuild:
         self.sources = {"cka": LabelSource("cka"),
                         "trials": LabelSource("trials", trials_dir=self.out / "trials", tolerance=tolerance)}
         self.started = time.time()
+        self._settings_now: Dict[tuple, str] = {}  # (policy, weights) -> policy_settings of the policy built now
 
     def _check_time(self, what: str) -> None:
         if self.deadline is not None and time.time() > self.deadline:
@@ -138,8 +139,9 @@ class Rebuild:
             unseen = {f"smartfrz-unseen-{s}": pred / s / f"without-{spec.family}.pt" for s in self.sources}
             for policy in ("full", "smartfrz", *unseen, "freezeout", "autofreeze", "linear", "egeria"):
                 runs.append((spec, policy, unseen.get(policy)))
+            # the second seed for the shipped weights' label source, scored by the predictor that never saw the family
             runs += [(second_seed(spec), "full", None),
-                     (second_seed(spec), "smartfrz-unseen-trials", unseen["smartfrz-unseen-trials"])]
+                     (second_seed(spec), "smartfrz-unseen-cka", unseen["smartfrz-unseen-cka"])]
         return runs
 
     def _eval_rows(self) -> Dict[tuple, Dict]:
@@ -160,7 +162,10 @@ class Rebuild:
         done = self._eval_rows()
         mine = {id(spec) for spec in self.mine(self.networks)}  # a network's runs stay together
         for spec, policy, weights in self._runs_to_evaluate():
-            if (spec.name, policy) in done or id(self._network_of(spec)) not in mine:
+            if id(self._network_of(spec)) not in mine:
+                continue
+            row = done.get((spec.name, policy))
+            if row is not None and not self._stale(row, policy, weights):
                 continue
             self._check_time(f"evaluating {spec.name} with {policy}")
             row = train_with_policy(spec, policy, weights)
@@ -170,6 +175,16 @@ class Rebuild:
         self.write_progress()
         return True
 
+    def _stale(self, row: Dict, policy: str, weights: Optional[Path]) -> bool:
+        """A SmartFRZ row made with other settings or weights than SmartFRZ's now (a default
+        changed, the shipped weights were replaced): it is redone, its old line stays in the file."""
+        if not policy.startswith("smartfrz"):
+            return False
+        key = (policy, weights)
+        if key not in self._settings_now:
+            self._settings_now[key] = policy_settings(build_policy(policy, weights))
+        return row.get("policy_settings") != self._settings_now[key]
+
     def _network_of(self, spec: RunSpec) -> RunSpec:
         """The evaluation network a run belongs to (its second seed belongs to the first)."""
         return next(n for n in self.networks if n.name == spec.name or second_seed(n).name == spec.name)
@@ -177,7 +192,9 @@ class Rebuild:
     def table(self) -> bool:
         if self.shard[0] != 0:
             return True
-        rows = list(self._eval_rows().values())
+        scheduled = {(spec.name, policy): weights for spec, policy, weights in self._runs_to_evaluate()}
+        rows = [row for key, row in self._eval_rows().items()  # rows of today's runs, made with today's settings
+                if key in scheduled and not self._stale(row, key[1], scheduled[key])]
         if not rows:
             self.log("table: no evaluation runs yet")
             return False

@@ -145,7 +145,7 @@ def run_pipeline(zoo_dir: Path, out: Path, quick: bool, source: LabelSource, tra
                             "Python standard-library sources (LM)"},
         "label_source": source.kind,
         "label_rule": source.describe(),
-        "label_threshold": source.threshold if source.kind == "cka" else None,
+        "label_threshold": None if source.kind == "trials" else source.threshold,
         "label_tolerance": None if source.kind == "cka" else {"metric": source.tolerance.metric,
                                                               "value": source.tolerance.value},
         "label_sensitivity_mean_freeze_point": {f: {str(k): v for k, v in d.items()}
