@@ -1,7 +1,7 @@
 """SmartFRZ's temporal agreement (averaging, patience) measured on two small jobs, CPU.
 
     python bench/bench_smartfrz_agreement.py --job demo --seeds 0 1 --variants p1s1 p1s5 p2s1
-    python bench/bench_smartfrz_agreement.py --job finetune --seeds 0 1
+    python bench/bench_smartfrz_agreement.py --job finetune --seeds 0 1 [--nudges 1e-6 1e-3]
 
 ``pAsB``: ``SmartFRZ(patience=A, smoothing=B)`` (``pAsBrR``: also ``settle_ratio=R``) with the shipped predictor (``--weights``: another). Jobs:
 
@@ -184,11 +184,17 @@ def finetune_runs(args, variants):
         y_test = (t_test // 2) * 2 + s_test
         total = args.steps
 
-        def run(name, variant=None):
+        def run(name, variant=None, nudge=None):
             model = copy.deepcopy(base)
             model.head = nn.Linear(64, 8)
             torch.manual_seed(seed)
             model.head.reset_parameters()
+            if nudge is not None:  # full training from weights moved by size * mean|W| * N(0, 1)
+                size, draw = nudge
+                noise = torch.Generator().manual_seed(1000 + draw)
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.add_(torch.randn(p.shape, generator=noise) * (size * float(p.abs().mean())))
             opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_warmup(total, total // 10))
             freezer = None
@@ -220,6 +226,9 @@ def finetune_runs(args, variants):
 
         if not args.no_full:
             run("full")
+        for size in args.nudges:  # the job's own noise floor (bench/bench_noise_floor.py's nudges)
+            for draw in (0, 1):
+                run(f"nudge{size:g}-{draw}", nudge=(size, draw))
         for text in variants:
             run(text, parse_variant(text))
 
@@ -228,12 +237,14 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--job", choices=("demo", "finetune"), required=True)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--variants", nargs="+", default=["p1s1", "p1s5", "p2s1"])
+    p.add_argument("--variants", nargs="*", default=["p1s1", "p1s5", "p2s1"])
     p.add_argument("--quick", action="store_true", help="demo: the demo's quick mode")
     p.add_argument("--no-full", action="store_true", help="skip the full-training run")
     p.add_argument("--samples", type=int, default=16000, help="demo: training images")
     p.add_argument("--steps", type=int, default=400, help="finetune: fine-tuning steps")
     p.add_argument("--pretrain-steps", type=int, default=600)
+    p.add_argument("--nudges", type=float, nargs="*", default=[],
+                   help="finetune: also full training from weights nudged by these relative sizes, two draws each")
     p.add_argument("--train-samples", type=int, default=4000)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weights", default=None, help="a predictor file (default: the shipped weights)")
