@@ -326,3 +326,29 @@ def test_settle_ratio_is_on_by_default():
     """Measured in use (docs/predictor.md, "Settling"): 0.5 by default."""
     assert SmartFRZ().settle_ratio == 0.5
     assert SmartFRZ(settle_ratio=None).settle_ratio is None
+
+
+@pytest.mark.parametrize("min_share, timeline", [(0.0, [(8, 1), (12, 2)]), (0.1, [(12, 2)])])
+def test_a_prefix_of_little_compute_waits_for_the_units_after_it(tmp_path, monkeypatch, min_share, timeline):
+    # the first conv (1 input channel) holds a few % of SmallCNN's FLOPs, the first two over half
+    from smartfrz_fast import ops
+
+    script = iter([[0.9, 0.1, 0.1, 0.1], [0.9, 0.1, 0.1, 0.1], [0.9, 0.9, 0.1, 0.1]] + [[0.9, 0.9, 0.1, 0.1]] * 9)
+
+    def predict(history, cursor, rows, valid, weights, threshold, input_gain=1.0, sort_by_newest=False):
+        prob = torch.tensor(next(script))[rows]  # per unit, whichever units are still active
+        return prob, torch.cumprod((prob >= threshold).long(), 0).sum()
+
+    monkeypatch.setattr(ops, "predict", predict)
+    freezer = run(SmartFRZ(settle_ratio=None, min_flops_share=min_share, weights=predictor_file(tmp_path / "p.pt"),
+                           evaluate_every=2), steps=13)
+    flops = [u.forward_flops for u in freezer.units]
+    assert flops[0] / sum(flops) < 0.1 <= sum(flops[:2]) / sum(flops)
+    assert [(e.step, e.num_frozen) for e in freezer.timeline] == timeline
+    assert "min_flops_share" in freezer.policy.describe()
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.0, True, "a"])
+def test_bad_min_flops_share(tmp_path, share):
+    with pytest.raises(ValueError, match="min_flops_share"):
+        SmartFRZ(weights=predictor_file(tmp_path / "p.pt"), min_flops_share=share)

@@ -36,6 +36,11 @@ DEFAULT_MIN_PROGRESS = 0.25
 # measured in use on 22 networks (-0.36 points against -0.53 without it, for 19.1 % of the FLOPs
 # against 20.6 %) and on a fine-tuning job (-2 points against -6): docs/predictor.md, "Settling".
 DEFAULT_SETTLE_RATIO = 0.5
+# A freeze happens only once the prefix it leaves frozen holds this share of the model's forward
+# FLOPs: an embedding alone saves almost nothing, and freezing it early cost attention models
+# up to 0.7 points (docs/predictor.md, "Minimum saving": 22 networks, -0.04 points against -0.13
+# at the same 13.2 % of the FLOPs).
+DEFAULT_MIN_FLOPS_SHARE = 0.02
 
 
 def snapshot_interval(total_steps: int, snapshots: int = SNAPSHOTS_PER_RUN) -> int:
@@ -62,6 +67,9 @@ class SmartFRZ(FreezePolicy):
             such condition). The predictor sees movement relative to the weights' spread, which
             pretrained weights keep small from the start; this compares a unit with its own
             start of the run (``docs/predictor.md``, "Settling").
+        min_flops_share: freeze only once the frozen prefix would hold at least this share of
+            the model's forward FLOPs (default 0.02; 0: no such condition). A prefix of almost
+            no compute (an embedding) waits until the units after it may freeze too.
     """
 
     name = "smartfrz"
@@ -70,7 +78,8 @@ class SmartFRZ(FreezePolicy):
     def __init__(self, weights: Optional[Union[str, Path]] = None, threshold: float = 0.5,
                  evaluate_every: Optional[int] = None, patience: int = DEFAULT_PATIENCE,
                  smoothing: int = DEFAULT_SMOOTHING, min_progress: float = DEFAULT_MIN_PROGRESS,
-                 settle_ratio: Optional[float] = DEFAULT_SETTLE_RATIO):
+                 settle_ratio: Optional[float] = DEFAULT_SETTLE_RATIO,
+                 min_flops_share: float = DEFAULT_MIN_FLOPS_SHARE):
         super().__init__()
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
             raise ValueError(f"SmartFRZ threshold is a probability in (0, 1), got {threshold!r}")
@@ -86,6 +95,9 @@ class SmartFRZ(FreezePolicy):
         if settle_ratio is not None and (isinstance(settle_ratio, bool) or not isinstance(settle_ratio, (int, float))
                                          or not 0.0 < settle_ratio <= 1.0):
             raise ValueError(f"SmartFRZ settle_ratio is a movement ratio in (0, 1], or None, got {settle_ratio!r}")
+        if isinstance(min_flops_share, bool) or not isinstance(min_flops_share, (int, float)) \
+                or not 0.0 <= min_flops_share < 1.0:
+            raise ValueError(f"SmartFRZ min_flops_share is a share of the model's FLOPs in [0, 1), got {min_flops_share!r}")
         from ..predictor import load_predictor
 
         # Loaded now, so that missing or corrupt weights fail before training starts.
@@ -96,6 +108,8 @@ class SmartFRZ(FreezePolicy):
         self.smoothing = smoothing
         self.min_progress = float(min_progress)
         self.settle_ratio = None if settle_ratio is None else float(settle_ratio)
+        self.min_flops_share = float(min_flops_share)
+        self._prefix_share: Optional[torch.Tensor] = None  # [U + 1]: share of the FLOPs of each prefix length
         self.first_decision_step = 0  # set by bind() from total_steps
         self.last_probabilities: Optional[torch.Tensor] = None  # raw, of the active units
         self.last_smoothed: Optional[torch.Tensor] = None  # what was compared with the threshold
@@ -176,6 +190,9 @@ class SmartFRZ(FreezePolicy):
         # the documented guard, exact: the first decision after ceil(min_progress * total_steps)
         total = context.total_steps
         self.first_decision_step = math.ceil(self.min_progress * total) if total else 0
+        flops = torch.tensor([0.0] + [float(u.forward_flops) for u in context.units], dtype=torch.float64)
+        if flops.sum() > 0:  # unknown FLOPs (all 0): no such condition
+            self._prefix_share = (flops.cumsum(0) / flops.sum()).to(torch.float32).to(context.device)
 
     def decides_at(self, step: int) -> bool:
         # from what every rank shares (step, history.count): under DDP rank 0 broadcasts only here
@@ -207,7 +224,7 @@ class SmartFRZ(FreezePolicy):
                                    self._weights, self.threshold, self.input_gain, self.sort_inputs)
         self.last_probabilities = self.last_smoothed = prob
         if plain:
-            return prefix + history.first_active
+            return self._worth_freezing(prefix + history.first_active)
         if self.settle_ratio is not None:  # not freezable while the unit still moves as at its start
             prob = torch.where(self._settled(), prob, torch.zeros_like(prob))
             self.last_smoothed = prob
@@ -230,7 +247,15 @@ class SmartFRZ(FreezePolicy):
         if not decide:
             return None
         ready = (streak >= self.patience).to(torch.int64)
-        return torch.cumprod(ready, 0).sum() + history.first_active
+        return self._worth_freezing(torch.cumprod(ready, 0).sum() + history.first_active)
+
+    def _worth_freezing(self, prefix: torch.Tensor) -> torch.Tensor:
+        """``prefix``, or 0 (no change) while that prefix holds less than ``min_flops_share`` of
+        the FLOPs. Device ops only."""
+        if self._prefix_share is None or self.min_flops_share <= 0.0:
+            return prefix
+        share = self._prefix_share.index_select(0, prefix.reshape(1).to(self._prefix_share.device)).reshape(prefix.shape)
+        return torch.where(share >= self.min_flops_share, prefix, torch.zeros_like(prefix))
 
     def _settled(self) -> torch.Tensor:
         """``[R]`` bool per active unit: its movement over the window (newest minus oldest
@@ -258,5 +283,6 @@ class SmartFRZ(FreezePolicy):
 
     def describe(self) -> str:
         return (f"SmartFRZ(threshold={self.threshold}, patience={self.patience}, smoothing={self.smoothing}, "
-                f"min_progress={self.min_progress:g}, settle_ratio={self.settle_ratio}, evaluate_every={self.evaluate_every}, "
+                f"min_progress={self.min_progress:g}, settle_ratio={self.settle_ratio}, "
+                f"min_flops_share={self.min_flops_share:g}, evaluate_every={self.evaluate_every}, "
                 f"window={self.predictor.config.window}, K={self.predictor.config.sample_size})")
