@@ -23,20 +23,13 @@ from pathlib import Path
 
 import torch
 
+from smartfrz_fast.lab.evaluate import latest_rows
 from smartfrz_fast.lab.rebuild import Rebuild
 from smartfrz_fast.lab.zoo import Session
 
 RESULTS = Path(__file__).parent / "results" / "noise_floor_runs.jsonl"
 RELATIVE_NUDGES = (1e-6, 1e-3)
 POLICIES = ("smartfrz", "smartfrz-unseen-cka")
-
-
-def read(path: Path) -> dict:
-    """Rows of a JSON-lines file by (network, policy); the newest line of each counts."""
-    if not path.exists():
-        return {}
-    rows = (json.loads(line) for line in path.read_text().splitlines())
-    return {(row["network"], row["policy"]): row for row in rows}
 
 
 def nudged_run(spec, size: float, nudge: int) -> dict:
@@ -65,16 +58,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     i, n = (int(x) for x in args.shard.split("/"))
     networks = Rebuild(args.out, log=lambda m: None).networks
-    done = read(RESULTS)
+    done = latest_rows([RESULTS])
     for spec in networks[i::n]:
         for size in RELATIVE_NUDGES:
             for nudge in range(args.nudges):
                 if (spec.name, name(size, nudge)) not in done:
                     with open(RESULTS, "a") as f:
                         f.write(json.dumps(nudged_run(spec, size, nudge)) + "\n")
-    rows = read(RESULTS)
-    for path in sorted(args.out.glob("eval*.jsonl")):
-        rows.update(read(path))
+    rows = latest_rows([RESULTS, *sorted(args.out.glob("eval*.jsonl"))])
     sizes = " | ".join(f"nudged {size:g}" for size in RELATIVE_NUDGES)
     print(f"| network | {sizes} | {' | '.join(POLICIES)} |")
     print("|---|" + "---|" * (len(RELATIVE_NUDGES) + len(POLICIES)))

@@ -19,19 +19,11 @@ from pathlib import Path
 import torch
 
 from smartfrz_fast import SmartFRZ
-from smartfrz_fast.lab.evaluate import train_with_policy
+from smartfrz_fast.lab.evaluate import latest_rows, train_with_policy
 from smartfrz_fast.lab.rebuild import Rebuild
 
 RESULTS = Path(__file__).parent / "results" / "settle_ratio_runs.jsonl"
 POLICIES = {"new": {"settle_ratio": None}, "new-settle0.5": {"settle_ratio": 0.5}}
-
-
-def read(path: Path) -> dict:
-    """Rows of a JSON-lines file by (network, policy); none if the file is not there yet."""
-    if not path.exists():
-        return {}
-    rows = (json.loads(line) for line in path.read_text().splitlines())
-    return {(row["network"], row["policy"]): row for row in rows}
 
 
 def main(argv=None) -> int:
@@ -42,7 +34,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     i, n = (int(x) for x in args.shard.split("/"))
     networks = Rebuild(args.out, log=lambda m: None).networks
-    done = read(RESULTS)
+    done = latest_rows([RESULTS])
     for spec in networks[i::n]:
         for name, options in POLICIES.items():
             if (spec.name, name) not in done:
@@ -50,9 +42,8 @@ def main(argv=None) -> int:
                 row.pop("timeline", None)
                 with open(RESULTS, "a") as f:
                     f.write(json.dumps(row) + "\n")
-    rows = read(RESULTS)
-    for path in sorted(args.out.glob("eval*.jsonl")):
-        rows.update({k: v for k, v in read(path).items() if k[1] == "full"})
+    rows = latest_rows([RESULTS])
+    rows.update({k: v for k, v in latest_rows(sorted(args.out.glob("eval*.jsonl"))).items() if k[1] == "full"})
     for name in POLICIES:
         deltas = [(100 * (rows[(s.name, name)]["accuracy"] - rows[(s.name, "full")]["accuracy"]),
                    100 * rows[(s.name, name)]["flops_saved"]) for s in networks

@@ -109,6 +109,25 @@ def training_probe(task: Task, n: int = 64) -> torch.Tensor:
     return task.x[:n]
 
 
+def latest_rows(paths: Sequence[Path], skip_torn: bool = False) -> Dict[tuple, Dict]:
+    """Result rows of JSON-lines files by (network, policy), the newest line of each counting;
+    a file not there yet has none. ``skip_torn``: pass over a line that does not parse (the
+    torn last line of an interrupted run, which is then redone) instead of raising."""
+    rows: Dict[tuple, Dict] = {}
+    for path in paths:
+        if not Path(path).exists():
+            continue
+        for line in Path(path).read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if skip_torn:
+                    continue
+                raise
+            rows[(row["network"], row["policy"])] = row
+    return rows
+
+
 def policy_settings(policy: FreezePolicy) -> str:
     """What a run's result depends on besides the network: the policy's settings and, for
     SmartFRZ, which weights (their digest). A rebuild redoes rows whose settings changed since."""
@@ -248,11 +267,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(json.dumps({k: v for k, v in r.items() if k != "timeline"}), flush=True)
         return 0
     if args.table is not None:
-        latest = {}
-        for line in args.json.read_text().splitlines():
-            r = json.loads(line)
-            latest[(r["network"], r["policy"])] = r
-        write_table(list(latest.values()), args.table)
+        write_table(list(latest_rows([args.json]).values()), args.table)
         return 0
     torch.set_num_threads(args.threads)
     specs = list(EVAL_SPECS)

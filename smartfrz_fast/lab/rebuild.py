@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .evaluate import TABLE_COLUMNS, build_policy, policy_settings, train_with_policy, write_table
+from .evaluate import TABLE_COLUMNS, build_policy, latest_rows, policy_settings, train_with_policy, write_table
 from .labels import SEARCH, LabelSource, Tolerance, read_trials
 from .train import leave_one_out, run_pipeline
 from .trials import DEFAULT_STRIDE, OutOfTime, Trials
@@ -145,15 +145,8 @@ class Rebuild:
         return runs
 
     def _eval_rows(self) -> Dict[tuple, Dict]:
-        rows = {}
-        for path in sorted(self.out.glob("eval*.jsonl")):  # one file per shard
-            for line in path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a torn last line: that run is redone
-                    continue
-                rows[(row["network"], row["policy"])] = row
-        return rows
+        # one file per shard; a torn last line: that run is redone
+        return latest_rows(sorted(self.out.glob("eval*.jsonl")), skip_torn=True)
 
     def evaluate(self) -> bool:
         if not all((self.out / "predictors" / s / "all.pt").exists() for s in self.sources):

@@ -191,7 +191,7 @@ class SmartFRZ(FreezePolicy):
         total = context.total_steps
         self.first_decision_step = math.ceil(self.min_progress * total) if total else 0
         flops = torch.tensor([0.0] + [float(u.forward_flops) for u in context.units], dtype=torch.float64)
-        if flops.sum() > 0:  # unknown FLOPs (all 0): no such condition
+        if flops.sum() > 0 and self.min_flops_share > 0:  # unknown FLOPs (all 0): no such condition
             self._prefix_share = (flops.cumsum(0) / flops.sum()).to(torch.float32).to(context.device)
 
     def decides_at(self, step: int) -> bool:
@@ -252,7 +252,7 @@ class SmartFRZ(FreezePolicy):
     def _worth_freezing(self, prefix: torch.Tensor) -> torch.Tensor:
         """``prefix``, or 0 (no change) while that prefix holds less than ``min_flops_share`` of
         the FLOPs. Device ops only."""
-        if self._prefix_share is None or self.min_flops_share <= 0.0:
+        if self._prefix_share is None:
             return prefix
         share = self._prefix_share.index_select(0, prefix.reshape(1).to(self._prefix_share.device)).reshape(prefix.shape)
         return torch.where(share >= self.min_flops_share, prefix, torch.zeros_like(prefix))
