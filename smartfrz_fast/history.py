@@ -23,6 +23,12 @@ from torch import Tensor
 from .units import Unit
 
 SAMPLEABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# Which positions a history holds (``sample_positions``: uniform over all of a unit's parameters).
+# Recordings and predictor weights carry it: a predictor reads best the histories it was trained
+# on, and the lab remakes what was recorded otherwise (docs/predictor.md, "Which weights the
+# history samples").
+SAMPLING = "all-parameters"
+UNRECORDED_SAMPLING = "all-parameters"  # what files from before SAMPLING was recorded hold
 
 
 def _storage_offsets(shape: Sequence[int], strides: Sequence[int], flat: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from smartfrz_fast import SmartFreezer, SmartFRZ
+from smartfrz_fast.history import SAMPLING
 from smartfrz_fast.ops.reference import amplify_deviation, predict_ref, sort_by_newest
 from smartfrz_fast.policy.smartfrz import SNAPSHOTS_PER_RUN, snapshot_interval
 from smartfrz_fast.predictor import DEFAULT_WEIGHTS, AttentionPredictor, PredictorConfig, load_predictor, save_predictor
@@ -162,7 +163,7 @@ def fake_recording(path, cka, sample_every=5, k=8, **extra):
     run = {"name": path.stem, "spec": {"family": "mlp"}, "units": [f"u{i}" for i in range(u)],
            "forward_flops": [100] * u, "num_params": [10] * u, "valid": torch.full((u,), k),
            "history": torch.randn(u, s, k), "cka": cka, "sample_every": sample_every, "final_loss": 1.0,
-           "test_accuracy": 0.9, "seconds": 0.1}
+           "test_accuracy": 0.9, "seconds": 0.1, "sampling": SAMPLING}
     run.update(extra)
     torch.save(run, path)
 
@@ -239,6 +240,9 @@ def test_recordings_load_without_unpickling_code_and_are_checked(tmp_path):
     fake_recording(tmp_path / "key.pt", cka, sample_every="5")
     with pytest.raises(RecordingError, match="sample_every"):
         load_recording(tmp_path / "key.pt")
+    fake_recording(tmp_path / "other.pt", cka, sampling="weight-tensors")  # another history sampling: re-record
+    with pytest.raises(RecordingError, match="delete and re-record it"):
+        load_recording(tmp_path / "other.pt")
     (tmp_path / "torn.pt").write_bytes((tmp_path / "ok.pt").read_bytes()[:100])
     with pytest.raises(RecordingError, match="record it again"):
         load_recording(tmp_path / "torn.pt")
@@ -392,6 +396,35 @@ def test_rebuild_redoes_smartfrz_rows_made_with_other_settings_or_weights(tmp_pa
     assert rebuild._stale({"policy_settings": now.replace(digest, "other weights")}, "smartfrz", None)
     assert rebuild._stale({}, "smartfrz-unseen-cka", None)  # a row from before rows recorded them
     assert not rebuild._stale({}, "freezeout", None)  # baselines: rows stand
+
+
+def test_rebuild_redoes_recordings_and_predictors_of_another_history_sampling(finished_trials, tmp_path):
+    import shutil
+
+    from smartfrz_fast.lab.rebuild import Rebuild
+
+    lab, spec, _, _ = finished_trials
+    out = tmp_path / "lab"
+    shutil.copytree(lab, out)
+    rebuild = Rebuild(out, quick=True, log=lambda m: None)
+    recording = out / "zoo" / f"{spec.name}.pt"
+    assert rebuild._recording_current(spec)
+    old = torch.load(recording, weights_only=True)
+    old["sampling"] = "weight-tensors"
+    torch.save(old, recording)
+    assert not rebuild._recording_current(spec)
+    rebuild.trial_specs = [spec]
+    rebuild.trials()  # re-recorded from the unbranched run, no branch redone
+    assert rebuild._recording_current(spec) and rebuild._trials_done()
+    new = torch.load(recording, weights_only=True)
+    assert new["test_accuracy"] == old["test_accuracy"] and new["sampling"] == SAMPLING
+    config = PredictorConfig(sample_size=8, window=3, hidden=8, embed=4, head_hidden=4)
+    save_predictor(AttentionPredictor(config), tmp_path / "other.pt", {"history_sampling": "weight-tensors"})
+    save_predictor(AttentionPredictor(config), tmp_path / "now.pt", {"history_sampling": SAMPLING})
+    save_predictor(AttentionPredictor(config), tmp_path / "unsaid.pt", {"purpose": "from before it was recorded"})
+    assert not rebuild._predictor_current(tmp_path / "other.pt")
+    assert rebuild._predictor_current(tmp_path / "now.pt") and rebuild._predictor_current(tmp_path / "unsaid.pt")
+    assert not rebuild._predictor_current(tmp_path / "missing.pt")
 
 
 def test_rebuild_stops_on_its_time_budget_and_says_how_to_resume(tmp_path):

@@ -1,10 +1,13 @@
 """The SmartFRZ policy: weights files, refusal without trained weights, decisions in the engine."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
 from smartfrz_fast import SmartFreezer, SmartFRZ
+from smartfrz_fast.history import SAMPLING
 from smartfrz_fast.predictor import AttentionPredictor, PredictorConfig, PredictorWeightsError, save_predictor
 
 from models import SmallCNN, batch, train_steps
@@ -352,3 +355,15 @@ def test_a_prefix_of_little_compute_waits_for_the_units_after_it(tmp_path, monke
 def test_bad_min_flops_share(tmp_path, share):
     with pytest.raises(ValueError, match="min_flops_share"):
         SmartFRZ(weights=predictor_file(tmp_path / "p.pt"), min_flops_share=share)
+
+
+def test_weights_trained_on_another_history_sampling_warn(tmp_path):
+    torch.manual_seed(0)
+    save_predictor(AttentionPredictor(CONFIG), tmp_path / "other.pt", {"history_sampling": "weight-tensors"})
+    with pytest.warns(UserWarning, match=f"sampled as 'weight-tensors'; the engine samples '{SAMPLING}'.*Retrain"):
+        SmartFRZ(weights=tmp_path / "other.pt")
+    with warnings.catch_warnings():  # a file that says nothing predates the field: the sampling of then
+        warnings.simplefilter("error")
+        SmartFRZ(weights=predictor_file(tmp_path / "unsaid.pt"))
+        save_predictor(AttentionPredictor(CONFIG), tmp_path / "now.pt", {"history_sampling": SAMPLING})
+        SmartFRZ(weights=tmp_path / "now.pt")

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..engine import SmartFreezer
+from ..history import SAMPLING
 from ..policy.base import FreezePolicy
 from ..policy.smartfrz import SNAPSHOTS_PER_RUN, snapshot_interval
 from .cka import centered_gram, cka_from_grams
@@ -120,6 +121,7 @@ def record_run(spec: RunSpec, snapshots: int = SNAPSHOTS_PER_RUN,
         "forward_flops": [u.forward_flops for u in units],
         "num_params": [u.num_params for u in units],
         "valid": freezer.history.valid.clone(),
+        "sampling": SAMPLING,  # which weights the history holds
         "history": torch.stack(slots, 1),  # [U, S, K] raw sampled weights
         "cka": cka,
         "sample_every": every,

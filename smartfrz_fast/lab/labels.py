@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ..history import SAMPLING, UNRECORDED_SAMPLING
 from ..policy.base import FreezePolicy
 
 DEFAULT_THRESHOLD = 0.998
@@ -172,7 +173,7 @@ def trial_freeze_points(path: Path, num_units: int, snapshots: int, tolerance: T
 
 # ----------------------------------------------------------------------------- recordings
 RECORDING_KEYS = {"name": str, "spec": dict, "units": list, "forward_flops": list, "valid": Tensor,
-                  "history": Tensor, "cka": Tensor, "sample_every": int, "test_accuracy": float}
+                  "history": Tensor, "cka": Tensor, "sample_every": int, "test_accuracy": float, "sampling": str}
 
 
 class RecordingError(ValueError):
@@ -189,6 +190,7 @@ def load_recording(path: Path) -> Dict[str, Any]:
                              "and record it again (`python -m smartfrz_fast.lab.collect --out DIR`)") from exc
     if not isinstance(r, dict):
         raise RecordingError(f"{path} holds a {type(r).__name__}, not a recorded run (a dict); delete and re-record it")
+    r.setdefault("sampling", UNRECORDED_SAMPLING)
     for key, kind in RECORDING_KEYS.items():
         value = r.get(key)
         if kind is float and isinstance(value, int):
@@ -196,6 +198,10 @@ def load_recording(path: Path) -> Dict[str, Any]:
         if not isinstance(value, kind):
             raise RecordingError(f"{path}: '{key}' is {type(value).__name__}, expected {kind.__name__}; the file is "
                                  "not a recording of this version of collect.py: delete and re-record it")
+    if r["sampling"] != SAMPLING:
+        raise RecordingError(f"{path} holds histories sampled as {r['sampling']!r}; the engine now samples "
+                             f"{SAMPLING!r} (history.SAMPLING): delete and re-record it "
+                             "(`python -m smartfrz_fast.lab.rebuild` re-records such files itself)")
     u = len(r["units"])
     hist, cka = r["history"], r["cka"]
     problems = []

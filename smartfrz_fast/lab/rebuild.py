@@ -2,7 +2,9 @@
 
     nice -n 19 python -m smartfrz_fast.lab.rebuild --out lab_runs [--max-hours H]
 
-Stages (each skips what its files show finished, so the command resumes wherever it stopped):
+Stages (each skips what its files show finished, so the command resumes wherever it stopped;
+a recording or predictor file made from histories sampled otherwise than ``history.SAMPLING``
+is not finished, and is made again):
 
 1. ``trials``: every zoo run (families interleaved, so that a partial rebuild covers them all)
    and every evaluation network is recorded (``OUT/zoo/<run>.pt``) and its freezing trials run
@@ -37,8 +39,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..history import SAMPLING, UNRECORDED_SAMPLING
+from ..predictor.model import load_predictor
 from .evaluate import TABLE_COLUMNS, build_policy, latest_rows, policy_settings, train_with_policy, write_table
-from .labels import SEARCH, LabelSource, Tolerance, read_trials
+from .labels import SEARCH, LabelSource, RecordingError, Tolerance, load_recording, read_trials
 from .train import leave_one_out, run_pipeline
 from .trials import DEFAULT_STRIDE, OutOfTime, Trials
 from .zoo import EVAL_SPECS, RunSpec, zoo_specs
@@ -104,6 +108,10 @@ class Rebuild:
     def trials(self) -> bool:
         for spec in self.mine(self.trial_specs):
             self.log(f"[trials {self.trial_specs.index(spec) + 1}/{len(self.trial_specs)}] {spec.name}")
+            recording = self.out / "zoo" / f"{spec.name}.pt"
+            if recording.exists() and not self._recording_current(spec):
+                self.log(f"{recording}: recorded with other history sampling or code; recording it again")
+                recording.unlink()  # the trials re-record it from their unbranched run (checked against it)
             Trials(spec, self.out / "trials" / f"{spec.name}.jsonl", self.tolerance, self.stride,
                    recording=self.out / "zoo" / f"{spec.name}.pt", deadline=self.deadline, log=self.log).run()
             self.write_progress()
@@ -115,16 +123,16 @@ class Rebuild:
             return False
         for name, family in self.mine([(n, f) for n in self.sources for f in self.families]):
             folder = self.out / "predictors" / name
-            if not (folder / f"without-{family}.pt").exists():
+            if not self._predictor_current(folder / f"without-{family}.pt"):
                 self._check_time(f"the {name} predictor without {family}")
                 leave_one_out(self.out / "zoo", folder, [family], self.sources[name], None, log=self.log,
                               quick=self.quick, all_families=self.families, specs=self.zoo)
         for name, source in self.mine(list(self.sources.items())):
             folder = self.out / "predictors" / name
-            if not all((folder / f"without-{f}.pt").exists() for f in self.families):
+            if not all(self._predictor_current(folder / f"without-{f}.pt") for f in self.families):
                 self.log(f"predictors: {name}/all.pt waits for every without-<family>.pt (another shard)")
                 return False
-            if not (folder / "all.pt").exists():
+            if not self._predictor_current(folder / "all.pt"):
                 self._check_time(f"the {name} predictor on all families")
                 run_pipeline(self.out / "zoo", folder / "all.pt", self.quick, source, self.families, log=self.log,
                              recorded_only=True, unseen_dir=folder, specs=self.zoo)
@@ -149,7 +157,7 @@ class Rebuild:
         return latest_rows(sorted(self.out.glob("eval*.jsonl")), skip_torn=True)
 
     def evaluate(self) -> bool:
-        if not all((self.out / "predictors" / s / "all.pt").exists() for s in self.sources):
+        if not all(self._predictor_current(self.out / "predictors" / s / "all.pt") for s in self.sources):
             self.log("evaluate: waiting for the predictors stage to finish")
             return False
         done = self._eval_rows()
@@ -317,7 +325,21 @@ class Rebuild:
                      and all(r.get(k) == v for k, v in wanted.items())), None)
 
     def _trials_done(self) -> bool:
-        return all(self._trial_status(s)[0] for s in self.trial_specs)
+        return all(self._trial_status(s)[0] and self._recording_current(s) for s in self.trial_specs)
+
+    def _recording_current(self, spec: RunSpec) -> bool:
+        """The run's recording is there and holds the histories the engine samples now."""
+        try:
+            load_recording(self.out / "zoo" / f"{spec.name}.pt")
+        except (RecordingError, FileNotFoundError):
+            return False
+        return True
+
+    @staticmethod
+    def _predictor_current(path: Path) -> bool:
+        """A predictor file is there and was trained on histories sampled as the engine samples
+        now (older ones are retrained, and the evaluation rows made with them redone)."""
+        return path.exists() and load_predictor(path).provenance.get("history_sampling", UNRECORDED_SAMPLING) == SAMPLING
 
     def _trial_status(self, spec: RunSpec) -> tuple:
         reference, branches, other = read_trials(self.out / "trials" / f"{spec.name}.jsonl")

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..history import SAMPLING
 from ..predictor.model import DEFAULT_WEIGHTS, AttentionPredictor, PredictorConfig, load_predictor, save_predictor
 from .collect import collect
 from .labels import DEFAULT_THRESHOLD, LABEL_SOURCES, LabelSource, RunData, Tolerance, label_summary, load_runs
@@ -155,6 +156,7 @@ def run_pipeline(zoo_dir: Path, out: Path, quick: bool, source: LabelSource, tra
                      "augmentation": ("per-unit permutation of the K positions, " if permute else "") + "sign flip"},
         "input_gain": gain,
         "sort_by_newest": SORT_BY_NEWEST,
+        "history_sampling": SAMPLING,
         "commit": git_commit(),
         "torch": str(torch.__version__),
         "quick": quick,

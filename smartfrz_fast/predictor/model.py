@@ -121,6 +121,9 @@ def _check_provenance(provenance: Any, where: str) -> None:
     if isinstance(gain, bool) or not isinstance(gain, (int, float)) or not (math.isfinite(gain) and gain > 0):
         raise PredictorWeightsError(f"{where} has a provenance input_gain={gain!r}: it must be a finite number > 0 (the "
                                     "deviation gain the predictor was trained with)")
+    if not isinstance(provenance.get("history_sampling", ""), str):
+        raise PredictorWeightsError(f"{where} has a provenance history_sampling={provenance['history_sampling']!r}, "
+                                    "not a string (the weight sampling the predictor was trained on)")
     if not isinstance(provenance.get("sort_by_newest", False), bool):
         raise PredictorWeightsError(f"{where} has a provenance sort_by_newest={provenance['sort_by_newest']!r}, not True or False")
 
