@@ -403,10 +403,10 @@ def test_rebuild_redoes_recordings_and_predictors_of_another_history_sampling(fi
 
     from smartfrz_fast.lab.rebuild import Rebuild
 
-    lab, spec, _, _ = finished_trials
+    lab, spec, trials, _ = finished_trials
     out = tmp_path / "lab"
     shutil.copytree(lab, out)
-    rebuild = Rebuild(out, quick=True, log=lambda m: None)
+    rebuild = Rebuild(out, quick=True, tolerance=trials.tolerance, stride=trials.stride, log=lambda m: None)
     recording = out / "zoo" / f"{spec.name}.pt"
     assert rebuild._recording_current(spec)
     old = torch.load(recording, weights_only=True)
@@ -414,8 +414,11 @@ def test_rebuild_redoes_recordings_and_predictors_of_another_history_sampling(fi
     torch.save(old, recording)
     assert not rebuild._recording_current(spec)
     rebuild.trial_specs = [spec]
+    results = out / "trials" / f"{spec.name}.jsonl"
+    before = results.read_text()
     rebuild.trials()  # re-recorded from the unbranched run, no branch redone
     assert rebuild._recording_current(spec) and rebuild._trials_done()
+    assert results.read_text() == before
     new = torch.load(recording, weights_only=True)
     assert new["test_accuracy"] == old["test_accuracy"] and new["sampling"] == SAMPLING
     config = PredictorConfig(sample_size=8, window=3, hidden=8, embed=4, head_hidden=4)
