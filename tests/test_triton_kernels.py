@@ -302,6 +302,7 @@ def test_predict_non_finite_window_never_freezes(device, fresh_seed):
     valid[3] = 5
     history[5, 6, 2] = float("-inf")
     history[6, 2] = 3e38  # finite, but the snapshot's sum overflows in the normalisation
+    valid[6] = history.shape[-1]  # (over one valid position it would not: a finite window)
     rows = torch.arange(7, device=device)
     prob, prefix = check_predict([history, cursor, rows, valid, weights], 0.5, fresh_seed)
     assert prob[[1, 3, 5, 6]].tolist() == [0.0, 0.0, 0.0, 0.0]
