@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..history import SAMPLING, UNRECORDED_SAMPLING
+from ..history import SAMPLING
 from ..predictor.model import load_predictor
 from .evaluate import TABLE_COLUMNS, build_policy, latest_rows, policy_settings, train_with_policy, write_table
 from .labels import SEARCH, LabelSource, RecordingError, Tolerance, load_recording, read_trials
@@ -113,7 +113,7 @@ class Rebuild:
                 self.log(f"{recording}: recorded with other history sampling or code; recording it again")
                 recording.unlink()  # the trials re-record it from their unbranched run (checked against it)
             Trials(spec, self.out / "trials" / f"{spec.name}.jsonl", self.tolerance, self.stride,
-                   recording=self.out / "zoo" / f"{spec.name}.pt", deadline=self.deadline, log=self.log).run()
+                   recording=recording, deadline=self.deadline, log=self.log).run()
             self.write_progress()
         return True
 
@@ -331,7 +331,7 @@ class Rebuild:
         """The run's recording is there and holds the histories the engine samples now."""
         try:
             load_recording(self.out / "zoo" / f"{spec.name}.pt")
-        except (RecordingError, FileNotFoundError):
+        except RecordingError:  # a missing file too
             return False
         return True
 
@@ -339,7 +339,7 @@ class Rebuild:
     def _predictor_current(path: Path) -> bool:
         """A predictor file is there and was trained on histories sampled as the engine samples
         now (older ones are retrained, and the evaluation rows made with them redone)."""
-        return path.exists() and load_predictor(path).provenance.get("history_sampling", UNRECORDED_SAMPLING) == SAMPLING
+        return path.exists() and load_predictor(path).history_sampling == SAMPLING
 
     def _trial_status(self, spec: RunSpec) -> tuple:
         reference, branches, other = read_trials(self.out / "trials" / f"{spec.name}.jsonl")

@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
-from ..history import SAMPLING, UNRECORDED_SAMPLING
+from ..history import SAMPLING
 from .base import Decision, FreezePolicy, PolicyContext
 
 # The predictor was trained on runs snapshotted this many times from start to end, so its
@@ -103,12 +103,12 @@ class SmartFRZ(FreezePolicy):
 
         # Loaded now, so that missing or corrupt weights fail before training starts.
         self.predictor = load_predictor(weights)
-        trained_on = self.predictor.provenance.get("history_sampling", UNRECORDED_SAMPLING)
-        if trained_on != SAMPLING:
-            warnings.warn(f"these SmartFRZ weights were trained on weight histories sampled as {trained_on!r}; the "
-                          f"engine samples {SAMPLING!r} (smartfrz_fast.history.SAMPLING), so their "
-                          "predictions may be off. Retrain them (`python -m smartfrz_fast.lab.rebuild`, "
-                          "docs/predictor.md) or use the shipped weights.", stacklevel=2)
+        if self.predictor.history_sampling != SAMPLING:
+            warnings.warn(f"these SmartFRZ weights were trained on weight histories sampled as "
+                          f"{self.predictor.history_sampling!r}; the engine samples {SAMPLING!r} "
+                          "(smartfrz_fast.history.SAMPLING), so their predictions may be off. Retrain them "
+                          "(`python -m smartfrz_fast.lab.rebuild`, docs/predictor.md) or use the shipped weights.",
+                          stacklevel=2)
         self.threshold = threshold
         self.evaluate_every = evaluate_every
         self.patience = patience

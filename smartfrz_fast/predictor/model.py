@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from ..history import UNRECORDED_SAMPLING
 from ..ops.reference import PREDICTOR_MLPS, normalize_window, predictor_logits_ref
 
 WEIGHTS_FORMAT = "smartfrz_fast.predictor"
@@ -173,6 +174,8 @@ def load_predictor(path: Optional[Union[str, Path]] = None, map_location: Any = 
     _check_provenance(blob.get("provenance"), str(path))
     model.provenance = blob["provenance"]
     model.digest = blob["digest"]  # names these weights (the lab tells stale evaluation rows by it)
+    # the weight histories it was trained on (history.SAMPLING); a file that does not say predates the field
+    model.history_sampling = model.provenance.get("history_sampling", UNRECORDED_SAMPLING)
     return model.to(map_location).eval()
 
 
