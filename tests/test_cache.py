@@ -28,7 +28,7 @@ def chain_model(dropout=0.0):
 
 
 def train(model, cache_args=None, epochs=6, deepen_at=3, first=1, deepen_to=2, augment=None,
-          use_ids=True, dtype=torch.float32):
+          use_ids=True, dtype=torch.float32, autocast=False):
     model = model.to(dtype)
     data = X.to(dtype)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -45,8 +45,9 @@ def train(model, cache_args=None, epochs=6, deepen_at=3, first=1, deepen_to=2, a
         for i in range(0, N, 10):
             ids = perm[i:i + 10]
             x = data[ids] if augment is None else augment(data[ids])
-            out = forward(x, ids) if cache is not None else forward(x)
-            loss = nn.functional.cross_entropy(out, Y[ids])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = forward(x, ids) if cache is not None else forward(x)
+            loss = nn.functional.cross_entropy(out.float(), Y[ids])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -117,6 +118,61 @@ def test_fx_model_with_cache_gives_the_same_weights():
     cached, cache, _ = train(make(), dict(deterministic=True))
     assert cache.chain.how == "torch.fx" and cache.stats["hits"] > 0
     assert_same_weights(plain, cached, exact=False)
+
+
+def test_cache_under_autocast_moves_rows_in_their_precision_and_bypasses_others():
+    # Rows made under bf16 autocast go through the newly frozen fp32 blocks of a deeper freeze
+    # (applied from freezer.step(), outside the user's autocast) in bf16, as training computes
+    # them; a forward in another precision runs the whole model, never served bf16 rows.
+    plain, _, _ = train(chain_model(), autocast=True)
+    cached, cache, _ = train(chain_model(), dict(deterministic=True), autocast=True)
+    assert cache.active and cache.boundary == 8 and cache.stats["migrated"] == N and cache.stats["hits"] > 0
+    assert cache.stats["bypassed"] == 0
+    assert_same_weights(plain, cached, exact=False)
+    cached.eval()
+    ids = torch.arange(10)
+    with pytest.warns(UserWarning, match="autocast off, while the cached rows were computed with autocast torch.bfloat16"):
+        out = cache.wrap()(X[ids], ids)
+    assert out.dtype == torch.float32 and torch.equal(out, cached(X[ids]))
+    assert cache.stats["bypassed"] == 1
+    state = cache.state_dict(rows=True)
+    assert state["fingerprint"]["autocast"] == "torch.bfloat16"
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the rows' own precision: served
+        hits = cache.stats["hits"]
+        cache.wrap()(X[ids], ids)
+    assert cache.stats["hits"] == hits + 10 and cache.stats["bypassed"] == 1
+
+
+class CountingMLP(nn.Module):
+    """Counts its training forwards in a buffer, in Python: a trace would run that once."""
+
+    def __init__(self, in_place):
+        super().__init__()
+        self.in_place = in_place
+        self.l1, self.l2, self.out = nn.Linear(64, 16), nn.Linear(16, 16), nn.Linear(16, 10)
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        if self.training:
+            if self.in_place:
+                self.count.add_(1)
+            else:
+                self.count += 1  # also sets the attribute again (the same tensor)
+        return self.out(torch.relu(self.l2(torch.relu(self.l1(x.flatten(1))))))
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_a_forward_that_updates_its_own_buffer_is_not_traced_away(in_place):
+    import warnings
+
+    torch.manual_seed(0)
+    plain, _, _ = train(CountingMLP(in_place))
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "the model changed" warning for a buffer updated in place
+        cached, cache, _ = train(CountingMLP(in_place), dict(deterministic=True))
+    assert cache.chain is not None and cache.chain.how != "torch.fx"
+    assert int(cached.count) == int(plain.count) == 6 * 4
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp8"])

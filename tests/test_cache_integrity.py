@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 
-from smartfrz_fast.cache.storage import HEADER_BYTES, bad_rows, row_sums
+from smartfrz_fast.cache.storage import HEADER_BYTES, bad_rows, input_sums, row_sums
 from tests.test_cache_resume import SPLIT, build, run
 
 STOP = 26  # past the deeper freeze at step 22: verified rows are migrated too
@@ -167,6 +167,26 @@ def test_every_single_bit_flip_changes_the_checksum(dtype, fresh_seed):
             assert int(changed.sum()) == 1 and bool(changed[byte // (width * rows.element_size())])
     assert bool((row_sums(ids.flip(0), rows, scales) != sums)[0])  # a row read for another id
     assert not bool((row_sums(ids, torch.zeros_like(rows), torch.ones(3)) == 0).any())  # never-written rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
+def test_the_input_checksum_tells_flipped_bits_and_signs(dtype, fresh_seed):
+    # what an audit says when a served row differs: "another input came under this id" needs
+    # an input checksum that changes with the input, sign flips (x and -x) included
+    signs = torch.randint(0, 2, (4, 7)) * 2 - 1
+    x = ((torch.rand(4, 7) * 5 + 1) * signs).to(dtype)  # no zeros: -0 is 0 for integers
+    sums = input_sums([x], 4)
+    assert not bool((input_sums([-x], 4) == sums).any())
+    twice = x.clone()
+    twice[:, :2] = -twice[:, :2]  # two sign bits per row: the plain bit sum would not see them
+    assert not bool((input_sums([twice], 4) == sums).any())
+    raw = x.reshape(-1).view(torch.uint8)
+    for byte in range(raw.numel()):
+        for bit in range(8):
+            flipped = raw.clone()
+            flipped[byte] ^= 1 << bit
+            changed = input_sums([flipped.view(dtype).view(4, 7)], 4) != sums
+            assert int(changed.sum()) == 1
 
 
 def test_rows_a_killed_run_left_unpublished_are_never_served(tmp_path):

@@ -165,11 +165,13 @@ class ActivationCache:
             "inputs not declared deterministic: pass deterministic=True if a sample's input is the "
             "same every time it is seen (no random augmentation)")
         self.stats: Dict[str, int] = dict(hits=0, misses=0, stored=0, over_capacity=0, audited=0, migrated=0,
-                                          bad_rows=0)
+                                          bad_rows=0, bypassed=0)
         self._store: Optional[Storage] = None
         self._setup_done = False
         self._input_sig = None
         self._act = None  # (dtype, device) of the prefix output
+        # the autocast mode the rows were computed in ("off" or its dtype); None: no rows yet
+        self._rows_autocast: Optional[str] = None
         self._seen = 0
         self._audit_left = audit_rows
         self._resume: Optional[Dict[str, Any]] = None  # a loaded state, applied at the first forward
@@ -383,6 +385,7 @@ class ActivationCache:
                 "rows (delete the file / save without rows=True).")
         self.boundary = state["boundary"]
         self._act = self._recorded_activation(state["activation"], where)
+        self._rows_autocast = state["fingerprint"].get("autocast", "off")
         fingerprint = self._fingerprint()
         if fingerprint != state["fingerprint"]:
             key = next(k for k in fingerprint if fingerprint[k] != state["fingerprint"].get(k))
@@ -439,6 +442,17 @@ class ActivationCache:
         batch = _batch_size(inputs)
         ids = self._check_ids(sample_ids, batch)
         self._check_inputs(inputs, ids)
+        mode = self._autocast_now()
+        if self._rows_autocast is None:
+            self._rows_autocast = mode
+        elif mode != self._rows_autocast:
+            # a row made in another precision is not what this forward's prefix computes (and its
+            # dtype may not fit the layers after it): run the whole model for this forward
+            self.stats["bypassed"] += 1
+            self._warn_once("autocast", f"ActivationCache: a forward with autocast {mode}, while the cached rows "
+                            f"were computed with autocast {self._rows_autocast}: such forwards run the whole model "
+                            "(counted in stats['bypassed']); the cache serves forwards in its rows' precision.")
+            return model(*inputs.args, **inputs.kwargs)
         h = self._prefix_output(inputs, ids)
         if h is None:  # the audit just turned the cache off
             return model(*inputs.args, **inputs.kwargs)
@@ -479,8 +493,12 @@ class ActivationCache:
 
         def changed(module, name, value):
             cache = me()
-            if cache is not None and id(module) in watched:
-                cache._structure_changed = True
+            if cache is None or id(module) not in watched:
+                return
+            held = (module._parameters.get(name), module._buffers.get(name), module._modules.get(name))
+            if value is not None and any(value is h for h in held):
+                return  # the same object set again: `self.count += 1` on a buffer, in the model's forward
+            cache._structure_changed = True
         self._structure_hooks = [module_lib.register_module_module_registration_hook(changed),
                                  module_lib.register_module_parameter_registration_hook(changed),
                                  module_lib.register_module_buffer_registration_hook(changed)]
@@ -497,6 +515,7 @@ class ActivationCache:
             self._store = None
         self._sides = SideInputs(self.num_samples)
         self.chain, self.boundary, self._act, self._input_sig = None, 0, None, None
+        self._rows_autocast = None
         self._setup_done = False
         if self.enabled:
             warnings.warn(f"ActivationCache: {why}; its cached rows are dropped and its blocks found again",
@@ -766,7 +785,7 @@ class ActivationCache:
                 chunk, chunk_slots = ids[start:start + MIGRATE_CHUNK], slots[start:start + MIGRATE_CHUNK]
                 h = store.read(chunk_slots, *old_act)
                 run = Inputs((), self._sides.get(chunk)) if reads_side else Inputs(())
-                with self._eval_mode(old, self.boundary), torch.no_grad():
+                with self._eval_mode(old, self.boundary), torch.no_grad(), self._rows_precision():
                     h = self.chain.run(run, old, self.boundary, h=h)
                 if self._store is None:
                     self._act = (h.dtype, h.device)
@@ -791,6 +810,7 @@ class ActivationCache:
         header = read_header(self.path)
         self._act = self._recorded_activation(header.get("fingerprint", {}).get("activation", ""),
                                               f"cache file {self.path}")
+        self._rows_autocast = header.get("fingerprint", {}).get("autocast", "off")
         with self._storage_faults("reopening the cache file"):
             self._store = self._make_store(tuple(header["row_shape"]), self.path)
 
@@ -853,9 +873,31 @@ class ActivationCache:
                 digest.update(str((tuple(t.shape), t.dtype)).encode())
                 digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         model = hashlib.sha256(repr(self.freezer._signature()).encode()).hexdigest()[:16]
-        return {"model": model, "chain": self.chain.how, "boundary": self.boundary,
-                "blocks": [b.name for b in self.chain.blocks[:self.boundary]][-3:],
-                "prefix_weights": digest.hexdigest()[:16], "activation": str(self._act[0])}
+        fingerprint = {"model": model, "chain": self.chain.how, "boundary": self.boundary,
+                       "blocks": [b.name for b in self.chain.blocks[:self.boundary]][-3:],
+                       "prefix_weights": digest.hexdigest()[:16], "activation": str(self._act[0])}
+        if self._rows_autocast not in (None, "off"):  # absent (files of before): computed without autocast
+            fingerprint["autocast"] = self._rows_autocast
+        return fingerprint
+
+    def _device_type(self) -> str:
+        if self._act is not None:
+            return self._act[1].type
+        return (self.device or next((p.device for b in self.chain.blocks for p in b.parameters()),
+                                    torch.device("cpu"))).type
+
+    def _autocast_now(self) -> str:
+        """The autocast mode a forward runs in now on the chain's device: "off", or its dtype."""
+        kind = self._device_type()
+        return str(torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind) else "off"
+
+    def _rows_precision(self):
+        """A context that runs blocks in the autocast mode the rows were computed in (a deeper
+        freeze migrates them from ``freezer.step()``, usually outside the user's autocast)."""
+        kind = self._device_type()
+        if self._rows_autocast in (None, "off"):
+            return torch.autocast(kind, enabled=False)
+        return torch.autocast(kind, dtype=getattr(torch, self._rows_autocast.replace("torch.", "")))
 
     @contextmanager
     def _eval_mode(self, start: int, stop: int):

@@ -582,10 +582,29 @@ def _mode_free_trace(model: nn.Module) -> torch.fx.Graph:
     traced in eval, the chain would run the trainable blocks without their dropout ever after.
     Tracing in both modes and comparing finds every such read."""
     graphs = []
+    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    versions = {name: t._version for name, t in state.items()}
+    saved = {name: b.detach().clone() for name, b in model.named_buffers()}
     with preserved_modes(model.modules()):
         for training in (True, False):
             model.train(training)
             graphs.append(_ModeFreeTracer().trace(model))
+    # Python that changes the model's own tensors (``self.count += 1``) runs once on the real
+    # tensor while tracing and is not in the graph: the chain would never run it
+    now = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    changed = [name for name, t in state.items() if now.get(name) is not t or t._version != versions[name]]
+    if changed:
+        with torch.no_grad():
+            for name, original in state.items():  # set-up leaves the model as it found it
+                owner, _, leaf = name.rpartition(".")
+                module = model.get_submodule(owner)
+                table = module._buffers if name in saved else module._parameters
+                table[leaf] = original
+                if name in saved and original._version != versions[name]:
+                    original.copy_(saved[name])
+        raise UnfaithfulTrace(
+            f"the forward of {type(model).__name__} changes its own tensors in Python ({', '.join(changed[:3])}), "
+            "which a trace runs once and does not repeat")
     if str(graphs[0]) != str(graphs[1]):
         raise UnfaithfulTrace(
             f"the traced forward of {type(model).__name__} reads train/eval mode outside a parameter-free "

@@ -68,8 +68,13 @@ def _words(rows: Tensor) -> Tensor:
     return raw.view(torch.int32)
 
 
-def bit_sums(rows: Tensor) -> Tensor:
-    """An int32 checksum of each row's bits (any dtype, any device); no host sync."""
+def bit_sums(rows: Tensor, mix: bool = False) -> Tensor:
+    """An int32 checksum of each row's bits (any dtype, any device); no host sync.
+
+    ``mix``: fold each word's high half into its low half first. In the plain sum a change of a
+    word's top bit adds 2^31 whatever its weight, so two of them cancel: an input and its
+    negation (an even number of sign flips) would sum the same. One flipped bit still changes
+    the mixed sum (the fold is invertible)."""
     words = _words(rows)
     n, m = words.shape
     out = torch.zeros(n, dtype=torch.int32, device=words.device)
@@ -78,7 +83,10 @@ def bit_sums(rows: Tensor) -> Tensor:
     weights = torch.arange(m, dtype=torch.int32, device=words.device) * 2 + 1
     step = max(1, _CHUNK_WORDS // m)
     for start in range(0, n, step):  # bounded temporaries for large rows
-        out[start:start + step] = (words[start:start + step] * weights).sum(1, dtype=torch.int32)
+        chunk = words[start:start + step]
+        if mix:
+            chunk = chunk ^ ((chunk >> 15) & 0x1FFFF)  # a logical shift: the fold is an invertible xorshift
+        out[start:start + step] = (chunk * weights).sum(1, dtype=torch.int32)
     return out
 
 
@@ -95,7 +103,7 @@ def input_sums(leaves: Sequence[Tensor], batch: int) -> Tensor:
     "unknown" in the stored ``in_sums``."""
     total = None
     for leaf in leaves:
-        part = bit_sums(leaf) if leaf.dim() > 0 and leaf.shape[0] == batch else None
+        part = bit_sums(leaf, mix=True) if leaf.dim() > 0 and leaf.shape[0] == batch else None
         if part is None:
             continue
         total = part if total is None else total.to(part.device) * 31 + part
