@@ -65,7 +65,19 @@ def _as_optimizers(optimizer) -> List[torch.optim.Optimizer]:
     for opt in optimizers:
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(f"SmartFreezer expects torch.optim.Optimizer(s), got {type(opt).__name__}")
+        _check_optimizer_can_lose_parameters(opt)
     return optimizers
+
+
+def _check_optimizer_can_lose_parameters(optimizer: torch.optim.Optimizer) -> None:
+    """Freezing takes parameters (and their state) out of the optimizer. LBFGS keeps one state
+    for all its parameters, on the first, and needs exactly one param group: a freeze would
+    strand that state on a frozen parameter (``state_dict()`` then fails) and a per-unit lr
+    split would trip its one-group assertion."""
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise ValueError("SmartFreezer cannot freeze parameters out of torch.optim.LBFGS: it keeps one state for "
+                         "all its parameters (on the first) and one param group. Train with a first-order "
+                         "optimizer (SGD, Adam, AdamW, ...) to freeze layers.")
 
 
 def _check_policy_free(policy: FreezePolicy) -> None:
@@ -273,7 +285,7 @@ class SmartFreezer:
                 f"SmartFreezer: keep_trainable={self.keep_trainable} keeps all {len(plan.units)} of the "
                 "model's freezable units trainable, so nothing will ever freeze. Lower keep_trainable "
                 f"(at most {len(plan.units) - 1} leaves one unit to freeze).", stacklevel=3)
-        self._unit_of_param = {id(p): u.index for u in plan.units for p in u.parameters}
+        self._map_parameters_to_units()
         if self.policy.needs_history:
             from .history import WeightHistory
 
@@ -295,6 +307,8 @@ class SmartFreezer:
                 self._hooks.append(opt.register_step_pre_hook(self._accumulate_grad_norms))
         if self.policy.manages_lr:
             self._scale_unit_lrs(self.optimizers)
+        for opt in self.optimizers:
+            self._hooks.append(opt.register_load_state_dict_pre_hook(self._check_optimizer_load_order))
         self.policy._serves = weakref.ref(self)
         self._guard = guards.Guard(self)
 
@@ -314,8 +328,19 @@ class SmartFreezer:
         step the groups stay the user's, so lr schedulers built before or after keep working."""
         from .policy.unit_lr import UnitLRScaler
 
-        self._hooks += UnitLRScaler(optimizers, self._unit_of_param,
+        self._hooks += UnitLRScaler(optimizers, lambda: self._lr_unit_of_param,
                                     lambda: self.policy.lr_factors(self.step_count)).hooks
+
+    def _map_parameters_to_units(self) -> None:
+        """``_unit_of_param``: each parameter's unit (by id). ``_lr_unit_of_param``: the unit
+        whose lr factor it takes, the same except for a shared parameter that keeps training
+        after its unit freezes (``shared_parameters="train"``: a tied embedding read again by
+        the LM head), which takes the factor of its last read's unit."""
+        self._unit_of_param = {id(p): u.index for u in self.plan.units for p in u.parameters}
+        self._lr_unit_of_param = dict(self._unit_of_param)
+        if self.shared_parameters == "train":
+            for shared in self.plan.shared:
+                self._lr_unit_of_param[id(shared.parameter)] = shared.last_unit
 
     def _accumulate_grad_norms(self, optimizer, args, kwargs) -> None:
         params, units = [], []
@@ -365,6 +390,8 @@ class SmartFreezer:
         self.step_count += 1
         step = self.step_count
         self._guard.on_freezer_step(self)  # model changes since the last step, step() vs optimizer steps
+        if self.total_steps is not None and step == self.total_steps + 1:
+            self._warn_past_total_steps(step)
         if self.history is not None and step % self.sample_every == 0:
             with _range("smartfrz::snapshot"):
                 self.history.snapshot()
@@ -380,6 +407,13 @@ class SmartFreezer:
                     self._submit(step, decision)
         with _range("smartfrz::apply"):
             self._apply_due(step)
+
+    def _warn_past_total_steps(self, step: int) -> None:
+        effect = ("its lr factor is 0 for every unit past the schedule's end, so nothing trains any more"
+                  if self.policy.manages_lr else "its schedule and pace were set for that length")
+        warnings.warn(f"SmartFreezer: step {step} is past total_steps={self.total_steps}, and the policy "
+                      f"{type(self.policy).__name__} was built for that many steps: {effect}. Pass the run's real "
+                      "number of optimizer steps as total_steps.", stacklevel=3)
 
     def _decide(self, step: int) -> Optional[Decision]:
         """The policy's decision; under DDP rank 0's, broadcast only where the policy may
@@ -502,6 +536,7 @@ class SmartFreezer:
         mid-run), and is about to step: it takes the place of the freezer's optimizers it shares
         parameters with, and gets what they had (frozen parameters and their state out, per-unit
         lrs for a policy that manages the lr). Returns the optimizers it replaces."""
+        _check_optimizer_can_lose_parameters(optimizer)
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         replaced = [o for o in self.optimizers if any(id(p) in held for g in o.param_groups for p in g["params"])]
         self.optimizers = [o for o in self.optimizers if all(o is not r for r in replaced)] + [optimizer]
@@ -510,8 +545,22 @@ class SmartFreezer:
             self._scale_unit_lrs([optimizer])
         if self.policy.needs_gradients:  # runs in this very step: torch calls it after the global hooks
             self._hooks.append(optimizer.register_step_pre_hook(self._accumulate_grad_norms))
+        self._hooks.append(optimizer.register_load_state_dict_pre_hook(self._check_optimizer_load_order))
         self._grad_index_cache.clear()
         return replaced
+
+    def _check_optimizer_load_order(self, optimizer, state_dict):
+        """An optimizer state saved with frozen parameters taken out, loaded before the
+        freezer's state put them out here too: torch's own error says only that the group sizes
+        differ. Say what to do."""
+        saved = [len(g.get("params", ())) for g in state_dict.get("param_groups", ())]
+        mine = [len(g["params"]) for g in optimizer.param_groups]
+        if self.step_count == 0 and len(saved) == len(mine) and saved != mine and sum(saved) < sum(mine):
+            raise ValueError(f"this optimizer state holds {sum(mine) - sum(saved)} parameters fewer than the optimizer, "
+                             "as one saved after layers froze does. Load the freezer's state first "
+                             "(freezer.load_state_dict(...), which takes the frozen parameters out), then the "
+                             "optimizer's; a state saved from another model does not fit this optimizer at all.")
+        return None
 
     def _resync(self) -> None:
         """A parameter or module was registered on the model after set-up. Parameters replaced by
@@ -566,7 +615,7 @@ class SmartFreezer:
                     opt.state[new] = opt.state.pop(p)
         if self.history is not None:
             self.history.replace_sources({k: new for k, (_, new) in pairs.items()})
-        self._unit_of_param = {id(p): u.index for u in self.units for p in u.parameters}
+        self._map_parameters_to_units()
         self._grad_index_cache.clear()
         guard.layout = layout
         guard.module_ids = {id(m) for m in layout[0].values()}
@@ -694,6 +743,7 @@ class SmartFreezer:
             "settings": self._settings(),
             "policy": type(self.policy).__name__,
             "policy_settings": self.policy.describe(),
+            "total_steps": self.total_steps,
             "policy_state": self.policy.state_dict(),
             "step": self.step_count,
             "num_frozen": self.num_frozen,
@@ -759,6 +809,12 @@ class SmartFreezer:
             warnings.warn(f"SmartFreezer: the checkpoint's policy was {saved_policy}, this run's is "
                           f"{self.policy.describe()}: the resumed run will not continue as the saved one would.",
                           stacklevel=2)
+        saved_total = state.get("total_steps", self.total_steps)  # absent in checkpoints older than this check
+        if saved_total != self.total_steps:
+            warnings.warn(f"SmartFreezer: the checkpoint was made with total_steps={saved_total}, this run has "
+                          f"total_steps={self.total_steps}: a policy paced by the run's length ({type(self.policy).__name__}) "
+                          "will not continue as the saved run would (its schedule now says another prefix). "
+                          "Pass the checkpoint's total_steps unless the run's length really changed.", stacklevel=2)
 
     def _checked_timeline(self, saved: Any, step: int, num_frozen: int) -> List[FreezeEvent]:
         """The saved timeline if it tells how this model's prefix grew to ``num_frozen`` by

@@ -305,6 +305,34 @@ def test_other_policy_settings_resume_with_a_warning():
         fresh(StaticFreeze(1, at_step=2))[2].load_state_dict(state)  # same settings: silent
 
 
+def test_optimizer_loaded_before_the_freezer_says_which_order():
+    model = SmallCNN()
+    opt = sgd(model)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=2), example_inputs=batch(0)[0])
+    train_steps(model, opt, freezer, 3)
+    saved = {"freezer": freezer.state_dict(), "opt": opt.state_dict()}
+    model, opt, freezer = fresh()
+    with pytest.raises(ValueError, match="saved after layers froze does. Load the freezer's state first"):
+        opt.load_state_dict(saved["opt"])
+    freezer.load_state_dict(saved["freezer"])
+    opt.load_state_dict(saved["opt"])  # the documented order
+    assert freezer.num_frozen == 1
+
+
+def test_another_total_steps_resumes_with_a_warning():
+    # FreezeOut's schedule (and SmartFRZ's pace) follows total_steps: the resumed run would not
+    # continue as the saved one
+    state = trained(FreezeOut(), total_steps=48).state_dict()
+    model, opt, freezer = fresh(FreezeOut(), total_steps=96)
+    with pytest.warns(UserWarning, match="made with total_steps=48, this run has total_steps=96"):
+        freezer.load_state_dict(state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh(FreezeOut(), total_steps=48)[2].load_state_dict(state)  # the same length: silent
+        del state["total_steps"]  # a checkpoint from before the check: silent
+        fresh(FreezeOut(), total_steps=96)[2].load_state_dict(state)
+
+
 def test_checkpoint_that_would_freeze_nan_weights_is_refused_before_anything_changes():
     state = trained().state_dict()
     model, opt, freezer = fresh()

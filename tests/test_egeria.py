@@ -92,6 +92,36 @@ def test_bad_arguments():
         bound(Egeria(mlp(), torch.randn(2, 12)), total_steps=None)
 
 
+class KeywordMLP(nn.Module):
+    """A model called with keyword inputs, as Hugging Face models are."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, features, scale=None):
+        return self.net(features if scale is None else features * scale)
+
+
+def test_probe_of_keyword_inputs_and_a_probe_the_model_cannot_take():
+    model = KeywordMLP()
+    probe = {"features": torch.randn(16, 12, generator=torch.Generator().manual_seed(7))}
+    policy = Egeria(model, probe, probe_kwargs={"scale": torch.tensor(2.0)}, interval=2, warmup=2, window=3,
+                    ref_refresh=8, asynchronous=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, policy=policy, example_inputs=probe, decision_delay=0)
+    for step in range(12):
+        x = torch.randn(32, 12, generator=torch.Generator().manual_seed(step))
+        model(features=x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+    policy.close()
+    assert policy.overhead()["evaluations"] >= 4 and len(policy.last_plasticity) == len(freezer.units)
+    with pytest.raises(ValueError, match="cannot run on probe_inputs.*dict of keyword inputs"):
+        Egeria(mlp(), torch.randn(2, 7))  # the wrong width: refused now, not on the worker thread
+
+
 def train(model, freezer, opt, steps, start=0):
     for step in range(start, steps):
         g = torch.Generator().manual_seed(step)

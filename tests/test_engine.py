@@ -148,6 +148,27 @@ def test_optimizer_that_does_not_hold_the_model_is_refused():
         SmartFreezer(model, "sgd", StaticFreeze(1), example_inputs=batch(0)[0])
 
 
+def test_lbfgs_is_refused_with_what_to_use():
+    # LBFGS keeps its one state on its first parameter: a freeze would strand it there
+    model = SmallCNN()
+    with pytest.raises(ValueError, match="LBFGS.*first-order optimizer"):
+        SmartFreezer(model, torch.optim.LBFGS(model.parameters()), StaticFreeze(1), example_inputs=batch(0)[0])
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1),
+                           example_inputs=batch(0)[0])
+    lbfgs = torch.optim.LBFGS(model.parameters())
+    x, y = batch(1)
+
+    def closure():
+        lbfgs.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(ValueError, match="LBFGS"):  # re-created mid-run: refused at its first step
+        lbfgs.step(closure)
+    freezer.close()
+
+
 class TiedLM(nn.Module):
     def __init__(self):
         super().__init__()

@@ -114,6 +114,80 @@ def test_freezeout_on_toy_model(spacing):
     assert steps == expected_events
 
 
+def test_freezeout_keeps_its_schedule_on_parameters_replaced_in_place():
+    # load_state_dict(assign=True) swaps every parameter for a new tensor: the per-unit lr
+    # factors must follow the new ones, not fall back to the group's lr
+    def swap(step, freezer):
+        if step == 3:
+            model = freezer.module
+            model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+
+    N, t0 = 40, 0.5
+    _, _, _, plain = train(FreezeOut(t0=t0), N)
+    _, _, _, swapped = train(FreezeOut(t0=t0), N, on_step=swap)
+    assert swapped == plain
+
+
+@pytest.mark.parametrize("policy", [FreezeOut(), LinearFreeze()], ids=["freezeout", "linear"])
+def test_running_past_total_steps_warns_once(policy):
+    import warnings
+
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    freezer = SmartFreezer(model, optimizer, policy=policy, example_inputs=(data(0)[0],), total_steps=6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(10):
+            x, y = data(step)
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            freezer.step()
+    past = [str(w.message) for w in caught if "past total_steps" in str(w.message)]
+    assert len(past) == 1 and "step 7 is past total_steps=6" in past[0]
+    assert ("nothing trains any more" in past[0]) == isinstance(policy, FreezeOut)
+
+
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(20, 8)
+        self.block1, self.block2 = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.lm_head = nn.Linear(8, 20, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.lm_head(torch.relu(self.block2(torch.relu(self.block1(self.embed(tokens))))))
+
+
+def test_freezeout_gives_a_tied_weight_that_keeps_training_the_lr_of_its_last_read():
+    # GPT-2's wte is unit 0's and the LM head's: with shared_parameters="train" it keeps training
+    # after unit 0 freezes, so its lr follows the head's unit, not unit 0's cosine down to 0
+    model = TiedLM()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    tokens = torch.randint(0, 20, (4, 5), generator=torch.Generator().manual_seed(0))
+    N = 30
+    freezer = SmartFreezer(model, optimizer, FreezeOut(t0=0.3), example_inputs=tokens, total_steps=N, keep_trainable=1)
+    [shared] = freezer.plan.shared
+    assert (shared.unit, shared.last_unit) == (0, 2)
+    lrs = []
+    hook = optimizer.register_step_pre_hook(  # runs after the engine's own hooks
+        lambda opt, a, k: lrs.append((group_of(opt, model.embed.weight)["lr"], group_of(opt, model.block2.weight)["lr"])))
+    for step in range(N):
+        nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        freezer.step()
+        if step == N // 2:
+            assert freezer.num_frozen >= 1
+            before = model.embed.weight.detach().clone()
+    hook.remove()
+    assert freezer.num_frozen == 2 and model.embed.weight.requires_grad
+    assert all(embed == head for embed, head in lrs) and lrs[N // 2][0] > 0
+    assert not torch.equal(model.embed.weight, before)
+
+
 def test_linear_on_toy_model_matches_composer():
     N, start, level = 30, 0.4, 1.0
     freezer, optimizer, num_frozen, _ = train(LinearFreeze(freeze_start=start, freeze_level=level), N)

@@ -11,7 +11,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
+from ..units import example_call
 from .base import Decision, FreezePolicy, PolicyContext
 
 
@@ -92,7 +94,10 @@ class Egeria(FreezePolicy):
     Args:
         model: the model being trained (the module whose units the engine finds; under DDP,
             the inner module). Construct the policy before ``SmartFreezer``: it copies the model.
-        probe_inputs: positional inputs of one forward pass (a tensor or a tuple), kept fixed.
+        probe_inputs: the inputs of one forward pass, kept fixed, as ``SmartFreezer``'s
+            ``example_inputs``: a tensor or a tuple of positional inputs, or a dict of keyword
+            inputs (a Hugging Face batch). Checked with one forward pass now.
+        probe_kwargs: further keyword inputs of that pass.
         interval: optimizer steps between evaluations; default ``total_steps // 50``.
         window: evaluations in the slope fit (W).
         tolerance: plasticity threshold (T). Default 0.3: at 0.1 the rule froze nothing on the
@@ -108,7 +113,8 @@ class Egeria(FreezePolicy):
 
     name = "egeria"
 
-    def __init__(self, model: nn.Module, probe_inputs: Any, *, interval: Optional[int] = None,
+    def __init__(self, model: nn.Module, probe_inputs: Any, *, probe_kwargs: Optional[Dict[str, Any]] = None,
+                 interval: Optional[int] = None,
                  window: int = 5, tolerance: float = DEFAULT_TOLERANCE, patience: int = 2, ref_refresh: int = 10,
                  warmup: Optional[int] = None, ref_device: Any = "cpu", asynchronous: bool = True) -> None:
         super().__init__()
@@ -135,8 +141,9 @@ class Egeria(FreezePolicy):
         self.asynchronous = asynchronous
         self.ref_device = torch.device(ref_device)
         self.source = model
-        self.probe = tuple(t.detach().to(self.ref_device) if isinstance(t, Tensor) else t
-                           for t in (probe_inputs if isinstance(probe_inputs, tuple) else (probe_inputs,)))
+        args, kwargs = example_call(model, probe_inputs, probe_kwargs)
+        on_ref = lambda t: t.detach().to(self.ref_device) if isinstance(t, Tensor) else t  # noqa: E731
+        self.probe_args, self.probe_kwargs = tree_map(on_ref, args), tree_map(on_ref, kwargs)
         try:  # the copies are made now, before SmartFreezer hooks the model
             self.shadow = copy.deepcopy(model).to(self.ref_device).eval().requires_grad_(False)
             self.reference = copy.deepcopy(self.shadow)
@@ -148,6 +155,14 @@ class Egeria(FreezePolicy):
         self._src_tensors = list(model.parameters()) + list(model.buffers())
         self._shadow_tensors = list(self.shadow.parameters()) + list(self.shadow.buffers())
         self._ref_tensors = list(self.reference.parameters()) + list(self.reference.buffers())
+        try:  # a probe the model cannot take fails here, not later on the worker thread
+            with torch.no_grad():
+                self.shadow(*self.probe_args, **self.probe_kwargs)
+        except Exception as exc:  # noqa: BLE001 - explain what to do
+            raise ValueError(
+                f"Egeria: the model cannot run on probe_inputs ({type(exc).__name__}: {exc}). Pass one batch of "
+                "its inputs: a tensor or a tuple of positional inputs, or a dict of keyword inputs "
+                "(probe_kwargs= for more), on any device (they are moved to ref_device).") from exc
         self._num_params = len(list(model.parameters()))
         pin = any(t.is_cuda for t in self._src_tensors) and self.ref_device.type == "cpu"
         self._staging = [torch.empty(t.shape, dtype=t.dtype, device=self.ref_device, pin_memory=pin)
@@ -243,7 +258,7 @@ class Egeria(FreezePolicy):
 
             hooks.append(mods[column].register_forward_hook(save))
         try:
-            model(*self.probe)
+            model(*self.probe_args, **self.probe_kwargs)
         finally:
             for h in hooks:
                 h.remove()

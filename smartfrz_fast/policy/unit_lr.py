@@ -19,9 +19,10 @@ _SPLIT_OWN = ("params", "lr")  # the keys a sub-group sets itself; the rest are 
 
 
 class UnitLRScaler:
-    """Scale each unit's lr by ``factors()[unit]`` during every step of ``optimizers``."""
+    """Scale each unit's lr by ``factors()[unit]`` during every step of ``optimizers``;
+    ``unit_of_param()`` gives the unit whose factor each parameter takes (by ``id``)."""
 
-    def __init__(self, optimizers: Sequence[torch.optim.Optimizer], unit_of_param: Dict[int, int],
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer], unit_of_param: Callable[[], Dict[int, int]],
                  factors: Callable[[], Optional[List[float]]]) -> None:
         self._unit_of_param = unit_of_param
         self._factors = factors
@@ -38,11 +39,12 @@ class UnitLRScaler:
         if factors is None:
             return
         own = list(optimizer.param_groups)
+        unit_of_param = self._unit_of_param()  # read each step: parameters may have been replaced
         pairs = []
         for group in own:
             buckets: Dict[int, list] = {}
             for p in group["params"]:
-                buckets.setdefault(self._unit_of_param.get(id(p), -1), []).append(p)
+                buckets.setdefault(unit_of_param.get(id(p), -1), []).append(p)
             for unit, params in buckets.items():
                 sub = {k: v for k, v in group.items() if k != "params"}
                 sub["params"] = params
