@@ -110,6 +110,7 @@ class WeightHistory:
         if any(_is_dtensor(p) for p in self.sources):
             self._shard_group, self._gather_args = _local_gather_args(self.sources, np.stack(ids), np.stack(offs),
                                                                       self.device)
+        self._strides = [tuple(p.stride()) for p in self.sources]  # the layouts self.offsets address
         self.history = torch.zeros(len(self.units), window, sample_size, dtype=torch.float32, device=self.device)
         self.cursor = torch.zeros((), dtype=torch.int64, device=self.device)
         self.count = 0  # snapshots taken (host copy of ``cursor``; no sync needed to know it)
@@ -127,11 +128,31 @@ class WeightHistory:
             return
         from . import ops
 
+        self._follow_layouts()
         ops.gather_history(*self._gather_args, self.rows, self.cursor, self.history)
         if self._shard_group is not None:
             self._combine_shards()
         self.cursor.add_(1)
         self.count += 1
+
+    def _follow_layouts(self) -> None:
+        """Re-address the positions of parameters whose strides changed in place since they were
+        drawn (``model.to(memory_format=torch.channels_last)`` keeps the Parameter objects and
+        calls no hook): the same weights, at their new storage offsets. One stride read per
+        parameter per snapshot; a host copy of the offsets only when a layout changed."""
+        changed = [i for i, p in enumerate(self.sources) if tuple(p.stride()) != self._strides[i]]
+        if not changed:
+            return
+        if self._shard_group is not None:
+            raise RuntimeError("a parameter sharded with FSDP2 changed its memory layout after SmartFreezer was set "
+                               "up; change the layout (e.g. channels_last) before building the freezer.")
+        ids, offsets = self.source_ids.cpu().numpy(), self.offsets.cpu().numpy().copy()
+        for i in changed:
+            param, hit = self.sources[i], ids == i
+            logical = _logical_indices(param.shape, self._strides[i], offsets[hit])
+            offsets[hit] = _storage_offsets(param.shape, param.stride(), logical)
+            self._strides[i] = tuple(param.stride())
+        self.offsets.copy_(torch.from_numpy(offsets))
 
     def _combine_shards(self) -> None:
         """Sum the ranks' partial rows of the slot just written (each position is non-zero on
@@ -166,6 +187,7 @@ class WeightHistory:
             raise NotImplementedError(
                 "sparse masks with FSDP2-sharded parameters are not supported: train the sparse model "
                 "with DistributedDataParallel (smartfrz_fast.distributed.FreezableDDP) instead.")
+        self._follow_layouts()  # old and new positions compared at the parameters' current offsets
         changed = []
         first_source = 0
         prev_masks = prev_masks or {}
@@ -206,9 +228,18 @@ class WeightHistory:
         return changed
 
     def positions_digest(self) -> str:
+        """Which weights are sampled, by logical index (the same for any memory layout; for
+        contiguous parameters, as digests of before layouts were followed)."""
+        self._follow_layouts()
+        ids, offsets = self.source_ids.cpu().numpy(), self.offsets.cpu().numpy().copy()
+        for i, param in enumerate(self.sources):
+            if param.is_contiguous():  # storage offset == logical index
+                continue
+            hit = ids == i
+            offsets[hit] = _logical_indices(param.shape, param.stride(), offsets[hit])
         h = hashlib.sha256()
-        h.update(self.source_ids.cpu().numpy().tobytes())
-        h.update(self.offsets.cpu().numpy().tobytes())
+        h.update(ids.tobytes())
+        h.update(offsets.tobytes())
         return h.hexdigest()[:16]
 
     def state_dict(self) -> Dict[str, Any]:
@@ -275,16 +306,24 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _logical_indices(shape: Sequence[int], strides: Sequence[int], offsets: np.ndarray) -> np.ndarray:
+    """Row-major flat indices of the elements at storage ``offsets`` of a dense tensor of
+    ``shape`` laid out with ``strides`` (any order of its dimensions: channels_last too); the
+    inverse of ``_storage_offsets``."""
+    rest = np.asarray(offsets, dtype=np.int64).copy()
+    coords = [np.zeros_like(rest) for _ in shape]
+    for d in sorted(range(len(shape)), key=lambda d: -strides[d]):
+        if shape[d] > 1 and strides[d]:  # a dimension of size 1 holds coordinate 0, whatever its stride
+            coords[d], rest = np.divmod(rest, strides[d])
+    index = np.zeros_like(rest)
+    for d, size in enumerate(shape):
+        index = index * size + coords[d]
+    return index
+
+
 def _logical_index(param: Tensor, storage_offset: int) -> int:
     """Row-major flat index of the element at ``storage_offset`` (non-contiguous layouts)."""
-    rest, index = storage_offset, 0
-    order = sorted(range(param.dim()), key=lambda d: -param.stride(d))
-    coords = [0] * param.dim()
-    for d in order:
-        coords[d], rest = divmod(rest, param.stride(d)) if param.stride(d) else (0, rest)
-    for d in range(param.dim()):
-        index = index * param.shape[d] + coords[d]
-    return index
+    return int(_logical_indices(param.shape, param.stride(), np.array([storage_offset]))[0])
 
 
 

@@ -391,6 +391,36 @@ def test_mmap_file_reuse_and_mismatch(tmp_path):
         wrapped5(X[:2], torch.arange(2))
 
 
+def test_an_input_that_requires_grad_gets_its_gradient():
+    cache, wrapped = ready_cache()
+    wrapped(X, torch.arange(N))  # every row cached
+    x = X[:4].clone().requires_grad_(True)
+    with pytest.warns(UserWarning, match="an input requires grad"):
+        wrapped(x, torch.arange(4)).sum().backward()
+    assert cache.stats["bypassed"] == 1
+    plain = X[:4].clone().requires_grad_(True)
+    cache.freezer.model(plain).sum().backward()
+    assert x.grad is not None and torch.equal(x.grad, plain.grad)
+
+
+def test_a_checkpoint_does_not_take_another_runs_file_at_its_path(tmp_path):
+    # two runs of the same frozen backbone on other data, one path: the resumed run must not
+    # be served the other run's rows (same fingerprint, other lineage)
+    path = str(tmp_path / "c.bin")
+    cache, wrapped = ready_cache(storage="mmap", path=path, audit_rows=0)
+    wrapped(X, torch.arange(N))
+    state = cache.state_dict()
+    cache.close()
+    os.remove(path)
+    other, wrapped_other = ready_cache(storage="mmap", path=path, audit_rows=0)
+    wrapped_other(-X, torch.arange(N))
+    other.close()
+    resumed, wrapped_resumed = ready_cache(storage="mmap", path=path, audit_rows=0, reuse=True)
+    resumed.load_state_dict(state)
+    with pytest.raises(ValueError, match="now belongs to another run"):
+        wrapped_resumed(X, torch.arange(N))
+
+
 def test_a_full_disk_at_the_first_freeze_turns_the_cache_off(tmp_path, monkeypatch):
     # No tmpfs can be mounted here: the full disk is simulated (posix_fallocate raising ENOSPC,
     # then a disk_usage that reports 1000 bytes free). tests/test_cache_faults.py has real faults.

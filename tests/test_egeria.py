@@ -158,6 +158,22 @@ def test_freezes_exactly_the_units_that_stopped_learning():
     assert model[4].weight.requires_grad and model[6].weight.requires_grad
 
 
+def test_parameters_replaced_in_place_are_followed():
+    # load_state_dict(assign=True) swaps every tensor: Egeria must read the new ones, not the
+    # old ones that no longer train (they would look converged and freeze everything)
+    runs = []
+    for assign in (False, True):
+        model, opt, policy, freezer = make_run(asynchronous=False)
+        train(model, freezer, opt, 5)
+        if assign:
+            model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+        train(model, freezer, opt, 30, start=5)
+        policy.close()
+        runs.append(([e.step for e in freezer.timeline], torch.tensor(policy.last_plasticity)))
+    assert runs[0][0] == runs[1][0] == [10]
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=0, atol=0, equal_nan=True)
+
+
 def test_sync_and_async_agree_and_resume_is_exact():
     runs = {}
     for mode in (True, False):

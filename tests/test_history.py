@@ -52,6 +52,23 @@ def test_snapshot_reads_the_right_weights_even_for_channels_last_parameters():
     assert torch.equal(other.history, contiguous.history)
 
 
+def test_a_layout_changed_in_place_after_set_up_is_followed():
+    # model.to(memory_format=...) after set-up keeps the Parameter objects and calls no hook:
+    # the history must go on sampling the same weights, and its positions digest stay the same
+    model, units = make_units()
+    history = WeightHistory(units, sample_size=32, window=3, seed=0)
+    digest = history.positions_digest()
+    history.snapshot()
+    conv = units[0].parameters[0]
+    model.to(memory_format=torch.channels_last)
+    assert units[0].parameters[0] is conv and not conv.is_contiguous()
+    history.snapshot()
+    assert torch.equal(history.history[:, 1], history.history[:, 0])
+    assert history.positions_digest() == digest
+    fresh = WeightHistory(units, sample_size=32, window=3, seed=0)  # drawn on the new layout
+    assert torch.equal(fresh.offsets, history.offsets) and fresh.positions_digest() == digest
+
+
 def test_ring_wraps_and_frozen_rows_stop_updating():
     model, units = make_units()
     history = WeightHistory(units, sample_size=8, window=3, seed=0)

@@ -413,6 +413,12 @@ class ActivationCache:
         another run is refused (``_make_store`` checks its header)."""
         row_shape = tuple(state["row_shape"])
         header = read_header(self.path)
+        if state["lineage"] is not None and header.get("lineage") not in (None, state["lineage"]):
+            # same model and weights, other samples (another run at the same path): never serve them
+            raise ValueError(
+                f"ActivationCache: the cache file {self.path} now belongs to another run (lineage "
+                f"{header.get('lineage')!r}, the checkpoint's is {state['lineage']!r}): its rows were computed from "
+                "that run's samples. Give each run its own path=, or delete the file to refill the rows.")
         if (header.get("fingerprint") != state["fingerprint"] and state["lineage"] is not None
                 and header.get("lineage") == state["lineage"]):
             self._warn_once("moved", f"ActivationCache: the cache file {self.path} went on past the checkpoint (a "
@@ -442,21 +448,30 @@ class ActivationCache:
         batch = _batch_size(inputs)
         ids = self._check_ids(sample_ids, batch)
         self._check_inputs(inputs, ids)
-        mode = self._autocast_now()
-        if self._rows_autocast is None:
-            self._rows_autocast = mode
-        elif mode != self._rows_autocast:
-            # a row made in another precision is not what this forward's prefix computes (and its
-            # dtype may not fit the layers after it): run the whole model for this forward
+        why = self._cannot_serve(inputs)
+        if why is not None:
             self.stats["bypassed"] += 1
-            self._warn_once("autocast", f"ActivationCache: a forward with autocast {mode}, while the cached rows "
-                            f"were computed with autocast {self._rows_autocast}: such forwards run the whole model "
-                            "(counted in stats['bypassed']); the cache serves forwards in its rows' precision.")
+            self._warn_once(why[0], f"ActivationCache: {why[1]}: such forwards run the whole model (counted in "
+                            "stats['bypassed']).")
             return model(*inputs.args, **inputs.kwargs)
         h = self._prefix_output(inputs, ids)
         if h is None:  # the audit just turned the cache off
             return model(*inputs.args, **inputs.kwargs)
         return self.chain.run(inputs, start=self.boundary, h=h)
+
+    def _cannot_serve(self, inputs: Inputs) -> Optional[Tuple[str, str]]:
+        """(kind, why) when cached rows cannot stand in for this forward's frozen prefix."""
+        if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
+                                           for t in tree_flatten((inputs.args, inputs.kwargs))[0]):
+            return "input_grad", ("an input requires grad, and a cached row passes no gradient back to the input "
+                                  "(the frozen prefix computed afresh does)")
+        mode = self._autocast_now()
+        if self._rows_autocast is None:
+            self._rows_autocast = mode
+        elif mode != self._rows_autocast:  # another precision: not what this prefix computes, maybe another dtype
+            return "autocast", (f"a forward with autocast {mode}, while the cached rows were computed with autocast "
+                                f"{self._rows_autocast}; the cache serves forwards in its rows' precision")
+        return None
 
     def _setup(self, model: nn.Module, inputs: Inputs) -> None:
         self._setup_done = True

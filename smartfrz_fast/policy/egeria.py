@@ -209,6 +209,11 @@ class Egeria(FreezePolicy):
     # ------------------------------------------------------------------ evaluation
     def _copy_weights(self) -> Optional[Any]:
         """Weights (and buffers) into the staging buffers; a CUDA event to wait on, if any."""
+        # read from the model each time: load_state_dict(assign=True) replaces its tensors
+        self._src_tensors = list(self.source.parameters()) + list(self.source.buffers())
+        if [t.shape for t in self._src_tensors] != [t.shape for t in self._staging]:
+            raise RuntimeError("Egeria: the model's parameters or buffers changed shape or number since Egeria "
+                               "copied it: build a new Egeria (and SmartFreezer) for the changed model.")
         with torch.no_grad():
             for dst, src in zip(self._staging, self._src_tensors):
                 dst.copy_(src.detach(), non_blocking=True)
