@@ -304,7 +304,9 @@ class SmartFreezer:
         if self.policy.needs_gradients:
             self._grad_sq = torch.zeros(len(plan.units), dtype=torch.float32, device=device)
             for opt in self.optimizers:
-                self._hooks.append(opt.register_step_pre_hook(self._accumulate_grad_norms))
+                # after the step: with optimizer.step(closure) (Lightning) the backward runs inside
+                # it, so a pre-hook would read the previous step's gradients (none after a resume)
+                self._hooks.append(opt.register_step_post_hook(self._accumulate_grad_norms))
         if self.policy.manages_lr:
             self._scale_unit_lrs(self.optimizers)
         for opt in self.optimizers:
@@ -543,8 +545,8 @@ class SmartFreezer:
         _remove_params(optimizer, {id(p) for _, p in self.plan.frozen_parameters(self.num_frozen)})
         if self.policy.manages_lr:  # runs in this very step, like the hook below
             self._scale_unit_lrs([optimizer])
-        if self.policy.needs_gradients:  # runs in this very step: torch calls it after the global hooks
-            self._hooks.append(optimizer.register_step_pre_hook(self._accumulate_grad_norms))
+        if self.policy.needs_gradients:  # runs after this very step, as for the freezer's own optimizers
+            self._hooks.append(optimizer.register_step_post_hook(self._accumulate_grad_norms))
         self._hooks.append(optimizer.register_load_state_dict_pre_hook(self._check_optimizer_load_order))
         self._grad_index_cache.clear()
         return replaced

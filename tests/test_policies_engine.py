@@ -148,6 +148,37 @@ def test_running_past_total_steps_warns_once(policy):
     assert ("nothing trains any more" in past[0]) == isinstance(policy, FreezeOut)
 
 
+def test_autofreeze_reads_the_gradients_of_a_closure_step():
+    # Lightning runs forward and backward inside optimizer.step(closure): the gradients AutoFreeze
+    # accumulates must be that step's, as in a plain loop (not the previous step's)
+    observed = {}
+    for style in ("plain", "closure"):
+        model = make_model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+        policy = AutoFreeze(interval=1000)
+        freezer = SmartFreezer(model, optimizer, policy=policy, example_inputs=(data(0)[0],), total_steps=100)
+        seen = []
+        for step in range(5):
+            x, y = data(step)
+
+            def closure():
+                optimizer.zero_grad()
+                loss = nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                return loss
+
+            if style == "plain":
+                closure()
+                optimizer.step()
+            else:
+                optimizer.step(closure)
+            freezer.step()
+            seen.append(policy._acc.clone())
+        observed[style] = torch.stack(seen)
+    assert observed["plain"][0].abs().sum() > 0
+    torch.testing.assert_close(observed["closure"], observed["plain"], rtol=0, atol=0)
+
+
 class TiedLM(nn.Module):
     def __init__(self):
         super().__init__()

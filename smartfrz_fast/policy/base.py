@@ -85,7 +85,7 @@ class FreezePolicy:
 
     name = "policy"
     needs_history = False  # the engine keeps a weight-history ring buffer for this policy
-    needs_gradients = False  # the engine calls ``observe_gradients`` before every optimizer step
+    needs_gradients = False  # the engine calls ``observe_gradients`` with each optimizer step's gradients
     manages_lr = False  # the engine scales each unit's lr by ``lr_factors`` inside optimizer.step()
     # Decisions depend only on the step (a schedule): under DDP every rank computes the same
     # one, so the engine broadcasts nothing. False: rank 0's decision is broadcast at the
@@ -116,7 +116,8 @@ class FreezePolicy:
 
     def observe_gradients(self, step: int, unit_grad_sq_norms: Tensor) -> None:
         """Per-unit sum of squared gradient entries (float32 ``[units]``, on the parameters'
-        device) of the optimizer step about to run. Only called when ``needs_gradients``."""
+        device) of the optimizer steps since the last call (read right after each step, so that
+        a backward inside ``optimizer.step(closure)`` counts). Only called when ``needs_gradients``."""
 
     def lr_factors(self, step: int) -> Optional[List[float]]:
         """Per-unit multiplier of the lr its param group holds (the user's, as the user's lr
