@@ -134,6 +134,16 @@ def test_resume_true_finds_the_last_checkpoint_and_restores_state(tmp_path):
     assert callback.freezer.step_count == MAX_STEPS
 
 
+def test_a_second_train_cannot_go_back_to_a_checkpoint(tmp_path):
+    # frozen layers are never unfrozen: a trained freezer cannot return to an earlier checkpoint
+    model, trainer, callback = run(tmp_path, "static")
+    step = callback.freezer.step_count
+    with pytest.raises(RuntimeError, match="trained in an earlier train.*build the model, Trainer and "
+                                           "SmartFreezeCallback afresh"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert callback.freezer.step_count == step  # refused before anything ran
+
+
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     model, trainer, callback = run(tmp_path, "static", save_strategy="no", gradient_accumulation_steps=3,
                                    max_steps=4)

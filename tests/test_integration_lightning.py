@@ -186,6 +186,23 @@ def test_static_freeze_with_lr_scheduler_trains(tmp_path):
     assert fit.lr_scheduler_configs[0].scheduler.state_dict()["last_epoch"] == 2  # interval "epoch"
 
 
+def test_a_second_fit_with_the_same_callback_carries_on_and_cannot_go_back(tmp_path):
+    callback = SmartFreezeCallback(StaticFreeze(2, at_step=2))
+    module = LitCNN()
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    trainer(tmp_path, [callback, saver], max_epochs=1).fit(module, loader())
+    freezer = callback.freezer
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # past total_steps: that run was planned for one epoch
+        trainer(tmp_path, [callback], max_epochs=2).fit(module, loader())  # configure_optimizers runs again
+    assert callback.freezer is freezer and freezer.num_frozen == 2 and freezer.step_count == 3 * STEPS_PER_EPOCH  # a new Trainer: 2 more epochs
+    frozen = [p for p in module.parameters() if not p.requires_grad]
+    assert frozen and all(p.grad is None for p in frozen)
+    with pytest.raises(RuntimeError, match="trained in an earlier fit.*build the LightningModule, Trainer and "
+                                           "SmartFreezeCallback afresh"):
+        trainer(tmp_path, [callback], max_epochs=3).fit(module, loader(), ckpt_path=tmp_path / "ckpt" / "epoch=0.ckpt")
+
+
 def test_resume_without_example_inputs_says_what_to_do(tmp_path):
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     trainer(tmp_path, [SmartFreezeCallback(StaticFreeze(1, at_step=2)), saver], max_epochs=1).fit(LitCNN(), loader())

@@ -169,6 +169,11 @@ class SmartFreezeCallback(TrainerCallback):
             if isinstance(resume, bool):
                 resume = get_last_checkpoint(trainer.args.output_dir) if resume else None
                 # (None here: the Trainer itself raises its "no valid checkpoint" error)
+            if resume is not None and self.freezer is not None and self.freezer.step_count:
+                raise RuntimeError(
+                    f"SmartFreezeCallback: this Trainer's freezer has trained in an earlier train(), and frozen "
+                    f"layers are never unfrozen, so it cannot go back to {resume}. To resume from a checkpoint, "
+                    "build the model, Trainer and SmartFreezeCallback afresh (as a new process does).")
             self._resume_from = None if resume is None else str(resume)
             return original_train(resume_from_checkpoint, *args, **kwargs)
 

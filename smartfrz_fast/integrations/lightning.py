@@ -146,6 +146,10 @@ class SmartFreezeCallback(Callback):
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._check_strategy(trainer)
+        if self.freezer is not None:
+            # a second fit() with this callback: the freezer carries on (frozen layers stay frozen)
+            # and takes over configure_optimizers' new optimizers at their first step
+            return
         optimizers = list(trainer.optimizers)
         if not optimizers:
             raise ValueError("SmartFreezeCallback: configure_optimizers returned no optimizer")
@@ -224,6 +228,11 @@ class SmartFreezeCallback(Callback):
         if self.freezer is None:  # applied in on_fit_start, once the optimizers exist
             self._saved_state, self._saved_cache_state = state, cache_state
             return
+        if self.freezer.step_count:
+            raise RuntimeError(
+                "SmartFreezeCallback: this callback's freezer has trained in an earlier fit(), and frozen layers "
+                "are never unfrozen, so it cannot go back to a checkpoint. To resume from one, build the "
+                "LightningModule, Trainer and SmartFreezeCallback afresh (as a new process does).")
         if self.freezer.plan is None:
             raise ValueError(
                 "SmartFreezeCallback: this strategy restores the checkpoint after setup, and the "
