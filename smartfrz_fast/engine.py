@@ -235,6 +235,7 @@ class SmartFreezer:
         self._refused: Optional[str] = None  # why the last freeze stopped short of what was asked
         self._nonfinite_warned = False
         self._freeze_listeners: List[Callable[[FreezeEvent, Sequence[Unit]], None]] = []
+        self._change_listeners: List[Callable[[str, Any], None]] = []
         self._guard: Optional[guards.Guard] = None  # made at set-up: watches the model and the optimizers
         self._closed = False
         # Distributed: units live on the inner module; rank 0's decisions are broadcast.
@@ -532,6 +533,13 @@ class SmartFreezer:
         compiled-region rebuilds, trainer callbacks, logging)."""
         self._freeze_listeners.append(listener)
 
+    def add_change_listener(self, listener: Callable[[str, Any], None]) -> None:
+        """Call ``listener("optimizer", (new, replaced))`` when the freezer takes over a re-created
+        optimizer, and ``listener("parameters", {id(old): new})`` when parameters were replaced by
+        like ones (``load_state_dict(assign=True)``): what keeps its own references to the
+        optimizers or parameters (``SparseMasks``) follows them."""
+        self._change_listeners.append(listener)
+
     # ------------------------------------------------------------------ changes after set-up (see guards)
     def _adopt_optimizer(self, optimizer: torch.optim.Optimizer) -> List[torch.optim.Optimizer]:
         """``optimizer`` holds the model's parameters but is not this freezer's (one re-created
@@ -549,6 +557,8 @@ class SmartFreezer:
             self._hooks.append(optimizer.register_step_post_hook(self._accumulate_grad_norms))
         self._hooks.append(optimizer.register_load_state_dict_pre_hook(self._check_optimizer_load_order))
         self._grad_index_cache.clear()
+        for listener in self._change_listeners:  # before this step runs: its post-step hooks may join
+            listener("optimizer", (optimizer, replaced))
         return replaced
 
     def _check_optimizer_load_order(self, optimizer, state_dict):
@@ -619,6 +629,9 @@ class SmartFreezer:
             self.history.replace_sources({k: new for k, (_, new) in pairs.items()})
         self._map_parameters_to_units()
         self._grad_index_cache.clear()
+        if pairs:
+            for listener in self._change_listeners:
+                listener("parameters", {key: new for key, (_, new) in pairs.items()})
         guard.layout = layout
         guard.module_ids = {id(m) for m in layout[0].values()}
         guard.changed = False

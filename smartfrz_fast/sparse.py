@@ -83,6 +83,7 @@ class SparseMasks:
 
     def __init__(self, model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None) -> None:
         params = dict(model.named_parameters())
+        self._model = model
         self._prune = prune_masks(model)
         given = dict(self._prune) if masks is None else dict(masks)
         if not given:
@@ -152,6 +153,7 @@ class SparseMasks:
             if all(o is not opt for o in self._optimizers):  # attach_optimizer may have come first
                 self.attach_optimizer(opt)
         freezer.add_freeze_listener(self._on_freeze)
+        freezer.add_change_listener(self._on_change)
         if freezer.plan is not None:
             self._restrict_history()
         else:  # units are found at the first forward: restrict right after the engine's set-up
@@ -176,6 +178,21 @@ class SparseMasks:
         history = getattr(self._freezer, "history", None)
         if history is not None:
             history.restrict_to_masks(self._by_id(), prev)
+
+    def _on_change(self, kind: str, detail: Any) -> None:
+        """The freezer took over a re-created optimizer, or parameters were replaced by like ones:
+        enforce the masks on what trains now (the old objects no longer do)."""
+        if kind == "optimizer":
+            new, replaced = detail
+            self._optimizers = [o for o in self._optimizers if all(o is not r for r in replaced)]
+            if all(o is not new for o in self._optimizers):
+                self.attach_optimizer(new)
+        elif kind == "parameters":
+            self.params = {n: detail.get(id(p), p) for n, p in self.params.items()}
+            prune = prune_masks(self._model)  # load_state_dict(assign=True) replaces the mask buffers too
+            for name in self._prune:
+                if name in prune:
+                    self._prune[name] = self.masks[name] = prune[name]
 
     def _on_freeze(self, event, units) -> None:
         ids = {id(p) for u in units for p in u.parameters}

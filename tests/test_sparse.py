@@ -69,6 +69,33 @@ def test_prune_masks_history_and_freeze():
     assert torch.equal(model.conv2.weight, model.conv2.weight_orig)  # w == w_orig * mask
 
 
+@pytest.mark.parametrize("change", ["recreated optimizer", "assign=True"])
+def test_masks_follow_a_recreated_optimizer_and_replaced_parameters(change):
+    # both changes the freezer adapts to: the masks must keep holding on what trains now
+    torch.manual_seed(0)
+    model = SmallCNN()  # masks given (not torch's prune): the masked weights get gradients
+    given = {n: torch.rand(p.shape) > 0.5 for n, p in model.named_parameters() if p.dim() == 4}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    freezer = SmartFreezer(model, opt, policy=HistoryOnly(1, at=6), example_inputs=batch(0)[0],
+                           sample_size=64, window=4, decision_delay=0)
+    masks = SparseMasks(model, given).attach(freezer)
+    for step in range(10):
+        if step == 3 and change == "recreated optimizer":
+            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        if step == 3 and change == "assign=True":
+            model.load_state_dict(copy.deepcopy(model.state_dict()), assign=True)
+        x, y = batch(step)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+        for name, p in model.named_parameters():
+            if name in masks.params:
+                assert masks.params[name] is p
+                assert not bool(((p.detach() != 0) & ~masks.bool_mask(name)).any()), (step, name)
+    assert masks.violations() == {} and freezer.num_frozen == 1
+
+
 def mlp():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 20), nn.ReLU(), nn.Linear(20, 4))
