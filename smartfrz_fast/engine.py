@@ -236,6 +236,7 @@ class SmartFreezer:
         self._nonfinite_warned = False
         self._freeze_listeners: List[Callable[[FreezeEvent, Sequence[Unit]], None]] = []
         self._change_listeners: List[Callable[[str, Any], None]] = []
+        self._warned_past_total = False
         self._guard: Optional[guards.Guard] = None  # made at set-up: watches the model and the optimizers
         self._closed = False
         # Distributed: units live on the inner module; rank 0's decisions are broadcast.
@@ -393,7 +394,8 @@ class SmartFreezer:
         self.step_count += 1
         step = self.step_count
         self._guard.on_freezer_step(self)  # model changes since the last step, step() vs optimizer steps
-        if self.total_steps is not None and step == self.total_steps + 1:
+        if self.total_steps is not None and step > self.total_steps and not self._warned_past_total:
+            self._warned_past_total = True  # once (also for a run resumed past it)
             self._warn_past_total_steps(step)
         if self.history is not None and step % self.sample_every == 0:
             with _range("smartfrz::snapshot"):
@@ -467,6 +469,8 @@ class SmartFreezer:
         frozen-prefix length after clamping to ``max_frozen``, shared-parameter spans and
         non-finite weights."""
         self._require_open()
+        if isinstance(num_units, bool) or (isinstance(num_units, Tensor) and num_units.dtype == torch.bool):
+            raise TypeError(f"freeze_to expects a number of units (an int), got {num_units!r}")
         try:  # an int, a numpy int or a one-element int tensor (a policy's decision)
             num_units = operator.index(num_units)
         except TypeError:

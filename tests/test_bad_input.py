@@ -195,7 +195,7 @@ def test_freeze_to_checks_its_argument_and_is_idempotent():
     model = SmallCNN()
     opt = sgd(model)
     freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=100), example_inputs=batch(0)[0])
-    for bad in (2.7, "3", None):
+    for bad in (2.7, "3", None, True, torch.tensor(True)):
         with pytest.raises(TypeError, match="freeze_to expects a number of units"):
             freezer.freeze_to(bad)
     with pytest.raises(ValueError, match="freeze_to expects a number of units >= 0, got -3"):
@@ -392,7 +392,37 @@ def test_empty_text_or_directory_predictor_file_is_refused(tmp_path, content):
         path.mkdir()
     else:
         path.write_bytes(content)
-    with pytest.raises(PredictorWeightsError, match="unreadable.*pass a file written by save_predictor"):
+    match = "a folder, not a predictor file" if content is None else "unreadable.*Pass a file written by save_predictor"
+    with pytest.raises(PredictorWeightsError, match=match):
+        SmartFRZ(weights=path)
+
+
+def test_a_bad_smartfrz_predictor_variable_is_named(tmp_path, monkeypatch):
+    # the user passed nothing: the error must say where the file name came from, and what to do
+    monkeypatch.setenv("SMARTFRZ_PREDICTOR", "")
+    with pytest.raises(PredictorWeightsError, match="SMARTFRZ_PREDICTOR is set but empty"):
+        SmartFRZ()
+    monkeypatch.setenv("SMARTFRZ_PREDICTOR", str(tmp_path / "absent.pt"))
+    with pytest.raises(PredictorWeightsError, match=r"absent.pt \(from \$SMARTFRZ_PREDICTOR\).*unset it"):
+        SmartFRZ()
+    garbage = tmp_path / "garbage.pt"
+    torch.save({"model": nn.Linear(2, 2)}, garbage)  # a pickled module: not loaded, and not advised to be
+    monkeypatch.setenv("SMARTFRZ_PREDICTOR", str(garbage))
+    with pytest.raises(PredictorWeightsError, match="from .SMARTFRZ_PREDICTOR. are unreadable .it holds Python "
+                                                    "objects besides tensors") as info:
+        SmartFRZ()
+    assert "weights_only" not in str(info.value)
+
+
+def test_a_predictor_configuration_of_other_types_is_refused(tmp_path):
+    from smartfrz_fast.predictor.model import AttentionPredictor, PredictorConfig, save_predictor
+
+    path = tmp_path / "p.pt"
+    save_predictor(AttentionPredictor(PredictorConfig(sample_size=8, hidden=4, embed=4, head_hidden=4)), path, {})
+    blob = torch.load(path, weights_only=True)
+    blob["config"]["window"] = "30"
+    torch.save(blob, path)
+    with pytest.raises(PredictorWeightsError, match="configuration with \\{'window': '30'\\}"):
         SmartFRZ(weights=path)
 
 

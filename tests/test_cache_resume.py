@@ -147,7 +147,7 @@ def test_mmap_file_moved_past_the_checkpoint_is_rebuilt_and_another_runs_refused
     os.replace(tmp_path / "other.bin", path)
     before = open(path, "rb").read()
     resumed = resume(tmp_path / "ckpt.pt", storage="mmap", dtype="fp32", path=path)
-    with pytest.raises(ValueError, match=r"c\.bin was made for a different fingerprint.*Delete it"):
+    with pytest.raises(ValueError, match=r"c\.bin now belongs to another run.*delete the file"):
         run(*resumed, SPLIT, SPLIT + 1)
     assert open(path, "rb").read() == before
 

@@ -378,10 +378,17 @@ def test_autofreeze_state_mismatch_raises():
         b.load_state_dict(a.state_dict())
     c = AutoFreeze(interval=5)
     c.bind(make_context(3, total_steps=None))
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match=r"'acc' is torch.float32 \(4,\); expected float \(3,\)"):
         c.load_state_dict(a.state_dict())
     with pytest.raises(ValueError, match="keys"):
         c.load_state_dict({"acc": None})
+    for key, bad in (("acc", torch.tensor([1.0, float("nan"), 0.0, 0.0])), ("prev", [0.0] * 4),
+                     ("acc", torch.tensor([1.0, -1.0, 0.0, 0.0])), ("evaluations", -1), ("steps_in_interval", 1.5)):
+        state = {**a.state_dict(), key: bad}
+        with pytest.raises(ValueError, match=f"'{key}'"):  # an edited checkpoint: refused, not used
+            b2 = AutoFreeze(interval=5)
+            b2.bind(make_context(4, total_steps=None))
+            b2.load_state_dict(state)
 
 
 def test_autofreeze_flags():

@@ -144,7 +144,7 @@ def test_running_past_total_steps_warns_once(policy):
             optimizer.zero_grad()
             freezer.step()
     past = [str(w.message) for w in caught if "past total_steps" in str(w.message)]
-    assert len(past) == 1 and "step 7 is past total_steps=6" in past[0]
+    assert len(past) == 1 and "step 7 is past total_steps=6" in past[0]  # once, at the first step past it
     assert ("nothing trains any more" in past[0]) == isinstance(policy, FreezeOut)
 
 

@@ -164,10 +164,17 @@ class AutoFreeze(FreezePolicy):
             )
         n = self.context.num_units
         device = self.context.device
-        for key in ("acc", "prev"):
+        for key in ("acc", "prev"):  # accumulated gradient norms: finite, >= 0, one per unit
             t = state[key]
-            if t is not None and tuple(t.shape) != (n,):
-                raise ValueError(f"AutoFreeze: state '{key}' has shape {tuple(t.shape)}, expected ({n},)")
+            if t is not None and not (isinstance(t, torch.Tensor) and t.is_floating_point() and tuple(t.shape) == (n,)
+                                      and bool((torch.isfinite(t) & (t >= 0)).all())):
+                what = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"AutoFreeze: state '{key}' is {what}; expected float ({n},) finite norms >= 0 (one "
+                                 "per unit): the checkpoint is corrupt or from another model.")
+        for key in ("steps_in_interval", "evaluations"):
+            v = state[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"AutoFreeze: state '{key}'={v!r} is not a count >= 0: the checkpoint is corrupt.")
         self._acc = (
             torch.zeros(n, dtype=torch.float32, device=device)
             if state["acc"] is None

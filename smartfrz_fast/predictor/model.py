@@ -10,9 +10,10 @@ import hashlib
 import json
 import math
 import os
+import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -130,25 +131,16 @@ def _check_provenance(provenance: Any, where: str) -> None:
 
 
 def load_predictor(path: Optional[Union[str, Path]] = None, map_location: Any = "cpu") -> AttentionPredictor:
-    """Load predictor weights, checking format, configuration and content digest."""
-    path = Path(path) if path is not None else Path(os.environ.get("SMARTFRZ_PREDICTOR", DEFAULT_WEIGHTS))
-    if not path.exists():
+    """Load predictor weights, checking format, configuration and content digest. ``path``
+    None: ``$SMARTFRZ_PREDICTOR`` if set, else the shipped weights."""
+    path, origin, fix = _weights_path(path)
+    if not path.is_file():
         raise PredictorWeightsError(
-            f"no SmartFRZ predictor weights at {path}. This build ships none yet (they are made "
-            "by `python -m smartfrz_fast.lab.train`); pass weights=<file> to SmartFRZ, or "
-            "use a baseline policy (FreezeOut, AutoFreeze, LinearFreeze, StaticFreeze). The "
-            "SmartFRZ policy never runs with untrained weights."
-        )
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file: say so, whatever torch raised
-        raise PredictorWeightsError(
-            f"SmartFRZ predictor weights {path} are unreadable ({type(exc).__name__}: {exc}). "
-            "The file is corrupt or not a predictor file: "
-            + ("reinstall the package or retrain it." if path == DEFAULT_WEIGHTS else
-               "pass a file written by save_predictor (python -m smartfrz_fast.lab.train), or "
-               "weights=None for the shipped ones.")
-        ) from exc
+            f"no SmartFRZ predictor weights at {path} ({origin}): "
+            + ("it is a folder, not a predictor file. " if path.is_dir() else "")
+            + f"{fix} The SmartFRZ policy never runs with untrained weights; the baseline policies "
+            "(FreezeOut, AutoFreeze, LinearFreeze, StaticFreeze) need none.")
+    blob = _read_weights_file(path, f"SmartFRZ predictor weights {path} ({origin})", fix)
     if not isinstance(blob, dict) or blob.get("format") != WEIGHTS_FORMAT:
         raise PredictorWeightsError(f"{path} is not a SmartFRZ predictor file (no '{WEIGHTS_FORMAT}' tag)")
     if blob.get("version") == 1:
@@ -179,7 +171,41 @@ def load_predictor(path: Optional[Union[str, Path]] = None, map_location: Any = 
     return model.to(map_location).eval()
 
 
+def _weights_path(path: Optional[Union[str, Path]]) -> Tuple[Path, str, str]:
+    """(the file, where its name came from, what to do if it is bad)."""
+    if path is not None:
+        return Path(path), "given as weights=", ("Pass a file written by save_predictor (python -m smartfrz_fast.lab.train), "
+                                        "or weights=None for the shipped ones.")
+    env = os.environ.get("SMARTFRZ_PREDICTOR")
+    if env is not None:
+        if not env.strip():
+            raise PredictorWeightsError("SMARTFRZ_PREDICTOR is set but empty: unset it to use the shipped SmartFRZ "
+                                        "weights, or set it to a predictor file.")
+        return Path(env), "from $SMARTFRZ_PREDICTOR", ("Point SMARTFRZ_PREDICTOR at a file written by save_predictor, "
+                                                        "or unset it for the shipped weights.")
+    return DEFAULT_WEIGHTS, "the shipped weights", "Reinstall the package (or retrain the weights: docs/predictor.md)."
+
+
+def _read_weights_file(path: Path, what: str, fix: str) -> Any:
+    """``torch.load`` of tensors and builtins only; anything else is an error that says so."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: say so, whatever torch raised
+        if isinstance(exc, pickle.UnpicklingError):  # torch's text suggests loading it unsafely: not that
+            detail = "it holds Python objects besides tensors, which are not loaded"
+        else:
+            detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        raise PredictorWeightsError(f"{what} are unreadable ({detail}). The file is corrupt or not a predictor "
+                                    f"file. {fix}") from exc
+
+
 def _model_of(blob: Dict[str, Any], path: Path) -> AttentionPredictor:
+    config = blob.get("config")
+    bad = {k: v for k, v in config.items() if isinstance(v, bool) or not isinstance(v, int)
+           or v < (2 if k == "window" else 1)} if isinstance(config, dict) else config
+    if bad:
+        raise PredictorWeightsError(f"{path} has a configuration with {bad!r}: the sizes are whole numbers "
+                                    "(window >= 2, the rest >= 1). The file is corrupt or was edited.")
     try:
         model = AttentionPredictor(PredictorConfig(**blob["config"]))
         model.load_state_dict(blob["state_dict"])
@@ -193,7 +219,7 @@ def upgrade_predictor_file(path: Union[str, Path], out: Union[str, Path]) -> Non
     provenance as well as the weights. The version-1 digest vouches for the weights only: upgrade
     only a file whose provenance (``input_gain``, ``sort_by_newest``) you trust."""
     path = Path(path)
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob = _read_weights_file(path, f"{path}", "Pass a version-1 predictor file.")
     if not isinstance(blob, dict) or blob.get("format") != WEIGHTS_FORMAT or blob.get("version") != 1:
         raise PredictorWeightsError(f"{path} is not a version-1 SmartFRZ predictor file")
     _model_of(blob, path)
