@@ -2,7 +2,7 @@
 
     smartfrz-fast demo [demo options]   # train with and without freezing, compare (see --help)
     smartfrz-fast profile [options]     # where the time goes, and what freezing can save
-    smartfrz-fast info                  # what is built and available (ops, kernels, devices)
+    smartfrz-fast info [--check]        # what is built and available (ops, kernels, devices)
 """
 
 from __future__ import annotations
@@ -30,27 +30,21 @@ def _parser() -> argparse.ArgumentParser:
              "engine's overhead (options: smartfrz-fast profile --help)",
         add_help=False,  # --help goes to the profiler's own parser
     )
-    sub.add_parser("info", help="show the installed build: ops, kernels and devices")
+    sub.add_parser("info", help="show the installed build: ops, kernels and devices; --check runs each op "
+                                "against its reference (options: smartfrz-fast info --help)", add_help=False)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
-    # Everything after "demo" / "profile" belongs to that module's parser, --help included.
-    if argv and argv[0] == "demo":
-        from . import demo
+    # Everything after the command belongs to that module's parser, --help included.
+    if argv and argv[0] in ("demo", "profile", "info"):
+        import importlib
 
-        return int(demo.main(argv[1:]) or 0)
-    if argv and argv[0] == "profile":
-        from . import profile
-
-        return int(profile.main(argv[1:]) or 0)
-    args = parser.parse_args(argv)
-    if args.command == "info":
-        from . import info
-
-        return int(info.main() or 0)
+        module = importlib.import_module(f".{argv[0]}", __package__)
+        return int(module.main(argv[1:], prog=f"smartfrz-fast {argv[0]}") or 0)
+    parser.parse_args(argv)  # --help, or an unknown command: argparse says so and exits
     parser.print_help(sys.stderr)  # no command given
     return 2
 

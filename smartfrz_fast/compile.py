@@ -41,6 +41,12 @@ class CompiledBlocks:
         if not self.blocks or not all(isinstance(b, nn.Module) for b in self.blocks):
             raise TypeError("compile_blocks expects a non-empty sequence of nn.Module blocks (e.g. model.layers)")
         self.eager = [False] * len(self.blocks)
+        builtin = [f"{i} ({type(b).__name__})" for i, b in enumerate(self.blocks) if type(b).__module__.startswith("torch.")]
+        if builtin:
+            warnings.warn(f"compile_blocks: blocks {', '.join(builtin[:3])} are torch's own module classes, and "
+                          "nn.Module.compile() on those compiles nothing (dynamo skips torch.nn's frames): they "
+                          "run eagerly. Pass blocks of a module class of your own (a small nn.Module whose forward "
+                          "calls the Sequential), or their layers.", stacklevel=3)
         for block in self.blocks:
             block.compile(**compile_kwargs)
         self.refresh()

@@ -286,9 +286,9 @@ def _step_time_table(result: RunResult, freezer) -> List[str]:
     return lines
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "python -m smartfrz_fast.demo") -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m smartfrz_fast.demo",
+        prog=prog,
         description="Train a small CNN on scikit-learn's handwritten digits (enlarged with "
                     "deterministic distortions) without and with progressive layer freezing, "
                     "on the CPU, and compare accuracy, wall time and FLOPs.",
@@ -334,8 +334,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m smartfrz_fast.demo") -> int:
+    args = parse_args(argv, prog)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     blocks = QUICK_BLOCKS if args.quick else DEFAULT_BLOCKS

@@ -209,6 +209,9 @@ def check(device: Optional[str] = None, seed: Optional[int] = None) -> Tuple[Lis
             backend = label or ops.backends((device.type,))[op_name][device.type]
             if fallback is not None:
                 backend = f"{fallback[0]}, FALLBACK from {backend}: {fallback[1]}"
+            elif "Triton" in backend and ops.triton_import_error() is not None:
+                backend = (f"its fallback (the CUDA C++ extension or the PyTorch reference), FALLBACK from {backend}: "
+                           f"Triton failed to import ({ops.triton_import_error()})")
             all_ok &= ok
             lines.append(f"  {op_name:<16}{'pass' if ok else 'FAIL':<6}{backend}: {detail}")
             lines += [f"    warning: {w.message}" for w in caught if fallback is None and "smartfrz_fast" in str(w.message)]
@@ -216,8 +219,8 @@ def check(device: Optional[str] = None, seed: Optional[int] = None) -> Tuple[Lis
     return lines, all_ok
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m smartfrz_fast.info", description=__doc__.splitlines()[0])
+def main(argv: Optional[List[str]] = None, prog: str = "python -m smartfrz_fast.info") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true",
                         help="run each op once on the GPU (or the CPU backends) against its reference")
     parser.add_argument("--device", default=None, help="device for --check (default: cuda if visible, else cpu)")

@@ -485,37 +485,42 @@ def profile_overhead(
     steps: int = 60,
     warmup: int = 3,
     smartfrz_weights: Optional[str] = None,
+    keep_trainable: int = 1,
 ) -> Tuple[OverheadRow, List[OverheadRow]]:
     """Train a fresh copy for ``steps`` steps without a freezer, then under each policy (with
-    ``total_steps=steps``, so schedules run their course), timing ``freezer.step()``."""
+    ``total_steps=steps``, so schedules run their course, and ``keep_trainable`` as the
+    freezer's), timing ``freezer.step()``."""
     _check_counts(steps, warmup)
     unknown = [p for p in policies if p not in POLICY_NAMES]
     if unknown:
         raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICY_NAMES)}")
     args, kwargs = as_args(inputs), dict(kwargs or {})
     num_units = len(discover_units(copy.deepcopy(model), args, kwargs).units)
-    baseline = _overhead_run(model, args, kwargs, None, loss_fn, optimizer_factory, steps, warmup)
+    baseline = _overhead_run(model, args, kwargs, None, loss_fn, optimizer_factory, steps, warmup, keep_trainable)
     rows = []
     for name in policies:
-        policy = make_policy(name, steps, max(1, num_units - 1), smartfrz_weights)
-        rows.append(_overhead_run(model, args, kwargs, policy, loss_fn, optimizer_factory, steps, warmup))
+        policy = make_policy(name, steps, max(1, num_units - keep_trainable), smartfrz_weights)
+        rows.append(_overhead_run(model, args, kwargs, policy, loss_fn, optimizer_factory, steps, warmup,
+                                  keep_trainable))
     return baseline, rows
 
 
-def _overhead_run(model, args, kwargs, policy, loss_fn, optimizer_factory, steps, warmup) -> OverheadRow:
+def _overhead_run(model, args, kwargs, policy, loss_fn, optimizer_factory, steps, warmup,
+                  keep_trainable) -> OverheadRow:
     work = copy.deepcopy(model).train()
     opt = optimizer_factory(work.parameters())
     for _ in range(warmup):  # before the freezer exists: one-time set-up costs stay out of the run
         _train_step(work, args, kwargs, loss_fn, opt)
     clock = _Clock(_device_of(work))
     hook_marks: List[float] = []
-    handles = [opt.register_step_pre_hook(lambda o, a, k: hook_marks.append(time.perf_counter()))]
+    handles = [opt.register_step_post_hook(lambda o, a, k: hook_marks.append(time.perf_counter()))]
     freezer = None
     if policy is not None:
         freezer = SmartFreezer(work, opt, policy=policy, example_inputs=args, example_kwargs=kwargs,
-                               total_steps=steps)
-    # registered after the freezer's own pre-hook, so the two marks bracket it
-    handles.append(opt.register_step_pre_hook(lambda o, a, k: hook_marks.append(time.perf_counter())))
+                               total_steps=steps, keep_trainable=keep_trainable)
+    # post-step hooks run in the order registered: these two marks bracket the freezer's own
+    # (the gradient-norm hook reads each step's gradients after the step)
+    handles.append(opt.register_step_post_hook(lambda o, a, k: hook_marks.append(time.perf_counter())))
     host, device, train, hooks = [], [], [], []
     start = time.perf_counter()
     for _ in range(steps):
@@ -596,7 +601,8 @@ def profile_model(
     baseline, overheads = None, []
     if policies:
         baseline, overheads = profile_overhead(model, inputs, policies=policies, steps=overhead_steps,
-                                               warmup=warmup, smartfrz_weights=smartfrz_weights, **common)
+                                               warmup=warmup, smartfrz_weights=smartfrz_weights,
+                                               keep_trainable=keep_trainable, **common)
     return Profile(title or type(model).__name__, units, breakdown, prefixes, baseline, overheads)
 
 
@@ -701,9 +707,9 @@ OPTIMIZERS = {
 }
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "python -m smartfrz_fast.profile") -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m smartfrz_fast.profile",
+        prog=prog,
         description="Profile a model's training step per freezable unit, measure what freezing "
                     "each prefix saves, and the freezing engine's own overhead per policy. "
                     "Without --model: the demo's CNN on a batch of the embedded digits.")
@@ -766,8 +772,8 @@ def _demo_batch(batch_size: int, seed: int, quick: bool):
     return model, x[:batch_size], f"demo DigitNet on {batch_size} digits of {size}x{size}"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
+def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m smartfrz_fast.profile") -> int:
+    args = parse_args(argv, prog)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

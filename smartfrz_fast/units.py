@@ -311,6 +311,23 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
                 b.copy_(buffers[name])
 
 
+@contextmanager
+def compiled_modules_run_eagerly(model: nn.Module) -> Iterator[None]:
+    """Modules compiled in place (``module.compile()``, as ``compile_blocks`` does) run their
+    eager forward meanwhile. Run under a dispatch mode (the tracers here), a compiled block is
+    not compiled, and dynamo marks its code to be skipped for the rest of the process: the
+    blocks the user compiled would silently run eagerly ever after."""
+    compiled = [(m, m._compiled_call_impl) for m in model.modules()
+                if getattr(m, "_compiled_call_impl", None) is not None]
+    for m, _ in compiled:
+        m._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for m, impl in compiled:
+            m._compiled_call_impl = impl
+
+
 def trace_forward(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[str, Any]],
                   watched: Dict[int, str]) -> _ForwardTracer:
     """Run one forward pass under the tracer without changing the model or the RNG."""
@@ -339,7 +356,7 @@ def trace_forward(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[s
     hooks += [m.register_forward_hook(leave, always_call=True) for m in model.modules()]
     try:
         with preserved_state(model), torch.no_grad():
-            with tracer:
+            with compiled_modules_run_eagerly(model), tracer:
                 model(*args, **(kwargs or {}))
     except Exception as exc:  # the model's own error, plus what the engine was doing (3.11+)
         if hasattr(exc, "add_note"):

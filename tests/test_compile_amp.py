@@ -110,6 +110,34 @@ def test_compile_blocks_progressive_freeze(dynamo_strict):
     torch.testing.assert_close(losses, eager_losses, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("order", ["blocks compiled first", "units found at the first forward"])
+def test_blocks_compiled_before_the_units_are_found_still_compile(dynamo_strict, order):
+    # finding the units runs a forward under a dispatch mode: through compiled blocks, dynamo
+    # would refuse and mark their code skipped for good (every block silently eager)
+    counter = CompileCounter()
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    if order == "blocks compiled first":
+        blocks = compile_blocks(model.blocks, None, backend=counter)
+        freezer = SmartFreezer(model, opt, OneMorePerStep(), example_inputs=torch.randn(4, WIDTH))
+    else:
+        freezer = SmartFreezer(model, opt, OneMorePerStep())  # set-up at the first forward
+        blocks = compile_blocks(model.blocks, freezer, backend=counter)
+    for step in range(2):
+        model(torch.randn(4, WIDTH)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+    assert counter.frame_count >= 1 and len(freezer.units) == 2 * BLOCKS + 1
+    assert all(b._compiled_call_impl is not None for b in blocks.blocks[1:])
+
+
+def test_compile_blocks_warns_that_torchs_own_module_classes_do_not_compile():
+    blocks = [nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh()), Block()]
+    with pytest.warns(UserWarning, match=r"blocks 0 \(Sequential\) are torch's own module classes"):
+        compile_blocks(blocks, None, backend="eager")
+
+
 class ThreeUnitBlock(nn.Module):
     def __init__(self):
         super().__init__()

@@ -298,6 +298,18 @@ def test_info_check_runs_each_op_and_shows_a_fallback(monkeypatch, capsys, fresh
     assert "fallbacks       \n  predict         cpu     the PyTorch reference, because: Triton kernel" in out
 
 
+def test_info_check_says_when_triton_failed_to_import(monkeypatch, capsys):
+    # the Triton ops then run their fallback: a "pass" must not be credited to Triton
+    from smartfrz_fast import info
+
+    monkeypatch.setattr(ops, "_triton_kernels", lambda: None)
+    monkeypatch.setattr(ops, "_TRITON_IMPORT_ERROR", "ImportError: simulated")
+    assert info.main(["--check", "--device", "cpu", "--seed", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "Triton in the interpreter" in line]
+    assert len(rows) == 4 and all("FALLBACK from Triton in the interpreter: Triton failed to import "
+                                  "(ImportError: simulated)" in row for row in rows), rows
+
+
 def test_info_check_fails_loudly_on_a_wrong_result(monkeypatch, capsys):
     from smartfrz_fast import info
 

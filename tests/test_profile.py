@@ -162,6 +162,15 @@ def test_overhead_per_policy():
     assert by["smartfrz"].num_frozen >= 0 and by["smartfrz"].step_us_max > by["static"].step_us_median
 
 
+def test_overhead_runs_keep_the_trainable_units_asked_for():
+    from smartfrz_fast.units import discover_units
+
+    model, x = SmallCNN(), torch.randn(4, 1, 8, 8)
+    units = len(discover_units(SmallCNN(), (x,)).units)
+    _, rows = profile_overhead(model, x, policies=("linear", "freezeout"), steps=24, warmup=1, keep_trainable=2)
+    assert rows and all(0 < r.num_frozen <= units - 2 for r in rows)
+
+
 @pytest.mark.slow
 def test_smartfrz_runs_with_the_shipped_predictor_by_default():
     from models import batch, train_steps

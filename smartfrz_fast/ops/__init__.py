@@ -13,7 +13,7 @@ import functools
 import importlib.util
 import os
 import warnings
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -99,13 +99,24 @@ def _register_extension_kernels() -> None:
 @functools.lru_cache(maxsize=None)
 def _triton_kernels():
     """``ops.triton_kernels`` (imports Triton), loaded at the first CUDA call; None if it fails."""
+    global _TRITON_IMPORT_ERROR
     try:
         from . import triton_kernels
     except Exception as exc:  # a broken Triton install must not stop training: warn, fall back
-        warnings.warn(f"smartfrz_fast: the Triton kernels failed to load ({type(exc).__name__}: {exc}); "
+        _TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+        warnings.warn(f"smartfrz_fast: the Triton kernels failed to load ({_TRITON_IMPORT_ERROR}); "
                       "CUDA ops run the CUDA C++ extension or the PyTorch reference instead.")
         return None
     return triton_kernels
+
+
+_TRITON_IMPORT_ERROR: Optional[str] = None
+
+
+def triton_import_error() -> Optional[str]:
+    """Why the Triton kernels failed to load, once an op tried them (None: loaded, or not tried):
+    every Triton op then runs its fallback."""
+    return _TRITON_IMPORT_ERROR
 
 
 def _triton_impls() -> Dict[str, Callable]:
