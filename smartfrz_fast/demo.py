@@ -329,6 +329,10 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "python -m smar
         p.error("--samples must be at least --batch-size")
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be at least 1")
+    if args.image_size < 8:
+        p.error("--image-size must be at least 8 (the digits are 8x8 images)")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        p.error("--lr must be a positive number")
     if args.sieve is not None and not (0.0 < args.sieve <= 1.0 and args.sieve * args.samples >= args.batch_size):
         p.error("--sieve must be a fraction in (0, 1] that leaves at least one batch of samples per epoch")
     return args

@@ -181,6 +181,11 @@ def check(device: Optional[str] = None, seed: Optional[int] = None) -> Tuple[Lis
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: the ops run on 'cpu' or 'cuda'")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is visible to this torch ({torch.__version__}); "
+                         "leave --device out to check the CPU backends")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
@@ -228,7 +233,10 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m smartfrz_fast.
     args = parser.parse_args(argv)
     ok = True
     if args.check:
-        lines, ok = check(args.device, args.seed)
+        try:
+            lines, ok = check(args.device, args.seed)
+        except ValueError as exc:  # a device this machine cannot check on
+            parser.error(str(exc))
     print("\n".join(collect()))
     if args.check:
         print("check")

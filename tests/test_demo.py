@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("sklearn", reason="the demo needs scikit-learn (pip install scikit-learn)")
 pytest.importorskip("tqdm", reason="the demo needs tqdm")
@@ -86,9 +87,16 @@ def test_bad_arguments_exit_with_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         demo.main(["--policy", "nope"])
     assert info.value.code == 2
-    with pytest.raises(SystemExit) as info:
-        demo.main(["--epochs", "0"])
-    assert info.value.code == 2
+    for bad in (["--epochs", "0"], ["--image-size", "3"], ["--lr", "-1"], ["--lr", "nan"]):
+        with pytest.raises(SystemExit) as info:
+            demo.main(bad)
+        assert info.value.code == 2, bad
+    from smartfrz_fast import info as info_module
+
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as info:
+            info_module.main(["--check", "--device", "cuda"])
+        assert info.value.code == 2 and "no CUDA GPU is visible" in capsys.readouterr().err
 
 
 def test_cli_forwards_to_the_demo(monkeypatch):
