@@ -394,7 +394,8 @@ class SmartFreezer:
         self.step_count += 1
         step = self.step_count
         self._guard.on_freezer_step(self)  # model changes since the last step, step() vs optimizer steps
-        if self.total_steps is not None and step > self.total_steps and not self._warned_past_total:
+        if (self.total_steps is not None and step > self.total_steps and not self._warned_past_total
+                and self.policy.uses_total_steps):
             self._warned_past_total = True  # once (also for a run resumed past it)
             self._warn_past_total_steps(step)
         if self.history is not None and step % self.sample_every == 0:
@@ -829,7 +830,7 @@ class SmartFreezer:
                           f"{self.policy.describe()}: the resumed run will not continue as the saved one would.",
                           stacklevel=2)
         saved_total = state.get("total_steps", self.total_steps)  # absent in checkpoints older than this check
-        if saved_total != self.total_steps:
+        if saved_total != self.total_steps and self.policy.uses_total_steps:
             warnings.warn(f"SmartFreezer: the checkpoint was made with total_steps={saved_total}, this run has "
                           f"total_steps={self.total_steps}: a policy paced by the run's length ({type(self.policy).__name__}) "
                           "will not continue as the saved run would (its schedule now says another prefix). "

@@ -87,6 +87,9 @@ class FreezePolicy:
     needs_history = False  # the engine keeps a weight-history ring buffer for this policy
     needs_gradients = False  # the engine calls ``observe_gradients`` with each optimizer step's gradients
     manages_lr = False  # the engine scales each unit's lr by ``lr_factors`` inside optimizer.step()
+    # Its schedule or pace follows the freezer's total_steps: the engine warns when a run goes
+    # past it or resumes with another one. False for a policy that never reads it.
+    uses_total_steps = True
     # Decisions depend only on the step (a schedule): under DDP every rank computes the same
     # one, so the engine broadcasts nothing. False: rank 0's decision is broadcast at the
     # steps where ``decides_at`` is true.

@@ -20,6 +20,7 @@ class StaticFreeze(FreezePolicy):
 
     name = "static"
     deterministic_schedule = True  # same decision on every rank: no broadcast
+    uses_total_steps = False  # a fixed step, whatever the run's length
 
     def __init__(self, num_units: int, at_step: int = 0) -> None:
         super().__init__()
