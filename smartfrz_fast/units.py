@@ -417,12 +417,9 @@ def discover_units(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[
     op_starts = [layer_first_use[g[0]] for g in groups]
     num_ops = len(tracer.op_flops)
 
-    ordered = all(a <= b for a, b in zip(op_starts, op_starts[1:]))
-
     def unit_at(op: int) -> int:  # the unit in whose span an op lies (ops before unit 0: unit 0)
-        if ordered:  # units in order of first use: a binary search (set-up reads every parameter op)
-            return max(0, bisect.bisect_right(op_starts, op) - 1)
-        return max((i for i, start in enumerate(op_starts) if start <= op), default=0)
+        # op_starts ascend (groups follow `order`): a binary search, set-up reads every parameter op
+        return max(0, bisect.bisect_right(op_starts, op) - 1)
 
     names_of = {id(m): n for n, m in model.named_modules()}
     module_calls = {key: (m, names_of.get(key, type(m).__name__), [(a, max(a, b)) for a, b in tracer.module_calls[key]])

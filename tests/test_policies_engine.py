@@ -42,9 +42,10 @@ def group_of(optimizer, param):
     return None
 
 
-def train(policy, total_steps, *, momentum=0.9, keep_trainable=1, on_step=None):
-    """Runs the documented loop; returns (freezer, optimizer, num_frozen after each step, lrs).
-    lrs[j][i] is the lr optimizer step j (0-based) used for unit i (None once frozen)."""
+def train(policy, total_steps, *, momentum=0.9, keep_trainable=1, on_step=None, steps=None):
+    """Runs the documented loop for ``steps`` (default ``total_steps``) steps; returns
+    (freezer, optimizer, num_frozen after each step, lrs). lrs[j][i] is the lr optimizer step j
+    (0-based) used for unit i (None once frozen)."""
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=momentum)
     x0, _ = data(0)
@@ -63,7 +64,7 @@ def train(policy, total_steps, *, momentum=0.9, keep_trainable=1, on_step=None):
 
     hook = optimizer.register_step_pre_hook(record_lrs)  # runs after the engine's own hooks
     num_frozen = []
-    for step in range(total_steps):
+    for step in range(total_steps if steps is None else steps):
         x, y = data(step)
         loss = nn.functional.mse_loss(model(x), y)
         loss.backward()
@@ -133,17 +134,9 @@ def test_freezeout_keeps_its_schedule_on_parameters_replaced_in_place():
 def test_running_past_total_steps_warns_once(policy):
     import warnings
 
-    model = make_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    freezer = SmartFreezer(model, optimizer, policy=policy, example_inputs=(data(0)[0],), total_steps=6)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for step in range(10):
-            x, y = data(step)
-            nn.functional.mse_loss(model(x), y).backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            freezer.step()
+        train(policy, 6, steps=10)
     past = [str(w.message) for w in caught if "past total_steps" in str(w.message)]
     if not policy.uses_total_steps:  # a fixed step: the run's length changes nothing
         assert past == []

@@ -835,8 +835,11 @@ class ActivationCache:
         dtype = getattr(torch, str(name).replace("torch.", ""), None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"ActivationCache: {where} does not record its activation dtype; delete it")
-        device = next((p.device for b in self.chain.blocks for p in b.parameters()), torch.device("cpu"))
-        return dtype, self.device or device
+        return dtype, self._chain_device()
+
+    def _chain_device(self) -> torch.device:
+        """This cache's device, else the device of the chain's parameters."""
+        return self.device or next((p.device for b in self.chain.blocks for p in b.parameters()), torch.device("cpu"))
 
     def _make_store(self, row_shape: Tuple[int, ...], path: Optional[str], reuse: Optional[bool] = None,
                     commit: bool = True) -> Storage:
@@ -896,10 +899,7 @@ class ActivationCache:
         return fingerprint
 
     def _device_type(self) -> str:
-        if self._act is not None:
-            return self._act[1].type
-        return (self.device or next((p.device for b in self.chain.blocks for p in b.parameters()),
-                                    torch.device("cpu"))).type
+        return (self._act[1] if self._act is not None else self._chain_device()).type
 
     def _autocast_now(self) -> str:
         """The autocast mode a forward runs in now on the chain's device: "off", or its dtype."""
