@@ -7,7 +7,10 @@ read from the attention module's ``training`` flag, any user module), and BatchN
 stop moving. A forward pre-hook sets the flag at every call, so ``model.train()`` cannot undo it
 and ``model.eval()`` then ``model.train()`` leaves exactly the trainable modules in train mode.
 Flags are set per module (not ``.eval()``, which recurses): a frozen module's child that is also
-called after the prefix keeps its own flag.
+called after the prefix keeps its own flag. Torch's own modules whose forward never reads the flag
+(``MODE_BLIND``: Linear, Conv, LayerNorm, activations, pooling, containers; exact classes) get it
+once and no hook: a hook per module per forward was the prefix's main cost on deep models, and
+their flag changes nothing (``model.train()`` may set it back to True).
 
 A module called both inside and after the prefix (ALBERT's one layer called 12 times) runs its
 first calls in eval and the rest with the flag the user set; a shared parameter that keeps
@@ -32,6 +35,29 @@ def engine_hook(fn):
     """Marks a hook as the engine's (the activation cache's trace check skips it)."""
     fn.engine_hook = True
     return fn
+
+
+def _torch_modules(*names: str) -> frozenset:
+    return frozenset(getattr(nn, name) for name in names if hasattr(nn, name))  # RMSNorm: torch >= 2.4
+
+
+# Torch classes whose forward ignores ``training`` (tests/test_frozen_region.py reads their source).
+MODE_BLIND = _torch_modules(
+    "Linear", "Bilinear", "Identity", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
+    "ConvTranspose3d", "LayerNorm", "GroupNorm", "RMSNorm", "LocalResponseNorm", "Embedding", "EmbeddingBag",
+    "ReLU", "ReLU6", "LeakyReLU", "PReLU", "ELU", "SELU", "CELU", "GELU", "SiLU", "Mish", "Sigmoid", "Tanh",
+    "Hardtanh", "Hardswish", "Hardsigmoid", "Softplus", "Softsign", "Softmax", "LogSoftmax", "GLU", "Tanhshrink",
+    "Threshold", "LogSigmoid", "MaxPool1d", "MaxPool2d", "MaxPool3d", "AvgPool1d", "AvgPool2d", "AvgPool3d",
+    "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "AdaptiveAvgPool3d", "AdaptiveMaxPool1d", "AdaptiveMaxPool2d",
+    "AdaptiveMaxPool3d", "Flatten", "Unflatten", "Upsample", "PixelShuffle", "PixelUnshuffle", "ZeroPad2d",
+    "ConstantPad1d", "ConstantPad2d", "ConstantPad3d", "ReflectionPad1d", "ReflectionPad2d", "ReplicationPad1d",
+    "ReplicationPad2d", "Sequential", "ModuleList", "ModuleDict")
+
+
+def mode_blind(module: nn.Module) -> bool:
+    """True for a module whose forward cannot read its ``training`` flag (an exact torch class
+    in ``MODE_BLIND``; a subclass may override forward)."""
+    return type(module) in MODE_BLIND
 
 
 @engine_hook
@@ -61,8 +87,10 @@ class FrozenRegion:
         always, partly = self.plan.eval_modules(cut)
         detach = self.plan.detached_calls(cut)
         for module in always:
-            module.training = False
-            self.handles.append(module.register_forward_pre_hook(_force_eval))
+            if module.training:  # (nn.Module's __setattr__ is slow: most flags are set already)
+                module.training = False
+            if not mode_blind(module):
+                self.handles.append(module.register_forward_pre_hook(_force_eval))
         counted = {id(m): n for m, n in partly.items()}  # id(module) -> leading calls in eval
         counted_detach: Dict[int, int] = {}  # id(module) -> leading calls detached
         for key, n in detach.items():

@@ -109,6 +109,8 @@ class UnitPlan:
     module_calls: Dict[int, Tuple[nn.Module, str, List[Tuple[int, int]]]] = field(default_factory=dict)
     # why a cut is refused, for the cuts shared_parameters="train" cannot make
     refused_cuts: Dict[int, str] = field(default_factory=dict)
+    # id(module) -> its descendants the traced forward never called (filled by eval_modules)
+    _uncalled_descendants: Dict[int, List[nn.Module]] = field(default_factory=dict, repr=False, compare=False)
 
     def largest_allowed_cut(self, at_most: int) -> int:
         for cut in range(min(at_most, len(self.units)), -1, -1):
@@ -173,9 +175,9 @@ class UnitPlan:
         for key, (module, _, calls) in self.module_calls.items():
             n = self.frozen_calls(key, cut)
             if n == len(calls):
-                for inner in module.modules():
-                    if inner is module or id(inner) not in self.module_calls:
-                        always[id(inner)] = inner
+                always[key] = module
+                for inner in self._uncalled_within(key, module):
+                    always[id(inner)] = inner
             elif n:
                 partly[module] = n
         for unit in self.units[:cut]:
@@ -183,6 +185,15 @@ class UnitPlan:
                 if module not in partly:
                     always[id(module)] = module
         return list(always.values()), partly
+
+    def _uncalled_within(self, key: int, module: nn.Module) -> List[nn.Module]:
+        """``module``'s descendants the traced forward never called, walked once per module (a
+        walk at every freeze event cost O(depth x modules) on deeply nested models)."""
+        found = self._uncalled_descendants.get(key)
+        if found is None:
+            found = [m for m in module.modules() if m is not module and id(m) not in self.module_calls]
+            self._uncalled_descendants[key] = found
+        return found
 
 
 class _ForwardTracer(TorchDispatchMode):

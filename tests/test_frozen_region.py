@@ -1,0 +1,84 @@
+"""The frozen prefix's eval mode: which modules get a hook, which only a flag."""
+
+import inspect
+import re
+
+import torch
+from torch import nn
+
+from smartfrz_fast import SmartFreezer, StaticFreeze
+from smartfrz_fast.frozen import MODE_BLIND, mode_blind
+
+
+def _forward_code(cls) -> str:
+    forward = next(k.__dict__["forward"] for k in cls.__mro__ if "forward" in k.__dict__)
+    return re.sub(r'""".*?"""', "", inspect.getsource(forward), flags=re.S)
+
+
+def test_mode_blind_classes_never_read_their_flag():
+    # the list is only safe while torch's forwards ignore `training`; a torch upgrade that adds
+    # a read (as Dropout, BatchNorm, MultiheadAttention have) must take the class off it
+    assert len(MODE_BLIND) > 50
+    for cls in MODE_BLIND:
+        assert "training" not in _forward_code(cls), cls.__name__
+
+
+class ModeLinear(nn.Linear):
+    """A subclass that reads its mode: not mode-blind, whatever its base."""
+
+    def forward(self, x):
+        return super().forward(x) * (2.0 if self.training else 1.0)
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act, self.scaled = nn.Linear(5, 5), nn.GELU(), ModeLinear(5, 5)
+        self.attn_drop = nn.Dropout(0.5)  # never called: the parent reads its rate with its own flag
+
+    def forward(self, x):
+        p = self.attn_drop.p if self.training else 0.0
+        return nn.functional.dropout(self.scaled(self.act(self.fc(x))), p, True)
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(Block(), Block(), nn.Linear(5, 2))
+
+
+def test_only_modules_that_read_their_mode_get_a_hook():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=1), example_inputs=torch.randn(4, 5))
+    freezer.freeze_to(2)  # units: each Linear; the first block's two are its whole call
+    first = model[0]
+    hooked = {m for m in model.modules() if m._forward_pre_hooks}
+    # Block and ModeLinear read `training`, a Dropout may (this one is never called); fc and GELU cannot
+    assert hooked == {first, first.scaled, first.attn_drop}
+    assert not mode_blind(first.scaled) and mode_blind(first.fc)
+    model.train()
+    x = torch.randn(4, 5)
+    torch.manual_seed(1)
+    out = model[0](x)
+    torch.manual_seed(1)
+    model[0].eval()
+    expected = model[0](x)  # the frozen block as a fixed function: eval throughout
+    model.train()
+    assert torch.equal(out, expected)
+    assert model[1].training and model[1].scaled.training  # the trainable block keeps its mode
+    freezer.close()
+
+
+def test_freeze_events_give_the_same_modes_as_one_freeze():
+    # eval_modules caches each module's uncalled descendants: two events must end as one
+    stepwise, direct = _model(), _model()
+    for model, cuts in ((stepwise, (2, 4)), (direct, (4,))):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=1), example_inputs=torch.randn(4, 5),
+                               keep_trainable=0)
+        for cut in cuts:
+            freezer.freeze_to(cut)
+        model.train()
+        model(torch.randn(4, 5))
+    assert [m.training for m in stepwise.modules()] == [m.training for m in direct.modules()]
+    assert not stepwise[1].training and not stepwise[1].scaled.training
