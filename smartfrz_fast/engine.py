@@ -142,7 +142,7 @@ class SmartFreezer:
             inputs, a single tensor, or a dict of keyword inputs (a Hugging Face batch; a dict
             whose keys are not all parameters of ``model.forward`` is its one positional input).
             Without it, the units are found at the model's first forward.
-        example_kwargs: keyword inputs for that pass.
+        example_kwargs: keyword inputs for that pass (alone: a call with keyword inputs only).
         total_steps: number of optimizer steps in the run (schedule-based policies need it).
         sample_every: take a weight-history snapshot every this many steps. Default: the
             policy's choice (SmartFRZ: ``total_steps // 120``, the pace its predictor was
@@ -249,8 +249,8 @@ class SmartFreezer:
             self.add_freeze_listener(lambda event, units: model.rewrap())
 
         guards.check_unclaimed(self.module)
-        if example_inputs is not None:
-            self._setup(*example_call(self.module, example_inputs, example_kwargs))
+        if example_inputs is not None or example_kwargs is not None:  # keyword inputs alone are a call too
+            self._setup(*example_call(self.module, () if example_inputs is None else example_inputs, example_kwargs))
         else:  # kept apart from self._hooks: other code adds hooks there before the first forward
             self._first_forward_hook = model.register_forward_pre_hook(
                 self._setup_on_first_forward, with_kwargs=True)

@@ -56,6 +56,22 @@ def test_units_found_at_first_forward_without_example_inputs():
     assert freezer.num_frozen == 2
 
 
+def test_example_kwargs_alone_find_the_units_at_construction():
+    class KeywordNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, *, x, scale=1.0):
+            return self.b(torch.relu(self.a(x))) * scale
+
+    model = KeywordNet()
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1, at_step=1),
+                           example_kwargs={"x": torch.randn(3, 4), "scale": 2.0})
+    assert [u.name for u in freezer.units] == ["a", "b"]  # was ignored: set-up waited for a forward
+    assert freezer.freeze_to(1) == 1
+
+
 def test_freeze_releases_grads_and_optimizer_state_and_keeps_state_dict_working():
     model = SmallCNN()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
