@@ -272,6 +272,7 @@ def test_forward_hooks_run_with_the_cache(placed, where):
     assert cache.chain.how == ("module swap" if placed == "before set-up" else "torch.fx"), cache.describe()
     freezer.freeze_to(2)
     if placed == "after set-up":
+        run(x, ids)  # the freeze placed hooks: the cache looks at the model (and keeps what it found)
         target.register_forward_hook(hook)
         with pytest.warns(UserWarning, match="forward hooks were placed"):
             run(x, ids)

@@ -36,7 +36,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..distributed import FreezableDDP, _is_fsdp1, _is_fsdp2, check_ddp
 from ..units import as_args, preserved_modes
-from .split import SWAP, BlockChain, Inputs, find_blocks, skipped_hooks
+from .split import SWAP, BlockChain, Inputs, find_blocks, modules_outside, skipped_hooks
 from .storage import (PINNED_READS, STORAGE_DTYPES, TIERS, Storage, check_path, input_sums, make_storage,
                       owned_temp_path, read_header, remove_leftovers, row_bytes, storage_dtype)
 
@@ -182,6 +182,7 @@ class ActivationCache:
         self.cut_note: Optional[str] = None  # why the cut is not as deep as the frozen prefix
         self._structure_changed = False  # a module or parameter registered in the model since set-up
         self._handles_seen = -1  # torch's hook-handle counter when hooks were last checked
+        self._outside: Tuple[Optional[BlockChain], list] = (None, [])  # (chain, modules it does not call)
         self._structure_hooks: list = []
         freezer.add_freeze_listener(self._on_freeze)
 
@@ -434,7 +435,9 @@ class ActivationCache:
         elif self.chain is not None and RemovableHandle.next_id != self._handles_seen:
             # a hook was registered somewhere since the last look (one counter read per step)
             self._handles_seen = RemovableHandle.next_id
-            hooked = skipped_hooks(model, self.chain)
+            if self._outside[0] is not self.chain:  # the model's tree is fixed while its chain is
+                self._outside = (self.chain, modules_outside(model, self.chain))
+            hooked = skipped_hooks(model, self.chain, self._outside[1])
             if hooked:
                 self._rederive(f"forward hooks were placed on {', '.join(hooked[:3])}, which the {self.chain.how} "
                                "blocks would not run")

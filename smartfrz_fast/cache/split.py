@@ -612,21 +612,29 @@ def _mode_free_trace(model: nn.Module) -> torch.fx.Graph:
     return graphs[0]
 
 
-def skipped_hooks(model: nn.Module, chain: BlockChain) -> List[str]:
+def modules_outside(model: nn.Module, chain: BlockChain) -> List[Tuple[str, nn.Module]]:
+    """(name, module) of the modules of ``model`` that ``chain`` does not call: the model itself
+    and the containers around its blocks (a traced chain calls only leaf modules)."""
+    called = {id(m) for block in chain.blocks for top in block.modules for m in top.modules()}
+    return [(name or type(model).__name__, m) for name, m in model.named_modules() if id(m) not in called]
+
+
+def skipped_hooks(model: nn.Module, chain: BlockChain,
+                  outside: Optional[List[Tuple[str, nn.Module]]] = None) -> List[str]:
     """Modules of ``model`` that carry hooks a user placed (forward, or module backward hooks)
-    and that ``chain`` would not call: the model itself and the containers around its blocks (a traced chain calls only leaf
-    modules). Their hooks would silently not run, so such a chain is not used. The module swap
-    runs the model's own forward and skips none. The engine's frozen-prefix hooks
+    and that ``chain`` would not call (``modules_outside``, or ``outside`` when the caller kept
+    it). Their hooks would silently not run, so such a chain is not used. The module swap runs
+    the model's own forward and skips none. The engine's frozen-prefix hooks
     (``frozen.engine_hook``) are not the user's."""
     if chain.how == SWAP:
         return []
-    called = {id(m) for block in chain.blocks for top in block.modules for m in top.modules()}
+
     def hooks(m: nn.Module):  # all that run only when the module is called (backward hooks too)
         return (*m._forward_hooks.values(), *m._forward_pre_hooks.values(), *m._backward_hooks.values(),
                 *m._backward_pre_hooks.values())
 
-    return [name or type(model).__name__ for name, m in model.named_modules()
-            if id(m) not in called and any(not getattr(h, "engine_hook", False) for h in hooks(m))]
+    return [name for name, m in (modules_outside(model, chain) if outside is None else outside)
+            if any(not getattr(h, "engine_hook", False) for h in hooks(m))]
 
 
 def fx_chain(model: nn.Module) -> BlockChain:
