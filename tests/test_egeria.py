@@ -228,3 +228,29 @@ def test_defaults_act_on_an_ordinary_run():
         sched.step()
         freezer.step()
     assert freezer.num_frozen >= 1 and freezer.timeline[0].step < total * 3 // 4, freezer.report()
+
+
+def test_evaluations_copy_only_the_tensors_that_changed():
+    # frozen tensors are copied once; one written in place later (a resume's load_state_dict)
+    # is copied again: the staging buffers always hold the model's values
+    model = mlp()
+    x = torch.randn(6, 12)
+    egeria = Egeria(model, x, interval=1, warmup=0, asynchronous=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, egeria, example_inputs=x)
+    freezer.freeze_to(2)
+    egeria._copy_weights()
+    before = list(egeria._staged)
+    model(x).sum().backward()
+    opt.step()
+    egeria._copy_weights()
+    changed = {i for i, (a, b) in enumerate(zip(before, egeria._staged)) if a != b}
+    params = list(model.parameters())
+    trainable = {i for i, p in enumerate(params) if p.requires_grad}
+    assert changed == trainable and len(trainable) == 4  # the last two Linears' weights and biases
+    with torch.no_grad():
+        params[0].add_(1.0)
+    egeria._copy_weights()
+    for staged, tensor in zip(egeria._staging, list(model.parameters()) + list(model.buffers())):
+        assert torch.equal(staged, tensor)
+    freezer.close()

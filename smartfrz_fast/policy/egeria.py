@@ -7,7 +7,7 @@ import copy
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -64,6 +64,16 @@ def _first_tensor(out: Any) -> Optional[Tensor]:
             if t is not None:
                 return t
     return None
+
+
+def _stamp(t: Tensor) -> Optional[Tuple[int, int]]:
+    """(identity, version counter) of a tensor: equal stamps mean its values did not change
+    (every in-place write, an optimizer step or ``load_state_dict``, bumps the counter). None:
+    unknown (an inference tensor keeps no counter)."""
+    try:
+        return id(t), t._version
+    except RuntimeError:
+        return None
 
 
 class Egeria(FreezePolicy):
@@ -167,6 +177,7 @@ class Egeria(FreezePolicy):
         pin = any(t.is_cuda for t in self._src_tensors) and self.ref_device.type == "cpu"
         self._staging = [torch.empty(t.shape, dtype=t.dtype, device=self.ref_device, pin_memory=pin)
                          for t in self._src_tensors]
+        self._staged: List[Optional[Tuple[int, int]]] = [None] * len(self._staging)  # _stamp at the last copy
         self._executor: Optional[ThreadPoolExecutor] = None
         self._future: Optional[Future] = None
         self._pending: Optional[List[float]] = None  # distances of the last evaluation, if known
@@ -215,8 +226,11 @@ class Egeria(FreezePolicy):
             raise RuntimeError("Egeria: the model's parameters or buffers changed shape or number since Egeria "
                                "copied it: build a new Egeria (and SmartFreezer) for the changed model.")
         with torch.no_grad():
-            for dst, src in zip(self._staging, self._src_tensors):
-                dst.copy_(src.detach(), non_blocking=True)
+            for i, (dst, src) in enumerate(zip(self._staging, self._src_tensors)):
+                stamp = _stamp(src)
+                if stamp is None or stamp != self._staged[i]:  # frozen tensors are copied once
+                    dst.copy_(src.detach(), non_blocking=True)
+                    self._staged[i] = stamp
         if any(t.is_cuda for t in self._src_tensors):
             event = torch.cuda.Event()
             event.record()
