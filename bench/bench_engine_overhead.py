@@ -65,9 +65,10 @@ def measure(n: int, repeats: int) -> dict:
     freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=10**9), example_inputs=x, total_steps=10**9)
     setup = 1e3 * (time.perf_counter() - start)
     half = len(freezer.units) // 2
-    freezer.freeze_to(half - 10)
+    deeper = min(10, half - 1)  # freeze events one unit deeper each
+    freezer.freeze_to(half - deeper)
     events = []
-    for k in range(9, -1, -1):
+    for k in range(deeper - 1, -1, -1):
         start = time.perf_counter()
         freezer.freeze_to(half - k)
         events.append(time.perf_counter() - start)
