@@ -1,5 +1,4 @@
-"""bench/bench_engine_overhead.py runs, and its hand-frozen ideal is the engine's model: same
-frozen parameters, same modules in eval, same outputs."""
+"""bench/bench_engine_overhead.py runs on a shallow model and writes its table."""
 
 import importlib.util
 import sys
