@@ -314,7 +314,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "python -m smar
                    help="a third run freezes the same way and also skips the frozen layers' forward "
                         "pass with the activation cache (fp32 rows in memory)")
     p.add_argument("--plot", metavar="PNG", default=None,
-                   help="write a PNG of the freeze timeline, step time and test accuracy over "
+                   help="write a PNG (or .pdf, .svg) of the freeze timeline, step time and test accuracy over "
                         "training (needs matplotlib, the plot extra: pip install matplotlib)")
     args = p.parse_args(argv)
     quick = args.quick
@@ -377,11 +377,11 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m smartfrz_f
 
     _warm_up(make_model, init_state, x_train[:args.batch_size], y_train[:args.batch_size], args.lr)
     if args.plot:
-        from .plot import require_matplotlib
+        from .plot import plot_format
 
         try:
-            require_matplotlib()
-        except ImportError as exc:
+            plot_format(args.plot)
+        except (ImportError, ValueError) as exc:
             print(f"--plot: {exc}", file=sys.stderr)
             return 2
     common = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,

@@ -1,4 +1,4 @@
-"""A PNG of a training run with freezing: the freeze timeline, step time and accuracy.
+"""A figure of a training run with freezing: the freeze timeline, step time and accuracy.
 
 Needs matplotlib (``pip install matplotlib``, the ``plot`` extra). Drawn with matplotlib's Agg canvas
 directly (no pyplot): headless, and the caller's matplotlib backend is left alone.
@@ -7,6 +7,7 @@ directly (no pyplot): headless, and the caller's matplotlib backend is left alon
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import List, Sequence, Tuple
 
 from .engine import FreezeEvent
@@ -39,12 +40,26 @@ def _rolling_median(values: Sequence[float], width: int) -> List[float]:
     return out
 
 
+def plot_format(path: str) -> str:
+    """The image format ``path``'s extension names (png without one); a clear error for an
+    extension matplotlib cannot write, before any training is spent."""
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    suffix = Path(path).suffix.lstrip(".").lower()
+    supported = FigureCanvasAgg.get_supported_filetypes()
+    if suffix and suffix not in supported:
+        raise ValueError(f"cannot write a plot to {path!r}: matplotlib writes {', '.join(sorted(supported))}; "
+                         "end the path in one of them (.png, .pdf, .svg)")
+    return suffix or "png"
+
+
 def plot_training(path: str, curves: Sequence[Curve], timeline: Sequence[FreezeEvent],
                   num_units: int, title: str = "", dpi: int = 110) -> str:
-    """Write a three-panel PNG to ``path``: frozen units (with the units each freeze added),
+    """Write a three-panel figure to ``path`` (PNG, or the format its extension names: .pdf, .svg): frozen units (with the units each freeze added),
     step time (per step, faint, and a rolling median) and accuracy, against the step.
     ``timeline``: the freezer's events; ``num_units``: its unit count. Returns ``path``."""
-    require_matplotlib()
+    fmt = plot_format(path)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -105,5 +120,5 @@ def plot_training(path: str, curves: Sequence[Curve], timeline: Sequence[FreezeE
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    fig.savefig(path, format=fmt)
     return path

@@ -274,6 +274,28 @@ def test_plot_is_a_png(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
 
 
+def test_plot_format_follows_the_extension(tmp_path):
+    pytest.importorskip("matplotlib")
+    from smartfrz_fast.plot import Curve, plot_training
+
+    curves = [Curve("full", [10.0] * 20, [(10, 0.5), (20, 0.8)])]
+    for name, magic in (("t.pdf", b"%PDF"), ("t.svg", b"<?xml"), ("t", b"\x89PNG")):  # was PNG bytes in a .pdf
+        path = plot_training(str(tmp_path / name), curves, [], num_units=4)
+        assert Path(path).read_bytes().startswith(magic), name
+    with pytest.raises(ValueError, match=r"end the path in one of them"):
+        plot_training(str(tmp_path / "t.docx"), curves, [], num_units=4)
+
+
+
+def test_demo_refuses_a_plot_path_it_cannot_write_before_training(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from smartfrz_fast import demo
+
+    assert demo.main(["--quick", "--no-progress", "--plot", str(tmp_path / "run.docx")]) == 2
+    captured = capsys.readouterr()
+    assert "--plot: cannot write a plot to" in captured.err and "full training" not in captured.out
+
+
 @pytest.mark.slow
 def test_demo_plot(tmp_path):
     pytest.importorskip("matplotlib")
