@@ -570,8 +570,21 @@ class Profile:
     baseline: Optional[OverheadRow] = None
     overheads: List[OverheadRow] = field(default_factory=list)
 
+    def derived(self, row: OverheadRow) -> Dict[str, Optional[float]]:
+        """The overhead table's computed columns for one policy's row: the freezer's share of a
+        step (``freezer.step()`` and its gradient-norm hook), the run's wall time saved against
+        the run without a freezer, and the ceiling's time-weighted saving for its timeline."""
+        return {"share_of_step": (row.step_us_median + (row.hook_us_median or 0.0)) / 1e3 / row.train_step_ms,
+                "run_saved": 1 - row.run_ms / self.baseline.run_ms if self.baseline is not None else None,
+                "ceiling_saved": (achieved_saving(row.timeline, self.prefixes, row.steps).saved_fraction
+                                  if self.prefixes else None)}
+
     def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+        """Every number, the overhead table's computed columns included (``derived``)."""
+        out = asdict(self)
+        for row, entry in zip(self.overheads, out["overheads"]):
+            entry.update(self.derived(row))
+        return out
 
     def format(self) -> str:
         return "\n".join(_format_profile(self))
@@ -654,9 +667,10 @@ def _format_profile(p: Profile) -> List[str]:
                        f"{'-':>9} {'-':>7} {'-':>6}   (median step {base.train_step_ms:.2f} ms, run {base.run_ms / 1e3:.2f} s)")
         for r in p.overheads:
             hook = f"{r.hook_us_median:7.1f}" if r.hook_us_median is not None else f"{'-':>7}"
-            share = (r.step_us_median + (r.hook_us_median or 0.0)) / 1e3 / r.train_step_ms
-            saved = f"{1 - r.run_ms / base.run_ms:.1%}" if base is not None else "-"
-            ceiling = f"{achieved_saving(r.timeline, p.prefixes, r.steps).saved_fraction:.1%}" if p.prefixes else "-"
+            d = p.derived(r)
+            share = d["share_of_step"]
+            saved = f"{d['run_saved']:.1%}" if d["run_saved"] is not None else "-"
+            ceiling = f"{d['ceiling_saved']:.1%}" if d["ceiling_saved"] is not None else "-"
             flops = f"{r.flops_saved:.1%}"
             out.append(f"  {r.policy:<11} {r.step_us_median:>9.1f} {r.step_us_mean:>8.1f} {r.step_us_max:>8.1f} {hook} "
                        f"{share:>9.2%} {r.num_frozen:>6} {saved:>9} {ceiling:>7} {flops:>6}")

@@ -96,9 +96,14 @@ def test_profiling_leaves_the_model_untouched():
     model = SmallCNN()
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    profile_model(model, torch.randn(8, 1, 8, 8), repeats=1, warmup=0, policies=("static",), overhead_steps=3)
+    profile = profile_model(model, torch.randn(8, 1, 8, 8), repeats=1, warmup=0, policies=("static",),
+                            overhead_steps=3)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    # the JSON has the printed table's computed columns too
+    (row,) = profile.to_dict()["overheads"]
+    assert row["policy"] == "static" and set(row) >= {"share_of_step", "run_saved", "ceiling_saved"}
+    assert row["share_of_step"] > 0 and row["ceiling_saved"] is not None
 
 
 def test_ceiling_measures_the_freeze_not_a_sum(fresh_seed, one_thread):
