@@ -247,10 +247,26 @@ def test_evaluations_copy_only_the_tensors_that_changed():
     changed = {i for i, (a, b) in enumerate(zip(before, egeria._staged)) if a != b}
     params = list(model.parameters())
     trainable = {i for i, p in enumerate(params) if p.requires_grad}
-    assert changed == trainable and len(trainable) == 4  # the last two Linears' weights and biases
+    frozen = {i for i, p in enumerate(params) if not p.requires_grad}
+    assert not changed & frozen and len(frozen) == 4  # the first two Linears' weights and biases
     with torch.no_grad():
         params[0].add_(1.0)
     egeria._copy_weights()
     for staged, tensor in zip(egeria._staging, list(model.parameters()) + list(model.buffers())):
         assert torch.equal(staged, tensor)
+    freezer.close()
+
+
+def test_batch_norm_statistics_reach_the_shadow_at_every_evaluation():
+    # batch norm updates its running statistics without bumping their version counter
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(16, 6)
+    egeria = Egeria(model, x, interval=1, warmup=0, asynchronous=False)
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), egeria, example_inputs=x)
+    for _ in range(3):
+        model(torch.randn(16, 6) * 3 + 1)  # train mode: the running statistics move
+        egeria._copy_weights()
+        assert torch.equal(egeria._staging[-3], model[1].running_mean)
+        assert torch.equal(egeria._staging[-2], model[1].running_var)
     freezer.close()

@@ -67,9 +67,10 @@ def _first_tensor(out: Any) -> Optional[Tensor]:
 
 
 def _stamp(t: Tensor) -> Optional[Tuple[int, int]]:
-    """(identity, version counter) of a tensor: equal stamps mean its values did not change
-    (every in-place write, an optimizer step or ``load_state_dict``, bumps the counter). None:
-    unknown (an inference tensor keeps no counter)."""
+    """(identity, version counter) of a frozen parameter: equal stamps mean nobody wrote it
+    (``copy_``, ``load_state_dict`` bump the counter). None: unknown (an inference tensor keeps
+    no counter). Only for frozen parameters: kernels that update tensors themselves (batch
+    norm's running statistics) do not bump it."""
     try:
         return id(t), t._version
     except RuntimeError:
@@ -227,8 +228,11 @@ class Egeria(FreezePolicy):
                                "copied it: build a new Egeria (and SmartFreezer) for the changed model.")
         with torch.no_grad():
             for i, (dst, src) in enumerate(zip(self._staging, self._src_tensors)):
-                stamp = _stamp(src)
-                if stamp is None or stamp != self._staged[i]:  # frozen tensors are copied once
+                # a frozen parameter is copied once (and again after a write that bumps its version
+                # counter: a resume's load_state_dict); a buffer always (batch norm updates its
+                # running statistics without bumping the counter), a trainable parameter always
+                stamp = _stamp(src) if i < self._num_params and not src.requires_grad else None
+                if stamp is None or stamp != self._staged[i]:
                     dst.copy_(src.detach(), non_blocking=True)
                     self._staged[i] = stamp
         if any(t.is_cuda for t in self._src_tensors):
