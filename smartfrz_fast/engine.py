@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from . import guards
+from .frozen import engine_hook
 from .policy.base import Decision, FreezePolicy, PolicyContext, UnitInfo, check_decision, check_prefix_length
 from .units import SHARED_PARAMETER_MODES, Unit, UnitPlan, describe_shared, discover_units, example_call, shared_groups
 
@@ -253,7 +254,7 @@ class SmartFreezer:
             self._setup(*example_call(self.module, () if example_inputs is None else example_inputs, example_kwargs))
         else:  # kept apart from self._hooks: other code adds hooks there before the first forward
             self._first_forward_hook = model.register_forward_pre_hook(
-                self._setup_on_first_forward, with_kwargs=True)
+                engine_hook(self._setup_on_first_forward), with_kwargs=True)
         guards.claim(self, self.module)  # last: a constructor that raised claims nothing
 
     # ------------------------------------------------------------------ set-up

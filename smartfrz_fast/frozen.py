@@ -10,7 +10,8 @@ Flags are set per module (not ``.eval()``, which recurses): a frozen module's ch
 called after the prefix keeps its own flag. Torch's own modules whose forward never reads the flag
 (``MODE_BLIND``: Linear, Conv, LayerNorm, activations, pooling, containers; exact classes) get it
 once and no hook: a hook per module per forward was the prefix's main cost on deep models, and
-their flag changes nothing (``model.train()`` may set it back to True).
+their flag changes nothing (``model.train()`` may set it back to True). The hooks are
+``EngineHook``s: copies of the model (deepcopy, pickle, EMA, ``AveragedModel``) get inert ones.
 
 A module called both inside and after the prefix (ALBERT's one layer called 12 times) runs its
 first calls in eval and the rest with the flag the user set; a shared parameter that keeps
@@ -22,7 +23,7 @@ forward pass of the model (reset by a pre-hook on it); where a pass skips the mo
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 import torch
 from torch import nn
@@ -31,10 +32,44 @@ from torch.utils._pytree import tree_map
 from .units import UnitPlan
 
 
-def engine_hook(fn):
-    """Marks a hook as the engine's (the activation cache's trace check skips it)."""
-    fn.engine_hook = True
-    return fn
+class EngineHook:
+    """A hook the engine places on the user's model.
+
+    Marked as the engine's (the activation cache's check for hooks a chain would skip looks only
+    at the user's), and inert in copies of the model: ``copy.deepcopy``, ``torch.save(model)``,
+    ``AveragedModel`` and EMA copies get a hook that does nothing in its place. The original acts
+    for one freezer, on the original's modules (a copy kept forcing eval, so ``update_bn``
+    could not re-estimate its frozen BatchNorms, and ``close()`` could not reach it); and hooks
+    made of lambdas cannot be pickled."""
+
+    engine_hook = True
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __reduce__(self):
+        return (_inert_hook_factory, ())
+
+
+def _inert_hook(*args, **kwargs) -> None:
+    """What a copy of the model holds in place of an engine hook."""
+    return None
+
+
+_inert_hook.engine_hook = True
+
+
+def _inert_hook_factory() -> Callable:
+    return _inert_hook
+
+
+def engine_hook(fn: Callable) -> EngineHook:
+    """``fn`` as the engine's hook (``EngineHook``)."""
+    return EngineHook(fn)
 
 
 def _torch_modules(*names: str) -> frozenset:

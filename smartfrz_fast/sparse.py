@@ -161,7 +161,9 @@ class SparseMasks:
                 self._restrict_history()
                 handle.remove()
 
-            handle = freezer.model.register_forward_pre_hook(after_setup)
+            from .frozen import engine_hook
+
+            handle = freezer.model.register_forward_pre_hook(engine_hook(after_setup))
         return self
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> "SparseMasks":

@@ -28,11 +28,12 @@ def chain_model(dropout=0.0):
 
 
 def train(model, cache_args=None, epochs=6, deepen_at=3, first=1, deepen_to=2, augment=None,
-          use_ids=True, dtype=torch.float32, autocast=False):
+          use_ids=True, dtype=torch.float32, autocast=False, lazy=False):
     model = model.to(dtype)
     data = X.to(dtype)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    freezer = SmartFreezer(model, opt, policy=StaticFreeze(first, 3), example_inputs=data[:2], total_steps=100)
+    freezer = SmartFreezer(model, opt, policy=StaticFreeze(first, 3), example_inputs=None if lazy else data[:2],
+                           total_steps=100)
     cache = None
     forward = model
     if cache_args is not None:
@@ -75,6 +76,14 @@ def test_training_with_cache_gives_the_same_weights(storage, tmp_path):
     assert cache.active and cache.boundary == 8  # conv, bn, relu, dropout, conv, bn, relu, flatten
     assert cache.stats["hits"] > 0 and cache.stats["migrated"] == N
     assert_same_weights(plain, cached)  # fp32 storage, deterministic CPU run: bit for bit
+
+
+def test_cache_with_units_found_at_the_first_forward():
+    # the freezer's deferred set-up hook counted as the user's: the cache turned itself off
+    plain, _, _ = train(chain_model())
+    cached, cache, _ = train(chain_model(), dict(deterministic=True, dtype="fp32"), lazy=True)
+    assert cache.active and cache.stats["hits"] > 0, cache.describe()
+    assert_same_weights(plain, cached)
 
 
 @pytest.mark.parametrize("storage", ["memory", "mmap"])

@@ -82,3 +82,72 @@ def test_freeze_events_give_the_same_modes_as_one_freeze():
         model(torch.randn(4, 5))
     assert [m.training for m in stepwise.modules()] == [m.training for m in direct.modules()]
     assert not stepwise[1].training and not stepwise[1].scaled.training
+
+
+class TiedLM(nn.Module):
+    """A tied embedding: with shared_parameters="train" its reads in the prefix are detached."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(11, 6)
+        self.body = nn.ModuleList([nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6), nn.Dropout(0.3))
+                                   for _ in range(3)])
+        self.head = nn.Linear(6, 11, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        for layer in self.body:
+            h = torch.relu(layer(h))
+        return self.head(h)
+
+
+def test_copies_of_the_model_are_plain_models(tmp_path):
+    # deepcopy (EMA, AveragedModel) and torch.save(model) used to carry the engine's hooks: a
+    # pickling error (lambdas), and copies whose frozen BatchNorms update_bn could not re-estimate
+    import copy
+
+    from torch.optim.swa_utils import AveragedModel, update_bn
+
+    model = TiedLM()
+    ids = torch.randint(0, 11, (16,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=1), example_inputs=ids)
+    freezer.freeze_to(3)
+    assert freezer.plan.split_shared(3)  # the tied weight is read inside and after the prefix
+    torch.save(model, tmp_path / "model.pt")  # raised: cannot pickle a local lambda
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    swa = AveragedModel(model)
+    ema = copy.deepcopy(model)
+    for copied in (loaded, swa.module, ema):
+        copied.train()
+        copied(ids)
+        assert all(m.training for m in copied.modules())  # no hook forced eval in the copy
+    update_bn([ids, (ids + 1) % 11], swa)
+    bn = swa.module.body[0][1]
+    assert bn.num_batches_tracked == 2 and not torch.equal(bn.running_var, torch.ones(6))  # re-estimated
+    model.train()
+    model(ids)
+    assert not model.body[0][1].training  # the original keeps its frozen prefix in eval
+    freezer.close()
+
+
+def test_a_copy_made_before_set_up_does_not_set_up_the_original(tmp_path):
+    import copy
+
+    model = TiedLM()
+    ids = torch.randint(0, 11, (16,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=1))  # units found at the first forward
+    twin = copy.deepcopy(model)
+    twin_freezer = SmartFreezer(twin, torch.optim.SGD(twin.parameters(), lr=0.1), StaticFreeze(2, at_step=1))
+    twin(ids)
+    assert freezer.plan is None and twin_freezer.plan is not None
+    assert not twin_freezer.plan.shared or all(s.name == "emb.weight" for s in twin_freezer.plan.shared)
+    twin_freezer.freeze_to(2)
+    assert not twin.body[0][0].weight.requires_grad and model.body[0][0].weight.requires_grad
+    model(ids)
+    assert freezer.plan is not None
+    freezer.close()
+    twin_freezer.close()
