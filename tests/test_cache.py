@@ -86,6 +86,19 @@ def test_cache_with_units_found_at_the_first_forward():
     assert_same_weights(plain, cached)
 
 
+def test_closing_the_freezer_turns_the_cache_off():
+    # after close() the prefix's BatchNorms follow model.train() again: eval-mode rows are stale
+    model, cache, freezer = train(chain_model(), dict(deterministic=True, dtype="fp32"), epochs=2, deepen_at=9)
+    assert cache.active and freezer.num_frozen == 1
+    freezer.close()
+    model.train()
+    ids = torch.arange(10)
+    with pytest.warns(UserWarning, match="SmartFreezer was closed"):
+        out = cache.wrap()(X[ids], ids)
+    assert not cache.active
+    assert torch.equal(out, model(X[ids]))  # the whole model, its BatchNorms in train mode
+
+
 @pytest.mark.parametrize("storage", ["memory", "mmap"])
 def test_float64_model_with_default_storage_gives_the_same_weights(storage, tmp_path):
     # the default storage is exact for the model's own precision: float64 rows for a float64

@@ -430,6 +430,9 @@ class ActivationCache:
 
     # ------------------------------------------------------------------ forward
     def forward(self, model: nn.Module, inputs: Inputs, sample_ids) -> Any:
+        if self.enabled and getattr(self.freezer, "_closed", False):  # its prefix is no longer held in eval: rows would be stale
+            self._disable("its SmartFreezer was closed: the frozen prefix's norm and dropout layers follow "
+                          "model.train() again, so rows made in eval mode no longer match it; the whole model runs")
         if self._structure_changed:
             self._rederive()
         elif self.chain is not None and RemovableHandle.next_id != self._handles_seen:
