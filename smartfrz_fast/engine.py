@@ -268,6 +268,13 @@ class SmartFreezer:
             self._first_forward_hook = None
 
     def _setup(self, args: Tuple[Any, ...], kwargs: Optional[Dict[str, Any]]) -> None:
+        # the first forward may run under the user's inference_mode (a sanity check before
+        # training): the engine's state made there would be inference tensors, which training
+        # cannot update
+        with torch.inference_mode(False):
+            self._setup_now(args, kwargs)
+
+    def _setup_now(self, args: Tuple[Any, ...], kwargs: Optional[Dict[str, Any]]) -> None:
         _check_policy_free(self.policy)  # again: set-up may come at the first forward
         meta = [n for n, p in self.module.named_parameters() if p.is_meta]
         if meta:

@@ -86,6 +86,27 @@ def test_cache_with_units_found_at_the_first_forward():
     assert_same_weights(plain, cached)
 
 
+def test_first_cached_forward_under_inference_mode_then_training():
+    # a validation pass right after a freeze made the store of inference tensors
+    model = chain_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, policy=StaticFreeze(1, 1), example_inputs=X[:2], total_steps=10)
+    cache = ActivationCache(freezer, num_samples=N, deterministic=True)
+    forward = cache.wrap()
+    ids = torch.arange(10)
+    forward(X[ids], ids)  # the cache sets up; its store comes at the first forward after a freeze
+    freezer.freeze_to(1)
+    with torch.inference_mode():
+        forward(X[ids], ids)
+    for step in range(3):
+        ids = torch.arange(10 * step, 10 * step + 10)  # misses too: rows written into the store
+        nn.functional.cross_entropy(forward(X[ids], ids), Y[ids]).backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+    assert cache.active and cache.stats["hits"] > 0, cache.describe()
+
+
 def test_closing_the_freezer_turns_the_cache_off():
     # after close() the prefix's BatchNorms follow model.train() again: eval-mode rows are stale
     model, cache, freezer = train(chain_model(), dict(deterministic=True, dtype="fp32"), epochs=2, deepen_at=9)

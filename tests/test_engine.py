@@ -56,6 +56,22 @@ def test_units_found_at_first_forward_without_example_inputs():
     assert freezer.num_frozen == 2
 
 
+@pytest.mark.parametrize("policy", ["smartfrz", "autofreeze"])
+def test_units_found_in_an_inference_mode_forward_then_training(policy):
+    # the engine's state made at a first forward under inference_mode was made of inference
+    # tensors: the first training step failed to update them
+    from smartfrz_fast.policy import AutoFreeze, SmartFRZ
+
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, SmartFRZ() if policy == "smartfrz" else AutoFreeze(), total_steps=8)
+    with torch.inference_mode():
+        model.eval()(batch(0)[0])
+    model.train()
+    train_steps(model, opt, freezer, 8)
+    assert freezer.step_count == 8
+
+
 def test_example_kwargs_alone_find_the_units_at_construction():
     class KeywordNet(nn.Module):
         def __init__(self):

@@ -853,6 +853,13 @@ class ActivationCache:
         a new file under a name of its own and, with ``commit``, moves it to ``path`` at once (a
         migration commits once its rows are written). An existing file at ``path`` is replaced
         only if this run made it (its lineage): never a file of the user's or of another run."""
+        # not inference tensors, though the first cached forward may run under inference_mode
+        # (a validation pass): training writes into the store
+        with torch.inference_mode(False):
+            return self._make_store_now(row_shape, path, reuse, commit)
+
+    def _make_store_now(self, row_shape: Tuple[int, ...], path: Optional[str], reuse: Optional[bool],
+                        commit: bool) -> Storage:
         numel = int(torch.Size(row_shape).numel())
         per_row = row_bytes(numel, self.storage_dtype)
         capacity = self.num_samples if self.max_bytes is None else min(self.num_samples, self.max_bytes // per_row)
