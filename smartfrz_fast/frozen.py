@@ -17,8 +17,11 @@ A module called both inside and after the prefix (ALBERT's one layer called 12 t
 first calls in eval and the rest with the flag the user set; a shared parameter that keeps
 training (``shared_parameters="train"``) has the outputs of the module calls that read it inside
 the prefix detached, so no gradient flows back through the frozen units. Calls are counted per
-forward pass of the model (reset by a pre-hook on it); where a pass skips the model's own forward
-(the activation cache runs blocks), the count wraps at the traced number of calls.
+forward pass of the model (reset by a pre-hook on it), and a call beyond the traced ones (a loop
+run more often than traced) lies after the prefix; where a pass skips the model's own forward
+(the activation cache runs blocks), the count wraps at the traced number of calls. A call that
+activation checkpointing recomputes in the backward pass is one after the prefix (the prefix's
+calls pass no gradient, so they are never recomputed).
 """
 
 from __future__ import annotations
@@ -114,6 +117,7 @@ class FrozenRegion:
         self.handles: List[Any] = []
         self._count: Dict[int, int] = {}  # calls of each counted module in this forward pass
         self._running: Dict[int, List[tuple]] = {}  # per module: (call number, flag to restore)
+        self._in_root_forward = False  # inside the model's own forward (not the cache's blocks)
 
     def apply(self, cut: int) -> None:
         """Place the hooks for a frozen prefix of ``cut`` units (replacing the previous ones)."""
@@ -141,13 +145,30 @@ class FrozenRegion:
             self.handles.append(module.register_forward_hook(self._leave_hook(counted_detach.get(key, 0)),
                                                              always_call=True))
         if counted:
-            self.handles.append(self.root.register_forward_pre_hook(engine_hook(lambda m, a: self._count.clear())))
+            self.handles.append(self.root.register_forward_pre_hook(engine_hook(self._enter_root)))
+            self.handles.append(self.root.register_forward_hook(engine_hook(self._leave_root), always_call=True))
+
+    def _enter_root(self, module, args) -> None:
+        self._count.clear()
+        self._in_root_forward = True
+
+    def _leave_root(self, module, args, output) -> None:
+        self._in_root_forward = False
 
     def _enter_hook(self, traced_calls: int, eval_calls: int):
         def enter(module, args):
             key = id(module)
-            number = self._count.get(key, 0) % traced_calls
-            self._count[key] = number + 1
+            if torch._C._current_graph_task_id() != -1:
+                # activation checkpointing recomputes the call in the backward pass: only calls
+                # after the prefix are recomputed (the prefix's pass no gradient)
+                number = traced_calls
+            else:
+                # numbered from the start of the model's forward: a call beyond the traced ones
+                # (a loop run more often than traced) lies after the prefix; a pass that skips
+                # the model's forward (the activation cache running blocks) wraps at the traced count
+                count = self._count.get(key, 0)
+                number = count if self._in_root_forward else count % traced_calls
+                self._count[key] = number + 1
             self._running.setdefault(key, []).append((number, module.training))
             if number < eval_calls:
                 module.training = False
@@ -166,3 +187,4 @@ class FrozenRegion:
         self.handles.clear()
         self._count.clear()
         self._running.clear()
+        self._in_root_forward = False

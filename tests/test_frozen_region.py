@@ -1,8 +1,10 @@
-"""The frozen prefix's eval mode: which modules get a hook, which only a flag."""
+"""The frozen prefix's hooks: which modules get one, what copies of the model get, how the calls
+of a module called inside and after the prefix are numbered."""
 
 import inspect
 import re
 
+import pytest
 import torch
 from torch import nn
 
@@ -151,3 +153,80 @@ def test_a_copy_made_before_set_up_does_not_set_up_the_original(tmp_path):
     assert freezer.plan is not None
     freezer.close()
     twin_freezer.close()
+
+
+class SharedBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.drop = nn.Linear(8, 8), nn.Dropout(0.2)
+        self.flags = []
+
+    def forward(self, x):
+        self.flags.append(self.training)
+        return x + self.drop(torch.relu(self.lin(x)))
+
+
+class Recurrent(nn.Module):
+    """One block called after each of several layers (ALBERT-like), optionally checkpointed, or
+    a data-dependent number of times."""
+
+    def __init__(self, checkpointed=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.shared = nn.Linear(8, 8), SharedBlock()
+        self.mids = nn.ModuleList([nn.Linear(8, 8) for _ in range(2)])
+        self.head = nn.Linear(8, 3)
+        self.checkpointed = checkpointed
+
+    def call(self, h):
+        if self.checkpointed:
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self.shared, h, use_reentrant=False)
+        return self.shared(h)
+
+    def forward(self, x, loops=None):
+        h = self.call(self.emb(x))
+        for mid in self.mids if loops is None else [self.mids[0]] * loops:
+            h = self.call(mid(h))
+        return self.head(h)
+
+
+def _grads(model, x, mode, cut, **kwargs):
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1, at_step=1),
+                           example_inputs=x, shared_parameters=mode)
+    freezer.freeze_to(cut)
+    model.train()
+    model.shared.flags.clear()
+    torch.manual_seed(5)
+    model(x, **kwargs).square().mean().backward()
+    freezer.close()
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("mode", ["train", "freeze"])
+def test_checkpoint_recomputes_calls_after_the_prefix_as_they_ran(mode):
+    # the recompute in backward counted as a new call, wrapped to a frozen number and ran in eval:
+    # CheckpointError (dropout saves a mask in train mode only) or other gradients
+    x = torch.randn(6, 8)
+    plain = _grads(Recurrent(), x, mode, cut=3)  # emb, shared's first call, mids.0: the cut is between its calls
+    checkpointed = _grads(Recurrent(checkpointed=True), x, mode, cut=3)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(plain[name], checkpointed[name], msg=name)
+
+
+def test_calls_beyond_the_traced_ones_lie_after_the_prefix():
+    # traced with 2 loop turns, run with 4: the extra calls wrapped to "frozen" numbers, ran in
+    # eval and were detached
+    x = torch.randn(6, 8)
+    model = Recurrent()
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1, at_step=1),
+                           example_inputs=(x, 2))
+    freezer.freeze_to(2)  # emb and the block's first call
+    model.train()
+    model.shared.flags.clear()
+    model(x, 4).square().mean().backward()
+    assert model.shared.flags == [False, True, True, True, True]
+    assert model.mids[0].weight.grad is not None and model.shared.lin.weight.grad is not None
+    freezer.close()
