@@ -26,6 +26,7 @@ calls pass no gradient, so they are never recomputed).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Dict, List
 
 import torch
@@ -104,7 +105,18 @@ def _force_eval(module: nn.Module, args) -> None:
 
 
 def _detached(output: Any) -> Any:
-    return tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, output)
+    """``output`` with every tensor detached: through containers, Hugging Face outputs and plain
+    dataclasses (pytree treats an unregistered dataclass as a leaf and would pass it through)."""
+    return tree_map(_detached_leaf, output)
+
+
+def _detached_leaf(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.replace(x, **{f.name: _detached(getattr(x, f.name))
+                                         for f in dataclasses.fields(x) if f.init})
+    return x
 
 
 class FrozenRegion:

@@ -230,3 +230,45 @@ def test_calls_beyond_the_traced_ones_lie_after_the_prefix():
     assert model.shared.flags == [False, True, True, True, True]
     assert model.mids[0].weight.grad is not None and model.shared.lin.weight.grad is not None
     freezer.close()
+
+
+def test_a_dataclass_output_is_detached_too():
+    # a tied weight read in the prefix by a module returning a plain dataclass leaked gradient
+    from dataclasses import dataclass
+
+    @dataclass
+    class Out:
+        hidden: torch.Tensor
+        note: str = "x"
+
+    class Reader(nn.Module):
+        def __init__(self, emb):
+            super().__init__()
+            self.emb = emb
+
+        def forward(self, ids):  # reads the weight itself: its own output is the one detached
+            return Out(nn.functional.embedding(ids, self.emb.weight))
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            emb = nn.Embedding(7, 4)
+            self.reader, self.mid = Reader(emb), nn.Linear(4, 4)
+            self.head = nn.Linear(4, 7, bias=False)
+            self.head.weight = emb.weight
+
+        def forward(self, ids):
+            return self.head(torch.relu(self.mid(self.reader(ids).hidden)))
+
+    model, ids = Model(), torch.randint(0, 7, (5,))
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1, at_step=1),
+                           example_inputs=ids)
+    freezer.freeze_to(1)  # the embedding's unit; the tied weight keeps training through the head
+    model(ids).square().mean().backward()
+    grad = model.head.weight.grad.clone()
+    model.zero_grad()
+    hidden = model.reader.emb(ids).detach()  # what the head alone gives it
+    model.head(torch.relu(model.mid(hidden))).square().mean().backward()
+    assert torch.equal(grad, model.head.weight.grad)
+    freezer.close()
