@@ -114,6 +114,14 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _normable(grad: Tensor) -> Tensor:
+    """A dense tensor with ``grad``'s norm: the local shard of an FSDP2 gradient (step() sums the
+    ranks'), the summed values of a sparse one (``nn.Embedding(sparse=True)``)."""
+    if hasattr(grad, "to_local"):
+        grad = grad.to_local()
+    return grad.coalesce().values() if grad.is_sparse else grad
+
+
 def _remove_params(optimizer: torch.optim.Optimizer, ids: set) -> None:
     """Take these parameters out of the optimizer's groups and delete their state (a state
     entry left behind would break ``optimizer.state_dict()``)."""
@@ -371,7 +379,7 @@ class SmartFreezer:
             self._grad_index_cache[key] = index
         with _range("smartfrz::grad_norms"):
             # FSDP2: each rank norms its own shards; step() sums them over the ranks.
-            grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params]
+            grads = [_normable(p.grad) for p in params]
             norms = torch._foreach_norm(grads)
             self._grad_sq.index_add_(0, index, torch.stack(norms).float().pow(2))
 

@@ -279,6 +279,22 @@ def test_autofreeze_on_toy_model():
     check_frozen_state(freezer, optimizer)
 
 
+def test_autofreeze_reads_sparse_gradients():
+    # nn.Embedding(sparse=True): the norm of its summed sparse gradient (torch's foreach norm
+    # refuses sparse tensors: optimizer.step() raised)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 6, sparse=True), nn.Flatten(), nn.Linear(18, 2))
+    ids = torch.tensor([[1, 1, 4], [4, 7, 1]])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    policy = RecordingAutoFreeze(interval=2, percentile=50)
+    freezer = SmartFreezer(model, optimizer, policy=policy, example_inputs=ids, total_steps=4)
+    model(ids).square().sum().backward()
+    expected = model[0].weight.grad.to_dense().square().sum()
+    optimizer.step()
+    freezer.step()
+    torch.testing.assert_close(policy.observed[0][1][0], expected)
+
+
 def _build(policy, total_steps):
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
