@@ -59,6 +59,16 @@ def check_unclaimed(module: nn.Module) -> None:
                 "callback again, or call its freezer.close() first (frozen layers stay frozen).")
 
 
+def managing_freezer(module: nn.Module) -> Any:
+    """The live, unclosed freezer that manages ``module`` or a part of it, or None."""
+    for m in module.modules():
+        ref = _CLAIMS.get(m)
+        other = ref() if ref is not None else None
+        if other is not None and not other._closed:
+            return other
+    return None
+
+
 def claim(freezer: Any, module: nn.Module) -> None:
     ref = weakref.ref(freezer)
     for m in module.modules():

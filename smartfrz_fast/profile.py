@@ -228,6 +228,19 @@ def _first_grad_tensor(args) -> Optional[Tensor]:
     return None
 
 
+def _unmanaged_copy(model: nn.Module) -> nn.Module:
+    """A copy to measure on, of a model no freezer manages: a frozen prefix would hide its units
+    (fewer rows, numbered otherwise than the freezer's, so ``achieved_saving`` would price the
+    freezer's prefixes with other units' rows)."""
+    from .guards import managing_freezer
+
+    if managing_freezer(model) is not None:
+        raise ValueError("profiling measures what freezing each prefix of the unfrozen model saves, and a "
+                         "SmartFreezer manages this model: profile it before building the freezer (or a copy made "
+                         "before), or call freezer.close() and profile a fresh model.")
+    return copy.deepcopy(model)
+
+
 def profile_units(
     model: nn.Module,
     inputs: Any,
@@ -240,7 +253,7 @@ def profile_units(
 ) -> Tuple[List[UnitProfile], StepBreakdown]:
     """Per-unit forward/backward time (median of ``repeats`` steps) and memory, on a copy."""
     _check_counts(repeats, warmup)
-    work = copy.deepcopy(model).train()
+    work = _unmanaged_copy(model).train()
     args, kwargs = as_args(inputs), dict(kwargs or {})
     optimizer = optimizer_factory(work.parameters())
     units = discover_units(work, args, kwargs).units
@@ -349,9 +362,9 @@ def profile_prefixes(
     from .policy import StaticFreeze
 
     args, kwargs = as_args(inputs), dict(kwargs or {})
-    ref = copy.deepcopy(model).train()
+    ref = _unmanaged_copy(model).train()
     ref_opt = optimizer_factory(ref.parameters())
-    work = copy.deepcopy(model).train()
+    work = _unmanaged_copy(model).train()
     opt = optimizer_factory(work.parameters())
     # the policy is never consulted (no freezer.step()): freeze_to does the freezing
     freezer = SmartFreezer(work, opt, policy=StaticFreeze(0), example_inputs=args, example_kwargs=kwargs,
@@ -495,7 +508,7 @@ def profile_overhead(
     if unknown:
         raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICY_NAMES)}")
     args, kwargs = as_args(inputs), dict(kwargs or {})
-    num_units = len(discover_units(copy.deepcopy(model), args, kwargs).units)
+    num_units = len(discover_units(_unmanaged_copy(model), args, kwargs).units)
     baseline = _overhead_run(model, args, kwargs, None, loss_fn, optimizer_factory, steps, warmup, keep_trainable)
     rows = []
     for name in policies:
@@ -507,7 +520,7 @@ def profile_overhead(
 
 def _overhead_run(model, args, kwargs, policy, loss_fn, optimizer_factory, steps, warmup,
                   keep_trainable) -> OverheadRow:
-    work = copy.deepcopy(model).train()
+    work = _unmanaged_copy(model).train()
     opt = optimizer_factory(work.parameters())
     for _ in range(warmup):  # before the freezer exists: one-time set-up costs stay out of the run
         _train_step(work, args, kwargs, loss_fn, opt)

@@ -15,7 +15,7 @@ from torch import nn
 from models import SmallCNN
 from smartfrz_fast import SmartFreezer
 from smartfrz_fast.engine import FreezeEvent, _range
-from smartfrz_fast.policy import AutoFreeze, LinearFreeze, SmartFRZ
+from smartfrz_fast.policy import AutoFreeze, LinearFreeze, SmartFRZ, StaticFreeze
 from smartfrz_fast.profile import (
     PrefixRow,
     achieved_saving,
@@ -104,6 +104,17 @@ def test_profiling_leaves_the_model_untouched():
     (row,) = profile.to_dict()["overheads"]
     assert row["policy"] == "static" and set(row) >= {"share_of_step", "run_saved", "ceiling_saved"}
     assert row["share_of_step"] > 0 and row["ceiling_saved"] is not None
+
+
+def test_profiling_a_model_a_freezer_manages_is_refused():
+    # the copy showed only the trainable units, numbered otherwise than the freezer's
+    model = SmallCNN()
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1, at_step=1),
+                           example_inputs=torch.randn(2, 1, 8, 8))
+    freezer.freeze_to(2)
+    with pytest.raises(ValueError, match="profile it before building the freezer"):
+        profile_units(model, torch.randn(8, 1, 8, 8), repeats=1, warmup=0)
+    freezer.close()
 
 
 def test_ceiling_measures_the_freeze_not_a_sum(fresh_seed, one_thread):
