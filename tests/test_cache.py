@@ -107,6 +107,21 @@ def test_first_cached_forward_under_inference_mode_then_training():
     assert cache.active and cache.stats["hits"] > 0, cache.describe()
 
 
+def test_validation_through_the_cache_neither_reads_nor_stores_rows():
+    # a validation set's ids 0..n-1 name training samples: in eval mode they were served (and
+    # stored) training rows
+    model, cache, freezer = train(chain_model(), dict(deterministic=True, dtype="fp32"), epochs=2, deepen_at=9)
+    hits, stored = cache.stats["hits"], cache.stats["stored"]
+    other = torch.randn(10, 1, 8, 8)  # other samples under ids the training set uses
+    ids = torch.arange(10)
+    model.eval()
+    with pytest.warns(UserWarning, match="eval mode"):
+        out = cache.wrap()(other, ids)
+    assert torch.equal(out, model(other))
+    assert (cache.stats["hits"], cache.stats["stored"], cache.stats["bypassed"]) == (hits, stored, 1)
+    freezer.close()
+
+
 def test_closing_the_freezer_turns_the_cache_off():
     # after close() the prefix's BatchNorms follow model.train() again: eval-mode rows are stale
     model, cache, freezer = train(chain_model(), dict(deterministic=True, dtype="fp32"), epochs=2, deepen_at=9)
@@ -172,8 +187,7 @@ def test_cache_under_autocast_moves_rows_in_their_precision_and_bypasses_others(
     assert cache.active and cache.boundary == 8 and cache.stats["migrated"] == N and cache.stats["hits"] > 0
     assert cache.stats["bypassed"] == 0
     assert_same_weights(plain, cached, exact=False)
-    cached.eval()
-    ids = torch.arange(10)
+    ids = torch.arange(10)  # (train mode: a forward in eval mode is a validation, never served)
     with pytest.warns(UserWarning, match="autocast off, while the cached rows were computed with autocast torch.bfloat16"):
         out = cache.wrap()(X[ids], ids)
     assert out.dtype == torch.float32 and torch.equal(out, cached(X[ids]))

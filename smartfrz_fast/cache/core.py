@@ -451,6 +451,12 @@ class ActivationCache:
                 # bad ids fail now, not first at the freeze (free on the host; GPU ids would sync)
                 self._check_ids(sample_ids, _batch_size(inputs))
             return model(*inputs.args, **inputs.kwargs)
+        if not model.training:  # validation: its ids may name other samples than training's
+            self.stats["bypassed"] += 1
+            self._warn_once("eval", "ActivationCache: a forward with the model in eval mode (validation) runs the "
+                            "whole model, and neither reads nor stores rows: a validation set's sample ids may name "
+                            "other samples than training's (counted in stats['bypassed']).")
+            return model(*inputs.args, **inputs.kwargs)
         batch = _batch_size(inputs)
         ids = self._check_ids(sample_ids, batch)
         self._check_inputs(inputs, ids)
