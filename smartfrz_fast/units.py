@@ -260,6 +260,20 @@ def _module_owners(model: nn.Module) -> Dict[int, List[Tuple[str, nn.Module, str
     return owners
 
 
+def _layer_of(model: nn.Module, module_name: str, module: nn.Module) -> Tuple[str, nn.Module]:
+    """The layer a parameter belongs to: its registering module, except for a parametrization's
+    own parameters (``weight_norm``'s ``original0/1``, registered by a ``ParametrizationList``
+    under ``<layer>.parametrizations.<name>``), which belong to the layer it parametrizes (its
+    weight and bias in one unit, not two)."""
+    from torch.nn.utils.parametrize import ParametrizationList
+
+    if isinstance(module, ParametrizationList):
+        # "<layer>.parametrizations.<name>", or "parametrizations.<name>" on the model itself
+        layer_name = module_name.rsplit(".parametrizations.", 1)[0] if ".parametrizations." in module_name else ""
+        return layer_name, model.get_submodule(layer_name)
+    return module_name, module
+
+
 def _qualified(module_name: str, attr: str) -> str:
     return f"{module_name}.{attr}" if module_name else attr
 
@@ -408,7 +422,7 @@ def discover_units(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[
     layer_owner: Dict[int, Tuple[str, nn.Module]] = {}
     layer_params: Dict[int, List[str]] = {}
     for name in sorted(tracer.reads, key=tracer.first_use):
-        module_name, module, _ = owners[id(params_by_name[name])][0]
+        module_name, module = _layer_of(model, *owners[id(params_by_name[name])][0][:2])
         key = id(module)
         layer_first_use.setdefault(key, tracer.first_use(name))
         layer_owner[key] = (module_name, module)

@@ -371,3 +371,21 @@ def test_hooks_added_before_the_first_forward_survive_it():
             freezer.step()
     assert freezer.plan is not None and freezer._first_forward_hook is None
     assert freezer._hooks[:len(hooks)] == hooks  # kept; set-up adds its own after them
+
+
+def test_a_parametrized_layer_is_one_unit():
+    # weight_norm's original0/1 are registered by a ParametrizationList: they made a unit of
+    # their own (no FLOPs), apart from the layer's bias
+    from torch.nn.utils.parametrizations import spectral_norm, weight_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(weight_norm(nn.Linear(6, 8)), nn.ReLU(), spectral_norm(nn.Linear(8, 8)), nn.ReLU(),
+                          nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=1), example_inputs=torch.randn(3, 6))
+    assert [u.name for u in freezer.units] == ["0", "2", "4"]
+    assert all(u.forward_flops > 0 for u in freezer.units)
+    freezer.freeze_to(1)
+    assert [n for n, p in model.named_parameters() if not p.requires_grad] == [
+        "0.bias", "0.parametrizations.weight.original0", "0.parametrizations.weight.original1"]
+    freezer.close()
