@@ -134,9 +134,13 @@ class FreezeAwareGradScaler(torch.amp.GradScaler):
 
 
 def check_grads_after_freeze(freezer: Any) -> None:
-    """After each freeze, check at the next optimizer step that every trainable unit got a
-    gradient; warn naming those that did not (reentrant checkpointing over a frozen prefix's
-    output). Costs one pass over the parameters per freeze event, nothing per step."""
+    """After each freeze, check at the next optimizer step that the unit right after the frozen
+    prefix got a gradient; warn naming the trainable units that did not (reentrant checkpointing
+    over a frozen prefix's output). SmartFreezer does this by default; calling it again adds
+    nothing. Costs one pass over the parameters per freeze event, nothing per step."""
+    if getattr(freezer, "_checks_grads_after_freeze", False):
+        return
+    freezer._checks_grads_after_freeze = True
     armed = [False]
 
     def arm(event, units) -> None:
@@ -146,9 +150,10 @@ def check_grads_after_freeze(freezer: Any) -> None:
         if not armed[0]:
             return
         armed[0] = False
-        starved = [u.name for u in freezer.units[freezer.num_frozen:]
-                   if all(p.grad is None for p in u.parameters if p.requires_grad)]
-        if starved:
+        trainable = [u for u in freezer.units[freezer.num_frozen:] if any(p.requires_grad for p in u.parameters)]
+        starved = [u.name for u in trainable if all(p.grad is None for p in u.parameters if p.requires_grad)]
+        # the unit right after the prefix: a branch not taken this step (routing, experts) is not this
+        if trainable and starved and starved[0] == trainable[0].name:
             warnings.warn(
                 f"SmartFreezer: after the last freeze, trainable unit(s) {starved[:4]} received no "
                 "gradient. "

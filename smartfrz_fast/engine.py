@@ -327,6 +327,9 @@ class SmartFreezer:
                 self._hooks.append(opt.register_step_post_hook(self._accumulate_grad_norms))
         if self.policy.manages_lr:
             self._scale_unit_lrs(self.optimizers)
+        from .compile import check_grads_after_freeze
+
+        check_grads_after_freeze(self)  # reentrant checkpointing over the prefix would train nothing
         for opt in self.optimizers:
             self._hooks.append(opt.register_load_state_dict_pre_hook(self._check_optimizer_load_order))
         self.policy._serves = weakref.ref(self)

@@ -306,11 +306,12 @@ class CheckpointedNet(nn.Module):
         return self.head(x)
 
 
-def run_checkpointed(use_reentrant, steps=5):
+def run_checkpointed(use_reentrant, steps=5, explicit_check=False):
     model = CheckpointedNet(use_reentrant)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=2), example_inputs=torch.randn(4, WIDTH))
-    check_grads_after_freeze(freezer)
+    if explicit_check:  # the freezer checks by default; asking again adds nothing
+        check_grads_after_freeze(freezer)
     for step in range(steps):
         g = torch.Generator().manual_seed(step)
         model(torch.randn(4, WIDTH, generator=g)).square().mean().backward()
@@ -331,8 +332,12 @@ def test_non_reentrant_checkpoint_trains_the_suffix_after_a_freeze():
 
 def test_reentrant_checkpoint_on_a_frozen_prefix_trains_nothing_and_is_flagged():
     initial = CheckpointedNet(None).body.state_dict()
-    with pytest.warns(UserWarning, match=r"received no gradient.*use_reentrant=False"):
+    with pytest.warns(UserWarning, match=r"received no gradient.*use_reentrant=False"):  # by default
         model = run_checkpointed(use_reentrant=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_checkpointed(use_reentrant=True, explicit_check=True)
+    assert sum("received no gradient" in str(w.message) for w in caught) == 1
     plain = run_checkpointed(use_reentrant=None)
     # The checkpointed body trained for the two steps before the freeze, then stopped.
     after_two = run_checkpointed(use_reentrant=None, steps=2).body.state_dict()
