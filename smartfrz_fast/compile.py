@@ -151,11 +151,15 @@ def check_grads_after_freeze(freezer: Any) -> None:
             return
         armed[0] = False
         trainable = [u for u in freezer.units[freezer.num_frozen:] if any(p.requires_grad for p in u.parameters)]
-        starved = [u.name for u in trainable if all(p.grad is None for p in u.parameters if p.requires_grad)]
+
+        def starved(unit) -> bool:
+            return all(p.grad is None for p in unit.parameters if p.requires_grad)
+
         # the unit right after the prefix: a branch not taken this step (routing, experts) is not this
-        if trainable and starved and starved[0] == trainable[0].name:
+        if trainable and starved(trainable[0]):
+            starved_names = [u.name for u in trainable if starved(u)]
             warnings.warn(
-                f"SmartFreezer: after the last freeze, trainable unit(s) {starved[:4]} received no "
+                f"SmartFreezer: after the last freeze, trainable unit(s) {starved_names[:4]} received no "
                 "gradient. "
                 "Reentrant activation checkpointing (checkpoint(..., use_reentrant=True)) on an input "
                 "that needs no grad, such as a frozen prefix's output, trains nothing: use "

@@ -232,9 +232,9 @@ def _unmanaged_copy(model: nn.Module) -> nn.Module:
     """A copy to measure on, of a model no freezer manages: a frozen prefix would hide its units
     (fewer rows, numbered otherwise than the freezer's, so ``achieved_saving`` would price the
     freezer's prefixes with other units' rows)."""
-    from .guards import managing_freezer
+    from .guards import managed_part
 
-    if managing_freezer(model) is not None:
+    if managed_part(model) is not None:
         raise ValueError("profiling measures what freezing each prefix of the unfrozen model saves, and a "
                          "SmartFreezer manages this model: profile it before building the freezer (or a copy made "
                          "before), or call freezer.close() and profile a fresh model.")
