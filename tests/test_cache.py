@@ -387,11 +387,24 @@ def test_bad_sample_ids_fail_before_anything_is_frozen():
         wrapped(X[:4], [0, 1])
 
 
-def test_sample_seen_with_a_different_input_shape():
-    cache, wrapped = ready_cache()
-    wrapped(X[:4], torch.arange(4))
-    with pytest.raises(ValueError, match=r"samples \[0, 1\] came with per-sample input shapes"):
-        wrapped(torch.randn(2, 1, 10, 10), torch.arange(2))
+def test_a_batch_of_another_input_shape_runs_the_whole_model():
+    """Rows have one shape: a batch of another per-sample shape (multi-resolution training, a
+    model cast to bf16) is neither served nor stored; it runs the whole model, with a warning."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    tokens = torch.randn(N, 5, 8)
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.05), policy=StaticFreeze(2, 1),
+                           example_inputs=tokens[:2], total_steps=10)
+    freezer.freeze_to(2)
+    cache = ActivationCache(freezer, num_samples=N, deterministic=True)
+    wrapped = cache.wrap()
+    wrapped(tokens[:4], torch.arange(4))
+    longer = torch.randn(2, 7, 8)  # samples 0 and 1 again, at another length
+    with pytest.warns(UserWarning, match=r"per-sample input shapes/dtypes \[\(\(7, 8\), torch.float32\)\]"):
+        out = wrapped(longer, torch.arange(2))
+    torch.testing.assert_close(out, model(longer))
+    torch.testing.assert_close(wrapped(tokens[:4], torch.arange(4)), model(tokens[:4]))  # served again
+    assert cache.stats["bypassed"] == 1 and cache.stats["hits"] == 4 and cache.enabled
 
 
 def test_bad_arguments():
@@ -543,3 +556,52 @@ def test_gpu_tiers_match_cpu(tier, pinned_read):
     outs = [wrapped(x, i) for x, i in cache.prefetching(batches)]
     assert cache.stats["hits"] == N
     torch.testing.assert_close(torch.cat(outs), first, rtol=0.15, atol=0.05)
+
+
+@pytest.mark.parametrize("hook_on", ["frozen conv", "frozen relu"])
+def test_a_user_hook_inside_the_frozen_prefix_sees_every_batch(hook_on):
+    """A forward hook on a frozen layer (a feature-matching loss, activation statistics) must
+    run on every batch: cached rows would skip it, so the cache cuts before the hooked layer
+    and says so; torch's own spectral_norm pre-hook does not count as a user's hook."""
+    model = chain_model()
+    model[0] = nn.utils.spectral_norm(model[0])
+    seen = []
+    model[4 if hook_on == "frozen conv" else 2].register_forward_hook(lambda m, a, out: seen.append(out.shape[0]))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, policy=StaticFreeze(2, 1), example_inputs=X[:2], total_steps=100)
+    cache = ActivationCache(freezer, num_samples=N, deterministic=True)
+    run = cache.wrap()
+    for step in range(6):
+        ids = torch.arange(8) + 8 * (step % 2)
+        seen.clear()
+        out = run(X[ids], ids)
+        # (set-up checks the chain against the model: more calls at the first step)
+        assert seen == [8] if step > 0 else set(seen) == {8}, (step, seen, cache.describe())
+        nn.functional.cross_entropy(out, Y[ids]).backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+    assert cache.stats["hits"] > 0 and cache.boundary >= 1, cache.describe()
+    assert "forward hook you placed on" in cache.describe(), cache.describe()
+
+
+def test_hugging_faces_input_require_grads_hook_marks_the_served_rows():
+    """``enable_input_require_grads`` (gradient checkpointing, adapters) hooks the embeddings to
+    mark their output as requiring grad; the cache caches past it and marks the rows it serves."""
+    model = chain_model()
+
+    def make_inputs_require_grads(module, args, output):  # Hugging Face's hook, by its name
+        output.requires_grad_(True)
+
+    model[0].register_forward_hook(make_inputs_require_grads)
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.05), policy=StaticFreeze(2, 1),
+                           example_inputs=X[:2], total_steps=10)
+    freezer.freeze_to(2)
+    cache = ActivationCache(freezer, num_samples=N, deterministic=True)
+    run = cache.wrap()
+    served = []
+    model[8].register_forward_pre_hook(lambda m, args: served.append(args[0].requires_grad))
+    for _ in range(2):  # a miss, then a hit
+        run(X[:4], torch.arange(4))
+    assert cache.boundary == 8 and cache.stats["hits"] == 4, cache.describe()
+    assert served[-2:] == [True, True]  # (before them, the set-up check of the chain, without grad)

@@ -27,7 +27,7 @@ import warnings
 import weakref
 from collections.abc import Mapping
 from contextlib import contextmanager
-from typing import Any, Dict, Iterable, Iterator, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +36,8 @@ from torch.utils.hooks import RemovableHandle
 
 from ..distributed import FreezableDDP, _is_fsdp1, _is_fsdp2, check_ddp
 from ..units import as_args, preserved_modes
-from .split import SWAP, BlockChain, Inputs, find_blocks, modules_outside, skipped_hooks
+from .split import (SWAP, BlockChain, Inputs, find_blocks, hooked_modules, modules_outside, rows_need_grad,
+                    skipped_hooks)
 from .storage import (PINNED_READS, STORAGE_DTYPES, TIERS, Storage, check_path, input_sums, make_storage,
                       owned_temp_path, read_header, remove_leftovers, row_bytes, storage_dtype)
 
@@ -182,6 +183,7 @@ class ActivationCache:
         self.cut_note: Optional[str] = None  # why the cut is not as deep as the frozen prefix
         self._structure_changed = False  # a module or parameter registered in the model since set-up
         self._handles_seen = -1  # torch's hook-handle counter when hooks were last checked
+        self._rows_grad: Tuple[Any, bool] = (None, False)  # (chain, cut, hook counter), rows_need_grad
         self._outside: Tuple[Optional[BlockChain], list] = (None, [])  # (chain, modules it does not call)
         self._structure_hooks: list = []
         freezer.add_freeze_listener(self._on_freeze)
@@ -419,7 +421,9 @@ class ActivationCache:
             raise ValueError(
                 f"ActivationCache: the cache file {self.path} now belongs to another run (lineage "
                 f"{header.get('lineage')!r}, the checkpoint's is {state['lineage']!r}): its rows were computed from "
-                "that run's samples. Give each run its own path=, or delete the file to refill the rows.")
+                "that run's samples. Under DDP, load each rank's own cache state (cache.state_dict() saved per rank, "
+                "not rank 0's on every rank); otherwise give each run its own path=, or delete the file to refill "
+                "the rows.")
         if (header.get("fingerprint") != state["fingerprint"] and state["lineage"] is not None
                 and header.get("lineage") == state["lineage"]):
             self._warn_once("moved", f"ActivationCache: the cache file {self.path} went on past the checkpoint (a "
@@ -444,6 +448,9 @@ class ActivationCache:
             if hooked:
                 self._rederive(f"forward hooks were placed on {', '.join(hooked[:3])}, which the {self.chain.how} "
                                "blocks would not run")
+            elif any(hooked_modules(block) for block in self.chain.blocks[:self.boundary]):
+                self._rederive("a forward hook was placed on a module of the cached frozen prefix, which "
+                               "cached rows would skip: the cache cuts before it")
         if self.enabled and not self._setup_done:
             self._setup(model, inputs)
         if not self.active:
@@ -459,8 +466,8 @@ class ActivationCache:
             return model(*inputs.args, **inputs.kwargs)
         batch = _batch_size(inputs)
         ids = self._check_ids(sample_ids, batch)
-        self._check_inputs(inputs, ids)
-        why = self._cannot_serve(inputs)
+        other = self._other_input_shape(inputs)
+        why = ("shape", other) if other is not None else self._cannot_serve(inputs)
         if why is not None:
             self.stats["bypassed"] += 1
             self._warn_once(why[0], f"ActivationCache: {why[1]}: such forwards run the whole model (counted in "
@@ -469,7 +476,17 @@ class ActivationCache:
         h = self._prefix_output(inputs, ids)
         if h is None:  # the audit just turned the cache off
             return model(*inputs.args, **inputs.kwargs)
+        if torch.is_grad_enabled() and self._rows_need_grad():
+            h.requires_grad_(True)  # as Hugging Face's hook would have marked the prefix's output
         return self.chain.run(inputs, start=self.boundary, h=h)
+
+    def _rows_need_grad(self) -> bool:
+        """``split.rows_need_grad`` of the cached blocks, looked at again only when the cut
+        moved or a hook was placed somewhere."""
+        key = (id(self.chain), self.boundary, RemovableHandle.next_id)
+        if self._rows_grad[0] != key:
+            self._rows_grad = (key, rows_need_grad(self.chain.blocks[:self.boundary]))
+        return self._rows_grad[1]
 
     def _cannot_serve(self, inputs: Inputs) -> Optional[Tuple[str, str]]:
         """(kind, why) when cached rows cannot stand in for this forward's frozen prefix."""
@@ -738,14 +755,19 @@ class ActivationCache:
         """Leading chain blocks with every parameter frozen (the last block always runs); for
         the module-swap chain, the deepest of those cuts that passes its check. Sets
         ``cut_note``: why the cut is not deeper, when something the user can act on stops it."""
-        count, stopped_by = 0, None
+        count, stopped_by, hooked = 0, None, None
         for block in self.chain.blocks[:-1]:
             trainable = [p for p in block.parameters() if p.requires_grad]
             if trainable:
                 stopped_by = (block, trainable[0])
                 break
+            hooked = hooked_modules(block)
+            if hooked:
+                break
             count += 1
         self.cut_note = self._why_not_deeper(count, stopped_by)
+        if hooked and self.freezer.num_frozen:
+            self.cut_note = self._hook_note(count, hooked)
         usable = getattr(self.chain, "usable_cut", None)
         if usable is not None:
             count = usable(count)
@@ -757,6 +779,13 @@ class ActivationCache:
         if self.enabled:  # while nothing is cached, cache.reason says why
             self.reason = self.cut_note if count == 0 else None
         return count
+
+    def _hook_note(self, count: int, hooked: List[nn.Module]) -> str:
+        names = {id(m): n for n, m in self.freezer.module.named_modules()}
+        where = ", ".join(names.get(id(m), type(m).__name__) for m in hooked[:3])
+        return (f"a forward hook you placed on {where} (block {self.chain.blocks[count].name!r} of the frozen "
+                "prefix) would not run on cached rows, so the cache cuts before it. Remove the hook, or place it "
+                "on a module after the frozen prefix, to cache deeper")
 
     def _why_not_deeper(self, count: int, stopped_by) -> Optional[str]:
         """A trainable parameter in a block before the freezer's frozen prefix ends: cached rows
@@ -995,18 +1024,20 @@ class ActivationCache:
                 "and pass num_samples=len(dataset).")
         return ids
 
-    def _check_inputs(self, inputs: Inputs, ids: Tensor) -> None:
-        # per-sample shapes; a 0-dim tensor (a Trainer's num_items_in_batch) is not per sample
+    def _other_input_shape(self, inputs: Inputs) -> Optional[str]:
+        """Why this batch's per-sample input shapes or dtypes are not those the cache serves (its
+        first batch's: every row has one shape), or None. A 0-dim tensor (a Trainer's
+        num_items_in_batch) is not per sample."""
         sig = [(tuple(t.shape[1:]), t.dtype) if isinstance(t, Tensor) and t.dim() > 0 else None
                for t in tree_flatten((inputs.args, inputs.kwargs))[0]]
         if self._input_sig is None:
             self._input_sig = sig
         elif sig != self._input_sig:
-            raise ValueError(
-                f"ActivationCache: samples {ids[:5].tolist()} came with per-sample input shapes/dtypes "
-                f"{sig}, but the cache was filled from inputs {self._input_sig}. A sample's input must "
-                "be the same every time it is cached; pad to a fixed shape, or turn the cache off "
-                "(deterministic=False).")
+            return (f"a batch came with per-sample input shapes/dtypes {sig}, while the cache serves inputs of "
+                    f"{self._input_sig} (its first batch's; all rows have one shape), e.g. multi-resolution "
+                    "training, per-batch padding or a model cast to another dtype. Pad every batch to one shape "
+                    "to cache them all")
+        return None
 
 
 class SideInputs:

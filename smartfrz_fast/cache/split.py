@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from ..units import preserved_modes, preserved_state
 from .swap import SWAP, tensor_trees_match
@@ -50,6 +52,9 @@ class Block:
     # names of the per-sample inputs it reads besides h (an attention mask, position ids): the cache
     # keeps them per sample id, so that stored rows can be pushed through this block later
     side_inputs: Tuple[str, ...] = ()
+    # the modules whose calls a cached row stands in for, where ``modules`` holds only the
+    # block's parameters (the module swap's blocks); None: ``modules`` and their descendants
+    runs: Optional[List[nn.Module]] = None
 
     def parameters(self) -> List[nn.Parameter]:
         seen, out = set(), []
@@ -619,22 +624,63 @@ def modules_outside(model: nn.Module, chain: BlockChain) -> List[Tuple[str, nn.M
     return [(name or type(model).__name__, m) for name, m in model.named_modules() if id(m) not in called]
 
 
+_WEIGHT_HOOKS = (SpectralNorm, WeightNorm)
+
+
+def _marks_output_for_grad(hook: Any) -> bool:
+    """Hugging Face's ``enable_input_require_grads`` hook (gradient checkpointing, adapters) on
+    the input embeddings: it only sets ``requires_grad`` on their output. The cache does the
+    same to the rows it serves (``rows_need_grad``) instead of cutting before it."""
+    return getattr(hook, "__name__", None) == "make_inputs_require_grads"
+
+
+def _user_hooks(m: nn.Module, forward_only: bool = False) -> bool:
+    """True if ``m`` carries a hook a user placed: forward hooks and pre-hooks, and module
+    backward hooks unless ``forward_only``. Not the user's: the engine's frozen-prefix hooks
+    (``frozen.engine_hook``), and torch's old-style ``spectral_norm``/``weight_norm``, whose
+    pre-hook only recomputes the layer's weight from its own parameters."""
+    hooks = (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
+    if not forward_only:
+        hooks += (*m._backward_hooks.values(), *m._backward_pre_hooks.values())
+    return any(not (getattr(h, "engine_hook", False) or isinstance(h, _WEIGHT_HOOKS) or _marks_output_for_grad(h))
+               for h in hooks)
+
+
 def skipped_hooks(model: nn.Module, chain: BlockChain,
                   outside: Optional[List[Tuple[str, nn.Module]]] = None) -> List[str]:
     """Modules of ``model`` that carry hooks a user placed (forward, or module backward hooks)
     and that ``chain`` would not call (``modules_outside``, or ``outside`` when the caller kept
     it). Their hooks would silently not run, so such a chain is not used. The module swap runs
-    the model's own forward and skips none. The engine's frozen-prefix hooks
-    (``frozen.engine_hook``) are not the user's."""
+    the model's own forward and skips none."""
     if chain.how == SWAP:
         return []
+    return [name for name, m in (modules_outside(model, chain) if outside is None else outside) if _user_hooks(m)]
 
-    def hooks(m: nn.Module):  # all that run only when the module is called (backward hooks too)
-        return (*m._forward_hooks.values(), *m._forward_pre_hooks.values(), *m._backward_hooks.values(),
-                *m._backward_pre_hooks.values())
 
-    return [name for name, m in (modules_outside(model, chain) if outside is None else outside)
-            if any(not getattr(h, "engine_hook", False) for h in hooks(m))]
+def _block_modules(block: Block) -> Iterator[nn.Module]:
+    """The modules a cached row of ``block`` stands in for."""
+    seen = set()
+    for top in block.modules if block.runs is None else block.runs:
+        for m in (top.modules() if block.runs is None else (top,)):
+            if id(m) not in seen:
+                seen.add(id(m))
+                yield m
+
+
+def rows_need_grad(blocks: Sequence[Block]) -> bool:
+    """A module of ``blocks`` carries Hugging Face's hook that marks its output as requiring
+    grad: rows served in their place must require grad too (reentrant checkpointing of the
+    trainable layers after them needs an input that does)."""
+    return any(_marks_output_for_grad(h) for block in blocks for m in _block_modules(block)
+               for h in m._forward_hooks.values())
+
+
+def hooked_modules(block: Block) -> List[nn.Module]:
+    """Modules run by ``block`` that carry a user's forward hook or pre-hook. A cached row
+    stands in for the block, so such a hook would not run on it (or would see a stand-in's
+    output): the cache does not cut past them. Backward hooks do not count: a frozen block's
+    calls pass no gradient (a forward whose input needs one is not served from the cache)."""
+    return [m for m in _block_modules(block) if _user_hooks(m, forward_only=True)]
 
 
 def fx_chain(model: nn.Module) -> BlockChain:

@@ -176,15 +176,18 @@ class SwapChain:
         order = sorted(first_use.items(), key=lambda item: item[1])
         self.names = _param_names(model)
         self.blocks = []
-        taken = 0
+        taken, ended = 0, -1
         for call in self.candidates:
             own = []
             while taken < len(order) and order[taken][1] < call.end:
                 own.append(params[order[taken][0]])
                 taken += 1
             # only the parameters first read in this stretch: a container candidate ending later
-            # must not count its (earlier) children's parameters again
-            self.blocks.append(Block(call.name, None, [_ParamHolder(*own)], needs_inputs=True))
+            # must not count its (earlier) children's parameters again; the calls that end in it
+            # are the ones a cut after it skips or stands in for (their hooks would not run right)
+            runs = [c.module for c in calls if ended < c.end <= call.end]
+            ended = call.end
+            self.blocks.append(Block(call.name, None, [_ParamHolder(*own)], needs_inputs=True, runs=runs))
         rest = [params[pid] for pid, _ in order[taken:]]
         self.blocks.append(Block("rest", None, [_ParamHolder(*rest)], needs_inputs=True))
         self.checked: Dict[int, Optional[str]] = {}  # cut (blocks before it) -> None if it works, else why
