@@ -33,6 +33,7 @@ What happens to the wrapper after a freeze:
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Optional, Tuple
 
 import torch
@@ -50,6 +51,30 @@ def _is_fsdp1(module: nn.Module) -> bool:
 
 def _is_fsdp2(module: nn.Module) -> bool:
     return any(c.__name__ == "FSDPModule" for c in type(module).__mro__)
+
+
+def reshard(model: nn.Module) -> None:
+    """Register the sharded parameters again on every FSDP2 module. A forward without backward
+    (the engine's traced set-up pass) leaves the root's own parameters (embeddings, a head)
+    unsharded, registered as plain tensors the optimizer does not hold; the guard would record
+    those and take the sharded ones for a changed model at the next checkpoint."""
+    for module in model.modules():
+        if _is_fsdp2(module):
+            module.reshard()
+
+
+def check_sharded_at_first_forward(model: nn.Module) -> None:
+    """A set-up at the first forward runs after FSDP2 unsharded the root's own parameters
+    (they are plain tensors then, not the DTensors the optimizer holds): refused with the fix."""
+    if not _is_fsdp2(model):
+        return
+    plain = [n for n, p in model.named_parameters() if not hasattr(p, "to_local")]
+    if plain:
+        raise ValueError(
+            f"SmartFreezer under FSDP2: at the first forward, the root module's own parameters ({plain[:3]}"
+            f"{' ...' if len(plain) > 3 else ''}) are FSDP2's unsharded copies, not the sharded parameters your "
+            "optimizer holds, so the freezer cannot set up there. Pass example_inputs=... (one batch) to "
+            "SmartFreezer: it then sets up before training, on the sharded model.")
 
 
 def unwrap(model: nn.Module) -> Tuple[nn.Module, Optional[str]]:
@@ -71,6 +96,12 @@ def unwrap(model: nn.Module) -> Tuple[nn.Module, Optional[str]]:
         return model.module, "ddp"
     if any(_is_fsdp2(m) for m in model.modules()):
         return model, "fsdp2"
+    wrapper = _WRAPPERS.get(model)
+    if wrapper is not None and wrapper() is not None:
+        raise ValueError(
+            "SmartFreezer: this module is wrapped by a FreezableDDP; give SmartFreezer the FreezableDDP itself. "
+            "Given the inner module, the freezer cannot rebuild DDP after a freeze, and DDP's next backward fails "
+            "(its error then asks for find_unused_parameters=True, which FreezableDDP does not need).")
     return model, None
 
 
@@ -105,6 +136,10 @@ def check_ddp_settings(
         )
 
 
+# inner module -> the FreezableDDP around it (a freezer given the inner module is refused)
+_WRAPPERS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
 class FreezableDDP(nn.Module):
     """``DistributedDataParallel`` that is rebuilt after every freeze.
 
@@ -124,6 +159,7 @@ class FreezableDDP(nn.Module):
         self.module = module
         self.ddp_kwargs = dict(ddp_kwargs)
         self.rewraps = 0
+        _WRAPPERS[module] = weakref.ref(self)
         object.__setattr__(self, "ddp", DistributedDataParallel(module, **self.ddp_kwargs))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -138,14 +174,25 @@ class FreezableDDP(nn.Module):
         """DDP's ``no_sync()`` (gradient accumulation) on the current wrapper."""
         return self.ddp.no_sync()
 
+    def register_comm_hook(self, state: Any, hook: Any) -> None:
+        """DDP's ``register_comm_hook`` (gradient compression, PowerSGD) on the current wrapper;
+        each rebuild registers it again."""
+        self.ddp.register_comm_hook(state, hook)
+
     def rewrap(self) -> None:
-        """Build a new DDP over the parameters that still train (a collective: all ranks)."""
+        """Build a new DDP over the parameters that still train (a collective: all ranks). The
+        communication hooks registered on the old one (``model.ddp.register_comm_hook`` or
+        ``register_comm_hook`` above) are registered on the new one, with their state."""
         old = self.ddp
+        comm_hooks = list(getattr(old, "_comm_hooks", ()))
         old._remove_autograd_hooks()  # the old reducer must not see the next backward
         object.__setattr__(self, "ddp", None)
         del old
         if any(p.requires_grad for p in self.module.parameters()):
-            object.__setattr__(self, "ddp", DistributedDataParallel(self.module, **self.ddp_kwargs))
+            ddp = DistributedDataParallel(self.module, **self.ddp_kwargs)
+            for hook, state in comm_hooks:
+                ddp.register_comm_hook(state, hook)
+            object.__setattr__(self, "ddp", ddp)
         else:  # nothing left to synchronise: run the module directly
             object.__setattr__(self, "ddp", self.module)
         self.rewraps += 1
@@ -178,6 +225,17 @@ class DecisionSync:
                 buf.fill_(int(decision))
         dist.broadcast(buf, src=self.src, group=self.group)
         return buf
+
+    def same_on_every_rank(self, text: str) -> bool:
+        """True if every rank passes the same ``text`` (one small all-reduce of its digest)."""
+        import hashlib
+
+        import torch.distributed as dist
+
+        digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "big")
+        both = torch.tensor([digest, -digest], dtype=torch.int64, device=self.device)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
+        return both.tolist() == [digest, -digest]
 
     def all_reduce_sum(self, tensor: Tensor) -> None:
         """Sum per-rank partial statistics (FSDP2 shard gradient norms) in place."""

@@ -22,6 +22,7 @@ reads or freezes with the prefix: ``shared_parameters``, docs/shared_parameters.
 from __future__ import annotations
 
 import operator
+import re
 import warnings
 import weakref
 from contextlib import nullcontext
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from . import guards
-from .frozen import engine_hook
+from .frozen import engine_hook, mode_blind
 from .policy.base import Decision, FreezePolicy, PolicyContext, UnitInfo, check_decision, check_prefix_length
 from .units import SHARED_PARAMETER_MODES, Unit, UnitPlan, describe_shared, discover_units, example_call, shared_groups
 
@@ -79,6 +80,12 @@ def _check_optimizer_can_lose_parameters(optimizer: torch.optim.Optimizer) -> No
         raise ValueError("SmartFreezer cannot freeze parameters out of torch.optim.LBFGS: it keeps one state for "
                          "all its parameters (on the first) and one param group. Train with a first-order "
                          "optimizer (SGD, Adam, AdamW, ...) to freeze layers.")
+    if type(optimizer).__name__ == "ZeroRedundancyOptimizer":  # by name: no torch.distributed import
+        raise ValueError("SmartFreezer cannot freeze parameters out of ZeroRedundancyOptimizer: each rank's inner "
+                         "optimizer holds a fixed partition of the parameters and their state, which a freeze "
+                         "cannot take apart (state left on frozen parameters, a failing state_dict(), FreezeOut's "
+                         "per-unit lrs refused). To shard optimizer state, use FSDP2 (fully_shard) with a plain "
+                         "optimizer (docs/integrations/ddp_fsdp.md); or DDP with a plain optimizer.")
 
 
 def _check_policy_free(policy: FreezePolicy) -> None:
@@ -120,6 +127,19 @@ def _normable(grad: Tensor) -> Tensor:
     if hasattr(grad, "to_local"):
         grad = grad.to_local()
     return grad.coalesce().values() if grad.is_sparse else grad
+
+
+def _user_frozen_modules(model: nn.Module, frozen_params: set) -> set:
+    """ids of the modules with parameters, all of them frozen (``frozen_params``), and of every
+    module inside them: what the user froze before the freezer was built."""
+    found: set = set()
+    for module in model.modules():  # parents before children
+        if id(module) in found:
+            continue
+        params = [id(p) for p in module.parameters()]
+        if params and all(p in frozen_params for p in params):
+            found.update(id(m) for m in module.modules())
+    return found
 
 
 def _remove_params(optimizer: torch.optim.Optimizer, ids: set) -> None:
@@ -246,12 +266,21 @@ class SmartFreezer:
         self._freeze_listeners: List[Callable[[FreezeEvent, Sequence[Unit]], None]] = []
         self._change_listeners: List[Callable[[str, Any], None]] = []
         self._warned_past_total = False
+        # what must stay frozen, refreshed after each freeze and parameter swap (None: stale)
+        self._held: Optional[Tuple[List[Tuple[str, Tensor]], List[Tuple[str, Tensor]]]] = None
+        self._frozen_by_user: set = set()  # ids of the parameters frozen when the freezer was set up
+        self._user_frozen_modules: set = set()  # ids of the modules made only of those (_user_frozen_modules)
         self._guard: Optional[guards.Guard] = None  # made at set-up: watches the model and the optimizers
         self._closed = False
         # Distributed: units live on the inner module; rank 0's decisions are broadcast.
         from . import distributed
 
         self.module, self._dist_kind = distributed.unwrap(model)
+        if self._dist_kind == "fsdp2" and policy.name == "egeria":
+            raise ValueError(
+                "SmartFreezer: Egeria does not run under FSDP2 yet: its int8 reference model copies the model's "
+                "full weights, which FSDP2 shards across the ranks. Use Egeria under DDP (FreezableDDP), or "
+                "another policy under FSDP2 (docs/integrations/ddp_fsdp.md).")
         self._process_group = process_group
         self._sync = None
         if self._dist_kind == "freezable_ddp":
@@ -268,6 +297,10 @@ class SmartFreezer:
     # ------------------------------------------------------------------ set-up
     def _setup_on_first_forward(self, module, args, kwargs):
         self._remove_first_forward_hook()
+        if self._dist_kind == "fsdp2":
+            from . import distributed
+
+            distributed.check_sharded_at_first_forward(self.module)
         self._setup(args, kwargs)
 
     def _remove_first_forward_hook(self) -> None:
@@ -291,8 +324,14 @@ class SmartFreezer:
                 f"{meta[:3]}{' ...' if len(meta) > 3 else ''}). Build the freezer (and the optimizer) "
                 "after model.to_empty(device=...) and the weights' initialisation or loading.")
         plan = discover_units(self.module, args, kwargs, shared_parameters=self.shared_parameters)
+        if self._dist_kind == "fsdp2":
+            from . import distributed
+
+            distributed.reshard(self.module)  # the traced forward left the root's parameters unsharded
         self._check_optimizers(plan.units)
         self.plan = plan
+        self._frozen_by_user = {id(p) for p in self.module.parameters() if not p.requires_grad}
+        self._user_frozen_modules = _user_frozen_modules(self.module, self._frozen_by_user)
         from .frozen import FrozenRegion
 
         self._region = FrozenRegion(self.module, plan)
@@ -312,6 +351,8 @@ class SmartFreezer:
         from . import distributed
 
         self._sync = distributed.make_sync(self.model, self._dist_kind, self._process_group, device)
+        if self._sync is not None:
+            self._check_ranks_agree(plan)
         self.policy.bind(PolicyContext(
             units=[UnitInfo(u.index, u.name, u.num_params, u.forward_flops) for u in plan.units],
             total_steps=self.total_steps,
@@ -334,6 +375,23 @@ class SmartFreezer:
             self._hooks.append(opt.register_load_state_dict_pre_hook(self._check_optimizer_load_order))
         self.policy._serves = weakref.ref(self)
         self._guard = guards.Guard(self)
+
+    def _check_ranks_agree(self, plan: UnitPlan) -> None:
+        """Every rank must count the same run: the same units, total_steps, policy and settings.
+        Ranks given other ones (shards of different lengths counted per rank) freeze at other
+        steps: DDP then averages a frozen rank's zeros into the others' gradients, and a rewrap
+        or a broadcast waits for ranks that never come."""
+        policy = re.sub(r"cuda:\d+", "cuda", self.policy.describe())  # Egeria's reference device is the rank's own
+        settings = (f"total_steps={self.total_steps}, policy={policy}, sample_every={self.sample_every}, "
+                    f"window={self.window}, sample_size={self.sample_size}, keep_trainable={self.keep_trainable}, "
+                    f"decision_delay={self.decision_delay}, seed={self.seed}, "
+                    f"shared_parameters={self.shared_parameters!r}, {len(plan.units)} units")
+        if not self._sync.same_on_every_rank(settings + repr([u.name for u in plan.units])):
+            raise ValueError(
+                f"SmartFreezer: the ranks were given different settings (rank {self._sync.rank}: {settings}). "
+                "Every rank must build its freezer alike, or they freeze at different steps and training hangs "
+                "or diverges: the same model, policy and settings, and the same total_steps (every rank runs the "
+                "same number of optimizer steps: DistributedSampler, or shards cut to the shortest one).")
 
     def _check_optimizers(self, units: Sequence[Unit]) -> None:
         held = {id(p) for opt in self.optimizers for g in opt.param_groups for p in g["params"]}
@@ -413,6 +471,8 @@ class SmartFreezer:
         self.step_count += 1
         step = self.step_count
         self._guard.on_freezer_step(self)  # model changes since the last step, step() vs optimizer steps
+        if self.num_frozen:
+            self._check_prefix_still_frozen()
         if (self.total_steps is not None and step > self.total_steps and not self._warned_past_total
                 and self.policy.uses_total_steps):
             self._warned_past_total = True  # once (also for a run resumed past it)
@@ -432,6 +492,45 @@ class SmartFreezer:
                     self._submit(step, decision)
         with _range("smartfrz::apply"):
             self._apply_due(step)
+
+    def _check_prefix_still_frozen(self) -> None:
+        """The user's code turned ``requires_grad`` back on inside the frozen prefix (a GAN's
+        ``set_requires_grad(D, True)``, ``model.requires_grad_(True)`` to unfreeze for a later
+        phase). The prefix's modules still run in eval mode and its parameters are out of every
+        optimizer, so they did not train: silent until now. A frozen unit's parameters are frozen
+        again, with one warning; a layer the user froze before set-up (no unit) that now trains
+        inside the prefix is the user's: one warning. A loop over the prefix's parameters per step."""
+        if self._held is None:
+            modules = self._region.always + list(self._region.partly)
+            names = {id(m): n for n, m in self.module.named_modules()}
+            self._held = (self.plan.frozen_parameters(self.num_frozen),
+                          [(f"{names.get(id(m), type(m).__name__)}.{n}".lstrip("."), p) for m in modules
+                           for n, p in m.named_parameters(recurse=False) if id(p) in self._frozen_by_user])
+        frozen, foreign = self._held
+        woke = [(n, p) for n, p in frozen if p.requires_grad]
+        if woke:
+            for _, p in woke:
+                p.requires_grad_(False)
+                p.grad = None
+            for opt in self.optimizers:
+                _remove_params(opt, {id(p) for _, p in woke})
+            names = ", ".join(n for n, _ in woke[:3]) + (" ..." if len(woke) > 3 else "")
+            self._guard.warn_once("woke", (
+                f"SmartFreezer: your code set requires_grad=True on {len(woke)} frozen parameter(s) ({names}), e.g. "
+                "model.requires_grad_(True) or a GAN's set_requires_grad(D, True). A frozen prefix stays frozen: its "
+                "parameters are out of the optimizer and its modules run in eval mode, so they did not train, and "
+                "the backward pass ran through them; the freezer sets requires_grad=False on them again. To train "
+                "frozen layers again, call freezer.close() first (they then follow your requires_grad, "
+                "model.train() and optimizer); to switch a part of the model on and off each step, switch only "
+                "the parameters that still train."))
+        trained = [n for n, p in foreign if p.requires_grad]
+        if trained:
+            self._guard.warn_once("foreign", (
+                f"SmartFreezer: {', '.join(trained[:3])}{' ...' if len(trained) > 3 else ''} had requires_grad=False "
+                "when the freezer was built (so it is in no unit) and trains now, inside the frozen prefix: the "
+                "freezer keeps its module in eval mode, and the backward pass runs through the frozen units to "
+                "reach it, so the prefix saves nothing. Choose which layers train before building the freezer: "
+                "close() it and build a new SmartFreezer."))
 
     def _warn_past_total_steps(self, step: int) -> None:
         effect = ("its lr factor is 0 for every unit past the schedule's end, so nothing trains any more"
@@ -517,7 +616,8 @@ class SmartFreezer:
             p.grad = None
         # every module of the prefix in eval (norm statistics stop moving, no dropout of any
         # kind): a frozen prefix is a fixed feature extractor, as in the activation cache
-        self._region.apply(target)
+        switched = self._region.apply(target)
+        self._held = None
         before = self.num_frozen
         for opt in self.optimizers:
             _remove_params(opt, frozen_ids)
@@ -530,7 +630,25 @@ class SmartFreezer:
         for listener in self._freeze_listeners:
             listener(event, newly)
         self._warn_split_shared(before, target)  # last: a warnings filter set to "error" finds the freeze done
+        self._warn_user_frozen_to_eval(switched)
         return target
+
+    def _warn_user_frozen_to_eval(self, switched: Sequence[nn.Module]) -> None:
+        """Modules the user froze before set-up, left in train mode, that the prefix now runs in
+        eval (every module called inside it does): their statistics stop, their dropout is off.
+        Right for a stem in front of the model; not for an EMA or BYOL target network called in
+        the same forward, whose BatchNorm statistics should move."""
+        mine = [m for m in switched if id(m) in self._user_frozen_modules and not mode_blind(m)]
+        if not mine:
+            return
+        names = {id(m): n for n, m in self.module.named_modules()}
+        listed = ", ".join(f"{names.get(id(m), '?')} ({type(m).__name__})" for m in mine[:3])
+        self._guard.warn_once("user_frozen_eval", (
+            f"SmartFreezer: the frozen prefix now runs in eval mode modules you froze before the freezer was built "
+            f"and left in train mode: {listed}{' ...' if len(mine) > 3 else ''} (their norm statistics stop moving, "
+            "their dropout is off), as every module called inside the frozen prefix. If one should keep train "
+            "mode (an EMA or BYOL target network called in the same forward), give SmartFreezer the part of the "
+            "model that trains (the online network) instead of the model that holds both."))
 
     def _warn_refused_cut(self, wanted: int, target: int) -> None:
         refused = next(c for c in range(wanted, target, -1) if not self.plan.allowed_cut[c])
@@ -653,6 +771,7 @@ class SmartFreezer:
             self.history.replace_sources({k: new for k, (_, new) in pairs.items()})
         self._map_parameters_to_units()
         self._grad_index_cache.clear()
+        self._held = None
         if pairs:
             for listener in self._change_listeners:
                 listener("parameters", {key: new for key, (_, new) in pairs.items()})
@@ -661,9 +780,14 @@ class SmartFreezer:
         guard.changed = False
 
     def _stop_before_nonfinite(self, target: int) -> int:
-        for unit in self.units[self.num_frozen:target]:
-            finite = all(bool(torch.isfinite(p).all()) for p in unit.parameters)
-            if not finite:
+        units = self.units[self.num_frozen:target]
+        bad = torch.tensor([float(not all(bool(torch.isfinite(_normable(p.detach())).all()) for p in u.parameters))
+                            for u in units])
+        if self._sync is not None and self._dist_kind == "fsdp2":  # each rank sees its own shards
+            bad = bad.to(self._sync.device)
+            self._sync.all_reduce_sum(bad)
+        for unit, nonfinite in zip(units, bad.tolist()):
+            if nonfinite:
                 if not self._nonfinite_warned:
                     warnings.warn(
                         f"SmartFreezer: unit {unit.index} ({unit.name}) has NaN or inf weights; "

@@ -16,7 +16,9 @@ their flag changes nothing (``model.train()`` may set it back to True). The hook
 A module called both inside and after the prefix (ALBERT's one layer called 12 times) runs its
 first calls in eval and the rest with the flag the user set; a shared parameter that keeps
 training (``shared_parameters="train"``) has the outputs of the module calls that read it inside
-the prefix detached, so no gradient flows back through the frozen units. Calls are counted per
+the prefix detached, so no gradient flows back through the frozen units (where a call's input
+needs a gradient, as in adversarial training, the call reads a detached view of the parameter
+instead, and its input gets its gradient). Calls are counted per
 forward pass of the model (reset by a pre-hook on it), and a call beyond the traced ones (a loop
 run more often than traced) lies after the prefix; where a pass skips the model's own forward
 (the activation cache runs blocks), the count wraps at the traced number of calls. A call that
@@ -31,7 +33,7 @@ from typing import Any, Callable, Dict, List
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map
 
 from .units import UnitPlan
 
@@ -127,38 +129,40 @@ class FrozenRegion:
         self.plan = plan
         self.cut = 0
         self.handles: List[Any] = []
+        self.always: List[nn.Module] = []  # modules run in eval at every call
+        self.partly: Dict[nn.Module, int] = {}  # modules run in eval at their leading calls
         self._count: Dict[int, int] = {}  # calls of each counted module in this forward pass
         self._running: Dict[int, List[tuple]] = {}  # per module: (call number, flag to restore)
         self._in_root_forward = False  # inside the model's own forward (not the cache's blocks)
 
-    def apply(self, cut: int) -> None:
-        """Place the hooks for a frozen prefix of ``cut`` units (replacing the previous ones)."""
+    def apply(self, cut: int) -> List[nn.Module]:
+        """Place the hooks for a frozen prefix of ``cut`` units (replacing the previous ones).
+        Returns the modules it took out of train mode."""
         self.remove()
         self.cut = cut
         always, partly = self.plan.eval_modules(cut)
+        self.always, self.partly = always, partly
         detach = self.plan.detached_calls(cut)
+        switched = []
         for module in always:
             if module.training:  # (nn.Module's __setattr__ is slow: most flags are set already)
                 module.training = False
+                switched.append(module)
             if not mode_blind(module):
                 self.handles.append(module.register_forward_pre_hook(_force_eval))
         counted = {id(m): n for m, n in partly.items()}  # id(module) -> leading calls in eval
-        counted_detach: Dict[int, int] = {}  # id(module) -> leading calls detached
-        for key, n in detach.items():
-            module, _, calls = self.plan.module_calls[key]
-            if n == len(calls):  # every call detached: no counting
-                self.handles.append(module.register_forward_hook(engine_hook(lambda m, a, out: _detached(out))))
-            else:
-                counted.setdefault(key, 0)
-                counted_detach[key] = n
+        for key in detach:
+            counted.setdefault(key, 0)
+        shared = self._shared_reads(cut, detach)
         for key, eval_calls in counted.items():
             module, _, calls = self.plan.module_calls[key]
-            self.handles.append(module.register_forward_pre_hook(self._enter_hook(len(calls), eval_calls)))
-            self.handles.append(module.register_forward_hook(self._leave_hook(counted_detach.get(key, 0)),
-                                                             always_call=True))
+            self.handles.append(module.register_forward_pre_hook(
+                self._enter_hook(len(calls), eval_calls, detach.get(key, 0), shared.get(key, [])), with_kwargs=True))
+            self.handles.append(module.register_forward_hook(self._leave_hook(), always_call=True))
         if counted:
             self.handles.append(self.root.register_forward_pre_hook(engine_hook(self._enter_root)))
             self.handles.append(self.root.register_forward_hook(engine_hook(self._leave_root), always_call=True))
+        return switched
 
     def _enter_root(self, module, args) -> None:
         self._count.clear()
@@ -167,8 +171,19 @@ class FrozenRegion:
     def _leave_root(self, module, args, output) -> None:
         self._in_root_forward = False
 
-    def _enter_hook(self, traced_calls: int, eval_calls: int):
-        def enter(module, args):
+    def _shared_reads(self, cut: int, detach: Dict[int, int]) -> Dict[int, List[tuple]]:
+        """id(module) -> (owner module, attribute) of every registration of the shared
+        parameters that keep training and that its detached calls read."""
+        out: Dict[int, List[tuple]] = {}
+        for s in self.plan.still_training(cut):
+            for key in {call[0] for _, call, _ in s.reads if call is not None and call[0] in detach}:
+                for path in s.registered_as:
+                    owner, _, attr = path.rpartition(".")
+                    out.setdefault(key, []).append((self.root.get_submodule(owner), attr))
+        return out
+
+    def _enter_hook(self, traced_calls: int, eval_calls: int, detach_calls: int, shared: List[tuple]):
+        def enter(module, args, kwargs):
             key = id(module)
             if torch._C._current_graph_task_id() != -1:
                 # activation checkpointing recomputes the call in the backward pass: only calls
@@ -181,16 +196,29 @@ class FrozenRegion:
                 count = self._count.get(key, 0)
                 number = count if self._in_root_forward else count % traced_calls
                 self._count[key] = number + 1
-            self._running.setdefault(key, []).append((number, module.training))
+            # a detached call passes no gradient to the shared parameter it reads, nor to its
+            # input; where the input needs one (adversarial training, an input-gradient penalty),
+            # the call reads a detached view of the parameter instead
+            swapped = None
+            if number < detach_calls and shared and torch.is_grad_enabled() and any(
+                    isinstance(t, torch.Tensor) and t.requires_grad for t in tree_flatten((args, kwargs))[0]):
+                swapped = [(owner, attr, owner._parameters[attr]) for owner, attr in shared]
+                for owner, attr, param in swapped:
+                    owner._parameters[attr] = param.detach()
+            self._running.setdefault(key, []).append((number < detach_calls, module.training, swapped))
             if number < eval_calls:
                 module.training = False
         return engine_hook(enter)
 
-    def _leave_hook(self, detach_calls: int):
+    def _leave_hook(self):
         def leave(module, args, output):
-            number, flag = self._running[id(module)].pop()
+            detach, flag, swapped = self._running[id(module)].pop()
             module.training = flag
-            return _detached(output) if number < detach_calls else None
+            if swapped is not None:
+                for owner, attr, param in swapped:
+                    owner._parameters[attr] = param
+                return None
+            return _detached(output) if detach else None
         return engine_hook(leave)
 
     def remove(self) -> None:

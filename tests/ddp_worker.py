@@ -2,7 +2,7 @@
 
 usage: ddp_worker.py MODE OUT_DIR [PORT]
 MODE in {rewrap, unused, fsdp2, fsdp2_autofreeze, fsdp2_history, fsdp2_smartfrz, schedule,
-         cache_rewrap, cache_unused}
+         cache_rewrap, cache_unused, mismatch, fsdp2_nan}
 
 Each rank sees different data and runs ``RankSkewed``, a policy that proposes a different
 frozen prefix on each rank; the engine must apply rank 0's proposals on both. Rank 0 then
@@ -15,6 +15,8 @@ the reference records its own. "fsdp2_smartfrz" runs SmartFRZ with the shipped p
 "cache_rewrap" / "cache_unused" train through the activation cache (FreezableDDP with an mmap
 file per rank / DDP with find_unused_parameters and memory rows) on a fixed set of samples
 that come back, so rows are hit and migrated; the reference trains without a cache.
+"mismatch" gives each rank another total_steps (FreezableDDP): every rank's freezer refuses.
+"fsdp2_nan" puts a NaN in one rank's shard only: every rank's freeze stops before that unit.
 """
 
 import os
@@ -26,7 +28,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from smartfrz_fast import AutoFreeze, FreezePolicy, LinearFreeze, SmartFreezer, SmartFRZ
+from smartfrz_fast import AutoFreeze, FreezePolicy, LinearFreeze, SmartFreezer, SmartFRZ, StaticFreeze
 from smartfrz_fast.cache import ActivationCache
 from smartfrz_fast.distributed import DecisionSync, FreezableDDP
 
@@ -154,7 +156,7 @@ def worker(rank, world, port, mode, out):
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     inner = make_model()
-    if mode in ("rewrap", "schedule", "cache_rewrap"):
+    if mode in ("rewrap", "schedule", "cache_rewrap", "mismatch"):
         model = FreezableDDP(inner)
     elif mode in ("unused", "cache_unused"):
         model = nn.parallel.DistributedDataParallel(inner, find_unused_parameters=True)
@@ -178,6 +180,22 @@ def worker(rank, world, port, mode, out):
         policy = RankSkewed(rank)
     # "unused" hands the engine the inner module (the DDP wrapper stays outside its view).
     seen = inner if mode in ("unused", "cache_unused") else model
+    if mode == "fsdp2_nan":  # a NaN in rank 1's shard of unit 1 only: both ranks stop before unit 1
+        freezer = SmartFreezer(model, optimizer, StaticFreeze(3), example_inputs=data(0, rank)[0])
+        if rank == 1:
+            with torch.no_grad():
+                inner[1][0].weight.to_local().fill_(float("nan"))
+        frozen = freezer.freeze_to(3)
+        torch.save({"frozen": frozen}, out / f"rank{rank}.pt")
+        dist.destroy_process_group()
+        return
+    if mode == "mismatch":  # each rank counted its own shard: refused on every rank, nothing hangs
+        try:
+            SmartFreezer(seen, optimizer, LinearFreeze(), example_inputs=data(0, rank)[0], total_steps=steps + rank)
+        except ValueError as exc:
+            torch.save({"error": str(exc)}, out / f"rank{rank}.pt")
+        dist.destroy_process_group()
+        return
     freezer = SmartFreezer(seen, optimizer, policy, example_inputs=data(0, rank)[0], total_steps=steps, **settings)
     batches, cache, shared_path_error = (lambda step: data(step, rank)), None, None
     if mode.startswith("cache"):

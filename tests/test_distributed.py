@@ -67,6 +67,20 @@ def test_two_ranks_freeze_together_and_stay_in_sync(mode, tmp_path):
     assert r0["broadcasts"] == r1["broadcasts"] == 4
 
 
+def test_ranks_with_different_settings_are_refused(tmp_path):
+    # FreezeOut/LinearFreeze with another total_steps per rank froze at other steps: DDP averaged
+    # a frozen rank's zeros into the other's gradients, and FreezableDDP's rewrap hung
+    (r0, r1), _ = run_worker("mismatch", tmp_path)
+    for rank, r in enumerate((r0, r1)):
+        assert f"the ranks were given different settings (rank {rank}: total_steps={14 + rank}" in r["error"]
+
+
+def test_fsdp2_nonfinite_weights_in_one_shard_stop_every_rank(tmp_path):
+    # each rank checked only its own shard: the ranks froze [3, 1] units and the next backward hung
+    (r0, r1), _ = run_worker("fsdp2_nan", tmp_path)
+    assert r0["frozen"] == r1["frozen"] == 1
+
+
 def test_schedule_policy_needs_no_broadcast_and_matches_one_process(tmp_path):
     # LinearFreeze depends only on the step: every rank computes the same int, nothing is
     # broadcast, and the timeline is the single-process one (same steps, same prefixes).
@@ -263,3 +277,83 @@ def test_activation_cache_under_ddp_on_one_rank_equals_no_ddp(one_rank_group):
         results.append((losses, {k: v.clone() for k, v in inner.state_dict().items()}))
     assert results[0][0] == results[1][0]
     assert all(torch.equal(results[0][1][k], results[1][1][k]) for k in results[0][1])
+
+
+@pytest.mark.parametrize("setup", ["example_inputs", "first forward"])
+def test_fsdp2_root_owning_parameters(one_rank_group, setup):
+    # fully_shard per block, then the root, which owns layers itself (a transformer's embeddings
+    # and head): the traced set-up forward left the root's parameters unsharded, the guard
+    # recorded those, and freezer.state_dict() took the sharded ones for a changed model
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), *[nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(2)],
+                          nn.Linear(8, 3))
+    for block in list(model)[1:3]:
+        fully_shard(block)
+    fully_shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    lazy = setup == "first forward"
+    freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=2), total_steps=4,
+                           example_inputs=None if lazy else torch.randn(2, 4))
+    if lazy:
+        with pytest.raises(ValueError, match="Pass example_inputs"):
+            model(torch.randn(5, 4))
+        return
+    for step in range(4):
+        model(torch.randn(5, 4, generator=torch.Generator().manual_seed(step))).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+    assert freezer.num_frozen == 2 and not model[0].weight.requires_grad
+    assert freezer.state_dict()["num_frozen"] == 2
+
+
+def test_freezable_ddp_keeps_communication_hooks_across_rewraps(one_rank_group):
+    # a comm hook (fp16 compression, PowerSGD) lived on the DDP object that the first freeze replaced
+    import torch.distributed as dist
+
+    calls = []
+
+    def counting_allreduce(state, bucket):
+        calls[-1] += 1
+        return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+    model = FreezableDDP(mlp())
+    model.register_comm_hook(None, counting_allreduce)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=2), example_inputs=torch.randn(2, 4))
+    for step in range(4):
+        calls.append(0)
+        model(torch.randn(5, 4)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+    assert model.rewraps == 1 and all(n > 0 for n in calls), calls
+
+
+def test_the_inner_module_of_a_freezable_ddp_is_refused(one_rank_group):
+    inner = mlp()
+    model = FreezableDDP(inner)
+    with pytest.raises(ValueError, match="give SmartFreezer the FreezableDDP itself"):
+        SmartFreezer(inner, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1),
+                     example_inputs=torch.randn(2, 4))
+
+
+def test_what_cannot_freeze_is_refused_up_front(one_rank_group):
+    # ZeRO kept state on frozen parameters and failed its state_dict(); Egeria under FSDP2
+    # crashed mid-run copying sharded weights into its reference
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    from smartfrz_fast import Egeria
+
+    model = mlp()
+    zero = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="ZeroRedundancyOptimizer.*use FSDP2"):
+        SmartFreezer(model, zero, StaticFreeze(1), example_inputs=torch.randn(2, 4))
+    model = mlp()
+    policy = Egeria(model, torch.randn(4, 4))
+    fully_shard(model)
+    with pytest.raises(ValueError, match="Egeria does not run under FSDP2"):
+        SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), policy, example_inputs=torch.randn(2, 4))

@@ -1,8 +1,10 @@
 """The frozen prefix's hooks: which modules get one, what copies of the model get, how the calls
 of a module called inside and after the prefix are numbered."""
 
+import copy
 import inspect
 import re
+import warnings
 
 import pytest
 import torch
@@ -232,6 +234,29 @@ def test_calls_beyond_the_traced_ones_lie_after_the_prefix():
     freezer.close()
 
 
+def test_an_input_that_needs_a_gradient_gets_it_through_a_detached_call():
+    # the prefix's call of a block that keeps training (ALBERT-like) had its output detached,
+    # cutting the input's gradient too: FreeLB / FGSM got a wrong or no x.grad
+    x = torch.randn(6, 8)
+    model = Recurrent()
+    reference = copy.deepcopy(model)
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1, at_step=1),
+                           example_inputs=x)
+    freezer.freeze_to(3)  # emb, the block's first call, mids.0
+    model.eval()
+    reference.eval()
+    model(x).square().mean().backward()
+    later_reads_only = model.shared.lin.weight.grad.clone()
+    model.zero_grad()
+    attacked, attacked_reference = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    model(attacked).square().mean().backward()
+    reference(attacked_reference).square().mean().backward()
+    torch.testing.assert_close(attacked.grad, attacked_reference.grad)
+    torch.testing.assert_close(model.shared.lin.weight.grad, later_reads_only)  # the prefix's read: none
+    assert model.shared.lin._parameters["weight"] is freezer.units[1].parameters[0]  # put back
+    freezer.close()
+
+
 def test_a_dataclass_output_is_detached_too():
     # a tied weight read in the prefix by a module returning a plain dataclass leaked gradient
     from dataclasses import dataclass
@@ -272,3 +297,40 @@ def test_a_dataclass_output_is_detached_too():
     model.head(torch.relu(model.mid(hidden))).square().mean().backward()
     assert torch.equal(grad, model.head.weight.grad)
     freezer.close()
+
+
+class _OnlineAndTarget(nn.Module):
+    """BYOL / mean teacher: an EMA target (frozen by the user, BatchNorm in train mode) called in
+    the same forward, before the online network."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.target = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+        self.target.requires_grad_(False)
+        self.online = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+
+    def forward(self, x):
+        with torch.no_grad():
+            t = self.target(x)
+        return self.online(x), t
+
+
+def test_a_user_frozen_module_in_train_mode_taken_to_eval_warns():
+    """The prefix runs every module called inside it in eval, a user-frozen target network too:
+    its BatchNorm statistics stop. Said once, with the fix (manage only the online network)."""
+    model = _OnlineAndTarget()
+    freezer = SmartFreezer(model, torch.optim.SGD(model.online.parameters(), lr=0.1), StaticFreeze(1),
+                           example_inputs=torch.randn(4, 8))
+    with pytest.warns(UserWarning, match=r"left in train mode: target.1 \(BatchNorm1d\)") as caught:
+        freezer.freeze_to(1)
+    assert "give SmartFreezer the part of the model that trains" in str(caught[-1].message)
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        freezer.freeze_to(2)  # once
+    online = _OnlineAndTarget().online  # managed alone: the target is not the freezer's business
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SmartFreezer(online, torch.optim.SGD(online.parameters(), lr=0.1), StaticFreeze(1),
+                     example_inputs=torch.randn(4, 8)).freeze_to(2)

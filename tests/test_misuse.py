@@ -588,3 +588,78 @@ def test_a_changed_model_does_not_stop_another_models_training():
     assert freezer.num_frozen == 1
     with pytest.raises(RuntimeError, match="the model changed after the freezer was set up"):
         old.step()
+
+
+def _mlp(bn=True):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16) if bn else nn.Identity(), nn.Tanh(),
+                         nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+
+
+def _train_step(model, opt, freezer, seed):
+    torch.manual_seed(seed)
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+    freezer.step()
+
+
+@pytest.mark.parametrize("how", ["unfreeze and add a group", "unfreeze and re-create the optimizer"])
+def test_requires_grad_turned_back_on_in_the_frozen_prefix_warns_and_refreezes(how):
+    """Unfreezing layers by hand for a later phase (ULMFiT-style) while the freezer holds them
+    frozen: they stay in eval mode and out of the optimizer, so they would silently not train.
+    The next step() says so, once, and freezes them again."""
+    model = _mlp()
+    opt = sgd(model)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1), example_inputs=torch.randn(4, 8), total_steps=100)
+    freezer.freeze_to(1)
+    _train_step(model, opt, freezer, 0)
+    model.requires_grad_(True)
+    if how == "unfreeze and add a group":
+        opt.add_param_group({"params": list(model[0].parameters()), "lr": 0.01})
+    else:
+        opt = sgd(model)
+    with pytest.warns(UserWarning, match=r"set requires_grad=True on 4 frozen parameter\(s\) \(0.weight, 0.bias, 1.weight"):
+        _train_step(model, opt, freezer, 1)
+    frozen = list(model[0].parameters()) + list(model[1].parameters())
+    assert not any(p.requires_grad or p.grad is not None for p in frozen)
+    assert not {id(p) for p in frozen} & held(opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train_step(model, opt, freezer, 2)  # once
+
+
+def test_a_gan_toggle_of_the_whole_discriminator_warns_once():
+    """``set_requires_grad(D, True/False)`` around each step (CycleGAN, pix2pix) turns the frozen
+    prefix back on every step: weights stay right (it is out of the optimizer), one warning."""
+    model = _mlp(bn=False)
+    opt = sgd(model)
+    freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=1), example_inputs=torch.randn(4, 8), total_steps=100)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for seed in range(6):
+            model.requires_grad_(True)
+            _train_step(model, opt, freezer, seed)
+    assert freezer.num_frozen == 2
+    assert len([w for w in caught if "frozen parameter(s)" in str(w.message)]) == 1, [str(w.message) for w in caught]
+
+
+def test_a_layer_frozen_before_set_up_that_trains_later_inside_the_prefix_warns():
+    """A layer frozen by hand when the freezer was built is no unit; trained later in front of
+    the freezer's prefix, it runs in eval mode and its gradient crosses the frozen units."""
+    model = _mlp()
+    model[0].requires_grad_(False)
+    model[1].requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1), example_inputs=torch.randn(4, 8), total_steps=100)
+    assert [u.name for u in freezer.units] == ["3", "5"]
+    freezer.freeze_to(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train_step(model, opt, freezer, 0)  # still frozen by the user: nothing to say
+    model[0].requires_grad_(True)
+    opt.add_param_group({"params": list(model[0].parameters())})
+    with pytest.warns(UserWarning, match=r"0.weight, 0.bias had requires_grad=False when the freezer was built"):
+        _train_step(model, opt, freezer, 1)
+    assert model[0].weight.requires_grad  # the user's layer: not frozen for them
