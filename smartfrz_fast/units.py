@@ -196,6 +196,27 @@ class UnitPlan:
         return found
 
 
+# Fused recurrent kernels that torch's FLOP counter has no formula for (0 FLOPs made an LSTM's
+# units free: nothing to save by freezing them): op name -> its weight matrices from the args.
+# On the CPU, nn.LSTM runs oneDNN's one-layer kernel; on CUDA, LSTM, GRU and RNN run cuDNN's,
+# whose second argument lists every layer's and direction's weights.
+_FUSED_RNN_WEIGHTS = {
+    "mkldnn_rnn_layer": lambda args: args[1:3],  # (input, w_ih, w_hh, b_ih, b_hh, ...)
+    "_cudnn_rnn": lambda args: args[1],  # (input, weights, ...)
+    "miopen_rnn": lambda args: args[1],
+}
+
+
+def _rnn_flops(input: Any, weights: Sequence[Any]) -> int:
+    """Forward FLOPs of a recurrent layer's gate products: 2 per weight of every matrix, for
+    every token (the input's rows; a packed sequence is one row per token). Every layer and
+    direction runs over all tokens."""
+    if not isinstance(input, torch.Tensor) or input.dim() == 0:
+        return 0
+    tokens = input.numel() // max(1, input.shape[-1])
+    return 2 * tokens * sum(w.numel() for w in weights if isinstance(w, torch.Tensor) and w.dim() == 2)
+
+
 class _ForwardTracer(TorchDispatchMode):
     """Records every read of each watched tensor (and of its views), the innermost module call
     around it, and the FLOPs of every op."""
@@ -224,7 +245,11 @@ class _ForwardTracer(TorchDispatchMode):
                 self.reads.setdefault(name, []).append((op_index, call))
         out = func(*args, **kwargs)
         count = self._flop_registry.get(func._overloadpacket)
-        self.op_flops.append(int(count(*args, **kwargs, out_val=out)) if count else 0)
+        if count is not None:
+            self.op_flops.append(int(count(*args, **kwargs, out_val=out)))
+        else:
+            fused = _FUSED_RNN_WEIGHTS.get(func._overloadpacket.__name__)
+            self.op_flops.append(_rnn_flops(args[0], fused(args)) if fused is not None else 0)
         if len(names) == 1 and isinstance(out, torch.Tensor) and _aliases(out, *names.values()):
             # a view of a parameter (``weight.t()`` inside ``F.linear``): the op that reads the
             # view reads the parameter, and its FLOPs are the parameter's

@@ -26,6 +26,28 @@ class ForwardOrderDiffers(nn.Module):
         return self.c(self.b(self.norm(self.a(x))))
 
 
+class Recurrent(nn.Module):
+    def __init__(self, cell, **kwargs):
+        super().__init__()
+        self.rnn = cell(6, 8, batch_first=True, **kwargs)
+        self.head = nn.Linear(8 * (2 if kwargs.get("bidirectional") else 1), 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("cell,gates", [(nn.LSTM, 4), (nn.GRU, 3), (nn.RNN, 1)])
+@pytest.mark.parametrize("kwargs", [{}, {"num_layers": 2, "bidirectional": True}])
+def test_recurrent_layers_count_their_gate_products(cell, gates, kwargs):
+    # the CPU runs nn.LSTM as one fused oneDNN op that torch's FLOP counter has no formula
+    # for: the LSTM's unit counted 0 FLOPs, so freezing it saved "nothing" and SmartFRZ's
+    # min_flops_share never let it freeze
+    plan = discover_units(Recurrent(cell, **kwargs), (torch.randn(5, 7, 6),))
+    tokens, directions = 5 * 7, 2 if kwargs else 1
+    weights = directions * gates * 8 * ((6 + 8) + ((8 * directions + 8) if kwargs else 0))
+    assert plan.units[0].forward_flops == 2 * tokens * weights
+
+
 def test_units_follow_forward_order_and_norms_join_the_layer_before():
     plan = discover_units(ForwardOrderDiffers(), (torch.randn(3, 4),))
     assert [u.name for u in plan.units] == ["a+norm", "b", "c"]

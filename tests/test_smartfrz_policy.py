@@ -351,6 +351,23 @@ def test_a_prefix_of_little_compute_waits_for_the_units_after_it(tmp_path, monke
     assert "min_flops_share" in freezer.policy.describe()
 
 
+def test_min_flops_share_counts_only_what_can_freeze(tmp_path, monkeypatch):
+    # every unit ready at once, the kept head included: the share was looked up for all units
+    # (1.0), so a prefix the engine then cut to max_frozen passed whatever its own share
+    from smartfrz_fast import ops
+
+    def predict(history, cursor, rows, valid, weights, threshold, input_gain=1.0, sort_by_newest=False):
+        prob = torch.full((rows.numel(),), 0.9)
+        return prob, torch.cumprod((prob >= threshold).long(), 0).sum()
+
+    monkeypatch.setattr(ops, "predict", predict)
+    freezer = run(SmartFRZ(settle_ratio=None, min_flops_share=0.999, weights=predictor_file(tmp_path / "p.pt"),
+                           evaluate_every=2), steps=13)
+    flops = [u.forward_flops for u in freezer.units]
+    assert sum(flops[:-1]) / sum(flops) < 0.999
+    assert freezer.timeline == []
+
+
 @pytest.mark.parametrize("share", [-0.1, 1.0, True, "a"])
 def test_bad_min_flops_share(tmp_path, share):
     with pytest.raises(ValueError, match="min_flops_share"):

@@ -258,9 +258,12 @@ class SmartFRZ(FreezePolicy):
 
     def _worth_freezing(self, prefix: torch.Tensor) -> torch.Tensor:
         """``prefix``, or 0 (no change) while that prefix holds less than ``min_flops_share`` of
-        the FLOPs. Device ops only."""
+        the FLOPs. The share is that of what the engine would freeze: the prefix cut to
+        ``max_frozen`` (a prefix reaching the kept head passed on the head's FLOPs alone).
+        Device ops only."""
         if self._prefix_share is None:
             return prefix
+        prefix = prefix.clamp(max=self.context.max_frozen)
         share = self._prefix_share.index_select(0, prefix.reshape(1).to(self._prefix_share.device)).reshape(prefix.shape)
         return torch.where(share >= self.min_flops_share, prefix, torch.zeros_like(prefix))
 
