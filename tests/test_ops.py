@@ -97,8 +97,21 @@ def test_predict_ref_matches_independent_math(fresh_seed):
     assert int(prefix) == int(reference.freezable_prefix(expected, 0.5))
 
 
-def test_predict_query_is_the_newest_snapshot():
-    history, valid, predictor = random_predict_inputs()
+def _live_predict_inputs():
+    """random_predict_inputs whose predictor's output depends on its input: a random head can
+    sit with every ReLU dead on these inputs (the same probability for every unit, whatever
+    the history), and then no change of the history can show. Redrawn until live."""
+    for _ in range(20):
+        history, valid, predictor = random_predict_inputs()
+        full = torch.full_like(valid, SMALL.sample_size)
+        prob, _ = ops.predict(history, torch.tensor(3), torch.arange(5), full, predictor.flat_weights(), 0.5)
+        if not torch.all(prob == prob[0]):
+            return history, valid, predictor
+    raise AssertionError("20 random predictors in a row had a dead head")
+
+
+def test_predict_query_is_the_newest_snapshot(fresh_seed):
+    history, valid, predictor = _live_predict_inputs()
     rows = torch.arange(5)
     w = predictor.flat_weights()
     cursor = torch.tensor(3)  # newest snapshot in slot 2
@@ -117,7 +130,7 @@ def test_predict_query_is_the_newest_snapshot():
     changed[:, 2] = torch.randn_like(changed[:, 2])
     full = torch.full_like(valid, SMALL.sample_size)
     prob_full = ops.predict(history, cursor, rows, full, w, 0.5)[0]
-    assert not torch.equal(prob_full, ops.predict(changed, cursor, rows, full, w, 0.5)[0])
+    assert not torch.equal(prob_full, ops.predict(changed, cursor, rows, full, w, 0.5)[0]), f"seed {fresh_seed}"
 
 
 def test_predict_normalisation_hides_weight_scale():
