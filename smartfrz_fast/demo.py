@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -383,6 +384,10 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m smartfrz_f
             plot_format(args.plot)
         except (ImportError, ValueError) as exc:
             print(f"--plot: {exc}", file=sys.stderr)
+            return 2
+        folder = os.path.dirname(os.path.abspath(args.plot))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):  # before minutes of training
+            print(f"--plot: cannot write into {folder} (no such folder, or not writable)", file=sys.stderr)
             return 2
     common = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                   progress=not args.no_progress, eval_points=20 if args.plot else 0)

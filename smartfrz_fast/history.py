@@ -180,9 +180,10 @@ class WeightHistory:
         tensor of its shape. Returns the indices of the units re-drawn.
 
         A position drawn before and after keeps its history column. A new column is
-        backfilled with the weight's *effective* past value where it is known: 0 if
-        ``prev_masks`` says the weight was pruned until now (exact: a pruned weight is 0),
-        else its current value (an approximation: its past values were not sampled)."""
+        backfilled, in the snapshots taken so far only, with the weight's *effective* past value
+        where it is known: 0 if ``prev_masks`` says the weight was pruned until now (exact: a
+        pruned weight is 0), else its current value (an approximation: its past values were not
+        sampled). Slots no snapshot has written yet stay 0 (a checkpoint's check relies on it)."""
         if self._shard_group is not None:
             raise NotImplementedError(
                 "sparse masks with FSDP2-sharded parameters are not supported: train the sparse model "
@@ -191,6 +192,7 @@ class WeightHistory:
         changed = []
         first_source = 0
         prev_masks = prev_masks or {}
+        written = min(self.count, self.window)  # slots 0..count-1 until the ring is full
         for unit in self.units:
             unit_masks = [masks.get(id(p)) for p in unit.parameters]
             start = first_source
@@ -219,7 +221,7 @@ class WeightHistory:
                 index = _logical_index(param, key[1])
                 if prev is not None and not bool(prev.reshape(-1)[index]):
                     continue  # pruned until now: its effective value was 0
-                new_rows[:, k] = param.detach().reshape(-1)[index].float()
+                new_rows[:written, k] = param.detach().reshape(-1)[index].float()
             self.history[unit.index].copy_(new_rows)
             self.source_ids[unit.index] = torch.from_numpy(ids).to(self.device)
             self.offsets[unit.index] = torch.from_numpy(offs).to(self.device)

@@ -705,6 +705,8 @@ def _load_factory(spec: str) -> Callable[[], nn.Module]:
     except ImportError as exc:
         raise ValueError(f"--model {spec}: cannot import {module_name!r} ({exc}); run from the folder "
                          "that holds it or add it to PYTHONPATH") from exc
+    except Exception as exc:  # the user's module failed while importing
+        raise ValueError(f"--model {spec}: importing {module_name!r} raised {type(exc).__name__}: {exc}") from exc
     factory = module
     for part in attr.split("."):
         if not hasattr(factory, part):
@@ -714,6 +716,20 @@ def _load_factory(spec: str) -> Callable[[], nn.Module]:
         raise ValueError(f"--model {spec}: {attr!r} is not callable (give a class or a function "
                          "that returns an nn.Module)")
     return factory
+
+
+def _check_forward(model: nn.Module, x: torch.Tensor, args: argparse.Namespace) -> None:
+    """One forward on two samples, in eval mode (no statistics move), so that a batch the model
+    cannot take is said in the CLI's own terms before any measurement."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except Exception as exc:
+        raise ValueError(f"--model {args.model} cannot take a batch of --input-shape {args.input_shape} "
+                         f"({args.input_dtype}): {type(exc).__name__}: {exc}") from exc
+    finally:
+        model.train(was_training)
 
 
 def _parse_shape(text: str) -> Tuple[int, ...]:
@@ -826,7 +842,11 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m smartfrz_f
             factory = _load_factory(args.model)
             shape = _parse_shape(args.input_shape)
             torch.manual_seed(args.seed)
-            model = factory()
+            try:
+                model = factory()
+            except Exception as exc:
+                raise ValueError(f"--model {args.model}: calling it raised {type(exc).__name__}: {exc} (the factory "
+                                 "must build the model with no arguments)") from exc
             if not isinstance(model, nn.Module):
                 raise ValueError(f"--model {args.model} returned {type(model).__name__}, not an nn.Module")
             dtype = getattr(torch, args.input_dtype)
@@ -835,6 +855,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m smartfrz_f
                 x = torch.randint(0, args.input_high, (args.batch_size, *shape), generator=g)
             else:
                 x = torch.randn((args.batch_size, *shape), generator=g).to(dtype)
+            _check_forward(model, x[:2], args)
             what = f"{args.model} on a random batch {tuple(x.shape)} {args.input_dtype}"
         else:
             model, x, what = _demo_batch(args.batch_size, args.seed, args.quick)

@@ -50,7 +50,9 @@ class SievingSampler(torch.utils.data.Sampler):
         order = torch.randperm(num_samples, generator=g).tolist()
         self.active: List[int] = sorted(order[:num_active])
         self.pool: List[int] = order[num_active:]  # queue: front enters next
-        self.num_swap = min(round(swap_fraction * num_active), len(self.pool))
+        # at least one sample per rotation when swapping at all: a small active set rounded to 0
+        # never rotated, and the pool was never visited
+        self.num_swap = min(max(1, round(swap_fraction * num_active)) if swap_fraction > 0 else 0, len(self.pool))
         self.loss = torch.full((num_samples,), float("inf"), device=device)
         self.epoch = 0  # epochs started
         self.rotations = 0
@@ -92,11 +94,17 @@ class SievingSampler(torch.utils.data.Sampler):
         if self.num_swap == 0:
             return []
         active = torch.tensor(self.active, device=self.loss.device)
-        order = torch.sort(self.loss[active], stable=True).indices[: self.num_swap]
+        losses = self.loss[active]
+        order = torch.sort(losses, stable=True).indices[: self.num_swap]
+        # a sample never recorded is not swapped out unseen (an epoch started without training,
+        # e.g. a look at the loader for example inputs, rotated before any loss existed)
+        order = order[torch.isfinite(losses[order])]
         slots = order.tolist()  # the one host read
+        if not slots:
+            return []
         out = [self.active[s] for s in slots]
-        incoming = self.pool[: self.num_swap]
-        self.pool = self.pool[self.num_swap:] + out
+        incoming = self.pool[: len(out)]
+        self.pool = self.pool[len(out):] + out
         for s, new in zip(slots, incoming):
             self.active[s] = new
             self.loss[new] = float("inf")  # unseen since it returned: not swapped out at once

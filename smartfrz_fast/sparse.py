@@ -21,7 +21,11 @@ import torch
 from torch import Tensor, nn
 
 # optimizer state tensors that follow a weight elementwise (SGD momentum, Adam moments)
-_ELEMENTWISE_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg", "acc_delta", "sum")
+# optimizer state of a parameter's shape, zeroed at its pruned positions (SGD, Adam(W), NAdam,
+# RAdam, Adamax, RMSprop, Adadelta, Adagrad, Rprop). Centered RMSprop's grad_avg too: left, its
+# variance square_avg - grad_avg^2 went below 0 there and the weights to NaN.
+_ELEMENTWISE_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg", "acc_delta", "sum",
+                      "grad_avg", "exp_inf", "prev")
 
 
 def prune_masks(model: nn.Module) -> Dict[str, Tensor]:
@@ -93,11 +97,18 @@ class SparseMasks:
             )
         self.params: Dict[str, nn.Parameter] = {}
         self.masks: Dict[str, Tensor] = {}  # bool, on the parameter's device (prune: a bool view is made on use)
+        # a tied weight's other names (head.weight of a head tied to emb.weight) mean its first name
+        first_name = {id(p): n for n, p in params.items()}
+        canonical = {n: first_name[id(q)] for n, q in model.named_parameters(remove_duplicate=False)}
         for name, mask in given.items():
-            if name not in params and name + "_orig" in params:
+            if name not in canonical and name + "_orig" in canonical:
                 name = name + "_orig"
-            if name not in params:
+            if name not in canonical:
                 raise ValueError(f"SparseMasks: the model has no parameter '{name}' (mask given for it)")
+            if canonical[name] != name and canonical[name] in given:
+                raise ValueError(f"SparseMasks: masks given for both '{name}' and '{canonical[name]}', which are one "
+                                 "tied weight: give one mask for it")
+            name = canonical[name]
             p = params[name]
             _check_mask(name, mask, p, "SparseMasks")
             self.params[name] = p
@@ -197,7 +208,9 @@ class SparseMasks:
                     self._prune[name] = self.masks[name] = prune[name]
 
     def _on_freeze(self, event, units) -> None:
-        ids = {id(p) for u in units for p in u.parameters}
+        # a shared parameter that keeps training from its later reads (shared_parameters="train")
+        # is not frozen: its mask is still enforced at every step
+        ids = {id(p) for u in units for p in u.parameters if not p.requires_grad}
         newly = [n for n, p in self.params.items() if id(p) in ids]
         self.apply_(newly)  # a frozen layer's weights and mask agree from now on
         self.frozen.update(newly)

@@ -278,6 +278,26 @@ def test_cli_bad_arguments(args, message):
     assert r.returncode == 2 and message in r.stderr
 
 
+@pytest.mark.parametrize("spec, shape, message", [
+    ("usernets:needs_arg", "6", "calling it raised TypeError"),
+    ("brokennet:make", "6", "importing 'brokennet' raised NameError"),
+    ("usernets:make", "3,8,8", "cannot take a batch of --input-shape 3,8,8"),
+])
+def test_cli_a_model_that_fails_is_one_error_line(tmp_path, spec, shape, message):
+    # a factory needing arguments, a module failing at import, a shape the model cannot take:
+    # raw tracebacks before (the last one talking of SmartFreezer's example_inputs)
+    (tmp_path / "usernets.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))\n"
+        "def needs_arg(width):\n"
+        "    return torch.nn.Linear(6, width)\n")
+    (tmp_path / "brokennet.py").write_text("import torch\nmake = undefined_name\n")
+    r = _run_cli(["--model", spec, "--input-shape", shape, "--repeats", "1", "--warmup", "0", "--policies", "none"],
+                 cwd=tmp_path, env_extra={"PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_plot_is_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     from smartfrz_fast.plot import Curve, plot_training
@@ -310,6 +330,10 @@ def test_demo_refuses_a_plot_path_it_cannot_write_before_training(tmp_path, caps
     assert demo.main(["--quick", "--no-progress", "--plot", str(tmp_path / "run.docx")]) == 2
     captured = capsys.readouterr()
     assert "--plot: cannot write a plot to" in captured.err and "full training" not in captured.out
+    # a folder that does not exist: said before training, not as a traceback after it
+    assert demo.main(["--quick", "--no-progress", "--plot", str(tmp_path / "missing" / "run.png")]) == 2
+    captured = capsys.readouterr()
+    assert "--plot: cannot write into" in captured.err and "full training" not in captured.out
 
 
 @pytest.mark.slow

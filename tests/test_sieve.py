@@ -32,6 +32,28 @@ def test_swaps_the_easiest_for_the_pool_front():
     assert set(s2.rotate()) <= set(s2.active[:4]) | set(s2.pool)
 
 
+def test_a_look_at_the_loader_before_training_sieves_out_no_unseen_sample():
+    # next(iter(loader)) for example inputs started an epoch: the first training epoch then
+    # rotated with no loss recorded and sieved out the lowest ids unseen
+    s = SievingSampler(20, active_fraction=0.8, swap_fraction=0.25, seed=0)
+    active = list(s.active)
+    next(iter(s))
+    assert sorted(epoch_ids(s, loss_of=float)) == sorted(active) and s.rotations == 0
+    epoch_ids(s)  # rotates now, on the losses of the epoch that trained
+    assert s.rotations == 1 and set(s.pool[-s.num_swap:]) <= set(active)
+
+
+def test_a_small_active_set_still_visits_every_sample():
+    # round(0.2 * 2 active) = 0 samples per rotation: the pool was never visited
+    s = SievingSampler(10, active_fraction=0.25, swap_fraction=0.2, seed=0)
+    assert s.num_swap == 1
+    seen = set()
+    for _ in range(20):
+        seen |= set(epoch_ids(s, loss_of=float))
+    assert seen == set(range(10))
+    assert SievingSampler(10, active_fraction=0.25, swap_fraction=0.0).num_swap == 0
+
+
 def test_deterministic_under_seed_and_covers_every_sample():
     def run(seed, epochs=12):
         s = SievingSampler(50, active_fraction=0.5, swap_fraction=0.3, seed=seed)

@@ -253,3 +253,94 @@ def test_attach_optimizer_keeps_masks_without_a_freezer():
     hooks = len(masks._hooks)
     masks.attach(freezer)
     assert len(masks._hooks) == hooks
+
+
+class _TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.mid = nn.Embedding(30, 16), nn.Linear(16, 16)
+        self.head = nn.Linear(16, 30, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mid(self.emb(ids))))
+
+
+def _lm_steps(model, opt, freezer, steps):
+    for step in range(steps):
+        ids = torch.randint(0, 30, (8,), generator=torch.Generator().manual_seed(step))
+        nn.functional.cross_entropy(model(ids), ids).backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+
+
+def test_a_masked_shared_weight_that_keeps_training_keeps_its_mask():
+    # the tied embedding's unit froze, but the weight trains on through the head: its mask
+    # stopped being enforced and 300+ pruned entries came back
+    model = _TiedLM()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    masks = SparseMasks(model, {"emb.weight": torch.rand(30, 16, generator=torch.Generator().manual_seed(1)) > 0.5})
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=2), example_inputs=torch.arange(8))
+    masks.attach(freezer)
+    _lm_steps(model, opt, freezer, 6)
+    assert freezer.num_frozen == 1 and model.emb.weight.requires_grad  # shared_parameters="train"
+    assert masks.violations() == {} and "emb.weight" not in masks.frozen
+
+
+def test_centered_rmsprop_state_is_masked_too():
+    # grad_avg was left at pruned positions: square_avg - grad_avg^2 < 0, and the weights went NaN
+    model = mlp()
+    opt = torch.optim.RMSprop(model.parameters(), lr=0.01, momentum=0.9, centered=True)
+    masks = SparseMasks(model, random_masks(model, 0))
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=100), example_inputs=torch.randn(4, 10))
+    masks.attach(freezer)
+    for step in range(4):
+        model(torch.randn(6, 10, generator=torch.Generator().manual_seed(step))).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters()) and masks.violations() == {}
+
+
+def test_a_checkpoint_before_the_history_is_full_resumes_with_masks():
+    # attach() backfilled every slot of newly drawn history columns, written or not, and the
+    # resume's check took the unwritten slots' values for a corrupt checkpoint
+
+    class Keeps(FreezePolicy):
+        needs_history = True
+
+        def decide(self, step, frozen):
+            return None
+
+    def build():
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        masks = SparseMasks(model, random_masks(model, 0))
+        freezer = SmartFreezer(model, opt, Keeps(), example_inputs=torch.randn(4, 10), window=6, sample_size=16)
+        masks.attach(freezer)
+        return model, opt, masks, freezer
+
+    model, opt, masks, freezer = build()
+    for step in range(3):
+        model(torch.randn(6, 10, generator=torch.Generator().manual_seed(step))).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+    saved = copy.deepcopy({"model": model.state_dict(), "masks": masks.state_dict(), "freezer": freezer.state_dict()})
+    model2, _, masks2, freezer2 = build()
+    model2.load_state_dict(saved["model"])
+    masks2.load_state_dict(saved["masks"])
+    freezer2.load_state_dict(saved["freezer"])
+    assert torch.equal(freezer2.history.history, freezer.history.history)
+
+
+def test_a_mask_under_a_tied_weights_other_name():
+    # random_masks(dense_ends=False) names the tied head "head.weight": refused as no parameter
+    model = _TiedLM()
+    masks = SparseMasks(model, {"head.weight": torch.rand(30, 16, generator=torch.Generator().manual_seed(2)) > 0.5})
+    assert list(masks.params) == ["emb.weight"] and masks.violations() == {}
+    with pytest.raises(ValueError, match="one tied weight"):
+        SparseMasks(model, {"head.weight": torch.ones(30, 16, dtype=torch.bool),
+                            "emb.weight": torch.ones(30, 16, dtype=torch.bool)})
