@@ -855,7 +855,6 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m smartfrz_f
                 x = torch.randint(0, args.input_high, (args.batch_size, *shape), generator=g)
             else:
                 x = torch.randn((args.batch_size, *shape), generator=g).to(dtype)
-            _check_forward(model, x[:2], args)
             what = f"{args.model} on a random batch {tuple(x.shape)} {args.input_dtype}"
         else:
             model, x, what = _demo_batch(args.batch_size, args.seed, args.quick)
@@ -863,6 +862,12 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m smartfrz_f
         print(f"error: {exc}", file=sys.stderr)
         return 2
     model, x = model.to(device), x.to(device)
+    if args.model:
+        try:
+            _check_forward(model, x[:2], args)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"CPU, {torch.get_num_threads()} thread(s), {os.cpu_count()} cores")
     title = (f"smartfrz_fast profile: {what}; {where}; torch {torch.__version__}; optimizer {args.optimizer}; "
