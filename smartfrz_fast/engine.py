@@ -509,11 +509,7 @@ class SmartFreezer:
         frozen, foreign = self._held
         woke = [(n, p) for n, p in frozen if p.requires_grad]
         if woke:
-            for _, p in woke:
-                p.requires_grad_(False)
-                p.grad = None
-            for opt in self.optimizers:
-                _remove_params(opt, {id(p) for _, p in woke})
+            self._take_out_of_training([p for _, p in woke])
             names = ", ".join(n for n, _ in woke[:3]) + (" ..." if len(woke) > 3 else "")
             self._guard.warn_once("woke", (
                 f"SmartFreezer: your code set requires_grad=True on {len(woke)} frozen parameter(s) ({names}), e.g. "
@@ -609,18 +605,12 @@ class SmartFreezer:
             return self.num_frozen
         newly = self.units[self.num_frozen:target]
         already = {id(p) for _, p in self.plan.frozen_parameters(self.num_frozen)}
-        freezing = [p for _, p in self.plan.frozen_parameters(target) if id(p) not in already]
-        frozen_ids = {id(p) for p in freezing}
-        for p in freezing:
-            p.requires_grad_(False)
-            p.grad = None
+        self._take_out_of_training([p for _, p in self.plan.frozen_parameters(target) if id(p) not in already])
         # every module of the prefix in eval (norm statistics stop moving, no dropout of any
         # kind): a frozen prefix is a fixed feature extractor, as in the activation cache
         switched = self._region.apply(target)
         self._held = None
         before = self.num_frozen
-        for opt in self.optimizers:
-            _remove_params(opt, frozen_ids)
         self.num_frozen = target
         self._grad_index_cache.clear()
         if self.history is not None:
@@ -632,6 +622,15 @@ class SmartFreezer:
         self._warn_split_shared(before, target)  # last: a warnings filter set to "error" finds the freeze done
         self._warn_user_frozen_to_eval(switched)
         return target
+
+    def _take_out_of_training(self, params: Sequence[Tensor]) -> None:
+        """``requires_grad=False``, no gradient, out of every optimizer with their state."""
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+        ids = {id(p) for p in params}
+        for opt in self.optimizers:
+            _remove_params(opt, ids)
 
     def _warn_user_frozen_to_eval(self, switched: Sequence[nn.Module]) -> None:
         """Modules the user froze before set-up, left in train mode, that the prefix now runs in

@@ -364,7 +364,7 @@ def profile_prefixes(
     args, kwargs = as_args(inputs), dict(kwargs or {})
     ref = _unmanaged_copy(model).train()
     ref_opt = optimizer_factory(ref.parameters())
-    work = _unmanaged_copy(model).train()
+    work = copy.deepcopy(model).train()  # (checked just above)
     opt = optimizer_factory(work.parameters())
     # the policy is never consulted (no freezer.step()): freeze_to does the freezing
     freezer = SmartFreezer(work, opt, policy=StaticFreeze(0), example_inputs=args, example_kwargs=kwargs,
@@ -520,7 +520,7 @@ def profile_overhead(
 
 def _overhead_run(model, args, kwargs, policy, loss_fn, optimizer_factory, steps, warmup,
                   keep_trainable) -> OverheadRow:
-    work = _unmanaged_copy(model).train()
+    work = copy.deepcopy(model).train()  # profile_overhead checked that no freezer manages it
     opt = optimizer_factory(work.parameters())
     for _ in range(warmup):  # before the freezer exists: one-time set-up costs stay out of the run
         _train_step(work, args, kwargs, loss_fn, opt)

@@ -466,8 +466,7 @@ class ActivationCache:
             return model(*inputs.args, **inputs.kwargs)
         batch = _batch_size(inputs)
         ids = self._check_ids(sample_ids, batch)
-        other = self._other_input_shape(inputs)
-        why = ("shape", other) if other is not None else self._cannot_serve(inputs)
+        why = self._cannot_serve(inputs)
         if why is not None:
             self.stats["bypassed"] += 1
             self._warn_once(why[0], f"ActivationCache: {why[1]}: such forwards run the whole model (counted in "
@@ -490,6 +489,9 @@ class ActivationCache:
 
     def _cannot_serve(self, inputs: Inputs) -> Optional[Tuple[str, str]]:
         """(kind, why) when cached rows cannot stand in for this forward's frozen prefix."""
+        other = self._other_input_shape(inputs)
+        if other is not None:
+            return "shape", other
         if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
                                            for t in tree_flatten((inputs.args, inputs.kwargs))[0]):
             return "input_grad", ("an input requires grad, and a cached row passes no gradient back to the input "

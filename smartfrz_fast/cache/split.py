@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -657,14 +657,10 @@ def skipped_hooks(model: nn.Module, chain: BlockChain,
     return [name for name, m in (modules_outside(model, chain) if outside is None else outside) if _user_hooks(m)]
 
 
-def _block_modules(block: Block) -> Iterator[nn.Module]:
-    """The modules a cached row of ``block`` stands in for."""
-    seen = set()
-    for top in block.modules if block.runs is None else block.runs:
-        for m in (top.modules() if block.runs is None else (top,)):
-            if id(m) not in seen:
-                seen.add(id(m))
-                yield m
+def _block_modules(block: Block) -> List[nn.Module]:
+    """The modules a cached row of ``block`` stands in for, each once."""
+    modules = block.runs if block.runs is not None else [m for top in block.modules for m in top.modules()]
+    return list(dict.fromkeys(modules))  # modules hash by identity
 
 
 def rows_need_grad(blocks: Sequence[Block]) -> bool:

@@ -176,17 +176,20 @@ class SwapChain:
         order = sorted(first_use.items(), key=lambda item: item[1])
         self.names = _param_names(model)
         self.blocks = []
-        taken, ended = 0, -1
+        taken, ran = 0, 0
         for call in self.candidates:
             own = []
             while taken < len(order) and order[taken][1] < call.end:
                 own.append(params[order[taken][0]])
                 taken += 1
+            # the calls that end in this stretch (calls are recorded in the order they end): the
+            # ones a cut after it skips or stands in for (their hooks would not run right)
+            runs = []
+            while ran < len(calls) and calls[ran].end <= call.end:
+                runs.append(calls[ran].module)
+                ran += 1
             # only the parameters first read in this stretch: a container candidate ending later
-            # must not count its (earlier) children's parameters again; the calls that end in it
-            # are the ones a cut after it skips or stands in for (their hooks would not run right)
-            runs = [c.module for c in calls if ended < c.end <= call.end]
-            ended = call.end
+            # must not count its (earlier) children's parameters again
             self.blocks.append(Block(call.name, None, [_ParamHolder(*own)], needs_inputs=True, runs=runs))
         rest = [params[pid] for pid, _ in order[taken:]]
         self.blocks.append(Block("rest", None, [_ParamHolder(*rest)], needs_inputs=True))
