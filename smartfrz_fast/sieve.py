@@ -125,7 +125,8 @@ class SievingSampler(torch.utils.data.Sampler):
 
     def state_dict(self) -> Dict[str, Any]:
         return {"num_samples": self.num_samples, "seed": self.seed, "interval": self.interval,
-                "active": list(self.active), "pool": list(self.pool), "loss": self.loss.cpu().clone(),
+                "active_fraction": self.active_fraction, "swap_fraction": self.swap_fraction,
+                "momentum": self.momentum, "active": list(self.active), "pool": list(self.pool), "loss": self.loss.cpu().clone(),
                 "epoch": self.epoch, "rotations": self.rotations}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -134,8 +135,9 @@ class SievingSampler(torch.utils.data.Sampler):
         if missing:
             raise ValueError(f"SievingSampler: the checkpoint lacks {missing}: it is truncated or not from "
                              "SievingSampler.state_dict()")
-        for key in ("num_samples", "seed", "interval"):
-            if state[key] != getattr(self, key):
+        # the fractions and momentum are absent from checkpoints of 0.1.0's first releases
+        for key in ("num_samples", "seed", "interval", "active_fraction", "swap_fraction", "momentum"):
+            if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"SievingSampler: checkpoint has {key}={state[key]}, this sampler "
                                  f"{getattr(self, key)}: construct it with the checkpoint's settings")
         if len(state["active"]) != len(self.active) or sorted(state["active"] + state["pool"]) != list(range(self.num_samples)):

@@ -179,8 +179,9 @@ class SparseMasks:
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> "SparseMasks":
         """Zero the masked weights and their optimizer state after every step of ``optimizer``
-        (``attach`` does this for the freezer's optimizers; call it directly for sparse
-        training without a freezer)."""
+        (``attach`` does this for the freezer's optimizers, and follows the ones it re-creates;
+        call it directly for sparse training without a freezer, and again for every optimizer
+        you re-create: nothing else sees a new optimizer)."""
         if any(opt is optimizer for opt in self._optimizers):
             raise RuntimeError("SparseMasks: this optimizer is already attached")
         self._optimizers.append(optimizer)

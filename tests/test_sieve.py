@@ -78,6 +78,12 @@ def test_state_dict_resumes_the_rotation():
     assert head + tail == full
     with pytest.raises(ValueError, match="seed"):
         SievingSampler(40, seed=6).load_state_dict(state)
+    # settings that change the rotation are named, not resumed into another run
+    for key, other in (("active_fraction", 0.6), ("swap_fraction", 0.5), ("momentum", 0.0)):
+        settings = dict(active_fraction=0.5, swap_fraction=0.25, interval=2, seed=5, momentum=0.5)
+        settings[key] = other
+        with pytest.raises(ValueError, match=key):
+            SievingSampler(40, **settings).load_state_dict(state)
 
 
 def test_bad_arguments():
