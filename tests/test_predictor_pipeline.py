@@ -339,6 +339,22 @@ def test_trials_resume_without_recomputing(finished_trials, tmp_path):
     recording = tmp_path / "zoo" / f"{spec.name}.pt"
     remade = Trials(spec, trials.path, Tolerance("accuracy", 0.5), stride=20, recording=recording, log=lambda m: None)
     assert remade.run() == done and remade.branches_run == 0 and recording.exists()
+    # results made on another CPU (its rounding: the reference's loss a few ulps off) are still
+    # re-recorded, saying so; a run that is not the same is refused
+    for nudge, accepted in ((1 + 3e-7, True), (1.05, False)):
+        rows = [json.loads(line) for line in lines]
+        rows[0]["loss"] *= nudge
+        elsewhere = tmp_path / f"elsewhere-{accepted}.jsonl"
+        elsewhere.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        said = []
+        rerecord = Trials(spec, elsewhere, Tolerance("accuracy", 0.5), stride=20,
+                          recording=tmp_path / f"zoo-{accepted}" / f"{spec.name}.pt", log=said.append)
+        if accepted:
+            assert rerecord.run()["earliest"] == done["earliest"] and rerecord.branches_run == 0
+            assert any("not bit for bit" in m for m in said)
+        else:
+            with pytest.raises(ValueError, match="did not reproduce"):
+                rerecord.run()
     # killed after two branches, in the middle of writing the third
     partial = tmp_path / "partial.jsonl"
     partial.write_text("\n".join(lines[:3]) + "\n" + lines[3][:25])
