@@ -152,6 +152,20 @@ def _drop_torn_tail(path: Path) -> None:
         path.write_bytes(data[:data.rfind(b"\n") + 1])
 
 
+# A finished run re-recorded on another CPU (a fresh checkout has the trial results, not the
+# recordings) differs as a run nudged by rounding does: the zoo's runs nudged by 1e-6 or 1e-3
+# moved by at most 1.07 points (bench/results/noise_floor.md); their losses near 0 move by a
+# quarter. Further off than this, it is not the same run (other code or another zoo).
+RERECORD_ACCURACY_POINTS = 1.5
+RERECORD_LOSS_RELATIVE = 0.3
+
+
+def _same_run_elsewhere(row: Dict[str, Any], reference: Dict[str, Any], metric: str) -> bool:
+    if metric == "accuracy":
+        return abs(row["accuracy"] - reference["accuracy"]) * 100 <= RERECORD_ACCURACY_POINTS
+    return abs(row["loss"] - reference["loss"]) <= RERECORD_LOSS_RELATIVE * abs(reference["loss"])
+
+
 class Trials:
     """The freezing trials of one zoo run, resumable through ``path`` (JSON lines).
 
@@ -173,8 +187,8 @@ class Trials:
     def _unbranched(self, reference: Optional[Dict[str, Any]], exact: bool = True) -> Dict[str, Any]:
         """Train the unbranched run (= the recording), keeping a checkpoint at every branch point;
         returns its reference row (checked against ``reference`` when the file has one: equal, or
-        with ``exact=False`` within the label tolerance either way: another CPU's rounding grows
-        over a run, so only the final metric, at the precision the labels have, can match)."""
+        with ``exact=False`` as close as ``_same_run_elsewhere`` asks: another CPU's rounding grows
+        over a run like a nudge of the initial weights)."""
         wanted = {(j + 1) * self.every for j in self.candidates}
         checkpoints: Dict[int, Dict[str, Any]] = {}
 
@@ -191,14 +205,13 @@ class Trials:
                "sample_every": self.every, "threads": torch.get_num_threads(), "seconds": round(run["seconds"], 1),
                "cpu_seconds": round(time.process_time() - cpu, 1)}
         if reference is not None and (reference["accuracy"], reference["loss"]) != (row["accuracy"], row["loss"]):
-            close = self.tolerance.safe(row, reference) and self.tolerance.safe(reference, row)
-            if exact or not close:
+            if exact or not _same_run_elsewhere(row, reference, self.tolerance.metric):
                 raise TrialResultsError(
                     f"{self.path}: the unbranched run {self.spec.name} did not reproduce (accuracy {row['accuracy']} "
                     f"loss {row['loss']}; the file has {reference['accuracy']} / {reference['loss']}, made with "
                     f"{reference.get('threads')} threads, now {row['threads']}). Resume with the same thread count, "
                     "torch build and CPU kind, or delete the file to redo this run's trials.")
-            self.log(f"{self.spec.name}: the unbranched run reproduced within the labels' tolerance, not bit for bit "
+            self.log(f"{self.spec.name}: the unbranched run reproduced closely, not bit for bit "
                      f"(accuracy {row['accuracy']} / loss {row['loss']}, the file's {reference['accuracy']} / "
                      f"{reference['loss']}: another CPU's rounding); recording it")
         if self.recording is not None:
