@@ -194,6 +194,7 @@ def worker(rank, world, port, mode, out):
             SmartFreezer(seen, optimizer, LinearFreeze(), example_inputs=data(0, rank)[0], total_steps=steps + rank)
         except ValueError as exc:
             torch.save({"error": str(exc)}, out / f"rank{rank}.pt")
+        dist.barrier()  # both ranks leave together: a rank that tore down first aborted gloo's other rank (flaky)
         dist.destroy_process_group()
         return
     freezer = SmartFreezer(seen, optimizer, policy, example_inputs=data(0, rank)[0], total_steps=steps, **settings)

@@ -87,7 +87,8 @@ def test_cache_with_units_found_at_the_first_forward():
 
 
 def test_first_cached_forward_under_inference_mode_then_training():
-    # a validation pass right after a freeze made the store of inference tensors
+    # a validation pass right after a freeze made the store of inference tensors; now such a
+    # pass (train mode, no gradient: no training step) neither reads nor stores rows
     model = chain_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     freezer = SmartFreezer(model, opt, policy=StaticFreeze(1, 1), example_inputs=X[:2], total_steps=10)
@@ -96,10 +97,11 @@ def test_first_cached_forward_under_inference_mode_then_training():
     ids = torch.arange(10)
     forward(X[ids], ids)  # the cache sets up; its store comes at the first forward after a freeze
     freezer.freeze_to(1)
-    with torch.inference_mode():
+    with torch.inference_mode(), pytest.warns(UserWarning, match="no_grad.*inference_mode"):
         forward(X[ids], ids)
+    assert cache.stats["bypassed"] == 1 and cache.rows_cached == 0
     for step in range(3):
-        ids = torch.arange(10 * step, 10 * step + 10)  # misses too: rows written into the store
+        ids = torch.arange(10 * (step % 2), 10 * (step % 2) + 10)  # misses, then hits
         nn.functional.cross_entropy(forward(X[ids], ids), Y[ids]).backward()
         opt.step()
         opt.zero_grad()

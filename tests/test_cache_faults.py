@@ -201,20 +201,55 @@ def _audited(cache_kwargs=None):
     return cache, wrapped
 
 
-def test_an_id_given_to_two_inputs_is_named_at_the_audit():
+def test_an_id_given_to_another_input_is_computed_again_never_served():
+    # ids 0..9 again, for other samples (a dataset swapped under the same ids, or ids that are
+    # not per sample): each such row is recomputed and replaced, with one warning
     cache, wrapped = _audited()
-    with pytest.warns(UserWarning, match=r"Sample id 0 came with a different input than the one its row was "
-                      "cached from: either one id is given to two different samples") as caught:
-        wrapped(X[10:20], torch.arange(10))  # ids 0..9 again, for other samples
-    assert len([w for w in caught if "ActivationCache" in str(w.message)]) == 1 and not cache.enabled
+    plain = cache.freezer.model
+    with pytest.warns(UserWarning, match=r"sample id 0 came with another input than its cached row"):
+        out = wrapped(X[10:20], torch.arange(10))
+    assert cache.enabled and cache.stats["input_changed"] == 10
+    torch.testing.assert_close(out, plain(X[10:20]), rtol=0, atol=0)
+    # the replaced rows serve their new inputs
+    hits = cache.stats["hits"]
+    torch.testing.assert_close(wrapped(X[10:20], torch.arange(10)), plain(X[10:20]), rtol=0, atol=0)
+    assert cache.stats["hits"] == hits + 10
+    # inputs that change every time (ids not per sample, random augmentation): off once more
+    # samples changed than the dataset holds
+    with pytest.warns(UserWarning, match=r"more than the dataset's .*random augmentation\?\), or one sample id is "
+                      "given to several samples"):
+        for start in range(0, 2 * N, 10):
+            wrapped(X[start % N:start % N + 10] + 1.0 + start, torch.arange(10))
+    assert not cache.enabled
 
 
-def test_a_prefix_that_changes_is_not_blamed_on_the_ids():
+def test_a_prefix_changed_in_place_drops_its_rows():
+    # a frozen buffer (or weight) written in place behind the cache's back (load_state_dict
+    # mid-run, weights copied in): rows made from the old values are dropped, never served
     cache, wrapped = _audited()
+    model = cache.freezer.model
     with torch.no_grad():
-        cache.freezer.model[1].running_mean.add_(1.0)  # a frozen buffer changed behind the cache's back
+        model[1].running_mean.add_(1.0)
+    with pytest.warns(UserWarning, match=r"1.running_mean of the cached frozen prefix changed in place"):
+        out = wrapped(X[:10], torch.arange(10))
+    assert cache.enabled and cache.stats["weights_changed"] == 1
+    torch.testing.assert_close(out, model(X[:10]), rtol=0, atol=0)
+    # a write that leaves the values as they were (DDP's buffer broadcast) drops nothing
+    rows = cache.rows_cached
+    with torch.no_grad():
+        model[1].running_mean.copy_(model[1].running_mean.clone())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wrapped(X[:10], torch.arange(10))
+    assert cache.rows_cached == rows and cache.stats["weights_changed"] == 1
+
+
+def test_a_prefix_changed_through_data_is_caught_by_the_audit():
+    # .data writes are invisible to torch's version counter: the audit is the net
+    cache, wrapped = _audited()
+    cache.freezer.model[1].running_mean.data.add_(1.0)
     with pytest.warns(UserWarning, match=r"Sample id 0 came with the same input its row was cached from, yet "
-                      "the frozen prefix now computes something else"):
+                      "the frozen prefix now computes something else.*through .data"):
         wrapped(X[:10], torch.arange(10))
     assert not cache.enabled
 

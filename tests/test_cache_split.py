@@ -2,6 +2,8 @@
 
 import copy
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -338,6 +340,121 @@ def test_untraceable_model_gives_a_reason():
     chain, why = find_blocks(Functional(), Inputs((torch.randn(2, 3),)))
     assert chain is None
     assert "torch.fx cannot trace Functional" in why and "no module of Functional" in why and "blocks=" in why
+
+
+def test_swap_refuses_a_cut_whose_output_holds_the_batch_in_another_dimension():
+    # an LSTM encoder's (h_n, c_n) is [layers, B, H]: not one row per sample, so the swap kept
+    # it as a "constant" recorded once, and served another batch's state to every cached batch
+    class Seq2Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 8)
+            self.enc = nn.LSTM(8, 12, batch_first=True)
+            self.dec = nn.LSTM(12, 12, batch_first=True)
+            self.head = nn.Linear(12, 3)
+
+        def forward(self, tok):
+            if int(tok.max()) >= 20:  # data-dependent: fx cannot trace it
+                raise ValueError("token out of range")
+            out, state = self.enc(self.emb(tok))
+            return self.head(self.dec(out, state)[0][:, -1])
+
+    tok = torch.randint(0, 20, (8, 6))
+    chain, how = find_blocks(Seq2Seq(), Inputs((tok,)))
+    assert how == "module swap" and [b.name for b in chain.blocks][:2] == ["emb", "enc"]
+    assert chain.usable_cut(2) == 1  # after the embedding, not after the encoder
+    assert "enc returns a tensor of shape (1, 4, 12) that is not one row per sample yet changes with the batch" \
+        in chain.note
+
+
+def _train_with_and_without_cache(make_model, x, y, steps=12, frozen=2):
+    """Losses and final weights of the same run (StaticFreeze of ``frozen`` units at step 1)
+    without and with the activation cache."""
+    from smartfrz_fast import SmartFreezer, StaticFreeze
+    from smartfrz_fast.cache import ActivationCache
+
+    results = []
+    for cached in (False, True):
+        torch.manual_seed(0)
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "not used by the example forward pass": the point here
+            freezer = SmartFreezer(model, opt, policy=StaticFreeze(frozen, 1), example_inputs=x[:4], total_steps=steps)
+        cache = ActivationCache(freezer, num_samples=len(x), deterministic=True) if cached else None
+        forward = cache.wrap() if cached else (lambda inp, ids: model(inp))
+        losses = []
+        for step in range(steps):
+            ids = torch.arange(8 * (step % 4), 8 * (step % 4) + 8)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                loss = nn.functional.cross_entropy(forward(x[ids], ids), y[ids])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+            losses.append(loss.item())
+        results.append((losses, {n: p.detach().clone() for n, p in model.named_parameters()}, cache))
+    (plain, plain_w, _), (cached, cached_w, cache) = results
+    assert plain == cached, (plain, cached)
+    for name in plain_w:
+        torch.testing.assert_close(cached_w[name], plain_w[name], rtol=0, atol=0, msg=name)
+    return cache
+
+
+def test_swap_never_caches_past_a_module_the_first_batch_did_not_call():
+    # a trainable module called on some batches only (a data-dependent branch: fx cannot trace
+    # it) was in no block: the cut went past it, and it got no gradient on cached steps
+    class Conditional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2, self.l3 = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+            self.cond, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+            self.a1, self.a2, self.a3 = nn.Tanh(), nn.Tanh(), nn.Tanh()
+
+        def forward(self, x):
+            h = self.a2(self.l2(self.a1(self.l1(x))))
+            if x[:, 0].mean() > 0:
+                h = self.cond(h)
+            return self.head(self.a3(self.l3(h)))
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)
+    x[:4, 0] = -1.0  # the example batch skips cond; some later batches call it
+    x[8:16, 0] = 1.0
+    cache = _train_with_and_without_cache(Conditional, x, y, frozen=3)
+    assert not cache.enabled and "module cond, which the recorded forward did not call" in cache.reason
+
+
+def test_swap_cuts_before_a_block_holding_an_expert_no_token_reached():
+    # top-1 routing: experts the example batch routed nothing to train, inside the frozen MoE;
+    # the cut stops before the MoE instead of serving rows that skip their gradient
+    class MoE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = nn.Linear(6, 3)
+            self.experts = nn.ModuleList(nn.Linear(6, 6) for _ in range(3))
+
+        def forward(self, h):
+            route = self.gate(h).argmax(1)
+            out = torch.zeros_like(h)
+            for e, expert in enumerate(self.experts):
+                if bool((route == e).any()):  # data-dependent: fx cannot trace it
+                    out[route == e] = expert(h[route == e])
+            return h + out
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.act, self.moe, self.head = nn.Linear(6, 6), nn.Tanh(), MoE(), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.head(self.moe(self.act(self.inp(x))))
+
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)
+    cache = _train_with_and_without_cache(Net, x, y, frozen=3)
+    assert cache.active and cache.stats["hits"] > 0 and cache.chain.how == "module swap", cache.describe()
 
 
 def test_structure_that_does_not_match_falls_back():

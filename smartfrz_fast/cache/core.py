@@ -38,8 +38,9 @@ from ..distributed import FreezableDDP, _is_fsdp1, _is_fsdp2, check_ddp
 from ..units import as_args, preserved_modes
 from .split import (SWAP, BlockChain, Inputs, find_blocks, hooked_modules, modules_outside, rows_need_grad,
                     skipped_hooks)
+from .swap import UntracedCall
 from .storage import (PINNED_READS, STORAGE_DTYPES, TIERS, Storage, check_path, input_sums, make_storage,
-                      owned_temp_path, read_header, remove_leftovers, row_bytes, storage_dtype)
+                      owned_temp_path, read_header, remove_leftovers, row_bytes, storage_dtype, tensor_sum)
 
 # Audit tolerance: max |cached - recomputed| per row, relative to the row's largest magnitude.
 # Storage rounding (bf16: 2^-9 relative, fp8 e4m3: 2^-4) plus recompute noise at the
@@ -166,7 +167,7 @@ class ActivationCache:
             "inputs not declared deterministic: pass deterministic=True if a sample's input is the "
             "same every time it is seen (no random augmentation)")
         self.stats: Dict[str, int] = dict(hits=0, misses=0, stored=0, over_capacity=0, audited=0, migrated=0,
-                                          bad_rows=0, bypassed=0)
+                                          bad_rows=0, bypassed=0, input_changed=0, weights_changed=0)
         self._store: Optional[Storage] = None
         self._setup_done = False
         self._input_sig = None
@@ -186,6 +187,9 @@ class ActivationCache:
         self._rows_grad: Tuple[Any, bool] = (None, False)  # (chain, cut, hook counter), rows_need_grad
         self._outside: Tuple[Optional[BlockChain], list] = (None, [])  # (chain, modules it does not call)
         self._structure_hooks: list = []
+        # the cached prefix's parameters and buffers as its rows were made: (store, tensors, their
+        # versions, their checksums); see _prefix_weights_unchanged
+        self._prefix_state: Tuple[Any, List[Tensor], List[int], List[Optional[int]]] = (None, [], [], [])
         freezer.add_freeze_listener(self._on_freeze)
 
     # ------------------------------------------------------------------ public
@@ -264,6 +268,8 @@ class ActivationCache:
         if self._store is not None:
             self._store.close()
             self._store = None
+        if hasattr(self.chain, "release"):
+            self.chain.release()
         self._sides = SideInputs(self.num_samples)
 
     # ------------------------------------------------------------------ checkpoints
@@ -464,6 +470,13 @@ class ActivationCache:
                             "whole model, and neither reads nor stores rows: a validation set's sample ids may name "
                             "other samples than training's (counted in stats['bypassed']).")
             return model(*inputs.args, **inputs.kwargs)
+        if not torch.is_grad_enabled():  # no training step either: a pass over other data, maybe under the same ids
+            self.stats["bypassed"] += 1
+            self._warn_once("no_grad", "ActivationCache: a forward under torch.no_grad() or inference_mode, with the "
+                            "model in train mode, runs the whole model, and neither reads nor stores rows: it is no "
+                            "training step, and its sample ids may name other samples than training's (counted in "
+                            "stats['bypassed']; call model.eval() for validation).")
+            return model(*inputs.args, **inputs.kwargs)
         batch = _batch_size(inputs)
         ids = self._check_ids(sample_ids, batch)
         why = self._cannot_serve(inputs)
@@ -472,12 +485,17 @@ class ActivationCache:
             self._warn_once(why[0], f"ActivationCache: {why[1]}: such forwards run the whole model (counted in "
                             "stats['bypassed']).")
             return model(*inputs.args, **inputs.kwargs)
+        self._prefix_weights_unchanged()
         h = self._prefix_output(inputs, ids)
         if h is None:  # the audit just turned the cache off
             return model(*inputs.args, **inputs.kwargs)
         if torch.is_grad_enabled() and self._rows_need_grad():
             h.requires_grad_(True)  # as Hugging Face's hook would have marked the prefix's output
-        return self.chain.run(inputs, start=self.boundary, h=h)
+        try:
+            return self.chain.run(inputs, start=self.boundary, h=h)
+        except UntracedCall as exc:  # raised before any trainable module ran: nothing to undo
+            self._disable(str(exc))
+            return model(*inputs.args, **inputs.kwargs)
 
     def _rows_need_grad(self) -> bool:
         """``split.rows_need_grad`` of the cached blocks, looked at again only when the cut
@@ -560,6 +578,8 @@ class ActivationCache:
             self._store.close()
             self._store = None
         self._sides = SideInputs(self.num_samples)
+        if hasattr(self.chain, "release"):
+            self.chain.release()
         self.chain, self.boundary, self._act, self._input_sig = None, 0, None, None
         self._rows_autocast = None
         self._setup_done = False
@@ -570,6 +590,11 @@ class ActivationCache:
     def _prefix_output(self, inputs: Inputs, ids: Tensor) -> Optional[Tensor]:
         store = self._store
         slots = store.lookup(ids) if store is not None else torch.full_like(ids, -1)
+        in_sums = _input_sums(inputs, ids.numel())
+        if store is not None:
+            slots = self._forget_changed_inputs(ids, slots, in_sums)
+            if slots is None:
+                return None
         hit = (slots >= 0).nonzero().flatten()
         miss = (slots < 0).nonzero().flatten()
         side = self._side_inputs(inputs, ids.numel())
@@ -581,7 +606,7 @@ class ActivationCache:
                 return None
             parts.append((miss, fresh))
             self._store_rows(ids[miss], fresh, {n: v[miss.to(v.device)] for n, v in side.items()},
-                             _input_sums(missed, miss.numel()))
+                             in_sums[miss.to(in_sums.device)])
             if not self.enabled:  # a storage fault turned the cache off
                 return None
         if hit.numel():
@@ -604,9 +629,96 @@ class ActivationCache:
             out[index.to(out.device)] = values
         return out
 
+    def _forget_changed_inputs(self, ids: Tensor, slots: Tensor, in_sums: Tensor) -> Optional[Tensor]:
+        """``slots`` without the rows whose sample came with another input than the row was
+        computed from (a dataset edited in place or swapped for another under the same ids, an
+        augmentation of some samples): such rows are forgotten, so the sample is computed and
+        stored anew, never served stale. One host read per step with hits. More changed samples
+        than the dataset holds: the inputs change every time (random augmentation), and the
+        cache turns off (None)."""
+        cached = (slots >= 0).nonzero().flatten()
+        if not cached.numel():
+            return slots
+        store = self._store
+        stored = store.in_sums[slots[cached].to(store.in_sums.device)]
+        now = in_sums[cached.to(in_sums.device)].to(stored.device)
+        changed = ((stored != 0) & (stored != now)).cpu()  # 0: a row whose input is not known
+        if not bool(changed.any()):
+            return slots
+        which = cached[changed]
+        store.forget(ids[which], slots[which])
+        slots = slots.clone()
+        slots[which] = -1
+        self.stats["input_changed"] += int(which.numel())
+        if self.stats["input_changed"] > self.num_samples:
+            self._audit_failed(f"{self.stats['input_changed']} samples came back with other inputs than their "
+                               f"rows were cached from, more than the dataset's {self.num_samples}",
+                               "The inputs change from epoch to epoch (random augmentation?), or one sample id is "
+                               "given to several samples")
+            return None
+        self._warn_once("input_changed", f"ActivationCache: sample id {int(ids[which[0]])} came with another input "
+                        "than its cached row was computed from (the dataset was edited or swapped under the same ids, "
+                        "some samples are augmented, or one id is given to two samples: ids must be unique per "
+                        "sample, as IndexedDataset over the whole dataset gives): such rows are computed again and "
+                        "replaced, never served (counted in stats['input_changed']; more of them than the dataset "
+                        "holds turn the cache off).")
+        return slots
+
+    def _note_prefix_weights(self, store: Storage) -> None:
+        """Remember the cached prefix's parameters and buffers as a new store's rows are made
+        from them: their version counters (torch bumps one at every in-place write) and their
+        checksums (one pass over them, at a freeze)."""
+        seen, tensors = set(), []
+        for block in self.chain.blocks[:self.boundary]:
+            for t in list(block.parameters()) + block.buffers():
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    tensors.append(t)
+        self._prefix_state = (store, tensors, [t._version for t in tensors], [tensor_sum(t) for t in tensors])
+
+    def _prefix_weights_unchanged(self) -> None:
+        """Drop every cached row if a parameter or buffer of the cached prefix was written in
+        place since the rows were made (``model.load_state_dict`` mid-run, weights copied in for
+        an evaluation, a user's ``copy_``): rows computed from the old values would be served.
+        Per step: one version read per tensor; a written tensor costs one checksum (a write that
+        leaves the values as they were, as DDP's buffer broadcast, drops nothing)."""
+        store, tensors, versions, sums = self._prefix_state
+        if store is None or store is not self._store:
+            return
+        written = [i for i, t in enumerate(tensors) if t._version != versions[i]]
+        if not written:
+            return
+        for i in written:
+            versions[i] = tensors[i]._version
+        changed = [i for i in written if not bool(tensor_sum(tensors[i]) == sums[i].to(tensors[i].device))]
+        if not changed:
+            return
+        names = {id(t): n for n, t in list(self.freezer.module.named_parameters()) + list(self.freezer.module.named_buffers())}
+        what = ", ".join(names.get(id(tensors[i]), "?") for i in changed[:3]) + (" ..." if len(changed) > 3 else "")
+        self.stats["weights_changed"] += 1
+        self._store = None
+        with self._storage_faults("dropping the cached rows"):
+            self._discard_store(store)
+        self._sides = SideInputs(self.num_samples)
+        self._prefix_state = (None, [], [], [])
+        warnings.warn(f"ActivationCache: {what} of the cached frozen prefix changed in place since its rows were "
+                      "computed (model.load_state_dict, weights copied in, a copy_): every cached row is dropped "
+                      "and computed again from the values now (counted in stats['weights_changed']).", stacklevel=4)
+
+    def _discard_store(self, store: Storage) -> None:
+        """Close a store whose rows no longer hold, and remove its mmap file (this run's own):
+        with reuse=True it would otherwise be reopened."""
+        path = getattr(store, "path", None)
+        store.close()
+        if path is not None and os.path.exists(path) and self._owns(path):
+            os.unlink(path)
     def _compute_prefix(self, inputs: Inputs) -> Optional[Tensor]:
-        with self._eval_mode(0, self.boundary), torch.no_grad():
-            h = self.chain.run(inputs, 0, self.boundary)
+        try:
+            with self._eval_mode(0, self.boundary), torch.no_grad():
+                h = self.chain.run(inputs, 0, self.boundary)
+        except UntracedCall as exc:
+            self._disable(str(exc))
+            return None
         if not isinstance(h, Tensor) or h.dim() == 0:
             self._disable(f"the prefix output ({type(h).__name__}) is not one tensor with a batch dimension")
             return None
@@ -710,18 +822,14 @@ class ActivationCache:
         row was stored from (kept with the row) against the input that came now."""
         slot = self._store.lookup(torch.tensor([sample]))
         stored = int(self._store.in_sums[slot.to(self._store.in_sums.device)][0]) if int(slot[0]) >= 0 else 0
-        now = int(_input_sums(inputs, 1)[0])
         if stored == 0:
             return ("The sample's input changed since it was cached (random augmentation?), or sample ids are "
                     "shared by different inputs, or the frozen prefix is not deterministic")
-        if stored != now:
-            return (f"Sample id {sample} came with a different input than the one its row was cached from: "
-                    "either one id is given to two different samples (ids must be unique per sample: "
-                    "IndexedDataset over the whole dataset gives that), or the sample's input changes between "
-                    "epochs (random augmentation)")
+        # another input than the row's is never served (_forget_changed_inputs): the prefix changed
         return (f"Sample id {sample} came with the same input its row was cached from, yet the frozen prefix "
                 "now computes something else: the prefix is not deterministic (random ops, nondeterministic "
-                "kernels beyond the tolerance) or its frozen weights or buffers were changed")
+                "kernels beyond the tolerance) or its frozen weights or buffers were changed through .data, "
+                "which torch does not track (in-place writes otherwise drop the rows)")
 
     def _check_repeated_ids(self, ids: Tensor, first: Tensor, in_sums: Tensor) -> None:
         """One id twice in a batch with two different inputs: the ids are not per sample.
@@ -893,7 +1001,9 @@ class ActivationCache:
         # not inference tensors, though the first cached forward may run under inference_mode
         # (a validation pass): training writes into the store
         with torch.inference_mode(False):
-            return self._make_store_now(row_shape, path, reuse, commit)
+            store = self._make_store_now(row_shape, path, reuse, commit)
+        self._note_prefix_weights(store)
+        return store
 
     def _make_store_now(self, row_shape: Tuple[int, ...], path: Optional[str], reuse: Optional[bool],
                         commit: bool) -> Storage:

@@ -112,6 +112,18 @@ def input_sums(leaves: Sequence[Tensor], batch: int) -> Tensor:
     return torch.where(total == 0, torch.ones_like(total), total)
 
 
+def tensor_sum(t: Tensor) -> Tensor:
+    """An int32 checksum of all of a tensor's bits (any size, dtype and device; no host sync):
+    ``bit_sums`` of its words in rows of 1024, weighted by row."""
+    flat = t.detach().reshape(-1)
+    pad = (-flat.numel()) % 1024
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    rows = bit_sums(flat.view(-1, 1024), mix=True)
+    weights = torch.arange(rows.numel(), dtype=torch.int32, device=rows.device) * 2 + 1
+    return (rows * weights).sum(dtype=torch.int32)
+
+
 def bad_rows(ids: Tensor, data: Tensor, scales: Tensor, sums: Tensor) -> Tensor:
     """Which rows fail their checksum or hold a NaN/inf (bool, on the rows' device). A
     non-finite row is never served: recomputing it costs one prefix pass, serving it could
@@ -253,11 +265,16 @@ class Storage:
             self.unverified = None  # every loaded row checked: lookups cost nothing extra again
         return slots
 
-    def _drop(self, ids: Tensor, why: str, slots: Optional[Tensor] = None) -> None:
-        """Unpublish the rows of ``ids`` (their ``slots`` are handed out again) and report them."""
+    def forget(self, ids: Tensor, slots: Optional[Tensor] = None) -> None:
+        """Unpublish the rows of ``ids`` (CPU; their ``slots`` are handed out again): their
+        samples are recomputed and stored anew when they come back."""
         self.slot_of[ids] = -1
         if slots is not None:
             self.free = torch.cat([self.free, slots]).unique()
+
+    def _drop(self, ids: Tensor, why: str, slots: Optional[Tensor] = None) -> None:
+        """Unpublish the rows of ``ids`` (their ``slots`` are handed out again) and report them."""
+        self.forget(ids, slots)
         if self.on_bad_rows is not None and ids.numel():
             self.on_bad_rows(ids, why)
 

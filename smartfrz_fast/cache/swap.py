@@ -44,6 +44,11 @@ NOT_REPRODUCIBLE = ("the model is not deterministic in eval mode: two forward pa
                     "differ (a random op that eval mode does not turn off), so no cached row could match it")
 
 
+class UntracedCall(RuntimeError):
+    """A module the recorded forward did not call, and whose parameters train, ran before the
+    cut: a cached row cannot stand in for what it computed (raised by the chain's guard)."""
+
+
 class _Stop(BaseException):
     """Ends a forward pass once the cut's output is known (BaseException: a model's own
     ``except Exception`` does not swallow it)."""
@@ -193,6 +198,9 @@ class SwapChain:
             self.blocks.append(Block(call.name, None, [_ParamHolder(*own)], needs_inputs=True, runs=runs))
         rest = [params[pid] for pid, _ in order[taken:]]
         self.blocks.append(Block("rest", None, [_ParamHolder(*rest)], needs_inputs=True))
+        self._guarded: List[Any] = []  # hook handles of the guard on modules the recording did not call
+        self._before_cut = False  # the guard's switch: on while a forward has not passed the cut
+        self.untraced_note = self._place_untraced(model, calls, {pid for pid, _ in order}, params)
         self.checked: Dict[int, Optional[str]] = {}  # cut (blocks before it) -> None if it works, else why
         self.consts: Dict[int, List[Any]] = {}  # cut -> recorded non-per-sample leaves of C's output
         self.note: Optional[str] = None  # why the cut is shallower than the frozen prefix
@@ -202,11 +210,74 @@ class SwapChain:
     def __len__(self) -> int:
         return len(self.blocks)
 
+    def _place_untraced(self, model: nn.Module, calls: List[Call], read: Set[int],
+                        params: Dict[int, nn.Parameter]) -> Optional[str]:
+        """Parameters the recorded forward never read (an expert no token was routed to, a
+        module called only on some batches) may be read on other batches. One owned by a module
+        inside a recorded call is placed in the block of the candidate that ends with that
+        call, so it stops the cut there while it trains. One whose module the recording never
+        entered (called by the model itself, on some batches) cannot be placed: a guard on that
+        module raises ``UntracedCall`` if it runs before the cut. Returns why no cut is possible
+        (such a parameter owned by the model itself), else None."""
+        from .split import _ParamHolder
+
+        untraced = [p for pid, p in params.items() if pid not in read]
+        if not untraced:
+            return None
+        contents: Dict[int, Set[int]] = {}  # id(call) -> ids of the modules it contains, on demand
+
+        def inside(call: Call, module: nn.Module) -> bool:
+            if id(call) not in contents:
+                contents[id(call)] = {id(m) for m in call.module.modules()}
+            return id(module) in contents[id(call)]
+
+        owners = {}
+        for module in model.modules():
+            for p in module._parameters.values():
+                if p is not None:
+                    owners.setdefault(id(p), module)
+        unplaced = []
+        for p in untraced:
+            owner = owners.get(id(p), model)
+            # the innermost recorded call around the owner (calls are in the order they end)
+            around = next((c for c in calls if c.depth > 0 and inside(c, owner)), None)
+            block = None if around is None else next(
+                (k for k, cand in enumerate(self.candidates) if cand.end >= around.end), None)
+            if block is None:
+                unplaced.append(owner)
+                continue
+            self.blocks[block].modules.append(_ParamHolder(p))  # in no block before: none was read
+        if any(owner is model for owner in unplaced):
+            return (f"{type(model).__name__} owns a parameter that the recorded forward did not read, so the "
+                    "module swap cannot tell where it is read; pass blocks= to cache")
+        me = self
+        names = {id(m): name for name, m in model.named_modules()}
+
+        def guard(module, args):
+            if me._before_cut and any(p.requires_grad for p in module.parameters(recurse=False)):
+                raise UntracedCall(f"module {names.get(id(module), type(module).__name__)}, which the recorded "
+                                   "forward did not call and whose parameters train, ran before the cached cut on "
+                                   "this batch: a cached row cannot stand in for it")
+
+        from ..frozen import engine_hook
+        self._guarded = [m.register_forward_pre_hook(engine_hook(guard)) for m in dict.fromkeys(unplaced)]
+        return None
+
+    def release(self) -> None:
+        """Remove the guard's hooks from the model (the chain is no longer used)."""
+        for handle in self._guarded:
+            handle.remove()
+        self._guarded = []
+
     # ------------------------------------------------------------------ choosing the cut
     def usable_cut(self, frozen: int) -> int:
         """The cut ``<= frozen`` that skips the most of the forward pass (aten ops of the swapped
         calls) among those that pass their check; 0 if none does."""
         self.note = None
+        if self.untraced_note is not None:
+            if frozen:
+                self.note = self.untraced_note
+            return 0
         ranked, first_failure, implausible = [], None, None
         for cut in range(frozen, 0, -1):
             why = self._plausible(cut)
@@ -288,6 +359,33 @@ class SwapChain:
             return (f"the model's output changes when {c.name}'s output is served from the cache and the "
                     "blocks before it are skipped, so something after it also reads the output of a block "
                     "before it (a residual or skip connection, an encoder read by a decoder)")
+        return self._consts_vary(inputs, cut)
+
+    def _consts_vary(self, inputs, cut: int) -> Optional[str]:
+        """Why C's output cannot be served: a tensor in it that is not one row per sample (the
+        cache serves such a "constant" as recorded once) changes with the batch, as an LSTM's
+        ``(h_n, c_n)``, whose batch is dimension 1, does. Checked on the recorded samples, the
+        first alone and the last alone: the same shapes and values each time, or refused."""
+        from .core import _batch_size, _index_inputs
+
+        c = self.candidates[cut - 1]
+        if not any(kind[0] == "const" for kind in c.leaves):
+            return None
+        n = _batch_size(inputs)
+        seen = []
+        try:
+            with preserved_state(self.model):
+                for index in (torch.arange(n), torch.arange(1), torch.arange(n - 1, n)):
+                    self.rows(_index_inputs(inputs, index, n), cut)
+                    seen.append(self.consts[cut])
+        except Exception as exc:
+            return f"the model fails on part of the recorded samples ({type(exc).__name__}: {exc})"
+        for consts in seen[1:]:
+            for a, b in zip(seen[0], consts):
+                if a.shape != b.shape or not torch.equal(a, b):
+                    return (f"{c.name} returns a tensor of shape {tuple(a.shape)} that is not one row per sample "
+                            "yet changes with the batch (the batch in another dimension than the first, as an "
+                            "LSTM's (h_n, c_n)); the cache stores one row per sample, so it cannot cut there")
         return None
 
     # ------------------------------------------------------------------ running
@@ -308,6 +406,7 @@ class SwapChain:
 
         modes = {m: m.training for m in self.model.modules()}
         handle = c.module.register_forward_hook(stop)
+        self._before_cut = True
         try:
             self.model.eval()
             with torch.no_grad():
@@ -317,6 +416,7 @@ class SwapChain:
         else:
             raise RuntimeError(f"the module-swap cache expected {c.name} to run in the forward pass; it did not")
         finally:
+            self._before_cut = False
             handle.remove()
             for m, training in modes.items():
                 m.training = training
@@ -369,6 +469,7 @@ class SwapChain:
             if served[0]:
                 return real_c(*a, **kw)
             served[0] = True
+            self._before_cut = False
             return value
 
         real_c = c.module.forward
@@ -378,8 +479,10 @@ class SwapChain:
                 call.module.forward = stand_in(call)
             patched.append((c.module, c.module.__dict__.get("forward", _MISSING)))
             c.module.forward = serve_c
+            self._before_cut = True
             return self.model(*inputs.args, **inputs.kwargs)
         finally:
+            self._before_cut = False
             for module, old in reversed(patched):
                 if old is _MISSING:
                     module.__dict__.pop("forward", None)
