@@ -725,9 +725,11 @@ class SmartFreezer:
         change = guards.describe_change(guard.layout, layout, in_units)
         old_params, new_params = guard.layout[1], layout[1]
         pairs: Dict[int, Tuple[Tensor, Tensor]] = {}
+        kept = set()  # ids of old tensors that some name still holds
         for name, new in new_params.items() if not change else ():
             old = old_params[name]  # the same names: describe_change found none added or removed
             if new is old:
+                kept.add(id(old))
                 continue
             if not guards.same_layout(old, new):
                 change = change or (f"parameter {name} changed from {tuple(old.shape)} {old.dtype} to "
@@ -736,6 +738,10 @@ class SmartFreezer:
                 change = change or (f"parameter {name} was shared and is no longer: tied weights untied, as "
                                     "load_state_dict(assign=True) does; re-tie them before the next step")
             pairs[id(old)] = (old, new)
+        untied = [name for name, new in new_params.items() if id(old_params[name]) in kept and new is not old_params[name]]
+        if not change and untied:  # `out.weight = nn.Parameter(emb.weight.clone())`: emb.weight would have left training
+            change = (f"parameter {untied[0]} was shared and is no longer: tied weights untied; re-tie them "
+                      "before the next step")
         if not change and len({id(new) for _, new in pairs.values()}) != len(pairs):
             change = "separate parameters now share one tensor (weights tied after set-up)"
         if not change and pairs and self._dist_kind == "fsdp2":

@@ -86,6 +86,13 @@ def test_bad_arguments():
         Egeria(mlp(), torch.randn(2, 12), window=1)
     with pytest.raises(ValueError, match="ref_refresh"):
         Egeria(mlp(), torch.randn(2, 12), window=5, ref_refresh=3)
+    # equal to the window: it fills at the refresh, and patience 2 never passed (nothing froze)
+    with pytest.raises(ValueError, match=r"ref_refresh \(5\) < window \+ patience - 1 \(6\)"):
+        Egeria(mlp(), torch.randn(2, 12), window=5, patience=2, ref_refresh=5)
+    Egeria(mlp(), torch.randn(2, 12), window=5, patience=2, ref_refresh=6)
+    for tolerance in (True, float("inf")):
+        with pytest.raises(ValueError, match="tolerance must be a positive finite number"):
+            Egeria(mlp(), torch.randn(2, 12), tolerance=tolerance)
     with pytest.raises(TypeError, match="nn.Module"):
         Egeria("model", torch.randn(2, 12))
     with pytest.raises(ValueError, match="total_steps"):

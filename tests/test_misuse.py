@@ -546,6 +546,19 @@ def test_tied_weights_untied_by_assign_are_refused_and_retied_ones_followed():
     assert freezer._unit_of_param[id(model.emb.weight)] == 0
 
 
+def test_tied_weights_untied_by_one_assignment_are_refused():
+    # `head.weight = nn.Parameter(emb.weight.clone())`: emb.weight keeps the old tensor, so the
+    # freezer took the untie for a replacement and moved emb.weight out of the optimizer (it
+    # silently stopped training)
+    model = TiedLM()
+    opt = sgd(model)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=5), example_inputs=torch.tensor([[1, 2, 3]]))
+    model.head.weight = nn.Parameter(model.emb.weight.detach().clone())
+    with pytest.raises(RuntimeError, match="parameter head.weight was shared and is no longer: tied weights untied"):
+        freezer.step()
+    assert id(model.emb.weight) in held(opt)
+
+
 def test_freezers_nobody_closes_leave_no_work_in_the_global_hooks():
     import gc
 

@@ -87,6 +87,14 @@ def test_patience_waits_for_evaluations_in_a_row(tmp_path, patience, step):
     assert [(e.step, e.num_frozen) for e in freezer.timeline] == [(step, 3)]
 
 
+def test_patience_counts_snapshots_not_steps(tmp_path):
+    # evaluate_every=1 with a snapshot every 2 steps scored each snapshot twice: patience 3 was
+    # met on two snapshots (a freeze at step 10, not 12)
+    path = predictor_file(tmp_path / "p.pt", freeze_logit=20.0)
+    every_step = run(SmartFRZ(settle_ratio=None, weights=path, evaluate_every=1, patience=3))
+    assert [(e.step, e.num_frozen) for e in every_step.timeline] == [(12, 3)]
+
+
 def scripted_predict(monkeypatch, probabilities):
     """Make ``ops.predict`` return the next row of ``probabilities`` (per active unit) each call."""
     from smartfrz_fast import ops

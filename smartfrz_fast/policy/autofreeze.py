@@ -19,7 +19,7 @@ class AutoFreeze(FreezePolicy):
     Rule, for each evaluation interval k of ``interval`` optimizer steps::
 
         G_i(k)  = gradient norm of unit i accumulated over interval k
-        r_i(k)  = |G_i(k-1) - G_i(k)| / G_i(k-1)     (0 where G_i(k) == 0, i.e. a frozen unit)
+        r_i(k)  = |G_i(k-1) - G_i(k)| / G_i(k-1)     (unbounded where G_i(k) == 0: no gradient)
         thr     = percentile({r_i(k) : i >= frozen}, percentile)   (np.percentile, linear)
         frozen' = first i >= frozen with r_i(k) >= thr   (units before it are frozen)
 
@@ -34,10 +34,14 @@ class AutoFreeze(FreezePolicy):
     parameter over the interval and takes the L1 norm of that sum per layer. The engine hands
     policies only per-unit squared gradient norms of each step (an interval sum of gradient
     tensors would cost a second copy of the model's parameters), so G_i(k) here is the sum over
-    the interval's steps of the per-step L2 gradient norm ``sqrt(sum g^2)``. r_i is a relative
-    change, so a constant factor (sum vs. mean, L1 vs. L2 scale) cancels; what differs is that
-    gradient directions that cancel within an interval do not shrink G. Steps whose gradient
-    norm is not finite (skipped by a GradScaler) are left out of the sum.
+    the interval's steps of the per-step L2 gradient norm ``sqrt(sum g^2)``, divided by the
+    number of those steps. r_i is a relative change, so a constant factor (L1 vs. L2 scale)
+    cancels; what differs is that gradient directions that cancel within an interval do not
+    shrink G. Steps whose gradient norm is not finite (skipped by a GradScaler) are left out of
+    the sum and of the count: with a plain sum, an interval with 4 of 10 steps skipped compared
+    sums over 6 and 10 steps, every ratio came out near 0.6 and the ranking reversed.
+    A unit with no gradient in an interval (a branch no batch of it used) is not converged: it
+    counts as changing without bound (it read as the most converged, and froze).
 
     Never where nothing is left to save: with ``total_steps`` known, no decision is made at an
     interval end inside the last interval of the run (a freeze at the final step saves
@@ -76,6 +80,7 @@ class AutoFreeze(FreezePolicy):
         self.num_intervals = num_intervals
         self.interval: Optional[int] = interval
         self._acc: Optional[Tensor] = None  # [units] float32, this interval's sum of norms
+        self._counted: Optional[Tensor] = None  # [units] float32, this interval's steps with a finite norm
         self._prev: Optional[Tensor] = None  # [units] float32, last interval's sums
         self._steps_in_interval = 0
         self._evaluations = 0  # interval ends seen
@@ -91,6 +96,7 @@ class AutoFreeze(FreezePolicy):
             total = self._require_total_steps()
             self.interval = max(1, total // self.num_intervals)
         self._acc = torch.zeros(context.num_units, dtype=torch.float32, device=context.device)
+        self._counted = torch.zeros_like(self._acc)
         self._prev = None
         self._steps_in_interval = 0
         self._evaluations = 0
@@ -105,7 +111,9 @@ class AutoFreeze(FreezePolicy):
         assert self._acc is not None, "bind() first"
         sq = unit_grad_sq_norms.to(device=self._acc.device, dtype=torch.float32)
         norms = sq.sqrt()
-        self._acc.add_(torch.where(torch.isfinite(norms), norms, torch.zeros_like(norms)))
+        finite = torch.isfinite(norms)
+        self._acc.add_(torch.where(finite, norms, torch.zeros_like(norms)))
+        self._counted.add_(finite.to(torch.float32))
         self._steps_in_interval += 1
 
     def decides_at(self, step: int) -> bool:
@@ -120,8 +128,9 @@ class AutoFreeze(FreezePolicy):
         assert self._acc is not None and self.interval is not None, "bind() first"
         if step % self.interval != 0:
             return None
-        cur = self._acc.clone()
+        cur = self._acc / self._counted.clamp(min=1.0)  # the mean over the steps that counted
         self._acc.zero_()
+        self._counted.zero_()
         self._steps_in_interval = 0
         self._evaluations += 1
         prev, self._prev = self._prev, cur
@@ -130,7 +139,7 @@ class AutoFreeze(FreezePolicy):
         big = torch.finfo(torch.float32).max  # "changing without bound", finite for quantile
         safe_prev = torch.where(prev > 0, prev, torch.ones_like(prev))
         ratio = torch.where(prev > 0, (prev - cur).abs() / safe_prev, torch.full_like(prev, big))
-        ratio = torch.where(cur > 0, ratio, torch.zeros_like(ratio))
+        ratio = torch.where(cur > 0, ratio, torch.full_like(ratio, big))  # no gradient: not converged
         self.last_ratios = ratio
         frozen = max(0, int(frozen))
         active = ratio[frozen:]
@@ -145,6 +154,7 @@ class AutoFreeze(FreezePolicy):
         return {
             "interval": self.interval,
             "acc": None if self._acc is None else self._acc.clone(),
+            "counted": None if self._counted is None else self._counted.clone(),
             "prev": None if self._prev is None else self._prev.clone(),
             "steps_in_interval": self._steps_in_interval,
             "evaluations": self._evaluations,
@@ -152,7 +162,7 @@ class AutoFreeze(FreezePolicy):
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         expected = {"interval", "acc", "prev", "steps_in_interval", "evaluations"}
-        if set(state) != expected:
+        if set(state) - {"counted"} != expected:  # "counted": absent from checkpoints of before
             raise ValueError(f"AutoFreeze: state keys {sorted(state)} differ from {sorted(expected)}")
         if self.context is None:  # restored before the engine bound us: apply at bind()
             self._pending_state = dict(state)
@@ -164,8 +174,8 @@ class AutoFreeze(FreezePolicy):
             )
         n = self.context.num_units
         device = self.context.device
-        for key in ("acc", "prev"):  # accumulated gradient norms: finite, >= 0, one per unit
-            t = state[key]
+        for key in ("acc", "prev", "counted"):  # accumulated gradient norms, step counts: finite, >= 0, one per unit
+            t = state.get(key)
             if t is not None and not (isinstance(t, torch.Tensor) and t.is_floating_point() and tuple(t.shape) == (n,)
                                       and bool((torch.isfinite(t) & (t >= 0)).all())):
                 what = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
@@ -181,6 +191,12 @@ class AutoFreeze(FreezePolicy):
             else state["acc"].to(device=device, dtype=torch.float32).clone()
         )
         self._prev = None if state["prev"] is None else state["prev"].to(device=device, dtype=torch.float32).clone()
+        counted = state.get("counted")
+        if counted is None:  # a checkpoint of before: sums over whole intervals; prev as a mean now
+            counted = torch.full((n,), float(state["steps_in_interval"]))
+            if self._prev is not None:
+                self._prev = self._prev / self.interval
+        self._counted = counted.to(device=device, dtype=torch.float32).clone()
         self._steps_in_interval = int(state["steps_in_interval"])
         self._evaluations = int(state["evaluations"])
 

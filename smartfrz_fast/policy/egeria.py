@@ -4,6 +4,7 @@ Layer Freezing"): freeze a unit once its activations stop moving relative to a r
 from __future__ import annotations
 
 import copy
+import math
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -137,12 +138,15 @@ class Egeria(FreezePolicy):
         for knob, value, low in (("window", window, 2), ("patience", patience, 1), ("ref_refresh", ref_refresh, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"Egeria: {knob} must be an int >= {low}, got {value!r}")
-        if not isinstance(tolerance, (int, float)) or not tolerance > 0:
-            raise ValueError(f"Egeria: tolerance must be a positive number, got {tolerance!r}")
-        if ref_refresh < window:
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < math.inf:
+            raise ValueError(f"Egeria: tolerance must be a positive finite number, got {tolerance!r}")
+        if ref_refresh < window + patience - 1:
+            # the window restarts at each refresh: it fills after `window` evaluations, and a
+            # unit needs `patience` full windows in a row before the next refresh
             raise ValueError(
-                f"Egeria: ref_refresh ({ref_refresh}) < window ({window}): the window restarts at "
-                "each refresh and would never fill. Use ref_refresh >= window + patience."
+                f"Egeria: ref_refresh ({ref_refresh}) < window + patience - 1 ({window + patience - 1}): the window "
+                "restarts at each refresh, so no unit could stay converged for `patience` evaluations of a full "
+                "window before the next one. Use ref_refresh >= window + patience."
             )
         self.interval_arg, self.warmup_arg = interval, warmup
         self.interval: Optional[int] = interval

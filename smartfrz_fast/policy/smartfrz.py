@@ -208,18 +208,19 @@ class SmartFRZ(FreezePolicy):
             return False
         if self.evaluate_every is None:
             return history.count != self._evaluated_at
-        return step % self.evaluate_every == 0
+        return step % self.evaluate_every == 0 and history.count != self._evaluated_at
 
     def decide(self, step: int, frozen: int) -> Optional[Decision]:
         history = self.context.history
         if not history.full or history.rows.numel() == 0:
             return None
-        if self.evaluate_every is None:  # default: once per new snapshot
-            if history.count == self._evaluated_at:
-                return None
-            self._evaluated_at = history.count
-        elif step % self.evaluate_every:
+        if self.evaluate_every is not None and step % self.evaluate_every:
             return None
+        # at most once per snapshot (default: every new one): scoring the same history again
+        # would count it twice towards patience and smoothing
+        if history.count == self._evaluated_at:
+            return None
+        self._evaluated_at = history.count
         decide = step >= self.first_decision_step
         plain = self.patience == 1 and self.smoothing == 1 and self.settle_ratio is None
         if not decide and plain:
