@@ -134,7 +134,7 @@ class FreezeAwareGradScaler(torch.amp.GradScaler):
 
 
 def check_grads_after_freeze(freezer: Any) -> None:
-    """After each freeze, check at the next optimizer step that the unit right after the frozen
+    """After each freeze, check after the next optimizer step that the unit right after the frozen
     prefix got a gradient; warn naming the trainable units that did not (reentrant checkpointing
     over a frozen prefix's output). SmartFreezer does this by default; calling it again adds
     nothing. Costs one pass over the parameters per freeze event, nothing per step."""
@@ -169,4 +169,7 @@ def check_grads_after_freeze(freezer: Any) -> None:
 
     freezer.add_freeze_listener(arm)
     for opt in freezer.optimizers:
-        freezer._hooks.append(opt.register_step_pre_hook(check))
+        # after the step, not before: Lightning (and any closure) runs the backward inside
+        # optimizer.step(closure), so before it the gradients were the previous step's (cleared:
+        # a false warning; or left over: a missed one)
+        freezer._hooks.append(opt.register_step_post_hook(check))

@@ -621,6 +621,12 @@ class SmartFreezer:
             listener(event, newly)
         self._warn_split_shared(before, target)  # last: a warnings filter set to "error" finds the freeze done
         self._warn_user_frozen_to_eval(switched)
+        if target == len(self.units) and not any(p.requires_grad for p in self.module.parameters()):
+            warnings.warn(f"SmartFreezer: every unit of the model is frozen now (keep_trainable="
+                          f"{self.keep_trainable}): nothing in it requires grad, so a loss of this model alone "
+                          "fails at backward() (\"element 0 of tensors does not require grad\"). Keep "
+                          "keep_trainable >= 1 (the default keeps the head) unless the loss trains something else.",
+                          stacklevel=2)
         return target
 
     def _take_out_of_training(self, params: Sequence[Tensor]) -> None:
@@ -738,8 +744,9 @@ class SmartFreezer:
                 change = change or (f"parameter {name} was shared and is no longer: tied weights untied, as "
                                     "load_state_dict(assign=True) does; re-tie them before the next step")
             pairs[id(old)] = (old, new)
-        untied = [name for name, new in new_params.items() if id(old_params[name]) in kept and new is not old_params[name]]
-        if not change and untied:  # `out.weight = nn.Parameter(emb.weight.clone())`: emb.weight would have left training
+        untied = [] if change else [name for name, new in new_params.items()
+                                    if id(old_params[name]) in kept and new is not old_params[name]]
+        if untied:  # `out.weight = nn.Parameter(emb.weight.clone())`: emb.weight would have left training
             change = (f"parameter {untied[0]} was shared and is no longer: tied weights untied; re-tie them "
                       "before the next step")
         if not change and len({id(new) for _, new in pairs.values()}) != len(pairs):

@@ -194,6 +194,19 @@ def test_the_users_files_beside_the_cache_are_left_alone(plain, tmp_path):
     assert all((tmp_path / name).read_text() == text for name, text in mine.items())
 
 
+def test_a_cache_file_deleted_under_the_run_turns_the_cache_off_at_the_checkpoint(plain, tmp_path):
+    # the rows are still served from the unlinked file; the checkpoint could not make them
+    # durable and raised FileNotFoundError, which ended the run
+    path = tmp_path / "c.bin"
+    model, cache, caught = train(dict(storage="mmap", path=str(path)))
+    assert cache.active and caught == []
+    os.unlink(path)
+    with pytest.warns(UserWarning, match="making the cached rows durable for a checkpoint failed"):
+        state = cache.state_dict()
+    assert not cache.enabled and state["enabled"] is False and state["fingerprint"] is None
+    assert same_weights(model, plain)
+
+
 # ------------------------------------------------------------------ ids reused
 def _audited(cache_kwargs=None):
     cache, wrapped = ready_cache(audit_rows=N, **(cache_kwargs or {}))

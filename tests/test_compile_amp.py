@@ -306,7 +306,8 @@ class CheckpointedNet(nn.Module):
         return self.head(x)
 
 
-def run_checkpointed(use_reentrant, steps=5, explicit_check=False):
+def run_checkpointed(use_reentrant, steps=5, explicit_check=False, closure=False):
+    """``closure``: the backward runs inside ``optimizer.step(closure)``, as Lightning runs it."""
     model = CheckpointedNet(use_reentrant)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=2), example_inputs=torch.randn(4, WIDTH))
@@ -314,11 +315,31 @@ def run_checkpointed(use_reentrant, steps=5, explicit_check=False):
         check_grads_after_freeze(freezer)
     for step in range(steps):
         g = torch.Generator().manual_seed(step)
-        model(torch.randn(4, WIDTH, generator=g)).square().mean().backward()
-        opt.step()
-        opt.zero_grad()
+        x = torch.randn(4, WIDTH, generator=g)
+
+        def loss():
+            opt.zero_grad()
+            out = model(x).square().mean()
+            out.backward()
+            return out
+        if closure:
+            opt.step(loss)
+        else:
+            loss()
+            opt.step()
+            opt.zero_grad()
         freezer.step()
     return model
+
+
+def test_the_no_gradient_check_sees_the_step_of_a_closure():
+    # Lightning runs the backward inside optimizer.step(closure): a check before the step saw
+    # the previous step's gradients, warned on healthy runs and missed reentrant checkpointing
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_checkpointed(use_reentrant=False, closure=True)
+    with pytest.warns(UserWarning, match=r"received no gradient.*use_reentrant=False"):
+        run_checkpointed(use_reentrant=True, closure=True)
 
 
 def test_non_reentrant_checkpoint_trains_the_suffix_after_a_freeze():

@@ -559,6 +559,17 @@ def test_tied_weights_untied_by_one_assignment_are_refused():
     assert id(model.emb.weight) in held(opt)
 
 
+def test_freezing_every_unit_says_backward_will_fail():
+    # keep_trainable=0 and a policy that froze every unit: the next backward failed with
+    # autograd's "element 0 of tensors does not require grad", naming nothing of ours
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    freezer = SmartFreezer(model, sgd(model), StaticFreeze(2, at_step=1), example_inputs=torch.randn(2, 4),
+                           keep_trainable=0)
+    with pytest.warns(UserWarning, match=r"every unit of the model is frozen now \(keep_trainable=0\).*backward"):
+        freezer.step()
+    assert freezer.num_frozen == 2
+
+
 def test_freezers_nobody_closes_leave_no_work_in_the_global_hooks():
     import gc
 

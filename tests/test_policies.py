@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -66,6 +67,17 @@ def reference_freezeout(L, t0, how_scale, total, scale_lr):
         return 0.5 * lr0 * (1 + np.cos(np.pi * j / max_js[i]))
 
     return ratios, max_js, factor
+
+
+def test_freezeout_warns_when_t0_makes_the_first_units_lr_explode():
+    # t0=0.05 (cubic): unit 0 trains for 0.0125 % of the run at 8000x the lr, and froze with
+    # weights of magnitude 17 (0.9 at t0=0.8), silently
+    with pytest.warns(UserWarning, match=r"first unit trains for 0.0125 % of the run at 8e\+03x the learning rate"):
+        FreezeOut(t0=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        FreezeOut(t0=0.05, scale_lr=False)
+        FreezeOut(t0=0.5)
 
 
 def test_freezeout_times_linear_and_cubic():

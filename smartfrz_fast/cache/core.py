@@ -295,7 +295,14 @@ class ActivationCache:
             state.update(fingerprint=fingerprint, row_shape=list(self._store.row_shape),
                          activation=str(self._act[0]))
             if self.tier == "mmap":  # the rows are in its file already: make them durable first
-                self._store.flush()
+                # a fault here (the file deleted or its disk gone under the run) turns the cache
+                # off, as during training: the checkpoint then holds no rows, and training goes on
+                with self._storage_faults("making the cached rows durable for a checkpoint"):
+                    self._store.flush()
+                if not self.enabled:
+                    state.update(enabled=False, reason=self.reason, fingerprint=None, row_shape=None,
+                                 activation=None)
+                    return state
             else:
                 state["rows"] = self._store.export_rows()  # with each row's checksum
             if rows or self.tier == "mmap":
@@ -885,7 +892,16 @@ class ActivationCache:
                 self.cut_note = self.chain.note if count == 0 or self.cut_note is None else \
                     f"{self.chain.note}; {self.cut_note}"
         if count == 0 and self.cut_note is None:
-            self.cut_note = "nothing is frozen yet (the cache serves the frozen prefix once the freezer freezes one)"
+            if self.freezer.num_frozen and stopped_by is not None:
+                # the frozen units run only inside the first block, beside a trainable parameter
+                block, param = stopped_by
+                name = next((n for n, p in self.freezer.module.named_parameters() if p is param), "?")
+                self.cut_note = (f"the first cut the chain ({self.chain.how}) allows is after {block.name!r}, and that "
+                                 f"block also holds trainable parameter {name}: the frozen units are called only "
+                                 "within it (a module called several times per forward, as in a loop over time "
+                                 "steps, is no cut), so no cached row can stand in for them")
+            else:
+                self.cut_note = "nothing is frozen yet (the cache serves the frozen prefix once the freezer freezes one)"
         if self.enabled:  # while nothing is cached, cache.reason says why
             self.reason = self.cut_note if count == 0 else None
         return count
@@ -1127,7 +1143,9 @@ class ActivationCache:
             raise TypeError(f"sample_ids must be integers (the dataset indices), got {ids.dtype}")
         ids = ids.reshape(-1).to("cpu", torch.int64)
         if batch is not None and ids.numel() != batch:
-            raise ValueError(f"got {ids.numel()} sample ids for a batch of {batch} samples: pass one id per sample")
+            raise ValueError(f"got {ids.numel()} sample ids for a batch of {batch} samples (the size of the inputs' "
+                             "first dimension): pass one id per sample, and batch-first inputs (the cache keys "
+                             "dimension 0 by sample id; a sequence-first [T, B, ...] input must be transposed)")
         bad = (ids < 0) | (ids >= self.num_samples)
         if bool(bad.any()):
             raise IndexError(

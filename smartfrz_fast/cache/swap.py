@@ -317,7 +317,11 @@ class SwapChain:
         if len({leaf[2] for leaf in rows}) > 1:
             return f"{c.name} returns per-sample tensors of several dtypes"
         if c.escapes_after < 0:
-            return f"nothing after {c.name} reads its output"
+            # the swap sees data flow only through module calls: a functional op in between (torch.tanh,
+            # F.relu, x + y) hides it, and a cut could then skip something still read
+            return (f"no later module call reads {c.name}'s output itself (the module swap follows data only "
+                    "through module calls: a functional op after it, such as torch.tanh or F.relu, hides where "
+                    "it goes; use module activations such as nn.Tanh, or pass blocks=)")
         return None
 
     def _stand_ins(self, cut: int) -> List[Call]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Dict, List, Optional
 
 from .base import FreezePolicy, PolicyContext
@@ -76,6 +77,12 @@ class FreezeOut(FreezePolicy):
         self.t0 = float(t0)
         self.spacing = spacing
         self.scale_lr = scale_lr
+        first = _SCALE_FNS[spacing](self.t0)
+        if scale_lr and first < 0.01:  # the reference's formula, unchanged: but say what it does
+            warnings.warn(f"FreezeOut(t0={t0}, spacing={spacing!r}): the first unit trains for {100 * first:.3g} % of "
+                          f"the run at {1 / first:.3g}x the learning rate (scale_lr=True divides it by t_i): its "
+                          "weights may blow up before it freezes. The paper recommends t0=0.8 with cubic spacing (the "
+                          "default); or pass scale_lr=False.", UserWarning, stacklevel=2)
         self.freeze_times: List[float] = []  # t_i, fraction of training
         self._max_j: List[float] = []  # t_i * total_steps
         self._lr0: List[float] = []  # initial lr multiplier per unit
