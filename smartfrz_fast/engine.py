@@ -255,6 +255,7 @@ class SmartFreezer:
         self.history = None
         self._pending: List[Tuple[int, Tensor, Optional[Any]]] = []  # (apply at step, host tensor, event)
         self._grad_sq: Optional[Tensor] = None
+        self._grad_observed = False  # an optimizer step filled _grad_sq since the last step()
         self._grad_index_cache: Dict[Any, Tensor] = {}
         self._hooks: List[Any] = []
         self._first_forward_hook: Optional[Any] = None
@@ -424,6 +425,7 @@ class SmartFreezer:
                 self._lr_unit_of_param[id(shared.parameter)] = shared.last_unit
 
     def _accumulate_grad_norms(self, optimizer, args, kwargs) -> None:
+        self._grad_observed = True
         params, units = [], []
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -484,8 +486,12 @@ class SmartFreezer:
             if self._grad_sq is not None:
                 if self._sync is not None and self._dist_kind == "fsdp2":
                     self._sync.all_reduce_sum(self._grad_sq)
-                self.policy.observe_gradients(step - 1, self._grad_sq)
+                # no optimizer step since the last step() (a GradScaler skipped it on inf
+                # gradients): no gradient observed, which is not a gradient of norm 0
+                seen = self._grad_sq if self._grad_observed else torch.full_like(self._grad_sq, float("nan"))
+                self.policy.observe_gradients(step - 1, seen)
                 self._grad_sq = torch.zeros_like(self._grad_sq)
+                self._grad_observed = False
             if self.num_frozen < self.max_frozen:
                 decision = self._decide(step)
                 if decision is not None:

@@ -176,6 +176,25 @@ def test_autofreeze_reads_the_gradients_of_a_closure_step():
     torch.testing.assert_close(observed["closure"], observed["plain"], rtol=0, atol=0)
 
 
+def test_autofreeze_leaves_out_steps_a_gradscaler_skipped():
+    # a GradScaler that finds inf gradients skips optimizer.step(): no gradient was observed,
+    # and the interval's mean must not count that step as a gradient of norm 0
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    policy = AutoFreeze(interval=10)
+    freezer = SmartFreezer(model, optimizer, policy=policy, example_inputs=(data(0)[0],), total_steps=100)
+    scaler = torch.amp.GradScaler("cpu")
+    for step in range(9):
+        x, y = data(step)
+        loss = nn.functional.mse_loss(model(x), y) * (float("inf") if step < 4 else 1.0)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)  # skipped while the gradients are inf
+        scaler.update()
+        optimizer.zero_grad()
+        freezer.step()
+    assert policy.state_dict()["counted"].tolist() == [5.0] * len(freezer.units)
+
+
 class TiedLM(nn.Module):
     def __init__(self):
         super().__init__()
