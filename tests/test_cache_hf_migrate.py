@@ -3,6 +3,8 @@
 pushed through the newly frozen layers with them. Migrated rows equal rows computed from the
 input at the new boundary; changed side inputs turn the cache off; checkpoints carry them."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -83,7 +85,10 @@ def test_gpt2_rows_migrate_with_their_position_ids():
 
 
 @pytest.mark.parametrize("audit_rows", [4, 0])
-def test_a_sample_back_with_another_mask_turns_the_cache_off(audit_rows):
+def test_a_sample_back_with_another_mask_is_computed_again_with_it(audit_rows):
+    # the mask is part of the sample's input: its row is recomputed and replaced, and the new
+    # mask kept with it, so a deeper freeze pushes the row through the next layer with the
+    # mask it came with (this turned the cache off before; without an audit, at the freeze)
     ids, mask = PADDING["right"]
     model, opt, freezer, cache = setup("bert-cls", audit_rows=audit_rows)
     fill(cache, ids, mask)
@@ -91,15 +96,19 @@ def test_a_sample_back_with_another_mask_turns_the_cache_off(audit_rows):
     other[3, -1] = 1 - other[3, -1]
     wrapped = cache.wrap()
     index = torch.tensor([3, 0])
-    if audit_rows:  # the audit sees it at once
-        with pytest.warns(UserWarning, match="sample 3 came back with other attention_mask"):
-            wrapped(ids[index], index, attention_mask=other[index])
-    else:  # no audit: caught before the rows are pushed through the next layer with it
+    with pytest.warns(UserWarning, match="sample id 3 came with another input than its cached row"):
         wrapped(ids[index], index, attention_mask=other[index])
-        assert cache.active
-        with pytest.warns(UserWarning, match="sample 3 came back with other attention_mask"):
-            freezer.freeze_to(units_through_layer(freezer, 1))
-    assert not cache.active and cache.reason.startswith("audit") and cache.rows_cached == 0
+    assert cache.active and cache.stats["input_changed"] == 1
+
+    def row_is_fresh():  # sample 3's row is the prefix's output for the mask it came with
+        fresh = cache._compute_prefix(Inputs((ids[3:4],), {"attention_mask": other[3:4]}))[0]
+        torch.testing.assert_close(cached_rows(cache)[3].to(fresh.dtype), fresh, rtol=1e-5, atol=1e-5)
+    row_is_fresh()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        freezer.freeze_to(units_through_layer(freezer, 1))
+    assert cache.active and cache.stats["migrated"] > 0
+    row_is_fresh()
 
 
 def resumed(kind, state, **cache_args):

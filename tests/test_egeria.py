@@ -277,3 +277,23 @@ def test_batch_norm_statistics_reach_the_shadow_at_every_evaluation():
         assert torch.equal(egeria._staging[-3], model[1].running_mean)
         assert torch.equal(egeria._staging[-2], model[1].running_var)
     freezer.close()
+
+
+def test_a_module_name_holding_a_plus_is_found():
+    # units' names join module names with "+": a ModuleDict key "rgb+depth" was looked up as
+    # "depth" (refused, or another module of that name watched)
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.ModuleDict({"rgb+depth": nn.Linear(12, 16)})
+            self.body, self.head = nn.Linear(16, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(torch.relu(self.stem["rgb+depth"](x)))))
+
+    model = Net()
+    x = torch.randn(8, 12)
+    policy = Egeria(model, x, interval=1, warmup=0, asynchronous=False)
+    SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), policy=policy, example_inputs=x[:2],
+                 total_steps=10)
+    assert policy._hook_modules[0][0] is dict(policy.shadow.named_modules())["stem.rgb+depth"]

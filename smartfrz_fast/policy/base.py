@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -63,6 +63,9 @@ class UnitInfo:
     name: str
     num_params: int
     forward_flops: int
+    # the unit's modules' names in the model ("" for the model itself); ``name`` joins them
+    # with "+", which a module's own name may contain
+    module_names: Tuple[str, ...] = ()
 
 
 @dataclass

@@ -208,7 +208,8 @@ class Egeria(FreezePolicy):
         ref_names = dict(self.reference.named_modules())
         self._hook_modules = []
         for unit in context.units:
-            last = unit.name.split("+")[-1]
+            # its last module (a module's name may hold "+", which joins the names in unit.name)
+            last = unit.module_names[-1] if unit.module_names else unit.name.split("+")[-1]
             last = "" if last == "<root>" else last
             if last not in names:
                 raise ValueError(
