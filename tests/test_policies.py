@@ -69,6 +69,22 @@ def reference_freezeout(L, t0, how_scale, total, scale_lr):
     return ratios, max_js, factor
 
 
+@pytest.mark.parametrize("policy, said", [
+    (lambda: StaticFreeze(2, at_step=400), "freezes at step 400"),
+    (lambda: LinearFreeze(interval=400), "decides every 400 steps"),
+    (lambda: AutoFreeze(num_intervals=2), "needs 3 intervals of 150 steps"),
+    (lambda: AutoFreeze(interval=101), "needs 3 intervals of 101 steps"),
+])
+def test_settings_that_never_freeze_in_the_run_warn(policy, said):
+    # accepted silently before: no freeze at all in a 300-step run
+    with pytest.warns(UserWarning, match=said + r".*after the run's last step \(300\), so it will never freeze"):
+        policy().bind(make_context(4, total_steps=300))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for fine in (StaticFreeze(2, at_step=300), LinearFreeze(interval=300), AutoFreeze(interval=100)):
+            fine.bind(make_context(4, total_steps=300))
+
+
 def test_freezeout_warns_when_t0_makes_the_first_units_lr_explode():
     # t0=0.05 (cubic): unit 0 trains for 0.0125 % of the run at 8000x the lr, and froze with
     # weights of magnitude 17 (0.9 at t0=0.8), silently

@@ -103,6 +103,10 @@ class AutoFreeze(FreezePolicy):
         # the last step whose decision still leaves a full interval of training to save
         total = context.total_steps
         self.last_decision_step = total - self.interval if total else None
+        # the first decision ends the second interval, and none comes in the run's last interval
+        self._warn_if_never_in_run(3 * self.interval, f"its first decision that still saves something needs 3 "
+                                   f"intervals of {self.interval} steps (step {3 * self.interval})",
+                                   "Use a shorter interval (num_intervals >= 3).")
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
             self.load_state_dict(state)

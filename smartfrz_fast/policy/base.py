@@ -8,6 +8,7 @@ freezing is monotone and front-to-back, and never freezes the units it must keep
 from __future__ import annotations
 
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -143,6 +144,14 @@ class FreezePolicy:
         return self.name
 
     # Helpers shared by the schedule-based policies.
+    def _warn_if_never_in_run(self, first_step: int, how: str, fix: str) -> None:
+        """Warn when the first step at which this policy could freeze lies past ``total_steps``
+        (settings that never act in this run: accepted silently before)."""
+        total = self.context.total_steps if self.context is not None else None
+        if total and first_step > total:
+            warnings.warn(f"{self.describe()}: {how}, after the run's last step ({total}), so it will never "
+                          f"freeze in this run. {fix}", UserWarning, stacklevel=4)
+
     def _require_total_steps(self) -> int:
         assert self.context is not None, "bind() first"
         if self.context.total_steps is None or self.context.total_steps <= 0:

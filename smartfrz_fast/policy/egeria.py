@@ -204,6 +204,11 @@ class Egeria(FreezePolicy):
                 raise ValueError("Egeria: pass interval= and warmup=, or total_steps to SmartFreezer.")
         self.interval = self.interval_arg if self.interval_arg is not None else max(1, total // 50)
         self.warmup = self.warmup_arg if self.warmup_arg is not None else total // 10
+        # a unit freezes at the earliest after the warm-up and `patience` evaluations of a full window
+        first = self.warmup + (self.window + self.patience - 1) * self.interval
+        self._warn_if_never_in_run(first, f"its first freeze can come at step {first} (warm-up {self.warmup}, then "
+                                   f"{self.window + self.patience - 1} evaluations every {self.interval} steps)",
+                                   "Pass a shorter warmup or interval.")
         names = dict(self.shadow.named_modules())
         ref_names = dict(self.reference.named_modules())
         self._hook_modules = []

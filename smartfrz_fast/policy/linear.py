@@ -63,6 +63,8 @@ class LinearFreeze(FreezePolicy):
     def bind(self, context: PolicyContext) -> None:
         super().bind(context)
         self._require_total_steps()
+        self._warn_if_never_in_run(self.interval, f"it decides every {self.interval} steps, first at step "
+                                   f"{self.interval}", "Pass a smaller interval.")
 
     def frozen_at(self, step: int) -> int:
         """The schedule's frozen-prefix length after ``step`` optimizer steps."""
