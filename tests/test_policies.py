@@ -85,6 +85,18 @@ def test_settings_that_never_freeze_in_the_run_warn(policy, said):
             fine.bind(make_context(4, total_steps=300))
 
 
+def test_numpy_scalar_knobs_are_taken_as_numbers():
+    # refused before with "must be an int >= 0, got np.int64(2)" (knobs read from a config or
+    # computed with numpy); stored as Python numbers, so states load with weights_only=True
+    static = StaticFreeze(np.int64(2), at_step=np.int32(5))
+    assert (static.num_units, static.at_step) == (2, 5) and type(static.num_units) is int
+    assert type(AutoFreeze(interval=np.int64(7), percentile=np.float32(40.0)).interval) is int
+    assert type(LinearFreeze(np.float64(0.5), interval=np.int16(3)).interval) is int
+    assert FreezeOut(t0=np.float64(0.8)).t0 == 0.8
+    with pytest.raises(ValueError, match="num_units must be an int"):
+        StaticFreeze(np.float64(2.0))
+
+
 def test_freezeout_warns_when_t0_makes_the_first_units_lr_explode():
     # t0=0.05 (cubic): unit 0 trains for 0.0125 % of the run at 8000x the lr, and froze with
     # weights of magnitude 17 (0.9 at t0=0.8), silently

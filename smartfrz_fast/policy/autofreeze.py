@@ -7,7 +7,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import Tensor
 
-from .base import Decision, FreezePolicy, PolicyContext
+from .base import Decision, FreezePolicy, PolicyContext, plain_number
 
 
 class AutoFreeze(FreezePolicy):
@@ -61,6 +61,7 @@ class AutoFreeze(FreezePolicy):
         self, interval: Optional[int] = None, percentile: float = 50.0, num_intervals: int = 10
     ) -> None:
         super().__init__()
+        interval, percentile, num_intervals = map(plain_number, (interval, percentile, num_intervals))
         if interval is not None and (
             isinstance(interval, bool) or not isinstance(interval, int) or interval < 1
         ):

@@ -7,6 +7,7 @@ freezing is monotone and front-to-back, and never freezes the units it must keep
 
 from __future__ import annotations
 
+import numbers
 import operator
 import warnings
 from dataclasses import dataclass
@@ -18,6 +19,19 @@ from torch import Tensor
 # A decision: the desired frozen-prefix length in units, as an int or as a 0-dim int64 tensor
 # that may still be on its way from the GPU (the engine reads it without stalling).
 Decision = Union[int, Tensor]
+
+
+def plain_number(value: Any) -> Any:
+    """A numpy or other registered integer / real scalar as Python's int / float (knobs read from
+    a config or computed with numpy); anything else, bools included, unchanged for the caller's
+    check to refuse or take."""
+    if isinstance(value, bool) or type(value) in (int, float):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 def check_decision(policy: "FreezePolicy", decision: Any, step: int, num_units: int) -> Optional[Decision]:

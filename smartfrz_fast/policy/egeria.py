@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from ..units import example_call
-from .base import Decision, FreezePolicy, PolicyContext
+from .base import Decision, FreezePolicy, PolicyContext, plain_number
 
 
 # The plasticity of a unit that keeps moving reads ~2 right after each reference refresh (its
@@ -130,6 +130,8 @@ class Egeria(FreezePolicy):
                  window: int = 5, tolerance: float = DEFAULT_TOLERANCE, patience: int = 2, ref_refresh: int = 10,
                  warmup: Optional[int] = None, ref_device: Any = "cpu", asynchronous: bool = True) -> None:
         super().__init__()
+        interval, window, tolerance, patience, ref_refresh, warmup = map(
+            plain_number, (interval, window, tolerance, patience, ref_refresh, warmup))
         if not isinstance(model, nn.Module):
             raise TypeError(f"Egeria: model must be an nn.Module, got {type(model).__name__}")
         for knob, value, low in (("interval", interval, 1), ("warmup", warmup, 0)):

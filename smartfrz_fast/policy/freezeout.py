@@ -6,7 +6,7 @@ import math
 import warnings
 from typing import Callable, Dict, List, Optional
 
-from .base import FreezePolicy, PolicyContext
+from .base import FreezePolicy, PolicyContext, plain_number
 
 _SCALE_FNS: Dict[str, Callable[[float], float]] = {
     "linear": lambda x: x,
@@ -66,6 +66,7 @@ class FreezeOut(FreezePolicy):
 
     def __init__(self, t0: float = 0.8, spacing: str = "cubic", scale_lr: bool = True) -> None:
         super().__init__()
+        t0 = plain_number(t0)
         if isinstance(t0, bool) or not isinstance(t0, (int, float)) or not (0.0 < float(t0) <= 1.0):
             raise ValueError(f"FreezeOut: t0 must be a number in (0, 1], got {t0!r}")
         if spacing not in _SCALE_FNS:

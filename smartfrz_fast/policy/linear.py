@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .base import FreezePolicy, PolicyContext
+from .base import FreezePolicy, PolicyContext, plain_number
 
 
 def composer_freeze_schedule(current_duration: float, freeze_start: float, freeze_level: float) -> float:
@@ -42,6 +42,7 @@ class LinearFreeze(FreezePolicy):
 
     def __init__(self, freeze_start: float = 0.5, freeze_level: float = 1.0, interval: int = 1) -> None:
         super().__init__()
+        freeze_start, freeze_level, interval = map(plain_number, (freeze_start, freeze_level, interval))
         if (
             isinstance(freeze_start, bool)
             or not isinstance(freeze_start, (int, float))

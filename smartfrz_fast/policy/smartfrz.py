@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 
 from ..history import SAMPLING
-from .base import Decision, FreezePolicy, PolicyContext
+from .base import Decision, FreezePolicy, PolicyContext, plain_number
 
 # The predictor was trained on runs snapshotted this many times from start to end, so its
 # 30-snapshot window spans a quarter of a run; in use the engine is asked for the same pace.
@@ -82,6 +82,8 @@ class SmartFRZ(FreezePolicy):
                  settle_ratio: Optional[float] = DEFAULT_SETTLE_RATIO,
                  min_flops_share: float = DEFAULT_MIN_FLOPS_SHARE):
         super().__init__()
+        threshold, evaluate_every, patience, smoothing, min_progress, settle_ratio, min_flops_share = map(
+            plain_number, (threshold, evaluate_every, patience, smoothing, min_progress, settle_ratio, min_flops_share))
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
             raise ValueError(f"SmartFRZ threshold is a probability in (0, 1), got {threshold!r}")
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:

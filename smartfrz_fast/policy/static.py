@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from typing import Optional
 
-from .base import FreezePolicy, PolicyContext
+from .base import FreezePolicy, PolicyContext, plain_number
 
 
 class StaticFreeze(FreezePolicy):
@@ -24,6 +24,7 @@ class StaticFreeze(FreezePolicy):
 
     def __init__(self, num_units: int, at_step: int = 0) -> None:
         super().__init__()
+        num_units, at_step = plain_number(num_units), plain_number(at_step)
         if isinstance(num_units, bool) or not isinstance(num_units, int) or num_units < 0:
             raise ValueError(f"StaticFreeze: num_units must be an int >= 0, got {num_units!r}")
         if isinstance(at_step, bool) or not isinstance(at_step, int) or at_step < 0:
