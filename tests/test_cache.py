@@ -577,8 +577,9 @@ def test_a_user_hook_inside_the_frozen_prefix_sees_every_batch(hook_on):
         ids = torch.arange(8) + 8 * (step % 2)
         seen.clear()
         out = run(X[ids], ids)
-        # (set-up checks the chain against the model: more calls at the first step)
-        assert seen == [8] if step > 0 else set(seen) == {8}, (step, seen, cache.describe())
+        # (set-up checks the chain against the model, and the first cached forward looks at which
+        # inputs the prefix reads, on 4 samples: more calls at the first two steps)
+        assert seen == [8] if step > 1 else seen[-1] == 8 and set(seen) <= {4, 8}, (step, seen, cache.describe())
         nn.functional.cross_entropy(out, Y[ids]).backward()
         opt.step()
         opt.zero_grad()

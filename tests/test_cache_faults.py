@@ -236,6 +236,35 @@ def test_an_id_given_to_another_input_is_computed_again_never_served():
     assert not cache.enabled
 
 
+def test_inputs_the_prefix_does_not_read_may_change():
+    # pseudo-labels passed to the model, renewed every epoch: the input checksum leaves out what
+    # the prefix does not read, so rows are still served (every one was a miss)
+    class WithLoss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x, labels):
+            return nn.functional.cross_entropy(self.head(torch.tanh(self.b(torch.tanh(self.a(x))))), labels)
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+    model = WithLoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(2, 1), example_inputs=(x[:2], y[:2]), total_steps=100)
+    cache = ActivationCache(freezer, num_samples=16, deterministic=True)
+    forward = cache.wrap()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in range(6):
+            ids = torch.arange(8 * (step % 2), 8 * (step % 2) + 8)
+            forward(x[ids], ids, labels=(y[ids] + step) % 3).backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+    assert cache.stats["hits"] == 24 and cache.stats["input_changed"] == 0, cache.describe()
+
+
 def test_a_prefix_changed_in_place_drops_its_rows():
     # a frozen buffer (or weight) written in place behind the cache's back (load_state_dict
     # mid-run, weights copied in): rows made from the old values are dropped, never served

@@ -31,7 +31,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.hooks import RemovableHandle
 
 from ..distributed import FreezableDDP, _is_fsdp1, _is_fsdp2, check_ddp
@@ -190,6 +190,7 @@ class ActivationCache:
         # the cached prefix's parameters and buffers as its rows were made: (store, tensors, their
         # versions, their checksums); see _prefix_weights_unchanged
         self._prefix_state: Tuple[Any, List[Tensor], List[int], List[Optional[int]]] = (None, [], [], [])
+        self._leaf_reads: Tuple[Any, Optional[List[bool]]] = (None, None)  # see _read_leaves
         freezer.add_freeze_listener(self._on_freeze)
 
     # ------------------------------------------------------------------ public
@@ -597,11 +598,10 @@ class ActivationCache:
     def _prefix_output(self, inputs: Inputs, ids: Tensor) -> Optional[Tensor]:
         store = self._store
         slots = store.lookup(ids) if store is not None else torch.full_like(ids, -1)
-        in_sums = _input_sums(inputs, ids.numel())
+        in_sums = _input_sums(inputs, ids.numel(), self._read_leaves(inputs, ids.numel()))
+        changed, old_rows = ids.new_empty(0), None
         if store is not None:
-            slots = self._forget_changed_inputs(ids, slots, in_sums)
-            if slots is None:
-                return None
+            slots, changed, old_rows = self._forget_changed_inputs(ids, slots, in_sums)
         hit = (slots >= 0).nonzero().flatten()
         miss = (slots < 0).nonzero().flatten()
         side = self._side_inputs(inputs, ids.numel())
@@ -615,6 +615,8 @@ class ActivationCache:
             self._store_rows(ids[miss], fresh, {n: v[miss.to(v.device)] for n, v in side.items()},
                              in_sums[miss.to(in_sums.device)])
             if not self.enabled:  # a storage fault turned the cache off
+                return None
+            if changed.numel() and not self._count_changed_rows(ids, changed, miss, fresh, old_rows):
                 return None
         if hit.numel():
             self._sides.compare(ids[hit], {n: v[hit.to(v.device)] for n, v in side.items()})
@@ -636,40 +638,70 @@ class ActivationCache:
             out[index.to(out.device)] = values
         return out
 
-    def _forget_changed_inputs(self, ids: Tensor, slots: Tensor, in_sums: Tensor) -> Optional[Tensor]:
+    def _forget_changed_inputs(self, ids: Tensor, slots: Tensor,
+                               in_sums: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         """``slots`` without the rows whose sample came with another input than the row was
         computed from (a dataset edited in place or swapped for another under the same ids, an
-        augmentation of some samples): such rows are forgotten, so the sample is computed and
-        stored anew, never served stale. One host read per step with hits. More changed samples
-        than the dataset holds: the inputs change every time (random augmentation), and the
-        cache turns off (None)."""
+        augmentation of some samples, or only an input the prefix does not read, such as labels
+        passed to the model): such rows are forgotten, so the sample is computed and stored
+        anew, never served stale. Also returns those positions and their old rows, which
+        ``_count_changed_rows`` compares with the new ones. One host read per step with hits."""
+        none = ids.new_empty(0)
         cached = (slots >= 0).nonzero().flatten()
         if not cached.numel():
-            return slots
+            return slots, none, None
         store = self._store
         stored = store.in_sums[slots[cached].to(store.in_sums.device)]
         now = in_sums[cached.to(in_sums.device)].to(stored.device)
         changed = ((stored != 0) & (stored != now)).cpu()  # 0: a row whose input is not known
         if not bool(changed.any()):
-            return slots
+            return slots, none, None
         which = cached[changed]
+        old = store.read(slots[which], *self._act)
         store.forget(ids[which], slots[which])
         slots = slots.clone()
         slots[which] = -1
-        self.stats["input_changed"] += int(which.numel())
+        return slots, which, old
+
+    def _count_changed_rows(self, ids: Tensor, which: Tensor, miss: Tensor, fresh: Tensor, old: Tensor) -> bool:
+        """Count the samples of ``which`` (forgotten for another input, now among ``miss`` and
+        recomputed in ``fresh``) whose row really changed: an input the prefix does not read
+        (labels, weights) changes nothing. More real changes than the dataset holds mean the
+        inputs change all the time (random augmentation, ids not per sample): the cache turns
+        off (False)."""
+        rows = fresh[torch.searchsorted(miss, which).to(fresh.device)]
+        moved = ~self._rows_agree(old, rows)
+        real = int(moved.sum())
+        if not real:
+            return True
+        self.stats["input_changed"] += real
         if self.stats["input_changed"] > self.num_samples:
             self._audit_failed(f"{self.stats['input_changed']} samples came back with other inputs than their "
                                f"rows were cached from, more than the dataset's {self.num_samples}",
                                "The inputs change from epoch to epoch (random augmentation?), or one sample id is "
                                "given to several samples")
-            return None
-        self._warn_once("input_changed", f"ActivationCache: sample id {int(ids[which[0]])} came with another input "
-                        "than its cached row was computed from (the dataset was edited or swapped under the same ids, "
-                        "some samples are augmented, or one id is given to two samples: ids must be unique per "
-                        "sample, as IndexedDataset over the whole dataset gives): such rows are computed again and "
-                        "replaced, never served (counted in stats['input_changed']; more of them than the dataset "
-                        "holds turn the cache off).")
-        return slots
+            return False
+        sample = int(ids[which[moved.nonzero()[0, 0].to(which.device)]])
+        self._warn_once("input_changed", f"ActivationCache: sample id {sample} came with another input than its "
+                        "cached row was computed from (the dataset was edited or swapped under the same ids, some "
+                        "samples are augmented, or one id is given to two samples: ids must be unique per sample, "
+                        "as IndexedDataset over the whole dataset gives): such rows are computed again and replaced, "
+                        "never served (counted in stats['input_changed']; more of them than the dataset holds turn "
+                        "the cache off).")
+        return True
+
+    def _row_tolerance(self) -> float:
+        """How far a cached row may be from a recomputed one, relative to the row's largest
+        magnitude: storage rounding, or the activation's own precision if looser."""
+        computed_in = self._act[0]
+        if torch.is_autocast_enabled(self._act[1].type):  # mixed precision: rounding depends on the batch
+            computed_in = torch.get_autocast_dtype(self._act[1].type)
+        return max(STORAGE_TOLERANCE[self.storage_dtype], ACTIVATION_TOLERANCE.get(computed_in, 1e-4))
+
+    def _rows_agree(self, cached: Tensor, fresh: Tensor) -> Tensor:
+        """Per row: a cached row matches a recomputed one (NaN never matches)."""
+        cached, fresh = cached.float().flatten(1), fresh.float().flatten(1).to(cached.device)
+        return (cached - fresh).abs().amax(1) <= self._row_tolerance() * fresh.abs().amax(1) + 1e-6
 
     def _note_prefix_weights(self, store: Storage) -> None:
         """Remember the cached prefix's parameters and buffers as a new store's rows are made
@@ -719,6 +751,47 @@ class ActivationCache:
         store.close()
         if path is not None and os.path.exists(path) and self._owns(path):
             os.unlink(path)
+    def _read_leaves(self, inputs: Inputs, batch: int) -> Optional[List[bool]]:
+        """Per input leaf (``tree_flatten`` order): whether the chain's blocks before its last
+        read it, so that the input checksum leaves out what they do not (labels passed to the
+        model, per-sample loss weights: pseudo-labels renewed every epoch made every row a miss).
+        Found once per chain and input structure, on a few samples of this batch: each
+        per-sample leaf rolled by one sample in turn, the rows compared. None: all count (fewer
+        than two samples, or the probe failed). A leaf read in a way those samples do not show
+        is left out, and its changes are then caught only by the audit, as before the checksum."""
+        spec = tree_flatten((inputs.args, inputs.kwargs))[1]
+        key = (id(self.chain), repr(spec))
+        if self._leaf_reads[0] == key:
+            return self._leaf_reads[1]
+        reads = None
+        n = min(batch, 4)
+        if n >= 2:
+            sample = _index_inputs(inputs, torch.arange(n), batch)
+            leaves, sample_spec = tree_flatten((sample.args, sample.kwargs))
+            stop = len(self.chain.blocks) - 1
+            consts = dict(getattr(self.chain, "consts", {}))  # the swap chain records what it computes
+            try:
+                with self._eval_mode(0, stop), torch.no_grad():
+                    base = self.chain.run(sample, 0, stop)
+                    reads = []
+                    for i, leaf in enumerate(leaves):
+                        rolled = leaf.roll(1, 0) if isinstance(leaf, Tensor) and leaf.dim() > 0 \
+                            and leaf.shape[0] == n else None
+                        if rolled is None or torch.equal(rolled, leaf):
+                            reads.append(True)  # not per sample, or all samples alike: cannot tell
+                            continue
+                        args, kwargs = tree_unflatten(leaves[:i] + [rolled] + leaves[i + 1:], sample_spec)
+                        out = self.chain.run(Inputs(args, kwargs), 0, stop)
+                        reads.append(not (isinstance(out, Tensor) and isinstance(base, Tensor)
+                                          and out.shape == base.shape and torch.equal(out, base)))
+            except Exception:  # noqa: BLE001 -- a probe the model cannot run: every leaf counts
+                reads = None
+            finally:
+                if hasattr(self.chain, "consts"):
+                    self.chain.consts = consts
+        self._leaf_reads = (key, reads)
+        return reads
+
     def _compute_prefix(self, inputs: Inputs) -> Optional[Tensor]:
         try:
             with self._eval_mode(0, self.boundary), torch.no_grad():
@@ -796,12 +869,8 @@ class ActivationCache:
             return False
         cached = loaded[:k].float().flatten(1)
         fresh = fresh.float().flatten(1)
-        computed_in = self._act[0]
-        if torch.is_autocast_enabled(self._act[1].type):  # mixed precision: rounding depends on the batch
-            computed_in = torch.get_autocast_dtype(self._act[1].type)
-        tol = max(STORAGE_TOLERANCE[self.storage_dtype], ACTIVATION_TOLERANCE.get(computed_in, 1e-4))
         err = (cached - fresh).abs().amax(1)
-        bound = tol * fresh.abs().amax(1) + 1e-6
+        bound = self._row_tolerance() * fresh.abs().amax(1) + 1e-6
         bad = ~(err <= bound)  # NaN counts as bad
         if bool(bad.any()):
             worst = int(bad.nonzero()[0])
@@ -1356,10 +1425,13 @@ def _is_cache_file(path: str) -> bool:
         return False
 
 
-def _input_sums(inputs: Inputs, batch: int) -> Tensor:
-    """A checksum of each sample's input (every tensor with the batch dimension)."""
-    leaves = [t for t in tree_flatten((inputs.args, inputs.kwargs))[0] if isinstance(t, Tensor)]
-    return input_sums(leaves, batch)
+def _input_sums(inputs: Inputs, batch: int, reads: Optional[List[bool]] = None) -> Tensor:
+    """A checksum of each sample's input (every tensor with the batch dimension; with ``reads``,
+    only the leaves it marks)."""
+    leaves = tree_flatten((inputs.args, inputs.kwargs))[0]
+    if reads is not None:
+        leaves = [t for t, read in zip(leaves, reads) if read]
+    return input_sums([t for t in leaves if isinstance(t, Tensor)], batch)
 
 
 def _first_occurrences(ids: Tensor) -> Tuple[Tensor, Tensor]:
