@@ -152,8 +152,8 @@ def check_grads_after_freeze(freezer: Any) -> None:
         armed[0] = False
         trainable = [u for u in freezer.units[freezer.num_frozen:] if any(p.requires_grad for p in u.parameters)]
 
-        def starved(unit) -> bool:
-            return all(p.grad is None for p in unit.parameters if p.requires_grad)
+        def starved(unit) -> bool:  # zero_grad(set_to_none=False) leaves zeros, not None
+            return all(p.grad is None or not bool(p.grad.any()) for p in unit.parameters if p.requires_grad)
 
         # the unit right after the prefix: a branch not taken this step (routing, experts) is not this
         if trainable and starved(trainable[0]):
@@ -168,6 +168,7 @@ def check_grads_after_freeze(freezer: Any) -> None:
             )
 
     freezer.add_freeze_listener(arm)
+    freezer._after_step_checks.append(check)  # an optimizer the freezer adopts later gets it too
     for opt in freezer.optimizers:
         # after the step, not before: Lightning (and any closure) runs the backward inside
         # optimizer.step(closure), so before it the gradients were the previous step's (cleared:

@@ -256,6 +256,7 @@ class SmartFreezer:
         self._pending: List[Tuple[int, Tensor, Optional[Any]]] = []  # (apply at step, host tensor, event)
         self._grad_sq: Optional[Tensor] = None
         self._grad_observed = False  # an optimizer step filled _grad_sq since the last step()
+        self._after_step_checks: List[Callable] = []  # optimizer post-step hooks, re-created optimizers too
         self._grad_index_cache: Dict[Any, Tensor] = {}
         self._hooks: List[Any] = []
         self._first_forward_hook: Optional[Any] = None
@@ -709,6 +710,8 @@ class SmartFreezer:
             self._scale_unit_lrs([optimizer])
         if self.policy.needs_gradients:  # runs after this very step, as for the freezer's own optimizers
             self._hooks.append(optimizer.register_step_post_hook(self._accumulate_grad_norms))
+        for check in self._after_step_checks:  # the no-gradient check after a freeze (compile.py)
+            self._hooks.append(optimizer.register_step_post_hook(check))
         self._hooks.append(optimizer.register_load_state_dict_pre_hook(self._check_optimizer_load_order))
         self._grad_index_cache.clear()
         for listener in self._change_listeners:  # before this step runs: its post-step hooks may join
@@ -756,7 +759,10 @@ class SmartFreezer:
         if untied:  # `out.weight = nn.Parameter(emb.weight.clone())`: emb.weight would have left training
             change = (f"parameter {untied[0]} was shared and is no longer: tied weights untied; re-tie them "
                       "before the next step")
-        if not change and len({id(new) for _, new in pairs.values()}) != len(pairs):
+        old_ids = {id(t) for t in old_params.values()}
+        if not change and (len({id(new) for _, new in pairs.values()}) != len(pairs)
+                           or any(id(new) in old_ids for _, new in pairs.values())):
+            # `out.weight = emb.weight` gives out.weight another name's tensor: a frozen emb froze the head
             change = "separate parameters now share one tensor (weights tied after set-up)"
         if not change and pairs and self._dist_kind == "fsdp2":
             change = "parameters replaced under FSDP2 (sharded parameters cannot be swapped in place)"

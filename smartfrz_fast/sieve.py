@@ -8,6 +8,7 @@ again when it returns) and with any freezing policy.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
@@ -43,8 +44,9 @@ class SievingSampler(torch.utils.data.Sampler):
             raise ValueError(f"SievingSampler: interval must be a positive number of epochs, got {interval!r}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"SievingSampler: momentum must be in [0, 1), got {momentum!r}")
-        self.num_samples, self.seed, self.interval, self.momentum = num_samples, seed, interval, momentum
-        self.active_fraction, self.swap_fraction = active_fraction, swap_fraction
+        # Python floats: a numpy scalar in the state would not load with torch.load(weights_only=True)
+        self.num_samples, self.seed, self.interval, self.momentum = num_samples, seed, interval, float(momentum)
+        self.active_fraction, self.swap_fraction = float(active_fraction), float(swap_fraction)
         num_active = max(1, round(active_fraction * num_samples))
         g = torch.Generator().manual_seed(seed)
         order = torch.randperm(num_samples, generator=g).tolist()
@@ -137,7 +139,8 @@ class SievingSampler(torch.utils.data.Sampler):
                              "SievingSampler.state_dict()")
         # the fractions and momentum are absent from checkpoints of 0.1.0's first releases
         for key in ("num_samples", "seed", "interval", "active_fraction", "swap_fraction", "momentum"):
-            if key in state and state[key] != getattr(self, key):
+            if key in state and not (state[key] == getattr(self, key) or isinstance(state[key], float)
+                                     and math.isclose(state[key], getattr(self, key), rel_tol=1e-9)):
                 raise ValueError(f"SievingSampler: checkpoint has {key}={state[key]}, this sampler "
                                  f"{getattr(self, key)}: construct it with the checkpoint's settings")
         if len(state["active"]) != len(self.active) or sorted(state["active"] + state["pool"]) != list(range(self.num_samples)):

@@ -306,7 +306,7 @@ class CheckpointedNet(nn.Module):
         return self.head(x)
 
 
-def run_checkpointed(use_reentrant, steps=5, explicit_check=False, closure=False):
+def run_checkpointed(use_reentrant, steps=5, explicit_check=False, closure=False, set_to_none=True):
     """``closure``: the backward runs inside ``optimizer.step(closure)``, as Lightning runs it."""
     model = CheckpointedNet(use_reentrant)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -318,7 +318,7 @@ def run_checkpointed(use_reentrant, steps=5, explicit_check=False, closure=False
         x = torch.randn(4, WIDTH, generator=g)
 
         def loss():
-            opt.zero_grad()
+            opt.zero_grad(set_to_none=set_to_none)
             out = model(x).square().mean()
             out.backward()
             return out
@@ -327,7 +327,7 @@ def run_checkpointed(use_reentrant, steps=5, explicit_check=False, closure=False
         else:
             loss()
             opt.step()
-            opt.zero_grad()
+            opt.zero_grad(set_to_none=set_to_none)
         freezer.step()
     return model
 
@@ -340,6 +340,12 @@ def test_the_no_gradient_check_sees_the_step_of_a_closure():
         run_checkpointed(use_reentrant=False, closure=True)
     with pytest.warns(UserWarning, match=r"received no gradient.*use_reentrant=False"):
         run_checkpointed(use_reentrant=True, closure=True)
+    # zero_grad(set_to_none=False) leaves zero gradients, not None: still no gradient
+    with pytest.warns(UserWarning, match=r"received no gradient.*use_reentrant=False"):
+        run_checkpointed(use_reentrant=True, set_to_none=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_checkpointed(use_reentrant=False, set_to_none=False)
 
 
 def test_non_reentrant_checkpoint_trains_the_suffix_after_a_freeze():

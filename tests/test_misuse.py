@@ -687,3 +687,19 @@ def test_a_layer_frozen_before_set_up_that_trains_later_inside_the_prefix_warns(
     with pytest.warns(UserWarning, match=r"0.weight, 0.bias had requires_grad=False when the freezer was built"):
         _train_step(model, opt, freezer, 1)
     assert model[0].weight.requires_grad  # the user's layer: not frozen for them
+
+
+def test_weights_tied_after_set_up_by_assignment_are_refused():
+    # `out.weight = emb.weight` after set-up: the head took the embedding's tensor, which the
+    # freeze had frozen, so the unit keep_trainable keeps training silently stopped
+    for tie in ("head takes the embedding's", "embedding takes the head's"):
+        model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 10, bias=False))
+        # Sequential: [0] embedding (10x8), [2] head (10x8): same shape, tied by assignment later
+        opt = sgd(model)
+        freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=1), example_inputs=torch.tensor([[1, 2, 3]]))
+        if tie.startswith("head"):
+            model[2].weight = model[0].weight
+        else:
+            model[0].weight = model[2].weight
+        with pytest.raises(RuntimeError, match=r"separate parameters now share one tensor \(weights tied after set-up\)"):
+            freezer.step()

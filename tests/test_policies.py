@@ -356,6 +356,12 @@ def test_autofreeze_ignores_nonfinite_steps_and_zero_norm_units():
         p.observe_gradients(step, torch.tensor([1.1, 0.0, 1.0]))
     p.decide(6, 0)
     assert p.last_ratios[1] == big
+    # none in two intervals in a row (a unit the user froze, a branch never used): nothing to
+    # wait for, or it would block every unit after it for the whole run
+    for step in (6, 7):
+        p.observe_gradients(step, torch.tensor([1.1, 0.0, 1.0]))
+    p.decide(8, 0)
+    assert p.last_ratios[1] == 0.0
 
 
 def test_autofreeze_zero_ratio_ties_do_not_freeze():

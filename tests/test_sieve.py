@@ -1,5 +1,6 @@
 """Data sieving sampler: rotation rule, determinism, coverage, resume, composition with freezing."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -78,6 +79,11 @@ def test_state_dict_resumes_the_rotation():
     assert head + tail == full
     with pytest.raises(ValueError, match="seed"):
         SievingSampler(40, seed=6).load_state_dict(state)
+    # the same settings computed otherwise (0.1 + 0.4) or given as numpy scalars are the same run,
+    # and the state holds Python numbers (torch.load(weights_only=True) refuses numpy ones)
+    SievingSampler(40, active_fraction=0.1 + 0.4, swap_fraction=np.float32(0.25), interval=2, seed=5,
+                   momentum=np.float64(0.5)).load_state_dict(state)
+    assert all(type(state[k]) is float for k in ("active_fraction", "swap_fraction", "momentum"))
     # settings that change the rotation are named, not resumed into another run
     for key, other in (("active_fraction", 0.6), ("swap_fraction", 0.5), ("momentum", 0.0)):
         settings = dict(active_fraction=0.5, swap_fraction=0.25, interval=2, seed=5, momentum=0.5)

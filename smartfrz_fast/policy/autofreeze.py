@@ -19,7 +19,8 @@ class AutoFreeze(FreezePolicy):
     Rule, for each evaluation interval k of ``interval`` optimizer steps::
 
         G_i(k)  = gradient norm of unit i accumulated over interval k
-        r_i(k)  = |G_i(k-1) - G_i(k)| / G_i(k-1)     (unbounded where G_i(k) == 0: no gradient)
+        r_i(k)  = |G_i(k-1) - G_i(k)| / G_i(k-1)     (0 where G_i(k) == G_i(k-1) == 0; unbounded
+                                                      where only one of them is 0)
         thr     = percentile({r_i(k) : i >= frozen}, percentile)   (np.percentile, linear)
         frozen' = first i >= frozen with r_i(k) >= thr   (units before it are frozen)
 
@@ -40,8 +41,10 @@ class AutoFreeze(FreezePolicy):
     shrink G. Steps whose gradient norm is not finite (skipped by a GradScaler) are left out of
     the sum and of the count: with a plain sum, an interval with 4 of 10 steps skipped compared
     sums over 6 and 10 steps, every ratio came out near 0.6 and the ranking reversed.
-    A unit with no gradient in an interval (a branch no batch of it used) is not converged: it
-    counts as changing without bound (it read as the most converged, and froze).
+    A unit with no gradient in an interval after one with (a branch no batch of it used) is not
+    converged: it counts as changing without bound (it read as the most converged, and froze).
+    A unit with none in either (one the user froze, a branch never used) counts as converged, as
+    in the reference: counting it as changing would block every unit after it for the run.
 
     Never where nothing is left to save: with ``total_steps`` known, no decision is made at an
     interval end inside the last interval of the run (a freeze at the final step saves
@@ -144,7 +147,9 @@ class AutoFreeze(FreezePolicy):
         big = torch.finfo(torch.float32).max  # "changing without bound", finite for quantile
         safe_prev = torch.where(prev > 0, prev, torch.ones_like(prev))
         ratio = torch.where(prev > 0, (prev - cur).abs() / safe_prev, torch.full_like(prev, big))
-        ratio = torch.where(cur > 0, ratio, torch.full_like(ratio, big))  # no gradient: not converged
+        # no gradient in this interval after some in the last (a branch these batches did not use): not
+        # converged; none in either (a unit the user froze, a branch never used): nothing to wait for
+        ratio = torch.where(cur > 0, ratio, torch.where(prev > 0, torch.full_like(ratio, big), torch.zeros_like(ratio)))
         self.last_ratios = ratio
         frozen = max(0, int(frozen))
         active = ratio[frozen:]

@@ -148,7 +148,7 @@ class Egeria(FreezePolicy):
             raise ValueError(
                 f"Egeria: ref_refresh ({ref_refresh}) < window + patience - 1 ({window + patience - 1}): the window "
                 "restarts at each refresh, so no unit could stay converged for `patience` evaluations of a full "
-                "window before the next one. Use ref_refresh >= window + patience."
+                "window before the next one. Use ref_refresh >= window + patience - 1."
             )
         self.interval_arg, self.warmup_arg = interval, warmup
         self.interval: Optional[int] = interval
