@@ -71,7 +71,9 @@ def reference_freezeout(L, t0, how_scale, total, scale_lr):
 
 @pytest.mark.parametrize("policy, said", [
     (lambda: StaticFreeze(2, at_step=400), "freezes at step 400"),
-    (lambda: LinearFreeze(interval=400), "decides every 400 steps"),
+    (lambda: LinearFreeze(interval=400), "decisions every 400 steps"),
+    (lambda: LinearFreeze(freeze_start=0.9, interval=200), "freeze_start=0.9"),
+    (lambda: LinearFreeze(freeze_level=0.2), "freeze_level=0.2"),
     (lambda: AutoFreeze(num_intervals=2), "needs 3 intervals of 150 steps"),
     (lambda: AutoFreeze(interval=101), "needs 3 intervals of 101 steps"),
 ])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 from .base import FreezePolicy, PolicyContext, plain_number
@@ -63,9 +64,22 @@ class LinearFreeze(FreezePolicy):
 
     def bind(self, context: PolicyContext) -> None:
         super().bind(context)
-        self._require_total_steps()
-        self._warn_if_never_in_run(self.interval, f"it decides every {self.interval} steps, first at step "
-                                   f"{self.interval}", "Pass a smaller interval.")
+        total = self._require_total_steps()
+        self._warn_if_never_in_run(self._first_freeze_step(total), f"its first freeze (freeze_start="
+                                   f"{self.freeze_start:g}, freeze_level={self.freeze_level:g}, decisions every "
+                                   f"{self.interval} steps, {context.num_units} units) comes late",
+                                   "Pass an earlier freeze_start, a larger freeze_level or a smaller interval.")
+
+    def _first_freeze_step(self, total: int) -> float:
+        """The first decision step whose schedule freezes a unit (inf: none ever does)."""
+        span = self.freeze_level * (self.context.num_units - 1)
+        if span < 1:
+            return math.inf  # even at the end the schedule freezes int(span) = 0 units
+        step = math.ceil((self.freeze_start + (1 - self.freeze_start) / span) * total)
+        step = max(self.interval, -(-step // self.interval) * self.interval)
+        while self.frozen_at(step) < 1 and step <= total:  # float rounding at the exact point
+            step += self.interval
+        return step
 
     def frozen_at(self, step: int) -> int:
         """The schedule's frozen-prefix length after ``step`` optimizer steps."""
