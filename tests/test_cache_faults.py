@@ -286,6 +286,24 @@ def test_a_prefix_changed_in_place_drops_its_rows():
     assert cache.rows_cached == rows and cache.stats["weights_changed"] == 1
 
 
+def test_a_prefix_changed_in_place_before_a_deeper_freeze_is_not_migrated():
+    # the write came between two forwards and a deeper freeze came first: the stale rows were
+    # pushed through the newly frozen blocks and the new store took the new weights as its own
+    model = chain_model()
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.05), policy=StaticFreeze(1, 10 ** 6),
+                           example_inputs=X[:2], total_steps=100)
+    freezer.freeze_to(1)
+    cache = ActivationCache(freezer, num_samples=N, deterministic=True, audit_rows=0)
+    wrapped = cache.wrap()
+    wrapped(X[:10], torch.arange(10))  # stored
+    with torch.no_grad():
+        model[0].weight.add_(0.5)
+    with pytest.warns(UserWarning, match=r"0.weight of the cached frozen prefix changed in place"):
+        freezer.freeze_to(2)
+    assert cache.stats["weights_changed"] == 1 and cache.stats["migrated"] == 0
+    torch.testing.assert_close(wrapped(X[:10], torch.arange(10)), model(X[:10]), rtol=0, atol=0)
+
+
 def test_a_prefix_changed_through_data_is_caught_by_the_audit():
     # .data writes are invisible to torch's version counter: the audit is the net
     cache, wrapped = _audited()

@@ -189,7 +189,7 @@ class ActivationCache:
         self._structure_hooks: list = []
         # the cached prefix's parameters and buffers as its rows were made: (store, tensors, their
         # versions, their checksums); see _prefix_weights_unchanged
-        self._prefix_state: Tuple[Any, List[Tensor], List[int], List[Optional[int]]] = (None, [], [], [])
+        self._prefix_state: Tuple[Any, List[Tensor], List[int], List[Tensor]] = (None, [], [], [])
         self._leaf_reads: Tuple[Any, Optional[List[bool]]] = (None, None)  # see _read_leaves
         freezer.add_freeze_listener(self._on_freeze)
 
@@ -729,7 +729,10 @@ class ActivationCache:
             return
         for i in written:
             versions[i] = tensors[i]._version
-        changed = [i for i in written if not bool(tensor_sum(tensors[i]) == sums[i].to(tensors[i].device))]
+        now = [tensor_sum(tensors[i]) for i in written]
+        device = now[0].device
+        moved = (torch.stack([x.to(device) for x in now]) != torch.stack([sums[i].to(device) for i in written]))
+        changed = [i for i, m in zip(written, moved.tolist()) if m]  # one host read for all of them
         if not changed:
             return
         names = {id(t): n for n, t in list(self.freezer.module.named_parameters()) + list(self.freezer.module.named_buffers())}
@@ -751,6 +754,7 @@ class ActivationCache:
         store.close()
         if path is not None and os.path.exists(path) and self._owns(path):
             os.unlink(path)
+
     def _read_leaves(self, inputs: Inputs, batch: int) -> Optional[List[bool]]:
         """Per input leaf (``tree_flatten`` order): whether the chain's blocks before its last
         read it, so that the input checksum leaves out what they do not (labels passed to the
@@ -1006,9 +1010,10 @@ class ActivationCache:
 
     def _advance(self, boundary: int) -> None:
         """Move the cut deeper: push cached rows through the newly frozen blocks."""
-        old, self.boundary = self.boundary, max(self.boundary, boundary)
-        if self.boundary == old:
+        if boundary <= self.boundary:
             return
+        self._prefix_weights_unchanged()  # rows made from weights written since are dropped, not migrated
+        old, self.boundary = self.boundary, boundary
         if self._store is None:
             if old == 0 and self.reuse and self.path is not None and os.path.exists(self.path):
                 self._reopen()

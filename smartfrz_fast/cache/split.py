@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
@@ -624,7 +625,9 @@ def modules_outside(model: nn.Module, chain: BlockChain) -> List[Tuple[str, nn.M
     return [(name or type(model).__name__, m) for name, m in model.named_modules() if id(m) not in called]
 
 
-_WEIGHT_HOOKS = (SpectralNorm, WeightNorm)
+# pre-hooks that only recompute a layer's weight from its own parameters and buffers (a pruned
+# weight is weight_orig * weight_mask): a cached row stands in for them as for the layer
+_WEIGHT_HOOKS = (SpectralNorm, WeightNorm, BasePruningMethod)
 
 
 def _marks_output_for_grad(hook: Any) -> bool:
@@ -637,8 +640,9 @@ def _marks_output_for_grad(hook: Any) -> bool:
 def _user_hooks(m: nn.Module, forward_only: bool = False) -> bool:
     """True if ``m`` carries a hook a user placed: forward hooks and pre-hooks, and module
     backward hooks unless ``forward_only``. Not the user's: the engine's frozen-prefix hooks
-    (``frozen.engine_hook``), and torch's old-style ``spectral_norm``/``weight_norm``, whose
-    pre-hook only recomputes the layer's weight from its own parameters."""
+    (``frozen.engine_hook``), and torch's old-style ``spectral_norm``/``weight_norm`` and
+    ``torch.nn.utils.prune``, whose pre-hooks only recompute the layer's weight from its own
+    parameters and buffers."""
     hooks = (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
     if not forward_only:
         hooks += (*m._backward_hooks.values(), *m._backward_pre_hooks.values())
