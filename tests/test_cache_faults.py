@@ -304,6 +304,71 @@ def test_a_prefix_changed_in_place_before_a_deeper_freeze_is_not_migrated():
     torch.testing.assert_close(wrapped(X[:10], torch.arange(10)), model(X[:10]), rtol=0, atol=0)
 
 
+def test_module_swap_sees_a_buffer_of_the_prefix_changed_in_place():
+    # the swap's blocks hold loose parameters: a BatchNorm's running statistics written in place
+    # (another checkpoint's statistics loaded) were not watched, and stale rows were served
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn, self.act = nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU()
+            self.b, self.act2, self.head = nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4)
+
+        def forward(self, x):
+            if bool(x.abs().sum() >= 0):  # data-dependent: fx cannot trace it
+                x = self.act(self.bn(self.a(x)))
+            return self.head(self.act2(self.b(x)))
+
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    model = Branchy()
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.0), StaticFreeze(2, 1),
+                           example_inputs=x[:2], total_steps=100)
+    cache = ActivationCache(freezer, num_samples=16, deterministic=True, audit_rows=0)
+    forward, ids = cache.wrap(), torch.arange(16)
+    for _ in range(3):
+        forward(x, ids).sum().backward()
+        freezer.step()
+    assert cache.chain.how == "module swap" and cache.boundary >= 2 and cache.stats["hits"] > 0, cache.describe()
+    with torch.no_grad():
+        model.bn.running_mean.add_(1.0)
+    with pytest.warns(UserWarning, match=r"bn.running_mean of the cached frozen prefix changed in place"):
+        out = forward(x, ids)
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+
+
+def test_an_input_the_prefix_reads_counts_though_a_trainable_block_hides_it():
+    # the look at which inputs the prefix reads compared only the output before the last block:
+    # a trainable ReLU that was dead on the 4 samples hid both inputs, and an edited input was
+    # then served its old row
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.mid, self.head = nn.Linear(4, 8), nn.Sequential(nn.Linear(8, 8), nn.ReLU()), nn.Linear(8, 2)
+            with torch.no_grad():
+                self.mid[0].weight.fill_(-1.0)
+                self.mid[0].bias.fill_(-100.0)
+
+        def forward(self, x, gain):
+            return self.head(self.mid(self.emb(x) * gain[:, None]))
+
+    x, gain = torch.rand(8, 4), torch.arange(1.0, 9.0)
+    model = Net()
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.0), StaticFreeze(1, 1),
+                           example_inputs=(x[:2], gain[:2]), total_steps=100)
+    cache = ActivationCache(freezer, num_samples=8, deterministic=True, audit_rows=0)
+    forward, ids = cache.wrap(), torch.arange(8)
+    for _ in range(3):
+        forward((x, gain), ids).sum().backward()
+        freezer.step()
+    with torch.no_grad():
+        model.mid[0].bias.fill_(100.0)  # the trainable layer moved on
+    edited = gain.clone()
+    edited[0] = -5.0
+    with pytest.warns(UserWarning, match="sample id 0 came with another input"):
+        out = forward((x, edited), ids)
+    torch.testing.assert_close(out, model(x, edited), rtol=0, atol=0)
+
+
 def test_a_prefix_changed_through_data_is_caught_by_the_audit():
     # .data writes are invisible to torch's version counter: the audit is the net
     cache, wrapped = _audited()

@@ -35,7 +35,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.hooks import RemovableHandle
 
 from ..distributed import FreezableDDP, _is_fsdp1, _is_fsdp2, check_ddp
-from ..units import as_args, preserved_modes
+from ..units import as_args, preserved_modes, preserved_state
 from .split import (SWAP, BlockChain, Inputs, find_blocks, hooked_modules, modules_outside, rows_need_grad,
                     skipped_hooks)
 from .swap import UntracedCall
@@ -756,27 +756,30 @@ class ActivationCache:
             os.unlink(path)
 
     def _read_leaves(self, inputs: Inputs, batch: int) -> Optional[List[bool]]:
-        """Per input leaf (``tree_flatten`` order): whether the chain's blocks before its last
-        read it, so that the input checksum leaves out what they do not (labels passed to the
-        model, per-sample loss weights: pseudo-labels renewed every epoch made every row a miss).
-        Found once per chain and input structure, on a few samples of this batch: each
-        per-sample leaf rolled by one sample in turn, the rows compared. None: all count (fewer
-        than two samples, or the probe failed). A leaf read in a way those samples do not show
-        is left out, and its changes are then caught only by the audit, as before the checksum."""
+        """Per input leaf (``tree_flatten`` order): whether the cached prefix, or the chain's
+        blocks before its last, read it, so that the input checksum leaves out what they do not
+        (labels passed to the model, per-sample loss weights: pseudo-labels renewed every epoch
+        made every row a miss). Looked at once per chain, input structure and cut, on a few
+        samples of this batch: each per-sample leaf rolled by one sample in turn, the outputs at
+        the cut and before the last block compared; a leaf found read stays read. None: all
+        count (fewer than two samples, a probe that failed, or no leaf found read). A leaf read
+        in a way those samples do not show is left out, and its changes are then caught only by
+        the audit, as before the checksum."""
         spec = tree_flatten((inputs.args, inputs.kwargs))[1]
-        key = (id(self.chain), repr(spec))
+        key = (id(self.chain), repr(spec), self.boundary)
         if self._leaf_reads[0] == key:
             return self._leaf_reads[1]
+        before = self._leaf_reads[1] if self._leaf_reads[0] is not None and self._leaf_reads[0][:2] == key[:2] else None
         reads = None
         n = min(batch, 4)
         if n >= 2:
             sample = _index_inputs(inputs, torch.arange(n), batch)
             leaves, sample_spec = tree_flatten((sample.args, sample.kwargs))
-            stop = len(self.chain.blocks) - 1
+            stops = sorted({self.boundary, len(self.chain.blocks) - 1} - {0})
             consts = dict(getattr(self.chain, "consts", {}))  # the swap chain records what it computes
             try:
-                with self._eval_mode(0, stop), torch.no_grad():
-                    base = self.chain.run(sample, 0, stop)
+                with preserved_state(self.freezer.module), self._eval_mode(0, stops[-1]), torch.no_grad():
+                    base = [self.chain.run(sample, 0, stop) for stop in stops]
                     reads = []
                     for i, leaf in enumerate(leaves):
                         rolled = leaf.roll(1, 0) if isinstance(leaf, Tensor) and leaf.dim() > 0 \
@@ -785,14 +788,17 @@ class ActivationCache:
                             reads.append(True)  # not per sample, or all samples alike: cannot tell
                             continue
                         args, kwargs = tree_unflatten(leaves[:i] + [rolled] + leaves[i + 1:], sample_spec)
-                        out = self.chain.run(Inputs(args, kwargs), 0, stop)
-                        reads.append(not (isinstance(out, Tensor) and isinstance(base, Tensor)
-                                          and out.shape == base.shape and torch.equal(out, base)))
+                        reads.append(any(not _same_tensor(self.chain.run(Inputs(args, kwargs), 0, stop), b)
+                                         for stop, b in zip(stops, base)))
             except Exception:  # noqa: BLE001 -- a probe the model cannot run: every leaf counts
                 reads = None
             finally:
                 if hasattr(self.chain, "consts"):
                     self.chain.consts = consts
+            if reads is not None and before is not None:
+                reads = [a or b for a, b in zip(reads, before)]  # read at a shallower cut: still read
+            if reads is not None and not any(reads):
+                reads = None  # nothing found read: the probe tells nothing
         self._leaf_reads = (key, reads)
         return reads
 
@@ -1428,6 +1434,10 @@ def _is_cache_file(path: str) -> bool:
         return True
     except (OSError, ValueError):
         return False
+
+
+def _same_tensor(a: Any, b: Any) -> bool:
+    return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and torch.equal(a, b)
 
 
 def _input_sums(inputs: Inputs, batch: int, reads: Optional[List[bool]] = None) -> Tensor:

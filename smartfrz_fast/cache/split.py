@@ -67,6 +67,8 @@ class Block:
         return out
 
     def buffers(self) -> List[Tensor]:
+        if self.runs is not None:  # the module swap's blocks hold loose parameters: the buffers are the called modules'
+            return list({id(b): b for m in self.runs for b in m.buffers(recurse=False)}.values())
         return [b for m in self.modules for b in m.buffers()]
 
 
