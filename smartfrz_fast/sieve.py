@@ -128,7 +128,8 @@ class SievingSampler(torch.utils.data.Sampler):
     def state_dict(self) -> Dict[str, Any]:
         return {"num_samples": self.num_samples, "seed": self.seed, "interval": self.interval,
                 "active_fraction": self.active_fraction, "swap_fraction": self.swap_fraction,
-                "momentum": self.momentum, "active": list(self.active), "pool": list(self.pool), "loss": self.loss.cpu().clone(),
+                "momentum": self.momentum, "active": list(self.active), "pool": list(self.pool),
+                "loss": self.loss.cpu().clone(),
                 "epoch": self.epoch, "rotations": self.rotations}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:

@@ -593,16 +593,7 @@ def test_a_pruned_layer_in_the_frozen_prefix_is_cached():
     # recomputes the layer's weight: it counted as a user's hook and nothing was cached
     model = chain_model()
     nn.utils.prune.l1_unstructured(model[0], "weight", amount=0.5)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    freezer = SmartFreezer(model, opt, policy=StaticFreeze(2, 1), example_inputs=X[:2], total_steps=100)
-    cache = ActivationCache(freezer, num_samples=N, deterministic=True)
-    run = cache.wrap()
-    for step in range(4):
-        ids = torch.arange(8) + 8 * (step % 2)
-        nn.functional.cross_entropy(run(X[ids], ids), Y[ids]).backward()
-        opt.step()
-        opt.zero_grad()
-        freezer.step()
+    _, cache, _ = train(model, dict(deterministic=True))
     assert cache.active and cache.boundary >= 1 and cache.stats["hits"] > 0, cache.describe()
 
 

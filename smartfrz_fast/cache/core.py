@@ -598,7 +598,8 @@ class ActivationCache:
     def _prefix_output(self, inputs: Inputs, ids: Tensor) -> Optional[Tensor]:
         store = self._store
         slots = store.lookup(ids) if store is not None else torch.full_like(ids, -1)
-        in_sums = _input_sums(inputs, ids.numel(), self._read_leaves(inputs, ids.numel()))
+        leaves, spec = tree_flatten((inputs.args, inputs.kwargs))  # once per step, for both uses
+        in_sums = _input_sums(leaves, ids.numel(), self._read_leaves(inputs, spec, ids.numel()))
         changed, old_rows = ids.new_empty(0), None
         if store is not None:
             slots, changed, old_rows = self._forget_changed_inputs(ids, slots, in_sums)
@@ -735,7 +736,8 @@ class ActivationCache:
         changed = [i for i, m in zip(written, moved.tolist()) if m]  # one host read for all of them
         if not changed:
             return
-        names = {id(t): n for n, t in list(self.freezer.module.named_parameters()) + list(self.freezer.module.named_buffers())}
+        module = self.freezer.module
+        names = {id(t): n for n, t in [*module.named_parameters(), *module.named_buffers()]}
         what = ", ".join(names.get(id(tensors[i]), "?") for i in changed[:3]) + (" ..." if len(changed) > 3 else "")
         self.stats["weights_changed"] += 1
         self._store = None
@@ -755,7 +757,7 @@ class ActivationCache:
         if path is not None and os.path.exists(path) and self._owns(path):
             os.unlink(path)
 
-    def _read_leaves(self, inputs: Inputs, batch: int) -> Optional[List[bool]]:
+    def _read_leaves(self, inputs: Inputs, spec: Any, batch: int) -> Optional[List[bool]]:
         """Per input leaf (``tree_flatten`` order): whether the cached prefix, or the chain's
         blocks before its last, read it, so that the input checksum leaves out what they do not
         (labels passed to the model, per-sample loss weights: pseudo-labels renewed every epoch
@@ -765,8 +767,7 @@ class ActivationCache:
         count (fewer than two samples, a probe that failed, or no leaf found read). A leaf read
         in a way those samples do not show is left out, and its changes are then caught only by
         the audit, as before the checksum."""
-        spec = tree_flatten((inputs.args, inputs.kwargs))[1]
-        key = (id(self.chain), repr(spec), self.boundary)
+        key = (id(self.chain), spec, self.boundary)  # a TreeSpec compares by structure
         if self._leaf_reads[0] == key:
             return self._leaf_reads[1]
         before = self._leaf_reads[1] if self._leaf_reads[0] is not None and self._leaf_reads[0][:2] == key[:2] else None
@@ -1440,10 +1441,9 @@ def _same_tensor(a: Any, b: Any) -> bool:
     return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and torch.equal(a, b)
 
 
-def _input_sums(inputs: Inputs, batch: int, reads: Optional[List[bool]] = None) -> Tensor:
-    """A checksum of each sample's input (every tensor with the batch dimension; with ``reads``,
-    only the leaves it marks)."""
-    leaves = tree_flatten((inputs.args, inputs.kwargs))[0]
+def _input_sums(leaves: List[Any], batch: int, reads: Optional[List[bool]] = None) -> Tensor:
+    """A checksum of each sample's input, from the inputs' flattened ``leaves`` (every tensor
+    with the batch dimension; with ``reads``, only the leaves it marks)."""
     if reads is not None:
         leaves = [t for t, read in zip(leaves, reads) if read]
     return input_sums([t for t in leaves if isinstance(t, Tensor)], batch)
