@@ -310,9 +310,19 @@ def test_predict_non_finite_window_never_freezes(device, fresh_seed):
 
 
 def test_predict_scale_and_offset_are_normalised_away(device, fresh_seed):
-    """Per-snapshot standardisation in two passes: a large mean does not cancel the variance."""
+    """Per-snapshot standardisation in two passes: a large mean does not cancel the variance.
+
+    The invariance is exact only where a snapshot's variance is far above NORM_EPS (1e-8): a unit
+    of two nearly equal weights (variance 1e-7) moved by 2.8e-4 when scaled by 1000, in the
+    float64 reference as in the kernel. So draws with such a snapshot are drawn again.
+    """
     g = torch.Generator().manual_seed(fresh_seed)
-    history, cursor, rows, valid, weights = random_predict_case(CONFIGS[0], device, g)
+    while True:
+        history, cursor, rows, valid, weights = random_predict_case(CONFIGS[0], device, g)
+        _, _, var = reference.window_moments(history.cpu(), valid.cpu())
+        # a single valid weight normalises to exactly 0 at any scale
+        if bool(((var >= 1e-2) | (valid.cpu() == 1)[:, None, None]).all()):
+            break
     prob, _ = tk.predict(history, cursor, rows, valid, weights, 0.5)
     shifted, _ = check_predict([history * 1000 + 7, cursor, rows, valid, weights], 0.5, fresh_seed)
     torch.testing.assert_close(shifted, prob, rtol=1e-4, atol=1e-5)
