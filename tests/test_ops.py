@@ -134,7 +134,12 @@ def test_predict_query_is_the_newest_snapshot(fresh_seed):
 
 
 def test_predict_normalisation_hides_weight_scale():
-    history, valid, predictor = random_predict_inputs()
+    # exact only where a snapshot's variance is far above NORM_EPS: a snapshot of two nearly
+    # equal weights is not scale-free (1 draw in 3000 moved by 3.6e-5), so such draws are redrawn
+    while True:
+        history, valid, predictor = random_predict_inputs()
+        if bool((reference.window_moments(history, valid)[2] >= 1e-2).all()):
+            break
     rows = torch.arange(5)
     w = predictor.flat_weights()
     prob, _ = ops.predict(history, torch.tensor(0), rows, valid, w, 0.5)
