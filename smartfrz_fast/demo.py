@@ -35,7 +35,7 @@ from .data import load_digits_dataset
 # The policy the demo uses when --policy is not given: SmartFRZ with the shipped predictor
 # (measured on this demo: -0.2 points, 35 % of the training FLOPs saved; FreezeOut -0.05 / 17 %).
 DEFAULT_POLICY = "smartfrz"
-POLICIES = ("smartfrz", "freezeout", "autofreeze", "linear", "static")
+POLICIES = ("smartfrz", "freezeout", "autofreeze", "linear", "egeria", "static")
 
 # (out_channels, stride) of each conv-BN-ReLU block: 8 freezable conv units plus the linear head.
 # Early blocks run at full resolution, so their backward pass is a real share of a step.
@@ -89,9 +89,10 @@ class RunResult:
     cache: object = None  # the ActivationCache of a --cache run
 
 
-def build_policy(name: str, total_steps: int, num_freezable: int):
-    """The demo's settings of each policy (num_freezable: units the engine may freeze)."""
-    from .policy import AutoFreeze, FreezeOut, LinearFreeze, StaticFreeze
+def build_policy(name: str, total_steps: int, num_freezable: int, model: nn.Module, probe: torch.Tensor):
+    """The demo's settings of each policy (num_freezable: units the engine may freeze; model and
+    a fixed batch of training inputs for Egeria, which watches the units' activations on it)."""
+    from .policy import AutoFreeze, Egeria, FreezeOut, LinearFreeze, StaticFreeze
 
     if name == "freezeout":
         # Brock et al.'s recommended setting for the cubic schedule: t0 = 0.8, so the first unit
@@ -102,6 +103,8 @@ def build_policy(name: str, total_steps: int, num_freezable: int):
     if name == "linear":
         # Composer's defaults: start freezing at half of training, reach all but the head.
         return LinearFreeze(freeze_start=0.5, freeze_level=1.0)
+    if name == "egeria":
+        return Egeria(model, probe)  # the paper's knobs at their defaults, as in the lab's table
     if name == "static":
         # Freeze the first half of the freezable units once half of training is done.
         return StaticFreeze(num_units=max(1, num_freezable // 2), at_step=max(1, total_steps // 2))
@@ -177,7 +180,7 @@ def train(
         from .engine import SmartFreezer
 
         num_units = sum(1 for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
-        policy = build_policy(policy_name, total_steps, num_units - 1)
+        policy = build_policy(policy_name, total_steps, num_units - 1, model, x_train[:batch_size])
         freezer = SmartFreezer(
             model, optimizer, policy=policy, example_inputs=(x_train[:batch_size],),
             total_steps=total_steps, keep_trainable=1,
@@ -267,7 +270,7 @@ def _preflight(policy_name: str, make_model, init_state, x: torch.Tensor, total_
     model.load_state_dict(init_state)
     num_units = sum(1 for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
     try:
-        policy = build_policy(policy_name, total_steps, num_units - 1)
+        policy = build_policy(policy_name, total_steps, num_units - 1, model, x)
         SmartFreezer(model, _make_optimizer(model, lr), policy=policy, example_inputs=(x,),
                      total_steps=total_steps, keep_trainable=1).close()
     except Exception as exc:  # noqa: BLE001 - reported to the user, demo exits with code 2

@@ -47,7 +47,7 @@ def test_quick_demo_reports_accuracy_time_and_timeline(capsys):
     assert steps == sorted(steps)
 
 
-@pytest.mark.parametrize("policy", ["linear", "static", "autofreeze"])
+@pytest.mark.parametrize("policy", [p for p in demo.POLICIES if p != demo.DEFAULT_POLICY])
 def test_quick_demo_other_policies(capsys, policy):
     code, out = _run_quick(capsys, "--policy", policy)
     assert code == 0
@@ -70,7 +70,7 @@ def test_quick_demo_with_the_activation_cache(capsys):
 
 
 def test_smartfrz_without_weights_exits_with_code_2(capsys, monkeypatch):
-    def unavailable(name, total_steps, num_freezable):
+    def unavailable(name, total_steps, num_freezable, model, probe):
         if name == "smartfrz":
             raise FileNotFoundError("no trained SmartFRZ predictor weights are installed")
         raise AssertionError(name)
