@@ -89,9 +89,10 @@ class RunResult:
     cache: object = None  # the ActivationCache of a --cache run
 
 
-def build_policy(name: str, total_steps: int, num_freezable: int, model: nn.Module, probe: torch.Tensor):
-    """The demo's settings of each policy (num_freezable: units the engine may freeze; model and
-    a fixed batch of training inputs for Egeria, which watches the units' activations on it)."""
+def build_policy(name: str, total_steps: int, num_freezable: int, model: Optional[nn.Module] = None,
+                 probe: Optional[torch.Tensor] = None):
+    """The demo's settings of each policy (num_freezable: units the engine may freeze; Egeria
+    needs the model and a fixed batch of training inputs: it watches the units' outputs on it)."""
     from .policy import AutoFreeze, Egeria, FreezeOut, LinearFreeze, StaticFreeze
 
     if name == "freezeout":
@@ -104,6 +105,8 @@ def build_policy(name: str, total_steps: int, num_freezable: int, model: nn.Modu
         # Composer's defaults: start freezing at half of training, reach all but the head.
         return LinearFreeze(freeze_start=0.5, freeze_level=1.0)
     if name == "egeria":
+        if model is None or probe is None:
+            raise ValueError("the egeria policy needs the model and a batch of training inputs (model=, probe=)")
         return Egeria(model, probe)  # the paper's knobs at their defaults, as in the lab's table
     if name == "static":
         # Freeze the first half of the freezable units once half of training is done.
