@@ -55,7 +55,8 @@ SHARED_PARAMETER_MODES = ("train", "freeze")
 
 @dataclass
 class Unit:
-    """A freezable unit: one parameter-owning layer plus the norm layers that follow it."""
+    """A freezable unit: one parameter-owning layer plus the norm layers that follow it (and any
+    parameter another module first reads inside its span)."""
 
     index: int
     module_names: List[str]
@@ -480,9 +481,20 @@ def discover_units(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[
     for module, _, calls in module_calls.values():
         if is_dropout_module(module):
             dropouts_of.setdefault(unit_at(max(calls[-1][0], calls[-1][1] - 1)), []).append(module)
+    # Each parameter joins the unit in whose span its first read lies. That is its layer's unit,
+    # except for one its module reads only after other layers ran (CLIP's `proj` and
+    # `logit_scale` on the module that also holds the class token, BEiT's `lambda_2` after the
+    # MLP, an nn.ParameterList of every layer's weight): it joins that later unit, so that it
+    # never freezes while layers read before it still train.
+    members: List[List[str]] = [[] for _ in groups]
+    late: List[List[str]] = [[] for _ in groups]
+    for index, group in enumerate(groups):
+        for name in (n for key in group for n in layer_params[key]):
+            at = unit_at(tracer.first_use(name))
+            (members if at == index else late)[at].append(name)
     units: List[Unit] = []
     for index, group in enumerate(groups):
-        names = [n for key in group for n in layer_params[key]]
+        names = members[index] + sorted(late[index], key=tracer.first_use)
         start = 0 if index == 0 else op_starts[index]
         end = op_starts[index + 1] if index + 1 < len(groups) else num_ops
         modules = [layer_owner[key][1] for key in group]

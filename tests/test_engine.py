@@ -411,3 +411,64 @@ def test_a_parametrized_layer_is_one_unit():
     assert [n for n, p in model.named_parameters() if not p.requires_grad] == [
         "0.bias", "0.parametrizations.weight.original0", "0.parametrizations.weight.original1"]
     freezer.close()
+
+
+class OneModuleReadsEarlyAndLate(nn.Module):
+    """OpenAI CLIP's vision tower: the model itself holds the class token and position table
+    (read first) and the output projection and temperature (read last)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, 16) * 0.1)
+        self.pos = nn.Parameter(torch.randn(1, 5, 16) * 0.1)
+        self.embed = nn.Linear(8, 16)
+        self.blocks = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+        self.proj = nn.Parameter(torch.randn(16, 4) * 0.1)
+        self.logit_scale = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x):
+        h = torch.cat([self.cls.expand(len(x), -1, -1), self.embed(x)], 1) + self.pos
+        return (self.blocks(h)[:, 0] @ self.proj) * self.logit_scale.exp()
+
+
+class WeightsInAParameterList(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ws = nn.ParameterList([nn.Parameter(torch.randn(8, 8) * 0.3) for _ in range(3)])
+        self.bs = nn.ParameterDict({f"b{i}": nn.Parameter(torch.zeros(8)) for i in range(3)})
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        for i in range(3):
+            x = torch.relu(x @ self.ws[i] + self.bs[f"b{i}"])
+        return self.head(x)
+
+
+@pytest.mark.parametrize("mode", ["train", "freeze"])
+def test_a_parameter_read_after_other_layers_freezes_only_with_them(mode):
+    # a parameter went to its module's unit wherever it was read: freezing the class token froze
+    # CLIP's output projection while the blocks before it trained, and `keep_trainable` did not
+    # protect it; one ParameterList froze every layer's weight with the first
+    torch.manual_seed(0)
+    model = OneModuleReadsEarlyAndLate()
+    x, y = torch.randn(12, 4, 8), torch.randint(0, 4, (12,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=10**6), example_inputs=x, shared_parameters=mode)
+    assert [u.param_names for u in freezer.units] == [
+        ["cls"], ["embed.weight", "embed.bias", "pos"], ["blocks.0.weight", "blocks.0.bias"],
+        ["blocks.2.weight", "blocks.2.bias", "proj", "logit_scale"]]  # pos is read after embed runs
+    freezer.freeze_to(freezer.plan.largest_allowed_cut(len(freezer.units) - 1))  # keep_trainable=1
+    assert model.proj.requires_grad and model.logit_scale.requires_grad
+    before = model.proj.detach().clone()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert not torch.equal(before, model.proj)
+    freezer.close()
+
+    model = WeightsInAParameterList()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=10**6), example_inputs=torch.randn(3, 8),
+                           shared_parameters=mode)
+    freezer.freeze_to(1)
+    assert [n for n, p in model.named_parameters() if not p.requires_grad] == ["ws.0"]
+    freezer.close()
