@@ -151,6 +151,7 @@ class ActivationCache:
         self.user_blocks = blocks
         self.tier = storage
         self.pinned_read = pinned_read
+        self._exact = dtype is None  # the default: rows as exact as the activations
         if dtype is None:  # exact: float32 rows would round a float64 model's activations
             dtype = "fp64" if any(p.dtype == torch.float64 for p in freezer.model.parameters()) else "fp32"
         self.storage_dtype = storage_dtype(dtype)
@@ -172,6 +173,7 @@ class ActivationCache:
         self._setup_done = False
         self._input_sig = None
         self._act = None  # (dtype, device) of the prefix output
+        self._act_format = torch.contiguous_format  # its memory layout (a channels_last CNN's rows too)
         # the autocast mode the rows were computed in ("off" or its dtype); None: no rows yet
         self._rows_autocast: Optional[str] = None
         self._seen = 0
@@ -188,8 +190,8 @@ class ActivationCache:
         self._outside: Tuple[Optional[BlockChain], list] = (None, [])  # (chain, modules it does not call)
         self._structure_hooks: list = []
         # the cached prefix's parameters and buffers as its rows were made: (store, tensors, their
-        # versions, their checksums); see _prefix_weights_unchanged
-        self._prefix_state: Tuple[Any, List[Tensor], List[int], List[Tensor]] = (None, [], [], [])
+        # (version, dtype), their checksums); see _prefix_weights_unchanged
+        self._prefix_state: Tuple[Any, List[Tensor], List[Tuple[int, torch.dtype]], List[Tensor]] = (None, [], [], [])
         self._leaf_reads: Tuple[Any, Optional[List[bool]]] = (None, None)  # see _read_leaves
         freezer.add_freeze_listener(self._on_freeze)
 
@@ -621,7 +623,7 @@ class ActivationCache:
                 return None
         if hit.numel():
             self._sides.compare(ids[hit], {n: v[hit.to(v.device)] for n, v in side.items()})
-            loaded = self._store.read(slots[hit], *self._act)
+            loaded = self._store.read(slots[hit], *self._act).contiguous(memory_format=self._act_format)
             if not self._audit(inputs, ids, hit, loaded):
                 return None
             parts.append((hit, loaded))
@@ -634,6 +636,10 @@ class ActivationCache:
         if len(parts) == 1:
             return parts[0][1]
         first = parts[0][1]
+        if first.dtype != parts[1][1].dtype:  # never expected: the weights' dtypes are watched
+            self._disable(f"the frozen prefix gave {first.dtype} for new samples, and its cached rows are "
+                          f"{parts[1][1].dtype}; the whole model runs")
+            return None
         out = first.new_empty((ids.numel(), *first.shape[1:]))
         for index, values in parts:
             out[index.to(out.device)] = values
@@ -714,7 +720,8 @@ class ActivationCache:
                 if id(t) not in seen:
                     seen.add(id(t))
                     tensors.append(t)
-        self._prefix_state = (store, tensors, [t._version for t in tensors], [tensor_sum(t) for t in tensors])
+        self._prefix_state = (store, tensors, [(t._version, t.dtype) for t in tensors],
+                              [tensor_sum(t) for t in tensors])
 
     def _prefix_weights_unchanged(self) -> None:
         """Drop every cached row if a parameter or buffer of the cached prefix was written in
@@ -725,15 +732,19 @@ class ActivationCache:
         store, tensors, versions, sums = self._prefix_state
         if store is None or store is not self._store:
             return
-        written = [i for i, t in enumerate(tensors) if t._version != versions[i]]
+        written = [i for i, t in enumerate(tensors) if (t._version, t.dtype) != versions[i]]
         if not written:
             return
+        # a cast (model.bfloat16() sets .data: no version bump) changed the values' precision
+        changed = [i for i in written if tensors[i].dtype != versions[i][1]]
+        written = [i for i in written if i not in changed]
         for i in written:
-            versions[i] = tensors[i]._version
-        now = [tensor_sum(tensors[i]) for i in written]
-        device = now[0].device
-        moved = (torch.stack([x.to(device) for x in now]) != torch.stack([sums[i].to(device) for i in written]))
-        changed = [i for i, m in zip(written, moved.tolist()) if m]  # one host read for all of them
+            versions[i] = (tensors[i]._version, tensors[i].dtype)
+        if written:
+            now = [tensor_sum(tensors[i]) for i in written]
+            device = now[0].device
+            moved = (torch.stack([x.to(device) for x in now]) != torch.stack([sums[i].to(device) for i in written]))
+            changed += [i for i, m in zip(written, moved.tolist()) if m]  # one host read for all of them
         if not changed:
             return
         module = self.freezer.module
@@ -746,7 +757,8 @@ class ActivationCache:
         self._sides = SideInputs(self.num_samples)
         self._prefix_state = (None, [], [], [])
         warnings.warn(f"ActivationCache: {what} of the cached frozen prefix changed in place since its rows were "
-                      "computed (model.load_state_dict, weights copied in, a copy_): every cached row is dropped "
+                      "computed (model.load_state_dict, weights copied in, a copy_, a cast such as "
+                      "model.bfloat16()): every cached row is dropped "
                       "and computed again from the values now (counted in stats['weights_changed']).", stacklevel=4)
 
     def _discard_store(self, store: Storage) -> None:
@@ -813,9 +825,28 @@ class ActivationCache:
         if not isinstance(h, Tensor) or h.dim() == 0:
             self._disable(f"the prefix output ({type(h).__name__}) is not one tensor with a batch dimension")
             return None
-        if self._act is None:
-            self._act = (h.dtype, h.device)
+        if self._store is None:  # this cut's first rows: kept and served in its output's dtype and layout
+            why = self._unstorable(h)
+            if why is not None:
+                self._disable(why)
+                return None
+            self._note_activation(h)
         return h
+
+    def _note_activation(self, h: Tensor) -> None:
+        self._act = (h.dtype, h.device)
+        channels_last = h.dim() == 4 and not h.is_contiguous() and h.is_contiguous(memory_format=torch.channels_last)
+        self._act_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def _unstorable(self, h: Tensor) -> Optional[str]:
+        """Why the rows of a prefix output ``h`` cannot be stored as this cache stores them, or None."""
+        if not h.is_floating_point():  # complex, integer and bool outputs
+            return (f"the frozen prefix's output is {h.dtype}, and the cache stores floating-point rows: an integer "
+                    "would be rounded, a complex value would lose its imaginary part")
+        if self._exact and h.dtype == torch.float64 and self.storage_dtype != torch.float64:
+            return ("the frozen prefix's output is float64, and the model's parameters are not: pass dtype='fp64' "
+                    "to store its rows exactly")
+        return None
 
     def _side_inputs(self, inputs: Inputs, batch: int) -> Dict[str, Tensor]:
         """The step's per-sample inputs that the chain's layers read besides the activation."""
@@ -1051,7 +1082,11 @@ class ActivationCache:
                 with self._eval_mode(old, self.boundary), torch.no_grad(), self._rows_precision():
                     h = self.chain.run(run, old, self.boundary, h=h)
                 if self._store is None:
-                    self._act = (h.dtype, h.device)
+                    why = self._unstorable(h)
+                    if why is not None:
+                        self._disable(why)
+                        return
+                    self._note_activation(h)
                     with self._storage_faults(f"moving the cached rows to {self.boundary} blocks"):
                         self._store = self._make_store(tuple(h.shape[1:]), self.path, reuse=False, commit=False)
                     if not self.enabled:
