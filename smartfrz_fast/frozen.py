@@ -29,6 +29,7 @@ calls pass no gradient, so they are never recomputed).
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, Callable, Dict, List
 
 import torch
@@ -121,6 +122,19 @@ def _detached_leaf(x: Any) -> Any:
     return x
 
 
+def _compiled_graphs_see_hooks() -> None:
+    """torch.compile reuses a graph traced before these hooks were placed unless its graphs guard
+    on module hooks, which they do not by default (``skip_nnmodule_hook_guards``): a shared
+    parameter's reads in the prefix went on passing it gradient (measured: 0.5 off, as if nothing
+    froze). Once dynamo is in use, turn those guards on and drop the graphs compiled without them
+    (once per process: later graphs recompile by themselves when the hooks change)."""
+    dynamo = sys.modules.get("torch._dynamo")
+    config = getattr(dynamo, "config", None)
+    if getattr(config, "skip_nnmodule_hook_guards", False):
+        config.skip_nnmodule_hook_guards = False
+        dynamo.reset()
+
+
 class FrozenRegion:
     """The hooks that keep the first ``cut`` units of ``plan`` a fixed function of their input."""
 
@@ -162,6 +176,7 @@ class FrozenRegion:
         if counted:
             self.handles.append(self.root.register_forward_pre_hook(engine_hook(self._enter_root)))
             self.handles.append(self.root.register_forward_hook(engine_hook(self._leave_root), always_call=True))
+            _compiled_graphs_see_hooks()
         return switched
 
     def _enter_root(self, module, args) -> None:
@@ -185,7 +200,7 @@ class FrozenRegion:
     def _enter_hook(self, traced_calls: int, eval_calls: int, detach_calls: int, shared: List[tuple]):
         def enter(module, args, kwargs):
             key = id(module)
-            if torch._C._current_graph_task_id() != -1:
+            if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
                 # activation checkpointing recomputes the call in the backward pass: only calls
                 # after the prefix are recomputed (the prefix's pass no gradient)
                 number = traced_calls

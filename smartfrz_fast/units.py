@@ -364,6 +364,19 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
+def uncached_autocast() -> Iterator[None]:
+    """Autocast without its cast cache meanwhile: with it, a layer called twice reads its
+    parameter once (the second call takes the cached low-precision copy), and a tracer would not
+    see the parameter shared (a freezer set up in an AMP loop froze such a layer whole)."""
+    enabled = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        yield
+    finally:
+        torch.set_autocast_cache_enabled(enabled)
+
+
+@contextmanager
 def compiled_modules_run_eagerly(model: nn.Module) -> Iterator[None]:
     """Modules compiled in place (``module.compile()``, as ``compile_blocks`` does) run their
     eager forward meanwhile. Run under a dispatch mode (the tracers here), a compiled block is
@@ -407,7 +420,7 @@ def trace_forward(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[s
     hooks = [m.register_forward_pre_hook(enter) for m in model.modules()]
     hooks += [m.register_forward_hook(leave, always_call=True) for m in model.modules()]
     try:
-        with preserved_state(model), torch.no_grad():
+        with preserved_state(model), torch.no_grad(), uncached_autocast():
             with compiled_modules_run_eagerly(model), tracer:
                 model(*args, **(kwargs or {}))
     except Exception as exc:  # the model's own error, plus what the engine was doing (3.11+)

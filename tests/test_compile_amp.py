@@ -455,3 +455,108 @@ def test_the_cache_runs_compiled_blocks_and_turns_off_for_a_whole_compiled_model
         assert not cache.active and "compile_blocks" in cache.reason
     for (name, p), q in zip(eager.state_dict().items(), model.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+class CalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.a(torch.relu(self.b(torch.relu(self.a(x)))))))
+
+
+def test_units_found_under_autocast_see_a_layer_called_twice():
+    # set up at the first forward of an AMP loop, the second call of `a` took autocast's cached
+    # bf16 copy of its weight, the tracer never saw it read again, and freezing unit 0 froze `a`
+    # whole: its call after `b` stopped training
+    torch.manual_seed(0)
+    model = CalledTwice()
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, policy=StaticFreeze(1, at_step=1), total_steps=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(4):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = nn.functional.cross_entropy(model(x).float(), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+            if step == 1:
+                after_freeze = model.a.weight.detach().clone()
+    assert freezer.num_frozen == 1 and sorted(s.name for s in freezer.plan.shared) == ["a.bias", "a.weight"]
+    assert model.a.weight.requires_grad and not torch.equal(after_freeze, model.a.weight)
+
+
+class TiedHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, WIDTH)
+        self.blocks = nn.Sequential(Block(), Block())
+        self.head = nn.Linear(WIDTH, 11, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.head(self.blocks(self.emb(tokens)))
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_a_model_compiled_before_a_freeze_detaches_the_shared_reads(fullgraph):
+    # the freeze of the embedding's unit (tied to the head, shared_parameters="train") placed
+    # hooks, and the graph compiled before it, which does not guard on hooks, kept running
+    # without them: the tied weight's gradient was that of a run where nothing froze (0.5 off);
+    # with fullgraph=True the hook's look at the autograd graph task crashed dynamo
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, 11, (4, 5), generator=g), torch.randint(0, 11, (4, 5), generator=g))
+               for _ in range(3)]
+
+    def grad_after_freeze(compiled):
+        torch.manual_seed(0)
+        model = TiedHead()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=1), example_inputs=batches[0][0])
+        forward = torch.compile(model, backend="eager", fullgraph=fullgraph) if compiled else model
+        for step, (x, y) in enumerate(batches):
+            nn.functional.cross_entropy(forward(x).flatten(0, 1), y.flatten()).backward()
+            if step == len(batches) - 1:
+                return model.emb.weight.grad.clone(), freezer
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=True):  # torch's default, restored after
+        torch._dynamo.reset()
+        eager, freezer = grad_after_freeze(False)
+        assert freezer.num_frozen == 1 and freezer.model.emb.weight.requires_grad
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled, _ = grad_after_freeze(True)
+        torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-6)
+
+
+def test_freezeout_with_a_compiled_optimizer_step_keeps_the_groups_flags():
+    # FreezeOut splits the groups per unit around each step; dynamo sets capturable=True on the
+    # groups it traces, and the split copied it back into the user's CPU Adam group, whose next
+    # step (after a freeze: a recompile) raised "If capturable=True, params and state_steps must
+    # be on supported devices"
+    from smartfrz_fast import FreezeOut
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    x, y = torch.randn(8, 6), torch.randint(0, 2, (8,))
+    freezer = SmartFreezer(model, opt, FreezeOut(), example_inputs=x, total_steps=8)
+    torch._dynamo.reset()
+    step = torch.compile(opt.step, backend="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(8):
+            nn.functional.cross_entropy(model(x), y).backward()
+            step()
+            opt.zero_grad()
+            freezer.step()
+    torch._dynamo.reset()
+    assert freezer.num_frozen >= 1 and opt.param_groups[0]["capturable"] is False

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..units import compiled_modules_run_eagerly, preserved_modes, preserved_state
+from ..units import compiled_modules_run_eagerly, preserved_modes, preserved_state, uncached_autocast
 
 SWAP = "module swap"  # the chain's ``how``: the model's own forward runs, every hook with it
 CHECK_SAMPLES = 4  # samples of the first batch that a cut is checked on
@@ -133,7 +133,7 @@ def record_calls(model: nn.Module, args: tuple, kwargs: dict, batch: int) -> Tup
         hooks.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         hooks.append(module.register_forward_hook(post, with_kwargs=True))
     try:
-        with preserved_modes(model.modules()), preserved_state(model), torch.no_grad(), \
+        with preserved_modes(model.modules()), preserved_state(model), torch.no_grad(), uncached_autocast(), \
                 compiled_modules_run_eagerly(model), counter:
             model.eval()
             output = model(*args, **kwargs)

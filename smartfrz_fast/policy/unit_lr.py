@@ -16,6 +16,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 _SPLIT_OWN = ("params", "lr")  # the keys a sub-group sets itself; the rest are the group's
+# flags torch.compile sets on the groups it traces while it compiles a step (capturable=True on
+# a CPU Adam group made its next step raise): never the step's own writes, not copied back
+_TRACING_FLAGS = ("capturable", "differentiable")
 
 
 class UnitLRScaler:
@@ -62,5 +65,5 @@ class UnitLRScaler:
         optimizer.param_groups[:] = own
         for sub, group in pairs:  # what the step itself wrote into a group (a few optimizers count there)
             for key, value in sub.items():
-                if key not in _SPLIT_OWN and group.get(key) is not value:
+                if key not in _SPLIT_OWN and key not in _TRACING_FLAGS and group.get(key) is not value:
                     group[key] = value
