@@ -388,3 +388,42 @@ def test_one_id_twice_in_a_batch_with_two_inputs_is_reported_once():
         warnings.simplefilter("error")
         wrapped(X[4:8], torch.tensor([5, 6, 7, 5]))  # once per run
         wrapped(torch.cat([X[8:9], X[8:9]]), torch.tensor([8, 8]))  # the same input twice: fine
+
+
+class LoRA(nn.Module):
+    def __init__(self, width=12, rank=2):
+        super().__init__()
+        self.base, self.a, self.b = nn.Linear(width, width), nn.Linear(width, rank, False), nn.Linear(rank, width, False)
+        nn.init.normal_(self.b.weight, std=0.1)
+        self.base.requires_grad_(False)  # the user's choice before the freezer: in no unit
+
+    def forward(self, x):
+        return torch.relu(self.base(x) + self.b(self.a(x)))
+
+
+def test_a_layer_the_user_lets_train_again_inside_the_cached_prefix_trains():
+    # a base weight frozen by the user before set-up and made trainable later (a second phase)
+    # never moved with the cache: the rows passed it no gradient, while without the cache it
+    # trained through the frozen units (as the freezer's own warning says)
+    torch.manual_seed(0)
+    model = nn.Sequential(LoRA(), LoRA(), LoRA(), nn.Linear(12, 3))
+    x, y = torch.randn(32, 12), torch.randint(0, 3, (32,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, policy=StaticFreeze(4, at_step=3), example_inputs=x[:8], total_steps=40)
+    cache = ActivationCache(freezer, num_samples=32, deterministic=True)
+    cached = cache.wrap()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(12):
+            ids = torch.arange((step % 4) * 8, (step % 4) * 8 + 8)
+            nn.functional.cross_entropy(cached(x[ids], ids), y[ids]).backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+            if step == 7:
+                assert cache.boundary > 0 and cache.stats["hits"] > 0  # block 0 was served from rows
+                model[0].base.requires_grad_(True)
+                before = model[0].base.weight.detach().clone()
+    assert not torch.equal(before, model[0].base.weight)
+    assert any("0.base.weight, inside the cached frozen prefix, trains now" in str(w.message) for w in caught)
+    assert cache.enabled and cache.boundary == 0, cache.describe()

@@ -193,6 +193,7 @@ class ActivationCache:
         # (version, dtype), their checksums); see _prefix_weights_unchanged
         self._prefix_state: Tuple[Any, List[Tensor], List[Tuple[int, torch.dtype]], List[Tensor]] = (None, [], [], [])
         self._leaf_reads: Tuple[Any, Optional[List[bool]]] = (None, None)  # see _read_leaves
+        self._unmanaged: Tuple[Any, List[Tuple[str, Tensor]]] = (None, [])  # see _unmanaged_in_prefix
         freezer.add_freeze_listener(self._on_freeze)
 
     # ------------------------------------------------------------------ public
@@ -455,6 +456,11 @@ class ActivationCache:
                           "model.train() again, so rows made in eval mode no longer match it; the whole model runs")
         if self._structure_changed:
             self._rederive()
+        elif self.boundary and any(p.requires_grad for _, p in self._unmanaged_in_prefix()):
+            name = next(n for n, p in self._unmanaged_in_prefix() if p.requires_grad)
+            self._rederive(f"{name}, inside the cached frozen prefix, trains now (it had requires_grad=False when "
+                           "the freezer was built, so it is in no unit): cached rows would pass it no gradient, "
+                           "and the cache now cuts before it")
         elif self.chain is not None and RemovableHandle.next_id != self._handles_seen:
             # a hook was registered somewhere since the last look (one counter read per step)
             self._handles_seen = RemovableHandle.next_id
@@ -506,6 +512,18 @@ class ActivationCache:
         except UntracedCall as exc:  # raised before any trainable module ran: nothing to undo
             self._disable(str(exc))
             return model(*inputs.args, **inputs.kwargs)
+
+    def _unmanaged_in_prefix(self) -> List[Tuple[str, Tensor]]:
+        """The cached blocks' parameters that are in no unit (the user froze them before the
+        freezer was built, LoRA's base weights): the user may let them train again, and rows would
+        then cut them off from their gradient. Per step: one flag read each (usually none)."""
+        key = (id(self.chain), self.boundary)
+        if self._unmanaged[0] != key:
+            managed = {id(p) for unit in self.freezer.units for p in unit.parameters}
+            names = {id(p): n for n, p in self.freezer.module.named_parameters()}
+            self._unmanaged = (key, [(names.get(id(p), "?"), p) for b in self.chain.blocks[:self.boundary]
+                                     for p in b.parameters() if id(p) not in managed])
+        return self._unmanaged[1]
 
     def _rows_need_grad(self) -> bool:
         """``split.rows_need_grad`` of the cached blocks, looked at again only when the cut
