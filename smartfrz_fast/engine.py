@@ -27,7 +27,7 @@ import warnings
 import weakref
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -60,6 +60,13 @@ class FreezeEvent:
     unit_names: Tuple[str, ...]  # the units newly frozen at this step
     frozen_param_fraction: float  # of the managed parameters
     frozen_flops_fraction: float  # of a training step's FLOPs (forward + backward), now skipped
+
+
+def _compiled_inner(model: nn.Module) -> nn.Module:
+    """The module inside a ``torch.compile(model)`` wrapper (an OptimizedModule), else ``model``
+    (named, not imported: importing dynamo is slow)."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module) else model
 
 
 def _as_optimizers(optimizer) -> List[torch.optim.Optimizer]:
@@ -255,7 +262,7 @@ class SmartFreezer:
         self.history = None
         self._pending: List[Tuple[int, Tensor, Optional[Any]]] = []  # (apply at step, host tensor, event)
         self._grad_sq: Optional[Tensor] = None
-        self._grad_observed = False  # an optimizer step filled _grad_sq since the last step()
+        self._stepped: Set[int] = set()  # ids of the optimizers that stepped since the last step()
         self._after_step_checks: List[Callable] = []  # optimizer post-step hooks, re-created optimizers too
         self._grad_index_cache: Dict[Any, Tensor] = {}
         self._hooks: List[Any] = []
@@ -277,7 +284,11 @@ class SmartFreezer:
         # Distributed: units live on the inner module; rank 0's decisions are broadcast.
         from . import distributed
 
-        self.module, self._dist_kind = distributed.unwrap(model)
+        # torch.compile(model) (outside or inside DDP): the units are the compiled model's own. A
+        # set-up traced through the compiled wrapper made dynamo skip the model's forward for the
+        # rest of the process (it ran eagerly, silently), and named every unit "_orig_mod.*"
+        self.module, self._dist_kind = distributed.unwrap(_compiled_inner(model))
+        self.module = _compiled_inner(self.module)
         if self._dist_kind == "fsdp2" and policy.name == "egeria":
             raise ValueError(
                 "SmartFreezer: Egeria does not run under FSDP2 yet: its int8 reference model copies the model's "
@@ -298,6 +309,12 @@ class SmartFreezer:
 
     # ------------------------------------------------------------------ set-up
     def _setup_on_first_forward(self, module, args, kwargs):
+        if torch.compiler.is_compiling():
+            # the first forward runs through torch.compile (dynamo is imported, then): find the units
+            # eagerly, outside its trace, or dynamo skips the model's forward for good (runs eagerly)
+            from torch._dynamo import disable
+
+            return disable(self._setup_on_first_forward)(module, args, kwargs)
         self._remove_first_forward_hook()
         if self._dist_kind == "fsdp2":
             from . import distributed
@@ -427,7 +444,7 @@ class SmartFreezer:
                 self._lr_unit_of_param[id(shared.parameter)] = shared.last_unit
 
     def _accumulate_grad_norms(self, optimizer, args, kwargs) -> None:
-        self._grad_observed = True
+        self._stepped.add(id(optimizer))
         params, units = [], []
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -447,6 +464,21 @@ class SmartFreezer:
             grads = [_normable(p.grad) for p in params]
             norms = torch._foreach_norm(grads)
             self._grad_sq.index_add_(0, index, torch.stack(norms).float().pow(2))
+
+    def _observed_grad_sq(self) -> Tensor:
+        """The step's squared gradient norm per unit, NaN for the units of an optimizer that did not
+        step (a GradScaler skipped it on inf gradients): no gradient observed is not a gradient of
+        norm 0. With several optimizers one may be skipped alone (an overflow in the backbone's)."""
+        skipped = [o for o in self.optimizers if id(o) not in self._stepped]
+        if not skipped:
+            return self._grad_sq
+        if len(skipped) == len(self.optimizers):
+            return torch.full_like(self._grad_sq, float("nan"))
+        unseen = {self._unit_of_param[id(p)] for o in skipped for g in o.param_groups for p in g["params"]
+                  if id(p) in self._unit_of_param}
+        mask = torch.zeros(len(self._grad_sq), dtype=torch.bool)
+        mask[sorted(unseen)] = True
+        return self._grad_sq.masked_fill(mask.to(self._grad_sq.device), float("nan"))
 
     # ------------------------------------------------------------------ per step
     @property
@@ -488,12 +520,9 @@ class SmartFreezer:
             if self._grad_sq is not None:
                 if self._sync is not None and self._dist_kind == "fsdp2":
                     self._sync.all_reduce_sum(self._grad_sq)
-                # no optimizer step since the last step() (a GradScaler skipped it on inf
-                # gradients): no gradient observed, which is not a gradient of norm 0
-                seen = self._grad_sq if self._grad_observed else torch.full_like(self._grad_sq, float("nan"))
-                self.policy.observe_gradients(step - 1, seen)
+                self.policy.observe_gradients(step - 1, self._observed_grad_sq())
                 self._grad_sq = torch.zeros_like(self._grad_sq)
-                self._grad_observed = False
+                self._stepped.clear()
             if self.num_frozen < self.max_frozen:
                 decision = self._decide(step)
                 if decision is not None:

@@ -560,3 +560,44 @@ def test_freezeout_with_a_compiled_optimizer_step_keeps_the_groups_flags():
             freezer.step()
     torch._dynamo.reset()
     assert freezer.num_frozen >= 1 and opt.param_groups[0]["capturable"] is False
+
+
+@pytest.mark.parametrize("order", ["freezer_on_the_compiled_model", "compiled_after_a_lazy_freezer"])
+def test_a_set_up_through_a_compiled_model_leaves_it_compiled(order):
+    # the units were found by a forward through the compiled wrapper (or inside its first
+    # compiled call): dynamo then skipped the model's forward for the rest of the process (it
+    # ran eagerly, silently, and so did later compiles of the class), and the units were named
+    # "_orig_mod.*", so the state did not load on the same model uncompiled
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    class Small(nn.Module):  # a class of this test's own: its compiled code is this test's
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.Sequential(Block(), Block())
+
+        def forward(self, x):
+            return self.blocks(x)
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Small()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, WIDTH)
+    if order == "freezer_on_the_compiled_model":
+        compiled = torch.compile(model, backend="eager")
+        freezer = SmartFreezer(compiled, opt, StaticFreeze(1, at_step=10**6), example_inputs=x)
+    else:
+        freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=10**6))
+        compiled = torch.compile(model, backend="eager")
+    for _ in range(2):
+        compiled(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+    assert len(_debug_get_cache_entry_list(Small.forward)) == 1
+    assert freezer.units[0].name == "blocks.0.fc1+blocks.0.ln"
+    other = Small()
+    plain = SmartFreezer(other, torch.optim.SGD(other.parameters(), lr=0.1), StaticFreeze(1, at_step=10**6),
+                         example_inputs=x)
+    plain.load_state_dict(freezer.state_dict())
+    torch._dynamo.reset()

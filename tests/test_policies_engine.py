@@ -195,6 +195,31 @@ def test_autofreeze_leaves_out_steps_a_gradscaler_skipped():
     assert policy.state_dict()["counted"].tolist() == [5.0] * len(freezer.units)
 
 
+def test_autofreeze_leaves_out_a_step_one_of_two_optimizers_skipped():
+    # one GradScaler, two optimizers, an overflow in the first one's gradients only: the scaler
+    # skips that optimizer alone, and its units' step was counted as a gradient of norm 0
+    model = make_model()
+    first, rest = list(model.parameters())[:2], list(model.parameters())[2:]
+    optimizers = [torch.optim.SGD(first, lr=LR), torch.optim.SGD(rest, lr=LR)]
+    policy = AutoFreeze(interval=10)
+    freezer = SmartFreezer(model, optimizers, policy=policy, example_inputs=(data(0)[0],), total_steps=100)
+    scaler = torch.amp.GradScaler("cpu")
+    for step in range(3):
+        x, y = data(step)
+        scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+        if step == 1:
+            first[0].grad[0, 0] = float("inf")
+        for optimizer in optimizers:
+            scaler.step(optimizer)
+        scaler.update()
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        freezer.step()
+    unit_of_first = {freezer._unit_of_param[id(p)] for p in first}
+    counted = policy.state_dict()["counted"].tolist()
+    assert counted == [2.0 if u in unit_of_first else 3.0 for u in range(len(freezer.units))], counted
+
+
 class TiedLM(nn.Module):
     def __init__(self):
         super().__init__()
