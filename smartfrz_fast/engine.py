@@ -1105,6 +1105,12 @@ class SmartFreezer:
         else:
             i = next(i for i, (a, b) in enumerate(zip(saved, mine)) if a != b)
             detail = f"unit {i} was {saved[i]}, is now {mine[i]}"
+        if sorted(p for _, ps in saved for p in ps) == sorted(p for _, ps in mine for p in ps):
+            raise ValueError(
+                f"this SmartFreezer checkpoint holds this model's parameters, grouped into other units ({detail}): "
+                "it was saved by an older smartfrz_fast, whose units put a parameter that its module reads after "
+                "other layers (BEiT's lambda_2, Mamba's D) with its module's first read. Start the freezer fresh "
+                "(the model's and optimizer's states still load), or resume with the version that saved it.")
         raise ValueError(
             f"this SmartFreezer checkpoint belongs to a different model ({detail}). Resume with "
             "the model the checkpoint was saved from, or start the freezer fresh."

@@ -126,12 +126,16 @@ def _compiled_graphs_see_hooks() -> None:
     """torch.compile reuses a graph traced before these hooks were placed unless its graphs guard
     on module hooks, which they do not by default (``skip_nnmodule_hook_guards``): a shared
     parameter's reads in the prefix went on passing it gradient (measured: 0.5 off, as if nothing
-    froze). Once dynamo is in use, turn those guards on and drop the graphs compiled without them
-    (once per process: later graphs recompile by themselves when the hooks change)."""
+    froze). Turn those guards on (later graphs then recompile by themselves when the hooks
+    change), and if this process compiled a graph already, drop the graphs compiled without them:
+    once per process. torch.optim imports dynamo: being imported is no sign of a compile."""
     dynamo = sys.modules.get("torch._dynamo")
     config = getattr(dynamo, "config", None)
-    if getattr(config, "skip_nnmodule_hook_guards", False):
-        config.skip_nnmodule_hook_guards = False
+    if not getattr(config, "skip_nnmodule_hook_guards", False):
+        return
+    config.skip_nnmodule_hook_guards = False
+    counters = getattr(getattr(dynamo, "utils", None), "counters", None)
+    if counters is None or counters["stats"]["unique_graphs"]:
         dynamo.reset()
 
 
@@ -164,7 +168,8 @@ class FrozenRegion:
                 switched.append(module)
             if not mode_blind(module):
                 self.handles.append(module.register_forward_pre_hook(_force_eval))
-        counted = {id(m): n for m, n in partly.items()}  # id(module) -> leading calls in eval
+        # id(module) -> leading calls in eval (a module that never reads its mode needs no hook)
+        counted = {id(m): n for m, n in partly.items() if not mode_blind(m)}
         for key in detach:
             counted.setdefault(key, 0)
         shared = self._shared_reads(cut, detach)

@@ -55,8 +55,8 @@ SHARED_PARAMETER_MODES = ("train", "freeze")
 
 @dataclass
 class Unit:
-    """A freezable unit: one parameter-owning layer plus the norm layers that follow it (and any
-    parameter another module first reads inside its span)."""
+    """A freezable unit: one parameter-owning layer plus the norm layers that follow it, and any
+    parameter first read inside its span whose module began earlier (BEiT's ``lambda_2``)."""
 
     index: int
     module_names: List[str]
@@ -504,6 +504,8 @@ def discover_units(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[
     for index, group in enumerate(groups):
         for name in (n for key in group for n in layer_params[key]):
             at = unit_at(tracer.first_use(name))
+            if op_starts[at] == op_starts[index]:  # first read by the op that starts its own unit (a
+                at = index  # fused op reading two layers' weights, MHA's fast path): it stays
             (members if at == index else late)[at].append(name)
     units: List[Unit] = []
     for index, group in enumerate(groups):

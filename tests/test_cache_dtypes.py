@@ -152,14 +152,29 @@ class Float32Head(nn.Linear):
         return super().forward(x.float())
 
 
-@pytest.mark.parametrize("kind", ["int64", "complex", "float64"])
+class HashedCodes(nn.Module):
+    def forward(self, x):
+        return x.argmax(-1) * (2**25 + 1)
+
+
+class HashedEmbedding(nn.Embedding):
+    def forward(self, ids):
+        return super().forward(ids // (2**25 + 1))
+
+
+@pytest.mark.parametrize("kind", ["hashed_ids", "int_bf16", "complex", "float64"])
 def test_outputs_float_rows_cannot_hold_turn_the_cache_off(kind):
     # integer codes were rounded to other codes in bf16/fp8 rows (191 of 256) and above 2**24 in
     # the default float32 rows; complex rows lost their imaginary part; a float64 activation of a
     # float32 model was rounded to float32 by the "exact" default. The audit passed them all.
+    dtype = "bf16" if kind == "int_bf16" else None
+
     def make():
         torch.manual_seed(0)
-        if kind == "int64":
+        if kind == "hashed_ids":
+            return nn.Sequential(nn.Linear(16, 2000), HashedCodes(), HashedEmbedding(2000, 8), nn.Flatten(),
+                                 nn.Linear(32, 4))
+        if kind == "int_bf16":
             return nn.Sequential(nn.Linear(16, 2000), Codes(), nn.Embedding(2000, 8), nn.Flatten(), nn.Linear(32, 4))
         if kind == "complex":
             return nn.Sequential(nn.Linear(16, 16), Spectrum(), ComplexHead())
@@ -174,7 +189,7 @@ def test_outputs_float_rows_cannot_hold_turn_the_cache_off(kind):
         model = make()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         freezer = SmartFreezer(model, opt, policy=StaticFreeze(1, at_step=1), example_inputs=x[:8], total_steps=20)
-        cache = ActivationCache(freezer, num_samples=N, deterministic=True) if cached else None
+        cache = ActivationCache(freezer, num_samples=N, deterministic=True, dtype=dtype) if cached else None
         forward = cache.wrap() if cached else None
         for step in range(12):
             ids = torch.arange(N)[(step * 8) % N:(step * 8) % N + 8]
@@ -190,7 +205,8 @@ def test_outputs_float_rows_cannot_hold_turn_the_cache_off(kind):
         warnings.simplefilter("always")
         model, cache = train(True)
     assert not cache.enabled and cache.stats["hits"] == 0
-    expected = {"int64": "torch.int64", "complex": "torch.complex64", "float64": "dtype='fp64'"}[kind]
+    expected = {"hashed_ids": "dtype='fp64'", "int_bf16": "torch.int64", "complex": "torch.complex64",
+                "float64": "dtype='fp64'"}[kind]
     assert expected in cache.reason, cache.reason
     assert any(expected in str(w.message) for w in caught)
     for a, b in zip(plain.state_dict().values(), model.state_dict().values()):
@@ -216,23 +232,52 @@ def test_a_float64_activation_is_cached_with_fp64_rows():
 
 def test_channels_last_rows_are_served_channels_last():
     # rows came back in the default layout: the first trainable conv of a channels_last CNN ran
-    # on NCHW input, as it does not without the cache
+    # on NCHW input, as it does not without the cache (all-hit batches, and batches of hits and
+    # misses put together)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
     model = model.to(memory_format=torch.channels_last)
-    x = torch.randn(N, 3, 8, 8).to(memory_format=torch.channels_last)
+    x = torch.randn(N + 8, 3, 8, 8).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     freezer = SmartFreezer(model, opt, policy=StaticFreeze(1, at_step=1), example_inputs=x[:8], total_steps=20)
-    cache = ActivationCache(freezer, num_samples=N, deterministic=True)
+    cache = ActivationCache(freezer, num_samples=N + 8, deterministic=True)
     cached = cache.wrap()
     layouts = []
     model[2].register_forward_pre_hook(
         lambda m, a: layouts.append(a[0].is_contiguous(memory_format=torch.channels_last)))
-    for step in range(10):
-        ids = torch.arange(N)[(step * 8) % N:(step * 8) % N + 8]
+    batches = [torch.arange(N)[(step * 8) % N:(step * 8) % N + 8] for step in range(10)]
+    batches.append(torch.cat([torch.arange(4), torch.arange(N, N + 4)]))  # 4 hits, 4 samples not seen yet
+    for ids in batches:
         cached(x[ids], ids).sum().backward()
         opt.step()
         opt.zero_grad()
         freezer.step()
-    assert cache.stats["hits"] > 0 and all(layouts), layouts
+    assert cache.stats["hits"] > 0 and cache.stats["misses"] >= N + 4 and all(layouts), layouts
+
+
+def test_integer_codes_float32_rows_hold_are_cached_exactly():
+    # codes below 2**24 are exact in the default float32 rows: cached, trained bit for bit
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(N, 4, 16, generator=g), torch.randint(0, 4, (N,), generator=g)
+
+    def train(cached):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 2000), Codes(), nn.Embedding(2000, 8), nn.Flatten(), nn.Linear(32, 4))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        freezer = SmartFreezer(model, opt, policy=StaticFreeze(1, at_step=1), example_inputs=x[:8], total_steps=20)
+        cache = ActivationCache(freezer, num_samples=N, deterministic=True) if cached else None
+        forward = cache.wrap() if cached else None
+        for step in range(12):
+            ids = torch.arange(N)[(step * 8) % N:(step * 8) % N + 8]
+            nn.functional.cross_entropy(forward(x[ids], ids) if cached else model(x[ids]), y[ids]).backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+        return model, cache
+
+    plain, _ = train(False)
+    model, cache = train(True)
+    assert cache.active and cache.stats["hits"] > 0, cache.describe()
+    for a, b in zip(plain.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)

@@ -601,3 +601,34 @@ def test_a_set_up_through_a_compiled_model_leaves_it_compiled(order):
                          example_inputs=x)
     plain.load_state_dict(freezer.state_dict())
     torch._dynamo.reset()
+
+
+class ReluTwice(nn.Module):
+    """torchvision's BasicBlock calls its one ReLU twice: a mode-blind module partly in a prefix."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head, self.relu = nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, 2), nn.ReLU()
+
+    def forward(self, x):
+        return self.head(self.relu(self.fc2(self.relu(self.fc1(x)))))
+
+
+def test_the_hook_guards_change_only_for_hooks_that_matter_and_reset_only_after_a_compile(monkeypatch):
+    # torch.optim imports dynamo, so "imported" meant every plain run: a ReLU called twice made
+    # the freezer turn the hook guards on and reset dynamo, recompiling whatever else the process
+    # had compiled
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    monkeypatch.setitem(torch._dynamo.utils.counters["stats"], "unique_graphs", 0)  # nothing compiled yet
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=True):
+        model = ReluTwice()
+        freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1),
+                               example_inputs=torch.randn(2, WIDTH))
+        freezer.freeze_to(1)
+        assert torch._dynamo.config.skip_nnmodule_hook_guards and not resets
+        tied = TiedHead()
+        freezer = SmartFreezer(tied, torch.optim.SGD(tied.parameters(), lr=0.1), StaticFreeze(1),
+                               example_inputs=torch.randint(0, 11, (2, 5)))
+        freezer.freeze_to(1)  # detaches the tied weight's read in the prefix: the guards must see it
+        assert not torch._dynamo.config.skip_nnmodule_hook_guards and not resets

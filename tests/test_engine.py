@@ -472,3 +472,41 @@ def test_a_parameter_read_after_other_layers_freezes_only_with_them(mode):
     freezer.freeze_to(1)
     assert [n for n, p in model.named_parameters() if not p.requires_grad] == ["ws.0"]
     freezer.close()
+
+
+class AttentionFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.fc(self.mha(x, x, x, need_weights=False)[0].mean(1))
+
+
+def test_layers_first_read_by_one_fused_op_keep_their_units():
+    # in eval mode under no_grad (the set-up's pass) MultiheadAttention runs one fused op that
+    # reads in_proj and out_proj: every in_proj parameter went to out_proj's unit, unit 0 was
+    # left empty, and SmartFreezer raised IndexError
+    torch.manual_seed(0)
+    model = AttentionFirst().eval()
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1),
+                           example_inputs=torch.randn(2, 8, 16))
+    assert [u.param_names for u in freezer.units] == [
+        ["mha.in_proj_weight", "mha.in_proj_bias"], ["mha.out_proj.weight", "mha.out_proj.bias"],
+        ["fc.weight", "fc.bias"]]
+
+
+def test_a_checkpoint_with_the_units_grouped_otherwise_says_so():
+    # a state saved before a parameter read after other layers moved to the unit of that read
+    # was refused as "a different model"
+    model = OneModuleReadsEarlyAndLate()
+    x = torch.randn(3, 4, 8)
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1), example_inputs=x)
+    state = freezer.state_dict()
+    old = [list(unit) for unit in state["signature"]]
+    old[1][1] = old[1][1] + old[3][1][2:]  # proj and logit_scale with pos, as the model's own parameters
+    old[3][1] = old[3][1][:2]
+    state["signature"] = [tuple(unit) for unit in old]
+    with pytest.raises(ValueError, match="grouped into other units .* saved by an older smartfrz_fast"):
+        freezer.load_state_dict(state)

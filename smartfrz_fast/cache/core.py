@@ -658,7 +658,8 @@ class ActivationCache:
             self._disable(f"the frozen prefix gave {first.dtype} for new samples, and its cached rows are "
                           f"{parts[1][1].dtype}; the whole model runs")
             return None
-        out = first.new_empty((ids.numel(), *first.shape[1:]))
+        out = torch.empty((ids.numel(), *first.shape[1:]), dtype=first.dtype, device=first.device,
+                          memory_format=self._act_format)
         for index, values in parts:
             out[index.to(out.device)] = values
         return out
@@ -843,28 +844,42 @@ class ActivationCache:
         if not isinstance(h, Tensor) or h.dim() == 0:
             self._disable(f"the prefix output ({type(h).__name__}) is not one tensor with a batch dimension")
             return None
-        if self._store is None:  # this cut's first rows: kept and served in its output's dtype and layout
-            why = self._unstorable(h)
-            if why is not None:
-                self._disable(why)
-                return None
-            self._note_activation(h)
+        if self._store is None and not self._adopt_activation(h):  # this cut's first rows
+            return None
+        if not h.is_floating_point() and not self._holds_integers(h):
+            return None
         return h
 
-    def _note_activation(self, h: Tensor) -> None:
+    def _adopt_activation(self, h: Tensor) -> bool:
+        """A new store's rows are kept and served in ``h``'s dtype and layout; False (and the
+        cache off, saying why) where its rows cannot hold ``h`` exactly."""
+        if h.is_complex():
+            self._disable(f"the frozen prefix's output is {h.dtype}: rows are real, it would lose its imaginary part")
+            return False
+        if self._exact and h.dtype == torch.float64 and self.storage_dtype != torch.float64:
+            self._disable("the frozen prefix's output is float64, and the model's parameters are not: pass "
+                          "dtype='fp64' to store its rows exactly")
+            return False
+        if not h.is_floating_point() and self.storage_dtype not in (torch.float32, torch.float64):
+            self._disable(f"the frozen prefix's output is {h.dtype} (codes, ids), which {self.storage_dtype} rows "
+                          "round to other values: use the default (exact) dtype")
+            return False
         self._act = (h.dtype, h.device)
         channels_last = h.dim() == 4 and not h.is_contiguous() and h.is_contiguous(memory_format=torch.channels_last)
         self._act_format = torch.channels_last if channels_last else torch.contiguous_format
+        return True
 
-    def _unstorable(self, h: Tensor) -> Optional[str]:
-        """Why the rows of a prefix output ``h`` cannot be stored as this cache stores them, or None."""
-        if not h.is_floating_point():  # complex, integer and bool outputs
-            return (f"the frozen prefix's output is {h.dtype}, and the cache stores floating-point rows: an integer "
-                    "would be rounded, a complex value would lose its imaginary part")
-        if self._exact and h.dtype == torch.float64 and self.storage_dtype != torch.float64:
-            return ("the frozen prefix's output is float64, and the model's parameters are not: pass dtype='fp64' "
-                    "to store its rows exactly")
-        return None
+    def _holds_integers(self, h: Tensor) -> bool:
+        """Float rows hold integers (bool) exactly below 2**24 (fp32) or 2**53 (fp64): False, and the
+        cache off, for larger ones (hashed ids). One host read per stored integer batch."""
+        limit = 2 ** (53 if self.storage_dtype == torch.float64 else 24)
+        largest = int(h.abs().max()) if h.numel() and h.dtype != torch.bool else 0
+        if largest > limit:
+            hint = ": pass dtype='fp64'" if self.storage_dtype != torch.float64 else ""
+            self._disable(f"the frozen prefix's output holds integers up to {largest}, which {self.storage_dtype} "
+                          f"rows round (exact up to {limit}){hint}")
+            return False
+        return True
 
     def _side_inputs(self, inputs: Inputs, batch: int) -> Dict[str, Tensor]:
         """The step's per-sample inputs that the chain's layers read besides the activation."""
@@ -1099,12 +1114,11 @@ class ActivationCache:
                 run = Inputs((), self._sides.get(chunk)) if reads_side else Inputs(())
                 with self._eval_mode(old, self.boundary), torch.no_grad(), self._rows_precision():
                     h = self.chain.run(run, old, self.boundary, h=h)
+                if self._store is None and not self._adopt_activation(h):
+                    return
+                if not h.is_floating_point() and not self._holds_integers(h):
+                    return
                 if self._store is None:
-                    why = self._unstorable(h)
-                    if why is not None:
-                        self._disable(why)
-                        return
-                    self._note_activation(h)
                     with self._storage_faults(f"moving the cached rows to {self.boundary} blocks"):
                         self._store = self._make_store(tuple(h.shape[1:]), self.path, reuse=False, commit=False)
                     if not self.enabled:

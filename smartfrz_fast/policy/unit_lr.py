@@ -16,8 +16,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 _SPLIT_OWN = ("params", "lr")  # the keys a sub-group sets itself; the rest are the group's
-# flags torch.compile sets on the groups it traces while it compiles a step (capturable=True on
-# a CPU Adam group made its next step raise): never the step's own writes, not copied back
+# flags a step never writes itself, which torch.compile sets on the groups it traces
+# (capturable=True on a CPU Adam group made its next step raise): not copied back
 _TRACING_FLAGS = ("capturable", "differentiable")
 
 
