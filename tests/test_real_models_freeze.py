@@ -143,8 +143,8 @@ def test_half_the_units_freeze_and_the_prefix_is_fixed(name, mode, fresh_seed):
         frozen_outputs(freezer, model, inputs)
     finally:
         hook.remove()
-    # torch's mode-blind modules (Linear, Conv, activations) get their flag once, not per forward
-    held = {id(m) for m in always if not mode_blind(m)} | {id(m) for m in partly}
+    # torch's mode-blind modules (Linear, Conv, activations) get their flag once or not at all
+    held = {id(m) for m in [*always, *partly] if not mode_blind(m)}
     ran_in_eval = {key for key, training in ran.items() if not training}
     assert held & set(ran) <= ran_in_eval <= {id(m) for m in [*always, *partly]}
     assert units[half].modules[0].training
