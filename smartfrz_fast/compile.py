@@ -149,8 +149,12 @@ def check_grads_after_freeze(freezer: Any) -> None:
     def check(optimizer, args, kwargs) -> None:
         if not armed[0]:
             return
-        armed[0] = False
         trainable = [u for u in freezer.units[freezer.num_frozen:] if any(p.requires_grad for p in u.parameters)]
+        if trainable:
+            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            if not any(id(p) in held for p in trainable[0].parameters):
+                return  # another network's optimizer (a GAN's discriminator): wait for this unit's own
+        armed[0] = False
 
         def starved(unit) -> bool:  # zero_grad(set_to_none=False) leaves zeros, not None
             return all(p.grad is None or not bool(p.grad.any()) for p in unit.parameters if p.requires_grad)

@@ -310,3 +310,42 @@ def test_ddp_two_processes_with_the_activation_cache(tmp_path):
     for q in (q0, q1):  # (memory rows are not in the checkpoint: they refill, all misses in epoch 2)
         assert q["cache"]["boundary"] == 1 and q["cache"]["stored"] > 0, q["cache"]
         assert all(torch.equal(q["state"][k], r0["state"][k]) for k in r0["state"])
+
+
+def test_a_tokenizers_collator_batch_is_keyword_inputs(tmp_path):
+    # the Trainer's default collator with a tokenizer (DataCollatorWithPadding) returns a
+    # BatchEncoding, a mapping that is no dict: it went to the model as one positional input,
+    # and the set-up forward failed inside BERT with an empty AttributeError
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(45)}
+    vocab.update({"[PAD]": 45, "[UNK]": 46})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]")
+    ids = torch.randint(0, 45, (32, 8), generator=torch.Generator().manual_seed(1))
+    train = [dict(tokenizer(" ".join(f"w{int(t)}" for t in ids[i])), labels=int(ids[i, 0]) % 3) for i in range(32)]
+    trainer = Trainer(model=tiny_bert(), args=training_args(tmp_path, max_steps=6, save_strategy="no"),
+                      train_dataset=train, processing_class=tokenizer)
+    assert not isinstance(trainer.data_collator(train[:2]), dict)
+    callback = SmartFreezeCallback(StaticFreeze(3, at_step=2)).attach(trainer)
+    trainer.train()
+    assert callback.freezer.num_frozen == 3
+
+
+class ConfigReadingTrainer(Trainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        loss = torch.nn.functional.cross_entropy(outputs.logits.view(-1, model.config.num_labels), labels)
+        return (loss, outputs) if return_outputs else loss
+
+
+def test_a_custom_compute_loss_reads_the_models_attributes_with_the_cache(tmp_path):
+    # with the cache, compute_loss was given the callback's wrapper, which had no `config`
+    trainer = ConfigReadingTrainer(model=tiny_bert(), args=training_args(tmp_path, max_steps=8, save_strategy="no"),
+                                   train_dataset=dataset())
+    callback = SmartFreezeCallback(StaticFreeze(5, at_step=2), activation_cache={"deterministic": True}).attach(trainer)
+    trainer.train()
+    assert callback.freezer.num_frozen == 5 and callback.cache.stats["hits"] + callback.cache.stats["misses"] > 0

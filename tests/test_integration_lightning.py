@@ -359,3 +359,64 @@ def test_doc_example_runs(tmp_path):
                                 timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "resumed run matches: True" in result.stdout
+
+
+class LitGAN(L.LightningModule):
+    """Manual optimization, two optimizers; the discriminator steps first in each batch."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.automatic_optimization = False
+        self.G = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 12))
+        self.D = nn.Sequential(nn.Linear(12, 16), nn.LeakyReLU(0.2), nn.Linear(16, 16), nn.LeakyReLU(0.2),
+                               nn.Linear(16, 1))
+
+    def training_step(self, data, batch_idx):
+        x = data[0]
+        opt_g, opt_d = self.optimizers()
+        z = torch.randn(x.shape[0], 4)
+        opt_d.zero_grad()
+        self.manual_backward(nn.functional.softplus(-self.D(x)).mean()
+                             + nn.functional.softplus(self.D(self.G(z).detach())).mean())
+        opt_d.step()
+        opt_g.zero_grad()
+        self.manual_backward(nn.functional.softplus(-self.D(self.G(z))).mean())
+        opt_g.step()
+        opt_g.zero_grad()
+
+    def configure_optimizers(self):
+        return [torch.optim.Adam(self.G.parameters(), 1e-3), torch.optim.Adam(self.D.parameters(), 1e-3)]
+
+
+def test_a_gan_with_a_callback_per_network(tmp_path):
+    # two callbacks shared Lightning's default state_key and the Trainer refused them; the check
+    # after a freeze ran after the discriminator's step, saw the generator's cleared gradients
+    # and warned about reentrant checkpointing; manual optimization's step count went unsaid
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 12)), batch_size=8)
+    callbacks = [SmartFreezeCallback(StaticFreeze(1, at_step=3), submodule="G", example_inputs=torch.zeros(2, 4)),
+                 SmartFreezeCallback(StaticFreeze(1, at_step=5), submodule="D", example_inputs=torch.zeros(2, 12))]
+    model = LitGAN()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, callbacks, max_epochs=2, enable_checkpointing=False).fit(model, data)
+    messages = [str(w.message) for w in caught]
+    assert [c.freezer.num_frozen for c in callbacks] == [1, 1]
+    assert not model.G[0].weight.requires_grad and not model.D[0].weight.requires_grad
+    assert not [m for m in messages if "received no gradient" in m], messages
+    assert sum("under manual optimization" in m for m in messages) == 2
+
+
+class LitTrueBF16(LitCNN):
+    def __init__(self):
+        super().__init__()
+        self.example_input_array = batch(0)[0][:2]
+
+
+def test_true_bf16_precision_finds_the_units_on_bf16_inputs(tmp_path):
+    # precision="bf16-true" casts the module to bf16 and its batches too; the example input
+    # stayed float32 and the set-up forward failed ("mat1 and mat2 must have the same dtype")
+    callback = SmartFreezeCallback(StaticFreeze(2, at_step=3))
+    trainer(tmp_path, [callback], max_epochs=1, precision="bf16-true", enable_checkpointing=False).fit(
+        LitTrueBF16(), loader())
+    assert callback.freezer.num_frozen == 2

@@ -14,7 +14,8 @@ saved optimizer state expects them gone).
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from collections.abc import Mapping
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -38,20 +39,25 @@ def check_callback_args(policy: Any, freezer_kwargs: Dict[str, Any], activation_
 
 
 def split_example_inputs(example: Any) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
-    """``example_inputs`` as (positional, keyword) inputs: a dict is keyword inputs (what a
-    Hugging Face model takes), otherwise ``units.as_args``'s rule: a tuple is the positional
-    inputs, anything else one positional input."""
-    if isinstance(example, dict):
+    """``example_inputs`` as (positional, keyword) inputs: a mapping is keyword inputs (what a
+    Hugging Face model takes; its collators return a ``BatchEncoding``, a mapping that is no
+    dict), otherwise ``units.as_args``'s rule: a tuple is the positional inputs, anything else
+    one positional input."""
+    if isinstance(example, Mapping):
         return (), dict(example)
     return as_args(example), {}
 
 
-def move_to_device(obj: Any, device: torch.device) -> Any:
-    """Tensors inside nested tuples / lists / dicts moved to ``device`` (other leaves kept)."""
+def move_to_device(obj: Any, device: torch.device, float_dtype: Optional[torch.dtype] = None) -> Any:
+    """Tensors inside nested tuples / lists / mappings moved to ``device`` (other leaves kept),
+    floating-point ones cast to ``float_dtype`` if given (a model trained in bf16 throughout)."""
     if isinstance(obj, torch.Tensor):
+        if float_dtype is not None and obj.is_floating_point():
+            return obj.to(device, float_dtype)
         return obj.to(device)
-    if isinstance(obj, dict):
-        return {k: move_to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, Mapping):
+        return {k: move_to_device(v, device, float_dtype) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(move_to_device(v, device) for v in obj)
+        moved = [move_to_device(v, device, float_dtype) for v in obj]
+        return type(obj)(*moved) if hasattr(obj, "_fields") else type(obj)(moved)  # a namedtuple takes fields
     return obj

@@ -358,3 +358,12 @@ class _CachedCall(nn.Module):
 
     def _get_name(self) -> str:
         return self.accelerator.unwrap_model(self.cached.model)._get_name()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("cached", "accelerator"):  # not set yet
+                raise
+            # a custom compute_loss reads the model's own attributes (model.config, model.device)
+            return getattr(self.accelerator.unwrap_model(self.cached.model), name)

@@ -34,6 +34,7 @@ forward is all-reduced like any other.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, Optional
 
 from torch import nn
@@ -106,6 +107,12 @@ class SmartFreezeCallback(Callback):
         self._saved_cache_state: Optional[Dict[str, Any]] = None
         self._last_global_step = 0
 
+    @property
+    def state_key(self) -> str:
+        """One callback per submodule (a GAN's generator and discriminator), each with its own
+        state in the checkpoint; the whole module's keeps the class name (earlier checkpoints)."""
+        return super().state_key if self.submodule is None else self._generate_state_key(submodule=self.submodule)
+
     # ------------------------------------------------------------------ set-up
     def _target(self, pl_module: "pl.LightningModule") -> nn.Module:
         module: Any = pl_module
@@ -157,10 +164,21 @@ class SmartFreezeCallback(Callback):
         if total is None:
             estimated = trainer.estimated_stepping_batches
             total = int(estimated) if estimated != float("inf") else None
+            if total is not None and not pl_module.automatic_optimization:
+                # measured: hand accumulation over 2 batches, or two optimizers under max_steps, made
+                # 24 freezer steps of 48 counted: a LinearFreeze to the end froze 1 of 3 units
+                warnings.warn(
+                    f"SmartFreezeCallback: under manual optimization the freezer steps once per batch in which "
+                    f"an optimizer stepped, which Lightning's estimate ({total}) does not count (accumulation by "
+                    "hand, several optimizers per batch). Pass total_steps= (the number of such batches in the "
+                    "run) so that the policy's schedule fits the run.", stacklevel=2)
         model = self._target(pl_module)
         example = self._example(pl_module)
         args, kwargs = (None, None)
         if example is not None:
+            # as Lightning feeds its batches: precision="bf16-true" casts floating inputs to bf16
+            convert = getattr(getattr(trainer, "precision_plugin", None), "convert_input", None)
+            example = convert(example) if convert is not None else example
             args, kwargs = split_example_inputs(move_to_device(example, pl_module.device))
         if self._saved_state is not None and example is None:
             raise ValueError(
