@@ -84,7 +84,10 @@ class WeightHistory:
         self.sources: List[Tensor] = [p for unit in self.units for p in unit.parameters]
         bad = [(u.name, p.dtype) for u in self.units for p in u.parameters if p.dtype not in SAMPLEABLE_DTYPES]
         if bad:
-            raise ValueError(f"WeightHistory samples float parameters only; got {bad[:3]}")
+            raise ValueError(
+                f"the weight history (SmartFRZ's input) samples float parameters only; units hold {bad[:3]}. "
+                "Use a schedule policy for this model (FreezeOut, LinearFreeze, AutoFreeze), which freezes complex "
+                "and integer parameters too, or freeze those parameters yourself before building the freezer.")
         devices = {p.device for p in self.sources}
         if len(devices) != 1:
             raise ValueError(

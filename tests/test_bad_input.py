@@ -126,7 +126,7 @@ def test_complex_parameters_train_with_schedules_and_are_refused_by_the_history(
     freezer.step()
     assert freezer.num_frozen == 1 and not model.w.requires_grad
     model = Complex()
-    with pytest.raises(ValueError, match=r"samples float parameters only.*complex64"):
+    with pytest.raises(ValueError, match=r"samples float parameters only.*complex64.*Use a schedule policy"):
         SmartFreezer(model, sgd(model), SmartFRZ(weights=predictor_file(tmp_path / "p.pt")),
                      example_inputs=torch.randn(3, 4), window=4, sample_size=16)
 

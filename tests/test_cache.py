@@ -617,3 +617,27 @@ def test_hugging_faces_input_require_grads_hook_marks_the_served_rows():
         run(X[:4], torch.arange(4))
     assert cache.boundary == 8 and cache.stats["hits"] == 4, cache.describe()
     assert served[-2:] == [True, True]  # (before them, the set-up check of the chain, without grad)
+
+
+class KeywordModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = chain_model()
+
+    def forward(self, pixels, scale=1.0):
+        return self.body(pixels) * scale
+
+
+def test_a_dict_of_keyword_inputs_is_a_batch_as_in_example_inputs():
+    # `cached(batch_dict, ids)` (a Hugging Face batch, as example_inputs takes it) went into the
+    # model's first parameter whole and failed there
+    model = KeywordModel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, policy=StaticFreeze(2, 1), example_inputs={"pixels": X[:2]}, total_steps=10)
+    freezer.freeze_to(2)
+    cached = ActivationCache(freezer, num_samples=N, deterministic=True).wrap()
+    ids = torch.arange(8)
+    for _ in range(2):  # stores, then serves
+        out = cached({"pixels": X[ids], "scale": 2.0}, ids)
+    torch.testing.assert_close(out, model(X[ids], scale=2.0))
+    assert cached.cache.stats["hits"] == 8

@@ -35,7 +35,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.hooks import RemovableHandle
 
 from ..distributed import FreezableDDP, _is_fsdp1, _is_fsdp2, check_ddp
-from ..units import as_args, preserved_modes, preserved_state
+from ..units import example_call, preserved_modes, preserved_state
 from .split import (SWAP, BlockChain, Inputs, find_blocks, hooked_modules, modules_outside, rows_need_grad,
                     skipped_hooks)
 from .swap import UntracedCall
@@ -1380,7 +1380,8 @@ class SideInputs:
 
 class CachedModel(nn.Module):
     """``model`` whose forward takes ``(inputs, sample_ids)`` and skips the cached prefix.
-    ``inputs`` is the model's input tensor, or a tuple of its positional inputs."""
+    ``inputs`` is the model's input tensor, a tuple of its positional inputs, or a dict of its
+    keyword inputs (a Hugging Face batch), as ``SmartFreezer``'s ``example_inputs``."""
 
     def __init__(self, model: nn.Module, cache: ActivationCache) -> None:
         super().__init__()
@@ -1393,9 +1394,10 @@ class CachedModel(nn.Module):
         def cached_forward(*args, **kw):
             return self.cache.forward(inner, Inputs(args, kw), sample_ids)
 
+        args, kwargs = example_call(inner, inputs, kwargs)
         if ddp is None:
-            return cached_forward(*as_args(inputs), **kwargs)
-        return _forward_through_ddp(ddp, cached_forward, as_args(inputs), kwargs)
+            return cached_forward(*args, **kwargs)
+        return _forward_through_ddp(ddp, cached_forward, args, kwargs)
 
 
 # ------------------------------------------------------------------ helpers
