@@ -151,8 +151,12 @@ def check_grads_after_freeze(freezer: Any) -> None:
             return
         trainable = [u for u in freezer.units[freezer.num_frozen:] if any(p.requires_grad for p in u.parameters)]
         if trainable:
-            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            if not any(id(p) in held for p in trainable[0].parameters):
+            unit = {id(p) for p in trainable[0].parameters}
+
+            def holds(opt) -> bool:
+                return any(id(p) in unit for group in opt.param_groups for p in group["params"])
+
+            if not holds(optimizer) and any(holds(opt) for opt in freezer.optimizers):
                 return  # another network's optimizer (a GAN's discriminator): wait for this unit's own
         armed[0] = False
 

@@ -62,6 +62,10 @@ class FreezeEvent:
     frozen_flops_fraction: float  # of a training step's FLOPs (forward + backward), now skipped
 
 
+def _uncompiled(name: str) -> str:
+    return "+".join(part[len("_orig_mod."):] if part.startswith("_orig_mod.") else part for part in name.split("+"))
+
+
 def _compiled_inner(model: nn.Module) -> nn.Module:
     """The module inside a ``torch.compile(model)`` wrapper (an OptimizedModule), else ``model``
     (named, not imported: importing dynamo is slow)."""
@@ -1095,7 +1099,8 @@ class SmartFreezer:
     def _check_signature(self, saved) -> None:
         mine = self._signature()
         try:
-            saved = [(name, [(n, tuple(s)) for n, s in params]) for name, params in saved]
+            # a freezer on torch.compile(model) named its units "_orig_mod.*" before it managed the module inside
+            saved = [(_uncompiled(name), [(_uncompiled(n), tuple(s)) for n, s in params]) for name, params in saved]
         except (TypeError, ValueError) as exc:
             raise ValueError(f"this SmartFreezer state_dict's model signature is corrupt ({exc})") from exc
         if saved == mine:

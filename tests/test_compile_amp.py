@@ -600,6 +600,13 @@ def test_a_set_up_through_a_compiled_model_leaves_it_compiled(order):
     plain = SmartFreezer(other, torch.optim.SGD(other.parameters(), lr=0.1), StaticFreeze(1, at_step=10**6),
                          example_inputs=x)
     plain.load_state_dict(freezer.state_dict())
+    # a state saved by a freezer on the wrapper before it managed the module inside
+    state = freezer.state_dict()
+    state["signature"] = [("+".join("_orig_mod." + part for part in name.split("+")),
+                           [("_orig_mod." + n, shape) for n, shape in params]) for name, params in state["signature"]]
+    other = Small()
+    SmartFreezer(other, torch.optim.SGD(other.parameters(), lr=0.1), StaticFreeze(1, at_step=10**6),
+                 example_inputs=x).load_state_dict(state)
     torch._dynamo.reset()
 
 

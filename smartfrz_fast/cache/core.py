@@ -860,7 +860,8 @@ class ActivationCache:
             self._disable("the frozen prefix's output is float64, and the model's parameters are not: pass "
                           "dtype='fp64' to store its rows exactly")
             return False
-        if not h.is_floating_point() and self.storage_dtype not in (torch.float32, torch.float64):
+        if h.dtype == torch.uint64 or (not h.is_floating_point() and self.storage_dtype not in (torch.float32,
+                                                                                                torch.float64)):
             self._disable(f"the frozen prefix's output is {h.dtype} (codes, ids), which {self.storage_dtype} rows "
                           "round to other values: use the default (exact) dtype")
             return False
@@ -873,7 +874,8 @@ class ActivationCache:
         """Float rows hold integers (bool) exactly below 2**24 (fp32) or 2**53 (fp64): False, and the
         cache off, for larger ones (hashed ids). One host read per stored integer batch."""
         limit = 2 ** (53 if self.storage_dtype == torch.float64 else 24)
-        largest = int(h.abs().max()) if h.numel() and h.dtype != torch.bool else 0
+        # as int64: torch has no abs or max for uint16/uint32 on the CPU (uint64 is refused above)
+        largest = int(h.to(torch.int64).abs().max()) if h.numel() and h.dtype != torch.bool else 0
         if largest > limit:
             hint = ": pass dtype='fp64'" if self.storage_dtype != torch.float64 else ""
             self._disable(f"the frozen prefix's output holds integers up to {largest}, which {self.storage_dtype} "

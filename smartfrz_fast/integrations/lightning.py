@@ -34,6 +34,7 @@ forward is all-reduced like any other.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any, Dict, Optional
 
@@ -106,12 +107,30 @@ class SmartFreezeCallback(Callback):
         self._saved_state: Optional[Dict[str, Any]] = None
         self._saved_cache_state: Optional[Dict[str, Any]] = None
         self._last_global_step = 0
+        self._pace: Optional[Dict[str, int]] = None  # see _check_manual_pace
 
     @property
     def state_key(self) -> str:
         """One callback per submodule (a GAN's generator and discriminator), each with its own
-        state in the checkpoint; the whole module's keeps the class name (earlier checkpoints)."""
+        state in the checkpoint; the whole module's keeps the class name."""
         return super().state_key if self.submodule is None else self._generate_state_key(submodule=self.submodule)
+
+    @property
+    def _legacy_state_key(self) -> str:
+        """The key of checkpoints saved before ``state_key`` named the submodule (Lightning looks
+        there when ``state_key`` is missing): only one such callback could exist then."""
+        return type(self).__qualname__
+
+    def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                           checkpoint: Dict[str, Any]) -> None:
+        """The checkpoint's one freezer state saved under another key (a callback with another
+        submodule, or none) is taken, so that what does not fit is said, not silently skipped."""
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states or self._legacy_state_key in states:
+            return  # Lightning loads it
+        saved = [key for key in states if str(key).startswith(type(self).__qualname__)]
+        if len(saved) == 1 and sum(isinstance(cb, SmartFreezeCallback) for cb in trainer.callbacks) == 1:
+            self.load_state_dict(copy.deepcopy(states[saved[0]]))
 
     # ------------------------------------------------------------------ set-up
     def _target(self, pl_module: "pl.LightningModule") -> nn.Module:
@@ -164,14 +183,10 @@ class SmartFreezeCallback(Callback):
         if total is None:
             estimated = trainer.estimated_stepping_batches
             total = int(estimated) if estimated != float("inf") else None
-            if total is not None and not pl_module.automatic_optimization:
-                # measured: hand accumulation over 2 batches, or two optimizers under max_steps, made
-                # 24 freezer steps of 48 counted: a LinearFreeze to the end froze 1 of 3 units
-                warnings.warn(
-                    f"SmartFreezeCallback: under manual optimization the freezer steps once per batch in which "
-                    f"an optimizer stepped, which Lightning's estimate ({total}) does not count (accumulation by "
-                    "hand, several optimizers per batch). Pass total_steps= (the number of such batches in the "
-                    "run) so that the policy's schedule fits the run.", stacklevel=2)
+            # manual optimization: the estimate counts every batch (or max_steps optimizer steps);
+            # the freezer steps once per batch in which an optimizer stepped. Checked in the first epoch
+            self._pace = {"total": total, "batches": 0, "steps": 0} if (
+                total is not None and not pl_module.automatic_optimization) else None
         model = self._target(pl_module)
         example = self._example(pl_module)
         args, kwargs = (None, None)
@@ -217,10 +232,35 @@ class SmartFreezeCallback(Callback):
     # ------------------------------------------------------------------ per step
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        if self.freezer is None or trainer.global_step == self._last_global_step:
+        advanced = trainer.global_step - self._last_global_step
+        if self._pace is not None:
+            self._check_manual_pace(trainer, advanced)
+        if self.freezer is None or not advanced:
             return  # accumulating gradients (or a skipped step): no optimizer step this batch
         self._last_global_step = trainer.global_step
         self.freezer.step()
+
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        pace, self._pace = self._pace, None  # the first epoch tells
+        if pace is not None and pace["steps"] < pace["batches"]:
+            self._warn_pace(f"the freezer stepped in {pace['steps']} of the first epoch's {pace['batches']} "
+                            "batches (optimizer steps by hand every few batches), Lightning's estimate counts "
+                            f"every batch ({pace['total']} steps)")
+
+    def _check_manual_pace(self, trainer: "pl.Trainer", advanced: int) -> None:
+        """Measured: hand accumulation over 2 batches, or two optimizers under max_steps, made 24
+        freezer steps for an estimate of 48, and a LinearFreeze to the end froze 1 of 3 units."""
+        pace = self._pace
+        pace["batches"] += 1
+        pace["steps"] += bool(advanced)
+        if advanced > 1 and trainer.max_steps not in (None, -1):
+            self._pace = None
+            self._warn_pace(f"{advanced} optimizer steps per batch end the run after max_steps / {advanced} "
+                            f"batches, and the freezer steps once per batch, not {pace['total']} times")
+
+    def _warn_pace(self, what: str) -> None:
+        warnings.warn(f"SmartFreezeCallback: under manual optimization {what}: the policy's schedule does not fit "
+                      "the run. Pass total_steps= (the number of batches in which an optimizer steps).", stacklevel=2)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> Dict[str, Any]:
