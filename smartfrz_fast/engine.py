@@ -63,6 +63,8 @@ class FreezeEvent:
 
 
 def _uncompiled(name: str) -> str:
+    """A unit or parameter name without torch.compile's "_orig_mod." (a freezer on the compiled
+    wrapper named them so before it managed the module inside)."""
     return "+".join(part[len("_orig_mod."):] if part.startswith("_orig_mod.") else part for part in name.split("+"))
 
 

@@ -393,7 +393,8 @@ def test_one_id_twice_in_a_batch_with_two_inputs_is_reported_once():
 class LoRA(nn.Module):
     def __init__(self, width=12, rank=2):
         super().__init__()
-        self.base, self.a, self.b = nn.Linear(width, width), nn.Linear(width, rank, False), nn.Linear(rank, width, False)
+        self.base = nn.Linear(width, width)
+        self.a, self.b = nn.Linear(width, rank, bias=False), nn.Linear(rank, width, bias=False)
         nn.init.normal_(self.b.weight, std=0.1)
         self.base.requires_grad_(False)  # the user's choice before the freezer: in no unit
 

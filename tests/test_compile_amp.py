@@ -615,7 +615,8 @@ class ReluTwice(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.fc1, self.fc2, self.head, self.relu = nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, 2), nn.ReLU()
+        self.fc1, self.fc2, self.head = nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, WIDTH), nn.Linear(WIDTH, 2)
+        self.relu = nn.ReLU()
 
     def forward(self, x):
         return self.head(self.relu(self.fc2(self.relu(self.fc1(x)))))

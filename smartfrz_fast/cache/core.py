@@ -860,8 +860,8 @@ class ActivationCache:
             self._disable("the frozen prefix's output is float64, and the model's parameters are not: pass "
                           "dtype='fp64' to store its rows exactly")
             return False
-        if h.dtype == torch.uint64 or (not h.is_floating_point() and self.storage_dtype not in (torch.float32,
-                                                                                                torch.float64)):
+        exact_rows = self.storage_dtype in (torch.float32, torch.float64)
+        if h.dtype == torch.uint64 or (not h.is_floating_point() and not exact_rows):
             self._disable(f"the frozen prefix's output is {h.dtype} (codes, ids), which {self.storage_dtype} rows "
                           "round to other values: use the default (exact) dtype")
             return False
