@@ -165,6 +165,13 @@ def check_grads_after_freeze(freezer: Any) -> None:
 
         # the unit right after the prefix: a branch not taken this step (routing, experts) is not this
         if trainable and starved(trainable[0]):
+            current = {id(p) for p in freezer.module.parameters()}
+            if any(id(p) not in current for p in trainable[0].parameters):
+                # replaced without torch's registration hooks (model.to() / .double() under
+                # set_overwrite_module_params_on_conversion(True)): the freezer and the optimizer
+                # hold the old tensors. The next freezer.step() adopts like ones or refuses, saying why
+                freezer._guard.changed = True
+                return
             starved_names = [u.name for u in trainable if starved(u)]
             warnings.warn(
                 f"SmartFreezer: after the last freeze, trainable unit(s) {starved_names[:4]} received no "

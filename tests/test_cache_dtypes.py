@@ -298,3 +298,44 @@ def test_integer_codes_float32_rows_hold_are_cached_exactly(dtype):
     assert cache.active and cache.stats["hits"] > 0, cache.describe()
     for a, b in zip(plain.state_dict().values(), model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_channels_last_rows_put_back_from_a_checkpoint_are_served_channels_last():
+    # the checkpoint keeps no layout: rows put back came out NCHW until a sample was computed
+    # afresh; the first hit after the resume now computes one sample's prefix to learn it
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+        model = model.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        freezer = SmartFreezer(model, opt, policy=StaticFreeze(1, at_step=1), example_inputs=x[:8], total_steps=20)
+        return model, opt, freezer, ActivationCache(freezer, num_samples=N, deterministic=True)
+
+    x = torch.randn(N, 3, 8, 8).to(memory_format=torch.channels_last)
+    model, opt, freezer, cache = build()
+    cached = cache.wrap()
+    for step in range(6):
+        ids = torch.arange(N)[(step * 8) % N:(step * 8) % N + 8]
+        cached(x[ids], ids).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+    saved = dict(model=model.state_dict(), opt=opt.state_dict(), freezer=freezer.state_dict(),
+                 cache=cache.state_dict(rows=True))
+    model, opt, freezer, cache = build()
+    model.load_state_dict(saved["model"])
+    freezer.load_state_dict(saved["freezer"])
+    opt.load_state_dict(saved["opt"])
+    cache.load_state_dict(saved["cache"])
+    layouts = []
+    model[2].register_forward_pre_hook(
+        lambda m, a: layouts.append(a[0].is_contiguous(memory_format=torch.channels_last)))
+    cached = cache.wrap()
+    for step in range(6, 10):  # every sample is cached: all hits
+        ids = torch.arange(N)[(step * 8) % N:(step * 8) % N + 8]
+        cached(x[ids], ids).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+    assert cache.stats["hits"] >= 32 and all(layouts), layouts

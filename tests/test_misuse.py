@@ -703,3 +703,38 @@ def test_weights_tied_after_set_up_by_assignment_are_refused():
             model[0].weight = model[2].weight
         with pytest.raises(RuntimeError, match=r"separate parameters now share one tensor \(weights tied after set-up\)"):
             freezer.step()
+
+
+@pytest.mark.parametrize("convert", ["double", "float"])
+def test_parameters_replaced_without_registration_hooks_are_followed_or_refused(convert):
+    # under set_overwrite_module_params_on_conversion(True), model.double() / model.float() write
+    # new Parameters into module._parameters with no hook: the freezer and the optimizer kept the
+    # old tensors, nothing trained, and the only warning blamed reentrant checkpointing
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, policy=StaticFreeze(1), example_inputs=x[:8], total_steps=20)
+    freezer.freeze_to(1)
+    previous = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        getattr(model, convert)()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(previous)
+    x = x.to(model[4].weight.dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        if convert == "double":
+            with pytest.raises(RuntimeError, match=r"changed from \(8, 8\) torch.float32 to \(8, 8\) torch.float64"):
+                freezer.step()
+            return
+        freezer.step()  # like tensors: the optimizer takes the new ones in the old ones' place
+        before = model[4].weight.detach().clone()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert not [w for w in caught if "received no gradient" in str(w.message)]
+    assert not torch.equal(before, model[4].weight) and not model[0].weight.requires_grad

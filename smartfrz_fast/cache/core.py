@@ -174,6 +174,7 @@ class ActivationCache:
         self._input_sig = None
         self._act = None  # (dtype, device) of the prefix output
         self._act_format = torch.contiguous_format  # its memory layout (a channels_last CNN's rows too)
+        self._format_unknown = False  # rows put back from a checkpoint: the layout is not saved with them
         # the autocast mode the rows were computed in ("off" or its dtype); None: no rows yet
         self._rows_autocast: Optional[str] = None
         self._seen = 0
@@ -405,6 +406,7 @@ class ActivationCache:
                 "rows (delete the file / save without rows=True).")
         self.boundary = state["boundary"]
         self._act = self._recorded_activation(state["activation"], where)
+        self._format_unknown = True
         self._rows_autocast = state["fingerprint"].get("autocast", "off")
         fingerprint = self._fingerprint()
         if fingerprint != state["fingerprint"]:
@@ -639,6 +641,9 @@ class ActivationCache:
                 return None
             if changed.numel() and not self._count_changed_rows(ids, changed, miss, fresh, old_rows):
                 return None
+        if hit.numel() and self._format_unknown:  # after a resume: one sample's prefix shows the rows' layout
+            if self._compute_prefix(_index_inputs(inputs, hit[:1], ids.numel())) is None:
+                return None
         if hit.numel():
             self._sides.compare(ids[hit], {n: v[hit.to(v.device)] for n, v in side.items()})
             loaded = self._store.read(slots[hit], *self._act).contiguous(memory_format=self._act_format)
@@ -846,6 +851,8 @@ class ActivationCache:
             return None
         if self._store is None and not self._adopt_activation(h):  # this cut's first rows
             return None
+        if self._format_unknown:  # the first prefix computed after a resume shows the rows' layout
+            self._act_format, self._format_unknown = _memory_format(h), False
         if not h.is_floating_point() and not self._holds_integers(h):
             return None
         return h
@@ -866,8 +873,7 @@ class ActivationCache:
                           "round to other values: use the default (exact) dtype")
             return False
         self._act = (h.dtype, h.device)
-        channels_last = h.dim() == 4 and not h.is_contiguous() and h.is_contiguous(memory_format=torch.channels_last)
-        self._act_format = torch.channels_last if channels_last else torch.contiguous_format
+        self._act_format, self._format_unknown = _memory_format(h), False
         return True
 
     def _holds_integers(self, h: Tensor) -> bool:
@@ -1142,6 +1148,7 @@ class ActivationCache:
         header = read_header(self.path)
         self._act = self._recorded_activation(header.get("fingerprint", {}).get("activation", ""),
                                               f"cache file {self.path}")
+        self._format_unknown = True
         self._rows_autocast = header.get("fingerprint", {}).get("autocast", "off")
         with self._storage_faults("reopening the cache file"):
             self._store = self._make_store(tuple(header["row_shape"]), self.path)
@@ -1468,6 +1475,12 @@ def _forward_through_ddp(ddp: nn.parallel.DistributedDataParallel, run, args: tu
             with ddp._inside_ddp_forward():
                 output = run(*args, **kwargs)
         return ddp._post_forward(output)
+
+
+def _memory_format(h: Tensor) -> torch.memory_format:
+    """channels_last for a 4-d activation laid out so (a channels_last CNN's), else contiguous."""
+    channels_last = h.dim() == 4 and not h.is_contiguous() and h.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def _batch_size(inputs: Inputs) -> int:
