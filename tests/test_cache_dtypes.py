@@ -15,6 +15,19 @@ from smartfrz_fast.cache import ActivationCache
 N = 32
 
 
+def batch_ids(step):
+    """The samples of a training step: 8 at a time, round the N samples."""
+    return torch.arange(N)[(step * 8) % N:(step * 8) % N + 8]
+
+
+def update(loss, opt, freezer):
+    """The rest of a training step: backward, the optimizer's step, the freezer's."""
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    freezer.step()
+
+
 class Schedule(FreezePolicy):
     """Freezes to the prefix length given for a step."""
 
@@ -72,14 +85,11 @@ def train_two_cuts(cached, float64_front, autocast):
     cache = ActivationCache(freezer, num_samples=N, deterministic=True) if cached else None
     forward = cache.wrap() if cached else None
     for step in range(16):
-        ids = torch.arange(N)[(step * 8) % N:(step * 8) % N + 8]
+        ids = batch_ids(step)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out = forward((x[ids], scale[ids]), ids) if cached else model(x[ids], scale[ids])
             loss = nn.functional.cross_entropy(out.float(), y[ids])
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        freezer.step()
+        update(loss, opt, freezer)
     return model, cache
 
 
@@ -108,11 +118,8 @@ def test_a_model_cast_mid_run_drops_the_rows():
     cache = ActivationCache(freezer, num_samples=N, deterministic=True)
     cached = cache.wrap()
     for step in range(8):
-        ids = torch.arange(N)[(step * 8) % N:(step * 8) % N + 8]
-        nn.functional.cross_entropy(cached(x[ids], ids), y[ids]).backward()
-        opt.step()
-        opt.zero_grad()
-        freezer.step()
+        ids = batch_ids(step)
+        update(nn.functional.cross_entropy(cached(x[ids], ids), y[ids]), opt, freezer)
     assert cache.stats["hits"] > 0
     model.bfloat16()
     with warnings.catch_warnings(record=True) as caught:
@@ -192,12 +199,9 @@ def test_outputs_float_rows_cannot_hold_turn_the_cache_off(kind):
         cache = ActivationCache(freezer, num_samples=N, deterministic=True, dtype=dtype) if cached else None
         forward = cache.wrap() if cached else None
         for step in range(12):
-            ids = torch.arange(N)[(step * 8) % N:(step * 8) % N + 8]
+            ids = batch_ids(step)
             out = forward(x[ids], ids) if cached else model(x[ids])
-            nn.functional.cross_entropy(out.float(), y[ids]).backward()
-            opt.step()
-            opt.zero_grad()
-            freezer.step()
+            update(nn.functional.cross_entropy(out.float(), y[ids]), opt, freezer)
         return model, cache
 
     plain, _ = train(False)
@@ -222,11 +226,8 @@ def test_a_float64_activation_is_cached_with_fp64_rows():
     cache = ActivationCache(freezer, num_samples=N, deterministic=True, dtype="fp64")
     cached = cache.wrap()
     for step in range(8):
-        ids = torch.arange(N)[(step * 8) % N:(step * 8) % N + 8]
-        cached(x[ids], ids).sum().backward()
-        opt.step()
-        opt.zero_grad()
-        freezer.step()
+        ids = batch_ids(step)
+        update(cached(x[ids], ids).sum(), opt, freezer)
     assert cache.active and cache.stats["hits"] > 0
 
 
@@ -246,13 +247,10 @@ def test_channels_last_rows_are_served_channels_last():
     layouts = []
     model[2].register_forward_pre_hook(
         lambda m, a: layouts.append(a[0].is_contiguous(memory_format=torch.channels_last)))
-    batches = [torch.arange(N)[(step * 8) % N:(step * 8) % N + 8] for step in range(10)]
+    batches = [batch_ids(step) for step in range(10)]
     batches.append(torch.cat([torch.arange(4), torch.arange(N, N + 4)]))  # 4 hits, 4 samples not seen yet
     for ids in batches:
-        cached(x[ids], ids).sum().backward()
-        opt.step()
-        opt.zero_grad()
-        freezer.step()
+        update(cached(x[ids], ids).sum(), opt, freezer)
     assert cache.stats["hits"] > 0 and cache.stats["misses"] >= N + 4 and all(layouts), layouts
 
 
@@ -286,11 +284,9 @@ def test_integer_codes_float32_rows_hold_are_cached_exactly(dtype):
         cache = ActivationCache(freezer, num_samples=N, deterministic=True) if cached else None
         forward = cache.wrap() if cached else None
         for step in range(12):
-            ids = torch.arange(N)[(step * 8) % N:(step * 8) % N + 8]
-            nn.functional.cross_entropy(forward(x[ids], ids) if cached else model(x[ids]), y[ids]).backward()
-            opt.step()
-            opt.zero_grad()
-            freezer.step()
+            ids = batch_ids(step)
+            out = forward(x[ids], ids) if cached else model(x[ids])
+            update(nn.functional.cross_entropy(out, y[ids]), opt, freezer)
         return model, cache
 
     plain, _ = train(False)
@@ -316,11 +312,8 @@ def test_channels_last_rows_put_back_from_a_checkpoint_are_served_channels_last(
     model, opt, freezer, cache = build()
     cached = cache.wrap()
     for step in range(6):
-        ids = torch.arange(N)[(step * 8) % N:(step * 8) % N + 8]
-        cached(x[ids], ids).sum().backward()
-        opt.step()
-        opt.zero_grad()
-        freezer.step()
+        ids = batch_ids(step)
+        update(cached(x[ids], ids).sum(), opt, freezer)
     saved = dict(model=model.state_dict(), opt=opt.state_dict(), freezer=freezer.state_dict(),
                  cache=cache.state_dict(rows=True))
     model, opt, freezer, cache = build()
@@ -333,9 +326,6 @@ def test_channels_last_rows_put_back_from_a_checkpoint_are_served_channels_last(
         lambda m, a: layouts.append(a[0].is_contiguous(memory_format=torch.channels_last)))
     cached = cache.wrap()
     for step in range(6, 10):  # every sample is cached: all hits
-        ids = torch.arange(N)[(step * 8) % N:(step * 8) % N + 8]
-        cached(x[ids], ids).sum().backward()
-        opt.step()
-        opt.zero_grad()
-        freezer.step()
+        ids = batch_ids(step)
+        update(cached(x[ids], ids).sum(), opt, freezer)
     assert cache.stats["hits"] >= 32 and all(layouts), layouts

@@ -849,13 +849,18 @@ class ActivationCache:
         if not isinstance(h, Tensor) or h.dim() == 0:
             self._disable(f"the prefix output ({type(h).__name__}) is not one tensor with a batch dimension")
             return None
-        if self._store is None and not self._adopt_activation(h):  # this cut's first rows
+        if not self._storable(h):
             return None
         if self._format_unknown:  # the first prefix computed after a resume shows the rows' layout
             self._act_format, self._format_unknown = _memory_format(h), False
-        if not h.is_floating_point() and not self._holds_integers(h):
-            return None
         return h
+
+    def _storable(self, h: Tensor) -> bool:
+        """The rows hold ``h`` exactly (a new store's first rows set their dtype and layout from
+        it); False, and the cache off saying why, where they cannot."""
+        if self._store is None and not self._adopt_activation(h):
+            return False
+        return h.is_floating_point() or self._holds_integers(h)
 
     def _adopt_activation(self, h: Tensor) -> bool:
         """A new store's rows are kept and served in ``h``'s dtype and layout; False (and the
@@ -1122,9 +1127,7 @@ class ActivationCache:
                 run = Inputs((), self._sides.get(chunk)) if reads_side else Inputs(())
                 with self._eval_mode(old, self.boundary), torch.no_grad(), self._rows_precision():
                     h = self.chain.run(run, old, self.boundary, h=h)
-                if self._store is None and not self._adopt_activation(h):
-                    return
-                if not h.is_floating_point() and not self._holds_integers(h):
+                if not self._storable(h):
                     return
                 if self._store is None:
                     with self._storage_faults(f"moving the cached rows to {self.boundary} blocks"):
