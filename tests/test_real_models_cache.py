@@ -187,3 +187,46 @@ def test_a_model_random_in_eval_is_not_cut_and_told_why():
         run(x, torch.arange(8)).sum().backward()
     assert not cache.active and "not deterministic in eval mode" in cache.describe(), cache.describe()
     assert not any("augmentation" in str(w.message) for w in caught)
+
+
+class _CountingNorm(nn.Module):
+    """Writes its buffer in every forward, eval mode too (no ``self.training`` guard)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+        self.register_buffer("mean", torch.zeros(width))
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.mean.mul_(0.9).add_(0.1 * x.mean(0))
+        return self.lin(x - self.mean)
+
+
+class _Stack(nn.Module):
+    """The same layers as a plain module (the module-swap chain, not nn.Sequential's)."""
+
+    def __init__(self, *layers):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+@pytest.mark.parametrize("container", [nn.Sequential, _Stack])
+def test_a_buffer_written_in_eval_mode_is_named_as_the_cause(container):
+    model = container(_CountingNorm(6), _CountingNorm(6), nn.Linear(6, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 6)
+    freezer = SmartFreezer(model, optimizer, policy=StaticFreeze(0), example_inputs=x)
+    freezer.freeze_to(2)
+    cache = ActivationCache(freezer, num_samples=8, deterministic=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cache.wrap()(x, torch.arange(8)).sum().backward()
+    assert not cache.active
+    assert "writes buffers" in cache.describe() and ".mean" in cache.describe(), cache.describe()
+    assert "random op" not in cache.describe(), cache.describe()

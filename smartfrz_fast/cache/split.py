@@ -29,7 +29,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from ..units import preserved_modes, preserved_state
-from .swap import SWAP, tensor_trees_match
+from .swap import SWAP, buffers_now, not_reproducible, tensor_trees_match
 
 
 @dataclass
@@ -788,14 +788,15 @@ def verify_chain(model: nn.Module, chain: BlockChain, inputs: Inputs) -> Optiona
             model.eval()
             expected = model(*inputs.args, **inputs.kwargs)
             got = chain.run(inputs)
-            again = None if _outputs_match(expected, got) else model(*inputs.args, **inputs.kwargs)
+            again = None
+            if not _outputs_match(expected, got):
+                before = buffers_now(model)
+                again = model(*inputs.args, **inputs.kwargs)
+                if not _outputs_match(expected, again):
+                    return not_reproducible(model, before)
     except Exception as exc:  # a recogniser's guess that does not run is just not this model
         return f"running the {chain.how} chain failed ({type(exc).__name__}: {exc})"
     if again is not None:
-        if not _outputs_match(expected, again):
-            from .swap import NOT_REPRODUCIBLE
-
-            return NOT_REPRODUCIBLE
         return f"the {chain.how} blocks do not reproduce the model's output"
     return None
 

@@ -44,6 +44,22 @@ NOT_REPRODUCIBLE = ("the model is not deterministic in eval mode: two forward pa
                     "differ (a random op that eval mode does not turn off), so no cached row could match it")
 
 
+def buffers_now(model: nn.Module) -> Dict[str, Tensor]:
+    return {name: b.detach().clone() for name, b in model.named_buffers()}
+
+
+def not_reproducible(model: nn.Module, before: Dict[str, Tensor]) -> str:
+    """NOT_REPRODUCIBLE, naming the buffers a forward pass in eval mode wrote since ``before``
+    (a statistic updated without a ``self.training`` guard, not a random op, is then the cause)."""
+    written = [name for name, b in model.named_buffers() if name in before and not torch.equal(b, before[name])]
+    if not written:
+        return NOT_REPRODUCIBLE
+    return (f"the model is not deterministic in eval mode: its forward pass writes buffer{'s' * (len(written) > 1)} "
+            f"{', '.join(written[:3])}{' and others' if len(written) > 3 else ''} even in eval mode (an update "
+            "without an `if self.training:` guard), so two forward passes on the same samples differ and no "
+            "cached row could match them. Guard that update, or keep its module after the frozen prefix")
+
+
 class UntracedCall(RuntimeError):
     """A module the recorded forward did not call, and whose parameters train, ran before the
     cut: a cached row cannot stand in for what it computed (raised by the chain's guard)."""
@@ -354,9 +370,10 @@ class SwapChain:
                 rows = self.rows(inputs, cut)
                 got = self.serve(inputs, cut, rows)
                 if not _all_outputs_match(expected, got):
+                    before = buffers_now(self.model)
                     again = self.model(*inputs.args, **inputs.kwargs)
                     if not _all_outputs_match(expected, again):
-                        return NOT_REPRODUCIBLE
+                        return not_reproducible(self.model, before)
         except Exception as exc:
             return f"the model fails with {c.name} swapped ({type(exc).__name__}: {exc})"
         if not _all_outputs_match(expected, got):
