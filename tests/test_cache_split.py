@@ -1,6 +1,7 @@
 """Cutting models into block chains: known structures, torch.fx, user blocks, and refusals."""
 
 import copy
+import dataclasses
 
 import warnings
 
@@ -401,6 +402,52 @@ def _train_with_and_without_cache(make_model, x, y, steps=12, frozen=2):
     for name in plain_w:
         torch.testing.assert_close(cached_w[name], plain_w[name], rtol=0, atol=0, msg=name)
     return cache
+
+
+@dataclasses.dataclass
+class _BlockOutput:
+    hidden: torch.Tensor
+    gate: torch.Tensor
+
+
+class _BlockOutputRegistered(_BlockOutput):
+    pass
+
+
+torch.utils._pytree.register_dataclass(_BlockOutputRegistered)
+
+
+def _dataclass_net(output_type):
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.gate = nn.Linear(12, 12), nn.Linear(12, 12)
+
+        def forward(self, x):
+            return output_type(self.inner(x).relu(), self.gate(x).tanh())
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block, self.mix, self.head = Block(), nn.Linear(12, 12), nn.Linear(12, 3)
+
+        def forward(self, x):
+            if float(x.abs().sum()) < 0:  # data-dependent: fx cannot trace it, the swap takes it
+                raise ValueError
+            out = self.block(x)
+            return self.head(self.mix(out.hidden) * out.gate)
+
+    return Net()
+
+
+def test_swap_names_a_frozen_block_that_returns_a_dataclass_and_the_fix_works():
+    x, y = torch.randn(32, 12), torch.randint(0, 3, (32,))
+    cache = _train_with_and_without_cache(lambda: _dataclass_net(_BlockOutput), x, y, frozen=2)
+    assert cache.boundary == 0
+    assert "frozen module 'block' is no cut because it returns a _BlockOutput" in cache.describe(), cache.describe()
+    assert "register_dataclass" in cache.describe()
+    cache = _train_with_and_without_cache(lambda: _dataclass_net(_BlockOutputRegistered), x, y, frozen=2)
+    assert cache.boundary > 0 and "cut after block" in cache.describe(), cache.describe()
 
 
 def test_swap_never_caches_past_a_module_the_first_batch_did_not_call():

@@ -114,6 +114,11 @@ def _describe_leaf(leaf: Any, batch: int):
     return ("value", leaf)
 
 
+def _holds_tensors(value: Any) -> bool:
+    """An object pytree does not take apart (a plain dataclass) that carries tensors."""
+    return any(isinstance(v, Tensor) for v in getattr(value, "__dict__", {}).values())
+
+
 def record_calls(model: nn.Module, args: tuple, kwargs: dict, batch: int) -> Tuple[List[Call], Dict[int, int], Any]:
     """Every module call of one forward pass (eval, no grad), the first aten op reading each
     parameter, and the model's output."""
@@ -193,6 +198,9 @@ class SwapChain:
         self.all_calls = calls
         self.candidates = [c for c in calls if c.depth > 0 and c.calls_of_module == 1
                            and any(leaf[0] == "row" for leaf in c.leaves)]
+        # calls whose output hides its tensors inside an object pytree does not know: no cut
+        self.opaque = [c for c in calls if c.depth > 0 and c.calls_of_module == 1
+                       and any(leaf[0] == "value" and _holds_tensors(leaf[1]) for leaf in c.leaves)]
         params = {id(p): p for p in model.parameters()}
         order = sorted(first_use.items(), key=lambda item: item[1])
         self.names = _param_names(model)
@@ -312,14 +320,27 @@ class SwapChain:
             why = self.checked[cut]
             if why is None:
                 if cut < frozen and first_failure is not None:
-                    self.note = f"not cut deeper: {first_failure}"
+                    self.note = f"not cut deeper: {first_failure}{self._opaque_note()}"
                 return cut
             first_failure = first_failure or why
         if frozen:
             self.note = (f"no frozen block's output can stand in for the frozen prefix: "
                          f"{first_failure or implausible or 'not checked'}"
-                         f"{' (gave up after %d checks)' % MAX_CHECKS if tried >= MAX_CHECKS else ''}")
+                         f"{' (gave up after %d checks)' % MAX_CHECKS if tried >= MAX_CHECKS else ''}"
+                         f"{self._opaque_note()}")
         return 0
+
+    def _opaque_note(self) -> str:
+        """Why a frozen module whose output would make a cut is none: it returns an object
+        (a plain dataclass) whose tensors the cache cannot take out and put back."""
+        for call in self.opaque:
+            params = list(call.module.parameters())
+            if params and not any(p.requires_grad for p in params):
+                kind = type(next(leaf[1] for leaf in call.leaves if leaf[0] == "value" and _holds_tensors(leaf[1])))
+                return (f"; frozen module {call.name!r} is no cut because it returns a {kind.__name__}, an object "
+                        "whose tensors the cache cannot take apart: return a tuple or dict, or register "
+                        f"{kind.__name__} with torch.utils._pytree.register_dataclass")
+        return ""
 
     def _skipped_ops(self, cut: int) -> int:
         if cut not in self._skipped:
