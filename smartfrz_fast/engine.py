@@ -308,9 +308,8 @@ class SmartFreezer:
         guards.check_unclaimed(self.module)
         if example_inputs is not None or example_kwargs is not None:  # keyword inputs alone are a call too
             self._setup(*example_call(self.module, () if example_inputs is None else example_inputs, example_kwargs))
-        else:  # kept apart from self._hooks: other code adds hooks there before the first forward
-            self._first_forward_hook = model.register_forward_pre_hook(
-                engine_hook(self._setup_on_first_forward), with_kwargs=True)
+        else:
+            self._place_first_forward_hook()
         guards.claim(self, self.module)  # last: a constructor that raised claims nothing
 
     # ------------------------------------------------------------------ set-up
@@ -321,12 +320,23 @@ class SmartFreezer:
             from torch._dynamo import disable
 
             return disable(self._setup_on_first_forward)(module, args, kwargs)
-        self._remove_first_forward_hook()
-        if self._dist_kind == "fsdp2":
-            from . import distributed
+        self._remove_first_forward_hook()  # set-up runs the model: the hook must not fire again
+        try:
+            if self._dist_kind == "fsdp2":
+                from . import distributed
 
-            distributed.check_sharded_at_first_forward(self.module)
-        self._setup(args, kwargs)
+                distributed.check_sharded_at_first_forward(self.module)
+            self._setup(args, kwargs)
+        except BaseException:
+            # tried (and raised) again at the next forward, which would otherwise train with no
+            # freezer while step() failed on the missing set-up
+            self._place_first_forward_hook()
+            raise
+
+    def _place_first_forward_hook(self) -> None:
+        # kept apart from self._hooks: other code adds hooks there before the first forward
+        self._first_forward_hook = self.model.register_forward_pre_hook(
+            engine_hook(self._setup_on_first_forward), with_kwargs=True)
 
     def _remove_first_forward_hook(self) -> None:
         if self._first_forward_hook is not None:
@@ -337,8 +347,21 @@ class SmartFreezer:
         # the first forward may run under the user's inference_mode (a sanity check before
         # training): the engine's state made there would be inference tensors, which training
         # cannot update
-        with torch.inference_mode(False):
-            self._setup_now(args, kwargs)
+        hooks_before = len(self._hooks)
+        try:
+            with torch.inference_mode(False):
+                self._setup_now(args, kwargs)
+        except BaseException:
+            # leave no half set-up behind: step() then says set-up is missing, and the model keeps no
+            # hook of a freezer that was never made
+            for hook in self._hooks[hooks_before:]:
+                hook.remove()
+            del self._hooks[hooks_before:]
+            if self._region is not None:
+                self._region.remove()
+            self.plan, self._region, self.history, self._grad_sq, self._sync = None, None, None, None, None
+            self._eval_hooks = []
+            raise
 
     def _setup_now(self, args: Tuple[Any, ...], kwargs: Optional[Dict[str, Any]]) -> None:
         _check_policy_free(self.policy)  # again: set-up may come at the first forward

@@ -89,6 +89,36 @@ def test_model_on_meta_is_refused():
         SmartFreezer(model, sgd(model), StaticFreeze(1), example_inputs=batch(0)[0].to("meta"))
 
 
+def _engine_hooks(model):
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules())
+
+
+def test_a_set_up_at_the_first_forward_that_raises_raises_again_and_never_trains_unfrozen():
+    model = SmallCNN()
+    optimizer = sgd(model)
+    freezer = SmartFreezer(model, optimizer, StaticFreeze(99))  # no example_inputs: set up at the first forward
+    x, y = batch(0)
+    for _ in range(2):  # every forward says what is wrong; none trains without the freezer
+        with pytest.raises(ValueError, match="num_units=99"):
+            model(x)
+        with pytest.raises(RuntimeError, match="has not seen the model run yet"):
+            freezer.step()
+    freezer.close()
+    assert _engine_hooks(model) == 0
+    freezer = SmartFreezer(model, optimizer, StaticFreeze(1, at_step=1))  # the model is free for a right one
+    train_steps(model, optimizer, freezer, 2)
+    assert freezer.num_frozen == 1
+
+
+def test_a_set_up_that_raises_in_the_constructor_leaves_no_hook_on_the_model_or_optimizer():
+    model = SmallCNN()
+    optimizer = sgd(model)
+    with pytest.raises(ValueError, match="num_units=99"):
+        SmartFreezer(model, optimizer, StaticFreeze(99), example_inputs=batch(0)[0])
+    assert _engine_hooks(model) == 0
+    assert not optimizer._optimizer_step_post_hooks and not optimizer._optimizer_load_state_dict_pre_hooks
+
+
 @pytest.mark.parametrize("inputs", [
     torch.randn(2, 3, 8, 8),  # wrong shape (3 channels)
     torch.randn(2, 1, 8, 8, dtype=torch.float64),  # wrong dtype
