@@ -283,6 +283,7 @@ class SmartFreezer:
         self._warned_past_total = False
         # what must stay frozen, refreshed after each freeze and parameter swap (None: stale)
         self._held: Optional[Tuple[List[Tuple[str, Tensor]], List[Tuple[str, Tensor]]]] = None
+        self._last_held: Dict[int, int] = {}  # unit -> last step it was seen held frozen by the user's code
         self._frozen_by_user: set = set()  # ids of the parameters frozen when the freezer was set up
         self._user_frozen_modules: set = set()  # ids of the modules made only of those (_user_frozen_modules)
         self._guard: Optional[guards.Guard] = None  # made at set-up: watches the model and the optimizers
@@ -538,6 +539,7 @@ class SmartFreezer:
         self._guard.on_freezer_step(self)  # model changes since the last step, step() vs optimizer steps
         if self.num_frozen:
             self._check_prefix_still_frozen()
+        self._note_units_held_by_user(step)
         if (self.total_steps is not None and step > self.total_steps and not self._warned_past_total
                 and self.policy.uses_total_steps):
             self._warned_past_total = True  # once (also for a run resumed past it)
@@ -642,7 +644,38 @@ class SmartFreezer:
             if value == -1 and self._sync is not None:
                 continue  # a broadcast "no decision"
             check_prefix_length(self.policy, value, step, len(self.units))  # a device tensor's value
-            self.freeze_to(value, step=step)
+            self.freeze_to(self._hold_back_for_user(value, step), step=step)
+
+    def _note_units_held_by_user(self, step: int) -> None:
+        """Units outside the prefix with no parameter that requires grad: the user's code holds
+        them frozen (a warm-up of the head, a gradual unfreezing). A loop over the units that
+        stops at each unit's first trainable parameter."""
+        for unit in self.units[self.num_frozen:]:
+            params = unit.parameters
+            if not params[0].requires_grad and not any(p.requires_grad for p in params):
+                self._last_held[unit.index] = step
+
+    def _hold_back_for_user(self, value: int, step: int) -> int:
+        """An adaptive policy's decision stops before a unit that the user's code held frozen
+        within the last window (``window * sample_every`` steps): its weights, gradients and
+        activations did not move because it did not train, which is no sign that it is done.
+        Frozen now, it would stay frozen when the user lets it train. Schedules keep their
+        schedule."""
+        if self.policy.deterministic_schedule:
+            return value
+        span = self.window * self.sample_every
+        for index in range(self.num_frozen, min(value, len(self.units))):
+            held = self._last_held.get(index)
+            if held is not None and step - held < span:
+                self._guard.warn_once("held by user", (
+                    f"SmartFreezer: {type(self.policy).__name__} would freeze unit {self.units[index].name!r}, but "
+                    f"your code held it frozen (requires_grad=False on all of it) at step {held}: it did not train, "
+                    "which is no sign that it is done learning. It (and every unit after it) may freeze once it "
+                    f"has trained for {span} steps (window * sample_every). A layer you mean to keep frozen for "
+                    "good: set requires_grad=False before building the freezer (it is then no unit), or call "
+                    "freezer.freeze_to()."))
+                return index
+        return value
 
     # ------------------------------------------------------------------ freeze action
     def freeze_to(self, num_units: int, step: Optional[int] = None) -> int:
@@ -996,6 +1029,7 @@ class SmartFreezer:
             "timeline": [asdict(e) for e in self.timeline],
             "pending": pending,
             "history": self.history.state_dict() if self.history is not None else None,
+            "user_held": sorted(self._last_held.items()),
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -1033,6 +1067,12 @@ class SmartFreezer:
             pending = self._checked_pending(state["pending"], step)
         except (TypeError, KeyError, ValueError) as exc:
             raise ValueError(f"this SmartFreezer state_dict has a corrupt timeline or pending list ({exc})") from exc
+        user_held = state.get("user_held", [])  # absent in checkpoints older than this guard
+        if not (isinstance(user_held, (list, tuple)) and all(
+                isinstance(e, (list, tuple)) and len(e) == 2 and _is_int(e[0]) and 0 <= e[0] < len(self.units)
+                and _is_int(e[1]) and 0 <= e[1] <= step for e in user_held)):
+            raise ValueError(f"this SmartFreezer state_dict is corrupt: user_held={user_held!r} is not a list of "
+                             f"(unit, step) pairs of a model of {len(self.units)} units up to step {step}")
         if (state["history"] is None) != (self.history is None):
             raise ValueError("the checkpoint's weight history does not match this policy's needs")
         if self.history is not None:
@@ -1047,6 +1087,7 @@ class SmartFreezer:
         if self.history is not None:
             self.history.load_state_dict(state["history"])
         self.step_count = step
+        self._last_held = {int(index): int(at) for index, at in user_held}
         self.freeze_to(num_frozen, step=step)
         self.timeline = timeline
         self._pending = [(apply_at, value, None) for apply_at, value in pending]

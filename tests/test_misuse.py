@@ -398,6 +398,8 @@ def edited(state, path, value):
     (("policy_state", "streak"), torch.zeros(4), r"streak is torch.float32"),
     (("policy_state", "streak"), lambda s: s - 5, r"counts >= 0"),
     (("policy_state", "evaluated_at"), "3", r"evaluated_at='3'"),
+    (("user_held",), [(9, 1)], r"user_held=\[\(9, 1\)\] is not a list of \(unit, step\) pairs"),
+    (("user_held",), [(0, 10**6)], r"user_held="),
     (("signature",), 5, r"signature is corrupt"),
     (("signature",), lambda s: s[:-1], r"belongs to a different model \(the checkpoint has 3 units, this model 4\)"),
 ])
@@ -667,6 +669,45 @@ def test_a_gan_toggle_of_the_whole_discriminator_warns_once():
             _train_step(model, opt, freezer, seed)
     assert freezer.num_frozen == 2
     assert len([w for w in caught if "frozen parameter(s)" in str(w.message)]) == 1, [str(w.message) for w in caught]
+
+
+def _warm_up_run(make_policy, hold_until, steps=20, resume_at=None):
+    """The user holds the first layer frozen by hand for ``hold_until`` steps (a warm-up of the
+    layers after it), then lets it train. Returns the step of each freeze and the warnings."""
+    model = _mlp(bn=False)
+    opt = sgd(model)
+    make = lambda: SmartFreezer(model, opt, make_policy(), example_inputs=torch.randn(4, 8), window=4, sample_every=1,
+                                total_steps=steps)
+    freezer = make()
+    model[0].requires_grad_(False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(steps):
+            if step == hold_until:
+                model[0].requires_grad_(True)
+            if step == resume_at:
+                state = freezer.state_dict()
+                freezer.close()
+                freezer = make()
+                freezer.load_state_dict(state)
+            _train_step(model, opt, freezer, step)
+    return [(e.step, e.num_frozen) for e in freezer.timeline], [str(w.message) for w in caught]
+
+
+def test_an_adaptive_policy_does_not_freeze_a_layer_the_user_holds_frozen_until_it_has_trained():
+    # Returns(2): "freeze two units" at every step, as an adaptive policy that reads a held layer's
+    # still weights as done would: it may freeze once the layer has trained for a window (4 steps)
+    timeline, caught = _warm_up_run(lambda: Returns(2), hold_until=6)
+    assert timeline == [(10, 2)], timeline
+    assert sum("your code held it frozen" in w for w in caught) == 1, caught
+    assert not any("frozen parameter(s)" in w for w in caught), caught  # never frozen, so never re-frozen
+    resumed, _ = _warm_up_run(lambda: Returns(2), hold_until=6, resume_at=8)  # the hold is in the checkpoint
+    assert resumed == timeline
+
+
+def test_a_schedule_keeps_its_schedule_over_a_layer_the_user_holds_frozen():
+    timeline, caught = _warm_up_run(lambda: StaticFreeze(2, at_step=3), hold_until=6)
+    assert timeline == [(3, 2)] and not any("your code held it frozen" in w for w in caught), (timeline, caught)
 
 
 def test_a_layer_frozen_before_set_up_that_trains_later_inside_the_prefix_warns():
