@@ -71,23 +71,51 @@ def _words(rows: Tensor) -> Tensor:
 def bit_sums(rows: Tensor, mix: bool = False) -> Tensor:
     """An int32 checksum of each row's bits (any dtype, any device); no host sync.
 
-    ``mix``: fold each word's high half into its low half first. In the plain sum a change of a
-    word's top bit adds 2^31 whatever its weight, so two of them cancel: an input and its
-    negation (an even number of sign flips) would sum the same. One flipped bit still changes
-    the mixed sum (the fold is invertible)."""
+    ``mix``: hash each word with its position before summing (``_mixed_words``). The plain
+    weighted sum catches damage (flipped bits, a swap of two words) but is linear: an edit that
+    keeps a weighted sum of the words collides, and structured inputs do that often (a DNA
+    sequence and its reverse complement, a reversed token sequence, a flipped binary image).
+    Inputs, whose change must never go unseen, are summed mixed."""
     words = _words(rows)
     n, m = words.shape
     out = torch.zeros(n, dtype=torch.int32, device=words.device)
     if not n or not m:
         return out
-    weights = torch.arange(m, dtype=torch.int32, device=words.device) * 2 + 1
     step = max(1, _CHUNK_WORDS // m)
+    if mix:
+        salts = _position_salts(m, words.device)
+        for start in range(0, n, step):  # bounded temporaries for large rows
+            out[start:start + step] = _mixed_words(words[start:start + step], salts).sum(1, dtype=torch.int32)
+        return out
+    weights = torch.arange(m, dtype=torch.int32, device=words.device) * 2 + 1
     for start in range(0, n, step):  # bounded temporaries for large rows
-        chunk = words[start:start + step]
-        if mix:
-            chunk = chunk ^ ((chunk >> 15) & 0x1FFFF)  # a logical shift: the fold is an invertible xorshift
-        out[start:start + step] = (chunk * weights).sum(1, dtype=torch.int32)
+        out[start:start + step] = (words[start:start + step] * weights).sum(1, dtype=torch.int32)
     return out
+
+
+def _position_salts(m: int, device: torch.device) -> Tensor:
+    """A pseudo-random int32 per word position (Weyl sequence, then one mixing round)."""
+    salts = torch.arange(1, m + 1, dtype=torch.int32, device=device) * _GOLDEN
+    return _xorshift(salts * _MIX_A, 16)
+
+
+def _xorshift(x: Tensor, k: int) -> Tensor:
+    return x ^ ((x >> k) & ((1 << (32 - k)) - 1))  # a logical shift of int32 bits
+
+
+def _mixed_words(words: Tensor, salts: Tensor) -> Tensor:
+    """Each int32 word of ``words [N, M]`` hashed with its position: the position's salt, then
+    xorshift-multiply rounds (murmur3's finaliser), in wrapping int32 arithmetic as the plain sum.
+    For each position the map is a bijection of the word (xor, odd multipliers and xorshifts
+    invert), so one changed word always changes its term; across positions the terms are
+    unrelated, so a sum of them collides by chance (about 2^-32), not by the structure of an edit."""
+    x = _xorshift(words ^ salts, 16) * _MIX_A
+    x = _xorshift(x, 13) * _MIX_B
+    return _xorshift(x, 16)
+
+
+# murmur3's finaliser multipliers and the golden ratio's Weyl step, as int32 (odd)
+_MIX_A, _MIX_B, _GOLDEN = -2048144789, -1028477387, -1640531527
 
 
 def row_sums(ids: Tensor, data: Tensor, scales: Tensor) -> Tensor:
