@@ -3,6 +3,7 @@ capacity, storage tiers, and bad input."""
 
 import errno
 import os
+import warnings
 
 import pytest
 import torch
@@ -167,6 +168,54 @@ def test_dropout_in_the_frozen_prefix_cached_and_uncached_agree():
     cached, cache, _ = train(chain_model(dropout=0.5), dict(deterministic=True))
     assert cache.active and cache.stats["hits"] > 0
     assert_same_weights(plain, cached)
+
+
+def _user_frozen_stem_run(cached, stem_in_eval=False, train_again_at=None):
+    """The user froze the stem (conv + BatchNorm + dropout) before building the freezer, and left it
+    in train mode (plain fine-tuning does); the freezer freezes nothing in these 12 steps."""
+    model = chain_model(dropout=0.3)
+    for p in list(model[0].parameters()) + list(model[1].parameters()):
+        p.requires_grad_(False)
+    if stem_in_eval:
+        model[:4].eval()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    freezer = SmartFreezer(model, opt, policy=StaticFreeze(1, at_step=10**6), example_inputs=X[:2], total_steps=100)
+    cache = ActivationCache(freezer, num_samples=N, deterministic=True) if cached else None
+    forward = cache.wrap() if cached else (lambda x, ids: model(x))
+    torch.manual_seed(3)
+    boundaries = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(12):
+            if step == train_again_at:
+                model.train()  # an epoch's model.train() puts the stem back in train mode
+            ids = torch.arange(10 * (step % 4), 10 * (step % 4) + 10)
+            out = forward(X[ids], ids)
+            nn.functional.cross_entropy(out, Y[ids]).backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+            boundaries.append(cache.boundary if cached else None)
+    return model, cache, boundaries, [str(w.message) for w in caught]
+
+
+def test_a_stem_the_user_froze_in_train_mode_is_not_cached_in_eval_mode():
+    # it used to be cached from the first step and run in eval mode: its dropout and batch
+    # statistics stopped, and training differed from the first step with nothing frozen
+    plain = _user_frozen_stem_run(False)[0]
+    cached, cache, boundaries, _ = _user_frozen_stem_run(True)
+    assert_same_weights(plain, cached)
+    assert set(boundaries) == {1}  # the conv alone: its BatchNorm runs in train mode
+    assert "BatchNorm2d '1' has no trainable parameter but runs in train mode" in cache.describe(), \
+        cache.describe()
+
+
+def test_a_stem_the_user_froze_in_eval_mode_is_cached_until_it_trains_again():
+    plain = _user_frozen_stem_run(False, stem_in_eval=True, train_again_at=6)[0]
+    cached, cache, boundaries, caught = _user_frozen_stem_run(True, stem_in_eval=True, train_again_at=6)
+    assert_same_weights(plain, cached)
+    assert boundaries[0] == 4 and boundaries[-1] == 1, boundaries  # conv, norm, relu, dropout; then the conv
+    assert sum("is in train mode now" in w for w in caught) == 1, caught
 
 
 def test_fx_model_with_cache_gives_the_same_weights():

@@ -35,8 +35,10 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.hooks import RemovableHandle
 
 from ..distributed import FreezableDDP, _is_fsdp1, _is_fsdp2, check_ddp
+from ..frozen import mode_blind
 from ..units import example_call, preserved_modes, preserved_state
-from .split import (SWAP, BlockChain, Inputs, find_blocks, hooked_modules, modules_outside, rows_need_grad,
+from .split import (SWAP, BlockChain, Inputs, block_modules, find_blocks, hooked_modules, modules_outside,
+                    rows_need_grad,
                     skipped_hooks)
 from .swap import UntracedCall
 from .storage import (PINNED_READS, STORAGE_DTYPES, TIERS, Storage, check_path, input_sums, make_storage,
@@ -195,6 +197,7 @@ class ActivationCache:
         self._prefix_state: Tuple[Any, List[Tensor], List[Tuple[int, torch.dtype]], List[Tensor]] = (None, [], [], [])
         self._leaf_reads: Tuple[Any, Optional[List[bool]]] = (None, None)  # see _read_leaves
         self._unmanaged: Tuple[Any, List[Tuple[str, Tensor]]] = (None, [])  # see _unmanaged_in_prefix
+        self._modes_kept: List[nn.Module] = []  # see _modes_not_held
         freezer.add_freeze_listener(self._on_freeze)
 
     # ------------------------------------------------------------------ public
@@ -463,6 +466,13 @@ class ActivationCache:
             self._rederive(f"{name}, inside the cached frozen prefix, trains now (it had requires_grad=False when "
                            "the freezer was built, so it is in no unit): cached rows would pass it no gradient, "
                            "and the cache now cuts before it")
+        elif self.boundary and any(m.training for m in self._modes_kept):
+            module = next(m for m in self._modes_kept if m.training)
+            self._rederive(f"{type(module).__name__} {self._module_name(module)!r}, inside the cached prefix, is in "
+                           "train mode now: you froze it "
+                           "(requires_grad=False) but the freezer does not hold it in eval mode, and rows made in "
+                           "eval mode would change what it computes (dropout, batch statistics): the cache now cuts "
+                           "before it")
         elif self.chain is not None and RemovableHandle.next_id != self._handles_seen:
             # a hook was registered somewhere since the last look (one counter read per step)
             self._handles_seen = RemovableHandle.next_id
@@ -1029,7 +1039,7 @@ class ActivationCache:
         """Leading chain blocks with every parameter frozen (the last block always runs); for
         the module-swap chain, the deepest of those cuts that passes its check. Sets
         ``cut_note``: why the cut is not deeper, when something the user can act on stops it."""
-        count, stopped_by, hooked = 0, None, None
+        count, stopped_by, hooked, in_train = 0, None, None, None
         for block in self.chain.blocks[:-1]:
             trainable = [p for p in block.parameters() if p.requires_grad]
             if trainable:
@@ -1038,10 +1048,20 @@ class ActivationCache:
             hooked = hooked_modules(block)
             if hooked:
                 break
+            in_train = next((m for m in self._modes_not_held(block) if m.training), None)
+            if in_train is not None:
+                break
             count += 1
         self.cut_note = self._why_not_deeper(count, stopped_by)
         if hooked and self.freezer.num_frozen:
             self.cut_note = self._hook_note(count, hooked)
+        if in_train is not None and self.cut_note is None:
+            name, block = self._module_name(in_train), self.chain.blocks[count].name
+            self.cut_note = (f"{type(in_train).__name__} {name!r}{'' if name == block else f' (in block {block!r})'} "
+                             "has no trainable parameter but runs in train mode, and the freezer does not hold it in eval "
+                             "mode (you froze it, or it lies after the frozen prefix): rows made in eval mode would "
+                             "change what it computes (dropout, batch statistics), so the cache cuts before it. Call "
+                             ".eval() on it to cache it now; the cache goes deeper once the freezer freezes it")
         usable = getattr(self.chain, "usable_cut", None)
         if usable is not None:
             count = usable(count)
@@ -1061,7 +1081,23 @@ class ActivationCache:
                 self.cut_note = "nothing is frozen yet (the cache serves the frozen prefix once the freezer freezes one)"
         if self.enabled:  # while nothing is cached, cache.reason says why
             self.reason = self.cut_note if count == 0 else None
+        self._modes_kept = [m for b in self.chain.blocks[:count] for m in self._modes_not_held(b)]
         return count
+
+    def _modes_not_held(self, block) -> List[nn.Module]:
+        """Modules of ``block`` that read their mode and that the freezer's frozen region does not
+        hold in eval (layers the user froze, parameter-free layers after the prefix). The cache
+        runs them in eval mode: right only while they are in eval mode anyway, which each
+        forward checks for those of the cached blocks (``_modes_kept``)."""
+        region = getattr(self.freezer, "_region", None)
+        held = set() if region is None else {id(m) for m in region.always} | {id(m) for m in region.partly}
+        # no forward (a holder of attributes) or a torch.fx segment's generated one (a trace that
+        # depends on the mode is refused): no mode is read
+        return [m for m in block_modules(block) if id(m) not in held and not mode_blind(m)
+                and type(m).forward is not nn.Module.forward and not isinstance(m, torch.fx.GraphModule)]
+
+    def _module_name(self, module: nn.Module) -> str:
+        return next((n for n, m in self.freezer.module.named_modules() if m is module), type(module).__name__)
 
     def _hook_note(self, count: int, hooked: List[nn.Module]) -> str:
         names = {id(m): n for n, m in self.freezer.module.named_modules()}

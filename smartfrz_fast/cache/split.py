@@ -663,7 +663,7 @@ def skipped_hooks(model: nn.Module, chain: BlockChain,
     return [name for name, m in (modules_outside(model, chain) if outside is None else outside) if _user_hooks(m)]
 
 
-def _block_modules(block: Block) -> List[nn.Module]:
+def block_modules(block: Block) -> List[nn.Module]:
     """The modules a cached row of ``block`` stands in for, each once."""
     modules = block.runs if block.runs is not None else [m for top in block.modules for m in top.modules()]
     return list(dict.fromkeys(modules))  # modules hash by identity
@@ -673,7 +673,7 @@ def rows_need_grad(blocks: Sequence[Block]) -> bool:
     """A module of ``blocks`` carries Hugging Face's hook that marks its output as requiring
     grad: rows served in their place must require grad too (reentrant checkpointing of the
     trainable layers after them needs an input that does)."""
-    return any(_marks_output_for_grad(h) for block in blocks for m in _block_modules(block)
+    return any(_marks_output_for_grad(h) for block in blocks for m in block_modules(block)
                for h in m._forward_hooks.values())
 
 
@@ -682,7 +682,7 @@ def hooked_modules(block: Block) -> List[nn.Module]:
     stands in for the block, so such a hook would not run on it (or would see a stand-in's
     output): the cache does not cut past them. Backward hooks do not count: a frozen block's
     calls pass no gradient (a forward whose input needs one is not served from the cache)."""
-    return [m for m in _block_modules(block) if _user_hooks(m, forward_only=True)]
+    return [m for m in block_modules(block) if _user_hooks(m, forward_only=True)]
 
 
 def fx_chain(model: nn.Module) -> BlockChain:
