@@ -75,7 +75,9 @@ def test_unit_times_land_on_the_unit_that_spends_them(fresh_seed, one_thread):
     assert slow.forward_ms >= 0.9 * FWD_S * 1e3 and slow.backward_ms >= 0.9 * BWD_S * 1e3
     for u in (units[0], units[2], units[3]):  # microseconds of work each, plus scheduling noise
         assert u.forward_ms < 0.5 * FWD_S * 1e3 and u.backward_ms < 0.5 * BWD_S * 1e3, u
-    assert step.backward_ms >= 0.9 * BWD_S * 1e3 and step.step_ms >= step.forward_ms + step.backward_ms * 0.99
+    # the whole step holds both sleeps (phases timed in separate passes are each noisy under load,
+    # so their sum may exceed a step's median)
+    assert step.backward_ms >= 0.9 * BWD_S * 1e3 and step.step_ms >= 0.9 * (FWD_S + BWD_S) * 1e3
 
 
 def test_activation_bytes_are_what_autograd_saves():
