@@ -331,6 +331,24 @@ def test_audit_turns_cache_off_on_random_augmentation():
     assert freezer.num_frozen == 2  # freezing went on (both conv units)
 
 
+def test_one_id_twice_in_a_batch_with_a_changed_input_serves_neither_position_a_wrong_row():
+    # the changed position's slot was freed and taken by its new row in the same forward, and
+    # the other position (the row's own input, counted a hit) then read the new row
+    model = chain_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, policy=StaticFreeze(2, 0), example_inputs=X[:2], total_steps=100)
+    freezer.freeze_to(2)
+    cache = ActivationCache(freezer, num_samples=N, deterministic=True, audit_rows=0)
+    run = cache.wrap()
+    model.train()
+    run(X[:10], torch.arange(10))  # rows of samples 0..9
+    x = torch.cat([X[5:6], X[20:21]])  # id 5 with its own input, then with another one
+    with pytest.warns(UserWarning, match="appears twice in one batch"):
+        out = run(x, torch.tensor([5, 5]))
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x))
+
+
 def test_undeclared_inputs_leave_cache_off():
     plain, _, _ = train(chain_model())
     model, cache, freezer = train(chain_model(), dict(deterministic=False))

@@ -701,7 +701,9 @@ class ActivationCache:
         old = store.read(slots[which], *self._act)
         store.forget(ids[which], slots[which])
         slots = slots.clone()
-        slots[which] = -1
+        # every position of a forgotten id misses, also one that came with the row's own input
+        # (one id twice in a batch): its slot is free now, and the new rows may take it
+        slots[torch.isin(ids, ids[which])] = -1
         return slots, which, old
 
     def _count_changed_rows(self, ids: Tensor, which: Tensor, miss: Tensor, fresh: Tensor, old: Tensor) -> bool:
