@@ -181,6 +181,7 @@ class ActivationCache:
         self._rows_autocast: Optional[str] = None
         self._seen = 0
         self._audit_left = audit_rows
+        self._changed = [0, 0]  # rows that changed with their input: in the last epoch, in this one
         self._resume: Optional[Dict[str, Any]] = None  # a loaded state, applied at the first forward
         self._sides = SideInputs(num_samples)
         # names the run an mmap file belongs to (in its header, kept by deeper freezes and resumes)
@@ -666,6 +667,7 @@ class ActivationCache:
         if self._seen >= self.num_samples:  # a new epoch: a new audit budget
             self._seen -= self.num_samples
             self._audit_left = self.audit_rows
+            self._changed = [self._changed[1], 0]
         if len(parts) == 1:
             return parts[0][1]
         first = parts[0][1]
@@ -709,18 +711,21 @@ class ActivationCache:
     def _count_changed_rows(self, ids: Tensor, which: Tensor, miss: Tensor, fresh: Tensor, old: Tensor) -> bool:
         """Count the samples of ``which`` (forgotten for another input, now among ``miss`` and
         recomputed in ``fresh``) whose row really changed: an input the prefix does not read
-        (labels, weights) changes nothing. More real changes than the dataset holds mean the
-        inputs change all the time (random augmentation, ids not per sample): the cache turns
-        off (False)."""
+        (labels, weights) changes nothing. More than half of the dataset's rows changing in two
+        epochs in a row means the inputs change all the time (random augmentation, ids not per
+        sample): the cache turns off (False). A dataset swapped now and then (a curriculum)
+        changes them in one epoch and keeps them the next."""
         rows = fresh[torch.searchsorted(miss, which).to(fresh.device)]
         moved = ~self._rows_agree(old, rows)
         real = int(moved.sum())
         if not real:
             return True
         self.stats["input_changed"] += real
-        if self.stats["input_changed"] > self.num_samples:
-            self._audit_failed(f"{self.stats['input_changed']} samples came back with other inputs than their "
-                               f"rows were cached from, more than the dataset's {self.num_samples}",
+        self._changed[1] += real
+        if min(self._changed) > self.num_samples // 2:
+            self._audit_failed(f"in two epochs in a row, more than half of the dataset's {self.num_samples} samples "
+                               f"came back with other inputs than their rows were cached from ({self._changed[0]}, "
+                               f"then {self._changed[1]} so far)",
                                "The inputs change from epoch to epoch (random augmentation?), or one sample id is "
                                "given to several samples")
             return False
@@ -729,8 +734,8 @@ class ActivationCache:
                         "cached row was computed from (the dataset was edited or swapped under the same ids, some "
                         "samples are augmented, or one id is given to two samples: ids must be unique per sample, "
                         "as IndexedDataset over the whole dataset gives): such rows are computed again and replaced, "
-                        "never served (counted in stats['input_changed']; more of them than the dataset holds turn "
-                        "the cache off).")
+                        "never served (counted in stats['input_changed']; more than half of the dataset in two epochs "
+                        "in a row turns the cache off).")
         return True
 
     def _row_tolerance(self) -> float:
