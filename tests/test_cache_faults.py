@@ -252,6 +252,81 @@ def test_a_dataset_swapped_now_and_then_keeps_the_cache_on():
     assert cache.enabled and cache.stats["input_changed"] == 3 * N, cache.describe()
 
 
+class _Scaled(nn.Module):
+    """A model that takes a batch-wide value besides its per-sample input: ``scale`` (read by the
+    frozen prefix: an annealed input scale) and ``count`` (read only after it, as Hugging Face's
+    num_items_in_batch is read by the loss)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.head = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x, scale, count):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x * scale))))) / count
+
+
+@pytest.mark.parametrize("make", [float, torch.tensor], ids=["number", "0-dim tensor"])
+def test_a_batch_wide_input_the_prefix_reads_recomputes_the_rows_when_it_changes(make):
+    # it was left out of the input checksum: rows of the old scale were served until an audit
+    # (with audit_rows=0, for the rest of the run)
+    model = _Scaled()
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(0))
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(2, 1),
+                           example_inputs=(x[:2], make(1.0), make(8.0)), total_steps=100)
+    freezer.freeze_to(2)
+    cache = ActivationCache(freezer, num_samples=16, deterministic=True, audit_rows=0)
+    forward = cache.wrap()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(8):
+            ids = torch.arange(8 * (step % 2), 8 * (step % 2) + 8)
+            scale, count = make(1.0 + 0.5 * (step // 4)), make(8.0 + step)  # the scale anneals once
+            with torch.no_grad():
+                expected = model(x[ids], scale, count)
+            torch.testing.assert_close(forward((x[ids], scale, count), ids), expected, rtol=0, atol=0)
+    # the count, read after the cut, changes every step and costs no hit; the scale's change
+    # recomputes each row once
+    assert cache.stats["hits"] == 32 and cache.stats["input_changed"] == 16, cache.describe()
+
+
+def test_a_python_list_of_one_value_per_sample_is_not_split_but_run_whole():
+    # a collate that returns lengths as a list: the missed samples were computed with the whole
+    # batch's list, so sample j got the length of batch position j, and that row was served later
+    class MaskedBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, 6)
+
+        def forward(self, x, lengths):  # sample i masked by lengths[i]
+            h = torch.relu(self.lin(x))
+            return h * torch.stack([torch.arange(h.shape[1]) < lengths[i] for i in range(h.shape[0])]).unsqueeze(-1)
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b, self.head = MaskedBlock(), nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x, lengths):
+            return self.head(torch.relu(self.b(self.a(x, lengths))).sum(1))
+
+    model = Masked()
+    x = torch.randn(16, 5, 6, generator=torch.Generator().manual_seed(0))
+    lengths = [1 + i % 5 for i in range(16)]
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(2, 1),
+                           example_inputs=(x[:4], lengths[:4]), total_steps=100)
+    freezer.freeze_to(2)
+    cache = ActivationCache(freezer, num_samples=16, deterministic=True, audit_rows=0)
+    forward = cache.wrap()
+    with pytest.warns(UserWarning, match="a Python list of one value per sample"):
+        for ids in (torch.arange(8), torch.tensor([0, 1, 2, 3, 8, 9, 10, 11])):
+            with torch.no_grad():
+                expected = model(x[ids], [lengths[i] for i in ids])
+            torch.testing.assert_close(forward((x[ids], [lengths[i] for i in ids]), ids), expected, rtol=0, atol=0)
+    assert cache.stats["bypassed"] == 2
+
+
 def test_inputs_the_prefix_does_not_read_may_change():
     # pseudo-labels passed to the model, renewed every epoch: the input checksum leaves out what
     # the prefix does not read, so rows are still served (every one was a miss)

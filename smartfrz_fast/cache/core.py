@@ -551,6 +551,11 @@ class ActivationCache:
         other = self._other_input_shape(inputs)
         if other is not None:
             return "shape", other
+        listed = _python_rows((inputs.args, inputs.kwargs), _batch_size(inputs))
+        if listed is not None:
+            return "python_rows", (f"the inputs hold a Python {listed} of one value per sample (sequence lengths?), "
+                                   "which the cache cannot split into the samples it computes and those it serves; "
+                                   "pass such values as a tensor to cache")
         if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
                                            for t in tree_flatten((inputs.args, inputs.kwargs))[0]):
             return "input_grad", ("an input requires grad, and a cached row passes no gradient back to the input "
@@ -732,7 +737,8 @@ class ActivationCache:
         sample = int(ids[which[moved.nonzero()[0, 0].to(which.device)]])
         self._warn_once("input_changed", f"ActivationCache: sample id {sample} came with another input than its "
                         "cached row was computed from (the dataset was edited or swapped under the same ids, some "
-                        "samples are augmented, or one id is given to two samples: ids must be unique per sample, "
+                        "samples are augmented, a value the same for the whole batch changed, or one id is given "
+                        "to two samples: ids must be unique per sample, "
                         "as IndexedDataset over the whole dataset gives): such rows are computed again and replaced, "
                         "never served (counted in stats['input_changed']; more than half of the dataset in two epochs "
                         "in a row turns the cache off).")
@@ -836,14 +842,22 @@ class ActivationCache:
                     base = [self.chain.run(sample, 0, stop) for stop in stops]
                     reads = []
                     for i, leaf in enumerate(leaves):
-                        rolled = leaf.roll(1, 0) if isinstance(leaf, Tensor) and leaf.dim() > 0 \
-                            and leaf.shape[0] == n else None
-                        if rolled is None or torch.equal(rolled, leaf):
-                            reads.append(True)  # not per sample, or all samples alike: cannot tell
-                            continue
-                        args, kwargs = tree_unflatten(leaves[:i] + [rolled] + leaves[i + 1:], sample_spec)
-                        reads.append(any(not _same_tensor(self.chain.run(Inputs(args, kwargs), 0, stop), b)
-                                         for stop, b in zip(stops, base)))
+                        if _per_sample(leaf, n):
+                            other = leaf.roll(1, 0)
+                            if torch.equal(other, leaf):
+                                reads.append(True)  # all samples alike: cannot tell
+                                continue
+                        else:  # the same for the whole batch (HF's num_items_in_batch, a noise level)
+                            other = _nudged(leaf)
+                            if other is None:
+                                reads.append(True)  # cannot tell
+                                continue
+                        args, kwargs = tree_unflatten(leaves[:i] + [other] + leaves[i + 1:], sample_spec)
+                        try:
+                            reads.append(any(not _same_tensor(self.chain.run(Inputs(args, kwargs), 0, stop), b)
+                                             for stop, b in zip(stops, base)))
+                        except Exception:  # noqa: BLE001 -- a value the prefix cannot take nudged: it reads it
+                            reads.append(True)
             except Exception:  # noqa: BLE001 -- a probe the model cannot run: every leaf counts
                 reads = None
             finally:
@@ -988,8 +1002,9 @@ class ActivationCache:
                 self._disable(
                     f"audit: the frozen prefix is not deterministic: computing sample {sample} twice from the "
                     f"same input gave results {drift:.3g} apart (allowed {float(bound[worst]):.3g}). Some op "
-                    "before the cut draws random numbers or is nondeterministic even in eval mode; the cache "
-                    "is off and the prefix runs every step")
+                    "before the cut draws random numbers or is nondeterministic even in eval mode, or a sample's "
+                    "row depends on the other samples of its batch (a batch statistic such as x - x.mean(0)); "
+                    "the cache is off and the prefix runs every step")
                 warnings.warn(f"ActivationCache turned off: {self.reason}", stacklevel=5)
                 return False
             found = (f"the cached activation of sample {sample} differs from a fresh recompute (max error "
@@ -1009,8 +1024,10 @@ class ActivationCache:
         # another input than the row's is never served (_forget_changed_inputs): the prefix changed
         return (f"Sample id {sample} came with the same input its row was cached from, yet the frozen prefix "
                 "now computes something else: the prefix is not deterministic (random ops, nondeterministic "
-                "kernels beyond the tolerance) or its frozen weights or buffers were changed through .data, "
-                "which torch does not track (in-place writes otherwise drop the rows)")
+                "kernels beyond the tolerance), its frozen weights or buffers were changed through .data, "
+                "which torch does not track (in-place writes otherwise drop the rows), or a setting of a frozen "
+                "module that is no tensor changed (an adapter's scaling or active adapter, an attribute the "
+                "forward reads)")
 
     def _check_repeated_ids(self, ids: Tensor, first: Tensor, in_sums: Tensor) -> None:
         """One id twice in a batch with two different inputs: the ids are not per sample.
@@ -1572,11 +1589,62 @@ def _same_tensor(a: Any, b: Any) -> bool:
 
 
 def _input_sums(leaves: List[Any], batch: int, reads: Optional[List[bool]] = None) -> Tensor:
-    """A checksum of each sample's input, from the inputs' flattened ``leaves`` (every tensor
-    with the batch dimension; with ``reads``, only the leaves it marks)."""
+    """A checksum of each sample's input, from the inputs' flattened ``leaves`` (with ``reads``,
+    only the leaves it marks): every tensor with the batch dimension, and the values that are the
+    same for the whole batch (a number, a 0-dim or ``[1]`` tensor: an annealed scale or noise
+    level), folded into every sample's sum, so that a change of them recomputes the rows."""
     if reads is not None:
         leaves = [t for t, read in zip(leaves, reads) if read]
-    return input_sums([t for t in leaves if isinstance(t, Tensor)], batch)
+    sums = input_sums([t for t in leaves if isinstance(t, Tensor)], batch)
+    shared = [t for t in leaves if isinstance(t, _SHARED_TYPES) and not _per_sample(t, batch)]
+    if not shared:
+        return sums
+    total = sums.to(torch.int32) * _SHARED_MIX
+    for value in shared:
+        if isinstance(value, Tensor):
+            total = total + tensor_sum(value).to(total.device)
+        else:  # a Python value: its repr is stable within the process (hash() of a str is salted per process)
+            total = total + int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=4).digest(), "little",
+                                           signed=True)
+        total = total * _SHARED_MIX
+    return torch.where(total == 0, torch.ones_like(total), total)
+
+
+_SHARED_MIX = 1000003  # odd: folding a value in keeps every bit of the sum
+# batch-wide values whose repr is their value (not an object's address)
+_SHARED_TYPES = (Tensor, int, float, complex, str, bytes, type(None))
+
+
+def _nudged(value: Any) -> Any:
+    """Another value of a batch-wide input, to see whether the prefix reads it; None if none
+    can be made (a flag, a string, a mask)."""
+    if isinstance(value, Tensor):
+        if value.dtype == torch.bool or value.is_complex() or value.numel() > 1024:
+            return None
+        return value + 1
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value + 1
+    return None
+
+
+def _per_sample(leaf: Any, batch: int) -> bool:
+    return isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == batch
+
+
+def _python_rows(tree: Any, batch: int) -> Optional[str]:
+    """'list' (or 'tuple') where ``tree`` holds a list or tuple of ``batch`` plain Python values
+    (numbers, strings): one value per sample, which no tensor indexing can split. None if none."""
+    if batch < 2:
+        return None
+    if isinstance(tree, (list, tuple)):
+        if len(tree) == batch and all(isinstance(v, (int, float, complex, str, bytes)) for v in tree):
+            return type(tree).__name__
+        children = tree
+    elif isinstance(tree, Mapping):
+        children = list(tree.values())
+    else:
+        return None
+    return next((found for child in children if (found := _python_rows(child, batch)) is not None), None)
 
 
 def _first_occurrences(ids: Tensor) -> Tuple[Tensor, Tensor]:
