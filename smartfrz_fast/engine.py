@@ -155,13 +155,17 @@ def _user_frozen_modules(model: nn.Module, frozen_params: set) -> set:
     return found
 
 
-def _remove_params(optimizer: torch.optim.Optimizer, ids: set) -> None:
+def _remove_params(optimizer: torch.optim.Optimizer, ids: set) -> Dict[int, int]:
     """Take these parameters out of the optimizer's groups and delete their state (a state
-    entry left behind would break ``optimizer.state_dict()``)."""
-    for group in optimizer.param_groups:
+    entry left behind would break ``optimizer.state_dict()``). Returns the group each one
+    was in (by id)."""
+    taken = {}
+    for index, group in enumerate(optimizer.param_groups):
+        taken.update({id(p): index for p in group["params"] if id(p) in ids})
         group["params"] = [p for p in group["params"] if id(p) not in ids]
     for p in [p for p in optimizer.state if id(p) in ids]:
         del optimizer.state[p]
+    return taken
 
 
 def _range(name: str):
@@ -284,6 +288,7 @@ class SmartFreezer:
         # what must stay frozen, refreshed after each freeze and parameter swap (None: stale)
         self._held: Optional[Tuple[List[Tuple[str, Tensor]], List[Tuple[str, Tensor]]]] = None
         self._last_held: Dict[int, int] = {}  # unit -> last step it was seen held frozen by the user's code
+        self._taken: Dict[int, Dict[str, int]] = {}  # id(optimizer) -> {frozen parameter's name: its group}
         self._frozen_by_user: set = set()  # ids of the parameters frozen when the freezer was set up
         self._user_frozen_modules: set = set()  # ids of the modules made only of those (_user_frozen_modules)
         self._guard: Optional[guards.Guard] = None  # made at set-up: watches the model and the optimizers
@@ -735,7 +740,29 @@ class SmartFreezer:
             p.grad = None
         ids = {id(p) for p in params}
         for opt in self.optimizers:
-            _remove_params(opt, ids)
+            self._note_taken(opt, _remove_params(opt, ids))
+
+    def _note_taken(self, optimizer: torch.optim.Optimizer, taken: Dict[int, int]) -> None:
+        """Remember (by name) which group of ``optimizer`` each frozen parameter left, so that
+        ``close()`` gives it back (a user who then sets requires_grad=True trains it with the
+        optimizer they kept)."""
+        names = {id(p): n for n, p in self.module.named_parameters(remove_duplicate=False)}
+        groups = self._taken.setdefault(id(optimizer), {})
+        groups.update({names[pid]: index for pid, index in taken.items() if pid in names})
+
+    def _give_back_frozen(self) -> None:
+        """The frozen parameters go back into the groups of the freezer's optimizers they left
+        (no state: it was deleted). Frozen with requires_grad=False, they get no gradient, so
+        an optimizer steps over them; set requires_grad=True and they train again."""
+        current = dict(self.module.named_parameters(remove_duplicate=False))
+        for opt in self.optimizers:
+            held = {id(p) for g in opt.param_groups for p in g["params"]}
+            for name, index in self._taken.get(id(opt), {}).items():
+                param = current.get(name)
+                if param is not None and id(param) not in held and index < len(opt.param_groups):
+                    opt.param_groups[index]["params"].append(param)
+                    held.add(id(param))
+        self._taken.clear()
 
     def _warn_user_frozen_to_eval(self, switched: Sequence[nn.Module]) -> None:
         """Modules the user froze before set-up, left in train mode, that the prefix now runs in
@@ -796,7 +823,8 @@ class SmartFreezer:
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         replaced = [o for o in self.optimizers if any(id(p) in held for g in o.param_groups for p in g["params"])]
         self.optimizers = [o for o in self.optimizers if all(o is not r for r in replaced)] + [optimizer]
-        _remove_params(optimizer, {id(p) for _, p in self.plan.frozen_parameters(self.num_frozen)})
+        frozen = {id(p) for _, p in self.plan.frozen_parameters(self.num_frozen)}
+        self._note_taken(optimizer, _remove_params(optimizer, frozen))
         if self.policy.manages_lr:  # runs in this very step, like the hook below
             self._scale_unit_lrs([optimizer])
         if self.policy.needs_gradients:  # runs after this very step, as for the freezer's own optimizers
@@ -1194,6 +1222,8 @@ class SmartFreezer:
             return
         self._remove_first_forward_hook()
         self.policy.close()
+        if self.plan is not None:
+            self._give_back_frozen()
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()

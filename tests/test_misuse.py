@@ -3,6 +3,7 @@ a re-created optimizer, replaced parameters, a changed model, step() miscounted,
 close(), two freezers on one model, policies returning something that is not a prefix length."""
 
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -286,6 +287,32 @@ def test_use_after_close_is_refused_and_close_twice_is_fine():
             call()
     assert "frozen: 1" in freezer.report() and freezer.state_dict()["num_frozen"] == 1  # reading still works
     opt.step()  # its hooks are gone
+
+
+@pytest.mark.parametrize("recreated", [False, True], ids=["its optimizer", "a re-created optimizer"])
+def test_close_gives_the_frozen_parameters_back_to_the_optimizer_they_left(recreated):
+    # "close() the freezer to unfreeze": the frozen layers got gradients again after
+    # requires_grad_(True) but never moved, since freezing took them out of the optimizer
+    model = SmallCNN()
+    opt = torch.optim.SGD([{"params": list(model.parameters())[:2], "lr": 0.01},
+                           {"params": list(model.parameters())[2:]}], lr=0.05, momentum=0.9)
+    freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=2), example_inputs=batch(0)[0])
+    train_steps(model, opt, freezer, 3)
+    if recreated:  # followed: the frozen parameters leave it at its first step
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        train_steps(model, opt, freezer, 1, start=3)
+    frozen = [p for _, p in freezer.plan.frozen_parameters(freezer.num_frozen)]
+    assert frozen and not any(p is q for p in frozen for g in opt.param_groups for q in g["params"])
+    freezer.close()
+    model.requires_grad_(True)
+    before = [p.detach().clone() for p in frozen]
+    train_steps(model, opt, SimpleNamespace(step=lambda: None), 2, start=4)
+    assert all(not torch.equal(a, p) for a, p in zip(before, frozen))
+    if not recreated:  # each in the group it left, with that group's settings
+        assert [any(p is q for q in opt.param_groups[0]["params"]) for p in frozen[:2]] == [True, True]
+    second = SmartFreezer(model, opt, StaticFreeze(1, at_step=1), example_inputs=batch(0)[0])  # two-phase training
+    train_steps(model, opt, second, 1)
+    assert second.num_frozen == 1
 
 
 def test_second_freezer_on_one_model_is_refused_until_the_first_is_closed():
