@@ -1084,6 +1084,10 @@ class SmartFreezer:
             )
         if self.num_frozen or self.step_count:
             raise RuntimeError("load_state_dict needs a fresh SmartFreezer (no steps taken yet)")
+        # the model may have been loaded with load_state_dict(assign=True) since set-up: the state
+        # freezes the parameters it holds now (else the old ones, and the next step found the
+        # new ones "replaced" and still training); a changed model raises here, before any change
+        self._resync()
         self._check_settings(state["settings"])
         step, num_frozen = state["step"], state["num_frozen"]
         if not (_is_int(step) and step >= 0 and _is_int(num_frozen) and 0 <= num_frozen <= len(self.units)):

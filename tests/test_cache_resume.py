@@ -3,6 +3,7 @@ with fresh objects ends with bit-identical weights to an uninterrupted one (fp32
 rows come back only when they belong to the resumed model and boundary."""
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -44,10 +45,10 @@ def checkpoint(path, model, opt, freezer, cache, rows):
                 "cache": cache.state_dict(rows=rows)}, path)
 
 
-def resume(ckpt_path, **cache_args):
+def resume(ckpt_path, assign=False, **cache_args):
     model, opt, freezer, cache = build(**cache_args)
     ckpt = torch.load(ckpt_path, weights_only=False)
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(ckpt["model"], assign=assign)
     freezer.load_state_dict(ckpt["freezer"])  # before the optimizer: it removes frozen params
     opt.load_state_dict(ckpt["optimizer"])
     cache.load_state_dict(ckpt["cache"])
@@ -89,6 +90,26 @@ def test_resumed_run_is_bit_identical(case, tmp_path):
         assert cache.stats == reference.stats, (cache.stats, reference.stats)
     else:  # rows refilled after the resume: the first epoch misses again
         assert cache.stats["misses"] == reference.stats["misses"] + N
+
+
+def test_a_model_loaded_with_assign_true_resumes_bit_identical_with_no_warning(tmp_path):
+    # load_state_dict(assign=True) replaces the parameters before the freezer's state freezes
+    # them: the state froze the old tensors, the first forward raised on the cache's rows ("this
+    # run caches 0 blocks"), and without rows the first step warned that frozen ones were replaced
+    full = build(storage="memory")
+    run(*full, 0, TOTAL)
+    part = build(storage="memory")
+    run(*part, 0, SPLIT)
+    checkpoint(tmp_path / "ckpt.pt", *part, rows=True)
+    resumed = resume(tmp_path / "ckpt.pt", assign=True, storage="memory")
+    frozen = [p for _, p in resumed[2].plan.frozen_parameters(resumed[2].num_frozen)]
+    assert frozen and not any(p.requires_grad for p in frozen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(*resumed, SPLIT, TOTAL)
+    for (name, p), q in zip(full[0].state_dict().items(), resumed[0].state_dict().values()):
+        assert torch.equal(p, q), f"{name} differs after resume"
+    assert resumed[3].stats == full[3].stats
 
 
 def test_rows_state_is_exact_and_small_without_rows():
