@@ -1214,6 +1214,15 @@ class SmartFreezer:
                 "it was saved by an older smartfrz_fast, whose units put a parameter that its module reads after "
                 "other layers (BEiT's lambda_2, Mamba's D) with its module's first read. Start the freezer fresh "
                 "(the model's and optimizer's states still load), or resume with the version that saved it.")
+        still_frozen = sorted({n for _, ps in saved for n, _ in ps}
+                              & {n for n, p in self.module.named_parameters() if not p.requires_grad})
+        if still_frozen:
+            raise ValueError(
+                f"this SmartFreezer checkpoint's units hold parameters that require no grad in this model "
+                f"({', '.join(still_frozen[:3])}{' ...' if len(still_frozen) > 3 else ''}), so this freezer found "
+                f"other units ({detail}). A model saved whole (torch.save(model)), copied (copy.deepcopy) or "
+                "reused after close() keeps its frozen layers' requires_grad=False. Set requires_grad=True on the "
+                "layers you train (model.requires_grad_(True)) before building the freezer, then load its state.")
         raise ValueError(
             f"this SmartFreezer checkpoint belongs to a different model ({detail}). Resume with "
             "the model the checkpoint was saved from, or start the freezer fresh."

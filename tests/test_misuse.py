@@ -2,6 +2,7 @@
 a re-created optimizer, replaced parameters, a changed model, step() miscounted, use after
 close(), two freezers on one model, policies returning something that is not a prefix length."""
 
+import copy
 import warnings
 from types import SimpleNamespace
 
@@ -444,6 +445,27 @@ def test_corrupt_freezer_states_are_refused_and_change_nothing(tmp_path, path, v
     assert_unchanged(before, snapshot(model, opt, fresh))
     fresh.load_state_dict(state)  # the good state still loads
     assert fresh.num_frozen == state["num_frozen"]
+
+
+def test_a_model_saved_whole_after_freezing_is_told_to_require_grad_again(tmp_path):
+    # torch.save(model) / deepcopy keep the frozen layers' requires_grad=False: the new freezer
+    # finds fewer units, and the state was refused as "a different model"
+    model = SmallCNN()
+    opt = sgd(model)
+    freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=2), example_inputs=batch(0)[0])
+    train_steps(model, opt, freezer, 3)
+    state = freezer.state_dict()
+    copy_ = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh = SmartFreezer(copy_, sgd(copy_), StaticFreeze(2, at_step=2), example_inputs=batch(0)[0])
+    with pytest.raises(ValueError, match=r"hold parameters that require no grad in this model .*model.requires_grad_"):
+        fresh.load_state_dict(state)
+    fresh.close()
+    copy_.requires_grad_(True)
+    fresh = SmartFreezer(copy_, sgd(copy_), StaticFreeze(2, at_step=2), example_inputs=batch(0)[0])
+    fresh.load_state_dict(state)
+    assert fresh.num_frozen == 2
 
 
 def test_history_zeros_after_its_count_are_checked(tmp_path):
