@@ -529,11 +529,11 @@ class SmartFreezer:
                 "units stay frozen; its state_dict() resumes in the new one).")
         self._require_setup()
 
-    def _require_setup(self) -> None:
+    def _require_setup(self, call: str = "step() or load_state_dict()") -> None:
         if self.plan is None:
             raise RuntimeError(
                 "SmartFreezer has not seen the model run yet: pass example_inputs=..., or run a "
-                "forward pass before calling step() or load_state_dict()."
+                f"forward pass before calling {call}."
             )
 
     def step(self) -> None:
@@ -1035,7 +1035,8 @@ class SmartFreezer:
 
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to continue bit-identically (model and optimizer states apart)."""
-        self._require_setup()
+        self._require_setup("state_dict() (a checkpoint before the first forward holds nothing of the "
+                            "freezer: start it fresh when you resume from there)")
         if not self._closed:
             self._resync()  # deleting a module calls no hook: the model is re-read in full here
         pending = []

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import warnings
+import weakref
 from typing import Any, Callable, Dict, List
 
 import torch
@@ -105,6 +107,28 @@ def mode_blind(module: nn.Module) -> bool:
 @engine_hook
 def _force_eval(module: nn.Module, args) -> None:
     module.training = False
+    if getattr(module, "momentum", 0.1) is None:  # a cumulative average: update_bn's pass (rare otherwise)
+        _warn_statistics_reset(module)
+
+
+_reset_warned: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # warned once per layer
+
+
+def _warn_statistics_reset(module: nn.Module) -> None:
+    """``torch.optim.swa_utils.update_bn`` on the live model resets every BatchNorm's running
+    statistics and re-estimates them in train mode; a frozen one runs in eval mode, so its
+    statistics stay reset (mean 0, variance 1) and the model evaluates wrong. One warning per
+    layer; a host read only here."""
+    tracked = getattr(module, "num_batches_tracked", None)
+    if module in _reset_warned or not isinstance(tracked, torch.Tensor) or int(tracked) != 0:
+        return
+    _reset_warned.add(module)
+    warnings.warn(
+        f"SmartFreezer: the running statistics of frozen {type(module).__name__} layers were reset (momentum=None, "
+        "nothing tracked): torch.optim.swa_utils.update_bn on the live model does that and re-estimates them in "
+        "train mode, but a frozen layer runs in eval mode, so its statistics stay reset (mean 0, variance 1) "
+        "and the model now evaluates wrong. Run update_bn on a copy (the AveragedModel it is meant for), or "
+        "call freezer.close() first; restore these layers' statistics from a checkpoint.", stacklevel=2)
 
 
 def _detached(output: Any) -> Any:

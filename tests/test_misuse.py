@@ -759,6 +759,23 @@ def test_a_schedule_keeps_its_schedule_over_a_layer_the_user_holds_frozen():
     assert timeline == [(3, 2)] and not any("your code held it frozen" in w for w in caught), (timeline, caught)
 
 
+def test_update_bn_on_the_live_model_warns_that_frozen_statistics_stay_reset():
+    # update_bn resets every BatchNorm and re-estimates it in train mode; the frozen ones run in
+    # eval mode, so they stayed at mean 0 / variance 1, silently
+    model = _mlp(bn=True)
+    opt = sgd(model)
+    freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=1), example_inputs=torch.randn(4, 8), total_steps=100)
+    for seed in range(3):
+        _train_step(model, opt, freezer, seed)
+    loader = [torch.randn(16, 8) for _ in range(2)]
+    with pytest.warns(UserWarning, match=r"frozen BatchNorm1d layers were reset.*update_bn on a copy"):
+        torch.optim.swa_utils.update_bn(loader, model)
+    averaged = torch.optim.swa_utils.AveragedModel(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.optim.swa_utils.update_bn(loader, averaged)  # on the copy: right, and no warning
+
+
 def test_a_layer_frozen_before_set_up_that_trains_later_inside_the_prefix_warns():
     """A layer frozen by hand when the freezer was built is no unit; trained later in front of
     the freezer's prefix, it runs in eval mode and its gradient crosses the frozen units."""

@@ -497,7 +497,9 @@ class ActivationCache:
             self.stats["bypassed"] += 1
             self._warn_once("eval", "ActivationCache: a forward with the model in eval mode (validation) runs the "
                             "whole model, and neither reads nor stores rows: a validation set's sample ids may name "
-                            "other samples than training's (counted in stats['bypassed']).")
+                            "other samples than training's (counted in stats['bypassed']). The cache tells training "
+                            "by the model's own mode: to train with a backbone in eval mode (linear probing), call "
+                            "model.train() and then backbone.eval(), not model.eval() and then head.train().")
             return model(*inputs.args, **inputs.kwargs)
         if not torch.is_grad_enabled():  # no training step either: a pass over other data, maybe under the same ids
             self.stats["bypassed"] += 1
