@@ -41,9 +41,6 @@ STATE_FORMAT = "smartfrz_fast.SmartFreezer"
 STATE_VERSION = 1
 _STATE_KEYS = ("signature", "settings", "policy", "policy_state", "step", "num_frozen", "timeline", "pending",
                "history")
-# Backward costs about twice the forward (input and weight gradients): freezing a prefix
-# saves ~2/3 of its training FLOPs; caching its output too would save all 3/3.
-BACKWARD_TO_FORWARD = 2.0
 # what happens to shared parameters a frozen prefix splits, per shared_parameters mode
 _SHARED_FATE = {
     "train": "keep training from their reads after the frozen prefix; their reads inside it pass no gradient",
@@ -408,7 +405,7 @@ class SmartFreezer:
         if self._sync is not None:
             self._check_ranks_agree(plan)
         self.policy.bind(PolicyContext(
-            units=[UnitInfo(u.index, u.name, u.num_params, u.forward_flops, tuple(u.module_names))
+            units=[UnitInfo(u.index, u.name, u.num_params, u.forward_flops, tuple(u.module_names), u.backward_flops)
                    for u in plan.units],
             total_steps=self.total_steps,
             device=device,
@@ -959,13 +956,13 @@ class SmartFreezer:
 
     def frozen_flops_fraction(self, num_frozen: Optional[int] = None) -> float:
         """Share of one training step's FLOPs (forward + backward) that freezing the first
-        ``num_frozen`` units removes: their backward, about twice their forward, and with
+        ``num_frozen`` units removes: their backward (``Unit.backward_flops``: about twice their
+        forward, once where their weights require no grad, as a LoRA base layer's), and with
         ``shared_parameters="freeze"`` the weight gradient of the later reads of the shared
         parameters they froze (about one forward of those reads)."""
         n = self.num_frozen if num_frozen is None else num_frozen
-        frozen = sum(u.forward_flops for u in self.units[:n])
-        total = self.plan.total_forward_flops * (1.0 + BACKWARD_TO_FORWARD)
-        saved = BACKWARD_TO_FORWARD * frozen + self.plan.later_read_flops(n)
+        total = self.plan.total_forward_flops + self.plan.total_backward_flops
+        saved = sum(u.backward_flops for u in self.units[:n]) + self.plan.later_read_flops(n)
         return saved / total if total else 0.0
 
     def training_flops_saved(self, total_steps: Optional[int] = None) -> float:

@@ -64,6 +64,9 @@ class Unit:
     param_names: List[str]
     parameters: List[nn.Parameter]
     forward_flops: int = 0
+    # what its span's backward costs: twice its forward where every weight trains, less where some
+    # require no grad (a LoRA base layer computes no weight gradient), 0 before the first trained op
+    backward_flops: float = 0.0
     norm_modules: List[nn.Module] = field(default_factory=list)
     # dropout modules whose last call falls in this unit's span of the forward pass (after its
     # first op, before the next unit's); every module of that span goes to eval with the unit
@@ -112,6 +115,7 @@ class UnitPlan:
     refused_cuts: Dict[int, str] = field(default_factory=dict)
     # id(module) -> its descendants the traced forward never called (filled by eval_modules)
     _uncalled_descendants: Dict[int, List[nn.Module]] = field(default_factory=dict, repr=False, compare=False)
+    total_backward_flops: float = 0.0  # the backward of one step (see Unit.backward_flops)
 
     def largest_allowed_cut(self, at_most: int) -> int:
         for cut in range(min(at_most, len(self.units)), -1, -1):
@@ -220,16 +224,21 @@ def _rnn_flops(input: Any, weights: Sequence[Any]) -> int:
 
 class _ForwardTracer(TorchDispatchMode):
     """Records every read of each watched tensor (and of its views), the innermost module call
-    around it, and the FLOPs of every op."""
+    around it, the FLOPs of every op, and what its backward costs (``op_backward``)."""
 
-    def __init__(self, watched: Dict[int, str]):
+    def __init__(self, watched: Dict[int, str], fixed: Optional[set] = None):
         super().__init__()
         from torch.utils.flop_counter import flop_registry
 
         self._flop_registry = flop_registry
         self.watched = watched
+        self.fixed = set(fixed or ())  # ids of parameters that require no grad (a LoRA base), and their views
         self.reads: Dict[str, List[Tuple[int, Optional[Tuple[int, int]]]]] = {}
         self.op_flops: List[int] = []
+        # each op's backward in units of its forward: 2 (input and weight gradients), 1 where its only
+        # weights require no grad (input gradient only), 0 before the first trainable read (none)
+        self.op_backward: List[float] = []
+        self._trained_from: Optional[int] = None  # the first op that reads a trainable parameter
         self.module_calls: Dict[int, List[List[int]]] = {}  # id(module) -> [[first op, end op], ...]
         self.stack: List[Tuple[int, int]] = []  # the module calls running: (id(module), call number)
         self._views: List[torch.Tensor] = []  # kept alive: their ids stay theirs during the pass
@@ -239,11 +248,20 @@ class _ForwardTracer(TorchDispatchMode):
         op_index = len(self.op_flops)
         call = self.stack[-1] if self.stack else None
         names: Dict[str, torch.Tensor] = {}
+        fixed = None
         for leaf in tree_flatten((args, kwargs))[0]:
-            name = self.watched.get(id(leaf)) if isinstance(leaf, torch.Tensor) else None
+            if not isinstance(leaf, torch.Tensor):
+                continue
+            name = self.watched.get(id(leaf))
             if name is not None and name not in names:
                 names[name] = leaf
                 self.reads.setdefault(name, []).append((op_index, call))
+            elif name is None and id(leaf) in self.fixed:
+                fixed = leaf
+        if names and self._trained_from is None:
+            self._trained_from = op_index
+        self.op_backward.append(2.0 if names or (self._trained_from is not None and fixed is None)
+                                else 1.0 if self._trained_from is not None else 0.0)
         out = func(*args, **kwargs)
         count = self._flop_registry.get(func._overloadpacket)
         if count is not None:
@@ -256,6 +274,9 @@ class _ForwardTracer(TorchDispatchMode):
             # view reads the parameter, and its FLOPs are the parameter's
             self._views.append(out)
             self.watched[id(out)] = next(iter(names))
+        elif not names and fixed is not None and isinstance(out, torch.Tensor) and _aliases(out, fixed):
+            self._views.append(out)
+            self.fixed.add(id(out))
         return out
 
     def first_use(self, name: str) -> int:
@@ -394,10 +415,10 @@ def compiled_modules_run_eagerly(model: nn.Module) -> Iterator[None]:
 
 
 def trace_forward(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[str, Any]],
-                  watched: Dict[int, str]) -> _ForwardTracer:
+                  watched: Dict[int, str], fixed: Optional[set] = None) -> _ForwardTracer:
     """Run one forward pass under the tracer without changing the model or the RNG."""
     watched = dict(watched)  # grows below; the caller's map stays as it was
-    tracer = _ForwardTracer(watched)
+    tracer = _ForwardTracer(watched, fixed)
     # FSDP2 swaps each sharded parameter for an unsharded one while its module runs: watch
     # whatever tensor a module holds under a watched parameter's name when the module runs.
     names = {(id(m), attr): watched[id(p)] for m in model.modules()
@@ -453,7 +474,8 @@ def discover_units(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[
             "SmartFreezer: the model has no trainable parameters (none with requires_grad=True), "
             "so there is nothing to freeze. Pass the model you train, before freezing any of it."
         )
-    tracer = trace_forward(model, args, kwargs, trainable)
+    tracer = trace_forward(model, args, kwargs, trainable,
+                           fixed={id(p) for p in model.parameters() if not p.requires_grad})
     untraced = [name for name in trainable.values() if name not in tracer.reads]
 
     # Layers: the owning module of each traced parameter, ordered by first use.
@@ -520,6 +542,7 @@ def discover_units(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[
             param_names=names,
             parameters=[params_by_name[n] for n in names],
             forward_flops=sum(tracer.op_flops[start:end]),
+            backward_flops=sum(f * b for f, b in zip(tracer.op_flops[start:end], tracer.op_backward[start:end])),
             norm_modules=[m for m in modules if is_norm_module(m)],
             dropout_modules=dropouts_of.get(index, []),
         ))
@@ -535,7 +558,8 @@ def discover_units(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[
                 unit_of[name], last_unit, [(op, call, tracer.op_flops[op]) for op, call in reads]))
     shared.sort(key=lambda s: (s.unit, s.reads[0][0]))
     plan = UnitPlan(units, [True] * (len(units) + 1), untraced, sum(tracer.op_flops), shared_parameters, shared,
-                    [0] + op_starts[1:] + [num_ops], module_calls)
+                    [0] + op_starts[1:] + [num_ops], module_calls,
+                    total_backward_flops=sum(f * b for f, b in zip(tracer.op_flops, tracer.op_backward)))
 
     if shared_parameters == "train":
         # A shared parameter keeps training past a cut only if its every read inside the prefix

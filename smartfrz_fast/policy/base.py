@@ -81,6 +81,9 @@ class UnitInfo:
     # the unit's modules' names in the model ("" for the model itself); ``name`` joins them
     # with "+", which a module's own name may contain
     module_names: Tuple[str, ...] = ()
+    # what freezing it saves of a step's backward (about twice forward_flops; less where its
+    # weights require no grad, as a LoRA base layer's); None: unknown, take forward_flops
+    backward_flops: Optional[float] = None
 
 
 @dataclass

@@ -69,8 +69,10 @@ class SmartFRZ(FreezePolicy):
             pretrained weights keep small from the start; this compares a unit with its own
             start of the run (``docs/predictor.md``, "Settling").
         min_flops_share: freeze only once the frozen prefix would hold at least this share of
-            the model's forward FLOPs (default 0.02; 0: no such condition). A prefix of almost
-            no compute (an embedding) waits until the units after it may freeze too.
+            the model's backward FLOPs, what freezing it saves (default 0.02; 0: no such
+            condition; for an ordinary model the same share as of its forward FLOPs). A prefix
+            of almost no compute (an embedding, a LoRA adapter) waits until the units after it
+            may freeze too.
     """
 
     name = "smartfrz"
@@ -199,7 +201,10 @@ class SmartFRZ(FreezePolicy):
         # the documented guard, exact: the first decision after ceil(min_progress * total_steps)
         total = context.total_steps
         self.first_decision_step = math.ceil(self.min_progress * total) if total else 0
-        flops = torch.tensor([0.0] + [float(u.forward_flops) for u in context.units], dtype=torch.float64)
+        # the share of a step's work the prefix saves (on a LoRA model its base layers' forward
+        # would count a prefix of adapters as a large saving)
+        flops = torch.tensor([0.0] + [float(u.forward_flops if u.backward_flops is None else u.backward_flops)
+                                      for u in context.units], dtype=torch.float64)
         if flops.sum() > 0 and self.min_flops_share > 0:  # unknown FLOPs (all 0): no such condition
             self._prefix_share = (flops.cumsum(0) / flops.sum()).to(torch.float32).to(context.device)
 
