@@ -845,6 +845,14 @@ class SmartFreezer:
                              "as one saved after layers froze does. Load the freezer's state first "
                              "(freezer.load_state_dict(...), which takes the frozen parameters out), then the "
                              "optimizer's; a state saved from another model does not fit this optimizer at all.")
+        taken = len(self._taken.get(id(optimizer), {}))
+        if len(saved) == len(mine) and taken and sum(saved) - sum(mine) == taken:
+            raise ValueError(
+                f"this optimizer state still holds the {taken} frozen parameters that this optimizer no longer has: "
+                "it was saved from an optimizer re-created after a freeze and before its first step (the freezer "
+                "takes frozen parameters out of a new optimizer when it first steps). Load it into an optimizer "
+                "over all the parameters before the freezer's state (optimizer.load_state_dict(...), then "
+                "freezer.load_state_dict(...), which takes them out), or save after the new optimizer's first step.")
         return None
 
     def _resync(self) -> None:

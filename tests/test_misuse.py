@@ -81,6 +81,35 @@ def test_recreated_optimizer_with_momentum_holds_no_state_of_frozen_parameters_a
         assert torch.equal(a, b)
 
 
+def test_a_checkpoint_of_a_recreated_optimizer_before_its_first_step_says_how_to_resume():
+    # the new optimizer still holds the frozen parameters until its first step: in the usual
+    # order (freezer, then optimizer) torch raised only "a parameter group that doesn't match"
+    def make(optimizer_class, **settings):
+        torch.manual_seed(0)
+        model = SmallCNN()
+        opt = optimizer_class(model.parameters(), **settings)
+        return model, opt, SmartFreezer(model, opt, StaticFreeze(2, at_step=2), example_inputs=batch(0)[0])
+
+    model, opt, freezer = make(torch.optim.Adam, lr=1e-3)
+    train_steps(model, opt, freezer, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)  # the next phase's optimizer
+    ckpt = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "freezer": freezer.state_dict()})
+    train_steps(model, opt, freezer, 3, start=3)
+
+    resumed, opt2, fresh = make(torch.optim.SGD, lr=0.05, momentum=0.9)
+    resumed.load_state_dict(ckpt["model"])
+    fresh.load_state_dict(ckpt["freezer"])
+    with pytest.raises(ValueError, match=r"still holds the 8 frozen parameters .*optimizer.load_state_dict\(...\), "
+                                         r"then freezer.load_state_dict"):
+        opt2.load_state_dict(ckpt["opt"])
+    resumed, opt2, fresh = make(torch.optim.SGD, lr=0.05, momentum=0.9)  # as the message says
+    resumed.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    fresh.load_state_dict(ckpt["freezer"])
+    train_steps(resumed, opt2, fresh, 3, start=3)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
+
+
 def test_recreated_optimizer_with_a_gradient_policy_keeps_observing_gradients():
     policy = lambda: AutoFreeze(interval=2, percentile=80)  # noqa: E731
     reference, _, ref_freezer = run(12, policy(), total_steps=None)
