@@ -34,7 +34,7 @@ What happens to the wrapper after a freeze:
 from __future__ import annotations
 
 import weakref
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -161,9 +161,30 @@ class FreezableDDP(nn.Module):
         self.rewraps = 0
         _WRAPPERS[module] = weakref.ref(self)
         object.__setattr__(self, "ddp", DistributedDataParallel(module, **self.ddp_kwargs))
+        self._wrapped = self._trained()
+
+    def _trained(self) -> List[nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._trained_changed():
+            # requires_grad set by the user's code (freezer.close() and requires_grad_(True) to
+            # train frozen layers again), or parameters replaced (load_state_dict(assign=True)):
+            # the DDP built before would not average the new ones' gradients. Every rank makes
+            # the same change, so every rank rebuilds at this forward.
+            self.rewrap()
         return self.ddp(*args, **kwargs)
+
+    def _trained_changed(self) -> bool:
+        """The parameters that require grad are not those the current DDP was built over (one
+        flag read a parameter per forward)."""
+        wrapped, i = self._wrapped, 0
+        for p in self.module.parameters():
+            if p.requires_grad:
+                if i == len(wrapped) or wrapped[i] is not p:
+                    return True
+                i += 1
+        return i != len(wrapped)
 
     def train(self, mode: bool = True) -> "FreezableDDP":
         super().train(mode)
@@ -195,6 +216,7 @@ class FreezableDDP(nn.Module):
             object.__setattr__(self, "ddp", ddp)
         else:  # nothing left to synchronise: run the module directly
             object.__setattr__(self, "ddp", self.module)
+        self._wrapped = self._trained()
         self.rewraps += 1
 
 
@@ -236,6 +258,14 @@ class DecisionSync:
         both = torch.tensor([digest, -digest], dtype=torch.int64, device=self.device)
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group)
         return both.tolist() == [digest, -digest]
+
+    def least(self, value: int) -> int:
+        """The smallest of the ranks' ``value`` (every rank calls it at the same step)."""
+        import torch.distributed as dist
+
+        buf = torch.tensor(int(value), dtype=torch.int64, device=self.device)
+        dist.all_reduce(buf, op=dist.ReduceOp.MIN, group=self.group)
+        return int(buf)
 
     def all_reduce_sum(self, tensor: Tensor) -> None:
         """Sum per-rank partial statistics (FSDP2 shard gradient norms) in place."""

@@ -285,6 +285,8 @@ class SmartFreezer:
         # what must stay frozen, refreshed after each freeze and parameter swap (None: stale)
         self._held: Optional[Tuple[List[Tuple[str, Tensor]], List[Tuple[str, Tensor]]]] = None
         self._last_held: Dict[int, int] = {}  # unit -> last step it was seen held frozen by the user's code
+        self._trained_since_look: set = set()  # units that required grad at an optimizer step since the last look
+        self._held_looked_at = -1  # the step of the last look (once a step)
         self._taken: Dict[int, Dict[str, int]] = {}  # id(optimizer) -> {frozen parameter's name: its group}
         self._frozen_by_user: set = set()  # ids of the parameters frozen when the freezer was set up
         self._user_frozen_modules: set = set()  # ids of the modules made only of those (_user_frozen_modules)
@@ -647,17 +649,32 @@ class SmartFreezer:
             if value == -1 and self._sync is not None:
                 continue  # a broadcast "no decision"
             check_prefix_length(self.policy, value, step, len(self.units))  # a device tensor's value
-            self.freeze_to(self._hold_back_for_user(value, step), step=step)
+            value = self._hold_back_for_user(value, step)
+            if self._sync is not None and not self.policy.deterministic_schedule:
+                value = self._sync.least(value)  # a layer held on one rank holds on all: the replicas agree
+            self.freeze_to(value, step=step)
+
+    def _note_units_trained(self) -> None:
+        """Before each step of the freezer's optimizers: the units outside the prefix with a
+        parameter that requires grad train in this step. A loop over the units that stops at
+        each unit's first trainable parameter (about 0.3 us a unit on this CPU)."""
+        trained = self._trained_since_look
+        for unit in self.units[self.num_frozen:]:
+            if unit.index not in trained and any(p.requires_grad for p in unit.parameters):
+                trained.add(unit.index)
 
     def _note_units_held_by_user(self, step: int) -> None:
-        """Units outside the prefix with no parameter that requires grad: the user's code holds
-        them frozen (a warm-up of the head, a gradual unfreezing). A loop over the units that
-        stops at each unit's first trainable parameter (0.3 us a unit on this CPU), at each
-        snapshot and each decision."""
+        """Units outside the prefix that the user's code holds frozen (a warm-up of the head, a
+        gradual unfreezing): no parameter required grad at any optimizer step since the last
+        look (a GAN's discriminator, switched off only around the generator's step, trains at
+        its own optimizer's). At each snapshot and each decision."""
+        if self._held_looked_at == step:
+            return
+        self._held_looked_at = step
         for unit in self.units[self.num_frozen:]:
-            params = unit.parameters
-            if not params[0].requires_grad and not any(p.requires_grad for p in params):
+            if unit.index not in self._trained_since_look and not any(p.requires_grad for p in unit.parameters):
                 self._last_held[unit.index] = step
+        self._trained_since_look.clear()
 
     def _hold_back_for_user(self, value: int, step: int) -> int:
         """An adaptive policy's decision stops before a unit that the user's code held frozen

@@ -237,6 +237,7 @@ class Guard:
     def _count(self, freezer: Any, optimizer: torch.optim.Optimizer) -> None:
         self.inside = optimizer
         self.optimizer_steps += 1
+        freezer._note_units_trained()
         # never stepped and nothing frozen by hand (freeze_to needs no step(): profile.py drives it so)
         if (self.optimizer_steps == NEVER_STEPPED_WARN * len(freezer.optimizers) and freezer.step_count == 0
                 and not freezer.timeline):

@@ -67,6 +67,24 @@ def test_two_ranks_freeze_together_and_stay_in_sync(mode, tmp_path):
     assert r0["broadcasts"] == r1["broadcasts"] == 4
 
 
+@pytest.mark.parametrize("scenario", ["hold_one_rank", "close_unfreeze", "resume_assign"])
+def test_what_the_users_code_does_under_ddp_keeps_the_ranks_in_step(scenario, tmp_path):
+    # each drifted apart silently: a layer held on one rank clamped that rank's freeze alone; the
+    # DDP inside FreezableDDP kept averaging only the parameters it was built over (none of the
+    # layers close() let train again, none of the tensors load_state_dict(assign=True) put in)
+    proc = subprocess.run([sys.executable, str(HERE / "ddp_user_worker.py"), scenario, str(tmp_path),
+                           str(free_port())], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert torch.equal(r0["params"], r1["params"])
+    if scenario == "hold_one_rank":  # rank 1's hold (until step 6, a window of 4) holds both
+        assert r0["timeline"] == r1["timeline"] == [(10, 2)]
+    if scenario == "close_unfreeze":
+        assert r0["frozen_layer_moved"]
+    if scenario == "resume_assign":
+        assert torch.equal(r0["params"], r0["uninterrupted"])
+
+
 def test_ranks_with_different_settings_are_refused(tmp_path):
     # FreezeOut/LinearFreeze with another total_steps per rank froze at other steps: DDP averaged
     # a frozen rank's zeros into the other's gradients, and FreezableDDP's rewrap hung

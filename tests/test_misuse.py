@@ -783,6 +783,30 @@ def test_an_adaptive_policy_does_not_freeze_a_layer_the_user_holds_frozen_until_
     assert resumed == timeline
 
 
+def test_a_discriminator_switched_off_around_the_generators_step_is_not_held():
+    # set_requires_grad(D, False) for the generator's step, then freezer.step(): D trains every
+    # step (its optimizer writes it), so an adaptive policy's decision applies
+    d, g = _mlp(bn=False), nn.Linear(4, 8)
+    opt_d, opt_g = sgd(d), sgd(g)
+    freezer = SmartFreezer(d, opt_d, Returns(2), example_inputs=torch.randn(4, 8), window=4, sample_every=1,
+                           total_steps=20)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            d.requires_grad_(True)
+            fake = g(torch.randn(16, 4))
+            (d(torch.randn(16, 8)).mean() - d(fake.detach()).mean()).backward()
+            opt_d.step()
+            opt_d.zero_grad()
+            d.requires_grad_(False)
+            d(fake).mean().backward()
+            opt_g.step()
+            opt_g.zero_grad()
+            freezer.step()
+    assert [(e.step, e.num_frozen) for e in freezer.timeline] == [(1, 2)]
+    assert not any("your code held it frozen" in str(w.message) for w in caught)
+
+
 def test_a_schedule_keeps_its_schedule_over_a_layer_the_user_holds_frozen():
     timeline, caught = _warm_up_run(lambda: StaticFreeze(2, at_step=3), hold_until=6)
     assert timeline == [(3, 2)] and not any("your code held it frozen" in w for w in caught), (timeline, caught)

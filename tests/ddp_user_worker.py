@@ -1,0 +1,120 @@
+"""Two gloo ranks (test_distributed.py): what a user's own code does under DDP besides freezing.
+
+Scenarios (argv[1]):
+- ``hold_one_rank``: DDP(find_unused_parameters=True); rank 1 alone holds the first layer frozen
+  for a warm-up (a mistake); an adaptive decision must still freeze the same prefix on both ranks.
+- ``close_unfreeze``: FreezableDDP; freezer.close() and requires_grad_(True) train the frozen
+  layers again, their gradients averaged across the ranks.
+- ``resume_assign``: FreezableDDP; a checkpoint resumed with load_state_dict(assign=True) keeps
+  the ranks in step and equals the uninterrupted run.
+Each rank saves the flat parameters it ends with (and its freeze timeline) to OUT/rank<r>.pt."""
+
+import copy
+import os
+import sys
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from smartfrz_fast import SmartFreezer, StaticFreeze
+from smartfrz_fast.distributed import FreezableDDP
+from smartfrz_fast.policy.base import FreezePolicy
+
+WIDTH = 16
+
+
+class FreezeTwo(FreezePolicy):
+    """An adaptive policy's stand-in: "two units" at every step (rank 0's is broadcast)."""
+
+    def decide(self, step, frozen):
+        return 2
+
+
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh()) for _ in range(4)], nn.Linear(WIDTH, 3))
+
+
+def batch(step, rank):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(8, WIDTH, generator=g), torch.randint(0, 3, (8,), generator=g)
+
+
+def train(model, opt, freezer, rank, start, stop, before_step=None):
+    for step in range(start, stop):
+        if before_step is not None:
+            before_step(step)
+        x, y = batch(step, rank)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        if freezer is not None:
+            freezer.step()
+
+
+def flat(module):
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+
+def main(scenario, out):
+    rank = dist.get_rank()
+    result = {}
+    if scenario == "hold_one_rank":  # plain DDP: FreezableDDP, like DDP, needs the same requires_grad on every rank
+        inner = make_model()
+        model = torch.nn.parallel.DistributedDataParallel(inner, find_unused_parameters=True)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        freezer = SmartFreezer(model, opt, FreezeTwo(), example_inputs=batch(0, rank)[0], window=4, sample_every=1,
+                               total_steps=20)
+
+        def hold(step):
+            if rank == 1:
+                inner[0].requires_grad_(step >= 6)
+        train(model, opt, freezer, rank, 0, 20, before_step=hold)
+        result["timeline"] = [(e.step, e.num_frozen) for e in freezer.timeline]
+    elif scenario == "close_unfreeze":
+        inner = make_model()
+        model = FreezableDDP(inner)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=3), example_inputs=batch(0, rank)[0], total_steps=20)
+        train(model, opt, freezer, rank, 0, 8)
+        frozen = flat(inner[0]).clone()
+        freezer.close()
+        inner.requires_grad_(True)
+        train(model, opt, None, rank, 8, 14)
+        result["frozen_layer_moved"] = not torch.equal(frozen, flat(inner[0]))
+    elif scenario == "resume_assign":
+        def build():
+            inner = make_model()
+            model = FreezableDDP(inner)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            return inner, model, opt, SmartFreezer(model, opt, StaticFreeze(2, at_step=12),
+                                                   example_inputs=batch(0, rank)[0], total_steps=20)
+        inner, model, opt, freezer = build()
+        train(model, opt, freezer, rank, 0, 8)
+        ckpt = copy.deepcopy({"model": inner.state_dict(), "opt": opt.state_dict(), "freezer": freezer.state_dict()})
+        train(model, opt, freezer, rank, 8, 20)
+        result["uninterrupted"] = flat(inner)
+        inner, model, opt, freezer = build()
+        inner.load_state_dict(ckpt["model"], assign=True)
+        freezer.load_state_dict(ckpt["freezer"])
+        opt.load_state_dict(ckpt["opt"])
+        train(model, opt, freezer, rank, 8, 20)
+    result["params"] = flat(inner)
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+
+
+def entry(rank, scenario, out, port):
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", port
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        main(scenario, out)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torch.multiprocessing.spawn(entry, args=tuple(sys.argv[1:4]), nprocs=2)
