@@ -152,13 +152,13 @@ def _user_frozen_modules(model: nn.Module, frozen_params: set) -> set:
     return found
 
 
-def _remove_params(optimizer: torch.optim.Optimizer, ids: set) -> Dict[int, int]:
+def _remove_params(optimizer: torch.optim.Optimizer, ids: set) -> List[Tuple[int, int, Tensor]]:
     """Take these parameters out of the optimizer's groups and delete their state (a state
-    entry left behind would break ``optimizer.state_dict()``). Returns the group each one
-    was in (by id)."""
-    taken = {}
+    entry left behind would break ``optimizer.state_dict()``). Returns where each one was:
+    (group, position in the group's list before this removal, parameter)."""
+    taken = []
     for index, group in enumerate(optimizer.param_groups):
-        taken.update({id(p): index for p in group["params"] if id(p) in ids})
+        taken.extend((index, position, p) for position, p in enumerate(group["params"]) if id(p) in ids)
         group["params"] = [p for p in group["params"] if id(p) not in ids]
     for p in [p for p in optimizer.state if id(p) in ids]:
         del optimizer.state[p]
@@ -287,7 +287,8 @@ class SmartFreezer:
         self._last_held: Dict[int, int] = {}  # unit -> last step it was seen held frozen by the user's code
         self._trained_since_look: set = set()  # units that required grad at an optimizer step since the last look
         self._held_looked_at = -1  # the step of the last look (once a step)
-        self._taken: Dict[int, Dict[str, int]] = {}  # id(optimizer) -> {frozen parameter's name: its group}
+        # optimizer -> its removals of frozen parameters, each [(group, position, name)] (close() undoes them)
+        self._taken: "weakref.WeakKeyDictionary[torch.optim.Optimizer, list]" = weakref.WeakKeyDictionary()
         self._frozen_by_user: set = set()  # ids of the parameters frozen when the freezer was set up
         self._user_frozen_modules: set = set()  # ids of the modules made only of those (_user_frozen_modules)
         self._guard: Optional[guards.Guard] = None  # made at set-up: watches the model and the optimizers
@@ -759,26 +760,31 @@ class SmartFreezer:
         for opt in self.optimizers:
             self._note_taken(opt, _remove_params(opt, ids))
 
-    def _note_taken(self, optimizer: torch.optim.Optimizer, taken: Dict[int, int]) -> None:
-        """Remember (by name) which group of ``optimizer`` each frozen parameter left, so that
-        ``close()`` gives it back (a user who then sets requires_grad=True trains it with the
-        optimizer they kept)."""
-        names = {id(p): n for n, p in self.module.named_parameters(remove_duplicate=False)}
-        groups = self._taken.setdefault(id(optimizer), {})
-        groups.update({names[pid]: index for pid, index in taken.items() if pid in names})
+    def _note_taken(self, optimizer: torch.optim.Optimizer, taken: List[Tuple[int, int, Tensor]]) -> None:
+        """Remember where in ``optimizer`` each frozen parameter was (by name: a parameter may be
+        replaced by a like one later), so that ``close()`` gives it back there (a user who then
+        sets requires_grad=True trains it with the optimizer they kept, and a checkpoint of that
+        optimizer lists the parameters in their order)."""
+        if taken:
+            names = {id(p): n for n, p in self.module.named_parameters(remove_duplicate=False)}
+            self._taken.setdefault(optimizer, []).append(
+                [(group, position, names[id(p)]) for group, position, p in taken if id(p) in names])
 
     def _give_back_frozen(self) -> None:
-        """The frozen parameters go back into the groups of the freezer's optimizers they left
-        (no state: it was deleted). Frozen with requires_grad=False, they get no gradient, so
-        an optimizer steps over them; set requires_grad=True and they train again."""
+        """The frozen parameters go back to their places in the groups of the freezer's
+        optimizers (no state: it was deleted), each removal undone from the last. Frozen with
+        requires_grad=False, they get no gradient, so an optimizer steps over them; set
+        requires_grad=True and they train again."""
         current = dict(self.module.named_parameters(remove_duplicate=False))
         for opt in self.optimizers:
             held = {id(p) for g in opt.param_groups for p in g["params"]}
-            for name, index in self._taken.get(id(opt), {}).items():
-                param = current.get(name)
-                if param is not None and id(param) not in held and index < len(opt.param_groups):
-                    opt.param_groups[index]["params"].append(param)
-                    held.add(id(param))
+            for removal in reversed(self._taken.get(opt, [])):
+                for group, position, name in sorted(removal, key=lambda entry: entry[1]):
+                    param = current.get(name)
+                    if param is not None and id(param) not in held and group < len(opt.param_groups):
+                        params = opt.param_groups[group]["params"]
+                        params.insert(min(position, len(params)), param)
+                        held.add(id(param))
         self._taken.clear()
 
     def _warn_user_frozen_to_eval(self, switched: Sequence[nn.Module]) -> None:
@@ -865,7 +871,7 @@ class SmartFreezer:
                              "as one saved after layers froze does. Load the freezer's state first "
                              "(freezer.load_state_dict(...), which takes the frozen parameters out), then the "
                              "optimizer's; a state saved from another model does not fit this optimizer at all.")
-        taken = len(self._taken.get(id(optimizer), {}))
+        taken = sum(len(removal) for removal in self._taken.get(optimizer, []))
         if len(saved) == len(mine) and taken and sum(saved) - sum(mine) == taken:
             raise ValueError(
                 f"this optimizer state still holds the {taken} frozen parameters that this optimizer no longer has: "

@@ -326,8 +326,10 @@ def test_close_gives_the_frozen_parameters_back_to_the_optimizer_they_left(recre
     model = SmallCNN()
     opt = torch.optim.SGD([{"params": list(model.parameters())[:2], "lr": 0.01},
                            {"params": list(model.parameters())[2:]}], lr=0.05, momentum=0.9)
-    freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=2), example_inputs=batch(0)[0])
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=2), example_inputs=batch(0)[0])
+    original = [list(g["params"]) for g in opt.param_groups]
     train_steps(model, opt, freezer, 3)
+    freezer.freeze_to(2)  # a second removal: close() undoes both, the last first
     if recreated:  # followed: the frozen parameters leave it at its first step
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         train_steps(model, opt, freezer, 1, start=3)
@@ -338,8 +340,12 @@ def test_close_gives_the_frozen_parameters_back_to_the_optimizer_they_left(recre
     before = [p.detach().clone() for p in frozen]
     train_steps(model, opt, SimpleNamespace(step=lambda: None), 2, start=4)
     assert all(not torch.equal(a, p) for a, p in zip(before, frozen))
-    if not recreated:  # each in the group it left, with that group's settings
-        assert [any(p is q for q in opt.param_groups[0]["params"]) for p in frozen[:2]] == [True, True]
+    if not recreated:  # each where it was in the group it left (a checkpoint lists them in that order)
+        assert all(len(a) == len(g["params"]) and all(p is q for p, q in zip(a, g["params"]))
+                   for a, g in zip(original, opt.param_groups))
+    else:
+        assert all(p is q for p, q in zip(opt.param_groups[0]["params"], model.parameters()))
+        assert len(opt.param_groups[0]["params"]) == len(list(model.parameters()))
     second = SmartFreezer(model, opt, StaticFreeze(1, at_step=1), example_inputs=batch(0)[0])  # two-phase training
     train_steps(model, opt, second, 1)
     assert second.num_frozen == 1
