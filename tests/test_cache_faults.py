@@ -15,6 +15,7 @@ import resource
 import signal
 import warnings
 
+import numpy
 import pytest
 import torch
 from torch import nn
@@ -229,7 +230,7 @@ def test_an_id_given_to_another_input_is_computed_again_never_served():
     assert cache.stats["hits"] == hits + 10
     # inputs that change every time (ids not per sample, random augmentation): off once more than
     # half of the dataset changed in two epochs in a row
-    with pytest.warns(UserWarning, match=r"in two epochs in a row, more than half of the dataset's 40 samples came "
+    with pytest.warns(UserWarning, match=r"in two epochs in a row, more than half of the 40 samples the cache holds came "
                       r"back with other inputs.*random augmentation\?\), or one sample id is given to several"):
         for start in range(0, 4 * N, 10):
             wrapped(X[start % N:start % N + 10] + 1.0 + start, torch.arange(10))
@@ -260,13 +261,18 @@ class _Scaled(nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.a, self.b, self.head = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.a, self.b = nn.Sequential(nn.Linear(6, 6), nn.Tanh()), nn.Sequential(nn.Linear(6, 6), nn.Tanh())
+        self.head = nn.Linear(6, 3)
 
     def forward(self, x, scale, count):
-        return self.head(torch.tanh(self.b(torch.tanh(self.a(x * scale))))) / count
+        if isinstance(scale, torch.Tensor):
+            scale = scale.clamp(max=1.0)
+        else:  # a clamp hides a change one way: the read probe nudges both ways
+            scale = min(float(scale), 1.0)
+        return self.head(self.b(self.a(x * scale))) / count
 
 
-@pytest.mark.parametrize("make", [float, torch.tensor], ids=["number", "0-dim tensor"])
+@pytest.mark.parametrize("make", [float, torch.tensor, numpy.float32], ids=["number", "0-dim tensor", "numpy"])
 def test_a_batch_wide_input_the_prefix_reads_recomputes_the_rows_when_it_changes(make):
     # it was left out of the input checksum: rows of the old scale were served until an audit
     # (with audit_rows=0, for the rest of the run)
@@ -281,7 +287,7 @@ def test_a_batch_wide_input_the_prefix_reads_recomputes_the_rows_when_it_changes
         warnings.simplefilter("ignore")
         for step in range(8):
             ids = torch.arange(8 * (step % 2), 8 * (step % 2) + 8)
-            scale, count = make(1.0 + 0.5 * (step // 4)), make(8.0 + step)  # the scale anneals once
+            scale, count = make(1.0 - 0.5 * (step // 4)), make(8.0 + step)  # the scale anneals once
             with torch.no_grad():
                 expected = model(x[ids], scale, count)
             torch.testing.assert_close(forward((x[ids], scale, count), ids), expected, rtol=0, atol=0)
@@ -319,12 +325,77 @@ def test_a_python_list_of_one_value_per_sample_is_not_split_but_run_whole():
     freezer.freeze_to(2)
     cache = ActivationCache(freezer, num_samples=16, deterministic=True, audit_rows=0)
     forward = cache.wrap()
-    with pytest.warns(UserWarning, match="a Python list of one value per sample"):
+    with pytest.warns(UserWarning, match="a Python list of one value or tensor per sample"):
         for ids in (torch.arange(8), torch.tensor([0, 1, 2, 3, 8, 9, 10, 11])):
             with torch.no_grad():
                 expected = model(x[ids], [lengths[i] for i in ids])
             torch.testing.assert_close(forward((x[ids], [lengths[i] for i in ids]), ids), expected, rtol=0, atol=0)
     assert cache.stats["bypassed"] == 2
+
+
+def test_at_batch_size_one_a_batch_wide_input_the_prefix_does_not_read_costs_no_hit():
+    # the read probe needed two samples: with one, HF's num_items_in_batch changed every row's sum
+    model = _Scaled()
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(2, 1),
+                           example_inputs=(x[:1], 1.0, 1.0), total_steps=100)
+    freezer.freeze_to(2)
+    cache = ActivationCache(freezer, num_samples=4, deterministic=True)
+    forward = cache.wrap()
+    for step in range(8):
+        ids = torch.tensor([step % 4])
+        forward((x[ids], 1.0, float(step + 1)), ids)
+    assert cache.stats["hits"] == 4 and cache.stats["misses"] == 4, cache.describe()
+
+
+class _Lengths:
+    """A plain class (no pytree node) holding per-sample tensors."""
+
+    def __init__(self, x):
+        self.x = x
+
+
+@pytest.mark.parametrize("extra, bypassed", [
+    (lambda ids: [torch.ones(int(i) % 3 + 1) for i in ids], True),  # a list of one tensor per sample
+    (lambda ids: _Lengths(torch.ones(len(ids))), True),  # an object pytree does not know
+    (lambda ids: (len(ids), 3), False),  # a tuple is a setting, even as long as the batch
+])
+def test_inputs_the_cache_cannot_split_run_the_whole_model(extra, bypassed):
+    class Takes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b, self.head = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x, extra):
+            return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+    model = Takes()
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(2, 1),
+                           example_inputs=(x[:2], extra(torch.arange(2))), total_steps=100)
+    freezer.freeze_to(2)
+    cache = ActivationCache(freezer, num_samples=8, deterministic=True)
+    forward = cache.wrap()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for ids in (torch.tensor([0, 1]), torch.tensor([0, 1])):
+            torch.testing.assert_close(forward((x[ids], extra(ids)), ids), model(x[ids], None), rtol=0, atol=0)
+    assert (cache.stats["bypassed"] == 2) == bypassed, cache.describe()
+    assert any("cannot split" in str(w.message) or "can neither split" in str(w.message) for w in caught) == bypassed
+
+
+def test_random_augmentation_turns_a_cache_smaller_than_the_dataset_off():
+    # the rule "more than half of the dataset's rows changed" could never fire with max_bytes
+    # holding a third of it
+    cache, wrapped = ready_cache(audit_rows=0, max_bytes=14 * 1036)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for epoch in range(6):
+            for start in range(0, N, 10):
+                ids = torch.arange(start, start + 10)
+                wrapped(X[ids] + torch.randn_like(X[ids]), ids)
+    assert not cache.enabled and "random augmentation" in cache.reason, cache.describe()
 
 
 def test_inputs_the_prefix_does_not_read_may_change():

@@ -27,6 +27,7 @@ import warnings
 import weakref
 from collections.abc import Mapping
 from contextlib import contextmanager
+from enum import Enum
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -40,7 +41,7 @@ from ..units import example_call, preserved_modes, preserved_state
 from .split import (SWAP, BlockChain, Inputs, block_modules, find_blocks, hooked_modules, modules_outside,
                     rows_need_grad,
                     skipped_hooks)
-from .swap import UntracedCall
+from .swap import UntracedCall, holds_tensors
 from .storage import (PINNED_READS, STORAGE_DTYPES, TIERS, Storage, check_path, input_sums, make_storage,
                       owned_temp_path, read_header, remove_leftovers, row_bytes, storage_dtype, tensor_sum)
 
@@ -553,11 +554,17 @@ class ActivationCache:
         other = self._other_input_shape(inputs)
         if other is not None:
             return "shape", other
-        listed = _python_rows((inputs.args, inputs.kwargs), _batch_size(inputs))
-        if listed is not None:
-            return "python_rows", (f"the inputs hold a Python {listed} of one value per sample (sequence lengths?), "
-                                   "which the cache cannot split into the samples it computes and those it serves; "
-                                   "pass such values as a tensor to cache")
+        if _python_rows((inputs.args, inputs.kwargs), _batch_size(inputs)):
+            return "python_rows", ("the inputs hold a Python list of one value or tensor per sample (sequence "
+                                   "lengths?), which the cache cannot split into the samples it computes and those "
+                                   "it serves; pass such values as one tensor to cache")
+        opaque = next((leaf for leaf in tree_flatten((inputs.args, inputs.kwargs))[0]
+                       if not isinstance(leaf, Tensor) and holds_tensors(leaf)), None)
+        if opaque is not None:
+            kind = type(opaque).__name__
+            return "opaque_input", (f"the inputs hold a {kind}, an object whose tensors the cache can neither split "
+                                    "per sample nor check; pass them in a dict, tuple or NamedTuple, or register "
+                                    f"{kind} with torch.utils._pytree.register_dataclass, to cache")
         if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
                                            for t in tree_flatten((inputs.args, inputs.kwargs))[0]):
             return "input_grad", ("an input requires grad, and a cached row passes no gradient back to the input "
@@ -729,9 +736,10 @@ class ActivationCache:
             return True
         self.stats["input_changed"] += real
         self._changed[1] += real
-        if min(self._changed) > self.num_samples // 2:
-            self._audit_failed(f"in two epochs in a row, more than half of the dataset's {self.num_samples} samples "
-                               f"came back with other inputs than their rows were cached from ({self._changed[0]}, "
+        held = min(self.num_samples, self._store.capacity) if self._store is not None else self.num_samples
+        if min(self._changed) > held // 2:  # rows that can change: no more than the cache holds
+            self._audit_failed(f"in two epochs in a row, more than half of the {held} samples the cache holds came "
+                               f"back with other inputs than their rows were cached from ({self._changed[0]}, "
                                f"then {self._changed[1]} so far)",
                                "The inputs change from epoch to epoch (random augmentation?), or one sample id is "
                                "given to several samples")
@@ -834,7 +842,7 @@ class ActivationCache:
         before = self._leaf_reads[1] if self._leaf_reads[0] is not None and self._leaf_reads[0][:2] == key[:2] else None
         reads = None
         n = min(batch, 4)
-        if n >= 2:
+        if n >= 1:  # one sample tells about the batch-wide inputs (batch 1: HF's num_items_in_batch)
             sample = _index_inputs(inputs, torch.arange(n), batch)
             leaves, sample_spec = tree_flatten((sample.args, sample.kwargs))
             stops = sorted({self.boundary, len(self.chain.blocks) - 1} - {0})
@@ -845,21 +853,14 @@ class ActivationCache:
                     reads = []
                     for i, leaf in enumerate(leaves):
                         if _per_sample(leaf, n):
-                            other = leaf.roll(1, 0)
-                            if torch.equal(other, leaf):
-                                reads.append(True)  # all samples alike: cannot tell
-                                continue
+                            others = [leaf.roll(1, 0)]
                         else:  # the same for the whole batch (HF's num_items_in_batch, a noise level)
-                            other = _nudged(leaf)
-                            if other is None:
-                                reads.append(True)  # cannot tell
-                                continue
-                        args, kwargs = tree_unflatten(leaves[:i] + [other] + leaves[i + 1:], sample_spec)
-                        try:
-                            reads.append(any(not _same_tensor(self.chain.run(Inputs(args, kwargs), 0, stop), b)
-                                             for stop, b in zip(stops, base)))
-                        except Exception:  # noqa: BLE001 -- a value the prefix cannot take nudged: it reads it
-                            reads.append(True)
+                            others = _nudges(leaf)
+                        if not others or (_per_sample(leaf, n) and torch.equal(others[0], leaf)):
+                            reads.append(True)  # cannot tell (all samples alike, a flag)
+                            continue
+                        reads.append(any(self._reads_leaf(leaves, i, other, sample_spec, stops, base)
+                                         for other in others))
             except Exception:  # noqa: BLE001 -- a probe the model cannot run: every leaf counts
                 reads = None
             finally:
@@ -871,6 +872,15 @@ class ActivationCache:
                 reads = None  # nothing found read: the probe tells nothing
         self._leaf_reads = (key, reads)
         return reads
+
+    def _reads_leaf(self, leaves: List[Any], i: int, other: Any, spec: Any, stops: List[int], base: List[Any]) -> bool:
+        """Whether the outputs at ``stops`` change when leaf ``i`` is ``other``."""
+        args, kwargs = tree_unflatten(leaves[:i] + [other] + leaves[i + 1:], spec)
+        try:
+            return any(not _same_tensor(self.chain.run(Inputs(args, kwargs), 0, stop), b)
+                       for stop, b in zip(stops, base))
+        except Exception:  # noqa: BLE001 -- a value the prefix cannot take changed: it reads it
+            return True
 
     def _compute_prefix(self, inputs: Inputs) -> Optional[Tensor]:
         try:
@@ -1598,55 +1608,69 @@ def _input_sums(leaves: List[Any], batch: int, reads: Optional[List[bool]] = Non
     if reads is not None:
         leaves = [t for t, read in zip(leaves, reads) if read]
     sums = input_sums([t for t in leaves if isinstance(t, Tensor)], batch)
-    shared = [t for t in leaves if isinstance(t, _SHARED_TYPES) and not _per_sample(t, batch)]
-    if not shared:
-        return sums
-    total = sums.to(torch.int32) * _SHARED_MIX
+    shared = [t for t in leaves if not _per_sample(t, batch)]
+    total = None
     for value in shared:
         if isinstance(value, Tensor):
-            total = total + tensor_sum(value).to(total.device)
-        else:  # a Python value: its repr is stable within the process (hash() of a str is salted per process)
-            total = total + int.from_bytes(hashlib.blake2b(repr(value).encode(), digest_size=4).digest(), "little",
-                                           signed=True)
-        total = total * _SHARED_MIX
+            part = tensor_sum(value).to(sums.device)
+        else:
+            raw = _value_bytes(value)
+            if raw is None:
+                continue  # an object without a stable value (its repr holds an address): not checked
+            part = int.from_bytes(hashlib.blake2b(raw, digest_size=4).digest(), "little", signed=True)
+        total = (sums.to(torch.int32) if total is None else total) * _SHARED_MIX + part
+    if total is None:
+        return sums
     return torch.where(total == 0, torch.ones_like(total), total)
 
 
 _SHARED_MIX = 1000003  # odd: folding a value in keeps every bit of the sum
-# batch-wide values whose repr is their value (not an object's address)
-_SHARED_TYPES = (Tensor, int, float, complex, str, bytes, type(None))
 
 
-def _nudged(value: Any) -> Any:
-    """Another value of a batch-wide input, to see whether the prefix reads it; None if none
-    can be made (a flag, a string, a mask)."""
-    if isinstance(value, Tensor):
-        if value.dtype == torch.bool or value.is_complex() or value.numel() > 1024:
-            return None
-        return value + 1
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return value + 1
+def _value_bytes(value: Any) -> Optional[bytes]:
+    """The bytes of a batch-wide non-tensor input's value: a number, string, enum member or
+    numpy scalar/array; None for other objects (hash() of a str is salted per process)."""
+    if hasattr(value, "tobytes") and hasattr(value, "dtype"):  # numpy, without importing it
+        return repr((str(value.dtype), getattr(value, "shape", ()))).encode() + value.tobytes()
+    if isinstance(value, (int, float, complex, str, bytes, type(None), Enum)):
+        return repr(value).encode()
     return None
+
+
+def _nudges(value: Any) -> List[Any]:
+    """Other values of a batch-wide input, to see whether the prefix reads it: up, down and
+    halved (a clamp such as min(sigma, 1) hides a change one way); none if none can be made
+    (a flag, a string, a mask)."""
+    if isinstance(value, Tensor):
+        if value.dtype == torch.bool or value.is_complex():
+            return []
+        return [value + 1, value - 1]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "dtype"):
+        return []
+    try:
+        return [value + 1, value - 1, value * 0.5 if value else 0.5]
+    except TypeError:  # a numpy value of a kind that takes no arithmetic
+        return []
 
 
 def _per_sample(leaf: Any, batch: int) -> bool:
     return isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == batch
 
 
-def _python_rows(tree: Any, batch: int) -> Optional[str]:
-    """'list' (or 'tuple') where ``tree`` holds a list or tuple of ``batch`` plain Python values
-    (numbers, strings): one value per sample, which no tensor indexing can split. None if none."""
+def _python_rows(tree: Any, batch: int) -> bool:
+    """Whether ``tree`` holds a list of ``batch`` plain values or tensors: one per sample (a
+    collate's lengths, per-sample tensors of unequal sizes), which no indexing of the batch's
+    tensors splits. A tuple is a setting (a size, a shape), not looked into as such."""
     if batch < 2:
-        return None
+        return False
+    if isinstance(tree, list) and len(tree) == batch and all(
+            isinstance(v, (int, float, complex, str, bytes, Tensor)) for v in tree):
+        return True
     if isinstance(tree, (list, tuple)):
-        if len(tree) == batch and all(isinstance(v, (int, float, complex, str, bytes)) for v in tree):
-            return type(tree).__name__
-        children = tree
-    elif isinstance(tree, Mapping):
-        children = list(tree.values())
-    else:
-        return None
-    return next((found for child in children if (found := _python_rows(child, batch)) is not None), None)
+        return any(_python_rows(child, batch) for child in tree)
+    if isinstance(tree, Mapping):
+        return any(_python_rows(child, batch) for child in tree.values())
+    return False
 
 
 def _first_occurrences(ids: Tensor) -> Tuple[Tensor, Tensor]:

@@ -114,7 +114,7 @@ def _describe_leaf(leaf: Any, batch: int):
     return ("value", leaf)
 
 
-def _holds_tensors(value: Any) -> bool:
+def holds_tensors(value: Any) -> bool:
     """An object pytree does not take apart (a plain dataclass) that carries tensors."""
     return any(isinstance(v, Tensor) for v in getattr(value, "__dict__", {}).values())
 
@@ -200,7 +200,7 @@ class SwapChain:
                            and any(leaf[0] == "row" for leaf in c.leaves)]
         # calls whose output hides its tensors inside an object pytree does not know: no cut
         self.opaque = [c for c in calls if c.depth > 0 and c.calls_of_module == 1
-                       and any(leaf[0] == "value" and _holds_tensors(leaf[1]) for leaf in c.leaves)]
+                       and any(leaf[0] == "value" and holds_tensors(leaf[1]) for leaf in c.leaves)]
         params = {id(p): p for p in model.parameters()}
         order = sorted(first_use.items(), key=lambda item: item[1])
         self.names = _param_names(model)
@@ -336,7 +336,7 @@ class SwapChain:
         for call in self.opaque:
             params = list(call.module.parameters())
             if params and not any(p.requires_grad for p in params):
-                kind = type(next(leaf[1] for leaf in call.leaves if leaf[0] == "value" and _holds_tensors(leaf[1])))
+                kind = type(next(leaf[1] for leaf in call.leaves if leaf[0] == "value" and holds_tensors(leaf[1])))
                 return (f"; frozen module {call.name!r} is no cut because it returns a {kind.__name__}, an object "
                         "whose tensors the cache cannot take apart: return a tuple or dict, or register "
                         f"{kind.__name__} with torch.utils._pytree.register_dataclass")
