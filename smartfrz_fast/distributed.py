@@ -167,13 +167,18 @@ class FreezableDDP(nn.Module):
         return [p for p in self.module.parameters() if p.requires_grad]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.current()(*args, **kwargs)
+
+    def current(self) -> nn.Module:
+        """The DDP over the parameters that train now (the module itself once none does), rebuilt
+        first if they changed: requires_grad set by the user's code (freezer.close() and
+        requires_grad_(True) to train frozen layers again), or parameters replaced
+        (load_state_dict(assign=True)); the DDP built before would not average the new ones'
+        gradients. Every rank makes the same change, so every rank rebuilds at this forward.
+        The activation cache runs its forward through this too."""
         if self._trained_changed():
-            # requires_grad set by the user's code (freezer.close() and requires_grad_(True) to
-            # train frozen layers again), or parameters replaced (load_state_dict(assign=True)):
-            # the DDP built before would not average the new ones' gradients. Every rank makes
-            # the same change, so every rank rebuilds at this forward.
             self.rewrap()
-        return self.ddp(*args, **kwargs)
+        return self.ddp
 
     def _trained_changed(self) -> bool:
         """The parameters that require grad are not those the current DDP was built over (one

@@ -3,8 +3,8 @@
 Scenarios (argv[1]):
 - ``hold_one_rank``: DDP(find_unused_parameters=True); rank 1 alone holds the first layer frozen
   for a warm-up (a mistake); an adaptive decision must still freeze the same prefix on both ranks.
-- ``close_unfreeze``: FreezableDDP; freezer.close() and requires_grad_(True) train the frozen
-  layers again, their gradients averaged across the ranks.
+- ``close_unfreeze`` (``_cache``: through the activation cache): FreezableDDP; freezer.close() and
+  requires_grad_(True) train the frozen layers again, their gradients averaged across the ranks.
 - ``resume_assign``: FreezableDDP; a checkpoint resumed with load_state_dict(assign=True) keeps
   the ranks in step and equals the uninterrupted run.
 Each rank saves the flat parameters it ends with (and its freeze timeline) to OUT/rank<r>.pt."""
@@ -73,16 +73,22 @@ def main(scenario, out):
                 inner[0].requires_grad_(step >= 6)
         train(model, opt, freezer, rank, 0, 20, before_step=hold)
         result["timeline"] = [(e.step, e.num_frozen) for e in freezer.timeline]
-    elif scenario == "close_unfreeze":
+    elif scenario in ("close_unfreeze", "close_unfreeze_cache"):
         inner = make_model()
         model = FreezableDDP(inner)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=3), example_inputs=batch(0, rank)[0], total_steps=20)
-        train(model, opt, freezer, rank, 0, 8)
+        forward = model
+        if scenario == "close_unfreeze_cache":  # the cache runs DDP's forward itself
+            from smartfrz_fast.cache import ActivationCache
+
+            cached = ActivationCache(freezer, num_samples=8, deterministic=True).wrap()
+            forward = lambda x: cached(x, torch.arange(8))  # noqa: E731
+        train(forward, opt, freezer, rank, 0, 8)
         frozen = flat(inner[0]).clone()
         freezer.close()
         inner.requires_grad_(True)
-        train(model, opt, None, rank, 8, 14)
+        train(forward, opt, None, rank, 8, 14)
         result["frozen_layer_moved"] = not torch.equal(frozen, flat(inner[0]))
     elif scenario == "resume_assign":
         def build():

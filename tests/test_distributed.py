@@ -67,7 +67,7 @@ def test_two_ranks_freeze_together_and_stay_in_sync(mode, tmp_path):
     assert r0["broadcasts"] == r1["broadcasts"] == 4
 
 
-@pytest.mark.parametrize("scenario", ["hold_one_rank", "close_unfreeze", "resume_assign"])
+@pytest.mark.parametrize("scenario", ["hold_one_rank", "close_unfreeze", "close_unfreeze_cache", "resume_assign"])
 def test_what_the_users_code_does_under_ddp_keeps_the_ranks_in_step(scenario, tmp_path):
     # each drifted apart silently: a layer held on one rank clamped that rank's freeze alone; the
     # DDP inside FreezableDDP kept averaging only the parameters it was built over (none of the
@@ -79,7 +79,7 @@ def test_what_the_users_code_does_under_ddp_keeps_the_ranks_in_step(scenario, tm
     assert torch.equal(r0["params"], r1["params"])
     if scenario == "hold_one_rank":  # rank 1's hold (until step 6, a window of 4) holds both
         assert r0["timeline"] == r1["timeline"] == [(10, 2)]
-    if scenario == "close_unfreeze":
+    if scenario.startswith("close_unfreeze"):
         assert r0["frozen_layer_moved"]
     if scenario == "resume_assign":
         assert torch.equal(r0["params"], r0["uninterrupted"])

@@ -1523,7 +1523,7 @@ def _rank_path(path: str) -> str:
 def _ddp_parts(model: nn.Module) -> Tuple[nn.Module, Optional[nn.parallel.DistributedDataParallel]]:
     """(module the cache runs, the DDP object whose forward must surround it, if any)."""
     if isinstance(model, FreezableDDP):
-        ddp = model.ddp  # rebuilt after each freeze; the module itself once nothing trains
+        ddp = model.current()  # rebuilt after each freeze and when what trains changed; the module if none does
         return model.module, ddp if isinstance(ddp, nn.parallel.DistributedDataParallel) else None
     if isinstance(model, nn.parallel.DistributedDataParallel):
         return model.module, model
