@@ -925,6 +925,12 @@ class SmartFreezer:
         frozen = {id(p) for _, p in self.plan.frozen_parameters(self.num_frozen)}  # not shared ones still training
         moved = [n for n, p in new_params.items() if id(old_params[n]) in frozen and p is not old_params[n]
                  and not torch.equal(p.detach(), old_params[n].detach())]
+        if pairs and self._dist_kind == "ddp":
+            warnings.warn("SmartFreezer: parameters of the model inside DistributedDataParallel were replaced "
+                          "(load_state_dict(assign=True)): the freezer and the optimizer follow them, but DDP still "
+                          "averages the gradients of the tensors it was built over, so the ranks drift apart. Wrap "
+                          "the model in DDP after loading, or use smartfrz_fast.distributed.FreezableDDP, which "
+                          "rebuilds its DDP.", stacklevel=4)
         if moved:
             warnings.warn(f"SmartFreezer: frozen parameters were replaced by other values ({moved[:3]}): they stay "
                           "frozen with the new values. An activation cache's rows were made with the old ones: "

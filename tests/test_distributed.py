@@ -176,6 +176,20 @@ def test_wrapped_model_on_one_rank_trains_like_plain(one_rank_group):
     assert max_diff(*results) == 0.0
 
 
+def test_parameters_replaced_inside_plain_ddp_warn_that_ddp_still_averages_the_old_ones(one_rank_group):
+    # the freezer follows load_state_dict(assign=True); DDP does not: the ranks drifted silently
+    inner = mlp()
+    model = torch.nn.parallel.DistributedDataParallel(inner, find_unused_parameters=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=30), example_inputs=torch.randn(5, 4), total_steps=40)
+    state = {k: v.clone() for k, v in inner.state_dict().items()}
+    inner.load_state_dict(state, assign=True)
+    with pytest.warns(UserWarning, match="DDP still averages the gradients of the tensors it was built over"):
+        model(torch.randn(5, 4)).square().mean().backward()
+        opt.step()
+        freezer.step()
+
+
 def test_fsdp2_weight_history_on_one_rank_matches_an_unsharded_model(one_rank_group):
     # One rank owns every shard: the history must be the unsharded model's, bit for bit.
     from torch.distributed.fsdp import fully_shard
