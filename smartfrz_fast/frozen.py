@@ -107,22 +107,25 @@ def mode_blind(module: nn.Module) -> bool:
 @engine_hook
 def _force_eval(module: nn.Module, args) -> None:
     module.training = False
-    if getattr(module, "momentum", 0.1) is None:  # a cumulative average: update_bn's pass (rare otherwise)
-        _warn_statistics_reset(module)
+    if getattr(module, "momentum", 0.1) is None:  # a cumulative average: update_bn's pass, or the layer's own
+        mean = getattr(module, "running_mean", None)
+        if isinstance(mean, torch.Tensor) and _statistics_version.get(module, mean._version) != mean._version:
+            _statistics_version[module] = mean._version  # written since it froze: look once
+            _warn_statistics_reset(module)
 
 
-_reset_warned: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # warned once per layer
+# a frozen norm layer's running_mean version when it froze (FrozenRegion.apply)
+_statistics_version: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
 
 
 def _warn_statistics_reset(module: nn.Module) -> None:
     """``torch.optim.swa_utils.update_bn`` on the live model resets every BatchNorm's running
     statistics and re-estimates them in train mode; a frozen one runs in eval mode, so its
-    statistics stay reset (mean 0, variance 1) and the model evaluates wrong. One warning per
-    layer; a host read only here."""
+    statistics stay reset (mean 0, variance 1) and the model evaluates wrong. A host read only
+    when the statistics were written since the freeze (not at every forward)."""
     tracked = getattr(module, "num_batches_tracked", None)
-    if module in _reset_warned or not isinstance(tracked, torch.Tensor) or int(tracked) != 0:
+    if not isinstance(tracked, torch.Tensor) or int(tracked) != 0:
         return
-    _reset_warned.add(module)
     warnings.warn(
         f"SmartFreezer: the running statistics of frozen {type(module).__name__} layers were reset (momentum=None, "
         "nothing tracked): torch.optim.swa_utils.update_bn on the live model does that and re-estimates them in "
@@ -190,6 +193,9 @@ class FrozenRegion:
             if module.training:  # (nn.Module's __setattr__ is slow: most flags are set already)
                 module.training = False
                 switched.append(module)
+            mean = getattr(module, "running_mean", None)
+            if isinstance(mean, torch.Tensor) and module not in _statistics_version:
+                _statistics_version[module] = mean._version
             if not mode_blind(module):
                 self.handles.append(module.register_forward_pre_hook(_force_eval))
         # id(module) -> leading calls in eval (a module that never reads its mode needs no hook)
