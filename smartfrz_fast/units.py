@@ -235,8 +235,9 @@ class _ForwardTracer(TorchDispatchMode):
         self.fixed = set(fixed or ())  # ids of parameters that require no grad (a LoRA base), and their views
         self.reads: Dict[str, List[Tuple[int, Optional[Tuple[int, int]]]]] = {}
         self.op_flops: List[int] = []
-        # each op's backward in units of its forward: 2 (input and weight gradients), 1 where its only
-        # weights require no grad (input gradient only), 0 before the first trainable read (none)
+        # each op's backward in units of its forward: 2 (input and weight gradients), 1 where its
+        # weight requires no grad (input gradient only; a trained bias beside it costs next to
+        # nothing), 0 before the first trainable read (none)
         self.op_backward: List[float] = []
         self._trained_from: Optional[int] = None  # the first op that reads a trainable parameter
         self.module_calls: Dict[int, List[List[int]]] = {}  # id(module) -> [[first op, end op], ...]
@@ -260,8 +261,14 @@ class _ForwardTracer(TorchDispatchMode):
                 fixed = leaf
         if names and self._trained_from is None:
             self._trained_from = op_index
-        self.op_backward.append(2.0 if names or (self._trained_from is not None and fixed is None)
-                                else 1.0 if self._trained_from is not None else 0.0)
+        # a weight gradient costs about a forward only for a trained matrix or filter (a trained
+        # bias beside a fixed weight, BitFit, costs next to nothing); the input gradient another
+        if self._trained_from is None:
+            self.op_backward.append(0.0)
+        elif fixed is not None and not any(t.dim() >= 2 for t in names.values()):
+            self.op_backward.append(1.0)
+        else:
+            self.op_backward.append(2.0)
         out = func(*args, **kwargs)
         count = self._flop_registry.get(func._overloadpacket)
         if count is not None:

@@ -198,15 +198,20 @@ def _measured_step_flops(model, x):
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["all trained", "LoRA"])
-def test_frozen_flops_fraction_is_what_a_step_saves(lora):
+@pytest.mark.parametrize("kind, tolerance", [("all trained", 0.06), ("LoRA", 0.01), ("BitFit", 0.07)])
+def test_frozen_flops_fraction_is_what_a_step_saves(kind, tolerance):
     # backward was counted as twice the forward everywhere: on a LoRA model, whose base layers
     # compute no weight gradient (and the first ones no gradient at all), the report said 66 %
-    # where freezing saved 46 %, and SmartFRZ's min_flops_share read it too
+    # where freezing saved 46 %, and SmartFRZ's min_flops_share read it too; BitFit (biases
+    # trained beside fixed weights): 66 % for 43 %
     torch.manual_seed(0)
     width = 64
-    model = nn.Sequential(*[_LoRALinear(width) if lora else nn.Sequential(nn.Linear(width, width), nn.ReLU())
-                            for _ in range(4)], nn.Linear(width, 3))
+    blocks = [_LoRALinear(width) if kind == "LoRA" else nn.Sequential(nn.Linear(width, width), nn.ReLU())
+              for _ in range(4)]
+    model = nn.Sequential(*blocks, nn.Linear(width, 3))
+    if kind == "BitFit":
+        for block in model[:4]:
+            block[0].weight.requires_grad_(False)
     x = torch.randn(16, width)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     freezer = SmartFreezer(model, opt, StaticFreeze(0), example_inputs=x)
@@ -214,9 +219,9 @@ def test_frozen_flops_fraction_is_what_a_step_saves(lora):
     for n in range(1, len(freezer.units)):
         freezer.freeze_to(n)
         measured = (full - _measured_step_flops(model, x)) / full
-        # the count's approximation (README): an op's backward is twice its forward, also where its
-        # input needs no gradient (the first layer; the layer after a frozen prefix): a few points here
-        assert freezer.frozen_flops_fraction() == pytest.approx(measured, abs=0.01 if lora else 0.06), n
+        # the count's approximation (README): an op's input gradient is counted also where none is
+        # computed (the first layer; the layer after a frozen prefix): a few points here
+        assert freezer.frozen_flops_fraction() == pytest.approx(measured, abs=tolerance), n
 
 
 # ---------------------------------------------------------------------- bad input
