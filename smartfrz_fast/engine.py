@@ -658,8 +658,11 @@ class SmartFreezer:
     def _note_units_trained(self) -> None:
         """Before each step of the freezer's optimizers: the units outside the prefix with a
         parameter that requires grad train in this step. A loop over the units that stops at
-        each unit's first trainable parameter (about 0.3 us a unit on this CPU)."""
+        each unit's first trainable parameter (about 0.3 us a unit on this CPU), until every unit
+        was seen training since the last look (then nothing: most steps of a long run)."""
         trained = self._trained_since_look
+        if len(trained) >= len(self.units) - self.num_frozen:
+            return
         for unit in self.units[self.num_frozen:]:
             if unit.index not in trained and any(p.requires_grad for p in unit.parameters):
                 trained.add(unit.index)
