@@ -471,10 +471,9 @@ class ActivationCache:
         elif self.boundary and any(m.training for m in self._modes_kept):
             module = next(m for m in self._modes_kept if m.training)
             self._rederive(f"{type(module).__name__} {self._module_name(module)!r}, inside the cached prefix, is in "
-                           "train mode now: you froze it "
-                           "(requires_grad=False) but the freezer does not hold it in eval mode, and rows made in "
-                           "eval mode would change what it computes (dropout, batch statistics): the cache now cuts "
-                           "before it")
+                           "train mode now, and the freezer does not hold it in eval mode (you froze it): rows made "
+                           "in eval mode could change what it computes (dropout, batch statistics, any forward that "
+                           "reads self.training), so the cache now cuts before it")
         elif self.chain is not None and RemovableHandle.next_id != self._handles_seen:
             # a hook was registered somewhere since the last look (one counter read per step)
             self._handles_seen = RemovableHandle.next_id
@@ -725,8 +724,8 @@ class ActivationCache:
     def _count_changed_rows(self, ids: Tensor, which: Tensor, miss: Tensor, fresh: Tensor, old: Tensor) -> bool:
         """Count the samples of ``which`` (forgotten for another input, now among ``miss`` and
         recomputed in ``fresh``) whose row really changed: an input the prefix does not read
-        (labels, weights) changes nothing. More than half of the dataset's rows changing in two
-        epochs in a row means the inputs change all the time (random augmentation, ids not per
+        (labels, weights) changes nothing. More than half of the rows the cache holds changing in
+        two epochs in a row means the inputs change all the time (random augmentation, ids not per
         sample): the cache turns off (False). A dataset swapped now and then (a curriculum)
         changes them in one epoch and keeps them the next."""
         rows = fresh[torch.searchsorted(miss, which).to(fresh.device)]
@@ -750,8 +749,8 @@ class ActivationCache:
                         "samples are augmented, a value the same for the whole batch changed, or one id is given "
                         "to two samples: ids must be unique per sample, "
                         "as IndexedDataset over the whole dataset gives): such rows are computed again and replaced, "
-                        "never served (counted in stats['input_changed']; more than half of the dataset in two epochs "
-                        "in a row turns the cache off).")
+                        "never served (counted in stats['input_changed']; more than half of the cached rows in two "
+                        "epochs in a row turns the cache off).")
         return True
 
     def _row_tolerance(self) -> float:
@@ -873,7 +872,8 @@ class ActivationCache:
         self._leaf_reads = (key, reads)
         return reads
 
-    def _reads_leaf(self, leaves: List[Any], i: int, other: Any, spec: Any, stops: List[int], base: List[Any]) -> bool:
+    def _reads_leaf(self, leaves: List[Any], i: int, other: Any, spec: Any, stops: List[int],
+                    base: List[Any]) -> bool:
         """Whether the outputs at ``stops`` change when leaf ``i`` is ``other``."""
         args, kwargs = tree_unflatten(leaves[:i] + [other] + leaves[i + 1:], spec)
         try:
@@ -1640,8 +1640,8 @@ def _value_bytes(value: Any) -> Optional[bytes]:
 
 def _nudges(value: Any) -> List[Any]:
     """Other values of a batch-wide input, to see whether the prefix reads it: up, down and
-    halved (a clamp such as min(sigma, 1) hides a change one way); none if none can be made
-    (a flag, a string, a mask)."""
+    halfway to 1 (a clamp such as min(sigma, 1) hides a change one way); none if none can be
+    made (a flag, a string, a mask)."""
     if isinstance(value, Tensor):
         if value.dtype == torch.bool or value.is_complex():
             return []
@@ -1649,8 +1649,8 @@ def _nudges(value: Any) -> List[Any]:
     if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "dtype"):
         return []
     try:
-        return [value + 1, value - 1, value * 0.5 if value else 0.5]
-    except TypeError:  # a numpy value of a kind that takes no arithmetic
+        return [value + 1, value - 1, value * 0.5 + 0.5]
+    except (TypeError, ValueError):  # a numpy value of a kind that takes no arithmetic
         return []
 
 
