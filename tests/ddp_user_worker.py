@@ -118,6 +118,7 @@ def entry(rank, scenario, out, port):
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         main(scenario, out)
+        dist.barrier()  # both ranks leave together: a rank that tore down first aborted gloo's other rank
     finally:
         dist.destroy_process_group()
 
