@@ -510,7 +510,7 @@ class ActivationCache:
             return model(*inputs.args, **inputs.kwargs)
         batch = _batch_size(inputs)
         ids = self._check_ids(sample_ids, batch)
-        why = self._cannot_serve(inputs)
+        why = self._cannot_serve(inputs, batch)
         if why is not None:
             self.stats["bypassed"] += 1
             self._warn_once(why[0], f"ActivationCache: {why[1]}: such forwards run the whole model (counted in "
@@ -548,24 +548,23 @@ class ActivationCache:
             self._rows_grad = (key, rows_need_grad(self.chain.blocks[:self.boundary]))
         return self._rows_grad[1]
 
-    def _cannot_serve(self, inputs: Inputs) -> Optional[Tuple[str, str]]:
+    def _cannot_serve(self, inputs: Inputs, batch: int) -> Optional[Tuple[str, str]]:
         """(kind, why) when cached rows cannot stand in for this forward's frozen prefix."""
         other = self._other_input_shape(inputs)
         if other is not None:
             return "shape", other
-        if _python_rows((inputs.args, inputs.kwargs), _batch_size(inputs)):
+        if _python_rows((inputs.args, inputs.kwargs), batch):
             return "python_rows", ("the inputs hold a Python list of one value or tensor per sample (sequence "
                                    "lengths?), which the cache cannot split into the samples it computes and those "
                                    "it serves; pass such values as one tensor to cache")
-        opaque = next((leaf for leaf in tree_flatten((inputs.args, inputs.kwargs))[0]
-                       if not isinstance(leaf, Tensor) and holds_tensors(leaf)), None)
+        leaves = tree_flatten((inputs.args, inputs.kwargs))[0]
+        opaque = next((leaf for leaf in leaves if not isinstance(leaf, Tensor) and holds_tensors(leaf)), None)
         if opaque is not None:
             kind = type(opaque).__name__
             return "opaque_input", (f"the inputs hold a {kind}, an object whose tensors the cache can neither split "
                                     "per sample nor check; pass them in a dict, tuple or NamedTuple, or register "
                                     f"{kind} with torch.utils._pytree.register_dataclass, to cache")
-        if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad
-                                           for t in tree_flatten((inputs.args, inputs.kwargs))[0]):
+        if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in leaves):
             return "input_grad", ("an input requires grad, and a cached row passes no gradient back to the input "
                                   "(the frozen prefix computed afresh does)")
         mode = self._autocast_now()
