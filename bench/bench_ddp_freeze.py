@@ -91,6 +91,7 @@ def worker(rank, world, port, args):
         print(f"{'mode':>8} {'frozen units':>12} {'step ms (median)':>17} {'freeze step ms':>15}")
         for mode, frozen, step_ms, freeze_ms in rows:
             print(f"{mode:>8} {frozen:>12} {step_ms:>17.2f} {freeze_ms:>15.2f}")
+    dist.barrier()  # the ranks leave together: one that tore gloo down first can abort the other
     dist.destroy_process_group()
 
 

@@ -187,6 +187,7 @@ def worker(rank, world, port, mode, out):
                 inner[1][0].weight.to_local().fill_(float("nan"))
         frozen = freezer.freeze_to(3)
         torch.save({"frozen": frozen}, out / f"rank{rank}.pt")
+        dist.barrier()  # both ranks leave together, as below (a rank that tore down first aborted the other)
         dist.destroy_process_group()
         return
     if mode == "mismatch":  # each rank counted its own shard: refused on every rank, nothing hangs
