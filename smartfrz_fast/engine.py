@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from . import guards
-from .frozen import engine_hook, mode_blind
+from .frozen import engine_hook, mode_blind, remove_handles
 from .policy.base import Decision, FreezePolicy, PolicyContext, UnitInfo, check_decision, check_prefix_length
 from .units import SHARED_PARAMETER_MODES, Unit, UnitPlan, describe_shared, discover_units, example_call, shared_groups
 
@@ -273,6 +273,10 @@ class SmartFreezer:
         self._after_step_checks: List[Callable] = []  # optimizer post-step hooks, re-created optimizers too
         self._grad_index_cache: Dict[Any, Tensor] = {}
         self._hooks: List[Any] = []
+        # a freezer dropped without close() (built inside a function, a sweep, a re-run cell) is
+        # collected once its optimizers are (their hooks hold it): its hooks go with it, or they
+        # would keep detaching reads and holding layers in eval in the user's later training
+        weakref.finalize(self, remove_handles, self._hooks)
         self._first_forward_hook: Optional[Any] = None
         self._eval_hooks: List[Any] = []  # the frozen region's hooks, once set up
         self._region = None
@@ -390,6 +394,7 @@ class SmartFreezer:
 
         self._region = FrozenRegion(self.module, plan)
         self._eval_hooks = self._region.handles
+        weakref.finalize(self, self._region.remove)  # dropped unclosed: see self._hooks
         max_frozen = max(0, len(plan.units) - self.keep_trainable)
         if max_frozen == 0:
             warnings.warn(
@@ -832,6 +837,10 @@ class SmartFreezer:
         compiled-region rebuilds, trainer callbacks, logging)."""
         self._freeze_listeners.append(listener)
 
+    def remove_freeze_listener(self, listener: Callable[[FreezeEvent, Sequence[Unit]], None]) -> None:
+        """Stop calling ``listener`` (a closed activation cache)."""
+        self._freeze_listeners = [other for other in self._freeze_listeners if other is not listener]
+
     def add_change_listener(self, listener: Callable[[str, Any], None]) -> None:
         """Call ``listener("optimizer", (new, replaced))`` when the freezer takes over a re-created
         optimizer, and ``listener("parameters", {id(old): new})`` when parameters were replaced by
@@ -1269,6 +1278,12 @@ class SmartFreezer:
             "the model the checkpoint was saved from, or start the freezer fresh."
         )
 
+    @staticmethod
+    def of(model: nn.Module) -> Optional["SmartFreezer"]:
+        """The open SmartFreezer that manages ``model`` (or a part or a parent of it), or None:
+        to close one you no longer hold (built inside a function: its optimizer's hooks keep it)."""
+        return guards.managing_freezer(model)[1]
+
     def close(self) -> None:
         """Remove the hooks the engine placed (frozen norm layers stay in eval until then) and
         close the policy."""
@@ -1278,9 +1293,7 @@ class SmartFreezer:
         self.policy.close()
         if self.plan is not None:
             self._give_back_frozen()
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
+        remove_handles(self._hooks)
         if self._region is not None:
             self._region.remove()
         self._eval_hooks.clear()

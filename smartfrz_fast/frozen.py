@@ -64,6 +64,14 @@ class EngineHook:
         return (_inert_hook_factory, ())
 
 
+def remove_handles(handles: List[Any]) -> None:
+    """Remove every hook in ``handles`` and empty the list (in place: a ``weakref.finalize``
+    holds the same list, to remove them when their owner is dropped without close())."""
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
 def _inert_hook(*args, **kwargs) -> None:
     """What a copy of the model holds in place of an engine hook."""
     return None

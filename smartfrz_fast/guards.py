@@ -44,19 +44,31 @@ _CLAIMS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDi
 
 
 # ---------------------------------------------------------------------- one model, one freezer
-def managed_part(module: nn.Module) -> Optional[nn.Module]:
-    """``module``, or the first of its submodules, that a live, unclosed freezer manages; None
-    if none is (a freezer claims every module of its model, so a parent's freezer counts too)."""
+def managing_freezer(module: nn.Module) -> Tuple[Optional[nn.Module], Any]:
+    """(``module`` or the first of its submodules that a live, unclosed freezer manages, that
+    freezer); (None, None) if none is (a freezer claims every module of its model, so a parent's
+    freezer counts too)."""
     for m in module.modules():
         ref = _CLAIMS.get(m)
         other = ref() if ref is not None else None
         if other is not None and not other._closed:
-            return m
-    return None
+            return m, other
+    return None, None
+
+
+def managed_part(module: nn.Module) -> Optional[nn.Module]:
+    """The part of ``module`` that a live, unclosed freezer manages, or None."""
+    return managing_freezer(module)[0]
 
 
 def check_unclaimed(module: nn.Module) -> None:
     """Raise if a live, unclosed freezer already manages ``module``, a submodule or a parent of it."""
+    if managed_part(module) is None:
+        return
+    # a freezer dropped unclosed may live on only in a reference cycle: collected now, it lets go
+    import gc
+
+    gc.collect()
     m = managed_part(module)
     if m is not None:
         where = "this model" if m is module else f"a part of this model ({type(m).__name__})"
@@ -64,8 +76,10 @@ def check_unclaimed(module: nn.Module) -> None:
             f"SmartFreezer: {where} is already managed by another SmartFreezer that is still open: two "
             "freezers would each freeze, remove from the optimizer and count steps on their own. Call "
             "close() on the first one before building another (with a new policy object), or keep "
-            "using the first. A SmartFreezeCallback of an earlier fit()/train() holds one: pass that "
-            "callback again, or call its freezer.close() first (frozen layers stay frozen).")
+            "using the first; SmartFreezer.of(model) returns it where you no longer hold it (one built "
+            "inside a function lives on in its optimizer's hooks). A SmartFreezeCallback of an earlier "
+            "fit()/train() holds one: pass that callback again, or call its freezer.close() first "
+            "(frozen layers stay frozen).")
 
 
 def claim(freezer: Any, module: nn.Module) -> None:

@@ -342,8 +342,10 @@ def example_call(model: nn.Module, inputs: Any,
                  kwargs: Optional[Dict[str, Any]]) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
     """``example_inputs`` and ``example_kwargs`` as the forward's (positional, keyword) inputs. A
     Mapping whose keys all name parameters of ``model.forward`` (a Hugging Face batch:
-    ``{"input_ids": ..., "attention_mask": ..., "labels": ...}``) is keyword inputs; anything
-    else follows ``as_args`` (a dict that a forward takes whole stays one positional input)."""
+    ``{"input_ids": ..., "attention_mask": ..., "labels": ...}``), or name some of them while the
+    forward takes the rest as ``**kwargs`` (``output_hidden_states`` in transformers 5), is
+    keyword inputs; anything else follows ``as_args`` (a dict that a forward takes whole stays
+    one positional input)."""
     kwargs = dict(kwargs or {})
     if isinstance(inputs, Mapping) and inputs and _names_parameters(model, inputs):
         clash = sorted(set(inputs) & set(kwargs))
@@ -361,7 +363,10 @@ def _names_parameters(model: nn.Module, keys: Mapping) -> bool:
         return False
     named = {n for n, p in signature.parameters.items()
              if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
-    return all(isinstance(k, str) and k in named for k in keys)
+    if not all(isinstance(k, str) for k in keys):
+        return False
+    takes_more = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+    return all(k in named for k in keys) or (takes_more and any(k in named for k in keys))
 
 
 @contextmanager

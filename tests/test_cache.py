@@ -4,6 +4,7 @@ capacity, storage tiers, and bad input."""
 import errno
 import os
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -433,6 +434,39 @@ def ready_cache(**kwargs):
     return cache, cache.wrap()
 
 
+def global_registration_hooks():
+    from torch.nn.modules import module as module_lib
+
+    return sum(len(getattr(module_lib, f"_global_{kind}_registration_hooks")) for kind in ("module", "parameter", "buffer"))
+
+
+def test_a_closed_or_dropped_cache_lets_go_of_its_rows_and_hooks():
+    # a notebook cell re-run builds a second cache on the same freezer: the first, dropped, must
+    # not live on in the freezer's listeners (with its rows, migrated at every freeze) nor leave
+    # torch's process-wide registration hooks behind (every later module built runs them)
+    import gc
+
+    cache, wrapped = ready_cache()
+    freezer = cache.freezer
+    before = global_registration_hooks()  # the freezer's own included; the cache's come at its first forward
+    wrapped(X[:8], torch.arange(8))
+    assert cache.rows_cached == 8 and global_registration_hooks() == before + 3
+    dropped = weakref.ref(cache)
+    del cache, wrapped
+    gc.collect()
+    assert dropped() is None and global_registration_hooks() == before
+    again = ActivationCache(freezer, num_samples=N, deterministic=True)
+    run = again.wrap()
+    run(X[:8], torch.arange(8))
+    cut = again.boundary
+    again.close()
+    assert global_registration_hooks() == before and again.rows_cached == 0
+    assert again.describe() == "activation cache off: close() was called"
+    torch.testing.assert_close(run(X[:8], torch.arange(8)), freezer.model(X[:8]))  # the whole model runs
+    freezer.freeze_to(3)  # a closed cache is told of no freeze
+    assert cut > 0 and again.boundary == cut and again.stats["migrated"] == 0
+
+
 def test_bad_sample_ids():
     cache, wrapped = ready_cache()
     with pytest.raises(IndexError, match=r"sample ids \[40, -1\] are outside \[0, 40\)"):
@@ -707,4 +741,23 @@ def test_a_dict_of_keyword_inputs_is_a_batch_as_in_example_inputs():
     for _ in range(2):  # stores, then serves
         out = cached({"pixels": X[ids], "scale": 2.0}, ids)
     torch.testing.assert_close(out, model(X[ids], scale=2.0))
+    assert cached.cache.stats["hits"] == 8
+
+
+class KeywordsModel(KeywordModel):  # transformers 5's forwards take output_hidden_states etc. as **kwargs
+    def forward(self, pixels, scale=1.0, **kwargs):
+        return self.body(pixels) * scale * kwargs.get("gain", 1.0)
+
+
+def test_a_dict_of_keyword_inputs_may_hold_keys_the_forward_takes_as_kwargs():
+    model = KeywordsModel()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, policy=StaticFreeze(2, 1), example_inputs={"pixels": X[:2], "gain": 1.0},
+                           total_steps=10)
+    freezer.freeze_to(2)
+    cached = ActivationCache(freezer, num_samples=N, deterministic=True).wrap()
+    ids = torch.arange(8)
+    for _ in range(2):
+        out = cached({"pixels": X[ids], "gain": 3.0}, ids)
+    torch.testing.assert_close(out, model(X[ids], gain=3.0))
     assert cached.cache.stats["hits"] == 8

@@ -290,6 +290,107 @@ def test_cached_loss_and_gradients_equal_eval_prefix_recompute(kind):
     assert not torch.allclose(loss_of(kind, reference(IDS[index], attention_mask=MASK[index]), index), loss)
 
 
+@pytest.mark.parametrize("kind", ["gpt2-lm", "llama-lm"])
+def test_an_input_the_batch_shares_may_come_first(kind):
+    """A batch dict whose first tensor is shared by the batch (position_ids of shape [1, L]): the
+    batch size is the sample ids' count, and cached rows give the recomputed loss and gradients."""
+    model, reference, cache = frozen_setup(kind)
+    wrapped = cache.wrap()
+    model.train()
+    index = torch.tensor([3, 0, 7, 5])
+    shared = {"position_ids": torch.arange(L)[None]}
+    for attempt in ("fill", "hit"):
+        torch.manual_seed(11)
+        loss = loss_of(kind, wrapped({**shared, "input_ids": IDS[index]}, index), index)
+        loss.backward()
+        reference.train()
+        for block in body_blocks(reference)[:2]:
+            block.eval()
+        torch.manual_seed(11)
+        expected = loss_of(kind, reference(input_ids=IDS[index], **shared), index)
+        expected.backward()
+        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            if p.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+        model.zero_grad(set_to_none=True)
+        reference.zero_grad(set_to_none=True)
+    assert cache.boundary == 2 and cache.stats["hits"] == 4 and cache.stats["misses"] == 4, cache.describe()
+
+
+@pytest.mark.parametrize("asked_by", ["call", "config"])
+@pytest.mark.parametrize("kind", ["bert-cls", "llama-lm"])
+def test_a_forward_asking_for_hidden_states_and_attentions_runs_the_whole_model(kind, asked_by):
+    """Hidden states and attentions are collected inside the layers, frozen ones included, which
+    cached rows skip: such a forward runs whole (as the plain model) and says why; the forwards
+    that do not ask keep their cached rows (transformers 5 collects them by hooks on the layers,
+    installed at the first such forward: not a user's hooks, no cut before them)."""
+    model, _, cache = frozen_setup(kind)
+    wrapped = cache.wrap()
+    model.train()
+    index = torch.tensor([3, 0, 7, 5])
+    for _ in range(2):  # fills, then serves
+        wrapped(IDS[index], index)
+    assert cache.stats["hits"] == 4 and cache.boundary == 2
+    asked = {"output_hidden_states": True}
+    if asked_by == "call":  # (a config asking for attentions needs eager attention)
+        asked["output_attentions"] = True
+    else:
+        for name, value in asked.items():
+            setattr(model.config, name, value)
+    with pytest.warns(UserWarning, match=f"asks for {' and '.join(asked)} "):
+        torch.manual_seed(5)
+        got = wrapped(IDS[index], index, **(asked if asked_by == "call" else {}))
+    torch.manual_seed(5)
+    expected = model(IDS[index], **asked)
+    assert len(got.hidden_states) == len(expected.hidden_states) == 4
+    for name in (key[len("output_"):] for key in asked):
+        if getattr(expected, name) is None:  # attentions under sdpa on transformers 4.x
+            assert getattr(got, name) is None
+            continue
+        for a, b in zip(getattr(got, name), getattr(expected, name), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert cache.stats["bypassed"] == 1
+    for name in asked:
+        setattr(model.config, name, False)
+    wrapped(IDS[index], index)
+    assert cache.stats["hits"] == 8 and cache.boundary == 2, cache.describe()
+    assert "hook" not in cache.describe()
+
+
+@pytest.mark.parametrize("word_embeddings_train", [True, False])
+def test_bert_given_inputs_embeds_names_the_word_embedding_it_never_reads(word_embeddings_train):
+    """Given inputs_embeds (which the BERT chain does not take: the module swap serves it), BERT
+    never reads its word embedding, which the freezer then manages in no unit: while it trains,
+    the cache cannot cut after the embeddings and says which parameter to set
+    requires_grad=False on; once it does not, cached rows give the model's loss."""
+    model = build("bert-cls", dropout=0.0)  # the cached and the plain forward compare exactly
+    model.bert.embeddings.word_embeddings.weight.requires_grad_(word_embeddings_train)
+    embeds = torch.randn(N, L, 16, generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the unread word embedding, said at set-up
+        freezer = SmartFreezer(model, opt, policy=StaticFreeze(1, 10 ** 9),
+                               example_inputs={"inputs_embeds": embeds[:2]})
+    freezer.freeze_to(units_through_layer(freezer, 0))
+    cache = ActivationCache(freezer, num_samples=N, deterministic=True)
+    wrapped = cache.wrap()
+    model.train()
+    index = torch.tensor([3, 0, 7, 5])
+    for _ in range(2):
+        out = wrapped({"inputs_embeds": embeds[index], "labels": LABELS[index]}, index)
+    if word_embeddings_train:
+        assert cache.boundary == 0
+        assert "bert.embeddings.word_embeddings.weight keeps training" in cache.describe()
+        assert "requires_grad=False on bert.embeddings.word_embeddings.weight" in cache.describe()
+    else:
+        # the BERT chain does not take inputs_embeds: the module swap runs the model's own forward
+        assert cache.chain.how == "module swap" and cache.boundary > 0 and cache.stats["hits"] == 4, cache.describe()
+        with torch.no_grad():
+            expected = model(inputs_embeds=embeds[index], labels=LABELS[index])
+        torch.testing.assert_close(out.loss, expected.loss, rtol=1e-6, atol=1e-7)
+
+
 def train(kind, use_cache, epochs=4, deepen_after=1):
     model = build(kind, dropout=0.1)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -339,26 +440,6 @@ def test_training_loop_with_cache_matches_eval_prefix_training(kind):
     assert cache.stats["migrated"] == N and cache.rows_cached == N
     for (name, p), q in zip(plain.state_dict().items(), cached.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
-
-
-def test_inputs_the_chain_does_not_take_go_to_the_module_swap():
-    model, _, cache = frozen_setup("bert-cls")
-    wrapped = cache.wrap()
-    index = torch.tensor([0, 1])
-    # the BERT chain does not return every layer's output; the module swap runs the model's own
-    # forward, and serves only a cut whose outputs reproduce everything asked for
-    for _ in range(2):
-        out = wrapped(IDS[index], index, attention_mask=MASK[index], output_hidden_states=True)
-    assert cache.chain.how == "module swap" and cache.stats["hits"] == 2, cache.describe()
-    # in train mode (an eval-mode forward is a validation, which the cache does not serve): the
-    # frozen prefix draws no dropout masks, so the same seed gives the trainable part the same ones
-    torch.manual_seed(3)
-    expected = model(IDS[index], attention_mask=MASK[index], output_hidden_states=True)
-    torch.manual_seed(3)
-    out = wrapped(IDS[index], index, attention_mask=MASK[index], output_hidden_states=True)
-    assert cache.stats["hits"] == 4 and cache.stats["bypassed"] == 0  # hits count samples
-    for got, want in zip(out.hidden_states, expected.hidden_states):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_a_layout_that_only_looks_like_bert_is_refused():

@@ -365,6 +365,51 @@ def test_second_freezer_on_one_model_is_refused_until_the_first_is_closed():
     assert second.plan is not None
 
 
+def test_a_freezer_lost_inside_a_function_is_reached_by_smartfreezer_of():
+    # a second phase built by the same function: the first freezer, no longer held, lives on in
+    # its optimizer's hooks; the refusal says how to reach it
+    model, x = SmallCNN(), batch(0)[0]
+    opt = sgd(model)
+
+    def phase(start):
+        freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=start + 1), example_inputs=x, total_steps=8)
+        train_steps(model, opt, freezer, 2, start=start)
+
+    phase(0)
+    with pytest.raises(RuntimeError, match=r"SmartFreezer\.of\(model\) returns it"):
+        phase(2)
+    lost = SmartFreezer.of(model)
+    assert lost is not None and lost.num_frozen == 1 and SmartFreezer.of(model.conv2) is lost
+    lost.close()
+    assert SmartFreezer.of(model) is None
+    phase(2)
+
+
+def test_a_freezer_dropped_without_close_takes_its_hooks_with_it():
+    # built, trained and dropped inside a function with its optimizer (a sweep, a first phase):
+    # hooks left on the model would keep its frozen BatchNorms in eval in later plain training
+    import gc
+
+    model = SmallCNN()
+
+    def phase():
+        opt = sgd(model)
+        freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=1), example_inputs=batch(0)[0], total_steps=4)
+        train_steps(model, opt, freezer, 3)
+        assert freezer.num_frozen == 2 and not model.bn1.training
+
+    phase()
+    gc.collect()
+    assert SmartFreezer.of(model) is None
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    model.requires_grad_(True)
+    model.train()
+    seen = model.bn1.num_batches_tracked.item()
+    opt = sgd(model)
+    train_steps(model, opt, SimpleNamespace(step=lambda: None), 1)
+    assert model.bn1.training and model.bn1.num_batches_tracked.item() == seen + 1
+
+
 # ---------------------------------------------------------------------- policy decisions
 
 

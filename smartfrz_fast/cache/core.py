@@ -36,11 +36,10 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.hooks import RemovableHandle
 
 from ..distributed import FreezableDDP, _is_fsdp1, _is_fsdp2, check_ddp
-from ..frozen import mode_blind
+from ..frozen import mode_blind, remove_handles
 from ..units import example_call, preserved_modes, preserved_state
-from .split import (SWAP, BlockChain, Inputs, block_modules, find_blocks, hooked_modules, modules_outside,
-                    rows_need_grad,
-                    skipped_hooks)
+from .split import (SWAP, BlockChain, Inputs, block_modules, captured_outputs, find_blocks, hooked_modules,
+                    modules_outside, rows_need_grad, skipped_hooks)
 from .swap import UntracedCall, holds_tensors
 from .storage import (PINNED_READS, STORAGE_DTYPES, TIERS, Storage, check_path, input_sums, make_storage,
                       owned_temp_path, read_header, remove_leftovers, row_bytes, storage_dtype, tensor_sum)
@@ -193,14 +192,23 @@ class ActivationCache:
         self._handles_seen = -1  # torch's hook-handle counter when hooks were last checked
         self._rows_grad: Tuple[Any, bool] = (None, False)  # (chain, cut, hook counter), rows_need_grad
         self._outside: Tuple[Optional[BlockChain], list] = (None, [])  # (chain, modules it does not call)
-        self._structure_hooks: list = []
+        self._structure_hooks: List[Any] = []  # torch's global registration hooks: see _watch_structure
+        weakref.finalize(self, remove_handles, self._structure_hooks)  # a cache dropped without close()
         # the cached prefix's parameters and buffers as its rows were made: (store, tensors, their
         # (version, dtype), their checksums); see _prefix_weights_unchanged
         self._prefix_state: Tuple[Any, List[Tensor], List[Tuple[int, torch.dtype]], List[Tensor]] = (None, [], [], [])
         self._leaf_reads: Tuple[Any, Optional[List[bool]]] = (None, None)  # see _read_leaves
         self._unmanaged: Tuple[Any, List[Tuple[str, Tensor]]] = (None, [])  # see _unmanaged_in_prefix
         self._modes_kept: List[nn.Module] = []  # see _modes_not_held
-        freezer.add_freeze_listener(self._on_freeze)
+        me = weakref.ref(self)
+
+        def on_freeze(event, newly_frozen) -> None:  # weak: a dropped cache (a re-run cell) goes with its rows
+            cache = me()
+            if cache is not None:
+                cache._on_freeze(event, newly_frozen)
+
+        self._freeze_listener = on_freeze
+        freezer.add_freeze_listener(on_freeze)
 
     # ------------------------------------------------------------------ public
     def wrap(self, model: Optional[nn.Module] = None) -> "CachedModel":
@@ -275,12 +283,20 @@ class ActivationCache:
         yield current
 
     def close(self) -> None:
+        """Free the rows (an mmap file stays on disk) and every hook the cache placed; the cache
+        is off after it, and the wrapped model runs whole."""
+        if self.enabled:
+            self.enabled, self.reason = False, "close() was called"
         if self._store is not None:
             self._store.close()
             self._store = None
         if hasattr(self.chain, "release"):
             self.chain.release()
         self._sides = SideInputs(self.num_samples)
+        remove_handles(self._structure_hooks)
+        stop = getattr(self.freezer, "remove_freeze_listener", None)
+        if stop is not None:
+            stop(self._freeze_listener)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self, rows: bool = False) -> Dict[str, Any]:
@@ -486,12 +502,14 @@ class ActivationCache:
             elif any(hooked_modules(block) for block in self.chain.blocks[:self.boundary]):
                 self._rederive("a forward hook was placed on a module of the cached frozen prefix, which "
                                "cached rows would skip: the cache cuts before it")
+        if self.enabled:  # the batch size, read once: the ids' count where an input has it
+            inputs.batch = _batch_size(inputs, _id_count(sample_ids))
         if self.enabled and not self._setup_done:
             self._setup(model, inputs)
         if not self.active:
             if self.enabled and (not isinstance(sample_ids, Tensor) or sample_ids.device.type == "cpu"):
                 # bad ids fail now, not first at the freeze (free on the host; GPU ids would sync)
-                self._check_ids(sample_ids, _batch_size(inputs))
+                self._check_ids(sample_ids, inputs.batch)
             return model(*inputs.args, **inputs.kwargs)
         if not model.training:  # validation: its ids may name other samples than training's
             self.stats["bypassed"] += 1
@@ -508,9 +526,9 @@ class ActivationCache:
                             "training step, and its sample ids may name other samples than training's (counted in "
                             "stats['bypassed']; call model.eval() for validation).")
             return model(*inputs.args, **inputs.kwargs)
-        batch = _batch_size(inputs)
+        batch = inputs.batch
         ids = self._check_ids(sample_ids, batch)
-        why = self._cannot_serve(inputs, batch)
+        why = self._cannot_serve(model, inputs, batch)
         if why is not None:
             self.stats["bypassed"] += 1
             self._warn_once(why[0], f"ActivationCache: {why[1]}: such forwards run the whole model (counted in "
@@ -548,8 +566,14 @@ class ActivationCache:
             self._rows_grad = (key, rows_need_grad(self.chain.blocks[:self.boundary]))
         return self._rows_grad[1]
 
-    def _cannot_serve(self, inputs: Inputs, batch: int) -> Optional[Tuple[str, str]]:
+    def _cannot_serve(self, model: nn.Module, inputs: Inputs, batch: int) -> Optional[Tuple[str, str]]:
         """(kind, why) when cached rows cannot stand in for this forward's frozen prefix."""
+        asked = captured_outputs(model, inputs.kwargs)
+        if asked:
+            return "captured_outputs", (f"a forward asks for {' and '.join(asked)} (in the call or as the model "
+                                        "config's default), which the model collects inside its layers, frozen ones "
+                                        "included, and cached rows skip those; pass them only to forwards that need "
+                                        "them to cache the others")
         other = self._other_input_shape(inputs)
         if other is not None:
             return "shape", other
@@ -603,8 +627,7 @@ class ActivationCache:
         forward. torch's global registration hooks cost nothing per step."""
         from torch.nn.modules import module as module_lib
 
-        for handle in self._structure_hooks:
-            handle.remove()
+        remove_handles(self._structure_hooks)
         watched = {id(m) for m in model.modules()}
         me = weakref.ref(self)
 
@@ -616,17 +639,15 @@ class ActivationCache:
             if value is not None and any(value is h for h in held):
                 return  # the same object set again: `self.count += 1` on a buffer, in the model's forward
             cache._structure_changed = True
-        self._structure_hooks = [module_lib.register_module_module_registration_hook(changed),
-                                 module_lib.register_module_parameter_registration_hook(changed),
-                                 module_lib.register_module_buffer_registration_hook(changed)]
+        self._structure_hooks += [module_lib.register_module_module_registration_hook(changed),
+                                  module_lib.register_module_parameter_registration_hook(changed),
+                                  module_lib.register_module_buffer_registration_hook(changed)]
 
     def _rederive(self, why: str = "the model's modules or parameters changed since the cache was set up") -> None:
         """Drop the chain and every cached row (computed by the old structure); the next
         forward finds the chain of the model as it is now."""
         self._structure_changed = False
-        for handle in self._structure_hooks:
-            handle.remove()
-        self._structure_hooks = []
+        remove_handles(self._structure_hooks)
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -1102,8 +1123,12 @@ class ActivationCache:
         if usable is not None:
             count = usable(count)
             if self.chain.note:
-                self.cut_note = self.chain.note if count == 0 or self.cut_note is None else \
-                    f"{self.chain.note}; {self.cut_note}"
+                if self.cut_note is None or (count == 0 and stopped_by is None):
+                    self.cut_note = self.chain.note
+                elif count == 0:  # a trainable parameter stopped the frozen blocks: the first thing to fix
+                    self.cut_note = f"{self.cut_note}; {self.chain.note}"
+                else:
+                    self.cut_note = f"{self.chain.note}; {self.cut_note}"
         if count == 0 and self.cut_note is None:
             if self.freezer.num_frozen and stopped_by is not None:
                 # the frozen units run only inside the first block, beside a trainable parameter
@@ -1154,8 +1179,15 @@ class ActivationCache:
         if id(param) in unit_of and not any(i > unit_of[id(param)] for i in later_frozen):
             return None  # the freezer's frozen prefix simply ends here (inside this block)
         names = [n for n, p in self.freezer.module.named_parameters(remove_duplicate=False) if p is param]
+        name = names[0] if names else "?"
+        if id(param) not in unit_of:  # in no unit: SmartFreezer found no read of it in the example forward
+            return (f"parameter {name} keeps training and belongs to block {block.name!r} of the frozen prefix, "
+                    "but the freezer manages it in no unit (the example forward did not read it, as a word "
+                    "embedding when the model is given inputs_embeds): rows cached through that block could go "
+                    f"stale, so the cache cuts before it ({count} of {len(self.chain.blocks)} blocks). Set "
+                    f"requires_grad=False on {name} if your forwards do not read it, to cache deeper")
         shared = f" (shared: {', '.join(names)})" if len(names) > 1 else ""
-        return (f"parameter {names[0] if names else '?'}{shared} keeps training and is read by block "
+        return (f"parameter {name}{shared} keeps training and is read by block "
                 f"{block.name!r} of the frozen prefix; rows cached through it would go stale, so the cache "
                 f"cuts before it ({count} of {len(self.chain.blocks)} blocks). Freeze that parameter with the "
                 "prefix (or untie it) to cache deeper")
@@ -1558,11 +1590,29 @@ def _memory_format(h: Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def _batch_size(inputs: Inputs) -> int:
-    for leaf in tree_flatten((inputs.args, inputs.kwargs))[0]:
-        if isinstance(leaf, Tensor) and leaf.dim() > 0:
-            return leaf.shape[0]
-    raise ValueError("ActivationCache: the model inputs hold no tensor with a batch dimension")
+def _batch_size(inputs: Inputs, count: Optional[int] = None) -> int:
+    """The number of samples in ``inputs``: ``count`` (one per sample id) where an input's first
+    dimension is that, else the first of the inputs' first dimensions that is not 1 (an input the
+    batch shares, as a Hugging Face position_ids of shape [1, T], may come first), else 1."""
+    if inputs.batch is not None:
+        return inputs.batch
+    firsts = [leaf.shape[0] for leaf in tree_flatten((inputs.args, inputs.kwargs))[0]
+              if isinstance(leaf, Tensor) and leaf.dim() > 0]
+    if not firsts:
+        raise ValueError("ActivationCache: the model inputs hold no tensor with a batch dimension")
+    if count in firsts:
+        return count
+    return next((n for n in firsts if n != 1), firsts[0])
+
+
+def _id_count(sample_ids) -> Optional[int]:
+    """How many sample ids there are (None: not ids at all; _check_ids says what is wrong)."""
+    if isinstance(sample_ids, Tensor):
+        return sample_ids.numel()  # no read: GPU ids do not sync
+    try:
+        return torch.as_tensor(sample_ids).numel()
+    except (TypeError, ValueError, RuntimeError):
+        return None
 
 
 def _index_inputs(inputs: Inputs, index: Tensor, batch: int) -> Inputs:
@@ -1572,7 +1622,7 @@ def _index_inputs(inputs: Inputs, index: Tensor, batch: int) -> Inputs:
             return leaf[index.to(leaf.device)]
         return leaf
 
-    return Inputs(tree_map(take, inputs.args), tree_map(take, inputs.kwargs))
+    return Inputs(tree_map(take, inputs.args), tree_map(take, inputs.kwargs), batch=index.numel())
 
 
 def _is_storage_fault(exc: BaseException) -> bool:

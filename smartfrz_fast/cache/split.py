@@ -41,6 +41,8 @@ class Inputs:
     # values derived from these inputs once and shared by the blocks of a run (attention masks,
     # rotary tables): see _per_step
     memo: Dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    # the number of samples, once known (the forward's sample ids): see cache.core._batch_size
+    batch: Optional[int] = field(default=None, compare=False)
 
 
 @dataclass
@@ -639,16 +641,41 @@ def _marks_output_for_grad(hook: Any) -> bool:
     return getattr(hook, "__name__", None) == "make_inputs_require_grads"
 
 
+def _captures_outputs(hook: Any) -> bool:
+    """transformers' (5.x) hooks that collect ``output_hidden_states`` / ``output_attentions``:
+    they do nothing unless a forward asks for those outputs, and the cache runs such a forward
+    whole (``captured_outputs``), so they need no cut before them."""
+    return getattr(hook, "__module__", None) == "transformers.utils.output_capturing"
+
+
+# the Hugging Face forward arguments that ask for outputs collected inside the layers
+CAPTURED_OUTPUTS = ("output_hidden_states", "output_attentions", "output_router_logits")
+
+
+def captured_outputs(model: nn.Module, kwargs: Dict[str, Any]) -> List[str]:
+    """The outputs collected inside the layers that a forward with ``kwargs`` asks for (in the
+    call, or as the model config's default): cached rows skip the frozen layers, which would then
+    be missing from them (or shift them), so such a forward runs the whole model."""
+    config = getattr(model, "config", None)
+    asked = []
+    for name in CAPTURED_OUTPUTS:
+        value = kwargs[name] if name in kwargs else getattr(config, name, None)
+        if value is not None and not isinstance(value, Tensor) and bool(value):
+            asked.append(name)
+    return asked
+
+
 def _user_hooks(m: nn.Module, forward_only: bool = False) -> bool:
     """True if ``m`` carries a hook a user placed: forward hooks and pre-hooks, and module
     backward hooks unless ``forward_only``. Not the user's: the engine's frozen-prefix hooks
-    (``frozen.engine_hook``), and torch's old-style ``spectral_norm``/``weight_norm`` and
+    (``frozen.engine_hook``), torch's old-style ``spectral_norm``/``weight_norm`` and
     ``torch.nn.utils.prune``, whose pre-hooks only recompute the layer's weight from its own
-    parameters and buffers."""
+    parameters and buffers, and transformers' output-collecting hooks (``_captures_outputs``)."""
     hooks = (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
     if not forward_only:
         hooks += (*m._backward_hooks.values(), *m._backward_pre_hooks.values())
-    return any(not (getattr(h, "engine_hook", False) or isinstance(h, _WEIGHT_HOOKS) or _marks_output_for_grad(h))
+    return any(not (getattr(h, "engine_hook", False) or isinstance(h, _WEIGHT_HOOKS) or _marks_output_for_grad(h)
+                    or _captures_outputs(h))
                for h in hooks)
 
 
