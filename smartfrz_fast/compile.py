@@ -26,6 +26,7 @@ is left without a gradient.
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any, List, Sequence
 
 import torch
@@ -142,12 +143,14 @@ def check_grads_after_freeze(freezer: Any) -> None:
         return
     freezer._checks_grads_after_freeze = True
     armed = [False]
+    me = weakref.ref(freezer)  # the freezer holds this check: no cycle, so `del` frees it (and its model)
 
     def arm(event, units) -> None:
         armed[0] = True
 
     def check(optimizer, args, kwargs) -> None:
-        if not armed[0]:
+        freezer = me()
+        if not armed[0] or freezer is None:
             return
         trainable = [u for u in freezer.units[freezer.num_frozen:] if any(p.requires_grad for p in u.parameters)]
         if trainable:

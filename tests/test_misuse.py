@@ -410,6 +410,29 @@ def test_a_freezer_dropped_without_close_takes_its_hooks_with_it():
     assert model.bn1.training and model.bn1.num_batches_tracked.item() == seen + 1
 
 
+def test_a_closed_freezer_and_its_model_are_freed_by_del():
+    # a sweep's trial ends with close() and del: the model's memory (on a GPU: device memory) is
+    # given back at once, as without a freezer, not whenever Python's cycle collector runs
+    import gc
+    import weakref
+
+    def trial():
+        model = SmallCNN()
+        opt = sgd(model)
+        freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=1), example_inputs=batch(0)[0], total_steps=4)
+        train_steps(model, opt, freezer, 2)
+        freezer.close()
+        return weakref.ref(model.conv1.weight)
+
+    trial()
+    gc.collect()
+    gc.disable()
+    try:
+        assert trial()() is None
+    finally:
+        gc.enable()
+
+
 # ---------------------------------------------------------------------- policy decisions
 
 
