@@ -24,6 +24,7 @@ A model is claimed by one live, unclosed freezer at a time (``claim``).
 
 from __future__ import annotations
 
+import sys
 import warnings
 import weakref
 from typing import Any, Dict, List, Optional, Tuple
@@ -41,6 +42,19 @@ NEVER_STEPPED_WARN = 100
 _GUARDS: List["weakref.ref[Guard]"] = []
 _HANDLES: List[Any] = []
 _CLAIMS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+def warn_in_every_run(message: str, stacklevel: int) -> None:
+    """``warnings.warn(message, stacklevel=stacklevel)`` without Python's registry of warnings
+    already shown from one line: a freezer's or cache's once-per-run warning shows again in the
+    next run of a sweep or a re-run notebook cell (its words are the same). Filters still apply."""
+    try:
+        frame = sys._getframe(stacklevel)  # 1: the caller, as warnings.warn counts
+    except ValueError:
+        warnings.warn(message, stacklevel=2)
+        return
+    warnings.warn_explicit(message, UserWarning, frame.f_code.co_filename, frame.f_lineno,
+                           module=frame.f_globals.get("__name__"), registry=None, module_globals=frame.f_globals)
 
 
 # ---------------------------------------------------------------------- one model, one freezer
@@ -210,7 +224,7 @@ class Guard:
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, stacklevel=4)
+            warn_in_every_run(message, stacklevel=4)
 
     # -------------------------------------------------------------- events
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

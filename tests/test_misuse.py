@@ -433,6 +433,25 @@ def test_a_closed_freezer_and_its_model_are_freed_by_del():
         gc.enable()
 
 
+def test_once_per_run_warnings_show_in_every_run_of_a_sweep():
+    # Python shows a warning once per line that issues it: the same misuse in a sweep's second
+    # trial (same words) went unsaid
+    def trial():
+        model = SmallCNN()
+        freezer = SmartFreezer(model, sgd(model), StaticFreeze(1, at_step=100), example_inputs=batch(0)[0],
+                               total_steps=200)
+        for _ in range(25):
+            freezer.step()  # no optimizer step in between
+        freezer.close()
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")  # Python's default action, set once for both trials
+        trial()
+        trial()
+    said = [w for w in seen if "with no optimizer step" in str(w.message)]
+    assert len(said) == 2 and all(w.filename == __file__ for w in said)
+
+
 # ---------------------------------------------------------------------- policy decisions
 
 

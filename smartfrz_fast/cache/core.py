@@ -37,6 +37,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..distributed import FreezableDDP, _is_fsdp1, _is_fsdp2, check_ddp
 from ..frozen import mode_blind, remove_handles
+from ..guards import warn_in_every_run
 from ..units import example_call, preserved_modes, preserved_state
 from .split import (SWAP, BlockChain, Inputs, block_modules, captured_outputs, find_blocks, hooked_modules,
                     modules_outside, rows_need_grad, skipped_hooks)
@@ -1398,7 +1399,7 @@ class ActivationCache:
     def _warn_once(self, kind: str, message: str) -> None:
         if kind not in self._warned:
             self._warned.add(kind)
-            warnings.warn(message, stacklevel=4)
+            warn_in_every_run(message, stacklevel=4)
 
     # ------------------------------------------------------------------ checks
     def _check_ids(self, sample_ids, batch: Optional[int]) -> Tensor:
