@@ -263,14 +263,14 @@ class FrozenRegion:
                 swapped = [(owner, attr, owner._parameters[attr]) for owner, attr in shared]
                 for owner, attr, param in swapped:
                     owner._parameters[attr] = param.detach()
-            self._running.setdefault(key, []).append((number < detach_calls, module.training, swapped))
+            self._running.setdefault(key, []).append((number < detach_calls, module.training, swapped, module))
             if number < eval_calls:
                 module.training = False
         return engine_hook(enter)
 
     def _leave_hook(self):
         def leave(module, args, output):
-            detach, flag, swapped = self._running[id(module)].pop()
+            detach, flag, swapped, _ = self._running[id(module)].pop()
             module.training = flag
             if swapped is not None:
                 for owner, attr, param in swapped:
@@ -280,6 +280,13 @@ class FrozenRegion:
         return engine_hook(leave)
 
     def remove(self) -> None:
+        # calls under way (a dropped freezer's finalizer can run inside a forward): undone as their
+        # leave hooks would have, or a module would stay in eval and a shared weight detached
+        for calls in self._running.values():
+            for _, flag, swapped, module in reversed(calls):
+                module.training = flag
+                for owner, attr, param in swapped or ():
+                    owner._parameters[attr] = param
         for handle in self.handles:
             handle.remove()
         self.handles.clear()

@@ -1,6 +1,7 @@
 """The activation cache in real training loops: same weights, agreement, audit, boundary moves,
 capacity, storage tiers, and bad input."""
 
+import copy
 import errno
 import os
 import warnings
@@ -18,6 +19,10 @@ from tests.models import SmallCNN
 N = 40
 X = torch.randn(N, 1, 8, 8, generator=torch.Generator().manual_seed(5))
 Y = torch.randint(0, 10, (N,), generator=torch.Generator().manual_seed(6))
+
+
+def sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=0.05)
 
 
 def chain_model(dropout=0.0):
@@ -425,11 +430,11 @@ def test_model_without_chain_still_freezes():
 
 
 # ------------------------------------------------------------------ bad input
-def ready_cache(**kwargs):
+def ready_cache(frozen=2, **kwargs):
     model = chain_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     freezer = SmartFreezer(model, opt, policy=StaticFreeze(2, 1), example_inputs=X[:2], total_steps=10)
-    freezer.freeze_to(2)
+    freezer.freeze_to(frozen)
     cache = ActivationCache(freezer, num_samples=N, deterministic=True, **kwargs)
     return cache, cache.wrap()
 
@@ -456,7 +461,7 @@ def test_a_closed_or_dropped_cache_lets_go_of_its_rows_and_hooks():
     # torch's process-wide registration hooks behind (every later module built runs them)
     import gc
 
-    cache, wrapped = ready_cache()
+    cache, wrapped = ready_cache(frozen=1)
     freezer = cache.freezer
     before = registration_hooks()  # the freezer's own included; the cache's come at its first forward
     wrapped(X[:8], torch.arange(8))
@@ -474,10 +479,96 @@ def test_a_closed_or_dropped_cache_lets_go_of_its_rows_and_hooks():
     cut = again.boundary
     again.close()
     assert len(hooks) == 3 and not still_there(hooks) and again.rows_cached == 0
-    assert again.describe() == "activation cache off: close() was called"
+    assert again.describe().startswith("activation cache closed; before that: activation cache on: 4/9 blocks")
     torch.testing.assert_close(run(X[:8], torch.arange(8)), freezer.model(X[:8]))  # the whole model runs
-    freezer.freeze_to(3)  # a closed cache is told of no freeze
+    freezer.freeze_to(2)  # a closed cache is told of no freeze
     assert cut > 0 and again.boundary == cut and again.stats["migrated"] == 0
+
+
+def test_a_deep_copy_of_a_cached_model_runs_its_own_modules():
+    # copy.deepcopy(cache.wrap()) (a fork of the run): the copy's cache found its blocks again?
+    # Its chain called the original model's modules, so once the two differ its rows were wrong
+    cache, wrapped = ready_cache(frozen=1)
+    ids = torch.arange(8)
+    wrapped(X[:8], ids)
+    twin = copy.deepcopy(wrapped)
+    assert twin.cache.rows_cached == 0  # refills: its rows are its own
+    with torch.no_grad():
+        for p in cache.freezer.model.parameters():
+            p.add_(0.5)  # the original moves on
+    for _ in range(2):  # fills, then serves
+        out = twin(X[:8], ids)
+    assert twin.cache.boundary > 0 and twin.cache.rows_cached == 8, twin.cache.describe()
+    torch.testing.assert_close(out, twin.model(X[:8]))
+    twin.cache.freezer.freeze_to(2)  # the copy's cache follows the copy's freezer
+    out = twin(X[:8], ids)
+    assert twin.cache.stats["migrated"] == 8
+    torch.testing.assert_close(out, twin.model(X[:8]))
+
+
+class SequenceFirst(nn.Module):  # nn.Transformer's layout: x [T, B, D], padding mask [B, T]
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x, mask):
+        h = torch.relu(self.b(torch.relu(self.a(x.transpose(0, 1)))))
+        return self.c((h * (1 - mask)[..., None]).mean(1))
+
+
+def test_a_sequence_first_input_is_refused_beside_a_batch_first_mask():
+    model = SequenceFirst()
+    x, mask = torch.randn(5, 8, 6), torch.zeros(8, 5)
+    freezer = SmartFreezer(model, sgd(model), StaticFreeze(1, 1000), example_inputs=(x[:, :2], mask[:2]),
+                           total_steps=100)
+    freezer.freeze_to(1)
+    wrapped = ActivationCache(freezer, num_samples=N, deterministic=True).wrap()
+    with pytest.raises(ValueError, match="got 8 sample ids for a batch of 5 .* sequence-first"):
+        wrapped((x, mask), torch.arange(8))
+
+
+class SharedTable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.head = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.act1, self.act2 = nn.ReLU(), nn.ReLU()
+
+    def forward(self, x, table, output_attentions=False):  # no Hugging Face model: the flag is its own
+        h = self.act1(self.fc1(x) + table.sum(0))  # every sample reads the whole table
+        out = self.head(self.act2(self.fc2(h)))
+        return out * 2 if output_attentions else out
+
+
+@pytest.mark.parametrize("audit_rows", [0, 4])
+def test_an_input_the_batch_shares_with_the_batch_length_turns_the_cache_off(audit_rows):
+    # a [T, D] table with T == batch size looks per-sample: computing only the missed samples split
+    # it, and those rows were wrong (kept with audit_rows=0; the audit blamed nondeterminism)
+    model, x, table = SharedTable(), torch.randn(N, 6), torch.randn(8, 6)
+    freezer = SmartFreezer(model, sgd(model), StaticFreeze(1, 1000), example_inputs=(x[:8], table), total_steps=100)
+    freezer.freeze_to(1)
+    cache = ActivationCache(freezer, num_samples=N, deterministic=True, audit_rows=audit_rows)
+    wrapped = cache.wrap()
+    with pytest.warns(UserWarning, match="depends on the other samples of its batch.*T == batch size"):
+        for step in range(6):
+            ids = torch.arange(8) + 4 * step  # half hits, half misses
+            out = wrapped((x[ids], table), ids)
+            with torch.no_grad():
+                torch.testing.assert_close(out, model(x[ids], table))
+    assert not cache.enabled and cache.stats["hits"] == 0
+
+
+def test_a_flag_named_like_hugging_faces_is_a_plain_input_elsewhere():
+    model, x, table = SharedTable(), torch.randn(N, 6), torch.randn(1, 6)
+    freezer = SmartFreezer(model, sgd(model), StaticFreeze(1, 1000), example_inputs=(x[:8], table), total_steps=100)
+    freezer.freeze_to(1)
+    cache = ActivationCache(freezer, num_samples=N, deterministic=True)
+    wrapped = cache.wrap()
+    for _ in range(2):
+        out = wrapped((x[:8], table), torch.arange(8), output_attentions=True)
+    assert cache.stats["hits"] == 8 and cache.stats["bypassed"] == 0
+    torch.testing.assert_close(out, model(x[:8], table, output_attentions=True))
 
 
 def test_bad_sample_ids():

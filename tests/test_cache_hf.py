@@ -358,6 +358,22 @@ def test_a_forward_asking_for_hidden_states_and_attentions_runs_the_whole_model(
     assert "hook" not in cache.describe()
 
 
+@pytest.mark.parametrize("kind", ["bert-cls", "gpt2-lm"])
+def test_a_first_forward_asking_for_hidden_states_does_not_set_the_cache_up(kind):
+    """Set up on it, the chain's check had compared outputs that only a cut before the first
+    layer reproduces: the cut stayed shallow for the whole run."""
+    model, _, cache = frozen_setup(kind)
+    wrapped = cache.wrap()
+    model.train()
+    index = torch.tensor([3, 0, 7, 5])
+    wrapped(IDS[index], index, output_hidden_states=True)  # runs whole, as every forward before set-up
+    assert cache.chain is None
+    for _ in range(2):
+        wrapped(IDS[index], index)
+    assert cache.boundary == 2 and cache.chain.how == HOW[kind.split("-")[0]], cache.describe()
+    assert cache.stats["hits"] == 4
+
+
 @pytest.mark.parametrize("word_embeddings_train", [True, False])
 def test_bert_given_inputs_embeds_names_the_word_embedding_it_never_reads(word_embeddings_train):
     """Given inputs_embeds (which the BERT chain does not take: the module swap serves it), BERT

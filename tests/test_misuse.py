@@ -410,6 +410,64 @@ def test_a_freezer_dropped_without_close_takes_its_hooks_with_it():
     assert model.bn1.training and model.bn1.num_batches_tracked.item() == seen + 1
 
 
+class CollectingDropout(nn.Dropout):
+    """Runs Python's cycle collector inside its next call, as an automatic collection may."""
+    collect = False
+
+    def forward(self, x):
+        if self.collect:
+            self.collect = False
+            import gc
+
+            gc.collect()
+        return super().forward(x)
+
+
+class SharedDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1, self.l2, self.l3, self.drop = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3), CollectingDropout(0.5)
+
+    def forward(self, x):
+        x = self.drop(torch.relu(self.l1(x)))  # inside the frozen prefix: held in eval
+        return self.l3(self.drop(torch.relu(self.l2(x))))
+
+
+def test_a_freezer_collected_inside_a_forward_leaves_no_module_in_eval():
+    # the dropped freezer's hooks go while a call of the shared dropout is under way: the flag its
+    # leave hook would have restored is restored by the removal
+    import gc
+
+    model, x = SharedDropout(), torch.randn(8, 6)
+
+    def phase():
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        freezer = SmartFreezer(model, opt, StaticFreeze(1, 1000), example_inputs=x, total_steps=10)
+        freezer.freeze_to(1)
+        train_steps_on(model, opt, freezer, x)
+
+    gc.collect()
+    gc.disable()
+    try:
+        phase()
+        model.train()
+        model.drop.collect = True
+        model(x)
+    finally:
+        gc.enable()
+    assert SmartFreezer.of(model) is None and model.drop.training
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+
+
+def train_steps_on(model, opt, freezer, x, steps=2):
+    for _ in range(steps):
+        model(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+
+
 def test_a_closed_freezer_and_its_model_are_freed_by_del():
     # a sweep's trial ends with close() and del: the model's memory (on a GPU: device memory) is
     # given back at once, as without a freezer, not whenever Python's cycle collector runs

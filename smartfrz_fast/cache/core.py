@@ -19,6 +19,7 @@ goes on through the plain model.
 
 from __future__ import annotations
 
+import copy
 import errno
 import hashlib
 import os
@@ -199,17 +200,12 @@ class ActivationCache:
         # (version, dtype), their checksums); see _prefix_weights_unchanged
         self._prefix_state: Tuple[Any, List[Tensor], List[Tuple[int, torch.dtype]], List[Tensor]] = (None, [], [], [])
         self._leaf_reads: Tuple[Any, Optional[List[bool]]] = (None, None)  # see _read_leaves
+        self._per_sample_checked: Any = None  # (chain, boundary) whose rows were found per sample
         self._unmanaged: Tuple[Any, List[Tuple[str, Tensor]]] = (None, [])  # see _unmanaged_in_prefix
         self._modes_kept: List[nn.Module] = []  # see _modes_not_held
-        me = weakref.ref(self)
-
-        def on_freeze(event, newly_frozen) -> None:  # weak: a dropped cache (a re-run cell) goes with its rows
-            cache = me()
-            if cache is not None:
-                cache._on_freeze(event, newly_frozen)
-
-        self._freeze_listener = on_freeze
-        freezer.add_freeze_listener(on_freeze)
+        self._closed: Optional[str] = None  # close() was called: what describe() said before it
+        self._freeze_listener = _FreezeListener(self)
+        freezer.add_freeze_listener(self._freeze_listener)
 
     # ------------------------------------------------------------------ public
     def wrap(self, model: Optional[nn.Module] = None) -> "CachedModel":
@@ -238,7 +234,7 @@ class ActivationCache:
 
     @property
     def active(self) -> bool:
-        return self.enabled and self.chain is not None and self.boundary > 0
+        return self.enabled and self._closed is None and self.chain is not None and self.boundary > 0
 
     @property
     def rows_cached(self) -> int:
@@ -249,6 +245,8 @@ class ActivationCache:
         return None if self._store is None else self._store.nbytes_per_row
 
     def describe(self) -> str:
+        if self._closed is not None:
+            return f"activation cache closed; before that: {self._closed}"
         if not self.enabled or (self._setup_done and self.chain is None):
             return f"activation cache off: {self.reason}"
         if self.chain is None:
@@ -284,10 +282,13 @@ class ActivationCache:
         yield current
 
     def close(self) -> None:
-        """Free the rows (an mmap file stays on disk) and every hook the cache placed; the cache
-        is off after it, and the wrapped model runs whole."""
-        if self.enabled:
-            self.enabled, self.reason = False, "close() was called"
+        """Free the rows (an mmap file stays on disk) and every hook the cache placed; the wrapped
+        model runs whole after it. A checkpoint taken after it resumes a cache as it was before."""
+        if self._closed is None:
+            self._closed = self.describe()
+        self._release()
+
+    def _release(self) -> None:
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -475,6 +476,8 @@ class ActivationCache:
 
     # ------------------------------------------------------------------ forward
     def forward(self, model: nn.Module, inputs: Inputs, sample_ids) -> Any:
+        if self._closed is not None:
+            return model(*inputs.args, **inputs.kwargs)
         if self.enabled and getattr(self.freezer, "_closed", False):  # its prefix is no longer held in eval: rows would be stale
             self._disable("its SmartFreezer was closed: the frozen prefix's norm and dropout layers follow "
                           "model.train() again, so rows made in eval mode no longer match it; the whole model runs")
@@ -503,9 +506,11 @@ class ActivationCache:
             elif any(hooked_modules(block) for block in self.chain.blocks[:self.boundary]):
                 self._rederive("a forward hook was placed on a module of the cached frozen prefix, which "
                                "cached rows would skip: the cache cuts before it")
-        if self.enabled:  # the batch size, read once: the ids' count where an input has it
-            inputs.batch = _batch_size(inputs, _id_count(sample_ids))
-        if self.enabled and not self._setup_done:
+        if self.enabled:  # read once per forward
+            inputs.batch = _batch_size(inputs)
+        # set up on a forward the cache can serve: one asking for hidden states checks the chain
+        # against outputs that only a shallow cut reproduces
+        if self.enabled and not self._setup_done and not captured_outputs(model, inputs.kwargs):
             self._setup(model, inputs)
         if not self.active:
             if self.enabled and (not isinstance(sample_ids, Tensor) or sample_ids.device.type == "cpu"):
@@ -647,6 +652,12 @@ class ActivationCache:
     def _rederive(self, why: str = "the model's modules or parameters changed since the cache was set up") -> None:
         """Drop the chain and every cached row (computed by the old structure); the next
         forward finds the chain of the model as it is now."""
+        self._forget_chain()
+        if self.enabled:
+            warnings.warn(f"ActivationCache: {why}; its cached rows are dropped and its blocks found again",
+                          stacklevel=4)
+
+    def _forget_chain(self) -> None:
         self._structure_changed = False
         remove_handles(self._structure_hooks)
         if self._store is not None:
@@ -658,11 +669,23 @@ class ActivationCache:
         self.chain, self.boundary, self._act, self._input_sig = None, 0, None, None
         self._rows_autocast = None
         self._setup_done = False
-        if self.enabled:
-            warnings.warn(f"ActivationCache: {why}; its cached rows are dropped and its blocks found again",
-                          stacklevel=4)
+
+    def __deepcopy__(self, memo) -> "ActivationCache":
+        """A copy (of a wrapped model, of a whole run) finds its blocks again and refills its rows
+        at its first forward: the chain's functions call the modules of the model it was found
+        on, not the copy's, and the rows' storage and the global hooks are this cache's own."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        mine = ("chain", "_store", "_structure_hooks")
+        new.__dict__.update(copy.deepcopy({k: v for k, v in self.__dict__.items() if k not in mine}, memo))
+        new.chain, new._store, new._structure_hooks = None, None, []
+        weakref.finalize(new, remove_handles, new._structure_hooks)
+        new._forget_chain()
+        return new
 
     def _prefix_output(self, inputs: Inputs, ids: Tensor) -> Optional[Tensor]:
+        if not self._rows_per_sample(inputs, ids.numel()):
+            return None
         store = self._store
         slots = store.lookup(ids) if store is not None else torch.full_like(ids, -1)
         leaves, spec = tree_flatten((inputs.args, inputs.kwargs))  # once per step, for both uses
@@ -714,6 +737,40 @@ class ActivationCache:
         for index, values in parts:
             out[index.to(out.device)] = values
         return out
+
+    def _rows_per_sample(self, inputs: Inputs, n: int) -> bool:
+        """Whether each sample's row depends on that sample's inputs alone, as computing only the
+        missed samples of a batch assumes. Checked once per cut, on the first batch of two or
+        more: the batch reversed without its first sample must give those samples' rows of the
+        whole batch. An input the batch shares whose length happens to be the batch size (a
+        [T, D] table with T == batch size), or a prefix that mixes the samples of a batch, fails
+        it: the cache turns off (False), saying so."""
+        key = (self.chain, self.boundary)
+        if n < 2 or self._per_sample_checked == key:
+            return True
+        whole = self._compute_prefix(inputs)
+        if whole is None:
+            return False
+        part = torch.arange(n - 1, 0, -1)
+        try:
+            rows = self._compute_prefix(_index_inputs(inputs, part, n))
+        except Exception as exc:  # noqa: BLE001 -- the model refused part of the batch: the answer is no
+            rows, failure = None, f" (on part of the batch the model fails: {type(exc).__name__}: {exc})"
+        else:
+            if rows is None:  # _compute_prefix turned the cache off, saying why
+                return False
+            failure = ""
+        if rows is None or rows.shape != whole[1:].shape or not bool(
+                self._rows_agree(whole[part.to(whole.device)], rows).all()):
+            self._disable("a sample's frozen-prefix output depends on the other samples of its batch: computed "
+                          f"for part of a batch, samples got other rows than with the whole batch{failure}. An "
+                          "input that the whole batch shares and whose first dimension happens to be the batch size "
+                          "(a [T, D] table with T == batch size) is taken for one value per sample and split; pass "
+                          "it with another first dimension (unsqueeze(0), or as a module buffer). A prefix that "
+                          "mixes samples (attention across the batch, x - x.mean(0)) cannot be cached by sample")
+            return False
+        self._per_sample_checked = key
+        return True
 
     def _forget_changed_inputs(self, ids: Tensor, slots: Tensor,
                                in_sums: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
@@ -1372,7 +1429,7 @@ class ActivationCache:
         if store is not None and getattr(store, "path", self.path) != self.path:
             store.discard()  # the unfinished file of a move: this cache's own
             self._store = None
-        self.close()
+        self._release()
         if "audit" not in reason:
             warnings.warn(f"ActivationCache is off (freezing still works): {reason}", stacklevel=5)
 
@@ -1433,6 +1490,26 @@ class ActivationCache:
                     "training, per-batch padding or a model cast to another dtype. Pad every batch to one shape "
                     "to cache them all")
         return None
+
+
+class _FreezeListener:
+    """The cache's freeze listener on its freezer. It holds the cache weakly, so a dropped cache
+    (a re-run notebook cell) goes with its rows; a deep copy of the freezer (of a wrapped model)
+    calls the copied cache."""
+
+    __slots__ = ("cache",)
+
+    def __init__(self, cache: "ActivationCache") -> None:
+        self.cache = weakref.ref(cache)
+
+    def __call__(self, event, newly_frozen) -> None:
+        cache = self.cache()
+        if cache is not None:
+            cache._on_freeze(event, newly_frozen)
+
+    def __deepcopy__(self, memo):
+        cache = self.cache()
+        return _FreezeListener(copy.deepcopy(cache, memo)) if cache is not None else self
 
 
 class SideInputs:
@@ -1591,29 +1668,18 @@ def _memory_format(h: Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def _batch_size(inputs: Inputs, count: Optional[int] = None) -> int:
-    """The number of samples in ``inputs``: ``count`` (one per sample id) where an input's first
-    dimension is that, else the first of the inputs' first dimensions that is not 1 (an input the
-    batch shares, as a Hugging Face position_ids of shape [1, T], may come first), else 1."""
+def _batch_size(inputs: Inputs) -> int:
+    """The number of samples in ``inputs``: the first dimension of its first tensor, passing over
+    those of size 1 (an input the batch shares, as a Hugging Face position_ids of shape [1, T],
+    may come first); 1 if all are. The sample ids must number that many (_check_ids): a
+    sequence-first input or a wrong id count is refused, not guessed around."""
     if inputs.batch is not None:
         return inputs.batch
     firsts = [leaf.shape[0] for leaf in tree_flatten((inputs.args, inputs.kwargs))[0]
               if isinstance(leaf, Tensor) and leaf.dim() > 0]
     if not firsts:
         raise ValueError("ActivationCache: the model inputs hold no tensor with a batch dimension")
-    if count in firsts:
-        return count
-    return next((n for n in firsts if n != 1), firsts[0])
-
-
-def _id_count(sample_ids) -> Optional[int]:
-    """How many sample ids there are (None: not ids at all; _check_ids says what is wrong)."""
-    if isinstance(sample_ids, Tensor):
-        return sample_ids.numel()  # no read: GPU ids do not sync
-    try:
-        return torch.as_tensor(sample_ids).numel()
-    except (TypeError, ValueError, RuntimeError):
-        return None
+    return next((n for n in firsts if n != 1), 1)
 
 
 def _index_inputs(inputs: Inputs, index: Tensor, batch: int) -> Inputs:

@@ -653,10 +653,13 @@ CAPTURED_OUTPUTS = ("output_hidden_states", "output_attentions", "output_router_
 
 
 def captured_outputs(model: nn.Module, kwargs: Dict[str, Any]) -> List[str]:
-    """The outputs collected inside the layers that a forward with ``kwargs`` asks for (in the
-    call, or as the model config's default): cached rows skip the frozen layers, which would then
-    be missing from them (or shift them), so such a forward runs the whole model."""
+    """The outputs collected inside the layers that a forward of a Hugging Face model with
+    ``kwargs`` asks for (in the call, or as its config's default): cached rows skip the frozen
+    layers, which would then be missing from them (or shift them), so such a forward runs the
+    whole model. A model of another library may name an argument so and mean something else."""
     config = getattr(model, "config", None)
+    if not any(c.__module__.startswith("transformers.") for c in type(config).__mro__):
+        return []
     asked = []
     for name in CAPTURED_OUTPUTS:
         value = kwargs[name] if name in kwargs else getattr(config, name, None)
