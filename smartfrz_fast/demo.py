@@ -86,7 +86,7 @@ class RunResult:
     freezer: object = None
     step_ms: List[float] = field(default_factory=list)  # every step's wall time, in order
     accuracy_curve: List[Tuple[int, float]] = field(default_factory=list)  # (step, test accuracy)
-    cache: object = None  # the ActivationCache of a --cache run
+    cache_summary: Optional[str] = None  # a --cache run's ActivationCache.describe() at its end
 
 
 def build_policy(name: str, total_steps: int, num_freezable: int, model: Optional[nn.Module] = None,
@@ -247,10 +247,12 @@ def train(
     bar.close()
     loss_value = loss.item()
     accuracy = evaluate(model, x_test, y_test)
+    summary = None
     if activation_cache is not None:
-        activation_cache.close()  # its rows are not needed after the run; the counters stay
+        summary = activation_cache.describe()
+        activation_cache.close()  # its rows are not needed after the run
     return RunResult(name, seconds, accuracy, loss_value, total_steps, step_ms, freezer, every_step, curve,
-                     activation_cache)
+                     summary)
 
 
 def _warm_up(make_model, init_state, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
@@ -420,7 +422,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m smartfrz_f
     if args.cache:
         cached = runs[-1]
         print(f"  time saved with the activation cache too: {saved(cached)}")
-        print(f"  {cached.cache.describe()}")
+        print(f"  {cached.cache_summary}")
     print(f"  accuracy change: {100.0 * (frozen.test_accuracy - full.test_accuracy):+.2f} points")
     print(f"  training FLOPs saved (engine's count): {freezer.training_flops_saved():.1%}")
     if args.sieve is not None:  # sieving saves only the steps it does not run
