@@ -485,6 +485,21 @@ def test_a_closed_or_dropped_cache_lets_go_of_its_rows_and_hooks():
     assert cut > 0 and again.boundary == cut and again.stats["migrated"] == 0
 
 
+def test_a_state_taken_after_close_resumes_a_cache_that_is_on():
+    cache, wrapped = ready_cache()
+    for _ in range(2):
+        wrapped(X[:8], torch.arange(8))
+    cache.close()  # the rows freed at the end of a run, then the checkpoint
+    freezer_state, cache_state = cache.freezer.state_dict(), cache.state_dict()
+    resumed, run = ready_cache(frozen=0)
+    resumed.freezer.load_state_dict(freezer_state)
+    resumed.load_state_dict(cache_state)
+    for _ in range(2):  # refills, then serves
+        out = run(X[:8], torch.arange(8))
+    assert resumed.enabled and resumed.stats["hits"] >= 8, resumed.describe()
+    torch.testing.assert_close(out, resumed.freezer.model(X[:8]))
+
+
 def test_a_deep_copy_of_a_cached_model_runs_its_own_modules():
     # copy.deepcopy(cache.wrap()) (a fork of the run): the copy's cache found its blocks again?
     # Its chain called the original model's modules, so once the two differ its rows were wrong
