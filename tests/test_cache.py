@@ -521,6 +521,22 @@ def test_a_deep_copy_of_a_cached_model_runs_its_own_modules():
     torch.testing.assert_close(out, twin.model(X[:8]))
 
 
+def test_a_deep_copy_of_an_mmap_cache_keeps_off_the_originals_file(tmp_path):
+    path = str(tmp_path / "rows.bin")
+    cache, wrapped = ready_cache(frozen=1, storage="mmap", path=path)
+    for _ in range(2):
+        wrapped(X[:8], torch.arange(8))
+    twin = copy.deepcopy(wrapped)
+    assert twin.cache.rows_cached == 0 and twin.cache.path != path
+    for _ in range(2):
+        out = twin(X[:8], torch.arange(8))
+    assert twin.cache.stats["hits"] - cache.stats["hits"] == 8 and os.path.exists(twin.cache.path)
+    torch.testing.assert_close(out, twin.model(X[:8]))
+    hits = cache.stats["hits"]
+    wrapped(X[:8], torch.arange(8))  # the original's file still holds its rows
+    assert cache.stats["hits"] == hits + 8
+
+
 class SequenceFirst(nn.Module):  # nn.Transformer's layout: x [T, B, D], padding mask [B, T]
     def __init__(self):
         super().__init__()
@@ -556,10 +572,12 @@ class SharedTable(nn.Module):
         return out * 2 if output_attentions else out
 
 
+@pytest.mark.parametrize("first_batch", [8, 12])
 @pytest.mark.parametrize("audit_rows", [0, 4])
-def test_an_input_the_batch_shares_with_the_batch_length_turns_the_cache_off(audit_rows):
+def test_an_input_the_batch_shares_with_the_batch_length_turns_the_cache_off(audit_rows, first_batch):
     # a [T, D] table with T == batch size looks per-sample: computing only the missed samples split
-    # it, and those rows were wrong (kept with audit_rows=0; the audit blamed nondeterminism)
+    # it, and those rows were wrong (kept with audit_rows=0; the audit blamed nondeterminism). The
+    # check runs per batch size: a first batch of another size does not vouch for the table
     model, x, table = SharedTable(), torch.randn(N, 6), torch.randn(8, 6)
     freezer = SmartFreezer(model, sgd(model), StaticFreeze(1, 1000), example_inputs=(x[:8], table), total_steps=100)
     freezer.freeze_to(1)
@@ -567,11 +585,24 @@ def test_an_input_the_batch_shares_with_the_batch_length_turns_the_cache_off(aud
     wrapped = cache.wrap()
     with pytest.warns(UserWarning, match="depends on the other samples of its batch.*T == batch size"):
         for step in range(6):
-            ids = torch.arange(8) + 4 * step  # half hits, half misses
+            ids = torch.arange(first_batch if step == 0 else 8) + 4 * step  # half hits, half misses
             out = wrapped((x[ids], table), ids)
             with torch.no_grad():
                 torch.testing.assert_close(out, model(x[ids], table))
-    assert not cache.enabled and cache.stats["hits"] == 0
+    assert not cache.enabled
+
+
+def test_a_batch_of_one_beside_an_input_the_batch_shares():
+    # the last batch of an epoch holds one sample: the shared [T, D] table after it is no batch
+    model, x, table = SharedTable(), torch.randn(N, 6), torch.randn(8, 6)
+    freezer = SmartFreezer(model, sgd(model), StaticFreeze(1, 1000), example_inputs=(x[:4], table), total_steps=100)
+    freezer.freeze_to(1)
+    cache = ActivationCache(freezer, num_samples=N, deterministic=True)
+    wrapped = cache.wrap()
+    for _ in range(2):
+        out = wrapped((x[5:6], table), torch.tensor([5]))
+    assert cache.stats["hits"] == 1, cache.describe()
+    torch.testing.assert_close(out, model(x[5:6], table))
 
 
 def test_a_flag_named_like_hugging_faces_is_a_plain_input_elsewhere():

@@ -200,7 +200,7 @@ class ActivationCache:
         # (version, dtype), their checksums); see _prefix_weights_unchanged
         self._prefix_state: Tuple[Any, List[Tensor], List[Tuple[int, torch.dtype]], List[Tensor]] = (None, [], [], [])
         self._leaf_reads: Tuple[Any, Optional[List[bool]]] = (None, None)  # see _read_leaves
-        self._per_sample_checked: Any = None  # (chain, boundary) whose rows were found per sample
+        self._per_sample_checked: set = set()  # (boundary, batch size) of this chain found per sample
         self._unmanaged: Tuple[Any, List[Tuple[str, Tensor]]] = (None, [])  # see _unmanaged_in_prefix
         self._modes_kept: List[nn.Module] = []  # see _modes_not_held
         self._closed: Optional[str] = None  # close() was called: what describe() said before it
@@ -507,10 +507,17 @@ class ActivationCache:
                 self._rederive("a forward hook was placed on a module of the cached frozen prefix, which "
                                "cached rows would skip: the cache cuts before it")
         if self.enabled:  # read once per forward
-            inputs.batch = _batch_size(inputs)
-        # set up on a forward the cache can serve: one asking for hidden states checks the chain
-        # against outputs that only a shallow cut reproduces
-        if self.enabled and not self._setup_done and not captured_outputs(model, inputs.kwargs):
+            inputs.batch = _batch_size(inputs, _id_count(sample_ids))
+        asked = captured_outputs(model, inputs.kwargs) if self.enabled else []
+        if asked:  # not served, nor set up on: its outputs hold the frozen layers' own
+            self.stats["bypassed"] += 1
+            self._warn_once("captured_outputs", f"ActivationCache: a forward asks for {' and '.join(asked)} (in the "
+                            "call or as the model config's default), which the model collects inside its layers, "
+                            "frozen ones included, and cached rows skip those: such forwards run the whole model "
+                            "(counted in stats['bypassed']); pass them only to forwards that need them to cache "
+                            "the others.")
+            return model(*inputs.args, **inputs.kwargs)
+        if self.enabled and not self._setup_done:
             self._setup(model, inputs)
         if not self.active:
             if self.enabled and (not isinstance(sample_ids, Tensor) or sample_ids.device.type == "cpu"):
@@ -534,7 +541,7 @@ class ActivationCache:
             return model(*inputs.args, **inputs.kwargs)
         batch = inputs.batch
         ids = self._check_ids(sample_ids, batch)
-        why = self._cannot_serve(model, inputs, batch)
+        why = self._cannot_serve(inputs, batch)
         if why is not None:
             self.stats["bypassed"] += 1
             self._warn_once(why[0], f"ActivationCache: {why[1]}: such forwards run the whole model (counted in "
@@ -572,14 +579,8 @@ class ActivationCache:
             self._rows_grad = (key, rows_need_grad(self.chain.blocks[:self.boundary]))
         return self._rows_grad[1]
 
-    def _cannot_serve(self, model: nn.Module, inputs: Inputs, batch: int) -> Optional[Tuple[str, str]]:
+    def _cannot_serve(self, inputs: Inputs, batch: int) -> Optional[Tuple[str, str]]:
         """(kind, why) when cached rows cannot stand in for this forward's frozen prefix."""
-        asked = captured_outputs(model, inputs.kwargs)
-        if asked:
-            return "captured_outputs", (f"a forward asks for {' and '.join(asked)} (in the call or as the model "
-                                        "config's default), which the model collects inside its layers, frozen ones "
-                                        "included, and cached rows skip those; pass them only to forwards that need "
-                                        "them to cache the others")
         other = self._other_input_shape(inputs)
         if other is not None:
             return "shape", other
@@ -668,6 +669,7 @@ class ActivationCache:
             self.chain.release()
         self.chain, self.boundary, self._act, self._input_sig = None, 0, None, None
         self._rows_autocast = None
+        self._per_sample_checked = set()
         self._setup_done = False
 
     def __deepcopy__(self, memo) -> "ActivationCache":
@@ -676,10 +678,15 @@ class ActivationCache:
         on, not the copy's, and the rows' storage and the global hooks are this cache's own."""
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        mine = ("chain", "_store", "_structure_hooks")
+        mine = ("chain", "_store", "_structure_hooks", "_prefix_state")  # the last holds the store too
         new.__dict__.update(copy.deepcopy({k: v for k, v in self.__dict__.items() if k not in mine}, memo))
         new.chain, new._store, new._structure_hooks = None, None, []
+        new._prefix_state = (None, [], [], [])
         weakref.finalize(new, remove_handles, new._structure_hooks)
+        if self.tier == "mmap":  # a file of its own beside the original's, never the original's
+            new._lineage = uuid.uuid4().hex
+            root, ext = os.path.splitext(self.path)
+            new.path, new.reuse = f"{root}.copy-{new._lineage[:8]}{ext}", False
         new._forget_chain()
         return new
 
@@ -740,13 +747,13 @@ class ActivationCache:
 
     def _rows_per_sample(self, inputs: Inputs, n: int) -> bool:
         """Whether each sample's row depends on that sample's inputs alone, as computing only the
-        missed samples of a batch assumes. Checked once per cut, on the first batch of two or
-        more: the batch reversed without its first sample must give those samples' rows of the
-        whole batch. An input the batch shares whose length happens to be the batch size (a
-        [T, D] table with T == batch size), or a prefix that mixes the samples of a batch, fails
-        it: the cache turns off (False), saying so."""
-        key = (self.chain, self.boundary)
-        if n < 2 or self._per_sample_checked == key:
+        missed samples of a batch assumes. Checked once per cut and batch size (the last batch of
+        an epoch is smaller), on batches of two or more: the batch reversed without its first
+        sample must give those samples' rows of the whole batch. An input the batch shares whose
+        length happens to be the batch size (a [T, D] table with T == batch size), or a prefix
+        that mixes the samples of a batch, fails it: the cache turns off (False), saying so."""
+        key = (self.boundary, n)
+        if n < 2 or key in self._per_sample_checked:
             return True
         whole = self._compute_prefix(inputs)
         if whole is None:
@@ -769,7 +776,7 @@ class ActivationCache:
                           "it with another first dimension (unsqueeze(0), or as a module buffer). A prefix that "
                           "mixes samples (attention across the batch, x - x.mean(0)) cannot be cached by sample")
             return False
-        self._per_sample_checked = key
+        self._per_sample_checked.add(key)
         return True
 
     def _forget_changed_inputs(self, ids: Tensor, slots: Tensor,
@@ -1668,18 +1675,31 @@ def _memory_format(h: Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def _batch_size(inputs: Inputs) -> int:
-    """The number of samples in ``inputs``: the first dimension of its first tensor, passing over
-    those of size 1 (an input the batch shares, as a Hugging Face position_ids of shape [1, T],
-    may come first); 1 if all are. The sample ids must number that many (_check_ids): a
-    sequence-first input or a wrong id count is refused, not guessed around."""
+def _batch_size(inputs: Inputs, count: Optional[int] = None) -> int:
+    """The number of samples in ``inputs``: the first dimension of its first tensor, unless that
+    is 1 and another input has ``count`` (the number of sample ids) first: an input the batch
+    shares may come first (a Hugging Face position_ids of shape [1, T]). The sample ids must
+    number that many (_check_ids): a sequence-first input or a wrong id count is refused, not
+    guessed around."""
     if inputs.batch is not None:
         return inputs.batch
     firsts = [leaf.shape[0] for leaf in tree_flatten((inputs.args, inputs.kwargs))[0]
               if isinstance(leaf, Tensor) and leaf.dim() > 0]
     if not firsts:
         raise ValueError("ActivationCache: the model inputs hold no tensor with a batch dimension")
-    return next((n for n in firsts if n != 1), 1)
+    if firsts[0] == 1 and count is not None and count in firsts:
+        return count
+    return firsts[0]
+
+
+def _id_count(sample_ids) -> Optional[int]:
+    """How many sample ids there are, without reading them (None: not ids; _check_ids says so)."""
+    if isinstance(sample_ids, Tensor):
+        return sample_ids.numel()
+    try:
+        return len(sample_ids)
+    except TypeError:
+        return None
 
 
 def _index_inputs(inputs: Inputs, index: Tensor, batch: int) -> Inputs:
