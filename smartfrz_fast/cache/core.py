@@ -659,6 +659,7 @@ class ActivationCache:
                           stacklevel=4)
 
     def _forget_chain(self) -> None:
+        """No chain and no rows: the next forward sets the cache up again."""
         self._structure_changed = False
         remove_handles(self._structure_hooks)
         if self._store is not None:
