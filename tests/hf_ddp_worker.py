@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import torch
-from ddp_worker import RankSkewed
+from ddp_worker import RankSkewed, exit_after_trainer
 from test_integration_hf import dataset, tiny_bert, training_args
 from transformers import Trainer
 
@@ -41,16 +41,7 @@ def main(out: Path, resume: str = "", static: bool = False, cache: bool = False)
                 "cache": None if callback.cache is None else dict(callback.cache.stats, boundary=callback.cache.boundary,
                                                                   describe=callback.cache.describe())},
                out / f"rank{rank}{'-resumed' if resume else ''}.pt")
-    # the Trainer leaves its gloo group up: torn down by the interpreter's exit, its threads can
-    # abort the process ("terminate called without an active exception") after a good run
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    # and even then, 2 runs in about 25 aborted so at exit (transformers 4.57, a resumed run): the
-    # results are on disk, so leave without running the native teardown at all
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_after_trainer()
 
 
 if __name__ == "__main__":
