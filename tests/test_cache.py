@@ -572,17 +572,22 @@ class SharedTable(nn.Module):
         return out * 2 if output_attentions else out
 
 
+def shared_table_run(table_rows, audit_rows=4):
+    """A SharedTable model with its first unit frozen, a [table_rows, 6] table and its cache."""
+    model, x, table = SharedTable(), torch.randn(N, 6), torch.randn(table_rows, 6)
+    freezer = SmartFreezer(model, sgd(model), StaticFreeze(1, 1000), example_inputs=(x[:4], table), total_steps=100)
+    freezer.freeze_to(1)
+    cache = ActivationCache(freezer, num_samples=N, deterministic=True, audit_rows=audit_rows)
+    return model, x, table, cache, cache.wrap()
+
+
 @pytest.mark.parametrize("first_batch", [8, 12])
 @pytest.mark.parametrize("audit_rows", [0, 4])
 def test_an_input_the_batch_shares_with_the_batch_length_turns_the_cache_off(audit_rows, first_batch):
     # a [T, D] table with T == batch size looks per-sample: computing only the missed samples split
     # it, and those rows were wrong (kept with audit_rows=0; the audit blamed nondeterminism). The
     # check runs per batch size: a first batch of another size does not vouch for the table
-    model, x, table = SharedTable(), torch.randn(N, 6), torch.randn(8, 6)
-    freezer = SmartFreezer(model, sgd(model), StaticFreeze(1, 1000), example_inputs=(x[:8], table), total_steps=100)
-    freezer.freeze_to(1)
-    cache = ActivationCache(freezer, num_samples=N, deterministic=True, audit_rows=audit_rows)
-    wrapped = cache.wrap()
+    model, x, table, cache, wrapped = shared_table_run(8, audit_rows=audit_rows)
     with pytest.warns(UserWarning, match="depends on the other samples of its batch.*T == batch size"):
         for step in range(6):
             ids = torch.arange(first_batch if step == 0 else 8) + 4 * step  # half hits, half misses
@@ -594,11 +599,7 @@ def test_an_input_the_batch_shares_with_the_batch_length_turns_the_cache_off(aud
 
 def test_a_batch_of_one_beside_an_input_the_batch_shares():
     # the last batch of an epoch holds one sample: the shared [T, D] table after it is no batch
-    model, x, table = SharedTable(), torch.randn(N, 6), torch.randn(8, 6)
-    freezer = SmartFreezer(model, sgd(model), StaticFreeze(1, 1000), example_inputs=(x[:4], table), total_steps=100)
-    freezer.freeze_to(1)
-    cache = ActivationCache(freezer, num_samples=N, deterministic=True)
-    wrapped = cache.wrap()
+    model, x, table, cache, wrapped = shared_table_run(8)
     for _ in range(2):
         out = wrapped((x[5:6], table), torch.tensor([5]))
     assert cache.stats["hits"] == 1, cache.describe()
@@ -606,11 +607,7 @@ def test_a_batch_of_one_beside_an_input_the_batch_shares():
 
 
 def test_a_flag_named_like_hugging_faces_is_a_plain_input_elsewhere():
-    model, x, table = SharedTable(), torch.randn(N, 6), torch.randn(1, 6)
-    freezer = SmartFreezer(model, sgd(model), StaticFreeze(1, 1000), example_inputs=(x[:8], table), total_steps=100)
-    freezer.freeze_to(1)
-    cache = ActivationCache(freezer, num_samples=N, deterministic=True)
-    wrapped = cache.wrap()
+    model, x, table, cache, wrapped = shared_table_run(1)
     for _ in range(2):
         out = wrapped((x[:8], table), torch.arange(8), output_attentions=True)
     assert cache.stats["hits"] == 8 and cache.stats["bypassed"] == 0
