@@ -286,6 +286,10 @@ class _ForwardTracer(TorchDispatchMode):
             self.fixed.add(id(out))
         return out
 
+    def backward_flops(self, start: int, end: int) -> float:
+        """What the backward of ops ``start:end`` costs (each op's FLOPs times ``op_backward``)."""
+        return sum(f * b for f, b in zip(self.op_flops[start:end], self.op_backward[start:end]))
+
     def first_use(self, name: str) -> int:
         return self.reads[name][0][0]
 
@@ -554,7 +558,7 @@ def discover_units(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[
             param_names=names,
             parameters=[params_by_name[n] for n in names],
             forward_flops=sum(tracer.op_flops[start:end]),
-            backward_flops=sum(f * b for f, b in zip(tracer.op_flops[start:end], tracer.op_backward[start:end])),
+            backward_flops=tracer.backward_flops(start, end),
             norm_modules=[m for m in modules if is_norm_module(m)],
             dropout_modules=dropouts_of.get(index, []),
         ))
@@ -571,7 +575,7 @@ def discover_units(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[
     shared.sort(key=lambda s: (s.unit, s.reads[0][0]))
     plan = UnitPlan(units, [True] * (len(units) + 1), untraced, sum(tracer.op_flops), shared_parameters, shared,
                     [0] + op_starts[1:] + [num_ops], module_calls,
-                    total_backward_flops=sum(f * b for f, b in zip(tracer.op_flops, tracer.op_backward)))
+                    total_backward_flops=tracer.backward_flops(0, num_ops))
 
     if shared_parameters == "train":
         # A shared parameter keeps training past a cut only if its every read inside the prefix

@@ -156,9 +156,9 @@ def exit_after_trainer() -> None:
     active exception") after a good run. Both ranks leave the group together; even then 2 runs
     in about 25 aborted at exit (transformers 4.57, a resumed run), and a Lightning run in CI:
     the results are on disk, so leave without running the native teardown at all."""
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

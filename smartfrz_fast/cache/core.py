@@ -289,13 +289,7 @@ class ActivationCache:
         self._release()
 
     def _release(self) -> None:
-        if self._store is not None:
-            self._store.close()
-            self._store = None
-        if hasattr(self.chain, "release"):
-            self.chain.release()
-        self._sides = SideInputs(self.num_samples)
-        remove_handles(self._structure_hooks)
+        self._free_rows_and_hooks()
         stop = getattr(self.freezer, "remove_freeze_listener", None)
         if stop is not None:
             stop(self._freeze_listener)
@@ -661,17 +655,22 @@ class ActivationCache:
     def _forget_chain(self) -> None:
         """No chain and no rows: the next forward sets the cache up again."""
         self._structure_changed = False
-        remove_handles(self._structure_hooks)
+        self._free_rows_and_hooks()
+        self.chain, self.boundary, self._act, self._input_sig = None, 0, None, None
+        self._rows_autocast = None
+        self._per_sample_checked = set()
+        self._setup_done = False
+
+    def _free_rows_and_hooks(self) -> None:
+        """The rows (an mmap file stays on disk), their side inputs, the module swap's guard hooks
+        and torch's global registration hooks."""
         if self._store is not None:
             self._store.close()
             self._store = None
         self._sides = SideInputs(self.num_samples)
         if hasattr(self.chain, "release"):
             self.chain.release()
-        self.chain, self.boundary, self._act, self._input_sig = None, 0, None, None
-        self._rows_autocast = None
-        self._per_sample_checked = set()
-        self._setup_done = False
+        remove_handles(self._structure_hooks)
 
     def __deepcopy__(self, memo) -> "ActivationCache":
         """A copy (of a wrapped model, of a whole run) finds its blocks again and refills its rows
@@ -1706,7 +1705,7 @@ def _id_count(sample_ids) -> Optional[int]:
 def _index_inputs(inputs: Inputs, index: Tensor, batch: int) -> Inputs:
     """The samples ``index`` of every batched tensor in ``inputs``."""
     def take(leaf):
-        if isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == batch:
+        if _per_sample(leaf, batch):
             return leaf[index.to(leaf.device)]
         return leaf
 
