@@ -131,6 +131,39 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _give_back_frozen(module: nn.Module, taken: "weakref.WeakKeyDictionary", optimizers: Optional[Sequence] = None) -> None:
+    """The frozen parameters go back to their places in the groups of the freezer's optimizers
+    (default: every live one it took from; no state: it was deleted), each removal undone from
+    the last. Frozen with requires_grad=False, they get no gradient, so an optimizer steps over
+    them; set requires_grad=True and they train again. Called by close(), and when a freezer is
+    dropped unclosed while its optimizer lives on."""
+    current = dict(module.named_parameters(remove_duplicate=False))
+    for opt in list(taken.keys()) if optimizers is None else optimizers:
+        held = {id(p) for g in opt.param_groups for p in g["params"]}
+        for removal in reversed(taken.get(opt, [])):
+            for group, position, name in sorted(removal, key=lambda entry: entry[1]):
+                param = current.get(name)
+                if param is not None and id(param) not in held and group < len(opt.param_groups):
+                    params = opt.param_groups[group]["params"]
+                    params.insert(min(position, len(params)), param)
+                    held.add(id(param))
+    taken.clear()
+
+
+def _weakly(method: Callable) -> Callable:
+    """``method`` of the freezer as an optimizer hook that holds the freezer weakly. The
+    optimizer outlives a freezer its user drops (a sweep's trial, a phase built inside a
+    function); a strong hook kept that freezer open, its model hooks acting, and made the two a
+    cycle that only Python's collector freed (device memory included)."""
+    ref = weakref.WeakMethod(method)
+
+    def hook(*args: Any, **kwargs: Any) -> Any:
+        bound = ref()
+        return None if bound is None else bound(*args, **kwargs)
+
+    return hook
+
+
 def _normable(grad: Tensor) -> Tensor:
     """A dense tensor with ``grad``'s norm: the local shard of an FSDP2 gradient (step() sums the
     ranks'), the summed values of a sparse one (``nn.Embedding(sparse=True)``)."""
@@ -274,8 +307,8 @@ class SmartFreezer:
         self._grad_index_cache: Dict[Any, Tensor] = {}
         self._hooks: List[Any] = []
         # a freezer dropped without close() (built inside a function, a sweep, a re-run cell) is
-        # collected once its optimizers are (their hooks hold it): its hooks go with it, or they
-        # would keep detaching reads and holding layers in eval in the user's later training
+        # freed at once (its optimizers' hooks hold it weakly: _weakly): its hooks go with it, or
+        # they would keep detaching reads and holding layers in eval in the user's later training
         weakref.finalize(self, remove_handles, self._hooks)
         self._first_forward_hook: Optional[Any] = None
         self._eval_hooks: List[Any] = []  # the frozen region's hooks, once set up
@@ -395,6 +428,8 @@ class SmartFreezer:
         self._region = FrozenRegion(self.module, plan)
         self._eval_hooks = self._region.handles
         weakref.finalize(self, self._region.remove)  # dropped unclosed: see self._hooks
+        # and its optimizers, if they live on, get the frozen parameters back, as from close()
+        weakref.finalize(self, _give_back_frozen, self.module, self._taken).atexit = False
         max_frozen = max(0, len(plan.units) - self.keep_trainable)
         if max_frozen == 0:
             warnings.warn(
@@ -425,14 +460,14 @@ class SmartFreezer:
             for opt in self.optimizers:
                 # after the step: with optimizer.step(closure) (Lightning) the backward runs inside
                 # it, so a pre-hook would read the previous step's gradients (none after a resume)
-                self._hooks.append(opt.register_step_post_hook(self._accumulate_grad_norms))
+                self._hooks.append(opt.register_step_post_hook(_weakly(self._accumulate_grad_norms)))
         if self.policy.manages_lr:
             self._scale_unit_lrs(self.optimizers)
         from .compile import check_grads_after_freeze
 
         check_grads_after_freeze(self)  # reentrant checkpointing over the prefix would train nothing
         for opt in self.optimizers:
-            self._hooks.append(opt.register_load_state_dict_pre_hook(self._check_optimizer_load_order))
+            self._hooks.append(opt.register_load_state_dict_pre_hook(_weakly(self._check_optimizer_load_order)))
         self.policy._serves = weakref.ref(self)
         self._guard = guards.Guard(self)
 
@@ -469,8 +504,17 @@ class SmartFreezer:
         step the groups stay the user's, so lr schedulers built before or after keep working."""
         from .policy.unit_lr import UnitLRScaler
 
-        self._hooks += UnitLRScaler(optimizers, lambda: self._lr_unit_of_param,
-                                    lambda: self.policy.lr_factors(self.step_count)).hooks
+        me = weakref.ref(self)  # the optimizers' hooks hold the freezer weakly, as _weakly's
+
+        def factors() -> Optional[List[float]]:
+            freezer = me()
+            return None if freezer is None else freezer.policy.lr_factors(freezer.step_count)
+
+        def unit_of_param() -> Dict[int, int]:
+            freezer = me()
+            return {} if freezer is None else freezer._lr_unit_of_param
+
+        self._hooks += UnitLRScaler(optimizers, unit_of_param, factors).hooks
 
     def _map_parameters_to_units(self) -> None:
         """``_unit_of_param``: each parameter's unit (by id). ``_lr_unit_of_param``: the unit
@@ -779,21 +823,7 @@ class SmartFreezer:
                 [(group, position, names[id(p)]) for group, position, p in taken if id(p) in names])
 
     def _give_back_frozen(self) -> None:
-        """The frozen parameters go back to their places in the groups of the freezer's
-        optimizers (no state: it was deleted), each removal undone from the last. Frozen with
-        requires_grad=False, they get no gradient, so an optimizer steps over them; set
-        requires_grad=True and they train again."""
-        current = dict(self.module.named_parameters(remove_duplicate=False))
-        for opt in self.optimizers:
-            held = {id(p) for g in opt.param_groups for p in g["params"]}
-            for removal in reversed(self._taken.get(opt, [])):
-                for group, position, name in sorted(removal, key=lambda entry: entry[1]):
-                    param = current.get(name)
-                    if param is not None and id(param) not in held and group < len(opt.param_groups):
-                        params = opt.param_groups[group]["params"]
-                        params.insert(min(position, len(params)), param)
-                        held.add(id(param))
-        self._taken.clear()
+        _give_back_frozen(self.module, self._taken, self.optimizers)
 
     def _warn_user_frozen_to_eval(self, switched: Sequence[nn.Module]) -> None:
         """Modules the user froze before set-up, left in train mode, that the prefix now runs in
@@ -863,10 +893,10 @@ class SmartFreezer:
         if self.policy.manages_lr:  # runs in this very step, like the hook below
             self._scale_unit_lrs([optimizer])
         if self.policy.needs_gradients:  # runs after this very step, as for the freezer's own optimizers
-            self._hooks.append(optimizer.register_step_post_hook(self._accumulate_grad_norms))
+            self._hooks.append(optimizer.register_step_post_hook(_weakly(self._accumulate_grad_norms)))
         for check in self._after_step_checks:  # the no-gradient check after a freeze (compile.py)
             self._hooks.append(optimizer.register_step_post_hook(check))
-        self._hooks.append(optimizer.register_load_state_dict_pre_hook(self._check_optimizer_load_order))
+        self._hooks.append(optimizer.register_load_state_dict_pre_hook(_weakly(self._check_optimizer_load_order)))
         self._grad_index_cache.clear()
         for listener in self._change_listeners:  # before this step runs: its post-step hooks may join
             listener("optimizer", (optimizer, replaced))
@@ -1281,7 +1311,7 @@ class SmartFreezer:
     @staticmethod
     def of(model: nn.Module) -> Optional["SmartFreezer"]:
         """The open SmartFreezer that manages ``model`` (or a part or a parent of it), or None:
-        to close one you no longer hold (built inside a function: its optimizer's hooks keep it)."""
+        to close one you no longer hold directly (a trainer's callback holds it, say)."""
         return guards.managing_freezer(model)[1]
 
     def close(self) -> None:

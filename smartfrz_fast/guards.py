@@ -90,8 +90,8 @@ def check_unclaimed(module: nn.Module) -> None:
             f"SmartFreezer: {where} is already managed by another SmartFreezer that is still open: two "
             "freezers would each freeze, remove from the optimizer and count steps on their own. Call "
             "close() on the first one before building another (with a new policy object), or keep "
-            "using the first; SmartFreezer.of(model) returns it where you no longer hold it (one built "
-            "inside a function lives on in its optimizer's hooks). A SmartFreezeCallback of an earlier "
+            "using the first; SmartFreezer.of(model) returns it where you do not hold it yourself. "
+            "A SmartFreezeCallback of an earlier "
             "fit()/train() holds one: pass that callback again, or call its freezer.close() first "
             "(frozen layers stay frozen).")
 

@@ -15,6 +15,7 @@ freezer consistent:
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
@@ -114,10 +115,22 @@ class SparseMasks:
             self.params[name] = p
             self.masks[name] = mask if name in self._prune else mask.to(device=p.device, dtype=torch.bool).clone()
         self.frozen: set = set()
-        self._freezer = None
-        self._optimizers: List[torch.optim.Optimizer] = []
+        self._freezer_ref: Optional[weakref.ref] = None
+        # held weakly: each optimizer's hook holds these masks, so a strong list made the two a
+        # cycle that only Python's collector freed (the model's memory with it)
+        self._optimizer_refs: List[weakref.ref] = []
         self._hooks: List[Any] = []
         self.apply_()
+
+    @property
+    def _freezer(self) -> Any:
+        """The attached freezer, held weakly: the optimizers' hooks hold these masks, and a
+        freezer its user drops is let go (its hooks with it), as without masks."""
+        return None if self._freezer_ref is None else self._freezer_ref()
+
+    @property
+    def _optimizers(self) -> List[torch.optim.Optimizer]:
+        return [opt for opt in (ref() for ref in self._optimizer_refs) if opt is not None]
 
     def bool_mask(self, name: str) -> Tensor:
         m = self.masks[name]
@@ -159,7 +172,7 @@ class SparseMasks:
         layers. Call before training (and, on resume, before ``freezer.load_state_dict``)."""
         if self._freezer is not None:
             raise RuntimeError("SparseMasks is already attached to a freezer")
-        self._freezer = freezer
+        self._freezer_ref = weakref.ref(freezer)
         for opt in freezer.optimizers:
             if all(o is not opt for o in self._optimizers):  # attach_optimizer may have come first
                 self.attach_optimizer(opt)
@@ -184,7 +197,7 @@ class SparseMasks:
         you re-create: nothing else sees a new optimizer)."""
         if any(opt is optimizer for opt in self._optimizers):
             raise RuntimeError("SparseMasks: this optimizer is already attached")
-        self._optimizers.append(optimizer)
+        self._optimizer_refs.append(weakref.ref(optimizer))
         self._hooks.append(optimizer.register_step_post_hook(lambda *args: self.apply_()))
         return self
 
@@ -198,7 +211,7 @@ class SparseMasks:
         enforce the masks on what trains now (the old objects no longer do)."""
         if kind == "optimizer":
             new, replaced = detail
-            self._optimizers = [o for o in self._optimizers if all(o is not r for r in replaced)]
+            self._optimizer_refs = [weakref.ref(o) for o in self._optimizers if all(o is not r for r in replaced)]
             if all(o is not new for o in self._optimizers):
                 self.attach_optimizer(new)
         elif kind == "parameters":

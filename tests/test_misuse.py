@@ -365,24 +365,76 @@ def test_second_freezer_on_one_model_is_refused_until_the_first_is_closed():
     assert second.plan is not None
 
 
-def test_a_freezer_lost_inside_a_function_is_reached_by_smartfreezer_of():
-    # a second phase built by the same function: the first freezer, no longer held, lives on in
-    # its optimizer's hooks; the refusal says how to reach it
+def test_a_freezer_dropped_inside_a_function_is_let_go_at_once():
+    # a second phase built by the same function, on the same optimizer: the first freezer, no
+    # longer held, goes at once (its optimizer's hooks hold it weakly; before, they kept it open,
+    # and the second phase was refused until the user found it and closed it)
+    import gc
+
     model, x = SmallCNN(), batch(0)[0]
     opt = sgd(model)
 
     def phase(start):
         freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=start + 1), example_inputs=x, total_steps=8)
         train_steps(model, opt, freezer, 2, start=start)
+        return [p for _, p in freezer.plan.frozen_parameters(freezer.num_frozen)]
 
-    phase(0)
-    with pytest.raises(RuntimeError, match=r"SmartFreezer\.of\(model\) returns it"):
+    gc.collect()
+    gc.disable()  # let go by reference counting, not by the cycle collector
+    try:
+        first_frozen = phase(0)
+        assert SmartFreezer.of(model) is None
+        assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
         phase(2)
-    lost = SmartFreezer.of(model)
-    assert lost is not None and lost.num_frozen == 1 and SmartFreezer.of(model.conv2) is lost
-    lost.close()
+    finally:
+        gc.enable()
+    # the first phase's layers stay frozen and are back in the optimizer, as after close():
+    # set requires_grad=True and they train again
+    assert first_frozen and not any(p.requires_grad for p in first_frozen)
+    assert {id(p) for p in first_frozen} <= {id(p) for g in opt.param_groups for p in g["params"]}
+
+
+def test_smartfreezer_of_reaches_a_freezer_held_elsewhere():
+    model, x = SmallCNN(), batch(0)[0]
+    holder = SimpleNamespace(freezer=SmartFreezer(model, sgd(model), StaticFreeze(1, at_step=1), example_inputs=x))
+    assert SmartFreezer.of(model) is holder.freezer and SmartFreezer.of(model.conv2) is holder.freezer
+    with pytest.raises(RuntimeError, match=r"SmartFreezer\.of\(model\) returns it"):
+        SmartFreezer(model, sgd(model), StaticFreeze(1, at_step=1), example_inputs=x)
+    SmartFreezer.of(model).close()
     assert SmartFreezer.of(model) is None
-    phase(2)
+
+
+@pytest.mark.parametrize("make_policy", [lambda: StaticFreeze(1, at_step=1), lambda: FreezeOut(),
+                                         lambda: AutoFreeze(), "smartfrz", "masks"],
+                         ids=["static", "freezeout-lr-hooks", "autofreeze-gradient-hooks", "smartfrz", "sparse-masks"])
+def test_an_unclosed_freezer_and_its_model_are_freed_when_dropped(make_policy):
+    # a sweep's trial that ends without close(): the freezer, its model and its optimizer go at
+    # once, as without a freezer (on a GPU: device memory), not whenever Python's cycle collector
+    # runs. Every optimizer hook the freezer places holds it weakly.
+    import gc
+    import weakref
+
+    from smartfrz_fast import SmartFRZ, SparseMasks
+
+    def trial():
+        model = SmallCNN()
+        opt = sgd(model, momentum=0.9)
+        policy = SmartFRZ() if make_policy in ("smartfrz", "masks") else make_policy()
+        freezer = SmartFreezer(model, opt, policy, example_inputs=batch(0)[0], total_steps=8)
+        if make_policy == "masks":
+            masks = SparseMasks(model, {"conv2.weight": torch.rand(model.conv2.weight.shape) > 0.5})
+            masks.attach(freezer)
+        train_steps(model, opt, freezer, 3)
+        return weakref.ref(model.conv1.weight), weakref.ref(freezer), weakref.ref(opt)
+
+    trial()  # a first optimizer's one-time set-up in this process is not what is measured
+    gc.collect()
+    gc.disable()
+    try:
+        alive = [r() is not None for r in trial()]
+    finally:
+        gc.enable()
+    assert alive == [False, False, False]
 
 
 def test_a_freezer_dropped_without_close_takes_its_hooks_with_it():
