@@ -107,9 +107,13 @@ MODE_BLIND = _torch_modules(
 
 
 def mode_blind(module: nn.Module) -> bool:
-    """True for a module whose forward cannot read its ``training`` flag (an exact torch class
-    in ``MODE_BLIND``; a subclass may override forward)."""
-    return type(module) in MODE_BLIND
+    """True for a module whose call cannot read its ``training`` flag: an exact torch class in
+    ``MODE_BLIND`` (a subclass may override forward) with no forward hook but the engine's (the
+    old-style ``spectral_norm``'s pre-hook runs a power iteration in train mode, a DropConnect
+    pre-hook draws masks: set to eval once, such a layer went back to train at ``model.train()``)."""
+    return type(module) in MODE_BLIND and all(
+        getattr(hook, "engine_hook", False)
+        for hooks in (module._forward_pre_hooks, module._forward_hooks) for hook in hooks.values())
 
 
 @engine_hook
@@ -204,8 +208,8 @@ class FrozenRegion:
             mean = getattr(module, "running_mean", None)
             if isinstance(mean, torch.Tensor) and module not in _statistics_version:
                 _statistics_version[module] = mean._version
-            if not mode_blind(module):
-                self.handles.append(module.register_forward_pre_hook(_force_eval))
+            if not mode_blind(module):  # first: the user's own pre-hooks see the module in eval
+                self.handles.append(module.register_forward_pre_hook(_force_eval, prepend=True))
         # id(module) -> leading calls in eval (a module that never reads its mode needs no hook)
         counted = {id(m): n for m, n in partly.items() if not mode_blind(m)}
         for key in detach:
@@ -214,7 +218,8 @@ class FrozenRegion:
         for key, eval_calls in counted.items():
             module, _, calls = self.plan.module_calls[key]
             self.handles.append(module.register_forward_pre_hook(
-                self._enter_hook(len(calls), eval_calls, detach.get(key, 0), shared.get(key, [])), with_kwargs=True))
+                self._enter_hook(len(calls), eval_calls, detach.get(key, 0), shared.get(key, [])), with_kwargs=True,
+                prepend=True))
             self.handles.append(module.register_forward_hook(self._leave_hook(), always_call=True))
         if counted:
             self.handles.append(self.root.register_forward_pre_hook(engine_hook(self._enter_root)))

@@ -387,17 +387,29 @@ def preserved_modes(modules: Iterable[nn.Module]) -> Iterator[None]:
 
 @contextmanager
 def preserved_state(model: nn.Module) -> Iterator[None]:
-    """Run a look-only forward pass: the model's buffers (norm running statistics) and the RNG
-    (CPU and the model's GPUs, e.g. dropout masks) are as before afterwards."""
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    """Run a look-only forward pass: the model's buffers (norm running statistics, observers)
+    and the RNG (CPU and the model's GPUs, e.g. dropout masks) are as before afterwards.
+
+    A buffer is put back only where the pass changed it, and through ``.data``, which leaves its
+    version counter alone: a graph built before the pass may have saved it (a GAN's discriminator
+    run on the fake batch before the cached real one: BatchNorm saves its running statistics), and
+    a bumped version failed that graph's backward. One the pass resized (an observer's statistics,
+    empty until the first forward) gets its old shape back; one it replaced, its old tensor."""
+    saved = [(module, name, b, b.detach().clone())
+             for module in model.modules() for name, b in module._buffers.items() if b is not None]
     devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
     try:
         with torch.random.fork_rng(devices=devices):
             yield
     finally:
         with torch.no_grad():
-            for name, b in model.named_buffers():
-                b.copy_(buffers[name])
+            for module, name, original, values in saved:
+                if module._buffers.get(name) is not original:
+                    module._buffers[name] = original
+                if original.shape != values.shape:
+                    original.data = values
+                elif not torch.equal(original, values):
+                    original.data.copy_(values)
 
 
 @contextmanager
@@ -506,10 +518,14 @@ def discover_units(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[
         layer_params.setdefault(key, []).append(name)
     order = sorted(layer_first_use, key=layer_first_use.get)
 
-    # Merge each norm layer into the layer it follows (the first one into the next).
+    # Merge each norm layer into the layer it follows (the first one into the next), except one
+    # inside the layer read next, which joins that one: a QAT ConvBn2d reads its `bn` first (to
+    # fold it into the conv's weight), and its norm went to the conv before it.
     groups: List[List[int]] = []
-    for key in order:
-        if is_norm_module(layer_owner[key][1]) and groups:
+    for at, key in enumerate(order):
+        inside_next = at + 1 < len(order) and layer_owner[order[at + 1]][0] != "" and \
+            layer_owner[key][0].startswith(layer_owner[order[at + 1]][0] + ".")
+        if is_norm_module(layer_owner[key][1]) and groups and not inside_next:
             groups[-1].append(key)
         elif groups and all(is_norm_module(layer_owner[k][1]) for k in groups[-1]):
             groups[-1].append(key)  # a leading norm layer waits for the layer after it

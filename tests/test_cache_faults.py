@@ -429,7 +429,8 @@ def test_inputs_the_prefix_does_not_read_may_change():
 
 def test_a_prefix_changed_in_place_drops_its_rows():
     # a frozen buffer (or weight) written in place behind the cache's back (load_state_dict
-    # mid-run, weights copied in): rows made from the old values are dropped, never served
+    # mid-run, weights copied in): rows made from the old values are dropped, never served; a
+    # buffer sets the cache up again (it may change what the prefix computes)
     cache, wrapped = _audited()
     model = cache.freezer.model
     with torch.no_grad():
@@ -438,6 +439,8 @@ def test_a_prefix_changed_in_place_drops_its_rows():
         out = wrapped(X[:10], torch.arange(10))
     assert cache.enabled and cache.stats["weights_changed"] == 1
     torch.testing.assert_close(out, model(X[:10]), rtol=0, atol=0)
+    torch.testing.assert_close(wrapped(X[:10], torch.arange(10)), model(X[:10]), rtol=0, atol=0)
+    assert cache.active and cache.rows_cached == 10
     # a write that leaves the values as they were (DDP's buffer broadcast) drops nothing
     rows = cache.rows_cached
     with torch.no_grad():

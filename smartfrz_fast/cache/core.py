@@ -541,7 +541,8 @@ class ActivationCache:
             self._warn_once(why[0], f"ActivationCache: {why[1]}: such forwards run the whole model (counted in "
                             "stats['bypassed']).")
             return model(*inputs.args, **inputs.kwargs)
-        self._prefix_weights_unchanged()
+        if not self._prefix_weights_unchanged():  # set up again at the next forward
+            return model(*inputs.args, **inputs.kwargs)
         h = self._prefix_output(inputs, ids)
         if h is None:  # the audit just turned the cache off
             return model(*inputs.args, **inputs.kwargs)
@@ -864,18 +865,21 @@ class ActivationCache:
         self._prefix_state = (store, tensors, [(t._version, t.dtype) for t in tensors],
                               [tensor_sum(t) for t in tensors])
 
-    def _prefix_weights_unchanged(self) -> None:
+    def _prefix_weights_unchanged(self) -> bool:
         """Drop every cached row if a parameter or buffer of the cached prefix was written in
         place since the rows were made (``model.load_state_dict`` mid-run, weights copied in for
         an evaluation, a user's ``copy_``): rows computed from the old values would be served.
+        A changed buffer sets the cache up again (returns False): it can change what the prefix
+        computes, which the set-up checked (a quantization observer turned back on writes its
+        statistics at every call, eval mode or not, and its fused op without a version bump).
         Per step: one version read per tensor; a written tensor costs one checksum (a write that
         leaves the values as they were, as DDP's buffer broadcast, drops nothing)."""
         store, tensors, versions, sums = self._prefix_state
         if store is None or store is not self._store:
-            return
+            return True
         written = [i for i, t in enumerate(tensors) if (t._version, t.dtype) != versions[i]]
         if not written:
-            return
+            return True
         # a cast (model.bfloat16() sets .data: no version bump) changed the values' precision
         changed = [i for i in written if tensors[i].dtype != versions[i][1]]
         written = [i for i in written if i not in changed]
@@ -887,11 +891,18 @@ class ActivationCache:
             moved = (torch.stack([x.to(device) for x in now]) != torch.stack([sums[i].to(device) for i in written]))
             changed += [i for i, m in zip(written, moved.tolist()) if m]  # one host read for all of them
         if not changed:
-            return
+            return True
         module = self.freezer.module
         names = {id(t): n for n, t in [*module.named_parameters(), *module.named_buffers()]}
         what = ", ".join(names.get(id(tensors[i]), "?") for i in changed[:3]) + (" ..." if len(changed) > 3 else "")
         self.stats["weights_changed"] += 1
+        buffers = {id(b) for b in module.buffers()}
+        if any(id(tensors[i]) in buffers for i in changed):
+            self._rederive(f"{what} of the cached frozen prefix changed in place since its rows were computed "
+                           "(model.load_state_dict, a copy_, a flag such as a quantization observer's turned on; "
+                           "counted in stats['weights_changed']): a buffer can change what the prefix computes, so "
+                           "the cache checks it again")
+            return False
         self._store = None
         with self._storage_faults("dropping the cached rows"):
             self._discard_store(store)
@@ -901,6 +912,7 @@ class ActivationCache:
                       "computed (model.load_state_dict, weights copied in, a copy_, a cast such as "
                       "model.bfloat16()): every cached row is dropped "
                       "and computed again from the values now (counted in stats['weights_changed']).", stacklevel=4)
+        return True
 
     def _discard_store(self, store: Storage) -> None:
         """Close a store whose rows no longer hold, and remove its mmap file (this run's own):
@@ -1228,7 +1240,16 @@ class ActivationCache:
     def _hook_note(self, count: int, hooked: List[nn.Module]) -> str:
         names = {id(m): n for n, m in self.freezer.module.named_modules()}
         where = ", ".join(names.get(id(m), type(m).__name__) for m in hooked[:3])
-        return (f"a forward hook you placed on {where} (block {self.chain.blocks[count].name!r} of the frozen "
+        block = self.chain.blocks[count].name
+        hooks = [h for m in hooked for h in (*m._forward_pre_hooks.values(), *m._forward_hooks.values())
+                 if not getattr(h, "engine_hook", False)]
+        if hooks and all(getattr(h, "__module__", "").startswith("torch.ao.quantization") for h in hooks):
+            # eager-mode prepare()/prepare_qat(): the user did not place them and cannot remove them
+            return (f"the quantization observers that prepare_qat/prepare hooked onto {where} (block {block!r} of "
+                    "the frozen prefix) run at every call and would not run on cached rows, so the cache cuts "
+                    "before them. FX-mode QAT (prepare_qat_fx) with the prefix's observers disabled "
+                    "(torch.ao.quantization.disable_observer) can be cached")
+        return (f"a forward hook you placed on {where} (block {block!r} of the frozen "
                 "prefix) would not run on cached rows, so the cache cuts before it. Remove the hook, or place it "
                 "on a module after the frozen prefix, to cache deeper")
 
@@ -1265,7 +1286,8 @@ class ActivationCache:
         """Move the cut deeper: push cached rows through the newly frozen blocks."""
         if boundary <= self.boundary:
             return
-        self._prefix_weights_unchanged()  # rows made from weights written since are dropped, not migrated
+        if not self._prefix_weights_unchanged():  # rows made from weights written since are dropped, not migrated
+            return
         old, self.boundary = self.boundary, boundary
         if self._store is None:
             if old == 0 and self.reuse and self.path is not None and os.path.exists(self.path):
