@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from . import guards
-from .frozen import engine_hook, mode_blind, remove_handles
+from .frozen import engine_hook, held_weakly, mode_blind, remove_handles
 from .policy.base import Decision, FreezePolicy, PolicyContext, UnitInfo, check_decision, check_prefix_length
 from .units import SHARED_PARAMETER_MODES, Unit, UnitPlan, describe_shared, discover_units, example_call, shared_groups
 
@@ -72,13 +72,49 @@ def _compiled_inner(model: nn.Module) -> nn.Module:
     return inner if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module) else model
 
 
-def _as_optimizers(optimizer) -> List[torch.optim.Optimizer]:
-    optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
-    for opt in optimizers:
+def _as_optimizers(optimizer) -> Tuple[List[torch.optim.Optimizer], List[torch.optim.Optimizer]]:
+    """(the optimizers that do the updates, the wrappers around them): each given wrapper is
+    followed to its inner optimizer (``_unwrapped``), and one given twice (a wrapper and its
+    inner optimizer) counts once."""
+    given = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    inner: List[torch.optim.Optimizer] = []
+    wrappers: List[torch.optim.Optimizer] = []
+    for opt in given:
         if not isinstance(opt, torch.optim.Optimizer):
             raise TypeError(f"SmartFreezer expects torch.optim.Optimizer(s), got {type(opt).__name__}")
-        _check_optimizer_can_lose_parameters(opt)
-    return optimizers
+        chain = _unwrapped(opt)
+        for member in chain:
+            _check_optimizer_can_lose_parameters(member)
+        if all(o is not chain[-1] for o in inner):
+            inner.append(chain[-1])
+        wrappers += [w for w in chain[:-1] if all(o is not w for o in wrappers)]
+    return inner, wrappers
+
+
+def _shares_groups(a: torch.optim.Optimizer, b: torch.optim.Optimizer) -> bool:
+    try:
+        ga, gb = a.param_groups, b.param_groups
+    except AttributeError:  # a wrapper part-built
+        return False
+    return ga is gb or (len(ga) == len(gb) > 0 and all(x is y for x, y in zip(ga, gb)))
+
+
+def _unwrapped(optimizer: torch.optim.Optimizer) -> List[torch.optim.Optimizer]:
+    """``optimizer`` and the optimizers it wraps, outermost first: an attribute that is an
+    optimizer over the same param groups (SAM's ``base_optimizer``, Lookahead's, accelerate's
+    ``AcceleratedOptimizer.optimizer``). The innermost one steps exactly once per training step
+    whichever of the wrapper's methods the loop calls (SAM's ``first_step``/``second_step``
+    never call the wrapper's ``step``), so the freezer follows its steps; the wrappers' own
+    state (SAM's ``old_p``, Lookahead's slow weights) is deleted with the inner one's."""
+    chain = [optimizer]
+    while True:
+        outer = chain[-1]
+        inner = next((value for value in vars(outer).values()
+                      if isinstance(value, torch.optim.Optimizer) and all(value is not c for c in chain)
+                      and _shares_groups(value, outer)), None)
+        if inner is None:
+            return chain
+        chain.append(inner)
 
 
 def _check_optimizer_can_lose_parameters(optimizer: torch.optim.Optimizer) -> None:
@@ -148,20 +184,6 @@ def _give_back_frozen(module: nn.Module, taken: "weakref.WeakKeyDictionary", opt
                     params.insert(min(position, len(params)), param)
                     held.add(id(param))
     taken.clear()
-
-
-def _weakly(method: Callable) -> Callable:
-    """``method`` of the freezer as an optimizer hook that holds the freezer weakly. The
-    optimizer outlives a freezer its user drops (a sweep's trial, a phase built inside a
-    function); a strong hook kept that freezer open, its model hooks acting, and made the two a
-    cycle that only Python's collector freed (device memory included)."""
-    ref = weakref.WeakMethod(method)
-
-    def hook(*args: Any, **kwargs: Any) -> Any:
-        bound = ref()
-        return None if bound is None else bound(*args, **kwargs)
-
-    return hook
 
 
 def _normable(grad: Tensor) -> Tensor:
@@ -284,7 +306,9 @@ class SmartFreezer:
             chooser = getattr(policy, "sample_every_for", None)
             sample_every = chooser(total_steps) if chooser is not None else 1
         self.model = model
-        self.optimizers = _as_optimizers(optimizer)
+        # the optimizers whose steps the freezer follows, and (weakly) wrappers around them (_unwrapped)
+        self.optimizers, wrappers = _as_optimizers(optimizer)
+        self._wrappers: List["weakref.ref[torch.optim.Optimizer]"] = [weakref.ref(w) for w in wrappers]
         self.policy = policy
         self.total_steps = total_steps
         self.sample_every = sample_every
@@ -307,7 +331,7 @@ class SmartFreezer:
         self._grad_index_cache: Dict[Any, Tensor] = {}
         self._hooks: List[Any] = []
         # a freezer dropped without close() (built inside a function, a sweep, a re-run cell) is
-        # freed at once (its optimizers' hooks hold it weakly: _weakly): its hooks go with it, or
+        # freed at once (its optimizers' hooks hold it weakly: held_weakly): its hooks go with it, or
         # they would keep detaching reads and holding layers in eval in the user's later training
         weakref.finalize(self, remove_handles, self._hooks)
         self._first_forward_hook: Optional[Any] = None
@@ -460,14 +484,14 @@ class SmartFreezer:
             for opt in self.optimizers:
                 # after the step: with optimizer.step(closure) (Lightning) the backward runs inside
                 # it, so a pre-hook would read the previous step's gradients (none after a resume)
-                self._hooks.append(opt.register_step_post_hook(_weakly(self._accumulate_grad_norms)))
+                self._hooks.append(opt.register_step_post_hook(held_weakly(self._accumulate_grad_norms)))
         if self.policy.manages_lr:
             self._scale_unit_lrs(self.optimizers)
         from .compile import check_grads_after_freeze
 
         check_grads_after_freeze(self)  # reentrant checkpointing over the prefix would train nothing
         for opt in self.optimizers:
-            self._hooks.append(opt.register_load_state_dict_pre_hook(_weakly(self._check_optimizer_load_order)))
+            self._hooks.append(opt.register_load_state_dict_pre_hook(held_weakly(self._check_optimizer_load_order)))
         self.policy._serves = weakref.ref(self)
         self._guard = guards.Guard(self)
 
@@ -504,7 +528,7 @@ class SmartFreezer:
         step the groups stay the user's, so lr schedulers built before or after keep working."""
         from .policy.unit_lr import UnitLRScaler
 
-        me = weakref.ref(self)  # the optimizers' hooks hold the freezer weakly, as _weakly's
+        me = weakref.ref(self)  # the optimizers' hooks hold the freezer weakly, as held_weakly's
 
         def factors() -> Optional[List[float]]:
             freezer = me()
@@ -811,6 +835,23 @@ class SmartFreezer:
         ids = {id(p) for p in params}
         for opt in self.optimizers:
             self._note_taken(opt, _remove_params(opt, ids))
+        self._drop_wrapper_state(ids)
+
+    def _note_wrapper(self, wrapper: torch.optim.Optimizer) -> None:
+        """A wrapper around one of the freezer's optimizers stepped (the freezer was given the inner
+        one): its own state of the frozen parameters goes too, now and at later freezes."""
+        if all(ref() is not wrapper for ref in self._wrappers):
+            self._wrappers.append(weakref.ref(wrapper))
+            if self.plan is not None:
+                self._drop_wrapper_state({id(p) for _, p in self.plan.frozen_parameters(self.num_frozen)})
+
+    def _drop_wrapper_state(self, ids: set) -> None:
+        """The wrappers' own state of these parameters (their groups are the inner optimizers',
+        from which the parameters went already)."""
+        for ref in self._wrappers:
+            wrapper = ref()
+            for p in [] if wrapper is None else [p for p in wrapper.state if id(p) in ids]:
+                del wrapper.state[p]
 
     def _note_taken(self, optimizer: torch.optim.Optimizer, taken: List[Tuple[int, int, Tensor]]) -> None:
         """Remember where in ``optimizer`` each frozen parameter was (by name: a parameter may be
@@ -884,19 +925,24 @@ class SmartFreezer:
         mid-run), and is about to step: it takes the place of the freezer's optimizers it shares
         parameters with, and gets what they had (frozen parameters and their state out, per-unit
         lrs for a policy that manages the lr). Returns the optimizers it replaces."""
-        _check_optimizer_can_lose_parameters(optimizer)
+        chain = _unwrapped(optimizer)
+        for member in chain:
+            _check_optimizer_can_lose_parameters(member)
+        optimizer = chain[-1]
+        self._wrappers += [weakref.ref(w) for w in chain[:-1]]
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         replaced = [o for o in self.optimizers if any(id(p) in held for g in o.param_groups for p in g["params"])]
         self.optimizers = [o for o in self.optimizers if all(o is not r for r in replaced)] + [optimizer]
         frozen = {id(p) for _, p in self.plan.frozen_parameters(self.num_frozen)}
         self._note_taken(optimizer, _remove_params(optimizer, frozen))
+        self._drop_wrapper_state(frozen)
         if self.policy.manages_lr:  # runs in this very step, like the hook below
             self._scale_unit_lrs([optimizer])
         if self.policy.needs_gradients:  # runs after this very step, as for the freezer's own optimizers
-            self._hooks.append(optimizer.register_step_post_hook(_weakly(self._accumulate_grad_norms)))
+            self._hooks.append(optimizer.register_step_post_hook(held_weakly(self._accumulate_grad_norms)))
         for check in self._after_step_checks:  # the no-gradient check after a freeze (compile.py)
             self._hooks.append(optimizer.register_step_post_hook(check))
-        self._hooks.append(optimizer.register_load_state_dict_pre_hook(_weakly(self._check_optimizer_load_order)))
+        self._hooks.append(optimizer.register_load_state_dict_pre_hook(held_weakly(self._check_optimizer_load_order)))
         self._grad_index_cache.clear()
         for listener in self._change_listeners:  # before this step runs: its post-step hooks may join
             listener("optimizer", (optimizer, replaced))

@@ -72,6 +72,21 @@ def remove_handles(handles: List[Any]) -> None:
     handles.clear()
 
 
+def held_weakly(method: Callable) -> Callable:
+    """``method`` as a hook or callback that holds its object weakly (and does nothing once the
+    object is gone). An optimizer outlives a freezer its user drops (a sweep's trial, a phase
+    built inside a function), and a cache's storage its cache: a strong hook kept the freezer
+    open, its model hooks acting, and made a cycle that only Python's collector freed (device
+    memory included)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        bound = ref()
+        return None if bound is None else bound(*args, **kwargs)
+
+    return call
+
+
 def _inert_hook(*args, **kwargs) -> None:
     """What a copy of the model holds in place of an engine hook."""
     return None
@@ -188,6 +203,7 @@ class FrozenRegion:
         self.handles: List[Any] = []
         self.always: List[nn.Module] = []  # modules run in eval at every call
         self.partly: Dict[nn.Module, int] = {}  # modules run in eval at their leading calls
+        self.counted: Dict[int, nn.Module] = {}  # modules whose calls are numbered per forward pass
         self._count: Dict[int, int] = {}  # calls of each counted module in this forward pass
         self._running: Dict[int, List[tuple]] = {}  # per module: (call number, flag to restore)
         self._in_root_forward = False  # inside the model's own forward (not the cache's blocks)
@@ -215,6 +231,7 @@ class FrozenRegion:
         for key in detach:
             counted.setdefault(key, 0)
         shared = self._shared_reads(cut, detach)
+        self.counted = {key: self.plan.module_calls[key][0] for key in counted}
         for key, eval_calls in counted.items():
             module, _, calls = self.plan.module_calls[key]
             self.handles.append(module.register_forward_pre_hook(
@@ -226,6 +243,14 @@ class FrozenRegion:
             self.handles.append(self.root.register_forward_hook(engine_hook(self._leave_root), always_call=True))
             _compiled_graphs_see_hooks()
         return switched
+
+    def start_after(self, calls: Dict[int, int]) -> None:
+        """A pass that starts after blocks that made ``calls[id(module)]`` calls of the counted
+        modules (the activation cache serving the frozen prefix's rows): their later calls are
+        numbered after those (from 0, a dropout shared by the prefix and the trainable layers ran
+        its trainable calls in eval on every cached step)."""
+        self._count = dict(calls)
+        self._in_root_forward = False
 
     def _enter_root(self, module, args) -> None:
         self._count.clear()
@@ -295,6 +320,7 @@ class FrozenRegion:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        self.counted = {}
         self._count.clear()
         self._running.clear()
         self._in_root_forward = False

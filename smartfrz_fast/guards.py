@@ -240,6 +240,7 @@ class Guard:
             return  # an optimizer stepped inside one of the freezer's (a wrapper's inner one)
         if any(optimizer.param_groups is own.param_groups for own in freezer.optimizers):
             self._unrelated.add(optimizer)  # a wrapper sharing the groups of one of the freezer's
+            freezer._note_wrapper(optimizer)
             return
         # another model's optimizer (this process trains several) is none of this freezer's business,
         # even when this freezer's model changed

@@ -406,8 +406,10 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
             for module, name, original, values in saved:
                 if module._buffers.get(name) is not original:
                     module._buffers[name] = original
-                if original.shape != values.shape:
-                    original.data = values
+                if original.is_meta:
+                    continue  # no values
+                if original.layout != torch.strided or original.shape != values.shape:
+                    original.data = values  # a sparse buffer (a graph's adjacency) has no torch.equal
                 elif not torch.equal(original, values):
                     original.data.copy_(values)
 

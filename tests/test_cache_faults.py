@@ -451,6 +451,32 @@ def test_a_prefix_changed_in_place_drops_its_rows():
     assert cache.rows_cached == rows and cache.stats["weights_changed"] == 1
 
 
+def test_a_buffer_changed_in_place_under_an_mmap_cache_with_reuse(tmp_path):
+    # the cache sets itself up again after a buffer change: it reopened its own stale file
+    # (reuse=True) and the next forward raised "made for a different fingerprint"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                          nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=1), example_inputs=torch.randn(8, 16), total_steps=40)
+    cache = ActivationCache(freezer, num_samples=64, deterministic=True, storage="mmap",
+                            path=str(tmp_path / "rows.bin"), reuse=True)
+    forward, x = cache.wrap(), torch.randn(64, 16)
+    for step in range(12):
+        if step == 6:  # another checkpoint's statistics loaded mid-run
+            state = model.state_dict()
+            state["1.running_mean"] = state["1.running_mean"] + 0.5
+            model.load_state_dict(state)
+        ids = torch.arange(16 * (step % 4), 16 * (step % 4) + 16)
+        forward(x[ids], ids).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+    assert cache.active and cache.stats["weights_changed"] == 1 and cache.stats["hits"] > 0, cache.describe()
+    ids = torch.arange(16)
+    torch.testing.assert_close(forward(x[ids], ids), model(x[ids]), rtol=0, atol=0)  # rows of the new statistics
+
+
 def test_a_prefix_changed_in_place_before_a_deeper_freeze_is_not_migrated():
     # the write came between two forwards and a deeper freeze came first: the stale rows were
     # pushed through the newly frozen blocks and the new store took the new weights as its own

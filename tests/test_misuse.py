@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from smartfrz_fast import AutoFreeze, FreezeOut, SmartFreezer, StaticFreeze
+from smartfrz_fast.cache import ActivationCache
 from smartfrz_fast.policy.base import FreezePolicy
 
 from models import SmallCNN, batch, train_steps
@@ -140,7 +141,7 @@ def test_an_optimizer_wrapper_or_inner_optimizer_is_the_same_optimizer():
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             train_steps(model, outer, freezer, 4)
-        assert freezer.optimizers == [given] and freezer.num_frozen == 2
+        assert freezer.optimizers == [inner] and freezer.num_frozen == 2  # the one that steps
         assert freezer._guard.unmatched == 0
         freezer.close()
 
@@ -405,8 +406,9 @@ def test_smartfreezer_of_reaches_a_freezer_held_elsewhere():
 
 
 @pytest.mark.parametrize("make_policy", [lambda: StaticFreeze(1, at_step=1), lambda: FreezeOut(),
-                                         lambda: AutoFreeze(), "smartfrz", "masks"],
-                         ids=["static", "freezeout-lr-hooks", "autofreeze-gradient-hooks", "smartfrz", "sparse-masks"])
+                                         lambda: AutoFreeze(), "smartfrz", "masks", "cache"],
+                         ids=["static", "freezeout-lr-hooks", "autofreeze-gradient-hooks", "smartfrz", "sparse-masks",
+                              "activation-cache"])
 def test_an_unclosed_freezer_and_its_model_are_freed_when_dropped(make_policy):
     # a sweep's trial that ends without close(): the freezer, its model and its optimizer go at
     # once, as without a freezer (on a GPU: device memory), not whenever Python's cycle collector
@@ -419,11 +421,24 @@ def test_an_unclosed_freezer_and_its_model_are_freed_when_dropped(make_policy):
     def trial():
         model = SmallCNN()
         opt = sgd(model, momentum=0.9)
-        policy = SmartFRZ() if make_policy in ("smartfrz", "masks") else make_policy()
+        policy = make_policy() if callable(make_policy) else SmartFRZ() if make_policy != "cache" else \
+            StaticFreeze(1, at_step=1)
         freezer = SmartFreezer(model, opt, policy, example_inputs=batch(0)[0], total_steps=8)
         if make_policy == "masks":
             masks = SparseMasks(model, {"conv2.weight": torch.rand(model.conv2.weight.shape) > 0.5})
             masks.attach(freezer)
+        if make_policy == "cache":  # a plain nn.Sequential: no torch.fx graph (fx's objects hold cycles)
+            model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+            opt = sgd(model, momentum=0.9)
+            freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=1), example_inputs=torch.randn(2, 6),
+                                   total_steps=8)
+            forward, x = ActivationCache(freezer, num_samples=8, deterministic=True).wrap(), torch.randn(8, 6)
+            for _ in range(3):
+                forward(x, torch.arange(8)).sum().backward()
+                opt.step()
+                opt.zero_grad()
+                freezer.step()
+            return weakref.ref(model[0].weight), weakref.ref(freezer), weakref.ref(opt)
         train_steps(model, opt, freezer, 3)
         return weakref.ref(model.conv1.weight), weakref.ref(freezer), weakref.ref(opt)
 
@@ -435,6 +450,28 @@ def test_an_unclosed_freezer_and_its_model_are_freed_when_dropped(make_policy):
     finally:
         gc.enable()
     assert alive == [False, False, False]
+
+
+def test_a_freezer_dropped_during_an_optimizer_step_leaves_the_users_groups():
+    # FreezeOut splits the groups per unit for the step and puts the user's back after it: a
+    # freezer freed between the two (by Python's collector, any time) took the second hook with
+    # it, and the optimizer kept the per-unit groups for good (the user's scheduler then set lrs
+    # the optimizer no longer read)
+    model = SmallCNN()
+    opt = sgd(model)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    holder = [SmartFreezer(model, opt, FreezeOut(t0=0.3), example_inputs=batch(0)[0], total_steps=20)]
+    train_steps(model, opt, holder[0], 3)
+    user_groups = list(opt.param_groups)
+    opt.register_step_pre_hook(lambda *args: holder.clear())  # after the freezer's own: mid-step
+    for step in range(3):
+        x, y = batch(step)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        scheduler.step()
+    assert not holder and len(opt.param_groups) == len(user_groups)
+    assert all(a is b for a, b in zip(opt.param_groups, user_groups))
 
 
 def test_a_freezer_dropped_without_close_takes_its_hooks_with_it():

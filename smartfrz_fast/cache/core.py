@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.hooks import RemovableHandle
 
 from ..distributed import FreezableDDP, _is_fsdp1, _is_fsdp2, check_ddp
-from ..frozen import mode_blind, remove_handles
+from ..frozen import held_weakly, mode_blind, remove_handles
 from ..guards import warn_in_every_run
 from ..units import example_call, preserved_modes, preserved_state
 from .split import (SWAP, BlockChain, Inputs, block_modules, captured_outputs, find_blocks, hooked_modules,
@@ -200,6 +200,7 @@ class ActivationCache:
         # (version, dtype), their checksums); see _prefix_weights_unchanged
         self._prefix_state: Tuple[Any, List[Tensor], List[Tuple[int, torch.dtype]], List[Tensor]] = (None, [], [], [])
         self._leaf_reads: Tuple[Any, Optional[List[bool]]] = (None, None)  # see _read_leaves
+        self._prefix_calls: Tuple[Any, Dict[int, int]] = (None, {})  # see _calls_in_prefix
         self._per_sample_checked: set = set()  # (boundary, batch size) of this chain found per sample
         self._unmanaged: Tuple[Any, List[Tuple[str, Tensor]]] = (None, [])  # see _unmanaged_in_prefix
         self._modes_kept: List[nn.Module] = []  # see _modes_not_held
@@ -548,6 +549,9 @@ class ActivationCache:
             return model(*inputs.args, **inputs.kwargs)
         if torch.is_grad_enabled() and self._rows_need_grad():
             h.requires_grad_(True)  # as Hugging Face's hook would have marked the prefix's output
+        region = getattr(self.freezer, "_region", None)
+        if region is not None and region.counted and self.chain.how != SWAP:
+            region.start_after(self._calls_in_prefix(inputs))
         try:
             return self.chain.run(inputs, start=self.boundary, h=h)
         except UntracedCall as exc:  # raised before any trainable module ran: nothing to undo
@@ -668,6 +672,7 @@ class ActivationCache:
         if self._store is not None:
             self._store.close()
             self._store = None
+        self._prefix_state = (None, [], [], [])  # holds the store and the prefix's tensors
         self._sides = SideInputs(self.num_samples)
         if hasattr(self.chain, "release"):
             self.chain.release()
@@ -896,6 +901,9 @@ class ActivationCache:
         names = {id(t): n for n, t in [*module.named_parameters(), *module.named_buffers()]}
         what = ", ".join(names.get(id(tensors[i]), "?") for i in changed[:3]) + (" ..." if len(changed) > 3 else "")
         self.stats["weights_changed"] += 1
+        self._store = None
+        with self._storage_faults("dropping the cached rows"):
+            self._discard_store(store)  # an mmap file too: with reuse=True it would be reopened
         buffers = {id(b) for b in module.buffers()}
         if any(id(tensors[i]) in buffers for i in changed):
             self._rederive(f"{what} of the cached frozen prefix changed in place since its rows were computed "
@@ -903,9 +911,6 @@ class ActivationCache:
                            "counted in stats['weights_changed']): a buffer can change what the prefix computes, so "
                            "the cache checks it again")
             return False
-        self._store = None
-        with self._storage_faults("dropping the cached rows"):
-            self._discard_store(store)
         self._sides = SideInputs(self.num_samples)
         self._prefix_state = (None, [], [], [])
         warnings.warn(f"ActivationCache: {what} of the cached frozen prefix changed in place since its rows were "
@@ -968,6 +973,29 @@ class ActivationCache:
                 reads = None  # nothing found read: the probe tells nothing
         self._leaf_reads = (key, reads)
         return reads
+
+    def _calls_in_prefix(self, inputs: Inputs) -> Dict[int, int]:
+        """The calls the cached blocks make of each module the freezer numbers per forward (a
+        dropout shared by the frozen prefix and the trainable layers): a cached forward skips
+        them, and the trainable layers' calls are numbered after them. Counted once per chain
+        and cut, on one sample of the step's inputs (none: a probe the model cannot run)."""
+        key = (id(self.chain), self.boundary)
+        if self._prefix_calls[0] != key:
+            counts: Dict[int, int] = {}
+
+            def count(module, args) -> None:
+                counts[id(module)] = counts.get(id(module), 0) + 1
+
+            hooks = [m.register_forward_pre_hook(count) for m in self.freezer._region.counted.values()]
+            try:
+                with preserved_state(self.freezer.module), self._eval_mode(0, self.boundary), torch.no_grad():
+                    self.chain.run(_index_inputs(inputs, torch.arange(1), inputs.batch), 0, self.boundary)
+            except Exception:  # noqa: BLE001 -- numbered as before: wrapped at the traced count
+                counts = {}
+            finally:
+                remove_handles(hooks)
+            self._prefix_calls = (key, counts)
+        return self._prefix_calls[1]
 
     def _reads_leaf(self, leaves: List[Any], i: int, other: Any, spec: Any, stops: List[int],
                     base: List[Any]) -> bool:
@@ -1392,7 +1420,7 @@ class ActivationCache:
         elif self.tier == "pinned":
             extra = dict(read=self.pinned_read)
         store = make_storage(self.tier, self.num_samples, row_shape, self.storage_dtype, capacity, device, **extra)
-        store.listen(self._on_bad_rows)
+        store.listen(held_weakly(self._on_bad_rows))  # the store must not keep its cache (and model) alive
         if self.tier == "mmap":
             self._lineage = store.lineage
             if not reopen and commit:
@@ -1496,7 +1524,8 @@ class ActivationCache:
         if batch is not None and ids.numel() != batch:
             raise ValueError(f"got {ids.numel()} sample ids for a batch of {batch} samples (the size of the inputs' "
                              "first dimension): pass one id per sample, and batch-first inputs (the cache keys "
-                             "dimension 0 by sample id; a sequence-first [T, B, ...] input must be transposed)")
+                             "dimension 0 by sample id; a sequence-first [T, B, ...] input must be transposed, and "
+                             "flat inputs with offsets, as EmbeddingBag(text, offsets) takes, padded to [B, L])")
         bad = (ids < 0) | (ids >= self.num_samples)
         if bool(bad.any()):
             raise IndexError(

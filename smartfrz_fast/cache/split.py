@@ -104,6 +104,14 @@ def _module_block(name: str, module: nn.Module, first: bool) -> Block:
     return Block(name, lambda h, inp: module(h), [module])
 
 
+def _children(container: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """(name, child) in the order an ``nn.Sequential`` or a loop over an ``nn.ModuleList`` calls
+    them: a child registered under two names counts twice (``named_children()`` lists it once,
+    and a dropout reused along an nn.Sequential dropped out of the chain; the chain's check runs
+    in eval mode, where dropout is the identity, so nothing noticed)."""
+    return [(name, child) for name, child in container._modules.items() if child is not None]
+
+
 def _chain_of_modules(named: Sequence[Tuple[str, nn.Module]], how: str) -> BlockChain:
     return BlockChain([_module_block(n, m, i == 0) for i, (n, m) in enumerate(named)], how)
 
@@ -121,7 +129,7 @@ def _has(model: nn.Module, *attrs: str) -> bool:
 # ------------------------------------------------------------------ known structures
 def _sequential(model: nn.Module) -> Optional[BlockChain]:
     if isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward and len(model):
-        return _chain_of_modules(list(model.named_children()), "nn.Sequential")
+        return _chain_of_modules(_children(model), "nn.Sequential")
     return None
 
 
@@ -137,7 +145,7 @@ def _resnet(model: nn.Module) -> Optional[BlockChain]:
                     stem_modules)]
     for layer_name in ("layer1", "layer2", "layer3", "layer4"):
         layer = getattr(model, layer_name)
-        for name, child in layer.named_children():
+        for name, child in _children(layer):
             blocks.append(_module_block(f"{layer_name}.{name}", child, False))
     if _has(model, "forward_head", "global_pool", "fc"):  # timm
         blocks.append(Block("head", lambda h, inp: model.forward_head(h), [model.global_pool, model.fc]))
@@ -152,7 +160,7 @@ def _resnet(model: nn.Module) -> Optional[BlockChain]:
 def _vgg(model: nn.Module) -> Optional[BlockChain]:
     if "VGG" not in type(model).__name__ or not _has(model, "features", "avgpool", "classifier"):
         return None
-    blocks = [_module_block(f"features.{n}", m, i == 0) for i, (n, m) in enumerate(model.features.named_children())]
+    blocks = [_module_block(f"features.{n}", m, i == 0) for i, (n, m) in enumerate(_children(model.features))]
     blocks.append(Block("head", lambda h, inp: model.classifier(torch.flatten(model.avgpool(h), 1)),
                         [model.avgpool, model.classifier]))
     return BlockChain(blocks, "torchvision VGG")
@@ -170,7 +178,7 @@ def _vit(model: nn.Module) -> Optional[BlockChain]:
             return enc.dropout(x + enc.pos_embedding)
 
         blocks = [Block("embed", embed, [model.conv_proj, enc.dropout, _ParamHolder(model.class_token, enc.pos_embedding)])]
-        blocks += [_module_block(f"encoder.layers.{n}", m, False) for n, m in enc.layers.named_children()]
+        blocks += [_module_block(f"encoder.layers.{n}", m, False) for n, m in _children(enc.layers)]
         blocks.append(Block("head", lambda h, inp: model.heads(enc.ln(h)[:, 0]), [enc.ln, model.heads]))
         return BlockChain(blocks, "torchvision ViT")
     if _has(model, "patch_embed", "_pos_embed", "blocks", "norm", "forward_head"):  # timm
@@ -183,7 +191,7 @@ def _vit(model: nn.Module) -> Optional[BlockChain]:
         embed_modules = [model.patch_embed, _ParamHolder(*extra)]
         embed_modules += [getattr(model, n) for n in ("patch_drop", "norm_pre", "pos_drop") if hasattr(model, n)]
         blocks = [Block("embed", embed, embed_modules)]
-        blocks += [_module_block(f"blocks.{n}", m, False) for n, m in model.blocks.named_children()]
+        blocks += [_module_block(f"blocks.{n}", m, False) for n, m in _children(model.blocks)]
         head_modules = [model.norm] + [getattr(model, n) for n in ("fc_norm", "head_drop", "head") if hasattr(model, n)]
         blocks.append(Block("head", lambda h, inp: model.forward_head(model.norm(h)), head_modules))
         return BlockChain(blocks, "timm ViT")
@@ -194,11 +202,11 @@ def _convnext(model: nn.Module) -> Optional[BlockChain]:
     if "ConvNeXt" not in type(model).__name__ or not _has(model, "stem", "stages", "forward_head"):
         return None
     blocks = [_module_block("stem", model.stem, True)]
-    for s, stage in model.stages.named_children():
+    for s, stage in _children(model.stages):
         if not _has(stage, "downsample", "blocks"):
             return None
         blocks.append(_module_block(f"stages.{s}.downsample", stage.downsample, False))
-        blocks += [_module_block(f"stages.{s}.blocks.{n}", m, False) for n, m in stage.blocks.named_children()]
+        blocks += [_module_block(f"stages.{s}.blocks.{n}", m, False) for n, m in _children(stage.blocks)]
     norm_pre = getattr(model, "norm_pre", nn.Identity())
     blocks.append(Block("head", lambda h, inp: model.forward_head(norm_pre(h)), [norm_pre, model.head]))
     return BlockChain(blocks, "timm ConvNeXt")

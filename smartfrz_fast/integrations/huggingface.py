@@ -62,7 +62,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from ..cache import ActivationCache, CachedModel, IndexedDataset
 from ..distributed import check_ddp_settings
-from ..engine import SmartFreezer
+from ..engine import SmartFreezer, _unwrapped
 from ..policy.base import FreezePolicy
 from . import check_callback_args, move_to_device, split_example_inputs
 
@@ -263,8 +263,8 @@ class SmartFreezeCallback(TrainerCallback):
             raise RuntimeError(
                 "SmartFreezeCallback: the Trainer asked for its lr scheduler before creating its optimizer; "
                 "a Trainer subclass that overrides create_optimizer_and_scheduler must create the optimizer first.")
-        optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
-        if self.freezer is not None and self.freezer.optimizers[0] is optimizer:
+        # accelerate's AcceleratedOptimizer wraps the Trainer's: the freezer follows the inner one
+        if self.freezer is not None and self.freezer.optimizers[0] is _unwrapped(optimizer)[-1]:
             return  # a second train() on the same optimizer: the freezer carries on
         model = trainer.model
         device = next(model.parameters()).device

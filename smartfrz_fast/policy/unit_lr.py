@@ -34,7 +34,7 @@ class UnitLRScaler:
         self.hooks = []
         for opt in optimizers:
             self.hooks.append(opt.register_step_pre_hook(self._before_step))
-            self.hooks.append(opt.register_step_post_hook(self._after_step))
+            self.hooks.append(_UntilStepEnds(opt.register_step_post_hook(self._after_step), self, id(opt)))
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         self._after_step(optimizer, args, kwargs)  # a step that raised left its groups split
@@ -67,3 +67,18 @@ class UnitLRScaler:
             for key, value in sub.items():
                 if key not in _SPLIT_OWN and key not in _TRACING_FLAGS and group.get(key) is not value:
                     group[key] = value
+
+
+class _UntilStepEnds:
+    """The post-step hook's handle. Removed while its optimizer's step runs (a freezer dropped
+    mid-step, by Python's collector), the hook stays: it puts the user's groups back when the
+    step ends, and is inert after (``factors()`` is None without a freezer). Removed at once,
+    the optimizer kept the per-unit groups for good, and the user's lr scheduler no longer
+    reached the lrs it steps with. (A hook cannot remove itself: torch iterates the hooks.)"""
+
+    def __init__(self, handle, scaler: UnitLRScaler, optimizer_id: int) -> None:
+        self.handle, self.scaler, self.optimizer_id = handle, scaler, optimizer_id
+
+    def remove(self) -> None:
+        if self.optimizer_id not in self.scaler._split:
+            self.handle.remove()
