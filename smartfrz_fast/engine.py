@@ -91,14 +91,6 @@ def _as_optimizers(optimizer) -> Tuple[List[torch.optim.Optimizer], List[torch.o
     return inner, wrappers
 
 
-def _shares_groups(a: torch.optim.Optimizer, b: torch.optim.Optimizer) -> bool:
-    try:
-        ga, gb = a.param_groups, b.param_groups
-    except AttributeError:  # a wrapper part-built
-        return False
-    return ga is gb or (len(ga) == len(gb) > 0 and all(x is y for x, y in zip(ga, gb)))
-
-
 def _unwrapped(optimizer: torch.optim.Optimizer) -> List[torch.optim.Optimizer]:
     """``optimizer`` and the optimizers it wraps, outermost first: an attribute that is an
     optimizer over the same param groups (SAM's ``base_optimizer``, Lookahead's, accelerate's
@@ -111,7 +103,7 @@ def _unwrapped(optimizer: torch.optim.Optimizer) -> List[torch.optim.Optimizer]:
         outer = chain[-1]
         inner = next((value for value in vars(outer).values()
                       if isinstance(value, torch.optim.Optimizer) and all(value is not c for c in chain)
-                      and _shares_groups(value, outer)), None)
+                      and guards.shares_param_groups(value, outer)), None)
         if inner is None:
             return chain
         chain.append(inner)
@@ -490,7 +482,9 @@ class SmartFreezer:
         from .compile import check_grads_after_freeze
 
         check_grads_after_freeze(self)  # reentrant checkpointing over the prefix would train nothing
-        for opt in self.optimizers:
+        wrappers = [w for w in (ref() for ref in self._wrappers)  # SAM's own load_state_dict: checked too
+                    if w is not None and hasattr(w, "_optimizer_load_state_dict_pre_hooks")]
+        for opt in self.optimizers + wrappers:
             self._hooks.append(opt.register_load_state_dict_pre_hook(held_weakly(self._check_optimizer_load_order)))
         self.policy._serves = weakref.ref(self)
         self._guard = guards.Guard(self)

@@ -205,6 +205,7 @@ class FrozenRegion:
         self.partly: Dict[nn.Module, int] = {}  # modules run in eval at their leading calls
         self.counted: Dict[int, nn.Module] = {}  # modules whose calls are numbered per forward pass
         self._count: Dict[int, int] = {}  # calls of each counted module in this forward pass
+        self._skipped: Dict[int, int] = {}  # calls the next model forward skips (start_after)
         self._running: Dict[int, List[tuple]] = {}  # per module: (call number, flag to restore)
         self._in_root_forward = False  # inside the model's own forward (not the cache's blocks)
 
@@ -244,16 +245,20 @@ class FrozenRegion:
             _compiled_graphs_see_hooks()
         return switched
 
-    def start_after(self, calls: Dict[int, int]) -> None:
-        """A pass that starts after blocks that made ``calls[id(module)]`` calls of the counted
-        modules (the activation cache serving the frozen prefix's rows): their later calls are
-        numbered after those (from 0, a dropout shared by the prefix and the trainable layers ran
-        its trainable calls in eval on every cached step)."""
-        self._count = dict(calls)
-        self._in_root_forward = False
+    def start_after(self, calls: Dict[int, int], through_root: bool = False) -> None:
+        """The next pass skips calls that made ``calls[id(module)]`` calls of the counted modules
+        (the activation cache serving the frozen prefix's rows): the calls it makes are numbered
+        after those (from 0, a dropout shared by the prefix and the trainable layers ran its
+        trainable calls in eval on every cached step). ``through_root``: the pass runs the
+        model's own forward (the module swap), which starts the count there."""
+        if through_root:
+            self._skipped = dict(calls)
+        else:
+            self._count = dict(calls)
+            self._in_root_forward = False
 
     def _enter_root(self, module, args) -> None:
-        self._count.clear()
+        self._count, self._skipped = self._skipped, {}
         self._in_root_forward = True
 
     def _leave_root(self, module, args, output) -> None:
@@ -322,5 +327,6 @@ class FrozenRegion:
         self.handles.clear()
         self.counted = {}
         self._count.clear()
+        self._skipped = {}
         self._running.clear()
         self._in_root_forward = False

@@ -161,6 +161,16 @@ def _uninstall_if_unused() -> None:
         _HANDLES.clear()
 
 
+def shares_param_groups(a: torch.optim.Optimizer, b: torch.optim.Optimizer) -> bool:
+    """One optimizer wraps the other (SAM, Lookahead, accelerate's AcceleratedOptimizer): the
+    same param groups, as one list or group by group."""
+    try:
+        ga, gb = a.param_groups, b.param_groups
+    except AttributeError:  # a wrapper part-built
+        return False
+    return ga is gb or (len(ga) == len(gb) > 0 and all(x is y for x, y in zip(ga, gb)))
+
+
 # ---------------------------------------------------------------------- structure
 def model_layout(module: nn.Module) -> Tuple[Dict[str, nn.Module], Dict[str, nn.Parameter]]:
     """Every module and parameter of ``module`` by qualified name (shared ones under every name)."""
@@ -238,7 +248,7 @@ class Guard:
             return
         if self.inside is not None or optimizer in self._unrelated:
             return  # an optimizer stepped inside one of the freezer's (a wrapper's inner one)
-        if any(optimizer.param_groups is own.param_groups for own in freezer.optimizers):
+        if any(shares_param_groups(optimizer, own) for own in freezer.optimizers):
             self._unrelated.add(optimizer)  # a wrapper sharing the groups of one of the freezer's
             freezer._note_wrapper(optimizer)
             return

@@ -550,12 +550,14 @@ class ActivationCache:
         if torch.is_grad_enabled() and self._rows_need_grad():
             h.requires_grad_(True)  # as Hugging Face's hook would have marked the prefix's output
         region = getattr(self.freezer, "_region", None)
-        if region is not None and region.counted and self.chain.how != SWAP:
-            region.start_after(self._calls_in_prefix(inputs))
+        if region is not None and region.counted:
+            region.start_after(self._calls_in_prefix(inputs), through_root=self.chain.how == SWAP)
         try:
             return self.chain.run(inputs, start=self.boundary, h=h)
         except UntracedCall as exc:  # raised before any trainable module ran: nothing to undo
             self._disable(str(exc))
+            if region is not None:
+                region.start_after({}, through_root=True)  # the whole model runs: nothing skipped
             return model(*inputs.args, **inputs.kwargs)
 
     def _unmanaged_in_prefix(self) -> List[Tuple[str, Tensor]]:
@@ -982,11 +984,26 @@ class ActivationCache:
         key = (id(self.chain), self.boundary)
         if self._prefix_calls[0] != key:
             counts: Dict[int, int] = {}
+            # the module swap runs the model's own forward: only calls inside the modules its rows
+            # stand in for are skipped (others before the cut still run)
+            swapped = {id(m) for b in self.chain.blocks[:self.boundary] for m in (b.runs or b.modules)} \
+                if self.chain.how == SWAP else None
+            depth = [0]
 
             def count(module, args) -> None:
-                counts[id(module)] = counts.get(id(module), 0) + 1
+                if swapped is None or depth[0] or id(module) in swapped:
+                    counts[id(module)] = counts.get(id(module), 0) + 1
+
+            def enter(module, args) -> None:
+                depth[0] += 1
+
+            def leave(module, args, output) -> None:
+                depth[0] -= 1
 
             hooks = [m.register_forward_pre_hook(count) for m in self.freezer._region.counted.values()]
+            for m in self.freezer.module.modules() if swapped else ():
+                if id(m) in swapped:
+                    hooks += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave, always_call=True)]
             try:
                 with preserved_state(self.freezer.module), self._eval_mode(0, self.boundary), torch.no_grad():
                     self.chain.run(_index_inputs(inputs, torch.arange(1), inputs.batch), 0, self.boundary)
