@@ -27,6 +27,14 @@ def _quiet_quantization():
         yield
 
 
+def _update(out, target, opt, freezer=None) -> None:
+    nn.functional.cross_entropy(out, target).backward()
+    opt.step()
+    opt.zero_grad()
+    if freezer is not None:
+        freezer.step()
+
+
 def _max_diff(a: nn.Module, b: nn.Module) -> float:
     sa, sb = a.state_dict(), b.state_dict()
     return max((sa[k].float() - sb[k].float()).abs().max().item() for k in sa if sa[k].is_floating_point())
@@ -59,13 +67,8 @@ def test_old_style_spectral_norm_in_the_frozen_prefix_stays_fixed_after_model_tr
         for step, ids in enumerate(BATCHES):
             if step % 4 == 0:
                 m.train()  # each epoch
-            out = forward(X[ids], ids) if use_lib else m(X[ids])
-            nn.functional.cross_entropy(out, Y[ids]).backward()
-            opt.step()
-            opt.zero_grad()
-            if use_lib:
-                freezer.step()
-            elif step + 1 == 4:  # by hand: the two layers frozen, in eval at every forward after
+            _update(forward(X[ids], ids) if use_lib else m(X[ids]), Y[ids], opt, freezer if use_lib else None)
+            if not use_lib and step + 1 == 4:  # by hand: the two layers frozen, in eval at every forward after
                 for layer in (m[0], m[2]):
                     layer.requires_grad_(False)
                     layer.register_forward_pre_hook(lambda module, args: setattr(module, "training", False),
@@ -234,13 +237,8 @@ def test_quantization_observers_turned_back_on_in_a_cached_prefix_are_not_served
                 m.apply(tq.disable_observer)
             if step == 10:
                 m.apply(tq.enable_observer)
-            out = forward(X[ids], ids) if use_lib else m(X[ids])
-            nn.functional.cross_entropy(out, Y[ids]).backward()
-            opt.step()
-            opt.zero_grad()
-            if use_lib:
-                freezer.step()
-            elif step + 1 == 4:
+            _update(forward(X[ids], ids) if use_lib else m(X[ids]), Y[ids], opt, freezer if use_lib else None)
+            if not use_lib and step + 1 == 4:
                 m.l1.requires_grad_(False)
                 m.l2.requires_grad_(False)
         return m
