@@ -55,7 +55,8 @@ class CompiledBlocks:
         if freezer is not None:
             if freezer.plan is not None:
                 self._check_recompile_budget(freezer.units)
-            freezer.add_freeze_listener(lambda event, units: self._on_freeze(freezer))
+            me = weakref.ref(freezer)  # the freezer holds this listener: no cycle, so `del` frees it
+            freezer.add_freeze_listener(lambda event, units: self._on_freeze(me()))
 
     def _on_freeze(self, freezer: Any) -> None:
         if not self._checked:  # units found lazily, at the first forward

@@ -168,6 +168,25 @@ def test_compile_blocks_recompiles_once_per_unit_frozen_inside_a_block(dynamo_st
     torch.testing.assert_close(losses, train(StemBlockHead(), 6)[1], rtol=1e-6, atol=1e-7)
 
 
+def test_a_freezer_with_compiled_blocks_is_freed_when_dropped(dynamo_strict):
+    # compile_blocks' freeze listener held the freezer, which holds the listener: a dropped
+    # freezer lived on until Python's collector ran, its frozen layers held in eval
+    import gc
+    import weakref
+
+    def trial():
+        freezer, _ = train(StemBlockHead(), 2, lambda model, f: compile_blocks([model.block], f, backend="eager"))
+        assert freezer.num_frozen == 2
+        return weakref.ref(freezer)
+
+    gc.collect()
+    gc.disable()
+    try:
+        assert trial()() is None
+    finally:
+        gc.enable()
+
+
 def test_compile_blocks_warns_when_a_block_has_recompile_limit_units(dynamo_strict):
     model = StemBlockHead()
     freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), OneMorePerStep(),
