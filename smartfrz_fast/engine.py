@@ -101,7 +101,7 @@ def _unwrapped(optimizer: torch.optim.Optimizer) -> List[torch.optim.Optimizer]:
     chain = [optimizer]
     while True:
         outer = chain[-1]
-        inner = next((value for value in vars(outer).values()
+        inner = next((value for value in getattr(outer, "__dict__", {}).values()
                       if isinstance(value, torch.optim.Optimizer) and all(value is not c for c in chain)
                       and guards.shares_param_groups(value, outer)), None)
         if inner is None:
@@ -844,8 +844,9 @@ class SmartFreezer:
         from which the parameters went already)."""
         for ref in self._wrappers:
             wrapper = ref()
-            for p in [] if wrapper is None else [p for p in wrapper.state if id(p) in ids]:
-                del wrapper.state[p]
+            state = {} if wrapper is None else getattr(wrapper, "state", {})
+            for p in [p for p in state if id(p) in ids]:
+                del state[p]
 
     def _note_taken(self, optimizer: torch.optim.Optimizer, taken: List[Tuple[int, int, Tensor]]) -> None:
         """Remember where in ``optimizer`` each frozen parameter was (by name: a parameter may be
