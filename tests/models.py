@@ -1,5 +1,8 @@
 """Small models shared by the tests."""
 
+import gc
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -38,3 +41,15 @@ def train_steps(model, optimizer, freezer, steps: int, start: int = 0) -> None:
         optimizer.step()
         optimizer.zero_grad()
         freezer.step()
+
+
+@contextmanager
+def collector_off():
+    """Python's cycle collector off (after one collection): what is freed meanwhile is freed by
+    reference counting, as a dropped freezer, model or optimizer must be."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()

@@ -13,6 +13,8 @@ from torch.utils.checkpoint import checkpoint
 from smartfrz_fast import FreezePolicy, SmartFreezer, StaticFreeze
 from smartfrz_fast.compile import FreezeAwareGradScaler, check_grads_after_freeze, compile_blocks, scaler_step
 
+from models import collector_off
+
 WIDTH, BLOCKS = 8, 12
 
 
@@ -171,7 +173,6 @@ def test_compile_blocks_recompiles_once_per_unit_frozen_inside_a_block(dynamo_st
 def test_a_freezer_with_compiled_blocks_is_freed_when_dropped(dynamo_strict):
     # compile_blocks' freeze listener held the freezer, which holds the listener: a dropped
     # freezer lived on until Python's collector ran, its frozen layers held in eval
-    import gc
     import weakref
 
     def trial():
@@ -179,12 +180,8 @@ def test_a_freezer_with_compiled_blocks_is_freed_when_dropped(dynamo_strict):
         assert freezer.num_frozen == 2
         return weakref.ref(freezer)
 
-    gc.collect()
-    gc.disable()
-    try:
+    with collector_off():
         assert trial()() is None
-    finally:
-        gc.enable()
 
 
 def test_compile_blocks_warns_when_a_block_has_recompile_limit_units(dynamo_strict):

@@ -14,7 +14,7 @@ from smartfrz_fast import AutoFreeze, FreezeOut, SmartFreezer, StaticFreeze
 from smartfrz_fast.cache import ActivationCache
 from smartfrz_fast.policy.base import FreezePolicy
 
-from models import SmallCNN, batch, train_steps
+from models import SmallCNN, batch, collector_off, train_steps
 
 
 def sgd(model, momentum=0.0):
@@ -370,8 +370,6 @@ def test_a_freezer_dropped_inside_a_function_is_let_go_at_once():
     # a second phase built by the same function, on the same optimizer: the first freezer, no
     # longer held, goes at once (its optimizer's hooks hold it weakly; before, they kept it open,
     # and the second phase was refused until the user found it and closed it)
-    import gc
-
     model, x = SmallCNN(), batch(0)[0]
     opt = sgd(model)
 
@@ -380,15 +378,11 @@ def test_a_freezer_dropped_inside_a_function_is_let_go_at_once():
         train_steps(model, opt, freezer, 2, start=start)
         return [p for _, p in freezer.plan.frozen_parameters(freezer.num_frozen)]
 
-    gc.collect()
-    gc.disable()  # let go by reference counting, not by the cycle collector
-    try:
+    with collector_off():  # let go by reference counting
         first_frozen = phase(0)
         assert SmartFreezer.of(model) is None
         assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
         phase(2)
-    finally:
-        gc.enable()
     # the first phase's layers stay frozen and are back in the optimizer, as after close():
     # set requires_grad=True and they train again
     assert first_frozen and not any(p.requires_grad for p in first_frozen)
@@ -413,7 +407,6 @@ def test_an_unclosed_freezer_and_its_model_are_freed_when_dropped(make_policy):
     # a sweep's trial that ends without close(): the freezer, its model and its optimizer go at
     # once, as without a freezer (on a GPU: device memory), not whenever Python's cycle collector
     # runs. Every optimizer hook the freezer places holds it weakly.
-    import gc
     import weakref
 
     from smartfrz_fast import SmartFRZ, SparseMasks
@@ -443,12 +436,8 @@ def test_an_unclosed_freezer_and_its_model_are_freed_when_dropped(make_policy):
         return weakref.ref(model.conv1.weight), weakref.ref(freezer), weakref.ref(opt)
 
     trial()  # a first optimizer's one-time set-up in this process is not what is measured
-    gc.collect()
-    gc.disable()
-    try:
+    with collector_off():
         alive = [r() is not None for r in trial()]
-    finally:
-        gc.enable()
     assert alive == [False, False, False]
 
 
@@ -526,8 +515,6 @@ class SharedDropout(nn.Module):
 def test_a_freezer_collected_inside_a_forward_leaves_no_module_in_eval():
     # the dropped freezer's hooks go while a call of the shared dropout is under way: the flag its
     # leave hook would have restored is restored by the removal
-    import gc
-
     model, x = SharedDropout(), torch.randn(8, 6)
 
     def phase():
@@ -536,15 +523,11 @@ def test_a_freezer_collected_inside_a_forward_leaves_no_module_in_eval():
         freezer.freeze_to(1)
         train_steps_on(model, opt, freezer, x)
 
-    gc.collect()
-    gc.disable()
-    try:
+    with collector_off():
         phase()
         model.train()
         model.drop.collect = True
         model(x)
-    finally:
-        gc.enable()
     assert SmartFreezer.of(model) is None and model.drop.training
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
 
@@ -560,7 +543,6 @@ def train_steps_on(model, opt, freezer, x, steps=2):
 def test_a_closed_freezer_and_its_model_are_freed_by_del():
     # a sweep's trial ends with close() and del: the model's memory (on a GPU: device memory) is
     # given back at once, as without a freezer, not whenever Python's cycle collector runs
-    import gc
     import weakref
 
     def trial():
@@ -572,12 +554,8 @@ def test_a_closed_freezer_and_its_model_are_freed_by_del():
         return weakref.ref(model.conv1.weight)
 
     trial()
-    gc.collect()
-    gc.disable()
-    try:
+    with collector_off():
         assert trial()() is None
-    finally:
-        gc.enable()
 
 
 def test_once_per_run_warnings_show_in_every_run_of_a_sweep():
