@@ -3,7 +3,8 @@
     python bench/bench_smartfrz_agreement.py --job demo --seeds 0 1 --variants p1s1 p1s5 p2s1
     python bench/bench_smartfrz_agreement.py --job finetune --seeds 0 1 [--nudges 1e-6 1e-3]
 
-``pAsB``: ``SmartFRZ(patience=A, smoothing=B)`` (``pAsBrR``: also ``settle_ratio=R``) with the shipped predictor (``--weights``: another). Jobs:
+``pAsB``: ``SmartFRZ(patience=A, smoothing=B)`` (``pAsBrR``: also ``settle_ratio=R``) with the shipped predictor (``--weights``: another;
+``--freeze-attention``: let the encoder's attention units freeze, as before 2026-12-06). Jobs:
 
 - ``demo``: the demo's CNN on the digits (``smartfrz_fast.demo.train``, its loop and settings;
   ``--quick`` the demo's quick mode).
@@ -201,7 +202,8 @@ def finetune_runs(args, variants):
             if variant is not None:
                 patience, smoothing, ratio = variant
                 freezer = SmartFreezer(model, opt, traced(SmartFRZ(args.weights, patience=patience, smoothing=smoothing,
-                                                                   settle_ratio=ratio)),
+                                                                   settle_ratio=ratio,
+                                                                   freeze_attention=args.freeze_attention)),
                                        example_inputs=(x_train[:8],), total_steps=total)
             order = torch.Generator().manual_seed(seed)
             t = time.perf_counter()
@@ -248,6 +250,8 @@ def main(argv=None):
     p.add_argument("--train-samples", type=int, default=4000)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weights", default=None, help="a predictor file (default: the shipped weights)")
+    p.add_argument("--freeze-attention", action="store_true",
+                   help="finetune: SmartFRZ(freeze_attention=True), the encoder's attention units may freeze")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     (demo_runs if args.job == "demo" else finetune_runs)(args, args.variants)

@@ -464,8 +464,8 @@ class SmartFreezer:
         if self._sync is not None:
             self._check_ranks_agree(plan)
         self.policy.bind(PolicyContext(
-            units=[UnitInfo(u.index, u.name, u.num_params, u.forward_flops, tuple(u.module_names), u.backward_flops)
-                   for u in plan.units],
+            units=[UnitInfo(u.index, u.name, u.num_params, u.forward_flops, tuple(u.module_names), u.backward_flops,
+                            u.attention) for u in plan.units],
             total_steps=self.total_steps,
             device=device,
             max_frozen=max_frozen,

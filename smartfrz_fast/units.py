@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import inspect
 import warnings
+import weakref
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -71,6 +72,9 @@ class Unit:
     # dropout modules whose last call falls in this unit's span of the forward pass (after its
     # first op, before the next unit's); every module of that span goes to eval with the unit
     dropout_modules: List[nn.Module] = field(default_factory=list)
+    # the module whose call computes attention with this unit's weights ("" for none): see
+    # _ForwardTracer's `attention_calls`
+    attention: str = ""
 
     @property
     def name(self) -> str:
@@ -243,6 +247,30 @@ class _ForwardTracer(TorchDispatchMode):
         self.module_calls: Dict[int, List[List[int]]] = {}  # id(module) -> [[first op, end op], ...]
         self.stack: List[Tuple[int, int]] = []  # the module calls running: (id(module), call number)
         self._views: List[torch.Tensor] = []  # kept alive: their ids stay theirs during the pass
+        # Attention: an op that multiplies two tensors each computed from both the batch and
+        # trained weights (q·kᵀ, then the weights·v), which no convolution, MLP, Mixer, RNN,
+        # tied head or graph convolution over an input adjacency does. Each tensor's lineage is
+        # tracked: id -> (weakref, flags); a tensor the pass did not make and that is no
+        # parameter or buffer is the batch (or something as variable).
+        self._lineage: Dict[int, Tuple[Any, int]] = {}
+        self.reads_weight: List[bool] = []  # per op: reads a parameter (trained or fixed)
+        # each attention op's index, and the innermost module call (id(module), call number)
+        # around it that read weights before it (BERT's self-attention, not a parameter-free
+        # wrapper of F.scaled_dot_product_attention; None: only the model's own call)
+        self.attention_calls: List[Tuple[Optional[Tuple[int, int]], int]] = []
+
+    def mark(self, tensor: torch.Tensor, flags: int) -> None:
+        try:
+            self._lineage[id(tensor)] = (weakref.ref(tensor), flags)
+        except TypeError:  # not weakly referenceable: treated as the batch
+            pass
+
+    def lineage(self, tensor: torch.Tensor) -> int:
+        """What ``tensor`` was computed from (``_FROM_BATCH`` / ``_FROM_WEIGHTS`` flags)."""
+        entry = self._lineage.get(id(tensor))
+        if entry is not None and entry[0]() is tensor:
+            return entry[1]
+        return _FROM_BATCH
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -250,9 +278,8 @@ class _ForwardTracer(TorchDispatchMode):
         call = self.stack[-1] if self.stack else None
         names: Dict[str, torch.Tensor] = {}
         fixed = None
-        for leaf in tree_flatten((args, kwargs))[0]:
-            if not isinstance(leaf, torch.Tensor):
-                continue
+        tensors = [leaf for leaf in tree_flatten((args, kwargs))[0] if isinstance(leaf, torch.Tensor)]
+        for leaf in tensors:
             name = self.watched.get(id(leaf))
             if name is not None and name not in names:
                 names[name] = leaf
@@ -270,6 +297,16 @@ class _ForwardTracer(TorchDispatchMode):
         else:
             self.op_backward.append(2.0)
         out = func(*args, **kwargs)
+        self.reads_weight.append(bool(names) or fixed is not None)
+        operands = [self.lineage(t) for t in tensors]
+        if _is_attention(func, operands):
+            self._note_attention(op_index)
+        made = 0
+        for f in operands:
+            made |= f
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.mark(t, made)
         count = self._flop_registry.get(func._overloadpacket)
         if count is not None:
             self.op_flops.append(int(count(*args, **kwargs, out_val=out)))
@@ -286,6 +323,16 @@ class _ForwardTracer(TorchDispatchMode):
             self.fixed.add(id(out))
         return out
 
+    def _note_attention(self, op_index: int) -> None:
+        # not the model's own call (stack[0]): a product of two towers' outputs (CLIP's logits)
+        # takes part in no layer
+        for call in reversed(self.stack[1:]):
+            start = self.module_calls[call[0]][call[1]][0]
+            if any(self.reads_weight[start:op_index]):
+                self.attention_calls.append((call, op_index))
+                return
+        self.attention_calls.append((None, op_index))
+
     def backward_flops(self, start: int, end: int) -> float:
         """What the backward of ops ``start:end`` costs (each op's FLOPs times ``op_backward``)."""
         return sum(f * b for f, b in zip(self.op_flops[start:end], self.op_backward[start:end]))
@@ -295,6 +342,25 @@ class _ForwardTracer(TorchDispatchMode):
 
     def last_use(self, name: str) -> int:
         return self.reads[name][-1][0]
+
+
+# what a tensor was computed from (bit flags; parameters and buffers are what the model holds)
+_FROM_BATCH, _FROM_WEIGHTS = 1, 2
+# ops that multiply two operands together: matrix products and the attention kernels
+# (convolutions and RNN kernels, whose second operand is a weight, are not among them)
+_PRODUCT_OPS = {"mm", "bmm", "baddbmm", "addmm", "addbmm", "addmv", "mv", "dot", "vdot", "matmul", "einsum"}
+# whole attention layers in one op (nn.MultiheadAttention's and nn.TransformerEncoderLayer's
+# fast paths, taken on a model in eval mode): attention whenever the batch goes in
+_FUSED_ATTENTION_MARKERS = ("multi_head_attention", "transformer_encoder_layer", "transformer_decoder")
+
+
+def _is_attention(func, operands: List[int]) -> bool:
+    name = func._overloadpacket.__name__
+    if any(marker in name for marker in _FUSED_ATTENTION_MARKERS):
+        return any(f & _FROM_BATCH for f in operands)
+    if name in _PRODUCT_OPS or "attention" in name:  # _scaled_dot_product_*, _flash_attention_forward
+        return sum(f == _FROM_BATCH | _FROM_WEIGHTS for f in operands) >= 2
+    return False
 
 
 def _aliases(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -454,11 +520,18 @@ def trace_forward(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[s
     names = {(id(m), attr): watched[id(p)] for m in model.modules()
              for attr, p in m._parameters.items() if p is not None and id(p) in watched}
 
+    for p in model.parameters():
+        tracer.mark(p, _FROM_WEIGHTS)
+    for b in model.buffers():
+        tracer.mark(b, 0)  # fixed by the model, as a constant
+
     def enter(module, inputs):
         calls = tracer.module_calls.setdefault(id(module), [])
         calls.append([len(tracer.op_flops), -1])
         tracer.stack.append((id(module), len(calls) - 1))
         for attr, p in module._parameters.items():
+            if p is not None and tracer.lineage(p) == _FROM_BATCH:  # FSDP2's unsharded parameter
+                tracer.mark(p, _FROM_WEIGHTS)
             name = names.get((id(module), attr))
             if name is not None and p is not None:
                 watched.setdefault(id(p), name)
@@ -563,6 +636,20 @@ def discover_units(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[
             if op_starts[at] == op_starts[index]:  # first read by the op that starts its own unit (a
                 at = index  # fused op reading two layers' weights, MHA's fast path): it stays
             (members if at == index else late)[at].append(name)
+    # Attention: a unit takes part if it starts inside a module call that computes attention
+    # with weights it read first (BERT's query, key and value; an nn.MultiheadAttention), or if
+    # its span holds the attention op itself.
+    attention_of: Dict[int, str] = {}
+    for call, op in tracer.attention_calls:
+        where = (names_of.get(call[0]) if call else "") or "<root>"
+        attention_of.setdefault(unit_at(op), where)
+        if call is not None:
+            first, end = tracer.module_calls[call[0]][call[1]]
+            end = num_ops if end < 0 else end
+            for index in range(bisect.bisect_left(op_starts, first), len(groups)):
+                if op_starts[index] >= end:
+                    break
+                attention_of.setdefault(index, where)
     units: List[Unit] = []
     for index, group in enumerate(groups):
         names = members[index] + sorted(late[index], key=tracer.first_use)
@@ -579,6 +666,7 @@ def discover_units(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[
             backward_flops=tracer.backward_flops(start, end),
             norm_modules=[m for m in modules if is_norm_module(m)],
             dropout_modules=dropouts_of.get(index, []),
+            attention=attention_of.get(index, ""),
         ))
 
     # Shared parameters: read again after their own unit's span.

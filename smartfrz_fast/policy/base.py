@@ -84,6 +84,8 @@ class UnitInfo:
     # what freezing it saves of a step's backward (about twice forward_flops; less where its
     # weights require no grad, as a LoRA base layer's); None: unknown, take forward_flops
     backward_flops: Optional[float] = None
+    # the module whose call computes attention with this unit's weights ("" for none)
+    attention: str = ""
 
 
 @dataclass

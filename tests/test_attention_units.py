@@ -1,0 +1,262 @@
+"""Which units compute attention, and SmartFRZ stopping before the first one unless asked.
+
+Attention here is an op that multiplies two tensors each computed from both the batch and
+trained weights (q·kᵀ, then the weights·v), in any form: fused SDPA, eager matmuls, MHA's fast
+path. Convolutions, MLPs, Mixers, RNNs, tied heads and graph convolutions over an input
+adjacency are not attention, and none of their units may be marked."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smartfrz_fast import SmartFreezer, SmartFRZ
+from smartfrz_fast.lab import zoo
+from smartfrz_fast.units import discover_units
+
+from test_smartfrz_policy import predictor_file
+
+
+def first_attention(model, *args, **kwargs):
+    """(name of the first unit that computes attention, the module it does so in), or None."""
+    plan = discover_units(model, args, kwargs or None)
+    return next(((u.name, u.attention) for u in plan.units if u.attention), None)
+
+
+class Encoder(nn.Module):
+    """Token and position embeddings, torch's pre-norm encoder layers, a head."""
+
+    def __init__(self, layers=2, d=16):
+        super().__init__()
+        self.emb = nn.Embedding(32, d)
+        self.pos = nn.Embedding(8, d)
+        self.layers = nn.ModuleList([nn.TransformerEncoderLayer(d, 2, 2 * d, dropout=0.0, batch_first=True,
+                                                                norm_first=True) for _ in range(layers)])
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.emb(x) + self.pos.weight[: x.shape[1]]
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h.mean(1))
+
+
+def tokens(n=4, seq=8, seed=0):
+    return torch.randint(0, 32, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+class EagerAttention(nn.Module):
+    """Attention written out (q @ kᵀ, softmax, @ v) as Hugging Face's eager path does."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        w = torch.softmax(self.q(x) @ self.k(x).transpose(1, 2) / 4.0, -1)
+        return self.o(w @ self.v(x))
+
+
+class Kernel(nn.Module):
+    """A parameter-free module around F.scaled_dot_product_attention (timm's fused_attn style)."""
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+class WrappedKernelAttention(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.stem = nn.Linear(6, d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.kernel = Kernel()
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x):
+        q, k, v = self.qkv(self.stem(x)).chunk(3, -1)
+        return self.head(self.kernel(q, k, v).mean(1))
+
+
+class Perceiver(nn.Module):
+    """Learned latent queries (from weights only) cross-attend to the encoded batch."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.encode = nn.Linear(6, d)
+        self.latents = nn.Parameter(torch.randn(4, d))
+        self.cross = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x):
+        h = self.encode(x)
+        q = self.latents.expand(x.shape[0], -1, -1)
+        return self.head(self.cross(q, h, h)[0].mean(1))
+
+
+class GCN(nn.Module):
+    """Graph convolution: the adjacency is the batch's, not computed from it by weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x, adjacency):
+        return adjacency @ self.l2(F.relu(adjacency @ self.l1(x)))
+
+
+class TiedGRU(nn.Module):
+    """A recurrent LM whose head is the embedding, transposed (hidden @ weightᵀ)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.gru = nn.GRU(16, 16, batch_first=True)
+
+    def forward(self, x):
+        return self.gru(self.emb(x))[0] @ self.emb.weight.t()
+
+
+class Seq2Seq(nn.Module):
+    """An LSTM decoder started from the encoder's state (computed from the batch and weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec = nn.LSTM(8, 16, batch_first=True), nn.LSTM(8, 16, batch_first=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.dec(x, self.enc(x)[1])[0][:, -1])
+
+
+class TwoTowers(nn.Module):
+    """CLIP-style logits: the product of two towers' outputs, in the model's own forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(8, 16)
+
+    def forward(self, x, y):
+        return self.a(x) @ self.b(y).t()
+
+
+def weight_norm_mlp():
+    wn = nn.utils.parametrizations.weight_norm
+    return nn.Sequential(wn(nn.Linear(8, 16)), nn.ReLU(), wn(nn.Linear(16, 4)))
+
+
+def mha_model():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(8, 16)
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.head = nn.Linear(16, 2)
+
+        def forward(self, x):
+            h = self.embed(x)
+            return self.head(self.attn(h, h, h)[0].mean(1))
+    return M()
+
+
+def test_transformers_built_every_way_are_found():
+    img = torch.randn(2, 1, 16, 16)
+    assert first_attention(zoo.TinyViT(2, 32), img) == ("blocks.0.attn.qkv", "blocks.0.attn")  # F.sdpa
+    assert first_attention(zoo.TinyLM(2, 16), torch.randint(0, 256, (2, 8))) == ("blocks.0.attn.qkv", "blocks.0.attn")
+    assert first_attention(Encoder(), tokens()) == ("layers.0.self_attn", "layers.0.self_attn")
+    # in eval mode torch runs the whole encoder layer as one fused op
+    assert first_attention(Encoder().eval(), tokens()) == ("layers.0.self_attn", "layers.0")
+    x = torch.randn(2, 5, 8)
+    assert first_attention(mha_model(), x) == ("attn", "attn")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert first_attention(mha_model(), x) == ("attn", "attn")
+    eager = nn.Sequential(nn.Linear(6, 16), EagerAttention(), nn.Linear(16, 2))
+    # every weight of the attention layer goes, the query's first
+    assert first_attention(eager, torch.randn(2, 5, 6)) == ("1.q", "1")
+    assert first_attention(WrappedKernelAttention(), torch.randn(2, 5, 6)) == ("qkv", "<root>")
+    # the latent queries come from weights alone: their unit (the model's own) is not marked
+    assert first_attention(Perceiver(), torch.randn(2, 5, 6)) == ("cross", "cross")
+
+
+def test_attention_under_a_lora_adapter_with_frozen_base_weights_is_found():
+    model = nn.Sequential(nn.Linear(6, 16), EagerAttention(), nn.Linear(16, 2))
+    for layer in (model[1].q, model[1].k):
+        layer.weight.requires_grad_(False)
+    assert first_attention(model, torch.randn(2, 5, 6)) == ("1.q", "1")
+
+
+@pytest.mark.parametrize("name, build, inputs", [
+    ("mixer", lambda: zoo.Mixer(2, 16), lambda: (torch.randn(2, 1, 16, 16),)),
+    ("resnet", lambda: zoo.ResNet(1, 8), lambda: (torch.randn(2, 1, 16, 16),)),
+    ("separable cnn", lambda: zoo.SeparableCNN(2, 8), lambda: (torch.randn(2, 1, 16, 16),)),
+    ("row gru", lambda: zoo.RowGRU(2, 16), lambda: (torch.randn(2, 1, 16, 16),)),
+    ("gcn, dense adjacency", GCN, lambda: (torch.randn(6, 8), torch.rand(6, 6))),
+    ("gcn, sparse adjacency", GCN, lambda: (torch.randn(6, 8), torch.rand(6, 6).to_sparse())),
+    ("weight norm", weight_norm_mlp, lambda: (torch.randn(3, 8),)),
+    ("tied gru lm", TiedGRU, lambda: (torch.randint(0, 50, (2, 7)),)),
+    ("seq2seq lstm", Seq2Seq, lambda: (torch.randn(2, 5, 8),)),
+])
+def test_no_attention_in_models_without_it(name, build, inputs):
+    assert first_attention(build(), *inputs()) is None
+
+
+def test_a_product_of_two_towers_marks_only_the_unit_it_lies_in():
+    # not the first tower: the product joins no layer of it
+    assert first_attention(TwoTowers(), torch.randn(3, 8), torch.randn(3, 8)) == ("b", "<root>")
+
+
+def test_hugging_face_attention_is_found_in_eager_and_sdpa():
+    transformers = pytest.importorskip("transformers")
+    for impl in ("eager", "sdpa"):
+        config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=32, attn_implementation=impl)
+        model = transformers.BertForSequenceClassification(config)
+        unit, where = first_attention(model, input_ids=torch.randint(0, 40, (2, 6)))
+        assert (unit, where) == ("bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.self")
+
+
+# ---------------------------------------------------------------- SmartFRZ stops before it
+def confident_run(tmp_path, **kwargs):
+    """An encoder trained with a predictor that calls every unit freezable."""
+    torch.manual_seed(0)
+    model = Encoder()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    policy = SmartFRZ(settle_ratio=None, min_flops_share=0.0, weights=predictor_file(tmp_path / "p.pt", 20.0),
+                      evaluate_every=2, **kwargs)
+    freezer = SmartFreezer(model, opt, policy, example_inputs=tokens(), window=4, sample_size=16, sample_every=2)
+    for step in range(12):
+        x = tokens(seed=step)
+        F.cross_entropy(model(x), x[:, 0] % 3).backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+    return freezer
+
+
+def test_smartfrz_freezes_no_attention_unit_by_default(tmp_path):
+    freezer = confident_run(tmp_path)
+    stop = next(u.index for u in freezer.units if u.attention)
+    assert freezer.units[stop].name == "layers.0.self_attn"
+    assert freezer.timeline and freezer.num_frozen == stop
+    assert all(p.requires_grad for u in freezer.units[stop:] for p in u.parameters)
+    report = freezer.report()
+    assert "freeze_attention=False" in report and "'layers.0.self_attn', the first that computes attention" in report
+
+
+def test_freeze_attention_lets_them_freeze(tmp_path):
+    freezer = confident_run(tmp_path, freeze_attention=True)
+    assert freezer.num_frozen == len(freezer.units) - 1  # all but the kept head
+    assert "the first that computes attention" not in freezer.report()
+
+
+def test_a_model_without_attention_is_not_held(tmp_path):
+    policy = SmartFRZ(weights=predictor_file(tmp_path / "p.pt"))
+    model = zoo.Mixer(2, 16)
+    SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), policy, example_inputs=torch.randn(2, 1, 16, 16),
+                 window=4, sample_size=16, total_steps=100)
+    assert policy.attention_stop is None and "computes attention" not in policy.describe()
+
+
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_bad_freeze_attention(tmp_path, value):
+    with pytest.raises(ValueError, match="freeze_attention is True or False"):
+        SmartFRZ(freeze_attention=value, weights=predictor_file(tmp_path / "p.pt"))
