@@ -57,6 +57,19 @@ def warn_in_every_run(message: str, stacklevel: int) -> None:
                            module=frame.f_globals.get("__name__"), registry=None, module_globals=frame.f_globals)
 
 
+def user_stacklevel() -> int:
+    """The ``stacklevel`` (as ``warnings.warn`` counts it, from the caller of this function) of
+    the first frame outside this package and torch: the user's line, whether the freezer was set
+    up in its constructor or at the model's first forward pass (through torch's hooks)."""
+    import os
+
+    inside = (os.path.dirname(os.path.abspath(__file__)) + os.sep, os.path.dirname(torch.__file__) + os.sep)
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 # ---------------------------------------------------------------------- one model, one freezer
 def managing_freezer(module: nn.Module) -> Tuple[Optional[nn.Module], Any]:
     """(``module`` or the first of its submodules that a live, unclosed freezer manages, that

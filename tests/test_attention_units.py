@@ -5,6 +5,8 @@ trained weights (q·kᵀ, then the weights·v), in any form: fused SDPA, eager m
 path. Convolutions, MLPs, Mixers, RNNs, tied heads and graph convolutions over an input
 adjacency are not attention, and none of their units may be marked."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -260,3 +262,32 @@ def test_a_model_without_attention_is_not_held(tmp_path):
 def test_bad_freeze_attention(tmp_path, value):
     with pytest.raises(ValueError, match="freeze_attention is True or False"):
         SmartFRZ(freeze_attention=value, weights=predictor_file(tmp_path / "p.pt"))
+
+
+def test_a_transformer_with_nothing_freezable_before_its_attention_is_told_at_construction(tmp_path):
+    # the encoder's units before its first attention layer are embeddings: no FLOPs to save
+    model = Encoder()
+    with pytest.warns(UserWarning, match=r"will freeze nothing on this model: .*'layers.0.self_attn'.*0.0% of the "
+                                         r"FLOPs.*freeze_attention=True") as caught:
+        SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), SmartFRZ(weights=predictor_file(tmp_path / "p.pt")),
+                     example_inputs=tokens(), window=4, sample_size=16, total_steps=100)
+    assert caught[0].filename == __file__  # points at the user's line
+    # set up at the first forward pass (no example inputs): the warning points at that call
+    model = Encoder()
+    SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), SmartFRZ(weights=predictor_file(tmp_path / "p.pt")),
+                 window=4, sample_size=16, total_steps=100)
+    with pytest.warns(UserWarning, match="will freeze nothing") as caught:
+        model(tokens())
+    assert [w.filename for w in caught if "will freeze nothing" in str(w.message)] == [__file__]
+    # a ViT's patch embedding holds enough to freeze: no warning
+    vit = zoo.TinyViT(2, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SmartFreezer(vit, torch.optim.SGD(vit.parameters(), lr=0.1), SmartFRZ(weights=predictor_file(tmp_path / "p.pt")),
+                     example_inputs=torch.randn(2, 1, 16, 16), window=4, sample_size=16, total_steps=100)
+    # nor with freeze_attention=True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                     SmartFRZ(weights=predictor_file(tmp_path / "p.pt"), freeze_attention=True),
+                     example_inputs=tokens(), window=4, sample_size=16, total_steps=100)

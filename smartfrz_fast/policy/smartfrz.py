@@ -224,6 +224,27 @@ class SmartFRZ(FreezePolicy):
             self._prefix_share = (flops.cumsum(0) / flops.sum()).to(torch.float32).to(context.device)
         if not self.freeze_attention:
             self.attention_stop = next((u.index for u in context.units if u.attention), None)
+            self._warn_if_nothing_can_freeze(flops)
+
+    def _warn_if_nothing_can_freeze(self, flops: torch.Tensor) -> None:
+        """A transformer whose units before its first attention layer hold too little compute
+        (token embeddings) would run the whole run without a freeze: say so at the start."""
+        stop = self.attention_stop
+        if stop is None:
+            return
+        share = float(flops[: stop + 1].sum() / flops.sum()) if flops.sum() > 0 else 0.0
+        if stop > 0 and (self._prefix_share is None or share >= self.min_flops_share):
+            return  # (no share known or asked for: the units before it may freeze)
+        unit = self.context.units[stop]
+        from ..guards import user_stacklevel, warn_in_every_run
+
+        warn_in_every_run(
+            f"SmartFRZ will freeze nothing on this model: it stops before the first unit that computes attention "
+            f"({unit.name!r}, in {unit.attention!r}), and the {stop} unit(s) before it hold {share:.1%} of the "
+            f"FLOPs (min_flops_share={self.min_flops_share:g}). On the encoders measured, freezing attention layers "
+            "when the predictor said so lost 0.9-2.8 points (docs/predictor.md, \"Attention models\"). To freeze "
+            "them anyway, measure SmartFRZ(freeze_attention=True) or a schedule policy (LinearFreeze, FreezeOut) "
+            "against full training on your job.", user_stacklevel())
 
     def decides_at(self, step: int) -> bool:
         # from what every rank shares (step, history.count): under DDP rank 0 broadcasts only here
