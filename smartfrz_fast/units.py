@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, FrozenSet, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
@@ -73,7 +73,7 @@ class Unit:
     # first op, before the next unit's); every module of that span goes to eval with the unit
     dropout_modules: List[nn.Module] = field(default_factory=list)
     # the module whose call computes attention with this unit's weights ("" for none): see
-    # _ForwardTracer's `attention_calls`
+    # _ForwardTracer's `attention_ops`
     attention: str = ""
 
     @property
@@ -250,27 +250,63 @@ class _ForwardTracer(TorchDispatchMode):
         # Attention: an op that multiplies two tensors each computed from both the batch and
         # trained weights (q·kᵀ, then the weights·v), which no convolution, MLP, Mixer, RNN,
         # tied head or graph convolution over an input adjacency does. Each tensor's lineage is
-        # tracked: id -> (weakref, flags); a tensor the pass did not make and that is no
-        # parameter or buffer is the batch (or something as variable).
-        self._lineage: Dict[int, Tuple[Any, int]] = {}
-        self.reads_weight: List[bool] = []  # per op: reads a parameter (trained or fixed)
-        # each attention op's index, and the innermost module call (id(module), call number)
-        # around it that read weights before it (BERT's self-attention, not a parameter-free
-        # wrapper of F.scaled_dot_product_attention; None: only the model's own call)
-        self.attention_calls: List[Tuple[Optional[Tuple[int, int]], int]] = []
+        # tracked: id -> (weakref, flags, the last ops that read weights on its way: the ops of
+        # its producing layers). A tensor the pass did not make that is no parameter or buffer
+        # is the batch (or something as variable).
+        self._lineage: Dict[int, Tuple[Any, int, FrozenSet[int]]] = {}
+        # each attention op: (the innermost module call around it, or None, and the ops of the
+        # layers that produced its operands: q, k and v's projections; a fused MHA op itself)
+        self.attention_ops: List[Tuple[Optional[Tuple[int, int]], FrozenSet[int]]] = []
 
-    def mark(self, tensor: torch.Tensor, flags: int) -> None:
+    def mark(self, tensor: torch.Tensor, flags: int, producers: FrozenSet[int] = frozenset()) -> None:
         try:
-            self._lineage[id(tensor)] = (weakref.ref(tensor), flags)
+            self._lineage[id(tensor)] = (weakref.ref(tensor), flags, producers)
         except TypeError:  # not weakly referenceable: treated as the batch
             pass
 
-    def lineage(self, tensor: torch.Tensor) -> int:
-        """What ``tensor`` was computed from (``_FROM_BATCH`` / ``_FROM_WEIGHTS`` flags)."""
+    def lineage(self, tensor: torch.Tensor) -> Tuple[int, FrozenSet[int]]:
+        """What ``tensor`` was computed from (``_FROM_BATCH`` / ``_FROM_WEIGHTS`` flags) and the
+        ops of the layers that produced it."""
         entry = self._lineage.get(id(tensor))
         if entry is not None and entry[0]() is tensor:
-            return entry[1]
-        return _FROM_BATCH
+            return entry[1], entry[2]
+        return _FROM_BATCH, frozenset()
+
+    def _track(self, func, op_index: int, tensors: List[torch.Tensor], reads_weight: bool, out: Any) -> None:
+        """Carry each output's lineage on from the op's operands, and note an attention op."""
+        operands = [self.lineage(t) for t in tensors]
+        kind = _op_kind(func)
+        both = [producers for flags, producers in operands if flags & _FROM_BOTH == _FROM_BOTH]
+        if kind == "fused" and any(flags & _FROM_BATCH for flags, _ in operands):
+            self.attention_ops.append((self.stack[-1] if self.stack else None, frozenset({op_index})))
+        elif len(both) >= 2 and (kind == "attention" or kind == "product" and any(
+                flags & _SOFTMAXED and flags & _FROM_BOTH == _FROM_BOTH for flags, _ in operands)):
+            self.attention_ops.append((self.stack[-1] if self.stack else None, frozenset().union(*both)))
+        flags, producers = 0, frozenset()
+        for f, p in operands:
+            flags |= f
+            producers |= p
+        weight_only = [p for f, p in operands if f & _FROM_BOTH == _FROM_WEIGHTS]
+        if reads_weight:  # a layer's op: what comes out is that layer's
+            producers, flags = frozenset({op_index}), flags & ~_SOFTMAXED
+        elif weight_only:  # one reading weights computed from parameters (cast by autocast, parametrized)
+            producers, flags = frozenset().union(*weight_only), flags & ~_SOFTMAXED
+        if kind == "softmax" and flags & _FROM_BOTH == _FROM_BOTH:
+            flags |= _SOFTMAXED
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        for t in outputs:
+            if t.is_floating_point() or t.is_complex():
+                self.mark(t, flags, producers)
+            else:  # indices, masks (an MoE's argmax routing): no gradient reaches the weights
+                self.mark(t, flags & _FROM_BATCH)
+        if func._schema.is_mutable:
+            # written through a view (a KV cache filled by slice assignment): the tensor under
+            # the view holds what was written too
+            for t in outputs:
+                base = t._base
+                if base is not None:
+                    base_flags, base_producers = self.lineage(base)
+                    self.mark(base, base_flags | flags, base_producers | producers)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -297,16 +333,7 @@ class _ForwardTracer(TorchDispatchMode):
         else:
             self.op_backward.append(2.0)
         out = func(*args, **kwargs)
-        self.reads_weight.append(bool(names) or fixed is not None)
-        operands = [self.lineage(t) for t in tensors]
-        if _is_attention(func, operands):
-            self._note_attention(op_index)
-        made = 0
-        for f in operands:
-            made |= f
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.mark(t, made)
+        self._track(func, op_index, tensors, bool(names) or fixed is not None, out)
         count = self._flop_registry.get(func._overloadpacket)
         if count is not None:
             self.op_flops.append(int(count(*args, **kwargs, out_val=out)))
@@ -323,16 +350,6 @@ class _ForwardTracer(TorchDispatchMode):
             self.fixed.add(id(out))
         return out
 
-    def _note_attention(self, op_index: int) -> None:
-        # not the model's own call (stack[0]): a product of two towers' outputs (CLIP's logits)
-        # takes part in no layer
-        for call in reversed(self.stack[1:]):
-            start = self.module_calls[call[0]][call[1]][0]
-            if any(self.reads_weight[start:op_index]):
-                self.attention_calls.append((call, op_index))
-                return
-        self.attention_calls.append((None, op_index))
-
     def backward_flops(self, start: int, end: int) -> float:
         """What the backward of ops ``start:end`` costs (each op's FLOPs times ``op_backward``)."""
         return sum(f * b for f, b in zip(self.op_flops[start:end], self.op_backward[start:end]))
@@ -344,23 +361,33 @@ class _ForwardTracer(TorchDispatchMode):
         return self.reads[name][-1][0]
 
 
-# what a tensor was computed from (bit flags; parameters and buffers are what the model holds)
-_FROM_BATCH, _FROM_WEIGHTS = 1, 2
-# ops that multiply two operands together: matrix products and the attention kernels
-# (convolutions and RNN kernels, whose second operand is a weight, are not among them)
+# What a tensor was computed from (bit flags; parameters and buffers are what the model holds),
+# and whether it went through a softmax of such a tensor since the last layer (attention weights).
+_FROM_BATCH, _FROM_WEIGHTS, _SOFTMAXED = 1, 2, 4
+_FROM_BOTH = _FROM_BATCH | _FROM_WEIGHTS
+# ops that multiply two operands together (convolutions and RNN kernels, whose second operand is
+# a weight, are not among them)
 _PRODUCT_OPS = {"mm", "bmm", "baddbmm", "addmm", "addbmm", "addmv", "mv", "dot", "vdot", "matmul", "einsum"}
 # whole attention layers in one op (nn.MultiheadAttention's and nn.TransformerEncoderLayer's
 # fast paths, taken on a model in eval mode): attention whenever the batch goes in
 _FUSED_ATTENTION_MARKERS = ("multi_head_attention", "transformer_encoder_layer", "transformer_decoder")
 
 
-def _is_attention(func, operands: List[int]) -> bool:
+def _op_kind(func) -> Optional[str]:
+    """How an op takes part in attention. Attention is a product of two tensors each computed
+    from the batch and weights, one of them softmax weights (q·kᵀ -> softmax -> ·v, additive
+    attention, a learned query's pooling), or an attention kernel, or a whole fused layer. A
+    product without softmax weights (CLIP's logits, Gram pooling, a state-space scan) is not."""
     name = func._overloadpacket.__name__
     if any(marker in name for marker in _FUSED_ATTENTION_MARKERS):
-        return any(f & _FROM_BATCH for f in operands)
-    if name in _PRODUCT_OPS or "attention" in name:  # _scaled_dot_product_*, _flash_attention_forward
-        return sum(f == _FROM_BATCH | _FROM_WEIGHTS for f in operands) >= 2
-    return False
+        return "fused"
+    if "attention" in name:  # _scaled_dot_product_*, _flash_attention_forward: softmax inside
+        return "attention"
+    if name in _PRODUCT_OPS:
+        return "product"
+    if "softmax" in name and "log" not in name:
+        return "softmax"
+    return None
 
 
 def _aliases(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -516,7 +543,8 @@ def trace_forward(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[s
     watched = dict(watched)  # grows below; the caller's map stays as it was
     tracer = _ForwardTracer(watched, fixed)
     # FSDP2 swaps each sharded parameter for an unsharded one while its module runs: watch
-    # whatever tensor a module holds under a watched parameter's name when the module runs.
+    # whatever tensor a module, or one below it, holds under a watched parameter's name when the
+    # module runs (below it too: nn.MultiheadAttention reads its out_proj's weight, never calls it).
     names = {(id(m), attr): watched[id(p)] for m in model.modules()
              for attr, p in m._parameters.items() if p is not None and id(p) in watched}
 
@@ -529,12 +557,13 @@ def trace_forward(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[s
         calls = tracer.module_calls.setdefault(id(module), [])
         calls.append([len(tracer.op_flops), -1])
         tracer.stack.append((id(module), len(calls) - 1))
-        for attr, p in module._parameters.items():
-            if p is not None and tracer.lineage(p) == _FROM_BATCH:  # FSDP2's unsharded parameter
-                tracer.mark(p, _FROM_WEIGHTS)
-            name = names.get((id(module), attr))
-            if name is not None and p is not None:
-                watched.setdefault(id(p), name)
+        for holder in module.modules():
+            for attr, p in holder._parameters.items():
+                if p is not None and tracer.lineage(p)[0] == _FROM_BATCH:  # FSDP2's unsharded parameter
+                    tracer.mark(p, _FROM_WEIGHTS)
+                name = names.get((id(holder), attr))
+                if name is not None and p is not None:
+                    watched.setdefault(id(p), name)
 
     def leave(module, inputs, output):
         if tracer.stack and tracer.stack[-1][0] == id(module):
@@ -636,20 +665,19 @@ def discover_units(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[
             if op_starts[at] == op_starts[index]:  # first read by the op that starts its own unit (a
                 at = index  # fused op reading two layers' weights, MHA's fast path): it stays
             (members if at == index else late)[at].append(name)
-    # Attention: a unit takes part if it starts inside a module call that computes attention
-    # with weights it read first (BERT's query, key and value; an nn.MultiheadAttention), or if
-    # its span holds the attention op itself.
+    # Attention: a unit takes part if its weights produce an operand of an attention op (the
+    # query, key and value projections; an MHA's in- and out-projections, read by its fused op)
+    params_at: Dict[int, List[str]] = {}
+    for name, reads in tracer.reads.items():
+        for op, _ in reads:
+            params_at.setdefault(op, []).append(name)
+    unit_index_of = {name: index for index in range(len(groups)) for name in members[index] + late[index]}
     attention_of: Dict[int, str] = {}
-    for call, op in tracer.attention_calls:
+    for call, producers in tracer.attention_ops:
         where = (names_of.get(call[0]) if call else "") or "<root>"
-        attention_of.setdefault(unit_at(op), where)
-        if call is not None:
-            first, end = tracer.module_calls[call[0]][call[1]]
-            end = num_ops if end < 0 else end
-            for index in range(bisect.bisect_left(op_starts, first), len(groups)):
-                if op_starts[index] >= end:
-                    break
-                attention_of.setdefault(index, where)
+        for op in sorted(producers):
+            for name in params_at.get(op, []):
+                attention_of.setdefault(unit_index_of[name], where)
     units: List[Unit] = []
     for index, group in enumerate(groups):
         names = members[index] + sorted(late[index], key=tracer.first_use)

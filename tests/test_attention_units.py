@@ -165,18 +165,100 @@ def test_transformers_built_every_way_are_found():
     assert first_attention(zoo.TinyViT(2, 32), img) == ("blocks.0.attn.qkv", "blocks.0.attn")  # F.sdpa
     assert first_attention(zoo.TinyLM(2, 16), torch.randint(0, 256, (2, 8))) == ("blocks.0.attn.qkv", "blocks.0.attn")
     assert first_attention(Encoder(), tokens()) == ("layers.0.self_attn", "layers.0.self_attn")
-    # in eval mode torch runs the whole encoder layer as one fused op
-    assert first_attention(Encoder().eval(), tokens()) == ("layers.0.self_attn", "layers.0")
+    # in eval mode torch runs attention as one fused op, which reads the in- and out-projections
+    assert first_attention(Encoder().eval(), tokens()) == ("layers.0.self_attn", "layers.0.self_attn")
     x = torch.randn(2, 5, 8)
     assert first_attention(mha_model(), x) == ("attn", "attn")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert first_attention(mha_model(), x) == ("attn", "attn")
+    assert marked(mha_model().eval(), x) == ["attn", "attn.out_proj"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # weights cast by autocast: the same layers
+        assert marked(mha_model(), x) == ["attn"]
     eager = nn.Sequential(nn.Linear(6, 16), EagerAttention(), nn.Linear(16, 2))
-    # every weight of the attention layer goes, the query's first
+    # the layers that make q, k and v
+    assert marked(eager, torch.randn(2, 5, 6)) == ["1.q", "1.k", "1.v"]
     assert first_attention(eager, torch.randn(2, 5, 6)) == ("1.q", "1")
-    assert first_attention(WrappedKernelAttention(), torch.randn(2, 5, 6)) == ("qkv", "<root>")
-    # the latent queries come from weights alone: their unit (the model's own) is not marked
-    assert first_attention(Perceiver(), torch.randn(2, 5, 6)) == ("cross", "cross")
+    assert first_attention(WrappedKernelAttention(), torch.randn(2, 5, 6)) == ("qkv", "kernel")
+    # the learned latent queries (the model's own parameter) take part, and the projections
+    assert marked(Perceiver(), torch.randn(2, 5, 6)) == ["<root>", "cross"]
+
+
+def marked(model, *args):
+    return [u.name for u in discover_units(model, args).units if u.attention]
+
+
+class RootAttention(nn.Module):
+    """Attention written in the model's own forward, no attention module."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.emb = nn.Embedding(32, d)
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.emb(x)
+        return self.head(F.scaled_dot_product_attention(self.q(h), self.k(h), self.v(h)).mean(1))
+
+
+class CachedAttention(nn.Module):
+    """Meta's reference Llama style: keys and values written into a larger cache by slice
+    assignment, then read back as slices of it."""
+
+    def __init__(self, d=16, max_len=16):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.register_buffer("cache_k", torch.zeros(4, max_len, d), persistent=False)
+        self.register_buffer("cache_v", torch.zeros(4, max_len, d), persistent=False)
+
+    def forward(self, h):
+        b, t, _ = h.shape
+        self.cache_k[:b, :t] = self.k(h)
+        self.cache_v[:b, :t] = self.v(h)
+        keys, values = self.cache_k[:b, :t], self.cache_v[:b, :t]
+        w = torch.softmax(self.q(h) @ keys.transpose(1, 2), -1)
+        return w @ values
+
+
+class AdditiveAttentionPool(nn.Module):
+    """Bahdanau-style scores (no q·kᵀ product), a learned query, a softmax-weighted sum."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.proj = nn.Linear(d, d)
+        self.score = nn.Linear(d, 1)
+
+    def forward(self, h):
+        w = torch.softmax(self.score(torch.tanh(self.proj(h))).squeeze(-1), -1)
+        return (w.unsqueeze(1) @ h).squeeze(1)
+
+
+class HardRoutedExperts(nn.Module):
+    """Tokens dispatched to experts and combined by products with a one-hot mask from the
+    router's argmax (indices: no gradient reaches the router through them)."""
+
+    def __init__(self, experts=3, d=16):
+        super().__init__()
+        self.router = nn.Linear(d, experts)
+        self.w = nn.Parameter(torch.randn(experts, d, d) * 0.1)
+
+    def forward(self, h):
+        t = h.reshape(-1, h.shape[-1])
+        mask = F.one_hot(self.router(t).argmax(-1), self.w.shape[0]).to(t.dtype)
+        out = torch.bmm(torch.einsum("te,td->etd", mask, t), self.w)
+        return torch.einsum("te,etd->td", mask, out).view(h.shape)
+
+
+def test_attention_in_the_model_s_own_forward_marks_q_k_and_v():
+    assert marked(RootAttention(), tokens()) == ["q", "k", "v"]
+
+
+def test_a_kv_cache_filled_by_slice_assignment_keeps_its_lineage():
+    model = nn.Sequential(nn.Linear(6, 16), CachedAttention(), nn.Linear(16, 2))
+    assert set(marked(model, torch.randn(2, 5, 6))) == {"1.q", "1.k", "1.v"}
+
+
+def test_additive_attention_and_attention_pooling_are_found():
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), AdditiveAttentionPool(), nn.Linear(16, 2))
+    assert marked(model, torch.randn(2, 5, 6))[0] == "0"  # the pooled values' layer
 
 
 def test_attention_under_a_lora_adapter_with_frozen_base_weights_is_found():
@@ -201,9 +283,23 @@ def test_no_attention_in_models_without_it(name, build, inputs):
     assert first_attention(build(), *inputs()) is None
 
 
-def test_a_product_of_two_towers_marks_only_the_unit_it_lies_in():
-    # not the first tower: the product joins no layer of it
-    assert first_attention(TwoTowers(), torch.randn(3, 8), torch.randn(3, 8)) == ("b", "<root>")
+def test_products_without_softmax_weights_are_not_attention():
+    # CLIP-style logits of two towers, bare or inside a wrapper (a LightningModule holding it)
+    assert first_attention(TwoTowers(), torch.randn(3, 8), torch.randn(3, 8)) is None
+    wrapper = nn.Module()
+    wrapper.model = TwoTowers()
+    wrapper.forward = lambda x, y: wrapper.model(x, y)
+    assert first_attention(wrapper, torch.randn(3, 8), torch.randn(3, 8)) is None
+    # experts routed by an argmax one-hot mask
+    model = nn.Sequential(nn.Linear(6, 16), HardRoutedExperts(), nn.Linear(16, 2))
+    assert first_attention(model, torch.randn(2, 5, 6)) is None
+
+
+def test_state_space_models_are_not_attention():
+    transformers = pytest.importorskip("transformers")
+    model = transformers.MambaForCausalLM(transformers.MambaConfig(
+        vocab_size=40, hidden_size=16, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=4))
+    assert first_attention(model, torch.randint(0, 40, (2, 6))) is None
 
 
 def test_hugging_face_attention_is_found_in_eager_and_sdpa():

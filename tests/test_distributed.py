@@ -389,3 +389,28 @@ def test_what_cannot_freeze_is_refused_up_front(one_rank_group):
     fully_shard(model)
     with pytest.raises(ValueError, match="Egeria does not run under FSDP2"):
         SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), policy, example_inputs=torch.randn(2, 4))
+
+
+def test_fsdp2_units_and_attention_are_those_of_the_unsharded_model(one_rank_group):
+    # nn.MultiheadAttention reads its out_proj's weight without calling out_proj: under FSDP2 the
+    # unsharded weight it reads was never watched, so out_proj was left out of the units
+    from torch.distributed.fsdp import fully_shard
+
+    from smartfrz_fast.units import discover_units
+
+    def encoder():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Embedding(50, 16), *[nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+                                                     for _ in range(2)], nn.Linear(16, 2))
+
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    plain = discover_units(encoder(), (ids,))
+    model = encoder()
+    for layer in model[1:3]:
+        fully_shard(layer)
+    fully_shard(model)
+    sharded = discover_units(model, (ids,))
+    assert sharded.untraced_parameters == [] and plain.untraced_parameters == []
+    assert [(u.name, u.attention) for u in sharded.units] == [(u.name, u.attention) for u in plain.units]
+    assert "1.self_attn.out_proj+1.norm1" in [u.name for u in sharded.units]
+    assert [u.name for u in sharded.units if u.attention][0] == "1.self_attn"
