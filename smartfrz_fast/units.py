@@ -72,8 +72,8 @@ class Unit:
     # dropout modules whose last call falls in this unit's span of the forward pass (after its
     # first op, before the next unit's); every module of that span goes to eval with the unit
     dropout_modules: List[nn.Module] = field(default_factory=list)
-    # the module whose call computes attention with this unit's weights ("" for none): see
-    # _ForwardTracer's `attention_ops`
+    # the module in whose call an attention op reads what this unit's weights produced (q, k,
+    # v), "" for none: see _ForwardTracer's `attention_ops`
     attention: str = ""
 
     @property
@@ -247,12 +247,9 @@ class _ForwardTracer(TorchDispatchMode):
         self.module_calls: Dict[int, List[List[int]]] = {}  # id(module) -> [[first op, end op], ...]
         self.stack: List[Tuple[int, int]] = []  # the module calls running: (id(module), call number)
         self._views: List[torch.Tensor] = []  # kept alive: their ids stay theirs during the pass
-        # Attention: an op that multiplies two tensors each computed from both the batch and
-        # trained weights (q·kᵀ, then the weights·v), which no convolution, MLP, Mixer, RNN,
-        # tied head or graph convolution over an input adjacency does. Each tensor's lineage is
-        # tracked: id -> (weakref, flags, the last ops that read weights on its way: the ops of
-        # its producing layers). A tensor the pass did not make that is no parameter or buffer
-        # is the batch (or something as variable).
+        # Attention (see _op_kind) is found by each tensor's lineage: id -> (weakref, flags, the
+        # ops of the layers that produced it). A tensor the pass did not make that is no
+        # parameter or buffer is the batch (or something as variable).
         self._lineage: Dict[int, Tuple[Any, int, FrozenSet[int]]] = {}
         # each attention op: (the innermost module call around it, or None, and the ops of the
         # layers that produced its operands: q, k and v's projections; a fused MHA op itself)
@@ -286,11 +283,17 @@ class _ForwardTracer(TorchDispatchMode):
         for f, p in operands:
             flags |= f
             producers |= p
-        weight_only = [p for f, p in operands if f & _FROM_BOTH == _FROM_WEIGHTS]
-        if reads_weight:  # a layer's op: what comes out is that layer's
-            producers, flags = frozenset({op_index}), flags & ~_SOFTMAXED
-        elif weight_only:  # one reading weights computed from parameters (cast by autocast, parametrized)
-            producers, flags = frozenset().union(*weight_only), flags & ~_SOFTMAXED
+        # A layer's op (a matrix product or convolution with weights) makes a new representation,
+        # that layer's; an elementwise op with weights (a bias, a norm's scale, a learned
+        # temperature, a position table) adds its own layer to those it came from.
+        weights = frozenset({op_index}) if reads_weight else frozenset()
+        # weights computed from parameters (cast by autocast, parametrized) count as read by the
+        # ops that read the parameters
+        weights = weights.union(*(p for f, p in operands if f & _FROM_BOTH == _FROM_WEIGHTS))
+        if weights and self.op_flops[op_index] > 0:
+            producers, flags = weights, flags & ~_SOFTMAXED
+        else:
+            producers |= weights
         if kind == "softmax" and flags & _FROM_BOTH == _FROM_BOTH:
             flags |= _SOFTMAXED
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
@@ -333,13 +336,13 @@ class _ForwardTracer(TorchDispatchMode):
         else:
             self.op_backward.append(2.0)
         out = func(*args, **kwargs)
-        self._track(func, op_index, tensors, bool(names) or fixed is not None, out)
         count = self._flop_registry.get(func._overloadpacket)
         if count is not None:
             self.op_flops.append(int(count(*args, **kwargs, out_val=out)))
         else:
             fused = _FUSED_RNN_WEIGHTS.get(func._overloadpacket.__name__)
             self.op_flops.append(_rnn_flops(args[0], fused(args)) if fused is not None else 0)
+        self._track(func, op_index, tensors, bool(names) or fixed is not None, out)
         if len(names) == 1 and isinstance(out, torch.Tensor) and _aliases(out, *names.values()):
             # a view of a parameter (``weight.t()`` inside ``F.linear``): the op that reads the
             # view reads the parameter, and its FLOPs are the parameter's

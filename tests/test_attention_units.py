@@ -247,6 +247,26 @@ class HardRoutedExperts(nn.Module):
         return torch.einsum("te,etd->td", mask, out).view(h.shape)
 
 
+class ScaledAttention(EagerAttention):
+    """Scores times a learned temperature, attention weights times a learned per-query gate:
+    elementwise ops with weights, between the products."""
+
+    def __init__(self, d=16):
+        super().__init__(d)
+        self.temperature = nn.Parameter(torch.ones(1))
+        self.gate = nn.Parameter(torch.ones(1, 5, 1))
+
+    def forward(self, x):
+        w = torch.softmax(self.q(x) @ self.k(x).transpose(1, 2) * self.temperature, -1) * self.gate
+        return self.o(w @ self.v(x))
+
+
+def test_weights_read_elementwise_between_the_products_keep_q_k_and_v():
+    model = nn.Sequential(nn.Linear(6, 16), ScaledAttention(), nn.Linear(16, 2))
+    assert {"1.q", "1.k", "1.v"} <= set(marked(model, torch.randn(2, 5, 6)))
+    assert "0" not in marked(model, torch.randn(2, 5, 6))
+
+
 def test_attention_in_the_model_s_own_forward_marks_q_k_and_v():
     assert marked(RootAttention(), tokens()) == ["q", "k", "v"]
 
