@@ -251,34 +251,54 @@ class _ForwardTracer(TorchDispatchMode):
         # ops of the layers that produced it). A tensor the pass did not make that is no
         # parameter or buffer is the batch (or something as variable).
         self._lineage: Dict[int, Tuple[Any, int, FrozenSet[int]]] = {}
-        # each attention op: (the innermost module call around it, or None, and the ops of the
-        # layers that produced its operands: q, k and v's projections; a fused MHA op itself)
+        # each layer's op -> the ops of the layers that produced its input (LoRA's B <- A)
+        self.inputs_of: Dict[int, FrozenSet[int]] = {}
+        # each attention op: (the innermost module call around it but the model's own, or None,
+        # and the ops of the layers that produced its operands: q, k and v's projections; a fused
+        # MHA op itself)
         self.attention_ops: List[Tuple[Optional[Tuple[int, int]], FrozenSet[int]]] = []
 
     def mark(self, tensor: torch.Tensor, flags: int, producers: FrozenSet[int] = frozenset()) -> None:
+        key = id(tensor)
+
+        def forget(ref, key=key):  # the tensor died: its entry goes (an RNN loop's states pile up)
+            if self._lineage.get(key, (None,))[0] is ref:
+                del self._lineage[key]
+
         try:
-            self._lineage[id(tensor)] = (weakref.ref(tensor), flags, producers)
+            self._lineage[key] = (weakref.ref(tensor, forget), flags, producers)
         except TypeError:  # not weakly referenceable: treated as the batch
             pass
 
     def lineage(self, tensor: torch.Tensor) -> Tuple[int, FrozenSet[int]]:
-        """What ``tensor`` was computed from (``_FROM_BATCH`` / ``_FROM_WEIGHTS`` flags) and the
-        ops of the layers that produced it."""
+        """What ``tensor`` was computed from (``_FROM_BATCH`` / ``_FROM_WEIGHTS`` / ``_SOFTMAXED``
+        flags) and the ops of the layers that produced it; a view also holds what was written
+        into the tensor under it (a KV cache filled through another view of it)."""
         entry = self._lineage.get(id(tensor))
-        if entry is not None and entry[0]() is tensor:
-            return entry[1], entry[2]
-        return _FROM_BATCH, frozenset()
+        flags, producers = (entry[1], entry[2]) if entry is not None and entry[0]() is tensor else (_FROM_BATCH, frozenset())
+        base = tensor._base
+        if base is not None:
+            entry = self._lineage.get(id(base))
+            if entry is not None and entry[0]() is base:
+                flags, producers = flags | entry[1], _recent(producers | entry[2])
+        return flags, producers
 
     def _track(self, func, op_index: int, tensors: List[torch.Tensor], reads_weight: bool, out: Any) -> None:
         """Carry each output's lineage on from the op's operands, and note an attention op."""
-        operands = [self.lineage(t) for t in tensors]
         kind = _op_kind(func)
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if kind == "shape-only":  # x.new_ones(...), torch.zeros_like(x): x's values do not go in
+            for t in outputs:
+                self.mark(t, 0)
+            return
+        operands = [self.lineage(t) for t in tensors]
         both = [producers for flags, producers in operands if flags & _FROM_BOTH == _FROM_BOTH]
+        call = self.stack[-1] if len(self.stack) > 1 else None
         if kind == "fused" and any(flags & _FROM_BATCH for flags, _ in operands):
-            self.attention_ops.append((self.stack[-1] if self.stack else None, frozenset({op_index})))
+            self.attention_ops.append((call, frozenset({op_index})))
         elif len(both) >= 2 and (kind == "attention" or kind == "product" and any(
                 flags & _SOFTMAXED and flags & _FROM_BOTH == _FROM_BOTH for flags, _ in operands)):
-            self.attention_ops.append((self.stack[-1] if self.stack else None, frozenset().union(*both)))
+            self.attention_ops.append((call, frozenset().union(*both)))
         flags, producers = 0, frozenset()
         for f, p in operands:
             flags |= f
@@ -291,12 +311,12 @@ class _ForwardTracer(TorchDispatchMode):
         # ops that read the parameters
         weights = weights.union(*(p for f, p in operands if f & _FROM_BOTH == _FROM_WEIGHTS))
         if weights and self.op_flops[op_index] > 0:
-            producers, flags = weights, flags & ~_SOFTMAXED
+            self.inputs_of[op_index] = producers - weights
+            producers = weights
         else:
-            producers |= weights
+            producers = _recent(producers | weights)
         if kind == "softmax" and flags & _FROM_BOTH == _FROM_BOTH:
-            flags |= _SOFTMAXED
-        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            flags |= _SOFTMAXED  # kept from here on: a layer over the heads may follow (talking heads)
         for t in outputs:
             if t.is_floating_point() or t.is_complex():
                 self.mark(t, flags, producers)
@@ -309,7 +329,7 @@ class _ForwardTracer(TorchDispatchMode):
                 base = t._base
                 if base is not None:
                     base_flags, base_producers = self.lineage(base)
-                    self.mark(base, base_flags | flags, base_producers | producers)
+                    self.mark(base, base_flags | flags, _recent(base_producers | producers))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -376,12 +396,26 @@ _PRODUCT_OPS = {"mm", "bmm", "baddbmm", "addmm", "addbmm", "addmv", "mv", "dot",
 _FUSED_ATTENTION_MARKERS = ("multi_head_attention", "transformer_encoder_layer", "transformer_decoder")
 
 
+# ops whose output holds none of their tensor inputs' values, only their shape or dtype
+_SHAPE_ONLY_OPS = {"new_ones", "new_zeros", "new_empty", "new_full", "new_empty_strided", "ones_like",
+                   "zeros_like", "empty_like", "full_like", "rand_like", "randn_like", "randint_like"}
+# the most recent producing layers a tensor remembers: enough for attention's operands (a few
+# projections and the elementwise layers after them), bounded for an RNN's state over a long loop
+_PRODUCERS_KEPT = 8
+
+
+def _recent(producers: FrozenSet[int]) -> FrozenSet[int]:
+    return producers if len(producers) <= _PRODUCERS_KEPT else frozenset(sorted(producers)[-_PRODUCERS_KEPT:])
+
+
 def _op_kind(func) -> Optional[str]:
     """How an op takes part in attention. Attention is a product of two tensors each computed
     from the batch and weights, one of them softmax weights (q·kᵀ -> softmax -> ·v, additive
     attention, a learned query's pooling), or an attention kernel, or a whole fused layer. A
     product without softmax weights (CLIP's logits, Gram pooling, a state-space scan) is not."""
     name = func._overloadpacket.__name__
+    if name in _SHAPE_ONLY_OPS:
+        return "shape-only"
     if any(marker in name for marker in _FUSED_ATTENTION_MARKERS):
         return "fused"
     if "attention" in name:  # _scaled_dot_product_*, _flash_attention_forward: softmax inside
@@ -540,6 +574,39 @@ def compiled_modules_run_eagerly(model: nn.Module) -> Iterator[None]:
             m._compiled_call_impl = impl
 
 
+@contextmanager
+def flex_attention_traceable() -> Iterator[None]:
+    """FlexAttention runs under the tracer as its dense reference (the ops of attention, which the
+    tracer sees; the trace runs once, without gradients). It is a higher-order op, which a
+    dispatch mode needs a rule for ("no rule registered for HigherOrderOperator"), and called
+    eagerly it compiles itself, which dynamo refuses under a dispatch mode: meanwhile it is run
+    as its own debug switch runs it, uncompiled. Nothing happens for a model that never imported
+    it."""
+    import sys
+
+    module = sys.modules.get("torch.nn.attention.flex_attention")
+    hop = getattr(sys.modules.get("torch._higher_order_ops.flex_attention"), "flex_attention", None)
+    if module is None or hop is None or not hasattr(module, "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG"):
+        yield
+        return
+    if _ForwardTracer not in hop.python_key_table:
+        from torch._higher_order_ops.flex_attention import sdpa_dense
+
+        @hop.py_impl(_ForwardTracer)
+        def _dense(mode, *args, **kwargs):
+            with mode:
+                return sdpa_dense(*args, **kwargs)
+
+    debug = module._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG
+    module._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = True
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile")
+            yield
+    finally:
+        module._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG = debug
+
+
 def trace_forward(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[str, Any]],
                   watched: Dict[int, str], fixed: Optional[set] = None) -> _ForwardTracer:
     """Run one forward pass under the tracer without changing the model or the RNG."""
@@ -577,7 +644,7 @@ def trace_forward(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[s
     hooks += [m.register_forward_hook(leave, always_call=True) for m in model.modules()]
     try:
         with preserved_state(model), torch.no_grad(), uncached_autocast():
-            with compiled_modules_run_eagerly(model), tracer:
+            with compiled_modules_run_eagerly(model), flex_attention_traceable(), tracer:
                 model(*args, **(kwargs or {}))
     except Exception as exc:  # the model's own error, plus what the engine was doing (3.11+)
         if hasattr(exc, "add_note"):
@@ -678,7 +745,7 @@ def discover_units(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[
     attention_of: Dict[int, str] = {}
     for call, producers in tracer.attention_ops:
         where = (names_of.get(call[0]) if call else "") or "<root>"
-        for op in sorted(producers):
+        for op in sorted(_producers_within(tracer, producers, call)):
             for name in params_at.get(op, []):
                 attention_of.setdefault(unit_index_of[name], where)
     units: List[Unit] = []
@@ -736,6 +803,25 @@ def discover_units(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[
             stacklevel=3,
         )
     return plan
+
+
+def _producers_within(tracer: _ForwardTracer, producers: FrozenSet[int], call: Optional[Tuple[int, int]]) -> Set[int]:
+    """``producers`` and the layers before them inside the attention module's call (LoRA's A
+    before its B, DeepSeek's ``q_a_proj`` before ``q_b_proj``), not the layers that made the
+    module's input. Without a module around the attention (the model's own forward), only
+    ``producers``."""
+    found = set(producers)
+    if call is None:
+        return found
+    first, end = tracer.module_calls[call[0]][call[1]]
+    end = len(tracer.op_flops) if end < 0 else end
+    todo = list(producers)
+    while todo:
+        for op in tracer.inputs_of.get(todo.pop(), ()):
+            if first <= op < end and op not in found:
+                found.add(op)
+                todo.append(op)
+    return found
 
 
 def shared_groups(shared: Sequence[SharedParameter]) -> List[List[SharedParameter]]:

@@ -267,6 +267,107 @@ def test_weights_read_elementwise_between_the_products_keep_q_k_and_v():
     assert "0" not in marked(model, torch.randn(2, 5, 6))
 
 
+class TalkingHeads(nn.Module):
+    """Layers over the heads before and after the softmax (Shazeer et al. 2020; CaiT), and the
+    query factored into two layers with a norm between (DeepSeek's q_a / q_b, a LoRA's A and B)."""
+
+    def __init__(self, d=16, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.q_a, self.q_norm, self.q_b = nn.Linear(d, 4), nn.LayerNorm(4), nn.Linear(4, d)
+        self.k, self.v, self.o = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.pre, self.post = nn.Linear(heads, heads), nn.Linear(heads, heads)
+
+    def forward(self, x):
+        b, t, d = x.shape
+
+        def split(y):
+            return y.view(b, t, self.heads, -1).transpose(1, 2)
+
+        s = split(self.q_b(self.q_norm(self.q_a(x)))) @ split(self.k(x)).transpose(-1, -2)
+        w = self.post(torch.softmax(self.pre(s.permute(0, 2, 3, 1)), -2)).permute(0, 3, 1, 2)
+        return self.o((w @ split(self.v(x))).transpose(1, 2).reshape(b, t, d))
+
+
+class CacheViewAttention(nn.Module):
+    """A cache split into heads by a view, written by slice assignment through that view."""
+
+    def __init__(self, d=16, heads=2, max_len=12):
+        super().__init__()
+        self.heads, self.max_len = heads, max_len
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        ck = torch.zeros(b, self.max_len, d).view(b, self.max_len, self.heads, -1)
+        cv = torch.zeros(b, self.max_len, d).view(b, self.max_len, self.heads, -1)
+        ck[:, :t] = self.k(x).view(b, t, self.heads, -1)
+        cv[:, :t] = self.v(x).view(b, t, self.heads, -1)
+        q = self.q(x).view(b, t, self.heads, -1).transpose(1, 2)
+        w = torch.softmax(q @ ck[:, :t].permute(0, 2, 3, 1), -1)
+        return (w @ cv[:, :t].transpose(1, 2)).transpose(1, 2).reshape(b, t, d)
+
+
+class MaskedStemAttention(nn.Module):
+    """A conv stem, then attention with a mask made by ``h.new_ones`` (only h's shape goes in)."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.stem = nn.Conv1d(3, d, 3, padding=1)
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x):
+        h = self.stem(x).transpose(1, 2)
+        mask = h.new_ones(h.shape[:2])
+        s = self.q(h) @ self.k(h).transpose(1, 2) * mask[:, None, :] + torch.zeros_like(h)[:, :, :1]
+        return self.head((torch.softmax(s, -1) @ self.v(h)).mean(1))
+
+
+def test_layers_over_the_heads_and_factored_projections_are_marked():
+    model = nn.Sequential(nn.Linear(6, 16), TalkingHeads(), nn.Linear(16, 2))
+    assert set(marked(model, torch.randn(2, 5, 6))) == {"1.q_a+1.q_norm", "1.q_b", "1.k", "1.v", "1.pre", "1.post"}
+
+
+def test_a_cache_written_through_an_earlier_view_keeps_its_lineage():
+    model = nn.Sequential(nn.Linear(6, 16), CacheViewAttention(), nn.Linear(16, 2))
+    assert set(marked(model, torch.randn(2, 5, 6))) == {"1.q", "1.k", "1.v"}
+
+
+def test_tensors_made_from_another_s_shape_carry_none_of_its_lineage():
+    # the stem stays freezable: new_ones / zeros_like took only h's shape
+    assert marked(MaskedStemAttention(), torch.randn(2, 3, 7)) == ["q", "k", "v"]
+
+
+def test_an_rnn_cell_stepped_in_a_python_loop_keeps_the_tracer_small():
+    # the cell state never passes a layer: its producers would grow with every step
+    import tracemalloc
+
+    cell = nn.LSTMCell(4, 8)
+
+    class Loop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell, self.head = cell, nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = c = x.new_zeros(x.shape[0], 8)
+            for t in range(x.shape[1]):
+                h, c = self.cell(x[:, t], (h, c))
+            return self.head(h)
+
+    model = Loop()
+    discover_units(model, (torch.randn(1, 50, 4),))  # warm-up
+    peaks = []
+    for steps in (500, 1500):
+        tracemalloc.start()
+        plan = discover_units(model, (torch.randn(1, steps, 4),))
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert not any(u.attention for u in plan.units)
+    assert peaks[1] < 4 * peaks[0]  # linear in the steps (it was quadratic: 9x for 3x the steps)
+
+
 def test_attention_in_the_model_s_own_forward_marks_q_k_and_v():
     assert marked(RootAttention(), tokens()) == ["q", "k", "v"]
 
@@ -407,3 +508,29 @@ def test_a_transformer_with_nothing_freezable_before_its_attention_is_told_at_co
         SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1),
                      SmartFRZ(weights=predictor_file(tmp_path / "p.pt"), freeze_attention=True),
                      example_inputs=tokens(), window=4, sample_size=16, total_steps=100)
+
+
+def test_flex_attention_is_traced_and_found():
+    # a higher-order op that compiles itself when called eagerly: the traced pass failed on it
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+
+    class FlexBlock(nn.Module):
+        def __init__(self, d=16, heads=2):
+            super().__init__()
+            self.heads = heads
+            self.emb = nn.Embedding(50, d)
+            self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            b, t, d = h.shape
+            q, k, v = (f(h).view(b, t, self.heads, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
+
+            def causal(score, batch, head, q_index, k_index):
+                return torch.where(q_index >= k_index, score, -float("inf"))
+
+            return self.o(flex.flex_attention(q, k, v, score_mod=causal).transpose(1, 2).reshape(b, t, d))
+
+    debug = flex._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG
+    assert marked(FlexBlock(), tokens()) == ["q", "k", "v"]
+    assert flex._FLEX_ATTENTION_DISABLE_COMPILE_DEBUG == debug  # the user's switch as it was
