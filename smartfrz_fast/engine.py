@@ -1106,6 +1106,7 @@ class SmartFreezer:
         """A table of the freeze timeline."""
         lines = [
             f"policy: {self.policy.describe()}",
+            *self.policy.report_lines(),
             f"units: {len(self.units)}, frozen: {self.num_frozen}, steps: {self.step_count}",
             f"{'step':>7}  {'frozen':>6}  {'params':>7}  {'step FLOPs':>10}  units newly frozen",
         ]

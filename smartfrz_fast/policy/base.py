@@ -84,7 +84,8 @@ class UnitInfo:
     # what freezing it saves of a step's backward (about twice forward_flops; less where its
     # weights require no grad, as a LoRA base layer's); None: unknown, take forward_flops
     backward_flops: Optional[float] = None
-    # the module whose call computes attention with this unit's weights ("" for none)
+    # the module in whose call an attention op reads what this unit's weights produced (q, k,
+    # v), "" for none
     attention: str = ""
 
 
@@ -159,8 +160,13 @@ class FreezePolicy:
             raise ValueError(f"{type(self).__name__} keeps no state but was given {sorted(state)}")
 
     def describe(self) -> str:
-        """One line for reports: the policy and its settings."""
+        """One line for reports: the policy and its settings (the same before and after ``bind``:
+        a checkpoint and the lab compare it)."""
         return self.name
+
+    def report_lines(self) -> List[str]:
+        """What the freezer's report adds about this policy on the model it is bound to."""
+        return []
 
     # Helpers shared by the schedule-based policies.
     def _warn_if_never_in_run(self, first_step: int, how: str, fix: str) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 
@@ -239,7 +239,7 @@ class SmartFRZ(FreezePolicy):
         from ..guards import user_stacklevel, warn_in_every_run
 
         warn_in_every_run(
-            f"SmartFRZ will freeze nothing on this model: it stops before the first unit that computes attention "
+            f"SmartFRZ will freeze nothing on this model: it stops before the first unit that takes part in attention "
             f"({unit.name!r}, in {unit.attention!r}), and the {stop} unit(s) before it hold {share:.1%} of the "
             f"FLOPs (min_flops_share={self.min_flops_share:g}). On the encoders measured, freezing attention layers "
             "when the predictor said so lost 0.9-2.8 points (docs/predictor.md, \"Attention models\"). To freeze "
@@ -340,13 +340,15 @@ class SmartFRZ(FreezePolicy):
         return t.to(device)
 
     def describe(self) -> str:
-        text = (f"SmartFRZ(threshold={self.threshold}, patience={self.patience}, smoothing={self.smoothing}, "
+        return (f"SmartFRZ(threshold={self.threshold}, patience={self.patience}, smoothing={self.smoothing}, "
                 f"min_progress={self.min_progress:g}, settle_ratio={self.settle_ratio}, "
                 f"min_flops_share={self.min_flops_share:g}, freeze_attention={self.freeze_attention}, "
                 f"evaluate_every={self.evaluate_every}, window={self.predictor.config.window}, "
                 f"K={self.predictor.config.sample_size})")
-        if self.attention_stop is not None:
-            unit = self.context.units[self.attention_stop]
-            text += (f"; freezes at most the {self.attention_stop} unit(s) before {unit.name!r}, the first that computes "
-                     f"attention (in {unit.attention!r}; freeze_attention=True lets it and those after it freeze)")
-        return text
+
+    def report_lines(self) -> List[str]:
+        if self.attention_stop is None:
+            return []
+        unit = self.context.units[self.attention_stop]
+        return [f"SmartFRZ freezes at most the {self.attention_stop} unit(s) before {unit.name!r}, the first that "
+                f"takes part in attention (in {unit.attention!r}; freeze_attention=True lets it and those after it freeze)"]
