@@ -259,11 +259,13 @@ class _ForwardTracer(TorchDispatchMode):
         self.attention_ops: List[Tuple[Optional[Tuple[int, int]], FrozenSet[int]]] = []
 
     def mark(self, tensor: torch.Tensor, flags: int, producers: FrozenSet[int] = frozenset()) -> None:
-        key = id(tensor)
+        key, lineage = id(tensor), self._lineage
 
         def forget(ref, key=key):  # the tensor died: its entry goes (an RNN loop's states pile up)
-            if self._lineage.get(key, (None,))[0] is ref:
-                del self._lineage[key]
+            if lineage.get(key, (None,))[0] is ref:
+                del lineage[key]
+        # (it holds the map, not the tracer: the tracer, in no reference cycle, is freed with the
+        # views of parameters it keeps, and so are the parameters of a model dropped later)
 
         try:
             self._lineage[key] = (weakref.ref(tensor, forget), flags, producers)

@@ -201,17 +201,13 @@ def worker(rank, world, port, mode, out):
                 inner[1][0].weight.to_local().fill_(float("nan"))
         frozen = freezer.freeze_to(3)
         torch.save({"frozen": frozen}, out / f"rank{rank}.pt")
-        dist.barrier()  # both ranks leave together, as below (a rank that tore down first aborted the other)
-        dist.destroy_process_group()
-        return
+        exit_after_trainer()  # both ranks leave together, without gloo's native teardown (it aborted at exit)
     if mode == "mismatch":  # each rank counted its own shard: refused on every rank, nothing hangs
         try:
             SmartFreezer(seen, optimizer, LinearFreeze(), example_inputs=data(0, rank)[0], total_steps=steps + rank)
         except ValueError as exc:
             torch.save({"error": str(exc)}, out / f"rank{rank}.pt")
-        dist.barrier()  # both ranks leave together: a rank that tore down first aborted gloo's other rank (flaky)
-        dist.destroy_process_group()
-        return
+        exit_after_trainer()  # both ranks leave together, without gloo's native teardown (it aborted at exit)
     freezer = SmartFreezer(seen, optimizer, policy, example_inputs=data(0, rank)[0], total_steps=steps, **settings)
     batches, cache, shared_path_error = (lambda step: data(step, rank)), None, None
     if mode.startswith("cache"):
