@@ -272,17 +272,20 @@ class _ForwardTracer(TorchDispatchMode):
         except TypeError:  # not weakly referenceable: treated as the batch
             pass
 
+    def _entry(self, tensor: torch.Tensor) -> Optional[Tuple[Any, int, FrozenSet[int]]]:
+        """``tensor``'s lineage entry, or None (not marked, or an id reused by another tensor)."""
+        entry = self._lineage.get(id(tensor))
+        return entry if entry is not None and entry[0]() is tensor else None
+
     def lineage(self, tensor: torch.Tensor) -> Tuple[int, FrozenSet[int]]:
         """What ``tensor`` was computed from (``_FROM_BATCH`` / ``_FROM_WEIGHTS`` / ``_SOFTMAXED``
         flags) and the ops of the layers that produced it; a view also holds what was written
         into the tensor under it (a KV cache filled through another view of it)."""
-        entry = self._lineage.get(id(tensor))
-        flags, producers = (entry[1], entry[2]) if entry is not None and entry[0]() is tensor else (_FROM_BATCH, frozenset())
-        base = tensor._base
+        entry = self._entry(tensor)
+        flags, producers = (_FROM_BATCH, frozenset()) if entry is None else entry[1:]
+        base = None if tensor._base is None else self._entry(tensor._base)
         if base is not None:
-            entry = self._lineage.get(id(base))
-            if entry is not None and entry[0]() is base:
-                flags, producers = flags | entry[1], _recent(producers | entry[2])
+            flags, producers = flags | base[1], _recent(producers | base[2])
         return flags, producers
 
     def _track(self, func, op_index: int, tensors: List[torch.Tensor], reads_weight: bool, out: Any) -> None:

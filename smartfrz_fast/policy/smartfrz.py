@@ -224,15 +224,16 @@ class SmartFRZ(FreezePolicy):
             self._prefix_share = (flops.cumsum(0) / flops.sum()).to(torch.float32).to(context.device)
         if not self.freeze_attention:
             self.attention_stop = next((u.index for u in context.units if u.attention), None)
-            self._warn_if_nothing_can_freeze(flops)
+            self._warn_if_nothing_can_freeze()
 
-    def _warn_if_nothing_can_freeze(self, flops: torch.Tensor) -> None:
+    def _warn_if_nothing_can_freeze(self) -> None:
         """A transformer whose units before its first attention layer hold too little compute
         (token embeddings) would run the whole run without a freeze: say so at the start."""
         stop = self.attention_stop
         if stop is None:
             return
-        share = float(flops[: stop + 1].sum() / flops.sum()) if flops.sum() > 0 else 0.0
+        # the share _worth_freezing compares (0 for stop 0: the empty prefix)
+        share = 0.0 if self._prefix_share is None else float(self._prefix_share[stop])
         if stop > 0 and (self._prefix_share is None or share >= self.min_flops_share):
             return  # (no share known or asked for: the units before it may freeze)
         unit = self.context.units[stop]
