@@ -302,7 +302,7 @@ class _ForwardTracer(TorchDispatchMode):
         if kind == "fused" and any(flags & _FROM_BATCH for flags, _ in operands):
             self.attention_ops.append((call, frozenset({op_index})))
         elif len(both) >= 2 and (kind == "attention" or kind == "product" and any(
-                flags & _SOFTMAXED and flags & _FROM_BOTH == _FROM_BOTH for flags, _ in operands)):
+                flags & _ATTENTION_WEIGHTS and flags & _FROM_BOTH == _FROM_BOTH for flags, _ in operands)):
             self.attention_ops.append((call, frozenset().union(*both)))
         flags, producers = 0, frozenset()
         for f, p in operands:
@@ -318,10 +318,13 @@ class _ForwardTracer(TorchDispatchMode):
         if weights and self.op_flops[op_index] > 0:
             self.inputs_of[op_index] = producers - weights
             producers = weights
+            flags &= ~_PRODUCT_OF_TWO  # a layer's new representation (a state-space block's out-projection)
         else:
             producers = _recent(producers | weights)
         if kind == "softmax" and flags & _FROM_BOTH == _FROM_BOTH:
             flags |= _SOFTMAXED  # kept from here on: a layer over the heads may follow (talking heads)
+        if kind == "product" and len(both) >= 2:
+            flags |= _PRODUCT_OF_TWO  # scores q·kᵀ, or linear attention's kᵀ·v, until the next layer
         for t in outputs:
             if t.is_floating_point() or t.is_complex():
                 self.mark(t, flags, producers)
@@ -390,9 +393,12 @@ class _ForwardTracer(TorchDispatchMode):
 
 
 # What a tensor was computed from (bit flags; parameters and buffers are what the model holds),
-# and whether it went through a softmax of such a tensor since the last layer (attention weights).
-_FROM_BATCH, _FROM_WEIGHTS, _SOFTMAXED = 1, 2, 4
+# whether it went through a softmax of such a tensor (attention weights), and whether it was
+# computed, since the last layer, from a product of two such tensors (attention scores, however
+# normalised: sigmoid, ReLU, a softmax written with exp; linear attention's kᵀ·v).
+_FROM_BATCH, _FROM_WEIGHTS, _SOFTMAXED, _PRODUCT_OF_TWO = 1, 2, 4, 8
 _FROM_BOTH = _FROM_BATCH | _FROM_WEIGHTS
+_ATTENTION_WEIGHTS = _SOFTMAXED | _PRODUCT_OF_TWO
 # ops that multiply two operands together (convolutions and RNN kernels, whose second operand is
 # a weight, are not among them)
 _PRODUCT_OPS = {"mm", "bmm", "baddbmm", "addmm", "addbmm", "addmv", "mv", "dot", "vdot", "matmul", "einsum"}
@@ -416,8 +422,9 @@ def _recent(producers: FrozenSet[int]) -> FrozenSet[int]:
 def _op_kind(func) -> Optional[str]:
     """How an op takes part in attention. Attention is a product of two tensors each computed
     from the batch and weights, one of them softmax weights (q·kᵀ -> softmax -> ·v, additive
-    attention, a learned query's pooling), or an attention kernel, or a whole fused layer. A
-    product without softmax weights (CLIP's logits, Gram pooling, a state-space scan) is not."""
+    attention, a learned query's pooling) or itself made by such a product since the last layer
+    (q·kᵀ -> sigmoid -> ·v; linear attention's q·(kᵀ·v)), or an attention kernel, or a whole fused
+    layer. One product alone (CLIP's logits, Gram pooling, a state-space scan's ·C) is not."""
     name = func._overloadpacket.__name__
     if name in _SHAPE_ONLY_OPS:
         return "shape-only"

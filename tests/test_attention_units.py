@@ -389,6 +389,106 @@ def test_attention_under_a_lora_adapter_with_frozen_base_weights_is_found():
     assert first_attention(model, torch.randn(2, 5, 6)) == ("1.q", "1")
 
 
+class UnnormalisedAttention(nn.Module):
+    """q·kᵀ normalised without a softmax op: sigmoid (Ramapuram et al. 2024), ReLU, a softmax
+    written with exp and a sum, Reformer's exp(s - logsumexp)."""
+
+    def __init__(self, normalise, d=16):
+        super().__init__()
+        self.normalise = normalise
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        s = self.q(x) @ self.k(x).transpose(1, 2) / 4.0
+        if self.normalise == "sigmoid":
+            w = torch.sigmoid(s - 2.0)
+        elif self.normalise == "relu":
+            w = torch.relu(s) / x.shape[1]
+        elif self.normalise == "exp":
+            e = torch.exp(s - s.amax(-1, keepdim=True))
+            w = e / e.sum(-1, keepdim=True)
+        else:
+            w = torch.exp(s - torch.logsumexp(s, -1, keepdim=True))
+        return self.o(w @ self.v(x))
+
+
+class LinearAttention(nn.Module):
+    """Katharopoulos et al. 2020: φ(q)·(φ(k)ᵀ·v) with φ = elu + 1; causal, in its quadratic form
+    (masked φ(q)·φ(k)ᵀ, then ·v: the form chunked kernels use within a chunk); or Performer-style
+    random features from a fixed projection buffer. (Causal in its recurrent form, running sums of
+    k ⊗ v outer products, has a state-space scan's structure and is not recognised.)"""
+
+    def __init__(self, form, d=16):
+        super().__init__()
+        self.form = form
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.register_buffer("features", torch.randn(d, 8))
+
+    def forward(self, x):
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if self.form == "performer":
+            q, k = torch.exp(q @ self.features - 1.0), torch.exp(k @ self.features - 1.0)
+        else:
+            q, k = F.elu(q) + 1, F.elu(k) + 1
+        if self.form == "causal":
+            w = (q @ k.transpose(1, 2)).tril()
+            out = w @ v / w.sum(-1, keepdim=True)
+        else:
+            out = q @ (k.transpose(1, 2) @ v) / (q @ k.sum(1, keepdim=True).transpose(1, 2))
+        return self.o(out)
+
+
+@pytest.mark.parametrize("normalise", ["sigmoid", "relu", "exp", "logsumexp"])
+def test_attention_normalised_without_a_softmax_op_is_found(normalise):
+    model = nn.Sequential(nn.Linear(6, 16), UnnormalisedAttention(normalise), nn.Linear(16, 2))
+    assert set(marked(model, torch.randn(2, 5, 6))) == {"1.q", "1.k", "1.v"}
+
+
+@pytest.mark.parametrize("form", ["elu", "causal", "performer"])
+def test_linear_attention_is_found(form):
+    model = nn.Sequential(nn.Linear(6, 16), LinearAttention(form), nn.Linear(16, 2))
+    assert set(marked(model, torch.randn(2, 5, 6))) == {"1.q", "1.k", "1.v"}
+
+
+class GramPooling(nn.Module):
+    """Bilinear (second-order) pooling of conv features: xᵀ·x, a signed square root, a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(64, 3)
+
+    def forward(self, x):
+        f = self.conv2(torch.relu(self.conv1(x))).flatten(2)
+        g = f @ f.transpose(1, 2) / f.shape[-1]
+        return self.head(F.normalize(torch.sign(g) * g.abs().sqrt(), dim=-1).flatten(1))
+
+
+class PairwiseInteractions(nn.Module):
+    """DLRM: the dot products of every pair of feature embeddings, then an MLP over them; and a
+    hypernetwork's per-example weights applied by a product, twice, a layer between."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.emb = nn.ModuleList([nn.Embedding(10, d) for _ in range(4)])
+        self.top = nn.Linear(16, 8)
+        self.hyper1, self.hyper2 = nn.Linear(8, 64), nn.Linear(8, 64)
+        self.mid = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, ids):
+        t = torch.stack([e(ids[:, i]) for i, e in enumerate(self.emb)], 1)
+        h = torch.relu(self.top((t @ t.transpose(1, 2)).flatten(1)))
+        h = torch.relu(self.mid((h.unsqueeze(1) @ self.hyper1(h).view(-1, 8, 8)).squeeze(1)))
+        h = (h.unsqueeze(1) @ self.hyper2(h).view(-1, 8, 8)).squeeze(1)
+        return self.head(h)
+
+
+def test_single_products_of_two_computed_tensors_are_not_attention():
+    assert first_attention(GramPooling(), torch.randn(2, 1, 6, 6)) is None
+    assert first_attention(PairwiseInteractions(), torch.randint(0, 10, (3, 4))) is None
+
+
 @pytest.mark.parametrize("name, build, inputs", [
     ("mixer", lambda: zoo.Mixer(2, 16), lambda: (torch.randn(2, 1, 16, 16),)),
     ("resnet", lambda: zoo.ResNet(1, 8), lambda: (torch.randn(2, 1, 16, 16),)),
