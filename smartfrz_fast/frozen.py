@@ -32,7 +32,7 @@ import dataclasses
 import sys
 import warnings
 import weakref
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -208,6 +208,14 @@ class FrozenRegion:
         self._skipped: Dict[int, int] = {}  # calls the next model forward skips (start_after)
         self._running: Dict[int, List[tuple]] = {}  # per module: (call number, flag to restore)
         self._in_root_forward = False  # inside the model's own forward (not the cache's blocks)
+        # Where the model's forward passes the prefix's end: the call of the first trainable
+        # unit's module in which the trace crossed it, and that module with its ancestors (a
+        # compiled one among them runs its hooks in the graph: calls are then told by number).
+        self._boundary: Optional[Tuple[nn.Module, int]] = None
+        self._boundary_chain: List[nn.Module] = []
+        self._boundary_calls = 0
+        self._past_boundary = False
+        self._boundary_live = False  # this forward tells prefix calls by where it is
 
     def apply(self, cut: int) -> List[nn.Module]:
         """Place the hooks for a frozen prefix of ``cut`` units (replacing the previous ones).
@@ -233,12 +241,22 @@ class FrozenRegion:
             counted.setdefault(key, 0)
         shared = self._shared_reads(cut, detach)
         self.counted = {key: self.plan.module_calls[key][0] for key in counted}
+        self._boundary = self._boundary_call(cut) if counted else None
         for key, eval_calls in counted.items():
             module, _, calls = self.plan.module_calls[key]
+            # A module whose traced calls each end before the prefix's end or start after it (a
+            # dropout, not a container around the cut) has its calls told by where the pass is:
+            # a loop in the prefix may run more or fewer turns than traced.
+            frozen = self.plan.frozen_calls(key, cut)
+            by_place = (self._boundary is not None and detach.get(key, 0) in (0, frozen)
+                        and sum(first < self.plan.boundary[cut] for first, _ in calls) == frozen)
             self.handles.append(module.register_forward_pre_hook(
-                self._enter_hook(len(calls), eval_calls, detach.get(key, 0), shared.get(key, [])), with_kwargs=True,
-                prepend=True))
+                self._enter_hook(len(calls), eval_calls, detach.get(key, 0), shared.get(key, []), by_place),
+                with_kwargs=True, prepend=True))
             self.handles.append(module.register_forward_hook(self._leave_hook(), always_call=True))
+        if self._boundary is not None:
+            self.handles.append(self._boundary[0].register_forward_pre_hook(engine_hook(self._pass_boundary),
+                                                                           prepend=True))
         if counted:
             self.handles.append(self.root.register_forward_pre_hook(engine_hook(self._enter_root)))
             self.handles.append(self.root.register_forward_hook(engine_hook(self._leave_root), always_call=True))
@@ -257,9 +275,44 @@ class FrozenRegion:
             self._count = dict(calls)
             self._in_root_forward = False
 
+    def _boundary_call(self, cut: int) -> Optional[Tuple[nn.Module, int]]:
+        """(module, call number) of the innermost module call, but the model's own, around the
+        first op after a frozen prefix of ``cut`` units (the first trainable layer's call), or
+        None (no unit after it; an op the model's own forward runs)."""
+        if cut >= len(self.plan.units):
+            return None
+        op, best = self.plan.boundary[cut], None
+        for module, name, calls in self.plan.module_calls.values():
+            if module is self.root:
+                continue
+            for number, (first, end) in enumerate(calls):
+                if first <= op < end and (best is None or end - first < best[2]):
+                    best = (module, number, end - first, name)
+        if best is None:
+            return None
+        module, number, _, name = best
+        by_name = dict(self.root.named_modules())
+        parts = name.split(".")
+        self._boundary_chain = ([by_name[".".join(parts[:i])] for i in range(len(parts) + 1)]
+                                if by_name.get(name) is module else [module])
+        return module, number
+
     def _enter_root(self, module, args) -> None:
         self._count, self._skipped = self._skipped, {}
         self._in_root_forward = True
+        self._boundary_calls, self._past_boundary = 0, False
+        self._boundary_live = self._boundary is not None and not torch.compiler.is_compiling() and all(
+            getattr(m, "_compiled_call_impl", None) is None for m in self._boundary_chain)
+
+    def _pass_boundary(self, module, args) -> None:
+        if not self._in_root_forward:
+            return
+        if torch.compiler.is_compiling():  # the rest of this pass is told by number
+            self._boundary_live = False
+            return
+        if self._boundary_calls == self._boundary[1]:
+            self._past_boundary = True
+        self._boundary_calls += 1
 
     def _leave_root(self, module, args, output) -> None:
         self._in_root_forward = False
@@ -275,7 +328,8 @@ class FrozenRegion:
                     out.setdefault(key, []).append((self.root.get_submodule(owner), attr))
         return out
 
-    def _enter_hook(self, traced_calls: int, eval_calls: int, detach_calls: int, shared: List[tuple]):
+    def _enter_hook(self, traced_calls: int, eval_calls: int, detach_calls: int, shared: List[tuple],
+                    by_place: bool = False):
         def enter(module, args, kwargs):
             key = id(module)
             if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
@@ -289,6 +343,10 @@ class FrozenRegion:
                 count = self._count.get(key, 0)
                 number = count if self._in_root_forward else count % traced_calls
                 self._count[key] = number + 1
+                if by_place and self._in_root_forward and not torch.compiler.is_compiling() and self._boundary_live:
+                    # before the first trainable layer ran: in the prefix, whatever its number
+                    # (an encoder's loop run for a longer or shorter sequence than traced)
+                    number = traced_calls if self._past_boundary else 0
             # a detached call passes no gradient to the shared parameter it reads, nor to its
             # input; where the input needs one (adversarial training, an input-gradient penalty),
             # the call reads a detached view of the parameter instead
@@ -330,3 +388,4 @@ class FrozenRegion:
         self._skipped = {}
         self._running.clear()
         self._in_root_forward = False
+        self._boundary, self._boundary_chain, self._boundary_live = None, [], False

@@ -234,6 +234,81 @@ def test_calls_beyond_the_traced_ones_lie_after_the_prefix():
     freezer.close()
 
 
+class RecordingDropout(nn.Dropout):
+    def __init__(self):
+        super().__init__(0.3)
+        self.flags = []
+
+    def forward(self, x):
+        self.flags.append(self.training)
+        return super().forward(x)
+
+
+class LoopedEncoderDecoder(nn.Module):
+    """One dropout at every step of an encoder's loop and of a decoder's, as many steps as the
+    input has (a hand-written RNN seq2seq), and a tied input embedding read by both loops."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(4, 8)
+        self.drop = RecordingDropout()
+        self.enc, self.dec, self.head = nn.Linear(16, 8), nn.Linear(16, 8), nn.Linear(8, 3)
+
+    def forward(self, source, target):
+        h = source.new_zeros(source.shape[0], 8)
+        for t in range(source.shape[1]):
+            h = torch.tanh(self.enc(torch.cat([self.drop(self.embed(source[:, t])), h], -1)))
+        outputs = []
+        for t in range(target.shape[1]):
+            h = torch.tanh(self.dec(torch.cat([self.drop(self.embed(target[:, t])), h], -1)))
+            outputs.append(self.head(h))
+        return torch.stack(outputs, 1)
+
+
+def _looped_reference_loss(model, source, target):
+    """The loss with the encoder frozen, by hand: its steps and the decoder's first embedding
+    read (before the first trainable layer: in the prefix, as traced) pass no gradient."""
+    with torch.no_grad():
+        h = source.new_zeros(source.shape[0], 8)
+        for t in range(source.shape[1]):
+            h = torch.tanh(model.enc(torch.cat([model.embed(source[:, t]), h], -1)))
+        first = model.embed(target[:, 0])
+    outputs = []
+    for t in range(target.shape[1]):
+        h = torch.tanh(model.dec(torch.cat([first if t == 0 else model.embed(target[:, t]), h], -1)))
+        outputs.append(model.head(h))
+    return torch.stack(outputs, 1).square().mean()
+
+
+@pytest.mark.parametrize("source_steps, target_steps", [(5, 2), (1, 4), (3, 3)])
+def test_a_loop_in_the_prefix_run_for_more_or_fewer_steps_than_traced(source_steps, target_steps):
+    # traced with 3 + 3 steps, the dropout's calls were told apart by their number: 5 encoder
+    # steps ran the last 2 in train mode (and passed the tied embedding gradient), 1 ran the
+    # decoder's 2nd and 3rd in eval (and cut their embedding reads' gradient)
+    model, reference = LoopedEncoderDecoder(), LoopedEncoderDecoder()
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1, at_step=1),
+                           example_inputs=(torch.randn(2, 3, 4), torch.randn(2, 3, 4)))
+    assert [u.name for u in freezer.units][:3] == ["embed", "enc", "dec"]
+    with pytest.warns(UserWarning, match="keep training"):
+        freezer.freeze_to(2)
+    source, target = torch.randn(2, source_steps, 4), torch.randn(2, target_steps, 4)
+    model.train()
+    model.drop.flags.clear()
+    model(source, target).square().mean().backward()
+    # the decoder's first dropout lies before its first layer: in the prefix, as traced
+    assert model.drop.flags == [False] * (source_steps + 1) + [True] * (target_steps - 1)
+    model.zero_grad()
+    model.eval()
+    reference.eval()
+    model(source, target).square().mean().backward()
+    _looped_reference_loss(reference, source, target).backward()
+    assert model.enc.weight.grad is None
+    for name in ("embed.weight", "dec.weight", "head.weight"):
+        torch.testing.assert_close(model.get_parameter(name).grad, reference.get_parameter(name).grad, msg=name)
+    freezer.close()
+
+
 def test_an_input_that_needs_a_gradient_gets_it_through_a_detached_call():
     # the prefix's call of a block that keeps training (ALBERT-like) had its output detached,
     # cutting the input's gradient too: FreeLB / FGSM got a wrong or no x.grad
