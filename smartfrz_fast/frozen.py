@@ -28,11 +28,12 @@ calls pass no gradient, so they are never recomputed).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import sys
 import warnings
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -208,12 +209,10 @@ class FrozenRegion:
         self._skipped: Dict[int, int] = {}  # calls the next model forward skips (start_after)
         self._running: Dict[int, List[tuple]] = {}  # per module: (call number, flag to restore)
         self._in_root_forward = False  # inside the model's own forward (not the cache's blocks)
-        # Where the model's forward passes the prefix's end: the call of the first trainable
-        # unit's module in which the trace crossed it, and that module with its ancestors (a
-        # compiled one among them runs its hooks in the graph: calls are then told by number).
-        self._boundary: Optional[Tuple[nn.Module, int]] = None
-        self._boundary_chain: List[nn.Module] = []
-        self._boundary_calls = 0
+        # Where the model's forward passes the prefix's end: the modules whose first call starts
+        # a trainable unit (each of them: a layer skipped on this step, LayerDrop or an MoE
+        # expert no token went to, leaves the next one to tell it)
+        self._entries: List[nn.Module] = []
         self._past_boundary = False
         self._boundary_live = False  # this forward tells prefix calls by where it is
 
@@ -241,22 +240,21 @@ class FrozenRegion:
             counted.setdefault(key, 0)
         shared = self._shared_reads(cut, detach)
         self.counted = {key: self.plan.module_calls[key][0] for key in counted}
-        self._boundary = self._boundary_call(cut) if counted else None
+        self._entries = self._unit_entries(cut) if counted else []
         for key, eval_calls in counted.items():
             module, _, calls = self.plan.module_calls[key]
             # A module whose traced calls each end before the prefix's end or start after it (a
             # dropout, not a container around the cut) has its calls told by where the pass is:
             # a loop in the prefix may run more or fewer turns than traced.
             frozen = self.plan.frozen_calls(key, cut)
-            by_place = (self._boundary is not None and detach.get(key, 0) in (0, frozen)
+            by_place = (bool(self._entries) and detach.get(key, 0) in (0, frozen)
                         and sum(first < self.plan.boundary[cut] for first, _ in calls) == frozen)
             self.handles.append(module.register_forward_pre_hook(
                 self._enter_hook(len(calls), eval_calls, detach.get(key, 0), shared.get(key, []), by_place),
                 with_kwargs=True, prepend=True))
             self.handles.append(module.register_forward_hook(self._leave_hook(), always_call=True))
-        if self._boundary is not None:
-            self.handles.append(self._boundary[0].register_forward_pre_hook(engine_hook(self._pass_boundary),
-                                                                           prepend=True))
+        for module in self._entries:
+            self.handles.append(module.register_forward_pre_hook(engine_hook(self._pass_boundary), prepend=True))
         if counted:
             self.handles.append(self.root.register_forward_pre_hook(engine_hook(self._enter_root)))
             self.handles.append(self.root.register_forward_hook(engine_hook(self._leave_root), always_call=True))
@@ -275,44 +273,46 @@ class FrozenRegion:
             self._count = dict(calls)
             self._in_root_forward = False
 
-    def _boundary_call(self, cut: int) -> Optional[Tuple[nn.Module, int]]:
-        """(module, call number) of the innermost module call, but the model's own, around the
-        first op after a frozen prefix of ``cut`` units (the first trainable layer's call), or
-        None (no unit after it; an op the model's own forward runs)."""
-        if cut >= len(self.plan.units):
-            return None
-        op, best = self.plan.boundary[cut], None
-        for module, name, calls in self.plan.module_calls.values():
-            if module is self.root:
+    def _unit_entries(self, cut: int) -> List[nn.Module]:
+        """The modules whose first call holds the first op of a unit after a frozen prefix of
+        ``cut`` units (the innermost such call, but the model's own): entering one means the
+        prefix is over. Left out: a call that starts before the prefix's end and runs other
+        module calls there (a block whose own forward reads a layer scale after its frozen
+        sub-layers), and a module called before (its count would depend on the prefix's loops).
+        None where the first trainable unit has no such module: calls are then told by number."""
+        plan = self.plan
+        starts = plan.boundary[cut:len(plan.units)]  # ascending: each trainable unit's first op
+        innermost: List[Optional[tuple]] = [None] * len(starts)
+        calls = [(first, end, module, number) for module, _, module_calls in plan.module_calls.values()
+                 if module is not self.root for number, (first, end) in enumerate(module_calls)]
+        for first, end, module, number in calls:
+            for i in range(bisect.bisect_left(starts, first), bisect.bisect_left(starts, end)):
+                if innermost[i] is None or end - first < innermost[i][1] - innermost[i][0]:
+                    innermost[i] = (first, end, module, number)
+        prefix_end = plan.boundary[cut]
+        entries: Dict[int, nn.Module] = {}
+        for op, call in zip(starts, innermost):
+            if call is None or call[3] != 0 or call[0] < prefix_end and any(
+                    call[0] <= first < prefix_end and not first <= op < end
+                    for first, end, module, _ in calls if module is not call[2]):
+                if not entries and op == prefix_end:
+                    return []
                 continue
-            for number, (first, end) in enumerate(calls):
-                if first <= op < end and (best is None or end - first < best[2]):
-                    best = (module, number, end - first, name)
-        if best is None:
-            return None
-        module, number, _, name = best
-        by_name = dict(self.root.named_modules())
-        parts = name.split(".")
-        self._boundary_chain = ([by_name[".".join(parts[:i])] for i in range(len(parts) + 1)]
-                                if by_name.get(name) is module else [module])
-        return module, number
+            entries[id(call[2])] = call[2]
+        return list(entries.values())
 
     def _enter_root(self, module, args) -> None:
         self._count, self._skipped = self._skipped, {}
         self._in_root_forward = True
-        self._boundary_calls, self._past_boundary = 0, False
-        self._boundary_live = self._boundary is not None and not torch.compiler.is_compiling() and all(
-            getattr(m, "_compiled_call_impl", None) is None for m in self._boundary_chain)
+        self._past_boundary = False
+        self._boundary_live = bool(self._entries) and not torch.compiler.is_compiling()
 
     def _pass_boundary(self, module, args) -> None:
-        if not self._in_root_forward:
-            return
-        if torch.compiler.is_compiling():  # the rest of this pass is told by number
-            self._boundary_live = False
-            return
-        if self._boundary_calls == self._boundary[1]:
-            self._past_boundary = True
-        self._boundary_calls += 1
+        if self._in_root_forward:
+            if torch.compiler.is_compiling():  # a compiled block: the rest of this pass is told by number
+                self._boundary_live = False
+            else:
+                self._past_boundary = True
 
     def _leave_root(self, module, args, output) -> None:
         self._in_root_forward = False
@@ -388,4 +388,4 @@ class FrozenRegion:
         self._skipped = {}
         self._running.clear()
         self._in_root_forward = False
-        self._boundary, self._boundary_chain, self._boundary_live = None, [], False
+        self._entries, self._boundary_live = [], False

@@ -309,6 +309,97 @@ def test_a_loop_in_the_prefix_run_for_more_or_fewer_steps_than_traced(source_ste
     freezer.close()
 
 
+class LayerScaleBlock(nn.Module):
+    """A block whose own forward reads a layer scale after its sub-layers (CaiT, BEiT): with
+    the sub-layers frozen, the first trainable op lies in the block's call, which started in
+    the prefix."""
+
+    def __init__(self, drop):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.gamma = nn.Parameter(torch.full((8,), 0.5))
+        self.drop = drop
+
+    def forward(self, x):
+        return x + self.drop(self.gamma * self.fc2(self.drop(torch.relu(self.fc1(x)))))
+
+
+class LayerScaleNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.drop = RecordingDropout()
+        self.embed = nn.Linear(4, 8)
+        self.blocks = nn.ModuleList([LayerScaleBlock(self.drop) for _ in range(2)])
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+
+def test_a_cut_inside_a_block_that_reads_its_own_layer_scale():
+    # the block's call was taken for the prefix's end: the dropout inside its frozen sub-layers
+    # ran in train mode
+    model = LayerScaleNet()
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1, at_step=1),
+                           example_inputs=torch.randn(4, 4))
+    assert [u.name for u in freezer.units][:4] == ["embed", "blocks.0.fc1", "blocks.0.fc2", "blocks.0"]
+    freezer.freeze_to(3)
+    model.train()
+    model.drop.flags.clear()
+    model(torch.randn(4, 4)).sum().backward()
+    assert model.drop.flags == [False, True, True, True]
+    freezer.close()
+
+
+class LayerDropNet(nn.Module):
+    """One projection and one dropout shared by every layer; LayerDrop skips layers on a step."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.proj, self.head = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.layers = nn.ModuleList([nn.Linear(8, 8) for _ in range(4)])
+        self.drop = RecordingDropout()
+
+    def forward(self, x, skip=()):
+        h = self.drop(self.proj(self.embed(x)))
+        for i, layer in enumerate(self.layers):
+            if i not in skip:
+                h = self.drop(self.proj(torch.relu(layer(h))))
+        return self.head(h)
+
+
+def test_the_first_trainable_layer_skipped_on_a_step():
+    # LayerDrop skipped layers.1, the first trainable unit: nothing told the prefix was over, the
+    # later layers' dropout ran in eval and their reads of the shared projection were detached
+    x = torch.randn(4, 4)
+    model, reference = LayerDropNet(), LayerDropNet()
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1, at_step=1),
+                           example_inputs=x)
+    cut = [u.name for u in freezer.units].index("layers.1")
+    with pytest.warns(UserWarning, match="keep training"):
+        freezer.freeze_to(cut)
+    model.train()
+    model.drop.flags.clear()
+    model(x, skip=(1,)).square().mean().backward()
+    assert model.drop.flags == [False, False, True, True]
+    model.zero_grad()
+    model.eval()
+    model(x, skip=(1,)).square().mean().backward()
+    with torch.no_grad():
+        h = reference.proj(torch.relu(reference.layers[0](reference.proj(reference.embed(x)))))
+    for i in (2, 3):
+        h = reference.proj(torch.relu(reference.layers[i](h)))
+    reference.head(h).square().mean().backward()
+    for name in ("proj.weight", "layers.2.weight", "head.weight"):
+        torch.testing.assert_close(model.get_parameter(name).grad, reference.get_parameter(name).grad, msg=name)
+    freezer.close()
+
+
 def test_an_input_that_needs_a_gradient_gets_it_through_a_detached_call():
     # the prefix's call of a block that keeps training (ALBERT-like) had its output detached,
     # cutting the input's gradient too: FreeLB / FGSM got a wrong or no x.grad
