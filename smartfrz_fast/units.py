@@ -323,8 +323,10 @@ class _ForwardTracer(TorchDispatchMode):
             producers = _recent(producers | weights)
         if kind == "softmax" and flags & _FROM_BOTH == _FROM_BOTH:
             flags |= _SOFTMAXED  # kept from here on: a layer over the heads may follow (talking heads)
-        if kind == "product" and len(both) >= 2:
-            flags |= _PRODUCT_OF_TWO  # scores q·kᵀ, or linear attention's kᵀ·v, until the next layer
+        if kind == "product" and len(both) >= 2 and not _same_data(tensors):
+            # scores q·kᵀ, or linear attention's kᵀ·v, until the next layer (a Gram matrix x·xᵀ,
+            # and products of it, as in second-order pooling or a matrix power, are not scores)
+            flags |= _PRODUCT_OF_TWO
         for t in outputs:
             if t.is_floating_point() or t.is_complex():
                 self.mark(t, flags, producers)
@@ -437,6 +439,15 @@ def _op_kind(func) -> Optional[str]:
     if "softmax" in name and "log" not in name:
         return "softmax"
     return None
+
+
+def _same_data(tensors: List[torch.Tensor]) -> bool:
+    """Whether a product's operands are all one tensor's values (x and its transpose)."""
+    try:
+        places = {(t.untyped_storage().data_ptr(), t.storage_offset()) for t in tensors if t.dim() >= 2}
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage
+        return False
+    return len(places) == 1
 
 
 def _aliases(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -484,9 +484,27 @@ class PairwiseInteractions(nn.Module):
         return self.head(h)
 
 
+class GramOfGrams(nn.Module):
+    """Style features: the Gram matrices of two conv layers' outputs, multiplied together."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)
+        self.head = nn.Linear(64, 2)
+
+    def forward(self, x):
+        f1 = torch.relu(self.conv1(x))
+        f2 = torch.relu(self.conv2(f1))
+        g1 = f1.flatten(2) @ f1.flatten(2).transpose(1, 2)
+        g2 = f2.flatten(2) @ f2.flatten(2).transpose(1, 2)
+        return self.head((g1 @ g2).flatten(1))
+
+
 def test_single_products_of_two_computed_tensors_are_not_attention():
     assert first_attention(GramPooling(), torch.randn(2, 1, 6, 6)) is None
     assert first_attention(PairwiseInteractions(), torch.randint(0, 10, (3, 4))) is None
+    # a Gram matrix x·xᵀ is no attention scores, and neither is a product of two of them
+    assert first_attention(GramOfGrams(), torch.randn(2, 3, 8, 8)) is None
 
 
 @pytest.mark.parametrize("name, build, inputs", [
