@@ -14,16 +14,18 @@ their flag changes nothing (``model.train()`` may set it back to True). The hook
 ``EngineHook``s: copies of the model (deepcopy, pickle, EMA, ``AveragedModel``) get inert ones.
 
 A module called both inside and after the prefix (ALBERT's one layer called 12 times) runs its
-first calls in eval and the rest with the flag the user set; a shared parameter that keeps
-training (``shared_parameters="train"``) has the outputs of the module calls that read it inside
-the prefix detached, so no gradient flows back through the frozen units (where a call's input
-needs a gradient, as in adversarial training, the call reads a detached view of the parameter
-instead, and its input gets its gradient). Calls are counted per
-forward pass of the model (reset by a pre-hook on it), and a call beyond the traced ones (a loop
-run more often than traced) lies after the prefix; where a pass skips the model's own forward
-(the activation cache runs blocks), the count wraps at the traced number of calls. A call that
-activation checkpointing recomputes in the backward pass is one after the prefix (the prefix's
-calls pass no gradient, so they are never recomputed).
+first calls in eval and the rest with the flag the user set; a shared parameter that keeps training
+(``shared_parameters="train"``) has the outputs of the module calls that read it inside the prefix
+detached, so no gradient flows back through the frozen units (where a call's input needs a
+gradient, as in adversarial training, the call reads a detached view of the parameter instead, and
+its input gets its gradient). A call lies in the prefix if the model's forward has not yet entered
+a trainable unit's first module call (pre-hooks on those modules: a loop in the prefix may run more
+or fewer turns than traced; compiled, the hooks run in the graph). Where that cannot tell (a
+container around the cut, the activation cache running blocks outside the model's forward), calls
+are counted per forward pass of the model (reset by a pre-hook on it), and a call beyond the traced
+ones lies after the prefix; where a pass skips the model's own forward, the count wraps at the
+traced number of calls. A call that activation checkpointing recomputes in the backward pass is one
+after the prefix (the prefix's calls pass no gradient, so they are never recomputed).
 """
 
 from __future__ import annotations
@@ -213,8 +215,7 @@ class FrozenRegion:
         # a trainable unit (each of them: a layer skipped on this step, LayerDrop or an MoE
         # expert no token went to, leaves the next one to tell it)
         self._entries: List[nn.Module] = []
-        self._past_boundary = False
-        self._boundary_live = False  # this forward tells prefix calls by where it is
+        self._past_boundary = False  # this forward entered one of them
 
     def apply(self, cut: int) -> List[nn.Module]:
         """Place the hooks for a frozen prefix of ``cut`` units (replacing the previous ones).
@@ -305,14 +306,10 @@ class FrozenRegion:
         self._count, self._skipped = self._skipped, {}
         self._in_root_forward = True
         self._past_boundary = False
-        self._boundary_live = bool(self._entries) and not torch.compiler.is_compiling()
 
     def _pass_boundary(self, module, args) -> None:
         if self._in_root_forward:
-            if torch.compiler.is_compiling():  # a compiled block: the rest of this pass is told by number
-                self._boundary_live = False
-            else:
-                self._past_boundary = True
+            self._past_boundary = True
 
     def _leave_root(self, module, args, output) -> None:
         self._in_root_forward = False
@@ -343,7 +340,7 @@ class FrozenRegion:
                 count = self._count.get(key, 0)
                 number = count if self._in_root_forward else count % traced_calls
                 self._count[key] = number + 1
-                if by_place and self._in_root_forward and not torch.compiler.is_compiling() and self._boundary_live:
+                if by_place and self._in_root_forward:
                     # before the first trainable layer ran: in the prefix, whatever its number
                     # (an encoder's loop run for a longer or shorter sequence than traced)
                     number = traced_calls if self._past_boundary else 0
@@ -388,4 +385,4 @@ class FrozenRegion:
         self._skipped = {}
         self._running.clear()
         self._in_root_forward = False
-        self._entries, self._boundary_live = [], False
+        self._entries = []
