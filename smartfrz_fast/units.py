@@ -324,8 +324,8 @@ class _ForwardTracer(TorchDispatchMode):
         if kind == "softmax" and flags & _FROM_BOTH == _FROM_BOTH:
             flags |= _SOFTMAXED  # kept from here on: a layer over the heads may follow (talking heads)
         if kind == "product" and len(both) >= 2 and not _same_data(tensors):
-            # scores q·kᵀ, or linear attention's kᵀ·v, until the next layer (a Gram matrix x·xᵀ,
-            # and products of it, as in second-order pooling or a matrix power, are not scores)
+            # scores q·kᵀ, or linear attention's kᵀ·v, until the next layer (a Gram matrix x·xᵀ of
+            # second-order pooling or style features is none)
             flags |= _PRODUCT_OF_TWO
         for t in outputs:
             if t.is_floating_point() or t.is_complex():
