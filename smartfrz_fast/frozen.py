@@ -196,6 +196,11 @@ def _compiled_graphs_see_hooks() -> None:
         dynamo.reset()
 
 
+# How many trainable units tell that a forward has left the frozen prefix: the first, and the next
+# ones in case LayerDrop skips it (three in a row at a drop rate of 0.1: one step in a thousand)
+_ENTRY_UNITS = 3
+
+
 class FrozenRegion:
     """The hooks that keep the first ``cut`` units of ``plan`` a fixed function of their input."""
 
@@ -212,7 +217,7 @@ class FrozenRegion:
         self._running: Dict[int, List[tuple]] = {}  # per module: (call number, flag to restore)
         self._in_root_forward = False  # inside the model's own forward (not the cache's blocks)
         # Where the model's forward passes the prefix's end: the modules whose first call starts
-        # a trainable unit (each of them: a layer skipped on this step, LayerDrop or an MoE
+        # one of the first trainable units (a layer skipped on this step, LayerDrop or an MoE
         # expert no token went to, leaves the next one to tell it)
         self._entries: List[nn.Module] = []
         self._past_boundary = False  # this forward entered one of them
@@ -247,9 +252,11 @@ class FrozenRegion:
             # A module whose traced calls each end before the prefix's end or start after it (a
             # dropout, not a container around the cut) has its calls told by where the pass is:
             # a loop in the prefix may run more or fewer turns than traced.
-            frozen = self.plan.frozen_calls(key, cut)
+            # (a call with no ops, a dropout traced in eval mode, may sit right at the prefix's end)
+            frozen, end_of_prefix = self.plan.frozen_calls(key, cut), self.plan.boundary[cut]
             by_place = (bool(self._entries) and detach.get(key, 0) in (0, frozen)
-                        and sum(first < self.plan.boundary[cut] for first, _ in calls) == frozen)
+                        and all(end <= end_of_prefix or first >= end_of_prefix for first, end in calls)
+                        and sum(end <= end_of_prefix for _, end in calls) == frozen)
             self.handles.append(module.register_forward_pre_hook(
                 self._enter_hook(len(calls), eval_calls, detach.get(key, 0), shared.get(key, []), by_place),
                 with_kwargs=True, prepend=True))
@@ -275,14 +282,16 @@ class FrozenRegion:
             self._in_root_forward = False
 
     def _unit_entries(self, cut: int) -> List[nn.Module]:
-        """The modules whose first call holds the first op of a unit after a frozen prefix of
-        ``cut`` units (the innermost such call, but the model's own): entering one means the
-        prefix is over. Left out: a call that starts before the prefix's end and runs other
+        """The modules whose first call holds the first op of one of the ``_ENTRY_UNITS`` units
+        after a frozen prefix of ``cut`` units (the innermost such call, but the model's own):
+        entering one means the prefix is over. Left out: a call that starts before the prefix's end and runs other
         module calls there (a block whose own forward reads a layer scale after its frozen
         sub-layers), and a module called before (its count would depend on the prefix's loops).
         None where the first trainable unit has no such module: calls are then told by number."""
         plan = self.plan
-        starts = plan.boundary[cut:len(plan.units)]  # ascending: each trainable unit's first op
+        # ascending: the first op of each of the first trainable units (further ones could be
+        # called inside the prefix on a path the trace did not take: an early-exit head)
+        starts = plan.boundary[cut:min(len(plan.units), cut + _ENTRY_UNITS)]
         innermost: List[Optional[tuple]] = [None] * len(starts)
         calls = [(first, end, module, number) for module, _, module_calls in plan.module_calls.values()
                  if module is not self.root for number, (first, end) in enumerate(module_calls)]

@@ -246,7 +246,9 @@ class RecordingDropout(nn.Dropout):
 
 class LoopedEncoderDecoder(nn.Module):
     """One dropout at every step of an encoder's loop and of a decoder's, as many steps as the
-    input has (a hand-written RNN seq2seq), and a tied input embedding read by both loops."""
+    input has (a hand-written RNN seq2seq), and a tied input embedding read by both loops. The
+    decoder's dropout comes right before its layer: traced in eval mode, that call has no ops and
+    sits at the prefix's end."""
 
     def __init__(self):
         super().__init__()
@@ -261,7 +263,7 @@ class LoopedEncoderDecoder(nn.Module):
             h = torch.tanh(self.enc(torch.cat([self.drop(self.embed(source[:, t])), h], -1)))
         outputs = []
         for t in range(target.shape[1]):
-            h = torch.tanh(self.dec(torch.cat([self.drop(self.embed(target[:, t])), h], -1)))
+            h = torch.tanh(self.dec(self.drop(torch.cat([self.embed(target[:, t]), h], -1))))
             outputs.append(self.head(h))
         return torch.stack(outputs, 1)
 
@@ -282,11 +284,14 @@ def _looped_reference_loss(model, source, target):
 
 
 @pytest.mark.parametrize("source_steps, target_steps", [(5, 2), (1, 4), (3, 3)])
-def test_a_loop_in_the_prefix_run_for_more_or_fewer_steps_than_traced(source_steps, target_steps):
+@pytest.mark.parametrize("set_up_in", ["train", "eval"])
+def test_a_loop_in_the_prefix_run_for_more_or_fewer_steps_than_traced(source_steps, target_steps, set_up_in):
     # traced with 3 + 3 steps, the dropout's calls were told apart by their number: 5 encoder
     # steps ran the last 2 in train mode (and passed the tied embedding gradient), 1 ran the
-    # decoder's 2nd and 3rd in eval (and cut their embedding reads' gradient)
+    # decoder's 2nd and 3rd in eval (and cut their embedding reads' gradient); set up in eval mode
+    # (a Hugging Face model as from_pretrained returns it), the dropout still was
     model, reference = LoopedEncoderDecoder(), LoopedEncoderDecoder()
+    model.train(set_up_in == "train")
     freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1, at_step=1),
                            example_inputs=(torch.randn(2, 3, 4), torch.randn(2, 3, 4)))
     assert [u.name for u in freezer.units][:3] == ["embed", "enc", "dec"]
