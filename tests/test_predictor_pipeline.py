@@ -415,6 +415,28 @@ def test_rebuild_redoes_smartfrz_rows_made_with_other_settings_or_weights(tmp_pa
     assert not rebuild._stale({}, "freezeout", None)  # baselines: rows stand
 
 
+def test_a_row_redone_in_another_shard_s_file_is_the_one_that_counts(tmp_path):
+    # a rebuild run with one shard after two wrote its redone rows to eval-0.jsonl, and the old,
+    # stale rows of shard 1's networks in eval-1.jsonl, read last, kept counting: those networks
+    # were redone at every run and left out of the table
+    import json
+
+    from smartfrz_fast.lab.evaluate import latest_rows
+
+    def write(name, rows):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    old = {"network": "b", "policy": "smartfrz", "accuracy": 0.1}
+    write("eval-0.jsonl", [{"network": "a", "policy": "full", "accuracy": 0.5},
+                           {"network": "b", "policy": "smartfrz", "accuracy": 0.2, "finished": 20.0}])
+    write("eval-1.jsonl", [old, {"network": "a", "policy": "full", "accuracy": 0.6}])
+    rows = latest_rows(sorted(tmp_path.glob("eval*.jsonl")))
+    assert rows[("b", "smartfrz")]["accuracy"] == 0.2
+    assert rows[("a", "full")]["accuracy"] == 0.6  # rows without a time: the last line read
+    write("eval-1.jsonl", [old, {"network": "b", "policy": "smartfrz", "accuracy": 0.3, "finished": 30.0}])
+    assert latest_rows(sorted(tmp_path.glob("eval*.jsonl")))[("b", "smartfrz")]["accuracy"] == 0.3
+
+
 def test_rebuild_redoes_recordings_and_predictors_of_another_history_sampling(finished_trials, tmp_path):
     import shutil
 

@@ -110,9 +110,11 @@ def training_probe(task: Task, n: int = 64) -> torch.Tensor:
 
 
 def latest_rows(paths: Sequence[Path], skip_torn: bool = False) -> Dict[tuple, Dict]:
-    """Result rows of JSON-lines files by (network, policy), the newest line of each counting;
-    a file not there yet has none. ``skip_torn``: pass over a line that does not parse (the
-    torn last line of an interrupted run, which is then redone) instead of raising."""
+    """Result rows of JSON-lines files by (network, policy), the newest line of each counting:
+    by its ``finished`` time where rows have one (a rebuild sharded otherwise than before writes
+    a network's new row to another shard's file than its old one), else the last line read; a
+    file not there yet has none. ``skip_torn``: pass over a line that does not parse (the torn
+    last line of an interrupted run, which is then redone) instead of raising."""
     rows: Dict[tuple, Dict] = {}
     for path in paths:
         if not Path(path).exists():
@@ -124,7 +126,9 @@ def latest_rows(paths: Sequence[Path], skip_torn: bool = False) -> Dict[tuple, D
                 if skip_torn:
                     continue
                 raise
-            rows[(row["network"], row["policy"])] = row
+            key = (row["network"], row["policy"])
+            if key not in rows or row.get("finished", 0) >= rows[key].get("finished", 0):
+                rows[key] = row
     return rows
 
 

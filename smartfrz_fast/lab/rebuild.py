@@ -169,7 +169,7 @@ class Rebuild:
             if row is not None and not self._stale(row, policy, weights):
                 continue
             self._check_time(f"evaluating {spec.name} with {policy}")
-            row = train_with_policy(spec, policy, weights)
+            row = dict(train_with_policy(spec, policy, weights), finished=round(time.time(), 1))
             with open(self.out / f"eval-{self.shard[0]}.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             self.log(json.dumps({k: v for k, v in row.items() if k != "timeline"}))
