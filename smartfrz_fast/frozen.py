@@ -250,9 +250,9 @@ class FrozenRegion:
         for key, eval_calls in counted.items():
             module, _, calls = self.plan.module_calls[key]
             # A module whose traced calls each end before the prefix's end or start after it (a
-            # dropout, not a container around the cut) has its calls told by where the pass is:
-            # a loop in the prefix may run more or fewer turns than traced.
-            # (a call with no ops, a dropout traced in eval mode, may sit right at the prefix's end)
+            # dropout, not a container around the cut; a call with no ops, a dropout traced in
+            # eval mode, may do both) has its calls told by where the pass is: a loop in the
+            # prefix may run more or fewer turns than traced.
             frozen, end_of_prefix = self.plan.frozen_calls(key, cut), self.plan.boundary[cut]
             by_place = (bool(self._entries) and detach.get(key, 0) in (0, frozen)
                         and all(end <= end_of_prefix or first >= end_of_prefix for first, end in calls)
@@ -284,10 +284,11 @@ class FrozenRegion:
     def _unit_entries(self, cut: int) -> List[nn.Module]:
         """The modules whose first call holds the first op of one of the ``_ENTRY_UNITS`` units
         after a frozen prefix of ``cut`` units (the innermost such call, but the model's own):
-        entering one means the prefix is over. Left out: a call that starts before the prefix's end and runs other
-        module calls there (a block whose own forward reads a layer scale after its frozen
-        sub-layers), and a module called before (its count would depend on the prefix's loops).
-        None where the first trainable unit has no such module: calls are then told by number."""
+        entering one means the prefix is over. Left out: a call that starts before the prefix's
+        end and runs other module calls there (a block whose own forward reads a layer scale
+        after its frozen sub-layers), and a module called before (its count would depend on the
+        prefix's loops). None where the first trainable unit has no such module: calls are then
+        told by number."""
         plan = self.plan
         # ascending: the first op of each of the first trainable units (further ones could be
         # called inside the prefix on a path the trace did not take: an early-exit head)
@@ -302,13 +303,14 @@ class FrozenRegion:
         prefix_end = plan.boundary[cut]
         entries: Dict[int, nn.Module] = {}
         for op, call in zip(starts, innermost):
-            if call is None or call[3] != 0 or call[0] < prefix_end and any(
-                    call[0] <= first < prefix_end and not first <= op < end
-                    for first, end, module, _ in calls if module is not call[2]):
-                if not entries and op == prefix_end:
-                    return []
-                continue
-            entries[id(call[2])] = call[2]
+            usable = call is not None and call[3] == 0
+            if usable and call[0] < prefix_end:  # no other module call in its part of the prefix
+                usable = not any(call[0] <= first < prefix_end and not first <= op < end
+                                 for first, end, module, _ in calls if module is not call[2])
+            if usable:
+                entries[id(call[2])] = call[2]
+            elif not entries and op == prefix_end:  # the first trainable unit's
+                return []
         return list(entries.values())
 
     def _enter_root(self, module, args) -> None:
