@@ -442,12 +442,14 @@ def _op_kind(func) -> Optional[str]:
 
 
 def _same_data(tensors: List[torch.Tensor]) -> bool:
-    """Whether a product's operands are all one tensor's values (x and its transpose)."""
+    """Whether a product's operands are all one tensor's values (x and its transpose). Tensors
+    with no memory of their own (meta: every address 0) are told apart by nothing: not the same,
+    as ``_aliases`` holds them."""
     try:
         places = {(t.untyped_storage().data_ptr(), t.storage_offset()) for t in tensors if t.dim() >= 2}
     except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage
         return False
-    return len(places) == 1
+    return len(places) == 1 and next(iter(places))[0] != 0
 
 
 def _aliases(a: torch.Tensor, b: torch.Tensor) -> bool:

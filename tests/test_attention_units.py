@@ -444,6 +444,13 @@ def test_attention_normalised_without_a_softmax_op_is_found(normalise):
     assert set(marked(model, torch.randn(2, 5, 6))) == {"1.q", "1.k", "1.v"}
 
 
+def test_attention_scores_on_the_meta_device_are_found():
+    # every meta tensor's address is 0: q and kᵀ looked like one tensor's values (a Gram matrix)
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(6, 16), UnnormalisedAttention("sigmoid"), nn.Linear(16, 2))
+    assert set(marked(model, torch.randn(2, 5, 6, device="meta"))) == {"1.q", "1.k", "1.v"}
+
+
 @pytest.mark.parametrize("form", ["elu", "causal", "performer"])
 def test_linear_attention_is_found(form):
     model = nn.Sequential(nn.Linear(6, 16), LinearAttention(form), nn.Linear(16, 2))
