@@ -22,6 +22,8 @@ from smartfrz_fast import SmartFreezer, StaticFreeze
 from smartfrz_fast.distributed import FreezableDDP
 from smartfrz_fast.policy.base import FreezePolicy
 
+from ddp_worker import leave_group_and_exit
+
 WIDTH = 16
 
 
@@ -118,9 +120,10 @@ def entry(rank, scenario, out, port):
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         main(scenario, out)
-        dist.barrier()  # both ranks leave together: a rank that tore down first aborted gloo's other rank
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        dist.destroy_process_group()  # the other rank's next collective fails rather than waits
+        raise
+    leave_group_and_exit()
 
 
 if __name__ == "__main__":

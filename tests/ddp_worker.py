@@ -150,12 +150,14 @@ def count_broadcasts():
     return calls
 
 
-def exit_after_trainer() -> None:
-    """End a rank whose trainer (Hugging Face, Lightning) left its gloo group up: torn down by the
-    interpreter's exit, gloo's threads can abort the process ("terminate called without an
-    active exception") after a good run. Both ranks leave the group together; even then 2 runs
-    in about 25 aborted at exit (transformers 4.57, a resumed run), and a Lightning run in CI:
-    the results are on disk, so leave without running the native teardown at all."""
+def leave_group_and_exit() -> None:
+    """End a rank once its results are on disk: both ranks leave the gloo group together, then
+    the process exits without the interpreter's native teardown. Torn down at exit, gloo's worker
+    threads can abort a good run ("terminate called without an active exception": a thread
+    that drops a tensor's last reference needs the GIL while the interpreter finalizes; the
+    process group outlives destroy_process_group while C++ objects such as DDP's reducer hold
+    it). Seen at exit in about 2 runs in 25 under transformers 4.57, in a Lightning run and in a
+    plain FreezableDDP run in CI."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -201,13 +203,13 @@ def worker(rank, world, port, mode, out):
                 inner[1][0].weight.to_local().fill_(float("nan"))
         frozen = freezer.freeze_to(3)
         torch.save({"frozen": frozen}, out / f"rank{rank}.pt")
-        exit_after_trainer()  # both ranks leave together, without gloo's native teardown (it aborted at exit)
+        leave_group_and_exit()
     if mode == "mismatch":  # each rank counted its own shard: refused on every rank, nothing hangs
         try:
             SmartFreezer(seen, optimizer, LinearFreeze(), example_inputs=data(0, rank)[0], total_steps=steps + rank)
         except ValueError as exc:
             torch.save({"error": str(exc)}, out / f"rank{rank}.pt")
-        exit_after_trainer()  # both ranks leave together, without gloo's native teardown (it aborted at exit)
+        leave_group_and_exit()
     freezer = SmartFreezer(seen, optimizer, policy, example_inputs=data(0, rank)[0], total_steps=steps, **settings)
     batches, cache, shared_path_error = (lambda step: data(step, rank)), None, None
     if mode.startswith("cache"):
@@ -258,6 +260,7 @@ def worker(rank, world, port, mode, out):
         torch.save({"events": [(e.step, e.num_frozen) for e in ref_freezer.timeline],
                     "state": full_state(ref), "histories": getattr(ref_policy, "histories", None)},
                    out / "reference.pt")
+    leave_group_and_exit()
 
 
 if __name__ == "__main__":

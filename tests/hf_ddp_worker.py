@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import torch
-from ddp_worker import RankSkewed, exit_after_trainer
+from ddp_worker import RankSkewed, leave_group_and_exit
 from test_integration_hf import dataset, tiny_bert, training_args
 from transformers import Trainer
 
@@ -41,7 +41,7 @@ def main(out: Path, resume: str = "", static: bool = False, cache: bool = False)
                 "cache": None if callback.cache is None else dict(callback.cache.stats, boundary=callback.cache.boundary,
                                                                   describe=callback.cache.describe())},
                out / f"rank{rank}{'-resumed' if resume else ''}.pt")
-    exit_after_trainer()
+    leave_group_and_exit()
 
 
 if __name__ == "__main__":

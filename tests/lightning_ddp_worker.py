@@ -14,7 +14,7 @@ from pathlib import Path
 import lightning.pytorch as L
 import torch
 
-from ddp_worker import RankSkewed, exit_after_trainer
+from ddp_worker import RankSkewed, leave_group_and_exit
 from models import batch
 from test_integration_lightning import LitCachedCNN, LitCNN  # the tests' modules: one definition
 
@@ -47,4 +47,4 @@ def main(out: Path, cache: bool) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2:] == ["cache"])
-    exit_after_trainer()
+    leave_group_and_exit()

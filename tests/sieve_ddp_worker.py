@@ -23,6 +23,8 @@ from smartfrz_fast import AutoFreeze, SievingSampler, SmartFreezer
 from smartfrz_fast.distributed import FreezableDDP
 from smartfrz_fast.sieve import DistributedSievingSampler
 
+from ddp_worker import leave_group_and_exit
+
 # 41 samples, 25 active (odd: one padded duplicate per epoch over 2 ranks), 8 swapped per epoch
 N, ACTIVE, SWAP, MOMENTUM, EPOCHS, RESUME_AT = 41, 0.6, 0.3, 0.5, 8, 3
 
@@ -97,8 +99,7 @@ def worker(rank, world, port, mode, out):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     result = sampler_mode(rank) if mode == "sampler" else ddp_mode(rank)
     torch.save(result, out / f"rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_group_and_exit()
 
 
 if __name__ == "__main__":
