@@ -583,6 +583,24 @@ def uncached_autocast() -> Iterator[None]:
 
 
 @contextmanager
+def unfused_transformer_layers() -> Iterator[None]:
+    """``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` run op by op meanwhile, as
+    they do in training. In eval mode without gradients (a freezer set up after an evaluation,
+    or at a validation forward) they take a fused fast path: one op with no FLOP formula, so
+    their units counted as free, and one op reading two units' weights, so they looked shared."""
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "set_fastpath_enabled"):
+        yield
+        return
+    enabled = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(enabled)
+
+
+@contextmanager
 def compiled_modules_run_eagerly(model: nn.Module) -> Iterator[None]:
     """Modules compiled in place (``module.compile()``, as ``compile_blocks`` does) run their
     eager forward meanwhile. Run under a dispatch mode (the tracers here), a compiled block is
@@ -668,7 +686,7 @@ def trace_forward(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[s
     hooks = [m.register_forward_pre_hook(enter) for m in model.modules()]
     hooks += [m.register_forward_hook(leave, always_call=True) for m in model.modules()]
     try:
-        with preserved_state(model), torch.no_grad(), uncached_autocast():
+        with preserved_state(model), torch.no_grad(), uncached_autocast(), unfused_transformer_layers():
             with compiled_modules_run_eagerly(model), flex_attention_traceable(), tracer:
                 model(*args, **(kwargs or {}))
     except Exception as exc:  # the model's own error, plus what the engine was doing (3.11+)
