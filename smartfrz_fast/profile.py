@@ -171,7 +171,13 @@ class UnitProfile:
     param_bytes: int
     grad_bytes: int  # gradients of its parameters (freed by freezing)
     optimizer_state_bytes: int  # freed by freezing
-    backward_merged: bool = False  # its input needs no grad: its backward time is in the unit before
+    # the unit whose time includes this one's, where its own cannot be told apart (shown "(in i)")
+    forward_in: Optional[int] = None
+    backward_in: Optional[int] = None
+
+    @property
+    def backward_merged(self) -> bool:
+        return self.backward_in is not None
 
 
 @dataclass
@@ -185,13 +191,20 @@ class StepBreakdown:
 
 class _UnitTimer:
     """Forward pre-hooks on each unit's first module mark the forward boundaries and put a
-    gradient hook on the unit's input, which marks its backward boundary."""
+    gradient hook on the unit's input, which marks its backward boundary. A unit whose first
+    module encloses an earlier unit's (the model itself, for a parameter held on it) starts
+    before that unit: it gets no hook, and its time counts with the unit before."""
 
     def __init__(self, units: Sequence[Unit], clock: _Clock, counter: Optional[_SavedBytes] = None):
         self.clock = clock
         self.counter = counter
-        self.handles = [u.modules[0].register_forward_pre_hook(partial(self._enter, u.index), with_kwargs=True)
-                        for u in units]
+        self.handles = []
+        for u in units:
+            inner = set(map(id, u.modules[0].modules()))
+            if u.index and any(id(e.modules[0]) in inner for e in units[:u.index]):
+                continue
+            self.handles.append(u.modules[0].register_forward_pre_hook(partial(self._enter, u.index),
+                                                                        with_kwargs=True))
         self.reset()
 
     def reset(self) -> None:
@@ -215,6 +228,48 @@ class _UnitTimer:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def _forward_spans(starts: List[Optional[float]], end: float) -> Tuple[List[float], List[Optional[int]]]:
+    """Each unit's forward time from its start (ms from the forward's start; unit 0 at 0), and
+    for a unit with no usable start (its first module never called, as nn.MultiheadAttention
+    never calls its out_proj, or called out of order) the unit whose time includes it: the one
+    before."""
+    times, within = [0.0] * len(starts), [None] * len(starts)
+    owner = 0
+    for u in range(1, len(starts)):
+        if starts[u] is None or starts[u] < starts[owner]:
+            within[u] = owner
+        else:
+            owner = u
+    owners = [u for u in range(len(starts)) if within[u] is None] + [len(starts)]
+    for a, b in zip(owners, owners[1:]):
+        times[a] = (end if b == len(starts) else starts[b]) - starts[a]
+    return times, within
+
+
+def _backward_spans(ready: List[Optional[float]], end: float) -> Tuple[List[float], List[Optional[int]]]:
+    """Each unit's backward time from the moments its input's gradient was ready (ms from the
+    backward's start; unit 0's is the backward's end), and for a unit whose own time cannot be
+    told apart the unit whose time includes it: the one before where its input needs no
+    gradient, the next one after where its gradient was ready before a later unit's (units that
+    read one input, as q, k and v or a residual block's shortcut do: the input's gradient is
+    complete only after all of them)."""
+    n = len(ready)
+    bound: List[float] = [end] + [0.0] * n
+    kind: List[Optional[str]] = [None] * n
+    for u in range(n - 1, 0, -1):
+        if ready[u] is None:
+            bound[u], kind[u] = bound[u + 1], "before"
+        elif ready[u] < bound[u + 1]:
+            bound[u], kind[u] = bound[u + 1], "after"
+        else:
+            bound[u] = ready[u]
+    times = [bound[u] - bound[u + 1] for u in range(n)]
+    owners = [u for u in range(n) if kind[u] is None]
+    within = [None if k is None else (max(o for o in owners if o < u) if k == "before" else
+                                      min(o for o in owners if o > u)) for u, k in enumerate(kind)]
+    return times, within
 
 
 def _first_grad_tensor(args) -> Optional[Tensor]:
@@ -256,14 +311,16 @@ def profile_units(
     work = _unmanaged_copy(model).train()
     args, kwargs = as_args(inputs), dict(kwargs or {})
     optimizer = optimizer_factory(work.parameters())
-    units = discover_units(work, args, kwargs).units
+    plan = discover_units(work, args, kwargs)
+    units = plan.units
     clock = _Clock(_device_of(work))
     n = len(units)
 
     timer = _UnitTimer(units, clock)
     fwd: List[List[float]] = [[] for _ in range(n)]
     bwd: List[List[float]] = [[] for _ in range(n)]
-    merged = [False] * n
+    forward_in: List[Optional[int]] = [None] * n
+    backward_in: List[Optional[int]] = [None] * n
     parts: Dict[str, List[float]] = {"step": [], "forward": [], "backward": [], "optimizer": []}
     try:
         for i in range(warmup + repeats):
@@ -281,18 +338,17 @@ def profile_units(
                 continue
             for name, a, b in (("step", t0, t3), ("forward", t0, t1), ("backward", t1, t2), ("optimizer", t2, t3)):
                 parts[name].append(clock.ms(a, b))
-            starts = [timer.forward.get(u, None) for u in range(n)]
-            starts[0] = t0
-            ends = starts[1:] + [t1]
-            # backward boundary of unit u: its input's gradient is ready (unit 0: backward ends)
-            bounds: List[Any] = [t2] + [timer.backward.get(u) for u in range(1, n)] + [t1]
-            for u in range(n - 1, 0, -1):
-                if bounds[u] is None:
-                    bounds[u], merged[u] = bounds[u + 1], True
+            starts = [0.0] + [None if timer.forward.get(u) is None else clock.ms(t0, timer.forward[u])
+                              for u in range(1, n)]
+            times, forward_in = _forward_spans(starts, clock.ms(t0, t1))
             for u in range(n):
-                if starts[u] is not None and ends[u] is not None:
-                    fwd[u].append(clock.ms(starts[u], ends[u]))
-                bwd[u].append(clock.ms(bounds[u + 1], bounds[u]))
+                fwd[u].append(times[u])
+            # a unit with no usable start has no usable input either
+            ready = [None] + [None if timer.backward.get(u) is None or forward_in[u] is not None
+                              else clock.ms(t1, timer.backward[u]) for u in range(1, n)]
+            times, backward_in = _backward_spans(ready, clock.ms(t1, t2))
+            for u in range(n):
+                bwd[u].append(times[u])
         # memory: one untimed pass counting saved tensors per unit, then the optimizer state
         counter = _SavedBytes(list(work.parameters()))
         timer.counter = counter
@@ -304,13 +360,17 @@ def profile_units(
         timer.remove()
     rows = []
     for u in units:
-        state = [v for p in u.parameters for v in optimizer.state.get(p, {}).values()]
-        pbytes = _tensor_bytes(u.parameters)
+        # what freezing it frees: the parameters the freeze of the next prefix takes out (a tied
+        # embedding keeps training, and keeps its gradient and state, until its last reader freezes)
+        before = {id(p) for _, p in plan.frozen_parameters(u.index)}
+        freed = [p for _, p in plan.frozen_parameters(u.index + 1) if id(p) not in before]
+        state = [v for p in freed for v in optimizer.state.get(p, {}).values()]
         rows.append(UnitProfile(
             index=u.index, name=u.name, num_params=u.num_params, forward_flops=u.forward_flops,
             forward_ms=_median(fwd[u.index]), backward_ms=_median(bwd[u.index]),
-            activation_bytes=counter.by_unit.get(u.index, 0), param_bytes=pbytes, grad_bytes=pbytes,
-            optimizer_state_bytes=_tensor_bytes(state), backward_merged=merged[u.index],
+            activation_bytes=counter.by_unit.get(u.index, 0), param_bytes=_tensor_bytes(u.parameters),
+            grad_bytes=_tensor_bytes(freed), optimizer_state_bytes=_tensor_bytes(state),
+            forward_in=forward_in[u.index], backward_in=backward_in[u.index],
         ))
     breakdown = StepBreakdown(_median(parts["step"]), _median(parts["forward"]), _median(parts["backward"]),
                               _median(parts["optimizer"]), repeats)
@@ -320,6 +380,12 @@ def profile_units(
 def _check_counts(repeats: int, warmup: int) -> None:
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+
+
+def _check_keep_trainable(keep_trainable: int) -> None:
+    if keep_trainable < 1:
+        raise ValueError(f"keep_trainable must be at least 1, got {keep_trainable}: with every unit frozen a "
+                         "training step has no backward to measure")
 
 
 # ---------------------------------------------------------------------------------- ceiling
@@ -359,6 +425,7 @@ def profile_prefixes(
     """Step time with the first n units frozen (by ``SmartFreezer.freeze_to``), for every n
     the engine allows, each against an unfrozen copy stepped alternately with it."""
     _check_counts(repeats, warmup)
+    _check_keep_trainable(keep_trainable)
     from .policy import StaticFreeze
 
     args, kwargs = as_args(inputs), dict(kwargs or {})
@@ -393,8 +460,8 @@ def profile_prefixes(
             clock.sync()
             estimate = 0.0
             if units is not None:
-                prefix = units[:n]
-                estimate = sum(u.backward_ms for u in prefix) + optimizer_ms * sum(u.num_params for u in prefix) / total_params
+                frozen = sum(p.numel() for _, p in freezer.plan.frozen_parameters(n))  # not what still trains
+                estimate = sum(u.backward_ms for u in units[:n]) + optimizer_ms * frozen / total_params
             rows.append(PrefixRow(
                 num_frozen=n, last_frozen=freezer.units[n - 1].name if n else "-",
                 step_ms=_median([clock.ms(b, c) for _, b, c in marks]),
@@ -504,6 +571,7 @@ def profile_overhead(
     ``total_steps=steps``, so schedules run their course, and ``keep_trainable`` as the
     freezer's), timing ``freezer.step()``."""
     _check_counts(steps, warmup)
+    _check_keep_trainable(keep_trainable)
     unknown = [p for p in policies if p not in POLICY_NAMES]
     if unknown:
         raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICY_NAMES)}")
@@ -620,6 +688,7 @@ def profile_model(
 ) -> Profile:
     """Per-unit profile, freezing ceiling and per-policy engine overhead (``policies=()`` skips
     the overhead runs). The model itself is not modified: every measurement runs on copies."""
+    _check_keep_trainable(keep_trainable)  # before any measurement
     common = dict(kwargs=kwargs, loss_fn=loss_fn, optimizer_factory=optimizer_factory)
     units, breakdown = profile_units(model, inputs, repeats=repeats, warmup=warmup, **common)
     prefixes = profile_prefixes(model, inputs, units=units, optimizer_ms=breakdown.optimizer_ms,
@@ -651,9 +720,10 @@ def _format_profile(p: Profile) -> List[str]:
            f"  {'#':>3} {'unit':<{w}} {'params':>9} {'fwd MFLOP':>10} {'fwd ms':>8} {'bwd ms':>8} "
            f"{'activ. MB':>9} {'grad+opt MB':>11}"]
     for u in p.units:
-        bwd = f"{u.backward_ms:8.2f}" if not u.backward_merged else f"{'(in ' + str(u.index - 1) + ')':>8}"
+        fwd = f"{u.forward_ms:8.2f}" if u.forward_in is None else f"{'(in ' + str(u.forward_in) + ')':>8}"
+        bwd = f"{u.backward_ms:8.2f}" if u.backward_in is None else f"{'(in ' + str(u.backward_in) + ')':>8}"
         out.append(f"  {u.index:>3} {_short(u.name, w):<{w}} {u.num_params:>9,} {u.forward_flops / 1e6:>10.1f} "
-                   f"{u.forward_ms:>8.2f} {bwd} {_mb(u.activation_bytes):>9} "
+                   f"{fwd} {bwd} {_mb(u.activation_bytes):>9} "
                    f"{_mb(u.grad_bytes + u.optimizer_state_bytes):>11}")
     fsum, bsum = sum(u.forward_ms for u in p.units), sum(u.backward_ms for u in p.units)
     out.append(f"  {'':>3} {'sum':<{w}} {'':>9} {'':>10} {fsum:>8.2f} {bsum:>8.2f}")
@@ -783,8 +853,11 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "python -m smar
     for key in ("batch_size", "repeats", "overhead_steps"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be at least 1")
-    if args.warmup < 0 or args.keep_trainable < 0:
-        p.error("--warmup and --keep-trainable must be >= 0")
+    if args.warmup < 0:
+        p.error("--warmup must be >= 0")
+    if args.keep_trainable < 1:
+        p.error("--keep-trainable must be at least 1: with every unit frozen a training step has no backward "
+                "to measure")
     if args.model and not args.input_shape:
         p.error("--model needs --input-shape (one sample's shape, e.g. 3,32,32)")
     given = [f"--{k.replace('_', '-')}" for k, default in (("input_shape", None), ("input_dtype", "float32"),

@@ -533,6 +533,8 @@ def test_sieving_sampler_corrupt_checkpoint_changes_nothing(edit, message):
     (["--input-dtype", "int64", "--input-high", "7"], "--input-dtype, --input-high apply only with --model"),
     (["--device", "nonsense"], "'nonsense' is not a torch device"),
     (["--json", "/nonexistent_dir_x/out.json"], "its folder does not exist"),
+    # every unit frozen: measured for minutes, then the last row's backward raised (all lost)
+    (["--keep-trainable", "0"], "--keep-trainable must be at least 1"),
 ])
 def test_profile_cli_refuses_before_measuring(capsys, args, message):
     from smartfrz_fast import profile

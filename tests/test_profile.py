@@ -366,6 +366,97 @@ def test_docs_example_runs(tmp_path):
     assert "Ceiling" in r.stdout and "time saved" in r.stdout
 
 
+class RootOffset(nn.Module):
+    """A learned offset held on the model itself, read after a slow unit (timm's ViTs hold
+    ``cls_token`` so): the model's pre-hook fires before every unit."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.head = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+        self.offset = nn.Parameter(torch.zeros(16))
+
+    def forward(self, x):
+        x = torch.relu(_Sleep.apply(self.b(torch.relu(self.a(x)))))
+        return self.head(torch.relu(self.c(x + self.offset)))
+
+
+class Attend(nn.Module):
+    """torch's encoder layer: nn.MultiheadAttention never calls its out_proj module."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.inp = nn.Linear(6, d)
+        self.layer = nn.TransformerEncoderLayer(d, 2, 2 * d, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        return self.head(self.layer(self.inp(x)).mean(1))
+
+
+class QKV(nn.Module):
+    """q, k and v read one input: its gradient is complete once all three are done."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.inp, self.q, self.k, self.v = nn.Linear(6, d), nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        scores = torch.softmax(self.q(h) @ self.k(h).transpose(1, 2), -1)
+        return self.head((scores @ self.v(h)).mean(1))
+
+
+def test_units_no_hook_can_time_are_shown_in_a_neighbour(fresh_seed, one_thread):
+    # they showed nan (a sum of nan), negative times, or a neighbour's time as their own
+    units, step = profile_units(RootOffset(), torch.randn(8, 6), repeats=3, warmup=1)
+    assert [u.name for u in units] == ["a", "b", "<root>", "c", "head"]
+    assert units[2].forward_in == 1 and units[2].forward_ms == 0.0 and units[2].backward_in == 1
+    assert units[1].forward_ms >= 0.9 * FWD_S * 1e3 and units[1].backward_ms >= 0.9 * BWD_S * 1e3
+    units, _ = profile_units(Attend(), torch.randn(4, 5, 6), repeats=2, warmup=0)
+    out_proj = next(u for u in units if u.name.startswith("layer.self_attn.out_proj"))
+    assert out_proj.forward_in == out_proj.index - 1 and out_proj.backward_in == out_proj.index - 1
+    units, _ = profile_units(QKV(), torch.randn(4, 5, 6), repeats=2, warmup=0)
+    assert [u.name for u in units] == ["inp", "q", "k", "v", "head"]
+    assert [u.backward_in for u in units] == [None, 3, 3, None, None]
+    for model, x in ((RootOffset(), torch.randn(8, 6)), (Attend(), torch.randn(4, 5, 6)), (QKV(), torch.randn(4, 5, 6))):
+        units, _ = profile_units(model, x, repeats=2, warmup=0)
+        assert all(u.forward_ms >= 0 and u.backward_ms >= 0 for u in units), units
+        table = "\n".join(_format_units(units))
+        assert "nan" not in table
+
+
+def _format_units(units):
+    from smartfrz_fast.profile import Profile, StepBreakdown, _format_profile
+
+    return _format_profile(Profile("t", units, StepBreakdown(1.0, 0.5, 0.4, 0.1, 1), [], None, []))
+
+
+def test_a_tied_embedding_is_freed_where_its_last_reader_freezes():
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.mid = nn.Embedding(40, 8), nn.Linear(8, 8)
+            self.lm_head = nn.Linear(8, 40)
+            self.lm_head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.lm_head(torch.relu(self.mid(self.emb(ids)))).flatten(0, 1)
+
+    units, _ = profile_units(TiedLM(), torch.randint(0, 40, (4, 6)), repeats=1, warmup=0,
+                             optimizer_factory=lambda p: torch.optim.Adam(p))
+    emb_bytes = 40 * 8 * 4
+    # freezing the embedding's unit frees nothing: the head's read keeps it training
+    assert [u.name for u in units] == ["emb", "mid", "lm_head"]
+    assert units[0].grad_bytes == 0 and units[0].optimizer_state_bytes == 0
+    assert units[2].grad_bytes == emb_bytes + 40 * 4 and units[2].optimizer_state_bytes > 2 * emb_bytes
+
+
+def test_keep_trainable_below_one_is_refused_before_measuring():
+    with pytest.raises(ValueError, match="keep_trainable must be at least 1"):
+        profile_model(SlowMiddle(), torch.randn(8, 6), keep_trainable=0)
+
+
 def test_unit_whose_input_needs_no_grad_is_marked_merged():
     class Detached(nn.Module):
         def __init__(self):
