@@ -1125,7 +1125,11 @@ class SmartFreezer:
             always, partly = self.plan.eval_modules(self.num_frozen)
             lines.append(f"frozen prefix in eval mode (no dropout, fixed norm statistics): {len(always)} modules"
                          + (f", and the first calls of {len(partly)} called again after it" if partly else ""))
-        lines.append(f"training FLOPs saved so far: {self.training_flops_saved():.1%}")
+        lines.append(f"training FLOPs saved so far: {self.training_flops_saved():.1%} (the frozen units' backward)")
+        for listener in self._freeze_listeners:  # an activation cache: the forward it skipped
+            line = getattr(listener, "report_line", lambda: None)()
+            if line:
+                lines.append(line)
         guard = self._guard
         if guard is not None and self.step_count == 0 and guard.optimizer_steps:
             lines.append(f"note: the optimizer stepped {guard.optimizer_steps} times but step() was never called")

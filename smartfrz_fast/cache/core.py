@@ -1586,6 +1586,17 @@ class _FreezeListener:
         cache = self.cache()
         return _FreezeListener(copy.deepcopy(cache, memo)) if cache is not None else self
 
+    def report_line(self) -> Optional[str]:
+        """The freezer's report counts the frozen units' backward only: say what the cache skipped."""
+        cache = self.cache()
+        if cache is None:
+            return None
+        hits, seen = cache.stats["hits"], cache.stats["hits"] + cache.stats["misses"]
+        if not hits:
+            return f"{cache.describe()}"
+        return (f"activation cache: {hits} of {seen} samples since it started were served from it, each "
+                "skipping its cached prefix's forward too (not in the FLOPs saved above)")
+
 
 class SideInputs:
     """Per-sample inputs that layers read besides the activation (attention mask, position ids),
