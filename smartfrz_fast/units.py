@@ -366,6 +366,11 @@ class _ForwardTracer(TorchDispatchMode):
         else:
             self.op_backward.append(2.0)
         out = func(*args, **kwargs)
+        keep = _KEEPING_DRAWS.get(func._overloadpacket.__name__)
+        if keep is not None:  # every layer runs in the trace, whatever LayerDrop or DropPath draws
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    t.fill_(keep)
         count = self._flop_registry.get(func._overloadpacket)
         if count is not None:
             self.op_flops.append(int(count(*args, **kwargs, out_val=out)))
@@ -415,6 +420,13 @@ _SHAPE_ONLY_OPS = {"new_ones", "new_zeros", "new_empty", "new_full", "new_empty_
 # the most recent producing layers a tensor remembers: enough for attention's operands (a few
 # projections and the elementwise layers after them), bounded for an RNN's state over a long loop
 _PRODUCERS_KEPT = 8
+
+
+# Random draws as the trace takes them: the value that keeps every layer and path. LayerDrop skips
+# a layer where a uniform draw falls below its probability (a trace without that layer left its
+# parameters out of every unit: Wav2Vec2's default LayerDrop of 0.1 skips one of 12 layers in
+# most draws); stochastic depth and dropout keep what a Bernoulli draw of 1 keeps.
+_KEEPING_DRAWS = {"rand": 0.999, "rand_like": 0.999, "uniform_": 0.999, "bernoulli": 1, "bernoulli_": 1}
 
 
 def _recent(producers: FrozenSet[int]) -> FrozenSet[int]:
@@ -541,9 +553,29 @@ def preserved_modes(modules: Iterable[nn.Module]) -> Iterator[None]:
 
 
 @contextmanager
+def preserved_rngs(model: nn.Module) -> Iterator[None]:
+    """The random generators a forward pass may draw from are as before afterwards: torch's (CPU
+    and the model's GPUs: dropout masks, LayerDrop), numpy's and Python's (SpecAugment's masks
+    are drawn with numpy)."""
+    import random
+    import sys
+
+    numpy = sys.modules.get("numpy")
+    host = random.getstate(), numpy.random.get_state() if numpy is not None else None
+    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(host[0])
+        if numpy is not None:
+            numpy.random.set_state(host[1])
+
+
+@contextmanager
 def preserved_state(model: nn.Module) -> Iterator[None]:
     """Run a look-only forward pass: the model's buffers (norm running statistics, observers)
-    and the RNG (CPU and the model's GPUs, e.g. dropout masks) are as before afterwards.
+    and the random generators (``preserved_rngs``) are as before afterwards.
 
     A buffer is put back only where the pass changed it, and through ``.data``, which leaves its
     version counter alone: a graph built before the pass may have saved it (a GAN's discriminator
@@ -552,9 +584,8 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
     empty until the first forward) gets its old shape back; one it replaced, its old tensor."""
     saved = [(module, name, b, b.detach().clone())
              for module in model.modules() for name, b in module._buffers.items() if b is not None]
-    devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
     try:
-        with torch.random.fork_rng(devices=devices):
+        with preserved_rngs(model):
             yield
     finally:
         with torch.no_grad():

@@ -635,3 +635,65 @@ def test_real_library_model_trains_with_the_cache(name, fresh_seed):
         for (n, p), q in zip(model.named_parameters(), reference.parameters()):
             if p.requires_grad:
                 torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+class _DrawsBetweenLayers(nn.Module):
+    """The model's own forward draws at random between its layers while it trains: a time mask
+    drawn with numpy (as Wav2Vec2's SpecAugment) or a layer skipped (as LayerDrop)."""
+
+    def __init__(self, kind, p):
+        super().__init__()
+        self.kind, self.p = kind, p
+        self.stem = nn.Linear(6, 16)
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(3))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        import numpy as np
+
+        h = self.stem(x)
+        if self.kind == "mask" and self.training and self.p:
+            h = h.masked_fill(torch.from_numpy(np.random.rand(*h.shape[:2]) < self.p)[..., None], 0.0)
+        for layer in self.layers:
+            if self.kind == "layerdrop" and self.training and torch.rand([]) < self.p:
+                continue
+            h = layer(h)
+        return self.head(h.mean(1))
+
+
+def _train_with_draws(kind, p, cached):
+    import numpy as np
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    model = _DrawsBetweenLayers(kind, p)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 5, 6), torch.randint(0, 3, (8,))
+    freezer = SmartFreezer(model, opt, StaticFreeze(3, at_step=1), example_inputs=x[:2], total_steps=20)
+    assert len(freezer.units) == 5
+    cache = ActivationCache(freezer, num_samples=8, deterministic=True) if cached else None
+    forward = cache.wrap() if cached else (lambda inputs, ids: model(inputs))
+    losses = []
+    for step in range(10):
+        ids = torch.arange(4) + 4 * (step % 2)
+        loss = nn.functional.cross_entropy(forward(x[ids], ids), y[ids])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+        losses.append(loss.item())
+    return losses, cache
+
+
+@pytest.mark.parametrize("kind", ["mask", "layerdrop"])
+def test_a_random_draw_between_frozen_layers_is_never_cached(kind):
+    # rows are made in eval mode: cut after the draw, every served row went unmasked (or with
+    # every layer), a different model trained without a word (Wav2Vec2, BART with LayerDrop)
+    plain, _ = _train_with_draws(kind, 0.3, cached=False)
+    cached, cache = _train_with_draws(kind, 0.3, cached=True)
+    assert cache.boundary == 1 and "drawn at random" in cache.describe()  # cut before the draw
+    assert cache.stats["hits"] > 0 and cached == plain  # the cache's set-up draws nothing of the run's
+    # a draw that changes nothing (probability 0) keeps the deeper cut
+    plain, _ = _train_with_draws(kind, 0.0, cached=False)
+    cached, cache = _train_with_draws(kind, 0.0, cached=True)
+    assert cache.boundary > 1 and cache.stats["hits"] > 0 and cached == plain

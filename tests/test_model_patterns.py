@@ -10,7 +10,7 @@ from torch import nn
 
 from smartfrz_fast import SmartFreezer, StaticFreeze
 from smartfrz_fast.cache import ActivationCache
-from smartfrz_fast.units import preserved_state
+from smartfrz_fast.units import discover_units, preserved_state
 
 tq = pytest.importorskip("torch.ao.quantization")
 
@@ -537,3 +537,39 @@ def test_accelerates_prepared_optimizer_is_accepted():
         opt.state_dict()
     finally:
         accelerate.state.AcceleratorState._reset_state(True)  # the process-wide state other tests build
+
+
+class LayerDropNet(nn.Module):
+    """LayerDrop (Wav2Vec2, BART: a layer skipped where a uniform draw falls below p) and
+    stochastic depth (timm's DropPath: a Bernoulli keep mask per sample)."""
+
+    def __init__(self, p=0.9):
+        super().__init__()
+        self.p = p
+        self.stem = nn.Linear(6, 8)
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(6))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for i, layer in enumerate(self.layers):
+            if i % 2:
+                if self.training and torch.rand([]) < self.p:
+                    continue
+                h = layer(h)
+            else:
+                keep = x.new_empty(x.shape[0], 1).bernoulli_(1 - self.p) if self.training else 1.0
+                h = h + layer(h) * keep
+        return self.head(h)
+
+
+def test_units_of_a_model_that_drops_layers_at_random_hold_every_layer():
+    # the set-up trace ran in train mode and took the model's draws: a skipped layer's parameters
+    # were in no unit (never frozen, warned as unmanaged), a different set each run
+    for seed in range(5):
+        torch.manual_seed(seed)
+        model, x = LayerDropNet(), torch.randn(4, 6)
+        state = torch.get_rng_state()
+        plan = discover_units(model, (x,))
+        assert [u.name for u in plan.units] == ["stem", *[f"layers.{i}" for i in range(6)], "head"]
+        assert not plan.untraced_parameters and torch.equal(torch.get_rng_state(), state)

@@ -28,7 +28,7 @@ from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from ..units import preserved_modes, preserved_state
+from ..units import preserved_modes, preserved_rngs, preserved_state
 from .swap import SWAP, buffers_now, not_reproducible, tensor_trees_match
 
 
@@ -603,7 +603,7 @@ def _mode_free_trace(model: nn.Module) -> torch.fx.Graph:
     state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     versions = {name: t._version for name, t in state.items()}
     saved = {name: b.detach().clone() for name, b in model.named_buffers()}
-    with preserved_modes(model.modules()):
+    with preserved_modes(model.modules()), preserved_rngs(model):  # a draw in Python runs while tracing
         for training in (True, False):
             model.train(training)
             graphs.append(_ModeFreeTracer().trace(model))

@@ -29,7 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -401,7 +403,55 @@ class SwapChain:
             return (f"the model's output changes when {c.name}'s output is served from the cache and the "
                     "blocks before it are skipped, so something after it also reads the output of a block "
                     "before it (a residual or skip connection, an encoder read by a decoder)")
-        return self._consts_vary(inputs, cut)
+        return self._random_in_training(cut) or self._consts_vary(inputs, cut)
+
+    def _random_in_training(self, cut: int) -> Optional[str]:
+        """Why C's output cannot be cached: in training it is drawn at random. Rows are made in
+        eval mode, but a module around the frozen blocks keeps training, and a random op of its
+        own between them (SpecAugment's time mask, LayerDrop's draw) changes the prefix's output
+        every step; a cached row would serve one draw, or none, for ever. Run up to C twice in
+        the modes of training (the frozen blocks in eval, as the engine holds them) with every
+        random draw at its lowest and then its highest value, and numpy's and Python's generators
+        seeded apart (SpecAugment draws with numpy): an output that differs depends on a draw.
+        A draw that changes nothing (a LayerDrop probability of 0) keeps the cut. Dropout is off
+        meanwhile: the frozen prefix runs without it, functional dropout in a module around it
+        included (docs/activation_cache.md)."""
+        c = self.candidates[cut - 1]
+        frozen = {m for b in self.blocks[:cut] for root in (b.runs or b.modules) for m in root.modules()}
+
+        def stop(module, a, out):
+            raise _Stop(out)
+
+        outputs = []
+        handle = c.module.register_forward_hook(stop)
+        try:
+            with preserved_modes(self.model.modules()), preserved_state(self.model), \
+                    torch.no_grad(), compiled_modules_run_eagerly(self.model):
+                if not self.model.training:  # set up from an evaluation: the modes it will train in
+                    self.model.train()
+                for m in frozen:
+                    m.training = False
+                for extreme in (0, 1):
+                    _seed_host_rngs(extreme)
+                    self._before_cut = True
+                    try:
+                        with _DropoutOff(), _RandomDrawsAt(extreme):
+                            self.model(*self.sample.args, **self.sample.kwargs)
+                        outputs.append(_NOT_RUN)  # C itself skipped (LayerDrop drew it)
+                    except _Stop as s:
+                        outputs.append(s.output)
+                    finally:
+                        self._before_cut = False
+        except Exception as exc:  # a draw at an extreme the model cannot take (a permutation)
+            return (f"the frozen prefix up to {c.name} fails in training with its random draws fixed "
+                    f"({type(exc).__name__}: {exc}), so its output may be drawn at random")
+        finally:
+            handle.remove()
+        if any(out is _NOT_RUN for out in outputs) or not _all_outputs_match(*outputs):
+            return (f"in training, the frozen prefix's output up to {c.name} is drawn at random (a random op "
+                    "in a module around the frozen blocks that keeps training, such as SpecAugment's time mask "
+                    "or LayerDrop): a cached row would serve one draw for ever, so the cache cannot cut there")
+        return None
 
     def _consts_vary(self, inputs, cut: int) -> Optional[str]:
         """Why C's output cannot be served: a tensor in it that is not one row per sample (the
@@ -533,6 +583,59 @@ class SwapChain:
 
 
 _MISSING = object()
+_NOT_RUN = object()
+
+
+class _DropoutOff(TorchFunctionMode):
+    """Functional dropout returns its input, and attention kernels drop nothing (as in eval
+    mode), whatever their ``training`` flag or ``dropout_p``."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _DROPOUTS:
+            return args[0] if args else kwargs["input"]
+        if func is F.scaled_dot_product_attention:
+            if len(args) > 4:  # (query, key, value, attn_mask, dropout_p, ...)
+                args = (*args[:4], 0.0, *args[5:])
+            else:
+                kwargs = {**kwargs, "dropout_p": 0.0}
+        return func(*args, **kwargs)
+
+
+_DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+             torch.dropout, torch.feature_dropout, torch.alpha_dropout, torch.feature_alpha_dropout}
+
+
+class _RandomDrawsAt(TorchDispatchMode):
+    """Every random draw (rand, randn, bernoulli, randperm...; not an op that only may drop
+    out, as an attention kernel) returns ``value`` in every element."""
+
+    def __init__(self, value: int) -> None:
+        super().__init__()
+        self.value = value
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func._overloadpacket.__name__ in _DRAWS:
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, Tensor):
+                    t.fill_(self.value)
+        return out
+
+
+_DRAWS = {"rand", "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm", "bernoulli",
+          "bernoulli_", "normal", "normal_", "uniform", "uniform_", "multinomial", "exponential_", "geometric_",
+          "cauchy_", "log_normal_", "random_", "poisson", "native_dropout"}
+
+
+def _seed_host_rngs(seed: int) -> None:
+    import random
+    import sys
+
+    random.seed(seed)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed(seed)
 
 
 def tensor_trees_match(a: Any, b: Any, equal_nan: bool = False) -> bool:
