@@ -697,3 +697,70 @@ def test_a_random_draw_between_frozen_layers_is_never_cached(kind):
     plain, _ = _train_with_draws(kind, 0.0, cached=False)
     cached, cache = _train_with_draws(kind, 0.0, cached=True)
     assert cache.boundary > 1 and cache.stats["hits"] > 0 and cached == plain
+
+
+class _CheckpointedBlocks(nn.Module):
+    """Each block's layers recomputed in backward by torch.utils.checkpoint, as a Hugging Face
+    layer checkpoints its forward after gradient_checkpointing_enable()."""
+
+    def __init__(self, use_reentrant):
+        super().__init__()
+        self.stem = nn.Linear(6, 16)
+        self.blocks = nn.ModuleList(_TwoLayers(use_reentrant) for _ in range(3))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.stem(x)
+        for block in self.blocks:
+            if h.shape[0] > 0:  # Python on a size: no torch.fx trace, the module swap cuts
+                h = block(h)
+        return self.head(h)
+
+
+class _TwoLayers(nn.Module):
+    def __init__(self, use_reentrant):
+        super().__init__()
+        self.use_reentrant = use_reentrant
+        self.a, self.act, self.b = nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16)
+
+    def forward(self, h):
+        from torch.utils.checkpoint import checkpoint
+
+        if self.training and torch.is_grad_enabled():
+            return checkpoint(self.layers, h, use_reentrant=self.use_reentrant)
+        return self.layers(h)
+
+    def layers(self, h):
+        return torch.tanh(self.b(self.act(self.a(h))))
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("frozen, cut_after", [(2, "stem"), (3, "blocks.0")])
+def test_the_cache_never_cuts_inside_a_checkpointed_call(use_reentrant, frozen, cut_after):
+    # cut after blocks.0.a, the backward's recomputation of blocks.0 ran without the cache's
+    # stand-ins: CheckpointError, or (reentrant) no gradient for the layers after it
+    def run(cached):
+        torch.manual_seed(0)
+        model = _CheckpointedBlocks(use_reentrant)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+        freezer = SmartFreezer(model, opt, StaticFreeze(frozen, at_step=1), example_inputs=x[:2], total_steps=20)
+        cache = ActivationCache(freezer, num_samples=8, deterministic=True) if cached else None
+        forward = cache.wrap() if cached else (lambda inputs, ids: model(inputs))
+        for step in range(6):
+            ids = torch.arange(4) + 4 * (step % 2)
+            nn.functional.cross_entropy(forward(x[ids], ids), y[ids]).backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+        return model, cache
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's note on reentrant checkpoints with no input needing grad
+        plain, _ = run(False)
+        cached, cache = run(True)
+    assert f"cut after {cut_after})" in cache.describe() and cache.stats["hits"] > 0
+    if frozen == 2:
+        assert "activation checkpointing" in cache.describe()
+    for (name, a), b in zip(plain.named_parameters(), cached.parameters()):
+        assert torch.equal(a, b), name

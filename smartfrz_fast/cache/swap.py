@@ -403,7 +403,58 @@ class SwapChain:
             return (f"the model's output changes when {c.name}'s output is served from the cache and the "
                     "blocks before it are skipped, so something after it also reads the output of a block "
                     "before it (a residual or skip connection, an encoder read by a decoder)")
-        return self._random_in_training(cut) or self._consts_vary(inputs, cut)
+        return self._random_in_training(cut) or self._inside_checkpoint(cut) or self._consts_vary(inputs, cut)
+
+    def _training_modes(self, cut: int):
+        """The modes of training for a check of cut ``cut``: the model's own (train, where it was
+        set up from an evaluation), the frozen blocks' modules in eval, as the engine holds them."""
+        if not self.model.training:
+            self.model.train()
+        for b in self.blocks[:cut]:
+            for root in (b.runs or b.modules):
+                for m in root.modules():
+                    m.training = False
+
+    def _inside_checkpoint(self, cut: int) -> Optional[str]:
+        """Why C cannot be cut after: activation checkpointing (``torch.utils.checkpoint``, a
+        Hugging Face model's ``gradient_checkpointing_enable()``) recomputes, in backward, a call
+        that holds C and more: the recomputation runs without the cache's stand-ins, on their
+        placeholders (a ``CheckpointError``, or with ``use_reentrant=True`` no gradient for the
+        rest of the model). A checkpointed call that ends with C (the layer whose output C is)
+        recomputes nothing: its output needs no gradient. Found on one forward pass with
+        gradients, in the modes of training (checkpointing runs only then)."""
+        c = self.candidates[cut - 1]
+        regions = _CheckpointRegions()
+        stack: List[int] = []  # open region at each module call's start
+        state = {"inside": False}
+
+        def pre(module, args):
+            stack.append(regions.open)
+            if module is c.module:
+                state["start"] = regions.open
+
+        def post(module, args, out):
+            opened = stack.pop()
+            if module is c.module:
+                # a region open when C ended that was open when it started holds C and more
+                state["inside"] = regions.open is not None and regions.open == opened
+
+        handles = [torch.nn.modules.module.register_module_forward_pre_hook(pre),
+                   torch.nn.modules.module.register_module_forward_hook(post)]
+        try:
+            with preserved_modes(self.model.modules()), preserved_state(self.model), torch.enable_grad(), \
+                    compiled_modules_run_eagerly(self.model), regions:
+                self._training_modes(cut)
+                self.model(*self.sample.args, **self.sample.kwargs)
+        except Exception:  # the training-mode forward itself is checked elsewhere (its draws)
+            return None
+        finally:
+            for h in handles:
+                h.remove()
+        if state["inside"]:
+            return (f"{c.name} runs inside a call that activation checkpointing recomputes in backward, where a "
+                    "cached row cannot stand in; the cache cuts at the checkpointed layer's boundary instead")
+        return None
 
     def _random_in_training(self, cut: int) -> Optional[str]:
         """Why C's output cannot be cached: in training it is drawn at random. Rows are made in
@@ -417,7 +468,6 @@ class SwapChain:
         meanwhile: the frozen prefix runs without it, functional dropout in a module around it
         included (docs/activation_cache.md)."""
         c = self.candidates[cut - 1]
-        frozen = {m for b in self.blocks[:cut] for root in (b.runs or b.modules) for m in root.modules()}
 
         def stop(module, a, out):
             raise _Stop(out)
@@ -427,10 +477,7 @@ class SwapChain:
         try:
             with preserved_modes(self.model.modules()), preserved_state(self.model), \
                     torch.no_grad(), compiled_modules_run_eagerly(self.model):
-                if not self.model.training:  # set up from an evaluation: the modes it will train in
-                    self.model.train()
-                for m in frozen:
-                    m.training = False
+                self._training_modes(cut)
                 for extreme in (0, 1):
                     _seed_host_rngs(extreme)
                     self._before_cut = True
@@ -584,6 +631,60 @@ class SwapChain:
 
 _MISSING = object()
 _NOT_RUN = object()
+
+
+class _CheckpointRegions:
+    """While entered, ``open`` is the innermost ``torch.utils.checkpoint`` call running (an id),
+    or None: its two paths (reentrant and not) are wrapped for the time."""
+
+    def __init__(self) -> None:
+        self.open: Optional[int] = None
+        self._count = 0
+
+    def _enter(self):
+        outer, self._count = self.open, self._count + 1
+        self.open = self._count
+        return outer
+
+    def __enter__(self):
+        import torch.utils.checkpoint as checkpoint
+
+        regions = self
+        self._saved = (checkpoint.CheckpointFunction.__dict__.get("apply", _MISSING),
+                       checkpoint._checkpoint_without_reentrant_generator)
+        reentrant, generator = checkpoint.CheckpointFunction.apply, checkpoint._checkpoint_without_reentrant_generator
+
+        def apply(*args):
+            outer = regions._enter()
+            try:
+                return reentrant(*args)
+            finally:
+                regions.open = outer
+
+        def without_reentrant(*args, **kwargs):
+            inner = generator(*args, **kwargs)
+            next(inner)
+            outer = regions._enter()
+            try:
+                yield
+            finally:
+                regions.open = outer
+            next(inner, None)
+
+        checkpoint.CheckpointFunction.apply = apply
+        checkpoint._checkpoint_without_reentrant_generator = without_reentrant
+        return self
+
+    def __exit__(self, *exc):
+        import torch.utils.checkpoint as checkpoint
+
+        apply, generator = self._saved
+        if apply is _MISSING:
+            del checkpoint.CheckpointFunction.apply
+        else:
+            checkpoint.CheckpointFunction.apply = apply
+        checkpoint._checkpoint_without_reentrant_generator = generator
+        return False
 
 
 class _DropoutOff(TorchFunctionMode):
