@@ -369,6 +369,10 @@ def test_a_first_forward_asking_for_hidden_states_does_not_set_the_cache_up(kind
     with pytest.warns(UserWarning, match="asks for output_hidden_states"):
         wrapped(IDS[index], index, output_hidden_states=True)  # runs whole, and is no set-up
     assert cache.chain is None and cache.stats["bypassed"] == 1
+    # it said "waiting for the first forward pass" (an MoE whose every forward asks for its
+    # router logits never sets the cache up)
+    assert cache.describe().startswith("activation cache not set up: all 1 forwards so far ran the whole model "
+                                       "(the latest: a forward asks for output_hidden_states")
     for _ in range(2):
         wrapped(IDS[index], index)
     assert cache.boundary == 2 and cache.chain.how == HOW[kind.split("-")[0]], cache.describe()

@@ -205,6 +205,7 @@ class ActivationCache:
         self._unmanaged: Tuple[Any, List[Tuple[str, Tensor]]] = (None, [])  # see _unmanaged_in_prefix
         self._modes_kept: List[nn.Module] = []  # see _modes_not_held
         self._closed: Optional[str] = None  # close() was called: what describe() said before it
+        self._last_bypass = ""  # why the latest forward ran the whole model (describe())
         self._freeze_listener = _FreezeListener(self)
         freezer.add_freeze_listener(self._freeze_listener)
 
@@ -251,6 +252,9 @@ class ActivationCache:
         if not self.enabled or (self._setup_done and self.chain is None):
             return f"activation cache off: {self.reason}"
         if self.chain is None:
+            if self.stats["bypassed"]:
+                return (f"activation cache not set up: all {self.stats['bypassed']} forwards so far ran the whole "
+                        f"model (the latest: {self._last_bypass})")
             return "activation cache: waiting for the first forward pass"
         if self.boundary == 0:
             return f"activation cache on, nothing cached ({self.chain.how}): {self.reason or self.cut_note}"
@@ -505,12 +509,10 @@ class ActivationCache:
             inputs.batch = _batch_size(inputs, _id_count(sample_ids))
         asked = captured_outputs(model, inputs.kwargs) if self.enabled else []
         if asked:  # not served, nor set up on: its outputs hold the frozen layers' own
-            self.stats["bypassed"] += 1
-            self._warn_once("captured_outputs", f"ActivationCache: a forward asks for {' and '.join(asked)} (in the "
-                            "call or as the model config's default), which the model collects inside its layers, "
-                            "frozen ones included, and cached rows skip those: such forwards run the whole model "
-                            "(counted in stats['bypassed']); pass them only to forwards that need them to cache "
-                            "the others.")
+            self._bypass("captured_outputs", f"a forward asks for {' and '.join(asked)} (in the call or as the model "
+                         "config's default), which the model collects inside its layers, frozen ones included, and "
+                         "cached rows skip those: such forwards run the whole model (counted in stats['bypassed']); "
+                         "pass them only to forwards that need them to cache the others.")
             return model(*inputs.args, **inputs.kwargs)
         if self.enabled and not self._setup_done:
             self._setup(model, inputs)
@@ -520,27 +522,23 @@ class ActivationCache:
                 self._check_ids(sample_ids, inputs.batch)
             return model(*inputs.args, **inputs.kwargs)
         if not model.training:  # validation: its ids may name other samples than training's
-            self.stats["bypassed"] += 1
-            self._warn_once("eval", "ActivationCache: a forward with the model in eval mode (validation) runs the "
-                            "whole model, and neither reads nor stores rows: a validation set's sample ids may name "
-                            "other samples than training's (counted in stats['bypassed']). The cache tells training "
-                            "by the model's own mode: to train with a backbone in eval mode (linear probing), call "
-                            "model.train() and then backbone.eval(), not model.eval() and then head.train().")
+            self._bypass("eval", "a forward with the model in eval mode (validation) runs the whole model, and "
+                         "neither reads nor stores rows: a validation set's sample ids may name other samples than "
+                         "training's (counted in stats['bypassed']). The cache tells training by the model's own mode: "
+                         "to train with a backbone in eval mode (linear probing), call model.train() and then "
+                         "backbone.eval(), not model.eval() and then head.train().")
             return model(*inputs.args, **inputs.kwargs)
         if not torch.is_grad_enabled():  # no training step either: a pass over other data, maybe under the same ids
-            self.stats["bypassed"] += 1
-            self._warn_once("no_grad", "ActivationCache: a forward under torch.no_grad() or inference_mode, with the "
-                            "model in train mode, runs the whole model, and neither reads nor stores rows: it is no "
-                            "training step, and its sample ids may name other samples than training's (counted in "
-                            "stats['bypassed']; call model.eval() for validation).")
+            self._bypass("no_grad", "a forward under torch.no_grad() or inference_mode, with the model in train mode, "
+                         "runs the whole model, and neither reads nor stores rows: it is no training step, and its "
+                         "sample ids may name other samples than training's (counted in stats['bypassed']; call "
+                         "model.eval() for validation).")
             return model(*inputs.args, **inputs.kwargs)
         batch = inputs.batch
         ids = self._check_ids(sample_ids, batch)
         why = self._cannot_serve(inputs, batch)
         if why is not None:
-            self.stats["bypassed"] += 1
-            self._warn_once(why[0], f"ActivationCache: {why[1]}: such forwards run the whole model (counted in "
-                            "stats['bypassed']).")
+            self._bypass(why[0], f"{why[1]}: such forwards run the whole model (counted in stats['bypassed']).")
             return model(*inputs.args, **inputs.kwargs)
         if not self._prefix_weights_unchanged():  # set up again at the next forward
             return model(*inputs.args, **inputs.kwargs)
@@ -1526,6 +1524,13 @@ class ActivationCache:
         self._warn_once("bad_rows", f"ActivationCache: the cached row of sample {int(ids[0])} {why} (damaged "
                         "storage or checkpoint); such rows are recomputed, never served, and counted in "
                         "stats['bad_rows']. The cache stays on.")
+
+    def _bypass(self, kind: str, why: str) -> None:
+        """A forward that runs the whole model: counted, warned once per kind, and the latest
+        reason kept for describe()."""
+        self.stats["bypassed"] += 1
+        self._last_bypass = why
+        self._warn_once(kind, f"ActivationCache: {why}")
 
     def _warn_once(self, kind: str, message: str) -> None:
         if kind not in self._warned:
