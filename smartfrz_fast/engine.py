@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from . import guards
-from .frozen import engine_hook, held_weakly, mode_blind, remove_handles
+from .frozen import engine_hook, held_weakly, reads_its_mode, remove_handles
 from .policy.base import Decision, FreezePolicy, PolicyContext, UnitInfo, check_decision, check_prefix_length
 from .units import SHARED_PARAMETER_MODES, Unit, UnitPlan, describe_shared, discover_units, example_call, shared_groups
 
@@ -866,7 +866,7 @@ class SmartFreezer:
         eval (every module called inside it does): their statistics stop, their dropout is off.
         Right for a stem in front of the model; not for an EMA or BYOL target network called in
         the same forward, whose BatchNorm statistics should move."""
-        mine = [m for m in switched if id(m) in self._user_frozen_modules and not mode_blind(m)]
+        mine = [m for m in switched if id(m) in self._user_frozen_modules and reads_its_mode(m)]
         if not mine:
             return
         names = {id(m): n for n, m in self.module.named_modules()}

@@ -134,6 +134,28 @@ def mode_blind(module: nn.Module) -> bool:
         for hooks in (module._forward_pre_hooks, module._forward_hooks) for hook in hooks.values())
 
 
+def reads_its_mode(module: nn.Module) -> bool:
+    """Whether putting ``module`` in eval may change what it computes: not ``mode_blind``, and
+    its forward's code (with the functions defined in it) names ``training``, or a hook of
+    the user's may read it. A forward that reads the flag only through a helper method is
+    missed: for messages, never for what the engine holds in eval."""
+    if mode_blind(module):
+        return False
+    if any(not getattr(hook, "engine_hook", False)
+           for hooks in (module._forward_pre_hooks, module._forward_hooks) for hook in hooks.values()):
+        return True
+    code = getattr(type(module).forward, "__code__", None)
+    if code is None:
+        return True
+    codes = [code]
+    while codes:
+        code = codes.pop()
+        if "training" in code.co_names:
+            return True
+        codes.extend(c for c in code.co_consts if hasattr(c, "co_names"))
+    return False
+
+
 @engine_hook
 def _force_eval(module: nn.Module, args) -> None:
     module.training = False

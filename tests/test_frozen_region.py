@@ -525,3 +525,33 @@ def test_a_user_frozen_module_in_train_mode_taken_to_eval_warns():
         warnings.simplefilter("error")
         SmartFreezer(online, torch.optim.SGD(online.parameters(), lr=0.1), StaticFreeze(1),
                      example_inputs=torch.randn(4, 8)).freeze_to(2)
+
+
+class _SinusoidalPositions(nn.Embedding):
+    """A fixed sinusoidal table (Marian's, which Hugging Face makes requires_grad=False): an
+    nn.Embedding subclass whose forward never reads the mode."""
+
+    def forward(self, x):
+        return super().forward(torch.arange(x.shape[1], device=x.device)).expand(x.shape[0], -1, -1)
+
+
+def test_a_user_frozen_module_that_never_reads_its_mode_is_not_warned_about():
+    # the warning listed Marian's sinusoidal tables ("their norm statistics stop moving, their
+    # dropout is off"): the user froze nothing, and the module has neither
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.pos = nn.Embedding(10, 8), _SinusoidalPositions(6, 8)
+            self.pos.requires_grad_(False)
+            self.layers = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+
+        def forward(self, ids):
+            return self.layers(self.emb(ids) + self.pos(ids)).mean(1)
+
+    model = Net().train()
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1),
+                           example_inputs=torch.randint(0, 10, (2, 6)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        freezer.freeze_to(2)
+    assert not model.pos.training  # still held in eval, as every module called in the prefix
