@@ -764,3 +764,34 @@ def test_the_cache_never_cuts_inside_a_checkpointed_call(use_reentrant, frozen, 
         assert "activation checkpointing" in cache.describe()
     for (name, a), b in zip(plain.named_parameters(), cached.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_a_cut_refused_unchecked_is_named_when_a_shallower_one_is_taken():
+    # DistilBERT's head reads hidden_state[:, 0]: every cut after the last layer was dropped
+    # unchecked, and the note named none of them (or another cut's failure)
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.act = nn.Linear(6, 8), nn.Tanh()
+            self.body, self.act2 = nn.Linear(8, 8), nn.Tanh()
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.act2(self.body(self.act(self.stem(x))))
+            if h.shape[0] > 0:  # Python on a size: no torch.fx trace, the module swap cuts
+                return self.head(h[:, 0])
+
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(2), example_inputs=torch.randn(2, 5, 6))
+    cache = ActivationCache(freezer, num_samples=8, deterministic=True)
+    freezer.freeze_to(2)  # all but the head
+    x = torch.randn(8, 5, 6)
+    forward = cache.wrap()
+    for step in range(3):
+        ids = torch.arange(4) + 4 * (step % 2)
+        forward(x[ids], ids).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert "cut after body)" in cache.describe()
+    assert "not cut deeper: no later module call reads act2's output itself" in cache.describe()

@@ -304,15 +304,16 @@ class SwapChain:
             if frozen:
                 self.note = self.untraced_note
             return 0
-        ranked, first_failure, implausible = [], None, None
+        ranked, refused, implausible = [], {}, None
         for cut in range(frozen, 0, -1):
             why = self._plausible(cut)
             if why is None:
                 ranked.append(cut)
             else:
                 implausible = implausible or why
+                refused[cut] = why
         ranked.sort(key=lambda cut: (-self._skipped_ops(cut), -cut))
-        tried = 0
+        tried, first_failure = 0, None
         for cut in ranked:
             if cut not in self.checked:
                 if tried >= MAX_CHECKS:
@@ -321,9 +322,11 @@ class SwapChain:
                 self.checked[cut] = self._check(cut)
             why = self.checked[cut]
             if why is None:
-                if cut < frozen and first_failure is not None:
-                    self.note = f"not cut deeper: {first_failure}{self._opaque_note()}"
+                deeper = [c for c in refused if c > cut]
+                if deeper:  # the deepest cut refused, checked or not (a head reading x[:, 0] hides it)
+                    self.note = f"not cut deeper: {refused[max(deeper)]}{self._opaque_note()}"
                 return cut
+            refused[cut] = why
             first_failure = first_failure or why
         if frozen:
             self.note = (f"no frozen block's output can stand in for the frozen prefix: "
