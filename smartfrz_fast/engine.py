@@ -159,6 +159,18 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _max_frozen(units: Sequence[Unit], keep_trainable: int) -> int:
+    """The longest prefix that may freeze: all but the last ``keep_trainable`` units, not
+    counting units of single numbers among them (a two-tower model's last unit is CLIP's
+    ``logit_scale``: kept alone, both towers and their projections froze)."""
+    end, kept = len(units), 0
+    while end > 0 and kept < keep_trainable:
+        end -= 1
+        if any(p.numel() > 1 for p in units[end].parameters):
+            kept += 1
+    return end
+
+
 def _give_back_frozen(module: nn.Module, taken: "weakref.WeakKeyDictionary", optimizers: Optional[Sequence] = None) -> None:
     """The frozen parameters go back to their places in the groups of the freezer's optimizers
     (default: every live one it took from; no state: it was deleted), each removal undone from
@@ -239,7 +251,9 @@ class SmartFreezer:
             trained at), else 1.
         window: snapshots per unit in the history (T).
         sample_size: sampled weights per unit (K).
-        keep_trainable: this many last units never freeze (the head, by default).
+        keep_trainable: this many last units never freeze (the head, by default). Units of
+            single numbers after them (a learned temperature, CLIP's ``logit_scale``) do not
+            count: they are no head, and stay trainable with the one before them.
         decision_delay: a decision the policy leaves on the GPU is applied this many steps
             later, by when its copy to the host has long finished (no stall, same every run).
         seed: seed of the sampled weight positions.
@@ -446,7 +460,7 @@ class SmartFreezer:
         weakref.finalize(self, self._region.remove)  # dropped unclosed: see self._hooks
         # and its optimizers, if they live on, get the frozen parameters back, as from close()
         weakref.finalize(self, _give_back_frozen, self.module, self._taken).atexit = False
-        max_frozen = max(0, len(plan.units) - self.keep_trainable)
+        max_frozen = _max_frozen(plan.units, self.keep_trainable)
         if max_frozen == 0:
             warnings.warn(
                 f"SmartFreezer: keep_trainable={self.keep_trainable} keeps all {len(plan.units)} of the "
@@ -695,7 +709,7 @@ class SmartFreezer:
 
     @property
     def max_frozen(self) -> int:
-        return max(0, len(self.units) - self.keep_trainable)
+        return _max_frozen(self.units, self.keep_trainable)
 
     def _submit(self, step: int, decision: Decision) -> None:
         if isinstance(decision, Tensor) and decision.device.type == "cuda" and self.decision_delay > 0:

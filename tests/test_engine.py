@@ -557,3 +557,26 @@ def test_a_checkpoint_with_the_units_grouped_otherwise_says_so():
     state["signature"] = [tuple(unit) for unit in old]
     with pytest.raises(ValueError, match="grouped into other units .* saved by an older smartfrz_fast"):
         freezer.load_state_dict(state)
+
+
+def test_a_last_unit_of_single_numbers_is_no_head():
+    # CLIP's last unit is logit_scale: keep_trainable=1 kept that one number, and LinearFreeze
+    # froze both towers and both projections
+    class TwoTowers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.image, self.text = nn.Linear(6, 8), nn.Linear(5, 8)
+            self.image_proj, self.text_proj = nn.Linear(8, 4), nn.Linear(8, 4)
+            self.logit_scale = nn.Parameter(torch.tensor(2.0))
+
+        def forward(self, x, t):
+            a, b = self.image_proj(self.image(x)), self.text_proj(self.text(t))
+            return self.logit_scale.exp() * a @ b.T
+
+    model = TwoTowers()
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(0),
+                           example_inputs=(torch.randn(3, 6), torch.randn(3, 5)))
+    assert [u.name for u in freezer.units][-2:] == ["text_proj", "<root>"]
+    assert freezer.max_frozen == 3 and freezer.freeze_to(5) == 3
+    assert model.text_proj.weight.requires_grad and model.logit_scale.requires_grad
+    assert not model.image_proj.weight.requires_grad
