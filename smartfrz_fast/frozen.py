@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import inspect
 import sys
 import warnings
 import weakref
@@ -144,7 +145,7 @@ def reads_its_mode(module: nn.Module) -> bool:
     if any(not getattr(hook, "engine_hook", False)
            for hooks in (module._forward_pre_hooks, module._forward_hooks) for hook in hooks.values()):
         return True
-    code = getattr(type(module).forward, "__code__", None)
+    code = getattr(inspect.unwrap(type(module).forward), "__code__", None)  # under @torch.no_grad() too
     if code is None:
         return True
     codes = [code]

@@ -369,8 +369,8 @@ class _ForwardTracer(TorchDispatchMode):
         keep = _KEEPING_DRAWS.get(func._overloadpacket.__name__)
         if keep is not None:  # every layer runs in the trace, whatever LayerDrop or DropPath draws
             for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor):
-                    t.fill_(keep)
+                if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and id(t) not in self.watched:
+                    t.fill_(keep)  # (a lazy layer's initialisation, in this pass, keeps its draws)
         count = self._flop_registry.get(func._overloadpacket)
         if count is not None:
             self.op_flops.append(int(count(*args, **kwargs, out_val=out)))
@@ -426,7 +426,7 @@ _PRODUCERS_KEPT = 8
 # a layer where a uniform draw falls below its probability (a trace without that layer left its
 # parameters out of every unit: Wav2Vec2's default LayerDrop of 0.1 skips one of 12 layers in
 # most draws); stochastic depth and dropout keep what a Bernoulli draw of 1 keeps.
-_KEEPING_DRAWS = {"rand": 0.999, "rand_like": 0.999, "uniform_": 0.999, "bernoulli": 1, "bernoulli_": 1}
+_KEEPING_DRAWS = {"rand": 0.999, "rand_like": 0.999, "bernoulli": 1, "bernoulli_": 1}
 
 
 def _recent(producers: FrozenSet[int]) -> FrozenSet[int]:

@@ -92,6 +92,9 @@ def test_the_freezers_report_says_what_the_cache_skipped():
     hits, seen = cache.stats["hits"], cache.stats["hits"] + cache.stats["misses"]
     assert hits > 0
     assert f"activation cache: {hits} of {seen} samples since it started were served from it" in freezer.report()
+    cache.stats["bypassed"] += 1  # (a validation forward)
+    copied = copy.deepcopy(cache)  # a copy holds no chain: it said all its forwards ran whole
+    assert "ran the whole model" not in copied.describe()
     cache.close()
     assert "activation cache" not in freezer.report()
 

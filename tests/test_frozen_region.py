@@ -555,3 +555,30 @@ def test_a_user_frozen_module_that_never_reads_its_mode_is_not_warned_about():
         warnings.simplefilter("error")
         freezer.freeze_to(2)
     assert not model.pos.training  # still held in eval, as every module called in the prefix
+
+
+def test_a_user_frozen_module_whose_forward_is_decorated_is_still_warned_about():
+    # the mode check read @torch.no_grad()'s wrapper, not the forward that reads self.training
+    class NoisyStem(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Linear(8, 8)
+
+        @torch.no_grad()
+        def forward(self, x):
+            return self.conv(x) + (0.1 * torch.randn_like(x) if self.training else 0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.body, self.head = NoisyStem(), nn.Linear(8, 8), nn.Linear(8, 2)
+            self.stem.requires_grad_(False)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(self.stem(x))))
+
+    model = Net().train()
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1),
+                           example_inputs=torch.randn(2, 8))
+    with pytest.warns(UserWarning, match=r"left in train mode: stem \(NoisyStem\)"):
+        freezer.freeze_to(1)

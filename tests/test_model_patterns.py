@@ -573,3 +573,14 @@ def test_units_of_a_model_that_drops_layers_at_random_hold_every_layer():
         plan = discover_units(model, (x,))
         assert [u.name for u in plan.units] == ["stem", *[f"layers.{i}" for i in range(6)], "head"]
         assert not plan.untraced_parameters and torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_lazy_layer_initialised_in_the_set_up_trace_keeps_its_random_init():
+    # the trace's draws that keep every layer also took a lazy layer's kaiming_uniform_: every
+    # weight and bias of it was 0.999
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.LazyLinear(16), nn.ReLU(), nn.Linear(16, 3))
+    SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1),
+                 example_inputs=torch.randn(4, 8))
+    assert model[2].weight.unique().numel() == 16 * 16 and model[2].bias.unique().numel() == 16
+    assert model[2].weight.abs().max() <= 0.25  # kaiming_uniform_'s bound for 16 inputs

@@ -252,7 +252,7 @@ class ActivationCache:
         if not self.enabled or (self._setup_done and self.chain is None):
             return f"activation cache off: {self.reason}"
         if self.chain is None:
-            if self.stats["bypassed"]:
+            if self.stats["bypassed"] and not (self.stats["hits"] or self.stats["misses"]):  # (a copy: none)
                 return (f"activation cache not set up: all {self.stats['bypassed']} forwards so far ran the whole "
                         f"model (the latest: {self._last_bypass})")
             return "activation cache: waiting for the first forward pass"
