@@ -573,6 +573,35 @@ def preserved_rngs(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
+def host_draws_at(value: float) -> Iterator[None]:
+    """Python's and numpy's uniform draws (``random.random``, ``random.uniform``,
+    ``numpy.random.rand``, ``random``, ``random_sample``, ``uniform``) return ``value``, scaled to
+    their range, meanwhile: LayerDrop written with them (vendored Hugging Face 4.x code) draws
+    what the caller sets, as torch's draws do under the tracers."""
+    import random
+    import sys
+
+    numpy = sys.modules.get("numpy")
+    patches = [(random, "random", lambda: value), (random, "uniform", lambda a, b: a + value * (b - a))]
+    if numpy is not None:
+        def full(size=None):
+            return value if size is None else numpy.full(size, value)
+
+        patches += [(numpy.random, "rand", lambda *shape: full(shape or None)),
+                    (numpy.random, "random", full), (numpy.random, "random_sample", full),
+                    (numpy.random, "uniform", lambda low=0.0, high=1.0, size=None:
+                     low + (high - low) * full(size))]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    try:
+        for owner, name, replacement in patches:
+            setattr(owner, name, replacement)
+        yield
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
+
+
+@contextmanager
 def preserved_state(model: nn.Module) -> Iterator[None]:
     """Run a look-only forward pass: the model's buffers (norm running statistics, observers)
     and the random generators (``preserved_rngs``) are as before afterwards.
@@ -717,7 +746,8 @@ def trace_forward(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[s
     hooks = [m.register_forward_pre_hook(enter) for m in model.modules()]
     hooks += [m.register_forward_hook(leave, always_call=True) for m in model.modules()]
     try:
-        with preserved_state(model), torch.no_grad(), uncached_autocast(), unfused_transformer_layers():
+        with preserved_state(model), torch.no_grad(), uncached_autocast(), unfused_transformer_layers(), \
+                host_draws_at(_KEEPING_DRAWS["rand"]):
             with compiled_modules_run_eagerly(model), flex_attention_traceable(), tracer:
                 model(*args, **(kwargs or {}))
     except Exception as exc:  # the model's own error, plus what the engine was doing (3.11+)

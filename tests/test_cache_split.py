@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import random
 
 import warnings
 
@@ -657,6 +658,8 @@ class _DrawsBetweenLayers(nn.Module):
         for layer in self.layers:
             if self.kind == "layerdrop" and self.training and torch.rand([]) < self.p:
                 continue
+            if self.kind == "python_layerdrop" and self.training and random.random() < self.p:  # vendored HF 4.x
+                continue
             h = layer(h)
         return self.head(h.mean(1))
 
@@ -666,6 +669,7 @@ def _train_with_draws(kind, p, cached):
 
     torch.manual_seed(0)
     np.random.seed(0)
+    random.seed(0)
     model = _DrawsBetweenLayers(kind, p)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(8, 5, 6), torch.randint(0, 3, (8,))
@@ -685,7 +689,7 @@ def _train_with_draws(kind, p, cached):
     return losses, cache
 
 
-@pytest.mark.parametrize("kind", ["mask", "layerdrop"])
+@pytest.mark.parametrize("kind", ["mask", "layerdrop", "python_layerdrop"])
 def test_a_random_draw_between_frozen_layers_is_never_cached(kind):
     # rows are made in eval mode: cut after the draw, every served row went unmasked (or with
     # every layer), a different model trained without a word (Wav2Vec2, BART with LayerDrop)
@@ -700,33 +704,44 @@ def test_a_random_draw_between_frozen_layers_is_never_cached(kind):
 
 
 class _CheckpointedBlocks(nn.Module):
-    """Each block's layers recomputed in backward by torch.utils.checkpoint, as a Hugging Face
-    layer checkpoints its forward after gradient_checkpointing_enable()."""
+    """Each block's layers recomputed in backward: inside the block's forward (a Hugging Face
+    layer after gradient_checkpointing_enable()), around the block's call (timm's and older
+    Hugging Face's per-block checkpoints), or by the model's own autograd.Function (Stable
+    Diffusion's)."""
 
-    def __init__(self, use_reentrant):
+    def __init__(self, style, use_reentrant):
         super().__init__()
+        self.style = style
         self.stem = nn.Linear(6, 16)
-        self.blocks = nn.ModuleList(_TwoLayers(use_reentrant) for _ in range(3))
+        self.blocks = nn.ModuleList(_TwoLayers(style, use_reentrant) for _ in range(3))
         self.head = nn.Linear(16, 3)
 
     def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
         h = self.stem(x)
         for block in self.blocks:
-            if h.shape[0] > 0:  # Python on a size: no torch.fx trace, the module swap cuts
+            if h.shape[0] == 0:  # Python on a size: no torch.fx trace, the module swap cuts
+                continue
+            if self.training and torch.is_grad_enabled() and self.style == "call":
+                h = checkpoint(block, h, use_reentrant=block.use_reentrant)
+            elif self.training and torch.is_grad_enabled() and self.style == "function":
+                h = _OwnCheckpoint.apply(block, h, *block.parameters())
+            else:
                 h = block(h)
         return self.head(h)
 
 
 class _TwoLayers(nn.Module):
-    def __init__(self, use_reentrant):
+    def __init__(self, style, use_reentrant):
         super().__init__()
-        self.use_reentrant = use_reentrant
+        self.style, self.use_reentrant = style, use_reentrant
         self.a, self.act, self.b = nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16)
 
     def forward(self, h):
         from torch.utils.checkpoint import checkpoint
 
-        if self.training and torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled() and self.style == "forward":
             return checkpoint(self.layers, h, use_reentrant=self.use_reentrant)
         return self.layers(h)
 
@@ -734,14 +749,38 @@ class _TwoLayers(nn.Module):
         return torch.tanh(self.b(self.act(self.a(h))))
 
 
-@pytest.mark.parametrize("use_reentrant", [False, True])
+class _OwnCheckpoint(torch.autograd.Function):
+    """A model's own checkpointing function: the block runs without gradients in forward and
+    again, with them, in backward."""
+
+    @staticmethod
+    def forward(ctx, run, h, *params):
+        ctx.run, ctx.params = run, params
+        ctx.save_for_backward(h)
+        with torch.no_grad():
+            return run(h)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h = ctx.saved_tensors[0].detach().requires_grad_(True)
+        with torch.enable_grad():
+            out = ctx.run(h)
+        trained = [p for p in ctx.params if p.requires_grad]
+        got = iter(torch.autograd.grad(out, [h, *trained], grad, allow_unused=True))
+        h_grad = next(got)
+        return (None, h_grad, *[next(got) if p.requires_grad else None for p in ctx.params])
+
+
+@pytest.mark.parametrize("style, use_reentrant", [("forward", False), ("forward", True), ("call", False),
+                                                  ("call", True), ("function", None)])
 @pytest.mark.parametrize("frozen, cut_after", [(2, "stem"), (3, "blocks.0")])
-def test_the_cache_never_cuts_inside_a_checkpointed_call(use_reentrant, frozen, cut_after):
+def test_the_cache_never_cuts_inside_a_checkpointed_call(style, use_reentrant, frozen, cut_after):
     # cut after blocks.0.a, the backward's recomputation of blocks.0 ran without the cache's
-    # stand-ins: CheckpointError, or (reentrant) no gradient for the layers after it
+    # stand-ins: CheckpointError, or (reentrant, the model's own function) no gradient or wrong
+    # ones for the layers after it; a checkpoint of the block's own call holds the cut after it
     def run(cached):
         torch.manual_seed(0)
-        model = _CheckpointedBlocks(use_reentrant)
+        model = _CheckpointedBlocks(style, use_reentrant)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
         freezer = SmartFreezer(model, opt, StaticFreeze(frozen, at_step=1), example_inputs=x[:2], total_steps=20)

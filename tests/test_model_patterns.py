@@ -2,6 +2,7 @@
 spectral norm and users' hooks on frozen layers, a GAN whose discriminator runs twice a step.
 Each is compared with the same training without the library (the prefix frozen by hand)."""
 
+import random
 import warnings
 
 import pytest
@@ -540,8 +541,8 @@ def test_accelerates_prepared_optimizer_is_accepted():
 
 
 class LayerDropNet(nn.Module):
-    """LayerDrop (Wav2Vec2, BART: a layer skipped where a uniform draw falls below p) and
-    stochastic depth (timm's DropPath: a Bernoulli keep mask per sample)."""
+    """LayerDrop (Wav2Vec2, BART: a layer skipped where a uniform draw falls below p; with
+    torch or Python) and stochastic depth (timm's DropPath: a Bernoulli keep mask per sample)."""
 
     def __init__(self, p=0.9):
         super().__init__()
@@ -553,8 +554,12 @@ class LayerDropNet(nn.Module):
     def forward(self, x):
         h = self.stem(x)
         for i, layer in enumerate(self.layers):
-            if i % 2:
+            if i % 3 == 1:
                 if self.training and torch.rand([]) < self.p:
+                    continue
+                h = layer(h)
+            elif i % 3 == 2:  # LayerDrop drawn with Python (vendored Hugging Face 4.x code)
+                if self.training and random.random() < self.p:
                     continue
                 h = layer(h)
             else:
@@ -568,11 +573,13 @@ def test_units_of_a_model_that_drops_layers_at_random_hold_every_layer():
     # were in no unit (never frozen, warned as unmanaged), a different set each run
     for seed in range(5):
         torch.manual_seed(seed)
+        random.seed(seed)
         model, x = LayerDropNet(), torch.randn(4, 6)
         state = torch.get_rng_state()
         plan = discover_units(model, (x,))
         assert [u.name for u in plan.units] == ["stem", *[f"layers.{i}" for i in range(6)], "head"]
         assert not plan.untraced_parameters and torch.equal(torch.get_rng_state(), state)
+        assert random.random() == random.Random(seed).random()  # Python's generator as it was
 
 
 def test_a_lazy_layer_initialised_in_the_set_up_trace_keeps_its_random_init():

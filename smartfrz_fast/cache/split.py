@@ -28,7 +28,7 @@ from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from ..units import preserved_modes, preserved_rngs, preserved_state
+from ..units import host_draws_at, preserved_modes, preserved_rngs, preserved_state
 from .swap import SWAP, buffers_now, not_reproducible, tensor_trees_match
 
 
@@ -607,6 +607,11 @@ def _mode_free_trace(model: nn.Module) -> torch.fx.Graph:
         for training in (True, False):
             model.train(training)
             graphs.append(_ModeFreeTracer().trace(model))
+        model.train(True)
+        with host_draws_at(0.0):  # and once more with Python's and numpy's draws at the other end
+            drawn = _ModeFreeTracer().trace(model)
+        with host_draws_at(1.0):
+            drawn_high = _ModeFreeTracer().trace(model)
     # Python that changes the model's own tensors (``self.count += 1``) runs once on the real
     # tensor while tracing and is not in the graph: the chain would never run it
     now = {**dict(model.named_parameters()), **dict(model.named_buffers())}
@@ -627,6 +632,10 @@ def _mode_free_trace(model: nn.Module) -> torch.fx.Graph:
         raise UnfaithfulTrace(
             f"the traced forward of {type(model).__name__} reads train/eval mode outside a parameter-free "
             "module (a `self.training` in Python), which a trace would fix to one mode")
+    if str(drawn) != str(graphs[0]) or str(drawn_high) != str(graphs[0]):
+        raise UnfaithfulTrace(
+            f"the traced forward of {type(model).__name__} draws with Python's or numpy's random generator "
+            "(LayerDrop written with random.random()), which a trace would fix to one draw")
     return graphs[0]
 
 

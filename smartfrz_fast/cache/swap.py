@@ -35,7 +35,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..units import compiled_modules_run_eagerly, preserved_modes, preserved_state, uncached_autocast
+from ..units import compiled_modules_run_eagerly, host_draws_at, preserved_modes, preserved_state, uncached_autocast
 
 SWAP = "module swap"  # the chain's ``how``: the model's own forward runs, every hook with it
 CHECK_SAMPLES = 4  # samples of the first batch that a cut is checked on
@@ -228,6 +228,7 @@ class SwapChain:
         self._before_cut = False  # the guard's switch: on while a forward has not passed the cut
         self.untraced_note = self._place_untraced(model, calls, {pid for pid, _ in order}, params)
         self.checked: Dict[int, Optional[str]] = {}  # cut (blocks before it) -> None if it works, else why
+        self._random: Dict[int, Optional[str]] = {}  # cut -> why its prefix is drawn at random, or None
         self.consts: Dict[int, List[Any]] = {}  # cut -> recorded non-per-sample leaves of C's output
         self.note: Optional[str] = None  # why the cut is shallower than the frozen prefix
         self._skipped: Dict[int, int] = {}
@@ -313,13 +314,17 @@ class SwapChain:
                 implausible = implausible or why
                 refused[cut] = why
         ranked.sort(key=lambda cut: (-self._skipped_ops(cut), -cut))
-        tried, first_failure = 0, None
+        tried, first_failure, random_from = 0, None, None
         for cut in ranked:
+            if random_from is not None and cut >= random_from[0]:
+                self.checked.setdefault(cut, random_from[1])  # its prefix holds the draw too
             if cut not in self.checked:
                 if tried >= MAX_CHECKS:
                     break
                 tried += 1
                 self.checked[cut] = self._check(cut)
+                if self._random.get(cut) is not None and random_from is None:
+                    random_from = self._first_random_cut(cut)
             why = self.checked[cut]
             if why is None:
                 deeper = [c for c in refused if c > cut]
@@ -334,6 +339,20 @@ class SwapChain:
                          f"{' (gave up after %d checks)' % MAX_CHECKS if tried >= MAX_CHECKS else ''}"
                          f"{self._opaque_note()}")
         return 0
+
+    def _first_random_cut(self, cut: int) -> Tuple[int, str]:
+        """The shallowest cut whose prefix's output is drawn at random, found by bisection below
+        ``cut`` (one is: each deeper prefix holds the draw too), and why. Wav2Vec2 draws its
+        time mask right after its feature projection: its cuts, one by one from the deepest,
+        gave up after MAX_CHECKS before reaching the projection."""
+        low, high = 1, cut  # high: random; cuts below low: not
+        while low < high:
+            middle = (low + high) // 2
+            if self._random_in_training(middle) is None:
+                low = middle + 1
+            else:
+                high = middle
+        return high, self._random_in_training(high)
 
     def _opaque_note(self) -> str:
         """Why a frozen module whose output would make a cut is none: it returns an object
@@ -420,27 +439,29 @@ class SwapChain:
 
     def _inside_checkpoint(self, cut: int) -> Optional[str]:
         """Why C cannot be cut after: activation checkpointing (``torch.utils.checkpoint``, a
-        Hugging Face model's ``gradient_checkpointing_enable()``) recomputes, in backward, a call
-        that holds C and more: the recomputation runs without the cache's stand-ins, on their
-        placeholders (a ``CheckpointError``, or with ``use_reentrant=True`` no gradient for the
-        rest of the model). A checkpointed call that ends with C (the layer whose output C is)
-        recomputes nothing: its output needs no gradient. Found on one forward pass with
-        gradients, in the modes of training (checkpointing runs only then)."""
+        Hugging Face model's ``gradient_checkpointing_enable()``, a model's own checkpointing
+        ``autograd.Function``) recomputes, in backward, a call that holds C and more: the
+        recomputation runs without the cache's stand-ins, on their placeholders (a
+        ``CheckpointError``, or with ``use_reentrant=True`` no gradient for the rest of the
+        model). A checkpointed call that is C's own (timm's and older Hugging Face's per-block
+        checkpoints) recomputes nothing: C's output needs no gradient. Found on one forward pass
+        with gradients, in the modes of training (checkpointing runs only then)."""
         c = self.candidates[cut - 1]
         regions = _CheckpointRegions()
-        stack: List[int] = []  # open region at each module call's start
-        state = {"inside": False}
+        calls = [0]
+        within: Dict[int, List[int]] = {}  # region -> the module calls (numbers) started inside it
+        span: Dict[str, Any] = {}
 
         def pre(module, args):
-            stack.append(regions.open)
-            if module is c.module:
-                state["start"] = regions.open
+            calls[0] += 1
+            for region in regions.open:
+                within.setdefault(region, []).append(calls[0])
+            if module is c.module and "start" not in span:
+                span["start"], span["regions"] = calls[0], list(regions.open)
 
         def post(module, args, out):
-            opened = stack.pop()
-            if module is c.module:
-                # a region open when C ended that was open when it started holds C and more
-                state["inside"] = regions.open is not None and regions.open == opened
+            if module is c.module and "end" not in span:
+                span["end"] = calls[0]  # C and the calls inside it: numbers start..end
 
         handles = [torch.nn.modules.module.register_module_forward_pre_hook(pre),
                    torch.nn.modules.module.register_module_forward_hook(post)]
@@ -454,19 +475,26 @@ class SwapChain:
         finally:
             for h in handles:
                 h.remove()
-        if state["inside"]:
+        if "end" in span and any(not span["start"] <= n <= span["end"]
+                                 for region in span["regions"] for n in within.get(region, ())):
             return (f"{c.name} runs inside a call that activation checkpointing recomputes in backward, where a "
                     "cached row cannot stand in; the cache cuts at the checkpointed layer's boundary instead")
         return None
 
     def _random_in_training(self, cut: int) -> Optional[str]:
+        if cut not in self._random:
+            self._random[cut] = self._draws_change_the_prefix(cut)
+        return self._random[cut]
+
+    def _draws_change_the_prefix(self, cut: int) -> Optional[str]:
         """Why C's output cannot be cached: in training it is drawn at random. Rows are made in
         eval mode, but a module around the frozen blocks keeps training, and a random op of its
         own between them (SpecAugment's time mask, LayerDrop's draw) changes the prefix's output
         every step; a cached row would serve one draw, or none, for ever. Run up to C twice in
         the modes of training (the frozen blocks in eval, as the engine holds them) with every
-        random draw at its lowest and then its highest value, and numpy's and Python's generators
-        seeded apart (SpecAugment draws with numpy): an output that differs depends on a draw.
+        random draw at its lowest and then its highest value (torch's, and Python's and numpy's
+        uniform draws), the other numpy and Python draws seeded apart (SpecAugment draws its spans
+        with numpy): an output that differs depends on a draw.
         A draw that changes nothing (a LayerDrop probability of 0) keeps the cut. Dropout is off
         meanwhile: the frozen prefix runs without it, functional dropout in a module around it
         included (docs/activation_cache.md)."""
@@ -485,7 +513,7 @@ class SwapChain:
                     _seed_host_rngs(extreme)
                     self._before_cut = True
                     try:
-                        with _DropoutOff(), _RandomDrawsAt(extreme):
+                        with _DropoutOff(), _RandomDrawsAt(extreme), host_draws_at(extreme):
                             self.model(*self.sample.args, **self.sample.kwargs)
                         outputs.append(_NOT_RUN)  # C itself skipped (LayerDrop drew it)
                     except _Stop as s:
@@ -637,56 +665,52 @@ _NOT_RUN = object()
 
 
 class _CheckpointRegions:
-    """While entered, ``open`` is the innermost ``torch.utils.checkpoint`` call running (an id),
-    or None: its two paths (reentrant and not) are wrapped for the time."""
+    """While entered, ``open`` lists the checkpointed calls running, outermost first (ids): every
+    ``autograd.Function`` (reentrant ``torch.utils.checkpoint``, a model's own checkpointing
+    function) and non-reentrant ``torch.utils.checkpoint``, wrapped for the time."""
 
     def __init__(self) -> None:
-        self.open: Optional[int] = None
+        self.open: List[int] = []
         self._count = 0
 
-    def _enter(self):
-        outer, self._count = self.open, self._count + 1
-        self.open = self._count
-        return outer
+    def _enter(self) -> None:
+        self._count += 1
+        self.open.append(self._count)
 
     def __enter__(self):
         import torch.utils.checkpoint as checkpoint
+        from torch.autograd.function import Function
 
         regions = self
-        self._saved = (checkpoint.CheckpointFunction.__dict__.get("apply", _MISSING),
-                       checkpoint._checkpoint_without_reentrant_generator)
-        reentrant, generator = checkpoint.CheckpointFunction.apply, checkpoint._checkpoint_without_reentrant_generator
+        self._saved = (Function.__dict__["apply"], checkpoint._checkpoint_without_reentrant_generator)
+        apply, generator = self._saved[0].__func__, self._saved[1]
 
-        def apply(*args):
-            outer = regions._enter()
+        def function_apply(cls, *args, **kwargs):
+            regions._enter()
             try:
-                return reentrant(*args)
+                return apply(cls, *args, **kwargs)
             finally:
-                regions.open = outer
+                regions.open.pop()
 
         def without_reentrant(*args, **kwargs):
             inner = generator(*args, **kwargs)
             next(inner)
-            outer = regions._enter()
+            regions._enter()
             try:
                 yield
             finally:
-                regions.open = outer
+                regions.open.pop()
             next(inner, None)
 
-        checkpoint.CheckpointFunction.apply = apply
+        Function.apply = classmethod(function_apply)
         checkpoint._checkpoint_without_reentrant_generator = without_reentrant
         return self
 
     def __exit__(self, *exc):
         import torch.utils.checkpoint as checkpoint
+        from torch.autograd.function import Function
 
-        apply, generator = self._saved
-        if apply is _MISSING:
-            del checkpoint.CheckpointFunction.apply
-        else:
-            checkpoint.CheckpointFunction.apply = apply
-        checkpoint._checkpoint_without_reentrant_generator = generator
+        Function.apply, checkpoint._checkpoint_without_reentrant_generator = self._saved
         return False
 
 
