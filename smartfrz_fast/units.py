@@ -576,7 +576,7 @@ def preserved_rngs(model: nn.Module) -> Iterator[None]:
 def host_draws_at(value: float) -> Iterator[None]:
     """Python's and numpy's uniform draws (``random.random``, ``random.uniform``,
     ``numpy.random.rand``, ``random``, ``random_sample``, ``uniform``) return ``value``, scaled to
-    their range, meanwhile: LayerDrop written with them (vendored Hugging Face 4.x code) draws
+    their range, meanwhile: LayerDrop written with them (older Hugging Face code: random.uniform) draws
     what the caller sets, as torch's draws do under the tracers."""
     import random
     import sys

@@ -658,7 +658,7 @@ class _DrawsBetweenLayers(nn.Module):
         for layer in self.layers:
             if self.kind == "layerdrop" and self.training and torch.rand([]) < self.p:
                 continue
-            if self.kind == "python_layerdrop" and self.training and random.random() < self.p:  # vendored HF 4.x
+            if self.kind == "python_layerdrop" and self.training and random.random() < self.p:  # older Hugging Face code
                 continue
             h = layer(h)
         return self.head(h.mean(1))

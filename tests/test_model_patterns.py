@@ -558,7 +558,7 @@ class LayerDropNet(nn.Module):
                 if self.training and torch.rand([]) < self.p:
                     continue
                 h = layer(h)
-            elif i % 3 == 2:  # LayerDrop drawn with Python (vendored Hugging Face 4.x code)
+            elif i % 3 == 2:  # LayerDrop drawn with Python (older Hugging Face code)
                 if self.training and random.random() < self.p:
                     continue
                 h = layer(h)

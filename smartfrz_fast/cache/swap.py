@@ -746,7 +746,7 @@ class _RandomDrawsAt(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if func._overloadpacket.__name__ in _DRAWS:
             for t in tree_flatten(out)[0]:
-                if isinstance(t, Tensor):
+                if isinstance(t, Tensor) and not isinstance(t, nn.Parameter):  # (an initialisation in forward)
                     t.fill_(self.value)
         return out
 
