@@ -19,7 +19,7 @@ import inspect
 import warnings
 import weakref
 from collections.abc import Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
@@ -663,15 +663,19 @@ def unfused_transformer_layers() -> Iterator[None]:
 @contextmanager
 def compiled_modules_run_eagerly(model: nn.Module) -> Iterator[None]:
     """Modules compiled in place (``module.compile()``, as ``compile_blocks`` does) run their
-    eager forward meanwhile. Run under a dispatch mode (the tracers here), a compiled block is
-    not compiled, and dynamo marks its code to be skipped for the rest of the process: the
-    blocks the user compiled would silently run eagerly ever after."""
+    eager forward meanwhile, and so do functions compiled with ``torch.compile`` (a fused
+    activation called in a forward: torch's ``set_stance("force_eager")``). Run under a dispatch
+    mode (the tracers here), a compiled block or function is not compiled, and dynamo marks its
+    code to be skipped for the rest of the process: what the user compiled would silently run
+    eagerly ever after."""
     compiled = [(m, m._compiled_call_impl) for m in model.modules()
                 if getattr(m, "_compiled_call_impl", None) is not None]
     for m, _ in compiled:
         m._compiled_call_impl = None
+    set_stance = getattr(torch.compiler, "set_stance", None)
     try:
-        yield
+        with set_stance("force_eager") if set_stance is not None else nullcontext():
+            yield
     finally:
         for m, impl in compiled:
             m._compiled_call_impl = impl

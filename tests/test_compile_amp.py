@@ -656,3 +656,37 @@ def test_the_hook_guards_change_only_for_hooks_that_matter_and_reset_only_after_
                                example_inputs=torch.randint(0, 11, (2, 5)))
         freezer.freeze_to(1)  # detaches the tied weight's read in the prefix: the guards must see it
         assert not torch._dynamo.config.skip_nnmodule_hook_guards and not resets
+
+
+def test_a_compiled_function_in_the_forward_still_compiles_after_set_up():
+    # set-up traces the forward under a dispatch mode: dynamo refused the compiled function there
+    # and marked its code skipped for the process, so it ran eagerly ever after, silently
+    runs = {"graph": 0}
+
+    def counting_backend(gm, example_inputs):
+        def run(*args):
+            runs["graph"] += 1
+            return gm.forward(*args)
+        return run
+
+    @torch.compile(backend=counting_backend)
+    def scaled_gelu(x):
+        return torch.nn.functional.gelu(x) * 1.5
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return x + scaled_gelu(self.fc(x))
+
+    model = nn.Sequential(Layer(), Layer(), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=2), example_inputs=torch.randn(4, 8), total_steps=10)
+    for _ in range(3):
+        nn.functional.cross_entropy(model(torch.randn(4, 8)), torch.randint(0, 3, (4,))).backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+    assert runs["graph"] >= 6  # two calls a forward, three forwards: the compiled graph ran
