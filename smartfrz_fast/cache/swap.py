@@ -25,6 +25,7 @@ decoder layer), the check fails and the cache cuts earlier, saying why.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -229,6 +230,8 @@ class SwapChain:
         self.untraced_note = self._place_untraced(model, calls, {pid for pid, _ in order}, params)
         self.checked: Dict[int, Optional[str]] = {}  # cut (blocks before it) -> None if it works, else why
         self._random: Dict[int, Optional[str]] = {}  # cut -> why its prefix is drawn at random, or None
+        self._dropout_in_prefix: Dict[int, str] = {}  # cut -> note: dropout the cached rows leave out
+        self._dropout_warned = False
         self.consts: Dict[int, List[Any]] = {}  # cut -> recorded non-per-sample leaves of C's output
         self.note: Optional[str] = None  # why the cut is shallower than the frozen prefix
         self._skipped: Dict[int, int] = {}
@@ -327,9 +330,21 @@ class SwapChain:
                     random_from = self._first_random_cut(cut)
             why = self.checked[cut]
             if why is None:
-                deeper = [c for c in refused if c > cut]
-                if deeper:  # the deepest cut refused, checked or not (a head reading x[:, 0] hides it)
-                    self.note = f"not cut deeper: {refused[max(deeper)]}{self._opaque_note()}"
+                # the deepest cut refused, checked or not (a head reading x[:, 0] hides it), and the
+                # deepest of each other kind (activation checkpointing beside a residual)
+                deeper, kinds = [], set()
+                for c in sorted((c for c in refused if c > cut), reverse=True):
+                    kind = next((k for k in _REFUSAL_KINDS if k in refused[c]), "")
+                    if kind not in kinds:
+                        kinds.add(kind)
+                        deeper.append(refused[c])
+                notes = [f"not cut deeper: {'; nor: '.join(deeper)}{self._opaque_note()}"] if deeper else []
+                if self._dropout_in_prefix.get(cut):
+                    notes.append(self._dropout_in_prefix[cut])
+                    if not self._dropout_warned:
+                        self._dropout_warned = True
+                        warnings.warn(f"ActivationCache: {self._dropout_in_prefix[cut]}", stacklevel=6)
+                self.note = "; ".join(notes) or None
                 return cut
             refused[cut] = why
             first_failure = first_failure or why
@@ -503,7 +518,7 @@ class SwapChain:
         def stop(module, a, out):
             raise _Stop(out)
 
-        outputs = []
+        outputs, dropout_off = [], _DropoutOff()
         handle = c.module.register_forward_hook(stop)
         try:
             with preserved_modes(self.model.modules()), preserved_state(self.model), \
@@ -513,7 +528,7 @@ class SwapChain:
                     _seed_host_rngs(extreme)
                     self._before_cut = True
                     try:
-                        with _DropoutOff(), _RandomDrawsAt(extreme), host_draws_at(extreme):
+                        with dropout_off, _RandomDrawsAt(extreme), host_draws_at(extreme):
                             self.model(*self.sample.args, **self.sample.kwargs)
                         outputs.append(_NOT_RUN)  # C itself skipped (LayerDrop drew it)
                     except _Stop as s:
@@ -529,6 +544,12 @@ class SwapChain:
             return (f"in training, the frozen prefix's output up to {c.name} is drawn at random (a random op "
                     "in a module around the frozen blocks that keeps training, such as SpecAugment's time mask "
                     "or LayerDrop): a cached row would serve one draw for ever, so the cache cannot cut there")
+        if dropout_off.active:
+            self._dropout_in_prefix[cut] = (
+                f"the frozen prefix up to {c.name} applies dropout in training outside the modules the engine holds "
+                "in eval (functional dropout in a module around the frozen blocks, as the encoders of BART and "
+                "Whisper apply after their embeddings): cached rows are made without it, so training with the "
+                "cache differs from training without it by that dropout (docs/activation_cache.md)")
         return None
 
     def _consts_vary(self, inputs, cut: int) -> Optional[str]:
@@ -716,18 +737,31 @@ class _CheckpointRegions:
 
 class _DropoutOff(TorchFunctionMode):
     """Functional dropout returns its input, and attention kernels drop nothing (as in eval
-    mode), whatever their ``training`` flag or ``dropout_p``."""
+    mode), whatever their ``training`` flag or ``dropout_p``; ``active`` counts the calls that
+    would have dropped something."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.active = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _DROPOUTS:
+        if func in _DROPOUTS:  # (input, p, training or train, ...)
+            p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+            training = args[2] if len(args) > 2 else kwargs.get("training", kwargs.get("train", True))
+            self.active += bool(training and p)
             return args[0] if args else kwargs["input"]
         if func is F.scaled_dot_product_attention:
             if len(args) > 4:  # (query, key, value, attn_mask, dropout_p, ...)
+                self.active += bool(args[4])
                 args = (*args[:4], 0.0, *args[5:])
             else:
+                self.active += bool(kwargs.get("dropout_p", 0.0))
                 kwargs = {**kwargs, "dropout_p": 0.0}
         return func(*args, **kwargs)
+
+
+_REFUSAL_KINDS = ("activation checkpointing", "drawn at random")
 
 
 _DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
