@@ -130,9 +130,13 @@ def mode_blind(module: nn.Module) -> bool:
     ``MODE_BLIND`` (a subclass may override forward) with no forward hook but the engine's (the
     old-style ``spectral_norm``'s pre-hook runs a power iteration in train mode, a DropConnect
     pre-hook draws masks: set to eval once, such a layer went back to train at ``model.train()``)."""
-    return type(module) in MODE_BLIND and all(
-        getattr(hook, "engine_hook", False)
-        for hooks in (module._forward_pre_hooks, module._forward_hooks) for hook in hooks.values())
+    return type(module) in MODE_BLIND and not _has_user_hooks(module)
+
+
+def _has_user_hooks(module: nn.Module) -> bool:
+    """A forward (pre-)hook on ``module`` that is not the engine's: it may read the mode."""
+    return any(not getattr(hook, "engine_hook", False)
+               for hooks in (module._forward_pre_hooks, module._forward_hooks) for hook in hooks.values())
 
 
 def reads_its_mode(module: nn.Module) -> bool:
@@ -142,8 +146,7 @@ def reads_its_mode(module: nn.Module) -> bool:
     missed: for messages, never for what the engine holds in eval."""
     if mode_blind(module):
         return False
-    if any(not getattr(hook, "engine_hook", False)
-           for hooks in (module._forward_pre_hooks, module._forward_hooks) for hook in hooks.values()):
+    if _has_user_hooks(module):
         return True
     code = getattr(inspect.unwrap(type(module).forward), "__code__", None)  # under @torch.no_grad() too
     if code is None:

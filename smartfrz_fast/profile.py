@@ -358,12 +358,13 @@ def profile_units(
         del loss
     finally:
         timer.remove()
-    rows = []
+    rows, before = [], set()
     for u in units:
         # what freezing it frees: the parameters the freeze of the next prefix takes out (a tied
         # embedding keeps training, and keeps its gradient and state, until its last reader freezes)
-        before = {id(p) for _, p in plan.frozen_parameters(u.index)}
-        freed = [p for _, p in plan.frozen_parameters(u.index + 1) if id(p) not in before]
+        frozen = plan.frozen_parameters(u.index + 1)
+        freed = [p for _, p in frozen if id(p) not in before]
+        before = {id(p) for _, p in frozen}
         state = [v for p in freed for v in optimizer.state.get(p, {}).values()]
         rows.append(UnitProfile(
             index=u.index, name=u.name, num_params=u.num_params, forward_flops=u.forward_flops,

@@ -368,9 +368,7 @@ class _ForwardTracer(TorchDispatchMode):
         out = func(*args, **kwargs)
         keep = _KEEPING_DRAWS.get(func._overloadpacket.__name__)
         if keep is not None:  # every layer runs in the trace, whatever LayerDrop or DropPath draws
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and id(t) not in self.watched:
-                    t.fill_(keep)  # (a lazy layer's initialisation, in this pass, keeps its draws)
+            fill_draw(out, keep, self.watched)
         count = self._flop_registry.get(func._overloadpacket)
         if count is not None:
             self.op_flops.append(int(count(*args, **kwargs, out_val=out)))
@@ -427,6 +425,14 @@ _PRODUCERS_KEPT = 8
 # parameters out of every unit: Wav2Vec2's default LayerDrop of 0.1 skips one of 12 layers in
 # most draws); stochastic depth and dropout keep what a Bernoulli draw of 1 keeps.
 _KEEPING_DRAWS = {"rand": 0.999, "rand_like": 0.999, "bernoulli": 1, "bernoulli_": 1}
+
+
+def fill_draw(out: Any, value: float, watched: Any = ()) -> None:
+    """Set every tensor a random op returned to ``value``; never a parameter (a lazy layer's
+    initialisation, run in the pass, keeps its draws) nor a watched one."""
+    for t in tree_flatten(out)[0]:
+        if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter) and id(t) not in watched:
+            t.fill_(value)
 
 
 def _recent(producers: FrozenSet[int]) -> FrozenSet[int]:
@@ -599,6 +605,17 @@ def host_draws_at(value: float) -> Iterator[None]:
     finally:
         for owner, name, original in saved:
             setattr(owner, name, original)
+
+
+def seed_host_rngs(seed: int) -> None:
+    """Seed Python's and numpy's global generators (``preserved_rngs`` puts them back)."""
+    import random
+    import sys
+
+    random.seed(seed)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed(seed)
 
 
 @contextmanager

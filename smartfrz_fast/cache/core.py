@@ -1598,7 +1598,7 @@ class _FreezeListener:
             return None
         hits, seen = cache.stats["hits"], cache.stats["hits"] + cache.stats["misses"]
         if not hits:
-            return f"{cache.describe()}"
+            return cache.describe()
         return (f"activation cache: {hits} of {seen} samples since it started were served from it, each "
                 "skipping its cached prefix's forward too (not in the FLOPs saved above)")
 

@@ -36,7 +36,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..units import compiled_modules_run_eagerly, host_draws_at, preserved_modes, preserved_state, uncached_autocast
+from ..units import (compiled_modules_run_eagerly, fill_draw, host_draws_at, preserved_modes, preserved_state,
+                     seed_host_rngs, uncached_autocast)
 
 SWAP = "module swap"  # the chain's ``how``: the model's own forward runs, every hook with it
 CHECK_SAMPLES = 4  # samples of the first batch that a cut is checked on
@@ -514,32 +515,18 @@ class SwapChain:
         meanwhile: the frozen prefix runs without it, functional dropout in a module around it
         included (docs/activation_cache.md)."""
         c = self.candidates[cut - 1]
-
-        def stop(module, a, out):
-            raise _Stop(out)
-
         outputs, dropout_off = [], _DropoutOff()
-        handle = c.module.register_forward_hook(stop)
         try:
             with preserved_modes(self.model.modules()), preserved_state(self.model), \
                     torch.no_grad(), compiled_modules_run_eagerly(self.model):
                 self._training_modes(cut)
                 for extreme in (0, 1):
-                    _seed_host_rngs(extreme)
-                    self._before_cut = True
-                    try:
-                        with dropout_off, _RandomDrawsAt(extreme), host_draws_at(extreme):
-                            self.model(*self.sample.args, **self.sample.kwargs)
-                        outputs.append(_NOT_RUN)  # C itself skipped (LayerDrop drew it)
-                    except _Stop as s:
-                        outputs.append(s.output)
-                    finally:
-                        self._before_cut = False
+                    seed_host_rngs(extreme)
+                    with dropout_off, _RandomDrawsAt(extreme), host_draws_at(extreme):
+                        outputs.append(self._output_of(c, self.sample))  # _NOT_RUN: LayerDrop drew C
         except Exception as exc:  # a draw at an extreme the model cannot take (a permutation)
             return (f"the frozen prefix up to {c.name} fails in training with its random draws fixed "
                     f"({type(exc).__name__}: {exc}), so its output may be drawn at random")
-        finally:
-            handle.remove()
         if any(out is _NOT_RUN for out in outputs) or not _all_outputs_match(*outputs):
             return (f"in training, the frozen prefix's output up to {c.name} is drawn at random (a random op "
                     "in a module around the frozen blocks that keeps training, such as SpecAugment's time mask "
@@ -591,32 +578,34 @@ class SwapChain:
         """C's output for every sample of ``inputs``, packed one row per sample: the model runs
         in eval mode without grad up to C, and stops there."""
         c = self.candidates[cut - 1]
-
-        def stop(module, a, out):
-            raise _Stop(out)
-
-        modes = {m: m.training for m in self.model.modules()}
-        handle = c.module.register_forward_hook(stop)
-        self._before_cut = True
-        try:
+        with preserved_modes(self.model.modules()), torch.no_grad():
             self.model.eval()
-            with torch.no_grad():
-                self.model(*inputs.args, **inputs.kwargs)
-        except _Stop as s:
-            out = s.output
-        else:
+            out = self._output_of(c, inputs)
+        if out is _NOT_RUN:
             raise RuntimeError(f"the module-swap cache expected {c.name} to run in the forward pass; it did not")
-        finally:
-            self._before_cut = False
-            handle.remove()
-            for m, training in modes.items():
-                m.training = training
         leaves, _ = tree_flatten(out)
         rows = [x for x, kind in zip(leaves, c.leaves) if kind[0] == "row"]
         self.consts[cut] = [x for x, kind in zip(leaves, c.leaves) if kind[0] == "const"]
         if len(rows) == 1:
             return rows[0]
         return torch.cat([r.reshape(r.shape[0], -1) for r in rows], 1)
+
+    def _output_of(self, c: Call, inputs) -> Any:
+        """C's output on ``inputs``: the model runs in the modes it is in up to C and stops there;
+        ``_NOT_RUN`` where the pass never called C (LayerDrop drew it)."""
+        def stop(module, a, out):
+            raise _Stop(out)
+
+        handle = c.module.register_forward_hook(stop)
+        self._before_cut = True
+        try:
+            self.model(*inputs.args, **inputs.kwargs)
+        except _Stop as s:
+            return s.output
+        finally:
+            self._before_cut = False
+            handle.remove()
+        return _NOT_RUN
 
     def _unpack(self, c: Call, cut: int, h: Tensor) -> Any:
         rows = [kind for kind in c.leaves if kind[0] == "row"]
@@ -779,25 +768,13 @@ class _RandomDrawsAt(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func._overloadpacket.__name__ in _DRAWS:
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, Tensor) and not isinstance(t, nn.Parameter):  # (an initialisation in forward)
-                    t.fill_(self.value)
+            fill_draw(out, self.value)
         return out
 
 
 _DRAWS = {"rand", "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm", "bernoulli",
           "bernoulli_", "normal", "normal_", "uniform", "uniform_", "multinomial", "exponential_", "geometric_",
           "cauchy_", "log_normal_", "random_", "poisson", "native_dropout"}
-
-
-def _seed_host_rngs(seed: int) -> None:
-    import random
-    import sys
-
-    random.seed(seed)
-    numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        numpy.random.seed(seed)
 
 
 def tensor_trees_match(a: Any, b: Any, equal_nan: bool = False) -> bool:
