@@ -58,6 +58,9 @@ class Block:
     # the modules whose calls a cached row stands in for, where ``modules`` holds only the
     # block's parameters (the module swap's blocks); None: ``modules`` and their descendants
     runs: Optional[List[nn.Module]] = None
+    # modules whose calls start in the block but end after it (the module swap's blocks): cut
+    # there, their forward runs on a stand-in's output, so their hooks would see a wrong input
+    enters: List[nn.Module] = field(default_factory=list)
 
     def parameters(self) -> List[nn.Parameter]:
         seen, out = set(), []
@@ -729,7 +732,8 @@ def hooked_modules(block: Block) -> List[nn.Module]:
     stands in for the block, so such a hook would not run on it (or would see a stand-in's
     output): the cache does not cut past them. Backward hooks do not count: a frozen block's
     calls pass no gradient (a forward whose input needs one is not served from the cache)."""
-    return [m for m in block_modules(block) if _user_hooks(m, forward_only=True)]
+    modules = dict.fromkeys((*block_modules(block), *block.enters))
+    return [m for m in modules if _user_hooks(m, forward_only=True)]
 
 
 def fx_chain(model: nn.Module) -> BlockChain:

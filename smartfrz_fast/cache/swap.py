@@ -3,7 +3,7 @@ while the cache serves a batch its frozen blocks are swapped for stand-ins.
 
 One recorded forward pass (eval, no grad, RNG and buffers restored) lists every module call in
 the order the calls *end*, with the first use of every parameter (aten ops seen by a dispatch
-mode), and which later calls read each call's output tensors. A cut is a module ``C`` called
+mode), and which later calls and ops read each call's output (through the ops between calls). A cut is a module ``C`` called
 once whose output holds the batch dimension; cutting after ``C`` is allowed when every
 parameter read before ``C`` ends is frozen (a shared weight that keeps training from the head's
 side would make the cached rows stale). Serving a batch cut after ``C``:
@@ -26,6 +26,7 @@ decoder layer), the check fails and the cache cuts earlier, saying why.
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -93,21 +94,76 @@ class Call:
     escapes_after: int = -1  # latest start of a later call that reads one of its output tensors
     calls_of_module: int = 1
     first_arg: Optional[Tuple[Tuple[int, ...], torch.dtype]] = None
+    reads: Set[int] = field(default_factory=set)  # the calls (numbers in the list) whose outputs its inputs hold
 
 
-class _OpCounter(TorchDispatchMode):
+class _OpRecorder(TorchDispatchMode):
+    """Counts aten ops, notes the first op reading each watched parameter, and follows data
+    between module calls through the ops outside them (``F.relu(block(x))``, ``h[:, 0]``,
+    ``a + b``): ``last_read[i]`` is the last op reading module call ``i``'s output or anything
+    computed from it by ops, until another module call returns it. Following only module calls,
+    a cut after a block whose output a functional op reads looked unread, and a stand-in whose
+    output reached the suffix through one was not known to be read after the cut."""
+
     def __init__(self, watched: Dict[int, nn.Parameter]):
         super().__init__()
         self.count = 0
         self.watched = watched
         self.first_use: Dict[int, int] = {}
+        self.returned_by: Dict[int, Set[int]] = {}  # id(tensor) -> the calls that returned this very tensor
+        self.computed_from: Dict[int, Set[int]] = {}  # id(tensor) -> calls whose outputs ops made it from
+        self.last_read: Dict[int, int] = {}  # call index -> last op reading its output's data
+        self.tracked: Set[int] = set()  # ids of the live tensors ops made
+
+    def _track(self, t: Tensor) -> None:
+        """Forget a tensor's entries when it dies, so that a new tensor with its id starts clean
+        (keeping every intermediate alive would hold a whole forward's activations)."""
+        if id(t) not in self.tracked:
+            self.tracked.add(id(t))
+            weakref.finalize(t, self._forget, id(t))
+
+    def _forget(self, key: int) -> None:
+        self.tracked.discard(key)
+        self.computed_from.pop(key, None)
+        self.returned_by.pop(key, None)
+
+    def sources(self, tensors) -> Set[int]:
+        out: Set[int] = set()
+        for t in tensors:
+            out |= self.returned_by.get(id(t), set()) | self.computed_from.get(id(t), set())
+        return out
+
+    def returned(self, call: int, tensors: Sequence[Tensor]) -> None:
+        """Call ``call`` returned ``tensors``: reading them is reading its output (and the outputs
+        of the calls that returned the very same tensors), not what ops made them from. So too
+        for a tensor it passes through (eval-mode dropout returns its input): served from the
+        cache at a cut after the call, that is what the rest of the forward reads."""
+        for t in tensors:
+            self.returned_by.setdefault(id(t), set()).add(call)
+            self.computed_from.pop(id(t), None)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        for leaf in tree_flatten((args, kwargs or {}))[0]:
-            if isinstance(leaf, Tensor) and id(leaf) in self.watched and id(leaf) not in self.first_use:
+        inputs = [t for t in tree_flatten((args, kwargs or {}))[0] if isinstance(t, Tensor)]
+        for leaf in inputs:
+            if id(leaf) in self.watched and id(leaf) not in self.first_use:
                 self.first_use[id(leaf)] = self.count
+        sources = self.sources(inputs)
+        for call in sources:
+            self.last_read[call] = self.count
         self.count += 1
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, Tensor):
+                self._track(t)
+                if sources:  # an in-place op's output is its input: it keeps what it was made from too
+                    self.computed_from.setdefault(id(t), set()).update(sources)
+        return out
+
+
+def _within(inner: Call, outer: Call) -> bool:
+    """``inner`` is ``outer`` or a call made inside it (op counts alone cannot tell a call with
+    no ops at a sibling's edge from a child: the depth can)."""
+    return inner is outer or (outer.start <= inner.start and inner.end <= outer.end and inner.depth > outer.depth)
 
 
 def _describe_leaf(leaf: Any, batch: int):
@@ -130,7 +186,7 @@ def record_calls(model: nn.Module, args: tuple, kwargs: dict, batch: int) -> Tup
     for name, module in model.named_modules(remove_duplicate=False):
         names.setdefault(id(module), name)
     params = {id(p): p for p in model.parameters()}
-    counter = _OpCounter(params)
+    counter = _OpRecorder(params)
     calls: List[Call] = []
     stack: List[Tuple[nn.Module, int, Any]] = []
     keep: List[Any] = []  # recorded tensors stay alive, so their ids stay unique
@@ -142,16 +198,18 @@ def record_calls(model: nn.Module, args: tuple, kwargs: dict, batch: int) -> Tup
         keep.extend(leaves)
         readers.append((counter.count, {id(t) for t in leaves}))
         first = a[0] if a and isinstance(a[0], Tensor) else None
-        stack.append((module, counter.count, None if first is None else (tuple(first.shape), first.dtype)))
+        stack.append((module, counter.count, None if first is None else (tuple(first.shape), first.dtype),
+                      counter.sources(leaves)))
         count_of[id(module)] = count_of.get(id(module), 0) + 1
 
     def post(module, a, kw, out):
-        _, start, first = stack.pop()
+        _, start, first, reads = stack.pop()
         leaves, spec = tree_flatten(out)
         keep.append(out)
+        counter.returned(len(calls), [x for x in leaves if isinstance(x, Tensor)])
         calls.append(Call(names.get(id(module), "?"), module, start, counter.count, len(stack), spec,
                           [_describe_leaf(x, batch) for x in leaves],
-                          {id(x) for x in leaves if isinstance(x, Tensor)}, first_arg=first))
+                          {id(x) for x in leaves if isinstance(x, Tensor)}, first_arg=first, reads=reads))
 
     hooks = []
     for module in model.modules():
@@ -170,9 +228,14 @@ def record_calls(model: nn.Module, args: tuple, kwargs: dict, batch: int) -> Tup
         for start, ids in readers:
             if start >= call.end and call.out_ids & ids:
                 call.escapes_after = max(call.escapes_after, start)
-    final_ids = {id(t) for t in tree_flatten(output)[0] if isinstance(t, Tensor)}
-    for call in calls:
-        if call.out_ids & final_ids:
+    final = [t for t in tree_flatten(output)[0] if isinstance(t, Tensor)]
+    final_ids = {id(t) for t in final}
+    in_output = counter.sources(final)
+    for i, call in enumerate(calls):
+        if i in counter.last_read and counter.last_read[i] >= call.end:
+            # an op at index r runs after a call that ended at r: as a call starting at r + 1
+            call.escapes_after = max(call.escapes_after, counter.last_read[i] + 1)
+        if call.out_ids & final_ids or i in in_output:
             call.escapes_after = max(call.escapes_after, counter.count)
     return calls, counter.first_use, output
 
@@ -210,6 +273,8 @@ class SwapChain:
         self.names = _param_names(model)
         self.blocks = []
         taken, ran = 0, 0
+        by_start = sorted((c for c in calls if c.depth > 0), key=lambda c: c.start)
+        opened = 0
         for call in self.candidates:
             own = []
             while taken < len(order) and order[taken][1] < call.end:
@@ -223,7 +288,14 @@ class SwapChain:
                 ran += 1
             # only the parameters first read in this stretch: a container candidate ending later
             # must not count its (earlier) children's parameters again
-            self.blocks.append(Block(call.name, None, [_ParamHolder(*own)], needs_inputs=True, runs=runs))
+            # the calls that start in this stretch and end after it (a hooked block around C)
+            enters = []
+            while opened < len(by_start) and by_start[opened].start < call.end:
+                if by_start[opened].end > call.end:
+                    enters.append(by_start[opened].module)
+                opened += 1
+            self.blocks.append(Block(call.name, None, [_ParamHolder(*own)], needs_inputs=True, runs=runs,
+                                     enters=enters))
         rest = [params[pid] for pid, _ in order[taken:]]
         self.blocks.append(Block("rest", None, [_ParamHolder(*rest)], needs_inputs=True))
         self._guarded: List[Any] = []  # hook handles of the guard on modules the recording did not call
@@ -339,7 +411,10 @@ class SwapChain:
                     if kind not in kinds:
                         kinds.add(kind)
                         deeper.append(refused[c])
-                notes = [f"not cut deeper: {'; nor: '.join(deeper)}{self._opaque_note()}"] if deeper else []
+                opaque = self._opaque_note(after=self.candidates[cut - 1].end)
+                notes = [f"not cut deeper: {'; nor: '.join(deeper)}{opaque}"] if deeper else []
+                if opaque and not deeper:  # a frozen block around C returns an object: no cut after it
+                    notes = [f"not cut deeper: {opaque[2:]}"]
                 if self._dropout_in_prefix.get(cut):
                     notes.append(self._dropout_in_prefix[cut])
                     if not self._dropout_warned:
@@ -370,10 +445,11 @@ class SwapChain:
                 high = middle
         return high, self._random_in_training(high)
 
-    def _opaque_note(self) -> str:
-        """Why a frozen module whose output would make a cut is none: it returns an object
-        (a plain dataclass) whose tensors the cache cannot take out and put back."""
-        for call in self.opaque:
+    def _opaque_note(self, after: int = -1) -> str:
+        """Why a frozen module whose output would make a cut (one ending after op ``after``) is
+        none: it returns an object (a plain dataclass) whose tensors the cache cannot take out
+        and put back."""
+        for call in (c for c in self.opaque if c.end > after):
             params = list(call.module.parameters())
             if params and not any(p.requires_grad for p in params):
                 kind = type(next(leaf[1] for leaf in call.leaves if leaf[0] == "value" and holds_tensors(leaf[1])))
@@ -393,12 +469,23 @@ class SwapChain:
         rows = [leaf for leaf in c.leaves if leaf[0] == "row"]
         if len({leaf[2] for leaf in rows}) > 1:
             return f"{c.name} returns per-sample tensors of several dtypes"
-        if c.escapes_after < 0:
-            # the swap sees data flow only through module calls: a functional op in between (torch.tanh,
-            # F.relu, x + y) hides it, and a cut could then skip something still read
-            return (f"no later module call reads {c.name}'s output itself (the module swap follows data only "
-                    "through module calls: a functional op after it, such as torch.tanh or F.relu, hides where "
-                    "it goes; use module activations such as nn.Tanh, or pass blocks=)")
+        if c.escapes_after < 0:  # not even an op: an output the forward drops
+            return f"nothing after {c.name} reads its output"
+        return self._residual_around(cut)
+
+    def _residual_around(self, cut: int) -> Optional[str]:
+        """Why the cut cannot work, seen in the recording without a check: a call before C whose
+        output is read after C (a residual connection around C, every layer's output returned)
+        runs, but on a stand-in's placeholder (it reads the output of a call the cut skips).
+        Each such cut would fail its check; checked, they used up the checks' budget before the
+        cuts that work (a GPT-2 asked for its hidden states)."""
+        c = self.candidates[cut - 1]
+        skipped = {i for i, call in enumerate(self.all_calls) if any(_within(call, s) for s in self._stand_ins(cut))}
+        for i, call in enumerate(self.all_calls):
+            if call.depth > 0 and call.end <= c.start and not _within(call, c) and i not in skipped \
+                    and call.escapes_after > c.end and call.reads & skipped:
+                return (f"{call.name}'s output is read after {c.name} (a residual connection around it, or every "
+                        f"layer's output returned) and made from the output of a module the cut skips")
         return None
 
     def _stand_ins(self, cut: int) -> List[Call]:
