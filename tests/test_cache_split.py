@@ -878,6 +878,42 @@ def test_functional_dropout_around_the_frozen_blocks_is_said_at_the_cut():
         assert any(said in str(w.message) for w in caught) == bool(p)
 
 
+class _TrainingOnlyStep(nn.Module):
+    """The model's own forward changes the prefix's output in training only, without any random
+    draw: a clamp after the stem (``where="stem"``) or on the input (``"input"``)."""
+
+    def __init__(self, where):
+        super().__init__()
+        self.where = where
+        self.stem = nn.Linear(6, 16)
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(3))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        if self.where == "input" and self.training:
+            x = x.clamp(-0.5, 0.5)
+        h = self.stem(x)
+        if self.where == "stem" and self.training:
+            h = h.clamp(-0.2, 0.2)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h.mean(1))
+
+
+class ClampedResNet(ResNet):
+    """Recognised as torchvision's ResNet by name and layout, with a forward of its own that
+    clamps its input in training (or adds noise): the chain runs the blocks, not this forward."""
+
+    def __init__(self, noise=False):
+        super().__init__()
+        self.noise = noise
+
+    def forward(self, x):
+        if self.training:
+            x = x + 0.3 * torch.randn_like(x) if self.noise else x.clamp(-0.5, 0.5)
+        return super().forward(x)
+
+
 def _train_cached_and_not(make, x, frozen, steps=8):
     """Per-step losses without and with the cache (same init, batches and draws), and the cache."""
     runs = []
@@ -900,6 +936,46 @@ def _train_cached_and_not(make, x, frozen, steps=8):
             losses.append(loss.item())
         runs.append((losses, cache))
     return runs
+
+
+@pytest.mark.parametrize("where", ["stem", "input"])
+def test_a_training_only_step_of_the_models_own_forward_is_never_cached_away(where):
+    # rows are made in eval mode: cut after the clamp, every served row went unclamped, and the
+    # model trained differently from the first cached step on, with no warning (the swap's check
+    # of random draws compared two training runs, both clamped)
+    x = torch.randn(8, 5, 6)
+    (plain, _), (cached, cache) = _train_cached_and_not(lambda: _TrainingOnlyStep(where), x, frozen=3)
+    assert cached == plain
+    assert cache.boundary == (1 if where == "stem" else 0)  # the cut stays before the step
+    assert "differs from eval mode" in cache.describe()
+
+
+@pytest.mark.parametrize("noise", [False, True])
+def test_a_known_structure_whose_forward_differs_in_training_is_not_run_by_its_blocks(noise):
+    # the chain of a recognised structure runs its blocks, never the subclass's forward; its
+    # check ran in eval mode, where the clamp (or noise) is off: cached, training lost it
+    x = torch.randn(8, 3, 8, 8)
+    (plain, _), (cached, cache) = _train_cached_and_not(lambda: ClampedResNet(noise), x, frozen=3)
+    assert cached == plain
+    chain, how = find_blocks(ClampedResNet(noise), Inputs((x[:2],)))
+    assert how != "torchvision ResNet"
+    assert find_blocks(ResNet(), Inputs((x[:2],)))[1] == "torchvision ResNet"  # unchanged without it
+
+
+def test_user_blocks_that_miss_a_training_only_step_are_refused():
+    model = _TrainingOnlyStep("input")
+    blocks = [model.stem, *model.layers]  # not the model: mean and head missing, and the clamp
+    with pytest.raises(ValueError, match="train mode"):
+        find_blocks(model, Inputs((torch.randn(2, 5, 6),)), blocks=[nn.Sequential(*blocks), _MeanHead(model.head)])
+
+
+class _MeanHead(nn.Module):
+    def __init__(self, head):
+        super().__init__()
+        self.head = head
+
+    def forward(self, h):
+        return self.head(h.mean(1))
 
 
 class _FunctionalReads(nn.Module):

@@ -28,8 +28,9 @@ from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from ..units import host_draws_at, preserved_modes, preserved_rngs, preserved_state
-from .swap import SWAP, buffers_now, not_reproducible, tensor_trees_match
+from ..units import compiled_modules_run_eagerly, host_draws_at, preserved_modes, preserved_rngs, preserved_state, \
+    seed_host_rngs
+from .swap import SWAP, _DropoutOff, _RandomDrawsAt, buffers_now, not_reproducible, tensor_trees_match
 
 
 @dataclass
@@ -849,6 +850,32 @@ def verify_chain(model: nn.Module, chain: BlockChain, inputs: Inputs) -> Optiona
         return f"running the {chain.how} chain failed ({type(exc).__name__}: {exc})"
     if again is not None:
         return f"the {chain.how} blocks do not reproduce the model's output"
+    return _differs_in_training(model, chain, inputs)
+
+
+def _differs_in_training(model: nn.Module, chain: BlockChain, inputs: Inputs) -> Optional[str]:
+    """Why the chain does not reproduce the model in training mode, or None. The check above
+    runs in eval mode, where code of the model's own forward that runs only in training (an
+    ``if self.training:`` clamp, mask or noise in a subclass of a known structure, whose blocks
+    the chain runs without its forward) is off; cached, it would be left out of every training
+    step. Compared in train mode, dropout off and every random draw at its lowest and then its
+    highest value (a draw the chain does not make shows as a difference at one of them)."""
+    try:
+        with preserved_modes(model.modules()), preserved_state(model), torch.no_grad(), \
+                compiled_modules_run_eagerly(model):
+            model.train()
+            for extreme in (0, 1):
+                outputs = []
+                for run in (lambda: model(*inputs.args, **inputs.kwargs), lambda: chain.run(inputs)):
+                    seed_host_rngs(extreme)
+                    with _DropoutOff(), _RandomDrawsAt(extreme), host_draws_at(extreme):
+                        outputs.append(run())
+                if not _outputs_match(*outputs):
+                    return (f"the {chain.how} blocks do not reproduce the model's output in training mode (its "
+                            "forward computes otherwise in training: an `if self.training:` branch, noise or a "
+                            "mask of its own, which the blocks would leave out)")
+    except Exception as exc:
+        return f"running the {chain.how} chain in training mode failed ({type(exc).__name__}: {exc})"
     return None
 
 
@@ -874,7 +901,7 @@ def find_blocks(model: nn.Module, inputs: Inputs, blocks: Optional[Sequence[nn.M
         if why is not None:
             raise ValueError(
                 f"ActivationCache: {why}: the blocks you gave must satisfy "
-                "model(x) == blocks[-1](...blocks[1](blocks[0](x))) (checked in eval mode)."
+                "model(x) == blocks[-1](...blocks[1](blocks[0](x))) (checked in eval and in train mode)."
             )
         return chain, chain.how
     reasons = []

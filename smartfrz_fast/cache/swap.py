@@ -618,6 +618,18 @@ class SwapChain:
             return (f"in training, the frozen prefix's output up to {c.name} is drawn at random (a random op "
                     "in a module around the frozen blocks that keeps training, such as SpecAugment's time mask "
                     "or LayerDrop): a cached row would serve one draw for ever, so the cache cannot cut there")
+        try:
+            with preserved_modes(self.model.modules()), preserved_state(self.model), torch.no_grad(), \
+                    compiled_modules_run_eagerly(self.model):
+                self.model.eval()
+                made = self._output_of(c, self.sample)  # as rows() makes them
+        except Exception as exc:
+            return f"the frozen prefix up to {c.name} fails in eval mode ({type(exc).__name__}: {exc})"
+        if made is _NOT_RUN or not _all_outputs_match(outputs[0], made):
+            return (f"in training, the frozen prefix's output up to {c.name} differs from eval mode's, where cached "
+                    "rows are made: a module around the frozen blocks that keeps training computes otherwise in "
+                    "training (an `if self.training:` branch in its forward, a mask or noise of its own), so "
+                    "the cache cannot cut there")
         if dropout_off.active:
             self._dropout_in_prefix[cut] = (
                 f"the frozen prefix up to {c.name} applies dropout in training outside the modules the engine holds "
@@ -837,7 +849,7 @@ class _DropoutOff(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-_REFUSAL_KINDS = ("activation checkpointing", "drawn at random")
+_REFUSAL_KINDS = ("activation checkpointing", "drawn at random", "differs from eval mode")
 
 
 _DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
