@@ -236,6 +236,7 @@ class FrozenRegion:
         self.cut = 0
         self.handles: List[Any] = []
         self.always: List[nn.Module] = []  # modules run in eval at every call
+        self._nested_off: List[nn.Module] = []  # TransformerEncoders kept off nested tensors (apply)
         self.partly: Dict[nn.Module, int] = {}  # modules run in eval at their leading calls
         self.counted: Dict[int, nn.Module] = {}  # modules whose calls are numbered per forward pass
         self._count: Dict[int, int] = {}  # calls of each counted module in this forward pass
@@ -255,6 +256,16 @@ class FrozenRegion:
         self.cut = cut
         always, partly = self.plan.eval_modules(cut)
         self.always, self.partly = always, partly
+        held = {id(m) for m in (*always, *partly)}
+        for encoder in self.root.modules():
+            # torch's encoder turns a padded batch into a nested tensor when its first layer is in
+            # eval mode, and a later layer still training then fails on it ("MultiheadAttention
+            # does not support NestedTensor outside of its fast path"); without freezing, training
+            # never took that path (and its padded positions' outputs stay as they were)
+            if isinstance(encoder, nn.TransformerEncoder) and getattr(encoder, "use_nested_tensor", False) \
+                    and len(encoder.layers) and id(encoder.layers[0]) in held:
+                encoder.use_nested_tensor = False
+                self._nested_off.append(encoder)
         detach = self.plan.detached_calls(cut)
         switched = []
         for module in always:
@@ -417,6 +428,9 @@ class FrozenRegion:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        for encoder in self._nested_off:
+            encoder.use_nested_tensor = True
+        self._nested_off = []
         self.counted = {}
         self._count.clear()
         self._skipped = {}

@@ -591,3 +591,38 @@ def test_a_lazy_layer_initialised_in_the_set_up_trace_keeps_its_random_init():
                  example_inputs=torch.randn(4, 8))
     assert model[2].weight.unique().numel() == 16 * 16 and model[2].bias.unique().numel() == 16
     assert model[2].weight.abs().max() <= 0.25  # kaiming_uniform_'s bound for 16 inputs
+
+
+class _PaddedEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 32, padding_idx=0)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, batch_first=True), 3)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, tokens, padding):
+        return self.head(self.enc(self.emb(tokens), src_key_padding_mask=padding)[:, 0])
+
+
+def test_a_padded_transformer_encoder_trains_with_its_first_layer_frozen():
+    # torch's encoder (enable_nested_tensor=True, the default) turns a padded batch into a nested
+    # tensor when its first layer is in eval mode; the engine holds a frozen layer in eval, and
+    # the next layer, still training, failed on it ("MultiheadAttention does not support
+    # NestedTensor outside of its fast path") at the first forward after the freeze
+    torch.manual_seed(0)
+    tokens = torch.randint(1, 50, (8, 12))
+    padding = torch.arange(12)[None] >= torch.randint(3, 13, (8,))[:, None]
+    tokens[padding] = 0
+    y = torch.randint(0, 10, (8,))
+    model = _PaddedEncoder()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, policy=StaticFreeze(5, at_step=1), example_inputs=(tokens, padding),
+                           total_steps=10)
+    for _ in range(3):
+        nn.functional.cross_entropy(model(tokens, padding), y).backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+    assert freezer.num_frozen == 5 and not model.enc.use_nested_tensor
+    freezer.close()
+    assert model.enc.use_nested_tensor  # the user's setting back
