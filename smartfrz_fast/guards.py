@@ -299,6 +299,10 @@ class Guard:
                 "each optimizer.step()."))
 
     def on_freezer_step(self, freezer: Any) -> None:
+        # no optimizer step is under way now: one that raised (out of memory in Adam's first step,
+        # caught by the loop) never ran the post-step hook, and a re-created optimizer would have
+        # been taken for one stepped inside it for ever, never followed
+        self.inside = None
         if self.changed:
             freezer._resync()
         if self.optimizer_steps == 0:

@@ -62,6 +62,40 @@ def test_recreated_optimizer_keeps_freezeouts_schedule_and_loses_frozen_paramete
     assert len(opt.param_groups) == 1  # the user's groups: the per-unit lrs live inside the step
 
 
+def _step_fails_then_new_optimizer(raises):
+    """Two steps, a third whose optimizer step fails (raises, caught by the loop; or is simply
+    not taken), then a fresh optimizer for nine more."""
+    torch.manual_seed(0)
+    model = SmallCNN()
+    opt = sgd(model)
+    freezer = SmartFreezer(model, opt, FreezeOut(t0=0.3), example_inputs=batch(0)[0], total_steps=12)
+    train_steps(model, opt, freezer, 2)
+    x, y = batch(2)
+    nn.functional.cross_entropy(model(x), y).backward()
+    if raises:
+        failing = opt.register_step_pre_hook(lambda *a: (_ for _ in ()).throw(MemoryError("out of memory")))
+        with pytest.raises(MemoryError):
+            opt.step()
+        failing.remove()
+    opt.zero_grad()
+    freezer.step()
+    opt = sgd(model)
+    train_steps(model, opt, freezer, 9, start=3)
+    return model, opt, freezer
+
+
+def test_an_optimizer_recreated_after_a_step_that_raised_is_followed():
+    # the step raised (out of memory in Adam's first step), the loop caught it and built a new
+    # optimizer: the post-step hook never ran, and the freezer took every later optimizer for one
+    # stepped inside the old one, so FreezeOut's schedule and the freezes never reached it
+    reference, _, ref_freezer = _step_fails_then_new_optimizer(raises=False)
+    model, opt, freezer = _step_fails_then_new_optimizer(raises=True)
+    assert freezer.optimizers == [opt] and freezer.timeline == ref_freezer.timeline and freezer.num_frozen >= 1
+    assert not frozen_ids(freezer) & held(opt)
+    for a, b in zip(weights(reference), weights(model)):
+        assert torch.equal(a, b)
+
+
 def test_recreated_optimizer_with_momentum_holds_no_state_of_frozen_parameters_and_resumes(tmp_path):
     model, opt, freezer = run(8, StaticFreeze(2, at_step=3), recreate_at=5, momentum=0.9)
     assert freezer.num_frozen == 2 and freezer.optimizers == [opt]
