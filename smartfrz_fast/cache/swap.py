@@ -3,10 +3,11 @@ while the cache serves a batch its frozen blocks are swapped for stand-ins.
 
 One recorded forward pass (eval, no grad, RNG and buffers restored) lists every module call in
 the order the calls *end*, with the first use of every parameter (aten ops seen by a dispatch
-mode), and which later calls and ops read each call's output (through the ops between calls). A cut is a module ``C`` called
-once whose output holds the batch dimension; cutting after ``C`` is allowed when every
-parameter read before ``C`` ends is frozen (a shared weight that keeps training from the head's
-side would make the cached rows stale). Serving a batch cut after ``C``:
+mode), and which later calls and ops read each call's output (followed through the ops between
+calls). A cut is a module ``C`` called once whose output holds the batch dimension; cutting
+after ``C`` is allowed when every parameter read before ``C`` ends is frozen (a shared weight
+that keeps training from the head's side would make the cached rows stale). Serving a batch cut
+after ``C``:
 
 - the outermost module calls that end before ``C`` starts and whose outputs are not read after
   ``C`` (``S``) return a placeholder of their recorded output structure (their input when it has
@@ -91,7 +92,7 @@ class Call:
     spec: Any = None  # pytree spec of the output
     leaves: List[Any] = field(default_factory=list)  # per leaf: ("row", shape[1:], dtype) | ("const", shape, dtype) | ("value", v)
     out_ids: Set[int] = field(default_factory=set)  # ids of the output's tensors
-    escapes_after: int = -1  # latest start of a later call that reads one of its output tensors
+    escapes_after: int = -1  # latest start of a later call, or op + 1, that reads its output (through ops)
     calls_of_module: int = 1
     first_arg: Optional[Tuple[Tuple[int, ...], torch.dtype]] = None
     reads: Set[int] = field(default_factory=set)  # the calls (numbers in the list) whose outputs its inputs hold
