@@ -121,12 +121,8 @@ class _OpRecorder(TorchDispatchMode):
         (keeping every intermediate alive would hold a whole forward's activations)."""
         if id(t) not in self.tracked:
             self.tracked.add(id(t))
-            weakref.finalize(t, self._forget, id(t))
-
-    def _forget(self, key: int) -> None:
-        self.tracked.discard(key)
-        self.computed_from.pop(key, None)
-        self.returned_by.pop(key, None)
+            # held weakly: a tensor the model keeps (a rotary table, a KV cache) does not keep the recording
+            weakref.finalize(t, _forget, weakref.ref(self), id(t)).atexit = False
 
     def sources(self, tensors) -> Set[int]:
         out: Set[int] = set()
@@ -159,6 +155,14 @@ class _OpRecorder(TorchDispatchMode):
                 if sources:  # an in-place op's output is its input: it keeps what it was made from too
                     self.computed_from.setdefault(id(t), set()).update(sources)
         return out
+
+
+def _forget(recorder: "weakref.ref[_OpRecorder]", key: int) -> None:
+    recorder = recorder()
+    if recorder is not None:
+        recorder.tracked.discard(key)
+        recorder.computed_from.pop(key, None)
+        recorder.returned_by.pop(key, None)
 
 
 def _within(inner: Call, outer: Call) -> bool:
