@@ -26,6 +26,7 @@ decoder layer), the check fails and the cache cuts earlier, saying why.
 
 from __future__ import annotations
 
+import bisect
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -95,74 +96,85 @@ class Call:
     escapes_after: int = -1  # latest start of a later call, or op + 1, that reads its output (through ops)
     calls_of_module: int = 1
     first_arg: Optional[Tuple[Tuple[int, ...], torch.dtype]] = None
-    reads: Set[int] = field(default_factory=set)  # the calls (numbers in the list) whose outputs its inputs hold
+    made_ops: Set[int] = field(default_factory=set)  # the ops that made the tensors it returned
+
+
+@dataclass
+class DataFlow:
+    """The recorded pass op by op (``_OpRecorder``): the ops that made each op's tensor inputs,
+    and those that made the model's output."""
+
+    op_inputs: List[Tuple[int, ...]]
+    output_makers: Tuple[int, ...]
 
 
 class _OpRecorder(TorchDispatchMode):
-    """Counts aten ops, notes the first op reading each watched parameter, and follows data
-    between module calls through the ops outside them (``F.relu(block(x))``, ``h[:, 0]``,
-    ``a + b``): ``last_read[i]`` is the last op reading module call ``i``'s output or anything
-    computed from it by ops, until another module call returns it. Following only module calls,
-    a cut after a block whose output a functional op reads looked unread, and a stand-in whose
-    output reached the suffix through one was not known to be read after the cut."""
+    """Counts aten ops, notes the first op reading each watched parameter, and records the data
+    flow op by op: ``op_inputs[i]``, the ops that made op ``i``'s tensor inputs (an in-place op,
+    or a write into a view, remakes the tensor it writes), and ``read_returned[call]``, the last
+    op reading a tensor that module call returned. A cut's stand-ins are then exactly the calls
+    none of whose ops the rest of the forward needs (``SwapChain._needed_ops``), followed through
+    functional ops (``F.relu(block(x))``, a head's ``h[:, 0]``), tensors a module keeps on
+    ``self`` and residual adds alike; a module only passed a tensor it never reads (a rotary
+    embedding given the hidden states for their dtype) needs nothing of it."""
 
     def __init__(self, watched: Dict[int, nn.Parameter]):
         super().__init__()
         self.count = 0
         self.watched = watched
         self.first_use: Dict[int, int] = {}
+        self.made_at: Dict[int, int] = {}  # id(tensor) -> the op that made it (live tensors ops made)
+        self.op_inputs: List[Tuple[int, ...]] = []
         self.returned_by: Dict[int, Set[int]] = {}  # id(tensor) -> the calls that returned this very tensor
-        self.computed_from: Dict[int, Set[int]] = {}  # id(tensor) -> calls whose outputs ops made it from
-        self.last_read: Dict[int, int] = {}  # call index -> last op reading its output's data
-        self.tracked: Set[int] = set()  # ids of the live tensors ops made
+        self.read_returned: Dict[int, int] = {}  # call index -> last op reading a tensor it returned
 
-    def _track(self, t: Tensor) -> None:
-        """Forget a tensor's entries when it dies, so that a new tensor with its id starts clean
-        (keeping every intermediate alive would hold a whole forward's activations)."""
-        if id(t) not in self.tracked:
-            self.tracked.add(id(t))
-            # held weakly: a tensor the model keeps (a rotary table, a KV cache) does not keep the recording
+    def _made(self, t: Tensor, op: int) -> None:
+        if id(t) not in self.made_at:
+            # held weakly: a tensor the model keeps (a rotary table, a KV cache) does not keep the
+            # recording; a dead tensor's id may come back, so its entries go with it
             weakref.finalize(t, _forget, weakref.ref(self), id(t)).atexit = False
-
-    def sources(self, tensors) -> Set[int]:
-        out: Set[int] = set()
-        for t in tensors:
-            out |= self.returned_by.get(id(t), set()) | self.computed_from.get(id(t), set())
-        return out
+        self.made_at[id(t)] = op
 
     def returned(self, call: int, tensors: Sequence[Tensor]) -> None:
-        """Call ``call`` returned ``tensors``: reading them is reading its output (and the outputs
-        of the calls that returned the very same tensors), not what ops made them from. So too
-        for a tensor it passes through (eval-mode dropout returns its input): served from the
-        cache at a cut after the call, that is what the rest of the forward reads."""
         for t in tensors:
             self.returned_by.setdefault(id(t), set()).add(call)
-            self.computed_from.pop(id(t), None)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         inputs = [t for t in tree_flatten((args, kwargs or {}))[0] if isinstance(t, Tensor)]
-        for leaf in inputs:
-            if id(leaf) in self.watched and id(leaf) not in self.first_use:
-                self.first_use[id(leaf)] = self.count
-        sources = self.sources(inputs)
-        for call in sources:
-            self.last_read[call] = self.count
+        makers = []
+        for t in inputs:
+            if id(t) in self.watched and id(t) not in self.first_use:
+                self.first_use[id(t)] = self.count
+            if id(t) in self.made_at:
+                makers.append(self.made_at[id(t)])
+            for call in self.returned_by.get(id(t), ()):
+                self.read_returned[call] = self.count
+        op = self.count
         self.count += 1
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, Tensor):
-                self._track(t)
-                if sources:  # an in-place op's output is its input: it keeps what it was made from too
-                    self.computed_from.setdefault(id(t), set()).update(sources)
+                self._made(t, op)
+                base = t._base
+                if base is not None and any(t is i for i in inputs) and id(base) in self.made_at:
+                    # a write into a view of a tensor the forward made (buf[:, :16] = h): reading
+                    # the tensor reads this op too
+                    makers.append(self.made_at[id(base)])
+                    self._made(base, op)
+        self.op_inputs.append(tuple(set(makers)))
         return out
 
 
 def _forget(recorder: "weakref.ref[_OpRecorder]", key: int) -> None:
     recorder = recorder()
     if recorder is not None:
-        recorder.tracked.discard(key)
-        recorder.computed_from.pop(key, None)
+        recorder.made_at.pop(key, None)
         recorder.returned_by.pop(key, None)
+
+
+def _varies(value: Any) -> bool:
+    """A non-tensor output leaf that could carry data: a number (not None, a string, a flag type)."""
+    return isinstance(value, (int, float, complex)) and not isinstance(value, bool)
 
 
 def _within(inner: Call, outer: Call) -> bool:
@@ -184,9 +196,10 @@ def holds_tensors(value: Any) -> bool:
     return any(isinstance(v, Tensor) for v in getattr(value, "__dict__", {}).values())
 
 
-def record_calls(model: nn.Module, args: tuple, kwargs: dict, batch: int) -> Tuple[List[Call], Dict[int, int], Any]:
+def record_calls(model: nn.Module, args: tuple, kwargs: dict, batch: int
+                 ) -> Tuple[List[Call], Dict[int, int], DataFlow, Any]:
     """Every module call of one forward pass (eval, no grad), the first aten op reading each
-    parameter, and the model's output."""
+    parameter, the pass's data flow op by op, and the model's output."""
     names: Dict[int, str] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         names.setdefault(id(module), name)
@@ -203,18 +216,18 @@ def record_calls(model: nn.Module, args: tuple, kwargs: dict, batch: int) -> Tup
         keep.extend(leaves)
         readers.append((counter.count, {id(t) for t in leaves}))
         first = a[0] if a and isinstance(a[0], Tensor) else None
-        stack.append((module, counter.count, None if first is None else (tuple(first.shape), first.dtype),
-                      counter.sources(leaves)))
+        stack.append((module, counter.count, None if first is None else (tuple(first.shape), first.dtype)))
         count_of[id(module)] = count_of.get(id(module), 0) + 1
 
     def post(module, a, kw, out):
-        _, start, first, reads = stack.pop()
+        _, start, first = stack.pop()
         leaves, spec = tree_flatten(out)
         keep.append(out)
-        counter.returned(len(calls), [x for x in leaves if isinstance(x, Tensor)])
+        tensors = [x for x in leaves if isinstance(x, Tensor)]
+        counter.returned(len(calls), tensors)
         calls.append(Call(names.get(id(module), "?"), module, start, counter.count, len(stack), spec,
-                          [_describe_leaf(x, batch) for x in leaves],
-                          {id(x) for x in leaves if isinstance(x, Tensor)}, first_arg=first, reads=reads))
+                          [_describe_leaf(x, batch) for x in leaves], {id(x) for x in tensors}, first_arg=first,
+                          made_ops={counter.made_at[id(x)] for x in tensors if id(x) in counter.made_at}))
 
     hooks = []
     for module in model.modules():
@@ -228,21 +241,19 @@ def record_calls(model: nn.Module, args: tuple, kwargs: dict, batch: int) -> Tup
     finally:
         for h in hooks:
             h.remove()
-    for call in calls:
+    final = [t for t in tree_flatten(output)[0] if isinstance(t, Tensor)]
+    final_ids = {id(t) for t in final}
+    for i, call in enumerate(calls):
         call.calls_of_module = count_of[id(call.module)]
         for start, ids in readers:
             if start >= call.end and call.out_ids & ids:
                 call.escapes_after = max(call.escapes_after, start)
-    final = [t for t in tree_flatten(output)[0] if isinstance(t, Tensor)]
-    final_ids = {id(t) for t in final}
-    in_output = counter.sources(final)
-    for i, call in enumerate(calls):
-        if i in counter.last_read and counter.last_read[i] >= call.end:
-            # an op at index r runs after a call that ended at r: as a call starting at r + 1
-            call.escapes_after = max(call.escapes_after, counter.last_read[i] + 1)
-        if call.out_ids & final_ids or i in in_output:
+        if counter.read_returned.get(i, -1) >= call.end:  # an op at index r: as a call starting at r + 1
+            call.escapes_after = max(call.escapes_after, counter.read_returned[i] + 1)
+        if call.out_ids & final_ids:
             call.escapes_after = max(call.escapes_after, counter.count)
-    return calls, counter.first_use, output
+    flow = DataFlow(counter.op_inputs, tuple({counter.made_at[id(t)] for t in final if id(t) in counter.made_at}))
+    return calls, counter.first_use, flow, output
 
 
 def _param_names(model: nn.Module) -> Dict[int, List[str]]:
@@ -262,10 +273,12 @@ class SwapChain:
     bind = None
     side_inputs: Tuple[str, ...] = ()
 
-    def __init__(self, model: nn.Module, calls: List[Call], first_use: Dict[int, int], sample, batch: int):
+    def __init__(self, model: nn.Module, calls: List[Call], first_use: Dict[int, int], flow: DataFlow, sample,
+                 batch: int):
         from .split import Block, _ParamHolder
 
         self.model = model
+        self.flow = flow
         self.sample = sample  # Inputs: a few samples of the first batch, to check cuts on
         self.all_calls = calls
         self.candidates = [c for c in calls if c.depth > 0 and c.calls_of_module == 1
@@ -311,9 +324,11 @@ class SwapChain:
         self._dropout_in_prefix: Dict[int, str] = {}  # cut -> note: dropout the cached rows leave out
         self._dropout_warned = False
         self.consts: Dict[int, List[Any]] = {}  # cut -> recorded non-per-sample leaves of C's output
+        self.values: Dict[int, List[Any]] = {}  # cut -> the non-tensor leaves of C's output, last computed
         self.note: Optional[str] = None  # why the cut is shallower than the frozen prefix
         self._skipped: Dict[int, int] = {}
         self._chosen: Dict[int, List[Call]] = {}
+        self._needed: Dict[int, Tuple[Optional[str], List[int]]] = {}
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -474,41 +489,63 @@ class SwapChain:
         rows = [leaf for leaf in c.leaves if leaf[0] == "row"]
         if len({leaf[2] for leaf in rows}) > 1:
             return f"{c.name} returns per-sample tensors of several dtypes"
-        if c.escapes_after < 0:  # not even an op: an output the forward drops
-            return f"nothing after {c.name} reads its output"
-        return self._residual_around(cut)
+        return self._needed_ops(cut)[0]
 
-    def _residual_around(self, cut: int) -> Optional[str]:
-        """Why the cut cannot work, seen in the recording without a check: a call before C whose
-        output is read after C (a residual connection around C, every layer's output returned)
-        runs, but on a stand-in's placeholder (it reads the output of a call the cut skips).
-        Each such cut would fail its check; checked, they used up the checks' budget before the
-        cuts that work (a GPT-2 asked for its hidden states)."""
-        c = self.candidates[cut - 1]
-        skipped = {i for i, call in enumerate(self.all_calls) if any(_within(call, s) for s in self._stand_ins(cut))}
-        for i, call in enumerate(self.all_calls):
-            if call.depth > 0 and call.end <= c.start and not _within(call, c) and i not in skipped \
-                    and call.escapes_after > c.end and call.reads & skipped:
-                return (f"{call.name}'s output is read after {c.name} (a residual connection around it, or every "
-                        f"layer's output returned) and made from the output of a module the cut skips")
-        return None
+    def _needed_ops(self, cut: int) -> Tuple[Optional[str], List[int]]:
+        """The ops before C that the forward after C needs, sorted (every op after C runs; the
+        ops that made what they read, and what those read, back to C's output, which the cache
+        serves, or the model's inputs), or why the cut cannot work: a tensor made inside C other
+        than its output is read after it (kept on the module: the cache skips C), or nothing
+        reads C's output."""
+        if cut in self._needed:
+            return self._needed[cut]
+        c, flow = self.candidates[cut - 1], self.flow
+        needed: Set[int] = set()
+        pending = list(flow.output_makers)
+        for op in range(c.end, len(flow.op_inputs)):
+            pending.extend(flow.op_inputs[op])
+        serves = c.escapes_after >= 0  # a later call takes C's output as it is
+        why = None
+        while pending:
+            op = pending.pop()
+            if op in needed or op >= c.end:
+                continue
+            if op >= c.start:  # made inside C
+                if op in c.made_ops:
+                    serves = True
+                    continue
+                why = (f"a tensor {c.name} makes besides its output is read after it (kept on the module?); "
+                       "a cut after it would leave it stale")
+                break
+            if op in c.made_ops:  # C passes through a tensor made before it (eval-mode dropout)
+                serves = True
+            needed.add(op)
+            pending.extend(flow.op_inputs[op])
+        if why is None and not serves:
+            why = f"nothing after {c.name} reads its output"
+        self._needed[cut] = (why, sorted(needed))
+        return self._needed[cut]
 
     def _stand_ins(self, cut: int) -> List[Call]:
-        """Outermost calls that end before C starts and whose outputs are not read after C."""
+        """Outermost calls that end before C starts none of whose ops the rest needs."""
         if cut not in self._chosen:
             self._chosen[cut] = self._find_stand_ins(cut)
         return self._chosen[cut]
 
     def _find_stand_ins(self, cut: int) -> List[Call]:
         c = self.candidates[cut - 1]
+        needed = self._needed_ops(cut)[1]
         chosen: List[Call] = []
         for call in reversed(self.all_calls):
-            if call.end > c.start or call.depth == 0:
+            if call.end > c.start or call.depth == 0 or _within(call, c):
                 continue
-            if any(o.start <= call.start and call.end <= o.end for o in chosen):
+            if any(_within(call, o) for o in chosen):
                 continue  # inside a stand-in already
             if call.escapes_after > c.end or call.calls_of_module > 1:
                 continue  # read after C, or a module also called elsewhere (a shared embedding): runs
+            first = bisect.bisect_left(needed, call.start)
+            if first < len(needed) and needed[first] < call.end:
+                continue  # the forward after C needs one of its ops (a residual, a tensor kept on self)
             chosen.append(call)
         return chosen
 
@@ -533,7 +570,32 @@ class SwapChain:
             return (f"the model's output changes when {c.name}'s output is served from the cache and the "
                     "blocks before it are skipped, so something after it also reads the output of a block "
                     "before it (a residual or skip connection, an encoder read by a decoder)")
-        return self._random_in_training(cut) or self._inside_checkpoint(cut) or self._consts_vary(inputs, cut)
+        return (self._random_in_training(cut) or self._inside_checkpoint(cut) or self._consts_vary(inputs, cut)
+                or self._differs_served_in_training(cut))
+
+    def _differs_served_in_training(self, cut: int) -> Optional[str]:
+        """Why the swapped forward does not reproduce the model in the modes of training (draws
+        fixed, dropout off), where the check above ran in eval: code that runs only in training
+        and reads a module the cut stands in for (an auxiliary head on an early layer, deep
+        supervision) would get its placeholder."""
+        c = self.candidates[cut - 1]
+        outputs = []
+        try:
+            with preserved_modes(self.model.modules()), preserved_state(self.model), torch.no_grad(), \
+                    compiled_modules_run_eagerly(self.model):
+                for serve in (False, True):
+                    self._training_modes(cut)
+                    rows = self.rows(self.sample, cut) if serve else None
+                    seed_host_rngs(0)
+                    with _DropoutOff(), _RandomDrawsAt(0), host_draws_at(0):
+                        outputs.append(self.serve(self.sample, cut, rows) if serve
+                                       else self.model(*self.sample.args, **self.sample.kwargs))
+        except Exception as exc:
+            return f"the model fails in training with {c.name} swapped ({type(exc).__name__}: {exc})"
+        if not _all_outputs_match(*outputs):
+            return (f"in training, the model's output changes when {c.name}'s output is served: code that runs "
+                    "only in training (an auxiliary head, deep supervision) reads a module the cut skips")
+        return None
 
     def _training_modes(self, cut: int):
         """The modes of training for a check of cut ``cut``: the model's own (train, where it was
@@ -651,17 +713,23 @@ class SwapChain:
         from .core import _batch_size, _index_inputs
 
         c = self.candidates[cut - 1]
-        if not any(kind[0] == "const" for kind in c.leaves):
+        if not any(kind[0] == "const" or (kind[0] == "value" and _varies(kind[1])) for kind in c.leaves):
             return None
         n = _batch_size(inputs)
-        seen = []
+        seen, values = [], []
         try:
             with preserved_state(self.model):
                 for index in (torch.arange(n), torch.arange(1), torch.arange(n - 1, n)):
                     self.rows(_index_inputs(inputs, index, n), cut)
                     seen.append(self.consts[cut])
+                    values.append(self.values[cut])
         except Exception as exc:
             return f"the model fails on part of the recorded samples ({type(exc).__name__}: {exc})"
+        recorded = [kind[1] for kind in c.leaves if kind[0] == "value"]
+        if any(v != recorded for v in values):
+            # served as recorded: a number computed from the batch (a mean, a count) would be stale
+            return (f"{c.name} returns a Python value that changes with the batch (a number computed from it); "
+                    "the cache serves it as recorded once, so it cannot cut there: return it as a tensor")
         for consts in seen[1:]:
             for a, b in zip(seen[0], consts):
                 if a.shape != b.shape or not torch.equal(a, b):
@@ -690,6 +758,7 @@ class SwapChain:
         leaves, _ = tree_flatten(out)
         rows = [x for x, kind in zip(leaves, c.leaves) if kind[0] == "row"]
         self.consts[cut] = [x for x, kind in zip(leaves, c.leaves) if kind[0] == "const"]
+        self.values[cut] = [x for x, kind in zip(leaves, c.leaves) if kind[0] == "value"]
         if len(rows) == 1:
             return rows[0]
         return torch.cat([r.reshape(r.shape[0], -1) for r in rows], 1)
@@ -881,9 +950,18 @@ _DRAWS = {"rand", "rand_like", "randn", "randn_like", "randint", "randint_like",
           "cauchy_", "log_normal_", "random_", "poisson", "native_dropout"}
 
 
+def _all_leaves(tree: Any) -> List[Any]:
+    """``tree``'s leaves, and those of the objects among them that pytree does not take apart but
+    that carry tensors (a plain dataclass): compared as leaves, any two such objects matched."""
+    out = []
+    for leaf in tree_flatten(tree)[0]:
+        out += _all_leaves(list(vars(leaf).values())) if holds_tensors(leaf) else [leaf]
+    return out
+
+
 def tensor_trees_match(a: Any, b: Any, equal_nan: bool = False) -> bool:
     """The same structure of outputs, every tensor of the same shape and close (rtol 1e-4)."""
-    la, lb = tree_flatten(a)[0], tree_flatten(b)[0]
+    la, lb = _all_leaves(a), _all_leaves(b)
     if len(la) != len(lb):
         return False
     for x, y in zip(la, lb):
@@ -939,10 +1017,10 @@ def swap_chain(model: nn.Module, inputs) -> Tuple[Optional[SwapChain], str]:
     sample = _index_inputs(inputs, torch.arange(n), batch)
     sample.memo = {}
     try:
-        calls, first_use, _ = record_calls(model, sample.args, sample.kwargs, n)
+        calls, first_use, flow, _ = record_calls(model, sample.args, sample.kwargs, n)
     except Exception as exc:
         return None, f"recording the module calls failed ({type(exc).__name__}: {exc})"
-    chain = SwapChain(model, calls, first_use, sample, n)
+    chain = SwapChain(model, calls, first_use, flow, sample, n)
     if not chain.candidates:
         return None, f"no module of {type(model).__name__} is called once with an output holding the batch dimension"
     return chain, chain.how
