@@ -3,15 +3,15 @@ while the cache serves a batch its frozen blocks are swapped for stand-ins.
 
 One recorded forward pass (eval, no grad, RNG and buffers restored) lists every module call in
 the order the calls *end*, with the first use of every parameter (aten ops seen by a dispatch
-mode), and which later calls and ops read each call's output (followed through the ops between
-calls). A cut is a module ``C`` called once whose output holds the batch dimension; cutting
-after ``C`` is allowed when every parameter read before ``C`` ends is frozen (a shared weight
-that keeps training from the head's side would make the cached rows stale). Serving a batch cut
-after ``C``:
+mode), and the data flow op by op (which ops made each op's inputs). A cut is a module ``C``
+called once whose output holds the batch dimension; cutting after ``C`` is allowed when every
+parameter read before ``C`` ends is frozen (a shared weight that keeps training from the head's
+side would make the cached rows stale). Serving a batch cut after ``C``:
 
-- the outermost module calls that end before ``C`` starts and whose outputs are not read after
-  ``C`` (``S``) return a placeholder of their recorded output structure (their input when it has
-  the output's shape, else zeros); later calls of them, after ``C``, run for real;
+- the outermost module calls that end before ``C`` starts, none of whose ops the forward after
+  ``C`` needs (``S``; followed op by op, ``SwapChain._needed_ops``), return a placeholder of their
+  recorded output structure (their input when it has the output's shape, else zeros); later
+  calls of them, after ``C``, run for real;
 - ``C`` returns the cached rows in the structure the real ``C`` returned (a tensor, a tuple, a
   Hugging Face output) and constants recorded with the rows;
 - everything else (embedding sums, masks, rotary tables, the trainable suffix) runs as the
