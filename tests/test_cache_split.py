@@ -1028,6 +1028,24 @@ class _Out:
     logits: torch.Tensor
 
 
+class _InPlaceAct(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, h):  # works in place, as nn.ReLU(inplace=True): returns the tensor it was given
+        return h.relu_().mul_(self.scale)
+
+
+class _Lengths(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 16)
+
+    def forward(self, x):  # a number per sample, as a padded batch's lengths for packing
+        return self.lin(x), (x[:, :, 0] > 0).sum(1).tolist()
+
+
 class _Hidden(nn.Module):
     """The cases a review found where the cache served wrong rows or placeholders that its
     check could not see; ``kind`` picks one. torch.fx is kept out (Python on a value), so the
@@ -1036,21 +1054,35 @@ class _Hidden(nn.Module):
     def __init__(self, kind):
         super().__init__()
         self.kind = kind
-        self.stem = nn.Linear(6, 16)
-        self.b1 = _HAndScale() if kind == "scalar" else nn.Sequential(nn.Linear(16, 16), nn.Tanh())
+        self.stem = _Lengths() if kind == "stand-in number" else nn.Linear(6, 16)
+        self.b1 = {"scalar": _HAndScale(), "in-place cut": nn.Sequential(nn.Linear(16, 16), _InPlaceAct())}.get(
+            kind, nn.Sequential(nn.Linear(16, 16), nn.Tanh()))
         self.b2 = nn.Sequential(nn.Linear(16, 16), nn.Tanh())
         self.drop = nn.Dropout(0.1)
-        if kind == "pass-through":
+        if kind in ("pass-through", "in-place cut", "write through a view"):
             self.gate = nn.Parameter(torch.zeros(16))
         if kind == "aux in training":
             self.aux = nn.Linear(16, 3)
         self.head = nn.Linear(16, 3)
 
     def forward(self, x):
-        h1 = self.b1(torch.tanh(self.stem(x)))
+        lengths = None
+        if self.kind == "stand-in number":
+            h0, lengths = self.stem(x)
+        else:
+            h0 = self.stem(x)
+        if self.kind == "in-place cut":
+            before = self.b1[0](torch.tanh(h0))
+            h1 = self.b1[1](before)  # the cut: changes its input in place; `before` is read again below
+        else:
+            h1 = self.b1(torch.tanh(h0))
         if self.kind == "scalar":
             h1, scale = h1
             h1 = h1 / scale
+        if self.kind == "write through a view":
+            buf = h1.new_zeros(h1.shape[0], 2, *h1.shape[1:])
+            skip = buf[:, 0]  # a view made before the write into its base
+            buf[:, 0] = h1
         if self.kind == "kept on self":
             self.b2.tap = h1 * 2  # a tensor a module keeps, read after it
         h = self.b2(h1)
@@ -1060,21 +1092,31 @@ class _Hidden(nn.Module):
             h = h + self.b2.tap
         if self.kind == "pass-through":  # a zero-initialised gate: the check sees no difference at first
             h = h + self.gate * self.drop(h1 * 0.5)
+        if self.kind == "in-place cut":
+            h = h + self.gate * before
+        if self.kind == "write through a view":
+            h = h + self.gate * skip
+        if lengths is not None:  # read after the cut
+            h = h * torch.tensor(lengths, dtype=h.dtype)[:, None, None]
         out = self.head(h.mean(1))
         if self.kind == "aux in training" and self.training:  # deep supervision on an early layer
             out = out + self.aux(h1.mean(1))
         return _Out(out) if self.kind == "dataclass output" else out
 
 
-@pytest.mark.parametrize("kind", ["scalar", "kept on self", "pass-through", "aux in training", "dataclass output"])
+@pytest.mark.parametrize("kind", ["scalar", "kept on self", "pass-through", "aux in training", "dataclass output",
+                                  "stand-in number", "in-place cut", "write through a view"])
 def test_the_module_swap_serves_no_stale_value_or_placeholder(kind):
     # each trained otherwise with the cache than without it (0.04-0.35 in loss): a Python number
     # in the cut block's output served as recorded; a tensor kept on a module the cut skipped; a
     # block read through a pass-through module behind a zero gate; an auxiliary head reading a
-    # stood-in block in training only; a dataclass output, in which the check saw no tensor
+    # stood-in block in training only; a dataclass output, in which the check saw no tensor; a
+    # stand-in returning Python numbers (served as recorded); a cut block that works in place on
+    # a tensor read again after it; a write into a buffer read through a view made before it
     x = torch.randn(8, 5, 6)
     # frozen by hand before set-up: the cut's check runs on the weights it will serve, gate at 0
-    by_hand = {"scalar": ("stem", "b1"), "pass-through": ("stem", "b1", "b2")}.get(kind, ())
+    by_hand = {"scalar": ("stem", "b1"), "pass-through": ("stem", "b1", "b2"), "in-place cut": ("stem", "b1"),
+               "write through a view": ("stem", "b1", "b2"), "stand-in number": ("stem", "b1")}.get(kind, ())
     frozen = 0 if by_hand else 3
     (plain, _), (cached, cache) = _train_cached_and_not(lambda: _Hidden(kind), x, frozen, by_hand=by_hand)
     assert cache.stats["hits"] > 0, cache.describe()

@@ -97,6 +97,7 @@ class Call:
     calls_of_module: int = 1
     first_arg: Optional[Tuple[Tuple[int, ...], torch.dtype]] = None
     made_ops: Set[int] = field(default_factory=set)  # the ops that made the tensors it returned
+    returns_input: bool = False  # returns a tensor it was given (unchanged, or changed in place)
 
 
 @dataclass
@@ -127,6 +128,7 @@ class _OpRecorder(TorchDispatchMode):
         self.op_inputs: List[Tuple[int, ...]] = []
         self.returned_by: Dict[int, Set[int]] = {}  # id(tensor) -> the calls that returned this very tensor
         self.read_returned: Dict[int, int] = {}  # call index -> last op reading a tensor it returned
+        self.written: Dict[int, int] = {}  # storage address -> the last op that wrote into it in place
 
     def _made(self, t: Tensor, op: int) -> None:
         if id(t) not in self.made_at:
@@ -145,22 +147,28 @@ class _OpRecorder(TorchDispatchMode):
         for t in inputs:
             if id(t) in self.watched and id(t) not in self.first_use:
                 self.first_use[id(t)] = self.count
-            if id(t) in self.made_at:
-                makers.append(self.made_at[id(t)])
+            made = self.made_at.get(id(t), -1)
+            if made >= 0:
+                makers.append(made)
+            # written in place since it was made, through it or another view of its storage
+            # (buf[:, :16] = h): reading it reads that write too
+            write = self.written.get(_storage(t), -1)
+            if write > made:
+                makers.append(write)
             for call in self.returned_by.get(id(t), ()):
                 self.read_returned[call] = self.count
         op = self.count
         self.count += 1
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
-            if isinstance(t, Tensor):
+            if not isinstance(t, Tensor):
+                continue
+            if not any(t is i for i in inputs):
                 self._made(t, op)
-                base = t._base
-                if base is not None and any(t is i for i in inputs) and id(base) in self.made_at:
-                    # a write into a view of a tensor the forward made (buf[:, :16] = h): reading
-                    # the tensor reads this op too
-                    makers.append(self.made_at[id(base)])
-                    self._made(base, op)
+            elif _writes(func):  # in place (add_, copy_ into a view, out=)
+                self._made(t, op)
+                self.written[_storage(t)] = op
+            # else an op that returns its input as it is (lift_fresh, alias): still what made it
         self.op_inputs.append(tuple(set(makers)))
         return out
 
@@ -172,9 +180,27 @@ def _forget(recorder: "weakref.ref[_OpRecorder]", key: int) -> None:
         recorder.returned_by.pop(key, None)
 
 
+_WRITES: Dict[Any, bool] = {}
+
+
+def _writes(func) -> bool:
+    """The aten op writes into one of its arguments (its schema marks it ``a!``)."""
+    if func not in _WRITES:
+        _WRITES[func] = any(a.alias_info is not None and a.alias_info.is_write for a in func._schema.arguments)
+    return _WRITES[func]
+
+
+def _storage(t: Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # sparse, nested: no plain storage
+        return -1
+
+
 def _varies(value: Any) -> bool:
-    """A non-tensor output leaf that could carry data: a number (not None, a string, a flag type)."""
-    return isinstance(value, (int, float, complex)) and not isinstance(value, bool)
+    """A non-tensor output leaf that could carry data computed from the batch: a number or a
+    flag (not None, a string, a type), which the op graph cannot follow."""
+    return isinstance(value, (int, float, complex, bool))
 
 
 def _within(inner: Call, outer: Call) -> bool:
@@ -216,18 +242,20 @@ def record_calls(model: nn.Module, args: tuple, kwargs: dict, batch: int
         keep.extend(leaves)
         readers.append((counter.count, {id(t) for t in leaves}))
         first = a[0] if a and isinstance(a[0], Tensor) else None
-        stack.append((module, counter.count, None if first is None else (tuple(first.shape), first.dtype)))
+        stack.append((module, counter.count, None if first is None else (tuple(first.shape), first.dtype),
+                      {id(t) for t in leaves}))
         count_of[id(module)] = count_of.get(id(module), 0) + 1
 
     def post(module, a, kw, out):
-        _, start, first = stack.pop()
+        _, start, first, given = stack.pop()
         leaves, spec = tree_flatten(out)
         keep.append(out)
         tensors = [x for x in leaves if isinstance(x, Tensor)]
         counter.returned(len(calls), tensors)
         calls.append(Call(names.get(id(module), "?"), module, start, counter.count, len(stack), spec,
                           [_describe_leaf(x, batch) for x in leaves], {id(x) for x in tensors}, first_arg=first,
-                          made_ops={counter.made_at[id(x)] for x in tensors if id(x) in counter.made_at}))
+                          made_ops={counter.made_at[id(x)] for x in tensors if id(x) in counter.made_at},
+                          returns_input=any(id(x) in given for x in tensors)))
 
     hooks = []
     for module in model.modules():
@@ -489,6 +517,10 @@ class SwapChain:
         rows = [leaf for leaf in c.leaves if leaf[0] == "row"]
         if len({leaf[2] for leaf in rows}) > 1:
             return f"{c.name} returns per-sample tensors of several dtypes"
+        if c.returns_input:
+            # the forward may read that tensor after C by another name, which a served row does not
+            # replace (and a change C made in place would be missing from it)
+            return f"{c.name} returns a tensor it was given (unchanged, as eval-mode dropout, or changed in place)"
         return self._needed_ops(cut)[0]
 
     def _needed_ops(self, cut: int) -> Tuple[Optional[str], List[int]]:
@@ -517,8 +549,6 @@ class SwapChain:
                 why = (f"a tensor {c.name} makes besides its output is read after it (kept on the module?); "
                        "a cut after it would leave it stale")
                 break
-            if op in c.made_ops:  # C passes through a tensor made before it (eval-mode dropout)
-                serves = True
             needed.add(op)
             pending.extend(flow.op_inputs[op])
         if why is None and not serves:
@@ -543,6 +573,8 @@ class SwapChain:
                 continue  # inside a stand-in already
             if call.escapes_after > c.end or call.calls_of_module > 1:
                 continue  # read after C, or a module also called elsewhere (a shared embedding): runs
+            if any(kind[0] == "value" and _varies(kind[1]) for kind in call.leaves):
+                continue  # returns a number (lengths.tolist()): a placeholder would be the recorded one
             first = bisect.bisect_left(needed, call.start)
             if first < len(needed) and needed[first] < call.end:
                 continue  # the forward after C needs one of its ops (a residual, a tensor kept on self)
@@ -579,22 +611,23 @@ class SwapChain:
         and reads a module the cut stands in for (an auxiliary head on an early layer, deep
         supervision) would get its placeholder."""
         c = self.candidates[cut - 1]
-        outputs = []
-        try:
-            with preserved_modes(self.model.modules()), preserved_state(self.model), torch.no_grad(), \
-                    compiled_modules_run_eagerly(self.model):
-                for serve in (False, True):
-                    self._training_modes(cut)
-                    rows = self.rows(self.sample, cut) if serve else None
-                    seed_host_rngs(0)
-                    with _DropoutOff(), _RandomDrawsAt(0), host_draws_at(0):
-                        outputs.append(self.serve(self.sample, cut, rows) if serve
-                                       else self.model(*self.sample.args, **self.sample.kwargs))
-        except Exception as exc:
-            return f"the model fails in training with {c.name} swapped ({type(exc).__name__}: {exc})"
-        if not _all_outputs_match(*outputs):
-            return (f"in training, the model's output changes when {c.name}'s output is served: code that runs "
-                    "only in training (an auxiliary head, deep supervision) reads a module the cut skips")
+        for extreme in (0, 1):  # at one of them a random mask (stochastic depth) keeps that code
+            outputs = []
+            try:
+                with preserved_modes(self.model.modules()), preserved_state(self.model), torch.no_grad(), \
+                        compiled_modules_run_eagerly(self.model):
+                    for serve in (False, True):
+                        self._training_modes(cut)
+                        rows = self.rows(self.sample, cut) if serve else None
+                        seed_host_rngs(extreme)
+                        with _DropoutOff(), _RandomDrawsAt(extreme), host_draws_at(extreme):
+                            outputs.append(self.serve(self.sample, cut, rows) if serve
+                                           else self.model(*self.sample.args, **self.sample.kwargs))
+            except Exception as exc:
+                return f"the model fails in training with {c.name} swapped ({type(exc).__name__}: {exc})"
+            if not _all_outputs_match(*outputs):
+                return (f"in training, the model's output changes when {c.name}'s output is served: code that "
+                        "runs only in training (an auxiliary head, deep supervision) reads a module the cut skips")
         return None
 
     def _training_modes(self, cut: int):
