@@ -640,11 +640,13 @@ def test_real_library_model_trains_with_the_cache(name, fresh_seed):
                 torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
-class _DrawsBetweenLayers(nn.Module):
-    """The model's own forward draws at random between its layers while it trains: a time mask
-    drawn with numpy (as Wav2Vec2's SpecAugment) or a layer skipped (as LayerDrop)."""
+class _StepBetweenLayers(nn.Module):
+    """The model's own forward does something between its layers while it trains: draws at
+    random (``kind`` "mask": a time mask drawn with numpy, as Wav2Vec2's SpecAugment; "layerdrop",
+    "python_layerdrop": a layer skipped, as LayerDrop) or, with no draw at all, clamps ("clamp
+    stem": after the stem; "clamp input": the input)."""
 
-    def __init__(self, kind, p):
+    def __init__(self, kind, p=0.0):
         super().__init__()
         self.kind, self.p = kind, p
         self.stem = nn.Linear(6, 16)
@@ -654,7 +656,11 @@ class _DrawsBetweenLayers(nn.Module):
     def forward(self, x):
         import numpy as np
 
+        if self.kind == "clamp input" and self.training:
+            x = x.clamp(-0.5, 0.5)
         h = self.stem(x)
+        if self.kind == "clamp stem" and self.training:
+            h = h.clamp(-0.2, 0.2)
         if self.kind == "mask" and self.training and self.p:
             h = h.masked_fill(torch.from_numpy(np.random.rand(*h.shape[:2]) < self.p)[..., None], 0.0)
         for layer in self.layers:
@@ -666,28 +672,40 @@ class _DrawsBetweenLayers(nn.Module):
         return self.head(h.mean(1))
 
 
-def _train_with_draws(kind, p, cached):
+def _train(make, x, frozen, cached, steps=8, by_hand=()):
+    """Per-step losses of ``steps`` steps (every generator seeded, the same batches each run),
+    with the cache or without it, the cache and the freezer. ``by_hand``: names of modules frozen
+    before set-up (what the cache's checks see unchanged)."""
     import numpy as np
 
     torch.manual_seed(0)
     np.random.seed(0)
     random.seed(0)
-    model = _DrawsBetweenLayers(kind, p)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x, y = torch.randn(8, 5, 6), torch.randint(0, 3, (8,))
-    freezer = SmartFreezer(model, opt, StaticFreeze(3, at_step=1), example_inputs=x[:2], total_steps=20)
-    assert len(freezer.units) == 5
-    cache = ActivationCache(freezer, num_samples=8, deterministic=True) if cached else None
+    model = make()
+    for name in by_hand:
+        model.get_submodule(name).requires_grad_(False).eval()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    y = torch.randint(0, 3, (x.shape[0],), generator=torch.Generator().manual_seed(1))
+    freezer = SmartFreezer(model, opt, StaticFreeze(frozen, at_step=1), example_inputs=x[:2], total_steps=20)
+    cache = ActivationCache(freezer, num_samples=x.shape[0], deterministic=True) if cached else None
     forward = cache.wrap() if cached else (lambda inputs, ids: model(inputs))
     losses = []
-    for step in range(10):
+    for step in range(steps):
         ids = torch.arange(4) + 4 * (step % 2)
-        loss = nn.functional.cross_entropy(forward(x[ids], ids), y[ids])
+        out = forward(x[ids], ids)
+        loss = nn.functional.cross_entropy(getattr(out, "logits", out), y[ids])
         loss.backward()
         opt.step()
         opt.zero_grad()
         freezer.step()
         losses.append(loss.item())
+    return losses, cache, freezer
+
+
+def _train_with_draws(kind, p, cached):
+    x = torch.randn(8, 5, 6, generator=torch.Generator().manual_seed(0))
+    losses, cache, freezer = _train(lambda: _StepBetweenLayers(kind, p), x, 3, cached, steps=10)
+    assert len(freezer.units) == 5
     return losses, cache
 
 
@@ -879,28 +897,6 @@ def test_functional_dropout_around_the_frozen_blocks_is_said_at_the_cut():
         assert any(said in str(w.message) for w in caught) == bool(p)
 
 
-class _TrainingOnlyStep(nn.Module):
-    """The model's own forward changes the prefix's output in training only, without any random
-    draw: a clamp after the stem (``where="stem"``) or on the input (``"input"``)."""
-
-    def __init__(self, where):
-        super().__init__()
-        self.where = where
-        self.stem = nn.Linear(6, 16)
-        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(3))
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x):
-        if self.where == "input" and self.training:
-            x = x.clamp(-0.5, 0.5)
-        h = self.stem(x)
-        if self.where == "stem" and self.training:
-            h = h.clamp(-0.2, 0.2)
-        for layer in self.layers:
-            h = layer(h)
-        return self.head(h.mean(1))
-
-
 class ClampedResNet(ResNet):
     """Recognised as torchvision's ResNet by name and layout, with a forward of its own that
     clamps its input in training (or adds noise): the chain runs the blocks, not this forward."""
@@ -916,31 +912,8 @@ class ClampedResNet(ResNet):
 
 
 def _train_cached_and_not(make, x, frozen, steps=8, by_hand=()):
-    """Per-step losses without and with the cache (same init, batches and draws), and the cache.
-    ``by_hand``: names of modules frozen before set-up (what the cache's checks see unchanged)."""
-    runs = []
-    for cached in (False, True):
-        torch.manual_seed(0)
-        model = make()
-        for name in by_hand:
-            model.get_submodule(name).requires_grad_(False).eval()
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-        y = torch.randint(0, 3, (x.shape[0],), generator=torch.Generator().manual_seed(1))
-        freezer = SmartFreezer(model, opt, StaticFreeze(frozen, at_step=1), example_inputs=x[:2], total_steps=20)
-        cache = ActivationCache(freezer, num_samples=x.shape[0], deterministic=True) if cached else None
-        forward = cache.wrap() if cached else (lambda inputs, ids: model(inputs))
-        losses = []
-        for step in range(steps):
-            ids = torch.arange(4) + 4 * (step % 2)
-            out = forward(x[ids], ids)
-            loss = nn.functional.cross_entropy(getattr(out, "logits", out), y[ids])
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            freezer.step()
-            losses.append(loss.item())
-        runs.append((losses, cache))
-    return runs
+    """``_train`` without the cache and with it: (losses, cache) of each."""
+    return [_train(make, x, frozen, cached, steps, by_hand)[:2] for cached in (False, True)]
 
 
 @pytest.mark.parametrize("where", ["stem", "input"])
@@ -949,7 +922,7 @@ def test_a_training_only_step_of_the_models_own_forward_is_never_cached_away(whe
     # model trained differently from the first cached step on, with no warning (the swap's check
     # of random draws compared two training runs, both clamped)
     x = torch.randn(8, 5, 6)
-    (plain, _), (cached, cache) = _train_cached_and_not(lambda: _TrainingOnlyStep(where), x, frozen=3)
+    (plain, _), (cached, cache) = _train_cached_and_not(lambda: _StepBetweenLayers(f"clamp {where}"), x, frozen=3)
     assert cached == plain
     assert cache.boundary == (1 if where == "stem" else 0)  # the cut stays before the step
     assert "differs from eval mode" in cache.describe()
@@ -968,7 +941,7 @@ def test_a_known_structure_whose_forward_differs_in_training_is_not_run_by_its_b
 
 
 def test_user_blocks_that_miss_a_training_only_step_are_refused():
-    model = _TrainingOnlyStep("input")
+    model = _StepBetweenLayers("clamp input")
     blocks = [model.stem, *model.layers]  # not the model: mean and head missing, and the clamp
     with pytest.raises(ValueError, match="train mode"):
         find_blocks(model, Inputs((torch.randn(2, 5, 6),)), blocks=[nn.Sequential(*blocks), _MeanHead(model.head)])

@@ -28,9 +28,8 @@ from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from ..units import compiled_modules_run_eagerly, host_draws_at, preserved_modes, preserved_rngs, preserved_state, \
-    seed_host_rngs
-from .swap import SWAP, _DropoutOff, _RandomDrawsAt, buffers_now, not_reproducible, tensor_trees_match
+from ..units import compiled_modules_run_eagerly, host_draws_at, preserved_modes, preserved_rngs, preserved_state
+from .swap import SWAP, _DropoutOff, buffers_now, draws_at, not_reproducible, tensor_trees_match
 
 
 @dataclass
@@ -867,8 +866,7 @@ def _differs_in_training(model: nn.Module, chain: BlockChain, inputs: Inputs) ->
             for extreme in (0, 1):
                 outputs = []
                 for run in (lambda: model(*inputs.args, **inputs.kwargs), lambda: chain.run(inputs)):
-                    seed_host_rngs(extreme)
-                    with _DropoutOff(), _RandomDrawsAt(extreme), host_draws_at(extreme):
+                    with _DropoutOff(), draws_at(extreme):
                         outputs.append(run())
                 if not _outputs_match(*outputs):
                     return (f"the {chain.how} blocks do not reproduce the model's output in training mode (its "

@@ -29,8 +29,9 @@ from __future__ import annotations
 import bisect
 import warnings
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +94,7 @@ class Call:
     spec: Any = None  # pytree spec of the output
     leaves: List[Any] = field(default_factory=list)  # per leaf: ("row", shape[1:], dtype) | ("const", shape, dtype) | ("value", v)
     out_ids: Set[int] = field(default_factory=set)  # ids of the output's tensors
-    escapes_after: int = -1  # latest start of a later call, or op + 1, that reads its output (through ops)
+    escapes_after: int = -1  # latest start of a later call, or op + 1, that reads a tensor it returned
     calls_of_module: int = 1
     first_arg: Optional[Tuple[Tuple[int, ...], torch.dtype]] = None
     made_ops: Set[int] = field(default_factory=set)  # the ops that made the tensors it returned
@@ -619,8 +620,7 @@ class SwapChain:
                     for serve in (False, True):
                         self._training_modes(cut)
                         rows = self.rows(self.sample, cut) if serve else None
-                        seed_host_rngs(extreme)
-                        with _DropoutOff(), _RandomDrawsAt(extreme), host_draws_at(extreme):
+                        with _DropoutOff(), draws_at(extreme):
                             outputs.append(self.serve(self.sample, cut, rows) if serve
                                            else self.model(*self.sample.args, **self.sample.kwargs))
             except Exception as exc:
@@ -708,8 +708,7 @@ class SwapChain:
                     torch.no_grad(), compiled_modules_run_eagerly(self.model):
                 self._training_modes(cut)
                 for extreme in (0, 1):
-                    seed_host_rngs(extreme)
-                    with dropout_off, _RandomDrawsAt(extreme), host_draws_at(extreme):
+                    with dropout_off, draws_at(extreme):
                         outputs.append(self._output_of(c, self.sample))  # _NOT_RUN: LayerDrop drew C
         except Exception as exc:  # a draw at an extreme the model cannot take (a permutation)
             return (f"the frozen prefix up to {c.name} fails in training with its random draws fixed "
@@ -961,6 +960,16 @@ _REFUSAL_KINDS = ("activation checkpointing", "drawn at random", "differs from e
 
 _DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
              torch.dropout, torch.feature_dropout, torch.alpha_dropout, torch.feature_alpha_dropout}
+
+
+@contextmanager
+def draws_at(extreme: int) -> Iterator[None]:
+    """Every random draw at its lowest (0) or highest (1) value meanwhile: torch's
+    (``_RandomDrawsAt``) and Python's and numpy's uniform ones (``host_draws_at``), their other
+    draws seeded by ``extreme`` (``preserved_rngs`` puts the generators back)."""
+    seed_host_rngs(extreme)
+    with _RandomDrawsAt(extreme), host_draws_at(extreme):
+        yield
 
 
 class _RandomDrawsAt(TorchDispatchMode):
