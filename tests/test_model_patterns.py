@@ -626,3 +626,27 @@ def test_a_padded_transformer_encoder_trains_with_its_first_layer_frozen():
     assert freezer.num_frozen == 5 and not model.enc.use_nested_tensor
     freezer.close()
     assert model.enc.use_nested_tensor  # the user's setting back
+
+
+def test_the_cache_says_when_the_frozen_prefix_ends_inside_a_block_the_chain_keeps_whole():
+    # torch.fx keeps torch.nn's TransformerEncoder as one call: with two of its three layers
+    # frozen the cache cut after the embedding, and describe() gave no reason
+    torch.manual_seed(0)
+    tokens = torch.randint(1, 50, (16, 12))
+    padding = torch.arange(12)[None] >= torch.randint(3, 13, (16,))[:, None]
+    tokens[padding] = 0
+    y = torch.randint(0, 10, (16,))
+    model = _PaddedEncoder()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, policy=StaticFreeze(9, at_step=1), example_inputs=(tokens, padding),
+                           total_steps=10)
+    cache = ActivationCache(freezer, num_samples=16, deterministic=True, storage="memory")
+    cached = cache.wrap()
+    for step in range(3):
+        ids = torch.arange(8) + 8 * (step % 2)
+        nn.functional.cross_entropy(cached((tokens[ids], padding[ids]), ids), y[ids]).backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+    assert cache.boundary == 1
+    assert "frozen prefix ends inside block" in cache.describe() and "8 of its 12 units frozen" in cache.describe()

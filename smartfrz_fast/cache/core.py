@@ -1306,7 +1306,14 @@ class ActivationCache:
         later_frozen = [unit_of[id(p)] for b in self.chain.blocks[count:] for p in b.parameters()
                         if not p.requires_grad and id(p) in unit_of]
         if id(param) in unit_of and not any(i > unit_of[id(param)] for i in later_frozen):
-            return None  # the freezer's frozen prefix simply ends here (inside this block)
+            # the freezer's frozen prefix ends here; inside this block, which a coarse chain keeps whole
+            frozen = {unit_of[id(p)] for p in block.parameters() if not p.requires_grad and id(p) in unit_of}
+            if not frozen or count == 0:  # at 0 the caller says why the first block is no cut
+                return None
+            units = len(frozen | {unit_of[id(p)] for p in block.parameters() if id(p) in unit_of})
+            return (f"the frozen prefix ends inside block {block.name!r} ({len(frozen)} of its {units} units "
+                    f"frozen), and the chain ({self.chain.how}) cuts only between blocks, so the cache cuts "
+                    "before it; it goes deeper once the whole block is frozen")
         names = [n for n, p in self.freezer.module.named_parameters(remove_duplicate=False) if p is param]
         name = names[0] if names else "?"
         if id(param) not in unit_of:  # in no unit: SmartFreezer found no read of it in the example forward
