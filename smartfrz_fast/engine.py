@@ -406,6 +406,13 @@ class SmartFreezer:
             self._place_first_forward_hook()
             raise
 
+    def set_up_before_first_forward(self, args: Tuple[Any, ...], kwargs: Optional[Dict[str, Any]]) -> None:
+        """Find the units now, on the first forward's inputs, where set-up waits for that forward:
+        for a wrapper that runs the model itself and must not see set-up's traced forward inside
+        its own pass (the activation cache recording the model's module calls)."""
+        if self._first_forward_hook is not None:
+            self._setup_on_first_forward(self.module, args, kwargs)
+
     def _place_first_forward_hook(self) -> None:
         # kept apart from self._hooks: other code adds hooks there before the first forward
         self._first_forward_hook = self.model.register_forward_pre_hook(

@@ -804,6 +804,13 @@ def discover_units(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[
     tracer = trace_forward(model, args, kwargs, trainable,
                            fixed={id(p) for p in model.parameters() if not p.requires_grad})
     untraced = [name for name in trainable.values() if name not in tracer.reads]
+    if not tracer.reads:
+        raise ValueError(
+            f"SmartFreezer: the forward pass used to find the units read none of the model's {len(trainable)} "
+            "trainable parameters, so there is no layer to freeze. A forward through "
+            "torch.func.functional_call with a parameter dict of copies or detached tensors (per-sample "
+            "gradients with vmap, MAML) reads those, not the model's own: pass example_inputs= (one "
+            "batch) to SmartFreezer so that set-up runs an ordinary forward of the model.")
 
     # Layers: the owning module of each traced parameter, ordered by first use.
     layer_first_use: Dict[int, int] = {}

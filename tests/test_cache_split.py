@@ -862,6 +862,43 @@ def test_a_cut_refused_unchecked_is_named_when_a_shallower_one_is_taken():
     assert "not cut deeper: act2 returns per-sample tensors of several dtypes" in cache.describe()
 
 
+@pytest.mark.parametrize("validate_first", [False, True])
+def test_the_swap_cuts_a_model_whose_freezer_sets_up_at_the_first_forward(validate_first):
+    # built without example_inputs, the freezer set itself up inside the cache's recording of the
+    # model's calls, which then found "no module called once": the cache stayed off all run
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2, self.l3, self.head = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 8)
+
+        def forward(self, x):
+            h = self.l1(x).relu()
+            if h.shape[0] > 0:  # Python on a size: no torch.fx trace, the module swap cuts
+                h = self.l2(h).relu()
+            return self.head(self.l3(h).relu())
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 16), torch.arange(32) % 8
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, policy=StaticFreeze(2, at_step=2))
+    cache = ActivationCache(freezer, num_samples=32, deterministic=True)
+    forward = cache.wrap()
+    if validate_first:
+        model.eval()
+        with torch.no_grad():
+            forward(x[:8], torch.arange(8))
+        model.train()
+    for step in range(8):
+        ids = torch.arange(8) + 8 * (step % 4)
+        nn.functional.cross_entropy(forward(x[ids], ids), y[ids]).backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+    assert cache.active and cache.stats["hits"] > 0, cache.describe()
+    assert "module swap, cut after l2" in cache.describe()
+
+
 def test_functional_dropout_around_the_frozen_blocks_is_said_at_the_cut():
     # the cache leaves it out of its rows (documented), but nothing said so at run time: training
     # with the cache differed from training without it by that dropout (Whisper: 0.027 in loss)

@@ -239,6 +239,24 @@ def test_model_without_trainable_parameters_is_refused():
                      example_inputs=torch.randn(2, 3))
 
 
+def test_a_first_forward_that_reads_none_of_the_models_parameters_is_refused_clearly():
+    # torch.func's per-sample gradients: functional_call with detached copies, the model's own
+    # parameters never read; set-up found no unit and failed with an IndexError at every forward
+    from torch.func import functional_call, grad, vmap
+
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1))
+
+    def loss(params, x, y):
+        return nn.functional.cross_entropy(functional_call(model, params, (x[None],)), y[None])
+
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    for _ in range(2):  # and again at the next forward: set-up is retried, with the same message
+        with pytest.raises(ValueError, match="read none of the model's 4 trainable parameters.*example_inputs"):
+            vmap(grad(loss), in_dims=(None, 0, 0))(params, torch.randn(4, 6), torch.arange(4) % 3)
+    assert freezer.plan is None
+
+
 def test_optimizer_that_does_not_hold_the_model_is_refused():
     model = SmallCNN()
     other = SmallCNN()

@@ -614,6 +614,9 @@ class ActivationCache:
                 "which also avoids a recompile of the whole model at every freeze): the cache then runs the "
                 "compiled blocks")
             return
+        # built without example inputs, the freezer sets up at the first forward: now, and not inside
+        # the recording of the model's calls below (which then found no module called once)
+        self.freezer.set_up_before_first_forward(tuple(inputs.args), dict(inputs.kwargs))
         chain, how = find_blocks(model, inputs, self.user_blocks)
         if chain is None:
             self._disable(f"no block boundary to cut at: {how}")
