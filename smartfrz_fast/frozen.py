@@ -378,9 +378,13 @@ class FrozenRegion:
         def enter(module, args, kwargs):
             key = id(module)
             if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
-                # activation checkpointing recomputes the call in the backward pass: only calls
-                # after the prefix are recomputed (the prefix's pass no gradient)
-                number = traced_calls
+                # activation checkpointing recomputes the call in the backward pass, where its number
+                # is unknown. The prefix's calls pass no gradient: a recomputed call none of whose
+                # inputs needs one is the prefix's (a checkpointed segment across the prefix's end,
+                # a dropout shared by both sides); the others lie after the prefix
+                needs_grad = any(isinstance(t, torch.Tensor) and t.requires_grad
+                                 for t in tree_flatten((args, kwargs))[0])
+                number = traced_calls if needs_grad else 0
             else:
                 # numbered from the start of the model's forward: a call beyond the traced ones
                 # (a loop run more often than traced) lies after the prefix; a pass that skips

@@ -236,6 +236,7 @@ class Guard:
         self._unrelated: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
         self._replaced: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
         self._warned = set()
+        self._group_sizes: Dict[int, Tuple[int, ...]] = {}  # id(optimizer) -> params per group, last look
         self._ref = weakref.ref(self, _forget)
         _GUARDS.append(self._ref)
         _install()
@@ -257,6 +258,13 @@ class Guard:
         if optimizer in freezer.optimizers:  # identity: optimizers do not define __eq__
             if self.changed:
                 freezer._resync()
+            sizes = tuple(len(g["params"]) for g in optimizer.param_groups)
+            if self._group_sizes.get(id(optimizer)) != sizes:
+                # add_param_group (or a group edited) since the last step: a frozen parameter the
+                # user switched back on and added would train in this very step, before step()
+                # freezes it again (a look per change, not per step)
+                freezer._check_prefix_still_frozen()
+                self._group_sizes[id(optimizer)] = tuple(len(g["params"]) for g in optimizer.param_groups)
             self._count(freezer, optimizer)
             return
         if self.inside is not None or optimizer in self._unrelated:

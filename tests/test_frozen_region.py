@@ -218,6 +218,45 @@ def test_checkpoint_recomputes_calls_after_the_prefix_as_they_ran(mode):
         torch.testing.assert_close(plain[name], checkpointed[name], msg=name)
 
 
+class SharedDropoutAcrossTheCut(nn.Module):
+    """One dropout after every layer; a checkpointed segment holds a frozen layer and a trainable one."""
+
+    def __init__(self, checkpointed):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1, self.l2, self.l3, self.head = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 8)
+        self.drop = nn.Dropout(0.5)
+        self.checkpointed = checkpointed
+
+    def middle(self, h):
+        return self.drop(torch.relu(self.l3(self.drop(torch.relu(self.l2(h))))))
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        h = self.drop(torch.relu(self.l1(x)))
+        return self.head(checkpoint(self.middle, h, use_reentrant=False) if self.checkpointed else self.middle(h))
+
+
+def test_a_checkpoint_across_the_prefixs_end_recomputes_the_prefixs_calls_in_eval():
+    # the recompute ran the shared dropout's frozen call (after l2) in train mode, where the
+    # forward had run it in eval: l3's gradient off by 0.068, silently
+    x = torch.randn(16, 16)
+    grads = []
+    for checkpointed in (False, True):
+        model = SharedDropoutAcrossTheCut(checkpointed)
+        freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(2), example_inputs=x)
+        freezer.freeze_to(2)
+        model.train()
+        torch.manual_seed(5)
+        model(x).square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        freezer.close()
+    assert grads[0].keys() == grads[1].keys() == {"l3.weight", "l3.bias", "head.weight", "head.bias"}
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=0, msg=name)
+
+
 def test_calls_beyond_the_traced_ones_lie_after_the_prefix():
     # traced with 2 loop turns, run with 4: the extra calls wrapped to "frozen" numbers, ran in
     # eval and were detached

@@ -976,9 +976,12 @@ def test_requires_grad_turned_back_on_in_the_frozen_prefix_warns_and_refreezes(h
         opt.add_param_group({"params": list(model[0].parameters()), "lr": 0.01})
     else:
         opt = sgd(model)
+    frozen = list(model[0].parameters()) + list(model[1].parameters())
+    before = [p.detach().clone() for p in frozen]
     with pytest.warns(UserWarning, match=r"set requires_grad=True on 4 frozen parameter\(s\) \(0.weight, 0.bias, 1.weight"):
         _train_step(model, opt, freezer, 1)
-    frozen = list(model[0].parameters()) + list(model[1].parameters())
+    # not even that one step trained them (the added group's step came before step() looked)
+    assert all(torch.equal(p, b) for p, b in zip(frozen, before))
     assert not any(p.requires_grad or p.grad is not None for p in frozen)
     assert not {id(p) for p in frozen} & held(opt)
     with warnings.catch_warnings():
