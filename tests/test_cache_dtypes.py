@@ -130,6 +130,22 @@ def test_a_model_cast_mid_run_drops_the_rows():
     assert any("model.bfloat16()" in str(w.message) for w in caught)
 
 
+def test_a_model_cast_to_float64_after_the_cache_was_built_is_said():
+    # the cache turned off saying "the model's parameters are not" float64, which they all were
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(N, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, policy=StaticFreeze(2), example_inputs=x[:8], total_steps=30)
+    cache = ActivationCache(freezer, num_samples=N, deterministic=True)
+    freezer.freeze_to(2)
+    model.double()
+    with pytest.warns(UserWarning, match="the model was cast to float64 after the cache was built: build it after "
+                      "the cast, or pass dtype='fp64'"):
+        cache.wrap()(x[:8].double(), torch.arange(8))
+    assert not cache.enabled
+
+
 class Codes(nn.Module):
     def forward(self, x):
         return x.argmax(-1)

@@ -570,6 +570,58 @@ def test_a_prefix_changed_through_data_is_caught_by_the_audit():
     assert not cache.enabled
 
 
+def test_a_nan_written_into_the_prefix_through_data_is_named_by_the_audit():
+    # the audit blamed a prefix that is not deterministic ("results nan apart (allowed nan)")
+    cache, wrapped = _audited()
+    cache.freezer.model[0].weight.data[0, 0, 1, 1] = float("nan")
+    with pytest.warns(UserWarning, match=r"now computes NaN or inf for sample 0, whose cached row is finite.*"
+                      r"written through .data"):
+        wrapped(X[:10], torch.arange(10))
+    assert not cache.enabled
+
+
+def test_functional_call_with_other_prefix_weights_runs_them_not_the_cached_rows():
+    # functional_call(cached_model, {perturbed weights}, ...) was served the rows of the model's own
+    # weights (loss 2.10 where the perturbed model's is 12.60), caught only if an audit fell on it
+    from torch.func import functional_call
+
+    cache, wrapped = _audited()
+    plain = cache.freezer.model
+    assert cache.active and cache.boundary > 0
+    perturbed = {name: p + 0.5 for name, p in wrapped.named_parameters()}
+    with pytest.warns(UserWarning, match="other tensors in place of the cached prefix's parameters"):
+        out = functional_call(wrapped, perturbed, (X[:10], torch.arange(10)))
+    expected = functional_call(plain, {n: p + 0.5 for n, p in plain.named_parameters()}, (X[:10],))
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert cache.stats["bypassed"] == 1
+    hits = cache.stats["hits"]
+    torch.testing.assert_close(wrapped(X[:10], torch.arange(10)), plain(X[:10]), rtol=0, atol=0)
+    assert cache.stats["hits"] == hits + 10  # its own weights back: served again
+
+
+def test_per_sample_gradients_through_the_cached_model_run_the_whole_model():
+    # vmap over the cached model failed in the cache's id check with torch's generic vmap error
+    from torch.func import functional_call, grad, vmap
+
+    cache, wrapped = _audited()
+    plain = cache.freezer.model
+
+    def per_sample(model, with_ids):
+        params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+
+        def loss(params, x, y, i):
+            args = (x[None], i[None]) if with_ids else (x[None],)
+            return nn.functional.cross_entropy(functional_call(model, params, args), y[None])
+
+        return vmap(grad(loss), in_dims=(None, 0, 0, 0))(params, X[:6], Y[:6], torch.arange(6))
+
+    with pytest.warns(UserWarning, match="inside torch.func's vmap or grad runs the whole model"):
+        through_cache = per_sample(wrapped, True)
+    direct = per_sample(plain, False)
+    for name, g in direct.items():
+        torch.testing.assert_close(through_cache[f"model.{name}"], g, rtol=0, atol=0)
+
+
 def test_one_id_twice_in_a_batch_with_two_inputs_is_reported_once():
     cache, wrapped = ready_cache()
     ids = torch.tensor([0, 1, 2, 0])

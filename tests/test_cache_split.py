@@ -405,6 +405,37 @@ def _train_with_and_without_cache(make_model, x, y, steps=12, frozen=2):
     return cache
 
 
+@pytest.mark.parametrize("style", ["parametrization", "hook", "swap"])
+def test_a_spectral_norm_training_after_the_cut_is_cached(style):
+    # the chain's and the swap's training-mode checks ran the model and then the chain from the
+    # buffers the first run left: spectral norm's power iteration moved its u (and v) in between,
+    # so the outputs differed and every cut was refused ("code that runs only in training")
+    def make():
+        # the old-style hook runs one power iteration per training forward (the parametrization
+        # converged at registration: checked too)
+        norm = nn.utils.parametrizations.spectral_norm if style == "parametrization" else nn.utils.spectral_norm
+        layers = [nn.Linear(12, 16), nn.LeakyReLU(0.2), nn.Linear(16, 16), nn.LeakyReLU(0.2),
+                  norm(nn.Linear(16, 16)), nn.LeakyReLU(0.2), norm(nn.Linear(16, 3))]
+        if style != "swap":
+            return nn.Sequential(*layers)
+
+        class Net(nn.Module):  # Python on a size: no torch.fx trace, the module swap cuts
+            def __init__(self):
+                super().__init__()
+                self.layers = nn.ModuleList(layers)
+
+            def forward(self, x):
+                for layer in self.layers:
+                    x = layer(x) if x.shape[0] > 0 else x
+                return x
+
+        return Net()
+
+    x, y = torch.randn(32, 12), torch.randint(0, 3, (32,))
+    cache = _train_with_and_without_cache(make, x, y, frozen=2)
+    assert cache.boundary > 0 and cache.stats["hits"] > 0, cache.describe()
+
+
 @dataclasses.dataclass
 class _BlockOutput:
     hidden: torch.Tensor

@@ -199,6 +199,7 @@ class ActivationCache:
         # the cached prefix's parameters and buffers as its rows were made: (store, tensors, their
         # (version, dtype), their checksums); see _prefix_weights_unchanged
         self._prefix_state: Tuple[Any, List[Tensor], List[Tuple[int, torch.dtype]], List[Tensor]] = (None, [], [], [])
+        self._prefix_slots: List[Tuple[Dict[str, Any], str, Tensor]] = []  # where the model holds them
         self._leaf_reads: Tuple[Any, Optional[List[bool]]] = (None, None)  # see _read_leaves
         self._prefix_calls: Tuple[Any, Dict[int, int]] = (None, {})  # see _calls_in_prefix
         self._per_sample_checked: set = set()  # (boundary, batch size) of this chain found per sample
@@ -477,6 +478,12 @@ class ActivationCache:
     def forward(self, model: nn.Module, inputs: Inputs, sample_ids) -> Any:
         if self._closed is not None:
             return model(*inputs.args, **inputs.kwargs)
+        if self.enabled and torch._C._functorch.maybe_current_level() is not None:
+            # its ids and rows are batched tensors, which the cache's lookups (host reads) cannot index
+            self._bypass("functorch", "a forward inside torch.func's vmap or grad runs the whole model (counted in "
+                         "stats['bypassed']): the cache looks its rows up by the ids' values, which a transform "
+                         "hides. Call the cached model outside the transform, or the transform on the model itself.")
+            return model(*inputs.args, **inputs.kwargs)
         if self.enabled and getattr(self.freezer, "_closed", False):  # its prefix is no longer held in eval: rows would be stale
             self._disable("its SmartFreezer was closed: the frozen prefix's norm and dropout layers follow "
                           "model.train() again, so rows made in eval mode no longer match it; the whole model runs")
@@ -539,6 +546,11 @@ class ActivationCache:
         why = self._cannot_serve(inputs, batch)
         if why is not None:
             self._bypass(why[0], f"{why[1]}: such forwards run the whole model (counted in stats['bypassed']).")
+            return model(*inputs.args, **inputs.kwargs)
+        if self._store is not None and self._prefix_swapped_out():
+            self._bypass("swapped_out", "a forward with other tensors in place of the cached prefix's parameters or "
+                         "buffers (torch.func.functional_call) runs the whole model, on those tensors (counted in "
+                         "stats['bypassed'])")
             return model(*inputs.args, **inputs.kwargs)
         if not self._prefix_weights_unchanged():  # set up again at the next forward
             return model(*inputs.args, **inputs.kwargs)
@@ -675,7 +687,7 @@ class ActivationCache:
         if self._store is not None:
             self._store.close()
             self._store = None
-        self._prefix_state = (None, [], [], [])  # holds the store and the prefix's tensors
+        self._prefix_state, self._prefix_slots = (None, [], [], []), []  # hold the store and the prefix's tensors
         self._sides = SideInputs(self.num_samples)
         if hasattr(self.chain, "release"):
             self.chain.release()
@@ -687,10 +699,10 @@ class ActivationCache:
         on, not the copy's, and the rows' storage and the global hooks are this cache's own."""
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        mine = ("chain", "_store", "_structure_hooks", "_prefix_state")  # the last holds the store too
+        mine = ("chain", "_store", "_structure_hooks", "_prefix_state", "_prefix_slots")  # (these hold the store)
         new.__dict__.update(copy.deepcopy({k: v for k, v in self.__dict__.items() if k not in mine}, memo))
         new.chain, new._store, new._structure_hooks = None, None, []
-        new._prefix_state = (None, [], [], [])
+        new._prefix_state, new._prefix_slots = (None, [], [], []), []
         weakref.finalize(new, remove_handles, new._structure_hooks)
         if self.tier == "mmap":  # a file of its own beside the original's, never the original's
             new._lineage = uuid.uuid4().hex
@@ -872,6 +884,15 @@ class ActivationCache:
                     tensors.append(t)
         self._prefix_state = (store, tensors, [(t._version, t.dtype) for t in tensors],
                               [tensor_sum(t) for t in tensors])
+        ids = {id(t) for t in tensors}
+        self._prefix_slots = [(slots, name, t) for m in self.freezer.module.modules()
+                              for slots in (m._parameters, m._buffers) for name, t in slots.items() if id(t) in ids]
+
+    def _prefix_swapped_out(self) -> bool:
+        """A tensor of the cached prefix is not where the rows were made from: a forward under
+        ``torch.func.functional_call`` with other weights (a perturbed copy, MAML's fast weights)
+        puts its own in the modules for the call, which cached rows would not see."""
+        return any(slots.get(name) is not t for slots, name, t in self._prefix_slots)
 
     def _prefix_weights_unchanged(self) -> bool:
         """Drop every cached row if a parameter or buffer of the cached prefix was written in
@@ -915,7 +936,7 @@ class ActivationCache:
                            "the cache checks it again")
             return False
         self._sides = SideInputs(self.num_samples)
-        self._prefix_state = (None, [], [], [])
+        self._prefix_state, self._prefix_slots = (None, [], [], []), []
         warnings.warn(f"ActivationCache: {what} of the cached frozen prefix changed in place since its rows were "
                       "computed (model.load_state_dict, weights copied in, a copy_, a cast such as "
                       "model.bfloat16()): every cached row is dropped "
@@ -1055,8 +1076,10 @@ class ActivationCache:
             self._disable(f"the frozen prefix's output is {h.dtype}: rows are real, it would lose its imaginary part")
             return False
         if self._exact and h.dtype == torch.float64 and self.storage_dtype != torch.float64:
-            self._disable("the frozen prefix's output is float64, and the model's parameters are not: pass "
-                          "dtype='fp64' to store its rows exactly")
+            cast = any(p.dtype == torch.float64 for p in self.freezer.model.parameters())
+            self._disable("the frozen prefix's output is float64, and the cache keeps float32 rows (" + (
+                "the model was cast to float64 after the cache was built: build it after the cast, or"
+                if cast else "the model's parameters are not float64:") + " pass dtype='fp64' to store its rows exactly)")
             return False
         exact_rows = self.storage_dtype in (torch.float32, torch.float64)
         if h.dtype == torch.uint64 or (not h.is_floating_point() and not exact_rows):
@@ -1153,6 +1176,14 @@ class ActivationCache:
             if again is None:
                 return False
             drift = float((again.float().flatten(1)[0] - fresh[worst]).abs().amax())
+            if not bool(fresh[worst].isfinite().all()):
+                self._disable(
+                    f"audit: the frozen prefix now computes NaN or inf for sample {sample}, whose cached row is "
+                    f"{'finite' if bool(cached[worst].isfinite().all()) else 'not finite either'}: a NaN or inf reached a "
+                    "frozen weight (written through .data, which the cache does not see) or the sample's input; "
+                    "the cache is off and the prefix runs every step")
+                warnings.warn(f"ActivationCache turned off: {self.reason}", stacklevel=5)
+                return False
             if not drift <= float(bound[worst]):  # the same input twice: the prefix itself differs
                 self._disable(
                     f"audit: the frozen prefix is not deterministic: computing sample {sample} twice from the "

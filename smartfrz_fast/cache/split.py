@@ -866,7 +866,9 @@ def _differs_in_training(model: nn.Module, chain: BlockChain, inputs: Inputs) ->
             for extreme in (0, 1):
                 outputs = []
                 for run in (lambda: model(*inputs.args, **inputs.kwargs), lambda: chain.run(inputs)):
-                    with _DropoutOff(), draws_at(extreme):
+                    # each from the same buffers: a training forward writes some that its output
+                    # reads (spectral norm's power iteration)
+                    with _DropoutOff(), draws_at(extreme), preserved_state(model):
                         outputs.append(run())
                 if not _outputs_match(*outputs):
                     return (f"the {chain.how} blocks do not reproduce the model's output in training mode (its "

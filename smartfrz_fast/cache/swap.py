@@ -620,7 +620,9 @@ class SwapChain:
                     for serve in (False, True):
                         self._training_modes(cut)
                         rows = self.rows(self.sample, cut) if serve else None
-                        with _DropoutOff(), draws_at(extreme):
+                        # each from the same buffers: a training forward writes some that its
+                        # output reads (spectral norm's power iteration)
+                        with _DropoutOff(), draws_at(extreme), preserved_state(self.model):
                             outputs.append(self.serve(self.sample, cut, rows) if serve
                                            else self.model(*self.sample.args, **self.sample.kwargs))
             except Exception as exc:
