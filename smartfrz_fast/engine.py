@@ -893,8 +893,8 @@ class SmartFreezer:
         names = {id(m): n for n, m in self.module.named_modules()}
         listed = ", ".join(f"{names.get(id(m), '?')} ({type(m).__name__})" for m in mine[:3])
         self._guard.warn_once("user_frozen_eval", (
-            f"SmartFreezer: the frozen prefix now runs in eval mode modules you froze before the freezer was built "
-            f"and left in train mode: {listed}{' ...' if len(mine) > 3 else ''} (their norm statistics stop moving, "
+            f"SmartFreezer: the frozen prefix now runs in eval mode modules that lie in parts of the model you froze "
+            f"before the freezer was built and left in train mode: {listed}{' ...' if len(mine) > 3 else ''} (their norm statistics stop moving, "
             "their dropout is off), as every module called inside the frozen prefix. If one should keep train "
             "mode (an EMA or BYOL target network called in the same forward), give SmartFreezer the part of the "
             "model that trains (the online network) instead of the model that holds both."))
@@ -1025,7 +1025,9 @@ class SmartFreezer:
                 f"SmartFreezer: the model changed after the freezer was set up ({change}). The freezer's units, "
                 "history and any activation cache describe the old model. Build a new SmartFreezer (and "
                 "optimizer) for the changed model: close() this one first. Replacing parameters with ones of "
-                "the same shape (load_state_dict(assign=True)) is fine.")
+                "the same shape (load_state_dict(assign=True)) is fine. Training over (weights baked for saving: "
+                "remove_parametrizations, merge_and_unload)? Save the freezer's state_dict() and close() it "
+                "before changing the model.")
         frozen = {id(p) for _, p in self.plan.frozen_parameters(self.num_frozen)}  # not shared ones still training
         moved = [n for n, p in new_params.items() if id(old_params[n]) in frozen and p is not old_params[n]
                  and not torch.equal(p.detach(), old_params[n].detach())]

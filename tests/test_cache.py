@@ -573,6 +573,32 @@ def test_a_sequence_first_input_is_refused_beside_a_batch_first_mask():
         wrapped((x, mask), torch.arange(8))
 
 
+class GraphBatch(nn.Module):
+    """The nodes of every graph of the batch concatenated, one pooled row per graph; a Python
+    int of the graph count, so that fx cannot trace it (the module swap records it)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.conv, self.head = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x, graph_of_node):
+        h = torch.relu(self.conv(torch.relu(self.inp(x))))
+        return self.head(torch.zeros(int(graph_of_node.max()) + 1, 8).index_add_(0, graph_of_node, h))
+
+
+def test_a_batch_of_graphs_with_one_id_per_graph_is_refused_with_why():
+    # the module swap split the 24 nodes by the 4 ids at set-up, failed with an IndexError, and
+    # the cache turned off advising blocks=[...], which cannot help
+    model = GraphBatch()
+    x, graph_of_node = torch.randn(24, 6), torch.arange(4).repeat_interleave(6)
+    freezer = SmartFreezer(model, sgd(model), StaticFreeze(1), example_inputs=(x, graph_of_node), total_steps=100)
+    freezer.freeze_to(2)
+    wrapped = ActivationCache(freezer, num_samples=N, deterministic=True).wrap()
+    with pytest.raises(ValueError, match="got 4 sample ids for a batch of 24 .* the nodes of a batch of graphs"):
+        wrapped((x, graph_of_node), torch.arange(4))
+
+
 class SharedTable(nn.Module):
     def __init__(self):
         super().__init__()

@@ -436,6 +436,23 @@ def test_a_spectral_norm_training_after_the_cut_is_cached(style):
     assert cache.boundary > 0 and cache.stats["hits"] > 0, cache.describe()
 
 
+def test_the_fx_chain_does_not_cut_where_a_tuple_is_live():
+    # a channel split (ShuffleNetV2's x.chunk(2, dim=1)) joined the block before it: that block's
+    # output was the tuple, and the cache turned off for the run ("not one tensor")
+    class ChannelSplit(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.branch, self.head = nn.Linear(12, 16), nn.Linear(8, 8), nn.Linear(16, 3)
+
+        def forward(self, x):
+            kept, mixed = torch.tanh(self.stem(x)).chunk(2, dim=1)
+            return self.head(torch.cat([kept, torch.tanh(self.branch(mixed))], dim=1))
+
+    x, y = torch.randn(32, 12), torch.randint(0, 3, (32,))
+    cache = _train_with_and_without_cache(ChannelSplit, x, y, frozen=1)
+    assert cache.chain.how == "torch.fx" and cache.active and cache.stats["hits"] > 0, cache.describe()
+
+
 @dataclasses.dataclass
 class _BlockOutput:
     hidden: torch.Tensor

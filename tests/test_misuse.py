@@ -931,6 +931,18 @@ def test_a_deleted_module_is_caught_at_the_next_checkpoint():
         freezer.state_dict()
 
 
+def test_weights_baked_at_the_end_of_training_say_to_save_and_close_the_freezer_first():
+    # remove_parametrizations before saving the model: the advice was only to build a new freezer
+    from torch.nn.utils import parametrizations, parametrize
+
+    model = nn.Sequential(parametrizations.weight_norm(nn.Linear(4, 8)), nn.ReLU(), nn.Linear(8, 2))
+    freezer = SmartFreezer(model, sgd(model), StaticFreeze(1, at_step=1), example_inputs=torch.randn(2, 4))
+    parametrize.remove_parametrizations(model[0], "weight")
+    with pytest.raises(RuntimeError, match=r"Training over \(weights baked for saving.*\? Save the freezer's "
+                       r"state_dict\(\) and close\(\) it before changing the model"):
+        freezer.state_dict()
+
+
 def test_a_changed_model_does_not_stop_another_models_training():
     """A freezer whose model changed (left unclosed) must not raise on the optimizer steps of
     another model trained in the same process: only its own model's optimizers concern it."""

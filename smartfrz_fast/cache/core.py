@@ -522,6 +522,8 @@ class ActivationCache:
                          "pass them only to forwards that need them to cache the others.")
             return model(*inputs.args, **inputs.kwargs)
         if self.enabled and not self._setup_done:
+            if not isinstance(sample_ids, Tensor) or sample_ids.device.type == "cpu":
+                self._check_ids(sample_ids, inputs.batch)  # first: set-up splits the batch by them
             self._setup(model, inputs)
         if not self.active:
             if self.enabled and (not isinstance(sample_ids, Tensor) or sample_ids.device.type == "cpu"):
@@ -1588,7 +1590,9 @@ class ActivationCache:
             raise ValueError(f"got {ids.numel()} sample ids for a batch of {batch} samples (the size of the inputs' "
                              "first dimension): pass one id per sample, and batch-first inputs (the cache keys "
                              "dimension 0 by sample id; a sequence-first [T, B, ...] input must be transposed, and "
-                             "flat inputs with offsets, as EmbeddingBag(text, offsets) takes, padded to [B, L])")
+                             "flat inputs with offsets, as EmbeddingBag(text, offsets) takes, padded to [B, L]; "
+                             "samples of different sizes concatenated along dimension 0, as the nodes of a batch of "
+                             "graphs, cannot be cached: train without the cache)")
         bad = (ids < 0) | (ids >= self.num_samples)
         if bool(bad.any()):
             raise IndexError(

@@ -19,6 +19,7 @@ RNG and buffers restored).
 from __future__ import annotations
 
 import inspect
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -736,6 +737,15 @@ def hooked_modules(block: Block) -> List[nn.Module]:
     return [m for m in modules if _user_hooks(m, forward_only=True)]
 
 
+def _unpacked_only(node: torch.fx.Node) -> bool:
+    """A value read only by item access with constant keys (``chunk``, ``split``, an LSTM's
+    ``(out, state)``, a dict of outputs): a container, whose rows the cache cannot keep (a cut
+    there turned the cache off: torchvision's ShuffleNetV2 after ``x.chunk(2, dim=1)``)."""
+    return bool(node.users) and all(
+        u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], (int, str))
+        for u in node.users)
+
+
 def fx_chain(model: nn.Module) -> BlockChain:
     """Trace ``model`` and cut its graph wherever exactly one computed value is live.
 
@@ -760,7 +770,7 @@ def fx_chain(model: nn.Module) -> BlockChain:
         live += 1
         ends_at[last_use[n]] = ends_at.get(last_use[n], 0) + 1
         live -= ends_at.pop(k, 0)
-        if live == 1 and last_use[n] > k and k + 1 < len(compute):
+        if live == 1 and last_use[n] > k and k + 1 < len(compute) and not _unpacked_only(n):
             cuts.append(k)
     placeholders = [n for n in nodes if n.op == "placeholder"]
 
