@@ -159,6 +159,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _single_numbers(unit: Unit) -> bool:
+    return all(p.numel() <= 1 for p in unit.parameters)
+
+
 def _max_frozen(units: Sequence[Unit], keep_trainable: int) -> int:
     """The longest prefix that may freeze: all but the last ``keep_trainable`` units, not
     counting units of single numbers among them (a two-tower model's last unit is CLIP's
@@ -166,7 +170,7 @@ def _max_frozen(units: Sequence[Unit], keep_trainable: int) -> int:
     end, kept = len(units), 0
     while end > 0 and kept < keep_trainable:
         end -= 1
-        if any(p.numel() > 1 for p in units[end].parameters):
+        if not _single_numbers(units[end]):
             kept += 1
     return end
 
@@ -486,7 +490,7 @@ class SmartFreezer:
             self._check_ranks_agree(plan)
         self.policy.bind(PolicyContext(
             units=[UnitInfo(u.index, u.name, u.num_params, u.forward_flops, tuple(u.module_names), u.backward_flops,
-                            u.attention) for u in plan.units],
+                            u.attention, _single_numbers(u)) for u in plan.units],
             total_steps=self.total_steps,
             device=device,
             max_frozen=max_frozen,

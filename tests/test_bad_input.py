@@ -312,6 +312,15 @@ def test_smartfrz_resumed_with_another_total_steps_names_sample_every(tmp_path):
     assert freezer.step_count == 3 and freezer.history.count == 1
 
 
+def test_a_resume_with_another_run_length_names_total_steps_for_derived_intervals():
+    # "checkpoint was made with interval=10, this run has interval=20", about a knob never set
+    state = trained(AutoFreeze(), steps=5, total_steps=100).state_dict()
+    model, opt, freezer = fresh(AutoFreeze(), total_steps=200)
+    with pytest.raises(ValueError, match=r"interval=10, this run has interval=20 \(total_steps=200 // "
+                       r"num_intervals=10: the run's length changed\?\)\. Construct AutoFreeze with interval=10"):
+        freezer.load_state_dict(state)
+
+
 def test_refused_policy_state_leaves_the_policy_and_history_as_they_were():
     state = trained(AutoFreeze(interval=2), steps=5).state_dict()
     model, opt, freezer = fresh(AutoFreeze(interval=3))

@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from smartfrz_fast.policy import (
     AutoFreeze,
@@ -70,21 +71,64 @@ def reference_freezeout(L, t0, how_scale, total, scale_lr):
 
 
 @pytest.mark.parametrize("policy, said", [
-    (lambda: StaticFreeze(2, at_step=400), "freezes at step 400"),
+    (lambda: StaticFreeze(2, at_step=400), "freezes after step 400"),
+    # a freeze decided after the last step trains nothing frozen: it saves nothing either
+    (lambda: StaticFreeze(2, at_step=300), "freezes after step 300"),
     (lambda: LinearFreeze(interval=400), "decisions every 400 steps"),
+    (lambda: LinearFreeze(interval=300), "decisions every 300 steps"),
     (lambda: LinearFreeze(freeze_start=0.9, interval=200), "freeze_start=0.9"),
     (lambda: LinearFreeze(freeze_level=0.2), "freeze_level=0.2"),
     (lambda: AutoFreeze(num_intervals=2), "needs 3 intervals of 150 steps"),
     (lambda: AutoFreeze(interval=101), "needs 3 intervals of 101 steps"),
+    (lambda: FreezeOut(t0=1.0), "its first unit freezes after step 301"),
+    (lambda: FreezeOut(t0=0.9999), "its first unit freezes after step 300"),
 ])
 def test_settings_that_never_freeze_in_the_run_warn(policy, said):
     # accepted silently before: no freeze at all in a 300-step run
-    with pytest.warns(UserWarning, match=said + r".*after the run's last step \(300\), so it will never freeze"):
+    with pytest.warns(UserWarning, match=said + r".*no step of the run's 300 trains after it, so it will never freeze"):
         policy().bind(make_context(4, total_steps=300))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for fine in (StaticFreeze(2, at_step=300), LinearFreeze(interval=300), AutoFreeze(interval=100)):
+        for fine in (StaticFreeze(2, at_step=299), LinearFreeze(interval=299), AutoFreeze(interval=100),
+                     FreezeOut(t0=0.99)):
             fine.bind(make_context(4, total_steps=300))
+
+
+def test_freezeout_gives_the_head_before_a_scalar_tail_t_1():
+    # a model ending in a learned temperature: the engine keeps the real head trainable (a unit of
+    # single numbers is not counted), and FreezeOut's schedule over every unit gave the head
+    # t=0.81: its lr factor was 0 for the last 18 % of the run, silently
+    from smartfrz_fast import SmartFreezer
+
+    class WithTemperature(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+            self.temperature = nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.body(x))) / self.temperature
+
+    model = WithTemperature()
+    policy = FreezeOut()
+    SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), policy, example_inputs=torch.randn(2, 6),
+                 total_steps=100)
+    assert [u.name for u in policy.context.units] == ["body", "head", "<root>"]  # the model owns the temperature
+    assert policy.freeze_times == [pytest.approx(0.8 ** 3), 1.0, 1.0]
+    assert policy.lr_factors(90)[1] > 0
+
+
+def test_freezeout_refuses_an_optimizer_that_computes_its_own_step_size():
+    # Adafactor's default (lr=None, relative_step=True) failed inside the first step with
+    # "unsupported operand type(s) for *: 'NoneType' and 'float'"; it never reads the group's lr
+    from smartfrz_fast import SmartFreezer
+
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    adafactor_like = torch.optim.SGD(model.parameters(), lr=0.1)
+    adafactor_like.param_groups[0].update(lr=None, relative_step=True)
+    with pytest.raises(ValueError, match=r"group 0 of SGD computes its own step size \(relative_step=True\).*"
+                       "relative_step=False"):
+        SmartFreezer(model, adafactor_like, FreezeOut(), example_inputs=torch.randn(2, 6), total_steps=100)
 
 
 def test_numpy_scalar_knobs_are_taken_as_numbers():

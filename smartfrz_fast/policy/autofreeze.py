@@ -178,9 +178,12 @@ class AutoFreeze(FreezePolicy):
             self._pending_state = dict(state)
             return
         if state["interval"] != self.interval:
+            derived = (f" (total_steps={self.context.total_steps} // num_intervals={self.num_intervals}: the "
+                       "run's length changed?)" if self.interval_arg is None else "")
             raise ValueError(
-                f"AutoFreeze: checkpoint was made with interval={state['interval']}, "
-                f"this run has interval={self.interval}"
+                f"AutoFreeze: checkpoint was made with interval={state['interval']}, this run has "
+                f"interval={self.interval}{derived}. Construct AutoFreeze with interval={state['interval']} to resume "
+                "it on its intervals."
             )
         n = self.context.num_units
         device = self.context.device

@@ -87,6 +87,9 @@ class UnitInfo:
     # the module in whose call an attention op reads what this unit's weights produced (q, k,
     # v), "" for none
     attention: str = ""
+    # only parameters of single numbers (a temperature, CLIP's logit_scale): not counted among
+    # the units the engine keeps trainable (keep_trainable)
+    single_numbers: bool = False
 
 
 @dataclass
@@ -169,13 +172,14 @@ class FreezePolicy:
         return []
 
     # Helpers shared by the schedule-based policies.
-    def _warn_if_never_in_run(self, first_step: int, how: str, fix: str) -> None:
-        """Warn when the first step at which this policy could freeze lies past ``total_steps``
-        (settings that never act in this run: accepted silently before)."""
+    def _warn_if_never_in_run(self, first_step: float, how: str, fix: str) -> None:
+        """Warn when the first step that could train with a unit frozen lies past ``total_steps``
+        (settings that never act in this run: accepted silently before). A freeze decided after
+        step s takes effect from step s + 1: one decided after the last step saves nothing."""
         total = self.context.total_steps if self.context is not None else None
         if total and first_step > total:
-            warnings.warn(f"{self.describe()}: {how}, after the run's last step ({total}), so it will never "
-                          f"freeze in this run. {fix}", UserWarning, stacklevel=4)
+            warnings.warn(f"{self.describe()}: {how}, and no step of the run's {total} trains after it, so it will "
+                          f"never freeze in this run. {fix}", UserWarning, stacklevel=4)
 
     def _require_total_steps(self) -> int:
         assert self.context is not None, "bind() first"

@@ -208,7 +208,7 @@ class Egeria(FreezePolicy):
         self.warmup = self.warmup_arg if self.warmup_arg is not None else total // 10
         # a unit freezes at the earliest after the warm-up and `patience` evaluations of a full window
         first = self.warmup + (self.window + self.patience - 1) * self.interval
-        self._warn_if_never_in_run(first, f"its first freeze can come at step {first} (warm-up {self.warmup}, then "
+        self._warn_if_never_in_run(first + 1, f"its first freeze can come after step {first} (warm-up {self.warmup}, then "
                                    f"{self.window + self.patience - 1} evaluations every {self.interval} steps)",
                                    "Pass a shorter warmup or interval.")
         names = dict(self.shadow.named_modules())
@@ -389,9 +389,12 @@ class Egeria(FreezePolicy):
             self._pending_state = dict(state)
             return
         if (state["interval"], state["warmup"]) != (self.interval, self.warmup):
+            derived = (f" (from total_steps={self.context.total_steps}: the run's length changed?)"
+                       if self.interval_arg is None or self.warmup_arg is None else "")
             raise ValueError(
                 f"Egeria: checkpoint has interval={state['interval']}, warmup={state['warmup']}; "
-                f"this run {self.interval}, {self.warmup}: construct Egeria with the same settings."
+                f"this run {self.interval}, {self.warmup}{derived}: construct Egeria with interval={state['interval']}, "
+                f"warmup={state['warmup']} to resume it on its schedule."
             )
         if len(state["hits"]) != len(self._hits) or len(state["reference"]) != len(self._ref_tensors):
             raise ValueError("Egeria: the checkpoint belongs to a different model")

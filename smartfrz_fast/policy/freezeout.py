@@ -15,6 +15,15 @@ _SCALE_FNS: Dict[str, Callable[[float], float]] = {
 }
 
 
+def _counted_units(context: PolicyContext) -> int:
+    """The units up to and including the last one that is not of single numbers (all of them
+    where every unit is)."""
+    counted = context.num_units
+    while counted > 1 and context.units[counted - 1].single_numbers:
+        counted -= 1
+    return counted
+
+
 class FreezeOut(FreezePolicy):
     """FreezeOut: anneal each unit's learning rate to zero on its own cosine schedule, then
     freeze it (Brock et al. 2017, "FreezeOut: Accelerate Training by Progressively Freezing
@@ -57,7 +66,11 @@ class FreezeOut(FreezePolicy):
     reference divides by L - 1 = 0). (3) Units the engine keeps trainable (``keep_trainable``
     > 1) follow the same schedule: their lr reaches 0 at t_i * N and stays 0, but they are
     never removed from the backward pass. (4) Steps beyond ``total_steps`` get lr factor 0 for
-    every unit (the reference's cosine never runs past its own end).
+    every unit (the reference's cosine never runs past its own end). (5) Trailing units of
+    single numbers (a learned temperature after the head), which the engine does not count
+    among those it keeps trainable, take t = 1, and L counts the units before them: the head
+    keeps t = 1. (6) An optimizer that computes its own step size (Adafactor's default
+    ``relative_step=True``, ``lr=None``) has no lr to anneal: refused at set-up.
     """
 
     name = "freezeout"
@@ -101,9 +114,17 @@ class FreezeOut(FreezePolicy):
         if context.num_units < 1:
             raise ValueError("FreezeOut: the model has no freezable units")
         total = self._require_total_steps()
-        self.freeze_times = self.schedule(context.num_units, self.t0, self.spacing)
+        # over the units up to the last one the engine keeps training by count: units of single
+        # numbers after it (a temperature, CLIP's logit_scale) are not counted as kept, and on a
+        # schedule over them too the real head's lr reached 0 at 0.81 of the run
+        scheduled = _counted_units(context)
+        self.freeze_times = self.schedule(scheduled, self.t0, self.spacing) + [1.0] * (context.num_units - scheduled)
         self._max_j = [t * total for t in self.freeze_times]
         self._lr0 = [(1.0 / t) if self.scale_lr else 1.0 for t in self.freeze_times]
+        first = self.freeze_steps[0]
+        self._warn_if_never_in_run(total + 2 if first is None else first + 1,
+                                   f"its first unit freezes after step {total + 1 if first is None else first}",
+                                   "Pass a smaller t0.")
 
     @property
     def freeze_steps(self) -> List[Optional[int]]:

@@ -65,7 +65,7 @@ class LinearFreeze(FreezePolicy):
     def bind(self, context: PolicyContext) -> None:
         super().bind(context)
         total = self._require_total_steps()
-        self._warn_if_never_in_run(self._first_freeze_step(total), f"its first freeze (freeze_start="
+        self._warn_if_never_in_run(self._first_freeze_step(total) + 1, f"its first freeze (freeze_start="
                                    f"{self.freeze_start:g}, freeze_level={self.freeze_level:g}, decisions every "
                                    f"{self.interval} steps, {context.num_units} units) comes late",
                                    "Pass an earlier freeze_start, a larger freeze_level or a smaller interval.")

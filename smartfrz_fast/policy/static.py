@@ -45,8 +45,8 @@ class StaticFreeze(FreezePolicy):
                 "the engine may freeze; it will freeze only those.",
                 stacklevel=2,
             )
-        self._warn_if_never_in_run(max(1, self.at_step), f"it freezes at step {max(1, self.at_step)}",
-                                   "Pass an at_step within the run.")
+        self._warn_if_never_in_run(max(1, self.at_step) + 1, f"it freezes after step {max(1, self.at_step)}",
+                                   "Pass an at_step before the run's last step.")
 
     def decide(self, step: int, frozen: int) -> Optional[int]:
         if step >= self.at_step:

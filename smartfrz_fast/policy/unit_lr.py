@@ -21,6 +21,21 @@ _SPLIT_OWN = ("params", "lr")  # the keys a sub-group sets itself; the rest are 
 _TRACING_FLAGS = ("capturable", "differentiable")
 
 
+def _check_scalable(optimizer: torch.optim.Optimizer) -> None:
+    """A clear error, at set-up, for groups whose lr a factor cannot scale: Adafactor's default
+    (``lr=None, relative_step=True``: Hugging Face's and timm's) computes its own step size and
+    never reads the group's lr, so FreezeOut's annealing would do nothing (and ``None * factor``
+    raised inside the first step)."""
+    for index, group in enumerate(optimizer.param_groups):
+        lr = group.get("lr")
+        if group.get("relative_step") or lr is None or isinstance(lr, bool) or not isinstance(lr, (int, float, torch.Tensor)):
+            raise ValueError(
+                f"FreezeOut anneals each unit's learning rate, and group {index} of {type(optimizer).__name__} "
+                f"{'computes its own step size (relative_step=True)' if group.get('relative_step') else f'has lr={lr!r}'}"
+                ", which no factor can scale. Give the optimizer a learning rate it follows (Adafactor: lr=1e-3, "
+                "relative_step=False, scale_parameter=False, warmup_init=False), or use another policy.")
+
+
 class UnitLRScaler:
     """Scale each unit's lr by ``factors()[unit]`` during every step of ``optimizers``;
     ``unit_of_param()`` gives the unit whose factor each parameter takes (by ``id``)."""
@@ -32,6 +47,8 @@ class UnitLRScaler:
         # per optimizer, while its step runs: its own groups and the (sub-group, group) pairs
         self._split: Dict[int, Tuple[List[dict], List[Tuple[dict, dict]]]] = {}
         self.hooks = []
+        for opt in optimizers:
+            _check_scalable(opt)
         for opt in optimizers:
             self.hooks.append(opt.register_step_pre_hook(self._before_step))
             self.hooks.append(_UntilStepEnds(opt.register_step_post_hook(self._after_step), self, id(opt)))
