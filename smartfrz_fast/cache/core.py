@@ -1292,8 +1292,10 @@ class ActivationCache:
                 name = next((n for n, p in self.freezer.module.named_parameters() if p is param), "?")
                 self.cut_note = (f"the first cut the chain ({self.chain.how}) allows is after {block.name!r}, and that "
                                  f"block also holds trainable parameter {name}: the frozen units are called only "
-                                 "within it (a module called several times per forward, as in a loop over time "
-                                 "steps, is no cut), so no cached row can stand in for them")
+                                 "within it, where no module call is a cut (one called several times per forward, "
+                                 "as in a loop over time steps, or one whose output holds no row per sample in "
+                                 "dimension 0, as a sequence-first [T, B, H] layer output), so no cached row can "
+                                 "stand in for them")
             else:
                 self.cut_note = "nothing is frozen yet (the cache serves the frozen prefix once the freezer freezes one)"
         if self.enabled:  # while nothing is cached, cache.reason says why
