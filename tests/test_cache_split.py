@@ -453,6 +453,25 @@ def test_the_fx_chain_does_not_cut_where_a_tuple_is_live():
     assert cache.chain.how == "torch.fx" and cache.active and cache.stats["hits"] > 0, cache.describe()
 
 
+def test_a_traced_chain_that_keeps_a_transformer_encoder_whole_gives_way_to_the_swap():
+    # torch.fx keeps torch.nn's TransformerEncoder as one call: with two of its three layers
+    # frozen the cache held only the embedding's output
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Linear(6, 16)
+            layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+            self.enc, self.head = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False), nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(self.enc(self.emb(x)).mean(1))
+
+    x, y = torch.randn(32, 5, 6), torch.randint(0, 3, (32,))
+    cache = _train_with_and_without_cache(Encoder, x, y, frozen=9)  # the embedding and two layers
+    assert cache.chain.how == "module swap" and "cut after enc.layers.1" in cache.describe(), cache.describe()
+    assert cache.stats["hits"] > 0
+
+
 @dataclasses.dataclass
 class _BlockOutput:
     hidden: torch.Tensor

@@ -631,7 +631,7 @@ class ActivationCache:
         # built without example inputs, the freezer sets up at the first forward: now, and not inside
         # the recording of the model's calls below (which then found no module called once)
         self.freezer.set_up_before_first_forward(tuple(inputs.args), dict(inputs.kwargs))
-        chain, how = find_blocks(model, inputs, self.user_blocks)
+        chain, how = find_blocks(model, inputs, self.user_blocks, [u.parameters for u in self.freezer.units])
         if chain is None:
             self._disable(f"no block boundary to cut at: {how}")
             return

@@ -899,9 +899,38 @@ def _check_chain(model: nn.Module, chain: BlockChain, inputs: Inputs) -> Optiona
     return verify_chain(model, chain, inputs)
 
 
-def find_blocks(model: nn.Module, inputs: Inputs, blocks: Optional[Sequence[nn.Module]] = None
-                ) -> Tuple[Optional[BlockChain], str]:
-    """The model's block chain and how it was found, or None and why there is none."""
+def widest_uncut(chain, units: Sequence[Sequence[Tensor]]) -> int:
+    """The most consecutive frozen-prefix lengths, in ``units`` (each unit's parameters, in
+    order), the chain cannot cut at: a boundary cuts at the leading units whose parameters all
+    lie before it."""
+    lengths, before = {0, len(units)}, set()
+    for block in chain.blocks[:-1]:
+        before.update(id(p) for p in block.parameters())
+        k = 0
+        while k < len(units) and all(id(p) in before for p in units[k]):
+            k += 1
+        lengths.add(k)
+    ordered = sorted(lengths)
+    return max(b - a for a, b in zip(ordered, ordered[1:])) - 1
+
+
+def _finer(model: nn.Module, chain, inputs: Inputs, units: Optional[Sequence[Sequence[Tensor]]]):
+    """``chain``, or the module swap's where ``chain`` leaves a long run of frozen depths uncut
+    and the swap cuts more finely: torch.fx keeps torch.nn's containers (TransformerEncoder) as
+    one call, and values live across blocks (XCiT's H, W) leave it no cut inside the body."""
+    if units is None or widest_uncut(chain, units) <= max(3, len(units) // 4):
+        return chain
+    from .swap import swap_chain
+
+    swapped, _ = swap_chain(model, inputs)
+    return swapped if swapped is not None and widest_uncut(swapped, units) < widest_uncut(chain, units) else chain
+
+
+def find_blocks(model: nn.Module, inputs: Inputs, blocks: Optional[Sequence[nn.Module]] = None,
+                units: Optional[Sequence[Sequence[Tensor]]] = None) -> Tuple[Optional[BlockChain], str]:
+    """The model's block chain and how it was found, or None and why there is none. ``units``
+    (the freezer's units' parameters, in order): a traced chain that cuts at few of their
+    depths gives way to the module swap's where that cuts at more."""
     if blocks is not None:
         blocks = list(blocks)
         if not blocks or not all(isinstance(b, nn.Module) for b in blocks):
@@ -939,6 +968,7 @@ def find_blocks(model: nn.Module, inputs: Inputs, blocks: Optional[Sequence[nn.M
         else:
             why = _check_chain(model, chain, inputs)
             if why is None:
+                chain = _finer(model, chain, inputs, units)
                 return chain, chain.how
             reasons.append(why)
     from .swap import swap_chain
