@@ -2,7 +2,7 @@
 
 usage: ddp_worker.py MODE OUT_DIR [PORT]
 MODE in {rewrap, unused, fsdp2, fsdp2_autofreeze, fsdp2_history, fsdp2_smartfrz, schedule,
-         cache_rewrap, cache_unused, mismatch, fsdp2_nan}
+         cache_rewrap, cache_unused, unused_bn, cache_unused_bn, mismatch, fsdp2_nan}
 
 Each rank sees different data and runs ``RankSkewed``, a policy that proposes a different
 frozen prefix on each rank; the engine must apply rank 0's proposals on both. Rank 0 then
@@ -15,6 +15,8 @@ the reference records its own. "fsdp2_smartfrz" runs SmartFRZ with the shipped p
 "cache_rewrap" / "cache_unused" train through the activation cache (FreezableDDP with an mmap
 file per rank / DDP with find_unused_parameters and memory rows) on a fixed set of samples
 that come back, so rows are hit and migrated; the reference trains without a cache.
+"unused_bn" / "cache_unused_bn": "unused" with BatchNorm, on the cached samples, without and
+with the cache (no audits; no one-process reference: batch statistics are per rank).
 "mismatch" gives each rank another total_steps (FreezableDDP): every rank's freezer refuses.
 "fsdp2_nan" puts a NaN in one rank's shard only: every rank's freeze stops before that unit.
 """
@@ -99,9 +101,10 @@ def schedule_policy():
     return LinearFreeze(freeze_start=0.2)
 
 
-def make_model():
+def make_model(batch_norm=False):
     torch.manual_seed(0)
-    blocks = [nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.LayerNorm(WIDTH), nn.Tanh()) for _ in range(BLOCKS)]
+    norm = nn.BatchNorm1d if batch_norm else nn.LayerNorm
+    blocks = [nn.Sequential(nn.Linear(WIDTH, WIDTH), norm(WIDTH), nn.Tanh()) for _ in range(BLOCKS)]
     return nn.Sequential(*blocks, nn.Linear(WIDTH, 3))
 
 
@@ -171,10 +174,10 @@ def worker(rank, world, port, mode, out):
     broadcasts = count_broadcasts()
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    inner = make_model()
+    inner = make_model(batch_norm=mode.endswith("_bn"))
     if mode in ("rewrap", "schedule", "cache_rewrap", "mismatch"):
         model = FreezableDDP(inner)
-    elif mode in ("unused", "cache_unused"):
+    elif mode in ("unused", "cache_unused", "unused_bn", "cache_unused_bn"):
         model = nn.parallel.DistributedDataParallel(inner, find_unused_parameters=True)
     else:
         from torch.distributed.fsdp import fully_shard
@@ -195,7 +198,7 @@ def worker(rank, world, port, mode, out):
     else:
         policy = RankSkewed(rank)
     # "unused" hands the engine the inner module (the DDP wrapper stays outside its view).
-    seen = inner if mode in ("unused", "cache_unused") else model
+    seen = inner if mode in ("unused", "cache_unused", "unused_bn", "cache_unused_bn") else model
     if mode == "fsdp2_nan":  # a NaN in rank 1's shard of unit 1 only: both ranks stop before unit 1
         freezer = SmartFreezer(model, optimizer, StaticFreeze(3), example_inputs=data(0, rank)[0])
         if rank == 1:
@@ -219,9 +222,14 @@ def worker(rank, world, port, mode, out):
                             path=str(out / "shared.bin"))
         except ValueError as exc:
             shared_path_error = str(exc)
+        if mode.endswith("_bn"):  # no audit to catch a stale row
+            tier = dict(audit_rows=0)
         cache = ActivationCache(freezer, num_samples=CACHED_SAMPLES, deterministic=True, **tier)
         model = cache.wrap() if mode == "cache_rewrap" else cache.wrap(model)
+    if mode.startswith("cache"):
         batches = lambda step: cached_data(step, rank)  # noqa: E731
+    elif mode.endswith("_bn"):  # the same samples, without their ids
+        batches = lambda step: cached_data(step, rank)[:2]  # noqa: E731
     train(model, freezer, optimizer, batches, steps)
     frozen = [p for u in freezer.units[:freezer.num_frozen] for p in u.parameters]
     result = {
@@ -243,7 +251,8 @@ def worker(rank, world, port, mode, out):
     torch.save(result, out / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
-    if rank == 0 and mode not in ("fsdp2_autofreeze", "fsdp2_smartfrz"):  # one process, same schedule
+    # one process, same schedule (not with BatchNorm: each rank's batch statistics are its own)
+    if rank == 0 and mode not in ("fsdp2_autofreeze", "fsdp2_smartfrz") and not mode.endswith("_bn"):
         ref = make_model()
         ref_opt = torch.optim.SGD(ref.parameters(), lr=0.2, momentum=0.9)
         if mode == "schedule":

@@ -67,6 +67,20 @@ def test_two_ranks_freeze_together_and_stay_in_sync(mode, tmp_path):
     assert r0["broadcasts"] == r1["broadcasts"] == 4
 
 
+def test_the_cache_under_plain_ddp_never_moves_rows_through_a_ranks_own_batch_statistics(tmp_path):
+    # at a freeze, rank 1 pushed its rows through BatchNorm statistics of its own; DDP's next
+    # forward put rank 0's in their place without a version bump: stale rows, 6.8e-3 in weights
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "cached").mkdir()
+    (_, plain), _ = run_worker("unused_bn", tmp_path / "plain")
+    (r0, r1), _ = run_worker("cache_unused_bn", tmp_path / "cached")
+    assert r1["events"] == plain["events"] == [(3, 1), (6, 2), (9, 3), (12, 4)]
+    assert r0["cache"]["hits"] > 0 and r1["cache"]["hits"] > 0
+    weights = [k for k in plain["state"] if "running" not in k and "num_batches" not in k]
+    assert max_diff({k: r0["state"][k] for k in weights}, {k: r1["state"][k] for k in weights}) == 0.0
+    assert max_diff(r1["state"], plain["state"]) < 1e-6  # rank 1 with the cache as without it
+
+
 @pytest.mark.parametrize("scenario", ["hold_one_rank", "close_unfreeze", "close_unfreeze_cache", "resume_assign"])
 def test_what_the_users_code_does_under_ddp_keeps_the_ranks_in_step(scenario, tmp_path):
     # each drifted apart silently: a layer held on one rank clamped that rank's freeze alone; the

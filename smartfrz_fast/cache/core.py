@@ -200,6 +200,8 @@ class ActivationCache:
         # (version, dtype), their checksums); see _prefix_weights_unchanged
         self._prefix_state: Tuple[Any, List[Tensor], List[Tuple[int, torch.dtype]], List[Tensor]] = (None, [], [], [])
         self._prefix_slots: List[Tuple[Dict[str, Any], str, Tensor]] = []  # where the model holds them
+        # forwards run inside a plain DDP that copies rank 0's buffers into this rank (see _advance)
+        self._buffers_broadcast = False
         self._leaf_reads: Tuple[Any, Optional[List[bool]]] = (None, None)  # see _read_leaves
         self._prefix_calls: Tuple[Any, Dict[int, int]] = (None, {})  # see _calls_in_prefix
         self._per_sample_checked: set = set()  # (boundary, batch size) of this chain found per sample
@@ -1382,6 +1384,16 @@ class ActivationCache:
                 self._reopen()
             return
         blocks = self.chain.blocks[old:self.boundary]
+        if self._buffers_broadcast and any(b.buffers() for b in blocks):
+            # plain DDP copies rank 0's buffers (BatchNorm statistics) into every rank at its next
+            # forward, with no version bump: rows pushed now through this rank's own would go
+            # stale then, unseen (6.8e-3 in weights). They refill in forwards, after that copy.
+            store, self._store = self._store, None
+            with self._storage_faults("dropping the cached rows"):
+                self._discard_store(store)
+            self._sides = SideInputs(self.num_samples)
+            self._prefix_state, self._prefix_slots = (None, [], [], []), []
+            return
         reads_side = any(b.side_inputs for b in blocks)
         if reads_side and not self._side_inputs_unchanged():
             return
@@ -1729,6 +1741,9 @@ class CachedModel(nn.Module):
         args, kwargs = example_call(inner, inputs, kwargs)
         if ddp is None:
             return cached_forward(*args, **kwargs)
+        # FreezableDDP's rewrap at a freeze copies rank 0's buffers before the rows move
+        self.cache._buffers_broadcast = (bool(ddp.broadcast_buffers) and not isinstance(self.model, FreezableDDP)
+                                         and torch.distributed.get_world_size(ddp.process_group) > 1)
         return _forward_through_ddp(ddp, cached_forward, args, kwargs)
 
 
