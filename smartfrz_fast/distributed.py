@@ -33,6 +33,7 @@ What happens to the wrapper after a freeze:
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Any, List, Optional, Tuple
 
@@ -159,6 +160,7 @@ class FreezableDDP(nn.Module):
         self.module = module
         self.ddp_kwargs = dict(ddp_kwargs)
         self.rewraps = 0
+        self._idle_comm_hooks: List[Tuple[Any, Any]] = []  # (hook, state) kept while no DDP is built
         _WRAPPERS[module] = weakref.ref(self)
         object.__setattr__(self, "ddp", DistributedDataParallel(module, **self.ddp_kwargs))
         self._wrapped = self._trained()
@@ -197,30 +199,41 @@ class FreezableDDP(nn.Module):
         return self
 
     def no_sync(self):
-        """DDP's ``no_sync()`` (gradient accumulation) on the current wrapper."""
-        return self.ddp.no_sync()
+        """DDP's ``no_sync()`` (gradient accumulation) on the current wrapper; nothing to hold
+        back once no parameter trains (no DDP then)."""
+        if isinstance(self.ddp, DistributedDataParallel):
+            return self.ddp.no_sync()
+        return contextlib.nullcontext()
 
     def register_comm_hook(self, state: Any, hook: Any) -> None:
         """DDP's ``register_comm_hook`` (gradient compression, PowerSGD) on the current wrapper;
-        each rebuild registers it again."""
-        self.ddp.register_comm_hook(state, hook)
+        each rebuild registers it again (kept for the next one while no parameter trains)."""
+        if isinstance(self.ddp, DistributedDataParallel):
+            self.ddp.register_comm_hook(state, hook)
+        else:
+            self._idle_comm_hooks.append((hook, state))
 
     def rewrap(self) -> None:
         """Build a new DDP over the parameters that still train (a collective: all ranks). The
         communication hooks registered on the old one (``model.ddp.register_comm_hook`` or
         ``register_comm_hook`` above) are registered on the new one, with their state."""
         old = self.ddp
-        comm_hooks = list(getattr(old, "_comm_hooks", ()))
-        old._remove_autograd_hooks()  # the old reducer must not see the next backward
+        if isinstance(old, DistributedDataParallel):
+            comm_hooks = list(getattr(old, "_comm_hooks", ()))
+            old._remove_autograd_hooks()  # the old reducer must not see the next backward
+        else:  # none was built while nothing trained
+            comm_hooks = self._idle_comm_hooks
         object.__setattr__(self, "ddp", None)
         del old
+        self._idle_comm_hooks = []
         if any(p.requires_grad for p in self.module.parameters()):
             ddp = DistributedDataParallel(self.module, **self.ddp_kwargs)
             for hook, state in comm_hooks:
                 ddp.register_comm_hook(state, hook)
             object.__setattr__(self, "ddp", ddp)
-        else:  # nothing left to synchronise: run the module directly
+        else:  # nothing left to synchronise: run the module directly (the hooks kept for later)
             object.__setattr__(self, "ddp", self.module)
+            self._idle_comm_hooks = comm_hooks
         self._wrapped = self._trained()
         self.rewraps += 1
 

@@ -378,6 +378,32 @@ def test_freezable_ddp_keeps_communication_hooks_across_rewraps(one_rank_group):
     assert model.rewraps == 1 and all(n > 0 for n in calls), calls
 
 
+def test_freezable_ddp_with_every_unit_frozen_keeps_no_sync_and_its_hooks(one_rank_group):
+    # keep_trainable=0 froze every unit: no DDP is built then, and no_sync() failed with
+    # "'Sequential' object has no attribute 'no_sync'"; a hook registered then was lost
+    import torch.distributed as dist
+
+    calls = []
+
+    def counting_allreduce(state, bucket):
+        calls.append(1)
+        return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+    model = FreezableDDP(mlp())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(3), example_inputs=torch.randn(2, 4), keep_trainable=0)
+    freezer.freeze_to(3)
+    model(torch.randn(5, 4))
+    assert model.ddp is model.module
+    with model.no_sync():  # nothing to hold back
+        model(torch.randn(5, 4))
+    model.register_comm_hook(None, counting_allreduce)
+    freezer.close()  # every layer trains again: a DDP is built, with the hook
+    model.module.requires_grad_(True)
+    model(torch.randn(5, 4)).square().mean().backward()
+    assert isinstance(model.ddp, nn.parallel.DistributedDataParallel) and calls
+
+
 def test_the_inner_module_of_a_freezable_ddp_is_refused(one_rank_group):
     inner = mlp()
     model = FreezableDDP(inner)
