@@ -898,7 +898,8 @@ class SmartFreezer:
         listed = ", ".join(f"{names.get(id(m), '?')} ({type(m).__name__})" for m in mine[:3])
         self._guard.warn_once("user_frozen_eval", (
             f"SmartFreezer: the frozen prefix now runs in eval mode modules that lie in parts of the model you froze "
-            f"before the freezer was built and left in train mode: {listed}{' ...' if len(mine) > 3 else ''} (their norm statistics stop moving, "
+            f"before the freezer was built and left in train mode: {listed}{' ...' if len(mine) > 3 else ''} "
+            "(their norm statistics stop moving, "
             "their dropout is off), as every module called inside the frozen prefix. If one should keep train "
             "mode (an EMA or BYOL target network called in the same forward), give SmartFreezer the part of the "
             "model that trains (the online network) instead of the model that holds both."))

@@ -1083,7 +1083,8 @@ class ActivationCache:
             cast = any(p.dtype == torch.float64 for p in self.freezer.model.parameters())
             self._disable("the frozen prefix's output is float64, and the cache keeps float32 rows (" + (
                 "the model was cast to float64 after the cache was built: build it after the cast, or"
-                if cast else "the model's parameters are not float64:") + " pass dtype='fp64' to store its rows exactly)")
+                if cast else "the model's parameters are not float64:")
+                + " pass dtype='fp64' to store its rows exactly)")
             return False
         exact_rows = self.storage_dtype in (torch.float32, torch.float64)
         if h.dtype == torch.uint64 or (not h.is_floating_point() and not exact_rows):
@@ -1183,7 +1184,8 @@ class ActivationCache:
             if not bool(fresh[worst].isfinite().all()):
                 self._disable(
                     f"audit: the frozen prefix now computes NaN or inf for sample {sample}, whose cached row is "
-                    f"{'finite' if bool(cached[worst].isfinite().all()) else 'not finite either'}: a NaN or inf reached a "
+                    f"{'finite' if bool(cached[worst].isfinite().all()) else 'not finite either'}: a NaN or inf "
+                    "reached a "
                     "frozen weight (written through .data, which the cache does not see) or the sample's input; "
                     "the cache is off and the prefix runs every step")
                 warnings.warn(f"ActivationCache turned off: {self.reason}", stacklevel=5)

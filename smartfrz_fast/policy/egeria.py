@@ -208,8 +208,9 @@ class Egeria(FreezePolicy):
         self.warmup = self.warmup_arg if self.warmup_arg is not None else total // 10
         # a unit freezes at the earliest after the warm-up and `patience` evaluations of a full window
         first = self.warmup + (self.window + self.patience - 1) * self.interval
-        self._warn_if_never_in_run(first + 1, f"its first freeze can come after step {first} (warm-up {self.warmup}, then "
-                                   f"{self.window + self.patience - 1} evaluations every {self.interval} steps)",
+        self._warn_if_never_in_run(first + 1, f"its first freeze can come after step {first} (warm-up "
+                                   f"{self.warmup}, then {self.window + self.patience - 1} evaluations every "
+                                   f"{self.interval} steps)",
                                    "Pass a shorter warmup or interval.")
         names = dict(self.shadow.named_modules())
         ref_names = dict(self.reference.named_modules())
@@ -393,7 +394,8 @@ class Egeria(FreezePolicy):
                        if self.interval_arg is None or self.warmup_arg is None else "")
             raise ValueError(
                 f"Egeria: checkpoint has interval={state['interval']}, warmup={state['warmup']}; "
-                f"this run {self.interval}, {self.warmup}{derived}: construct Egeria with interval={state['interval']}, "
+                f"this run {self.interval}, {self.warmup}{derived}: construct Egeria with "
+                f"interval={state['interval']}, "
                 f"warmup={state['warmup']} to resume it on its schedule."
             )
         if len(state["hits"]) != len(self._hits) or len(state["reference"]) != len(self._ref_tensors):

@@ -28,11 +28,11 @@ def _check_scalable(optimizer: torch.optim.Optimizer) -> None:
     raised inside the first step)."""
     for index, group in enumerate(optimizer.param_groups):
         lr = group.get("lr")
-        if group.get("relative_step") or lr is None or isinstance(lr, bool) or not isinstance(lr, (int, float, torch.Tensor)):
+        if group.get("relative_step") or isinstance(lr, bool) or not isinstance(lr, (int, float, torch.Tensor)):
+            what = "computes its own step size (relative_step=True)" if group.get("relative_step") else f"has lr={lr!r}"
             raise ValueError(
-                f"FreezeOut anneals each unit's learning rate, and group {index} of {type(optimizer).__name__} "
-                f"{'computes its own step size (relative_step=True)' if group.get('relative_step') else f'has lr={lr!r}'}"
-                ", which no factor can scale. Give the optimizer a learning rate it follows (Adafactor: lr=1e-3, "
+                f"FreezeOut anneals each unit's learning rate, and group {index} of {type(optimizer).__name__} {what}, "
+                "which no factor can scale. Give the optimizer a learning rate it follows (Adafactor: lr=1e-3, "
                 "relative_step=False, scale_parameter=False, warmup_init=False), or use another policy.")
 
 
