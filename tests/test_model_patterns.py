@@ -604,20 +604,30 @@ class _PaddedEncoder(nn.Module):
         return self.head(self.enc(self.emb(tokens), src_key_padding_mask=padding)[:, 0])
 
 
+def _padded_batch(n):
+    """Token ids of n sequences of 3-12 tokens, padded to 12 (id 0), the padding mask, labels."""
+    torch.manual_seed(0)
+    tokens = torch.randint(1, 50, (n, 12))
+    padding = torch.arange(12)[None] >= torch.randint(3, 13, (n,))[:, None]
+    tokens[padding] = 0
+    return tokens, padding, torch.randint(0, 10, (n,))
+
+
+def _padded_encoder_frozen(units, tokens, padding):
+    """A _PaddedEncoder, its optimizer and a freezer that freezes ``units`` after the first step."""
+    model = _PaddedEncoder()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    return model, opt, SmartFreezer(model, opt, policy=StaticFreeze(units, at_step=1),
+                                    example_inputs=(tokens, padding), total_steps=10)
+
+
 def test_a_padded_transformer_encoder_trains_with_its_first_layer_frozen():
     # torch's encoder (enable_nested_tensor=True, the default) turns a padded batch into a nested
     # tensor when its first layer is in eval mode; the engine holds a frozen layer in eval, and
     # the next layer, still training, failed on it ("MultiheadAttention does not support
     # NestedTensor outside of its fast path") at the first forward after the freeze
-    torch.manual_seed(0)
-    tokens = torch.randint(1, 50, (8, 12))
-    padding = torch.arange(12)[None] >= torch.randint(3, 13, (8,))[:, None]
-    tokens[padding] = 0
-    y = torch.randint(0, 10, (8,))
-    model = _PaddedEncoder()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    freezer = SmartFreezer(model, opt, policy=StaticFreeze(5, at_step=1), example_inputs=(tokens, padding),
-                           total_steps=10)
+    tokens, padding, y = _padded_batch(8)
+    model, opt, freezer = _padded_encoder_frozen(5, tokens, padding)
     for _ in range(3):
         nn.functional.cross_entropy(model(tokens, padding), y).backward()
         opt.step()
@@ -631,15 +641,8 @@ def test_a_padded_transformer_encoder_trains_with_its_first_layer_frozen():
 def test_the_cache_says_when_the_frozen_prefix_ends_inside_a_block_the_chain_keeps_whole():
     # torch.fx keeps torch.nn's TransformerEncoder as one call: with two of its three layers
     # frozen the cache cut after the embedding, and describe() gave no reason
-    torch.manual_seed(0)
-    tokens = torch.randint(1, 50, (16, 12))
-    padding = torch.arange(12)[None] >= torch.randint(3, 13, (16,))[:, None]
-    tokens[padding] = 0
-    y = torch.randint(0, 10, (16,))
-    model = _PaddedEncoder()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    freezer = SmartFreezer(model, opt, policy=StaticFreeze(9, at_step=1), example_inputs=(tokens, padding),
-                           total_steps=10)
+    tokens, padding, y = _padded_batch(16)
+    model, opt, freezer = _padded_encoder_frozen(9, tokens, padding)
     cache = ActivationCache(freezer, num_samples=16, deterministic=True, storage="memory")
     cached = cache.wrap()
     for step in range(3):
