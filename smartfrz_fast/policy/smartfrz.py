@@ -247,10 +247,18 @@ class SmartFRZ(FreezePolicy):
             "them anyway, measure SmartFRZ(freeze_attention=True) or a schedule policy (LinearFreeze, FreezeOut) "
             "against full training on your job.", user_stacklevel())
 
+    def _as_far_as_it_may(self) -> bool:
+        """The frozen prefix reached the last unit this policy may freeze (the engine's
+        ``max_frozen``, the attention stop): nothing is left to score. Scoring every unit after
+        it went on all run (4.2 ms of a 6.6 ms step on a small fine-tuned transformer)."""
+        limit = self.context.max_frozen if self.attention_stop is None else min(self.context.max_frozen,
+                                                                                 self.attention_stop)
+        return self.context.history.first_active >= limit
+
     def decides_at(self, step: int) -> bool:
         # from what every rank shares (step, history.count): under DDP rank 0 broadcasts only here
         history = self.context.history
-        if not history.full or step < self.first_decision_step:
+        if not history.full or step < self.first_decision_step or self._as_far_as_it_may():
             return False
         if self.evaluate_every is None:
             return history.count != self._evaluated_at
@@ -258,7 +266,7 @@ class SmartFRZ(FreezePolicy):
 
     def decide(self, step: int, frozen: int) -> Optional[Decision]:
         history = self.context.history
-        if not history.full or history.rows.numel() == 0:
+        if not history.full or history.rows.numel() == 0 or self._as_far_as_it_may():
             return None
         if self.evaluate_every is not None and step % self.evaluate_every:
             return None
