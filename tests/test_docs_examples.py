@@ -103,7 +103,7 @@ assert freezer.step_count == epochs * len(loader) and freezer.num_frozen > 0
 """
 
 EXAMPLES = {
-    ("README.md", "policy=FreezeOut()"): Example(
+    ("README.md", "policy=SmartFRZ() unless you pass another"): Example(
         prelude="""
 import torch
 from torch import nn
@@ -117,7 +117,8 @@ loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
     torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)), batch_size=16)
 epochs = 3
 """,
-        check="assert freezer.step_count == 12 and freezer.num_frozen == 2  # FreezeOut: all but the head",
+        # SmartFRZ: 12 steps never fill its window of 30 snapshots, so nothing freezes here
+        check="assert freezer.step_count == 12 and freezer.num_frozen == 0 and freezer.policy.name == 'smartfrz'",
     ),
     ("docs/activation_cache.md", "storage=\"memory\")      # dtype"): Example(
         prelude=SMALL_CNN + DIGITS + """
