@@ -190,6 +190,16 @@ def _warn_statistics_reset(module: nn.Module) -> None:
         "call freezer.close() first; restore these layers' statistics from a checkpoint.", stacklevel=2)
 
 
+def _in_checkpoint_forward() -> bool:
+    """Inside the forward of a non-reentrant ``torch.utils.checkpoint``: its saved-tensor hooks
+    are the innermost (a private torch API: anything unexpected counts as no)."""
+    try:
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    except Exception:  # noqa: BLE001
+        return False
+    return hooks is not None and getattr(hooks[0], "__module__", "") == "torch.utils.checkpoint"
+
+
 def _detached(output: Any) -> Any:
     """``output`` with every tensor detached: through containers, Hugging Face outputs and plain
     dataclasses (pytree treats an unregistered dataclass as a leaf and would pass it through)."""
@@ -248,6 +258,7 @@ class FrozenRegion:
         # expert no token went to, leaves the next one to tell it)
         self._entries: List[nn.Module] = []
         self._past_boundary = False  # this forward entered one of them
+        self._warned_checkpoint: set = set()  # ids of modules warned about (_warn_checkpoint)
 
     def apply(self, cut: int) -> List[nn.Module]:
         """Place the hooks for a frozen prefix of ``cut`` units (replacing the previous ones).
@@ -378,13 +389,10 @@ class FrozenRegion:
         def enter(module, args, kwargs):
             key = id(module)
             if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
-                # activation checkpointing recomputes the call in the backward pass, where its number
-                # is unknown. The prefix's calls pass no gradient: a recomputed call none of whose
-                # inputs needs one is the prefix's (a checkpointed segment across the prefix's end,
-                # a dropout shared by both sides); the others lie after the prefix
-                needs_grad = any(isinstance(t, torch.Tensor) and t.requires_grad
-                                 for t in tree_flatten((args, kwargs))[0])
-                number = traced_calls if needs_grad else 0
+                # activation checkpointing recomputes the call in the backward pass: only calls
+                # after the prefix are recomputed (the prefix's pass no gradient), unless one
+                # checkpointed segment holds calls on both sides (warned in the forward, below)
+                number = traced_calls
             else:
                 # numbered from the start of the model's forward: a call beyond the traced ones
                 # (a loop run more often than traced) lies after the prefix; a pass that skips
@@ -408,7 +416,19 @@ class FrozenRegion:
             self._running.setdefault(key, []).append((number < detach_calls, module.training, swapped, module))
             if number < eval_calls:
                 module.training = False
+                if key not in self._warned_checkpoint and torch.is_grad_enabled() and _in_checkpoint_forward():
+                    self._warn_checkpoint(module)
         return engine_hook(enter)
+
+    def _warn_checkpoint(self, module: nn.Module) -> None:
+        self._warned_checkpoint.add(id(module))
+        name = next((n for n, m in self.root.named_modules() if m is module), type(module).__name__)
+        warnings.warn(
+            f"SmartFreezer: {name!r} ({type(module).__name__}) is called both in the frozen prefix and after it, and "
+            "this call, in the prefix, runs inside torch.utils.checkpoint: if the backward pass recomputes that "
+            "segment, it runs the call as one after the prefix (in train mode), and the gradients differ from "
+            "training without checkpointing. Checkpoint only code after the frozen prefix, or give each call its "
+            "own module (one dropout per sub-layer).", stacklevel=3)
 
     def _leave_hook(self):
         def leave(module, args, output):
