@@ -416,7 +416,8 @@ class FrozenRegion:
             self._running.setdefault(key, []).append((number < detach_calls, module.training, swapped, module))
             if number < eval_calls:
                 module.training = False
-                if key not in self._warned_checkpoint and torch.is_grad_enabled() and _in_checkpoint_forward():
+                if (key not in self._warned_checkpoint and torch.is_grad_enabled()
+                        and not torch.compiler.is_compiling() and _in_checkpoint_forward()):
                     self._warn_checkpoint(module)
         return engine_hook(enter)
 
