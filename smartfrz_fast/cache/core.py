@@ -523,14 +523,13 @@ class ActivationCache:
                          "cached rows skip those: such forwards run the whole model (counted in stats['bypassed']); "
                          "pass them only to forwards that need them to cache the others.")
             return model(*inputs.args, **inputs.kwargs)
+        if self.enabled and not self.active and (not isinstance(sample_ids, Tensor) or sample_ids.device.type == "cpu"):
+            # bad ids fail now, not first at the freeze (free on the host; GPU ids would sync), and
+            # before set-up, which splits the batch by them
+            self._check_ids(sample_ids, inputs.batch)
         if self.enabled and not self._setup_done:
-            if not isinstance(sample_ids, Tensor) or sample_ids.device.type == "cpu":
-                self._check_ids(sample_ids, inputs.batch)  # first: set-up splits the batch by them
             self._setup(model, inputs)
         if not self.active:
-            if self.enabled and (not isinstance(sample_ids, Tensor) or sample_ids.device.type == "cpu"):
-                # bad ids fail now, not first at the freeze (free on the host; GPU ids would sync)
-                self._check_ids(sample_ids, inputs.batch)
             return model(*inputs.args, **inputs.kwargs)
         if not model.training:  # validation: its ids may name other samples than training's
             self._bypass("eval", "a forward with the model in eval mode (validation) runs the whole model, and "
@@ -929,9 +928,7 @@ class ActivationCache:
         names = {id(t): n for n, t in [*module.named_parameters(), *module.named_buffers()]}
         what = ", ".join(names.get(id(tensors[i]), "?") for i in changed[:3]) + (" ..." if len(changed) > 3 else "")
         self.stats["weights_changed"] += 1
-        self._store = None
-        with self._storage_faults("dropping the cached rows"):
-            self._discard_store(store)  # an mmap file too: with reuse=True it would be reopened
+        self._drop_rows()
         buffers = {id(b) for b in module.buffers()}
         if any(id(tensors[i]) in buffers for i in changed):
             self._rederive(f"{what} of the cached frozen prefix changed in place since its rows were computed "
@@ -939,13 +936,20 @@ class ActivationCache:
                            "counted in stats['weights_changed']): a buffer can change what the prefix computes, so "
                            "the cache checks it again")
             return False
-        self._sides = SideInputs(self.num_samples)
-        self._prefix_state, self._prefix_slots = (None, [], [], []), []
         warnings.warn(f"ActivationCache: {what} of the cached frozen prefix changed in place since its rows were "
                       "computed (model.load_state_dict, weights copied in, a copy_, a cast such as "
                       "model.bfloat16()): every cached row is dropped "
                       "and computed again from the values now (counted in stats['weights_changed']).", stacklevel=4)
         return True
+
+    def _drop_rows(self) -> None:
+        """Every cached row goes (the store and an mmap file of this run's own, with the side
+        inputs and the prefix's tensors noted with them); the boundary stays, and rows refill."""
+        store, self._store = self._store, None
+        with self._storage_faults("dropping the cached rows"):
+            self._discard_store(store)  # an mmap file too: with reuse=True it would be reopened
+        self._sides = SideInputs(self.num_samples)
+        self._prefix_state, self._prefix_slots = (None, [], [], []), []
 
     def _discard_store(self, store: Storage) -> None:
         """Close a store whose rows no longer hold, and remove its mmap file (this run's own):
@@ -1390,11 +1394,7 @@ class ActivationCache:
             # plain DDP copies rank 0's buffers (BatchNorm statistics) into every rank at its next
             # forward, with no version bump: rows pushed now through this rank's own would go
             # stale then, unseen (6.8e-3 in weights). They refill in forwards, after that copy.
-            store, self._store = self._store, None
-            with self._storage_faults("dropping the cached rows"):
-                self._discard_store(store)
-            self._sides = SideInputs(self.num_samples)
-            self._prefix_state, self._prefix_slots = (None, [], [], []), []
+            self._drop_rows()
             return
         reads_side = any(b.side_inputs for b in blocks)
         if reads_side and not self._side_inputs_unchanged():

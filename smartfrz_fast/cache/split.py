@@ -903,11 +903,10 @@ def widest_uncut(chain, units: Sequence[Sequence[Tensor]]) -> int:
     """The most consecutive frozen-prefix lengths, in ``units`` (each unit's parameters, in
     order), the chain cannot cut at: a boundary cuts at the leading units whose parameters all
     lie before it."""
-    lengths, before = {0, len(units)}, set()
+    lengths, before, k = {0, len(units)}, set(), 0
     for block in chain.blocks[:-1]:
         before.update(id(p) for p in block.parameters())
-        k = 0
-        while k < len(units) and all(id(p) in before for p in units[k]):
+        while k < len(units) and all(id(p) in before for p in units[k]):  # only grows: before does
             k += 1
         lengths.add(k)
     ordered = sorted(lengths)
@@ -918,12 +917,13 @@ def _finer(model: nn.Module, chain, inputs: Inputs, units: Optional[Sequence[Seq
     """``chain``, or the module swap's where ``chain`` leaves a long run of frozen depths uncut
     and the swap cuts more finely: torch.fx keeps torch.nn's containers (TransformerEncoder) as
     one call, and values live across blocks (XCiT's H, W) leave it no cut inside the body."""
-    if units is None or widest_uncut(chain, units) <= max(3, len(units) // 4):
+    uncut = None if units is None else widest_uncut(chain, units)
+    if uncut is None or uncut <= max(3, len(units) // 4):
         return chain
     from .swap import swap_chain
 
     swapped, _ = swap_chain(model, inputs)
-    return swapped if swapped is not None and widest_uncut(swapped, units) < widest_uncut(chain, units) else chain
+    return swapped if swapped is not None and widest_uncut(swapped, units) < uncut else chain
 
 
 def find_blocks(model: nn.Module, inputs: Inputs, blocks: Optional[Sequence[nn.Module]] = None,

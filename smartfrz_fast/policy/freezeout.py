@@ -121,10 +121,8 @@ class FreezeOut(FreezePolicy):
         self.freeze_times = self.schedule(scheduled, self.t0, self.spacing) + [1.0] * (context.num_units - scheduled)
         self._max_j = [t * total for t in self.freeze_times]
         self._lr0 = [(1.0 / t) if self.scale_lr else 1.0 for t in self.freeze_times]
-        first = self.freeze_steps[0]
-        self._warn_if_never_in_run(total + 2 if first is None else first + 1,
-                                   f"its first unit freezes after step {total + 1 if first is None else first}",
-                                   "Pass a smaller t0.")
+        first = math.floor(self._max_j[0]) + 1  # the step after which decide() first includes unit 0
+        self._warn_if_never_in_run(first + 1, f"its first unit freezes after step {first}", "Pass a smaller t0.")
 
     @property
     def freeze_steps(self) -> List[Optional[int]]:
