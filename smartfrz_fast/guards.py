@@ -53,8 +53,10 @@ def warn_in_every_run(message: str, stacklevel: int) -> None:
     except ValueError:
         warnings.warn(message, stacklevel=2)
         return
+    # no module_globals (as warnings.warn): with them Python reads the line from the module's
+    # loader, and code run by exec() under another file's loader raised IndexError here
     warnings.warn_explicit(message, UserWarning, frame.f_code.co_filename, frame.f_lineno,
-                           module=frame.f_globals.get("__name__"), registry=None, module_globals=frame.f_globals)
+                           module=frame.f_globals.get("__name__"), registry=None)
 
 
 def user_stacklevel() -> int:

@@ -611,6 +611,22 @@ def test_once_per_run_warnings_show_in_every_run_of_a_sweep():
     assert len(said) == 2 and all(w.filename == __file__ for w in said)
 
 
+
+def test_a_warning_from_code_run_by_exec_under_another_files_loader_is_shown():
+    # a notebook's or script runner's exec(): Python looked the warned line up in the loader's
+    # source, shorter than the exec'd code, and raised IndexError instead of warning
+    from smartfrz_fast.guards import warn_in_every_run
+
+    class Loader:
+        def get_source(self, name):
+            return "x = 1\n"
+
+    code = compile("\n" * 30 + "warn_in_every_run('from line 31', 1)\n", "<exec'd cell>", "exec")
+    with pytest.warns(UserWarning, match="from line 31") as caught:
+        exec(code, {"__name__": "cell", "__loader__": Loader(), "warn_in_every_run": warn_in_every_run})
+    assert (caught[0].filename, caught[0].lineno) == ("<exec'd cell>", 31)
+
+
 # ---------------------------------------------------------------------- policy decisions
 
 
