@@ -642,7 +642,7 @@ class SmartFreezer:
                 and self.policy.uses_total_steps):
             self._warned_past_total = True  # once (also for a run resumed past it)
             self._warn_past_total_steps(step)
-        if self.history is not None and step % self.sample_every == 0:
+        if self.history is not None and step % self.sample_every == 0 and self.policy.wants_snapshots():
             with _range("smartfrz::snapshot"):
                 self.history.snapshot()
         with _range("smartfrz::decide"):

@@ -296,7 +296,8 @@ def test_smartfrz_decide_passes_the_training_transform_to_the_op(tmp_path, fresh
     assert (hist.valid < 128).any() and (hist.valid == 128).any()  # partly valid units among them
     policy._evaluated_at = -1  # score the current window again
     policy.decide(7, freezer.num_frozen)
-    expected, _ = eager_transform_then_predict(hist.history, hist.cursor, hist.rows, hist.valid,
+    assert policy.last_rows.tolist() == hist.rows.tolist()[:policy.context.max_frozen]  # all but the kept head
+    expected, _ = eager_transform_then_predict(hist.history, hist.cursor, policy.last_rows, hist.valid,
                                                policy._weights, policy.threshold, 30.0, True)
     torch.testing.assert_close(policy.last_probabilities, expected, rtol=1e-5, atol=1e-6,
                                msg=lambda m: f"seed {fresh_seed}: {m}")

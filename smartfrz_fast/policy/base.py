@@ -141,6 +141,12 @@ class FreezePolicy:
         never from rank-local data. Default: every step (one small broadcast per step)."""
         return True
 
+    def wants_snapshots(self) -> bool:
+        """Whether the engine should still take weight-history snapshots (only asked when
+        ``needs_history``): False once no decision can come from them. From what every rank
+        shares, like ``decides_at`` (under DDP a snapshot is a collective)."""
+        return True
+
     def close(self) -> None:
         """Release what the policy holds (threads, model copies); ``SmartFreezer.close()`` calls it."""
 

@@ -135,9 +135,12 @@ class SmartFRZ(FreezePolicy):
         self.min_flops_share = float(min_flops_share)
         self.freeze_attention = bool(freeze_attention)
         self.attention_stop: Optional[int] = None  # the first unit that computes attention, unless freeze_attention
+        self._limit = 0  # the longest prefix this policy may freeze (set by bind)
         self._prefix_share: Optional[torch.Tensor] = None  # [U + 1]: share of the FLOPs of each prefix length
         self.first_decision_step = 0  # set by bind() from total_steps
-        self.last_probabilities: Optional[torch.Tensor] = None  # raw, of the active units
+        # the units the policy may still freeze, from the first active one (see _scored_rows)
+        self.last_rows: Optional[torch.Tensor] = None
+        self.last_probabilities: Optional[torch.Tensor] = None  # raw, one per unit of last_rows
         self.last_smoothed: Optional[torch.Tensor] = None  # what was compared with the threshold
         self._evaluated_at = -1  # history.count at the last evaluation
         # [U] int32 on the device: evaluations in a row each unit was called freezable
@@ -220,40 +223,58 @@ class SmartFRZ(FreezePolicy):
         # would count a prefix of adapters as a large saving)
         flops = torch.tensor([0.0] + [float(u.forward_flops if u.backward_flops is None else u.backward_flops)
                                       for u in context.units], dtype=torch.float64)
+        share = None
         if flops.sum() > 0 and self.min_flops_share > 0:  # unknown FLOPs (all 0): no such condition
-            self._prefix_share = (flops.cumsum(0) / flops.sum()).to(torch.float32).to(context.device)
+            share = (flops.cumsum(0) / flops.sum()).to(torch.float32)
+            self._prefix_share = share.to(context.device)
         if not self.freeze_attention:
             self.attention_stop = next((u.index for u in context.units if u.attention), None)
-            self._warn_if_nothing_can_freeze()
+        self._limit = context.max_frozen if self.attention_stop is None else min(context.max_frozen,
+                                                                                  self.attention_stop)
+        if share is not None and float(share[self._limit]) < self.min_flops_share:
+            self._limit = 0  # no prefix it may freeze holds enough of the FLOPs
+        if self._limit == 0:
+            self._warn_nothing_can_freeze(share)
 
-    def _warn_if_nothing_can_freeze(self) -> None:
-        """A transformer whose units before its first attention layer hold too little compute
-        (token embeddings) would run the whole run without a freeze: say so at the start."""
-        stop = self.attention_stop
-        if stop is None:
-            return
-        # the share _worth_freezing compares (0 for stop 0: the empty prefix)
-        share = 0.0 if self._prefix_share is None else float(self._prefix_share[stop])
-        if stop > 0 and (self._prefix_share is None or share >= self.min_flops_share):
-            return  # (no share known or asked for: the units before it may freeze)
-        unit = self.context.units[stop]
+    def _warn_nothing_can_freeze(self, share: Optional[torch.Tensor]) -> None:
+        """A run that will never freeze (a transformer whose units before its first attention
+        layer are token embeddings, a model whose head holds nearly all the compute): say so
+        at the start, not after the run."""
         from ..guards import user_stacklevel, warn_in_every_run
 
-        warn_in_every_run(
-            f"SmartFRZ will freeze nothing on this model: it stops before the first unit that takes part in attention "
-            f"({unit.name!r}, in {unit.attention!r}), and the {stop} unit(s) before it hold {share:.1%} of the "
-            f"FLOPs (min_flops_share={self.min_flops_share:g}). On the encoders measured, freezing attention layers "
-            "when the predictor said so lost 0.9-2.8 points (docs/predictor.md, \"Attention models\"). To freeze "
-            "them anyway, measure SmartFRZ(freeze_attention=True) or a schedule policy (LinearFreeze, FreezeOut) "
-            "against full training on your job.", user_stacklevel())
+        stop, longest = self.attention_stop, self.context.max_frozen
+        if stop is not None and stop <= longest:
+            unit, held = self.context.units[stop], 0.0 if share is None else float(share[stop])
+            message = (f"it stops before the first unit that takes part in attention ({unit.name!r}, in "
+                       f"{unit.attention!r}), and the {stop} unit(s) before it hold {held:.1%} of the FLOPs "
+                       f"(min_flops_share={self.min_flops_share:g}). On the encoders measured, freezing attention "
+                       "layers when the predictor said so lost 0.9-2.8 points (docs/predictor.md, \"Attention "
+                       "models\"). To freeze them anyway, measure SmartFRZ(freeze_attention=True) or a schedule "
+                       "policy (LinearFreeze, FreezeOut) against full training on your job.")
+        else:
+            message = (f"the {longest} unit(s) it may freeze (all but the units SmartFreezer keeps trainable) hold "
+                       f"{float(share[longest]):.1%} of the FLOPs freezing them saves, under "
+                       f"min_flops_share={self.min_flops_share:g}. Pass SmartFRZ(min_flops_share=0) to let them "
+                       "freeze anyway.")
+        warn_in_every_run(f"SmartFRZ will freeze nothing on this model: {message}", user_stacklevel())
 
     def _as_far_as_it_may(self) -> bool:
-        """The frozen prefix reached the last unit this policy may freeze (the engine's
-        ``max_frozen``, the attention stop): nothing is left to score. Scoring every unit after
-        it went on all run (4.2 ms of a 6.6 ms step on a small fine-tuned transformer)."""
-        limit = self.context.max_frozen if self.attention_stop is None else min(self.context.max_frozen,
-                                                                                 self.attention_stop)
-        return self.context.history.first_active >= limit
+        """The frozen prefix reached the longest this policy may freeze (the engine's
+        ``max_frozen``, cut at the attention stop; none at all when no such prefix holds
+        ``min_flops_share``): nothing is left to score. Scoring every unit after it went on all
+        run (4.2 ms of a 6.6 ms step on a small fine-tuned transformer)."""
+        return self.context.history.first_active >= self._limit
+
+    def wants_snapshots(self) -> bool:
+        return not self._as_far_as_it_may()
+
+    def _scored_rows(self) -> torch.Tensor:
+        """The history rows of the units this policy may still freeze: the active ones before
+        its limit. The predictor reads each unit's window alone, so the units after the limit
+        (a transformer's attention layers, the kept head) change no decision; scoring them cost
+        a model that freezes nothing 15 ms of a 22 ms step."""
+        history = self.context.history
+        return history.rows[:self._limit - history.first_active]
 
     def decides_at(self, step: int) -> bool:
         # from what every rank shares (step, history.count): under DDP rank 0 broadcasts only here
@@ -276,23 +297,26 @@ class SmartFRZ(FreezePolicy):
             return None
         self._evaluated_at = history.count
         decide = step >= self.first_decision_step
-        plain = self.patience == 1 and self.smoothing == 1 and self.settle_ratio is None
-        if not decide and plain:
-            return None  # nothing to remember from an evaluation before the guard
+        rows = self._scored_rows()
+        if not decide and self.patience == 1 and self.smoothing == 1:
+            # no streak or average to feed before the guard: only each unit's first window to note
+            if self.settle_ratio is not None:
+                self._settled(rows)
+            return None
         from .. import ops
 
         # the op applies the input transform of training while it reads each window (fused on CUDA)
-        prob, prefix = ops.predict(history.history, history.cursor, history.rows, history.valid,
+        prob, prefix = ops.predict(history.history, history.cursor, rows, history.valid,
                                    self._weights, self.threshold, self.input_gain, self.sort_inputs)
-        self.last_probabilities = self.last_smoothed = prob
-        if plain:
+        self.last_rows, self.last_probabilities, self.last_smoothed = rows, prob, prob
+        if self.patience == 1 and self.smoothing == 1 and self.settle_ratio is None:
             return self._worth_freezing(prefix + history.first_active)
         if self.settle_ratio is not None:  # not freezable while the unit still moves as at its start
-            prob = torch.where(self._settled(), prob, torch.zeros_like(prob))
+            prob = torch.where(self._settled(rows), prob, torch.zeros_like(prob))
             self.last_smoothed = prob
         # before the guard, evaluations feed the averages and streaks but decide nothing
         # device ops only (no host sync)
-        rows, units = history.rows, history.history.shape[0]
+        units = history.history.shape[0]
         if self.smoothing > 1:  # average each unit's probability over its evaluations
             # from 0 (not freezable): a unit needs several confident evaluations to clear the
             # threshold, more the nearer its probabilities sit to it
@@ -324,12 +348,12 @@ class SmartFRZ(FreezePolicy):
         share = self._prefix_share.index_select(0, prefix.reshape(1).to(self._prefix_share.device)).reshape(prefix.shape)
         return torch.where(share >= self.min_flops_share, prefix, torch.zeros_like(prefix))
 
-    def _settled(self) -> torch.Tensor:
-        """``[R]`` bool per active unit: its movement over the window (newest minus oldest
+    def _settled(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[R]`` bool per unit of ``rows``: its movement over the window (newest minus oldest
         snapshot, over its valid positions) is at most ``settle_ratio`` times its first
         window's, recorded at its first evaluation. Device ops only."""
         history = self.context.history
-        h, rows, t = history.history, history.rows, history.window
+        h, t = history.history, history.window
         slots = torch.stack([torch.remainder(history.cursor - 1, t), torch.remainder(history.cursor, t)])
         ends = h.index_select(1, slots).index_select(0, rows)  # [R, 2, K]: newest, oldest
         valid = history.valid.to(h.device).index_select(0, rows)
