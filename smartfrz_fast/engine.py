@@ -1111,6 +1111,7 @@ class SmartFreezer:
         forward, once where their weights require no grad, as a LoRA base layer's), and with
         ``shared_parameters="freeze"`` the weight gradient of the later reads of the shared
         parameters they froze (about one forward of those reads)."""
+        self._require_setup("frozen_flops_fraction()")
         n = self.num_frozen if num_frozen is None else num_frozen
         total = self.plan.total_forward_flops + self.plan.total_backward_flops
         saved = sum(u.backward_flops for u in self.units[:n]) + self.plan.later_read_flops(n)
@@ -1132,6 +1133,7 @@ class SmartFreezer:
 
     def report(self) -> str:
         """A table of the freeze timeline."""
+        self._require_setup("report()")
         lines = [
             f"policy: {self.policy.describe()}",
             *self.policy.report_lines(),

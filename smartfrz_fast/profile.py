@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from .engine import FreezeEvent, SmartFreezer
 from .policy.base import FreezePolicy
-from .units import Unit, as_args, discover_units
+from .units import Unit, discover_units, example_call
 
 LossFn = Callable[[Any], Tensor]
 OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
@@ -309,7 +309,7 @@ def profile_units(
     """Per-unit forward/backward time (median of ``repeats`` steps) and memory, on a copy."""
     _check_counts(repeats, warmup)
     work = _unmanaged_copy(model).train()
-    args, kwargs = as_args(inputs), dict(kwargs or {})
+    args, kwargs = example_call(model, inputs, kwargs)
     optimizer = optimizer_factory(work.parameters())
     plan = discover_units(work, args, kwargs)
     units = plan.units
@@ -429,7 +429,7 @@ def profile_prefixes(
     _check_keep_trainable(keep_trainable)
     from .policy import StaticFreeze
 
-    args, kwargs = as_args(inputs), dict(kwargs or {})
+    args, kwargs = example_call(model, inputs, kwargs)
     ref = _unmanaged_copy(model).train()
     ref_opt = optimizer_factory(ref.parameters())
     work = copy.deepcopy(model).train()  # (checked just above)
@@ -576,7 +576,7 @@ def profile_overhead(
     unknown = [p for p in policies if p not in POLICY_NAMES]
     if unknown:
         raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICY_NAMES)}")
-    args, kwargs = as_args(inputs), dict(kwargs or {})
+    args, kwargs = example_call(model, inputs, kwargs)
     num_units = len(discover_units(_unmanaged_copy(model), args, kwargs).units)
     baseline = _overhead_run(model, args, kwargs, None, loss_fn, optimizer_factory, steps, warmup, keep_trainable)
     rows = []
@@ -654,9 +654,11 @@ class Profile:
 
     def derived(self, row: OverheadRow) -> Dict[str, Optional[float]]:
         """The overhead table's computed columns for one policy's row: the freezer's share of a
-        step (``freezer.step()`` and its gradient-norm hook), the run's wall time saved against
-        the run without a freezer, and the ceiling's time-weighted saving for its timeline."""
-        return {"share_of_step": (row.step_us_median + (row.hook_us_median or 0.0)) / 1e3 / row.train_step_ms,
+        step (the mean of ``freezer.step()``, as the run pays it: SmartFRZ's predictor runs at
+        one step in several, which the median leaves out; and its gradient-norm hook), the run's
+        wall time saved against the run without a freezer, and the ceiling's time-weighted
+        saving for its timeline."""
+        return {"share_of_step": (row.step_us_mean + (row.hook_us_median or 0.0)) / 1e3 / row.train_step_ms,
                 "run_saved": 1 - row.run_ms / self.baseline.run_ms if self.baseline is not None else None,
                 "ceiling_saved": (achieved_saving(row.timeline, self.prefixes, row.steps).saved_fraction
                                   if self.prefixes else None)}

@@ -226,6 +226,56 @@ def _rnn_flops(input: Any, weights: Sequence[Any]) -> int:
     return 2 * tokens * sum(w.numel() for w in weights if isinstance(w, torch.Tensor) and w.dim() == 2)
 
 
+
+def _attention_flops(query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> int:
+    """q·kᵀ and the weights times v: 2·L·S·(E + Ev) per batch and head (as torch counts its CUDA
+    attention kernels; grouped-query key heads serve several query heads)."""
+    if not all(isinstance(t, torch.Tensor) and t.dim() >= 2 for t in (query, key, value)):
+        return 0
+    rows = query.numel() // (query.shape[-2] * query.shape[-1]) if query.numel() else 0
+    return 2 * rows * query.shape[-2] * key.shape[-2] * (query.shape[-1] + value.shape[-1])
+
+
+def _broadcast_product_flops(*tensors: Any) -> int:
+    """A multiply-accumulate per element of the inputs' broadcast shape (nn.Bilinear's
+    ``_trilinear``: x1ᵢ·Wₒᵢⱼ·x2ⱼ for every output o, i and j)."""
+    shapes = [t.shape for t in tensors if isinstance(t, torch.Tensor)]
+    try:
+        numel = torch.Size(torch.broadcast_shapes(*shapes)).numel() if shapes else 0
+    except RuntimeError:
+        return 0
+    return 2 * numel
+
+
+def _trilinear_flops(i1: Any, i2: Any, i3: Any, expand1: Sequence[int], expand2: Sequence[int],
+                     expand3: Sequence[int], *args: Any, **kwargs: Any) -> int:
+    def expanded(t, dims):
+        for d in sorted(dims):
+            t = t.unsqueeze(d)
+        return t
+
+    try:
+        return _broadcast_product_flops(*(expanded(t, dims) for t, dims in ((i1, expand1), (i2, expand2), (i3, expand3))))
+    except (RuntimeError, IndexError, TypeError):
+        return 0
+
+
+# Ops with a multiply-accumulate cost that torch's FLOP counter has no formula for (they counted
+# 0 FLOPs): op name -> FLOPs from the op's arguments. On the CPU F.scaled_dot_product_attention
+# runs its own flash kernel (nn.MultiheadAttention, nn.TransformerEncoderLayer, timm's and
+# Hugging Face's sdpa attention): its score and value products counted nothing there, while on
+# a GPU torch's formulas count them, so a transformer's prefix shares (and SmartFRZ's
+# min_flops_share test) differed by device.
+_EXTRA_FLOP_FORMULAS = {
+    "_scaled_dot_product_flash_attention_for_cpu": _attention_flops,
+    "_scaled_dot_product_fused_attention_overrideable": _attention_flops,
+    "mv": lambda mat, vec, *a, **k: 2 * mat.numel(),
+    "addmv": lambda bias, mat, vec, *a, **k: 2 * mat.numel(),
+    "dot": lambda a, b, *rest, **k: 2 * a.numel(),
+    "vdot": lambda a, b, *rest, **k: 2 * a.numel(),
+    "_trilinear": _trilinear_flops,
+}
+
 class _ForwardTracer(TorchDispatchMode):
     """Records every read of each watched tensor (and of its views), the innermost module call
     around it, the FLOPs of every op, and what its backward costs (``op_backward``)."""
@@ -373,8 +423,12 @@ class _ForwardTracer(TorchDispatchMode):
         if count is not None:
             self.op_flops.append(int(count(*args, **kwargs, out_val=out)))
         else:
-            fused = _FUSED_RNN_WEIGHTS.get(func._overloadpacket.__name__)
-            self.op_flops.append(_rnn_flops(args[0], fused(args)) if fused is not None else 0)
+            name = func._overloadpacket.__name__
+            fused, formula = _FUSED_RNN_WEIGHTS.get(name), _EXTRA_FLOP_FORMULAS.get(name)
+            if fused is not None:
+                self.op_flops.append(_rnn_flops(args[0], fused(args)))
+            else:
+                self.op_flops.append(int(formula(*args, **kwargs)) if formula is not None else 0)
         self._track(func, op_index, tensors, bool(names) or fixed is not None, out)
         if len(names) == 1 and isinstance(out, torch.Tensor) and _aliases(out, *names.values()):
             # a view of a parameter (``weight.t()`` inside ``F.linear``): the op that reads the

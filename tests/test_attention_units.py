@@ -637,7 +637,7 @@ def test_a_transformer_with_nothing_freezable_before_its_attention_is_told_at_co
         model(tokens())
     assert [w.filename for w in caught if "will freeze nothing" in str(w.message)] == [__file__]
     # a ViT's patch embedding holds enough to freeze: no warning
-    vit = zoo.TinyViT(2, 32)
+    vit = zoo.TinyViT(1, 32)  # (at depth 2 its patch embedding holds 1.9 % once attention is counted)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         SmartFreezer(vit, torch.optim.SGD(vit.parameters(), lr=0.1), SmartFRZ(weights=predictor_file(tmp_path / "p.pt")),

@@ -103,6 +103,9 @@ def test_a_set_up_at_the_first_forward_that_raises_raises_again_and_never_trains
             model(x)
         with pytest.raises(RuntimeError, match="has not seen the model run yet"):
             freezer.step()
+        for call in ("report", "frozen_flops_fraction"):  # named, not an AttributeError on None
+            with pytest.raises(RuntimeError, match=rf"has not seen the model run yet.*before calling {call}\(\)"):
+                getattr(freezer, call)()
     freezer.close()
     assert _engine_hooks(model) == 0
     freezer = SmartFreezer(model, optimizer, StaticFreeze(1, at_step=1))  # the model is free for a right one

@@ -48,6 +48,57 @@ def test_recurrent_layers_count_their_gate_products(cell, gates, kwargs):
     assert plan.units[0].forward_flops == 2 * tokens * weights
 
 
+
+class SdpaBlock(nn.Module):
+    """q, k, v projections (grouped-query: one k/v head for two q heads), sdpa, an output layer."""
+
+    def __init__(self, enable_gqa):
+        super().__init__()
+        self.q, self.kv = nn.Linear(16, 16), nn.Linear(16, 16 if enable_gqa else 32)
+        self.out = nn.Linear(16, 16)
+        self.enable_gqa = enable_gqa
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, 2, 8).transpose(1, 2)
+        k, v = self.kv(x).view(b, t, -1, 8).transpose(1, 2).chunk(2, dim=1)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=self.enable_gqa)
+        return self.out(y.transpose(1, 2).reshape(b, t, 16))
+
+
+class PoolAndBilinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.score = nn.Parameter(torch.randn(16))  # attention pooling: x @ q, a matrix-vector product
+        self.bilinear = nn.Bilinear(16, 16, 4)
+
+    def forward(self, x):
+        pooled = (torch.softmax(x @ self.score, dim=1).unsqueeze(-1) * x).sum(1)
+        return self.bilinear(pooled, pooled)
+
+
+@pytest.mark.parametrize("enable_gqa", [False, True])
+def test_attention_and_vector_products_count_their_flops_on_the_cpu(enable_gqa):
+    # on the CPU sdpa runs its own flash kernel, and nn.Bilinear and x @ vector their own ops,
+    # that torch's FLOP counter has no formula for: they counted 0 (a transformer layer's attention
+    # products were free, so a conv front end's share came out twice too large), and on a GPU the
+    # same sdpa counted, so SmartFRZ's min_flops_share decided differently by device
+    b, t = 3, 5
+    plan = discover_units(nn.Sequential(SdpaBlock(enable_gqa), PoolAndBilinear()), (torch.randn(b, t, 16),))
+    by_name = {u.name: u.forward_flops for u in plan.units}
+    attention = 2 * b * 2 * t * t * (8 + 8)  # q·kᵀ and weights·v, two query heads of width 8
+    assert by_name["0.kv"] == 2 * b * t * 16 * (16 if enable_gqa else 32) + attention  # sdpa runs in k/v's span
+    assert (by_name["1"], by_name["1.bilinear"]) == (2 * b * t * 16, 2 * b * 16 * 16 * 4)  # x @ score; x1ᵀ W x2
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    total = sum(u.forward_flops for u in discover_units(layer, (torch.randn(b, t, 16),)).units)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:  # the math kernel, which torch counts
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            layer(torch.randn(b, t, 16))
+    assert total == counter.get_total_flops()
+
+
 def test_units_follow_forward_order_and_norms_join_the_layer_before():
     plan = discover_units(ForwardOrderDiffers(), (torch.randn(3, 4),))
     assert [u.name for u in plan.units] == ["a+norm", "b", "c"]

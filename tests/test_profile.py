@@ -108,6 +108,37 @@ def test_profiling_leaves_the_model_untouched():
     assert row["share_of_step"] > 0 and row["ceiling_saved"] is not None
 
 
+
+def test_the_share_of_a_step_is_what_the_run_pays_not_the_median_step():
+    # SmartFRZ's predictor runs at one step in several: the median step skipped every one of
+    # them (1.83 % of a step printed, 21.7 % paid)
+    from smartfrz_fast.profile import OverheadRow, Profile
+
+    row = OverheadRow(policy="smartfrz", steps=4, step_us_median=100.0, step_us_mean=2600.0, step_us_max=10_000.0,
+                      hook_us_median=None, train_step_ms=10.0, run_ms=50.0, num_frozen=0)
+    profile = Profile(title="t", units=[], breakdown=None, prefixes=[], overheads=[row])
+    assert profile.derived(row)["share_of_step"] == pytest.approx(0.26)
+
+
+class KeywordModel(nn.Module):
+    """A forward that takes keyword inputs, as a Hugging Face model's does."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Linear(6, 8), nn.Linear(8, 2)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.head(self.emb(input_ids) * attention_mask[..., None]).sum(1)
+
+
+def test_a_batch_dict_of_keyword_inputs_is_profiled_as_the_freezer_takes_it():
+    # profile_model passed the dict as the one positional input (BERT: AttributeError: 'dict'
+    # object has no attribute 'size'), while SmartFreezer takes it as keyword inputs
+    batch = {"input_ids": torch.randn(4, 3, 6), "attention_mask": torch.ones(4, 3)}
+    profile = profile_model(KeywordModel(), batch, repeats=1, warmup=0, policies=("static",), overhead_steps=3)
+    assert [u.name for u in profile.units] == ["emb", "head"]
+
+
 def test_profiling_a_model_a_freezer_manages_is_refused():
     # the copy showed only the trainable units, numbered otherwise than the freezer's
     model = SmallCNN()
