@@ -56,18 +56,20 @@ def main(argv=None) -> int:
     p.add_argument("--lab", type=Path, default=Path("lab_runs"))
     p.add_argument("--thresholds", default="0.5,0.42,0.35")
     p.add_argument("--shard", default="0/1", metavar="I/N")
+    p.add_argument("--tag", default="", help="appended to each setting's name (t0.5@TAG): measures a threshold "
+                   "again after a code change, beside the rows already there (full training is shared)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     shard, n = map(int, args.shard.split("/"))
-    settings = {f"t{t}": float(t) for t in args.thresholds.split(",")}
+    settings = {f"t{t}{'@' + args.tag if args.tag else ''}": float(t) for t in args.thresholds.split(",")}
     done = _rows()
     jobs = []
     for spec in evaluation_networks(zoo_specs()):
         for run in (spec, second_seed(spec)):
             jobs += [(run, spec.family, name, t) for name, t in (("full", None), *settings.items())]
-    for i, (run, family, name, threshold) in enumerate(jobs):
-        if i % n != shard or (run.name, name) in done:
-            continue
+    # the shards split what is left to run (split before, one shard got every full-training run)
+    todo = [job for job in jobs if (job[0].name, job[2]) not in done]
+    for run, family, name, threshold in todo[shard::n]:
         if threshold is None:
             row = train_with_policy(run, "full")
         else:
@@ -92,7 +94,7 @@ def main(argv=None) -> int:
             base = [oracle.get(re.sub(r"-s(\d+)", lambda m: f"-s{int(m.group(1)) % 100}", net), float("nan"))
                     for _, _, net in pairs]
             below = [f"{net} {c:+.2f}" for c, (_, _, net) in zip(change, pairs) if c < -0.5]
-            print(f"| {name[1:]} | {seed} | {len(pairs)} | {sum(change) / len(pairs):+.2f} | "
+            print(f"| {name[1:].replace('@', ' @')} | {seed} | {len(pairs)} | {sum(change) / len(pairs):+.2f} | "
                   f"{100 * sum(saved) / len(pairs):.1f} % | {sum(saved) / sum(base):.2f} | "
                   f"{len(below)}{': ' + '; '.join(below) if below else ''} |")
     return 0
