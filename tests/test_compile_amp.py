@@ -430,11 +430,13 @@ def test_non_reentrant_checkpoint_on_top_of_a_cached_prefix():
         torch.testing.assert_close(results[1][name], value, rtol=1e-6, atol=1e-7, msg=name)
 
 
-@pytest.mark.parametrize("compile_how", ["blocks", "whole"])
+@pytest.mark.parametrize("compile_how", ["blocks", "whole", "whole_in_place", "blocks_after_set_up"])
 def test_the_cache_runs_compiled_blocks_and_turns_off_for_a_whole_compiled_model(dynamo_strict, compile_how):
     """With compile_blocks the cache runs the compiled blocks after the cached prefix (same
     weights as eager training without a cache); a model compiled whole is run as it is, the cache
-    off with the reason."""
+    off with the reason. In place (model.compile()) the cache stayed on, its torch.fx chain never
+    running the compiled model again; compile_blocks after the cache set up its torch.fx chain
+    compiled blocks that never ran (review32): the cache now sets up again, on the module swap."""
     from smartfrz_fast.cache import ActivationCache
 
     batches = [torch.randn(4, WIDTH, generator=torch.Generator().manual_seed(i)) for i in range(3)]
@@ -442,16 +444,25 @@ def test_the_cache_runs_compiled_blocks_and_turns_off_for_a_whole_compiled_model
     def train_epochs(how):
         torch.manual_seed(0)
         model = nn.Sequential(*[Block() for _ in range(4)], nn.Linear(WIDTH, 3))
+        if how == "blocks_after_set_up":  # a forward of its own: the cache cuts it with torch.fx
+            model = Looped(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         freezer = SmartFreezer(model, opt, StaticFreeze(4, at_step=1), example_inputs=batches[0])  # 2 blocks
         counter, cache, forward = CompileCounter(), None, model
         if how == "blocks":
             compile_blocks(list(model), freezer, backend=counter)
+        if how == "whole_in_place":
+            model.compile(backend=counter)
         if how is not None:
             target = torch.compile(model, backend=counter) if how == "whole" else model
             cache = ActivationCache(freezer, num_samples=12, deterministic=True)
             forward = cache.wrap(target)
         for epoch in range(3):
+            if how == "blocks_after_set_up" and epoch == 1:
+                assert cache.chain.how == "torch.fx"
+                with pytest.warns(UserWarning, match="compiled in place after the cache set up its torch.fx chain"):
+                    compile_blocks(list(model.layers[:4]), freezer, backend=counter)
+                    forward(batches[0], torch.arange(4))
             for i, x in enumerate(batches):
                 out = forward(x) if cache is None else forward(x, torch.arange(4 * i, 4 * i + 4))
                 out.square().mean().backward()
@@ -467,10 +478,24 @@ def test_the_cache_runs_compiled_blocks_and_turns_off_for_a_whole_compiled_model
     assert counter.frame_count > 0
     if compile_how == "blocks":
         assert cache.active and cache.boundary == 2 and cache.stats["hits"] > 0, cache.describe()
+    elif compile_how == "blocks_after_set_up":  # the swap's blocks are finer: cut after the second block
+        assert cache.active and cache.chain.how == "module swap" and cache.stats["hits"] > 0, cache.describe()
+        assert "cut after layers.1" in cache.describe()
     else:
         assert not cache.active and "compile_blocks" in cache.reason
-    for (name, p), q in zip(eager.state_dict().items(), model.state_dict().values()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    for p, q in zip(eager.parameters(), model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+class Looped(nn.Module):
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = layers
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
 
 
 class CalledTwice(nn.Module):

@@ -29,7 +29,7 @@ import weakref
 from collections.abc import Mapping
 from contextlib import contextmanager
 from enum import Enum
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -191,6 +191,9 @@ class ActivationCache:
         self._warned: set = set()  # kinds of warning given once already
         self.cut_note: Optional[str] = None  # why the cut is not as deep as the frozen prefix
         self._structure_changed = False  # a module or parameter registered in the model since set-up
+        # with a torch.fx chain: the model's modules, and those compiled in place at set-up
+        self._model_modules: Tuple[nn.Module, ...] = ()
+        self._compiled_at_setup: Set[int] = set()
         self._handles_seen = -1  # torch's hook-handle counter when hooks were last checked
         self._rows_grad: Tuple[Any, bool] = (None, False)  # (chain, cut, hook counter), rows_need_grad
         self._outside: Tuple[Optional[BlockChain], list] = (None, [])  # (chain, modules it does not call)
@@ -486,11 +489,18 @@ class ActivationCache:
                          "stats['bypassed']): the cache looks its rows up by the ids' values, which a transform "
                          "hides. Call the cached model outside the transform, or the transform on the model itself.")
             return model(*inputs.args, **inputs.kwargs)
+        if self.enabled and _compiled_in_place(model):
+            self._disable(_COMPILED_WHOLE)  # model.compile(): its compiled graph calls neither the chain nor stand-ins
         if self.enabled and getattr(self.freezer, "_closed", False):  # its prefix is no longer held in eval: rows would be stale
             self._disable("its SmartFreezer was closed: the frozen prefix's norm and dropout layers follow "
                           "model.train() again, so rows made in eval mode no longer match it; the whole model runs")
         if self._structure_changed:
             self._rederive()
+        elif self.chain is not None and self.chain.how == "torch.fx" and any(
+                _compiled_in_place(m) and id(m) not in self._compiled_at_setup for m in self._model_modules):
+            self._rederive("a block was compiled in place after the cache set up its torch.fx chain (compile_blocks, "
+                           "module.compile()), and the chain runs the blocks' traced operations, never the compiled "
+                           "blocks: the cache sets up again (the module swap runs compiled blocks)")
         elif self.boundary and any(p.requires_grad for _, p in self._unmanaged_in_prefix()):
             name = next(n for n, p in self._unmanaged_in_prefix() if p.requires_grad)
             self._rederive(f"{name}, inside the cached frozen prefix, trains now (it had requires_grad=False when "
@@ -623,11 +633,7 @@ class ActivationCache:
     def _setup(self, model: nn.Module, inputs: Inputs) -> None:
         self._setup_done = True
         if hasattr(model, "_orig_mod"):  # torch.compile(model): an OptimizedModule
-            self._disable(
-                "the model is torch.compile'd as a whole, and the cache runs its blocks itself, outside the "
-                "compiled graph. Compile the blocks one by one instead (smartfrz_fast.compile.compile_blocks, "
-                "which also avoids a recompile of the whole model at every freeze): the cache then runs the "
-                "compiled blocks")
+            self._disable(_COMPILED_WHOLE)
             return
         # built without example inputs, the freezer sets up at the first forward: now, and not inside
         # the recording of the model's calls below (which then found no module called once)
@@ -638,6 +644,9 @@ class ActivationCache:
             return
         self.chain = chain
         self._watch_structure(model)
+        if chain.how == "torch.fx":  # it runs the blocks' traced operations, not the blocks
+            self._model_modules = tuple(model.modules())
+            self._compiled_at_setup = {id(m) for m in self._model_modules if _compiled_in_place(m)}
         boundary = self._frozen_blocks()
         if self._resume is not None:
             state, self._resume = self._resume, None
@@ -1662,6 +1671,17 @@ class _FreezeListener:
             return cache.describe()
         return (f"activation cache: {hits} of {seen} samples since it started were served from it, each "
                 "skipping its cached prefix's forward too (not in the FLOPs saved above)")
+
+
+_COMPILED_WHOLE = ("the model is torch.compile'd as a whole (torch.compile(model) or model.compile()), and the cache "
+                   "runs its blocks itself, outside the compiled graph. Compile the blocks one by one instead "
+                   "(smartfrz_fast.compile.compile_blocks, which also avoids a recompile of the whole model at every "
+                   "freeze), before the cache's first forward: the cache then runs the compiled blocks")
+
+
+def _compiled_in_place(module: nn.Module) -> bool:
+    """``module.compile()`` ran on it (as ``compile_blocks`` does): its calls run a compiled graph."""
+    return getattr(module, "_compiled_call_impl", None) is not None
 
 
 class SideInputs:
