@@ -103,6 +103,13 @@ def _median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
+def _half_iqr(values: Sequence[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return (q3 - q1) / 2
+
+
 def _device_of(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -400,6 +407,9 @@ class PrefixRow:
     activation_bytes: int  # saved for backward by the whole step with this prefix frozen
     peak_bytes: Optional[int] = None  # CUDA only: peak allocated memory during the step
     ratio: float = 1.0  # median over paired steps of (frozen step / unfrozen step): drift-robust
+    # half the interquartile range of those ratios: this row's own noise (a loaded machine moves
+    # single rows by tens of percent, which the median alone does not show)
+    ratio_spread: float = 0.0
 
     @property
     def saved_ms(self) -> float:
@@ -467,7 +477,8 @@ def profile_prefixes(
                 num_frozen=n, last_frozen=freezer.units[n - 1].name if n else "-",
                 step_ms=_median([clock.ms(b, c) for _, b, c in marks]),
                 full_ms=_median([clock.ms(a, b) for a, b, _ in marks]),
-                ratio=_median([clock.ms(b, c) / max(clock.ms(a, b), 1e-9) for a, b, c in marks]),
+                ratio=_median(ratios := [clock.ms(b, c) / max(clock.ms(a, b), 1e-9) for a, b, c in marks]),
+                ratio_spread=_half_iqr(ratios),
                 estimated_saved_ms=estimate, activation_bytes=activations,
                 peak_bytes=torch.cuda.max_memory_allocated(device) if clock.cuda else None,
             ))
@@ -731,14 +742,14 @@ def _format_profile(p: Profile) -> List[str]:
     fsum, bsum = sum(u.forward_ms for u in p.units), sum(u.backward_ms for u in p.units)
     out.append(f"  {'':>3} {'sum':<{w}} {'':>9} {'':>10} {fsum:>8.2f} {bsum:>8.2f}")
     out += ["", "Ceiling: first n units frozen, measured against an unfrozen copy stepped alternately (saved: "
-                "median of the paired step ratios; row 0 is the noise floor); est. = sum of their bwd ms "
-                "+ optimizer share",
-            f"  {'n':>3} {'last frozen':<{w}} {'step ms':>8} {'full ms':>8} {'saved ms':>9} {'saved':>6} "
+                "median of the paired step ratios, +- half their interquartile range: that row's noise; row 0 "
+                "freezes nothing); est. = sum of their bwd ms + optimizer share",
+            f"  {'n':>3} {'last frozen':<{w}} {'step ms':>8} {'full ms':>8} {'saved ms':>9} {'saved':>6} {'+-':>6} "
             f"{'est. saved ms':>13} {'activ. MB':>9}" + (f" {'peak MB':>8}" if p.prefixes and p.prefixes[0].peak_bytes is not None else "")]
     for r in p.prefixes:
         peak = f" {_mb(r.peak_bytes):>8}" if r.peak_bytes is not None else ""
         out.append(f"  {r.num_frozen:>3} {_short(r.last_frozen, w):<{w}} {r.step_ms:>8.2f} {r.full_ms:>8.2f} "
-                   f"{r.saved_ms:>9.2f} {r.saved_fraction:>6.1%} {r.estimated_saved_ms:>13.2f} "
+                   f"{r.saved_ms:>9.2f} {r.saved_fraction:>6.1%} {r.ratio_spread:>6.1%} {r.estimated_saved_ms:>13.2f} "
                    f"{_mb(r.activation_bytes):>9}{peak}")
     if p.overheads:
         base = p.baseline

@@ -161,6 +161,11 @@ def test_ceiling_measures_the_freeze_not_a_sum(fresh_seed, one_thread):
     for r in rows[2:]:
         assert r.saved_ms > 0.7 * BWD_S * 1e3 and r.estimated_saved_ms > 0.9 * BWD_S * 1e3
         assert r.step_ms > 0.9 * FWD_S * 1e3  # the forward sleep still runs
+    # each row's own noise, shown beside it: half the interquartile range of its paired ratios
+    assert all(0 <= r.ratio_spread < 0.5 for r in rows)
+    from smartfrz_fast.profile import _half_iqr
+
+    assert _half_iqr([0.5, 0.6, 0.7, 0.8, 0.9]) == pytest.approx(0.15) and _half_iqr([0.7]) == 0.0
 
 
 def test_achieved_saving_is_time_weighted():
