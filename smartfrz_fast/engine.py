@@ -185,10 +185,12 @@ def _give_back_frozen(module: nn.Module, taken: "weakref.WeakKeyDictionary", opt
     for opt in list(taken.keys()) if optimizers is None else optimizers:
         held = {id(p) for g in opt.param_groups for p in g["params"]}
         for removal in reversed(taken.get(opt, [])):
-            for group, position, name in sorted(removal, key=lambda entry: entry[1]):
+            for group, position, name, opt_name in sorted(removal, key=lambda entry: entry[1]):
                 param = current.get(name)
                 if param is not None and id(param) not in held and group < len(opt.param_groups):
-                    params = opt.param_groups[group]["params"]
+                    params, names = opt.param_groups[group]["params"], opt.param_groups[group].get("param_names")
+                    if names is not None and len(names) == len(params):
+                        names.insert(min(position, len(names)), name if opt_name is None else opt_name)
                     params.insert(min(position, len(params)), param)
                     held.add(id(param))
     taken.clear()
@@ -215,14 +217,21 @@ def _user_frozen_modules(model: nn.Module, frozen_params: set) -> set:
     return found
 
 
-def _remove_params(optimizer: torch.optim.Optimizer, ids: set) -> List[Tuple[int, int, Tensor]]:
+def _remove_params(optimizer: torch.optim.Optimizer, ids: set) -> List[Tuple[int, int, Tensor, Optional[str]]]:
     """Take these parameters out of the optimizer's groups and delete their state (a state
-    entry left behind would break ``optimizer.state_dict()``). Returns where each one was:
-    (group, position in the group's list before this removal, parameter)."""
+    entry left behind would break ``optimizer.state_dict()``), and their names from a group
+    built from ``named_parameters()`` (its ``param_names``: left behind, a checkpoint labelled
+    the remaining parameters' state with the frozen layers' names). Returns where each one was:
+    (group, position in the group's list before this removal, parameter, its name there or None)."""
     taken = []
     for index, group in enumerate(optimizer.param_groups):
-        taken.extend((index, position, p) for position, p in enumerate(group["params"]) if id(p) in ids)
-        group["params"] = [p for p in group["params"] if id(p) not in ids]
+        params, names = group["params"], group.get("param_names")
+        named = names is not None and len(names) == len(params)
+        taken.extend((index, position, p, names[position] if named else None)
+                     for position, p in enumerate(params) if id(p) in ids)
+        if named:
+            group["param_names"] = [n for n, p in zip(names, params) if id(p) not in ids]
+        group["params"] = [p for p in params if id(p) not in ids]
     for p in [p for p in optimizer.state if id(p) in ids]:
         del optimizer.state[p]
     return taken
@@ -873,7 +882,7 @@ class SmartFreezer:
             for p in [p for p in state if id(p) in ids]:
                 del state[p]
 
-    def _note_taken(self, optimizer: torch.optim.Optimizer, taken: List[Tuple[int, int, Tensor]]) -> None:
+    def _note_taken(self, optimizer: torch.optim.Optimizer, taken: List[Tuple[int, int, Tensor, Optional[str]]]) -> None:
         """Remember where in ``optimizer`` each frozen parameter was (by name: a parameter may be
         replaced by a like one later), so that ``close()`` gives it back there (a user who then
         sets requires_grad=True trains it with the optimizer they kept, and a checkpoint of that
@@ -881,7 +890,7 @@ class SmartFreezer:
         if taken:
             names = {id(p): n for n, p in self.module.named_parameters(remove_duplicate=False)}
             self._taken.setdefault(optimizer, []).append(
-                [(group, position, names[id(p)]) for group, position, p in taken if id(p) in names])
+                [(group, position, names[id(p)], opt_name) for group, position, p, opt_name in taken if id(p) in names])
 
     def _give_back_frozen(self) -> None:
         _give_back_frozen(self.module, self._taken, self.optimizers)

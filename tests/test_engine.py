@@ -649,3 +649,31 @@ def test_a_last_unit_of_single_numbers_is_no_head():
     assert freezer.max_frozen == 3 and freezer.freeze_to(5) == 3
     assert model.text_proj.weight.requires_grad and model.logit_scale.requires_grad
     assert not model.image_proj.weight.requires_grad
+
+
+@pytest.mark.parametrize("policy", ["static", "freezeout"])
+def test_an_optimizer_of_named_parameters_keeps_each_name_with_its_parameter(policy):
+    # torch (2.6+) keeps param_names beside params for an optimizer built from named_parameters():
+    # a freeze took the parameters out and left the names, so a checkpoint labelled the head's
+    # state with a frozen layer's name (8 names for 4 parameters)
+    from smartfrz_fast import FreezeOut
+
+    model = SmallCNN()
+    opt = torch.optim.AdamW(model.named_parameters(), lr=1e-3)
+    names = dict(model.named_parameters())
+    chosen = StaticFreeze(2, at_step=2) if policy == "static" else FreezeOut(t0=0.3)
+    freezer = SmartFreezer(model, opt, chosen, example_inputs=batch(0)[0], total_steps=8)
+
+    def consistent():
+        for group in opt.param_groups:
+            assert len(group["param_names"]) == len(group["params"])
+            assert all(names[n] is p for n, p in zip(group["param_names"], group["params"]))
+
+    train_steps(model, opt, freezer, 8)
+    assert freezer.num_frozen >= 2
+    consistent()
+    saved = opt.state_dict()["param_groups"][0]
+    assert set(saved["param_names"]) == {n for n, p in names.items() if p.requires_grad}
+    freezer.close()  # the frozen parameters go back, each with its name, in their places
+    consistent()
+    assert opt.param_groups[0]["param_names"] == list(names)

@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-_SPLIT_OWN = ("params", "lr")  # the keys a sub-group sets itself; the rest are the group's
+_SPLIT_OWN = ("params", "param_names", "lr")  # the keys a sub-group sets itself; the rest are the group's
 # flags a step never writes itself, which torch.compile sets on the groups it traces
 # (capturable=True on a CPU Adam group made its next step raise): not copied back
 _TRACING_FLAGS = ("capturable", "differentiable")
@@ -65,9 +65,13 @@ class UnitLRScaler:
             buckets: Dict[int, list] = {}
             for p in group["params"]:
                 buckets.setdefault(unit_of_param.get(id(p), -1), []).append(p)
+            names = group.get("param_names")  # a group built from named_parameters(): its names split too
+            name_of = dict(zip(map(id, group["params"]), names)) if names and len(names) == len(group["params"]) else None
             for unit, params in buckets.items():
-                sub = {k: v for k, v in group.items() if k != "params"}
+                sub = {k: v for k, v in group.items() if k not in ("params", "param_names")}
                 sub["params"] = params
+                if name_of is not None:
+                    sub["param_names"] = [name_of[id(p)] for p in params]
                 if unit >= 0:  # parameters of no unit keep the group's lr
                     sub["lr"] = group["lr"] * float(factors[unit])
                 pairs.append((sub, group))
