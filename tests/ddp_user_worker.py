@@ -7,6 +7,8 @@ Scenarios (argv[1]):
   requires_grad_(True) train the frozen layers again, their gradients averaged across the ranks.
 - ``resume_assign``: FreezableDDP; a checkpoint resumed with load_state_dict(assign=True) keeps
   the ranks in step and equals the uninterrupted run.
+- ``smartfrz_set_up_lengths``: FreezableDDP, default SmartFRZ, each rank set up on a batch of
+  another sequence length (so another FLOP share per unit): the ranks decide together.
 Each rank saves the flat parameters it ends with (and its freeze timeline) to OUT/rank<r>.pt."""
 
 import copy
@@ -18,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from smartfrz_fast import SmartFreezer, StaticFreeze
+from smartfrz_fast import SmartFreezer, SmartFRZ, StaticFreeze
 from smartfrz_fast.distributed import FreezableDDP
 from smartfrz_fast.policy.base import FreezePolicy
 
@@ -109,8 +111,36 @@ def main(scenario, out):
         freezer.load_state_dict(ckpt["freezer"])
         opt.load_state_dict(ckpt["opt"])
         train(model, opt, freezer, rank, 8, 20)
+    elif scenario == "smartfrz_set_up_lengths":
+        # each rank sets up on its own first batch, of another sequence length: the stem's share of
+        # the FLOPs (attention's grows with the length) passed min_flops_share on rank 0 only, and
+        # rank 1 stopped taking part in rank 0's decision broadcasts: a hang
+        inner = StemThenAttention()
+        model = FreezableDDP(inner)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        x = torch.randn(4, 8 if rank == 0 else 192, 12, generator=torch.Generator().manual_seed(rank))
+        freezer = SmartFreezer(model, opt, SmartFRZ(), example_inputs=x, total_steps=120, sample_every=1)
+        for _ in range(40):
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+        result["timeline"] = [(e.step, e.num_frozen) for e in freezer.timeline]
+        result["limits"] = (freezer.policy._limit, freezer.policy._shared_limit)
     result["params"] = flat(inner)
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+
+
+class StemThenAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Linear(12, 32)
+        self.layer = nn.TransformerEncoderLayer(32, 2, 64, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.head(self.layer(self.stem(x)).mean(1))
 
 
 def entry(rank, scenario, out, port):

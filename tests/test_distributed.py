@@ -81,7 +81,8 @@ def test_the_cache_under_plain_ddp_never_moves_rows_through_a_ranks_own_batch_st
     assert max_diff(r1["state"], plain["state"]) < 1e-6  # rank 1 with the cache as without it
 
 
-@pytest.mark.parametrize("scenario", ["hold_one_rank", "close_unfreeze", "close_unfreeze_cache", "resume_assign"])
+@pytest.mark.parametrize("scenario", ["hold_one_rank", "close_unfreeze", "close_unfreeze_cache", "resume_assign",
+                                      "smartfrz_set_up_lengths"])
 def test_what_the_users_code_does_under_ddp_keeps_the_ranks_in_step(scenario, tmp_path):
     # each drifted apart silently: a layer held on one rank clamped that rank's freeze alone; the
     # DDP inside FreezableDDP kept averaging only the parameters it was built over (none of the
@@ -97,6 +98,9 @@ def test_what_the_users_code_does_under_ddp_keeps_the_ranks_in_step(scenario, tm
         assert r0["frozen_layer_moved"]
     if scenario == "resume_assign":
         assert torch.equal(r0["params"], r0["uninterrupted"])
+    if scenario == "smartfrz_set_up_lengths":  # the ranks' FLOP shares differ, what they go by does not
+        assert r0["limits"][0] != r1["limits"][0] and r0["limits"][1] == r1["limits"][1]
+        assert r0["timeline"] == r1["timeline"]
 
 
 def test_ranks_with_different_settings_are_refused(tmp_path):

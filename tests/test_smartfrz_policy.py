@@ -323,6 +323,22 @@ def test_a_model_that_can_freeze_nothing_is_neither_scored_nor_snapshotted(tmp_p
     assert calls and freezer.num_frozen == 1
 
 
+
+@pytest.mark.parametrize("min_flops_share", [0.02, 0.0])
+def test_a_model_with_nothing_it_may_freeze_builds_with_the_engines_warning_alone(tmp_path, min_flops_share):
+    # keep_trainable covering every unit (linear probing): the "freeze nothing" warning blamed
+    # min_flops_share, and SmartFRZ(min_flops_share=0), as it advised, raised TypeError
+    model = SmallCNN()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                               SmartFRZ(weights=predictor_file(tmp_path / "p.pt"), min_flops_share=min_flops_share),
+                               example_inputs=batch(0)[0], total_steps=100, keep_trainable=4, window=4, sample_size=16)
+    said = [str(w.message) for w in caught]
+    assert freezer.max_frozen == 0 and any("keep_trainable=4 keeps all 4" in m for m in said)
+    assert not any("SmartFRZ will freeze nothing" in m for m in said)
+
+
 def test_without_total_steps_it_warns_and_says_what_to_pass(tmp_path):
     path = predictor_file(tmp_path / "p.pt")
     model = SmallCNN()

@@ -136,6 +136,7 @@ class SmartFRZ(FreezePolicy):
         self.freeze_attention = bool(freeze_attention)
         self.attention_stop: Optional[int] = None  # the first unit that computes attention, unless freeze_attention
         self._limit = 0  # the longest prefix this policy may freeze (set by bind)
+        self._shared_limit = 0  # the same from what every rank shares (see bind)
         self._prefix_share: Optional[torch.Tensor] = None  # [U + 1]: share of the FLOPs of each prefix length
         self.first_decision_step = 0  # set by bind() from total_steps
         # the units the policy may still freeze, from the first active one (see _scored_rows)
@@ -229,12 +230,17 @@ class SmartFRZ(FreezePolicy):
             self._prefix_share = share.to(context.device)
         if not self.freeze_attention:
             self.attention_stop = next((u.index for u in context.units if u.attention), None)
-        self._limit = context.max_frozen if self.attention_stop is None else min(context.max_frozen,
-                                                                                  self.attention_stop)
-        if share is not None and float(share[self._limit]) < self.min_flops_share:
+        longest = context.max_frozen if self.attention_stop is None else min(context.max_frozen, self.attention_stop)
+        self._limit = longest
+        if share is not None and float(share[longest]) < self.min_flops_share:
             self._limit = 0  # no prefix it may freeze holds enough of the FLOPs
-        if self._limit == 0:
+        if self._limit == 0 and context.max_frozen > 0:  # (none at all: the engine says so)
             self._warn_nothing_can_freeze(share)
+        # what decides_at() and the snapshots go by: every rank's the same. Under torch.distributed
+        # the FLOP shares come from each rank's own set-up batch (another sequence length), so a
+        # rank whose shares ruled every prefix out stopped taking part in rank 0's broadcasts: a hang
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self._shared_limit = longest if distributed else self._limit
 
     def _warn_nothing_can_freeze(self, share: Optional[torch.Tensor]) -> None:
         """A run that will never freeze (a transformer whose units before its first attention
@@ -261,9 +267,10 @@ class SmartFRZ(FreezePolicy):
     def _as_far_as_it_may(self) -> bool:
         """The frozen prefix reached the longest this policy may freeze (the engine's
         ``max_frozen``, cut at the attention stop; none at all when no such prefix holds
-        ``min_flops_share``): nothing is left to score. Scoring every unit after it went on all
-        run (4.2 ms of a 6.6 ms step on a small fine-tuned transformer)."""
-        return self.context.history.first_active >= self._limit
+        ``min_flops_share``, except under torch.distributed: see bind): nothing is left to score.
+        Scoring every unit after it went on all run (4.2 ms of a 6.6 ms step on a small
+        fine-tuned transformer). From what every rank shares (decides_at, the snapshots)."""
+        return self.context.history.first_active >= self._shared_limit
 
     def wants_snapshots(self) -> bool:
         return not self._as_far_as_it_may()
@@ -274,7 +281,7 @@ class SmartFRZ(FreezePolicy):
         (a transformer's attention layers, the kept head) change no decision; scoring them cost
         a model that freezes nothing 15 ms of a 22 ms step."""
         history = self.context.history
-        return history.rows[:self._limit - history.first_active]
+        return history.rows[:max(0, self._limit - history.first_active)]
 
     def decides_at(self, step: int) -> bool:
         # from what every rank shares (step, history.count): under DDP rank 0 broadcasts only here
@@ -298,6 +305,8 @@ class SmartFRZ(FreezePolicy):
         self._evaluated_at = history.count
         decide = step >= self.first_decision_step
         rows = self._scored_rows()
+        if rows.numel() == 0:  # (under torch.distributed, where no prefix holds min_flops_share)
+            return None
         if not decide and self.patience == 1 and self.smoothing == 1:
             # no streak or average to feed before the guard: only each unit's first window to note
             if self.settle_ratio is not None:
