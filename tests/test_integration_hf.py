@@ -229,6 +229,29 @@ def test_inputs_marked_for_grad_run_the_frozen_backward_and_say_so(hook):
     assert ran[-1] == hook  # the frozen layer's backward runs only with the hook
 
 
+
+def test_the_trainer_takes_the_input_grad_hook_off_under_non_reentrant_checkpointing(tmp_path):
+    # transformers 5's gradient_checkpointing_enable() sets enable_input_require_grads, which only
+    # reentrant checkpointing needs (refused with a freezer): the callback takes it off again, so
+    # the frozen layers' backward does not run (the hook set by hand here, as 4.x does not set it)
+    import warnings
+
+    model = tiny_bert()
+    model.enable_input_require_grads()
+    trainer = Trainer(model=model, args=training_args(tmp_path, save_strategy="no", max_steps=3,
+                                                      gradient_checkpointing=True,
+                                                      gradient_checkpointing_kwargs={"use_reentrant": False}),
+                      train_dataset=dataset())
+    callback = SmartFreezeCallback(StaticFreeze(5, at_step=1)).attach(trainer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert callback.freezer.num_frozen == 5
+    assert not any("enable_input_require_grads" in str(w.message) for w in caught)
+    embeddings = model.get_input_embeddings()
+    assert not any(getattr(h, "__name__", None) == "make_inputs_require_grads" for h in embeddings._forward_hooks.values())
+
+
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_checkpointing_the_model_really_uses_is_checked(tmp_path, reentrant):
     """Checkpointing switched on by the user on the model (not through TrainingArguments) is

@@ -109,6 +109,23 @@ def check_checkpointing(model: nn.Module) -> None:
             raise ValueError(f"{REENTRANT_ADVICE} ({type(module).__name__} checkpoints with use_reentrant=True.)")
 
 
+def release_marked_inputs(model: nn.Module) -> None:
+    """transformers 5's ``gradient_checkpointing_enable()`` also calls ``enable_input_require_grads()``,
+    which reentrant checkpointing needs (refused here, ``check_checkpointing``) and which makes the
+    backward run through every frozen layer after the embeddings: with non-reentrant checkpointing
+    the callback takes that hook off again (``disable_input_require_grads()``)."""
+    if not any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+        return
+    if callable(getattr(model, "disable_input_require_grads", None)):
+        model.disable_input_require_grads()  # transformers' own bookkeeping
+    for module in model.modules():  # and any it lost track of (set twice; on a PEFT model's base)
+        for key, hook in list(module._forward_hooks.items()):
+            if getattr(hook, "__name__", None) == "make_inputs_require_grads":
+                for hooks in (module._forward_hooks, module._forward_hooks_with_kwargs,
+                              module._forward_hooks_always_called):
+                    hooks.pop(key, None)
+
+
 class SmartFreezeCallback(TrainerCallback):
     """Progressive layer freezing inside ``transformers.Trainer``; call ``attach(trainer)``.
 
@@ -318,6 +335,7 @@ class SmartFreezeCallback(TrainerCallback):
                 "callback builds its freezer: a Trainer subclass that overrides create_optimizer_and_scheduler "
                 "must still call self.create_scheduler(num_training_steps).")
         check_checkpointing(self._trainer.model)  # enabled by the Trainer by now (4.x and 5.x alike)
+        release_marked_inputs(self._trainer.model)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.freezer.step()
