@@ -487,6 +487,56 @@ def test_the_cache_runs_compiled_blocks_and_turns_off_for_a_whole_compiled_model
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+
+def test_a_leaf_compiled_after_set_up_keeps_the_torch_fx_chain_and_its_rows(dynamo_strict):
+    # the fx chain calls leaf modules as modules (their compiled call runs): compiling one after
+    # set-up dropped every cached row and set the same chain up again, with a wrong warning
+    from smartfrz_fast.cache import ActivationCache
+
+    torch.manual_seed(0)
+    model = Looped(nn.Sequential(*[Block() for _ in range(4)], nn.Linear(WIDTH, 3)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, StaticFreeze(4, at_step=1), example_inputs=torch.randn(4, WIDTH))
+    cache = ActivationCache(freezer, num_samples=8, deterministic=True)
+    forward = cache.wrap(model)
+    xs = [torch.randn(4, WIDTH, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    for epoch in range(3):
+        if epoch == 2:
+            model.layers[0].fc1.compile(backend=CompileCounter())  # a Linear: a leaf the chain calls
+        for i, x in enumerate(xs):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no "cached rows are dropped"
+                forward(x, torch.arange(4 * i, 4 * i + 4)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+    assert cache.chain.how == "torch.fx" and cache.stats["stored"] == 8 and cache.stats["hits"] == 12
+
+
+def test_a_ddp_wrapper_compiled_in_place_runs_compiled_and_the_cache_says_off(one_rank_group, dynamo_strict):
+    # the cache runs inside DDP's forward, never through the wrapper's compiled call: ddp.compile()
+    # then ran 0 compiled graphs, with the cache on
+    from smartfrz_fast.cache import ActivationCache
+    from smartfrz_fast.distributed import FreezableDDP
+
+    torch.manual_seed(0)
+    ddp = FreezableDDP(nn.Sequential(*[Block() for _ in range(3)], nn.Linear(WIDTH, 3)))
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    freezer = SmartFreezer(ddp, opt, StaticFreeze(2, at_step=1), example_inputs=torch.randn(4, WIDTH))
+    counter = CompileCounter()
+    ddp.compile(backend=counter)
+    cache = ActivationCache(freezer, num_samples=8, deterministic=True)
+    forward = cache.wrap(ddp)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        for i in range(2):
+            forward(torch.randn(4, WIDTH), torch.arange(4 * i, 4 * i + 4)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+    assert not cache.active and "compiled" in cache.reason and counter.frame_count > 0
+
+
 class Looped(nn.Module):
     def __init__(self, layers):
         super().__init__()

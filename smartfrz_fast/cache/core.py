@@ -191,7 +191,8 @@ class ActivationCache:
         self._warned: set = set()  # kinds of warning given once already
         self.cut_note: Optional[str] = None  # why the cut is not as deep as the frozen prefix
         self._structure_changed = False  # a module or parameter registered in the model since set-up
-        # with a torch.fx chain: the model's modules, and those compiled in place at set-up
+        # with a torch.fx chain: the modules it traced through (it calls only leaf modules), and
+        # those of them compiled in place at set-up
         self._model_modules: Tuple[nn.Module, ...] = ()
         self._compiled_at_setup: Set[int] = set()
         self._handles_seen = -1  # torch's hook-handle counter when hooks were last checked
@@ -644,8 +645,8 @@ class ActivationCache:
             return
         self.chain = chain
         self._watch_structure(model)
-        if chain.how == "torch.fx":  # it runs the blocks' traced operations, not the blocks
-            self._model_modules = tuple(model.modules())
+        if chain.how == "torch.fx":  # it runs the traced operations of the modules it traced through
+            self._model_modules = tuple(m for _, m in modules_outside(model, chain) if m is not model)
             self._compiled_at_setup = {id(m) for m in self._model_modules if _compiled_in_place(m)}
         boundary = self._frozen_blocks()
         if self._resume is not None:
@@ -1756,6 +1757,12 @@ class CachedModel(nn.Module):
 
     def forward(self, inputs, sample_ids, **kwargs):
         inner, ddp = _ddp_parts(self.model)
+        if ddp is not None and _compiled_in_place(self.model):
+            # the cache runs inside DDP's forward, never through the wrapper's compiled call
+            if self.cache.enabled:
+                self.cache._disable(_COMPILED_WHOLE)
+            args, kwargs = example_call(inner, inputs, kwargs)
+            return self.model(*args, **kwargs)
 
         def cached_forward(*args, **kw):
             return self.cache.forward(inner, Inputs(args, kw), sample_ids)
