@@ -16,7 +16,10 @@
 Per run: test accuracy, training FLOPs saved, the freeze timeline, and the predictor's raw
 probabilities at every evaluation (share in 0.3-0.8, mean change between evaluations, and the
 first evaluation's probabilities: does the first decision discriminate between units?).
-One JSON line per run on stdout.
+One JSON line per run on stdout. Since 2026-12-06 SmartFRZ scores only the units it may still
+freeze (not the kept head, not attention units it stops before) and, with patience and
+smoothing 1, none before ``min_progress``: the traces hold fewer rows and evaluations than
+the runs in docs/predictor.md (decisions are the same).
 """
 
 from __future__ import annotations
