@@ -144,7 +144,7 @@ class FreezePolicy:
     def wants_snapshots(self) -> bool:
         """Whether the engine should still take weight-history snapshots (only asked when
         ``needs_history``): False once no decision can come from them. From what every rank
-        shares, like ``decides_at`` (under DDP a snapshot is a collective)."""
+        shares, like ``decides_at`` (under FSDP2 a snapshot is a collective)."""
         return True
 
     def close(self) -> None:
