@@ -116,8 +116,10 @@ def release_marked_inputs(model: nn.Module) -> None:
     the callback takes that hook off again (``disable_input_require_grads()``)."""
     if not any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
         return
-    if callable(getattr(model, "disable_input_require_grads", None)):
-        model.disable_input_require_grads()  # transformers' own bookkeeping
+    set_by_transformers = getattr(model, "_require_grads_hook", None) is not None or getattr(
+        model, "_require_grads_hooks", None)
+    if set_by_transformers and callable(getattr(model, "disable_input_require_grads", None)):
+        model.disable_input_require_grads()  # its own bookkeeping (4.x's raises when none was set)
     for module in model.modules():  # and any it lost track of (set twice; on a PEFT model's base)
         for key, hook in list(module._forward_hooks.items()):
             if getattr(hook, "__name__", None) == "make_inputs_require_grads":
