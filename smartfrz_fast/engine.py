@@ -1078,9 +1078,12 @@ class SmartFreezer:
         if not change and pairs and self._dist_kind == "fsdp2":
             change = "parameters replaced under FSDP2 (sharded parameters cannot be swapped in place)"
         if change:
+            compiled = ("A block swapped for torch.compile(block) after set-up? Compile it in place instead "
+                        "(block.compile(), or smartfrz_fast.compile.compile_blocks): the model keeps its modules and "
+                        "this freezer goes on. " if "_orig_mod" in change else "")
             raise RuntimeError(
-                f"SmartFreezer: the model changed after the freezer was set up ({change}). The freezer's units, "
-                "history and any activation cache describe the old model. Build a new SmartFreezer (and "
+                f"SmartFreezer: the model changed after the freezer was set up ({change}). {compiled}The freezer's "
+                "units, history and any activation cache describe the old model. Build a new SmartFreezer (and "
                 "optimizer) for the changed model: close() this one first. Replacing parameters with ones of "
                 "the same shape (load_state_dict(assign=True)) is fine. Training over (weights baked for saving: "
                 "remove_parametrizations, merge_and_unload)? Save the freezer's state_dict() and close() it "

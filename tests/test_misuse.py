@@ -259,6 +259,9 @@ def test_replaced_parameters_stay_frozen_train_and_are_sampled(tmp_path, how):
     (lambda m: m.conv2.register_parameter("extra", nn.Parameter(torch.zeros(3))), r"parameter\(s\) added"),
     (lambda m: setattr(m, "extra_block", nn.Linear(10, 10)), r"module\(s\) added: \['extra_block'\]"),
     (lambda m: setattr(m, "conv3", nn.Conv2d(8, 8, 3, padding=1)), r"module\(s\) replaced: \['conv3'\]"),
+    # (review32: the heavy fix alone, where compiling in place is the light one)
+    (lambda m: setattr(m, "conv2", torch.compile(m.conv2, backend="eager")),
+     r"conv2._orig_mod.*torch.compile\(block\) after set-up\? Compile it in place instead \(block.compile\(\)"),
 ])
 def test_a_changed_model_is_refused_at_the_next_step_with_the_fix(change, message):
     model = SmallCNN()
