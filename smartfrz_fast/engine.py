@@ -35,7 +35,8 @@ from torch import Tensor, nn
 from . import guards
 from .frozen import engine_hook, held_weakly, reads_its_mode, remove_handles
 from .policy.base import Decision, FreezePolicy, PolicyContext, UnitInfo, check_decision, check_prefix_length
-from .units import SHARED_PARAMETER_MODES, Unit, UnitPlan, describe_shared, discover_units, example_call, shared_groups
+from .units import (SHARED_PARAMETER_MODES, Unit, UnitPlan, describe_shared, discover_units, example_call,
+                    marks_output_for_grad, shared_groups)
 
 STATE_FORMAT = "smartfrz_fast.SmartFreezer"
 STATE_VERSION = 1
@@ -949,8 +950,7 @@ class SmartFreezer:
         if self._marked_for_grad_warned:
             return
         for unit in self.units[:target - 1]:  # a frozen unit after it: its backward runs
-            marked = next((m for m in unit.modules for h in m._forward_hooks.values()
-                           if getattr(h, "__name__", None) == "make_inputs_require_grads"), None)
+            marked = next((m for m in unit.modules for h in m._forward_hooks.values() if marks_output_for_grad(h)), None)
             if marked is None:
                 continue
             self._marked_for_grad_warned = True

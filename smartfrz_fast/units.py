@@ -205,17 +205,6 @@ class UnitPlan:
         return found
 
 
-# Fused recurrent kernels that torch's FLOP counter has no formula for (0 FLOPs made an LSTM's
-# units free: nothing to save by freezing them): op name -> its weight matrices from the args.
-# On the CPU, nn.LSTM runs oneDNN's one-layer kernel; on CUDA, LSTM, GRU and RNN run cuDNN's,
-# whose second argument lists every layer's and direction's weights.
-_FUSED_RNN_WEIGHTS = {
-    "mkldnn_rnn_layer": lambda args: args[1:3],  # (input, w_ih, w_hh, b_ih, b_hh, ...)
-    "_cudnn_rnn": lambda args: args[1],  # (input, weights, ...)
-    "miopen_rnn": lambda args: args[1],
-}
-
-
 def _rnn_flops(input: Any, weights: Sequence[Any]) -> int:
     """Forward FLOPs of a recurrent layer's gate products: 2 per weight of every matrix, for
     every token (the input's rows; a packed sequence is one row per token). Every layer and
@@ -224,7 +213,6 @@ def _rnn_flops(input: Any, weights: Sequence[Any]) -> int:
         return 0
     tokens = input.numel() // max(1, input.shape[-1])
     return 2 * tokens * sum(w.numel() for w in weights if isinstance(w, torch.Tensor) and w.dim() == 2)
-
 
 
 def _attention_flops(query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> int:
@@ -236,37 +224,34 @@ def _attention_flops(query: Any, key: Any, value: Any, *args: Any, **kwargs: Any
     return 2 * rows * query.shape[-2] * key.shape[-2] * (query.shape[-1] + value.shape[-1])
 
 
-def _broadcast_product_flops(*tensors: Any) -> int:
-    """A multiply-accumulate per element of the inputs' broadcast shape (nn.Bilinear's
-    ``_trilinear``: x1ᵢ·Wₒᵢⱼ·x2ⱼ for every output o, i and j)."""
-    shapes = [t.shape for t in tensors if isinstance(t, torch.Tensor)]
-    try:
-        numel = torch.Size(torch.broadcast_shapes(*shapes)).numel() if shapes else 0
-    except RuntimeError:
-        return 0
-    return 2 * numel
-
-
 def _trilinear_flops(i1: Any, i2: Any, i3: Any, expand1: Sequence[int], expand2: Sequence[int],
                      expand3: Sequence[int], *args: Any, **kwargs: Any) -> int:
-    def expanded(t, dims):
-        for d in sorted(dims):
-            t = t.unsqueeze(d)
-        return t
-
+    """nn.Bilinear's op: a multiply-accumulate per element of the three inputs' broadcast shape,
+    once each is unsqueezed at its ``expand`` dims (x1ᵢ·Wₒᵢⱼ·x2ⱼ for every output o, i and j)."""
     try:
-        return _broadcast_product_flops(*(expanded(t, dims) for t, dims in ((i1, expand1), (i2, expand2), (i3, expand3))))
-    except (RuntimeError, IndexError, TypeError):
+        shapes = []
+        for t, dims in ((i1, expand1), (i2, expand2), (i3, expand3)):
+            for d in sorted(dims):
+                t = t.unsqueeze(d)
+            shapes.append(t.shape)
+        return 2 * torch.Size(torch.broadcast_shapes(*shapes)).numel()
+    except (RuntimeError, IndexError, TypeError, AttributeError):
         return 0
 
 
 # Ops with a multiply-accumulate cost that torch's FLOP counter has no formula for (they counted
-# 0 FLOPs): op name -> FLOPs from the op's arguments. On the CPU F.scaled_dot_product_attention
-# runs its own flash kernel (nn.MultiheadAttention, nn.TransformerEncoderLayer, timm's and
-# Hugging Face's sdpa attention): its score and value products counted nothing there, while on
-# a GPU torch's formulas count them, so a transformer's prefix shares (and SmartFRZ's
-# min_flops_share test) differed by device.
+# 0 FLOPs): op name -> FLOPs from the op's arguments.
+# - Fused recurrent kernels (0 FLOPs made an LSTM's units free: nothing to save by freezing
+#   them). On the CPU, nn.LSTM runs oneDNN's one-layer kernel; on CUDA, LSTM, GRU and RNN run
+#   cuDNN's, whose second argument lists every layer's and direction's weights.
+# - On the CPU F.scaled_dot_product_attention runs its own flash kernel (nn.MultiheadAttention,
+#   nn.TransformerEncoderLayer, timm's and Hugging Face's sdpa attention): its score and value
+#   products counted nothing there, while on a GPU torch's formulas count them, so a
+#   transformer's prefix shares (and SmartFRZ's min_flops_share test) differed by device.
 _EXTRA_FLOP_FORMULAS = {
+    "mkldnn_rnn_layer": lambda *a, **k: _rnn_flops(a[0], a[1:3]),  # (input, w_ih, w_hh, b_ih, b_hh, ...)
+    "_cudnn_rnn": lambda *a, **k: _rnn_flops(a[0], a[1]),  # (input, weights, ...)
+    "miopen_rnn": lambda *a, **k: _rnn_flops(a[0], a[1]),
     "_scaled_dot_product_flash_attention_for_cpu": _attention_flops,
     "_scaled_dot_product_fused_attention_overrideable": _attention_flops,
     "mv": lambda mat, vec, *a, **k: 2 * mat.numel(),
@@ -275,6 +260,18 @@ _EXTRA_FLOP_FORMULAS = {
     "vdot": lambda a, b, *rest, **k: 2 * a.numel(),
     "_trilinear": _trilinear_flops,
 }
+
+
+def compiled_in_place(module: nn.Module) -> bool:
+    """``module.compile()`` ran on it (as ``compile_blocks`` does): its calls run a compiled graph."""
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
+def marks_output_for_grad(hook: Any) -> bool:
+    """Hugging Face's ``enable_input_require_grads`` hook (gradient checkpointing, adapters) on
+    the input embeddings: it only sets ``requires_grad`` on their output."""
+    return getattr(hook, "__name__", None) == "make_inputs_require_grads"
+
 
 class _ForwardTracer(TorchDispatchMode):
     """Records every read of each watched tensor (and of its views), the innermost module call
@@ -423,12 +420,8 @@ class _ForwardTracer(TorchDispatchMode):
         if count is not None:
             self.op_flops.append(int(count(*args, **kwargs, out_val=out)))
         else:
-            name = func._overloadpacket.__name__
-            fused, formula = _FUSED_RNN_WEIGHTS.get(name), _EXTRA_FLOP_FORMULAS.get(name)
-            if fused is not None:
-                self.op_flops.append(_rnn_flops(args[0], fused(args)))
-            else:
-                self.op_flops.append(int(formula(*args, **kwargs)) if formula is not None else 0)
+            formula = _EXTRA_FLOP_FORMULAS.get(func._overloadpacket.__name__)
+            self.op_flops.append(int(formula(*args, **kwargs)) if formula is not None else 0)
         self._track(func, op_index, tensors, bool(names) or fixed is not None, out)
         if len(names) == 1 and isinstance(out, torch.Tensor) and _aliases(out, *names.values()):
             # a view of a parameter (``weight.t()`` inside ``F.linear``): the op that reads the
@@ -739,8 +732,7 @@ def compiled_modules_run_eagerly(model: nn.Module) -> Iterator[None]:
     mode (the tracers here), a compiled block or function is not compiled, and dynamo marks its
     code to be skipped for the rest of the process: what the user compiled would silently run
     eagerly ever after."""
-    compiled = [(m, m._compiled_call_impl) for m in model.modules()
-                if getattr(m, "_compiled_call_impl", None) is not None]
+    compiled = [(m, m._compiled_call_impl) for m in model.modules() if compiled_in_place(m)]
     for m, _ in compiled:
         m._compiled_call_impl = None
     set_stance = getattr(torch.compiler, "set_stance", None)

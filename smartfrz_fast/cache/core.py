@@ -39,7 +39,7 @@ from torch.utils.hooks import RemovableHandle
 from ..distributed import FreezableDDP, _is_fsdp1, _is_fsdp2, check_ddp
 from ..frozen import held_weakly, mode_blind, remove_handles
 from ..guards import warn_in_every_run
-from ..units import example_call, preserved_modes, preserved_state
+from ..units import compiled_in_place, example_call, preserved_modes, preserved_state
 from .split import (SWAP, BlockChain, Inputs, block_modules, captured_outputs, find_blocks, hooked_modules,
                     modules_outside, rows_need_grad, skipped_hooks)
 from .swap import UntracedCall, holds_tensors
@@ -191,10 +191,7 @@ class ActivationCache:
         self._warned: set = set()  # kinds of warning given once already
         self.cut_note: Optional[str] = None  # why the cut is not as deep as the frozen prefix
         self._structure_changed = False  # a module or parameter registered in the model since set-up
-        # with a torch.fx chain: the modules it traced through (it calls only leaf modules), and
-        # those of them compiled in place at set-up
-        self._model_modules: Tuple[nn.Module, ...] = ()
-        self._compiled_at_setup: Set[int] = set()
+        self._compiled_at_setup: Set[int] = set()  # modules the chain does not call, compiled at set-up
         self._handles_seen = -1  # torch's hook-handle counter when hooks were last checked
         self._rows_grad: Tuple[Any, bool] = (None, False)  # (chain, cut, hook counter), rows_need_grad
         self._outside: Tuple[Optional[BlockChain], list] = (None, [])  # (chain, modules it does not call)
@@ -490,15 +487,15 @@ class ActivationCache:
                          "stats['bypassed']): the cache looks its rows up by the ids' values, which a transform "
                          "hides. Call the cached model outside the transform, or the transform on the model itself.")
             return model(*inputs.args, **inputs.kwargs)
-        if self.enabled and _compiled_in_place(model):
+        if self.enabled and compiled_in_place(model):
             self._disable(_COMPILED_WHOLE)  # model.compile(): its compiled graph calls neither the chain nor stand-ins
         if self.enabled and getattr(self.freezer, "_closed", False):  # its prefix is no longer held in eval: rows would be stale
             self._disable("its SmartFreezer was closed: the frozen prefix's norm and dropout layers follow "
                           "model.train() again, so rows made in eval mode no longer match it; the whole model runs")
         if self._structure_changed:
             self._rederive()
-        elif self.chain is not None and self.chain.how == "torch.fx" and any(
-                _compiled_in_place(m) and id(m) not in self._compiled_at_setup for m in self._model_modules):
+        elif self.enabled and self.chain is not None and self.chain.how == "torch.fx" and any(
+                compiled_in_place(m) and id(m) not in self._compiled_at_setup for _, m in self._outside[1]):
             self._rederive("a block was compiled in place after the cache set up its torch.fx chain (compile_blocks, "
                            "module.compile()), and the chain runs the blocks' traced operations, never the compiled "
                            "blocks: the cache sets up again (the module swap runs compiled blocks)")
@@ -645,9 +642,9 @@ class ActivationCache:
             return
         self.chain = chain
         self._watch_structure(model)
-        if chain.how == "torch.fx":  # it runs the traced operations of the modules it traced through
-            self._model_modules = tuple(m for _, m in modules_outside(model, chain) if m is not model)
-            self._compiled_at_setup = {id(m) for m in self._model_modules if _compiled_in_place(m)}
+        if chain.how == "torch.fx":  # it calls only leaf modules: the code of the others runs traced
+            self._outside = (chain, modules_outside(model, chain))
+            self._compiled_at_setup = {id(m) for _, m in self._outside[1] if compiled_in_place(m)}
         boundary = self._frozen_blocks()
         if self._resume is not None:
             state, self._resume = self._resume, None
@@ -1680,11 +1677,6 @@ _COMPILED_WHOLE = ("the model is torch.compile'd as a whole (torch.compile(model
                    "freeze), before the cache's first forward: the cache then runs the compiled blocks")
 
 
-def _compiled_in_place(module: nn.Module) -> bool:
-    """``module.compile()`` ran on it (as ``compile_blocks`` does): its calls run a compiled graph."""
-    return getattr(module, "_compiled_call_impl", None) is not None
-
-
 class SideInputs:
     """Per-sample inputs that layers read besides the activation (attention mask, position ids),
     kept by sample id next to the cached rows so that rows can be pushed through newly frozen
@@ -1757,17 +1749,16 @@ class CachedModel(nn.Module):
 
     def forward(self, inputs, sample_ids, **kwargs):
         inner, ddp = _ddp_parts(self.model)
-        if ddp is not None and _compiled_in_place(self.model):
+        args, kwargs = example_call(inner, inputs, kwargs)
+        if ddp is not None and compiled_in_place(self.model):
             # the cache runs inside DDP's forward, never through the wrapper's compiled call
             if self.cache.enabled:
                 self.cache._disable(_COMPILED_WHOLE)
-            args, kwargs = example_call(inner, inputs, kwargs)
             return self.model(*args, **kwargs)
 
         def cached_forward(*args, **kw):
             return self.cache.forward(inner, Inputs(args, kw), sample_ids)
 
-        args, kwargs = example_call(inner, inputs, kwargs)
         if ddp is None:
             return cached_forward(*args, **kwargs)
         # FreezableDDP's rewrap at a freeze copies rank 0's buffers before the rows move

@@ -29,7 +29,8 @@ from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from ..units import compiled_modules_run_eagerly, host_draws_at, preserved_modes, preserved_rngs, preserved_state
+from ..units import (compiled_modules_run_eagerly, host_draws_at, marks_output_for_grad, preserved_modes,
+                     preserved_rngs, preserved_state)
 from .swap import SWAP, _DropoutOff, buffers_now, draws_at, not_reproducible, tensor_trees_match
 
 
@@ -655,13 +656,6 @@ def modules_outside(model: nn.Module, chain: BlockChain) -> List[Tuple[str, nn.M
 _WEIGHT_HOOKS = (SpectralNorm, WeightNorm, BasePruningMethod)
 
 
-def _marks_output_for_grad(hook: Any) -> bool:
-    """Hugging Face's ``enable_input_require_grads`` hook (gradient checkpointing, adapters) on
-    the input embeddings: it only sets ``requires_grad`` on their output. The cache does the
-    same to the rows it serves (``rows_need_grad``) instead of cutting before it."""
-    return getattr(hook, "__name__", None) == "make_inputs_require_grads"
-
-
 def _captures_outputs(hook: Any) -> bool:
     """transformers' (5.x) hooks that collect ``output_hidden_states`` / ``output_attentions``:
     they do nothing unless a forward asks for those outputs, and the cache runs such a forward
@@ -694,11 +688,13 @@ def _user_hooks(m: nn.Module, forward_only: bool = False) -> bool:
     backward hooks unless ``forward_only``. Not the user's: the engine's frozen-prefix hooks
     (``frozen.engine_hook``), torch's old-style ``spectral_norm``/``weight_norm`` and
     ``torch.nn.utils.prune``, whose pre-hooks only recompute the layer's weight from its own
-    parameters and buffers, and transformers' output-collecting hooks (``_captures_outputs``)."""
+    parameters and buffers, Hugging Face's ``enable_input_require_grads`` hook (the rows served in
+    its module's place require grad instead: ``rows_need_grad``) and transformers'
+    output-collecting hooks (``_captures_outputs``)."""
     hooks = (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
     if not forward_only:
         hooks += (*m._backward_hooks.values(), *m._backward_pre_hooks.values())
-    return any(not (getattr(h, "engine_hook", False) or isinstance(h, _WEIGHT_HOOKS) or _marks_output_for_grad(h)
+    return any(not (getattr(h, "engine_hook", False) or isinstance(h, _WEIGHT_HOOKS) or marks_output_for_grad(h)
                     or _captures_outputs(h))
                for h in hooks)
 
@@ -724,7 +720,7 @@ def rows_need_grad(blocks: Sequence[Block]) -> bool:
     """A module of ``blocks`` carries Hugging Face's hook that marks its output as requiring
     grad: rows served in their place must require grad too (reentrant checkpointing of the
     trainable layers after them needs an input that does)."""
-    return any(_marks_output_for_grad(h) for block in blocks for m in block_modules(block)
+    return any(marks_output_for_grad(h) for block in blocks for m in block_modules(block)
                for h in m._forward_hooks.values())
 
 

@@ -64,6 +64,7 @@ from ..cache import ActivationCache, CachedModel, IndexedDataset
 from ..distributed import check_ddp_settings
 from ..engine import SmartFreezer, _unwrapped
 from ..policy.base import FreezePolicy
+from ..units import marks_output_for_grad
 from . import check_callback_args, move_to_device, split_example_inputs
 
 CHECKPOINT_FILE = "smartfrz_freezer.pt"
@@ -122,7 +123,7 @@ def release_marked_inputs(model: nn.Module) -> None:
         model.disable_input_require_grads()  # its own bookkeeping (4.x's raises when none was set)
     for module in model.modules():  # and any it lost track of (set twice; on a PEFT model's base)
         for key, hook in list(module._forward_hooks.items()):
-            if getattr(hook, "__name__", None) == "make_inputs_require_grads":
+            if marks_output_for_grad(hook):
                 for hooks in (module._forward_hooks, module._forward_hooks_with_kwargs,
                               module._forward_hooks_always_called):
                     hooks.pop(key, None)

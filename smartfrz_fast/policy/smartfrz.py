@@ -294,7 +294,7 @@ class SmartFRZ(FreezePolicy):
 
     def decide(self, step: int, frozen: int) -> Optional[Decision]:
         history = self.context.history
-        if not history.full or history.rows.numel() == 0 or self._as_far_as_it_may():
+        if not history.full or self._as_far_as_it_may():  # (every unit frozen is as far too)
             return None
         if self.evaluate_every is not None and step % self.evaluate_every:
             return None
@@ -307,8 +307,8 @@ class SmartFRZ(FreezePolicy):
         rows = self._scored_rows()
         if rows.numel() == 0:  # (under torch.distributed, where no prefix holds min_flops_share)
             return None
-        if not decide and self.patience == 1 and self.smoothing == 1:
-            # no streak or average to feed before the guard: only each unit's first window to note
+        memoryless = self.patience == 1 and self.smoothing == 1  # no streak or average to keep
+        if not decide and memoryless:  # before the guard: only each unit's first window to note
             if self.settle_ratio is not None:
                 self._settled(rows)
             return None
@@ -318,7 +318,7 @@ class SmartFRZ(FreezePolicy):
         prob, prefix = ops.predict(history.history, history.cursor, rows, history.valid,
                                    self._weights, self.threshold, self.input_gain, self.sort_inputs)
         self.last_rows, self.last_probabilities, self.last_smoothed = rows, prob, prob
-        if self.patience == 1 and self.smoothing == 1 and self.settle_ratio is None:
+        if memoryless and self.settle_ratio is None:
             return self._worth_freezing(prefix + history.first_active)
         if self.settle_ratio is not None:  # not freezable while the unit still moves as at its start
             prob = torch.where(self._settled(rows), prob, torch.zeros_like(prob))
