@@ -1267,6 +1267,7 @@ class ActivationCache:
         the module-swap chain, the deepest of those cuts that passes its check. Sets
         ``cut_note``: why the cut is not deeper, when something the user can act on stops it."""
         count, stopped_by, hooked, in_train = 0, None, None, None
+        held = self._held_in_eval()
         for block in self.chain.blocks[:-1]:
             trainable = [p for p in block.parameters() if p.requires_grad]
             if trainable:
@@ -1275,7 +1276,7 @@ class ActivationCache:
             hooked = hooked_modules(block)
             if hooked:
                 break
-            in_train = next((m for m in self._modes_not_held(block) if m.training), None)
+            in_train = next((m for m in self._modes_not_held(block, held) if m.training), None)
             if in_train is not None:
                 break
             count += 1
@@ -1315,16 +1316,19 @@ class ActivationCache:
                 self.cut_note = "nothing is frozen yet (the cache serves the frozen prefix once the freezer freezes one)"
         if self.enabled:  # while nothing is cached, cache.reason says why
             self.reason = self.cut_note if count == 0 else None
-        self._modes_kept = [m for b in self.chain.blocks[:count] for m in self._modes_not_held(b)]
+        self._modes_kept = [m for b in self.chain.blocks[:count] for m in self._modes_not_held(b, held)]
         return count
 
-    def _modes_not_held(self, block) -> List[nn.Module]:
-        """Modules of ``block`` that read their mode and that the freezer's frozen region does not
-        hold in eval (layers the user froze, parameter-free layers after the prefix). The cache
-        runs them in eval mode: right only while they are in eval mode anyway, which each
-        forward checks for those of the cached blocks (``_modes_kept``)."""
+    def _held_in_eval(self) -> Set[int]:
+        """Ids of the modules the freezer's frozen region holds in eval mode."""
         region = getattr(self.freezer, "_region", None)
-        held = set() if region is None else {id(m) for m in region.always} | {id(m) for m in region.partly}
+        return set() if region is None else {id(m) for m in region.always} | {id(m) for m in region.partly}
+
+    def _modes_not_held(self, block, held: Set[int]) -> List[nn.Module]:
+        """Modules of ``block`` that read their mode and that the freezer's frozen region does not
+        hold in eval (``held``, ``_held_in_eval``: layers the user froze, parameter-free layers
+        after the prefix). The cache runs them in eval mode: right only while they are in eval
+        mode anyway, which each forward checks for those of the cached blocks (``_modes_kept``)."""
         # no forward (a holder of attributes) or a torch.fx segment's generated one (a trace that
         # depends on the mode is refused): no mode is read
         return [m for m in block_modules(block) if id(m) not in held and not mode_blind(m)
