@@ -360,19 +360,25 @@ class SmartFRZ(FreezePolicy):
     def _settled(self, rows: torch.Tensor) -> torch.Tensor:
         """``[R]`` bool per unit of ``rows``: its movement over the window (newest minus oldest
         snapshot, over its valid positions) is at most ``settle_ratio`` times its first
-        window's, recorded at its first evaluation. Device ops only."""
+        window's. The first window is the first one in which the unit moved from every snapshot
+        to the next: a unit the user's code held frozen (a warm-up of the head, gradual
+        unfreezing) or that no gradient reached yet (behind a gate initialised to 0) did not
+        train, so it is not settled, and a movement of 0 as its reference would hold it back for
+        good. Device ops only."""
         history = self.context.history
         h, t = history.history, history.window
-        slots = torch.stack([torch.remainder(history.cursor - 1, t), torch.remainder(history.cursor, t)])
-        ends = h.index_select(1, slots).index_select(0, rows)  # [R, 2, K]: newest, oldest
+        oldest_first = torch.remainder(history.cursor + torch.arange(t, device=h.device), t)
+        window = h.index_select(0, rows).index_select(1, oldest_first)  # [R, T, K]
         valid = history.valid.to(h.device).index_select(0, rows)
-        mask = torch.arange(h.shape[2], device=h.device)[None, :] < valid[:, None]
-        move = torch.where(mask, ends[:, 0] - ends[:, 1], torch.zeros_like(ends[:, 0])).norm(dim=1)
+        mask = (torch.arange(h.shape[2], device=h.device)[None, :] < valid[:, None])[:, None, :]
+        steps = torch.where(mask, window[:, 1:] - window[:, :-1], torch.zeros_like(window[:, 1:]))  # [R, T-1, K]
+        trained_throughout = (steps.abs().amax(dim=2) > 0).all(dim=1)
+        move = steps.sum(dim=1).norm(dim=1)
         self._first_move = self._state_tensor(self._first_move, h.shape[0], float("nan"), torch.float32, h.device)
         first = self._first_move.index_select(0, rows)
-        first = torch.where(first.isnan(), move, first)
+        first = torch.where(first.isnan() & trained_throughout, move, first)
         self._first_move.index_copy_(0, rows, first)
-        return move <= self.settle_ratio * first
+        return move <= self.settle_ratio * first  # False while first is NaN
 
     @staticmethod
     def _state_tensor(t: Optional[torch.Tensor], units: int, fill, dtype, device) -> torch.Tensor:
