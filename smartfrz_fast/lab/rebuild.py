@@ -14,9 +14,10 @@ is not finished, and is made again):
    (``all.pt``, with the held-out metrics in its provenance). Starts once stage 1 is complete.
 3. ``evaluate``: the evaluation networks (``EVAL_SPECS``, plus one zoo run per family from
    scratch and one fine-tuned, scored by the predictors that never saw their family) trained
-   with every policy, back to back, one JSON line per run (``OUT/eval.jsonl``); full training
+   with every policy, back to back, one JSON line per run (``OUT/eval-<shard>.jsonl``); full training
    and SmartFRZ also on a second seed.
-4. ``table``: ``OUT/policy_comparison.md`` (the oracle column from the trials).
+4. ``table``: ``OUT/policy_comparison.md`` (the oracle column from the trials), written by the shard
+   that finds every evaluation row there.
 
 Nothing here replaces the shipped weights: compare ``OUT/predictors/*/all.pt``'s leave-one-
 family-out metrics with the shipped file's, and copy by hand if better (``docs/predictor.md``).
@@ -40,11 +41,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..history import SAMPLING
-from ..predictor.model import load_predictor
+from ..predictor.model import PredictorWeightsError, load_predictor
 from .evaluate import TABLE_COLUMNS, build_policy, latest_rows, policy_settings, train_with_policy, write_table
 from .labels import SEARCH, LabelSource, RecordingError, Tolerance, load_recording, read_trials
 from .train import leave_one_out, run_pipeline
-from .trials import DEFAULT_STRIDE, OutOfTime, Trials
+from .trials import DEFAULT_STRIDE, OutOfTime, Trials, append_line, drop_torn_tail
 from .zoo import EVAL_SPECS, RunSpec, zoo_specs
 
 STAGES = ("trials", "predictors", "evaluate", "table")
@@ -170,8 +171,9 @@ class Rebuild:
                 continue
             self._check_time(f"evaluating {spec.name} with {policy}")
             row = dict(train_with_policy(spec, policy, weights), finished=round(time.time(), 1))
-            with open(self.out / f"eval-{self.shard[0]}.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            path = self.out / f"eval-{self.shard[0]}.jsonl"
+            drop_torn_tail(path)  # the half line of a run killed while writing: that run was redone
+            append_line(path, row)
             self.log(json.dumps({k: v for k, v in row.items() if k != "timeline"}))
         self.write_progress()
         return True
@@ -191,13 +193,15 @@ class Rebuild:
         return next(n for n in self.networks if n.name == spec.name or second_seed(n).name == spec.name)
 
     def table(self) -> bool:
-        if self.shard[0] != 0:
-            return True
+        """The table, once every scheduled row is there (rows of today's runs, made with today's
+        settings): whichever shard finishes last writes it (a shard done first wrote a table
+        without the other's rows)."""
         scheduled = {(spec.name, policy): weights for spec, policy, weights in self._runs_to_evaluate()}
-        rows = [row for key, row in self._eval_rows().items()  # rows of today's runs, made with today's settings
+        rows = [row for key, row in self._eval_rows().items()
                 if key in scheduled and not self._stale(row, key[1], scheduled[key])]
-        if not rows:
-            self.log("table: no evaluation runs yet")
+        if len(rows) < len(scheduled):
+            self.log(f"table: waiting for {len(scheduled) - len(rows)} of {len(scheduled)} evaluation runs "
+                     "(another shard's, or this one's next time)")
             return False
         for spec in self.networks:  # the hindsight oracle of each network, from its trials
             reference, _, other = read_trials(self.out / "trials" / f"{spec.name}.jsonl")
@@ -208,14 +212,17 @@ class Rebuild:
             if oracle is not None and "accuracy" in oracle:
                 rows.append({"network": spec.name, "policy": "oracle", "accuracy": oracle["accuracy"],
                              "flops_saved": oracle["flops_saved"]})
-        write_table(rows, self.out / "policy_comparison.md", note=(
+        path = self.out / "policy_comparison.md"
+        tmp = path.with_name(f"{path.name}.{self.shard[0]}.tmp")  # two shards may finish together
+        write_table(rows, tmp, note=(
             f"Made by `python -m smartfrz_fast.lab.rebuild`. `smartfrz-unseen-<labels>`: the predictor trained "
             f"without the network's family on CKA or freezing-trial labels; `oracle`: the hindsight schedule of "
             f"the freezing trials (each prefix at its earliest safe step, {self.tolerance.describe()}; no wall "
             f"time: it is not a policy one can run)."))
-        with open(self.out / "policy_comparison.md", "a") as f:
+        with open(tmp, "a") as f:
             f.write("\n".join(["", *self.goal_lines(rows)]) + "\n")
-        self.log(f"wrote {self.out / 'policy_comparison.md'}")
+        tmp.replace(path)
+        self.log(f"wrote {path}")
         return True
 
     @staticmethod
@@ -338,8 +345,17 @@ class Rebuild:
     @staticmethod
     def _predictor_current(path: Path) -> bool:
         """A predictor file is there and was trained on histories sampled as the engine samples
-        now (older ones are retrained, and the evaluation rows made with them redone)."""
-        return path.exists() and load_predictor(path).history_sampling == SAMPLING
+        now (older ones are retrained, and the evaluation rows made with them redone). A file
+        that does not load (cut short by a disk that filled up, from another version) is
+        retrained too: it is the rebuild's own output."""
+        if not path.exists():
+            return False
+        try:
+            return load_predictor(path).history_sampling == SAMPLING
+        except PredictorWeightsError:
+            print(f"rebuild: {path} does not load (cut short, corrupt or of another version): training it again",
+                  file=sys.stderr)
+            return False
 
     def _trial_status(self, spec: RunSpec) -> tuple:
         reference, branches, other = read_trials(self.out / "trials" / f"{spec.name}.jsonl")
@@ -356,6 +372,9 @@ class Rebuild:
         left = len(status) - len(finished)
         eval_left = sum(1 for spec, policy, _ in self._runs_to_evaluate()
                         if (spec.name, policy) not in self._eval_rows())
+        table = "not yet"
+        if (self.out / "policy_comparison.md").exists():
+            table = "written" if eval_left == 0 else "an older one, remade once every evaluation run is there"
         lines = ["# Rebuild progress", "",
                  f"Updated {time.strftime('%Y-%m-%d %H:%M:%S')}, {torch.get_num_threads()} thread(s).", "",
                  f"- trials: {len(finished)}/{len(status)} runs finished, {sum(st[1] for st in status)} branches "
@@ -365,7 +384,7 @@ class Rebuild:
                  f"- predictors: " + ", ".join(f"{s}: {len(list((self.out / 'predictors' / s).glob('*.pt')))}"
                                                f"/{len(self.families) + 1}" for s in self.sources),
                  f"- evaluate: {len(self._runs_to_evaluate()) - eval_left}/{len(self._runs_to_evaluate())} runs",
-                 f"- table: {'written' if (self.out / 'policy_comparison.md').exists() else 'not yet'}", "",
+                 f"- table: {table}", "",
                  "| run | trials finished | branches | CPU seconds |", "|---|---|---|---|"]
         lines += [f"| {s.name} | {'yes' if st[0] else 'no'} | {st[1]} | {st[2]:.0f} |"
                   for s, st in zip(self.trial_specs, status)]

@@ -135,14 +135,15 @@ def continue_run(spec: RunSpec, state: Dict[str, Any], schedule: Sequence[Tuple[
     return result
 
 
-def _append(path: Path, row: Dict[str, Any]) -> None:
+def append_line(path: Path, row: Dict[str, Any]) -> None:
+    """Append one JSON line, on disk before it returns."""
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
 
-def _drop_torn_tail(path: Path) -> None:
+def drop_torn_tail(path: Path) -> None:
     """A job killed while appending leaves a partial last line: cut it, so the next append
     starts on a line of its own (that branch is simply run again)."""
     if not path.exists():
@@ -234,9 +235,13 @@ class Trials:
         prefix k at snapshot j (a snapshot is taken after ``(j + 1) * sample_every`` steps)."""
         return [((b + 1) * self.every, i + 1) for i, b in enumerate(before)] + [((j + 1) * self.every, k)]
 
-    def _branch(self, k: int, j: int, before: Tuple[int, ...], reference: Dict[str, Any]) -> Dict[str, Any]:
+    def _check_time(self, what: str) -> None:
+        """No new training run (a branch, the unbranched run) starts after the deadline."""
         if self.deadline is not None and time.time() > self.deadline:
-            raise OutOfTime(f"{self.spec.name}: time budget spent before branch (k={k}, snapshot {j})")
+            raise OutOfTime(f"{self.spec.name}: time budget spent before {what}")
+
+    def _branch(self, k: int, j: int, before: Tuple[int, ...], reference: Dict[str, Any]) -> Dict[str, Any]:
+        self._check_time(f"branch (k={k}, snapshot {j})")
         if self._checkpoints is None:
             self._unbranched(reference)
         schedule = self.schedule(k, j, before)
@@ -246,7 +251,7 @@ class Trials:
         # wall time depends on the machine's load; CPU time (1 thread) is what a rerun costs
         row = {"kind": "branch", "k": k, "snapshot": j, "step": schedule[-1][0], "before": list(before), **result,
                "seconds": round(time.perf_counter() - t0, 2), "cpu_seconds": round(time.process_time() - cpu, 2)}
-        _append(self.path, row)
+        append_line(self.path, row)
         self.branches_run += 1
         ok = self.tolerance.safe(row, reference)
         self.log(f"{self.spec.name}: prefix {k} at step {row['step']}/{self.spec.steps}: accuracy "
@@ -258,7 +263,7 @@ class Trials:
         """Search every prefix's earliest safe step, measure the oracle schedule, and return the
         ``search-done`` row (also appended). Already finished work is read back, not redone."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _drop_torn_tail(self.path)
+        drop_torn_tail(self.path)
         reference, branches, other = read_trials(self.path)
         if reference is not None and reference.get("spec") != self.spec.as_dict():
             raise TrialResultsError(f"{self.path} holds the trials of {reference.get('spec')}, not of "
@@ -270,12 +275,14 @@ class Trials:
                 if self.recording is not None and not self.recording.exists():
                     # a fresh checkout has the results, not the recordings; the histories only need
                     # the same run, which another CPU's rounding reproduces closely, not bit for bit
+                    self._check_time("recording the unbranched run again")
                     self._unbranched(reference, exact=False)
                 return row
         t0 = time.perf_counter()
         if reference is None:
+            self._check_time("the unbranched run")
             reference = self._unbranched(None)
-            _append(self.path, reference)
+            append_line(self.path, reference)
         known = trial_safety(branches, reference, self.tolerance)
         rows = dict(branches)
 
@@ -298,12 +305,12 @@ class Trials:
         else:
             oracle = {"accuracy": reference["accuracy"], "loss": reference["loss"], "frozen": 0,
                       "flops_saved": 0.0, "schedule": []}
-        _append(self.path, {**oracle, "kind": "oracle"})
+        append_line(self.path, {**oracle, "kind": "oracle"})
         done = {"kind": "search-done", **settings, "earliest": earliest, "candidates": self.candidates,
                 "branches": len(read_trials(self.path)[1]),
                 "oracle_accuracy_change_points": round(100 * (oracle["accuracy"] - reference["accuracy"]), 3),
                 "oracle_flops_saved": oracle["flops_saved"], "seconds": round(time.perf_counter() - t0, 1)}
-        _append(self.path, done)
+        append_line(self.path, done)
         self.log(f"{self.spec.name}: earliest safe snapshots {earliest}; oracle "
                  f"{done['oracle_accuracy_change_points']:+.2f} points, {100 * oracle['flops_saved']:.1f} % FLOPs saved "
                  f"({self.branches_run} new branches, {done['branches']} in all)")

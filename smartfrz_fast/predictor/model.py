@@ -82,7 +82,15 @@ def save_predictor(model: AttentionPredictor, path: Union[str, Path], provenance
     blob = {"format": WEIGHTS_FORMAT, "version": WEIGHTS_VERSION, "config": asdict(model.config),
             "state_dict": state, "provenance": provenance}
     blob["digest"] = _digest(blob)
-    torch.save(blob, path)
+    # atomically: a job killed while writing leaves the old file or none, never a torn one
+    # (which every later load refuses: a resumed rebuild stopped on it)
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # own name: shards may write at once
+    try:
+        torch.save(blob, tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _digest(blob: Dict[str, Any]) -> str:
