@@ -564,3 +564,48 @@ def test_weights_trained_on_another_history_sampling_warn(tmp_path):
         SmartFRZ(weights=predictor_file(tmp_path / "unsaid.pt"))
         save_predictor(AttentionPredictor(CONFIG), tmp_path / "now.pt", {"history_sampling": SAMPLING})
         SmartFRZ(weights=tmp_path / "now.pt")
+
+
+class _WithPReLUs(nn.Module):
+    """Layers of one weight (PReLU slopes) between convolutions: units the predictor cannot read."""
+
+    def __init__(self):
+        super().__init__()
+        self.act0 = nn.PReLU()
+        self.conv1, self.act1 = nn.Conv2d(1, 8, 3, padding=1), nn.PReLU()
+        self.conv2, self.act2 = nn.Conv2d(8, 8, 3, padding=1), nn.PReLU()
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.act2(self.conv2(self.act1(self.conv1(self.act0(x)))))
+        return self.head(x.mean((2, 3)))
+
+
+def _prelu_run(policy, steps=12, **history):
+    torch.manual_seed(0)
+    model = _WithPReLUs()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, policy, example_inputs=batch(0)[0],
+                           **(history or {"window": 4, "sample_size": 16, "sample_every": 2}))
+    train_steps(model, opt, freezer, steps)
+    return freezer
+
+
+def test_a_unit_too_small_to_read_takes_the_vote_of_its_neighbour(tmp_path, monkeypatch):
+    """A PReLU's one weight reads as zeros (each snapshot is standardised over the unit): the
+    shipped weights said 0.52 at every evaluation whatever it did, and a threshold above that
+    stopped every prefix there (review38). It votes as the unit before it now (the first unit,
+    as the one after it)."""
+    # units: act0 (1 weight), conv1, act1, conv2, act2, head
+    scripted_predict(monkeypatch, [[0.3, 0.9, 0.3, 0.9, 0.3, 0.0]] * 4)
+    freezer = _prelu_run(SmartFRZ(settle_ratio=None, weights=predictor_file(tmp_path / "p.pt"), evaluate_every=2,
+                                  min_flops_share=0.0, threshold=0.5))
+    assert [u.name for u in freezer.units] == ["act0", "conv1", "act1", "conv2", "act2", "head"]
+    assert freezer.num_frozen == 5  # before: 0 (act0's 0.3 stopped it)
+    assert freezer.policy.last_probabilities.tolist() == pytest.approx([0.9] * 5)
+    # the real predictor: the slopes vote as their convolutions
+    policy = SmartFRZ(settle_ratio=None, min_flops_share=0.0, min_progress=0.0, threshold=0.99)
+    monkeypatch.undo()
+    _prelu_run(policy, steps=31, sample_every=1)
+    prob = policy.last_probabilities.tolist()
+    assert prob[0] == prob[1] and prob[2] == prob[1] and prob[4] == prob[3]

@@ -47,6 +47,11 @@ DEFAULT_MIN_FLOPS_SHARE = 0.02
 # encoder), and nothing in the weight history told those freezes from safe ones
 # (docs/predictor.md, "Attention models").
 DEFAULT_FREEZE_ATTENTION = False
+# The predictor reads each snapshot standardised over the unit's sampled weights: one weight (a
+# PReLU's slope, a learned temperature) reads as zeros whatever it does (the shipped weights
+# answer 0.52), two as +-1. A unit of fewer weights than this takes the vote of the unit before
+# it, as a norm layer is part of the layer it follows (review38).
+MIN_READABLE_WEIGHTS = 4
 
 
 def snapshot_interval(total_steps: int, snapshots: int = SNAPSHOTS_PER_RUN) -> int:
@@ -141,7 +146,7 @@ class SmartFRZ(FreezePolicy):
         self.first_decision_step = 0  # set by bind() from total_steps
         # the units the policy may still freeze, from the first active one (see _scored_rows)
         self.last_rows: Optional[torch.Tensor] = None
-        self.last_probabilities: Optional[torch.Tensor] = None  # raw, one per unit of last_rows
+        self.last_probabilities: Optional[torch.Tensor] = None  # the predictor's, one per unit of last_rows (see MIN_READABLE_WEIGHTS)
         self.last_smoothed: Optional[torch.Tensor] = None  # what was compared with the threshold
         self._evaluated_at = -1  # history.count at the last evaluation
         # [U] int32 on the device: evaluations in a row each unit was called freezable
@@ -317,8 +322,10 @@ class SmartFRZ(FreezePolicy):
         # the op applies the input transform of training while it reads each window (fused on CUDA)
         prob, prefix = ops.predict(history.history, history.cursor, rows, history.valid,
                                    self._weights, self.threshold, self.input_gain, self.sort_inputs)
+        prob = self._small_units_follow_their_neighbour(rows, prob)
         self.last_rows, self.last_probabilities, self.last_smoothed = rows, prob, prob
         if memoryless and self.settle_ratio is None:
+            prefix = torch.cumprod((prob >= self.threshold).to(torch.int64), 0).sum()
             return self._worth_freezing(prefix + history.first_active)
         if self.settle_ratio is not None:  # not freezable while the unit still moves as at its start
             prob = torch.where(self._settled(rows), prob, torch.zeros_like(prob))
@@ -343,6 +350,18 @@ class SmartFRZ(FreezePolicy):
             return None
         ready = (streak >= self.patience).to(torch.int64)
         return self._worth_freezing(torch.cumprod(ready, 0).sum() + history.first_active)
+
+    def _small_units_follow_their_neighbour(self, rows: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
+        """``prob`` with each unit of fewer than ``MIN_READABLE_WEIGHTS`` valid weights given the
+        probability of the nearest readable unit before it among ``rows`` (after it, for the
+        first ones). Device ops only."""
+        valid = self.context.history.valid
+        small = valid.index_select(0, rows.to(valid.device)).to(prob.device) < MIN_READABLE_WEIGHTS
+        index = torch.arange(prob.shape[0], device=prob.device)
+        before = torch.cummax(torch.where(small, -1, index), 0).values
+        after = torch.where(small, prob.shape[0], index).flip(0).cummin(0).values.flip(0)
+        source = torch.where(before >= 0, before, torch.where(after < prob.shape[0], after, index))
+        return prob.index_select(0, source)
 
     def _worth_freezing(self, prefix: torch.Tensor) -> torch.Tensor:
         """``prefix``, or 0 (no change) while that prefix holds less than ``min_flops_share`` of
