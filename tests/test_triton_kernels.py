@@ -309,6 +309,22 @@ def test_predict_non_finite_window_never_freezes(device, fresh_seed):
     assert (prob[[0, 2, 4]] > 0.99).all() and int(prefix) == 1
 
 
+@pytest.mark.parametrize("layer", range(0, 24, 2))  # every weight matrix of the key/query/value MLPs and the head
+def test_predict_nan_predictor_weights_never_freeze(device, fresh_seed, layer):
+    """The reference's contract: NaN predictor weights give probability 0. The kernels' ReLUs
+    (tl.maximum, which drops NaN by default) turned a NaN before one into a finite probability
+    that could freeze (review38)."""
+    g = torch.Generator().manual_seed(fresh_seed)
+    history, cursor, rows, valid, weights = random_predict_case(CONFIGS[0], device, g, num_units=4)
+    weights = list(weights)
+    if layer >= len(weights):
+        pytest.skip("fewer weight tensors")
+    weights[layer + 1] = weights[layer + 1].clone()  # the bias after weight matrix `layer`
+    weights[layer + 1].view(-1)[0] = float("nan")
+    prob, prefix = check_predict([history, cursor, rows, valid, weights], 1e-6, fresh_seed)
+    assert prob.tolist() == [0.0] * rows.numel() and int(prefix) == 0
+
+
 def test_predict_scale_and_offset_are_normalised_away(device, fresh_seed):
     """Per-snapshot standardisation in two passes: a large mean does not cancel the variance.
 

@@ -247,7 +247,7 @@ def _window_mlp(
         w1t = tl.load(w1 + hcol[None, :] * K + kk[:, None], mask=h_in[None, :] & k_in[:, None], other=0.0)
         acc1 = tl.dot(xn, w1t.to(tl.float32), acc1, input_precision=PRECISION)  # W1^T chunk [BK, HP]
     bias1 = tl.load(b1 + hcol, mask=h_in, other=0.0).to(tl.float32)
-    h1 = tl.maximum(acc1 + bias1[None, :], 0.0)
+    h1 = tl.maximum(acc1 + bias1[None, :], 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN weights: prob 0, as the reference
     # Layers 2 and 3 chunked over layer 2's outputs: the full [TP, H] layer-2 tile never lives.
     ecol = tl.arange(0, EP)
     e_in = ecol < E
@@ -257,7 +257,8 @@ def _window_mlp(
         n_in = nn < H
         w2t = tl.load(w2 + nn[None, :] * H + hcol[:, None], mask=n_in[None, :] & h_in[:, None], other=0.0)
         bias2 = tl.load(b2 + nn, mask=n_in, other=0.0).to(tl.float32)
-        h2 = tl.maximum(tl.dot(h1, w2t.to(tl.float32), input_precision=PRECISION) + bias2[None, :], 0.0)
+        h2 = tl.maximum(tl.dot(h1, w2t.to(tl.float32), input_precision=PRECISION) + bias2[None, :], 0.0,
+                        propagate_nan=tl.PropagateNan.ALL)
         w3t = tl.load(w3 + ecol[None, :] * H + nn[:, None], mask=e_in[None, :] & n_in[:, None], other=0.0)
         acc3 = tl.dot(h2, w3t.to(tl.float32), acc3, input_precision=PRECISION)
     bias3 = tl.load(b3 + ecol, mask=e_in, other=0.0).to(tl.float32)
@@ -366,10 +367,10 @@ def _predict_kernel(
     j_in = j < HH
     w = tl.load(hw1 + j[:, None] * E + ecol[None, :], mask=j_in[:, None] & (ecol < E)[None, :], other=0.0)
     a1 = tl.sum(w.to(tl.float32) * ctx[None, :], axis=1) + tl.load(hb1 + j, mask=j_in, other=0.0).to(tl.float32)
-    a1 = tl.maximum(a1, 0.0)  # along axis 0
+    a1 = tl.maximum(a1, 0.0, propagate_nan=tl.PropagateNan.ALL)  # along axis 0
     w = tl.load(hw2 + j[None, :] * HH + j[:, None], mask=j_in[None, :] & j_in[:, None], other=0.0)  # W2^T
     a2 = tl.sum(w.to(tl.float32) * a1[:, None], axis=0) + tl.load(hb2 + j, mask=j_in, other=0.0).to(tl.float32)
-    a2 = tl.maximum(a2, 0.0)  # along axis 1
+    a2 = tl.maximum(a2, 0.0, propagate_nan=tl.PropagateNan.ALL)  # along axis 1
     o = tl.arange(0, 2)
     w = tl.load(hw3 + o[:, None] * HH + j[None, :], mask=j_in[None, :], other=0.0)
     logits = tl.sum(w.to(tl.float32) * a2[None, :], axis=1) + tl.load(hb3 + o).to(tl.float32)
