@@ -114,6 +114,8 @@ class WeightHistory:
             self._shard_group, self._gather_args = _local_gather_args(self.sources, np.stack(ids), np.stack(offs),
                                                                       self.device)
         self._strides = [tuple(p.stride()) for p in self.sources]  # the layouts self.offsets address
+        self._shapes = [tuple(p.shape) for p in self.sources]
+        self._source_names = [name for unit in self.units for name in unit.param_names]
         self.history = torch.zeros(len(self.units), window, sample_size, dtype=torch.float32, device=self.device)
         self.cursor = torch.zeros((), dtype=torch.int64, device=self.device)
         self.count = 0  # snapshots taken (host copy of ``cursor``; no sync needed to know it)
@@ -142,7 +144,16 @@ class WeightHistory:
         """Re-address the positions of parameters whose strides changed in place since they were
         drawn (``model.to(memory_format=torch.channels_last)`` keeps the Parameter objects and
         calls no hook): the same weights, at their new storage offsets. One stride read per
-        parameter per snapshot; a host copy of the offsets only when a layout changed."""
+        parameter per snapshot; a host copy of the offsets only when a layout changed. A
+        parameter whose shape changed in place (``p.data = smaller``, which calls no hook) has
+        no such weights left: a clear error, where the gather read past its end."""
+        resized = next((i for i, p in enumerate(self.sources) if tuple(p.shape) != self._shapes[i]), None)
+        if resized is not None:
+            raise RuntimeError(
+                f"SmartFreezer: parameter {self._source_names[resized]} changed shape in place, from "
+                f"{self._shapes[resized]} to {tuple(self.sources[resized].shape)}, after the freezer was set up "
+                "(p.data = ... with another shape calls no hook): the weights its history samples are gone. Build "
+                "a new SmartFreezer (and optimizer) for the changed model.")
         changed = [i for i, p in enumerate(self.sources) if tuple(p.stride()) != self._strides[i]]
         if not changed:
             return
@@ -174,7 +185,8 @@ class WeightHistory:
 
     def replace_sources(self, new_of: Dict[int, Tensor]) -> None:
         """Sample the replacements of parameters swapped out of the model (``id(old) -> new``,
-        same shape, dtype and strides, so every position stays valid)."""
+        same shape and dtype, so every position stays valid; other strides are followed at the
+        next snapshot, ``_follow_layouts``)."""
         self.sources[:] = [new_of.get(id(p), p) for p in self.sources]  # the list the gather reads
 
     def restrict_to_masks(self, masks: Dict[int, Tensor], prev_masks: Optional[Dict[int, Tensor]] = None) -> List[int]:

@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -67,6 +68,20 @@ def test_a_layout_changed_in_place_after_set_up_is_followed():
     assert history.positions_digest() == digest
     fresh = WeightHistory(units, sample_size=32, window=3, seed=0)  # drawn on the new layout
     assert torch.equal(fresh.offsets, history.offsets) and fresh.positions_digest() == digest
+
+
+def test_a_parameter_resized_in_place_after_set_up_is_a_clear_error():
+    # p.data = smaller keeps the Parameter object and calls no hook: the Triton gather read past
+    # its end (garbage such as -1.8e38), the others failed with an index error naming no cause
+    model, units = make_units()
+    history = WeightHistory(units, sample_size=32, window=3, seed=0)
+    history.snapshot()
+    before = history.history.clone()
+    weight = units[0].parameters[0]
+    weight.data = weight.data[:1].clone()
+    with pytest.raises(RuntimeError, match=rf"{units[0].param_names[0]} changed shape in place"):
+        history.snapshot()
+    assert torch.equal(history.history, before) and history.count == 1
 
 
 def test_ring_wraps_and_frozen_rows_stop_updating():
