@@ -1044,7 +1044,7 @@ class SmartFreezer:
 
     def _resync(self) -> None:
         """A parameter or module was registered on the model after set-up. Parameters replaced by
-        like ones (same shape, dtype, device, strides) are adopted: frozen units stay frozen on
+        like ones (same shape, dtype, device; any strides) are adopted: frozen units stay frozen on
         the new ones, the optimizers and the history use them. Other changes are refused."""
         guard = self._guard
         layout = guards.model_layout(self.module)
