@@ -180,7 +180,10 @@ def check(device: Optional[str] = None, seed: Optional[int] = None) -> Tuple[Lis
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as exc:  # "bogus": torch's own parse error
+        raise ValueError(f"--device {device}: not a device ({exc}); use 'cpu' or 'cuda'") from None
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {device}: the ops run on 'cpu' or 'cuda'")
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -915,14 +915,15 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m smartfrz_f
     if bad:
         print(f"--policies: unknown {bad}; choose from {', '.join(POLICY_NAMES)} or 'none'", file=sys.stderr)
         return 2
-    if "smartfrz" in policies and args.smartfrz_weights is not None:  # bad weights: say so now, not
+    if "smartfrz" in policies:  # bad weights (--smartfrz-weights, $SMARTFRZ_PREDICTOR): say so now, not
         # after the other measurements
         from .predictor import PredictorWeightsError, load_predictor
 
         try:
             load_predictor(args.smartfrz_weights)
         except PredictorWeightsError as exc:
-            print(f"--smartfrz-weights: {exc}", file=sys.stderr)
+            given = "--smartfrz-weights" if args.smartfrz_weights is not None else "SmartFRZ weights"
+            print(f"{given}: {exc}", file=sys.stderr)
             return 2
     try:
         if args.model:

@@ -568,6 +568,18 @@ def test_profile_cli_checks_the_predictor_file_first(tmp_path, capsys):
     assert "--smartfrz-weights" in err and "unreadable" in err and "measuring" not in err
 
 
+def test_profile_cli_checks_the_predictor_named_by_the_environment_first(tmp_path, capsys, monkeypatch):
+    # $SMARTFRZ_PREDICTOR was read only when SmartFRZ was built, after every other measurement:
+    # a traceback and exit code 1, no JSON written (review37)
+    from smartfrz_fast import profile
+
+    (tmp_path / "bad.pt").write_bytes(b"not a predictor")
+    monkeypatch.setenv("SMARTFRZ_PREDICTOR", str(tmp_path / "bad.pt"))
+    assert profile.main(["--quick", "--policies", "smartfrz"]) == 2
+    err = capsys.readouterr().err
+    assert "SMARTFRZ_PREDICTOR" in err and "measuring" not in err
+
+
 @pytest.mark.parametrize("args", [["bogus"], ["info", "extra"]])
 def test_cli_bad_command(capsys, args):
     from smartfrz_fast import cli

@@ -97,6 +97,9 @@ def test_bad_arguments_exit_with_usage_error(capsys):
         with pytest.raises(SystemExit) as info:
             info_module.main(["--check", "--device", "cuda"])
         assert info.value.code == 2 and "no CUDA GPU is visible" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # was torch's RuntimeError, exit code 1 (an op failed)
+        info_module.main(["--check", "--device", "bogus"])
+    assert info.value.code == 2 and "--device bogus: not a device" in capsys.readouterr().err
 
 
 def test_cli_forwards_to_the_demo(monkeypatch):

@@ -616,3 +616,13 @@ def test_a_predictor_file_cut_short_is_trained_again_and_never_left_torn(tmp_pat
     with pytest.raises(OSError, match="No space"):
         save_predictor(AttentionPredictor(config), path, {"history_sampling": SAMPLING})
     assert path.read_bytes() == whole and sorted(p.name for p in tmp_path.iterdir()) == ["all.pt"]
+
+
+@pytest.mark.parametrize("hours", ["nan", "-1", "inf"])
+def test_rebuild_refuses_a_time_budget_that_is_no_number_of_hours(tmp_path, hours, capsys):
+    from smartfrz_fast.lab import rebuild
+
+    with pytest.raises(SystemExit) as exit_info:  # nan meant no limit at all (review37)
+        rebuild.main(["--quick", "--out", str(tmp_path), "--max-hours", hours])
+    assert exit_info.value.code == 2 and "--max-hours" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

@@ -403,6 +403,10 @@ class Rebuild:
             self.write_progress()
             self.log(f"stopped: {exc}. Run the same command again to continue.")
             return 3
+        except KeyboardInterrupt:
+            self.write_progress()
+            self.log("interrupted: every finished piece is on disk. Run the same command again to continue.")
+            return 130
         self.write_progress()
         return 0
 
@@ -435,6 +439,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ValueError
     except ValueError:
         p.error(f"--shard is I/N with 0 <= I < N, got {args.shard!r}")
+    if args.max_hours is not None and not (math.isfinite(args.max_hours) and args.max_hours >= 0):
+        p.error(f"--max-hours is a number of hours >= 0, got {args.max_hours}")  # nan meant no limit
     torch.set_num_threads(args.threads)
     deadline = None if args.max_hours is None else time.time() + 3600 * args.max_hours
     rebuild = Rebuild(args.out, args.quick, Tolerance(args.metric, args.tolerance), args.stride, deadline,
