@@ -319,3 +319,21 @@ def test_info_check_fails_loudly_on_a_wrong_result(monkeypatch, capsys):
     assert info.main(["--check", "--device", "cpu"]) == 1
     out = capsys.readouterr().out
     assert "SOME OPS FAILED" in out and any(line.split()[:2] == ["cache_load", "FAIL"] for line in out.splitlines())
+
+
+@pytest.mark.parametrize("value, expected", [("reference", "reference (PyTorch)"), ("auto", None), ("", None),
+                                             ("refrence", "SMARTFRZ_BACKEND='refrence': choose one of")])
+def test_the_backend_variable_is_read_or_refused(value, expected):
+    # a misspelt value ran the default backends silently (review38)
+    import subprocess
+
+    env = {**os.environ, "SMARTFRZ_BACKEND": value}
+    env.pop("TRITON_INTERPRET", None)
+    code = "from smartfrz_fast import ops; print(ops.backends()['gather_history']['cpu'])"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    if expected is None:  # the default: whatever this build has
+        assert proc.returncode == 0, proc.stderr
+    elif "choose" in expected:
+        assert proc.returncode != 0 and expected in proc.stderr
+    else:
+        assert proc.returncode == 0 and proc.stdout.strip() == expected, proc.stderr

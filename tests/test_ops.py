@@ -265,6 +265,18 @@ def test_predict_rejects_a_non_finite_gain():
         ops.predict(history, torch.tensor(1), torch.arange(5), valid, predictor.flat_weights(), 0.5, float("nan"))
 
 
+def test_the_reference_refuses_what_the_kernels_refuse():
+    # a 1-snapshot window (no key: every unit read the same) and an integer source (read as
+    # numbers) passed the reference, which is the CPU path, while the kernels raised (review38)
+    history, valid, predictor = random_predict_inputs()
+    with pytest.raises(ValueError, match="at least 2 snapshots"):
+        reference.predict_ref(history[:, :1], torch.tensor(0), torch.arange(5), valid, predictor.flat_weights(), 0.5)
+    sources, source_ids, offsets, history = random_gather_inputs()
+    sources[0] = torch.randint(-5, 5, (4, 9), dtype=torch.int8)
+    with pytest.raises(TypeError, match="dtype torch.int8; supported"):
+        reference.gather_history_ref(sources, source_ids, offsets, torch.arange(5), torch.tensor(0), history)
+
+
 @pytest.mark.parametrize("gain,sort", [(30.0, True), (30.0, False), (1.0, True)])
 def test_opcheck_predict_with_the_transform(gain, sort):
     history, valid, predictor = random_predict_inputs()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -19,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._extension import extension_status, triton_interpret
+from ._extension import extension_status, reference_only, triton_interpret
 from ._fallback import KernelUnavailable, fallbacks, run_guarded
 
 __all__ = ["gather_history", "predict", "backends", "fallbacks", "KernelUnavailable", "OPS"]
@@ -170,7 +169,7 @@ def _register_triton_kernels() -> None:
     bench/bench_history_ops.py measures both). Not registered under TRITON_INTERPRET=1, the CPU
     test mode, where compiled CUDA kernels do not exist and device pointers cannot be followed.
     """
-    if os.environ.get("SMARTFRZ_BACKEND", "auto") == "reference":
+    if reference_only():
         return
     if triton_interpret():
         return

@@ -18,6 +18,20 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 
 
+BACKEND_CHOICES = ("auto", "reference")
+
+
+def reference_only() -> bool:
+    """``SMARTFRZ_BACKEND=reference``: every op runs the PyTorch reference (no C++ extension,
+    no Triton); ``auto`` (or unset): the fastest available. Anything else is a mistake worth
+    saying (a misspelt value ran the default backends silently)."""
+    choice = os.environ.get("SMARTFRZ_BACKEND", "auto").strip().lower() or "auto"
+    if choice not in BACKEND_CHOICES:
+        raise ValueError(f"SMARTFRZ_BACKEND={os.environ['SMARTFRZ_BACKEND']!r}: choose one of {BACKEND_CHOICES} "
+                         "(reference: the PyTorch reference ops only; auto: the fastest available)")
+    return choice == "reference"
+
+
 @dataclass(frozen=True)
 class ExtensionStatus:
     module: Optional[object]
@@ -35,7 +49,7 @@ class ExtensionStatus:
 
 @functools.lru_cache(maxsize=None)
 def extension_status() -> ExtensionStatus:
-    if os.environ.get("SMARTFRZ_BACKEND", "auto") == "reference":
+    if reference_only():
         return ExtensionStatus(None, "disabled by SMARTFRZ_BACKEND=reference")
     import torch  # noqa: F401  (the extension links against libtorch: load it first)
 

@@ -40,6 +40,9 @@ def _strided_span(t: Tensor) -> Tensor:
     return t.as_strided((span,), (1,))
 
 
+HISTORY_SOURCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def gather_history_ref(
     sources: Sequence[Tensor],
     source_ids: Tensor,
@@ -49,6 +52,10 @@ def gather_history_ref(
     history: Tensor,
 ) -> None:
     """Write the sampled weights of units ``rows`` into slot ``cursor % T`` of ``history``."""
+    bad = next((s for s in sources if s.dtype not in HISTORY_SOURCE_DTYPES), None)
+    if bad is not None:  # as the kernels refuse it (an int8 tensor was read as numbers)
+        raise TypeError(f"gather_history: a source has dtype {bad.dtype}; supported: float32, float16, bfloat16, "
+                        "float64")
     slot = int(cursor) % history.shape[1]
     num_units, k = source_ids.shape
     values = torch.zeros(num_units, k, dtype=history.dtype, device=history.device)
@@ -189,6 +196,9 @@ def predict_ref(
     whose snapshot mean or variance overflows float32 (weights beyond ~1e19), gets probability
     0: it never freezes on bad data. So does a NaN probability (NaN predictor weights).
     """
+    if history.shape[1] < 2:  # as the kernels: with no key, every window read the same
+        raise ValueError(f"predict needs a window of at least 2 snapshots (1 query + keys), history has "
+                         f"{history.shape[1]}")
     window = transform_window(chronological_window(history, cursor, rows), valid[rows], input_gain, sort_by_newest)
     finite = torch.isfinite(window).flatten(1).all(1)
     window = torch.where(finite[:, None, None], window, torch.zeros_like(window))
