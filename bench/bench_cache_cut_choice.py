@@ -123,10 +123,11 @@ def main(argv=None) -> int:
         "",
         f"`python bench/bench_cache_cut_choice.py`: {datetime.date.today()}, commit {git_commit()}, torch "
         f"{torch.__version__}, {platform.processor() or platform.machine()}, 1 thread. Blocks of Linear(16, 16) + "
-        "LayerNorm(16) + ReLU behind a Python `if self.training`, half frozen; the best of three after a warm-up (the freeze event: one), ms. Both "
-        "choices picked the same cut.",
+        "LayerNorm(16) + ReLU behind a Python `if self.training`, half frozen; the best of three after a warm-up "
+        "(the freeze event: one), ms. Both choices picked the same cut.",
         "",
-        "| layers | recording | cut choice, lazy | cut choice, every cut counted | ratio | cut | freeze event with the cache |",
+        "| layers | recording | cut choice, lazy | cut choice, every cut counted | ratio | cut "
+        "| freeze event with the cache |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -146,7 +146,8 @@ class SmartFRZ(FreezePolicy):
         self.first_decision_step = 0  # set by bind() from total_steps
         # the units the policy may still freeze, from the first active one (see _scored_rows)
         self.last_rows: Optional[torch.Tensor] = None
-        self.last_probabilities: Optional[torch.Tensor] = None  # the predictor's, one per unit of last_rows (see MIN_READABLE_WEIGHTS)
+        # the predictor's, one per unit of last_rows (a unit too small to read: its neighbour's)
+        self.last_probabilities: Optional[torch.Tensor] = None
         self.last_smoothed: Optional[torch.Tensor] = None  # what was compared with the threshold
         self._evaluated_at = -1  # history.count at the last evaluation
         # [U] int32 on the device: evaluations in a row each unit was called freezable
