@@ -461,21 +461,25 @@ def test_settle_ratio_holds_a_unit_that_keeps_moving_as_at_its_start(tmp_path):
     assert run_frozen(SmartFRZ(weights=path, settle_ratio=0.5), settling) == 2
 
 
-def test_settle_ratio_waits_for_a_window_in_which_the_unit_trained(tmp_path):
-    """A unit that did not move at first (the user's code held it frozen, no gradient reached it
-    yet) has no first window to settle against until it moved through a whole one: its first
-    window's movement of 0 held it back for good (review38)."""
+def test_settle_ratio_compares_with_the_first_window_that_starts_moving(tmp_path):
+    """A unit that did not move at first (the user's code held it frozen) compares with the
+    first window that starts with it moving: its first window's movement of 0, or of the few
+    steps since the hold, held it back for good (review38). One that never moves (an lr of 0)
+    is settled: with every window's reference taken from whole windows only, nothing after it
+    froze (review39)."""
     path = predictor_file(tmp_path / "p.pt", freeze_logit=20.0)
-    held_then_settling = lambda i, step: 0.0 if step < 12 else 1e-3 * 0.7 ** (step - 12)  # noqa: E731
-    held_then_steady = lambda i, step: 0.0 if step < 12 else 1e-3  # noqa: E731
-    partly_held = lambda i, step: 0.0 if step % 3 == 0 else 1e-3 * 0.7 ** step  # noqa: E731
+    held_then_settling = lambda i, step: 0.0 if step < 6 else 1e-3 * 0.7 ** (step - 6)  # noqa: E731
+    held_then_steady = lambda i, step: 0.0 if step < 6 else 1e-3  # noqa: E731
     assert run_frozen(SmartFRZ(weights=path, settle_ratio=0.5), held_then_settling) == 2
     assert run_frozen(SmartFRZ(weights=path, settle_ratio=0.5), held_then_steady) == 0
-    policy = SmartFRZ(weights=path, settle_ratio=0.5)
-    _moving_run(policy, partly_held, steps=20)  # every window holds a step without movement
-    assert policy.state_dict()["first_move"][:2].isnan().all()
-    # not moving yet is no sign of being done (the layers behind a gate initialised to 0)
-    assert run_frozen(SmartFRZ(weights=path, settle_ratio=0.5), lambda i, step: 0.0) == 0
+    # the reference is a whole window of movement, as without the hold
+    held, steady = SmartFRZ(weights=path, settle_ratio=0.5), SmartFRZ(weights=path, settle_ratio=0.5)
+    _moving_run(held, held_then_steady)
+    _moving_run(steady, lambda i, step: 1e-3)
+    torch.testing.assert_close(held.state_dict()["first_move"], steady.state_dict()["first_move"], equal_nan=True)
+    # an lr of 0 on the first unit: it and the rest settle as they would
+    first_still = lambda i, step: 0.0 if i == 0 else 1e-3 * 0.7 ** step  # noqa: E731
+    assert run_frozen(SmartFRZ(weights=path, settle_ratio=0.5), first_still) == 2
 
 
 def run_frozen(policy, speed):

@@ -380,11 +380,11 @@ class SmartFRZ(FreezePolicy):
     def _settled(self, rows: torch.Tensor) -> torch.Tensor:
         """``[R]`` bool per unit of ``rows``: its movement over the window (newest minus oldest
         snapshot, over its valid positions) is at most ``settle_ratio`` times its first
-        window's. The first window is the first one in which the unit moved from every snapshot
-        to the next: a unit the user's code held frozen (a warm-up of the head, gradual
-        unfreezing) or that no gradient reached yet (behind a gate initialised to 0) did not
-        train, so it is not settled, and a movement of 0 as its reference would hold it back for
-        good. Device ops only."""
+        window's, or it did not move at all over the window (an lr of 0: nothing to learn).
+        The first window is the first one that starts with the unit moving: one that starts in
+        a stretch where the user's code held it frozen (a warm-up of the head, gradual
+        unfreezing; the engine holds back its freeze meanwhile) would be a reference of 0 or of
+        a few steps' movement, and hold it back for good. Device ops only."""
         history = self.context.history
         h, t = history.history, history.window
         oldest_first = torch.remainder(history.cursor + torch.arange(t, device=h.device), t)
@@ -392,13 +392,13 @@ class SmartFRZ(FreezePolicy):
         valid = history.valid.to(h.device).index_select(0, rows)
         mask = (torch.arange(h.shape[2], device=h.device)[None, :] < valid[:, None])[:, None, :]
         steps = torch.where(mask, window[:, 1:] - window[:, :-1], torch.zeros_like(window[:, 1:]))  # [R, T-1, K]
-        trained_throughout = (steps.abs().amax(dim=2) > 0).all(dim=1)
+        moved = steps.abs().amax(dim=2) > 0  # [R, T-1]: from each snapshot to the next
         move = steps.sum(dim=1).norm(dim=1)
         self._first_move = self._state_tensor(self._first_move, h.shape[0], float("nan"), torch.float32, h.device)
         first = self._first_move.index_select(0, rows)
-        first = torch.where(first.isnan() & trained_throughout, move, first)
+        first = torch.where(first.isnan() & moved[:, 0], move, first)
         self._first_move.index_copy_(0, rows, first)
-        return move <= self.settle_ratio * first  # False while first is NaN
+        return (move <= self.settle_ratio * first) | ~moved.any(dim=1)  # (False while first is NaN)
 
     @staticmethod
     def _state_tensor(t: Optional[torch.Tensor], units: int, fill, dtype, device) -> torch.Tensor:
