@@ -225,6 +225,23 @@ def test_overhead_runs_keep_the_trainable_units_asked_for():
     assert rows and all(0 < r.num_frozen <= units - 2 for r in rows)
 
 
+def test_the_run_saved_counts_the_freezers_set_up(monkeypatch):
+    # "run saved" timed from after the freezer was built: its set-up (tracing the model, FLOPs,
+    # the history) was part of no run (review36)
+    import time
+
+    from smartfrz_fast import profile
+
+    class SlowToSetUp(SmartFreezer):
+        def __init__(self, *args, **kwargs):
+            time.sleep(0.3)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(profile, "SmartFreezer", SlowToSetUp)
+    _, rows = profile_overhead(SmallCNN(), torch.randn(4, 1, 8, 8), policies=("static",), steps=2, warmup=0)
+    assert rows[0].run_ms >= 300
+
+
 @pytest.mark.slow
 def test_smartfrz_runs_with_the_shipped_predictor_by_default():
     from models import batch, train_steps
