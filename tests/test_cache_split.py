@@ -1294,3 +1294,48 @@ def test_choosing_a_cut_in_a_deep_model_counts_a_few_cuts():
     chain._find_stand_ins = lambda cut: counted.append(cut) or find(cut)
     assert chain.usable_cut(250) == 250
     assert len(counted) <= 4, len(counted)  # counting all 250 made the choice cubic in depth
+
+
+def test_a_call_of_no_op_is_no_stand_in():
+    """A module of no aten op (it returns one of a pair it is given) called last inside a block
+    became a stand-in when the block before the cut's was one: its placeholder of zeros then
+    replaced what the forward reads after the cut, on a check sample where that read happened to
+    be zero, and the cache served wrong rows (review39). It skips nothing: it runs."""
+    class Pick(nn.Module):
+        def forward(self, pair):
+            return pair[0]
+
+    class Twin(nn.Module):  # returns (a, b); b is read after the cut
+        def __init__(self):
+            super().__init__()
+            self.lin, self.lin2, self.pick = nn.Linear(8, 8), nn.Linear(8, 8), Pick()
+
+        def forward(self, x):
+            y, b = self.lin(x), self.lin2(x)
+            return self.pick((y, b)), b
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p, self.o, self.c, self.head = Twin(), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            if self.training:  # no fx trace: the module swap
+                x = x * 1.0
+            a, b = self.p(x)
+            h = self.o(a)
+            t = a * 2.0 * (x[:, :1] > 5).float()  # read before the cut's block, used after it; 0 on the check sample
+            return self.head(self.c(h) + t + b)
+
+    torch.manual_seed(0)
+    chain, how = find_blocks(Model(), Inputs((torch.randn(4, 8),)))
+    cut = [c.name for c in chain.candidates].index("c") + 1
+    assert how == "module swap" and "p.pick" not in [c.name for c in chain._find_stand_ins(cut)]
+    assert chain.usable_cut(cut) == cut
+    x = torch.randn(4, 8)
+    x[:, 0] = 10.0
+    with torch.no_grad():
+        chain.model.eval()
+        expected = chain.model(x)
+        served = chain.serve(Inputs((x,)), cut, chain.rows(Inputs((x,)), cut))
+    torch.testing.assert_close(served, expected)

@@ -621,8 +621,8 @@ class SwapChain:
             if self._caller[i] in covered:
                 covered.add(i)
                 continue  # inside a stand-in already
-            if call.depth == 0 or _within(call, c):
-                continue
+            if call.depth == 0 or call.end == call.start or _within(call, c):
+                continue  # the model; a call of no op (it skips nothing: it runs, reading what it reads)
             if call.escapes_after > c.end or call.calls_of_module > 1:
                 continue  # read after C, or a module also called elsewhere (a shared embedding): runs
             if any(kind[0] == "value" and _varies(kind[1]) for kind in call.leaves):
