@@ -989,8 +989,12 @@ class SmartFreezer:
         """Call ``listener("optimizer", (new, replaced))`` when the freezer takes over a re-created
         optimizer, and ``listener("parameters", {id(old): new})`` when parameters were replaced by
         like ones (``load_state_dict(assign=True)``): what keeps its own references to the
-        optimizers or parameters (``SparseMasks``) follows them."""
+        optimizers or parameters (``SparseMasks``, an activation cache) follows them."""
         self._change_listeners.append(listener)
+
+    def remove_change_listener(self, listener: Callable[[str, Any], None]) -> None:
+        """Stop calling ``listener`` (a closed activation cache)."""
+        self._change_listeners = [other for other in self._change_listeners if other is not listener]
 
     # ------------------------------------------------------------------ changes after set-up (see guards)
     def _adopt_optimizer(self, optimizer: torch.optim.Optimizer) -> List[torch.optim.Optimizer]:
@@ -1099,8 +1103,8 @@ class SmartFreezer:
                           "rebuilds its DDP.", stacklevel=4)
         if moved:
             warnings.warn(f"SmartFreezer: frozen parameters were replaced by other values ({moved[:3]}): they stay "
-                          "frozen with the new values. An activation cache's rows were made with the old ones: "
-                          "build a new cache if you use one.", stacklevel=4)
+                          "frozen with the new values (an activation cache drops the rows it made with the old "
+                          "ones and makes them again).", stacklevel=4)
         for unit in self.units:
             unit.parameters[:] = [pairs.get(id(p), (p, p))[1] for p in unit.parameters]
         for shared in self.plan.shared:

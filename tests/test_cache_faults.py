@@ -671,3 +671,131 @@ def test_a_layer_the_user_lets_train_again_inside_the_cached_prefix_trains():
     assert not torch.equal(before, model[0].base.weight)
     assert any("0.base.weight, inside the cached frozen prefix, trains now" in str(w.message) for w in caught)
     assert cache.enabled and cache.boundary == 0, cache.describe()
+
+
+def _held_then_released_run(use_cache: bool, held_layers, frozen_by_freezer):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 16, generator=g), torch.randint(0, 4, (32,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    freezer = SmartFreezer(model, opt, StaticFreeze(frozen_by_freezer, at_step=3), example_inputs=x[:8],
+                           total_steps=16)
+    cache = ActivationCache(freezer, num_samples=32, deterministic=True, storage="memory") if use_cache else None
+    forward = cache.wrap() if use_cache else (lambda inputs, ids: model(inputs))
+    for i in held_layers:  # a warm-up of the head: the body held frozen by hand, after set-up
+        model[i].requires_grad_(False)
+    for step in range(16):
+        if step == 8:  # the warm-up is over
+            for i in held_layers:
+                model[i].requires_grad_(True)
+        ids = torch.arange(step * 8, step * 8 + 8) % 32
+        nn.functional.cross_entropy(forward(x[ids], ids), y[ids]).backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+    return model, cache
+
+
+@pytest.mark.parametrize("held_layers, frozen_by_freezer", [((2, 4), 1), ((0,), 0)])
+def test_layers_the_user_holds_frozen_are_no_part_of_the_cached_prefix(held_layers, frozen_by_freezer):
+    """The cache cut through every leading layer that needed no gradient, whatever the freezer
+    had frozen: layers the user's code held frozen for a warm-up were cached, and once released
+    they never trained again, silently (review41)."""
+    expected, _ = _held_then_released_run(False, held_layers, frozen_by_freezer)
+    got, cache = _held_then_released_run(True, held_layers, frozen_by_freezer)
+    for a, b in zip(expected.parameters(), got.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (cache.stats["hits"] > 0) == (frozen_by_freezer > 0)
+
+
+def test_parameters_replaced_in_the_prefix_are_cached_again_once_refrozen():
+    """A frozen weight replaced by a new Parameter: the forward that first met it (trainable until
+    the freezer's next step froze it again) cut before it, and the cache cached nothing for the
+    rest of the run, saying the parameter kept training in no unit (review39, review41)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 16, generator=g), torch.randint(0, 4, (32,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=1), example_inputs=x[:8], total_steps=16)
+    cache = ActivationCache(freezer, num_samples=32, deterministic=True, storage="memory")
+    forward = cache.wrap()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(12):
+            if step == 6:
+                model[0].weight = nn.Parameter(model[0].weight.detach().clone())
+            ids = torch.arange(step * 8, step * 8 + 8) % 32
+            nn.functional.cross_entropy(forward(x[ids], ids), y[ids]).backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+            if step == 5:
+                before = cache.boundary
+    assert before > 0 and cache.boundary == before and not model[0].weight.requires_grad
+    assert "in no unit" not in cache.describe()
+
+
+def test_a_cast_there_and_back_drops_the_rows_it_made_stale():
+    """model.half(); model.float() between two steps (a half-precision save or evaluation) sets
+    .data twice: no version bump, float32 again, the values rounded. The rows made from the old
+    values went on being served (3.4e-5 in weights with the audit off; review41)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 16, generator=g) * 3, torch.randint(0, 4, (32,), generator=g)
+
+    def run(use_cache):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 4))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=1), example_inputs=x[:8], total_steps=16)
+        cache = ActivationCache(freezer, num_samples=32, deterministic=True, storage="memory", audit_rows=0) \
+            if use_cache else None
+        forward = cache.wrap() if use_cache else (lambda inputs, ids: model(inputs))
+        for step in range(16):
+            if step == 6:
+                model.half()
+                model.float()
+            ids = torch.arange(step * 8, step * 8 + 8) % 32
+            nn.functional.cross_entropy(forward(x[ids], ids), y[ids]).backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+        return model, cache
+
+    expected, _ = run(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got, cache = run(True)
+    for a, b in zip(expected.parameters(), got.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert cache.stats["weights_changed"] == 1 and cache.stats["hits"] > 0
+
+
+def test_the_cut_goes_back_once_the_hook_that_stopped_it_is_removed():
+    """A forward hook placed on a frozen module for a while (a one-off feature dump): the cache
+    cut before it, as it must, and stayed there until the next freeze after the hook was removed,
+    still naming the hook (review41)."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 16, generator=g), torch.randint(0, 4, (32,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=1), example_inputs=x[:8], total_steps=16)
+    cache = ActivationCache(freezer, num_samples=32, deterministic=True, storage="memory")
+    forward, cuts = cache.wrap(), []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(12):
+            if step == 6:
+                handle = model[2].register_forward_hook(lambda module, args, out: None)
+            if step == 7:
+                handle.remove()
+            ids = torch.arange(step * 8, step * 8 + 8) % 32
+            nn.functional.cross_entropy(forward(x[ids], ids), y[ids]).backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+            cuts.append(cache.boundary)
+    assert cuts[5] == cuts[-1] > cuts[6] and "hook" not in cache.describe()

@@ -193,13 +193,15 @@ class ActivationCache:
         self._structure_changed = False  # a module or parameter registered in the model since set-up
         self._compiled_at_setup: Set[int] = set()  # modules the chain does not call, compiled at set-up
         self._handles_seen = -1  # torch's hook-handle counter when hooks were last checked
+        self._stopped_by_hooks = None  # the block whose modules' forward hooks stopped the cut, if any
         self._rows_grad: Tuple[Any, bool] = (None, False)  # (chain, cut, hook counter), rows_need_grad
         self._outside: Tuple[Optional[BlockChain], list] = (None, [])  # (chain, modules it does not call)
         self._structure_hooks: List[Any] = []  # torch's global registration hooks: see _watch_structure
         weakref.finalize(self, remove_handles, self._structure_hooks)  # a cache dropped without close()
         # the cached prefix's parameters and buffers as its rows were made: (store, tensors, their
-        # (version, dtype), their checksums); see _prefix_weights_unchanged
-        self._prefix_state: Tuple[Any, List[Tensor], List[Tuple[int, torch.dtype]], List[Tensor]] = (None, [], [], [])
+        # (version, dtype, storage address), their checksums); see _prefix_weights_unchanged
+        self._prefix_state: Tuple[Any, List[Tensor], List[Tuple[int, torch.dtype, int]], List[Tensor]] = \
+            (None, [], [], [])
         self._prefix_slots: List[Tuple[Dict[str, Any], str, Tensor]] = []  # where the model holds them
         # forwards run inside a plain DDP that copies rank 0's buffers into this rank (see _advance)
         self._buffers_broadcast = False
@@ -212,6 +214,11 @@ class ActivationCache:
         self._last_bypass = ""  # why the latest forward ran the whole model (describe())
         self._freeze_listener = _FreezeListener(self)
         freezer.add_freeze_listener(self._freeze_listener)
+        # parameters replaced (load_state_dict(assign=True), a new Parameter set on a module): the
+        # forward that first met them ran before the freezer froze them again, at its next step,
+        # and cut before them; the cut goes back as deep as the freezer's prefix then
+        if hasattr(freezer, "add_change_listener"):
+            freezer.add_change_listener(self._freeze_listener)
 
     # ------------------------------------------------------------------ public
     def wrap(self, model: Optional[nn.Module] = None) -> "CachedModel":
@@ -299,9 +306,10 @@ class ActivationCache:
 
     def _release(self) -> None:
         self._free_rows_and_hooks()
-        stop = getattr(self.freezer, "remove_freeze_listener", None)
-        if stop is not None:
-            stop(self._freeze_listener)
+        for stop in (getattr(self.freezer, "remove_freeze_listener", None),
+                     getattr(self.freezer, "remove_change_listener", None)):
+            if stop is not None:
+                stop(self._freeze_listener)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self, rows: bool = False) -> Dict[str, Any]:
@@ -510,6 +518,8 @@ class ActivationCache:
                            "train mode now, and the freezer does not hold it in eval mode (you froze it): rows made "
                            "in eval mode could change what it computes (dropout, batch statistics, any forward that "
                            "reads self.training), so the cache now cuts before it")
+        elif self._stopped_by_hooks is not None and not hooked_modules(self._stopped_by_hooks):
+            self._on_freeze(None, ())  # the hooks that stopped the cut were removed: as deep as the prefix again
         elif self.chain is not None and RemovableHandle.next_id != self._handles_seen:
             # a hook was registered somewhere since the last look (one counter read per step)
             self._handles_seen = RemovableHandle.next_id
@@ -687,6 +697,7 @@ class ActivationCache:
         self._structure_changed = False
         self._free_rows_and_hooks()
         self.chain, self.boundary, self._act, self._input_sig = None, 0, None, None
+        self._stopped_by_hooks = None
         self._rows_autocast = None
         self._per_sample_checked = set()
         self._setup_done = False
@@ -892,8 +903,7 @@ class ActivationCache:
                 if id(t) not in seen:
                     seen.add(id(t))
                     tensors.append(t)
-        self._prefix_state = (store, tensors, [(t._version, t.dtype) for t in tensors],
-                              [tensor_sum(t) for t in tensors])
+        self._prefix_state = (store, tensors, [_written_state(t) for t in tensors], [tensor_sum(t) for t in tensors])
         ids = {id(t) for t in tensors}
         self._prefix_slots = [(slots, name, t) for m in self.freezer.module.modules()
                               for slots in (m._parameters, m._buffers) for name, t in slots.items() if id(t) in ids]
@@ -916,14 +926,15 @@ class ActivationCache:
         store, tensors, versions, sums = self._prefix_state
         if store is None or store is not self._store:
             return True
-        written = [i for i, t in enumerate(tensors) if (t._version, t.dtype) != versions[i]]
+        written = [i for i, t in enumerate(tensors) if _written_state(t) != versions[i]]
         if not written:
             return True
-        # a cast (model.bfloat16() sets .data: no version bump) changed the values' precision
+        # a cast (model.bfloat16() sets .data: no version bump) changed the values' precision; cast
+        # back (model.half().float()), only the storage moved: the checksum tells
         changed = [i for i in written if tensors[i].dtype != versions[i][1]]
         written = [i for i in written if i not in changed]
         for i in written:
-            versions[i] = (tensors[i]._version, tensors[i].dtype)
+            versions[i] = _written_state(tensors[i])
         if written:
             now = [tensor_sum(tensors[i]) for i in written]
             device = now[0].device
@@ -1266,21 +1277,33 @@ class ActivationCache:
         """Leading chain blocks with every parameter frozen (the last block always runs); for
         the module-swap chain, the deepest of those cuts that passes its check. Sets
         ``cut_note``: why the cut is not deeper, when something the user can act on stops it."""
-        count, stopped_by, hooked, in_train = 0, None, None, None
+        count, stopped_by, hooked, in_train, by_user = 0, None, None, None, None
+        self._stopped_by_hooks = None
         held = self._held_in_eval()
+        held_by_user = self._held_by_user()
         for block in self.chain.blocks[:-1]:
             trainable = [p for p in block.parameters() if p.requires_grad]
             if trainable:
                 stopped_by = (block, trainable[0])
                 break
+            by_user = next((p for p in block.parameters() if id(p) in held_by_user), None)
+            if by_user is not None:
+                break
             hooked = hooked_modules(block)
             if hooked:
+                self._stopped_by_hooks = block
                 break
             in_train = next((m for m in self._modes_not_held(block, held) if m.training), None)
             if in_train is not None:
                 break
             count += 1
         self.cut_note = self._why_not_deeper(count, stopped_by)
+        if by_user is not None:
+            name = next((n for n, p in self.freezer.module.named_parameters() if p is by_user), "?")
+            self.cut_note = (f"parameter {name} (block {self.chain.blocks[count].name!r}) has requires_grad=False, but "
+                             "the freezer has not frozen it: your code holds it (a warm-up?) and may let it train "
+                             "again, when cached rows would pass it no gradient, so the cache cuts before it; it "
+                             "goes deeper once the freezer freezes it")
         if hooked and self.freezer.num_frozen:
             self.cut_note = self._hook_note(count, hooked)
         if in_train is not None and self.cut_note is None:
@@ -1318,6 +1341,18 @@ class ActivationCache:
             self.reason = self.cut_note if count == 0 else None
         self._modes_kept = [m for b in self.chain.blocks[:count] for m in self._modes_not_held(b, held)]
         return count
+
+    def _held_by_user(self) -> Set[int]:
+        """Ids of the units' parameters that need no gradient but that the freezer has not frozen:
+        the user's code holds them (a warm-up, gradual unfreezing) and may let them train again,
+        which no flag the cache reads would show (their rows would cut them off from their
+        gradient for good)."""
+        plan = getattr(self.freezer, "plan", None)
+        if plan is None:
+            return set()
+        frozen = {id(p) for _, p in plan.frozen_parameters(self.freezer.num_frozen)}
+        return {id(p) for unit in self.freezer.units for p in unit.parameters
+                if not p.requires_grad and id(p) not in frozen}
 
     def _held_in_eval(self) -> Set[int]:
         """Ids of the modules the freezer's frozen region holds in eval mode."""
@@ -1644,8 +1679,19 @@ class ActivationCache:
         return None
 
 
+def _written_state(t: Tensor) -> Tuple[int, torch.dtype, int]:
+    """What changes when a tensor is written: its version (in place), its dtype and its storage
+    (``.data`` set, as model casts do, bumps no version)."""
+    try:
+        address = t.data_ptr()
+    except RuntimeError:  # a tensor subclass without storage of its own (DTensor): version and dtype
+        address = 0
+    return t._version, t.dtype, address
+
+
 class _FreezeListener:
-    """The cache's freeze listener on its freezer. It holds the cache weakly, so a dropped cache
+    """The cache's freeze (and change) listener on its freezer: either moves the cut as deep as
+    the freezer's prefix allows now. It holds the cache weakly, so a dropped cache
     (a re-run notebook cell) goes with its rows; a deep copy of the freezer (of a wrapped model)
     calls the copied cache."""
 
