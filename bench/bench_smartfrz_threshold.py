@@ -63,13 +63,14 @@ def main(argv=None) -> int:
     shard, n = map(int, args.shard.split("/"))
     settings = {f"t{t}{'@' + args.tag if args.tag else ''}": float(t) for t in args.thresholds.split(",")}
     done = _rows()
-    jobs = []
-    for spec in evaluation_networks(zoo_specs()):
-        for run in (spec, second_seed(spec)):
-            jobs += [(run, spec.family, name, t) for name, t in (("full", None), *settings.items())]
-    # the shards split what is left to run (split before, one shard got every full-training run)
-    todo = [job for job in jobs if (job[0].name, job[2]) not in done]
-    for run, family, name, threshold in todo[shard::n]:
+    runs = [(run, spec.family) for spec in evaluation_networks(zoo_specs()) for run in (spec, second_seed(spec))]
+    # the shards split the runs (network and seed), each taking all of its runs' settings: the same
+    # split whether the shards run side by side or one after the other (a split of the jobs left
+    # gave a shard started later half of what the first left; one of every job gave one shard
+    # every full-training run)
+    todo = [(run, family, name, t) for run, family in runs[shard::n] for name, t in (("full", None), *settings.items())
+            if (run.name, name) not in done]
+    for run, family, name, threshold in todo:
         if threshold is None:
             row = train_with_policy(run, "full")
         else:
