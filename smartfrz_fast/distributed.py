@@ -218,8 +218,12 @@ class FreezableDDP(nn.Module):
         communication hooks registered on the old one (``model.ddp.register_comm_hook`` or
         ``register_comm_hook`` above) are registered on the new one, with their state."""
         old = self.ddp
+        join_state = {}
         if isinstance(old, DistributedDataParallel):
             comm_hooks = list(getattr(old, "_comm_hooks", ()))
+            # inside DDP's join(): the new DDP is in it too (the context manager set these on the old)
+            join_state = {k: getattr(old, k) for k in ("_join_config", "_divide_by_initial_world_size")
+                          if hasattr(old, k)}
             old._remove_autograd_hooks()  # the old reducer must not see the next backward
         else:  # none was built while nothing trained
             comm_hooks = self._idle_comm_hooks
@@ -230,6 +234,8 @@ class FreezableDDP(nn.Module):
             ddp = DistributedDataParallel(self.module, **self.ddp_kwargs)
             for hook, state in comm_hooks:
                 ddp.register_comm_hook(state, hook)
+            for key, value in join_state.items():
+                setattr(ddp, key, value)
             object.__setattr__(self, "ddp", ddp)
         else:  # nothing left to synchronise: run the module directly (the hooks kept for later)
             object.__setattr__(self, "ddp", self.module)

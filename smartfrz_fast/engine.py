@@ -658,6 +658,8 @@ class SmartFreezer:
     def step(self) -> None:
         """Call once after each ``optimizer.step()``."""
         self._require_open()
+        if self._sync is not None and not self._distributed_step_ok():
+            return
         self.step_count += 1
         step = self.step_count
         self._guard.on_freezer_step(self)  # model changes since the last step, step() vs optimizer steps
@@ -685,6 +687,33 @@ class SmartFreezer:
                     self._submit(step, decision)
         with _range("smartfrz::apply"):
             self._apply_due(step)
+
+    def _distributed_step_ok(self) -> bool:
+        """Under torch.distributed every rank must count the same steps: a rank's decision
+        broadcasts, DDP rebuilds and schedules happen at its step numbers. A step() with no
+        optimizer step since the previous one (rank-local control flow, one batch more on one
+        rank) put this rank ahead: the ranks then waited for each other in different collectives
+        (a hang), or froze at different steps and drifted apart silently. It is not counted, with
+        a warning (a GradScaler's skipped step is skipped on every rank alike). DDP's join() for
+        uneven inputs without throw_on_early_termination lets a rank run out of batches and stop
+        stepping while the others step on (and freeze): refused."""
+        ddp = self.model.ddp if self._dist_kind == "freezable_ddp" else self.model if self._dist_kind == "ddp" else None
+        join = getattr(ddp, "_join_config", None)
+        if join is not None and join.enable and not join.throw_on_early_termination:
+            raise RuntimeError(
+                "SmartFreezer: DDP's join() (uneven inputs) runs without throw_on_early_termination=True: a rank "
+                "that runs out of batches stops stepping while the others step on and freeze, so the ranks' models "
+                "drift apart (or wait for each other for ever). Use join(throw_on_early_termination=True), which "
+                "stops every rank at the first one's end, or give every rank the same number of batches "
+                "(DistributedSampler(..., drop_last=True)).")
+        if self._guard.optimizer_steps == 0:
+            self._guard.warn_once("unmatched distributed", (
+                "SmartFreezer.step() was called with no optimizer step since the previous call, under "
+                "torch.distributed: it is not counted (every rank must count the same steps, or the ranks freeze at "
+                "different steps or wait for each other). Call it once after each optimizer.step(), on every "
+                "rank."))
+            return False
+        return True
 
     def _check_prefix_still_frozen(self) -> None:
         """The user's code turned ``requires_grad`` back on inside the frozen prefix (a GAN's

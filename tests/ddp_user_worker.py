@@ -9,6 +9,12 @@ Scenarios (argv[1]):
   the ranks in step and equals the uninterrupted run.
 - ``smartfrz_set_up_lengths``: FreezableDDP, default SmartFRZ, each rank set up on a batch of
   another sequence length (so another FLOP share per unit): the ranks decide together.
+- ``extra_step_schedule`` / ``extra_step_adaptive``: DDP(find_unused_parameters=True) with a
+  schedule / FreezableDDP with an adaptive policy; rank 1 calls freezer.step() twice after one
+  optimizer step: the ranks must still count the same steps.
+- ``join_no_throw``: DDP's join() without throw_on_early_termination: refused on every rank.
+- ``join_throw_rebuild``: FreezableDDP inside ``model.ddp.join(throw_on_early_termination=True)``,
+  uneven inputs, a freeze (so a rebuild) inside it: every rank stops at the first one's end.
 Each rank saves the flat parameters it ends with (and its freeze timeline) to OUT/rank<r>.pt."""
 
 import copy
@@ -34,6 +40,14 @@ class FreezeTwo(FreezePolicy):
 
     def decide(self, step, frozen):
         return 2
+
+
+class FreezeTwoFromSix(FreezePolicy):
+    """An adaptive policy's stand-in that decides at every step (rank 0's is broadcast): two units
+    from step 6 on."""
+
+    def decide(self, step, frozen):
+        return 2 if step >= 6 else None
 
 
 def make_model():
@@ -111,6 +125,48 @@ def main(scenario, out):
         freezer.load_state_dict(ckpt["freezer"])
         opt.load_state_dict(ckpt["opt"])
         train(model, opt, freezer, rank, 8, 20)
+    elif scenario in ("extra_step_schedule", "extra_step_adaptive"):
+        # the extra call put rank 1 a step ahead: with the schedule the ranks froze at different
+        # steps and drifted apart silently (6.1e-3); with the adaptive policy they waited in
+        # different collectives (a hang)
+        inner = make_model()
+        schedule = scenario == "extra_step_schedule"
+        model = torch.nn.parallel.DistributedDataParallel(inner, find_unused_parameters=True) if schedule \
+            else FreezableDDP(inner)
+        opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+        policy = StaticFreeze(2, at_step=6) if schedule else FreezeTwoFromSix()
+        freezer = SmartFreezer(model, opt, policy, example_inputs=batch(0, rank)[0], total_steps=13)
+
+        def extra(step):
+            if rank == 1 and step == 3:
+                freezer.step()  # a second call for step 2's optimizer step
+        train(model, opt, freezer, rank, 0, 12, before_step=extra)
+        result["timeline"] = [(e.step, e.num_frozen) for e in freezer.timeline]
+        result["step_count"] = freezer.step_count
+    elif scenario == "join_no_throw":
+        inner = make_model()
+        model = torch.nn.parallel.DistributedDataParallel(inner, find_unused_parameters=True)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=3), example_inputs=batch(0, rank)[0],
+                               total_steps=10)
+        try:
+            with model.join():
+                train(model, opt, freezer, rank, 0, 6 + rank)  # uneven inputs
+        except RuntimeError as exc:
+            result["error"] = str(exc)
+    elif scenario == "join_throw_rebuild":
+        # the DDP rebuilt at the freeze was outside the join: gloo aborted on a size mismatch
+        inner = make_model()
+        model = FreezableDDP(inner)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=3), example_inputs=batch(0, rank)[0],
+                               total_steps=10)
+        try:
+            with model.ddp.join(throw_on_early_termination=True):
+                train(model, opt, freezer, rank, 0, 7 + rank)  # uneven inputs
+        except RuntimeError as exc:
+            result["error"] = str(exc)
+        result["timeline"] = [(e.step, e.num_frozen) for e in freezer.timeline]
     elif scenario == "smartfrz_set_up_lengths":
         # each rank sets up on its own first batch, of another sequence length: the stem's share of
         # the FLOPs (attention's grows with the length) passed min_flops_share on rank 0 only, and
