@@ -205,6 +205,14 @@ class FreezableDDP(nn.Module):
             return self.ddp.no_sync()
         return contextlib.nullcontext()
 
+    def join(self, *args: Any, **kwargs: Any):
+        """DDP's ``join()`` (uneven inputs) on the current wrapper; a rebuild inside it joins too.
+        Pass ``throw_on_early_termination=True``: without it ``freezer.step()`` refuses (a rank
+        out of batches stops stepping while the others freeze)."""
+        if isinstance(self.current(), DistributedDataParallel):
+            return self.ddp.join(*args, **kwargs)
+        return contextlib.nullcontext()
+
     def register_comm_hook(self, state: Any, hook: Any) -> None:
         """DDP's ``register_comm_hook`` (gradient compression, PowerSGD) on the current wrapper;
         each rebuild registers it again (kept for the next one while no parameter trains)."""

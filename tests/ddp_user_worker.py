@@ -13,7 +13,7 @@ Scenarios (argv[1]):
   schedule / FreezableDDP with an adaptive policy; rank 1 calls freezer.step() twice after one
   optimizer step: the ranks must still count the same steps.
 - ``join_no_throw``: DDP's join() without throw_on_early_termination: refused on every rank.
-- ``join_throw_rebuild``: FreezableDDP inside ``model.ddp.join(throw_on_early_termination=True)``,
+- ``join_throw_rebuild``: FreezableDDP inside ``model.join(throw_on_early_termination=True)``,
   uneven inputs, a freeze (so a rebuild) inside it: every rank stops at the first one's end.
 Each rank saves the flat parameters it ends with (and its freeze timeline) to OUT/rank<r>.pt."""
 
@@ -162,7 +162,7 @@ def main(scenario, out):
         freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=3), example_inputs=batch(0, rank)[0],
                                total_steps=10)
         try:
-            with model.ddp.join(throw_on_early_termination=True):
+            with model.join(throw_on_early_termination=True):
                 train(model, opt, freezer, rank, 0, 7 + rank)  # uneven inputs
         except RuntimeError as exc:
             result["error"] = str(exc)
