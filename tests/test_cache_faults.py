@@ -673,29 +673,42 @@ def test_a_layer_the_user_lets_train_again_inside_the_cached_prefix_trains():
     assert cache.enabled and cache.boundary == 0, cache.describe()
 
 
-def _held_then_released_run(use_cache: bool, held_layers, frozen_by_freezer):
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(32, 16, generator=g), torch.randint(0, 4, (32,), generator=g)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
-                          nn.Linear(32, 4))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    freezer = SmartFreezer(model, opt, StaticFreeze(frozen_by_freezer, at_step=3), example_inputs=x[:8],
-                           total_steps=16)
-    cache = ActivationCache(freezer, num_samples=32, deterministic=True, storage="memory") if use_cache else None
-    forward = cache.wrap() if use_cache else (lambda inputs, ids: model(inputs))
-    for i in held_layers:  # a warm-up of the head: the body held frozen by hand, after set-up
-        model[i].requires_grad_(False)
-    for step in range(16):
-        if step == 8:  # the warm-up is over
-            for i in held_layers:
-                model[i].requires_grad_(True)
-        ids = torch.arange(step * 8, step * 8 + 8) % 32
-        nn.functional.cross_entropy(forward(x[ids], ids), y[ids]).backward()
-        opt.step()
-        opt.zero_grad()
-        freezer.step()
-    return model, cache
+class _Job:
+    """A small MLP trained 8 samples a step over 32 (sample ids for the cache), with a StaticFreeze
+    of ``frozen`` units at ``at_step`` and, with ``cache``, an ActivationCache in memory."""
+
+    def __init__(self, widths, frozen, at_step, cache=False, momentum=0.0, scale=1.0, activation=nn.ReLU,
+                 **cache_kwargs):
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y = torch.randn(32, 16, generator=g) * scale, torch.randint(0, 4, (32,), generator=g)
+        torch.manual_seed(0)
+        layers, width = [], 16
+        for out in widths:
+            layers += [nn.Linear(width, out), activation()]
+            width = out
+        self.model = nn.Sequential(*layers, nn.Linear(width, 4))
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=momentum)
+        self.freezer = SmartFreezer(self.model, self.opt, StaticFreeze(frozen, at_step=at_step),
+                                    example_inputs=self.x[:8], total_steps=16)
+        self.cache = ActivationCache(self.freezer, num_samples=32, deterministic=True, storage="memory",
+                                     **cache_kwargs) if cache else None
+        self.forward = self.cache.wrap() if cache else (lambda inputs, ids: self.model(inputs))
+
+    def train(self, steps, before_step=lambda step: None, after_step=lambda step: None):
+        for step in range(steps):
+            before_step(step)
+            ids = torch.arange(step * 8, step * 8 + 8) % 32
+            nn.functional.cross_entropy(self.forward(self.x[ids], ids), self.y[ids]).backward()
+            self.opt.step()
+            self.opt.zero_grad()
+            self.freezer.step()
+            after_step(step)
+        return self
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> None:
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("held_layers, frozen_by_freezer", [((2, 4), 1), ((0,), 0)])
@@ -703,99 +716,72 @@ def test_layers_the_user_holds_frozen_are_no_part_of_the_cached_prefix(held_laye
     """The cache cut through every leading layer that needed no gradient, whatever the freezer
     had frozen: layers the user's code held frozen for a warm-up were cached, and once released
     they never trained again, silently (review41)."""
-    expected, _ = _held_then_released_run(False, held_layers, frozen_by_freezer)
-    got, cache = _held_then_released_run(True, held_layers, frozen_by_freezer)
-    for a, b in zip(expected.parameters(), got.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert (cache.stats["hits"] > 0) == (frozen_by_freezer > 0)
+    def run(cache):
+        job = _Job((32, 32, 32), frozen_by_freezer, at_step=3, cache=cache, momentum=0.9)
+        for i in held_layers:  # a warm-up of the head: the body held frozen by hand, after set-up
+            job.model[i].requires_grad_(False)
+
+        def release(step):
+            if step == 8:
+                for i in held_layers:
+                    job.model[i].requires_grad_(True)
+        return job.train(16, before_step=release)
+
+    expected, got = run(False), run(True)
+    _same_weights(expected.model, got.model)
+    assert (got.cache.stats["hits"] > 0) == (frozen_by_freezer > 0)
 
 
 def test_parameters_replaced_in_the_prefix_are_cached_again_once_refrozen():
     """A frozen weight replaced by a new Parameter: the forward that first met it (trainable until
     the freezer's next step froze it again) cut before it, and the cache cached nothing for the
     rest of the run, saying the parameter kept training in no unit (review39, review41)."""
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(32, 16, generator=g), torch.randint(0, 4, (32,), generator=g)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=1), example_inputs=x[:8], total_steps=16)
-    cache = ActivationCache(freezer, num_samples=32, deterministic=True, storage="memory")
-    forward = cache.wrap()
+    job, cuts = _Job((32, 32), 2, at_step=1, cache=True), []
+
+    def replace(step):
+        if step == 6:
+            job.model[0].weight = nn.Parameter(job.model[0].weight.detach().clone())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for step in range(12):
-            if step == 6:
-                model[0].weight = nn.Parameter(model[0].weight.detach().clone())
-            ids = torch.arange(step * 8, step * 8 + 8) % 32
-            nn.functional.cross_entropy(forward(x[ids], ids), y[ids]).backward()
-            opt.step()
-            opt.zero_grad()
-            freezer.step()
-            if step == 5:
-                before = cache.boundary
-    assert before > 0 and cache.boundary == before and not model[0].weight.requires_grad
-    assert "in no unit" not in cache.describe()
+        job.train(12, before_step=replace, after_step=lambda step: cuts.append(job.cache.boundary))
+    assert cuts[5] > 0 and cuts[-1] == cuts[5] and not job.model[0].weight.requires_grad
+    assert "in no unit" not in job.cache.describe()
 
 
 def test_a_cast_there_and_back_drops_the_rows_it_made_stale():
     """model.half(); model.float() between two steps (a half-precision save or evaluation) sets
     .data twice: no version bump, float32 again, the values rounded. The rows made from the old
     values went on being served (3.4e-5 in weights with the audit off; review41)."""
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(32, 16, generator=g) * 3, torch.randint(0, 4, (32,), generator=g)
+    def run(cache):
+        job = _Job((64, 64), 2, at_step=1, cache=cache, momentum=0.9, scale=3.0, activation=nn.Tanh,
+                   **({"audit_rows": 0} if cache else {}))
 
-    def run(use_cache):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 4))
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=1), example_inputs=x[:8], total_steps=16)
-        cache = ActivationCache(freezer, num_samples=32, deterministic=True, storage="memory", audit_rows=0) \
-            if use_cache else None
-        forward = cache.wrap() if use_cache else (lambda inputs, ids: model(inputs))
-        for step in range(16):
+        def cast(step):
             if step == 6:
-                model.half()
-                model.float()
-            ids = torch.arange(step * 8, step * 8 + 8) % 32
-            nn.functional.cross_entropy(forward(x[ids], ids), y[ids]).backward()
-            opt.step()
-            opt.zero_grad()
-            freezer.step()
-        return model, cache
+                job.model.half()
+                job.model.float()
+        return job.train(16, before_step=cast)
 
-    expected, _ = run(False)
+    expected = run(False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        got, cache = run(True)
-    for a, b in zip(expected.parameters(), got.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert cache.stats["weights_changed"] == 1 and cache.stats["hits"] > 0
+        got = run(True)
+    _same_weights(expected.model, got.model)
+    assert got.cache.stats["weights_changed"] == 1 and got.cache.stats["hits"] > 0
 
 
 def test_the_cut_goes_back_once_the_hook_that_stopped_it_is_removed():
     """A forward hook placed on a frozen module for a while (a one-off feature dump): the cache
     cut before it, as it must, and stayed there until the next freeze after the hook was removed,
     still naming the hook (review41)."""
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(32, 16, generator=g), torch.randint(0, 4, (32,), generator=g)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=1), example_inputs=x[:8], total_steps=16)
-    cache = ActivationCache(freezer, num_samples=32, deterministic=True, storage="memory")
-    forward, cuts = cache.wrap(), []
+    job, cuts, handles = _Job((32, 32), 2, at_step=1, cache=True), [], []
+
+    def hook_for_a_step(step):
+        if step == 6:
+            handles.append(job.model[2].register_forward_hook(lambda module, args, out: None))
+        if step == 7:
+            handles.pop().remove()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for step in range(12):
-            if step == 6:
-                handle = model[2].register_forward_hook(lambda module, args, out: None)
-            if step == 7:
-                handle.remove()
-            ids = torch.arange(step * 8, step * 8 + 8) % 32
-            nn.functional.cross_entropy(forward(x[ids], ids), y[ids]).backward()
-            opt.step()
-            opt.zero_grad()
-            freezer.step()
-            cuts.append(cache.boundary)
-    assert cuts[5] == cuts[-1] > cuts[6] and "hook" not in cache.describe()
+        job.train(12, before_step=hook_for_a_step, after_step=lambda step: cuts.append(job.cache.boundary))
+    assert cuts[5] == cuts[-1] > cuts[6] and "hook" not in job.cache.describe()
