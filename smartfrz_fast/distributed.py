@@ -207,8 +207,8 @@ class FreezableDDP(nn.Module):
 
     def join(self, *args: Any, **kwargs: Any):
         """DDP's ``join()`` (uneven inputs) on the current wrapper; a rebuild inside it joins too.
-        Pass ``throw_on_early_termination=True``: without it ``freezer.step()`` refuses (a rank
-        out of batches stops stepping while the others freeze)."""
+        Pass ``throw_on_early_termination=True``: without it a rank out of batches stops stepping
+        while the others step on and freeze (docs/integrations/ddp_fsdp.md)."""
         if isinstance(self.current(), DistributedDataParallel):
             return self.ddp.join(*args, **kwargs)
         return contextlib.nullcontext()

@@ -694,18 +694,8 @@ class SmartFreezer:
         optimizer step since the previous one (rank-local control flow, one batch more on one
         rank) put this rank ahead: the ranks then waited for each other in different collectives
         (a hang), or froze at different steps and drifted apart silently. It is not counted, with
-        a warning (a GradScaler's skipped step is skipped on every rank alike). DDP's join() for
-        uneven inputs without throw_on_early_termination lets a rank run out of batches and stop
-        stepping while the others step on (and freeze): refused."""
-        ddp = self.model.ddp if self._dist_kind == "freezable_ddp" else self.model if self._dist_kind == "ddp" else None
-        join = getattr(ddp, "_join_config", None)
-        if join is not None and join.enable and not join.throw_on_early_termination:
-            raise RuntimeError(
-                "SmartFreezer: DDP's join() (uneven inputs) runs without throw_on_early_termination=True: a rank "
-                "that runs out of batches stops stepping while the others step on and freeze, so the ranks' models "
-                "drift apart (or wait for each other for ever). Use join(throw_on_early_termination=True), which "
-                "stops every rank at the first one's end, or give every rank the same number of batches "
-                "(DistributedSampler(..., drop_last=True)).")
+        a warning (a GradScaler's skipped step is skipped on every rank alike, so schedules shift
+        by the skipped steps there, where one process counts them)."""
         if self._guard.optimizer_steps == 0:
             self._guard.warn_once("unmatched distributed", (
                 "SmartFreezer.step() was called with no optimizer step since the previous call, under "

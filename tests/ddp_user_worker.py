@@ -12,7 +12,6 @@ Scenarios (argv[1]):
 - ``extra_step_schedule`` / ``extra_step_adaptive``: DDP(find_unused_parameters=True) with a
   schedule / FreezableDDP with an adaptive policy; rank 1 calls freezer.step() twice after one
   optimizer step: the ranks must still count the same steps.
-- ``join_no_throw``: DDP's join() without throw_on_early_termination: refused on every rank.
 - ``join_throw_rebuild``: FreezableDDP inside ``model.join(throw_on_early_termination=True)``,
   uneven inputs, a freeze (so a rebuild) inside it: every rank stops at the first one's end.
 Each rank saves the flat parameters it ends with (and its freeze timeline) to OUT/rank<r>.pt."""
@@ -143,17 +142,6 @@ def main(scenario, out):
         train(model, opt, freezer, rank, 0, 12, before_step=extra)
         result["timeline"] = [(e.step, e.num_frozen) for e in freezer.timeline]
         result["step_count"] = freezer.step_count
-    elif scenario == "join_no_throw":
-        inner = make_model()
-        model = torch.nn.parallel.DistributedDataParallel(inner, find_unused_parameters=True)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=3), example_inputs=batch(0, rank)[0],
-                               total_steps=10)
-        try:
-            with model.join():
-                train(model, opt, freezer, rank, 0, 6 + rank)  # uneven inputs
-        except RuntimeError as exc:
-            result["error"] = str(exc)
     elif scenario == "join_throw_rebuild":
         # the DDP rebuilt at the freeze was outside the join: gloo aborted on a size mismatch
         inner = make_model()

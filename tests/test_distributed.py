@@ -83,7 +83,7 @@ def test_the_cache_under_plain_ddp_never_moves_rows_through_a_ranks_own_batch_st
 
 @pytest.mark.parametrize("scenario", ["hold_one_rank", "close_unfreeze", "close_unfreeze_cache", "resume_assign",
                                       "smartfrz_set_up_lengths", "extra_step_schedule", "extra_step_adaptive",
-                                      "join_no_throw", "join_throw_rebuild"])
+                                      "join_throw_rebuild"])
 def test_what_the_users_code_does_under_ddp_keeps_the_ranks_in_step(scenario, tmp_path):
     # each drifted apart silently: a layer held on one rank clamped that rank's freeze alone; the
     # DDP inside FreezableDDP kept averaging only the parameters it was built over (none of the
@@ -104,8 +104,6 @@ def test_what_the_users_code_does_under_ddp_keeps_the_ranks_in_step(scenario, tm
         assert r0["timeline"] == r1["timeline"]
     if scenario.startswith("extra_step"):  # rank 1's extra call is not counted (review40)
         assert r0["timeline"] == r1["timeline"] == [(6, 2)] and r0["step_count"] == r1["step_count"] == 12
-    if scenario == "join_no_throw":  # a silent drift (5.8e-3 from freezing by hand) or a hang (review40)
-        assert "throw_on_early_termination=True" in r0["error"] and "throw_on_early_termination=True" in r1["error"]
     if scenario == "join_throw_rebuild":  # gloo aborted after the rebuild inside the join (review40)
         assert "exhausted" in r0["error"] and "exhausted" in r1["error"] and r0["timeline"] == [(3, 2)]
 
