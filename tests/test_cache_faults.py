@@ -785,3 +785,19 @@ def test_the_cut_goes_back_once_the_hook_that_stopped_it_is_removed():
         warnings.simplefilter("ignore")
         job.train(12, before_step=hook_for_a_step, after_step=lambda step: cuts.append(job.cache.boundary))
     assert cuts[5] == cuts[-1] > cuts[6] and "hook" not in job.cache.describe()
+
+
+def test_a_hook_placed_in_the_prefix_as_the_one_that_stopped_the_cut_goes_runs_at_once():
+    """The removed hook's re-cut ran before the look at new hooks: a hook placed inside the cached
+    prefix in the same step was skipped for one forward, its rows served (review42)."""
+    job, calls, per_step = _Job((32, 32, 32), 3, at_step=1, cache=True), [], []
+    stopping = job.model[4].register_forward_hook(lambda module, args, out: None)  # the cut stops before it
+
+    def move_the_hook(step):
+        if step == 8:  # every row is cached by now
+            stopping.remove()
+            job.model[0].register_forward_hook(lambda module, args, out: calls.append(out))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        job.train(11, before_step=move_the_hook, after_step=lambda step: per_step.append(len(calls)))
+    assert per_step[7] == 0 and per_step[10] > per_step[9] > per_step[8] > per_step[7]

@@ -518,8 +518,6 @@ class ActivationCache:
                            "train mode now, and the freezer does not hold it in eval mode (you froze it): rows made "
                            "in eval mode could change what it computes (dropout, batch statistics, any forward that "
                            "reads self.training), so the cache now cuts before it")
-        elif self._stopped_by_hooks is not None and not hooked_modules(self._stopped_by_hooks):
-            self._on_freeze(None, ())  # the hooks that stopped the cut were removed: as deep as the prefix again
         elif self.chain is not None and RemovableHandle.next_id != self._handles_seen:
             # a hook was registered somewhere since the last look (one counter read per step)
             self._handles_seen = RemovableHandle.next_id
@@ -532,6 +530,9 @@ class ActivationCache:
             elif any(hooked_modules(block) for block in self.chain.blocks[:self.boundary]):
                 self._rederive("a forward hook was placed on a module of the cached frozen prefix, which "
                                "cached rows would skip: the cache cuts before it")
+        elif self._stopped_by_hooks is not None and not hooked_modules(self._stopped_by_hooks):
+            # after the look at new hooks above (one placed inside the prefix as this one went)
+            self._on_freeze(None, ())  # the hooks that stopped the cut were removed: as deep as the prefix again
         if self.enabled:  # read once per forward
             inputs.batch = _batch_size(inputs, _id_count(sample_ids))
         asked = captured_outputs(model, inputs.kwargs) if self.enabled else []
