@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import itertools
 import warnings
 import weakref
 from contextlib import contextmanager
@@ -330,13 +331,11 @@ class SwapChain:
         self._caller = _callers(calls)
         # _in_calls_before[op]: how many ops before it ran inside a module call below the model
         # (the most a cut's stand-ins can skip; ops the forward runs itself are never skipped)
-        inside = [0] * (flow_ops := len(flow.op_inputs))
+        inside = [0] * len(flow.op_inputs)
         for call in calls:
             if call.depth == 1:
                 inside[call.start:call.end] = [1] * (call.end - call.start)
-        self._in_calls_before = [0] * (flow_ops + 1)
-        for op in range(flow_ops):
-            self._in_calls_before[op + 1] = self._in_calls_before[op] + inside[op]
+        self._in_calls_before = [0, *itertools.accumulate(inside)]
         self.candidates = [c for c in calls if c.depth > 0 and c.calls_of_module == 1
                            and any(leaf[0] == "row" for leaf in c.leaves)]
         # calls whose output hides its tensors inside an object pytree does not know: no cut
@@ -556,7 +555,7 @@ class SwapChain:
     def _skipped_ops(self, cut: int) -> int:
         if cut not in self._skipped:
             c = self.candidates[cut - 1]
-            self._skipped[cut] = c.end - c.start + sum(s.end - s.start for s in self._find_stand_ins(cut))
+            self._skipped[cut] = c.end - c.start + sum(s.end - s.start for s in self._stand_ins(cut))
         return self._skipped[cut]
 
     def _plausible(self, cut: int) -> Optional[str]:
