@@ -321,13 +321,13 @@ class SmartFRZ(FreezePolicy):
         from .. import ops
 
         # the op applies the input transform of training while it reads each window (fused on CUDA)
-        prob, prefix = ops.predict(history.history, history.cursor, rows, history.valid,
-                                   self._weights, self.threshold, self.input_gain, self.sort_inputs)
+        prob, _ = ops.predict(history.history, history.cursor, rows, history.valid,
+                              self._weights, self.threshold, self.input_gain, self.sort_inputs)
+        # (the op's prefix counted the small units' own votes: the memoryless case counts again)
         prob = self._small_units_follow_their_neighbour(rows, prob)
         self.last_rows, self.last_probabilities, self.last_smoothed = rows, prob, prob
         if memoryless and self.settle_ratio is None:
-            prefix = torch.cumprod((prob >= self.threshold).to(torch.int64), 0).sum()
-            return self._worth_freezing(prefix + history.first_active)
+            return self._worth_freezing(ops.reference.freezable_prefix(prob, self.threshold) + history.first_active)
         if self.settle_ratio is not None:  # not freezable while the unit still moves as at its start
             prob = torch.where(self._settled(rows), prob, torch.zeros_like(prob))
             self.last_smoothed = prob
