@@ -25,6 +25,7 @@ from ..engine import SmartFreezer
 from ..history import SAMPLING
 from ..policy.base import FreezePolicy
 from ..policy.smartfrz import SNAPSHOTS_PER_RUN, snapshot_interval
+from ..predictor.model import write_atomically
 from .cka import centered_gram, cka_from_grams
 from .zoo import EVAL_SPECS, RunSpec, Session, zoo_specs
 
@@ -133,9 +134,7 @@ def record_run(spec: RunSpec, snapshots: int = SNAPSHOTS_PER_RUN,
 
 def save_recording(run: Dict[str, Any], path: Path) -> None:
     """Write atomically: a job killed while writing leaves no torn file behind."""
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(run, tmp)
-    tmp.replace(path)
+    write_atomically(path, lambda tmp: torch.save(run, tmp))
 
 
 def collect(out_dir: Path, specs: List[RunSpec], log=print) -> List[Path]:

@@ -41,7 +41,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..history import SAMPLING
-from ..predictor.model import PredictorWeightsError, load_predictor
+from ..predictor.model import PredictorWeightsError, load_predictor, write_atomically
 from .evaluate import TABLE_COLUMNS, build_policy, latest_rows, policy_settings, train_with_policy, write_table
 from .labels import SEARCH, LabelSource, RecordingError, Tolerance, load_recording, read_trials
 from .train import leave_one_out, run_pipeline
@@ -213,15 +213,16 @@ class Rebuild:
                 rows.append({"network": spec.name, "policy": "oracle", "accuracy": oracle["accuracy"],
                              "flops_saved": oracle["flops_saved"]})
         path = self.out / "policy_comparison.md"
-        tmp = path.with_name(f"{path.name}.{self.shard[0]}.tmp")  # two shards may finish together
-        write_table(rows, tmp, note=(
-            f"Made by `python -m smartfrz_fast.lab.rebuild`. `smartfrz-unseen-<labels>`: the predictor trained "
-            f"without the network's family on CKA or freezing-trial labels; `oracle`: the hindsight schedule of "
-            f"the freezing trials (each prefix at its earliest safe step, {self.tolerance.describe()}; no wall "
-            f"time: it is not a policy one can run)."))
-        with open(tmp, "a") as f:
-            f.write("\n".join(["", *self.goal_lines(rows)]) + "\n")
-        tmp.replace(path)
+        note = (f"Made by `python -m smartfrz_fast.lab.rebuild`. `smartfrz-unseen-<labels>`: the predictor trained "
+                f"without the network's family on CKA or freezing-trial labels; `oracle`: the hindsight schedule of "
+                f"the freezing trials (each prefix at its earliest safe step, {self.tolerance.describe()}; no wall "
+                f"time: it is not a policy one can run).")
+
+        def write(tmp: Path) -> None:
+            write_table(rows, tmp, note=note)
+            with open(tmp, "a") as f:
+                f.write("\n".join(["", *self.goal_lines(rows)]) + "\n")
+        write_atomically(path, write)  # two shards may finish together
         self.log(f"wrote {path}")
         return True
 

@@ -13,7 +13,7 @@ import os
 import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -82,12 +82,18 @@ def save_predictor(model: AttentionPredictor, path: Union[str, Path], provenance
     blob = {"format": WEIGHTS_FORMAT, "version": WEIGHTS_VERSION, "config": asdict(model.config),
             "state_dict": state, "provenance": provenance}
     blob["digest"] = _digest(blob)
-    # atomically: a job killed while writing leaves the old file or none, never a torn one
-    # (which every later load refuses: a resumed rebuild stopped on it)
+    # a torn file would be refused at every later load: a resumed rebuild stopped on it
+    write_atomically(path, lambda tmp: torch.save(blob, tmp))
+
+
+def write_atomically(path: Union[str, Path], write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` a file beside ``path``, then move it there: a job killed while writing
+    leaves the old file or none, never a torn one. The temporary name is this process's own
+    (shards of a rebuild may write the same file at once)."""
     path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # own name: shards may write at once
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        torch.save(blob, tmp)
+        write(tmp)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
