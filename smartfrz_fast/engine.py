@@ -383,7 +383,10 @@ class SmartFreezer:
         # what must stay frozen, refreshed after each freeze and parameter swap (None: stale)
         self._held: Optional[Tuple[List[Tuple[str, Tensor]], List[Tuple[str, Tensor]]]] = None
         self._last_held: Dict[int, int] = {}  # unit -> last step it was seen held frozen by the user's code
-        self._trained_since_look: set = set()  # units that required grad at an optimizer step since the last look
+        self._trained_since_look: set = set()  # units that trained at an optimizer step since the last look
+        self._idle_since: Dict[int, int] = {}  # unit -> step count when it was first seen at a learning rate of 0
+        self._group_of_param: Dict[int, dict] = {}  # parameter id -> its optimizer group (_learning_rate_of)
+        self._groups_seen: Tuple = ()
         self._held_looked_at = -1  # the step of the last look (once a step)
         # optimizer -> its removals of frozen parameters, each [(group, position, name)] (close() undoes them)
         self._taken: "weakref.WeakKeyDictionary[torch.optim.Optimizer, list]" = weakref.WeakKeyDictionary()
@@ -794,27 +797,59 @@ class SmartFreezer:
             self.freeze_to(value, step=step)
 
     def _note_units_trained(self) -> None:
-        """Before each step of the freezer's optimizers: the units outside the prefix with a
-        parameter that requires grad train in this step. A loop over the units that stops at
-        each unit's first trainable parameter (about 0.3 us a unit on this CPU), until every unit
-        was seen training since the last look (then nothing: most steps of a long run)."""
+        """Before each step of the freezer's optimizers: the units outside the prefix that train
+        in this step, with a parameter that requires grad in a group whose learning rate is not
+        0. A loop over the units that stops at each unit's first trainable parameter (about
+        0.3 us a unit on this CPU), until every unit was seen training since the last look
+        (then nothing: most steps of a long run)."""
         trained = self._trained_since_look
         if len(trained) >= len(self.units) - self.num_frozen:
             return
+        lr_of = None
         for unit in self.units[self.num_frozen:]:
-            if unit.index not in trained and any(p.requires_grad for p in unit.parameters):
+            if unit.index in trained:
+                continue
+            trainable = [p for p in unit.parameters if p.requires_grad]
+            if not trainable:
+                continue
+            lr_of = lr_of or self._learning_rate_of()
+            if all(lr_of(p) == 0 for p in trainable):
+                self._idle_since.setdefault(unit.index, self.step_count)
+            else:
                 trained.add(unit.index)
+                self._idle_since.pop(unit.index, None)
+
+    def _learning_rate_of(self) -> Callable[[Tensor], float]:
+        """A parameter's learning rate in the freezer's optimizers (0: a warm-up holds it still).
+        One on an accelerator, or none known, reads as 1: reading it would wait for the device."""
+        groups = tuple((id(g), len(g["params"])) for opt in self.optimizers for g in opt.param_groups)
+        if groups != self._groups_seen:  # the map is rebuilt only when the groups change
+            self._groups_seen = groups
+            self._group_of_param = {id(p): g for opt in self.optimizers for g in opt.param_groups for p in g["params"]}
+
+        def lr_of(param: Tensor) -> float:
+            lr = self._group_of_param.get(id(param), {}).get("lr")
+            if isinstance(lr, Tensor):
+                return float(lr) if lr.device.type == "cpu" and lr.numel() == 1 else 1.0
+            return float(lr) if isinstance(lr, (int, float)) else 1.0
+
+        return lr_of
 
     def _note_units_held_by_user(self, step: int) -> None:
         """Units outside the prefix that the user's code holds frozen (a warm-up of the head, a
-        gradual unfreezing): no parameter required grad at any optimizer step since the last
-        look (a GAN's discriminator, switched off only around the generator's step, trains at
-        its own optimizer's). At each snapshot and each decision."""
+        gradual unfreezing): no parameter trained at any optimizer step since the last look,
+        either none required grad or their learning rate was 0 over two steps or more (a
+        warm-up that starts from 0 has one such step, and holds nothing). A GAN's
+        discriminator, switched off only around the generator's step, trains at its own
+        optimizer's. At each snapshot and each decision."""
         if self._held_looked_at == step:
             return
         self._held_looked_at = step
         for unit in self.units[self.num_frozen:]:
-            if unit.index not in self._trained_since_look and not any(p.requires_grad for p in unit.parameters):
+            if unit.index in self._trained_since_look:
+                continue
+            idle_since = self._idle_since.get(unit.index)
+            if (idle_since is not None and step - idle_since >= 2) or not any(p.requires_grad for p in unit.parameters):
                 self._last_held[unit.index] = step
         self._trained_since_look.clear()
 
@@ -833,11 +868,13 @@ class SmartFreezer:
             if held is not None and step - held < span:
                 self._guard.warn_once("held by user", (
                     f"SmartFreezer: {type(self.policy).__name__} would freeze unit {self.units[index].name!r}, but "
-                    f"your code held it frozen (requires_grad=False on all of it) at step {held}: it did not train, "
-                    "which is no sign that it is done learning. It (and every unit after it) may freeze once it "
-                    f"has trained for {span} steps (window * sample_every). A layer you mean to keep frozen for "
-                    "good: set requires_grad=False before building the freezer (it is then no unit), or call "
-                    "freezer.freeze_to()."))
+                    f"your code held it frozen (requires_grad=False, or a learning rate of 0, on all of it) at step "
+                    f"{held}: it did not train, which is no sign that it is done learning. It (and every unit "
+                    f"after it) may freeze once it has trained for {span} steps (window * sample_every). A layer "
+                    "you mean to keep frozen for good: set requires_grad=False before building the freezer (it is "
+                    "then no unit), or call freezer.freeze_to()."))
+                return index
+            if index in self._idle_since:  # at a learning rate of 0 at its last step: not a hold yet, not done
                 return index
         return value
 
@@ -1291,6 +1328,7 @@ class SmartFreezer:
             "pending": pending,
             "history": self.history.state_dict() if self.history is not None else None,
             "user_held": sorted(self._last_held.items()),
+            "lr_idle_since": sorted(self._idle_since.items()),
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -1332,12 +1370,14 @@ class SmartFreezer:
             pending = self._checked_pending(state["pending"], step)
         except (TypeError, KeyError, ValueError) as exc:
             raise ValueError(f"this SmartFreezer state_dict has a corrupt timeline or pending list ({exc})") from exc
-        user_held = state.get("user_held", [])  # absent in checkpoints older than this guard
-        if not (isinstance(user_held, (list, tuple)) and all(
-                isinstance(e, (list, tuple)) and len(e) == 2 and _is_int(e[0]) and 0 <= e[0] < len(self.units)
-                and _is_int(e[1]) and 0 <= e[1] <= step for e in user_held)):
-            raise ValueError(f"this SmartFreezer state_dict is corrupt: user_held={user_held!r} is not a list of "
-                             f"(unit, step) pairs of a model of {len(self.units)} units up to step {step}")
+        # absent in checkpoints older than these guards
+        user_held, idle_since = state.get("user_held", []), state.get("lr_idle_since", [])
+        for key, pairs in (("user_held", user_held), ("lr_idle_since", idle_since)):
+            if not (isinstance(pairs, (list, tuple)) and all(
+                    isinstance(e, (list, tuple)) and len(e) == 2 and _is_int(e[0]) and 0 <= e[0] < len(self.units)
+                    and _is_int(e[1]) and 0 <= e[1] <= step for e in pairs)):
+                raise ValueError(f"this SmartFreezer state_dict is corrupt: {key}={pairs!r} is not a list of "
+                                 f"(unit, step) pairs of a model of {len(self.units)} units up to step {step}")
         if (state["history"] is None) != (self.history is None):
             raise ValueError("the checkpoint's weight history does not match this policy's needs")
         if self.history is not None:
@@ -1353,6 +1393,7 @@ class SmartFreezer:
             self.history.load_state_dict(state["history"])
         self.step_count = step
         self._last_held = {int(index): int(at) for index, at in user_held}
+        self._idle_since = {int(index): int(at) for index, at in idle_since}
         self.freeze_to(num_frozen, step=step)
         self.timeline = timeline
         self._pending = [(apply_at, value, None) for apply_at, value in pending]

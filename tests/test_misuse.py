@@ -1044,20 +1044,29 @@ def test_a_gan_toggle_of_the_whole_discriminator_warns_once():
     assert len([w for w in caught if "frozen parameter(s)" in str(w.message)]) == 1, [str(w.message) for w in caught]
 
 
-def _warm_up_run(make_policy, hold_until, steps=20, resume_at=None):
-    """The user holds the first layer frozen by hand for ``hold_until`` steps (a warm-up of the
-    layers after it), then lets it train. Returns the step of each freeze and the warnings."""
+def _warm_up_run(make_policy, hold_until, steps=20, resume_at=None, how="requires_grad"):
+    """The user holds the first layer still for ``hold_until`` steps (a warm-up of the layers
+    after it), then lets it train: ``how`` by requires_grad=False, or by a learning rate of 0 in
+    its own parameter group. Returns the step of each freeze and the warnings."""
     model = _mlp(bn=False)
-    opt = sgd(model)
+    first = list(model[0].parameters())
+    opt = torch.optim.SGD([{"params": first}, {"params": list(model.parameters())[len(first):]}], lr=0.05)
     make = lambda: SmartFreezer(model, opt, make_policy(), example_inputs=torch.randn(4, 8), window=4, sample_every=1,
                                 total_steps=steps)
     freezer = make()
-    model[0].requires_grad_(False)
+
+    def hold(still):
+        if how == "requires_grad":
+            model[0].requires_grad_(not still)
+        else:
+            opt.param_groups[0]["lr"] = 0.0 if still else 0.05
+
+    hold(True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for step in range(steps):
             if step == hold_until:
-                model[0].requires_grad_(True)
+                hold(False)
             if step == resume_at:
                 state = freezer.state_dict()
                 freezer.close()
@@ -1067,15 +1076,30 @@ def _warm_up_run(make_policy, hold_until, steps=20, resume_at=None):
     return [(e.step, e.num_frozen) for e in freezer.timeline], [str(w.message) for w in caught]
 
 
-def test_an_adaptive_policy_does_not_freeze_a_layer_the_user_holds_frozen_until_it_has_trained():
+@pytest.mark.parametrize("how", ["requires_grad", "lr 0"])
+def test_an_adaptive_policy_does_not_freeze_a_layer_the_user_holds_frozen_until_it_has_trained(how):
     # Returns(2): "freeze two units" at every step, as an adaptive policy that reads a held layer's
-    # still weights as done would: it may freeze once the layer has trained for a window (4 steps)
-    timeline, caught = _warm_up_run(lambda: Returns(2), hold_until=6)
+    # still weights as done would: it may freeze once the layer has trained for a window (4 steps).
+    # A learning rate of 0 (a backbone's warm-up in its own group) holds it as requires_grad=False
+    # does: before, SmartFRZ froze such a backbone for good
+    timeline, caught = _warm_up_run(lambda: Returns(2), hold_until=6, how=how)
     assert timeline == [(10, 2)], timeline
     assert sum("your code held it frozen" in w for w in caught) == 1, caught
     assert not any("frozen parameter(s)" in w for w in caught), caught  # never frozen, so never re-frozen
-    resumed, _ = _warm_up_run(lambda: Returns(2), hold_until=6, resume_at=8)  # the hold is in the checkpoint
-    assert resumed == timeline
+    # the hold is in the checkpoint, and so is a learning rate of 0 seen at one step (a layer held by
+    # requires_grad=False when the freezer is built is no unit, so that checkpoint is refused)
+    for resume_at in (1, 8) if how == "lr 0" else (8,):
+        resumed, _ = _warm_up_run(lambda: Returns(2), hold_until=6, resume_at=resume_at, how=how)
+        assert resumed == timeline
+
+
+def test_a_warm_up_from_a_learning_rate_of_0_holds_nothing():
+    # a linear warm-up starts at 0 for one step (transformers' schedules): no hold, no warning; the
+    # decision at that step waits for the next, where the layer has trained
+    assert _warm_up_run(lambda: Returns(2), hold_until=0, how="lr 0") == ([(1, 2)], [])
+    assert _warm_up_run(lambda: Returns(2), hold_until=1, how="lr 0") == ([(2, 2)], [])
+    timeline, caught = _warm_up_run(lambda: Returns(2), hold_until=2, how="lr 0")  # two steps: a hold
+    assert timeline == [(6, 2)] and sum("your code held it frozen" in w for w in caught) == 1, (timeline, caught)
 
 
 def test_a_discriminator_switched_off_around_the_generators_step_is_not_held():

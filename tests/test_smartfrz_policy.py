@@ -427,18 +427,19 @@ def test_bad_smoothing_and_min_progress(tmp_path, kwargs):
 
 def _moving_run(policy, speed, steps=40):
     """A model whose weights are moved by hand: unit i drifts by ``speed(i, step)`` times a fixed
-    direction each step (no training), so that each window's movement is known."""
+    direction each step (the optimizer steps without gradients), so that each window's movement
+    is known."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
     x = torch.randn(3, 4)
     freezer = SmartFreezer(model, opt, policy, example_inputs=x, window=4, sample_size=16, sample_every=1,
                            total_steps=steps)
     directions = [torch.randn_like(layer.weight) for layer in model]
     for step in range(steps):
         model(x).sum().backward()
-        opt.step()
         opt.zero_grad()
+        opt.step()
         with torch.no_grad():
             for i, layer in enumerate(model):
                 if layer.weight.requires_grad:
@@ -464,8 +465,8 @@ def test_settle_ratio_holds_a_unit_that_keeps_moving_as_at_its_start(tmp_path):
 def test_settle_ratio_compares_with_the_first_window_that_starts_moving(tmp_path):
     """A unit that did not move at first (the user's code held it frozen) compares with the
     first window that starts with it moving: its first window's movement of 0, or of the few
-    steps since the hold, held it back for good (review38). One that never moves (an lr of 0)
-    is settled: with every window's reference taken from whole windows only, nothing after it
+    steps since the hold, held it back for good (review38). One that never moves (no gradient
+    reaches it; an lr of 0 is a hold, test_misuse.py) is settled: with every window's reference taken from whole windows only, nothing after it
     froze (review39)."""
     path = predictor_file(tmp_path / "p.pt", freeze_logit=20.0)
     held_then_settling = lambda i, step: 0.0 if step < 6 else 1e-3 * 0.7 ** (step - 6)  # noqa: E731
@@ -477,7 +478,7 @@ def test_settle_ratio_compares_with_the_first_window_that_starts_moving(tmp_path
     _moving_run(held, held_then_steady)
     _moving_run(steady, lambda i, step: 1e-3)
     torch.testing.assert_close(held.state_dict()["first_move"], steady.state_dict()["first_move"], equal_nan=True)
-    # an lr of 0 on the first unit: it and the rest settle as they would
+    # the first unit never moves: it and the rest settle as they would
     first_still = lambda i, step: 0.0 if i == 0 else 1e-3 * 0.7 ** step  # noqa: E731
     assert run_frozen(SmartFRZ(weights=path, settle_ratio=0.5), first_still) == 2
 
@@ -613,3 +614,27 @@ def test_a_unit_too_small_to_read_takes_the_vote_of_its_neighbour(tmp_path, monk
     _prelu_run(policy, steps=31, sample_every=1)
     prob = policy.last_probabilities.tolist()
     assert prob[0] == prob[1] and prob[2] == prob[1] and prob[4] == prob[3]
+
+
+def test_a_backbone_held_at_a_learning_rate_of_0_trains_once_released(tmp_path):
+    """A warm-up of the head with the backbone's parameter group at lr 0: its weights stand still,
+    which the predictor and the settle check read as done. SmartFRZ froze it for good at its first
+    decision (step 8), so it never trained after the warm-up. Now a learning rate of 0 holds the
+    unit as requires_grad=False does: no freeze until it has trained for a window."""
+    policy = SmartFRZ(settle_ratio=None, weights=predictor_file(tmp_path / "p.pt", freeze_logit=20.0),
+                      min_progress=0.0)
+    model = SmallCNN()
+    backbone = list(model.conv1.parameters()) + list(model.bn1.parameters())  # the first unit
+    opt = torch.optim.SGD([{"params": backbone, "lr": 0.0}, {"params": list(model.parameters())[4:]}], lr=0.05)
+    freezer = SmartFreezer(model, opt, policy, example_inputs=batch(0)[0], window=4, sample_size=16,
+                           total_steps=300)  # a snapshot every 2 steps: a window is 8 steps
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_steps(model, opt, freezer, 20)
+    assert freezer.num_frozen == 0, freezer.report()
+    assert any("learning rate of 0" in str(w.message) for w in caught)
+    released = backbone[0].detach().clone()
+    opt.param_groups[0]["lr"] = 0.05
+    train_steps(model, opt, freezer, 40, start=20)
+    assert not torch.equal(backbone[0], released)
+    assert freezer.timeline and freezer.timeline[0].step >= 28, freezer.report()
