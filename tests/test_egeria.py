@@ -298,3 +298,36 @@ def test_a_module_name_holding_a_plus_is_found():
     SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), policy=policy, example_inputs=x[:2],
                  total_steps=10)
     assert policy._hook_modules[0][0] is dict(policy.shadow.named_modules())["stem.rgb+depth"]
+
+
+class _ScaledInput(nn.Module):
+    """A learned input scale on the model itself: a unit of the root's own parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = mlp()
+        self.in_scale = nn.Parameter(torch.ones(12))
+
+    def forward(self, x):
+        return self.layers(x * self.in_scale)
+
+
+def test_a_unit_of_a_containers_own_parameter_is_measured_after_its_use():
+    """A container's own parameter (torchvision ViT's class token, a learned input scale) is a
+    unit whose last module is the container: measured at its output, it read the model's logits
+    (the head's distance at every evaluation), and since freezing goes front to back, nothing
+    froze (review44). It is measured at the next unit's output now."""
+    model = _ScaledInput()
+    probe = torch.randn(64, 12, generator=torch.Generator().manual_seed(7))
+    policy = Egeria(model, probe, interval=2, warmup=2, window=3, tolerance=0.05, patience=2, ref_refresh=8,
+                    asynchronous=False)
+    still = [model.in_scale] + list(model.layers[0].parameters()) + list(model.layers[2].parameters())
+    opt = torch.optim.SGD([{"params": still, "lr": 1e-6},
+                           {"params": list(model.layers[4].parameters()) + list(model.layers[6].parameters()),
+                            "lr": 0.5}], momentum=0.9)
+    freezer = SmartFreezer(model, opt, policy=policy, example_inputs=probe[:2], decision_delay=0)
+    assert [u.name for u in freezer.units][0] == "<root>"
+    train(model, freezer, opt, 40)
+    policy.close()
+    assert freezer.num_frozen == 3, freezer.report()
+    assert model.layers[4].weight.requires_grad

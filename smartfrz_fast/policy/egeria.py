@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from ..units import example_call
-from .base import Decision, FreezePolicy, PolicyContext, plain_number
+from .base import Decision, FreezePolicy, PolicyContext, UnitInfo, plain_number
 
 
 # The plasticity of a unit that keeps moving reads ~2 right after each reference refresh (its
@@ -76,6 +76,28 @@ def _stamp(t: Tensor) -> Optional[Tuple[int, int]]:
         return id(t), t._version
     except RuntimeError:
         return None
+
+
+def _measured_modules(units: Sequence[UnitInfo]) -> List[str]:
+    """Per unit, the module whose output measures it: its last module (a module's name may hold
+    "+", which joins the names in unit.name), unless that module holds a later unit's modules. A
+    container's own parameter (torchvision ViT's class token on the model, a learned input
+    scale) is such a unit: measured at the container's output, it read the model's logits,
+    which move with the head, and held every unit after it unfrozen. It takes the next unit's
+    measure, the first activation after its parameter is read."""
+    lasts = []
+    for unit in units:
+        last = unit.module_names[-1] if unit.module_names else unit.name.split("+")[-1]
+        lasts.append("" if last == "<root>" else last)
+    measured = list(lasts)
+    above_later: set = set()  # every module above a later unit's modules
+    for index in reversed(range(len(units))):
+        if lasts[index] in above_later:
+            measured[index] = measured[index + 1]
+        for name in units[index].module_names:
+            parts = name.split(".") if name else []
+            above_later.update(".".join(parts[:depth]) for depth in range(len(parts)))
+    return measured
 
 
 class Egeria(FreezePolicy):
@@ -215,16 +237,13 @@ class Egeria(FreezePolicy):
         names = dict(self.shadow.named_modules())
         ref_names = dict(self.reference.named_modules())
         self._hook_modules = []
-        for unit in context.units:
-            # its last module (a module's name may hold "+", which joins the names in unit.name)
-            last = unit.module_names[-1] if unit.module_names else unit.name.split("+")[-1]
-            last = "" if last == "<root>" else last
-            if last not in names:
+        for unit, measured in zip(context.units, _measured_modules(context.units)):
+            if measured not in names:
                 raise ValueError(
-                    f"Egeria: unit {unit.index} ({unit.name}) has no module '{last}' in the model "
+                    f"Egeria: unit {unit.index} ({unit.name}) has no module '{measured}' in the model "
                     "given to Egeria: pass the same (unwrapped) model to Egeria and SmartFreezer."
                 )
-            self._hook_modules.append([names[last], ref_names[last]])
+            self._hook_modules.append([names[measured], ref_names[measured]])
         self._windows = [[] for _ in context.units]
         self._hits = [0] * context.num_units
         if self._pending_state is not None:
