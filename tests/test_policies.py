@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -515,6 +516,14 @@ def test_autofreeze_invalid_arguments(kwargs, match):
         AutoFreeze(**kwargs)
 
 
+def test_autofreeze_warns_of_a_fraction_where_a_percentile_is_meant():
+    with pytest.warns(UserWarning, match=r"percentile=0.5 is on a 0-100 scale.*percentile=100 \* fraction"):
+        AutoFreeze(percentile=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AutoFreeze(percentile=1)
+
+
 # ----------------------------------------------------------------------------------------------
 # LinearFreeze
 
@@ -713,31 +722,126 @@ def test_freezeout_with_a_constant_lr_trains_exactly_as_the_reference_split():
                 assert lr == pytest.approx(0.5 * (0.1 / t[i]) * (1 + math.cos(math.pi * j / (t[i] * n))), rel=1e-12)
 
 
-def test_freezeout_groups_survive_a_step_that_raises():
-    """A step that raises inside the optimizer leaves the split groups behind; the next step
-    (and the user) find the user's groups again."""
+@pytest.mark.parametrize("where", ["a pre-step hook", "the closure"])
+@pytest.mark.parametrize("scheduler", ["before", "after", None])
+def test_freezeout_groups_survive_a_step_that_raises(where, scheduler):
+    """A step that raises (a closure's out-of-memory error, the batch skipped) ran no post-step
+    hook: the per-unit groups stayed until the next step, so a scheduler stepped in between
+    wrote into them (its update lost: cosine 2 % off for the rest of the run) and an emergency
+    optimizer.state_dict() saved them (a checkpoint no optimizer loads; review44). The user's
+    groups are back as the step raises."""
     from torch import nn
 
     from smartfrz_fast import SmartFreezer
 
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    make_scheduler = lambda: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)  # noqa: E731
+    sched = make_scheduler() if scheduler == "before" else None
     freezer = SmartFreezer(model, opt, FreezeOut(), example_inputs=(torch.randn(2, 4),), total_steps=10)
+    sched = make_scheduler() if scheduler == "after" else sched
     fail = {"now": True}
 
-    def boom(optimizer, args, kwargs):
+    def boom(*args):
         if fail["now"]:
             raise RuntimeError("boom")
 
-    hook = opt.register_step_pre_hook(boom)
-    model(torch.randn(3, 4)).sum().backward()
+    hook = opt.register_step_pre_hook(boom) if where == "a pre-step hook" else None
+
+    def closure():
+        opt.zero_grad()
+        model(torch.randn(3, 4)).sum().backward()
+        if where == "the closure":
+            boom()
+
     with pytest.raises(RuntimeError, match="boom"):
-        opt.step()
+        opt.step(closure)
+    assert len(opt.param_groups) == 1 and len(opt.param_groups[0]["params"]) == 4
+    torch.optim.SGD(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)).parameters(), lr=0.1).load_state_dict(
+        opt.state_dict())
+    if sched is not None:
+        sched.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.05 * (1 + math.cos(math.pi / 10)), rel=1e-12)
     fail["now"] = False
-    opt.step()
+    opt.step(closure)
     freezer.step()
     assert len(opt.param_groups) == 1 and len(opt.param_groups[0]["params"]) == 4
-    hook.remove()
+    if hook is not None:
+        hook.remove()
+    freezer.close()
+    assert ("step" in vars(opt)) == (sched is not None)  # unwrapped: the class's step, or the scheduler's
+
+
+def test_freezeouts_step_wrapper_copies_pickles_and_unwraps_as_the_plain_step():
+    import io
+
+    from smartfrz_fast import SmartFreezer
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, FreezeOut(), example_inputs=(torch.randn(2, 4),), total_steps=10)
+    copied = copy.deepcopy(opt)
+    assert copied.step.__self__ is copied and copied.step.__func__ is type(opt).step
+    buffer = io.BytesIO()
+    torch.save(opt, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded.step.__self__ is loaded
+    freezer.close()
+    assert "step" not in vars(opt)
+
+
+class _GroupCounter(torch.optim.Optimizer):
+    """An optimizer that counts its steps per group in a tensor it advances in place (timm's Lamb
+    does), and divides the step by that count."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            group.setdefault("step", torch.zeros(()))
+            group["step"].add_(1)
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"] / float(group["step"]))
+
+
+def test_freezeout_steps_a_group_counter_once_per_step():
+    """FreezeOut's per-unit sub-groups shared the group's counter tensor, so it advanced once per
+    unit per step (timm's Lamb: 79 after 40 steps of a 4-unit model, its bias correction wrong
+    and per unit; review44). Each sub-group steps its own copy, and the count goes back."""
+    from torch import nn
+
+    from smartfrz_fast import SmartFreezer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
+    opt = _GroupCounter(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, FreezeOut(t0=0.5, spacing="linear"), example_inputs=(torch.randn(2, 4),),
+                           total_steps=12)
+    opt.step()  # the counter made before the freezer's split, as after a resume
+    held = opt.param_groups[0]["step"]
+    reference = copy.deepcopy(model)
+    factors = []
+    for step in range(12):
+        factors.append(freezer.policy.lr_factors(freezer.step_count))
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(step))
+        model(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+        reference(x).sum().backward()
+        with torch.no_grad():  # the reference: one counter, each unit's lr scaled by hand
+            for layer, factor in zip(reference, factors[-1]):
+                for p in layer.parameters():
+                    if p.grad is not None and factor > 0:
+                        p.add_(p.grad, alpha=-0.1 * factor / (step + 2))
+                    p.grad = None
+        assert opt.param_groups[0]["step"] is held and int(held) == step + 2
+    for mine, theirs in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)
 
 
 def test_freezeout_default_t0_is_the_recommended_one():

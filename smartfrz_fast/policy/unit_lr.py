@@ -4,14 +4,16 @@ A policy that sets each unit's lr (``manages_lr``: FreezeOut) needs one lr per u
 user's optimizer has its own groups, and the user's lr scheduler (built before or after the
 freezer) reads and writes exactly those groups. So the groups are split per unit only while
 ``optimizer.step()`` runs: a pre-step hook replaces them with one sub-group per (group, unit)
-whose lr is the group's current lr (whatever the scheduler set) times the unit's factor, and a
-post-step hook puts the user's groups back. Outside the step the optimizer, its ``state_dict``
-and every scheduler see the groups they were built with.
+whose lr is the group's current lr (whatever the scheduler set) times the unit's factor, and
+the step's end puts the user's groups back, with what the step wrote into them. Outside the step
+the optimizer, its ``state_dict`` and every scheduler see the groups they were built with.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+import types
+import weakref
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -52,6 +54,7 @@ class UnitLRScaler:
         for opt in optimizers:
             self.hooks.append(opt.register_step_pre_hook(self._before_step))
             self.hooks.append(_UntilStepEnds(opt.register_step_post_hook(self._after_step), self, id(opt)))
+            self.hooks.append(_GroupsBackWhenStepRaises.wrap(opt, self))
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         self._after_step(optimizer, args, kwargs)  # a step that raised left its groups split
@@ -68,7 +71,10 @@ class UnitLRScaler:
             names = group.get("param_names")  # a group built from named_parameters(): its names split too
             name_of = dict(zip(map(id, group["params"]), names)) if names and len(names) == len(group["params"]) else None
             for unit, params in buckets.items():
-                sub = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+                # a tensor the step changes in place (timm Lamb's group['step'].add_(1)) is each
+                # sub-group's own: shared, it advanced once per unit per step
+                sub = {k: v.clone() if isinstance(v, torch.Tensor) and k not in _SPLIT_OWN else v
+                       for k, v in group.items() if k not in ("params", "param_names")}
                 sub["params"] = params
                 if name_of is not None:
                     sub["param_names"] = [name_of[id(p)] for p in params]
@@ -84,9 +90,17 @@ class UnitLRScaler:
             return
         own, pairs = split
         optimizer.param_groups[:] = own
+        written: set = set()  # (group, key) already written back by an earlier sub-group of the group
         for sub, group in pairs:  # what the step itself wrote into a group (a few optimizers count there)
             for key, value in sub.items():
-                if key not in _SPLIT_OWN and key not in _TRACING_FLAGS and group.get(key) is not value:
+                if key in _SPLIT_OWN or key in _TRACING_FLAGS:
+                    continue
+                mine = group.get(key)
+                if isinstance(mine, torch.Tensor) and isinstance(value, torch.Tensor) and value.shape == mine.shape:
+                    if (id(group), key) not in written:  # every sub-group stepped once: the first one's
+                        mine.copy_(value)  # in place: whoever holds the user's tensor sees the count
+                        written.add((id(group), key))
+                elif mine is not value:
                     group[key] = value
 
 
@@ -103,3 +117,63 @@ class _UntilStepEnds:
     def remove(self) -> None:
         if self.optimizer_id not in self.scaler._split:
             self.handle.remove()
+
+
+class _GroupsBackWhenStepRaises:
+    """``optimizer.step`` wrapped so that a step that raises (a closure's out-of-memory error,
+    caught by the loop and the batch skipped) puts the user's groups back too: torch runs no
+    post-step hook then, and until the next step the user's lr scheduler stepped the per-unit
+    groups (its update lost), and an ``optimizer.state_dict()`` saved them (a checkpoint that no
+    optimizer loads). It holds the optimizer weakly (dropped, it goes at once), answers
+    ``__func__`` as torch's lr schedulers expect of ``optimizer.step``, copies and pickles as
+    the plain step, is undone by ``remove()`` (``close()``) where it is still outermost, and is
+    inert once its scaler is gone."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scaler: UnitLRScaler) -> None:
+        inner = optimizer.step
+        # the step it wraps, never holding the optimizer: the class's step (or another bound
+        # method) unbound, or a scheduler's wrapper (which holds it weakly)
+        self.inner_unbound = isinstance(inner, types.MethodType) and inner.__self__ is optimizer
+        self.inner = inner.__func__ if self.inner_unbound else inner
+        self.optimizer = weakref.ref(optimizer)
+        self.scaler = weakref.ref(scaler)
+        self.__name__ = "step"
+
+    @classmethod
+    def wrap(cls, optimizer: torch.optim.Optimizer, scaler: UnitLRScaler) -> "_GroupsBackWhenStepRaises":
+        wrapper = cls(optimizer, scaler)
+        optimizer.step = wrapper
+        return wrapper
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._step(self.optimizer(), *args, **kwargs)
+
+    def _step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self.inner(optimizer, *args, **kwargs) if self.inner_unbound else self.inner(*args, **kwargs)
+        finally:
+            scaler = self.scaler()
+            if scaler is not None and id(optimizer) in scaler._split:
+                scaler._after_step(optimizer, args, kwargs)
+
+    @property
+    def __func__(self) -> Any:  # a scheduler built later wraps func.__get__(optimizer)
+        return self
+
+    def __get__(self, optimizer: Any, owner: Any = None) -> Any:
+        return self if optimizer is None else types.MethodType(self._step, optimizer)
+
+    def __reduce__(self) -> Any:  # torch.save(optimizer), copy.deepcopy(optimizer): the class's step
+        return _class_step, (self.optimizer(),)
+
+    def remove(self) -> None:
+        optimizer = self.optimizer()
+        if optimizer is not None and optimizer.__dict__.get("step") is self:
+            if self.inner_unbound and self.inner is type(optimizer).step:
+                del optimizer.step  # the class's own step again
+            else:
+                optimizer.step = types.MethodType(self.inner, optimizer) if self.inner_unbound else self.inner
+
+
+def _class_step(optimizer: torch.optim.Optimizer) -> Any:
+    return types.MethodType(type(optimizer).step, optimizer)
