@@ -95,6 +95,8 @@ def test_bad_arguments():
             Egeria(mlp(), torch.randn(2, 12), tolerance=tolerance)
     with pytest.raises(TypeError, match="nn.Module"):
         Egeria("model", torch.randn(2, 12))
+    with pytest.raises(ValueError, match=r"Egeria: ref_device='gpu' is not a torch device"):
+        Egeria(mlp(), torch.randn(2, 12), ref_device="gpu")
     with pytest.raises(ValueError, match="total_steps"):
         bound(Egeria(mlp(), torch.randn(2, 12)), total_steps=None)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from typing import Any, Dict, Optional
 
 import torch
@@ -69,7 +71,7 @@ class AutoFreeze(FreezePolicy):
             isinstance(interval, bool) or not isinstance(interval, int) or interval < 1
         ):
             raise ValueError(
-                f"AutoFreeze: interval must be a positive number of optimizer steps or None, got {interval!r}"
+                f"AutoFreeze: interval must be a positive int (optimizer steps) or None, got {interval!r}"
             )
         if (
             isinstance(percentile, bool)
@@ -77,6 +79,11 @@ class AutoFreeze(FreezePolicy):
             or not (0.0 < float(percentile) < 100.0)
         ):
             raise ValueError(f"AutoFreeze: percentile must be in (0, 100), got {percentile!r}")
+        if float(percentile) < 1.0:  # a fraction where a percentile was meant: almost never freezes
+            warnings.warn(f"AutoFreeze: percentile={percentile!r} is on a 0-100 scale (the median is 50, the "
+                          f"default), so this is the {percentile}th percentile: a unit freezes only when its "
+                          "gradient changed less than almost every other's. Pass percentile=100 * fraction if "
+                          "a fraction was meant.", UserWarning, stacklevel=2)
         if isinstance(num_intervals, bool) or not isinstance(num_intervals, int) or num_intervals < 1:
             raise ValueError(f"AutoFreeze: num_intervals must be a positive int, got {num_intervals!r}")
         self.interval_arg = interval

@@ -178,7 +178,11 @@ class Egeria(FreezePolicy):
         self.window, self.tolerance, self.patience = window, float(tolerance), patience
         self.ref_refresh = ref_refresh
         self.asynchronous = asynchronous
-        self.ref_device = torch.device(ref_device)
+        try:
+            self.ref_device = torch.device(ref_device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"Egeria: ref_device={ref_device!r} is not a torch device (\"cpu\", \"cuda\", "
+                             "\"cuda:1\", torch.device(...))") from exc
         self.source = model
         args, kwargs = example_call(model, probe_inputs, probe_kwargs)
         on_ref = lambda t: t.detach().to(self.ref_device) if isinstance(t, Tensor) else t  # noqa: E731
