@@ -141,6 +141,22 @@ def test_streaks_survive_a_checkpoint(tmp_path, monkeypatch):
         == [(12, 3)]
 
 
+def test_a_resume_with_other_predictor_weights_warns(tmp_path):
+    """Another weights file at resume (weights=, $SMARTFRZ_PREDICTOR, a release that ships new
+    weights) went unnoticed: the resumed run froze nothing where the saved one froze (review43)."""
+    saved = run(SmartFRZ(settle_ratio=None, weights=predictor_file(tmp_path / "a.pt")), steps=9)
+    state = saved.state_dict()
+    for weights, warns in ((tmp_path / "a.pt", False), (predictor_file(tmp_path / "b.pt", freeze_logit=20.0), True)):
+        model = SmallCNN()
+        resumed = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.05),
+                               SmartFRZ(settle_ratio=None, weights=weights), example_inputs=batch(0)[0], window=4,
+                               sample_size=16, sample_every=2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            resumed.load_state_dict(state)
+        assert any("other predictor weights" in str(w.message) for w in caught) == warns, caught
+
+
 def test_doubtful_predictor_never_freezes(tmp_path):
     freezer = run(SmartFRZ(settle_ratio=None, weights=predictor_file(tmp_path / "p.pt", freeze_logit=-20.0), evaluate_every=2))
     assert freezer.num_frozen == 0 and freezer.timeline == []

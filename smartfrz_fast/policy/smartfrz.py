@@ -179,13 +179,13 @@ class SmartFRZ(FreezePolicy):
             return None if t is None else t.detach().cpu().clone()  # a copy, not a view
 
         return {"evaluated_at": self._evaluated_at, "streak": host(self._streak), "average": host(self._average),
-                "first_move": host(self._first_move)}
+                "first_move": host(self._first_move), "weights_digest": self.predictor.digest}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         # checked whole before anything changes: a wrong-shape streak would fail at the next step
-        if not isinstance(state, dict) or set(state) - {"evaluated_at", "streak", "average", "first_move"}:
-            raise ValueError(f"SmartFRZ: policy state {state!r:.80} is not SmartFRZ.state_dict()'s "
-                             "{'evaluated_at', 'streak', 'average', 'first_move'}")
+        keys = {"evaluated_at", "streak", "average", "first_move", "weights_digest"}
+        if not isinstance(state, dict) or set(state) - keys:
+            raise ValueError(f"SmartFRZ: policy state {state!r:.80} is not SmartFRZ.state_dict()'s {sorted(keys)}")
         evaluated_at, streak, average = state.get("evaluated_at", -1), state.get("streak"), state.get("average")
         first_move = state.get("first_move")
         if isinstance(evaluated_at, bool) or not isinstance(evaluated_at, int) or evaluated_at < -1:
@@ -202,6 +202,13 @@ class SmartFRZ(FreezePolicy):
         check("streak", streak, torch.int32, lambda t: t >= 0, "counts >= 0")
         check("average", average, torch.float32, lambda t: ((t >= 0) & (t <= 1)) | t.isnan(), "probabilities in [0, 1]")
         check("first_move", first_move, torch.float32, lambda t: (t >= 0) | t.isnan(), "movements >= 0")
+        saved_digest = state.get("weights_digest")  # absent in checkpoints older than this check
+        if saved_digest is not None and saved_digest != self.predictor.digest:
+            warnings.warn(  # weights=, $SMARTFRZ_PREDICTOR or a new release's shipped weights
+                f"SmartFRZ: the checkpoint was made with other predictor weights (digest {str(saved_digest)[:12]}, "
+                f"these are {self.predictor.digest[:12]}): the resumed run will not decide as the saved one would. "
+                "Pass the checkpoint's weights file as SmartFRZ(weights=...) to continue it exactly.",
+                UserWarning, stacklevel=3)
         self._evaluated_at = evaluated_at
         self._streak = None if streak is None else streak.clone()
         self._average = None if average is None else average.clone()
