@@ -1092,6 +1092,13 @@ class SmartFreezer:
                              "as one saved after layers froze does. Load the freezer's state first "
                              "(freezer.load_state_dict(...), which takes the frozen parameters out), then the "
                              "optimizer's; a state saved from another model does not fit this optimizer at all.")
+        if self.step_count == 0 and state_dict.get("state"):
+            self._guard.warn_once("optimizer state before freezer state", (
+                f"SmartFreezer: this optimizer state was saved after training (it holds state for "
+                f"{len(state_dict['state'])} parameters), and this freezer is at step 0: a resumed run loads "
+                "the freezer's state first (freezer.load_state_dict(saved), then the optimizer's), or its "
+                f"{type(self.policy).__name__} starts again from step 0, silently off the saved run's course. "
+                "Starting a new run from another run's optimizer state: ignore this."))
         taken = sum(len(removal) for removal in self._taken.get(optimizer, []))
         if len(saved) == len(mine) and taken and sum(saved) - sum(mine) == taken:
             raise ValueError(
@@ -1301,6 +1308,11 @@ class SmartFreezer:
         return {"sample_every": self.sample_every, "keep_trainable": self.keep_trainable,
                 "decision_delay": self.decision_delay, "seed": self.seed,
                 "shared_parameters": self.shared_parameters}
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError("a SmartFreezer is not saved whole (torch.save(freezer), pickle, copy.deepcopy): it holds "
+                        "hooks on the model and its optimizers. Save freezer.state_dict() with the checkpoint and "
+                        "load it into a new SmartFreezer with freezer.load_state_dict(saved).")
 
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to continue bit-identically (model and optimizer states apart)."""

@@ -3,6 +3,7 @@ a re-created optimizer, replaced parameters, a changed model, step() miscounted,
 close(), two freezers on one model, policies returning something that is not a prefix length."""
 
 import copy
+import io
 import warnings
 from types import SimpleNamespace
 
@@ -1217,3 +1218,34 @@ def test_parameters_replaced_without_registration_hooks_are_followed_or_refused(
         opt.step()
     assert not [w for w in caught if "received no gradient" in str(w.message)]
     assert not torch.equal(before, model[4].weight) and not model[0].weight.requires_grad
+
+
+def test_an_optimizer_state_loaded_into_a_freezer_at_step_0_warns():
+    """A resume that forgets the freezer's state (or a Lightning checkpoint without the
+    callback's) restarted the schedule from step 0 silently until something had frozen
+    (review43). The optimizer's load says so; loaded after the freezer's state, nothing."""
+    model = _mlp(bn=False)
+    opt = sgd(model, momentum=0.9)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=10), example_inputs=torch.randn(4, 8), total_steps=20)
+    for step in range(3):
+        _train_step(model, opt, freezer, step)
+    saved, saved_freezer = opt.state_dict(), freezer.state_dict()
+    for load_freezer_first in (False, True):
+        model = _mlp(bn=False)
+        opt = sgd(model, momentum=0.9)
+        freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=10), example_inputs=torch.randn(4, 8),
+                               total_steps=20)
+        if load_freezer_first:
+            freezer.load_state_dict(saved_freezer)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.load_state_dict(copy.deepcopy(saved))
+        assert any("this freezer is at step 0" in str(w.message) for w in caught) != load_freezer_first, caught
+
+
+def test_a_freezer_saved_whole_says_to_save_its_state_dict():
+    model = _mlp(bn=False)
+    freezer = SmartFreezer(model, sgd(model), StaticFreeze(1, at_step=10), example_inputs=torch.randn(4, 8))
+    with pytest.raises(TypeError, match=r"Save freezer.state_dict\(\)"):
+        torch.save(freezer, io.BytesIO())
+    copy.deepcopy(model)  # the model alone copies as before
