@@ -1341,7 +1341,26 @@ class SmartFreezer:
             "history": self.history.state_dict() if self.history is not None else None,
             "user_held": sorted(self._last_held.items()),
             "lr_idle_since": sorted(self._idle_since.items()),
+            "iteration_in_progress": self._iteration_in_progress(),
         }
+
+    def _iteration_in_progress(self) -> Optional[Dict[str, Any]]:
+        """A checkpoint taken between ``optimizer.step()`` and ``freezer.step()``: that step is
+        not counted yet. Resumed at the next iteration, every policy's schedule would run a step
+        late, silently; resumed by calling ``freezer.step()`` first, AutoFreeze needs the
+        gradient norms gathered for it. Saved (and restored) so that the second way is exact,
+        with a warning that says so."""
+        guard = self._guard
+        if guard is None or not guard.optimizer_steps or self._closed:
+            return None
+        guard.warn_once("saved mid-iteration", (
+            "SmartFreezer: state_dict() between optimizer.step() and freezer.step(): the freezer has not "
+            "counted this optimizer step yet. A run resumed from this checkpoint must call freezer.step() "
+            "first (finishing this iteration); resumed at the next iteration, the freezer's schedule runs one "
+            "step behind the optimizer's for the rest of the run. Save after freezer.step() to avoid both."))
+        return {"optimizer_steps": guard.optimizer_steps,
+                "stepped": [i for i, opt in enumerate(self.optimizers) if id(opt) in self._stepped],
+                "grad_sq": None if self._grad_sq is None else self._grad_sq.detach().cpu().clone()}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore a checkpoint. Call it before ``optimizer.load_state_dict``: freezing removes
@@ -1390,6 +1409,16 @@ class SmartFreezer:
                     and _is_int(e[1]) and 0 <= e[1] <= step for e in pairs)):
                 raise ValueError(f"this SmartFreezer state_dict is corrupt: {key}={pairs!r} is not a list of "
                                  f"(unit, step) pairs of a model of {len(self.units)} units up to step {step}")
+        in_progress = state.get("iteration_in_progress")  # absent in checkpoints older than this field
+        if in_progress is not None and not (
+                isinstance(in_progress, dict) and _is_int(in_progress.get("optimizer_steps"))
+                and in_progress["optimizer_steps"] > 0
+                and isinstance(in_progress.get("stepped"), (list, tuple))
+                and all(_is_int(i) and 0 <= i < len(self.optimizers) for i in in_progress["stepped"])
+                and (in_progress.get("grad_sq") is None) == (self._grad_sq is None)
+                and (self._grad_sq is None or (isinstance(in_progress["grad_sq"], Tensor)
+                                               and in_progress["grad_sq"].shape == self._grad_sq.shape))):
+            raise ValueError(f"this SmartFreezer state_dict is corrupt: iteration_in_progress={in_progress!r:.120}")
         if (state["history"] is None) != (self.history is None):
             raise ValueError("the checkpoint's weight history does not match this policy's needs")
         if self.history is not None:
@@ -1406,6 +1435,11 @@ class SmartFreezer:
         self.step_count = step
         self._last_held = {int(index): int(at) for index, at in user_held}
         self._idle_since = {int(index): int(at) for index, at in idle_since}
+        if in_progress is not None:  # the optimizer step of the iteration the checkpoint was taken in
+            self._guard.optimizer_steps = int(in_progress["optimizer_steps"])
+            self._stepped = {id(self.optimizers[i]) for i in in_progress["stepped"]}
+            if self._grad_sq is not None:
+                self._grad_sq.copy_(in_progress["grad_sq"])
         self.freeze_to(num_frozen, step=step)
         self.timeline = timeline
         self._pending = [(apply_at, value, None) for apply_at, value in pending]

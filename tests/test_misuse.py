@@ -1249,3 +1249,48 @@ def test_a_freezer_saved_whole_says_to_save_its_state_dict():
     with pytest.raises(TypeError, match=r"Save freezer.state_dict\(\)"):
         torch.save(freezer, io.BytesIO())
     copy.deepcopy(model)  # the model alone copies as before
+
+
+def _autofreeze_run(steps, save_mid_iteration_at=None):
+    """AutoFreeze (gradient norms per interval) on an MLP; with ``save_mid_iteration_at``, a
+    checkpoint between that iteration's optimizer.step() and freezer.step(), resumed in a new
+    freezer that finishes the iteration."""
+    from smartfrz_fast import AutoFreeze
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[layer for _ in range(6) for layer in (nn.Linear(8, 8), nn.Tanh())], nn.Linear(8, 4))
+    opt = sgd(model, momentum=0.9)
+    make = lambda: SmartFreezer(model, opt, AutoFreeze(interval=3, percentile=50), example_inputs=torch.randn(4, 8),
+                                total_steps=steps)
+    freezer = make()
+    caught = []
+    for step in range(steps):
+        torch.manual_seed(step)
+        x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        if step == save_mid_iteration_at:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                state = copy.deepcopy(freezer.state_dict())
+            freezer.close()
+            model.requires_grad_(True)  # as a model built anew in a new process
+            freezer = make()
+            freezer.load_state_dict(state)
+        freezer.step()
+    return [(e.step, e.num_frozen) for e in freezer.timeline], weights(model), [str(w.message) for w in caught]
+
+
+def test_a_checkpoint_between_the_optimizer_step_and_the_freezer_step_warns_and_resumes_exactly():
+    """Saved mid-iteration, the freezer had not counted the optimizer step: resumed at the next
+    iteration, every schedule ran a step late, silently; resumed by finishing the iteration,
+    AutoFreeze lost that step's gradient norms (freezes at 20 and 50 instead of 25 and 35;
+    review43). It warns at the save, and the second way is exact."""
+    straight, weights_straight, _ = _autofreeze_run(40)
+    assert len(straight) == 5
+    for at in (3, 7, 12, 27):  # each lost a freeze or moved one
+        timeline, weights_resumed, caught = _autofreeze_run(40, save_mid_iteration_at=at)
+        assert timeline == straight
+        assert all(torch.equal(a, b) for a, b in zip(weights_resumed, weights_straight))
+        assert sum("state_dict() between optimizer.step() and freezer.step()" in w for w in caught) == 1, caught
