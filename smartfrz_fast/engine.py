@@ -1316,8 +1316,9 @@ class SmartFreezer:
 
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to continue bit-identically (model and optimizer states apart)."""
-        self._require_setup("state_dict() (a checkpoint before the first forward holds nothing of the "
-                            "freezer: start it fresh when you resume from there)")
+        if self.plan is None and not self._closed:  # a checkpoint before training: a fresh freezer's
+            return {"format": STATE_FORMAT, "version": STATE_VERSION, "before_set_up": True}
+        self._require_setup("state_dict()")
         if not self._closed:
             self._resync()  # deleting a module calls no hook: the model is re-read in full here
         pending = []
@@ -1369,11 +1370,19 @@ class SmartFreezer:
         Everything is checked before anything changes: a refused checkpoint (another model,
         policy or settings, or a truncated dict) leaves the model, the optimizer and this
         freezer as they were."""
-        self._require_open()
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError("not a SmartFreezer state_dict (missing its format tag)")
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"SmartFreezer state version {state.get('version')} is not supported (this is {STATE_VERSION})")
+        if state.get("before_set_up") and not self._closed and self.step_count == 0 and not self.num_frozen:
+            return  # saved before the first forward: nothing to restore in a fresh freezer
+        if self.plan is None and not self._closed:
+            raise RuntimeError(
+                "SmartFreezer has not seen the model run yet, so it cannot load a checkpoint: build it with "
+                "example_inputs=<a batch> (or call freezer.set_up_before_first_forward(args, kwargs)) before "
+                "load_state_dict(). A training forward to set it up would run the layers the checkpoint holds "
+                "frozen in train mode (their BatchNorm statistics move) and the resumed run would differ.")
+        self._require_open()
         missing = [k for k in _STATE_KEYS if k not in state]
         if missing:
             raise ValueError(f"this SmartFreezer state_dict lacks {missing}: it is truncated or was edited. "

@@ -129,6 +129,31 @@ def test_units_found_at_first_forward_without_example_inputs():
     assert freezer.num_frozen == 2
 
 
+def test_a_freezer_set_up_at_the_first_forward_saves_before_it_and_says_how_to_resume():
+    """A checkpoint before training ("checkpoint-0") raised in state_dict(); it is a fresh
+    freezer's state now, which a fresh freezer loads. A checkpoint of a run loaded before set-up
+    said "run a forward pass", which in train mode moved the frozen layers' BatchNorm statistics
+    (review43): it names example_inputs and set_up_before_first_forward."""
+    def fresh(**kwargs):
+        model = SmallCNN()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return model, opt, SmartFreezer(model, opt, StaticFreeze(2, at_step=3), **kwargs)
+
+    model, opt, freezer = fresh()
+    before = freezer.state_dict()
+    fresh()[2].load_state_dict(before)  # nothing to restore, before set-up
+    fresh(example_inputs=batch(0)[0])[2].load_state_dict(before)  # nor after
+    train_steps(model, opt, freezer, 4)
+    state = freezer.state_dict()
+    with pytest.raises(RuntimeError, match=r"cannot load a checkpoint: build it with example_inputs=.*"
+                                           r"set_up_before_first_forward.*BatchNorm statistics move"):
+        fresh()[2].load_state_dict(state)
+    resumed = fresh(example_inputs=batch(0)[0])[2]
+    resumed.load_state_dict(state)
+    assert resumed.num_frozen == 2
+
+
+
 @pytest.mark.parametrize("policy", ["smartfrz", "autofreeze"])
 def test_units_found_in_an_inference_mode_forward_then_training(policy):
     # the engine's state made at a first forward under inference_mode was made of inference
