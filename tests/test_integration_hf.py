@@ -406,3 +406,27 @@ def test_a_custom_compute_loss_reads_the_models_attributes_with_the_cache(tmp_pa
     callback = SmartFreezeCallback(StaticFreeze(5, at_step=2), activation_cache={"deterministic": True}).attach(trainer)
     trainer.train()
     assert callback.freezer.num_frozen == 5 and callback.cache.stats["hits"] + callback.cache.stats["misses"] > 0
+
+
+def test_a_kill_after_the_trainers_save_leaves_a_checkpoint_to_resume_from(tmp_path):
+    """The Trainer's save ends by deleting older checkpoints (save_total_limit=1); the freezer's
+    file was written after it, at on_save, so a kill in between left no checkpoint with it and
+    the run could not resume (review43). It is written first now."""
+
+    class Killed(Exception):
+        pass
+
+    class KillAtSave(transformers.TrainerCallback):  # runs before the freezer's on_save
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 8:
+                raise Killed
+
+    trainer = Trainer(model=tiny_bert(), args=training_args(tmp_path, save_total_limit=1), train_dataset=dataset(),
+                      callbacks=[KillAtSave()])
+    SmartFreezeCallback(make_policy("static")).attach(trainer)
+    with pytest.raises(Killed):
+        trainer.train()
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-8"]
+    assert (tmp_path / "checkpoint-8" / CHECKPOINT_FILE).is_file()
+    model, trainer, callback = run(tmp_path, "static", resume=True)
+    assert callback.freezer.step_count == MAX_STEPS and callback.freezer.num_frozen == 5

@@ -29,8 +29,11 @@ scheduler together, before it sets ``trainer.state.max_steps``; 5.x builds the o
 the model, then builds the scheduler.)
 
 Events: ``on_step_end`` (after ``optimizer.step()`` and the scheduler step, once per optimizer
-step whatever the gradient accumulation) calls ``freezer.step()``; ``on_save`` (after the
-Trainer wrote ``checkpoint-<step>``) writes the freezer state into that folder.
+step whatever the gradient accumulation) calls ``freezer.step()``. The freezer state goes into
+``checkpoint-<step>`` as the Trainer's ``_save_checkpoint`` starts (wrapped by ``attach`` too):
+the Trainer's save ends by deleting older checkpoints (``save_total_limit``), so written at
+``on_save``, after it, a kill in between left no checkpoint to resume from. A Trainer without
+``_save_checkpoint`` gets it at ``on_save``.
 
 With ``activation_cache={...}``, ``attach`` also adds each training sample's index to its item
 (``"sample_id"``, kept through the Trainer's column removal) and wraps ``compute_loss``: in
@@ -163,6 +166,7 @@ class SmartFreezeCallback(TrainerCallback):
         self._cached_model: Optional[CachedModel] = None
         self._trainer = None
         self._resume_from: Optional[str] = None
+        self._written_at: Optional[int] = None  # the step whose checkpoint has the freezer's files
 
     # ------------------------------------------------------------------ attach
     def attach(self, trainer: "transformers.Trainer") -> "SmartFreezeCallback":
@@ -182,6 +186,7 @@ class SmartFreezeCallback(TrainerCallback):
         original_train = trainer.train
         original_create_scheduler = trainer.create_scheduler
         original_compute_loss = trainer.compute_loss
+        original_save_checkpoint = getattr(trainer, "_save_checkpoint", None)
 
         @functools.wraps(original_train)
         def train(resume_from_checkpoint=None, *args, **kwargs):
@@ -212,8 +217,18 @@ class SmartFreezeCallback(TrainerCallback):
             cached = _CachedCall(self._cached(model), sample_ids, trainer.accelerator)
             return original_compute_loss(cached, inputs, *args, **kwargs)
 
+        def save_checkpoint(model, trial, *args, **kwargs):
+            # the freezer's files go in first: the Trainer's save ends by deleting older checkpoints
+            # (save_total_limit), so a kill between it and on_save left no checkpoint to resume with
+            folder = os.path.join(trainer._get_output_dir(trial=trial),
+                                  f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}")
+            self._write(trainer.args, trainer.state, folder)
+            return original_save_checkpoint(model, trial, *args, **kwargs)
+
         trainer.train = train
         trainer.create_scheduler = create_scheduler
+        if original_save_checkpoint is not None and hasattr(trainer, "_get_output_dir"):
+            trainer._save_checkpoint = functools.wraps(original_save_checkpoint)(save_checkpoint)
         if self.cache_kwargs is not None:
             trainer.compute_loss = compute_loss
         return self
@@ -344,17 +359,25 @@ class SmartFreezeCallback(TrainerCallback):
         self.freezer.step()
 
     def on_save(self, args, state, control, **kwargs):
+        """Written before the Trainer's save where the Trainer has ``_save_checkpoint`` (attach
+        wraps it); here otherwise."""
+        if self._written_at == state.global_step:
+            return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if self.freezer is not None and (args.should_save or self.cache is not None) and not os.path.isdir(folder):
+            raise FileNotFoundError(f"SmartFreezeCallback: the Trainer's checkpoint folder {folder} is missing")
+        self._write(args, state, folder)
+
+    def _write(self, args, state, folder: str) -> None:
         if self.freezer is None or not (args.should_save or self.cache is not None):
             return
-        folder = os.path.join(args.output_dir,
-                              f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"SmartFreezeCallback: the Trainer's checkpoint folder {folder} is missing")
+        os.makedirs(folder, exist_ok=True)
         if args.should_save:  # the freezer's state is the same on every process
             torch.save(self.freezer.state_dict(), os.path.join(folder, CHECKPOINT_FILE))
         if self.cache is not None:  # every process: its own rows and counters
             torch.save(self.cache.state_dict(),
                        os.path.join(folder, CACHE_CHECKPOINT_FILE.format(rank=args.process_index)))
+        self._written_at = state.global_step
 
 
 class _CachedCall(nn.Module):
