@@ -176,13 +176,16 @@ def check_grads_after_freeze(freezer: Any) -> None:
                 # hold the old tensors. The next freezer.step() adopts like ones or refuses, saying why
                 freezer._guard.changed = True
                 return
-            starved_names = [u.name for u in trainable if starved(u)]
+            starved_units = [u for u in trainable if starved(u)]
+            zeros = any(p.grad is not None for u in starved_units for p in u.parameters if p.requires_grad)
             warnings.warn(
-                f"SmartFreezer: after the last freeze, trainable unit(s) {starved_names[:4]} received no "
-                "gradient. "
+                f"SmartFreezer: after the last freeze, trainable unit(s) {[u.name for u in starved_units][:4]} "
+                f"received no gradient{' (all zeros)' if zeros else ''}. "
                 "Reentrant activation checkpointing (checkpoint(..., use_reentrant=True)) on an input "
                 "that needs no grad, such as a frozen prefix's output, trains nothing: use "
-                "use_reentrant=False.",
+                "use_reentrant=False."
+                + (" Without it, a gradient of zeros is the model's own (ReLUs that fire for no sample of "
+                   "the batch, an output no loss reads), not the freeze's: then ignore this." if zeros else ""),
                 stacklevel=2,
             )
 

@@ -765,3 +765,20 @@ def test_a_compiled_function_in_the_forward_still_compiles_after_set_up():
         opt.zero_grad()
         freezer.step()
     assert runs["graph"] >= 6  # two calls a forward, three forwards: the compiled graph ran
+
+
+def test_a_dead_relu_after_the_prefix_is_not_blamed_on_checkpointing_alone():
+    """A unit whose ReLU fires for no sample gets a gradient of zeros: the warning blamed
+    reentrant checkpointing alone (review43). It says a gradient of zeros may be the model's own."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[2].bias.fill_(-100.0)  # dead: no sample makes it fire, so unit 1 gets zeros
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=1), example_inputs=torch.randn(2, 4))
+    with pytest.warns(UserWarning, match=r"received no gradient \(all zeros\).*the model's own"):
+        for _ in range(3):
+            model(torch.randn(5, 4)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
