@@ -1352,7 +1352,9 @@ class SmartFreezer:
         gradient norms gathered for it. Saved (and restored) so that the second way is exact,
         with a warning that says so."""
         guard = self._guard
-        if guard is None or not guard.optimizer_steps or self._closed:
+        # more optimizer steps than one iteration makes: a loop that never calls step() (freeze_to
+        # by hand), which the never-stepped warning is about
+        if guard is None or self._closed or not 0 < guard.optimizer_steps <= len(self.optimizers):
             return None
         guard.warn_once("saved mid-iteration", (
             "SmartFreezer: state_dict() between optimizer.step() and freezer.step(): the freezer has not "
@@ -1374,8 +1376,11 @@ class SmartFreezer:
             raise ValueError("not a SmartFreezer state_dict (missing its format tag)")
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"SmartFreezer state version {state.get('version')} is not supported (this is {STATE_VERSION})")
-        if state.get("before_set_up") and not self._closed and self.step_count == 0 and not self.num_frozen:
-            return  # saved before the first forward: nothing to restore in a fresh freezer
+        if state.get("before_set_up"):
+            if not self._closed and self.step_count == 0 and not self.num_frozen:
+                return  # saved before the first forward: nothing to restore in a fresh freezer
+            raise RuntimeError("this SmartFreezer state was saved before the freezer's first forward (a fresh "
+                               "freezer's): it restores nothing into one that has trained or was closed.")
         if self.plan is None and not self._closed:
             raise RuntimeError(
                 "SmartFreezer has not seen the model run yet, so it cannot load a checkpoint: build it with "

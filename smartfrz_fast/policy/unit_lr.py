@@ -90,18 +90,21 @@ class UnitLRScaler:
             return
         own, pairs = split
         optimizer.param_groups[:] = own
-        written: set = set()  # (group, key) already written back by an earlier sub-group of the group
+        # a group's tensor changed in place (a step count): a value of a sub-group that changed it
+        # (those that did agree: each stepped once), chosen on the device, with no host read
+        changed: Dict[Tuple[int, str], Tuple[torch.Tensor, torch.Tensor]] = {}
         for sub, group in pairs:  # what the step itself wrote into a group (a few optimizers count there)
             for key, value in sub.items():
                 if key in _SPLIT_OWN or key in _TRACING_FLAGS:
                     continue
                 mine = group.get(key)
                 if isinstance(mine, torch.Tensor) and isinstance(value, torch.Tensor) and value.shape == mine.shape:
-                    if (id(group), key) not in written:  # every sub-group stepped once: the first one's
-                        mine.copy_(value)  # in place: whoever holds the user's tensor sees the count
-                        written.add((id(group), key))
+                    _, chosen = changed.get((id(group), key), (mine, mine))
+                    changed[(id(group), key)] = (mine, torch.where(value != mine, value.to(mine.dtype), chosen))
                 elif mine is not value:
                     group[key] = value
+        for mine, chosen in changed.values():
+            mine.copy_(chosen)  # in place: whoever holds the user's tensor sees the count
 
 
 class _UntilStepEnds:
