@@ -385,8 +385,6 @@ class SmartFreezer:
         self._last_held: Dict[int, int] = {}  # unit -> last step it was seen held frozen by the user's code
         self._trained_since_look: set = set()  # units that trained at an optimizer step since the last look
         self._idle_since: Dict[int, int] = {}  # unit -> step count when it was first seen at a learning rate of 0
-        self._group_of_param: Dict[int, dict] = {}  # parameter id -> its optimizer group (_learning_rate_of)
-        self._groups_seen: Tuple = ()
         self._held_looked_at = -1  # the step of the last look (once a step)
         # optimizer -> its removals of frozen parameters, each [(group, position, name)] (close() undoes them)
         self._taken: "weakref.WeakKeyDictionary[torch.optim.Optimizer, list]" = weakref.WeakKeyDictionary()
@@ -799,41 +797,43 @@ class SmartFreezer:
     def _note_units_trained(self) -> None:
         """Before each step of the freezer's optimizers: the units outside the prefix that train
         in this step, with a parameter that requires grad in a group whose learning rate is not
-        0. A loop over the units that stops at each unit's first trainable parameter (about
-        0.3 us a unit on this CPU), until every unit was seen training since the last look
-        (then nothing: most steps of a long run)."""
+        0. A loop over the units that stops at each unit's first such parameter (about 0.3 us a
+        unit on this CPU), until every unit was seen training since the last look (then nothing:
+        most steps of a long run)."""
         trained = self._trained_since_look
         if len(trained) >= len(self.units) - self.num_frozen:
             return
-        lr_of = None
+        still = self._parameters_at_lr_0()
         for unit in self.units[self.num_frozen:]:
             if unit.index in trained:
                 continue
-            trainable = [p for p in unit.parameters if p.requires_grad]
-            if not trainable:
-                continue
-            lr_of = lr_of or self._learning_rate_of()
-            if all(lr_of(p) == 0 for p in trainable):
+            idle = False
+            for p in unit.parameters:
+                if p.requires_grad:
+                    if id(p) not in still:
+                        trained.add(unit.index)
+                        self._idle_since.pop(unit.index, None)
+                        idle = False
+                        break
+                    idle = True
+            if idle:
                 self._idle_since.setdefault(unit.index, self.step_count)
-            else:
-                trained.add(unit.index)
-                self._idle_since.pop(unit.index, None)
 
-    def _learning_rate_of(self) -> Callable[[Tensor], float]:
-        """A parameter's learning rate in the freezer's optimizers (0: a warm-up holds it still).
-        One on an accelerator, or none known, reads as 1: reading it would wait for the device."""
-        groups = tuple((id(g), len(g["params"])) for opt in self.optimizers for g in opt.param_groups)
-        if groups != self._groups_seen:  # the map is rebuilt only when the groups change
-            self._groups_seen = groups
-            self._group_of_param = {id(p): g for opt in self.optimizers for g in opt.param_groups for p in g["params"]}
-
-        def lr_of(param: Tensor) -> float:
-            lr = self._group_of_param.get(id(param), {}).get("lr")
-            if isinstance(lr, Tensor):
-                return float(lr) if lr.device.type == "cpu" and lr.numel() == 1 else 1.0
-            return float(lr) if isinstance(lr, (int, float)) else 1.0
-
-        return lr_of
+    def _parameters_at_lr_0(self) -> Set[int]:
+        """Ids of the parameters in the freezer's optimizers' groups whose learning rate is 0 now
+        (a warm-up holding a backbone still): one read per group. A learning rate on an
+        accelerator is never read (that would wait for the device), nor under torch.compile."""
+        still: Set[int] = set()
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                lr = group.get("lr")
+                if isinstance(lr, Tensor):
+                    if lr.device.type != "cpu" or lr.numel() != 1 or torch.compiler.is_compiling():
+                        continue
+                    lr = float(lr)
+                if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr == 0:
+                    still.update(id(p) for p in group["params"])
+        return still
 
     def _note_units_held_by_user(self, step: int) -> None:
         """Units outside the prefix that the user's code holds frozen (a warm-up of the head, a
@@ -1092,7 +1092,7 @@ class SmartFreezer:
                              "as one saved after layers froze does. Load the freezer's state first "
                              "(freezer.load_state_dict(...), which takes the frozen parameters out), then the "
                              "optimizer's; a state saved from another model does not fit this optimizer at all.")
-        if self.step_count == 0 and state_dict.get("state"):
+        if self.step_count == 0 and not self._guard.optimizer_steps and state_dict.get("state"):
             self._guard.warn_once("optimizer state before freezer state", (
                 f"SmartFreezer: this optimizer state was saved after training (it holds state for "
                 f"{len(state_dict['state'])} parameters), and this freezer is at step 0: a resumed run loads "
@@ -1342,6 +1342,7 @@ class SmartFreezer:
             "history": self.history.state_dict() if self.history is not None else None,
             "user_held": sorted(self._last_held.items()),
             "lr_idle_since": sorted(self._idle_since.items()),
+            "trained_since_look": sorted(self._trained_since_look),
             "iteration_in_progress": self._iteration_in_progress(),
         }
 
@@ -1423,6 +1424,10 @@ class SmartFreezer:
                     and _is_int(e[1]) and 0 <= e[1] <= step for e in pairs)):
                 raise ValueError(f"this SmartFreezer state_dict is corrupt: {key}={pairs!r} is not a list of "
                                  f"(unit, step) pairs of a model of {len(self.units)} units up to step {step}")
+        trained = state.get("trained_since_look", [])  # absent in checkpoints older than this field
+        if not (isinstance(trained, (list, tuple)) and all(_is_int(i) and 0 <= i < len(self.units) for i in trained)):
+            raise ValueError(f"this SmartFreezer state_dict is corrupt: trained_since_look={trained!r:.120} is not "
+                             f"a list of units of a model of {len(self.units)} units")
         in_progress = state.get("iteration_in_progress")  # absent in checkpoints older than this field
         if in_progress is not None and not (
                 isinstance(in_progress, dict) and _is_int(in_progress.get("optimizer_steps"))
@@ -1449,6 +1454,7 @@ class SmartFreezer:
         self.step_count = step
         self._last_held = {int(index): int(at) for index, at in user_held}
         self._idle_since = {int(index): int(at) for index, at in idle_since}
+        self._trained_since_look = {int(index) for index in trained}
         if in_progress is not None:  # the optimizer step of the iteration the checkpoint was taken in
             self._guard.optimizer_steps = int(in_progress["optimizer_steps"])
             self._stepped = {id(self.optimizers[i]) for i in in_progress["stepped"]}

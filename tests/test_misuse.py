@@ -1294,3 +1294,36 @@ def test_a_checkpoint_between_the_optimizer_step_and_the_freezer_step_warns_and_
         assert timeline == straight
         assert all(torch.equal(a, b) for a, b in zip(weights_resumed, weights_straight))
         assert sum("state_dict() between optimizer.step() and freezer.step()" in w for w in caught) == 1, caught
+
+
+class _ReturnsFrom(Returns):
+    def __init__(self, value, start):
+        super().__init__(value)
+        self.start = start
+
+    def decide(self, step, frozen):  # no decision before ``start``: the engine looks at its snapshots only
+        return self.value if step >= self.start else None
+
+
+@pytest.mark.parametrize("resume_at", [None, 7, 8])
+def test_a_resume_remembers_which_units_trained_since_the_last_look(resume_at):
+    """Looks every 5 steps; the first layer at lr 0 for steps 7-9 only, after training at 5 and 6:
+    no hold. A run resumed at 7 or 8 forgot that it trained since the look, took the three steps
+    for a hold and froze nothing for a window (review45)."""
+    model = _mlp(bn=False)
+    first = list(model[0].parameters())
+    opt = torch.optim.SGD([{"params": first}, {"params": list(model.parameters())[len(first):]}], lr=0.05)
+    make = lambda: SmartFreezer(model, opt, _ReturnsFrom(2, start=10), example_inputs=torch.randn(4, 8), window=4,
+                                sample_every=5, total_steps=40)
+    freezer = make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in range(12):
+            opt.param_groups[0]["lr"] = 0.0 if 7 <= step < 10 else 0.05
+            if step == resume_at:
+                state = freezer.state_dict()
+                freezer.close()
+                freezer = make()
+                freezer.load_state_dict(state)
+            _train_step(model, opt, freezer, step)
+    assert [(e.step, e.num_frozen) for e in freezer.timeline] == [(10, 2)]
