@@ -1045,6 +1045,15 @@ def test_a_gan_toggle_of_the_whole_discriminator_warns_once():
     assert len([w for w in caught if "frozen parameter(s)" in str(w.message)]) == 1, [str(w.message) for w in caught]
 
 
+def _resumed(freezer, make):
+    """``freezer``'s state loaded into a new one from ``make()``, as a resumed process does."""
+    state = freezer.state_dict()
+    freezer.close()
+    resumed = make()
+    resumed.load_state_dict(state)
+    return resumed
+
+
 def _warm_up_run(make_policy, hold_until, steps=20, resume_at=None, how="requires_grad"):
     """The user holds the first layer still for ``hold_until`` steps (a warm-up of the layers
     after it), then lets it train: ``how`` by requires_grad=False, or by a learning rate of 0 in
@@ -1069,10 +1078,7 @@ def _warm_up_run(make_policy, hold_until, steps=20, resume_at=None, how="require
             if step == hold_until:
                 hold(False)
             if step == resume_at:
-                state = freezer.state_dict()
-                freezer.close()
-                freezer = make()
-                freezer.load_state_dict(state)
+                freezer = _resumed(freezer, make)
             _train_step(model, opt, freezer, step)
     return [(e.step, e.num_frozen) for e in freezer.timeline], [str(w.message) for w in caught]
 
@@ -1321,9 +1327,6 @@ def test_a_resume_remembers_which_units_trained_since_the_last_look(resume_at):
         for step in range(12):
             opt.param_groups[0]["lr"] = 0.0 if 7 <= step < 10 else 0.05
             if step == resume_at:
-                state = freezer.state_dict()
-                freezer.close()
-                freezer = make()
-                freezer.load_state_dict(state)
+                freezer = _resumed(freezer, make)
             _train_step(model, opt, freezer, step)
     assert [(e.step, e.num_frozen) for e in freezer.timeline] == [(10, 2)]
