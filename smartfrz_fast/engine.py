@@ -21,6 +21,7 @@ reads or freezes with the prefix: ``shared_parameters``, docs/shared_parameters.
 
 from __future__ import annotations
 
+import copy
 import operator
 import re
 import warnings
@@ -1310,9 +1311,16 @@ class SmartFreezer:
                 "shared_parameters": self.shared_parameters}
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        raise TypeError("a SmartFreezer is not saved whole (torch.save(freezer), pickle, copy.deepcopy): it holds "
-                        "hooks on the model and its optimizers. Save freezer.state_dict() with the checkpoint and "
-                        "load it into a new SmartFreezer with freezer.load_state_dict(saved).")
+        raise TypeError("a SmartFreezer is not saved whole (torch.save(freezer), pickle): it holds hooks on the "
+                        "model and its optimizers. Save freezer.state_dict() with the checkpoint and load it into a "
+                        "new SmartFreezer with freezer.load_state_dict(saved).")
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> "SmartFreezer":
+        # as copy.deepcopy does without __reduce_ex__ (a deep copy of an activation cache copies its freezer)
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return copied
 
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to continue bit-identically (model and optimizer states apart)."""

@@ -1254,7 +1254,8 @@ def test_a_freezer_saved_whole_says_to_save_its_state_dict():
     freezer = SmartFreezer(model, sgd(model), StaticFreeze(1, at_step=10), example_inputs=torch.randn(4, 8))
     with pytest.raises(TypeError, match=r"Save freezer.state_dict\(\)"):
         torch.save(freezer, io.BytesIO())
-    copy.deepcopy(model)  # the model alone copies as before
+    copy.deepcopy(model)  # the model alone copies as before, and so does the freezer (an activation
+    copy.deepcopy(freezer)  # cache's deep copy copies its freezer)
 
 
 def _autofreeze_run(steps, save_mid_iteration_at=None):
