@@ -808,17 +808,17 @@ class SmartFreezer:
         for unit in self.units[self.num_frozen:]:
             if unit.index in trained:
                 continue
-            idle = False
+            idle = False  # a parameter that would train, but at a learning rate of 0
             for p in unit.parameters:
                 if p.requires_grad:
                     if id(p) not in still:
                         trained.add(unit.index)
                         self._idle_since.pop(unit.index, None)
-                        idle = False
                         break
                     idle = True
-            if idle:
-                self._idle_since.setdefault(unit.index, self.step_count)
+            else:
+                if idle:
+                    self._idle_since.setdefault(unit.index, self.step_count)
 
     def _parameters_at_lr_0(self) -> Set[int]:
         """Ids of the parameters in the freezer's optimizers' groups whose learning rate is 0 now

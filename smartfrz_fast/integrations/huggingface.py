@@ -361,16 +361,15 @@ class SmartFreezeCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         """Written before the Trainer's save where the Trainer has ``_save_checkpoint`` (attach
         wraps it); here otherwise."""
-        if self._written_at == state.global_step:
-            return
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if self.freezer is not None and (args.should_save or self.cache is not None) and not os.path.isdir(folder):
-            raise FileNotFoundError(f"SmartFreezeCallback: the Trainer's checkpoint folder {folder} is missing")
-        self._write(args, state, folder)
+        if self._written_at != state.global_step:
+            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            self._write(args, state, folder, saved_by_trainer=True)
 
-    def _write(self, args, state, folder: str) -> None:
+    def _write(self, args, state, folder: str, saved_by_trainer: bool = False) -> None:
         if self.freezer is None or not (args.should_save or self.cache is not None):
             return
+        if saved_by_trainer and not os.path.isdir(folder):
+            raise FileNotFoundError(f"SmartFreezeCallback: the Trainer's checkpoint folder {folder} is missing")
         os.makedirs(folder, exist_ok=True)
         if args.should_save:  # the freezer's state is the same on every process
             torch.save(self.freezer.state_dict(), os.path.join(folder, CHECKPOINT_FILE))
