@@ -597,6 +597,16 @@ def test_functional_call_with_other_prefix_weights_runs_them_not_the_cached_rows
     hits = cache.stats["hits"]
     torch.testing.assert_close(wrapped(X[:10], torch.arange(10)), plain(X[:10]), rtol=0, atol=0)
     assert cache.stats["hits"] == hits + 10  # its own weights back: served again
+    # the same other weights at several forwards in a row (taken for a replacement that stays: the
+    # cache sets up again on them), then the model's own again: each forward computes its own
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for weights in ["perturbed"] * 4 + ["own"] * 4 + ["perturbed", "own"] * 2:
+            if weights == "perturbed":
+                out = functional_call(wrapped, perturbed, (X[:10], torch.arange(10)))
+                torch.testing.assert_close(out, expected, rtol=0, atol=0)
+            else:
+                torch.testing.assert_close(wrapped(X[:10], torch.arange(10)), plain(X[:10]), rtol=0, atol=0)
 
 
 def test_per_sample_gradients_through_the_cached_model_run_the_whole_model():
@@ -768,6 +778,31 @@ def test_a_cast_there_and_back_drops_the_rows_it_made_stale():
         got = run(True)
     _same_weights(expected.model, got.model)
     assert got.cache.stats["weights_changed"] == 1 and got.cache.stats["hits"] > 0
+
+
+def test_buffers_a_cast_replaced_are_cached_again():
+    """model.half(); model.float() with batch norm in the cached prefix: a cast sets new buffer
+    tensors (parameters keep theirs), which looked like torch.func.functional_call's swap at every
+    later forward: the whole model ran for the rest of the run while describe() said the cache
+    was on (review41)."""
+    def run(cache):
+        job = _Job((32, 32), 2, at_step=1, cache=cache, momentum=0.9,
+                   activation=lambda: nn.Sequential(nn.BatchNorm1d(32), nn.ReLU()))
+
+        def cast(step):
+            if step == 6:
+                job.model.half()
+                job.model.float()
+        return job.train(16, before_step=cast)
+
+    expected = run(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = run(True)
+    _same_weights(expected.model, got.model)
+    for a, b in zip(expected.model.buffers(), got.model.buffers()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert got.cache.stats["bypassed"] == 1 and got.cache.stats["hits"] > 8
 
 
 def test_the_cut_goes_back_once_the_hook_that_stopped_it_is_removed():

@@ -203,6 +203,7 @@ class ActivationCache:
         self._prefix_state: Tuple[Any, List[Tensor], List[Tuple[int, torch.dtype, int]], List[Tensor]] = \
             (None, [], [], [])
         self._prefix_slots: List[Tuple[Dict[str, Any], str, Tensor]] = []  # where the model holds them
+        self._swapped_seen: List[Optional[weakref.ref]] = []  # what a swapped-out forward found in those slots
         # forwards run inside a plain DDP that copies rank 0's buffers into this rank (see _advance)
         self._buffers_broadcast = False
         self._leaf_reads: Tuple[Any, Optional[List[bool]]] = (None, None)  # see _read_leaves
@@ -570,9 +571,15 @@ class ActivationCache:
             self._bypass(why[0], f"{why[1]}: such forwards run the whole model (counted in stats['bypassed']).")
             return model(*inputs.args, **inputs.kwargs)
         if self._store is not None and self._prefix_swapped_out():
-            self._bypass("swapped_out", "a forward with other tensors in place of the cached prefix's parameters or "
-                         "buffers (torch.func.functional_call) runs the whole model, on those tensors (counted in "
-                         "stats['bypassed'])")
+            if self._replaced_for_good():
+                self._rederive("a parameter or buffer of the cached frozen prefix was replaced by another tensor "
+                               "and stayed replaced (a cast such as model.half() then model.float(), or model.to(), "
+                               "replaces buffers)")
+            else:
+                self._bypass("swapped_out", "a forward with other tensors in place of the cached prefix's parameters "
+                             "or buffers (torch.func.functional_call) runs the whole model, on those tensors "
+                             "(counted in stats['bypassed']); tensors that stay in place at the next forward (a cast "
+                             "such as model.half() replaces buffers) set the cache up again")
             return model(*inputs.args, **inputs.kwargs)
         if not self._prefix_weights_unchanged():  # set up again at the next forward
             return model(*inputs.args, **inputs.kwargs)
@@ -721,10 +728,10 @@ class ActivationCache:
         on, not the copy's, and the rows' storage and the global hooks are this cache's own."""
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        mine = ("chain", "_store", "_structure_hooks", "_prefix_state", "_prefix_slots")  # (these hold the store)
+        mine = ("chain", "_store", "_structure_hooks", "_prefix_state", "_prefix_slots", "_swapped_seen")
         new.__dict__.update(copy.deepcopy({k: v for k, v in self.__dict__.items() if k not in mine}, memo))
         new.chain, new._store, new._structure_hooks = None, None, []
-        new._prefix_state, new._prefix_slots = (None, [], [], []), []
+        new._prefix_state, new._prefix_slots, new._swapped_seen = (None, [], [], []), [], []
         weakref.finalize(new, remove_handles, new._structure_hooks)
         if self.tier == "mmap":  # a file of its own beside the original's, never the original's
             new._lineage = uuid.uuid4().hex
@@ -908,12 +915,23 @@ class ActivationCache:
         ids = {id(t) for t in tensors}
         self._prefix_slots = [(slots, name, t) for m in self.freezer.module.modules()
                               for slots in (m._parameters, m._buffers) for name, t in slots.items() if id(t) in ids]
+        self._swapped_seen = []
 
     def _prefix_swapped_out(self) -> bool:
         """A tensor of the cached prefix is not where the rows were made from: a forward under
         ``torch.func.functional_call`` with other weights (a perturbed copy, MAML's fast weights)
         puts its own in the modules for the call, which cached rows would not see."""
         return any(slots.get(name) is not t for slots, name, t in self._prefix_slots)
+
+    def _replaced_for_good(self) -> bool:
+        """Whether the tensors now in the prefix's slots are the ones a swapped-out forward found
+        there last time too: a replacement that stays (``model.half()`` sets new buffers, not
+        ``.data``), not one call's ``functional_call`` (fast weights are new tensors each step).
+        Weak references: a dead tensor's id may come back as the next step's."""
+        now = [slots.get(name) for slots, name, _ in self._prefix_slots]
+        seen, self._swapped_seen = self._swapped_seen, [None if t is None else weakref.ref(t) for t in now]
+        return len(seen) == len(now) and all((r is None and t is None) or (r is not None and r() is t)
+                                             for r, t in zip(seen, now))
 
     def _prefix_weights_unchanged(self) -> bool:
         """Drop every cached row if a parameter or buffer of the cached prefix was written in
