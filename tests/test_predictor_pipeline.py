@@ -157,6 +157,40 @@ def test_quick_pipeline_end_to_end(tmp_path):
     print(f"quick pipeline: {seconds:.1f} s")
 
 
+@pytest.mark.parametrize("fits, kept", [((0.5, 0.81), 1), ((0.5, 0.55, 0.52), 1), ((0.74,), 0)])
+def test_a_predictor_training_stuck_near_chance_is_trained_again_with_another_seed(monkeypatch, fits, kept):
+    """A training that never took off (balanced accuracy 0.50 on three families of its own training
+    runs, seen once in research) was saved like any other, and its predictor froze nothing. Each
+    seed's fit here is the lowest balanced accuracy over the families with both labels; a family
+    whose labels say only "not yet" (trial labels of a run never safe to freeze) is not judged."""
+    from types import SimpleNamespace
+
+    from smartfrz_fast.lab import train as lab_train
+
+    both, never = torch.tensor([[0.0, 1.0]]), torch.zeros(1, 2)
+    runs = [SimpleNamespace(family="cnn", labels=lambda window: both),
+            SimpleNamespace(family="rnn", labels=lambda window: never)]
+    seeds = []
+
+    def fake_train(train_runs, seed, **kwargs):
+        seeds.append(seed)
+        return seed
+
+    def fake_metrics(model, train_runs, gain=None):  # the model is the seed it was trained with
+        return {"cnn": {"balanced_accuracy": fits[model]}, "rnn": {"balanced_accuracy": 0.5}}
+    monkeypatch.setattr(lab_train, "train_predictor", fake_train)
+    monkeypatch.setattr(lab_train, "offline_metrics", fake_metrics)
+    logged = []
+    model, metrics, attempts = lab_train._train_until_it_learns(runs, False, logged.append, epochs=1)
+    assert seeds == list(range(len(fits))) and model == kept and metrics["cnn"]["balanced_accuracy"] == fits[kept]
+    assert [a["kept"] for a in attempts] == [i == kept for i in range(len(fits))]
+    assert [a["lowest_train_balanced_accuracy"] for a in attempts] == list(fits)
+    assert sum("never took off" in line for line in logged) == sum(f < 0.6 for f in fits)
+    assert any("WARNING" in line for line in logged) == (len(fits) == 3)
+    seeds.clear()
+    assert lab_train._train_until_it_learns(runs, True, logged.append, epochs=1)[0] == 0 and seeds == [0]
+
+
 def fake_recording(path, cka, sample_every=5, k=8, **extra):
     """A file shaped like ``collect.record_run``'s output, with the given CKA curves."""
     u, s = cka.shape

@@ -40,6 +40,13 @@ TRAIN_FAMILIES = FAMILIES  # the shipped file; --leave-one-out measures unseen f
 # epochs, balanced accuracy 0.50 on every family); 1e-3 clipped learned on the same split.
 LEARNING_RATE = 1e-3
 TRAIN_STEPS = 540  # optimizer steps (one run per step): epochs = TRAIN_STEPS / runs, at least 10
+# A training whose predictor stays near chance on a family of its own training runs never took off
+# (seen once with per-tensor standardised inputs: balanced accuracy 0.50, one answer for every
+# window, on three of eight families, loss 0.61 -> 0.56); another seed learned. Judged on the
+# metrics computed anyway, over the families whose labels hold both answers; the zoo's CKA
+# trainings reach 0.73 or more on every family.
+STUCK_BALANCED_ACCURACY = 0.6
+TRAINING_SEEDS = (0, 1, 2)  # tried in turn while a training stays stuck
 
 
 def _augment(x: Tensor, valid: Tensor, g: torch.Generator, permute: bool = True) -> Tensor:
@@ -93,6 +100,37 @@ def train_predictor(runs: Sequence[RunData], epochs: int = 30,
     return model.eval()
 
 
+def _train_until_it_learns(train_runs: Sequence[RunData], quick: bool, log, **kwargs):
+    """``train_predictor`` at the first of ``TRAINING_SEEDS`` whose predictor is not stuck near
+    chance on its own training runs (its lowest balanced accuracy over their families, of those
+    whose labels say both "freeze" and "not yet"); if every seed stays stuck, the best of them,
+    said loudly. A quick run's two epochs are not judged. Returns the model, its metrics on the
+    training runs and one record per attempt (``kept``: the one returned)."""
+    window = PredictorConfig().window
+    answers: Dict[str, set] = {}
+    for run in train_runs:
+        answers.setdefault(run.family, set()).update(run.labels(window).unique().tolist())
+    judged = sorted(family for family, seen in answers.items() if len(seen) == 2)
+    attempts, tried = [], []
+    for seed in TRAINING_SEEDS[:1] if quick else TRAINING_SEEDS:
+        model = train_predictor(train_runs, seed=seed, **kwargs)
+        metrics = offline_metrics(model, train_runs, gain=kwargs.get("gain"))
+        fit = min((metrics[family]["balanced_accuracy"] for family in judged), default=1.0)
+        attempts.append({"seed": seed, "lowest_train_balanced_accuracy": round(fit, 4), "kept": False})
+        tried.append((fit, model, metrics))
+        if quick or fit >= STUCK_BALANCED_ACCURACY:
+            attempts[-1]["kept"] = True
+            return model, metrics, attempts
+        log(f"training seed {seed} stayed near chance on its own training runs (balanced accuracy {fit:.3f} "
+            f"< {STUCK_BALANCED_ACCURACY} on a family): a training that never took off")
+    best = max(range(len(tried)), key=lambda i: tried[i][0])
+    attempts[best]["kept"] = True
+    log(f"WARNING: every training seed {list(TRAINING_SEEDS)} stayed near chance; keeping seed "
+        f"{attempts[best]['seed']} ({tried[best][0]:.3f}). This predictor has learned next to nothing: "
+        "check the labels and the learning rate.")
+    return tried[best][1], tried[best][2], attempts
+
+
 def git_commit() -> str:
     """HEAD, with "+dirty" when the working tree has uncommitted changes (the code that ran is then
     HEAD plus those changes)."""
@@ -131,10 +169,10 @@ def run_pipeline(zoo_dir: Path, out: Path, quick: bool, source: LabelSource, tra
     log(f"{len(train_runs)} training runs ({', '.join(train_families)}), {len(held_out)} held-out runs, "
         f"{epochs} epochs")
     t1 = time.perf_counter()
-    model = train_predictor(train_runs, epochs=epochs, gain=gain, lr=lr,
-                            permute=permute, log=log)
+    model, train_metrics, attempts = _train_until_it_learns(train_runs, quick, log, epochs=epochs, gain=gain, lr=lr,
+                                                            permute=permute)
     t_train = time.perf_counter() - t1
-    metrics = {"train": offline_metrics(model, train_runs, gain=gain),
+    metrics = {"train": train_metrics,
                "held_out": offline_metrics(model, held_out, gain=gain) if held_out else {}}
     if unseen_dir is not None:  # what leave-one-family-out predicts for an architecture never seen
         metrics["unseen_family"] = unseen_family_metrics(unseen_dir)
@@ -153,6 +191,7 @@ def run_pipeline(zoo_dir: Path, out: Path, quick: bool, source: LabelSource, tra
                                                 for f, d in label_summary(runs, thresholds).items()},
         "snapshots_per_run": "total_steps // 120 steps between snapshots (SmartFRZ.sample_every_for)",
         "training": {"epochs": epochs, "optimizer": f"AdamW lr {lr:g} one-cycle, gradient norm clipped to 1, balanced classes",
+                     "seed": next(a["seed"] for a in attempts if a["kept"]), "attempts": attempts,
                      "augmentation": ("per-unit permutation of the K positions, " if permute else "") + "sign flip"},
         "input_gain": gain,
         "sort_by_newest": SORT_BY_NEWEST,
