@@ -90,6 +90,8 @@ def unwrap(model: nn.Module) -> Tuple[nn.Module, Optional[str]]:
                 "torch.distributed.fsdp.fully_shard(block) on each block, then on the root "
                 "(see docs/integrations/ddp_fsdp.md), or DistributedDataParallel."
             )
+        if name and isinstance(module, DistributedDataParallel):  # a part of the model wrapped on its own
+            check_ddp(module, where=f" around the model's {name!r}")
     if isinstance(model, FreezableDDP):
         return model.module, "freezable_ddp"
     if isinstance(model, DistributedDataParallel):
@@ -106,9 +108,9 @@ def unwrap(model: nn.Module) -> Tuple[nn.Module, Optional[str]]:
     return model, None
 
 
-def check_ddp(ddp: DistributedDataParallel) -> None:
+def check_ddp(ddp: DistributedDataParallel, where: str = "") -> None:
     """Refuse DDP settings under which a freeze mid-run would fail."""
-    check_ddp_settings(getattr(ddp, "static_graph", False), ddp.find_unused_parameters)
+    check_ddp_settings(getattr(ddp, "static_graph", False), ddp.find_unused_parameters, where=where)
 
 
 def check_ddp_settings(
@@ -121,17 +123,18 @@ def check_ddp_settings(
     fix_unused: str = "Wrap the model in smartfrz_fast.distributed.FreezableDDP(module, **ddp_kwargs) "
     "instead (recommended: it re-wraps after each freeze and stops all-reducing the frozen prefix), "
     "or pass find_unused_parameters=True.",
+    where: str = "",
 ) -> None:
     """The one check of DDP settings, for a DDP object and for the trainers' DDP options
     (which pass their own way to fix it)."""
     if static_graph:
         raise ValueError(
-            "SmartFreezer: DistributedDataParallel with static_graph=True records the autograd graph "
+            f"SmartFreezer: DistributedDataParallel{where} with static_graph=True records the autograd graph "
             f"once and forbids freezing layers mid-run. {fix_static}"
         )
     if not find_unused_parameters:
         raise ValueError(
-            "SmartFreezer: DistributedDataParallel with find_unused_parameters=False fails at the "
+            f"SmartFreezer: DistributedDataParallel{where} with find_unused_parameters=False fails at the "
             "first backward after a freeze (the frozen parameters never get a gradient). "
             f"{fix_unused}"
         )

@@ -165,6 +165,27 @@ def test_ddp_without_find_unused_is_refused_with_advice(one_rank_group):
                      example_inputs=torch.randn(2, 4))
 
 
+def test_a_part_of_the_model_wrapped_in_ddp_without_find_unused_is_refused_at_construction(one_rank_group):
+    """DDP around a part of the model (model.body = DDP(body)) was not looked at: the first backward
+    after a freeze failed in DDP's own reducer, steps later, never naming FreezableDDP."""
+    def model(**ddp_kwargs):
+        return nn.Sequential(nn.parallel.DistributedDataParallel(mlp(), **ddp_kwargs), nn.Linear(2, 2))
+
+    with pytest.raises(ValueError, match=r"DistributedDataParallel around the model's '0' with "
+                                         r"find_unused_parameters=False.*FreezableDDP"):
+        m = model()
+        SmartFreezer(m, torch.optim.SGD(m.parameters(), lr=0.1), StaticFreeze(1), example_inputs=torch.randn(2, 4))
+    m = model(find_unused_parameters=True)  # what DDP needs to let a part of its module freeze
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    freezer = SmartFreezer(m, opt, StaticFreeze(1, at_step=1), example_inputs=torch.randn(2, 4))
+    for _ in range(3):
+        m(torch.randn(4, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+    assert freezer.num_frozen == 1
+
+
 def test_fsdp1_is_refused_with_advice(one_rank_group):
     from torch.distributed.fsdp import FullyShardedDataParallel
 
