@@ -22,6 +22,7 @@ reads or freezes with the prefix: ``shared_parameters``, docs/shared_parameters.
 from __future__ import annotations
 
 import copy
+import numbers
 import operator
 import re
 import warnings
@@ -91,6 +92,17 @@ def _as_optimizers(optimizer) -> Tuple[List[torch.optim.Optimizer], List[torch.o
             inner.append(chain[-1])
         wrappers += [w for w in chain[:-1] if all(o is not w for o in wrappers)]
     return inner, wrappers
+
+
+def _learning_rate_is_0(lr: Any) -> bool:
+    """A group's learning rate is exactly 0 (a warm-up holding a backbone still): a number of any
+    kind (numpy's float32 from a schedule table too) or a one-element tensor on the host. One on
+    an accelerator is never read (that would wait for the device), nor under torch.compile."""
+    if isinstance(lr, Tensor):
+        if lr.device.type != "cpu" or lr.numel() != 1 or torch.compiler.is_compiling():
+            return False
+        return float(lr) == 0
+    return isinstance(lr, numbers.Real) and not isinstance(lr, bool) and lr == 0
 
 
 def _unwrapped(optimizer: torch.optim.Optimizer) -> List[torch.optim.Optimizer]:
@@ -383,10 +395,13 @@ class SmartFreezer:
         self._marked_for_grad_warned = False
         # what must stay frozen, refreshed after each freeze and parameter swap (None: stale)
         self._held: Optional[Tuple[List[Tuple[str, Tensor]], List[Tuple[str, Tensor]]]] = None
-        self._last_held: Dict[int, int] = {}  # unit -> last step it was seen held frozen by the user's code
-        self._trained_since_look: set = set()  # units that trained at an optimizer step since the last look
-        self._idle_since: Dict[int, int] = {}  # unit -> step count when it was first seen at a learning rate of 0
-        self._held_looked_at = -1  # the step of the last look (once a step)
+        self._last_held: Dict[int, int] = {}  # unit -> last step it was seen held still by the user's code
+        self._trained_this_step: set = set()  # units an optimizer step trained since the last step()
+        # optimizer -> (its groups and their sizes, per group [(unit, [its parameters in the group])])
+        self._units_of_groups: "weakref.WeakKeyDictionary[torch.optim.Optimizer, Tuple[Any, list]]" = \
+            weakref.WeakKeyDictionary()
+        # unit -> the step count before the first of its steps in a row that trained none of it
+        self._idle_since: Dict[int, int] = {}
         # optimizer -> its removals of frozen parameters, each [(group, position, name)] (close() undoes them)
         self._taken: "weakref.WeakKeyDictionary[torch.optim.Optimizer, list]" = weakref.WeakKeyDictionary()
         self._frozen_by_user: set = set()  # ids of the parameters frozen when the freezer was set up
@@ -595,6 +610,7 @@ class SmartFreezer:
         the LM head), which takes the factor of its last read's unit."""
         self._unit_of_param = {id(p): u.index for u in self.plan.units for p in u.parameters}
         self._lr_unit_of_param = dict(self._unit_of_param)
+        self._units_of_groups.clear()
         if self.shared_parameters == "train":
             for shared in self.plan.shared:
                 self._lr_unit_of_param[id(shared.parameter)] = shared.last_unit
@@ -664,6 +680,7 @@ class SmartFreezer:
             return
         self.step_count += 1
         step = self.step_count
+        self._note_idle_units(step)
         self._guard.on_freezer_step(self)  # model changes since the last step, step() vs optimizer steps
         if self.num_frozen:
             self._check_prefix_still_frozen()
@@ -795,67 +812,76 @@ class SmartFreezer:
                 value = self._sync.least(value)  # a layer held on one rank holds on all: the replicas agree
             self.freeze_to(value, step=step)
 
-    def _note_units_trained(self) -> None:
-        """Before each step of the freezer's optimizers: the units outside the prefix that train
-        in this step, with a parameter that requires grad in a group whose learning rate is not
-        0. A loop over the units that stops at each unit's first such parameter (about 0.3 us a
-        unit on this CPU), until every unit was seen training since the last look (then nothing:
-        most steps of a long run)."""
-        trained = self._trained_since_look
-        if len(trained) >= len(self.units) - self.num_frozen:
-            return
-        still = self._parameters_at_lr_0()
-        for unit in self.units[self.num_frozen:]:
-            if unit.index in trained:
+    def _note_units_trained(self, optimizer: torch.optim.Optimizer) -> None:
+        """After each step of one of the freezer's optimizers: the units it trained, with a
+        parameter in it that requires grad, has a gradient and sits in a group whose learning rate
+        is not 0. A unit held still in another way (its own optimizer not stepped, run under
+        torch.no_grad(), requires_grad=False, a learning rate of 0) did not train; its unmoved
+        weights are no sign that it is done. After the step: a closure computes the gradients
+        inside it. Per step, a look at each unit's parameters until one trained (most often its
+        first: about 0.3 us a unit on this CPU)."""
+        trained = self._trained_this_step
+        for group, units in zip(optimizer.param_groups, self._units_in_groups(optimizer)):
+            if _learning_rate_is_0(group.get("lr")):
                 continue
-            idle = False  # a parameter that would train, but at a learning rate of 0
-            for p in unit.parameters:
-                if p.requires_grad:
-                    if id(p) not in still:
-                        trained.add(unit.index)
-                        self._idle_since.pop(unit.index, None)
+            for unit, params in units:
+                if unit in trained:
+                    continue
+                for p in params:
+                    if p.grad is not None and p.requires_grad:
+                        trained.add(unit)
                         break
-                    idle = True
-            else:
-                if idle:
-                    self._idle_since.setdefault(unit.index, self.step_count)
 
-    def _parameters_at_lr_0(self) -> Set[int]:
-        """Ids of the parameters in the freezer's optimizers' groups whose learning rate is 0 now
-        (a warm-up holding a backbone still): one read per group. A learning rate on an
-        accelerator is never read (that would wait for the device), nor under torch.compile."""
-        still: Set[int] = set()
-        for opt in self.optimizers:
-            for group in opt.param_groups:
-                lr = group.get("lr")
-                if isinstance(lr, Tensor):
-                    if lr.device.type != "cpu" or lr.numel() != 1 or torch.compiler.is_compiling():
-                        continue
-                    lr = float(lr)
-                if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr == 0:
-                    still.update(id(p) for p in group["params"])
-        return still
+    def _units_in_groups(self, optimizer: torch.optim.Optimizer) -> List[List[Tuple[int, List[Tensor]]]]:
+        """Per group of ``optimizer``: its parameters by unit. Made again when a group or the
+        units' parameters change (a freeze takes parameters out; add_param_group; a swap)."""
+        layout = [(g, len(g["params"])) for g in optimizer.param_groups]  # held: no id of theirs is reused
+        cached = self._units_of_groups.get(optimizer)
+        if cached is not None and len(cached[0]) == len(layout) and all(
+                g is h and n == m for (g, n), (h, m) in zip(cached[0], layout)):
+            return cached[1]
+        per_group = []
+        for group in optimizer.param_groups:
+            units: Dict[int, List[Tensor]] = {}
+            for p in group["params"]:
+                unit = self._unit_of_param.get(id(p))
+                if unit is not None:
+                    units.setdefault(unit, []).append(p)
+            per_group.append(list(units.items()))
+        self._units_of_groups[optimizer] = (layout, per_group)
+        return per_group
+
+    def _note_idle_units(self, step: int) -> None:
+        """At each ``step()`` after one or more optimizer steps: a unit outside the prefix that
+        none of them trained is idle from this step on, until one trains it. A step() without an
+        optimizer step (a GradScaler's skipped one) says nothing either way."""
+        trained = self._trained_this_step
+        if not self._guard.optimizer_steps:
+            pass
+        elif trained.issuperset(range(self.num_frozen, len(self.units))):  # most steps: every unit trained
+            self._idle_since.clear()
+        else:
+            for unit in self.units[self.num_frozen:]:
+                if unit.index in trained:
+                    self._idle_since.pop(unit.index, None)
+                else:
+                    self._idle_since.setdefault(unit.index, step - 1)
+        trained.clear()
 
     def _note_units_held_by_user(self, step: int) -> None:
-        """Units outside the prefix that the user's code holds frozen (a warm-up of the head, a
-        gradual unfreezing): no parameter trained at any optimizer step since the last look,
-        either none required grad or their learning rate was 0 over two steps or more (a
-        warm-up that starts from 0 has one such step, and holds nothing). A GAN's
+        """Units outside the prefix that the user's code holds still (a warm-up of the head, a
+        gradual unfreezing, a linear probe): idle (``_note_units_trained``) at two steps in a row
+        or more, or idle at this step with no parameter that requires grad (a warm-up whose
+        learning rate starts from 0 has one idle step, and holds nothing). A GAN's
         discriminator, switched off only around the generator's step, trains at its own
         optimizer's. At each snapshot and each decision."""
-        if self._held_looked_at == step:
-            return
-        self._held_looked_at = step
         for unit in self.units[self.num_frozen:]:
-            if unit.index in self._trained_since_look:
-                continue
             idle_since = self._idle_since.get(unit.index)
-            if (idle_since is not None and step - idle_since >= 2) or not any(p.requires_grad for p in unit.parameters):
+            if idle_since is not None and (step - idle_since >= 2 or not any(p.requires_grad for p in unit.parameters)):
                 self._last_held[unit.index] = step
-        self._trained_since_look.clear()
 
     def _hold_back_for_user(self, value: int, step: int) -> int:
-        """An adaptive policy's decision stops before a unit that the user's code held frozen
+        """An adaptive policy's decision stops before a unit that the user's code held still
         within the last window (``window * sample_every`` steps): its weights, gradients and
         activations did not move because it did not train, which is no sign that it is done.
         Frozen now, it would stay frozen when the user lets it train. Schedules keep their
@@ -869,13 +895,15 @@ class SmartFreezer:
             if held is not None and step - held < span:
                 self._guard.warn_once("held by user", (
                     f"SmartFreezer: {type(self.policy).__name__} would freeze unit {self.units[index].name!r}, but "
-                    f"your code held it frozen (requires_grad=False, or a learning rate of 0, on all of it) at step "
-                    f"{held}: it did not train, which is no sign that it is done learning. It (and every unit "
-                    f"after it) may freeze once it has trained for {span} steps (window * sample_every). A layer "
-                    "you mean to keep frozen for good: set requires_grad=False before building the freezer (it is "
-                    "then no unit), or call freezer.freeze_to()."))
+                    f"your code held it still at step {held} (requires_grad=False, a learning rate of 0, no "
+                    f"gradient, or its optimizer not stepped, on all of it): it did not train, which is no sign "
+                    f"that it is done learning. It (and every unit after it) may freeze once it has trained for "
+                    f"{span} steps (window * sample_every). A layer you mean to keep frozen for good, or one whose "
+                    "output no loss reads (a pooler the loss never uses gets no gradient either): set "
+                    "requires_grad=False on it before building the freezer (it is then no unit), or call "
+                    "freezer.freeze_to()."))
                 return index
-            if index in self._idle_since:  # at a learning rate of 0 at its last step: not a hold yet, not done
+            if index in self._idle_since:  # idle at its last step: not a hold yet, not done
                 return index
         return value
 
@@ -1092,7 +1120,9 @@ class SmartFreezer:
             raise ValueError(f"this optimizer state holds {sum(mine) - sum(saved)} parameters fewer than the optimizer, "
                              "as one saved after layers froze does. Load the freezer's state first "
                              "(freezer.load_state_dict(...), which takes the frozen parameters out), then the "
-                             "optimizer's; a state saved from another model does not fit this optimizer at all.")
+                             "optimizer's (with accelerate's load_state: in register_load_state_pre_hook, "
+                             "docs/integrations/huggingface.md); a state saved from another model does not fit "
+                             "this optimizer at all.")
         if self.step_count == 0 and not self._guard.optimizer_steps and state_dict.get("state"):
             self._guard.warn_once("optimizer state before freezer state", (
                 f"SmartFreezer: this optimizer state was saved after training (it holds state for "
@@ -1350,7 +1380,6 @@ class SmartFreezer:
             "history": self.history.state_dict() if self.history is not None else None,
             "user_held": sorted(self._last_held.items()),
             "lr_idle_since": sorted(self._idle_since.items()),
-            "trained_since_look": sorted(self._trained_since_look),
             "iteration_in_progress": self._iteration_in_progress(),
         }
 
@@ -1372,6 +1401,7 @@ class SmartFreezer:
             "step behind the optimizer's for the rest of the run. Save after freezer.step() to avoid both."))
         return {"optimizer_steps": guard.optimizer_steps,
                 "stepped": [i for i, opt in enumerate(self.optimizers) if id(opt) in self._stepped],
+                "trained": sorted(self._trained_this_step),
                 "grad_sq": None if self._grad_sq is None else self._grad_sq.detach().cpu().clone()}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -1432,16 +1462,14 @@ class SmartFreezer:
                     and _is_int(e[1]) and 0 <= e[1] <= step for e in pairs)):
                 raise ValueError(f"this SmartFreezer state_dict is corrupt: {key}={pairs!r} is not a list of "
                                  f"(unit, step) pairs of a model of {len(self.units)} units up to step {step}")
-        trained = state.get("trained_since_look", [])  # absent in checkpoints older than this field
-        if not (isinstance(trained, (list, tuple)) and all(_is_int(i) and 0 <= i < len(self.units) for i in trained)):
-            raise ValueError(f"this SmartFreezer state_dict is corrupt: trained_since_look={trained!r:.120} is not "
-                             f"a list of units of a model of {len(self.units)} units")
         in_progress = state.get("iteration_in_progress")  # absent in checkpoints older than this field
         if in_progress is not None and not (
                 isinstance(in_progress, dict) and _is_int(in_progress.get("optimizer_steps"))
                 and in_progress["optimizer_steps"] > 0
                 and isinstance(in_progress.get("stepped"), (list, tuple))
                 and all(_is_int(i) and 0 <= i < len(self.optimizers) for i in in_progress["stepped"])
+                and isinstance(in_progress.get("trained", []), (list, tuple))
+                and all(_is_int(i) and 0 <= i < len(self.units) for i in in_progress.get("trained", []))
                 and (in_progress.get("grad_sq") is None) == (self._grad_sq is None)
                 and (self._grad_sq is None or (isinstance(in_progress["grad_sq"], Tensor)
                                                and in_progress["grad_sq"].shape == self._grad_sq.shape))):
@@ -1462,7 +1490,7 @@ class SmartFreezer:
         self.step_count = step
         self._last_held = {int(index): int(at) for index, at in user_held}
         self._idle_since = {int(index): int(at) for index, at in idle_since}
-        self._trained_since_look = {int(index) for index in trained}
+        self._trained_this_step = {int(index) for index in (in_progress or {}).get("trained", [])}
         if in_progress is not None:  # the optimizer step of the iteration the checkpoint was taken in
             self._guard.optimizer_steps = int(in_progress["optimizer_steps"])
             self._stepped = {id(self.optimizers[i]) for i in in_progress["stepped"]}

@@ -136,7 +136,7 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
     for ref in _GUARDS:
         guard = ref()
         if guard is not None and guard.inside is optimizer:
-            guard.inside = None
+            guard.after_optimizer_step(optimizer)
 
 
 def _on_registration(module, name, value) -> None:
@@ -301,7 +301,6 @@ class Guard:
     def _count(self, freezer: Any, optimizer: torch.optim.Optimizer) -> None:
         self.inside = optimizer
         self.optimizer_steps += 1
-        freezer._note_units_trained()
         # never stepped and nothing frozen by hand (freeze_to needs no step(): profile.py drives it so)
         if (self.optimizer_steps == NEVER_STEPPED_WARN * len(freezer.optimizers) and freezer.step_count == 0
                 and not freezer.timeline):
@@ -309,6 +308,14 @@ class Guard:
                 f"SmartFreezer: the optimizer has stepped {NEVER_STEPPED_WARN} times and SmartFreezer.step() "
                 "was never called: the policy never runs, nothing freezes. Call freezer.step() once after "
                 "each optimizer.step()."))
+
+    def after_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The freezer's optimizer's step ended (one that raised never gets here: it trained
+        nothing the freezer counts)."""
+        self.inside = None
+        freezer = self._freezer()
+        if freezer is not None and not freezer._closed and freezer.plan is not None:
+            freezer._note_units_trained(optimizer)
 
     def on_freezer_step(self, freezer: Any) -> None:
         # no optimizer step is under way now: one that raised (out of memory in Adam's first step,

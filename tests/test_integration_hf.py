@@ -430,3 +430,48 @@ def test_a_kill_after_the_trainers_save_leaves_a_checkpoint_to_resume_from(tmp_p
     assert (tmp_path / "checkpoint-8" / CHECKPOINT_FILE).is_file()
     model, trainer, callback = run(tmp_path, "static", resume=True)
     assert callback.freezer.step_count == MAX_STEPS and callback.freezer.num_frozen == 5
+
+
+@pytest.mark.parametrize("make_policy", [lambda: StaticFreeze(2, at_step=10), FreezeOut], ids=["static", "freezeout"])
+def test_accelerate_state_hooks_resume_the_freezer_exactly(make_policy, tmp_path):
+    """docs/integrations/huggingface.md's lines for accelerate's save_state / load_state, run as
+    written: registered with register_for_checkpointing, the freezer loaded after the optimizer
+    and the load failed once layers had frozen (review46)."""
+    from accelerate import Accelerator
+
+    from smartfrz_fast import SmartFreezer
+
+    page = (Path(__file__).resolve().parents[1] / "docs/integrations/huggingface.md").read_text(encoding="utf-8")
+    lines = next(b for b in re.findall(r"```python\n(.*?)```", page, re.S) if "register_load_state_pre_hook" in b)
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(),
+                                    torch.nn.Linear(16, 3))
+        accelerator = Accelerator(cpu=True)
+        model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+        freezer = SmartFreezer(model, optimizer, make_policy(), example_inputs=torch.randn(2, 8), total_steps=40)
+        exec(lines, {"accelerator": accelerator, "freezer": freezer, "os": os, "torch": torch})
+        return accelerator, model, optimizer, freezer
+
+    def train(run, start, stop, save_at=None):
+        accelerator, model, optimizer, freezer = run
+        for step in range(start, stop):
+            g = torch.Generator().manual_seed(step)
+            x, y = torch.randn(8, 8, generator=g), torch.randint(0, 3, (8,), generator=g)
+            accelerator.backward(torch.nn.functional.cross_entropy(model(x), y))
+            optimizer.step()
+            optimizer.zero_grad()
+            freezer.step()
+            if step == save_at:
+                accelerator.save_state(str(tmp_path))
+        return model, freezer
+
+    whole, frozen = train(build(), 0, 40, save_at=24)
+    resumed_run = build()
+    resumed_run[0].load_state(str(tmp_path))
+    resumed, refrozen = train(resumed_run, 25, 40)
+    assert frozen.timeline and [(e.step, e.num_frozen) for e in refrozen.timeline] == \
+        [(e.step, e.num_frozen) for e in frozen.timeline]
+    for p, q in zip(whole.parameters(), resumed.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)

@@ -132,6 +132,34 @@ def test_freezeout_refuses_an_optimizer_that_computes_its_own_step_size():
         SmartFreezer(model, adafactor_like, FreezeOut(), example_inputs=torch.randn(2, 6), total_steps=100)
 
 
+def test_freezeout_follows_a_learning_rate_held_as_a_numpy_scalar():
+    # a LambdaLR reading a float32 table leaves np.float32 learning rates in the groups: refused before
+    # as one "no factor can scale", pointing at Adafactor's settings (review46)
+    from smartfrz_fast import SmartFreezer
+
+    def run(table):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: table[step])
+        freezer = SmartFreezer(model, opt, FreezeOut(), example_inputs=torch.randn(2, 6), total_steps=20)
+        for step in range(20):
+            torch.manual_seed(step)
+            nn.functional.cross_entropy(model(torch.randn(8, 6)), torch.randint(0, 3, (8,))).backward()
+            opt.step()
+            opt.zero_grad()
+            schedule.step()
+            freezer.step()
+        return model, freezer
+
+    table = np.linspace(1, 0.1, 21).astype(np.float32)
+    got, freezer = run(table)
+    expected, _ = run([float(v) for v in table])
+    assert freezer.num_frozen == 1  # the first layer; the head trains to the end
+    for p, q in zip(got.parameters(), expected.parameters()):
+        torch.testing.assert_close(p, q)
+
+
 def test_numpy_scalar_knobs_are_taken_as_numbers():
     # refused before with "must be an int >= 0, got np.int64(2)" (knobs read from a config or
     # computed with numpy); stored as Python numbers, so states load with weights_only=True

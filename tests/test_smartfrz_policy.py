@@ -443,8 +443,8 @@ def test_bad_smoothing_and_min_progress(tmp_path, kwargs):
 
 def _moving_run(policy, speed, steps=40):
     """A model whose weights are moved by hand: unit i drifts by ``speed(i, step)`` times a fixed
-    direction each step (the optimizer steps without gradients), so that each window's movement
-    is known."""
+    direction each step (the optimizer steps on zero gradients, so that the freezer sees the
+    units train), so that each window's movement is known."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -454,7 +454,7 @@ def _moving_run(policy, speed, steps=40):
     directions = [torch.randn_like(layer.weight) for layer in model]
     for step in range(steps):
         model(x).sum().backward()
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=False)
         opt.step()
         with torch.no_grad():
             for i, layer in enumerate(model):

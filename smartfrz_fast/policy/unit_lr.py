@@ -11,6 +11,7 @@ the optimizer, its ``state_dict`` and every scheduler see the groups they were b
 
 from __future__ import annotations
 
+import numbers
 import types
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -30,7 +31,7 @@ def _check_scalable(optimizer: torch.optim.Optimizer) -> None:
     raised inside the first step)."""
     for index, group in enumerate(optimizer.param_groups):
         lr = group.get("lr")
-        if group.get("relative_step") or isinstance(lr, bool) or not isinstance(lr, (int, float, torch.Tensor)):
+        if group.get("relative_step") or isinstance(lr, bool) or not isinstance(lr, (numbers.Real, torch.Tensor)):
             what = "computes its own step size (relative_step=True)" if group.get("relative_step") else f"has lr={lr!r}"
             raise ValueError(
                 f"FreezeOut anneals each unit's learning rate, and group {index} of {type(optimizer).__name__} {what}, "
