@@ -856,16 +856,15 @@ class SmartFreezer:
         none of them trained is idle from this step on, until one trains it. A step() without an
         optimizer step (a GradScaler's skipped one) says nothing either way."""
         trained = self._trained_this_step
-        if not self._guard.optimizer_steps:
-            pass
-        elif trained.issuperset(range(self.num_frozen, len(self.units))):  # most steps: every unit trained
-            self._idle_since.clear()
-        else:
-            for unit in self.units[self.num_frozen:]:
-                if unit.index in trained:
-                    self._idle_since.pop(unit.index, None)
-                else:
-                    self._idle_since.setdefault(unit.index, step - 1)
+        if self._guard.optimizer_steps:
+            if trained.issuperset(range(self.num_frozen, len(self.units))):  # most steps: every unit trained
+                self._idle_since.clear()
+            else:
+                for unit in self.units[self.num_frozen:]:
+                    if unit.index in trained:
+                        self._idle_since.pop(unit.index, None)
+                    else:
+                        self._idle_since.setdefault(unit.index, step - 1)
         trained.clear()
 
     def _note_units_held_by_user(self, step: int) -> None:
