@@ -758,13 +758,10 @@ def test_parameters_replaced_in_the_prefix_are_cached_again_once_refrozen():
     assert "in no unit" not in job.cache.describe()
 
 
-def test_a_cast_there_and_back_drops_the_rows_it_made_stale():
-    """model.half(); model.float() between two steps (a half-precision save or evaluation) sets
-    .data twice: no version bump, float32 again, the values rounded. The rows made from the old
-    values went on being served (3.4e-5 in weights with the audit off; review41)."""
+def _cast_there_and_back(widths, **job_kwargs):
+    """The same run without and with the cache, model.half(); model.float() before step 6."""
     def run(cache):
-        job = _Job((64, 64), 2, at_step=1, cache=cache, momentum=0.9, scale=3.0, activation=nn.Tanh,
-                   **({"audit_rows": 0} if cache else {}))
+        job = _Job(widths, 2, at_step=1, cache=cache, momentum=0.9, **job_kwargs)
 
         def cast(step):
             if step == 6:
@@ -777,6 +774,14 @@ def test_a_cast_there_and_back_drops_the_rows_it_made_stale():
         warnings.simplefilter("ignore")
         got = run(True)
     _same_weights(expected.model, got.model)
+    return expected, got
+
+
+def test_a_cast_there_and_back_drops_the_rows_it_made_stale():
+    """model.half(); model.float() between two steps (a half-precision save or evaluation) sets
+    .data twice: no version bump, float32 again, the values rounded. The rows made from the old
+    values went on being served (3.4e-5 in weights with the audit off; review41)."""
+    _, got = _cast_there_and_back((64, 64), scale=3.0, activation=nn.Tanh, audit_rows=0)
     assert got.cache.stats["weights_changed"] == 1 and got.cache.stats["hits"] > 0
 
 
@@ -785,21 +790,7 @@ def test_buffers_a_cast_replaced_are_cached_again():
     tensors (parameters keep theirs), which looked like torch.func.functional_call's swap at every
     later forward: the whole model ran for the rest of the run while describe() said the cache
     was on (review41)."""
-    def run(cache):
-        job = _Job((32, 32), 2, at_step=1, cache=cache, momentum=0.9,
-                   activation=lambda: nn.Sequential(nn.BatchNorm1d(32), nn.ReLU()))
-
-        def cast(step):
-            if step == 6:
-                job.model.half()
-                job.model.float()
-        return job.train(16, before_step=cast)
-
-    expected = run(False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        got = run(True)
-    _same_weights(expected.model, got.model)
+    expected, got = _cast_there_and_back((32, 32), activation=lambda: nn.Sequential(nn.BatchNorm1d(32), nn.ReLU()))
     for a, b in zip(expected.model.buffers(), got.model.buffers()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert got.cache.stats["bypassed"] == 1 and got.cache.stats["hits"] > 8
