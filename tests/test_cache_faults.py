@@ -827,3 +827,68 @@ def test_a_hook_placed_in_the_prefix_as_the_one_that_stopped_the_cut_goes_runs_a
         warnings.simplefilter("ignore")
         job.train(11, before_step=move_the_hook, after_step=lambda step: per_step.append(len(calls)))
     assert per_step[7] == 0 and per_step[10] > per_step[9] > per_step[8] > per_step[7]
+
+
+class _Keys:  # as transformers' DynamicLayer
+    def __init__(self, keys):
+        self.keys = keys
+
+
+class _KeyCache:  # as transformers' DynamicCache: its tensors one level below its attributes
+    def __init__(self):
+        self.layers = []
+
+
+class _CachingBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x, key_cache):
+        h = torch.relu(self.lin(x))
+        key_cache.layers.append(_Keys(h * 2))
+        return h, key_cache
+
+
+class _CachingNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.b0, self.b1, self.head = _CachingBlock(), _CachingBlock(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h, key_cache = self.b0(x, _KeyCache())
+        h, key_cache = self.b1(h, key_cache)
+        return self.head(h), key_cache
+
+
+def test_an_object_returned_with_its_tensors_a_level_down_is_this_batchs():
+    """A frozen block returning an object that keeps per-sample tensors one level below its
+    attributes (a Llama's DynamicCache with use_cache=True): the object recorded when the cut was
+    checked, for 4 other samples, was returned at every later step (review47)."""
+    def run(cached):
+        torch.manual_seed(0)
+        model = _CachingNet()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=1), example_inputs=torch.randn(8, 8),
+                               total_steps=8)
+        forward = ActivationCache(freezer, num_samples=16, deterministic=True).wrap() if cached else None
+        keys = []
+        for step in range(4):
+            x = torch.randn(8, 8, generator=torch.Generator().manual_seed(10 + step % 2))
+            ids = torch.arange(8) + 8 * (step % 2)
+            out, key_cache = forward(x, ids) if cached else model(x)
+            out.sum().backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+            keys.append([layer.keys.detach().clone() for layer in key_cache.layers])
+        return keys
+
+    expected = run(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = run(True)
+    for step_expected, step_got in zip(expected, got):
+        assert len(step_expected) == len(step_got)
+        for a, b in zip(step_expected, step_got):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

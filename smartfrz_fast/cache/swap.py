@@ -220,9 +220,19 @@ def _describe_leaf(leaf: Any, batch: int):
     return ("value", leaf)
 
 
-def holds_tensors(value: Any) -> bool:
-    """An object pytree does not take apart (a plain dataclass) that carries tensors."""
-    return any(isinstance(v, Tensor) for v in getattr(value, "__dict__", {}).values())
+def holds_tensors(value: Any, depth: int = 3) -> bool:
+    """An object pytree does not take apart (a plain dataclass) that carries tensors, among its
+    attributes or a few levels further down, in their lists, dicts and objects (transformers'
+    DynamicCache keeps them in ``layers[i].keys``). A module is no such object: its parameters are
+    not the call's data."""
+    attributes = getattr(value, "__dict__", None)
+    if depth == 0 or isinstance(value, nn.Module) or not isinstance(attributes, dict):
+        return False
+    for v in attributes.values():
+        for item in v if isinstance(v, (list, tuple)) else v.values() if isinstance(v, dict) else (v,):
+            if isinstance(item, Tensor) or holds_tensors(item, depth - 1):
+                return True
+    return False
 
 
 def record_calls(model: nn.Module, args: tuple, kwargs: dict, batch: int
