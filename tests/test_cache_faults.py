@@ -871,8 +871,8 @@ def test_an_object_returned_with_its_tensors_a_level_down_is_this_batchs():
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=1), example_inputs=torch.randn(8, 8),
                                total_steps=8)
-        forward = ActivationCache(freezer, num_samples=16, deterministic=True).wrap() if cached else None
-        keys = []
+        cache = ActivationCache(freezer, num_samples=16, deterministic=True) if cached else None
+        forward, keys = cache.wrap() if cached else None, []
         for step in range(4):
             x = torch.randn(8, 8, generator=torch.Generator().manual_seed(10 + step % 2))
             ids = torch.arange(8) + 8 * (step % 2)
@@ -882,12 +882,13 @@ def test_an_object_returned_with_its_tensors_a_level_down_is_this_batchs():
             opt.zero_grad()
             freezer.step()
             keys.append([layer.keys.detach().clone() for layer in key_cache.layers])
-        return keys
+        return keys, cache
 
-    expected = run(False)
+    expected, _ = run(False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        got = run(True)
+        got, cache = run(True)
+    assert "is no cut because it returns a _KeyCache" in cache.describe() and "use_cache=False" in cache.describe()
     for step_expected, step_got in zip(expected, got):
         assert len(step_expected) == len(step_got)
         for a, b in zip(step_expected, step_got):

@@ -552,9 +552,11 @@ class SwapChain:
             params = list(call.module.parameters())
             if params and not any(p.requires_grad for p in params):
                 kind = type(next(leaf[1] for leaf in call.leaves if leaf[0] == "value" and holds_tensors(leaf[1])))
+                fix = ("pass use_cache=False to training forwards (a key-value cache serves generation, not "
+                       "training)" if "Cache" in kind.__name__ else "return a tuple or dict, or register "
+                       f"{kind.__name__} with torch.utils._pytree.register_dataclass")
                 return (f"; frozen module {call.name!r} is no cut because it returns a {kind.__name__}, an object "
-                        "whose tensors the cache cannot take apart: return a tuple or dict, or register "
-                        f"{kind.__name__} with torch.utils._pytree.register_dataclass")
+                        f"whose tensors the cache cannot take apart: {fix}")
         return ""
 
     def _most_skipped(self, cut: int) -> int:
