@@ -440,9 +440,9 @@ def test_accelerate_state_hooks_resume_the_freezer_exactly(make_policy, tmp_path
     from accelerate import Accelerator
 
     from smartfrz_fast import SmartFreezer
+    from tests.test_docs_examples import block
 
-    page = (Path(__file__).resolve().parents[1] / "docs/integrations/huggingface.md").read_text(encoding="utf-8")
-    lines = next(b for b in re.findall(r"```python\n(.*?)```", page, re.S) if "register_load_state_pre_hook" in b)
+    _, lines, _ = block("docs/integrations/huggingface.md", "register_load_state_pre_hook")
 
     def build():
         torch.manual_seed(0)
