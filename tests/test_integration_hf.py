@@ -4,7 +4,6 @@ own checkpoints, and a run resumed with resume_from_checkpoint ends bit-identica
 uninterrupted one (shuffled data, dropout on, checkpoint in the middle of an epoch)."""
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -310,8 +309,9 @@ def test_total_steps_come_from_the_trainer_in_an_epoch_based_run(tmp_path):
 
 def test_doc_example_runs(tmp_path):
     """The example in docs/integrations/huggingface.md runs as written."""
-    doc = Path(__file__).parents[1] / "docs" / "integrations" / "huggingface.md"
-    code = re.findall(r"```python\n(.*?)```", doc.read_text(encoding="utf-8"), re.S)[0]
+    from tests.test_docs_examples import block
+
+    _, code, _ = block("docs/integrations/huggingface.md", "BertForSequenceClassification(BertConfig(")
     (tmp_path / "example.py").write_text(code, encoding="utf-8")
     result = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
