@@ -1115,6 +1115,11 @@ class SmartFreezer:
         differ. Say what to do."""
         saved = [len(g.get("params", ())) for g in state_dict.get("param_groups", ())]
         mine = [len(g["params"]) for g in optimizer.param_groups]
+        if self.num_frozen and saved != mine:
+            # A resumed run that replays its code re-adds frozen parameters it woke (requires_grad
+            # back on, add_param_group): out of the groups now, as at the saved run's next step.
+            self._check_prefix_still_frozen()
+            mine = [len(g["params"]) for g in optimizer.param_groups]
         if self.step_count == 0 and len(saved) == len(mine) and saved != mine and sum(saved) < sum(mine):
             raise ValueError(f"this optimizer state holds {sum(mine) - sum(saved)} parameters fewer than the optimizer, "
                              "as one saved after layers froze does. Load the freezer's state first "

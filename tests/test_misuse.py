@@ -1032,6 +1032,42 @@ def test_requires_grad_turned_back_on_in_the_frozen_prefix_warns_and_refreezes(h
         _train_step(model, opt, freezer, 2)  # once
 
 
+def test_a_resume_that_replays_re_adding_woken_frozen_layers_loads_the_optimizer_state():
+    """The run woke its frozen first layer and added it as a group (the freezer took it out
+    again); the resumed process replays that code after loading the freezer's state, then loads
+    the optimizer's: it failed in torch with only "a parameter group that doesn't match the size"
+    (review46). The woken parameters go out before the load, as at the saved run's next step."""
+    def wake_and_add(model, opt):
+        model[0].requires_grad_(True)
+        opt.add_param_group({"params": list(model[0].parameters()), "lr": 0.01})
+
+    def build():
+        model = _mlp()
+        opt = sgd(model)
+        return model, opt, SmartFreezer(model, opt, StaticFreeze(1), example_inputs=torch.randn(4, 8), total_steps=100)
+
+    model, opt, freezer = build()
+    freezer.freeze_to(1)
+    _train_step(model, opt, freezer, 0)
+    with pytest.warns(UserWarning, match="frozen parameter"):
+        wake_and_add(model, opt)
+        _train_step(model, opt, freezer, 1)
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), freezer.state_dict()))
+    for seed in (2, 3):
+        _train_step(model, opt, freezer, seed)
+
+    model2, opt2, freezer2 = build()
+    model2.load_state_dict(saved[0])
+    freezer2.load_state_dict(saved[2])
+    with pytest.warns(UserWarning, match="frozen parameter"):
+        wake_and_add(model2, opt2)
+        opt2.load_state_dict(saved[1])
+    for seed in (2, 3):
+        _train_step(model2, opt2, freezer2, seed)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), model2.state_dict().values()))
+    assert [len(g["params"]) for g in opt2.param_groups] == [len(g["params"]) for g in opt.param_groups]
+
+
 def test_a_gan_toggle_of_the_whole_discriminator_warns_once():
     """``set_requires_grad(D, True/False)`` around each step (CycleGAN, pix2pix) turns the frozen
     prefix back on every step: weights stay right (it is out of the optimizer), one warning."""
