@@ -96,12 +96,15 @@ def _as_optimizers(optimizer) -> Tuple[List[torch.optim.Optimizer], List[torch.o
 
 def _learning_rate_is_0(lr: Any) -> bool:
     """A group's learning rate is exactly 0 (a warm-up holding a backbone still): a number of any
-    kind (numpy's float32 from a schedule table too) or a one-element tensor on the host. One on
-    an accelerator is never read (that would wait for the device), nor under torch.compile."""
+    kind (numpy's float32 from a schedule table too, a one-element numpy array) or a one-element
+    tensor on the host. One on an accelerator is never read (that would wait for the device), nor
+    under torch.compile."""
     if isinstance(lr, Tensor):
         if lr.device.type != "cpu" or lr.numel() != 1 or torch.compiler.is_compiling():
             return False
         return float(lr) == 0
+    if type(lr).__module__ == "numpy" and getattr(lr, "size", 0) == 1:  # a 0-d or one-element array
+        lr = lr.item()
     return isinstance(lr, numbers.Real) and not isinstance(lr, bool) and lr == 0
 
 
@@ -835,7 +838,10 @@ class SmartFreezer:
     def _units_in_groups(self, optimizer: torch.optim.Optimizer) -> List[List[Tuple[int, List[Tensor]]]]:
         """Per group of ``optimizer``: its parameters by unit. Made again when a group or the
         units' parameters change (a freeze takes parameters out; add_param_group; a swap)."""
-        layout = [(g, len(g["params"])) for g in optimizer.param_groups]  # held: no id of theirs is reused
+        # Each group with the ids of its parameters (a list reassigned or edited in place, moving a
+        # hold to other layers, keeps its length): groups and unit parameters are held, so their
+        # ids are not reused, and a parameter of no unit maps to none whatever its id.
+        layout = [(g, tuple(map(id, g["params"]))) for g in optimizer.param_groups]
         cached = self._units_of_groups.get(optimizer)
         if cached is not None and len(cached[0]) == len(layout) and all(
                 g is h and n == m for (g, n), (h, m) in zip(cached[0], layout)):

@@ -1113,9 +1113,9 @@ def _warm_up_run(make_policy, hold_until, steps=20, resume_at=None, how="require
         still[0] = held
         if how == "requires_grad":
             model[0].requires_grad_(not held)
-        elif how in ("lr 0", "numpy lr 0"):
+        elif how in ("lr 0", "numpy lr 0", "numpy array lr 0"):
             lr = 0.0 if held else 0.05
-            opts[0].param_groups[0]["lr"] = np.float32(lr) if how == "numpy lr 0" else lr
+            opts[0].param_groups[0]["lr"] = {"numpy lr 0": np.float32, "numpy array lr 0": np.array}.get(how, float)(lr)
 
     def train_step(step):
         torch.manual_seed(step)
@@ -1141,13 +1141,15 @@ def _warm_up_run(make_policy, hold_until, steps=20, resume_at=None, how="require
     return [(e.step, e.num_frozen) for e in freezer.timeline], [str(w.message) for w in caught]
 
 
-@pytest.mark.parametrize("how", ["requires_grad", "lr 0", "numpy lr 0", "its optimizer not stepped", "no_grad"])
+@pytest.mark.parametrize("how", ["requires_grad", "lr 0", "numpy lr 0", "numpy array lr 0", "its optimizer not stepped",
+                                 "no_grad"])
 def test_an_adaptive_policy_does_not_freeze_a_layer_the_user_holds_frozen_until_it_has_trained(how):
     # Returns(2): "freeze two units" at every step, as an adaptive policy that reads a held layer's
     # still weights as done would: it may freeze once the layer has trained for a window (4 steps).
     # A learning rate of 0 (a backbone's warm-up in its own group) holds it as requires_grad=False
     # does: before, SmartFRZ froze such a backbone for good. So did a numpy learning rate of 0, a
-    # backbone whose own optimizer was not stepped, or one run under torch.no_grad() (review46)
+    # backbone whose own optimizer was not stepped, or one run under torch.no_grad() (review46); a
+    # learning rate that is a numpy array of one element was read as training (review48)
     timeline, caught = _warm_up_run(lambda: Returns(2), hold_until=6, how=how)
     assert timeline == [(10, 2)], timeline
     assert sum("your code held it still" in w for w in caught) == 1, caught
@@ -1157,6 +1159,30 @@ def test_an_adaptive_policy_does_not_freeze_a_layer_the_user_holds_frozen_until_
     for resume_at in (8,) if how == "requires_grad" else (1, 8):
         resumed, _ = _warm_up_run(lambda: Returns(2), hold_until=6, resume_at=resume_at, how=how)
         assert resumed == timeline
+
+
+def test_a_hold_moved_to_another_layer_by_reassigning_the_groups_lists_is_seen():
+    """The lr-0 group's list is reassigned from the head's parameters to the first layer's, each
+    group keeping its length: the layout of the groups by unit was kept by length, the first
+    layer's steps at lr 0 were read as training, and it froze at its held weights (review48)."""
+    model = _mlp(bn=False)
+    first, middle, head = (list(model[i].parameters()) for i in (0, 3, 5))
+    opt = torch.optim.SGD([{"params": head, "lr": 0.0}, {"params": first + middle, "lr": 0.05}])
+    class FreezesTwoFromStep8(FreezePolicy):  # as an adaptive policy that reads still weights as done
+        def decide(self, step, frozen):
+            return 2 if step >= 8 else 0
+
+    freezer = SmartFreezer(model, opt, FreezesTwoFromStep8(), example_inputs=torch.randn(4, 8), window=4,
+                           sample_every=1, total_steps=12)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(12):
+            if step == 2:
+                opt.param_groups[0]["params"], opt.param_groups[1]["params"] = first, middle + head
+                start = model[0].weight.detach().clone()
+            _train_step(model, opt, freezer, step)
+    assert freezer.timeline == [] and torch.equal(model[0].weight, start)
+    assert sum("your code held it still" in str(w.message) for w in caught) == 1, [str(w.message) for w in caught]
 
 
 def test_a_warm_up_from_a_learning_rate_of_0_holds_nothing():
