@@ -1232,6 +1232,7 @@ class SmartFreezer:
                 listener("parameters", {key: new for key, (_, new) in pairs.items()})
         guard.layout = layout
         guard.module_ids = {id(m) for m in layout[0].values()}
+        guard.containers = guards.ContainerChildren(self.module)
         guard.changed = False
 
     def _stop_before_nonfinite(self, target: int) -> int:

@@ -194,6 +194,30 @@ def model_layout(module: nn.Module) -> Tuple[Dict[str, nn.Module], Dict[str, nn.
     return modules, params
 
 
+# Containers whose own methods change their children without torch's registration hooks:
+# insert() writes `_modules` directly, pop() and del go through delattr.
+_EDITED_WITHOUT_HOOKS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+class ContainerChildren:
+    """The children of each container of a model (``nn.Sequential``, ``nn.ModuleList``,
+    ``nn.ModuleDict``) as they were at set-up; ``changed()`` says whether an ``insert``, ``pop`` or
+    ``del`` that no registration hook saw changed them since. A list comparison per container
+    (identity first, in C: about 10 us for EfficientNet-B0's 74 containers)."""
+
+    __slots__ = ("_children",)
+
+    def __init__(self, module: Optional[nn.Module] = None) -> None:
+        containers = () if module is None else (m for m in module.modules() if isinstance(m, _EDITED_WITHOUT_HOOKS))
+        self._children = [(m._modules, list(m._modules.values())) for m in containers]
+
+    def changed(self) -> bool:
+        for children, then in self._children:
+            if list(children.values()) != then:
+                return True
+        return False
+
+
 def describe_change(old: Tuple[Dict[str, nn.Module], Dict[str, Any]],
                     new: Tuple[Dict[str, nn.Module], Dict[str, Any]], in_units: set) -> Optional[str]:
     """What changed in the model's structure that the freezer cannot follow (None: nothing, or
@@ -204,17 +228,26 @@ def describe_change(old: Tuple[Dict[str, nn.Module], Dict[str, Any]],
     def matters(m: nn.Module) -> bool:
         return id(m) in in_units or any(True for _ in m.parameters())
 
-    added = [n for n, m in new_modules.items() if n not in old_modules and matters(m)]
-    removed = [n for n, m in old_modules.items() if n not in new_modules and matters(m)]
-    replaced = [n for n, m in old_modules.items()
-                if n in new_modules and new_modules[n] is not m and (matters(m) or matters(new_modules[n]))]
+    # by identity: an insert into an nn.Sequential moves the names of the modules after it
+    old_names: Dict[int, List[str]] = {}
+    for n, m in old_modules.items():
+        old_names.setdefault(id(m), []).append(n)
+    new_ids = {id(m) for m in new_modules.values()}
+    replaced = [n for n, m in old_modules.items() if id(m) not in new_ids and n in new_modules
+                and id(new_modules[n]) not in old_names and (matters(m) or matters(new_modules[n]))]
+    added = [n for n, m in new_modules.items() if id(m) not in old_names and n not in replaced and matters(m)]
+    removed = [n for n, m in old_modules.items() if id(m) not in new_ids and n not in replaced and matters(m)]
+    renamed = [f"{old_names[id(m)][0]} now {n}" for n, m in new_modules.items()
+               if id(m) in old_names and n not in old_names[id(m)] and matters(m)]
     added_params = [n for n in new_params if n not in old_params]
     removed_params = [n for n in old_params if n not in new_params]
+    found = []
     for what, names in (("module(s) added", added), ("module(s) removed", removed), ("module(s) replaced", replaced),
+                        ("module(s) moved to another name", renamed),
                         ("parameter(s) added", added_params), ("parameter(s) removed", removed_params)):
         if names:
-            return f"{what}: {names[:3]}{' ...' if len(names) > 3 else ''}"
-    return None
+            found.append(f"{what}: {names[:3]}{' ...' if len(names) > 3 else ''}")
+    return "; ".join(found[:2]) or None
 
 
 def same_layout(old: torch.Tensor, new: torch.Tensor) -> bool:
@@ -233,6 +266,7 @@ class Guard:
         self._freezer = weakref.ref(freezer)
         self.layout = model_layout(freezer.module)
         self.module_ids = {id(m) for m in self.layout[0].values()}
+        self.containers = ContainerChildren(freezer.module)
         self.changed = False  # a registration on one of the model's modules since the last look
         self.optimizer_steps = 0  # steps of the freezer's optimizers since its last step()
         self.unmatched = 0  # step() calls with no optimizer step since the previous call
@@ -246,7 +280,7 @@ class Guard:
         _install()
 
     def close(self) -> None:
-        self.module_ids, self.layout = set(), ({}, {})
+        self.module_ids, self.layout, self.containers = set(), ({}, {}), ContainerChildren()
         _forget(self._ref)
 
     def warn_once(self, key: str, message: str) -> None:
@@ -260,7 +294,7 @@ class Guard:
         if freezer is None or freezer._closed or freezer.plan is None:
             return
         if optimizer in freezer.optimizers:  # identity: optimizers do not define __eq__
-            if self.changed:
+            if self.changed or self.containers.changed():
                 freezer._resync()
             sizes = tuple(len(g["params"]) for g in optimizer.param_groups)
             if self._group_sizes.get(id(optimizer)) != sizes:
@@ -283,7 +317,8 @@ class Guard:
         if not any(id(p) in model_params for g in optimizer.param_groups for p in g["params"]):
             self._unrelated.add(optimizer)
             return
-        if self.changed:  # first: the optimizer may hold parameters that replaced the units' ones
+        if self.changed or self.containers.changed():  # first: the optimizer may hold parameters that
+            # replaced the units' ones
             freezer._resync()
         held = [p for g in optimizer.param_groups for p in g["params"] if id(p) in freezer._unit_of_param]
         if not held:
@@ -322,7 +357,7 @@ class Guard:
         # caught by the loop) never ran the post-step hook, and a re-created optimizer would have
         # been taken for one stepped inside it for ever, never followed
         self.inside = None
-        if self.changed:
+        if self.changed or self.containers.changed():
             freezer._resync()
         if self.optimizer_steps == 0:
             self.unmatched += 1

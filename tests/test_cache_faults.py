@@ -777,6 +777,29 @@ def _cast_there_and_back(widths, **job_kwargs):
     return expected, got
 
 
+@pytest.mark.parametrize("edit", [
+    lambda m: m.insert(len(m), nn.Tanh()),  # after the trainable head
+    lambda m: m.insert(3, nn.Tanh()),  # inside the cached prefix
+    lambda m: m.pop(len(m) - 1),  # the head
+    lambda m: m.__delitem__(2),  # a ReLU of the cached prefix
+], ids=["insert at the end", "insert in the prefix", "pop the head", "del in the prefix"])
+def test_a_sequential_edited_without_registration_sets_the_cache_up_again(edit):
+    # nn.Sequential's insert writes _modules directly, pop and del go through delattr: no
+    # registration hook fires, and the cache ran its old chain, 0.01-0.13 off the edited model, at
+    # every forward, while describe() said it was on (review49)
+    cache, cached = ready_cache(frozen=2, storage="memory")
+    model = cache.freezer.module
+    ids = torch.arange(10)
+    cached(X[ids], ids)
+    cached(X[ids], ids)
+    assert cache.stats["hits"] == 10
+    edit(model)
+    with pytest.warns(UserWarning, match="modules or parameters changed since the cache was set up"):
+        out = cached(X[ids], ids)
+    torch.testing.assert_close(out, model(X[ids]), rtol=0, atol=0)
+    torch.testing.assert_close(cached(X[ids], ids), model(X[ids]), rtol=0, atol=0)
+
+
 def test_a_cast_there_and_back_drops_the_rows_it_made_stale():
     """model.half(); model.float() between two steps (a half-precision save or evaluation) sets
     .data twice: no version bump, float32 again, the values rounded. The rows made from the old
@@ -794,6 +817,40 @@ def test_buffers_a_cast_replaced_are_cached_again():
     for a, b in zip(expected.model.buffers(), got.model.buffers()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert got.cache.stats["bypassed"] == 1 and got.cache.stats["hits"] > 8
+
+
+def test_an_ema_evaluated_through_functional_call_keeps_the_rows():
+    """An EMA's weights (one dict for the run) evaluated through torch.func.functional_call on
+    three batches at each epoch's end: the same tensors at two swapped-out forwards were taken for
+    a replacement that stays, and every row was dropped at each evaluation (review48)."""
+    from torch.func import functional_call
+
+    model = chain_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, policy=StaticFreeze(2, 1), example_inputs=X[:2], total_steps=100)
+    cache = ActivationCache(freezer, num_samples=N, deterministic=True, storage="memory")
+    cached = cache.wrap()
+    ema = {n: t.detach().clone() for n, t in [*cached.named_parameters(), *cached.named_buffers()]}
+    prefix = next(n for n, _ in cached.named_parameters())[:-len("0.weight")]  # the wrapper's name for the model
+    hits = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the swapped-out forwards' note
+        for epoch in range(3):
+            before = cache.stats["hits"]
+            for start in range(0, N, 10):
+                ids = torch.arange(start, start + 10)
+                nn.functional.cross_entropy(cached(X[ids], ids), Y[ids]).backward()
+                opt.step()
+                opt.zero_grad()
+                freezer.step()
+            hits.append(cache.stats["hits"] - before)
+            for start in range(0, 30, 10):
+                ids = torch.arange(start, start + 10)
+                torch.testing.assert_close(functional_call(cached, ema, (X[ids], ids)),
+                                           functional_call(model, {n[len(prefix):]: t for n, t in ema.items()},
+                                                           (X[ids],)), rtol=0, atol=0)
+    assert hits == [0, 30, N], hits  # the first 10 samples went through before the freeze at step 1
+    assert cache.stats["bypassed"] == 9
 
 
 def test_the_cut_goes_back_once_the_hook_that_stopped_it_is_removed():

@@ -38,7 +38,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ..distributed import FreezableDDP, _is_fsdp1, _is_fsdp2, check_ddp
 from ..frozen import held_weakly, mode_blind, remove_handles
-from ..guards import warn_in_every_run
+from ..guards import ContainerChildren, warn_in_every_run
 from ..units import compiled_in_place, example_call, preserved_modes, preserved_state
 from .split import (SWAP, BlockChain, Inputs, block_modules, captured_outputs, find_blocks, hooked_modules,
                     modules_outside, rows_need_grad, skipped_hooks)
@@ -191,6 +191,7 @@ class ActivationCache:
         self._warned: set = set()  # kinds of warning given once already
         self.cut_note: Optional[str] = None  # why the cut is not as deep as the frozen prefix
         self._structure_changed = False  # a module or parameter registered in the model since set-up
+        self._containers = ContainerChildren()  # the model's containers' children at set-up
         self._compiled_at_setup: Set[int] = set()  # modules the chain does not call, compiled at set-up
         self._handles_seen = -1  # torch's hook-handle counter when hooks were last checked
         self._stopped_by_hooks = None  # the block whose modules' forward hooks stopped the cut, if any
@@ -203,7 +204,8 @@ class ActivationCache:
         self._prefix_state: Tuple[Any, List[Tensor], List[Tuple[int, torch.dtype, int]], List[Tensor]] = \
             (None, [], [], [])
         self._prefix_slots: List[Tuple[Dict[str, Any], str, Tensor]] = []  # where the model holds them
-        self._swapped_seen: List[Optional[weakref.ref]] = []  # what a swapped-out forward found in those slots
+        # what a swapped-out forward found in those slots, and the training step it first did so
+        self._swapped_seen: Optional[Tuple[int, List[Optional[weakref.ref]]]] = None
         # forwards run inside a plain DDP that copies rank 0's buffers into this rank (see _advance)
         self._buffers_broadcast = False
         self._leaf_reads: Tuple[Any, Optional[List[bool]]] = (None, None)  # see _read_leaves
@@ -501,7 +503,7 @@ class ActivationCache:
         if self.enabled and getattr(self.freezer, "_closed", False):  # its prefix is no longer held in eval: rows would be stale
             self._disable("its SmartFreezer was closed: the frozen prefix's norm and dropout layers follow "
                           "model.train() again, so rows made in eval mode no longer match it; the whole model runs")
-        if self._structure_changed:
+        if self._structure_changed or self._containers.changed():
             self._rederive()
         elif self.enabled and self.chain is not None and self.chain.how == "torch.fx" and any(
                 compiled_in_place(m) and id(m) not in self._compiled_at_setup for _, m in self._outside[1]):
@@ -570,7 +572,9 @@ class ActivationCache:
         if why is not None:
             self._bypass(why[0], f"{why[1]}: such forwards run the whole model (counted in stats['bypassed']).")
             return model(*inputs.args, **inputs.kwargs)
-        if self._store is not None and self._prefix_swapped_out():
+        if self._store is not None and not self._prefix_swapped_out():
+            self._swapped_seen = None  # the prefix's own tensors are back: what was swapped in was one call's
+        elif self._store is not None:
             if self._replaced_for_good():
                 self._rederive("a parameter or buffer of the cached frozen prefix was replaced by another tensor "
                                "and stayed replaced (a cast such as model.half() then model.float(), or model.to(), "
@@ -578,8 +582,8 @@ class ActivationCache:
             else:
                 self._bypass("swapped_out", "a forward with other tensors in place of the cached prefix's parameters "
                              "or buffers (torch.func.functional_call) runs the whole model, on those tensors "
-                             "(counted in stats['bypassed']); tensors that stay in place at the next forward (a cast "
-                             "such as model.half() replaces buffers) set the cache up again")
+                             "(counted in stats['bypassed']); tensors that stay in place into the next training step "
+                             "(a cast such as model.half() replaces buffers) set the cache up again")
             return model(*inputs.args, **inputs.kwargs)
         if not self._prefix_weights_unchanged():  # set up again at the next forward
             return model(*inputs.args, **inputs.kwargs)
@@ -671,12 +675,14 @@ class ActivationCache:
 
     def _watch_structure(self, model: nn.Module) -> None:
         """Notice a module, parameter or buffer registered in the model after set-up (a block
-        appended to an nn.Sequential, a parameter added to or replaced in a cached block): the
-        block chain no longer matches the model, so the cache re-derives it at the next
-        forward. torch's global registration hooks cost nothing per step."""
+        appended to an nn.Sequential, a parameter added to or replaced in a cached block), or a
+        container's children edited without registration (insert, pop, del): the block chain no
+        longer matches the model, so the cache re-derives it at the next forward. torch's global
+        registration hooks cost nothing per step; the containers, one pass over their children per forward."""
         from torch.nn.modules import module as module_lib
 
         remove_handles(self._structure_hooks)
+        self._containers = ContainerChildren(model)
         watched = {id(m) for m in model.modules()}
         me = weakref.ref(self)
 
@@ -702,7 +708,7 @@ class ActivationCache:
 
     def _forget_chain(self) -> None:
         """No chain and no rows: the next forward sets the cache up again."""
-        self._structure_changed = False
+        self._structure_changed, self._containers = False, ContainerChildren()
         self._free_rows_and_hooks()
         self.chain, self.boundary, self._act, self._input_sig = None, 0, None, None
         self._stopped_by_hooks = None
@@ -728,10 +734,10 @@ class ActivationCache:
         on, not the copy's, and the rows' storage and the global hooks are this cache's own."""
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        mine = ("chain", "_store", "_structure_hooks", "_prefix_state", "_prefix_slots", "_swapped_seen")
+        mine = ("chain", "_store", "_structure_hooks", "_prefix_state", "_prefix_slots", "_swapped_seen", "_containers")
         new.__dict__.update(copy.deepcopy({k: v for k, v in self.__dict__.items() if k not in mine}, memo))
-        new.chain, new._store, new._structure_hooks = None, None, []
-        new._prefix_state, new._prefix_slots, new._swapped_seen = (None, [], [], []), [], []
+        new.chain, new._store, new._structure_hooks, new._containers = None, None, [], ContainerChildren()
+        new._prefix_state, new._prefix_slots, new._swapped_seen = (None, [], [], []), [], None
         weakref.finalize(new, remove_handles, new._structure_hooks)
         if self.tier == "mmap":  # a file of its own beside the original's, never the original's
             new._lineage = uuid.uuid4().hex
@@ -915,7 +921,7 @@ class ActivationCache:
         ids = {id(t) for t in tensors}
         self._prefix_slots = [(slots, name, t) for m in self.freezer.module.modules()
                               for slots in (m._parameters, m._buffers) for name, t in slots.items() if id(t) in ids]
-        self._swapped_seen = []
+        self._swapped_seen = None
 
     def _prefix_swapped_out(self) -> bool:
         """A tensor of the cached prefix is not where the rows were made from: a forward under
@@ -924,14 +930,20 @@ class ActivationCache:
         return any(slots.get(name) is not t for slots, name, t in self._prefix_slots)
 
     def _replaced_for_good(self) -> bool:
-        """Whether the tensors now in the prefix's slots are the ones a swapped-out forward found
-        there last time too: a replacement that stays (``model.half()`` sets new buffers, not
-        ``.data``), not one call's ``functional_call`` (fast weights are new tensors each step).
-        Weak references: a dead tensor's id may come back as the next step's."""
+        """Whether the tensors now in the prefix's slots were found there by a swapped-out forward
+        of an earlier training step, with no forward on the prefix's own tensors since: a
+        replacement that stays (``model.half()`` sets new buffers, not ``.data``), not
+        ``functional_call``'s (fast weights are new tensors each step; an EMA's or a target
+        network's dict is in place only for its calls: an evaluation's calls fall within one step,
+        and the model's own forwards come between a target network's). Weak references: a dead
+        tensor's id may come back as the next step's."""
         now = [slots.get(name) for slots, name, _ in self._prefix_slots]
-        seen, self._swapped_seen = self._swapped_seen, [None if t is None else weakref.ref(t) for t in now]
-        return len(seen) == len(now) and all((r is None and t is None) or (r is not None and r() is t)
-                                             for r, t in zip(seen, now))
+        step, seen = self._swapped_seen or (None, [])
+        if len(seen) == len(now) and all((r is None and t is None) or (r is not None and r() is t)
+                                         for r, t in zip(seen, now)):
+            return step < self.freezer.step_count
+        self._swapped_seen = (self.freezer.step_count, [None if t is None else weakref.ref(t) for t in now])
+        return False
 
     def _prefix_weights_unchanged(self) -> bool:
         """Drop every cached row if a parameter or buffer of the cached prefix was written in
