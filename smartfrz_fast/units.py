@@ -120,6 +120,7 @@ class UnitPlan:
     # id(module) -> its descendants the traced forward never called (filled by eval_modules)
     _uncalled_descendants: Dict[int, List[nn.Module]] = field(default_factory=dict, repr=False, compare=False)
     total_backward_flops: float = 0.0  # the backward of one step (see Unit.backward_flops)
+    first_read: int = 0  # op index of the first parameter read: the ops before it are the input's
 
     def largest_allowed_cut(self, at_most: int) -> int:
         for cut in range(min(at_most, len(self.units)), -1, -1):
@@ -182,6 +183,8 @@ class UnitPlan:
         always: Dict[int, nn.Module] = {}
         partly: Dict[nn.Module, int] = {}
         for key, (module, _, calls) in self.module_calls.items():
+            if calls[-1][1] <= self.first_read:
+                continue  # before every layer (an augmentation, an input's normalisation): not the prefix's
             n = self.frozen_calls(key, cut)
             if n == len(calls):
                 always[key] = module
@@ -957,7 +960,7 @@ def discover_units(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[
     shared.sort(key=lambda s: (s.unit, s.reads[0][0]))
     plan = UnitPlan(units, [True] * (len(units) + 1), untraced, sum(tracer.op_flops), shared_parameters, shared,
                     [0] + op_starts[1:] + [num_ops], module_calls,
-                    total_backward_flops=tracer.backward_flops(0, num_ops))
+                    total_backward_flops=tracer.backward_flops(0, num_ops), first_read=op_starts[0])
 
     if shared_parameters == "train":
         # A shared parameter keeps training past a cut only if its every read inside the prefix

@@ -646,3 +646,48 @@ def test_a_user_frozen_module_whose_forward_is_decorated_is_still_warned_about()
                            example_inputs=torch.randn(2, 8))
     with pytest.warns(UserWarning, match=r"left in train mode: stem \(NoisyStem\)"):
         freezer.freeze_to(1)
+
+
+class _RandomFlip(nn.Module):
+    """A train-time augmentation inside the model (kornia / torchvision style): off in eval."""
+
+    def forward(self, x):
+        if not self.training:
+            return x
+        return torch.where(torch.rand(x.shape[0], 1) < 0.5, x.flip(-1), x)
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_an_augmentation_before_the_first_layer_keeps_running_once_the_stem_freezes(cache):
+    """A module before every layer is the input's, not the frozen prefix's: held in eval with the
+    stem, the model's own augmentation ran in 2 of 10 training forwards, silently (review50). The
+    run equals the stem frozen by hand; the cache, seeing a module in train mode, caches nothing."""
+    from smartfrz_fast.cache import ActivationCache
+
+    x, y = torch.randn(32, 6, generator=torch.Generator().manual_seed(1)), torch.arange(32) % 3
+
+    def run(freezer_on):
+        torch.manual_seed(0)
+        model = nn.Sequential(_RandomFlip(), nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=1), example_inputs=x[:2], total_steps=12) \
+            if freezer_on else None
+        forward = ActivationCache(freezer, num_samples=32, deterministic=True, storage="memory").wrap() \
+            if cache and freezer_on else (lambda inputs, ids: model(inputs))
+        torch.manual_seed(5)
+        for step in range(12):
+            if not freezer_on and step == 1:
+                model[1].requires_grad_(False)
+                model[3].requires_grad_(False)
+            ids = torch.arange(step % 4 * 8, step % 4 * 8 + 8)
+            nn.functional.cross_entropy(forward(x[ids], ids), y[ids]).backward()
+            opt.step()
+            opt.zero_grad()
+            if freezer is not None:
+                freezer.step()
+        assert model[0].training
+        return model
+
+    by_hand, frozen = run(False), run(True)
+    for a, b in zip(by_hand.parameters(), frozen.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -1341,8 +1341,9 @@ class ActivationCache:
             name, block = self._module_name(in_train), self.chain.blocks[count].name
             self.cut_note = (f"{type(in_train).__name__} {name!r}{'' if name == block else f' (in block {block!r})'} "
                              "has no trainable parameter but runs in train mode, and the freezer does not hold it in eval "
-                             "mode (you froze it, or it lies after the frozen prefix): rows made in eval mode could "
-                             "change what it computes (dropout, batch statistics, any forward that reads "
+                             "mode (you froze it, it lies after the frozen prefix, or it runs before the model's first "
+                             "layer, as an augmentation does, which the freezer leaves running): rows made in eval mode "
+                             "could change what it computes (dropout, batch statistics, any forward that reads "
                              "self.training), so the cache cuts before it. Call .eval() on it to cache it now; the "
                              "cache goes deeper once the freezer freezes it")
         usable = getattr(self.chain, "usable_cut", None)
