@@ -519,7 +519,10 @@ class SmartFreezer:
         # and its optimizers, if they live on, get the frozen parameters back, as from close()
         weakref.finalize(self, _give_back_frozen, self.module, self._taken).atexit = False
         max_frozen = _max_frozen(plan.units, self.keep_trainable)
-        if max_frozen == 0:
+        if max_frozen == 0 and len(plan.units) == 1:
+            warnings.warn(f"SmartFreezer: the model is one unit ({plan.units[0].name}), which trains its output: there "
+                          "is nothing in front of it to freeze, so nothing will ever freeze.", stacklevel=3)
+        elif max_frozen == 0:
             warnings.warn(
                 f"SmartFreezer: keep_trainable={self.keep_trainable} keeps all {len(plan.units)} of the "
                 "model's freezable units trainable, so nothing will ever freeze. Lower keep_trainable "

@@ -83,6 +83,15 @@ def test_keep_trainable_covering_every_unit_warns_that_nothing_will_freeze():
     assert freezer.num_frozen == 0 and all(p.requires_grad for p in model.parameters())
 
 
+def test_a_model_of_one_unit_warns_that_there_is_nothing_to_freeze():
+    # the advice was "lower keep_trainable (at most 0 ...)", which freezes the whole model (review49)
+    model = nn.Linear(8, 3)
+    with pytest.warns(UserWarning, match=r"the model is one unit \(<root>\), which trains its output: there is "
+                                         r"nothing in front of it to freeze") as caught:
+        SmartFreezer(model, sgd(model), LinearFreeze(0.0), example_inputs=torch.randn(2, 8), total_steps=4)
+    assert not any("Lower keep_trainable" in str(w.message) for w in caught)
+
+
 def test_model_on_meta_is_refused():
     model = SmallCNN().to("meta")
     with pytest.raises(ValueError, match=r"'meta' device \(not materialised.*model.to_empty"):

@@ -711,11 +711,42 @@ def test_bad_arguments():
         ActivationCache(freezer, num_samples=0, deterministic=True)
     with pytest.raises(ValueError, match="pinned_read must be one of"):
         ActivationCache(freezer, num_samples=N, deterministic=True, storage="pinned", pinned_read="dma")
+    # refused here, not with a bare TypeError at the first freeze that fills the budget (review49)
+    with pytest.raises(TypeError, match=r"max_bytes is a number of bytes \(an int, or a float such as 4e9\)"):
+        ActivationCache(freezer, num_samples=N, deterministic=True, max_bytes="1GB")
+    for rows in (2.5, None):
+        with pytest.raises(TypeError, match="audit_rows is a number of rows"):
+            ActivationCache(freezer, num_samples=N, deterministic=True, audit_rows=rows)
+    with pytest.raises(ValueError, match="num_samples must be a positive int"):
+        ActivationCache(freezer, num_samples=True, deterministic=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda', but this machine has no CUDA device"):
+            ActivationCache(freezer, num_samples=N, deterministic=True, device="cuda")
     if not torch.cuda.is_available():
         cache = ActivationCache(freezer, num_samples=N, deterministic=True, storage="pinned")
         freezer.freeze_to(1)
         with pytest.raises(RuntimeError, match="storage='pinned' .* needs one"):
             cache.wrap()(X[:4], torch.arange(4))
+
+
+@pytest.mark.parametrize("storage", ["memory", "mmap"])
+def test_a_budget_written_as_a_float_or_a_numpy_number_is_taken(storage, tmp_path):
+    # max_bytes=4e9 passed the constructor and crashed at the first freeze whose rows the budget
+    # capped: "empty() takes 1 positional argument" in memory, "'float' object cannot be
+    # interpreted as an integer" or "int64 is not JSON serializable" in a file (review49)
+    np = pytest.importorskip("numpy")
+    for budget in (1e4, np.float64(1e4), np.int64(10_000)):  # about 9 of the 40 rows
+        model = chain_model()
+        freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), policy=StaticFreeze(1, 1),
+                               example_inputs=X[:2])
+        cache = ActivationCache(freezer, num_samples=np.int64(N), deterministic=True, max_bytes=budget,
+                                storage=storage, path=str(tmp_path / f"c{type(budget).__name__}.bin"))
+        assert type(cache.max_bytes) is int and type(cache.num_samples) is int
+        freezer.freeze_to(1)
+        wrapped = cache.wrap()
+        torch.testing.assert_close(wrapped(X, torch.arange(N)), model(X), rtol=0, atol=0)
+        assert 0 < cache.rows_cached < N, cache.describe()
+        cache.close()
 
 
 def test_mmap_file_reuse_and_mismatch(tmp_path):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import errno
 import hashlib
+import math
 import os
 import uuid
 import warnings
@@ -39,6 +40,7 @@ from torch.utils.hooks import RemovableHandle
 from ..distributed import FreezableDDP, _is_fsdp1, _is_fsdp2, check_ddp
 from ..frozen import held_weakly, mode_blind, remove_handles
 from ..guards import ContainerChildren, warn_in_every_run
+from ..policy.base import plain_number
 from ..units import compiled_in_place, example_call, preserved_modes, preserved_state
 from .split import (SWAP, BlockChain, Inputs, block_modules, captured_outputs, find_blocks, hooked_modules,
                     modules_outside, rows_need_grad, skipped_hooks)
@@ -130,8 +132,20 @@ class ActivationCache:
         if not hasattr(freezer, "add_freeze_listener"):
             raise TypeError(f"ActivationCache expects a SmartFreezer, got {type(freezer).__name__}")
         _refuse_sharded(getattr(freezer, "_dist_kind", None))
-        if not isinstance(num_samples, int) or num_samples < 1:
+        num_samples, max_bytes, audit_rows = map(plain_number, (num_samples, max_bytes, audit_rows))
+        if isinstance(max_bytes, float) and math.isfinite(max_bytes) and max_bytes >= 0:
+            max_bytes = int(max_bytes)  # max_bytes=4e9
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int (the dataset's length), got {num_samples!r}")
+        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int)):
+            raise TypeError(f"max_bytes is a number of bytes (an int, or a float such as 4e9) or None, got {max_bytes!r}")
+        if isinstance(audit_rows, bool) or not isinstance(audit_rows, int):
+            raise TypeError(f"audit_rows is a number of rows (an int >= 0; 0: no audit), got {audit_rows!r}")
+        if device is not None:
+            device = torch.device(device)
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"ActivationCache device={str(device)!r}, but this machine has no CUDA device: "
+                                 "leave device=None (the activations' device) or pass one that exists")
         if storage not in TIERS:
             raise ValueError(f"ActivationCache storage must be one of {TIERS}, got {storage!r}")
         if pinned_read not in PINNED_READS:
@@ -163,7 +177,7 @@ class ActivationCache:
         self.path = path
         self.reuse = reuse
         self.audit_rows = audit_rows
-        self.device = None if device is None else torch.device(device)
+        self.device = device
 
         self.chain: Optional[BlockChain] = None
         self.boundary = 0  # number of chain blocks whose output is cached

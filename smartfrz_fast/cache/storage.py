@@ -707,7 +707,7 @@ def check_path(path: str, max_bytes: Optional[int]) -> None:
     path = os.path.abspath(path)
     if os.path.isdir(path):
         raise IsADirectoryError(errno.EISDIR, f"ActivationCache: path={path!r} is a directory; name the cache "
-                                "file to create inside it (e.g. {path}/cache.bin)")
+                                f"file to create inside it (e.g. {path}/cache.bin)")
     folder = os.path.dirname(path)
     existing = folder
     while not os.path.exists(existing):
