@@ -8,6 +8,7 @@ root), RLIMIT_FSIZE and RLIMIT_AS in a child process (SIGXFSZ ignored). Simulate
 none (no tmpfs can be mounted, no read-only folder stops root): ENOSPC, EDQUOT and EROFS by
 making posix_fallocate / os.open raise them, MemAvailable by patching its reader."""
 
+import collections
 import errno
 import multiprocessing
 import os
@@ -895,6 +896,48 @@ class _KeyCache:  # as transformers' DynamicCache: its tensors one level below i
     def __init__(self):
         self.layers = []
 
+    def add(self, keys):
+        self.layers.append(_Keys(keys))
+
+    def all_keys(self):
+        return [layer.keys for layer in self.layers]
+
+
+class _PairCache:  # the legacy format kept in an object: [(keys, values), ...]
+    def __init__(self):
+        self.pairs = []
+
+    def add(self, keys):
+        self.pairs.append((keys, keys + 1))
+
+    def all_keys(self):
+        return [k for k, _ in self.pairs]
+
+
+class _SlotCache:  # __slots__: no __dict__
+    __slots__ = ("keys",)
+
+    def __init__(self):
+        self.keys = collections.deque()
+
+    def add(self, keys):
+        self.keys.append(keys)
+
+    def all_keys(self):
+        return list(self.keys)
+
+
+class _DeepCache:  # dicts of lists of objects, four levels down, and a link back to itself
+    def __init__(self):
+        self.store = {"layers": []}
+        self.root = self
+
+    def add(self, keys):
+        self.store["layers"].append(_Keys(_Keys(keys)))
+
+    def all_keys(self):
+        return [layer.keys.keys for layer in self.store["layers"]]
+
 
 class _CachingBlock(nn.Module):
     def __init__(self):
@@ -903,28 +946,32 @@ class _CachingBlock(nn.Module):
 
     def forward(self, x, key_cache):
         h = torch.relu(self.lin(x))
-        key_cache.layers.append(_Keys(h * 2))
+        key_cache.add(h * 2)
         return h, key_cache
 
 
 class _CachingNet(nn.Module):
-    def __init__(self):
+    def __init__(self, kind=_KeyCache):
         super().__init__()
+        self.kind = kind
         self.b0, self.b1, self.head = _CachingBlock(), _CachingBlock(), nn.Linear(8, 3)
 
     def forward(self, x):
-        h, key_cache = self.b0(x, _KeyCache())
+        h, key_cache = self.b0(x, self.kind())
         h, key_cache = self.b1(h, key_cache)
         return self.head(h), key_cache
 
 
-def test_an_object_returned_with_its_tensors_a_level_down_is_this_batchs():
-    """A frozen block returning an object that keeps per-sample tensors one level below its
-    attributes (a Llama's DynamicCache with use_cache=True): the object recorded when the cut was
-    checked, for 4 other samples, was returned at every later step (review47)."""
+@pytest.mark.parametrize("kind", [_KeyCache, _PairCache, _SlotCache, _DeepCache])
+def test_an_object_returned_with_its_tensors_a_level_down_is_this_batchs(kind):
+    """A frozen block returning an object that keeps per-sample tensors below its attributes (a
+    Llama's DynamicCache with use_cache=True): the object recorded when the cut was checked, for 4
+    other samples, was returned at every later step (review47); so it was where the tensors sat in
+    (key, value) tuples, in slots, in a deque or further down (review48), and a link back to the
+    object itself made the output comparison recurse without end."""
     def run(cached):
         torch.manual_seed(0)
-        model = _CachingNet()
+        model = _CachingNet(kind)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=1), example_inputs=torch.randn(8, 8),
                                total_steps=8)
@@ -938,14 +985,15 @@ def test_an_object_returned_with_its_tensors_a_level_down_is_this_batchs():
             opt.step()
             opt.zero_grad()
             freezer.step()
-            keys.append([layer.keys.detach().clone() for layer in key_cache.layers])
+            keys.append([k.detach().clone() for k in key_cache.all_keys()])
         return keys, cache
 
     expected, _ = run(False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         got, cache = run(True)
-    assert "is no cut because it returns a _KeyCache" in cache.describe() and "use_cache=False" in cache.describe()
+    assert f"is no cut because it returns a {kind.__name__}" in cache.describe(), cache.describe()
+    assert "use_cache=False" in cache.describe()
     for step_expected, step_got in zip(expected, got):
         assert len(step_expected) == len(step_got)
         for a, b in zip(step_expected, step_got):

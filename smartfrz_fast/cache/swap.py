@@ -27,6 +27,7 @@ decoder layer), the check fails and the cache cuts earlier, saying why.
 from __future__ import annotations
 
 import bisect
+import collections
 import heapq
 import itertools
 import warnings
@@ -220,18 +221,50 @@ def _describe_leaf(leaf: Any, batch: int):
     return ("value", leaf)
 
 
-def holds_tensors(value: Any, depth: int = 3) -> bool:
-    """An object pytree does not take apart (a plain dataclass) that carries tensors, among its
-    attributes or a few levels further down, in their lists, dicts and objects (transformers'
-    DynamicCache keeps them in ``layers[i].keys``). A module is no such object: its parameters are
-    not the call's data."""
+# How far holds_tensors looks into an object: levels of attributes and containers, and items in
+# all. An object it cannot see through within them counts as holding tensors (never a wrong
+# row; at worst a module that is no cut, or a forward that runs uncached).
+_LOOK_DEPTH, _LOOK_ITEMS = 8, 10_000
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
+
+
+def object_fields(value: Any) -> List[Any]:
+    """The attribute values of an object pytree does not take apart: its ``__dict__``'s and its
+    ``__slots__``' (an object with slots has no ``__dict__``, or keeps only some fields there)."""
     attributes = getattr(value, "__dict__", None)
-    if depth == 0 or isinstance(value, nn.Module) or not isinstance(attributes, dict):
-        return False
-    for v in attributes.values():
-        for item in v if isinstance(v, (list, tuple)) else v.values() if isinstance(v, dict) else (v,):
-            if isinstance(item, Tensor) or holds_tensors(item, depth - 1):
-                return True
+    fields = list(attributes.values()) if isinstance(attributes, dict) else []
+    for cls in type(value).__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        for slot in (slots,) if isinstance(slots, str) else slots:
+            if slot not in ("__dict__", "__weakref__") and hasattr(value, slot):  # a slot may be unset
+                fields.append(getattr(value, slot))
+    return fields
+
+
+def holds_tensors(value: Any) -> bool:
+    """An object pytree does not take apart (a plain dataclass, transformers' DynamicCache) that
+    carries tensors anywhere inside: in its attributes (``__dict__`` or ``__slots__``) or the
+    lists, tuples, sets, deques, dicts and objects they hold, any number of levels down, cycles
+    included. A module is no such object: its parameters are not the call's data. Bounded: an
+    object too deep or too large to look through (``_LOOK_DEPTH``, ``_LOOK_ITEMS``) counts as one."""
+    seen: Set[int] = set()
+    todo = [(value, 0)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, Tensor):
+            return depth > 0
+        if isinstance(item, _PLAIN) or isinstance(item, nn.Module) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if depth >= _LOOK_DEPTH or len(seen) > _LOOK_ITEMS:
+            return True
+        if isinstance(item, dict):
+            inside = list(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset, collections.deque)):
+            inside = list(item)
+        else:
+            inside = object_fields(item)
+        todo.extend((x, depth + 1) for x in inside)
     return False
 
 
@@ -1057,12 +1090,18 @@ _DRAWS = {"rand", "rand_like", "randn", "randn_like", "randint", "randint_like",
           "cauchy_", "log_normal_", "random_", "poisson", "native_dropout"}
 
 
-def _all_leaves(tree: Any) -> List[Any]:
+def _all_leaves(tree: Any, seen: Optional[Set[int]] = None) -> List[Any]:
     """``tree``'s leaves, and those of the objects among them that pytree does not take apart but
-    that carry tensors (a plain dataclass): compared as leaves, any two such objects matched."""
+    that carry tensors (a plain dataclass): compared as leaves, any two such objects matched. An
+    object met again (a node linked to its parent) is one leaf the second time."""
+    seen = set() if seen is None else seen
     out = []
     for leaf in tree_flatten(tree)[0]:
-        out += _all_leaves(list(vars(leaf).values())) if holds_tensors(leaf) else [leaf]
+        if id(leaf) not in seen and holds_tensors(leaf):
+            seen.add(id(leaf))
+            out += _all_leaves([list(x) if isinstance(x, (set, frozenset)) else x for x in object_fields(leaf)], seen)
+        else:
+            out.append(leaf)
     return out
 
 
