@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -90,8 +90,6 @@ def unwrap(model: nn.Module) -> Tuple[nn.Module, Optional[str]]:
                 "torch.distributed.fsdp.fully_shard(block) on each block, then on the root "
                 "(see docs/integrations/ddp_fsdp.md), or DistributedDataParallel."
             )
-        if name and isinstance(module, DistributedDataParallel):  # a part of the model wrapped on its own
-            check_ddp(module, where=f" around the model's {name!r}")
     if isinstance(model, FreezableDDP):
         return model.module, "freezable_ddp"
     if isinstance(model, DistributedDataParallel):
@@ -106,6 +104,16 @@ def unwrap(model: nn.Module) -> Tuple[nn.Module, Optional[str]]:
             "Given the inner module, the freezer cannot rebuild DDP after a freeze, and DDP's next backward fails "
             "(its error then asks for find_unused_parameters=True, which FreezableDDP does not need).")
     return model, None
+
+
+def check_ddp_parts(model: nn.Module, may_freeze: Set[int]) -> None:
+    """Refuse a DDP around a part of the model (``model.body = DDP(body)``) that holds a
+    parameter that may freeze (ids in ``may_freeze``) under settings a freeze breaks; one around
+    a part that never freezes (the head ``keep_trainable`` keeps) is fine as it is."""
+    for name, module in model.named_modules():
+        if name and isinstance(module, DistributedDataParallel) and any(
+                id(p) in may_freeze for p in module.parameters()):
+            check_ddp(module, where=f" around the model's {name!r}")
 
 
 def check_ddp(ddp: DistributedDataParallel, where: str = "") -> None:

@@ -502,12 +502,14 @@ class SmartFreezer:
                 f"SmartFreezer: the model's parameters are on the 'meta' device (not materialised: "
                 f"{meta[:3]}{' ...' if len(meta) > 3 else ''}). Build the freezer (and the optimizer) "
                 "after model.to_empty(device=...) and the weights' initialisation or loading.")
+        from . import distributed
+
         plan = discover_units(self.module, args, kwargs, shared_parameters=self.shared_parameters)
         if self._dist_kind == "fsdp2":
-            from . import distributed
-
             distributed.reshard(self.module)  # the traced forward left the root's parameters unsharded
         self._check_optimizers(plan.units)
+        distributed.check_ddp_parts(self.module, {id(p) for u in plan.units[:_max_frozen(plan.units, self.keep_trainable)]
+                                                  for p in u.parameters})
         self.plan = plan
         self._frozen_by_user = {id(p) for p in self.module.parameters() if not p.requires_grad}
         self._user_frozen_modules = _user_frozen_modules(self.module, self._frozen_by_user)

@@ -186,6 +186,21 @@ def test_a_part_of_the_model_wrapped_in_ddp_without_find_unused_is_refused_at_co
     assert freezer.num_frozen == 1
 
 
+def test_a_head_wrapped_in_ddp_that_never_freezes_is_not_refused(one_rank_group):
+    """keep_trainable's head never freezes, so DDP around it alone (find_unused_parameters=False,
+    DDP's default) is fine: it was refused as if it wrapped the body (review48)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(mlp(), nn.parallel.DistributedDataParallel(nn.Linear(2, 2)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=1), example_inputs=torch.randn(2, 4))
+    for _ in range(3):
+        model(torch.randn(4, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+    assert freezer.num_frozen == 2 and freezer.units[-1].name == "1.module"
+
+
 def test_fsdp1_is_refused_with_advice(one_rank_group):
     from torch.distributed.fsdp import FullyShardedDataParallel
 
