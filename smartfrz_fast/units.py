@@ -612,12 +612,16 @@ def preserved_modes(modules: Iterable[nn.Module]) -> Iterator[None]:
 def preserved_rngs(model: nn.Module) -> Iterator[None]:
     """The random generators a forward pass may draw from are as before afterwards: torch's (CPU
     and the model's GPUs: dropout masks, LayerDrop), numpy's and Python's (SpecAugment's masks
-    are drawn with numpy)."""
+    are drawn with numpy), and those the model's modules hold as attributes (an augmentation's
+    own ``torch.Generator``, ``numpy.random.Generator`` or ``random.Random``, for draws that
+    reproduce)."""
     import random
     import sys
 
     numpy = sys.modules.get("numpy")
     host = random.getstate(), numpy.random.get_state() if numpy is not None else None
+    owned = [(g, state) for m in model.modules() for g in vars(m).values()
+             for state in [_generator_state(g)] if state is not None]
     devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
     try:
         with torch.random.fork_rng(devices=devices):
@@ -626,6 +630,38 @@ def preserved_rngs(model: nn.Module) -> Iterator[None]:
         random.setstate(host[0])
         if numpy is not None:
             numpy.random.set_state(host[1])
+        for generator, state in owned:
+            _set_generator_state(generator, state)
+
+
+def _generator_state(value: Any) -> Any:
+    """The state of a random generator (torch's, numpy's Generator or RandomState, Python's
+    Random), or None for anything else."""
+    import random
+
+    if isinstance(value, torch.Generator):
+        return value.get_state()
+    if isinstance(value, random.Random):
+        return value.getstate()
+    if type(value).__module__.startswith("numpy.random"):
+        if hasattr(value, "bit_generator"):  # numpy.random.Generator
+            return value.bit_generator.state
+        if hasattr(value, "get_state"):  # numpy.random.RandomState
+            return value.get_state()
+    return None
+
+
+def _set_generator_state(generator: Any, state: Any) -> None:
+    import random
+
+    if isinstance(generator, torch.Generator):
+        generator.set_state(state)
+    elif isinstance(generator, random.Random):
+        generator.setstate(state)
+    elif hasattr(generator, "bit_generator"):
+        generator.bit_generator.state = state
+    else:
+        generator.set_state(state)
 
 
 @contextmanager

@@ -691,3 +691,66 @@ def test_an_augmentation_before_the_first_layer_keeps_running_once_the_stem_free
     by_hand, frozen = run(False), run(True)
     for a, b in zip(by_hand.parameters(), frozen.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+class _OwnDrawsNet(nn.Module):
+    """Draws its augmentation from a generator of its own, for runs that reproduce."""
+
+    def __init__(self, kind):
+        super().__init__()
+        import random
+
+        import numpy
+
+        self.kind = kind
+        self.generator = {"torch": lambda: torch.Generator().manual_seed(123),
+                          "numpy": lambda: numpy.random.default_rng(123),
+                          "numpy RandomState": lambda: numpy.random.RandomState(123),
+                          "python": lambda: random.Random(123)}[kind]()
+        self.stem, self.body, self.head = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        if self.training:
+            if self.kind == "torch":
+                flip = torch.rand(x.shape[0], 1, generator=self.generator) < 0.5
+            elif self.kind == "python":
+                flip = torch.tensor([[self.generator.random() < 0.5] for _ in range(x.shape[0])])
+            else:
+                flip = torch.from_numpy(self.generator.random((x.shape[0], 1)) < 0.5)
+            x = torch.where(flip, x.flip(-1), x)
+        return self.head(torch.tanh(self.body(torch.tanh(self.stem(x)))))
+
+
+@pytest.mark.parametrize("kind", ["torch", "numpy", "numpy RandomState", "python"])
+@pytest.mark.parametrize("cache", [False, True])
+def test_a_generator_the_model_holds_is_not_advanced_by_the_engines_own_forwards(kind, cache):
+    """The set-up's traced forward and the cache's checks restored torch's, numpy's and Python's
+    global generators but drew from the model's own: a run with the freezer saw other draws than
+    the same run with the layers frozen by hand (review50)."""
+    from smartfrz_fast.cache import ActivationCache
+
+    x, y = torch.randn(16, 6, generator=torch.Generator().manual_seed(1)), torch.arange(16) % 3
+
+    def run(freezer_on):
+        torch.manual_seed(0)
+        model = _OwnDrawsNet(kind)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=2), example_inputs=x[:8], total_steps=8) \
+            if freezer_on else None
+        forward = ActivationCache(freezer, num_samples=16, deterministic=True).wrap() if cache and freezer_on \
+            else (lambda inputs, ids: model(inputs))
+        losses = []
+        for step in range(8):
+            if not freezer_on and step == 2:
+                model.stem.requires_grad_(False)
+            ids = torch.arange(8) + 8 * (step % 2)
+            loss = nn.functional.cross_entropy(forward(x[ids], ids), y[ids])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            if freezer is not None:
+                freezer.step()
+            losses.append(loss.item())
+        return losses
+
+    assert run(True) == run(False)
