@@ -416,6 +416,22 @@ def test_indexed_dataset_with_a_dataloader():
     assert IndexedDataset([5, 6])[1] == (6, 1)
 
 
+def test_describe_says_when_every_forward_ran_the_whole_model():
+    """Training with the whole model in eval mode (frozen batch norm fine-tuning) runs no step
+    through the cache; describe() said "activation cache on: 4/9 blocks cached" (review50)."""
+    cache, wrapped = ready_cache(storage="memory")
+    cache.freezer.module.eval()
+    with pytest.warns(UserWarning, match="model in eval mode"):
+        for start in (0, 8):
+            wrapped(X[start:start + 8], torch.arange(start, start + 8)).sum().backward()
+    assert cache.describe().startswith("activation cache on: 8/9 blocks cached"), cache.describe()
+    assert "every forward since it set up ran the whole model, none through the cache (the latest: a forward with " \
+        "the model in eval mode" in cache.describe()
+    cache.freezer.module.train()
+    wrapped(X[:8], torch.arange(8))
+    assert "every forward" not in cache.describe()
+
+
 def test_model_without_chain_still_freezes():
     class Branchy(nn.Module):
         def __init__(self):

@@ -293,6 +293,9 @@ class ActivationCache:
             state += (f", {self._store.used}/{self._store.capacity} rows of "
                       f"{self._store.nbytes_per_row} B")
         note = f"; {self.cut_note}" if self.cut_note else ""
+        if self.stats["bypassed"] and not (self.stats["hits"] or self.stats["misses"]):
+            note += (f"; every forward since it set up ran the whole model, none through the cache (the latest: "
+                     f"{self._last_bypass})")
         return f"activation cache on: {state}; " + ", ".join(f"{k} {v}" for k, v in self.stats.items()) + note
 
     def prefetch(self, sample_ids) -> None:
