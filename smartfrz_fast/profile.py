@@ -817,8 +817,8 @@ def _check_forward(model: nn.Module, x: torch.Tensor, args: argparse.Namespace) 
 
 
 def _parse_shape(text: str) -> Tuple[int, ...]:
-    try:
-        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
+    try:  # 3,32,32 or 3x32x32; every part a number ("3,x" is no shape)
+        shape = tuple(int(s) for s in text.replace("x", ",").split(","))
     except ValueError:
         shape = ()
     if not shape or any(s < 1 for s in shape):
@@ -937,6 +937,9 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m smartfrz_f
                                  "must build the model with no arguments)") from exc
             if not isinstance(model, nn.Module):
                 raise ValueError(f"--model {args.model} returned {type(model).__name__}, not an nn.Module")
+            if not any(p.requires_grad for p in model.parameters()):
+                raise ValueError(f"--model {args.model} has no trainable parameters (none with requires_grad=True): "
+                                 "there is nothing to train or freeze")
             dtype = getattr(torch, args.input_dtype)
             g = torch.Generator().manual_seed(args.seed)
             if dtype == torch.int64:

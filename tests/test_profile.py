@@ -326,6 +326,7 @@ def test_cli_user_model(tmp_path):
     (["--model", "nocolon", "--input-shape", "3"], "package.module:factory"),
     (["--model", "no_such_module_x:f", "--input-shape", "3"], "cannot import"),
     (["--model", "os:getcwd", "--input-shape", "0,3"], "positive integers"),
+    (["--model", "os:getcwd", "--input-shape", "3,x"], "positive integers"),  # was read as 3 (review49)
     (["--policies", "bogus"], "unknown"),
 ])
 def test_cli_bad_arguments(args, message):
@@ -337,6 +338,7 @@ def test_cli_bad_arguments(args, message):
     ("usernets:needs_arg", "6", "calling it raised TypeError"),
     ("brokennet:make", "6", "importing 'brokennet' raised NameError"),
     ("usernets:make", "3,8,8", "cannot take a batch of --input-shape 3,8,8"),
+    ("usernets:no_parameters", "6", "has no trainable parameters"),  # an optimizer's raw error (review49)
 ])
 def test_cli_a_model_that_fails_is_one_error_line(tmp_path, spec, shape, message):
     # a factory needing arguments, a module failing at import, a shape the model cannot take:
@@ -346,7 +348,9 @@ def test_cli_a_model_that_fails_is_one_error_line(tmp_path, spec, shape, message
         "def make():\n"
         "    return torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))\n"
         "def needs_arg(width):\n"
-        "    return torch.nn.Linear(6, width)\n")
+        "    return torch.nn.Linear(6, width)\n"
+        "def no_parameters():\n"
+        "    return torch.nn.ReLU()\n")
     (tmp_path / "brokennet.py").write_text("import torch\nmake = undefined_name\n")
     r = _run_cli(["--model", spec, "--input-shape", shape, "--repeats", "1", "--warmup", "0", "--policies", "none"],
                  cwd=tmp_path, env_extra={"PYTHONPATH": str(ROOT)})
