@@ -1,5 +1,7 @@
 """Egeria: int8 fake quantisation, the plasticity rule, real training, resume."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -208,6 +210,28 @@ def test_sync_and_async_agree_and_resume_is_exact():
     assert [e.step for e in freezer2.timeline] == runs[True][0]
     for a, b in zip(model2.parameters(), runs[True][1]):
         assert torch.equal(a.detach(), b)
+
+
+@pytest.mark.parametrize("entry, junk", [
+    ("windows", "x"), ("windows", [[0.1, float("nan")]] * 4), ("hits", [float("nan")] * 4), ("hits", [-1] * 4),
+    ("pending", "x"), ("pending", [0.1] * 3), ("evaluations", None), ("reference", "nan"),
+])
+def test_a_damaged_state_is_refused_at_load_naming_the_entry(entry, junk):
+    # accepted before, then a crash steps later ("too many dimensions 'str'", an IndexError) or
+    # NaN fed into the decisions without a word (review49)
+    model, opt, policy, freezer = make_run(asynchronous=False)
+    train(model, freezer, opt, 7)
+    state = copy.deepcopy(freezer.state_dict())
+    policy.close()
+    if junk == "nan":
+        junk = [torch.full_like(t, float("nan")) if t.is_floating_point() else t for t in state["policy_state"][entry]]
+        if all(not t.is_floating_point() for t in junk):
+            pytest.skip("an integer reference holds no NaN")
+    state["policy_state"][entry] = junk
+    model2, opt2, policy2, freezer2 = make_run(asynchronous=False)
+    with pytest.raises(ValueError, match=f"Egeria: the checkpoint's {entry!r} is not what Egeria saves"):
+        freezer2.load_state_dict(state)
+    policy2.close()
 
 
 def test_defaults_act_on_an_ordinary_run():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -98,6 +99,35 @@ def _measured_modules(units: Sequence[UnitInfo]) -> List[str]:
             parts = name.split(".") if name else []
             above_later.update(".".join(parts[:depth]) for depth in range(len(parts)))
     return measured
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _check_state(state: Dict[str, Any], units: int, references: Sequence[Tensor]) -> None:
+    """A saved Egeria state that a later step could not use (a damaged or hand-edited
+    checkpoint) is refused here, naming the entry, rather than failing steps later or feeding NaN
+    into the decisions."""
+    def bad(entry: str) -> ValueError:
+        return ValueError(f"Egeria: the checkpoint's {entry!r} is not what Egeria saves (a damaged or edited "
+                          "checkpoint?): resume from another checkpoint, or start Egeria afresh")
+
+    windows, pending = state["windows"], state["pending"]
+    if not isinstance(windows, (list, tuple)) or len(windows) != units or not all(
+            isinstance(w, (list, tuple)) and all(_is_number(d) for d in w) for w in windows):
+        raise bad("windows")
+    if not isinstance(state["hits"], (list, tuple)) or not all(
+            isinstance(h, numbers.Integral) and not isinstance(h, bool) and h >= 0 for h in state["hits"]):
+        raise bad("hits")
+    if not isinstance(state["evaluations"], numbers.Integral) or state["evaluations"] < 0:
+        raise bad("evaluations")
+    if pending is not None and (not isinstance(pending, (list, tuple)) or len(pending) != units
+                                or not all(isinstance(d, numbers.Real) and not isinstance(d, bool) for d in pending)):
+        raise bad("pending")  # NaN in pending is "not measured" (a unit frozen when the evaluation began)
+    if not all(isinstance(t, Tensor) and t.shape == r.shape and torch.isfinite(t.float()).all()
+               for t, r in zip(state["reference"], references)):
+        raise bad("reference")
 
 
 class Egeria(FreezePolicy):
@@ -423,6 +453,7 @@ class Egeria(FreezePolicy):
             )
         if len(state["hits"]) != len(self._hits) or len(state["reference"]) != len(self._ref_tensors):
             raise ValueError("Egeria: the checkpoint belongs to a different model")
+        _check_state(state, len(self._hits), self._ref_tensors)
         self._windows = [list(w) for w in state["windows"]]
         self._hits = list(state["hits"])
         self._evaluations = int(state["evaluations"])
