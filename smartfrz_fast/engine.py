@@ -508,8 +508,8 @@ class SmartFreezer:
         if self._dist_kind == "fsdp2":
             distributed.reshard(self.module)  # the traced forward left the root's parameters unsharded
         self._check_optimizers(plan.units)
-        distributed.check_ddp_parts(self.module, {id(p) for u in plan.units[:_max_frozen(plan.units, self.keep_trainable)]
-                                                  for p in u.parameters})
+        max_frozen = _max_frozen(plan.units, self.keep_trainable)
+        distributed.check_ddp_parts(self.module, {id(p) for u in plan.units[:max_frozen] for p in u.parameters})
         self.plan = plan
         self._frozen_by_user = {id(p) for p in self.module.parameters() if not p.requires_grad}
         self._user_frozen_modules = _user_frozen_modules(self.module, self._frozen_by_user)
@@ -520,7 +520,6 @@ class SmartFreezer:
         weakref.finalize(self, self._region.remove)  # dropped unclosed: see self._hooks
         # and its optimizers, if they live on, get the frozen parameters back, as from close()
         weakref.finalize(self, _give_back_frozen, self.module, self._taken).atexit = False
-        max_frozen = _max_frozen(plan.units, self.keep_trainable)
         if max_frozen == 0 and len(plan.units) == 1:
             warnings.warn(f"SmartFreezer: the model is one unit ({plan.units[0].name}), which trains its output: there "
                           "is nothing in front of it to freeze, so nothing will ever freeze.", stacklevel=3)
