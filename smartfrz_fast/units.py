@@ -15,7 +15,9 @@ in a frozen prefix can be kept in eval mode (a frozen prefix is a fixed function
 from __future__ import annotations
 
 import bisect
+import copy
 import inspect
+import math
 import warnings
 import weakref
 from collections.abc import Mapping
@@ -704,10 +706,68 @@ def seed_host_rngs(seed: int) -> None:
         numpy.random.seed(seed)
 
 
+_PLAIN_VALUES = (type(None), bool, int, float, complex, str)
+_GONE = object()
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    """A Python value a trace takes as a constant: a number, flag or string, or a small tuple,
+    list or dict of them."""
+    if isinstance(value, _PLAIN_VALUES):
+        return True
+    if depth < 2 and isinstance(value, (tuple, list)) and len(value) <= 64:
+        return all(_plain(v, depth + 1) for v in value)
+    if depth < 2 and isinstance(value, dict) and len(value) <= 64:
+        return all(isinstance(k, _PLAIN_VALUES) and _plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _copied(value: Any) -> Any:
+    """A plain value that the model cannot change in place: lists and dicts copied, the rest as is."""
+    return copy.deepcopy(value) if isinstance(value, (list, dict)) else value
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    try:
+        return bool(a == b)
+    except Exception:  # a comparison that cannot say: changed
+        return False
+
+
+class PythonAttributes:
+    """The plain Python values (numbers, flags, strings; small tuples, lists and dicts of them)
+    that ``modules`` keep as attributes, as they are now. A torch.fx trace reads such a value once
+    and keeps it as a constant of the graph: a temperature annealed each step, LoRA's ``scaling``,
+    an adapter's on/off flag. ``changed()`` names those that differ now (a comparison per
+    attribute); ``restore()`` sets them back."""
+
+    def __init__(self, modules: Sequence[Tuple[str, nn.Module]] = ()) -> None:
+        self._values = [(name, module, {key: _copied(value) for key, value in vars(module).items()
+                                        if not key.startswith("_") and key != "training" and _plain(value)})
+                        for name, module in modules]
+
+    def changed(self) -> List[str]:
+        found = []
+        for name, module, values in self._values:
+            attributes = vars(module)
+            for key, then in values.items():
+                if not _same_value(attributes.get(key, _GONE), then):
+                    found.append(f"{name}.{key}")
+        return found
+
+    def restore(self) -> None:
+        for _, module, values in self._values:
+            for key, then in values.items():
+                module.__dict__[key] = _copied(then)
+
+
 @contextmanager
 def preserved_state(model: nn.Module) -> Iterator[None]:
-    """Run a look-only forward pass: the model's buffers (norm running statistics, observers)
-    and the random generators (``preserved_rngs``) are as before afterwards.
+    """Run a look-only forward pass: the model's buffers (norm running statistics, observers),
+    the plain Python values its modules keep (``PythonAttributes``: a step counter) and the
+    random generators (``preserved_rngs``) are as before afterwards.
 
     A buffer is put back only where the pass changed it, and through ``.data``, which leaves its
     version counter alone: a graph built before the pass may have saved it (a GAN's discriminator
@@ -716,10 +776,13 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
     empty until the first forward) gets its old shape back; one it replaced, its old tensor."""
     saved = [(module, name, b, b.detach().clone())
              for module in model.modules() for name, b in module._buffers.items() if b is not None]
+    attributes = PythonAttributes([(name, m) for name, m in model.named_modules()])  # `self.calls += 1`
     try:
         with preserved_rngs(model):
             yield
     finally:
+        if attributes.changed():
+            attributes.restore()
         with torch.no_grad():
             for module, name, original, values in saved:
                 if module._buffers.get(name) is not original:

@@ -233,6 +233,54 @@ def _cached(model, x):
     return freezer, cache, cache.wrap()
 
 
+class _TemperatureNet(_BlockNet):
+    """Python values read in forward: a temperature the loop anneals, a step counter it keeps."""
+
+    def __init__(self, counter=False):
+        super().__init__()
+        self.temperature, self.calls, self.counter = 1.0, 0, counter
+
+    def forward(self, x):
+        if self.counter and self.training:
+            self.calls += 1
+        return super().forward(x) / (self.temperature + 0.1 * min(self.calls, 10))
+
+
+@pytest.mark.parametrize("what", ["a temperature annealed by the loop", "a counter the forward keeps"])
+def test_python_values_the_forward_reads_are_read_at_every_step(what):
+    """torch.fx reads a Python attribute once and keeps it as a constant of its graph, for the
+    trainable blocks too: the cached run trained with the temperature of the trace and the
+    counter at its traced value, silently (review52). The run with the cache equals the run
+    without it (the cache goes to the module swap), and the freezer's set-up forward leaves the
+    counter alone."""
+    x, y = torch.randn(24, 8, generator=torch.Generator().manual_seed(3)), torch.arange(24) % 3
+
+    def run(cache_on):
+        torch.manual_seed(0)
+        model = _TemperatureNet(counter=what.startswith("a counter"))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=1), example_inputs=x[:4], total_steps=20)
+        forward = ActivationCache(freezer, num_samples=24, deterministic=True).wrap() if cache_on \
+            else (lambda inputs, ids: model(inputs))
+        losses = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for step in range(12):
+                model.temperature = 1.0 + 0.1 * step
+                ids = torch.arange(8) + 8 * (step % 3)
+                loss = nn.functional.cross_entropy(forward(x[ids], ids), y[ids])
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                freezer.step()
+                losses.append(loss.item())
+        return losses, model
+
+    (plain, model), (cached, cached_model) = run(False), run(True)
+    assert cached == plain
+    assert model.calls == cached_model.calls == (12 if what.startswith("a counter") else 0)
+
+
 def test_cache_set_up_in_eval_keeps_the_trainable_blocks_dropout():
     """A validation pass through the cache before training (Lightning's sanity check) must not
     fix the trainable blocks to eval: a trace in eval mode would drop their dropout for good."""

@@ -41,7 +41,7 @@ from ..distributed import FreezableDDP, _is_fsdp1, _is_fsdp2, check_ddp
 from ..frozen import held_weakly, mode_blind, remove_handles
 from ..guards import ContainerChildren, warn_in_every_run
 from ..policy.base import plain_number
-from ..units import compiled_in_place, example_call, preserved_modes, preserved_state
+from ..units import PythonAttributes, compiled_in_place, example_call, preserved_modes, preserved_state
 from .split import (SWAP, BlockChain, Inputs, block_modules, captured_outputs, find_blocks, hooked_modules,
                     modules_outside, rows_need_grad, skipped_hooks)
 from .swap import UntracedCall, holds_tensors
@@ -211,6 +211,8 @@ class ActivationCache:
         self._stopped_by_hooks = None  # the block whose modules' forward hooks stopped the cut, if any
         self._rows_grad: Tuple[Any, bool] = (None, False)  # (chain, cut, hook counter), rows_need_grad
         self._outside: Tuple[Optional[BlockChain], list] = (None, [])  # (chain, modules it does not call)
+        self._traced_values = PythonAttributes()  # what a torch.fx chain took as constants of its graph
+        self._no_fx: Optional[str] = None  # why a torch.fx chain may no longer serve this model
         self._structure_hooks: List[Any] = []  # torch's global registration hooks: see _watch_structure
         weakref.finalize(self, remove_handles, self._structure_hooks)  # a cache dropped without close()
         # the cached prefix's parameters and buffers as its rows were made: (store, tensors, their
@@ -527,6 +529,13 @@ class ActivationCache:
             self._rederive("a block was compiled in place after the cache set up its torch.fx chain (compile_blocks, "
                            "module.compile()), and the chain runs the blocks' traced operations, never the compiled "
                            "blocks: the cache sets up again (the module swap runs compiled blocks)")
+        elif self.enabled and self.chain is not None and self.chain.how == "torch.fx" and self._traced_values.changed():
+            moved = ", ".join(self._traced_values.changed()[:3])
+            self._no_fx = (f"Python attributes the forward reads changed between steps ({moved}), which a torch.fx "
+                           "trace holds as the constants it read once")
+            self._rederive(f"{moved} changed since the cache traced the model with torch.fx, whose chain held the "
+                           "old values as constants of its graph (for the trainable layers too): the cache sets up "
+                           "again on the model's own forward (the module swap), which reads them at every step")
         elif self.boundary and any(p.requires_grad for _, p in self._unmanaged_in_prefix()):
             name = next(n for n, p in self._unmanaged_in_prefix() if p.requires_grad)
             self._rederive(f"{name}, inside the cached frozen prefix, trains now (it had requires_grad=False when "
@@ -675,7 +684,8 @@ class ActivationCache:
         # built without example inputs, the freezer sets up at the first forward: now, and not inside
         # the recording of the model's calls below (which then found no module called once)
         self.freezer.set_up_before_first_forward(tuple(inputs.args), dict(inputs.kwargs))
-        chain, how = find_blocks(model, inputs, self.user_blocks, [u.parameters for u in self.freezer.units])
+        chain, how = find_blocks(model, inputs, self.user_blocks, [u.parameters for u in self.freezer.units],
+                                 no_fx=self._no_fx)
         if chain is None:
             self._disable(f"no block boundary to cut at: {how}")
             return
@@ -684,6 +694,7 @@ class ActivationCache:
         if chain.how == "torch.fx":  # it calls only leaf modules: the code of the others runs traced
             self._outside = (chain, modules_outside(model, chain))
             self._compiled_at_setup = {id(m) for _, m in self._outside[1] if compiled_in_place(m)}
+            self._traced_values = PythonAttributes(self._outside[1])
         boundary = self._frozen_blocks()
         if self._resume is not None:
             state, self._resume = self._resume, None

@@ -29,8 +29,8 @@ from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from ..units import (compiled_modules_run_eagerly, host_draws_at, marks_output_for_grad, preserved_modes,
-                     preserved_rngs, preserved_state)
+from ..units import (PythonAttributes, compiled_modules_run_eagerly, host_draws_at, marks_output_for_grad,
+                     preserved_modes, preserved_rngs, preserved_state)
 from .swap import SWAP, _DropoutOff, buffers_now, draws_at, not_reproducible, tensor_trees_match
 
 
@@ -605,6 +605,7 @@ def _mode_free_trace(model: nn.Module) -> torch.fx.Graph:
     traced in eval, the chain would run the trainable blocks without their dropout ever after.
     Tracing in both modes and comparing finds every such read."""
     graphs = []
+    attributes = PythonAttributes([(name or type(model).__name__, m) for name, m in model.named_modules()])
     state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     versions = {name: t._version for name, t in state.items()}
     saved = {name: b.detach().clone() for name, b in model.named_buffers()}
@@ -632,6 +633,12 @@ def _mode_free_trace(model: nn.Module) -> torch.fx.Graph:
                     original.copy_(saved[name])
         raise UnfaithfulTrace(
             f"the forward of {type(model).__name__} changes its own tensors in Python ({', '.join(changed[:3])}), "
+            "which a trace runs once and does not repeat")
+    moved = attributes.changed()
+    if moved:  # `self.calls += 1`, a schedule kept on self: the same, for Python values
+        attributes.restore()
+        raise UnfaithfulTrace(
+            f"the forward of {type(model).__name__} changes Python attributes of its modules ({', '.join(moved[:3])}), "
             "which a trace runs once and does not repeat")
     if str(graphs[0]) != str(graphs[1]):
         raise UnfaithfulTrace(
@@ -923,10 +930,12 @@ def _finer(model: nn.Module, chain, inputs: Inputs, units: Optional[Sequence[Seq
 
 
 def find_blocks(model: nn.Module, inputs: Inputs, blocks: Optional[Sequence[nn.Module]] = None,
-                units: Optional[Sequence[Sequence[Tensor]]] = None) -> Tuple[Optional[BlockChain], str]:
+                units: Optional[Sequence[Sequence[Tensor]]] = None,
+                no_fx: Optional[str] = None) -> Tuple[Optional[BlockChain], str]:
     """The model's block chain and how it was found, or None and why there is none. ``units``
     (the freezer's units' parameters, in order): a traced chain that cuts at few of their
-    depths gives way to the module swap's where that cuts at more."""
+    depths gives way to the module swap's where that cuts at more. ``no_fx``: why a torch.fx
+    trace may not serve this model (it is not tried)."""
     if blocks is not None:
         blocks = list(blocks)
         if not blocks or not all(isinstance(b, nn.Module) for b in blocks):
@@ -952,6 +961,8 @@ def find_blocks(model: nn.Module, inputs: Inputs, blocks: Optional[Sequence[nn.M
             return chain, chain.how
         reasons.append(why)
     try:
+        if no_fx is not None:
+            raise UnfaithfulTrace(no_fx)
         chain = fx_chain(model)
     except UnfaithfulTrace as exc:
         reasons.append(str(exc))
