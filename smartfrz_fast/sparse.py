@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -32,14 +32,20 @@ _ELEMENTWISE_STATE = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_s
 def prune_masks(model: nn.Module) -> Dict[str, Tensor]:
     """The ``torch.nn.utils.prune`` masks of a model, keyed by the name of the parameter they
     mask (``conv.weight_orig``): the mask buffers themselves, not copies."""
-    masks = {}
+    return {name: module._buffers[buf_name] for name, (module, buf_name) in _prune_slots(model).items()}
+
+
+def _prune_slots(model: nn.Module) -> Dict[str, Tuple[nn.Module, str]]:
+    """Where each ``torch.nn.utils.prune`` mask lives: ``{parameter name: (module, buffer name)}``.
+    Pruning a layer again (iterative magnitude pruning) registers a new buffer there."""
+    slots = {}
     for module_name, module in model.named_modules():
         for buf_name, buf in module._buffers.items():
             if buf is not None and buf_name.endswith("_mask"):
                 orig = buf_name[: -len("_mask")] + "_orig"
                 if orig in module._parameters:
-                    masks[f"{module_name}.{orig}" if module_name else orig] = buf
-    return masks
+                    slots[f"{module_name}.{orig}" if module_name else orig] = (module, buf_name)
+    return slots
 
 
 def random_masks(model: nn.Module, sparsity: float, seed: int = 0, dense_ends: bool = True) -> Dict[str, Tensor]:
@@ -89,8 +95,8 @@ class SparseMasks:
     def __init__(self, model: nn.Module, masks: Optional[Mapping[str, Tensor]] = None) -> None:
         params = dict(model.named_parameters())
         self._model = model
-        self._prune = prune_masks(model)
-        given = dict(self._prune) if masks is None else dict(masks)
+        self._prune = _prune_slots(model)
+        given = prune_masks(model) if masks is None else dict(masks)
         if not given:
             raise ValueError(
                 "SparseMasks: no masks: the model has no torch.nn.utils.prune masks and none were "
@@ -114,6 +120,8 @@ class SparseMasks:
             _check_mask(name, mask, p, "SparseMasks")
             self.params[name] = p
             self.masks[name] = mask if name in self._prune else mask.to(device=p.device, dtype=torch.bool).clone()
+        # followed by module and buffer name: the prune buffers these masks are
+        self._prune = {n: (m, b) for n, (m, b) in self._prune.items() if n in self.masks and self.masks[n] is m._buffers[b]}
         self.frozen: set = set()
         self._freezer_ref: Optional[weakref.ref] = None
         # held weakly: each optimizer's hook holds these masks, so a strong list made the two a
@@ -139,11 +147,35 @@ class SparseMasks:
     def _by_id(self) -> Dict[int, Tensor]:
         return {id(self.params[n]): self.bool_mask(n) for n in self.params}
 
+    def _follow_prune(self) -> None:
+        """Adopt the mask buffers ``torch.nn.utils.prune`` registered since (a layer pruned again:
+        iterative magnitude pruning): the old buffer no longer masks the layer, and its pruned
+        weights kept moving under momentum, sampled by the history and saved as unpruned. A dict
+        lookup per pruned layer."""
+        moved = [name for name, (module, buf_name) in self._prune.items()
+                 if module._buffers.get(buf_name) is not None and module._buffers[buf_name] is not self.masks[name]]
+        if not moved:
+            return
+        prev = self._by_id()
+        for name in moved:
+            module, buf_name = self._prune[name]
+            _check_mask(name, module._buffers[buf_name], self.params[name], "SparseMasks (a layer pruned again)")
+            self.masks[name] = module._buffers[buf_name]
+        frozen = [n for n in moved if n in self.frozen]
+        if frozen:
+            warnings.warn(f"SparseMasks: frozen layer(s) pruned again ({frozen[:3]}): their masks were frozen with "
+                          "them, and the new ones change what the frozen layers compute", stacklevel=3)
+        self.apply_(moved, follow=False)
+        if self._freezer is not None:
+            self._restrict_history(prev)
+
     # ------------------------------------------------------------------ invariant
     @torch.no_grad()
-    def apply_(self, names: Optional[List[str]] = None) -> None:
+    def apply_(self, names: Optional[List[str]] = None, follow: bool = True) -> None:
         """Zero the masked weights (and their optimizer state) of ``names`` (default: every
         trainable masked parameter; frozen ones do not change)."""
+        if follow:
+            self._follow_prune()
         for name in names if names is not None else [n for n in self.params if n not in self.frozen]:
             p, keep = self.params[name], self.bool_mask(name)
             p.mul_(keep)
@@ -154,6 +186,7 @@ class SparseMasks:
 
     def violations(self) -> Dict[str, int]:
         """``{name: count}`` of masked weights that are not zero (empty when consistent)."""
+        self._follow_prune()
         out = {}
         for name, p in self.params.items():
             bad = int((p.detach() != 0).logical_and(~self.bool_mask(name)).sum())
@@ -162,6 +195,7 @@ class SparseMasks:
         return out
 
     def density(self) -> float:
+        self._follow_prune()
         kept = sum(int(self.bool_mask(n).sum()) for n in self.params)
         return kept / max(1, sum(p.numel() for p in self.params.values()))
 
@@ -216,10 +250,10 @@ class SparseMasks:
                 self.attach_optimizer(new)
         elif kind == "parameters":
             self.params = {n: detail.get(id(p), p) for n, p in self.params.items()}
-            prune = prune_masks(self._model)  # load_state_dict(assign=True) replaces the mask buffers too
-            for name in self._prune:
-                if name in prune:
-                    self._prune[name] = self.masks[name] = prune[name]
+            # load_state_dict(assign=True) replaces the mask buffers too, which the masks now are
+            for name, (module, buf_name) in self._prune.items():
+                if module._buffers.get(buf_name) is not None:
+                    self.masks[name] = module._buffers[buf_name]
 
     def _on_freeze(self, event, units) -> None:
         # a shared parameter that keeps training from its later reads (shared_parameters="train")
@@ -235,6 +269,7 @@ class SparseMasks:
         their masks (SpFDE: a frozen layer's mask freezes with it); newly pruned weights and
         their optimizer state are zeroed, newly grown ones start at 0. Returns the names whose
         mask changed."""
+        self._follow_prune()
         skipped, changed = [], []
         prev = self._by_id()
         for name, mask in new_masks.items():
@@ -262,6 +297,7 @@ class SparseMasks:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> Dict[str, Any]:
+        self._follow_prune()
         return {"masks": {n: self.bool_mask(n).cpu().clone() for n in self.params},
                 "frozen": sorted(self.frozen)}
 
@@ -272,6 +308,7 @@ class SparseMasks:
                 f"{sorted(state.get('masks', {}))[:4]}, this run masks {sorted(self.params)[:4]}: "
                 "construct SparseMasks for the same model and masks."
             )
+        self._follow_prune()
         for name, mask in state["masks"].items():  # all checked before any is copied
             _check_mask(name, mask, self.params[name], "SparseMasks.load_state_dict")
         with torch.no_grad():

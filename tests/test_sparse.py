@@ -344,3 +344,55 @@ def test_a_mask_under_a_tied_weights_other_name():
     with pytest.raises(ValueError, match="one tied weight"):
         SparseMasks(model, {"head.weight": torch.ones(30, 16, dtype=torch.bool),
                             "emb.weight": torch.ones(30, 16, dtype=torch.bool)})
+
+
+def test_a_layer_pruned_again_is_followed_and_resumes_exactly():
+    """Iterative magnitude pruning: prune.l1_unstructured on a layer already pruned registers a
+    new mask buffer. SparseMasks kept the old one: the newly pruned weight_orig entries kept moving
+    under momentum, violations() said {}, the history sampled them, and a resume in the documented
+    order put the old mask back into the model, regrowing 256 weights of a layer (review51)."""
+    def batch_at(step):
+        g = torch.Generator().manual_seed(step)
+        return torch.randn(16, 12, generator=g), torch.randint(0, 4, (16,), generator=g)
+
+    def build(pruned_twice=False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+        for _ in range(2 if pruned_twice else 1):  # a resumed script replays its pruning rounds
+            prune.l1_unstructured(model[2], "weight", amount=0.5)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=3), example_inputs=batch_at(0)[0],
+                               total_steps=16)
+        return model, opt, freezer, SparseMasks(model).attach(freezer)
+
+    def train(model, opt, freezer, masks, start, stop, saved=None):
+        for step in range(start, stop):
+            x, y = batch_at(step)
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+            if step == 4:
+                prune.l1_unstructured(model[2], "weight", amount=0.5)  # 50 % -> 75 %
+                assert masks.masks["2.weight_orig"] is not model[2].weight_mask
+            if step + 1 == 8 and saved is not None:
+                saved.update(copy.deepcopy({"model": model.state_dict(), "masks": masks.state_dict(),
+                                            "freezer": freezer.state_dict(), "opt": opt.state_dict()}))
+        return model
+
+    model, opt, freezer, masks = build()
+    saved = {}
+    train(model, opt, freezer, masks, 0, 16, saved)
+    pruned = model[2].weight_mask == 0
+    assert masks.masks["2.weight_orig"] is model[2].weight_mask and float(pruned.float().mean()) == 0.75
+    assert masks.violations() == {} and not model[2].weight_orig[pruned].any()
+    assert saved["masks"]["masks"]["2.weight_orig"].float().mean() == 0.25
+
+    model2, opt2, freezer2, masks2 = build(pruned_twice=True)
+    model2.load_state_dict(saved["model"])
+    masks2.load_state_dict(saved["masks"])
+    freezer2.load_state_dict(saved["freezer"])
+    opt2.load_state_dict(saved["opt"])
+    train(model2, opt2, freezer2, masks2, 8, 16)
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
