@@ -107,6 +107,7 @@ class SparseMasks:
         # a tied weight's other names (head.weight of a head tied to emb.weight) mean its first name
         first_name = {id(p): n for n, p in params.items()}
         canonical = {n: first_name[id(q)] for n, q in model.named_parameters(remove_duplicate=False)}
+        self._canonical = canonical
         for name, mask in given.items():
             if name not in canonical and name + "_orig" in canonical:
                 name = name + "_orig"
@@ -273,8 +274,9 @@ class SparseMasks:
         skipped, changed = [], []
         prev = self._by_id()
         for name, mask in new_masks.items():
-            if name not in self.params and name + "_orig" in self.params:
+            if name not in self._canonical and name + "_orig" in self._canonical:
                 name = name + "_orig"
+            name = self._canonical.get(name, name)  # a tied weight's other name
             if name not in self.params:
                 raise ValueError(f"SparseMasks.update: no mask for '{name}' (masks: {sorted(self.params)[:4]} ...)")
             _check_mask(name, mask, self.params[name], "SparseMasks.update")

@@ -344,6 +344,9 @@ def test_a_mask_under_a_tied_weights_other_name():
     with pytest.raises(ValueError, match="one tied weight"):
         SparseMasks(model, {"head.weight": torch.ones(30, 16, dtype=torch.bool),
                             "emb.weight": torch.ones(30, 16, dtype=torch.bool)})
+    # and update() takes the name the masks were given under ("no mask for 'head.weight'": review51)
+    grown = torch.ones(30, 16, dtype=torch.bool)
+    assert masks.update({"head.weight": grown}) == ["emb.weight"] and torch.equal(masks.bool_mask("emb.weight"), grown)
 
 
 def test_a_layer_pruned_again_is_followed_and_resumes_exactly():
