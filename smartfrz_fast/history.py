@@ -294,7 +294,10 @@ class WeightHistory:
         if state["positions_digest"] != self.positions_digest():
             raise ValueError(
                 "the checkpoint's sampled weight positions differ from this run's: the model's "
-                "parameters differ in shape, order or layout (channels_last?) from the saved run."
+                "parameters differ in shape, order or layout (channels_last?) from the saved run, or, "
+                "in sparse training, its masks do: attach SparseMasks to the freezer and load its state "
+                "before the freezer's (model, then masks.load_state_dict, then freezer.load_state_dict, "
+                "then the optimizer's)."
             )
         saved = state["history"]
         if not isinstance(saved, torch.Tensor) or tuple(saved.shape) != tuple(self.history.shape):

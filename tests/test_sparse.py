@@ -159,6 +159,15 @@ def test_dynamic_masks_freeze_with_their_layer_and_resume_exactly():
         assert torch.equal(a, b)
     assert freezer2.num_frozen == 1 and masks2.frozen == masks.frozen
     assert torch.equal(freezer.history.history, freezer2.history.history)
+    # the freezer's state loaded before the masks': the error named only shapes and channels_last
+    model3 = mlp()
+    freezer3 = SmartFreezer(model3, torch.optim.Adam(model3.parameters(), lr=1e-2), policy=HistoryOnly(1, at=5),
+                            example_inputs=torch.randn(2, 10), sample_size=32, window=3, decision_delay=0)
+    SparseMasks(model3, random_masks(model3, 0)).attach(freezer3)
+    model3.load_state_dict(ckpt["model"])
+    with pytest.raises(ValueError, match=r"in sparse training, its masks do: .*then masks.load_state_dict, then "
+                                         r"freezer.load_state_dict"):
+        freezer3.load_state_dict(ckpt["freezer"])
 
 
 def test_restrict_keeps_columns_and_backfills_pruned_with_zero():
