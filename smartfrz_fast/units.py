@@ -200,6 +200,11 @@ class UnitPlan:
                     always[id(module)] = module
         return list(always.values()), partly
 
+    def input_modules(self) -> List[nn.Module]:
+        """The modules called only before the first layer (an augmentation, an input's
+        normalisation, a layer the user froze before building the freezer): no prefix holds them."""
+        return [module for module, _, calls in self.module_calls.values() if calls[-1][1] <= self.first_read]
+
     def _uncalled_within(self, key: int, module: nn.Module) -> List[nn.Module]:
         """``module``'s descendants the traced forward never called, walked once per module (a
         walk at every freeze event cost O(depth x modules) on deeply nested models)."""

@@ -480,7 +480,7 @@ class DropoutNet(nn.Module):
         self.drop_in, self.drop_mid, self.drop_late, self.shared = (nn.Dropout(0.5) for _ in range(4))
 
     def forward(self, x):
-        x = self.fc1(self.drop_in(x))  # drop_in runs before any unit: unit 0's span
+        x = self.fc1(self.drop_in(x))  # drop_in runs before any unit: the input's, in no prefix
         x = self.shared(self.drop_mid(torch.relu(x)))  # after fc1, before fc2: unit 0's span
         x = self.drop_late(torch.relu(self.fc2(x)))  # fc2's span
         return self.head(self.shared(x))  # shared: also called in fc2's span
@@ -497,7 +497,8 @@ def test_frozen_units_dropout_is_forced_to_eval():
     freezer.step()
     model.train()
     model(torch.randn(3, 6))  # the forced-eval hooks run at each forward
-    assert not model.drop_in.training and not model.drop_mid.training  # frozen: fixed features
+    assert not model.drop_mid.training  # frozen: fixed features
+    assert model.drop_in.training  # before every layer, as an augmentation: left as the user has it (review50)
     assert model.drop_late.training and model.shared.training  # still used by the trainable part
     freezer.freeze_to(2)
     model(torch.randn(3, 6))

@@ -566,14 +566,30 @@ class _OnlineAndTarget(nn.Module):
         self.online = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
 
     def forward(self, x):
+        h = self.online[0](x)  # the target runs inside the online network's first unit's span
         with torch.no_grad():
             t = self.target(x)
-        return self.online(x), t
+        return self.online[1:](h), t
 
 
 def test_a_user_frozen_module_in_train_mode_taken_to_eval_warns():
     """The prefix runs every module called inside it in eval, a user-frozen target network too:
-    its BatchNorm statistics stop. Said once, with the fix (manage only the online network)."""
+    its BatchNorm statistics stop. Said once, with the fix (manage only the online network).
+    Called before the first layer, the target is the input's side and keeps its mode."""
+    class TargetFirst(_OnlineAndTarget):
+        def forward(self, x):
+            with torch.no_grad():
+                t = self.target(x)
+            return self.online(x), t
+
+    before = TargetFirst()
+    freezer = SmartFreezer(before, torch.optim.SGD(before.online.parameters(), lr=0.1), StaticFreeze(1),
+                           example_inputs=torch.randn(4, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        freezer.freeze_to(1)
+    before(torch.randn(4, 8))
+    assert before.target[1].training
     model = _OnlineAndTarget()
     freezer = SmartFreezer(model, torch.optim.SGD(model.online.parameters(), lr=0.1), StaticFreeze(1),
                            example_inputs=torch.randn(4, 8))
@@ -638,8 +654,8 @@ def test_a_user_frozen_module_whose_forward_is_decorated_is_still_warned_about()
             self.stem, self.body, self.head = NoisyStem(), nn.Linear(8, 8), nn.Linear(8, 2)
             self.stem.requires_grad_(False)
 
-        def forward(self, x):
-            return self.head(torch.relu(self.body(self.stem(x))))
+        def forward(self, x):  # the user-frozen module inside the first unit's span, not before it
+            return self.head(torch.relu(self.stem(self.body(x))))
 
     model = Net().train()
     freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1),
