@@ -839,12 +839,14 @@ class ActivationCache:
         key = (self.boundary, n)
         if n < 2 or key in self._per_sample_checked:
             return True
-        whole = self._compute_prefix(inputs)
+        with preserved_state(self.freezer.module):  # a look: observers and counters stay as training has them
+            whole = self._compute_prefix(inputs)
         if whole is None:
             return False
         part = torch.arange(n - 1, 0, -1)
         try:
-            rows = self._compute_prefix(_index_inputs(inputs, part, n))
+            with preserved_state(self.freezer.module):
+                rows = self._compute_prefix(_index_inputs(inputs, part, n))
         except Exception as exc:  # noqa: BLE001 -- the model refused part of the batch: the answer is no
             rows, failure = None, f" (on part of the batch the model fails: {type(exc).__name__}: {exc})"
         else:
@@ -1247,7 +1249,8 @@ class ActivationCache:
         self.stats["audited"] += k
         if not self._side_inputs_unchanged():
             return False
-        fresh = self._compute_prefix(_index_inputs(inputs, hit[:k], ids.numel()))
+        with preserved_state(self.freezer.module):  # a look, as _rows_per_sample's
+            fresh = self._compute_prefix(_index_inputs(inputs, hit[:k], ids.numel()))
         if fresh is None:
             return False
         cached = loaded[:k].float().flatten(1)
@@ -1258,7 +1261,8 @@ class ActivationCache:
         if bool(bad.any()):
             worst = int(bad.nonzero()[0])
             sample = int(ids[hit[worst]])
-            again = self._compute_prefix(_index_inputs(inputs, hit[worst:worst + 1], ids.numel()))
+            with preserved_state(self.freezer.module):
+                again = self._compute_prefix(_index_inputs(inputs, hit[worst:worst + 1], ids.numel()))
             if again is None:
                 return False
             drift = float((again.float().flatten(1)[0] - fresh[worst]).abs().amax())
