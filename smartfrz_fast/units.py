@@ -749,23 +749,40 @@ class PythonAttributes:
     attribute); ``restore()`` sets them back."""
 
     def __init__(self, modules: Sequence[Tuple[str, nn.Module]] = ()) -> None:
-        self._values = [(name, module, {key: _copied(value) for key, value in vars(module).items()
-                                        if not key.startswith("_") and key != "training" and _plain(value)})
-                        for name, module in modules]
+        self._values = []
+        for name, module in modules:
+            self._values.append((name, module, _plain_fields(module, skip=("training",))))
+            for key, value in vars(module).items():  # a config object's fields (self.cfg.temperature)
+                if not key.startswith("_") and _holds_settings(value):
+                    self._values.append((f"{name}.{key}", value, _plain_fields(value)))
 
     def changed(self) -> List[str]:
         found = []
-        for name, module, values in self._values:
-            attributes = vars(module)
+        for name, owner, values in self._values:
+            attributes = vars(owner)
             for key, then in values.items():
                 if not _same_value(attributes.get(key, _GONE), then):
                     found.append(f"{name}.{key}")
         return found
 
     def restore(self) -> None:
-        for _, module, values in self._values:
+        for _, owner, values in self._values:
             for key, then in values.items():
-                module.__dict__[key] = _copied(then)
+                owner.__dict__[key] = _copied(then)
+
+
+def _plain_fields(owner: Any, skip: Tuple[str, ...] = ()) -> Dict[str, Any]:
+    return {key: _copied(value) for key, value in vars(owner).items()
+            if not key.startswith("_") and key not in skip and _plain(value)}
+
+
+def _holds_settings(value: Any) -> bool:
+    """A plain object of settings (a dataclass, a Namespace): not a tensor, module, function or
+    class, with a ``__dict__`` of at most a few hundred fields."""
+    attributes = getattr(value, "__dict__", None)
+    return (isinstance(attributes, dict) and len(attributes) <= 256
+            and not isinstance(value, (torch.Tensor, nn.Module, type))
+            and not callable(value))
 
 
 @contextmanager

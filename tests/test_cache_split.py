@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import random
+import types
 
 import warnings
 
@@ -239,14 +240,16 @@ class _TemperatureNet(_BlockNet):
     def __init__(self, counter=False):
         super().__init__()
         self.temperature, self.calls, self.counter = 1.0, 0, counter
+        self.config = types.SimpleNamespace(margin=0.0)
 
     def forward(self, x):
         if self.counter and self.training:
             self.calls += 1
-        return super().forward(x) / (self.temperature + 0.1 * min(self.calls, 10))
+        return super().forward(x) * (1 + self.config.margin) / (self.temperature + 0.1 * min(self.calls, 10))
 
 
-@pytest.mark.parametrize("what", ["a temperature annealed by the loop", "a counter the forward keeps"])
+@pytest.mark.parametrize("what", ["a temperature annealed by the loop", "a counter the forward keeps",
+                                  "a setting of a config object"])
 def test_python_values_the_forward_reads_are_read_at_every_step(what):
     """torch.fx reads a Python attribute once and keeps it as a constant of its graph, for the
     trainable blocks too: the cached run trained with the temperature of the trace and the
@@ -266,7 +269,10 @@ def test_python_values_the_forward_reads_are_read_at_every_step(what):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for step in range(12):
-                model.temperature = 1.0 + 0.1 * step
+                if what.startswith("a setting"):
+                    model.config.margin = 0.05 * step
+                elif what.startswith("a temperature"):
+                    model.temperature = 1.0 + 0.1 * step
                 ids = torch.arange(8) + 8 * (step % 3)
                 loss = nn.functional.cross_entropy(forward(x[ids], ids), y[ids])
                 loss.backward()
