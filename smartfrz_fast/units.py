@@ -750,10 +750,12 @@ class PythonAttributes:
 
     def __init__(self, modules: Sequence[Tuple[str, nn.Module]] = ()) -> None:
         self._values = []
+        settings = set()  # a config object many modules hold (Hugging Face's) is looked at once
         for name, module in modules:
             self._values.append((name, module, _plain_fields(module, skip=("training",))))
             for key, value in vars(module).items():  # a config object's fields (self.cfg.temperature)
-                if not key.startswith("_") and _holds_settings(value):
+                if not key.startswith("_") and id(value) not in settings and _holds_settings(value):
+                    settings.add(id(value))
                     self._values.append((f"{name}.{key}", value, _plain_fields(value)))
 
     def changed(self) -> List[str]:
