@@ -738,8 +738,8 @@ class SmartFreezer:
         optimizer, so they did not train: silent until now. A frozen unit's parameters are frozen
         again, with one warning; a layer the user froze before set-up (no unit) that now trains
         inside the prefix is the user's: one warning. A loop over the prefix's parameters per step."""
-        if self._held is None:  # user-frozen layers before the first unit too: the backward crosses the prefix
-            modules = self._region.always + list(self._region.partly) + self.plan.input_modules()
+        if self._held is None:
+            modules = self._region.always + list(self._region.partly)
             names = {id(m): n for n, m in self.module.named_modules()}
             self._held = (self.plan.frozen_parameters(self.num_frozen),
                           [(f"{names.get(id(m), type(m).__name__)}.{n}".lstrip("."), p) for m in modules
@@ -757,14 +757,14 @@ class SmartFreezer:
                 "frozen layers again, call freezer.close() first (they then follow your requires_grad, "
                 "model.train() and optimizer); to switch a part of the model on and off each step, switch only "
                 "the parameters that still train."))
-        trained = [n for n, p in foreign if p.requires_grad] if self.num_frozen else []
+        trained = [n for n, p in foreign if p.requires_grad]
         if trained:
             self._guard.warn_once("foreign", (
                 f"SmartFreezer: {', '.join(trained[:3])}{' ...' if len(trained) > 3 else ''} had requires_grad=False "
-                "when the freezer was built (so it is in no unit) and trains now, inside or before the frozen "
-                "prefix: the backward pass runs through the frozen units to reach it, so the prefix saves "
-                "nothing (and inside it, the freezer keeps its module in eval mode). Choose which layers train "
-                "before building the freezer: close() it and build a new SmartFreezer."))
+                "when the freezer was built (so it is in no unit) and trains now, inside the frozen prefix: the "
+                "freezer keeps its module in eval mode, and the backward pass runs through the frozen units to "
+                "reach it, so the prefix saves nothing. Choose which layers train before building the freezer: "
+                "close() it and build a new SmartFreezer."))
 
     def _warn_past_total_steps(self, step: int) -> None:
         effect = ("its lr factor is 0 for every unit past the schedule's end, so nothing trains any more"

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import bisect
 import copy
+import functools
 import inspect
 import math
+import types
 import warnings
 import weakref
 from collections.abc import Mapping
@@ -122,7 +124,9 @@ class UnitPlan:
     # id(module) -> its descendants the traced forward never called (filled by eval_modules)
     _uncalled_descendants: Dict[int, List[nn.Module]] = field(default_factory=dict, repr=False, compare=False)
     total_backward_flops: float = 0.0  # the backward of one step (see Unit.backward_flops)
-    first_read: int = 0  # op index of the first parameter read: the ops before it are the input's
+    # op index of the first read of a parameter, trainable or not (a stem the user froze is a
+    # layer): the ops before it are the input's (an augmentation, a normalisation without weights)
+    first_read: int = 0
 
     def largest_allowed_cut(self, at_most: int) -> int:
         for cut in range(min(at_most, len(self.units)), -1, -1):
@@ -199,11 +203,6 @@ class UnitPlan:
                 if module not in partly:
                     always[id(module)] = module
         return list(always.values()), partly
-
-    def input_modules(self) -> List[nn.Module]:
-        """The modules called only before the first layer (an augmentation, an input's
-        normalisation, a layer the user froze before building the freezer): no prefix holds them."""
-        return [module for module, _, calls in self.module_calls.values() if calls[-1][1] <= self.first_read]
 
     def _uncalled_within(self, key: int, module: nn.Module) -> List[nn.Module]:
         """``module``'s descendants the traced forward never called, walked once per module (a
@@ -294,6 +293,7 @@ class _ForwardTracer(TorchDispatchMode):
         self._flop_registry = flop_registry
         self.watched = watched
         self.fixed = set(fixed or ())  # ids of parameters that require no grad (a LoRA base), and their views
+        self.first_param_read: Optional[int] = None  # the first op reading any parameter, trainable or not
         self.reads: Dict[str, List[Tuple[int, Optional[Tuple[int, int]]]]] = {}
         self.op_flops: List[int] = []
         # each op's backward in units of its forward: 2 (input and weight gradients), 1 where its
@@ -414,6 +414,8 @@ class _ForwardTracer(TorchDispatchMode):
                 fixed = leaf
         if names and self._trained_from is None:
             self._trained_from = op_index
+        if (names or fixed is not None) and self.first_param_read is None:
+            self.first_param_read = op_index
         # a weight gradient costs about a forward only for a trained matrix or filter (a trained
         # bias beside a fixed weight, BitFit, costs next to nothing); the input gradient another
         if self._trained_from is None:
@@ -627,8 +629,7 @@ def preserved_rngs(model: nn.Module) -> Iterator[None]:
 
     numpy = sys.modules.get("numpy")
     host = random.getstate(), numpy.random.get_state() if numpy is not None else None
-    owned = [(g, state) for m in model.modules() for g in vars(m).values()
-             for state in [_generator_state(g)] if state is not None]
+    owned = _owned_generators(model)
     devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
     try:
         with torch.random.fork_rng(devices=devices):
@@ -643,19 +644,51 @@ def preserved_rngs(model: nn.Module) -> Iterator[None]:
 
 def _generator_state(value: Any) -> Any:
     """The state of a random generator (torch's, numpy's Generator or RandomState, Python's
-    Random), or None for anything else."""
+    Random, subclasses too), or None for anything else (Python's SystemRandom has none)."""
     import random
+    import sys
 
-    if isinstance(value, torch.Generator):
-        return value.get_state()
-    if isinstance(value, random.Random):
-        return value.getstate()
-    if type(value).__module__.startswith("numpy.random"):
-        if hasattr(value, "bit_generator"):  # numpy.random.Generator
-            return value.bit_generator.state
-        if hasattr(value, "get_state"):  # numpy.random.RandomState
+    numpy = sys.modules.get("numpy")
+    try:
+        if isinstance(value, torch.Generator):
             return value.get_state()
+        if isinstance(value, random.Random):
+            return value.getstate()
+        if numpy is not None and isinstance(value, numpy.random.Generator):
+            return value.bit_generator.state
+        if numpy is not None and isinstance(value, numpy.random.RandomState):
+            return value.get_state()
+    except NotImplementedError:  # SystemRandom: the operating system's entropy, nothing to put back
+        return None
     return None
+
+
+def _owned_generators(model: nn.Module) -> List[Tuple[Any, Any]]:
+    """(generator, state) for the generators the model's modules hold: as attributes, in their
+    lists, tuples and dicts, or as attributes of a plain object they hold (an augmentation's)."""
+    found, seen = [], set()
+
+    def look(value: Any, depth: int) -> None:
+        if id(value) in seen or isinstance(value, (torch.Tensor, nn.Module)):
+            return
+        seen.add(id(value))
+        state = _generator_state(value)
+        if state is not None:
+            found.append((value, state))
+        elif depth < 2 and isinstance(value, (list, tuple)) and len(value) <= 64:
+            for item in value:
+                look(item, depth + 1)
+        elif depth < 2 and isinstance(value, dict) and len(value) <= 64:
+            for item in value.values():
+                look(item, depth + 1)
+        elif depth < 2 and _holds_settings(value):
+            for item in vars(value).values():
+                look(item, depth + 1)
+
+    for module in model.modules():
+        for value in vars(module).values():
+            look(value, 0)
+    return found
 
 
 def _set_generator_state(generator: Any, state: Any) -> None:
@@ -779,12 +812,13 @@ def _plain_fields(owner: Any, skip: Tuple[str, ...] = ()) -> Dict[str, Any]:
 
 
 def _holds_settings(value: Any) -> bool:
-    """A plain object of settings (a dataclass, a Namespace): not a tensor, module, function or
-    class, with a ``__dict__`` of at most a few hundred fields."""
+    """A plain object of settings or state (a dataclass, a Namespace, an augmentation object):
+    not a tensor, module, function, method or class, with a ``__dict__`` of at most a few hundred
+    fields."""
     attributes = getattr(value, "__dict__", None)
     return (isinstance(attributes, dict) and len(attributes) <= 256
-            and not isinstance(value, (torch.Tensor, nn.Module, type))
-            and not callable(value))
+            and not isinstance(value, (torch.Tensor, nn.Module, type, types.FunctionType, types.MethodType,
+                                       types.BuiltinFunctionType, functools.partial)))
 
 
 @contextmanager
@@ -1083,7 +1117,9 @@ def discover_units(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[
     shared.sort(key=lambda s: (s.unit, s.reads[0][0]))
     plan = UnitPlan(units, [True] * (len(units) + 1), untraced, sum(tracer.op_flops), shared_parameters, shared,
                     [0] + op_starts[1:] + [num_ops], module_calls,
-                    total_backward_flops=tracer.backward_flops(0, num_ops), first_read=op_starts[0])
+                    total_backward_flops=tracer.backward_flops(0, num_ops),
+                    first_read=min(op_starts[0], tracer.first_param_read if tracer.first_param_read is not None
+                                   else op_starts[0]))
 
     if shared_parameters == "train":
         # A shared parameter keeps training past a cut only if its every read inside the prefix

@@ -360,6 +360,9 @@ class _Lengths:
     (lambda ids: [torch.ones(int(i) % 3 + 1) for i in ids], True),  # a list of one tensor per sample
     (lambda ids: _Lengths(torch.ones(len(ids))), True),  # an object pytree does not know
     (lambda ids: (len(ids), 3), False),  # a tuple is a setting, even as long as the batch
+    # a vocabulary object of 20 000 words: data, no tensor (taken for one that holds tensors: review53)
+    (lambda ids: _Lengths([_Lengths(str(i)) for i in range(20_000)]), False),
+    (lambda ids: _Lengths(_Lengths(_Lengths([[[torch.ones(len(ids))]]]))), True),  # a tensor 6 levels down
 ])
 def test_inputs_the_cache_cannot_split_run_the_whole_model(extra, bypassed):
     class Takes(nn.Module):

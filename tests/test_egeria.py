@@ -234,6 +234,19 @@ def test_a_damaged_state_is_refused_at_load_naming_the_entry(entry, junk):
     policy2.close()
 
 
+def test_a_reference_with_an_infinite_buffer_resumes():
+    # a causal mask's -inf, an observer's +-inf before its first batch: the reference holds the
+    # model's buffers as they are, and its own checkpoint was refused as damaged (review53)
+    model, opt, policy, freezer = make_run(asynchronous=False)
+    train(model, freezer, opt, 5)
+    state = copy.deepcopy(freezer.state_dict())
+    policy.close()
+    state["policy_state"]["reference"][0] = torch.full_like(state["policy_state"]["reference"][0], float("-inf"))
+    model2, opt2, policy2, freezer2 = make_run(asynchronous=False)
+    freezer2.load_state_dict(state)
+    policy2.close()
+
+
 def test_defaults_act_on_an_ordinary_run():
     """Default knobs (interval total_steps // 50, warm-up total_steps // 10, tolerance 0.3) on a
     plain run (SGD with momentum, cosine lr, 200 steps): something freezes before the end. At

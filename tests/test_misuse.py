@@ -319,6 +319,18 @@ def test_a_sequential_edited_by_insert_pop_or_del_is_refused(edit, message):
         freezer.step()
 
 
+def test_a_layer_swapped_through_its_parents_modules_dict_is_refused():
+    # prepare_qat(inplace=True) and libraries that replace layers in place write the parent's
+    # _modules directly: no hook fired, the freezer and the cache kept the old layer (review53)
+    model = SmallCNN()
+    opt = sgd(model)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=1), example_inputs=batch(0)[0])
+    freezer.step()
+    model._modules["conv2"] = nn.Conv2d(model.conv2.in_channels, model.conv2.out_channels, 3, padding=1)
+    with pytest.raises(RuntimeError, match=r"module\(s\) replaced: \['conv2'\]"):
+        freezer.step()
+
+
 def test_a_module_without_parameters_may_be_added():
     model = SmallCNN()
     opt = sgd(model)

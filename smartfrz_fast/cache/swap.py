@@ -222,8 +222,8 @@ def _describe_leaf(leaf: Any, batch: int):
 
 
 # How far holds_tensors looks into an object: levels of attributes and containers, and items in
-# all. An object it cannot see through within them counts as holding tensors (never a wrong
-# row; at worst a module that is no cut, or a forward that runs uncached).
+# all, plain ones included (a vocabulary of a million words passed to forward costs no more).
+# What lies beyond is taken to hold none: such an object is data, not a layer's output.
 _LOOK_DEPTH, _LOOK_ITEMS = 8, 10_000
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
 
@@ -243,28 +243,28 @@ def object_fields(value: Any) -> List[Any]:
 
 def holds_tensors(value: Any) -> bool:
     """An object pytree does not take apart (a plain dataclass, transformers' DynamicCache) that
-    carries tensors anywhere inside: in its attributes (``__dict__`` or ``__slots__``) or the
-    lists, tuples, sets, deques, dicts and objects they hold, any number of levels down, cycles
-    included. A module is no such object: its parameters are not the call's data. Bounded: an
-    object too deep or too large to look through (``_LOOK_DEPTH``, ``_LOOK_ITEMS``) counts as one."""
+    carries tensors inside: in its attributes (``__dict__`` or ``__slots__``) or the lists,
+    tuples, sets, deques, dicts and objects they hold, up to ``_LOOK_DEPTH`` levels down and
+    ``_LOOK_ITEMS`` items in all, cycles included. A module is no such object: its parameters are
+    not the call's data."""
     seen: Set[int] = set()
     todo = [(value, 0)]
-    while todo:
+    budget = _LOOK_ITEMS
+    while todo and budget > 0:
         item, depth = todo.pop()
+        budget -= 1
         if isinstance(item, Tensor):
             return depth > 0
-        if isinstance(item, _PLAIN) or isinstance(item, nn.Module) or id(item) in seen:
+        if isinstance(item, _PLAIN) or isinstance(item, nn.Module) or id(item) in seen or depth >= _LOOK_DEPTH:
             continue
         seen.add(id(item))
-        if depth >= _LOOK_DEPTH or len(seen) > _LOOK_ITEMS:
-            return True
         if isinstance(item, dict):
-            inside = list(item.values())
+            inside = item.values()
         elif isinstance(item, (list, tuple, set, frozenset, collections.deque)):
-            inside = list(item)
+            inside = item
         else:
             inside = object_fields(item)
-        todo.extend((x, depth + 1) for x in inside)
+        todo.extend((x, depth + 1) for x in itertools.islice(inside, budget))
     return False
 
 
