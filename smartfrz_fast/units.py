@@ -822,10 +822,11 @@ def _holds_settings(value: Any) -> bool:
 
 
 @contextmanager
-def preserved_state(model: nn.Module) -> Iterator[None]:
+def preserved_state(model: nn.Module, rngs: bool = True) -> Iterator[None]:
     """Run a look-only forward pass: the model's buffers (norm running statistics, observers),
     the plain Python values its modules keep (``PythonAttributes``: a step counter) and the
-    random generators (``preserved_rngs``) are as before afterwards.
+    random generators (``preserved_rngs``; ``rngs=False``: they move on, for looks that compare
+    two passes to find random ops) are as before afterwards.
 
     A buffer is put back only where the pass changed it, and through ``.data``, which leaves its
     version counter alone: a graph built before the pass may have saved it (a GAN's discriminator
@@ -836,7 +837,7 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
              for module in model.modules() for name, b in module._buffers.items() if b is not None]
     attributes = PythonAttributes([(name, m) for name, m in model.named_modules()])  # `self.calls += 1`
     try:
-        with preserved_rngs(model):
+        with preserved_rngs(model) if rngs else nullcontext():
             yield
     finally:
         if attributes.changed():

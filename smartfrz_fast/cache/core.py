@@ -839,13 +839,13 @@ class ActivationCache:
         key = (self.boundary, n)
         if n < 2 or key in self._per_sample_checked:
             return True
-        with preserved_state(self.freezer.module):  # a look: observers and counters stay as training has them
+        with preserved_state(self.freezer.module, rngs=False):  # a look (random ops must still show)
             whole = self._compute_prefix(inputs)
         if whole is None:
             return False
         part = torch.arange(n - 1, 0, -1)
         try:
-            with preserved_state(self.freezer.module):
+            with preserved_state(self.freezer.module, rngs=False):
                 rows = self._compute_prefix(_index_inputs(inputs, part, n))
         except Exception as exc:  # noqa: BLE001 -- the model refused part of the batch: the answer is no
             rows, failure = None, f" (on part of the batch the model fails: {type(exc).__name__}: {exc})"
@@ -1249,7 +1249,7 @@ class ActivationCache:
         self.stats["audited"] += k
         if not self._side_inputs_unchanged():
             return False
-        with preserved_state(self.freezer.module):  # a look, as _rows_per_sample's
+        with preserved_state(self.freezer.module, rngs=False):  # a look, as _rows_per_sample's
             fresh = self._compute_prefix(_index_inputs(inputs, hit[:k], ids.numel()))
         if fresh is None:
             return False
@@ -1261,7 +1261,7 @@ class ActivationCache:
         if bool(bad.any()):
             worst = int(bad.nonzero()[0])
             sample = int(ids[hit[worst]])
-            with preserved_state(self.freezer.module):
+            with preserved_state(self.freezer.module, rngs=False):
                 again = self._compute_prefix(_index_inputs(inputs, hit[worst:worst + 1], ids.numel()))
             if again is None:
                 return False
