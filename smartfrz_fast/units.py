@@ -669,7 +669,7 @@ def _owned_generators(model: nn.Module) -> List[Tuple[Any, Any]]:
     found, seen = [], set()
 
     def look(value: Any, depth: int) -> None:
-        if id(value) in seen or isinstance(value, (torch.Tensor, nn.Module)):
+        if isinstance(value, _PLAIN_VALUES) or isinstance(value, (torch.Tensor, nn.Module)) or id(value) in seen:
             return
         seen.add(id(value))
         state = _generator_state(value)
@@ -686,9 +686,13 @@ def _owned_generators(model: nn.Module) -> List[Tuple[Any, Any]]:
                 look(item, depth + 1)
 
     for module in model.modules():
-        for value in vars(module).values():
-            look(value, 0)
+        for key, value in vars(module).items():
+            if key not in _MODULE_INTERNALS:  # its parameters, buffers, children and hooks
+                look(value, 0)
     return found
+
+
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
 
 
 def _set_generator_state(generator: Any, state: Any) -> None:
@@ -766,6 +770,8 @@ def _copied(value: Any) -> Any:
 
 
 def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
     try:
@@ -776,10 +782,11 @@ def _same_value(a: Any, b: Any) -> bool:
 
 class PythonAttributes:
     """The plain Python values (numbers, flags, strings; small tuples, lists and dicts of them)
-    that ``modules`` keep as attributes, as they are now. A torch.fx trace reads such a value once
-    and keeps it as a constant of the graph: a temperature annealed each step, LoRA's ``scaling``,
-    an adapter's on/off flag. ``changed()`` names those that differ now (a comparison per
-    attribute); ``restore()`` sets them back."""
+    that ``modules`` keep as attributes, and the tensors they keep as attributes that are neither
+    parameters nor buffers (a table cached beside its length), as they are now. A torch.fx trace
+    reads such a value once and keeps it as a constant of the graph: a temperature annealed each
+    step, LoRA's ``scaling``, an adapter's on/off flag. ``changed()`` names those that differ now
+    (a comparison per attribute; a tensor by identity); ``restore()`` sets them back, together."""
 
     def __init__(self, modules: Sequence[Tuple[str, nn.Module]] = ()) -> None:
         self._values = []
@@ -807,8 +814,8 @@ class PythonAttributes:
 
 
 def _plain_fields(owner: Any, skip: Tuple[str, ...] = ()) -> Dict[str, Any]:
-    return {key: _copied(value) for key, value in vars(owner).items()
-            if not key.startswith("_") and key not in skip and _plain(value)}
+    return {key: value if isinstance(value, torch.Tensor) else _copied(value) for key, value in vars(owner).items()
+            if not key.startswith("_") and key not in skip and (isinstance(value, torch.Tensor) or _plain(value))}
 
 
 def _holds_settings(value: Any) -> bool:

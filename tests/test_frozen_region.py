@@ -795,3 +795,31 @@ def test_a_stem_the_user_froze_is_a_layer_of_the_prefix_not_the_inputs():
             opt.zero_grad()
             freezer.step()
     assert not model[2].training and cache.boundary == 8, cache.describe()  # all but the head
+
+
+class _PositionTable(nn.Module):
+    """A table kept as a plain tensor attribute beside its length, rebuilt when the length changes."""
+
+    def __init__(self, length):
+        super().__init__()
+        self.length, self.table = length, torch.linspace(0, 1, length)
+
+    def forward(self, x):
+        if x.shape[1] != self.length:
+            self.table, self.length = torch.linspace(0, 1, x.shape[1]), x.shape[1]
+        return x + self.table[:, None]
+
+
+def test_a_look_puts_back_a_tensor_attribute_with_the_values_beside_it():
+    """The set-up's trace on a batch of another length put the length back but kept the new
+    table: the next forward crashed, or read the wrong rows silently (review54)."""
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 8), _PositionTable(16), nn.Linear(8, 8), nn.Linear(8, 3))
+
+    x = torch.randn(8, 16, 4, generator=torch.Generator().manual_seed(1))
+    plain, model = build(), build()
+    SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1),
+                 example_inputs=torch.randn(4, 24, 4))
+    assert model[1].length == 16 and model[1].table.shape == (16,)
+    torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
