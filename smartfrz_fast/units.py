@@ -685,11 +685,18 @@ def _owned_generators(model: nn.Module) -> List[Tuple[Any, Any]]:
             for item in vars(value).values():
                 look(item, depth + 1)
 
+    import random
+    import sys
+
+    numpy = sys.modules.get("numpy")
+    kinds = (torch.Generator, random.Random) + ((numpy.random.Generator, numpy.random.RandomState) if numpy else ())
     for module in model.modules():
-        if not _torch_own(module):
-            for key, value in vars(module).items():
-                if key not in _MODULE_INTERNALS:  # its parameters, buffers, children and hooks
-                    look(value, 0)
+        own = _torch_own(module)  # a generator set on it (a hook draws from it), not inside its values
+        for key, value in vars(module).items():
+            if key in _MODULE_INTERNALS:  # its parameters, buffers, children and hooks
+                continue
+            if isinstance(value, kinds) or not own:
+                look(value, 0)
     return found
 
 
@@ -697,10 +704,16 @@ _MODULE_INTERNALS = frozenset(vars(nn.Module()))
 
 
 def _torch_own(module: nn.Module) -> bool:
-    """A module of torch's own classes (nn.Linear, nn.LayerNorm, ...): its forward changes no
-    Python value of its own and draws from no generator it holds, so looks skip it (most of a
-    model's modules: a look on 500 blocks of three took 20 ms with them, 7 without)."""
-    return type(module).__module__.startswith("torch.")
+    """A module of torch's own classes (nn.Linear, nn.LayerNorm, a parametrized nn.Linear; not a
+    parametrized module of the user's, whose class torch makes): its forward changes no Python
+    value of its own, so looks skip it (most of a model's modules: a look on 500 blocks of three
+    took 20 ms with them, 7 without)."""
+    return _torch_class(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_class(cls: type) -> bool:
+    return all(c.__module__.startswith("torch.") or c is object for c in cls.__mro__)
 
 
 def _set_generator_state(generator: Any, state: Any) -> None:
@@ -772,11 +785,6 @@ def _plain(value: Any, depth: int = 0) -> bool:
     return False
 
 
-def _copied(value: Any) -> Any:
-    """A plain value that the model cannot change in place: lists and dicts copied, the rest as is."""
-    return copy.deepcopy(value) if isinstance(value, (list, dict)) else value
-
-
 def _same_value(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return a is b
@@ -794,39 +802,81 @@ class PythonAttributes:
     parameters nor buffers (a table cached beside its length), as they are now. A torch.fx trace
     reads such a value once and keeps it as a constant of the graph: a temperature annealed each
     step, LoRA's ``scaling``, an adapter's on/off flag. ``changed()`` names those that differ now
-    (a comparison per attribute; a tensor by identity); ``restore()`` sets them back, together.
-    Modules of torch's own classes keep none that their forward changes: skipped."""
+    (a comparison per attribute; a tensor by identity); ``restore()`` sets back those that did,
+    a list or dict in place (several modules may share one the loop changes). Modules of torch's
+    own classes keep none that their forward changes: skipped."""
 
     def __init__(self, modules: Sequence[Tuple[str, nn.Module]] = ()) -> None:
         self._values = []
+        self._module_of: Dict[int, nn.Module] = {}  # id(owner) -> the module that holds it
+        self._others: Dict[int, int] = {}  # id(owner) -> how many of its attributes are not watched
         settings = set()  # a config object many modules hold (Hugging Face's) is looked at once
         for name, module in modules:
             if _torch_own(module):
                 continue
-            self._values.append((name, module, _plain_fields(module, skip=("training",))))
+            self._watch(name, module, module)
             for key, value in vars(module).items():  # a config object's fields (self.cfg.temperature)
                 if not key.startswith("_") and id(value) not in settings and _holds_settings(value):
                     settings.add(id(value))
-                    self._values.append((f"{name}.{key}", value, _plain_fields(value)))
+                    self._watch(f"{name}.{key}", value, module)
 
-    def changed(self) -> List[str]:
+    def _watch(self, name: str, owner: Any, module: nn.Module) -> None:
+        values = _plain_fields(owner)
+        self._values.append((name, owner, values))
+        self._module_of[id(owner)] = module
+        self._others[id(owner)] = len(vars(owner)) - len(values)
+
+    def _differing(self) -> List[Tuple[str, Any, str, Any, Any]]:
         found = []
         for name, owner, values in self._values:
             attributes = vars(owner)
-            for key, then in values.items():
-                if not _same_value(attributes.get(key, _GONE), then):
-                    found.append(f"{name}.{key}")
+            for key, (then, contents) in values.items():
+                now = attributes.get(key, _GONE)
+                if now is not then or (contents is not None and not _same_value(now, contents)):
+                    if contents is not None or not _same_value(now, then):
+                        found.append((name, owner, key, then, contents))
+            if len(attributes) != len(values) + self._others[id(owner)]:  # one set where there was none
+                found += [(name, owner, key, _GONE, None) for key, value in attributes.items()
+                          if key not in values and _watched(key, value, owner)]
+        return found
+
+    def changed(self) -> List[str]:
+        return [f"{name}.{key}" for name, _, key, _, _ in self._differing()]
+
+    def writers(self) -> Dict[int, str]:
+        """``{id(module): "attribute"}`` of the modules whose values differ now (a config object's
+        counts as its module's)."""
+        found: Dict[int, str] = {}
+        for name, owner, key, _, _ in self._differing():
+            module = self._module_of.get(id(owner))
+            if module is not None:
+                found.setdefault(id(module), f"{name}.{key}")
         return found
 
     def restore(self) -> None:
-        for _, owner, values in self._values:
-            for key, then in values.items():
-                owner.__dict__[key] = _copied(then)
+        for _, owner, key, then, contents in self._differing():
+            if then is _GONE:  # `self.initialized = True` at a first forward: the real one sets it
+                del owner.__dict__[key]
+                continue
+            owner.__dict__[key] = then
+            if isinstance(then, list):
+                then[:] = copy.deepcopy(contents)
+            elif isinstance(then, dict):
+                then.clear()
+                then.update(copy.deepcopy(contents))
 
 
-def _plain_fields(owner: Any, skip: Tuple[str, ...] = ()) -> Dict[str, Any]:
-    return {key: value if isinstance(value, torch.Tensor) else _copied(value) for key, value in vars(owner).items()
-            if not key.startswith("_") and key not in skip and (isinstance(value, torch.Tensor) or _plain(value))}
+def _plain_fields(owner: Any) -> Dict[str, Tuple[Any, Any]]:
+    """``{key: (value, a copy of its contents if it is a list or dict, else None)}`` of the
+    attributes ``PythonAttributes`` watches."""
+    return {key: (value, copy.deepcopy(value) if isinstance(value, (list, dict)) else None)
+            for key, value in vars(owner).items() if _watched(key, value, owner)}
+
+
+def _watched(key: str, value: Any, owner: Any) -> bool:
+    """A public attribute holding a plain value or a tensor; not a module's ``training``."""
+    return (not key.startswith("_") and not (key == "training" and isinstance(owner, nn.Module))
+            and (isinstance(value, torch.Tensor) or _plain(value)))
 
 
 def _holds_settings(value: Any) -> bool:

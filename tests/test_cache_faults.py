@@ -1001,3 +1001,35 @@ def test_an_object_returned_with_its_tensors_a_level_down_is_this_batchs(kind):
         assert len(step_expected) == len(step_got)
         for a, b in zip(step_expected, step_got):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+class _KeepsFeatures(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        self.features = torch.tanh(self.lin(x))  # read by the loss after the forward
+        return self.features
+
+
+def test_a_frozen_block_that_writes_what_the_loss_reads_is_not_cached_past():
+    """A frozen block keeping `self.features` for a probe loss: served from rows, it kept an old
+    batch's features, and the probe trained on them against this batch's labels (review55)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), _KeepsFeatures(), nn.Linear(8, 8), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(3, at_step=1), example_inputs=torch.randn(4, 8), total_steps=20)
+    cache = ActivationCache(freezer, num_samples=16, deterministic=True)
+    cached = cache.wrap()
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    for step in range(6):
+        ids = torch.arange(8) + 8 * (step % 2)
+        out = cached(x[ids], ids)
+        with torch.no_grad():
+            torch.testing.assert_close(model[1].features, torch.tanh(model[1].lin(model[0](x[ids]))))
+        out.sum().backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+    assert cache.boundary <= 1 and "writes '1.features' in its forward" in cache.describe(), cache.describe()

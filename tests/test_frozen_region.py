@@ -823,3 +823,65 @@ def test_a_look_puts_back_a_tensor_attribute_with_the_values_beside_it():
                  example_inputs=torch.randn(4, 24, 4))
     assert model[1].length == 16 and model[1].table.shape == (16,)
     torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+
+
+class _SharedSettingsBlock(nn.Module):
+    """Reads a dict of settings that every block shares with the loop, and keeps its output."""
+
+    def __init__(self, settings):
+        super().__init__()
+        self.lin, self.settings, self.last = nn.Linear(6, 6), settings, None
+
+    def forward(self, x):
+        self.last = torch.tanh(self.lin(x)) / self.settings["temperature"]
+        return self.last
+
+
+def test_a_look_puts_back_only_what_changed_and_lists_and_dicts_in_place():
+    """A look put a copy of every list and dict back once anything changed (here each block's
+    `self.last`): the blocks lost the dict they share with the loop, which anneals it, and saw
+    the set-up's temperature for the whole run (review55)."""
+    settings = {"temperature": 1.0}
+    model = nn.Sequential(*[_SharedSettingsBlock(settings) for _ in range(3)], nn.Linear(6, 2))
+    SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1), example_inputs=torch.randn(4, 6))
+    assert all(block.settings is settings for block in model[:3])
+
+
+def test_an_attribute_a_look_sets_for_the_first_time_is_taken_away_again():
+    # `if not hasattr(self, "initialized")`: a data-dependent initialisation at the first forward
+    # (ActNorm) must run at the user's first forward, on the user's batch, not at set-up's look
+    class ActNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(6))
+
+        def forward(self, x):
+            if not hasattr(self, "initialized"):
+                with torch.no_grad():
+                    self.scale.copy_(1 / x.std(0))
+                self.initialized = True
+            return x * self.scale
+
+    model = nn.Sequential(nn.Linear(6, 6), ActNorm(), nn.Linear(6, 2))
+    SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1), example_inputs=torch.randn(4, 6))
+    assert not hasattr(model[1], "initialized")
+
+
+def test_a_parametrized_module_of_the_users_is_looked_at_as_the_users():
+    """register_parametrization swaps the module's class for one torch makes: looks took it for
+    torch's own and skipped its counter and generator (review55)."""
+    from torch.nn.utils import parametrizations
+
+    class Noisy(nn.Linear):
+        def __init__(self):
+            super().__init__(6, 6)
+            self.calls, self.generator = 0, torch.Generator().manual_seed(1)
+
+        def forward(self, x):
+            self.calls += 1
+            return super().forward(x) + 0.01 * torch.randn(x.shape, generator=self.generator)
+
+    model = nn.Sequential(parametrizations.weight_norm(Noisy()), nn.Linear(6, 2))
+    state = model[0].generator.get_state()
+    SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1), example_inputs=torch.randn(4, 6))
+    assert model[0].calls == 0 and torch.equal(model[0].generator.get_state(), state)

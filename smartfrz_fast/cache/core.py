@@ -213,6 +213,7 @@ class ActivationCache:
         self._outside: Tuple[Optional[BlockChain], list] = (None, [])  # (chain, modules it does not call)
         self._traced_values = PythonAttributes()  # what a torch.fx chain took as constants of its graph
         self._no_fx: Optional[str] = None  # why a torch.fx chain may no longer serve this model
+        self._writers: Dict[int, str] = {}  # modules whose forward writes Python state (see _python_writers)
         self._structure_hooks: List[Any] = []  # torch's global registration hooks: see _watch_structure
         weakref.finalize(self, remove_handles, self._structure_hooks)  # a cache dropped without close()
         # the cached prefix's parameters and buffers as its rows were made: (store, tensors, their
@@ -691,6 +692,7 @@ class ActivationCache:
             return
         self.chain = chain
         self._watch_structure(model)
+        self._writers = self._python_writers(model, inputs)
         if chain.how == "torch.fx":  # it calls only leaf modules: the code of the others runs traced
             self._outside = (chain, modules_outside(model, chain))
             self._compiled_at_setup = {id(m) for _, m in self._outside[1] if compiled_in_place(m)}
@@ -700,6 +702,16 @@ class ActivationCache:
             state, self._resume = self._resume, None
             self._restore(state, boundary)
         self._advance(boundary)
+
+    def _python_writers(self, model: nn.Module, inputs: Inputs) -> Dict[int, str]:
+        """``{id(module): "its attribute"}`` of the modules whose forward writes a Python value or
+        a tensor onto itself (``self.feat = h`` that the loss reads, a count): a cached row would
+        leave it as of another batch, so no cut goes past them. One look-only forward, in the
+        model's mode, at set-up."""
+        attributes = PythonAttributes(list(model.named_modules()))
+        with preserved_state(model), torch.no_grad():
+            model(*inputs.args, **inputs.kwargs)
+            return attributes.writers()
 
     def _watch_structure(self, model: nn.Module) -> None:
         """Notice a module, parameter or buffer registered in the model after set-up (a block
@@ -1340,7 +1352,7 @@ class ActivationCache:
         """Leading chain blocks with every parameter frozen (the last block always runs); for
         the module-swap chain, the deepest of those cuts that passes its check. Sets
         ``cut_note``: why the cut is not deeper, when something the user can act on stops it."""
-        count, stopped_by, hooked, in_train, by_user = 0, None, None, None, None
+        count, stopped_by, hooked, in_train, by_user, writer = 0, None, None, None, None, None
         self._stopped_by_hooks = None
         held = self._held_in_eval()
         held_by_user = self._held_by_user()
@@ -1358,6 +1370,9 @@ class ActivationCache:
                 break
             in_train = next((m for m in self._modes_not_held(block, held) if m.training), None)
             if in_train is not None:
+                break
+            writer = next((m for m in block_modules(block) if id(m) in self._writers), None)
+            if writer is not None:
                 break
             count += 1
         self.cut_note = self._why_not_deeper(count, stopped_by)
@@ -1378,6 +1393,11 @@ class ActivationCache:
                              "could change what it computes (dropout, batch statistics, any forward that reads "
                              "self.training), so the cache cuts before it. Call .eval() on it to cache it now; the "
                              "cache goes deeper once the freezer freezes it")
+        if writer is not None and self.cut_note is None:
+            self.cut_note = (f"{type(writer).__name__} {self._module_name(writer)!r} writes {self._writers[id(writer)]!r} "
+                             "in its forward: served from cached rows, it would keep the value of another batch "
+                             "(a feature the loss reads, a count), so the cache cuts before it. Return such a value "
+                             "from the forward instead, to cache past it")
         usable = getattr(self.chain, "usable_cut", None)
         if usable is not None:
             count = usable(count)
