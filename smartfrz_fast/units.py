@@ -810,13 +810,16 @@ class PythonAttributes:
         self._values = []
         self._module_of: Dict[int, nn.Module] = {}  # id(owner) -> the module that holds it
         self._others: Dict[int, int] = {}  # id(owner) -> how many of its attributes are not watched
+        self._shared: Set[int] = set()  # config objects several modules hold
         settings = set()  # a config object many modules hold (Hugging Face's) is looked at once
         for name, module in modules:
             if _torch_own(module):
                 continue
             self._watch(name, module, module)
             for key, value in vars(module).items():  # a config object's fields (self.cfg.temperature)
-                if not key.startswith("_") and id(value) not in settings and _holds_settings(value):
+                if not key.startswith("_") and id(value) in settings:
+                    self._shared.add(id(value))
+                elif not key.startswith("_") and _holds_settings(value):
                     settings.add(id(value))
                     self._watch(f"{name}.{key}", value, module)
 
@@ -826,7 +829,9 @@ class PythonAttributes:
         self._module_of[id(owner)] = module
         self._others[id(owner)] = len(vars(owner)) - len(values)
 
-    def _differing(self) -> List[Tuple[str, Any, str, Any, Any]]:
+    def _differing(self, new: bool = True) -> List[Tuple[str, Any, str, Any, Any]]:
+        """(name, owner, key, value then, its contents then) of what differs now; ``new``: also
+        the attributes set for the first time (value then ``_GONE``)."""
         found = []
         for name, owner, values in self._values:
             attributes = vars(owner)
@@ -835,22 +840,29 @@ class PythonAttributes:
                 if now is not then or (contents is not None and not _same_value(now, contents)):
                     if contents is not None or not _same_value(now, then):
                         found.append((name, owner, key, then, contents))
-            if len(attributes) != len(values) + self._others[id(owner)]:  # one set where there was none
+            if new and len(attributes) != len(values) + self._others[id(owner)]:  # one set where there was none
                 found += [(name, owner, key, _GONE, None) for key, value in attributes.items()
                           if key not in values and _watched(key, value, owner)]
         return found
 
-    def changed(self) -> List[str]:
-        return [f"{name}.{key}" for name, _, key, _, _ in self._differing()]
+    def changed(self, new: bool = True) -> List[str]:
+        """Names of the values that differ now (``new=False``: not those set for the first time,
+        which a trace cannot have read)."""
+        return [f"{name}.{key}" for name, _, key, _, _ in self._differing(new)]
 
     def writers(self) -> Dict[int, str]:
-        """``{id(module): "attribute"}`` of the modules whose values differ now (a config object's
-        counts as its module's)."""
+        """``{id(module): "attribute"}`` of the modules whose own values differ now: a value
+        rebound to an equal one does not count, nor does a config object several modules share
+        (a write there cannot be told to one of them)."""
         found: Dict[int, str] = {}
-        for name, owner, key, _, _ in self._differing():
+        for name, owner, key, then, contents in self._differing():
             module = self._module_of.get(id(owner))
-            if module is not None:
-                found.setdefault(id(module), f"{name}.{key}")
+            if module is None or id(owner) in self._shared:
+                continue
+            now = vars(owner).get(key, _GONE)
+            if contents is not None and then is not _GONE and _same_value(now, contents):
+                continue  # `self.shape = list(x.shape)`: the same value in a new list
+            found.setdefault(id(module), f"{name}.{key}")
         return found
 
     def restore(self) -> None:

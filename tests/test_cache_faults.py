@@ -1033,3 +1033,38 @@ def test_a_frozen_block_that_writes_what_the_loss_reads_is_not_cached_past():
         opt.zero_grad()
         freezer.step()
     assert cache.boundary <= 1 and "writes '1.features' in its forward" in cache.describe(), cache.describe()
+
+
+class _Memo(nn.Module):
+    """Sets a table once, at its first call (a rotary table, ActNorm's flag): no per-call state."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.scale = nn.Linear(8, 8), None
+
+    def forward(self, x):
+        if self.scale is None:
+            self.scale = torch.full((8,), 0.5)
+        return torch.tanh(self.lin(x)) * self.scale
+
+
+def test_a_value_set_once_at_the_first_call_or_by_the_loop_costs_no_caching():
+    """A first-call memo in a frozen block made it a writer, and a new attribute the loop sets
+    (`model.epoch`) sent a torch.fx chain to the module swap for good (review56)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), _Memo(), nn.Linear(8, 8), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(3, at_step=1), example_inputs=torch.randn(4, 8), total_steps=20)
+    cache = ActivationCache(freezer, num_samples=16, deterministic=True)
+    cached = cache.wrap()
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no set-up again
+        for step in range(6):
+            model.epoch = step // 2
+            ids = torch.arange(8) + 8 * (step % 2)
+            cached(x[ids], ids).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+    assert cache.boundary == 3 and cache.stats["hits"] > 0, cache.describe()

@@ -530,8 +530,9 @@ class ActivationCache:
             self._rederive("a block was compiled in place after the cache set up its torch.fx chain (compile_blocks, "
                            "module.compile()), and the chain runs the blocks' traced operations, never the compiled "
                            "blocks: the cache sets up again (the module swap runs compiled blocks)")
-        elif self.enabled and self.chain is not None and self.chain.how == "torch.fx" and self._traced_values.changed():
-            moved = ", ".join(self._traced_values.changed()[:3])
+        elif self.enabled and self.chain is not None and self.chain.how == "torch.fx" and \
+                self._traced_values.changed(new=False):
+            moved = ", ".join(self._traced_values.changed(new=False)[:3])
             self._no_fx = (f"Python attributes the forward reads changed between steps ({moved}), which a torch.fx "
                            "trace holds as the constants it read once")
             self._rederive(f"{moved} changed since the cache traced the model with torch.fx, whose chain held the "
@@ -706,11 +707,12 @@ class ActivationCache:
     def _python_writers(self, model: nn.Module, inputs: Inputs) -> Dict[int, str]:
         """``{id(module): "its attribute"}`` of the modules whose forward writes a Python value or
         a tensor onto itself (``self.feat = h`` that the loss reads, a count): a cached row would
-        leave it as of another batch, so no cut goes past them. One look-only forward, in the
-        model's mode, at set-up."""
-        attributes = PythonAttributes(list(model.named_modules()))
+        leave it as of another batch, so no cut goes past them. Two look-only forwards, in the
+        model's mode, at set-up: what the second one writes."""
         with preserved_state(model), torch.no_grad():
-            model(*inputs.args, **inputs.kwargs)
+            model(*inputs.args, **inputs.kwargs)  # what a first call sets once (a memo, ActNorm's flag)
+            attributes = PythonAttributes(list(model.named_modules()))
+            model(*inputs.args, **inputs.kwargs)  # is no write at every call
             return attributes.writers()
 
     def _watch_structure(self, model: nn.Module) -> None:
