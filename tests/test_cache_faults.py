@@ -1003,6 +1003,17 @@ def test_an_object_returned_with_its_tensors_a_level_down_is_this_batchs(kind):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def _cached_around(block):
+    """Linear, ``block`` (8 -> 8), Linear, head; the first three units freeze at step 1, an
+    activation cache over 16 samples: (model, optimizer, freezer, cache, cached model, inputs)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), block, nn.Linear(8, 8), nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(3, at_step=1), example_inputs=torch.randn(4, 8), total_steps=20)
+    cache = ActivationCache(freezer, num_samples=16, deterministic=True)
+    return model, opt, freezer, cache, cache.wrap(), torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+
+
 class _KeepsFeatures(nn.Module):
     def __init__(self):
         super().__init__()
@@ -1016,13 +1027,7 @@ class _KeepsFeatures(nn.Module):
 def test_a_frozen_block_that_writes_what_the_loss_reads_is_not_cached_past():
     """A frozen block keeping `self.features` for a probe loss: served from rows, it kept an old
     batch's features, and the probe trained on them against this batch's labels (review55)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 8), _KeepsFeatures(), nn.Linear(8, 8), nn.Linear(8, 3))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    freezer = SmartFreezer(model, opt, StaticFreeze(3, at_step=1), example_inputs=torch.randn(4, 8), total_steps=20)
-    cache = ActivationCache(freezer, num_samples=16, deterministic=True)
-    cached = cache.wrap()
-    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    model, opt, freezer, cache, cached, x = _cached_around(_KeepsFeatures())
     for step in range(6):
         ids = torch.arange(8) + 8 * (step % 2)
         out = cached(x[ids], ids)
@@ -1051,13 +1056,7 @@ class _Memo(nn.Module):
 def test_a_value_set_once_at_the_first_call_or_by_the_loop_costs_no_caching():
     """A first-call memo in a frozen block made it a writer, and a new attribute the loop sets
     (`model.epoch`) sent a torch.fx chain to the module swap for good (review56)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 8), _Memo(), nn.Linear(8, 8), nn.Linear(8, 3))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    freezer = SmartFreezer(model, opt, StaticFreeze(3, at_step=1), example_inputs=torch.randn(4, 8), total_steps=20)
-    cache = ActivationCache(freezer, num_samples=16, deterministic=True)
-    cached = cache.wrap()
-    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    model, opt, freezer, cache, cached, x = _cached_around(_Memo())
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no set-up again
         for step in range(6):
