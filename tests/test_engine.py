@@ -118,6 +118,61 @@ def test_discovery_leaves_model_buffers_and_rng_untouched():
         assert torch.equal(before[k], v), k
 
 
+@pytest.mark.parametrize("policy_name", ["smartfrz", "freezeout", "linear", "autofreeze", "static", "egeria"])
+@pytest.mark.parametrize("cached", [False, True])
+def test_no_library_call_moves_the_users_random_streams(policy_name, cached):
+    """Every call a user makes (a policy's and the freezer's construction, the cache's, step(),
+    report(), state_dict()) leaves torch's, numpy's and Python's global generators as they were: a
+    run's data order and dropout masks are the run's own (SmartFRZ's construction once drew the
+    predictor's throw-away initialisation from torch's generator)."""
+    import random
+
+    import numpy as np
+
+    import smartfrz_fast as sf
+    from smartfrz_fast.cache import ActivationCache
+
+    def states():
+        return torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+
+    moved = []
+
+    def call(what, fn, *args, **kwargs):
+        before = states()
+        out = fn(*args, **kwargs)
+        after = states()
+        if not (torch.equal(before[0], after[0]) and (before[1] == after[1]).all() and before[2] == after[2]):
+            moved.append(what)
+        return out
+
+    model = SmallCNN()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x0 = batch(0)[0]
+    make_policy = {"smartfrz": sf.SmartFRZ, "freezeout": sf.FreezeOut, "linear": sf.LinearFreeze,
+                   "autofreeze": sf.AutoFreeze, "static": lambda: sf.StaticFreeze(1, 5),
+                   "egeria": lambda: sf.Egeria(model, x0)}[policy_name]
+    policy = call("the policy's construction", make_policy)
+    freezer = call("SmartFreezer(...)", SmartFreezer, model, optimizer, policy=policy, example_inputs=x0,
+                   total_steps=40)
+    forward = model
+    if cached:
+        cache = call("ActivationCache(...)", ActivationCache, freezer, num_samples=64, deterministic=True)
+        forward = call("cache.wrap()", cache.wrap)
+    for step in range(40):
+        x, y = batch(step % 4)
+        ids = torch.arange(16) + 16 * (step % 4)
+        out = forward(x, ids) if cached else forward(x)
+        torch.nn.functional.cross_entropy(out, y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        call("freezer.step()", freezer.step)
+    call("freezer.report()", freezer.report)
+    call("freezer.state_dict()", freezer.state_dict)
+    if cached:
+        call("cache.describe()", cache.describe)
+    assert not moved, sorted(set(moved))
+
+
 def test_units_found_at_first_forward_without_example_inputs():
     model = SmallCNN()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

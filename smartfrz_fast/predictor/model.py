@@ -221,7 +221,10 @@ def _model_of(blob: Dict[str, Any], path: Path) -> AttentionPredictor:
         raise PredictorWeightsError(f"{path} has a configuration with {bad!r}: the sizes are whole numbers "
                                     "(window >= 2, the rest >= 1). The file is corrupt or was edited.")
     try:
-        model = AttentionPredictor(PredictorConfig(**blob["config"]))
+        # nn.Linear's initialisation draws from torch's generator, and the file's weights replace it:
+        # building the predictor must not move the user's random stream (data order, dropout)
+        with torch.random.fork_rng(devices=[]):
+            model = AttentionPredictor(PredictorConfig(**blob["config"]))
         model.load_state_dict(blob["state_dict"])
     except (TypeError, KeyError, RuntimeError, AttributeError) as exc:
         raise PredictorWeightsError(f"{path} does not match the predictor architecture: {exc}") from exc
