@@ -281,6 +281,11 @@ class Guard:
         self.module_ids, self.layout, self.containers = set(), ({}, {}), ContainerChildren()
         _forget(self._ref)
 
+    def model_changed(self) -> bool:
+        """A module was added, removed or replaced since the last resync (by torch's hooks, or by an
+        edit that calls none: `insert`/`pop`/`del` on a container, a write to `_modules`)."""
+        return self.changed or self.containers.changed()
+
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -292,7 +297,7 @@ class Guard:
         if freezer is None or freezer._closed or freezer.plan is None:
             return
         if optimizer in freezer.optimizers:  # identity: optimizers do not define __eq__
-            if self.changed or self.containers.changed():
+            if self.model_changed():
                 freezer._resync()
             sizes = tuple(len(g["params"]) for g in optimizer.param_groups)
             if self._group_sizes.get(id(optimizer)) != sizes:
@@ -315,7 +320,7 @@ class Guard:
         if not any(id(p) in model_params for g in optimizer.param_groups for p in g["params"]):
             self._unrelated.add(optimizer)
             return
-        if self.changed or self.containers.changed():  # first: the optimizer may hold parameters that
+        if self.model_changed():  # first: the optimizer may hold parameters that
             # replaced the units' ones
             freezer._resync()
         held = [p for g in optimizer.param_groups for p in g["params"] if id(p) in freezer._unit_of_param]
@@ -355,7 +360,7 @@ class Guard:
         # caught by the loop) never ran the post-step hook, and a re-created optimizer would have
         # been taken for one stepped inside it for ever, never followed
         self.inside = None
-        if self.changed or self.containers.changed():
+        if self.model_changed():
             freezer._resync()
         if self.optimizer_steps == 0:
             self.unmatched += 1

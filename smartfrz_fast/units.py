@@ -642,25 +642,34 @@ def preserved_rngs(model: nn.Module) -> Iterator[None]:
             _set_generator_state(generator, state)
 
 
-def _generator_state(value: Any) -> Any:
-    """The state of a random generator (torch's, numpy's Generator or RandomState, Python's
-    Random, subclasses too), or None for anything else (Python's SystemRandom has none)."""
+def _generator_kinds() -> Tuple[type, ...]:
+    """The random generators' classes: torch's, Python's Random, numpy's Generator and RandomState
+    (numpy only where something imported it)."""
     import random
     import sys
 
     numpy = sys.modules.get("numpy")
+    numpy_kinds = (numpy.random.Generator, numpy.random.RandomState) if numpy is not None else ()
+    return (torch.Generator, random.Random) + numpy_kinds
+
+
+def _generator_state(value: Any) -> Any:
+    """The state of a random generator (one of `_generator_kinds`, subclasses too), or None for
+    anything else (Python's SystemRandom has none)."""
+    import random
+
+    if not isinstance(value, _generator_kinds()):
+        return None
     try:
         if isinstance(value, torch.Generator):
             return value.get_state()
         if isinstance(value, random.Random):
             return value.getstate()
-        if numpy is not None and isinstance(value, numpy.random.Generator):
+        if hasattr(value, "bit_generator"):  # numpy's Generator
             return value.bit_generator.state
-        if numpy is not None and isinstance(value, numpy.random.RandomState):
-            return value.get_state()
+        return value.get_state()  # numpy's RandomState
     except NotImplementedError:  # SystemRandom: the operating system's entropy, nothing to put back
         return None
-    return None
 
 
 def _owned_generators(model: nn.Module) -> List[Tuple[Any, Any]]:
@@ -685,11 +694,7 @@ def _owned_generators(model: nn.Module) -> List[Tuple[Any, Any]]:
             for item in vars(value).values():
                 look(item, depth + 1)
 
-    import random
-    import sys
-
-    numpy = sys.modules.get("numpy")
-    kinds = (torch.Generator, random.Random) + ((numpy.random.Generator, numpy.random.RandomState) if numpy else ())
+    kinds = _generator_kinds()
     for module in model.modules():
         own = _torch_own(module)  # a generator set on it (a hook draws from it), not inside its values
         for key, value in vars(module).items():
