@@ -38,7 +38,7 @@ from . import guards
 from .frozen import engine_hook, held_weakly, reads_its_mode, remove_handles
 from .policy.base import Decision, FreezePolicy, PolicyContext, UnitInfo, check_decision, check_prefix_length
 from .units import (SHARED_PARAMETER_MODES, Unit, UnitPlan, describe_shared, discover_units, example_call,
-                    marks_output_for_grad, shared_groups)
+                    marks_output_for_grad, shared_groups, uninitialized_parameters)
 
 STATE_FORMAT = "smartfrz_fast.SmartFreezer"
 STATE_VERSION = 1
@@ -289,7 +289,9 @@ class SmartFreezer:
         example_inputs: inputs for one forward pass that finds the units: a tuple of positional
             inputs, a single tensor, or a dict of keyword inputs (a Hugging Face batch; a dict
             whose keys are not all parameters of ``model.forward`` is its one positional input).
-            Without it, the units are found at the model's first forward.
+            Without it, the units are found at the model's first forward; a model with lazy
+            layers (``nn.LazyLinear``) not materialised yet is set up right after its first
+            forward, which draws their weights as it would without the freezer.
         example_kwargs: keyword inputs for that pass (alone: a call with keyword inputs only).
         total_steps: number of optimizer steps in the run (schedule-based policies need it).
         sample_every: take a weight-history snapshot every this many steps. Default: the
@@ -430,21 +432,30 @@ class SmartFreezer:
             self.add_freeze_listener(lambda event, units: model.rewrap())
 
         guards.check_unclaimed(self.module)
-        if example_inputs is not None or example_kwargs is not None:  # keyword inputs alone are a call too
+        if (example_inputs is not None or example_kwargs is not None) and not uninitialized_parameters(self.module):
+            # keyword inputs alone are a call too
             self._setup(*example_call(self.module, () if example_inputs is None else example_inputs, example_kwargs))
-        else:
+        else:  # lazy layers (nn.LazyLinear) are left for the user's own first forward to materialise:
             self._place_first_forward_hook()
         guards.claim(self, self.module)  # last: a constructor that raised claims nothing
 
     # ------------------------------------------------------------------ set-up
-    def _setup_on_first_forward(self, module, args, kwargs):
+    def _setup_on_first_forward(self, module, args, kwargs, defer_for_lazy: bool = True):
         if torch.compiler.is_compiling():
             # the first forward runs through torch.compile (dynamo is imported, then): find the units
             # eagerly, outside its trace, or dynamo skips the model's forward for good (runs eagerly)
             from torch._dynamo import disable
 
-            return disable(self._setup_on_first_forward)(module, args, kwargs)
+            return disable(self._setup_on_first_forward)(module, args, kwargs, defer_for_lazy)
         self._remove_first_forward_hook()  # set-up runs the model: the hook must not fire again
+        if defer_for_lazy and uninitialized_parameters(self.module):
+            # lazy layers: set-up's traced forward would draw their initial weights from torch's
+            # generator and then put it back, and this forward would draw its dropout masks from the
+            # same state again. Set up right after this forward, which materialises them as it would
+            # without the freezer (nothing is frozen before set-up: nothing to do during it)
+            self._first_forward_hook = self.model.register_forward_hook(
+                engine_hook(self._setup_after_first_forward), with_kwargs=True)
+            return None
         try:
             if self._dist_kind == "fsdp2":
                 from . import distributed
@@ -457,12 +468,16 @@ class SmartFreezer:
             self._place_first_forward_hook()
             raise
 
+    def _setup_after_first_forward(self, module, args, kwargs, output):
+        # a lazy layer this forward did not reach stays unmaterialised: set up anyway, as before
+        self._setup_on_first_forward(module, args, kwargs, defer_for_lazy=False)
+
     def set_up_before_first_forward(self, args: Tuple[Any, ...], kwargs: Optional[Dict[str, Any]]) -> None:
         """Find the units now, on the first forward's inputs, where set-up waits for that forward:
         for a wrapper that runs the model itself and must not see set-up's traced forward inside
         its own pass (the activation cache recording the model's module calls)."""
         if self._first_forward_hook is not None:
-            self._setup_on_first_forward(self.module, args, kwargs)
+            self._setup_on_first_forward(self.module, args, kwargs, defer_for_lazy=False)
 
     def _place_first_forward_hook(self) -> None:
         # kept apart from self._hooks: other code adds hooks there before the first forward

@@ -18,6 +18,7 @@ import bisect
 import copy
 import functools
 import inspect
+import itertools
 import math
 import types
 import warnings
@@ -603,6 +604,15 @@ def _names_parameters(model: nn.Module, keys: Mapping) -> bool:
         return False
     takes_more = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
     return all(k in named for k in keys) or (takes_more and any(k in named for k in keys))
+
+
+def uninitialized_parameters(model: nn.Module) -> List[str]:
+    """Names of the lazy layers' parameters and buffers not materialised yet (``nn.LazyLinear``
+    before its first forward, which draws their initial values from torch's generator)."""
+    from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
+
+    return [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
+            if isinstance(t, (UninitializedParameter, UninitializedBuffer))]
 
 
 @contextmanager

@@ -173,6 +173,46 @@ def test_no_library_call_moves_the_users_random_streams(policy_name, cached):
     assert not moved, sorted(set(moved))
 
 
+@pytest.mark.parametrize("setup", ["example_inputs", "first_forward", "cache"])
+def test_lazy_layers_are_materialised_by_the_users_first_forward(setup):
+    """nn.Lazy* layers draw their initial weights from torch's generator at the first forward.
+    Set-up's traced forward drew them and put the generator back, so the first real forward drew
+    its dropout masks from that same state again: the run differed from the run without the
+    library. Set-up now waits for the user's first forward (the cache for its second)."""
+    from smartfrz_fast.cache import ActivationCache
+
+    def lazy_net():
+        return nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.Dropout(0.3), nn.LazyLinear(16), nn.ReLU(),
+                             nn.Dropout(0.3), nn.LazyLinear(4))
+
+    x_all, y_all = torch.randn(32, 10), torch.randint(0, 4, (32,))
+    seed = torch.seed()
+    runs = []
+    for with_library in (False, True):
+        torch.manual_seed(seed)
+        model = lazy_net()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        forward = model
+        if with_library:
+            freezer = SmartFreezer(model, optimizer, StaticFreeze(1, 30), total_steps=8,
+                                   example_inputs=x_all[:8] if setup == "example_inputs" else None)
+            if setup == "cache":
+                forward = ActivationCache(freezer, num_samples=32, deterministic=True).wrap()
+        for step in range(8):
+            ids = torch.arange(8) + 8 * (step % 4)
+            out = forward(x_all[ids], ids) if setup == "cache" and with_library else forward(x_all[ids])
+            torch.nn.functional.cross_entropy(out, y_all[ids]).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if with_library:
+                freezer.step()
+        if with_library:
+            assert freezer.plan is not None and len(freezer.units) >= 2
+        runs.append((torch.cat([p.detach().flatten() for p in model.parameters()]), torch.get_rng_state()))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert torch.equal(runs[0][1], runs[1][1])
+
+
 def test_units_found_at_first_forward_without_example_inputs():
     model = SmallCNN()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -41,7 +41,8 @@ from ..distributed import FreezableDDP, _is_fsdp1, _is_fsdp2, check_ddp
 from ..frozen import held_weakly, mode_blind, remove_handles
 from ..guards import ContainerChildren, warn_in_every_run
 from ..policy.base import plain_number
-from ..units import PythonAttributes, compiled_in_place, example_call, preserved_modes, preserved_state
+from ..units import (PythonAttributes, compiled_in_place, example_call, preserved_modes, preserved_state,
+                     uninitialized_parameters)
 from .split import (SWAP, BlockChain, Inputs, block_modules, captured_outputs, find_blocks, hooked_modules,
                     modules_outside, rows_need_grad, skipped_hooks)
 from .swap import UntracedCall, holds_tensors
@@ -578,6 +579,10 @@ class ActivationCache:
             # before set-up, which splits the batch by them
             self._check_ids(sample_ids, inputs.batch)
         if self.enabled and not self._setup_done:
+            if uninitialized_parameters(model):
+                # lazy layers: this forward materialises them as it would without the cache (set-up's
+                # looks would draw their weights and put torch's generator back); set up at the next
+                return model(*inputs.args, **inputs.kwargs)
             self._setup(model, inputs)
         if not self.active:
             return model(*inputs.args, **inputs.kwargs)
