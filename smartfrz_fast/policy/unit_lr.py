@@ -142,6 +142,10 @@ class _GroupsBackWhenStepRaises:
         self.optimizer = weakref.ref(optimizer)
         self.scaler = weakref.ref(scaler)
         self.__name__ = "step"
+        if getattr(inner, "_wrapped_by_lr_sched", False):
+            # a scheduler built before wrapped the step to note that it ran (it still does, inside):
+            # without the mark, its first step() warns that optimizer.step() was overridden
+            self._wrapped_by_lr_sched = True
 
     @classmethod
     def wrap(cls, optimizer: torch.optim.Optimizer, scaler: UnitLRScaler) -> "_GroupsBackWhenStepRaises":
