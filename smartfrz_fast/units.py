@@ -844,9 +844,9 @@ class PythonAttributes:
         self._module_of[id(owner)] = module
         self._others[id(owner)] = len(vars(owner)) - len(values)
 
-    def _differing(self, new: bool = True) -> List[Tuple[str, Any, str, Any, Any]]:
-        """(name, owner, key, value then, its contents then) of what differs now; ``new``: also
-        the attributes set for the first time (value then ``_GONE``)."""
+    def _differing(self) -> List[Tuple[str, Any, str, Any, Any]]:
+        """(name, owner, key, value then, its contents then) of what differs now, the attributes
+        set for the first time too (value then ``_GONE``)."""
         found = []
         for name, owner, values in self._values:
             attributes = vars(owner)
@@ -855,15 +855,15 @@ class PythonAttributes:
                 if now is not then or (contents is not None and not _same_value(now, contents)):
                     if contents is not None or not _same_value(now, then):
                         found.append((name, owner, key, then, contents))
-            if new and len(attributes) != len(values) + self._others[id(owner)]:  # one set where there was none
+            if len(attributes) != len(values) + self._others[id(owner)]:  # one set where there was none
                 found += [(name, owner, key, _GONE, None) for key, value in attributes.items()
                           if key not in values and _watched(key, value, owner)]
         return found
 
-    def changed(self, new: bool = True) -> List[str]:
-        """Names of the values that differ now (``new=False``: not those set for the first time,
-        which a trace cannot have read)."""
-        return [f"{name}.{key}" for name, _, key, _, _ in self._differing(new)]
+    def changed(self) -> List[str]:
+        """Names of the values that differ now, or were set for the first time (a trace may have
+        read the default of ``getattr(self, "scale", 1.0)``)."""
+        return [f"{name}.{key}" for name, _, key, _, _ in self._differing()]
 
     def writers(self) -> Dict[int, str]:
         """``{id(module): "attribute"}`` of the modules whose own values differ now: a value

@@ -639,10 +639,11 @@ def shared_table_run(table_rows, audit_rows=4):
 
 @pytest.mark.parametrize("first_batch", [8, 12])
 @pytest.mark.parametrize("audit_rows", [0, 4])
-def test_an_input_the_batch_shares_with_the_batch_length_turns_the_cache_off(audit_rows, first_batch):
+def test_an_input_the_batch_shares_with_the_batch_length_is_no_cut(audit_rows, first_batch):
     # a [T, D] table with T == batch size looks per-sample: computing only the missed samples split
     # it, and those rows were wrong (kept with audit_rows=0; the audit blamed nondeterminism). The
-    # check runs per batch size: a first batch of another size does not vouch for the table
+    # check runs per batch size: a first batch of another size does not vouch for the table. The
+    # cache cuts before the block that reads the table (here after fc1) or, with no such cut, is off
     model, x, table, cache, wrapped = shared_table_run(8, audit_rows=audit_rows)
     with pytest.warns(UserWarning, match="depends on the other samples of its batch.*T == batch size"):
         for step in range(6):
@@ -650,7 +651,100 @@ def test_an_input_the_batch_shares_with_the_batch_length_turns_the_cache_off(aud
             out = wrapped((x[ids], table), ids)
             with torch.no_grad():
                 torch.testing.assert_close(out, model(x[ids], table))
-    assert not cache.enabled
+    assert not cache.enabled or "failed the per-sample check" in cache.describe()
+
+
+class Seq2SeqGRU(nn.Module):
+    """An encoder GRU whose final state [1, B, H] (batch in dimension 1) is the only value live
+    after it: torch.fx's chain offers a cut there, with no row per sample in dimension 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.src_emb, self.enc = nn.Embedding(20, 8), nn.GRU(8, 16, batch_first=True)
+        self.tgt_emb, self.dec, self.out = nn.Embedding(20, 8), nn.GRU(8, 16, batch_first=True), nn.Linear(16, 20)
+
+    def forward(self, src, tgt_in):
+        _, h = self.enc(self.src_emb(src))
+        o, _ = self.dec(self.tgt_emb(tgt_in), h)  # teacher forcing
+        return self.out(o)
+
+
+class MessagePassing(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.self_lin, self.nb_lin = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, h, edge_index):
+        src, dst = edge_index
+        return torch.relu(self.self_lin(h) + torch.zeros_like(h).index_add_(0, dst, self.nb_lin(h)[src]))
+
+
+class NodeClassifier(nn.Module):
+    """Per-node encoder layers, then message passing, which mixes the nodes (the samples)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.enc2, self.mp1, self.mp2 = nn.Linear(8, 16), nn.Linear(16, 16), MessagePassing(16), MessagePassing(16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x, edge_index):
+        h = torch.relu(self.enc2(torch.relu(self.enc(x))))
+        return self.head(self.mp2(self.mp1(h, edge_index), edge_index))
+
+
+@pytest.mark.parametrize("case", ["seq2seq_deeper_freeze", "seq2seq_both_at_once", "graph_deeper_freeze"])
+def test_a_cut_that_fails_the_per_sample_check_keeps_the_cut_before_it(case, fresh_seed):
+    """A deeper freeze to a cut whose rows are not per sample (an encoder GRU's final state
+    [1, B, H]; message passing mixing the nodes) crashed freezer.step() moving the rows (an
+    IndexError) or turned the whole cache off; it now caches up to the block before that cut,
+    and trains exactly as without the cache."""
+    if case.startswith("seq2seq"):
+        n, batch = 16, 4
+        src = torch.randint(2, 20, (n, 6))
+        tgt_in = torch.cat([torch.ones(n, 1, dtype=torch.long), src.flip(1)[:, :-1]], 1)
+        target = src.flip(1)
+        make, inputs_of = Seq2SeqGRU, (lambda ids: (src[ids], tgt_in[ids]))
+
+        def loss_of(out, ids):
+            return torch.nn.functional.cross_entropy(out.reshape(-1, 20), target[ids].reshape(-1))
+    else:
+        n, batch = 24, 24  # the whole graph each step
+        x, edge_index, labels = torch.randn(n, 8), torch.randint(0, n, (2, 80)), torch.randint(0, 3, (n,))
+        make, inputs_of = NodeClassifier, (lambda ids: (x[ids], edge_index))
+
+        def loss_of(out, ids):
+            return torch.nn.functional.cross_entropy(out, labels[ids])
+    first, deeper = {"seq2seq_deeper_freeze": (1, 2), "seq2seq_both_at_once": (2, None),
+                     "graph_deeper_freeze": (2, 4)}[case]
+    order = [torch.randperm(n)[:batch] for _ in range(24)]
+    weights, caches = [], []
+    for cached in (False, True):
+        torch.manual_seed(fresh_seed)
+        model = make()
+        optimizer = sgd(model)
+        freezer = SmartFreezer(model, optimizer, StaticFreeze(first, at_step=2),
+                               example_inputs=inputs_of(order[0]), total_steps=len(order))
+        cache = ActivationCache(freezer, num_samples=n, deterministic=True) if cached else None
+        forward = cache.wrap() if cached else (lambda inputs, ids: model(*inputs))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for step, ids in enumerate(order):
+                loss_of(forward(inputs_of(ids), ids), ids).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                freezer.step()
+                if deeper is not None and step == 9:
+                    hits_before = cache.stats["hits"] if cached else 0
+                    freezer.freeze_to(deeper)
+        weights.append([p.detach().clone() for p in model.parameters()])
+        caches.append(cache)
+    for a, b in zip(*weights):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    cache = caches[1]
+    assert cache.enabled and cache.boundary >= 1, cache.describe()
+    assert "failed the per-sample check" in cache.describe()
+    if deeper is not None:
+        assert cache.stats["hits"] > hits_before, cache.describe()  # still served after the deeper freeze
 
 
 def test_a_batch_of_one_beside_an_input_the_batch_shares():

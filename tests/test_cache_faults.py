@@ -8,6 +8,7 @@ root), RLIMIT_FSIZE and RLIMIT_AS in a child process (SIGXFSZ ignored). Simulate
 none (no tmpfs can be mounted, no read-only folder stops root): ENOSPC, EDQUOT and EROFS by
 making posix_fallocate / os.open raise them, MemAvailable by patching its reader."""
 
+import argparse
 import collections
 import errno
 import multiprocessing
@@ -1053,17 +1054,92 @@ class _Memo(nn.Module):
         return torch.tanh(self.lin(x)) * self.scale
 
 
-def test_a_value_set_once_at_the_first_call_or_by_the_loop_costs_no_caching():
-    """A first-call memo in a frozen block made it a writer, and a new attribute the loop sets
-    (`model.epoch`) sent a torch.fx chain to the module swap for good (review56)."""
+def test_a_value_set_once_at_the_first_call_costs_no_caching():
+    """A first-call memo in a frozen block made it a writer (review56)."""
     model, opt, freezer, cache, cached, x = _cached_around(_Memo())
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no set-up again
         for step in range(6):
-            model.epoch = step // 2
             ids = torch.arange(8) + 8 * (step % 2)
             cached(x[ids], ids).sum().backward()
             opt.step()
             opt.zero_grad()
             freezer.step()
     assert cache.boundary == 3 and cache.stats["hits"] > 0, cache.describe()
+
+
+class _Summary(nn.Module):
+    """Keeps a number computed from its batch (a statistic logged or read by the loss)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.lin, self.kind, self.last = nn.Linear(8, 8), kind, 0.0
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        self.last = h.mean().item() if self.kind == "mean" else h.shape[0]
+        return h
+
+
+@pytest.mark.parametrize("kind", ["mean", "batch_size"])
+def test_a_value_computed_from_the_batch_is_a_write_at_every_call(kind):
+    """Set-up's two looks ran on the same batch, so `self.last = x.mean().item()` (or the batch
+    size) came out equal twice and was taken for a memo: served from rows, the block kept another
+    batch's value (review57)."""
+    model, opt, freezer, cache, cached, x = _cached_around(_Summary(kind))
+    seen = []
+    for step in range(6):
+        ids = torch.arange(8 if step % 3 else 5) + 8 * (step % 2)
+        with torch.no_grad():  # this forward's weights
+            h = torch.tanh(model[1].lin(model[0](x[ids])))
+        cached(x[ids], ids).sum().backward()
+        seen.append((model[1].last, h.mean().item() if kind == "mean" else h.shape[0]))
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+    assert all(got == pytest.approx(want) for got, want in seen), seen
+    assert cache.boundary <= 1 and "writes '1.last'" in cache.describe(), cache.describe()
+
+
+class _OptionalScale(nn.Module):
+    """Reads an attribute the loop may set later, with a default: a trace keeps the default."""
+
+    def __init__(self, on_config):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+        self.head, self.on_config = nn.Linear(8, 3), on_config
+        self.config = argparse.Namespace(hidden=8)
+
+    def forward(self, x):
+        scale = getattr(self.config if self.on_config else self, "scale", 1.0)
+        return self.head(torch.relu(self.body(x))) * scale
+
+
+@pytest.mark.parametrize("on_config", [False, True])
+def test_an_attribute_the_loop_sets_for_the_first_time_reaches_the_torch_fx_chain(on_config):
+    """`getattr(self, "scale", 1.0)`: the trace folded 1.0 into the graph of the trainable head,
+    and a `model.scale = 3.0` set for the first time mid-run was ignored ("a trace cannot have read
+    it"): head weights 7x off (review57). The cache sets up again on the model's own forward."""
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    heads = []
+    for use_cache in (False, True):
+        torch.manual_seed(0)
+        model = _OptionalScale(on_config)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        freezer = SmartFreezer(model, opt, StaticFreeze(3, at_step=1), example_inputs=torch.randn(4, 8),
+                               total_steps=20)
+        forward = ActivationCache(freezer, num_samples=16, deterministic=True).wrap() if use_cache else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for step in range(8):
+                if step == 4:
+                    (model.config if on_config else model).scale = 3.0
+                ids = torch.arange(8) + 8 * (step % 2)
+                out = forward(x[ids], ids) if use_cache else model(x[ids])
+                out.pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+                freezer.step()
+        heads.append([p.detach().clone() for p in model.head.parameters()])
+    for a, b in zip(*heads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

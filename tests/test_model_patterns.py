@@ -587,8 +587,10 @@ def test_a_lazy_layer_initialised_in_the_set_up_trace_keeps_its_random_init():
     # weight and bias of it was 0.999
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.LazyLinear(16), nn.ReLU(), nn.Linear(16, 3))
-    SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1),
-                 example_inputs=torch.randn(4, 8))
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1),
+                           example_inputs=torch.randn(4, 8))
+    model(torch.randn(4, 8))  # the user's first forward materialises it; set-up follows it
+    assert freezer.plan is not None
     assert model[2].weight.unique().numel() == 16 * 16 and model[2].bias.unique().numel() == 16
     assert model[2].weight.abs().max() <= 0.25  # kaiming_uniform_'s bound for 16 inputs
 

@@ -19,9 +19,11 @@ goes on through the plain model.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import hashlib
+import io
 import math
 import os
 import uuid
@@ -229,6 +231,7 @@ class ActivationCache:
         self._leaf_reads: Tuple[Any, Optional[List[bool]]] = (None, None)  # see _read_leaves
         self._prefix_calls: Tuple[Any, Dict[int, int]] = (None, {})  # see _calls_in_prefix
         self._per_sample_checked: set = set()  # (boundary, batch size) of this chain found per sample
+        self._mixing_cut: Optional[int] = None  # the shallowest cut found not per sample: cut before it
         self._unmanaged: Tuple[Any, List[Tuple[str, Tensor]]] = (None, [])  # see _unmanaged_in_prefix
         self._modes_kept: List[nn.Module] = []  # see _modes_not_held
         self._closed: Optional[str] = None  # close() was called: what describe() said before it
@@ -532,8 +535,9 @@ class ActivationCache:
                            "module.compile()), and the chain runs the blocks' traced operations, never the compiled "
                            "blocks: the cache sets up again (the module swap runs compiled blocks)")
         elif self.enabled and self.chain is not None and self.chain.how == "torch.fx" and \
-                self._traced_values.changed(new=False):
-            moved = ", ".join(self._traced_values.changed(new=False)[:3])
+                self._traced_values.changed():
+            # an attribute set for the first time counts: `getattr(self, "scale", 1.0)` traced the default
+            moved = ", ".join(self._traced_values.changed()[:3])
             self._no_fx = (f"Python attributes the forward reads changed between steps ({moved}), which a torch.fx "
                            "trace holds as the constants it read once")
             self._rederive(f"{moved} changed since the cache traced the model with torch.fx, whose chain held the "
@@ -714,10 +718,18 @@ class ActivationCache:
         a tensor onto itself (``self.feat = h`` that the loss reads, a count): a cached row would
         leave it as of another batch, so no cut goes past them. Two look-only forwards, in the
         model's mode, at set-up: what the second one writes."""
+        # the second look on other samples: a value computed from the batch (`self.last =
+        # x.mean().item()`, `self.bs = len(x)`) must differ from the first look's
+        n = inputs.batch or 0
+        other = _index_inputs(inputs, torch.arange(1, n), n) if n >= 2 else inputs
         with preserved_state(model), torch.no_grad():
             model(*inputs.args, **inputs.kwargs)  # what a first call sets once (a memo, ActNorm's flag)
             attributes = PythonAttributes(list(model.named_modules()))
-            model(*inputs.args, **inputs.kwargs)  # is no write at every call
+            try:
+                model(*other.args, **other.kwargs)  # is no write at every call
+            except Exception:  # noqa: BLE001 -- a model that takes only whole batches: the same batch again
+                attributes.restore()
+                model(*inputs.args, **inputs.kwargs)
             return attributes.writers()
 
     def _watch_structure(self, model: nn.Module) -> None:
@@ -761,6 +773,7 @@ class ActivationCache:
         self._stopped_by_hooks = None
         self._rows_autocast = None
         self._per_sample_checked = set()
+        self._mixing_cut = None
         self._setup_done = False
 
     def _free_rows_and_hooks(self) -> None:
@@ -864,7 +877,7 @@ class ActivationCache:
             return False
         part = torch.arange(n - 1, 0, -1)
         try:
-            with preserved_state(self.freezer.module, rngs=False):
+            with preserved_state(self.freezer.module, rngs=False), _probe_errors_unprinted():
                 rows = self._compute_prefix(_index_inputs(inputs, part, n))
         except Exception as exc:  # noqa: BLE001 -- the model refused part of the batch: the answer is no
             rows, failure = None, f" (on part of the batch the model fails: {type(exc).__name__}: {exc})"
@@ -874,15 +887,31 @@ class ActivationCache:
             failure = ""
         if rows is None or rows.shape != whole[1:].shape or not bool(
                 self._rows_agree(whole[part.to(whole.device)], rows).all()):
-            self._disable("a sample's frozen-prefix output depends on the other samples of its batch: computed "
-                          f"for part of a batch, samples got other rows than with the whole batch{failure}. An "
-                          "input that the whole batch shares and whose first dimension happens to be the batch size "
-                          "(a [T, D] table with T == batch size) is taken for one value per sample and split; pass "
-                          "it with another first dimension (unsqueeze(0), or as a module buffer). A prefix that "
-                          "mixes samples (attention across the batch, x - x.mean(0)) cannot be cached by sample")
+            self._cut_before_mixing(
+                "a sample's frozen-prefix output depends on the other samples of its batch: computed for part of "
+                f"a batch, samples got other rows than with the whole batch{failure}. A prefix that mixes samples "
+                "(attention across the batch, x - x.mean(0)) or whose output holds no row per sample in dimension "
+                "0 (an RNN's final state [layers, B, H]) cannot be cached by sample. An input that the whole batch "
+                "shares and whose first dimension happens to be the batch size (a [T, D] table with T == batch "
+                "size) is taken for one value per sample and split; pass it with another first dimension "
+                "(unsqueeze(0), or as a module buffer)")
             return False
         self._per_sample_checked.add(key)
         return True
+
+    def _cut_before_mixing(self, why: str) -> None:
+        """The cut at ``boundary`` failed the per-sample check: its rows go, and the cache cuts
+        before it from now on (a shallower cut that passes keeps its savings; a deeper freeze had
+        turned the whole cache off)."""
+        bad = self.boundary
+        self._mixing_cut = bad if self._mixing_cut is None else min(self._mixing_cut, bad)
+        self._drop_rows()
+        self.boundary = self._frozen_blocks()
+        if self.boundary == 0:  # no cut before it: nothing this cache can do
+            self._disable(why)
+            return
+        warnings.warn(f"ActivationCache cuts before block {self.chain.blocks[bad - 1].name!r} (caching "
+                      f"{self.boundary} of {len(self.chain.blocks)} blocks): {why}", stacklevel=5)
 
     def _forget_changed_inputs(self, ids: Tensor, slots: Tensor,
                                in_sums: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
@@ -1044,8 +1073,9 @@ class ActivationCache:
         """Every cached row goes (the store and an mmap file of this run's own, with the side
         inputs and the prefix's tensors noted with them); the boundary stays, and rows refill."""
         store, self._store = self._store, None
-        with self._storage_faults("dropping the cached rows"):
-            self._discard_store(store)  # an mmap file too: with reuse=True it would be reopened
+        if store is not None:
+            with self._storage_faults("dropping the cached rows"):
+                self._discard_store(store)  # an mmap file too: with reuse=True it would be reopened
         self._sides = SideInputs(self.num_samples)
         self._prefix_state, self._prefix_slots = (None, [], [], []), []
 
@@ -1079,7 +1109,8 @@ class ActivationCache:
             stops = sorted({self.boundary, len(self.chain.blocks) - 1} - {0})
             consts = dict(getattr(self.chain, "consts", {}))  # the swap chain records what it computes
             try:
-                with preserved_state(self.freezer.module), self._eval_mode(0, stops[-1]), torch.no_grad():
+                with preserved_state(self.freezer.module), self._eval_mode(0, stops[-1]), torch.no_grad(), \
+                        _probe_errors_unprinted():
                     base = [self.chain.run(sample, 0, stop) for stop in stops]
                     reads = []
                     for i, leaf in enumerate(leaves):
@@ -1133,7 +1164,8 @@ class ActivationCache:
                 if id(m) in swapped:
                     hooks += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave, always_call=True)]
             try:
-                with preserved_state(self.freezer.module), self._eval_mode(0, self.boundary), torch.no_grad():
+                with preserved_state(self.freezer.module), self._eval_mode(0, self.boundary), torch.no_grad(), \
+                        _probe_errors_unprinted():
                     self.chain.run(_index_inputs(inputs, torch.arange(1), inputs.batch), 0, self.boundary)
             except Exception:  # noqa: BLE001 -- numbered as before: wrapped at the traced count
                 counts = {}
@@ -1383,6 +1415,11 @@ class ActivationCache:
                 break
             count += 1
         self.cut_note = self._why_not_deeper(count, stopped_by)
+        if self._mixing_cut is not None and count >= self._mixing_cut:
+            count = self._mixing_cut - 1
+            self.cut_note = (f"the output of block {self.chain.blocks[count].name!r} failed the per-sample check (the "
+                             "prefix up to it mixes the samples of a batch, or its output holds no row per sample in "
+                             "dimension 0), so the cache cuts before that block")
         if by_user is not None:
             name = next((n for n, p in self.freezer.module.named_parameters() if p is by_user), "?")
             self.cut_note = (f"parameter {name} (block {self.chain.blocks[count].name!r}) has requires_grad=False, but "
@@ -1557,6 +1594,13 @@ class ActivationCache:
                 run = Inputs((), self._sides.get(chunk)) if reads_side else Inputs(())
                 with self._eval_mode(old, self.boundary), torch.no_grad(), self._rows_precision():
                     h = self.chain.run(run, old, self.boundary, h=h)
+                if h.shape[0] != chunk.numel():
+                    # no row per sample in dimension 0 (a GRU's final state [1, B, H]): nothing to move;
+                    # the next forward's per-sample check cuts before this block
+                    if self._store is not None:
+                        self._discard_store(self._store)
+                        self._store = None
+                    return
                 if not self._storable(h):
                     return
                 if self._store is None:
@@ -2095,6 +2139,13 @@ def _nudges(value: Any) -> List[Any]:
         return [value + 1, value - 1, value * 0.5 + 0.5]
     except (TypeError, ValueError):  # a numpy value of a kind that takes no arithmetic
         return []
+
+
+def _probe_errors_unprinted() -> contextlib.AbstractContextManager:
+    """Around a probe forward on a few samples or nudged inputs, whose error is an answer (the
+    prefix reads the input, or mixes samples), not the user's: torch.fx prints the traceback of an
+    error in a traced module to stderr before raising it."""
+    return contextlib.redirect_stderr(io.StringIO())
 
 
 def _per_sample(leaf: Any, batch: int) -> bool:
