@@ -157,6 +157,53 @@ def test_callback_without_attach_says_what_to_do(tmp_path):
         trainer.train()
 
 
+def test_a_callback_both_passed_in_callbacks_and_attached_steps_once_per_step(tmp_path):
+    """The error above used to say "not only passed in callbacks=[...]": a user who then also
+    attached it had the callback registered twice, and the freezer stepped twice per optimizer
+    step (a schedule at double speed, review60)."""
+    callback = SmartFreezeCallback(StaticFreeze(1, at_step=5))
+    trainer = Trainer(model=tiny_bert(), args=training_args(tmp_path, save_strategy="no", max_steps=6),
+                      train_dataset=dataset(), callbacks=[callback])
+    callback.attach(trainer)
+    trainer.train()
+    assert sum(c is callback for c in trainer.callback_handler.callbacks) == 1
+    assert trainer.state.global_step == 6 == callback.freezer.step_count
+    assert callback.freezer.timeline[0].step == 5
+
+
+class _PlainClassifier(torch.nn.Module):
+    """A model of the user's own (no Hugging Face class) returning a dict with the loss."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.l1, self.l2 = torch.nn.Embedding(50, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, input_ids, labels=None):
+        logits = self.head(torch.relu(self.l2(torch.relu(self.l1(self.emb(input_ids).mean(1))))))
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+def test_a_column_the_model_does_not_take_is_dropped_from_the_example_batch(tmp_path):
+    """The Trainer drops dataset columns the model's forward does not take (an 'idx');
+    the callback built its set-up batch from the raw items and the model refused it (review60)."""
+    items = [{**item, "idx": i} for i, item in enumerate(dataset())]
+    model = _PlainClassifier()
+    trainer = Trainer(model=model, args=training_args(tmp_path, save_strategy="no", max_steps=4), train_dataset=items)
+    callback = SmartFreezeCallback(StaticFreeze(2, at_step=2)).attach(trainer)
+    trainer.train()
+    assert callback.freezer.num_frozen == 2
+
+
+def test_neftune_says_its_noise_stops_once_the_embeddings_freeze(tmp_path):
+    """NEFTune's hook adds noise only in train mode; frozen embeddings run in eval mode (review60)."""
+    trainer = Trainer(model=tiny_bert(), args=training_args(tmp_path, save_strategy="no", neftune_noise_alpha=5.0),
+                      train_dataset=dataset())
+    with pytest.warns(UserWarning, match="NEFTune.*stops once the embeddings freeze"):
+        SmartFreezeCallback(StaticFreeze(1)).attach(trainer)
+
+
 def test_checkpoint_without_freezer_state_is_refused(tmp_path):
     Trainer(model=tiny_bert(), args=training_args(tmp_path, max_steps=4), train_dataset=dataset()).train()
     trainer = Trainer(model=tiny_bert(), args=training_args(tmp_path), train_dataset=dataset())

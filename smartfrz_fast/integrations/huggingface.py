@@ -47,6 +47,7 @@ from __future__ import annotations
 import functools
 import glob
 import os
+import warnings
 from collections.abc import Mapping, MutableMapping
 from typing import Any, Dict, Optional
 
@@ -83,7 +84,14 @@ REENTRANT_ADVICE = (
 
 
 def check_training_args(args: "transformers.TrainingArguments", model: nn.Module) -> None:
-    """Refuse Trainer settings that conflict with freezing mid-run (clear errors)."""
+    """Refuse Trainer settings that conflict with freezing mid-run (clear errors), and warn of
+    those that freezing changes."""
+    if getattr(args, "neftune_noise_alpha", None) is not None:
+        warnings.warn(
+            "SmartFreezeCallback with NEFTune (neftune_noise_alpha): NEFTune adds its noise to the input "
+            "embeddings only in train mode, and the freezer runs frozen layers in eval mode, so the noise "
+            "stops once the embeddings freeze (the layers after them then train without it). Train "
+            "without NEFTune, or without the callback, if the noise must last the whole run.", stacklevel=3)
     gc_on = bool(getattr(args, "gradient_checkpointing", False) or getattr(args, "activation_checkpointing", False))
     gc_kwargs = getattr(args, "gradient_checkpointing_kwargs", None) or getattr(
         args, "activation_checkpointing_kwargs", None) or {}
@@ -132,6 +140,21 @@ def release_marked_inputs(model: nn.Module) -> None:
                     hooks.pop(key, None)
 
 
+def _model_columns(trainer) -> Optional[set]:
+    """The dataset columns the Trainer keeps (the model's forward parameters and the labels'
+    names), where it drops the others (``remove_unused_columns``, its default); None where it
+    keeps every column or cannot say."""
+    fill = getattr(trainer, "_set_signature_columns_if_needed", None)
+    if not getattr(trainer.args, "remove_unused_columns", False) or fill is None:
+        return None
+    try:
+        fill()
+    except Exception:  # noqa: BLE001 -- a Trainer subclass that cannot say: every column
+        return None
+    columns = getattr(trainer, "_signature_columns", None)
+    return set(columns) if columns else None
+
+
 class SmartFreezeCallback(TrainerCallback):
     """Progressive layer freezing inside ``transformers.Trainer``; call ``attach(trainer)``.
 
@@ -167,6 +190,7 @@ class SmartFreezeCallback(TrainerCallback):
         self._trainer = None
         self._resume_from: Optional[str] = None
         self._written_at: Optional[int] = None  # the step whose checkpoint has the freezer's files
+        self._stepped_at: Optional[int] = None  # the global step on_step_end last stepped the freezer at
 
     # ------------------------------------------------------------------ attach
     def attach(self, trainer: "transformers.Trainer") -> "SmartFreezeCallback":
@@ -181,7 +205,8 @@ class SmartFreezeCallback(TrainerCallback):
         if self.cache_kwargs is not None:
             self._add_sample_ids(trainer)
         self._trainer = trainer
-        trainer.add_callback(self)
+        if not any(c is self for c in trainer.callback_handler.callbacks):  # also in callbacks=[...]: once
+            trainer.add_callback(self)
 
         original_train = trainer.train
         original_create_scheduler = trainer.create_scheduler
@@ -277,8 +302,13 @@ class SmartFreezeCallback(TrainerCallback):
             return self.example_inputs
         dataset = trainer.train_dataset
         if dataset is not None and hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__") and len(dataset):
+            items = [dataset[i] for i in range(min(2, len(dataset)))]
+            columns = _model_columns(trainer)
+            if columns is not None:  # as the Trainer drops them (remove_unused_columns): an 'idx' column
+                items = [{k: v for k, v in item.items() if k in columns} if isinstance(item, Mapping) else item
+                         for item in items]
             try:
-                batch = trainer.data_collator([dataset[i] for i in range(min(2, len(dataset)))])
+                batch = trainer.data_collator(items)
             except Exception:  # e.g. raw text columns the Trainer would drop: try dummy_inputs
                 pass
             else:
@@ -345,8 +375,9 @@ class SmartFreezeCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if self._trainer is None:
             raise RuntimeError(
-                "SmartFreezeCallback must be attached with callback.attach(trainer) (not only passed in "
-                "callbacks=[...]): it has to hook in before the Trainer loads the optimizer state.")
+                "SmartFreezeCallback must be attached with callback.attach(trainer) (passing it in "
+                "callbacks=[...] is not enough, and is not needed): it has to hook in before the Trainer loads "
+                "the optimizer state.")
         if self.freezer is None:
             raise RuntimeError(
                 "SmartFreezeCallback is attached but the Trainer never called create_scheduler(), where the "
@@ -356,6 +387,9 @@ class SmartFreezeCallback(TrainerCallback):
         release_marked_inputs(self._trainer.model)
 
     def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self._stepped_at:  # the callback registered twice: one step per step
+            return
+        self._stepped_at = state.global_step
         self.freezer.step()
 
     def on_save(self, args, state, control, **kwargs):
