@@ -1413,6 +1413,16 @@ class SmartFreezer:
             "iteration_in_progress": self._iteration_in_progress(),
         }
 
+    @property
+    def step_owed(self) -> bool:
+        """An optimizer step was taken (or restored from a checkpoint taken between
+        ``optimizer.step()`` and ``step()``) that ``step()`` has not counted yet: a loop resuming
+        from such a checkpoint calls ``step()`` first (the Lightning callback does)."""
+        guard = self._guard
+        # more optimizer steps than one iteration makes: a loop that never calls step() (freeze_to
+        # by hand), which the never-stepped warning is about
+        return guard is not None and not self._closed and 0 < guard.optimizer_steps <= len(self.optimizers)
+
     def _iteration_in_progress(self) -> Optional[Dict[str, Any]]:
         """A checkpoint taken between ``optimizer.step()`` and ``freezer.step()``: that step is
         not counted yet. Resumed at the next iteration, every policy's schedule would run a step
@@ -1420,9 +1430,7 @@ class SmartFreezer:
         gradient norms gathered for it. Saved (and restored) so that the second way is exact,
         with a warning that says so."""
         guard = self._guard
-        # more optimizer steps than one iteration makes: a loop that never calls step() (freeze_to
-        # by hand), which the never-stepped warning is about
-        if guard is None or self._closed or not 0 < guard.optimizer_steps <= len(self.optimizers):
+        if not self.step_owed:
             return None
         guard.warn_once("saved mid-iteration", (
             "SmartFreezer: state_dict() between optimizer.step() and freezer.step(): the freezer has not "

@@ -228,6 +228,11 @@ class SmartFreezeCallback(Callback):
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # global_step is restored after on_fit_start: take the baseline here.
         self._last_global_step = trainer.global_step
+        if self.freezer is not None and self.freezer.step_owed:
+            # resumed from a checkpoint a callback of the user's saved in on_train_batch_end before
+            # this one's: the batch's optimizer step happened, its freezer step did not (lost, the
+            # schedule ran one step behind for the rest of the run)
+            self.freezer.step()
 
     # ------------------------------------------------------------------ per step
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
@@ -266,7 +271,9 @@ class SmartFreezeCallback(Callback):
     def state_dict(self) -> Dict[str, Any]:
         state: Dict[str, Any] = {}
         if self.freezer is not None and self.freezer.plan is not None:
-            state["freezer"] = self.freezer.state_dict()
+            with warnings.catch_warnings():  # saved mid-iteration: on_train_start finishes it on resume
+                warnings.filterwarnings("ignore", message=r"SmartFreezer: state_dict\(\) between optimizer.step")
+                state["freezer"] = self.freezer.state_dict()
         elif self._saved_state is not None:  # restored but not applied yet: keep it
             state["freezer"] = self._saved_state
         if self.cache is not None:
