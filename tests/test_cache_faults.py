@@ -1143,3 +1143,44 @@ def test_an_attribute_the_loop_sets_for_the_first_time_reaches_the_torch_fx_chai
         heads.append([p.detach().clone() for p in model.head.parameters()])
     for a, b in zip(*heads):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+class _WarmUpHead(nn.Module):
+    """A trainable head with its own step counter (a warm-up written in the module)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.t = nn.Linear(8, 3), 0
+
+    def forward(self, x):
+        self.t += 1
+        return self.lin(x) * min(1.0, self.t / 4)
+
+
+def test_a_trainable_head_with_its_own_counter_is_cached_in_front_of():
+    """The module swap's check ran its passes from one Python state: the head's counter moved
+    between them, the outputs differed, and the model was called nondeterministic in eval mode:
+    nothing cached (review57). Each pass now starts from the same state."""
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    runs = []
+    for use_cache in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8), _WarmUpHead())
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        freezer = SmartFreezer(model, opt, StaticFreeze(3, at_step=1), example_inputs=torch.randn(4, 8),
+                               total_steps=20)
+        cache = ActivationCache(freezer, num_samples=16, deterministic=True) if use_cache else None
+        forward = cache.wrap() if use_cache else None
+        for step in range(8):
+            ids = torch.arange(8) + 8 * (step % 2)
+            out = forward(x[ids], ids) if use_cache else model(x[ids])
+            out.pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+        runs.append(([p.detach().clone() for p in model[3].parameters()], model[3].t, cache))
+    for a, b in zip(runs[0][0], runs[1][0]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert runs[0][1] == runs[1][1] == 8
+    cache = runs[1][2]
+    assert cache.boundary == 3 and cache.stats["hits"] > 0, cache.describe()

@@ -685,9 +685,14 @@ class SwapChain:
         try:
             with preserved_modes(self.model.modules()), preserved_state(self.model), torch.no_grad():
                 self.model.eval()
-                expected = self.model(*inputs.args, **inputs.kwargs)
-                rows = self.rows(inputs, cut)
-                got = self.serve(inputs, cut, rows)
+                # each pass from the same Python state (a trainable head's own step counter moved
+                # between them, and the model was taken for nondeterministic); the generators move on
+                with preserved_state(self.model, rngs=False):
+                    expected = self.model(*inputs.args, **inputs.kwargs)
+                with preserved_state(self.model, rngs=False):
+                    rows = self.rows(inputs, cut)
+                with preserved_state(self.model, rngs=False):
+                    got = self.serve(inputs, cut, rows)
                 if not _all_outputs_match(expected, got):
                     before = buffers_now(self.model)
                     again = self.model(*inputs.args, **inputs.kwargs)
