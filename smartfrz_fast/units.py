@@ -812,49 +812,46 @@ def _same_value(a: Any, b: Any) -> bool:
 
 
 class PythonAttributes:
-    """The plain Python values (numbers, flags, strings; small tuples, lists and dicts of them)
-    that ``modules`` keep as attributes, and the tensors they keep as attributes that are neither
-    parameters nor buffers (a table cached beside its length), as they are now. A torch.fx trace
-    reads such a value once and keeps it as a constant of the graph: a temperature annealed each
-    step, LoRA's ``scaling``, an adapter's on/off flag. ``changed()`` names those that differ now
-    (a comparison per attribute; a tensor by identity); ``restore()`` sets back those that did,
-    a list or dict in place (several modules may share one the loop changes). Modules of torch's
-    own classes keep none that their forward changes: skipped."""
+    """The Python state that ``modules`` keep as public attributes besides parameters, buffers and
+    children, as it is now: plain values (numbers, flags, strings; small tuples, lists and dicts of
+    them), tensors kept as plain attributes (a table cached beside its length, an EMA), and lists
+    and dicts of other things (a feature tap ``self.feats.append(h)``). A torch.fx trace reads such
+    a value once and keeps it as a constant of the graph: a temperature annealed each step, LoRA's
+    ``scaling``, an adapter's on/off flag. ``changed()`` names those that differ now (a plain value
+    by value; a list or dict of other things by its items' identity; a tensor by identity and
+    version, so a write in place counts); ``restore()`` sets back those that did, a list or dict
+    in place (several modules may share one the loop changes), a tensor's values through
+    ``.data``. Modules of torch's own classes keep none that their forward changes: skipped."""
 
     def __init__(self, modules: Sequence[Tuple[str, nn.Module]] = ()) -> None:
         self._values = []
-        self._module_of: Dict[int, nn.Module] = {}  # id(owner) -> the module that holds it
+        self._holders: Dict[int, List[nn.Module]] = {}  # id(owner) -> the modules that hold it
         self._others: Dict[int, int] = {}  # id(owner) -> how many of its attributes are not watched
-        self._shared: Set[int] = set()  # config objects several modules hold
-        settings = set()  # a config object many modules hold (Hugging Face's) is looked at once
         for name, module in modules:
             if _torch_own(module):
                 continue
             self._watch(name, module, module)
             for key, value in vars(module).items():  # a config object's fields (self.cfg.temperature)
-                if not key.startswith("_") and id(value) in settings:
-                    self._shared.add(id(value))
+                if not key.startswith("_") and id(value) in self._holders and value is not module:
+                    self._holders[id(value)].append(module)  # one many modules hold (Hugging Face's): looked at once
                 elif not key.startswith("_") and _holds_settings(value):
-                    settings.add(id(value))
                     self._watch(f"{name}.{key}", value, module)
 
     def _watch(self, name: str, owner: Any, module: nn.Module) -> None:
-        values = _plain_fields(owner)
+        values = _watched_fields(owner)
         self._values.append((name, owner, values))
-        self._module_of[id(owner)] = module
+        self._holders[id(owner)] = [module]
         self._others[id(owner)] = len(vars(owner)) - len(values)
 
     def _differing(self) -> List[Tuple[str, Any, str, Any, Any]]:
-        """(name, owner, key, value then, its contents then) of what differs now, the attributes
-        set for the first time too (value then ``_GONE``)."""
+        """(name, owner, key, value then, how it was kept) of what differs now, the attributes set
+        for the first time too (value then ``_GONE``)."""
         found = []
         for name, owner, values in self._values:
             attributes = vars(owner)
-            for key, (then, contents) in values.items():
-                now = attributes.get(key, _GONE)
-                if now is not then or (contents is not None and not _same_value(now, contents)):
-                    if contents is not None or not _same_value(now, then):
-                        found.append((name, owner, key, then, contents))
+            for key, (then, kept) in values.items():
+                if _differs(attributes.get(key, _GONE), then, kept):
+                    found.append((name, owner, key, then, kept))
             if len(attributes) != len(values) + self._others[id(owner)]:  # one set where there was none
                 found += [(name, owner, key, _GONE, None) for key, value in attributes.items()
                           if key not in values and _watched(key, value, owner)]
@@ -866,44 +863,86 @@ class PythonAttributes:
         return [f"{name}.{key}" for name, _, key, _, _ in self._differing()]
 
     def writers(self) -> Dict[int, str]:
-        """``{id(module): "attribute"}`` of the modules whose own values differ now: a value
-        rebound to an equal one does not count, nor does a config object several modules share
-        (a write there cannot be told to one of them)."""
+        """``{id(module): "attribute"}`` of the modules whose values differ now; a value rebound to
+        an equal one does not count. A write into an object several modules hold (a state object
+        blocks share) is each holder's: which of them wrote it cannot be told."""
         found: Dict[int, str] = {}
-        for name, owner, key, then, contents in self._differing():
-            module = self._module_of.get(id(owner))
-            if module is None or id(owner) in self._shared:
-                continue
+        for name, owner, key, then, kept in self._differing():
             now = vars(owner).get(key, _GONE)
-            if contents is not None and then is not _GONE and _same_value(now, contents):
+            if kept is not None and kept[0] == "copy" and then is not _GONE and _same_value(now, kept[1]):
                 continue  # `self.shape = list(x.shape)`: the same value in a new list
-            found.setdefault(id(module), f"{name}.{key}")
+            for module in self._holders.get(id(owner), ()):
+                found.setdefault(id(module), f"{name}.{key}")
         return found
 
     def restore(self) -> None:
-        for _, owner, key, then, contents in self._differing():
+        for _, owner, key, then, kept in self._differing():
             if then is _GONE:  # `self.initialized = True` at a first forward: the real one sets it
                 del owner.__dict__[key]
                 continue
             owner.__dict__[key] = then
-            if isinstance(then, list):
-                then[:] = copy.deepcopy(contents)
-            elif isinstance(then, dict):
-                then.clear()
-                then.update(copy.deepcopy(contents))
+            kind = kept[0] if kept is not None else None
+            if kind in ("copy", "items"):
+                contents = copy.deepcopy(kept[1]) if kind == "copy" else kept[1]
+                if isinstance(then, list):
+                    then[:] = contents
+                else:
+                    then.clear()
+                    then.update(contents)
+            elif kind == "tensor" and then._version != kept[1]:
+                with torch.no_grad():  # through .data: its version stays (a saved graph may hold it)
+                    if then.shape == kept[2].shape and then.dtype == kept[2].dtype:
+                        then.data.copy_(kept[2])
+                    else:
+                        then.data = kept[2]
 
 
-def _plain_fields(owner: Any) -> Dict[str, Tuple[Any, Any]]:
-    """``{key: (value, a copy of its contents if it is a list or dict, else None)}`` of the
-    attributes ``PythonAttributes`` watches."""
-    return {key: (value, copy.deepcopy(value) if isinstance(value, (list, dict)) else None)
-            for key, value in vars(owner).items() if _watched(key, value, owner)}
+# lists and dicts of other things than plain values are compared item by item, up to this many
+_MAX_ITEMS = 4096
+
+
+def _watched_fields(owner: Any) -> Dict[str, Tuple[Any, Any]]:
+    """``{key: (value, how it is kept)}`` of the attributes ``PythonAttributes`` watches: None for
+    a plain value, ("copy", a deep copy) for a plain list or dict, ("items", a shallow copy) for a
+    list or dict of other things, ("tensor", version, a copy of its values) for a tensor."""
+    out = {}
+    for key, value in vars(owner).items():
+        if not _watched(key, value, owner):
+            continue
+        if isinstance(value, torch.Tensor):
+            out[key] = (value, ("tensor", value._version, value.detach().clone()))
+        elif isinstance(value, (list, dict)):
+            out[key] = (value, ("copy", copy.deepcopy(value)) if _plain(value)
+                        else ("items", list(value) if isinstance(value, list) else dict(value)))
+        else:
+            out[key] = (value, None)
+    return out
+
+
+def _differs(now: Any, then: Any, kept: Any) -> bool:
+    kind = kept[0] if kept is not None else None
+    if kind is None:
+        return now is not then and not _same_value(now, then)
+    if now is not then:  # a list, dict or tensor rebound (`self.shape = list(x.shape)`: writers() tells)
+        return True
+    if kind == "tensor":
+        return now._version != kept[1]
+    if kind == "copy":
+        return not _same_value(now, kept[1])
+    items = kept[1]
+    if len(now) != len(items):
+        return True
+    if isinstance(now, list):
+        return any(a is not b for a, b in zip(now, items))
+    return now.keys() != items.keys() or any(now[k] is not v for k, v in items.items())
 
 
 def _watched(key: str, value: Any, owner: Any) -> bool:
-    """A public attribute holding a plain value or a tensor; not a module's ``training``."""
+    """A public attribute holding a plain value, a tensor, or a list or dict of at most
+    ``_MAX_ITEMS`` items; not a module's ``training``."""
     return (not key.startswith("_") and not (key == "training" and isinstance(owner, nn.Module))
-            and (isinstance(value, torch.Tensor) or _plain(value)))
+            and (isinstance(value, torch.Tensor) or _plain(value)
+                 or (isinstance(value, (list, dict)) and len(value) <= _MAX_ITEMS)))
 
 
 def _holds_settings(value: Any) -> bool:
