@@ -41,6 +41,15 @@ from .units import (SHARED_PARAMETER_MODES, Unit, UnitPlan, describe_shared, dis
                     marks_output_for_grad, shared_groups, uninitialized_parameters)
 
 STATE_FORMAT = "smartfrz_fast.SmartFreezer"
+
+
+class SettingsMismatch(ValueError):
+    """A checkpoint made with other freezer settings; ``saved`` holds the checkpoint's values of
+    those that differ (the trainer integrations name them as their callback's arguments)."""
+
+    def __init__(self, message: str, saved: Dict[str, Any]) -> None:
+        super().__init__(message)
+        self.saved = saved
 STATE_VERSION = 1
 _STATE_KEYS = ("signature", "settings", "policy", "policy_state", "step", "num_frozen", "timeline", "pending",
                "history")
@@ -1592,8 +1601,9 @@ class SmartFreezer:
             now = ", ".join(f"{k}={b!r}" for k, (_, b) in differ.items())
             hint = (" (sample_every follows total_steps unless given: pass the same total_steps, or "
                     "sample_every explicitly)" if "sample_every" in differ else "")
-            raise ValueError(f"the checkpoint was made with {was}; this SmartFreezer has {now}. Construct it "
-                             f"with the checkpoint's settings to resume{hint}.")
+            raise SettingsMismatch(f"the checkpoint was made with {was}; this SmartFreezer has {now}. Construct it "
+                                   f"with the checkpoint's settings to resume{hint}.",
+                                   {k: a for k, (a, _) in differ.items()})
 
     def _check_restorable(self, num_frozen: int) -> None:
         """Raise unless ``freeze_to(num_frozen)`` would freeze exactly that many units."""

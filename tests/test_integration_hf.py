@@ -204,6 +204,20 @@ def test_neftune_says_its_noise_stops_once_the_embeddings_freeze(tmp_path):
         SmartFreezeCallback(StaticFreeze(1)).attach(trainer)
 
 
+def test_a_resume_with_other_freezer_settings_names_the_callback_arguments(tmp_path):
+    """The engine's advice, "construct it with the checkpoint's settings", names no argument a
+    Trainer user passes (review60)."""
+    model = tiny_bert()
+    trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=dataset())
+    SmartFreezeCallback(StaticFreeze(5, at_step=3), sample_every=1).attach(trainer)
+    trainer.train()
+    model = tiny_bert()
+    trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=dataset())
+    SmartFreezeCallback(StaticFreeze(5, at_step=3), sample_every=2).attach(trainer)
+    with pytest.raises(ValueError, match=r"build it as SmartFreezeCallback\(policy, sample_every=1"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+
+
 def test_checkpoint_without_freezer_state_is_refused(tmp_path):
     Trainer(model=tiny_bert(), args=training_args(tmp_path, max_steps=4), train_dataset=dataset()).train()
     trainer = Trainer(model=tiny_bert(), args=training_args(tmp_path), train_dataset=dataset())

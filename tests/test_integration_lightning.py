@@ -164,6 +164,16 @@ def test_resume_from_a_checkpoint_saved_before_the_callbacks_step_is_bit_identic
         assert torch.equal(value, resumed_module.state_dict()[name]), f"{name} differs after resume"
 
 
+def test_resume_from_a_checkpoint_saved_without_the_callback_says_to_pass_the_steps_left(tmp_path):
+    """The freezer started at step 0 with the whole run's total_steps, and froze 1 of 4 units
+    instead of 3, with only an engine warning that did not apply (review60)."""
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    trainer(tmp_path, [saver], max_epochs=2).fit(LitCNN("sgd"), loader())
+    callback = SmartFreezeCallback(StaticFreeze(1, at_step=2))
+    with pytest.warns(UserWarning, match=r"saved without this callback's state.*total_steps=<the steps left, 16>"):
+        trainer(tmp_path / "resumed", [callback]).fit(LitCNN("sgd"), loader(), ckpt_path=tmp_path / "ckpt" / "epoch=1.ckpt")
+
+
 def test_state_survives_the_checkpoint(tmp_path):
     """The restored freezer has the frozen units, policy state and step of the saved one, and
     the optimizer Lightning restored holds no frozen parameter."""

@@ -21,7 +21,7 @@ import torch
 
 from ..units import as_args
 
-__all__ = ["split_example_inputs", "move_to_device", "check_callback_args"]
+__all__ = ["split_example_inputs", "move_to_device", "check_callback_args", "load_freezer_state"]
 
 
 def check_callback_args(policy: Any, freezer_kwargs: Dict[str, Any], activation_cache: Any = None) -> None:
@@ -61,3 +61,16 @@ def move_to_device(obj: Any, device: torch.device, float_dtype: Optional[torch.d
         moved = [move_to_device(v, device, float_dtype) for v in obj]
         return type(obj)(*moved) if hasattr(obj, "_fields") else type(obj)(moved)  # a namedtuple takes fields
     return obj
+
+
+def load_freezer_state(freezer: Any, state: Dict[str, Any]) -> None:
+    """``freezer.load_state_dict(state)``; a checkpoint made with other settings is refused
+    naming the callback arguments that resume it (the callbacks build the freezer)."""
+    from ..engine import SettingsMismatch
+
+    try:
+        freezer.load_state_dict(state)
+    except SettingsMismatch as exc:
+        arguments = ", ".join(f"{k}={v!r}" for k, v in exc.saved.items())
+        raise ValueError(f"SmartFreezeCallback: {exc} The callback passes its keyword arguments to the freezer: "
+                         f"build it as SmartFreezeCallback(policy, {arguments}, ...).") from exc

@@ -69,7 +69,7 @@ from ..distributed import check_ddp_settings
 from ..engine import SmartFreezer, _unwrapped
 from ..policy.base import FreezePolicy
 from ..units import marks_output_for_grad
-from . import check_callback_args, move_to_device, split_example_inputs
+from . import check_callback_args, load_freezer_state, move_to_device, split_example_inputs
 
 CHECKPOINT_FILE = "smartfrz_freezer.pt"
 CACHE_CHECKPOINT_FILE = "smartfrz_cache.{rank}.pt"  # the cache is per process (the samples it saw)
@@ -353,7 +353,7 @@ class SmartFreezeCallback(TrainerCallback):
                 "the run stopped between the Trainer's save and the callback's). Resume from a checkpoint "
                 "written with the callback, or train without it.")
         state = torch.load(path, map_location=device, weights_only=True)
-        self.freezer.load_state_dict(state)
+        load_freezer_state(self.freezer, state)
         cache_files = glob.glob(os.path.join(checkpoint, CACHE_CHECKPOINT_FILE.format(rank="*")))
         if not cache_files:
             return  # saved without a cache: a cache starts empty (rows fill as samples come back)

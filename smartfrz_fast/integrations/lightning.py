@@ -53,7 +53,7 @@ from ..cache import ActivationCache
 from ..distributed import check_ddp_settings
 from ..engine import SmartFreezer
 from ..policy.base import FreezePolicy
-from . import check_callback_args, move_to_device, split_example_inputs
+from . import check_callback_args, load_freezer_state, move_to_device, split_example_inputs
 
 # Strategies whose parameters are sharded or owned by another engine: the freeze action
 # (removing parameters from the optimizer's groups) does not apply to them.
@@ -205,7 +205,7 @@ class SmartFreezeCallback(Callback):
         if self._saved_state is not None:
             # Before restore_training_state: the optimizer's groups must lose the frozen
             # parameters before their saved state is loaded into them.
-            self.freezer.load_state_dict(self._saved_state)
+            load_freezer_state(self.freezer, self._saved_state)
             self._saved_state = None
         if self.cache_kwargs is not None:
             self.cache = ActivationCache(self.freezer, **self.cache_kwargs)
@@ -228,6 +228,15 @@ class SmartFreezeCallback(Callback):
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # global_step is restored after on_fit_start: take the baseline here.
         self._last_global_step = trainer.global_step
+        if (self.freezer is not None and trainer.global_step > 0 and self.total_steps is None
+                and self.freezer.step_count == 0 and not self.freezer.timeline):
+            total = self.freezer.total_steps
+            warnings.warn(
+                f"SmartFreezeCallback: the run resumes at step {trainer.global_step} from a checkpoint saved without "
+                "this callback's state: the freezer starts counting now, and its schedule spans the whole run's "
+                f"{total} steps, so it runs {trainer.global_step} steps late (freezing less than planned). Pass "
+                f"total_steps=<the steps left{'' if total is None else f', {total - trainer.global_step}'}> to fit it to "
+                "the rest of the run, or resume from a checkpoint saved with the callback.", stacklevel=2)
         if self.freezer is not None and self.freezer.step_owed:
             # resumed from a checkpoint a callback of the user's saved in on_train_batch_end before
             # this one's: the batch's optimizer step happened, its freezer step did not (lost, the
@@ -302,6 +311,6 @@ class SmartFreezeCallback(Callback):
             raise ValueError(
                 "SmartFreezeCallback: this strategy restores the checkpoint after setup, and the "
                 "model's units are not known yet: set example_input_array or pass example_inputs=...")
-        self.freezer.load_state_dict(state)
+        load_freezer_state(self.freezer, state)
         if cache_state is not None:
             self.cache.load_state_dict(cache_state)
