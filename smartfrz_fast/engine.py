@@ -365,6 +365,7 @@ class SmartFreezer:
         if not isinstance(policy, FreezePolicy):
             raise TypeError(f"policy must be a FreezePolicy, got {type(policy).__name__}")
         _check_policy_free(policy)
+        policy.check_total_steps(total_steps)  # now, not at the first forward inside the loop
         if sample_every is None:  # the policy's pace (SmartFRZ: that of its training), else 1
             chooser = getattr(policy, "sample_every_for", None)
             sample_every = chooser(total_steps) if chooser is not None else 1

@@ -905,3 +905,14 @@ def test_autofreeze_never_freezes_where_nothing_is_left_to_save(fresh_seed, tota
     assert last_end in unguarded and last_end not in decided  # the reference decides at its last end
     assert all(s <= total - p.interval for s in decided)
     assert decided == {s: d for s, d in unguarded.items() if s <= total - p.interval} and decided
+
+
+@pytest.mark.parametrize("make", [FreezeOut, LinearFreeze, AutoFreeze])
+def test_a_schedule_without_total_steps_is_refused_when_the_freezer_is_built(make):
+    """Without example_inputs set-up waits for the first forward, and the missing total_steps was
+    only refused there, inside the training loop (review58)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="pass total_steps=<number of optimizer steps>"):
+        SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), make())
+    if make is AutoFreeze:  # with its own interval it needs none
+        SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), AutoFreeze(interval=5)).close()

@@ -99,6 +99,11 @@ class AutoFreeze(FreezePolicy):
         self.last_decision_step: Optional[int] = None  # set by bind() from total_steps
         self._pending_state: Optional[Dict[str, Any]] = None
 
+    _without_total_steps = " (or give AutoFreeze an interval=<steps between decisions>)"
+
+    def needs_total_steps(self) -> bool:
+        return self.interval_arg is None  # its intervals are a share of the run
+
     def bind(self, context: PolicyContext) -> None:
         super().bind(context)
         if context.num_units < 1:

@@ -187,11 +187,21 @@ class FreezePolicy:
             warnings.warn(f"{self.describe()}: {how}, and no step of the run's {total} trains after it, so it will "
                           f"never freeze in this run. {fix}", UserWarning, stacklevel=4)
 
-    def _require_total_steps(self) -> int:
-        assert self.context is not None, "bind() first"
-        if self.context.total_steps is None or self.context.total_steps <= 0:
+    _without_total_steps = ""  # another way to run without total_steps, where there is one
+
+    def needs_total_steps(self) -> bool:
+        """Whether this policy, as configured, cannot run without the freezer's ``total_steps``
+        (checked when the freezer is built, not first at set-up inside the training loop)."""
+        return False
+
+    def check_total_steps(self, total_steps: Optional[int]) -> None:
+        if self.needs_total_steps() and (total_steps is None or total_steps <= 0):
             raise ValueError(
                 f"{type(self).__name__} follows a schedule over the whole run: pass "
-                "total_steps=<number of optimizer steps> to SmartFreezer."
+                f"total_steps=<number of optimizer steps> to SmartFreezer{self._without_total_steps}."
             )
+
+    def _require_total_steps(self) -> int:
+        assert self.context is not None, "bind() first"
+        self.check_total_steps(self.context.total_steps)
         return self.context.total_steps

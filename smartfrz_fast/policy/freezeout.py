@@ -109,6 +109,9 @@ class FreezeOut(FreezePolicy):
             return [fn(1.0)]
         return [fn(t0 + (1.0 - t0) * float(i) / (num_units - 1)) for i in range(num_units)]
 
+    def needs_total_steps(self) -> bool:
+        return True
+
     def bind(self, context: PolicyContext) -> None:
         super().bind(context)
         if context.num_units < 1:

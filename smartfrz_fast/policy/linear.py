@@ -62,6 +62,9 @@ class LinearFreeze(FreezePolicy):
         self.freeze_level = float(freeze_level)
         self.interval = interval
 
+    def needs_total_steps(self) -> bool:
+        return True
+
     def bind(self, context: PolicyContext) -> None:
         super().bind(context)
         total = self._require_total_steps()
