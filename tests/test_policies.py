@@ -911,6 +911,8 @@ def test_autofreeze_never_freezes_where_nothing_is_left_to_save(fresh_seed, tota
 def test_a_schedule_without_total_steps_is_refused_when_the_freezer_is_built(make):
     """Without example_inputs set-up waits for the first forward, and the missing total_steps was
     only refused there, inside the training loop (review58)."""
+    from smartfrz_fast import SmartFreezer
+
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(ValueError, match="pass total_steps=<number of optimizer steps>"):
         SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), make())
