@@ -218,6 +218,22 @@ def test_a_resume_with_other_freezer_settings_names_the_callback_arguments(tmp_p
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
 
 
+def test_model_init_makes_each_train_a_new_run(tmp_path):
+    """hyperparameter_search's pattern: model_init builds a new model for each train(); the second
+    train() was refused with "give each freezer its own policy object", which the callback owns
+    (review60)."""
+    trainer = Trainer(model_init=tiny_bert, args=training_args(tmp_path, save_strategy="no", max_steps=4),
+                      train_dataset=dataset())
+    callback = SmartFreezeCallback(StaticFreeze(2, at_step=2)).attach(trainer)
+    models = []
+    for _ in range(2):
+        trainer.train()
+        assert callback.freezer.model is trainer.model and callback.freezer.num_frozen == 2
+        assert callback.freezer.step_count == 4
+        models.append(trainer.model)
+    assert models[0] is not models[1]
+
+
 def test_checkpoint_without_freezer_state_is_refused(tmp_path):
     Trainer(model=tiny_bert(), args=training_args(tmp_path, max_steps=4), train_dataset=dataset()).train()
     trainer = Trainer(model=tiny_bert(), args=training_args(tmp_path), train_dataset=dataset())

@@ -44,6 +44,7 @@ rest of ``compute_loss`` (label smoothing, ``compute_loss_func``, token averagin
 
 from __future__ import annotations
 
+import copy
 import functools
 import glob
 import os
@@ -180,6 +181,9 @@ class SmartFreezeCallback(TrainerCallback):
                  **freezer_kwargs: Any) -> None:
         check_callback_args(policy, freezer_kwargs, activation_cache)
         self.policy = policy
+        # unbound: a train() whose model_init builds a new model (hyperparameter_search) is a new
+        # run, with a new freezer and a policy of its own
+        self._policy_template = copy.deepcopy(policy)
         self.example_inputs = example_inputs
         self.total_steps = total_steps
         self.freezer_kwargs = freezer_kwargs
@@ -332,6 +336,11 @@ class SmartFreezeCallback(TrainerCallback):
         if self.freezer is not None and self.freezer.optimizers[0] is _unwrapped(optimizer)[-1]:
             return  # a second train() on the same optimizer: the freezer carries on
         model = trainer.model
+        if self.freezer is not None and getattr(trainer, "model_init", None) is not None \
+                and self.freezer.model is not model:
+            self.freezer.close()  # the last run's model, which model_init replaced
+            self.freezer, self.cache, self._cached_model, self._stepped_at = None, None, None, None
+            self.policy = copy.deepcopy(self._policy_template)
         device = next(model.parameters()).device
         args, kwargs = split_example_inputs(move_to_device(self._example(trainer, model), device))
         total = self.total_steps
