@@ -162,32 +162,36 @@ def reads_its_mode(module: nn.Module) -> bool:
 
 @engine_hook
 def _force_eval(module: nn.Module, args) -> None:
+    if getattr(module, "momentum", 0.1) is None and _reestimating_statistics(module):
+        return  # update_bn's pass: in the mode it set (train), re-estimating the statistics
+    _reestimated.pop(module, None)
     module.training = False
-    if getattr(module, "momentum", 0.1) is None:  # a cumulative average: update_bn's pass, or the layer's own
-        mean = getattr(module, "running_mean", None)
-        if isinstance(mean, torch.Tensor) and _statistics_version.get(module, mean._version) != mean._version:
-            _statistics_version[module] = mean._version  # written since it froze: look once
-            _warn_statistics_reset(module)
 
 
 # a frozen norm layer's running_mean version when it froze (FrozenRegion.apply)
 _statistics_version: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
+# frozen norm layers whose statistics ``update_bn`` is re-estimating now
+_reestimated: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
-def _warn_statistics_reset(module: nn.Module) -> None:
-    """``torch.optim.swa_utils.update_bn`` on the live model resets every BatchNorm's running
-    statistics and re-estimates them in train mode; a frozen one runs in eval mode, so its
-    statistics stay reset (mean 0, variance 1) and the model evaluates wrong. A host read only
-    when the statistics were written since the freeze (not at every forward)."""
+def _reestimating_statistics(module: nn.Module) -> bool:
+    """``torch.optim.swa_utils.update_bn`` on the live model (Lightning's StochasticWeightAveraging
+    runs it at the end of training) resets every BatchNorm's running statistics (momentum=None,
+    nothing tracked) and re-estimates them in train mode. Held in eval, a frozen one kept them
+    reset (mean 0, variance 1) and the model evaluated wrong: it runs in the pass's mode until its
+    momentum is back. A host read only when the statistics were written since the freeze (not at
+    every forward)."""
+    if module in _reestimated:
+        return True
+    mean = getattr(module, "running_mean", None)
+    if not isinstance(mean, torch.Tensor) or _statistics_version.get(module, mean._version) == mean._version:
+        return False
+    _statistics_version[module] = mean._version  # written since it froze: look once
     tracked = getattr(module, "num_batches_tracked", None)
     if not isinstance(tracked, torch.Tensor) or int(tracked) != 0:
-        return
-    warnings.warn(
-        f"SmartFreezer: the running statistics of frozen {type(module).__name__} layers were reset (momentum=None, "
-        "nothing tracked): torch.optim.swa_utils.update_bn on the live model does that and re-estimates them in "
-        "train mode, but a frozen layer runs in eval mode, so its statistics stay reset (mean 0, variance 1) "
-        "and the model now evaluates wrong. Run update_bn on a copy (the AveragedModel it is meant for), or "
-        "call freezer.close() first; restore these layers' statistics from a checkpoint.", stacklevel=2)
+        return False
+    _reestimated[module] = True
+    return True
 
 
 def _in_checkpoint_forward() -> bool:

@@ -1255,21 +1255,34 @@ def test_a_schedule_keeps_its_schedule_over_a_layer_the_user_holds_frozen():
     assert timeline == [(3, 2)] and not any("your code held it still" in w for w in caught), (timeline, caught)
 
 
-def test_update_bn_on_the_live_model_warns_that_frozen_statistics_stay_reset():
-    # update_bn resets every BatchNorm and re-estimates it in train mode; the frozen ones run in
-    # eval mode, so they stayed at mean 0 / variance 1, silently
+def test_update_bn_on_the_live_model_re_estimates_the_frozen_statistics():
+    """update_bn resets every BatchNorm and re-estimates it in train mode; the frozen ones ran in
+    eval mode, so they stayed at mean 0 / variance 1 (a warning said so, whose advice Lightning's
+    StochasticWeightAveraging, which runs it on the live model, left no way to follow). They now
+    run in the pass's mode until their momentum is back, and then in eval again."""
     model = _mlp(bn=True)
     opt = sgd(model)
     freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=1), example_inputs=torch.randn(4, 8), total_steps=100)
     for seed in range(3):
         _train_step(model, opt, freezer, seed)
     loader = [torch.randn(16, 8) for _ in range(2)]
-    with pytest.warns(UserWarning, match=r"frozen BatchNorm1d layers were reset.*update_bn on a copy"):
-        torch.optim.swa_utils.update_bn(loader, model)
-    averaged = torch.optim.swa_utils.AveragedModel(model)
+    averaged = torch.optim.swa_utils.AveragedModel(model)  # the same weights, no freezer's hooks
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        torch.optim.swa_utils.update_bn(loader, averaged)  # on the copy: right, and no warning
+        torch.optim.swa_utils.update_bn(loader, model)
+        torch.optim.swa_utils.update_bn(loader, averaged)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+    copies = [m for m in averaged.module.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert norms and all(m.momentum is not None for m in norms)
+    for live, copy_ in zip(norms, copies):
+        torch.testing.assert_close(live.running_mean, copy_.running_mean)
+        torch.testing.assert_close(live.running_var, copy_.running_var)
+    frozen = [m for u in freezer.units[:freezer.num_frozen] for m in u.modules if isinstance(m, nn.BatchNorm1d)]
+    assert frozen and not bool((frozen[0].running_var == 1).all())
+    before = [m.running_mean.clone() for m in frozen]
+    model.train()
+    _train_step(model, opt, freezer, 7)  # held in eval again: training leaves them alone
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(before, frozen))
 
 
 def test_a_layer_frozen_before_set_up_that_trains_later_inside_the_prefix_warns():
