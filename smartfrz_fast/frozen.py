@@ -163,15 +163,25 @@ def reads_its_mode(module: nn.Module) -> bool:
 @engine_hook
 def _force_eval(module: nn.Module, args) -> None:
     if getattr(module, "momentum", 0.1) is None and _reestimating_statistics(module):
-        return  # update_bn's pass: in the mode it set (train), re-estimating the statistics
+        # update_bn's pass: in the model's mode (train; Lightning's pass sets none, and a flag this
+        # hook set to eval at an earlier forward of the epoch stays)
+        root = _root_of.get(module)
+        module.training = root().training if root is not None and root() is not None else True
+        return
     _reestimated.pop(module, None)
     module.training = False
 
 
-# a frozen norm layer's running_mean version when it froze (FrozenRegion.apply)
-_statistics_version: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
+# a frozen norm layer's running_mean (its id and version) when it froze (FrozenRegion.apply)
+_statistics_version: "weakref.WeakKeyDictionary[nn.Module, Tuple[int, int]]" = weakref.WeakKeyDictionary()
+# the model a frozen norm layer belongs to (FrozenRegion.apply)
+_root_of: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
 # frozen norm layers whose statistics ``update_bn`` is re-estimating now
 _reestimated: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def _written_state(t: torch.Tensor) -> Tuple[int, int]:
+    return id(t), t._version
 
 
 def _reestimating_statistics(module: nn.Module) -> bool:
@@ -184,9 +194,9 @@ def _reestimating_statistics(module: nn.Module) -> bool:
     if module in _reestimated:
         return True
     mean = getattr(module, "running_mean", None)
-    if not isinstance(mean, torch.Tensor) or _statistics_version.get(module, mean._version) == mean._version:
+    if not isinstance(mean, torch.Tensor) or _statistics_version.get(module, _written_state(mean)) == _written_state(mean):
         return False
-    _statistics_version[module] = mean._version  # written since it froze: look once
+    _statistics_version[module] = _written_state(mean)  # written (or replaced: Lightning's reset) since: look once
     tracked = getattr(module, "num_batches_tracked", None)
     if not isinstance(tracked, torch.Tensor) or int(tracked) != 0:
         return False
@@ -289,7 +299,8 @@ class FrozenRegion:
                 switched.append(module)
             mean = getattr(module, "running_mean", None)
             if isinstance(mean, torch.Tensor) and module not in _statistics_version:
-                _statistics_version[module] = mean._version
+                _statistics_version[module] = _written_state(mean)
+                _root_of[module] = weakref.ref(self.root)
             if not mode_blind(module):  # first: the user's own pre-hooks see the module in eval
                 self.handles.append(module.register_forward_pre_hook(_force_eval, prepend=True))
         # id(module) -> leading calls in eval (a module that never reads its mode needs no hook)

@@ -174,6 +174,21 @@ def test_resume_from_a_checkpoint_saved_without_the_callback_says_to_pass_the_st
         trainer(tmp_path / "resumed", [callback]).fit(LitCNN("sgd"), loader(), ckpt_path=tmp_path / "ckpt" / "epoch=1.ckpt")
 
 
+def test_stochastic_weight_averaging_re_estimates_the_frozen_batch_norms(tmp_path):
+    """Lightning's SWA resets every BatchNorm (replacing its statistics' tensors) and re-estimates
+    them in one extra batch pass that sets no mode; the frozen ones, held in eval by the freezer,
+    stayed at mean 0 / variance 1 and the final model evaluated wrong (review60)."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    module, callback = LitCNN("sgd"), SmartFreezeCallback(StaticFreeze(2, at_step=3))
+    swa = StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=2)
+    trainer(tmp_path, [callback, swa], max_epochs=4).fit(module, loader())
+    assert callback.freezer.num_frozen == 2
+    frozen_norm = module.net.bn1
+    assert frozen_norm.momentum is not None and int(frozen_norm.num_batches_tracked) > 0
+    assert not bool((frozen_norm.running_var == 1).all()) and not bool((frozen_norm.running_mean == 0).all())
+
+
 def test_state_survives_the_checkpoint(tmp_path):
     """The restored freezer has the frozen units, policy state and step of the saved one, and
     the optimizer Lightning restored holds no frozen parameter."""
