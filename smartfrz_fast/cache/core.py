@@ -714,23 +714,29 @@ class ActivationCache:
         self._advance(boundary)
 
     def _python_writers(self, model: nn.Module, inputs: Inputs) -> Dict[int, str]:
-        """``{id(module): "its attribute"}`` of the modules whose forward writes a Python value or
-        a tensor onto itself (``self.feat = h`` that the loss reads, a count): a cached row would
-        leave it as of another batch, so no cut goes past them. Two look-only forwards, in the
-        model's mode, at set-up: what the second one writes."""
-        # the second look on other samples: a value computed from the batch (`self.last =
-        # x.mean().item()`, `self.bs = len(x)`) must differ from the first look's
+        """``{id(module): "its attribute"}`` of the modules whose forward writes Python state or a
+        tensor onto itself (``self.feat = h`` that the loss reads, a count): a cached row would
+        leave it as of another batch, so no cut goes past them. Look-only forwards, in the model's
+        mode, at set-up: the first on the batch (what a first call sets once: a memo, ActNorm's
+        flag), then batches of the same size made of one sample repeated, sample 0's then sample
+        1's: what differs from the first look's state is written at every call (a value computed
+        from the batch: `x.mean().item()`, a max; of the same size, so that a memo rebuilt per
+        batch size, an RNN's zero initial state, is no write)."""
         n = inputs.batch or 0
-        other = _index_inputs(inputs, torch.arange(1, n), n) if n >= 2 else inputs
+        others = [_index_inputs(inputs, torch.full((n,), i, dtype=torch.long), n) for i in range(2) if i < n]
         with preserved_state(model), torch.no_grad():
-            model(*inputs.args, **inputs.kwargs)  # what a first call sets once (a memo, ActNorm's flag)
+            model(*inputs.args, **inputs.kwargs)
             attributes = PythonAttributes(list(model.named_modules()))
-            try:
-                model(*other.args, **other.kwargs)  # is no write at every call
-            except Exception:  # noqa: BLE001 -- a model that takes only whole batches: the same batch again
-                attributes.restore()
-                model(*inputs.args, **inputs.kwargs)
-            return attributes.writers()
+            writers: Dict[int, str] = {}
+            for other in others or [inputs]:
+                try:
+                    model(*other.args, **other.kwargs)
+                except Exception:  # noqa: BLE001 -- a model that refuses repeated samples: the batch again
+                    attributes.restore()
+                    model(*inputs.args, **inputs.kwargs)
+                for module, attribute in attributes.writers().items():
+                    writers.setdefault(module, attribute)
+            return writers
 
     def _watch_structure(self, model: nn.Module) -> None:
         """Notice a module, parameter or buffer registered in the model after set-up (a block

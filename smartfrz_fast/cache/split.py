@@ -609,28 +609,40 @@ def _mode_free_trace(model: nn.Module) -> torch.fx.Graph:
     state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     versions = {name: t._version for name, t in state.items()}
     saved = {name: b.detach().clone() for name, b in model.named_buffers()}
-    with preserved_modes(model.modules()), preserved_rngs(model):  # a draw in Python runs while tracing
-        for training in (True, False):
-            model.train(training)
-            graphs.append(_ModeFreeTracer().trace(model))
-        model.train(True)
-        with host_draws_at(0.0):  # and once more with Python's and numpy's draws at the other end
-            drawn = _ModeFreeTracer().trace(model)
-        with host_draws_at(1.0):
-            drawn_high = _ModeFreeTracer().trace(model)
-    # Python that changes the model's own tensors (``self.count += 1``) runs once on the real
-    # tensor while tracing and is not in the graph: the chain would never run it
-    now = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    changed = [name for name, t in state.items() if now.get(name) is not t or t._version != versions[name]]
-    if changed:
+
+    def put_back() -> None:
+        """Set-up leaves the model as it found it: a trace that stopped half-way (a proxy the
+        forward kept on self for a lazily built memo made every later forward fail) too."""
         with torch.no_grad():
-            for name, original in state.items():  # set-up leaves the model as it found it
+            for name, original in state.items():
                 owner, _, leaf = name.rpartition(".")
                 module = model.get_submodule(owner)
                 table = module._buffers if name in saved else module._parameters
                 table[leaf] = original
                 if name in saved and original._version != versions[name]:
                     original.copy_(saved[name])
+        if attributes.changed():
+            attributes.restore()
+
+    try:
+        with preserved_modes(model.modules()), preserved_rngs(model):  # a draw in Python runs while tracing
+            for training in (True, False):
+                model.train(training)
+                graphs.append(_ModeFreeTracer().trace(model))
+            model.train(True)
+            with host_draws_at(0.0):  # and once more with Python's and numpy's draws at the other end
+                drawn = _ModeFreeTracer().trace(model)
+            with host_draws_at(1.0):
+                drawn_high = _ModeFreeTracer().trace(model)
+    except BaseException:
+        put_back()
+        raise
+    # Python that changes the model's own tensors (``self.count += 1``) runs once on the real
+    # tensor while tracing and is not in the graph: the chain would never run it
+    now = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    changed = [name for name, t in state.items() if now.get(name) is not t or t._version != versions[name]]
+    if changed:
+        put_back()
         raise UnfaithfulTrace(
             f"the forward of {type(model).__name__} changes its own tensors in Python ({', '.join(changed[:3])}), "
             "which a trace runs once and does not repeat")
