@@ -442,10 +442,14 @@ class SmartFreezer:
             self.add_freeze_listener(lambda event, units: model.rewrap())
 
         guards.check_unclaimed(self.module)
+        self._deferred_example: Optional[Tuple[Tuple[Any, ...], Optional[Dict[str, Any]]]] = None
         if (example_inputs is not None or example_kwargs is not None) and not uninitialized_parameters(self.module):
             # keyword inputs alone are a call too
             self._setup(*example_call(self.module, () if example_inputs is None else example_inputs, example_kwargs))
         else:  # lazy layers (nn.LazyLinear) are left for the user's own first forward to materialise:
+            if example_inputs is not None or example_kwargs is not None:  # or a checkpoint's load
+                self._deferred_example = example_call(
+                    self.module, () if example_inputs is None else example_inputs, example_kwargs)
             self._place_first_forward_hook()
         guards.claim(self, self.module)  # last: a constructor that raised claims nothing
 
@@ -698,7 +702,21 @@ class SmartFreezer:
                 "units stay frozen; its state_dict() resumes in the new one).")
         self._require_setup()
 
+    def _set_up_from_deferred_example(self) -> None:
+        """Set up now on the example inputs set-up waited with for lazy layers, where something
+        needs the units before the first forward (a resume loading the freezer's checkpoint after
+        the model's, which materialised them)."""
+        if self.plan is None and self._deferred_example is not None and self._first_forward_hook is not None:
+            self._remove_first_forward_hook()
+            try:
+                self._setup(*self._deferred_example)
+            except BaseException:
+                self._place_first_forward_hook()
+                raise
+            self._deferred_example = None
+
     def _require_setup(self, call: str = "step() or load_state_dict()") -> None:
+        self._set_up_from_deferred_example()
         if self.plan is None:
             raise RuntimeError(
                 "SmartFreezer has not seen the model run yet: pass example_inputs=..., or run a "
@@ -1468,6 +1486,8 @@ class SmartFreezer:
                 return  # saved before the first forward: nothing to restore in a fresh freezer
             raise RuntimeError("this SmartFreezer state was saved before the freezer's first forward (a fresh "
                                "freezer's): it restores nothing into one that has trained or was closed.")
+        if not self._closed:
+            self._set_up_from_deferred_example()
         if self.plan is None and not self._closed:
             raise RuntimeError(
                 "SmartFreezer has not seen the model run yet, so it cannot load a checkpoint: build it with "

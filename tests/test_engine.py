@@ -213,6 +213,63 @@ def test_lazy_layers_are_materialised_by_the_users_first_forward(setup):
     assert torch.equal(runs[0][1], runs[1][1])
 
 
+def test_lazy_layers_resume_from_the_models_checkpoint_before_any_forward(tmp_path):
+    """A resume loads the model's weights (materialising its lazy layers), then the freezer's
+    checkpoint, before any forward: set-up waiting for the first forward refused the load
+    ("has not seen the model run"), though example_inputs were given (review61)."""
+    def lazy_net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.LazyLinear(16), nn.ReLU(), nn.LazyLinear(4))
+
+    x = torch.randn(8, 10)
+    model = lazy_net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, optimizer, StaticFreeze(1, 2), example_inputs=x, total_steps=10)
+    for _ in range(3):
+        model(x).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        freezer.step()
+    saved = (model.state_dict(), freezer.state_dict(), optimizer.state_dict())
+    resumed = lazy_net()
+    optimizer2 = torch.optim.SGD(resumed.parameters(), lr=0.1)
+    freezer2 = SmartFreezer(resumed, optimizer2, StaticFreeze(1, 2), example_inputs=x, total_steps=10)
+    resumed.load_state_dict(saved[0])
+    freezer2.load_state_dict(saved[1])
+    optimizer2.load_state_dict(saved[2])
+    assert freezer2.num_frozen == 1 and freezer2.step_count == 3
+
+
+def test_the_cache_sets_up_when_a_lazy_layer_is_never_reached():
+    """An auxiliary head built lazily that training never calls stays unmaterialised: the cache
+    waited for it for ever, caching nothing (review61). It waits one forward."""
+    from smartfrz_fast.cache import ActivationCache
+
+    class WithAuxHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+            self.aux = nn.LazyLinear(3)  # used only at evaluation
+
+        def forward(self, x):
+            return self.body(x)
+
+    torch.manual_seed(0)
+    model = WithAuxHead()
+    optimizer = torch.optim.SGD(model.body.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, optimizer, StaticFreeze(2, 1), total_steps=20)
+    cache = ActivationCache(freezer, num_samples=16, deterministic=True)
+    forward = cache.wrap()
+    x = torch.randn(16, 8)
+    for step in range(6):
+        ids = torch.arange(8) + 8 * (step % 2)
+        forward(x[ids], ids).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        freezer.step()
+    assert cache.stats["hits"] > 0, cache.describe()
+
+
 def test_units_found_at_first_forward_without_example_inputs():
     model = SmallCNN()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

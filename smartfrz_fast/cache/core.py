@@ -232,6 +232,7 @@ class ActivationCache:
         self._prefix_calls: Tuple[Any, Dict[int, int]] = (None, {})  # see _calls_in_prefix
         self._per_sample_checked: set = set()  # (boundary, batch size) of this chain found per sample
         self._mixing_cut: Optional[int] = None  # the shallowest cut found not per sample: cut before it
+        self._waited_for_lazy = False  # a forward ran the model for its lazy layers before set-up
         self._unmanaged: Tuple[Any, List[Tuple[str, Tensor]]] = (None, [])  # see _unmanaged_in_prefix
         self._modes_kept: List[nn.Module] = []  # see _modes_not_held
         self._closed: Optional[str] = None  # close() was called: what describe() said before it
@@ -583,9 +584,11 @@ class ActivationCache:
             # before set-up, which splits the batch by them
             self._check_ids(sample_ids, inputs.batch)
         if self.enabled and not self._setup_done:
-            if uninitialized_parameters(model):
+            if not self._waited_for_lazy and uninitialized_parameters(model):
                 # lazy layers: this forward materialises them as it would without the cache (set-up's
                 # looks would draw their weights and put torch's generator back); set up at the next
+                # (once: a lazy layer training never reaches, an auxiliary head, stays unmaterialised)
+                self._waited_for_lazy = True
                 return model(*inputs.args, **inputs.kwargs)
             self._setup(model, inputs)
         if not self.active:
