@@ -234,6 +234,67 @@ def test_model_init_makes_each_train_a_new_run(tmp_path):
     assert models[0] is not models[1]
 
 
+class _Logits(torch.nn.Module):
+    """A model of the user's whose forward takes no labels: a custom compute_loss pops them."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.l1, self.head = torch.nn.Embedding(50, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 3)
+
+    def forward(self, input_ids):
+        return self.head(torch.relu(self.l1(self.emb(input_ids).mean(1))))
+
+
+class _PopsLabels(Trainer):
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        labels = inputs.pop("labels")
+        logits = model(**inputs)
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        return (loss, logits) if return_outputs else loss
+
+
+def test_the_example_batch_leaves_out_what_the_forward_does_not_take(tmp_path):
+    """The set-up forward got the labels the Trainer keeps for a custom compute_loss (review61)."""
+    trainer = _PopsLabels(model=_Logits(), args=training_args(tmp_path, save_strategy="no", max_steps=3,
+                                                              label_names=["labels"]),
+                          train_dataset=dataset())
+    callback = SmartFreezeCallback(StaticFreeze(1, at_step=2)).attach(trainer)
+    trainer.train()
+    assert callback.freezer.num_frozen == 1
+
+
+class _AugmentingDataset(torch.utils.data.Dataset):
+    """Draws from torch's generator in __getitem__ (random augmentation)."""
+
+    def __init__(self):
+        self.items = dataset()
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        item = dict(self.items[i])
+        item["input_ids"] = (item["input_ids"] + torch.randint(0, 2, (8,))) % 50
+        return item
+
+
+def test_the_example_batch_draws_nothing_from_the_users_generators(tmp_path):
+    """Reading two training samples for set-up moved torch's generator: every later batch was
+    augmented otherwise than without the callback (review61)."""
+    losses = []
+    for with_callback in (False, True):
+        model = tiny_bert()
+        trainer = Trainer(model=model, args=training_args(tmp_path / str(with_callback), save_strategy="no",
+                                                         max_steps=4, logging_steps=1, logging_strategy="steps"),
+                          train_dataset=_AugmentingDataset())
+        if with_callback:
+            SmartFreezeCallback(StaticFreeze(1, at_step=100)).attach(trainer)
+        trainer.train()
+        losses.append([entry["loss"] for entry in trainer.state.log_history if "loss" in entry])
+    assert losses[0] == losses[1] and len(losses[0]) == 4
+
+
 def test_checkpoint_without_freezer_state_is_refused(tmp_path):
     Trainer(model=tiny_bert(), args=training_args(tmp_path, max_steps=4), train_dataset=dataset()).train()
     trainer = Trainer(model=tiny_bert(), args=training_args(tmp_path), train_dataset=dataset())

@@ -47,6 +47,7 @@ from __future__ import annotations
 import copy
 import functools
 import glob
+import inspect
 import os
 import warnings
 from collections.abc import Mapping, MutableMapping
@@ -69,7 +70,7 @@ from ..cache import ActivationCache, CachedModel, IndexedDataset
 from ..distributed import check_ddp_settings
 from ..engine import SmartFreezer, _unwrapped
 from ..policy.base import FreezePolicy
-from ..units import marks_output_for_grad
+from ..units import marks_output_for_grad, preserved_rngs
 from . import check_callback_args, load_freezer_state, move_to_device, split_example_inputs
 
 CHECKPOINT_FILE = "smartfrz_freezer.pt"
@@ -154,6 +155,18 @@ def _model_columns(trainer) -> Optional[set]:
         return None
     columns = getattr(trainer, "_signature_columns", None)
     return set(columns) if columns else None
+
+
+def _forward_parameters(model: nn.Module) -> Optional[set]:
+    """The keyword names ``model.forward`` takes; None where it takes any (``**kwargs``)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                      inspect.Parameter.KEYWORD_ONLY)}
 
 
 class SmartFreezeCallback(TrainerCallback):
@@ -306,18 +319,26 @@ class SmartFreezeCallback(TrainerCallback):
             return self.example_inputs
         dataset = trainer.train_dataset
         if dataset is not None and hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__") and len(dataset):
-            items = [dataset[i] for i in range(min(2, len(dataset)))]
             columns = _model_columns(trainer)
-            if columns is not None:  # as the Trainer drops them (remove_unused_columns): an 'idx' column
-                items = [{k: v for k, v in item.items() if k in columns} if isinstance(item, Mapping) else item
-                         for item in items]
             try:
-                batch = trainer.data_collator(items)
+                # a dataset that augments in __getitem__, a collator that masks tokens: they draw
+                # from the user's generators, whose draws are the run's own
+                with preserved_rngs(model):
+                    items = [dataset[i] for i in range(min(2, len(dataset)))]
+                    if columns is not None:  # as the Trainer drops them (remove_unused_columns): an 'idx' column
+                        items = [{k: v for k, v in item.items() if k in columns} if isinstance(item, Mapping)
+                                 else item for item in items]
+                    batch = trainer.data_collator(items)
             except Exception:  # e.g. raw text columns the Trainer would drop: try dummy_inputs
                 pass
             else:
                 if isinstance(batch, MutableMapping):
                     batch.pop(SAMPLE_ID, None)  # the activation cache's, not the model's
+                    # the labels of a model whose forward takes none (a compute_loss of the user's
+                    # pops them): the Trainer keeps them for the loss, the forward refuses them
+                    taken = _forward_parameters(model)
+                    for key in [k for k in batch if taken is not None and k not in taken]:
+                        batch.pop(key)
                 return batch
         dummy = getattr(model, "dummy_inputs", None)
         if dummy:
