@@ -814,8 +814,9 @@ def _same_value(a: Any, b: Any) -> bool:
 class PythonAttributes:
     """The Python state that ``modules`` keep as public attributes besides parameters, buffers and
     children, as it is now: plain values (numbers, flags, strings; small tuples, lists and dicts of
-    them), tensors kept as plain attributes (a table cached beside its length, an EMA), and lists
-    and dicts of other things (a feature tap ``self.feats.append(h)``). A torch.fx trace reads such
+    them), tensors kept as plain attributes (a table cached beside its length, an EMA), lists
+    and dicts of other things (a feature tap ``self.feats.append(h)``), and settings objects (by
+    identity, their fields by value: ``m.cfg = Config(...)`` replaced whole). A torch.fx trace reads such
     a value once and keeps it as a constant of the graph: a temperature annealed each step, LoRA's
     ``scaling``, an adapter's on/off flag. ``changed()`` names those that differ now (a plain value
     by value; a list or dict of other things by its items' identity; a tensor by identity and
@@ -914,8 +915,10 @@ def _watched_fields(owner: Any) -> Dict[str, Tuple[Any, Any]]:
         elif isinstance(value, (list, dict)):
             out[key] = (value, ("copy", copy.deepcopy(value)) if _plain(value)
                         else ("items", list(value) if isinstance(value, list) else dict(value)))
-        else:
+        elif _plain(value):
             out[key] = (value, None)
+        else:  # a settings object (its fields are watched with it): replaced whole, `m.cfg = Config(...)`
+            out[key] = (value, ("object",))
     return out
 
 
@@ -927,6 +930,8 @@ def _differs(now: Any, then: Any, kept: Any) -> bool:
         return True
     if kind == "tensor":
         return now._version != kept[1]
+    if kind == "object":
+        return False
     if kind == "copy":
         return not _same_value(now, kept[1])
     items = kept[1]
@@ -938,11 +943,12 @@ def _differs(now: Any, then: Any, kept: Any) -> bool:
 
 
 def _watched(key: str, value: Any, owner: Any) -> bool:
-    """A public attribute holding a plain value, a tensor, or a list or dict of at most
-    ``_MAX_ITEMS`` items; not a module's ``training``."""
+    """A public attribute holding a plain value, a tensor, a list or dict of at most
+    ``_MAX_ITEMS`` items, or (a module's) a settings object; not a module's ``training``."""
     return (not key.startswith("_") and not (key == "training" and isinstance(owner, nn.Module))
             and (isinstance(value, torch.Tensor) or _plain(value)
-                 or (isinstance(value, (list, dict)) and len(value) <= _MAX_ITEMS)))
+                 or (isinstance(value, (list, dict)) and len(value) <= _MAX_ITEMS)
+                 or (isinstance(owner, nn.Module) and _holds_settings(value))))
 
 
 def _holds_settings(value: Any) -> bool:

@@ -1355,3 +1355,41 @@ def test_set_up_looks_tell_a_memo_per_batch_size_from_a_value_of_the_batch(kind)
         assert cache.boundary >= 2 and cache.stats["hits"] > 0, cache.describe()
     else:
         assert "writes 'sink.amax'" in cache.describe() or "amax" in cache.describe(), cache.describe()
+
+
+class _ConfigScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+        self.head, self.config = nn.Linear(8, 3), argparse.Namespace(scale=1.0)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x))) * self.config.scale
+
+
+def test_a_config_object_replaced_whole_reaches_the_torch_fx_chain():
+    """Only the fields of the config object present at set-up were watched: `model.config =
+    Config(scale=3.0)` left the trace's 1.0 in the trainable head's graph (review61)."""
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    heads = []
+    for use_cache in (False, True):
+        torch.manual_seed(0)
+        model = _ConfigScale()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        freezer = SmartFreezer(model, opt, StaticFreeze(3, at_step=1), example_inputs=torch.randn(4, 8),
+                               total_steps=20)
+        forward = ActivationCache(freezer, num_samples=16, deterministic=True).wrap() if use_cache else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for step in range(8):
+                if step == 4:
+                    model.config = argparse.Namespace(scale=3.0)
+                ids = torch.arange(8) + 8 * (step % 2)
+                out = forward(x[ids], ids) if use_cache else model(x[ids])
+                out.pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+                freezer.step()
+        heads.append([p.detach().clone() for p in model.head.parameters()])
+    for a, b in zip(*heads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
