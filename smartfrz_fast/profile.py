@@ -32,7 +32,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from functools import partial
+from functools import partial, wraps
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from .engine import FreezeEvent, SmartFreezer
 from .policy.base import FreezePolicy
-from .units import Unit, discover_units, example_call
+from .units import Unit, discover_units, example_call, preserved_rngs
 
 LossFn = Callable[[Any], Tensor]
 OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
@@ -303,6 +303,18 @@ def _unmanaged_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
+def _keeps_random_streams(fn: Callable) -> Callable:
+    """A measurement leaves torch's, numpy's, Python's and the model's own generators as they were:
+    the training steps it times draw dropout masks, and a run profiled first would otherwise see
+    other draws than the same run unprofiled."""
+    @wraps(fn)
+    def measured(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        with preserved_rngs(model):
+            return fn(model, *args, **kwargs)
+    return measured
+
+
+@_keeps_random_streams
 def profile_units(
     model: nn.Module,
     inputs: Any,
@@ -420,6 +432,7 @@ class PrefixRow:
         return 1.0 - self.ratio
 
 
+@_keeps_random_streams
 def profile_prefixes(
     model: nn.Module,
     inputs: Any,
@@ -566,6 +579,7 @@ class OverheadRow:
     device_us_median: Optional[float] = None  # CUDA: device time of freezer.step()
 
 
+@_keeps_random_streams
 def profile_overhead(
     model: nn.Module,
     inputs: Any,
@@ -685,6 +699,7 @@ class Profile:
         return "\n".join(_format_profile(self))
 
 
+@_keeps_random_streams
 def profile_model(
     model: nn.Module,
     inputs: Any,

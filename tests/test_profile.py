@@ -526,3 +526,16 @@ def test_unit_whose_input_needs_no_grad_is_marked_merged():
     units, _ = profile_units(Detached(), torch.randn(3, 4), repeats=2, warmup=0)
     assert [u.backward_merged for u in units] == [False, True, False]
     assert units[1].backward_ms == 0.0  # its backward time is in unit 0's span
+
+
+def test_profiling_leaves_the_users_random_streams_alone():
+    """The timed training steps drew dropout masks from torch's generator: a run profiled first saw
+    other draws than the same run unprofiled (review61)."""
+    from smartfrz_fast.profile import profile_units
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    x = torch.randn(8, 8)
+    before = torch.get_rng_state()
+    profile_units(model, x, repeats=2, warmup=1)
+    assert torch.equal(before, torch.get_rng_state())
