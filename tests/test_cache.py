@@ -1090,3 +1090,38 @@ def test_a_dict_of_keyword_inputs_may_hold_keys_the_forward_takes_as_kwargs():
         out = cached({"pixels": X[ids], "gain": 3.0}, ids)
     torch.testing.assert_close(out, model(X[ids], gain=3.0))
     assert cached.cache.stats["hits"] == 8
+
+
+def test_a_resumed_cache_keeps_the_cut_before_a_block_that_mixes_samples(tmp_path):
+    """The cut found not per sample was not saved: the resumed cache moved its rows through the
+    mixing block, failed the check again and dropped them (review61)."""
+    torch.manual_seed(0)
+    x, edge_index, labels = torch.randn(24, 8), torch.randint(0, 24, (2, 80)), torch.randint(0, 3, (24,))
+
+    def build():
+        torch.manual_seed(0)
+        model = NodeClassifier()
+        opt = sgd(model)
+        freezer = SmartFreezer(model, opt, StaticFreeze(4, at_step=2), example_inputs=(x, edge_index), total_steps=20)
+        return model, opt, freezer, ActivationCache(freezer, num_samples=24, deterministic=True)
+
+    model, opt, freezer, cache = build()
+    forward = cache.wrap()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(4):
+            torch.nn.functional.cross_entropy(forward((x, edge_index), torch.arange(24)), labels).backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+    assert cache.state_dict()["mixing_cut"] is not None, cache.describe()
+    saved = (model.state_dict(), freezer.state_dict(), opt.state_dict(), cache.state_dict())
+    model2, opt2, freezer2, cache2 = build()
+    model2.load_state_dict(saved[0])
+    freezer2.load_state_dict(saved[1])
+    opt2.load_state_dict(saved[2])
+    cache2.load_state_dict(saved[3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no second failed check
+        cache2.wrap()((x, edge_index), torch.arange(24))
+    assert cache2.boundary == cache.boundary and "failed the per-sample check" in cache2.describe()

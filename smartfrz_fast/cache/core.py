@@ -355,6 +355,7 @@ class ActivationCache:
             "stats": dict(self.stats), "seen": self._seen, "audit_left": self._audit_left,
             "input_sig": self._input_sig, "path": self.path, "fingerprint": None, "row_shape": None,
             "activation": None, "rows": None, "side": None, "lineage": self._lineage,
+            "mixing_cut": self._mixing_cut,
         }
         if self.active and self._store is not None and (rows or self.tier == "mmap"):
             # the mmap file's header holds the fingerprint already: no second pass over the weights
@@ -393,6 +394,10 @@ class ActivationCache:
         if missing:  # checked before anything changes
             raise ValueError(f"this ActivationCache state_dict lacks {missing}: it is truncated or was edited. "
                              "Load the complete cache.state_dict() saved with the checkpoint.")
+        mixing = state.get("mixing_cut")  # absent in states saved before 2026-12-07
+        if mixing is not None and (isinstance(mixing, bool) or not isinstance(mixing, int) or mixing < 1):
+            raise ValueError(f"this ActivationCache state_dict is damaged: mixing_cut={mixing!r} (a block count "
+                             "or None). Load the complete cache.state_dict() saved with the checkpoint.")
         if self._setup_done or self._store is not None:
             raise RuntimeError("ActivationCache.load_state_dict needs a fresh cache (before its first forward)")
         if state["rows"] is not None:
@@ -710,6 +715,8 @@ class ActivationCache:
             self._outside = (chain, modules_outside(model, chain))
             self._compiled_at_setup = {id(m) for _, m in self._outside[1] if compiled_in_place(m)}
             self._traced_values = PythonAttributes(self._outside[1])
+        if self._resume is not None and state_chain_matches(self._resume, chain):
+            self._mixing_cut = self._resume.get("mixing_cut")  # found by the interrupted run: cut before it
         boundary = self._frozen_blocks()
         if self._resume is not None:
             state, self._resume = self._resume, None
@@ -2148,6 +2155,11 @@ def _nudges(value: Any) -> List[Any]:
         return [value + 1, value - 1, value * 0.5 + 0.5]
     except (TypeError, ValueError):  # a numpy value of a kind that takes no arithmetic
         return []
+
+
+def state_chain_matches(state: Dict[str, Any], chain: BlockChain) -> bool:
+    """A saved cache state was made on this chain (its blocks' names)."""
+    return state.get("chain") == [b.name for b in chain.blocks]
 
 
 def _probe_errors_unprinted() -> contextlib.AbstractContextManager:
