@@ -474,3 +474,32 @@ def test_a_layout_that_only_looks_like_bert_is_refused():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the find itself does not warn; the cache does, once
         find_blocks(model, Inputs((IDS[:2],)))
+
+
+def test_a_block_partly_frozen_is_named_with_the_unit_that_still_trains():
+    """The note for a block of a recognised chain holding a trainable parameter gave the reasons
+    a torch.fx or module-swap chain finds no cut (a loop over time steps, a sequence-first
+    output), which do not apply; it names the unit to wait for (review50)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16, num_labels=3))
+    ids = torch.randint(0, 50, (16, 8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=1), example_inputs={"input_ids": ids[:2]},
+                           total_steps=20)
+    cache = ActivationCache(freezer, num_samples=16, deterministic=True)
+    cached = cache.wrap()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(3):
+            sample_ids = torch.arange(8) + 8 * (step % 2)
+            cached({"input_ids": ids[sample_ids]}, sample_ids).logits.sum().backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+    note = cache.describe()
+    assert "(unit 'bert.embeddings." in note and "cuts only between its blocks" in note, note
+    assert "time steps" not in note, note

@@ -1473,12 +1473,18 @@ class ActivationCache:
                 # the frozen units run only inside the first block, beside a trainable parameter
                 block, param = stopped_by
                 name = next((n for n, p in self.freezer.module.named_parameters() if p is param), "?")
+                unit = self.freezer._unit_of_param.get(id(param))
+                unit_name = f" (unit {self.freezer.units[unit].name!r})" if unit is not None else ""
+                if self.chain.how in ("torch.fx", SWAP):  # cuts at module calls: say why none is inside
+                    why = ("the frozen units are called only within it, where no module call is a cut (one called "
+                           "several times per forward, as in a loop over time steps, or one whose output holds no "
+                           "row per sample in dimension 0, as a sequence-first [T, B, H] layer output), so no "
+                           "cached row can stand in for them")
+                else:
+                    why = (f"this chain cuts only between its blocks, so the cache goes deeper once every parameter "
+                           f"of {block.name!r} is frozen")
                 self.cut_note = (f"the first cut the chain ({self.chain.how}) allows is after {block.name!r}, and that "
-                                 f"block also holds trainable parameter {name}: the frozen units are called only "
-                                 "within it, where no module call is a cut (one called several times per forward, "
-                                 "as in a loop over time steps, or one whose output holds no row per sample in "
-                                 "dimension 0, as a sequence-first [T, B, H] layer output), so no cached row can "
-                                 "stand in for them")
+                                 f"block also holds trainable parameter {name}{unit_name}: {why}")
             else:
                 self.cut_note = "nothing is frozen yet (the cache serves the frozen prefix once the freezer freezes one)"
         if self.enabled:  # while nothing is cached, cache.reason says why
