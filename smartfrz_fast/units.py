@@ -178,6 +178,12 @@ class UnitPlan:
         b = self.boundary[cut]
         return sum(flops for s in self.split_shared(cut) for op, _, flops in s.reads if op >= b)
 
+    def input_side(self, module: nn.Module) -> bool:
+        """A module whose every call comes before the first parameter read (an augmentation, an
+        input's normalisation): the input's, never the frozen prefix's."""
+        entry = self.module_calls.get(id(module))
+        return entry is not None and entry[2][-1][1] <= self.first_read
+
     def eval_modules(self, cut: int) -> Tuple[List[nn.Module], Dict[nn.Module, int]]:
         """The modules a frozen prefix of ``cut`` units runs in eval mode: those whose every call
         lies in it (with their never-called descendants, e.g. an attention dropout read through
@@ -190,7 +196,7 @@ class UnitPlan:
         always: Dict[int, nn.Module] = {}
         partly: Dict[nn.Module, int] = {}
         for key, (module, _, calls) in self.module_calls.items():
-            if calls[-1][1] <= self.first_read:
+            if self.input_side(module):
                 continue  # before every layer (an augmentation, an input's normalisation): not the prefix's
             n = self.frozen_calls(key, cut)
             if n == len(calls):

@@ -1125,3 +1125,33 @@ def test_a_resumed_cache_keeps_the_cut_before_a_block_that_mixes_samples(tmp_pat
         warnings.simplefilter("error", UserWarning)  # no second failed check
         cache2.wrap()((x, edge_index), torch.arange(24))
     assert cache2.boundary == cache.boundary and "failed the per-sample check" in cache2.describe()
+
+
+class _RandomShift(nn.Module):
+    """An augmentation inside the model, before its first layer."""
+
+    def forward(self, x):
+        return x + torch.randn_like(x) * 0.1 if self.training else x
+
+
+def test_an_augmentation_before_the_first_layer_is_named_as_such():
+    """describe() told to call .eval() on it and that the cache would go deeper once the freezer
+    froze it: advice that stops the augmentation, and a freeze that never comes (review50)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_RandomShift(), nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = sgd(model)
+    freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=1), example_inputs=torch.randn(4, 6), total_steps=20)
+    cache = ActivationCache(freezer, num_samples=16, deterministic=True)
+    cached = cache.wrap()
+    x = torch.randn(16, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(4):
+            ids = torch.arange(8) + 8 * (step % 2)
+            cached(x[ids], ids).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+    note = cache.describe()
+    assert "runs in train mode before the model's first layer (an augmentation" in note, note
+    assert "once the freezer freezes it" not in note and cache.stats["hits"] == 0, note

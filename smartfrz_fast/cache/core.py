@@ -1444,12 +1444,17 @@ class ActivationCache:
                              "goes deeper once the freezer freezes it")
         if hooked and self.freezer.num_frozen:
             self.cut_note = self._hook_note(count, hooked)
+        if in_train is not None and self.cut_note is None and self.freezer.plan.input_side(in_train):
+            self.cut_note = (f"{type(in_train).__name__} {self._module_name(in_train)!r} runs in train mode before the "
+                             "model's first layer (an augmentation, which the freezer leaves running): a row made once "
+                             "would stand in for every later draw of it, so the cache cuts before it. A random "
+                             "augmentation gives every step new inputs, which no cached row can serve; a deterministic "
+                             "input transform can be cached behind: call .eval() on it")
         if in_train is not None and self.cut_note is None:
             name, block = self._module_name(in_train), self.chain.blocks[count].name
             self.cut_note = (f"{type(in_train).__name__} {name!r}{'' if name == block else f' (in block {block!r})'} "
                              "has no trainable parameter but runs in train mode, and the freezer does not hold it in eval "
-                             "mode (you froze it, it lies after the frozen prefix, or it runs before the model's first "
-                             "layer, as an augmentation does, which the freezer leaves running): rows made in eval mode "
+                             "mode (you froze it, or it lies after the frozen prefix): rows made in eval mode "
                              "could change what it computes (dropout, batch statistics, any forward that reads "
                              "self.training), so the cache cuts before it. Call .eval() on it to cache it now; the "
                              "cache goes deeper once the freezer freezes it")
