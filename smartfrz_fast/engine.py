@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Un
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 
 from . import guards
 from .frozen import engine_hook, held_weakly, reads_its_mode, remove_handles
@@ -531,6 +532,12 @@ class SmartFreezer:
                 f"SmartFreezer: the model's parameters are on the 'meta' device (not materialised: "
                 f"{meta[:3]}{' ...' if len(meta) > 3 else ''}). Build the freezer (and the optimizer) "
                 "after model.to_empty(device=...) and the weights' initialisation or loading.")
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        if tensors and all(t.numel() == 0 for t in tensors):
+            raise ValueError(
+                "SmartFreezer: the inputs set-up runs the model on hold no data (every tensor is empty: a batch of "
+                "0 samples), so the units' FLOPs cannot be measured (every saving would read 0 %): pass "
+                "example_inputs=<a batch with samples>, or let a training forward set the freezer up.")
         from . import distributed
 
         plan = discover_units(self.module, args, kwargs, shared_parameters=self.shared_parameters)

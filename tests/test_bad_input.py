@@ -643,3 +643,11 @@ def test_the_freeze_time_finite_check_agrees_with_isfinite(fresh_seed, dtype):
         units.append(SimpleNamespace(parameters=params))
     expected = [all(bool(torch.isfinite(p).all()) for p in u.parameters) for u in units]
     assert _all_finite(units) == expected and _all_finite([]) == []
+
+
+def test_an_example_batch_of_no_samples_is_refused():
+    """Taken before: every unit measured 0 FLOPs, and the report said 0 % saved (review49)."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match="a batch of 0 samples"):
+        SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1),
+                     example_inputs=torch.randn(0, 4), total_steps=10)
