@@ -535,7 +535,7 @@ class SmartFreezer:
         tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
         if tensors and all(t.numel() == 0 for t in tensors):
             raise ValueError(
-                "SmartFreezer: the inputs set-up runs the model on hold no data (every tensor is empty: a batch of "
+                "SmartFreezer: the inputs set-up runs the model on are empty (every tensor holds nothing: a batch of "
                 "0 samples), so the units' FLOPs cannot be measured (every saving would read 0 %): pass "
                 "example_inputs=<a batch with samples>, or let a training forward set the freezer up.")
         from . import distributed
