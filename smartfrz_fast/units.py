@@ -1124,13 +1124,15 @@ def trace_forward(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[s
                 host_draws_at(_KEEPING_DRAWS["rand"]):
             with compiled_modules_run_eagerly(model), flex_attention_traceable(), tracer:
                 model(*args, **(kwargs or {}))
-    except Exception as exc:  # the model's own error, plus what the engine was doing (3.11+)
-        if hasattr(exc, "add_note"):
-            exc.add_note(
-                "SmartFreezer: this came from the model's forward pass on the inputs used to find its "
+    except Exception as exc:  # the model's own error, plus what the engine was doing
+        note = ("SmartFreezer: this came from the model's forward pass on the inputs used to find its "
                 "units: example_inputs (a tuple of positional inputs, or one tensor) or a dict of keyword "
                 "inputs, and example_kwargs, must be one batch the model accepts, on its device and in "
                 "its dtype.")
+        if hasattr(exc, "add_note"):
+            exc.add_note(note)
+        else:  # Python 3.10: no exception notes; said beside it
+            warnings.warn(note, stacklevel=2)
         raise
     finally:
         for hook in hooks:
