@@ -42,6 +42,14 @@ from .units import (SHARED_PARAMETER_MODES, Unit, UnitPlan, describe_shared, dis
                     marks_output_for_grad, shared_groups, uninitialized_parameters)
 
 STATE_FORMAT = "smartfrz_fast.SmartFreezer"
+STATE_VERSION = 1
+_STATE_KEYS = ("signature", "settings", "policy", "policy_state", "step", "num_frozen", "timeline", "pending",
+               "history")
+# what happens to shared parameters a frozen prefix splits, per shared_parameters mode
+_SHARED_FATE = {
+    "train": "keep training from their reads after the frozen prefix; their reads inside it pass no gradient",
+    "freeze": "froze with the prefix; their reads after it use them frozen and do not train them",
+}
 
 
 class SettingsMismatch(ValueError):
@@ -51,14 +59,7 @@ class SettingsMismatch(ValueError):
     def __init__(self, message: str, saved: Dict[str, Any]) -> None:
         super().__init__(message)
         self.saved = saved
-STATE_VERSION = 1
-_STATE_KEYS = ("signature", "settings", "policy", "policy_state", "step", "num_frozen", "timeline", "pending",
-               "history")
-# what happens to shared parameters a frozen prefix splits, per shared_parameters mode
-_SHARED_FATE = {
-    "train": "keep training from their reads after the frozen prefix; their reads inside it pass no gradient",
-    "freeze": "froze with the prefix; their reads after it use them frozen and do not train them",
-}
+
 
 
 @dataclass(frozen=True)
@@ -512,6 +513,7 @@ class SmartFreezer:
         try:
             with torch.inference_mode(False):
                 self._setup_now(args, kwargs)
+            self._deferred_example = None  # set up: the example batch it kept is not needed
         except BaseException:
             # leave no half set-up behind: step() then says set-up is missing, and the model keeps no
             # hook of a freezer that was never made
