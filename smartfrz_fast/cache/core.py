@@ -1431,11 +1431,12 @@ class ActivationCache:
                 break
             count += 1
         self.cut_note = self._why_not_deeper(count, stopped_by)
-        if self._mixing_cut is not None and count >= self._mixing_cut:
+        if self._mixing_cut is not None and count >= self._mixing_cut:  # the first thing that stops the cut
             count = self._mixing_cut - 1
             self.cut_note = (f"the output of block {self.chain.blocks[count].name!r} failed the per-sample check (the "
                              "prefix up to it mixes the samples of a batch, or its output holds no row per sample in "
                              "dimension 0), so the cache cuts before that block")
+            by_user = hooked = in_train = writer = None
         if by_user is not None:
             name = next((n for n, p in self.freezer.module.named_parameters() if p is by_user), "?")
             self.cut_note = (f"parameter {name} (block {self.chain.blocks[count].name!r}) has requires_grad=False, but "
@@ -1613,7 +1614,8 @@ class ActivationCache:
         if reads_side:  # rows whose side inputs are not known (reopened from a file) are dropped
             known = self._sides.known[ids]
             ids, slots = ids[known], slots[known]
-        if ids.numel() and not any(b.needs_inputs for b in blocks):
+        moved = ids.numel() and not any(b.needs_inputs for b in blocks)
+        if moved:
             old_act = self._act
             for start in range(0, ids.numel(), MIGRATE_CHUNK):
                 chunk, chunk_slots = ids[start:start + MIGRATE_CHUNK], slots[start:start + MIGRATE_CHUNK]
@@ -1627,7 +1629,8 @@ class ActivationCache:
                     if self._store is not None:
                         self._discard_store(self._store)
                         self._store = None
-                    return
+                    moved = False
+                    break
                 if not self._storable(h):
                     return
                 if self._store is None:
@@ -1639,7 +1642,8 @@ class ActivationCache:
                 self._store_rows(chunk, h, in_sums=store.in_sums[chunk_slots.to(store.in_sums.device)])
                 if not self.enabled:
                     return
-            self.stats["migrated"] += int(ids.numel())
+            if moved:
+                self.stats["migrated"] += int(ids.numel())
         if self.path is not None:
             with self._storage_faults(f"moving the cached rows to {self.boundary} blocks"):
                 if self._store is not None:
