@@ -415,6 +415,7 @@ class SmartFreezeCallback(TrainerCallback):
                 "must still call self.create_scheduler(num_training_steps).")
         check_checkpointing(self._trainer.model)  # enabled by the Trainer by now (4.x and 5.x alike)
         release_marked_inputs(self._trainer.model)
+        self._stepped_at = None  # a train() after another may count its steps from 0 again
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self._stepped_at:  # the callback registered twice: one step per step
