@@ -715,7 +715,8 @@ class SmartFreezer:
         """Set up now on the example inputs set-up waited with for lazy layers, where something
         needs the units before the first forward (a resume loading the freezer's checkpoint after
         the model's, which materialised them)."""
-        if self.plan is None and self._deferred_example is not None and self._first_forward_hook is not None:
+        if (self.plan is None and self._deferred_example is not None and self._first_forward_hook is not None
+                and not uninitialized_parameters(self.module)):  # still lazy: the first forward draws them
             self._remove_first_forward_hook()
             try:
                 self._setup(*self._deferred_example)
@@ -726,6 +727,11 @@ class SmartFreezer:
 
     def _require_setup(self, call: str = "step() or load_state_dict()") -> None:
         self._set_up_from_deferred_example()
+        if self.plan is None and self._deferred_example is not None:
+            raise RuntimeError(
+                f"SmartFreezer: the model's lazy layers ({uninitialized_parameters(self.module)[:2]}) are not "
+                "materialised yet, and set-up waits for the first forward pass to draw their weights: run one "
+                f"(or load the model's weights) before calling {call}.")
         if self.plan is None:
             raise RuntimeError(
                 "SmartFreezer has not seen the model run yet: pass example_inputs=..., or run a "
@@ -743,6 +749,7 @@ class SmartFreezer:
         self._guard.on_freezer_step(self)  # model changes since the last step, step() vs optimizer steps
         if self.num_frozen:
             self._check_prefix_still_frozen()
+            self._region.end_statistics_reestimation()  # a training step: a recalibration pass is over
         if step % self.sample_every == 0:  # at the history's pace: a hold shorter than that moves no window
             self._note_units_held_by_user(step)
         if (self.total_steps is not None and step > self.total_steps and not self._warned_past_total

@@ -254,6 +254,14 @@ _ENTRY_UNITS = 3
 class FrozenRegion:
     """The hooks that keep the first ``cut`` units of ``plan`` a fixed function of their input."""
 
+    def end_statistics_reestimation(self) -> None:
+        """A frozen norm layer of the user's own with ``momentum=None``, recalibrated by hand (its
+        statistics reset), never gets a momentum back: its re-estimation ends at the next training
+        step, and it runs in eval again (it had stayed in train mode for good)."""
+        if _reestimated:
+            for module in self.always:
+                _reestimated.pop(module, None)
+
     def __init__(self, root: nn.Module, plan: UnitPlan) -> None:
         self.root = root
         self.plan = plan

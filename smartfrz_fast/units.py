@@ -870,7 +870,7 @@ class PythonAttributes:
         return [f"{name}.{key}" for name, _, key, _, _ in self._differing()]
 
     def writers(self) -> Dict[int, str]:
-        """``{id(module): "attribute"}`` of the modules whose values differ now; a value rebound to
+        """``{id(module): "'attribute'"}`` of the modules whose values differ now; a value rebound to
         an equal one does not count. A write into an object several modules hold (a state object
         blocks share) is each holder's: which of them wrote it cannot be told."""
         found: Dict[int, str] = {}
@@ -878,8 +878,11 @@ class PythonAttributes:
             now = vars(owner).get(key, _GONE)
             if kept is not None and kept[0] == "copy" and then is not _GONE and _same_value(now, kept[1]):
                 continue  # `self.shape = list(x.shape)`: the same value in a new list
-            for module in self._holders.get(id(owner), ()):
-                found.setdefault(id(module), f"{name}.{key}")
+            holders = self._holders.get(id(owner), ())
+            what = repr(f"{name}.{key}") + (
+                ", of an object several modules hold (which of them writes it cannot be told)" if len(holders) > 1 else "")
+            for module in holders:
+                found.setdefault(id(module), what)
         return found
 
     def restore(self) -> None:
@@ -896,7 +899,7 @@ class PythonAttributes:
                 else:
                     then.clear()
                     then.update(contents)
-            elif kind == "tensor" and then._version != kept[1]:
+            elif kind == "tensor" and kept[2] is not None and then._version != kept[1]:
                 with torch.no_grad():  # through .data: its version stays (a saved graph may hold it)
                     if then.shape == kept[2].shape and then.dtype == kept[2].dtype:
                         then.data.copy_(kept[2])
@@ -917,7 +920,7 @@ def _watched_fields(owner: Any) -> Dict[str, Tuple[Any, Any]]:
         if not _watched(key, value, owner):
             continue
         if isinstance(value, torch.Tensor):
-            out[key] = (value, ("tensor", value._version, value.detach().clone()))
+            out[key] = (value, _tensor_kept(value))
         elif isinstance(value, (list, dict)):
             out[key] = (value, ("copy", copy.deepcopy(value)) if _plain(value)
                         else ("items", list(value) if isinstance(value, list) else dict(value)))
@@ -928,6 +931,20 @@ def _watched_fields(owner: Any) -> Dict[str, Tuple[Any, Any]]:
     return out
 
 
+# a tensor attribute's values are copied (to put back a write in place) up to this size; a larger
+# one (a table kept as a plain attribute) is followed by identity and version only
+_MAX_COPIED_BYTES = 1 << 24
+
+
+def _tensor_kept(t: torch.Tensor) -> Tuple[Any, ...]:
+    """("tensor", version, a copy of its values or None): an inference tensor (a table memoised
+    under torch.inference_mode) has no version, and is followed by identity only."""
+    if t.is_inference():
+        return ("tensor", None, None)
+    small = t.numel() * t.element_size() <= _MAX_COPIED_BYTES
+    return ("tensor", t._version, t.detach().clone() if small else None)
+
+
 def _differs(now: Any, then: Any, kept: Any) -> bool:
     kind = kept[0] if kept is not None else None
     if kind is None:
@@ -935,7 +952,7 @@ def _differs(now: Any, then: Any, kept: Any) -> bool:
     if now is not then:  # a list, dict or tensor rebound (`self.shape = list(x.shape)`: writers() tells)
         return True
     if kind == "tensor":
-        return now._version != kept[1]
+        return kept[1] is not None and now._version != kept[1]
     if kind == "object":
         return False
     if kind == "copy":

@@ -1393,3 +1393,47 @@ def test_a_config_object_replaced_whole_reaches_the_torch_fx_chain():
         heads.append([p.detach().clone() for p in model.head.parameters()])
     for a, b in zip(*heads):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+class _TableMemo(nn.Module):
+    """Memoises a table on self at its first call: made under an evaluation's inference_mode, it is
+    an inference tensor, which has no version counter."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.table = nn.Linear(8, 8), None
+
+    def forward(self, x):
+        if self.table is None:
+            self.table = torch.linspace(0.5, 1.5, 8)
+        return torch.tanh(self.lin(x)) + self.table  # (an addition saves no tensor for backward)
+
+
+def test_a_tensor_memoised_under_inference_mode_is_watched_by_identity():
+    """Set-up read its version and crashed ("Inference tensors do not track version counter"),
+    and the cache turned off blaming torch.fx (review62)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), _TableMemo(), nn.Linear(8, 8), nn.Linear(8, 3))
+    with torch.inference_mode():
+        model(torch.randn(4, 8))  # an evaluation before training
+    model, opt, freezer, cache, cached, x = _cached_around(model[1])
+    for step in range(4):
+        ids = torch.arange(8) + 8 * (step % 2)
+        cached(x[ids], ids).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+    assert cache.enabled and cache.stats["hits"] > 0, cache.describe()
+
+
+def test_a_large_tensor_attribute_is_followed_without_a_copy():
+    """Every look copied every tensor kept as a plain attribute: a 256 MB table cost 500 MB and a
+    second per step (review62); above 16 MB one is followed by identity and version only."""
+    from smartfrz_fast import units
+
+    module = nn.Linear(2, 2)
+    module.small, module.large = torch.zeros(4), torch.zeros(units._MAX_COPIED_BYTES // 4 + 1)
+    kept = units._watched_fields(module)
+    assert kept["small"][1][2] is not None and kept["large"][1][2] is None
+    module.large.add_(1.0)  # a write in place is still seen
+    assert units._differs(module.large, kept["large"][0], kept["large"][1])

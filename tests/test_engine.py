@@ -240,6 +240,30 @@ def test_lazy_layers_resume_from_the_models_checkpoint_before_any_forward(tmp_pa
     assert freezer2.num_frozen == 1 and freezer2.step_count == 3
 
 
+def test_asking_for_the_units_of_lazy_layers_before_the_first_forward_draws_nothing():
+    """freezer.units or report() before the first forward set up on the example inputs while the
+    layers were still lazy: their weights were drawn there (3.4e-1 off the run without the
+    library, review62). It says to run the first forward."""
+    def lazy_net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.LazyLinear(16), nn.ReLU(), nn.Dropout(0.3), nn.LazyLinear(4))
+
+    x = torch.randn(8, 10)
+    weights = []
+    for with_library in (False, True):
+        model = lazy_net()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        if with_library:
+            freezer = SmartFreezer(model, optimizer, StaticFreeze(1, 30), example_inputs=x, total_steps=8)
+            with pytest.raises(RuntimeError, match="lazy layers .* not materialised yet"):
+                freezer.report()
+        model(x).sum().backward()
+        optimizer.step()
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+    assert freezer.plan is not None  # set up right after that first forward
+
+
 def test_the_cache_sets_up_when_a_lazy_layer_is_never_reached():
     """An auxiliary head built lazily that training never calls stays unmaterialised: the cache
     waited for it for ever, caching nothing (review61). It waits one forward."""

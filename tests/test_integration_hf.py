@@ -279,9 +279,11 @@ class _AugmentingDataset(torch.utils.data.Dataset):
         return item
 
 
-def test_the_example_batch_draws_nothing_from_the_users_generators(tmp_path):
+@pytest.mark.parametrize("cache", [False, True])
+def test_the_example_batch_draws_nothing_from_the_users_generators(tmp_path, cache):
     """Reading two training samples for set-up moved torch's generator: every later batch was
-    augmented otherwise than without the callback (review61)."""
+    augmented otherwise than without the callback (review61); with the activation cache, reading
+    the first item for its sample ids did too (review62)."""
     losses = []
     for with_callback in (False, True):
         model = tiny_bert()
@@ -289,7 +291,8 @@ def test_the_example_batch_draws_nothing_from_the_users_generators(tmp_path):
                                                          max_steps=4, logging_steps=1, logging_strategy="steps"),
                           train_dataset=_AugmentingDataset())
         if with_callback:
-            SmartFreezeCallback(StaticFreeze(1, at_step=100)).attach(trainer)
+            SmartFreezeCallback(StaticFreeze(1, at_step=100),
+                                activation_cache={"deterministic": True} if cache else None).attach(trainer)
         trainer.train()
         losses.append([entry["loss"] for entry in trainer.state.log_history if "loss" in entry])
     assert losses[0] == losses[1] and len(losses[0]) == 4

@@ -1285,6 +1285,28 @@ def test_update_bn_on_the_live_model_re_estimates_the_frozen_statistics():
     assert all(torch.equal(a, m.running_mean) for a, m in zip(before, frozen))
 
 
+def test_a_frozen_batch_norm_of_cumulative_momentum_recalibrated_by_hand_goes_back_to_eval():
+    """A BatchNorm with momentum=None of its own never gets a momentum back: recalibrated by hand
+    (its statistics reset, forwards in train mode), it kept re-estimating for the rest of the run,
+    normalising with batch statistics though frozen (review62). It stops at the next step()."""
+    model = _mlp(bn=True)
+    model[1].momentum = None
+    opt = sgd(model)
+    freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=1), example_inputs=torch.randn(4, 8), total_steps=100)
+    for seed in range(3):
+        _train_step(model, opt, freezer, seed)
+    norm = model[1]
+    norm.reset_running_stats()
+    with torch.no_grad():
+        for _ in range(4):  # the recalibration
+            model(torch.randn(16, 8))
+    assert int(norm.num_batches_tracked) == 4
+    for seed in range(3, 8):
+        _train_step(model, opt, freezer, seed)
+    assert int(norm.num_batches_tracked) <= 5  # at most the forward before the first step() after it
+    assert not norm.training
+
+
 def test_a_layer_frozen_before_set_up_that_trains_later_inside_the_prefix_warns():
     """A layer frozen by hand when the freezer was built is no unit; trained later in front of
     the freezer's prefix, it runs in eval mode and its gradient crosses the frozen units."""

@@ -736,7 +736,7 @@ class ActivationCache:
         others = [_index_inputs(inputs, torch.full((n,), i, dtype=torch.long), n) for i in range(2) if i < n]
         with preserved_state(model), torch.no_grad():
             model(*inputs.args, **inputs.kwargs)
-            attributes = PythonAttributes(list(model.named_modules()))
+            attributes = PythonAttributes([(name or type(model).__name__, m) for name, m in model.named_modules()])
             writers: Dict[int, str] = {}
             for other in others or [inputs]:
                 try:
@@ -1460,7 +1460,7 @@ class ActivationCache:
                              "self.training), so the cache cuts before it. Call .eval() on it to cache it now; the "
                              "cache goes deeper once the freezer freezes it")
         if writer is not None and self.cut_note is None:
-            self.cut_note = (f"{type(writer).__name__} {self._module_name(writer)!r} writes {self._writers[id(writer)]!r} "
+            self.cut_note = (f"{type(writer).__name__} {self._module_name(writer)!r} writes {self._writers[id(writer)]} "
                              "in its forward: served from cached rows, it would keep the value of another batch "
                              "(a feature the loss reads, a count), so the cache cuts before it. Return such a value "
                              "from the forward instead, to cache past it")

@@ -285,7 +285,9 @@ class SmartFreezeCallback(TrainerCallback):
                 "Dataset or a datasets.Dataset): sample ids are dataset indices. Train without the cache.")
         if len(dataset) == 0:
             raise ValueError("SmartFreezeCallback(activation_cache=...): the train_dataset is empty")
-        first = dataset[0]
+        # a dataset that augments in __getitem__ draws from the run's generators
+        with preserved_rngs(trainer.model if trainer.model is not None else nn.Module()):
+            first = dataset[0]
         if not isinstance(first, Mapping):
             raise TypeError(
                 "SmartFreezeCallback(activation_cache=...): training items must be dicts of model inputs "
