@@ -711,12 +711,13 @@ class SmartFreezer:
                 "units stay frozen; its state_dict() resumes in the new one).")
         self._require_setup()
 
-    def _set_up_from_deferred_example(self) -> None:
+    def _set_up_from_deferred_example(self, even_if_lazy: bool = False) -> None:
         """Set up now on the example inputs set-up waited with for lazy layers, where something
-        needs the units before the first forward (a resume loading the freezer's checkpoint after
-        the model's, which materialised them)."""
+        needs the units before the first forward: a resume loading the freezer's checkpoint
+        (``even_if_lazy``: the model's weights, loaded before or after, replace what a lazy layer
+        draws here; one the checkpoint lacks, a spare head, keeps it, as before 2026-12-07)."""
         if (self.plan is None and self._deferred_example is not None and self._first_forward_hook is not None
-                and not uninitialized_parameters(self.module)):  # still lazy: the first forward draws them
+                and (even_if_lazy or not uninitialized_parameters(self.module))):  # else the first forward draws them
             self._remove_first_forward_hook()
             try:
                 self._setup(*self._deferred_example)
@@ -1503,7 +1504,7 @@ class SmartFreezer:
             raise RuntimeError("this SmartFreezer state was saved before the freezer's first forward (a fresh "
                                "freezer's): it restores nothing into one that has trained or was closed.")
         if not self._closed:
-            self._set_up_from_deferred_example()
+            self._set_up_from_deferred_example(even_if_lazy=True)
         if self.plan is None and not self._closed:
             raise RuntimeError(
                 "SmartFreezer has not seen the model run yet, so it cannot load a checkpoint: build it with "

@@ -634,18 +634,18 @@ def preserved_modes(modules: Iterable[nn.Module]) -> Iterator[None]:
 
 
 @contextmanager
-def preserved_rngs(model: nn.Module) -> Iterator[None]:
+def preserved_rngs(model: nn.Module, holders: Sequence[Any] = ()) -> Iterator[None]:
     """The random generators a forward pass may draw from are as before afterwards: torch's (CPU
     and the model's GPUs: dropout masks, LayerDrop), numpy's and Python's (SpecAugment's masks
     are drawn with numpy), and those the model's modules hold as attributes (an augmentation's
     own ``torch.Generator``, ``numpy.random.Generator`` or ``random.Random``, for draws that
-    reproduce)."""
+    reproduce), and those ``holders`` keep (a dataset's own generator for its augmentation)."""
     import random
     import sys
 
     numpy = sys.modules.get("numpy")
     host = random.getstate(), numpy.random.get_state() if numpy is not None else None
-    owned = _owned_generators(model)
+    owned = _owned_generators(model, holders)
     devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
     try:
         with torch.random.fork_rng(devices=devices):
@@ -688,9 +688,10 @@ def _generator_state(value: Any) -> Any:
         return None
 
 
-def _owned_generators(model: nn.Module) -> List[Tuple[Any, Any]]:
+def _owned_generators(model: nn.Module, holders: Sequence[Any] = ()) -> List[Tuple[Any, Any]]:
     """(generator, state) for the generators the model's modules hold: as attributes, in their
-    lists, tuples and dicts, or as attributes of a plain object they hold (an augmentation's)."""
+    lists, tuples and dicts, or as attributes of a plain object they hold (an augmentation's);
+    and those ``holders`` hold the same ways."""
     found, seen = [], set()
 
     def look(value: Any, depth: int) -> None:
@@ -718,6 +719,8 @@ def _owned_generators(model: nn.Module) -> List[Tuple[Any, Any]]:
                 continue
             if isinstance(value, kinds) or not own:
                 look(value, 0)
+    for holder in holders:
+        look(holder, 0)
     return found
 
 

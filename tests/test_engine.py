@@ -238,6 +238,15 @@ def test_lazy_layers_resume_from_the_models_checkpoint_before_any_forward(tmp_pa
     freezer2.load_state_dict(saved[1])
     optimizer2.load_state_dict(saved[2])
     assert freezer2.num_frozen == 1 and freezer2.step_count == 3
+    # the freezer's state first, then the model's (or a spare lazy head the checkpoint lacks):
+    # set-up runs on the example inputs, and the model's weights replace what it drew (review64)
+    third = lazy_net()
+    freezer3 = SmartFreezer(third, torch.optim.SGD(third.parameters(), lr=0.1), StaticFreeze(1, 2),
+                            example_inputs=x, total_steps=10)
+    freezer3.load_state_dict(saved[1])
+    third.load_state_dict(saved[0])
+    assert freezer3.num_frozen == 1
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), third.parameters()))
 
 
 def test_asking_for_the_units_of_lazy_layers_before_the_first_forward_draws_nothing():

@@ -279,8 +279,22 @@ class _AugmentingDataset(torch.utils.data.Dataset):
         return item
 
 
+class _OwnGeneratorDataset(_AugmentingDataset):
+    """Augments with a generator of its own (reproducible augmentation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rng = torch.Generator().manual_seed(5)
+
+    def __getitem__(self, i):
+        item = dict(self.items[i])
+        item["input_ids"] = (item["input_ids"] + torch.randint(0, 2, (8,), generator=self.rng)) % 50
+        return item
+
+
+@pytest.mark.parametrize("data", [_AugmentingDataset, _OwnGeneratorDataset])
 @pytest.mark.parametrize("cache", [False, True])
-def test_the_example_batch_draws_nothing_from_the_users_generators(tmp_path, cache):
+def test_the_example_batch_draws_nothing_from_the_users_generators(tmp_path, cache, data):
     """Reading two training samples for set-up moved torch's generator: every later batch was
     augmented otherwise than without the callback (review61); with the activation cache, reading
     the first item for its sample ids did too (review62)."""
@@ -289,7 +303,7 @@ def test_the_example_batch_draws_nothing_from_the_users_generators(tmp_path, cac
         model = tiny_bert()
         trainer = Trainer(model=model, args=training_args(tmp_path / str(with_callback), save_strategy="no",
                                                          max_steps=4, logging_steps=1, logging_strategy="steps"),
-                          train_dataset=_AugmentingDataset())
+                          train_dataset=data())
         if with_callback:
             SmartFreezeCallback(StaticFreeze(1, at_step=100),
                                 activation_cache={"deterministic": True} if cache else None).attach(trainer)

@@ -286,7 +286,7 @@ class SmartFreezeCallback(TrainerCallback):
         if len(dataset) == 0:
             raise ValueError("SmartFreezeCallback(activation_cache=...): the train_dataset is empty")
         # a dataset that augments in __getitem__ draws from the run's generators
-        with preserved_rngs(trainer.model if trainer.model is not None else nn.Module()):
+        with preserved_rngs(trainer.model if trainer.model is not None else nn.Module(), holders=(dataset,)):
             first = dataset[0]
         if not isinstance(first, Mapping):
             raise TypeError(
@@ -325,7 +325,7 @@ class SmartFreezeCallback(TrainerCallback):
             try:
                 # a dataset that augments in __getitem__, a collator that masks tokens: they draw
                 # from the user's generators, whose draws are the run's own
-                with preserved_rngs(model):
+                with preserved_rngs(model, holders=(dataset, trainer.data_collator)):
                     items = [dataset[i] for i in range(min(2, len(dataset)))]
                     if columns is not None:  # as the Trainer drops them (remove_unused_columns): an 'idx' column
                         items = [{k: v for k, v in item.items() if k in columns} if isinstance(item, Mapping)
