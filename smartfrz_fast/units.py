@@ -917,19 +917,21 @@ _MAX_ITEMS = 4096
 def _watched_fields(owner: Any) -> Dict[str, Tuple[Any, Any]]:
     """``{key: (value, how it is kept)}`` of the attributes ``PythonAttributes`` watches: None for
     a plain value, ("copy", a deep copy) for a plain list or dict, ("items", a shallow copy) for a
-    list or dict of other things, ("tensor", version, a copy of its values) for a tensor."""
+    list or dict of other things, ("tensor", version, a copy of its values) for a tensor,
+    ("object",) for a settings object (its fields are watched with it: replaced whole,
+    ``m.cfg = Config(...)``)."""
     out = {}
     for key, value in vars(owner).items():
-        if not _watched(key, value, owner):
-            continue
-        if isinstance(value, torch.Tensor):
+        kind = _watch_kind(key, value, owner)
+        if kind == "tensor":
             out[key] = (value, _tensor_kept(value))
-        elif isinstance(value, (list, dict)):
-            out[key] = (value, ("copy", copy.deepcopy(value)) if _plain(value)
-                        else ("items", list(value) if isinstance(value, list) else dict(value)))
-        elif _plain(value):
+        elif kind == "copy":
+            out[key] = (value, ("copy", copy.deepcopy(value)))
+        elif kind == "items":
+            out[key] = (value, ("items", list(value) if isinstance(value, list) else dict(value)))
+        elif kind == "plain":
             out[key] = (value, None)
-        else:  # a settings object (its fields are watched with it): replaced whole, `m.cfg = Config(...)`
+        elif kind == "object":
             out[key] = (value, ("object",))
     return out
 
@@ -969,12 +971,23 @@ def _differs(now: Any, then: Any, kept: Any) -> bool:
 
 
 def _watched(key: str, value: Any, owner: Any) -> bool:
-    """A public attribute holding a plain value, a tensor, a list or dict of at most
-    ``_MAX_ITEMS`` items, or (a module's) a settings object; not a module's ``training``."""
-    return (not key.startswith("_") and not (key == "training" and isinstance(owner, nn.Module))
-            and (isinstance(value, torch.Tensor) or _plain(value)
-                 or (isinstance(value, (list, dict)) and len(value) <= _MAX_ITEMS)
-                 or (isinstance(owner, nn.Module) and _holds_settings(value))))
+    return _watch_kind(key, value, owner) is not None
+
+
+def _watch_kind(key: str, value: Any, owner: Any) -> Optional[str]:
+    """How a public attribute is watched: "plain" (a number, flag, string, or a small tuple of
+    them), "copy" (a plain list or dict), "tensor", "items" (a list or dict of other things, up to
+    ``_MAX_ITEMS`` items), "object" (a module's settings object); None: not watched (private
+    names, a module's ``training``, anything else)."""
+    if key.startswith("_") or (key == "training" and isinstance(owner, nn.Module)):
+        return None
+    if isinstance(value, torch.Tensor):
+        return "tensor"
+    if _plain(value):
+        return "copy" if isinstance(value, (list, dict)) else "plain"
+    if isinstance(value, (list, dict)):
+        return "items" if len(value) <= _MAX_ITEMS else None
+    return "object" if isinstance(owner, nn.Module) and _holds_settings(value) else None
 
 
 def _holds_settings(value: Any) -> bool:
