@@ -43,8 +43,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..units import (compiled_modules_run_eagerly, fill_draw, host_draws_at, preserved_modes, preserved_state,
-                     seed_host_rngs, uncached_autocast)
+from ..units import (PythonAttributes, compiled_modules_run_eagerly, fill_draw, host_draws_at, preserved_modes,
+                     preserved_state, seed_host_rngs, uncached_autocast)
 
 SWAP = "module swap"  # the chain's ``how``: the model's own forward runs, every hook with it
 CHECK_SAMPLES = 4  # samples of the first batch that a cut is checked on
@@ -685,14 +685,15 @@ class SwapChain:
         try:
             with preserved_modes(self.model.modules()), preserved_state(self.model), torch.no_grad():
                 self.model.eval()
-                # each pass from the same Python state (a trainable head's own step counter moved
-                # between them, and the model was taken for nondeterministic); the generators move on
-                with preserved_state(self.model, rngs=False):
-                    expected = self.model(*inputs.args, **inputs.kwargs)
-                with preserved_state(self.model, rngs=False):
-                    rows = self.rows(inputs, cut)
-                with preserved_state(self.model, rngs=False):
-                    got = self.serve(inputs, cut, rows)
+                # each pass from the same Python values (a trainable head's own step counter moved
+                # between them, and the model was taken for nondeterministic); buffers a forward
+                # writes in eval mode still differ, and are named below, and the generators move on
+                attributes = PythonAttributes(list(self.model.named_modules()))
+                expected = self.model(*inputs.args, **inputs.kwargs)
+                attributes.restore()
+                rows = self.rows(inputs, cut)
+                attributes.restore()
+                got = self.serve(inputs, cut, rows)
                 if not _all_outputs_match(expected, got):
                     before = buffers_now(self.model)
                     again = self.model(*inputs.args, **inputs.kwargs)
