@@ -1015,6 +1015,38 @@ def _cached_around(block):
     return model, opt, freezer, cache, cache.wrap(), torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
 
 
+def _with_and_without_cache(make_model, frozen=3, steps=8, before_step=None):
+    """Train ``make_model()`` (8 -> 3 features) for ``steps`` steps on the same batches, without and
+    with the activation cache, its first ``frozen`` units frozen at step 1; ``before_step(model,
+    step)`` runs before each forward (the loop changing something). Checks that the weights
+    agree, and returns ((model, None), (model, cache))."""
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    runs = []
+    for use_cache in (False, True):
+        torch.manual_seed(0)
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        freezer = SmartFreezer(model, opt, StaticFreeze(frozen, at_step=1), example_inputs=torch.randn(4, 8),
+                               total_steps=20)
+        cache = ActivationCache(freezer, num_samples=16, deterministic=True) if use_cache else None
+        forward = cache.wrap() if use_cache else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for step in range(steps):
+                if before_step is not None:
+                    before_step(model, step)
+                ids = torch.arange(8) + 8 * (step % 2)
+                out = forward(x[ids], ids) if use_cache else model(x[ids])
+                out.pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+                freezer.step()
+        runs.append((model, cache))
+    for a, b in zip(runs[0][0].parameters(), runs[1][0].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    return runs
+
+
 class _KeepsFeatures(nn.Module):
     def __init__(self):
         super().__init__()
@@ -1121,29 +1153,11 @@ def test_an_attribute_the_loop_sets_for_the_first_time_reaches_the_torch_fx_chai
     """`getattr(self, "scale", 1.0)`: the trace folded 1.0 into the graph of the trainable head,
     and a `model.scale = 3.0` set for the first time mid-run was ignored ("a trace cannot have read
     it"): head weights 7x off (review57). The cache sets up again on the model's own forward."""
-    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
-    heads = []
-    for use_cache in (False, True):
-        torch.manual_seed(0)
-        model = _OptionalScale(on_config)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        freezer = SmartFreezer(model, opt, StaticFreeze(3, at_step=1), example_inputs=torch.randn(4, 8),
-                               total_steps=20)
-        forward = ActivationCache(freezer, num_samples=16, deterministic=True).wrap() if use_cache else None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for step in range(8):
-                if step == 4:
-                    (model.config if on_config else model).scale = 3.0
-                ids = torch.arange(8) + 8 * (step % 2)
-                out = forward(x[ids], ids) if use_cache else model(x[ids])
-                out.pow(2).mean().backward()
-                opt.step()
-                opt.zero_grad()
-                freezer.step()
-        heads.append([p.detach().clone() for p in model.head.parameters()])
-    for a, b in zip(*heads):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    def set_scale(model, step):
+        if step == 4:
+            (model.config if on_config else model).scale = 3.0
+
+    _with_and_without_cache(lambda: _OptionalScale(on_config), before_step=set_scale)
 
 
 class _WarmUpHead(nn.Module):
@@ -1162,28 +1176,9 @@ def test_a_trainable_head_with_its_own_counter_is_cached_in_front_of():
     """The module swap's check ran its passes from one Python state: the head's counter moved
     between them, the outputs differed, and the model was called nondeterministic in eval mode:
     nothing cached (review57). Each pass now starts from the same state."""
-    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
-    runs = []
-    for use_cache in (False, True):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8), _WarmUpHead())
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        freezer = SmartFreezer(model, opt, StaticFreeze(3, at_step=1), example_inputs=torch.randn(4, 8),
-                               total_steps=20)
-        cache = ActivationCache(freezer, num_samples=16, deterministic=True) if use_cache else None
-        forward = cache.wrap() if use_cache else None
-        for step in range(8):
-            ids = torch.arange(8) + 8 * (step % 2)
-            out = forward(x[ids], ids) if use_cache else model(x[ids])
-            out.pow(2).mean().backward()
-            opt.step()
-            opt.zero_grad()
-            freezer.step()
-        runs.append(([p.detach().clone() for p in model[3].parameters()], model[3].t, cache))
-    for a, b in zip(runs[0][0], runs[1][0]):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    assert runs[0][1] == runs[1][1] == 8
-    cache = runs[1][2]
+    (plain, _), (model, cache) = _with_and_without_cache(
+        lambda: nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8), _WarmUpHead()))
+    assert plain[3].t == model[3].t == 8
     assert cache.boundary == 3 and cache.stats["hits"] > 0, cache.describe()
 
 
@@ -1370,29 +1365,11 @@ class _ConfigScale(nn.Module):
 def test_a_config_object_replaced_whole_reaches_the_torch_fx_chain():
     """Only the fields of the config object present at set-up were watched: `model.config =
     Config(scale=3.0)` left the trace's 1.0 in the trainable head's graph (review61)."""
-    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
-    heads = []
-    for use_cache in (False, True):
-        torch.manual_seed(0)
-        model = _ConfigScale()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        freezer = SmartFreezer(model, opt, StaticFreeze(3, at_step=1), example_inputs=torch.randn(4, 8),
-                               total_steps=20)
-        forward = ActivationCache(freezer, num_samples=16, deterministic=True).wrap() if use_cache else None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for step in range(8):
-                if step == 4:
-                    model.config = argparse.Namespace(scale=3.0)
-                ids = torch.arange(8) + 8 * (step % 2)
-                out = forward(x[ids], ids) if use_cache else model(x[ids])
-                out.pow(2).mean().backward()
-                opt.step()
-                opt.zero_grad()
-                freezer.step()
-        heads.append([p.detach().clone() for p in model.head.parameters()])
-    for a, b in zip(*heads):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    def replace_config(model, step):
+        if step == 4:
+            model.config = argparse.Namespace(scale=3.0)
+
+    _with_and_without_cache(_ConfigScale, before_step=replace_config)
 
 
 class _TableMemo(nn.Module):
