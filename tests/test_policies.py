@@ -918,3 +918,21 @@ def test_a_schedule_without_total_steps_is_refused_when_the_freezer_is_built(mak
         SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), make())
     if make is AutoFreeze:  # with its own interval it needs none
         SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), AutoFreeze(interval=5)).close()
+
+
+def test_a_policy_of_the_users_asking_for_total_steps_still_gets_the_refusal():
+    """The construction-time check asks needs_total_steps(); a policy of the user's that reads
+    total_steps through _require_total_steps in bind() without overriding it got None there."""
+    from smartfrz_fast import SmartFreezer
+
+    class Halfway(FreezePolicy):
+        def bind(self, context):
+            super().bind(context)
+            self.at = self._require_total_steps() // 2
+
+        def decide(self, step):
+            return 1 if step >= self.at else None
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="pass total_steps="):
+        SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), Halfway(), example_inputs=torch.randn(2, 4))

@@ -195,13 +195,19 @@ class FreezePolicy:
         return False
 
     def check_total_steps(self, total_steps: Optional[int]) -> None:
-        if self.needs_total_steps() and (total_steps is None or total_steps <= 0):
+        if self.needs_total_steps():
+            self._total_steps_given(total_steps)
+
+    def _total_steps_given(self, total_steps: Optional[int]) -> int:
+        if total_steps is None or total_steps <= 0:
             raise ValueError(
                 f"{type(self).__name__} follows a schedule over the whole run: pass "
                 f"total_steps=<number of optimizer steps> to SmartFreezer{self._without_total_steps}."
             )
+        return total_steps
 
     def _require_total_steps(self) -> int:
+        """The run's ``total_steps`` (a policy of the user's calling it needs it whatever its
+        ``needs_total_steps`` says)."""
         assert self.context is not None, "bind() first"
-        self.check_total_steps(self.context.total_steps)
-        return self.context.total_steps
+        return self._total_steps_given(self.context.total_steps)
