@@ -1414,3 +1414,41 @@ def test_a_large_tensor_attribute_is_followed_without_a_copy():
     assert kept["small"][1][2] is not None and kept["large"][1][2] is None
     module.large.add_(1.0)  # a write in place is still seen
     assert units._differs(module.large, kept["large"][0], kept["large"][1])
+
+
+class _CountingHead(nn.Module):
+    """A trainable head that writes a buffer at every forward, eval mode too (a step counter kept
+    as a buffer, an observation normaliser's running mean)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 3)
+        self.register_buffer("t", torch.zeros(()))
+
+    def forward(self, x):
+        self.t += 1
+        return self.lin(x) * torch.clamp(self.t / 4, max=1.0)
+
+
+def test_a_trainable_head_writing_a_buffer_is_cached_in_front_of():
+    """202e17d put back only Python values between the module swap's passes: a head writing a
+    buffer at every call made the passes differ, and nothing was cached, the message advising to
+    keep the module after the frozen prefix, where it was (review65). The passes start from the
+    same buffers again; a buffer the skipped blocks write is still named."""
+    (plain, _), (model, cache) = _with_and_without_cache(
+        lambda: _Stack3(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8), _CountingHead()))
+    assert int(plain.layers[3].t) == int(model.layers[3].t) == 8
+    assert cache.boundary == 3 and cache.stats["hits"] > 0, cache.describe()
+
+
+class _Stack3(nn.Module):
+    """Layers run by a plain module's forward (the module swap's chain)."""
+
+    def __init__(self, *layers):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x

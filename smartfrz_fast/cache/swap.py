@@ -43,8 +43,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..units import (PythonAttributes, compiled_modules_run_eagerly, fill_draw, host_draws_at, preserved_modes,
-                     preserved_state, seed_host_rngs, uncached_autocast)
+from ..units import (compiled_modules_run_eagerly, fill_draw, host_draws_at, preserved_modes, preserved_state,
+                     seed_host_rngs, uncached_autocast)
 
 SWAP = "module swap"  # the chain's ``how``: the model's own forward runs, every hook with it
 CHECK_SAMPLES = 4  # samples of the first batch that a cut is checked on
@@ -62,13 +62,17 @@ def buffers_now(model: nn.Module) -> Dict[str, Tensor]:
 def not_reproducible(model: nn.Module, before: Dict[str, Tensor]) -> str:
     """NOT_REPRODUCIBLE, naming the buffers a forward pass in eval mode wrote since ``before``
     (a statistic updated without a ``self.training`` guard, not a random op, is then the cause)."""
-    written = [name for name, b in model.named_buffers() if name in before and not torch.equal(b, before[name])]
+    written = _buffers_written(model, before)
     if not written:
         return NOT_REPRODUCIBLE
     return (f"the model is not deterministic in eval mode: its forward pass writes buffer{'s' * (len(written) > 1)} "
             f"{', '.join(written[:3])}{' and others' if len(written) > 3 else ''} even in eval mode (an update "
             "without an `if self.training:` guard), so two forward passes on the same samples differ and no "
             "cached row could match them. Guard that update, or keep its module after the frozen prefix")
+
+
+def _buffers_written(model: nn.Module, before: Dict[str, Tensor]) -> List[str]:
+    return [name for name, b in model.named_buffers() if name in before and not torch.equal(b, before[name])]
 
 
 class UntracedCall(RuntimeError):
@@ -685,20 +689,23 @@ class SwapChain:
         try:
             with preserved_modes(self.model.modules()), preserved_state(self.model), torch.no_grad():
                 self.model.eval()
-                # each pass from the same Python values (a trainable head's own step counter moved
-                # between them, and the model was taken for nondeterministic); buffers a forward
-                # writes in eval mode still differ, and are named below, and the generators move on
-                attributes = PythonAttributes(list(self.model.named_modules()))
-                expected = self.model(*inputs.args, **inputs.kwargs)
-                attributes.restore()
-                rows = self.rows(inputs, cut)
-                attributes.restore()
-                got = self.serve(inputs, cut, rows)
-                if not _all_outputs_match(expected, got):
+                # each pass from the same state, buffers and Python values (a trainable head's own
+                # step counter or running statistic moved between them, and the model was taken for
+                # nondeterministic); the generators move on
+                with preserved_state(self.model, rngs=False):
+                    expected = self.model(*inputs.args, **inputs.kwargs)
+                with preserved_state(self.model, rngs=False):
                     before = buffers_now(self.model)
-                    again = self.model(*inputs.args, **inputs.kwargs)
-                    if not _all_outputs_match(expected, again):
+                    rows = self.rows(inputs, cut)
+                    if _buffers_written(self.model, before):  # by the blocks a cached row would skip
                         return not_reproducible(self.model, before)
+                with preserved_state(self.model, rngs=False):
+                    got = self.serve(inputs, cut, rows)
+                if not _all_outputs_match(expected, got):
+                    with preserved_state(self.model, rngs=False):
+                        again = self.model(*inputs.args, **inputs.kwargs)
+                    if not _all_outputs_match(expected, again):
+                        return NOT_REPRODUCIBLE
         except Exception as exc:
             return f"the model fails with {c.name} swapped ({type(exc).__name__}: {exc})"
         if not _all_outputs_match(expected, got):
