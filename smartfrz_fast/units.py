@@ -599,16 +599,23 @@ def example_call(model: nn.Module, inputs: Any,
     return as_args(inputs), kwargs
 
 
-def _names_parameters(model: nn.Module, keys: Mapping) -> bool:
+def forward_keywords(model: nn.Module) -> Optional[Tuple[Set[str], bool]]:
+    """(the names ``model.forward`` takes as keywords, whether it takes any more as ``**kwargs``),
+    or None where its signature cannot be read."""
     try:
-        signature = inspect.signature(model.forward)
+        parameters = inspect.signature(model.forward).parameters.values()
     except (TypeError, ValueError):
-        return False
-    named = {n for n, p in signature.parameters.items()
+        return None
+    named = {p.name for p in parameters
              if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
-    if not all(isinstance(k, str) for k in keys):
+    return named, any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def _names_parameters(model: nn.Module, keys: Mapping) -> bool:
+    taken = forward_keywords(model)
+    if taken is None or not all(isinstance(k, str) for k in keys):
         return False
-    takes_more = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+    named, takes_more = taken
     return all(k in named for k in keys) or (takes_more and any(k in named for k in keys))
 
 

@@ -47,7 +47,6 @@ from __future__ import annotations
 import copy
 import functools
 import glob
-import inspect
 import os
 import warnings
 from collections.abc import Mapping, MutableMapping
@@ -70,7 +69,7 @@ from ..cache import ActivationCache, CachedModel, IndexedDataset
 from ..distributed import check_ddp_settings
 from ..engine import SmartFreezer, _unwrapped
 from ..policy.base import FreezePolicy
-from ..units import marks_output_for_grad, preserved_rngs
+from ..units import forward_keywords, marks_output_for_grad, preserved_rngs
 from . import check_callback_args, load_freezer_state, move_to_device, split_example_inputs
 
 CHECKPOINT_FILE = "smartfrz_freezer.pt"
@@ -158,15 +157,10 @@ def _model_columns(trainer) -> Optional[set]:
 
 
 def _forward_parameters(model: nn.Module) -> Optional[set]:
-    """The keyword names ``model.forward`` takes; None where it takes any (``**kwargs``)."""
-    try:
-        parameters = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters):
-        return None
-    return {p.name for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                                      inspect.Parameter.KEYWORD_ONLY)}
+    """The keyword names ``model.forward`` takes; None where it takes any (``**kwargs``) or its
+    signature cannot be read."""
+    taken = forward_keywords(model)
+    return None if taken is None or taken[1] else taken[0]
 
 
 class SmartFreezeCallback(TrainerCallback):
