@@ -43,6 +43,32 @@ def train_steps(model, optimizer, freezer, steps: int, start: int = 0) -> None:
         freezer.step()
 
 
+def train_cached_steps(cached, optimizer, freezer, x, steps: int) -> None:
+    """``steps`` steps of a model wrapped by an activation cache, on 16 inputs ``x`` in two
+    batches of 8 in turn (sample ids 0-7, 8-15), the loss the output's sum, the freezer stepped
+    after each optimizer step."""
+    for step in range(steps):
+        ids = torch.arange(8) + 8 * (step % 2)
+        cached(x[ids], ids).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        freezer.step()
+
+
+class LayerStack(nn.Module):
+    """Layers run in turn by a plain module's forward (the activation cache's module-swap chain,
+    not nn.Sequential's)."""
+
+    def __init__(self, *layers):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
 @contextmanager
 def collector_off():
     """Python's cycle collector off (after one collection): what is freed meanwhile is freed by

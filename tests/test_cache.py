@@ -14,7 +14,7 @@ from torch import nn
 from smartfrz_fast import SmartFreezer, StaticFreeze
 from smartfrz_fast.cache import ActivationCache, IndexedDataset
 from smartfrz_fast.cache import storage as storage_mod
-from tests.models import SmallCNN
+from tests.models import SmallCNN, train_cached_steps
 
 N = 40
 X = torch.randn(N, 1, 8, 8, generator=torch.Generator().manual_seed(5))
@@ -1146,12 +1146,7 @@ def test_an_augmentation_before_the_first_layer_is_named_as_such():
     x = torch.randn(16, 6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for step in range(4):
-            ids = torch.arange(8) + 8 * (step % 2)
-            cached(x[ids], ids).sum().backward()
-            opt.step()
-            opt.zero_grad()
-            freezer.step()
+        train_cached_steps(cached, opt, freezer, x, 4)
     note = cache.describe()
     assert "runs in train mode before the model's first layer (an augmentation" in note, note
     assert "once the freezer freezes it" not in note and cache.stats["hits"] == 0, note

@@ -25,6 +25,7 @@ from torch import nn
 from smartfrz_fast import SmartFreezer, StaticFreeze
 from smartfrz_fast.cache import ActivationCache
 from smartfrz_fast.cache import storage as storage_mod
+from tests.models import LayerStack, train_cached_steps
 from tests.test_cache import N, X, Y, chain_model, ready_cache
 
 _ctx = multiprocessing.get_context("forkserver")
@@ -1091,12 +1092,7 @@ def test_a_value_set_once_at_the_first_call_costs_no_caching():
     model, opt, freezer, cache, cached, x = _cached_around(_Memo())
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no set-up again
-        for step in range(6):
-            ids = torch.arange(8) + 8 * (step % 2)
-            cached(x[ids], ids).sum().backward()
-            opt.step()
-            opt.zero_grad()
-            freezer.step()
+        train_cached_steps(cached, opt, freezer, x, 6)
     assert cache.boundary == 3 and cache.stats["hits"] > 0, cache.describe()
 
 
@@ -1394,12 +1390,7 @@ def test_a_tensor_memoised_under_inference_mode_is_watched_by_identity():
     with torch.inference_mode():
         model(torch.randn(4, 8))  # an evaluation before training
     model, opt, freezer, cache, cached, x = _cached_around(model[1])
-    for step in range(4):
-        ids = torch.arange(8) + 8 * (step % 2)
-        cached(x[ids], ids).sum().backward()
-        opt.step()
-        opt.zero_grad()
-        freezer.step()
+    train_cached_steps(cached, opt, freezer, x, 4)
     assert cache.enabled and cache.stats["hits"] > 0, cache.describe()
 
 
@@ -1436,19 +1427,7 @@ def test_a_trainable_head_writing_a_buffer_is_cached_in_front_of():
     keep the module after the frozen prefix, where it was (review65). The passes start from the
     same buffers again; a buffer the skipped blocks write is still named."""
     (plain, _), (model, cache) = _with_and_without_cache(
-        lambda: _Stack3(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8), _CountingHead()))
+        lambda: LayerStack(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8), _CountingHead()))
     assert int(plain.layers[3].t) == int(model.layers[3].t) == 8
     assert cache.boundary == 3 and cache.stats["hits"] > 0, cache.describe()
 
-
-class _Stack3(nn.Module):
-    """Layers run by a plain module's forward (the module swap's chain)."""
-
-    def __init__(self, *layers):
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = layer(x)
-        return x

@@ -9,7 +9,7 @@ from torch import nn
 from smartfrz_fast import SmartFreezer, StaticFreeze
 from smartfrz_fast.units import discover_units
 
-from models import SmallCNN, batch, train_steps
+from models import SmallCNN, batch, train_cached_steps, train_steps
 
 
 class ForwardOrderDiffers(nn.Module):
@@ -293,13 +293,7 @@ def test_the_cache_sets_up_when_a_lazy_layer_is_never_reached():
     freezer = SmartFreezer(model, optimizer, StaticFreeze(2, 1), total_steps=20)
     cache = ActivationCache(freezer, num_samples=16, deterministic=True)
     forward = cache.wrap()
-    x = torch.randn(16, 8)
-    for step in range(6):
-        ids = torch.arange(8) + 8 * (step % 2)
-        forward(x[ids], ids).sum().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        freezer.step()
+    train_cached_steps(forward, optimizer, freezer, torch.randn(16, 8), 6)
     assert cache.stats["hits"] > 0, cache.describe()
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from models import train_cached_steps
 from smartfrz_fast import SmartFreezer, StaticFreeze
 from smartfrz_fast.frozen import MODE_BLIND, mode_blind
 
@@ -788,12 +789,7 @@ def test_a_stem_the_user_froze_is_a_layer_of_the_prefix_not_the_inputs():
     cached = cache.wrap()
     x = torch.randn(16, 6, generator=torch.Generator().manual_seed(1))
     with pytest.warns(UserWarning, match=r"left in train mode: 2 \(BatchNorm1d\)"):
-        for step in range(4):
-            ids = torch.arange(8) + 8 * (step % 2)
-            cached(x[ids], ids).sum().backward()
-            opt.step()
-            opt.zero_grad()
-            freezer.step()
+        train_cached_steps(cached, opt, freezer, x, 4)
     assert not model[2].training and cache.boundary == 8, cache.describe()  # all but the head
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from models import LayerStack
 from real_models import ALL_MODELS, BATCH, MORE_MODELS, build
 from smartfrz_fast import SmartFreezer
 from smartfrz_fast.cache import ActivationCache
@@ -203,20 +204,7 @@ class _CountingNorm(nn.Module):
         return self.lin(x - self.mean)
 
 
-class _Stack(nn.Module):
-    """The same layers as a plain module (the module-swap chain, not nn.Sequential's)."""
-
-    def __init__(self, *layers):
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = layer(x)
-        return x
-
-
-@pytest.mark.parametrize("container", [nn.Sequential, _Stack])
+@pytest.mark.parametrize("container", [nn.Sequential, LayerStack])
 def test_a_buffer_written_in_eval_mode_is_named_as_the_cause(container):
     model = container(_CountingNorm(6), _CountingNorm(6), nn.Linear(6, 3))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
