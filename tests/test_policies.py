@@ -936,3 +936,22 @@ def test_a_policy_of_the_users_asking_for_total_steps_still_gets_the_refusal():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(ValueError, match="pass total_steps="):
         SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), Halfway(), example_inputs=torch.randn(2, 4))
+
+
+def test_a_subclass_given_an_interval_is_not_told_to_give_one():
+    """AutoFreeze's refusal suggests interval= as the other way; a subclass given one that still
+    reads total_steps in bind() was told to give what it had given (review65)."""
+    from smartfrz_fast import SmartFreezer
+
+    class HalfwayAutoFreeze(AutoFreeze):
+        def bind(self, context):
+            super().bind(context)
+            self.stop_at = self._require_total_steps() // 2
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="pass total_steps=") as refused:
+        SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), HalfwayAutoFreeze(interval=5),
+                     example_inputs=torch.randn(2, 4))
+    assert "interval" not in str(refused.value)
+    with pytest.raises(ValueError, match="give AutoFreeze an interval"):  # where it is the other way
+        SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), AutoFreeze())

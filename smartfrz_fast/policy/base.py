@@ -200,9 +200,12 @@ class FreezePolicy:
 
     def _total_steps_given(self, total_steps: Optional[int]) -> int:
         if total_steps is None or total_steps <= 0:
+            # the other way applies only where this configuration is why total_steps is needed
+            # (a subclass given interval= that still asks for total_steps has no other way)
+            other_way = self._without_total_steps if self.needs_total_steps() else ""
             raise ValueError(
                 f"{type(self).__name__} follows a schedule over the whole run: pass "
-                f"total_steps=<number of optimizer steps> to SmartFreezer{self._without_total_steps}."
+                f"total_steps=<number of optimizer steps> to SmartFreezer{other_way}."
             )
         return total_steps
 
