@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import inspect
 import sys
 import warnings
 import weakref
@@ -42,7 +41,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from .units import UnitPlan
+from .units import UnitPlan, forward_codes
 
 
 class EngineHook:
@@ -148,16 +147,8 @@ def reads_its_mode(module: nn.Module) -> bool:
         return False
     if _has_user_hooks(module):
         return True
-    code = getattr(inspect.unwrap(type(module).forward), "__code__", None)  # under @torch.no_grad() too
-    if code is None:
-        return True
-    codes = [code]
-    while codes:
-        code = codes.pop()
-        if "training" in code.co_names:
-            return True
-        codes.extend(c for c in code.co_consts if hasattr(c, "co_names"))
-    return False
+    codes = forward_codes(module)
+    return codes is None or any("training" in code.co_names for code in codes)
 
 
 @engine_hook

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import copy
+import dis
 import functools
 import inspect
 import itertools
@@ -842,22 +843,22 @@ class PythonAttributes:
 
     def __init__(self, modules: Sequence[Tuple[str, nn.Module]] = ()) -> None:
         self._values = []
-        self._holders: Dict[int, List[nn.Module]] = {}  # id(owner) -> the modules that hold it
+        self.holders: Dict[int, List[nn.Module]] = {}  # id(owner) -> the modules that hold it
         self._others: Dict[int, int] = {}  # id(owner) -> how many of its attributes are not watched
         for name, module in modules:
             if _torch_own(module):
                 continue
             self._watch(name, module, module)
             for key, value in vars(module).items():  # a config object's fields (self.cfg.temperature)
-                if not key.startswith("_") and id(value) in self._holders and value is not module:
-                    self._holders[id(value)].append(module)  # one many modules hold (Hugging Face's): looked at once
+                if not key.startswith("_") and id(value) in self.holders and value is not module:
+                    self.holders[id(value)].append(module)  # one many modules hold (Hugging Face's): looked at once
                 elif not key.startswith("_") and _holds_settings(value):
                     self._watch(f"{name}.{key}", value, module)
 
     def _watch(self, name: str, owner: Any, module: nn.Module) -> None:
         values = _watched_fields(owner)
         self._values.append((name, owner, values))
-        self._holders[id(owner)] = [module]
+        self.holders[id(owner)] = [module]
         self._others[id(owner)] = len(vars(owner)) - len(values)
 
     def _differing(self) -> List[Tuple[str, Any, str, Any, Any]]:
@@ -879,21 +880,31 @@ class PythonAttributes:
         read the default of ``getattr(self, "scale", 1.0)``)."""
         return [f"{name}.{key}" for name, _, key, _, _ in self._differing()]
 
-    def writers(self) -> Dict[int, str]:
+    def writers(self, written_by: Optional[Dict[Tuple[int, str], List[nn.Module]]] = None) -> Dict[int, str]:
         """``{id(module): "'attribute'"}`` of the modules whose values differ now; a value rebound to
         an equal one does not count. A write into an object several modules hold (a state object
-        blocks share) is each holder's: which of them wrote it cannot be told."""
+        blocks share) is each holder's, unless ``written_by`` (``SharedWrites``, a look that
+        watched it) names the module that wrote it."""
         found: Dict[int, str] = {}
         for name, owner, key, then, kept in self._differing():
             now = vars(owner).get(key, _GONE)
             if kept is not None and kept[0] == "copy" and then is not _GONE and _same_value(now, kept[1]):
                 continue  # `self.shape = list(x.shape)`: the same value in a new list
-            holders = self._holders.get(id(owner), ())
+            if written_by and (id(owner), key) in written_by:
+                for module in written_by[(id(owner), key)]:
+                    found.setdefault(id(module), repr(f"{name}.{key}"))
+                continue
+            holders = self.holders.get(id(owner), ())
             what = repr(f"{name}.{key}") + (
                 ", of an object several modules hold (which of them writes it cannot be told)" if len(holders) > 1 else "")
             for module in holders:
                 found.setdefault(id(module), what)
         return found
+
+    def shared_written(self) -> List[Any]:
+        """The objects several modules hold that differ now (a context the blocks share)."""
+        found = {id(owner): owner for _, owner, _, _, _ in self._differing() if len(self.holders.get(id(owner), ())) > 1}
+        return list(found.values())
 
     def restore(self) -> None:
         for _, owner, key, then, kept in self._differing():
@@ -915,6 +926,103 @@ class PythonAttributes:
                         then.data.copy_(kept[2])
                     else:
                         then.data = kept[2]
+
+
+class SharedWrites:
+    """During one look, which module writes into objects several modules hold (``owners``: a
+    context the blocks share, which ``PythonAttributes.writers`` credits to every holder): hooks
+    on every module keep the stack of forwards running, and a change of an owner's attribute seen
+    at a hook event was made by the innermost forward running since the last one. It is credited
+    to that module only where its forward's code sets the attribute (``self.ctx.gate = ...``);
+    otherwise (a write in place, a helper function's, a module's ``.forward`` called directly,
+    which runs no hooks) to every holder and that module, as without this look."""
+
+    def __init__(self, model: nn.Module, owners: Sequence[Any], holders: Dict[int, List[nn.Module]]) -> None:
+        self.owners, self.holders = list(owners), holders
+        self.written_by: Dict[Tuple[int, str], List[nn.Module]] = {}
+        self._running: List[nn.Module] = []
+        self._last = [_attribute_marks(owner) for owner in self.owners]
+        self._handles: List[Any] = []
+        for module in model.modules():
+            try:
+                self._handles.append(module.register_forward_pre_hook(self._enter))
+                self._handles.append(module.register_forward_hook(self._leave, always_call=True))
+            except Exception:  # noqa: BLE001 -- a scripted module takes no hooks: its writes credit its caller's holders
+                pass
+
+    def __enter__(self) -> "SharedWrites":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        self._note()
+        self._running.append(module)
+
+    def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._note()
+        if self._running and self._running[-1] is module:
+            self._running.pop()
+
+    def _note(self) -> None:
+        for index, owner in enumerate(self.owners):
+            now = _attribute_marks(owner)
+            if now == self._last[index]:
+                continue
+            writer = self._running[-1] if self._running else None
+            for key in {k for k in now.keys() | self._last[index].keys()
+                        if k not in now or k not in self._last[index] or now[k] != self._last[index][k]}:
+                credited = self.written_by.setdefault((id(owner), key), [])
+                found = ([writer] if _stores_attribute(writer, key)
+                         else [*self.holders.get(id(owner), ()), *([writer] if writer is not None else [])])
+                credited.extend(m for m in found if all(m is not c for c in credited))
+            self._last[index] = now
+
+
+def _attribute_marks(owner: Any) -> Dict[str, Tuple[Any, ...]]:
+    """A cheap mark of each public attribute's state, which a write changes: the object's identity
+    and, a tensor's version, a list's or dict's items' identities, a plain value itself."""
+    marks = {}
+    for key, value in vars(owner).items():
+        if key.startswith("_"):
+            continue
+        if isinstance(value, torch.Tensor):
+            marks[key] = (id(value), None if value.is_inference() else value._version)
+        elif isinstance(value, (list, dict)):
+            items = value.values() if isinstance(value, dict) else value
+            marks[key] = (id(value), len(value), tuple(map(id, itertools.islice(items, 256))))
+        elif isinstance(value, _PLAIN_VALUES) and not (isinstance(value, float) and math.isnan(value)):
+            marks[key] = (type(value), value)
+        else:
+            marks[key] = (id(value),)
+    return marks
+
+
+def forward_codes(module: nn.Module) -> Optional[List[types.CodeType]]:
+    """The code of a module's forward (under ``@torch.no_grad()`` too) and of the functions
+    defined in it; None where it has none in Python."""
+    code = getattr(inspect.unwrap(type(module).forward), "__code__", None)
+    if code is None:
+        return None
+    codes, found = [code], []
+    while codes:
+        code = codes.pop()
+        found.append(code)
+        codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    return found
+
+
+def _stores_attribute(module: Optional[nn.Module], key: str) -> bool:
+    """Whether ``module``'s forward code sets an attribute named ``key`` (``obj.key = ...``)."""
+    codes = forward_codes(module) if module is not None else None
+    return any(key in _stored_names(code) for code in codes or ())
+
+
+@functools.lru_cache(maxsize=1024)
+def _stored_names(code: types.CodeType) -> FrozenSet[str]:
+    return frozenset(op.argval for op in dis.get_instructions(code) if op.opname == "STORE_ATTR")
 
 
 # lists and dicts of other things than plain values are compared item by item, up to this many

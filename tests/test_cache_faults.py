@@ -1431,3 +1431,72 @@ def test_a_trainable_head_writing_a_buffer_is_cached_in_front_of():
     assert int(plain.layers[3].t) == int(model.layers[3].t) == 8
     assert cache.boundary == 3 and cache.stats["hits"] > 0, cache.describe()
 
+
+
+class _Context:
+    """State the blocks share (one object every block holds)."""
+
+    def __init__(self):
+        self.gate, self.seen = None, None
+
+
+def _keep_seen(context, h):
+    context.seen = h
+
+
+class _ReadsContext(nn.Module):
+    def __init__(self, context, writes):
+        super().__init__()
+        self.lin, self.context, self.writes = nn.Linear(8, 8), context, writes
+
+    def forward(self, h):
+        h = torch.tanh(self.lin(h)) * self.context.gate
+        if self.writes:
+            self.context.seen = h  # the head reads it
+        return h
+
+
+class _WritesContextThroughHelper(_ReadsContext):
+    def forward(self, h):
+        h = torch.tanh(self.lin(h)) * self.context.gate
+        _keep_seen(self.context, h)  # a write this forward's code does not set itself
+        return h
+
+
+class _SharedContextNet(nn.Module):
+    """The root writes a per-sample gate into a context every block holds and reads; block
+    ``writer`` (if any) writes what the head reads into it too, ``how``: in its own forward, through
+    a helper function, or its own forward called by the root as ``.forward`` (no hooks run)."""
+
+    def __init__(self, writer=None, how="itself"):
+        super().__init__()
+        self.context, self.writer, self.how = _Context(), writer, how
+        self.first = nn.Linear(8, 8)
+        self.blocks = nn.ModuleList(
+            (_WritesContextThroughHelper if how == "helper" and i == writer else _ReadsContext)(self.context, i == writer)
+            for i in range(3))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        self.context.gate, self.context.seen = torch.sigmoid(x[:, :1]), None
+        h = self.first(x)
+        for i, block in enumerate(self.blocks):
+            h = block.forward(h) if self.how == "forward" and i == self.writer else block(h)
+        return self.head(h if self.context.seen is None else h + self.context.seen)
+
+
+@pytest.mark.parametrize("writer, how, cached_blocks", [
+    (None, "", 7),  # only the root writes: every frozen block is cached (first, then each block's lin and rest)
+    (1, "itself", 4),  # blocks.1 writes what the head reads: the cut stops before it, not before blocks.0
+    (2, "itself", 6),
+    (1, "helper", 2),  # which module wrote cannot be told: every holder is a writer, as before
+    (1, "forward", 4),  # blocks.1's code runs as the root's: only its lin is cached, the write still runs
+])
+def test_a_write_into_a_context_the_blocks_share_stops_the_cut_at_its_writer(writer, how, cached_blocks):
+    """A write into an object several modules hold was credited to every holder: the root writing
+    its blocks' shared context stopped the cut at the first block (review62 #6). The set-up look
+    now tells which forward wrote it where that forward's code sets it."""
+    (_, _), (model, cache) = _with_and_without_cache(lambda: _SharedContextNet(writer, how), frozen=4)
+    assert cache.boundary == cached_blocks and cache.stats["hits"] > 0, cache.describe()
+    if how in ("itself", "helper"):
+        assert f"'blocks.{writer if how == 'itself' else 0}' writes '" in cache.describe(), cache.describe()

@@ -43,7 +43,7 @@ from ..distributed import FreezableDDP, _is_fsdp1, _is_fsdp2, check_ddp
 from ..frozen import held_weakly, mode_blind, remove_handles
 from ..guards import ContainerChildren, warn_in_every_run
 from ..policy.base import plain_number
-from ..units import (PythonAttributes, compiled_in_place, example_call, preserved_modes, preserved_state,
+from ..units import (PythonAttributes, SharedWrites, compiled_in_place, example_call, preserved_modes, preserved_state,
                      uninitialized_parameters)
 from .split import (SWAP, BlockChain, Inputs, block_modules, captured_outputs, find_blocks, hooked_modules,
                     modules_outside, rows_need_grad, skipped_hooks)
@@ -739,12 +739,21 @@ class ActivationCache:
             attributes = PythonAttributes([(name or type(model).__name__, m) for name, m in model.named_modules()])
             writers: Dict[int, str] = {}
             for other in others or [inputs]:
+                look = other
                 try:
                     model(*other.args, **other.kwargs)
                 except Exception:  # noqa: BLE001 -- a model that refuses repeated samples: the batch again
                     attributes.restore()
+                    look = inputs
                     model(*inputs.args, **inputs.kwargs)
-                for module, attribute in attributes.writers().items():
+                written_by = None
+                shared = attributes.shared_written()
+                if shared:  # an object several modules hold changed: the same look again, telling which wrote it
+                    attributes.restore()
+                    with SharedWrites(model, shared, attributes.holders) as seen:
+                        model(*look.args, **look.kwargs)
+                    written_by = seen.written_by
+                for module, attribute in attributes.writers(written_by).items():
                     writers.setdefault(module, attribute)
             return writers
 
