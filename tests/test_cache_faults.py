@@ -1500,3 +1500,84 @@ def test_a_write_into_a_context_the_blocks_share_stops_the_cut_at_its_writer(wri
     assert cache.boundary == cached_blocks and cache.stats["hits"] > 0, cache.describe()
     if how in ("itself", "helper"):
         assert f"'blocks.{writer if how == 'itself' else 0}' writes '" in cache.describe(), cache.describe()
+
+
+def _train_on_batches(make_model, x, y, batches, use_cache, frozen=4):
+    """Train on the given batches of sample ids, the first ``frozen`` units frozen at step 1;
+    returns (model, cache, losses)."""
+    torch.manual_seed(0)
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(frozen, at_step=1), example_inputs=x[batches[0]],
+                           total_steps=len(batches))
+    cache = ActivationCache(freezer, num_samples=len(x), deterministic=True) if use_cache else None
+    forward = cache.wrap() if use_cache else None
+    losses = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for ids in batches:
+            out = forward(x[ids], ids) if use_cache else model(x[ids])
+            loss = nn.functional.cross_entropy(out, y[ids])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+            losses.append(loss.item())
+    return model, cache, losses
+
+
+class _EarlyExit(nn.Module):
+    """A batch with a hard sample runs every block, an all-easy one only the first."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.head = nn.Linear(8, 16), nn.Linear(16, 3)
+        self.blocks = nn.ModuleList(nn.Linear(16, 16) for _ in range(6))
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        for block in self.blocks[:len(self.blocks) if bool((x[:, 0] > 0).any()) else 1]:
+            h = torch.relu(block(h))
+        return self.head(h)
+
+
+class _Halting(nn.Module):
+    """Stops after the first block whose output's norm passes a threshold (adaptive computation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.head = nn.Linear(8, 16), nn.Linear(16, 3)
+        self.blocks = nn.ModuleList(nn.Linear(16, 16) for _ in range(6))
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        for block in self.blocks:
+            h = torch.relu(block(h))
+            if float(h.norm(dim=-1).min()) > 1.5:
+                break
+        return self.head(h)
+
+
+@pytest.mark.parametrize("make_model", [_EarlyExit, _Halting])
+@pytest.mark.parametrize("easy_first", [False, True])
+def test_a_forward_that_stops_before_the_cut_runs_the_whole_model(make_model, easy_first):
+    """An early exit (or a halting test) before the cached cut: a batch whose rows were all cached
+    got the stand-ins' placeholders in place of the blocks it did run (weights 1.6e-2 off), one with
+    new samples crashed (review67). The forward now runs whole for such a batch, and a value read
+    into Python before the cut (the halting test) keeps the blocks it reads running."""
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 8, generator=generator), torch.randint(0, 3, (16,), generator=generator)
+    x[:8, 0], x[8:, 0] = 1.0, -1.0  # 0-7 hard, 8-15 easy
+    if make_model is _Halting:
+        x[8:] *= 6  # large inputs halt after one block
+    mixed = [torch.tensor([0, 1, 2, 3, 8, 9, 10, 11]), torch.tensor([4, 5, 6, 7, 12, 13, 14, 15])]
+    easy = torch.arange(8, 16)
+    batches = [mixed[0], easy, mixed[1], mixed[0], easy] if easy_first else [*mixed, *mixed, easy, mixed[0], easy]
+    plain, _, plain_losses = _train_on_batches(make_model, x, y, batches, use_cache=False)
+    model, cache, losses = _train_on_batches(make_model, x, y, batches, use_cache=True)
+    assert losses == plain_losses
+    for a, b in zip(plain.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert cache.boundary > 0 and cache.stats["hits"] + cache.stats["misses"] > 0, cache.describe()
+    if make_model is _EarlyExit:
+        assert cache.stats["bypassed"] > 0, cache.describe()

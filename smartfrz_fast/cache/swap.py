@@ -80,6 +80,12 @@ class UntracedCall(RuntimeError):
     cut: a cached row cannot stand in for what it computed (raised by the chain's guard)."""
 
 
+class CutNotReached(RuntimeError):
+    """This batch's forward left the recorded path before the cut (an early exit, a loop that
+    halts sooner): a module the recording called only after the cut was about to run, or the
+    forward ended, with the cut's block not run. Raised before any module after the cut ran."""
+
+
 class _Stop(BaseException):
     """Ends a forward pass once the cut's output is known (BaseException: a model's own
     ``except Exception`` does not swallow it)."""
@@ -115,6 +121,7 @@ class DataFlow:
 
     op_inputs: List[Tuple[int, ...]]
     output_makers: Tuple[int, ...]
+    host_reads: Tuple[int, ...] = ()  # ops whose value went to Python (`.item()`, `if t:`): control flow
 
 
 class _OpRecorder(TorchDispatchMode):
@@ -137,6 +144,7 @@ class _OpRecorder(TorchDispatchMode):
         self.returned_by: Dict[int, Set[int]] = {}  # id(tensor) -> the calls that returned this very tensor
         self.read_returned: Dict[int, int] = {}  # call index -> last op reading a tensor it returned
         self.written: Dict[int, int] = {}  # storage address -> the last op that wrote into it in place
+        self.host_reads: List[int] = []  # ops that returned a Python number (`.item()`, `if t:`, torch.equal)
 
     def _made(self, t: Tensor, op: int) -> None:
         if id(t) not in self.made_at:
@@ -168,6 +176,8 @@ class _OpRecorder(TorchDispatchMode):
         op = self.count
         self.count += 1
         out = func(*args, **(kwargs or {}))
+        if isinstance(out, (bool, int, float, complex)):
+            self.host_reads.append(op)
         for t in tree_flatten(out)[0]:
             if not isinstance(t, Tensor):
                 continue
@@ -330,7 +340,8 @@ def record_calls(model: nn.Module, args: tuple, kwargs: dict, batch: int
             call.escapes_after = max(call.escapes_after, counter.read_returned[i] + 1)
         if call.out_ids & final_ids:
             call.escapes_after = max(call.escapes_after, counter.count)
-    flow = DataFlow(counter.op_inputs, tuple({counter.made_at[id(t)] for t in final if id(t) in counter.made_at}))
+    flow = DataFlow(counter.op_inputs, tuple({counter.made_at[id(t)] for t in final if id(t) in counter.made_at}),
+                    tuple(counter.host_reads))
     return calls, counter.first_use, flow, output
 
 
@@ -431,6 +442,7 @@ class SwapChain:
         self._skipped: Dict[int, int] = {}
         self._chosen: Dict[int, List[Call]] = {}
         self._needed: Dict[int, Tuple[Optional[str], List[int]]] = {}
+        self._after: Dict[int, Set[int]] = {}  # cut -> _called_after
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -631,6 +643,9 @@ class SwapChain:
         pending = list(flow.output_makers)
         for op in range(c.end, len(flow.op_inputs)):
             pending.extend(flow.op_inputs[op])
+        for op in flow.host_reads:
+            if op < c.start:  # a value read into Python before C may steer the forward (a halting test)
+                pending.extend(flow.op_inputs[op])
         serves = c.escapes_after >= 0  # a later call takes C's output as it is
         why = None
         while pending:
@@ -897,7 +912,7 @@ class SwapChain:
             self.model.eval()
             out = self._output_of(c, inputs)
         if out is _NOT_RUN:
-            raise RuntimeError(f"the module-swap cache expected {c.name} to run in the forward pass; it did not")
+            raise CutNotReached(self._not_reached(c))
         leaves, _ = tree_flatten(out)
         rows = [x for x, kind in zip(leaves, c.leaves) if kind[0] == "row"]
         self.consts[cut] = [x for x, kind in zip(leaves, c.leaves) if kind[0] == "const"]
@@ -941,13 +956,35 @@ class SwapChain:
                 leaves.append(kind[1])
         return tree_unflatten(leaves, c.spec)
 
+    def _not_reached(self, c: Call) -> str:
+        return (f"this batch's forward did not reach {c.name}, the block the cached rows stand in for (its path "
+                "depends on the data: an early exit, a loop that halts sooner), so the whole model runs for it")
+
+    def _called_after(self, cut: int) -> Set[int]:
+        """Modules every recorded call of which starts after C ends: one of them about to run
+        before C was served means the forward left the recorded path (``CutNotReached``)."""
+        if cut not in self._after:
+            c = self.candidates[cut - 1]
+            first: Dict[int, int] = {}
+            for call in self.all_calls:
+                first[id(call.module)] = min(first.get(id(call.module), call.start), call.start)
+            self._after[cut] = {m for m, start in first.items() if start >= c.end}
+        return self._after[cut]
+
     def serve(self, inputs, cut: int, h: Tensor) -> Any:
-        """The model's forward with C returning ``h`` and the stand-ins returning placeholders."""
+        """The model's forward with C returning ``h`` and the stand-ins returning placeholders.
+        ``CutNotReached`` where this batch's forward leaves the recorded path before C (checked
+        before each module call until C is served: nothing after the cut has run then)."""
         c = self.candidates[cut - 1]
         if cut not in self.consts:  # rows came from a checkpoint: record C's constants once
             self.rows(_first_sample(inputs), cut)
         batch = h.shape[0]
         served = [False]
+        after = self._called_after(cut)
+
+        def not_past_the_cut(module, args):
+            if not served[0] and id(module) in after:
+                raise CutNotReached(self._not_reached(c))
         given = {id(t) for t in tree_flatten((inputs.args, inputs.kwargs))[0] if isinstance(t, Tensor)}
         value = self._unpack(c, cut, h)
         patched = []
@@ -966,6 +1003,7 @@ class SwapChain:
                 return real_c(*a, **kw)
             served[0] = True
             self._before_cut = False
+            _GLOBAL_PRE_HOOKS.pop(_GUARD_KEY, None)  # the calls after C run without it
             return value
 
         real_c = c.module.forward
@@ -976,8 +1014,15 @@ class SwapChain:
             patched.append((c.module, c.module.__dict__.get("forward", _MISSING)))
             c.module.forward = serve_c
             self._before_cut = True
-            return self.model(*inputs.args, **inputs.kwargs)
+            # a global pre-hook until C is served, set in torch's table directly: a registration
+            # would move torch's hook counter at every step, and the cache reads it as a hook placed
+            _GLOBAL_PRE_HOOKS[_GUARD_KEY] = not_past_the_cut
+            out = self.model(*inputs.args, **inputs.kwargs)
+            if not served[0]:  # the forward ended without C: an early exit before the cut
+                raise CutNotReached(self._not_reached(c))
+            return out
         finally:
+            _GLOBAL_PRE_HOOKS.pop(_GUARD_KEY, None)
             self._before_cut = False
             for module, old in reversed(patched):
                 if old is _MISSING:
@@ -988,6 +1033,10 @@ class SwapChain:
 
 _MISSING = object()
 _NOT_RUN = object()
+# torch's table of global forward pre-hooks (register_module_forward_pre_hook's), and the key the
+# serving guard takes there: negative, where torch's own keys count up from 0
+_GLOBAL_PRE_HOOKS = torch.nn.modules.module._global_forward_pre_hooks
+_GUARD_KEY = -7_000_001
 
 
 class _CheckpointRegions:
