@@ -35,7 +35,7 @@ import dataclasses
 import sys
 import warnings
 import weakref
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -272,6 +272,7 @@ class FrozenRegion:
         self._entries: List[nn.Module] = []
         self._past_boundary = False  # this forward entered one of them
         self._warned_checkpoint: set = set()  # ids of modules warned about (_warn_checkpoint)
+        self._warned_past: set = set()  # ids of modules warned about (_warn_if_past_boundary)
 
     def apply(self, cut: int) -> List[nn.Module]:
         """Place the hooks for a frozen prefix of ``cut`` units (replacing the previous ones).
@@ -279,6 +280,10 @@ class FrozenRegion:
         self.remove()
         self.cut = cut
         always, partly = self.plan.eval_modules(cut)
+        entries = self._unit_entries(cut) if cut else []
+        held_by_place = self._held_by_place(always, partly, entries)
+        always = [m for m in always if id(m) not in held_by_place]
+        partly.update(held_by_place.values())
         self.always, self.partly = always, partly
         held = {id(m) for m in (*always, *partly)}
         for encoder in self.root.modules():
@@ -307,9 +312,17 @@ class FrozenRegion:
         for key in detach:
             counted.setdefault(key, 0)
         shared = self._shared_reads(cut, detach)
-        self.counted = {key: self.plan.module_calls[key][0] for key in counted}
-        self._entries = self._unit_entries(cut) if counted else []
+        self.counted = {key: self.plan.module_calls[key][0] if key in self.plan.module_calls
+                        else held_by_place[key][0] for key in counted}
+        looped = self._looped_frozen(always, entries)
+        self._entries = entries if counted or looped else []
+        for module, eval_calls in held_by_place.values():
+            self.handles.append(module.register_forward_pre_hook(
+                self._enter_hook(eval_calls, eval_calls, 0, [], by_place=True), with_kwargs=True, prepend=True))
+            self.handles.append(module.register_forward_hook(self._leave_hook(), always_call=True))
         for key, eval_calls in counted.items():
+            if key in held_by_place:
+                continue
             module, _, calls = self.plan.module_calls[key]
             # A module whose traced calls each end before the prefix's end or start after it (a
             # dropout, not a container around the cut; a call with no ops, a dropout traced in
@@ -325,11 +338,56 @@ class FrozenRegion:
             self.handles.append(module.register_forward_hook(self._leave_hook(), always_call=True))
         for module in self._entries:
             self.handles.append(module.register_forward_pre_hook(engine_hook(self._pass_boundary), prepend=True))
-        if counted:
+        for module in looped:
+            self.handles.append(module.register_forward_pre_hook(engine_hook(self._warn_if_past_boundary)))
+        if counted or looped:
             self.handles.append(self.root.register_forward_pre_hook(engine_hook(self._enter_root)))
             self.handles.append(self.root.register_forward_hook(engine_hook(self._leave_root), always_call=True))
             _compiled_graphs_see_hooks()
         return switched
+
+    def _held_by_place(self, always: List[nn.Module], partly: Dict[nn.Module, int],
+                       entries: List[nn.Module]) -> Dict[int, Tuple[nn.Module, int]]:
+        """id(module) -> (module, traced calls) of the modules held in eval by where the forward
+        is (until it enters the first trainable unit), not at every call: a module whose traced
+        calls all lie in the prefix but were several (a loop: a batch that loops longer than the
+        set-up batch calls it after the prefix too, where it runs in the model's mode), and a
+        parameter-free module the traced forward never called (a per-domain norm or dropout on a
+        branch the set-up batch did not take: in the prefix it stays a fixed function, after it
+        it runs as the model has it). Only where the first trainable unit has an entry module."""
+        if not entries:
+            return {}
+        held: Dict[int, Tuple[nn.Module, int]] = {}
+        for module in always:
+            calls = self.plan.module_calls.get(id(module), (None, None, ()))[2]
+            if len(calls) > 1 and not mode_blind(module):
+                held[id(module)] = (module, len(calls))
+        taken = {id(m) for m in always} | {id(m) for m in partly}
+        for module in self.root.modules():
+            if (id(module) not in self.plan.module_calls and id(module) not in taken and not mode_blind(module)
+                    and next(module.parameters(), None) is None and reads_its_mode(module)):
+                held[id(module)] = (module, 1)
+        return held
+
+    def _looped_frozen(self, always: List[nn.Module], entries: List[nn.Module]) -> List[nn.Module]:
+        """Frozen modules with parameters called several times, all in the prefix, by the traced
+        forward (a layer shared by the turns of a loop): a batch that calls one after the prefix
+        reads frozen weights where the set-up batch showed none (warned)."""
+        if not entries:
+            return []
+        return [m for m in always if len(self.plan.module_calls.get(id(m), (None, None, ()))[2]) > 1
+                and next(m.parameters(recurse=False), None) is not None]
+
+    def _warn_if_past_boundary(self, module, args) -> None:
+        if self._in_root_forward and self._past_boundary and id(module) not in self._warned_past:
+            self._warned_past.add(id(module))
+            name = next((n for n, m in self.root.named_modules() if m is module), type(module).__name__)
+            warnings.warn(
+                f"SmartFreezer: {name!r} ({type(module).__name__}) froze because every call of it in the set-up "
+                "forward lay in the frozen prefix, but this batch calls it after the prefix too (a loop that runs "
+                "longer than in the set-up batch): those calls read its frozen weights, and it gets no gradient "
+                "from them. Pass example_inputs that take the longest path training takes (the most turns of the "
+                "loop), so that the freezer sees where it is read.", stacklevel=3)
 
     def start_after(self, calls: Dict[int, int], through_root: bool = False) -> None:
         """The next pass skips calls that made ``calls[id(module)]`` calls of the counted modules

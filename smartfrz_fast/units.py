@@ -214,10 +214,21 @@ class UnitPlan:
 
     def _uncalled_within(self, key: int, module: nn.Module) -> List[nn.Module]:
         """``module``'s descendants the traced forward never called, walked once per module (a
-        walk at every freeze event cost O(depth x modules) on deeply nested models)."""
+        walk at every freeze event cost O(depth x modules) on deeply nested models), but none
+        inside one that holds a trainable parameter of no unit: an expert no token reached at
+        set-up trains, in the model's mode (held in eval, its BatchNorm trained on running
+        statistics that no longer moved)."""
         found = self._uncalled_descendants.get(key)
         if found is None:
-            found = [m for m in module.modules() if m is not module and id(m) not in self.module_calls]
+            in_units = {id(p) for unit in self.units for p in unit.parameters}
+            found = []
+            pending = list(module.children())
+            while pending:
+                child = pending.pop()
+                if id(child) in self.module_calls:
+                    pending.extend(child.children())  # called: its own calls decide its mode
+                elif not any(p.requires_grad and id(p) not in in_units for p in child.parameters()):
+                    found.extend(m for m in child.modules() if id(m) not in self.module_calls)
             self._uncalled_descendants[key] = found
         return found
 

@@ -59,8 +59,12 @@ def test_only_modules_that_read_their_mode_get_a_hook():
     freezer.freeze_to(2)  # units: each Linear; the first block's two are its whole call
     first = model[0]
     hooked = {m for m in model.modules() if m._forward_pre_hooks}
-    # Block and ModeLinear read `training`, a Dropout may (this one is never called); fc and GELU cannot
-    assert hooked == {first, first.scaled, first.attn_drop}
+    # Block and ModeLinear read `training`, a Dropout may (never called: the first block's as part of
+    # the frozen block, the second's by where the forward is when it runs); fc and GELU cannot. The
+    # first trainable units' modules and the model get the hooks that tell where the forward is.
+    told_by = set(freezer._region._entries) | {model}
+    assert hooked - told_by == {first, first.scaled, first.attn_drop, model[1].attn_drop}
+    assert first.fc not in hooked and first.act not in hooked
     assert not mode_blind(first.scaled) and mode_blind(first.fc)
     model.train()
     x = torch.randn(4, 5)
@@ -881,3 +885,152 @@ def test_a_parametrized_module_of_the_users_is_looked_at_as_the_users():
     state = model[0].generator.get_state()
     SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1), example_inputs=torch.randn(4, 6))
     assert model[0].calls == 0 and torch.equal(model[0].generator.get_state(), state)
+
+
+def _modes_seen(module: nn.Module, log: list) -> None:
+    """Log the mode ``module`` runs in at each call (a hook placed after the engine's)."""
+    module.register_forward_pre_hook(lambda m, args: log.append(m.training))
+
+
+class _IdleExpert(nn.Module):
+    """A layer with an expert (Linear + BatchNorm) that only inputs with x[:, 0] > 0 reach."""
+
+    def __init__(self):
+        super().__init__()
+        self.main = nn.Linear(8, 8)
+        self.expert = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8))
+
+    def forward(self, x):
+        h = self.main(x)
+        routed = x[:, 0] > 0
+        if int(routed.sum()) > 1:
+            h = h.clone()
+            h[routed] = h[routed] + self.expert(x[routed])
+        return h
+
+
+def test_an_expert_no_token_reached_at_set_up_trains_in_the_models_mode():
+    """It is not managed (it keeps training), but once its layer froze the engine held it in eval
+    as an uncalled part of a frozen module: its BatchNorm trained on running statistics that no
+    longer moved (1e-2 off the same freeze by hand, review67)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_IdleExpert(), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(16, 8)
+    x[:, 0] = -1.0  # no input reaches the expert at set-up
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the expert's parameters are not managed
+        freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1, at_step=0),
+                               example_inputs=x, total_steps=10)
+    freezer.step()
+    assert freezer.num_frozen == 1 and model[0].expert[0].weight.requires_grad
+    modes, before = [], model[0].expert[1].running_mean.clone()
+    _modes_seen(model[0].expert[1], modes)
+    model.train()
+    model(torch.randn(16, 8).abs()).sum().backward()
+    assert modes == [True] and not torch.equal(model[0].expert[1].running_mean, before)
+
+
+class _TwoDomains(nn.Module):
+    """A parameter-free norm per domain, chosen by the batch: the set-up batch takes domain A."""
+
+    def __init__(self, norm_in_prefix=True):
+        super().__init__()
+        self.stem, self.mid, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.norm_a, self.norm_b = nn.BatchNorm1d(8, affine=False), nn.BatchNorm1d(8, affine=False)
+        self.norm_in_prefix = norm_in_prefix
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        if not self.norm_in_prefix:
+            h = torch.relu(self.mid(h))
+        h = self.norm_a(h) if x[:, 0].mean() > 0 else self.norm_b(h)
+        if self.norm_in_prefix:
+            h = torch.relu(self.mid(h))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("norm_in_prefix", [True, False])
+def test_a_parameter_free_module_on_a_branch_set_up_did_not_take_follows_its_place(norm_in_prefix):
+    """Never called at set-up, domain B's norm was in no list: inside the frozen prefix it ran in
+    train mode and moved its statistics, so the prefix was no fixed function and the activation
+    cache's rows (made in eval) disagreed with the uncached run (review67). Before the first
+    trainable layer it is held in eval now; after it, it runs in the model's mode."""
+    torch.manual_seed(0)
+    model = _TwoDomains(norm_in_prefix)
+    x = torch.randn(16, 8)
+    x[:, 0] = 1.0  # domain A
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1, at_step=0),
+                           example_inputs=x, total_steps=10)
+    freezer.step()
+    modes, before = [], model.norm_b.running_mean.clone()
+    _modes_seen(model.norm_b, modes)
+    model.train()
+    domain_b = torch.randn(16, 8)
+    domain_b[:, 0] = -1.0
+    model(domain_b).sum().backward()
+    assert modes == [not norm_in_prefix]
+    assert torch.equal(model.norm_b.running_mean, before) == norm_in_prefix
+    assert model.norm_b.training  # the flag is put back after the call
+
+
+class _Turns(nn.Module):
+    """A loop of ``turns`` turns (set by the loop: the set-up batch runs fewer than training),
+    each through one shared dropout and its own adapter, after a shared layer read every turn."""
+
+    def __init__(self, shared_layer=False):
+        super().__init__()
+        self.emb, self.head = nn.Linear(8, 16), nn.Linear(16, 3)
+        self.drop = nn.Dropout(0.5)
+        self.shared = nn.Linear(16, 16) if shared_layer else None
+        self.adapters = nn.ModuleList(nn.Linear(16, 16) for _ in range(6))
+        self.turns = 2
+
+    def forward(self, x):
+        h = self.emb(x)
+        for adapter in self.adapters[:self.turns]:
+            if self.shared is not None:
+                h = torch.tanh(self.shared(h))
+            h = adapter(self.drop(h))
+        return self.head(h)
+
+
+def test_a_module_called_by_more_turns_than_at_set_up_runs_in_the_models_mode_after_the_prefix():
+    """Traced over 2 turns, a dropout shared by the turns had every call in the prefix and was held
+    in eval at every call: on 6-turn batches too, where turns 2-5's adapters train (review67).
+    Its calls after the first trainable layer now run in the model's mode."""
+    torch.manual_seed(0)
+    model = _Turns()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # adapters 2-5 are not managed: the set-up ran 2 turns
+        freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(2, at_step=0),
+                               example_inputs=torch.randn(4, 8), total_steps=10)
+    freezer.step()
+    assert [u.name for u in freezer.units[:freezer.num_frozen]] == ["emb", "adapters.0"]
+    modes = []
+    _modes_seen(model.drop, modes)
+    model.train()
+    model.turns = 6
+    model(torch.randn(4, 8)).sum().backward()
+    assert modes == [False, False, True, True, True, True]
+
+
+def test_a_frozen_layer_read_by_more_turns_than_at_set_up_is_warned_about():
+    """Traced over 2 turns, a layer read every turn froze whole (every traced read lay in the
+    prefix); a 6-turn batch reads its frozen weights after the prefix too, where the set-up batch
+    showed no read: warned once, naming the fix (review67)."""
+    torch.manual_seed(0)
+    model = _Turns(shared_layer=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(3, at_step=0),
+                               example_inputs=torch.randn(4, 8), total_steps=10)
+    freezer.step()
+    assert not model.shared.weight.requires_grad
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(torch.randn(4, 8))  # 2 turns, as at set-up: nothing to say
+        model.turns = 6
+        model(torch.randn(4, 8))
+        model(torch.randn(4, 8))
+    said = [str(w.message) for w in caught if "longest path" in str(w.message)]
+    assert len(said) == 1 and "'shared'" in said[0], [str(w.message) for w in caught]
