@@ -35,7 +35,7 @@ import dataclasses
 import sys
 import warnings
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -280,10 +280,6 @@ class FrozenRegion:
         self.remove()
         self.cut = cut
         always, partly = self.plan.eval_modules(cut)
-        entries = self._unit_entries(cut) if cut else []
-        held_by_place = self._held_by_place(always, partly, entries)
-        always = [m for m in always if id(m) not in held_by_place]
-        partly.update(held_by_place.values())
         self.always, self.partly = always, partly
         held = {id(m) for m in (*always, *partly)}
         for encoder in self.root.modules():
@@ -312,17 +308,10 @@ class FrozenRegion:
         for key in detach:
             counted.setdefault(key, 0)
         shared = self._shared_reads(cut, detach)
-        self.counted = {key: self.plan.module_calls[key][0] if key in self.plan.module_calls
-                        else held_by_place[key][0] for key in counted}
-        looped = self._looped_frozen(always, entries)
-        self._entries = entries if counted or looped else []
-        for module, eval_calls in held_by_place.values():
-            self.handles.append(module.register_forward_pre_hook(
-                self._enter_hook(eval_calls, eval_calls, 0, [], by_place=True), with_kwargs=True, prepend=True))
-            self.handles.append(module.register_forward_hook(self._leave_hook(), always_call=True))
+        self.counted = {key: self.plan.module_calls[key][0] for key in counted}
+        looped = self._looped_frozen(always)
+        self._entries = self._unit_entries(cut) if counted or looped else []
         for key, eval_calls in counted.items():
-            if key in held_by_place:
-                continue
             module, _, calls = self.plan.module_calls[key]
             # A module whose traced calls each end before the prefix's end or start after it (a
             # dropout, not a container around the cut; a call with no ops, a dropout traced in
@@ -338,43 +327,19 @@ class FrozenRegion:
             self.handles.append(module.register_forward_hook(self._leave_hook(), always_call=True))
         for module in self._entries:
             self.handles.append(module.register_forward_pre_hook(engine_hook(self._pass_boundary), prepend=True))
-        for module in looped:
+        for module in looped if self._entries else ():
             self.handles.append(module.register_forward_pre_hook(engine_hook(self._warn_if_past_boundary)))
-        if counted or looped:
+        if counted or (looped and self._entries):
             self.handles.append(self.root.register_forward_pre_hook(engine_hook(self._enter_root)))
             self.handles.append(self.root.register_forward_hook(engine_hook(self._leave_root), always_call=True))
             _compiled_graphs_see_hooks()
         return switched
 
-    def _held_by_place(self, always: List[nn.Module], partly: Dict[nn.Module, int],
-                       entries: List[nn.Module]) -> Dict[int, Tuple[nn.Module, int]]:
-        """id(module) -> (module, traced calls) of the modules held in eval by where the forward
-        is (until it enters the first trainable unit), not at every call: a module whose traced
-        calls all lie in the prefix but were several (a loop: a batch that loops longer than the
-        set-up batch calls it after the prefix too, where it runs in the model's mode), and a
-        parameter-free module the traced forward never called (a per-domain norm or dropout on a
-        branch the set-up batch did not take: in the prefix it stays a fixed function, after it
-        it runs as the model has it). Only where the first trainable unit has an entry module."""
-        if not entries:
-            return {}
-        held: Dict[int, Tuple[nn.Module, int]] = {}
-        for module in always:
-            calls = self.plan.module_calls.get(id(module), (None, None, ()))[2]
-            if len(calls) > 1 and not mode_blind(module):
-                held[id(module)] = (module, len(calls))
-        taken = {id(m) for m in always} | {id(m) for m in partly}
-        for module in self.root.modules():
-            if (id(module) not in self.plan.module_calls and id(module) not in taken and not mode_blind(module)
-                    and next(module.parameters(), None) is None and reads_its_mode(module)):
-                held[id(module)] = (module, 1)
-        return held
-
-    def _looped_frozen(self, always: List[nn.Module], entries: List[nn.Module]) -> List[nn.Module]:
+    def _looped_frozen(self, always: List[nn.Module]) -> List[nn.Module]:
         """Frozen modules with parameters called several times, all in the prefix, by the traced
         forward (a layer shared by the turns of a loop): a batch that calls one after the prefix
-        reads frozen weights where the set-up batch showed none (warned)."""
-        if not entries:
-            return []
+        reads frozen weights where the set-up batch showed none (warned, where the first
+        trainable unit has an entry module to tell it)."""
         return [m for m in always if len(self.plan.module_calls.get(id(m), (None, None, ()))[2]) > 1
                 and next(m.parameters(recurse=False), None) is not None]
 

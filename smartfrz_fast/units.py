@@ -952,7 +952,8 @@ class SharedWrites:
         self.owners, self.holders = list(owners), holders
         self.written_by: Dict[Tuple[int, str], List[nn.Module]] = {}
         self._running: List[nn.Module] = []
-        self._last = [_attribute_marks(owner) for owner in self.owners]
+        self._nested: Set[Tuple[int, str]] = set()  # (id(owner), attribute) holding containers or objects
+        self._last = [self._marks(owner) for owner in self.owners]
         self._handles: List[Any] = []
         for module in model.modules():
             try:
@@ -967,6 +968,8 @@ class SharedWrites:
     def __exit__(self, *exc: Any) -> None:
         for handle in self._handles:
             handle.remove()
+        for key in self._nested:  # a write inside one is seen by no mark: every holder's, as without this look
+            self.written_by.pop(key, None)
 
     def _enter(self, module: nn.Module, args: Any) -> None:
         self._note()
@@ -977,9 +980,14 @@ class SharedWrites:
         if self._running and self._running[-1] is module:
             self._running.pop()
 
+    def _marks(self, owner: Any) -> Dict[str, Tuple[Any, ...]]:
+        marks = _attribute_marks(owner)
+        self._nested.update((id(owner), key) for key, mark in marks.items() if mark[0] is _NESTED)
+        return marks
+
     def _note(self) -> None:
         for index, owner in enumerate(self.owners):
-            now = _attribute_marks(owner)
+            now = self._marks(owner)
             if now == self._last[index]:
                 continue
             writer = self._running[-1] if self._running else None
@@ -992,23 +1000,33 @@ class SharedWrites:
             self._last[index] = now
 
 
+_NESTED = object()  # the mark of a list or dict that holds containers or objects
+
+
 def _attribute_marks(owner: Any) -> Dict[str, Tuple[Any, ...]]:
     """A cheap mark of each public attribute's state, which a write changes: the object's identity
-    and, a tensor's version, a list's or dict's items' identities, a plain value itself."""
+    and, a tensor's version, a list's or dict's items' marks, a plain value itself. A list or dict
+    holding containers or objects (a write inside them changes no mark) is marked ``_NESTED``."""
     marks = {}
     for key, value in vars(owner).items():
         if key.startswith("_"):
             continue
-        if isinstance(value, torch.Tensor):
-            marks[key] = (id(value), None if value.is_inference() else value._version)
-        elif isinstance(value, (list, dict)):
-            items = value.values() if isinstance(value, dict) else value
-            marks[key] = (id(value), len(value), tuple(map(id, itertools.islice(items, 256))))
-        elif isinstance(value, _PLAIN_VALUES) and not (isinstance(value, float) and math.isnan(value)):
-            marks[key] = (type(value), value)
+        if isinstance(value, (list, dict)):
+            items = [_value_mark(v) for v in itertools.islice(value.values() if isinstance(value, dict) else value, 256)]
+            nested = len(value) > 256 or any(mark is None for mark in items)
+            marks[key] = (_NESTED, id(value)) if nested else (id(value), len(value), tuple(items))
         else:
-            marks[key] = (id(value),)
+            marks[key] = _value_mark(value) or (id(value),)
     return marks
+
+
+def _value_mark(value: Any) -> Optional[Tuple[Any, ...]]:
+    """A tensor's identity and version, a plain value itself; None for anything else."""
+    if isinstance(value, torch.Tensor):
+        return (id(value), None if value.is_inference() else value._version)
+    if isinstance(value, _PLAIN_VALUES) and not (isinstance(value, float) and math.isnan(value)):
+        return (type(value), value)
+    return None
 
 
 def forward_codes(module: nn.Module) -> Optional[List[types.CodeType]]:

@@ -1581,3 +1581,73 @@ def test_a_forward_that_stops_before_the_cut_runs_the_whole_model(make_model, ea
     assert cache.boundary > 0 and cache.stats["hits"] + cache.stats["misses"] > 0, cache.describe()
     if make_model is _EarlyExit:
         assert cache.stats["bypassed"] > 0, cache.describe()
+
+
+class _TapsIntoContext(nn.Module):
+    def __init__(self, context, taps):
+        super().__init__()
+        self.lin, self.context, self.taps = nn.Linear(8, 8), context, taps
+
+    def forward(self, h):
+        h = torch.tanh(self.lin(h))
+        if self.taps:
+            self.context.aux["feats"].append(h)  # into a list inside a dict the root made
+        return h
+
+
+class _NestedContextNet(nn.Module):
+    """The root gives the shared context a fresh dict of lists at every forward; blocks.1 appends
+    its output to a list in it, which the root's head reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.context = _Context()
+        self.first, self.head, self.aux_head = nn.Linear(8, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+        self.blocks = nn.ModuleList(_TapsIntoContext(self.context, i == 1) for i in range(3))
+
+    def forward(self, x):
+        self.context.aux = {"feats": []}
+        h = self.first(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h) + sum(self.aux_head(f) for f in self.context.aux["feats"])
+
+
+def test_a_write_inside_a_nested_container_of_a_shared_context_counts_for_every_holder():
+    """The set-up look saw the root rebind the context's dict but not the block's append inside
+    it, credited the root alone, and the cut went past the tapping block: cached steps read an
+    empty list (0.116 off, review68). A container holding containers is every holder's again."""
+    (_, _), (model, cache) = _with_and_without_cache(_NestedContextNet, frozen=4)
+    assert cache.boundary == 2 and "writes '" in cache.describe(), cache.describe()
+
+
+class _TwoDomains(nn.Module):
+    """A parameter-free norm per domain, chosen by the batch, between frozen layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.mid, self.head = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+        self.norm_a, self.norm_b = nn.BatchNorm1d(16, affine=False), nn.BatchNorm1d(16, affine=False)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = self.norm_a(h) if x[:, 0].mean() > 0 else self.norm_b(h)
+        return self.head(torch.relu(self.mid(h)))
+
+
+def test_a_mode_reading_module_set_up_never_called_turns_the_cache_off_where_it_runs_before_the_cut():
+    """Domain B's norm, never called at set-up, runs in train mode inside the prefix (its
+    statistics move), where cached rows were made in eval: cache and no cache drifted apart until
+    an audit, or for good with a dropout (review67). The cache now turns off when it runs."""
+    generator = torch.Generator().manual_seed(3)
+    x, y = torch.randn(32, 8, generator=generator), torch.randint(0, 3, (32,), generator=generator)
+    x[:16, 0], x[16:, 0] = 1.0, -1.0
+    batches = [torch.arange(0, 8), torch.arange(8, 16), torch.arange(0, 8), torch.arange(16, 24),
+               torch.arange(8, 16), torch.arange(24, 32)]
+    plain, _, plain_losses = _train_on_batches(_TwoDomains, x, y, batches, use_cache=False, frozen=2)
+    model, cache, losses = _train_on_batches(_TwoDomains, x, y, batches, use_cache=True, frozen=2)
+    assert losses == plain_losses
+    for a, b in zip(plain.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert torch.equal(plain.norm_b.running_mean, model.norm_b.running_mean)
+    assert not cache.enabled and "norm_b" in cache.reason and "reads its mode" in cache.reason, cache.describe()

@@ -454,10 +454,30 @@ class SwapChain:
         inside a recorded call is placed in the block of the candidate that ends with that
         call, so it stops the cut there while it trains. One whose module the recording never
         entered (called by the model itself, on some batches) cannot be placed: a guard on that
-        module raises ``UntracedCall`` if it runs before the cut. Returns why no cut is possible
-        (such a parameter owned by the model itself), else None."""
+        module raises ``UntracedCall`` if it runs before the cut, as one on every parameter-free
+        module the recording never called that reads its mode does (it runs in the model's mode
+        there, rows are made in eval). Returns why no cut is possible (such a parameter owned by
+        the model itself), else None."""
         from .split import _ParamHolder
 
+        from ..frozen import engine_hook, reads_its_mode
+
+        me = self
+        names = {id(m): name for name, m in model.named_modules()}
+        recorded = {id(c.module) for c in calls}
+
+        def guard_mode(module, args):
+            if me._before_cut:
+                raise UntracedCall(
+                    f"module {names.get(id(module), type(module).__name__)} ({type(module).__name__}), which the "
+                    "recorded forward did not call, reads its mode (dropout, batch statistics) and ran before the "
+                    "cached cut on this batch: rows made in eval mode cannot stand in for what it computes in "
+                    "training. Pass example_inputs whose forward takes its branch, to cache")
+
+        # parameter-free modules the recording never called that read their mode (a per-domain norm
+        # on a branch the first batch did not take): in the prefix they run as the model has them
+        self._guarded = [m.register_forward_pre_hook(engine_hook(guard_mode)) for m in model.modules()
+                         if id(m) not in recorded and next(m.parameters(), None) is None and reads_its_mode(m)]
         untraced = [p for pid, p in params.items() if pid not in read]
         if not untraced:
             return None
@@ -487,8 +507,6 @@ class SwapChain:
         if any(owner is model for owner in unplaced):
             return (f"{type(model).__name__} owns a parameter that the recorded forward did not read, so the "
                     "module swap cannot tell where it is read; pass blocks= to cache")
-        me = self
-        names = {id(m): name for name, m in model.named_modules()}
 
         def guard(module, args):
             if me._before_cut and any(p.requires_grad for p in module.parameters(recurse=False)):
@@ -496,8 +514,7 @@ class SwapChain:
                                    "forward did not call and whose parameters train, ran before the cached cut on "
                                    "this batch: a cached row cannot stand in for it")
 
-        from ..frozen import engine_hook
-        self._guarded = [m.register_forward_pre_hook(engine_hook(guard)) for m in dict.fromkeys(unplaced)]
+        self._guarded += [m.register_forward_pre_hook(engine_hook(guard)) for m in dict.fromkeys(unplaced)]
         return None
 
     def release(self) -> None:
