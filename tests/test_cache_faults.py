@@ -1541,6 +1541,18 @@ class _EarlyExit(nn.Module):
         return self.head(h)
 
 
+class _SkipsMiddle(_EarlyExit):
+    """An all-easy batch skips blocks 1 and 2 but runs the rest: it reaches the cut by another path."""
+
+    def forward(self, x):
+        hard = bool((x[:, 0] > 0).any())
+        h = torch.relu(self.stem(x))
+        for i, block in enumerate(self.blocks):
+            if hard or i not in (1, 2):
+                h = torch.relu(block(h))
+        return self.head(h)
+
+
 class _Halting(nn.Module):
     """Stops after the first block whose output's norm passes a threshold (adaptive computation)."""
 
@@ -1558,13 +1570,15 @@ class _Halting(nn.Module):
         return self.head(h)
 
 
-@pytest.mark.parametrize("make_model", [_EarlyExit, _Halting])
+@pytest.mark.parametrize("make_model", [_EarlyExit, _SkipsMiddle, _Halting])
 @pytest.mark.parametrize("easy_first", [False, True])
 def test_a_forward_that_stops_before_the_cut_runs_the_whole_model(make_model, easy_first):
     """An early exit (or a halting test) before the cached cut: a batch whose rows were all cached
     got the stand-ins' placeholders in place of the blocks it did run (weights 1.6e-2 off), one with
     new samples crashed (review67). The forward now runs whole for such a batch, and a value read
-    into Python before the cut (the halting test) keeps the blocks it reads running."""
+    into Python before the cut (the halting test) keeps the blocks it reads running. A batch that
+    reaches the cut without running a block the rows stand in for (a branch) runs whole too:
+    served rows made on the other path were 5e-3 off until an audit (review68)."""
     generator = torch.Generator().manual_seed(1)
     x, y = torch.randn(16, 8, generator=generator), torch.randint(0, 3, (16,), generator=generator)
     x[:8, 0], x[8:, 0] = 1.0, -1.0  # 0-7 hard, 8-15 easy
@@ -1572,14 +1586,15 @@ def test_a_forward_that_stops_before_the_cut_runs_the_whole_model(make_model, ea
         x[8:] *= 6  # large inputs halt after one block
     mixed = [torch.tensor([0, 1, 2, 3, 8, 9, 10, 11]), torch.tensor([4, 5, 6, 7, 12, 13, 14, 15])]
     easy = torch.arange(8, 16)
-    batches = [mixed[0], easy, mixed[1], mixed[0], easy] if easy_first else [*mixed, *mixed, easy, mixed[0], easy]
-    plain, _, plain_losses = _train_on_batches(make_model, x, y, batches, use_cache=False)
-    model, cache, losses = _train_on_batches(make_model, x, y, batches, use_cache=True)
+    batches = [mixed[0], easy, mixed[1], mixed[0], easy] if easy_first else [*mixed, *mixed, easy, mixed[0], easy, easy]
+    frozen = 5 if make_model is _SkipsMiddle else 4  # the cut after blocks.3: the skipped blocks before it
+    plain, _, plain_losses = _train_on_batches(make_model, x, y, batches, use_cache=False, frozen=frozen)
+    model, cache, losses = _train_on_batches(make_model, x, y, batches, use_cache=True, frozen=frozen)
     assert losses == plain_losses
     for a, b in zip(plain.parameters(), model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert cache.boundary > 0 and cache.stats["hits"] + cache.stats["misses"] > 0, cache.describe()
-    if make_model is _EarlyExit:
+    if make_model is not _Halting:
         assert cache.stats["bypassed"] > 0, cache.describe()
 
 

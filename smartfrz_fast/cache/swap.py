@@ -443,6 +443,11 @@ class SwapChain:
         self._chosen: Dict[int, List[Call]] = {}
         self._needed: Dict[int, Tuple[Optional[str], List[int]]] = {}
         self._after: Dict[int, Set[int]] = {}  # cut -> _called_after
+        self._guard_key = -1 - id(self)  # its key in _GLOBAL_PRE_HOOKS while it serves or makes rows
+        # (op, end of the innermost module call below the model around it, or of the pass) per
+        # value the recorded pass read into Python
+        self._host_reads = [(op, min((call.end for call in calls if call.depth > 0 and call.start <= op < call.end),
+                                     default=len(flow.op_inputs) + 1)) for op in flow.host_reads]
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -660,8 +665,11 @@ class SwapChain:
         pending = list(flow.output_makers)
         for op in range(c.end, len(flow.op_inputs)):
             pending.extend(flow.op_inputs[op])
-        for op in flow.host_reads:
-            if op < c.start:  # a value read into Python before C may steer the forward (a halting test)
+        for op, within in self._host_reads:
+            # a value read into Python before C may steer the forward (a halting test); one read
+            # inside a call that ends before C (a block's own guard, an MoE's routing) steers only
+            # that call, whose output is the stand-in's or the row's
+            if op < c.start and within > c.start:
                 pending.extend(flow.op_inputs[op])
         serves = c.escapes_after >= 0  # a later call takes C's output as it is
         why = None
@@ -927,7 +935,7 @@ class SwapChain:
         c = self.candidates[cut - 1]
         with preserved_modes(self.model.modules()), torch.no_grad():
             self.model.eval()
-            out = self._output_of(c, inputs)
+            out = self._output_of(c, inputs, cut)
         if out is _NOT_RUN:
             raise CutNotReached(self._not_reached(c))
         leaves, _ = tree_flatten(out)
@@ -938,19 +946,34 @@ class SwapChain:
             return rows[0]
         return torch.cat([r.reshape(r.shape[0], -1) for r in rows], 1)
 
-    def _output_of(self, c: Call, inputs) -> Any:
+    def _output_of(self, c: Call, inputs, cut: Optional[int] = None) -> Any:
         """C's output on ``inputs``: the model runs in the modes it is in up to C and stops there;
-        ``_NOT_RUN`` where the pass never called C (LayerDrop drew it)."""
+        ``_NOT_RUN`` where the pass never called C (LayerDrop drew it). With the ``cut`` the rows
+        are made for, ``CutNotReached`` where the pass reached C on another path than the
+        recording's (a block the served forward stands in for did not run: a row made so would
+        stand in for the recorded path on other batches)."""
+        expected = {id(call.module) for call in self._stand_ins(cut)} if cut is not None else set()
+        ran: Set[int] = set()
+
+        def note(module, args):
+            if id(module) in expected:
+                ran.add(id(module))
+
         def stop(module, a, out):
+            if cut is not None and ran != expected:
+                raise CutNotReached(self._not_reached(c, skipped=True))
             raise _Stop(out)
 
         handle = c.module.register_forward_hook(stop)
         self._before_cut = True
+        if expected:
+            _GLOBAL_PRE_HOOKS[self._guard_key] = note
         try:
             self.model(*inputs.args, **inputs.kwargs)
         except _Stop as s:
             return s.output
         finally:
+            _GLOBAL_PRE_HOOKS.pop(self._guard_key, None)
             self._before_cut = False
             handle.remove()
         return _NOT_RUN
@@ -973,9 +996,12 @@ class SwapChain:
                 leaves.append(kind[1])
         return tree_unflatten(leaves, c.spec)
 
-    def _not_reached(self, c: Call) -> str:
-        return (f"this batch's forward did not reach {c.name}, the block the cached rows stand in for (its path "
-                "depends on the data: an early exit, a loop that halts sooner), so the whole model runs for it")
+    def _not_reached(self, c: Call, skipped: bool = False) -> str:
+        how = (f"reached {c.name}, the block the cached rows stand in for, without running every block the "
+               "recorded forward ran before it" if skipped else
+               f"did not reach {c.name}, the block the cached rows stand in for")
+        return (f"this batch's forward {how} (its path depends on the data: an early exit, a loop that halts "
+                "sooner, a branch), so the whole model runs for it")
 
     def _called_after(self, cut: int) -> Set[int]:
         """Modules every recorded call of which starts after C ends: one of them about to run
@@ -998,6 +1024,8 @@ class SwapChain:
         batch = h.shape[0]
         served = [False]
         after = self._called_after(cut)
+        stand_ins = self._stand_ins(cut)
+        stood_in: Set[int] = set()  # the stand-ins called before C: all of them, on the recorded path
 
         def not_past_the_cut(module, args):
             if not served[0] and id(module) in after:
@@ -1012,20 +1040,23 @@ class SwapChain:
             def forward(*a, **kw):
                 if served[0]:
                     return real(*a, **kw)
+                stood_in.add(id(call.module))
                 return _placeholder(call, batch, a, given)
             return forward
 
         def serve_c(*a, **kw):
             if served[0]:
                 return real_c(*a, **kw)
+            if len(stood_in) != len(stand_ins):  # a branch skipped a block the rows stand in for
+                raise CutNotReached(self._not_reached(c, skipped=True))
             served[0] = True
             self._before_cut = False
-            _GLOBAL_PRE_HOOKS.pop(_GUARD_KEY, None)  # the calls after C run without it
+            _GLOBAL_PRE_HOOKS.pop(self._guard_key, None)  # the calls after C run without it
             return value
 
         real_c = c.module.forward
         try:
-            for call in self._stand_ins(cut):
+            for call in stand_ins:
                 patched.append((call.module, call.module.__dict__.get("forward", _MISSING)))
                 call.module.forward = stand_in(call)
             patched.append((c.module, c.module.__dict__.get("forward", _MISSING)))
@@ -1033,13 +1064,13 @@ class SwapChain:
             self._before_cut = True
             # a global pre-hook until C is served, set in torch's table directly: a registration
             # would move torch's hook counter at every step, and the cache reads it as a hook placed
-            _GLOBAL_PRE_HOOKS[_GUARD_KEY] = not_past_the_cut
+            _GLOBAL_PRE_HOOKS[self._guard_key] = not_past_the_cut
             out = self.model(*inputs.args, **inputs.kwargs)
             if not served[0]:  # the forward ended without C: an early exit before the cut
                 raise CutNotReached(self._not_reached(c))
             return out
         finally:
-            _GLOBAL_PRE_HOOKS.pop(_GUARD_KEY, None)
+            _GLOBAL_PRE_HOOKS.pop(self._guard_key, None)
             self._before_cut = False
             for module, old in reversed(patched):
                 if old is _MISSING:
@@ -1050,10 +1081,9 @@ class SwapChain:
 
 _MISSING = object()
 _NOT_RUN = object()
-# torch's table of global forward pre-hooks (register_module_forward_pre_hook's), and the key the
-# serving guard takes there: negative, where torch's own keys count up from 0
+# torch's table of global forward pre-hooks (register_module_forward_pre_hook's), where a chain's
+# guard takes a negative key of its own (torch's count up from 0)
 _GLOBAL_PRE_HOOKS = torch.nn.modules.module._global_forward_pre_hooks
-_GUARD_KEY = -7_000_001
 
 
 class _CheckpointRegions:
