@@ -45,8 +45,8 @@ from ..guards import ContainerChildren, warn_in_every_run
 from ..policy.base import plain_number
 from ..units import (PythonAttributes, SharedWrites, compiled_in_place, example_call, preserved_modes, preserved_state,
                      uninitialized_parameters)
-from .split import (SWAP, BlockChain, Inputs, block_modules, captured_outputs, find_blocks, hooked_modules,
-                    modules_outside, rows_need_grad, skipped_hooks)
+from .split import (SWAP, BlockChain, Inputs, block_modules, captured_outputs, checkpointing_switches, find_blocks,
+                    hooked_modules, modules_outside, rows_need_grad, skipped_hooks)
 from .swap import CutNotReached, UntracedCall, holds_tensors
 from .storage import (PINNED_READS, STORAGE_DTYPES, TIERS, Storage, check_path, input_sums, make_storage,
                       owned_temp_path, read_header, remove_leftovers, row_bytes, storage_dtype, tensor_sum)
@@ -208,6 +208,7 @@ class ActivationCache:
         self._warned: set = set()  # kinds of warning given once already
         self.cut_note: Optional[str] = None  # why the cut is not as deep as the frozen prefix
         self._structure_changed = False  # a module or parameter registered in the model since set-up
+        self._checkpointing: List[Tuple[nn.Module, str, Any]] = []  # checkpointing_switches at set-up
         self._containers = ContainerChildren()  # the model's containers' children at set-up
         self._compiled_at_setup: Set[int] = set()  # modules the chain does not call, compiled at set-up
         self._handles_seen = -1  # torch's hook-handle counter when hooks were last checked
@@ -535,6 +536,10 @@ class ActivationCache:
                           "model.train() again, so rows made in eval mode no longer match it; the whole model runs")
         if self._structure_changed or self._containers.changed():
             self._rederive()
+        elif self.chain is not None and any(getattr(m, name, None) != on for m, name, on in self._checkpointing):
+            self._rederive("activation checkpointing was switched on or off in the model since the cache set up "
+                           "(set_grad_checkpointing, gradient_checkpointing_enable), which changes where it can cut "
+                           "(a recomputed call must not hold the cut) and which chain runs the blocks")
         elif self.enabled and self.chain is not None and self.chain.how == "torch.fx" and any(
                 compiled_in_place(m) and id(m) not in self._compiled_at_setup for _, m in self._outside[1]):
             self._rederive("a block was compiled in place after the cache set up its torch.fx chain (compile_blocks, "
@@ -713,6 +718,7 @@ class ActivationCache:
             return
         self.chain = chain
         self._watch_structure(model)
+        self._checkpointing = checkpointing_switches(model)
         self._writers = self._python_writers(model, inputs)
         if chain.how == "torch.fx":  # it calls only leaf modules: the code of the others runs traced
             self._outside = (chain, modules_outside(model, chain))

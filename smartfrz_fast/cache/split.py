@@ -131,6 +131,23 @@ def _has(model: nn.Module, *attrs: str) -> bool:
     return all(hasattr(model, a) for a in attrs)
 
 
+# the flags timm's models (grad_checkpointing) and Hugging Face's (gradient_checkpointing) switch
+# activation checkpointing with
+_CHECKPOINTING_FLAGS = ("grad_checkpointing", "gradient_checkpointing")
+
+
+def checkpointing_switches(model: nn.Module) -> List[Tuple[nn.Module, str, Any]]:
+    """(module, flag, value now) of every activation-checkpointing switch the model's modules have."""
+    return [(m, name, getattr(m, name)) for m in model.modules() for name in _CHECKPOINTING_FLAGS
+            if isinstance(getattr(m, name, None), bool)]
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """A known chain calls the blocks itself, never the model's checkpointing (timm's
+    ``checkpoint_seq``): where it is on, the module swap runs the model's own forward."""
+    return any(on for _, _, on in checkpointing_switches(model))
+
+
 # ------------------------------------------------------------------ known structures
 def _sequential(model: nn.Module) -> Optional[BlockChain]:
     if isinstance(model, nn.Sequential) and type(model).forward is nn.Sequential.forward and len(model):
@@ -140,7 +157,8 @@ def _sequential(model: nn.Module) -> Optional[BlockChain]:
 
 def _resnet(model: nn.Module) -> Optional[BlockChain]:
     """torchvision ResNet (relu/avgpool/fc) and timm ResNet (act1/forward_head)."""
-    if "ResNet" not in type(model).__name__ or not _has(model, "conv1", "bn1", "maxpool", "layer1", "layer4"):
+    if "ResNet" not in type(model).__name__ or not _has(model, "conv1", "bn1", "maxpool", "layer1", "layer4") \
+            or _checkpointing(model):
         return None
     act = getattr(model, "act1", None) or getattr(model, "relu", None)
     if act is None:
@@ -172,7 +190,7 @@ def _vgg(model: nn.Module) -> Optional[BlockChain]:
 
 
 def _vit(model: nn.Module) -> Optional[BlockChain]:
-    if "VisionTransformer" not in type(model).__name__:
+    if "VisionTransformer" not in type(model).__name__ or _checkpointing(model):
         return None
     if _has(model, "conv_proj", "encoder", "heads", "class_token", "_process_input"):  # torchvision
         enc = model.encoder
@@ -204,7 +222,8 @@ def _vit(model: nn.Module) -> Optional[BlockChain]:
 
 
 def _convnext(model: nn.Module) -> Optional[BlockChain]:
-    if "ConvNeXt" not in type(model).__name__ or not _has(model, "stem", "stages", "forward_head"):
+    if "ConvNeXt" not in type(model).__name__ or not _has(model, "stem", "stages", "forward_head") \
+            or _checkpointing(model):
         return None
     blocks = [_module_block("stem", model.stem, True)]
     for s, stage in _children(model.stages):
@@ -972,6 +991,10 @@ def find_blocks(model: nn.Module, inputs: Inputs, blocks: Optional[Sequence[nn.M
         if why is None:
             return chain, chain.how
         reasons.append(why)
+    if no_fx is None and _checkpointing(model):
+        no_fx = ("activation checkpointing is on in the model (timm's grad_checkpointing, Hugging Face's "
+                 "gradient_checkpointing), which a torch.fx chain or a known structure's would leave out: "
+                 "the module swap runs the model's own forward, checkpointing included")
     try:
         if no_fx is not None:
             raise UnfaithfulTrace(no_fx)
