@@ -183,7 +183,8 @@ def check_grads_after_freeze(freezer: Any) -> None:
                 f"received no gradient{' (all zeros)' if zeros else ''}. "
                 "Reentrant activation checkpointing (checkpoint(..., use_reentrant=True)) on an input "
                 "that needs no grad, such as a frozen prefix's output, trains nothing: use "
-                "use_reentrant=False. Without it, "
+                "use_reentrant=False (timm: timm.layers.set_reentrant_ckpt(False); Hugging Face: "
+                "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})). Without it, "
                 + ("a gradient of zeros is the model's own (ReLUs that fire for no sample of the batch, an output "
                    "no loss reads), not the freeze's: then ignore this." if zeros else
                    "no gradient is the model's own (an output no loss reads, as a pooler whose output the model "

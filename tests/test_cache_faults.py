@@ -1707,3 +1707,37 @@ def test_checkpointing_switched_on_sets_the_cache_up_again(switched_at, untracea
     for a, b in zip(plain.buffers(), model.buffers()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert cache.chain.how == "module swap" and cache.stats["hits"] > 0, cache.describe()
+
+
+class _ImageList(nn.Module):
+    """Takes a list of images (torchvision's detection models do), one tensor per sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.mid, self.head = nn.Conv2d(3, 4, 3), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, images):
+        return self.head(torch.relu(self.mid(torch.stack([self.conv(image).mean((1, 2)) for image in images]))))
+
+
+@pytest.mark.parametrize("batch", [2, 3, 4])
+def test_a_list_of_images_is_one_sample_each_whatever_their_channels(batch):
+    """The batch size was read from the first image's channels (3): a batch of 2 or 4 images was
+    refused for its sample ids, one of 3 ran whole (review66). Each is a list of one tensor per
+    sample now, which runs whole, saying to stack them."""
+    torch.manual_seed(0)
+    model = _ImageList()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    images = [torch.randn(3, 8 + i, 8) for i in range(batch)]
+    freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=0), example_inputs=(images,), total_steps=4)
+    cache = ActivationCache(freezer, num_samples=8, deterministic=True)
+    cached = cache.wrap()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            cached(images, torch.arange(batch)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+    assert cache.stats["bypassed"] == 1 and cache.stats["hits"] + cache.stats["misses"] == 0, cache.describe()
+    assert any("images of different sizes" in str(w.message) for w in caught), [str(w.message) for w in caught]

@@ -683,8 +683,9 @@ class ActivationCache:
             return "shape", other
         if _python_rows((inputs.args, inputs.kwargs), batch):
             return "python_rows", ("the inputs hold a Python list of one value or tensor per sample (sequence "
-                                   "lengths?), which the cache cannot split into the samples it computes and those "
-                                   "it serves; pass such values as one tensor to cache")
+                                   "lengths? images of different sizes?), which the cache cannot split into the "
+                                   "samples it computes and those it serves; pass such values as one tensor (images "
+                                   "of one size stacked) to cache")
         leaves = tree_flatten((inputs.args, inputs.kwargs))[0]
         opaque = next((leaf for leaf in leaves if not isinstance(leaf, Tensor) and holds_tensors(leaf)), None)
         if opaque is not None:
@@ -2092,6 +2093,10 @@ def _batch_size(inputs: Inputs, count: Optional[int] = None) -> int:
         raise ValueError("ActivationCache: the model inputs hold no tensor with a batch dimension")
     if firsts[0] == 1 and count is not None and count in firsts:
         return count
+    if firsts[0] != count and any(isinstance(leaf, list) and len(leaf) == count and leaf
+                                  and all(isinstance(t, Tensor) for t in leaf)
+                                  for leaf in (*inputs.args, *inputs.kwargs.values())):
+        return count  # a list of one tensor per sample (torchvision detection's images): _python_rows says so
     return firsts[0]
 
 
