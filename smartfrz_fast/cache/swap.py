@@ -82,8 +82,9 @@ class UntracedCall(RuntimeError):
 
 class CutNotReached(RuntimeError):
     """This batch's forward left the recorded path before the cut (an early exit, a loop that
-    halts sooner): a module the recording called only after the cut was about to run, or the
-    forward ended, with the cut's block not run. Raised before any module after the cut ran."""
+    halts sooner, a branch): a module the recording called only after the cut was about to run,
+    the forward ended with the cut's block not run, or reached it without running a block the
+    rows stand in for. Raised before any module after the cut ran."""
 
 
 class _Stop(BaseException):
@@ -463,9 +464,8 @@ class SwapChain:
         module the recording never called that reads its mode does (it runs in the model's mode
         there, rows are made in eval). Returns why no cut is possible (such a parameter owned by
         the model itself), else None."""
-        from .split import _ParamHolder
-
         from ..frozen import engine_hook, reads_its_mode
+        from .split import _ParamHolder
 
         me = self
         names = {id(m): name for name, m in model.named_modules()}
