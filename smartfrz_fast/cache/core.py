@@ -536,7 +536,8 @@ class ActivationCache:
                           "model.train() again, so rows made in eval mode no longer match it; the whole model runs")
         if self._structure_changed or self._containers.changed():
             self._rederive()
-        elif self.chain is not None and any(getattr(m, name, None) != on for m, name, on in self._checkpointing):
+        elif self.chain is not None and model.training and torch.is_grad_enabled() and any(
+                getattr(m, name, None) != on for m, name, on in self._checkpointing):  # (validation may switch it off)
             self._rederive("activation checkpointing was switched on or off in the model since the cache set up "
                            "(set_grad_checkpointing, gradient_checkpointing_enable), which changes where it can cut "
                            "(a recomputed call must not hold the cut) and which chain runs the blocks")
@@ -681,6 +682,10 @@ class ActivationCache:
         other = self._other_input_shape(inputs)
         if other is not None:
             return "shape", other
+        if _user_global_hooks():
+            return "global_hooks", ("a global forward hook (torch.nn.modules.module.register_module_forward_hook or "
+                                    "_pre_hook) is registered, which runs at every module's call, the frozen "
+                                    "prefix's too, and cached rows skip those calls; remove it to cache")
         if _python_rows((inputs.args, inputs.kwargs), batch):
             return "python_rows", ("the inputs hold a Python list of one value or tensor per sample (sequence "
                                    "lengths? images of different sizes?), which the cache cannot split into the "
@@ -2077,6 +2082,14 @@ def _memory_format(h: Tensor) -> torch.memory_format:
     """channels_last for a 4-d activation laid out so (a channels_last CNN's), else contiguous."""
     channels_last = h.dim() == 4 and not h.is_contiguous() and h.is_contiguous(memory_format=torch.channels_last)
     return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _user_global_hooks() -> bool:
+    """Whether a global forward hook or pre-hook of the user's is registered (torch's own keys
+    count up from 0; a swap chain's guard takes a negative one while it serves)."""
+    from torch.nn.modules import module as module_lib
+
+    return bool(module_lib._global_forward_hooks) or any(key >= 0 for key in module_lib._global_forward_pre_hooks)
 
 
 def _batch_size(inputs: Inputs, count: Optional[int] = None) -> int:

@@ -445,6 +445,7 @@ class SwapChain:
         self._needed: Dict[int, Tuple[Optional[str], List[int]]] = {}
         self._after: Dict[int, Set[int]] = {}  # cut -> _called_after
         self._guard_key = -1 - id(self)  # its key in _GLOBAL_PRE_HOOKS while it serves or makes rows
+        self._recorded = {id(c.module) for c in calls}
         # (op, end of the innermost module call below the model around it, or of the pass) per
         # value the recorded pass read into Python
         self._host_reads = [(op, min((call.end for call in calls if call.depth > 0 and call.start <= op < call.end),
@@ -460,29 +461,13 @@ class SwapChain:
         inside a recorded call is placed in the block of the candidate that ends with that
         call, so it stops the cut there while it trains. One whose module the recording never
         entered (called by the model itself, on some batches) cannot be placed: a guard on that
-        module raises ``UntracedCall`` if it runs before the cut, as one on every parameter-free
-        module the recording never called that reads its mode does (it runs in the model's mode
-        there, rows are made in eval). Returns why no cut is possible (such a parameter owned by
-        the model itself), else None."""
-        from ..frozen import engine_hook, reads_its_mode
+        module raises ``UntracedCall`` if it runs before the cut. Returns why no cut is possible
+        (such a parameter owned by the model itself), else None."""
+        from ..frozen import engine_hook
         from .split import _ParamHolder
 
         me = self
         names = {id(m): name for name, m in model.named_modules()}
-        recorded = {id(c.module) for c in calls}
-
-        def guard_mode(module, args):
-            if me._before_cut:
-                raise UntracedCall(
-                    f"module {names.get(id(module), type(module).__name__)} ({type(module).__name__}), which the "
-                    "recorded forward did not call, reads its mode (dropout, batch statistics) and ran before the "
-                    "cached cut on this batch: rows made in eval mode cannot stand in for what it computes in "
-                    "training. Pass example_inputs whose forward takes its branch, to cache")
-
-        # parameter-free modules the recording never called that read their mode (a per-domain norm
-        # on a branch the first batch did not take): in the prefix they run as the model has them
-        self._guarded = [m.register_forward_pre_hook(engine_hook(guard_mode)) for m in model.modules()
-                         if id(m) not in recorded and next(m.parameters(), None) is None and reads_its_mode(m)]
         untraced = [p for pid, p in params.items() if pid not in read]
         if not untraced:
             return None
@@ -519,7 +504,7 @@ class SwapChain:
                                    "forward did not call and whose parameters train, ran before the cached cut on "
                                    "this batch: a cached row cannot stand in for it")
 
-        self._guarded += [m.register_forward_pre_hook(engine_hook(guard)) for m in dict.fromkeys(unplaced)]
+        self._guarded = [m.register_forward_pre_hook(engine_hook(guard)) for m in dict.fromkeys(unplaced)]
         return None
 
     def release(self) -> None:
@@ -958,6 +943,8 @@ class SwapChain:
         def note(module, args):
             if id(module) in expected:
                 ran.add(id(module))
+            elif ran and id(module) not in self._recorded:  # inside the prefix, a module it never ran
+                raise CutNotReached(self._not_reached(c, skipped=True))
 
         def stop(module, a, out):
             if cut is not None and ran != expected:
@@ -997,8 +984,8 @@ class SwapChain:
         return tree_unflatten(leaves, c.spec)
 
     def _not_reached(self, c: Call, skipped: bool = False) -> str:
-        how = (f"reached {c.name}, the block the cached rows stand in for, without running every block the "
-               "recorded forward ran before it" if skipped else
+        how = (f"took another path to {c.name}, the block the cached rows stand in for, than the recorded forward "
+               "(it skipped a block that ran there, or ran a module that did not)" if skipped else
                f"did not reach {c.name}, the block the cached rows stand in for")
         return (f"this batch's forward {how} (its path depends on the data: an early exit, a loop that halts "
                 "sooner, a branch), so the whole model runs for it")
@@ -1028,8 +1015,12 @@ class SwapChain:
         stood_in: Set[int] = set()  # the stand-ins called before C: all of them, on the recorded path
 
         def not_past_the_cut(module, args):
-            if not served[0] and id(module) in after:
+            if served[0]:
+                return
+            if id(module) in after:
                 raise CutNotReached(self._not_reached(c))
+            if stood_in and id(module) not in self._recorded:  # inside the prefix, a module it never ran
+                raise CutNotReached(self._not_reached(c, skipped=True))
         given = {id(t) for t in tree_flatten((inputs.args, inputs.kwargs))[0] if isinstance(t, Tensor)}
         value = self._unpack(c, cut, h)
         patched = []
