@@ -346,9 +346,8 @@ class FrozenRegion:
     def _warn_if_past_boundary(self, module, args) -> None:
         if self._in_root_forward and self._past_boundary and id(module) not in self._warned_past:
             self._warned_past.add(id(module))
-            name = next((n for n, m in self.root.named_modules() if m is module), type(module).__name__)
             warnings.warn(
-                f"SmartFreezer: {name!r} ({type(module).__name__}) froze because every call of it in the set-up "
+                f"SmartFreezer: {self._name_of(module)!r} ({type(module).__name__}) froze because every call of it in the set-up "
                 "forward lay in the frozen prefix, but this batch calls it after the prefix too (a loop that runs "
                 "longer than in the set-up batch): those calls read its frozen weights, and it gets no gradient "
                 "from them. Pass example_inputs that take the longest path training takes (the most turns of the "
@@ -458,11 +457,13 @@ class FrozenRegion:
                     self._warn_checkpoint(module)
         return engine_hook(enter)
 
+    def _name_of(self, module: nn.Module) -> str:
+        return next((n for n, m in self.root.named_modules() if m is module), type(module).__name__)
+
     def _warn_checkpoint(self, module: nn.Module) -> None:
         self._warned_checkpoint.add(id(module))
-        name = next((n for n, m in self.root.named_modules() if m is module), type(module).__name__)
         warnings.warn(
-            f"SmartFreezer: {name!r} ({type(module).__name__}) is called both in the frozen prefix and after it, and "
+            f"SmartFreezer: {self._name_of(module)!r} ({type(module).__name__}) is called both in the frozen prefix and after it, and "
             "this call, in the prefix, runs inside torch.utils.checkpoint: if the backward pass recomputes that "
             "segment, it runs the call as one after the prefix (in train mode), and the gradients differ from "
             "training without checkpointing. Checkpoint only code after the frozen prefix, or give each call its "

@@ -1553,13 +1553,8 @@ class _SkipsMiddle(_EarlyExit):
         return self.head(h)
 
 
-class _Halting(nn.Module):
+class _Halting(_EarlyExit):
     """Stops after the first block whose output's norm passes a threshold (adaptive computation)."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem, self.head = nn.Linear(8, 16), nn.Linear(16, 3)
-        self.blocks = nn.ModuleList(nn.Linear(16, 16) for _ in range(6))
 
     def forward(self, x):
         h = torch.relu(self.stem(x))
