@@ -593,7 +593,10 @@ def test_swap_never_caches_past_a_module_the_first_batch_did_not_call():
     x[:4, 0] = -1.0  # the example batch skips cond; some later batches call it
     x[8:16, 0] = 1.0
     cache = _train_with_and_without_cache(Conditional, x, y, frozen=3)
-    assert not cache.enabled and "module cond, which the recorded forward did not call" in cache.reason
+    # (the same losses and weights as without the cache, checked above) a batch that calls it runs
+    # whole, off the recorded path, and the others are served (before 2026-12-07 the first such
+    # batch turned the cache off)
+    assert cache.enabled and cache.stats["bypassed"] > 0 and cache.stats["hits"] > 0, cache.describe()
 
 
 def test_swap_cuts_before_a_block_holding_an_expert_no_token_reached():
