@@ -221,8 +221,9 @@ class ActivationCache:
         self._structure_hooks: List[Any] = []  # torch's global registration hooks: see _watch_structure
         weakref.finalize(self, remove_handles, self._structure_hooks)  # a cache dropped without close()
         # the cached prefix's parameters and buffers as its rows were made: (store, tensors, their
-        # (version, dtype, storage address), their checksums); see _prefix_weights_unchanged
-        self._prefix_state: Tuple[Any, List[Tensor], List[Tuple[int, torch.dtype, int]], List[Tensor]] = \
+        # (version, dtype, storage address, an alias of the storage), their checksums); see
+        # _prefix_weights_unchanged
+        self._prefix_state: Tuple[Any, List[Tensor], List[Tuple[int, torch.dtype, int, Tensor]], List[Tensor]] = \
             (None, [], [], [])
         self._prefix_slots: List[Tuple[Dict[str, Any], str, Tensor]] = []  # where the model holds them
         # what a swapped-out forward found in those slots, and the training step it first did so
@@ -1035,7 +1036,7 @@ class ActivationCache:
                 if id(t) not in seen:
                     seen.add(id(t))
                     tensors.append(t)
-        self._prefix_state = (store, tensors, [_written_state(t) for t in tensors], [tensor_sum(t) for t in tensors])
+        self._prefix_state = (store, tensors, [_pinned_state(t) for t in tensors], [tensor_sum(t) for t in tensors])
         ids = {id(t) for t in tensors}
         self._prefix_slots = [(slots, name, t) for m in self.freezer.module.modules()
                               for slots in (m._parameters, m._buffers) for name, t in slots.items() if id(t) in ids]
@@ -1075,7 +1076,7 @@ class ActivationCache:
         store, tensors, versions, sums = self._prefix_state
         if store is None or store is not self._store:
             return True
-        written = [i for i, t in enumerate(tensors) if _written_state(t) != versions[i]]
+        written = [i for i, t in enumerate(tensors) if _written_state(t) != versions[i][:3]]
         if not written:
             return True
         # a cast (model.bfloat16() sets .data: no version bump) changed the values' precision; cast
@@ -1083,7 +1084,7 @@ class ActivationCache:
         changed = [i for i in written if tensors[i].dtype != versions[i][1]]
         written = [i for i in written if i not in changed]
         for i in written:
-            versions[i] = _written_state(tensors[i])
+            versions[i] = _pinned_state(tensors[i])
         if written:
             now = [tensor_sum(tensors[i]) for i in written]
             device = now[0].device
@@ -1870,6 +1871,13 @@ class ActivationCache:
                     "training, per-batch padding or a model cast to another dtype. Pad every batch to one shape "
                     "to cache them all")
         return None
+
+
+def _pinned_state(t: Tensor) -> Tuple[int, torch.dtype, int, Tensor]:
+    """``_written_state`` and an alias of ``t``'s storage, which keeps that storage allocated: a
+    cast there and back (``model.half().float()`` sets ``.data`` twice) would otherwise free it, and
+    the new float32 storage could take the same address (then nothing told the cast: a flaky miss)."""
+    return (*_written_state(t), t.detach())
 
 
 def _written_state(t: Tensor) -> Tuple[int, torch.dtype, int]:
