@@ -1502,9 +1502,19 @@ def test_a_write_into_a_context_the_blocks_share_stops_the_cut_at_its_writer(wri
         assert f"'blocks.{writer if how == 'itself' else 0}' writes '" in cache.describe(), cache.describe()
 
 
-def _train_on_batches(make_model, x, y, batches, use_cache, frozen=4):
-    """Train on the given batches of sample ids, the first ``frozen`` units frozen at step 1;
-    returns (model, cache, losses)."""
+def _on_batches_with_and_without_cache(make_model, x, y, batches, frozen=4):
+    """Train on the given batches of sample ids, the first ``frozen`` units frozen at step 1,
+    without and with the activation cache; checks that losses and weights agree exactly, and
+    returns (model without, model with, cache)."""
+    (plain, _, plain_losses), (model, cache, losses) = (
+        _train_on_batches(make_model, x, y, batches, use_cache, frozen) for use_cache in (False, True))
+    assert losses == plain_losses
+    for a, b in zip(plain.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    return plain, model, cache
+
+
+def _train_on_batches(make_model, x, y, batches, use_cache, frozen):
     torch.manual_seed(0)
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -1583,11 +1593,7 @@ def test_a_forward_that_stops_before_the_cut_runs_the_whole_model(make_model, ea
     easy = torch.arange(8, 16)
     batches = [mixed[0], easy, mixed[1], mixed[0], easy] if easy_first else [*mixed, *mixed, easy, mixed[0], easy, easy]
     frozen = 5 if make_model is _SkipsMiddle else 4  # the cut after blocks.3: the skipped blocks before it
-    plain, _, plain_losses = _train_on_batches(make_model, x, y, batches, use_cache=False, frozen=frozen)
-    model, cache, losses = _train_on_batches(make_model, x, y, batches, use_cache=True, frozen=frozen)
-    assert losses == plain_losses
-    for a, b in zip(plain.parameters(), model.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _, _, cache = _on_batches_with_and_without_cache(make_model, x, y, batches, frozen)
     assert cache.boundary > 0 and cache.stats["hits"] + cache.stats["misses"] > 0, cache.describe()
     if make_model is not _Halting:
         assert cache.stats["bypassed"] > 0, cache.describe()
@@ -1655,11 +1661,7 @@ def test_a_module_set_up_never_called_that_runs_inside_the_prefix_runs_the_whole
     x[:16, 0], x[16:, 0] = 1.0, -1.0
     batches = [torch.arange(0, 8), torch.arange(8, 16), torch.arange(0, 8), torch.arange(16, 24),
                torch.arange(8, 16), torch.arange(24, 32)]
-    plain, _, plain_losses = _train_on_batches(_TwoDomains, x, y, batches, use_cache=False, frozen=2)
-    model, cache, losses = _train_on_batches(_TwoDomains, x, y, batches, use_cache=True, frozen=2)
-    assert losses == plain_losses
-    for a, b in zip(plain.parameters(), model.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    plain, model, cache = _on_batches_with_and_without_cache(_TwoDomains, x, y, batches, frozen=2)
     assert torch.equal(plain.norm_b.running_mean, model.norm_b.running_mean)
     assert cache.enabled and cache.stats["bypassed"] > 0 and cache.stats["hits"] > 0, cache.describe()
 
