@@ -463,11 +463,8 @@ class SwapChain:
         entered (called by the model itself, on some batches) cannot be placed: a guard on that
         module raises ``UntracedCall`` if it runs before the cut. Returns why no cut is possible
         (such a parameter owned by the model itself), else None."""
-        from ..frozen import engine_hook
         from .split import _ParamHolder
 
-        me = self
-        names = {id(m): name for name, m in model.named_modules()}
         untraced = [p for pid, p in params.items() if pid not in read]
         if not untraced:
             return None
@@ -497,6 +494,8 @@ class SwapChain:
         if any(owner is model for owner in unplaced):
             return (f"{type(model).__name__} owns a parameter that the recorded forward did not read, so the "
                     "module swap cannot tell where it is read; pass blocks= to cache")
+        me = self
+        names = {id(m): name for name, m in model.named_modules()}
 
         def guard(module, args):
             if me._before_cut and any(p.requires_grad for p in module.parameters(recurse=False)):
@@ -504,6 +503,7 @@ class SwapChain:
                                    "forward did not call and whose parameters train, ran before the cached cut on "
                                    "this batch: a cached row cannot stand in for it")
 
+        from ..frozen import engine_hook
         self._guarded = [m.register_forward_pre_hook(engine_hook(guard)) for m in dict.fromkeys(unplaced)]
         return None
 
