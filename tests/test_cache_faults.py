@@ -1566,28 +1566,56 @@ class _SkipsMiddle(_EarlyExit):
 class _Halting(_EarlyExit):
     """Stops after the first block whose output's norm passes a threshold (adaptive computation)."""
 
+    def halts(self, norms):
+        return float(norms.min()) > 1.5
+
     def forward(self, x):
         h = torch.relu(self.stem(x))
         for block in self.blocks:
             h = torch.relu(block(h))
-            if float(h.norm(dim=-1).min()) > 1.5:
+            if self.halts(h.norm(dim=-1)):
                 break
         return self.head(h)
 
 
-@pytest.mark.parametrize("make_model", [_EarlyExit, _SkipsMiddle, _Halting])
+class _HaltingByList(_Halting):
+    def halts(self, norms):
+        return min(norms.tolist()) > 1.5
+
+
+class _HaltingByNumpy(_Halting):
+    def halts(self, norms):
+        return norms.detach().numpy().min() > 1.5
+
+
+class _HaltingByNonzero(_Halting):
+    def halts(self, norms):
+        return (norms <= 1.5).nonzero().shape[0] == 0  # the test is in the shape of a tensor
+
+
+class _HaltingByMask(_Halting):
+    def halts(self, norms):
+        return len(norms[norms <= 1.5]) == 0
+
+
+_HALTING = (_Halting, _HaltingByList, _HaltingByNumpy, _HaltingByNonzero, _HaltingByMask)
+
+
+@pytest.mark.parametrize("make_model", [_EarlyExit, _SkipsMiddle, *_HALTING])
 @pytest.mark.parametrize("easy_first", [False, True])
 def test_a_forward_that_stops_before_the_cut_runs_the_whole_model(make_model, easy_first):
     """An early exit (or a halting test) before the cached cut: a batch whose rows were all cached
     got the stand-ins' placeholders in place of the blocks it did run (weights 1.6e-2 off), one with
     new samples crashed (review67). The forward now runs whole for such a batch, and a value read
-    into Python before the cut (the halting test) keeps the blocks it reads running. A batch that
+    into Python before the cut (the halting test) keeps the blocks it reads running, also one read
+    by `.tolist()`, `.numpy()` or the shape of a `nonzero()` or a boolean mask (those were not seen:
+    0.19 off). A batch that
     reaches the cut without running a block the rows stand in for (a branch) runs whole too:
     served rows made on the other path were 5e-3 off until an audit (review68)."""
     generator = torch.Generator().manual_seed(1)
     x, y = torch.randn(16, 8, generator=generator), torch.randint(0, 3, (16,), generator=generator)
     x[:8, 0], x[8:, 0] = 1.0, -1.0  # 0-7 hard, 8-15 easy
-    if make_model is _Halting:
+    if make_model in _HALTING:
         x[8:] *= 6  # large inputs halt after one block
     mixed = [torch.tensor([0, 1, 2, 3, 8, 9, 10, 11]), torch.tensor([4, 5, 6, 7, 12, 13, 14, 15])]
     easy = torch.arange(8, 16)
@@ -1595,8 +1623,39 @@ def test_a_forward_that_stops_before_the_cut_runs_the_whole_model(make_model, ea
     frozen = 5 if make_model is _SkipsMiddle else 4  # the cut after blocks.3: the skipped blocks before it
     _, _, cache = _on_batches_with_and_without_cache(make_model, x, y, batches, frozen)
     assert cache.boundary > 0 and cache.stats["hits"] + cache.stats["misses"] > 0, cache.describe()
-    if make_model is not _Halting:
+    if make_model not in _HALTING:
         assert cache.stats["bypassed"] > 0, cache.describe()
+
+
+class _AdapterOnSomeBatches(_EarlyExit):
+    """The root runs a trainable adapter on the input of all-hard batches only; the first batch
+    is mixed, so set-up never records it."""
+
+    def __init__(self):
+        super().__init__()
+        self.adapter = nn.Linear(8, 8)
+
+    def forward(self, x):
+        if bool((x[:, 0] > 0).all()):
+            x = x + self.adapter(x)
+        h = torch.relu(self.stem(x))
+        for block in self.blocks:
+            h = torch.relu(block(h))
+        return self.head(h)
+
+
+def test_a_trainable_module_set_up_never_saw_runs_its_batches_whole_and_keeps_the_cache():
+    """A trainable module the recording never entered, run by the model's own code before the
+    cached blocks on some batches, turned the cache off for the rest of the run (review67 #6);
+    those batches now run the whole model and the others are still served."""
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 8, generator=generator), torch.randint(0, 3, (16,), generator=generator)
+    x[:8, 0], x[8:, 0] = 1.0, -1.0  # 0-7 hard, 8-15 easy
+    mixed, hard = torch.tensor([0, 1, 8, 9, 10, 11, 12, 13]), torch.arange(8)
+    batches = [mixed, mixed, hard, mixed, hard, mixed, mixed]
+    _, model, cache = _on_batches_with_and_without_cache(_AdapterOnSomeBatches, x, y, batches, frozen=4)
+    assert cache.enabled and cache.boundary > 0, cache.describe()
+    assert cache.stats["bypassed"] == 2 and cache.stats["hits"] >= 16, cache.describe()
 
 
 class _TapsIntoContext(nn.Module):

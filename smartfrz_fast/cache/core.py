@@ -47,7 +47,7 @@ from ..units import (PythonAttributes, SharedWrites, compiled_in_place, example_
                      uninitialized_parameters)
 from .split import (SWAP, BlockChain, Inputs, block_modules, captured_outputs, checkpointing_switches, find_blocks,
                     hooked_modules, modules_outside, rows_need_grad, skipped_hooks)
-from .swap import CutNotReached, UntracedCall, holds_tensors
+from .swap import CutNotReached, holds_tensors
 from .storage import (PINNED_READS, STORAGE_DTYPES, TIERS, Storage, check_path, input_sums, make_storage,
                       owned_temp_path, read_header, remove_leftovers, row_bytes, storage_dtype, tensor_sum)
 
@@ -649,11 +649,8 @@ class ActivationCache:
             region.start_after(self._calls_in_prefix(inputs), through_root=self.chain.how == SWAP)
         try:
             return self.chain.run(inputs, start=self.boundary, h=h)
-        except (UntracedCall, CutNotReached) as exc:  # raised before any module after the cut ran: nothing to undo
-            if isinstance(exc, UntracedCall):
-                self._disable(str(exc))
-            else:
-                self._bypass("cut_not_reached", f"{exc} (counted in stats['bypassed']; the cache stays on)")
+        except CutNotReached as exc:  # raised before any module after the cut ran: nothing to undo
+            self._bypass("cut_not_reached", f"{exc} (counted in stats['bypassed']; the cache stays on)")
             if region is not None:
                 region.start_after({}, through_root=True)  # the whole model runs: nothing skipped
             return model(*inputs.args, **inputs.kwargs)
@@ -1229,10 +1226,7 @@ class ActivationCache:
         try:
             with self._eval_mode(0, self.boundary), torch.no_grad():
                 h = self.chain.run(inputs, 0, self.boundary)
-        except UntracedCall as exc:
-            self._disable(str(exc))
-            return None
-        except CutNotReached as exc:  # these samples' forward stops before the cut (an early exit)
+        except CutNotReached as exc:  # these samples' forward left the recorded path (an early exit, a branch)
             self._bypass("cut_not_reached", f"{exc} (counted in stats['bypassed']; the cache stays on)")
             return None
         if not isinstance(h, Tensor) or h.dim() == 0:

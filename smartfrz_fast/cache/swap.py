@@ -75,16 +75,17 @@ def _buffers_written(model: nn.Module, before: Dict[str, Tensor]) -> List[str]:
     return [name for name, b in model.named_buffers() if name in before and not torch.equal(b, before[name])]
 
 
-class UntracedCall(RuntimeError):
-    """A module the recorded forward did not call, and whose parameters train, ran before the
-    cut: a cached row cannot stand in for what it computed (raised by the chain's guard)."""
-
-
 class CutNotReached(RuntimeError):
     """This batch's forward left the recorded path before the cut (an early exit, a loop that
     halts sooner, a branch): a module the recording called only after the cut was about to run,
     the forward ended with the cut's block not run, or reached it without running a block the
     rows stand in for. Raised before any module after the cut ran."""
+
+
+class UntracedCall(CutNotReached):
+    """A module the recorded forward did not call, and whose parameters train, ran before the
+    cut (a branch of the model's own code): a cached row cannot stand in for what it computed
+    (raised by the chain's guard)."""
 
 
 class _Stop(BaseException):
@@ -122,7 +123,7 @@ class DataFlow:
 
     op_inputs: List[Tuple[int, ...]]
     output_makers: Tuple[int, ...]
-    host_reads: Tuple[int, ...] = ()  # ops whose value went to Python (`.item()`, `if t:`): control flow
+    host_reads: Tuple[int, ...] = ()  # ops whose values went to Python (`.item()`, `if t:`, `.tolist()`): control flow
 
 
 class _OpRecorder(TorchDispatchMode):
@@ -145,7 +146,9 @@ class _OpRecorder(TorchDispatchMode):
         self.returned_by: Dict[int, Set[int]] = {}  # id(tensor) -> the calls that returned this very tensor
         self.read_returned: Dict[int, int] = {}  # call index -> last op reading a tensor it returned
         self.written: Dict[int, int] = {}  # storage address -> the last op that wrote into it in place
-        self.host_reads: List[int] = []  # ops that returned a Python number (`.item()`, `if t:`, torch.equal)
+        # ops that returned a Python number (`.item()`, `if t:`, torch.equal) or a shape made from
+        # values (`nonzero()`), and reads no op shows (`.tolist()`)
+        self.host_reads: List[int] = []
 
     def _made(self, t: Tensor, op: int) -> None:
         if id(t) not in self.made_at:
@@ -158,8 +161,8 @@ class _OpRecorder(TorchDispatchMode):
         for t in tensors:
             self.returned_by.setdefault(id(t), set()).add(call)
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        inputs = [t for t in tree_flatten((args, kwargs or {}))[0] if isinstance(t, Tensor)]
+    def _reads(self, inputs: Sequence[Tensor]) -> List[int]:
+        """Notes that the next op reads ``inputs``; returns the ops that made them."""
         makers = []
         for t in inputs:
             if id(t) in self.watched and id(t) not in self.first_use:
@@ -174,10 +177,22 @@ class _OpRecorder(TorchDispatchMode):
                 makers.append(write)
             for call in self.returned_by.get(id(t), ()):
                 self.read_returned[call] = self.count
+        return makers
+
+    def read_into_python(self, t: Tensor) -> None:
+        """A read of ``t``'s values that no aten op shows (``.tolist()``, ``.numpy()``), as an op
+        of its own."""
+        self.op_inputs.append(tuple(set(self._reads([t]))))
+        self.host_reads.append(self.count)
+        self.count += 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = [t for t in tree_flatten((args, kwargs or {}))[0] if isinstance(t, Tensor)]
+        makers = self._reads(inputs)
         op = self.count
         self.count += 1
         out = func(*args, **(kwargs or {}))
-        if isinstance(out, (bool, int, float, complex)):
+        if isinstance(out, (bool, int, float, complex)) or _shape_from_values(func, args):
             self.host_reads.append(op)
         for t in tree_flatten(out)[0]:
             if not isinstance(t, Tensor):
@@ -190,6 +205,42 @@ class _OpRecorder(TorchDispatchMode):
             # else an op that returns its input as it is (lift_fresh, alias): still what made it
         self.op_inputs.append(tuple(set(makers)))
         return out
+
+
+def _shape_from_values(func, args) -> bool:
+    """The op's output shape depends on its input's values (``nonzero()``, a boolean mask, a
+    ``unique()``): Python code may read that shape (``if idx.shape[0] == 0``)."""
+    if torch.Tag.dynamic_output_shape not in func.tags:
+        return False
+    if func is torch.ops.aten.index.Tensor:  # tagged for its boolean form only
+        return any(isinstance(i, Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+    return True
+
+
+@contextmanager
+def _values_read_into_python(recorder: _OpRecorder) -> Iterator[None]:
+    """Tells the recorder of reads that run no aten op (``.tolist()``, ``.numpy()``, numpy's
+    ``__array__``): a halting test so written steers the forward as ``.item()`` does. The methods
+    are wrapped while it records, not watched by a TorchFunctionMode: an active one turns torch's
+    fast paths off (TransformerEncoder's), and the recording would take another path."""
+    saved = {name: Tensor.__dict__.get(name) for name in ("tolist", "numpy", "__array__")}
+
+    def wrapped(original):
+        def read(self, *args, **kwargs):
+            recorder.read_into_python(self)
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in saved:
+        setattr(Tensor, name, wrapped(getattr(Tensor, name)))
+    try:
+        yield
+    finally:
+        for name, method in saved.items():
+            if method is None:
+                delattr(Tensor, name)  # inherited from torch._C.TensorBase
+            else:
+                setattr(Tensor, name, method)
 
 
 def _forget(recorder: "weakref.ref[_OpRecorder]", key: int) -> None:
@@ -324,7 +375,7 @@ def record_calls(model: nn.Module, args: tuple, kwargs: dict, batch: int
         hooks.append(module.register_forward_hook(post, with_kwargs=True))
     try:
         with preserved_modes(model.modules()), preserved_state(model), torch.no_grad(), uncached_autocast(), \
-                compiled_modules_run_eagerly(model), counter:
+                compiled_modules_run_eagerly(model), counter, _values_read_into_python(counter):
             model.eval()
             output = model(*args, **kwargs)
     finally:
