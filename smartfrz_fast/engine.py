@@ -412,6 +412,7 @@ class SmartFreezer:
         self._marked_for_grad_warned = False
         # what must stay frozen, refreshed after each freeze and parameter swap (None: stale)
         self._held: Optional[Tuple[List[Tuple[str, Tensor]], List[Tuple[str, Tensor]]]] = None
+        self._refreeze_hook = None  # a forward pre-hook, once the user's code woke frozen parameters
         self._last_held: Dict[int, int] = {}  # unit -> last step it was seen held still by the user's code
         self._trained_this_step: set = set()  # units an optimizer step trained since the last step()
         # optimizer -> (its groups and their sizes, per group [(unit, [its parameters in the group])])
@@ -808,12 +809,18 @@ class SmartFreezer:
         woke = [(n, p) for n, p in frozen if p.requires_grad]
         if woke:
             self._take_out_of_training([p for _, p in woke])
+            if self._refreeze_hook is None:
+                # code that wakes them once (a GAN's toggle) may do so at every step, after step():
+                # from now on they are frozen again as each forward starts, before the graph is built
+                self._refreeze_hook = self.model.register_forward_pre_hook(engine_hook(self._refreeze_woken))
+                self._hooks.append(self._refreeze_hook)
             names = ", ".join(n for n, _ in woke[:3]) + (" ..." if len(woke) > 3 else "")
             self._guard.warn_once("woke", (
                 f"SmartFreezer: your code set requires_grad=True on {len(woke)} frozen parameter(s) ({names}), e.g. "
                 "model.requires_grad_(True) or a GAN's set_requires_grad(D, True). A frozen prefix stays frozen: its "
                 "parameters are out of the optimizer and its modules run in eval mode, so they did not train, and "
-                "the backward pass ran through them; the freezer sets requires_grad=False on them again. To train "
+                "the backward pass ran through them; the freezer sets requires_grad=False on them again, from now "
+                "on also as each forward of the model starts. To train "
                 "frozen layers again, call freezer.close() first (they then follow your requires_grad, "
                 "model.train() and optimizer); to switch a part of the model on and off each step, switch only "
                 "the parameters that still train."))
@@ -825,6 +832,12 @@ class SmartFreezer:
                 "freezer keeps its module in eval mode, and the backward pass runs through the frozen units to "
                 "reach it, so the prefix saves nothing. Choose which layers train before building the freezer: "
                 "close() it and build a new SmartFreezer."))
+
+    def _refreeze_woken(self, module, args) -> None:
+        """Frozen parameters the user's code woke since the last look (``_check_prefix_still_frozen``)
+        frozen again before this forward builds its graph: else its backward runs through them."""
+        if self.num_frozen and not self._closed:
+            self._check_prefix_still_frozen()
 
     def _warn_past_total_steps(self, step: int) -> None:
         effect = ("its lr factor is 0 for every unit past the schedule's end, so nothing trains any more"

@@ -1064,6 +1064,63 @@ def test_requires_grad_turned_back_on_in_the_frozen_prefix_warns_and_refreezes(h
         _train_step(model, opt, freezer, 2)  # once
 
 
+def _gan_steps(freeze_by_hand: bool, steps=6):
+    """A discriminator whose first unit freezes at step 2, in a GAN loop with the CycleGAN toggle
+    (``set_requires_grad(D, flag)`` before each phase): by the freezer, or by hand with the toggle
+    switching only what still trains. Returns the D weights and, per D step after the freeze,
+    whether the backward reached the frozen layer."""
+    torch.manual_seed(0)
+    gen, disc = nn.Linear(4, 8), _mlp(bn=False)
+    opt_g, opt_d = sgd(gen), sgd(disc)
+    freezer = None if freeze_by_hand else SmartFreezer(disc, opt_d, StaticFreeze(1, at_step=2),
+                                                      example_inputs=torch.randn(4, 8), total_steps=100)
+    frozen = list(disc[0].parameters())
+    frozen_keys = {id(p) for p in frozen}
+    reached = []
+    for step in range(steps):
+        torch.manual_seed(step)
+        z, real = torch.randn(16, 4), torch.randn(16, 8)
+        ones, zeros = torch.ones(16, dtype=torch.long), torch.zeros(16, dtype=torch.long)
+        trainable = [p for p in disc.parameters() if not (freeze_by_hand and step >= 2 and id(p) in frozen_keys)]
+        for p in trainable:
+            p.requires_grad_(False)
+        fake = gen(z)
+        nn.functional.cross_entropy(disc(fake), ones).backward()
+        opt_g.step()
+        opt_g.zero_grad()
+        for p in trainable:
+            p.requires_grad_(True)
+        loss = nn.functional.cross_entropy(disc(real), ones) + nn.functional.cross_entropy(disc(fake.detach()), zeros)
+        loss.backward()
+        if step >= 2:
+            reached.append(any(p.grad is not None for p in frozen))
+        opt_d.step()
+        opt_d.zero_grad()
+        if freezer is not None:
+            freezer.step()
+        elif step == 1:  # as the freezer does at step 2
+            for p in frozen:
+                p.requires_grad_(False)
+            opt_d.param_groups[0]["params"] = [p for p in disc.parameters() if p.requires_grad]
+    return [p.detach().clone() for p in disc.parameters()], reached
+
+
+def test_a_gan_toggle_waking_the_frozen_layers_each_step_gets_no_backward_through_them():
+    """A GAN's set_requires_grad(D, True) before each discriminator step woke the frozen layers
+    after step() had frozen them again: every D step then ran its backward through them (0 % of
+    their backward saved, while report() counted it, review70 #4). After the first time, the
+    freezer freezes them again as each forward starts."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mine, reached = _gan_steps(freeze_by_hand=False)
+    assert sum("set requires_grad=True on 2 frozen" in str(w.message) for w in caught) == 1
+    assert reached == [True, False, False, False]  # the first wake is seen at step(), then at each forward
+    by_hand, reached_by_hand = _gan_steps(freeze_by_hand=True)
+    assert not any(reached_by_hand)
+    for a, b in zip(mine, by_hand):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_a_resume_that_replays_re_adding_woken_frozen_layers_loads_the_optimizer_state():
     """The run woke its frozen first layer and added it as a group (the freezer took it out
     again); the resumed process replays that code after loading the freezer's state, then loads
