@@ -303,6 +303,33 @@ def test_freeze_aware_scaler_update_with_nothing_stepped():
     assert scaler.get_scale() == 4.0
 
 
+@pytest.mark.parametrize("scaler_cls", [torch.amp.GradScaler, FreezeAwareGradScaler])
+def test_freezeout_with_a_fused_optimizer_and_a_grad_scaler(scaler_cls):
+    """GradScaler reads the signature of a fused optimizer's step; FreezeOut's wrapped step had
+    none ("ValueError: no signature found for builtin", review72). Fused and not, the runs agree."""
+    from smartfrz_fast import FreezeOut
+
+    weights = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused, foreach=None if fused else False)
+        freezer = SmartFreezer(model, opt, FreezeOut(t0=0.2), example_inputs=torch.randn(4, 8), total_steps=20)
+        scaler = scaler_cls("cpu", init_scale=8.0)
+        for step in range(20):
+            torch.manual_seed(step)
+            x, y = torch.randn(4, 8), torch.randint(0, 2, (4,))
+            scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            freezer.step()
+        assert freezer.num_frozen > 0
+        weights.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*weights):
+        torch.testing.assert_close(a, b)
+
+
 # ---------------------------------------------------------------- activation checkpointing
 class CheckpointedNet(nn.Module):
     def __init__(self, use_reentrant):

@@ -11,6 +11,7 @@ the optimizer, its ``state_dict`` and every scheduler see the groups they were b
 
 from __future__ import annotations
 
+import inspect
 import numbers
 import types
 import weakref
@@ -129,7 +130,8 @@ class _GroupsBackWhenStepRaises:
     post-step hook then, and until the next step the user's lr scheduler stepped the per-unit
     groups (its update lost), and an ``optimizer.state_dict()`` saved them (a checkpoint that no
     optimizer loads). It holds the optimizer weakly (dropped, it goes at once), answers
-    ``__func__`` as torch's lr schedulers expect of ``optimizer.step``, copies and pickles as
+    ``__func__`` as torch's lr schedulers expect of ``optimizer.step`` and the step's signature
+    as GradScaler reads it of a fused optimizer's, copies and pickles as
     the plain step, is undone by ``remove()`` (``close()``) where it is still outermost, and is
     inert once its scaler is gone."""
 
@@ -167,6 +169,13 @@ class _GroupsBackWhenStepRaises:
     @property
     def __func__(self) -> Any:  # a scheduler built later wraps func.__get__(optimizer)
         return self
+
+    @property
+    def __signature__(self) -> inspect.Signature:  # GradScaler reads a fused optimizer's step's
+        signature = inspect.signature(self.inner)
+        if self.inner_unbound:  # without the optimizer, as bound
+            signature = signature.replace(parameters=list(signature.parameters.values())[1:])
+        return signature
 
     def __get__(self, optimizer: Any, owner: Any = None) -> Any:
         return self if optimizer is None else types.MethodType(self._step, optimizer)
