@@ -747,6 +747,122 @@ def test_a_cut_that_fails_the_per_sample_check_keeps_the_cut_before_it(case, fre
         assert cache.stats["hits"] > hits_before, cache.describe()  # still served after the deeper freeze
 
 
+class GroupMean(nn.Module):
+    """A layer, then an average over the samples of the batch in the same group (a speaker, a
+    session): a row depends on the groupmates its batch happens to hold."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, h, group):
+        same = (group[:, None] == group[None, :]).float()
+        return torch.relu(same @ self.lin(h) / same.sum(1, keepdim=True))
+
+
+class GroupMixer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc, self.mix, self.head = nn.Linear(8, 16), GroupMean(), nn.Linear(16, 3)
+
+    def forward(self, x, group):
+        return self.head(self.mix(torch.relu(self.enc(x)), group))
+
+
+class PackedLSTM(nn.Module):
+    """A packed LSTM over tokens padded to one length: its output is as long as the batch's
+    longest sequence unless ``total_length`` is given."""
+
+    def __init__(self, total_length):
+        super().__init__()
+        self.total_length, self.rnn = total_length, nn.LSTM(8, 16, batch_first=True)
+
+    def forward(self, h, lengths):
+        packed = nn.utils.rnn.pack_padded_sequence(h, lengths, batch_first=True,
+                                                   enforce_sorted=self.total_length is not None)
+        return nn.utils.rnn.pad_packed_sequence(self.rnn(packed)[0], batch_first=True,
+                                                total_length=self.total_length)[0]
+
+
+class PackedEncoder(nn.Module):
+    """Embedding, packed LSTM, a mean over the valid steps."""
+
+    def __init__(self, total_length):
+        super().__init__()
+        self.emb, self.enc, self.head = nn.Embedding(20, 8), PackedLSTM(total_length), nn.Linear(16, 3)
+
+    def forward(self, tokens, lengths):
+        return self.head(self.enc(self.emb(tokens), lengths).sum(1) / lengths[:, None])
+
+
+def _with_and_without_cache(make, inputs_of, targets, batches, frozen):
+    """Weights trained on ``batches`` of sample ids, ``frozen`` units frozen at step 1, without
+    and with the cache (no audits: the cut's own checks must hold); returns them and the cache."""
+    weights, cache = [], None
+    for cached in (False, True):
+        torch.manual_seed(0)
+        model = make()
+        optimizer = sgd(model)
+        freezer = SmartFreezer(model, optimizer, StaticFreeze(frozen, at_step=1),
+                               example_inputs=inputs_of(batches[0]), total_steps=len(batches))
+        if cached:
+            cache = ActivationCache(freezer, num_samples=len(targets), deterministic=True, audit_rows=0)
+        forward = cache.wrap() if cached else (lambda inputs, ids: model(*inputs))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for ids in batches:
+                nn.functional.cross_entropy(forward(inputs_of(ids), ids), targets[ids]).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                freezer.step()
+        weights.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*weights):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    return cache
+
+
+def test_a_prefix_mixing_samples_the_first_of_the_batch_is_not_mixed_with_is_caught(fresh_seed):
+    """The per-sample check compared the batch with the batch less its first sample: mixing
+    among the others went unseen, and rows made with one batch's groupmates were served in
+    others (weights 6e-2 to 1.3e-1 off with message passing over a batch's nodes, review71). Every
+    two samples now lie apart in one of the parts computed alone."""
+    n = 40
+    x, y = torch.randn(n, 8), torch.randint(0, 3, (n,))
+    group = torch.arange(n) // 2
+    group[0] = -1  # alone in every batch: mixing never involves it
+    first = torch.tensor([0, 1, 2, 3, 4, 9, 12, 13])  # groupmates among the others only
+    batches = [first, first] + [torch.randperm(n)[:8] for _ in range(12)]
+    cache = _with_and_without_cache(GroupMixer, lambda ids: (x[ids], group[ids]), y, batches, frozen=2)
+    assert cache.enabled and cache.boundary == 1 and "failed the per-sample check" in cache.describe(), \
+        cache.describe()
+    assert cache.stats["hits"] > 0, cache.describe()
+
+
+@pytest.mark.parametrize("total_length", [None, 10])
+def test_a_prefix_whose_output_length_follows_the_batch_is_cut_before(total_length, fresh_seed):
+    """Inputs padded to one length, but pad_packed_sequence without total_length= gives an
+    output as long as the batch's longest: the missed samples, computed apart, got another
+    shape than the cached rows and training stopped with a ValueError saying to pad to one
+    length (review71). The cache now cuts before that block. With total_length= and batches
+    sorted by length (enforce_sorted=True, the default) the rows are per sample: the per-sample
+    check kept reversing the batch, which the model refused, so nothing past the LSTM was
+    cached."""
+    n, length = 32, 10
+    lengths = torch.randint(3, length + 1, (n,))
+    lengths[:4] = length
+    tokens = torch.randint(1, 20, (n, length)) * (torch.arange(length) < lengths[:, None])
+    y = torch.randint(0, 3, (n,))
+
+    def by_length(ids):
+        return ids[torch.argsort(lengths[ids], descending=True, stable=True)]
+
+    batches = [by_length(torch.cat([torch.arange(2), torch.randperm(n - 2)[:6] + 2])) for _ in range(14)]
+    cache = _with_and_without_cache(lambda: PackedEncoder(total_length), lambda ids: (tokens[ids], lengths[ids]),
+                                    y, batches, frozen=2)
+    assert cache.enabled and cache.stats["hits"] > 0, cache.describe()
+    assert f"cut after {'emb' if total_length is None else 'enc'})" in cache.describe(), cache.describe()
+
+
 def test_a_batch_of_one_beside_an_input_the_batch_shares():
     # the last batch of an epoch holds one sample: the shared [T, D] table after it is no batch
     model, x, table, cache, wrapped = shared_table_run(8)

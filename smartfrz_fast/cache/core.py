@@ -863,6 +863,9 @@ class ActivationCache:
             fresh = self._compute_prefix(missed)
             if fresh is None:
                 return None
+            if store is not None and tuple(fresh.shape[1:]) != store.row_shape:  # the batch's inputs have its shape
+                self._cut_before_mixing(_shape_follows_batch(tuple(fresh.shape[1:]), store.row_shape))
+                return None
             parts.append((miss, fresh))
             self._store_rows(ids[miss], fresh, {n: v[miss.to(v.device)] for n, v in side.items()},
                              in_sums[miss.to(in_sums.device)])
@@ -902,10 +905,12 @@ class ActivationCache:
     def _rows_per_sample(self, inputs: Inputs, n: int) -> bool:
         """Whether each sample's row depends on that sample's inputs alone, as computing only the
         missed samples of a batch assumes. Checked once per cut and batch size (the last batch of
-        an epoch is smaller), on batches of two or more: the batch reversed without its first
-        sample must give those samples' rows of the whole batch. An input the batch shares whose
-        length happens to be the batch size (a [T, D] table with T == batch size), or a prefix
-        that mixes the samples of a batch, fails it: the cache turns off (False), saying so."""
+        an epoch is smaller), on batches of two or more: each part of ``_separating_parts`` (every
+        two samples lie apart in one) computed alone must give its samples' rows of the whole
+        batch. A prefix that mixes some samples of a batch (message passing over the batch's
+        nodes, attention within a group), whose output's shape follows the batch, or an input the
+        batch shares whose length happens to be the batch size (a [T, D] table with T == batch
+        size) fails it: the cache cuts before it (False), saying so."""
         key = (self.boundary, n)
         if n < 2 or key in self._per_sample_checked:
             return True
@@ -913,27 +918,32 @@ class ActivationCache:
             whole = self._compute_prefix(inputs)
         if whole is None:
             return False
-        part = torch.arange(n - 1, 0, -1)
-        try:
-            with preserved_state(self.freezer.module, rngs=False), _probe_errors_unprinted():
-                rows = self._compute_prefix(_index_inputs(inputs, part, n))
-        except Exception as exc:  # noqa: BLE001 -- the model refused part of the batch: the answer is no
-            rows, failure = None, f" (on part of the batch the model fails: {type(exc).__name__}: {exc})"
-        else:
-            if rows is None:  # _compute_prefix turned the cache off, saying why
+        for part in _separating_parts(n):
+            try:
+                with preserved_state(self.freezer.module, rngs=False), _probe_errors_unprinted():
+                    rows = self._run_prefix(_index_inputs(inputs, part, n))
+            except CutNotReached:
+                continue  # the part takes another path (an early exit): a batch that does runs whole
+            except Exception as exc:  # noqa: BLE001 -- the model refused part of the batch: the answer is no
+                rows, failure = None, f" (on part of the batch the model fails: {type(exc).__name__}: {exc})"
+            else:
+                failure = "" if isinstance(rows, Tensor) else f" (on part of the batch it gave {type(rows).__name__})"
+                rows = rows if isinstance(rows, Tensor) else None
+            if rows is not None and rows.shape[1:] != whole.shape[1:]:
+                self._cut_before_mixing(_shape_follows_batch(tuple(rows.shape[1:]), tuple(whole.shape[1:])))
                 return False
-            failure = ""
-        if rows is None or rows.shape != whole[1:].shape or not bool(
-                self._rows_agree(whole[part.to(whole.device)], rows).all()):
-            self._cut_before_mixing(
-                "a sample's frozen-prefix output depends on the other samples of its batch: computed for part of "
-                f"a batch, samples got other rows than with the whole batch{failure}. A prefix that mixes samples "
-                "(attention across the batch, x - x.mean(0)) or whose output holds no row per sample in dimension "
-                "0 (an RNN's final state [layers, B, H]) cannot be cached by sample. An input that the whole batch "
-                "shares and whose first dimension happens to be the batch size (a [T, D] table with T == batch "
-                "size) is taken for one value per sample and split; pass it with another first dimension "
-                "(unsqueeze(0), or as a module buffer)")
-            return False
+            if rows is None or rows.shape != (part.numel(), *whole.shape[1:]) or not bool(
+                    self._rows_agree(whole[part.to(whole.device)], rows).all()):
+                self._cut_before_mixing(
+                    "a sample's frozen-prefix output depends on the other samples of its batch: computed for part "
+                    f"of a batch, samples got other rows than with the whole batch{failure}. A prefix that mixes "
+                    "samples (attention across the batch or within a group, message passing over the batch's "
+                    "nodes, x - x.mean(0)) or whose output holds no row per sample in dimension 0 (an RNN's final "
+                    "state [layers, B, H]) cannot be cached by sample. An input that the whole batch shares and "
+                    "whose first dimension happens to be the batch size (a [T, D] table with T == batch size) is "
+                    "taken for one value per sample and split; pass it with another first dimension "
+                    "(unsqueeze(0), or as a module buffer)")
+                return False
         self._per_sample_checked.add(key)
         return True
 
@@ -1222,10 +1232,14 @@ class ActivationCache:
         except Exception:  # noqa: BLE001 -- a value the prefix cannot take changed: it reads it
             return True
 
+    def _run_prefix(self, inputs: Inputs) -> Any:
+        """The cached blocks' output, as rows are made (raises ``CutNotReached``)."""
+        with self._eval_mode(0, self.boundary), torch.no_grad():
+            return self.chain.run(inputs, 0, self.boundary)
+
     def _compute_prefix(self, inputs: Inputs) -> Optional[Tensor]:
         try:
-            with self._eval_mode(0, self.boundary), torch.no_grad():
-                h = self.chain.run(inputs, 0, self.boundary)
+            h = self._run_prefix(inputs)
         except CutNotReached as exc:  # these samples' forward left the recorded path (an early exit, a branch)
             self._bypass("cut_not_reached", f"{exc} (counted in stats['bypassed']; the cache stays on)")
             return None
@@ -1342,6 +1356,9 @@ class ActivationCache:
             fresh = self._compute_prefix(_index_inputs(inputs, hit[:k], ids.numel()))
         if fresh is None:
             return False
+        if fresh.shape[1:] != loaded.shape[1:]:
+            self._cut_before_mixing(_shape_follows_batch(tuple(fresh.shape[1:]), tuple(loaded.shape[1:])))
+            return False
         cached = loaded[:k].float().flatten(1)
         fresh = fresh.float().flatten(1)
         err = (cached - fresh).abs().amax(1)
@@ -1456,8 +1473,8 @@ class ActivationCache:
         if self._mixing_cut is not None and count >= self._mixing_cut:  # the first thing that stops the cut
             count = self._mixing_cut - 1
             self.cut_note = (f"the output of block {self.chain.blocks[count].name!r} failed the per-sample check (the "
-                             "prefix up to it mixes the samples of a batch, or its output holds no row per sample in "
-                             "dimension 0), so the cache cuts before that block")
+                             "prefix up to it mixes the samples of a batch, its output's shape follows the batch, or it "
+                             "holds no row per sample in dimension 0), so the cache cuts before that block")
             by_user = hooked = in_train = writer = None
         if by_user is not None:
             name = next((n for n, p in self.freezer.module.named_parameters() if p is by_user), "?")
@@ -2123,6 +2140,27 @@ def _id_count(sample_ids) -> Optional[int]:
         return len(sample_ids)
     except TypeError:
         return None
+
+
+def _separating_parts(n: int) -> List[Tensor]:
+    """Parts of a batch of ``n`` (each in the batch's order) such that every two samples lie in
+    different parts at least once: for each bit of the position, the samples with it clear and
+    those with it set (2 * ceil(log2 n) parts, as much work as ceil(log2 n) batches). A row that
+    depends on any other sample of its batch changes in one of them."""
+    positions = torch.arange(n)
+    parts = []
+    for bit in range((n - 1).bit_length()):
+        is_set = (positions >> bit) & 1 == 1
+        parts += [positions[~is_set], positions[is_set]]
+    return parts
+
+
+def _shape_follows_batch(apart: Tuple[int, ...], together: Tuple[int, ...]) -> str:
+    return (f"the frozen prefix's output shape follows the batch: samples computed apart from the rest of their "
+            f"batch get rows of shape {apart}, with it {together}, from inputs of one shape (pad_packed_sequence "
+            "without total_length=, or trimming to the batch's longest sequence, in the frozen layers). Such a "
+            "row depends on the other samples of its batch and cannot be cached by sample: pass total_length= "
+            "(keep one padded length) there")
 
 
 def _index_inputs(inputs: Inputs, index: Tensor, batch: int) -> Inputs:
