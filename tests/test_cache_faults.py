@@ -1658,6 +1658,33 @@ def test_a_trainable_module_set_up_never_saw_runs_its_batches_whole_and_keeps_th
     assert cache.stats["bypassed"] == 2 and cache.stats["hits"] >= 16, cache.describe()
 
 
+class _Reparameterise(nn.Module):
+    def forward(self, stats):
+        mu, log_var = stats.chunk(2, dim=1)
+        return mu + torch.exp(0.5 * log_var) * torch.randn_like(mu)  # in every mode
+
+
+class _VAE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc, self.head = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU()), nn.Linear(16, 8)
+        self.sample, self.dec = _Reparameterise(), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.dec(self.sample(self.head(self.enc(x))))
+
+
+def test_a_random_draw_after_the_cut_leaves_the_frozen_encoder_cached():
+    """A draw after the frozen blocks (a VAE's reparameterisation, diffusion noise drawn in the
+    forward) made the set-up's check see two passes differ and cache nothing (review70): each
+    pass now draws from the same generator state, where a draw before the cut still shows."""
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 8, generator=generator), torch.randint(0, 3, (16,), generator=generator)
+    batches = [torch.randperm(16, generator=generator)[:8] for _ in range(8)]
+    _, _, cache = _on_batches_with_and_without_cache(_VAE, x, y, batches, frozen=3)
+    assert cache.boundary > 0 and cache.stats["hits"] > 0, cache.describe()
+
+
 class _TapsIntoContext(nn.Module):
     def __init__(self, context, taps):
         super().__init__()

@@ -767,20 +767,25 @@ class SwapChain:
                 self.model.eval()
                 # each pass from the same state, buffers and Python values (a trainable head's own
                 # step counter or running statistic moved between them, and the model was taken for
-                # nondeterministic); the generators move on
-                with preserved_state(self.model, rngs=False):
+                # nondeterministic), and the same generators: a draw after C (a VAE's sampling)
+                # draws the same in each, where one before C shifts the served pass's draws
+                with preserved_state(self.model):
                     expected = self.model(*inputs.args, **inputs.kwargs)
-                with preserved_state(self.model, rngs=False):
+                with preserved_state(self.model):
                     before = buffers_now(self.model)
                     rows = self.rows(inputs, cut)
                     if _buffers_written(self.model, before):  # by the blocks a cached row would skip
                         return not_reproducible(self.model, before)
-                with preserved_state(self.model, rngs=False):
+                with preserved_state(self.model):
                     got = self.serve(inputs, cut, rows)
                 if not _all_outputs_match(expected, got):
+                    # the generators moving on: the rows drawn at random (a draw before C), or not
+                    # reproducible at all, else the served pass misses something of the skipped blocks
+                    with preserved_state(self.model, rngs=False):
+                        drawn = [self.rows(inputs, cut) for _ in range(2)]
                     with preserved_state(self.model, rngs=False):
                         again = self.model(*inputs.args, **inputs.kwargs)
-                    if not _all_outputs_match(expected, again):
+                    if not _all_outputs_match(*drawn) or not _all_outputs_match(expected, again):
                         return NOT_REPRODUCIBLE
         except Exception as exc:
             return f"the model fails with {c.name} swapped ({type(exc).__name__}: {exc})"
