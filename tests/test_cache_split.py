@@ -310,6 +310,30 @@ def test_cache_set_up_in_eval_keeps_the_trainable_blocks_dropout():
         fx_chain(model)
 
 
+class _StackedGRU(nn.Module):
+    def __init__(self, unpack):
+        super().__init__()
+        self.unpack = unpack
+        self.grus = nn.ModuleList(nn.GRU(8, 8, batch_first=True) for _ in range(3))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        for gru in self.grus:
+            if self.unpack:
+                x, _ = gru(x)  # the usual idiom: the final state unused
+            else:
+                x = gru(x)[0]
+        return self.head(x[:, -1])
+
+
+@pytest.mark.parametrize("unpack", [True, False])
+def test_the_fx_chain_cuts_after_an_rnn_whose_state_is_unpacked_and_unused(unpack):
+    """`x, _ = gru(x)` left the unused state live at the cut after `x`: no cut after any GRU,
+    so a stack of frozen GRUs cached nothing (review71)."""
+    chain = fx_chain(_StackedGRU(unpack))
+    assert len(chain.blocks) == 4, [b.name for b in chain.blocks]
+
+
 @pytest.mark.parametrize("placed", ["before set-up", "after set-up"])
 @pytest.mark.parametrize("where", ["model", "trainable block", "frozen block"])
 def test_forward_hooks_run_with_the_cache(placed, where):

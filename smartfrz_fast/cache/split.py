@@ -789,6 +789,9 @@ def fx_chain(model: nn.Module) -> BlockChain:
     mode raises ``UnfaithfulTrace``.
     """
     gm = torch.fx.GraphModule(model, _mode_free_trace(model), type(model).__name__)
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op == "call_function" and node.target is operator.getitem and not node.users:
+            gm.graph.erase_node(node)  # `out, _ = rnn(x)`: the unused item, live at the cut after `out`, left no cut
     nodes = list(gm.graph.nodes)
     compute = [n for n in nodes if n.op not in ("placeholder", "get_attr", "output")]
     output = next(n for n in nodes if n.op == "output")
