@@ -51,6 +51,11 @@ _SHARED_FATE = {
     "freeze": "froze with the prefix; their reads after it use them frozen and do not train them",
 }
 
+_CALLED_AGAIN = (" A module reading them is called again after the frozen prefix (an encoder applied to a second view "
+                 "in one forward, as in SimCLR or BYOL, or a layer a loop calls again): that call runs in the model's "
+                 "mode, its norm layers in train mode, unlike the frozen first call. To freeze such an encoder as "
+                 "one, call it once on the views concatenated (torch.cat) or once per view from your loop.")
+
 
 class SettingsMismatch(ValueError):
     """A checkpoint made with other freezer settings; ``saved`` holds the checkpoint's values of
@@ -1139,9 +1144,10 @@ class SmartFreezer:
         newly = [s for s in self.plan.split_shared(after) if id(s.parameter) not in was]
         other = {"train": "freeze", "freeze": "train"}[self.shared_parameters]
         for group in shared_groups(newly):
+            called_again = any(call is not None and call[1] > 0 for s in group for _, call, _ in s.reads)
             warnings.warn(f"SmartFreezer: froze units 0-{after - 1}; {describe_shared(group, self.units)} "
                           f"{_SHARED_FATE[self.shared_parameters]} (shared_parameters={self.shared_parameters!r}; "
-                          f"{other!r}: {_SHARED_FATE[other]}).", stacklevel=4)
+                          f"{other!r}: {_SHARED_FATE[other]}).{_CALLED_AGAIN if called_again else ''}", stacklevel=4)
 
     def add_freeze_listener(self, listener: Callable[[FreezeEvent, Sequence[Unit]], None]) -> None:
         """Call ``listener(event, newly_frozen_units)`` after every freeze (activation caches,

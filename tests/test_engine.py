@@ -556,6 +556,34 @@ class TiedLM(nn.Module):
         return self.lm_head(torch.relu(self.block2(torch.relu(self.block1(self.embed(tokens))))))
 
 
+
+class _TwoViews(nn.Module):
+    """SimCLR written as one module: the encoder applied to each view in one forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                                 nn.Linear(8, 4))
+
+    def forward(self, v1, v2):
+        return self.enc(v1), self.enc(v2)
+
+
+def test_an_encoder_called_on_two_views_in_one_forward_is_told_how_to_freeze_as_one():
+    """Every parameter is read again by the encoder's second call: the frozen prefix splits them
+    all and the second view runs the frozen norms in train mode; the warning said only what
+    happens to the shared weights, not why nor what to do (review70 #1)."""
+    model = _TwoViews()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    views = (torch.randn(8, 6), torch.randn(8, 6))
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=1), example_inputs=views, total_steps=10)
+    sum(z.sum() for z in model(*views)).backward()
+    opt.step()
+    with pytest.warns(UserWarning, match=r"called again after the frozen prefix \(an encoder applied to a second view.*"
+                                         r"once on the views concatenated"):
+        freezer.step()
+
+
 @pytest.mark.parametrize("mode", ["train", "freeze"])
 def test_tied_embedding_freezes_with_either_shared_parameters_mode(mode):
     model = TiedLM()
@@ -578,8 +606,9 @@ def test_tied_embedding_freezes_with_either_shared_parameters_mode(mode):
     train_step()
     fate = "keep training" if mode == "train" else "froze with the prefix"
     with pytest.warns(UserWarning, match=r"froze units 0-1; 'embed.weight' \(also lm_head.weight\), read from "
-                      r"unit 0 \(embed\) to unit 2 \(block2\), " + fate):
+                      r"unit 0 \(embed\) to unit 2 \(block2\), " + fate) as caught:
         freezer.step()
+    assert not any("called again" in str(w.message) for w in caught)  # read by another module, not a second call
     assert freezer.num_frozen == 2, "a tied embedding must not keep the prefix from freezing"
     assert not model.block1.weight.requires_grad and model.block1.weight not in opt.state
     seen = {}
