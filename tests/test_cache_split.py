@@ -334,6 +334,31 @@ def test_the_fx_chain_cuts_after_an_rnn_whose_state_is_unpacked_and_unused(unpac
     assert len(chain.blocks) == 4, [b.name for b in chain.blocks]
 
 
+class _LengthsTuple(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x, lengths):
+        mask = torch.tensor([[1.0 if t < n else 0.0 for t in range(x.shape[1])] for n in lengths])
+        return self.head((self.b(torch.relu(self.a(x))) * mask[..., None]).sum(1))
+
+
+def test_per_sample_lengths_in_a_tuple_are_named_when_the_cache_cannot_set_up():
+    """zip(*batch) in a collate gives a tuple of lengths, taken for a setting: the cache said
+    only "Pass blocks=[...]" (review71 #6)."""
+    model = _LengthsTuple()
+    x, lengths = torch.randn(8, 5, 4), tuple(int(n) for n in torch.randint(1, 6, (8,)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=0), example_inputs=(x, lengths), total_steps=5)
+    cache = ActivationCache(freezer, num_samples=8, deterministic=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cache.wrap()((x, lengths), torch.arange(8)).sum().backward()
+    assert "a tuple of 8 numbers among the inputs" in cache.describe(), cache.describe()
+    assert "pass per-sample values such as lengths as one tensor" in cache.describe()
+
+
 @pytest.mark.parametrize("placed", ["before set-up", "after set-up"])
 @pytest.mark.parametrize("where", ["model", "trainable block", "frozen block"])
 def test_forward_hooks_run_with_the_cache(placed, where):

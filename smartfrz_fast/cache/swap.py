@@ -1310,6 +1310,14 @@ def _first_sample(inputs):
     return _index_inputs(inputs, torch.arange(1), _batch_size(inputs))
 
 
+def _tuple_of_rows(tree: Any, batch: int) -> bool:
+    """A tuple of ``batch`` plain numbers in ``tree`` (lengths from ``zip(*batch)``)."""
+    if isinstance(tree, tuple) and len(tree) == batch > 1 and all(isinstance(v, (int, float)) for v in tree):
+        return True
+    children = tree.values() if isinstance(tree, dict) else tree if isinstance(tree, (list, tuple)) else ()
+    return any(_tuple_of_rows(child, batch) for child in children)
+
+
 def swap_chain(model: nn.Module, inputs) -> Tuple[Optional[SwapChain], str]:
     """The module-swap chain of ``model`` recorded on a few samples of ``inputs``, or None and why."""
     from .core import _batch_size, _index_inputs
@@ -1321,7 +1329,12 @@ def swap_chain(model: nn.Module, inputs) -> Tuple[Optional[SwapChain], str]:
     try:
         calls, first_use, flow, _ = record_calls(model, sample.args, sample.kwargs, n)
     except Exception as exc:
-        return None, f"recording the module calls failed ({type(exc).__name__}: {exc})"
+        hint = ""
+        if _tuple_of_rows((inputs.args, inputs.kwargs), batch):
+            hint = (f"; a tuple of {batch} numbers among the inputs, as many as the batch's samples, is taken for a "
+                    "setting (a size) and not split with the batch: pass per-sample values such as lengths as one "
+                    "tensor")
+        return None, f"recording the module calls failed ({type(exc).__name__}: {exc}){hint}"
     chain = SwapChain(model, calls, first_use, flow, sample, n)
     if not chain.candidates:
         return None, f"no module of {type(model).__name__} is called once with an output holding the batch dimension"
