@@ -1656,6 +1656,7 @@ def test_a_trainable_module_set_up_never_saw_runs_its_batches_whole_and_keeps_th
     _, model, cache = _on_batches_with_and_without_cache(_AdapterOnSomeBatches, x, y, batches, frozen=4)
     assert cache.enabled and cache.boundary > 0, cache.describe()
     assert cache.stats["bypassed"] == 2 and cache.stats["hits"] >= 16, cache.describe()
+    assert "the latest forward that ran the whole model: module adapter, which" in cache.describe()
 
 
 class _Reparameterise(nn.Module):

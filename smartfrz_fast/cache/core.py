@@ -306,6 +306,8 @@ class ActivationCache:
         if self.stats["bypassed"] and not (self.stats["hits"] or self.stats["misses"]):
             note += (f"; every forward since it set up ran the whole model, none through the cache (the latest: "
                      f"{self._last_bypass})")
+        elif self.stats["bypassed"]:
+            note += f"; the latest forward that ran the whole model: {self._last_bypass}"
         return f"activation cache on: {state}; " + ", ".join(f"{k} {v}" for k, v in self.stats.items()) + note
 
     def prefetch(self, sample_ids) -> None:
