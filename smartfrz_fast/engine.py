@@ -398,6 +398,9 @@ class SmartFreezer:
         self._pending: List[Tuple[int, Tensor, Optional[Any]]] = []  # (apply at step, host tensor, event)
         self._grad_sq: Optional[Tensor] = None
         self._stepped: Set[int] = set()  # ids of the optimizers that stepped since the last step()
+        # resumed from a checkpoint taken between optimizer.step() and step(), until step() counts
+        # that iteration (_catch_up_owed_step)
+        self._owed_from_checkpoint = False
         self._after_step_checks: List[Callable] = []  # optimizer post-step hooks, re-created optimizers too
         self._grad_index_cache: Dict[Any, Tensor] = {}
         self._hooks: List[Any] = []
@@ -750,6 +753,7 @@ class SmartFreezer:
         self._require_open()
         if self._sync is not None and not self._distributed_step_ok():
             return
+        self._owed_from_checkpoint = False
         self.step_count += 1
         step = self.step_count
         self._note_idle_units(step)
@@ -1487,6 +1491,20 @@ class SmartFreezer:
         # by hand), which the never-stepped warning is about
         return guard is not None and not self._closed and 0 < guard.optimizer_steps <= len(self.optimizers)
 
+    def _catch_up_owed_step(self) -> None:
+        """Resumed from a checkpoint taken between ``optimizer.step()`` and ``step()``, the loop
+        went on to its next iteration without calling ``step()`` first: the owed step is counted
+        now, before this iteration's optimizer step, or every schedule would run a step behind
+        the optimizer's for the rest of the run (a freeze lost at the end)."""
+        self._owed_from_checkpoint = False
+        warnings.warn(
+            "SmartFreezer: this run resumed from a checkpoint saved between optimizer.step() and freezer.step(), "
+            "and the next iteration's optimizer step came before freezer.step() was called: the freezer counts "
+            "the owed step now, so its schedule stays in step with the optimizer's, but a freeze it makes now "
+            "comes after this iteration's forward and backward instead of before. Call freezer.step() right "
+            "after loading such a checkpoint (finishing its iteration) to resume exactly.", stacklevel=4)
+        self.step()
+
     def _iteration_in_progress(self) -> Optional[Dict[str, Any]]:
         """A checkpoint taken between ``optimizer.step()`` and ``freezer.step()``: that step is
         not counted yet. Resumed at the next iteration, every policy's schedule would run a step
@@ -1600,6 +1618,7 @@ class SmartFreezer:
             self._stepped = {id(self.optimizers[i]) for i in in_progress["stepped"]}
             if self._grad_sq is not None:
                 self._grad_sq.copy_(in_progress["grad_sq"])
+        self._owed_from_checkpoint = in_progress is not None
         self.freeze_to(num_frozen, step=step)
         self.timeline = timeline
         self._pending = [(apply_at, value, None) for apply_at, value in pending]

@@ -297,6 +297,8 @@ class Guard:
         if freezer is None or freezer._closed or freezer.plan is None:
             return
         if optimizer in freezer.optimizers:  # identity: optimizers do not define __eq__
+            if freezer._owed_from_checkpoint and self.optimizer_steps >= len(freezer.optimizers):
+                freezer._catch_up_owed_step()  # every optimizer stepped in the saved iteration: a new one began
             if self.model_changed():
                 freezer._resync()
             sizes = tuple(len(g["params"]) for g in optimizer.param_groups)
