@@ -52,9 +52,9 @@ _SHARED_FATE = {
 }
 
 _CALLED_AGAIN = (" A module reading them is called again after the frozen prefix (an encoder applied to a second view "
-                 "in one forward, as in SimCLR or BYOL, or a layer a loop calls again): that call runs in the model's "
-                 "mode, its norm layers in train mode, unlike the frozen first call. To freeze such an encoder as "
-                 "one, call it once on the views concatenated (torch.cat) or once per view from your loop.")
+                 "in one forward, as in SimCLR or BYOL): that call runs in the model's mode, its norm layers in train "
+                 "mode, unlike the frozen first call. To freeze such an encoder as one, call it once on the views "
+                 "concatenated (torch.cat) or once per view from your loop.")
 
 
 class SettingsMismatch(ValueError):
@@ -829,7 +829,8 @@ class SmartFreezer:
                 "model.requires_grad_(True) or a GAN's set_requires_grad(D, True). A frozen prefix stays frozen: its "
                 "parameters are out of the optimizer and its modules run in eval mode, so they did not train, and "
                 "the backward pass ran through them; the freezer sets requires_grad=False on them again, from now "
-                "on also as each forward of the model starts. To train "
+                "on also as each forward of the model starts (so code that wakes them to read their gradients, "
+                "torch.autograd.grad over every parameter, fails: ask for the parameters that require grad). To train "
                 "frozen layers again, call freezer.close() first (they then follow your requires_grad, "
                 "model.train() and optimizer); to switch a part of the model on and off each step, switch only "
                 "the parameters that still train."))
@@ -1148,7 +1149,9 @@ class SmartFreezer:
         newly = [s for s in self.plan.split_shared(after) if id(s.parameter) not in was]
         other = {"train": "freeze", "freeze": "train"}[self.shared_parameters]
         for group in shared_groups(newly):
-            called_again = any(call is not None and call[1] > 0 for s in group for _, call, _ in s.reads)
+            # a module called exactly twice (an encoder on two views); a loop's (ALBERT's layer) is told elsewhere
+            calls = [call[1] for s in group for _, call, _ in s.reads if call is not None]
+            called_again = bool(calls) and max(calls) == 1
             warnings.warn(f"SmartFreezer: froze units 0-{after - 1}; {describe_shared(group, self.units)} "
                           f"{_SHARED_FATE[self.shared_parameters]} (shared_parameters={self.shared_parameters!r}; "
                           f"{other!r}: {_SHARED_FATE[other]}).{_CALLED_AGAIN if called_again else ''}", stacklevel=4)

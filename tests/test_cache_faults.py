@@ -1686,6 +1686,58 @@ def test_a_random_draw_after_the_cut_leaves_the_frozen_encoder_cached():
     assert cache.boundary > 0 and cache.stats["hits"] > 0, cache.describe()
 
 
+class _BranchOnTheBatch(nn.Module):
+    """A branch on the whole batch in the model's own code, between frozen blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.head = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        hard = bool((x[:, 0] > 0).all())
+        h = torch.relu(self.a(x))
+        if hard:
+            h = h * 3.0 + 1.0
+        return self.head(torch.relu(self.c(torch.relu(self.b(h)))))
+
+
+def test_a_branch_on_the_whole_batch_is_caught_by_the_audit_before_it_trains_on_a_wrong_row():
+    """The per-sample check passes on all-easy batches; a later mixed batch computed its missed
+    hard samples apart, which took the branch the whole batch does not, and the audits
+    recomputed served rows among the hits alone, agreeing with them (weights 2.5e-2 off,
+    review73). The audit now recomputes the whole batch and checks the rows just computed for
+    its misses too: the cut goes before the branch."""
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(24, 8, generator=generator), torch.randint(0, 3, (24,), generator=generator)
+    x[:8, 0], x[8:, 0] = 1.0, -1.0  # 0-7 hard
+    easy = torch.arange(8, 24)
+    batches = [easy[:8], easy[8:], easy[:8]] + [torch.tensor([0, 1, 2, 3, 8, 9, 10, 11]),
+                                                torch.tensor([4, 5, 6, 7, 12, 13, 14, 15])] * 6
+    _, _, cache = _on_batches_with_and_without_cache(_BranchOnTheBatch, x, y, batches, frozen=3)
+    assert cache.boundary == 1 and cache.stats["hits"] > 0, cache.describe()
+
+
+class _SqueezedFeatures(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool = nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1)
+        self.lin, self.head = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.lin(self.pool(torch.relu(self.conv(x))).squeeze())))
+
+
+def test_a_squeeze_that_drops_the_batch_dimension_of_one_sample_is_named():
+    """`pool(x).squeeze()` in a frozen block: a sample computed alone (a part of the per-sample
+    check at a batch of 9, a single miss) has no batch dimension; 988e023 crashed with an
+    IndexError, the first fix blamed pad_packed_sequence (review73)."""
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(18, 3, 6, 6, generator=generator), torch.randint(0, 3, (18,), generator=generator)
+    batches = [torch.arange(9), torch.arange(9, 18)] * 3
+    _, _, cache = _on_batches_with_and_without_cache(_SqueezedFeatures, x, y, batches, frozen=3)
+    assert "a squeeze() in the frozen layers drops the batch dimension" in cache.describe(), cache.describe()
+
+
 class _TapsIntoContext(nn.Module):
     def __init__(self, context, taps):
         super().__init__()

@@ -881,7 +881,7 @@ class ActivationCache:
         if hit.numel():
             self._sides.compare(ids[hit], {n: v[hit.to(v.device)] for n, v in side.items()})
             loaded = self._store.read(slots[hit], *self._act).contiguous(memory_format=self._act_format)
-            if not self._audit(inputs, ids, hit, loaded):
+            if not self._audit(inputs, ids, hit, loaded, parts[0] if parts else None):
                 return None
             parts.append((hit, loaded))
         self.stats["hits"] += hit.numel()
@@ -1346,7 +1346,15 @@ class ActivationCache:
         self.stats["stored"] += int(ok.sum())
         self.stats["over_capacity"] += int((~ok).sum())
 
-    def _audit(self, inputs: Inputs, ids: Tensor, hit: Tensor, loaded: Tensor) -> bool:
+    def _audit(self, inputs: Inputs, ids: Tensor, hit: Tensor, loaded: Tensor,
+               missed: Optional[Tuple[Tensor, Tensor]] = None) -> bool:
+        """Up to the epoch's audit budget, the served rows ``loaded`` (of the ``hit`` positions)
+        and the rows ``missed`` just computed for the batch's other samples, apart, against the
+        prefix recomputed for the whole batch, as the model computes it. False (the whole model
+        runs) where one differs, saying why: a row that depends on the other samples of its batch
+        (a branch on the whole batch in the model's code, samples that mix and first met in this
+        batch) cuts before the block; a prefix that is not deterministic, or that changed, turns
+        the cache off."""
         k = min(self._audit_left, hit.numel())
         if k <= 0:
             return True
@@ -1355,48 +1363,61 @@ class ActivationCache:
         if not self._side_inputs_unchanged():
             return False
         with preserved_state(self.freezer.module, rngs=False):  # a look, as _rows_per_sample's
-            fresh = self._compute_prefix(_index_inputs(inputs, hit[:k], ids.numel()))
-        if fresh is None:
+            whole = self._compute_prefix(inputs)
+        if whole is None:
             return False
+        fresh = whole[hit[:k].to(whole.device)]
         if fresh.shape[1:] != loaded.shape[1:]:
             self._cut_before_mixing(_shape_follows_batch(tuple(fresh.shape[1:]), tuple(loaded.shape[1:])))
             return False
-        cached = loaded[:k].float().flatten(1)
-        fresh = fresh.float().flatten(1)
-        err = (cached - fresh).abs().amax(1)
-        bound = self._row_tolerance() * fresh.abs().amax(1) + 1e-6
-        bad = ~(err <= bound)  # NaN counts as bad
-        if bool(bad.any()):
-            worst = int(bad.nonzero()[0])
-            sample = int(ids[hit[worst]])
-            with preserved_state(self.freezer.module, rngs=False):
-                again = self._compute_prefix(_index_inputs(inputs, hit[worst:worst + 1], ids.numel()))
-            if again is None:
-                return False
-            drift = float((again.float().flatten(1)[0] - fresh[worst]).abs().amax())
-            if not bool(fresh[worst].isfinite().all()):
-                self._disable(
-                    f"audit: the frozen prefix now computes NaN or inf for sample {sample}, whose cached row is "
-                    f"{'finite' if bool(cached[worst].isfinite().all()) else 'not finite either'}: a NaN or inf "
-                    "reached a "
-                    "frozen weight (written through .data, which the cache does not see) or the sample's input; "
-                    "the cache is off and the prefix runs every step")
-                warnings.warn(f"ActivationCache turned off: {self.reason}", stacklevel=5)
-                return False
-            if not drift <= float(bound[worst]):  # the same input twice: the prefix itself differs
-                self._disable(
-                    f"audit: the frozen prefix is not deterministic: computing sample {sample} twice from the "
-                    f"same input gave results {drift:.3g} apart (allowed {float(bound[worst]):.3g}). Some op "
-                    "before the cut draws random numbers or is nondeterministic even in eval mode, or a sample's "
-                    "row depends on the other samples of its batch (a batch statistic such as x - x.mean(0)); "
-                    "the cache is off and the prefix runs every step")
-                warnings.warn(f"ActivationCache turned off: {self.reason}", stacklevel=5)
-                return False
-            found = (f"the cached activation of sample {sample} differs from a fresh recompute (max error "
-                     f"{float(err[worst]):.3g}, allowed {float(bound[worst]):.3g})")
-            self._audit_failed(found, self._diagnose(sample, _index_inputs(inputs, hit[worst:worst + 1], ids.numel())))
+        cached = loaded[:k]
+        bad = ~self._rows_agree(cached, fresh)  # NaN counts as bad
+        missed_agree = missed is None or (missed[1].shape[1:] == whole.shape[1:] and bool(
+            self._rows_agree(missed[1], whole[missed[0].to(whole.device)]).all()))
+        if not bool(bad.any()) and missed_agree:
+            return True
+        with preserved_state(self.freezer.module, rngs=False):
+            again = self._compute_prefix(inputs)  # the whole batch again: is the prefix deterministic?
+        if again is None:
             return False
-        return True
+        worst = int(bad.nonzero()[0]) if bool(bad.any()) else None
+        sample = int(ids[hit[worst if worst is not None else 0]])
+        if worst is not None and not bool(fresh[worst].isfinite().all()):
+            self._disable(
+                f"audit: the frozen prefix now computes NaN or inf for sample {sample}, whose cached row is "
+                f"{'finite' if bool(cached[worst].isfinite().all()) else 'not finite either'}: a NaN or inf "
+                "reached a frozen weight (written through .data, which the cache does not see) or the sample's "
+                "input; the cache is off and the prefix runs every step")
+            warnings.warn(f"ActivationCache turned off: {self.reason}", stacklevel=5)
+            return False
+        if not bool(self._rows_agree(again, whole).all()):  # the same inputs twice: the prefix itself differs
+            drift = float((again.float() - whole.float()).abs().max())
+            self._disable(
+                f"audit: the frozen prefix is not deterministic: computing the batch twice from the same input "
+                f"gave results {drift:.3g} apart. Some op before the cut draws random numbers or is "
+                "nondeterministic even in eval mode; the cache is off and the prefix runs every step")
+            warnings.warn(f"ActivationCache turned off: {self.reason}", stacklevel=5)
+            return False
+        if not missed_agree:
+            self._cut_before_mixing(
+                "audit: the rows computed for the samples a batch missed, apart from the rest of the batch, differ "
+                "from those computed with the whole batch: a row depends on the other samples of its batch (a "
+                "branch on the whole batch in the model's own code, samples that mix and first met in this batch)")
+            return False
+        with preserved_state(self.freezer.module, rngs=False):
+            alone = self._compute_prefix(_index_inputs(inputs, hit[worst:worst + 1], ids.numel()))
+        if alone is None:
+            return False
+        if alone.shape[1:] != whole.shape[1:] or not bool(self._rows_agree(alone, fresh[worst:worst + 1]).all()):
+            self._cut_before_mixing(
+                f"audit: sample {sample}'s frozen-prefix row computed with its batch differs from the row computed "
+                "alone and from its cached row: a row depends on the other samples of its batch (a branch on the "
+                "whole batch in the model's own code, samples that mix and first met in this batch)")
+            return False
+        err = float((cached[worst].float() - fresh[worst].float()).abs().max())
+        found = f"the cached activation of sample {sample} differs from a fresh recompute (max error {err:.3g})"
+        self._audit_failed(found, self._diagnose(sample, _index_inputs(inputs, hit[worst:worst + 1], ids.numel())))
+        return False
 
     def _diagnose(self, sample: int, inputs: Inputs) -> str:
         """Why a served row disagrees with the recompute, from the checksum of the input the
@@ -2158,6 +2179,11 @@ def _separating_parts(n: int) -> List[Tensor]:
 
 
 def _shape_follows_batch(apart: Tuple[int, ...], together: Tuple[int, ...]) -> str:
+    if len(apart) != len(together):
+        return (f"the frozen prefix's rows have shape {apart} for samples computed apart from the rest of their "
+                f"batch and {together} with it: a squeeze() in the frozen layers drops the batch dimension of a "
+                "batch of one (or another dimension of size 1). Use flatten(1), or squeeze with the dimension "
+                "named (squeeze(-1)), there")
     return (f"the frozen prefix's output shape follows the batch: samples computed apart from the rest of their "
             f"batch get rows of shape {apart}, with it {together}, from inputs of one shape (pad_packed_sequence "
             "without total_length=, or trimming to the batch's longest sequence, in the frozen layers). Such a "
