@@ -1467,35 +1467,45 @@ def test_a_freezer_saved_whole_says_to_save_its_state_dict():
     copy.deepcopy(freezer)  # cache's deep copy copies its freezer)
 
 
-def _autofreeze_run(steps, save_mid_iteration_at=None):
-    """AutoFreeze (gradient norms per interval) on an MLP; with ``save_mid_iteration_at``, a
-    checkpoint between that iteration's optimizer.step() and freezer.step(), resumed in a new
-    freezer that finishes the iteration."""
-    from smartfrz_fast import AutoFreeze
-
-    torch.manual_seed(0)
-    model = nn.Sequential(*[layer for _ in range(6) for layer in (nn.Linear(8, 8), nn.Tanh())], nn.Linear(8, 4))
+def _mid_iteration_run(model, policy, steps, save_at=None, finish_iteration=True):
+    """Train ``model`` under ``policy()``; with ``save_at``, a checkpoint between that iteration's
+    optimizer.step() and freezer.step(), resumed in a new freezer that finishes the iteration
+    (freezer.step() first) or goes on to the next. Returns the timeline, the step count, the
+    weights and the warnings."""
     opt = sgd(model, momentum=0.9)
-    make = lambda: SmartFreezer(model, opt, AutoFreeze(interval=3, percentile=50), example_inputs=torch.randn(4, 8),
-                                total_steps=steps)
+    make = lambda: SmartFreezer(model, opt, policy(), example_inputs=torch.randn(4, 8), total_steps=steps)  # noqa: E731
     freezer = make()
     caught = []
     for step in range(steps):
         torch.manual_seed(step)
         x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-        if step == save_mid_iteration_at:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
+        with warnings.catch_warnings(record=True) as now:
+            warnings.simplefilter("always")
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            if step == save_at:
                 state = copy.deepcopy(freezer.state_dict())
-            freezer.close()
-            model.requires_grad_(True)  # as a model built anew in a new process
-            freezer = make()
-            freezer.load_state_dict(state)
+                freezer.close()
+                model.requires_grad_(True)  # as a model built anew in a new process
+                freezer = make()
+                freezer.load_state_dict(state)
+        caught += [str(w.message) for w in now]
+        if step == save_at and not finish_iteration:
+            continue  # the loop resumes at its next iteration
         freezer.step()
-    return [(e.step, e.num_frozen) for e in freezer.timeline], weights(model), [str(w.message) for w in caught]
+    return [(e.step, e.num_frozen) for e in freezer.timeline], freezer.step_count, weights(model), caught
+
+
+def _autofreeze_run(steps, save_mid_iteration_at=None):
+    """AutoFreeze (gradient norms per interval) on an MLP."""
+    from smartfrz_fast import AutoFreeze
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[layer for _ in range(6) for layer in (nn.Linear(8, 8), nn.Tanh())], nn.Linear(8, 4))
+    timeline, _, trained, caught = _mid_iteration_run(model, lambda: AutoFreeze(interval=3, percentile=50), steps,
+                                                      save_mid_iteration_at)
+    return timeline, trained, caught
 
 
 def test_a_checkpoint_between_the_optimizer_step_and_the_freezer_step_warns_and_resumes_exactly():
@@ -1513,36 +1523,10 @@ def test_a_checkpoint_between_the_optimizer_step_and_the_freezer_step_warns_and_
 
 
 def _resumed_at_the_next_iteration(save_at=None, steps=12):
-    """StaticFreeze(2) at step 5 on an MLP without norms or dropout; with ``save_at``, a
-    checkpoint between that iteration's optimizer.step() and freezer.step(), resumed in a new
-    freezer by going on to the next iteration (freezer.step() not called for the saved one)."""
-    torch.manual_seed(0)
-    model = _mlp(bn=False)
-    opt = sgd(model, momentum=0.9)
-    make = lambda: SmartFreezer(model, opt, StaticFreeze(2, at_step=5), example_inputs=torch.randn(4, 8),  # noqa: E731
-                                total_steps=steps)
-    freezer = make()
-    caught = []
-    for step in range(steps):
-        torch.manual_seed(step)
-        x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
-        nn.functional.cross_entropy(model(x), y).backward()
-        with warnings.catch_warnings(record=True) as now:
-            warnings.simplefilter("always")
-            opt.step()
-        caught += [str(w.message) for w in now]
-        opt.zero_grad()
-        if step == save_at:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                state = copy.deepcopy(freezer.state_dict())
-            freezer.close()
-            model.requires_grad_(True)
-            freezer = make()
-            freezer.load_state_dict(state)
-            continue  # the loop resumes at its next iteration
-        freezer.step()
-    return [(e.step, e.num_frozen) for e in freezer.timeline], freezer.step_count, weights(model), caught
+    """StaticFreeze(2) at step 5 on an MLP without norms or dropout, resumed by going on to the
+    next iteration (freezer.step() not called for the saved one)."""
+    return _mid_iteration_run(_mlp(bn=False), lambda: StaticFreeze(2, at_step=5), steps, save_at,
+                              finish_iteration=False)
 
 
 @pytest.mark.parametrize("save_at", [2, 4])
