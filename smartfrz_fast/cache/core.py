@@ -1030,10 +1030,15 @@ class ActivationCache:
             computed_in = torch.get_autocast_dtype(self._act[1].type)
         return max(STORAGE_TOLERANCE[self.storage_dtype], ACTIVATION_TOLERANCE.get(computed_in, 1e-4))
 
-    def _rows_agree(self, cached: Tensor, fresh: Tensor) -> Tensor:
-        """Per row: a cached row matches a recomputed one (NaN never matches)."""
+    def _rows_agree(self, cached: Tensor, fresh: Tensor, nan_equal: bool = False) -> Tensor:
+        """Per row: a cached row matches a recomputed one (NaN never matches; with ``nan_equal``,
+        for two recomputes, a NaN or inf in the same place in both does)."""
         cached, fresh = cached.float().flatten(1), fresh.float().flatten(1).to(cached.device)
-        return (cached - fresh).abs().amax(1) <= self._row_tolerance() * fresh.abs().amax(1) + 1e-6
+        diff, scale = (cached - fresh).abs(), fresh.abs()
+        if nan_equal:
+            diff = torch.where((cached == fresh) | (cached.isnan() & fresh.isnan()), 0.0, diff)
+            scale = scale.nan_to_num(0.0, 0.0, 0.0)
+        return diff.amax(1) <= self._row_tolerance() * scale.amax(1) + 1e-6
 
     def _note_prefix_weights(self, store: Storage) -> None:
         """Remember the cached prefix's parameters and buffers as a new store's rows are made
@@ -1373,7 +1378,7 @@ class ActivationCache:
         cached = loaded[:k]
         bad = ~self._rows_agree(cached, fresh)  # NaN counts as bad
         missed_agree = missed is None or (missed[1].shape[1:] == whole.shape[1:] and bool(
-            self._rows_agree(missed[1], whole[missed[0].to(whole.device)]).all()))
+            self._rows_agree(missed[1], whole[missed[0].to(whole.device)], nan_equal=True).all()))
         if not bool(bad.any()) and missed_agree:
             return True
         with preserved_state(self.freezer.module, rngs=False):
@@ -1390,7 +1395,7 @@ class ActivationCache:
                 "input; the cache is off and the prefix runs every step")
             warnings.warn(f"ActivationCache turned off: {self.reason}", stacklevel=5)
             return False
-        if not bool(self._rows_agree(again, whole).all()):  # the same inputs twice: the prefix itself differs
+        if not bool(self._rows_agree(again, whole, nan_equal=True).all()):  # the same inputs twice: the prefix differs
             drift = float((again.float() - whole.float()).abs().max())
             self._disable(
                 f"audit: the frozen prefix is not deterministic: computing the batch twice from the same input "
@@ -1408,14 +1413,17 @@ class ActivationCache:
             alone = self._compute_prefix(_index_inputs(inputs, hit[worst:worst + 1], ids.numel()))
         if alone is None:
             return False
-        if alone.shape[1:] != whole.shape[1:] or not bool(self._rows_agree(alone, fresh[worst:worst + 1]).all()):
+        if alone.shape[1:] != whole.shape[1:] or not bool(
+                self._rows_agree(alone, fresh[worst:worst + 1], nan_equal=True).all()):
             self._cut_before_mixing(
                 f"audit: sample {sample}'s frozen-prefix row computed with its batch differs from the row computed "
                 "alone and from its cached row: a row depends on the other samples of its batch (a branch on the "
                 "whole batch in the model's own code, samples that mix and first met in this batch)")
             return False
         err = float((cached[worst].float() - fresh[worst].float()).abs().max())
-        found = f"the cached activation of sample {sample} differs from a fresh recompute (max error {err:.3g})"
+        allowed = self._row_tolerance() * float(fresh[worst].float().abs().max()) + 1e-6
+        found = (f"the cached activation of sample {sample} differs from a fresh recompute (max error {err:.3g}, "
+                 f"allowed {allowed:.3g})")
         self._audit_failed(found, self._diagnose(sample, _index_inputs(inputs, hit[worst:worst + 1], ids.numel())))
         return False
 
@@ -1433,7 +1441,8 @@ class ActivationCache:
                 "kernels beyond the tolerance), its frozen weights or buffers were changed through .data, "
                 "which torch does not track (in-place writes otherwise drop the rows), or a setting of a frozen "
                 "module that is no tensor changed (an adapter's scaling or active adapter, an attribute the "
-                "forward reads)")
+                "forward reads), or its row depends on the batch it was computed in (a branch on the whole "
+                "batch in the model's own code)")
 
     def _check_repeated_ids(self, ids: Tensor, first: Tensor, in_sums: Tensor) -> None:
         """One id twice in a batch with two different inputs: the ids are not per sample.
