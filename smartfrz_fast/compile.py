@@ -181,14 +181,15 @@ def check_grads_after_freeze(freezer: Any) -> None:
             warnings.warn(
                 f"SmartFreezer: after the last freeze, trainable unit(s) {[u.name for u in starved_units][:4]} "
                 f"received no gradient{' (all zeros)' if zeros else ''}. "
-                "Reentrant activation checkpointing (checkpoint(..., use_reentrant=True)) on an input "
+                + ("If this step's loss does not reach them (ReLUs that fire for no sample of the batch, an output "
+                   "no loss reads), the zeros are the model's own, not the freeze's: ignore this. " if zeros else
+                   "If this step's loss does not read them (a head trained on other steps, a branch not taken, an "
+                   "output no loss reads, as a pooler whose output the model returns but the loss never uses), that "
+                   "is the model's own, not the freeze's: ignore this. ")
+                + "Otherwise: reentrant activation checkpointing (checkpoint(..., use_reentrant=True)) on an input "
                 "that needs no grad, such as a frozen prefix's output, trains nothing: use "
                 "use_reentrant=False (timm: timm.layers.set_reentrant_ckpt(False); Hugging Face: "
-                "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})). Without it, "
-                + ("a gradient of zeros is the model's own (ReLUs that fire for no sample of the batch, an output "
-                   "no loss reads), not the freeze's: then ignore this." if zeros else
-                   "no gradient is the model's own (an output no loss reads, as a pooler whose output the model "
-                   "returns but the loss never uses; a branch not taken), not the freeze's: then ignore this."),
+                "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})).",
                 stacklevel=2,
             )
 
