@@ -1,6 +1,7 @@
 """Small models shared by the tests."""
 
 import gc
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -53,6 +54,53 @@ def train_cached_steps(cached, optimizer, freezer, x, steps: int) -> None:
         optimizer.step()
         optimizer.zero_grad()
         freezer.step()
+
+
+def train_on_batches(make_model, inputs_of, targets, batches, frozen: int, lr: float = 0.1, cache_args=None):
+    """A fresh ``make_model()`` (seed 0) trained by SGD on ``batches`` of sample ids (inputs
+    ``inputs_of(ids)``: a tensor, or a tuple of positional inputs), cross-entropy on ``targets``,
+    its first ``frozen`` units frozen at step 1; through an activation cache made with
+    ``cache_args`` where given. Returns (model, cache, losses)."""
+    from smartfrz_fast import SmartFreezer, StaticFreeze
+    from smartfrz_fast.cache import ActivationCache
+
+    torch.manual_seed(0)
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    freezer = SmartFreezer(model, optimizer, StaticFreeze(frozen, at_step=1), example_inputs=inputs_of(batches[0]),
+                           total_steps=len(batches))
+    cache = None if cache_args is None else ActivationCache(
+        freezer, num_samples=len(targets), deterministic=True, **cache_args)
+    forward = cache.wrap() if cache is not None else None
+    losses = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for ids in batches:
+            inputs = inputs_of(ids)
+            if cache is not None:
+                out = forward(inputs, ids)
+            else:
+                out = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+            loss = nn.functional.cross_entropy(out, targets[ids])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            freezer.step()
+            losses.append(loss.item())
+    return model, cache, losses
+
+
+def with_and_without_cache(make_model, inputs_of, targets, batches, frozen: int, lr: float = 0.1,
+                           tolerance: float = 0.0, **cache_args):
+    """``train_on_batches`` without and with the activation cache; checks that the weights agree
+    within ``tolerance`` (and, at 0, the losses exactly). Returns (model without, model with, cache)."""
+    (plain, _, plain_losses), (model, cache, losses) = (
+        train_on_batches(make_model, inputs_of, targets, batches, frozen, lr, args) for args in (None, cache_args))
+    if tolerance == 0:
+        assert losses == plain_losses
+    for a, b in zip(plain.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
+    return plain, model, cache
 
 
 class LayerStack(nn.Module):

@@ -14,7 +14,7 @@ from torch import nn
 from smartfrz_fast import SmartFreezer, StaticFreeze
 from smartfrz_fast.cache import ActivationCache, IndexedDataset
 from smartfrz_fast.cache import storage as storage_mod
-from tests.models import SmallCNN, train_cached_steps
+from tests.models import SmallCNN, train_cached_steps, with_and_without_cache
 
 N = 40
 X = torch.randn(N, 1, 8, 8, generator=torch.Generator().manual_seed(5))
@@ -747,6 +747,10 @@ def test_a_cut_that_fails_the_per_sample_check_keeps_the_cut_before_it(case, fre
         assert cache.stats["hits"] > hits_before, cache.describe()  # still served after the deeper freeze
 
 
+# the cut's own checks must hold; lr and tolerance as this file's other runs
+_CUT_CHECKS_ONLY = dict(lr=0.05, tolerance=1e-6, audit_rows=0)
+
+
 class GroupMean(nn.Module):
     """A layer, then an average over the samples of the batch in the same group (a speaker, a
     session): a row depends on the groupmates its batch happens to hold."""
@@ -795,32 +799,6 @@ class PackedEncoder(nn.Module):
         return self.head(self.enc(self.emb(tokens), lengths).sum(1) / lengths[:, None])
 
 
-def _with_and_without_cache(make, inputs_of, targets, batches, frozen):
-    """Weights trained on ``batches`` of sample ids, ``frozen`` units frozen at step 1, without
-    and with the cache (no audits: the cut's own checks must hold); returns them and the cache."""
-    weights, cache = [], None
-    for cached in (False, True):
-        torch.manual_seed(0)
-        model = make()
-        optimizer = sgd(model)
-        freezer = SmartFreezer(model, optimizer, StaticFreeze(frozen, at_step=1),
-                               example_inputs=inputs_of(batches[0]), total_steps=len(batches))
-        if cached:
-            cache = ActivationCache(freezer, num_samples=len(targets), deterministic=True, audit_rows=0)
-        forward = cache.wrap() if cached else (lambda inputs, ids: model(*inputs))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for ids in batches:
-                nn.functional.cross_entropy(forward(inputs_of(ids), ids), targets[ids]).backward()
-                optimizer.step()
-                optimizer.zero_grad()
-                freezer.step()
-        weights.append([p.detach().clone() for p in model.parameters()])
-    for a, b in zip(*weights):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-    return cache
-
-
 def test_a_prefix_mixing_samples_the_first_of_the_batch_is_not_mixed_with_is_caught(fresh_seed):
     """The per-sample check compared the batch with the batch less its first sample: mixing
     among the others went unseen, and rows made with one batch's groupmates were served in
@@ -832,7 +810,8 @@ def test_a_prefix_mixing_samples_the_first_of_the_batch_is_not_mixed_with_is_cau
     group[0] = -1  # alone in every batch: mixing never involves it
     first = torch.tensor([0, 1, 2, 3, 4, 9, 12, 13])  # groupmates among the others only
     batches = [first, first] + [torch.randperm(n)[:8] for _ in range(12)]
-    cache = _with_and_without_cache(GroupMixer, lambda ids: (x[ids], group[ids]), y, batches, frozen=2)
+    _, _, cache = with_and_without_cache(GroupMixer, lambda ids: (x[ids], group[ids]), y, batches, frozen=2,
+                                         **_CUT_CHECKS_ONLY)
     assert cache.enabled and cache.boundary == 1 and "failed the per-sample check" in cache.describe(), \
         cache.describe()
     assert cache.stats["hits"] > 0, cache.describe()
@@ -857,8 +836,8 @@ def test_a_prefix_whose_output_length_follows_the_batch_is_cut_before(total_leng
         return ids[torch.argsort(lengths[ids], descending=True, stable=True)]
 
     batches = [by_length(torch.cat([torch.arange(2), torch.randperm(n - 2)[:6] + 2])) for _ in range(14)]
-    cache = _with_and_without_cache(lambda: PackedEncoder(total_length), lambda ids: (tokens[ids], lengths[ids]),
-                                    y, batches, frozen=2)
+    _, _, cache = with_and_without_cache(lambda: PackedEncoder(total_length),
+                                         lambda ids: (tokens[ids], lengths[ids]), y, batches, frozen=2, **_CUT_CHECKS_ONLY)
     assert cache.enabled and cache.stats["hits"] > 0, cache.describe()
     assert f"cut after {'emb' if total_length is None else 'enc'})" in cache.describe(), cache.describe()
 

@@ -25,7 +25,7 @@ from torch import nn
 from smartfrz_fast import SmartFreezer, StaticFreeze
 from smartfrz_fast.cache import ActivationCache
 from smartfrz_fast.cache import storage as storage_mod
-from tests.models import LayerStack, train_cached_steps
+from tests.models import LayerStack, train_cached_steps, with_and_without_cache
 from tests.test_cache import N, X, Y, chain_model, ready_cache
 
 _ctx = multiprocessing.get_context("forkserver")
@@ -1502,40 +1502,6 @@ def test_a_write_into_a_context_the_blocks_share_stops_the_cut_at_its_writer(wri
         assert f"'blocks.{writer if how == 'itself' else 0}' writes '" in cache.describe(), cache.describe()
 
 
-def _on_batches_with_and_without_cache(make_model, x, y, batches, frozen=4):
-    """Train on the given batches of sample ids, the first ``frozen`` units frozen at step 1,
-    without and with the activation cache; checks that losses and weights agree exactly, and
-    returns (model without, model with, cache)."""
-    (plain, _, plain_losses), (model, cache, losses) = (
-        _train_on_batches(make_model, x, y, batches, use_cache, frozen) for use_cache in (False, True))
-    assert losses == plain_losses
-    for a, b in zip(plain.parameters(), model.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    return plain, model, cache
-
-
-def _train_on_batches(make_model, x, y, batches, use_cache, frozen):
-    torch.manual_seed(0)
-    model = make_model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    freezer = SmartFreezer(model, opt, StaticFreeze(frozen, at_step=1), example_inputs=x[batches[0]],
-                           total_steps=len(batches))
-    cache = ActivationCache(freezer, num_samples=len(x), deterministic=True) if use_cache else None
-    forward = cache.wrap() if use_cache else None
-    losses = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for ids in batches:
-            out = forward(x[ids], ids) if use_cache else model(x[ids])
-            loss = nn.functional.cross_entropy(out, y[ids])
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            freezer.step()
-            losses.append(loss.item())
-    return model, cache, losses
-
-
 class _EarlyExit(nn.Module):
     """A batch with a hard sample runs every block, an all-easy one only the first."""
 
@@ -1621,7 +1587,7 @@ def test_a_forward_that_stops_before_the_cut_runs_the_whole_model(make_model, ea
     easy = torch.arange(8, 16)
     batches = [mixed[0], easy, mixed[1], mixed[0], easy] if easy_first else [*mixed, *mixed, easy, mixed[0], easy, easy]
     frozen = 5 if make_model is _SkipsMiddle else 4  # the cut after blocks.3: the skipped blocks before it
-    _, _, cache = _on_batches_with_and_without_cache(make_model, x, y, batches, frozen)
+    _, _, cache = with_and_without_cache(make_model, lambda ids: x[ids], y, batches, frozen)
     assert cache.boundary > 0 and cache.stats["hits"] + cache.stats["misses"] > 0, cache.describe()
     if make_model not in _HALTING:
         assert cache.stats["bypassed"] > 0, cache.describe()
@@ -1653,7 +1619,7 @@ def test_a_trainable_module_set_up_never_saw_runs_its_batches_whole_and_keeps_th
     x[:8, 0], x[8:, 0] = 1.0, -1.0  # 0-7 hard, 8-15 easy
     mixed, hard = torch.tensor([0, 1, 8, 9, 10, 11, 12, 13]), torch.arange(8)
     batches = [mixed, mixed, hard, mixed, hard, mixed, mixed]
-    _, model, cache = _on_batches_with_and_without_cache(_AdapterOnSomeBatches, x, y, batches, frozen=4)
+    _, model, cache = with_and_without_cache(_AdapterOnSomeBatches, lambda ids: x[ids], y, batches, frozen=4)
     assert cache.enabled and cache.boundary > 0, cache.describe()
     assert cache.stats["bypassed"] == 2 and cache.stats["hits"] >= 16, cache.describe()
     assert "the latest forward that ran the whole model: module adapter, which" in cache.describe()
@@ -1682,7 +1648,7 @@ def test_a_random_draw_after_the_cut_leaves_the_frozen_encoder_cached():
     generator = torch.Generator().manual_seed(1)
     x, y = torch.randn(16, 8, generator=generator), torch.randint(0, 3, (16,), generator=generator)
     batches = [torch.randperm(16, generator=generator)[:8] for _ in range(8)]
-    _, _, cache = _on_batches_with_and_without_cache(_VAE, x, y, batches, frozen=3)
+    _, _, cache = with_and_without_cache(_VAE, lambda ids: x[ids], y, batches, frozen=3)
     assert cache.boundary > 0 and cache.stats["hits"] > 0, cache.describe()
 
 
@@ -1713,7 +1679,7 @@ def test_a_branch_on_the_whole_batch_is_caught_by_the_audit_before_it_trains_on_
     easy = torch.arange(8, 24)
     batches = [easy[:8], easy[8:], easy[:8]] + [torch.tensor([0, 1, 2, 3, 8, 9, 10, 11]),
                                                 torch.tensor([4, 5, 6, 7, 12, 13, 14, 15])] * 6
-    _, _, cache = _on_batches_with_and_without_cache(_BranchOnTheBatch, x, y, batches, frozen=3)
+    _, _, cache = with_and_without_cache(_BranchOnTheBatch, lambda ids: x[ids], y, batches, frozen=3)
     assert cache.boundary == 1 and cache.stats["hits"] > 0, cache.describe()
 
 
@@ -1736,7 +1702,7 @@ def test_a_row_holding_nan_that_the_trainable_layers_clear_is_no_audit_failure()
     r = torch.arange
     batches = [r(0, 8), r(0, 8), r(8, 16), torch.tensor([0, 1, 2, 3, 20, 21, 22, 23]), r(24, 32), r(4, 12)] + \
         [r(0, 8), r(8, 16), r(16, 24), r(24, 32)] * 3
-    _, _, cache = _on_batches_with_and_without_cache(_nan_tolerant, x, y, batches, frozen=2)
+    _, _, cache = with_and_without_cache(_nan_tolerant, lambda ids: x[ids], y, batches, frozen=2)
     assert cache.enabled and cache.stats["hits"] > 50, cache.describe()
 
 
@@ -1757,7 +1723,7 @@ def test_a_squeeze_that_drops_the_batch_dimension_of_one_sample_is_named():
     generator = torch.Generator().manual_seed(1)
     x, y = torch.randn(18, 3, 6, 6, generator=generator), torch.randint(0, 3, (18,), generator=generator)
     batches = [torch.arange(9), torch.arange(9, 18)] * 3
-    _, _, cache = _on_batches_with_and_without_cache(_SqueezedFeatures, x, y, batches, frozen=3)
+    _, _, cache = with_and_without_cache(_SqueezedFeatures, lambda ids: x[ids], y, batches, frozen=3)
     assert "a squeeze() in the frozen layers drops the batch dimension" in cache.describe(), cache.describe()
 
 
@@ -1823,7 +1789,7 @@ def test_a_module_set_up_never_called_that_runs_inside_the_prefix_runs_the_whole
     x[:16, 0], x[16:, 0] = 1.0, -1.0
     batches = [torch.arange(0, 8), torch.arange(8, 16), torch.arange(0, 8), torch.arange(16, 24),
                torch.arange(8, 16), torch.arange(24, 32)]
-    plain, model, cache = _on_batches_with_and_without_cache(_TwoDomains, x, y, batches, frozen=2)
+    plain, model, cache = with_and_without_cache(_TwoDomains, lambda ids: x[ids], y, batches, frozen=2)
     assert torch.equal(plain.norm_b.running_mean, model.norm_b.running_mean)
     assert cache.enabled and cache.stats["bypassed"] > 0 and cache.stats["hits"] > 0, cache.describe()
 
