@@ -397,7 +397,9 @@ class SmartFreezer:
         self.history = None
         self._pending: List[Tuple[int, Tensor, Optional[Any]]] = []  # (apply at step, host tensor, event)
         self._grad_sq: Optional[Tensor] = None
-        self._stepped: Set[int] = set()  # ids of the optimizers that stepped since the last step()
+        # ids of the optimizers that stepped since the last step() (a checkpoint saves them: one
+        # stepping again after a resume began a new iteration)
+        self._stepped: Set[int] = set()
         # resumed from a checkpoint taken between optimizer.step() and step(), until step() counts
         # that iteration (_catch_up_owed_step)
         self._owed_from_checkpoint = False
@@ -776,7 +778,7 @@ class SmartFreezer:
                     self._sync.all_reduce_sum(self._grad_sq)
                 self.policy.observe_gradients(step - 1, self._observed_grad_sq())
                 self._grad_sq = torch.zeros_like(self._grad_sq)
-                self._stepped.clear()
+            self._stepped.clear()
             if self.num_frozen < self.max_frozen:
                 decision = self._decide(step)
                 if decision is not None:
@@ -1519,9 +1521,10 @@ class SmartFreezer:
             return None
         guard.warn_once("saved mid-iteration", (
             "SmartFreezer: state_dict() between optimizer.step() and freezer.step(): the freezer has not "
-            "counted this optimizer step yet. A run resumed from this checkpoint must call freezer.step() "
-            "first (finishing this iteration); resumed at the next iteration, the freezer's schedule runs one "
-            "step behind the optimizer's for the rest of the run. Save after freezer.step() to avoid both."))
+            "counted this optimizer step yet. A run resumed from this checkpoint continues exactly if it calls "
+            "freezer.step() first (finishing this iteration); resumed at the next iteration, the freezer counts the "
+            "step at that iteration's optimizer step, so a freeze due then comes after its forward and backward "
+            "instead of before. Save after freezer.step() to avoid both."))
         return {"optimizer_steps": guard.optimizer_steps,
                 "stepped": [i for i, opt in enumerate(self.optimizers) if id(opt) in self._stepped],
                 "trained": sorted(self._trained_this_step),

@@ -297,8 +297,10 @@ class Guard:
         if freezer is None or freezer._closed or freezer.plan is None:
             return
         if optimizer in freezer.optimizers:  # identity: optimizers do not define __eq__
-            if freezer._owed_from_checkpoint and self.optimizer_steps >= len(freezer.optimizers):
-                freezer._catch_up_owed_step()  # every optimizer stepped in the saved iteration: a new one began
+            if freezer._owed_from_checkpoint and (self.optimizer_steps >= len(freezer.optimizers)
+                                                  or id(optimizer) in freezer._stepped):
+                # every optimizer, or this one, stepped in the saved iteration: a new one began
+                freezer._catch_up_owed_step()
             if self.model_changed():
                 freezer._resync()
             sizes = tuple(len(g["params"]) for g in optimizer.param_groups)
@@ -341,6 +343,7 @@ class Guard:
     def _count(self, freezer: Any, optimizer: torch.optim.Optimizer) -> None:
         self.inside = optimizer
         self.optimizer_steps += 1
+        freezer._stepped.add(id(optimizer))
         # never stepped and nothing frozen by hand (freeze_to needs no step(): profile.py drives it so)
         if (self.optimizer_steps == NEVER_STEPPED_WARN * len(freezer.optimizers) and freezer.step_count == 0
                 and not freezer.timeline):
