@@ -1043,6 +1043,7 @@ class SmartFreezer:
         for listener in self._freeze_listeners:
             listener(event, newly)
         self._warn_split_shared(before, target)  # last: a warnings filter set to "error" finds the freeze done
+        self._warn_heads_frozen(before, target)
         self._warn_user_frozen_to_eval(switched)
         self._warn_if_inputs_marked_for_grad(target)
         if target == len(self.units) and not any(p.requires_grad for p in self.module.parameters()):
@@ -1144,6 +1145,22 @@ class SmartFreezer:
                 "layers need anyway), call model.disable_input_require_grads() after gradient_checkpointing_enable().",
                 stacklevel=3)
             return
+
+    def _warn_heads_frozen(self, before: int, after: int) -> None:
+        """An output of the model made by a head called before the trunk's end (a multi-task net's
+        first task) stops learning once the prefix takes in that head (review74 #1). Said once
+        per freeze."""
+        heads = [(path, head) for path, head in self.plan.head_outputs if before <= head < after < len(self.units)]
+        if not heads:
+            return
+        outputs = ", ".join(f"output{path} (its last layer: unit {head}, {self.units[head].name})" for path, head in heads)
+        warnings.warn(
+            f"SmartFreezer: the model's {outputs} is made by frozen units alone now (units 0-{after - 1} froze): "
+            "a head called before the units that still train, feeding none of them. If your loss reads that output "
+            "as a task of its own, the task stops learning now. Call such heads after the whole trunk, or give "
+            "the freezer the trunk only (SmartFreezer(model.trunk, ...)); see docs/changes_and_misuse.md, "
+            "'Several heads on one trunk'. If your loss only adds it to a later output (deep supervision), "
+            "this is expected.", stacklevel=4)
 
     def _warn_split_shared(self, before: int, after: int) -> None:
         """One warning per group of shared parameters that this freeze newly splits."""

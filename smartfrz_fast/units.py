@@ -27,12 +27,12 @@ import weakref
 from collections.abc import Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Dict, FrozenSet, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path
 
 NORM_CLASS_MARKERS = ("BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "RMSNorm", "SyncBatchNorm")
 
@@ -129,6 +129,9 @@ class UnitPlan:
     # op index of the first read of a parameter, trainable or not (a stem the user froze is a
     # layer): the ops before it are the input's (an augmentation, a normalisation without weights)
     first_read: int = 0
+    # outputs of the model that a head called before the last unit computes: (where in the
+    # output, the head's last unit); frozen with the prefix, such an output stops learning
+    head_outputs: List[Tuple[str, int]] = field(default_factory=list)
 
     def largest_allowed_cut(self, at_most: int) -> int:
         for cut in range(min(at_most, len(self.units)), -1, -1):
@@ -329,6 +332,8 @@ class _ForwardTracer(TorchDispatchMode):
         self._lineage: Dict[int, Tuple[Any, int, FrozenSet[int]]] = {}
         # each layer's op -> the ops of the layers that produced its input (LoRA's B <- A)
         self.inputs_of: Dict[int, FrozenSet[int]] = {}
+        # each tensor the model returned: (where in the output, the ops of the layers that produced it)
+        self.outputs: List[Tuple[str, FrozenSet[int]]] = []
         # each attention op: (the innermost module call around it but the model's own, or None,
         # and the ops of the layers that produced its operands: q, k and v's projections; a fused
         # MHA op itself)
@@ -1300,7 +1305,8 @@ def trace_forward(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[s
         with preserved_state(model), torch.no_grad(), uncached_autocast(), unfused_transformer_layers(), \
                 host_draws_at(_KEEPING_DRAWS["rand"]):
             with compiled_modules_run_eagerly(model), flex_attention_traceable(), tracer:
-                model(*args, **(kwargs or {}))
+                tracer.outputs = [(path, tracer.lineage(t)[1]) for path, t in _output_tensors(model(*args, **(kwargs or {})))
+                                  if t.is_floating_point()]
     except Exception as exc:  # the model's own error, plus what the engine was doing
         note = ("SmartFreezer: this came from the model's forward pass on the inputs used to find its "
                 "units: example_inputs (a tuple of positional inputs, or one tensor) or a dict of keyword "
@@ -1447,6 +1453,8 @@ def discover_units(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[
                     first_read=min(op_starts[0], tracer.first_param_read if tracer.first_param_read is not None
                                    else op_starts[0]))
 
+    plan.head_outputs = _head_outputs(tracer, unit_at, len(units), plan.boundary)
+
     if shared_parameters == "train":
         # A shared parameter keeps training past a cut only if its every read inside the prefix
         # happens in a module call that ends there: that call's output is then detached.
@@ -1469,6 +1477,39 @@ def discover_units(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[
             stacklevel=3,
         )
     return plan
+
+
+def _output_tensors(output: Any) -> List[Tuple[str, torch.Tensor]]:
+    """The tensors in a model's output, each with where it is (``[0]``, ``['logits']``); by
+    position where a pytree node of the output names no keys (one registered without them)."""
+    try:
+        leaves = [(keystr(path), leaf) for path, leaf in tree_flatten_with_path(output)[0]]
+    except ValueError:
+        leaves = [(f" leaf {index}", leaf) for index, leaf in enumerate(tree_flatten(output)[0])]
+    return [(path, leaf) for path, leaf in leaves if isinstance(leaf, torch.Tensor)]
+
+
+def _head_outputs(tracer: _ForwardTracer, unit_at: Callable[[int], int], num_units: int,
+                  boundary: List[int]) -> List[Tuple[str, int]]:
+    """Outputs made by a head called before the last unit (a multi-task net's first task, an
+    auxiliary classifier): the last layer producing the output feeds no later unit, and no output
+    combines it with a later unit's (two towers scored against each other). An output a trunk
+    layer makes (features returned beside the logits) feeds later units, and is none."""
+    read_until: Dict[int, int] = {}  # a layer's op -> the last op whose input it produced
+    for op, inputs in tracer.inputs_of.items():
+        for producer in inputs:
+            read_until[producer] = max(read_until.get(producer, -1), op)
+    last_unit = {path: max(map(unit_at, producers)) for path, producers in tracer.outputs if producers}
+    heads = []
+    for path, producers in tracer.outputs:
+        if not producers or last_unit[path] >= num_units - 1:
+            continue
+        head = last_unit[path]
+        feeds_later = any(read_until.get(op, -1) >= boundary[head + 1] for op in producers if unit_at(op) == head)
+        combined = any(other & producers and last_unit[path_] > head for path_, other in tracer.outputs if other)
+        if not feeds_later and not combined:
+            heads.append((path, head))
+    return heads
 
 
 def _producers_within(tracer: _ForwardTracer, producers: FrozenSet[int], call: Optional[Tuple[int, int]]) -> Set[int]:

@@ -1598,3 +1598,88 @@ def test_a_hold_is_what_the_steps_before_the_decision_show_also_across_a_resume(
             _train_step(model, opt, freezer, step)
     assert [(e.step, e.num_frozen) for e in freezer.timeline] == timeline
     assert sum("your code held it still at step 10" in str(w.message) for w in caught) == (not timeline)
+
+
+class _TwoTasks(nn.Module):
+    """A trunk with task A's head called before its last layer, task B's after."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.head_a = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+        self.c, self.head_b = nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.b(torch.relu(self.a(x))))
+        return self.head_a(h), self.head_b(torch.relu(self.c(h)))
+
+
+class _FeaturesBeside(nn.Module):
+    """Returns a trunk layer's features beside the logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        features = torch.relu(self.a(x))
+        return {"logits": self.c(torch.relu(self.b(features))), "features": features}
+
+
+class _TwoTowers(nn.Module):
+    """Two towers scored against each other (CLIP), each tower's embedding returned too."""
+
+    def __init__(self):
+        super().__init__()
+        self.i1, self.i2, self.t1, self.t2 = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        image, text = self.i2(torch.relu(self.i1(x))), self.t2(torch.relu(self.t1(2 * x)))
+        return image @ text.T, image, text
+
+
+class _DeepSupervision(nn.Module):
+    """An auxiliary head on the trunk's middle, added to the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.aux, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 4), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return 0.3 * self.aux(h) + self.c(torch.relu(self.b(h)))
+
+
+def test_a_head_called_before_the_trunks_end_is_named_when_the_prefix_takes_it_in():
+    """Units go in call order, so task A's head froze with the trunk's first layers while task B's
+    trained, and task A stopped learning with no word (review74 #1, documented only): the freeze
+    that takes in the head names its output, once."""
+    model = _TwoTasks()
+    opt = sgd(model)
+    freezer = SmartFreezer(model, opt, StaticFreeze(3, at_step=2), example_inputs=torch.randn(4, 8), total_steps=6)
+    assert [(path, freezer.units[head].name) for path, head in freezer.plan.head_outputs] == [("[0]", "head_a")]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(5):
+            out_a, out_b = model(torch.randn(16, 8))
+            (nn.functional.cross_entropy(out_a, torch.randint(0, 3, (16,)))
+             + nn.functional.cross_entropy(out_b, torch.randint(0, 4, (16,)))).backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+    named = [str(w.message) for w in caught if "is made by frozen units alone" in str(w.message)]
+    assert freezer.num_frozen == 3 and len(named) == 1, [str(w.message) for w in caught]
+    assert "output[0] (its last layer: unit 2, head_a)" in named[0]
+
+
+@pytest.mark.parametrize("model", [_FeaturesBeside, _TwoTowers, _DeepSupervision], ids=lambda m: m.__name__)
+def test_outputs_that_feed_later_layers_or_are_combined_with_them_are_no_heads(model):
+    """Features a trunk layer makes, a tower scored against a later one, an auxiliary head added to
+    the output: none stops a task's learning on its own, none is named."""
+    torch.manual_seed(0)
+    model = model()
+    freezer = SmartFreezer(model, sgd(model), StaticFreeze(0), example_inputs=torch.randn(4, 8))
+    assert freezer.plan.head_outputs == []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*frozen units alone.*")
+        freezer.freeze_to(len(freezer.units) - 1)

@@ -84,6 +84,7 @@ def test_half_the_units_freeze_and_the_prefix_is_fixed(name, mode, fresh_seed):
     freezer = SmartFreezer(model, opt, HalfFreeze(), example_inputs=args, example_kwargs=kwargs,
                            shared_parameters=mode)
     units = freezer.units
+    assert not freezer.plan.head_outputs, f"{name}: no output of it is a head's before the trunk's end"
     half = len(units) // 2
     train_step(real, model, opt, 0)
     opt.step()
@@ -264,3 +265,19 @@ def test_a_cut_train_mode_cannot_make_is_refused_out_loud():
             assert freezer.freeze_to(7) == 7 and "asked to freeze" not in freezer.report()
         else:
             assert "froze with the prefix" in messages and "asked" not in messages
+
+
+def test_a_head_before_another_is_named_in_a_pretraining_model():
+    """BERT's pre-training model calls its masked-LM head before the next-sentence head: frozen
+    with the prefix, the masked-LM output stops learning while the other head trains (review74 #1)."""
+    import transformers
+
+    config = transformers.BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64)
+    model = transformers.BertForPreTraining(config).train()
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(0),
+                           example_kwargs={"input_ids": torch.randint(0, 96, (2, 12))})
+    assert [(path, freezer.units[head].name) for path, head in freezer.plan.head_outputs] == [
+        ("['prediction_logits']", "cls.predictions.transform.LayerNorm+cls.predictions")]
+    with pytest.warns(UserWarning, match=r"output\['prediction_logits'\] .* is made by frozen units alone"):
+        freezer.freeze_to(len(freezer.units) - 1)
