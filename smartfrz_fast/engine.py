@@ -401,8 +401,11 @@ class SmartFreezer:
         # stepping again after a resume began a new iteration)
         self._stepped: Set[int] = set()
         # resumed from a checkpoint taken between optimizer.step() and step(), until step() counts
-        # that iteration (_catch_up_owed_step)
+        # that iteration (_catch_up_owed_step); a training forward of the model since the resume
+        # (noted by a forward pre-hook, _owed_hook) shows that the loop went on to its next one
         self._owed_from_checkpoint = False
+        self._forward_since_owed = False
+        self._owed_hook = None
         self._after_step_checks: List[Callable] = []  # optimizer post-step hooks, re-created optimizers too
         self._grad_index_cache: Dict[Any, Tensor] = {}
         self._hooks: List[Any] = []
@@ -755,7 +758,9 @@ class SmartFreezer:
         self._require_open()
         if self._sync is not None and not self._distributed_step_ok():
             return
-        self._owed_from_checkpoint = False
+        if self._owed_from_checkpoint and self._forward_since_owed:
+            self._catch_up_owed_step()  # the resumed iteration's optimizer step was skipped (a GradScaler's)
+        self._end_owed()
         self.step_count += 1
         step = self.step_count
         self._note_idle_units(step)
@@ -1516,16 +1521,29 @@ class SmartFreezer:
     def _catch_up_owed_step(self) -> None:
         """Resumed from a checkpoint taken between ``optimizer.step()`` and ``step()``, the loop
         went on to its next iteration without calling ``step()`` first: the owed step is counted
-        now, before this iteration's optimizer step, or every schedule would run a step behind
-        the optimizer's for the rest of the run (a freeze lost at the end)."""
-        self._owed_from_checkpoint = False
+        now, before this iteration's optimizer step (or its ``step()``, where that optimizer step
+        was skipped), or every schedule would run a step behind the optimizer's for the rest of
+        the run (a freeze lost at the end)."""
+        self._end_owed()
         warnings.warn(
             "SmartFreezer: this run resumed from a checkpoint saved between optimizer.step() and freezer.step(), "
-            "and the next iteration's optimizer step came before freezer.step() was called: the freezer counts "
+            "and the loop went on to its next iteration before freezer.step() was called: the freezer counts "
             "the owed step now, so its schedule stays in step with the optimizer's, but a freeze it makes now "
             "comes after this iteration's forward and backward instead of before. Call freezer.step() right "
             "after loading such a checkpoint (finishing its iteration) to resume exactly.", stacklevel=4)
         self.step()
+
+    def _end_owed(self) -> None:
+        self._owed_from_checkpoint = self._forward_since_owed = False
+        if self._owed_hook is not None:
+            self._owed_hook.remove()
+            self._owed_hook = None
+
+    def _note_forward_while_owed(self, module, args) -> None:
+        """A training forward of the model while the saved iteration's step is owed: the loop
+        went on to its next iteration (an evaluation under no_grad or in eval mode tells nothing)."""
+        if torch.is_grad_enabled() and module.training:
+            self._forward_since_owed = True
 
     def _iteration_in_progress(self) -> Optional[Dict[str, Any]]:
         """A checkpoint taken between ``optimizer.step()`` and ``freezer.step()``: that step is
@@ -1641,7 +1659,11 @@ class SmartFreezer:
             self._stepped = {id(self.optimizers[i]) for i in in_progress["stepped"]}
             if self._grad_sq is not None:
                 self._grad_sq.copy_(in_progress["grad_sq"])
-        self._owed_from_checkpoint = in_progress is not None
+        self._end_owed()
+        if in_progress is not None:
+            self._owed_from_checkpoint = True
+            self._owed_hook = self.model.register_forward_pre_hook(engine_hook(self._note_forward_while_owed))
+            self._hooks.append(self._owed_hook)
         self.freeze_to(num_frozen, step=step)
         self.timeline = timeline
         self._pending = [(apply_at, value, None) for apply_at, value in pending]

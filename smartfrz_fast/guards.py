@@ -297,9 +297,11 @@ class Guard:
         if freezer is None or freezer._closed or freezer.plan is None:
             return
         if optimizer in freezer.optimizers:  # identity: optimizers do not define __eq__
-            if freezer._owed_from_checkpoint and (self.optimizer_steps >= len(freezer.optimizers)
+            if freezer._owed_from_checkpoint and (freezer._forward_since_owed
+                                                  or self.optimizer_steps >= len(freezer.optimizers)
                                                   or id(optimizer) in freezer._stepped):
-                # every optimizer, or this one, stepped in the saved iteration: a new one began
+                # a training forward since the resume, or every optimizer, or this one, stepped in
+                # the saved iteration: a new one began
                 freezer._catch_up_owed_step()
             if self.model_changed():
                 freezer._resync()
