@@ -419,6 +419,7 @@ class SmartFreezer:
         self._refused_warned = False
         self._refused: Optional[str] = None  # why the last freeze stopped short of what was asked
         self._nonfinite_warned = False
+        self._nonfinite_statistics_warned = False
         self._freeze_listeners: List[Callable[[FreezeEvent, Sequence[Unit]], None]] = []
         self._change_listeners: List[Callable[[str, Any], None]] = []
         self._warned_past_total = False
@@ -1365,6 +1366,41 @@ class SmartFreezer:
                     )
                     self._nonfinite_warned = True
                 return self.plan.largest_allowed_cut(unit.index)
+        return self._stop_before_nonfinite_statistics(target)
+
+    def _stop_before_nonfinite_statistics(self, target: int) -> int:
+        """A norm's running statistics with NaN or inf (one bad batch through it in train mode,
+        an fp16 variance that overflowed): train mode never reads them, the eval mode a freeze
+        holds the prefix in does, and every later step's loss would be NaN (review78: 181 of 200
+        steps skipped by a GradScaler, the loss scale at 0). The unit that would hold them in
+        eval is not frozen, nor anything after it. One host sync, and only where a statistic is
+        bad is the unit found."""
+        stats = [(module, name, buffer) for module in self.module.modules()
+                 for name in ("running_mean", "running_var")
+                 for buffer in [getattr(module, name, None)]
+                 if isinstance(buffer, Tensor) and buffer.is_floating_point() and buffer.numel()]
+        if not stats:
+            return target
+        finite = torch.stack([b.detach().abs().amax().isfinite().to(stats[0][2].device) for _, _, b in stats]).tolist()
+        bad = {id(module): name for (module, name, _), ok in zip(stats, finite) if not ok}
+        if not bad:
+            return target
+        for cut in range(self.num_frozen + 1, target + 1):
+            always, partly = self.plan.eval_modules(cut)
+            held = next((m for m in (*always, *partly) if id(m) in bad), None)
+            if held is None:
+                continue
+            unit = self.units[cut - 1]
+            if not self._nonfinite_statistics_warned:
+                self._nonfinite_statistics_warned = True
+                name = next((n for n, m in self.module.named_modules() if m is held), type(held).__name__)
+                warnings.warn(
+                    f"SmartFreezer: {name}.{bad[id(held)]} holds NaN or inf (a batch with NaN or inf went through "
+                    "it in train mode, or a float16 statistic overflowed). Train mode never reads it; the eval "
+                    f"mode a frozen prefix runs in would, and every later loss would be NaN: unit {unit.index} "
+                    f"({unit.name}) is not frozen, nor anything after it. Reset it ({name}.reset_running_stats(); "
+                    "training estimates it again) and look for the batch that caused it.", stacklevel=3)
+            return self.plan.largest_allowed_cut(cut - 1)
         return target
 
     def _event(self, step: int, newly: Sequence[Unit]) -> FreezeEvent:

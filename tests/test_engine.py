@@ -1,5 +1,6 @@
 """The engine on the reference path: units, the freeze action, reports, bad input."""
 
+import re
 import warnings
 
 import pytest
@@ -652,6 +653,47 @@ def test_nan_weights_are_never_frozen():
     with pytest.warns(UserWarning, match=r"unit 1 \(conv2\+bn2\) has NaN or inf"):
         assert freezer.freeze_to(3) == 1
     assert model.conv2.weight.requires_grad and model.conv3.weight.requires_grad
+
+
+def test_norm_statistics_with_nan_or_inf_are_never_frozen():
+    """A freeze holds the prefix's norms in eval, which reads their running statistics; train mode
+    never does. NaN statistics (one bad batch through the norm) made every later loss NaN
+    (review78: 181 of 200 steps skipped by a GradScaler); the unit holding them is not frozen."""
+    model = SmallCNN()
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(3, at_step=1),
+                           example_inputs=batch(0)[0])
+    model.bn2.running_var[0] = float("inf")
+    with pytest.warns(UserWarning, match=r"bn2\.running_var holds NaN or inf.*unit 1 \(conv2\+bn2\) is not frozen"):
+        assert freezer.freeze_to(3) == 1
+    model.bn2.reset_running_stats()
+    assert freezer.freeze_to(3) == 3
+
+
+def test_a_nan_batch_before_a_freeze_leaves_the_run_training():
+    """One batch with a NaN sample, whose step the loop skips (as a GradScaler does), wrote NaN
+    into the first norm's statistics: with the norm held in eval by a freeze, every later loss was
+    NaN and skipped (review78). The unit holding the norm is not frozen, and the losses stay finite."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16, affine=False), nn.ReLU(), nn.Linear(16, 16),
+                          nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=6), example_inputs=torch.randn(4, 8), total_steps=12)
+    finite = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(12):
+            x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+            if step == 3:
+                x[5, 2] = float("nan")
+            loss = nn.functional.cross_entropy(model(x), y)
+            finite.append(bool(loss.isfinite()))
+            if finite[-1]:  # the usual guard: a non-finite loss's step is skipped
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                freezer.step()
+    assert freezer.num_frozen == 0 and finite == [True] * 3 + [False] + [True] * 8
+    assert any(re.search(r"'?1\.running_(mean|var) holds NaN or inf", str(w.message)) for w in caught)
 
 
 def test_load_state_dict_from_a_different_model_is_refused():
