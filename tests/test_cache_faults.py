@@ -1943,3 +1943,24 @@ def test_switching_checkpointing_off_for_validation_keeps_the_rows():
             model.grad_checkpointing = True
     assert not any("switched on or off" in str(w.message) for w in caught)
     assert cache.stats["hits"] >= 40, cache.describe()
+
+
+class _Finite(nn.Module):
+    def forward(self, x):
+        return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def test_rows_with_nan_or_inf_are_not_cached_and_turn_nothing_off():
+    """Samples whose frozen-prefix rows hold inf or NaN (an input with inf; the trainable layers
+    clear them): the per-sample check compared NaN with NaN and took the prefix for one that mixes
+    samples (the cache off, review78), an audit that met such a row turned the cache off, and a
+    resumed cache called them damaged. They are not cached: those samples run the prefix each time."""
+    g = torch.Generator().manual_seed(0)
+    inputs, targets = torch.randn(64, 16, generator=g), torch.randint(0, 4, (64,), generator=g)
+    batches = [p[i:i + 16] for p in [torch.randperm(64, generator=g) for _ in range(4)] for i in range(0, 64, 16)]
+    inputs[batches[1][:5], 0] = float("inf")  # not in the first batch, which trains the prefix
+    make = lambda: nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),  # noqa: E731
+                                 nn.Sequential(_Finite(), nn.Linear(32, 4)))
+    _, _, cache = with_and_without_cache(make, lambda ids: inputs[ids], targets, batches, frozen=2, audit_rows=16)
+    assert cache.enabled and cache.stats["hits"] > 0 and cache.stats["audited"] > 0
+    assert cache.stats["not_finite"] >= 5 and cache.stats["stored"] == 64 - 5 and cache.stats["bad_rows"] == 0

@@ -189,7 +189,7 @@ class ActivationCache:
             "inputs not declared deterministic: pass deterministic=True if a sample's input is the "
             "same every time it is seen (no random augmentation)")
         self.stats: Dict[str, int] = dict(hits=0, misses=0, stored=0, over_capacity=0, audited=0, migrated=0,
-                                          bad_rows=0, bypassed=0, input_changed=0, weights_changed=0)
+                                          bad_rows=0, bypassed=0, input_changed=0, weights_changed=0, not_finite=0)
         self._store: Optional[Storage] = None
         self._setup_done = False
         self._input_sig = None
@@ -935,7 +935,7 @@ class ActivationCache:
                 self._cut_before_mixing(_shape_follows_batch(tuple(rows.shape[1:]), tuple(whole.shape[1:])))
                 return False
             if rows is None or rows.shape != (part.numel(), *whole.shape[1:]) or not bool(
-                    self._rows_agree(whole[part.to(whole.device)], rows).all()):
+                    self._rows_agree(whole[part.to(whole.device)], rows, nan_equal=True).all()):
                 self._cut_before_mixing(
                     "a sample's frozen-prefix output depends on the other samples of its batch: computed for part "
                     f"of a batch, samples got other rows than with the whole batch{failure}. A prefix that mixes "
@@ -1337,6 +1337,13 @@ class ActivationCache:
         unique, first = _first_occurrences(ids)
         if in_sums is not None and unique.numel() < ids.numel():
             self._check_repeated_ids(ids, first, in_sums)
+        finite = (values[first.to(values.device)].flatten(1).abs().amax(1).isfinite().cpu()
+                  if values.is_floating_point() and values[0].numel() else None)
+        if finite is not None and not bool(finite.all()):
+            # a row with NaN or inf (an input with inf, a float16 overflow) is not cached: its sample
+            # runs the prefix each time, as without the cache, and no check takes it for a fault
+            self.stats["not_finite"] += int((~finite).sum())
+            unique, first = unique[finite], first[finite]
         slots = self._store.allocate(unique)
         ok = slots >= 0
         if bool(ok.any()):
