@@ -1964,3 +1964,31 @@ def test_rows_with_nan_or_inf_are_not_cached_and_turn_nothing_off():
     _, _, cache = with_and_without_cache(make, lambda ids: inputs[ids], targets, batches, frozen=2, audit_rows=16)
     assert cache.enabled and cache.stats["hits"] > 0 and cache.stats["audited"] > 0
     assert cache.stats["not_finite"] >= 5 and cache.stats["stored"] == 64 - 5 and cache.stats["bad_rows"] == 0
+
+
+def test_an_embedding_the_user_froze_before_the_freezer_and_trains_again_is_named_as_such():
+    """Frozen by the user before the freezer was built (so in no unit), then trained again (ULMFiT's
+    last stage): the cache cut before it, saying the example forward had not read it and advising
+    requires_grad=False on it, which would stop the layer the user just chose to train (review76 #3)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 8), nn.Flatten(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 16),
+                          nn.ReLU(), nn.Linear(16, 4))
+    model[0].weight.requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    tokens, targets = torch.randint(0, 20, (32, 4)), torch.randint(0, 4, (32,))
+    freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=1), example_inputs=tokens[:8], total_steps=12)
+    cache = ActivationCache(freezer, num_samples=32, deterministic=True)
+    forward = cache.wrap()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(8):
+            if step == 4:
+                model[0].weight.requires_grad_(True)
+            ids = torch.arange(8 * (step % 4), 8 * (step % 4) + 8)
+            nn.functional.cross_entropy(forward(tokens[ids], ids), targets[ids]).backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+    said = cache.describe()
+    assert "0.weight had requires_grad=False when the freezer was built" in said, said
+    assert "did not read it" not in said

@@ -1642,6 +1642,13 @@ class ActivationCache:
                     "before it; it goes deeper once the whole block is frozen")
         names = [n for n, p in self.freezer.module.named_parameters(remove_duplicate=False) if p is param]
         name = names[0] if names else "?"
+        if id(param) not in unit_of and name not in self.freezer.plan.untraced_parameters:
+            # in no unit because it was frozen when the freezer was built: the user trains it now
+            return (f"parameter {name} had requires_grad=False when the freezer was built (so it is in no unit) "
+                    f"and trains now, in block {block.name!r} of the frozen prefix: rows cached through that block "
+                    f"would go stale, so the cache cuts before it ({count} of {len(self.chain.blocks)} blocks). "
+                    "Choose which layers train before building the freezer: close() it and the cache, and build "
+                    "them again")
         if id(param) not in unit_of:  # in no unit: SmartFreezer found no read of it in the example forward
             return (f"parameter {name} keeps training and belongs to block {block.name!r} of the frozen prefix, "
                     "but the freezer manages it in no unit (the example forward did not read it, as a word "
