@@ -1992,3 +1992,45 @@ def test_an_embedding_the_user_froze_before_the_freezer_and_trains_again_is_name
     said = cache.describe()
     assert "0.weight had requires_grad=False when the freezer was built" in said, said
     assert "did not read it" not in said
+
+
+class _ProbeBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.drop = nn.Linear(32, 32), nn.Dropout(0.0)
+
+    def forward(self, x):
+        return x + self.drop(torch.relu(self.fc(x)))
+
+
+def test_a_backbone_frozen_by_the_user_in_train_mode_is_named_whole_for_eval():
+    """A linear probe (the backbone frozen by the user, the model in train mode as loops keep it):
+    the cache cut before the backbone's first dropout and advised .eval() on it, then on the next
+    module, one at a time (review76 #4: a ViT probe 20x faster with backbone.eval()). The advice
+    names the largest module around it with nothing to train, and that advice caches the backbone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(collections.OrderedDict(
+        backbone=nn.Sequential(nn.Linear(16, 32), _ProbeBlock(), _ProbeBlock()), head=nn.Linear(32, 4)))
+    model.backbone.requires_grad_(False)
+    opt = torch.optim.SGD(model.head.parameters(), lr=0.1)
+    inputs, targets = torch.randn(32, 16), torch.randint(0, 4, (32,))
+    freezer = SmartFreezer(model, opt, StaticFreeze(0), example_inputs=inputs[:4])
+    cache = ActivationCache(freezer, num_samples=32, deterministic=True)
+    forward = cache.wrap()
+
+    def epoch():
+        for start in range(0, 32, 8):
+            ids = torch.arange(start, start + 8)
+            nn.functional.cross_entropy(forward(inputs[ids], ids), targets[ids]).backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        epoch()
+        assert "Call .eval() on 'backbone', the largest module around it with nothing to train" in cache.describe()
+        model.backbone.eval()
+        epoch()
+        epoch()
+    assert cache.cut_note is None and cache.stats["hits"] == 32, cache.describe()

@@ -213,6 +213,7 @@ class ActivationCache:
         self._compiled_at_setup: Set[int] = set()  # modules the chain does not call, compiled at set-up
         self._handles_seen = -1  # torch's hook-handle counter when hooks were last checked
         self._stopped_by_hooks = None  # the block whose modules' forward hooks stopped the cut, if any
+        self._stopped_by_mode = None  # the module whose train mode stopped the cut, if any
         self._rows_grad: Tuple[Any, bool] = (None, False)  # (chain, cut, hook counter), rows_need_grad
         self._outside: Tuple[Optional[BlockChain], list] = (None, [])  # (chain, modules it does not call)
         self._traced_values = PythonAttributes()  # what a torch.fx chain took as constants of its graph
@@ -584,6 +585,8 @@ class ActivationCache:
         elif self._stopped_by_hooks is not None and not hooked_modules(self._stopped_by_hooks):
             # after the look at new hooks above (one placed inside the prefix as this one went)
             self._on_freeze(None, ())  # the hooks that stopped the cut were removed: as deep as the prefix again
+        elif self._stopped_by_mode is not None and not self._stopped_by_mode.training:
+            self._on_freeze(None, ())  # the module whose train mode stopped the cut is in eval now (.eval())
         if self.enabled:  # read once per forward
             inputs.batch = _batch_size(inputs, _id_count(sample_ids))
         asked = captured_outputs(model, inputs.kwargs) if self.enabled else []
@@ -810,7 +813,7 @@ class ActivationCache:
         self._structure_changed, self._containers = False, ContainerChildren()
         self._free_rows_and_hooks()
         self.chain, self.boundary, self._act, self._input_sig = None, 0, None, None
-        self._stopped_by_hooks = None
+        self._stopped_by_hooks = self._stopped_by_mode = None
         self._rows_autocast = None
         self._per_sample_checked = set()
         self._mixing_cut = None
@@ -1486,7 +1489,7 @@ class ActivationCache:
         the module-swap chain, the deepest of those cuts that passes its check. Sets
         ``cut_note``: why the cut is not deeper, when something the user can act on stops it."""
         count, stopped_by, hooked, in_train, by_user, writer = 0, None, None, None, None, None
-        self._stopped_by_hooks = None
+        self._stopped_by_hooks = self._stopped_by_mode = None
         held = self._held_in_eval()
         held_by_user = self._held_by_user()
         for block in self.chain.blocks[:-1]:
@@ -1503,6 +1506,7 @@ class ActivationCache:
                 break
             in_train = next((m for m in self._modes_not_held(block, held) if m.training), None)
             if in_train is not None:
+                self._stopped_by_mode = in_train
                 break
             writer = next((m for m in block_modules(block) if id(m) in self._writers), None)
             if writer is not None:
@@ -1531,11 +1535,15 @@ class ActivationCache:
                              "input transform can be cached behind: call .eval() on it")
         if in_train is not None and self.cut_note is None:
             name, block = self._module_name(in_train), self.chain.blocks[count].name
+            outer = self._outermost_untrained(in_train)
+            advice = (f"Call .eval() on {outer!r}, the largest module around it with nothing to train (again after "
+                      "each model.train()), to cache it now" if outer not in ("", name) else
+                      "Call .eval() on it to cache it now")
             self.cut_note = (f"{type(in_train).__name__} {name!r}{'' if name == block else f' (in block {block!r})'} "
                              "has no trainable parameter but runs in train mode, and the freezer does not hold it in eval "
                              "mode (you froze it, or it lies after the frozen prefix): rows made in eval mode "
                              "could change what it computes (dropout, batch statistics, any forward that reads "
-                             "self.training), so the cache cuts before it. Call .eval() on it to cache it now; the "
+                             f"self.training), so the cache cuts before it. {advice}; the "
                              "cache goes deeper once the freezer freezes it")
         if writer is not None and self.cut_note is None:
             self.cut_note = (f"{type(writer).__name__} {self._module_name(writer)!r} writes {self._writers[id(writer)]} "
@@ -1602,6 +1610,24 @@ class ActivationCache:
         # depends on the mode is refused): no mode is read
         return [m for m in block_modules(block) if id(m) not in held and not mode_blind(m)
                 and type(m).forward is not nn.Module.forward and not isinstance(m, torch.fx.GraphModule)]
+
+    def _outermost_untrained(self, module: nn.Module) -> str:
+        """The name of the outermost module around ``module`` (itself included) none of whose
+        parameters trains ("" for the model itself): a backbone the user froze (a linear probe),
+        put in eval at once rather than one module at a time."""
+        parent: Dict[int, Tuple[str, nn.Module]] = {}
+        names = {}
+        for name, outer in self.freezer.module.named_modules():
+            names[id(outer)] = name
+            for child in outer.children():
+                parent.setdefault(id(child), (name, outer))
+        found = names.get(id(module), type(module).__name__)
+        while id(module) in parent:
+            name, module = parent[id(module)]
+            if any(p.requires_grad for p in module.parameters()):
+                break
+            found = name
+        return found
 
     def _module_name(self, module: nn.Module) -> str:
         return next((n for n, m in self.freezer.module.named_modules() if m is module), type(module).__name__)
