@@ -11,6 +11,7 @@ from torch import nn
 
 from smartfrz_fast import FreezePolicy, SmartFreezer, StaticFreeze
 from smartfrz_fast.cache import ActivationCache
+from tests.models import train_cached_steps
 
 N = 32
 
@@ -345,3 +346,24 @@ def test_channels_last_rows_put_back_from_a_checkpoint_are_served_channels_last(
         ids = batch_ids(step)
         update(cached(x[ids], ids).sum(), opt, freezer)
     assert cache.stats["hits"] >= 32 and all(layouts), layouts
+
+
+@pytest.mark.parametrize("dtype, migrated", [("fp32", 16 * 3), ("bf16", 16 * 2)])
+def test_rounded_rows_are_moved_to_a_deeper_cut_once_then_recomputed(dtype, migrated):
+    """bf16 (and fp8) rows carry their rounding through the blocks they are pushed through at a
+    deeper freeze: a prefix deepened unit by unit (LinearFreeze: 16 moves) drifted past the
+    audit's tolerance and the cache turned off, blaming the prefix (review76 #5). Rounded rows move
+    once; at the next deeper freeze they are recomputed (and those move once again): of three
+    deeper freezes, the first and third move bf16 rows. Exact (fp32) rows move every time."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[layer for _ in range(6) for layer in (nn.Linear(8, 8), nn.Tanh())], nn.Linear(8, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, StaticFreeze(0), example_inputs=torch.randn(4, 8))
+    cache = ActivationCache(freezer, num_samples=16, deterministic=True, dtype=dtype)
+    cached, x = cache.wrap(), torch.randn(16, 8)
+    freezer.freeze_to(1)
+    for deeper in (2, 3, 4):
+        train_cached_steps(cached, opt, freezer, x, 2)  # every row stored at the current cut
+        freezer.freeze_to(deeper)
+    train_cached_steps(cached, opt, freezer, x, 2)
+    assert cache.enabled and cache.boundary >= 4 and cache.stats["migrated"] == migrated, cache.describe()
