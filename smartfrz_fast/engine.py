@@ -577,10 +577,15 @@ class SmartFreezer:
             warnings.warn(f"SmartFreezer: the model is one unit ({plan.units[0].name}), which trains its output: there "
                           "is nothing in front of it to freeze, so nothing will ever freeze.", stacklevel=3)
         elif max_frozen == 0:
+            # the largest keep_trainable that leaves a unit to freeze (units of single numbers, a
+            # gate or a temperature, are not counted as kept: with only those, 0)
+            fewer = next(k for k in range(self.keep_trainable - 1, -1, -1) if _max_frozen(plan.units, k) > 0)
+            numbers = " (units of single numbers, gates or temperatures, are not counted as kept ones)" \
+                if any(_single_numbers(u) for u in plan.units) else ""
             warnings.warn(
                 f"SmartFreezer: keep_trainable={self.keep_trainable} keeps all {len(plan.units)} of the "
-                "model's freezable units trainable, so nothing will ever freeze. Lower keep_trainable "
-                f"(at most {len(plan.units) - 1} leaves one unit to freeze).", stacklevel=3)
+                f"model's freezable units trainable{numbers}, so nothing will ever freeze. Lower keep_trainable "
+                f"(at most {fewer} leaves a unit to freeze).", stacklevel=3)
         self._map_parameters_to_units()
         if self.policy.needs_history:
             from .history import WeightHistory

@@ -83,6 +83,24 @@ def test_keep_trainable_covering_every_unit_warns_that_nothing_will_freeze():
     assert freezer.num_frozen == 0 and all(p.requires_grad for p in model.parameters())
 
 
+def test_keep_trainable_over_units_of_single_numbers_names_the_value_that_freezes():
+    """Only scalar gates train (ReZero, LLaMA-Adapter's gating): units of single numbers are not
+    counted as kept, so every keep_trainable >= 1 froze nothing, and the warning advised 'at most 3',
+    which froze nothing either (review76 #6)."""
+    class GatedLayer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer, self.gate = nn.Linear(8, 8).requires_grad_(False), nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            return x + self.gate * self.layer(x)
+
+    model = nn.Sequential(*[GatedLayer() for _ in range(4)])
+    with pytest.warns(UserWarning, match=r"keep_trainable=1 keeps all .*units of single numbers.* not counted as kept"
+                                         r".*\(at most 0 leaves a unit to freeze\)"):
+        SmartFreezer(model, sgd(model), LinearFreeze(0.0), example_inputs=torch.randn(2, 8), total_steps=4)
+
+
 def test_a_model_of_one_unit_warns_that_there_is_nothing_to_freeze():
     # the advice was "lower keep_trainable (at most 0 ...)", which freezes the whole model (review49)
     model = nn.Linear(8, 3)
