@@ -367,3 +367,36 @@ def test_rounded_rows_are_moved_to_a_deeper_cut_once_then_recomputed(dtype, migr
         freezer.freeze_to(deeper)
     train_cached_steps(cached, opt, freezer, x, 2)
     assert cache.enabled and cache.boundary >= 4 and cache.stats["migrated"] == migrated, cache.describe()
+
+
+def test_inputs_cast_with_the_model_are_told_apart_from_other_shapes():
+    """A model cast to bfloat16 mid-run, its inputs with it: every later batch ran whole, with the
+    advice to pad batches to one shape, which they had (review78 #5)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, StaticFreeze(0), example_inputs=torch.randn(4, 8))
+    cache = ActivationCache(freezer, num_samples=16, deterministic=True)
+    cached, x = cache.wrap(), torch.randn(16, 8)
+    freezer.freeze_to(1)
+    train_cached_steps(cached, opt, freezer, x, 2)
+    model.bfloat16()
+    with pytest.warns(UserWarning, match=r"The shapes are the same and the dtypes differ .* build the cache \(and "
+                                         r"freezer\) after the cast"):
+        train_cached_steps(cached, opt, freezer, x.bfloat16(), 1)
+
+
+def test_a_forward_with_every_unit_frozen_is_not_called_validation():
+    """keep_trainable=0 and every unit frozen: the freezer holds the whole model in eval, and the
+    cache's reason for running it whole called the training forward a validation (review78 #7)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.05), StaticFreeze(0),
+                           example_inputs=torch.randn(4, 8), keep_trainable=0)
+    cached = ActivationCache(freezer, num_samples=16, deterministic=True).wrap()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        freezer.freeze_to(2)
+    with pytest.warns(UserWarning, match=r"every unit of the model is frozen \(keep_trainable=0\)") as caught:
+        cached(torch.randn(8, 8), torch.arange(8))
+    assert not any("validation" in str(w.message) for w in caught)

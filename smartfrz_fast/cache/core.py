@@ -611,6 +611,11 @@ class ActivationCache:
             self._setup(model, inputs)
         if not self.active:
             return model(*inputs.args, **inputs.kwargs)
+        if not model.training and self.freezer.num_frozen == len(self.freezer.units):
+            self._bypass("all_frozen", "every unit of the model is frozen (keep_trainable=0), and the freezer holds "
+                         "the whole model in eval mode: the cache serves training forwards, and with nothing left to "
+                         "train it runs the whole model (counted in stats['bypassed'])")
+            return model(*inputs.args, **inputs.kwargs)
         if not model.training:  # validation: its ids may name other samples than training's
             self._bypass("eval", "a forward with the model in eval mode (validation) runs the whole model, and "
                          "neither reads nor stores rows: a validation set's sample ids may name other samples than "
@@ -1958,10 +1963,14 @@ class ActivationCache:
         if self._input_sig is None:
             self._input_sig = sig
         elif sig != self._input_sig:
+            same_shapes = len(sig) == len(self._input_sig) and all(
+                (a is None) == (b is None) and (a is None or a[0] == b[0]) for a, b in zip(sig, self._input_sig))
+            fix = ("The shapes are the same and the dtypes differ (inputs cast with the model, as model.bfloat16() "
+                   "takes them): build the cache (and freezer) after the cast, or cast the inputs back" if same_shapes
+                   else "e.g. multi-resolution training or per-batch padding. Pad every batch to one shape to cache "
+                   "them all")
             return (f"a batch came with per-sample input shapes/dtypes {sig}, while the cache serves inputs of "
-                    f"{self._input_sig} (its first batch's; all rows have one shape), e.g. multi-resolution "
-                    "training, per-batch padding or a model cast to another dtype. Pad every batch to one shape "
-                    "to cache them all")
+                    f"{self._input_sig} (its first batch's; all rows have one shape). {fix}")
         return None
 
 
