@@ -108,7 +108,8 @@ def make_history(name: str, device: torch.device, k: int, window: int):
     for i, unit_shapes in enumerate(shapes()):
         # torch.empty: values do not matter to the gather's cost, and untouched pages cost no memory
         params = [torch.empty(s, dtype=dtype, device=device) for s in unit_shapes]
-        units.append(types.SimpleNamespace(index=i, name=f"unit{i}", parameters=params))
+        units.append(types.SimpleNamespace(index=i, name=f"unit{i}", parameters=params,
+                                           param_names=[f"unit{i}.p{j}" for j in range(len(params))]))
     history = WeightHistory(units, sample_size=k, window=window, seed=0)
     history.history.normal_()
     return history
@@ -313,6 +314,15 @@ def bench_model(name: str, device: torch.device, k: int, window: int, triton_ker
     err = float(((prob_eager - prob_ref).abs() / prob_ref.abs().clamp_min(1e-6)).max())
     add("predict", "eager transform + reference" + tag, "eager", time_us(eager_predict, device),
         f"vs op's transform: max rel err {err:.1e}, decision {'same' if int(prefix_eager) == int(prefix_ref) else 'DIFFERS'}")
+    if device.type == "cpu":  # the op's CPU path (ops/cpu_predict.py), beside the reference it computes
+        from smartfrz_fast.ops.cpu_predict import predict_cpu
+
+        prob_cpu, prefix_cpu = predict_cpu(*pargs, gain, sort)
+        err = float(((prob_cpu - prob_ref).abs() / prob_ref.abs().clamp_min(1e-6)).max())
+        add("predict", "reference (the op's transform)" + tag, "eager",
+            time_us(lambda: reference.predict_ref(*pargs, gain, sort), device))
+        add("predict", "cpu fused passes" + tag, "eager", time_us(lambda: predict_cpu(*pargs, gain, sort), device),
+            f"max rel err {err:.1e}, decision {'same' if int(prefix_cpu) == int(prefix_ref) else 'DIFFERS'}")
     if device.type == "cuda":
         add("predict", "eager transform + reference + read decision" + tag, "eager",
             time_us(lambda: int(eager_predict()[1]), device))

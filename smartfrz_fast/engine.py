@@ -25,6 +25,7 @@ import copy
 import numbers
 import operator
 import re
+import time
 import warnings
 import weakref
 from contextlib import nullcontext
@@ -229,6 +230,11 @@ def _give_back_frozen(module: nn.Module, taken: "weakref.WeakKeyDictionary", opt
     taken.clear()
 
 
+# the policy's share of the training time over a stretch of steps above which step() warns
+POLICY_COST_SHARE = 0.2
+POLICY_COST_STEPS = 50
+
+
 def _all_finite(units: Sequence[Unit]) -> List[bool]:
     """Whether each unit's weights are all finite, with one host sync for all of them: the
     largest magnitude of a tensor is finite exactly when all of it is (amax propagates NaN), and
@@ -423,6 +429,10 @@ class SmartFreezer:
         self._freeze_listeners: List[Callable[[FreezeEvent, Sequence[Unit]], None]] = []
         self._change_listeners: List[Callable[[str, Any], None]] = []
         self._warned_past_total = False
+        # the policy's host time in step() (snapshots, decisions) against the wall time between
+        # step() calls, over the current stretch of POLICY_COST_STEPS steps (_note_policy_cost)
+        self._policy_cost = [0.0, None, 0]  # [policy seconds, stretch start, steps]
+        self._policy_cost_warned = False
         self._marked_for_grad_warned = False
         # what must stay frozen, refreshed after each freeze and parameter swap (None: stale)
         self._held: Optional[Tuple[List[Tuple[str, Tensor]], List[Tuple[str, Tensor]]]] = None
@@ -780,6 +790,7 @@ class SmartFreezer:
                 and self.policy.uses_total_steps):
             self._warned_past_total = True  # once (also for a run resumed past it)
             self._warn_past_total_steps(step)
+        started = time.perf_counter()
         if self.history is not None and step % self.sample_every == 0 and self.policy.wants_snapshots():
             with _range("smartfrz::snapshot"):
                 self.history.snapshot()
@@ -794,8 +805,37 @@ class SmartFreezer:
                 decision = self._decide(step)
                 if decision is not None:
                     self._submit(step, decision)
+        self._note_policy_cost(started)
         with _range("smartfrz::apply"):
             self._apply_due(step)
+
+    def _note_policy_cost(self, started: float) -> None:
+        """Warn once where the policy's work in step() (SmartFRZ's predictor: about 0.75 ms per unit
+        per evaluation on one CPU thread, whatever a training step costs) takes more than
+        POLICY_COST_SHARE of the wall time of a stretch of steps: a deep network's short run on
+        the CPU ran 2.8x as long (review77). On a GPU the policy's work is queued, not waited for."""
+        now = time.perf_counter()
+        cost = self._policy_cost
+        if cost[1] is None:
+            self._policy_cost = [0.0, now, 0]
+            return
+        cost[0] += now - started
+        cost[2] += 1
+        if cost[2] < POLICY_COST_STEPS:
+            return
+        seconds, wall, steps = cost[0], now - cost[1], cost[2]
+        self._policy_cost = [0.0, now, 0]
+        if self._policy_cost_warned or wall <= 0 or seconds < POLICY_COST_SHARE * wall or seconds < 0.25:
+            return
+        self._policy_cost_warned = True
+        warnings.warn(
+            f"SmartFreezer: over the last {steps} steps the policy's work in freezer.step() ({self.policy.describe()}: "
+            f"snapshots and decisions) took {seconds:.1f} s of {wall:.1f} s, {seconds / wall:.0%} of the training "
+            "time, and may cost more than freezing saves. SmartFRZ's predictor costs about 0.75 ms per unit per "
+            "evaluation on one CPU thread, one evaluation per snapshot from a quarter of the run, whatever a training "
+            "step costs: evaluate less often (SmartFRZ(evaluate_every=...)), train on a GPU (one kernel launch per "
+            "evaluation), or use a schedule policy (LinearFreeze: about 0.1 ms per step). python -m "
+            "smartfrz_fast.profile measures it on your model.", stacklevel=3)
 
     def _distributed_step_ok(self) -> bool:
         """Under torch.distributed every rank must count the same steps: a rank's decision

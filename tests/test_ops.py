@@ -313,3 +313,46 @@ def test_smartfrz_decide_passes_the_training_transform_to_the_op(tmp_path, fresh
                                                policy._weights, policy.threshold, 30.0, True)
     torch.testing.assert_close(policy.last_probabilities, expected, rtol=1e-5, atol=1e-6,
                                msg=lambda m: f"seed {fresh_seed}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU path in fewer passes (ops/cpu_predict.py) against the reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("window, sample_size", [(2, 1), (7, 37), (13, 64)])
+@pytest.mark.parametrize("gain, sort", [(1.0, False), (30.0, True), (4.5, False), (1.0, True)])
+def test_predict_cpu_matches_the_reference(fresh_seed, dtype, window, sample_size, gain, sort):
+    from smartfrz_fast.ops.cpu_predict import predict_cpu
+
+    g = torch.Generator().manual_seed(fresh_seed)
+    config = PredictorConfig(sample_size=sample_size, window=window, hidden=24, embed=8, head_hidden=6)
+    units = 11
+    history = (torch.randn(units, window, sample_size, generator=g).cumsum(1) * 0.1
+               + torch.randn(units, 1, sample_size, generator=g) * 3).to(dtype)
+    valid = torch.randint(1, sample_size + 1, (units,), generator=g)
+    valid[0] = sample_size
+    for r in range(units):
+        history[r, :, int(valid[r]):] = 1e6 if r % 2 else 0.0  # masked positions: whatever they hold
+    history[2, 1, 0] = float("nan")
+    history[4, 0, -1] = float("inf")  # masked unless unit 4 is full: either way the unit scores 0
+    history[6, -1] = 3e38  # finite, but its moments overflow in float32
+    predictor = AttentionPredictor(config).to(dtype)
+    w = [p.detach() for p in predictor.flat_weights()]
+    with torch.no_grad():
+        w[-2].mul_(20)  # spread the probabilities
+    rows = torch.randperm(units, generator=g)[:9]
+    cursor = torch.tensor(int(torch.randint(0, 100, (), generator=g)))
+    expected, expected_prefix = reference.predict_ref(history, cursor, rows, valid, w, 0.5, gain, sort)
+    prob, prefix = predict_cpu(history, cursor, rows, valid, w, 0.5, gain, sort)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(prob, expected, rtol=tolerance, atol=tolerance, msg=lambda m: f"seed {fresh_seed}: {m}")
+    assert bool(((prob == 0) == (expected == 0)).all()), f"seed {fresh_seed}: units scored 0 differ"
+    if not ((expected - 0.5).abs() < 1e-4).any():
+        assert int(prefix) == int(expected_prefix), f"seed {fresh_seed}"
+    empty = predict_cpu(history, cursor, rows[:0], valid, w, 0.5, gain, sort)
+    assert empty[0].shape == (0,) and int(empty[1]) == 0
+
+
+def test_predict_runs_the_cpu_path_unless_the_reference_is_asked_for():
+    assert ops.backends()["predict"]["cpu"] == "PyTorch, fused passes (ops/cpu_predict.py)"

@@ -80,6 +80,16 @@ def _register(op, op_name: str, device_type: str, backend: str, fn: Callable) ->
     _BACKENDS[(op_name, device_type)] = backend
 
 
+def _register_cpu_kernels() -> None:
+    """The predict op's CPU path in fewer passes (``cpu_predict``): the reference computes it
+    again in every test, and runs instead under SMARTFRZ_BACKEND=reference."""
+    if reference_only():
+        return
+    from .cpu_predict import predict_cpu
+
+    _register(predict, "predict", "cpu", "PyTorch, fused passes (ops/cpu_predict.py)", predict_cpu)
+
+
 def _register_extension_kernels() -> None:
     status = extension_status()
     if not status.loaded:
@@ -188,6 +198,7 @@ def backends(device_types: Sequence[str] = ("cpu", "cuda")) -> Dict[str, Dict[st
     }
 
 
+_register_cpu_kernels()
 _register_extension_kernels()
 
 
