@@ -224,6 +224,41 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     assert callback.freezer.timeline[0].step == 3
 
 
+def test_an_accumulation_schedule_counts_each_epoch_at_its_own_accumulation(tmp_path):
+    """GradientAccumulationScheduler: Lightning's estimate counts every epoch at the first epoch's
+    accumulation (a 48-step run taken for 64: a schedule policy ran slow and never reached its
+    last unit; review79 #4)."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    callback = SmartFreezeCallback(StaticFreeze(1, at_step=3))
+    fit = trainer(tmp_path, [callback, GradientAccumulationScheduler({0: 1, 2: 2, 4: 4})])
+    fit.fit(LitCNN(), loader())
+    assert callback.freezer.total_steps == fit.global_step == callback.freezer.step_count == 4 + 4 + 2 + 2 + 1 + 1
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        for i in range(STEPS_PER_EPOCH):
+            x, y = batch(i)
+            yield from zip(x, y)
+
+
+def test_a_run_of_unknown_length_runs_a_policy_that_needs_none_and_names_the_fix_for_one_that_does(tmp_path):
+    """An IterableDataset without max_steps: Lightning's estimate is -1, which crashed every policy
+    with the engine's 'total_steps must be >= 1' (review79 #3); limit_train_batches=0 (a debugging
+    run that trains nothing) crashed the same way."""
+    stream = torch.utils.data.DataLoader(_Stream(), batch_size=16)
+    callback = SmartFreezeCallback(StaticFreeze(1, at_step=3))
+    trainer(tmp_path, [callback], max_epochs=2).fit(LitCNN(), stream)
+    assert callback.freezer.total_steps is None and callback.freezer.timeline[0].step == 3
+    with pytest.raises(ValueError, match=r"SmartFreezeCallback: Lightning cannot tell how many optimizer steps .*"
+                                         r"total_steps=N\), or Trainer\(max_steps=N\)"):
+        trainer(tmp_path, [SmartFreezeCallback(FreezeOut())], max_epochs=2).fit(LitCNN(), stream)
+    nothing = SmartFreezeCallback(FreezeOut())
+    trainer(tmp_path, [nothing], max_epochs=2, limit_train_batches=0).fit(LitCNN(), loader())
+    assert nothing.freezer is None
+
+
 def test_freezeout_with_lr_scheduler_trains(tmp_path):
     callback = SmartFreezeCallback(FreezeOut(t0=0.3, spacing="linear"))
     fit = trainer(tmp_path, [callback], max_epochs=2)
@@ -483,6 +518,30 @@ def test_manual_optimization_that_steps_every_other_batch_is_told_to_give_total_
                 enable_checkpointing=False).fit(LitAccumulatedByHand(), loader())
     told = [str(w.message) for w in caught if "manual optimization" in str(w.message)]
     assert len(told) == 1 and "stepped in 2 of the first epoch's 4 batches" in told[0], told
+
+
+class LitRawOptimizer(LitCNN):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, data, batch_idx):
+        x, y = data
+        optimizer = self.optimizers(use_pl_optimizer=False)  # global_step does not move
+        self.manual_backward(nn.functional.cross_entropy(self(x), y))
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_manual_optimization_through_the_raw_optimizer_steps_the_freezer(tmp_path):
+    """self.optimizers(use_pl_optimizer=False) steps the optimizer without moving global_step: the
+    freezer never stepped and nothing froze, with advice to pass total_steps (review79 #6)."""
+    callback = SmartFreezeCallback(StaticFreeze(1, at_step=3), total_steps=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [callback], max_epochs=2, enable_checkpointing=False).fit(LitRawOptimizer(), loader())
+    assert callback.freezer.step_count == 8 and [(e.step, e.num_frozen) for e in callback.freezer.timeline] == [(3, 1)]
+    assert not [w for w in caught if "manual optimization" in str(w.message) or "never called" in str(w.message)]
 
 
 class LitTrueBF16(LitCNN):

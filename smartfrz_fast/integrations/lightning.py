@@ -35,6 +35,7 @@ forward is all-reduced like any other.
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from typing import Any, Dict, Optional
 
@@ -42,7 +43,7 @@ from torch import nn
 
 try:
     import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "smartfrz_fast.integrations.lightning needs PyTorch Lightning 2.x: "
@@ -181,8 +182,15 @@ class SmartFreezeCallback(Callback):
             raise ValueError("SmartFreezeCallback: configure_optimizers returned no optimizer")
         total = self.total_steps
         if total is None:
-            estimated = trainer.estimated_stepping_batches
-            total = int(estimated) if estimated != float("inf") else None
+            total = _estimated_optimizer_steps(trainer)
+            if total == 0:  # limit_train_batches=0 (a debugging run): nothing trains, nothing to freeze
+                return
+            if total is None and self.policy is not None and self.policy.needs_total_steps():
+                raise ValueError(
+                    f"SmartFreezeCallback: Lightning cannot tell how many optimizer steps this run makes "
+                    f"(estimated_stepping_batches={trainer.estimated_stepping_batches}: an IterableDataset without "
+                    f"max_steps, or max_time only), and {type(self.policy).__name__} follows a schedule over the "
+                    "whole run: pass SmartFreezeCallback(..., total_steps=N), or Trainer(max_steps=N).")
             # manual optimization: the estimate counts every batch (or max_steps optimizer steps);
             # the freezer steps once per batch in which an optimizer stepped. Checked in the first epoch
             self._pace = {"total": total, "batches": 0, "steps": 0} if (
@@ -247,9 +255,14 @@ class SmartFreezeCallback(Callback):
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any,
                            batch: Any, batch_idx: int) -> None:
         advanced = trainer.global_step - self._last_global_step
+        # manual optimization through the raw optimizers (self.optimizers(use_pl_optimizer=False))
+        # steps them without moving global_step: the freezer saw those steps itself (review79: it
+        # never stepped, nothing froze)
+        stepped = bool(advanced) or (not pl_module.automatic_optimization and self.freezer is not None
+                                     and self.freezer.step_owed)
         if self._pace is not None:
-            self._check_manual_pace(trainer, advanced)
-        if self.freezer is None or not advanced:
+            self._check_manual_pace(trainer, advanced, stepped)
+        if self.freezer is None or not stepped:
             return  # accumulating gradients (or a skipped step): no optimizer step this batch
         self._last_global_step = trainer.global_step
         self.freezer.step()
@@ -261,12 +274,12 @@ class SmartFreezeCallback(Callback):
                             "batches (optimizer steps by hand every few batches), Lightning's estimate counts "
                             f"every batch ({pace['total']} steps)")
 
-    def _check_manual_pace(self, trainer: "pl.Trainer", advanced: int) -> None:
+    def _check_manual_pace(self, trainer: "pl.Trainer", advanced: int, stepped: bool) -> None:
         """Measured: hand accumulation over 2 batches, or two optimizers under max_steps, made 24
         freezer steps for an estimate of 48, and a LinearFreeze to the end froze 1 of 3 units."""
         pace = self._pace
         pace["batches"] += 1
-        pace["steps"] += bool(advanced)
+        pace["steps"] += stepped
         if advanced > 1 and trainer.max_steps not in (None, -1):
             self._pace = None
             self._warn_pace(f"{advanced} optimizer steps per batch end the run after max_steps / {advanced} "
@@ -314,3 +327,24 @@ class SmartFreezeCallback(Callback):
         load_freezer_state(self.freezer, state)
         if cache_state is not None:
             self.cache.load_state_dict(cache_state)
+
+
+def _estimated_optimizer_steps(trainer: "pl.Trainer") -> Optional[int]:
+    """The run's optimizer steps as Lightning estimates them (0: limit_train_batches=0, a
+    debugging run that trains nothing), or None where it does not know
+    (``inf``; -1, which it returns for an IterableDataset without ``max_steps``: it crashed every
+    policy, review79). Under ``GradientAccumulationScheduler`` Lightning counts every epoch at the
+    first epoch's accumulation (64 steps for a 48-step run: a schedule policy ran slow and never
+    reached its last unit, review79): the epochs are counted at their own."""
+    if trainer.limit_train_batches == 0:  # (Lightning then counts an infinite epoch: -1)
+        return 0
+    estimated = trainer.estimated_stepping_batches
+    if estimated == float("inf") or estimated < 0:
+        return None
+    scheduler = next((c for c in trainer.callbacks if isinstance(c, GradientAccumulationScheduler)), None)
+    batches = trainer.num_training_batches
+    if scheduler is None or trainer.max_epochs in (None, -1) or batches == float("inf"):
+        return int(estimated)
+    steps = sum(math.ceil(batches / scheduler.get_accumulate_grad_batches(epoch))
+                for epoch in range(max(trainer.max_epochs, 1)))
+    return min(steps, trainer.max_steps) if trainer.max_steps != -1 else steps
