@@ -218,6 +218,9 @@ class SmartFreezeCallback(Callback):
         if self.cache_kwargs is not None:
             self.cache = ActivationCache(self.freezer, **self.cache_kwargs)
             self._cached_model = self.cache.wrap()
+            outer = getattr(trainer.strategy, "model", None)  # the strategy's DDP around the LightningModule
+            if isinstance(outer, nn.parallel.DistributedDataParallel):
+                self.cache.note_outer_ddp(outer)
             if self._saved_cache_state is not None:  # after the freezer's, as the cache requires
                 self.cache.load_state_dict(self._saved_cache_state)
                 self._saved_cache_state = None
