@@ -1096,7 +1096,16 @@ class ActivationCache:
         self._swapped_seen = (self.freezer.step_count, [None if t is None else weakref.ref(t) for t in now])
         return False
 
-    def _prefix_weights_unchanged(self) -> bool:
+    def check_prefix_weights(self) -> bool:
+        """Compare every tensor of the cached prefix with its checksum now, not only those whose
+        version counter moved: a write through ``.data`` moves none (Lightning's weight-averaging
+        callbacks copy the averages in so at the end of fit(); a second fit trained on stale rows,
+        review79). Rows made from other values are dropped (False). One pass over the prefix's
+        weights: call it where such a write may have happened (the Lightning callback does, as a
+        second fit starts)."""
+        return self._prefix_weights_unchanged(every_tensor=True)
+
+    def _prefix_weights_unchanged(self, every_tensor: bool = False) -> bool:
         """Drop every cached row if a parameter or buffer of the cached prefix was written in
         place since the rows were made (``model.load_state_dict`` mid-run, weights copied in for
         an evaluation, a user's ``copy_``): rows computed from the old values would be served.
@@ -1108,7 +1117,7 @@ class ActivationCache:
         store, tensors, versions, sums = self._prefix_state
         if store is None or store is not self._store:
             return True
-        written = [i for i, t in enumerate(tensors) if _written_state(t) != versions[i][:3]]
+        written = [i for i, t in enumerate(tensors) if every_tensor or _written_state(t) != versions[i][:3]]
         if not written:
             return True
         # a cast (model.bfloat16() sets .data: no version bump) changed the values' precision; cast

@@ -175,7 +175,10 @@ class SmartFreezeCallback(Callback):
         self._check_strategy(trainer)
         if self.freezer is not None:
             # a second fit() with this callback: the freezer carries on (frozen layers stay frozen)
-            # and takes over configure_optimizers' new optimizers at their first step
+            # and takes over configure_optimizers' new optimizers at their first step; the cached
+            # rows hold only if nothing wrote the frozen weights through .data since (weight averaging)
+            if self.cache is not None:
+                self.cache.check_prefix_weights()
             return
         optimizers = list(trainer.optimizers)
         if not optimizers:
