@@ -143,6 +143,29 @@ def test_items_already_carrying_sample_ids_are_kept(tmp_path):
     assert trainer.train_dataset is train and callback.cache.stats["hits"] > 0
 
 
+def test_items_with_ids_of_their_own_beyond_the_dataset_say_what_to_do(tmp_path):
+    """Ids from the unfiltered corpus (after .filter/.select): the error told the user to wrap the
+    dataset in IndexedDataset, which the callback does itself (review80 #2)."""
+    train = [{**item, SAMPLE_ID: 1000 + 3 * i} for i, item in enumerate(dataset("bert-cls"))]
+    with pytest.raises(IndexError, match=r"came with a 'sample_id' of their own.*drop or rename that column"):
+        run("bert-cls", tmp_path, {"deterministic": True}, train_set=train, policy=StaticFreeze(2, at_step=1))
+
+
+def _drops_sample_ids(items):
+    """A collator that builds the batch from the keys it knows (as users' often do)."""
+    return {k: torch.stack([torch.as_tensor(item[k]) for item in items]) for k in ("input_ids", "attention_mask",
+                                                                                 "labels")}
+
+
+def test_a_collator_that_drops_the_sample_ids_is_said(tmp_path):
+    """Without sample ids every batch runs the whole model: the cache did nothing all run, with no
+    word, and describe() said it waited for its first forward (review80 #1)."""
+    with pytest.warns(UserWarning, match=r"a training batch came without its 'sample_id' key.*data_collator dropped it"):
+        _, _, callback = run("bert-cls", tmp_path, {"deterministic": True}, collator=_drops_sample_ids,
+                             policy=StaticFreeze(2, at_step=1))
+    assert callback.cache.stats["hits"] == 0
+
+
 def test_remove_unused_columns_false_works(tmp_path):
     _, _, callback = run("bert-cls", tmp_path, {"deterministic": True}, remove_unused_columns=False)
     assert callback.cache.stats["hits"] > 0

@@ -202,6 +202,8 @@ class SmartFreezeCallback(TrainerCallback):
         self._resume_from: Optional[str] = None
         self._written_at: Optional[int] = None  # the step whose checkpoint has the freezer's files
         self._stepped_at: Optional[int] = None  # the global step on_step_end last stepped the freezer at
+        self._items_had_ids = False  # the training items came with a sample id of their own
+        self._warned_no_ids = False
 
     # ------------------------------------------------------------------ attach
     def attach(self, trainer: "transformers.Trainer") -> "SmartFreezeCallback":
@@ -248,10 +250,21 @@ class SmartFreezeCallback(TrainerCallback):
             if not isinstance(inputs, MutableMapping):
                 return original_compute_loss(model, inputs, *args, **kwargs)
             sample_ids = inputs.pop(SAMPLE_ID, None)  # the model does not take it
+            if sample_ids is None and model.training and self.cache is not None and torch.is_grad_enabled():
+                self._warn_no_sample_ids(trainer)
             if sample_ids is None or not model.training or self.cache is None:  # evaluation
                 return original_compute_loss(model, inputs, *args, **kwargs)
             cached = _CachedCall(self._cached(model), sample_ids, trainer.accelerator)
-            return original_compute_loss(cached, inputs, *args, **kwargs)
+            try:
+                return original_compute_loss(cached, inputs, *args, **kwargs)
+            except IndexError as exc:
+                if self._items_had_ids and "outside [0," in str(exc):
+                    raise IndexError(
+                        f"{exc}\nSmartFreezeCallback: the training items came with a {SAMPLE_ID!r} of their own, "
+                        "which the callback uses as the cache's row index (num_samples=len(train_dataset) unless "
+                        f"activation_cache gives it): drop or rename that column (the callback then numbers the items "
+                        f"itself), or pass activation_cache={{..., 'num_samples': <largest {SAMPLE_ID} + 1>}}.") from exc
+                raise
 
         def save_checkpoint(model, trial, *args, **kwargs):
             # the freezer's files go in first: the Trainer's save ends by deleting older checkpoints
@@ -286,7 +299,8 @@ class SmartFreezeCallback(TrainerCallback):
             raise TypeError(
                 "SmartFreezeCallback(activation_cache=...): training items must be dicts of model inputs "
                 f"(as the Trainer's collators take), got {type(first).__name__}")
-        if SAMPLE_ID not in first:
+        self._items_had_ids = SAMPLE_ID in first
+        if not self._items_had_ids:
             trainer.train_dataset = IndexedDataset(dataset, key=SAMPLE_ID)
         if not trainer.args.remove_unused_columns:
             return
@@ -302,6 +316,24 @@ class SmartFreezeCallback(TrainerCallback):
         fill()
         if SAMPLE_ID not in trainer._signature_columns:
             trainer._signature_columns.append(SAMPLE_ID)
+
+    def _warn_no_sample_ids(self, trainer) -> None:
+        """A training batch without sample ids runs the whole model: said once, or the cache did
+        nothing all run while describe() said it waited for its first forward (review80)."""
+        if self._warned_no_ids:
+            return
+        self._warned_no_ids = True
+        swapped = not isinstance(trainer.train_dataset, IndexedDataset) and not self._items_had_ids
+        warnings.warn(
+            f"SmartFreezeCallback: a training batch came without its {SAMPLE_ID!r} key, so the activation cache "
+            "cannot serve it and the whole model runs, as for every batch without it. "
+            + ("trainer.train_dataset was replaced after the callback numbered its items: number the new one "
+               f"as it does, trainer.train_dataset = smartfrz_fast.cache.IndexedDataset(new, key={SAMPLE_ID!r}) (at "
+               "most as many items as the first, the cache's num_samples). " if swapped else
+               f"Your data_collator dropped it (one that builds the batch from the keys it knows, or "
+               f"DataCollatorWithFlattening; a string {SAMPLE_ID!r} is dropped by the default collator): pass "
+               f"the integer {SAMPLE_ID!r} of each item through, as a tensor of the batch. ")
+            + "Where the ids cannot be passed, train without activation_cache.", stacklevel=3)
 
     def _cached(self, model: nn.Module) -> CachedModel:
         """The cache's module over the model the Trainer trains (its DDP wrapper, if any)."""
