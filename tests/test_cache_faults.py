@@ -2034,3 +2034,32 @@ def test_a_backbone_frozen_by_the_user_in_train_mode_is_named_whole_for_eval():
         epoch()
         epoch()
     assert cache.cut_note is None and cache.stats["hits"] == 32, cache.describe()
+
+
+def test_a_pass_that_re_estimates_the_frozen_norms_runs_whole_and_keeps_the_cut():
+    """update_bn's pass through the cached model (Lightning's StochasticWeightAveraging runs it as a
+    training epoch): the freezer lets the frozen norms run in train mode for it, the per-sample
+    checks took their batch statistics for samples that mix, cut before each block in turn, and
+    the cut stayed there (review79 #10: 7 warnings, 1 of 8 blocks cached after)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16), nn.BatchNorm1d(16),
+                          nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=1), example_inputs=torch.randn(4, 8))
+    cache = ActivationCache(freezer, num_samples=16, deterministic=True)
+    cached, x = cache.wrap(), torch.randn(16, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_cached_steps(cached, opt, freezer, x, 4)
+        boundary = cache.boundary
+        norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d)]
+        for norm in norms:  # what update_bn does first
+            norm.reset_running_stats()
+            norm.momentum = None
+        for ids in (torch.arange(8), torch.arange(8, 16)):
+            cached(x[ids], ids)
+        for norm in norms:
+            norm.momentum = 0.1
+        train_cached_steps(cached, opt, freezer, x, 4)
+    assert boundary > 0 and cache.boundary == boundary and cache.enabled and cache.stats["bypassed"] == 2
+    assert not any("depends on the other samples" in str(w.message) for w in caught)

@@ -215,6 +215,7 @@ class ActivationCache:
         self._stopped_by_hooks = None  # the block whose modules' forward hooks stopped the cut, if any
         self._stopped_by_mode = None  # the module whose train mode stopped the cut, if any
         self._rows_migrated = False  # the store holds rows pushed through blocks at a deeper freeze
+        self._frozen_norms: Tuple[Any, List[nn.Module]] = (None, [])  # (freeze, norm layers it holds in eval)
         self._rows_grad: Tuple[Any, bool] = (None, False)  # (chain, cut, hook counter), rows_need_grad
         self._outside: Tuple[Optional[BlockChain], list] = (None, [])  # (chain, modules it does not call)
         self._traced_values = PythonAttributes()  # what a torch.fx chain took as constants of its graph
@@ -606,6 +607,12 @@ class ActivationCache:
                          "cached rows skip those: such forwards run the whole model (counted in stats['bypassed']); "
                          "pass them only to forwards that need them to cache the others.")
             return model(*inputs.args, **inputs.kwargs)
+        if self.enabled and self._statistics_reestimated():
+            self._bypass("statistics", "the frozen norm layers' running statistics are being re-estimated (their "
+                         "momentum is None: torch.optim.swa_utils.update_bn, Lightning's StochasticWeightAveraging), "
+                         "in train mode, where a sample's output depends on its batch: such a pass runs the whole "
+                         "model, neither reading nor storing rows (counted in stats['bypassed'])")
+            return model(*inputs.args, **inputs.kwargs)
         if self.enabled and not self.active and (not isinstance(sample_ids, Tensor) or sample_ids.device.type == "cpu"):
             # bad ids fail now, not first at the freeze (free on the host; GPU ids would sync), and
             # before set-up, which splits the batch by them
@@ -686,6 +693,19 @@ class ActivationCache:
             self._unmanaged = (key, [(names.get(id(p), "?"), p) for b in self.chain.blocks[:self.boundary]
                                      for p in b.parameters() if id(p) not in managed])
         return self._unmanaged[1]
+
+    def _statistics_reestimated(self) -> bool:
+        """A pass that re-estimates the frozen norms' statistics (update_bn sets every norm's
+        momentum to None first, and the freezer lets frozen ones run in train mode for it): the
+        per-sample checks took their batch statistics for samples that mix and cut before each
+        block in turn, and the cut stayed there (review79: 7 warnings, 1 of 8 blocks cached after).
+        Per step: one attribute read per frozen norm layer."""
+        region = getattr(self.freezer, "_region", None)
+        key = (self.freezer.num_frozen, id(region))
+        if self._frozen_norms[0] != key:
+            held = getattr(region, "always", ()) or ()
+            self._frozen_norms = (key, [m for m in held if isinstance(getattr(m, "running_mean", None), Tensor)])
+        return any(getattr(m, "momentum", 0.1) is None for m in self._frozen_norms[1])
 
     def _rows_need_grad(self) -> bool:
         """``split.rows_need_grad`` of the cached blocks, looked at again only when the cut
