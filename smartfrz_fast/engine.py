@@ -805,7 +805,8 @@ class SmartFreezer:
                 decision = self._decide(step)
                 if decision is not None:
                     self._submit(step, decision)
-        self._note_policy_cost(started)
+        if self._sync is None:  # (under torch.distributed a decision waits for the other ranks too)
+            self._note_policy_cost(started)
         with _range("smartfrz::apply"):
             self._apply_due(step)
 
