@@ -544,17 +544,22 @@ def test_a_gan_with_a_callback_per_network(tmp_path):
     assert not [m for m in messages if "manual optimization" in m], messages  # one step per batch: the estimate fits
 
 
-class LitAccumulatedByHand(LitCNN):
-    def __init__(self):
+class LitManual(LitCNN):
+    """Manual optimization: the optimizer steps every ``step_every`` batches, through Lightning's
+    wrapper or, with ``raw``, the optimizer itself (which does not move global_step)."""
+
+    def __init__(self, step_every=1, raw=False):
         super().__init__()
         self.automatic_optimization = False
+        self.step_every, self.raw = step_every, raw
 
     def training_step(self, data, batch_idx):
         x, y = data
+        optimizer = self.optimizers(use_pl_optimizer=not self.raw)
         self.manual_backward(nn.functional.cross_entropy(self(x), y))
-        if batch_idx % 2 == 1:
-            self.optimizers().step()
-            self.optimizers().zero_grad()
+        if batch_idx % self.step_every == self.step_every - 1:
+            optimizer.step()
+            optimizer.zero_grad()
 
 
 def test_manual_optimization_that_steps_every_other_batch_is_told_to_give_total_steps(tmp_path):
@@ -563,22 +568,9 @@ def test_manual_optimization_that_steps_every_other_batch_is_told_to_give_total_
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer(tmp_path, [SmartFreezeCallback(StaticFreeze(1, at_step=2))], max_epochs=2,
-                enable_checkpointing=False).fit(LitAccumulatedByHand(), loader())
+                enable_checkpointing=False).fit(LitManual(step_every=2), loader())
     told = [str(w.message) for w in caught if "manual optimization" in str(w.message)]
     assert len(told) == 1 and "stepped in 2 of the first epoch's 4 batches" in told[0], told
-
-
-class LitRawOptimizer(LitCNN):
-    def __init__(self):
-        super().__init__()
-        self.automatic_optimization = False
-
-    def training_step(self, data, batch_idx):
-        x, y = data
-        optimizer = self.optimizers(use_pl_optimizer=False)  # global_step does not move
-        self.manual_backward(nn.functional.cross_entropy(self(x), y))
-        optimizer.step()
-        optimizer.zero_grad()
 
 
 def test_manual_optimization_through_the_raw_optimizer_steps_the_freezer(tmp_path):
@@ -587,7 +579,7 @@ def test_manual_optimization_through_the_raw_optimizer_steps_the_freezer(tmp_pat
     callback = SmartFreezeCallback(StaticFreeze(1, at_step=3), total_steps=8)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer(tmp_path, [callback], max_epochs=2, enable_checkpointing=False).fit(LitRawOptimizer(), loader())
+        trainer(tmp_path, [callback], max_epochs=2, enable_checkpointing=False).fit(LitManual(raw=True), loader())
     assert callback.freezer.step_count == 8 and [(e.step, e.num_frozen) for e in callback.freezer.timeline] == [(3, 1)]
     assert not [w for w in caught if "manual optimization" in str(w.message) or "never called" in str(w.message)]
 
