@@ -153,7 +153,7 @@ def reads_its_mode(module: nn.Module) -> bool:
 
 @engine_hook
 def _force_eval(module: nn.Module, args) -> None:
-    if getattr(module, "momentum", 0.1) is None and _reestimating_statistics(module):
+    if getattr(module, "momentum", 0.1) is None and reestimating_statistics(module):
         # update_bn's pass: in the model's mode (train; Lightning's pass sets none, and a flag this
         # hook set to eval at an earlier forward of the epoch stays)
         root = _root_of.get(module)
@@ -175,7 +175,7 @@ def _written_state(t: torch.Tensor) -> Tuple[int, int]:
     return id(t), t._version
 
 
-def _reestimating_statistics(module: nn.Module) -> bool:
+def reestimating_statistics(module: nn.Module) -> bool:
     """``torch.optim.swa_utils.update_bn`` on the live model (Lightning's StochasticWeightAveraging
     runs it at the end of training) resets every BatchNorm's running statistics (momentum=None,
     nothing tracked) and re-estimates them in train mode. Held in eval, a frozen one kept them

@@ -332,6 +332,9 @@ class _ForwardTracer(TorchDispatchMode):
         self._lineage: Dict[int, Tuple[Any, int, FrozenSet[int]]] = {}
         # each layer's op -> the ops of the layers that produced its input (LoRA's B <- A)
         self.inputs_of: Dict[int, FrozenSet[int]] = {}
+        # each layer's op -> the last op that read a tensor it produced (any op: a gate's output
+        # multiplied into the experts' is read there)
+        self.read_by: Dict[int, int] = {}
         # each tensor the model returned: (where in the output, the ops of the layers that produced it)
         self.outputs: List[Tuple[str, FrozenSet[int]]] = []
         # each attention op: (the innermost module call around it but the model's own, or None,
@@ -378,6 +381,9 @@ class _ForwardTracer(TorchDispatchMode):
                 self.mark(t, 0)
             return
         operands = [self.lineage(t) for t in tensors]
+        for _, producers in operands:
+            for producer in producers:
+                self.read_by[producer] = op_index
         both = [producers for flags, producers in operands if flags & _FROM_BOTH == _FROM_BOTH]
         call = self.stack[-1] if len(self.stack) > 1 else None
         if kind == "fused" and any(flags & _FROM_BATCH for flags, _ in operands):
@@ -1491,23 +1497,24 @@ def _output_tensors(output: Any) -> List[Tuple[str, torch.Tensor]]:
 
 def _head_outputs(tracer: _ForwardTracer, unit_at: Callable[[int], int], num_units: int,
                   boundary: List[int]) -> List[Tuple[str, int]]:
-    """Outputs made by a head called before the last unit (a multi-task net's first task, an
-    auxiliary classifier): the last layer producing the output feeds no later unit, and no output
-    combines it with a later unit's (two towers scored against each other). An output a trunk
-    layer makes (features returned beside the logits) feeds later units, and is none."""
-    read_until: Dict[int, int] = {}  # a layer's op -> the last op whose input it produced
-    for op, inputs in tracer.inputs_of.items():
-        for producer in inputs:
-            read_until[producer] = max(read_until.get(producer, -1), op)
+    """Outputs made by a head called before the last unit, off a trunk that goes on (a multi-task
+    net's first task, an auxiliary classifier): the last layer producing the output feeds no later
+    unit, no output combines it with a later unit's (two towers scored against each other in the
+    model), and some layer before it feeds a later unit (two towers returned apart, scored in the
+    loss, are none: review81). An output a trunk layer makes (features returned beside the logits)
+    feeds later units, and is none; so is a gate's, multiplied into the experts' outputs."""
+    read_until = tracer.read_by
     last_unit = {path: max(map(unit_at, producers)) for path, producers in tracer.outputs if producers}
     heads = []
     for path, producers in tracer.outputs:
         if not producers or last_unit[path] >= num_units - 1:
             continue
         head = last_unit[path]
-        feeds_later = any(read_until.get(op, -1) >= boundary[head + 1] for op in producers if unit_at(op) == head)
+        after = boundary[head + 1]
+        feeds_later = any(read_until.get(op, -1) >= after for op in producers if unit_at(op) == head)
         combined = any(other & producers and last_unit[path_] > head for path_, other in tracer.outputs if other)
-        if not feeds_later and not combined:
+        trunk_goes_on = any(last >= after for op, last in read_until.items() if op < after)
+        if not feeds_later and not combined and trunk_goes_on:
             heads.append((path, head))
     return heads
 

@@ -2063,3 +2063,41 @@ def test_a_pass_that_re_estimates_the_frozen_norms_runs_whole_and_keeps_the_cut(
         train_cached_steps(cached, opt, freezer, x, 4)
     assert boundary > 0 and cache.boundary == boundary and cache.enabled and cache.stats["bypassed"] == 2
     assert not any("depends on the other samples" in str(w.message) for w in caught)
+
+
+def test_frozen_norms_that_keep_a_cumulative_average_are_cached():
+    """BatchNorm(momentum=None) keeps a cumulative average: an ordinary setting the cache took for
+    update_bn's pass, running every forward whole (review81: 0 hits against 2496)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16, momentum=None), nn.ReLU(), nn.Linear(16, 16),
+                          nn.BatchNorm1d(16, momentum=None), nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=1), example_inputs=torch.randn(4, 8))
+    cache = ActivationCache(freezer, num_samples=16, deterministic=True)
+    train_cached_steps(cache.wrap(), opt, freezer, torch.randn(16, 8), 6)
+    assert cache.stats["hits"] > 0 and cache.stats["bypassed"] == 0, cache.describe()
+
+
+def test_a_validation_pass_does_not_move_the_cut_a_train_mode_module_stopped():
+    """A backbone the user froze, a dropout in it left in train mode (the cut stops before it) and a
+    validation pass through the cached model each epoch (model.eval(), then model.train()): the
+    eval pass moved the cut past the dropout and the next training forward back, dropping the rows
+    every epoch (review81: 0 hits against 1024)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Dropout(0.1),
+                          nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    model[:6].requires_grad_(False)  # the backbone
+    opt = torch.optim.SGD(model[7].parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(0), example_inputs=torch.randn(4, 16))
+    cache = ActivationCache(freezer, num_samples=16, deterministic=True)
+    cached, x = cache.wrap(), torch.randn(16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(4):
+            model.train()
+            train_cached_steps(cached, opt, freezer, x, 2)
+            boundary = cache.boundary
+            model.eval()
+            with torch.no_grad():
+                cached(x[:8], torch.arange(8))
+    assert cache.boundary == boundary > 0 and cache.stats["hits"] > 0 and cache.stats["stored"] == 16, cache.describe()

@@ -548,18 +548,19 @@ class LitManual(LitCNN):
     """Manual optimization: the optimizer steps every ``step_every`` batches, through Lightning's
     wrapper or, with ``raw``, the optimizer itself (which does not move global_step)."""
 
-    def __init__(self, step_every=1, raw=False):
+    def __init__(self, step_every=1, raw=False, steps_per_batch=1):
         super().__init__()
         self.automatic_optimization = False
-        self.step_every, self.raw = step_every, raw
+        self.step_every, self.raw, self.steps_per_batch = step_every, raw, steps_per_batch
 
     def training_step(self, data, batch_idx):
         x, y = data
         optimizer = self.optimizers(use_pl_optimizer=not self.raw)
-        self.manual_backward(nn.functional.cross_entropy(self(x), y))
-        if batch_idx % self.step_every == self.step_every - 1:
-            optimizer.step()
-            optimizer.zero_grad()
+        for _ in range(self.steps_per_batch):  # (a critic's several steps)
+            self.manual_backward(nn.functional.cross_entropy(self(x), y))
+            if batch_idx % self.step_every == self.step_every - 1:
+                optimizer.step()
+                optimizer.zero_grad()
 
 
 def test_manual_optimization_that_steps_every_other_batch_is_told_to_give_total_steps(tmp_path):
@@ -573,13 +574,16 @@ def test_manual_optimization_that_steps_every_other_batch_is_told_to_give_total_
     assert len(told) == 1 and "stepped in 2 of the first epoch's 4 batches" in told[0], told
 
 
-def test_manual_optimization_through_the_raw_optimizer_steps_the_freezer(tmp_path):
+@pytest.mark.parametrize("steps_per_batch", [1, 3])
+def test_manual_optimization_through_the_raw_optimizer_steps_the_freezer(tmp_path, steps_per_batch):
     """self.optimizers(use_pl_optimizer=False) steps the optimizer without moving global_step: the
-    freezer never stepped and nothing froze, with advice to pass total_steps (review79 #6)."""
+    freezer never stepped and nothing froze, with advice to pass total_steps (review79 #6); also
+    with several optimizer steps a batch (review81)."""
     callback = SmartFreezeCallback(StaticFreeze(1, at_step=3), total_steps=8)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer(tmp_path, [callback], max_epochs=2, enable_checkpointing=False).fit(LitManual(raw=True), loader())
+        trainer(tmp_path, [callback], max_epochs=2, enable_checkpointing=False).fit(
+            LitManual(raw=True, steps_per_batch=steps_per_batch), loader())
     assert callback.freezer.step_count == 8 and [(e.step, e.num_frozen) for e in callback.freezer.timeline] == [(3, 1)]
     assert not [w for w in caught if "manual optimization" in str(w.message) or "never called" in str(w.message)]
 

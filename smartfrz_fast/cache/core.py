@@ -40,7 +40,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from torch.utils.hooks import RemovableHandle
 
 from ..distributed import FreezableDDP, _is_fsdp1, _is_fsdp2, check_ddp
-from ..frozen import held_weakly, mode_blind, remove_handles
+from ..frozen import held_weakly, mode_blind, reestimating_statistics, remove_handles
 from ..guards import ContainerChildren, warn_in_every_run
 from ..policy.base import plain_number
 from ..units import (PythonAttributes, SharedWrites, compiled_in_place, example_call, preserved_modes, preserved_state,
@@ -596,8 +596,10 @@ class ActivationCache:
         elif self._stopped_by_hooks is not None and not hooked_modules(self._stopped_by_hooks):
             # after the look at new hooks above (one placed inside the prefix as this one went)
             self._on_freeze(None, ())  # the hooks that stopped the cut were removed: as deep as the prefix again
-        elif self._stopped_by_mode is not None and not self._stopped_by_mode.training:
-            self._on_freeze(None, ())  # the module whose train mode stopped the cut is in eval now (.eval())
+        elif self._stopped_by_mode is not None and not self._stopped_by_mode.training and model.training:
+            # the module whose train mode stopped the cut is in eval now (.eval()); not in a validation
+            # pass (model.eval()), after which it trains again (review81: the cut moved back and forth)
+            self._on_freeze(None, ())
         if self.enabled:  # read once per forward
             inputs.batch = _batch_size(inputs, _id_count(sample_ids))
         asked = captured_outputs(model, inputs.kwargs) if self.enabled else []
@@ -705,7 +707,9 @@ class ActivationCache:
         if self._frozen_norms[0] != key:
             held = getattr(region, "always", ()) or ()
             self._frozen_norms = (key, [m for m in held if isinstance(getattr(m, "running_mean", None), Tensor)])
-        return any(getattr(m, "momentum", 0.1) is None for m in self._frozen_norms[1])
+        # momentum=None alone is an ordinary setting (a cumulative average: review81, nothing cached):
+        # the freezer's own test also asks for statistics reset since the freeze
+        return any(getattr(m, "momentum", 0.1) is None and reestimating_statistics(m) for m in self._frozen_norms[1])
 
     def _rows_need_grad(self) -> bool:
         """``split.rows_need_grad`` of the cached blocks, looked at again only when the cut

@@ -265,7 +265,7 @@ class SmartFreezeCallback(Callback):
         # steps them without moving global_step: the freezer saw those steps itself (review79: it
         # never stepped, nothing froze)
         stepped = bool(advanced) or (not pl_module.automatic_optimization and self.freezer is not None
-                                     and self.freezer.step_owed)
+                                     and self.freezer._optimizer_stepped())
         if self._pace is not None:
             self._check_manual_pace(trainer, advanced, stepped)
         if self.freezer is None or not stepped:
