@@ -1,11 +1,11 @@
 """The predict op on the CPU, computed as ``reference.predict_ref`` defines it, in fewer passes.
 
-The reference copies each window several times (a gather per index, the input transform, two
-moment passes: ``normalize_window`` computes the moments again) and runs the key and value
-MLPs' first layers, the op's main cost, as two batched products over a strided view. Here the
-window is copied once and normalised in place, and those two first layers are one matrix
-product over a contiguous ``[R * (T - 1), K]`` matrix. Measured side by side on this CPU (1
-thread, windows of 30 x 1024, the shipped predictor's transform; bench/bench_history_ops.py
+Both make each window with the reference's ``chronological_window`` and ``transform_window``.
+The reference then computes its moments twice (``normalize_window`` again) in passes that copy
+it, and runs the key and value MLPs' first layers, the op's main cost, as two batched products
+over a strided view. Here the window is normalised in place, and those two first layers are one
+matrix product over a contiguous ``[R * (T - 1), K]`` matrix. Measured side by side on this CPU
+(1 thread, windows of 30 x 1024, the shipped predictor's transform; bench/bench_history_ops.py
 rows "cpu fused passes"): 1.6-1.75x faster than the reference at 20, 54 and 102 units (102: 78
 against 122 ms). What remains is those products (about 40 MFLOP per unit): the predictor's cost.
 Tested against the reference on random inputs (tests/test_ops.py).
@@ -19,8 +19,8 @@ from typing import Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .reference import (NORM_EPS, NUM_PREDICTOR_WEIGHTS, WEIGHTS_PER_MLP, check_input_gain, freezable_prefix,
-                        sort_by_newest)
+from .reference import (NORM_EPS, NUM_PREDICTOR_WEIGHTS, WEIGHTS_PER_MLP, check_window_length, chronological_window,
+                        freezable_prefix, transform_window)
 
 
 def predict_cpu(
@@ -34,20 +34,13 @@ def predict_cpu(
     sort_by_newest_snapshot: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """``reference.predict_ref``, within float32 rounding (the sums run in another order)."""
-    if history.shape[1] < 2:
-        raise ValueError(f"predict needs a window of at least 2 snapshots (1 query + keys), history has "
-                         f"{history.shape[1]}")
+    check_window_length(history)
     if len(weights) != NUM_PREDICTOR_WEIGHTS:
         raise ValueError(f"predictor expects {NUM_PREDICTOR_WEIGHTS} weight tensors, got {len(weights)}")
-    t, k = history.shape[1], history.shape[2]
-    order = (torch.arange(t, device=history.device) + cursor) % t
-    window = history.index_select(0, rows).index_select(1, order)  # [R, T, K], oldest first: a copy of its own
-    valid = valid.index_select(0, rows)
-    if sort_by_newest_snapshot:
-        window = sort_by_newest(window, window[:, -1:, :], valid)
-    if check_input_gain(input_gain) != 1.0:
-        newest = window[:, -1:, :]
-        window = (window - newest).mul_(input_gain).add_(newest)
+    k = history.shape[2]
+    valid = valid[rows]
+    # a copy of its own (advanced indexing), oldest snapshot first: normalised in place below
+    window = transform_window(chronological_window(history, cursor, rows), valid, input_gain, sort_by_newest_snapshot)
     finite = torch.isfinite(window).flatten(1).all(1)  # masked positions too, as the reference
     if not bool(finite.all()):
         window = torch.where(finite[:, None, None], window, torch.zeros_like(window))

@@ -178,6 +178,13 @@ def freezable_prefix(prob: Tensor, threshold: float) -> Tensor:
     return torch.cumprod(ok, 0).sum()
 
 
+def check_window_length(history: Tensor) -> None:
+    """Every predict backend's first check: with no key, every window would read the same."""
+    if history.shape[1] < 2:
+        raise ValueError(f"predict needs a window of at least 2 snapshots (1 query + keys), history has "
+                         f"{history.shape[1]}")
+
+
 def predict_ref(
     history: Tensor,
     cursor: Tensor,
@@ -196,9 +203,7 @@ def predict_ref(
     whose snapshot mean or variance overflows float32 (weights beyond ~1e19), gets probability
     0: it never freezes on bad data. So does a NaN probability (NaN predictor weights).
     """
-    if history.shape[1] < 2:  # as the kernels: with no key, every window read the same
-        raise ValueError(f"predict needs a window of at least 2 snapshots (1 query + keys), history has "
-                         f"{history.shape[1]}")
+    check_window_length(history)
     window = transform_window(chronological_window(history, cursor, rows), valid[rows], input_gain, sort_by_newest)
     finite = torch.isfinite(window).flatten(1).all(1)
     window = torch.where(finite[:, None, None], window, torch.zeros_like(window))

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ._extension import triton_interpret
 from ._fallback import KernelUnavailable
-from .reference import NORM_EPS, NUM_PREDICTOR_WEIGHTS, WEIGHTS_PER_MLP, check_input_gain
+from .reference import NORM_EPS, NUM_PREDICTOR_WEIGHTS, WEIGHTS_PER_MLP, check_input_gain, check_window_length
 
 INTERPRET = triton_interpret()
 
@@ -502,8 +502,7 @@ def predict(
     num_units, window, k = history.shape
     if valid.shape[0] != num_units:
         raise ValueError(f"valid has {valid.shape[0]} entries, history has {num_units} units")
-    if window < 2:
-        raise ValueError(f"predict needs a window of at least 2 snapshots (1 query + keys), history has {window}")
+    check_window_length(history)
     k_w, hidden, embed, head_hidden = _predictor_dims(weights)
     if k_w != k:
         raise ValueError(f"the predictor reads {k_w} sampled weights per snapshot, history holds {k}")
