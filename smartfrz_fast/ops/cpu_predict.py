@@ -6,8 +6,10 @@ it, and runs the key and value MLPs' first layers, the op's main cost, as two ba
 over a strided view. Here the window is normalised in place, and those two first layers are one
 matrix product over a contiguous ``[R * (T - 1), K]`` matrix. Measured side by side on this CPU
 (1 thread, windows of 30 x 1024, the shipped predictor's transform; bench/bench_history_ops.py
-rows "cpu fused passes"): 1.6-1.75x faster than the reference at 20, 54 and 102 units (102: 78
-against 122 ms). What remains is those products (about 40 MFLOP per unit): the predictor's cost.
+rows "cpu fused passes", and alternating processes): 1.3-1.9x faster than the reference at 20,
+54 and 102 units (102: 64-80 ms against 87-126 ms: the reference's time moves by 40 % from one
+process to the next, this path's little). What remains is those products (about 40 MFLOP per
+unit): the predictor's cost.
 Tested against the reference on random inputs (tests/test_ops.py).
 """
 
