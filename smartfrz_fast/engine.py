@@ -692,8 +692,7 @@ class SmartFreezer:
                 self._lr_unit_of_param[id(shared.parameter)] = shared.last_unit
 
     def _accumulate_grad_norms(self, optimizer, args, kwargs) -> None:
-        self._stepped.add(id(optimizer))
-        params, units = [], []
+        params, units = [], []  # (the guard noted the step in _stepped as it began)
         for group in optimizer.param_groups:
             for p in group["params"]:
                 unit = self._unit_of_param.get(id(p))
