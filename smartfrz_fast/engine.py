@@ -40,7 +40,7 @@ from . import guards
 from .frozen import engine_hook, held_weakly, reads_its_mode, remove_handles
 from .policy.base import Decision, FreezePolicy, PolicyContext, UnitInfo, check_decision, check_prefix_length
 from .units import (SHARED_PARAMETER_MODES, Unit, UnitPlan, describe_shared, discover_units, example_call,
-                    marks_output_for_grad, shared_groups, uninitialized_parameters)
+                    marks_output_for_grad, shared_groups, uninitialized, uninitialized_parameters)
 
 STATE_FORMAT = "smartfrz_fast.SmartFreezer"
 STATE_VERSION = 1
@@ -83,6 +83,24 @@ def _uncompiled(name: str) -> str:
     """A unit or parameter name without torch.compile's "_orig_mod." (a freezer on the compiled
     wrapper named them so before it managed the module inside)."""
     return "+".join(part[len("_orig_mod."):] if part.startswith("_orig_mod.") else part for part in name.split("+"))
+
+
+def _name_prefix_added(saved, mine) -> Optional[str]:
+    """How the checkpoint's parameter names differ from this model's where one set is the
+    other with one prefix added to every name ("net.0.weight" for "0.weight"), shapes equal;
+    else None. ``saved`` and ``mine``: ``_signature()``'s [(unit name, [(name, shape)])]."""
+    pairs = [(a, b) for (_, ours), (_, theirs) in zip(saved, mine) for a, b in zip(ours, theirs)]
+    if len(saved) != len(mine) or not pairs or any(len(x[1]) != len(y[1]) for x, y in zip(saved, mine)):
+        return None
+    (first_saved, _), (first_mine, _) = pairs[0]
+    for longer, shorter, where in ((first_saved, first_mine, "in the checkpoint"),
+                                   (first_mine, first_saved, "in this model")):
+        prefix = longer[:len(longer) - len(shorter)]
+        if prefix and longer.endswith(shorter) and all(
+                a[1] == b[1] and (a[0] == prefix + b[0] if where == "in the checkpoint" else b[0] == prefix + a[0])
+                for a, b in pairs):
+            return f"with the prefix {prefix!r} {where} and without it in the other"
+    return None
 
 
 def _compiled_inner(model: nn.Module) -> nn.Module:
@@ -901,12 +919,16 @@ class SmartFreezer:
         if self.num_frozen and not self._closed:
             self._check_prefix_still_frozen()
 
+    def past_total_steps_effect(self) -> str:
+        """What running past ``total_steps`` does to this freezer's policy, in words."""
+        return ("its lr factor is 0 for every unit past the schedule's end, so nothing trains any more"
+                if self.policy.manages_lr else "its schedule and pace were set for that length")
+
     def _warn_past_total_steps(self, step: int) -> None:
-        effect = ("its lr factor is 0 for every unit past the schedule's end, so nothing trains any more"
-                  if self.policy.manages_lr else "its schedule and pace were set for that length")
         warnings.warn(f"SmartFreezer: step {step} is past total_steps={self.total_steps}, and the policy "
-                      f"{type(self.policy).__name__} was built for that many steps: {effect}. Pass the run's real "
-                      "number of optimizer steps as total_steps.", stacklevel=3)
+                      f"{type(self.policy).__name__} was built for that many steps: "
+                      f"{self.past_total_steps_effect()}. Pass the run's real number of optimizer steps as "
+                      "total_steps.", stacklevel=3)
 
     def _decide(self, step: int) -> Optional[Decision]:
         """The policy's decision; under DDP rank 0's, broadcast only where the policy may
@@ -940,6 +962,10 @@ class SmartFreezer:
             self._pending.append((step, torch.as_tensor(decision).cpu(), None))
 
     def _apply_due(self, step: int) -> None:
+        if step == self.total_steps:
+            # after the run's last optimizer step a freeze saves nothing (and would cost a cache its
+            # rows' move): it waits, and applies at the next step if the run goes on (review77)
+            return
         due = [p for p in self._pending if p[0] <= step]
         self._pending = [p for p in self._pending if p[0] > step]
         for _, host, event in due:
@@ -1429,7 +1455,8 @@ class SmartFreezer:
         stats = [(module, name, buffer) for module in self.module.modules()
                  for name in ("running_mean", "running_var")
                  for buffer in [getattr(module, name, None)]
-                 if isinstance(buffer, Tensor) and buffer.is_floating_point() and buffer.numel()]
+                 if isinstance(buffer, Tensor) and not uninitialized(buffer) and buffer.is_floating_point()
+                 and buffer.numel()]
         if not stats:
             return target
         finite = torch.stack([b.detach().abs().amax().isfinite().to(stats[0][2].device) for _, _, b in stats]).tolist()
@@ -1689,10 +1716,10 @@ class SmartFreezer:
                              "Load the complete freezer.state_dict() saved with the checkpoint.")
         self._check_signature(state["signature"])
         if state["policy"] != type(self.policy).__name__:
-            raise ValueError(
+            raise SettingsMismatch(
                 f"the checkpoint was made with policy {state['policy']}, this run uses "
-                f"{type(self.policy).__name__}: construct SmartFreezer with the same policy."
-            )
+                f"{type(self.policy).__name__}: construct SmartFreezer with the same policy.",
+                {"policy": state["policy"]})
         if self.num_frozen or self.step_count:
             raise RuntimeError("load_state_dict needs a fresh SmartFreezer (no steps taken yet)")
         # the model may have been loaded with load_state_dict(assign=True) since set-up: the state
@@ -1792,12 +1819,13 @@ class SmartFreezer:
         return events
 
     def _checked_pending(self, saved: Any, step: int) -> List[Tuple[int, Tensor]]:
-        """Decisions waiting to be applied: due after ``step``, within ``decision_delay``; a
-        broadcast 'no decision' (-1) is dropped."""
+        """Decisions waiting to be applied: due after ``step``, within ``decision_delay``, or
+        held at the run's last step (``_apply_due``); a broadcast 'no decision' (-1) is dropped."""
         pending = []
         for apply_at, value in saved:
-            if not (_is_int(apply_at) and step < apply_at <= step + self.decision_delay
-                    and _is_int(value) and -1 <= value <= len(self.units)):
+            due = _is_int(apply_at) and (step < apply_at <= step + self.decision_delay
+                                         or step == self.total_steps and 0 < apply_at <= step)
+            if not (due and _is_int(value) and -1 <= value <= len(self.units)):
                 raise ValueError(f"pending decision {(apply_at, value)!r} is not a prefix length (-1 .. "
                                  f"{len(self.units)}) due in steps {step + 1} .. {step + self.decision_delay}")
             if value != -1:
@@ -1861,6 +1889,13 @@ class SmartFreezer:
                 f"other units ({detail}). A model saved whole (torch.save(model)), copied (copy.deepcopy) or "
                 "reused after close() keeps its frozen layers' requires_grad=False. Set requires_grad=True on the "
                 "layers you train (model.requires_grad_(True)) before building the freezer, then load its state.")
+        renamed = _name_prefix_added(saved, mine)
+        if renamed is not None:
+            raise ValueError(
+                f"this SmartFreezer checkpoint holds this model's units, each parameter named {renamed} ({detail}): "
+                "the freezer was built on a module inside the model in one run and on the model itself (or a "
+                "wrapper around it) in the other. Build it on the same module as the run that saved it (the "
+                "trainer callbacks: the same submodule=).")
         raise ValueError(
             f"this SmartFreezer checkpoint belongs to a different model ({detail}). Resume with "
             "the model the checkpoint was saved from, or start the freezer fresh."

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from .engine import FreezeEvent, SmartFreezer
 from .policy.base import FreezePolicy
-from .units import Unit, discover_units, example_call, preserved_rngs
+from .units import Unit, check_copyable, discover_units, example_call, preserved_rngs
 
 LossFn = Callable[[Any], Tensor]
 OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
@@ -300,6 +300,7 @@ def _unmanaged_copy(model: nn.Module) -> nn.Module:
         raise ValueError("profiling measures what freezing each prefix of the unfrozen model saves, and a "
                          "SmartFreezer manages this model: profile it before building the freezer (or a copy made "
                          "before), or call freezer.close() and profile a fresh model.")
+    check_copyable(model, "profiling")
     return copy.deepcopy(model)
 
 

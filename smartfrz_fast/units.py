@@ -642,13 +642,29 @@ def _names_parameters(model: nn.Module, keys: Mapping) -> bool:
     return all(k in named for k in keys) or (takes_more and any(k in named for k in keys))
 
 
+def uninitialized(t: Any) -> bool:
+    """A lazy layer's parameter or buffer not materialised yet (``nn.LazyLinear`` before its
+    first forward): it has no values, and any tensor operation on it raises."""
+    from torch.nn.parameter import UninitializedTensorMixin
+
+    return isinstance(t, UninitializedTensorMixin)
+
+
 def uninitialized_parameters(model: nn.Module) -> List[str]:
     """Names of the lazy layers' parameters and buffers not materialised yet (``nn.LazyLinear``
     before its first forward, which draws their initial values from torch's generator)."""
-    from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
+    return [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if uninitialized(t)]
 
-    return [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers())
-            if isinstance(t, (UninitializedParameter, UninitializedBuffer))]
+
+def check_copyable(model: nn.Module, who: str) -> None:
+    """``who`` deep-copies ``model``, which fails deep inside torch on a lazy layer not
+    materialised yet: say which, and what to do."""
+    lazy = uninitialized_parameters(model)
+    if lazy:
+        raise ValueError(
+            f"{who} copies the model, and its lazy layers hold no values yet ({', '.join(lazy[:3])}): run one "
+            "forward pass of the model, which materialises them, first. A lazy layer the forward never calls "
+            "stays unmaterialised: remove it, or build it with its sizes (nn.Linear for nn.LazyLinear).")
 
 
 @contextmanager
@@ -1167,8 +1183,9 @@ def preserved_state(model: nn.Module, rngs: bool = True) -> Iterator[None]:
     run on the fake batch before the cached real one: BatchNorm saves its running statistics), and
     a bumped version failed that graph's backward. One the pass resized (an observer's statistics,
     empty until the first forward) gets its old shape back; one it replaced, its old tensor."""
-    saved = [(module, name, b, b.detach().clone())
-             for module in model.modules() for name, b in module._buffers.items() if b is not None]
+    saved = [(module, name, b, b.detach().clone())  # a lazy layer the pass does not run holds no values yet
+             for module in model.modules() for name, b in module._buffers.items()
+             if b is not None and not uninitialized(b)]
     attributes = PythonAttributes([(name, m) for name, m in model.named_modules()])  # `self.calls += 1`
     try:
         with preserved_rngs(model) if rngs else nullcontext():

@@ -274,28 +274,58 @@ def test_asking_for_the_units_of_lazy_layers_before_the_first_forward_draws_noth
     assert freezer.plan is not None  # set up right after that first forward
 
 
-def test_the_cache_sets_up_when_a_lazy_layer_is_never_reached():
+@pytest.mark.parametrize("aux_layer", ["LazyLinear", "LazyBatchNorm1d"])
+@pytest.mark.parametrize("example", [False, True])
+def test_the_cache_sets_up_when_a_lazy_layer_is_never_reached(aux_layer, example):
     """An auxiliary head built lazily that training never calls stays unmaterialised: the cache
-    waited for it for ever, caching nothing (review61). It waits one forward."""
+    waited for it for ever, caching nothing (review61). It waits one forward. An unmaterialised
+    buffer (nn.LazyBatchNorm1d's statistics) crashed set-up's look-only passes, which copy every
+    buffer (review81), and the lazy layer's own materialising pre-hook kept the torch.fx chain
+    out as a user's hook it would skip."""
     from smartfrz_fast.cache import ActivationCache
 
     class WithAuxHead(nn.Module):
         def __init__(self):
             super().__init__()
-            self.body = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
-            self.aux = nn.LazyLinear(3)  # used only at evaluation
+            self.body = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                                      nn.Linear(8, 3))
+            self.aux = nn.LazyLinear(3) if aux_layer == "LazyLinear" else nn.LazyBatchNorm1d()  # evaluation only
 
         def forward(self, x):
             return self.body(x)
 
-    torch.manual_seed(0)
-    model = WithAuxHead()
-    optimizer = torch.optim.SGD(model.body.parameters(), lr=0.1)
-    freezer = SmartFreezer(model, optimizer, StaticFreeze(2, 1), total_steps=20)
-    cache = ActivationCache(freezer, num_samples=16, deterministic=True)
-    forward = cache.wrap()
-    train_cached_steps(forward, optimizer, freezer, torch.randn(16, 8), 6)
-    assert cache.stats["hits"] > 0, cache.describe()
+    x = torch.randn(16, 8)
+    weights = []
+    for cached in (False, True):
+        torch.manual_seed(0)
+        model = WithAuxHead()
+        optimizer = torch.optim.SGD(model.body.parameters(), lr=0.1)
+        freezer = SmartFreezer(model, optimizer, StaticFreeze(2, 1), total_steps=20,
+                               example_inputs=x[:8] if example else None)
+        if cached:
+            cache = ActivationCache(freezer, num_samples=16, deterministic=True)
+            train_cached_steps(cache.wrap(), optimizer, freezer, x, 6)
+        else:
+            train_cached_steps(lambda inputs, ids: model(inputs), optimizer, freezer, x, 6)
+        assert freezer.num_frozen == 2
+        weights.append(torch.cat([p.detach().flatten() for p in model.body.parameters()]))
+    assert cache.stats["hits"] > 0 and "torch.fx" in cache.describe(), cache.describe()
+    assert torch.equal(weights[0], weights[1])
+
+
+def test_copies_of_a_model_with_lazy_layers_not_materialised_say_what_to_do():
+    """Egeria and the profiler copy the model; on a lazy layer with no values yet the copy failed
+    deep inside torch (Egeria's message then advised building it before SmartFreezer)."""
+    from smartfrz_fast import Egeria
+    from smartfrz_fast.profile import profile_units
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    model.aux = nn.LazyBatchNorm1d()  # never called by the Sequential's forward
+    x = torch.randn(8, 4)
+    with pytest.raises(ValueError, match=r"Egeria copies the model.*lazy layers.*aux\.weight.*forward pass"):
+        Egeria(model, x)
+    with pytest.raises(ValueError, match=r"profiling copies the model.*lazy layers.*remove it"):
+        profile_units(model, x)
 
 
 def test_units_found_at_first_forward_without_example_inputs():
@@ -709,6 +739,34 @@ def test_load_state_dict_from_a_different_model_is_refused():
         other.load_state_dict(state)
     with pytest.raises(ValueError, match="not a SmartFreezer state_dict"):
         other.load_state_dict({"weights": 1})
+
+
+def test_a_checkpoint_of_the_same_units_under_a_name_prefix_says_so():
+    """A freezer built on model.net in one run and on the model in the other (a callback's
+    submodule=, a wrapper module) names every parameter with and without "net.": it was refused
+    as "a different model" (review79)."""
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+
+        def forward(self, x):
+            return self.net(x)
+
+    x = torch.randn(4, 4)
+    whole = Wrapper()
+    freezer = SmartFreezer(whole, torch.optim.SGD(whole.parameters(), lr=0.1), StaticFreeze(1, at_step=1),
+                           example_inputs=x)
+    inner = Wrapper().net
+    part = SmartFreezer(inner, torch.optim.SGD(inner.parameters(), lr=0.1), StaticFreeze(1, at_step=1),
+                        example_inputs=x)
+    with pytest.raises(ValueError, match=r"named with the prefix 'net\.' in the checkpoint.*same submodule="):
+        part.load_state_dict(freezer.state_dict())
+    again = Wrapper()
+    other = SmartFreezer(again, torch.optim.SGD(again.parameters(), lr=0.1), StaticFreeze(1, at_step=1),
+                         example_inputs=x)
+    with pytest.raises(ValueError, match=r"prefix 'net\.' in this model"):
+        other.load_state_dict(part.state_dict())
 
 
 def test_step_without_optimizer_hooks_leaks_no_warnings():

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments  # noqa: E402
 
-from smartfrz_fast import FreezeOut, StaticFreeze  # noqa: E402
+from smartfrz_fast import FreezeOut, LinearFreeze, StaticFreeze  # noqa: E402
 from smartfrz_fast.integrations.huggingface import (  # noqa: E402
     CHECKPOINT_FILE,
     SmartFreezeCallback,
@@ -171,6 +171,26 @@ def test_a_callback_both_passed_in_callbacks_and_attached_steps_once_per_step(tm
     assert callback.freezer.timeline[0].step == 5
 
 
+def test_a_second_train_past_the_first_runs_steps_names_the_callbacks_total_steps(tmp_path):
+    """A second trainer.train() goes on with the same freezer, paced for the first run's steps:
+    the engine's warning said to pass total_steps, which the user never passed (review80)."""
+    import warnings
+
+    callback = SmartFreezeCallback(LinearFreeze())
+    trainer = Trainer(model=tiny_bert(), args=training_args(tmp_path, save_strategy="no", max_steps=6),
+                      train_dataset=dataset())
+    callback.attach(trainer)
+    trainer.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    past = [str(w.message) for w in caught if "total_steps" in str(w.message)]
+    assert len(past) == 1, past
+    assert "built for that run's 6 optimizer steps; this one adds 6 to the 6 taken" in past[0]
+    assert "SmartFreezeCallback(..., total_steps=" in past[0]
+    assert callback.freezer.step_count == 12
+
+
 class _PlainClassifier(torch.nn.Module):
     """A model of the user's own (no Hugging Face class) returning a dict with the loss."""
 
@@ -215,6 +235,19 @@ def test_a_resume_with_other_freezer_settings_names_the_callback_arguments(tmp_p
     trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=dataset())
     SmartFreezeCallback(StaticFreeze(5, at_step=3), sample_every=2).attach(trainer)
     with pytest.raises(ValueError, match=r"build it as SmartFreezeCallback\(policy, sample_every=1"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+
+
+def test_a_resume_with_another_policy_names_the_callback(tmp_path):
+    """The engine's "construct SmartFreezer with the same policy" named a class the Trainer user
+    never builds (review79, review80)."""
+    trainer = Trainer(model=tiny_bert(), args=training_args(tmp_path), train_dataset=dataset())
+    SmartFreezeCallback(StaticFreeze(5, at_step=3)).attach(trainer)
+    trainer.train()
+    trainer = Trainer(model=tiny_bert(), args=training_args(tmp_path), train_dataset=dataset())
+    SmartFreezeCallback(LinearFreeze()).attach(trainer)
+    with pytest.raises(ValueError, match=r"policy StaticFreeze, this run uses LinearFreeze.*build it as "
+                                         r"SmartFreezeCallback\(StaticFreeze\(\.\.\.\), \.\.\.\)"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
 
 

@@ -145,6 +145,30 @@ def test_running_past_total_steps_warns_once(policy):
     assert ("nothing trains any more" in past[0]) == isinstance(policy, FreezeOut)
 
 
+def test_a_freeze_decided_at_the_last_step_waits_for_a_step_that_trains():
+    """A freeze applied after the run's last optimizer step saves nothing, yet report() listed
+    it and an activation cache moved its rows for it (review77): it waits, kept in the freezer's
+    state, and applies at the next step if the run goes on."""
+    with pytest.warns(UserWarning, match="never freeze in this run"):
+        freezer, optimizer, num_frozen, _ = train(StaticFreeze(2, at_step=8), 8)
+    assert num_frozen == [0] * 8 and freezer.timeline == [] and freezer.training_flops_saved() == 0.0
+    state = freezer.state_dict()
+    x, y = data(8)
+    nn.functional.mse_loss(freezer.module(x), y).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    freezer.step()  # the run goes on past total_steps: the freeze applies now
+    assert freezer.num_frozen == 2 and [e.step for e in freezer.timeline] == [9]
+    check_frozen_state(freezer, optimizer)
+    model = make_model()
+    resumed = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=LR), policy=StaticFreeze(2, at_step=8),
+                           example_inputs=(x,), total_steps=8)
+    resumed.load_state_dict(state)
+    assert resumed.num_frozen == 0
+    resumed.step()
+    assert resumed.num_frozen == 2
+
+
 def test_autofreeze_reads_the_gradients_of_a_closure_step():
     # Lightning runs forward and backward inside optimizer.step(closure): the gradients AutoFreeze
     # accumulates must be that step's, as in a plain loop (not the previous step's)
@@ -269,14 +293,16 @@ def test_linear_on_toy_model_matches_composer():
         pct = 0.0 if d <= start else level * ((d - start) / (1.0 - start))
         return int(pct * (L - 1))
 
-    assert num_frozen == [composer(s) for s in range(1, N + 1)]
+    # the change Composer makes after the last step saves nothing: it waits for a step that trains
+    assert composer(N) > composer(N - 1)
+    assert num_frozen == [composer(s) for s in range(1, N)] + [composer(N - 1)]
     changes, last = [], 0
-    for s in range(1, N + 1):
+    for s in range(1, N):
         if composer(s) > last:
             changes.append((s, composer(s)))
             last = composer(s)
     assert [(e.step, e.num_frozen) for e in freezer.timeline] == changes
-    assert freezer.num_frozen == L - 1
+    assert freezer.num_frozen == L - 2
     check_frozen_state(freezer, optimizer)
 
 

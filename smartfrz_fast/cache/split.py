@@ -25,12 +25,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from ..units import (PythonAttributes, compiled_modules_run_eagerly, host_draws_at, marks_output_for_grad,
-                     preserved_modes, preserved_rngs, preserved_state)
+                     preserved_modes, preserved_rngs, preserved_state, uninitialized)
 from .swap import SWAP, _DropoutOff, buffers_now, draws_at, not_reproducible, tensor_trees_match
 
 
@@ -627,7 +628,8 @@ def _mode_free_trace(model: nn.Module) -> torch.fx.Graph:
     attributes = PythonAttributes([(name or type(model).__name__, m) for name, m in model.named_modules()])
     state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     versions = {name: t._version for name, t in state.items()}
-    saved = {name: b.detach().clone() for name, b in model.named_buffers()}
+    buffer_names = {name for name, _ in model.named_buffers()}
+    saved = {name: b.detach().clone() for name, b in model.named_buffers() if not uninitialized(b)}
 
     def put_back() -> None:
         """Set-up leaves the model as it found it: a trace that stopped half-way (a proxy the
@@ -636,7 +638,7 @@ def _mode_free_trace(model: nn.Module) -> torch.fx.Graph:
             for name, original in state.items():
                 owner, _, leaf = name.rpartition(".")
                 module = model.get_submodule(owner)
-                table = module._buffers if name in saved else module._parameters
+                table = module._buffers if name in buffer_names else module._parameters
                 table[leaf] = original
                 if name in saved and original._version != versions[name]:
                     original.copy_(saved[name])
@@ -727,13 +729,14 @@ def _user_hooks(m: nn.Module, forward_only: bool = False) -> bool:
     (``frozen.engine_hook``), torch's old-style ``spectral_norm``/``weight_norm`` and
     ``torch.nn.utils.prune``, whose pre-hooks only recompute the layer's weight from its own
     parameters and buffers, Hugging Face's ``enable_input_require_grads`` hook (the rows served in
-    its module's place require grad instead: ``rows_need_grad``) and transformers'
-    output-collecting hooks (``_captures_outputs``)."""
+    its module's place require grad instead: ``rows_need_grad``), transformers'
+    output-collecting hooks (``_captures_outputs``) and a lazy layer's own materialising pre-hook
+    (an ``nn.LazyBatchNorm1d`` the forward never calls keeps it)."""
     hooks = (*m._forward_hooks.values(), *m._forward_pre_hooks.values())
     if not forward_only:
         hooks += (*m._backward_hooks.values(), *m._backward_pre_hooks.values())
     return any(not (getattr(h, "engine_hook", False) or isinstance(h, _WEIGHT_HOOKS) or marks_output_for_grad(h)
-                    or _captures_outputs(h))
+                    or _captures_outputs(h) or getattr(h, "__func__", None) is LazyModuleMixin._infer_parameters)
                for h in hooks)
 
 

@@ -44,7 +44,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..units import (compiled_modules_run_eagerly, fill_draw, host_draws_at, preserved_modes, preserved_state,
-                     seed_host_rngs, uncached_autocast)
+                     seed_host_rngs, uncached_autocast, uninitialized)
 
 SWAP = "module swap"  # the chain's ``how``: the model's own forward runs, every hook with it
 CHECK_SAMPLES = 4  # samples of the first batch that a cut is checked on
@@ -56,7 +56,7 @@ NOT_REPRODUCIBLE = ("the model is not deterministic in eval mode: two forward pa
 
 
 def buffers_now(model: nn.Module) -> Dict[str, Tensor]:
-    return {name: b.detach().clone() for name, b in model.named_buffers()}
+    return {name: b.detach().clone() for name, b in model.named_buffers() if not uninitialized(b)}
 
 
 def not_reproducible(model: nn.Module, before: Dict[str, Tensor]) -> str:

@@ -71,6 +71,8 @@ def load_freezer_state(freezer: Any, state: Dict[str, Any]) -> None:
     try:
         freezer.load_state_dict(state)
     except SettingsMismatch as exc:
-        arguments = ", ".join(f"{k}={v!r}" for k, v in exc.saved.items())
-        raise ValueError(f"SmartFreezeCallback: {exc} The callback passes its keyword arguments to the freezer: "
-                         f"build it as SmartFreezeCallback(policy, {arguments}, ...).") from exc
+        saved = dict(exc.saved)
+        policy = f"{saved.pop('policy')}(...)" if "policy" in saved else "policy"
+        arguments = "".join(f", {k}={v!r}" for k, v in saved.items())
+        raise ValueError(f"SmartFreezeCallback: {exc} The callback passes its policy and keyword arguments to the "
+                         f"freezer: build it as SmartFreezeCallback({policy}{arguments}, ...).") from exc

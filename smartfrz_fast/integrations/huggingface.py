@@ -383,7 +383,8 @@ class SmartFreezeCallback(TrainerCallback):
                 "a Trainer subclass that overrides create_optimizer_and_scheduler must create the optimizer first.")
         # accelerate's AcceleratedOptimizer wraps the Trainer's: the freezer follows the inner one
         if self.freezer is not None and self.freezer.optimizers[0] is _unwrapped(optimizer)[-1]:
-            return  # a second train() on the same optimizer: the freezer carries on
+            self._note_another_train(num_training_steps)  # a second train(): the freezer carries on
+            return
         model = trainer.model
         if self.freezer is not None and getattr(trainer, "model_init", None) is not None \
                 and self.freezer.model is not model:
@@ -402,6 +403,25 @@ class SmartFreezeCallback(TrainerCallback):
                                                           **self.cache_kwargs})
         if self._resume_from is not None:
             self._load(self._resume_from, device, trainer.args.process_index)
+
+    def _note_another_train(self, num_training_steps: int) -> None:
+        """A train() after another goes on with the same freezer, paced for the first run's
+        ``total_steps`` (taken from that Trainer's steps): say so in the callback's terms, once,
+        where this run takes it past that (the engine's warning told to pass total_steps, which
+        the user never passed, review80)."""
+        freezer = self.freezer
+        total = freezer.total_steps
+        if (self.total_steps is not None or total is None or not freezer.policy.uses_total_steps
+                or freezer._warned_past_total or not num_training_steps
+                or freezer.step_count + num_training_steps <= total):
+            return
+        freezer._warned_past_total = True  # instead of the engine's, at the first step past it
+        warnings.warn(
+            f"SmartFreezeCallback: this train() goes on with the freezer of the one before, whose policy "
+            f"{type(freezer.policy).__name__} was built for that run's {total} optimizer steps; this one adds "
+            f"{num_training_steps} to the {freezer.step_count} taken, so from step {total + 1} on "
+            f"{freezer.past_total_steps_effect()}. To pace it for every train() call, pass "
+            "SmartFreezeCallback(..., total_steps=<optimizer steps of all of them>).", stacklevel=2)
 
     def _load(self, checkpoint: str, device: torch.device, rank: int) -> None:
         path = os.path.join(checkpoint, CHECKPOINT_FILE)

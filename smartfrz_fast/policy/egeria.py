@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from ..units import example_call
+from ..units import check_copyable, example_call
 from .base import Decision, FreezePolicy, PolicyContext, UnitInfo, plain_number
 
 
@@ -217,6 +217,7 @@ class Egeria(FreezePolicy):
         args, kwargs = example_call(model, probe_inputs, probe_kwargs)
         on_ref = lambda t: t.detach().to(self.ref_device) if isinstance(t, Tensor) else t  # noqa: E731
         self.probe_args, self.probe_kwargs = tree_map(on_ref, args), tree_map(on_ref, kwargs)
+        check_copyable(model, "Egeria")
         try:  # the copies are made now, before SmartFreezer hooks the model
             self.shadow = copy.deepcopy(model).to(self.ref_device).eval().requires_grad_(False)
             self.reference = copy.deepcopy(self.shadow)
