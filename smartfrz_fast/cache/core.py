@@ -852,6 +852,8 @@ class ActivationCache:
         self._structure_changed, self._containers = False, ContainerChildren()
         self._free_rows_and_hooks()
         self.chain, self.boundary, self._act, self._input_sig = None, 0, None, None
+        # keyed by id(chain), which the next chain may reuse once this one is freed
+        self._leaf_reads, self._prefix_calls = (None, None), (None, {})
         self._stopped_by_hooks = self._stopped_by_mode = None
         self._rows_autocast = None
         self._per_sample_checked = set()
@@ -876,7 +878,8 @@ class ActivationCache:
         on, not the copy's, and the rows' storage and the global hooks are this cache's own."""
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        mine = ("chain", "_store", "_structure_hooks", "_prefix_state", "_prefix_slots", "_swapped_seen", "_containers")
+        mine = ("chain", "_store", "_structure_hooks", "_prefix_state", "_prefix_slots", "_swapped_seen", "_containers",
+                "_leaf_reads", "_prefix_calls")  # looks at this chain (a TreeSpec's deepcopy warns): done again
         new.__dict__.update(copy.deepcopy({k: v for k, v in self.__dict__.items() if k not in mine}, memo))
         new.chain, new._store, new._structure_hooks, new._containers = None, None, [], ContainerChildren()
         new._prefix_state, new._prefix_slots, new._swapped_seen = (None, [], [], []), [], None
