@@ -633,6 +633,7 @@ class SmartFreezer:
             device=device,
             max_frozen=max_frozen,
             history=self.history,
+            model=self.module,
         ))
         if self.policy.needs_gradients:
             self._grad_sq = torch.zeros(len(plan.units), dtype=torch.float32, device=device)
@@ -848,11 +849,7 @@ class SmartFreezer:
         warnings.warn(
             f"SmartFreezer: over the last {steps} steps the policy's work in freezer.step() ({self.policy.describe()}: "
             f"snapshots and decisions) took {seconds:.1f} s of {wall:.1f} s, {seconds / wall:.0%} of the training "
-            "time, and may cost more than freezing saves. SmartFRZ's predictor costs about 0.75 ms per unit per "
-            "evaluation on one CPU thread, one evaluation per snapshot from a quarter of the run, whatever a training "
-            "step costs: evaluate less often (SmartFRZ(evaluate_every=...)), train on a GPU (one kernel launch per "
-            "evaluation), or use a schedule policy (LinearFreeze: about 0.1 ms per step). python -m "
-            "smartfrz_fast.profile measures it on your model.", stacklevel=3)
+            f"time, and may cost more than freezing saves. {self.policy.cost_advice()}", stacklevel=3)
 
     def _distributed_step_ok(self) -> bool:
         """Under torch.distributed every rank must count the same steps: a rank's decision

@@ -25,7 +25,6 @@ left untouched), with the engine's own unit discovery (``units.discover_units``)
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib
 import os
 import statistics
@@ -41,7 +40,7 @@ from torch import Tensor, nn
 
 from .engine import FreezeEvent, SmartFreezer
 from .policy.base import FreezePolicy
-from .units import Unit, check_copyable, discover_units, example_call, preserved_rngs
+from .units import Unit, copy_model, discover_units, example_call, preserved_rngs
 
 LossFn = Callable[[Any], Tensor]
 OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
@@ -300,8 +299,7 @@ def _unmanaged_copy(model: nn.Module) -> nn.Module:
         raise ValueError("profiling measures what freezing each prefix of the unfrozen model saves, and a "
                          "SmartFreezer manages this model: profile it before building the freezer (or a copy made "
                          "before), or call freezer.close() and profile a fresh model.")
-    check_copyable(model, "profiling")
-    return copy.deepcopy(model)
+    return copy_model(model, "profiling")
 
 
 def _keeps_random_streams(fn: Callable) -> Callable:
@@ -456,7 +454,7 @@ def profile_prefixes(
     args, kwargs = example_call(model, inputs, kwargs)
     ref = _unmanaged_copy(model).train()
     ref_opt = optimizer_factory(ref.parameters())
-    work = copy.deepcopy(model).train()  # (checked just above)
+    work = copy_model(model, "profiling").train()  # (checked just above)
     opt = optimizer_factory(work.parameters())
     # the policy is never consulted (no freezer.step()): freeze_to does the freezing
     freezer = SmartFreezer(work, opt, policy=StaticFreeze(0), example_inputs=args, example_kwargs=kwargs,
@@ -615,7 +613,7 @@ def profile_overhead(
 
 def _overhead_run(model, args, kwargs, policy, loss_fn, optimizer_factory, steps, warmup,
                   keep_trainable) -> OverheadRow:
-    work = copy.deepcopy(model).train()  # profile_overhead checked that no freezer manages it
+    work = copy_model(model, "profiling").train()  # profile_overhead checked that no freezer manages it
     opt = optimizer_factory(work.parameters())
     for _ in range(warmup):  # before the freezer exists: one-time set-up costs stay out of the run
         _train_step(work, args, kwargs, loss_fn, opt)

@@ -14,6 +14,8 @@ from typing import Any, Dict, Iterator, List, Tuple
 import torch
 from torch import Tensor
 
+from .policy.base import plain_number
+
 
 class SievingSampler(torch.utils.data.Sampler):
     """Trains on ``active_fraction`` of ``num_samples`` samples; every ``interval`` epochs the
@@ -34,8 +36,14 @@ class SievingSampler(torch.utils.data.Sampler):
 
     def __init__(self, num_samples: int, active_fraction: float = 0.8, swap_fraction: float = 0.2,
                  interval: int = 1, seed: int = 0, device: Any = "cpu", momentum: float = 0.0) -> None:
+        num_samples, active_fraction, swap_fraction, interval, momentum = map(
+            plain_number, (num_samples, active_fraction, swap_fraction, interval, momentum))  # numpy numbers too
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"SievingSampler: num_samples must be a positive int, got {num_samples!r}")
+        for knob, value in (("active_fraction", active_fraction), ("swap_fraction", swap_fraction),
+                            ("momentum", momentum)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"SievingSampler: {knob} must be a number, got {value!r}")
         if not 0.0 < active_fraction <= 1.0:
             raise ValueError(f"SievingSampler: active_fraction must be in (0, 1], got {active_fraction!r}")
         if not 0.0 <= swap_fraction <= 1.0:
@@ -158,7 +166,7 @@ class SievingSampler(torch.utils.data.Sampler):
                 f"every {self.interval} epoch(s), seed={self.seed})")
 
 
-class DistributedSievingSampler(SievingSampler):
+class DistributedSievingSampler(SievingSampler, torch.utils.data.DistributedSampler):
     """``SievingSampler`` for data-parallel training: every rank holds the same active set,
     pool and per-sample losses, and iterates its shard of each epoch's order (as
     ``DistributedSampler``: padded by repeating the order's head to a multiple of the world
@@ -175,6 +183,11 @@ class DistributedSievingSampler(SievingSampler):
     Collectives: every rank must start the same epochs and call ``sync()`` the same times.
     Checkpoints: at an epoch's end call ``sync()`` on every rank, then take ``state_dict()`` on
     any rank (it refuses while this rank holds records not yet combined); load it on every rank.
+
+    It is a ``DistributedSampler`` (without that class's set-up: it shards itself), so trainers
+    that shard every other sampler again (Lightning's ``use_distributed_sampler``, whose wrapper
+    left each rank half its shard, review82) leave it as it is; their ``set_epoch`` calls change
+    nothing, since the sampler counts its epochs by its iterations.
     """
 
     def __init__(self, num_samples: int, active_fraction: float = 0.8, swap_fraction: float = 0.2,
@@ -191,6 +204,17 @@ class DistributedSievingSampler(SievingSampler):
         self._comm = DecisionSync(process_group, self.loss.device)  # its all_reduce_sum handles gloo/NCCL
         self.rank, self.world_size = self._comm.rank, self._comm.world_size
         self.drop_last = drop_last
+        self.num_replicas, self.shuffle = self.world_size, True  # as a DistributedSampler's, for trainers
+        settings = (f"num_samples={num_samples}, active_fraction={self.active_fraction!r}, "
+                    f"swap_fraction={self.swap_fraction!r}, interval={interval}, seed={seed}, "
+                    f"momentum={self.momentum!r}, drop_last={drop_last}")
+        if not self._comm.same_on_every_rank(settings):
+            # ranks that disagree draw other active sets (the shards neither disjoint nor covering)
+            # or all-reduce tensors of other sizes, which aborts the processes inside gloo
+            raise ValueError(
+                f"DistributedSievingSampler: the ranks were given different settings (rank {self.rank}: "
+                f"{settings}). Build it alike on every rank: num_samples the size of the whole dataset (not the "
+                "rank's part), the same seed (not one per rank) and the same fractions.")
         if drop_last and len(self.active) < self.world_size:
             raise ValueError(f"DistributedSievingSampler: {len(self.active)} active samples cannot be split "
                              f"over {self.world_size} ranks with drop_last=True")
@@ -199,6 +223,10 @@ class DistributedSievingSampler(SievingSampler):
     def __len__(self) -> int:
         n, w = len(self.active), self.world_size
         return n // w if self.drop_last else -(-n // w)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing: the sampler counts its epochs by its iterations (``state_dict`` resumes the
+        count); a trainer calls this on every ``DistributedSampler``."""
 
     def record(self, ids: Tensor, losses: Tensor) -> None:
         """This rank's per-sample losses of a batch (no host sync, no collective)."""

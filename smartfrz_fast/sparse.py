@@ -141,6 +141,12 @@ class SparseMasks:
     def _optimizers(self) -> List[torch.optim.Optimizer]:
         return [opt for opt in (ref() for ref in self._optimizer_refs) if opt is not None]
 
+    def _frozen_now(self, name: str) -> bool:
+        """Frozen with its layer, and still so: after ``freezer.close()`` the layer may train
+        again (or a checkpoint's frozen layers are loaded into a run that trains them), and its
+        mask is then enforced at every step again (review82: every masked weight moved)."""
+        return name in self.frozen and not self.params[name].requires_grad
+
     def bool_mask(self, name: str) -> Tensor:
         m = self.masks[name]
         return m if m.dtype == torch.bool else m != 0
@@ -162,7 +168,7 @@ class SparseMasks:
             module, buf_name = self._prune[name]
             _check_mask(name, module._buffers[buf_name], self.params[name], "SparseMasks (a layer pruned again)")
             self.masks[name] = module._buffers[buf_name]
-        frozen = [n for n in moved if n in self.frozen]
+        frozen = [n for n in moved if self._frozen_now(n)]
         if frozen:
             warnings.warn(f"SparseMasks: frozen layer(s) pruned again ({frozen[:3]}): their masks were frozen with "
                           "them, and the new ones change what the frozen layers compute", stacklevel=3)
@@ -177,7 +183,7 @@ class SparseMasks:
         trainable masked parameter; frozen ones do not change)."""
         if follow:
             self._follow_prune()
-        for name in names if names is not None else [n for n in self.params if n not in self.frozen]:
+        for name in names if names is not None else [n for n in self.params if not self._frozen_now(n)]:
             p, keep = self.params[name], self.bool_mask(name)
             p.mul_(keep)
             for opt in self._optimizers:
@@ -283,7 +289,7 @@ class SparseMasks:
             mask = mask.to(device=self.params[name].device, dtype=torch.bool)
             if torch.equal(mask, self.bool_mask(name)):
                 continue
-            if name in self.frozen or not self.params[name].requires_grad:
+            if not self.params[name].requires_grad:  # frozen (with its layer, or by your code)
                 skipped.append(name)
                 continue
             self.masks[name].copy_(mask)  # prune buffers keep their float dtype
@@ -301,7 +307,7 @@ class SparseMasks:
     def state_dict(self) -> Dict[str, Any]:
         self._follow_prune()
         return {"masks": {n: self.bool_mask(n).cpu().clone() for n in self.params},
-                "frozen": sorted(self.frozen)}
+                "frozen": sorted(n for n in self.frozen if self._frozen_now(n))}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if set(state) != {"masks", "frozen"} or set(state["masks"]) != set(self.params):

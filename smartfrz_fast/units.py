@@ -656,15 +656,21 @@ def uninitialized_parameters(model: nn.Module) -> List[str]:
     return [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if uninitialized(t)]
 
 
-def check_copyable(model: nn.Module, who: str) -> None:
-    """``who`` deep-copies ``model``, which fails deep inside torch on a lazy layer not
-    materialised yet: say which, and what to do."""
+def copy_model(model: nn.Module, who: str) -> nn.Module:
+    """A deep copy of ``model`` for ``who`` to run on its own. A weight that a forward pre-hook
+    computes from the layer's own tensors (``torch.nn.utils.prune``'s ``weight_orig * weight_mask``,
+    the old ``weight_norm``) is kept as a plain attribute holding a graph's output, which
+    ``copy.deepcopy`` refuses: it is copied detached (the copy's hook computes its own at each
+    forward). A lazy layer not materialised yet has no values to copy: say which, and what to do."""
     lazy = uninitialized_parameters(model)
     if lazy:
         raise ValueError(
             f"{who} copies the model, and its lazy layers hold no values yet ({', '.join(lazy[:3])}): run one "
             "forward pass of the model, which materialises them, first. A lazy layer the forward never calls "
             "stays unmaterialised: remove it, or build it with its sizes (nn.Linear for nn.LazyLinear).")
+    memo = {id(value): value.detach().clone() for module in model.modules() for value in vars(module).values()
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None}
+    return copy.deepcopy(model, memo)
 
 
 @contextmanager

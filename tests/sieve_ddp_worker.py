@@ -53,7 +53,13 @@ def sampler_mode(rank):
     resumed = make()
     resumed.load_state_dict(state)
     tail = [epoch(resumed, e) for e in range(RESUME_AT, EPOCHS)]
-    result = {"epochs": epochs, "tail": tail, "rotations": s.rotations}
+    result = {"epochs": epochs, "tail": tail, "rotations": s.rotations,
+              # trainers shard every sampler that is not one again (Lightning: half the shard, review82)
+              "a_distributed_sampler": isinstance(s, torch.utils.data.DistributedSampler)}
+    try:  # a seed per rank: the shards would be neither disjoint nor covering
+        DistributedSievingSampler(N, ACTIVE, SWAP, seed=4 + rank, momentum=MOMENTUM)
+    except ValueError as exc:
+        result["refused"] = str(exc)
     if rank == 0:  # one process, every active sample recorded once per epoch
         ref, ref_epochs = SievingSampler(N, ACTIVE, SWAP, seed=4, momentum=MOMENTUM), []
         for e in range(EPOCHS):

@@ -370,3 +370,159 @@ def test_a_unit_of_a_containers_own_parameter_is_measured_after_its_use():
     policy.close()
     assert freezer.num_frozen == 3, freezer.report()
     assert model.layers[4].weight.requires_grad
+
+
+class NoisyMLP(nn.Module):
+    """Draws random numbers whatever its mode (a VAE's sampling, MC dropout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, x):
+        h = x
+        for i, layer in enumerate(self.net):
+            h = layer(h)
+            if i == 1:
+                h = h + 0.1 * torch.randn_like(h)
+        return h
+
+
+def test_a_model_drawing_random_numbers_in_eval_mode_trains_as_without_egeria():
+    """Egeria's shadow forwards drew from the global generator (at construction, and on the
+    worker thread concurrently with training): such a model's run depended on thread timing and
+    differed from the same run frozen by hand (0.15 off, review82). It is evaluated between
+    steps, its draws put back."""
+    probe = torch.randn(16, 12, generator=torch.Generator().manual_seed(7))
+    runs = []
+    for with_egeria in (True, True, False):
+        torch.manual_seed(0)
+        model = NoisyMLP()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        if with_egeria:
+            state = torch.get_rng_state()
+            policy = Egeria(model, probe, interval=2, warmup=2, window=3, tolerance=5.0, patience=1,
+                            ref_refresh=8)
+            assert torch.equal(state, torch.get_rng_state())  # construction draws nothing of the run's
+            freezer = SmartFreezer(model, opt, policy=policy, example_inputs=probe, decision_delay=0)
+        for step in range(30):
+            g = torch.Generator().manual_seed(step)
+            x, y = torch.randn(32, 12, generator=g), torch.randint(0, 5, (32,), generator=g)
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            if with_egeria:
+                freezer.step()
+            else:  # by hand, where Egeria froze (each unit a Linear and its Tanh)
+                for event in runs[0][1]:
+                    if event.step == step + 1:
+                        model.net[:2 * event.num_frozen].requires_grad_(False)
+                        opt.param_groups[0]["params"] = [p for p in opt.param_groups[0]["params"] if p.requires_grad]
+        if with_egeria:
+            policy.close()
+            assert freezer.num_frozen > 0, freezer.report()
+        runs.append(([p.detach().clone() for p in model.parameters()], freezer.timeline if with_egeria else None))
+    for a, b, c in zip(runs[0][0], runs[1][0], runs[2][0]):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_the_probe_is_a_copy_of_its_own():
+    """The probe was the caller's tensor: a loop that refills one input buffer in place changed
+    it at every step, and the worker read it while training wrote it (review82)."""
+    buffer = torch.randn(8, 12)
+    policy = Egeria(mlp(), buffer)
+    buffer.zero_()
+    assert policy.probe_args[0].abs().sum() > 0
+
+
+def test_an_empty_probe_or_another_model_is_refused():
+    """An empty probe made every distance 0/0 and nothing ever froze; an Egeria built on another
+    instance of the model measured one that never trains and froze at its first chance (review82)."""
+    with pytest.raises(ValueError, match="probe_inputs hold no samples"):
+        Egeria(mlp(), torch.randn(0, 12))
+    model = mlp()
+    policy = Egeria(mlp(), torch.randn(4, 12), interval=2, warmup=2)
+    with pytest.raises(ValueError, match="another model than the one SmartFreezer manages"):
+        SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), policy=policy,
+                     example_inputs=torch.randn(4, 12))
+
+
+@pytest.mark.parametrize("reparametrize", ["prune", "weight_norm"])
+def test_a_pruned_or_weight_normed_model_is_copied(reparametrize):
+    """prune and the old weight_norm keep the weight as an attribute computed from the layer's
+    own tensors, which copy.deepcopy refused: Egeria could not be built (review82)."""
+    import warnings
+
+    from torch.nn.utils import prune
+
+    model = mlp()
+    for layer in (model[0], model[2]):
+        if reparametrize == "prune":
+            prune.l1_unstructured(layer, "weight", 0.5)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # deprecated, still widespread
+                torch.nn.utils.weight_norm(layer)
+    probe = torch.randn(8, 12)
+    policy = Egeria(model, probe, interval=2, warmup=2, window=3, ref_refresh=8, asynchronous=False)
+    with torch.no_grad():
+        torch.testing.assert_close(policy.shadow(probe), model(probe))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, policy=policy, example_inputs=probe, decision_delay=0)
+    train(model, freezer, opt, 8)
+    assert policy.overhead()["evaluations"] >= 3
+
+
+def test_a_failed_evaluation_raises_once():
+    """An evaluation that failed on the worker thread raised again at every later decision and
+    at every freezer.state_dict(): the run could no longer be checkpointed (review82)."""
+    model, opt, policy, freezer = make_run()
+    evaluate, calls = policy._evaluate, []
+
+    def fails_once(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory on the worker")
+        return evaluate(*args)
+
+    policy._evaluate = fails_once
+    with pytest.raises(RuntimeError, match="out of memory on the worker"):
+        train(model, freezer, opt, 12)
+    freezer.state_dict()
+    train(model, freezer, opt, 30, start=freezer.step_count)
+    policy.close()
+    assert freezer.num_frozen == 2
+
+
+def test_a_unit_the_probe_never_reaches_is_named():
+    """A training-only auxiliary head has no activation in the eval-mode probe pass: it held
+    every unit after it unfrozen for the whole run, without a word (review82: GoogLeNet)."""
+    import warnings
+
+    class WithAuxHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = mlp()
+            self.aux = nn.Linear(16, 5)
+
+        def forward(self, x):
+            h = self.body[1](self.body[0](x))
+            aux = self.aux(h) if self.training else 0
+            for layer in list(self.body)[2:]:
+                h = layer(h)
+            return h + 0 * aux
+
+    torch.manual_seed(0)
+    model = WithAuxHead()
+    probe = torch.randn(16, 12)
+    policy = Egeria(model, probe, interval=2, warmup=2, window=3, tolerance=50.0, patience=1, ref_refresh=8,
+                    asynchronous=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    freezer = SmartFreezer(model, opt, policy=policy, example_inputs=probe, decision_delay=0)
+    assert [u.name for u in freezer.units][1] == "aux"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(model, freezer, opt, 20)
+    named = [str(w.message) for w in caught if "no activation to judge" in str(w.message)]
+    assert len(named) == 1 and "unit 1 (aux)" in named[0]
+    assert freezer.num_frozen == 1

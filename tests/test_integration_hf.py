@@ -191,6 +191,22 @@ def test_a_second_train_past_the_first_runs_steps_names_the_callbacks_total_step
     assert callback.freezer.step_count == 12
 
 
+def test_egeria_runs_in_the_callback(tmp_path):
+    """The callback deep-copied its policy as a template for model_init's new models, and
+    Egeria (a worker thread's lock, the model's copies) could not be copied (review82)."""
+    from smartfrz_fast import Egeria
+
+    model = tiny_bert()
+    probe = {"input_ids": torch.stack([item["input_ids"] for item in dataset()[:4]])}
+    policy = Egeria(model, probe, interval=2, warmup=2, window=2, patience=1, ref_refresh=8)
+    trainer = Trainer(model=model, args=training_args(tmp_path, save_strategy="no", max_steps=8),
+                      train_dataset=dataset())
+    callback = SmartFreezeCallback(policy).attach(trainer)
+    trainer.train()
+    policy.close()
+    assert callback.freezer.step_count == 8 and policy.overhead()["evaluations"] >= 3
+
+
 class _PlainClassifier(torch.nn.Module):
     """A model of the user's own (no Hugging Face class) returning a dict with the loss."""
 

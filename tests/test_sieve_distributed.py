@@ -25,6 +25,9 @@ def run_worker(mode, tmp_path):
 
 def test_two_ranks_shard_the_active_set_and_rotate_identically(tmp_path):
     r0, r1 = run_worker("sampler", tmp_path)
+    assert r0["a_distributed_sampler"] and r1["a_distributed_sampler"]
+    for r in (r0, r1):  # refused on every rank, naming the setting
+        assert "ranks were given different settings" in r["refused"] and "seed=" in r["refused"]
     ref = r0["reference"]
     assert r0["rotations"] == r1["rotations"] == 7
     visited = set()

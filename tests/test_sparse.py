@@ -408,3 +408,43 @@ def test_a_layer_pruned_again_is_followed_and_resumes_exactly():
     train(model2, opt2, freezer2, masks2, 8, 16)
     for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_layers_that_train_again_after_close_keep_their_masks():
+    """A layer's mask froze with it for good: after freezer.close() (the way to train frozen
+    layers again) its masked weights moved under AdamW's weight decay, and a checkpoint's
+    frozen layers loaded into a run without a freezer were not masked either (review82)."""
+    from smartfrz_fast.sparse import random_masks as initial_masks
+
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.1)
+    freezer = SmartFreezer(model, opt, policy=StaticFreeze(2, at_step=2), example_inputs=torch.randn(8, 10))
+    masks = SparseMasks(model, initial_masks(model, 0.8, seed=0)).attach(freezer)
+
+    def steps(n):
+        for _ in range(n):
+            nn.functional.cross_entropy(model(torch.randn(8, 10)), torch.randint(0, 4, (8,))).backward()
+            opt.step()
+            opt.zero_grad()
+            if freezer.plan is not None and not freezer._closed:
+                freezer.step()
+
+    steps(4)
+    assert masks.frozen and masks.violations() == {}
+    state = masks.state_dict()
+    freezer.close()
+    model.requires_grad_(True)
+    opt.add_param_group({"params": [p for p in model.parameters() if all(p is not q for g in opt.param_groups
+                                                                          for q in g["params"])]})
+    steps(4)
+    assert masks.violations() == {}
+    assert masks.state_dict()["frozen"] == []  # no layer is frozen now
+    fresh = mlp()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.01, weight_decay=0.1)
+    resumed = SparseMasks(fresh, initial_masks(fresh, 0.8, seed=0)).attach_optimizer(fresh_opt)
+    resumed.load_state_dict(state)  # frozen layers of the checkpoint, trained here
+    for _ in range(4):
+        nn.functional.cross_entropy(fresh(torch.randn(8, 10)), torch.randint(0, 4, (8,))).backward()
+        fresh_opt.step()
+        fresh_opt.zero_grad()
+    assert resumed.violations() == {}

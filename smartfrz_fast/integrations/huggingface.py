@@ -190,7 +190,7 @@ class SmartFreezeCallback(TrainerCallback):
         self.policy = policy
         # unbound: a train() whose model_init builds a new model (hyperparameter_search) is a new
         # run, with a new freezer and a policy of its own
-        self._policy_template = copy.deepcopy(policy)
+        self._policy_template = None if getattr(policy, "holds_model", False) else copy.deepcopy(policy)
         self.example_inputs = example_inputs
         self.total_steps = total_steps
         self.freezer_kwargs = freezer_kwargs
@@ -388,6 +388,11 @@ class SmartFreezeCallback(TrainerCallback):
         model = trainer.model
         if self.freezer is not None and getattr(trainer, "model_init", None) is not None \
                 and self.freezer.model is not model:
+            if getattr(self.policy, "holds_model", False):
+                raise ValueError(
+                    f"SmartFreezeCallback: {type(self.policy).__name__} measures the model it was built on, and the "
+                    "Trainer's model_init built a new model for this train() (hyperparameter_search): use another "
+                    "policy there, or attach a new callback with a policy built on each new model.")
             self.freezer.close()  # the last run's model, which model_init replaced
             self.freezer, self.cache, self._cached_model, self._stepped_at = None, None, None, None
             self.policy = copy.deepcopy(self._policy_template)

@@ -101,6 +101,7 @@ class PolicyContext:
     device: torch.device
     max_frozen: int  # the engine never freezes more leading units than this
     history: Any = None  # ``WeightHistory`` when the policy sets ``needs_history``
+    model: Any = None  # the module the freezer manages (a policy that holds a model checks it is this one)
 
     @property
     def num_units(self) -> int:
@@ -121,6 +122,9 @@ class FreezePolicy:
     # one, so the engine broadcasts nothing. False: rank 0's decision is broadcast at the
     # steps where ``decides_at`` is true.
     deterministic_schedule = False
+    # It holds the model it was built on (Egeria's copies): it cannot serve another model, and a
+    # copy of it (a trainer callback's template for model_init's new models) would not either.
+    holds_model = False
 
     def __init__(self) -> None:
         self.context: Optional[PolicyContext] = None
@@ -176,6 +180,12 @@ class FreezePolicy:
     def report_lines(self) -> List[str]:
         """What the freezer's report adds about this policy on the model it is bound to."""
         return []
+
+    def cost_advice(self) -> str:
+        """What to do when the policy's work in ``freezer.step()`` outweighs the training it
+        saves (the engine's policy-cost warning ends with it)."""
+        return ("Use a schedule policy (LinearFreeze: about 0.1 ms per step); python -m smartfrz_fast.profile "
+                "measures the overhead on your model.")
 
     # Helpers shared by the schedule-based policies.
     def _warn_if_never_in_run(self, first_step: float, how: str, fix: str) -> None:

@@ -8,14 +8,15 @@ import math
 import numbers
 import threading
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
-from ..units import check_copyable, example_call
+from ..units import copy_model, example_call, preserved_rngs
 from .base import Decision, FreezePolicy, PolicyContext, UnitInfo, plain_number
 
 
@@ -25,6 +26,22 @@ from .base import Decision, FreezePolicy, PolicyContext, UnitInfo, plain_number
 # hundred steps) it seldom stays under 0.1 for two evaluations, so the old default froze
 # nothing on the demo (375 steps). 0.3 acts there (docs/egeria_spfde.md, measured).
 DEFAULT_TOLERANCE = 0.3
+
+
+def _generator_states(device: torch.device) -> List[Any]:
+    """The global generators a forward may draw from, as comparable values: torch's on the CPU
+    and, where the copies run on a GPU, on that GPU; Python's and numpy's."""
+    import random
+    import sys
+
+    states: List[Any] = [torch.get_rng_state().tolist(), random.getstate()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device).tolist())
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        kind, key, pos, *rest = numpy.random.get_state()
+        states.append((kind, key.tolist(), pos, *rest))
+    return states
 
 
 def fake_quantize_int8(weight: Tensor) -> Tensor:
@@ -176,6 +193,7 @@ class Egeria(FreezePolicy):
     """
 
     name = "egeria"
+    holds_model = True
 
     def __init__(self, model: nn.Module, probe_inputs: Any, *, probe_kwargs: Optional[Dict[str, Any]] = None,
                  interval: Optional[int] = None,
@@ -213,14 +231,26 @@ class Egeria(FreezePolicy):
         except (RuntimeError, TypeError) as exc:
             raise ValueError(f"Egeria: ref_device={ref_device!r} is not a torch device (\"cpu\", \"cuda\", "
                              "\"cuda:1\", torch.device(...))") from exc
+        if self.ref_device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"Egeria: ref_device={ref_device!r}, and this torch sees no CUDA device: pass "
+                             "ref_device=\"cpu\" (the default).")
         self.source = model
         args, kwargs = example_call(model, probe_inputs, probe_kwargs)
-        on_ref = lambda t: t.detach().to(self.ref_device) if isinstance(t, Tensor) else t  # noqa: E731
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        if any(t.is_meta for t in tensors):
+            raise ValueError("Egeria: probe_inputs hold tensors on the 'meta' device, which hold no values: pass one "
+                             "batch of real inputs (on any device: they are moved to ref_device).")
+        if tensors and all(t.numel() == 0 for t in tensors):
+            raise ValueError("Egeria: probe_inputs hold no samples (every tensor is empty): each unit's distance "
+                             "would be 0/0 and nothing would ever freeze. Pass one batch with samples.")
+        # a copy of its own: the caller's tensor may be an input buffer the loop refills in place
+        on_ref = lambda t: t.detach().to(self.ref_device, copy=True) if isinstance(t, Tensor) else t  # noqa: E731
         self.probe_args, self.probe_kwargs = tree_map(on_ref, args), tree_map(on_ref, kwargs)
-        check_copyable(model, "Egeria")
         try:  # the copies are made now, before SmartFreezer hooks the model
-            self.shadow = copy.deepcopy(model).to(self.ref_device).eval().requires_grad_(False)
+            self.shadow = copy_model(model, "Egeria").to(self.ref_device).eval().requires_grad_(False)
             self.reference = copy.deepcopy(self.shadow)
+        except ValueError:
+            raise  # copy_model's own message
         except Exception as exc:  # noqa: BLE001 - explain what to do
             raise RuntimeError(
                 f"Egeria could not copy the model ({exc}); construct Egeria(model, probe) before "
@@ -230,8 +260,13 @@ class Egeria(FreezePolicy):
         self._shadow_tensors = list(self.shadow.parameters()) + list(self.shadow.buffers())
         self._ref_tensors = list(self.reference.parameters()) + list(self.reference.buffers())
         try:  # a probe the model cannot take fails here, not later on the worker thread
-            with torch.no_grad():
+            with torch.no_grad(), preserved_rngs(self.shadow):
+                before = _generator_states(self.ref_device)
                 self.shadow(*self.probe_args, **self.probe_kwargs)
+                # a forward that draws random numbers in eval mode (a VAE's sampling, MC dropout):
+                # on a worker thread its draws would interleave with the training thread's, so
+                # such a model is evaluated between steps, its draws put back (review82)
+                self._draws = before != _generator_states(self.ref_device)
         except Exception as exc:  # noqa: BLE001 - explain what to do
             raise ValueError(
                 f"Egeria: the model cannot run on probe_inputs ({type(exc).__name__}: {exc}). Pass one batch of "
@@ -269,6 +304,13 @@ class Egeria(FreezePolicy):
                                    f"{self.warmup}, then {self.window + self.patience - 1} evaluations every "
                                    f"{self.interval} steps)",
                                    "Pass a shorter warmup or interval.")
+        if context.model is not None:
+            mine = {id(p) for p in self.source.parameters()}
+            if not all(id(p) in mine for p in context.model.parameters()):
+                raise ValueError(
+                    "Egeria was given another model than the one SmartFreezer manages (another instance, a copy, "
+                    "a model built again): it would measure a model that never trains and freeze at its first "
+                    "chance. Build Egeria(model, probe) on the model you train, and pass the same to SmartFreezer.")
         names = dict(self.shadow.named_modules())
         ref_names = dict(self.reference.named_modules())
         self._hook_modules = []
@@ -280,6 +322,8 @@ class Egeria(FreezePolicy):
                 )
             self._hook_modules.append([names[measured], ref_names[measured]])
         self._windows = [[] for _ in context.units]
+        self._measured = [False] * context.num_units  # a distance seen (a unit the probe reaches)
+        self._unreached_warned = False
         self._hits = [0] * context.num_units
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
@@ -361,20 +405,28 @@ class Egeria(FreezePolicy):
         self._stats["copy_s"] += time.perf_counter() - t0
         if refresh:
             self._windows = [[] for _ in self._windows]  # distances to a new reference start over
-        if self.asynchronous:
+        if self.asynchronous and not self._draws:
             if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="egeria")
+                # torch.set_num_threads holds for the thread that called it: the worker takes the
+                # same count (a new thread's default team spun beside training: 15-47 ms instead of
+                # 0.3 ms an evaluation on a small MLP, review82)
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="egeria",
+                                                    initializer=torch.set_num_threads,
+                                                    initargs=(torch.get_num_threads(),))
             self._future = self._executor.submit(self._evaluate, event, refresh, frozen)
         else:
-            self._pending = self._evaluate(event, refresh, frozen)
+            with preserved_rngs(self.shadow, holders=(self.reference,)):
+                self._pending = self._evaluate(event, refresh, frozen)
         self._evaluations += 1
 
     def _collect(self) -> Optional[List[float]]:
         if self._future is not None:
             t0 = time.perf_counter()
-            self._pending = self._future.result()
+            # taken before its result: an evaluation that failed raises once, not at every later
+            # decision and checkpoint (review82)
+            future, self._future = self._future, None
+            self._pending = future.result()
             self._stats["wait_s"] += time.perf_counter() - t0
-            self._future = None
         distances, self._pending = self._pending, None
         return distances
 
@@ -385,6 +437,7 @@ class Egeria(FreezePolicy):
             d = distances[i]
             if d != d:  # nan: not measured (frozen when launched)
                 continue
+            self._measured[i] = True
             window = self._windows[i]
             window.append(float(d))
             del window[:-self.window]
@@ -397,7 +450,24 @@ class Egeria(FreezePolicy):
         n = frozen
         while n < len(self._hits) and self._hits[n] >= self.patience:
             n += 1
+        self._note_unreached(n)
         return n
+
+    def _note_unreached(self, n: int) -> None:
+        """Warn once where the leading run stops at a unit no evaluation has measured while the
+        units after it were: the eval-mode probe pass never reaches it (a training-only auxiliary
+        head, as in GoogLeNet and Inception), so it holds every unit after it unfrozen for the whole
+        run (review82: 21 of 63 units)."""
+        if (self._unreached_warned or n >= self.context.max_frozen or self._measured[n]
+                or self._evaluations < self.window + self.patience or not any(self._measured[n + 1:])):
+            return
+        self._unreached_warned = True
+        unit = self.context.units[n]
+        warnings.warn(
+            f"Egeria: unit {unit.index} ({unit.name}) has no activation to judge on the probe batch (never reached "
+            "in eval mode, as a training-only auxiliary head, or all zeros there), so Egeria will not freeze it or "
+            "any unit after it. Freeze such a model with another policy, or make the branch run in eval mode too.",
+            stacklevel=4)
 
     # ------------------------------------------------------------------ policy interface
     def decides_at(self, step: int) -> bool:
@@ -426,8 +496,8 @@ class Egeria(FreezePolicy):
 
     def state_dict(self) -> Dict[str, Any]:
         if self._future is not None:  # finish the evaluation in flight: its result is state
-            self._pending = self._future.result()
-            self._future = None
+            future, self._future = self._future, None
+            self._pending = future.result()
         return {
             "interval": self.interval, "warmup": self.warmup,
             "windows": [list(w) for w in self._windows], "hits": list(self._hits),
@@ -462,6 +532,11 @@ class Egeria(FreezePolicy):
         with torch.no_grad():
             for dst, src in zip(self._ref_tensors, state["reference"]):
                 dst.copy_(src)
+
+    def cost_advice(self) -> str:
+        return ("Egeria's copies run the probe batch at every evaluation, on a worker thread the training thread "
+                "waits for when it is not done by the next one (policy.overhead()['wait_s']): evaluate less often "
+                "(interval=...), pass a smaller probe batch, or put the copies on another device (ref_device=...).")
 
     def describe(self) -> str:
         return (f"Egeria(interval={self.interval}, window={self.window}, tolerance={self.tolerance:g}, "
