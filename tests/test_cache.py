@@ -530,6 +530,23 @@ def test_a_state_taken_after_close_resumes_a_cache_that_is_on():
     torch.testing.assert_close(out, resumed.freezer.model(X[:8]))
 
 
+@pytest.mark.parametrize("first", [True, False])
+def test_a_batch_of_no_samples_runs_the_model(first):
+    """A collate that filtered every sample out, or a rank's shard run dry, gives an empty batch:
+    the plain model returns an empty output, and the cache raised from its input checksum (under
+    DDP the other rank then died with "Connection closed by peer", review83)."""
+    cache, wrapped = ready_cache(frozen=1)
+    if not first:
+        wrapped(X[:8], torch.arange(8))
+    none = torch.arange(0)
+    out = wrapped(X[none], none)
+    assert out.shape == (0, *wrapped.model(X[:1]).shape[1:])
+    for _ in range(2):  # sets up, stores and serves as before
+        out = wrapped(X[:8], torch.arange(8))
+    assert cache.stats["hits"] >= 8
+    torch.testing.assert_close(out, wrapped.model(X[:8]))
+
+
 def test_a_deep_copy_of_a_cached_model_runs_its_own_modules():
     # copy.deepcopy(cache.wrap()) (a fork of the run): the copy's cache found its blocks again?
     # Its chain called the original model's modules, so once the two differ its rows were wrong

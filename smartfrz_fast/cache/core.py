@@ -602,6 +602,10 @@ class ActivationCache:
             self._on_freeze(None, ())
         if self.enabled:  # read once per forward
             inputs.batch = _batch_size(inputs, _id_count(sample_ids))
+            if inputs.batch == 0 and _id_count(sample_ids) in (0, None):
+                # no sample to look up, store or set up on (a collate that filtered every one out, a
+                # rank's dry shard: review83)
+                return model(*inputs.args, **inputs.kwargs)
         asked = captured_outputs(model, inputs.kwargs) if self.enabled else []
         if asked:  # not served, nor set up on: its outputs hold the frozen layers' own
             self._bypass("captured_outputs", f"a forward asks for {' and '.join(asked)} (in the call or as the model "
