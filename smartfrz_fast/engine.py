@@ -1816,15 +1816,15 @@ class SmartFreezer:
         return events
 
     def _checked_pending(self, saved: Any, step: int) -> List[Tuple[int, Tensor]]:
-        """Decisions waiting to be applied: due after ``step``, within ``decision_delay``, or
-        held at the run's last step (``_apply_due``); a broadcast 'no decision' (-1) is dropped."""
+        """Decisions waiting to be applied: due within ``decision_delay`` steps, or already (held
+        at the run's last step, ``_apply_due``: they apply at the next step; the resumed run may
+        be longer); a broadcast 'no decision' (-1) is dropped."""
         pending = []
         for apply_at, value in saved:
-            due = _is_int(apply_at) and (step < apply_at <= step + self.decision_delay
-                                         or step == self.total_steps and 0 < apply_at <= step)
-            if not (due and _is_int(value) and -1 <= value <= len(self.units)):
+            if not (_is_int(apply_at) and 0 < apply_at <= step + self.decision_delay
+                    and _is_int(value) and -1 <= value <= len(self.units)):
                 raise ValueError(f"pending decision {(apply_at, value)!r} is not a prefix length (-1 .. "
-                                 f"{len(self.units)}) due in steps {step + 1} .. {step + self.decision_delay}")
+                                 f"{len(self.units)}) due by step {step + self.decision_delay}")
             if value != -1:
                 pending.append((apply_at, torch.tensor(value)))
         return pending
