@@ -503,3 +503,31 @@ def test_a_block_partly_frozen_is_named_with_the_unit_that_still_trains():
     note = cache.describe()
     assert "(unit 'bert.embeddings." in note and "cuts only between its blocks" in note, note
     assert "time steps" not in note, note
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_a_decoder_classifier_on_the_module_swap_cuts_after_its_frozen_layers(use_cache):
+    """LlamaForSequenceClassification runs on the module swap. transformers 5.25's hub-kernel
+    apply_rotary_pos_emb is an nn.Module outside the model that every attention calls, taken for a
+    branch: no cut past an attention held, and the cache skipped 3 of 33 ops (review85). With
+    use_cache=True the output's key-value cache holds every layer's keys and values: describe()
+    says to pass use_cache=False, not "a residual or skip connection"."""
+    torch.manual_seed(0)
+    model = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
+        vocab_size=V, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=32, max_position_embeddings=32, pad_token_id=0, num_labels=3, use_cache=use_cache))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, policy=StaticFreeze(1, 10 ** 9), example_inputs=IDS[:2])
+    freezer.freeze_to(units_through_layer(freezer, 1))
+    cache = ActivationCache(freezer, num_samples=N, deterministic=True)
+    cached = cache.wrap()
+    for _ in range(2):  # fills, then serves
+        out = cached({"input_ids": IDS[:6], "attention_mask": MASK[:6]}, torch.arange(6))
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits, model(input_ids=IDS[:6], attention_mask=MASK[:6]).logits)
+    described = cache.describe()
+    assert cache.stats["hits"] == 6, described
+    if use_cache:
+        assert "pass use_cache=False to training forwards" in described, described
+    else:
+        assert "cut after model.layers.1)" in described, described

@@ -1449,3 +1449,54 @@ def test_a_call_of_no_op_is_no_stand_in():
         expected = chain.model(x)
         served = chain.serve(Inputs((x,)), cut, chain.rows(Inputs((x,)), cut))
     torch.testing.assert_close(served, expected)
+
+
+class _Rotate(nn.Module):
+    """A function as an nn.Module, kept outside any model (transformers 5.25's hub-kernel
+    apply_rotary_pos_emb): every block calls the one instance."""
+
+    def forward(self, x):
+        return torch.cat([-x[:, 1::2], x[:, ::2]], 1)
+
+
+_ROTATE = _Rotate()
+
+
+class _RotatingBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + torch.tanh(_ROTATE(self.lin(x)))
+
+
+class _RotatingNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(_RotatingBlock() for _ in range(4))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def test_a_function_module_outside_the_model_is_no_branch():
+    """A stateless module outside the model that the blocks call is a function, not another path:
+    every cut past the first block failed as CutNotReached, and the cache skipped almost nothing
+    of the frozen prefix (review85)."""
+    model = _RotatingNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 8)
+    freezer = SmartFreezer(model, opt, policy=StaticFreeze(3, at_step=1), example_inputs=x[:2])
+    freezer.freeze_to(3)
+    cache = ActivationCache(freezer, num_samples=8, deterministic=True)
+    cached = cache.wrap()
+    for _ in range(2):
+        out = cached(x, torch.arange(8))
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x))
+    assert cache.stats["hits"] == 8 and "cut after blocks.2)" in cache.describe(), cache.describe()

@@ -315,6 +315,8 @@ class ActivationCache:
             state += (f", {self._store.used}/{self._store.capacity} rows of "
                       f"{self._store.nbytes_per_row} B")
         note = f"; {self.cut_note}" if self.cut_note else ""
+        if getattr(self.chain, "passed_over", None):  # a known structure's chain cuts at whole layers
+            note += f"; not the model's known structure: {self.chain.passed_over}"
         if self.stats["bypassed"] and not (self.stats["hits"] or self.stats["misses"]):
             note += (f"; every forward since it set up ran the whole model, none through the cache (the latest: "
                      f"{self._last_bypass})")

@@ -87,6 +87,7 @@ class BlockChain:
     # the step's inputs by name (positional ones bound to the forward's parameter names); needed
     # when blocks read side_inputs. A block run on Inputs((), {name: value}) sees those values.
     bind: Optional[Callable[["Inputs"], Dict[str, Any]]] = None
+    passed_over: Optional[str] = None  # why a structure recognised in the model (a known chain) was not used
 
     @property
     def side_inputs(self) -> Tuple[str, ...]:
@@ -263,7 +264,8 @@ def _hf_inputs(names: Sequence[str], inp: Inputs, allowed: Sequence[str], how: s
     extra = sorted(k for k, v in given.items() if v is not None and k not in allowed)
     if extra or (need_ids and given.get("input_ids") is None):
         raise TypeError(f"the {how} chain takes input_ids and optionally {', '.join(allowed[1:])}; "
-                        f"got {extra or 'no input_ids'}")
+                        f"got {extra or 'no input_ids'}" + (" (leave other keys, a sample id, out of the batch "
+                                                             "the model is called with)" if extra else ""))
     return given
 
 
@@ -986,6 +988,7 @@ def find_blocks(model: nn.Module, inputs: Inputs, blocks: Optional[Sequence[nn.M
             )
         return chain, chain.how
     reasons = []
+    known = None  # why a structure recognised here does not serve: the chain found instead says so
     for recognise in KNOWN_STRUCTURES:
         chain = recognise(model)
         if isinstance(chain, str):  # recognised, but no chain here: why
@@ -997,6 +1000,7 @@ def find_blocks(model: nn.Module, inputs: Inputs, blocks: Optional[Sequence[nn.M
         if why is None:
             return chain, chain.how
         reasons.append(why)
+        known = known or why
     if no_fx is None and _checkpointing(model):
         no_fx = ("activation checkpointing is on in the model (timm's grad_checkpointing, Hugging Face's "
                  "gradient_checkpointing), which a torch.fx chain or a known structure's would leave out: "
@@ -1017,12 +1021,14 @@ def find_blocks(model: nn.Module, inputs: Inputs, blocks: Optional[Sequence[nn.M
             why = _check_chain(model, chain, inputs)
             if why is None:
                 chain = _finer(model, chain, inputs, units)
+                chain.passed_over = known
                 return chain, chain.how
             reasons.append(why)
     from .swap import swap_chain
 
     swapped, why = swap_chain(model, inputs)
     if swapped is not None:
+        swapped.passed_over = known
         return swapped, swapped.how
     reasons.append(why)
     return None, "; ".join(reasons) + ". Pass blocks=[...] (modules whose composition is the model)."

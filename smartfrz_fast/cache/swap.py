@@ -497,6 +497,8 @@ class SwapChain:
         self._after: Dict[int, Set[int]] = {}  # cut -> _called_after
         self._guard_key = -1 - id(self)  # its key in _GLOBAL_PRE_HOOKS while it serves or makes rows
         self._recorded = {id(c.module) for c in calls}
+        self._own = {id(m) for m in model.modules()}
+        self.passed_over: Optional[str] = None  # as BlockChain's
         # (op, end of the innermost module call below the model around it, or of the pass) per
         # value the recorded pass read into Python
         self._host_reads = [(op, min((call.end for call in calls if call.depth > 0 and call.start <= op < call.end),
@@ -790,6 +792,12 @@ class SwapChain:
         except Exception as exc:
             return f"the model fails with {c.name} swapped ({type(exc).__name__}: {exc})"
         if not _all_outputs_match(expected, got):
+            if _all_outputs_match(_without_key_value_caches(expected), _without_key_value_caches(got)):
+                # transformers 5's layers fill the model's cache in place and return no part of it (review85)
+                return (f"the model returns a key-value cache (use_cache=True, the default of decoder configs), which "
+                        f"holds the keys and values of every layer, those {c.name}'s cached output would skip too: "
+                        "pass use_cache=False to training forwards (model.config.use_cache = False; a key-value "
+                        "cache serves generation, not training) to cut here")
             return (f"the model's output changes when {c.name}'s output is served from the cache and the "
                     "blocks before it are skipped, so something after it also reads the output of a block "
                     "before it (a residual or skip connection, an encoder read by a decoder)")
@@ -999,7 +1007,7 @@ class SwapChain:
         def note(module, args):
             if id(module) in expected:
                 ran.add(id(module))
-            elif ran and id(module) not in self._recorded:  # inside the prefix, a module it never ran
+            elif ran and self._never_ran(module):  # inside the prefix, a module it never ran
                 raise CutNotReached(self._not_reached(c, skipped=True))
 
         def stop(module, a, out):
@@ -1039,6 +1047,16 @@ class SwapChain:
                 leaves.append(kind[1])
         return tree_unflatten(leaves, c.spec)
 
+    def _never_ran(self, module: nn.Module) -> bool:
+        """Whether a call of ``module`` leaves the recorded path: a module of the model that the
+        recorded forward never called. A module outside the model that holds no tensors is a
+        function the forward calls (transformers' hub-kernel ``apply_rotary_pos_emb``, one
+        ``nn.Module`` every attention layer calls), which the recording, hooked on the model's own
+        modules, never sees: it was taken for a branch and no cut past an attention held (review85)."""
+        if id(module) in self._recorded:
+            return False
+        return id(module) in self._own or any(True for _ in itertools.chain(module.parameters(), module.buffers()))
+
     def _not_reached(self, c: Call, skipped: bool = False) -> str:
         how = (f"took another path to {c.name}, the block the cached rows stand in for, than the recorded forward "
                "(it skipped a block that ran there, or ran a module that did not)" if skipped else
@@ -1075,7 +1093,7 @@ class SwapChain:
                 return
             if id(module) in after:
                 raise CutNotReached(self._not_reached(c))
-            if stood_in and id(module) not in self._recorded:  # inside the prefix, a module it never ran
+            if stood_in and self._never_ran(module):  # inside the prefix, a module it never ran
                 raise CutNotReached(self._not_reached(c, skipped=True))
         given = {id(t) for t in tree_flatten((inputs.args, inputs.kwargs))[0] if isinstance(t, Tensor)}
         value = self._unpack(c, cut, h)
@@ -1273,6 +1291,12 @@ def tensor_trees_match(a: Any, b: Any, equal_nan: bool = False) -> bool:
                 x.float(), y.float(), rtol=1e-4, atol=1e-5, equal_nan=equal_nan)):
             return False
     return True
+
+
+def _without_key_value_caches(output: Any) -> Any:
+    """``output`` with the key-value caches among its leaves (transformers' ``DynamicCache``) as None."""
+    leaves, spec = tree_flatten(output)
+    return tree_unflatten([None if type(x).__name__.endswith("Cache") else x for x in leaves], spec)
 
 
 def _all_outputs_match(a: Any, b: Any) -> bool:
