@@ -539,6 +539,21 @@ class SmartFreezer:
         if self._first_forward_hook is not None:
             self._setup_on_first_forward(self.module, args, kwargs, defer_for_lazy=False)
 
+    def _check_outer_ddp(self, module, args) -> None:
+        """Refuse, at its first forward, a DistributedDataParallel built after the freezer around
+        the module the freezer was given, under settings a freeze breaks: it failed at the first
+        backward after the first freeze, with torch's "Expected to have finished reduction" that
+        names neither (review83). A DDP given to the freezer is checked when it is built."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        from . import distributed
+
+        ddp = getattr(DistributedDataParallel, "_active_ddp_module", None)  # set during DDP's forward
+        if ddp is None or ddp.module is not self.module:
+            return
+        self._outer_ddp_hook.remove()
+        distributed.check_ddp(ddp, where=" (built after the freezer, around the module it was given)")
+
     def _place_first_forward_hook(self) -> None:
         # kept apart from self._hooks: other code adds hooks there before the first forward
         self._first_forward_hook = self.model.register_forward_pre_hook(
@@ -592,6 +607,11 @@ class SmartFreezer:
         self._check_optimizers(plan.units)
         max_frozen = _max_frozen(plan.units, self.keep_trainable)
         distributed.check_ddp_parts(self.module, {id(p) for u in plan.units[:max_frozen] for p in u.parameters})
+        if self._dist_kind is None and max_frozen and torch.distributed.is_available() \
+                and torch.distributed.is_initialized():
+            # a DDP built after the freezer, around the module it was given, is seen at its forward
+            self._outer_ddp_hook = self.module.register_forward_pre_hook(engine_hook(self._check_outer_ddp))
+            self._hooks.append(self._outer_ddp_hook)
         self.plan = plan
         self._frozen_by_user = {id(p) for p in self.module.parameters() if not p.requires_grad}
         self._user_frozen_modules = _user_frozen_modules(self.module, self._frozen_by_user)

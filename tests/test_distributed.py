@@ -1,6 +1,7 @@
 """Freezing under DDP and FSDP2: two real processes over gloo (tests/ddp_worker.py), plus the
 refusals, checked in this process on a one-rank gloo group."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -163,6 +164,28 @@ def test_ddp_without_find_unused_is_refused_with_advice(one_rank_group):
     with pytest.raises(ValueError, match="find_unused_parameters=False.*FreezableDDP"):
         SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1),
                      example_inputs=torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("setting", ["find_unused_parameters=False", "static_graph=True", "find_unused_parameters=True"])
+def test_ddp_built_after_the_freezer_is_checked_at_its_first_forward(one_rank_group, setting):
+    """A DDP built after the freezer, around the module the freezer was given, was not looked at:
+    the first backward after the first freeze failed with torch's "Expected to have finished
+    reduction in the prior iteration", naming neither (review83)."""
+    inner = mlp()
+    opt = torch.optim.SGD(inner.parameters(), lr=0.1)
+    freezer = SmartFreezer(inner, opt, StaticFreeze(1, at_step=1), example_inputs=torch.randn(2, 4))
+    key, value = setting.split("=")
+    model = nn.parallel.DistributedDataParallel(inner, **{key: value == "True"})
+    if setting != "find_unused_parameters=True":
+        with pytest.raises(ValueError, match=rf"built after the freezer.*{re.escape(setting)}"):
+            model(torch.randn(2, 4))
+        return
+    for _ in range(3):  # works as it is: trains through the freeze
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        freezer.step()
+    assert freezer.num_frozen == 1
 
 
 def test_a_part_of_the_model_wrapped_in_ddp_without_find_unused_is_refused_at_construction(one_rank_group):
