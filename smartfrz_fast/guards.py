@@ -24,6 +24,7 @@ A model is claimed by one live, unclosed freezer at a time (``claim``).
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 import weakref
@@ -125,6 +126,21 @@ def release(freezer: Any) -> None:
 
 # ---------------------------------------------------------------------- global hooks
 # The hooks run at every optimizer step and parameter registration of the process: plain loops.
+def _outside_the_trace(hook):
+    """``hook`` run eagerly where torch.compile(optimizer.step) traces it: traced, its loop over
+    ``_GUARDS`` was read by position, and a freezer of an earlier run collected meanwhile made
+    dynamo's lookup fail (IndexError, review84). Dynamo is imported by then."""
+    @functools.wraps(hook)
+    def run(*args):
+        if torch.compiler.is_compiling():
+            from torch._dynamo import disable
+
+            return disable(hook)(*args)
+        return hook(*args)
+    return run
+
+
+@_outside_the_trace
 def _before_optimizer_step(optimizer, args, kwargs) -> None:
     for ref in _GUARDS:
         guard = ref()
@@ -132,6 +148,7 @@ def _before_optimizer_step(optimizer, args, kwargs) -> None:
             guard.before_optimizer_step(optimizer)
 
 
+@_outside_the_trace
 def _after_optimizer_step(optimizer, args, kwargs) -> None:
     for ref in _GUARDS:
         guard = ref()

@@ -680,6 +680,34 @@ def test_freezeout_with_a_compiled_optimizer_step_keeps_the_groups_flags():
     assert freezer.num_frozen >= 1 and opt.param_groups[0]["capturable"] is False
 
 
+def test_the_freezers_global_optimizer_hooks_run_outside_a_traced_step(monkeypatch):
+    """Traced into torch.compile(optimizer.step), the global hooks' loop over the live freezers
+    was read by position, and a freezer of an earlier run collected during tracing made dynamo
+    fail with IndexError (review84: a sweep in one process). They run eagerly (dynamo.disable)."""
+    import torch._dynamo
+
+    from smartfrz_fast import guards
+
+    ran_outside = []
+
+    def disable(fn):
+        def eager(*args):
+            ran_outside.append(fn.__name__)
+            monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+            return fn(*args)
+        return eager
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(1, at_step=1), example_inputs=torch.randn(2, 4))
+    monkeypatch.setattr(torch._dynamo, "disable", disable)
+    for hook in (guards._before_optimizer_step, guards._after_optimizer_step):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        hook(opt, (), {})
+    assert ran_outside == ["_before_optimizer_step", "_after_optimizer_step"]
+    assert freezer._guard.optimizer_steps == 1  # the bookkeeping ran
+
+
 @pytest.mark.parametrize("order", ["freezer_on_the_compiled_model", "compiled_after_a_lazy_freezer"])
 def test_a_set_up_through_a_compiled_model_leaves_it_compiled(order):
     # the units were found by a forward through the compiled wrapper (or inside its first
