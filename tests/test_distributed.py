@@ -497,6 +497,8 @@ def test_what_cannot_freeze_is_refused_up_front(one_rank_group):
     fully_shard(model)
     with pytest.raises(ValueError, match="Egeria does not run under FSDP2"):
         SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), policy, example_inputs=torch.randn(2, 4))
+    with pytest.raises(ValueError, match="Egeria does not run under FSDP2"):  # built after fully_shard
+        Egeria(model, torch.randn(4, 4))  # (it advised building Egeria before wrapping, review83)
 
 
 def test_fsdp2_units_and_attention_are_those_of_the_unsharded_model(one_rank_group):

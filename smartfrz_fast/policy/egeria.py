@@ -252,6 +252,13 @@ class Egeria(FreezePolicy):
         except ValueError:
             raise  # copy_model's own message
         except Exception as exc:  # noqa: BLE001 - explain what to do
+            from ..distributed import _is_fsdp2
+
+            if any(_is_fsdp2(m) for m in model.modules()):  # built after fully_shard: no advice leads on
+                raise ValueError(
+                    "Egeria does not run under FSDP2: its copies need the model's full weights, which FSDP2 "
+                    "shards across the ranks. Use Egeria under DDP (FreezableDDP), or another policy under FSDP2 "
+                    "(docs/integrations/ddp_fsdp.md).") from exc
             raise RuntimeError(
                 f"Egeria could not copy the model ({exc}); construct Egeria(model, probe) before "
                 "SmartFreezer and before wrapping the model (DDP: pass model.module)."
