@@ -613,7 +613,9 @@ class ActivationCache:
             self._bypass("captured_outputs", f"a forward asks for {' and '.join(asked)} (in the call or as the model "
                          "config's default), which the model collects inside its layers, frozen ones included, and "
                          "cached rows skip those: such forwards run the whole model (counted in stats['bypassed']); "
-                         "pass them only to forwards that need them to cache the others.")
+                         "pass them only to forwards that need them to cache the others. Where every training "
+                         "forward needs them (a Mixture-of-Experts router's auxiliary loss: output_router_logits "
+                         "in the config), the cache cannot serve the model: train without it.")
             return model(*inputs.args, **inputs.kwargs)
         if self.enabled and self._statistics_reestimated():
             self._bypass("statistics", "the frozen norm layers' running statistics are being re-estimated (their "
