@@ -86,20 +86,23 @@ def _uncompiled(name: str) -> str:
 
 
 def _name_prefix_added(saved, mine) -> Optional[str]:
-    """How the checkpoint's parameter names differ from this model's where one set is the
-    other with one prefix added to every name ("net.0.weight" for "0.weight"), shapes equal;
-    else None. ``saved`` and ``mine``: ``_signature()``'s [(unit name, [(name, shape)])]."""
-    pairs = [(a, b) for (_, ours), (_, theirs) in zip(saved, mine) for a, b in zip(ours, theirs)]
-    if len(saved) != len(mine) or not pairs or any(len(x[1]) != len(y[1]) for x, y in zip(saved, mine)):
-        return None
-    (first_saved, _), (first_mine, _) = pairs[0]
-    for longer, shorter, where in ((first_saved, first_mine, "in the checkpoint"),
-                                   (first_mine, first_saved, "in this model")):
-        prefix = longer[:len(longer) - len(shorter)]
-        if prefix and longer.endswith(shorter) and all(
-                a[1] == b[1] and (a[0] == prefix + b[0] if where == "in the checkpoint" else b[0] == prefix + a[0])
-                for a, b in pairs):
-            return f"with the prefix {prefix!r} {where} and without it in the other"
+    """How the checkpoint's parameter names differ from this model's where one side's are the
+    other's with one prefix added ("net.0.weight" for "0.weight"), shapes equal, the longer side
+    maybe holding more (a LightningModule's own parameters beside its ``net``); else None.
+    ``saved`` and ``mine``: ``_signature()``'s [(unit name, [(name, shape)])]."""
+    names_saved = {name: tuple(shape) for _, params in saved for name, shape in params}
+    names_mine = {name: tuple(shape) for _, params in mine for name, shape in params}
+    for short, long, where in ((names_mine, names_saved, "in the checkpoint"),
+                               (names_saved, names_mine, "in this model")):
+        if not short:
+            continue
+        first = next(iter(short))
+        for candidate in long:
+            prefix = candidate[:len(candidate) - len(first)]
+            if (candidate.endswith(first) and prefix.endswith(".")
+                    and all(long.get(prefix + name) == shape for name, shape in short.items())):
+                more = " (which holds more besides)" if len(long) > len(short) else ""
+                return f"with the prefix {prefix!r} {where}{more} and without it in the other"
     return None
 
 
@@ -979,10 +982,6 @@ class SmartFreezer:
             self._pending.append((step, torch.as_tensor(decision).cpu(), None))
 
     def _apply_due(self, step: int) -> None:
-        if step == self.total_steps:
-            # after the run's last optimizer step a freeze saves nothing (and would cost a cache its
-            # rows' move): it waits, and applies at the next step if the run goes on (review77)
-            return
         due = [p for p in self._pending if p[0] <= step]
         self._pending = [p for p in self._pending if p[0] > step]
         for _, host, event in due:
@@ -1836,15 +1835,14 @@ class SmartFreezer:
         return events
 
     def _checked_pending(self, saved: Any, step: int) -> List[Tuple[int, Tensor]]:
-        """Decisions waiting to be applied: due within ``decision_delay`` steps, or already (held
-        at the run's last step, ``_apply_due``: they apply at the next step; the resumed run may
-        be longer); a broadcast 'no decision' (-1) is dropped."""
+        """Decisions waiting to be applied: due after ``step``, within ``decision_delay``; a
+        broadcast 'no decision' (-1) is dropped."""
         pending = []
         for apply_at, value in saved:
-            if not (_is_int(apply_at) and 0 < apply_at <= step + self.decision_delay
+            if not (_is_int(apply_at) and step < apply_at <= step + self.decision_delay
                     and _is_int(value) and -1 <= value <= len(self.units)):
                 raise ValueError(f"pending decision {(apply_at, value)!r} is not a prefix length (-1 .. "
-                                 f"{len(self.units)}) due by step {step + self.decision_delay}")
+                                 f"{len(self.units)}) due in steps {step + 1} .. {step + self.decision_delay}")
             if value != -1:
                 pending.append((apply_at, torch.tensor(value)))
         return pending

@@ -36,8 +36,10 @@ class SievingSampler(torch.utils.data.Sampler):
 
     def __init__(self, num_samples: int, active_fraction: float = 0.8, swap_fraction: float = 0.2,
                  interval: int = 1, seed: int = 0, device: Any = "cpu", momentum: float = 0.0) -> None:
-        num_samples, active_fraction, swap_fraction, interval, momentum = map(
-            plain_number, (num_samples, active_fraction, swap_fraction, interval, momentum))  # numpy numbers too
+        num_samples, active_fraction, swap_fraction, interval, seed, momentum = map(
+            plain_number, (num_samples, active_fraction, swap_fraction, interval, seed, momentum))  # numpy numbers too
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"SievingSampler: seed must be an int, got {seed!r}")
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"SievingSampler: num_samples must be a positive int, got {num_samples!r}")
         for knob, value in (("active_fraction", active_fraction), ("swap_fraction", swap_fraction),
@@ -205,9 +207,9 @@ class DistributedSievingSampler(SievingSampler, torch.utils.data.DistributedSamp
         self.rank, self.world_size = self._comm.rank, self._comm.world_size
         self.drop_last = drop_last
         self.num_replicas, self.shuffle = self.world_size, True  # as a DistributedSampler's, for trainers
-        settings = (f"num_samples={num_samples}, active_fraction={self.active_fraction!r}, "
-                    f"swap_fraction={self.swap_fraction!r}, interval={interval}, seed={seed}, "
-                    f"momentum={self.momentum!r}, drop_last={drop_last}")
+        # what the ranks draw from: fractions that round to the same counts agree (0.8 and np.float32(0.8))
+        settings = (f"num_samples={self.num_samples}, {len(self.active)} active, {self.num_swap} swapped, "
+                    f"interval={self.interval}, seed={self.seed}, momentum={self.momentum!r}, drop_last={drop_last}")
         if not self._comm.same_on_every_rank(settings):
             # ranks that disagree draw other active sets (the shards neither disjoint nor covering)
             # or all-reduce tensors of other sizes, which aborts the processes inside gloo

@@ -214,7 +214,7 @@ def test_a_parameter_held_by_two_optimizers_leaves_both():
 
 @pytest.mark.parametrize("policy, frozen", [
     (lambda: StaticFreeze(2, at_step=1), 2),  # schedules follow the step count alone
-    (lambda: LinearFreeze(0.0), 2),  # 3 of 4 steps (the last step's freeze waits for a step that trains)
+    (lambda: LinearFreeze(0.0), 3),  # 4 of 4 steps: every freezable unit
     (lambda: AutoFreeze(interval=1), None),  # no gradients seen: must not fail
 ])
 def test_step_before_any_backward(policy, frozen):

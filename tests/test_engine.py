@@ -768,6 +768,20 @@ def test_a_checkpoint_of_the_same_units_under_a_name_prefix_says_so():
     with pytest.raises(ValueError, match=r"prefix 'net\.' in this model"):
         other.load_state_dict(part.state_dict())
 
+    class WithScale(Wrapper):  # a LightningModule's own parameter beside its net
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            return self.net(x) * self.scale
+
+    bigger = WithScale()
+    third = SmartFreezer(bigger, torch.optim.SGD(bigger.parameters(), lr=0.1), StaticFreeze(1, at_step=1),
+                         example_inputs=x)
+    with pytest.raises(ValueError, match=r"prefix 'net\.' in this model \(which holds more besides\)"):
+        third.load_state_dict(part.state_dict())
+
 
 def test_step_without_optimizer_hooks_leaks_no_warnings():
     model = SmallCNN()

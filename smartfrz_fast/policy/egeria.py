@@ -541,8 +541,9 @@ class Egeria(FreezePolicy):
                 dst.copy_(src)
 
     def cost_advice(self) -> str:
-        return ("Egeria's copies run the probe batch at every evaluation, on a worker thread the training thread "
-                "waits for when it is not done by the next one (policy.overhead()['wait_s']): evaluate less often "
+        return ("Egeria's copies run the probe batch at every evaluation (policy.overhead(): worker_s), on a worker "
+                "thread the training thread waits for when it is not done by the next one (wait_s), or on the "
+                "training thread itself for a model that draws random numbers in eval mode: evaluate less often "
                 "(interval=...), pass a smaller probe batch, or put the copies on another device (ref_device=...).")
 
     def describe(self) -> str:
