@@ -161,6 +161,7 @@ def test_mmap_file_moved_past_the_checkpoint_is_rebuilt_and_another_runs_refused
     for (name, p), q in zip(full[0].state_dict().items(), resumed[0].state_dict().values()):
         assert torch.equal(p, q), f"{name} differs after resume"
     assert resumed[3].stats["misses"] > full[3].stats["misses"]  # the rows refilled
+    resumed[3].close()  # (two open caches of one file are refused)
     # A file of another run (another lineage) in its place is refused, never replaced.
     other = build(storage="mmap", dtype="fp32", path=str(tmp_path / "other.bin"))
     run(*other, 0, DEEPEN_AT + 2)
@@ -199,3 +200,27 @@ def test_a_cache_the_audit_turned_off_stays_off(tmp_path):
     _, _, _, fresh = build(storage="memory", dtype="fp32")
     fresh.load_state_dict(state)
     assert not fresh.enabled and fresh.reason.startswith("audit")
+
+
+def test_a_storage_fault_is_not_carried_into_the_resumed_run(tmp_path, monkeypatch):
+    """A full disk turned the cache off, and the checkpoint carried that: a run resumed on a new
+    path, on a disk with room, kept the cache off for good, without a word (review87). Only a
+    verdict on the data or model (the audit's) is carried."""
+    import errno
+
+    from smartfrz_fast.cache import storage as storage_mod
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage_mod.os, "posix_fallocate", no_space)
+    part = build(storage="mmap", dtype="fp32", path=str(tmp_path / "small" / "c.bin"))
+    with pytest.warns(UserWarning, match=r"ActivationCache is off .*\[Errno 28\]"):
+        run(*part, 0, SPLIT)
+    assert not part[3].enabled
+    checkpoint(tmp_path / "ckpt.pt", *part, rows=False)
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match="interrupted run's cache was off .*tries its storage again"):
+        resumed = resume(tmp_path / "ckpt.pt", storage="mmap", dtype="fp32", path=str(tmp_path / "big" / "c.bin"))
+    run(*resumed, SPLIT, SPLIT + 8)
+    assert resumed[3].enabled and resumed[3].stats["hits"] > 0, resumed[3].describe()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import gc
 import hashlib
 import io
 import math
@@ -48,8 +49,9 @@ from ..units import (PythonAttributes, SharedWrites, compiled_in_place, example_
 from .split import (SWAP, BlockChain, Inputs, block_modules, captured_outputs, checkpointing_switches, find_blocks,
                     hooked_modules, modules_outside, rows_need_grad, skipped_hooks)
 from .swap import CutNotReached, holds_tensors
-from .storage import (PINNED_READS, STORAGE_DTYPES, TIERS, Storage, check_path, input_sums, make_storage,
-                      owned_temp_path, read_header, remove_leftovers, row_bytes, storage_dtype, tensor_sum)
+from .storage import (PINNED_READS, STORAGE_DTYPES, TIERS, StaleCacheFile, Storage, check_path, input_sums,
+                      make_storage, owned_temp_path, read_header, remove_leftovers, row_bytes, storage_dtype,
+                      tensor_sum)
 
 # Audit tolerance: max |cached - recomputed| per row, relative to the row's largest magnitude.
 # Storage rounding (bf16: 2^-9 relative, fp8 e4m3: 2^-4) plus recompute noise at the
@@ -65,7 +67,8 @@ _ROW_KEYS = ("ids", "data", "scales", "sums", "in_sums")
 # Storage faults that turn the cache off (with one warning) instead of ending the run: the
 # disk or quota is full, a file-size limit, a read-only or vanished folder, an I/O error.
 _FAULT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
-                 errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENOMEM, errno.EMFILE, errno.ENFILE}
+                 errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENOMEM, errno.EMFILE, errno.ENFILE,
+                 errno.EBUSY, errno.EEXIST}  # (EBUSY: another cache's file, storage.lock_file)
 
 
 class IndexedDataset(torch.utils.data.Dataset):
@@ -162,7 +165,8 @@ class ActivationCache:
         path = None if path is None else _rank_path(os.fspath(path))
         if storage == "mmap":
             check_path(path, max_bytes)  # a bad folder fails now, not at the first freeze hours in
-            if os.path.exists(path) and not reuse and not _is_cache_file(path):
+            _take_path_over(path)
+            if os.path.exists(path) and not _is_cache_file(path):
                 raise FileExistsError(f"ActivationCache: path={path!r} is an existing file without an activation "
                                       "cache header (another file, or a damaged cache file); the cache never "
                                       "overwrites it. Choose another path, or delete it if it is a damaged cache.")
@@ -241,6 +245,7 @@ class ActivationCache:
         self._unmanaged: Tuple[Any, List[Tuple[str, Tensor]]] = (None, [])  # see _unmanaged_in_prefix
         self._modes_kept: List[nn.Module] = []  # see _modes_not_held
         self._closed: Optional[str] = None  # close() was called: what describe() said before it
+        self._off_by_storage = False  # turned off by a storage fault (not by its data or model)
         self._last_bypass = ""  # why the latest forward ran the whole model (describe())
         self._freeze_listener = _FreezeListener(self)
         freezer.add_freeze_listener(self._freeze_listener)
@@ -249,6 +254,8 @@ class ActivationCache:
         # and cut before them; the cut goes back as deep as the freezer's prefix then
         if hasattr(freezer, "add_change_listener"):
             freezer.add_change_listener(self._freeze_listener)
+        if storage == "mmap":
+            _CACHE_PATHS[os.path.abspath(path)] = self
 
     # ------------------------------------------------------------------ public
     def note_outer_ddp(self, ddp: nn.parallel.DistributedDataParallel) -> None:
@@ -373,7 +380,7 @@ class ActivationCache:
             "stats": dict(self.stats), "seen": self._seen, "audit_left": self._audit_left,
             "input_sig": self._input_sig, "path": self.path, "fingerprint": None, "row_shape": None,
             "activation": None, "rows": None, "side": None, "lineage": self._lineage,
-            "mixing_cut": self._mixing_cut,
+            "mixing_cut": self._mixing_cut, "off_by_storage": self._off_by_storage,
         }
         if self.active and self._store is not None and (rows or self.tier == "mmap"):
             # the mmap file's header holds the fingerprint already: no second pass over the weights
@@ -432,7 +439,12 @@ class ActivationCache:
                 raise ValueError(
                     f"ActivationCache: the checkpoint's cache was made with {key}={saved!r}, this one has "
                     f"{key}={mine.get(key)!r}. Construct the cache with the checkpoint's settings{hint}.")
-        if not state["enabled"] and self.enabled:  # e.g. the audit caught augmentation: stay off
+        if not state["enabled"] and self.enabled and state.get("off_by_storage"):
+            # a storage fault (a full disk, a file deleted under the run) is the interrupted run's
+            # place, not its data: kept off, a resume on a new path stayed off, unsaid (review87)
+            self._warn_once("storage_retry", f"ActivationCache: the interrupted run's cache was off ({state['reason']}); "
+                            "this one tries its storage again.")
+        elif not state["enabled"] and self.enabled:  # e.g. the audit caught augmentation: stay off
             self.enabled, self.reason = False, state["reason"]
         self.stats.update(state["stats"])
         self._seen, self._audit_left, self._input_sig = state["seen"], state["audit_left"], state["input_sig"]
@@ -896,6 +908,7 @@ class ActivationCache:
             new._lineage = uuid.uuid4().hex
             root, ext = os.path.splitext(self.path)
             new.path, new.reuse = f"{root}.copy-{new._lineage[:8]}{ext}", False
+            _CACHE_PATHS[os.path.abspath(new.path)] = new
         new._forget_chain()
         return new
 
@@ -1829,14 +1842,25 @@ class ActivationCache:
                     os.unlink(self.path)  # this cache's rows of a boundary that no longer exists
 
     def _reopen(self) -> None:
-        """Open an existing cache file (reuse=True); its header must match this run."""
-        header = read_header(self.path)
+        """Open an existing cache file (reuse=True). One made for another model, cut or storage
+        format (a rerun of a schedule that froze deeper: the file holds the last cut's rows) is
+        replaced, with a warning: its rows cannot serve this run, and a cache's rows are made
+        again. It raised at the first freeze, mid-training (review87)."""
+        header = read_header(self.path)  # (a file without a cache header is refused when the cache is built)
+        before = self._act, self._format_unknown, self._rows_autocast
         self._act = self._recorded_activation(header.get("fingerprint", {}).get("activation", ""),
                                               f"cache file {self.path}")
         self._format_unknown = True
         self._rows_autocast = header.get("fingerprint", {}).get("autocast", "off")
-        with self._storage_faults("reopening the cache file"):
-            self._store = self._make_store(tuple(header["row_shape"]), self.path)
+        try:
+            with self._storage_faults("reopening the cache file"):
+                self._store = self._make_store(tuple(header["row_shape"]), self.path)
+        except StaleCacheFile as exc:
+            self._act, self._format_unknown, self._rows_autocast = before
+            self._warn_once("stale_file", f"{exc.why} With reuse=True such a file is replaced: this run's rows "
+                            "fill a new one.")
+            with self._storage_faults("replacing the cache file"):
+                os.unlink(self.path)
 
     def _recorded_activation(self, name: Any, where: str) -> Tuple[torch.dtype, torch.device]:
         """(dtype, device) of the prefix output for rows saved earlier: the dtype they recorded
@@ -1874,9 +1898,12 @@ class ActivationCache:
         if self.tier == "mmap":
             reopen = (self.reuse if reuse is None else reuse) and os.path.exists(path)
             if not reopen and os.path.exists(path) and not self._owns(path):
+                # mid-run (the file appeared, or was replaced, since the cache was built): a storage
+                # fault, which turns the cache off; it raised out of freezer.step() (review87)
                 raise FileExistsError(
-                    f"ActivationCache: {path} already exists. Pass reuse=True to reopen it (it is checked "
-                    "against this model and boundary), or delete it / choose another path.")
+                    errno.EEXIST, f"ActivationCache: {path} already exists and is not this run's. Pass reuse=True "
+                    "to reopen it (it is checked against this model and boundary), or delete it / choose another "
+                    "path.")
             if not reopen:
                 remove_leftovers(path)  # files of a creation or move that a crash interrupted
             extra = dict(path=path if reopen else owned_temp_path(path), fingerprint=self._fingerprint(),
@@ -1965,6 +1992,7 @@ class ActivationCache:
             if not _is_storage_fault(exc):
                 raise
             self._disable(f"{what} failed: {exc}")
+            self._off_by_storage = True  # a resumed run (another disk, path, machine) tries again
 
     def _on_bad_rows(self, ids: Tensor, why: str) -> None:
         """Rows dropped by the storage (a failed checksum, NaN/inf, a damaged index): counted,
@@ -2319,6 +2347,29 @@ def _index_inputs(inputs: Inputs, index: Tensor, batch: int) -> Inputs:
         return leaf
 
     return Inputs(tree_map(take, inputs.args), tree_map(take, inputs.kwargs), batch=index.numel())
+
+
+# the mmap caches of this process by their file: two writing one file serve each other's rows
+_CACHE_PATHS: "weakref.WeakValueDictionary[str, ActivationCache]" = weakref.WeakValueDictionary()
+
+
+def _take_path_over(path: str) -> None:
+    """A cache built on the file of another open cache of this process (a notebook's re-run, a
+    resume beside the finished run's trainer) takes the file over: the other turns off, with a
+    warning. Two writing one file handed out the same rows and served each other's (review87:
+    weights 1.7e-2 off, the warnings blaming the data). Another process's is kept off by the
+    file's lock (``storage.lock_file``). A cache dropped but not collected yet is let go first."""
+    def holds(other: Optional[ActivationCache]) -> bool:  # (one turned off has let its file go)
+        return other is not None and other._closed is None and other.enabled
+
+    key = os.path.abspath(path)
+    if holds(_CACHE_PATHS.get(key)):
+        gc.collect()
+    other = _CACHE_PATHS.get(key)
+    if holds(other):
+        other._disable(f"another ActivationCache of this process was built on its file {path}, and takes it over "
+                       "(two caches writing one file would serve each other's rows). Give each cache its own path= "
+                       "to keep both on")
 
 
 def _is_storage_fault(exc: BaseException) -> bool:
