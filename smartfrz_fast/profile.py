@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import statistics
 import sys
@@ -40,7 +41,7 @@ from torch import Tensor, nn
 
 from .engine import FreezeEvent, SmartFreezer
 from .policy.base import FreezePolicy
-from .units import Unit, copy_model, discover_units, example_call, preserved_rngs
+from .units import Unit, copy_model, discover_units, example_call, preserved_rngs, preserved_state
 
 LossFn = Callable[[Any], Tensor]
 OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
@@ -71,8 +72,11 @@ class _Clock:
 
 def default_loss(output: Any) -> Tensor:
     """Cross-entropy for ``[batch, classes]`` logits (labels ``arange(batch) % classes``, no
-    RNG used), mean square otherwise; for tuples, dicts and HF outputs, the first tensor."""
-    out = _first_tensor(output)
+    RNG used), mean square otherwise; for tuples, dicts and HF outputs, the first tensor that
+    carries a gradient (a frozen prefix's features returned before the logits carry none: the
+    backward failed, review88), else the first tensor."""
+    tensors = _tensors(output)
+    out = next((t for t in tensors if t.requires_grad), tensors[0] if tensors else None)
     if out is None:
         raise TypeError(f"the model returned no tensor ({type(output).__name__}); pass loss_fn=...")
     if out.is_floating_point() and out.dim() == 2 and out.shape[1] > 1:
@@ -81,17 +85,15 @@ def default_loss(output: Any) -> Tensor:
     return out.float().square().mean()
 
 
-def _first_tensor(value: Any) -> Optional[Tensor]:
+def _tensors(value: Any) -> List[Tensor]:
+    """The tensors of a model's output, in order (tuples, lists, dicts, Hugging Face outputs)."""
     if isinstance(value, Tensor):
-        return value
+        return [value]
     if isinstance(value, Mapping):
         value = list(value.values())
     if isinstance(value, (list, tuple)):
-        for item in value:
-            found = _first_tensor(item)
-            if found is not None:
-                return found
-    return None
+        return [t for item in value for t in _tensors(item)]
+    return []
 
 
 def _sgd(params) -> torch.optim.Optimizer:
@@ -817,17 +819,42 @@ def _load_factory(spec: str) -> Callable[[], nn.Module]:
 
 
 def _check_forward(model: nn.Module, x: torch.Tensor, args: argparse.Namespace) -> None:
-    """One forward on two samples, in eval mode (no statistics move), so that a batch the model
-    cannot take is said in the CLI's own terms before any measurement."""
+    """One forward on two samples in eval mode, then one on the batch in train mode (no statistics
+    kept), so that a batch the model cannot take (a batch of one under BatchNorm, token ids past the
+    vocabulary) is said in the CLI's own terms before any measurement (review88: tracebacks)."""
     was_training = model.training
+    hint = (f" (int64 inputs are token ids drawn from [0, --input-high {args.input_high}): pass the model's "
+            "vocabulary size)" if args.input_dtype == "int64" else "")
     try:
         with torch.no_grad():
-            model.eval()(x)
+            model.eval()(x[:2])
     except Exception as exc:
         raise ValueError(f"--model {args.model} cannot take a batch of --input-shape {args.input_shape} "
-                         f"({args.input_dtype}): {type(exc).__name__}: {exc}") from exc
+                         f"({args.input_dtype}): {type(exc).__name__}: {exc}{hint}") from exc
     finally:
         model.train(was_training)
+    try:  # in train mode too, on the whole batch: BatchNorm refuses a batch of one sample there
+        with torch.no_grad(), preserved_state(model):
+            model.train()(x)
+    except Exception as exc:
+        raise ValueError(f"--model {args.model} cannot train on a batch of --batch-size {x.shape[0]}: "
+                         f"{type(exc).__name__}: {exc}. Pass a larger --batch-size (BatchNorm needs two samples "
+                         "or more)" if x.shape[0] == 1 else f"--model {args.model} cannot train on this batch: "
+                         f"{type(exc).__name__}: {exc}{hint}") from exc
+    finally:
+        model.train(was_training)
+
+
+def _finite_or_null(value: Any) -> Any:
+    """``value`` with its non-finite floats as None: JSON has no NaN (JavaScript's parser
+    refused the file, review88)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def _parse_shape(text: str) -> Tuple[int, ...]:
@@ -902,6 +929,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "python -m smar
         p.error(f"--json {args.json}: its folder does not exist (checked now, not after the measurements)")
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be at least 1")
+    if args.input_high < 1:
+        p.error("--input-high must be at least 1: int64 inputs (token ids) are drawn from [0, --input-high)")
     return args
 
 
@@ -956,10 +985,15 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m smartfrz_f
                                  "there is nothing to train or freeze")
             dtype = getattr(torch, args.input_dtype)
             g = torch.Generator().manual_seed(args.seed)
-            if dtype == torch.int64:
-                x = torch.randint(0, args.input_high, (args.batch_size, *shape), generator=g)
-            else:
-                x = torch.randn((args.batch_size, *shape), generator=g).to(dtype)
+            try:
+                if dtype == torch.int64:
+                    x = torch.randint(0, args.input_high, (args.batch_size, *shape), generator=g)
+                else:
+                    x = torch.randn((args.batch_size, *shape), generator=g).to(dtype)
+            except (RuntimeError, MemoryError) as exc:  # a shape too large to allocate
+                raise ValueError(f"a batch of --batch-size {args.batch_size} samples of --input-shape "
+                                 f"{args.input_shape} cannot be made ({type(exc).__name__}: {str(exc)[:200]}): pass "
+                                 "a smaller batch or sample shape") from exc
             what = f"{args.model} on a random batch {tuple(x.shape)} {args.input_dtype}"
         else:
             model, x, what = _demo_batch(args.batch_size, args.seed, args.quick)
@@ -969,7 +1003,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m smartfrz_f
     model, x = model.to(device), x.to(device)
     if args.model:
         try:
-            _check_forward(model, x[:2], args)
+            _check_forward(model, x, args)
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -988,8 +1022,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m smartfrz_f
     if args.json:
         import json
 
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result.to_dict(), f, indent=1, default=str)
+        with open(args.json, "w", encoding="utf-8") as f:  # NaN (not measured) as null: strict JSON
+            json.dump(_finite_or_null(result.to_dict()), f, indent=1, default=str, allow_nan=False)
     return 0
 
 

@@ -319,6 +319,29 @@ def test_cli_user_model(tmp_path):
 
     data = json.loads(out.read_text())
     assert [u["name"] for u in data["units"]] == ["0", "2", "4"] and len(data["prefixes"]) == 3
+    assert "NaN" not in out.read_text() and "Infinity" not in out.read_text()  # strict JSON (review88)
+
+
+def test_cli_a_model_returning_features_before_its_logits(tmp_path):
+    """The default loss took the first tensor of the output: features of a layer that a measured
+    prefix freezes carry no gradient, and the backward failed with a traceback (review88; a
+    transformers BertModel, a net returning (features, logits) or (argmax, logits))."""
+    (tmp_path / "twoheads.py").write_text(
+        "import torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.a, self.b, self.c = torch.nn.Linear(6, 12), torch.nn.Linear(12, 12), torch.nn.Linear(12, 4)\n"
+        "    def forward(self, x):\n"
+        "        features = torch.relu(self.a(x))\n"
+        "        logits = self.c(torch.relu(self.b(features)))\n"
+        "        return features, logits.argmax(1), logits\n"
+        "def make():\n"
+        "    return Net()\n")
+    r = _run_cli(["--model", "twoheads:make", "--input-shape", "6", "--batch-size", "5", "--repeats", "2",
+                  "--warmup", "0", "--policies", "none"], cwd=tmp_path, env_extra={"PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    assert "Ceiling" in r.stdout
 
 
 @pytest.mark.parametrize("args, message", [
@@ -328,6 +351,8 @@ def test_cli_user_model(tmp_path):
     (["--model", "os:getcwd", "--input-shape", "0,3"], "positive integers"),
     (["--model", "os:getcwd", "--input-shape", "3,x"], "positive integers"),  # was read as 3 (review49)
     (["--policies", "bogus"], "unknown"),
+    (["--model", "os:getcwd", "--input-shape", "3", "--input-dtype", "int64", "--input-high", "0"],
+     "--input-high must be at least 1"),  # (a traceback before, review88)
 ])
 def test_cli_bad_arguments(args, message):
     r = _run_cli(args)
@@ -339,6 +364,7 @@ def test_cli_bad_arguments(args, message):
     ("brokennet:make", "6", "importing 'brokennet' raised NameError"),
     ("usernets:make", "3,8,8", "cannot take a batch of --input-shape 3,8,8"),
     ("usernets:no_parameters", "6", "has no trainable parameters"),  # an optimizer's raw error (review49)
+    ("usernets:make", "100000,100000,1000", "cannot be made ("),  # (review88)
 ])
 def test_cli_a_model_that_fails_is_one_error_line(tmp_path, spec, shape, message):
     # a factory needing arguments, a module failing at import, a shape the model cannot take:
@@ -355,6 +381,18 @@ def test_cli_a_model_that_fails_is_one_error_line(tmp_path, spec, shape, message
     r = _run_cli(["--model", spec, "--input-shape", shape, "--repeats", "1", "--warmup", "0", "--policies", "none"],
                  cwd=tmp_path, env_extra={"PYTHONPATH": str(ROOT)})
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_cli_a_batch_of_one_under_batch_norm_is_one_error_line(tmp_path):
+    """BatchNorm refuses a training batch of one sample: a 28-frame traceback, with a note about
+    SmartFreezer's example_inputs a CLI user never passed (review88)."""
+    (tmp_path / "bnnet.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))\n")
+    r = _run_cli(["--model", "bnnet:make", "--input-shape", "6", "--batch-size", "1", "--repeats", "1",
+                  "--warmup", "0", "--policies", "none"], cwd=tmp_path, env_extra={"PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2 and "Pass a larger --batch-size" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_plot_is_a_png(tmp_path):
