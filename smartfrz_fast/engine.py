@@ -1549,6 +1549,8 @@ class SmartFreezer:
         ]
         for e in self.timeline:
             names = ", ".join(e.unit_names)
+            if e.step == self.total_steps == self.step_count:  # no optimizer step came after it (review77)
+                names += "  (after the run's last step: saves nothing)"
             lines.append(
                 f"{e.step:>7}  {e.num_frozen:>6}  {e.frozen_param_fraction:>7.1%}  "
                 f"{e.frozen_flops_fraction:>10.1%}  {names}"

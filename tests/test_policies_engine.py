@@ -154,6 +154,11 @@ def test_a_freeze_decided_at_the_last_step_applies_there():
         freezer, optimizer, num_frozen, _ = train(StaticFreeze(2, at_step=8), 8, steps=10)
     assert num_frozen == [0] * 7 + [2] * 3 and [e.step for e in freezer.timeline] == [8]
     check_frozen_state(freezer, optimizer)
+    assert "saves nothing" not in freezer.report()  # it went on: the freeze saved two steps
+    with pytest.warns(UserWarning, match="never freeze in this run"):
+        freezer, _, _, _ = train(StaticFreeze(2, at_step=8), 8)
+    # a run that ends there saves nothing by it, and the report says so (review77 #5)
+    assert "after the run's last step: saves nothing" in freezer.report()
 
 
 def test_autofreeze_reads_the_gradients_of_a_closure_step():
