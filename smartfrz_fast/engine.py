@@ -552,10 +552,10 @@ class SmartFreezer:
         from . import distributed
 
         ddp = getattr(DistributedDataParallel, "_active_ddp_module", None)  # set during DDP's forward
-        if ddp is None or ddp.module is not self.module:
+        if ddp is None or not any(m is self.module for m in ddp.module.modules()):  # (or around a parent of it)
             return
         self._outer_ddp_hook.remove()
-        distributed.check_ddp(ddp, where=" (built after the freezer, around the module it was given)")
+        distributed.check_ddp(ddp, where=" (built after the freezer, around the module it was given or a parent)")
 
     def _place_first_forward_hook(self) -> None:
         # kept apart from self._hooks: other code adds hooks there before the first forward

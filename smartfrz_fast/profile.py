@@ -71,15 +71,21 @@ class _Clock:
 
 
 def default_loss(output: Any) -> Tensor:
-    """Cross-entropy for ``[batch, classes]`` logits (labels ``arange(batch) % classes``, no
-    RNG used), mean square otherwise; for tuples, dicts and HF outputs, the first tensor that
-    carries a gradient (a frozen prefix's features returned before the logits carry none: the
-    backward failed, review88), else the first tensor."""
-    tensors = _tensors(output)
-    out = next((t for t in tensors if t.requires_grad), tensors[0] if tensors else None)
-    if out is None:
-        raise TypeError(f"the model returned no tensor ({type(output).__name__}); pass loss_fn=...")
-    if out.is_floating_point() and out.dim() == 2 and out.shape[1] > 1:
+    """The sum, over the output's floating tensors that carry a gradient (tuples, dicts, Hugging
+    Face outputs), of cross-entropy for ``[batch, classes]`` ones (labels ``arange(batch) %
+    classes``, no RNG used) and a mean square for others. Every output counts, so the whole
+    graph is timed with nothing frozen, and one a frozen prefix made (features returned before
+    the logits) drops out once it carries no gradient: the first tensor alone failed that
+    backward, and the first one with a gradient measured another loss per prefix (review88,
+    review89)."""
+    tensors = [t for t in _tensors(output) if t.is_floating_point()]
+    if not tensors:
+        raise TypeError(f"the model returned no floating tensor ({type(output).__name__}); pass loss_fn=...")
+    return sum(_one_loss(t) for t in ([t for t in tensors if t.requires_grad] or tensors))
+
+
+def _one_loss(out: Tensor) -> Tensor:
+    if out.dim() == 2 and out.shape[1] > 1:
         labels = torch.arange(out.shape[0], device=out.device) % out.shape[1]
         return F.cross_entropy(out.float(), labels)
     return out.float().square().mean()

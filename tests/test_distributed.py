@@ -175,7 +175,7 @@ def test_ddp_built_after_the_freezer_is_checked_at_its_first_forward(one_rank_gr
     opt = torch.optim.SGD(inner.parameters(), lr=0.1)
     freezer = SmartFreezer(inner, opt, StaticFreeze(1, at_step=1), example_inputs=torch.randn(2, 4))
     key, value = setting.split("=")
-    model = nn.parallel.DistributedDataParallel(inner, **{key: value == "True"})
+    model = nn.parallel.DistributedDataParallel(nn.Sequential(inner), **{key: value == "True"})  # a parent too
     if setting != "find_unused_parameters=True":
         with pytest.raises(ValueError, match=rf"built after the freezer.*{re.escape(setting)}"):
             model(torch.randn(2, 4))

@@ -165,7 +165,6 @@ class ActivationCache:
         path = None if path is None else _rank_path(os.fspath(path))
         if storage == "mmap":
             check_path(path, max_bytes)  # a bad folder fails now, not at the first freeze hours in
-            _take_path_over(path)
             if os.path.exists(path) and not _is_cache_file(path):
                 raise FileExistsError(f"ActivationCache: path={path!r} is an existing file without an activation "
                                       "cache header (another file, or a damaged cache file); the cache never "
@@ -255,7 +254,7 @@ class ActivationCache:
         if hasattr(freezer, "add_change_listener"):
             freezer.add_change_listener(self._freeze_listener)
         if storage == "mmap":
-            _CACHE_PATHS[os.path.abspath(path)] = self
+            _MMAP_CACHES.add(self)
 
     # ------------------------------------------------------------------ public
     def note_outer_ddp(self, ddp: nn.parallel.DistributedDataParallel) -> None:
@@ -908,7 +907,7 @@ class ActivationCache:
             new._lineage = uuid.uuid4().hex
             root, ext = os.path.splitext(self.path)
             new.path, new.reuse = f"{root}.copy-{new._lineage[:8]}{ext}", False
-            _CACHE_PATHS[os.path.abspath(new.path)] = new
+            _MMAP_CACHES.add(new)
         new._forget_chain()
         return new
 
@@ -1904,6 +1903,7 @@ class ActivationCache:
                     errno.EEXIST, f"ActivationCache: {path} already exists and is not this run's. Pass reuse=True "
                     "to reopen it (it is checked against this model and boundary), or delete it / choose another "
                     "path.")
+            _take_path_over(path, self)  # this cache opens or replaces the file now
             if not reopen:
                 remove_leftovers(path)  # files of a creation or move that a crash interrupted
             extra = dict(path=path if reopen else owned_temp_path(path), fingerprint=self._fingerprint(),
@@ -2349,25 +2349,27 @@ def _index_inputs(inputs: Inputs, index: Tensor, batch: int) -> Inputs:
     return Inputs(tree_map(take, inputs.args), tree_map(take, inputs.kwargs), batch=index.numel())
 
 
-# the mmap caches of this process by their file: two writing one file serve each other's rows
-_CACHE_PATHS: "weakref.WeakValueDictionary[str, ActivationCache]" = weakref.WeakValueDictionary()
+# the mmap caches of this process: two writing one file serve each other's rows
+_MMAP_CACHES: "weakref.WeakSet[ActivationCache]" = weakref.WeakSet()
 
 
-def _take_path_over(path: str) -> None:
-    """A cache built on the file of another open cache of this process (a notebook's re-run, a
-    resume beside the finished run's trainer) takes the file over: the other turns off, with a
-    warning. Two writing one file handed out the same rows and served each other's (review87:
-    weights 1.7e-2 off, the warnings blaming the data). Another process's is kept off by the
-    file's lock (``storage.lock_file``). A cache dropped but not collected yet is let go first."""
-    def holds(other: Optional[ActivationCache]) -> bool:  # (one turned off has let its file go)
-        return other is not None and other._closed is None and other.enabled
+def _take_path_over(path: str, cache: ActivationCache) -> None:
+    """``cache`` opening the file another cache of this process has open (a notebook's re-run, a
+    resume beside the finished run's trainer) takes it over: the other turns off, with a warning.
+    Two writing one file handed out the same rows and served each other's (review87: weights
+    1.7e-2 off, the warnings blaming the data). Another process's is kept off by the file's lock
+    (``storage.lock_file``). Matched by the file's real path (a symlinked folder too); a cache
+    dropped but not collected yet is let go first."""
+    key = os.path.realpath(path)
 
-    key = os.path.abspath(path)
-    if holds(_CACHE_PATHS.get(key)):
+    def holders() -> List[ActivationCache]:  # one turned off, or not open yet, holds nothing
+        return [other for other in list(_MMAP_CACHES) if other is not cache and other._closed is None
+                and other._store is not None and os.path.realpath(other.path) == key]
+
+    if holders():
         gc.collect()
-    other = _CACHE_PATHS.get(key)
-    if holds(other):
-        other._disable(f"another ActivationCache of this process was built on its file {path}, and takes it over "
+    for other in holders():
+        other._disable(f"another ActivationCache of this process opened its file {path}, and takes it over "
                        "(two caches writing one file would serve each other's rows). Give each cache its own path= "
                        "to keep both on")
 
@@ -2377,7 +2379,8 @@ def _is_storage_fault(exc: BaseException) -> bool:
         return True
     if isinstance(exc, OSError):
         return exc.errno in _FAULT_ERRNOS
-    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)  # torch's CPU allocator
+    # torch's CPU allocator; torch.from_file's mmap refused (RLIMIT_AS, `ulimit -v`: review89)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc) or "unable to mmap" in str(exc))
 
 
 def _side_sums(ids: Tensor, values: Dict[str, Tensor]) -> Tensor:

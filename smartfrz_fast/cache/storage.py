@@ -568,6 +568,15 @@ class MmapStorage(Storage):
         else:
             self._create(total)
             self._lock_fd = lock_file(self.path)
+        try:
+            self._map(offsets, total, reopen)
+        except BaseException:  # the lock goes with the failure (review89: every later cache was refused)
+            self._unlock()
+            if not reopen:
+                os.unlink(self.path)  # the file this call just created, under a name of its own
+            raise
+
+    def _map(self, offsets: Dict[str, int], total: int, reopen: bool) -> None:
         raw = torch.from_file(self.path, shared=True, size=total, dtype=torch.uint8)
         self._raw = raw
         self._index_arrays()
@@ -693,6 +702,7 @@ class MmapStorage(Storage):
 
     def _unlock(self) -> None:
         if getattr(self, "_lock_fd", None) is not None:
+            _LOCK_FDS.discard(self._lock_fd)
             os.close(self._lock_fd)  # releases the lock
             self._lock_fd = None
 
@@ -719,6 +729,23 @@ def remove_leftovers(path: str) -> List[str]:
     return removed
 
 
+# the descriptors holding cache files' locks: a forked child (a DataLoader worker) closes its
+# copies, which would otherwise hold the lock after this process lets the file go (review89)
+_LOCK_FDS: set = set()
+
+
+def _close_lock_fds_in_child() -> None:
+    for fd in list(_LOCK_FDS):
+        try:
+            os.close(fd)  # the child's copy only: the parent's lock stays
+        except OSError:
+            pass
+    _LOCK_FDS.clear()
+
+
+os.register_at_fork(after_in_child=_close_lock_fds_in_child)
+
+
 def lock_file(path: str) -> Optional[int]:
     """An open descriptor of ``path`` holding an exclusive lock on it, for as long as a cache
     holds the file open: two caches (of one process or two) writing one file hand out the same
@@ -729,6 +756,7 @@ def lock_file(path: str) -> Optional[int]:
     for attempt in range(2):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _LOCK_FDS.add(fd)
             return fd
         except BlockingIOError:
             if attempt == 0:
