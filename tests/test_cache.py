@@ -4,6 +4,7 @@ capacity, storage tiers, and bad input."""
 import copy
 import errno
 import os
+import time
 import warnings
 import weakref
 
@@ -1038,6 +1039,59 @@ def test_a_file_another_process_holds_is_not_written(tmp_path):
         torch.testing.assert_close(out, second.freezer.model(X[:8]))
     finally:
         os.close(held)
+
+
+def test_a_file_lock_goes_with_a_failure_and_stays_out_of_forked_children(tmp_path, monkeypatch):
+    """A failure after the lock was taken (an mmap the OS refused) kept it: every later cache on
+    the file was refused. A forked child (a DataLoader worker) kept the parent's lock after the
+    parent let the file go (review89)."""
+    import multiprocessing
+
+    from smartfrz_fast.cache import storage as storage_mod
+
+    path = str(tmp_path / "c.bin")
+    first, wrapped = ready_cache(storage="mmap", path=path)
+    wrapped(X, torch.arange(N))
+    first.close()
+
+    def refused(self, *args):
+        raise RuntimeError("unable to mmap 4096 bytes from file: Cannot allocate memory (12)")
+
+    monkeypatch.setattr(storage_mod.MmapStorage, "_map", refused)
+    second, wrapped2 = ready_cache(storage="mmap", path=path, reuse=True)
+    with pytest.warns(UserWarning, match="ActivationCache is off .*unable to mmap"):
+        wrapped2(X[:8], torch.arange(8))  # a storage fault, not an exception out of the forward
+    monkeypatch.undo()
+    held = storage_mod.lock_file(path)  # free again
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(3,))
+    child.start()  # holds a copy of every descriptor the parent has
+    try:
+        os.close(held)
+        os.close(storage_mod.lock_file(path))  # the child's copy did not keep the lock
+    finally:
+        child.terminate()
+        child.join()
+
+
+def test_a_cache_takes_a_file_over_only_when_it_opens_it(tmp_path):
+    """Another cache built on a running cache's path turned the running one off at construction,
+    even one that never opens the file (deterministic=False, reuse=False meeting the file, a
+    constructor that raised) (review89)."""
+    path = str(tmp_path / "c.bin")
+    running, wrapped = ready_cache(storage="mmap", path=path)
+    wrapped(X, torch.arange(N))
+    model = chain_model()
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.05), policy=StaticFreeze(2, 1),
+                           example_inputs=X[:2])
+    freezer.freeze_to(2)
+    ActivationCache(freezer, num_samples=N, deterministic=False, storage="mmap", path=path).wrap()(
+        X[:8], torch.arange(8))
+    other, wrapped_other = ready_cache(storage="mmap", path=path)
+    with pytest.warns(UserWarning, match="already exists and is not this run's"):
+        wrapped_other(X[:8], torch.arange(8))
+    assert running.enabled and not other.enabled
+    wrapped(X, torch.arange(N))
+    assert running.stats["hits"] == N
 
 
 def test_an_input_that_requires_grad_gets_its_gradient():

@@ -322,6 +322,17 @@ def test_cli_user_model(tmp_path):
     assert "NaN" not in out.read_text() and "Infinity" not in out.read_text()  # strict JSON (review88)
 
 
+def test_the_default_loss_counts_every_output_that_carries_a_gradient():
+    """The first output with a gradient was the loss: features with nothing frozen, the logits once
+    the body froze, so each prefix was measured with another loss (-176 % saved, review89)."""
+    from smartfrz_fast.profile import _one_loss, default_loss
+
+    features, logits = torch.randn(4, 6, requires_grad=True), torch.randn(4, 3, requires_grad=True)
+    both = default_loss((features, logits.argmax(1), logits))
+    torch.testing.assert_close(both, _one_loss(features) + _one_loss(logits))
+    torch.testing.assert_close(default_loss({"f": features.detach(), "l": logits}), _one_loss(logits))
+
+
 def test_cli_a_model_returning_features_before_its_logits(tmp_path):
     """The default loss took the first tensor of the output: features of a layer that a measured
     prefix freezes carry no gradient, and the backward failed with a traceback (review88; a
