@@ -1500,3 +1500,19 @@ def test_a_function_module_outside_the_model_is_no_branch():
     with torch.no_grad():
         torch.testing.assert_close(out, model(x))
     assert cache.stats["hits"] == 8 and "cut after blocks.2)" in cache.describe(), cache.describe()
+
+
+def test_a_module_outside_the_model_with_state_of_its_own_still_stops_the_cut(monkeypatch):
+    """One with an attribute of its own (a scale the loop anneals) is no function: nothing watches
+    its attributes, and rows made past it would keep the old value (review89: 1.4e-2 off)."""
+    monkeypatch.setattr(_ROTATE, "scale", 1.0, raising=False)
+    model = _RotatingNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 8)
+    freezer = SmartFreezer(model, opt, policy=StaticFreeze(3, at_step=1), example_inputs=x[:2])
+    freezer.freeze_to(3)
+    cache = ActivationCache(freezer, num_samples=8, deterministic=True)
+    cached = cache.wrap()
+    for _ in range(2):
+        cached(x, torch.arange(8))
+    assert "cut after blocks.2)" not in cache.describe(), cache.describe()

@@ -1049,13 +1049,16 @@ class SwapChain:
 
     def _never_ran(self, module: nn.Module) -> bool:
         """Whether a call of ``module`` leaves the recorded path: a module of the model that the
-        recorded forward never called. A module outside the model that holds no tensors is a
-        function the forward calls (transformers' hub-kernel ``apply_rotary_pos_emb``, one
-        ``nn.Module`` every attention layer calls), which the recording, hooked on the model's own
-        modules, never sees: it was taken for a branch and no cut past an attention held (review85)."""
+        recorded forward never called. A module outside the model that holds no tensors and no
+        state of its own is a function the forward calls (transformers' hub-kernel
+        ``apply_rotary_pos_emb``, one ``nn.Module`` every attention layer calls), which the
+        recording, hooked on the model's own modules, never sees: it was taken for a branch and no
+        cut past an attention held (review85). One with attributes of its own (a scale the loop
+        anneals) is not: nothing watches them, and rows would keep their old value (review89)."""
         if id(module) in self._recorded:
             return False
-        return id(module) in self._own or any(True for _ in itertools.chain(module.parameters(), module.buffers()))
+        return (id(module) in self._own or any(True for _ in itertools.chain(module.parameters(), module.buffers()))
+                or bool(set(vars(module)) - _MODULE_FIELDS))
 
     def _not_reached(self, c: Call, skipped: bool = False) -> str:
         how = (f"took another path to {c.name}, the block the cached rows stand in for, than the recorded forward "
@@ -1145,6 +1148,7 @@ class SwapChain:
 
 
 _MISSING = object()
+_MODULE_FIELDS = frozenset(vars(nn.Module()))  # what every nn.Module holds: none of it its own state
 _NOT_RUN = object()
 # torch's table of global forward pre-hooks (register_module_forward_pre_hook's), where a chain's
 # guard takes a negative key of its own (torch's count up from 0)
