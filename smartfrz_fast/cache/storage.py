@@ -548,6 +548,7 @@ class MmapStorage(Storage):
         offsets, total = self._layout()
         reopen = os.path.exists(self.path) and self.reuse
         self._lock_fd: Optional[int] = None
+        self._lock_pid = os.getpid()
         if reopen:
             self._lock_fd = lock_file(self.path)  # before its rows are read: no other cache writes them
             try:
@@ -702,8 +703,9 @@ class MmapStorage(Storage):
 
     def _unlock(self) -> None:
         if getattr(self, "_lock_fd", None) is not None:
-            _LOCK_FDS.discard(self._lock_fd)
-            os.close(self._lock_fd)  # releases the lock
+            if self._lock_pid == os.getpid():  # a forked child closed its copy already (the number may be reused)
+                _LOCK_FDS.discard(self._lock_fd)
+                os.close(self._lock_fd)  # releases the lock
             self._lock_fd = None
 
 
