@@ -41,7 +41,8 @@ from torch import Tensor, nn
 
 from .engine import FreezeEvent, SmartFreezer
 from .policy.base import FreezePolicy
-from .units import Unit, copy_model, discover_units, example_call, preserved_rngs, preserved_state
+from .units import (Unit, copy_model, discover_units, example_call, preserved_modes, preserved_rngs,
+                    preserved_state)
 
 LossFn = Callable[[Any], Tensor]
 OptimizerFactory = Callable[[Any], torch.optim.Optimizer]
@@ -828,27 +829,22 @@ def _check_forward(model: nn.Module, x: torch.Tensor, args: argparse.Namespace) 
     """One forward on two samples in eval mode, then one on the batch in train mode (no statistics
     kept), so that a batch the model cannot take (a batch of one under BatchNorm, token ids past the
     vocabulary) is said in the CLI's own terms before any measurement (review88: tracebacks)."""
-    was_training = model.training
     hint = (f" (int64 inputs are token ids drawn from [0, --input-high {args.input_high}): pass the model's "
             "vocabulary size)" if args.input_dtype == "int64" else "")
-    try:
-        with torch.no_grad():
+    with preserved_modes(model.modules()), torch.no_grad():
+        try:
             model.eval()(x[:2])
-    except Exception as exc:
-        raise ValueError(f"--model {args.model} cannot take a batch of --input-shape {args.input_shape} "
-                         f"({args.input_dtype}): {type(exc).__name__}: {exc}{hint}") from exc
-    finally:
-        model.train(was_training)
-    try:  # in train mode too, on the whole batch: BatchNorm refuses a batch of one sample there
-        with torch.no_grad(), preserved_state(model):
-            model.train()(x)
-    except Exception as exc:
-        raise ValueError(f"--model {args.model} cannot train on a batch of --batch-size {x.shape[0]}: "
-                         f"{type(exc).__name__}: {exc}. Pass a larger --batch-size (BatchNorm needs two samples "
-                         "or more)" if x.shape[0] == 1 else f"--model {args.model} cannot train on this batch: "
-                         f"{type(exc).__name__}: {exc}{hint}") from exc
-    finally:
-        model.train(was_training)
+        except Exception as exc:
+            raise ValueError(f"--model {args.model} cannot take a batch of --input-shape {args.input_shape} "
+                             f"({args.input_dtype}): {type(exc).__name__}: {exc}{hint}") from exc
+        try:  # in train mode too, on the whole batch: BatchNorm refuses a batch of one sample there
+            with preserved_state(model):
+                model.train()(x)
+        except Exception as exc:
+            raise ValueError(f"--model {args.model} cannot train on a batch of --batch-size {x.shape[0]}: "
+                             f"{type(exc).__name__}: {exc}. Pass a larger --batch-size (BatchNorm needs two "
+                             "samples or more)" if x.shape[0] == 1 else f"--model {args.model} cannot train on "
+                             f"this batch: {type(exc).__name__}: {exc}{hint}") from exc
 
 
 def _finite_or_null(value: Any) -> Any:

@@ -1484,10 +1484,9 @@ class _RotatingNet(nn.Module):
         return self.head(x)
 
 
-def test_a_function_module_outside_the_model_is_no_branch():
-    """A stateless module outside the model that the blocks call is a function, not another path:
-    every cut past the first block failed as CutNotReached, and the cache skipped almost nothing
-    of the frozen prefix (review85)."""
+def _rotating_net_cached():
+    """A _RotatingNet with its first 3 blocks frozen, through a cache: two passes over 8 samples
+    (fill, then serve). Returns the model, its cache, the inputs and the last output."""
     model = _RotatingNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randn(8, 8)
@@ -1497,6 +1496,14 @@ def test_a_function_module_outside_the_model_is_no_branch():
     cached = cache.wrap()
     for _ in range(2):
         out = cached(x, torch.arange(8))
+    return model, cache, x, out
+
+
+def test_a_function_module_outside_the_model_is_no_branch():
+    """A stateless module outside the model that the blocks call is a function, not another path:
+    every cut past the first block failed as CutNotReached, and the cache skipped almost nothing
+    of the frozen prefix (review85)."""
+    model, cache, x, out = _rotating_net_cached()
     with torch.no_grad():
         torch.testing.assert_close(out, model(x))
     assert cache.stats["hits"] == 8 and "cut after blocks.2)" in cache.describe(), cache.describe()
@@ -1506,13 +1513,5 @@ def test_a_module_outside_the_model_with_state_of_its_own_still_stops_the_cut(mo
     """One with an attribute of its own (a scale the loop anneals) is no function: nothing watches
     its attributes, and rows made past it would keep the old value (review89: 1.4e-2 off)."""
     monkeypatch.setattr(_ROTATE, "scale", 1.0, raising=False)
-    model = _RotatingNet()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x = torch.randn(8, 8)
-    freezer = SmartFreezer(model, opt, policy=StaticFreeze(3, at_step=1), example_inputs=x[:2])
-    freezer.freeze_to(3)
-    cache = ActivationCache(freezer, num_samples=8, deterministic=True)
-    cached = cache.wrap()
-    for _ in range(2):
-        cached(x, torch.arange(8))
+    _, cache, _, _ = _rotating_net_cached()
     assert "cut after blocks.2)" not in cache.describe(), cache.describe()

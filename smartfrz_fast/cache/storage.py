@@ -549,27 +549,22 @@ class MmapStorage(Storage):
         reopen = os.path.exists(self.path) and self.reuse
         self._lock_fd: Optional[int] = None
         self._lock_pid = os.getpid()
-        if reopen:
-            self._lock_fd = lock_file(self.path)  # before its rows are read: no other cache writes them
-            try:
+        if not reopen and os.path.exists(self.path):
+            raise FileExistsError(
+                f"ActivationCache: {self.path} already exists. Pass reuse=True to reopen it (it is "
+                "checked against this model and boundary), or delete it / choose another path."
+            )
+        if not reopen:
+            self._create(total)
+        self._lock_fd = lock_file(self.path)  # before a reopened file's rows are read: no other cache writes them
+        try:
+            if reopen:
                 header = read_header(self.path)
                 self._check_header(header)
                 if os.path.getsize(self.path) != total:
                     raise StaleCacheFile(f"ActivationCache: cache file {self.path} has the wrong size "
                                          f"({os.path.getsize(self.path)} bytes, expected {total}).")
-            except BaseException:
-                self._unlock()
-                raise
-            self.lineage = header.get("lineage") or self.lineage
-        elif os.path.exists(self.path):
-            raise FileExistsError(
-                f"ActivationCache: {self.path} already exists. Pass reuse=True to reopen it (it is "
-                "checked against this model and boundary), or delete it / choose another path."
-            )
-        else:
-            self._create(total)
-            self._lock_fd = lock_file(self.path)
-        try:
+                self.lineage = header.get("lineage") or self.lineage
             self._map(offsets, total, reopen)
         except BaseException:  # the lock goes with the failure (review89: every later cache was refused)
             self._unlock()
