@@ -883,24 +883,34 @@ class PythonAttributes:
     by value; a list or dict of other things by its items' identity; a tensor by identity and
     version, so a write in place counts); ``restore()`` sets back those that did, a list or dict
     in place (several modules may share one the loop changes), a tensor's values through
-    ``.data``. Modules of torch's own classes keep none that their forward changes: skipped."""
+    ``.data``. Modules of torch's own classes keep none that their forward changes: skipped.
+    ``only``: {id(module): names} watches only those attributes of such a module (the ones a
+    part of its forward reads), its settings objects among them."""
 
-    def __init__(self, modules: Sequence[Tuple[str, nn.Module]] = ()) -> None:
+    def __init__(self, modules: Sequence[Tuple[str, nn.Module]] = (),
+                 only: Optional[Dict[int, Set[str]]] = None) -> None:
         self._values = []
         self.holders: Dict[int, List[nn.Module]] = {}  # id(owner) -> the modules that hold it
         self._others: Dict[int, int] = {}  # id(owner) -> how many of its attributes are not watched
+        self._only: Dict[int, Set[str]] = {}  # id(owner) -> the only attributes watched
         for name, module in modules:
             if _torch_own(module):
                 continue
-            self._watch(name, module, module)
+            keys = (only or {}).get(id(module))
+            self._watch(name, module, module, keys)
             for key, value in vars(module).items():  # a config object's fields (self.cfg.temperature)
+                if keys is not None and key not in keys:
+                    continue
                 if not key.startswith("_") and id(value) in self.holders and value is not module:
                     self.holders[id(value)].append(module)  # one many modules hold (Hugging Face's): looked at once
                 elif not key.startswith("_") and _holds_settings(value):
                     self._watch(f"{name}.{key}", value, module)
 
-    def _watch(self, name: str, owner: Any, module: nn.Module) -> None:
+    def _watch(self, name: str, owner: Any, module: nn.Module, keys: Optional[Set[str]] = None) -> None:
         values = _watched_fields(owner)
+        if keys is not None:
+            values = {key: kept for key, kept in values.items() if key in keys}
+            self._only[id(owner)] = keys
         self._values.append((name, owner, values))
         self.holders[id(owner)] = [module]
         self._others[id(owner)] = len(vars(owner)) - len(values)
@@ -915,8 +925,9 @@ class PythonAttributes:
                 if _differs(attributes.get(key, _GONE), then, kept):
                     found.append((name, owner, key, then, kept))
             if len(attributes) != len(values) + self._others[id(owner)]:  # one set where there was none
+                keys = self._only.get(id(owner))
                 found += [(name, owner, key, _GONE, None) for key, value in attributes.items()
-                          if key not in values and _watched(key, value, owner)]
+                          if key not in values and (keys is None or key in keys) and _watched(key, value, owner)]
         return found
 
     def changed(self) -> List[str]:
@@ -931,9 +942,8 @@ class PythonAttributes:
         watched it) names the module that wrote it."""
         found: Dict[int, str] = {}
         for name, owner, key, then, kept in self._differing():
-            now = vars(owner).get(key, _GONE)
-            if kept is not None and kept[0] == "copy" and then is not _GONE and _same_value(now, kept[1]):
-                continue  # `self.shape = list(x.shape)`: the same value in a new list
+            if _rebound_to_equal(owner, key, then, kept):
+                continue
             if written_by and (id(owner), key) in written_by:
                 for module in written_by[(id(owner), key)]:
                     found.setdefault(id(module), repr(f"{name}.{key}"))
@@ -944,6 +954,12 @@ class PythonAttributes:
             for module in holders:
                 found.setdefault(id(module), what)
         return found
+
+    def changed_values(self) -> List[Tuple[str, str]]:
+        """(name of the holder, attribute) of each value that differs now or was set for the first
+        time; a value rebound to an equal one does not count."""
+        return [(name, key) for name, owner, key, then, kept in self._differing()
+                if not _rebound_to_equal(owner, key, then, kept)]
 
     def shared_written(self) -> List[Any]:
         """The objects several modules hold that differ now (a context the blocks share)."""
@@ -1125,6 +1141,12 @@ def _tensor_kept(t: torch.Tensor) -> Tuple[Any, ...]:
         return ("tensor", None, None)
     small = t.numel() * t.element_size() <= _MAX_COPIED_BYTES
     return ("tensor", t._version, t.detach().clone() if small else None)
+
+
+def _rebound_to_equal(owner: Any, key: str, then: Any, kept: Any) -> bool:
+    """`self.shape = list(x.shape)`: the same value in a new list."""
+    return (kept is not None and kept[0] == "copy" and then is not _GONE
+            and _same_value(vars(owner).get(key, _GONE), kept[1]))
 
 
 def _differs(now: Any, then: Any, kept: Any) -> bool:

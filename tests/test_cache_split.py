@@ -1509,9 +1509,127 @@ def test_a_function_module_outside_the_model_is_no_branch():
     assert cache.stats["hits"] == 8 and "cut after blocks.2)" in cache.describe(), cache.describe()
 
 
-def test_a_module_outside_the_model_with_state_of_its_own_still_stops_the_cut(monkeypatch):
-    """One with an attribute of its own (a scale the loop anneals) is no function: nothing watches
-    its attributes, and rows made past it would keep the old value (review89: 1.4e-2 off)."""
+def test_a_module_outside_the_model_with_a_value_of_its_own_is_watched(monkeypatch):
+    """One with an attribute of its own (a scale the loop anneals) no longer stops the cut: the
+    value is watched with the prefix's, and rows made with the old one are dropped (review89:
+    1.4e-2 off before the audit, when cuts passed it unwatched)."""
     monkeypatch.setattr(_ROTATE, "scale", 1.0, raising=False)
-    _, cache, _, _ = _rotating_net_cached()
-    assert "cut after blocks.2)" not in cache.describe(), cache.describe()
+    model, cache, x, out = _rotating_net_cached()
+    assert "cut after blocks.2)" in cache.describe(), cache.describe()
+    _ROTATE.scale = 0.5
+    with pytest.warns(UserWarning, match=r"<_Rotate outside the model>\.scale .*every cached row is dropped"):
+        out = cache.wrap()(x, torch.arange(8))
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x))
+    assert cache.stats["values_changed"] == 1 and cache.active, cache.describe()
+
+
+class _ScaledBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+        self.scale = 1.0
+
+    def forward(self, x):
+        return torch.tanh(self.linear(x)) * self.scale
+
+
+class _ScaledNet(nn.Module):
+    """Python values the frozen prefix reads: each block's scale, and the model's own input scale
+    (read before the blocks) and temperature (read after them). ``branch``: a forward torch.fx
+    cannot trace (the module swap runs it)."""
+
+    def __init__(self, branch):
+        super().__init__()
+        self.blocks = nn.ModuleList(_ScaledBlock() for _ in range(4))
+        self.head = nn.Linear(8, 3)
+        self.branch, self.input_scale, self.temperature = branch, 1.0, 1.0
+
+    def forward(self, x):
+        if not self.branch or x.shape[0] > 0:
+            x = x * self.input_scale
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x) / self.temperature
+
+
+def _scaled_runs(branch, change, steps=16, validate=False, audit_rows=0):
+    """Losses of the same run without and with the cache (its audit off: nothing else catches a
+    stale row), ``change(model, step)`` setting values before each step; the cache."""
+    x, y = torch.randn(24, 8, generator=torch.Generator().manual_seed(3)), torch.arange(24) % 3
+
+    def run(cache_on):
+        torch.manual_seed(0)
+        model = _ScaledNet(branch)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        freezer = SmartFreezer(model, opt, StaticFreeze(3, at_step=1), example_inputs=x[:4], total_steps=steps)
+        cache = ActivationCache(freezer, num_samples=24, deterministic=True, audit_rows=audit_rows) if cache_on else None
+        forward = cache.wrap() if cache_on else (lambda inputs, ids: model(inputs))
+        losses = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for step in range(steps):
+                change(model, step)
+                if validate:  # a validation pass between the change and the training step
+                    model.eval()
+                    with torch.no_grad():
+                        forward(x[:8], torch.arange(8))
+                    model.train()
+                ids = torch.arange(8) + 8 * (step % 3)
+                loss = nn.functional.cross_entropy(forward(x[ids], ids), y[ids])
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                freezer.step()
+                losses.append(loss.item())
+        return losses, cache
+
+    (plain, _), (cached, cache) = run(False), run(True)
+    return plain, cached, cache
+
+
+def _set_block_scales(model, step):
+    for block in model.blocks:
+        block.scale = 1.0 if step < 7 else 0.5
+
+
+def _set_input_scale(model, step):
+    model.input_scale = 1.0 if step < 7 else 0.5
+
+
+@pytest.mark.parametrize("branch", [False, True], ids=["torch.fx", "module swap"])
+@pytest.mark.parametrize("change", [_set_block_scales, _set_input_scale], ids=["block scale", "input scale"])
+@pytest.mark.parametrize("validate", [False, True], ids=["", "validated"])
+def test_a_value_the_frozen_prefix_reads_changed_by_the_loop_drops_its_rows(branch, change, validate):
+    """A scale the loop changes mid-run in a module of the frozen prefix (or the model's own, read
+    before the blocks) was served from rows made with the old value: 1.4e-2 in weights with the
+    audit off, and with it on the cache turned off blaming non-determinism (review89). Rows are
+    dropped and made again; the run equals the one without the cache. A validation pass between
+    the change and the next training step does not take the change for its own. (A torch.fx
+    trace held the value as a constant of its graph: the cache sets up again on the module swap.)"""
+    plain, cached, cache = _scaled_runs(branch, change, validate=validate)
+    assert cached == plain
+    assert cache.active and cache.stats["hits"] > 0, cache.describe()
+    assert cache.stats["values_changed"] == 1 if branch else "module swap" in cache.describe(), cache.describe()
+
+
+def test_a_value_the_model_reads_after_the_cut_drops_nothing():
+    """The model's temperature, annealed at every step and read after the blocks, is no value of
+    the rows: on the module swap (which runs the model's own forward up to the cut) the cache
+    looks at what the model reads before the cut, and keeps its rows."""
+    def anneal(model, step):
+        model.temperature = 1.0 + 0.1 * step
+    plain, cached, cache = _scaled_runs(True, anneal)
+    assert cached == plain
+    assert cache.active and cache.stats["values_changed"] == 0 and cache.stats["hits"] > 0, cache.describe()
+
+
+def test_a_value_the_prefix_reads_that_changes_at_every_step_turns_the_cache_off():
+    """Changed faster than rows are read again, no row could ever be served: the cache says so
+    and turns off (exact all along)."""
+    def anneal(model, step):
+        for block in model.blocks:
+            block.scale = 1.0 - 0.02 * step
+    plain, cached, cache = _scaled_runs(False, anneal)
+    assert cached == plain
+    assert not cache.enabled and "blocks.0.scale" in cache.reason and "changed again" in cache.reason, cache.reason

@@ -46,9 +46,9 @@ from ..guards import ContainerChildren, warn_in_every_run
 from ..policy.base import plain_number
 from ..units import (PythonAttributes, SharedWrites, compiled_in_place, example_call, preserved_modes, preserved_state,
                      uninitialized_parameters)
-from .split import (SWAP, BlockChain, Inputs, block_modules, captured_outputs, checkpointing_switches, find_blocks,
-                    hooked_modules, modules_outside, rows_need_grad, skipped_hooks)
-from .swap import CutNotReached, holds_tensors
+from .split import (OUTPUT_SWITCHES, SWAP, BlockChain, Inputs, block_modules, captured_outputs, checkpointing_switches,
+                    find_blocks, hooked_modules, modules_outside, rows_need_grad, skipped_hooks)
+from .swap import GLOBAL_PRE_HOOKS, CutNotReached, holds_tensors
 from .storage import (PINNED_READS, STORAGE_DTYPES, TIERS, StaleCacheFile, Storage, check_path, input_sums,
                       make_storage, owned_temp_path, read_header, remove_leftovers, row_bytes, storage_dtype,
                       tensor_sum)
@@ -192,7 +192,8 @@ class ActivationCache:
             "inputs not declared deterministic: pass deterministic=True if a sample's input is the "
             "same every time it is seen (no random augmentation)")
         self.stats: Dict[str, int] = dict(hits=0, misses=0, stored=0, over_capacity=0, audited=0, migrated=0,
-                                          bad_rows=0, bypassed=0, input_changed=0, weights_changed=0, not_finite=0)
+                                          bad_rows=0, bypassed=0, input_changed=0, weights_changed=0, values_changed=0,
+                                          not_finite=0)
         self._store: Optional[Storage] = None
         self._setup_done = False
         self._input_sig = None
@@ -232,6 +233,11 @@ class ActivationCache:
         self._prefix_state: Tuple[Any, List[Tensor], List[Tuple[int, torch.dtype, int, Tensor]], List[Tensor]] = \
             (None, [], [], [])
         self._prefix_slots: List[Tuple[Dict[str, Any], str, Tensor]] = []  # where the model holds them
+        # the Python values (a temperature the loop anneals) of the modules whose forward the rows
+        # hold, as the rows were made: (store, those modules, their values); see _prefix_values_unchanged
+        self._prefix_values: Tuple[Any, List[Tuple[str, nn.Module]], PythonAttributes] = (None, [], PythonAttributes())
+        self._outside_called: Dict[int, nn.Module] = {}  # modules outside the model the prefix's forward called
+        self._hits_at_values_drop: Optional[int] = None  # stats["hits"] when rows were last dropped for them
         # what a swapped-out forward found in those slots, and the training step it first did so
         self._swapped_seen: Optional[Tuple[int, List[Optional[weakref.ref]]]] = None
         # forwards run inside a plain DDP that copies rank 0's buffers into this rank (see _advance)
@@ -551,6 +557,15 @@ class ActivationCache:
     def forward(self, model: nn.Module, inputs: Inputs, sample_ids) -> Any:
         if self._closed is not None:
             return model(*inputs.args, **inputs.kwargs)
+        # a value the loop changed since the last forward, before any forward path (a validation
+        # pass's too: it must not take the loop's change for its own, below)
+        self._prefix_values_unchanged()
+        try:
+            return self._forward(model, inputs, sample_ids)
+        finally:
+            self._rebase_prefix_values()
+
+    def _forward(self, model: nn.Module, inputs: Inputs, sample_ids) -> Any:
         if self.enabled and torch._C._functorch.maybe_current_level() is not None:
             # its ids and rows are batched tensors, which the cache's lookups (host reads) cannot index
             self._bypass("functorch", "a forward inside torch.func's vmap or grad runs the whole model (counted in "
@@ -886,6 +901,7 @@ class ActivationCache:
             self._store.close()
             self._store = None
         self._prefix_state, self._prefix_slots = (None, [], [], []), []  # hold the store and the prefix's tensors
+        self._prefix_values = (None, [], PythonAttributes())
         self._sides = SideInputs(self.num_samples)
         if hasattr(self.chain, "release"):
             self.chain.release()
@@ -898,10 +914,11 @@ class ActivationCache:
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         mine = ("chain", "_store", "_structure_hooks", "_prefix_state", "_prefix_slots", "_swapped_seen", "_containers",
-                "_leaf_reads", "_prefix_calls")  # looks at this chain (a TreeSpec's deepcopy warns): done again
+                "_leaf_reads", "_prefix_calls", "_prefix_values", "_outside_called")  # looks at this chain (a TreeSpec's deepcopy warns): done again
         new.__dict__.update(copy.deepcopy({k: v for k, v in self.__dict__.items() if k not in mine}, memo))
         new.chain, new._store, new._structure_hooks, new._containers = None, None, [], ContainerChildren()
         new._prefix_state, new._prefix_slots, new._swapped_seen = (None, [], [], []), [], None
+        new._prefix_values, new._outside_called = (None, [], PythonAttributes()), {}
         weakref.finalize(new, remove_handles, new._structure_hooks)
         if self.tier == "mmap":  # a file of its own beside the original's, never the original's
             new._lineage = uuid.uuid4().hex
@@ -1120,6 +1137,65 @@ class ActivationCache:
         self._prefix_slots = [(slots, name, t) for m in self.freezer.module.modules()
                               for slots in (m._parameters, m._buffers) for name, t in slots.items() if id(t) in ids]
         self._swapped_seen = None
+        self._watch_prefix_values(store)
+
+    def _watch_prefix_values(self, store: Storage) -> None:
+        """Note the Python values ``store``'s rows are made with (see _prefix_values_unchanged):
+        those of the cached blocks' modules and of the modules outside the model they were seen
+        calling (one kept without registering it, which every block calls), and, of the modules
+        whose call starts before the cut and goes on after it (the module swap's root and blocks
+        around the cut), those their forward reads before the cut."""
+        model = self.freezer.module
+        found = {id(m): m for block in self.chain.blocks[:self.boundary] for m in block_modules(block)}
+        found.update(self._outside_called)
+        around: List[nn.Module] = []
+        if self.chain.how == SWAP and self.boundary:
+            around = [m for m in dict.fromkeys((*(m for b in self.chain.blocks[:self.boundary] for m in b.enters),
+                                                model)) if id(m) not in found]
+            found.update((id(m), m) for m in around)
+        names = {id(m): name or type(model).__name__ for name, m in model.named_modules()}
+        modules = [(names.get(key, f"<{type(m).__name__} outside the model>"), m) for key, m in found.items()]
+        read = self.chain.reads_before_cut(self.boundary, around) if around else {}
+        self._prefix_values = (store, modules, PythonAttributes(modules, only=read))
+
+    def _prefix_values_unchanged(self) -> bool:
+        """Drop every cached row if a Python value of a module whose forward the rows hold
+        changed since they were made (a temperature or scale the loop anneals, an adapter's
+        flag): rows made with the old value would be served (review89). Compared by value, as
+        the torch.fx chain's constants are (``PythonAttributes``). Values that change faster
+        than rows are read again (each change finds no row served since the last) turn the
+        cache off: it could only make rows and drop them. False when it did so."""
+        store, modules, values = self._prefix_values
+        if store is None or store is not self._store:
+            return True
+        changed = sorted({f"{name}.{key}" for name, key in values.changed_values() if key not in OUTPUT_SWITCHES})
+        if not changed:
+            return True
+        what = ", ".join(changed[:3]) + (" ..." if len(changed) > 3 else "")
+        self.stats["values_changed"] += 1
+        self._drop_rows()
+        if self._hits_at_values_drop == self.stats["hits"]:
+            self._disable(f"{what}, read by the cached frozen prefix's forward, changed again before any cached row "
+                          "was read (counted in stats['values_changed']): rows made with one value cannot serve "
+                          "another, so the cache could only make rows and drop them; the whole model runs")
+            return False
+        self._hits_at_values_drop = self.stats["hits"]
+        self._warn_once("values_changed", f"ActivationCache: {what} of the cached frozen prefix changed since its "
+                        "rows were computed (a value the loop anneals or sets, kept by a module whose forward the "
+                        "rows hold): every cached row is dropped and computed again with the values now (counted "
+                        "in stats['values_changed']; each change costs the rows once).")
+        return True
+
+    def _rebase_prefix_values(self) -> None:
+        """After a forward: values the model's own forward set (a shape it notes, a warning it
+        marks as given; a forward whose writes change its output stops the cut at set-up) are
+        the values now, and modules outside the model it was first seen calling are watched."""
+        store, modules, values = self._prefix_values
+        if store is None or store is not self._store:
+            return
+        watched = {id(m) for _, m in modules}
+        if any(key not in watched for key in self._outside_called) or values.changed_values():
+            self._watch_prefix_values(store)
 
     def _prefix_swapped_out(self) -> bool:
         """A tensor of the cached prefix is not where the rows were made from: a forward under
@@ -1207,6 +1283,7 @@ class ActivationCache:
                 self._discard_store(store)  # an mmap file too: with reuse=True it would be reopened
         self._sides = SideInputs(self.num_samples)
         self._prefix_state, self._prefix_slots = (None, [], [], []), []
+        self._prefix_values = (None, [], PythonAttributes())
 
     def _discard_store(self, store: Storage) -> None:
         """Close a store whose rows no longer hold, and remove its mmap file (this run's own):
@@ -1315,8 +1392,26 @@ class ActivationCache:
 
     def _run_prefix(self, inputs: Inputs) -> Any:
         """The cached blocks' output, as rows are made (raises ``CutNotReached``)."""
-        with self._eval_mode(0, self.boundary), torch.no_grad():
+        with self._eval_mode(0, self.boundary), torch.no_grad(), self._noting_outside_calls():
             return self.chain.run(inputs, 0, self.boundary)
+
+    @contextmanager
+    def _noting_outside_calls(self) -> Iterator[None]:
+        """Note the modules outside the model that the forward inside calls (a scale module kept
+        without registering it): their Python values are watched with the prefix's."""
+        own = {id(m) for m in self.freezer.module.modules()}
+
+        def note(module, args) -> None:
+            if id(module) not in own:
+                self._outside_called.setdefault(id(module), module)
+        # put in torch's table directly: a registered hook moves torch's hook counter, which the
+        # cache reads as "a hook was placed" (the cut would be looked at again at every step)
+        key = -2 - id(self)
+        GLOBAL_PRE_HOOKS[key] = note
+        try:
+            yield
+        finally:
+            GLOBAL_PRE_HOOKS.pop(key, None)
 
     def _compute_prefix(self, inputs: Inputs) -> Optional[Tensor]:
         try:
@@ -1768,6 +1863,8 @@ class ActivationCache:
             return
         if not self._prefix_weights_unchanged():  # rows made from weights written since are dropped, not migrated
             return
+        if not self._prefix_values_unchanged():  # nor rows made with values changed since (dropped: no store below)
+            return
         old, self.boundary = self.boundary, boundary
         if self._store is None:
             if old == 0 and self.reuse and self.path is not None and os.path.exists(self.path):
@@ -1810,7 +1907,8 @@ class ActivationCache:
                 chunk, chunk_slots = ids[start:start + MIGRATE_CHUNK], slots[start:start + MIGRATE_CHUNK]
                 h = store.read(chunk_slots, *old_act)
                 run = Inputs((), self._sides.get(chunk)) if reads_side else Inputs(())
-                with self._eval_mode(old, self.boundary), torch.no_grad(), self._rows_precision():
+                with self._eval_mode(old, self.boundary), torch.no_grad(), self._rows_precision(), \
+                        self._noting_outside_calls():
                     h = self.chain.run(run, old, self.boundary, h=h)
                 if h.shape[0] != chunk.numel():
                     # no row per sample in dimension 0 (a GRU's final state [1, B, H]): nothing to move;

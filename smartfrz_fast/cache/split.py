@@ -707,6 +707,10 @@ def _captures_outputs(hook: Any) -> bool:
 
 # the Hugging Face forward arguments that ask for outputs collected inside the layers
 CAPTURED_OUTPUTS = ("output_hidden_states", "output_attentions", "output_router_logits")
+# settings (a Hugging Face config's) that choose what a forward returns, not what its layers
+# compute from a sample (a forward asking for captured outputs makes no rows): a change of one
+# leaves the cached rows as they are
+OUTPUT_SWITCHES = frozenset((*CAPTURED_OUTPUTS, "return_dict"))
 
 
 def captured_outputs(model: nn.Module, kwargs: Dict[str, Any]) -> List[str]:

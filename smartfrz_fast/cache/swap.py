@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import functools
 import heapq
 import itertools
 import warnings
@@ -495,7 +496,8 @@ class SwapChain:
         self._chosen: Dict[int, List[Call]] = {}
         self._needed: Dict[int, Tuple[Optional[str], List[int]]] = {}
         self._after: Dict[int, Set[int]] = {}  # cut -> _called_after
-        self._guard_key = -1 - id(self)  # its key in _GLOBAL_PRE_HOOKS while it serves or makes rows
+        self._reads: Dict[Tuple[int, ...], Dict[int, Set[str]]] = {}  # (cut, module ids) -> reads_before_cut
+        self._guard_key = -1 - id(self)  # its key in GLOBAL_PRE_HOOKS while it serves or makes rows
         self._recorded = {id(c.module) for c in calls}
         self._own = {id(m) for m in model.modules()}
         self.passed_over: Optional[str] = None  # as BlockChain's
@@ -1018,16 +1020,47 @@ class SwapChain:
         handle = c.module.register_forward_hook(stop)
         self._before_cut = True
         if expected:
-            _GLOBAL_PRE_HOOKS[self._guard_key] = note
+            GLOBAL_PRE_HOOKS[self._guard_key] = note
         try:
             self.model(*inputs.args, **inputs.kwargs)
         except _Stop as s:
             return s.output
         finally:
-            _GLOBAL_PRE_HOOKS.pop(self._guard_key, None)
+            GLOBAL_PRE_HOOKS.pop(self._guard_key, None)
             self._before_cut = False
             handle.remove()
         return _NOT_RUN
+
+    def reads_before_cut(self, cut: int, modules: Sequence[nn.Module]) -> Dict[int, Set[str]]:
+        """``{id(module): attribute names}`` that each of ``modules`` (the model, modules whose
+        call goes on past the cut) reads while the forward runs up to the cut: the only values of
+        theirs that rows hold (a root's temperature applied to the logits is read after the cut).
+        One look per cut on the set-up's sample, each module's class swapped for a subclass that
+        notes reads; a module whose class cannot be swapped is left out (watched whole), and a
+        look that fails leaves them all out."""
+        key = (cut, *(id(m) for m in modules))
+        if key not in self._reads:
+            reads: Dict[int, Set[str]] = {}
+            swapped = []
+            try:
+                for module in modules:
+                    cls = type(module)
+                    try:
+                        module.__class__ = _noting_reads(cls)
+                    except TypeError:  # a class whose layout a subclass cannot take
+                        continue
+                    swapped.append((module, cls))
+                    reads[id(module)] = _READS[id(module)] = set()
+                with preserved_state(self.model):
+                    self.rows(self.sample, cut)
+            except Exception:  # noqa: BLE001 -- the rows' own forward raises it again where it matters
+                reads = {}
+            finally:
+                for module, cls in swapped:
+                    module.__class__ = cls
+                    _READS.pop(id(module), None)
+            self._reads[key] = reads
+        return self._reads[key]
 
     def _unpack(self, c: Call, cut: int, h: Tensor) -> Any:
         rows = [kind for kind in c.leaves if kind[0] == "row"]
@@ -1049,16 +1082,15 @@ class SwapChain:
 
     def _never_ran(self, module: nn.Module) -> bool:
         """Whether a call of ``module`` leaves the recorded path: a module of the model that the
-        recorded forward never called. A module outside the model that holds no tensors and no
-        state of its own is a function the forward calls (transformers' hub-kernel
-        ``apply_rotary_pos_emb``, one ``nn.Module`` every attention layer calls), which the
-        recording, hooked on the model's own modules, never sees: it was taken for a branch and no
-        cut past an attention held (review85). One with attributes of its own (a scale the loop
-        anneals) is not: nothing watches them, and rows would keep their old value (review89)."""
+        recorded forward never called. A module outside the model that holds no tensors is a
+        function the forward calls (transformers' hub-kernel ``apply_rotary_pos_emb``, one
+        ``nn.Module`` every attention layer calls), which the recording, hooked on the model's own
+        modules, never sees: it was taken for a branch and no cut past an attention held
+        (review85). Its Python values (a scale the loop anneals) are watched with the prefix's
+        (``ActivationCache._prefix_values_unchanged``); tensors of its own are not."""
         if id(module) in self._recorded:
             return False
-        return (id(module) in self._own or any(True for _ in itertools.chain(module.parameters(), module.buffers()))
-                or bool(set(vars(module)) - _MODULE_FIELDS))
+        return id(module) in self._own or any(True for _ in itertools.chain(module.parameters(), module.buffers()))
 
     def _not_reached(self, c: Call, skipped: bool = False) -> str:
         how = (f"took another path to {c.name}, the block the cached rows stand in for, than the recorded forward "
@@ -1119,7 +1151,7 @@ class SwapChain:
                 raise CutNotReached(self._not_reached(c, skipped=True))
             served[0] = True
             self._before_cut = False
-            _GLOBAL_PRE_HOOKS.pop(self._guard_key, None)  # the calls after C run without it
+            GLOBAL_PRE_HOOKS.pop(self._guard_key, None)  # the calls after C run without it
             return value
 
         real_c = c.module.forward
@@ -1132,13 +1164,13 @@ class SwapChain:
             self._before_cut = True
             # a global pre-hook until C is served, set in torch's table directly: a registration
             # would move torch's hook counter at every step, and the cache reads it as a hook placed
-            _GLOBAL_PRE_HOOKS[self._guard_key] = not_past_the_cut
+            GLOBAL_PRE_HOOKS[self._guard_key] = not_past_the_cut
             out = self.model(*inputs.args, **inputs.kwargs)
             if not served[0]:  # the forward ended without C: an early exit before the cut
                 raise CutNotReached(self._not_reached(c))
             return out
         finally:
-            _GLOBAL_PRE_HOOKS.pop(self._guard_key, None)
+            GLOBAL_PRE_HOOKS.pop(self._guard_key, None)
             self._before_cut = False
             for module, old in reversed(patched):
                 if old is _MISSING:
@@ -1148,11 +1180,25 @@ class SwapChain:
 
 
 _MISSING = object()
-_MODULE_FIELDS = frozenset(vars(nn.Module()))  # what every nn.Module holds: none of it its own state
 _NOT_RUN = object()
+_READS: Dict[int, Set[str]] = {}  # id(module) -> the attributes it read, while reads_before_cut looks
+
+
+@functools.lru_cache(maxsize=None)
+def _noting_reads(cls: type) -> type:
+    """A subclass of ``cls`` whose instances note each attribute read in ``_READS``."""
+    def __getattribute__(self, name):
+        noted = _READS.get(id(self))
+        if noted is not None:
+            noted.add(name)
+        return cls.__getattribute__(self, name)
+    return type(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "__module__": cls.__module__,
+                                       "__qualname__": cls.__qualname__})
+
+
 # torch's table of global forward pre-hooks (register_module_forward_pre_hook's), where a chain's
 # guard takes a negative key of its own (torch's count up from 0)
-_GLOBAL_PRE_HOOKS = torch.nn.modules.module._global_forward_pre_hooks
+GLOBAL_PRE_HOOKS = torch.nn.modules.module._global_forward_pre_hooks
 
 
 class _CheckpointRegions:
