@@ -14,6 +14,7 @@ zeros is exact, so every rank holds the history a single process would hold for 
 from __future__ import annotations
 
 import hashlib
+import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -275,6 +276,13 @@ class WeightHistory:
         self.history.copy_(state["history"].to(self.device))
         self.cursor.fill_(state["cursor"])
         self.count = state["count"]
+        bad = int((~torch.isfinite(state["history"])).sum())
+        if bad:  # the run's own: until review92 refused, every checkpoint for a window's length after a glitch
+            warnings.warn(f"SmartFreezer: the checkpoint's weight history holds {bad} NaN or inf values, from "
+                          "snapshots taken while a weight was not finite (an overflow put right since, or a run that "
+                          "diverged: check the model's weights). They are kept as the run had them: no unit is "
+                          "frozen on a window that holds them, and they leave the window as new snapshots come.",
+                          stacklevel=3)
 
     def check_state(self, state: Dict[str, Any], max_count: Optional[int] = None) -> None:
         """Raise (changing nothing) unless ``state`` is this history's, saved by ``state_dict``:
@@ -311,10 +319,6 @@ class WeightHistory:
                              f"copies of the number of snapshots, at most {max_count} by the checkpoint's step).")
         if saved.dtype != self.history.dtype:
             raise ValueError(f"the checkpoint's weight history is {saved.dtype}, not {self.history.dtype}: corrupt.")
-        bad = int((~torch.isfinite(saved)).sum())
-        if bad:
-            raise ValueError(f"the checkpoint's weight history holds {bad} NaN or inf values: it is corrupt, or was "
-                             "saved from a run that had diverged. Resume from an earlier checkpoint.")
         unwritten = saved[:, count:] if count < self.window else saved[:, :0]
         masked = saved.masked_select((self.source_ids < 0).cpu()[:, None, :])
         if bool(unwritten.any()) or bool(masked.any()):

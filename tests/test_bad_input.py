@@ -669,3 +669,65 @@ def test_an_example_batch_of_no_samples_is_refused():
     with pytest.raises(ValueError, match="a batch of 0 samples"):
         SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1),
                      example_inputs=torch.randn(0, 4), total_steps=10)
+
+
+def _mlp_with_a_glitch(steps, glitch=float("inf"), glitch_at=19, state=None, **policy):
+    """A 6-layer MLP under SmartFRZ, snapshot at every step: at ``glitch_at`` one weight of the
+    first layer is ``glitch`` when the freezer snapshots it, and is put right at once (an
+    overflow rolled back). ``state``: (model, optimizer, freezer) states to resume from first."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[layer for _ in range(5) for layer in (nn.Linear(8, 8), nn.Tanh())], nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    freezer = SmartFreezer(model, opt, SmartFRZ(min_progress=0.0, min_flops_share=0.0, **policy),
+                           example_inputs=torch.randn(4, 8), total_steps=120, sample_every=1)
+    start = 0
+    if state is not None:
+        model.load_state_dict(state[0])
+        freezer.load_state_dict(state[2])
+        opt.load_state_dict(state[1])
+        start = freezer.step_count
+    data = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 8, generator=data), torch.randint(0, 3, (16,), generator=data)) for _ in range(steps)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step, (x, y) in enumerate(batches[start:], start):
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            if step == glitch_at:
+                good = model[0].weight.detach().clone()
+                with torch.no_grad():
+                    model[0].weight[0, 0] = glitch
+            freezer.step()
+            if step == glitch_at:
+                with torch.no_grad():
+                    model[0].weight.copy_(good)
+    return model, opt, freezer
+
+
+@pytest.mark.parametrize("glitch", [float("inf"), float("-inf"), float("nan")])
+def test_one_non_finite_snapshot_does_not_count_the_unit_as_settled(glitch):
+    """An inf snapshot made the first window's movement inf, SmartFRZ's settle reference for the
+    unit, and the unit counted as settled for the rest of the run: it froze units 0-3 at steps
+    50-80 where the clean run froze none, even at threshold 1e-6 (review92). Now as with NaN:
+    that window is no reference, and the run freezes as the clean one."""
+    _, _, clean = _mlp_with_a_glitch(120, glitch=0.0, glitch_at=-1, threshold=1e-6)
+    _, _, glitched = _mlp_with_a_glitch(120, glitch=glitch, threshold=1e-6)
+    assert bool(torch.isfinite(glitched.policy._first_move[0]))
+    assert [(e.step, e.num_frozen) for e in glitched.timeline] == [(e.step, e.num_frozen) for e in clean.timeline]
+
+
+def test_a_checkpoint_whose_history_holds_a_non_finite_snapshot_resumes_exactly():
+    """Every checkpoint for a window's length after a snapshot taken while a weight was inf was
+    refused as "corrupt, or from a run that diverged" (review92: a quarter of a default run): the
+    library wrote it, and the run had not diverged. It loads, with a warning, and the resumed run
+    equals the uninterrupted one."""
+    whole, _, whole_freezer = _mlp_with_a_glitch(60)
+    model, opt, freezer = _mlp_with_a_glitch(40)
+    state = (model.state_dict(), opt.state_dict(), freezer.state_dict())
+    assert not bool(torch.isfinite(state[2]["history"]["history"]).all())
+    with pytest.warns(UserWarning, match=r"weight history holds 1 NaN or inf values.*kept as the run had them"):
+        resumed, _, resumed_freezer = _mlp_with_a_glitch(60, state=state)
+    assert resumed_freezer.timeline == whole_freezer.timeline
+    for a, b in zip(whole.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)

@@ -391,7 +391,9 @@ class SmartFRZ(FreezePolicy):
         The first window is the first one that starts with the unit moving: one that starts in
         a stretch where the user's code held it frozen (a warm-up of the head, gradual
         unfreezing; the engine holds back its freeze meanwhile) would be a reference of 0 or of
-        a few steps' movement, and hold it back for good. Device ops only."""
+        a few steps' movement, and hold it back for good. Nor is a movement that is not finite (a
+        snapshot taken while a weight was inf, put right after: an inf reference would count the
+        unit as settled for the rest of the run, review92). Device ops only."""
         history = self.context.history
         h, t = history.history, history.window
         oldest_first = torch.remainder(history.cursor + torch.arange(t, device=h.device), t)
@@ -403,7 +405,7 @@ class SmartFRZ(FreezePolicy):
         move = steps.sum(dim=1).norm(dim=1)
         self._first_move = self._state_tensor(self._first_move, h.shape[0], float("nan"), torch.float32, h.device)
         first = self._first_move.index_select(0, rows)
-        first = torch.where(first.isnan() & moved[:, 0], move, first)
+        first = torch.where(first.isnan() & moved[:, 0] & move.isfinite(), move, first)
         self._first_move.index_copy_(0, rows, first)
         return (move <= self.settle_ratio * first) | ~moved.any(dim=1)  # (False while first is NaN)
 
