@@ -1073,6 +1073,24 @@ def test_a_file_lock_goes_with_a_failure_and_stays_out_of_forked_children(tmp_pa
         child.join()
 
 
+def test_a_cache_dropped_without_close_lets_its_file_go(tmp_path):
+    """A cache dropped without close() (a notebook's failed run, a sweep's trial) held its file's
+    lock until the process ended: a resume or the next run on the file, in the same process,
+    trained with the cache off, told "the file is open in another activation cache" (review92)."""
+    import gc
+
+    path = str(tmp_path / "c.bin")
+    first, wrapped = ready_cache(storage="mmap", path=path)
+    wrapped(X, torch.arange(N))
+    del first, wrapped
+    gc.collect()
+    second, wrapped2 = ready_cache(storage="mmap", path=path, reuse=True)
+    out = wrapped2(X, torch.arange(N))
+    assert second.enabled and second.stats["hits"] == N, second.describe()
+    torch.testing.assert_close(out, second.freezer.model(X))
+    second.close()
+
+
 def test_a_cache_takes_a_file_over_only_when_it_opens_it(tmp_path):
     """Another cache built on a running cache's path turned the running one off at construction,
     even one that never opens the file (deterministic=False, reuse=False meeting the file, a

@@ -27,6 +27,7 @@ import resource
 import shutil
 import uuid
 import warnings
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -557,6 +558,9 @@ class MmapStorage(Storage):
         if not reopen:
             self._create(total)
         self._lock_fd = lock_file(self.path)  # before a reopened file's rows are read: no other cache writes them
+        # a store dropped without close() (a notebook's failed run, a sweep's trial) lets the file
+        # go as it is collected: its lock was held until the process ended (review92)
+        self._lock_release = weakref.finalize(self, _release_lock, self._lock_fd, self._lock_pid)
         try:
             if reopen:
                 header = read_header(self.path)
@@ -697,11 +701,16 @@ class MmapStorage(Storage):
         self._unlock()
 
     def _unlock(self) -> None:
-        if getattr(self, "_lock_fd", None) is not None:
-            if self._lock_pid == os.getpid():  # a forked child closed its copy already (the number may be reused)
-                _LOCK_FDS.discard(self._lock_fd)
-                os.close(self._lock_fd)  # releases the lock
-            self._lock_fd = None
+        release = getattr(self, "_lock_release", None)
+        if release is not None:
+            release()  # once: a finalizer that ran is a no-op
+        self._lock_fd = None
+
+
+def _release_lock(fd: Optional[int], pid: int) -> None:
+    if fd is not None and pid == os.getpid():  # a forked child closed its copy already (the number may be reused)
+        _LOCK_FDS.discard(fd)
+        os.close(fd)  # releases the lock
 
 
 TEMP_MARK = ".smartfrz-tmp-"
