@@ -472,6 +472,7 @@ class SmartFreezer:
         self._user_frozen_modules: set = set()  # ids of the modules made only of those (_user_frozen_modules)
         self._guard: Optional[guards.Guard] = None  # made at set-up: watches the model and the optimizers
         self._closed = False
+        self._loaded_at: Optional[int] = None  # the step of the checkpoint loaded into it, if any
         # Distributed: units live on the inner module; rank 0's decisions are broadcast.
         from . import distributed
 
@@ -701,7 +702,8 @@ class SmartFreezer:
                 f"SmartFreezer: the optimizer does not hold {len(missing)} of the model's trainable "
                 f"parameters ({missing[:4]}{' ...' if len(missing) > 4 else ''}). Pass the optimizer "
                 "(or list of optimizers) that trains this model, built after the model's parameters "
-                "were created."
+                "were created. Layers meant to stay as they are (a backbone under a head fine-tuned alone): "
+                "requires_grad_(False) on them before building the freezer, which then leaves them out."
             )
 
     def _scale_unit_lrs(self, optimizers: Sequence[torch.optim.Optimizer]) -> None:
@@ -1711,9 +1713,16 @@ class SmartFreezer:
         policy or settings, or a truncated dict) leaves the model, the optimizer and this
         freezer as they were."""
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError("not a SmartFreezer state_dict (missing its format tag)")
+            inside = [key for key, value in state.items() if isinstance(value, dict)
+                      and value.get("format") == STATE_FORMAT] if isinstance(state, dict) else []
+            raise ValueError("not a SmartFreezer state_dict (missing its format tag)" + (
+                f": it holds one under {inside[0]!r}; pass freezer.load_state_dict(checkpoint[{inside[0]!r}])"
+                if inside else ": pass what freezer.state_dict() returned"))
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"SmartFreezer state version {state.get('version')} is not supported (this is {STATE_VERSION})")
+            raise ValueError(f"SmartFreezer state version {state.get('version')} is not supported (this is "
+                             f"{STATE_VERSION}): it was saved by another version of smartfrz_fast. Resume with the "
+                             "version that saved it, or start the freezer fresh (the model's and optimizer's states "
+                             "still load).")
         if state.get("before_set_up"):
             if not self._closed and self.step_count == 0 and not self.num_frozen:
                 return  # saved before the first forward: nothing to restore in a fresh freezer
@@ -1739,7 +1748,15 @@ class SmartFreezer:
                 f"{type(self.policy).__name__}: construct SmartFreezer with the same policy.",
                 {"policy": state["policy"]})
         if self.num_frozen or self.step_count:
-            raise RuntimeError("load_state_dict needs a fresh SmartFreezer (no steps taken yet)")
+            raise RuntimeError(
+                f"load_state_dict needs a fresh SmartFreezer (no steps taken yet); this one is at step "
+                f"{self.step_count} with {self.num_frozen} units frozen" + (
+                    ", as the checkpoint loaded into it already: load it once"
+                    if self._loaded_at == self.step_count else "") +
+                ". To roll back to an earlier checkpoint in this process: close() this freezer, set "
+                "requires_grad=True again on the layers it froze (model.requires_grad_(True) where all train), "
+                "build a new optimizer and SmartFreezer as at the start, then load the model's, the freezer's and "
+                "the optimizer's states, in that order.")
         # the model may have been loaded with load_state_dict(assign=True) since set-up: the state
         # freezes the parameters it holds now (else the old ones, and the next step found the
         # new ones "replaced" and still training); a changed model raises here, before any change
@@ -1805,6 +1822,7 @@ class SmartFreezer:
         self.freeze_to(num_frozen, step=step)
         self.timeline = timeline
         self._pending = [(apply_at, value, None) for apply_at, value in pending]
+        self._loaded_at = step
         saved_policy = state.get("policy_settings")  # absent in checkpoints older than this check
         if saved_policy is not None and saved_policy != self.policy.describe():
             warnings.warn(f"SmartFreezer: the checkpoint's policy was {saved_policy}, this run's is "
@@ -1915,7 +1933,9 @@ class SmartFreezer:
                 "trainer callbacks: the same submodule=).")
         raise ValueError(
             f"this SmartFreezer checkpoint belongs to a different model ({detail}). Resume with "
-            "the model the checkpoint was saved from, or start the freezer fresh."
+            "the model the checkpoint was saved from, or start the freezer fresh. (Units are the parameters "
+            "an example forward reads: with the same model, pass the example_inputs the saved run used, "
+            "as a forward that takes another path reads other parameters.)"
         )
 
     @staticmethod

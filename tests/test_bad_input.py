@@ -457,7 +457,7 @@ def test_predictor_with_nan_weights_or_a_foreign_provenance_is_refused(tmp_path)
         SmartFRZ(weights=tmp_path / "prov.pt")
 
 
-@pytest.mark.parametrize("content", [b"", b"hello", None])
+@pytest.mark.parametrize("content", [b"", b"hello", None, bytes(range(256)) * 16])
 def test_empty_text_or_directory_predictor_file_is_refused(tmp_path, content):
     path = tmp_path / "weights"
     if content is None:
@@ -465,8 +465,9 @@ def test_empty_text_or_directory_predictor_file_is_refused(tmp_path, content):
     else:
         path.write_bytes(content)
     match = "a folder, not a predictor file" if content is None else "unreadable.*Pass a file written by save_predictor"
-    with pytest.raises(PredictorWeightsError, match=match):
+    with pytest.raises(PredictorWeightsError, match=match) as info:
         SmartFRZ(weights=path)
+    assert "Python objects" not in str(info.value)  # random bytes were said to hold some (review92)
 
 
 def test_a_bad_smartfrz_predictor_variable_is_named(tmp_path, monkeypatch):

@@ -440,6 +440,14 @@ def test_an_empty_probe_or_another_model_is_refused():
     instance of the model measured one that never trains and froze at its first chance (review82)."""
     with pytest.raises(ValueError, match="probe_inputs hold no samples"):
         Egeria(mlp(), torch.randn(0, 12))
+    probe = torch.randn(4, 12)
+    probe[1, 3] = float("nan")  # every distance was NaN, and nothing ever froze (review92)
+    with pytest.raises(ValueError, match="probe_inputs hold 1 NaN or inf values"):
+        Egeria(mlp(), probe)
+    with torch.device("meta"):
+        on_meta = mlp()
+    with pytest.raises(ValueError, match=r"on the 'meta' device .*after model.to_empty"):
+        Egeria(on_meta, torch.randn(4, 12))
     model = mlp()
     policy = Egeria(mlp(), torch.randn(4, 12), interval=2, warmup=2)
     with pytest.raises(ValueError, match="another model than the one SmartFreezer manages"):

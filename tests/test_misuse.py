@@ -1732,3 +1732,33 @@ def test_outputs_that_feed_later_layers_or_are_combined_with_them_are_no_heads(m
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*frozen units alone.*")
         freezer.freeze_to(len(freezer.units) - 1)
+
+
+def test_refusals_say_what_to_do(tmp_path):
+    """Messages that named no way out (review92 F3, F4, F11, F12; review91 #2, #5)."""
+    model, opt, freezer = smartfrz_run(tmp_path)
+    state = freezer.state_dict()
+    with pytest.raises(ValueError, match=r"holds one under 'freezer'; pass freezer.load_state_dict\(checkpoint\['freezer'\]\)"):
+        smartfrz_run(tmp_path, steps=0)[2].load_state_dict({"model": model.state_dict(), "freezer": state})
+    with pytest.raises(ValueError, match=r"saved by another version of smartfrz_fast.*start the freezer fresh"):
+        smartfrz_run(tmp_path, steps=0)[2].load_state_dict({**state, "version": 99})
+    with pytest.raises(RuntimeError, match=r"roll back to an earlier checkpoint in this process: close\(\) this freezer"):
+        freezer.load_state_dict(state)  # a rollback: this freezer went on
+    fresh = smartfrz_run(tmp_path, steps=0)[2]
+    fresh.load_state_dict(state)
+    with pytest.raises(RuntimeError, match=r"as the checkpoint loaded into it already: load it once"):
+        fresh.load_state_dict(state)
+    torch.manual_seed(0)
+    model = SmallCNN()
+    head_only = torch.optim.SGD(list(model.parameters())[-2:], lr=0.1)
+    with pytest.raises(ValueError, match=r"requires_grad_\(False\) on them before building the freezer"):
+        SmartFreezer(model, head_only, StaticFreeze(1), example_inputs=batch(0)[0])
+
+
+def test_freezeout_refuses_rprop():
+    """Rprop reads its lr at its first step only: FreezeOut's annealing did nothing, and units
+    took full-size steps up to their freeze (review91)."""
+    model = SmallCNN()
+    with pytest.raises(ValueError, match="Rprop reads its groups' lr at its first step only"):
+        SmartFreezer(model, torch.optim.Rprop(model.parameters()), FreezeOut(), example_inputs=batch(0)[0],
+                     total_steps=10)

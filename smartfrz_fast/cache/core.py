@@ -443,7 +443,10 @@ class ActivationCache:
                     hint = f" (pass dtype={name!r})" if name else ""
                 raise ValueError(
                     f"ActivationCache: the checkpoint's cache was made with {key}={saved!r}, this one has "
-                    f"{key}={mine.get(key)!r}. Construct the cache with the checkpoint's settings{hint}.")
+                    f"{key}={mine.get(key)!r}. Construct the cache with the checkpoint's settings{hint}, or, where "
+                    "they no longer fit (less memory, a grown dataset), leave the cache's state out: a cache "
+                    "with the new settings refills its rows, and the model, freezer and optimizer resume "
+                    "exactly as with it.")
         if not state["enabled"] and self.enabled and state.get("off_by_storage"):
             # a storage fault (a full disk, a file deleted under the run) is the interrupted run's
             # place, not its data: kept off, a resume on a new path stayed off, unsaid (review87)

@@ -240,6 +240,15 @@ class Egeria(FreezePolicy):
         if any(t.is_meta for t in tensors):
             raise ValueError("Egeria: probe_inputs hold tensors on the 'meta' device, which hold no values: pass one "
                              "batch of real inputs (on any device: they are moved to ref_device).")
+        bad = sum(int((~torch.isfinite(t)).sum()) for t in tensors if t.is_floating_point() or t.is_complex())
+        if bad:  # every plasticity would be NaN: nothing would ever freeze, silently (review92)
+            raise ValueError(f"Egeria: probe_inputs hold {bad} NaN or inf values: each unit's distance to the "
+                             "reference would be NaN, and nothing would ever freeze. Pass one batch of finite inputs.")
+        meta = [name for name, p in model.named_parameters() if p.is_meta]
+        if meta:  # (the copy below fails on them with torch's words)
+            raise ValueError(f"Egeria: the model's parameters are on the 'meta' device (not materialised: "
+                             f"{meta[:3]}{' ...' if len(meta) > 3 else ''}): build Egeria, and the freezer, after "
+                             "model.to_empty(device=...) and loading its weights.")
         if tensors and all(t.numel() == 0 for t in tensors):
             raise ValueError("Egeria: probe_inputs hold no samples (every tensor is empty): each unit's distance "
                              "would be 0/0 and nothing would ever freeze. Pass one batch with samples.")

@@ -30,6 +30,10 @@ def _check_scalable(optimizer: torch.optim.Optimizer) -> None:
     (``lr=None, relative_step=True``: Hugging Face's and timm's) computes its own step size and
     never reads the group's lr, so FreezeOut's annealing would do nothing (and ``None * factor``
     raised inside the first step)."""
+    if isinstance(optimizer, torch.optim.Rprop):  # (review91: full-size steps up to the freeze)
+        raise ValueError("FreezeOut anneals each unit's learning rate, and Rprop reads its groups' lr at its first "
+                         "step only (its step sizes adapt on their own from there), so the annealing would do "
+                         "nothing. Use another optimizer with FreezeOut, or another policy.")
     for index, group in enumerate(optimizer.param_groups):
         lr = group.get("lr")
         if group.get("relative_step") or isinstance(lr, bool) or not isinstance(lr, (numbers.Real, torch.Tensor)):

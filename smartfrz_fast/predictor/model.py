@@ -205,8 +205,11 @@ def _read_weights_file(path: Path, what: str, fix: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file: say so, whatever torch raised
-        if isinstance(exc, pickle.UnpicklingError):  # torch's text suggests loading it unsafely: not that
+        if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in str(exc):
+            # torch's text suggests loading it unsafely: not that
             detail = "it holds Python objects besides tensors, which are not loaded"
+        elif isinstance(exc, pickle.UnpicklingError):  # not a pickle at all (random bytes, another format)
+            detail = "it is not a file torch.save wrote"
         else:
             detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         raise PredictorWeightsError(f"{what} are unreadable ({detail}). The file is corrupt or not a predictor "
