@@ -238,6 +238,8 @@ class ActivationCache:
         self._prefix_values: Tuple[Any, List[Tuple[str, nn.Module]], PythonAttributes] = (None, [], PythonAttributes())
         self._outside_called: Dict[int, nn.Module] = {}  # modules outside the model the prefix's forward called
         self._hits_at_values_drop: Optional[int] = None  # stats["hits"] when rows were last dropped for them
+        self._hits_at_store = 0  # stats["hits"] when the store was made (see _advance)
+        self._unread_drops = 0  # deeper freezes in a row that dropped rows none of which was read
         # what a swapped-out forward found in those slots, and the training step it first did so
         self._swapped_seen: Optional[Tuple[int, List[Optional[weakref.ref]]]] = None
         # forwards run inside a plain DDP that copies rank 0's buffers into this rank (see _advance)
@@ -1861,9 +1863,26 @@ class ActivationCache:
             self._advance(self._frozen_blocks())
 
     def _advance(self, boundary: int) -> None:
-        """Move the cut deeper: push cached rows through the newly frozen blocks."""
+        """Move the cut deeper: push cached rows through the newly frozen blocks, or drop them
+        (the module swap's, rows made from weights or values changed since). A freezer that
+        freezes deeper twice in a row before any dropped row was read (a schedule that freezes
+        more often than an epoch, on the module swap) turns the cache off: it could only make
+        rows and drop them, each cut's set-up costing a second or so (review90: 2.5-8x slower)."""
         if boundary <= self.boundary:
             return
+        store, unread = self._store, self.stats["hits"] == self._hits_at_store
+        self._move_rows(boundary)
+        if store is None or self._store is not None or not self.enabled:
+            return
+        self._unread_drops = self._unread_drops + 1 if unread else 0
+        if self._unread_drops >= 2:
+            self._disable(f"the freezer froze deeper {self._unread_drops} times in a row before any cached row was "
+                          "read, and each freeze dropped the rows (the module swap cannot carry them to a deeper "
+                          "cut): the cache could only make rows and drop them, at a cost. Add it once freezing has "
+                          "settled (a later phase of the run), or with a policy that freezes less often than once "
+                          "an epoch")
+
+    def _move_rows(self, boundary: int) -> None:
         if not self._prefix_weights_unchanged():  # rows made from weights written since are dropped, not migrated
             return
         if not self._prefix_values_unchanged():  # nor rows made with values changed since (dropped: no store below)
@@ -1986,6 +2005,7 @@ class ActivationCache:
             store = self._make_store_now(row_shape, path, reuse, commit)
         self._note_prefix_weights(store)
         self._rows_migrated = False  # (a move sets it once its rows are in)
+        self._hits_at_store = self.stats["hits"]
         return store
 
     def _make_store_now(self, row_shape: Tuple[int, ...], path: Optional[str], reuse: Optional[bool],
