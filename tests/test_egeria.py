@@ -534,3 +534,52 @@ def test_a_unit_the_probe_never_reaches_is_named():
     named = [str(w.message) for w in caught if "no activation to judge" in str(w.message)]
     assert len(named) == 1 and "unit 1 (aux)" in named[0]
     assert freezer.num_frozen == 1
+
+
+def _egeria_with_a_nan_at_the_first_refresh(steps, glitch_at=19, checkpoint_at=None, state=None):
+    """An MLP under Egeria (evaluations every 5 steps from step 20, each 10th refreshing the
+    reference): at ``glitch_at`` one weight is NaN when the freezer steps, and is put right at
+    once. Returns the model, the freezer and, with ``checkpoint_at``, the states saved there."""
+    torch.manual_seed(0)
+    model, probe = mlp(), torch.randn(16, 12, generator=torch.Generator().manual_seed(5))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    policy = Egeria(model, probe, tolerance=0.9, interval=5, window=3, patience=1, ref_refresh=10,
+                    asynchronous=False)
+    freezer = SmartFreezer(model, opt, policy, example_inputs=probe, total_steps=200)
+    if state is not None:
+        model.load_state_dict(state[0])
+        freezer.load_state_dict(state[2])
+        opt.load_state_dict(state[1])
+    data = torch.Generator().manual_seed(6)
+    batches = [(torch.randn(16, 12, generator=data), torch.randint(0, 3, (16,), generator=data)) for _ in range(steps)]
+    saved = None
+    for step, (x, y) in enumerate(batches[freezer.step_count:], freezer.step_count):
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        if step == glitch_at:
+            good = model[0].weight.detach().clone()
+            with torch.no_grad():
+                model[0].weight[0, 0] = float("nan")
+        freezer.step()
+        if step == glitch_at:
+            with torch.no_grad():
+                model[0].weight.copy_(good)
+        if step + 1 == checkpoint_at:
+            saved = copy.deepcopy((model.state_dict(), opt.state_dict(), freezer.state_dict()))
+    return model, freezer, saved
+
+
+def test_a_refresh_that_meets_a_nan_weight_waits_for_the_next_evaluation():
+    """A weight NaN at a reference refresh (an overflow put right at once) put NaN into the int8
+    reference until the next refresh: freezing came 35-45 steps late, and checkpoints meanwhile
+    were refused as "damaged or edited" (review92). The refresh waits one evaluation; a
+    checkpoint taken meanwhile resumes exactly."""
+    model, freezer, saved = _egeria_with_a_nan_at_the_first_refresh(60, checkpoint_at=22)
+    policy = freezer.policy
+    assert not any(bool(torch.isnan(t).any()) for t in policy._ref_tensors)
+    assert saved[2]["policy_state"]["refresh_owed"] and not policy._refresh_owed
+    resumed, resumed_freezer, _ = _egeria_with_a_nan_at_the_first_refresh(60, state=saved)
+    assert resumed_freezer.timeline == freezer.timeline
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)

@@ -300,6 +300,7 @@ class Egeria(FreezePolicy):
         self._windows: List[List[float]] = []
         self._hits: List[int] = []
         self._evaluations = 0
+        self._refresh_owed = False  # a refresh met weights NaN or inf: the next evaluation refreshes
         self.last_plasticity: List[float] = []
         self._stats = {"evaluations": 0, "worker_s": 0.0, "copy_s": 0.0, "wait_s": 0.0}
         self._lock = threading.Lock()
@@ -377,6 +378,13 @@ class Egeria(FreezePolicy):
         with torch.no_grad():
             for dst, src in zip(self._shadow_tensors, self._staging):
                 dst.copy_(src)
+            params = [src for src in self._staging[:self._num_params] if src.is_floating_point()]
+            if refresh and params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+                # a weight NaN or inf at this step (an overflow put right after): the refresh waits for
+                # the next evaluation, or the reference would measure NaN until the one after (review92:
+                # freezing 35-45 steps late, checkpoints refused as damaged); a reference kept longer
+                # instead made every distance small and froze all units early
+                self._refresh_owed, refresh = True, False
             if refresh:
                 for i, (dst, src) in enumerate(zip(self._ref_tensors, self._staging)):
                     dst.copy_(fake_quantize_int8(src) if i < self._num_params and src.is_floating_point() else src)
@@ -415,7 +423,8 @@ class Egeria(FreezePolicy):
         return outputs
 
     def _launch(self, frozen: int) -> None:
-        refresh = self._evaluations % self.ref_refresh == 0
+        refresh = self._evaluations % self.ref_refresh == 0 or self._refresh_owed
+        self._refresh_owed = False
         t0 = time.perf_counter()
         event = self._copy_weights()
         self._stats["copy_s"] += time.perf_counter() - t0
@@ -520,11 +529,12 @@ class Egeria(FreezePolicy):
             "evaluations": self._evaluations,
             "pending": None if self._pending is None else list(self._pending),
             "reference": [t.detach().cpu().clone() for t in self._ref_tensors],
+            "refresh_owed": self._refresh_owed,
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        expected = {"interval", "warmup", "windows", "hits", "evaluations", "pending", "reference"}
-        if set(state) != expected:
+        expected = {"interval", "warmup", "windows", "hits", "evaluations", "pending", "reference", "refresh_owed"}
+        if set(state) | {"refresh_owed"} != expected:  # (saved before 2026-12-07 without it)
             raise ValueError(f"Egeria: state keys {sorted(state)} differ from {sorted(expected)}")
         if self.context is None:
             self._pending_state = dict(state)
@@ -544,6 +554,7 @@ class Egeria(FreezePolicy):
         self._windows = [list(w) for w in state["windows"]]
         self._hits = list(state["hits"])
         self._evaluations = int(state["evaluations"])
+        self._refresh_owed = bool(state.get("refresh_owed", False))
         self._pending = None if state["pending"] is None else list(state["pending"])
         with torch.no_grad():
             for dst, src in zip(self._ref_tensors, state["reference"]):
