@@ -165,7 +165,9 @@ def check_grads_after_freeze(freezer: Any) -> None:
         armed[0] = False
 
         def starved(unit) -> bool:  # zero_grad(set_to_none=False) leaves zeros, not None
-            return all(p.grad is None or not bool(p.grad.any()) for p in unit.parameters if p.requires_grad)
+            # (a unit of empty tensors, a zero-length prompt table, has no gradient to receive: review92)
+            return any(p.numel() for p in unit.parameters) and all(
+                p.grad is None or not bool(p.grad.any()) for p in unit.parameters if p.requires_grad)
 
         # the unit right after the prefix: a branch not taken this step (routing, experts) is not this
         if trainable and starved(trainable[0]):

@@ -837,3 +837,38 @@ def test_a_dead_relu_after_the_prefix_is_not_blamed_on_checkpointing_alone():
             opt.step()
             opt.zero_grad()
             freezer.step()
+
+
+class _EmptyPrompt(nn.Module):
+    """A zero-length prompt table read in forward (prefix tuning with no prompt tokens)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = nn.Linear(8, 16)
+        self.prompt = nn.Parameter(torch.zeros(0, 16))
+        self.second = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.second(torch.relu(self.first(x)) + self.prompt.sum(0))))
+
+
+def test_a_unit_of_empty_tensors_is_not_said_to_receive_no_gradient():
+    """An empty parameter has no gradient to receive: each freeze warned that the unit holding it
+    got none, pointing at reentrant checkpointing (review92)."""
+    from smartfrz_fast import LinearFreeze
+
+    model = _EmptyPrompt()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, LinearFreeze(freeze_start=0.2), example_inputs=torch.randn(4, 8),
+                           total_steps=20)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(20):
+            nn.functional.cross_entropy(model(torch.randn(8, 8)), torch.randint(0, 3, (8,))).backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+    assert freezer.num_frozen >= 2
+    assert not [w for w in caught if "received no gradient" in str(w.message)]
