@@ -654,3 +654,27 @@ def test_a_backbone_held_at_a_learning_rate_of_0_trains_once_released(tmp_path):
     train_steps(model, opt, freezer, 40, start=20)
     assert not torch.equal(backbone[0], released)
     assert freezer.timeline and freezer.timeline[0].step >= 28, freezer.report()
+
+
+@pytest.mark.parametrize("freeze_logit, settle_ratio, says", [
+    (-20.0, None, r"the next unit, 'conv1\+bn1', scored at most 0\.00 \(threshold 0\.5\)$"),
+    (20.0, 1e-9, r"scored at most 1\.00 \(threshold 0\.5\), but never while settled \(settle_ratio=1e-09"),
+])
+def test_report_says_why_nothing_froze(tmp_path, freeze_logit, settle_ratio, says):
+    """A run that froze nothing reported "(nothing frozen yet)" and no reason: whether the
+    predictor ran, what it scored against the threshold, or what held it back (review88)."""
+    import re
+
+    policy = SmartFRZ(settle_ratio=settle_ratio, min_progress=0.0, min_flops_share=0.0,
+                      weights=predictor_file(tmp_path / "p.pt", freeze_logit=freeze_logit))
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, policy, example_inputs=batch(0)[0], window=4, sample_size=16,
+                           sample_every=1, total_steps=40)
+    assert "evaluated nothing yet since the freezer was built or resumed: its window holds 0 of the 4" in freezer.report()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_steps(model, opt, freezer, 12)
+    assert freezer.num_frozen == 0
+    line = next(line for line in freezer.report().splitlines() if line.startswith("SmartFRZ: "))
+    assert re.search(says, line), line

@@ -156,6 +156,11 @@ class SmartFRZ(FreezePolicy):
         self._average: Optional[torch.Tensor] = None
         # [U] float32 on the device: each unit's movement over its first full window (NaN: not yet)
         self._first_move: Optional[torch.Tensor] = None
+        # for report(), since the freezer was built or resumed: evaluations, and each unit's
+        # highest probability, as predicted and once the settle guard had its say ([U] on the device)
+        self._evaluations = 0
+        self._best: Dict[str, Optional[torch.Tensor]] = {"predicted": None, "settled": None}
+        self._held_by_share = None  # [] bool on the device: min_flops_share turned a prefix down
 
     @staticmethod
     def sample_every_for(total_steps: Optional[int]) -> int:
@@ -333,11 +338,14 @@ class SmartFRZ(FreezePolicy):
         # (the op's prefix counted the small units' own votes: the memoryless case counts again)
         prob = self._small_units_follow_their_neighbour(rows, prob)
         self.last_rows, self.last_probabilities, self.last_smoothed = rows, prob, prob
+        self._evaluations += 1
+        self._note_best("predicted", rows, prob)
         if memoryless and self.settle_ratio is None:
             return self._worth_freezing(ops.reference.freezable_prefix(prob, self.threshold) + history.first_active)
         if self.settle_ratio is not None:  # not freezable while the unit still moves as at its start
             prob = torch.where(self._settled(rows), prob, torch.zeros_like(prob))
             self.last_smoothed = prob
+        self._note_best("settled", rows, prob)
         # before the guard, evaluations feed the averages and streaks but decide nothing
         # device ops only (no host sync)
         units = history.history.shape[0]
@@ -382,7 +390,17 @@ class SmartFRZ(FreezePolicy):
             return prefix
         prefix = prefix.clamp(max=self.context.max_frozen)
         share = self._prefix_share.index_select(0, prefix.reshape(1).to(self._prefix_share.device)).reshape(prefix.shape)
+        refused = (share < self.min_flops_share) & (prefix > self.context.history.first_active)
+        self._held_by_share = refused if self._held_by_share is None else self._held_by_share | refused.to(
+            self._held_by_share.device)
         return torch.where(share >= self.min_flops_share, prefix, torch.zeros_like(prefix))
+
+    def _note_best(self, kind: str, rows: torch.Tensor, prob: torch.Tensor) -> None:
+        """Each unit's highest ``kind`` probability so far (device ops only)."""
+        best = self._state_tensor(self._best[kind], self.context.history.history.shape[0], 0.0, torch.float32,
+                                  prob.device)
+        best.index_copy_(0, rows, torch.maximum(best.index_select(0, rows), prob.float()))
+        self._best[kind] = best
 
     def _settled(self, rows: torch.Tensor) -> torch.Tensor:
         """``[R]`` bool per unit of ``rows``: its movement over the window (newest minus oldest
@@ -431,8 +449,38 @@ class SmartFRZ(FreezePolicy):
                 "model.")
 
     def report_lines(self) -> List[str]:
-        if self.attention_stop is None:
-            return []
-        unit = self.context.units[self.attention_stop]
-        return [f"SmartFRZ freezes at most the {self.attention_stop} unit(s) before {unit.name!r}, the first that "
-                f"takes part in attention (in {unit.attention!r}; freeze_attention=True lets it and those after it freeze)"]
+        lines = [self._decisions_line()]
+        if self.attention_stop is not None:
+            unit = self.context.units[self.attention_stop]
+            lines.append(f"SmartFRZ freezes at most the {self.attention_stop} unit(s) before {unit.name!r}, the first "
+                         f"that takes part in attention (in {unit.attention!r}; freeze_attention=True lets it and "
+                         "those after it freeze)")
+        return lines
+
+    def _decisions_line(self) -> str:
+        """What held the next unit back, so that "nothing frozen" says why (review88): no
+        evaluation yet, its highest probability against the threshold, the settle guard, or
+        min_flops_share."""
+        history = self.context.history
+        if not self._evaluations:
+            when = "its window is full" if history.full else (
+                f"its window holds {min(history.count, history.window)} of the {history.window} snapshots it needs "
+                "(sample_every sets how often one is taken)")
+            return (f"SmartFRZ has evaluated nothing yet since the freezer was built or resumed: {when}, and its "
+                    f"first decision comes at step {self.first_decision_step} (min_progress={self.min_progress:g})")
+        first = history.first_active
+        if first >= len(self.context.units):
+            return f"SmartFRZ: {self._evaluations} evaluations"
+        name = self.context.units[first].name
+        predicted = float(self._best["predicted"][first]) if self._best["predicted"] is not None else 0.0
+        line = (f"SmartFRZ: {self._evaluations} evaluations since the freezer was built or resumed; the next unit, "
+                f"{name!r}, scored at most {predicted:.2f} (threshold {self.threshold:g})")
+        if self.settle_ratio is not None and self._best["settled"] is not None:
+            settled = float(self._best["settled"][first])
+            if predicted >= self.threshold > settled:
+                line += (f", but never while settled (settle_ratio={self.settle_ratio:g}: its movement over the window "
+                         "stayed above that share of its first window's)")
+        if self._held_by_share is not None and bool(self._held_by_share):
+            line += (f"; a prefix the predictor called freezable held less than min_flops_share="
+                     f"{self.min_flops_share:g} of a step's FLOPs, and was let be")
+        return line
