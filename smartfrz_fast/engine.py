@@ -1721,8 +1721,9 @@ class SmartFreezer:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"SmartFreezer state version {state.get('version')} is not supported (this is "
                              f"{STATE_VERSION}): it was saved by another version of smartfrz_fast. Resume with the "
-                             "version that saved it, or start the freezer fresh (the model's and optimizer's states "
-                             "still load).")
+                             "version that saved it, or start the freezer fresh: the model's state loads, and the "
+                             "optimizer's after freezer.freeze_to(the checkpoint's num_frozen), which freezes what the "
+                             "run had frozen (the optimizer's state holds only the layers still training).")
         if state.get("before_set_up"):
             if not self._closed and self.step_count == 0 and not self.num_frozen:
                 return  # saved before the first forward: nothing to restore in a fresh freezer
@@ -1755,8 +1756,9 @@ class SmartFreezer:
                     if self._loaded_at == self.step_count else "") +
                 ". To roll back to an earlier checkpoint in this process: close() this freezer, set "
                 "requires_grad=True again on the layers it froze (model.requires_grad_(True) where all train), "
-                "build a new optimizer and SmartFreezer as at the start, then load the model's, the freezer's and "
-                "the optimizer's states, in that order.")
+                "build a new optimizer, scheduler, SmartFreezer (and ActivationCache) as at the start, then load the "
+                "model's, the freezer's, the optimizer's and the scheduler's states, in that order (a checkpoint "
+                "kept in memory: a deep copy, as torch's optimizer load shares its tensors).")
         # the model may have been loaded with load_state_dict(assign=True) since set-up: the state
         # freezes the parameters it holds now (else the old ones, and the next step found the
         # new ones "replaced" and still training); a changed model raises here, before any change
@@ -1914,7 +1916,8 @@ class SmartFreezer:
                 f"this SmartFreezer checkpoint holds this model's parameters, grouped into other units ({detail}): "
                 "it was saved by an older smartfrz_fast, whose units put a parameter that its module reads after "
                 "other layers (BEiT's lambda_2, Mamba's D) with its module's first read. Start the freezer fresh "
-                "(the model's and optimizer's states still load), or resume with the version that saved it.")
+                "(the model's state loads, and the optimizer's after freezer.freeze_to(the checkpoint's "
+                "num_frozen)), or resume with the version that saved it.")
         still_frozen = sorted({n for _, ps in saved for n, _ in ps}
                               & {n for n, p in self.module.named_parameters() if not p.requires_grad})
         if still_frozen:

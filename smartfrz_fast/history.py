@@ -266,7 +266,9 @@ class WeightHistory:
             "window": self.window,
             "seed": self.seed,
             "positions_digest": self.positions_digest(),
-            "history": self.history.cpu(),
+            # a copy on the CPU too: a state kept in memory (a rollback's checkpoint) would see
+            # the later snapshots (review94: every unit frozen 40 steps early)
+            "history": self.history.detach().to("cpu", copy=True),
             "cursor": int(self.cursor),
             "count": self.count,
         }

@@ -44,6 +44,17 @@ def train_steps(model, optimizer, freezer, steps: int, start: int = 0) -> None:
         freezer.step()
 
 
+def freezer_step_with_a_glitch(freezer, weight, value) -> None:
+    """``freezer.step()`` with ``weight[0, 0] = value`` while it runs (its snapshot or evaluation
+    sees it), put right after: an overflow rolled back."""
+    good = weight.detach().clone()
+    with torch.no_grad():
+        weight[0, 0] = value
+    freezer.step()
+    with torch.no_grad():
+        weight.copy_(good)
+
+
 def train_cached_steps(cached, optimizer, freezer, x, steps: int) -> None:
     """``steps`` steps of a model wrapped by an activation cache, on 16 inputs ``x`` in two
     batches of 8 in turn (sample ids 0-7, 8-15), the loss the output's sum, the freezer stepped

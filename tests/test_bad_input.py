@@ -13,7 +13,7 @@ from smartfrz_fast import (AutoFreeze, FreezeOut, LinearFreeze, SievingSampler, 
                            SparseMasks, StaticFreeze)
 from smartfrz_fast.predictor import PredictorWeightsError
 
-from models import SmallCNN, batch, train_steps
+from models import SmallCNN, batch, freezer_step_with_a_glitch, train_steps
 from test_smartfrz_policy import predictor_file  # a tiny predictor file: one definition
 
 
@@ -696,13 +696,9 @@ def _mlp_with_a_glitch(steps, glitch=float("inf"), glitch_at=19, state=None, **p
             opt.step()
             opt.zero_grad()
             if step == glitch_at:
-                good = model[0].weight.detach().clone()
-                with torch.no_grad():
-                    model[0].weight[0, 0] = glitch
-            freezer.step()
-            if step == glitch_at:
-                with torch.no_grad():
-                    model[0].weight.copy_(good)
+                freezer_step_with_a_glitch(freezer, model[0].weight, glitch)
+            else:
+                freezer.step()
     return model, opt, freezer
 
 
@@ -732,3 +728,24 @@ def test_a_checkpoint_whose_history_holds_a_non_finite_snapshot_resumes_exactly(
     assert resumed_freezer.timeline == whole_freezer.timeline
     for a, b in zip(whole.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+def test_an_inf_settle_reference_saved_by_an_older_version_is_no_reference():
+    """A checkpoint saved before the fix holds the inf reference that counted the unit as settled
+    for good: loaded as it was, the resumed run froze at once (review94)."""
+    _, _, freezer = _mlp_with_a_glitch(40)
+    state = freezer.state_dict()
+    state["policy_state"]["first_move"][0] = float("inf")
+    _, _, fresh = _mlp_with_a_glitch(0)
+    fresh.load_state_dict(state)
+    assert bool(torch.isnan(fresh.policy._first_move[0])) and bool(torch.isfinite(fresh.policy._first_move[1]))
+
+
+def test_a_state_dict_kept_in_memory_does_not_follow_the_run():
+    """The weight history's state on the CPU was the live ring itself: a rollback from a state
+    kept in memory resumed with the later snapshots (review94: every unit frozen 40 steps early)."""
+    _, _, freezer = _mlp_with_a_glitch(30, glitch_at=-1)
+    state = freezer.state_dict()
+    kept = state["history"]["history"].clone()
+    freezer.policy.context.history.history.add_(1.0)  # as later snapshots overwrite the ring
+    assert torch.equal(state["history"]["history"], kept)

@@ -248,6 +248,53 @@ class _TemperatureNet(_BlockNet):
         return super().forward(x) * (1 + self.config.margin) / (self.temperature + 0.1 * min(self.calls, 10))
 
 
+def _with_and_without_cache(make_model, change, steps, frozen, validate=False, audit_rows=None):
+    """The same run (``make_model()``, SGD, ``frozen`` units frozen from step 1) without and with
+    the cache, ``change(model, step)`` setting Python values before each step; with
+    ``validate``, a validation pass between the change and the step. Returns (losses, model)
+    without it and (losses, model, cache) with it."""
+    x, y = torch.randn(24, 8, generator=torch.Generator().manual_seed(3)), torch.arange(24) % 3
+
+    def run(cache_on):
+        torch.manual_seed(0)
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        freezer = SmartFreezer(model, opt, StaticFreeze(frozen, at_step=1), example_inputs=x[:4], total_steps=steps)
+        audit = {} if audit_rows is None else {"audit_rows": audit_rows}
+        cache = ActivationCache(freezer, num_samples=24, deterministic=True, **audit) if cache_on else None
+        forward = cache.wrap() if cache_on else (lambda inputs, ids: model(inputs))
+        losses = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for step in range(steps):
+                change(model, step)
+                if validate:
+                    model.eval()
+                    with torch.no_grad():
+                        forward(x[:8], torch.arange(8))
+                    model.train()
+                ids = torch.arange(8) + 8 * (step % 3)
+                loss = nn.functional.cross_entropy(forward(x[ids], ids), y[ids])
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                freezer.step()
+                losses.append(loss.item())
+        return losses, model, cache
+
+    plain, cached = run(False), run(True)
+    return plain[:2], cached
+
+
+def _loop_change(what):
+    def change(model, step):
+        if what.startswith("a setting"):
+            model.config.margin = 0.05 * step
+        elif what.startswith("a temperature"):
+            model.temperature = 1.0 + 0.1 * step
+    return change
+
+
 @pytest.mark.parametrize("what", ["a temperature annealed by the loop", "a counter the forward keeps",
                                   "a setting of a config object"])
 def test_python_values_the_forward_reads_are_read_at_every_step(what):
@@ -256,33 +303,8 @@ def test_python_values_the_forward_reads_are_read_at_every_step(what):
     counter at its traced value, silently (review52). The run with the cache equals the run
     without it (the cache goes to the module swap), and the freezer's set-up forward leaves the
     counter alone."""
-    x, y = torch.randn(24, 8, generator=torch.Generator().manual_seed(3)), torch.arange(24) % 3
-
-    def run(cache_on):
-        torch.manual_seed(0)
-        model = _TemperatureNet(counter=what.startswith("a counter"))
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=1), example_inputs=x[:4], total_steps=20)
-        forward = ActivationCache(freezer, num_samples=24, deterministic=True).wrap() if cache_on \
-            else (lambda inputs, ids: model(inputs))
-        losses = []
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for step in range(12):
-                if what.startswith("a setting"):
-                    model.config.margin = 0.05 * step
-                elif what.startswith("a temperature"):
-                    model.temperature = 1.0 + 0.1 * step
-                ids = torch.arange(8) + 8 * (step % 3)
-                loss = nn.functional.cross_entropy(forward(x[ids], ids), y[ids])
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-                freezer.step()
-                losses.append(loss.item())
-        return losses, model
-
-    (plain, model), (cached, cached_model) = run(False), run(True)
+    (plain, model), (cached, cached_model, _) = _with_and_without_cache(
+        lambda: _TemperatureNet(counter=what.startswith("a counter")), _loop_change(what), steps=12, frozen=2)
     assert cached == plain
     assert model.calls == cached_model.calls == (12 if what.startswith("a counter") else 0)
 
@@ -1553,38 +1575,11 @@ class _ScaledNet(nn.Module):
         return self.head(x) / self.temperature
 
 
-def _scaled_runs(branch, change, steps=16, validate=False, audit_rows=0):
-    """Losses of the same run without and with the cache (its audit off: nothing else catches a
-    stale row), ``change(model, step)`` setting values before each step; the cache."""
-    x, y = torch.randn(24, 8, generator=torch.Generator().manual_seed(3)), torch.arange(24) % 3
-
-    def run(cache_on):
-        torch.manual_seed(0)
-        model = _ScaledNet(branch)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        freezer = SmartFreezer(model, opt, StaticFreeze(3, at_step=1), example_inputs=x[:4], total_steps=steps)
-        cache = ActivationCache(freezer, num_samples=24, deterministic=True, audit_rows=audit_rows) if cache_on else None
-        forward = cache.wrap() if cache_on else (lambda inputs, ids: model(inputs))
-        losses = []
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for step in range(steps):
-                change(model, step)
-                if validate:  # a validation pass between the change and the training step
-                    model.eval()
-                    with torch.no_grad():
-                        forward(x[:8], torch.arange(8))
-                    model.train()
-                ids = torch.arange(8) + 8 * (step % 3)
-                loss = nn.functional.cross_entropy(forward(x[ids], ids), y[ids])
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-                freezer.step()
-                losses.append(loss.item())
-        return losses, cache
-
-    (plain, _), (cached, cache) = run(False), run(True)
+def _scaled_runs(branch, change, validate=False):
+    """Losses of a _ScaledNet run without and with the cache (its audit off: nothing else catches
+    a stale row), and the cache."""
+    (plain, _), (cached, _, cache) = _with_and_without_cache(lambda: _ScaledNet(branch), change, steps=16, frozen=3,
+                                                             validate=validate, audit_rows=0)
     return plain, cached, cache
 
 

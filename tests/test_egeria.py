@@ -10,6 +10,8 @@ from smartfrz_fast import Egeria, SmartFreezer
 from smartfrz_fast.policy.base import PolicyContext, UnitInfo
 from smartfrz_fast.policy.egeria import fake_quantize_int8, relative_slope
 
+from models import freezer_step_with_a_glitch
+
 
 def mlp(seed=0):
     torch.manual_seed(seed)
@@ -435,6 +437,24 @@ def test_the_probe_is_a_copy_of_its_own():
     assert policy.probe_args[0].abs().sum() > 0
 
 
+class _MaskedMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = mlp()
+
+    def forward(self, x, mask):
+        return self.body(x + mask.softmax(-1))
+
+
+class _GraphConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = mlp()
+
+    def forward(self, x, adjacency):
+        return self.body(torch.sparse.mm(adjacency, x))
+
+
 def test_an_empty_probe_or_another_model_is_refused():
     """An empty probe made every distance 0/0 and nothing ever froze; an Egeria built on another
     instance of the model measured one that never trains and froze at its first chance (review82)."""
@@ -442,8 +462,10 @@ def test_an_empty_probe_or_another_model_is_refused():
         Egeria(mlp(), torch.randn(0, 12))
     probe = torch.randn(4, 12)
     probe[1, 3] = float("nan")  # every distance was NaN, and nothing ever froze (review92)
-    with pytest.raises(ValueError, match="probe_inputs hold 1 NaN or inf values"):
+    with pytest.raises(ValueError, match="output on probe_inputs holds NaN"):
         Egeria(mlp(), probe)
+    Egeria(_MaskedMLP(), (torch.randn(4, 12), torch.triu(torch.full((4, 12), float("-inf")), 1)))  # a mask's -inf
+    Egeria(_GraphConv(), (torch.randn(4, 12), torch.eye(4).to_sparse()))  # a sparse adjacency (review94)
     with torch.device("meta"):
         on_meta = mlp()
     with pytest.raises(ValueError, match=r"on the 'meta' device .*after model.to_empty"):
@@ -558,13 +580,9 @@ def _egeria_with_a_nan_at_the_first_refresh(steps, glitch_at=19, checkpoint_at=N
         opt.step()
         opt.zero_grad()
         if step == glitch_at:
-            good = model[0].weight.detach().clone()
-            with torch.no_grad():
-                model[0].weight[0, 0] = float("nan")
-        freezer.step()
-        if step == glitch_at:
-            with torch.no_grad():
-                model[0].weight.copy_(good)
+            freezer_step_with_a_glitch(freezer, model[0].weight, float("nan"))
+        else:
+            freezer.step()
         if step + 1 == checkpoint_at:
             saved = copy.deepcopy((model.state_dict(), opt.state_dict(), freezer.state_dict()))
     return model, freezer, saved

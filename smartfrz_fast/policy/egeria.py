@@ -240,10 +240,6 @@ class Egeria(FreezePolicy):
         if any(t.is_meta for t in tensors):
             raise ValueError("Egeria: probe_inputs hold tensors on the 'meta' device, which hold no values: pass one "
                              "batch of real inputs (on any device: they are moved to ref_device).")
-        bad = sum(int((~torch.isfinite(t)).sum()) for t in tensors if t.is_floating_point() or t.is_complex())
-        if bad:  # every plasticity would be NaN: nothing would ever freeze, silently (review92)
-            raise ValueError(f"Egeria: probe_inputs hold {bad} NaN or inf values: each unit's distance to the "
-                             "reference would be NaN, and nothing would ever freeze. Pass one batch of finite inputs.")
         meta = [name for name, p in model.named_parameters() if p.is_meta]
         if meta:  # (the copy below fails on them with torch's words)
             raise ValueError(f"Egeria: the model's parameters are on the 'meta' device (not materialised: "
@@ -278,7 +274,7 @@ class Egeria(FreezePolicy):
         try:  # a probe the model cannot take fails here, not later on the worker thread
             with torch.no_grad(), preserved_rngs(self.shadow):
                 before = _generator_states(self.ref_device)
-                self.shadow(*self.probe_args, **self.probe_kwargs)
+                out = self.shadow(*self.probe_args, **self.probe_kwargs)
                 # a forward that draws random numbers in eval mode (a VAE's sampling, MC dropout):
                 # on a worker thread its draws would interleave with the training thread's, so
                 # such a model is evaluated between steps, its draws put back (review82)
@@ -288,6 +284,12 @@ class Egeria(FreezePolicy):
                 f"Egeria: the model cannot run on probe_inputs ({type(exc).__name__}: {exc}). Pass one batch of "
                 "its inputs: a tensor or a tuple of positional inputs, or a dict of keyword inputs "
                 "(probe_kwargs= for more), on any device (they are moved to ref_device).") from exc
+        if any(bool(torch.isnan(t).any()) for t in tree_leaves(out) if isinstance(t, Tensor)
+               and t.layout == torch.strided and (t.is_floating_point() or t.is_complex())):
+            # every unit's distance to the reference would be NaN: nothing would ever freeze (review92)
+            raise ValueError("Egeria: the model's output on probe_inputs holds NaN (NaN or inf in the inputs?): "
+                             "each unit's distance to the reference would be NaN, and nothing would ever freeze. "
+                             "Pass one batch of finite inputs.")
         self._num_params = len(list(model.parameters()))
         pin = any(t.is_cuda for t in self._src_tensors) and self.ref_device.type == "cpu"
         self._staging = [torch.empty(t.shape, dtype=t.dtype, device=self.ref_device, pin_memory=pin)

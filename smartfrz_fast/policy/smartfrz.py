@@ -217,7 +217,9 @@ class SmartFRZ(FreezePolicy):
         self._evaluated_at = evaluated_at
         self._streak = None if streak is None else streak.clone()
         self._average = None if average is None else average.clone()
-        self._first_move = None if first_move is None else first_move.clone()
+        # an inf reference (saved before 2026-12-07, after an inf snapshot) counted the unit as
+        # settled for good: not a reference (review94)
+        self._first_move = None if first_move is None else first_move.masked_fill(first_move.isinf(), float("nan"))
 
     def bind(self, context: PolicyContext) -> None:
         super().bind(context)

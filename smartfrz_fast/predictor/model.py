@@ -208,8 +208,10 @@ def _read_weights_file(path: Path, what: str, fix: str) -> Any:
         if isinstance(exc, pickle.UnpicklingError) and "Unsupported global" in str(exc):
             # torch's text suggests loading it unsafely: not that
             detail = "it holds Python objects besides tensors, which are not loaded"
-        elif isinstance(exc, pickle.UnpicklingError):  # not a pickle at all (random bytes, another format)
+        elif isinstance(exc, (pickle.UnpicklingError, KeyError)):  # not a pickle at all (random bytes, text)
             detail = "it is not a file torch.save wrote"
+        elif isinstance(exc, EOFError):
+            detail = "it is empty or cut short"
         else:
             detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         raise PredictorWeightsError(f"{what} are unreadable ({detail}). The file is corrupt or not a predictor "
