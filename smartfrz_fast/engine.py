@@ -172,7 +172,9 @@ def _check_optimizer_can_lose_parameters(optimizer: torch.optim.Optimizer) -> No
     if isinstance(optimizer, torch.optim.LBFGS):
         raise ValueError("SmartFreezer cannot freeze parameters out of torch.optim.LBFGS: it keeps one state for "
                          "all its parameters (on the first) and one param group. Train with a first-order "
-                         "optimizer (SGD, Adam, AdamW, ...) to freeze layers.")
+                         "optimizer (SGD, Adam, AdamW, ...) to freeze layers; to finish a run with L-BFGS, close() "
+                         "the freezer first (frozen layers stay frozen) and build L-BFGS over the parameters that "
+                         "still require grad.")
     if type(optimizer).__name__ == "ZeroRedundancyOptimizer":  # by name: no torch.distributed import
         raise ValueError("SmartFreezer cannot freeze parameters out of ZeroRedundancyOptimizer: each rank's inner "
                          "optimizer holds a fixed partition of the parameters and their state, which a freeze "

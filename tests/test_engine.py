@@ -556,7 +556,7 @@ def test_optimizer_that_does_not_hold_the_model_is_refused():
 def test_lbfgs_is_refused_with_what_to_use():
     # LBFGS keeps its one state on its first parameter: a freeze would strand it there
     model = SmallCNN()
-    with pytest.raises(ValueError, match="LBFGS.*first-order optimizer"):
+    with pytest.raises(ValueError, match=r"LBFGS.*first-order optimizer.*close\(\) the freezer first"):
         SmartFreezer(model, torch.optim.LBFGS(model.parameters()), StaticFreeze(1), example_inputs=batch(0)[0])
     freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1),
                            example_inputs=batch(0)[0])
