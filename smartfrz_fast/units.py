@@ -883,34 +883,24 @@ class PythonAttributes:
     by value; a list or dict of other things by its items' identity; a tensor by identity and
     version, so a write in place counts); ``restore()`` sets back those that did, a list or dict
     in place (several modules may share one the loop changes), a tensor's values through
-    ``.data``. Modules of torch's own classes keep none that their forward changes: skipped.
-    ``only``: {id(module): names} watches only those attributes of such a module (the ones a
-    part of its forward reads), its settings objects among them."""
+    ``.data``. Modules of torch's own classes keep none that their forward changes: skipped."""
 
-    def __init__(self, modules: Sequence[Tuple[str, nn.Module]] = (),
-                 only: Optional[Dict[int, Set[str]]] = None) -> None:
+    def __init__(self, modules: Sequence[Tuple[str, nn.Module]] = ()) -> None:
         self._values = []
         self.holders: Dict[int, List[nn.Module]] = {}  # id(owner) -> the modules that hold it
         self._others: Dict[int, int] = {}  # id(owner) -> how many of its attributes are not watched
-        self._only: Dict[int, Set[str]] = {}  # id(owner) -> the only attributes watched
         for name, module in modules:
             if _torch_own(module):
                 continue
-            keys = (only or {}).get(id(module))
-            self._watch(name, module, module, keys)
+            self._watch(name, module, module)
             for key, value in vars(module).items():  # a config object's fields (self.cfg.temperature)
-                if keys is not None and key not in keys:
-                    continue
                 if not key.startswith("_") and id(value) in self.holders and value is not module:
                     self.holders[id(value)].append(module)  # one many modules hold (Hugging Face's): looked at once
                 elif not key.startswith("_") and _holds_settings(value):
                     self._watch(f"{name}.{key}", value, module)
 
-    def _watch(self, name: str, owner: Any, module: nn.Module, keys: Optional[Set[str]] = None) -> None:
+    def _watch(self, name: str, owner: Any, module: nn.Module) -> None:
         values = _watched_fields(owner)
-        if keys is not None:
-            values = {key: kept for key, kept in values.items() if key in keys}
-            self._only[id(owner)] = keys
         self._values.append((name, owner, values))
         self.holders[id(owner)] = [module]
         self._others[id(owner)] = len(vars(owner)) - len(values)
@@ -925,9 +915,8 @@ class PythonAttributes:
                 if _differs(attributes.get(key, _GONE), then, kept):
                     found.append((name, owner, key, then, kept))
             if len(attributes) != len(values) + self._others[id(owner)]:  # one set where there was none
-                keys = self._only.get(id(owner))
                 found += [(name, owner, key, _GONE, None) for key, value in attributes.items()
-                          if key not in values and (keys is None or key in keys) and _watched(key, value, owner)]
+                          if key not in values and _watched(key, value, owner)]
         return found
 
     def changed(self) -> List[str]:

@@ -59,6 +59,10 @@ from .storage import (PINNED_READS, STORAGE_DTYPES, TIERS, StaleCacheFile, Stora
 STORAGE_TOLERANCE = {torch.float64: 0.0, torch.float32: 1e-4, torch.bfloat16: 2.0 ** -7, torch.float8_e4m3fn: 2.0 ** -3}
 ACTIVATION_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-7, torch.bfloat16: 2.0 ** -6, torch.float16: 2.0 ** -8}
 MIGRATE_CHUNK = 256  # rows pushed through newly frozen blocks at a time
+VALUE_CHECK_ROWS = 8  # cached rows recomputed to tell whether a changed Python value changes them
+# deeper freezes in a row that drop rows none of which was read, after which the cache turns off
+# (review90: a schedule freezing more often than an epoch; review93: 3 early freezes are no such)
+UNREAD_DROPS_OFF = 4
 STATE_FORMAT = "smartfrz_fast.ActivationCache.state"
 STATE_VERSION = 2  # 2: rows carry checksums; the mmap file's lineage
 _STATE_KEYS = ("settings", "enabled", "reason", "boundary", "chain", "stats", "seen", "audit_left", "input_sig",
@@ -234,10 +238,14 @@ class ActivationCache:
             (None, [], [], [])
         self._prefix_slots: List[Tuple[Dict[str, Any], str, Tensor]] = []  # where the model holds them
         # the Python values (a temperature the loop anneals) of the modules whose forward the rows
-        # hold, as the rows were made: (store, those modules, their values); see _prefix_values_unchanged
+        # hold, as the rows were made: (store, those modules, their values); see _check_values
         self._prefix_values: Tuple[Any, List[Tuple[str, nn.Module]], PythonAttributes] = (None, [], PythonAttributes())
         self._outside_called: Dict[int, nn.Module] = {}  # modules outside the model the prefix's forward called
         self._hits_at_values_drop: Optional[int] = None  # stats["hits"] when rows were last dropped for them
+        self._values_pending: Set[str] = set()  # changed since the rows were made, not yet checked
+        self._fresh_slots: Optional[Tensor] = None  # [capacity] bool: rows made since that change (right)
+        # (boundary, names): values whose change left the rows as they were (a memo, a flag not read)
+        self._values_not_read: Tuple[int, Set[str]] = (0, set())
         self._hits_at_store = 0  # stats["hits"] when the store was made (see _advance)
         self._unread_drops = 0  # deeper freezes in a row that dropped rows none of which was read
         # what a swapped-out forward found in those slots, and the training step it first did so
@@ -562,9 +570,9 @@ class ActivationCache:
     def forward(self, model: nn.Module, inputs: Inputs, sample_ids) -> Any:
         if self._closed is not None:
             return model(*inputs.args, **inputs.kwargs)
-        # a value the loop changed since the last forward, before any forward path (a validation
-        # pass's too: it must not take the loop's change for its own, below)
-        self._prefix_values_unchanged()
+        # values changed since the last forward (the loop's, or a validation pass's own), before
+        # any forward path: checked against the rows at the next forward that serves them
+        self._note_value_changes()
         try:
             return self._forward(model, inputs, sample_ids)
         finally:
@@ -706,6 +714,8 @@ class ActivationCache:
                              "(a cast such as model.half() replaces buffers) set the cache up again")
             return model(*inputs.args, **inputs.kwargs)
         if not self._prefix_weights_unchanged():  # set up again at the next forward
+            return model(*inputs.args, **inputs.kwargs)
+        if not self._check_values(inputs, ids):
             return model(*inputs.args, **inputs.kwargs)
         h = self._prefix_output(inputs, ids)
         if h is None:  # the audit just turned the cache off
@@ -1142,61 +1152,91 @@ class ActivationCache:
         self._prefix_slots = [(slots, name, t) for m in self.freezer.module.modules()
                               for slots in (m._parameters, m._buffers) for name, t in slots.items() if id(t) in ids]
         self._swapped_seen = None
+        self._values_pending, self._fresh_slots = set(), None  # a new store's rows: made with the values now
         self._watch_prefix_values(store)
 
     def _watch_prefix_values(self, store: Storage) -> None:
-        """Note the Python values ``store``'s rows are made with (see _prefix_values_unchanged):
-        those of the cached blocks' modules and of the modules outside the model they were seen
-        calling (one kept without registering it, which every block calls), and, of the modules
-        whose call starts before the cut and goes on after it (the module swap's root and blocks
-        around the cut), those their forward reads before the cut."""
+        """Note the Python values ``store``'s rows are made with (see _check_values): those of
+        the cached blocks' modules, of the modules outside the model they were seen calling (one
+        kept without registering it, which every block calls), and of the modules whose forward
+        runs up to the cut and goes on after it (the module swap's root and blocks around the
+        cut: a value they read only after the cut is let be at its first change)."""
         model = self.freezer.module
         found = {id(m): m for block in self.chain.blocks[:self.boundary] for m in block_modules(block)}
         found.update(self._outside_called)
-        around: List[nn.Module] = []
         if self.chain.how == SWAP and self.boundary:
-            around = [m for m in dict.fromkeys((*(m for b in self.chain.blocks[:self.boundary] for m in b.enters),
-                                                model)) if id(m) not in found]
-            found.update((id(m), m) for m in around)
+            found.update((id(m), m) for b in self.chain.blocks[:self.boundary] for m in b.enters)
+            found.setdefault(id(model), model)
         names = {id(m): name or type(model).__name__ for name, m in model.named_modules()}
         modules = [(names.get(key, f"<{type(m).__name__} outside the model>"), m) for key, m in found.items()]
-        read = self.chain.reads_before_cut(self.boundary, around) if around else {}
-        self._prefix_values = (store, modules, PythonAttributes(modules, only=read))
+        self._prefix_values = (store, modules, PythonAttributes(modules))
 
-    def _prefix_values_unchanged(self) -> bool:
-        """Drop every cached row if a Python value of a module whose forward the rows hold
-        changed since they were made (a temperature or scale the loop anneals, an adapter's
-        flag): rows made with the old value would be served (review89). Compared by value, as
-        the torch.fx chain's constants are (``PythonAttributes``). Values that change faster
-        than rows are read again (each change finds no row served since the last) turn the
-        cache off: it could only make rows and drop them. False when it did so."""
+    def _note_value_changes(self) -> None:
+        """Note the watched values that differ from those the rows were made with (see
+        _check_values), but those found before to leave the rows as they were; rows made from
+        now on are made with the values now."""
         store, modules, values = self._prefix_values
         if store is None or store is not self._store:
+            return
+        if self._values_not_read[0] != self.boundary:
+            self._values_not_read = (self.boundary, set())
+        new = {name for name in (f"{owner}.{key}" for owner, key in values.changed_values()
+                                 if key not in OUTPUT_SWITCHES)
+               if name not in self._values_not_read[1] and name not in self._values_pending}
+        if new:
+            self._values_pending |= new
+            self._fresh_slots = torch.zeros(store.capacity, dtype=torch.bool)  # every row is older than this
+
+    def _check_values(self, inputs: Inputs, ids: Tensor) -> bool:
+        """Where watched Python values changed since the rows were made (a temperature or scale
+        the loop anneals: rows made with the old value were served, review89), recompute up to
+        VALUE_CHECK_ROWS of this batch's cached rows made before the change: if they differ,
+        every row is dropped (and made again with the values now); if they agree, the change (a
+        memo emptied by ``train()``, a flag or an epoch number the prefix does not read,
+        review93) is let be at this cut from then on. A batch with no such row serves only rows
+        made since, and waits. Values that change the rows again before any row was served
+        turn the cache off (it could only make rows and drop them): False then."""
+        if not self._values_pending or self._store is None:
             return True
-        changed = sorted({f"{name}.{key}" for name, key in values.changed_values() if key not in OUTPUT_SWITCHES})
-        if not changed:
+        store = self._store
+        slots = store.lookup(ids)
+        old = (slots >= 0) & ~self._fresh_slots[slots.clamp(min=0).cpu()].to(slots.device)
+        hit = old.nonzero().flatten()[:VALUE_CHECK_ROWS]
+        if not hit.numel():
+            return True
+        with preserved_state(self.freezer.module, rngs=False):  # a look, as the audit's
+            fresh = self._compute_prefix(_index_inputs(inputs, hit, ids.numel()))
+        if not self.enabled:
+            return False
+        changed, self._values_pending, self._fresh_slots = sorted(self._values_pending), set(), None
+        if fresh is not None and tuple(fresh.shape[1:]) == tuple(store.row_shape) and bool(
+                self._rows_agree(store.read(slots[hit], *self._act), fresh).all()):
+            self._values_not_read[1].update(changed)
+            self._watch_prefix_values(store)  # the values now
             return True
         what = ", ".join(changed[:3]) + (" ..." if len(changed) > 3 else "")
         self.stats["values_changed"] += 1
         self._drop_rows()
         if self._hits_at_values_drop == self.stats["hits"]:
-            self._disable(f"{what}, read by the cached frozen prefix's forward, changed again before any cached row "
-                          "was read (counted in stats['values_changed']): rows made with one value cannot serve "
-                          "another, so the cache could only make rows and drop them; the whole model runs")
+            self._disable(f"{what}, of modules whose forward the cached rows hold, changed what the frozen prefix "
+                          "computes again before any cached row was read (counted in stats['values_changed']): rows "
+                          "made with one value cannot serve another, so the cache could only make rows and drop "
+                          "them; the whole model runs")
             return False
         self._hits_at_values_drop = self.stats["hits"]
-        self._warn_once("values_changed", f"ActivationCache: {what} of the cached frozen prefix changed since its "
-                        "rows were computed (a value the loop anneals or sets, kept by a module whose forward the "
-                        "rows hold): every cached row is dropped and computed again with the values now (counted "
-                        "in stats['values_changed']; each change costs the rows once).")
+        self._warn_once("values_changed", f"ActivationCache: {what}, of modules whose forward the cached rows hold, "
+                        "changed since the rows were computed (a value the loop anneals or sets), and the frozen "
+                        "prefix computes other rows now: every cached row is dropped and computed again with the "
+                        "values now (counted in stats['values_changed']; each such change costs the rows once).")
         return True
 
     def _rebase_prefix_values(self) -> None:
-        """After a forward: values the model's own forward set (a shape it notes, a warning it
-        marks as given; a forward whose writes change its output stops the cut at set-up) are
-        the values now, and modules outside the model it was first seen calling are watched."""
+        """After a forward with no change waiting for its check: the values its own code set (a
+        memo it fills, a shape it notes; a forward whose writes change its output stops the cut
+        at set-up) are the values now, and modules outside the model it was first seen calling
+        are watched from now on."""
         store, modules, values = self._prefix_values
-        if store is None or store is not self._store:
+        if store is None or store is not self._store or self._values_pending:
             return
         watched = {id(m) for _, m in modules}
         if any(key not in watched for key in self._outside_called) or values.changed_values():
@@ -1288,7 +1328,7 @@ class ActivationCache:
                 self._discard_store(store)  # an mmap file too: with reuse=True it would be reopened
         self._sides = SideInputs(self.num_samples)
         self._prefix_state, self._prefix_slots = (None, [], [], []), []
-        self._prefix_values = (None, [], PythonAttributes())
+        self._prefix_values, self._values_pending, self._fresh_slots = (None, [], PythonAttributes()), set(), None
 
     def _discard_store(self, store: Storage) -> None:
         """Close a store whose rows no longer hold, and remove its mmap file (this run's own):
@@ -1527,6 +1567,8 @@ class ActivationCache:
                                   None if in_sums is None else in_sums[rows.to(in_sums.device)])
             if not self.enabled:
                 return
+            if self._fresh_slots is not None:  # made with the values now, while a change waits for its check
+                self._fresh_slots[slots[ok].cpu()] = True
             if side is not None:
                 self._sides.put(unique[ok], {n: v[first[ok].to(v.device)] for n, v in side.items()})
         self.stats["stored"] += int(ok.sum())
@@ -1865,9 +1907,10 @@ class ActivationCache:
     def _advance(self, boundary: int) -> None:
         """Move the cut deeper: push cached rows through the newly frozen blocks, or drop them
         (the module swap's, rows made from weights or values changed since). A freezer that
-        freezes deeper twice in a row before any dropped row was read (a schedule that freezes
-        more often than an epoch, on the module swap) turns the cache off: it could only make
-        rows and drop them, each cut's set-up costing a second or so (review90: 2.5-8x slower)."""
+        freezes deeper UNREAD_DROPS_OFF times in a row before any dropped row was read (a
+        schedule that freezes more often than an epoch, on the module swap) turns the cache off:
+        it could only make rows and drop them, each cut's set-up costing a second or so
+        (review90: 2.5-8x slower)."""
         if boundary <= self.boundary:
             return
         store, unread = self._store, self.stats["hits"] == self._hits_at_store
@@ -1875,7 +1918,7 @@ class ActivationCache:
         if store is None or self._store is not None or not self.enabled:
             return
         self._unread_drops = self._unread_drops + 1 if unread else 0
-        if self._unread_drops >= 2:
+        if self._unread_drops >= UNREAD_DROPS_OFF:
             self._disable(f"the freezer froze deeper {self._unread_drops} times in a row before any cached row was "
                           "read, and each freeze dropped the rows (the module swap cannot carry them to a deeper "
                           "cut): the cache could only make rows and drop them, at a cost. Add it once freezing has "
@@ -1885,8 +1928,8 @@ class ActivationCache:
     def _move_rows(self, boundary: int) -> None:
         if not self._prefix_weights_unchanged():  # rows made from weights written since are dropped, not migrated
             return
-        if not self._prefix_values_unchanged():  # nor rows made with values changed since (dropped: no store below)
-            return
+        if self._values_pending:  # rows made with values changed since, not checked yet: dropped, not moved
+            self._drop_rows()
         old, self.boundary = self.boundary, boundary
         if self._store is None:
             if old == 0 and self.reuse and self.path is not None and os.path.exists(self.path):

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import bisect
 import collections
-import functools
 import heapq
 import itertools
 import warnings
@@ -496,7 +495,6 @@ class SwapChain:
         self._chosen: Dict[int, List[Call]] = {}
         self._needed: Dict[int, Tuple[Optional[str], List[int]]] = {}
         self._after: Dict[int, Set[int]] = {}  # cut -> _called_after
-        self._reads: Dict[Tuple[int, ...], Dict[int, Set[str]]] = {}  # (cut, module ids) -> reads_before_cut
         self._guard_key = -1 - id(self)  # its key in GLOBAL_PRE_HOOKS while it serves or makes rows
         self._recorded = {id(c.module) for c in calls}
         self._own = {id(m) for m in model.modules()}
@@ -1031,37 +1029,6 @@ class SwapChain:
             handle.remove()
         return _NOT_RUN
 
-    def reads_before_cut(self, cut: int, modules: Sequence[nn.Module]) -> Dict[int, Set[str]]:
-        """``{id(module): attribute names}`` that each of ``modules`` (the model, modules whose
-        call goes on past the cut) reads while the forward runs up to the cut: the only values of
-        theirs that rows hold (a root's temperature applied to the logits is read after the cut).
-        One look per cut on the set-up's sample, each module's class swapped for a subclass that
-        notes reads; a module whose class cannot be swapped is left out (watched whole), and a
-        look that fails leaves them all out."""
-        key = (cut, *(id(m) for m in modules))
-        if key not in self._reads:
-            reads: Dict[int, Set[str]] = {}
-            swapped = []
-            try:
-                for module in modules:
-                    cls = type(module)
-                    try:
-                        module.__class__ = _noting_reads(cls)
-                    except TypeError:  # a class whose layout a subclass cannot take
-                        continue
-                    swapped.append((module, cls))
-                    reads[id(module)] = _READS[id(module)] = set()
-                with preserved_state(self.model):
-                    self.rows(self.sample, cut)
-            except Exception:  # noqa: BLE001 -- the rows' own forward raises it again where it matters
-                reads = {}
-            finally:
-                for module, cls in swapped:
-                    module.__class__ = cls
-                    _READS.pop(id(module), None)
-            self._reads[key] = reads
-        return self._reads[key]
-
     def _unpack(self, c: Call, cut: int, h: Tensor) -> Any:
         rows = [kind for kind in c.leaves if kind[0] == "row"]
         consts = iter(self.consts[cut])
@@ -1087,7 +1054,7 @@ class SwapChain:
         ``nn.Module`` every attention layer calls), which the recording, hooked on the model's own
         modules, never sees: it was taken for a branch and no cut past an attention held
         (review85). Its Python values (a scale the loop anneals) are watched with the prefix's
-        (``ActivationCache._prefix_values_unchanged``); tensors of its own are not."""
+        (``ActivationCache._check_values``); tensors of its own are not."""
         if id(module) in self._recorded:
             return False
         return id(module) in self._own or any(True for _ in itertools.chain(module.parameters(), module.buffers()))
@@ -1181,21 +1148,6 @@ class SwapChain:
 
 _MISSING = object()
 _NOT_RUN = object()
-_READS: Dict[int, Set[str]] = {}  # id(module) -> the attributes it read, while reads_before_cut looks
-
-
-@functools.lru_cache(maxsize=None)
-def _noting_reads(cls: type) -> type:
-    """A subclass of ``cls`` whose instances note each attribute read in ``_READS``."""
-    def __getattribute__(self, name):
-        noted = _READS.get(id(self))
-        if noted is not None:
-            noted.add(name)
-        return cls.__getattribute__(self, name)
-    return type(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "__module__": cls.__module__,
-                                       "__qualname__": cls.__qualname__})
-
-
 # torch's table of global forward pre-hooks (register_module_forward_pre_hook's), where a chain's
 # guard takes a negative key of its own (torch's count up from 0)
 GLOBAL_PRE_HOOKS = torch.nn.modules.module._global_forward_pre_hooks
