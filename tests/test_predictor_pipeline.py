@@ -660,3 +660,34 @@ def test_rebuild_refuses_a_time_budget_that_is_no_number_of_hours(tmp_path, hour
         rebuild.main(["--quick", "--out", str(tmp_path), "--max-hours", hours])
     assert exit_info.value.code == 2 and "--max-hours" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_second_copy_of_one_rebuild_on_its_folder_is_refused(tmp_path):
+    """Two copies of the same command on one folder did every piece twice and wrote every trials
+    and evaluation line twice, both exiting 0 (review95); another shard runs beside it."""
+    from smartfrz_fast.lab.rebuild import Rebuild
+
+    said = []
+    running = Rebuild(tmp_path, quick=True, log=said.append)
+    held = running._lock()
+    try:
+        assert Rebuild(tmp_path, quick=True, log=said.append).run(stages=[]) == 4
+        assert "another rebuild with --shard 0/1 is running" in said[-1]
+        assert Rebuild(tmp_path, quick=True, log=said.append, shard=(1, 2)).run(stages=[]) == 0
+    finally:
+        import os
+
+        os.close(held)
+    assert Rebuild(tmp_path, quick=True, log=said.append).run(stages=[]) == 0
+
+
+def test_evaluation_rows_of_another_thread_count_are_not_mixed_in(tmp_path, monkeypatch):
+    """Resumed with --threads 2 after one thread, the table mixed both kinds of row, silently
+    (review95: Egeria, which froze nothing, at -0.5 points)."""
+    from smartfrz_fast.lab.rebuild import Rebuild
+
+    rebuild = Rebuild(tmp_path, quick=True, log=lambda m: None)
+    monkeypatch.setattr(Rebuild, "_predictor_current", staticmethod(lambda path: True))
+    monkeypatch.setattr(Rebuild, "_eval_rows", lambda self: {("run", "full"): {"threads": torch.get_num_threads() + 1}})
+    with pytest.raises(ValueError, match=r"made with \[\d+\] thread\(s\), this run has \d+. Resume with the same"):
+        rebuild.evaluate()

@@ -30,8 +30,10 @@ stage whose inputs another shard still makes stops there: run it again later).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
+import os
 import sys
 import time
 from collections import defaultdict
@@ -162,6 +164,13 @@ class Rebuild:
             self.log("evaluate: waiting for the predictors stage to finish")
             return False
         done = self._eval_rows()
+        threads = {row["threads"] for row in done.values() if "threads" in row}  # (rows before 2026-12-07: none)
+        if threads - {torch.get_num_threads()}:
+            # another thread count rounds otherwise: the table mixed both kinds of row, silently
+            # (review95: Egeria, which froze nothing, at -0.5 points)
+            raise ValueError(f"{self.out}: the evaluation rows were made with {sorted(threads)} thread(s), this run "
+                             f"has {torch.get_num_threads()}. Resume with the same --threads, or move "
+                             f"{self.out}/eval-*.jsonl away to redo every row.")
         mine = {id(spec) for spec in self.mine(self.networks)}  # a network's runs stay together
         for spec, policy, weights in self._runs_to_evaluate():
             if id(self._network_of(spec)) not in mine:
@@ -170,7 +179,8 @@ class Rebuild:
             if row is not None and not self._stale(row, policy, weights):
                 continue
             self._check_time(f"evaluating {spec.name} with {policy}")
-            row = dict(train_with_policy(spec, policy, weights), finished=round(time.time(), 1))
+            row = dict(train_with_policy(spec, policy, weights), threads=torch.get_num_threads(),
+                       finished=round(time.time(), 1))
             path = self.out / f"eval-{self.shard[0]}.jsonl"
             drop_torn_tail(path)  # the half line of a run killed while writing: that run was redone
             append_line(path, row)
@@ -395,7 +405,32 @@ class Rebuild:
         self.out.mkdir(parents=True, exist_ok=True)
         ignore = self.out / ".gitignore"
         if not ignore.exists():  # recordings and weights are big and remade; trial results are the work
-            ignore.write_text("zoo/\npredictors/\n*.tmp\n")
+            ignore.write_text("zoo/\npredictors/\n*.tmp\n*.lock\n")
+        lock = self._lock()
+        if lock is None:
+            return 4
+        try:
+            return self._run(stages)
+        finally:
+            os.close(lock)
+
+    def _lock(self) -> Optional[int]:
+        """This shard's lock on the folder (the other shards run beside it): two copies of one
+        command did every piece twice and wrote every line twice, both exiting 0 (review95).
+        None, said, where another holds it; a file system without locks goes on unlocked."""
+        fd = os.open(self.out / f".rebuild-{self.shard[0]}of{self.shard[1]}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            self.log(f"another rebuild with --shard {self.shard[0]}/{self.shard[1]} is running on {self.out}: let it "
+                     "finish (or stop it), then run the command again; shards of one command run side by side.")
+            return None
+        except OSError:
+            pass
+        return fd
+
+    def _run(self, stages: Sequence[str]) -> int:
         try:
             for stage in stages:
                 if not getattr(self, stage)():
