@@ -1211,7 +1211,10 @@ class ActivationCache:
         changed, self._values_pending, self._fresh_slots = sorted(self._values_pending), set(), None
         if fresh is not None and tuple(fresh.shape[1:]) == tuple(store.row_shape) and bool(
                 self._rows_agree(store.read(slots[hit], *self._act), fresh).all()):
-            self._values_not_read[1].update(changed)
+            # let be: those that still differ (one changed back, a flag set for a validation pass
+            # only, told nothing about its next change)
+            still = {f"{owner}.{key}" for owner, key in self._prefix_values[2].changed_values()}
+            self._values_not_read[1].update(name for name in changed if name in still)
             self._watch_prefix_values(store)  # the values now
             return True
         what = ", ".join(changed[:3]) + (" ..." if len(changed) > 3 else "")
