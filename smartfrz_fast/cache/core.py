@@ -242,10 +242,10 @@ class ActivationCache:
         self._prefix_values: Tuple[Any, List[Tuple[str, nn.Module]], PythonAttributes] = (None, [], PythonAttributes())
         self._outside_called: Dict[int, nn.Module] = {}  # modules outside the model the prefix's forward called
         self._hits_at_values_drop: Optional[int] = None  # stats["hits"] when rows were last dropped for them
-        self._values_pending: Set[str] = set()  # changed since the rows were made, not yet checked
-        self._fresh_slots: Optional[Tensor] = None  # [capacity] bool: rows made since that change (right)
-        # (boundary, names): values whose change left the rows as they were (a memo, a flag not read)
-        self._values_not_read: Tuple[int, Set[str]] = (0, set())
+        # the watched values as a change since the rows were made was last noted (None: no change
+        # waits for its check), and [capacity] bool: the rows made since then, with the values now
+        self._values_noted: Optional[PythonAttributes] = None
+        self._fresh_slots: Optional[Tensor] = None
         self._hits_at_store = 0  # stats["hits"] when the store was made (see _advance)
         self._unread_drops = 0  # deeper freezes in a row that dropped rows none of which was read
         # what a swapped-out forward found in those slots, and the training step it first did so
@@ -388,6 +388,9 @@ class ActivationCache:
         samples come back."""
         if self._resume is not None:  # loaded but not applied yet (no forward since): still the truth
             return dict(self._resume)
+        if self._values_noted is not None and self._store is not None:
+            # rows made before a change not checked yet would resume unchecked (review96): they go
+            self._drop_rows()
         state: Dict[str, Any] = {
             "format": STATE_FORMAT, "version": STATE_VERSION, "settings": self._settings(),
             "enabled": self.enabled, "reason": self.reason, "boundary": self.boundary,
@@ -1152,7 +1155,7 @@ class ActivationCache:
         self._prefix_slots = [(slots, name, t) for m in self.freezer.module.modules()
                               for slots in (m._parameters, m._buffers) for name, t in slots.items() if id(t) in ids]
         self._swapped_seen = None
-        self._values_pending, self._fresh_slots = set(), None  # a new store's rows: made with the values now
+        self._values_noted, self._fresh_slots = None, None  # a new store's rows: made with the values now
         self._watch_prefix_values(store)
 
     def _watch_prefix_values(self, store: Storage) -> None:
@@ -1172,33 +1175,32 @@ class ActivationCache:
         self._prefix_values = (store, modules, PythonAttributes(modules))
 
     def _note_value_changes(self) -> None:
-        """Note the watched values that differ from those the rows were made with (see
-        _check_values), but those found before to leave the rows as they were; rows made from
-        now on are made with the values now."""
+        """A watched value that differs from those the rows were made with (see _check_values),
+        or, with a change noted already, from the values then (a second step of a schedule, a
+        value set back): the rows made before now wait for their check, and those made from now
+        on are made with the values now."""
         store, modules, values = self._prefix_values
         if store is None or store is not self._store:
             return
-        if self._values_not_read[0] != self.boundary:
-            self._values_not_read = (self.boundary, set())
-        new = {name for name in (f"{owner}.{key}" for owner, key in values.changed_values()
-                                 if key not in OUTPUT_SWITCHES)
-               if name not in self._values_not_read[1] and name not in self._values_pending}
-        if new:
-            self._values_pending |= new
-            self._fresh_slots = torch.zeros(store.capacity, dtype=torch.bool)  # every row is older than this
+        since = values if self._values_noted is None else self._values_noted
+        if _changed(since):
+            self._values_noted = PythonAttributes(modules)
+            self._fresh_slots = torch.zeros(store.capacity, dtype=torch.bool)
 
     def _check_values(self, inputs: Inputs, ids: Tensor) -> bool:
         """Where watched Python values changed since the rows were made (a temperature or scale
         the loop anneals: rows made with the old value were served, review89), recompute up to
         VALUE_CHECK_ROWS of this batch's cached rows made before the change: if they differ,
-        every row is dropped (and made again with the values now); if they agree, the change (a
-        memo emptied by ``train()``, a flag or an epoch number the prefix does not read,
-        review93) is let be at this cut from then on. A batch with no such row serves only rows
-        made since, and waits. Values that change the rows again before any row was served
-        turn the cache off (it could only make rows and drop them): False then."""
-        if not self._values_pending or self._store is None:
+        every row is dropped (and made again with the values now); if they agree (a memo that
+        ``train()`` empties, a flag or an epoch number the prefix does not read: review93 found
+        dropping at every change turned the cache off on such models), the values now are those
+        of the rows, and the next change is checked again. A batch with no such row serves only
+        rows made since, and waits. A change that alters only rows the check does not recompute
+        passes it (review96; the audit is the net). Values that change the rows again before any
+        row was served turn the cache off (it could only make rows and drop them): False then."""
+        if self._values_noted is None or self._store is None:
             return True
-        store = self._store
+        store, modules, values = self._prefix_values
         slots = store.lookup(ids)
         old = (slots >= 0) & ~self._fresh_slots[slots.clamp(min=0).cpu()].to(slots.device)
         hit = old.nonzero().flatten()[:VALUE_CHECK_ROWS]
@@ -1208,16 +1210,13 @@ class ActivationCache:
             fresh = self._compute_prefix(_index_inputs(inputs, hit, ids.numel()))
         if not self.enabled:
             return False
-        changed, self._values_pending, self._fresh_slots = sorted(self._values_pending), set(), None
+        self._values_noted = self._fresh_slots = None
         if fresh is not None and tuple(fresh.shape[1:]) == tuple(store.row_shape) and bool(
                 self._rows_agree(store.read(slots[hit], *self._act), fresh).all()):
-            # let be: those that still differ (one changed back, a flag set for a validation pass
-            # only, told nothing about its next change)
-            still = {f"{owner}.{key}" for owner, key in self._prefix_values[2].changed_values()}
-            self._values_not_read[1].update(name for name in changed if name in still)
-            self._watch_prefix_values(store)  # the values now
+            self._watch_prefix_values(store)  # the values now: the rows' own
             return True
-        what = ", ".join(changed[:3]) + (" ..." if len(changed) > 3 else "")
+        changed = sorted({f"{name}.{key}" for name, key in values.changed_values() if key not in OUTPUT_SWITCHES})
+        what = ", ".join(changed[:3]) + (" ..." if len(changed) > 3 else "") or "a value set back since"
         self.stats["values_changed"] += 1
         self._drop_rows()
         if self._hits_at_values_drop == self.stats["hits"]:
@@ -1234,15 +1233,19 @@ class ActivationCache:
         return True
 
     def _rebase_prefix_values(self) -> None:
-        """After a forward with no change waiting for its check: the values its own code set (a
-        memo it fills, a shape it notes; a forward whose writes change its output stops the cut
-        at set-up) are the values now, and modules outside the model it was first seen calling
-        are watched from now on."""
+        """After a forward, the values its own code set (a memo it fills, a shape it notes; a
+        forward whose writes change its output stops the cut at set-up) are the values now: of
+        the rows, or, with a change waiting for its check, of the change. Modules outside the
+        model it was first seen calling are watched from now on."""
         store, modules, values = self._prefix_values
-        if store is None or store is not self._store or self._values_pending:
+        if store is None or store is not self._store:
+            return
+        if self._values_noted is not None:
+            if _changed(self._values_noted):
+                self._values_noted = PythonAttributes(modules)
             return
         watched = {id(m) for _, m in modules}
-        if any(key not in watched for key in self._outside_called) or values.changed_values():
+        if any(key not in watched for key in self._outside_called) or _changed(values):
             self._watch_prefix_values(store)
 
     def _prefix_swapped_out(self) -> bool:
@@ -1331,7 +1334,7 @@ class ActivationCache:
                 self._discard_store(store)  # an mmap file too: with reuse=True it would be reopened
         self._sides = SideInputs(self.num_samples)
         self._prefix_state, self._prefix_slots = (None, [], [], []), []
-        self._prefix_values, self._values_pending, self._fresh_slots = (None, [], PythonAttributes()), set(), None
+        self._prefix_values, self._values_noted, self._fresh_slots = (None, [], PythonAttributes()), None, None
 
     def _discard_store(self, store: Storage) -> None:
         """Close a store whose rows no longer hold, and remove its mmap file (this run's own):
@@ -1931,7 +1934,7 @@ class ActivationCache:
     def _move_rows(self, boundary: int) -> None:
         if not self._prefix_weights_unchanged():  # rows made from weights written since are dropped, not migrated
             return
-        if self._values_pending:  # rows made with values changed since, not checked yet: dropped, not moved
+        if self._values_noted is not None:  # rows made with values changed since, not checked yet: dropped, not moved
             self._drop_rows()
         old, self.boundary = self.boundary, boundary
         if self._store is None:
@@ -2548,6 +2551,11 @@ def _is_storage_fault(exc: BaseException) -> bool:
         return exc.errno in _FAULT_ERRNOS
     # torch's CPU allocator; torch.from_file's mmap refused (RLIMIT_AS, `ulimit -v`: review89)
     return isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc) or "unable to mmap" in str(exc))
+
+
+def _changed(values: PythonAttributes) -> bool:
+    """A watched value differs now (one that only chooses the outputs a forward returns aside)."""
+    return any(key not in OUTPUT_SWITCHES for _, key in values.changed_values())
 
 
 def _side_sums(ids: Tensor, values: Dict[str, Tensor]) -> Tensor:
