@@ -251,7 +251,8 @@ class _TemperatureNet(_BlockNet):
 def _with_and_without_cache(make_model, change, steps, frozen, validate=False, audit_rows=None):
     """The same run (``make_model()``, SGD, ``frozen`` units frozen from step 1) without and with
     the cache, ``change(model, step)`` setting Python values before each step; with
-    ``validate``, a validation pass between the change and the step. Returns (losses, model)
+    ``validate``, a validation pass between the change and the step (a callable:
+    ``validate(model, step, validation)`` runs it when it likes). Returns (losses, model)
     without it and (losses, model, cache) with it."""
     x, y = torch.randn(24, 8, generator=torch.Generator().manual_seed(3)), torch.arange(24) % 3
 
@@ -268,11 +269,16 @@ def _with_and_without_cache(make_model, change, steps, frozen, validate=False, a
             warnings.simplefilter("ignore")
             for step in range(steps):
                 change(model, step)
-                if validate:
+
+                def validation():
                     model.eval()
                     with torch.no_grad():
                         forward(x[:8], torch.arange(8))
                     model.train()
+                if callable(validate):
+                    validate(model, step, validation)
+                elif validate:
+                    validation()
                 ids = torch.arange(8) + 8 * (step % 3)
                 loss = nn.functional.cross_entropy(forward(x[ids], ids), y[ids])
                 loss.backward()
@@ -1726,41 +1732,17 @@ def test_a_value_changed_and_changed_back_is_checked_again_at_its_next_change():
     """A scale set for a validation pass and set back before the next training step left the
     rows as they were: it must not be let be for good, or its real change later is served from
     rows made with the old value."""
-    x, y = torch.randn(24, 8, generator=torch.Generator().manual_seed(3)), torch.arange(24) % 3
+    def scale(model, value):
+        for block in model.blocks:
+            block.scale = value
 
-    def run(cache_on):
-        torch.manual_seed(0)
-        model = _ScaledNet(True)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        freezer = SmartFreezer(model, opt, StaticFreeze(3, at_step=1), example_inputs=x[:4], total_steps=16)
-        cache = ActivationCache(freezer, num_samples=24, deterministic=True, audit_rows=0) if cache_on else None
-        forward = cache.wrap() if cache_on else (lambda inputs, ids: model(inputs))
-
-        def scale(value):
-            for block in model.blocks:
-                block.scale = value
-        losses = []
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for step in range(16):
-                if step == 8:  # a validation pass with another scale, set back before training goes on
-                    scale(0.5)
-                    model.eval()
-                    with torch.no_grad():
-                        forward(x[:8], torch.arange(8))
-                    model.train()
-                    scale(1.0)
-                if step == 11:
-                    scale(0.25)
-                ids = torch.arange(8) + 8 * (step % 3)
-                loss = nn.functional.cross_entropy(forward(x[ids], ids), y[ids])
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-                freezer.step()
-                losses.append(loss.item())
-        return losses, cache
-
-    (plain, _), (cached, cache) = run(False), run(True)
+    def validate_at_step_8(model, step, validation):
+        if step == 8:  # a validation pass with another scale, set back before training goes on
+            scale(model, 0.5)
+            validation()
+            scale(model, 1.0)
+    (plain, _), (cached, _, cache) = _with_and_without_cache(
+        lambda: _ScaledNet(True), lambda model, step: step == 11 and scale(model, 0.25), steps=16, frozen=3,
+        validate=validate_at_step_8, audit_rows=0)
     assert cached == plain
     assert cache.stats["values_changed"] == 1 and cache.active, cache.describe()
