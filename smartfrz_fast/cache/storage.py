@@ -548,8 +548,6 @@ class MmapStorage(Storage):
         self.device = torch.device("cpu")
         offsets, total = self._layout()
         reopen = os.path.exists(self.path) and self.reuse
-        self._lock_fd: Optional[int] = None
-        self._lock_pid = os.getpid()
         if not reopen and os.path.exists(self.path):
             raise FileExistsError(
                 f"ActivationCache: {self.path} already exists. Pass reuse=True to reopen it (it is "
@@ -557,10 +555,10 @@ class MmapStorage(Storage):
             )
         if not reopen:
             self._create(total)
-        self._lock_fd = lock_file(self.path)  # before a reopened file's rows are read: no other cache writes them
+        fd = lock_file(self.path)  # before a reopened file's rows are read: no other cache writes them
         # a store dropped without close() (a notebook's failed run, a sweep's trial) lets the file
         # go as it is collected: its lock was held until the process ended (review92)
-        self._lock_release = weakref.finalize(self, _release_lock, self._lock_fd, self._lock_pid)
+        self._lock_release = weakref.finalize(self, _release_lock, fd, os.getpid())
         try:
             if reopen:
                 header = read_header(self.path)
@@ -704,7 +702,6 @@ class MmapStorage(Storage):
         release = getattr(self, "_lock_release", None)
         if release is not None:
             release()  # once: a finalizer that ran is a no-op
-        self._lock_fd = None
 
 
 def _release_lock(fd: Optional[int], pid: int) -> None:
@@ -752,6 +749,18 @@ def _close_lock_fds_in_child() -> None:
 os.register_at_fork(after_in_child=_close_lock_fds_in_child)
 
 
+def try_lock(fd: int) -> Optional[bool]:
+    """An exclusive lock on the open file ``fd``, without waiting: True taken, False held through
+    another open of the file (of this process or another), None on a file system without locks."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+
+
 def lock_file(path: str) -> Optional[int]:
     """An open descriptor of ``path`` holding an exclusive lock on it, for as long as a cache
     holds the file open: two caches (of one process or two) writing one file hand out the same
@@ -759,18 +768,16 @@ def lock_file(path: str) -> Optional[int]:
     holder the collector has not freed yet (a cache dropped in a cycle) is let go first. None on
     a file system without locks."""
     fd = os.open(path, os.O_RDWR)
-    for attempt in range(2):
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            _LOCK_FDS.add(fd)
-            return fd
-        except BlockingIOError:
-            if attempt == 0:
-                gc.collect()  # a dropped cache in a reference cycle still holds it
-        except OSError:  # no locks here (some network file systems): as before
-            os.close(fd)
-            return None
+    taken = try_lock(fd)
+    if taken is False:
+        gc.collect()  # a dropped cache in a reference cycle still holds it
+        taken = try_lock(fd)
+    if taken:
+        _LOCK_FDS.add(fd)
+        return fd
     os.close(fd)
+    if taken is None:  # no locks here (some network file systems): as before
+        return None
     raise OSError(errno.EBUSY, f"ActivationCache: the cache file {path} is open in another activation cache (of "
                   "this process or another): two caches writing one file would serve each other's rows. Give each "
                   "cache its own path= (a resumed run: stop or close the one still running first).")

@@ -30,7 +30,6 @@ stage whose inputs another shard still makes stops there: run it again later).
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import math
 import os
@@ -42,6 +41,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..cache.storage import try_lock
 from ..history import SAMPLING
 from ..predictor.model import PredictorWeightsError, load_predictor, write_atomically
 from .evaluate import TABLE_COLUMNS, build_policy, latest_rows, policy_settings, train_with_policy, write_table
@@ -419,15 +419,11 @@ class Rebuild:
         command did every piece twice and wrote every line twice, both exiting 0 (review95).
         None, said, where another holds it; a file system without locks goes on unlocked."""
         fd = os.open(self.out / f".rebuild-{self.shard[0]}of{self.shard[1]}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if try_lock(fd) is False:
             os.close(fd)
             self.log(f"another rebuild with --shard {self.shard[0]}/{self.shard[1]} is running on {self.out}: let it "
                      "finish (or stop it), then run the command again; shards of one command run side by side.")
             return None
-        except OSError:
-            pass
         return fd
 
     def _run(self, stages: Sequence[str]) -> int:

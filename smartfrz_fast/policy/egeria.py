@@ -380,8 +380,8 @@ class Egeria(FreezePolicy):
         with torch.no_grad():
             for dst, src in zip(self._shadow_tensors, self._staging):
                 dst.copy_(src)
-            params = [src for src in self._staging[:self._num_params] if src.is_floating_point()]
-            if refresh and params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            params = [src for src in self._staging[:self._num_params] if src.is_floating_point()] if refresh else []
+            if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
                 # a weight NaN or inf at this step (an overflow put right after): the refresh waits for
                 # the next evaluation, or the reference would measure NaN until the one after (review92:
                 # freezing 35-45 steps late, checkpoints refused as damaged); a reference kept longer
