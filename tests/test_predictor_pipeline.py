@@ -440,13 +440,35 @@ def test_rebuild_redoes_smartfrz_rows_made_with_other_settings_or_weights(tmp_pa
     from smartfrz_fast.predictor import load_predictor
 
     rebuild = Rebuild(tmp_path, quick=True, log=lambda m: None)
-    now, digest = policy_settings(build_policy("smartfrz")), load_predictor().digest[:16]
+    now, digest = policy_settings(build_policy("smartfrz")), load_predictor().prediction_digest[:16]
     assert f"weights {digest}" in now and "settle_ratio=0.5" in now
     assert not rebuild._stale({"policy_settings": now}, "smartfrz", None)
     assert rebuild._stale({"policy_settings": now.replace("settle_ratio=0.5", "settle_ratio=None")}, "smartfrz", None)
     assert rebuild._stale({"policy_settings": now.replace(digest, "other weights")}, "smartfrz", None)
     assert rebuild._stale({}, "smartfrz-unseen-cka", None)  # a row from before rows recorded them
     assert not rebuild._stale({}, "freezeout", None)  # baselines: rows stand
+
+
+def test_a_retraining_that_ends_in_the_same_weights_keeps_the_evaluation_rows(tmp_path):
+    # the digest that names the weights in a row covered the provenance's wall times, so a
+    # predictor retrained bit for bit after a damaged file made every row with it stale (review95 F2)
+    from smartfrz_fast.predictor.model import (AttentionPredictor, PredictorConfig, load_predictor,
+                                               save_predictor)
+
+    torch.manual_seed(0)
+    model = AttentionPredictor(PredictorConfig())
+    base = {"input_gain": 2.0, "history_sampling": "every parameter", "commit": "abc"}
+    save_predictor(model, tmp_path / "a.pt", {**base, "seconds": {"train": 0.6}})
+    save_predictor(model, tmp_path / "b.pt", {**base, "seconds": {"train": 0.8}, "commit": "def"})
+    save_predictor(model, tmp_path / "c.pt", {**base, "input_gain": 1.0, "seconds": {"train": 0.6}})
+    a, b, c = (load_predictor(tmp_path / f"{n}.pt") for n in "abc")
+    assert a.digest != b.digest  # the files differ
+    assert a.prediction_digest == b.prediction_digest  # their answers do not
+    assert c.prediction_digest != a.prediction_digest  # another input gain answers otherwise
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    save_predictor(model, tmp_path / "d.pt", {**base, "seconds": {"train": 0.6}})
+    assert load_predictor(tmp_path / "d.pt").prediction_digest != a.prediction_digest
 
 
 def test_a_row_redone_in_another_shard_s_file_is_the_one_that_counts(tmp_path):
@@ -506,7 +528,7 @@ def test_rebuild_redoes_recordings_and_predictors_of_another_history_sampling(fi
 def test_rebuild_stops_on_its_time_budget_and_says_how_to_resume(tmp_path):
     out = tmp_path / "lab"
     proc = subprocess.run([sys.executable, "-m", "smartfrz_fast.lab.rebuild", "--quick", "--out", str(out),
-                           "--stages", "trials", "--max-hours", "0"], capture_output=True, text=True, timeout=300)
+                           "--stages", "trials", "--max-hours", "1e-9"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "Run the same command again to continue" in proc.stdout
     progress = (out / "progress.md").read_text()
@@ -516,6 +538,76 @@ def test_rebuild_stops_on_its_time_budget_and_says_how_to_resume(tmp_path):
     # trained one, and on a fresh checkout re-recorded every run before it looked at the clock)
     assert not any(path.read_text() for path in (out / "trials").glob("*.jsonl"))
     assert not list(out.glob("zoo/*.pt"))
+
+
+def test_rebuild_that_waits_for_another_shard_exits_3_and_refuses_a_zero_budget(tmp_path):
+    # a shard that stopped to wait for the other exited 0, so a loop "run it again until it
+    # succeeds" stopped after one round; --max-hours 0 started nothing and asked to be run again,
+    # forever (review95 F5, F7)
+    from smartfrz_fast.lab.rebuild import Rebuild, main
+
+    said = []
+    rebuild = Rebuild(tmp_path / "lab", quick=True, log=said.append, shard=(1, 2))
+    assert rebuild.run(["predictors"]) == 3
+    assert any("waiting for the trials stage" in m for m in said) and "run the same command again" in said[-1]
+    with pytest.raises(SystemExit) as exc:
+        main(["--quick", "--out", str(tmp_path / "lab"), "--max-hours", "0"])
+    assert exc.value.code == 2
+
+
+def test_rebuild_says_why_it_records_a_run_again(finished_trials, tmp_path):
+    # a recording cut short was "recorded with other history sampling or code" (review95 F4)
+    import shutil
+
+    from smartfrz_fast.lab.rebuild import Rebuild
+
+    lab, spec, trials, _ = finished_trials
+    out = tmp_path / "lab"
+    shutil.copytree(lab, out)
+    recording = out / "zoo" / f"{spec.name}.pt"
+    recording.write_bytes(recording.read_bytes()[:1000])
+    said = []
+    rebuild = Rebuild(out, quick=True, tolerance=trials.tolerance, stride=trials.stride, log=said.append)
+    rebuild.trial_specs = [spec]
+    rebuild.trials()
+    (line,) = [m for m in said if m.startswith("recording ")]
+    assert "not a readable recorded run" in line and "sampling" not in line
+    assert rebuild._recording_current(spec)
+
+
+def test_rebuild_stops_on_a_damaged_trials_file_with_what_to_do(finished_trials, tmp_path):
+    # a line damaged in the middle of a trials file: two chained tracebacks, and the advice to
+    # delete the line did not redo its branch (review95 F3)
+    import shutil
+
+    from smartfrz_fast.lab.rebuild import Rebuild
+
+    lab, spec, trials, _ = finished_trials
+    out = tmp_path / "lab"
+    shutil.copytree(lab, out)
+    results = out / "trials" / f"{spec.name}.jsonl"
+    lines = results.read_text().splitlines()
+    lines[2] = lines[2][:20]
+    results.write_text("\n".join(lines) + "\n")
+    said = []
+    rebuild = Rebuild(out, quick=True, tolerance=trials.tolerance, stride=trials.stride, log=said.append)
+    rebuild.trial_specs = [spec]
+    assert rebuild.run(["trials"]) == 1
+    assert f"{results}:3 is not JSON" in said[-1] and "Delete the file" in said[-1]
+
+
+def test_a_predictor_file_that_cannot_be_written_names_the_file(tmp_path):
+    # torch.save's "unexpected pos" on a full disk named no file (review95 F8)
+    from smartfrz_fast.predictor.model import write_atomically
+
+    def fail(tmp):
+        tmp.write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2763776 vs 2763664")
+
+    (tmp_path / "p.pt").write_bytes(b"old")
+    with pytest.raises(OSError, match=r"could not write .*p\.pt .*disk full.*unchanged"):
+        write_atomically(tmp_path / "p.pt", fail)
+    assert (tmp_path / "p.pt").read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["p.pt"]
 
 
 def test_compare_labels_sets_the_cka_points_against_the_trials(finished_trials):

@@ -134,9 +134,10 @@ def latest_rows(paths: Sequence[Path], skip_torn: bool = False) -> Dict[tuple, D
 
 def policy_settings(policy: FreezePolicy) -> str:
     """What a run's result depends on besides the network: the policy's settings and, for
-    SmartFRZ, which weights (their digest). A rebuild redoes rows whose settings changed since."""
+    SmartFRZ, which weights (the digest of what their answers depend on: a retraining that ends in
+    the same weights keeps the rows). A rebuild redoes rows whose settings changed since."""
     predictor = getattr(policy, "predictor", None)
-    return policy.describe() + (f", weights {predictor.digest[:16]}" if predictor is not None else "")
+    return policy.describe() + (f", weights {predictor.prediction_digest[:16]}" if predictor is not None else "")
 
 
 def train_with_policy(spec: RunSpec, policy: Union[str, FreezePolicy], weights: Optional[Path] = None,

@@ -122,8 +122,10 @@ def read_trials(path: Path) -> Tuple[Optional[Dict[str, Any]], Dict[BranchKey, D
         except json.JSONDecodeError as exc:
             if i == len(lines) - 1:
                 break
-            raise TrialResultsError(f"{path}:{i + 1} is not JSON ({exc}); delete the line or the file "
-                                    "to redo those branches") from exc
+            # lines are appended whole and a torn last one is cut, so this is damage from outside;
+            # deleting the line alone would not redo its branch (the search's done line stays)
+            raise TrialResultsError(f"{path}:{i + 1} is not JSON ({exc}): the file was damaged. Delete the file "
+                                    "to redo that run's trials, or put the line back from a copy") from exc
         kind = row.get("kind")
         if kind == "reference":
             reference = row

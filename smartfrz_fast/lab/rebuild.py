@@ -22,9 +22,10 @@ is not finished, and is made again):
 Nothing here replaces the shipped weights: compare ``OUT/predictors/*/all.pt``'s leave-one-
 family-out metrics with the shipped file's, and copy by hand if better (``docs/predictor.md``).
 ``OUT/progress.md`` says what is done and an estimate of what remains. ``--max-hours``: start no
-new piece after that long (exit code 3: run the same command again to continue). ``--shard I/N``:
-this process does every N-th piece of each stage (one process per core; a shard that reaches a
-stage whose inputs another shard still makes stops there: run it again later).
+new piece after that long. ``--shard I/N``: this process does every N-th piece of each stage from
+the I-th (one process per core; a shard that reaches a stage whose inputs another shard still makes
+stops there). Exit code 3: not finished (out of time, or waiting for another shard): run the same
+command again; 0: every stage asked for is done.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from ..cache.storage import try_lock
 from ..history import SAMPLING
 from ..predictor.model import PredictorWeightsError, load_predictor, write_atomically
 from .evaluate import TABLE_COLUMNS, build_policy, latest_rows, policy_settings, train_with_policy, write_table
-from .labels import SEARCH, LabelSource, RecordingError, Tolerance, load_recording, read_trials
+from .labels import SEARCH, LabelSource, RecordingError, Tolerance, TrialResultsError, load_recording, read_trials
 from .train import leave_one_out, run_pipeline
 from .trials import DEFAULT_STRIDE, OutOfTime, Trials, append_line, drop_torn_tail
 from .zoo import EVAL_SPECS, RunSpec, zoo_specs
@@ -112,8 +113,9 @@ class Rebuild:
         for spec in self.mine(self.trial_specs):
             self.log(f"[trials {self.trial_specs.index(spec) + 1}/{len(self.trial_specs)}] {spec.name}")
             recording = self.out / "zoo" / f"{spec.name}.pt"
-            if recording.exists() and not self._recording_current(spec):
-                self.log(f"{recording}: recorded with other history sampling or code; recording it again")
+            problem = self._recording_problem(spec) if recording.exists() else None
+            if problem is not None:  # cut short, from other code, or of another history sampling
+                self.log(f"recording {spec.name} again: {problem}")
                 recording.unlink()  # the trials re-record it from their unbranched run (checked against it)
             Trials(spec, self.out / "trials" / f"{spec.name}.jsonl", self.tolerance, self.stride,
                    recording=recording, deadline=self.deadline, log=self.log).run()
@@ -347,11 +349,15 @@ class Rebuild:
 
     def _recording_current(self, spec: RunSpec) -> bool:
         """The run's recording is there and holds the histories the engine samples now."""
+        return self._recording_problem(spec) is None
+
+    def _recording_problem(self, spec: RunSpec) -> Optional[str]:
+        """What is wrong with the run's recording (missing too), None when it is current."""
         try:
             load_recording(self.out / "zoo" / f"{spec.name}.pt")
-        except RecordingError:  # a missing file too
-            return False
-        return True
+        except RecordingError as exc:
+            return str(exc)
+        return None
 
     @staticmethod
     def _predictor_current(path: Path) -> bool:
@@ -411,6 +417,9 @@ class Rebuild:
             return 4
         try:
             return self._run(stages)
+        except TrialResultsError as exc:  # a damaged or foreign results file: what to do, no traceback
+            self.log(f"stopped: {exc}")
+            return 1
         finally:
             os.close(lock)
 
@@ -429,8 +438,11 @@ class Rebuild:
     def _run(self, stages: Sequence[str]) -> int:
         try:
             for stage in stages:
-                if not getattr(self, stage)():
-                    break
+                if not getattr(self, stage)():  # said why: it waits for another shard's pieces
+                    self.write_progress()
+                    self.log("not finished: run the same command again once the other shards are done "
+                             "(exit code 3).")
+                    return 3
         except OutOfTime as exc:
             self.write_progress()
             self.log(f"stopped: {exc}. Run the same command again to continue.")
@@ -471,8 +483,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise ValueError
     except ValueError:
         p.error(f"--shard is I/N with 0 <= I < N, got {args.shard!r}")
-    if args.max_hours is not None and not (math.isfinite(args.max_hours) and args.max_hours >= 0):
-        p.error(f"--max-hours is a number of hours >= 0, got {args.max_hours}")  # nan meant no limit
+    if args.max_hours is not None and not (math.isfinite(args.max_hours) and args.max_hours > 0):
+        # nan meant no limit; 0 started nothing, and asked to be run again, forever (review95)
+        p.error(f"--max-hours is a number of hours > 0, got {args.max_hours}")
     torch.set_num_threads(args.threads)
     deadline = None if args.max_hours is None else time.time() + 3600 * args.max_hours
     rebuild = Rebuild(args.out, args.quick, Tolerance(args.metric, args.tolerance), args.stride, deadline,

@@ -95,6 +95,9 @@ def write_atomically(path: Union[str, Path], write: Callable[[Path], Any]) -> No
     try:
         write(tmp)
         tmp.replace(path)
+    except (OSError, RuntimeError) as exc:  # torch.save's own error names no file (a full disk)
+        raise OSError(f"could not write {path} ({type(exc).__name__}: {exc}): is its disk full or read-only? "
+                      "The file there before, if any, is unchanged") from exc
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -111,6 +114,20 @@ def _digest(blob: Dict[str, Any]) -> str:
         h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+# the provenance fields that change what the predictor answers (the rest: how it was made, when, how long)
+PREDICTION_FIELDS = {"input_gain": 1.0, "sort_by_newest": False, "history_sampling": None}
+
+
+def prediction_digest(blob: Dict[str, Any]) -> str:
+    """sha256 of what a predictor file's answers depend on: configuration, weights and the
+    provenance fields in PREDICTION_FIELDS. Two trainings that end in the same weights share it
+    (their wall times differ), so the lab keeps evaluation rows made with either."""
+    provenance = blob.get("provenance") or {}
+    fields = {k: provenance.get(k, default) for k, default in PREDICTION_FIELDS.items()}
+    return _digest({"format": blob.get("format"), "version": blob.get("version"), "config": blob.get("config"),
+                    "provenance": fields, "state_dict": blob["state_dict"]})
 
 
 def _weights_digest_v1(state: Dict[str, Tensor]) -> str:
@@ -179,7 +196,8 @@ def load_predictor(path: Optional[Union[str, Path]] = None, map_location: Any = 
                                     "training diverged. Retrain it, or use the shipped weights (weights=None).")
     _check_provenance(blob.get("provenance"), str(path))
     model.provenance = blob["provenance"]
-    model.digest = blob["digest"]  # names these weights (the lab tells stale evaluation rows by it)
+    model.digest = blob["digest"]  # names this file (a resumed SmartFRZ checks it is the saved one's)
+    model.prediction_digest = prediction_digest(blob)  # names its answers (the lab tells stale rows by it)
     # the weight histories it was trained on (history.SAMPLING); a file that does not say predates the field
     model.history_sampling = model.provenance.get("history_sampling", UNRECORDED_SAMPLING)
     return model.to(map_location).eval()
