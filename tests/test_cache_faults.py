@@ -186,6 +186,20 @@ def test_no_room_in_host_memory_turns_the_cache_off(plain, monkeypatch):
     assert same_weights(model, plain)
 
 
+def test_an_index_larger_than_host_memory_is_refused_at_construction(monkeypatch):
+    # num_samples=1e11 ended in torch's "DefaultCPUAllocator: can't allocate memory" from deep
+    # inside the cache, naming neither the setting nor the size (review92 F7)
+    from smartfrz_fast.cache import core as core_mod
+
+    monkeypatch.setattr(core_mod, "host_memory_available", lambda: 2**30)
+    model = chain_model()
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1),
+                           example_inputs=X[:4])
+    with pytest.raises(MemoryError, match=r"num_samples=1000000000 needs an index of 8\.4 GiB .* 1\.0 GiB is avail"):
+        ActivationCache(freezer, num_samples=10**9, max_bytes=10**6, deterministic=True)
+    ActivationCache(freezer, num_samples=10**6, deterministic=True)  # 9 MB: fine
+
+
 def test_the_users_files_beside_the_cache_are_left_alone(plain, tmp_path):
     path = tmp_path / "c.bin"
     mine = {"c.bin.next": "next", "c.bin.smartfrz-tmp-0000": "looks like ours, is not"}

@@ -1067,6 +1067,46 @@ def test_a_cut_refused_unchecked_is_named_when_a_shallower_one_is_taken():
     assert "not cut deeper: act2 returns per-sample tensors of several dtypes" in cache.describe()
 
 
+def test_a_cut_before_a_residual_block_says_why_not_deeper():
+    # the prefix ends inside a residual block: cuts inside it skip less (the residual reads the
+    # block's input), yet describe() named the block's Identity, "returns a tensor it was given",
+    # sending users after a harmless module (review90 F4: timm's MixNet, RexNet, CaiT)
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.aa, self.b = nn.Linear(8, 8), nn.Identity(), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return x + self.b(torch.tanh(self.aa(self.a(x))))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+            self.block, self.head = Residual(), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.block(self.stem(x))
+            if h.shape[0] > 0:  # Python on a size: no torch.fx trace, the module swap cuts
+                return self.head(h)
+
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(4), example_inputs=torch.randn(2, 6))
+    cache = ActivationCache(freezer, num_samples=8, deterministic=True)
+    freezer.freeze_to(4)  # the stem and the block's first layer
+    x = torch.randn(8, 6)
+    forward = cache.wrap()
+    for step in range(3):
+        ids = torch.arange(4) + 4 * (step % 2)
+        forward(x[ids], ids).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    said = cache.describe()
+    assert "cut after stem)" in said, said
+    assert "returns a tensor it was given" not in said and "not cut deeper: the cuts deeper skip no more" in said, said
+
+
 @pytest.mark.parametrize("validate_first", [False, True])
 def test_the_swap_cuts_a_model_whose_freezer_sets_up_at_the_first_forward(validate_first):
     # built without example_inputs, the freezer set itself up inside the cache's recording of the

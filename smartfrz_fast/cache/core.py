@@ -49,10 +49,13 @@ from ..units import (PythonAttributes, SharedWrites, compiled_in_place, example_
 from .split import (OUTPUT_SWITCHES, SWAP, BlockChain, Inputs, block_modules, captured_outputs, checkpointing_switches,
                     find_blocks, hooked_modules, modules_outside, rows_need_grad, skipped_hooks)
 from .swap import GLOBAL_PRE_HOOKS, CutNotReached, holds_tensors
-from .storage import (PINNED_READS, STORAGE_DTYPES, TIERS, StaleCacheFile, Storage, check_path, input_sums,
-                      make_storage, owned_temp_path, read_header, remove_leftovers, row_bytes, storage_dtype,
-                      tensor_sum)
+from .storage import (PINNED_READS, STORAGE_DTYPES, TIERS, StaleCacheFile, Storage, check_path,
+                      host_memory_available, input_sums, make_storage, owned_temp_path, read_header, remove_leftovers,
+                      row_bytes, storage_dtype, tensor_sum)
 
+# the host index's bytes per sample id, whatever max_bytes: the row holding it (int64) and whether
+# its side inputs were recorded (bool)
+INDEX_BYTES_PER_SAMPLE = 9
 # Audit tolerance: max |cached - recomputed| per row, relative to the row's largest magnitude.
 # Storage rounding (bf16: 2^-9 relative, fp8 e4m3: 2^-4) plus recompute noise at the
 # activation's own precision; random augmentation differs by O(1).
@@ -147,6 +150,12 @@ class ActivationCache:
             max_bytes = int(max_bytes)  # max_bytes=4e9
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive int (the dataset's length), got {num_samples!r}")
+        index_bytes, available = INDEX_BYTES_PER_SAMPLE * num_samples, host_memory_available()
+        if available is not None and index_bytes > available:  # torch's allocator error named nothing (review92)
+            raise MemoryError(f"ActivationCache: num_samples={num_samples} needs an index of {index_bytes / 2**30:.1f} "
+                              f"GiB of host memory ({INDEX_BYTES_PER_SAMPLE} bytes per sample id, whatever max_bytes), "
+                              f"{available / 2**30:.1f} GiB is available. num_samples is the number of sample ids "
+                              "your loop passes (the dataset's length).")
         if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int)):
             raise TypeError(f"max_bytes is a number of bytes (an int, or a float such as 4e9) or None, got {max_bytes!r}")
         if isinstance(audit_rows, bool) or not isinstance(audit_rows, int):

@@ -592,11 +592,20 @@ class SwapChain:
                 # the deepest cut refused, checked or not (a head reading x[:, 0] hides it), and the
                 # deepest of each other kind (activation checkpointing beside a residual)
                 deeper, kinds = [], set()
+                # a block that hands its input on (an Identity, an in-place activation) was named
+                # as the reason where the deeper cuts skip less (review90: a residual reads the
+                # input of the block the prefix ends in): the cuts deeper that pass are ranked below
+                ranked_below = any(c not in refused for c in range(cut + 1, frozen + 1))
                 for c in sorted((c for c in refused if c > cut), reverse=True):
+                    if ranked_below and self.candidates[c - 1].returns_input:
+                        continue
                     kind = next((k for k in _REFUSAL_KINDS if k in refused[c]), "")
                     if kind not in kinds:
                         kinds.add(kind)
                         deeper.append(refused[c])
+                if ranked_below and not deeper:
+                    deeper.append("the cuts deeper skip no more of the forward pass (the layers after them still "
+                                  "read what came before them, as a residual reads its block's input)")
                 opaque = self._opaque_note(after=self.candidates[cut - 1].end)
                 notes = [f"not cut deeper: {'; nor: '.join(deeper)}{opaque}"] if deeper else []
                 if opaque and not deeper:  # a frozen block around C returns an object: no cut after it
