@@ -435,8 +435,14 @@ class _ForwardTracer(TorchDispatchMode):
         names: Dict[str, torch.Tensor] = {}
         fixed = None
         tensors = [leaf for leaf in tree_flatten((args, kwargs))[0] if isinstance(leaf, torch.Tensor)]
+        written = _written_ids(func, args, kwargs)
         for leaf in tensors:
             name = self.watched.get(id(leaf))
+            if name is not None and id(leaf) in written:
+                # a write into the parameter (weight clipping or a decay at the top of the forward,
+                # under no_grad) is no read of it: counted as one, it put every unit's start at the
+                # clipping and its layer's FLOPs in the last unit (review98)
+                continue
             if name is not None and name not in names:
                 names[name] = leaf
                 self.reads.setdefault(name, []).append((op_index, call))
@@ -600,8 +606,9 @@ def _qualified(module_name: str, attr: str) -> str:
 
 def as_args(inputs: Any) -> Tuple[Any, ...]:
     """Example inputs as positional arguments: a tuple is the positional arguments, anything
-    else (a tensor, a list, a dict) is the one positional argument."""
-    return inputs if isinstance(inputs, tuple) else (inputs,)
+    else (a tensor, a list, a dict, a NamedTuple such as a batch or a PackedSequence: splatted, its
+    fields reached the forward as arguments of their own, review97) is the one positional argument."""
+    return inputs if isinstance(inputs, tuple) and not hasattr(inputs, "_fields") else (inputs,)
 
 
 def example_call(model: nn.Module, inputs: Any,
@@ -1188,12 +1195,69 @@ def _holds_settings(value: Any) -> bool:
                                        types.BuiltinFunctionType, functools.partial)))
 
 
+def _written_ids(func, args, kwargs) -> set:
+    """ids of the tensors an op writes into (its schema's mutable arguments)."""
+    if not func._schema.is_mutable:
+        return set()
+    written = set()
+    for i, argument in enumerate(func._schema.arguments):
+        if argument.alias_info is not None and argument.alias_info.is_write:
+            value = args[i] if i < len(args) else kwargs.get(argument.name)
+            written.update(id(t) for t in (value if isinstance(value, (list, tuple)) else (value,))
+                           if isinstance(t, torch.Tensor))
+    return written
+
+
+class _ParameterWrites(TorchDispatchMode):
+    """Keeps a copy of each parameter an op writes into, taken before its first write: a forward
+    that updates a parameter in place (a VQ-VAE codebook kept as a parameter, a decay under
+    ``no_grad``, ``nn.Embedding(max_norm=...)``'s renorm of the rows it looks up) changed the
+    model at the freezer's set-up and at every look of the cache (review98: 0.22 and 3.4).
+    Only written parameters are copied."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.by_storage: Dict[int, List[nn.Parameter]] = {}
+        for p in dict.fromkeys(model.parameters()):
+            if uninitialized(p):  # a lazy layer's: materialised by the pass itself, as it would be without it
+                continue
+            try:
+                if p.layout == torch.strided and not p.is_meta and type(p.data) is torch.Tensor:
+                    self.by_storage.setdefault(p.untyped_storage().data_ptr(), []).append(p)
+            except (RuntimeError, NotImplementedError, ValueError):  # a tensor subclass without plain storage
+                pass
+        self.saved: Dict[int, Tuple[nn.Parameter, torch.Tensor]] = {}
+        # the storage each held before: a forward may also rebind it (``self.weight.data = ...``)
+        self.bound = [(p, p.data) for ps in self.by_storage.values() for p in ps]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.by_storage and func._schema.is_mutable:
+            written = _written_ids(func, args, kwargs)
+            for t in tree_flatten((args, kwargs))[0]:
+                if isinstance(t, torch.Tensor) and id(t) in written and t.layout == torch.strided:
+                    for p in self.by_storage.get(t.untyped_storage().data_ptr(), ()):
+                        if id(p) not in self.saved:
+                            self.saved[id(p)] = (p, p.detach().clone())
+        return func(*args, **kwargs)
+
+    def put_back(self) -> None:
+        """Values and storage as before, through ``.data`` (the version counter stays)."""
+        with torch.no_grad():
+            for p, data in self.bound:
+                if p.data.untyped_storage().data_ptr() != data.untyped_storage().data_ptr() or p.shape != data.shape:
+                    p.data = data
+            for p, values in self.saved.values():
+                p.data.copy_(values)
+
+
 @contextmanager
 def preserved_state(model: nn.Module, rngs: bool = True) -> Iterator[None]:
     """Run a look-only forward pass: the model's buffers (norm running statistics, observers),
-    the plain Python values its modules keep (``PythonAttributes``: a step counter) and the
-    random generators (``preserved_rngs``; ``rngs=False``: they move on, for looks that compare
-    two passes to find random ops) are as before afterwards.
+    parameters the pass writes into (``_ParameterWrites``), the plain Python values its modules
+    keep (``PythonAttributes``: a step counter) and the random generators (``preserved_rngs``;
+    ``rngs=False``: they move on, for looks that compare two passes to find random ops) are as
+    before afterwards.
 
     A buffer is put back only where the pass changed it, and through ``.data``, which leaves its
     version counter alone: a graph built before the pass may have saved it (a GAN's discriminator
@@ -1204,10 +1268,14 @@ def preserved_state(model: nn.Module, rngs: bool = True) -> Iterator[None]:
              for module in model.modules() for name, b in module._buffers.items()
              if b is not None and not uninitialized(b)]
     attributes = PythonAttributes([(name, m) for name, m in model.named_modules()])  # `self.calls += 1`
+    writes = _ParameterWrites(model)
     try:
-        with preserved_rngs(model) if rngs else nullcontext():
+        # and autocast's cast cache off: a look under no_grad inside the user's autocast left casts
+        # of trainable weights without grad_fn there, which the training forward then took (review99)
+        with preserved_rngs(model) if rngs else nullcontext(), writes, uncached_autocast():
             yield
     finally:
+        writes.put_back()
         if attributes.changed():
             attributes.restore()
         with torch.no_grad():

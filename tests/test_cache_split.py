@@ -14,6 +14,7 @@ from torch import nn
 from smartfrz_fast import SmartFreezer, StaticFreeze
 
 from smartfrz_fast.cache import ActivationCache, Inputs, find_blocks, fx_chain
+from smartfrz_fast.cache.split import UnfaithfulTrace
 from tests.models import SmallCNN
 
 
@@ -534,6 +535,132 @@ def _train_with_and_without_cache(make_model, x, y, steps=12, frozen=2):
     for name in plain_w:
         torch.testing.assert_close(cached_w[name], plain_w[name], rtol=0, atol=0, msg=name)
     return cache
+
+
+class _StopGradientBlock(nn.Module):
+    """Normalises by a scale computed without gradient (a stop-gradient)."""
+
+    def __init__(self, style):
+        super().__init__()
+        self.lin, self.style = nn.Linear(8, 8), style
+
+    @torch.no_grad()
+    def _scale(self, h):
+        return h.pow(2).mean(-1, keepdim=True).add(1e-3).sqrt()
+
+    def forward(self, h):
+        if self.style == "decorator":
+            return self.lin(h / self._scale(h))
+        with torch.no_grad() if self.style == "context" else torch.inference_mode():
+            scale = h.pow(2).mean(-1, keepdim=True).add(1e-3).sqrt()
+        return self.lin(h / (scale.clone() if self.style == "inference" else scale))
+
+
+class _MaxNormLinear(nn.Linear):
+    """braindecode's LinearWithConstraint: the constraint is applied in Python at each forward."""
+
+    def forward(self, x):
+        self.weight.data = torch.renorm(self.weight.data, p=2, dim=0, maxnorm=0.25)
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("style", ["context", "decorator", "inference", "max-norm"])
+def test_the_traced_chain_refuses_what_a_graph_does_not_record_in_trainable_layers(style):
+    # the torch.fx chain runs the trainable layers too: a no_grad stop-gradient in them let gradients
+    # through (weights 0.17 apart), and a max-norm constraint set by `weight.data =` stopped holding
+    # (0.96 apart), both silently (review98); the module swap runs the model's own forward
+    class Net(nn.Module):  # its own forward: the chain is a torch.fx trace, not the Sequential's
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 8)
+            if style == "max-norm":
+                self.c, self.d, self.head = nn.Tanh(), nn.Identity(), _MaxNormLinear(8, 3)
+            else:
+                self.c, self.d, self.head = _StopGradientBlock(style), _StopGradientBlock(style), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.d(self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))))
+
+    make = Net
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 6) * 3, torch.randint(0, 3, (32,))
+    cache = _train_with_and_without_cache(make, x, y, steps=16, frozen=2)
+    assert cache.active and "torch.fx" not in cache.describe(), cache.describe()
+    with pytest.raises(UnfaithfulTrace, match="no_grad|sets 'data'"):
+        fx_chain(make())
+
+
+class _RandomBranch(nn.Module):
+    """Random in every mode, as torchvision's v2 transforms: a branch on torch.rand(1)."""
+
+    def forward(self, x):
+        return x * 0.5 if torch.rand(1) < 0.5 else x
+
+
+class _LayerDropEncoder(nn.Module):
+    """transformers-style LayerDrop (a torch.rand([]) per layer in training) at probability 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.layers = nn.Linear(6, 8), nn.ModuleList([nn.Linear(8, 8) for _ in range(3)])
+        self.drop, self.out, self.layerdrop = nn.Dropout(0.3), nn.Linear(8, 3), 0.0
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        for layer in self.layers:
+            if self.training and torch.rand([]) < self.layerdrop:
+                continue
+            h = torch.relu(layer(h))
+        return self.out(self.drop(h))
+
+
+def _train_on_the_global_generator(make, cached, seed, frozen=2, steps=24):
+    """Weights and losses of a run whose shuffling and draws all come from torch's generator."""
+    torch.manual_seed(seed)
+    model = make()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x, y = torch.randn(48, 6, generator=torch.Generator().manual_seed(0)), torch.arange(48) % 3
+    freezer = SmartFreezer(model, opt, StaticFreeze(frozen, at_step=3), example_inputs=x[:8], total_steps=steps)
+    forward = ActivationCache(freezer, num_samples=48, deterministic=True, audit_rows=0).wrap() if cached else \
+        (lambda inp, ids: model(inp))
+    torch.manual_seed(seed + 1)
+    losses = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(steps):
+            ids = torch.randperm(48)[:12] if step % 4 == 0 or step < 1 else ids
+            loss = nn.functional.cross_entropy(forward(x[ids], ids), y[ids])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+            losses.append(loss.item())
+    return losses, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("model", ["random-branch", "layerdrop"])
+def test_the_caches_looks_leave_the_generators_where_the_run_without_it_has_them(model):
+    # a branch on torch.rand(1) after the first layer: the cache's per-sample check let the
+    # generator move and never put it back, so every later draw (shuffle, dropout) left the run
+    # without the cache, 2.7e-2 to 5.7e-2 apart in 5 seeds of 10; transformers-style LayerDrop at
+    # probability 0: the torch.fx trace drew its torch.rand([]) once and baked it in, and the
+    # chain never drew again, 0.10-0.12 apart (review97)
+    def make():
+        if model == "layerdrop":
+            return _LayerDropEncoder()
+        return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), _RandomBranch(), nn.Linear(8, 8), nn.ReLU(),
+                             nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    for seed in range(4):
+        plain_losses, plain = _train_on_the_global_generator(make, False, seed)
+        cached_losses, cached = _train_on_the_global_generator(make, True, seed)
+        torch.testing.assert_close(cached_losses, plain_losses, rtol=0, atol=1e-6, msg=f"seed {seed}")
+        for a, b in zip(plain, cached):  # rows computed in batches of another size round otherwise
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=f"seed {seed}")
+    if model == "layerdrop":
+        with pytest.raises(UnfaithfulTrace, match="draws at random with torch"):
+            fx_chain(make())
 
 
 @pytest.mark.parametrize("style", ["parametrization", "hook", "swap"])

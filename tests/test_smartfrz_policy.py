@@ -656,6 +656,37 @@ def test_a_backbone_held_at_a_learning_rate_of_0_trains_once_released(tmp_path):
     assert freezer.timeline and freezer.timeline[0].step >= 28, freezer.report()
 
 
+def test_report_says_when_nothing_may_freeze_or_the_prefix_is_as_long_as_it_may_grow(tmp_path):
+    # a run that could never freeze (its freezable units held under min_flops_share) reported "its
+    # window holds 0 of the 30 snapshots" and pointed at sample_every; one frozen as far as it may
+    # reported its next unit "scored at most 0.00", a score never taken (review99)
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with pytest.warns(UserWarning, match="SmartFRZ will freeze nothing"):
+        freezer = SmartFreezer(model, opt, SmartFRZ(min_flops_share=0.999), example_inputs=batch(0)[0],
+                               total_steps=40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_steps(model, opt, freezer, 12)
+    said = freezer.report()
+    assert "SmartFRZ freezes nothing on this model: the " in said and "min_flops_share=0.999" in said, said
+    assert "evaluated nothing yet" not in said
+
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    policy = SmartFRZ(min_progress=0.0, min_flops_share=0.0, settle_ratio=None,
+                      weights=predictor_file(tmp_path / "p.pt", freeze_logit=20.0))
+    freezer = SmartFreezer(model, opt, policy, example_inputs=batch(0)[0], window=4, sample_size=16,
+                           sample_every=1, total_steps=40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_steps(model, opt, freezer, 12)
+    assert freezer.num_frozen == len(freezer.units) - 1
+    line = next(line for line in freezer.report().splitlines() if line.startswith("SmartFRZ: "))
+    assert "the frozen prefix is as long as it may grow" in line and "kept trainable" in line, line
+    assert "scored at most" not in line
+
+
 @pytest.mark.parametrize("freeze_logit, settle_ratio, says", [
     (-20.0, None, r"the next unit, 'conv1\+bn1', scored at most 0\.00 \(threshold 0\.5\)$"),
     (20.0, 1e-9, r"scored at most 1\.00 \(threshold 0\.5\), but never while settled \(settle_ratio=1e-09"),

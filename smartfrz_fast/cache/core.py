@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import functools
 import gc
 import hashlib
 import io
@@ -33,7 +34,7 @@ import weakref
 from collections.abc import Mapping
 from contextlib import contextmanager
 from enum import Enum
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -44,8 +45,8 @@ from ..distributed import FreezableDDP, _is_fsdp1, _is_fsdp2, check_ddp
 from ..frozen import held_weakly, mode_blind, reestimating_statistics, remove_handles
 from ..guards import ContainerChildren, warn_in_every_run
 from ..policy.base import plain_number
-from ..units import (PythonAttributes, SharedWrites, compiled_in_place, example_call, preserved_modes, preserved_state,
-                     uninitialized_parameters)
+from ..units import (PythonAttributes, SharedWrites, compiled_in_place, example_call, preserved_modes, preserved_rngs,
+                     preserved_state, uncached_autocast, uninitialized_parameters)
 from .split import (OUTPUT_SWITCHES, SWAP, BlockChain, Inputs, block_modules, captured_outputs, checkpointing_switches,
                     find_blocks, hooked_modules, modules_outside, rows_need_grad, skipped_hooks)
 from .swap import GLOBAL_PRE_HOOKS, CutNotReached, holds_tensors
@@ -76,6 +77,17 @@ _ROW_KEYS = ("ids", "data", "scales", "sums", "in_sums")
 _FAULT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
                  errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENOMEM, errno.EMFILE, errno.ENFILE,
                  errno.EBUSY, errno.EEXIST}  # (EBUSY: another cache's file, storage.lock_file)
+
+
+def _restoring_rngs(look: Callable) -> Callable:
+    """A look of the cache's that lets the generators move between its passes (a random op must
+    show as passes that differ) puts them back at its end: its draws moved every later one of the
+    user's run (dropout masks, a shuffle) off the run without the cache (review97)."""
+    @functools.wraps(look)
+    def wrapper(self, *args, **kwargs):
+        with preserved_rngs(self.freezer.module):
+            return look(self, *args, **kwargs)
+    return wrapper
 
 
 class IndexedDataset(torch.utils.data.Dataset):
@@ -653,6 +665,10 @@ class ActivationCache:
             # the module whose train mode stopped the cut is in eval now (.eval()); not in a validation
             # pass (model.eval()), after which it trains again (review81: the cut moved back and forth)
             self._on_freeze(None, ())
+        unsplittable = _unsplittable_inputs(inputs) if self.enabled else None
+        if unsplittable is not None:  # crashed in the set-up's split, or said "no batch dimension" (review97)
+            self._bypass(*unsplittable)
+            return model(*inputs.args, **inputs.kwargs)
         if self.enabled:  # read once per forward
             inputs.batch = _batch_size(inputs, _id_count(sample_ids))
             if inputs.batch == 0 and _id_count(sample_ids) in (0, None):
@@ -795,12 +811,9 @@ class ActivationCache:
                                    "samples it computes and those it serves; pass such values as one tensor (images "
                                    "of one size stacked) to cache")
         leaves = tree_flatten((inputs.args, inputs.kwargs))[0]
-        opaque = next((leaf for leaf in leaves if not isinstance(leaf, Tensor) and holds_tensors(leaf)), None)
+        opaque = _opaque_input(leaves)
         if opaque is not None:
-            kind = type(opaque).__name__
-            return "opaque_input", (f"the inputs hold a {kind}, an object whose tensors the cache can neither split "
-                                    "per sample nor check; pass them in a dict, tuple or NamedTuple, or register "
-                                    f"{kind} with torch.utils._pytree.register_dataclass, to cache")
+            return opaque
         if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in leaves):
             return "input_grad", ("an input requires grad, and a cached row passes no gradient back to the input "
                                   "(the frozen prefix computed afresh does)")
@@ -1013,6 +1026,7 @@ class ActivationCache:
             out[index.to(out.device)] = values
         return out
 
+    @_restoring_rngs
     def _rows_per_sample(self, inputs: Inputs, n: int) -> bool:
         """Whether each sample's row depends on that sample's inputs alone, as computing only the
         missed samples of a batch assumes. Checked once per cut and batch size (the last batch of
@@ -1045,9 +1059,20 @@ class ActivationCache:
                 return False
             if rows is None or rows.shape != (part.numel(), *whole.shape[1:]) or not bool(
                     self._rows_agree(whole[part.to(whole.device)], rows, nan_equal=True).all()):
+                with preserved_state(self.freezer.module, rngs=False):  # a draw of p=0.5 may agree by chance
+                    again = [self._compute_prefix(inputs) for _ in range(3)]
+                if any(a is not None and not bool(self._rows_agree(whole, a, nan_equal=True).all()) for a in again):
+                    # the whole batch again: a draw, not a mix (torchvision's v2 transforms draw in eval too)
+                    self._cut_before_mixing(
+                        "the frozen prefix's output is drawn at random even in eval mode: the same batch gave other "
+                        "rows on a second pass (a module that draws with torch.rand whatever its mode, as "
+                        "torchvision's v2 transforms do). Move random augmentation out of the model, into the data "
+                        "pipeline, to cache the layers after it")
+                    return False
                 self._cut_before_mixing(
                     "a sample's frozen-prefix output depends on the other samples of its batch: computed for part "
-                    f"of a batch, samples got other rows than with the whole batch{failure}. A prefix that mixes "
+                    f"of a batch, samples got other rows than with the whole batch{failure} (or the prefix draws at "
+                    "random even in eval mode, as torchvision's v2 transforms do). A prefix that mixes "
                     "samples (attention across the batch or within a group, message passing over the batch's "
                     "nodes, x - x.mean(0)) or whose output holds no row per sample in dimension 0 (an RNN's final "
                     "state [layers, B, H]) cannot be cached by sample. An input that the whole batch shares and "
@@ -1196,6 +1221,7 @@ class ActivationCache:
             self._values_noted = PythonAttributes(modules)
             self._fresh_slots = torch.zeros(store.capacity, dtype=torch.bool)
 
+    @_restoring_rngs
     def _check_values(self, inputs: Inputs, ids: Tensor) -> bool:
         """Where watched Python values changed since the rows were made (a temperature or scale
         the loop anneals: rows made with the old value were served, review89), recompute up to
@@ -1452,7 +1478,9 @@ class ActivationCache:
 
     def _run_prefix(self, inputs: Inputs) -> Any:
         """The cached blocks' output, as rows are made (raises ``CutNotReached``)."""
-        with self._eval_mode(0, self.boundary), torch.no_grad(), self._noting_outside_calls():
+        # autocast's cast cache off: a trainable weight the prefix reads (a tied embedding) cast under
+        # no_grad would be served to the trainable layers' reads without its grad_fn (review99)
+        with self._eval_mode(0, self.boundary), torch.no_grad(), uncached_autocast(), self._noting_outside_calls():
             return self.chain.run(inputs, 0, self.boundary)
 
     @contextmanager
@@ -1589,6 +1617,7 @@ class ActivationCache:
         self.stats["stored"] += int(ok.sum())
         self.stats["over_capacity"] += int((~ok).sum())
 
+    @_restoring_rngs
     def _audit(self, inputs: Inputs, ids: Tensor, hit: Tensor, loaded: Tensor,
                missed: Optional[Tuple[Tensor, Tensor]] = None) -> bool:
         """Up to the epoch's audit budget, the served rows ``loaded`` (of the ``hit`` positions)
@@ -1987,7 +2016,7 @@ class ActivationCache:
                 chunk, chunk_slots = ids[start:start + MIGRATE_CHUNK], slots[start:start + MIGRATE_CHUNK]
                 h = store.read(chunk_slots, *old_act)
                 run = Inputs((), self._sides.get(chunk)) if reads_side else Inputs(())
-                with self._eval_mode(old, self.boundary), torch.no_grad(), self._rows_precision(), \
+                with self._eval_mode(old, self.boundary), torch.no_grad(), uncached_autocast(), self._rows_precision(), \
                         self._noting_outside_calls():
                     h = self.chain.run(run, old, self.boundary, h=h)
                 if h.shape[0] != chunk.numel():
@@ -2351,8 +2380,9 @@ class SideInputs:
 
 class CachedModel(nn.Module):
     """``model`` whose forward takes ``(inputs, sample_ids)`` and skips the cached prefix.
-    ``inputs`` is the model's input tensor, a tuple of its positional inputs, or a dict of its
-    keyword inputs (a Hugging Face batch), as ``SmartFreezer``'s ``example_inputs``."""
+    ``inputs`` is the model's input tensor, a tuple of its positional inputs (a NamedTuple is one
+    input), or a dict of its keyword inputs (a Hugging Face batch), as ``SmartFreezer``'s
+    ``example_inputs``."""
 
     def __init__(self, model: nn.Module, cache: ActivationCache) -> None:
         super().__init__()
@@ -2459,6 +2489,34 @@ def _user_global_hooks() -> bool:
     from torch.nn.modules import module as module_lib
 
     return bool(module_lib._global_forward_hooks) or any(key >= 0 for key in module_lib._global_forward_pre_hooks)
+
+
+def _opaque_input(leaves: List[Any]) -> Optional[Tuple[str, str]]:
+    """(kind, why) where an input is an object holding tensors that pytree does not know."""
+    opaque = next((leaf for leaf in leaves if not isinstance(leaf, Tensor) and holds_tensors(leaf)), None)
+    if opaque is None:
+        return None
+    kind = type(opaque).__name__
+    return "opaque_input", (f"the inputs hold a {kind}, an object whose tensors the cache can neither split per "
+                            "sample nor check; pass them in a dict, tuple or NamedTuple, or register "
+                            f"{kind} with torch.utils._pytree.register_dataclass, to cache")
+
+
+def _unsplittable_inputs(inputs: Inputs) -> Optional[Tuple[str, str]]:
+    """(kind, why) for inputs the cache cannot split by sample at all: such a forward runs the
+    whole model. A sparse or nested (jagged) tensor has no per-sample rows to index; an object
+    pytree does not know, as the only input, leaves no tensor to find the batch in."""
+    leaves = tree_flatten((inputs.args, inputs.kwargs))[0]
+    odd = next((leaf for leaf in leaves if isinstance(leaf, Tensor)
+                and (leaf.layout != torch.strided or leaf.is_nested)), None)
+    if odd is not None:
+        layout = "nested" if odd.is_nested else str(odd.layout).replace("torch.", "")
+        return "layout", (f"the inputs hold a {layout} tensor, which the cache cannot split into the samples it "
+                          "computes and those it serves: such forwards run the whole model (counted in "
+                          "stats['bypassed']); pass dense, batch-first tensors (padded sequences) to cache")
+    if not any(isinstance(leaf, Tensor) and leaf.dim() > 0 for leaf in leaves):
+        return _opaque_input(leaves)
+    return None
 
 
 def _batch_size(inputs: Inputs, count: Optional[int] = None) -> int:

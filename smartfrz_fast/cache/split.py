@@ -29,6 +29,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils.prune import BasePruningMethod
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..units import (PythonAttributes, compiled_modules_run_eagerly, host_draws_at, marks_output_for_grad,
                      preserved_modes, preserved_rngs, preserved_state, uninitialized)
@@ -604,19 +605,60 @@ KNOWN_STRUCTURES = (_sequential, _resnet, _vgg, _vit, _convnext, _gpt2, _bert, _
 
 
 # ------------------------------------------------------------------ torch.fx
+class UnfaithfulTrace(ValueError):
+    """A trace of the model would not run what its forward runs (a mode read in Python, a hook)."""
+
+
 class _ModeFreeTracer(torch.fx.Tracer):
     """Keeps parameter-free leaf modules (StochasticDepth, DropPath, activations) as calls: traced
     through, a ``self.training`` they read would be recorded as the trace's constant
-    (``stochastic_depth(x, p, 'row', True)``), and the cached prefix would run them in train mode."""
+    (``stochastic_depth(x, p, 'row', True)``), and the cached prefix would run them in train mode.
+
+    Refuses, as it meets them, two things of a forward that a graph does not record, and that the
+    traced chain would then leave out of every trainable block too (review98): ops run under
+    another grad mode than the trace's (a stop-gradient written ``with torch.no_grad():``, an
+    ``@torch.no_grad()`` helper: gradients flowed through them), and an attribute set on a traced
+    tensor (a max-norm constraint written ``self.weight.data = torch.renorm(...)``, as braindecode's
+    ``LinearWithConstraint``: the constraint stopped holding). The trace runs with grad enabled."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname and next(m.children(), None) is None and next(m.parameters(recurse=False), None) is None:
             return True
         return super().is_leaf_module(m, qualname)
 
+    def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
+        return _AttributeGuardedProxy(node, self)
 
-class UnfaithfulTrace(ValueError):
-    """A trace of the model would not run what its forward runs (a mode read in Python, a hook)."""
+    def create_node(self, *args, **kwargs) -> torch.fx.Node:
+        if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+            raise UnfaithfulTrace(f"a forward of the model runs ops under torch.no_grad() or inference mode (at "
+                                  f"{args[1] if len(args) > 1 else kwargs.get('target')!r}), which a trace does not "
+                                  "record: the traced chain would let gradients through them")
+        return super().create_node(*args, **kwargs)
+
+
+class _EagerDrawsRefused(TorchDispatchMode):
+    """A random op that runs on real tensors while tracing (``torch.rand([])`` of transformers'
+    LayerDrop, a ``torch.rand(1) < p`` branch of torchvision's v2 transforms: no proxy among its
+    arguments) is drawn once and baked into the graph as a constant, for the trainable blocks too:
+    the chain then never drew it (every later draw of the run shifted, review97) or served one
+    draw for ever. Such a trace is refused."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if torch.Tag.nondeterministic_seeded in func.tags:
+            raise UnfaithfulTrace(f"a forward of the model draws at random with torch ({func.overloadpacket.__name__} "
+                                  "on arguments that do not depend on the input), which a trace would fix to one draw")
+        return func(*args, **(kwargs or {}))
+
+
+class _AttributeGuardedProxy(torch.fx.Proxy):
+    """A traced tensor on which the forward's Python sets an attribute refuses the trace."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("tracer", "node"):  # its own fields
+            return object.__setattr__(self, name, value)
+        raise UnfaithfulTrace(f"a forward of the model sets {name!r} on a traced tensor ({self.node.target}) in "
+                              "Python (as `self.weight.data = ...`), which a trace does not record")
 
 
 def _mode_free_trace(model: nn.Module) -> torch.fx.Graph:
@@ -648,7 +690,7 @@ def _mode_free_trace(model: nn.Module) -> torch.fx.Graph:
             attributes.restore()
 
     try:
-        with preserved_modes(model.modules()), preserved_rngs(model):  # a draw in Python runs while tracing
+        with preserved_modes(model.modules()), preserved_rngs(model), torch.enable_grad(), _EagerDrawsRefused():
             for training in (True, False):
                 model.train(training)
                 graphs.append(_ModeFreeTracer().trace(model))

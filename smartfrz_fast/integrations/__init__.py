@@ -41,8 +41,8 @@ def check_callback_args(policy: Any, freezer_kwargs: Dict[str, Any], activation_
 def split_example_inputs(example: Any) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
     """``example_inputs`` as (positional, keyword) inputs: a mapping is keyword inputs (what a
     Hugging Face model takes; its collators return a ``BatchEncoding``, a mapping that is no
-    dict), otherwise ``units.as_args``'s rule: a tuple is the positional inputs, anything else
-    one positional input."""
+    dict), otherwise ``units.as_args``'s rule: a tuple is the positional inputs, anything else (a
+    NamedTuple too) one positional input."""
     if isinstance(example, Mapping):
         return (), dict(example)
     return as_args(example), {}

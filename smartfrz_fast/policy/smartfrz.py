@@ -141,6 +141,7 @@ class SmartFRZ(FreezePolicy):
         self.freeze_attention = bool(freeze_attention)
         self.attention_stop: Optional[int] = None  # the first unit that computes attention, unless freeze_attention
         self._limit = 0  # the longest prefix this policy may freeze (set by bind)
+        self._frozen_nothing_why: Optional[str] = None  # why _limit is 0, where a prefix could freeze (bind)
         self._shared_limit = 0  # the same from what every rank shares (see bind)
         self._prefix_share: Optional[torch.Tensor] = None  # [U + 1]: share of the FLOPs of each prefix length
         self.first_decision_step = 0  # set by bind() from total_steps
@@ -254,6 +255,7 @@ class SmartFRZ(FreezePolicy):
         self._limit = longest
         if share is not None and float(share[longest]) < self.min_flops_share:
             self._limit = 0  # no prefix it may freeze holds enough of the FLOPs
+        self._frozen_nothing_why = None
         if self._limit == 0 and context.max_frozen > 0:  # (none at all: the engine says so)
             self._warn_nothing_can_freeze(share)
         # what decides_at() and the snapshots go by: every rank's the same. Under torch.distributed
@@ -282,6 +284,7 @@ class SmartFRZ(FreezePolicy):
                        f"{float(share[longest]):.1%} of the FLOPs freezing them saves, under "
                        f"min_flops_share={self.min_flops_share:g}. Pass SmartFRZ(min_flops_share=0) to let them "
                        "freeze anyway.")
+        self._frozen_nothing_why = message  # report() says it too (it said "evaluated nothing yet", review99)
         warn_in_every_run(f"SmartFRZ will freeze nothing on this model: {message}", user_stacklevel())
 
     def _as_far_as_it_may(self) -> bool:
@@ -464,13 +467,21 @@ class SmartFRZ(FreezePolicy):
         evaluation yet, its highest probability against the threshold, the settle guard, or
         min_flops_share."""
         history = self.context.history
+        if self._frozen_nothing_why is not None:
+            return f"SmartFRZ freezes nothing on this model: {self._frozen_nothing_why}"
+        first = history.first_active
+        if 0 < self._limit <= first:  # nothing is scored any more: "scored at most 0.00" named no score
+            beyond = ("takes part in attention" if self.attention_stop == self._limit else
+                      "and those after it are kept trainable (keep_trainable)")
+            return (f"SmartFRZ: {self._evaluations} evaluations since the freezer was built or resumed; the frozen "
+                    f"prefix is as long as it may grow ({self._limit} unit(s)): the next unit "
+                    f"{self.context.units[first].name!r} {beyond}")
         if not self._evaluations:
             when = "its window is full" if history.full else (
                 f"its window holds {min(history.count, history.window)} of the {history.window} snapshots it needs "
                 "(sample_every sets how often one is taken)")
             return (f"SmartFRZ has evaluated nothing yet since the freezer was built or resumed: {when}, and its "
                     f"first decision comes at step {self.first_decision_step} (min_progress={self.min_progress:g})")
-        first = history.first_active
         if first >= len(self.context.units):
             return f"SmartFRZ: {self._evaluations} evaluations"
         name = self.context.units[first].name
