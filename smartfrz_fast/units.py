@@ -436,21 +436,24 @@ class _ForwardTracer(TorchDispatchMode):
         fixed = None
         tensors = [leaf for leaf in tree_flatten((args, kwargs))[0] if isinstance(leaf, torch.Tensor)]
         written = _written_ids(func, args, kwargs)
+        # ``p.data`` / ``p.detach()`` only names the parameter again (the alias is watched below),
+        # and a write into the parameter reads nothing: weight clipping or a decay at the top of the
+        # forward (``p.data.clamp_()``, under no_grad too) counted as every weight's first read, put
+        # every unit's start there and its layer's FLOPs in the last unit (review98)
+        aliasing = func.overloadpacket in _ALIASING_OPS
         for leaf in tensors:
             name = self.watched.get(id(leaf))
             if name is not None and id(leaf) in written:
-                # a write into the parameter (weight clipping or a decay at the top of the forward,
-                # under no_grad) is no read of it: counted as one, it put every unit's start at the
-                # clipping and its layer's FLOPs in the last unit (review98)
                 continue
             if name is not None and name not in names:
                 names[name] = leaf
-                self.reads.setdefault(name, []).append((op_index, call))
+                if not aliasing:
+                    self.reads.setdefault(name, []).append((op_index, call))
             elif name is None and id(leaf) in self.fixed:
                 fixed = leaf
-        if names and self._trained_from is None:
+        if names and not aliasing and self._trained_from is None:
             self._trained_from = op_index
-        if (names or fixed is not None) and self.first_param_read is None:
+        if (names and not aliasing or fixed is not None) and self.first_param_read is None:
             self.first_param_read = op_index
         # a weight gradient costs about a forward only for a trained matrix or filter (a trained
         # bias beside a fixed weight, BitFit, costs next to nothing); the input gradient another
@@ -1195,6 +1198,9 @@ def _holds_settings(value: Any) -> bool:
                                        types.BuiltinFunctionType, functools.partial)))
 
 
+_ALIASING_OPS = (torch.ops.aten.detach, torch.ops.aten.alias)
+
+
 def _written_ids(func, args, kwargs) -> set:
     """ids of the tensors an op writes into (its schema's mutable arguments)."""
     if not func._schema.is_mutable:
@@ -1208,12 +1214,20 @@ def _written_ids(func, args, kwargs) -> set:
     return written
 
 
-class _ParameterWrites(TorchDispatchMode):
+# model -> the parameters its forward was seen writing into (the set-up's trace): the looks that
+# run it again (the cache's checks) copy those and put them back
+_WRITTEN_PARAMETERS: "weakref.WeakKeyDictionary[nn.Module, List[nn.Parameter]]" = weakref.WeakKeyDictionary()
+
+
+class ParameterWrites(TorchDispatchMode):
     """Keeps a copy of each parameter an op writes into, taken before its first write: a forward
     that updates a parameter in place (a VQ-VAE codebook kept as a parameter, a decay under
     ``no_grad``, ``nn.Embedding(max_norm=...)``'s renorm of the rows it looks up) changed the
     model at the freezer's set-up and at every look of the cache (review98: 0.22 and 3.4).
-    Only written parameters are copied."""
+    Only written parameters are copied. A dispatch mode: only where compiled modules run eagerly
+    meanwhile (``compiled_modules_run_eagerly``; under a dispatch mode dynamo skips a compiled
+    block's code for good), as in the set-up's trace, whose findings the later looks use
+    (``_WRITTEN_PARAMETERS``)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -1241,6 +1255,12 @@ class _ParameterWrites(TorchDispatchMode):
                             self.saved[id(p)] = (p, p.detach().clone())
         return func(*args, **kwargs)
 
+    def touched(self) -> List[nn.Parameter]:
+        """The parameters the pass wrote into or rebound."""
+        rebound = [p for p, data in self.bound
+                   if p.data.untyped_storage().data_ptr() != data.untyped_storage().data_ptr() or p.shape != data.shape]
+        return list({id(p): p for p in [*(p for p, _ in self.saved.values()), *rebound]}.values())
+
     def put_back(self) -> None:
         """Values and storage as before, through ``.data`` (the version counter stays)."""
         with torch.no_grad():
@@ -1254,7 +1274,7 @@ class _ParameterWrites(TorchDispatchMode):
 @contextmanager
 def preserved_state(model: nn.Module, rngs: bool = True) -> Iterator[None]:
     """Run a look-only forward pass: the model's buffers (norm running statistics, observers),
-    parameters the pass writes into (``_ParameterWrites``), the plain Python values its modules
+    parameters its forward writes into (as the set-up's trace found them: ``ParameterWrites``), the plain Python values its modules
     keep (``PythonAttributes``: a step counter) and the random generators (``preserved_rngs``;
     ``rngs=False``: they move on, for looks that compare two passes to find random ops) are as
     before afterwards.
@@ -1268,14 +1288,19 @@ def preserved_state(model: nn.Module, rngs: bool = True) -> Iterator[None]:
              for module in model.modules() for name, b in module._buffers.items()
              if b is not None and not uninitialized(b)]
     attributes = PythonAttributes([(name, m) for name, m in model.named_modules()])  # `self.calls += 1`
-    writes = _ParameterWrites(model)
+    # the parameters the set-up saw the forward write into (a decay, an EMA codebook), by value
+    written = [(p, p.data, p.detach().clone()) for p in _WRITTEN_PARAMETERS.get(model, ())]
     try:
         # and autocast's cast cache off: a look under no_grad inside the user's autocast left casts
         # of trainable weights without grad_fn there, which the training forward then took (review99)
-        with preserved_rngs(model) if rngs else nullcontext(), writes, uncached_autocast():
+        with preserved_rngs(model) if rngs else nullcontext(), uncached_autocast():
             yield
     finally:
-        writes.put_back()
+        with torch.no_grad():
+            for p, data, values in written:
+                if p.data.untyped_storage().data_ptr() != data.untyped_storage().data_ptr() or p.shape != data.shape:
+                    p.data = data  # a forward that rebinds it (``self.weight.data = ...``)
+                p.data.copy_(values)
         if attributes.changed():
             attributes.restore()
         with torch.no_grad():
@@ -1409,10 +1434,11 @@ def trace_forward(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[s
 
     hooks = [m.register_forward_pre_hook(enter) for m in model.modules()]
     hooks += [m.register_forward_hook(leave, always_call=True) for m in model.modules()]
+    writes = ParameterWrites(model)
     try:
         with preserved_state(model), torch.no_grad(), uncached_autocast(), unfused_transformer_layers(), \
                 host_draws_at(_KEEPING_DRAWS["rand"]):
-            with compiled_modules_run_eagerly(model), flex_attention_traceable(), tracer:
+            with compiled_modules_run_eagerly(model), flex_attention_traceable(), writes, tracer:
                 tracer.outputs = [(path, tracer.lineage(t)[1]) for path, t in _output_tensors(model(*args, **(kwargs or {})))
                                   if t.is_floating_point()]
     except Exception as exc:  # the model's own error, plus what the engine was doing
@@ -1426,6 +1452,8 @@ def trace_forward(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[s
             warnings.warn(note, stacklevel=2)
         raise
     finally:
+        _WRITTEN_PARAMETERS[model] = writes.touched()
+        writes.put_back()
         for hook in hooks:
             hook.remove()
     return tracer

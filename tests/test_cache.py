@@ -250,6 +250,68 @@ def test_fx_model_with_cache_gives_the_same_weights():
     assert_same_weights(plain, cached, exact=False)
 
 
+def test_a_packed_rnn_that_stops_the_cut_is_named_as_such():
+    # describe() said the GRU "returns a tensor it was given (... as eval-mode dropout ...)" (review99)
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.proj, self.rnn, self.head = nn.Embedding(20, 8), nn.Linear(8, 8), nn.GRU(8, 8, batch_first=True), \
+                nn.Linear(8, 3)
+
+        def forward(self, tokens, lengths):
+            h = self.proj(self.emb(tokens))
+            packed = nn.utils.rnn.pack_padded_sequence(h, lengths, batch_first=True, enforce_sorted=False)
+            out, _ = self.rnn(packed)
+            out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])
+            return self.head(out)
+
+    tokens = torch.randint(0, 20, (8, 5), generator=torch.Generator().manual_seed(0))
+    lengths = torch.tensor([5, 4, 3, 5, 2, 5, 1, 4])
+    model = Tagger()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(3, at_step=1), example_inputs=(tokens, lengths))
+    cache = ActivationCache(freezer, num_samples=8, deterministic=True)
+    forward = cache.wrap()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(3):
+            forward((tokens, lengths), torch.arange(8)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+    assert "rnn returns a PackedSequence" in cache.describe() and "eval-mode dropout" not in cache.describe()
+
+
+def test_a_sequence_first_prefix_is_named_as_such():
+    # an nn.LSTM with its default batch_first=False inside a batch-first model: the cache blamed
+    # pad_packed_sequence without total_length=, which the model did not use (review99)
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.rnn, self.mid, self.head = nn.Embedding(20, 8), nn.LSTM(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, tokens):
+            h, _ = self.rnn(self.emb(tokens).transpose(0, 1))
+            return self.head(torch.relu(self.mid(h))).transpose(0, 1)  # sequence-first until the end
+
+    tokens = torch.randint(0, 20, (8, 5), generator=torch.Generator().manual_seed(0))
+    model = Tagger()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(3, at_step=1), example_inputs=tokens)
+    cache = ActivationCache(freezer, num_samples=8, deterministic=True)
+    forward = cache.wrap()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            forward(tokens, torch.arange(8)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+    said = " ".join(str(w.message) for w in caught) + cache.describe()
+    assert "holds the batch in dimension 1, not 0" in said and "batch_first=True" in said, said
+    assert "total_length" not in said
+
+
 @pytest.mark.parametrize("kind", ["sparse", "nested", "dataclass", "namedtuple"])
 def test_inputs_the_cache_cannot_split_run_the_whole_model(kind):
     # a sparse bag of words or a jagged batch crashed the first forward in the set-up's split; a

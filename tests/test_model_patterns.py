@@ -245,7 +245,7 @@ def test_the_caches_looks_leave_parameters_the_forward_writes_as_they_were():
         assert torch.equal(runs[0][name], runs[1][name]), name
 
 
-@pytest.mark.parametrize("write", ["clamp", "decay"])
+@pytest.mark.parametrize("write", ["clamp", "decay", "data-clamp"])
 def test_weights_written_at_the_top_of_the_forward_keep_their_layers_units(write):
     # weight clipping (or a decay) under no_grad at the top of the forward counted as each
     # weight's first read: every unit began at the clipping, the biases and every FLOP joined the
@@ -256,7 +256,10 @@ def test_weights_written_at_the_top_of_the_forward_keep_their_layers_units(write
             self.l1, self.l2, self.l3 = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
 
         def forward(self, x):
-            if self.training:
+            if self.training and write == "data-clamp":  # the original WGAN's clipping, through .data
+                for p in self.parameters():
+                    p.data.clamp_(-0.15, 0.15)
+            elif self.training:
                 with torch.no_grad():
                     for layer in (self.l1, self.l2, self.l3):
                         layer.weight.clamp_(-0.15, 0.15) if write == "clamp" else layer.weight.mul_(0.99)

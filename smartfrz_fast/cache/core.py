@@ -1055,7 +1055,8 @@ class ActivationCache:
                 failure = "" if isinstance(rows, Tensor) else f" (on part of the batch it gave {type(rows).__name__})"
                 rows = rows if isinstance(rows, Tensor) else None
             if rows is not None and rows.shape[1:] != whole.shape[1:]:
-                self._cut_before_mixing(_shape_follows_batch(tuple(rows.shape[1:]), tuple(whole.shape[1:])))
+                self._cut_before_mixing(_shape_follows_batch(tuple(rows.shape[1:]), tuple(whole.shape[1:]),
+                                                             (part.numel(), n)))
                 return False
             if rows is None or rows.shape != (part.numel(), *whole.shape[1:]) or not bool(
                     self._rows_agree(whole[part.to(whole.device)], rows, nan_equal=True).all()):
@@ -2563,7 +2564,19 @@ def _separating_parts(n: int) -> List[Tensor]:
     return parts
 
 
-def _shape_follows_batch(apart: Tuple[int, ...], together: Tuple[int, ...]) -> str:
+def _shape_follows_batch(apart: Tuple[int, ...], together: Tuple[int, ...],
+                         samples: Optional[Tuple[int, int]] = None) -> str:
+    """Why rows of samples computed apart (shape ``apart`` after dimension 0) and with their
+    batch (``together``) differ; ``samples``: how many were computed apart and with it, where known."""
+    if samples is not None and len(apart) == len(together):
+        moved = [d for d, (a, t) in enumerate(zip(apart, together)) if a != t]
+        if moved and all((apart[d], together[d]) == samples for d in moved):
+            # review99: blamed pad_packed_sequence in a model that had none
+            return (f"the frozen prefix's output holds the batch in dimension {moved[0] + 1}, not 0 (rows of shape "
+                    f"{apart} for {samples[0]} samples, {together} for {samples[1]}): a sequence-first output, as "
+                    "nn.LSTM, nn.GRU and nn.TransformerEncoder give with their default batch_first=False. The cache "
+                    "keys dimension 0 by sample: build them with batch_first=True (or transpose back inside the "
+                    "frozen module) to cache them")
     if len(apart) != len(together):
         return (f"the frozen prefix's rows have shape {apart} for samples computed apart from the rest of their "
                 f"batch and {together} with it: a squeeze() in the frozen layers drops the batch dimension of a "

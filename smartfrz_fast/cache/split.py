@@ -31,8 +31,8 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..units import (PythonAttributes, compiled_modules_run_eagerly, host_draws_at, marks_output_for_grad,
-                     preserved_modes, preserved_rngs, preserved_state, uninitialized)
+from ..units import (ParameterWrites, PythonAttributes, compiled_modules_run_eagerly, host_draws_at,
+                     marks_output_for_grad, preserved_modes, preserved_rngs, preserved_state, uninitialized)
 from .swap import SWAP, _DropoutOff, buffers_now, draws_at, not_reproducible, tensor_trees_match
 
 
@@ -689,8 +689,10 @@ def _mode_free_trace(model: nn.Module) -> torch.fx.Graph:
         if attributes.changed():
             attributes.restore()
 
+    writes = ParameterWrites(model)  # `p.data.clamp_()` at the top of a forward runs once, on the real tensor
     try:
-        with preserved_modes(model.modules()), preserved_rngs(model), torch.enable_grad(), _EagerDrawsRefused():
+        with preserved_modes(model.modules()), preserved_rngs(model), torch.enable_grad(), _EagerDrawsRefused(), \
+                writes:
             for training in (True, False):
                 model.train(training)
                 graphs.append(_ModeFreeTracer().trace(model))
@@ -700,12 +702,17 @@ def _mode_free_trace(model: nn.Module) -> torch.fx.Graph:
             with host_draws_at(1.0):
                 drawn_high = _ModeFreeTracer().trace(model)
     except BaseException:
+        writes.put_back()
         put_back()
         raise
-    # Python that changes the model's own tensors (``self.count += 1``) runs once on the real
-    # tensor while tracing and is not in the graph: the chain would never run it
+    # Python that changes the model's own tensors (``self.count += 1``, weight clipping through
+    # ``.data``, which moves no version counter) runs once on the real tensor while tracing and is
+    # not in the graph: the chain would never run it (review98: a WGAN critic's clipping)
     now = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    changed = [name for name, t in state.items() if now.get(name) is not t or t._version != versions[name]]
+    touched = {id(p) for p in writes.touched()}
+    changed = [name for name, t in state.items()
+               if now.get(name) is not t or t._version != versions[name] or id(t) in touched]
+    writes.put_back()
     if changed:
         put_back()
         raise UnfaithfulTrace(

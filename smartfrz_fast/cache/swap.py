@@ -114,6 +114,7 @@ class Call:
     first_arg: Optional[Tuple[Tuple[int, ...], torch.dtype]] = None
     made_ops: Set[int] = field(default_factory=set)  # the ops that made the tensors it returned
     returns_input: bool = False  # returns a tensor it was given (unchanged, or changed in place)
+    returns_packed: bool = False  # returns a PackedSequence (alone or in a tuple: an RNN's output)
 
 
 @dataclass
@@ -367,7 +368,9 @@ def record_calls(model: nn.Module, args: tuple, kwargs: dict, batch: int
         calls.append(Call(names.get(id(module), "?"), module, start, counter.count, len(stack), spec,
                           [_describe_leaf(x, batch) for x in leaves], {id(x) for x in tensors}, first_arg=first,
                           made_ops={counter.made_at[id(x)] for x in tensors if id(x) in counter.made_at},
-                          returns_input=any(id(x) in given for x in tensors)))
+                          returns_input=any(id(x) in given for x in tensors),
+                          returns_packed=any(isinstance(o, nn.utils.rnn.PackedSequence)
+                                             for o in (out, *(out if isinstance(out, (tuple, list)) else ())))))
 
     hooks = []
     for module in model.modules():
@@ -696,6 +699,11 @@ class SwapChain:
         if c.returns_input:
             # the forward may read that tensor after C by another name, which a served row does not
             # replace (and a change C made in place would be missing from it)
+            if c.returns_packed:
+                # review99: "as eval-mode dropout" sent users looking for a dropout
+                return (f"{c.name} returns a PackedSequence, which passes on the batch_sizes it was given and has no "
+                        "batch dimension: put pack_padded_sequence, the RNN and pad_packed_sequence(total_length=...) "
+                        "in one module of your own to cache after it")
             return f"{c.name} returns a tensor it was given (unchanged, as eval-mode dropout, or changed in place)"
         return self._needed_ops(cut)[0]
 
