@@ -317,6 +317,7 @@ class _ForwardTracer(TorchDispatchMode):
         self.fixed = set(fixed or ())  # ids of parameters that require no grad (a LoRA base), and their views
         self.first_param_read: Optional[int] = None  # the first op reading any parameter, trainable or not
         self.reads: Dict[str, List[Tuple[int, Optional[Tuple[int, int]]]]] = {}
+        self._view_reads: Dict[int, Tuple[int, Optional[Tuple[int, int]]]] = {}  # view id -> the read that made it
         self.op_flops: List[int] = []
         # each op's backward in units of its forward: 2 (input and weight gradients), 1 where its
         # weight requires no grad (input gradient only; a trained bias beside it costs next to
@@ -439,11 +440,17 @@ class _ForwardTracer(TorchDispatchMode):
         # ``p.data`` / ``p.detach()`` only names the parameter again (the alias is watched below),
         # and a write into the parameter reads nothing: weight clipping or a decay at the top of the
         # forward (``p.data.clamp_()``, under no_grad too) counted as every weight's first read, put
-        # every unit's start there and its layer's FLOPs in the last unit (review98)
+        # every unit's start there and its layer's FLOPs in the last unit (review98). A view's read
+        # holds until the view is written into (``w[0] = 0``, ``w.view(-1).clamp_()``: review100)
         aliasing = func.overloadpacket in _ALIASING_OPS
         for leaf in tensors:
             name = self.watched.get(id(leaf))
             if name is not None and id(leaf) in written:
+                provisional = self._view_reads.pop(id(leaf), None)
+                if provisional is not None and provisional in self.reads.get(name, ()):
+                    self.reads[name].remove(provisional)
+                    if not self.reads[name]:
+                        del self.reads[name]
                 continue
             if name is not None and name not in names:
                 names[name] = leaf
@@ -479,6 +486,8 @@ class _ForwardTracer(TorchDispatchMode):
             # view reads the parameter, and its FLOPs are the parameter's
             self._views.append(out)
             self.watched[id(out)] = next(iter(names))
+            if func.is_view and not aliasing:  # a read until the view is written into (above)
+                self._view_reads[id(out)] = (op_index, call)
         elif not names and fixed is not None and isinstance(out, torch.Tensor) and _aliases(out, fixed):
             self._views.append(out)
             self.fixed.add(id(out))
@@ -1233,8 +1242,8 @@ class ParameterWrites(TorchDispatchMode):
         super().__init__()
         self.by_storage: Dict[int, List[nn.Parameter]] = {}
         for p in dict.fromkeys(model.parameters()):
-            if uninitialized(p):  # a lazy layer's: materialised by the pass itself, as it would be without it
-                continue
+            if uninitialized(p) or p.numel() == 0:  # a lazy layer's (torch's or one's own, filled by
+                continue                            # the pass): materialised as it would be without it
             try:
                 if p.layout == torch.strided and not p.is_meta and type(p.data) is torch.Tensor:
                     self.by_storage.setdefault(p.untyped_storage().data_ptr(), []).append(p)
@@ -1250,7 +1259,11 @@ class ParameterWrites(TorchDispatchMode):
             written = _written_ids(func, args, kwargs)
             for t in tree_flatten((args, kwargs))[0]:
                 if isinstance(t, torch.Tensor) and id(t) in written and t.layout == torch.strided:
-                    for p in self.by_storage.get(t.untyped_storage().data_ptr(), ()):
+                    try:
+                        storage = t.untyped_storage().data_ptr()
+                    except (RuntimeError, NotImplementedError, ValueError):  # a tensor subclass (review100)
+                        continue
+                    for p in self.by_storage.get(storage, ()):
                         if id(p) not in self.saved:
                             self.saved[id(p)] = (p, p.detach().clone())
         return func(*args, **kwargs)
@@ -1446,6 +1459,13 @@ def trace_forward(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[s
                 "units: example_inputs (a tuple of positional inputs, or one tensor) or a dict of keyword "
                 "inputs, and example_kwargs, must be one batch the model accepts, on its device and in "
                 "its dtype.")
+        if len(args) == 1 and hasattr(args[0], "_fields") and isinstance(args[0], tuple):
+            note += (f" A NamedTuple ({type(args[0]).__name__}) is one input (since 2026-12-07); for its fields as "
+                     "positional inputs pass tuple(batch).")
+        elif len(args) >= 2 and not kwargs and isinstance(args[-1], torch.Tensor) and \
+                not args[-1].is_floating_point() and args[-1].dim() <= 1:
+            note += (" The last input looks like labels: example_inputs=next(iter(loader)) passes the whole "
+                     "batch; pass next(iter(loader))[0], the model's inputs.")
         if hasattr(exc, "add_note"):
             exc.add_note(note)
         else:  # Python 3.10: no exception notes; said beside it

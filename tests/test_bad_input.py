@@ -749,3 +749,31 @@ def test_a_state_dict_kept_in_memory_does_not_follow_the_run():
     kept = state["history"]["history"].clone()
     freezer.policy.context.history.history.add_(1.0)  # as later snapshots overwrite the ring
     assert torch.equal(state["history"]["history"], kept)
+
+
+def test_a_failing_set_up_forward_says_what_the_example_inputs_may_have_got_wrong():
+    # example_inputs=next(iter(loader)) (inputs and labels) failed inside the user's forward with a
+    # bare TypeError; a NamedTuple of positional inputs is one input since review97 (review98, review100)
+    import collections
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
+    with pytest.raises(TypeError) as caught:
+        SmartFreezer(model, opt, StaticFreeze(1), example_inputs=(x, y))
+    assert "next(iter(loader))[0]" in "".join(getattr(caught.value, "__notes__", []))
+    Pair = collections.namedtuple("Pair", ["a", "b"])
+
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, a, b):
+            return self.l2(torch.relu(self.l1(a + b)))
+
+    model = TwoInputs()
+    with pytest.raises(TypeError) as caught:
+        SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1), example_inputs=Pair(x, x))
+    assert "pass tuple(batch)" in "".join(getattr(caught.value, "__notes__", []))
+    SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1), example_inputs=tuple(Pair(x, x)))

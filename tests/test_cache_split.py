@@ -537,6 +537,37 @@ def _train_with_and_without_cache(make_model, x, y, steps=12, frozen=2):
     return cache
 
 
+def test_an_identity_closing_a_residual_of_the_models_forward_is_named_as_the_reason():
+    # a cut after `post` would skip the stem, blk1 and the add, and it is refused because `post`
+    # returns its input; the note said "the cuts deeper skip no more" (review101)
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+            self.blk1, self.post, self.blk2, self.head = nn.Linear(8, 8), nn.Identity(), nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.stem(x)
+            h = self.post(h + self.blk1(h))
+            h = torch.relu(self.blk2(h))
+            if h.shape[0] > 0:  # Python on a size: no torch.fx trace, the module swap cuts
+                return self.head(h)
+
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(4), example_inputs=torch.randn(2, 6))
+    cache = ActivationCache(freezer, num_samples=8, deterministic=True)
+    freezer.freeze_to(4)  # the stem and blk1
+    x = torch.randn(8, 6)
+    forward = cache.wrap()
+    for step in range(3):
+        ids = torch.arange(4) + 4 * (step % 2)
+        forward(x[ids], ids).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert "not cut deeper: post returns a tensor it was given" in cache.describe(), cache.describe()
+
+
 class _StopGradientBlock(nn.Module):
     """Normalises by a scale computed without gradient (a stop-gradient)."""
 

@@ -601,3 +601,37 @@ def test_true_bf16_precision_finds_the_units_on_bf16_inputs(tmp_path):
     trainer(tmp_path, [callback], max_epochs=1, precision="bf16-true", enable_checkpointing=False).fit(
         LitTrueBF16(), loader())
     assert callback.freezer.num_frozen == 2
+
+
+@pytest.mark.parametrize("container", ["namedtuple", "list"])
+def test_an_example_input_array_of_several_inputs_is_read_as_lightning_reads_it(container):
+    # Lightning feeds a list or tuple example_input_array, a NamedTuple too, to the forward as its
+    # positional inputs; the callback passed a NamedTuple (and a list) whole: fit() failed with
+    # "forward() missing 1 required positional argument: 'mask'" (review100)
+    import collections
+
+    Inputs = collections.namedtuple("Inputs", ["x", "mask"])
+
+    class TwoInputs(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+            example = (torch.randn(2, 8), torch.ones(2, 16))
+            self.example_input_array = Inputs(*example) if container == "namedtuple" else list(example)
+
+        def forward(self, x, mask):
+            return self.b(torch.relu(self.a(x)) * mask)
+
+        def training_step(self, batch, i):
+            x, y = batch
+            return nn.functional.cross_entropy(self(x, torch.ones(x.shape[0], 16)), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.TensorDataset(torch.randn(32, 8), torch.randint(0, 4, (32,)))
+    callback = SmartFreezeCallback(StaticFreeze(1, at_step=2))
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         accelerator="cpu", callbacks=[callback], enable_model_summary=False)
+    trainer.fit(TwoInputs(), torch.utils.data.DataLoader(data, batch_size=8))
+    assert callback.freezer.num_frozen == 1 and [u.name for u in callback.freezer.units] == ["a", "b"]

@@ -245,7 +245,7 @@ def test_the_caches_looks_leave_parameters_the_forward_writes_as_they_were():
         assert torch.equal(runs[0][name], runs[1][name]), name
 
 
-@pytest.mark.parametrize("write", ["clamp", "decay", "data-clamp"])
+@pytest.mark.parametrize("write", ["clamp", "decay", "data-clamp", "view-clamp", "row-zero"])
 def test_weights_written_at_the_top_of_the_forward_keep_their_layers_units(write):
     # weight clipping (or a decay) under no_grad at the top of the forward counted as each
     # weight's first read: every unit began at the clipping, the biases and every FLOP joined the
@@ -260,9 +260,14 @@ def test_weights_written_at_the_top_of_the_forward_keep_their_layers_units(write
                 for p in self.parameters():
                     p.data.clamp_(-0.15, 0.15)
             elif self.training:
-                with torch.no_grad():
+                with torch.no_grad():  # (through a view: review100)
                     for layer in (self.l1, self.l2, self.l3):
-                        layer.weight.clamp_(-0.15, 0.15) if write == "clamp" else layer.weight.mul_(0.99)
+                        if write == "view-clamp":
+                            layer.weight.view(-1).clamp_(-0.15, 0.15)
+                        elif write == "row-zero":
+                            layer.weight[0] = 0.0
+                        else:
+                            layer.weight.clamp_(-0.15, 0.15) if write == "clamp" else layer.weight.mul_(0.99)
             return self.l3(torch.relu(self.l2(torch.relu(self.l1(x)))))
 
     model = Clipped()

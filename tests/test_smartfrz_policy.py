@@ -683,8 +683,14 @@ def test_report_says_when_nothing_may_freeze_or_the_prefix_is_as_long_as_it_may_
         train_steps(model, opt, freezer, 12)
     assert freezer.num_frozen == len(freezer.units) - 1
     line = next(line for line in freezer.report().splitlines() if line.startswith("SmartFRZ: "))
-    assert "the frozen prefix is as long as it may grow" in line and "kept trainable" in line, line
-    assert "scored at most" not in line
+    assert f"the frozen prefix ({freezer.num_frozen} unit(s)) is as long as SmartFRZ lets it grow" in line, line
+    assert "kept trainable" in line and "scored at most" not in line
+    model = SmallCNN()  # every unit frozen by hand (keep_trainable=0): report() raised IndexError (review100)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, SmartFRZ(min_flops_share=0.0), example_inputs=batch(0)[0], keep_trainable=0,
+                           total_steps=40)
+    freezer.freeze_to(len(freezer.units))
+    assert "every unit is frozen" in freezer.report()
 
 
 @pytest.mark.parametrize("freeze_logit, settle_ratio, says", [

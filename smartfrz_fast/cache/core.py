@@ -1026,7 +1026,6 @@ class ActivationCache:
             out[index.to(out.device)] = values
         return out
 
-    @_restoring_rngs
     def _rows_per_sample(self, inputs: Inputs, n: int) -> bool:
         """Whether each sample's row depends on that sample's inputs alone, as computing only the
         missed samples of a batch assumes. Checked once per cut and batch size (the last batch of
@@ -1039,6 +1038,10 @@ class ActivationCache:
         key = (self.boundary, n)
         if n < 2 or key in self._per_sample_checked:
             return True
+        return self._rows_per_sample_look(inputs, n, key)
+
+    @_restoring_rngs
+    def _rows_per_sample_look(self, inputs: Inputs, n: int, key: Tuple[int, int]) -> bool:
         with preserved_state(self.freezer.module, rngs=False):  # a look (random ops must still show)
             whole = self._compute_prefix(inputs)
         if whole is None:
@@ -1072,8 +1075,7 @@ class ActivationCache:
                     return False
                 self._cut_before_mixing(
                     "a sample's frozen-prefix output depends on the other samples of its batch: computed for part "
-                    f"of a batch, samples got other rows than with the whole batch{failure} (or the prefix draws at "
-                    "random even in eval mode, as torchvision's v2 transforms do). A prefix that mixes "
+                    f"of a batch, samples got other rows than with the whole batch{failure}. A prefix that mixes "
                     "samples (attention across the batch or within a group, message passing over the batch's "
                     "nodes, x - x.mean(0)) or whose output holds no row per sample in dimension 0 (an RNN's final "
                     "state [layers, B, H]) cannot be cached by sample. An input that the whole batch shares and "
@@ -1222,7 +1224,6 @@ class ActivationCache:
             self._values_noted = PythonAttributes(modules)
             self._fresh_slots = torch.zeros(store.capacity, dtype=torch.bool)
 
-    @_restoring_rngs
     def _check_values(self, inputs: Inputs, ids: Tensor) -> bool:
         """Where watched Python values changed since the rows were made (a temperature or scale
         the loop anneals: rows made with the old value were served, review89), recompute up to
@@ -1236,12 +1237,17 @@ class ActivationCache:
         row was served turn the cache off (it could only make rows and drop them): False then."""
         if self._values_noted is None or self._store is None:
             return True
-        store, modules, values = self._prefix_values
+        store, _, values = self._prefix_values
         slots = store.lookup(ids)
         old = (slots >= 0) & ~self._fresh_slots[slots.clamp(min=0).cpu()].to(slots.device)
         hit = old.nonzero().flatten()[:VALUE_CHECK_ROWS]
         if not hit.numel():
             return True
+        return self._check_values_look(inputs, ids, store, values, slots, hit)
+
+    @_restoring_rngs
+    def _check_values_look(self, inputs: Inputs, ids: Tensor, store: Storage, values: PythonAttributes,
+                           slots: Tensor, hit: Tensor) -> bool:
         with preserved_state(self.freezer.module, rngs=False):  # a look, as the audit's
             fresh = self._compute_prefix(_index_inputs(inputs, hit, ids.numel()))
         if not self.enabled:
@@ -1618,7 +1624,6 @@ class ActivationCache:
         self.stats["stored"] += int(ok.sum())
         self.stats["over_capacity"] += int((~ok).sum())
 
-    @_restoring_rngs
     def _audit(self, inputs: Inputs, ids: Tensor, hit: Tensor, loaded: Tensor,
                missed: Optional[Tuple[Tensor, Tensor]] = None) -> bool:
         """Up to the epoch's audit budget, the served rows ``loaded`` (of the ``hit`` positions)
@@ -1631,6 +1636,11 @@ class ActivationCache:
         k = min(self._audit_left, hit.numel())
         if k <= 0:
             return True
+        return self._audit_look(inputs, ids, hit, loaded, missed, k)
+
+    @_restoring_rngs
+    def _audit_look(self, inputs: Inputs, ids: Tensor, hit: Tensor, loaded: Tensor,
+                    missed: Optional[Tuple[Tensor, Tensor]], k: int) -> bool:
         self._audit_left -= k
         self.stats["audited"] += k
         if not self._side_inputs_unchanged():

@@ -629,12 +629,18 @@ class _ModeFreeTracer(torch.fx.Tracer):
     def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
         return _AttributeGuardedProxy(node, self)
 
-    def create_node(self, *args, **kwargs) -> torch.fx.Node:
-        if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
-            raise UnfaithfulTrace(f"a forward of the model runs ops under torch.no_grad() or inference mode (at "
-                                  f"{args[1] if len(args) > 1 else kwargs.get('target')!r}), which a trace does not "
-                                  "record: the traced chain would let gradients through them")
-        return super().create_node(*args, **kwargs)
+    def create_node(self, kind, target, args, kwargs, *rest, **named) -> torch.fx.Node:
+        node = super().create_node(kind, target, args, kwargs, *rest, **named)
+        weighted = self.__dict__.setdefault("_weighted", set())  # nodes computed from the model's weights
+        if kind == "get_attr" or (kind == "call_module" and next(self.root.get_submodule(target).parameters(), None)
+                                  is not None) or any(n in weighted for n in node.all_input_nodes):
+            weighted.add(node)
+            # a mask built from the inputs under no_grad passes no gradient either way (review101)
+            if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+                raise UnfaithfulTrace(f"a forward of the model runs ops on its weights' results under torch.no_grad() "
+                                      f"or inference mode (at {target!r}), which a trace does not record: the traced "
+                                      "chain would let gradients through them")
+        return node
 
 
 class _EagerDrawsRefused(TorchDispatchMode):

@@ -599,8 +599,12 @@ class SwapChain:
                 # as the reason where the deeper cuts skip less (review90: a residual reads the
                 # input of the block the prefix ends in): the cuts deeper that pass are ranked below
                 ranked_below = any(c not in refused for c in range(cut + 1, frozen + 1))
+                prefix_end = self.candidates[frozen - 1].end
                 for c in sorted((c for c in refused if c > cut), reverse=True):
-                    if ranked_below and self.candidates[c - 1].returns_input:
+                    if ranked_below and self.candidates[c - 1].returns_input and \
+                            self._inside_a_call_past(self.candidates[c - 1], prefix_end):
+                        # inside a block the prefix ends in: not what stops the cut (review101: one
+                        # closing a residual of the model's own forward is)
                         continue
                     kind = next((k for k in _REFUSAL_KINDS if k in refused[c]), "")
                     if kind not in kinds:
@@ -664,6 +668,10 @@ class SwapChain:
             else:
                 high = middle
         return high, self._random_in_training(high)
+
+    def _inside_a_call_past(self, c: Call, end: int) -> bool:
+        """Whether ``c`` runs inside a module call that goes on past op ``end``."""
+        return any(0 < call.depth < c.depth and call.start <= c.start and call.end > end for call in self.all_calls)
 
     def _opaque_note(self, after: int = -1) -> str:
         """Why a frozen module whose output would make a cut (one ending after op ``after``) is

@@ -68,7 +68,8 @@ class SmartFreezeCallback(Callback):
         policy: a ``FreezePolicy`` (default: SmartFRZ, which needs predictor weights).
         example_inputs: inputs for one forward pass of the frozen module that finds its units
             (a tensor, a tuple of positional inputs or a dict of keyword inputs). Default: the
-            LightningModule's ``example_input_array``; without either, the units are found at
+            LightningModule's ``example_input_array``, read as Lightning reads it (a list or tuple,
+            a NamedTuple too, is the positional inputs); without either, the units are found at
             the first forward pass, which works for a fresh run but not for a resume.
         submodule: attribute path of the module to freeze inside the LightningModule (e.g.
             ``"net"``) when ``training_step`` does not go through the LightningModule's
@@ -205,7 +206,13 @@ class SmartFreezeCallback(Callback):
             # as Lightning feeds its batches: precision="bf16-true" casts floating inputs to bf16
             convert = getattr(getattr(trainer, "precision_plugin", None), "convert_input", None)
             example = convert(example) if convert is not None else example
-            args, kwargs = split_example_inputs(move_to_device(example, pl_module.device))
+            example = move_to_device(example, pl_module.device)
+            if self.example_inputs is None and isinstance(example, (list, tuple)):
+                # example_input_array as Lightning feeds it to the forward: a list or tuple, a
+                # NamedTuple too, is the positional inputs (review100: a NamedTuple passed whole)
+                args, kwargs = tuple(example), {}
+            else:
+                args, kwargs = split_example_inputs(example)
         if self._saved_state is not None and example is None:
             raise ValueError(
                 "SmartFreezeCallback: resuming needs the model's units before Lightning restores the "

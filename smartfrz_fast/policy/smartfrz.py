@@ -470,20 +470,20 @@ class SmartFRZ(FreezePolicy):
         if self._frozen_nothing_why is not None:
             return f"SmartFRZ freezes nothing on this model: {self._frozen_nothing_why}"
         first = history.first_active
+        if first >= len(self.context.units):
+            return f"SmartFRZ: {self._evaluations} evaluations; every unit is frozen"
         if 0 < self._limit <= first:  # nothing is scored any more: "scored at most 0.00" named no score
-            beyond = ("takes part in attention" if self.attention_stop == self._limit else
-                      "and those after it are kept trainable (keep_trainable)")
+            stop = self.attention_stop
+            beyond = (f"from {self.context.units[stop].name!r} on, units take part in attention"
+                      if stop is not None and stop <= first else "the units after it are kept trainable (keep_trainable)")
             return (f"SmartFRZ: {self._evaluations} evaluations since the freezer was built or resumed; the frozen "
-                    f"prefix is as long as it may grow ({self._limit} unit(s)): the next unit "
-                    f"{self.context.units[first].name!r} {beyond}")
+                    f"prefix ({first} unit(s)) is as long as SmartFRZ lets it grow: {beyond}")
         if not self._evaluations:
             when = "its window is full" if history.full else (
                 f"its window holds {min(history.count, history.window)} of the {history.window} snapshots it needs "
                 "(sample_every sets how often one is taken)")
             return (f"SmartFRZ has evaluated nothing yet since the freezer was built or resumed: {when}, and its "
                     f"first decision comes at step {self.first_decision_step} (min_progress={self.min_progress:g})")
-        if first >= len(self.context.units):
-            return f"SmartFRZ: {self._evaluations} evaluations"
         name = self.context.units[first].name
         predicted = float(self._best["predicted"][first]) if self._best["predicted"] is not None else 0.0
         line = (f"SmartFRZ: {self._evaluations} evaluations since the freezer was built or resumed; the next unit, "
