@@ -537,6 +537,22 @@ def _train_with_and_without_cache(make_model, x, y, steps=12, frozen=2):
     return cache
 
 
+def _described_after_freezing(model: nn.Module, frozen: int) -> str:
+    """describe() of a cache after a few steps of ``model`` (inputs [*, 6]) with ``frozen`` units frozen."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, StaticFreeze(frozen), example_inputs=torch.randn(2, 6))
+    cache = ActivationCache(freezer, num_samples=8, deterministic=True)
+    freezer.freeze_to(frozen)
+    x = torch.randn(8, 6)
+    forward = cache.wrap()
+    for step in range(3):
+        ids = torch.arange(4) + 4 * (step % 2)
+        forward(x[ids], ids).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    return cache.describe()
+
+
 def test_an_identity_closing_a_residual_of_the_models_forward_is_named_as_the_reason():
     # a cut after `post` would skip the stem, blk1 and the add, and it is refused because `post`
     # returns its input; the note said "the cuts deeper skip no more" (review101)
@@ -553,19 +569,8 @@ def test_an_identity_closing_a_residual_of_the_models_forward_is_named_as_the_re
             if h.shape[0] > 0:  # Python on a size: no torch.fx trace, the module swap cuts
                 return self.head(h)
 
-    model = Net()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    freezer = SmartFreezer(model, opt, StaticFreeze(4), example_inputs=torch.randn(2, 6))
-    cache = ActivationCache(freezer, num_samples=8, deterministic=True)
-    freezer.freeze_to(4)  # the stem and blk1
-    x = torch.randn(8, 6)
-    forward = cache.wrap()
-    for step in range(3):
-        ids = torch.arange(4) + 4 * (step % 2)
-        forward(x[ids], ids).sum().backward()
-        opt.step()
-        opt.zero_grad()
-    assert "not cut deeper: post returns a tensor it was given" in cache.describe(), cache.describe()
+    said = _described_after_freezing(Net(), 4)  # the stem and blk1
+    assert "not cut deeper: post returns a tensor it was given" in said, said
 
 
 class _StopGradientBlock(nn.Module):
@@ -1254,19 +1259,7 @@ def test_a_cut_before_a_residual_block_says_why_not_deeper():
             if h.shape[0] > 0:  # Python on a size: no torch.fx trace, the module swap cuts
                 return self.head(h)
 
-    model = Net()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    freezer = SmartFreezer(model, opt, StaticFreeze(4), example_inputs=torch.randn(2, 6))
-    cache = ActivationCache(freezer, num_samples=8, deterministic=True)
-    freezer.freeze_to(4)  # the stem and the block's first layer
-    x = torch.randn(8, 6)
-    forward = cache.wrap()
-    for step in range(3):
-        ids = torch.arange(4) + 4 * (step % 2)
-        forward(x[ids], ids).sum().backward()
-        opt.step()
-        opt.zero_grad()
-    said = cache.describe()
+    said = _described_after_freezing(Net(), 4)  # the stem and the block's first layer
     assert "cut after stem)" in said, said
     assert "returns a tensor it was given" not in said and "not cut deeper: the cuts deeper skip no more" in said, said
 
