@@ -1635,14 +1635,22 @@ def discover_units(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[
     return plan
 
 
-def _output_tensors(output: Any) -> List[Tuple[str, torch.Tensor]]:
-    """The tensors in a model's output, each with where it is (``[0]``, ``['logits']``); by
-    position where a pytree node of the output names no keys (one registered without them)."""
+def _output_tensors(output: Any, depth: int = 0) -> List[Tuple[str, torch.Tensor]]:
+    """The tensors in a model's output, each with where it is (``[0]``, ``['logits']``,
+    ``.logits`` of a dataclass pytree does not know); by position where a pytree node of the
+    output names no keys (one registered without them)."""
     try:
         leaves = [(keystr(path), leaf) for path, leaf in tree_flatten_with_path(output)[0]]
     except ValueError:
         leaves = [(f" leaf {index}", leaf) for index, leaf in enumerate(tree_flatten(output)[0])]
-    return [(path, leaf) for path, leaf in leaves if isinstance(leaf, torch.Tensor)]
+    found = []
+    for path, leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            found.append((path, leaf))
+        elif _holds_settings(leaf) and depth < 3:  # a dataclass or plain object of outputs (review98)
+            found += [(f"{path}.{name}{inner}", t) for name, value in vars(leaf).items()
+                      for inner, t in _output_tensors(value, depth + 1)]
+    return found
 
 
 def _head_outputs(tracer: _ForwardTracer, unit_at: Callable[[int], int], num_units: int,
@@ -1655,9 +1663,12 @@ def _head_outputs(tracer: _ForwardTracer, unit_at: Callable[[int], int], num_uni
     feeds later units, and is none; so is a gate's, multiplied into the experts' outputs."""
     read_until = tracer.read_by
     last_unit = {path: max(map(unit_at, producers)) for path, producers in tracer.outputs if producers}
+    # an output whose last ops read no trained weight (a BYOL target network the user froze, run
+    # first: its ops lay in unit 0's span, review98) is no head of the freezer's units
+    trained = {op for uses in tracer.reads.values() for op, _ in uses}
     heads = []
     for path, producers in tracer.outputs:
-        if not producers or last_unit[path] >= num_units - 1:
+        if not producers or last_unit[path] >= num_units - 1 or not producers & trained:
             continue
         head = last_unit[path]
         after = boundary[head + 1]

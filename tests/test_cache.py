@@ -250,6 +250,37 @@ def test_fx_model_with_cache_gives_the_same_weights():
     assert_same_weights(plain, cached, exact=False)
 
 
+def test_a_front_module_in_train_mode_that_stops_every_cut_is_warned():
+    # a deterministic input normalisation before the first layer: the cache cached nothing for a
+    # whole run and only describe() said why (review97); .eval() on it caches
+    class Normalize(nn.Module):
+        def forward(self, x):
+            return (x - 0.5) / 2.0
+
+    def run(evaluated):
+        model = nn.Sequential(Normalize(), nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        freezer = SmartFreezer(model, opt, StaticFreeze(2, at_step=1), example_inputs=torch.randn(4, 6))
+        if evaluated:
+            model[0].eval()
+        cache = ActivationCache(freezer, num_samples=8, deterministic=True)
+        forward, x = cache.wrap(), torch.randn(8, 6)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(6):
+                ids = torch.arange(4) + 4 * (step % 2)
+                forward(x[ids], ids).sum().backward()
+                opt.step()
+                opt.zero_grad()
+                freezer.step()
+        return cache, [str(w.message) for w in caught if "caches nothing" in str(w.message)]
+
+    cache, said = run(False)
+    assert cache.stats["hits"] == 0 and len(said) == 1 and "Normalize" in said[0] and ".eval()" in said[0], said
+    cache, said = run(True)
+    assert cache.stats["hits"] > 0 and said == []
+
+
 def test_a_packed_rnn_that_stops_the_cut_is_named_as_such():
     # describe() said the GRU "returns a tensor it was given (... as eval-mode dropout ...)" (review99)
     class Tagger(nn.Module):

@@ -1689,6 +1689,47 @@ def test_a_head_called_before_the_trunks_end_is_named_when_the_prefix_takes_it_i
     assert "output[0] (its last layer: unit 2, head_a)" in named[0]
 
 
+def test_a_head_in_a_dataclass_output_is_found_too():
+    # tuple, list, dict and NamedTuple outputs were looked into; a dataclass or a plain object was
+    # not, and the head froze without a word (review98)
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Outputs:
+        a: torch.Tensor
+        b: torch.Tensor
+
+    class TwoTasks(_TwoTasks):
+        def forward(self, x):
+            return Outputs(*super().forward(x))
+
+    model = TwoTasks()
+    freezer = SmartFreezer(model, sgd(model), StaticFreeze(3), example_inputs=torch.randn(4, 8))
+    assert [(path, freezer.units[head].name) for path, head in freezer.plan.head_outputs] == [(".a", "head_a")]
+
+
+def test_an_output_made_by_a_network_the_user_froze_is_no_head():
+    # BYOL / mean teacher as one module, the EMA target (frozen by the user) called first: its
+    # output was taken for a head of unit 0 ("online.0"), with a false warning (review98)
+    import copy
+
+    class Byol(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.online = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16))
+            self.pred = nn.Linear(16, 16)
+            self.target = copy.deepcopy(self.online).requires_grad_(False)
+
+        def forward(self, x1, x2):
+            with torch.no_grad():
+                target = self.target(x2)
+            return self.pred(self.online(x1)), target
+
+    model = Byol()
+    freezer = SmartFreezer(model, sgd(model), StaticFreeze(1), example_inputs=(torch.randn(4, 8), torch.randn(4, 8)))
+    assert freezer.plan.head_outputs == [] and [u.name for u in freezer.units] == ["online.0", "online.2", "pred"]
+
+
 class _TwoTowersApart(nn.Module):
     """Two towers returned apart, scored in the loss (open_clip, bi-encoders)."""
 

@@ -1801,6 +1801,8 @@ class ActivationCache:
                              "would stand in for every later draw of it, so the cache cuts before it. A random "
                              "augmentation gives every step new inputs, which no cached row can serve; a deterministic "
                              "input transform can be cached behind: call .eval() on it")
+            if count == 0 and self.freezer.num_frozen:  # nothing cached, said only by describe() (review97)
+                self._warn_once("front_train_mode", f"ActivationCache caches nothing: {self.cut_note}")
         if in_train is not None and self.cut_note is None:
             name, block = self._module_name(in_train), self.chain.blocks[count].name
             outer = self._outermost_untrained(in_train)

@@ -65,10 +65,12 @@ def not_reproducible(model: nn.Module, before: Dict[str, Tensor]) -> str:
     written = _buffers_written(model, before)
     if not written:
         return NOT_REPRODUCIBLE
-    return (f"the model is not deterministic in eval mode: its forward pass writes buffer{'s' * (len(written) > 1)} "
+    return (f"the model's forward pass writes buffer{'s' * (len(written) > 1)} "
             f"{', '.join(written[:3])}{' and others' if len(written) > 3 else ''} even in eval mode (an update "
-            "without an `if self.training:` guard), so two forward passes on the same samples differ and no "
-            "cached row could match them. Guard that update, or keep its module after the frozen prefix")
+            "without an `if self.training:` guard: a running statistic, a step counter), and the cache cannot "
+            "tell whether the writes belong to the frozen prefix, which cached rows skip (review98: a counter "
+            "that changed no output). Guard that update with `if self.training:`, or keep its module after "
+            "the frozen prefix")
 
 
 def _buffers_written(model: nn.Module, before: Dict[str, Tensor]) -> List[str]:
