@@ -317,7 +317,9 @@ class _ForwardTracer(TorchDispatchMode):
         self.fixed = set(fixed or ())  # ids of parameters that require no grad (a LoRA base), and their views
         self.first_param_read: Optional[int] = None  # the first op reading any parameter, trainable or not
         self.reads: Dict[str, List[Tuple[int, Optional[Tuple[int, int]]]]] = {}
-        self._view_reads: Dict[int, Tuple[int, Optional[Tuple[int, int]]]] = {}  # view id -> the read that made it
+        # view id -> the reads that made it (a view of a view: each), withdrawn if it is written into
+        self._view_reads: Dict[int, List[Tuple[int, Optional[Tuple[int, int]]]]] = {}
+        self._first_fixed_read: Optional[int] = None  # the first op reading a parameter that does not train
         self.op_flops: List[int] = []
         # each op's backward in units of its forward: 2 (input and weight gradients), 1 where its
         # weight requires no grad (input gradient only; a trained bias beside it costs next to
@@ -446,11 +448,8 @@ class _ForwardTracer(TorchDispatchMode):
         for leaf in tensors:
             name = self.watched.get(id(leaf))
             if name is not None and id(leaf) in written:
-                provisional = self._view_reads.pop(id(leaf), None)
-                if provisional is not None and provisional in self.reads.get(name, ()):
-                    self.reads[name].remove(provisional)
-                    if not self.reads[name]:
-                        del self.reads[name]
+                for read in self._view_reads.pop(id(leaf), ()):
+                    self._withdraw(name, read)
                 continue
             if name is not None and name not in names:
                 names[name] = leaf
@@ -460,6 +459,8 @@ class _ForwardTracer(TorchDispatchMode):
                 fixed = leaf
         if names and not aliasing and self._trained_from is None:
             self._trained_from = op_index
+        if fixed is not None and self._first_fixed_read is None:
+            self._first_fixed_read = op_index
         if (names and not aliasing or fixed is not None) and self.first_param_read is None:
             self.first_param_read = op_index
         # a weight gradient costs about a forward only for a trained matrix or filter (a trained
@@ -481,17 +482,40 @@ class _ForwardTracer(TorchDispatchMode):
             formula = _EXTRA_FLOP_FORMULAS.get(func._overloadpacket.__name__)
             self.op_flops.append(int(formula(*args, **kwargs)) if formula is not None else 0)
         self._track(func, op_index, tensors, bool(names) or fixed is not None, out)
-        if len(names) == 1 and isinstance(out, torch.Tensor) and _aliases(out, *names.values()):
+        views = [t for t in (out if func.is_view and isinstance(out, (tuple, list)) else (out,))
+                 if isinstance(t, torch.Tensor)]  # (unbind, split, chunk: several views)
+        if len(names) == 1 and views and all(_aliases(t, *names.values()) for t in views):
             # a view of a parameter (``weight.t()`` inside ``F.linear``): the op that reads the
             # view reads the parameter, and its FLOPs are the parameter's
-            self._views.append(out)
-            self.watched[id(out)] = next(iter(names))
-            if func.is_view and not aliasing:  # a read until the view is written into (above)
-                self._view_reads[id(out)] = (op_index, call)
+            (name, base), = names.items()
+            for t in views:
+                self._views.append(t)
+                self.watched[id(t)] = name
+                if func.is_view and not aliasing:  # reads until a view is written into (above)
+                    self._view_reads[id(t)] = [*self._view_reads.get(id(base), ()), (op_index, call)]
         elif not names and fixed is not None and isinstance(out, torch.Tensor) and _aliases(out, fixed):
             self._views.append(out)
             self.fixed.add(id(out))
         return out
+
+    def _withdraw(self, name: str, read: Tuple[int, Optional[Tuple[int, int]]]) -> None:
+        """A view's read of parameter ``name`` that turned out to be a write into it: no read, and
+        where it was the first, the pass before the first real read trains nothing (review102:
+        an input augmentation before it was taken for part of the frozen prefix)."""
+        uses = self.reads.get(name)
+        if uses is None or read not in uses:
+            return
+        uses.remove(read)
+        if not uses:
+            del self.reads[name]
+        firsts = [u[0][0] for u in self.reads.values()]
+        if self._trained_from == read[0]:
+            self._trained_from = min(firsts, default=None)
+            for op in range(read[0], len(self.op_backward) if self._trained_from is None else self._trained_from):
+                self.op_backward[op] = 0.0
+        if self.first_param_read == read[0]:
+            fixed = [] if self._first_fixed_read is None else [self._first_fixed_read]
+            self.first_param_read = min(firsts + fixed, default=None)
 
     def backward_flops(self, start: int, end: int) -> float:
         """What the backward of ops ``start:end`` costs (each op's FLOPs times ``op_backward``)."""
@@ -1284,8 +1308,22 @@ class ParameterWrites(TorchDispatchMode):
                 p.data.copy_(values)
 
 
+def _note_new_writes(model: nn.Module, params: List[nn.Parameter]) -> None:
+    """Parameters a look's forward wrote in place that the set-up did not see written (a decay the
+    loop switches on later, review102): this look's write stays (it cannot be undone), said once;
+    the later looks put them back."""
+    if not params:
+        return
+    _WRITTEN_PARAMETERS.setdefault(model, []).extend(params)
+    names = {id(p): n for n, p in model.named_parameters()}
+    warnings.warn(f"SmartFreezer: the model's forward wrote parameter(s) {[names.get(id(p), '?') for p in params][:3]} in "
+                  "place during a pass the freezer or the activation cache runs to look at the model, which the set-up's "
+                  "pass did not write: that write ran once more than your loop runs it. Later looks put it back. Such "
+                  "updates belong after optimizer.step(), outside the forward.", stacklevel=3)
+
+
 @contextmanager
-def preserved_state(model: nn.Module, rngs: bool = True) -> Iterator[None]:
+def preserved_state(model: nn.Module, rngs: bool = True, new_writes: bool = True) -> Iterator[None]:
     """Run a look-only forward pass: the model's buffers (norm running statistics, observers),
     parameters its forward writes into (as the set-up's trace found them: ``ParameterWrites``), the plain Python values its modules
     keep (``PythonAttributes``: a step counter) and the random generators (``preserved_rngs``;
@@ -1301,8 +1339,11 @@ def preserved_state(model: nn.Module, rngs: bool = True) -> Iterator[None]:
              for module in model.modules() for name, b in module._buffers.items()
              if b is not None and not uninitialized(b)]
     attributes = PythonAttributes([(name, m) for name, m in model.named_modules()])  # `self.calls += 1`
-    # the parameters the set-up saw the forward write into (a decay, an EMA codebook), by value
+    # the parameters the set-up saw the forward write into (a decay, an EMA codebook), by value;
+    # the others' version counters, to see a write the set-up did not (one switched on later)
     written = [(p, p.data, p.detach().clone()) for p in _WRITTEN_PARAMETERS.get(model, ())]
+    known = {id(p) for p, _, _ in written}
+    versions = [(p, p._version) for p in dict.fromkeys(model.parameters()) if id(p) not in known and not uninitialized(p)]
     try:
         # and autocast's cast cache off: a look under no_grad inside the user's autocast left casts
         # of trainable weights without grad_fn there, which the training forward then took (review99)
@@ -1314,6 +1355,8 @@ def preserved_state(model: nn.Module, rngs: bool = True) -> Iterator[None]:
                 if p.data.untyped_storage().data_ptr() != data.untyped_storage().data_ptr() or p.shape != data.shape:
                     p.data = data  # a forward that rebinds it (``self.weight.data = ...``)
                 p.data.copy_(values)
+        if new_writes:  # (the set-up's pass watches its writes itself: ParameterWrites)
+            _note_new_writes(model, [p for p, version in versions if p._version != version])
         if attributes.changed():
             attributes.restore()
         with torch.no_grad():
@@ -1449,8 +1492,8 @@ def trace_forward(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[s
     hooks += [m.register_forward_hook(leave, always_call=True) for m in model.modules()]
     writes = ParameterWrites(model)
     try:
-        with preserved_state(model), torch.no_grad(), uncached_autocast(), unfused_transformer_layers(), \
-                host_draws_at(_KEEPING_DRAWS["rand"]):
+        with preserved_state(model, new_writes=False), torch.no_grad(), uncached_autocast(), \
+                unfused_transformer_layers(), host_draws_at(_KEEPING_DRAWS["rand"]):
             with compiled_modules_run_eagerly(model), flex_attention_traceable(), writes, tracer:
                 tracer.outputs = [(path, tracer.lineage(t)[1]) for path, t in _output_tensors(model(*args, **(kwargs or {})))
                                   if t.is_floating_point()]
@@ -1464,8 +1507,8 @@ def trace_forward(model: nn.Module, args: Sequence[Any], kwargs: Optional[Dict[s
                      "positional inputs pass tuple(batch).")
         elif len(args) >= 2 and not kwargs and isinstance(args[-1], torch.Tensor) and \
                 not args[-1].is_floating_point() and args[-1].dim() <= 1:
-            note += (" The last input looks like labels: example_inputs=next(iter(loader)) passes the whole "
-                     "batch; pass next(iter(loader))[0], the model's inputs.")
+            note += (" If the last input is the batch's labels (example_inputs=next(iter(loader)) passes the "
+                     "whole batch), pass next(iter(loader))[0], the model's inputs.")
         if hasattr(exc, "add_note"):
             exc.add_note(note)
         else:  # Python 3.10: no exception notes; said beside it

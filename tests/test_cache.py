@@ -339,7 +339,7 @@ def test_a_sequence_first_prefix_is_named_as_such():
             opt.zero_grad()
             freezer.step()
     said = " ".join(str(w.message) for w in caught) + cache.describe()
-    assert "holds the batch in dimension 1, not 0" in said and "batch_first=True" in said, said
+    assert "holds the batch in dimension 1 too" in said and "batch_first=True" in said, said
     assert "total_length" not in said
 
 

@@ -633,6 +633,25 @@ def test_the_traced_chain_refuses_what_a_graph_does_not_record_in_trainable_laye
         fx_chain(make())
 
 
+def test_a_no_grad_input_normalisation_keeps_the_traced_chain():
+    # an input normalised by buffers (a dataset's mean and std) or a mask built from the inputs
+    # under no_grad passes no gradient to anything trained: the trace was refused (review101/102)
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mean", torch.zeros(6))
+            self.register_buffer("std", torch.ones(6))
+            self.a, self.b, self.head = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            with torch.no_grad():
+                x = (x - self.mean) / self.std
+                mask = (x.abs() < 3).float()
+            return self.head(torch.tanh(self.b(torch.tanh(self.a(x * mask)))))
+
+    assert fx_chain(Net()).how == "torch.fx"
+
+
 class _RandomBranch(nn.Module):
     """Random in every mode, as torchvision's v2 transforms: a branch on torch.rand(1)."""
 

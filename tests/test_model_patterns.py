@@ -245,7 +245,38 @@ def test_the_caches_looks_leave_parameters_the_forward_writes_as_they_were():
         assert torch.equal(runs[0][name], runs[1][name]), name
 
 
-@pytest.mark.parametrize("write", ["clamp", "decay", "data-clamp", "view-clamp", "row-zero"])
+def test_a_parameter_write_switched_on_after_set_up_is_said_and_put_back_from_then_on():
+    # the looks put back only the parameters the set-up saw written: a decay the loop switches on
+    # later ran once more per look, silently (review102)
+    from smartfrz_fast.units import preserved_state
+
+    class Decaying(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.head, self.decay = nn.Linear(4, 8), nn.Linear(8, 2), False
+
+        def forward(self, x):
+            if self.decay:
+                with torch.no_grad():
+                    self.head.weight.mul_(0.5)
+            return self.head(torch.relu(self.a(x)))
+
+    model = Decaying()
+    SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), StaticFreeze(1), example_inputs=torch.randn(2, 4))
+    model.decay = True
+    with pytest.warns(UserWarning, match=r"wrote parameter\(s\) \['head.weight'\] in place during a pass"):
+        with preserved_state(model):
+            model(torch.randn(2, 4))
+    before = model.head.weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with preserved_state(model):
+            model(torch.randn(2, 4))
+    assert torch.equal(model.head.weight, before)
+
+
+@pytest.mark.parametrize("write", ["clamp", "decay", "data-clamp", "view-clamp", "row-zero", "view-of-view",
+                                   "unbind"])
 def test_weights_written_at_the_top_of_the_forward_keep_their_layers_units(write):
     # weight clipping (or a decay) under no_grad at the top of the forward counted as each
     # weight's first read: every unit began at the clipping, the biases and every FLOP joined the
@@ -266,6 +297,11 @@ def test_weights_written_at_the_top_of_the_forward_keep_their_layers_units(write
                             layer.weight.view(-1).clamp_(-0.15, 0.15)
                         elif write == "row-zero":
                             layer.weight[0] = 0.0
+                        elif write == "view-of-view":  # (review102)
+                            layer.weight.t()[0].zero_()
+                        elif write == "unbind":
+                            for row in layer.weight.unbind(0):
+                                row.clamp_(-0.15, 0.15)
                         else:
                             layer.weight.clamp_(-0.15, 0.15) if write == "clamp" else layer.weight.mul_(0.99)
             return self.l3(torch.relu(self.l2(torch.relu(self.l1(x)))))

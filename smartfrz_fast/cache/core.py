@@ -2584,11 +2584,11 @@ def _shape_follows_batch(apart: Tuple[int, ...], together: Tuple[int, ...],
         moved = [d for d, (a, t) in enumerate(zip(apart, together)) if a != t]
         if moved and all((apart[d], together[d]) == samples for d in moved):
             # review99: blamed pad_packed_sequence in a model that had none
-            return (f"the frozen prefix's output holds the batch in dimension {moved[0] + 1}, not 0 (rows of shape "
-                    f"{apart} for {samples[0]} samples, {together} for {samples[1]}): a sequence-first output, as "
-                    "nn.LSTM, nn.GRU and nn.TransformerEncoder give with their default batch_first=False. The cache "
-                    "keys dimension 0 by sample: build them with batch_first=True (or transpose back inside the "
-                    "frozen module) to cache them")
+            return (f"the frozen prefix's output holds the batch in dimension {moved[0] + 1} too, not only in 0 (rows "
+                    f"of shape {apart} for {samples[0]} samples, {together} for {samples[1]}): a sequence-first "
+                    "output, as nn.LSTM, nn.GRU and nn.TransformerEncoder give with their default batch_first=False "
+                    "(build them with batch_first=True, or transpose back inside the frozen module, to cache them), "
+                    "or a product across the batch (x @ x.T), which no row per sample can hold")
     if len(apart) != len(together):
         return (f"the frozen prefix's rows have shape {apart} for samples computed apart from the rest of their "
                 f"batch and {together} with it: a squeeze() in the frozen layers drops the batch dimension of a "

@@ -632,8 +632,9 @@ class _ModeFreeTracer(torch.fx.Tracer):
     def create_node(self, kind, target, args, kwargs, *rest, **named) -> torch.fx.Node:
         node = super().create_node(kind, target, args, kwargs, *rest, **named)
         weighted = self.__dict__.setdefault("_weighted", set())  # nodes computed from the model's weights
-        if kind == "get_attr" or (kind == "call_module" and next(self.root.get_submodule(target).parameters(), None)
-                                  is not None) or any(n in weighted for n in node.all_input_nodes):
+        if (kind == "get_attr" and _is_parameter(self.root, target)) or (
+                kind == "call_module" and next(self.root.get_submodule(target).parameters(), None) is not None) \
+                or any(n in weighted for n in node.all_input_nodes):
             weighted.add(node)
             # a mask built from the inputs under no_grad passes no gradient either way (review101)
             if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
@@ -655,6 +656,16 @@ class _EagerDrawsRefused(TorchDispatchMode):
             raise UnfaithfulTrace(f"a forward of the model draws at random with torch ({func.overloadpacket.__name__} "
                                   "on arguments that do not depend on the input), which a trace would fix to one draw")
         return func(*args, **(kwargs or {}))
+
+
+def _is_parameter(root: nn.Module, target: str) -> bool:
+    """Whether ``target`` names a parameter of ``root`` (not a buffer: an input normalised by a
+    dataset's mean and std under no_grad passes no gradient to anything trained, review102)."""
+    owner, _, name = target.rpartition(".")
+    try:
+        return name in root.get_submodule(owner)._parameters
+    except AttributeError:
+        return False
 
 
 class _AttributeGuardedProxy(torch.fx.Proxy):
