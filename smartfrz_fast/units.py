@@ -1325,8 +1325,9 @@ def _note_new_writes(model: nn.Module, params: List[nn.Parameter]) -> None:
 @contextmanager
 def preserved_state(model: nn.Module, rngs: bool = True, new_writes: bool = True) -> Iterator[None]:
     """Run a look-only forward pass: the model's buffers (norm running statistics, observers),
-    parameters its forward writes into (as the set-up's trace found them: ``ParameterWrites``), the plain Python values its modules
-    keep (``PythonAttributes``: a step counter) and the random generators (``preserved_rngs``;
+    parameters its forward writes into (as the set-up's trace found them: ``ParameterWrites``;
+    ``new_writes``: warn of others), the plain Python values its modules keep
+    (``PythonAttributes``: a step counter) and the random generators (``preserved_rngs``;
     ``rngs=False``: they move on, for looks that compare two passes to find random ops) are as
     before afterwards.
 
