@@ -1069,7 +1069,7 @@ class ActivationCache:
                     # the whole batch again: a draw, not a mix (torchvision's v2 transforms draw in eval too)
                     self._cut_before_mixing(
                         "the frozen prefix's output is drawn at random even in eval mode: the same batch gave other "
-                        "rows on a second pass (a module that draws with torch.rand whatever its mode, as "
+                        "rows when computed again (a module that draws with torch.rand whatever its mode, as "
                         "torchvision's v2 transforms do). Move random augmentation out of the model, into the data "
                         "pipeline, to cache the layers after it")
                     return False

@@ -615,11 +615,16 @@ class _ModeFreeTracer(torch.fx.Tracer):
     (``stochastic_depth(x, p, 'row', True)``), and the cached prefix would run them in train mode.
 
     Refuses, as it meets them, two things of a forward that a graph does not record, and that the
-    traced chain would then leave out of every trainable block too (review98): ops run under
-    another grad mode than the trace's (a stop-gradient written ``with torch.no_grad():``, an
-    ``@torch.no_grad()`` helper: gradients flowed through them), and an attribute set on a traced
+    traced chain would then leave out of every trainable block too (review98): ops on what the
+    weights computed run under no_grad or inference mode (a stop-gradient written ``with
+    torch.no_grad():``, an ``@torch.no_grad()`` helper: gradients flowed through them; a mask or a
+    normalisation of the inputs alone is none, review101), and an attribute set on a traced
     tensor (a max-norm constraint written ``self.weight.data = torch.renorm(...)``, as braindecode's
     ``LinearWithConstraint``: the constraint stopped holding). The trace runs with grad enabled."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._weighted: set = set()  # the nodes computed from the model's parameters
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if qualname and next(m.children(), None) is None and next(m.parameters(recurse=False), None) is None:
@@ -631,12 +636,10 @@ class _ModeFreeTracer(torch.fx.Tracer):
 
     def create_node(self, kind, target, args, kwargs, *rest, **named) -> torch.fx.Node:
         node = super().create_node(kind, target, args, kwargs, *rest, **named)
-        weighted = self.__dict__.setdefault("_weighted", set())  # nodes computed from the model's weights
         if (kind == "get_attr" and _is_parameter(self.root, target)) or (
                 kind == "call_module" and next(self.root.get_submodule(target).parameters(), None) is not None) \
-                or any(n in weighted for n in node.all_input_nodes):
-            weighted.add(node)
-            # a mask built from the inputs under no_grad passes no gradient either way (review101)
+                or any(n in self._weighted for n in node.all_input_nodes):
+            self._weighted.add(node)
             if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
                 raise UnfaithfulTrace(f"a forward of the model runs ops on its weights' results under torch.no_grad() "
                                       f"or inference mode (at {target!r}), which a trace does not record: the traced "
