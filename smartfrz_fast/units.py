@@ -1252,6 +1252,12 @@ def _written_ids(func, args, kwargs) -> set:
 _WRITTEN_PARAMETERS: "weakref.WeakKeyDictionary[nn.Module, List[nn.Parameter]]" = weakref.WeakKeyDictionary()
 
 
+def _rebound(p: nn.Parameter, data: torch.Tensor) -> bool:
+    """Whether ``p`` holds other storage, or another shape, than ``data`` (its ``.data`` before a
+    forward that rebinds it: ``self.weight.data = ...``)."""
+    return p.data.untyped_storage().data_ptr() != data.untyped_storage().data_ptr() or p.shape != data.shape
+
+
 class ParameterWrites(TorchDispatchMode):
     """Keeps a copy of each parameter an op writes into, taken before its first write: a forward
     that updates a parameter in place (a VQ-VAE codebook kept as a parameter, a decay under
@@ -1295,14 +1301,14 @@ class ParameterWrites(TorchDispatchMode):
     def touched(self) -> List[nn.Parameter]:
         """The parameters the pass wrote into or rebound."""
         rebound = [p for p, data in self.bound
-                   if p.data.untyped_storage().data_ptr() != data.untyped_storage().data_ptr() or p.shape != data.shape]
+                   if _rebound(p, data)]
         return list({id(p): p for p in [*(p for p, _ in self.saved.values()), *rebound]}.values())
 
     def put_back(self) -> None:
         """Values and storage as before, through ``.data`` (the version counter stays)."""
         with torch.no_grad():
             for p, data in self.bound:
-                if p.data.untyped_storage().data_ptr() != data.untyped_storage().data_ptr() or p.shape != data.shape:
+                if _rebound(p, data):
                     p.data = data
             for p, values in self.saved.values():
                 p.data.copy_(values)
@@ -1353,7 +1359,7 @@ def preserved_state(model: nn.Module, rngs: bool = True, new_writes: bool = True
     finally:
         with torch.no_grad():
             for p, data, values in written:
-                if p.data.untyped_storage().data_ptr() != data.untyped_storage().data_ptr() or p.shape != data.shape:
+                if _rebound(p, data):
                     p.data = data  # a forward that rebinds it (``self.weight.data = ...``)
                 p.data.copy_(values)
         if new_writes:  # (the set-up's pass watches its writes itself: ParameterWrites)

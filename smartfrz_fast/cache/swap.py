@@ -597,16 +597,15 @@ class SwapChain:
                 # the deepest cut refused, checked or not (a head reading x[:, 0] hides it), and the
                 # deepest of each other kind (activation checkpointing beside a residual)
                 deeper, kinds = [], set()
-                # a block that hands its input on (an Identity, an in-place activation) was named
-                # as the reason where the deeper cuts skip less (review90: a residual reads the
-                # input of the block the prefix ends in): the cuts deeper that pass are ranked below
+                # a block that hands its input on (an Identity, an in-place activation) inside a
+                # block the prefix ends in is not what stops the cut where deeper cuts that pass
+                # skip less (review90: a residual reads that block's input); one closing a residual
+                # of the model's own forward is (review101)
                 ranked_below = any(c not in refused for c in range(cut + 1, frozen + 1))
                 prefix_end = self.candidates[frozen - 1].end
                 for c in sorted((c for c in refused if c > cut), reverse=True):
                     if ranked_below and self.candidates[c - 1].returns_input and \
                             self._inside_a_call_past(self.candidates[c - 1], prefix_end):
-                        # inside a block the prefix ends in: not what stops the cut (review101: one
-                        # closing a residual of the model's own forward is)
                         continue
                     kind = next((k for k in _REFUSAL_KINDS if k in refused[c]), "")
                     if kind not in kinds:
