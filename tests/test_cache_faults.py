@@ -248,7 +248,8 @@ def test_an_id_given_to_another_input_is_computed_again_never_served():
     # inputs that change every time (ids not per sample, random augmentation): off once more than
     # half of the dataset changed in two epochs in a row
     with pytest.warns(UserWarning, match=r"in two epochs in a row, more than half of the 40 samples the cache holds came "
-                      r"back with other inputs.*random augmentation\?\), or one sample id is given to several"):
+                      r"back with other inputs.*random augmentation\?\), or one sample id is given to several.*"
+                      r"stays off for the rest of the run.*made once that part is over"):
         for start in range(0, 4 * N, 10):
             wrapped(X[start % N:start % N + 10] + 1.0 + start, torch.arange(10))
     assert not cache.enabled
@@ -268,6 +269,41 @@ def test_a_dataset_swapped_now_and_then_keeps_the_cache_on():
                     ids = torch.arange(start, start + 10)
                     torch.testing.assert_close(wrapped(data[ids], ids), plain(data[ids]), rtol=0, atol=0)
     assert cache.enabled and cache.stats["input_changed"] == 3 * N, cache.describe()
+
+
+def test_a_cache_made_after_an_input_ramp_serves_the_stable_epochs():
+    # inputs scaled up over the first epochs turn a cache made at the start off for good (the
+    # message says so); one made once the ramp is over serves every later epoch, and the run's
+    # weights are those of the run without a cache
+    def run(cache_from_epoch):
+        model = chain_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        freezer = SmartFreezer(model, opt, policy=StaticFreeze(1, 1), example_inputs=X[:2], total_steps=100)
+        cache = forward = None
+        g = torch.Generator().manual_seed(1)
+        for epoch in range(8):
+            if epoch == cache_from_epoch:
+                cache = ActivationCache(freezer, num_samples=N, deterministic=True, audit_rows=N)
+                forward = cache.wrap()
+            data = X * min(1.0, 0.25 * (epoch + 1))  # the ramp ends after epoch 3
+            for ids in torch.randperm(N, generator=g).split(10):
+                out = forward(data[ids], ids) if cache is not None else model(data[ids])
+                nn.functional.cross_entropy(out, Y[ids]).backward()
+                opt.step()
+                opt.zero_grad()
+                freezer.step()
+        return model, cache
+
+    plain, _ = run(None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        early_model, early = run(0)
+    assert not early.enabled and any("stays off for the rest of the run" in str(w.message) for w in caught)
+    late_model, late = run(4)
+    assert late.enabled and late.stats["hits"] >= 3 * N and late.stats["input_changed"] == 0, late.describe()
+    for model in (early_model, late_model):
+        for a, b in zip(plain.parameters(), model.parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 class _Scaled(nn.Module):

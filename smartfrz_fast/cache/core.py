@@ -1147,7 +1147,9 @@ class ActivationCache:
                                f"back with other inputs than their rows were cached from ({self._changed[0]}, "
                                f"then {self._changed[1]} so far)",
                                "The inputs change from epoch to epoch (random augmentation?), or one sample id is "
-                               "given to several samples")
+                               "given to several samples. It stays off for the rest of the run: inputs that change "
+                               "only for a while (a warm-up ramp of the inputs, progressive resizing) can be cached "
+                               "by an ActivationCache made once that part is over")
             return False
         sample = int(ids[which[moved.nonzero()[0, 0].to(which.device)]])
         self._warn_once("input_changed", f"ActivationCache: sample id {sample} came with another input than its "
