@@ -306,6 +306,66 @@ def test_a_cache_made_after_an_input_ramp_serves_the_stable_epochs():
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+class _TargetFirst(nn.Module):
+    """BYOL's shape: a target network the loop moves towards the online one after every step
+    (an EMA, never trained by the optimizer), called before the online network."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.online = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                                    nn.Linear(16, 10))
+        self.target = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).requires_grad_(False)
+
+    def forward(self, x):
+        with torch.no_grad():
+            t = self.target(x)
+        return self.online(x) + t
+
+
+def _ema_run(use_cache, ema_every):
+    model = _TargetFirst()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    freezer = SmartFreezer(model, opt, policy=StaticFreeze(1, 1), example_inputs=X[:2], total_steps=100)
+    cache = ActivationCache(freezer, num_samples=N, deterministic=True) if use_cache else None
+    forward = cache.wrap() if use_cache else None
+    g = torch.Generator().manual_seed(1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(24):
+            ids = torch.randperm(N, generator=g)[:10]
+            out = forward(X[ids], ids) if use_cache else model(X[ids])
+            nn.functional.cross_entropy(out, Y[ids]).backward()
+            opt.step()
+            opt.zero_grad()
+            freezer.step()
+            if step % ema_every == 0:
+                with torch.no_grad():
+                    model.target[1].weight.mul_(0.9).add_(0.1 * model.online[1].weight[:10])
+    return model, cache, [str(w.message) for w in caught]
+
+
+def test_a_prefix_written_at_every_step_turns_the_cache_off():
+    # the cut falls after the target network (called first, never trained): its EMA update
+    # dropped every row at every step, and the cache made rows no step read at 5x the time of
+    # none (review98 #10); after 4 such drops in a row it turns off, naming the tensor
+    plain, _, _ = _ema_run(False, ema_every=1)
+    model, cache, caught = _ema_run(True, ema_every=1)
+    assert not cache.enabled and cache.stats["weights_changed"] == 4, cache.describe()
+    assert any("target.1.weight of the cached frozen prefix changed in place 4 times in a row before any cached "
+               "row was read" in w and "EMA" in w for w in caught), caught
+    for a, b in zip(plain.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_prefix_written_now_and_then_keeps_the_cache_on():
+    # a write every 8 steps (two epochs of 4 batches): the rows made in between are read first
+    plain, _, _ = _ema_run(False, ema_every=8)
+    model, cache, caught = _ema_run(True, ema_every=8)
+    assert cache.enabled and cache.stats["weights_changed"] == 2 and cache.stats["hits"] > 0, cache.describe()
+    assert same_weights(model, plain.state_dict())  # rows computed in other batch sizes
+
+
 class _Scaled(nn.Module):
     """A model that takes a batch-wide value besides its per-sample input: ``scale`` (read by the
     frozen prefix: an annealed input scale) and ``count`` (read only after it, as Hugging Face's
