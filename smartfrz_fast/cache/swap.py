@@ -109,11 +109,11 @@ class Call:
     end: int
     depth: int
     spec: Any = None  # pytree spec of the output
-    leaves: List[Any] = field(default_factory=list)  # per leaf: ("row", shape[1:], dtype) | ("const", shape, dtype) | ("value", v)
+    # per leaf: ("row", shape[1:], dtype) | ("const", shape, dtype) | ("nested", dtype) | ("value", v)
+    leaves: List[Any] = field(default_factory=list)
     out_ids: Set[int] = field(default_factory=set)  # ids of the output's tensors
     escapes_after: int = -1  # latest start of a later call, or op + 1, that reads a tensor it returned
     calls_of_module: int = 1
-    first_arg: Optional[Tuple[Tuple[int, ...], torch.dtype]] = None
     made_ops: Set[int] = field(default_factory=set)  # the ops that made the tensors it returned
     returns_input: bool = False  # returns a tensor it was given (unchanged, or changed in place)
     returns_packed: bool = False  # returns a PackedSequence (alone or in a tuple: an RNN's output)
@@ -283,6 +283,10 @@ def _within(inner: Call, outer: Call) -> bool:
 
 
 def _describe_leaf(leaf: Any, batch: int):
+    if isinstance(leaf, Tensor) and leaf.is_nested:
+        # nn.TransformerEncoder's layers pass a nested tensor on in eval under a padding mask: no
+        # fixed shape to serve rows of, nor a placeholder to stand in with (the call runs)
+        return ("nested", leaf.dtype)
     if isinstance(leaf, Tensor):
         if leaf.dim() > 0 and leaf.shape[0] == batch:
             return ("row", tuple(leaf.shape[1:]), leaf.dtype)
@@ -356,19 +360,17 @@ def record_calls(model: nn.Module, args: tuple, kwargs: dict, batch: int
         leaves = [t for t in tree_flatten((a, kw))[0] if isinstance(t, Tensor)]
         keep.extend(leaves)
         readers.append((counter.count, {id(t) for t in leaves}))
-        first = a[0] if a and isinstance(a[0], Tensor) else None
-        stack.append((module, counter.count, None if first is None else (tuple(first.shape), first.dtype),
-                      {id(t) for t in leaves}))
+        stack.append((module, counter.count, {id(t) for t in leaves}))
         count_of[id(module)] = count_of.get(id(module), 0) + 1
 
     def post(module, a, kw, out):
-        _, start, first, given = stack.pop()
+        _, start, given = stack.pop()
         leaves, spec = tree_flatten(out)
         keep.append(out)
         tensors = [x for x in leaves if isinstance(x, Tensor)]
         counter.returned(len(calls), tensors)
         calls.append(Call(names.get(id(module), "?"), module, start, counter.count, len(stack), spec,
-                          [_describe_leaf(x, batch) for x in leaves], {id(x) for x in tensors}, first_arg=first,
+                          [_describe_leaf(x, batch) for x in leaves], {id(x) for x in tensors},
                           made_ops={counter.made_at[id(x)] for x in tensors if id(x) in counter.made_at},
                           returns_input=any(id(x) in given for x in tensors),
                           returns_packed=any(isinstance(o, nn.utils.rnn.PackedSequence)
@@ -452,7 +454,8 @@ class SwapChain:
                 inside[call.start:call.end] = [1] * (call.end - call.start)
         self._in_calls_before = [0, *itertools.accumulate(inside)]
         self.candidates = [c for c in calls if c.depth > 0 and c.calls_of_module == 1
-                           and any(leaf[0] == "row" for leaf in c.leaves)]
+                           and any(leaf[0] == "row" for leaf in c.leaves)
+                           and not any(leaf[0] == "nested" for leaf in c.leaves)]
         # calls whose output hides its tensors inside an object pytree does not know: no cut
         self.opaque = [c for c in calls if c.depth > 0 and c.calls_of_module == 1
                        and any(leaf[0] == "value" and holds_tensors(leaf[1]) for leaf in c.leaves)]
@@ -779,6 +782,8 @@ class SwapChain:
                 continue  # read after C, or a module also called elsewhere (a shared embedding): runs
             if any(kind[0] == "value" and _varies(kind[1]) for kind in call.leaves):
                 continue  # returns a number (lengths.tolist()): a placeholder would be the recorded one
+            if any(kind[0] == "nested" for kind in call.leaves):
+                continue  # returns a nested tensor: no placeholder can take its place
             first = bisect.bisect_left(needed, call.start)
             if first < len(needed) and needed[first] < call.end:
                 continue  # the forward after C needs one of its ops (a residual, a tensor kept on self)
