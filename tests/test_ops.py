@@ -302,6 +302,7 @@ def test_smartfrz_decide_passes_the_training_transform_to_the_op(tmp_path, fresh
     model = SmallCNN()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     policy = SmartFRZ(weights=path, threshold=0.999999)  # scored every snapshot, never freezes
+    policy.score_every_unit = True
     freezer = SmartFreezer(model, opt, policy, example_inputs=batch(0)[0], window=4, sample_size=128)
     train_steps(model, opt, freezer, 7)
     hist = freezer.history

@@ -16,6 +16,7 @@ Tested against the reference on random inputs (tests/test_ops.py).
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Sequence, Tuple
 
 import torch
@@ -59,12 +60,31 @@ def predict_cpu(
     return prob, freezable_prefix(prob, threshold)
 
 
+# The key and value MLPs' first layers side by side, for the last weights seen (by identity,
+# through weak references: another predictor's tensors may take a freed one's address, and
+# version: written in place): one product over them costs 0.7 ms per unit, and concatenating
+# them again at every call 0.35 ms more.
+_joined: Tuple[tuple, Tensor, Tensor] = ((), torch.empty(0), torch.empty(0))
+
+
+def _key_value_first_layers(wk: Sequence[Tensor], wv: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
+    global _joined
+    parts = (wk[0], wv[0], wk[1], wv[1])
+    seen = _joined[0]
+    if not (len(seen) == len(parts) and all(ref() is t and version == t._version
+                                              for (ref, version), t in zip(seen, parts))):
+        _joined = (tuple((weakref.ref(t), t._version) for t in parts), torch.cat([wk[0], wv[0]]).t(),
+                   torch.cat([wk[1], wv[1]]))
+    return _joined[1], _joined[2]
+
+
 def _logits(normalized: Tensor, weights: Sequence[Tensor]) -> Tensor:
     """``reference.predictor_logits_ref``: the key and value MLPs' first layers in one product."""
     wq, wk, wv, wh = (weights[i * WEIGHTS_PER_MLP:(i + 1) * WEIGHTS_PER_MLP] for i in range(4))
     n, t, k = normalized.shape
     older = normalized[:, :-1].reshape(n * (t - 1), k)
-    hidden = torch.relu(torch.addmm(torch.cat([wk[1], wv[1]]), older, torch.cat([wk[0], wv[0]]).t()))
+    first_weight, first_bias = _key_value_first_layers(wk, wv)
+    hidden = torch.relu(torch.addmm(first_bias, older, first_weight))
     width = wk[0].shape[0]
     keys = _last_layers(hidden[:, :width], wk)
     values = _last_layers(hidden[:, width:], wv)
