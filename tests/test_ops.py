@@ -7,6 +7,7 @@ import torch
 
 from smartfrz_fast import ops
 from smartfrz_fast.ops import reference
+from smartfrz_fast.ops.reference import WEIGHTS_PER_MLP
 from smartfrz_fast.predictor import AttentionPredictor, PredictorConfig
 
 SMALL = PredictorConfig(sample_size=37, window=7, hidden=24, embed=8, head_hidden=6)
@@ -353,6 +354,27 @@ def test_predict_cpu_matches_the_reference(fresh_seed, dtype, window, sample_siz
         assert int(prefix) == int(expected_prefix), f"seed {fresh_seed}"
     empty = predict_cpu(history, cursor, rows[:0], valid, w, 0.5, gain, sort)
     assert empty[0].shape == (0,) and int(empty[1]) == 0
+
+
+def test_predict_cpu_joins_the_first_layers_of_the_weights_it_is_given(fresh_seed):
+    # the key and value first layers are kept joined between calls: weights written in place, and
+    # another predictor's tensors (which may take a freed one's memory), are read anew
+    from smartfrz_fast.ops.cpu_predict import predict_cpu
+
+    torch.manual_seed(fresh_seed)
+    history, valid, _ = random_predict_inputs()
+    rows, cursor = torch.arange(5), torch.tensor(3)
+    for _ in range(3):
+        w = [p.detach().clone() for p in AttentionPredictor(SMALL).flat_weights()]
+        for write in (False, True):
+            if write:
+                with torch.no_grad():
+                    w[WEIGHTS_PER_MLP].mul_(-2.0)  # the key MLP's first weight
+                    w[2 * WEIGHTS_PER_MLP + 1].add_(1.0)  # the value MLP's first bias
+            expected, _ = reference.predict_ref(history, cursor, rows, valid, w, 0.5)
+            prob, _ = predict_cpu(history, cursor, rows, valid, w, 0.5)
+            torch.testing.assert_close(prob, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"seed {fresh_seed}: {m}")
+        del w
 
 
 def test_predict_runs_the_cpu_path_unless_the_reference_is_asked_for():
