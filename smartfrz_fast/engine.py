@@ -856,7 +856,7 @@ class SmartFreezer:
 
     def _note_policy_cost(self, started: float) -> None:
         """Warn once where the policy's work in step() (SmartFRZ's predictor: about 0.75 ms per unit
-        per evaluation on one CPU thread, whatever a training step costs) takes more than
+        scored on one CPU thread, whatever a training step costs) takes more than
         POLICY_COST_SHARE of the wall time of a stretch of steps: a deep network's short run on
         the CPU ran 2.8x as long (review77). On a GPU the policy's work is queued, not waited for."""
         now = time.perf_counter()
@@ -876,7 +876,24 @@ class SmartFreezer:
         warnings.warn(
             f"SmartFreezer: over the last {steps} steps the policy's work in freezer.step() ({self.policy.describe()}: "
             f"snapshots and decisions) took {seconds:.1f} s of {wall:.1f} s, {seconds / wall:.0%} of the training "
-            f"time, and may cost more than freezing saves. {self.policy.cost_advice()}", stacklevel=3)
+            f"time, and may cost more than freezing saves. {self.policy.cost_advice()}{self._reference_gather_advice()}",
+            stacklevel=3)
+
+    def _reference_gather_advice(self) -> str:
+        """Where the weight history's snapshots run the PyTorch reference gather (the C++
+        extension not loaded, no kernel for the device), what it costs and how to do better:
+        review105 measured the policy's cost warning blaming the predictor before it had run."""
+        if self.history is None:
+            return ""
+        from . import ops
+
+        kind = self.history.device.type
+        if not ops.backends((kind,))["gather_history"][kind].startswith("reference"):
+            return ""
+        return (" Its snapshots of the weight history run the PyTorch reference gather, about 40 us per parameter "
+                "tensor on one CPU thread (the C++ extension's: about 7 us per unit), because the C++ extension is "
+                "not loaded: python -m smartfrz_fast.info says why; install again with a C++ compiler at hand (the "
+                "README's install command) to build it.")
 
     def _distributed_step_ok(self) -> bool:
         """Under torch.distributed every rank must count the same steps: a rank's decision

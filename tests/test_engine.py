@@ -1054,3 +1054,21 @@ def test_a_policy_whose_work_takes_much_of_the_training_time_is_said_once():
     from smartfrz_fast import Egeria, SmartFRZ
 
     assert "evaluate_every" in SmartFRZ().cost_advice() and "interval=" in Egeria.cost_advice(None)
+    assert "reference gather" not in said[0]  # the C++ gather runs here
+
+
+def test_the_cost_warning_names_a_reference_gather(monkeypatch):
+    # without the C++ extension the weight history's snapshots run the PyTorch reference (963 ms a
+    # snapshot at 400 layers before it was grouped by source, review105); the warning blamed the
+    # predictor, which had not run yet
+    from smartfrz_fast import SmartFRZ, ops
+
+    backends = ops.backends
+    monkeypatch.setattr(ops, "backends", lambda kinds=("cpu", "cuda"): {
+        **backends(kinds), "gather_history": {kind: "reference (PyTorch)" for kind in kinds}})
+    model = SmallCNN()
+    freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), SmartFRZ(), example_inputs=batch(0)[0])
+    assert "reference gather" in freezer._reference_gather_advice() and "smartfrz_fast.info" in \
+        freezer._reference_gather_advice()
+    monkeypatch.setattr(ops, "backends", backends)
+    assert freezer._reference_gather_advice() == ""

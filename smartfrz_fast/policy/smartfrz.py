@@ -487,8 +487,10 @@ class SmartFRZ(FreezePolicy):
                 f"K={self.predictor.config.sample_size})")
 
     def cost_advice(self) -> str:
-        return ("SmartFRZ's predictor costs about 0.75 ms per unit per evaluation on one CPU thread, one evaluation "
-                "per snapshot from a quarter of the run, whatever a training step costs: evaluate less often "
+        return ("SmartFRZ's predictor costs about 0.75 ms per unit it scores on one CPU thread (plus about 1 ms an "
+                "evaluation; from the first unit not frozen as far as the freezable prefix goes, most evaluations "
+                "the first unit alone), one evaluation per snapshot from a quarter of the run, whatever a training "
+                "step costs: evaluate less often "
                 "(SmartFRZ(evaluate_every=...)), train on a GPU (one kernel launch per evaluation), or use a schedule "
                 "policy (LinearFreeze: about 0.1 ms per step). python -m smartfrz_fast.profile measures it on your "
                 "model.")
