@@ -1967,8 +1967,9 @@ class SmartFreezer:
         return guards.managing_freezer(model)[1]
 
     def close(self) -> None:
-        """Remove the hooks the engine placed (frozen norm layers stay in eval until then) and
-        close the policy."""
+        """Remove the hooks the engine placed (frozen norm layers stay in eval until then), put
+        the frozen parameters back into the optimizer groups they left (no state; they stay
+        ``requires_grad=False``) and close the policy."""
         if self._closed:
             return
         self._remove_first_forward_hook()

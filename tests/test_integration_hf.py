@@ -150,6 +150,11 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
     assert callback.freezer.timeline[0].step == 3
 
 
+def test_a_misspelt_freezer_setting_is_refused_at_construction():
+    with pytest.raises(TypeError, match=r"'sample_evry' is not a setting of SmartFreezer \(did you mean 'sample_every'"):
+        SmartFreezeCallback(StaticFreeze(1), sample_evry=2)
+
+
 def test_callback_without_attach_says_what_to_do(tmp_path):
     trainer = Trainer(model=tiny_bert(), args=training_args(tmp_path, save_strategy="no"), train_dataset=dataset(),
                       callbacks=[SmartFreezeCallback(StaticFreeze(1))])

@@ -424,6 +424,13 @@ def test_activation_cache_under_bf16_mixed_precision(tmp_path):
         torch.testing.assert_close(cached.state_dict()[name], value, rtol=2e-2, atol=2e-3, msg=name)
 
 
+def test_a_misspelt_freezer_setting_is_refused_at_construction():
+    # it constructed, then fit() raised inside the trainer's set-up (review105)
+    with pytest.raises(TypeError, match=r"'windw' is not a setting of SmartFreezer \(did you mean 'window'\?\)"):
+        SmartFreezeCallback(StaticFreeze(1), windw=30)
+    SmartFreezeCallback(StaticFreeze(1), window=30, shared_parameters="freeze")
+
+
 def test_activation_cache_misuse_says_what_to_do(tmp_path):
     with pytest.raises(TypeError, match="dict of ActivationCache arguments"):
         SmartFreezeCallback(StaticFreeze(1), activation_cache=True)

@@ -14,6 +14,8 @@ saved optimizer state expects them gone).
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from collections.abc import Mapping
 from typing import Any, Dict, Optional, Tuple
 
@@ -36,6 +38,16 @@ def check_callback_args(policy: Any, freezer_kwargs: Dict[str, Any], activation_
     for key in ("example_kwargs", "model", "optimizer"):
         if key in freezer_kwargs:
             raise TypeError(f"SmartFreezeCallback sets {key!r} itself; do not pass it")
+    # a misspelt setting failed only inside fit(), after the trainer's set-up (review105)
+    from ..engine import SmartFreezer
+
+    known = [name for name, p in inspect.signature(SmartFreezer.__init__).parameters.items()
+             if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("example_inputs", "example_kwargs", "total_steps")]
+    for key in freezer_kwargs:
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=1)
+            raise TypeError(f"SmartFreezeCallback: {key!r} is not a setting of SmartFreezer"
+                            + (f" (did you mean {near[0]!r}?)" if near else "") + f"; its settings: {', '.join(known)}")
 
 
 def split_example_inputs(example: Any) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
