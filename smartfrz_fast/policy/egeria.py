@@ -310,6 +310,9 @@ class Egeria(FreezePolicy):
 
     # ------------------------------------------------------------------ set-up
     def bind(self, context: PolicyContext) -> None:
+        if self.shadow is None:
+            raise ValueError("Egeria: this policy was closed with its freezer, and its model copies went with it: "
+                             "build a new Egeria(model, probe) for a new freezer.")
         super().bind(context)
         total = context.total_steps
         if self.interval_arg is None or self.warmup_arg is None:
@@ -520,6 +523,12 @@ class Egeria(FreezePolicy):
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        # the shadow and the staging buffers, 2x the model, serve no later evaluation: they outlived
+        # close() until the freezer was collected (review103: 396 MiB for a 132 MiB model). The
+        # reference is state (state_dict() still reads it): kept, on the host
+        self.shadow, self.reference, self._hook_modules = None, None, []
+        self._shadow_tensors, self._staging, self._staged = [], [], []
+        self._ref_tensors = [t.detach().cpu() for t in self._ref_tensors]
 
     def state_dict(self) -> Dict[str, Any]:
         if self._future is not None:  # finish the evaluation in flight: its result is state
