@@ -1057,6 +1057,32 @@ def test_a_policy_whose_work_takes_much_of_the_training_time_is_said_once():
     assert "reference gather" not in said[0]  # the C++ gather runs here
 
 
+def test_report_says_what_the_policy_s_own_work_cost():
+    # "training FLOPs saved: 1.4 %" on a run that took 37 % longer than full training: the
+    # policy's own time was nowhere in the report (review104)
+    import time
+
+    from smartfrz_fast.policy import FreezePolicy
+
+    class Slow(FreezePolicy):
+        def decide(self, step, frozen):
+            time.sleep(0.002)
+            return None
+
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, Slow(), example_inputs=batch(0)[0])
+    assert "policy's own work" not in freezer.report()  # nothing measured yet
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(6):
+            opt.step()
+            freezer.step()
+    line = next(line for line in freezer.report().splitlines() if "policy's own work" in line)
+    seconds, share = re.search(r": ([0-9.]+) s, ([0-9]+)% of the wall time since step 1 ", line).groups()
+    assert 0.009 <= float(seconds) < 1 and int(share) >= 50, line
+
+
 def test_the_cost_warning_names_a_reference_gather(monkeypatch):
     # without the C++ extension the weight history's snapshots run the PyTorch reference (963 ms a
     # snapshot at 400 layers before it was grouped by source, review105); the warning blamed the
