@@ -17,6 +17,7 @@ fails is dropped (recomputed when its sample comes back) and reported through ``
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import gc
@@ -32,6 +33,24 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+_malloc_trim: Any = None  # glibc's malloc_trim, False where there is none (trim_host_heap)
+
+
+def trim_host_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere
+    nothing). Freeing a multi-MB host store at each deeper freeze raises glibc's dynamic mmap
+    threshold, and later allocations of that size then fragment the heap: a cache capped at
+    8 MiB left the process 190 MB larger after 24 freezes, 15 MB after a trim (review103)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = getattr(ctypes.CDLL("libc.so.6"), "malloc_trim", False)
+        except OSError:
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
 
 STORAGE_DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 TIERS = ("memory", "pinned", "mmap")
@@ -346,7 +365,10 @@ class Storage:
         """Only the pinned tier prefetches."""
 
     def close(self) -> None:
+        on_host = self.data is not None and self.data.device.type == "cpu"
         self.data = self.scales = self.sums = self.in_sums = None
+        if on_host:
+            trim_host_heap()
 
 
 PINNED_READS = ("copy", "kernel")
