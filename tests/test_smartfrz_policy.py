@@ -726,7 +726,7 @@ def _deep_mlp():
                          nn.ReLU(), nn.Linear(32, 10))
 
 
-@pytest.mark.parametrize("settings", [dict(settle_ratio=1.0), dict(settle_ratio=None)])
+@pytest.mark.parametrize("settings", [dict(settle_ratio=1.0), dict(settle_ratio=0.5), dict(settle_ratio=None)])
 @pytest.mark.parametrize("make_model", [_deep_mlp, SmallCNN, _WithPReLUs])
 def test_on_the_cpu_units_are_scored_only_as_far_as_the_prefix_goes(tmp_path, monkeypatch, settings, make_model):
     # review104: on the CPU each unit scored costs about 0.75 ms, every unit was scored at every
@@ -768,7 +768,8 @@ def test_on_the_cpu_units_are_scored_only_as_far_as_the_prefix_goes(tmp_path, mo
                 scored.append(policy.last_probabilities.clone())
         runs.append((freezer.timeline, scored, sum(scored_units)))
     (timeline, scored, units), (all_timeline, all_scored, all_units) = runs
-    assert timeline == all_timeline and timeline  # the same freezes, at the same steps
+    assert timeline == all_timeline  # the same freezes, at the same steps
+    assert timeline or settings["settle_ratio"] == 0.5  # (which holds some models back all run)
     assert len(scored) == len(all_scored) > 0 and units < all_units
     stopped = 0
     for prob, every in zip(scored, all_scored):
