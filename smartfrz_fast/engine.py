@@ -456,8 +456,9 @@ class SmartFreezer:
         # the policy's host time in step() (snapshots, decisions) against the wall time between
         # step() calls, over the current stretch of POLICY_COST_STEPS steps (_note_policy_cost)
         self._policy_cost = [0.0, None, 0]  # [policy seconds, stretch start, steps]
-        # [policy seconds, time, step] since the end of the first step() since built or resumed: report()
-        self._policy_total = [0.0, None, 0]
+        # [policy seconds, time, step, latest time] from the end of the first step() since built or
+        # resumed to the end of the latest: report()
+        self._policy_total = [0.0, None, 0, None]
         self._policy_cost_warned = False
         self._marked_for_grad_warned = False
         # what must stay frozen, refreshed after each freeze and parameter swap (None: stale)
@@ -867,6 +868,7 @@ class SmartFreezer:
             total[1], total[2] = now, self.step_count
         else:
             total[0] += now - started
+        total[3] = now
         cost = self._policy_cost
         if cost[1] is None:
             self._policy_cost = [0.0, now, 0]
@@ -894,13 +896,16 @@ class SmartFreezer:
             return ""
         from . import ops
 
+        from .ops._extension import reference_only
+
         kind = self.history.device.type
         if not ops.backends((kind,))["gather_history"][kind].startswith("reference"):
             return ""
+        why = ("SMARTFRZ_BACKEND=reference asks for it: unset it to run the C++ extension" if reference_only() else
+               "the C++ extension is not loaded: python -m smartfrz_fast.info says why; install again with a C++ "
+               "compiler at hand (the README's install command) to build it")
         return (" Its snapshots of the weight history run the PyTorch reference gather, about 40 us per parameter "
-                "tensor on one CPU thread (the C++ extension's: about 7 us per unit), because the C++ extension is "
-                "not loaded: python -m smartfrz_fast.info says why; install again with a C++ compiler at hand (the "
-                "README's install command) to build it.")
+                f"tensor on one CPU thread (the C++ extension's: about 7 us per unit), because {why}.")
 
     def _distributed_step_ok(self) -> bool:
         """Under torch.distributed every rank must count the same steps: a rank's decision
@@ -1593,12 +1598,12 @@ class SmartFreezer:
             lines.append(f"frozen prefix in eval mode (no dropout, fixed norm statistics): {len(always)} modules"
                          + (f", and the first calls of {len(partly)} called again after it" if partly else ""))
         lines.append(f"training FLOPs saved so far: {self.training_flops_saved():.1%} (the frozen units' backward)")
-        seconds, since, first = self._policy_total
-        wall = time.perf_counter() - since if since is not None else 0.0
+        seconds, since, first, latest = self._policy_total
+        wall = latest - since if since is not None else 0.0  # (not up to now: a report after an evaluation)
         if wall > 0 and seconds > 0:  # what that figure leaves out (review104: 1.4 % saved, 37 % slower)
             lines.append(f"the policy's own work in freezer.step() (snapshots, decisions; host time): {seconds:.2f} s, "
-                         f"{seconds / wall:.0%} of the wall time since step {first} (not in the "
-                         "FLOPs saved)")
+                         f"{seconds / wall:.0%} of the wall time from step {first} to step {self.step_count} (not in "
+                         "the FLOPs saved)")
         for listener in self._freeze_listeners:  # an activation cache: the forward it skipped
             line = getattr(listener, "report_line", lambda: None)()
             if line:

@@ -1079,8 +1079,10 @@ def test_report_says_what_the_policy_s_own_work_cost():
             opt.step()
             freezer.step()
     line = next(line for line in freezer.report().splitlines() if "policy's own work" in line)
-    seconds, share = re.search(r": ([0-9.]+) s, ([0-9]+)% of the wall time since step 1 ", line).groups()
+    seconds, share = re.search(r": ([0-9.]+) s, ([0-9]+)% of the wall time from step 1 to step 6 ", line).groups()
     assert 0.009 <= float(seconds) < 1 and int(share) >= 50, line
+    time.sleep(0.2)  # an evaluation after training: the share is that of the training steps (review106)
+    assert next(line for line in freezer.report().splitlines() if "policy's own work" in line) == line
 
 
 def test_the_cost_warning_names_a_reference_gather(monkeypatch):
@@ -1096,5 +1098,8 @@ def test_the_cost_warning_names_a_reference_gather(monkeypatch):
     freezer = SmartFreezer(model, torch.optim.SGD(model.parameters(), lr=0.1), SmartFRZ(), example_inputs=batch(0)[0])
     assert "reference gather" in freezer._reference_gather_advice() and "smartfrz_fast.info" in \
         freezer._reference_gather_advice()
+    monkeypatch.setenv("SMARTFRZ_BACKEND", "reference")  # asked for by the user: no rebuild to advise (review106)
+    assert "SMARTFRZ_BACKEND=reference asks for it" in freezer._reference_gather_advice()
+    monkeypatch.delenv("SMARTFRZ_BACKEND")
     monkeypatch.setattr(ops, "backends", backends)
     assert freezer._reference_gather_advice() == ""

@@ -151,8 +151,11 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
 
 
 def test_a_misspelt_freezer_setting_is_refused_at_construction():
-    with pytest.raises(TypeError, match=r"'sample_evry' is not a setting of SmartFreezer \(did you mean 'sample_every'"):
+    with pytest.raises(TypeError, match=r"'sample_evry' is not an argument of the callback nor a setting of "
+                                         r"SmartFreezer \(did you mean 'sample_every'"):
         SmartFreezeCallback(StaticFreeze(1), sample_evry=2)
+    with pytest.raises(TypeError, match=r"'total_step' .* \(did you mean 'total_steps'\?\)"):  # the callback's own
+        SmartFreezeCallback(StaticFreeze(1), total_step=5)
 
 
 def test_callback_without_attach_says_what_to_do(tmp_path):

@@ -426,7 +426,8 @@ def test_activation_cache_under_bf16_mixed_precision(tmp_path):
 
 def test_a_misspelt_freezer_setting_is_refused_at_construction():
     # it constructed, then fit() raised inside the trainer's set-up (review105)
-    with pytest.raises(TypeError, match=r"'windw' is not a setting of SmartFreezer \(did you mean 'window'\?\)"):
+    with pytest.raises(TypeError, match=r"'windw' is not an argument of the callback nor a setting of SmartFreezer "
+                                         r"\(did you mean 'window'\?\)"):
         SmartFreezeCallback(StaticFreeze(1), windw=30)
     SmartFreezeCallback(StaticFreeze(1), window=30, shared_parameters="freeze")
 

@@ -377,5 +377,27 @@ def test_predict_cpu_joins_the_first_layers_of_the_weights_it_is_given(fresh_see
         del w
 
 
+def test_predict_cpu_reads_weights_given_new_storage_and_inference_weights(fresh_seed):
+    # review106: `w.data = new` (vector_to_parameters) keeps the tensor and its version, and the
+    # joined layers were served stale (0.17 off); inference tensors have no version (a crash)
+    from smartfrz_fast.ops.cpu_predict import predict_cpu
+
+    torch.manual_seed(fresh_seed)
+    history, valid, predictor = random_predict_inputs()
+    rows, cursor = torch.arange(5), torch.tensor(3)
+    params = list(predictor.parameters())
+    w = [p.detach() for p in predictor.flat_weights()]
+    predict_cpu(history, cursor, rows, valid, w, 0.5)
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(torch.randn(sum(p.numel() for p in params)), params)
+    w = [p.detach() for p in predictor.flat_weights()]
+    expected, _ = reference.predict_ref(history, cursor, rows, valid, w, 0.5)
+    torch.testing.assert_close(predict_cpu(history, cursor, rows, valid, w, 0.5)[0], expected, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        frozen = [t.clone() for t in w]
+        torch.testing.assert_close(predict_cpu(history, cursor, rows, valid, frozen, 0.5)[0], expected,
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_predict_runs_the_cpu_path_unless_the_reference_is_asked_for():
     assert ops.backends()["predict"]["cpu"] == "PyTorch, fused passes (ops/cpu_predict.py)"

@@ -698,8 +698,8 @@ def test_report_says_when_nothing_may_freeze_or_the_prefix_is_as_long_as_it_may_
 
 
 @pytest.mark.parametrize("freeze_logit, settle_ratio, says", [
-    (-20.0, None, r"the next unit, 'conv1\+bn1', scored at most 0\.00 \(threshold 0\.5\)$"),
-    (20.0, 1e-9, r"scored at most 1\.00 \(threshold 0\.5\), but never while settled \(settle_ratio=1e-09"),
+    (-20.0, None, r"the next unit, 'conv1\+bn1', scored at most 0\.00 in the evaluations that scored it \(threshold 0\.5\)$"),
+    (20.0, 1e-9, r"scored at most 1\.00 in the evaluations that scored it \(threshold 0\.5\), but never while settled \(settle_ratio=1e-09"),
 ])
 def test_report_says_why_nothing_froze(tmp_path, freeze_logit, settle_ratio, says):
     """A run that froze nothing reported "(nothing frozen yet)" and no reason: whether the

@@ -269,7 +269,9 @@ class ActivationCache:
         self._fresh_slots: Optional[Tensor] = None
         self._hits_at_store = 0  # stats["hits"] when the store was made (see _advance)
         self._unread_drops = 0  # deeper freezes in a row that dropped rows none of which was read
-        self._unread_writes = 0  # the prefix's tensors written in a row with no cached row read in between
+        # the prefix's tensors written in a row with no cached row read in between, and stats["misses"] at
+        # the first of them (see _prefix_weights_unchanged)
+        self._unread_writes, self._unread_writes_from = 0, 0
         # what a swapped-out forward found in those slots, and the training step it first did so
         self._swapped_seen: Optional[Tuple[int, List[Optional[weakref.ref]]]] = None
         # forwards run inside a plain DDP that copies rank 0's buffers into this rank (see _advance)
@@ -1358,13 +1360,19 @@ class ActivationCache:
         self.stats["weights_changed"] += 1
         unread = self.stats["hits"] == self._hits_at_store
         self._drop_rows()
+        if not unread or not self._unread_writes:
+            self._unread_writes_from = self.stats["misses"]
         self._unread_writes = self._unread_writes + 1 if unread else 0
-        if self._unread_writes >= UNREAD_DROPS_OFF:
-            self._disable(f"{what} of the cached frozen prefix changed in place {self._unread_writes} times in a row "
-                          "before any cached row was read (each time every row was dropped): a tensor written at "
-                          "every step, such as an EMA or momentum update of a target network, cannot be cached "
-                          "over. Call such a network after the networks that train, or give the freezer and the "
-                          "cache a model without it")
+        # off once such writes went on for a whole pass over the samples: a burst that stops within
+        # one (an Embedding's max_norm renormalising each row at its first look-up after the
+        # freeze, review106) leaves the rows made after it to serve the next pass
+        if (self._unread_writes >= UNREAD_DROPS_OFF
+                and self.stats["misses"] - self._unread_writes_from >= self.num_samples):
+            self._disable(f"{what} of the cached frozen prefix changed in place {self._unread_writes} times in a row, "
+                          "over a whole pass over the samples, before any cached row was read (each time every row "
+                          "was dropped): a tensor written at every step, such as an EMA or momentum update of a "
+                          "target network, cannot be cached over. Call such a network after the networks that "
+                          "train, or give the freezer and the cache a model without it")
             return False
         buffers = {id(b) for b in module.buffers()}
         if any(id(tensors[i]) in buffers for i in changed):

@@ -41,13 +41,15 @@ def check_callback_args(policy: Any, freezer_kwargs: Dict[str, Any], activation_
     # a misspelt setting failed only inside fit(), after the trainer's set-up (review105)
     from ..engine import SmartFreezer
 
+    own = ("policy", "example_inputs", "total_steps", "activation_cache", "submodule")  # the callbacks' own
     known = [name for name, p in inspect.signature(SmartFreezer.__init__).parameters.items()
-             if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("example_inputs", "example_kwargs", "total_steps")]
+             if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in (*own, "example_kwargs")]
     for key in freezer_kwargs:
         if key not in known:
-            near = difflib.get_close_matches(key, known, n=1)
-            raise TypeError(f"SmartFreezeCallback: {key!r} is not a setting of SmartFreezer"
-                            + (f" (did you mean {near[0]!r}?)" if near else "") + f"; its settings: {', '.join(known)}")
+            near = difflib.get_close_matches(key, [*known, *own], n=1)
+            raise TypeError(f"SmartFreezeCallback: {key!r} is not an argument of the callback nor a setting of "
+                            "SmartFreezer" + (f" (did you mean {near[0]!r}?)" if near else "")
+                            + f"; SmartFreezer's settings: {', '.join(known)}")
 
 
 def split_example_inputs(example: Any) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:

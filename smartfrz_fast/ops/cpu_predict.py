@@ -60,20 +60,24 @@ def predict_cpu(
     return prob, freezable_prefix(prob, threshold)
 
 
-# The key and value MLPs' first layers side by side, for the last weights seen (by identity,
-# through weak references: another predictor's tensors may take a freed one's address, and
-# version: written in place): one product over them costs 0.7 ms per unit, and concatenating
-# them again at every call 0.35 ms more.
+# The key and value MLPs' first layers side by side, for the last weights seen: one product over
+# them costs 0.7 ms per unit, and concatenating them again at every call 0.35 ms more. Known by
+# identity (weak references: another predictor's tensors may take a freed one's address), storage
+# (``w.data = new``, as vector_to_parameters does, keeps the tensor and its version; review106) and
+# version (written in place); inference tensors have no version: joined at every call.
 _joined: Tuple[tuple, Tensor, Tensor] = ((), torch.empty(0), torch.empty(0))
 
 
 def _key_value_first_layers(wk: Sequence[Tensor], wv: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
     global _joined
     parts = (wk[0], wv[0], wk[1], wv[1])
+    if any(t.is_inference() for t in parts):
+        return torch.cat([wk[0], wv[0]]).t(), torch.cat([wk[1], wv[1]])
+    now = tuple((t.data_ptr(), t._version) for t in parts)
     seen = _joined[0]
-    if not (len(seen) == len(parts) and all(ref() is t and version == t._version
-                                              for (ref, version), t in zip(seen, parts))):
-        _joined = (tuple((weakref.ref(t), t._version) for t in parts), torch.cat([wk[0], wv[0]]).t(),
+    if not (len(seen) == len(parts) and all(ref() is t and state == key
+                                              for (ref, state), t, key in zip(seen, parts, now))):
+        _joined = (tuple((weakref.ref(t), key) for t, key in zip(parts, now)), torch.cat([wk[0], wv[0]]).t(),
                    torch.cat([wk[1], wv[1]]))
     return _joined[1], _joined[2]
 

@@ -419,8 +419,8 @@ class SmartFRZ(FreezePolicy):
         a 39 s run (review104). Looked at in chunks of 1, 2, 4, ... units from the first, which
         is always scored (report() names its best score); a unit's first window is recorded at
         its first evaluation wherever the prefix ends. The prefix is the one looking at every
-        unit gives (tested), at a near-tie up to float rounding: a unit's probability may differ
-        in the last bit with the number of units scored together."""
+        unit gives (tested), at a near-tie up to float rounding: a unit's probability moves by up
+        to about 1e-6 with the number of units scored together (review106: 8.8e-7)."""
         sources = self._vote_sources(rows).cpu()
         count = sources.shape[0]
         raw = torch.full((count,), float("nan"))
@@ -555,7 +555,8 @@ class SmartFRZ(FreezePolicy):
         name = self.context.units[first].name
         predicted = float(self._best["predicted"][first]) if self._best["predicted"] is not None else 0.0
         line = (f"SmartFRZ: {self._evaluations} evaluations since the freezer was built or resumed; the next unit, "
-                f"{name!r}, scored at most {predicted:.2f} (threshold {self.threshold:g})")
+                f"{name!r}, scored at most {predicted:.2f} in the evaluations that scored it (threshold "
+                f"{self.threshold:g})")
         if self.settle_ratio is not None and self._best["settled"] is not None:
             settled = float(self._best["settled"][first])
             if predicted >= self.threshold > settled:
