@@ -47,8 +47,10 @@ def parse_variant(text):
 
 
 def traced(policy):
-    """Record the raw probabilities of every evaluation (a host copy: this is a benchmark)."""
+    """Record the raw probabilities of every evaluation (a host copy: this is a benchmark), of
+    every active unit (on the CPU SmartFRZ scores only as far as the prefix goes)."""
     policy.trace = []
+    policy.score_every_unit = True
     decide = policy.decide
 
     def wrapper(step, frozen):

@@ -22,6 +22,8 @@ from smartfrz_fast import SmartFreezer, SmartFRZ
 class PrintedSmartFRZ(SmartFRZ):
     """SmartFRZ that prints its probabilities at evaluations on multiples of ``every`` steps."""
 
+    score_every_unit = True  # every active unit's, not only as far as the prefix goes
+
     def __init__(self, every: int):
         super().__init__(freeze_attention=True)  # the timeline the predictor alone would make
         self.every = every
