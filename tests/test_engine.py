@@ -1057,6 +1057,30 @@ def test_a_policy_whose_work_takes_much_of_the_training_time_is_said_once():
     assert "reference gather" not in said[0]  # the C++ gather runs here
 
 
+def test_a_policy_cost_spread_thin_over_short_steps_is_said_over_the_run():
+    # steps of 1-2 ms never gave 0.25 s of policy time in a stretch of 50 steps: 33-41 % of a
+    # run's time went to the policy with no warning (review107)
+    import time
+
+    from smartfrz_fast.policy import FreezePolicy
+
+    class Slow(FreezePolicy):
+        def decide(self, step, frozen):
+            time.sleep(0.003)  # 0.15 s a stretch
+            return None
+
+    model = SmallCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    freezer = SmartFreezer(model, opt, Slow(), example_inputs=batch(0)[0])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2 * 50 + 1):
+            opt.step()
+            freezer.step()
+    said = [str(w.message) for w in caught if "policy's work in freezer.step()" in str(w.message)]
+    assert len(said) == 1 and "over the 100 steps since step 1 the policy's work" in said[0], said
+
+
 def test_report_says_what_the_policy_s_own_work_cost():
     # "training FLOPs saved: 1.4 %" on a run that took 37 % longer than full training: the
     # policy's own time was nowhere in the report (review104)
