@@ -339,11 +339,11 @@ class _TargetFirst(nn.Module):
         return self.online(x) + t
 
 
-def _ema_run(use_cache, ema_every):
+def _ema_run(use_cache, ema_every, num_samples=N):
     model = _TargetFirst()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
     freezer = SmartFreezer(model, opt, policy=StaticFreeze(1, 1), example_inputs=X[:2], total_steps=100)
-    cache = ActivationCache(freezer, num_samples=N, deterministic=True) if use_cache else None
+    cache = ActivationCache(freezer, num_samples=num_samples, deterministic=True) if use_cache else None
     forward = cache.wrap() if use_cache else None
     g = torch.Generator().manual_seed(1)
     with warnings.catch_warnings(record=True) as caught:
@@ -372,6 +372,10 @@ def test_a_prefix_written_at_every_step_turns_the_cache_off():
                "over the samples, before any cached row was read" in w and "EMA" in w for w in caught), caught
     for a, b in zip(plain.parameters(), model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # a pass is over the samples the cache sees: num_samples far above them (a subset, a DDP
+    # rank's share) kept it on for good, checksumming the prefix at every step (review108)
+    _, cache, _ = _ema_run(True, ema_every=1, num_samples=100 * N)
+    assert not cache.enabled and cache.stats["weights_changed"] <= 8, cache.describe()
 
 
 def test_a_prefix_written_now_and_then_keeps_the_cache_on():

@@ -156,6 +156,8 @@ def test_a_misspelt_freezer_setting_is_refused_at_construction():
         SmartFreezeCallback(StaticFreeze(1), sample_evry=2)
     with pytest.raises(TypeError, match=r"'total_step' .* \(did you mean 'total_steps'\?\)"):  # the callback's own
         SmartFreezeCallback(StaticFreeze(1), total_step=5)
+    with pytest.raises(TypeError, match=r"takes no submodule=.*keep_trainable="):  # Lightning's, not this one's
+        SmartFreezeCallback(StaticFreeze(1), submodule="bert")
 
 
 def test_callback_without_attach_says_what_to_do(tmp_path):

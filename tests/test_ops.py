@@ -357,8 +357,8 @@ def test_predict_cpu_matches_the_reference(fresh_seed, dtype, window, sample_siz
 
 
 def test_predict_cpu_joins_the_first_layers_of_the_weights_it_is_given(fresh_seed):
-    # the key and value first layers are kept joined between calls: weights written in place, and
-    # another predictor's tensors (which may take a freed one's memory), are read anew
+    # the key and value first layers were kept joined between calls for a while: weights written in
+    # place, and another predictor's tensors (which may take a freed one's memory), must be read anew
     from smartfrz_fast.ops.cpu_predict import predict_cpu
 
     torch.manual_seed(fresh_seed)
@@ -378,8 +378,9 @@ def test_predict_cpu_joins_the_first_layers_of_the_weights_it_is_given(fresh_see
 
 
 def test_predict_cpu_reads_weights_given_new_storage_and_inference_weights(fresh_seed):
-    # review106: `w.data = new` (vector_to_parameters) keeps the tensor and its version, and the
-    # joined layers were served stale (0.17 off); inference tensors have no version (a crash)
+    # review106/108: `w.data = new` (vector_to_parameters) keeps the tensor and its version, and
+    # the joined layers kept between calls were served stale (0.17 off), also when keyed by
+    # address (a freed candidate's storage comes back); inference tensors have no version (a crash)
     from smartfrz_fast.ops.cpu_predict import predict_cpu
 
     torch.manual_seed(fresh_seed)
@@ -393,6 +394,19 @@ def test_predict_cpu_reads_weights_given_new_storage_and_inference_weights(fresh
     w = [p.detach() for p in predictor.flat_weights()]
     expected, _ = reference.predict_ref(history, cursor, rows, valid, w, 0.5)
     torch.testing.assert_close(predict_cpu(history, cursor, rows, valid, w, 0.5)[0], expected, rtol=1e-5, atol=1e-5)
+    base = torch.nn.utils.parameters_to_vector(params).detach().clone()
+    for k in range(3):  # perturb, score, restore: a candidate may take the freed one's address
+        candidate = base + 0.5 * torch.randn(base.shape, generator=torch.Generator().manual_seed(k))
+        torch.nn.utils.vector_to_parameters(candidate, params)
+        del candidate
+        w = [p.detach() for p in predictor.flat_weights()]
+        expected, _ = reference.predict_ref(history, cursor, rows, valid, w, 0.5)
+        torch.testing.assert_close(predict_cpu(history, cursor, rows, valid, w, 0.5)[0], expected,
+                                   rtol=1e-5, atol=1e-5)
+        torch.nn.utils.vector_to_parameters(base, params)
+        del w  # the candidate's storage is free for the next one
+    w = [p.detach() for p in predictor.flat_weights()]
+    expected, _ = reference.predict_ref(history, cursor, rows, valid, w, 0.5)
     with torch.inference_mode():
         frozen = [t.clone() for t in w]
         torch.testing.assert_close(predict_cpu(history, cursor, rows, valid, frozen, 0.5)[0], expected,

@@ -228,6 +228,8 @@ class ActivationCache:
         # the autocast mode the rows were computed in ("off" or its dtype); None: no rows yet
         self._rows_autocast: Optional[str] = None
         self._seen = 0
+        # per sample id: seen by this cache (since built or resumed; on this rank): what a pass is
+        self._ids_seen: Optional[Tensor] = None
         self._audit_left = audit_rows
         self._changed = [0, 0]  # rows that changed with their input: in the last epoch, in this one
         self._resume: Optional[Dict[str, Any]] = None  # a loaded state, applied at the first forward
@@ -1011,6 +1013,9 @@ class ActivationCache:
             parts.append((hit, loaded))
         self.stats["hits"] += hit.numel()
         self.stats["misses"] += miss.numel()
+        if self._ids_seen is None or self._ids_seen.device != ids.device:
+            self._ids_seen = torch.zeros(self.num_samples, dtype=torch.bool, device=ids.device)
+        self._ids_seen[ids] = True
         self._seen += ids.numel()
         if self._seen >= self.num_samples:  # a new epoch: a new audit budget
             self._seen -= self.num_samples
@@ -1363,11 +1368,12 @@ class ActivationCache:
         if not unread or not self._unread_writes:
             self._unread_writes_from = self.stats["misses"]
         self._unread_writes = self._unread_writes + 1 if unread else 0
-        # off once such writes went on for a whole pass over the samples: a burst that stops within
-        # one (an Embedding's max_norm renormalising each row at its first look-up after the
-        # freeze, review106) leaves the rows made after it to serve the next pass
+        # off once such writes went on for a whole pass over the samples this cache sees (a subset,
+        # a DDP rank's share: review108): a burst that stops within one (an Embedding's max_norm
+        # renormalising each row at its first look-up after the freeze, review106) leaves the rows
+        # made after it to serve the next pass
         if (self._unread_writes >= UNREAD_DROPS_OFF
-                and self.stats["misses"] - self._unread_writes_from >= self.num_samples):
+                and self.stats["misses"] - self._unread_writes_from >= self._samples_in_a_pass()):
             self._disable(f"{what} of the cached frozen prefix changed in place {self._unread_writes} times in a row, "
                           "over a whole pass over the samples, before any cached row was read (each time every row "
                           "was dropped): a tensor written at every step, such as an EMA or momentum update of a "
@@ -1386,6 +1392,10 @@ class ActivationCache:
                       "model.bfloat16()): every cached row is dropped "
                       "and computed again from the values now (counted in stats['weights_changed']).", stacklevel=4)
         return True
+
+    def _samples_in_a_pass(self) -> int:
+        """The distinct sample ids this cache has seen (one host read), at least 1."""
+        return max(1, int(self._ids_seen.sum())) if self._ids_seen is not None else self.num_samples
 
     def _drop_rows(self) -> None:
         """Every cached row goes (the store and an mmap file of this run's own, with the side

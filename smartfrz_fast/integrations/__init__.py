@@ -45,6 +45,10 @@ def check_callback_args(policy: Any, freezer_kwargs: Dict[str, Any], activation_
     known = [name for name, p in inspect.signature(SmartFreezer.__init__).parameters.items()
              if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in (*own, "example_kwargs")]
     for key in freezer_kwargs:
+        if key == "submodule":  # (Lightning's callback takes it; this one does not: review108)
+            raise TypeError("SmartFreezeCallback: the Hugging Face callback takes no submodule=: it freezes the "
+                            "model the Trainer trains; to freeze part of it, keep the rest trainable with "
+                            "keep_trainable= (a count of trailing units) or set requires_grad=False yourself")
         if key not in known:
             near = difflib.get_close_matches(key, [*known, *own], n=1)
             raise TypeError(f"SmartFreezeCallback: {key!r} is not an argument of the callback nor a setting of "
