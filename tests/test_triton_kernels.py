@@ -499,6 +499,7 @@ def test_real_training_history_gather_and_predict(device, fresh_seed, monkeypatc
     model = SmallCNN(width=24).to(device)  # fresh_seed seeded torch: a new initialisation each run
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     policy = SmartFRZ(settle_ratio=None)  # the shipped weights, default threshold
+    policy.score_every_unit = True  # every window of the rows (on the CPU, not only as far as the prefix goes)
     records = record_decisions(policy)
     freezer = SmartFreezer(model, opt, policy, example_inputs=batch(0)[0].to(device), sample_every=1)
     assert policy.input_gain != 1.0 and policy.sort_inputs  # bound from the provenance: the transform is exercised
