@@ -1027,22 +1027,27 @@ def test_an_optimizer_of_named_parameters_keeps_each_name_with_its_parameter(pol
     assert opt.param_groups[0]["param_names"] == list(names)
 
 
-def test_a_policy_whose_work_takes_much_of_the_training_time_is_said_once():
-    """SmartFRZ's predictor costs about 0.75 ms per unit per evaluation on one CPU thread, whatever a
-    step costs: a 100-layer network's 300-step run took 2.8x as long, and nothing said so
-    (review77). A policy whose work in step() takes over a fifth of a stretch's time warns once."""
+def _slow_freezer(seconds_per_decision):
+    """A freezer on SmallCNN whose policy sleeps at every decision and never freezes."""
     import time
 
     from smartfrz_fast.policy import FreezePolicy
 
     class Slow(FreezePolicy):
         def decide(self, step, frozen):
-            time.sleep(0.01)
+            time.sleep(seconds_per_decision)
             return None
 
     model = SmallCNN()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    freezer = SmartFreezer(model, opt, Slow(), example_inputs=batch(0)[0])
+    return SmartFreezer(model, opt, Slow(), example_inputs=batch(0)[0]), opt
+
+
+def test_a_policy_whose_work_takes_much_of_the_training_time_is_said_once():
+    """SmartFRZ's predictor costs about 0.75 ms per unit per evaluation on one CPU thread, whatever a
+    step costs: a 100-layer network's 300-step run took 2.8x as long, and nothing said so
+    (review77). A policy whose work in step() takes over a fifth of a stretch's time warns once."""
+    freezer, opt = _slow_freezer(0.01)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2 * 51 + 1):
@@ -1060,18 +1065,7 @@ def test_a_policy_whose_work_takes_much_of_the_training_time_is_said_once():
 def test_a_policy_cost_spread_thin_over_short_steps_is_said_over_the_run():
     # steps of 1-2 ms never gave 0.25 s of policy time in a stretch of 50 steps: 33-41 % of a
     # run's time went to the policy with no warning (review107)
-    import time
-
-    from smartfrz_fast.policy import FreezePolicy
-
-    class Slow(FreezePolicy):
-        def decide(self, step, frozen):
-            time.sleep(0.003)  # 0.15 s a stretch
-            return None
-
-    model = SmallCNN()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    freezer = SmartFreezer(model, opt, Slow(), example_inputs=batch(0)[0])
+    freezer, opt = _slow_freezer(0.003)  # 0.15 s a stretch
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2 * 50 + 1):
@@ -1086,16 +1080,7 @@ def test_report_says_what_the_policy_s_own_work_cost():
     # policy's own time was nowhere in the report (review104)
     import time
 
-    from smartfrz_fast.policy import FreezePolicy
-
-    class Slow(FreezePolicy):
-        def decide(self, step, frozen):
-            time.sleep(0.002)
-            return None
-
-    model = SmallCNN()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    freezer = SmartFreezer(model, opt, Slow(), example_inputs=batch(0)[0])
+    freezer, opt = _slow_freezer(0.002)
     assert "policy's own work" not in freezer.report()  # nothing measured yet
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
