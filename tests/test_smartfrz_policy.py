@@ -254,6 +254,29 @@ class ScoresEveryActiveUnit(SmartFRZ):
         return self.context.history.rows
 
 
+def _scored_run(model, policy, example):
+    """60 SGD steps under ``policy`` (a snapshot every step, windows of 4 x 16 weights): the
+    freeze timeline, and each evaluation's (scored rows, probabilities)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    freezer = SmartFreezer(model, opt, policy, example_inputs=example, total_steps=60, sample_every=1, window=4,
+                           sample_size=16)
+    scored = []
+    for step in range(60):
+        if isinstance(model, StemThenAttention):
+            loss = model(torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(step))).square().mean()
+        else:
+            xb, yb = batch(step)
+            loss = nn.functional.cross_entropy(model(xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        policy.last_probabilities = None
+        freezer.step()
+        if policy.last_probabilities is not None:
+            scored.append((policy.last_rows.tolist(), policy.last_probabilities.clone()))
+    return freezer.timeline, scored
+
+
 @pytest.mark.parametrize("settings", [dict(settle_ratio=1.0), dict(settle_ratio=None), dict(patience=2, smoothing=3, settle_ratio=1.0)])
 @pytest.mark.parametrize("make_model", [StemThenAttention, SmallCNN])
 def test_only_the_units_it_may_freeze_are_scored_and_nothing_else_changes(tmp_path, settings, make_model):
@@ -264,26 +287,9 @@ def test_only_the_units_it_may_freeze_are_scored_and_nothing_else_changes(tmp_pa
     for cls in (SmartFRZ, ScoresEveryActiveUnit):
         torch.manual_seed(0)
         model = make_model()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
         policy = cls(weights=path, min_progress=0.2, threshold=0.6, **settings)
         x = torch.randn(4, 5, 8) if make_model is StemThenAttention else batch(0)[0]
-        freezer = SmartFreezer(model, opt, policy, example_inputs=x, total_steps=60, sample_every=1, window=4,
-                               sample_size=16)
-        scored = []
-        for step in range(60):
-            if make_model is StemThenAttention:
-                loss = model(torch.randn(4, 5, 8, generator=torch.Generator().manual_seed(step))).square().mean()
-            else:
-                xb, yb = batch(step)
-                loss = nn.functional.cross_entropy(model(xb), yb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            policy.last_probabilities = None
-            freezer.step()
-            if policy.last_probabilities is not None:
-                scored.append((policy.last_rows.tolist(), policy.last_probabilities.clone()))
-        runs.append((freezer.timeline, scored, policy))
+        runs.append((*_scored_run(model, policy, x), policy))
     (timeline, scored, policy), (old_timeline, old_scored, _) = runs
     assert timeline == old_timeline and timeline  # the same freezes, at the same steps
     limit = policy.attention_stop if make_model is StemThenAttention else policy.context.max_frozen
@@ -749,24 +755,12 @@ def test_on_the_cpu_units_are_scored_only_as_far_as_the_prefix_goes(tmp_path, mo
     for every_unit in (False, True):
         torch.manual_seed(0)
         model = make_model()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
         policy = SmartFRZ(weights=predictor_file(tmp_path / "p.pt"), min_progress=0.2, threshold=threshold,
                           min_flops_share=0.0, **settings)
         policy.score_every_unit = every_unit
-        freezer = SmartFreezer(model, opt, policy, example_inputs=batch(0)[0], total_steps=60, sample_every=1, window=4,
-                               sample_size=16)
-        scored, scored_units[:] = [], []
-        for step in range(60):
-            xb, yb = batch(step)
-            loss = nn.functional.cross_entropy(model(xb), yb)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            policy.last_probabilities = None
-            freezer.step()
-            if policy.last_probabilities is not None:
-                scored.append(policy.last_probabilities.clone())
-        runs.append((freezer.timeline, scored, sum(scored_units)))
+        scored_units[:] = []
+        timeline, scored = _scored_run(model, policy, batch(0)[0])
+        runs.append((timeline, [prob for _, prob in scored], sum(scored_units)))
     (timeline, scored, units), (all_timeline, all_scored, all_units) = runs
     assert timeline == all_timeline  # the same freezes, at the same steps
     assert timeline or settings["settle_ratio"] == 0.5  # (which holds some models back all run)

@@ -339,7 +339,8 @@ class SmartFRZ(FreezePolicy):
         leading = memoryless and history.history.device.type == "cpu" and not self.score_every_unit
         if not decide and memoryless:  # before the guard: only each unit's first window to note
             if self.settle_ratio is not None:
-                self._settled(self._first_window_pending(rows) if leading else rows)
+                self._settled(rows.index_select(0, self._first_window_pending(rows).to(rows.device)) if leading
+                              else rows)
             return None
         from .. import ops
 
@@ -403,11 +404,12 @@ class SmartFRZ(FreezePolicy):
         return prob.index_select(0, self._vote_sources(rows).to(prob.device))
 
     def _first_window_pending(self, rows: torch.Tensor) -> torch.Tensor:
-        """The units of ``rows`` whose first window's movement is not recorded yet (host read)."""
+        """The positions among ``rows`` (on the CPU) of the units whose first window's movement is
+        not recorded yet (host read)."""
         first = self._first_move
         if first is None:
-            return rows
-        return rows[first.index_select(0, rows.to(first.device)).isnan().to(rows.device)]
+            return torch.arange(rows.shape[0])
+        return first.index_select(0, rows.to(first.device)).isnan().cpu().nonzero().flatten()
 
     def _leading_probabilities(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(prob, settled)`` for the units of ``rows`` as far as the freezable prefix goes: each
@@ -433,9 +435,7 @@ class SmartFRZ(FreezePolicy):
                 looked[positions] = True
 
         if self.settle_ratio is not None:
-            first = self._first_move
-            look(torch.arange(count) if first is None else
-                 first.index_select(0, rows.to(first.device)).isnan().cpu().nonzero().flatten())
+            look(self._first_window_pending(rows))
         known, chunk = 0, 1
         while True:
             end = min(count, known + chunk)
